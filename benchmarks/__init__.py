@@ -1,0 +1,1 @@
+"""Benchmark harness: configurations, scenarios, load generators, reports."""

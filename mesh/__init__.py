@@ -1,0 +1,1 @@
+"""Local mesh runner: pods as network namespaces + cgroups, Envoy sidecars, interception."""

@@ -1,0 +1,57 @@
+"""`l7fp` command line: one subcommand per module, registered below.
+
+Each module in SUBCOMMANDS exposes `register(subparsers)`, which adds its
+subparser and sets `func` (a callable taking the parsed args and returning an
+exit code). Modules are imported only to build the parser, so a subcommand's
+heavy imports belong inside its `func`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+SUBCOMMANDS: tuple[str, ...] = (
+)
+
+DESCRIPTION = """\
+L7FP: an Envoy xDS control plane that offloads the kernel-enforceable part of
+L7 mesh policy to eBPF, with Envoy sidecars as the slow path.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l7fp", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="logging verbosity (default: info)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
