@@ -1,0 +1,352 @@
+"""KernelPlan: the typed IR of the policy the kernel fast path enforces.
+
+Owned by `fastpath.plan`. Built only by `fastpath.split.split_snapshot` from one
+node's Envoy resources; read by the reference model (`fastpath.reference`), the
+C synthesis and the BCC agent (`fastpath.synth`, `fastpath.agent`). Every class
+is a frozen dataclass made of tuples, strings, ints and enums, so a plan is
+hashable, comparable and safe to share between threads.
+
+Stability rule: fields are only ever *added*, with defaults. Nothing here is
+renamed or removed once committed (the kernel engineers build on it).
+
+Semantics the readers rely on (they mirror Envoy's, see docs/split.md):
+
+* Listener selection: by (address, port); "0.0.0.0" matches any address.
+* Virtual host selection (Envoy order): exact domain, then suffix wildcards
+  ("*.foo.com", longest first), then prefix wildcards ("foo.*", longest first),
+  then "*". The ``:port`` part of the Host header is compared as Envoy does
+  (the host is tried with the port, then without it when the domain has none).
+* Routes: first match wins, in plan order. A route whose verdict is ENVOY is a
+  *punt* entry: the kernel stops at it and hands the request to Envoy, so a later
+  KERNEL route never takes a request Envoy would have given to an earlier one.
+* RBAC (listener level, before routing): a DENY policy that matches, or an ALLOW
+  policy set none of whose policies matches, rejects with 403. If
+  ``Rbac.verdict`` is ENVOY the kernel hands every request of that listener to
+  Envoy (rule 4 of DESIGN.md: a deny is never bypassed).
+* Local rate limit: a token bucket per listener (``ListenerPlan.local_rate_limit``)
+  or per route (``Route.rate_limit``); the owner of the bucket is the kernel
+  exactly when the route's verdict is KERNEL (the residual removes it from
+  Envoy's config then, see ``fastpath.residual``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Verdict(enum.Enum):
+    """Who enforces a route (or an RBAC set): the kernel, or Envoy (punt)."""
+
+    KERNEL = "KERNEL"
+    ENVOY = "ENVOY"
+
+
+class Direction(enum.Enum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class PathKind(enum.Enum):
+    """How a route matches the path (Envoy RouteMatch.path_specifier)."""
+
+    PREFIX = "prefix"
+    EXACT = "exact"  # Envoy `path`
+    PATH_SEPARATED_PREFIX = "path_separated_prefix"
+    REGEX = "regex"  # Envoy `safe_regex`, RE2 full match on the path (no query)
+    # A regex the split proved equivalent to a literal or to a prefix keeps
+    # kind REGEX here, with RouteMatch.regex_literal / regex_prefix filled in.
+
+
+class StringKind(enum.Enum):
+    """A StringMatcher (header value, query parameter value, RBAC path)."""
+
+    EXACT = "exact"
+    PREFIX = "prefix"
+    SUFFIX = "suffix"
+    CONTAINS = "contains"
+    REGEX = "regex"
+    PRESENT = "present"  # present_match: true
+
+
+@dataclass(frozen=True)
+class StringMatch:
+    """Match on a string value. ``ignore_case`` follows Envoy's StringMatcher."""
+
+    kind: StringKind
+    value: str = ""
+    ignore_case: bool = False
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    """One entry of RouteMatch.headers (Envoy HeaderMatcher).
+
+    ``match`` is None for a bare "name present" matcher. ``invert`` negates the
+    result; ``absent`` means "the header is not present" (present_match: false).
+    Header names are lower case (HTTP/1 names are case-insensitive).
+    """
+
+    name: str
+    match: StringMatch | None = None
+    invert: bool = False
+    absent: bool = False
+    treat_missing_as_empty: bool = False
+
+
+@dataclass(frozen=True)
+class QueryParamMatch:
+    """One entry of RouteMatch.query_parameters; ``match`` None means present."""
+
+    name: str
+    match: StringMatch | None = None
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """The matcher of one route. All parts must match (AND).
+
+    ``method`` is a shortcut for a ``:method`` exact header match (kept also in
+    ``headers`` when it came from there). ``case_sensitive`` applies to the path
+    for PREFIX/EXACT/PATH_SEPARATED_PREFIX (Envoy's default: True).
+    """
+
+    path_kind: PathKind
+    path: str
+    case_sensitive: bool = True
+    headers: tuple[HeaderMatch, ...] = ()
+    query_params: tuple[QueryParamMatch, ...] = ()
+    method: str | None = None
+    regex_literal: str | None = None  # REGEX proven equal to an exact path
+    regex_prefix: str | None = None  # REGEX proven equal to a prefix ("^/a/.*")
+    grpc: bool = False  # RouteMatch.grpc: content-type application/grpc*
+
+
+@dataclass(frozen=True)
+class WeightedCluster:
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class ClusterAction:
+    """Forward to a cluster (one, or weighted by ``weight/sum(weights)``)."""
+
+    clusters: tuple[WeightedCluster, ...]
+    prefix_rewrite: str | None = None
+    host_rewrite: str | None = None
+    timeout_ms: int | None = None  # None: no timeout (Envoy "0s"); Envoy default 15000
+    idle_timeout_ms: int | None = None
+    cluster_header: str | None = None  # route.cluster_header (always ENVOY)
+
+
+@dataclass(frozen=True)
+class DirectResponse:
+    """Reply from the kernel with this status and body (no upstream)."""
+
+    status: int
+    body: str = ""
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Reply with a 3xx Location (Envoy RedirectAction). None fields keep the request's."""
+
+    status: int = 301
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    prefix_rewrite: str | None = None
+    strip_query: bool = False
+
+
+Action = ClusterAction | DirectResponse | Redirect
+
+
+@dataclass(frozen=True)
+class HeaderValue:
+    """A request header to add. ``append`` False means overwrite (set)."""
+
+    name: str
+    value: str
+    append: bool = True
+
+
+@dataclass(frozen=True)
+class FaultAbort:
+    """HTTP fault abort: reply ``status`` to ``per_million`` of requests."""
+
+    status: int
+    per_million: int = 1_000_000
+    header_controlled: bool = False  # x-envoy-fault-abort-request: ENVOY
+
+
+@dataclass(frozen=True)
+class LocalRateLimit:
+    """Envoy local_ratelimit token bucket; an empty bucket replies ``status``."""
+
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval_ms: int
+    status: int = 429
+    enforced_per_million: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route of a virtual host, in first-match order.
+
+    ``verdict`` KERNEL: the kernel matches and enforces everything here.
+    ``verdict`` ENVOY: a punt entry; ``reason`` names the feature that needs Envoy
+    (e.g. "retry_policy retry_on=5xx", "regex not literal: '^/a+b$'").
+    """
+
+    name: str
+    match: RouteMatch
+    action: Action
+    verdict: Verdict
+    reason: str = ""
+    request_headers_to_add: tuple[HeaderValue, ...] = ()
+    request_headers_to_remove: tuple[str, ...] = ()
+    fault_abort: FaultAbort | None = None
+    rate_limit: LocalRateLimit | None = None
+
+
+@dataclass(frozen=True)
+class VirtualHost:
+    """Domains: "a.b" exact, "*.b" suffix wildcard, "a.*" prefix wildcard, "*"."""
+
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+    request_headers_to_add: tuple[HeaderValue, ...] = ()
+    request_headers_to_remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """RBAC principal: source CIDR and/or authenticated (mTLS) principal.
+
+    ``any`` matches everything. ``source_cidr`` is "a.b.c.d/len".
+    ``authenticated`` is a StringMatch on the peer's URI SAN (never KERNEL: no TLS).
+    """
+
+    any: bool = False
+    source_cidr: str | None = None
+    authenticated: StringMatch | None = None
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class Permission:
+    """RBAC permission: AND of the non-empty fields; ``any`` matches everything."""
+
+    any: bool = False
+    path: StringMatch | None = None
+    method: str | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    port: int | None = None
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class RbacPolicy:
+    """A policy matches when ANY permission and ANY principal match (Envoy)."""
+
+    name: str
+    permissions: tuple[tuple[Permission, ...], ...]  # OR of AND-groups
+    principals: tuple[tuple[Principal, ...], ...]  # OR of AND-groups
+    verdict: Verdict = Verdict.KERNEL
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Rbac:
+    """Listener RBAC. ``verdict`` ENVOY if any policy needs Envoy (then all do)."""
+
+    action: str  # "ALLOW" | "DENY"
+    policies: tuple[RbacPolicy, ...]
+    verdict: Verdict = Verdict.KERNEL
+    reason: str = ""
+    shadow: bool = False  # shadow rules only log: the kernel ignores them
+
+
+@dataclass(frozen=True)
+class PathNormalization:
+    """HttpConnectionManager path handling that changes which route matches."""
+
+    normalize_path: bool = False
+    merge_slashes: bool = False
+    path_with_escaped_slashes_action: str = "KEEP_UNCHANGED"  # or UNESCAPE_*, REJECT_REQUEST
+
+
+@dataclass(frozen=True)
+class ListenerPlan:
+    """One HTTP listener (one HttpConnectionManager filter chain).
+
+    ``verdict`` ENVOY means the kernel must hand every connection of this
+    listener to Envoy (e.g. TLS on the downstream, a filter the kernel lacks).
+    """
+
+    name: str
+    address: str
+    port: int
+    direction: Direction
+    virtual_hosts: tuple[VirtualHost, ...]
+    route_config: str = ""
+    rbac: Rbac | None = None
+    local_rate_limit: LocalRateLimit | None = None
+    path_normalization: PathNormalization = field(default_factory=PathNormalization)
+    verdict: Verdict = Verdict.KERNEL
+    reason: str = ""
+
+
+class LbPolicy(enum.Enum):
+    ROUND_ROBIN = "round_robin"
+    RANDOM = "random"
+    LEAST_REQUEST = "least_request"
+    RING_HASH = "ring_hash"
+    MAGLEV = "maglev"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+    weight: int = 1
+    healthy: bool = True
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """An upstream cluster. ``hash_header`` is set for RING_HASH/MAGLEV on a header.
+
+    ``tls`` True means the upstream needs TLS: the kernel cannot (no kTLS), so
+    every route to it is ENVOY.
+    """
+
+    name: str
+    lb_policy: LbPolicy
+    endpoints: tuple[Endpoint, ...]
+    hash_header: str | None = None
+    tls: bool = False
+    verdict: Verdict = Verdict.KERNEL
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The whole kernel policy of one node (one Envoy sidecar)."""
+
+    node_id: str
+    version: str
+    listeners: tuple[ListenerPlan, ...] = ()
+    clusters: tuple[Cluster, ...] = ()
+
+    def cluster(self, name: str) -> Cluster | None:
+        """The cluster called ``name``, or None."""
+        for c in self.clusters:
+            if c.name == name:
+                return c
+        return None
