@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS: tuple[str, ...] = (
+    "mesh.cli",
 )
 
 DESCRIPTION = """\

@@ -1,0 +1,165 @@
+"""`l7fp mesh up|status|exec|down|logs`: the local mesh runner's command line.
+
+Registered in xds_server/cli.py SUBCOMMANDS; translates arguments to calls of
+`mesh.runner` and prints results. See docs/mesh.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HELP = """\
+Run a mesh described in a compose-style YAML file on this machine, the way
+Istio runs one in Kubernetes: each replica is a pod (network namespace with a
+198.18.0.0/15 address, cgroup v2 dir, app, Envoy sidecar with istio-iptables
+interception). Needs root. Examples:
+
+  l7fp mesh up compose/demo/mesh.yaml          # start, return when ready
+  l7fp mesh status                             # pods, processes, sidecar readiness
+  l7fp mesh exec frontend -- curl -s http://frontend:8080/home
+  l7fp mesh down                               # remove everything (also after a crash)
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("mesh", help="run a local mesh (pods as namespaces, Envoy sidecars)",
+                              description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mesh_command", metavar="ACTION")
+    up = sub.add_parser("up", help="start a mesh from a mesh file")
+    up.add_argument("file", help="mesh file (YAML), e.g. compose/demo/mesh.yaml")
+    up.add_argument("--name", help="mesh name (default: the file's `name:`); use to run several")
+    up.add_argument("--sidecars", choices=["envoy", "none"], default="envoy",
+                    help="none: pods and apps only, no interception (baseline)")
+    up.add_argument("--xds", choices=["file", "ads"], default="file",
+                    help="file: Envoy watches generated files; ads: run `l7fp serve` (default: file)")
+    up.add_argument("--fastpath", choices=["on", "off", "auto"], default="off",
+                    help="passed to `l7fp serve --fastpath` (with --xds ads)")
+    up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    up.add_argument("--foreground", action="store_true",
+                    help="stay attached; Ctrl-C tears the mesh down")
+    up.set_defaults(func=cmd_up)
+    st = sub.add_parser("status", help="pods, processes and sidecar readiness")
+    st.add_argument("--name")
+    st.add_argument("--json", action="store_true", help="print state.json")
+    st.set_defaults(func=cmd_status)
+    ex = sub.add_parser("exec", help="run a command in a pod: exec SERVICE|POD -- CMD...")
+    ex.add_argument("--name")
+    ex.add_argument("target", help="service (its first pod) or pod name")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    ex.set_defaults(func=cmd_exec)
+    dn = sub.add_parser("down", help="stop a mesh and remove all it made")
+    dn.add_argument("--name", help="mesh name (default: the only one running)")
+    dn.set_defaults(func=cmd_down)
+    lg = sub.add_parser("logs", help="print a pod's logs (app and sidecar)")
+    lg.add_argument("--name")
+    lg.add_argument("pod", nargs="?", help="pod name (default: the daemon's log)")
+    lg.set_defaults(func=cmd_logs)
+    p.set_defaults(func=lambda _a: p.print_help() or 2)
+
+
+def _err(msg: object) -> int:
+    print(f"l7fp mesh: {msg}", file=sys.stderr)
+    return 1
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from mesh.runner import Mesh, MeshError
+    from mesh.spec import MeshFileError
+    try:
+        m = Mesh(args.file, args.name, sidecars=args.sidecars, xds=args.xds,
+                 fastpath=args.fastpath, timeout=args.timeout)
+        state = m.up()
+    except (MeshFileError, MeshError) as exc:
+        return _err(exc)
+    print(f"mesh {state['name']} up: {len(state['pods'])} pods, state {m.state_file}")
+    for s in state["services"]:
+        print(f"  {s['name']:<16} {s['vip']:<14} ports {s['ports']} pods {s['pod_ips']}")
+    if not args.foreground:
+        return 0
+    print("Ctrl-C to stop")
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while m.state_file.exists():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    m.down()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mesh.runner import MeshError, resolve_name, status_rows
+    from mesh.teardown import read_state
+    try:
+        name = resolve_name(args.name)
+    except MeshError as exc:
+        return _err(exc)
+    state = read_state(name)
+    if state is None:
+        return _err(f"mesh {name!r}: no state file (starting, or crashed: `l7fp mesh down --name {name}`)")
+    if args.json:
+        print(json.dumps(state, indent=1))
+        return 0
+    print(f"mesh {name}: daemon pid {state['pid']}, sidecars {state.get('sidecars')}, "
+          f"xds {state.get('xds_mode')} {state.get('xds') or ''}, logs {state.get('logs')}")
+    print(f"{'POD':<20} {'IP':<14} {'APP':<6} {'ENVOY':<6} SIDECAR")
+    for r in status_rows(state):
+        alive = r["alive"]
+        fmt = {True: "up", False: "DEAD"}
+        print(f"{r['pod']:<20} {r['ip']:<14} {fmt[alive.get('app', False)]:<6} "
+              f"{fmt.get(alive.get('envoy'), '-') if 'envoy' in alive else '-':<6} {r['sidecar']}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from mesh.runner import MeshError, resolve_name, run_in_pod
+    from mesh.teardown import read_state
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        return _err("exec needs a command: l7fp mesh exec SERVICE -- CMD ARGS...")
+    try:
+        name = resolve_name(args.name)
+        state = read_state(name)
+        if state is None:
+            raise MeshError(f"mesh {name!r} is not running")
+        return run_in_pod(state, args.target, argv).returncode
+    except (MeshError, FileNotFoundError) as exc:
+        return _err(exc)
+    except subprocess.SubprocessError as exc:
+        return _err(exc)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from mesh.runner import MeshError, resolve_name
+    from mesh.teardown import down
+    try:
+        name = resolve_name(args.name)
+    except MeshError as exc:
+        return _err(exc)
+    removed = down(name)
+    print(f"mesh {name} down" + (f": {len(removed)} object(s) removed" if removed else ": nothing left"))
+    for line in removed:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from mesh.runner import MeshError, resolve_name
+    from mesh.teardown import state_dir
+    try:
+        d = state_dir(resolve_name(args.name))
+    except MeshError as exc:
+        return _err(exc)
+    files = [d / "daemon.log"] if not args.pod else sorted((d / "logs").glob(f"{args.pod}.*.log"))
+    if not files or not all(Path(f).exists() for f in files):
+        return _err(f"no logs for {args.pod or 'the daemon'} under {d}")
+    for f in files:
+        print(f"==> {f} <==")
+        print(Path(f).read_text()[-20000:])
+    return 0

@@ -1,0 +1,23 @@
+"""How the mesh daemon runs the control plane (`l7fp serve`) for ADS delivery.
+
+Called by `mesh.daemon` only. The server reads the pods' resources from the
+config directory (docs/contracts.md) and hot-reloads it; with `istio_policies`
+in the mesh file it generates the residual from Istio YAML instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mesh.spec import MeshSpec
+
+
+def serve_argv(config_dir: Path, xds: tuple[str, int], admin: tuple[str, int], fastpath: str,
+               spec: MeshSpec) -> list[str]:
+    argv = [sys.executable, "-m", "xds_server", "serve", "--config", str(config_dir),
+            "--listen", f"{xds[0]}:{xds[1]}", "--admin", f"{admin[0]}:{admin[1]}",
+            "--fastpath", fastpath]
+    if spec.istio_policies is not None:
+        argv += ["--policies", str(spec.istio_policies), "--mesh-file", str(spec.path)]
+    return argv

@@ -1,0 +1,315 @@
+"""The mesh daemon: builds a mesh, supervises it, applies policy changes.
+
+Started by `mesh.runner.Mesh.up()` as `python -m mesh.daemon FILE --name N ...`
+in its own session. It is the parent of every app, sidecar and control plane
+of the mesh (an Envoy whose parent exits gets SIGTERM), reports one line on
+stdout (`READY <state file>` or `ERROR <message>`) and then logs to
+<state dir>/daemon.log. SIGTERM/SIGINT make it stop its processes and tear the
+mesh down. It polls the mesh and policy files and regenerates the pods' Envoy
+resources on a change (in force within about 200 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mesh import configdir, envoyconf, naming, netrules, plumbing, spec, teardown, topology
+from mesh.supervisor import Proc, Supervisor, pod_argv
+
+log = logging.getLogger("mesh.daemon")
+POLL_S = 0.1
+
+
+class Daemon:
+    """One running mesh; all state the daemon holds lives here."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.spec = spec.load(args.file, args.name)
+        self.name = self.spec.name
+        self.dir = teardown.state_dir(self.name)
+        self.sup = Supervisor()
+        self.sidecars = args.sidecars == "envoy"
+        self.xds_mode = args.xds
+        self.cgroups: dict[str, str] = {}
+        self.xds_addr: tuple[str, int] | None = None
+        self.cp_admin: str | None = None
+        self.topo: topology.Topology | None = None
+        self.stamps: dict[Path, tuple[int, int]] = {}
+        self.stop = False
+
+    # -- build -------------------------------------------------------------
+    def build(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(exist_ok=True)
+        subnet = naming.pick_subnet(self.name, plumbing.taken_octets())
+        self.topo = topo = topology.build(self.spec, subnet)
+        plumbing.create_bridge(self.name, subnet)
+        comment = naming.iptables_comment(self.name)
+        for pod in topo.pods:
+            hosts = netrules.hosts_file(topo.services, pod.name, pod.ip)
+            plumbing.create_pod_netns(self.name, pod.name, pod.index, pod.ip, subnet, hosts)
+            plumbing.load_pod_nat(pod.netns, netrules.pod_nat_table(comment, topo.services,
+                                                                    self.sidecars))
+            self.cgroups[pod.name] = str(plumbing.create_cgroup(self.name, pod.name))
+        if self.sidecars:
+            self.write_config()
+            if self.xds_mode == "ads":
+                self.start_control_plane()
+        self.start_apps()
+        if self.sidecars:
+            self.start_sidecars()
+        self.wait_ready(self.args.timeout)
+        self.write_state()
+        self.stamps = self.file_stamps()
+
+    def delivery(self, pod: str) -> envoyconf.Delivery:
+        if self.xds_mode == "ads":
+            return envoyconf.Delivery("ads")
+        return envoyconf.Delivery("file", str(self.dir / "xds-files" / pod))
+
+    def write_config(self) -> int:
+        """(Re)generate every pod's resources; return how many files changed."""
+        assert self.topo is not None
+        changed = 0
+        for pod in self.topo.pods:
+            res = envoyconf.pod_resources(self.spec, pod.info(), list(self.topo.services),
+                                          self.delivery(pod.name))
+            if self.xds_mode == "ads":
+                changed += configdir.write_ads_file(self.dir / "xds", pod.name, pod.node_id, res)
+            else:
+                changed += configdir.write_file_xds(self.dir / "xds-files" / pod.name, res)
+        return changed
+
+    def start_control_plane(self) -> None:
+        assert self.topo is not None
+        from mesh.controlplane import serve_argv
+        port = _free_port(self.topo.subnet.gateway)
+        admin_port = _free_port("127.0.0.1")
+        self.xds_addr = (self.topo.subnet.gateway, port)
+        self.cp_admin = f"127.0.0.1:{admin_port}"
+        argv = serve_argv(self.dir / "xds", self.xds_addr, ("127.0.0.1", admin_port),
+                          self.args.fastpath, self.spec)
+        cg = plumbing.create_cgroup(self.name, "_control-plane")
+        self.sup.add(Proc("control-plane", pod_argv(argv, None), self.dir / "logs" / "control-plane.log",
+                          cg))
+        _wait_port(self.xds_addr, 20, self.sup.procs["control-plane"])
+
+    def start_apps(self) -> None:
+        assert self.topo is not None
+        for pod in self.topo.pods:
+            svc = self.spec.services[pod.service]
+            if svc.app == "direct_response":
+                boot = self.dir / "bootstrap" / f"{pod.name}-app.yaml"
+                configdir.write_bootstrap(boot, envoyconf.direct_response_bootstrap(svc.name, svc.ports))
+                cmd = [self.args.envoy, "-c", str(boot), "--concurrency", "1",
+                       "--disable-hot-restart", "--log-level", "warning"]
+            else:
+                cmd = [expand(a, self.args.envoy) for a in svc.command]
+            env = {**os.environ, **svc.env, "POD_NAME": pod.name, "POD_IP": pod.ip,
+                   "SERVICE_NAME": svc.name, "MESH_NAMESPACE": self.spec.namespace}
+            uid = None if svc.user == "root" else int(svc.user)
+            self.sup.add(Proc(f"{pod.name}/app", pod_argv(cmd, pod.netns, uid),
+                              self.dir / "logs" / f"{pod.name}.app.log",
+                              Path(self.cgroups[pod.name]), env))
+
+    def start_sidecars(self) -> None:
+        assert self.topo is not None
+        for pod in self.topo.pods:
+            boot_doc = envoyconf.sidecar_bootstrap(pod.info(), f"{pod.service}.{self.spec.namespace}",
+                                                   self.delivery(pod.name), self.xds_addr)
+            boot = self.dir / "bootstrap" / f"{pod.name}-sidecar.yaml"
+            configdir.write_bootstrap(boot, boot_doc)
+            cmd = [self.args.envoy, "-c", str(boot), "--concurrency", "1", "--disable-hot-restart",
+                   "--drain-time-s", "1", "--log-level", "warning"]
+            self.sup.add(Proc(f"{pod.name}/envoy", pod_argv(cmd, pod.netns, spec.SIDECAR_UID),
+                              self.dir / "logs" / f"{pod.name}.envoy.log", Path(self.cgroups[pod.name])))
+
+    def wait_ready(self, timeout: float) -> None:
+        """Every app listens on its ports; every sidecar's admin says LIVE."""
+        assert self.topo is not None
+        deadline = time.monotonic() + timeout
+        waiting = {p.name for p in self.topo.pods}
+        while waiting:
+            for pod in self.topo.pods:
+                if pod.name in waiting and self.pod_ready(pod):
+                    waiting.discard(pod.name)
+            dead = [p.name for p in self.sup.procs.values() if p.popen and p.popen.poll() is not None]
+            if dead:
+                raise RuntimeError(f"exited during start: {', '.join(dead)} (logs in {self.dir}/logs)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout:.0f}s: {sorted(waiting)} "
+                                   f"(logs in {self.dir}/logs)")
+            time.sleep(0.2)
+
+    def pod_ready(self, pod: topology.Pod) -> bool:
+        app = self.sup.procs[f"{pod.name}/app"]
+        if app.pid is None or not set(pod.ports) <= listening_ports(app.pid):
+            return False
+        if not self.sidecars:
+            return True
+        try:
+            with urllib.request.urlopen(f"http://{pod.ip}:{spec.ENVOY_ADMIN_PORT}/ready", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def write_state(self) -> None:
+        assert self.topo is not None
+        pids: dict[str, dict[str, int]] = {}
+        for name, proc in self.sup.procs.items():
+            if "/" in name and proc.pid:
+                pod, role = name.split("/")
+                pids.setdefault(pod, {})[role] = proc.pid
+        cp = self.sup.procs.get("control-plane")
+        doc = topology.state_doc(
+            self.topo, pid=os.getpid(), cgroups=self.cgroups, pids=pids,
+            xds=f"{self.xds_addr[0]}:{self.xds_addr[1]}" if self.xds_addr else None,
+            admin=self.cp_admin, config_dir=str(self.dir / ("xds" if self.xds_mode == "ads" else "xds-files")),
+            extra={"sidecars": "envoy" if self.sidecars else "none", "xds_mode": self.xds_mode,
+                   "fastpath": self.args.fastpath, "logs": str(self.dir / "logs"),
+                   "control_plane_pid": cp.pid if cp else None,
+                   "policy_files": [str(p) for p in self.spec.policy_files]})
+        configdir.atomic_write(self.dir / "state.json", json.dumps(doc, indent=1) + "\n")
+
+    # -- run ---------------------------------------------------------------
+    def file_stamps(self) -> dict[Path, tuple[int, int]]:
+        out = {}
+        for p in (self.spec.path, *self.spec.policy_files):
+            try:
+                st = p.stat()
+                out[p] = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                out[p] = (0, 0)
+        return out
+
+    def reload(self) -> None:
+        """Apply a changed policy; topology changes need `down` + `up`."""
+        try:
+            new = spec.load(self.spec.path, self.name)
+        except spec.MeshFileError as exc:
+            log.error("policy not applied, previous policy stays: %s", exc)
+            return
+        if new.services != self.spec.services or new.namespace != self.spec.namespace:
+            log.error("services changed in %s: only policy is applied live; "
+                      "run `l7fp mesh down` and `up` for topology changes", new.path)
+            return
+        self.spec = new
+        if self.sidecars:
+            log.info("policy change applied: %d file(s) rewritten", self.write_config())
+
+    def run(self) -> None:
+        while not self.stop:
+            time.sleep(POLL_S)
+            for line in self.sup.check():
+                log.warning("%s", line)
+            stamps = self.file_stamps()
+            if stamps != self.stamps:
+                self.stamps = stamps
+                self.reload()
+
+    def shutdown(self) -> None:
+        self.sup.stop_all()
+        for line in teardown.down(self.name, stop_running_daemon=False):
+            log.info("removed %s", line)
+
+
+def expand(arg: str, envoy: str) -> str:
+    """`${PYTHON}` is this interpreter (the venv's), `${ENVOY}` the Envoy binary."""
+    return arg.replace("${PYTHON}", sys.executable).replace("${ENVOY}", envoy)
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports in LISTEN state in the network namespace of `pid`."""
+    ports = set()
+    for f in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{f}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == "0A":
+                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _free_port(host: str) -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(addr: tuple[str, int], timeout: float, proc: Proc) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"control plane exited; see {proc.log_path}")
+        try:
+            socket.create_connection(addr, timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"control plane not listening on {addr[0]}:{addr[1]} after {timeout}s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mesh.daemon")
+    p.add_argument("file")
+    p.add_argument("--name")
+    p.add_argument("--sidecars", choices=["envoy", "none"], default="envoy")
+    p.add_argument("--xds", choices=["ads", "file"], default="file")
+    p.add_argument("--fastpath", choices=["on", "off", "auto"], default="off")
+    p.add_argument("--envoy", default=shutil.which("envoy") or "envoy")
+    p.add_argument("--timeout", type=float, default=60.0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = sys.stdout
+    try:
+        d = Daemon(args)
+    except spec.MeshFileError as exc:
+        print(f"ERROR {exc}", file=out, flush=True)
+        return 2
+    d.dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(filename=d.dir / "daemon.log", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def on_signal(_sig: int, _frm: Any) -> None:
+        d.stop = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        d.build()
+    except Exception as exc:  # anything: report it, leave nothing half started
+        log.exception("mesh %s failed to start", d.name)
+        d.shutdown()
+        print(f"ERROR {exc}", file=out, flush=True)
+        return 1
+    print(f"READY {d.dir / 'state.json'}", file=out, flush=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        d.run()
+    finally:
+        log.info("stopping mesh %s", d.name)
+        d.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

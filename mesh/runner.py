@@ -1,0 +1,187 @@
+"""Python API of the local mesh: `Mesh(file).up()`, `.exec()`, `.status()`, `.down()`.
+
+Called by the `l7fp mesh` CLI, `l7fp demo`, the benchmark harness and tests.
+`up()` validates the mesh file (nothing starts when it is bad), then starts
+the mesh daemon (`mesh.daemon`, its own session) which builds and supervises
+the mesh and stays running after `up()` returns; `down()` stops it and removes
+everything by the mesh's name, also after a crash. The running mesh is
+described by /run/l7fp/mesh/<name>/state.json (docs/contracts.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mesh import spec as mspec
+from mesh import teardown
+from mesh.supervisor import pid_alive
+
+
+class MeshError(RuntimeError):
+    """The mesh could not be started or found; the message says why."""
+
+
+def default_envoy() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    return str(beside) if beside.exists() else (shutil.which("envoy") or "envoy")
+
+
+def preflight() -> None:
+    if os.geteuid() != 0:
+        raise MeshError("the local mesh needs root (network namespaces, iptables, cgroups)")
+    for tool in ("ip", "iptables", "iptables-restore", "iptables-save", "setpriv"):
+        if shutil.which(tool) is None:
+            raise MeshError(f"`{tool}` not found: run scripts/setup-host.sh")
+
+
+class Mesh:
+    """A mesh described by a mesh file. `name` overrides the file's `name:`.
+
+    sidecars: "envoy" (default) or "none" (pods and apps only: a no-mesh baseline).
+    xds: "file" (Envoy's own filesystem xDS, no control plane) or "ads"
+    (`l7fp serve` as a supervised child, the pods' resources in its config dir).
+    fastpath: passed to `l7fp serve --fastpath` (ads only).
+    """
+
+    def __init__(self, file: str | Path, name: str | None = None, *, sidecars: str = "envoy",
+                 xds: str = "file", fastpath: str = "off", envoy: str | None = None,
+                 timeout: float = 90.0) -> None:
+        self.spec = mspec.load(file, name)  # raises MeshFileError before anything starts
+        self.name = self.spec.name
+        self.sidecars, self.xds, self.fastpath = sidecars, xds, fastpath
+        self.envoy = envoy or default_envoy()
+        self.timeout = timeout
+
+    @property
+    def state_file(self) -> Path:
+        return teardown.state_dir(self.name) / "state.json"
+
+    def up(self) -> dict[str, Any]:
+        """Start the mesh; return its state. Raises MeshError (nothing left behind)."""
+        preflight()
+        old = teardown.read_state(self.name)
+        if old and pid_alive(int(old.get("pid", 0))) and teardown._is_daemon(int(old["pid"]), self.name):
+            raise MeshError(f"mesh {self.name!r} is already running (pid {old['pid']}); "
+                            f"`l7fp mesh down --name {self.name}` first")
+        teardown.down(self.name)  # leftovers of a crashed run
+        argv = [sys.executable, "-m", "mesh.daemon", str(self.spec.path), "--name", self.name,
+                "--sidecars", self.sidecars, "--xds", self.xds, "--fastpath", self.fastpath,
+                "--envoy", self.envoy, "--timeout", str(self.timeout)]
+        env = {**os.environ, "PYTHONPATH": _pythonpath()}
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                start_new_session=True, env=env)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        proc.stdout.close()
+        if not line.startswith("READY"):
+            proc.wait(30)
+            teardown.down(self.name)
+            raise MeshError(line.removeprefix("ERROR ") or f"mesh daemon exited {proc.returncode}")
+        return self.state()
+
+    def state(self) -> dict[str, Any]:
+        st = teardown.read_state(self.name)
+        if st is None:
+            raise MeshError(f"mesh {self.name!r} is not running (no {self.state_file})")
+        return st
+
+    def down(self) -> list[str]:
+        return teardown.down(self.name)
+
+    def exec(self, target: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
+        """Run `argv` in the pod `target` (a pod name, or a service: its first pod)."""
+        return run_in_pod(self.state(), target, argv, **kw)
+
+    def pod(self, target: str) -> dict[str, Any]:
+        return find_pod(self.state(), target)
+
+
+def _pythonpath() -> str:
+    repo = str(Path(__file__).resolve().parent.parent)
+    old = os.environ.get("PYTHONPATH")
+    return f"{repo}:{old}" if old else repo
+
+
+def find_pod(state: dict[str, Any], target: str) -> dict[str, Any]:
+    pods = state["pods"]
+    for p in pods:
+        if p["name"] == target:
+            return dict(p)
+    for p in pods:
+        if p["service"] == target:
+            return dict(p)
+    names = sorted({p["service"] for p in pods})
+    raise MeshError(f"no pod or service {target!r} in mesh {state['name']!r}; services: {names}")
+
+
+def pod_command(state: dict[str, Any], target: str, argv: Sequence[str]) -> tuple[list[str], Path]:
+    pod = find_pod(state, target)
+    return ["ip", "netns", "exec", pod["netns"], *argv], Path(pod["cgroup"])
+
+
+def run_in_pod(state: dict[str, Any], target: str, argv: Sequence[str],
+               **kw: Any) -> subprocess.CompletedProcess:
+    """Run in the pod's netns and cgroup (so its traffic is intercepted like the app's)."""
+    cmd, cgroup = pod_command(state, target, argv)
+
+    def join() -> None:
+        with open(cgroup / "cgroup.procs", "w") as f:
+            f.write("0\n")
+    return subprocess.run(cmd, preexec_fn=join, **kw)
+
+
+def resolve_name(name: str | None) -> str:
+    """The mesh to act on: `name`, else the only running one."""
+    if name:
+        return name
+    running = teardown.running_meshes()
+    if len(running) == 1:
+        return running[0]
+    if not running:
+        raise MeshError("no mesh is running (nothing under /run/l7fp/mesh); give --name")
+    raise MeshError(f"several meshes run ({', '.join(running)}): give --name")
+
+
+def envoy_stats(state: dict[str, Any], target: str, prefix: str = "") -> dict[str, int]:
+    """Counters and gauges of a pod's sidecar, from its admin /stats."""
+    pod = find_pod(state, target)
+    url = f"http://{pod['ip']}:{pod['envoy_admin']}/stats?filter={prefix}" if prefix else \
+        f"http://{pod['ip']}:{pod['envoy_admin']}/stats"
+    with urllib.request.urlopen(url.replace("|", "%7C"), timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        key, _, val = line.rpartition(": ")
+        if val.strip().isdigit():
+            out[key] = int(val)
+    return out
+
+
+def status_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per pod: pids alive, sidecar readiness."""
+    rows = []
+    for p in state["pods"]:
+        alive = {role: pid_alive(pid) for role, pid in p.get("pids", {}).items()}
+        ready = "-"
+        if state.get("sidecars") == "envoy":
+            try:
+                url = f"http://{p['ip']}:{p['envoy_admin']}/ready"
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    ready = r.read().decode().strip()
+            except OSError as exc:
+                ready = f"down ({exc.__class__.__name__})"
+        rows.append({"pod": p["name"], "ip": p["ip"], "netns": p["netns"], "alive": alive,
+                     "sidecar": ready})
+    return rows
+
+
+def dumps_state(state: dict[str, Any]) -> str:
+    return json.dumps(state, indent=1)

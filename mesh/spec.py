@@ -1,0 +1,255 @@
+"""Mesh file: parse and validate a compose-style YAML description of a mesh.
+
+Called by `mesh.runner` (before anything is started) and by the CLI. Owns the
+mesh file format documented in docs/mesh.md. Pure: reads files, starts nothing.
+Every problem raises `MeshFileError` naming the file and the place in it, so a
+bad file stops `mesh up` before a single namespace exists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Ports the sidecar owns inside every pod (istio-iptables conventions).
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+ENVOY_ADMIN_PORT = 15000
+RESERVED_PORTS = frozenset({15000, 15001, 15004, 15006, 15008, 15020, 15021, 15090})
+SIDECAR_UID = 1337
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
+MESH_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,22}$")
+MAX_PODS = 250
+SERVICE_KEYS = {"command", "ports", "replicas", "calls", "env", "policy", "app", "user"}
+TOP_KEYS = {"name", "namespace", "services", "policies", "istio_policies"}
+POLICY_SIDES = ("outbound", "inbound")
+POLICY_KEYS = {"routes", "http_filters"}
+
+
+class MeshFileError(ValueError):
+    """A mesh or policy file is invalid; the message names file and place."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service of the mesh; each replica becomes a pod `<name>-<i>`."""
+
+    name: str
+    command: tuple[str, ...]
+    ports: tuple[int, ...]
+    replicas: int = 1
+    calls: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    app: str = "command"  # "command", or "direct_response" (an Envoy leaf, no command)
+    user: str = "root"
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """A validated mesh file. `policies` maps service -> side -> {routes, http_filters}."""
+
+    name: str
+    namespace: str
+    path: Path
+    services: dict[str, Service]
+    policies: dict[str, dict[str, dict[str, list[Any]]]]
+    policy_files: tuple[Path, ...] = ()
+    istio_policies: Path | None = None
+
+    def pod_names(self) -> list[tuple[str, Service]]:
+        """(pod name, service) for every replica, in file order."""
+        return [(f"{s.name}-{i}", s) for s in self.services.values() for i in range(s.replicas)]
+
+
+def _fail(where: str, msg: str) -> MeshFileError:
+    return MeshFileError(f"{where}: {msg}")
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise MeshFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MeshFileError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def load(path: str | Path, name: str | None = None) -> MeshSpec:
+    """Read and validate mesh file `path`; `name` overrides its `name:`."""
+    path = Path(path).resolve()
+    doc = _load_yaml(path)
+    where = str(path)
+    if not isinstance(doc, dict):
+        raise _fail(where, "top level must be a mapping with `services:`")
+    unknown = set(doc) - TOP_KEYS
+    if unknown:
+        raise _fail(where, f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    mesh_name = name or doc.get("name") or path.parent.name
+    if not isinstance(mesh_name, str) or not MESH_NAME_RE.match(mesh_name):
+        raise _fail(f"{where}: name", f"{mesh_name!r} must match {MESH_NAME_RE.pattern}")
+    namespace = doc.get("namespace", mesh_name)
+    if not isinstance(namespace, str) or not NAME_RE.match(namespace):
+        raise _fail(f"{where}: namespace", f"{namespace!r} must match {NAME_RE.pattern}")
+    services = _parse_services(where, doc.get("services"))
+    policies: dict[str, dict[str, dict[str, list[Any]]]] = {}
+    for sname, raw in (doc.get("services") or {}).items():
+        if isinstance(raw, dict) and raw.get("policy") is not None:
+            policies[sname] = _parse_policy(f"{where}: services.{sname}.policy", raw["policy"])
+    policy_files: list[Path] = []
+    pol_ref = doc.get("policies")
+    if pol_ref is not None:
+        if not isinstance(pol_ref, str):
+            raise _fail(f"{where}: policies", "must be a file name (relative to the mesh file)")
+        ppath = (path.parent / pol_ref).resolve()
+        policy_files.append(ppath)
+        for sname, pol in load_policy_file(ppath).items():
+            if sname in policies:
+                raise _fail(f"{ppath}: {sname}", f"policy also given inline in {where}")
+            policies[sname] = pol
+    istio = doc.get("istio_policies")
+    istio_dir = (path.parent / istio).resolve() if isinstance(istio, str) else None
+    if istio is not None and (istio_dir is None or not istio_dir.is_dir()):
+        raise _fail(f"{where}: istio_policies", f"{istio!r} is not a directory")
+    spec = MeshSpec(mesh_name, namespace, path, services, policies, tuple(policy_files), istio_dir)
+    validate_references(spec)
+    return spec
+
+
+def load_policy_file(path: Path) -> dict[str, dict[str, dict[str, list[Any]]]]:
+    """A policy file: mapping service -> {outbound: {...}, inbound: {...}}."""
+    doc = _load_yaml(path)
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise _fail(str(path), "must map service names to policies")
+    return {str(k): _parse_policy(f"{path}: {k}", v) for k, v in doc.items()}
+
+
+def _parse_services(where: str, raw: Any) -> dict[str, Service]:
+    if not isinstance(raw, dict) or not raw:
+        raise _fail(f"{where}: services", "must be a non-empty mapping of service name to service")
+    out: dict[str, Service] = {}
+    for sname, sraw in raw.items():
+        out[str(sname)] = _parse_service(f"{where}: services.{sname}", str(sname), sraw)
+    total = sum(s.replicas for s in out.values())
+    if total > MAX_PODS:
+        raise _fail(f"{where}: services", f"{total} pods, at most {MAX_PODS}")
+    return out
+
+
+def _parse_service(where: str, name: str, raw: Any) -> Service:
+    if not NAME_RE.match(name):
+        raise _fail(where, f"service name must match {NAME_RE.pattern}")
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be a mapping")
+    unknown = set(raw) - SERVICE_KEYS
+    if unknown:
+        raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(SERVICE_KEYS)}")
+    app = raw.get("app", "command")
+    if app not in ("command", "direct_response"):
+        raise _fail(f"{where}.app", f"{app!r} must be `command` or `direct_response`")
+    command = _parse_command(f"{where}.command", raw.get("command"), required=app == "command")
+    ports = _parse_ports(f"{where}.ports", raw.get("ports"))
+    replicas = raw.get("replicas", 1)
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 64:
+        raise _fail(f"{where}.replicas", f"{replicas!r} must be an integer from 1 to 64")
+    calls = raw.get("calls", [])
+    if not isinstance(calls, list) or not all(isinstance(c, str) for c in calls):
+        raise _fail(f"{where}.calls", "must be a list of service names")
+    env = raw.get("env", {})
+    if not isinstance(env, dict):
+        raise _fail(f"{where}.env", "must be a mapping")
+    user = str(raw.get("user", "root"))
+    return Service(name, command, ports, replicas, tuple(calls),
+                   {str(k): str(v) for k, v in env.items()}, app, user)
+
+
+def _parse_command(where: str, raw: Any, required: bool) -> tuple[str, ...]:
+    if raw is None:
+        if required:
+            raise _fail(where, "missing: every service needs a command (or `app: direct_response`)")
+        return ()
+    if isinstance(raw, str):
+        raw = raw.split()
+    if not isinstance(raw, list) or not raw or not all(isinstance(a, str | int) for a in raw):
+        raise _fail(where, "must be a non-empty list of strings (or one string)")
+    return tuple(str(a) for a in raw)
+
+
+def _parse_ports(where: str, raw: Any) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise _fail(where, "must be a non-empty list of TCP ports")
+    seen: set[int] = set()
+    for p in raw:
+        if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= 65535:
+            raise _fail(where, f"{p!r} is not a TCP port")
+        if p in RESERVED_PORTS:
+            raise _fail(where, f"port {p} clashes with a sidecar port ({sorted(RESERVED_PORTS)})")
+        if p in seen:
+            raise _fail(where, f"port {p} listed twice")
+        seen.add(p)
+    return tuple(raw)
+
+
+def _parse_policy(where: str, raw: Any) -> dict[str, dict[str, list[Any]]]:
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be a mapping with `outbound:` and/or `inbound:`")
+    unknown = set(raw) - set(POLICY_SIDES)
+    if unknown:
+        raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {list(POLICY_SIDES)}")
+    out: dict[str, dict[str, list[Any]]] = {}
+    for side in POLICY_SIDES:
+        sraw = raw.get(side) or {}
+        if not isinstance(sraw, dict) or set(sraw) - POLICY_KEYS:
+            raise _fail(f"{where}.{side}", f"must be a mapping with keys among {sorted(POLICY_KEYS)}")
+        side_pol: dict[str, list[Any]] = {}
+        for key in ("routes", "http_filters"):
+            val = sraw.get(key, [])
+            if not isinstance(val, list) or not all(isinstance(v, dict) for v in val):
+                raise _fail(f"{where}.{side}.{key}", "must be a list of mappings (Envoy JSON form)")
+            side_pol[key] = val
+        for i, flt in enumerate(side_pol["http_filters"]):
+            if "name" not in flt or "typed_config" not in flt:
+                raise _fail(f"{where}.{side}.http_filters[{i}]", "needs `name` and `typed_config`")
+        out[side] = side_pol
+    return out
+
+
+def route_cluster_refs(route: dict[str, Any]) -> list[tuple[str, str]]:
+    """(place, cluster short name) for each cluster a route names."""
+    action = route.get("route") or {}
+    refs = []
+    if isinstance(action.get("cluster"), str):
+        refs.append(("route.cluster", action["cluster"]))
+    wc = action.get("weighted_clusters") or {}
+    for j, c in enumerate(wc.get("clusters") or []):
+        refs.append((f"route.weighted_clusters.clusters[{j}].name", str(c.get("name"))))
+    return refs
+
+
+def validate_references(spec: MeshSpec) -> None:
+    """Every service named in `calls` or in an outbound route must exist."""
+    where = str(spec.path)
+    for s in spec.services.values():
+        for c in s.calls:
+            if c not in spec.services:
+                raise _fail(f"{where}: services.{s.name}.calls", f"unknown service {c!r}")
+    for sname, pol in spec.policies.items():
+        if sname not in spec.services:
+            raise _fail(f"{where}: policy for {sname!r}", "unknown service")
+        for side in POLICY_SIDES:
+            for i, route in enumerate(pol[side]["routes"]):
+                for place, ref in route_cluster_refs(route):
+                    if side == "inbound" and ref != "inbound":
+                        raise _fail(f"{where}: {sname}.policy.inbound.routes[{i}].{place}",
+                                    f"{ref!r}: inbound routes may only name `inbound`")
+                    if side == "outbound" and ref not in spec.services:
+                        raise _fail(f"{where}: {sname}.policy.outbound.routes[{i}].{place}",
+                                    f"unknown service {ref!r}")

@@ -1,0 +1,152 @@
+"""Remove everything a mesh made, found by its name (no state file needed).
+
+Called by `l7fp mesh down`, by `Mesh.down()`, by the daemon on exit and by a
+failed `up`. Idempotent: each step acts only on what it finds. Order: stop the
+daemon, kill every process in the mesh's cgroups and namespaces, delete the
+namespaces and their /etc/netns dirs, links (by alias), host iptables rules (by
+comment), cgroup dirs, and the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from mesh import naming, plumbing
+from mesh.supervisor import pid_alive
+
+log = logging.getLogger(__name__)
+
+
+def state_dir(mesh: str) -> Path:
+    return Path(naming.STATE_ROOT) / mesh
+
+
+def read_state(mesh: str) -> dict | None:
+    try:
+        return json.loads((state_dir(mesh) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_daemon(pid: int, mesh: str) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"mesh.daemon" in cmd and mesh.encode() in cmd
+
+
+def stop_daemon(mesh: str, timeout: float = 15.0) -> bool:
+    """SIGTERM the mesh's daemon (it tears down itself), SIGKILL if it hangs."""
+    state = read_state(mesh)
+    pid = int(state["pid"]) if state and state.get("pid") else None
+    if pid is None or pid == os.getpid() or not _is_daemon(pid, mesh):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and _is_daemon(pid, mesh) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid) and _is_daemon(pid, mesh):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def mesh_namespaces(mesh: str) -> list[str]:
+    """Namespaces of `mesh`: by owner marker, else by name `l7fp-<mesh>-<svc>-<n>`."""
+    prefix = naming.netns_name(mesh, "")
+    out = []
+    for ns in plumbing.netns_list():
+        if not ns.startswith(prefix):
+            continue
+        marker = plumbing.owner_marker(ns)
+        try:
+            owner = marker.read_text().strip()
+        except OSError:
+            rest = ns[len(prefix):]
+            owner = mesh if rest.rsplit("-", 1)[-1].isdigit() else ""
+        if owner == mesh:
+            out.append(ns)
+    return out
+
+
+def _kill_cgroups(root: Path) -> None:
+    if not root.is_dir():
+        return
+    kill = root / "cgroup.kill"
+    if kill.exists():
+        kill.write_text("1\n")
+    else:  # kernels before 5.14: signal each process
+        for procs in root.rglob("cgroup.procs"):
+            for pid in procs.read_text().split():
+                _kill(int(pid))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not any(p.read_text().strip() for p in root.rglob("cgroup.procs")):
+            return
+        time.sleep(0.05)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _rmdir_tree(root: Path) -> None:
+    if not root.is_dir():
+        return
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    root.rmdir()
+
+
+def down(mesh: str, stop_running_daemon: bool = True) -> list[str]:
+    """Remove all of `mesh`; return one line per object removed."""
+    done = []
+    if stop_running_daemon and stop_daemon(mesh):
+        done.append(f"stopped mesh daemon of {mesh}")
+    try:
+        cg = plumbing.mesh_cgroup(mesh)
+    except plumbing.PlumbingError:
+        cg = None
+    if cg is not None and cg.is_dir():
+        _kill_cgroups(cg)
+    for ns in mesh_namespaces(mesh):
+        for pid in plumbing.sh("ip", "netns", "pids", ns, check=False).split():
+            _kill(int(pid))
+        plumbing.sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        plumbing.owner_marker(ns).unlink(missing_ok=True)
+        done.append(f"netns {ns}")
+    for link in plumbing.links_with_alias_prefix(naming.link_alias(mesh, "")):
+        plumbing.sh("ip", "link", "del", link, check=False)
+        done.append(f"link {link}")
+    for table, spec in plumbing.host_rules_with_comment(naming.iptables_comment(mesh)):
+        plumbing.delete_host_rule(table, spec)
+        done.append(f"iptables -t {table} {' '.join(spec)}")
+    if cg is not None and cg.is_dir():
+        _rmdir_tree(cg)
+        done.append(f"cgroup {cg}")
+        parent = cg.parent
+        if parent.is_dir() and not any(p.is_dir() for p in parent.iterdir()):
+            try:
+                parent.rmdir()
+            except OSError:
+                pass  # another mesh created one meanwhile
+    sd = state_dir(mesh)
+    if sd.exists():
+        shutil.rmtree(sd, ignore_errors=True)
+        done.append(f"state {sd}")
+    return done
+
+
+def running_meshes() -> list[str]:
+    root = Path(naming.STATE_ROOT)
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -1,0 +1,72 @@
+"""A mesh's concrete layout: pods with addresses and node ids, service VIPs.
+
+Computed by the mesh daemon from a validated `MeshSpec` and a free subnet,
+then written into state.json (docs/contracts.md) for the fast-path agent, the
+benchmark harness and `mesh status/exec`. Pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mesh import naming
+from mesh.envoyconf import PodInfo
+from mesh.netrules import ServiceAddr
+from mesh.spec import ENVOY_ADMIN_PORT, MeshSpec
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    service: str
+    index: int
+    ip: str
+    netns: str
+    node_id: str
+    ports: tuple[int, ...]
+
+    def info(self) -> PodInfo:
+        return PodInfo(self.name, self.service, self.ip, self.node_id)
+
+
+@dataclass(frozen=True)
+class Topology:
+    spec: MeshSpec
+    subnet: naming.Subnet
+    pods: tuple[Pod, ...]
+    services: tuple[ServiceAddr, ...]
+
+
+def build(spec: MeshSpec, subnet: naming.Subnet) -> Topology:
+    pods = []
+    for i, (pod_name, svc) in enumerate(spec.pod_names()):
+        ip = subnet.pod_ip(i)
+        pods.append(Pod(pod_name, svc.name, i, ip, naming.netns_name(spec.name, pod_name),
+                        naming.node_id(ip, pod_name, spec.namespace), svc.ports))
+    services = []
+    for j, svc in enumerate(spec.services.values()):
+        ns = spec.namespace
+        services.append(ServiceAddr(
+            svc.name, subnet.vip(j), svc.ports,
+            tuple(p.ip for p in pods if p.service == svc.name),
+            (svc.name, f"{svc.name}.{ns}", f"{svc.name}.{ns}.svc", naming.fqdn(svc.name, ns))))
+    return Topology(spec, subnet, tuple(pods), tuple(services))
+
+
+def state_doc(topo: Topology, *, pid: int, cgroups: dict[str, str], pids: dict[str, dict[str, int]],
+              xds: str | None, admin: str | None, config_dir: str, extra: dict[str, Any]) -> dict:
+    """The state.json document of docs/contracts.md (plus documented extras)."""
+    spec = topo.spec
+    return {
+        "name": spec.name, "pid": pid, "xds": xds, "admin": admin, "config_dir": config_dir,
+        "pods": [{"name": p.name, "service": p.service, "namespace": spec.namespace,
+                  "netns": p.netns, "cgroup": cgroups[p.name], "ip": p.ip, "ports": list(p.ports),
+                  "node_id": p.node_id, "envoy_admin": ENVOY_ADMIN_PORT,
+                  "pids": pids.get(p.name, {})} for p in topo.pods],
+        "services": [{"name": s.name, "vip": s.vip, "ports": list(s.ports),
+                      "pod_ips": list(s.pod_ips), "hostnames": list(s.names)}
+                     for s in topo.services],
+        "mesh_file": str(spec.path), "bridge": naming.bridge_name(spec.name),
+        "gateway": topo.subnet.gateway, "subnet": topo.subnet.cidr, **extra,
+    }
