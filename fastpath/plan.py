@@ -138,6 +138,7 @@ class ClusterAction:
     timeout_ms: int | None = None  # None: no timeout (Envoy "0s"); Envoy default 15000
     idle_timeout_ms: int | None = None
     cluster_header: str | None = None  # route.cluster_header (always ENVOY)
+    hash_header: str | None = None  # hash_policy header, for RING_HASH/MAGLEV clusters
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ class Principal:
     source_cidr: str | None = None
     authenticated: StringMatch | None = None
     invert: bool = False
+    header: HeaderMatch | None = None  # RBAC principal `header`
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,9 @@ class LbPolicy(enum.Enum):
 
 @dataclass(frozen=True)
 class Endpoint:
+    """One upstream endpoint. ``address`` is an IP, or a DNS name (STRICT_DNS /
+    LOGICAL_DNS clusters) that the agent resolves before connecting its pool."""
+
     address: str
     port: int
     weight: int = 1

@@ -1,7 +1,9 @@
 """The split: one node's Envoy resources -> KernelPlan + residual Envoy config.
 
 Called by `xds_server` for every node snapshot before it is published (see
-docs/contracts.md, "Snapshot transform"). Owned by `fastpath.split`.
+docs/contracts.md, "Snapshot transform"), and by `l7fp split`. Owned by
+`fastpath.split`. The classifier is `fastpath.classify` (verdicts and reasons),
+the residual is `fastpath.residual` (what Envoy keeps).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fastpath import envoy_model as em
+from fastpath.classify import Resources, build
+from fastpath.classify_route import KernelCaps
 from fastpath.plan import KernelPlan
+from fastpath.residual import residual
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,26 @@ def _version(resources: Mapping[str, Sequence[Any]]) -> str:
     return h.hexdigest()[:16]
 
 
-def split_snapshot(node_id: str, resources: Mapping[str, Sequence[Any]]) -> SplitResult:
+def resources_json(resources: Mapping[str, Sequence[Any]]) -> Resources:
+    """The proto-JSON view of ``resources`` (type URL -> betterproto2 messages)."""
+    def js(url: str) -> list[dict[str, Any]]:
+        return [em.to_json(m) for m in resources.get(url, [])]
+
+    rcs = {str(d.get("name", "")): d for d in js(em.ROUTE)}
+    eps = {str(d.get("clusterName", "")): d for d in js(em.ENDPOINT)}
+    return Resources(js(em.LISTENER), rcs, js(em.CLUSTER), eps)
+
+
+def plan_of(node_id: str, res: Resources, version: str = "",
+            caps: KernelCaps | None = None, orphans: bool = False) -> KernelPlan:
+    """The KernelPlan of already-decoded resources."""
+    listeners, clusters = build(res, caps, orphans)
+    return KernelPlan(node_id=node_id, version=version, listeners=listeners, clusters=clusters)
+
+
+def split_snapshot(node_id: str, resources: Mapping[str, Sequence[Any]],
+                   caps: KernelCaps | None = None) -> SplitResult:
     """Split ``resources`` (type URL -> betterproto2 messages) for ``node_id``."""
-    plan = KernelPlan(node_id=node_id, version=_version(resources))
-    return SplitResult(plan=plan, residual={k: list(v) for k, v in resources.items()})
+    res = resources_json(resources)
+    plan = plan_of(node_id, res, _version(resources), caps)
+    return SplitResult(plan=plan, residual=residual(resources, plan))

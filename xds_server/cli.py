@@ -15,6 +15,10 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS: tuple[str, ...] = (
+    "xds_server.serve",
+    "xds_server.bootstrap",
+    "xds_server.demo",
+    "fastpath.cli_split",
     "mesh.cli",
 )
 

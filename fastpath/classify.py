@@ -1,0 +1,251 @@
+"""One node's resources (proto-JSON dicts) -> KernelPlan listeners and clusters.
+
+Called by `fastpath.split.split_snapshot` and by `l7fp split` (through
+`fastpath.coverage`); owned by the split. Listener-wide needs (downstream TLS,
+an ext_authz/JWT/Lua filter, RBAC the kernel can't evaluate, a shared rate-limit
+bucket with an Envoy route) turn every route of that listener ENVOY, with the
+reason, because the kernel must then hand all of that listener's requests to
+Envoy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastpath.classify_rbac import classify_rbac
+from fastpath.classify_route import (
+    HttpFilter,
+    KernelCaps,
+    RouteContext,
+    classify_route,
+    filter_kind,
+    local_rate_limit,
+)
+from fastpath.envoy_model import HCM, type_name
+from fastpath.plan import (
+    Cluster,
+    Direction,
+    Endpoint,
+    LbPolicy,
+    ListenerPlan,
+    PathNormalization,
+    Route,
+    Verdict,
+    VirtualHost,
+)
+
+_LB = {"ROUND_ROBIN": LbPolicy.ROUND_ROBIN, "RANDOM": LbPolicy.RANDOM,
+       "LEAST_REQUEST": LbPolicy.LEAST_REQUEST, "RING_HASH": LbPolicy.RING_HASH,
+       "MAGLEV": LbPolicy.MAGLEV}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Proto-JSON dicts of one node, by kind (names are the resources' names)."""
+
+    listeners: list[dict[str, Any]]
+    route_configs: dict[str, dict[str, Any]]
+    clusters: list[dict[str, Any]]
+    endpoints: dict[str, dict[str, Any]]
+
+
+def build(res: Resources, caps: KernelCaps | None = None, orphans: bool = False
+          ) -> tuple[tuple[ListenerPlan, ...], tuple[Cluster, ...]]:
+    """Listeners and clusters of the plan. ``orphans``: also route configs no
+    listener references (as listener "(no listener)"), for `l7fp split` on RDS files."""
+    caps = caps or KernelCaps()
+    clusters = tuple(classify_cluster(c, res.endpoints, caps) for c in res.clusters)
+    by_name = {c.name: c for c in clusters}
+    listeners: list[ListenerPlan] = []
+    used: set[str] = set()
+    for lis in res.listeners:
+        for plan, rc_name in _listener(lis, res, by_name, caps):
+            listeners.append(plan)
+            used.add(rc_name)
+    if orphans:
+        for name, rc in res.route_configs.items():
+            if name not in used:
+                ctx = RouteContext(by_name, [HttpFilter("router", "router", {})], caps)
+                vhosts = _vhosts(rc, ctx)
+                listeners.append(ListenerPlan("(no listener)", "0.0.0.0", 0, Direction.OUTBOUND,
+                                              vhosts, route_config=name))
+    return tuple(listeners), clusters
+
+
+def _listener(lis: dict[str, Any], res: Resources, clusters: dict[str, Cluster],
+              caps: KernelCaps) -> list[tuple[ListenerPlan, str]]:
+    sa = lis.get("address", {}).get("socketAddress", {})
+    address, port = str(sa.get("address", "0.0.0.0")), int(sa.get("portValue", 0))
+    name = str(lis.get("name", f"{address}:{port}"))
+    direction = _direction(lis, name)
+    chains = list(lis.get("filterChains", []))
+    if "defaultFilterChain" in lis:
+        chains.append(lis["defaultFilterChain"])
+    http_chains = [c for c in chains if _hcm(c) is not None]
+    out = []
+    for i, chain in enumerate(http_chains):
+        reasons = _chain_reasons(chain, len(http_chains))
+        cname = name if len(http_chains) == 1 else f"{name}#{chain.get('name', i)}"
+        cport = int(chain.get("filterChainMatch", {}).get("destinationPort", port))
+        hcm = _hcm(chain) or {}
+        plan, rc_name = _http(cname, address, cport, direction, hcm, res, clusters, caps, reasons)
+        out.append((plan, rc_name))
+    return out
+
+
+def _direction(lis: dict[str, Any], name: str) -> Direction:
+    td = lis.get("trafficDirection")
+    if td == "INBOUND" or (td is None and "inbound" in name.lower()):
+        return Direction.INBOUND
+    return Direction.OUTBOUND
+
+
+def _hcm(chain: dict[str, Any]) -> dict[str, Any] | None:
+    for f in chain.get("filters", []):
+        tc = f.get("typedConfig", {})
+        if type_name(tc.get("@type", "")) == HCM:
+            return tc  # type: ignore[no-any-return]
+    return None
+
+
+def _chain_reasons(chain: dict[str, Any], n_http: int) -> list[str]:
+    reasons = []
+    if "transportSocket" in chain:
+        reasons.append("downstream TLS termination (no TLS in the kernel)")
+    fcm = chain.get("filterChainMatch", {})
+    if set(fcm) - {"destinationPort", "transportProtocol", "applicationProtocols"} and n_http > 1:
+        reasons.append(f"filter_chain_match on {sorted(set(fcm) - {'destinationPort'})}")
+    for f in chain.get("filters", []):
+        kind = filter_kind(f)
+        if kind != "http_connection_manager":
+            reasons.append(f"network filter {kind}")
+    return reasons
+
+
+def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[str, Any],
+          res: Resources, clusters: dict[str, Cluster], caps: KernelCaps,
+          reasons: list[str]) -> tuple[ListenerPlan, str]:
+    filters = [HttpFilter(str(f.get("name", "")), filter_kind(f), f.get("typedConfig", {}),
+                          bool(f.get("disabled", False))) for f in hcm.get("httpFilters", [])]
+    rbac, limit = None, None
+    for f in filters:
+        if f.disabled:
+            continue
+        if f.kind == "rbac":
+            rbac, more = classify_rbac(f.config)
+            reasons += [f"listener RBAC: {r}" for r in more]
+        elif f.kind == "local_ratelimit":
+            limit, more = local_rate_limit(f.config)
+            reasons += more
+    for key in ("scopedRoutes", "stripAnyHostPort", "stripMatchingHostPort"):
+        if hcm.get(key):
+            reasons.append(f"http_connection_manager {key}")
+    rc_name = hcm.get("rds", {}).get("routeConfigName", "")
+    rc = hcm.get("routeConfig") or res.route_configs.get(rc_name)
+    if rc is None:
+        rc = {}
+        if rc_name:
+            reasons.append(f"route config {rc_name!r} not found")
+    ctx = RouteContext(clusters, filters, caps, route_config=rc)
+    vhosts = _vhosts(rc, ctx)
+    if limit is not None and any(r.verdict is Verdict.ENVOY for v in vhosts for r in v.routes):
+        # One owner per bucket: Envoy keeps it, so every request must reach Envoy.
+        reasons.append("listener local rate limit bucket is shared with routes that need Envoy")
+    if reasons:
+        why = "; ".join(dict.fromkeys(reasons))
+        vhosts = tuple(replace(v, routes=tuple(_punt(r, why) for r in v.routes)) for v in vhosts)
+    norm = PathNormalization(bool(hcm.get("normalizePath", False)), bool(hcm.get("mergeSlashes", False)),
+                             str(hcm.get("pathWithEscapedSlashesAction", "KEEP_UNCHANGED")))
+    plan = ListenerPlan(name, address, port, direction, vhosts, rc.get("name", rc_name), rbac, limit, norm,
+                        Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)))
+    return plan, str(rc.get("name", rc_name))
+
+
+def _punt(r: Route, why: str) -> Route:
+    reason = why if r.verdict is Verdict.KERNEL else f"{why}; {r.reason}"
+    return replace(r, verdict=Verdict.ENVOY, reason=reason)
+
+
+def _vhosts(rc: dict[str, Any], ctx: RouteContext) -> tuple[VirtualHost, ...]:
+    out = []
+    for vh in rc.get("virtualHosts", []):
+        vctx = replace(ctx, vhost=vh)
+        routes = tuple(classify_route(r, vctx) for r in vh.get("routes", []))
+        out.append(VirtualHost(str(vh.get("name", "")), tuple(d.lower() for d in vh.get("domains", [])),
+                               routes))
+    return tuple(out)
+
+
+def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
+                     caps: KernelCaps | None = None) -> Cluster:
+    """Envoy Cluster -> plan.Cluster; ``endpoints`` are ClusterLoadAssignments by name."""
+    name = str(c.get("name", ""))
+    caps = caps or KernelCaps()
+    reasons = []
+    lb = _LB.get(c.get("lbPolicy", "ROUND_ROBIN"))
+    if lb is None:
+        reasons.append(f"lb_policy {c.get('lbPolicy')}")
+    kind = c.get("type", "STATIC")
+    if "clusterType" in c or kind == "ORIGINAL_DST":
+        reasons.append("original destination / custom cluster type")
+    cla = c.get("loadAssignment")
+    if kind == "EDS":
+        svc = c.get("edsClusterConfig", {}).get("serviceName") or name
+        cla = endpoints.get(svc)
+        if cla is None:
+            reasons.append("EDS endpoints not available")
+    eps, more = _endpoints(cla or {}, kind, caps.dns_endpoints)
+    reasons += more
+    if "transportSocket" in c or "transportSocketMatches" in c:
+        reasons.append("upstream TLS (no kTLS on this kernel)")
+    reasons += _cluster_options(c)
+    return Cluster(name, lb or LbPolicy.ROUND_ROBIN, tuple(eps), None, "transportSocket" in c,
+                   Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(reasons))
+
+
+def _cluster_options(c: dict[str, Any]) -> list[str]:
+    reasons = []
+    if c.get("http2ProtocolOptions") or "grpc" in str(c.get("http2ProtocolOptions", "")):
+        reasons.append("upstream HTTP/2")
+    for opt in c.get("typedExtensionProtocolOptions", {}).values():
+        cfg = opt.get("explicitHttpConfig", {})
+        if "http2ProtocolOptions" in cfg or "http3ProtocolOptions" in cfg:
+            reasons.append("upstream HTTP/2")
+        if "useDownstreamProtocolConfig" in opt or "autoConfig" in opt:
+            reasons.append("upstream protocol chosen per request")
+    if c.get("circuitBreakers"):
+        reasons.append("circuit breakers (stateful, owned by Envoy)")
+    if c.get("outlierDetection"):
+        reasons.append("outlier detection (needs responses)")
+    if c.get("healthChecks"):
+        reasons.append("active health checks")
+    if c.get("commonLbConfig", {}).get("localityWeightedLbConfig") is not None \
+            and "localityWeightedLbConfig" in c.get("commonLbConfig", {}):
+        reasons.append("locality weighted LB")
+    return reasons
+
+
+def _endpoints(cla: dict[str, Any], kind: str, dns: bool) -> tuple[list[Endpoint], list[str]]:
+    eps, reasons = [], []
+    for group in cla.get("endpoints", []):
+        if int(group.get("priority", 0)) > 0:
+            reasons.append("endpoint priorities (failover)")
+        for lbe in group.get("lbEndpoints", []):
+            sa = lbe.get("endpoint", {}).get("address", {}).get("socketAddress", {})
+            host = str(sa.get("address", ""))
+            if not _is_ip(host) and not dns:
+                reasons.append(f"endpoint {host!r} is a DNS name ({kind})")
+            healthy = lbe.get("healthStatus", "UNKNOWN") in ("UNKNOWN", "HEALTHY", "DEGRADED")
+            eps.append(Endpoint(host, int(sa.get("portValue", 0)),
+                                int(lbe.get("loadBalancingWeight", 1)), healthy))
+    return eps, list(dict.fromkeys(reasons))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,156 @@
+"""Route matchers (proto-JSON) -> plan matchers, with the reason when the kernel can't.
+
+Called by `fastpath.classify_route` and `fastpath.classify_rbac`; owned by the
+split. Every function returns ``(ir, reasons)``: ``reasons`` is empty when the
+kernel can evaluate the matcher exactly as Envoy does.
+"""
+
+from __future__ import annotations
+
+import re._constants as _C
+import re._parser as sre  # the stdlib regex parser: enough to spot literal regexes
+from typing import Any
+
+from fastpath.plan import (
+    HeaderMatch,
+    PathKind,
+    QueryParamMatch,
+    RouteMatch,
+    StringKind,
+    StringMatch,
+)
+
+Reasons = list[str]
+
+
+def regex_shape(pattern: str) -> tuple[str, str] | None:
+    """("literal", s) if ``pattern`` (full match) equals exactly ``s``;
+    ("prefix", s) if it is ``s.*``; None otherwise (a true regex).
+
+    Envoy's safe_regex is RE2 with full-match semantics; the kernel compares
+    bytes, so only these two shapes are enforceable in the kernel.
+    """
+    try:
+        items = list(sre.parse(pattern))
+    except Exception:
+        return None
+    if items and items[0] == (_C.AT, _C.AT_BEGINNING):
+        items = items[1:]
+    if items and items[-1] == (_C.AT, _C.AT_END):
+        items = items[:-1]
+    prefix = False
+    if items and items[-1][0] is _C.MAX_REPEAT:
+        lo, hi, body = items[-1][1]
+        if lo == 0 and hi is _C.MAXREPEAT and list(body) == [(_C.ANY, None)]:
+            prefix, items = True, items[:-1]
+    if not all(op is _C.LITERAL for op, _ in items):
+        return None
+    text = "".join(chr(v) for _, v in items)
+    if "\n" in text:
+        return None
+    return ("prefix" if prefix else "literal", text)
+
+
+def string_match(m: dict[str, Any], what: str) -> tuple[StringMatch | None, Reasons]:
+    """Envoy StringMatcher -> StringMatch. A literal regex becomes EXACT/PREFIX."""
+    ic = bool(m.get("ignoreCase", False))
+    for key, kind in (("exact", StringKind.EXACT), ("prefix", StringKind.PREFIX),
+                      ("suffix", StringKind.SUFFIX), ("contains", StringKind.CONTAINS)):
+        if key in m:
+            return StringMatch(kind, m[key], ic), []
+    if "safeRegex" in m:
+        return _regex_match(m["safeRegex"].get("regex", ""), ic, what)
+    return None, [f"{what}: matcher {sorted(m)} not supported in the kernel"]
+
+
+def _regex_match(pattern: str, ic: bool, what: str) -> tuple[StringMatch | None, Reasons]:
+    shape = regex_shape(pattern)
+    if shape is None:
+        return StringMatch(StringKind.REGEX, pattern, ic), [f"{what}: regex not literal: {pattern!r}"]
+    kind = StringKind.EXACT if shape[0] == "literal" else StringKind.PREFIX
+    return StringMatch(kind, shape[1], ic), []
+
+
+def header_match(h: dict[str, Any], what: str = "header") -> tuple[HeaderMatch, Reasons]:
+    """Envoy HeaderMatcher -> HeaderMatch."""
+    name = str(h.get("name", "")).lower()
+    invert = bool(h.get("invertMatch", False))
+    tmae = bool(h.get("treatMissingHeaderAsEmpty", False))
+    where = f"{what} {name!r}"
+    reasons: Reasons = []
+    match: StringMatch | None = None
+    absent = False
+    if "presentMatch" in h:
+        absent = not h["presentMatch"]
+    elif "stringMatch" in h:
+        match, reasons = string_match(h["stringMatch"], where)
+    elif "exactMatch" in h:
+        match = StringMatch(StringKind.EXACT, h["exactMatch"])
+    elif "prefixMatch" in h:
+        match = StringMatch(StringKind.PREFIX, h["prefixMatch"])
+    elif "suffixMatch" in h:
+        match = StringMatch(StringKind.SUFFIX, h["suffixMatch"])
+    elif "containsMatch" in h:
+        match = StringMatch(StringKind.CONTAINS, h["containsMatch"])
+    elif "safeRegexMatch" in h:
+        match, reasons = _regex_match(h["safeRegexMatch"].get("regex", ""), False, where)
+    elif "rangeMatch" in h:
+        reasons = [f"{where}: range_match"]
+    if tmae:
+        reasons.append(f"{where}: treat_missing_header_as_empty")
+    if name in ("cookie",) or name.startswith(":") and name not in (":method", ":authority", ":path"):
+        reasons.append(f"{where}: pseudo/merged header")
+    return HeaderMatch(name, match, invert, absent, tmae), reasons
+
+
+def query_match(q: dict[str, Any]) -> tuple[QueryParamMatch, Reasons]:
+    name = str(q.get("name", ""))
+    if q.get("presentMatch"):
+        return QueryParamMatch(name), []
+    if "stringMatch" in q:
+        m, r = string_match(q["stringMatch"], f"query parameter {name!r}")
+        return QueryParamMatch(name, m), r
+    return QueryParamMatch(name), [f"query parameter {name!r}: matcher not supported"]
+
+
+_IGNORED_MATCH = {"prefix", "path", "safeRegex", "pathSeparatedPrefix", "caseSensitive",
+                  "headers", "queryParameters", "grpc"}
+
+
+def route_match(m: dict[str, Any]) -> tuple[RouteMatch, Reasons]:
+    """Envoy RouteMatch -> RouteMatch."""
+    reasons: Reasons = []
+    cs = bool(m.get("caseSensitive", True))
+    kind, path, lit, pre = PathKind.PREFIX, "/", None, None
+    if "prefix" in m:
+        path = m["prefix"]
+    elif "path" in m:
+        kind, path = PathKind.EXACT, m["path"]
+    elif "pathSeparatedPrefix" in m:
+        kind, path = PathKind.PATH_SEPARATED_PREFIX, m["pathSeparatedPrefix"]
+    elif "safeRegex" in m:
+        kind, path = PathKind.REGEX, m["safeRegex"].get("regex", "")
+        shape = regex_shape(path)
+        if shape is None:
+            reasons.append(f"path regex not literal: {path!r}")
+        elif shape[0] == "literal":
+            lit = shape[1]
+        else:
+            pre = shape[1]
+    headers, method = [], None
+    for h in m.get("headers", []):
+        hm, r = header_match(h)
+        reasons += r
+        headers.append(hm)
+        if hm.name == ":method" and hm.match and hm.match.kind is StringKind.EXACT and not hm.invert:
+            method = hm.match.value
+    queries = []
+    for q in m.get("queryParameters", []):
+        qm, r = query_match(q)
+        reasons += r
+        queries.append(qm)
+    for key in sorted(set(m) - _IGNORED_MATCH):
+        reasons.append(f"route match {key}")
+    rm = RouteMatch(kind, path, cs, tuple(headers), tuple(queries), method, lit, pre,
+                    grpc="grpc" in m)
+    return rm, reasons

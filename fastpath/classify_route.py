@@ -1,0 +1,357 @@
+"""One Envoy route (proto-JSON) -> plan.Route with its verdict and reasons.
+
+Called by `fastpath.classify` for every route of every virtual host; owned by
+the split. The kernel's capabilities are those of DESIGN.md §5 (HTTP/1.1 parse
+in sk_msg, redirect to a pooled, pre-connected upstream, replies written by the
+kernel, no TLS, no response processing, no timers). Anything else is a reason
+for Envoy, named after the Envoy feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastpath.classify_match import Reasons, route_match
+from fastpath.envoy_model import duration_ms, type_name
+from fastpath.plan import (
+    Action,
+    Cluster,
+    ClusterAction,
+    DirectResponse,
+    FaultAbort,
+    HeaderValue,
+    LbPolicy,
+    LocalRateLimit,
+    Redirect,
+    Route,
+    Verdict,
+    WeightedCluster,
+)
+
+ENVOY_DEFAULT_TIMEOUT_MS = 15_000
+# retry_on conditions that cannot fire on the kernel path: the pooled upstream is
+# already connected (connect-failure), speaks HTTP/1.1 (refused-stream is an
+# HTTP/2 RST_STREAM code, http3-post-connect-failure is HTTP/3 only).
+NEVER_FIRING_RETRY_ON = frozenset({"connect-failure", "refused-stream", "http3-post-connect-failure"})
+
+
+@dataclass(frozen=True)
+class KernelCaps:
+    """What the kernel data path can do. Defaults: DESIGN.md §5 as built today.
+
+    ``route_timeouts``: the kernel/agent enforces a per-request response timeout
+    (not yet: a route with a finite timeout, including Envoy's 15 s default, is
+    ENVOY, because a slow upstream gets a 504 from Envoy and no answer from the
+    kernel).
+    """
+
+    route_timeouts: bool = False
+    # STRICT_DNS/LOGICAL_DNS endpoints given by name: the user-space agent that
+    # owns the upstream pools resolves them (getaddrinfo, re-resolved like Envoy's
+    # dns_refresh_rate); the kernel only ever sees the pooled sockets.
+    dns_endpoints: bool = True
+
+
+@dataclass(frozen=True)
+class HttpFilter:
+    """One entry of HttpConnectionManager.http_filters."""
+
+    name: str
+    kind: str  # short type: "router", "rbac", "local_ratelimit", "fault", "lua", ...
+    config: dict[str, Any]
+    disabled: bool = False
+
+
+@dataclass
+class RouteContext:
+    """What a route's verdict depends on beyond the route itself."""
+
+    clusters: dict[str, Cluster]
+    filters: list[HttpFilter]
+    caps: KernelCaps = field(default_factory=KernelCaps)
+    vhost: dict[str, Any] = field(default_factory=dict)
+    route_config: dict[str, Any] = field(default_factory=dict)
+
+
+def filter_kind(f: dict[str, Any]) -> str:
+    """Short kind of an http filter: from its typed_config type, else its name."""
+    tc = f.get("typedConfig") or {}
+    t = tc.get("@type")
+    if t and type_name(t) in ("udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"):
+        t = tc.get("typeUrl", t)
+    if t:
+        parts = type_name(t).split(".")
+        if len(parts) >= 3 and parts[-2].startswith("v"):
+            return parts[-3]
+        return parts[-1]
+    return str(f.get("name", "")).rsplit(".", 1)[-1]
+
+
+def classify_route(r: dict[str, Any], ctx: RouteContext) -> Route:
+    """Build the plan entry of route ``r`` (proto-JSON) in context ``ctx``."""
+    match, reasons = route_match(r.get("match", {}))
+    action, more = _action(r, ctx)
+    reasons += more
+    adds, removes, more = _headers(r, ctx)
+    reasons += more
+    per_filter = {**ctx.route_config.get("typedPerFilterConfig", {}),
+                  **ctx.vhost.get("typedPerFilterConfig", {}), **r.get("typedPerFilterConfig", {})}
+    fault, limit, more = _filters(per_filter, ctx)
+    reasons += more
+    for key in ("cors",):
+        if key in r or key in ctx.vhost:
+            reasons.append("CORS policy (response headers, preflight)")
+    for key in ("rateLimits",):
+        if r.get(key) or ctx.vhost.get(key):
+            reasons.append("global rate limit descriptors (ratelimit service)")
+    if ctx.vhost.get("requireTls", "NONE") != "NONE":
+        reasons.append("virtual host require_tls")
+    unknown = set(r) - _KNOWN_ROUTE_KEYS
+    reasons += [f"route field {k}" for k in sorted(unknown)]
+    verdict = Verdict.ENVOY if reasons else Verdict.KERNEL
+    return Route(
+        name=str(r.get("name", "")), match=match, action=action, verdict=verdict,
+        reason="; ".join(dict.fromkeys(reasons)), request_headers_to_add=tuple(adds),
+        request_headers_to_remove=tuple(removes), fault_abort=fault, rate_limit=limit,
+    )
+
+
+_KNOWN_ROUTE_KEYS = {
+    "name", "match", "route", "redirect", "directResponse", "requestHeadersToAdd",
+    "requestHeadersToRemove", "responseHeadersToAdd", "responseHeadersToRemove",
+    "typedPerFilterConfig", "decorator", "metadata", "statPrefix", "tracing", "cors",
+    "rateLimits", "filterAction", "nonForwardingAction",
+}
+
+
+def _action(r: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
+    if "directResponse" in r:
+        return _direct(r["directResponse"])
+    if "redirect" in r:
+        return _redirect(r["redirect"])
+    if "route" in r:
+        return _forward(r["route"], ctx)
+    other = sorted(set(r) & {"filterAction", "nonForwardingAction"}) or ["(no action)"]
+    return ClusterAction(()), [f"route action {other[0]}"]
+
+
+def _direct(d: dict[str, Any]) -> tuple[Action, Reasons]:
+    body = d.get("body", {})
+    reasons = [] if set(body) <= {"inlineString"} else [f"direct_response body {sorted(body)}"]
+    return DirectResponse(int(d.get("status", 0)), body.get("inlineString", "")), reasons
+
+
+def _redirect(d: dict[str, Any]) -> tuple[Action, Reasons]:
+    codes = {"MOVED_PERMANENTLY": 301, "FOUND": 302, "SEE_OTHER": 303,
+             "TEMPORARY_REDIRECT": 307, "PERMANENT_REDIRECT": 308}
+    reasons = [f"redirect {k}" for k in sorted(set(d) & {"regexRewrite"})]
+    scheme = "https" if d.get("httpsRedirect") else d.get("schemeRedirect")
+    port = d.get("portRedirect")
+    return Redirect(
+        status=codes.get(d.get("responseCode", "MOVED_PERMANENTLY"), 301), scheme=scheme,
+        host=d.get("hostRedirect"), port=int(port) if port else None,
+        path=d.get("pathRedirect"), prefix_rewrite=d.get("prefixRewrite"),
+        strip_query=bool(d.get("stripQuery", False)),
+    ), reasons
+
+
+_FORWARD_OK = {"cluster", "weightedClusters", "prefixRewrite", "hostRewriteLiteral", "timeout",
+               "retryPolicy", "hashPolicy", "idleTimeout", "clusterNotFoundResponseCode",
+               "maxGrpcTimeout", "grpcTimeoutOffset", "priority", "includeVhRateLimits",
+               "rateLimits", "cors", "autoHostRewrite"}
+
+
+def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
+    reasons: Reasons = [f"route {k}" for k in sorted(set(a) - _FORWARD_OK)]
+    if a.get("autoHostRewrite"):
+        reasons.append("route auto_host_rewrite")
+    if "cluster" in a:
+        clusters = [WeightedCluster(a["cluster"], 1)]
+    elif "weightedClusters" in a:
+        clusters, more = _weighted(a["weightedClusters"])
+        reasons += more
+    else:
+        clusters = []
+    timeout = duration_ms(a.get("timeout", "15s")) or None
+    if timeout and not ctx.caps.route_timeouts:
+        default = " (Envoy default)" if "timeout" not in a else ""
+        reasons.append(f"route timeout {timeout}ms{default}: no response timer in the kernel")
+    if duration_ms(a.get("idleTimeout", "0s")):
+        reasons.append("route idle_timeout")
+    reasons += _retry(a.get("retryPolicy", ctx.vhost.get("retryPolicy")))
+    hash_header, more = _hash(a.get("hashPolicy", []), clusters, ctx)
+    reasons += more
+    for c in clusters:
+        plan_c = ctx.clusters.get(c.name)
+        if plan_c is None:
+            reasons.append(f"cluster {c.name!r} not defined")
+        elif plan_c.verdict is Verdict.ENVOY:
+            reasons.append(f"cluster {c.name!r}: {plan_c.reason}")
+    action = ClusterAction(tuple(clusters), a.get("prefixRewrite"), a.get("hostRewriteLiteral"),
+                           timeout, duration_ms(a.get("idleTimeout")) or None,
+                           cluster_header=a.get("clusterHeader"))
+    if hash_header:
+        action = ClusterAction(**{**action.__dict__, "hash_header": hash_header})
+    return action, reasons
+
+
+def _weighted(w: dict[str, Any]) -> tuple[list[WeightedCluster], Reasons]:
+    out, reasons = [], []
+    for c in w.get("clusters", []):
+        extra = set(c) - {"name", "weight"}
+        reasons += [f"weighted cluster {c.get('name')!r} {k}" for k in sorted(extra)]
+        if "clusterHeader" in c:
+            reasons.append("weighted cluster_header")
+        out.append(WeightedCluster(str(c.get("name", "")), int(c.get("weight", 0))))
+    if "runtimeKeyPrefix" in w or "headerName" in w:
+        reasons.append("weighted clusters chosen by runtime/header")
+    return out, reasons
+
+
+def _retry(p: dict[str, Any] | None) -> Reasons:
+    """A retry policy is kernel-safe only if none of its conditions can fire."""
+    if not p:
+        return []
+    reasons = []
+    if duration_ms(p.get("perTryTimeout", "0s")):
+        reasons.append("retry per_try_timeout")
+    if int(p.get("numRetries", 1)) == 0:
+        return reasons
+    conds = {c.strip() for c in str(p.get("retryOn", "")).split(",") if c.strip()}
+    firing = sorted(conds - NEVER_FIRING_RETRY_ON)
+    if firing:
+        reasons.append(f"retry_policy retry_on={','.join(firing)} can fire")
+    if p.get("retriableHeaders") or p.get("retriableRequestHeaders"):
+        reasons.append("retry on headers")
+    return reasons
+
+
+def _hash(policies: list[dict[str, Any]], clusters: list[WeightedCluster],
+          ctx: RouteContext) -> tuple[str | None, Reasons]:
+    hashing = any(ctx.clusters.get(c.name) and ctx.clusters[c.name].lb_policy in
+                  (LbPolicy.RING_HASH, LbPolicy.MAGLEV) for c in clusters)
+    if not policies or not hashing:
+        return None, []  # Envoy ignores a hash policy unless the cluster hashes
+    first = policies[0]
+    header = first.get("header", {}).get("headerName")
+    # The endpoint must be the one Envoy's ring would pick, or a key's requests
+    # split across two endpoints whenever the kernel hands one to Envoy.
+    why = f"consistent hash on {'header ' + repr(header) if header else sorted(first)[0]}: " \
+          "kernel ring must equal Envoy's"
+    return (header.lower() if header else None), [why]
+
+
+def _headers(r: dict[str, Any], ctx: RouteContext) -> tuple[list[HeaderValue], list[str], Reasons]:
+    adds: list[HeaderValue] = []
+    removes: list[str] = []
+    reasons: Reasons = []
+    for level, name in ((r, "route"), (ctx.vhost, "virtual host"), (ctx.route_config, "route config")):
+        for h in level.get("requestHeadersToAdd", []):
+            hv, more = _header_value(h, name)
+            adds.append(hv)
+            reasons += more
+        removes += [str(x).lower() for x in level.get("requestHeadersToRemove", [])]
+        if level.get("responseHeadersToAdd") or level.get("responseHeadersToRemove"):
+            reasons.append(f"{name} changes response headers")
+    return adds, removes, reasons
+
+
+def _header_value(h: dict[str, Any], level: str) -> tuple[HeaderValue, Reasons]:
+    kv = h.get("header", {})
+    key, value = str(kv.get("key", "")).lower(), str(kv.get("value", kv.get("rawValue", "")))
+    action = h.get("appendAction", "APPEND_IF_EXISTS_OR_ADD")
+    append = bool(h.get("append", action == "APPEND_IF_EXISTS_OR_ADD"))
+    reasons = []
+    if action not in ("APPEND_IF_EXISTS_OR_ADD", "OVERWRITE_IF_EXISTS_OR_ADD"):
+        reasons.append(f"{level} header {key!r} append_action {action}")
+    if "%" in value:
+        reasons.append(f"{level} header {key!r} value uses a substitution formatter")
+    return HeaderValue(key, value, append), reasons
+
+
+def _filters(per_filter: dict[str, Any], ctx: RouteContext
+             ) -> tuple[FaultAbort | None, LocalRateLimit | None, Reasons]:
+    """Effect of the HCM's http filters on this route, with per-route overrides."""
+    fault: FaultAbort | None = None
+    limit: LocalRateLimit | None = None
+    reasons: Reasons = []
+    for f in ctx.filters:
+        override = per_filter.get(f.name)
+        active = _active(f, override)
+        if not active or f.kind == "router":
+            continue
+        if f.kind == "fault":
+            fault, more = fault_abort(override if override else f.config)
+            reasons += more
+        elif f.kind == "local_ratelimit":
+            if override:
+                limit, more = local_rate_limit(override)
+                reasons += more
+        elif f.kind == "rbac":
+            if override:
+                reasons.append("per-route RBAC override")
+        elif f.kind == "cors":
+            if override:
+                reasons.append("per-route CORS policy")
+        else:
+            reasons.append(f"http filter {f.kind}")
+    return fault, limit, reasons
+
+
+def _active(f: HttpFilter, override: dict[str, Any] | None) -> bool:
+    if override is None:
+        return not f.disabled
+    if type_name(override.get("@type", "")) == "envoy.config.route.v3.FilterConfig":
+        return not override.get("disabled", False)
+    return not override.get("disabled", False)
+
+
+def fault_abort(cfg: dict[str, Any]) -> tuple[FaultAbort | None, Reasons]:
+    """Envoy HTTPFault -> FaultAbort; a delay or a header-driven fault needs Envoy."""
+    reasons = [f"fault filter {k}" for k in ("delay", "headers", "downstreamNodes",
+                                              "upstreamCluster", "responseRateLimit") if k in cfg]
+    abort = cfg.get("abort")
+    if not abort:
+        return None, reasons
+    if "headerAbort" in abort or "grpcStatus" in abort:
+        reasons.append("fault abort from request header / gRPC status")
+    pct = abort.get("percentage", {})
+    per = _per_million(pct)
+    return FaultAbort(int(abort.get("httpStatus", 0)), per, "headerAbort" in abort), reasons
+
+
+def _per_million(p: dict[str, Any]) -> int:
+    denom = {"HUNDRED": 100, "TEN_THOUSAND": 10_000, "MILLION": 1_000_000}[p.get("denominator", "HUNDRED")]
+    return int(p.get("numerator", 0)) * (1_000_000 // denom)
+
+
+def local_rate_limit(cfg: dict[str, Any]) -> tuple[LocalRateLimit | None, Reasons]:
+    """Envoy LocalRateLimit -> LocalRateLimit; None when the filter is not enabled.
+
+    Envoy's default for an unset ``filter_enabled`` is 0 %: no limiting.
+    """
+    reasons = [f"local_ratelimit {k}" for k in ("descriptors", "responseHeadersToAdd",
+               "requestHeadersToAddWhenNotEnforced", "localRateLimitPerDownstreamConnection",
+               "rateLimits", "stage") if cfg.get(k)]
+    bucket = cfg.get("tokenBucket")
+    enabled = _per_million(cfg.get("filterEnabled", {}).get("defaultValue", {"numerator": 0}))
+    enforced = _per_million(cfg.get("filterEnforced", {}).get("defaultValue", {"numerator": 0}))
+    if not bucket or enabled == 0:
+        return None, reasons
+    if enabled != 1_000_000:
+        reasons.append("local_ratelimit filter_enabled below 100%")
+    status = status_code(cfg.get("status", {}).get("code")) or 429
+    limit = LocalRateLimit(int(bucket.get("maxTokens", 0)), int(bucket.get("tokensPerFill", 1)),
+                           duration_ms(bucket.get("fillInterval", "0s")) or 0, status,
+                           enforced_per_million=enforced)
+    return limit, reasons
+
+
+def status_code(v: Any) -> int | None:
+    """An envoy.type.v3.StatusCode from proto-JSON (enum name or number)."""
+    if v is None or isinstance(v, int):
+        return v
+    from envoy_data_plane.envoy.type.v3 import StatusCode
+
+    return int(StatusCode[v]) if v in StatusCode.__members__ else int(v)

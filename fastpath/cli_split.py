@@ -1,0 +1,102 @@
+"""`l7fp split FILE|DIR... [--explain] [--json]`: verdicts, reasons and coverage.
+
+Registered by `xds_server.cli` (SUBCOMMANDS); owned by the split. Reads Envoy
+bootstraps and xDS resource files (see `fastpath.inputs.READERS`), classifies
+every route and RBAC rule, and prints what the kernel enforces and what needs
+Envoy, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+HELP = """\
+For each file (directories are searched for *.yaml, *.yml, *.json), print per
+listener and route the verdict KERNEL (the eBPF fast path enforces it) or ENVOY
+(the sidecar must, because of the feature named in the reason), then the
+coverage: the share of routes and of authorization (RBAC) rules enforceable in
+the kernel, overall and per input format, with the denominators.
+
+--json prints one object: {"routes": [{file, listener, route_config,
+virtual_host, name, verdict, reason}], "rules": [...], "coverage": {"routes":
+{kernel, total}, "rules": {kernel, total}, "by_format": {...}}, "files": {...}}.
+
+Exit status: 0, or 2 when a path does not exist.
+"""
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("split", help="show which routes/rules the kernel enforces",
+                              description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="FILE|DIR", help="Envoy bootstrap or xDS resource files")
+    p.add_argument("--explain", action="store_true",
+                   help="also print each route's matcher and action, and what the ENVOY rest needs")
+    p.add_argument("--json", action="store_true", help="print one JSON object (see above)")
+    p.add_argument("--assume-timeouts", action="store_true",
+                   help="classify as if the kernel enforced route timeouts (what-if)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastpath.classify_route import KernelCaps
+    from fastpath.coverage import analyse
+
+    try:
+        report = analyse(args.paths, KernelCaps(route_timeouts=args.assume_timeouts))
+    except FileNotFoundError as e:
+        print(f"l7fp split: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=1)
+        print()
+        return 0
+    _print_text(report, args.explain)
+    return 0
+
+
+def _pct(c: dict[str, int]) -> str:
+    share = 100.0 * c["kernel"] / c["total"] if c["total"] else 0.0
+    return f"{c['kernel']}/{c['total']} ({share:.1f}%)"
+
+
+def _print_text(report: Any, explain: bool) -> None:
+    plans = {path: plan for path, plan in report.plans}
+    for path, info in report.files.items():
+        print(f"== {path} [{', '.join(info['formats']) or 'unknown'}]")
+        if info["error"]:
+            print(f"   unreadable: {info['error']}")
+        for s in info["skipped"]:
+            print(f"   skipped resource: {s}")
+        plan = plans.get(path)
+        if plan is None:
+            continue
+        for lp in plan.listeners:
+            _print_listener(lp, explain)
+    cov = report.coverage()
+    print(f"\ncoverage: routes {_pct(cov['routes'])}, rules {_pct(cov['rules'])}")
+    for fmt, b in sorted(cov["by_format"].items()):
+        print(f"  {fmt}: routes {_pct(b['routes'])}, rules {_pct(b['rules'])}; files {b['files']}"
+              f" (unreadable {b['unreadable_files']}, skipped resources {b['skipped_resources']})")
+    if explain:
+        print("\nwhat the ENVOY routes/rules need (count of routes/rules per feature):")
+        for feature, n in report.needs().most_common():
+            print(f"  {n:4d}  {feature}")
+
+
+def _print_listener(lp: Any, explain: bool) -> None:
+    print(f"  listener {lp.name} {lp.address}:{lp.port} {lp.direction.value}"
+          f" route_config={lp.route_config or '-'} {lp.verdict.value}")
+    if lp.rbac is not None:
+        print(f"    rbac {lp.rbac.action} {len(lp.rbac.policies)} policies: {lp.rbac.verdict.value}"
+              f"{' - ' + lp.rbac.reason if lp.rbac.reason else ''}")
+    for vh in lp.virtual_hosts:
+        print(f"    vhost {vh.name} {list(vh.domains)}")
+        for i, r in enumerate(vh.routes):
+            print(f"      {r.verdict.value:6s} {r.name or '#' + str(i)}"
+                  f"{'  - ' + r.reason if r.reason else ''}")
+            if explain:
+                print(f"             match {r.match}")
+                print(f"             action {r.action}")

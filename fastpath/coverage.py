@@ -1,0 +1,132 @@
+"""Coverage: which routes and authorization rules of policy files the kernel enforces.
+
+Called by `fastpath.cli_split` (`l7fp split`); owned by the split. Units follow
+the corpus census (/work/shared/corpus/wild/CENSUS.md): a *route* is one Envoy
+``routes[]`` entry as seen from one listener (a route config no listener
+references counts once, under listener "(no listener)"); a *rule* is one RBAC
+policy (an RBAC filter with rules but no policy, allow-nothing, counts once).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastpath import inputs
+from fastpath.classify_route import KernelCaps
+from fastpath.plan import KernelPlan, Verdict
+from fastpath.split import plan_of, resources_json
+
+
+@dataclass(frozen=True)
+class Row:
+    """One route or rule and its verdict (the `--json` item)."""
+
+    file: str
+    listener: str
+    route_config: str
+    virtual_host: str
+    name: str
+    verdict: str
+    reason: str
+
+
+@dataclass
+class Report:
+    routes: list[Row]
+    rules: list[Row]
+    files: dict[str, dict[str, Any]]  # path -> {format, error, skipped}
+    plans: list[tuple[str, KernelPlan]]
+
+    def coverage(self) -> dict[str, Any]:
+        """``{routes: {kernel, total}, rules: {kernel, total}, by_format: {...}}``."""
+        out: dict[str, Any] = {"routes": _count(self.routes), "rules": _count(self.rules)}
+        by: dict[str, Any] = {}
+        for info in self.files.values():
+            for fmt in info["formats"] or ["unknown"]:
+                b = by.setdefault(fmt, {"files": 0, "unreadable_files": 0, "skipped_resources": 0})
+                b["files"] += 1
+                b["unreadable_files"] += 1 if info["error"] else 0
+                b["skipped_resources"] += len(info["skipped"])
+        for fmt, b in by.items():
+            b["routes"] = _count([r for r in self.routes if self.files[r.file]["formats"][:1] == [fmt]])
+            b["rules"] = _count([r for r in self.rules if self.files[r.file]["formats"][:1] == [fmt]])
+        out["by_format"] = by
+        return out
+
+    def needs(self) -> Counter[str]:
+        """How many ENVOY routes/rules each reason accounts for (a row may have several)."""
+        c: Counter[str] = Counter()
+        for row in self.routes + self.rules:
+            if row.verdict == Verdict.ENVOY.value:
+                for part in dict.fromkeys(_feature(p) for p in row.reason.split("; ") if p):
+                    c[part] += 1
+        return c
+
+    def to_json(self) -> dict[str, Any]:
+        return {"routes": [asdict(r) for r in self.routes], "rules": [asdict(r) for r in self.rules],
+                "coverage": self.coverage(),
+                "files": {p: {k: v for k, v in i.items()} for p, i in self.files.items()}}
+
+
+def _count(rows: list[Row]) -> dict[str, int]:
+    return {"kernel": sum(r.verdict == Verdict.KERNEL.value for r in rows), "total": len(rows)}
+
+
+def _feature(reason: str) -> str:
+    """The feature named by a reason, without resource names/values (for the histogram)."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "X", reason)
+    text = re.sub(r"\d+ms", "Nms", text)
+    return text.split(": ", 1)[0] if text.startswith(("route timeout", "regex")) else text
+
+
+def analyse(paths: list[str], caps: KernelCaps | None = None) -> Report:
+    """Read every file under ``paths`` and classify it."""
+    report = Report([], [], {}, [])
+    for path in inputs.files(paths):
+        _analyse_file(path, report, caps)
+    return report
+
+
+def _analyse_file(path: Path, report: Report, caps: KernelCaps | None) -> None:
+    docs = inputs.read(path)
+    info: dict[str, Any] = {"formats": sorted({d.format for d in docs if d.format != "unknown"}),
+                            "error": "; ".join(d.error for d in docs if d.error) or None,
+                            "skipped": [s for d in docs for s in d.skipped]}
+    if not docs:
+        return  # not a policy file of any format L7FP reads
+    report.files[str(path)] = info
+    for doc in docs:
+        if doc.error:
+            continue
+        try:
+            plan = plan_of(str(path), resources_json(doc.resources), caps=caps, orphans=True)
+        except Exception as e:  # a resource that parses but can't be classified
+            info["error"] = f"cannot classify: {e}"
+            continue
+        report.plans.append((str(path), plan))
+        _rows(str(path), plan, report)
+
+
+def _rows(path: str, plan: KernelPlan, report: Report) -> None:
+    for lp in plan.listeners:
+        for vh in lp.virtual_hosts:
+            for i, r in enumerate(vh.routes):
+                report.routes.append(Row(path, lp.name, lp.route_config, vh.name, r.name or f"#{i}",
+                                         r.verdict.value, r.reason))
+        if lp.rbac is None:
+            continue
+        policies = lp.rbac.policies or ()
+        listener_why = lp.reason if lp.verdict is Verdict.ENVOY else ""
+        for p in policies:
+            verdict = Verdict.ENVOY if (p.verdict is Verdict.ENVOY or listener_why) else Verdict.KERNEL
+            why = p.reason or listener_why
+            report.rules.append(Row(path, lp.name, lp.route_config, "", f"{lp.rbac.action} {p.name}",
+                                    verdict.value, why))
+        if not policies:
+            report.rules.append(Row(path, lp.name, lp.route_config, "", f"{lp.rbac.action} (no policy)",
+                                    Verdict.ENVOY.value if listener_why else Verdict.KERNEL.value,
+                                    listener_why))

@@ -1,0 +1,135 @@
+"""Envoy resources <-> proto-JSON dicts, for the split's classifier and residual.
+
+Called by `fastpath.split`, `fastpath.residual` and `fastpath.inputs`; owned by
+`fastpath`. The classifier works on the canonical proto-JSON form of a resource
+(`Message.to_dict()`: camelCase keys, typed Any payloads unpacked with "@type"),
+because that form is the same whether the resource came from a YAML file in
+snake_case, from xDS bytes, or from the Istio importer.
+
+betterproto2 can only (un)pack an Any whose payload type was imported; types are
+imported on demand from the type URL (``envoy.x.y.v3.Name`` lives in module
+``envoy_data_plane.envoy.x.y.v3``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+_CLASSES = {
+    LISTENER: ("envoy_data_plane.envoy.config.listener.v3", "Listener"),
+    ROUTE: ("envoy_data_plane.envoy.config.route.v3", "RouteConfiguration"),
+    CLUSTER: ("envoy_data_plane.envoy.config.cluster.v3", "Cluster"),
+    ENDPOINT: ("envoy_data_plane.envoy.config.endpoint.v3", "ClusterLoadAssignment"),
+    SECRET: ("envoy_data_plane.envoy.extensions.transport_sockets.tls.v3", "Secret"),
+}
+_BAD_ENUM = re.compile(r"Unknown value (\S+) for enum")
+_UNREGISTERED = re.compile(r"unregistered type: (?:[^/\s]*/)?([\w.]+)")
+
+
+class ResourceError(ValueError):
+    """A resource that cannot be parsed; the message names the bad input."""
+
+
+def type_name(type_url: str) -> str:
+    """``type.googleapis.com/a.b.C`` -> ``a.b.C``."""
+    return type_url.rsplit("/", 1)[-1]
+
+
+def import_type(name: str) -> bool:
+    """Import the module that defines proto type ``name``; False if unknown."""
+    module = "envoy_data_plane." + name.rsplit(".", 1)[0]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _import_all_types(obj: Any) -> None:
+    if isinstance(obj, dict):
+        t = obj.get("@type")
+        if isinstance(t, str):
+            import_type(type_name(t))
+        for v in obj.values():
+            _import_all_types(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _import_all_types(v)
+
+
+def message_class(type_url: str) -> type | None:
+    """The betterproto2 class of one of the five xDS resource types, or None."""
+    spec = _CLASSES.get(type_url)
+    if spec is None:
+        return None
+    return getattr(importlib.import_module(spec[0]), spec[1])  # type: ignore[no-any-return]
+
+
+def parse(type_url: str, data: dict[str, Any]) -> Any:
+    """Build the message of ``type_url`` from a YAML/JSON dict (snake or camel case)."""
+    cls = message_class(type_url)
+    if cls is None:
+        raise ResourceError(f"unsupported resource type {type_url}")
+    if not isinstance(data, dict):
+        raise ResourceError(f"{type_name(type_url)}: expected a mapping, got {type(data).__name__}")
+    body = {k: v for k, v in data.items() if k != "@type"}
+    _import_all_types(body)
+    for _ in range(16):
+        try:
+            return cls.from_dict(body)  # type: ignore[attr-defined]
+        except Exception as e:  # betterproto2/pydantic raise many kinds
+            m = _BAD_ENUM.search(str(e))
+            # Envoy parses enum names case-insensitively ("strict_dns"); protobuf JSON doesn't.
+            if m and m.group(1) != m.group(1).upper():
+                body = _upper_value(body, m.group(1))
+                continue
+            raise ResourceError(f"{type_name(type_url)} {data.get('name', '?')!r}: {_short(e)}") from e
+    raise ResourceError(f"{type_name(type_url)} {data.get('name', '?')!r}: too many lower-case enums")
+
+
+def _upper_value(obj: Any, value: str) -> Any:
+    if isinstance(obj, dict):
+        return {k: _upper_value(v, value) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_upper_value(v, value) for v in obj]
+    return obj.upper() if obj == value else obj
+
+
+def to_json(msg: Any) -> dict[str, Any]:
+    """Canonical proto-JSON dict of ``msg``, importing Any payload types as needed."""
+    for _ in range(64):
+        try:
+            return msg.to_dict()  # type: ignore[no-any-return]
+        except TypeError as e:
+            m = _UNREGISTERED.search(str(e))
+            if not m or not import_type(m.group(1)):
+                raise ResourceError(f"cannot decode {getattr(msg, 'name', '?')!r}: {e}") from e
+    raise ResourceError(f"cannot decode {getattr(msg, 'name', '?')!r}: too many payload types")
+
+
+def from_json(type_url: str, data: dict[str, Any]) -> Any:
+    """Inverse of `to_json` (used by the residual)."""
+    return parse(type_url, data)
+
+
+def duration_ms(value: str | None) -> int | None:
+    """Proto-JSON duration ("1.5s") -> milliseconds; None stays None."""
+    if value is None:
+        return None
+    if not value.endswith("s"):
+        raise ResourceError(f"bad duration {value!r}")
+    return round(float(value[:-1]) * 1000)
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

@@ -1,0 +1,142 @@
+"""Policy files -> Envoy resources, one reader per format.
+
+Called by `fastpath.coverage` (`l7fp split FILE|DIR...`); owned by the split.
+
+READERS is the list of format readers, tried in order on every file. A reader is
+a callable ``reader(path) -> list[Document]``: it returns an empty list when the
+file is not in its format, and one Document per policy set it finds otherwise
+(a Document with ``error`` set when the file is in its format but can't be read).
+To add a format (e.g. the Istio / Gateway API importer), append its reader:
+
+    READERS.append(my_reader)
+
+Readers here:
+
+* ``envoy-static``: Envoy bootstraps (``static_resources``), also when embedded
+  as a string in a Kubernetes ConfigMap;
+* ``envoy-xds``: xDS resource files (top-level ``resources:`` with ``@type``),
+  the format of `l7fp serve --config`, and CiliumEnvoyConfig (``spec.resources``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastpath import envoy_model as em
+
+
+@dataclass
+class Document:
+    """One policy set read from ``path``: ``resources`` maps type URL -> messages."""
+
+    path: str
+    format: str
+    resources: dict[str, list[Any]] = field(default_factory=dict)
+    error: str | None = None  # the file is in this format but could not be read
+    skipped: list[str] = field(default_factory=list)  # resources that failed, with why
+
+
+Reader = Callable[[Path], list[Document]]
+
+
+@functools.lru_cache(maxsize=64)
+def load_yaml(path: Path) -> tuple[Any, ...]:
+    """All YAML documents of ``path`` (JSON is YAML); raises yaml.YAMLError."""
+    with open(path, encoding="utf-8") as f:
+        return tuple(d for d in yaml.safe_load_all(f) if d is not None)
+
+
+def _docs(path: Path) -> Iterator[Any]:
+    """YAML documents of ``path``, plus YAML embedded in ConfigMap data strings."""
+    try:
+        docs = load_yaml(path)
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return
+    for d in docs:
+        yield d
+        if isinstance(d, dict) and d.get("kind") == "ConfigMap":
+            for text in (d.get("data") or {}).values():
+                try:
+                    yield from (x for x in yaml.safe_load_all(str(text)) if x is not None)
+                except yaml.YAMLError:
+                    continue
+
+
+def _add(doc: Document, type_url: str, data: Any) -> None:
+    if em.message_class(type_url) is None:
+        return  # other resource types (runtime, secrets of other kinds) don't carry L7 policy
+    try:
+        doc.resources.setdefault(type_url, []).append(em.parse(type_url, data))
+    except em.ResourceError as e:
+        doc.skipped.append(str(e))
+
+
+def read_envoy_static(path: Path) -> list[Document]:
+    """Envoy bootstrap files: ``static_resources`` listeners and clusters."""
+    out = []
+    for d in _docs(path):
+        if not isinstance(d, dict):
+            continue
+        sr = d.get("static_resources", d.get("staticResources"))
+        if not isinstance(sr, dict):
+            continue
+        doc = Document(str(path), "envoy-static")
+        for key, url in (("listeners", em.LISTENER), ("clusters", em.CLUSTER), ("secrets", em.SECRET)):
+            for item in sr.get(key) or []:
+                _add(doc, url, item)
+        out.append(doc)
+    return out
+
+
+def read_envoy_xds(path: Path) -> list[Document]:
+    """xDS resource files and CiliumEnvoyConfig: lists of ``@type``-tagged resources."""
+    out = []
+    for d in _docs(path):
+        if not isinstance(d, dict):
+            continue
+        spec = d.get("spec") if d.get("kind") in ("CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig") else d
+        items = spec.get("resources") if isinstance(spec, dict) else None
+        if not isinstance(items, list) or not any(isinstance(i, dict) and "@type" in i for i in items):
+            continue
+        doc = Document(str(path), "envoy-xds")
+        for item in items:
+            if isinstance(item, dict) and "@type" in item:
+                _add(doc, item["@type"], item)
+        out.append(doc)
+    return out
+
+
+READERS: list[Reader] = [read_envoy_static, read_envoy_xds]
+
+
+def files(paths: list[str]) -> list[Path]:
+    """The files named, and the *.yaml/*.yml/*.json files under the directories named."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml", ".json")
+                          and x.is_file() and not any(part.startswith(".") for part in x.parts))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    return out
+
+
+def read(path: Path) -> list[Document]:
+    """Every Document of ``path`` from every reader; a file no reader knows gives []."""
+    docs: list[Document] = []
+    for reader in READERS:
+        docs += reader(path)
+    if not docs:
+        try:
+            load_yaml(path)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            return [Document(str(path), "unknown", error=f"not YAML/JSON: {str(e).splitlines()[0]}")]
+    return docs
