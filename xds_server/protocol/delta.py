@@ -1,0 +1,183 @@
+"""State of one DeltaAggregatedResources (incremental) stream, sans-I/O.
+
+Owned by one server stream task (xds_server.server); same feeding as SotwStream.
+Rules it keeps:
+
+* the server tracks, per type, the version of every resource the proxy has
+  (`known`), seeded from `initial_resource_versions` on the first request, so
+  a reconnecting proxy gets only what changed and no spurious removals;
+* subscribe/unsubscribe (names, `*`) apply on every request; an empty first
+  request is a legacy wildcard subscription;
+* ACK/NACK match a pending nonce; any other nonce is stale (its subscription
+  changes still apply, as the protocol requires);
+* `known` is updated when a response is sent, so a NACKed resource version is
+  not re-sent until it changes;
+* at most one unanswered response per type, and removals come after the adds
+  they make room for (see protocol.common.Staging).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from xds_server import resources as res
+from xds_server.protocol import wire
+from xds_server.protocol.common import Ack, Event, Ignored, Nack, Outgoing, Staging, error_text
+from xds_server.snapshot import Entry, Snapshot
+
+
+@dataclass
+class DeltaTypeState:
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    known: dict[str, str] = field(default_factory=dict)
+    requested: bool = False
+    first_sent: bool = False
+    nonce: str = ""
+    pending: bool = False
+    sent_version: str = ""
+    sent_born: float = 0.0
+    sent_at: float = 0.0
+    acked_version: str = ""
+    acked_at: float = 0.0
+    nacked_version: str = ""
+    last_error: str = ""
+    sends: int = 0
+    acks: int = 0
+    nacks: int = 0
+    dirty: bool = True  # a request changed the subscription since the last send
+
+
+class DeltaStream:
+    """One Delta ADS stream's protocol state (see module docstring for the rules)."""
+
+    kind = "delta"
+
+    def __init__(self, served_types: frozenset[str] = res.CORE_TYPES) -> None:
+        self.types: dict[str, DeltaTypeState] = {}
+        self.staging = Staging()
+        self._served = served_types
+        self._counter = 0
+
+    def set_snapshot(self, snap: Snapshot, born: float | None = None) -> None:
+        self.staging.set_target(snap, time.monotonic() if born is None else born)
+
+    def receive(self, req: object) -> list[Event]:
+        """Apply one DeltaDiscoveryRequest."""
+        type_url = getattr(req, "type_url", "")
+        if not type_url:
+            return [Ignored("", "request without type_url")]
+        st = self.types.setdefault(type_url, DeltaTypeState())
+        events: list[Event] = []
+        nonce = req.response_nonce  # type: ignore[attr-defined]
+        if nonce and st.pending and nonce == st.nonce:
+            events.append(self._answer(type_url, st, req))
+        elif nonce and nonce != st.nonce and st.nonce:
+            events.append(Ignored(type_url, f"stale nonce {nonce!r} (last sent {st.nonce!r})"))
+        self._subscribe(st, req)
+        if type_url not in self._served and type_url not in self.staging.target.entries:
+            events.append(Ignored(type_url, "type not served (no such resources)"))
+        return events
+
+    def _answer(self, type_url: str, st: DeltaTypeState, req: object) -> Event:
+        st.pending = False
+        err = getattr(req, "error_detail", None)
+        if err is not None:
+            st.nacked_version = st.sent_version
+            st.last_error = error_text(err)
+            st.nacks += 1
+            return Nack(type_url, st.sent_version, st.nonce, st.last_error)
+        st.acked_version, st.acked_at = st.sent_version, time.monotonic()
+        st.acks += 1
+        return Ack(type_url, st.sent_version, st.nonce, st.sent_born)
+
+    @staticmethod
+    def _subscribe(st: DeltaTypeState, req: object) -> None:
+        sub = list(req.resource_names_subscribe)  # type: ignore[attr-defined]
+        unsub = list(req.resource_names_unsubscribe)  # type: ignore[attr-defined]
+        if not st.requested:
+            st.requested = True
+            st.known = dict(req.initial_resource_versions)  # type: ignore[attr-defined]
+            if not sub:
+                st.wildcard = True
+        if sub or unsub:
+            st.dirty = True
+        for n in sub:
+            if n == "*":
+                st.wildcard = True
+            else:
+                st.names.add(n)
+        for n in unsub:
+            if n == "*":
+                st.wildcard = False
+            else:
+                st.names.discard(n)
+                if not st.wildcard:
+                    st.known.pop(n, None)  # the proxy drops it; re-subscribing re-sends it
+
+    def responses(self) -> list[Outgoing]:
+        """Responses due now, in make-before-break order; marks them sent."""
+        view = self.staging.view()
+        out: list[Outgoing] = []
+        for type_url in self._ordered():
+            st = self.types[type_url]
+            if st.pending or not self._servable(type_url, view):
+                continue
+            msg = self._diff(type_url, st, view)
+            if msg is not None:
+                out.append(msg)
+        if not out and self._all_answered():
+            self.staging.settled(view)
+            if self.staging.view() is not view:
+                return self.responses()
+        return out
+
+    def _ordered(self) -> list[str]:
+        known = [t for t in res.PUSH_ORDER if t in self.types]
+        return known + sorted(t for t in self.types if t not in res.CORE_TYPES)
+
+    def _servable(self, type_url: str, view: Snapshot) -> bool:
+        return type_url in self._served or type_url in view.entries
+
+    def _all_answered(self) -> bool:
+        return not any(st.pending for st in self.types.values())
+
+    def _diff(self, type_url: str, st: DeltaTypeState, view: Snapshot) -> Outgoing | None:
+        entries = view.of_type(type_url)
+        wanted = entries.keys() if st.wildcard else st.names & entries.keys()
+        updates = [entries[n] for n in sorted(wanted) if st.known.get(n) != entries[n].version]
+        relevant = (lambda n: True) if st.wildcard else (lambda n: n in st.names)
+        removed = sorted(n for n in st.known if n not in entries and relevant(n))
+        st.dirty = False
+        if not updates and not removed and st.first_sent:
+            return None
+        for e in updates:
+            st.known[e.name] = e.version
+        for n in removed:
+            del st.known[n]
+        return self._send(type_url, st, view, updates, removed)
+
+    def _send(
+        self, type_url: str, st: DeltaTypeState, view: Snapshot, updates: list[Entry], removed: list[str]
+    ) -> Outgoing:
+        self._counter += 1
+        st.nonce = str(self._counter)
+        st.sent_version = view.version(type_url)
+        st.sent_born, st.sent_at = self.staging.born, time.monotonic()
+        st.pending, st.first_sent = True, True
+        st.sends += 1
+        body = b"".join(_encoded_resource(view, e) for e in updates)
+        body += wire.delta_tail(st.sent_version, type_url, removed)
+        msg = wire.with_nonce(body, st.nonce)
+        return Outgoing(type_url, st.sent_version, st.nonce, msg, len(updates), tuple(removed))
+
+
+def _encoded_resource(view: Snapshot, e: Entry) -> bytes:
+    """A Resource entry, encoded once per snapshot and shared by all delta streams."""
+    key = ("delta", e.type_url, e.name)
+    hit = view.memo.get(key)
+    if hit is None or hit[0] is not e:
+        hit = (e, wire.delta_resource(e.name, e.version, e.type_url, e.value))
+        view.memo[key] = hit
+    return hit[1]  # type: ignore[no-any-return]

@@ -1,0 +1,162 @@
+"""State of one StreamAggregatedResources (state of the world) stream, sans-I/O.
+
+Owned by one server stream task (xds_server.server). Feed it requests with
+`receive()`, snapshots with `set_snapshot()`, and send what `responses()`
+returns. Rules it keeps:
+
+* a request whose `response_nonce` is not the last nonce sent for its type is
+  stale and ignored (except on a fresh stream, where there is no nonce yet);
+* at most one unanswered response per type: the next waits for the ACK/NACK,
+  which keeps CDS → EDS → LDS → RDS ordering meaningful;
+* a NACKed version is never re-sent: only a new version or a new set of
+  subscribed names produces a new response;
+* wildcard: `*` in resource_names, or an empty first request (legacy wildcard,
+  which stays wildcard while later requests are empty too).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from xds_server import resources as res
+from xds_server.protocol import wire
+from xds_server.protocol.common import Ack, Event, Ignored, Nack, Outgoing, Staging, error_text
+from xds_server.snapshot import Snapshot
+
+
+@dataclass
+class TypeState:
+    """Per type URL: subscription and what was sent and answered."""
+
+    wildcard: bool = False
+    legacy_wildcard: bool = False
+    names: frozenset[str] = frozenset()
+    requested: bool = False
+    nonce: str = ""
+    sent_key: tuple[str, bool, frozenset[str]] | None = None
+    sent_version: str = ""
+    sent_born: float = 0.0
+    sent_at: float = 0.0
+    pending: bool = False
+    acked_version: str = ""
+    acked_at: float = 0.0
+    nacked_version: str = ""
+    last_error: str = ""
+    sends: int = 0
+    acks: int = 0
+    nacks: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class SotwStream:
+    """One SotW ADS stream's protocol state (see module docstring for the rules)."""
+
+    kind = "sotw"
+
+    def __init__(self, served_types: frozenset[str] = res.CORE_TYPES) -> None:
+        self.types: dict[str, TypeState] = {}
+        self.staging = Staging()
+        self._served = served_types
+        self._counter = 0
+
+    def set_snapshot(self, snap: Snapshot, born: float | None = None) -> None:
+        self.staging.set_target(snap, time.monotonic() if born is None else born)
+
+    def receive(self, req: object) -> list[Event]:
+        """Apply one DiscoveryRequest; returns what it meant (ACK, NACK, ignored)."""
+        type_url = getattr(req, "type_url", "")
+        if not type_url:
+            return [Ignored("", "request without type_url")]
+        st = self.types.setdefault(type_url, TypeState())
+        nonce = req.response_nonce  # type: ignore[attr-defined]
+        if st.nonce and nonce != st.nonce:
+            return [Ignored(type_url, f"stale nonce {nonce!r} (last sent {st.nonce!r})")]
+        events: list[Event] = []
+        if st.nonce and st.pending:
+            events.append(self._answer(type_url, st, req))
+        self._subscribe(st, list(req.resource_names))  # type: ignore[attr-defined]
+        if type_url not in self._served and type_url not in self.staging.target.entries:
+            events.append(Ignored(type_url, "type not served (no such resources)"))
+        return events
+
+    def _answer(self, type_url: str, st: TypeState, req: object) -> Event:
+        st.pending = False
+        err = getattr(req, "error_detail", None)
+        if err is not None:
+            st.nacked_version = st.sent_version
+            st.last_error = error_text(err)
+            st.nacks += 1
+            return Nack(type_url, st.sent_version, st.nonce, st.last_error)
+        st.acked_version = req.version_info  # type: ignore[attr-defined]
+        st.acked_at = time.monotonic()
+        st.acks += 1
+        return Ack(type_url, st.acked_version, st.nonce, st.sent_born)
+
+    @staticmethod
+    def _subscribe(st: TypeState, names: list[str]) -> None:
+        first = not st.requested
+        st.requested = True
+        if "*" in names:
+            st.wildcard, st.legacy_wildcard = True, False
+        elif not names and (first or st.legacy_wildcard):
+            st.wildcard = st.legacy_wildcard = True
+        else:
+            st.wildcard = st.legacy_wildcard = False
+        st.names = frozenset(n for n in names if n != "*")
+
+    def responses(self) -> list[Outgoing]:
+        """Responses due now, in make-before-break order; marks them sent."""
+        view = self.staging.view()
+        out: list[Outgoing] = []
+        for type_url in self._ordered():
+            st = self.types[type_url]
+            if st.pending or not self._servable(type_url, view):
+                continue
+            key = (view.version(type_url), st.wildcard, st.names)
+            if key == st.sent_key:
+                continue
+            out.append(self._send(type_url, st, view, key))
+        if not out and self._all_answered(view):
+            self.staging.settled(view)
+            if self.staging.view() is not view:
+                return self.responses()
+        return out
+
+    def _ordered(self) -> list[str]:
+        known = [t for t in res.PUSH_ORDER if t in self.types]
+        return known + sorted(t for t in self.types if t not in res.CORE_TYPES)
+
+    def _servable(self, type_url: str, view: Snapshot) -> bool:
+        return type_url in self._served or type_url in view.entries
+
+    def _all_answered(self, view: Snapshot) -> bool:
+        for type_url, st in self.types.items():
+            if not self._servable(type_url, view):
+                continue
+            if st.pending or st.sent_key is None or st.sent_key[0] != view.version(type_url):
+                return False
+        return True
+
+    def _send(self, type_url: str, st: TypeState, view: Snapshot, key: tuple) -> Outgoing:
+        body, count = sotw_body(view, type_url, st.wildcard, st.names)
+        self._counter += 1
+        st.nonce = str(self._counter)
+        st.sent_key, st.sent_version = key, key[0]
+        st.sent_born, st.sent_at = self.staging.born, time.monotonic()
+        st.pending = True
+        st.sends += 1
+        return Outgoing(type_url, key[0], st.nonce, wire.with_nonce(body, st.nonce), count)
+
+
+def sotw_body(view: Snapshot, type_url: str, wildcard: bool, names: frozenset[str]) -> tuple[bytes, int]:
+    """Encoded DiscoveryResponse minus nonce, memoized on the snapshot (encode once)."""
+    key = ("sotw", type_url, True if wildcard else names)
+    hit = view.memo.get(key)
+    if hit is None:
+        entries = view.of_type(type_url)
+        chosen = list(entries.values()) if wildcard else [entries[n] for n in sorted(names) if n in entries]
+        body = wire.sotw_body(view.version(type_url), type_url, [(type_url, e.value) for e in chosen])
+        hit = (body, len(chosen))
+        view.memo[key] = hit
+    return hit  # type: ignore[no-any-return]
