@@ -63,7 +63,9 @@ class Daemon:
                                                                     self.sidecars))
             self.cgroups[pod.name] = str(plumbing.create_cgroup(self.name, pod.name))
         if self.sidecars:
-            self.write_config()
+            files = self.write_config()
+            if self.xds_mode == "file":
+                plumbing.ensure_inotify_instances(max(1024, 4 * files))
             if self.xds_mode == "ads":
                 self.start_control_plane()
         self.start_apps()
@@ -146,7 +148,10 @@ class Daemon:
                     waiting.discard(pod.name)
             dead = [p.name for p in self.sup.procs.values() if p.popen and p.popen.poll() is not None]
             if dead:
-                raise RuntimeError(f"exited during start: {', '.join(dead)} (logs in {self.dir}/logs)")
+                first = self.sup.procs[dead[0]]
+                tail = first.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"exited during start: {', '.join(dead)}; {dead[0]} log: "
+                                   + " | ".join(tail))
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout:.0f}s: {sorted(waiting)} "
                                    f"(logs in {self.dir}/logs)")
@@ -297,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         d.build()
     except Exception as exc:  # anything: report it, leave nothing half started
         log.exception("mesh %s failed to start", d.name)
+        kept = Path(f"/tmp/l7fp-mesh-{d.name}-failed")
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(d.dir, kept, ignore=shutil.ignore_patterns("xds*"), dirs_exist_ok=True)
         d.shutdown()
-        print(f"ERROR {exc}", file=out, flush=True)
+        print(f"ERROR {exc} (logs kept in {kept})", file=out, flush=True)
         return 1
     print(f"READY {d.dir / 'state.json'}", file=out, flush=True)
     devnull = os.open(os.devnull, os.O_WRONLY)

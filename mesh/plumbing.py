@@ -91,6 +91,16 @@ def create_pod_netns(mesh: str, pod: str, index: int, ip: str, subnet: naming.Su
     return ns
 
 
+def ensure_inotify_instances(needed: int) -> None:
+    """Envoy's file xDS opens one inotify instance per watched file, all under
+    uid 1337; the default limit (128 per uid) is too low for a dozen sidecars."""
+    path = Path("/proc/sys/fs/inotify/max_user_instances")
+    current = int(path.read_text())
+    if current < needed:
+        path.write_text(f"{needed}\n")
+        log.info("raised fs.inotify.max_user_instances %d -> %d", current, needed)
+
+
 def owner_marker(ns: str) -> Path:
     return Path(naming.STATE_ROOT).parent / "netns-owner" / ns
 
