@@ -1,0 +1,140 @@
+"""One Istio / Gateway API file -> Envoy resources, for `l7fp split` and coverage.
+
+Called by the split's READERS list (fastpath.inputs) with a single file that
+carries policy but usually no registry. Services and pods the file refers to
+but does not define are synthesized (one pod per DestinationRule subset, one
+pod per AuthorizationPolicy selector, addresses from 198.18.255.0/24) so that
+every route and authorization rule of the file reaches the split. Routes bound
+to gateways are included here (they are skipped for sidecars in `serve`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import gateway_api
+from .objects import KNOWN_KINDS, ObjectSet, load_path
+from .registry import Endpoint, Port, Registry, Service, Workload, from_k8s
+from .sidecar import CLUSTER, ENDPOINT, LISTENER, ROUTE, Mesh, generate
+
+POLICY_KINDS = ("VirtualService", "DestinationRule", "AuthorizationPolicy", "HTTPRoute",
+                "GRPCRoute", "ServiceEntry", "Sidecar", "PeerAuthentication")
+
+
+def can_read(path: str | Path) -> bool:
+    """True when the YAML file holds at least one Istio / Gateway API policy object."""
+    p = Path(path)
+    if p.suffix not in (".yaml", ".yml") or not p.is_file():
+        return False
+    text = p.read_text(errors="replace")
+    return any(f"kind: {k}" in text or f'kind: "{k}"' in text for k in POLICY_KINDS)
+
+
+def read_file(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Envoy JSON dicts by type URL for every sidecar the file's policies touch."""
+    objs = load_path(path, helm=True)
+    return read_objects(objs)
+
+
+def read_objects(objs: ObjectSet) -> dict[str, list[dict[str, Any]]]:
+    reg = from_k8s(objs)
+    from .registry import add_service_entries
+    add_service_entries(objs, reg)
+    ips = (f"198.18.255.{i}" for i in itertools.count(1))
+    _synthesize_services(objs, reg, ips)
+    client = Workload("l7fp-client", "default", "198.18.254.1", {})
+    reg.workloads.append(client)
+    nodes = [client] + _synthesize_policy_pods(objs, reg, ips)
+    extra = gateway_api.as_virtual_services(objs, reg, mesh_only=False)
+    mesh = Mesh(objs, reg, extra_routes=extra, gateway_routes=True)
+    merged: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
+    seen: set[tuple[str, str]] = set()
+    for wl in nodes:
+        for type_url, items in generate(mesh, wl.node_id).items():
+            for item in items:
+                key = (type_url, str(item.get("name") or item.get("clusterName")))
+                if key in seen:
+                    continue
+                if type_url == LISTENER and item["name"] == "virtualInbound" and wl is not client:
+                    item = dict(item, name=f"virtualInbound~{wl.name}")
+                    key = (type_url, item["name"])
+                seen.add(key)
+                merged[type_url].append(item)
+    return merged
+
+
+def _hosts_and_ports(objs: ObjectSet) -> Iterator[tuple[str, str, int | None, dict[str, str]]]:
+    """(host, namespace, port, subset labels) for every host the policies name."""
+    for o in objs.of("VirtualService"):
+        for h in o.spec.get("hosts") or []:
+            yield str(h), o.namespace, None, {}
+        for rule in o.spec.get("http") or []:
+            for r in rule.get("route") or []:
+                d = r.get("destination") or {}
+                yield str(d.get("host", "")), o.namespace, (d.get("port") or {}).get("number"), {}
+            m = rule.get("mirror") or {}
+            if m:
+                yield str(m.get("host", "")), o.namespace, None, {}
+    for o in objs.of("DestinationRule"):
+        for s in o.spec.get("subsets") or []:
+            yield str(o.spec.get("host", "")), o.namespace, None, dict(s.get("labels") or {})
+        yield str(o.spec.get("host", "")), o.namespace, None, {}
+    for kind in ("HTTPRoute", "GRPCRoute"):
+        for o in objs.of(kind):
+            for ref in o.spec.get("parentRefs") or []:
+                if ref.get("kind") == "Service":
+                    yield str(ref.get("name")), str(ref.get("namespace") or o.namespace), ref.get("port"), {}
+            for h in o.spec.get("hostnames") or []:
+                yield str(h), o.namespace, None, {}
+            for rule in o.spec.get("rules") or []:
+                for b in rule.get("backendRefs") or []:
+                    yield (str(b.get("name")), str(b.get("namespace") or o.namespace),
+                           b.get("port"), {})
+
+
+def _synthesize_services(objs: ObjectSet, reg: Registry, ips: Iterator[str]) -> None:
+    for host, ns, port, labels in _hosts_and_ports(objs):
+        if not host or "*" in host:
+            continue
+        svc = reg.resolve(host, ns)
+        if svc is None:
+            parts = host.split(".")
+            name, sns = parts[0], (parts[1] if len(parts) > 1 and len(parts) < 5 else ns)
+            hostname = host if len(parts) > 2 and not host.endswith(".svc") else ""
+            svc = Service(name, sns, [], hostname=hostname if len(parts) > 2 else "")
+            reg.add(svc)
+        number = int(port) if port else None
+        if number is not None and svc.port(number) is None:
+            svc.ports.append(Port(number, f"http-{number}", "http", number))
+        if labels and not any(all(e.labels.get(k) == v for k, v in labels.items())
+                              for e in svc.endpoints):
+            svc.endpoints.append(Endpoint(next(ips), labels))
+    for svc in reg.services.values():
+        if not svc.ports:
+            svc.ports.append(Port(80, "http", "http", 80))
+        if not svc.endpoints:
+            svc.endpoints.append(Endpoint(next(ips), {"app": svc.name}))
+
+
+def _synthesize_policy_pods(objs: ObjectSet, reg: Registry, ips: Iterator[str]) -> list[Workload]:
+    """One pod per AuthorizationPolicy selector, behind a service so it has an inbound."""
+    pods: list[Workload] = []
+    for o in objs.of("AuthorizationPolicy"):
+        labels = dict((o.spec.get("selector") or {}).get("matchLabels") or {})
+        if any(p.namespace == o.namespace and p.labels == labels for p in pods):
+            continue
+        wl = Workload(f"{o.name}-pod", o.namespace, next(ips), labels)
+        reg.workloads.append(wl)
+        ports = sorted({int(p) for r in o.spec.get("rules") or [] for t in r.get("to") or []
+                        for p in (t.get("operation") or {}).get("ports") or []}) or [8080]
+        svc = Service(f"{o.name}-svc", o.namespace, [Port(p, "http", "http", p) for p in ports])
+        svc.endpoints.append(Endpoint(wl.ip, labels))
+        reg.add(svc)
+        pods.append(wl)
+    return pods
+
+
+__all__ = ["KNOWN_KINDS", "can_read", "read_file", "read_objects"]
