@@ -1,0 +1,138 @@
+"""`l7fp bench` (also `python -m benchmarks`): run the benchmark and write its results.
+
+Registered in `xds_server.cli.SUBCOMMANDS`; `register()` adds the subparser,
+`run()` does the work (heavy imports inside). Needs root: it creates network
+namespaces, cgroups and BPF attachments, and removes them before it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+HELP = """\
+Compare four configurations side by side on pods in private network namespaces:
+  no-mesh     client straight to the app
+  sidecar     Istio-like mesh: iptables interception + Envoy sidecars (two per hop)
+  sidecar-l4  the sidecar mesh with the app<->sidecar hops bypassed by a sockmap
+              (bpf_src/l4_bypass, what merbridge / istio-tcpip-bypass do)
+  l7fp        kernel fast path + Envoy slow path (recorded as unavailable, with
+              the reason, while this tree cannot run it)
+
+Scenarios: leaf (one hop), multihop (client -> frontend -> backend),
+policy-mix-0 / -11 / -50 (share of routes that need Envoy), sweep (rate sweep
+with h2load). Closed loop with wrk at 1, 16 and 64 connections (1 and 16
+with --quick). Configurations run in ABAB order, repeated; medians reported.
+
+Writes results.json (every run), report.md (tables) and PNG plots to
+benchmarks/results/<UTC timestamp>/ unless --out says otherwise. Progress goes
+to stderr; Ctrl-C stops cleanly and tears every mesh down.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("bench", help="benchmark no-mesh / sidecar / sidecar-l4 / l7fp",
+                              description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="CI mode: one short (1 s) repetition of fewer points, about a minute")
+    p.add_argument("--scenario", action="append", metavar="NAME",
+                   help="run only this scenario (repeatable): leaf, multihop, policy-mix-0, "
+                        "policy-mix-11, policy-mix-50, sweep")
+    p.add_argument("--out", type=Path, help="output directory (default benchmarks/results/<timestamp>)")
+    p.add_argument("--configurations", default="no-mesh,sidecar,sidecar-l4,l7fp",
+                   help="comma-separated subset, in the order they alternate (default: all four)")
+    p.add_argument("--repeats", type=int, help="repeats per point (default 3, 1 with --quick)")
+    p.add_argument("--duration", type=float, help="seconds per run (default 5, 1 with --quick)")
+    p.add_argument("--rates", help="comma-separated offered req/s of the sweep "
+                                   "(default 500,1000,2000,4000,8000,16000)")
+    p.add_argument("--envoy-concurrency", type=int, default=2,
+                   help="worker threads per sidecar Envoy (Istio's default is 2)")
+
+
+def _bounded(args: argparse.Namespace) -> str | None:
+    if args.repeats is not None and not 1 <= args.repeats <= 20:
+        return f"--repeats {args.repeats}: must be 1..20"
+    if args.duration is not None and not 0.5 <= args.duration <= 120:
+        return f"--duration {args.duration}: must be 0.5..120 seconds"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks import configs, plots, report, results, runner, topology
+    from benchmarks.plan import build_plan
+
+    problem = _bounded(args)
+    names = [n.strip() for n in args.configurations.split(",") if n.strip()]
+    bad = [n for n in names if n not in configs.NAMES]
+    if bad:
+        problem = f"--configurations: unknown {bad[0]!r}; choose from {', '.join(configs.NAMES)}"
+    try:
+        rates = [float(r) for r in args.rates.split(",")] if args.rates else None
+        plan = build_plan(quick=args.quick, scenarios=args.scenario, repeats=args.repeats,
+                          duration_s=args.duration, rates=rates)
+    except ValueError as exc:
+        problem = problem or f"bad scenario or --rates: {exc}"
+    if problem:
+        print(f"l7fp bench: {problem}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("l7fp bench: needs root (network namespaces, cgroups, iptables, BPF)", file=sys.stderr)
+        return 2
+    envoy = configs.envoy_path()
+    removed = topology.cleanup_stale()
+    if removed:
+        logging.getLogger(__name__).info("removed leftovers of a crashed run: %s", removed)
+    started = time.time()
+    out = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="l7fp-bench-"))
+    mach = results.machine(envoy)
+    outcome = runner.execute(plan, names, envoy=envoy, workdir=workdir,
+                             concurrency=args.envoy_concurrency)
+    _remove_run_cgroup()
+    doc = results.document(outcome, plan, mach, started)
+    results.write(doc, out)
+    made = plots.draw_all(doc, out)
+    (out / "report.md").write_text(report.render(doc, made))
+    ok = [r for r in doc["runs"] if "error" not in r]
+    print(f"wrote {out}/results.json, report.md and {len(made)} plot(s): {len(ok)} runs",
+          file=sys.stderr)
+    if any(r for r in doc["runs"] if "error" in r) or outcome.interrupted or not ok:
+        print(f"logs of the pods kept in {workdir}", file=sys.stderr)
+        return 130 if outcome.interrupted else 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _remove_run_cgroup() -> None:
+    """The per-run cgroup directory (its children are gone after teardown)."""
+    from benchmarks import cgroups, topology
+
+    try:
+        os.rmdir(cgroups.bench_root() / topology.run_tag())
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(parser.parse_args(argv))
+    except KeyboardInterrupt:
+        return 130
