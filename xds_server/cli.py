@@ -20,6 +20,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "xds_server.demo",
     "fastpath.cli_split",
     "mesh.cli",
+    "benchmarks.cli",
 )
 
 DESCRIPTION = """\
