@@ -1,0 +1,19 @@
+/* sk_skb verdict on the agent's pooled upstream sockets (map dp_up).
+ *
+ * Owner: K2. Attached by fastpath/loader.py to dp_up without a stream parser
+ * (SK_SKB_VERDICT), so every received segment comes here as is. The response
+ * bytes go straight into the receive queue of the client socket the upstream
+ * is bound to (dp_peer, set by sk_msg.c): the agent never reads them. An
+ * upstream with no client (idle in its pool) drops what it receives; the agent
+ * sees the EOF of a closing upstream and replaces the socket.
+ */
+
+int dp_skb_verdict(struct __sk_buff *skb)
+{
+    __u64 up = bpf_get_socket_cookie(skb);
+    __u64 *client = dp_peer.lookup(&up);
+    if (!client)
+        return SK_DROP;
+    __u64 ck = *client;
+    return dp_cli.sk_redirect_hash(skb, &ck, BPF_F_INGRESS);
+}

@@ -1,0 +1,134 @@
+"""Thin ctypes layer over libbpf for what BCC 0.26 cannot do.
+
+Owner: K2. Used by `fastpath.loader`: SOCKHASH/QUEUE map operations, BPF links
+(detached automatically when the owning process dies), legacy attach/detach,
+and a query of the programs attached to a cgroup (to prove nothing is left).
+Every function raises OSError naming the operation when the kernel refuses.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ctypes.util
+import os
+from typing import Any
+
+CGROUP_SOCK_OPS = 3
+SK_MSG_VERDICT = 7
+SK_SKB_VERDICT = 38
+BPF_MAP_TYPE_QUEUE = 22
+
+_lib: Any = None
+
+
+def lib() -> Any:
+    """libbpf, loaded once (the one BCC itself links against)."""
+    global _lib
+    if _lib is None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        _lib = ct.CDLL(name, use_errno=True)
+        _lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+        _lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+        _lib.bpf_map_lookup_and_delete_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        _lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+        _lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
+        _lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
+        _lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32,
+                                        ct.c_uint32, ct.c_void_p]
+        _lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32,
+                                        ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32),
+                                        ct.POINTER(ct.c_uint32)]
+    return _lib
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ct.get_errno() or -ret
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def table_fd(bpf: Any, name: str) -> int:
+    """The fd of BCC table `name` of module `bpf` (works for SOCKHASH too)."""
+    from bcc import libbcc
+
+    fd = int(libbcc.lib.bpf_table_fd(bpf.module, name.encode()))
+    if fd < 0:
+        raise OSError(0, f"no BPF table {name!r} in the module")
+    return fd
+
+
+def map_update(fd: int, key: Any, value: Any, flags: int = 0) -> None:
+    _check(lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags),
+           f"map update (fd {fd})")
+
+
+def map_delete(fd: int, key: Any) -> bool:
+    """Delete `key`; False when it was not there."""
+    ret = lib().bpf_map_delete_elem(fd, ct.byref(key))
+    return ret == 0
+
+
+def queue_create(name: str, value_size: int, depth: int) -> int:
+    return _check(lib().bpf_map_create(BPF_MAP_TYPE_QUEUE, name.encode()[:15], 0, value_size,
+                                       depth, None), f"create queue map {name}")
+
+
+def queue_push(fd: int, value: Any) -> None:
+    _check(lib().bpf_map_update_elem(fd, None, ct.byref(value), 0), f"queue push (fd {fd})")
+
+
+def queue_pop(fd: int) -> int | None:
+    v = ct.c_uint64()
+    if lib().bpf_map_lookup_and_delete_elem(fd, None, ct.byref(v)) != 0:
+        return None
+    return int(v.value)
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A BPF link fd, or -1 when the kernel has no link for this attach type."""
+    ret = lib().bpf_link_create(prog_fd, target_fd, attach_type, None)
+    return ret if ret >= 0 else -1
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    _check(lib().bpf_prog_attach(prog_fd, target_fd, attach_type, 0),
+           f"attach prog (type {attach_type})")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    _check(lib().bpf_prog_detach2(prog_fd, target_fd, attach_type),
+           f"detach prog (type {attach_type})")
+
+
+def attached_prog_ids(cgroup_path: str, attach_type: int = CGROUP_SOCK_OPS) -> list[int]:
+    """Ids of the programs attached to a cgroup for `attach_type` (links included)."""
+    fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ids = (ct.c_uint32 * 64)()
+        cnt = ct.c_uint32(64)
+        flags = ct.c_uint32(0)
+        _check(lib().bpf_prog_query(fd, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)),
+               f"query programs of {cgroup_path}")
+        return [int(ids[i]) for i in range(cnt.value)]
+    finally:
+        os.close(fd)
+
+
+class _ProgInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * 16), ("_rest", ct.c_uint8 * 160)]
+
+
+def prog_id(prog_fd: int) -> int:
+    """The kernel id of a loaded program."""
+    info = _ProgInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    lib().bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)),
+           "program info")
+    return int(info.id)

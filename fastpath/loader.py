@@ -1,0 +1,261 @@
+"""BCC loading and attachment of the fast-path socket programs.
+
+Owner: K2. Called by `fastpath.agent` (and the kernel tests). One `Datapath`
+is one compiled BCC module (sockops.c + sk_msg.c + sk_skb.c sharing the maps
+of datapath.h) with its attachments. Attachments are BPF links where the
+kernel has them, so they go away with the process even after kill -9; the
+`close()` method detaches everything explicitly and is idempotent.
+
+BCC 0.26 cannot wrap SOCKHASH or QUEUE maps, so those are driven through
+libbpf (`fastpath.bpfsys`) with the map fds BCC gives us.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastpath import bpfsys
+
+log = logging.getLogger(__name__)
+
+BPF_SRC = Path(__file__).resolve().parent.parent / "bpf_src"
+
+# One compile per (source, cflags) in a process: BCC compiles cost seconds.
+_CACHE: dict[tuple[str, tuple[str, ...]], Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+SO_COOKIE = 57
+IROUTES = 8  # DP_IROUTES of dp_decide_inline.h
+
+# dp_verdict kinds (datapath.h)
+K_FORWARD, K_REPLY, K_NEED_MORE, K_PASS = 1, 2, 3, 4
+
+
+def socket_cookie(sock: socket.socket | int) -> int:
+    """The kernel's socket cookie (key of dp_cli/dp_up) of a socket or fd."""
+    s = sock if isinstance(sock, socket.socket) else socket.socket(fileno=os.dup(sock))
+    try:
+        raw = s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+    finally:
+        if s is not sock:
+            s.close()
+    return int.from_bytes(raw, "little")
+
+
+def cgroup2_root() -> Path:
+    """Mount point of the cgroup v2 hierarchy, read from /proc/mounts."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return Path(parts[1])
+    raise RuntimeError("no cgroup v2 mount in /proc/mounts")
+
+
+def module_text(decide_header: str | None = None) -> str:
+    """The C text of one datapath module; `decide_header` replaces the built-in decision.
+
+    BCC only turns functions of the main text into programs, so the files of
+    the data path are pasted together rather than #included. The decision
+    header (K1's include/, or dp_decide_inline.h) is pasted too, because its
+    maps must live in the same module.
+    """
+    parts = ["datapath.h", decide_header or "dp_decide_inline.h", "sockops.c", "sk_msg.c",
+             "sk_skb.c"]
+    return "\n".join(f"/* ---- {p} ---- */\n" + (BPF_SRC / p).read_text() for p in parts)
+
+
+def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, ...] = ()) -> Any:
+    """Compile (or reuse) a BCC module. Raises bcc's exception on a compile error."""
+    from bcc import BPF
+
+    flags = tuple(cflags) + tuple(f"-I{p}" for p in (str(BPF_SRC), *include))
+    key = (text, flags)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = BPF(text=text, cflags=list(flags))
+        return _CACHE[key]
+
+
+@dataclass
+class Datapath:
+    """A loaded datapath module and its attachments (cgroups, maps).
+
+    Owned by one agent; not thread-safe except for the map helpers, which
+    are single syscalls.
+    """
+
+    bpf: Any
+    fds: dict[str, int] = field(default_factory=dict)
+    links: list[tuple[str, int]] = field(default_factory=list)  # (what, link fd)
+    legacy: list[tuple[int, int, int]] = field(default_factory=list)  # (prog fd, target fd, type)
+    cgroups: dict[str, int] = field(default_factory=dict)  # path -> dir fd
+    pool_maps: dict[int, int] = field(default_factory=dict)  # pool id -> queue fd
+    _closed: bool = False
+
+    @classmethod
+    def load(cls, cflags: tuple[str, ...] = (), decide_header: str | None = None,
+             include: tuple[str, ...] = ()) -> Datapath:
+        """Compile, load the three programs and attach sk_msg/sk_skb to their maps."""
+        from bcc import BPF
+
+        b = compile_module(module_text(decide_header), cflags, include)
+        dp = cls(bpf=b)
+        dp.reset()
+        dp.fds["sockops"] = b.load_func("dp_sockops", BPF.SOCK_OPS).fd
+        dp.fds["msg"] = b.load_func("dp_msg_verdict", BPF.SK_MSG).fd
+        dp.fds["skb"] = b.load_func("dp_skb_verdict", BPF.SK_SKB).fd
+        for name in ("dp_cli", "dp_up", "dp_peer", "dp_free", "dp_cfg"):
+            dp.fds[name] = bpfsys.table_fd(b, name)
+        try:
+            dp._attach(dp.fds["msg"], dp.fds["dp_cli"], bpfsys.SK_MSG_VERDICT, "sk_msg")
+            dp._attach(dp.fds["skb"], dp.fds["dp_up"], bpfsys.SK_SKB_VERDICT, "sk_skb")
+        except Exception:
+            dp.close()
+            raise
+        return dp
+
+    def reset(self) -> None:
+        """Empty the tables: a cached module may have served an earlier Datapath."""
+        for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_replies"):
+            try:
+                self.bpf[name].clear()
+            except KeyError:
+                pass
+        free_fd = bpfsys.table_fd(self.bpf, "dp_free")
+        for pool in range(int(self.bpf["dp_free"].max_entries)):
+            bpfsys.map_delete(free_fd, ct.c_uint32(pool))
+
+    def _attach(self, prog_fd: int, target_fd: int, attach_type: int, what: str) -> None:
+        link = bpfsys.link_create(prog_fd, target_fd, attach_type)
+        if link >= 0:
+            self.links.append((what, link))
+            return
+        bpfsys.prog_attach(prog_fd, target_fd, attach_type)
+        self.legacy.append((prog_fd, target_fd, attach_type))
+
+    def attach_cgroup(self, path: str | Path) -> None:
+        """Run sock_ops for the sockets of the cgroup v2 directory `path` (and below)."""
+        key = str(path)
+        if key in self.cgroups:
+            return
+        fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+        self.cgroups[key] = fd
+        self._attach(self.fds["sockops"], fd, bpfsys.CGROUP_SOCK_OPS, f"sock_ops:{key}")
+
+    def detach_cgroup(self, path: str | Path) -> None:
+        key = str(path)
+        fd = self.cgroups.pop(key, None)
+        if fd is None:
+            return
+        for what, link in list(self.links):
+            if what == f"sock_ops:{key}":
+                os.close(link)
+                self.links.remove((what, link))
+        for item in list(self.legacy):
+            if item[1] == fd:
+                bpfsys.prog_detach(*item)
+                self.legacy.remove(item)
+        os.close(fd)
+
+    # ---- maps -------------------------------------------------------------
+    def set_service(self, ip: str, port: int, listener: int) -> None:
+        """Mark destination ip:port as meshed (sock_ops tracks its client sockets)."""
+        t = self.bpf["dp_svc"]
+        t[t.Key(ip=_ip_net(ip), port=port)] = ct.c_uint32(listener)
+
+    def remove_service(self, ip: str, port: int) -> None:
+        t = self.bpf["dp_svc"]
+        try:
+            del t[t.Key(ip=_ip_net(ip), port=port)]
+        except KeyError:
+            pass
+
+    def set_enabled(self, gen: int, enabled: bool = True) -> None:
+        """Flip the active plan generation (the last step of a plan swap)."""
+        t = self.bpf["dp_cfg"]
+        t[ct.c_int(0)] = t.Leaf(gen=gen, enabled=1 if enabled else 0)
+
+    def set_inline_route(self, gen: int, index: int, kind: int, prefix: str, pool: int = 0,
+                         reply_id: int = 0, status: int = 0) -> None:
+        """Route `index` of generation `gen` of the built-in decision (dp_decide_inline.h)."""
+        t = self.bpf["dp_iroutes"]
+        leaf = t.Leaf(used=1, kind=kind, pool=pool, reply_id=reply_id, status=status,
+                      plen=len(prefix.encode()), prefix=prefix.encode())
+        t[ct.c_int(gen * IROUTES + index)] = leaf
+
+    def clear_inline_routes(self, gen: int) -> None:
+        t = self.bpf["dp_iroutes"]
+        for i in range(IROUTES):
+            t[ct.c_int(gen * IROUTES + i)] = t.Leaf()
+
+    def set_reply(self, reply_id: int, data: bytes) -> None:
+        """Kernel reply `reply_id` of the built-in decision: a whole HTTP response."""
+        t = self.bpf["dp_replies"]
+        leaf = t.Leaf()
+        if not 0 < len(data) <= len(leaf.data):
+            raise ValueError(f"reply {reply_id}: {len(data)} bytes, limit {len(leaf.data)}")
+        leaf.len = len(data)
+        ct.memmove(leaf.data, data, len(data))
+        t[ct.c_int(reply_id)] = leaf
+
+    def ensure_pool(self, pool: int, depth: int) -> int:
+        """The free-socket queue of endpoint pool `pool`, created on first use."""
+        fd = self.pool_maps.get(pool)
+        if fd is None:
+            fd = bpfsys.queue_create(f"l7fp_pool{pool}", 8, depth)
+            bpfsys.map_update(self.fds["dp_free"], ct.c_uint32(pool), ct.c_uint32(fd))
+            self.pool_maps[pool] = fd
+        return fd
+
+    def add_upstream(self, sock: socket.socket) -> int:
+        """Put a connected upstream socket into dp_up; returns its cookie."""
+        cookie = socket_cookie(sock)
+        bpfsys.map_update(self.fds["dp_up"], ct.c_uint64(cookie), ct.c_uint32(sock.fileno()))
+        return cookie
+
+    def push_free(self, pool: int, cookie: int) -> None:
+        """Offer upstream `cookie` to pool `pool` (a queue push)."""
+        bpfsys.queue_push(self.pool_maps[pool], ct.c_uint64(cookie))
+
+    def pop_free(self, pool: int) -> int | None:
+        return bpfsys.queue_pop(self.pool_maps[pool])
+
+    def drop_peer(self, cookie: int) -> None:
+        bpfsys.map_delete(self.fds["dp_peer"], ct.c_uint64(cookie))
+
+    def close(self) -> None:
+        """Detach everything this datapath attached (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for _what, link in self.links:
+            try:
+                os.close(link)
+            except OSError:
+                pass
+        self.links.clear()
+        for prog_fd, target_fd, attach_type in self.legacy:
+            try:
+                bpfsys.prog_detach(prog_fd, target_fd, attach_type)
+            except OSError as exc:
+                log.warning("detach failed: %s", exc)
+        self.legacy.clear()
+        for fd in self.cgroups.values():
+            os.close(fd)
+        self.cgroups.clear()
+        for fd in self.pool_maps.values():
+            os.close(fd)
+        self.pool_maps.clear()
+
+
+def _ip_net(ip: str) -> int:
+    """An IPv4 address as the u32 the kernel stores (network order, read natively)."""
+    return int.from_bytes(socket.inet_aton(ip), "little")

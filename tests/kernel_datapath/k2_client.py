@@ -1,0 +1,55 @@
+"""Raw HTTP/1.1 client for the data-path tests; runs inside the scoped cgroup.
+
+Usage: client.py HOST PORT SCRIPT_JSON. SCRIPT_JSON is a list of "writes": each
+item is a list of byte strings (latin-1) sent as separate send() calls on ONE
+connection, then the client reads the number of responses given by "expect".
+Prints a JSON list of responses: {"status", "headers", "body"}.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+
+def read_response(f) -> dict:  # type: ignore[no-untyped-def]
+    line = f.readline().decode("latin-1")
+    if not line:
+        return {"status": 0, "headers": {}, "body": ""}
+    status = int(line.split()[1])
+    headers: dict[str, str] = {}
+    while True:
+        h = f.readline().decode("latin-1").rstrip("\r\n")
+        if not h:
+            break
+        k, _, v = h.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    n = int(headers.get("content-length", "0"))
+    body = f.read(n).decode("latin-1") if n else ""
+    return {"status": status, "headers": headers, "body": body}
+
+
+def main() -> None:
+    host, port, script = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    out = []
+    for conn in script:
+        s = socket.create_connection((host, port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        f = s.makefile("rb")
+        res = []
+        for step in conn:
+            for chunk in step["send"]:
+                s.sendall(chunk.encode("latin-1"))
+                if step.get("pause"):
+                    import time
+                    time.sleep(step["pause"])
+            for _ in range(step.get("expect", 1)):
+                res.append(read_response(f))
+        s.close()
+        out.append(res)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Socket plumbing on loopback (K2, step 1): sock_ops -> SOCKHASH, sk_msg redirect
+to a pooled upstream socket, sk_skb response into the client, kernel reply into
+the sender's own ingress, SK_PASS to a real Envoy, sticky hand-over.
+
+The client runs in a scoped cgroup v2 directory; its connection goes to the
+real Envoy's listener (the slow path), like an intercepted mesh connection.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from k2_helpers import HttpServer, ScopedCgroup, client_cmd
+
+from fastpath import bpfsys
+from fastpath.loader import K_FORWARD, K_PASS, K_REPLY, Datapath
+
+pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
+
+DENY_BODY = b"RBAC: access denied"
+DENY = (b"HTTP/1.1 403 Forbidden\r\ncontent-length: %d\r\ncontent-type: text/plain\r\n\r\n%s"
+        % (len(DENY_BODY), DENY_BODY))
+
+
+def get(path: str, extra: str = "") -> str:
+    return f"GET {path} HTTP/1.1\r\nHost: svc\r\n{extra}\r\n"
+
+
+def setup_plan(dp: Datapath, envoy_port: int, upstream: HttpServer, n_up: int = 4
+               ) -> list[socket.socket]:
+    dp.set_service("127.0.0.1", envoy_port, 1)
+    dp.set_inline_route(0, 0, K_FORWARD, "/fast", pool=0)
+    dp.set_inline_route(0, 1, K_REPLY, "/deny", reply_id=0, status=403)
+    dp.set_inline_route(0, 2, K_PASS, "/punt")
+    dp.set_reply(0, DENY)
+    dp.ensure_pool(0, 64)
+    ups = []
+    for _ in range(n_up):
+        s = socket.create_connection(("127.0.0.1", upstream.port))
+        dp.push_free(0, dp.add_upstream(s))
+        ups.append(s)
+    dp.set_enabled(0)
+    return ups
+
+
+def run(cg: ScopedCgroup, port: int, script: list) -> list:  # type: ignore[type-arg]
+    r = cg.run(client_cmd("127.0.0.1", str(port), json.dumps(script)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def stats(dp: Datapath) -> dict[tuple[int, int, int], int]:
+    return {(k.route, k.outcome, k.reason): sum(v) for k, v in dp.bpf["dp_stats"].items()}
+
+
+def test_fast_reply_pass_and_sticky(datapath, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    ups = setup_plan(datapath, envoy.port, upstream)
+    datapath.attach_cgroup(cgroup.path)
+    out = run(cgroup, envoy.port, [[
+        {"send": [get("/fast/a")]}, {"send": [get("/deny")]}, {"send": [get("/fast/b")]},
+        {"send": [get("/other")]}, {"send": [get("/fast/c")]}]])[0]
+    fast_a, deny, fast_b, other, fast_c = out
+    # fast path: straight to the upstream, Envoy never added its header
+    assert fast_a["status"] == 200 and fast_a["headers"]["x-served-by"] == "upstream"
+    assert "x-via" not in fast_a["headers"]
+    assert fast_b["status"] == 200 and "x-via" not in fast_b["headers"]
+    # kernel reply: the upstream never saw the request
+    assert deny["status"] == 403 and deny["body"] == DENY_BODY.decode()
+    assert all("/deny" not in line for line in upstream.seen)
+    # no route: Envoy; from then on the connection stays with Envoy
+    assert other["headers"].get("x-via") == "envoy"
+    assert fast_c["headers"].get("x-via") == "envoy"
+    st = stats(datapath)
+    assert st[(1, 0, 0)] == 2 and st[(2, 1, 0)] == 1
+    for s in ups:
+        s.close()
+
+
+def test_untracked_cgroup_is_untouched(datapath, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    """Without the cgroup attachment every request goes the normal way (to Envoy)."""
+    ups = setup_plan(datapath, envoy.port, upstream)
+    out = run(cgroup, envoy.port, [[{"send": [get("/fast/a")]}]])[0]
+    assert out[0]["headers"].get("x-via") == "envoy"
+    assert stats(datapath) == {}
+    for s in ups:
+        s.close()
+
+
+def test_punt_route_and_pool_empty_go_to_envoy(datapath, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    ups = setup_plan(datapath, envoy.port, upstream, n_up=1)
+    datapath.attach_cgroup(cgroup.path)
+    # two connections: the first binds the only pooled socket, the second finds the pool empty
+    script = [[{"send": [get("/punt/x")]}], [{"send": [get("/fast/1")]}]]
+    first = run(cgroup, envoy.port, script)
+    assert first[0][0]["headers"].get("x-via") == "envoy"
+    assert first[1][0]["headers"]["x-served-by"] == "upstream"
+    assert "x-via" not in first[1][0]["headers"]
+    for s in ups:
+        s.close()
+
+
+def test_pipelined_write_goes_to_envoy_in_order(datapath, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    """A write with several requests goes to Envoy as a whole (and the connection
+    stays there), so no response overtakes another."""
+    ups = setup_plan(datapath, envoy.port, upstream)
+    datapath.attach_cgroup(cgroup.path)
+    out = run(cgroup, envoy.port, [
+        [{"send": [get("/fast/1") + get("/fast/2")], "expect": 2}, {"send": [get("/fast/3")]}],
+        [{"send": [get("/fast/4")]}, {"send": [get("/fast/5") + get("/deny")], "expect": 2}],
+    ])
+    pipe_first, pipe_later = out
+    assert [json.loads(r["body"])["line"] for r in pipe_first] == [
+        f"GET /fast/{i} HTTP/1.1" for i in (1, 2, 3)]
+    assert [r["headers"].get("x-via") for r in pipe_first] == ["envoy"] * 3
+    assert "x-via" not in pipe_later[0]["headers"]
+    # the test's Envoy forwards everything, so /deny gets a 200 from it: in order
+    assert [json.loads(r["body"])["line"] for r in pipe_later] == [
+        "GET /fast/4 HTTP/1.1", "GET /fast/5 HTTP/1.1", "GET /deny HTTP/1.1"]
+    assert [r["headers"].get("x-via") for r in pipe_later[1:]] == ["envoy", "envoy"]
+    for s in ups:
+        s.close()
+
+
+def test_detach_leaves_nothing(datapath, cgroup):  # type: ignore[no-untyped-def]
+    datapath.attach_cgroup(cgroup.path)
+    mine = bpfsys.prog_id(datapath.fds["sockops"])
+    assert mine in bpfsys.attached_prog_ids(str(cgroup.path))
+    datapath.close()
+    assert bpfsys.attached_prog_ids(str(cgroup.path)) == []
+
