@@ -23,18 +23,21 @@ __all__ = ["Mesh", "generate", "load"]
 
 
 def load(policies: str | Path, mesh_file: str | Path | None = None,
-         k8s: str | Path | None = None, inbound_address: str = "127.0.0.1") -> Mesh:
+         k8s: str | Path | None = None, inbound_address: str = "127.0.0.1",
+         capture_ports: tuple[int, int] = (15001, 15006)) -> Mesh:
     """Read policies (and services/endpoints) into a Mesh; ValueError names a bad file."""
     objs = load_path(policies)
     if k8s is not None and Path(k8s).resolve() != Path(policies).resolve():
         load_path(k8s, objs)
     if mesh_file is not None:
-        reg = registry.from_mesh_state(mesh_file)
+        reg = registry.from_mesh_file(mesh_file)
         registry.from_k8s(objs, reg)
     else:
         reg = registry.from_k8s(objs)
     registry.add_service_entries(objs, reg)
-    return mesh_from(objs, reg, inbound_address)
+    mesh = mesh_from(objs, reg, inbound_address)
+    mesh.outbound_port, mesh.inbound_port = capture_ports
+    return mesh
 
 
 def load_objects(path: str | Path) -> ObjectSet:

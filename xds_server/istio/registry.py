@@ -73,6 +73,7 @@ class Workload:
     ip: str
     labels: Mapping[str, str]
     service_account: str = "default"
+    service: str = ""  # the service this pod backs, when known (mesh files)
 
     @property
     def node_id(self) -> str:
@@ -117,6 +118,27 @@ class Registry:
                 return w
         return None
 
+    def learn(self, pod: str, namespace: str, ip: str, labels: Mapping[str, str]) -> bool:
+        """A sidecar told us its pod's IP (node id) and labels; True if that is news.
+
+        Mesh files name pods but not addresses (the runner picks them), so the
+        registry completes itself as sidecars connect.
+        """
+        for i, w in enumerate(self.workloads):
+            if w.name != pod or w.namespace != namespace:
+                continue
+            new_labels = dict(w.labels) | dict(labels)
+            if w.ip == ip and new_labels == dict(w.labels):
+                return False
+            self.workloads[i] = Workload(w.name, w.namespace, ip, new_labels, w.service_account,
+                                         w.service)
+            svc = self.resolve(w.service, namespace) if w.service else None
+            if svc is not None and ip:
+                svc.endpoints = [e for e in svc.endpoints if e.pod != pod]
+                svc.endpoints.append(Endpoint(ip, new_labels, pod, w.service_account))
+            return True
+        return False
+
     def workloads_with_identity(self, namespace: str | None, sa: str | None) -> list[Workload]:
         return [w for w in self.workloads
                 if (namespace is None or w.namespace == namespace)
@@ -130,19 +152,62 @@ def _protocol(name: str, app_protocol: str | None = None) -> str:
     return prefix if prefix in TCP_PROTOCOLS | {"http", "http2", "grpc", "grpc-web"} else "http"
 
 
-def from_mesh_state(path: str | Path) -> Registry:
-    """Read the mesh file / state.json format (docs/contracts.md, "Mesh state").
+STATE_ROOT = Path("/run/l7fp/mesh")
 
-    Pods may carry `labels:` (default `{app: SERVICE}`) and
-    `service_account:`; services may carry `namespace:`.
+
+def from_mesh_file(path: str | Path) -> Registry:
+    """A local-mesh file (docs/mesh.md: `services:` mapping) or a state file (`pods:` list).
+
+    For a mesh file, pods are `<service>-<i>` per replica; their addresses come
+    from the running mesh's state.json when it exists, else from the sidecars'
+    node ids as they connect (`Registry.learn`).
     """
     text = Path(path).read_text()
     data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a mapping with services:")
+    if isinstance(data.get("services"), Mapping):
+        return _from_mesh_spec(Path(path), data)
+    return from_mesh_state(path, data)
+
+
+def _from_mesh_spec(path: Path, data: Mapping[str, Any]) -> Registry:
+    name = str(data.get("name") or path.parent.name)
+    ns = str(data.get("namespace") or name)
+    state = STATE_ROOT / name / "state.json"
+    if state.is_file():
+        try:
+            reg = from_mesh_state(state)
+            if reg.services:
+                return reg
+        except (ValueError, OSError, KeyError):
+            pass  # mesh still starting: fall back to learning addresses
+    reg = Registry()
+    for sname, svc in data["services"].items():
+        svc = svc or {}
+        ports = [_mesh_port(p) for p in svc.get("ports") or []]
+        reg.add(Service(str(sname), ns, ports))
+        for i in range(int(svc.get("replicas", 1))):
+            reg.workloads.append(Workload(f"{sname}-{i}", ns, "", {"app": str(sname)},
+                                          service=str(sname)))
+    return reg
+
+
+def from_mesh_state(path: str | Path, data: Mapping[str, Any] | None = None) -> Registry:
+    """Read the state.json format (docs/contracts.md, "Mesh state").
+
+    Pods may carry `labels:` (default `{app: SERVICE}`) and
+    `service_account:`; services may carry `namespace:`.
+    """
+    if data is None:
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a mapping with services: and pods:")
     reg = Registry()
-    default_ns = str(data.get("namespace") or DEFAULT_NAMESPACE)
     pods = data.get("pods") or []
+    default_ns = str(data.get("namespace") or (pods[0].get("namespace") if pods else None)
+                     or DEFAULT_NAMESPACE)
     for svc in data.get("services") or []:
         if "name" not in svc:
             raise ValueError(f"{path}: services[]: missing name in {svc!r}")
@@ -157,7 +222,7 @@ def from_mesh_state(path: str | Path) -> Registry:
         ns = str(pod.get("namespace") or default_ns)
         labels = dict(pod.get("labels") or {"app": service})
         sa = str(pod.get("service_account") or pod.get("serviceAccount") or "default")
-        reg.workloads.append(Workload(pod["name"], ns, pod["ip"], labels, sa))
+        reg.workloads.append(Workload(pod["name"], ns, pod["ip"], labels, sa, str(service)))
         svc_obj = reg.resolve(service, ns) if service else None
         if svc_obj is not None:
             svc_obj.endpoints.append(Endpoint(pod["ip"], labels, pod["name"], sa))
@@ -177,7 +242,12 @@ def from_k8s(objs: ObjectSet, reg: Registry | None = None) -> Registry:
     reg = reg if reg is not None else Registry()
     w = objs.warnings
     pods = [_pod(o) for o in objs.of("Pod")]
-    reg.workloads.extend(p for p in pods if p.ip)
+    for p in pods:
+        known = next((w for w in reg.workloads if w.name == p.name and w.namespace == p.namespace), None)
+        if known is None and p.ip:
+            reg.workloads.append(p)
+        elif known is not None:  # a label overlay for a mesh-file pod
+            reg.learn(p.name, p.namespace, p.ip or known.ip, p.labels)
     for o in objs.of("Service"):
         spec = check_fields(w, o, "spec", o.spec, {
             "ports", "selector", "clusterIP", "clusterIPs", "type", "sessionAffinity",

@@ -39,6 +39,8 @@ class Mesh:
     inbound_address: str = "127.0.0.1"
     extra_routes: list[Obj] = field(default_factory=list)  # Gateway API routes as VirtualServices
     gateway_routes: bool = False  # also apply gateway-bound routes (split coverage only)
+    outbound_port: int = OUTBOUND_PORT  # where istio-iptables redirects outbound traffic
+    inbound_port: int = INBOUND_PORT
 
 
 def workload_of(mesh: Mesh, node_id: str) -> Workload:
@@ -70,7 +72,7 @@ def generate(mesh: Mesh, node_id: str) -> dict[str, list[dict[str, Any]]]:
         out[ROUTE].append(rc)
         out[LISTENER].append(_outbound_port_listener(port))
     out[LISTENER] += _tcp_listeners(services)
-    out[LISTENER].insert(0, _virtual_outbound(registry_only))
+    out[LISTENER].insert(0, _virtual_outbound(registry_only, mesh.outbound_port))
     inbound, inbound_clusters = _inbound(mesh, wl)
     out[LISTENER].append(inbound)
     out[CLUSTER] += inbound_clusters
@@ -268,9 +270,9 @@ def _tcp_proxy(cluster: str) -> dict[str, Any]:
         "statPrefix": cluster, "cluster": cluster}}
 
 
-def _virtual_outbound(registry_only: bool) -> dict[str, Any]:
+def _virtual_outbound(registry_only: bool, port: int) -> dict[str, Any]:
     fallback = "BlackHoleCluster" if registry_only else "PassthroughCluster"
-    return {"name": "virtualOutbound", "address": _addr("0.0.0.0", OUTBOUND_PORT),
+    return {"name": "virtualOutbound", "address": _addr("0.0.0.0", port),
             "useOriginalDst": True, "trafficDirection": "OUTBOUND",
             "filterChains": [{"name": "virtualOutbound-catchall-tcp", "filters": [_tcp_proxy(fallback)]}]}
 
@@ -293,7 +295,7 @@ def _inbound(mesh: Mesh, wl: Workload) -> tuple[dict[str, Any], list[dict[str, A
         cls.append({"name": name, "type": "STATIC", "connectTimeout": "10s",
                     "loadAssignment": {"clusterName": name, "endpoints": [{"lbEndpoints": [{
                         "endpoint": {"address": _addr(mesh.inbound_address, t)}}]}]}})
-    listener = {"name": "virtualInbound", "address": _addr("0.0.0.0", INBOUND_PORT),
+    listener = {"name": "virtualInbound", "address": _addr("0.0.0.0", mesh.inbound_port),
                 "trafficDirection": "INBOUND", "listenerFilters": [{
                     "name": "envoy.filters.listener.original_dst", "typedConfig": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.listener."

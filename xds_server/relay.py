@@ -1,0 +1,276 @@
+"""Relay mode, `l7fp serve --upstream-xds HOST:PORT`: L7FP between sidecars and istiod.
+
+A `l7fp serve` plugin (see xds_server.serve). For each connected sidecar the
+`RelaySource` opens one SotW ADS stream to the upstream control plane with
+the sidecar's own node (id, cluster, metadata), so the upstream generates
+exactly the config it would give that sidecar. What arrives is served to the
+sidecar through the normal pipeline (split -> residual, kernel plan). The
+sidecar's ACK/NACK of the result is passed upstream (a NACK carries the
+sidecar's error_detail), so the upstream's debug pages and reject metrics
+see them. When the upstream is unreachable the last config keeps serving and
+the session reconnects with backoff.
+
+Owns: the upstream sessions (one asyncio task each). Reads the XdsServer's
+connections and cache (given through `setup`) to learn the sidecar's verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import grpclib.const
+import grpclib.exceptions
+from grpclib.client import Channel
+
+from xds_server.node import NodeInfo
+from xds_server.relay_protocol import Request, UpstreamState
+from xds_server.sources.base import NodeResources, Source
+
+log = logging.getLogger(__name__)
+ADS_PATH = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class UpstreamSession:
+    """One sidecar's ADS stream to the upstream, reconnecting until closed."""
+
+    def __init__(self, node: NodeInfo, host: str, port: int, on_change: Any) -> None:
+        self.node, self.host, self.port = node, host, port
+        self.state = UpstreamState()
+        self.on_change = on_change
+        self.connected = False
+        self.last_error = ""
+        self.connects = 0
+        self.verdicts: dict[str, int] = {"ack": 0, "nack": 0}
+        self._out: asyncio.Queue[Request] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    def send(self, req: Request | None) -> None:
+        if req is not None:
+            self.verdicts["nack" if req.error else "ack"] += 1
+            self._out.put_nowait(req)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._stream()
+                attempt = 0
+            except (OSError, TimeoutError, grpclib.exceptions.GRPCError,
+                    grpclib.exceptions.StreamTerminatedError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            self.connected = False
+            delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
+            attempt += 1
+            log.warning("relay: upstream %s:%d for %s: %s; last config keeps serving, retry in %.1fs",
+                        self.host, self.port, self.node.id, self.last_error or "stream ended", delay)
+            await asyncio.sleep(delay)
+
+    async def _stream(self) -> None:
+        from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+
+        channel = Channel(self.host, self.port)
+        try:
+            async with channel.request(ADS_PATH, grpclib.const.Cardinality.STREAM_STREAM,
+                                       DiscoveryRequest, DiscoveryResponse) as stream:
+                self._out = asyncio.Queue()
+                first = True
+                for req in self.state.start():
+                    await stream.send_message(self._message(req, first))
+                    first = False
+                self.connected, self.last_error = True, ""
+                self.connects += 1
+                sender = asyncio.create_task(self._sender(stream))
+                try:
+                    async for resp in stream:
+                        self._receive(resp)
+                finally:
+                    sender.cancel()
+        finally:
+            channel.close()
+
+    async def _sender(self, stream: Any) -> None:
+        while True:
+            req = await self._out.get()
+            await stream.send_message(self._message(req, False))
+
+    def _receive(self, resp: Any) -> None:
+        items = [(a.type_url, a.value) for a in resp.resources]
+        log.debug("relay: %s v%s (%d resources) for %s", resp.type_url, resp.version_info,
+                  len(items), self.node.id)
+        for req in self.state.receive(resp.type_url, resp.version_info, resp.nonce, items):
+            if req.error:
+                self.send(req)
+            else:
+                self._out.put_nowait(req)
+        self.on_change()
+
+    def _message(self, req: Request, with_node: bool) -> Any:
+        from envoy_data_plane.envoy.config.core.v3 import Node
+        from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
+        from envoy_data_plane.google.rpc import Status
+
+        msg = DiscoveryRequest(type_url=req.type_url, version_info=req.version,
+                               response_nonce=req.nonce, resource_names=list(req.names))
+        if with_node or not self.connected:
+            msg.node = Node.from_dict({"id": self.node.id, "cluster": self.node.cluster,
+                                       "metadata": self.node.metadata or {}})
+        if req.error:
+            msg.error_detail = Status(code=3, message=req.error)  # INVALID_ARGUMENT, as Envoy
+        return msg
+
+    def status(self) -> dict[str, Any]:
+        return {"node": self.node.id, "connected": self.connected, "connects": self.connects,
+                "last_error": self.last_error, "verdicts": dict(self.verdicts),
+                "acked": {t.rsplit(".", 1)[-1]: st.acked_version for t, st in self.state.types.items()},
+                "pending": [t.rsplit(".", 1)[-1] for t, st in self.state.types.items() if st.pending]}
+
+
+class RelaySource(Source):
+    """Per-node resources relayed from the upstream control plane."""
+
+    name = "relay"
+
+    def __init__(self, host: str, port: int, poll: float = 0.05) -> None:
+        super().__init__()
+        self.host, self.port, self.poll = host, port, poll
+        self.sessions: dict[str, UpstreamSession] = {}
+        self.server: Any = None
+        self._served_gen: dict[str, int] = {}
+        self._seen_nacks: dict[tuple[str, str], int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def resources_for(self, node: NodeInfo) -> NodeResources:
+        sess = self.sessions.get(node.id)
+        if sess is None:
+            sess = UpstreamSession(node, self.host, self.port, self._upstream_changed)
+            self.sessions[node.id] = sess
+            sess.start()
+        gen = sess.state.generation
+        self._served_gen[node.id] = gen
+        resources = sess.state.resources()
+        origins = {(t, _name(m)): f"upstream {self.host}:{self.port}"
+                   for t, msgs in resources.items() for m in msgs}
+        return NodeResources(("relay", node.id, gen), resources, origins)
+
+    def _upstream_changed(self) -> None:
+        self.changed()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._verdicts())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for sess in list(self.sessions.values()):
+            await sess.close()
+
+    async def _verdicts(self) -> None:
+        """Pass each sidecar's ACK/NACK upstream; close sessions of departed sidecars."""
+        while True:
+            await asyncio.sleep(self.poll)
+            if self.server is None:
+                continue
+            live = {c.node.id: c for c in list(self.server.connections.values())}
+            for node_id, sess in list(self.sessions.items()):
+                conn = live.get(node_id)
+                if conn is None:
+                    if node_id not in self.server.nodes:
+                        await sess.close()
+                        del self.sessions[node_id]
+                    continue
+                self._check(node_id, sess, conn)
+
+    def _check(self, node_id: str, sess: UpstreamSession, conn: Any) -> None:
+        if self._served_gen.get(node_id, -1) < sess.state.generation:
+            return  # the server has not rebuilt this node from the latest upstream config yet
+        refused = self.server.errors.get(node_id)
+        snap = self.server.cache.get(node_id)
+        for type_url, st in sess.state.types.items():
+            if st.pending is None:
+                continue
+            if refused:
+                sess.send(sess.state.verdict(type_url, f"l7fp relay refused the snapshot: {refused}"))
+                continue
+            ts = getattr(conn.state, "types", {}).get(type_url)
+            nacks = int(getattr(ts, "nacks", 0) or 0)
+            key = (node_id, type_url)
+            if ts is not None and nacks > self._seen_nacks.get(key, 0):
+                self._seen_nacks[key] = nacks
+                sess.send(sess.state.verdict(type_url, str(ts.last_error or "NACK")))
+            elif ts is None or not hasattr(ts, "acked_version"):
+                sess.send(sess.state.verdict(type_url, None))  # delta stream or not subscribed
+            elif snap is not None and ts.acked_version == snap.version(type_url) and not ts.pending:
+                sess.send(sess.state.verdict(type_url, None))
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "upstream": f"{self.host}:{self.port}",
+                "sessions": [s.status() for s in self.sessions.values()], "at": time.time()}
+
+
+def _name(msg: Any) -> str:
+    from xds_server.resources import resource_name
+
+    return resource_name(msg)
+
+
+# -- l7fp serve plugin ------------------------------------------------------
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Relay mode (docs/istio.md)")
+    g.add_argument("--upstream-xds", metavar="HOST:PORT",
+                   help="relay: take each sidecar's config from this upstream control plane "
+                        "(istiod, usually istiod.istio-system.svc:15010) with the sidecar's own node, "
+                        "split it, serve the residual; sidecar ACK/NACK goes upstream")
+
+
+def make_sources(args: argparse.Namespace) -> list[Source]:
+    target = getattr(args, "upstream_xds", None)
+    if not target:
+        return []
+    from xds_server.bootstrap import parse_hostport
+
+    try:
+        host, port = parse_hostport(target)
+    except ValueError as exc:
+        raise SystemExit(f"l7fp serve: --upstream-xds: {exc}") from None
+    return [RelaySource(host, port)]
+
+
+def setup(server: Any, app: Any, args: argparse.Namespace) -> None:
+    """Give the relay the server (verdicts) and add /debug/relayz to the admin API."""
+    from aiohttp import web
+
+    from xds_server import admin
+
+    relays = [s for s in server.sources if isinstance(s, RelaySource)]
+    for src in relays:
+        src.server = server
+
+    async def relayz(request: web.Request) -> web.Response:
+        out = []
+        for src in relays:
+            st = src.status()
+            for sess in st["sessions"]:
+                plan = server.plans.get(sess["node"])
+                sess["plan"] = repr(plan) if plan is not None else None
+            out.append(st)
+        return web.json_response(out)
+
+    if relays:
+        admin.add_route(app, "/debug/relayz", relayz)
