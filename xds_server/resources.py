@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from typing import Any as AnyT
 
 import betterproto2
@@ -68,7 +69,7 @@ _EXTENSION_MODULES = [
     "extensions.request_id.uuid.v3", "extensions.path.match.uri_template.v3",
     "extensions.path.rewrite.uri_template.v3", "extensions.matching.common_inputs.network.v3",
     "extensions.matching.input_matchers.ip.v3", "extensions.stat_sinks.metrics_service.v3",
-    "extensions.filters.udp.udp_proxy.v3", "type.v3", "type.matcher.v3",
+    "type.v3", "type.matcher.v3",
 ]
 _registered = False
 
@@ -78,11 +79,13 @@ def ensure_registered() -> None:
     global _registered
     if _registered:
         return
-    for mod in _EXTENSION_MODULES:
-        try:
-            importlib.import_module(f"envoy_data_plane.envoy.{mod}")
-        except ImportError:  # a module this envoy-data-plane release does not ship
-            log.debug("extension module %s not available", mod)
+    with warnings.catch_warnings():  # generated code trips pydantic deprecations on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for mod in _EXTENSION_MODULES:
+            try:
+                importlib.import_module(f"envoy_data_plane.envoy.{mod}")
+            except ImportError:  # a module this envoy-data-plane release does not ship
+                log.debug("extension module %s not available", mod)
     importlib.import_module("envoy_data_plane.google.protobuf")
     importlib.import_module("envoy_data_plane.google.rpc")
     _registered = True
