@@ -54,7 +54,8 @@ def in_pod(netns: str | None, cgroup: Path | None, argv: Sequence[str],
 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=join_cgroup, env=full_env, check=False)
+                          preexec_fn=join_cgroup, env=full_env, check=False,
+                          start_new_session=True)  # Ctrl-C is the harness's to handle
 
 
 def run_wrk(url: str, connections: int, duration_s: float, *, netns: str | None = None,

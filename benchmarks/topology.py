@@ -22,9 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +96,7 @@ class BenchNet:
         self.workdir = workdir
         self.concurrency = concurrency
         self.attach = attach
+        self.cfgdir: Path | None = None
         self.hub = f"{NETNS_PREFIX}{self.tag}-{code}-hub"
         self.cg_root = cgroups.bench_root() / self.tag / code
         self.pods = {name: Pod(name, f"{NETNS_PREFIX}{self.tag}-{code}-{name}",
@@ -161,10 +164,13 @@ class BenchNet:
         for name, args in apps.items():
             self.pods[name].start("app", [py, "-m", "benchmarks.apps", *args], self.workdir)
         if self.sidecars:
-            cfg = self.workdir / f"envoy-{self.code}.json"
+            # the sidecar runs as uid 1337: its config goes to a directory that
+            # uid can reach (a pytest tmp_path or a 0700 parent would not do)
+            self.cfgdir = Path(tempfile.mkdtemp(prefix=f"{NETNS_PREFIX}{self.tag}-{self.code}-"))
+            self.cfgdir.chmod(0o755)
+            cfg = self.cfgdir / "envoy.json"
             cfg.write_text(json.dumps(sidecar.bootstrap(), indent=1))
             cfg.chmod(0o644)
-            self.workdir.chmod(0o755)
             for pod in self.pods.values():
                 pod.start("sidecar", sidecar.envoy_argv(self.envoy, str(cfg), self.concurrency),
                           self.workdir)
@@ -205,6 +211,9 @@ class BenchNet:
         for pod in self.pods.values():
             sh(["ip", "netns", "del", pod.netns], check=False)
         sh(["ip", "netns", "del", self.hub], check=False)
+        if self.cfgdir is not None:
+            shutil.rmtree(self.cfgdir, ignore_errors=True)
+            self.cfgdir = None
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
