@@ -149,3 +149,12 @@ def main(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"l7fp demo failed: {exc}")
         return 1
+
+
+if __name__ == "__main__":  # `python -m xds_server.demo`: this demo even after `l7fp demo` moves on
+    import sys
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _parser = argparse.ArgumentParser(prog="python -m xds_server.demo")
+    register(_parser.add_subparsers(dest="command"))
+    sys.exit(main(_parser.parse_args(["demo", *sys.argv[1:]])))
