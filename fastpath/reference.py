@@ -1,0 +1,371 @@
+"""Reference model: the kernel's decision for one request, in pure Python, over a KernelPlan.
+
+The oracle of the differential tests (tests/split) against real Envoy, and the
+specification the C synthesis follows. Owned by the split; anyone may call
+`decide`. Pure: randomness (weighted clusters, fault percentages, endpoint
+choice) comes from the ``rng`` argument, rate-limit buckets from ``state``.
+
+Decision kinds:
+
+* ``forward``: the kernel sends the (rewritten) request to ``cluster``/``endpoint``;
+* ``reply``: the kernel answers itself (deny 403, direct_response, redirect,
+  404 no route, 429 rate limited, fault abort) and the upstream never sees it;
+* ``envoy``: the kernel hands the request to Envoy (punt route, listener or RBAC
+  that needs Envoy, a path that needs normalisation, an upgrade...).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from fastpath.plan import (
+    ClusterAction,
+    DirectResponse,
+    Endpoint,
+    HeaderMatch,
+    KernelPlan,
+    LbPolicy,
+    ListenerPlan,
+    LocalRateLimit,
+    PathKind,
+    Permission,
+    Principal,
+    Rbac,
+    Redirect,
+    Route,
+    RouteMatch,
+    StringKind,
+    StringMatch,
+    Verdict,
+    VirtualHost,
+)
+
+RBAC_DENIED_BODY = "RBAC: access denied"
+FAULT_BODY = "fault filter abort"
+RATE_LIMITED_BODY = "local_rate_limited"
+# Bytes allowed in a path the kernel matches without normalisation; anything else
+# (percent-escapes, backslashes, dot segments, "//") goes to Envoy.
+_SAFE_PATH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/?=&+:@!$'()*,;")
+
+
+@dataclass(frozen=True)
+class Request:
+    """An HTTP/1.1 request as the kernel parses it. Header names lower case."""
+
+    method: str
+    path: str  # with the query string
+    host: str
+    headers: tuple[tuple[str, str], ...] = ()
+    src_ip: str = "127.0.0.1"
+    dst_port: int = 0
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k == name]
+        if name == ":method":
+            return self.method
+        if name in (":authority", "host"):
+            return self.host
+        if name == ":path":
+            return self.path
+        return ",".join(values) if values else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # "forward" | "reply" | "envoy"
+    status: int = 0
+    body: str = ""
+    cluster: str = ""
+    endpoint: Endpoint | None = None
+    path: str = ""  # forwarded path (after rewrite)
+    host: str = ""  # forwarded host (after rewrite)
+    add_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    location: str = ""
+    route: str = ""
+    reason: str = ""
+
+
+@dataclass
+class Bucket:
+    """A token bucket as Envoy's local_ratelimit keeps it (starts full)."""
+
+    limit: LocalRateLimit
+    tokens: float = -1.0
+    last_ms: float = 0.0
+
+    def take(self, now_ms: float) -> bool:
+        lim = self.limit
+        if self.tokens < 0:
+            self.tokens, self.last_ms = lim.max_tokens, now_ms
+        if lim.fill_interval_ms > 0:
+            fills = int((now_ms - self.last_ms) // lim.fill_interval_ms)
+            if fills:
+                self.tokens = min(lim.max_tokens, self.tokens + fills * lim.tokens_per_fill)
+                self.last_ms += fills * lim.fill_interval_ms
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass
+class State:
+    """Rate-limit buckets by owner key, and the clock (ms)."""
+
+    buckets: dict[str, Bucket] = field(default_factory=dict)
+    now_ms: float = 0.0
+    rr: dict[str, int] = field(default_factory=dict)
+
+    def take(self, key: str, limit: LocalRateLimit) -> bool:
+        return self.buckets.setdefault(key, Bucket(limit)).take(self.now_ms)
+
+
+def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | None = None,
+           state: State | None = None) -> Decision:
+    """The kernel's decision for ``req`` arriving on listener ``listener`` (by name)."""
+    rng = rng or random.Random(0)
+    state = state or State()
+    lp = next((x for x in plan.listeners if x.name == listener), None)
+    if lp is None:
+        return Decision("envoy", reason=f"no listener {listener!r} in the plan")
+    if lp.verdict is Verdict.ENVOY:
+        return Decision("envoy", reason=f"listener: {lp.reason}")
+    why = _unparseable(req)
+    if why:
+        return Decision("envoy", reason=why)
+    if lp.rbac is not None:
+        denied = _rbac_denies(lp.rbac, req, lp)
+        if denied is None:
+            return Decision("envoy", reason=f"rbac: {lp.rbac.reason}")
+        if denied:
+            return Decision("reply", status=403, body=RBAC_DENIED_BODY, reason="rbac deny")
+    if lp.local_rate_limit and not state.take(f"listener/{lp.name}", lp.local_rate_limit):
+        return Decision("reply", status=lp.local_rate_limit.status, body=RATE_LIMITED_BODY)
+    vh = select_vhost(lp.virtual_hosts, req.host)
+    if vh is None:
+        return Decision("reply", status=404, reason="no virtual host")
+    for r in vh.routes:
+        if route_matches(r.match, req):
+            return _apply(plan, lp, vh, r, req, rng, state)
+    return Decision("reply", status=404, reason="no route")
+
+
+def _unparseable(req: Request) -> str:
+    path = req.path
+    if not path.startswith("/") or any(c not in _SAFE_PATH for c in path):
+        return "path needs normalisation or escaping"
+    p = path.split("?", 1)[0]
+    if "//" in p or "/./" in p or "/../" in p or p.endswith(("/.", "/..")):
+        return "path has dot segments or empty segments"
+    if req.header("upgrade") is not None or req.header("expect") is not None:
+        return "upgrade/expect request"
+    return ""
+
+
+def select_vhost(vhosts: tuple[VirtualHost, ...], host: str) -> VirtualHost | None:
+    """Envoy's order: exact, then longest suffix wildcard, longest prefix wildcard, "*"."""
+    host = host.lower()
+    best: tuple[int, int, VirtualHost] | None = None
+    for vh in vhosts:
+        for d in vh.domains:
+            rank = _domain_rank(d, host)
+            if rank is not None and (best is None or rank > best[:2]):
+                best = (rank[0], rank[1], vh)
+    return best[2] if best else None
+
+
+def _domain_rank(d: str, host: str) -> tuple[int, int] | None:
+    if d == host:
+        return (4, len(d))
+    if d == "*":
+        return (1, 0)
+    if d.startswith("*") and host.endswith(d[1:]) and len(host) > len(d) - 1:
+        return (3, len(d))
+    if d.endswith("*") and host.startswith(d[:-1]) and len(host) > len(d) - 1:
+        return (2, len(d))
+    return None
+
+
+def _path_only(path: str) -> str:
+    return path.split("?", 1)[0].split("#", 1)[0]
+
+
+def route_matches(m: RouteMatch, req: Request) -> bool:
+    """Envoy RouteMatch semantics over the kernel-enforceable subset."""
+    path = _path_only(req.path)
+    cs = m.case_sensitive
+    fold = (lambda s: s) if cs else str.lower
+    if m.path_kind is PathKind.PREFIX:
+        ok = fold(path).startswith(fold(m.path))
+    elif m.path_kind is PathKind.EXACT:
+        ok = fold(path) == fold(m.path)
+    elif m.path_kind is PathKind.PATH_SEPARATED_PREFIX:
+        ok = fold(path) == fold(m.path) or fold(path).startswith(fold(m.path) + "/")
+    elif m.regex_literal is not None:
+        ok = path == m.regex_literal
+    elif m.regex_prefix is not None:
+        ok = path.startswith(m.regex_prefix)
+    else:
+        return False  # a true regex is never KERNEL
+    if not ok:
+        return False
+    if m.grpc and not (req.header("content-type") or "").startswith("application/grpc"):
+        return False
+    if not all(header_matches(h, req) for h in m.headers):
+        return False
+    return all(_query_matches(q.name, q.match, req) for q in m.query_params)
+
+
+def string_matches(sm: StringMatch, value: str) -> bool:
+    v, want = (value.lower(), sm.value.lower()) if sm.ignore_case else (value, sm.value)
+    if sm.kind is StringKind.EXACT:
+        return v == want
+    if sm.kind is StringKind.PREFIX:
+        return v.startswith(want)
+    if sm.kind is StringKind.SUFFIX:
+        return v.endswith(want)
+    if sm.kind is StringKind.CONTAINS:
+        return want in v
+    return sm.kind is StringKind.PRESENT
+
+
+def header_matches(h: HeaderMatch, req: Request) -> bool:
+    value = req.header(h.name)
+    if value is None and not h.treat_missing_as_empty:
+        # A missing header (Envoy 1.40, checked by tests/split): present/absent
+        # matchers follow invert; a value matcher fails even when inverted.
+        if h.absent:
+            return not h.invert
+        return h.invert if h.match is None else False
+    value = value or ""
+    if h.absent:
+        return h.invert
+    ok = True if h.match is None else string_matches(h.match, value)
+    return ok != h.invert
+
+
+def _query_matches(name: str, sm: StringMatch | None, req: Request) -> bool:
+    query = req.path.split("?", 1)[1] if "?" in req.path else ""
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    if name not in params:
+        return False
+    return True if sm is None else string_matches(sm, params[name])
+
+
+def _apply(plan: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route, req: Request,
+           rng: random.Random, state: State) -> Decision:
+    name = r.name
+    if r.verdict is Verdict.ENVOY:
+        return Decision("envoy", route=name, reason=r.reason)
+    if r.fault_abort and rng.randrange(1_000_000) < r.fault_abort.per_million:
+        return Decision("reply", status=r.fault_abort.status, body=FAULT_BODY, route=name)
+    if r.rate_limit and rng.randrange(1_000_000) < r.rate_limit.enforced_per_million \
+            and not state.take(f"route/{lp.name}/{vh.name}/{name}", r.rate_limit):
+        return Decision("reply", status=r.rate_limit.status, body=RATE_LIMITED_BODY, route=name)
+    a = r.action
+    if isinstance(a, DirectResponse):
+        return Decision("reply", status=a.status, body=a.body, route=name)
+    if isinstance(a, Redirect):
+        return Decision("reply", status=a.status, location=_location(a, r.match, req), route=name)
+    assert isinstance(a, ClusterAction)
+    cluster = _pick_cluster(a, rng)
+    path = req.path
+    if a.prefix_rewrite is not None:
+        path = _prefix_rewrite(r.match, path, a.prefix_rewrite)
+    c = plan.cluster(cluster)
+    ep = _pick_endpoint(c.endpoints, c.lb_policy, rng, state, cluster) if c else None
+    adds = tuple((h.name, h.value) for h in r.request_headers_to_add)
+    return Decision("forward", cluster=cluster, endpoint=ep, path=path,
+                    host=a.host_rewrite or req.host, add_headers=adds,
+                    remove_headers=r.request_headers_to_remove, route=name)
+
+
+def _prefix_rewrite(m: RouteMatch, path: str, rewrite: str) -> str:
+    """Envoy replaces the matched part: the prefix, or the whole path (exact, regex)."""
+    if m.path_kind in (PathKind.PREFIX, PathKind.PATH_SEPARATED_PREFIX):
+        return rewrite + path[len(m.path):]
+    _, sep, query = path.partition("?")
+    return rewrite + sep + query
+
+
+def _pick_cluster(a: ClusterAction, rng: random.Random) -> str:
+    total = sum(c.weight for c in a.clusters)
+    if len(a.clusters) == 1 or total <= 0:
+        return a.clusters[0].name
+    x = rng.randrange(total)
+    for c in a.clusters:
+        if x < c.weight:
+            return c.name
+        x -= c.weight
+    return a.clusters[-1].name
+
+
+def _pick_endpoint(eps: tuple[Endpoint, ...], lb: LbPolicy, rng: random.Random, state: State,
+                   key: str) -> Endpoint | None:
+    healthy = [e for e in eps if e.healthy]
+    # Envoy's panic threshold (50 %): below it, all endpoints are used.
+    pool = healthy if eps and len(healthy) * 2 >= len(eps) else list(eps)
+    if not pool:
+        return None
+    if lb is LbPolicy.ROUND_ROBIN:
+        i = state.rr.get(key, 0)
+        state.rr[key] = i + 1
+        return pool[i % len(pool)]
+    return rng.choices(pool, weights=[max(e.weight, 1) for e in pool])[0]
+
+
+def _location(a: Redirect, m: RouteMatch, req: Request) -> str:
+    scheme = a.scheme or "http"
+    host = a.host or req.host.split(":")[0]
+    port = f":{a.port}" if a.port else ""
+    if not a.host and not a.port and ":" in req.host and scheme == "http":
+        port = ":" + req.host.split(":")[1]
+    path, _, query = req.path.partition("?")
+    if a.path is not None:
+        path = a.path
+    elif a.prefix_rewrite is not None and m.path_kind is PathKind.PREFIX:
+        path = a.prefix_rewrite + path[len(m.path):]
+    if query and not a.strip_query and "?" not in path:
+        path = f"{path}?{query}"
+    return f"{scheme}://{host}{port}{path}"
+
+
+def _rbac_denies(rbac: Rbac, req: Request, lp: ListenerPlan) -> bool | None:
+    """True: deny, False: allow, None: the kernel can't tell (ENVOY)."""
+    if rbac.verdict is Verdict.ENVOY:
+        return None
+    hit = any(_policy_matches(p.permissions, p.principals, req, lp) for p in rbac.policies)
+    return hit if rbac.action == "DENY" else not hit
+
+
+def _policy_matches(perms: tuple[tuple[Permission, ...], ...],
+                    prins: tuple[tuple[Principal, ...], ...], req: Request, lp: ListenerPlan) -> bool:
+    return any(all(_perm(p, req, lp) for p in g) for g in perms) and \
+        any(all(_prin(p, req) for p in g) for g in prins)
+
+
+def _perm(p: Permission, req: Request, lp: ListenerPlan) -> bool:
+    ok = True
+    if p.path is not None:
+        ok = ok and string_matches(p.path, _path_only(req.path))
+    if p.method is not None:
+        ok = ok and req.method == p.method
+    if p.port is not None:
+        ok = ok and (req.dst_port or lp.port) == p.port
+    ok = ok and all(header_matches(h, req) for h in p.headers)
+    return ok != p.invert
+
+
+def _prin(p: Principal, req: Request) -> bool:
+    ok = True
+    if p.source_cidr is not None:
+        ok = ipaddress.ip_address(req.src_ip) in ipaddress.ip_network(p.source_cidr, strict=False)
+    if p.header is not None:
+        ok = ok and header_matches(p.header, req)
+    if p.authenticated is not None:
+        ok = False
+    return ok != p.invert

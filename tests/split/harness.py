@@ -1,0 +1,142 @@
+"""Helpers of the split tests: echo upstreams and a real Envoy from a static bootstrap.
+
+Each echo upstream answers every request with JSON {cluster, method, path,
+headers}, so a test sees which cluster Envoy chose and what it forwarded.
+Envoy is a child of the test process and is stopped by pid in teardown.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+CLUSTERS = ("c0", "c1", "c2")
+
+
+def _handler(cluster: str) -> type[BaseHTTPRequestHandler]:
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _reply(self) -> None:
+            n = int(self.headers.get("content-length") or 0)
+            if n:
+                self.rfile.read(n)
+            body = json.dumps({"cluster": cluster, "method": self.command, "path": self.path,
+                               "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _reply
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Echo
+
+
+@pytest.fixture(scope="session")
+def echo_upstreams() -> Iterator[dict[str, int]]:
+    """Cluster name -> port of a loopback echo server answering with that name."""
+    servers, ports = [], {}
+    for name in CLUSTERS:
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(name))
+        srv.daemon_threads = True
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        ports[name] = srv.server_address[1]
+    yield ports
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class EnvoyProc:
+    """A real Envoy on a static bootstrap; `stop()` kills it by pid."""
+
+    def __init__(self, envoy_bin: str, bootstrap: dict[str, Any], ports: list[int]) -> None:
+        self.dir = tempfile.mkdtemp(prefix="l7fp-split-")
+        path = os.path.join(self.dir, "bootstrap.json")
+        with open(path, "w") as f:
+            json.dump(bootstrap, f)
+        self.log = open(os.path.join(self.dir, "envoy.log"), "w")
+        self.proc = subprocess.Popen(
+            [envoy_bin, "-c", path, "--base-id", str(ports[0]), "--concurrency", "1",
+             "--disable-hot-restart", "-l", "warning"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait(ports)
+
+    def _wait(self, ports: list[int]) -> None:
+        deadline = time.monotonic() + 30
+        for port in ports:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"envoy exited: {open(self.log.name).read()[-2000:]}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"envoy not listening on {port}") from None
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def envoy_validate(envoy_bin: str, bootstrap: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate` on ``bootstrap``: does Envoy accept the config?"""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="l7fp-split-", delete=False) as f:
+        json.dump(bootstrap, f)
+    try:
+        return subprocess.run([envoy_bin, "--mode", "validate", "-c", f.name, "-l", "error"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        os.unlink(f.name)
+
+
+def http_request(port: int, method: str, path: str, host: str,
+                 headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()

@@ -1,0 +1,114 @@
+"""Hypothesis strategies: Envoy route tables (snake_case JSON) and requests.
+
+The alphabets are small on purpose, so generated requests often hit the
+generated matchers (and the corner cases between them: case, trailing "/",
+path-separated prefixes, inverted and absent headers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+from fastpath.reference import Request
+
+PATHS = ["/", "/a", "/a/", "/a/b", "/ab", "/A/b", "/b", "/a/b/c", "/Ab"]
+PREFIXES = ["/", "/a", "/a/", "/ab", "/A", "/b"]
+HOSTS = ["h1.example", "x.example", "other.test"]
+DOMAINS = [["h1.example"], ["*.example"], ["h1.*"], ["x.example", "h1.example"]]
+
+
+def _header() -> st.SearchStrategy[dict[str, Any]]:
+    name = st.sampled_from(["x-h", "x-k"])
+    kind = st.sampled_from(["exact", "prefix", "suffix", "contains", "present", "absent"])
+
+    def build(n: str, k: str, v: str, inv: bool, ic: bool) -> dict[str, Any]:
+        h: dict[str, Any] = {"name": n, "invert_match": inv}
+        if k == "present":
+            h["present_match"] = True
+        elif k == "absent":
+            h["present_match"] = False
+        else:
+            h["string_match"] = {k: v, "ignore_case": ic}
+        return h
+
+    return st.builds(build, name, kind, st.sampled_from(["v", "V", "vv"]), st.booleans(), st.booleans())
+
+
+def _match() -> st.SearchStrategy[dict[str, Any]]:
+    path = st.one_of(
+        st.builds(lambda p: {"prefix": p}, st.sampled_from(PREFIXES)),
+        st.builds(lambda p: {"path": p}, st.sampled_from(PATHS)),
+        st.builds(lambda p: {"path_separated_prefix": p}, st.sampled_from(["/a", "/ab", "/a/b"])),
+        st.builds(lambda p: {"safe_regex": {"regex": p}}, st.sampled_from(
+            [r"/a/b", r"/a\.b", r"^/ab$", r"/a/.*", r"/A.*"])),
+    )
+
+    def build(p: dict[str, Any], cs: bool, hs: list[dict[str, Any]], method: str | None,
+              q: str | None) -> dict[str, Any]:
+        m = dict(p)
+        if not cs:
+            m["case_sensitive"] = False
+        headers = list(hs)
+        if method:
+            headers.append({"name": ":method", "string_match": {"exact": method}})
+        if headers:
+            m["headers"] = headers
+        if q == "present":
+            m["query_parameters"] = [{"name": "q", "present_match": True}]
+        elif q:
+            m["query_parameters"] = [{"name": "q", "string_match": {"exact": q}}]
+        return m
+
+    return st.builds(build, path, st.booleans(), st.lists(_header(), max_size=2),
+                     st.sampled_from([None, None, "GET", "POST"]), st.sampled_from([None, None, "1", "present"]))
+
+
+def _action() -> st.SearchStrategy[dict[str, Any]]:
+    cluster = st.sampled_from(["c0", "c1", "c2"])
+    forward = st.builds(
+        lambda c, rw, host: {"route": {"cluster": c, "timeout": "0s",
+                                       **({"prefix_rewrite": rw} if rw else {}),
+                                       **({"host_rewrite_literal": host} if host else {})}},
+        cluster, st.sampled_from([None, None, "/z", "/z/"]), st.sampled_from([None, None, "up.test"]))
+    weighted = st.builds(lambda w: {"route": {"timeout": "0s", "weighted_clusters": {"clusters": [
+        {"name": "c1", "weight": w}, {"name": "c2", "weight": 100 - w}]}}}, st.sampled_from([0, 30, 100]))
+    direct = st.builds(lambda s, b: {"direct_response": {"status": s, "body": {"inline_string": b}}},
+                       st.sampled_from([200, 403, 418, 503]), st.sampled_from(["hello", "no"]))
+    redirect = st.builds(lambda p, code: {"redirect": {"path_redirect": p, "response_code": code}},
+                         st.sampled_from(["/r", "/new/x"]), st.sampled_from(["MOVED_PERMANENTLY", "FOUND"]))
+    return st.one_of(forward, forward, weighted, direct, redirect)
+
+
+def _route(i: int) -> st.SearchStrategy[dict[str, Any]]:
+    def build(m: dict[str, Any], a: dict[str, Any], add: bool) -> dict[str, Any]:
+        r = {"name": f"r{i}", "match": m, **a}
+        if add and "route" in r:
+            r["request_headers_to_add"] = [{"header": {"key": "x-added", "value": f"r{i}"},
+                                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+        return r
+    return st.builds(build, _match(), _action(), st.booleans())
+
+
+@st.composite
+def route_table(draw: Any) -> dict[str, Any]:
+    """A RouteConfiguration: a domain-specific vhost and a catch-all, 1-5 routes each."""
+    n = draw(st.integers(1, 5))
+    routes = [draw(_route(i)) for i in range(n)]
+    tail = [draw(_route(10 + i)) for i in range(draw(st.integers(0, 2)))]
+    return {"name": "rc", "virtual_hosts": [
+        {"name": "vh0", "domains": draw(st.sampled_from(DOMAINS)), "routes": routes},
+        {"name": "vh1", "domains": ["*"], "routes": tail},
+    ]}
+
+
+def _request(method: str, path: str, q: str, host: str, hs: dict[str, str]) -> Request:
+    return Request(method, path + q, host, tuple(sorted(hs.items())))
+
+
+requests = st.builds(
+    _request, st.sampled_from(["GET", "POST"]), st.sampled_from(PATHS),
+    st.sampled_from(["", "", "?q=1", "?q=2", "?r=1"]), st.sampled_from(HOSTS),
+    st.dictionaries(st.sampled_from(["x-h", "x-k"]), st.sampled_from(["v", "V", "vv", "w", "xv"]), max_size=2),
+)
