@@ -30,6 +30,8 @@ def regex_shape(pattern: str) -> tuple[str, str] | None:
     Envoy's safe_regex is RE2 with full-match semantics; the kernel compares
     bytes, so only these two shapes are enforceable in the kernel.
     """
+    if "(?" in pattern:
+        return None  # inline flags ((?i) changes the meaning of every literal) or groups
     try:
         items = list(sre.parse(pattern))
     except Exception:

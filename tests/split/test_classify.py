@@ -1,0 +1,126 @@
+"""Verdict honesty: what the kernel can't reproduce is ENVOY, with the reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fastpath import envoy_model as em
+from fastpath.classify_match import regex_shape
+from fastpath.plan import Verdict
+from fastpath.split import split_snapshot
+
+HCM_T = "type.googleapis.com/" + em.HCM
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+
+
+def listener(routes: list[dict[str, Any]], filters: list[dict[str, Any]] | None = None,
+             **chain: Any) -> dict[str, Any]:
+    return {"name": "l", "address": {"socket_address": {"address": "0.0.0.0", "port_value": 8080}},
+            "filter_chains": [{**chain, "filters": [{"name": "hcm", "typed_config": {
+                "@type": HCM_T, "stat_prefix": "s", "http_filters": (filters or []) + [ROUTER],
+                "route_config": {"name": "rc", "virtual_hosts": [
+                    {"name": "vh", "domains": ["*"], "routes": routes}]}}}]}]}
+
+
+CLUSTER = {"name": "c", "type": "STATIC", "load_assignment": {"cluster_name": "c", "endpoints": [
+    {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "198.18.0.9",
+                                                                    "port_value": 80}}}}]}]}}
+
+
+def verdicts(routes: list[dict[str, Any]], cluster: dict[str, Any] = CLUSTER,
+             filters: list[dict[str, Any]] | None = None, **chain: Any) -> list[tuple[Verdict, str]]:
+    res = {em.LISTENER: [em.parse(em.LISTENER, listener(routes, filters, **chain))],
+           em.CLUSTER: [em.parse(em.CLUSTER, cluster)]}
+    plan = split_snapshot("n", res).plan
+    return [(r.verdict, r.reason) for r in plan.listeners[0].virtual_hosts[0].routes]
+
+
+def fwd(**extra: Any) -> dict[str, Any]:
+    return {"match": {"prefix": "/"}, "route": {"cluster": "c", **extra}}
+
+
+def test_envoy_default_timeout_is_envoy_and_istio_disabled_is_kernel() -> None:
+    (v_default, why), = verdicts([fwd()])
+    assert v_default is Verdict.ENVOY and "15000ms (Envoy default)" in why
+    assert verdicts([fwd(timeout="0s")]) == [(Verdict.KERNEL, "")]
+
+
+@pytest.mark.parametrize("retry_on,verdict", [
+    ("connect-failure", Verdict.KERNEL), ("connect-failure,refused-stream", Verdict.KERNEL),
+    ("5xx", Verdict.ENVOY), ("reset", Verdict.ENVOY), ("connect-failure,gateway-error", Verdict.ENVOY),
+])
+def test_retry_conditions(retry_on: str, verdict: Verdict) -> None:
+    (v, why), = verdicts([fwd(timeout="0s", retry_policy={"retry_on": retry_on, "num_retries": 2})])
+    assert v is verdict, why
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"request_mirror_policies": [{"cluster": "c"}]}, "requestMirrorPolicies"),
+    ({"hash_policy": [{"header": {"header_name": "x"}}]}, ""),  # ignored: cluster doesn't hash
+    ({"regex_rewrite": {"pattern": {"regex": "a"}, "substitution": "b"}}, "regexRewrite"),
+])
+def test_route_features(extra: dict[str, Any], needle: str) -> None:
+    (v, why), = verdicts([fwd(timeout="0s", **extra)])
+    assert (v is Verdict.ENVOY) == bool(needle) and needle in why
+
+
+def test_response_headers_and_formatters_need_envoy() -> None:
+    r1 = {**fwd(timeout="0s"), "response_headers_to_add": [{"header": {"key": "a", "value": "b"}}]}
+    r2 = {**fwd(timeout="0s"), "request_headers_to_add": [{"header": {"key": "a", "value": "%REQ(x)%"}}]}
+    r3 = {**fwd(timeout="0s"), "request_headers_to_add": [{"header": {"key": "a", "value": "b"}}]}
+    (v1, w1), (v2, w2), (v3, _) = verdicts([r1, r2, r3])
+    assert v1 is Verdict.ENVOY and "response headers" in w1
+    assert v2 is Verdict.ENVOY and "formatter" in w2
+    assert v3 is Verdict.KERNEL
+
+
+@pytest.mark.parametrize("kind", ["lua.v3.Lua", "ext_authz.v3.ExtAuthz", "jwt_authn.v3.JwtAuthentication"])
+def test_filters_that_need_envoy(kind: str) -> None:
+    f = {"name": "f", "typed_config": {"@type": f"type.googleapis.com/envoy.extensions.filters.http.{kind}"}}
+    (v, why), = verdicts([fwd(timeout="0s")], filters=[f])
+    assert v is Verdict.ENVOY and "http filter" in why
+
+
+def test_upstream_tls_and_downstream_tls() -> None:
+    tls = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"}}
+    (v, why), = verdicts([fwd(timeout="0s")], cluster={**CLUSTER, "transport_socket": tls})
+    assert v is Verdict.ENVOY and "upstream TLS" in why
+    dtls = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"}}
+    (v, why), = verdicts([fwd(timeout="0s")], transport_socket=dtls)
+    assert v is Verdict.ENVOY and "downstream TLS" in why
+
+
+def test_true_regex_is_punt_entry_and_keeps_order() -> None:
+    routes = [{"match": {"safe_regex": {"regex": "/a+b"}}, "route": {"cluster": "c", "timeout": "0s"}},
+              {"match": {"safe_regex": {"regex": "^/x/.*"}}, "route": {"cluster": "c", "timeout": "0s"}}]
+    (v1, w1), (v2, _) = verdicts(routes)
+    assert v1 is Verdict.ENVOY and "regex not literal" in w1
+    assert v2 is Verdict.KERNEL
+
+
+@pytest.mark.parametrize("pattern,shape", [
+    (r"/a\.b", ("literal", "/a.b")), (r"^/a/.*$", ("prefix", "/a/")), ("/a+", None),
+    ("/(a|b)", None), ("(?i)/a", None), ("/a.", None),
+])
+def test_regex_shape(pattern: str, shape: tuple[str, str] | None) -> None:
+    assert regex_shape(pattern) == shape
+
+
+def test_rbac_kernel_and_envoy() -> None:
+    def rbac(policy: dict[str, Any]) -> dict[str, Any]:
+        return {"name": "envoy.filters.http.rbac", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "DENY", "policies": {"p": policy}}}}
+    ok = {"permissions": [{"and_rules": {"rules": [{"url_path": {"path": {"prefix": "/admin"}}},
+                                                   {"header": {"name": ":method", "string_match": {"exact": "POST"}}}]}}],
+          "principals": [{"direct_remote_ip": {"address_prefix": "198.18.0.0", "prefix_len": 15}}]}
+    assert verdicts([fwd(timeout="0s")], filters=[rbac(ok)])[0][0] is Verdict.KERNEL
+    mtls = {"permissions": [{"any": True}],
+            "principals": [{"authenticated": {"principal_name": {"exact": "spiffe://x"}}}]}
+    v, why = verdicts([fwd(timeout="0s")], filters=[rbac(mtls)])[0]
+    assert v is Verdict.ENVOY and "mTLS" in why
