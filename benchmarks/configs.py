@@ -137,7 +137,13 @@ def build(names: list[str], *, envoy: str, workdir: Path, concurrency: int,
             out.append(SidecarL4(net, bypass))
         else:
             problem = l7fp_problem()
-            out.append(Unavailable(problem or "l7fp configuration not wired into the harness yet"))
+            if problem:
+                out.append(Unavailable(problem))
+                continue
+            from benchmarks.meshconfig import MeshRunnerConfig
+            from benchmarks.topology import run_tag
+
+            out.append(MeshRunnerConfig(workdir, envoy, tag or run_tag(), fastpath="on"))
     return out
 
 

@@ -36,8 +36,11 @@ def mix_prefix(share: float) -> str:
 
 
 def policy_paths(share: float, routes: int = MIX_ROUTES) -> list[str]:
-    """Request paths of one policy mix, one per route: /mix11/r0 .. /mix11/r17."""
-    return [f"{mix_prefix(share)}/r{i}" for i in range(routes)]
+    """Request paths of one policy mix, one per route: /mix11/r0/ .. /mix11/r17/.
+
+    The trailing slash keeps prefixes apart (/mix11/r1/ is not a prefix of /mix11/r10/).
+    """
+    return [f"{mix_prefix(share)}/r{i}/" for i in range(routes)]
 
 
 def envoy_only_indexes(routes: int, share: float) -> set[int]:
@@ -55,8 +58,8 @@ def policy_routes(cluster: str, shares: tuple[float, ...] = MIX_SHARES,
 
     A route that "needs Envoy" uses a regex matcher and a request header built
     by a per-request formatter (%DOWNSTREAM_REMOTE_ADDRESS%), things a kernel
-    match table cannot do; the others are exact-path routes with a static
-    response header, which it can. One table holds every mix so one sidecar
+    match table cannot do; the others are plain path-prefix routes to one
+    cluster, which it can. One table holds every mix so one sidecar
     configuration serves every scenario.
     """
     table: list[dict[str, Any]] = []
@@ -67,20 +70,20 @@ def policy_routes(cluster: str, shares: tuple[float, ...] = MIX_SHARES,
             if i in envoy_only:
                 table.append({
                     "name": f"{name}-envoy",
-                    "match": {"safe_regex": {"regex": f"^{path}(/.*)?$"}},
-                    "route": {"cluster": cluster, "timeout": "5s"},
+                    "match": {"safe_regex": {"regex": f"^{path}.*$"}},
+                    "route": {"cluster": cluster},
                     "request_headers_to_add": [{"header": {
                         "key": "x-l7fp-peer", "value": "%DOWNSTREAM_REMOTE_ADDRESS%"}}],
                 })
             else:
                 table.append({
                     "name": f"{name}-kernel",
-                    "match": {"path": path},
-                    "route": {"cluster": cluster, "timeout": "5s"},
-                    "response_headers_to_add": [{"header": {"key": "x-l7fp-route", "value": name}}],
+                    "match": {"prefix": path},
+                    # no response timer: a kernel table has none (Envoy's default is 15 s)
+                    "route": {"cluster": cluster, "timeout": "0s"},
                 })
     table.append({"name": "default", "match": {"prefix": "/"},
-                  "route": {"cluster": cluster, "timeout": "5s"}})
+                  "route": {"cluster": cluster, "timeout": "0s"}})
     return table
 
 

@@ -178,7 +178,7 @@ class BenchNet:
     def _wait_ready(self, timeout: float = 30.0) -> None:
         """Ready when the client pod gets a 200 from the leaf and through frontend->backend."""
         deadline = time.monotonic() + timeout
-        for target in (self.url("leaf"), self.url("frontend"), self.url("leaf", "/mix50/r0")):
+        for target in (self.url("leaf"), self.url("frontend"), self.url("leaf", "/mix50/r0/")):
             while True:
                 self._check_alive()
                 proc = sh(["ip", "netns", "exec", self.client.netns, "curl", "-s", "-o",

@@ -1,0 +1,165 @@
+"""A configuration run on the project's local mesh (`mesh.runner.Mesh`): used for `l7fp`.
+
+Called by `benchmarks.configs`. The mesh runner owns the pods, sidecars and
+`l7fp serve` (with `--fastpath on`, which starts the fast-path agent); this
+module writes a mesh file with the same four pods, apps and route table as the
+harness's own nets (`benchmarks.topology`, `benchmarks.sidecar`), runs the load
+generator in the client pod's cgroup (so the kernel fast path sees its
+sockets) inside a `loadgen` child the harness creates and removes itself, and
+reads the pods' CPU from the cgroups named in the mesh's state file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks import cgroups, sidecar
+from benchmarks.configs import Configuration, Unavailable
+
+APP_PORT = sidecar.APP_PORT
+
+
+def mesh_file(name: str) -> dict[str, Any]:
+    """The benchmark's pods as a mesh file (docs/mesh.md format)."""
+    def app(*args: str) -> list[str]:
+        return ["${PYTHON}", "-m", "benchmarks.apps", *args, "--port", str(APP_PORT)]
+
+    routes = sidecar.policy_routes("leaf")
+    return {
+        "name": name, "namespace": "bench",
+        "services": {
+            # the client pod runs the load generator; its app only keeps the pod alive
+            "client": {"command": app("leaf", "--name", "client"), "ports": [APP_PORT],
+                       "calls": ["leaf", "frontend"]},
+            "leaf": {"command": app("leaf", "--name", "leaf"), "ports": [APP_PORT],
+                     "policy": {"outbound": {"routes": routes}}},
+            "frontend": {"command": app("frontend", "--name", "frontend",
+                                        "--backend", f"backend:{APP_PORT}"),
+                         "ports": [APP_PORT], "calls": ["backend"]},
+            "backend": {"command": app("leaf", "--name", "backend"), "ports": [APP_PORT]},
+        },
+    }
+
+
+class MeshRunnerConfig(Configuration):
+    """`l7fp`: the local mesh with `l7fp serve --fastpath on` (kernel fast path + Envoy)."""
+
+    name = "l7fp"
+
+    def __init__(self, workdir: Path, envoy: str, tag: str, fastpath: str = "on") -> None:
+        self.workdir, self.envoy, self.fastpath = workdir, envoy, fastpath
+        self.mesh_name = f"bench-{tag}"[:23]
+        self.mesh: Any = None
+        self.state: dict[str, Any] = {}
+        self.loadgen: Path | None = None
+
+    def up(self) -> None:
+        try:
+            from mesh.runner import Mesh, MeshError
+        except ImportError as exc:
+            raise Unavailable(f"mesh.runner not importable: {exc}") from exc
+        path = self.workdir / "bench-mesh.yaml"
+        path.write_text(yaml.safe_dump(mesh_file(self.mesh_name), sort_keys=False))
+        self.mesh = Mesh(path, sidecars="envoy", xds="ads", fastpath=self.fastpath,
+                         envoy=self.envoy)
+        try:
+            self.state = self.mesh.up()
+        except MeshError as exc:
+            self.mesh = None
+            raise Unavailable(f"`l7fp mesh up --fastpath {self.fastpath}` failed: {exc}") from exc
+        self.loadgen = cgroups.make(Path(self._pod("client")["cgroup"]) / "loadgen")
+        self._check_fast_path()
+
+    def _check_fast_path(self) -> None:
+        """Refuse to report `l7fp` figures unless the kernel really served requests."""
+        from benchmarks import load
+
+        before = self.counters()
+        load.run_wrk(self.url("leaf", sidecar.policy_paths(0.0)[0]), 1, 1,
+                     netns=self.client_netns, cgroup=self.loadgen)
+        after = self.counters()
+        served = after.get("kernel_requests", 0) - before.get("kernel_requests", 0)
+        if served <= 0:
+            self.down()
+            raise Unavailable("the mesh came up with --fastpath on, but the fast path served no "
+                              f"request of a 1 s all-kernel-route probe (counters {after or 'none'} "
+                              "from /debug/fastpath)")
+
+    def down(self) -> None:
+        if self.loadgen is not None:
+            try:
+                cgroups.remove_tree(self.loadgen)
+            except RuntimeError:
+                pass
+            self.loadgen = None
+        if self.mesh is not None:
+            self.mesh.down()
+            self.mesh = None
+
+    def _pod(self, service: str) -> dict[str, Any]:
+        for p in self.state["pods"]:
+            if p["service"] == service:
+                return dict(p)
+        raise RuntimeError(f"mesh {self.mesh_name}: no pod of service {service!r}")
+
+    @property
+    def client_netns(self) -> str:
+        return str(self._pod("client")["netns"])
+
+    @property
+    def loadgen_cgroup(self) -> Path:
+        assert self.loadgen is not None
+        return self.loadgen
+
+    def url(self, pod: str, path: str = "/") -> str:
+        vip = next(s["vip"] for s in self.state["services"] if s["name"] == pod)
+        return f"http://{vip}:{APP_PORT}{path}"
+
+    def cpu_usec(self) -> int:
+        """All pods (apps, sidecars, kernel work charged to them) minus the load generator."""
+        total = sum(cgroups.usage_usec(Path(p["cgroup"])) for p in self.state["pods"])
+        return total - (cgroups.usage_usec(self.loadgen) if self.loadgen else 0)
+
+    def _sidecar_pids(self) -> list[int]:
+        return [int(p["pids"]["envoy"]) for p in self.state["pods"]
+                if p.get("pids", {}).get("envoy")]
+
+    def sidecar_rss(self) -> int:
+        return cgroups.rss_bytes(self._sidecar_pids())
+
+    def sidecar_count(self) -> int:
+        return len(self._sidecar_pids())
+
+    def counters(self) -> dict[str, int]:
+        return fastpath_counters(self.state)
+
+    def kernel_share(self, delta: dict[str, int]) -> float | None:
+        kernel, total = delta.get("kernel_requests", 0), delta.get("requests", 0)
+        return round(kernel / total, 4) if total else 0.0
+
+
+def fastpath_counters(state: dict[str, Any]) -> dict[str, int]:
+    """Requests seen and handled in the kernel, from the control plane's /debug/fastpath.
+
+    Empty when the endpoint does not answer: the share is then reported as 0,
+    never guessed.
+    """
+    import json
+    import urllib.request
+
+    url = f"http://{state['admin']}/debug/fastpath"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            doc = json.loads(r.read())
+    except (OSError, ValueError):
+        return {}
+    totals = doc.get("totals", doc) if isinstance(doc, dict) else {}
+    out = {}
+    for key in ("requests", "kernel_requests"):
+        if isinstance(totals.get(key), int):
+            out[key] = int(totals[key])
+    return out
+
