@@ -86,7 +86,7 @@ class MeshRunnerConfig(Configuration):
             self.down()
             raise Unavailable("the mesh came up with --fastpath on, but the fast path served no "
                               f"request of a 1 s all-kernel-route probe (counters {after or 'none'} "
-                              "from /debug/fastpath)")
+                              "from l7fp_fastpath_requests_total on the admin /metrics)")
 
     def down(self) -> None:
         if self.loadgen is not None:
@@ -141,25 +141,35 @@ class MeshRunnerConfig(Configuration):
         return round(kernel / total, 4) if total else 0.0
 
 
-def fastpath_counters(state: dict[str, Any]) -> dict[str, int]:
-    """Requests seen and handled in the kernel, from the control plane's /debug/fastpath.
+KERNEL_OUTCOMES = ("fast", "kernel_reply")
 
-    Empty when the endpoint does not answer: the share is then reported as 0,
-    never guessed.
+
+def fastpath_counters(state: dict[str, Any]) -> dict[str, int]:
+    """Requests the fast path saw, and those it served in the kernel, from /metrics.
+
+    Sums `l7fp_fastpath_requests_total{node,route,outcome,reason}` of the
+    control plane's admin server over nodes and routes: outcomes `fast` and
+    `kernel_reply` are the kernel's, `envoy` the slow path's. Empty when the
+    page does not answer: the share is then reported as 0, never guessed.
     """
-    import json
     import urllib.request
 
-    url = f"http://{state['admin']}/debug/fastpath"
-    try:
-        with urllib.request.urlopen(url, timeout=3) as r:
-            doc = json.loads(r.read())
-    except (OSError, ValueError):
-        return {}
-    totals = doc.get("totals", doc) if isinstance(doc, dict) else {}
-    out = {}
-    for key in ("requests", "kernel_requests"):
-        if isinstance(totals.get(key), int):
-            out[key] = int(totals[key])
-    return out
+    from prometheus_client.parser import text_string_to_metric_families
 
+    try:
+        with urllib.request.urlopen(f"http://{state['admin']}/metrics", timeout=3) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {"requests": 0, "kernel_requests": 0}
+    for fam in text_string_to_metric_families(text):
+        if fam.name not in ("l7fp_fastpath_requests", "l7fp_fastpath_requests_total"):
+            continue
+        for sample in fam.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            n = int(sample.value)
+            out["requests"] += n
+            if sample.labels.get("outcome") in KERNEL_OUTCOMES:
+                out["kernel_requests"] += n
+    return out
