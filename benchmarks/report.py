@@ -31,8 +31,12 @@ def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                   if r["configuration"] in NAMES else 99)
 
 
-def point_table(rows: list[dict[str, Any]]) -> list[str]:
-    """One table: the configurations at one load point, with ratios to both baselines."""
+def point_table(rows: list[dict[str, Any]],
+                missing: dict[str, str] | None = None) -> list[str]:
+    """One table: the configurations at one load point, with ratios to both baselines.
+
+    `missing` maps a configuration without figures to the reason, shown as its row.
+    """
     out = ["| configuration | p50 µs | p90 µs | p99 µs | req/s | CPU s/1k req | sidecar RSS MB "
            "| kernel share | p50 vs sidecar | p50 vs no-mesh | req/s vs sidecar | req/s vs no-mesh |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -44,7 +48,22 @@ def point_table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {_fmt(r['sidecar_rss_mb'], 0) if r['sidecar_rss_mb'] else '–'} | {share} "
             f"| {_ratio(r['p50_vs_sidecar'])} | {_ratio(r['p50_vs_no-mesh'])} "
             f"| {_ratio(r['rps_vs_sidecar'])} | {_ratio(r['rps_vs_no-mesh'])} |")
+    for name, reason in (missing or {}).items():
+        out.append(f"| {name} | {reason} |" + " |" * 11)
     return out
+
+
+def headline(doc: dict[str, Any]) -> list[str]:
+    """The single-hop leaf at 1 connection: every configuration side by side."""
+    rows = [r for r in doc["summary"] if r["scenario"] == "leaf" and r["connections"] == 1
+            and r["offered_rps"] is None]
+    if not rows:
+        return []
+    have = {r["configuration"] for r in rows}
+    missing = {c["name"]: f"no figures: {c['status']}"
+               + (f" ({c['reason']})" if c["reason"] else "")
+               for c in doc["configurations"] if c["name"] not in have}
+    return ["## Headline: single-hop leaf, 1 connection", "", *point_table(rows, missing)]
 
 
 def _points(summary: list[dict[str, Any]]) -> list[tuple[str, int, float | None]]:
@@ -81,6 +100,9 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
         lines += ["", f"{len(failed)} run(s) failed:"]
         lines += [f"- {r['configuration']} {r['scenario']} c={r['connections']}: {r['error']}"
                   for r in failed[:20]]
+    top = headline(doc)
+    if top:
+        lines += ["", *top]
     summary = doc["summary"]
     closed = [p for p in _points(summary) if p[2] is None]
     swept = [p for p in _points(summary) if p[2] is not None]
