@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--name", help="mesh name (default: the file's `name:`); use to run several")
     up.add_argument("--sidecars", choices=["envoy", "none"], default="envoy",
                     help="none: pods and apps only, no interception (baseline)")
-    up.add_argument("--xds", choices=["file", "ads"], default="file",
-                    help="file: Envoy watches generated files; ads: run `l7fp serve` (default: file)")
+    up.add_argument("--xds", choices=["file", "ads"], default="ads",
+                    help="ads: run `l7fp serve` on the config dir (default); file: Envoy watches generated files, no control plane")
     up.add_argument("--fastpath", choices=["on", "off", "auto"], default="off",
                     help="passed to `l7fp serve --fastpath` (with --xds ads)")
     up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for readiness")

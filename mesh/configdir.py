@@ -2,8 +2,12 @@
 
 Called by `mesh.runner` at `up` and on every policy change. Two consumers:
 
-* `l7fp serve --config DIR` (ADS): one file `<pod>.yaml` per pod in DIR, in
-  the format of docs/contracts.md (`node_selector.id` = the pod's node id);
+* `l7fp serve --config DIR` (ADS), format of docs/contracts.md: `mesh.json`
+  with the outbound side every sidecar shares (node_selector id `sidecar~*`),
+  and `svc-<service>.json` with that service's inbound side (node_selector
+  cluster `<service>.<namespace>`, the sidecars' node cluster). Sharing keeps
+  the directory small, so the server reloads it fast on a policy change
+  (JSON, the quickest for it to parse);
 * Envoy's own filesystem xDS (`--xds file`): per pod a directory with
   `cds.yaml`, `lds.yaml` and one `rds-*.yaml` per route configuration.
 
@@ -43,14 +47,14 @@ def _dump(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
 
-def write_ads_file(config_dir: Path, pod: str, node_id: str,
+def write_ads_file(config_dir: Path, stem: str, selector: dict[str, str],
                    resources: dict[str, list[dict[str, Any]]]) -> bool:
-    """One pod's resources for `l7fp serve --config DIR`."""
+    """Resources for the nodes `selector` picks, for `l7fp serve --config DIR`."""
     config_dir.mkdir(parents=True, exist_ok=True)
     order = [ec.CLUSTER, ec.CLA, ec.ROUTE, ec.LISTENER]
-    doc = {"node_selector": {"id": node_id},
+    doc = {"node_selector": selector,
            "resources": [r for t in order for r in resources.get(t, [])]}
-    return atomic_write(config_dir / f"{pod}.yaml", _dump(doc))
+    return atomic_write(config_dir / f"{stem}.json", _dump(doc))
 
 
 def write_file_xds(pod_dir: Path, resources: dict[str, list[dict[str, Any]]]) -> bool:

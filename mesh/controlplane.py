@@ -16,8 +16,8 @@ from mesh.spec import MeshSpec
 def serve_argv(config_dir: Path, xds: tuple[str, int], admin: tuple[str, int], fastpath: str,
                spec: MeshSpec) -> list[str]:
     argv = [sys.executable, "-m", "xds_server", "serve", "--config", str(config_dir),
-            "--listen", f"{xds[0]}:{xds[1]}", "--admin", f"{admin[0]}:{admin[1]}",
-            "--fastpath", fastpath]
+            "--xds-address", xds[0], "--xds-port", str(xds[1]),
+            "--admin-address", admin[0], "--admin-port", str(admin[1]), "--fastpath", fastpath]
     if spec.istio_policies is not None:
         argv += ["--policies", str(spec.istio_policies), "--mesh-file", str(spec.path)]
     return argv

@@ -83,14 +83,19 @@ class Daemon:
     def write_config(self) -> int:
         """(Re)generate every pod's resources; return how many files changed."""
         assert self.topo is not None
+        services = list(self.topo.services)
+        if self.xds_mode == "ads":
+            d, ns = self.dir / "xds", self.spec.namespace
+            shared = envoyconf.shared_resources(self.spec, services, self.delivery(""))
+            changed = int(configdir.write_ads_file(d, "mesh", {"id": "sidecar~*"}, shared))
+            for svc in self.spec.services:
+                own = envoyconf.service_resources(self.spec, svc, self.delivery(""))
+                changed += configdir.write_ads_file(d, f"svc-{svc}", {"cluster": f"{svc}.{ns}"}, own)
+            return changed
         changed = 0
         for pod in self.topo.pods:
-            res = envoyconf.pod_resources(self.spec, pod.info(), list(self.topo.services),
-                                          self.delivery(pod.name))
-            if self.xds_mode == "ads":
-                changed += configdir.write_ads_file(self.dir / "xds", pod.name, pod.node_id, res)
-            else:
-                changed += configdir.write_file_xds(self.dir / "xds-files" / pod.name, res)
+            res = envoyconf.pod_resources(self.spec, pod.info(), services, self.delivery(pod.name))
+            changed += configdir.write_file_xds(self.dir / "xds-files" / pod.name, res)
         return changed
 
     def start_control_plane(self) -> None:
@@ -275,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("file")
     p.add_argument("--name")
     p.add_argument("--sidecars", choices=["envoy", "none"], default="envoy")
-    p.add_argument("--xds", choices=["ads", "file"], default="file")
+    p.add_argument("--xds", choices=["ads", "file"], default="ads")
     p.add_argument("--fastpath", choices=["on", "off", "auto"], default="off")
     p.add_argument("--envoy", default=shutil.which("envoy") or "envoy")
     p.add_argument("--timeout", type=float, default=60.0)
@@ -309,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {exc} (logs kept in {kept})", file=out, flush=True)
         return 1
     print(f"READY {d.dir / 'state.json'}", file=out, flush=True)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
+    # Let go of the caller's pipe (its reader waits for EOF); late output to the log.
+    logfd = os.open(d.dir / "daemon.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
     try:
         d.run()
     finally:

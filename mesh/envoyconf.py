@@ -155,9 +155,9 @@ def _endpoints(name: str, addrs: list[tuple[str, int]]) -> dict[str, Any]:
         for a, p in addrs]}]}
 
 
-def cluster_resources(spec: MeshSpec, service: str, services: list[ServiceAddr],
-                      delivery: Delivery) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(clusters, load assignments): every service port, own ports, passthrough."""
+def shared_cluster_resources(spec: MeshSpec, services: list[ServiceAddr],
+                             delivery: Delivery) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(clusters, load assignments) every sidecar has: each service port, passthrough."""
     clusters: list[dict[str, Any]] = []
     clas: list[dict[str, Any]] = []
     for svc in services:
@@ -173,11 +173,6 @@ def cluster_resources(spec: MeshSpec, service: str, services: list[ServiceAddr],
                 c |= {"type": "STATIC",
                       "load_assignment": {k: v for k, v in cla.items() if k != "@type"}}
             clusters.append(c)
-    for port in spec.services[service].ports:
-        name = naming.inbound_cluster(port)
-        cla = _endpoints(name, [("127.0.0.1", port)])
-        clusters.append({"@type": CLUSTER, "name": name, "type": "STATIC", "connect_timeout": "1s",
-                         "load_assignment": {k: v for k, v in cla.items() if k != "@type"}})
     clusters.append({"@type": CLUSTER, "name": "PassthroughCluster", "type": "ORIGINAL_DST",
                      "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s"})
     clusters.append({"@type": CLUSTER, "name": "BlackHoleCluster", "type": "STATIC",
@@ -185,13 +180,38 @@ def cluster_resources(spec: MeshSpec, service: str, services: list[ServiceAddr],
     return clusters, clas
 
 
+def inbound_clusters(spec: MeshSpec, service: str) -> list[dict[str, Any]]:
+    """`inbound|PORT||` per own port: the app on 127.0.0.1 (not intercepted for uid 1337)."""
+    out = []
+    for port in spec.services[service].ports:
+        name = naming.inbound_cluster(port)
+        cla = _endpoints(name, [("127.0.0.1", port)])
+        out.append({"@type": CLUSTER, "name": name, "type": "STATIC", "connect_timeout": "1s",
+                    "load_assignment": {k: v for k, v in cla.items() if k != "@type"}})
+    return out
+
+
+def shared_resources(spec: MeshSpec, services: list[ServiceAddr],
+                     delivery: Delivery) -> dict[str, list[dict[str, Any]]]:
+    """What every sidecar of the mesh has alike: the outbound side."""
+    out_l, out_r = outbound_resources(spec, services, delivery)
+    clusters, clas = shared_cluster_resources(spec, services, delivery)
+    return {CLUSTER: clusters, CLA: clas, LISTENER: [out_l], ROUTE: out_r}
+
+
+def service_resources(spec: MeshSpec, service: str,
+                      delivery: Delivery) -> dict[str, list[dict[str, Any]]]:
+    """What the sidecars of one service have on top: the inbound side."""
+    in_l, in_r = inbound_resources(spec, service, delivery)
+    return {CLUSTER: inbound_clusters(spec, service), CLA: [], LISTENER: [in_l], ROUTE: in_r}
+
+
 def pod_resources(spec: MeshSpec, pod: PodInfo, services: list[ServiceAddr],
                   delivery: Delivery) -> dict[str, list[dict[str, Any]]]:
     """All resources of one pod's sidecar, by type URL."""
-    out_l, out_r = outbound_resources(spec, services, delivery)
-    in_l, in_r = inbound_resources(spec, pod.service, delivery)
-    clusters, clas = cluster_resources(spec, pod.service, services, delivery)
-    return {CLUSTER: clusters, CLA: clas, LISTENER: [out_l, in_l], ROUTE: out_r + in_r}
+    shared = shared_resources(spec, services, delivery)
+    own = service_resources(spec, pod.service, delivery)
+    return {t: shared[t] + own[t] for t in (CLUSTER, CLA, LISTENER, ROUTE)}
 
 
 def sidecar_bootstrap(pod: PodInfo, cluster: str, delivery: Delivery,

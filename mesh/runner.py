@@ -46,13 +46,13 @@ class Mesh:
     """A mesh described by a mesh file. `name` overrides the file's `name:`.
 
     sidecars: "envoy" (default) or "none" (pods and apps only: a no-mesh baseline).
-    xds: "file" (Envoy's own filesystem xDS, no control plane) or "ads"
+    xds: "ads" (default) or "file" (Envoy's own filesystem xDS, no control plane); with "ads"
     (`l7fp serve` as a supervised child, the pods' resources in its config dir).
     fastpath: passed to `l7fp serve --fastpath` (ads only).
     """
 
     def __init__(self, file: str | Path, name: str | None = None, *, sidecars: str = "envoy",
-                 xds: str = "file", fastpath: str = "off", envoy: str | None = None,
+                 xds: str = "ads", fastpath: str = "off", envoy: str | None = None,
                  timeout: float = 90.0) -> None:
         self.spec = mspec.load(file, name)  # raises MeshFileError before anything starts
         self.name = self.spec.name
@@ -76,15 +76,18 @@ class Mesh:
                 "--sidecars", self.sidecars, "--xds", self.xds, "--fastpath", self.fastpath,
                 "--envoy", self.envoy, "--timeout", str(self.timeout)]
         env = {**os.environ, "PYTHONPATH": _pythonpath()}
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                start_new_session=True, env=env)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
-        proc.stdout.close()
         if not line.startswith("READY"):
+            rest = proc.stdout.read().strip().splitlines()  # a traceback, if it crashed
             proc.wait(30)
             teardown.down(self.name)
+            if not line.startswith("ERROR") and rest:
+                line = f"{line} ... {rest[-1]}"
             raise MeshError(line.removeprefix("ERROR ") or f"mesh daemon exited {proc.returncode}")
+        proc.stdout.close()
         return self.state()
 
     def state(self) -> dict[str, Any]:

@@ -58,19 +58,23 @@ def stop_daemon(mesh: str, timeout: float = 15.0) -> bool:
 
 
 def mesh_namespaces(mesh: str) -> list[str]:
-    """Namespaces of `mesh`: by owner marker, else by name `l7fp-<mesh>-<svc>-<n>`."""
+    """Namespaces of `mesh`: named in its state file or marked as its own.
+
+    No guessing by name pattern: another engineer's `l7fp-<x>-...` namespaces
+    (benchmarks) are never touched.
+    """
+    state = read_state(mesh) or {}
+    listed = {p.get("netns") for p in state.get("pods", [])}
     prefix = naming.netns_name(mesh, "")
     out = []
     for ns in plumbing.netns_list():
         if not ns.startswith(prefix):
             continue
-        marker = plumbing.owner_marker(ns)
         try:
-            owner = marker.read_text().strip()
+            owner = plumbing.owner_marker(ns).read_text().strip()
         except OSError:
-            rest = ns[len(prefix):]
-            owner = mesh if rest.rsplit("-", 1)[-1].isdigit() else ""
-        if owner == mesh:
+            owner = ""
+        if owner == mesh or ns in listed:
             out.append(ns)
     return out
 

@@ -1,0 +1,142 @@
+"""Small meshes: Envoy file xDS (1 s policy changes), no-sidecar baseline, bad files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh import plumbing
+from mesh.runner import Mesh, envoy_stats
+from mesh.spec import MeshFileError
+
+from .conftest import leftovers, unique_name
+from .test_demo_mesh import policy_switch, switch_delay
+
+pytestmark = [pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
+
+MESH = """
+name: small
+policies: policies.yaml
+services:
+  client:
+    command: ["${PYTHON}", -m, mesh.apps.social, --port, "8080"]
+    ports: [8080]
+  user:
+    command: ["${PYTHON}", -m, mesh.apps.social, --port, "9000"]
+    ports: [9000]
+  user-v2:
+    command: ["${PYTHON}", -m, mesh.apps.social, --port, "9000"]
+    ports: [9000]
+  limited:
+    app: direct_response
+    ports: [7000]
+"""
+POLICY = """
+user:
+  outbound:
+    routes:
+    - match: {prefix: /}
+      route:
+        weighted_clusters:
+          clusters: [{name: user, weight: 100}, {name: user-v2, weight: 0}]
+limited:
+  inbound:
+    http_filters:
+    - name: envoy.filters.http.local_ratelimit
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+        stat_prefix: user_rl
+        token_bucket: {max_tokens: 5, tokens_per_fill: 5, fill_interval: 60s}
+        filter_enabled: {default_value: {numerator: 100, denominator: HUNDRED}}
+        filter_enforced: {default_value: {numerator: 100, denominator: HUNDRED}}
+"""
+
+
+@pytest.fixture
+def small_file(tmp_path: Path) -> Path:
+    (tmp_path / "policies.yaml").write_text(POLICY)
+    path = tmp_path / "mesh.yaml"
+    path.write_text(MESH)
+    return path
+
+
+@pytest.fixture
+def file_mesh(kernel: None, small_file: Path) -> Iterator[Mesh]:
+    m = Mesh(small_file, unique_name("f"), xds="file", timeout=90)
+    try:
+        m.up()
+        yield m
+    finally:
+        m.down()
+
+
+def test_policy_change_within_1s_file_xds(file_mesh: Mesh) -> None:
+    rows, changed_at = policy_switch(file_mesh, "client", ("weight: 100}, {name: user-v2, weight: 0}",
+                                                            "weight: 0}, {name: user-v2, weight: 100}"))
+    delay = switch_delay(rows, changed_at, "user")
+    print(f"policy change in force after {delay:.3f} s with Envoy file xDS")
+    assert delay < 1.0
+
+
+def test_local_rate_limit_at_inbound(file_mesh: Mesh) -> None:
+    codes = []
+    for _ in range(8):
+        r = file_mesh.exec("client", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                      "http://limited:7000/x"], capture_output=True, text=True)
+        codes.append(r.stdout)
+    assert codes[:5] == ["200"] * 5 and set(codes[5:]) == {"429"}, codes
+    stats = envoy_stats(file_mesh.state(), "limited", "user_rl")
+    assert stats.get("user_rl.http_local_rate_limit.rate_limited", 0) >= 3, stats
+
+
+def test_no_sidecars_baseline(kernel: None, small_file: Path) -> None:
+    name = unique_name("n")
+    m = Mesh(small_file, name, sidecars="none", timeout=60)
+    try:
+        st = m.up()
+        assert all(set(p["pids"]) == {"app"} for p in st["pods"])
+        r = m.exec("client", ["curl", "-s", "-D", "-", "http://user:9000/x"],
+                   capture_output=True, text=True, timeout=20)
+        assert r.stdout.startswith("HTTP/1.1 200") and "server: envoy" not in r.stdout.lower()
+    finally:
+        removed = m.down()
+    assert any(x.startswith("netns ") for x in removed) or removed == ["stopped mesh daemon of " + name] \
+        or removed
+    assert leftovers(name) == []
+
+
+def test_down_via_cli_is_complete_and_idempotent(kernel: None, small_file: Path) -> None:
+    name = unique_name("c")
+    up = subprocess.run([sys.executable, "-m", "xds_server", "mesh", "up", str(small_file),
+                         "--name", name, "--xds", "file"], capture_output=True, text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stderr
+        st = subprocess.run([sys.executable, "-m", "xds_server", "mesh", "status", "--name", name],
+                            capture_output=True, text=True, timeout=30)
+        assert st.returncode == 0 and st.stdout.count("LIVE") == 4, st.stdout
+    finally:
+        for _ in range(2):
+            dn = subprocess.run([sys.executable, "-m", "xds_server", "mesh", "down", "--name", name],
+                                capture_output=True, text=True, timeout=60)
+            assert dn.returncode == 0, dn.stderr
+    time.sleep(0.2)
+    assert leftovers(name) == []
+
+
+def test_bad_file_starts_nothing(kernel: None, tmp_path: Path) -> None:
+    bad = tmp_path / "mesh.yaml"
+    bad.write_text(MESH.replace("policies: policies.yaml\n", "").replace(
+        '    command: ["${PYTHON}", -m, mesh.apps.social, --port, "9000"]\n    ports: [9000]\n  user-v2',
+        '    ports: [9000]\n  user-v2'))
+    name = unique_name("b")
+    with pytest.raises(MeshFileError, match=r"services\.user\.command: missing"):
+        Mesh(bad, name).up()
+    r = subprocess.run([sys.executable, "-m", "xds_server", "mesh", "up", str(bad), "--name", name],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "services.user.command" in r.stderr
+    assert leftovers(name) == [] and not any(n.startswith(f"l7fp-{name}-") for n in plumbing.netns_list())

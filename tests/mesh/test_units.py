@@ -1,0 +1,58 @@
+"""Pure parts of the runner: names, addresses, iptables text, state document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mesh import naming, netrules, spec, topology
+
+DEMO = Path(__file__).resolve().parents[2] / "compose" / "demo" / "mesh.yaml"
+
+
+def test_names_carry_the_mesh_and_fit_ifnamsiz() -> None:
+    assert naming.netns_name("demo", "frontend-0") == "l7fp-demo-frontend-0"
+    assert naming.link_alias("demo", "user-1") == "l7fp:demo:user-1"
+    assert len(naming.bridge_name("a" * 23)) <= 15
+    assert all(len(n) <= 15 for n in naming.veth_names("a" * 23, 249))
+    assert naming.node_id("198.18.3.2", "user-0", "demo") == \
+        "sidecar~198.18.3.2~user-0.demo~demo.svc.cluster.local"
+
+
+def test_subnets_only_in_benchmark_range_and_avoid_taken() -> None:
+    s = naming.pick_subnet("demo", set())
+    assert s.pod_ip(0).startswith("198.18.") and s.vip(0).startswith("198.19.")
+    s2 = naming.pick_subnet("demo", {s.octet})
+    assert s2.octet != s.octet
+    used = naming.octets_in_use(["198.18.7.0/24 dev x", "default via 1.2.3.4", "10.0.0.0/8 dev y"])
+    assert used == {7}
+
+
+def test_interception_rules_exclude_sidecar_uid_and_loopback() -> None:
+    table = netrules.pod_nat_table("l7fp:t", [], sidecar=True)
+    assert "--uid-owner 1337" in table and "REDIRECT --to-ports 15001" in table
+    assert "REDIRECT --to-ports 15006" in table and "--dport 15000" in table
+    # interception comes before the service DNAT
+    assert table.index("-A OUTPUT -p tcp -m comment --comment \"l7fp:t\" -j ISTIO_OUTPUT") < \
+        table.index("-j L7FP_SERVICES")
+    assert "ISTIO" not in netrules.pod_nat_table("l7fp:t", [], sidecar=False)
+
+
+def test_service_dnat_spreads_over_replicas() -> None:
+    svc = netrules.ServiceAddr("u", "198.19.1.5", (9000,), ("198.18.1.2", "198.18.1.3"), ("u",))
+    rules = [r for r in netrules.service_rules("c", [svc]) if "DNAT" in r]
+    assert len(rules) == 2
+    assert "--probability 0.50000" in rules[0] and "statistic" not in rules[1]
+
+
+def test_state_document_matches_contract() -> None:
+    s = spec.load(DEMO)
+    topo = topology.build(s, naming.Subnet(9))
+    doc = topology.state_doc(topo, pid=1, cgroups={p.name: f"/cg/{p.name}" for p in topo.pods},
+                             pids={}, xds="198.18.9.1:1", admin="127.0.0.1:2",
+                             config_dir="/x", extra={})
+    pod = doc["pods"][0]
+    assert set(pod) >= {"name", "service", "namespace", "netns", "cgroup", "ip", "ports",
+                        "node_id", "envoy_admin", "pids"}
+    assert pod["netns"] == "l7fp-demo-frontend-0" and pod["envoy_admin"] == 15000
+    assert {s["name"] for s in doc["services"]} == set(s.services)
+    assert len({p["ip"] for p in doc["pods"]}) == len(doc["pods"])
