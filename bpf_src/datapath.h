@@ -88,6 +88,8 @@ struct dp_verdict {
     __u32 head_len;
     __u32 reply_id;  /* REPLY: index in dp_replies */
     __u32 status;    /* REPLY: status code */
+    __u32 log;       /* set by sk_msg: write an access-log event */
+    __u32 cluster;   /* FORWARD: cluster id (for the access log) */
 };
 
 struct dp_bind {
@@ -145,6 +147,8 @@ struct dp_event {
 struct dp_gen_cfg {
     __u32 gen;      /* active plan generation (0/1), flipped last by the agent */
     __u32 enabled;  /* 0: everything to Envoy */
+    __u32 access_log; /* 1: one dp_events entry per decided request */
+    __u32 _pad;
 };
 
 BPF_SOCKHASH(dp_cli, __u64, DP_MAX_CONNS);

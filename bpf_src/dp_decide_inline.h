@@ -47,6 +47,16 @@ BPF_PERCPU_ARRAY(dp_iscr, struct dp_iscratch, 1);
 #define DP_IR_NO_ROUTE (DP_R_DECIDE_BASE + 13)
 #define DP_IR_PUNT (DP_R_DECIDE_BASE + 7)
 
+/* Bytes and length of kernel reply `id` (sk_msg.c rewrites the request into it). */
+static __always_inline __u8 *dp_reply_get(__u32 gen, __u32 id, __u32 *len)
+{
+    struct dp_reply *r = dp_replies.lookup(&id);
+    if (!r)
+        return 0;
+    *len = r->len;
+    return r->data;
+}
+
 static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, void *data_end,
                                      struct dp_verdict *v)
 {

@@ -39,6 +39,8 @@ static __always_inline int dp_pass_rest(struct sk_msg_md *msg, struct dp_conn *c
 static __always_inline void dp_access(struct dp_conn *c, struct dp_verdict *v, __u32 outcome,
                                       __u32 reason)
 {
+    if (!v->log)
+        return;
     struct dp_event *e = dp_events.ringbuf_reserve(sizeof(struct dp_event));
     if (!e)
         return;
@@ -92,14 +94,14 @@ static __always_inline int dp_forward(struct sk_msg_md *msg, struct dp_conn *c, 
     return dp_up.msg_redirect_hash(msg, &up, 0);
 }
 
-/* Turn the first `consumed` bytes of the write into the reply `reply_id`. */
-static __always_inline int dp_rewrite_reply(struct sk_msg_md *msg, struct dp_verdict *v)
+/* Turn the first `consumed` bytes of the write into the reply `reply_id`
+ * (bytes from dp_reply_get() of the decision header). */
+static __always_inline int dp_rewrite_reply(struct sk_msg_md *msg, struct dp_verdict *v, __u32 gen)
 {
-    __u32 rid = v->reply_id;
-    struct dp_reply *r = dp_replies.lookup(&rid);
-    if (!r)
+    __u32 len = 0;
+    __u8 *data = dp_reply_get(gen, v->reply_id, &len);
+    if (!data)
         return -1;
-    __u32 len = r->len;
     if (len == 0 || len > DP_REPLY_MAX)
         return -1;
     __u32 have = v->consumed;
@@ -122,7 +124,7 @@ static __always_inline int dp_rewrite_reply(struct sk_msg_md *msg, struct dp_ver
             break;
         if ((void *)(d + j + 1) > end)
             return -1;
-        d[j] = r->data[j];
+        d[j] = data[j];
     }
     return (int)len;
 }
@@ -168,6 +170,7 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     c->gen = gen;
     bpf_msg_pull_data(msg, 0, size < DP_HDR_MAX ? size : DP_HDR_MAX, 0);
     struct dp_verdict v = {};
+    v.log = cfg->access_log;
     dp_decide(c, gen, msg->data, msg->data_end, &v);
     c->reqs++;
     if (v.kind == DP_K_NEED_MORE) {
@@ -181,7 +184,7 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     if (size > v.consumed)
         return dp_to_envoy(c, v.route, DP_R_PIPELINE); /* pipelined: one way for all */
     if (v.kind == DP_K_REPLY) {
-        int n = dp_rewrite_reply(msg, &v);
+        int n = dp_rewrite_reply(msg, &v, gen);
         if (n < 0)
             return dp_to_envoy(c, v.route, DP_R_REWRITE);
         dp_count(v.route, DP_OUT_REPLY, 0);
@@ -192,8 +195,11 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     if (v.kind != DP_K_FORWARD)
         return dp_to_envoy(c, v.route, DP_R_NONE);
     int b = dp_bind_upstream(c, v.pool);
-    if (b < 0)
-        return dp_to_envoy(c, v.route, b == -1 ? DP_R_BINDS : DP_R_POOL_EMPTY);
+    if (b < 0) {
+        __u16 why = b == -1 ? DP_R_BINDS : DP_R_POOL_EMPTY;
+        dp_access(c, &v, DP_OUT_ENVOY, why); /* tells the agent to grow the pool */
+        return dp_to_envoy(c, v.route, why);
+    }
     if (size < v.consumed) {
         c->body_left = v.consumed - size;
         c->body_bind = b;

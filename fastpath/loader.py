@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 BPF_SRC = Path(__file__).resolve().parent.parent / "bpf_src"
 
 # One compile per (source, cflags) in a process: BCC compiles cost seconds.
-_CACHE: dict[tuple[str, tuple[str, ...]], Any] = {}
+_CACHE: dict[tuple[str, tuple[str, ...], str], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 SO_COOKIE = 57
@@ -72,12 +72,21 @@ def module_text(decide_header: str | None = None) -> str:
     return "\n".join(f"/* ---- {p} ---- */\n" + (BPF_SRC / p).read_text() for p in parts)
 
 
-def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, ...] = ()) -> Any:
-    """Compile (or reuse) a BCC module. Raises bcc's exception on a compile error."""
+def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, ...] = (),
+                   instance: str = "") -> Any:
+    """Compile (or reuse) a BCC module. Raises bcc's exception on a compile error.
+
+    Modules are cached per (text, cflags, instance): two nodes need two
+    instances (their own maps), a test reusing one instance saves the compile.
+    """
     from bcc import BPF
 
-    flags = tuple(cflags) + tuple(f"-I{p}" for p in (str(BPF_SRC), *include))
-    key = (text, flags)
+    flags = tuple(cflags) + tuple(f"-I{p}" for p in (str(BPF_SRC), str(BPF_SRC / "include"),
+                                                     *include))
+    blob = [f for f in flags if f.startswith("-DL7FP_MAX_BLOB=")]
+    if blob:  # kernel replies of the plan fit the data path's rewrite buffer
+        flags += (f"-DDP_REPLY_MAX={blob[-1].split('=', 1)[1]}",)
+    key = (text, flags, instance)
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = BPF(text=text, cflags=list(flags))
@@ -102,11 +111,16 @@ class Datapath:
 
     @classmethod
     def load(cls, cflags: tuple[str, ...] = (), decide_header: str | None = None,
-             include: tuple[str, ...] = ()) -> Datapath:
-        """Compile, load the three programs and attach sk_msg/sk_skb to their maps."""
+             include: tuple[str, ...] = (), instance: str = "") -> Datapath:
+        """Compile, load the three programs and attach sk_msg/sk_skb to their maps.
+
+        `decide_header`: None for the built-in decision (dp_decide_inline.h),
+        "dp_decide_l7fp.h" for the plan's l7fp_decide with `cflags` from
+        fastpath.synth. `instance` separates the maps of two nodes.
+        """
         from bcc import BPF
 
-        b = compile_module(module_text(decide_header), cflags, include)
+        b = compile_module(module_text(decide_header), cflags, include, instance)
         dp = cls(bpf=b)
         dp.reset()
         dp.fds["sockops"] = b.load_func("dp_sockops", BPF.SOCK_OPS).fd
@@ -124,7 +138,7 @@ class Datapath:
 
     def reset(self) -> None:
         """Empty the tables: a cached module may have served an earlier Datapath."""
-        for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_replies"):
+        for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_replies", "dp_eps"):
             try:
                 self.bpf[name].clear()
             except KeyError:
@@ -178,10 +192,11 @@ class Datapath:
         except KeyError:
             pass
 
-    def set_enabled(self, gen: int, enabled: bool = True) -> None:
+    def set_enabled(self, gen: int, enabled: bool = True, access_log: bool = True) -> None:
         """Flip the active plan generation (the last step of a plan swap)."""
         t = self.bpf["dp_cfg"]
-        t[ct.c_int(0)] = t.Leaf(gen=gen, enabled=1 if enabled else 0)
+        t[ct.c_int(0)] = t.Leaf(gen=gen, enabled=1 if enabled else 0,
+                                access_log=1 if access_log else 0)
 
     def set_inline_route(self, gen: int, index: int, kind: int, prefix: str, pool: int = 0,
                          reply_id: int = 0, status: int = 0) -> None:
@@ -227,6 +242,16 @@ class Datapath:
 
     def pop_free(self, pool: int) -> int | None:
         return bpfsys.queue_pop(self.pool_maps[pool])
+
+    def open_events(self, callback: Any) -> None:
+        """Deliver dp_events to `callback(ctx, data, size)`. A cached module's ring
+        buffer can be opened only once, so later Datapaths re-point its sink."""
+        sink = getattr(self.bpf, "_l7fp_event_sink", None)
+        if sink is None:
+            sink = [callback]
+            self.bpf["dp_events"].open_ring_buffer(lambda c, d, n: sink[0](c, d, n))
+            self.bpf._l7fp_event_sink = sink
+        sink[0] = callback
 
     def drop_peer(self, cookie: int) -> None:
         bpfsys.map_delete(self.fds["dp_peer"], ct.c_uint64(cookie))

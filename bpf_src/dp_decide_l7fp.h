@@ -1,0 +1,88 @@
+/* The data path's decision when a plan is compiled in: K1's l7fp_decide
+ * (include/l7fp_decide.h) adapted to struct dp_verdict.
+ *
+ * Owner: K2 (this adapter only). (cluster id, endpoint index) of a FORWARD is
+ * turned into the agent's upstream pool id through dp_eps, for the same plan
+ * generation. Decision PASS reasons are counted as DP_R_DECIDE_BASE + reason.
+ */
+#ifndef L7FP_DP_DECIDE_L7FP_H
+#define L7FP_DP_DECIDE_L7FP_H
+
+#include "l7fp_decide.h"
+
+struct dp_ep_key {
+    __u32 gen;
+    __u32 cluster;
+    __u32 endpoint;
+};
+
+BPF_HASH(dp_eps, struct dp_ep_key, __u32, 2 * 1024);
+
+#if L7FP_MAX_BLOB != DP_REPLY_MAX
+#error "DP_REPLY_MAX must equal L7FP_MAX_BLOB (fastpath/loader.py sets both)"
+#endif
+
+/* Kernel replies come from the plan's l7fp_replies (dp_replies stays unused). */
+static __always_inline __u8 *dp_reply_get(__u32 gen, __u32 id, __u32 *len)
+{
+    __u32 idx = l7fp_idx(gen, id, L7FP_N_REPLIES);
+    struct l7fp_blob *b = l7fp_replies.lookup(&idx);
+    if (!b)
+        return 0;
+    *len = b->len;
+    return b->b;
+}
+
+static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, void *data_end,
+                                     struct dp_verdict *v)
+{
+    struct l7fp_req_ctx *ctx = l7fp_ctx_get();
+    if (!ctx) {
+        v->kind = DP_K_PASS;
+        v->reason = DP_R_DECIDE_BASE + L7FP_R_LIMIT;
+        return 0;
+    }
+    struct l7fp_decision d = {};
+    ctx->rand = bpf_get_prandom_u32();
+    ctx->rand2 = bpf_get_prandom_u32();
+    ctx->gen = gen;
+    ctx->now_ns = bpf_ktime_get_ns();
+    l7fp_decide(ctx, data, data_end, c->listener, &d);
+    v->route = d.route == ~0u ? 0 : d.route + 1;
+    v->consumed = d.consumed;
+    v->head_len = d.hdr_len;
+    v->status = d.status;
+    v->cluster = d.cluster;
+    if (d.verdict == L7FP_FORWARD) {
+        if (d.hdr_add) {
+            /* header insertion is not wired into the data path yet: Envoy adds them */
+            v->kind = DP_K_PASS;
+            v->reason = DP_R_DECIDE_BASE + L7FP_R_HDR_CONFLICT;
+            return 0;
+        }
+        struct dp_ep_key k = {.gen = gen & 1, .cluster = d.cluster, .endpoint = d.endpoint};
+        __u32 *pool = dp_eps.lookup(&k);
+        if (!pool) {
+            v->kind = DP_K_PASS;
+            v->reason = DP_R_DECIDE_BASE + L7FP_R_POOL_EMPTY;
+            return 0;
+        }
+        v->kind = DP_K_FORWARD;
+        v->pool = *pool;
+        return 0;
+    }
+    if (d.verdict == L7FP_REPLY) {
+        v->kind = DP_K_REPLY;
+        v->reply_id = d.reply;
+        return 0;
+    }
+    if (d.verdict == L7FP_NEED_MORE) {
+        v->kind = DP_K_NEED_MORE;
+        return 0;
+    }
+    v->kind = DP_K_PASS;
+    v->reason = DP_R_DECIDE_BASE + d.reason;
+    return 0;
+}
+
+#endif

@@ -1,0 +1,240 @@
+"""The fast-path agent: loads the socket programs per pod and keeps them fed.
+
+Owner: K2. `l7fp serve --fastpath on|auto` calls `start(server, args)` and
+`stop(handle)` through `xds_server.fastpath_hook`. The agent
+
+* learns the pods (cgroup, netns, address, node id) from the local mesh's
+  state.json (docs/contracts.md): the one next to `--config DIR` (the mesh
+  runs `l7fp serve --config /run/l7fp/mesh/NAME/xds`), or `--fastpath-mesh-state`;
+* subscribes to the server's KernelPlans (`server.add_plan_listener`) and
+  applies each to its node's datapath atomically (`fastpath.agent_node`);
+* runs one thread that polls the kernel's events (client closes, access log),
+  refills the upstream pools and follows state.json;
+* exports `l7fp_fastpath_requests_total{node,route,outcome,reason}` in the
+  server's registry and `/debug/fastpath` (via `fastpath.serve_plugin`).
+
+Fail-safe: the programs are attached with BPF links owned by this process, so
+if it dies (even kill -9) the kernel detaches them and connections go the
+normal way through Envoy; `stop()` detaches explicitly. With `auto`, a kernel
+without the needed BPF support gives one log line and no fast path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastpath.agent_node import NodeDatapath, PodInfo
+from fastpath.counters import FastpathCollector
+from fastpath.plan import Direction, KernelPlan, ListenerPlan
+
+log = logging.getLogger(__name__)
+
+AGENTS: dict[int, Agent] = {}  # id(server) -> agent, for /debug/fastpath
+
+
+class Agent:
+    """One per `l7fp serve` process. Thread-safe entry points: on_plan, debug, stats, stop."""
+
+    def __init__(self, state_path: Path | None, access_log: bool = True) -> None:
+        self.state_path = state_path
+        self.access_log = access_log
+        self.lock = threading.Lock()
+        self.plans: dict[str, KernelPlan] = {}
+        self.pending: set[str] = set()
+        self.pods: dict[str, PodInfo] = {}  # node id -> pod
+        self.services: list[tuple[str, tuple[int, ...]]] = []  # (vip, ports)
+        self.nodes: dict[str, NodeDatapath] = {}
+        self.failed: dict[str, str] = {}
+        self._state_mtime = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- control (any thread) ------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="l7fp-fastpath", daemon=True)
+        self._thread.start()
+
+    def on_plan(self, node_id: str, plan: Any) -> None:
+        if not isinstance(plan, KernelPlan):
+            return
+        with self.lock:
+            self.plans[node_id] = plan
+            self.pending.add(node_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        with self.lock:
+            for node in self.nodes.values():
+                try:
+                    node.close()
+                except Exception:
+                    log.exception("fast path: detaching node %s failed", node.pod.node_id)
+            self.nodes.clear()
+
+    # ---- the agent thread ------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._follow_state()
+                self._apply_pending()
+                with self.lock:
+                    nodes = list(self.nodes.values())
+                # events first (closes release sockets), then refill at once
+                for node in nodes:
+                    node.poll(max(1, 20 // len(nodes)))
+                for node in nodes:
+                    node.upkeep()
+                if not nodes:
+                    self._stop.wait(0.05)
+            except Exception:
+                log.exception("fast path agent loop")
+                self._stop.wait(0.5)
+
+    def _follow_state(self) -> None:
+        if self.state_path is None:
+            return
+        try:
+            mtime = self.state_path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime == self._state_mtime:
+            return
+        self._state_mtime = mtime
+        doc = json.loads(self.state_path.read_text())
+        pods = {}
+        for p in doc.get("pods", []):
+            if not p.get("node_id") or not p.get("cgroup"):
+                continue
+            ns = p.get("netns")
+            pods[p["node_id"]] = PodInfo(name=p["name"], node_id=p["node_id"], cgroup=p["cgroup"],
+                                         netns=f"/run/netns/{ns}" if ns else None, ip=p["ip"],
+                                         ports=tuple(p.get("ports", ())))
+        with self.lock:
+            self.pods = pods
+            self.services = [(s["vip"], tuple(s.get("ports", ()))) for s in doc.get("services", [])]
+            self.pending |= set(self.plans)  # re-apply: destinations may have changed
+
+    def _apply_pending(self) -> None:
+        with self.lock:
+            todo = [(n, self.plans[n]) for n in self.pending if n in self.pods]
+            self.pending -= {n for n, _ in todo}
+        for node_id, plan in todo:
+            node = self.nodes.get(node_id)
+            if node is None and not any(lst.direction is Direction.OUTBOUND
+                                        for lst in plan.listeners):
+                continue  # nothing for the kernel to do on this node's client side
+            if node is None:
+                if node_id in self.failed:
+                    continue
+                try:
+                    node = NodeDatapath.start(self.pods[node_id], access_log=self.access_log)
+                except Exception as exc:
+                    self.failed[node_id] = str(exc)
+                    log.error("fast path: node %s stays on Envoy: %s", node_id, exc)
+                    continue
+                with self.lock:
+                    self.nodes[node_id] = node
+            node.apply(plan, self._vips, self._netns_of, self._inbound_ok)
+
+    # ---- plan context ------------------------------------------------------------
+    def _vips(self, lst: ListenerPlan) -> list[tuple[str, int]]:
+        if lst.address not in ("0.0.0.0", "::", ""):
+            return [(lst.address, lst.port)]
+        return [(vip, lst.port) for vip, ports in self.services if lst.port in ports]
+
+    def _netns_of(self, ip: str) -> str | None:
+        for pod in self.pods.values():
+            if pod.ip == ip:
+                return pod.netns
+        return None
+
+    def _inbound_ok(self, ip: str, port: int) -> bool:
+        """True when the pod at ip has a known plan without inbound policy (rule 4)."""
+        pod = next((p for p in self.pods.values() if p.ip == ip), None)
+        if pod is None:
+            return False
+        plan = self.plans.get(pod.node_id)
+        if plan is None:
+            return False
+        for lst in plan.listeners:
+            if lst.direction is Direction.INBOUND and (
+                    lst.rbac is not None or lst.local_rate_limit is not None):
+                return False
+        return True
+
+    # ---- views -------------------------------------------------------------------
+    def stats(self) -> list[tuple[str, dict[tuple[str, str, str], int]]]:
+        with self.lock:
+            nodes = list(self.nodes.items())
+        return [(n, node.stats()) for n, node in nodes]
+
+    def debug(self) -> dict[str, Any]:
+        with self.lock:
+            nodes = list(self.nodes.values())
+        return {"state": str(self.state_path) if self.state_path else None,
+                "pods_known": sorted(self.pods), "nodes_failed": self.failed,
+                "nodes": [n.debug() for n in nodes]}
+
+
+def kernel_ready() -> str | None:
+    """Why the fast path cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "not root"
+    try:
+        import bcc  # noqa: F401
+    except Exception as exc:
+        return f"BCC not importable ({exc})"
+    try:
+        from fastpath.loader import cgroup2_root
+
+        cgroup2_root()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def _state_path(args: Any) -> Path | None:
+    explicit = getattr(args, "fastpath_mesh_state", None)
+    if explicit:
+        return Path(explicit)
+    cfg = getattr(args, "config", None)
+    if cfg:
+        return Path(cfg).resolve().parent / "state.json"
+    return None
+
+
+def start(server: Any, args: Any) -> Agent | None:
+    """Hook for `l7fp serve` (xds_server.fastpath_hook). None when the fast path is off."""
+    mode = getattr(args, "fastpath", "auto")
+    problem = kernel_ready()
+    if problem:
+        if mode == "on":
+            raise RuntimeError(f"--fastpath on: the kernel fast path cannot run: {problem}")
+        log.warning("fast path off: %s (Envoy serves every request)", problem)
+        return None
+    agent = Agent(_state_path(args), access_log=not getattr(args, "fastpath_no_access_log", False))
+    server.add_plan_listener(agent.on_plan)
+    registry = getattr(getattr(server, "metrics", None), "registry", None)
+    if registry is not None:
+        registry.register(FastpathCollector(agent.stats))
+    agent.start()
+    AGENTS[id(server)] = agent
+    log.info("fast path agent started (mesh state: %s)", agent.state_path)
+    return agent
+
+
+def stop(agent: Agent | None) -> None:
+    if agent is None:
+        return
+    agent.stop()
+    for k, v in list(AGENTS.items()):
+        if v is agent:
+            del AGENTS[k]
+    log.info("fast path agent stopped: programs detached")

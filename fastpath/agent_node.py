@@ -1,0 +1,166 @@
+"""The fast path of one node (one pod and its sidecar): datapath, pools, plan.
+
+Owner: K2. Created and driven by `fastpath.agent` (its thread only, except
+`stats()`/`debug()`, which only read). A node's programs are attached to the
+pod's cgroup; its plan is applied by writing the inactive generation of the
+tables and flipping `dp_cfg.gen` last, so a request sees the old plan or the
+new one, never half of each. Bound upstream sockets are never re-pointed by a
+plan change: a connection keeps the upstream it was given (an in-flight
+request is never misrouted); new connections and new binds use the new plan.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastpath import agent_inline
+from fastpath.counters import (
+    DP_EV_ACCESS,
+    DP_EV_CLOSE,
+    DP_R_POOL_EMPTY,
+    AccessLog,
+    DpEvent,
+    read_stats,
+)
+from fastpath.loader import Datapath
+from fastpath.plan import KernelPlan, ListenerPlan
+from fastpath.pools import EndpointKey, Pools
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PodInfo:
+    """A pod as the mesh state describes it (docs/contracts.md)."""
+
+    name: str
+    node_id: str
+    cgroup: str
+    netns: str | None
+    ip: str
+    ports: tuple[int, ...] = ()
+
+
+@dataclass
+class NodeDatapath:
+    pod: PodInfo
+    dp: Datapath
+    pools: Pools
+    gen: int = 0
+    plan: KernelPlan | None = None
+    route_names: dict[int, str] = field(default_factory=dict)
+    pool_clusters: dict[int, str] = field(default_factory=dict)
+    services: set[tuple[str, int]] = field(default_factory=set)
+    notes: dict[str, str] = field(default_factory=dict)
+    access: AccessLog = field(default_factory=AccessLog)
+    access_log: bool = True
+
+    @classmethod
+    def start(cls, pod: PodInfo, access_log: bool = True) -> NodeDatapath:
+        dp = Datapath.load(instance=pod.node_id)
+        node = cls(pod=pod, dp=dp, pools=Pools(dp), access_log=access_log)
+        try:
+            dp.set_enabled(0, enabled=False, access_log=access_log)
+            dp.attach_cgroup(pod.cgroup)
+            dp.open_events(node._on_event)
+        except Exception:
+            node.close()
+            raise
+        return node
+
+    # ---- plan -------------------------------------------------------------
+    def apply(self, plan: KernelPlan, vips: Callable[[ListenerPlan], list[tuple[str, int]]],
+              netns_of: Callable[[str], str | None], inbound_ok: Callable[[str, int], bool]
+              ) -> None:
+        """Make `plan` the node's plan (atomic flip of the generation)."""
+        tables = agent_inline.translate(plan, vips, inbound_ok)
+        nxt = 1 - self.gen
+        self.dp.clear_inline_routes(nxt)
+        keep: set[EndpointKey] = set()
+        names: dict[int, str] = {}
+        for i, r in enumerate(tables.routes):
+            pool = 0
+            if r.endpoint is not None:
+                ip, port = r.endpoint
+                ns = netns_of(ip)
+                key = EndpointKey("127.0.0.1" if ns else ip, port, ns)
+                pool = self.pools.ensure(key)
+                keep.add(key)
+                self.pool_clusters[pool] = r.cluster
+            reply_id = nxt * 8 + i
+            if r.reply:
+                self.dp.set_reply(reply_id, r.reply)
+            self.dp.set_inline_route(nxt, i, r.kind, r.prefix, pool=pool, reply_id=reply_id,
+                                     status=r.status)
+            names[i + 1] = r.name
+        # services: new destinations first, so the flip finds them tracked
+        for ip, port in tables.services.keys() - self.services:
+            self.dp.set_service(ip, port, 1)
+        self.pools.upkeep(self.bound())  # warm the new pools before the flip
+        self.route_names = names
+        self.dp.set_enabled(nxt, enabled=bool(tables.routes), access_log=self.access_log)
+        self.gen = nxt
+        for ip, port in self.services - tables.services.keys():
+            self.dp.remove_service(ip, port)
+        self.services = set(tables.services)
+        self.pools.retire(keep)
+        self.plan = plan
+        self.notes = dict(tables.reasons)
+        log.info("node %s: plan %s applied (gen %d): %d kernel routes, %d destinations",
+                 self.pod.node_id, plan.version, nxt, len(tables.routes), len(self.services))
+
+    # ---- events and upkeep (agent thread) ----------------------------------
+    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
+        ev = ct.cast(data, ct.POINTER(DpEvent)).contents
+        if ev.kind == DP_EV_CLOSE:
+            self.pools.release([int(c) for c in ev.up_cookies if c])
+        elif ev.kind == DP_EV_ACCESS:
+            if ev.outcome == 2 and ev.reason == DP_R_POOL_EMPTY:
+                self.pools.note_pool_empty(ev.pool)
+            self.access.add(ev, lambda r: self.route_names.get(r, ""),
+                            lambda p: self.pool_clusters.get(p, ""))
+
+    def poll(self, timeout_ms: int) -> None:
+        self.dp.bpf.ring_buffer_poll(timeout_ms)
+
+    def bound(self) -> set[int]:
+        return {int(k.value) for k in self.dp.bpf["dp_peer"].keys()}
+
+    def upkeep(self) -> None:
+        self.pools.upkeep(self.bound())
+
+    # ---- views ------------------------------------------------------------
+    def stats(self) -> dict[tuple[str, str, str], int]:
+        out: dict[tuple[str, str, str], int] = {}
+        for (route, outcome, reason), n in read_stats(self.dp.bpf).items():
+            key = (self.route_names.get(route, "" if route == 0 else f"route{route}"), outcome,
+                   reason)
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def debug(self) -> dict[str, Any]:
+        return {
+            "node": self.pod.node_id, "pod": self.pod.name, "cgroup": self.pod.cgroup,
+            "plan_version": self.plan.version if self.plan else None, "generation": self.gen,
+            "destinations": sorted(f"{ip}:{port}" for ip, port in self.services),
+            "routes": self.route_names, "not_offloaded": self.notes,
+            "pools": self.pools.snapshot(),
+            "tracked_connections": len(list(self.dp.bpf["dp_peer"].keys())),
+            "counters": [{"route": r, "outcome": o, "reason": why, "requests": n}
+                         for (r, o, why), n in sorted(self.stats().items())],
+            "access_log": self.access.tail(50),
+        }
+
+    def close(self) -> None:
+        """Detach first (traffic goes the normal way), then close the pools."""
+        self.dp.close()
+        self.pools.close()
+
+
+def cgroup_exists(path: str) -> bool:
+    return Path(path).is_dir()

@@ -1,0 +1,40 @@
+"""`l7fp serve` plugin of the fast path: its flags and /debug/fastpath.
+
+Owner: K2. Loaded by `xds_server.serve` (SERVE_PLUGINS). The agent itself is
+started by `xds_server.fastpath_hook` (`fastpath.agent.start`) after the
+servers are up; the page finds it through `fastpath.agent.AGENTS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from aiohttp import web
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kernel fast path (with --fastpath on|auto)")
+    g.add_argument("--fastpath-mesh-state", metavar="FILE",
+                   help="state.json of the local mesh whose pods get the fast path "
+                        "(default: state.json next to --config DIR, as the mesh runner starts us)")
+    g.add_argument("--fastpath-no-access-log", action="store_true",
+                   help="do not send one kernel event per request (less CPU under load)")
+
+
+def setup(server: Any, app: web.Application, args: argparse.Namespace) -> None:
+    async def debug_fastpath(request: web.Request) -> web.Response:
+        from fastpath.agent import AGENTS
+
+        agent = AGENTS.get(id(server))
+        if agent is None:
+            return web.json_response({"enabled": False, "mode": getattr(args, "fastpath", None)})
+        return web.json_response({"enabled": True, **agent.debug()}, dumps=_dumps)
+
+    app.router.add_get("/debug/fastpath", debug_fastpath)
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=1, default=str)

@@ -1,0 +1,133 @@
+"""The agent on loopback (K2, step 2): a KernelPlan in, the kernel serving it,
+pools refilled after clients close, counters, access log, clean detach."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from k2_helpers import client_cmd
+
+from fastpath import bpfsys
+from fastpath.agent import Agent
+from fastpath.plan import (
+    Cluster,
+    ClusterAction,
+    Direction,
+    DirectResponse,
+    Endpoint,
+    KernelPlan,
+    LbPolicy,
+    ListenerPlan,
+    PathKind,
+    Route,
+    RouteMatch,
+    Verdict,
+    VirtualHost,
+    WeightedCluster,
+)
+
+pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
+
+
+def route(name: str, prefix: str, action, verdict=Verdict.KERNEL) -> Route:  # type: ignore[no-untyped-def]
+    return Route(name=name, match=RouteMatch(PathKind.PREFIX, prefix), action=action,
+                 verdict=verdict)
+
+
+def client_plan(envoy_port: int, up_port: int, version: str = "v1") -> KernelPlan:
+    vh = VirtualHost("all", ("*",), (
+        route("fast", "/fast", ClusterAction((WeightedCluster("up", 100),))),
+        route("deny", "/deny", DirectResponse(403, "denied by policy")),
+        route("punt", "/punt", ClusterAction((WeightedCluster("up", 100),)), Verdict.ENVOY),
+    ))
+    lst = ListenerPlan("out", "127.0.0.1", envoy_port, Direction.OUTBOUND, (vh,))
+    cl = Cluster("up", LbPolicy.ROUND_ROBIN, (Endpoint("127.0.0.1", up_port),))
+    return KernelPlan("client", version, (lst,), (cl,))
+
+
+def write_state(path: Path, cgroup: str) -> None:
+    path.write_text(json.dumps({"name": "k2test", "pods": [
+        {"name": "client-0", "node_id": "client", "cgroup": cgroup, "netns": None,
+         "ip": "198.18.250.1", "ports": []},
+        {"name": "up-0", "node_id": "up", "cgroup": cgroup + "-none", "netns": None,
+         "ip": "127.0.0.1", "ports": []}], "services": []}))
+
+
+def wait_for(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+def agent(kernel, cgroup, tmp_path):  # type: ignore[no-untyped-def]
+    state = tmp_path / "state.json"
+    write_state(state, str(cgroup.path))
+    a = Agent(state)
+    a.start()
+    yield a
+    a.stop()
+
+
+def get(path: str) -> str:
+    return f"GET {path} HTTP/1.1\r\nHost: svc\r\n\r\n"
+
+
+def run(cgroup, port, script):  # type: ignore[no-untyped-def]
+    r = cgroup.run(client_cmd("127.0.0.1", str(port), json.dumps(script)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def test_agent_applies_plan_and_recycles(agent, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    agent.on_plan("up", KernelPlan("up", "u1"))
+    agent.on_plan("client", client_plan(envoy.port, upstream.port))
+    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None)
+    node = agent.nodes["client"]
+    wait_for(lambda: any(p["free"] >= 2 for p in node.pools.snapshot()))
+    out = []
+    for _ in range(5):  # one client process each: the agent refills in between
+        out += run(cgroup, envoy.port, [[{"send": [get("/fast/a")]}, {"send": [get("/deny")]}]])
+    out += run(cgroup, envoy.port, [[{"send": [get("/punt/z")]}]])
+    for c in out[:5]:
+        assert c[0]["status"] == 200 and "x-via" not in c[0]["headers"]
+        assert c[1]["status"] == 403 and c[1]["body"] == "denied by policy"
+    assert out[5][0]["headers"].get("x-via") == "envoy"
+    assert all("/deny" not in line for line in upstream.seen)
+    stats = dict(agent.stats())["client"]
+    assert stats[("fast", "fast", "")] == 5
+    assert stats[("deny", "kernel_reply", "")] == 5
+    assert stats[("punt", "envoy", "punt_route")] == 1
+    # every client closed: its upstream sockets are released, pools back at rest
+    wait_for(lambda: node.bound() == set())
+    wait_for(lambda: all(p["bound"] == 0 for p in node.pools.snapshot()))
+    log = node.debug()["access_log"]
+    assert any(e["route_name"] == "deny" and e["response_code"] == 403 for e in log)
+    assert any(e["upstream_cluster"] == "up" for e in log)
+
+
+def test_plan_swap_and_stop_detaches(agent, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    agent.on_plan("up", KernelPlan("up", "u1"))
+    agent.on_plan("client", client_plan(envoy.port, upstream.port))
+    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None)
+    node = agent.nodes["client"]
+    # v2: /fast becomes a kernel reply
+    vh = VirtualHost("all", ("*",), (route("fast", "/fast", DirectResponse(200, "v2")),))
+    v2 = KernelPlan("client", "v2", (ListenerPlan("out", "127.0.0.1", envoy.port,
+                                                  Direction.OUTBOUND, (vh,)),))
+    agent.on_plan("client", v2)
+    wait_for(lambda: node.plan is not None and node.plan.version == "v2")
+    out = run(cgroup, envoy.port, [[{"send": [get("/fast/x")]}]])
+    assert out[0][0]["body"] == "v2"
+    prog = bpfsys.prog_id(node.dp.fds["sockops"])
+    assert prog in bpfsys.attached_prog_ids(str(cgroup.path))
+    agent.stop()
+    assert bpfsys.attached_prog_ids(str(cgroup.path)) == []
+    out = run(cgroup, envoy.port, [[{"send": [get("/fast/x")]}]])
+    assert out[0][0]["headers"].get("x-via") == "envoy"
