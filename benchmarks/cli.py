@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, help="seconds per run (default 5, 1 with --quick)")
     p.add_argument("--rates", help="comma-separated offered req/s of the sweep "
                                    "(default 500,1000,2000,4000,8000,16000)")
+    p.add_argument("--substrate", choices=["own", "mesh"], default="own",
+                   help="where no-mesh/sidecar/sidecar-l4 run: the harness's own pods (default) "
+                        "or the local mesh runner (`l7fp mesh`), like l7fp always does")
     p.add_argument("--envoy-concurrency", type=int, default=2,
                    help="worker threads per sidecar Envoy (Istio's default is 2)")
 
@@ -101,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="l7fp-bench-"))
     mach = results.machine(envoy)
     outcome = runner.execute(plan, names, envoy=envoy, workdir=workdir,
-                             concurrency=args.envoy_concurrency)
+                             concurrency=args.envoy_concurrency, substrate=args.substrate)
     _remove_run_cgroup()
     doc = results.document(outcome, plan, mach, started)
+    doc["plan"]["substrate"] = args.substrate
     results.write(doc, out)
     made = plots.draw_all(doc, out)
     (out / "report.md").write_text(report.render(doc, made))

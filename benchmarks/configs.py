@@ -116,11 +116,18 @@ def l7fp_problem() -> str | None:
 
 
 def build(names: list[str], *, envoy: str, workdir: Path, concurrency: int,
-          tag: str | None = None) -> list[Configuration | Unavailable]:
-    """Configuration objects for `names` (not yet up), or the reason one cannot exist."""
+          tag: str | None = None, substrate: str = "own") -> list[Configuration | Unavailable]:
+    """Configuration objects for `names` (not yet up), or the reason one cannot exist.
+
+    substrate "own": no-mesh, sidecar, sidecar-l4 on the harness's pods
+    (`benchmarks.topology`); "mesh": on the local mesh runner, like l7fp.
+    """
     out: list[Configuration | Unavailable] = []
     for index, name in enumerate(NAMES):
         if name not in names:
+            continue
+        if substrate == "mesh" and name != "l7fp":
+            out.append(_on_mesh(name, envoy, workdir, tag))
             continue
         code = {"no-mesh": "nm", "sidecar": "sc", "sidecar-l4": "l4", "l7fp": "fp"}[name]
         common: dict[str, Any] = {"envoy": envoy, "workdir": workdir,
@@ -143,8 +150,23 @@ def build(names: list[str], *, envoy: str, workdir: Path, concurrency: int,
             from benchmarks.meshconfig import MeshRunnerConfig
             from benchmarks.topology import run_tag
 
-            out.append(MeshRunnerConfig(workdir, envoy, tag or run_tag(), fastpath="on"))
+            out.append(MeshRunnerConfig(workdir, envoy, tag or run_tag(), name="l7fp",
+                                        fastpath="on"))
     return out
+
+
+def _on_mesh(name: str, envoy: str, workdir: Path, tag: str | None) -> Configuration:
+    from benchmarks.meshconfig import MeshRunnerConfig
+    from benchmarks.topology import run_tag
+
+    bypass = None
+    if name == "sidecar-l4":
+        from benchmarks.l4bypass import L4Bypass
+
+        bypass = L4Bypass()
+    return MeshRunnerConfig(workdir, envoy, tag or run_tag(), name=name,
+                            sidecars="none" if name == "no-mesh" else "envoy",
+                            fastpath="off", bypass=bypass)
 
 
 def envoy_path() -> str:

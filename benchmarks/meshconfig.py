@@ -45,13 +45,18 @@ def mesh_file(name: str) -> dict[str, Any]:
 
 
 class MeshRunnerConfig(Configuration):
-    """`l7fp`: the local mesh with `l7fp serve --fastpath on` (kernel fast path + Envoy)."""
+    """A configuration on the local mesh: `l7fp` (`--fastpath on`) always; with
+    `l7fp bench --substrate mesh` also no-mesh (`--sidecars none`), sidecar and
+    sidecar-l4 (`--fastpath off`, the bypass attached to the pod cgroups once
+    the mesh is up)."""
 
-    name = "l7fp"
-
-    def __init__(self, workdir: Path, envoy: str, tag: str, fastpath: str = "on") -> None:
+    def __init__(self, workdir: Path, envoy: str, tag: str, *, name: str = "l7fp",
+                 sidecars: str = "envoy", fastpath: str = "on", bypass: Any = None) -> None:
         self.workdir, self.envoy, self.fastpath = workdir, envoy, fastpath
-        self.mesh_name = f"bench-{tag}"[:23]
+        self.name, self.sidecars, self.bypass = name, sidecars, bypass
+        self.has_policy = sidecars != "none"
+        code = {"no-mesh": "nm", "sidecar": "sc", "sidecar-l4": "l4"}.get(name, "fp")
+        self.mesh_name = f"bench-{tag}-{code}"[:23]
         self.mesh: Any = None
         self.state: dict[str, Any] = {}
         self.loadgen: Path | None = None
@@ -61,9 +66,9 @@ class MeshRunnerConfig(Configuration):
             from mesh.runner import Mesh, MeshError
         except ImportError as exc:
             raise Unavailable(f"mesh.runner not importable: {exc}") from exc
-        path = self.workdir / "bench-mesh.yaml"
+        path = self.workdir / f"{self.mesh_name}.yaml"
         path.write_text(yaml.safe_dump(mesh_file(self.mesh_name), sort_keys=False))
-        self.mesh = Mesh(path, sidecars="envoy", xds="ads", fastpath=self.fastpath,
+        self.mesh = Mesh(path, sidecars=self.sidecars, xds="ads", fastpath=self.fastpath,
                          envoy=self.envoy)
         try:
             self.state = self.mesh.up()
@@ -71,7 +76,10 @@ class MeshRunnerConfig(Configuration):
             self.mesh = None
             raise Unavailable(f"`l7fp mesh up --fastpath {self.fastpath}` failed: {exc}") from exc
         self.loadgen = cgroups.make(Path(self._pod("client")["cgroup"]) / "loadgen")
-        self._check_fast_path()
+        if self.bypass is not None:
+            self.bypass.attach([Path(p["cgroup"]) for p in self.state["pods"]])
+        if self.name == "l7fp":
+            self._check_fast_path()
 
     def _check_fast_path(self) -> None:
         """Refuse to report `l7fp` figures unless the kernel really served requests."""
@@ -89,6 +97,8 @@ class MeshRunnerConfig(Configuration):
                               "from l7fp_fastpath_requests_total on the admin /metrics)")
 
     def down(self) -> None:
+        if self.bypass is not None:
+            self.bypass.detach()
         if self.loadgen is not None:
             try:
                 cgroups.remove_tree(self.loadgen)
@@ -134,9 +144,13 @@ class MeshRunnerConfig(Configuration):
         return len(self._sidecar_pids())
 
     def counters(self) -> dict[str, int]:
-        return fastpath_counters(self.state)
+        if self.bypass is not None:
+            return dict(self.bypass.stats())
+        return fastpath_counters(self.state) if self.name == "l7fp" else {}
 
     def kernel_share(self, delta: dict[str, int]) -> float | None:
+        if self.name != "l7fp":
+            return super().kernel_share(delta)
         kernel, total = delta.get("kernel_requests", 0), delta.get("requests", 0)
         return round(kernel / total, 4) if total else 0.0
 

@@ -89,7 +89,9 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
         f"Plan: {'quick' if plan['quick'] else 'full'}, {plan['repeats']} repeat(s) of "
         f"{plan['duration_s']:g} s per point and configuration, in ABAB order "
         "(every configuration once per repeat, same order); figures are medians over "
-        f"the repeats; wall time {doc['wall_s']:.0f} s.",
+        f"the repeats; wall time {doc['wall_s']:.0f} s. no-mesh, sidecar and sidecar-l4 ran on "
+        + ("the local mesh runner (`--substrate mesh`)" if plan.get("substrate") == "mesh"
+           else "the harness's own pods") + "; l7fp on the local mesh runner.",
         "",
         "## Configurations", "",
     ]

@@ -85,14 +85,14 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def execute(plan: Plan, names: list[str], *, envoy: str, workdir: Path, concurrency: int,
-            progress: Progress | None = None,
+            substrate: str = "own", progress: Progress | None = None,
             on_up: Callable[[list[Configuration]], None] | None = None) -> Outcome:
     """Bring the configurations up, run the plan in ABAB order, tear everything down."""
     outcome = Outcome()
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     live: list[Configuration] = []
     try:
-        live = _bring_up(names, envoy, workdir, concurrency, outcome, progress)
+        live = _bring_up(names, envoy, workdir, concurrency, substrate, outcome, progress)
         if on_up:
             on_up(live)
         by_name = {c.name: c for c in live}
@@ -124,11 +124,12 @@ def execute(plan: Plan, names: list[str], *, envoy: str, workdir: Path, concurre
     return outcome
 
 
-def _bring_up(names: list[str], envoy: str, workdir: Path, concurrency: int,
+def _bring_up(names: list[str], envoy: str, workdir: Path, concurrency: int, substrate: str,
               outcome: Outcome, progress: Progress | None) -> list[Configuration]:
     prog = progress or Progress(0)
     live: list[Configuration] = []
-    built = configs.build(names, envoy=envoy, workdir=workdir, concurrency=concurrency)
+    built = configs.build(names, envoy=envoy, workdir=workdir, concurrency=concurrency,
+                          substrate=substrate)
     for name, item in zip([n for n in configs.NAMES if n in names], built, strict=True):
         if isinstance(item, Unavailable):
             outcome.configurations.append({"name": name, "status": "unavailable",
