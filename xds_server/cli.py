@@ -17,7 +17,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: tuple[str, ...] = (
     "xds_server.serve",
     "xds_server.bootstrap",
-    "xds_server.demo",
+    "mesh.demo",
     "fastpath.cli_split",
     "mesh.cli",
     "benchmarks.cli",

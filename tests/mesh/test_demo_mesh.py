@@ -151,3 +151,18 @@ def test_kill9_of_daemon_then_down_leaves_nothing(demo_mesh: Mesh) -> None:
     assert r.returncode == 0, r.stderr
     assert "netns" in r.stdout
     assert leftovers(demo_mesh.name) == []
+
+
+def test_l7fp_demo_runs_to_the_end_and_prints_the_table(kernel: None) -> None:
+    name = f"tdemo{os.getpid() % 100000}"
+    try:
+        r = subprocess.run([PY, "-m", "xds_server", "demo", "--duration", "4", "--rate", "10",
+                            "--name", name], capture_output=True, text=True, timeout=240)
+    finally:
+        Mesh(Path(__file__).resolve().parents[2] / "compose/demo/mesh.yaml", name).down()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    final = r.stdout.rsplit("ROUTE (client in frontend pod)", 1)[1]
+    assert "admin(rbac)" in final and "403:" in final
+    assert "home " in final and "200:" in final and "SERVICE (inbound sidecars)" in final
+    assert r.stdout.rstrip().endswith("done")
+    assert leftovers(name) == []
