@@ -116,12 +116,18 @@ def _source(w: Warnings, o: Obj, path: str, f: Any, reg: Registry) -> dict[str, 
     for key, neg in (("remoteIpBlocks", False), ("notRemoteIpBlocks", True)):
         if key in src:
             ids.append(_ids([_cidr(b, "remoteIp") for b in src[key]], neg))
-    for key in ("requestPrincipals", "notRequestPrincipals"):
+    for key, neg in (("requestPrincipals", False), ("notRequestPrincipals", True)):
         if key in src:
-            w.add(o, f"{path}.source.{key}", "JWT principals are unsupported (no RequestAuthentication); "
-                  + ("never matches" if key == "requestPrincipals" else "treated as matching"))
-            ids.append(NEVER if key == "requestPrincipals" else {"any": True})
+            w.add(o, f"{path}.source.{key}", "JWT: RequestAuthentication is not imported, so (as in "
+                  "istiod without one) no request carries a principal")
+            ids.append(_ids([_authn(["request.auth.principal"], str(v)) for v in src[key]], neg))
     return _and_ids(ids)
+
+
+def _authn(path: list[str], value: str) -> dict[str, Any]:
+    """istiod's principal on JWT data: metadata the jwt_authn filter would set."""
+    return {"metadata": {"filter": "istio_authn", "path": [{"key": k} for k in path],
+                         "value": {"stringMatch": _glob(value)}}}
 
 
 def _and_ids(ids: list[dict[str, Any]]) -> dict[str, Any]:
@@ -240,5 +246,10 @@ def _condition(w: Warnings, o: Obj, path: str, cond: Any, reg: Registry) -> tupl
         return both(lambda v: _ips(_ns_pods(reg, str(v))), "id")
     if key == "source.principal":
         return both(lambda v: _ips(_principal_pods(reg, str(v))), "id")
+    if key.startswith("request.auth."):
+        w.add(o, f"{path}.key", f"{key}: JWT data; RequestAuthentication is not imported, so no "
+              "request carries it")
+        keys = [key[:key.index("[")], key[key.index("[") + 1:-1]] if "[" in key else [key]
+        return both(lambda v: _authn(keys, str(v)), "id")
     w.add(o, f"{path}.key", f"condition {key!r} is unsupported; the condition never matches")
     return "id", NEVER

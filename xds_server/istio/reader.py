@@ -49,18 +49,17 @@ def read_objects(objs: ObjectSet) -> dict[str, list[dict[str, Any]]]:
     reg.workloads.append(client)
     nodes = [client] + _synthesize_policy_pods(objs, reg, ips)
     extra = gateway_api.as_virtual_services(objs, reg, mesh_only=False)
-    mesh = Mesh(objs, reg, extra_routes=extra, gateway_routes=True)
+    mesh = Mesh(objs, reg, extra_routes=extra, gateway_routes=True, policy_only=True)
     merged: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
     seen: set[tuple[str, str]] = set()
     for wl in nodes:
         for type_url, items in generate(mesh, wl.node_id).items():
             for item in items:
+                if type_url == LISTENER and item["name"] == "virtualInbound" and wl is not client:
+                    item = dict(item, name=f"virtualInbound~{wl.name}")
                 key = (type_url, str(item.get("name") or item.get("clusterName")))
                 if key in seen:
                     continue
-                if type_url == LISTENER and item["name"] == "virtualInbound" and wl is not client:
-                    item = dict(item, name=f"virtualInbound~{wl.name}")
-                    key = (type_url, item["name"])
                 seen.add(key)
                 merged[type_url].append(item)
     return merged
@@ -137,4 +136,32 @@ def _synthesize_policy_pods(objs: ObjectSet, reg: Registry, ips: Iterator[str]) 
     return pods
 
 
-__all__ = ["KNOWN_KINDS", "can_read", "read_file", "read_objects"]
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+
+
+def split_reader(path: Path) -> list[Any]:
+    """fastpath.inputs READERS entry: one Document (format `istio` or `gateway-api`).
+
+    Import warnings (unsupported fields) become the Document's `skipped` lines.
+    """
+    from fastpath.inputs import Document
+
+    if not can_read(path):
+        return []
+    try:
+        objs = load_path(path, helm=True)
+    except ValueError as exc:
+        return [Document(str(path), "istio", error=str(exc))]
+    kinds = {k for k, v in objs.by_kind.items() if v and k in POLICY_KINDS}
+    if not kinds:
+        return []
+    fmt = "gateway-api" if kinds <= set(ROUTE_KINDS) else "istio"
+    try:
+        from .messages import to_messages
+        resources = to_messages(read_objects(objs))
+    except (ValueError, KeyError, TypeError) as exc:
+        return [Document(str(path), fmt, error=f"import failed: {exc}")]
+    return [Document(str(path), fmt, resources, skipped=list(objs.warnings))]
+
+
+__all__ = ["KNOWN_KINDS", "can_read", "read_file", "read_objects", "split_reader"]

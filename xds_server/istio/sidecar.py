@@ -39,6 +39,7 @@ class Mesh:
     inbound_address: str = "127.0.0.1"
     extra_routes: list[Obj] = field(default_factory=list)  # Gateway API routes as VirtualServices
     gateway_routes: bool = False  # also apply gateway-bound routes (split coverage only)
+    policy_only: bool = False  # split coverage: only routes that come from a policy object
     outbound_port: int = OUTBOUND_PORT  # where istio-iptables redirects outbound traffic
     inbound_port: int = INBOUND_PORT
 
@@ -169,12 +170,16 @@ def _route_config(mesh: Mesh, wl: Workload, services: list[Service], port: int,
         doms = [d for d in _domains(svc, port, wl.namespace) if d not in seen]
         seen.update(doms)
         vs = _vs_for(mesh, svc)
+        if vs is None and mesh.policy_only:
+            continue
         rts = _vs_routes(mesh, vs, wl, port) if vs is not None else [_default_route(svc, port)]
         for r in rts:
             _add_hash(r, hash_policies)
         vhosts.append({"name": f"{svc.hostname}:{port}", "domains": doms, "routes": rts,
                        "includeRequestAttemptCount": True})
     fallback = "BlackHoleCluster" if registry_only else "PassthroughCluster"
+    if mesh.policy_only:
+        return {"name": str(port), "virtualHosts": vhosts, "validateClusters": False}
     vhosts.append({"name": "block_all" if registry_only else "allow_any", "domains": ["*"],
                    "routes": [{"name": fallback, "match": {"prefix": "/"},
                                "route": {"cluster": fallback, "timeout": "0s"}}]})
@@ -285,11 +290,12 @@ def _inbound(mesh: Mesh, wl: Workload) -> tuple[dict[str, Any], list[dict[str, A
                       if any(e.ip == wl.ip for e in s.endpoints) for p in s.ports if p.is_http})
     for t in targets:
         name = f"inbound|{t}||"
+        default = [] if mesh.policy_only else [{
+            "name": "default", "match": {"prefix": "/"},
+            "route": {"cluster": name, "timeout": "0s", "maxStreamDuration": {
+                "maxStreamDuration": "0s", "grpcTimeoutHeaderMax": "0s"}}}]
         rc = {"routeConfig": {"name": name, "validateClusters": False, "virtualHosts": [{
-            "name": f"inbound|http|{t}", "domains": ["*"], "routes": [{
-                "name": "default", "match": {"prefix": "/"},
-                "route": {"cluster": name, "timeout": "0s", "maxStreamDuration": {
-                    "maxStreamDuration": "0s", "grpcTimeoutHeaderMax": "0s"}}}]}]}}
+            "name": f"inbound|http|{t}", "domains": ["*"], "routes": default}]}}
         chains.append({"name": f"0.0.0.0_{t}", "filterChainMatch": {"destinationPort": t},
                        "filters": [_hcm(f"inbound_0.0.0.0_{t}", rc, rbac)]})
         cls.append({"name": name, "type": "STATIC", "connectTimeout": "10s",
