@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from fastpath import envoy_model as em
+from xds_server.istio.reader import split_reader as read_istio
 
 
 @dataclass
@@ -112,7 +113,7 @@ def read_envoy_xds(path: Path) -> list[Document]:
     return out
 
 
-READERS: list[Reader] = [read_envoy_static, read_envoy_xds]
+READERS: list[Reader] = [read_envoy_static, read_envoy_xds, read_istio]
 
 
 def files(paths: list[str]) -> list[Path]:
