@@ -215,8 +215,8 @@ def _cluster_options(c: dict[str, Any]) -> list[str]:
             reasons.append("upstream HTTP/2")
         if "useDownstreamProtocolConfig" in opt or "autoConfig" in opt:
             reasons.append("upstream protocol chosen per request")
-    if c.get("circuitBreakers"):
-        reasons.append("circuit breakers (stateful, owned by Envoy)")
+    if _limiting_breakers(c.get("circuitBreakers", {})):
+        reasons.append("circuit breakers below Envoy's defaults (stateful, owned by Envoy)")
     if c.get("outlierDetection"):
         reasons.append("outlier detection (needs responses)")
     if c.get("healthChecks"):
@@ -225,6 +225,22 @@ def _cluster_options(c: dict[str, Any]) -> list[str]:
             and "localityWeightedLbConfig" in c.get("commonLbConfig", {}):
         reasons.append("locality weighted LB")
     return reasons
+
+
+# Envoy applies these thresholds to every cluster, configured or not; the fast path
+# enforces none of them (docs/split.md). Thresholds at or above them (Istio sets
+# 2^32-1) add nothing, lower ones are real limits whose only owner is Envoy.
+_BREAKER_DEFAULTS = {"maxConnections": 1024, "maxPendingRequests": 1024, "maxRequests": 1024,
+                     "maxRetries": 3}
+
+
+def _limiting_breakers(cb: dict[str, Any]) -> bool:
+    for t in cb.get("thresholds", []):
+        if t.get("retryBudget") or t.get("maxConnectionPools") is not None:
+            return True
+        if any(int(t.get(k, d)) < d for k, d in _BREAKER_DEFAULTS.items()):
+            return True
+    return False
 
 
 def _endpoints(cla: dict[str, Any], kind: str, dns: bool) -> tuple[list[Endpoint], list[str]]:

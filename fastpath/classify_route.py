@@ -51,6 +51,8 @@ class KernelCaps:
     # owns the upstream pools resolves them (getaddrinfo, re-resolved like Envoy's
     # dns_refresh_rate); the kernel only ever sees the pooled sockets.
     dns_endpoints: bool = True
+    # What-if only (not built): the kernel retries a request on a response status.
+    status_retries: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def _redirect(d: dict[str, Any]) -> tuple[Action, Reasons]:
 _FORWARD_OK = {"cluster", "weightedClusters", "prefixRewrite", "hostRewriteLiteral", "timeout",
                "retryPolicy", "hashPolicy", "idleTimeout", "clusterNotFoundResponseCode",
                "maxGrpcTimeout", "grpcTimeoutOffset", "priority", "includeVhRateLimits",
-               "rateLimits", "cors", "autoHostRewrite"}
+               "rateLimits", "cors", "autoHostRewrite", "maxStreamDuration"}
 
 
 def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
@@ -179,7 +181,12 @@ def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
         reasons.append(f"route timeout {timeout}ms{default}: no response timer in the kernel")
     if duration_ms(a.get("idleTimeout", "0s")):
         reasons.append("route idle_timeout")
-    reasons += _retry(a.get("retryPolicy", ctx.vhost.get("retryPolicy")))
+    msd = a.get("maxStreamDuration", {})
+    # Istio sets both to 0s: no limit; a grpc-timeout header is then honoured, so
+    # the kernel hands requests carrying one to Envoy (fastpath.reference).
+    if duration_ms(msd.get("maxStreamDuration", "0s")) or "grpcTimeoutHeaderOffset" in msd:
+        reasons.append("route max_stream_duration")
+    reasons += _retry(a.get("retryPolicy", ctx.vhost.get("retryPolicy")), ctx.caps)
     hash_header, more = _hash(a.get("hashPolicy", []), clusters, ctx)
     reasons += more
     for c in clusters:
@@ -209,7 +216,13 @@ def _weighted(w: dict[str, Any]) -> tuple[list[WeightedCluster], Reasons]:
     return out, reasons
 
 
-def _retry(p: dict[str, Any] | None) -> Reasons:
+# Conditions decided on the upstream's response status or grpc-status.
+STATUS_RETRY_ON = frozenset({"5xx", "gateway-error", "retriable-4xx", "retriable-status-codes",
+                             "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
+                             "unavailable"})
+
+
+def _retry(p: dict[str, Any] | None, caps: KernelCaps) -> Reasons:
     """A retry policy is kernel-safe only if none of its conditions can fire."""
     if not p:
         return []
@@ -219,7 +232,7 @@ def _retry(p: dict[str, Any] | None) -> Reasons:
     if int(p.get("numRetries", 1)) == 0:
         return reasons
     conds = {c.strip() for c in str(p.get("retryOn", "")).split(",") if c.strip()}
-    firing = sorted(conds - NEVER_FIRING_RETRY_ON)
+    firing = sorted(conds - NEVER_FIRING_RETRY_ON - (STATUS_RETRY_ON if caps.status_retries else set()))
     if firing:
         reasons.append(f"retry_policy retry_on={','.join(firing)} can fire")
     if p.get("retriableHeaders") or p.get("retriableRequestHeaders"):

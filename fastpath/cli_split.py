@@ -28,6 +28,12 @@ Exit status: 0, or 2 when a path does not exist.
 """
 
 
+ASSUME = {
+    "timeouts": "enforced route timeouts (Envoy's 15 s default included)",
+    "status-retries": "retries on response status (5xx, 503, gRPC status)",
+}
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("split", help="show which routes/rules the kernel enforces",
                               description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,8 +41,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--explain", action="store_true",
                    help="also print each route's matcher and action, and what the ENVOY rest needs")
     p.add_argument("--json", action="store_true", help="print one JSON object (see above)")
-    p.add_argument("--assume-timeouts", action="store_true",
-                   help="classify as if the kernel enforced route timeouts (what-if)")
+    p.add_argument("--assume", action="append", default=[], choices=sorted(ASSUME),
+                   help="what-if: classify as if the kernel had this capability (repeatable): "
+                   + "; ".join(f"{k}: {v}" for k, v in sorted(ASSUME.items())))
     p.set_defaults(func=run)
 
 
@@ -45,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from fastpath.coverage import analyse
 
     try:
-        report = analyse(args.paths, KernelCaps(route_timeouts=args.assume_timeouts))
+        caps = KernelCaps(route_timeouts="timeouts" in args.assume,
+                          status_retries="status-retries" in args.assume)
+        report = analyse(args.paths, caps)
     except FileNotFoundError as e:
         print(f"l7fp split: {e}", file=sys.stderr)
         return 2

@@ -163,6 +163,8 @@ def _unparseable(req: Request) -> str:
         return "path has dot segments or empty segments"
     if req.header("upgrade") is not None or req.header("expect") is not None:
         return "upgrade/expect request"
+    if req.header("grpc-timeout") is not None:
+        return "grpc-timeout header (Envoy may enforce it as a timeout)"
     return ""
 
 
