@@ -85,6 +85,7 @@ class MeshRunnerConfig(Configuration):
         """Refuse to report `l7fp` figures unless the kernel really served requests."""
         from benchmarks import load
 
+        self._wait_agent()
         before = self.counters()
         load.run_wrk(self.url("leaf", sidecar.policy_paths(0.0)[0]), 1, 1,
                      netns=self.client_netns, cgroup=self.loadgen)
@@ -95,6 +96,25 @@ class MeshRunnerConfig(Configuration):
             raise Unavailable("the mesh came up with --fastpath on, but the fast path served no "
                               f"request of a 1 s all-kernel-route probe (counters {after or 'none'} "
                               "from l7fp_fastpath_requests_total on the admin /metrics)")
+
+    def _wait_agent(self, timeout: float = 180.0) -> None:
+        """Wait until the fast-path agent has applied a plan to every pod (it compiles per node)."""
+        import json
+        import time
+        import urllib.request
+
+        deadline, doc = time.monotonic() + timeout, {}
+        want = len(self.state["pods"])
+        while time.monotonic() < deadline:
+            try:
+                url = f"http://{self.state['admin']}/debug/fastpath"
+                with urllib.request.urlopen(url, timeout=3) as r:
+                    doc = json.loads(r.read())
+            except (OSError, ValueError):
+                doc = {}
+            if doc.get("nodes_failed") or len(doc.get("nodes", [])) >= want:
+                return
+            time.sleep(1.0)
 
     def down(self) -> None:
         if self.bypass is not None:
