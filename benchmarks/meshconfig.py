@@ -92,10 +92,33 @@ class MeshRunnerConfig(Configuration):
         after = self.counters()
         served = after.get("kernel_requests", 0) - before.get("kernel_requests", 0)
         if served <= 0:
+            why = self._agent_reasons()
             self.down()
             raise Unavailable("the mesh came up with --fastpath on, but the fast path served no "
                               f"request of a 1 s all-kernel-route probe (counters {after or 'none'} "
-                              "from l7fp_fastpath_requests_total on the admin /metrics)")
+                              "from l7fp_fastpath_requests_total on the admin /metrics)"
+                              + (f"; the agent says: {why}" if why else ""))
+
+    def _agent_reasons(self) -> str:
+        """The agent's own words on what it did not offload (from /debug/fastpath), deduplicated."""
+        import json
+        import urllib.request
+
+        try:
+            url = f"http://{self.state['admin']}/debug/fastpath"
+            with urllib.request.urlopen(url, timeout=3) as r:
+                doc = json.loads(r.read())
+        except (OSError, ValueError) as exc:
+            return f"/debug/fastpath unreadable ({exc})"
+        reasons: dict[str, int] = {}
+        for node in doc.get("nodes", []):
+            for reason in (node.get("not_offloaded") or {}).values():
+                reasons[str(reason)] = reasons.get(str(reason), 0) + 1
+        for node, reason in (doc.get("nodes_failed") or {}).items():
+            reasons[f"{node} failed: {reason}"] = 1
+        if not doc.get("nodes"):
+            reasons["no node datapath loaded"] = 1
+        return "; ".join(f"{r} (x{n})" for r, n in reasons.items())
 
     def _wait_agent(self, timeout: float = 180.0) -> None:
         """Wait until the fast-path agent has applied a plan to every pod (it compiles per node)."""
