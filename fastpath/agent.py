@@ -179,7 +179,8 @@ class Agent:
         with self.lock:
             nodes = list(self.nodes.values())
         return {"state": str(self.state_path) if self.state_path else None,
-                "pods_known": sorted(self.pods), "nodes_failed": self.failed,
+                "pods_known": sorted(self.pods), "plans_known": sorted(self.plans),
+                "nodes_failed": self.failed,
                 "nodes": [n.debug() for n in nodes]}
 
 

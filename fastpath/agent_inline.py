@@ -109,7 +109,11 @@ def translate(plan: KernelPlan, vips: Callable[[ListenerPlan], list[tuple[str, i
         if vh.request_headers_to_add or vh.request_headers_to_remove:
             out.reasons[lst.name] = "virtual host adds headers"
             continue
-        out.routes = [_route_entry(plan, r, inbound_ok) for r in vh.routes[:IROUTES]]
+        routes = [_route_entry(plan, r, inbound_ok) for r in vh.routes[:IROUTES]]
+        if all(r.kind == K_PASS for r in routes):
+            out.reasons[lst.name] = "no route the built-in decision can serve"
+            continue  # tracking its connections would only cost
+        out.routes = routes
         for dst in vips(lst):
             out.services[dst] = 1
     return out

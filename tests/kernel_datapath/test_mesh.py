@@ -1,0 +1,121 @@
+"""The fast path in the local mesh (K2, step 4): two pods with Envoy sidecars and
+istio-iptables interception; the agent attaches to the client pod's cgroup,
+tracks connections to the service VIP (pre-NAT destination), forwards over
+upstream sockets made inside the destination pod's netns (bypassing its
+inbound interception), replies from the kernel, and on stop leaves every
+request to Envoy again.
+
+The plan is built here (what the split gives for a kernel-enforceable route),
+so the test does not depend on which routes the split currently offloads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fastpath.agent import Agent
+from fastpath.plan import (
+    Cluster,
+    ClusterAction,
+    Direction,
+    DirectResponse,
+    Endpoint,
+    KernelPlan,
+    LbPolicy,
+    ListenerPlan,
+    PathKind,
+    Route,
+    RouteMatch,
+    Verdict,
+    VirtualHost,
+    WeightedCluster,
+)
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
+
+MESH = """
+name: k2
+services:
+  client:
+    command: ["${PYTHON}", -m, mesh.apps.social, --port, "8080"]
+    ports: [8080]
+  user:
+    command: ["${PYTHON}", -m, mesh.apps.social, --port, "9000"]
+    ports: [9000]
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from tests.support.env import require_kernel
+
+    require_kernel()
+    from mesh.runner import Mesh
+
+    d = tmp_path_factory.mktemp("k2mesh")
+    (d / "mesh.yaml").write_text(MESH)
+    m = Mesh(d / "mesh.yaml", f"k2dp{__import__('os').getpid() % 10000}", fastpath="off",
+             timeout=120)
+    try:
+        m.up()
+        yield m
+    finally:
+        m.down()
+
+
+def plans(state: dict) -> tuple[KernelPlan, KernelPlan]:  # type: ignore[type-arg]
+    pods = {p["service"]: p for p in state["pods"]}
+    user = pods["user"]
+    cluster = "outbound|9000||user"
+    vh = VirtualHost("user", ("*",), (
+        Route("deny", RouteMatch(PathKind.PREFIX, "/deny"),
+              DirectResponse(403, "RBAC: access denied"), Verdict.KERNEL),
+        Route("all", RouteMatch(PathKind.PREFIX, "/"),
+              ClusterAction((WeightedCluster(cluster, 1),)), Verdict.KERNEL),
+    ))
+    lst = ListenerPlan("out9000", "0.0.0.0", 9000, Direction.OUTBOUND, (vh,))
+    client = KernelPlan(pods["client"]["node_id"], "t1", (lst,),
+                        (Cluster(cluster, LbPolicy.ROUND_ROBIN, (Endpoint(user["ip"], 9000),)),))
+    return client, KernelPlan(user["node_id"], "u1")
+
+
+def curl(m, path: str) -> tuple[int, dict[str, str], str]:  # type: ignore[no-untyped-def]
+    r = m.exec("client", ["curl", "-s", "-D", "-", f"http://user:9000{path}"],
+               capture_output=True, text=True, timeout=20)
+    out = r.stdout.replace("\r\n", "\n")  # text mode may or may not have done it
+    head, _, body = out.partition("\n\n")
+    lines = head.split("\n")
+    hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), hdrs, body
+
+
+def test_mesh_fast_path_and_fallback(mesh) -> None:  # type: ignore[no-untyped-def]
+    state = mesh.state()
+    agent = Agent(Path(mesh.state_file))
+    agent.start()
+    try:
+        client, user = plans(state)
+        agent.on_plan(user.node_id, user)
+        agent.on_plan(client.node_id, client)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            n = agent.nodes.get(client.node_id)
+            if n and n.plan and any(p["free"] for p in n.pools.snapshot()):
+                break
+            time.sleep(0.1)
+        status, hdrs, body = curl(mesh, "/x")
+        assert status == 200 and json.loads(body)["path"] == "/x"
+        assert hdrs.get("server", "").lower() != "envoy"  # straight from the app
+        status, hdrs, body = curl(mesh, "/deny/y")
+        assert status == 403 and body == "RBAC: access denied"
+        stats = dict(agent.stats())[client.node_id]
+        assert stats[("all", "fast", "")] == 1 and stats[("deny", "kernel_reply", "")] == 1
+    finally:
+        agent.stop()
+    status, hdrs, _ = curl(mesh, "/after")
+    assert status == 200 and hdrs.get("server") == "envoy"
