@@ -7,7 +7,7 @@ set -euo pipefail
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 APT_PACKAGES=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 iptables iproute2
-              wrk nghttp2-client curl procps psmisc)
+              wrk nghttp2-client curl procps psmisc docker-compose)
 
 log() { printf '[setup] %s\n' "$*"; }
 
