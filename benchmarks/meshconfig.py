@@ -211,13 +211,18 @@ def fastpath_counters(state: dict[str, Any]) -> dict[str, int]:
     """
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
         with urllib.request.urlopen(f"http://{state['admin']}/metrics", timeout=3) as r:
             text = r.read().decode()
     except OSError:
         return {}
+    return parse_fastpath_metrics(text)
+
+
+def parse_fastpath_metrics(text: str) -> dict[str, int]:
+    """Totals of l7fp_fastpath_requests_total in a Prometheus exposition text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out = {"requests": 0, "kernel_requests": 0}
     for fam in text_string_to_metric_families(text):
         if fam.name not in ("l7fp_fastpath_requests", "l7fp_fastpath_requests_total"):

@@ -54,3 +54,18 @@ def test_mesh_file_passes_the_mesh_validator(tmp_path: Path) -> None:
     parsed = spec.load(path)
     assert set(parsed.services) == {"client", "leaf", "frontend", "backend"}
     assert parsed.policies["leaf"]["outbound"]["routes"][-1]["name"] == "default"
+
+
+def test_kernel_share_counters_from_the_fast_path_metric() -> None:
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from benchmarks.meshconfig import parse_fastpath_metrics
+
+    reg = CollectorRegistry()
+    c = Counter("l7fp_fastpath_requests", "x", ["node", "route", "outcome", "reason"],
+                registry=reg)
+    c.labels("n1", "r1", "fast", "").inc(70)
+    c.labels("n1", "r2", "kernel_reply", "").inc(10)
+    c.labels("n2", "r3", "envoy", "punt").inc(20)
+    text = generate_latest(reg).decode() + "other_metric_total 5\n"
+    assert parse_fastpath_metrics(text) == {"requests": 100, "kernel_requests": 80}
