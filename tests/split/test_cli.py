@@ -1,0 +1,84 @@
+"""`l7fp split` on files: text and --json output, errors, and the shared corpus."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xds_server.cli import main
+
+CORPUS = Path("/work/shared/corpus/wild")
+BOOTSTRAP = {
+    "static_resources": {
+        "listeners": [{
+            "name": "web", "address": {"socket_address": {"address": "0.0.0.0", "port_value": 8080}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                             "http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "web",
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                    "route_config": {"name": "rc", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": [
+                        {"name": "fast", "match": {"prefix": "/api"}, "route": {"cluster": "app", "timeout": "0s"}},
+                        {"name": "slow", "match": {"prefix": "/"}, "route": {"cluster": "app"}},
+                    ]}]}}}]}]}],
+        "clusters": [{"name": "app", "type": "STRICT_DNS", "load_assignment": {
+            "cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "app", "port_value": 80}}}}]}]}}],
+    }}
+XDS = {"resources": [{"@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "name": "r",
+                      "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+                          {"match": {"safe_regex": {"regex": "/a+"}}, "route": {"cluster": "x", "timeout": "0s"}}]}]}]}
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(BOOTSTRAP))
+    (tmp_path / "rds.json").write_text(json.dumps(XDS))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"static_resources": {"listeners": [{"bogus": 1}]}}))
+    return tmp_path
+
+
+def test_json_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["split", "--json", str(files)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_name = {r["name"]: r for r in out["routes"]}
+    assert set(by_name["fast"]) == {"file", "listener", "route_config", "virtual_host", "name", "verdict", "reason"}
+    assert by_name["fast"]["verdict"] == "KERNEL" and by_name["fast"]["listener"] == "web"
+    assert by_name["slow"]["verdict"] == "ENVOY" and "15000ms (Envoy default)" in by_name["slow"]["reason"]
+    assert by_name["#0"]["verdict"] == "ENVOY" and "regex not literal" in by_name["#0"]["reason"]
+    cov = out["coverage"]
+    assert cov["routes"] == {"kernel": 1, "total": 3}
+    assert cov["by_format"]["envoy-static"]["routes"] == {"kernel": 1, "total": 2}
+    assert cov["by_format"]["envoy-static"]["skipped_resources"] == 1
+    assert cov["by_format"]["envoy-xds"]["routes"] == {"kernel": 0, "total": 1}
+
+
+def test_text_output_and_what_if(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["split", "--explain", str(files / "envoy.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "KERNEL fast" in out and "ENVOY  slow" in out and "coverage: routes 1/2 (50.0%)" in out
+    assert main(["split", "--assume", "timeouts", str(files / "envoy.yaml")]) == 0
+    assert "coverage: routes 2/2 (100.0%)" in capsys.readouterr().out
+
+
+def test_missing_path_is_an_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "xds_server", "split", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "nope.yaml" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="the shared corpus is not on this machine")
+def test_corpus_envoy_files(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["split", "--json", str(CORPUS / "envoyproxy__examples")]) == 0
+    cov = json.loads(capsys.readouterr().out)["coverage"]
+    assert cov["routes"]["total"] >= 30
+    assert 0 < cov["routes"]["kernel"] < cov["routes"]["total"]
