@@ -20,9 +20,12 @@ from xds_server.snapshot import Entry, Snapshot
 class InconsistentSnapshot(ValueError):
     """Raised by check(); `problems` lists one line per unresolved reference."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
+    def __init__(self, problems: list[str], limit: int = 20) -> None:
+        shown = problems[:limit]
+        if len(problems) > limit:
+            shown.append(f"... and {len(problems) - limit} more")
+        super().__init__("; ".join(shown))
+        self.problems = shown
 
 
 def check(snap: Snapshot) -> None:

@@ -31,9 +31,22 @@ class Entry:
 
     @classmethod
     def of(cls, msg: betterproto2.Message, type_url: str, origin: str = "") -> Entry:
+        """Encode `msg` (once: messages are treated as immutable, so the Entry is cached)."""
+        key = (id(msg), type_url, origin)
+        hit = _ENCODED.get(key)
+        if hit is not None and hit.message is msg:
+            return hit
         value = bytes(msg)
         version = hashlib.blake2b(value, digest_size=8).hexdigest()
-        return cls(res.resource_name(msg), type_url, msg, value, version, origin)
+        e = cls(res.resource_name(msg), type_url, msg, value, version, origin)
+        if len(_ENCODED) >= _ENCODED_MAX:
+            _ENCODED.clear()
+        _ENCODED[key] = e  # holds msg, so its id cannot be reused while cached
+        return e
+
+
+_ENCODED: dict[tuple[int, str, str], Entry] = {}
+_ENCODED_MAX = 50_000
 
 
 def _type_version(entries: Mapping[str, Entry]) -> str:

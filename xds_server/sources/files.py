@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from xds_server.snapshot import Snapshot
 from xds_server.sources.base import EMPTY, NodeResources, Source
 
 log = logging.getLogger(__name__)
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~3x faster on big route tables
+MAX_PROBLEMS = 20
 SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -74,7 +77,7 @@ def load_file(path: Path, rel: str) -> ConfigFile:
     """Parse one file; ConfigError with `rel: field: problem` lines."""
     try:
         text = path.read_text()
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        doc = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError([f"{rel}: {_one_line(exc)}"]) from None
     if doc is None:
@@ -123,21 +126,40 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def load_directory(directory: Path) -> list[ConfigFile]:
-    """Load and check the whole directory; ConfigError listing every problem."""
+FileCache = dict[str, tuple[str, ConfigFile]]
+
+
+def load_directory(directory: Path, cache: FileCache | None = None) -> list[ConfigFile]:
+    """Load and check the whole directory; ConfigError listing the problems (at most 20).
+
+    `cache` (owned by the caller) maps a path to its content hash and parsed
+    file, so a reload parses only the files whose content changed; updated in place.
+    """
     if not directory.is_dir():
         raise ConfigError([f"{directory}: not a directory"])
     files: list[ConfigFile] = []
     problems: list[str] = []
+    fresh: FileCache = {}
     for p in config_files(directory):
+        rel = str(p.relative_to(directory))
         try:
-            files.append(load_file(p, str(p.relative_to(directory))))
+            stamp = hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
+            hit = cache.get(rel) if cache is not None else None
+            f = hit[1] if hit is not None and hit[0] == stamp else load_file(p, rel)
+            fresh[rel] = (stamp, f)
+            files.append(f)
+        except OSError as exc:
+            problems.append(f"{rel}: {_one_line(exc)}")
         except ConfigError as exc:
             problems.extend(exc.problems)
     if not problems:
         problems = _cross_check(files)
     if problems:
-        raise ConfigError(problems)
+        more = len(problems) - MAX_PROBLEMS
+        raise ConfigError(problems[:MAX_PROBLEMS] + ([f"... and {more} more problems"] if more > 0 else []))
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return files
 
 
@@ -182,16 +204,33 @@ class DirectorySource(Source):
         self._debounce = reload_debounce_ms
         self._task: asyncio.Task[None] | None = None
         self._memo: dict[tuple, NodeResources] = {}
+        self._cache: FileCache = {}
 
     def load(self) -> bool:
         """(Re)load the directory; True if it loaded, False (and logged) if not."""
         try:
-            files = load_directory(self.directory)
+            files = load_directory(self.directory, self._cache)
         except ConfigError as exc:
-            self.last_error = str(exc)
-            for line in exc.problems:
-                log.error("config rejected, last good config keeps serving: %s", line)
-            return False
+            return self._rejected(exc)
+        return self._apply(files)
+
+    async def load_async(self) -> bool:
+        """load() with the parsing in a worker thread, so streams keep being served."""
+        try:
+            files = await asyncio.to_thread(load_directory, self.directory, self._cache)
+        except ConfigError as exc:
+            return self._rejected(exc)
+        return self._apply(files)
+
+    def _rejected(self, exc: ConfigError) -> bool:
+        self.last_error = str(exc)
+        for line in exc.problems:
+            log.error("config rejected, last good config keeps serving: %s", line)
+        return False
+
+    def _apply(self, files: list[ConfigFile]) -> bool:
+        if [id(f) for f in files] == [id(f) for f in self.files]:
+            return False  # nothing changed (an editor's temp file, a touch)
         self.files, self.last_error = files, ""
         self.generation += 1
         self._memo.clear()
@@ -230,10 +269,19 @@ class DirectorySource(Source):
     async def _watch(self) -> None:
         import watchfiles
 
+        root = self.directory.resolve()
+
+        def relevant(_change: object, path: str) -> bool:
+            try:
+                rel = Path(path).relative_to(root)
+            except ValueError:
+                return True
+            return not any(part.startswith(".") for part in rel.parts)
+
         async for _changes in watchfiles.awatch(
-            self.directory, debounce=self._debounce, step=20, recursive=True
+            root, debounce=self._debounce, step=20, recursive=True, watch_filter=relevant
         ):
-            if self.load():
+            if await self.load_async():
                 self.changed()
 
     def status(self) -> dict[str, AnyT]:
