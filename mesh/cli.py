@@ -56,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dn = sub.add_parser("down", help="stop a mesh and remove all it made")
     dn.add_argument("--name", help="mesh name (default: the only one running)")
     dn.set_defaults(func=cmd_down)
+    co = sub.add_parser("compose", help="write a mesh file as a docker-compose project")
+    co.add_argument("file", help="mesh file")
+    co.add_argument("-o", "--out", required=True, help="directory for docker-compose.yml and docker/")
+    co.set_defaults(func=cmd_compose)
     lg = sub.add_parser("logs", help="print a pod's logs (app and sidecar)")
     lg.add_argument("--name")
     lg.add_argument("pod", nargs="?", help="pod name (default: the daemon's log)")
@@ -146,6 +150,17 @@ def cmd_down(args: argparse.Namespace) -> int:
     print(f"mesh {name} down" + (f": {len(removed)} object(s) removed" if removed else ": nothing left"))
     for line in removed:
         print(f"  {line}")
+    return 0
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from mesh import compose, spec
+    try:
+        written = compose.write(spec.load(args.file), Path(args.out))
+    except spec.MeshFileError as exc:
+        return _err(exc)
+    print(f"wrote {written[0]} and {len(written) - 1} files under {Path(args.out) / 'docker'}; "
+          f"run with: docker compose -f {written[0]} up --build")
     return 0
 
 
