@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import gateway_api
-from .objects import KNOWN_KINDS, ObjectSet, load_path
+from .objects import KNOWN_KINDS, Obj, ObjectSet, load_path
 from .registry import Endpoint, Port, Registry, Service, Workload, from_k8s
 from .sidecar import CLUSTER, ENDPOINT, LISTENER, ROUTE, Mesh, generate
 
@@ -44,6 +44,7 @@ def read_objects(objs: ObjectSet) -> dict[str, list[dict[str, Any]]]:
     from .registry import add_service_entries
     add_service_entries(objs, reg)
     ips = (f"198.18.255.{i}" for i in itertools.count(1))
+    _synthesize_subsets(objs, reg)
     _synthesize_services(objs, reg, ips)
     client = Workload("l7fp-client", "default", "198.18.254.1", {})
     reg.workloads.append(client)
@@ -116,6 +117,28 @@ def _synthesize_services(objs: ObjectSet, reg: Registry, ips: Iterator[str]) -> 
             svc.ports.append(Port(80, "http", "http", 80))
         if not svc.endpoints:
             svc.endpoints.append(Endpoint(next(ips), {"app": svc.name}))
+
+
+def _synthesize_subsets(objs: ObjectSet, reg: Registry) -> None:
+    """Subsets a VirtualService names that no DestinationRule of the file defines.
+
+    The DestinationRule usually sits in another file of the same repository;
+    a stand-in (labels `version: SUBSET`) keeps the route's cluster defined.
+    """
+    have = {(reg.fqdn(str(o.spec.get("host", "")), o.namespace), str(s.get("name")))
+            for o in objs.of("DestinationRule") for s in o.spec.get("subsets") or []}
+    missing: dict[tuple[str, str], set[str]] = {}
+    for o in objs.of("VirtualService"):
+        for rule in o.spec.get("http") or []:
+            for r in rule.get("route") or []:
+                d = r.get("destination") or {}
+                host, subset = str(d.get("host", "")), d.get("subset")
+                if subset and (reg.fqdn(host, o.namespace), str(subset)) not in have:
+                    missing.setdefault((host, o.namespace), set()).add(str(subset))
+    for (host, ns), subsets in missing.items():
+        spec = {"host": host, "subsets": [{"name": s, "labels": {"version": s}} for s in sorted(subsets)]}
+        objs.add(Obj("DestinationRule", f"l7fp-standin-{host}", ns, spec,
+                     {"metadata": {"name": f"l7fp-standin-{host}"}}, "(synthesized)"))
 
 
 def _synthesize_policy_pods(objs: ObjectSet, reg: Registry, ips: Iterator[str]) -> list[Workload]:
