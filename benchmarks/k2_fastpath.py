@@ -1,0 +1,151 @@
+"""Side-by-side latency/throughput of the kernel fast path in the local mesh (K2).
+
+Run: .venv/bin/python -m benchmarks.k2_fastpath [--seconds 5] [--rounds 3]
+
+One mesh, two pods with Envoy sidecars (client, leaf: benchmarks.apps leaf).
+wrk runs in the client pod against the leaf's service name, at 1 and 16
+connections, in ABC order per round:
+
+* fastpath: the agent (`fastpath.agent`, this process) attached to the client
+  pod, with a plan whose one route forwards every request to the leaf;
+* envoy: the same pod with the agent detached (client sidecar + leaf sidecar);
+* direct: wrk as the sidecar's uid 1337, which the interception skips: the
+  client reaches the leaf pod without any proxy (the no-mesh baseline).
+
+Prints one JSON line per measurement and a summary of medians over rounds,
+plus the kernel's share of requests from the agent's counters. Owner: K2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MESH = """
+name: k2bench
+services:
+  client:
+    command: ["${PYTHON}", -m, benchmarks.apps, leaf, --port, "8080"]
+    ports: [8080]
+  leaf:
+    command: ["${PYTHON}", -m, benchmarks.apps, leaf, --port, "9000"]
+    ports: [9000]
+"""
+
+
+def parse(out: str) -> dict[str, float]:
+    """p50 (µs) and req/s from `wrk --latency` output."""
+    units = {"us": 1.0, "ms": 1000.0, "s": 1e6}
+    m = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    r = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    if not m or not r:
+        raise RuntimeError(f"wrk output not understood:\n{out[-1500:]}")
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    if sock:
+        errors += sum(int(x) for x in sock.groups())
+    return {"p50_us": float(m.group(1)) * units[m.group(2)], "rps": float(r.group(1)),
+            "errors": errors}
+
+
+def plan_for(state: dict[str, Any]) -> tuple[Any, Any]:
+    from fastpath.plan import (
+        Cluster,
+        ClusterAction,
+        Direction,
+        Endpoint,
+        KernelPlan,
+        LbPolicy,
+        ListenerPlan,
+        PathKind,
+        Route,
+        RouteMatch,
+        Verdict,
+        VirtualHost,
+        WeightedCluster,
+    )
+    pods = {p["service"]: p for p in state["pods"]}
+    leaf = pods["leaf"]
+    vh = VirtualHost("leaf", ("*",), (Route("leaf", RouteMatch(PathKind.PREFIX, "/"),
+                                            ClusterAction((WeightedCluster("leaf", 1),)),
+                                            Verdict.KERNEL),))
+    client = KernelPlan(pods["client"]["node_id"], "bench",
+                        (ListenerPlan("out9000", "0.0.0.0", 9000, Direction.OUTBOUND, (vh,)),),
+                        (Cluster("leaf", LbPolicy.ROUND_ROBIN, (Endpoint(leaf["ip"], 9000),)),))
+    return client, KernelPlan(leaf["node_id"], "bench")
+
+
+def wrk(m: Any, conns: int, seconds: float, as_sidecar: bool = False) -> dict[str, float]:
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "http://leaf:9000/x"]
+    if as_sidecar:
+        argv = ["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups", *argv]
+    r = m.exec("client", argv, capture_output=True, text=True, timeout=seconds + 30)
+    return parse(r.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=5.0, help="per wrk run (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="ABC rounds (default 3)")
+    args = p.parse_args(argv)
+    from fastpath.agent import Agent
+    from mesh.runner import Mesh
+
+    work = Path(tempfile.mkdtemp(prefix="k2bench"))
+    (work / "mesh.yaml").write_text(MESH)
+    m = Mesh(work / "mesh.yaml", "k2bench", fastpath="off", timeout=120)
+    m.up()
+    agent = Agent(m.state_file, access_log=False)
+    agent.start()
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    try:
+        client, leaf = plan_for(m.state())
+        agent.on_plan(leaf.node_id, leaf)
+        agent.on_plan(client.node_id, client)
+        deadline = time.monotonic() + 60
+        while not (agent.nodes.get(client.node_id) and agent.nodes[client.node_id].plan):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not load: {agent.debug()}")
+            time.sleep(0.2)
+        node = agent.nodes[client.node_id]
+        for pool in node.pools.pools.values():
+            pool.target = 24  # 16 connections + spare, as demand would grow it
+        time.sleep(1)
+        for rnd in range(args.rounds):
+            for conns in (1, 16):
+                for config in ("fastpath", "envoy", "direct"):
+                    if config == "fastpath":
+                        node.dp.attach_cgroup(node.pod.cgroup)
+                    else:
+                        node.dp.detach_cgroup(node.pod.cgroup)
+                    res = wrk(m, conns, args.seconds, as_sidecar=config == "direct")
+                    results.setdefault((config, conns), []).append(res)
+                    print(json.dumps({"round": rnd, "config": config, "connections": conns,
+                                      **res}), flush=True)
+        node.dp.attach_cgroup(node.pod.cgroup)
+        stats = node.stats()
+    finally:
+        agent.stop()
+        m.down()
+    total = sum(stats.values())
+    fast = sum(n for (_r, outcome, _why), n in stats.items() if outcome in ("fast",
+                                                                            "kernel_reply"))
+    summary = {f"{c}@{n}": {"p50_us": statistics.median(x["p50_us"] for x in v),
+                            "rps": statistics.median(x["rps"] for x in v)}
+               for (c, n), v in sorted(results.items())}
+    summary["kernel_share"] = {"kernel": fast, "seen": total,  # type: ignore[dict-item]
+                               "by_outcome": {f"{o}/{w}": n for (_r, o, w), n in stats.items()}}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
