@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(stats.values())
     fast = sum(n for (_r, outcome, _why), n in stats.items() if outcome in ("fast",
                                                                             "kernel_reply"))
-    summary = {f"{c}@{n}": {"p50_us": statistics.median(x["p50_us"] for x in v),
+    summary: dict[str, Any] = {f"{c}@{n}": {"p50_us": statistics.median(x["p50_us"] for x in v),
                             "rps": statistics.median(x["rps"] for x in v)}
                for (c, n), v in sorted(results.items())}
-    summary["kernel_share"] = {"kernel": fast, "seen": total,  # type: ignore[dict-item]
+    summary["kernel_share"] = {"kernel": fast, "seen": total,
                                "by_outcome": {f"{o}/{w}": n for (_r, o, w), n in stats.items()}}
     print(json.dumps(summary, indent=1))
     return 0
