@@ -46,7 +46,7 @@ class Report:
         out: dict[str, Any] = {"routes": _count(self.routes), "rules": _count(self.rules)}
         by: dict[str, Any] = {}
         for info in self.files.values():
-            for fmt in info["formats"] or ["unknown"]:
+            for fmt in info["formats"]:
                 b = by.setdefault(fmt, {"files": 0, "unreadable_files": 0, "skipped_resources": 0})
                 b["files"] += 1
                 b["unreadable_files"] += 1 if info["error"] else 0
@@ -93,7 +93,7 @@ def analyse(paths: list[str], caps: KernelCaps | None = None) -> Report:
 
 def _analyse_file(path: Path, report: Report, caps: KernelCaps | None) -> None:
     docs = inputs.read(path)
-    info: dict[str, Any] = {"formats": sorted({d.format for d in docs if d.format != "unknown"}),
+    info: dict[str, Any] = {"formats": sorted({d.format for d in docs}),
                             "error": "; ".join(d.error for d in docs if d.error) or None,
                             "skipped": [s for d in docs for s in d.skipped]}
     if not docs:

@@ -139,5 +139,5 @@ def read(path: Path) -> list[Document]:
         try:
             load_yaml(path)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            return [Document(str(path), "unknown", error=f"not YAML/JSON: {str(e).splitlines()[0]}")]
+            return [Document(str(path), "unrecognized", error=f"not YAML/JSON: {str(e).splitlines()[0]}")]
     return docs
