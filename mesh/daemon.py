@@ -52,9 +52,10 @@ class Daemon:
     def build(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
-        subnet = naming.pick_subnet(self.name, plumbing.taken_octets())
+        with plumbing.host_lock():  # two meshes starting at once must not share a /24
+            subnet = naming.pick_subnet(self.name, plumbing.taken_octets())
+            plumbing.create_bridge(self.name, subnet)
         self.topo = topo = topology.build(self.spec, subnet)
-        plumbing.create_bridge(self.name, subnet)
         comment = naming.iptables_comment(self.name)
         for pod in topo.pods:
             hosts = netrules.hosts_file(topo.services, pod.name, pod.ip)
@@ -62,6 +63,7 @@ class Daemon:
             plumbing.load_pod_nat(pod.netns, netrules.pod_nat_table(comment, topo.services,
                                                                     self.sidecars))
             self.cgroups[pod.name] = str(plumbing.create_cgroup(self.name, pod.name))
+        self.write_state()  # early: `l7fp serve --mesh-file` and the fast path read it
         if self.sidecars:
             files = self.write_config()
             if self.xds_mode == "file":
@@ -84,6 +86,9 @@ class Daemon:
         """(Re)generate every pod's resources; return how many files changed."""
         assert self.topo is not None
         services = list(self.topo.services)
+        if self.xds_mode == "ads" and self.spec.istio_policies is not None:
+            (self.dir / "xds").mkdir(exist_ok=True)  # `l7fp serve --policies` generates it all
+            return 0
         if self.xds_mode == "ads":
             d, ns = self.dir / "xds", self.spec.namespace
             shared = envoyconf.shared_resources(self.spec, services, self.delivery(""))
@@ -106,7 +111,7 @@ class Daemon:
         self.xds_addr = (self.topo.subnet.gateway, port)
         self.cp_admin = f"127.0.0.1:{admin_port}"
         argv = serve_argv(self.dir / "xds", self.xds_addr, ("127.0.0.1", admin_port),
-                          self.args.fastpath, self.spec)
+                          self.args.fastpath, self.spec, self.dir / "state.json")
         cg = plumbing.create_cgroup(self.name, "_control-plane")
         self.sup.add(Proc("control-plane", pod_argv(argv, None), self.dir / "logs" / "control-plane.log",
                           cg))

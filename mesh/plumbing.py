@@ -7,11 +7,13 @@ again after a crash. Uses the real `ip` and `iptables` tools (root needed).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mesh import naming
@@ -29,6 +31,19 @@ def sh(*args: str, check: bool = True, stdin: str | None = None) -> str:
     if check and proc.returncode != 0:
         raise PlumbingError(f"`{' '.join(args)}` failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
+
+
+@contextlib.contextmanager
+def host_lock() -> Iterator[None]:
+    """Serialize subnet choice between mesh daemons on this host (flock)."""
+    root = Path(naming.STATE_ROOT)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / "mesh.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cgroup2_root() -> Path:

@@ -25,7 +25,7 @@ SIDECAR_UID = 1337
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
 MESH_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,22}$")
 MAX_PODS = 250
-SERVICE_KEYS = {"command", "ports", "replicas", "calls", "env", "policy", "app", "user"}
+SERVICE_KEYS = {"command", "ports", "replicas", "calls", "env", "policy", "app", "user", "labels"}
 TOP_KEYS = {"name", "namespace", "services", "policies", "istio_policies"}
 POLICY_SIDES = ("outbound", "inbound")
 POLICY_KEYS = {"routes", "http_filters"}
@@ -47,6 +47,7 @@ class Service:
     env: dict[str, str] = field(default_factory=dict)
     app: str = "command"  # "command", or "direct_response" (an Envoy leaf, no command)
     user: str = "root"
+    labels: dict[str, str] = field(default_factory=dict)  # pod labels (Istio subsets), plus app
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,12 @@ def _parse_service(where: str, name: str, raw: Any) -> Service:
     if not isinstance(env, dict):
         raise _fail(f"{where}.env", "must be a mapping")
     user = str(raw.get("user", "root"))
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict):
+        raise _fail(f"{where}.labels", "must be a mapping")
     return Service(name, command, ports, replicas, tuple(calls),
-                   {str(k): str(v) for k, v in env.items()}, app, user)
+                   {str(k): str(v) for k, v in env.items()}, app, user,
+                   {"app": name, **{str(k): str(v) for k, v in labels.items()}})
 
 
 def _parse_command(where: str, raw: Any, required: bool) -> tuple[str, ...]:

@@ -63,6 +63,7 @@ def state_doc(topo: Topology, *, pid: int, cgroups: dict[str, str], pids: dict[s
         "pods": [{"name": p.name, "service": p.service, "namespace": spec.namespace,
                   "netns": p.netns, "cgroup": cgroups[p.name], "ip": p.ip, "ports": list(p.ports),
                   "node_id": p.node_id, "envoy_admin": ENVOY_ADMIN_PORT,
+                  "labels": spec.services[p.service].labels,
                   "pids": pids.get(p.name, {})} for p in topo.pods],
         "services": [{"name": s.name, "vip": s.vip, "ports": list(s.ports),
                       "pod_ips": list(s.pod_ips), "hostnames": list(s.names)}

@@ -128,10 +128,9 @@ def switch_delay(rows: list[dict], changed_at: float, old: str) -> float:
     return last_old - changed_at
 
 
-# Over ADS the delay is l7fp serve's reload + push; with six other engineers'
-# load on 2 cores it was measured at 2-3 s, hence the bound (the 1 s target
-# holds with --xds file, tested in test_small_mesh.py).
-ADS_BOUND_S = 6.0
+# The target: a policy change is in force within 1 s (measured 0.2-0.3 s over
+# ADS once the control plane reloads incrementally; 0.02 s with file xDS).
+ADS_BOUND_S = 1.0
 
 
 def test_policy_change_over_ads_without_failures(demo_mesh: Mesh) -> None:
@@ -139,7 +138,7 @@ def test_policy_change_over_ads_without_failures(demo_mesh: Mesh) -> None:
     delay = switch_delay(rows, changed_at, "user")
     print(f"policy change in force after {delay:.3f} s over ADS")
     assert delay < ADS_BOUND_S
-    time.sleep(ADS_BOUND_S)  # the restored policy is in force for whoever comes next
+    time.sleep(2 * ADS_BOUND_S)  # the restored policy is in force for whoever comes next
 
 
 def test_kill9_of_daemon_then_down_leaves_nothing(demo_mesh: Mesh) -> None:
