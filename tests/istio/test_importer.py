@@ -130,3 +130,27 @@ def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("kind: [unclosed\n")
     with pytest.raises(ValueError, match="bad.yaml"):
         load_path(tmp_path)
+
+
+def test_export_to_limits_visibility(tmp_path: Path) -> None:
+    (tmp_path / "vs.yaml").write_text("""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: private, namespace: a}
+spec:
+  hosts: [web.a.svc.cluster.local]
+  exportTo: ["."]
+  http: [{route: [{destination: {host: web.a.svc.cluster.local}}], timeout: 3s}]
+""")
+    objs = load_path(tmp_path)
+    reg = registry.Registry()
+    reg.add(registry.Service("web", "a", [registry.Port(80)]))
+    mesh = istio.sidecar.mesh_from(objs, reg)
+
+    def web_timeout(ns: str) -> str:
+        res = istio.generate(mesh, f"sidecar~198.18.0.9~c.{ns}~{ns}.svc.cluster.local")
+        (vh,) = [v for v in res[ROUTE][0]["virtualHosts"] if v["name"].startswith("web.")]
+        return str(vh["routes"][0]["route"]["timeout"])
+
+    assert web_timeout("a") == "3s"  # the VirtualService's own namespace sees it
+    assert web_timeout("b") == "0s"  # elsewhere: Istio's default route

@@ -11,7 +11,7 @@ import fnmatch
 from collections.abc import Mapping
 from typing import Any
 
-from .objects import Obj, ObjectSet, Warnings, as_list, check_fields
+from .objects import Obj, ObjectSet, Warnings, as_list, check_fields, exported_to
 from .registry import Endpoint, Port, Registry, Service
 from .routes import duration
 
@@ -31,6 +31,11 @@ def find_rule(objs: ObjectSet, reg: Registry, svc: Service, client_ns: str) -> O
     """The DestinationRule for `svc`: client namespace first, then the service's, then any."""
     candidates = []
     for o in objs.of("DestinationRule"):
+        if not exported_to(o, client_ns):
+            continue
+        if o.spec.get("workloadSelector"):
+            objs.warnings.add(o, "spec.workloadSelector", "DestinationRule workload selection is "
+                              "unsupported; the rule applies to every client")
         host = reg.fqdn(str(o.spec.get("host", "")), o.namespace)
         if host == svc.hostname or fnmatch.fnmatchcase(svc.hostname, host):
             candidates.append(o)

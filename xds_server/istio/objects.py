@@ -124,6 +124,15 @@ def check_fields(
     return value
 
 
+def exported_to(obj: Obj, namespace: str) -> bool:
+    """Istio `exportTo`: is `obj` visible to a proxy in `namespace`? (absent = everywhere)"""
+    export = obj.spec.get("exportTo")
+    if not export:
+        return True
+    return any(e == "*" or e == namespace or (e == "." and obj.namespace == namespace)
+               for e in map(str, export))
+
+
 def as_list(warnings: Warnings, obj: Obj, path: str, value: Any) -> list[Any]:
     if value is None:
         return []

@@ -315,6 +315,9 @@ def add_service_entries(objs: ObjectSet, reg: Registry) -> None:
             "workloadSelector"})
         if "workloadSelector" in spec:
             w.add(o, "spec.workloadSelector", "WorkloadEntry selection unsupported; ignored")
+        if spec.get("exportTo") and "*" not in map(str, spec["exportTo"]):
+            w.add(o, "spec.exportTo", "namespace-scoped ServiceEntries are unsupported; "
+                  "visible to every namespace")
         ports = [Port(int(p["number"]), str(p.get("name") or ""),
                       _protocol(str(p.get("name") or ""), p.get("protocol")),
                       int(p.get("targetPort") or p["number"]))

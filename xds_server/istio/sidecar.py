@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import authz, clusters, gateway_api, routes
-from .objects import Obj, ObjectSet
+from .objects import Obj, ObjectSet, exported_to
 from .registry import DOMAIN, Registry, Service, Workload
 
 T = "type.googleapis.com/envoy.config."
@@ -144,10 +144,12 @@ def _for_mesh(mesh: Mesh, o: Obj) -> bool:
     return True
 
 
-def _vs_for(mesh: Mesh, svc: Service) -> Obj | None:
+def _vs_for(mesh: Mesh, svc: Service, client_ns: str) -> Obj | None:
     """The VirtualService routing `svc` (Istio: the first one wins for sidecars)."""
     found = None
     for vs in _virtual_services(mesh):
+        if not exported_to(vs, client_ns):
+            continue
         for h in vs.spec.get("hosts") or []:
             fq = mesh.reg.fqdn(str(h), vs.namespace)
             if fq == svc.hostname or ("*" in fq and fnmatch.fnmatchcase(svc.hostname, fq)):
@@ -169,7 +171,7 @@ def _route_config(mesh: Mesh, wl: Workload, services: list[Service], port: int,
             continue
         doms = [d for d in _domains(svc, port, wl.namespace) if d not in seen]
         seen.update(doms)
-        vs = _vs_for(mesh, svc)
+        vs = _vs_for(mesh, svc, wl.namespace)
         if vs is None and mesh.policy_only:
             continue
         rts = _vs_routes(mesh, vs, wl, port) if vs is not None else [_default_route(svc, port)]
