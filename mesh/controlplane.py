@@ -17,9 +17,10 @@ def serve_argv(config_dir: Path, xds: tuple[str, int], admin: tuple[str, int], f
                spec: MeshSpec, state_file: Path) -> list[str]:
     """`l7fp serve` for one mesh; with `istio_policies`, istiod-like generation
     from that directory for the pods of `state_file` (the config dir stays empty)."""
-    argv = [sys.executable, "-m", "xds_server", "serve", "--config", str(config_dir),
+    argv = [sys.executable, "-m", "xds_server", "serve",
             "--xds-address", xds[0], "--xds-port", str(xds[1]),
-            "--admin-address", admin[0], "--admin-port", str(admin[1]), "--fastpath", fastpath]
+            "--admin-address", admin[0], "--admin-port", str(admin[1]), "--fastpath", fastpath,
+            "--fastpath-mesh-state", str(state_file)]
     if spec.istio_policies is not None:
-        argv += ["--policies", str(spec.istio_policies), "--mesh-file", str(state_file)]
-    return argv
+        return argv + ["--policies", str(spec.istio_policies), "--mesh-file", str(state_file)]
+    return argv + ["--config", str(config_dir)]
