@@ -15,7 +15,7 @@ from fastpath.reference import Request
 
 PATHS = ["/", "/a", "/a/", "/a/b", "/ab", "/A/b", "/b", "/a/b/c", "/Ab"]
 PREFIXES = ["/", "/a", "/a/", "/ab", "/A", "/b"]
-HOSTS = ["h1.example", "x.example", "other.test"]
+HOSTS = ["h1.example", "x.example", "other.test", "h1.example:8080"]
 DOMAINS = [["h1.example"], ["*.example"], ["h1.*"], ["x.example", "h1.example"]]
 
 
@@ -112,3 +112,43 @@ requests = st.builds(
     st.sampled_from(["", "", "?q=1", "?q=2", "?r=1"]), st.sampled_from(HOSTS),
     st.dictionaries(st.sampled_from(["x-h", "x-k"]), st.sampled_from(["v", "V", "vv", "w", "xv"]), max_size=2),
 )
+
+
+def _permission(port: int) -> st.SearchStrategy[dict[str, Any]]:
+    leaf = st.one_of(
+        st.just({"any": True}),
+        st.builds(lambda k, p: {"url_path": {"path": {k: p}}}, st.sampled_from(["prefix", "exact"]),
+                  st.sampled_from(["/a", "/a/b", "/b"])),
+        st.builds(lambda m: {"header": {"name": ":method", "string_match": {"exact": m}}},
+                  st.sampled_from(["GET", "POST"])),
+        st.builds(lambda v: {"header": {"name": "x-h", "string_match": {"exact": v}}}, st.sampled_from(["v", "w"])),
+        st.just({"header": {"name": "x-k", "present_match": True}}),
+        st.builds(lambda p: {"destination_port": p}, st.sampled_from([port, 1])),
+    )
+    return st.one_of(
+        leaf,
+        st.builds(lambda a, b: {"and_rules": {"rules": [a, b]}}, leaf, leaf),
+        st.builds(lambda a, b: {"or_rules": {"rules": [a, b]}}, leaf, leaf),
+        st.builds(lambda a: {"not_rule": a}, leaf),
+    )
+
+
+def _principal() -> st.SearchStrategy[dict[str, Any]]:
+    leaf = st.one_of(
+        st.just({"any": True}),
+        st.builds(lambda c, n: {"direct_remote_ip": {"address_prefix": c, "prefix_len": n}},
+                  st.sampled_from(["127.0.0.0", "198.18.0.0"]), st.sampled_from([8, 15])),
+        st.just({"header": {"name": "x-k", "present_match": True}}),
+    )
+    return st.one_of(leaf, st.builds(lambda a: {"not_id": a}, leaf))
+
+
+def rbac_config(port: int) -> st.SearchStrategy[dict[str, Any]]:
+    """An Envoy RBAC filter config (ALLOW or DENY, 1-3 policies)."""
+    policy = st.builds(lambda perms, prins: {"permissions": perms, "principals": prins},
+                       st.lists(_permission(port), min_size=1, max_size=2),
+                       st.lists(_principal(), min_size=1, max_size=2))
+    return st.builds(
+        lambda action, pols: {"rules": {"action": action,
+                                        "policies": {f"p{i}": p for i, p in enumerate(pols)}}},
+        st.sampled_from(["ALLOW", "DENY"]), st.lists(policy, min_size=1, max_size=3))
