@@ -162,6 +162,7 @@ BPF_PERCPU_HASH(dp_stats, struct dp_stat_key, __u64, 4096);
 BPF_ARRAY(dp_replies, struct dp_reply, DP_MAX_REPLIES);
 BPF_ARRAY(dp_cfg, struct dp_gen_cfg, 1);
 BPF_RINGBUF_OUTPUT(dp_events, 64); /* 64 pages */
+BPF_ARRAY(dp_pool_miss, __u64, DP_MAX_POOLS); /* pool found empty: the agent grows it */
 
 static __always_inline void dp_count(__u32 route, __u16 outcome, __u16 reason)
 {

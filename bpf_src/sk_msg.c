@@ -197,7 +197,11 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     int b = dp_bind_upstream(c, v.pool);
     if (b < 0) {
         __u16 why = b == -1 ? DP_R_BINDS : DP_R_POOL_EMPTY;
-        dp_access(c, &v, DP_OUT_ENVOY, why); /* tells the agent to grow the pool */
+        dp_access(c, &v, DP_OUT_ENVOY, why);
+        __u32 pool = v.pool;
+        __u64 *miss = dp_pool_miss.lookup(&pool);
+        if (miss)
+            __sync_fetch_and_add(miss, 1); /* the agent grows this pool */
         return dp_to_envoy(c, v.route, why);
     }
     if (size < v.consumed) {

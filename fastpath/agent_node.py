@@ -22,7 +22,6 @@ from fastpath import agent_inline
 from fastpath.counters import (
     DP_EV_ACCESS,
     DP_EV_CLOSE,
-    DP_R_POOL_EMPTY,
     AccessLog,
     DpEvent,
     read_stats,
@@ -120,8 +119,6 @@ class NodeDatapath:
         if ev.kind == DP_EV_CLOSE:
             self.pools.release([int(c) for c in ev.up_cookies if c])
         elif ev.kind == DP_EV_ACCESS:
-            if ev.outcome == 2 and ev.reason == DP_R_POOL_EMPTY:
-                self.pools.note_pool_empty(ev.pool)
             self.access.add(ev, lambda r: self.route_names.get(r, ""),
                             lambda p: self.pool_clusters.get(p, ""))
 
@@ -132,6 +129,7 @@ class NodeDatapath:
         return {int(k.value) for k in self.dp.bpf["dp_peer"].keys()}
 
     def upkeep(self) -> None:
+        self.pools.note_misses(self.dp.pool_misses())
         self.pools.upkeep(self.bound())
 
     # ---- views ------------------------------------------------------------

@@ -69,6 +69,22 @@ def map_delete(fd: int, key: Any) -> bool:
     return ret == 0
 
 
+def map_key_count(fd: int, key_size: int, limit: int = 1 << 20) -> int:
+    """Number of keys in a map (works for SOCKHASH, which BCC cannot wrap)."""
+    lib().bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    cur = (ct.c_uint8 * key_size)()
+    nxt = (ct.c_uint8 * key_size)()
+    n = 0
+    if lib().bpf_map_get_next_key(fd, None, ct.byref(nxt)) != 0:
+        return 0
+    while n < limit:
+        n += 1
+        ct.memmove(cur, nxt, key_size)
+        if lib().bpf_map_get_next_key(fd, ct.byref(cur), ct.byref(nxt)) != 0:
+            break
+    return n
+
+
 def queue_create(name: str, value_size: int, depth: int) -> int:
     return _check(lib().bpf_map_create(BPF_MAP_TYPE_QUEUE, name.encode()[:15], 0, value_size,
                                        depth, None), f"create queue map {name}")

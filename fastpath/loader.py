@@ -138,7 +138,8 @@ class Datapath:
 
     def reset(self) -> None:
         """Empty the tables: a cached module may have served an earlier Datapath."""
-        for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_replies", "dp_eps"):
+        for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_replies", "dp_eps",
+                     "dp_pool_miss"):
             try:
                 self.bpf[name].clear()
             except KeyError:
@@ -252,6 +253,11 @@ class Datapath:
             self.bpf["dp_events"].open_ring_buffer(lambda c, d, n: sink[0](c, d, n))
             self.bpf._l7fp_event_sink = sink
         sink[0] = callback
+
+    def pool_misses(self) -> dict[int, int]:
+        """Times sk_msg found each pool empty (monotonic counters)."""
+        return {int(k.value): int(v.value) for k, v in self.bpf["dp_pool_miss"].items()
+                if v.value}
 
     def drop_peer(self, cookie: int) -> None:
         bpfsys.map_delete(self.fds["dp_peer"], ct.c_uint64(cookie))

@@ -23,6 +23,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 CLONE_NEWNET = 0x40000000
 MIN_DEPTH = 4
 MAX_DEPTH = 128
+SHRINK_AFTER_S = 5.0  # a pool without misses this long halves its target
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class Pool:
     socks: dict[int, socket.socket] = field(default_factory=dict)  # cookie -> socket
     free: set[int] = field(default_factory=set)  # cookies offered to the kernel queue
     failures: int = 0
+    misses: int = 0  # last seen value of the kernel's dp_pool_miss counter
+    grown_at: float = 0.0
 
 
 def connect_in_netns(netns: str | None, address: str, port: int, n: int,
@@ -127,11 +131,22 @@ class Pools:
             if pid is not None and pid in self.pools:
                 self._forget(self.pools[pid], cookie)
 
-    def note_pool_empty(self, pool_id: int) -> None:
-        """sk_msg found the pool empty: keep more sockets ready."""
-        pool = self.pools.get(pool_id)
-        if pool is not None:
-            pool.target = min(MAX_DEPTH, max(MIN_DEPTH, pool.target * 2))
+    def note_misses(self, misses: dict[int, int]) -> None:
+        """Size pools from demand: grow a pool sk_msg found empty since the last
+        look by its misses; halve one without misses for SHRINK_AFTER_S (down to
+        MIN_DEPTH)."""
+        now = time.monotonic()
+        for pool in self.pools.values():
+            seen = misses.get(pool.pool_id, 0)
+            if seen > pool.misses:
+                # one more ready socket per miss, at most doubling per look
+                grow = min(seen - pool.misses, pool.target)
+                pool.target = min(MAX_DEPTH, pool.target + grow)
+                pool.grown_at = now
+            elif pool.target > MIN_DEPTH and now - pool.grown_at > SHRINK_AFTER_S:
+                pool.target = max(MIN_DEPTH, pool.target // 2)
+                pool.grown_at = now
+            pool.misses = seen
 
     # ---- upkeep (agent thread) --------------------------------------------
     def upkeep(self, bound: set[int]) -> None:
@@ -146,6 +161,15 @@ class Pools:
             missing = pool.target - len(pool.free)
             if missing > 0:
                 self._refill(pool, missing)
+            elif missing < 0:
+                self._shrink(pool, -missing)
+
+    def _shrink(self, pool: Pool, n: int) -> None:
+        """Close n free sockets (taken out of the kernel queue first)."""
+        surplus = set(list(pool.free)[:n])
+        self._drain_queue(pool.pool_id, surplus)
+        for cookie in surplus:
+            self._forget(pool, cookie)
 
     def _refill(self, pool: Pool, n: int) -> None:
         try:
