@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--fastpath", choices=["on", "off", "auto"], default="off",
                     help="passed to `l7fp serve --fastpath` (with --xds ads)")
     up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    up.add_argument("--backend", choices=["local", "docker"], default="local",
+                    help="local: namespaces on this host (default); docker: containers through "
+                         "the Docker SDK (needs a reachable engine)")
     up.add_argument("--foreground", action="store_true",
                     help="stay attached; Ctrl-C tears the mesh down")
     up.set_defaults(func=cmd_up)
@@ -55,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=cmd_exec)
     dn = sub.add_parser("down", help="stop a mesh and remove all it made")
     dn.add_argument("--name", help="mesh name (default: the only one running)")
+    dn.add_argument("--backend", choices=["local", "docker"], default="local")
     dn.set_defaults(func=cmd_down)
     co = sub.add_parser("compose", help="write a mesh file as a docker-compose project")
     co.add_argument("file", help="mesh file")
@@ -75,6 +79,8 @@ def _err(msg: object) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from mesh.runner import Mesh, MeshError
     from mesh.spec import MeshFileError
+    if args.backend == "docker":
+        return _docker_up(args)
     try:
         m = Mesh(args.file, args.name, sidecars=args.sidecars, xds=args.xds,
                  fastpath=args.fastpath, timeout=args.timeout)
@@ -139,9 +145,32 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return _err(exc)
 
 
+def _docker_up(args: argparse.Namespace) -> int:
+    from mesh import docker_backend, spec
+    try:
+        s = spec.load(args.file, args.name)
+        out = docker_backend.up(s)
+    except (spec.MeshFileError, docker_backend.DockerBackendError) as exc:
+        return _err(exc)
+    print(f"mesh {s.name} up in Docker (project files in {out}); "
+          f"`l7fp mesh down --backend docker --name {s.name}` removes it")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from mesh.runner import MeshError, resolve_name
     from mesh.teardown import down
+    if args.backend == "docker":
+        from mesh import docker_backend
+        if not args.name:
+            return _err("--backend docker needs --name")
+        try:
+            removed = docker_backend.down(args.name)
+        except docker_backend.DockerBackendError as exc:
+            return _err(exc)
+        down(args.name)
+        print(f"mesh {args.name} down in Docker: {len(removed)} object(s) removed")
+        return 0
     try:
         name = resolve_name(args.name)
     except MeshError as exc:
