@@ -226,8 +226,11 @@ class Daemon:
     def run(self) -> None:
         while not self.stop:
             time.sleep(POLL_S)
-            for line in self.sup.check():
+            events = self.sup.check()
+            for line in events:
                 log.warning("%s", line)
+            if events:
+                self.write_state()  # new pids of restarted processes
             stamps = self.file_stamps()
             if stamps != self.stamps:
                 self.stamps = stamps

@@ -140,3 +140,25 @@ def test_bad_file_starts_nothing(kernel: None, tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "services.user.command" in r.stderr
     assert leftovers(name) == [] and not any(n.startswith(f"l7fp-{name}-") for n in plumbing.netns_list())
+
+
+def test_crashed_app_is_restarted_and_state_updated(file_mesh: Mesh) -> None:
+    import os
+    import signal
+    old = file_mesh.pod("user")["pids"]["app"]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    new = old
+    while time.monotonic() < deadline and new == old:
+        time.sleep(0.2)
+        new = file_mesh.pod("user")["pids"].get("app", old)
+    assert new != old
+    for _ in range(50):  # back in service through the sidecar
+        r = file_mesh.exec("client", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                      "http://user:9000/x"], capture_output=True, text=True)
+        if r.stdout == "200":
+            break
+        time.sleep(0.2)
+    assert r.stdout == "200"
+    log = (Path(file_mesh.state()["logs"]).parent / "daemon.log").read_text()
+    assert "user-0/app exited -9; restart 1/5" in log
