@@ -59,7 +59,7 @@ def cdf_plot(runs: list[dict[str, Any]], out: Path) -> str | None:
 
 
 def load_plot(summary: list[dict[str, Any]], out: Path) -> str | None:
-    """p50 and p99 against achieved throughput for the rate sweep."""
+    """p50 and p99 against the offered rate of the sweep (achieved rates are in report.md)."""
     swept = [r for r in summary if r["offered_rps"] is not None]
     if not swept:
         return None
@@ -69,13 +69,15 @@ def load_plot(summary: list[dict[str, Any]], out: Path) -> str | None:
         rows = sorted((r for r in swept if r["configuration"] == name), key=lambda r: r["offered_rps"])
         if not rows:
             continue
-        xs = [r["rps"] for r in rows]
+        xs = [r["offered_rps"] for r in rows]
         ax.plot(xs, [r["p50_us"] for r in rows], marker="o", color=COLORS.get(name),
                 label=f"{name} p50")
         ax.plot(xs, [r["p99_us"] for r in rows], marker="x", linestyle="--",
                 color=COLORS.get(name), label=f"{name} p99")
     ax.set_yscale("log")
-    ax.set_xlabel("achieved throughput (req/s)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("offered load (req/s, log scale; a configuration past its capacity "
+                  "achieves less)")
     ax.set_ylabel("latency (µs, log scale)")
     ax.set_title("leaf service: latency against offered load (h2load rate sweep)")
     ax.grid(True, which="both", alpha=0.3)
