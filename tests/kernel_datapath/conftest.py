@@ -37,6 +37,8 @@ static_resources:
               response_headers_to_add:
               - header: {{key: x-via, value: envoy}}
               routes:
+              - match: {{prefix: "/deny"}}
+                direct_response: {{status: 403, body: {{inline_string: "RBAC: access denied"}}}}
               - match: {{prefix: "/"}}
                 route: {{cluster: up}}
   clusters:
@@ -57,7 +59,8 @@ def pick_free_port() -> int:
 
 
 class Envoy:
-    """A real Envoy (child of the test process) proxying everything to `up_port`."""
+    """A real Envoy (child of the test process): /deny -> 403 "RBAC: access denied"
+    (the same policy the kernel tests give the fast path), everything else to `up_port`."""
 
     def __init__(self, binary: str, up_port: int, workdir: Path) -> None:
         self.port = pick_free_port()

@@ -14,6 +14,13 @@ import sys
 
 
 def read_response(f) -> dict:  # type: ignore[no-untyped-def]
+    while True:  # interim 1xx responses (100 Continue) are skipped
+        res = read_one(f)
+        if not 100 <= res["status"] < 200:
+            return res
+
+
+def read_one(f) -> dict:  # type: ignore[no-untyped-def]
     line = f.readline().decode("latin-1")
     if not line:
         return {"status": 0, "headers": {}, "body": ""}

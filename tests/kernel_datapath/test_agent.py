@@ -40,7 +40,7 @@ def route(name: str, prefix: str, action, verdict=Verdict.KERNEL) -> Route:  # t
 def client_plan(envoy_port: int, up_port: int, version: str = "v1") -> KernelPlan:
     vh = VirtualHost("all", ("*",), (
         route("fast", "/fast", ClusterAction((WeightedCluster("up", 100),))),
-        route("deny", "/deny", DirectResponse(403, "denied by policy")),
+        route("deny", "/deny", DirectResponse(403, "RBAC: access denied")),
         route("punt", "/punt", ClusterAction((WeightedCluster("up", 100),)), Verdict.ENVOY),
     ))
     lst = ListenerPlan("out", "127.0.0.1", envoy_port, Direction.OUTBOUND, (vh,))
@@ -97,7 +97,7 @@ def test_agent_applies_plan_and_recycles(agent, cgroup, envoy, upstream):  # typ
     out += run(cgroup, envoy.port, [[{"send": [get("/punt/z")]}]])
     for c in out[:5]:
         assert c[0]["status"] == 200 and "x-via" not in c[0]["headers"]
-        assert c[1]["status"] == 403 and c[1]["body"] == "denied by policy"
+        assert c[1]["status"] == 403 and c[1]["body"] == "RBAC: access denied"
     assert out[5][0]["headers"].get("x-via") == "envoy"
     assert all("/deny" not in line for line in upstream.seen)
     stats = dict(agent.stats())["client"]
