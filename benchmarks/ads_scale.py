@@ -8,7 +8,9 @@ child process, N clients in this process, each on its own TCP connection
 (as N Envoys would be), subscribed to CDS, EDS, LDS and RDS and ACKing every
 response. Then --changes times: rewrite the routes file and time, per client,
 from the write to the arrival of the new RDS version (the client ACKs at
-once). Prints p50/p99/max convergence and the server's RSS (VmHWM: the peak).
+once). Prints p50/p99/max convergence, the median spread from the first to
+the last client receiving a change (the distribution part, without the
+parsing of the change), and the server's RSS (VmHWM: the peak).
 
 The clients never decode resources (a top-level field scan reads type_url,
 version and nonce only), so the client process measures the server, not
@@ -213,7 +215,8 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
         xds, admin = free_port(), free_port()
         log = open(d / "serve.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "xds_server", "--log-level", "warning", "serve", "--config", str(d),
+            [sys.executable, *(["-m", "cProfile", "-o", args.profile] if args.profile else []),
+             "-m", "xds_server", "--log-level", "warning", "serve", "--config", str(d),
              "--xds-address", "127.0.0.1", "--xds-port", str(xds), "--admin-port", str(admin),
              "--fastpath", args.fastpath], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         stop = asyncio.Event()
@@ -230,12 +233,14 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
             initial = time.monotonic() - t0
             await asyncio.sleep(1)
             lat: list[float] = []
+            spread: list[float] = []
             for gen in range(1, args.changes + 1):
                 marks = [len(c.arrivals) for c in clients]
                 t0 = time.monotonic()
                 write_config(d, args.routes, gen)
                 per = await converge(clients, marks, t0, args.timeout)
                 lat.extend(per)
+                spread.append(max(per) - min(per))
                 await asyncio.sleep(0.5)
             mem = rss_kib(proc.pid)
         finally:
@@ -253,7 +258,7 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "clients": n, "routes": args.routes, "delta": args.delta, "fastpath": args.fastpath,
         "changes": args.changes, "initial_sync_s": round(initial, 3),
         "p50_s": round(statistics.median(lat), 3), "p99_s": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 3),
-        "max_s": round(lat[-1], 3), "rss_mib": round(mem["VmRSS"] / 1024, 1), "peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
+        "max_s": round(lat[-1], 3), "first_to_last_s": round(statistics.median(spread), 3), "rss_mib": round(mem["VmRSS"] / 1024, 1), "peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
     }
 
 
@@ -284,6 +289,7 @@ def main() -> int:
     p.add_argument("--fastpath", default="off", choices=["on", "off", "auto"], help="server --fastpath")
     p.add_argument("--timeout", type=float, default=120, help="give up after this many seconds")
     p.add_argument("--json", help="also write results to this file")
+    p.add_argument("--profile", help="run the server under cProfile, stats to this file")
     args = p.parse_args()
     results = []
     for n in (int(x) for x in args.clients.split(",")):

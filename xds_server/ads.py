@@ -30,6 +30,7 @@ from grpclib.encoding.proto import ProtoCodec
 
 from xds_server.metrics import short_type
 from xds_server.node import NodeInfo
+from xds_server.protocol import requests
 from xds_server.protocol.common import Ack, Event, Ignored, Nack, Outgoing
 from xds_server.protocol.delta import DeltaStream
 from xds_server.protocol.sotw import SotwStream
@@ -42,12 +43,23 @@ _ids = itertools.count(1)
 
 
 class PassthroughCodec(ProtoCodec):
-    """grpclib codec that sends pre-encoded responses (protocol.wire.Encoded) as they are."""
+    """grpclib codec: sends pre-encoded responses (protocol.wire.Encoded) as they are,
+    and decodes xDS requests with the fast top-level decoder (protocol.requests)."""
 
     def encode(self, message: AnyT, message_type: AnyT) -> bytes:
         if isinstance(message, Encoded):
             return message.data
         return super().encode(message, message_type)
+
+    def decode(self, data: bytes, message_type: AnyT) -> AnyT:
+        try:
+            if message_type is DiscoveryRequest:
+                return requests.decode_sotw(data)
+            if message_type is DeltaDiscoveryRequest:
+                return requests.decode_delta(data)
+        except requests.DecodeError as exc:
+            raise grpclib.GRPCError(grpclib.const.Status.INVALID_ARGUMENT, f"malformed request: {exc}") from None
+        return super().decode(data, message_type)
 
 
 @dataclass
@@ -71,6 +83,7 @@ class AdsService(AggregatedDiscoveryServiceBase):
 
     def __init__(self, server: XdsServer) -> None:
         self.server = server
+        self._children: dict[str, tuple[AnyT, AnyT]] = {}  # prometheus label children, by type
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         base = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
@@ -114,6 +127,7 @@ class AdsService(AggregatedDiscoveryServiceBase):
             state.set_snapshot(snap, born)
             wake.set()
 
+        srv.stream_opened(node.id)
         srv.ensure_node(node)
         cancel = srv.cache.watch(node.id, on_snapshot)
         reader = asyncio.create_task(self._read(stream, conn, first, wake))
@@ -124,7 +138,7 @@ class AdsService(AggregatedDiscoveryServiceBase):
             cancel()
             srv.connections.pop(conn.id, None)
             srv.metrics.connected.labels(state.kind).dec()
-            srv.forget_node(node.id)
+            srv.stream_closed(node.id)
             log.info("ADS stream %d (node %s) closed", conn.id, node.id)
 
     async def _read(self, stream: grpclib.server.Stream, conn: Connection, first: AnyT, wake: asyncio.Event) -> None:
@@ -178,8 +192,10 @@ class AdsService(AggregatedDiscoveryServiceBase):
 
     def _sent(self, conn: Connection, out: Outgoing) -> None:
         t = short_type(out.type_url)
-        self.server.metrics.pushes.labels(t).inc()
-        self.server.metrics.config_size.labels(t).inc(len(out.message.data))
+        pushes, size = self._children.get(t) or self._children.setdefault(
+            t, (self.server.metrics.pushes.labels(t), self.server.metrics.config_size.labels(t)))
+        pushes.inc()
+        size.inc(len(out.message.data))
         log.debug("sent %s v%s nonce %s (%d resources, %d removed) to %s",
                   t, out.version, out.nonce, out.count, len(out.removed), conn.node.id)
 

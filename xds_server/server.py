@@ -53,6 +53,7 @@ class XdsServer:
         self.started_at = time.time()
         self.last_push: dict[str, AnyT] = {}
         self._plan_listeners: list[PlanListener] = []
+        self._streams: dict[str, int] = {}
         self._memo: dict[Hashable, Snapshot] = {}
         self._debouncer = Debouncer(self._push, debounce, debounce_max)
         for s in sources:
@@ -109,14 +110,21 @@ class XdsServer:
         """Called by a new stream: build the node's snapshot if it has none yet."""
         known = self.nodes.get(node.id)
         self.nodes[node.id] = node
-        if known is None or self.cache.get(node.id) is None:
+        if known != node or self.cache.get(node.id) is None:  # new, or its cluster changed
             self.update_node(node, None, None)
 
-    def forget_node(self, node_id: str) -> None:
-        """Called when a node's last stream ends."""
-        if not any(c.node.id == node_id for c in self.connections.values()):
-            self.nodes.pop(node_id, None)
-            self.cache.clear(node_id)
+    def stream_opened(self, node_id: str) -> None:
+        self._streams[node_id] = self._streams.get(node_id, 0) + 1
+
+    def stream_closed(self, node_id: str) -> None:
+        """Forget the node (and its snapshot) when its last stream ends."""
+        left = self._streams.get(node_id, 1) - 1
+        if left > 0:
+            self._streams[node_id] = left
+            return
+        self._streams.pop(node_id, None)
+        self.nodes.pop(node_id, None)
+        self.cache.clear(node_id)
 
     def update_node(self, node: NodeInfo, born: float | None, used: set[Hashable] | None) -> int:
         try:
