@@ -1,0 +1,24 @@
+"""ctypes mirrors of the data path's C structs match the C layout (K2)."""
+
+from __future__ import annotations
+
+import ctypes as ct
+
+import pytest
+
+from fastpath.counters import DpEvent
+from fastpath.loader import BPF_SRC, module_text
+
+pytestmark = [pytest.mark.kernel]
+
+
+def test_dp_event_layout(kernel) -> None:  # type: ignore[no-untyped-def]
+    from bcc import BPF
+
+    text = module_text() + "\nBPF_ARRAY(layout, struct dp_event, 1);\n"
+    b = BPF(text=text, cflags=[f"-I{BPF_SRC}"])
+    leaf = b["layout"].Leaf
+    assert ct.sizeof(leaf) == ct.sizeof(DpEvent)
+    c_fields = [(name, getattr(leaf, name).offset) for name, *_ in leaf._fields_]
+    py_fields = [(name, getattr(DpEvent, name).offset) for name, *_ in DpEvent._fields_]
+    assert c_fields == py_fields
