@@ -139,9 +139,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
         elif f.kind == "local_ratelimit":
             limit, more = local_rate_limit(f.config)
             reasons += more
-    for key in ("scopedRoutes", "stripAnyHostPort", "stripMatchingHostPort"):
-        if hcm.get(key):
-            reasons.append(f"http_connection_manager {key}")
+    reasons += _hcm_reasons(hcm)
     rc_name = hcm.get("rds", {}).get("routeConfigName", "")
     rc = hcm.get("routeConfig") or res.route_configs.get(rc_name)
     if rc is None:
@@ -168,11 +166,40 @@ def _punt(r: Route, why: str) -> Route:
     return replace(r, verdict=Verdict.ENVOY, reason=reason)
 
 
+# HCM settings that change what a request gets, beyond routing: the kernel
+# doesn't replicate them, so the whole listener stays with Envoy.
+_HCM_ENVOY_KEYS = ("scopedRoutes", "stripAnyHostPort", "stripMatchingHostPort", "localReplyConfig",
+                   "via", "addUserAgent", "originalIpDetectionExtensions", "earlyHeaderMutationExtensions")
+# Route-config / virtual-host fields whose effect the kernel reproduces or that
+# have none on a request (stats, metadata); any other field needs Envoy.
+_RC_KEYS = {"name", "virtualHosts", "requestHeadersToAdd", "requestHeadersToRemove",
+            "responseHeadersToAdd", "responseHeadersToRemove", "validateClusters",
+            "typedPerFilterConfig", "metadata", "maxDirectResponseBodySizeBytes"}
+_VH_KEYS = {"name", "domains", "routes", "requireTls", "virtualClusters", "rateLimits",
+            "requestHeadersToAdd", "requestHeadersToRemove", "responseHeadersToAdd",
+            "responseHeadersToRemove", "cors", "typedPerFilterConfig", "retryPolicy", "metadata",
+            "includeRequestAttemptCount", "includeAttemptCountInResponse"}
+
+
+def _hcm_reasons(hcm: dict[str, Any]) -> list[str]:
+    reasons = [f"http_connection_manager {k}" for k in _HCM_ENVOY_KEYS if hcm.get(k)]
+    underscores = hcm.get("commonHttpProtocolOptions", {}).get("headersWithUnderscoresAction")
+    if underscores == "DROP_HEADER":
+        reasons.append("http_connection_manager drops headers with underscores")
+    return reasons
+
+
 def _vhosts(rc: dict[str, Any], ctx: RouteContext) -> tuple[VirtualHost, ...]:
     out = []
+    rc_extra = [f"route config {k}" for k in sorted(set(rc) - _RC_KEYS) if rc[k]]
     for vh in rc.get("virtualHosts", []):
         vctx = replace(ctx, vhost=vh)
+        extra = rc_extra + [f"virtual host {k}" for k in sorted(set(vh) - _VH_KEYS) if vh[k]]
+        if vh.get("includeAttemptCountInResponse"):
+            extra.append("virtual host include_attempt_count_in_response (response header)")
         routes = tuple(classify_route(r, vctx) for r in vh.get("routes", []))
+        if extra:
+            routes = tuple(_punt(r, "; ".join(extra)) for r in routes)
         out.append(VirtualHost(str(vh.get("name", "")), tuple(d.lower() for d in vh.get("domains", [])),
                                routes))
     return tuple(out)

@@ -267,6 +267,10 @@ def _headers(r: dict[str, Any], ctx: RouteContext) -> tuple[list[HeaderValue], l
         removes += [str(x).lower() for x in level.get("requestHeadersToRemove", [])]
         if level.get("responseHeadersToAdd") or level.get("responseHeadersToRemove"):
             reasons.append(f"{name} changes response headers")
+    if ctx.vhost.get("includeRequestAttemptCount"):
+        # Envoy sends the attempt number upstream; a KERNEL route never retries,
+        # so it is always the first attempt.
+        adds.append(HeaderValue("x-envoy-attempt-count", "1", append=False))
     return adds, removes, reasons
 
 

@@ -124,3 +124,46 @@ def test_rbac_kernel_and_envoy() -> None:
             "principals": [{"authenticated": {"principal_name": {"exact": "spiffe://x"}}}]}
     v, why = verdicts([fwd(timeout="0s")], filters=[rbac(mtls)])[0]
     assert v is Verdict.ENVOY and "mTLS" in why
+
+
+def _vhost_plan(vh_extra: dict[str, Any], hcm_extra: dict[str, Any] | None = None) -> Any:
+    lis = listener([fwd(timeout="0s")])
+    hcm = lis["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0].update(vh_extra)
+    hcm.update(hcm_extra or {})
+    res = {em.LISTENER: [em.parse(em.LISTENER, lis)], em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
+    return split_snapshot("n", res).plan.listeners[0].virtual_hosts[0].routes[0]
+
+
+def test_attempt_count_header_is_a_kernel_header_add() -> None:
+    r = _vhost_plan({"include_request_attempt_count": True})
+    assert r.verdict is Verdict.KERNEL
+    assert [(h.name, h.value) for h in r.request_headers_to_add] == [("x-envoy-attempt-count", "1")]
+    r = _vhost_plan({"include_attempt_count_in_response": True})
+    assert r.verdict is Verdict.ENVOY and "response" in r.reason
+
+
+@pytest.mark.parametrize("vh,hcm,needle", [
+    ({"hedge_policy": {"hedge_on_per_try_timeout": True}}, None, "virtual host hedgePolicy"),
+    ({"request_mirror_policies": [{"cluster": "c"}]}, None, "requestMirrorPolicies"),
+    ({}, {"local_reply_config": {"mappers": []}}, None),  # empty: no effect
+    ({}, {"via": "l7fp"}, "http_connection_manager via"),
+    ({}, {"strip_any_host_port": True}, "stripAnyHostPort"),
+])
+def test_unknown_or_behavioural_fields_need_envoy(vh: dict[str, Any], hcm: dict[str, Any] | None,
+                                                  needle: str | None) -> None:
+    r = _vhost_plan(vh, hcm)
+    if needle is None:
+        assert r.verdict is Verdict.KERNEL, r.reason
+    else:
+        assert r.verdict is Verdict.ENVOY and needle in r.reason, r.reason
+
+
+def test_ext_authz_disabled_per_route_is_kernel() -> None:
+    f = {"name": "authz", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"}}
+    off = {"authz": {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                     "disabled": True}}
+    (v1, _), (v2, why) = verdicts([{**fwd(timeout="0s"), "match": {"prefix": "/public"},
+                                    "typed_per_filter_config": off}, fwd(timeout="0s")], filters=[f])
+    assert v1 is Verdict.KERNEL and v2 is Verdict.ENVOY and "ext_authz" in why
