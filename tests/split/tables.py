@@ -97,8 +97,11 @@ def route_table(draw: Any) -> dict[str, Any]:
     n = draw(st.integers(1, 5))
     routes = [draw(_route(i)) for i in range(n)]
     tail = [draw(_route(10 + i)) for i in range(draw(st.integers(0, 2)))]
+    vh0 = {"name": "vh0", "domains": draw(st.sampled_from(DOMAINS)), "routes": routes}
+    if draw(st.booleans()):
+        vh0["include_request_attempt_count"] = True  # Istio sets it on every vhost
     return {"name": "rc", "virtual_hosts": [
-        {"name": "vh0", "domains": draw(st.sampled_from(DOMAINS)), "routes": routes},
+        vh0,
         {"name": "vh1", "domains": ["*"], "routes": tail},
     ]}
 
