@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.conftest import pick_free_port
@@ -116,3 +117,41 @@ async def test_relay_end_to_end(tmp_path: Path, serves: list, envoys: list, envo
         assert get(lport, "/v") == (200, "v2")
     finally:
         backend.close()
+
+
+async def test_relay_in_front_of_istio_like_upstream(tmp_path: Path, serves: list, envoys: list,
+                                                     envoy_bin: str) -> None:
+    """The upstream generates per sidecar (like istiod) from the node the relay passes on."""
+    here = Path(__file__).parent / "bookinfo"
+    ports = f"{pick_free_port()},{pick_free_port()}"
+    up = new_serve(serves, tmp_path, ["--policies", str(here / "policies.yaml"),
+                                      "--mesh-file", str(here / "mesh.yaml"), "--capture-ports", ports])
+    await up.wait_ready()
+    relay = new_serve(serves, tmp_path, ["--upstream-xds", f"127.0.0.1:{up.xds_port}"])
+    await relay.wait_ready()
+    node = "sidecar~198.18.0.10~productpage-v1.default~default.svc.cluster.local"
+    envoy = new_envoy(envoys, envoy_bin, relay.xds_port, node, {"LABELS": {"app": "productpage"}})
+
+    async def subset_endpoints() -> bool:
+        assert envoy.proc is not None and envoy.proc.poll() is None, envoy.log_tail(40)
+        try:
+            _, text = await envoy.get("/clusters")
+        except aiohttp.ClientError:  # admin not listening yet
+            return False
+        return "outbound|9080|v2|reviews.default.svc.cluster.local::198.18.0.12:9080" in text
+
+    await wait_for(subset_endpoints, 60)
+    async def upstream_acked() -> bool:  # the sidecar's ACKs reach the upstream
+        (proxy,) = await up.get_json("/debug/syncz")
+        return all(proxy["types"][t]["acked"] for t in ("cds", "eds", "lds", "rds"))
+
+    try:
+        await wait_for(upstream_acked, 20)
+    except AssertionError:
+        raise AssertionError(f"{await up.get_json('/debug/syncz')}\n"
+                             f"{await relay.get_json('/debug/relayz')}") from None
+    (proxy,) = await up.get_json("/debug/syncz")
+    assert proxy["proxy"] == node
+    (relayz,) = await relay.get_json("/debug/relayz")
+    (sess,) = relayz["sessions"]
+    assert sess["connected"] and sess["verdicts"]["nack"] == 0 and not sess["pending"]

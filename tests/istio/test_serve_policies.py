@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.conftest import pick_free_port
@@ -44,7 +45,10 @@ async def test_policies_served_acked_and_reloaded(tmp_path: Path, serves: list, 
     assert not any(t["last_nack_error"] for t in proxy["types"].values()), proxy["types"]
 
     async def reviews_v2_endpoint() -> bool:
-        code, text = await envoy.get("/clusters")
+        try:
+            code, text = await envoy.get("/clusters")
+        except aiohttp.ClientError:  # admin not listening yet
+            return False
         return "outbound|9080|v2|reviews.default.svc.cluster.local::198.18.0.12:9080" in text
 
     await wait_for(reviews_v2_endpoint, 20)
