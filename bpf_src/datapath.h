@@ -47,6 +47,7 @@
 #define DP_F_ENVOY 1u   /* sticky: gone to Envoy, stays there */
 #define DP_F_MESHED 2u  /* destination is a meshed service */
 #define DP_F_REDIR_REST 4u /* rest of a write whose first part was redirected */
+#define DP_F_SRV 8u     /* the app's accepted end of a pooled upstream (dp_srv) */
 
 /* Outcomes counted per route (dp_stat_key.outcome). */
 #define DP_OUT_FAST 0   /* redirected to a pooled upstream */
@@ -117,6 +118,14 @@ struct dp_svc_key {
     __u32 port; /* host order */
 };
 
+/* A pooled upstream U the agent is connecting, keyed as the app's accepted
+ * end A sees it (same netns): sock_ops pairs A with U's cookie. */
+struct dp_pair_key {
+    __u64 netns;    /* netns cookie */
+    __u32 up_port;  /* U's local port = A's remote port (host order) */
+    __u32 app_port; /* A's local port (host order) */
+};
+
 struct dp_stat_key {
     __u32 route;   /* route id from the decision, 0: before routing */
     __u16 outcome; /* DP_OUT_* */
@@ -155,6 +164,11 @@ BPF_SOCKHASH(dp_cli, __u64, DP_MAX_CONNS);
 BPF_SOCKHASH(dp_up, __u64, DP_MAX_UP);
 BPF_SK_STORAGE(dp_conn_st, struct dp_conn);
 BPF_HASH(dp_peer, __u64, __u64, DP_MAX_UP);           /* upstream cookie -> client cookie */
+/* Paired mode (merbridge-style): requests go straight into the app's accepted
+ * socket A (ingress), its responses straight into the client's ingress; U only
+ * made the pair. Keyed by U's cookie. */
+BPF_SOCKHASH(dp_srv, __u64, DP_MAX_UP);
+BPF_HASH(dp_pair_wait, struct dp_pair_key, __u64, DP_MAX_UP); /* -> U cookie */
 BPF_QUEUE(dp_pool_tmpl, __u64, DP_POOL_DEPTH);
 BPF_ARRAY_OF_MAPS(dp_free, "dp_pool_tmpl", DP_MAX_POOLS); /* pool id -> queue of free upstream cookies */
 BPF_HASH(dp_svc, struct dp_svc_key, __u32, DP_MAX_SVC);  /* destination -> listener id */

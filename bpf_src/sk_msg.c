@@ -88,9 +88,15 @@ static __always_inline int dp_bind_upstream(struct dp_conn *c, __u32 pool)
     return s;
 }
 
+/* To the app: into its accepted socket's receive queue when paired (no TCP on
+ * either side), else out of U over TCP. A U is paired before the agent offers
+ * it, so one U always takes the same way. */
 static __always_inline int dp_forward(struct sk_msg_md *msg, struct dp_conn *c, int b)
 {
     __u64 up = c->binds[b & (DP_BINDS - 1)].up_cookie;
+    int ret = dp_srv.msg_redirect_hash(msg, &up, BPF_F_INGRESS);
+    if (ret == SK_PASS)
+        return ret;
     return dp_up.msg_redirect_hash(msg, &up, 0);
 }
 
@@ -219,5 +225,26 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     }
     dp_count(v.route, DP_OUT_FAST, 0);
     dp_access(c, &v, DP_OUT_FAST, 0);
+    return SK_PASS;
+}
+
+/* sk_msg on the app's accepted end A of a paired upstream (map dp_srv): the
+ * app's response goes straight into the bound client's receive queue. With no
+ * client bound (or gone) it takes TCP to U, whose sk_skb drops it. */
+int dp_srv_verdict(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_PASS;
+    struct dp_conn *a = dp_conn_st.sk_storage_get(sk, 0, 0);
+    if (!a || !(a->flags & DP_F_SRV))
+        return SK_PASS;
+    __u64 up = a->cookie;
+    __u64 *client = dp_peer.lookup(&up);
+    if (!client)
+        return SK_PASS;
+    __u64 ck = *client;
+    /* a failed redirect leaves the message alone: SK_PASS then means TCP */
+    dp_cli.msg_redirect_hash(msg, &ck, BPF_F_INGRESS);
     return SK_PASS;
 }

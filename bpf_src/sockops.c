@@ -87,6 +87,40 @@ static __always_inline void dp_release(struct bpf_sock_ops *skops)
     dp_events.ringbuf_submit(e, 0);
 }
 
+/* The app's end A of a pooled upstream connection the agent announced in
+ * dp_pair_wait: put A into dp_srv under U's cookie (sk_msg.c then writes
+ * requests straight into A, and A's responses go straight to the client). */
+static __always_inline void dp_pair(struct bpf_sock_ops *skops)
+{
+    struct dp_pair_key k = {};
+    k.netns = bpf_get_netns_cookie(skops);
+    k.up_port = dp_port_host(skops->remote_port);
+    k.app_port = skops->local_port;
+    __u64 *up = dp_pair_wait.lookup(&k);
+    if (!up)
+        return; /* any other connection to the app: not ours */
+    __u64 ucookie = *up;
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return;
+    struct dp_conn *c = dp_conn_st.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!c)
+        return;
+    c->cookie = ucookie;
+    c->flags = DP_F_SRV;
+    int err = dp_srv.sock_hash_update(skops, &ucookie, BPF_ANY);
+    if (err == 0)
+        dp_pair_wait.delete(&k); /* tells the agent the pair is made */
+}
+
+/* sock_ops on the cgroups of pods the fast path sends to (destinations). */
+int dp_sockops_srv(struct bpf_sock_ops *skops)
+{
+    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+        dp_pair(skops);
+    return 1;
+}
+
 int dp_sockops(struct bpf_sock_ops *skops)
 {
     switch (skops->op) {

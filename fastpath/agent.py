@@ -141,7 +141,7 @@ class Agent:
                     continue
                 with self.lock:
                     self.nodes[node_id] = node
-            node.apply(plan, self._vips, self._netns_of, self._inbound_ok)
+            node.apply(plan, self._vips, self._netns_of, self._inbound_ok, self._cgroup_of)
 
     # ---- plan context ------------------------------------------------------------
     def _vips(self, lst: ListenerPlan) -> list[tuple[str, int]]:
@@ -153,6 +153,12 @@ class Agent:
         for pod in self.pods.values():
             if pod.ip == ip:
                 return pod.netns
+        return None
+
+    def _cgroup_of(self, ip: str) -> str | None:
+        for pod in self.pods.values():
+            if pod.ip == ip:
+                return pod.cgroup
         return None
 
     def _inbound_ok(self, ip: str, port: int) -> bool:

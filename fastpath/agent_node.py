@@ -74,8 +74,8 @@ class NodeDatapath:
 
     # ---- plan -------------------------------------------------------------
     def apply(self, plan: KernelPlan, vips: Callable[[ListenerPlan], list[tuple[str, int]]],
-              netns_of: Callable[[str], str | None], inbound_ok: Callable[[str, int], bool]
-              ) -> None:
+              netns_of: Callable[[str], str | None], inbound_ok: Callable[[str, int], bool],
+              cgroup_of: Callable[[str], str | None] = lambda ip: None) -> None:
         """Make `plan` the node's plan (atomic flip of the generation)."""
         tables = agent_inline.translate(plan, vips, inbound_ok)
         nxt = 1 - self.gen
@@ -87,6 +87,9 @@ class NodeDatapath:
             if r.endpoint is not None:
                 ip, port = r.endpoint
                 ns = netns_of(ip)
+                cg = cgroup_of(ip)
+                if ns and cg:
+                    self.dp.attach_cgroup(cg, role="server")  # pairs the app's ends
                 key = EndpointKey("127.0.0.1" if ns else ip, port, ns)
                 pool = self.pools.ensure(key)
                 keep.add(key)
@@ -147,7 +150,7 @@ class NodeDatapath:
             "plan_version": self.plan.version if self.plan else None, "generation": self.gen,
             "destinations": sorted(f"{ip}:{port}" for ip, port in self.services),
             "routes": self.route_names, "not_offloaded": self.notes,
-            "pools": self.pools.snapshot(),
+            "pools": self.pools.snapshot(), "unpaired_upstreams": self.pools.unpaired,
             "tracked_connections": len(list(self.dp.bpf["dp_peer"].keys())),
             "counters": [{"route": r, "outcome": o, "reason": why, "requests": n}
                          for (r, o, why), n in sorted(self.stats().items())],

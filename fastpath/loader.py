@@ -32,6 +32,7 @@ _CACHE: dict[tuple[str, tuple[str, ...], str], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 SO_COOKIE = 57
+SO_NETNS_COOKIE = 71
 IROUTES = 8  # DP_IROUTES of dp_decide_inline.h
 
 # dp_verdict kinds (datapath.h)
@@ -126,11 +127,14 @@ class Datapath:
         dp.fds["sockops"] = b.load_func("dp_sockops", BPF.SOCK_OPS).fd
         dp.fds["msg"] = b.load_func("dp_msg_verdict", BPF.SK_MSG).fd
         dp.fds["skb"] = b.load_func("dp_skb_verdict", BPF.SK_SKB).fd
-        for name in ("dp_cli", "dp_up", "dp_peer", "dp_free", "dp_cfg"):
+        dp.fds["sockops_srv"] = b.load_func("dp_sockops_srv", BPF.SOCK_OPS).fd
+        dp.fds["srv_msg"] = b.load_func("dp_srv_verdict", BPF.SK_MSG).fd
+        for name in ("dp_cli", "dp_up", "dp_peer", "dp_free", "dp_cfg", "dp_srv", "dp_pair_wait"):
             dp.fds[name] = bpfsys.table_fd(b, name)
         try:
             dp._attach(dp.fds["msg"], dp.fds["dp_cli"], bpfsys.SK_MSG_VERDICT, "sk_msg")
             dp._attach(dp.fds["skb"], dp.fds["dp_up"], bpfsys.SK_SKB_VERDICT, "sk_skb")
+            dp._attach(dp.fds["srv_msg"], dp.fds["dp_srv"], bpfsys.SK_MSG_VERDICT, "srv_msg")
         except Exception:
             dp.close()
             raise
@@ -139,7 +143,7 @@ class Datapath:
     def reset(self) -> None:
         """Empty the tables: a cached module may have served an earlier Datapath."""
         for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_replies", "dp_eps",
-                     "dp_pool_miss"):
+                     "dp_pool_miss", "dp_pair_wait"):
             try:
                 self.bpf[name].clear()
             except KeyError:
@@ -156,17 +160,22 @@ class Datapath:
         bpfsys.prog_attach(prog_fd, target_fd, attach_type)
         self.legacy.append((prog_fd, target_fd, attach_type))
 
-    def attach_cgroup(self, path: str | Path) -> None:
-        """Run sock_ops for the sockets of the cgroup v2 directory `path` (and below)."""
-        key = str(path)
+    def attach_cgroup(self, path: str | Path, role: str = "client") -> None:
+        """Run sock_ops for the sockets of the cgroup v2 directory `path` (and below).
+
+        role "client": track the pod's connections to meshed services;
+        role "server": pair the pod's app with the agent's pooled upstreams.
+        """
+        key = f"{role}:{path}"
         if key in self.cgroups:
             return
-        fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY)
         self.cgroups[key] = fd
-        self._attach(self.fds["sockops"], fd, bpfsys.CGROUP_SOCK_OPS, f"sock_ops:{key}")
+        prog = self.fds["sockops" if role == "client" else "sockops_srv"]
+        self._attach(prog, fd, bpfsys.CGROUP_SOCK_OPS, f"sock_ops:{key}")
 
-    def detach_cgroup(self, path: str | Path) -> None:
-        key = str(path)
+    def detach_cgroup(self, path: str | Path, role: str = "client") -> None:
+        key = f"{role}:{path}"
         fd = self.cgroups.pop(key, None)
         if fd is None:
             return
@@ -230,6 +239,30 @@ class Datapath:
             bpfsys.map_update(self.fds["dp_free"], ct.c_uint32(pool), ct.c_uint32(fd))
             self.pool_maps[pool] = fd
         return fd
+
+    def announce_pair(self, sock: socket.socket, app_port: int) -> int:
+        """Before connecting `sock` (bound, same netns as the app): let sock_ops
+        pair the app's accepted end with it. Returns the socket's cookie."""
+        cookie = socket_cookie(sock)
+        netns = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+        t = self.bpf["dp_pair_wait"]
+        t[t.Key(netns=netns, up_port=sock.getsockname()[1], app_port=app_port)] = \
+            ct.c_uint64(cookie)
+        return cookie
+
+    def pair_pending(self, sock: socket.socket, app_port: int) -> bool:
+        """True while the pair announced for `sock` is not made; `withdraw` ends the wait."""
+        netns = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+        t = self.bpf["dp_pair_wait"]
+        return t.Key(netns=netns, up_port=sock.getsockname()[1], app_port=app_port) in t
+
+    def withdraw_pair(self, sock: socket.socket, app_port: int) -> None:
+        netns = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+        t = self.bpf["dp_pair_wait"]
+        try:
+            del t[t.Key(netns=netns, up_port=sock.getsockname()[1], app_port=app_port)]
+        except KeyError:
+            pass
 
     def add_upstream(self, sock: socket.socket) -> int:
         """Put a connected upstream socket into dp_up; returns its cookie."""

@@ -58,10 +58,13 @@ class Pool:
 
 
 def connect_in_netns(netns: str | None, address: str, port: int, n: int,
-                     timeout: float = 1.0) -> list[socket.socket]:
+                     timeout: float = 1.0,
+                     announce: Callable[[socket.socket], object] | None = None
+                     ) -> list[socket.socket]:
     """`n` TCP connections to address:port, made inside the network namespace
     file `netns` (None: this one). setns() acts on the calling thread only, so
-    a short-lived thread does it and the sockets keep their namespace."""
+    a short-lived thread does it and the sockets keep their namespace.
+    `announce(sock)` runs after bind and before connect (pairing)."""
     out: list[socket.socket] = []
     err: list[BaseException] = []
 
@@ -77,8 +80,17 @@ def connect_in_netns(netns: str | None, address: str, port: int, n: int,
                 finally:
                     os.close(fd)
             for _ in range(n):
-                s = socket.create_connection((address, port), timeout=timeout)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s = socket.socket()
+                try:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    s.settimeout(timeout)
+                    s.bind((address if address.startswith("127.") else "0.0.0.0", 0))
+                    if announce is not None:
+                        announce(s)
+                    s.connect((address, port))
+                except BaseException:
+                    s.close()
+                    raise
                 out.append(s)
         except BaseException as exc:  # reported to the caller's thread
             err.append(exc)
@@ -94,9 +106,11 @@ def connect_in_netns(netns: str | None, address: str, port: int, n: int,
 class Pools:
     """All upstream pools of one node datapath (`fastpath.loader.Datapath`)."""
 
-    def __init__(self, dp: Any, connect: Callable[..., list[socket.socket]] = connect_in_netns
-                 ) -> None:
+    def __init__(self, dp: Any, connect: Callable[..., list[socket.socket]] = connect_in_netns,
+                 pairing: bool = True) -> None:
         self.dp = dp
+        self.pairing = pairing
+        self.unpaired = 0  # upstreams whose app end could not be paired (TCP way)
         self.connect = connect
         self.pools: dict[int, Pool] = {}
         self.by_key: dict[EndpointKey, int] = {}
@@ -172,14 +186,20 @@ class Pools:
             self._forget(pool, cookie)
 
     def _refill(self, pool: Pool, n: int) -> None:
+        port = pool.key.port
+        # in a pod, to its app on loopback: pair the app's end (paired mode)
+        announce = (lambda s: self.dp.announce_pair(s, port)) \
+            if pool.key.netns and self.pairing else None
         try:
-            socks = self.connect(pool.key.netns, pool.key.address, pool.key.port, n)
+            socks = self.connect(pool.key.netns, pool.key.address, port, n, announce=announce)
         except OSError as exc:
             pool.failures += 1
             if pool.failures in (1, 10, 100):
                 log.warning("pool %s:%d: connect failed: %s", pool.key.address, pool.key.port, exc)
             return
         pool.failures = 0
+        if announce is not None:
+            self._await_pairs(socks, port)
         for s in socks:
             s.setblocking(False)
             cookie = self.dp.add_upstream(s)
@@ -192,6 +212,19 @@ class Pools:
                 self._forget(pool, cookie)
                 continue
             pool.free.add(cookie)
+
+    def _await_pairs(self, socks: list[socket.socket], port: int, wait: float = 0.2) -> None:
+        """Offer a socket only once its pair is made (or given up), so that one
+        upstream never takes both ways (TCP, then paired) and reorders."""
+        deadline = time.monotonic() + wait
+        pending = list(socks)
+        while pending and time.monotonic() < deadline:
+            pending = [s for s in pending if self.dp.pair_pending(s, port)]
+            if pending:
+                time.sleep(0.002)
+        for s in pending:
+            self.dp.withdraw_pair(s, port)
+            self.unpaired += 1
 
     def _reap_dead(self) -> None:
         """An upstream socket is readable only at EOF/error (sk_skb takes the data)."""

@@ -113,6 +113,8 @@ def test_mesh_fast_path_and_fallback(mesh) -> None:  # type: ignore[no-untyped-d
         assert hdrs.get("server", "").lower() != "envoy"  # straight from the app
         status, hdrs, body = curl(mesh, "/deny/y")
         assert status == 403 and body == "RBAC: access denied"
+        node = agent.nodes[client.node_id]
+        assert node.pools.unpaired == 0  # the app's ends are paired: no TCP in the path
         stats = dict(agent.stats())[client.node_id]
         assert stats[("all", "fast", "")] == 1 and stats[("deny", "kernel_reply", "")] == 1
     finally:
