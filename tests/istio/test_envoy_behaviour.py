@@ -112,3 +112,45 @@ def test_authorization_policy_allow_and_deny(details_inbound: int) -> None:
     assert request(details_inbound, "/reviews/1", "details")[0] == 403
     code, body = request(details_inbound, "/details/admin", "details")
     assert (code, body) == (403, "RBAC: access denied")
+
+
+def test_gateway_api_path_prefix_matches_whole_segments(envoy_bin: str, tmp_path: Path) -> None:
+    """HTTPRoute PathPrefix /api matches /api and /api/x but not /apix (Gateway API spec)."""
+    (tmp_path / "route.yaml").write_text("""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: default}
+spec:
+  parentRefs: [{kind: Service, group: "", name: web, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api/}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-hit, value: api}]}
+    backendRefs: [{name: web-v2, port: 9080}]
+  - backendRefs: [{name: web, port: 9080}]
+""")
+    (tmp_path / "mesh.yaml").write_text("""
+services:
+  - {name: web, ports: [9080]}
+  - {name: web-v2, ports: [9080]}
+pods:
+  - {name: web-0, service: web, ip: 127.0.0.121, namespace: default}
+  - {name: web-v2-0, service: web-v2, ip: 127.0.0.122, namespace: default}
+""")
+    backends = [Backend("web-0", "127.0.0.121", 9080), Backend("web-v2-0", "127.0.0.122", 9080)]
+    envoy = None
+    try:
+        mesh = istio.load(tmp_path / "route.yaml", mesh_file=tmp_path / "mesh.yaml")
+        res = istio.generate(mesh, "sidecar~127.0.0.120~c-0.default~default.svc.cluster.local")
+        to_messages(res)
+        port = pick_free_port()
+        envoy = Envoy(envoy_bin, make_static(res, {"0.0.0.0_9080": port}), pick_free_port())
+        got = {p: request(port, p, "web")[1].split()[0] for p in ("/api", "/api/x", "/apix", "/")}
+        assert got == {"/api": "web-v2-0", "/api/x": "web-v2-0", "/apix": "web-0", "/": "web-0"}
+        assert not list(mesh.objs.warnings)
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        for b in backends:
+            b.close()

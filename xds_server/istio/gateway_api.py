@@ -112,8 +112,14 @@ def _match(w: Warnings, o: Obj, path: str, m: Any) -> dict[str, Any]:
     if "path" in m:
         p = check_fields(w, o, f"{path}.path", m["path"], {"type", "value"})
         kind = str(p.get("type", "PathPrefix"))
-        key = {"PathPrefix": "prefix", "Exact": "exact", "RegularExpression": "regex"}.get(kind, "prefix")
-        out["uri"] = {key: str(p.get("value", "/"))}
+        value = str(p.get("value", "/"))
+        if kind == "PathPrefix" and value.rstrip("/"):
+            # Gateway API prefixes match whole path segments: /foo matches /foo and
+            # /foo/bar, not /foobar (Envoy's path_separated_prefix).
+            out["uri"] = {"pathSeparatedPrefix": value.rstrip("/")}
+        else:
+            key = {"PathPrefix": "prefix", "Exact": "exact", "RegularExpression": "regex"}.get(kind, "prefix")
+            out["uri"] = {key: value}
     if "method" in m:
         meth = m["method"]
         if isinstance(meth, dict):  # GRPCRoute method match

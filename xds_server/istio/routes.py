@@ -91,8 +91,14 @@ def convert_match(w: Warnings, obj: Obj, path: str, m: Mapping[str, Any]) -> dic
     m = check_fields(w, obj, path, m, MATCH_FIELDS)
     ignore_case = bool(m.get("ignoreUriCase"))
     out: dict[str, Any] = {}
-    uri = string_match(w, obj, f"{path}.uri", m.get("uri"))
-    if "exact" in uri:
+    raw_uri = m.get("uri")
+    if isinstance(raw_uri, Mapping) and "pathSeparatedPrefix" in raw_uri:  # from Gateway API
+        uri: dict[str, Any] = {"pathSeparatedPrefix": str(raw_uri["pathSeparatedPrefix"])}
+    else:
+        uri = string_match(w, obj, f"{path}.uri", raw_uri)
+    if "pathSeparatedPrefix" in uri:
+        out["pathSeparatedPrefix"] = uri["pathSeparatedPrefix"]
+    elif "exact" in uri:
         out["path"] = uri["exact"]
     elif "prefix" in uri:
         out["prefix"] = uri["prefix"]
