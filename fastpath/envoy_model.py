@@ -14,7 +14,9 @@ imported on demand from the type URL (``envoy.x.y.v3.Name`` lives in module
 from __future__ import annotations
 
 import importlib
+import json
 import re
+from collections import OrderedDict
 from typing import Any
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -104,8 +106,30 @@ def _upper_value(obj: Any, value: str) -> Any:
     return obj.upper() if obj == value else obj
 
 
-def to_json(msg: Any) -> dict[str, Any]:
-    """Canonical proto-JSON dict of ``msg``, importing Any payload types as needed."""
+_JSON_CACHE: OrderedDict[tuple[str, bytes], str] = OrderedDict()
+_JSON_CACHE_SIZE = 4096
+
+
+def to_json(msg: Any, raw: bytes | None = None) -> dict[str, Any]:
+    """Canonical proto-JSON dict of ``msg`` (a fresh copy the caller may change).
+
+    betterproto2's to_dict is slow (pydantic validation and type hints per
+    message), and a node's snapshot mostly repeats the previous one, so results
+    are cached by the message's wire bytes (``raw``, if the caller has them).
+    """
+    key = (type(msg).__name__, raw if raw is not None else bytes(msg))
+    hit = _JSON_CACHE.get(key)
+    if hit is None:
+        hit = json.dumps(_to_dict(msg))
+        _JSON_CACHE[key] = hit
+        if len(_JSON_CACHE) > _JSON_CACHE_SIZE:
+            _JSON_CACHE.popitem(last=False)
+    else:
+        _JSON_CACHE.move_to_end(key)
+    return json.loads(hit)  # type: ignore[no-any-return]
+
+
+def _to_dict(msg: Any) -> dict[str, Any]:
     for _ in range(64):
         try:
             return msg.to_dict()  # type: ignore[no-any-return]

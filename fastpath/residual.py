@@ -36,12 +36,12 @@ def residual(resources: Mapping[str, Sequence[Any]], plan: KernelPlan) -> dict[s
     owned_routes = _kernel_limited_routes(plan)
     owned_listeners = {lp.name.split("#")[0] for lp in plan.listeners
                        if lp.local_rate_limit and lp.verdict is Verdict.KERNEL}
-    limiters = set()
-    for m in out.get(em.LISTENER, []):
-        for chain in em.to_json(m).get("filterChains", []):
-            for f in chain.get("filters", []):
-                limiters |= _limiter_names(f.get("typedConfig", {}))
     if owned_routes:
+        limiters: set[str] = set()
+        for m in out.get(em.LISTENER, []):
+            for chain in em.to_json(m).get("filterChains", []):
+                for f in chain.get("filters", []):
+                    limiters |= _limiter_names(f.get("typedConfig", {}))
         out[em.ROUTE] = [_strip_routes(m, owned_routes, limiters) for m in out.get(em.ROUTE, [])]
     if owned_routes or owned_listeners:
         out[em.LISTENER] = [_strip_listener(m, owned_listeners, owned_routes)

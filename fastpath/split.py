@@ -9,6 +9,7 @@ the residual is `fastpath.residual` (what Envoy keeps).
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,19 +29,51 @@ class SplitResult:
     residual: dict[str, list[Any]]
 
 
-def _version(resources: Mapping[str, Sequence[Any]]) -> str:
+# Wire bytes by message object. Snapshot messages are immutable once published
+# (xds_server encodes them once for every stream), so the same object gives the
+# same bytes; betterproto2's serialisation is too slow to repeat on every push.
+# Messages aren't hashable, so the key is id() guarded by a weak reference
+# (an entry goes away with its message, and a reused id never matches).
+_WIRE: dict[int, tuple[weakref.ref[Any], bytes]] = {}
+
+
+def _bytes(msg: Any) -> bytes:
+    hit = _WIRE.get(id(msg))
+    if hit is not None and hit[0]() is msg:
+        return hit[1]
+    raw = bytes(msg)
+    key = id(msg)
+
+    def forget(_ref: weakref.ref[Any]) -> None:
+        _WIRE.pop(key, None)
+
+    try:
+        _WIRE[key] = (weakref.ref(msg, forget), raw)
+    except TypeError:  # not weak-referenceable: no caching
+        pass
+    return raw
+
+
+def _wire(resources: Mapping[str, Sequence[Any]]) -> dict[str, list[bytes]]:
+    return {url: [_bytes(m) for m in msgs] for url, msgs in resources.items()}
+
+
+def _version(wire: Mapping[str, Sequence[bytes]]) -> str:
     h = hashlib.sha256()
-    for type_url in sorted(resources):
-        for msg in resources[type_url]:
+    for type_url in sorted(wire):
+        for raw in wire[type_url]:
             h.update(type_url.encode())
-            h.update(bytes(msg))
+            h.update(raw)
     return h.hexdigest()[:16]
 
 
-def resources_json(resources: Mapping[str, Sequence[Any]]) -> Resources:
+def resources_json(resources: Mapping[str, Sequence[Any]],
+                   wire: Mapping[str, Sequence[bytes]] | None = None) -> Resources:
     """The proto-JSON view of ``resources`` (type URL -> betterproto2 messages)."""
     def js(url: str) -> list[dict[str, Any]]:
-        return [em.to_json(m) for m in resources.get(url, [])]
+        raws = wire.get(url) if wire else None
+        msgs = resources.get(url, [])
+        return [em.to_json(m, raws[i] if raws else None) for i, m in enumerate(msgs)]
 
     rcs = {str(d.get("name", "")): d for d in js(em.ROUTE)}
     eps = {str(d.get("clusterName", "")): d for d in js(em.ENDPOINT)}
@@ -57,6 +90,7 @@ def plan_of(node_id: str, res: Resources, version: str = "",
 def split_snapshot(node_id: str, resources: Mapping[str, Sequence[Any]],
                    caps: KernelCaps | None = None) -> SplitResult:
     """Split ``resources`` (type URL -> betterproto2 messages) for ``node_id``."""
-    res = resources_json(resources)
-    plan = plan_of(node_id, res, _version(resources), caps)
+    wire = _wire(resources)
+    res = resources_json(resources, wire)
+    plan = plan_of(node_id, res, _version(wire), caps)
     return SplitResult(plan=plan, residual=residual(resources, plan))

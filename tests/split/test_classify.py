@@ -167,3 +167,15 @@ def test_ext_authz_disabled_per_route_is_kernel() -> None:
     (v1, _), (v2, why) = verdicts([{**fwd(timeout="0s"), "match": {"prefix": "/public"},
                                     "typed_per_filter_config": off}, fwd(timeout="0s")], filters=[f])
     assert v1 is Verdict.KERNEL and v2 is Verdict.ENVOY and "ext_authz" in why
+
+
+def test_split_hook_contract() -> None:
+    """Residual keeps every resource (same objects when nothing is kernel-owned); plans repeat."""
+    res = {em.LISTENER: [em.parse(em.LISTENER, listener([fwd(timeout="0s")]))],
+           em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
+    a, b = split_snapshot("n", res), split_snapshot("n", res)
+    assert a.plan == b.plan and a.plan.version and a.plan.node_id == "n"
+    assert set(a.residual) == set(res)
+    assert all(x is y for url in res for x, y in zip(a.residual[url], res[url], strict=True))
+    other = {**res, em.CLUSTER: [em.parse(em.CLUSTER, {**CLUSTER, "lb_policy": "RANDOM"})]}
+    assert split_snapshot("n", other).plan.version != a.plan.version
