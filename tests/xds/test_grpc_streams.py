@@ -92,6 +92,22 @@ async def test_many_streams_share_one_encoding_and_get_pushes(srv, config_dir):
             await c.__aexit__(None, None, None)
 
 
+async def test_sds_secret_served(config_dir, srv):
+    secret = {"@type": res.SECRET, "name": "token",
+              "generic_secret": {"secret": {"inline_string": "s3cr3t"}}}
+    config_dir.write("secrets.yaml", [secret])
+    for _ in range(100):  # the reload is asynchronous
+        if "secrets.yaml" in srv.server.sources[0].status()["files"]:
+            break
+        await asyncio.sleep(0.05)
+    async with AdsClient("127.0.0.1", srv.xds_port, "s1") as c:
+        await c.send(res.SECRET, ["token"])
+        r = await c.recv()
+        assert r.type_url == res.SECRET
+        (got,) = [a.unpack() for a in r.resources]
+        assert got.name == "token" and got.generic_secret.secret.inline_string == "s3cr3t"
+
+
 async def test_delta_stream_over_grpc(srv):
     async with AdsClient("127.0.0.1", srv.xds_port, "d1", delta=True) as c:
         await c.send(res.CLUSTER)

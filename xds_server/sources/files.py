@@ -224,8 +224,9 @@ class DirectorySource(Source):
 
     def _rejected(self, exc: ConfigError) -> bool:
         self.last_error = str(exc)
+        what = "config rejected, last good config keeps serving" if self.generation else "config rejected"
         for line in exc.problems:
-            log.error("config rejected, last good config keeps serving: %s", line)
+            log.error("%s: %s", what, line)
         return False
 
     def _apply(self, files: list[ConfigFile]) -> bool:
