@@ -66,9 +66,13 @@ def _port_of(spec: MeshSpec, service: str, port: int) -> int:
 
 
 def _expand_routes(routes: list[dict[str, Any]], resolve: Any, default: str) -> list[dict[str, Any]]:
-    """Copy routes, turning short cluster names into full ones; default the target."""
+    """Copy routes, turning short cluster names into full ones; default the target.
+
+    A route without `timeout` gets Istio's default `0s` (no route timeout)
+    instead of Envoy's 15 s, which the kernel fast path could not enforce.
+    """
     out = []
-    for r in copy.deepcopy(routes):
+    for r in copy.deepcopy(routes or [{"match": {"prefix": "/"}}]):
         action = r.get("route")
         if isinstance(action, dict):
             if isinstance(action.get("cluster"), str):
@@ -80,8 +84,10 @@ def _expand_routes(routes: list[dict[str, Any]], resolve: Any, default: str) -> 
                 action["cluster"] = default
         elif not any(k in r for k in ("direct_response", "redirect")):
             r["route"] = {"cluster": default}
+        if isinstance(r.get("route"), dict):
+            r["route"].setdefault("timeout", "0s")
         out.append(r)
-    return out or [{"match": {"prefix": "/"}, "route": {"cluster": default}}]
+    return out
 
 
 def _hcm(stat_prefix: str, route_name: str, filters: list[dict[str, Any]],
@@ -98,28 +104,60 @@ def _policy(spec: MeshSpec, service: str, side: str) -> dict[str, list[Any]]:
     return spec.policies.get(service, {}).get(side, {"routes": [], "http_filters": []})
 
 
+RBAC = T + "envoy.extensions.filters.http.rbac.v3.RBAC"
+
+
+def _per_route(typed_config: dict[str, Any]) -> dict[str, Any]:
+    """A filter's config as its per-route override (which also enables a disabled filter)."""
+    cfg = copy.deepcopy(typed_config)
+    if cfg.get("@type") == RBAC:  # the one common filter whose per-route type differs
+        cfg.pop("@type")
+        return {"@type": RBAC + "PerRoute", "rbac": cfg}
+    return cfg
+
+
+def _domains(svc: ServiceAddr, port: int) -> list[str]:
+    """Host header values that select a service (as Istio's virtual hosts)."""
+    hosts = [*svc.names, svc.vip, *svc.pod_ips]
+    return [h for name in hosts for h in (name, f"{name}:{port}")]
+
+
 def outbound_resources(spec: MeshSpec, services: list[ServiceAddr],
                        delivery: Delivery) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The `virtualOutbound` listener and one route configuration per service port."""
+    """The `virtualOutbound` listener and one route configuration per port (Istio's shape).
+
+    One HTTP filter chain per destination port, routed by Host to a virtual host
+    per service. A service's outbound `http_filters` sit in its port's chain,
+    disabled (`name.service`), and are enabled only in that service's virtual
+    host, so a fault on calls to `text` does not touch calls to `user`.
+    """
     ns = spec.namespace
+    ports = sorted({p for svc in services for p in svc.ports})
     chains, routes = [], []
-    for svc in services:
-        pol = _policy(spec, svc.name, "outbound")
-        for port in svc.ports:
-            name = naming.outbound_cluster(svc.name, port, ns)
+    for port in ports:
+        filters, vhosts = [], []
+        for svc in (s for s in services if port in s.ports):
+            pol = _policy(spec, svc.name, "outbound")
+            own = naming.outbound_cluster(svc.name, port, ns)
 
             def resolve(short: str, port: int = port) -> str:
                 return naming.outbound_cluster(short, _port_of(spec, short, port), ns)
 
-            routes.append({"@type": ROUTE, "name": name, "validate_clusters": False,
-                           "virtual_hosts": [{"name": f"{naming.fqdn(svc.name, ns)}:{port}",
-                                              "domains": ["*"],
-                                              "routes": _expand_routes(pol["routes"], resolve, name)}]})
-            prefixes = [{"address_prefix": a, "prefix_len": 32} for a in (svc.vip, *svc.pod_ips)]
-            chains.append({"name": name,
-                           "filter_chain_match": {"prefix_ranges": prefixes, "destination_port": port},
-                           "filters": [_hcm(f"outbound_{svc.name}_{port}", name,
-                                            pol["http_filters"], delivery)]})
+            vh: dict[str, Any] = {"name": f"{naming.fqdn(svc.name, ns)}:{port}",
+                                  "domains": _domains(svc, port),
+                                  "routes": _expand_routes(pol["routes"], resolve, own)}
+            for f in pol["http_filters"]:
+                scoped = f"{f['name']}.{svc.name}"
+                filters.append({**copy.deepcopy(f), "name": scoped, "disabled": True})
+                vh.setdefault("typed_per_filter_config", {})[scoped] = _per_route(f["typed_config"])
+            vhosts.append(vh)
+        vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [
+            {"name": "allow_any", "match": {"prefix": "/"},
+             "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]})
+        routes.append({"@type": ROUTE, "name": str(port), "validate_clusters": False,
+                       "virtual_hosts": vhosts})
+        chains.append({"name": f"0.0.0.0_{port}", "filter_chain_match": {"destination_port": port},
+                       "filters": [_hcm(f"outbound_0.0.0.0_{port}", str(port), filters, delivery)]})
     listener = {"@type": LISTENER, "name": "virtualOutbound", "traffic_direction": "OUTBOUND",
                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}},
                 "listener_filters": [ORIGINAL_DST], "filter_chains": chains,
