@@ -39,6 +39,10 @@
 #ifndef DP_BINDS
 #define DP_BINDS 4 /* upstream sockets one client connection may hold */
 #endif
+#ifndef DP_CORK
+#define DP_CORK 0 /* 1: cork a split head and decide again (experimental: on 6.18 the
+                   * redirect after a cork was seen to fail, so the request went to Envoy) */
+#endif
 #ifndef DP_HDR_MAX
 #define DP_HDR_MAX 2048 /* bytes of a request head the kernel parses */
 #endif

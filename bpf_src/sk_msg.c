@@ -180,7 +180,14 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     dp_decide(c, gen, msg->data, msg->data_end, &v);
     c->reqs++;
     if (v.kind == DP_K_NEED_MORE) {
-        /* TODO(cork): a split head goes to Envoy for now */
+#if DP_CORK
+        if (size < DP_HDR_MAX) {
+            /* hold the bytes until at least one more arrives, then decide again */
+            bpf_msg_cork_bytes(msg, size + 1);
+            dp_count(0, DP_OUT_CORK, 0);
+            return SK_PASS;
+        }
+#endif
         return dp_to_envoy(c, v.route, DP_R_SPLIT);
     }
     if (v.kind == DP_K_PASS) {
@@ -216,11 +223,20 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     }
     int ret = dp_forward(msg, c, b);
     if (ret != SK_PASS) {
-        /* upstream gone (closed by its server or the agent): drop the bind, go to Envoy */
+        /* upstream gone (closed by its server or the agent): drop the bind, tell
+         * the agent to close its socket, go to Envoy */
         __u64 up = c->binds[b & (DP_BINDS - 1)].up_cookie;
         dp_peer.delete(&up);
         c->binds[b & (DP_BINDS - 1)].up_cookie = 0;
         c->body_left = 0;
+        struct dp_event *e = dp_events.ringbuf_reserve(sizeof(struct dp_event));
+        if (e) {
+            __builtin_memset(e, 0, sizeof(*e));
+            e->kind = DP_EV_CLOSE;
+            e->cookie = c->cookie;
+            e->up_cookies[0] = up;
+            dp_events.ringbuf_submit(e, 0);
+        }
         return dp_to_envoy(c, v.route, DP_R_REDIRECT);
     }
     dp_count(v.route, DP_OUT_FAST, 0);
