@@ -21,23 +21,11 @@ HERE = Path(__file__).parent
 PODREQ = HERE / "podreq.py"
 
 
-def empty_config_dir_refused(tmp: Path) -> bool:
-    """The mesh runs `l7fp serve --config EMPTY_DIR --policies ...`; that needs an
-    empty config directory to load (a control-plane bug refused it at first)."""
-    from xds_server.sources.files import DirectorySource
-
-    tmp.mkdir(exist_ok=True)
-    return not DirectorySource(str(tmp)).load()
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from support.env import require_kernel
 
     require_kernel()
-    if empty_config_dir_refused(tmp_path_factory.mktemp("empty")):
-        pytest.skip("control plane refuses an empty --config directory (xds_server/sources/files.py "
-                    "DirectorySource._apply): the mesh's `l7fp serve --policies` cannot start")
     from mesh.runner import Mesh
 
     m = Mesh(HERE / "bookinfo-mesh" / "mesh.yaml", f"ib{os.getpid() % 100000}", timeout=120)
