@@ -92,6 +92,10 @@ def options(**kw: AnyT) -> argparse.Namespace:
     """Serve options with defaults, for in-process use (demo, tests)."""
     p = argparse.ArgumentParser()
     add_arguments(p)
+    for plugin in plugins():  # their flags get their defaults too
+        fn = getattr(plugin, "add_serve_arguments", None)
+        if fn:
+            fn(p)
     ns = p.parse_args([])
     for k, v in kw.items():
         setattr(ns, k, v)
