@@ -28,7 +28,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     require_kernel()
     from mesh.runner import Mesh
 
-    m = Mesh(HERE / "bookinfo-mesh" / "mesh.yaml", f"ib{os.getpid() % 100000}", timeout=120)
+    m = Mesh(HERE / "bookinfo-mesh" / "mesh.yaml", f"ib{os.getpid() % 100000}", timeout=120,
+             fastpath=os.environ.get("L7FP_ISTIO_FASTPATH", "off"))
     try:
         m.up()
         yield m
