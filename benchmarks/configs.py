@@ -155,7 +155,24 @@ def build(names: list[str], *, envoy: str, workdir: Path, concurrency: int,
     return out
 
 
-def _on_mesh(name: str, envoy: str, workdir: Path, tag: str | None) -> Configuration:
+def build_demo(names: list[str], *, envoy: str, workdir: Path,
+               tag: str | None = None) -> list[Configuration | Unavailable]:
+    """The configurations on the project's demo mesh (compose/demo), always on the mesh runner."""
+    out: list[Configuration | Unavailable] = []
+    for name in NAMES:
+        if name not in names:
+            continue
+        if name == "l7fp":
+            problem = l7fp_problem()
+            out.append(Unavailable(problem) if problem else
+                       _on_mesh(name, envoy, workdir, tag, demo=True))
+        else:
+            out.append(_on_mesh(name, envoy, workdir, tag, demo=True))
+    return out
+
+
+def _on_mesh(name: str, envoy: str, workdir: Path, tag: str | None,
+             demo: bool = False) -> Configuration:
     from benchmarks.meshconfig import MeshRunnerConfig
     from benchmarks.topology import run_tag
 
@@ -166,7 +183,7 @@ def _on_mesh(name: str, envoy: str, workdir: Path, tag: str | None) -> Configura
         bypass = L4Bypass()
     return MeshRunnerConfig(workdir, envoy, tag or run_tag(), name=name,
                             sidecars="none" if name == "no-mesh" else "envoy",
-                            fastpath="off", bypass=bypass)
+                            fastpath="on" if name == "l7fp" else "off", bypass=bypass, demo=demo)
 
 
 def envoy_path() -> str:

@@ -22,6 +22,22 @@ from benchmarks.configs import Configuration, Unavailable
 APP_PORT = sidecar.APP_PORT
 
 
+DEMO = Path(__file__).resolve().parent.parent / "compose" / "demo" / "mesh.yaml"
+
+
+def demo_mesh_file(name: str) -> dict[str, Any]:
+    """The project's demo mesh (compose/demo) plus a `client` pod for the load generator."""
+    doc = yaml.safe_load(DEMO.read_text())
+    doc["name"] = name
+    if doc.get("policies"):
+        doc["policies"] = str((DEMO.parent / doc["policies"]).resolve())
+    doc["services"]["client"] = {
+        "command": ["${PYTHON}", "-m", "benchmarks.apps", "leaf", "--name", "client",
+                    "--port", str(APP_PORT)],
+        "ports": [APP_PORT], "calls": ["frontend"]}
+    return doc
+
+
 def mesh_file(name: str) -> dict[str, Any]:
     """The benchmark's pods as a mesh file (docs/mesh.md format)."""
     def app(*args: str) -> list[str]:
@@ -51,12 +67,16 @@ class MeshRunnerConfig(Configuration):
     the mesh is up)."""
 
     def __init__(self, workdir: Path, envoy: str, tag: str, *, name: str = "l7fp",
-                 sidecars: str = "envoy", fastpath: str = "on", bypass: Any = None) -> None:
+                 sidecars: str = "envoy", fastpath: str = "on", bypass: Any = None,
+                 demo: bool = False) -> None:
         self.workdir, self.envoy, self.fastpath = workdir, envoy, fastpath
         self.name, self.sidecars, self.bypass = name, sidecars, bypass
         self.has_policy = sidecars != "none"
         code = {"no-mesh": "nm", "sidecar": "sc", "sidecar-l4": "l4"}.get(name, "fp")
-        self.mesh_name = f"bench-{tag}-{code}"[:23]
+        self.demo = demo
+        self.mesh_name = f"bench-{tag}-{'d' if demo else ''}{code}"[:23]
+        # the fast-path probe: an all-kernel policy route of the bench mesh, the demo's /home
+        self.probe = ("frontend", "/home") if demo else ("leaf", sidecar.policy_paths(0.0)[0])
         self.mesh: Any = None
         self.state: dict[str, Any] = {}
         self.loadgen: Path | None = None
@@ -67,7 +87,8 @@ class MeshRunnerConfig(Configuration):
         except ImportError as exc:
             raise Unavailable(f"mesh.runner not importable: {exc}") from exc
         path = self.workdir / f"{self.mesh_name}.yaml"
-        path.write_text(yaml.safe_dump(mesh_file(self.mesh_name), sort_keys=False))
+        doc = demo_mesh_file(self.mesh_name) if self.demo else mesh_file(self.mesh_name)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
         self.mesh = Mesh(path, sidecars=self.sidecars, xds="ads", fastpath=self.fastpath,
                          envoy=self.envoy)
         try:
@@ -87,15 +108,15 @@ class MeshRunnerConfig(Configuration):
 
         self._wait_agent()
         before = self.counters()
-        load.run_wrk(self.url("leaf", sidecar.policy_paths(0.0)[0]), 1, 1,
-                     netns=self.client_netns, cgroup=self.loadgen)
+        load.run_wrk(self.url(*self.probe), 1, 1, netns=self.client_netns, cgroup=self.loadgen)
         after = self.counters()
         served = after.get("kernel_requests", 0) - before.get("kernel_requests", 0)
         if served <= 0:
             why = self._agent_reasons()
             self.down()
             raise Unavailable("the mesh came up with --fastpath on, but the fast path served no "
-                              f"request of a 1 s all-kernel-route probe (counters {after or 'none'} "
+                              f"request of a 1 s probe to {self.probe[0]} {self.probe[1]} "
+                              f"(counters {after or 'none'} "
                               "from l7fp_fastpath_requests_total on the admin /metrics)"
                               + (f"; the agent says: {why}" if why else ""))
 

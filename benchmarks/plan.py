@@ -23,6 +23,7 @@ class Scenario:
     paths: tuple[str, ...] = ()
     envoy_share: float | None = None  # designed share of routes that need Envoy
     description: str = ""
+    demo: bool = False  # runs on the project's demo mesh (compose/demo) instead of the bench pods
 
     @property
     def path(self) -> str:
@@ -40,6 +41,9 @@ SCENARIOS = {s.name: s for s in (
     Scenario("multihop", "frontend",
              description="two hops: client -> frontend -> backend (the frontend calls the backend)"),
     *(mix(share) for share in sidecar.MIX_SHARES),
+    Scenario("demo", "frontend", ("/home",), demo=True,
+             description="the demo mesh (compose/demo): client -> frontend /home -> "
+                         "home-timeline (-> post-storage, social-graph) and user (canary 90/10)"),
 )}
 
 
@@ -81,7 +85,8 @@ class Plan:
 def build_plan(*, quick: bool, scenarios: list[str] | None = None, repeats: int | None = None,
                duration_s: float | None = None, rates: list[float] | None = None) -> Plan:
     """The full plan, or the `--quick` one (one short repetition, fewer points)."""
-    names = scenarios or list(SCENARIOS)
+    # the demo brings up a 13-pod mesh per configuration: full runs only, unless asked for
+    names = scenarios or [n for n in SCENARIOS if not (quick and SCENARIOS[n].demo)]
     unknown = [n for n in names if n not in SCENARIOS and n != "sweep"]
     if unknown:
         raise ValueError(f"unknown scenario {unknown[0]!r}; choose from "
@@ -96,6 +101,8 @@ def build_plan(*, quick: bool, scenarios: list[str] | None = None, repeats: int 
         sc = SCENARIOS[name]
         if sc.envoy_share is not None:  # the policy mix: one load point, enough connections
             cells.append(Cell(sc, 16))
+        elif sc.demo:
+            cells += [Cell(sc, c) for c in ([16] if quick else [1, 16])]
         elif quick and name != "leaf":
             cells.append(Cell(sc, 16))
         else:

@@ -62,7 +62,8 @@ def headline(doc: dict[str, Any]) -> list[str]:
     have = {r["configuration"] for r in rows}
     missing = {c["name"]: f"no figures: {c['status']}"
                + (f" ({c['reason']})" if c["reason"] else "")
-               for c in doc["configurations"] if c["name"] not in have}
+               for c in doc["configurations"]
+               if c["name"] not in have and c.get("scope", "pods") == "pods"}
     return ["## Headline: single-hop leaf, 1 connection", "", *point_table(rows, missing)]
 
 
@@ -96,7 +97,9 @@ def render(doc: dict[str, Any], plots: list[str]) -> str:
         "## Configurations", "",
     ]
     for c in doc["configurations"]:
-        lines.append(f"- `{c['name']}`: {c['status']}" + (f" — {c['reason']}" if c["reason"] else ""))
+        scope = " (demo mesh)" if c.get("scope") == "demo" else ""
+        lines.append(f"- `{c['name']}`{scope}: {c['status']}"
+                     + (f" — {c['reason']}" if c["reason"] else ""))
     failed = [r for r in doc["runs"] if "error" in r]
     if failed:
         lines += ["", f"{len(failed)} run(s) failed:"]

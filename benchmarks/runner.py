@@ -12,8 +12,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -85,20 +84,38 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def execute(plan: Plan, names: list[str], *, envoy: str, workdir: Path, concurrency: int,
-            substrate: str = "own", progress: Progress | None = None,
-            on_up: Callable[[list[Configuration]], None] | None = None) -> Outcome:
-    """Bring the configurations up, run the plan in ABAB order, tear everything down."""
+            substrate: str = "own", progress: Progress | None = None) -> Outcome:
+    """Bring the configurations up, run the plan in ABAB order, tear everything down.
+
+    Two phases: the scenarios on the bench pods, then (full runs) the demo
+    mesh's scenario, whose meshes exist only during their phase.
+    """
     outcome = Outcome()
+    prog = progress or Progress(0)
+    prog.total = 0
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for scope in ("pods", "demo"):
+            cells = [c for c in plan.cells if c.scenario.demo == (scope == "demo")]
+            if cells:
+                _run_phase(scope, replace(plan, cells=cells), names, envoy, workdir,
+                           concurrency, substrate, outcome, prog)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        prog.line("interrupted: the meshes were torn down")
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    return outcome
+
+
+def _run_phase(scope: str, plan: Plan, names: list[str], envoy: str, workdir: Path,
+               concurrency: int, substrate: str, outcome: Outcome, prog: Progress) -> None:
     live: list[Configuration] = []
     try:
-        live = _bring_up(names, envoy, workdir, concurrency, substrate, outcome, progress)
-        if on_up:
-            on_up(live)
+        live = _bring_up(scope, names, envoy, workdir, concurrency, substrate, outcome, prog)
         by_name = {c.name: c for c in live}
         order = [n for n in names if n in by_name]
-        prog = progress or Progress(plan.total(order))
-        prog.total = plan.total(order)
+        prog.total += plan.total(order)
         _warm_up(plan, live, prog)
         for cell, rep, name in plan.schedule(order):
             try:
@@ -111,41 +128,39 @@ def execute(plan: Plan, names: list[str], *, envoy: str, workdir: Path, concurre
                                      "connections": cell.connections, "rep": rep,
                                      "offered_rps": cell.rate, "error": str(exc)})
                 prog.run(cell, rep, name, f"FAILED: {exc}")
-    except KeyboardInterrupt:
-        outcome.interrupted = True
-        (progress or Progress(0)).line("interrupted: tearing the meshes down")
     finally:
         for cfg in reversed(live):
             try:
                 cfg.down()
             except Exception as exc:  # keep tearing the others down
                 log.warning("teardown of %s: %s", cfg.name, exc)
-        signal.signal(signal.SIGTERM, old_term)
-    return outcome
 
 
-def _bring_up(names: list[str], envoy: str, workdir: Path, concurrency: int, substrate: str,
-              outcome: Outcome, progress: Progress | None) -> list[Configuration]:
-    prog = progress or Progress(0)
+def _bring_up(scope: str, names: list[str], envoy: str, workdir: Path, concurrency: int,
+              substrate: str, outcome: Outcome, prog: Progress) -> list[Configuration]:
     live: list[Configuration] = []
-    built = configs.build(names, envoy=envoy, workdir=workdir, concurrency=concurrency,
-                          substrate=substrate)
+    if scope == "demo":
+        built = configs.build_demo(names, envoy=envoy, workdir=workdir)
+    else:
+        built = configs.build(names, envoy=envoy, workdir=workdir, concurrency=concurrency,
+                              substrate=substrate)
+    where = " (demo mesh)" if scope == "demo" else ""
     for name, item in zip([n for n in configs.NAMES if n in names], built, strict=True):
+        entry = {"name": name, "scope": scope, "status": "ok", "reason": ""}
+        outcome.configurations.append(entry)
         if isinstance(item, Unavailable):
-            outcome.configurations.append({"name": name, "status": "unavailable",
-                                           "reason": str(item)})
-            prog.line(f"{name}: unavailable: {item}")
+            entry.update(status="unavailable", reason=str(item))
+            prog.line(f"{name}{where}: unavailable: {item}")
             continue
         t0 = time.monotonic()
         try:
             item.up()
         except (Unavailable, RuntimeError, OSError) as exc:
-            outcome.configurations.append({"name": name, "status": "failed", "reason": str(exc)})
-            prog.line(f"{name}: failed to come up: {exc}")
+            entry.update(status="failed", reason=str(exc))
+            prog.line(f"{name}{where}: failed to come up: {exc}")
             continue
         live.append(item)
-        outcome.configurations.append({"name": name, "status": "ok", "reason": ""})
-        prog.line(f"{name}: up in {time.monotonic() - t0:.1f}s")
+        prog.line(f"{name}{where}: up in {time.monotonic() - t0:.1f}s")
     return live
 
 

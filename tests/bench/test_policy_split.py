@@ -69,3 +69,17 @@ def test_kernel_share_counters_from_the_fast_path_metric() -> None:
     c.labels("n2", "r3", "envoy", "punt").inc(20)
     text = generate_latest(reg).decode() + "other_metric_total 5\n"
     assert parse_fastpath_metrics(text) == {"requests": 100, "kernel_requests": 80}
+
+
+def test_demo_mesh_file_with_client_passes_the_mesh_validator(tmp_path: Path) -> None:
+    import yaml
+
+    from benchmarks.meshconfig import demo_mesh_file
+    from mesh import spec
+
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo_mesh_file("bench-d")))
+    parsed = spec.load(path)
+    assert "client" in parsed.services and "frontend" in parsed.services
+    assert parsed.services["client"].calls == ("frontend",)
+    assert parsed.policies  # the demo's own policy file came along

@@ -86,3 +86,9 @@ def test_report_and_plots_from_a_document(tmp_path: Path) -> None:
     assert "`l7fp`: unavailable — fast path missing" in text
     assert "| sidecar-l4 | 200 |" in text and "0.80x" in text  # 200 / 250 vs sidecar
     assert "## Rate sweep" in text and "![throughput.png](throughput.png)" in text
+
+
+def test_demo_only_in_full_runs_unless_asked() -> None:
+    assert not any(c.scenario.demo for c in build_plan(quick=True).cells)
+    assert {c.connections for c in build_plan(quick=False).cells if c.scenario.demo} == {1, 16}
+    assert [c.scenario.name for c in build_plan(quick=True, scenarios=["demo"]).cells] == ["demo"]
