@@ -321,11 +321,17 @@ def _pick_endpoint(eps: tuple[Endpoint, ...], lb: LbPolicy, rng: random.Random, 
 
 
 def _location(a: Redirect, m: RouteMatch, req: Request) -> str:
+    """Envoy's redirect URI (RouteEntryImplBase::newUri) for a plain-HTTP request."""
     scheme = a.scheme or "http"
-    host = a.host or req.host.split(":")[0]
-    port = f":{a.port}" if a.port else ""
-    if not a.host and not a.port and ":" in req.host and scheme == "http":
-        port = ":" + req.host.split(":")[1]
+    host = a.host or req.host
+    if not a.host and ":" in req.host:
+        name, port = req.host.rsplit(":", 1)
+        # The request's port goes when a new port is given, or when the scheme
+        # changes and it was the default port of the old one.
+        if a.port is not None or (scheme != "http" and port == "80"):
+            host = name
+    if a.port is not None:
+        host = f"{host.rsplit(':', 1)[0] if a.host else host}:{a.port}"
     path, _, query = req.path.partition("?")
     if a.path is not None:
         path = a.path
@@ -333,7 +339,7 @@ def _location(a: Redirect, m: RouteMatch, req: Request) -> str:
         path = a.prefix_rewrite + path[len(m.path):]
     if query and not a.strip_query and "?" not in path:
         path = f"{path}?{query}"
-    return f"{scheme}://{host}{port}{path}"
+    return f"{scheme}://{host}{path}"
 
 
 def _rbac_denies(rbac: Rbac, req: Request, lp: ListenerPlan) -> bool | None:

@@ -76,19 +76,29 @@ def _action() -> st.SearchStrategy[dict[str, Any]]:
         {"name": "c1", "weight": w}, {"name": "c2", "weight": 100 - w}]}}}, st.sampled_from([0, 30, 100]))
     direct = st.builds(lambda s, b: {"direct_response": {"status": s, "body": {"inline_string": b}}},
                        st.sampled_from([200, 403, 418, 503]), st.sampled_from(["hello", "no"]))
-    redirect = st.builds(lambda p, code: {"redirect": {"path_redirect": p, "response_code": code}},
-                         st.sampled_from(["/r", "/new/x"]), st.sampled_from(["MOVED_PERMANENTLY", "FOUND"]))
+    redirect = st.builds(lambda r, code: {"redirect": {**r, "response_code": code}}, st.sampled_from([
+        {"path_redirect": "/r"}, {"path_redirect": "/new/x", "strip_query": True},
+        {"host_redirect": "new.test"}, {"https_redirect": True}, {"port_redirect": 8443},
+        {"host_redirect": "new.test", "port_redirect": 81}, {"scheme_redirect": "https", "path_redirect": "/s"},
+    ]), st.sampled_from(["MOVED_PERMANENTLY", "FOUND", "SEE_OTHER", "TEMPORARY_REDIRECT", "PERMANENT_REDIRECT"]))
     return st.one_of(forward, forward, weighted, direct, redirect)
 
 
+FAULT_T = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+
+
 def _route(i: int) -> st.SearchStrategy[dict[str, Any]]:
-    def build(m: dict[str, Any], a: dict[str, Any], add: bool) -> dict[str, Any]:
+    def build(m: dict[str, Any], a: dict[str, Any], add: bool, abort: int | None) -> dict[str, Any]:
         r = {"name": f"r{i}", "match": m, **a}
         if add and "route" in r:
             r["request_headers_to_add"] = [{"header": {"key": "x-added", "value": f"r{i}"},
                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+        if abort:  # the listeners of the differential test have a fault filter
+            r["typed_per_filter_config"] = {"envoy.filters.http.fault": {"@type": FAULT_T, "abort": {
+                "http_status": abort, "percentage": {"numerator": 100}}}}
         return r
-    return st.builds(build, _match(), _action(), st.booleans())
+    return st.builds(build, _match(), _action(), st.booleans(),
+                     st.sampled_from([None, None, None, 503, 418]))
 
 
 @st.composite

@@ -23,7 +23,7 @@ from fastpath.plan import Verdict
 from fastpath.reference import Decision, Request, decide
 from fastpath.split import plan_of
 from tests.split.harness import CLUSTERS, EnvoyProc, free_ports, http_request
-from tests.split.tables import requests, route_table
+from tests.split.tables import FAULT_T, requests, route_table
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 TABLES = 6
@@ -38,8 +38,10 @@ def bootstrap(tables: list[dict[str, Any]], ports: list[int], upstreams: dict[st
             "typed_config": {
                 "@type": "type.googleapis.com/" + em.HCM, "stat_prefix": f"t{i}",
                 "route_config": table,
-                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                "http_filters": [
+                    {"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT_T}},
+                    {"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
             }}]}],
     } for i, (table, port) in enumerate(zip(tables, ports, strict=True))]
     clusters = [{"name": c, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
@@ -86,7 +88,7 @@ def allowed_clusters(plan: Any, listener: str, d: Decision) -> set[str]:
     return {d.cluster}
 
 
-@settings(max_examples=5, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=6, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
 @given(tables=st.lists(route_table(), min_size=TABLES, max_size=TABLES),
