@@ -37,19 +37,20 @@ def point_table(rows: list[dict[str, Any]],
 
     `missing` maps a configuration without figures to the reason, shown as its row.
     """
-    out = ["| configuration | p50 µs | p90 µs | p99 µs | req/s | CPU s/1k req | sidecar RSS MB "
+    out = ["| configuration | p50 µs | p50 range over repeats | p90 µs | p99 µs | req/s | CPU s/1k req | sidecar RSS MB "
            "| kernel share | p50 vs sidecar | p50 vs no-mesh | req/s vs sidecar | req/s vs no-mesh |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in _order(rows):
         share = "–" if r["kernel_share"] is None else f"{r['kernel_share']:.0%}"
         out.append(
-            f"| {r['configuration']} | {_fmt(r['p50_us'])} | {_fmt(r['p90_us'])} "
+            f"| {r['configuration']} | {_fmt(r['p50_us'])} "
+            f"| {_fmt(r.get('p50_min_us'))}–{_fmt(r.get('p50_max_us'))} | {_fmt(r['p90_us'])} "
             f"| {_fmt(r['p99_us'])} | {_fmt(r['rps'])} | {_fmt(r['cpu_s_per_1k'], 3)} "
             f"| {_fmt(r['sidecar_rss_mb'], 0) if r['sidecar_rss_mb'] else '–'} | {share} "
             f"| {_ratio(r['p50_vs_sidecar'])} | {_ratio(r['p50_vs_no-mesh'])} "
             f"| {_ratio(r['rps_vs_sidecar'])} | {_ratio(r['rps_vs_no-mesh'])} |")
     for name, reason in (missing or {}).items():
-        out.append(f"| {name} | {reason} |" + " |" * 11)
+        out.append(f"| {name} | {reason} |" + " |" * 12)
     return out
 
 

@@ -43,6 +43,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "repeats": len(group)}
         for fig in FIGURES:
             row[fig] = statistics.median(r[fig] for r in group)
+        # the spread over repeats, so a reader sees how much a shared machine moved the median
+        row["p50_min_us"] = min(r["p50_us"] for r in group)
+        row["p50_max_us"] = max(r["p50_us"] for r in group)
         shares = [r["kernel_share"] for r in group if r.get("kernel_share") is not None]
         row["kernel_share"] = statistics.median(shares) if shares else None
         row["errors"] = sum(r.get("errors", 0) for r in group)
