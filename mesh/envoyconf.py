@@ -104,68 +104,46 @@ def _policy(spec: MeshSpec, service: str, side: str) -> dict[str, list[Any]]:
     return spec.policies.get(service, {}).get(side, {"routes": [], "http_filters": []})
 
 
-RBAC = T + "envoy.extensions.filters.http.rbac.v3.RBAC"
-
-
-def _per_route(typed_config: dict[str, Any]) -> dict[str, Any]:
-    """A filter's config as its per-route override (which also enables a disabled filter)."""
-    cfg = copy.deepcopy(typed_config)
-    if cfg.get("@type") == RBAC:  # the one common filter whose per-route type differs
-        cfg.pop("@type")
-        return {"@type": RBAC + "PerRoute", "rbac": cfg}
-    return cfg
-
-
-def _domains(svc: ServiceAddr, port: int) -> list[str]:
-    """Host header values that select a service (as Istio's virtual hosts)."""
-    hosts = [*svc.names, svc.vip, *svc.pod_ips]
-    return [h for name in hosts for h in (name, f"{name}:{port}")]
-
-
 def outbound_resources(spec: MeshSpec, services: list[ServiceAddr],
-                       delivery: Delivery) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The `virtualOutbound` listener and one route configuration per port (Istio's shape).
+                       delivery: Delivery) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Outbound listeners and one route configuration per service port.
 
-    One HTTP filter chain per destination port, routed by Host to a virtual host
-    per service. A service's outbound `http_filters` sit in its port's chain,
-    disabled (`name.service`), and are enabled only in that service's virtual
-    host, so a fault on calls to `text` does not touch calls to `user`.
+    `virtualOutbound` (15001, `use_original_dst`) hands each intercepted
+    connection to the listener `<VIP>_<port>` of its original destination
+    (`bind_to_port: false`), as Istio does for its per-service listeners; that
+    listener's HTTP connection manager carries the service's outbound filters
+    and routes over RDS (`outbound|PORT||FQDN`). One virtual host per listener
+    and no filter-chain match is the shape the kernel fast path takes (the
+    agent tracks the listener's VIP:port). Other destinations: TCP passthrough.
     """
     ns = spec.namespace
-    ports = sorted({p for svc in services for p in svc.ports})
-    chains, routes = [], []
-    for port in ports:
-        filters, vhosts = [], []
-        for svc in (s for s in services if port in s.ports):
-            pol = _policy(spec, svc.name, "outbound")
-            own = naming.outbound_cluster(svc.name, port, ns)
+    listeners, routes = [], []
+    for svc in services:
+        pol = _policy(spec, svc.name, "outbound")
+        for port in svc.ports:
+            name = naming.outbound_cluster(svc.name, port, ns)
 
             def resolve(short: str, port: int = port) -> str:
                 return naming.outbound_cluster(short, _port_of(spec, short, port), ns)
 
-            vh: dict[str, Any] = {"name": f"{naming.fqdn(svc.name, ns)}:{port}",
-                                  "domains": _domains(svc, port),
-                                  "routes": _expand_routes(pol["routes"], resolve, own)}
-            for f in pol["http_filters"]:
-                scoped = f"{f['name']}.{svc.name}"
-                filters.append({**copy.deepcopy(f), "name": scoped, "disabled": True})
-                vh.setdefault("typed_per_filter_config", {})[scoped] = _per_route(f["typed_config"])
-            vhosts.append(vh)
-        vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [
-            {"name": "allow_any", "match": {"prefix": "/"},
-             "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]})
-        routes.append({"@type": ROUTE, "name": str(port), "validate_clusters": False,
-                       "virtual_hosts": vhosts})
-        chains.append({"name": f"0.0.0.0_{port}", "filter_chain_match": {"destination_port": port},
-                       "filters": [_hcm(f"outbound_0.0.0.0_{port}", str(port), filters, delivery)]})
-    listener = {"@type": LISTENER, "name": "virtualOutbound", "traffic_direction": "OUTBOUND",
-                "address": {"socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}},
-                "listener_filters": [ORIGINAL_DST], "filter_chains": chains,
-                "default_filter_chain": {"name": "PassthroughFilterChain", "filters": [{
-                    "name": "envoy.filters.network.tcp_proxy", "typed_config": {
-                        "@type": T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                        "stat_prefix": "PassthroughCluster", "cluster": "PassthroughCluster"}}]}}
-    return listener, routes
+            routes.append({"@type": ROUTE, "name": name, "validate_clusters": False,
+                           "virtual_hosts": [{"name": f"{naming.fqdn(svc.name, ns)}:{port}",
+                                              "domains": ["*"],
+                                              "routes": _expand_routes(pol["routes"], resolve, name)}]})
+            listeners.append({
+                "@type": LISTENER, "name": f"{svc.vip}_{port}", "traffic_direction": "OUTBOUND",
+                "address": {"socket_address": {"address": svc.vip, "port_value": port}},
+                "bind_to_port": False,
+                "filter_chains": [{"filters": [_hcm(f"outbound_{svc.name}_{port}", name,
+                                                    pol["http_filters"], delivery)]}]})
+    virtual = {"@type": LISTENER, "name": "virtualOutbound", "traffic_direction": "OUTBOUND",
+               "address": {"socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}},
+               "use_original_dst": True, "listener_filters": [ORIGINAL_DST],
+               "filter_chains": [{"name": "PassthroughFilterChain", "filters": [{
+                   "name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                       "@type": T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                       "stat_prefix": "PassthroughCluster", "cluster": "PassthroughCluster"}}]}]}
+    return [virtual, *listeners], routes
 
 
 def inbound_resources(spec: MeshSpec, service: str,
@@ -234,7 +212,7 @@ def shared_resources(spec: MeshSpec, services: list[ServiceAddr],
     """What every sidecar of the mesh has alike: the outbound side."""
     out_l, out_r = outbound_resources(spec, services, delivery)
     clusters, clas = shared_cluster_resources(spec, services, delivery)
-    return {CLUSTER: clusters, CLA: clas, LISTENER: [out_l], ROUTE: out_r}
+    return {CLUSTER: clusters, CLA: clas, LISTENER: out_l, ROUTE: out_r}
 
 
 def service_resources(spec: MeshSpec, service: str,

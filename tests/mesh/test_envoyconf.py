@@ -22,45 +22,47 @@ def demo_pod(name: str) -> tuple[spec.MeshSpec, topology.Topology, topology.Pod]
     return s, topo, next(p for p in topo.pods if p.name == name)
 
 
-def vhost(routes: dict, port: str, service: str) -> dict:
-    return next(v for v in routes[port]["virtual_hosts"] if v["name"].startswith(f"{service}.demo."))
+def vhost(routes: dict, port: int, service: str) -> dict:
+    return routes[f"outbound|{port}||{service}.demo.svc.cluster.local"]["virtual_hosts"][0]
 
 
 def test_outbound_routes_resolve_short_names_and_canary() -> None:
     s, topo, pod = demo_pod("frontend-0")
     res = ec.pod_resources(s, pod.info(), list(topo.services), ec.Delivery("ads"))
     routes = {r["name"]: r for r in res[ec.ROUTE]}
-    user = vhost(routes, "9000", "user")
-    assert "user" in user["domains"] and "user.demo.svc.cluster.local:9000" in user["domains"]
+    user = vhost(routes, 9000, "user")
     assert user["routes"][0]["route"]["cluster"] == "outbound|9000||user-v2.demo.svc.cluster.local"
     weights = {c["name"]: c["weight"] for c in user["routes"][1]["route"]["weighted_clusters"]["clusters"]}
     assert weights == {"outbound|9000||user.demo.svc.cluster.local": 90,
                        "outbound|9000||user-v2.demo.svc.cluster.local": 10}
-    front = vhost(routes, "8080", "frontend")["routes"]
+    front = vhost(routes, 8080, "frontend")["routes"]
     assert front[0]["route"]["cluster"] == "outbound|8000||static.demo.svc.cluster.local"
     assert front[1]["route"]["cluster"] == "outbound|8080||frontend.demo.svc.cluster.local"
     # Istio's default: no route timeout unless the policy sets one
-    assert vhost(routes, "9000", "social-graph")["routes"][0]["route"]["timeout"] == "0s"
+    assert vhost(routes, 9000, "social-graph")["routes"][0]["route"]["timeout"] == "0s"
     assert front[1]["route"]["timeout"] == "5s"
     listeners = {x["name"]: x for x in res[ec.LISTENER]}
     assert listeners["virtualOutbound"]["address"]["socket_address"]["port_value"] == 15001
+    assert listeners["virtualOutbound"]["use_original_dst"] is True
     assert listeners["virtualInbound"]["address"]["socket_address"]["port_value"] == 15006
+    user_vip = next(sv.vip for sv in topo.services if sv.name == "user")
+    assert listeners[f"{user_vip}_9000"]["bind_to_port"] is False
     # every EDS cluster has its load assignment
     eds = {c["name"] for c in res[ec.CLUSTER] if c.get("type") == "EDS"}
     assert eds == {c["cluster_name"] for c in res[ec.CLA]}
 
 
-def test_outbound_filter_scoped_to_its_service() -> None:
+def test_outbound_filter_only_for_its_service() -> None:
     s, topo, pod = demo_pod("compose-post-0")
     res = ec.pod_resources(s, pod.info(), list(topo.services), ec.Delivery("ads"))
-    out = next(x for x in res[ec.LISTENER] if x["name"] == "virtualOutbound")
-    chain = next(c for c in out["filter_chains"] if c["filter_chain_match"] == {"destination_port": 9000})
-    flt = chain["filters"][0]["typed_config"]["http_filters"]
-    assert [(f["name"], f.get("disabled")) for f in flt] == [
-        ("envoy.filters.http.fault.text", True), ("envoy.filters.http.router", None)]
-    routes = {r["name"]: r for r in res[ec.ROUTE]}
-    assert "envoy.filters.http.fault.text" in vhost(routes, "9000", "text")["typed_per_filter_config"]
-    assert "typed_per_filter_config" not in vhost(routes, "9000", "user")
+    vips = {sv.name: sv.vip for sv in topo.services}
+    listeners = {x["name"]: x for x in res[ec.LISTENER]}
+
+    def filters(svc: str) -> list[str]:
+        hcm = listeners[f"{vips[svc]}_9000"]["filter_chains"][0]["filters"][0]["typed_config"]
+        return [f["name"] for f in hcm["http_filters"]]
+    assert filters("text") == ["envoy.filters.http.fault", "envoy.filters.http.router"]
+    assert filters("user") == ["envoy.filters.http.router"]
 
 
 def test_inbound_policy_only_in_own_sidecar() -> None:
@@ -85,6 +87,8 @@ def static_bootstrap(res: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         lst.pop("@type")
         for chain in lst["filter_chains"]:
             hcm = chain["filters"][0]["typed_config"]
+            if "rds" not in hcm:
+                continue  # the TCP passthrough chain
             rc = dict(routes[hcm.pop("rds")["route_config_name"]])
             rc.pop("@type")
             hcm["route_config"] = rc
