@@ -154,3 +154,34 @@ pods:
             envoy.stop()
         for b in backends:
             b.close()
+
+
+def test_mesh_config_default_retry_policy_off(envoy_bin: str, mesh_file: Path,
+                                              backends: dict[str, Backend], tmp_path: Path) -> None:
+    """MeshConfig.defaultHttpRetryPolicy {attempts: 0}: no retry on routes without `retries:`."""
+    pol = tmp_path / "pol"
+    pol.mkdir()
+    (pol / "policies.yaml").write_text((HERE / "bookinfo" / "policies.yaml").read_text())
+    (pol / "mesh.yaml").write_text("""
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    defaultHttpRetryPolicy:
+      attempts: 0
+""")
+    mesh = istio.load(pol, mesh_file=mesh_file, inbound_address="127.0.0.110")
+    res = istio.generate(mesh, "sidecar~127.0.0.110~productpage-v1.default~default.svc.cluster.local")
+    assert not list(mesh.objs.warnings)
+    port = pick_free_port()
+    envoy = Envoy(envoy_bin, make_static(res, {"0.0.0.0_9080": port}), pick_free_port())
+    try:
+        backends["details-v1"].flaky_left = 2
+        assert request(port, "/flaky", "details")[0] == 503  # details: istiod's default route
+        assert request(port, "/flaky", "details")[0] == 503
+        assert request(port, "/flaky", "details") == (200, "details-v1 /flaky")
+        backends["ratings-v1"].flaky_left = 2  # ratings has explicit `retries:`: still retried
+        assert request(port, "/flaky", "ratings") == (200, "ratings-v1 /flaky")
+    finally:
+        envoy.stop()

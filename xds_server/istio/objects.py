@@ -44,6 +44,8 @@ IGNORED_KINDS = frozenset({
 })
 
 DEFAULT_NAMESPACE = "default"
+MESH_CONFIG_NAMESPACE = "istio-system"  # ConfigMap istio-system/istio holds Istio's MeshConfig
+MESH_CONFIG_FIELDS = {"defaultHttpRetryPolicy"}  # what the importer reads; the rest is not L7 policy
 
 
 class Warnings:
@@ -105,7 +107,7 @@ class ObjectSet:
 
 
 def check_fields(
-    warnings: Warnings, obj: Obj, path: str, value: Any, known: Iterable[str]
+    warnings: Warnings, obj: Obj | None, path: str, value: Any, known: Iterable[str]
 ) -> Mapping[str, Any]:
     """Warn on every key of mapping `value` not in `known`; return the mapping.
 
@@ -167,6 +169,9 @@ def _parse_one(doc: Mapping[str, Any], source: str, out: ObjectSet) -> None:
     namespace = str(meta.get("namespace") or DEFAULT_NAMESPACE)
     group = _group(str(doc.get("apiVersion") or ""))
     obj = Obj(kind, name, namespace, doc.get("spec") or {}, doc, source)
+    if kind == "ConfigMap" and name == "istio" and namespace == MESH_CONFIG_NAMESPACE:
+        out.add(Obj("MeshConfig", name, namespace, _mesh_config(doc, out.warnings, obj), doc, source))
+        return
     if kind in IGNORED_KINDS:
         return
     groups = KNOWN_KINDS.get(kind)
@@ -188,6 +193,26 @@ def strip_helm(text: str) -> str:
     """Drop Helm directive lines and blank inline `{{ }}` (both if/else branches stay)."""
     lines = [ln for ln in text.splitlines() if not _TEMPLATE_LINE.match(ln)]
     return "\n".join(_TEMPLATE.sub("1", ln) for ln in lines)
+
+
+def _mesh_config(doc: Mapping[str, Any], warnings: Warnings, obj: Obj) -> Mapping[str, Any]:
+    """The `mesh` key of ConfigMap istio-system/istio (MeshConfig YAML)."""
+    text = (doc.get("data") or {}).get("mesh") or ""
+    try:
+        mesh = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        warnings.add(obj, "data.mesh", f"not YAML ({exc}); mesh config ignored")
+        return {}
+    if not isinstance(mesh, Mapping):
+        warnings.add(obj, "data.mesh", "not a mapping; mesh config ignored")
+        return {}
+    return mesh
+
+
+def mesh_config(objs: ObjectSet) -> Mapping[str, Any]:
+    """Istio MeshConfig from the policies (ConfigMap istio-system/istio), or {}."""
+    found = objs.of("MeshConfig")
+    return found[-1].spec if found else {}
 
 
 def load_path(path: str | Path, out: ObjectSet | None = None, helm: bool = False) -> ObjectSet:

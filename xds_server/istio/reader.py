@@ -18,7 +18,7 @@ from typing import Any
 from . import gateway_api
 from .objects import KNOWN_KINDS, Obj, ObjectSet, load_path
 from .registry import Endpoint, Port, Registry, Service, Workload, from_k8s
-from .sidecar import CLUSTER, ENDPOINT, LISTENER, ROUTE, Mesh, generate
+from .sidecar import CLUSTER, ENDPOINT, LISTENER, ROUTE, Mesh, apply_mesh_config, generate
 
 POLICY_KINDS = ("VirtualService", "DestinationRule", "AuthorizationPolicy", "HTTPRoute",
                 "GRPCRoute", "ServiceEntry", "Sidecar", "PeerAuthentication")
@@ -51,6 +51,7 @@ def read_objects(objs: ObjectSet) -> dict[str, list[dict[str, Any]]]:
     nodes = [client] + _synthesize_policy_pods(objs, reg, ips)
     extra = gateway_api.as_virtual_services(objs, reg, mesh_only=False)
     mesh = Mesh(objs, reg, extra_routes=extra, gateway_routes=True, policy_only=True)
+    apply_mesh_config(mesh)
     merged: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
     seen: set[tuple[str, str]] = set()
     for wl in nodes:

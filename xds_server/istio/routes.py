@@ -33,6 +33,11 @@ REDIRECT_CODES = {301: "MOVED_PERMANENTLY", 302: "FOUND", 303: "SEE_OTHER",
 ClusterNamer = Callable[[str, str, int | None], str]
 
 
+def default_route_retry(w: Warnings, default_retries: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Retry policy of a route istiod writes itself (no VirtualService)."""
+    return _retries(w, None, "defaultHttpRetryPolicy", default_retries)
+
+
 def istio_default_retry() -> dict[str, Any]:
     """istiod's default retry policy for routes without `retries:`."""
     return {
@@ -158,12 +163,17 @@ def match_applies(m: Mapping[str, Any], port: int, labels: Mapping[str, str], na
 def convert_http(
     w: Warnings, obj: Obj, idx: int, rule: Mapping[str, Any], namer: ClusterNamer,
     port: int, labels: Mapping[str, str], namespace: str, gateway_routes: bool = False,
+    default_retries: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """One `http[idx]` rule -> Envoy routes (one per applicable match)."""
+    """One `http[idx]` rule -> Envoy routes (one per applicable match).
+
+    `default_retries`: MeshConfig.defaultHttpRetryPolicy (an HTTPRetry), used
+    for rules without `retries:`; None means istiod's built-in default.
+    """
     path = f"spec.http[{idx}]"
     rule = check_fields(w, obj, path, rule, HTTP_FIELDS)
     try:
-        action = _action(w, obj, path, rule, namer, port)
+        action = _action(w, obj, path, rule, namer, port, default_retries)
         if action is None:
             return []
         matches = as_list(w, obj, f"{path}.match", rule.get("match")) or [{}]
@@ -182,7 +192,7 @@ def convert_http(
 
 
 def _action(w: Warnings, obj: Obj, path: str, rule: Mapping[str, Any], namer: ClusterNamer,
-            port: int) -> dict[str, Any] | None:
+            port: int, default_retries: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     per_filter: dict[str, Any] = {}
     if "delegate" in rule:
@@ -193,7 +203,7 @@ def _action(w: Warnings, obj: Obj, path: str, rule: Mapping[str, Any], namer: Cl
     elif "directResponse" in rule:
         out["directResponse"] = _direct(w, obj, f"{path}.directResponse", rule["directResponse"])
     elif "route" in rule:
-        out["route"] = _route_action(w, obj, path, rule, namer, port)
+        out["route"] = _route_action(w, obj, path, rule, namer, port, default_retries)
     else:
         w.add(obj, path, "rule has no route, redirect or directResponse; ignored")
         return None
@@ -208,7 +218,8 @@ def _action(w: Warnings, obj: Obj, path: str, rule: Mapping[str, Any], namer: Cl
 
 
 def _route_action(w: Warnings, obj: Obj, path: str, rule: Mapping[str, Any],
-                  namer: ClusterNamer, port: int) -> dict[str, Any]:
+                  namer: ClusterNamer, port: int,
+                  default_retries: Mapping[str, Any] | None = None) -> dict[str, Any]:
     dests = as_list(w, obj, f"{path}.route", rule.get("route"))
     ra: dict[str, Any] = {"timeout": duration(rule["timeout"]) if "timeout" in rule else "0s",
                           "maxStreamDuration": {"maxStreamDuration": "0s", "grpcTimeoutHeaderMax": "0s"}}
@@ -232,7 +243,7 @@ def _route_action(w: Warnings, obj: Obj, path: str, rule: Mapping[str, Any],
     else:
         ra["weightedClusters"] = {"clusters": entries}
     _rewrite(w, obj, f"{path}.rewrite", rule.get("rewrite"), ra)
-    ra["retryPolicy"] = _retries(w, obj, f"{path}.retries", rule.get("retries"))
+    ra["retryPolicy"] = _retries(w, obj, f"{path}.retries", rule.get("retries", default_retries))
     if ra["retryPolicy"] is None:
         del ra["retryPolicy"]
     mirrors = _mirrors(w, obj, path, rule, namer)
@@ -286,7 +297,7 @@ def _rewrite(w: Warnings, obj: Obj, path: str, spec: Any, ra: dict[str, Any]) ->
         ra["hostRewriteLiteral"] = str(spec["authority"])
 
 
-def _retries(w: Warnings, obj: Obj, path: str, spec: Any) -> dict[str, Any] | None:
+def _retries(w: Warnings, obj: Obj | None, path: str, spec: Any) -> dict[str, Any] | None:
     if spec is None:
         return istio_default_retry()
     spec = check_fields(w, obj, path, spec, {"attempts", "perTryTimeout", "retryOn",

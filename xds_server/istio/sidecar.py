@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import authz, clusters, gateway_api, routes
-from .objects import Obj, ObjectSet, exported_to
+from .objects import MESH_CONFIG_FIELDS, Obj, ObjectSet, exported_to, mesh_config
 from .registry import DOMAIN, Registry, Service, Workload
 
 T = "type.googleapis.com/envoy.config."
@@ -40,6 +40,7 @@ class Mesh:
     extra_routes: list[Obj] = field(default_factory=list)  # Gateway API routes as VirtualServices
     gateway_routes: bool = False  # also apply gateway-bound routes (split coverage only)
     policy_only: bool = False  # split coverage: only routes that come from a policy object
+    default_retries: Mapping[str, Any] | None = None  # MeshConfig.defaultHttpRetryPolicy
     outbound_port: int = OUTBOUND_PORT  # where istio-iptables redirects outbound traffic
     inbound_port: int = INBOUND_PORT
 
@@ -174,7 +175,8 @@ def _route_config(mesh: Mesh, wl: Workload, services: list[Service], port: int,
         vs = _vs_for(mesh, svc, wl.namespace)
         if vs is None and mesh.policy_only:
             continue
-        rts = _vs_routes(mesh, vs, wl, port) if vs is not None else [_default_route(svc, port)]
+        rts = (_vs_routes(mesh, vs, wl, port) if vs is not None
+               else [_default_route(mesh, svc, port)])
         for r in rts:
             _add_hash(r, hash_policies)
         vhosts.append({"name": f"{svc.hostname}:{port}", "domains": doms, "routes": rts,
@@ -200,7 +202,7 @@ def _vs_routes(mesh: Mesh, vs: Obj, wl: Workload, port: int) -> list[dict[str, A
     for i, rule in enumerate(vs.spec.get("http") or []):
         out += [routes.lift_header_ops(r) for r in
                 routes.convert_http(mesh.objs.warnings, vs, i, rule, namer, port, wl.labels,
-                                    wl.namespace, mesh.gateway_routes)]
+                                    wl.namespace, mesh.gateway_routes, mesh.default_retries)]
     for key in ("tcp", "tls"):
         if vs.spec.get(key):
             mesh.objs.warnings.add(vs, f"spec.{key}", "L4 routing is unsupported; ignored")
@@ -210,11 +212,13 @@ def _vs_routes(mesh: Mesh, vs: Obj, wl: Workload, port: int) -> list[dict[str, A
     return out
 
 
-def _default_route(svc: Service, port: int) -> dict[str, Any]:
-    return {"name": "default", "match": {"prefix": "/"},
-            "route": {"cluster": clusters.cluster_name(port, "", svc.hostname), "timeout": "0s",
-                      "retryPolicy": routes.istio_default_retry(),
-                      "maxStreamDuration": {"maxStreamDuration": "0s", "grpcTimeoutHeaderMax": "0s"}}}
+def _default_route(mesh: Mesh, svc: Service, port: int) -> dict[str, Any]:
+    ra: dict[str, Any] = {"cluster": clusters.cluster_name(port, "", svc.hostname), "timeout": "0s",
+                          "maxStreamDuration": {"maxStreamDuration": "0s", "grpcTimeoutHeaderMax": "0s"}}
+    retry = routes.default_route_retry(mesh.objs.warnings, mesh.default_retries)
+    if retry is not None:
+        ra["retryPolicy"] = retry
+    return {"name": "default", "match": {"prefix": "/"}, "route": ra}
 
 
 def _add_hash(route: dict[str, Any], hash_policies: Mapping[str, list[dict[str, Any]]]) -> None:
@@ -345,4 +349,16 @@ def _addr(ip: str, port: int) -> dict[str, Any]:
 
 def mesh_from(objs: ObjectSet, reg: Registry, inbound_address: str = "127.0.0.1") -> Mesh:
     """Bundle objects and registry; Gateway API mesh routes become VirtualServices."""
-    return Mesh(objs, reg, inbound_address, gateway_api.as_virtual_services(objs, reg, mesh_only=True))
+    mesh = Mesh(objs, reg, inbound_address, gateway_api.as_virtual_services(objs, reg, mesh_only=True))
+    apply_mesh_config(mesh)
+    return mesh
+
+
+def apply_mesh_config(mesh: Mesh) -> None:
+    cfg = mesh_config(mesh.objs)
+    for key in cfg:
+        if key not in MESH_CONFIG_FIELDS:
+            found = mesh.objs.of("MeshConfig")[-1]
+            mesh.objs.warnings.add(found, f"data.mesh.{key}", "MeshConfig field not read by the importer")
+    if "defaultHttpRetryPolicy" in cfg:
+        mesh.default_retries = cfg["defaultHttpRetryPolicy"] or {}
