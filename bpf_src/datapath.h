@@ -107,7 +107,7 @@ struct dp_bind {
 struct dp_conn {
     __u64 cookie;       /* own socket cookie (key in dp_cli) */
     __u32 flags;
-    __u32 listener;     /* listener id of the destination, 0: unknown */
+    __u32 listener;     /* listener id of the destination for the request being decided */
     __u32 body_left;    /* body bytes still to forward to body_up */
     __u32 body_bind;    /* index in binds[] of the body's upstream */
     __u32 reqs;         /* requests decided on this connection */
@@ -120,6 +120,13 @@ struct dp_conn {
 struct dp_svc_key {
     __u32 ip;   /* network order */
     __u32 port; /* host order */
+};
+
+/* Listener id of a destination in each plan generation (0: none). sk_msg reads
+ * it per request with the active generation, so a plan change that renumbers
+ * listeners never applies one listener's routes to another's connection. */
+struct dp_svc_val {
+    __u32 lid[2];
 };
 
 /* A pooled upstream U the agent is connecting, keyed as the app's accepted
@@ -175,7 +182,7 @@ BPF_SOCKHASH(dp_srv, __u64, DP_MAX_UP);
 BPF_HASH(dp_pair_wait, struct dp_pair_key, __u64, DP_MAX_UP); /* -> U cookie */
 BPF_QUEUE(dp_pool_tmpl, __u64, DP_POOL_DEPTH);
 BPF_ARRAY_OF_MAPS(dp_free, "dp_pool_tmpl", DP_MAX_POOLS); /* pool id -> queue of free upstream cookies */
-BPF_HASH(dp_svc, struct dp_svc_key, __u32, DP_MAX_SVC);  /* destination -> listener id */
+BPF_HASH(dp_svc, struct dp_svc_key, struct dp_svc_val, DP_MAX_SVC); /* destination -> listener ids */
 BPF_PERCPU_HASH(dp_stats, struct dp_stat_key, __u64, 4096);
 BPF_ARRAY(dp_replies, struct dp_reply, DP_MAX_REPLIES);
 BPF_ARRAY(dp_cfg, struct dp_gen_cfg, 1);

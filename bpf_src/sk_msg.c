@@ -174,6 +174,11 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         return dp_to_envoy(c, 0, DP_R_NO_PLAN);
     __u32 gen = cfg->gen;
     c->gen = gen;
+    struct dp_svc_key sk_dst = {.ip = c->dst_ip, .port = c->dst_port};
+    struct dp_svc_val *svc = dp_svc.lookup(&sk_dst);
+    c->listener = svc ? svc->lid[gen & 1] : 0;
+    if (!c->listener)
+        return dp_to_envoy(c, 0, DP_R_NO_PLAN);
     bpf_msg_pull_data(msg, 0, size < DP_HDR_MAX ? size : DP_HDR_MAX, 0);
     struct dp_verdict v = {};
     v.log = cfg->access_log;

@@ -21,8 +21,8 @@ static __always_inline __u32 dp_port_host(__u32 raw)
 static __always_inline void dp_track(struct bpf_sock_ops *skops)
 {
     struct dp_svc_key k = {.ip = skops->remote_ip4, .port = dp_port_host(skops->remote_port)};
-    __u32 *listener = dp_svc.lookup(&k);
-    if (!listener)
+    struct dp_svc_val *svc = dp_svc.lookup(&k);
+    if (!svc)
         return; /* not a meshed destination: leave it alone */
     struct bpf_sock *sk = skops->sk;
     if (!sk)
@@ -32,7 +32,7 @@ static __always_inline void dp_track(struct bpf_sock_ops *skops)
         return;
     __u64 cookie = bpf_get_socket_cookie(skops);
     c->cookie = cookie;
-    c->listener = *listener;
+    c->listener = 0; /* looked up per request, for the active plan generation */
     c->flags = DP_F_MESHED;
     c->dst_ip = k.ip;
     c->dst_port = k.port;

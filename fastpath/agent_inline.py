@@ -1,10 +1,11 @@
 """KernelPlan -> tables of the data path's built-in decision (dp_decide_inline.h).
 
 Owner: K2. Used by `fastpath.agent_node` when the plan's own l7fp_decide
-(fastpath.synth, K1) is not available. The built-in decision only knows path
-prefixes of GET requests without a body, so the translation is conservative:
-a listener is offered to the kernel only when it has one virtual host and no
-RBAC, and each route becomes FORWARD (one cluster, one healthy endpoint, no
+(fastpath.synth, K1) is not available. The built-in decision knows exact Host
+virtual hosts (plus "*") and path prefixes of GET requests without a body, so
+the translation is conservative: a listener is offered to the kernel only
+without RBAC, rate limit or wildcard-pattern domains, and each route becomes
+FORWARD (one cluster, 1-4 healthy endpoints chosen at random, no
 rewrite/header/fault/rate-limit), REPLY (direct_response) or a punt entry
 (first match wins, DESIGN.md rule 1). Everything else stays with Envoy.
 """
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from fastpath.loader import IROUTES, K_FORWARD, K_PASS, K_REPLY
+from fastpath.loader import IPOOLS, IROUTE_TOTAL, IROUTES, K_FORWARD, K_PASS, K_REPLY
 from fastpath.plan import (
     ClusterAction,
     Direction,
@@ -34,9 +35,17 @@ class InlineRoute:
     prefix: str
     name: str
     cluster: str = ""
-    endpoint: tuple[str, int] | None = None
+    endpoints: tuple[tuple[str, int], ...] = ()
     reply: bytes = b""
     status: int = 0
+
+
+@dataclass(frozen=True)
+class InlineVhost:
+    listener: int
+    host: str | None  # None: the "*" entry
+    base: int
+    count: int
 
 
 @dataclass
@@ -45,6 +54,7 @@ class InlineTables:
 
     services: dict[tuple[str, int], int] = field(default_factory=dict)  # (ip, port) -> listener
     routes: list[InlineRoute] = field(default_factory=list)
+    vhosts: list[InlineVhost] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)  # listener -> why not offered
 
 
@@ -83,10 +93,45 @@ def _route_entry(plan: KernelPlan, r: Route, inbound_ok: Callable[[str, int], bo
     if c is None or c.verdict is not Verdict.KERNEL or c.tls:
         return punt
     healthy = [e for e in c.endpoints if e.healthy]
-    if len(healthy) != 1 or not inbound_ok(healthy[0].address, healthy[0].port):
+    if not 0 < len(healthy) <= IPOOLS or len({e.weight for e in healthy}) != 1:
+        return punt  # random choice among equal endpoints only
+    if c.lb_policy.value not in ("round_robin", "random", "least_request"):
+        return punt  # hashing policies pin requests to endpoints: Envoy
+    if not all(inbound_ok(e.address, e.port) for e in healthy):
         return punt
     return InlineRoute(K_FORWARD, m.path, r.name, cluster=c.name,
-                       endpoint=(healthy[0].address, healthy[0].port))
+                       endpoints=tuple((e.address, e.port) for e in healthy))
+
+
+def _listener(plan: KernelPlan, lst: ListenerPlan, lid: int, base: int,
+              inbound_ok: Callable[[str, int], bool]
+              ) -> tuple[list[InlineRoute], list[InlineVhost]] | str:
+    """Routes and virtual hosts of one listener, or why it stays with Envoy."""
+    if lst.verdict is not Verdict.KERNEL or lst.rbac is not None or \
+            lst.local_rate_limit is not None:
+        return "listener needs Envoy (verdict, RBAC or rate limit)"
+    if lst.path_normalization.normalize_path or lst.path_normalization.merge_slashes:
+        return "path normalization"
+    routes: list[InlineRoute] = []
+    vhosts: list[InlineVhost] = []
+    seen: set[str | None] = set()
+    for vh in lst.virtual_hosts:
+        if vh.request_headers_to_add or vh.request_headers_to_remove:
+            return f"virtual host {vh.name} changes headers"
+        if any(d != "*" and ("*" in d) for d in vh.domains):
+            return f"virtual host {vh.name} has wildcard domains"
+        entries = [_route_entry(plan, r, inbound_ok) for r in vh.routes[:IROUTES]]
+        start = base + len(routes)
+        routes += entries
+        for d in vh.domains:
+            host = None if d == "*" else d.lower()
+            if host in seen:
+                continue
+            seen.add(host)
+            vhosts.append(InlineVhost(lid, host, start, len(entries)))
+    if not any(r.kind != K_PASS for r in routes):
+        return "no route the built-in decision can serve"  # tracking would only cost
+    return routes, vhosts
 
 
 def translate(plan: KernelPlan, vips: Callable[[ListenerPlan], list[tuple[str, int]]],
@@ -95,25 +140,21 @@ def translate(plan: KernelPlan, vips: Callable[[ListenerPlan], list[tuple[str, i
     client dials for that listener; `inbound_ok(ip, port)` says whether the
     destination pod's inbound policy lets the kernel bypass its sidecar."""
     out = InlineTables()
+    lid = 0
     for lst in plan.listeners:
         if lst.direction is not Direction.OUTBOUND:
             continue
-        if lst.verdict is not Verdict.KERNEL or lst.rbac is not None or \
-                lst.local_rate_limit is not None or len(lst.virtual_hosts) != 1:
-            out.reasons[lst.name] = "listener needs Envoy for the built-in decision"
+        got = _listener(plan, lst, lid + 1, len(out.routes), inbound_ok)
+        if isinstance(got, str):
+            out.reasons[lst.name] = got
             continue
-        if out.routes:
-            out.reasons[lst.name] = "built-in decision holds one listener's routes"
+        routes, vhosts = got
+        if len(out.routes) + len(routes) > IROUTE_TOTAL:
+            out.reasons[lst.name] = f"built-in decision holds {IROUTE_TOTAL} route entries"
             continue
-        vh = lst.virtual_hosts[0]
-        if vh.request_headers_to_add or vh.request_headers_to_remove:
-            out.reasons[lst.name] = "virtual host adds headers"
-            continue
-        routes = [_route_entry(plan, r, inbound_ok) for r in vh.routes[:IROUTES]]
-        if all(r.kind == K_PASS for r in routes):
-            out.reasons[lst.name] = "no route the built-in decision can serve"
-            continue  # tracking its connections would only cost
-        out.routes = routes
+        lid += 1
+        out.routes += routes
+        out.vhosts += vhosts
         for dst in vips(lst):
-            out.services[dst] = 1
+            out.services[dst] = lid
     return out

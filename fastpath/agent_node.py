@@ -26,7 +26,7 @@ from fastpath.counters import (
     DpEvent,
     read_stats,
 )
-from fastpath.loader import Datapath
+from fastpath.loader import K_PASS, Datapath
 from fastpath.plan import KernelPlan, ListenerPlan
 from fastpath.pools import EndpointKey, Pools
 
@@ -79,13 +79,13 @@ class NodeDatapath:
         """Make `plan` the node's plan (atomic flip of the generation)."""
         tables = agent_inline.translate(plan, vips, inbound_ok)
         nxt = 1 - self.gen
-        self.dp.clear_inline_routes(nxt)
+        self.dp.clear_inline(nxt)
         keep: set[EndpointKey] = set()
         names: dict[int, str] = {}
+        n_replies = 0
         for i, r in enumerate(tables.routes):
-            pool = 0
-            if r.endpoint is not None:
-                ip, port = r.endpoint
+            pools = []
+            for ip, port in r.endpoints:
                 ns = netns_of(ip)
                 cg = cgroup_of(ip)
                 if ns and cg:
@@ -94,21 +94,29 @@ class NodeDatapath:
                 pool = self.pools.ensure(key)
                 keep.add(key)
                 self.pool_clusters[pool] = r.cluster
-            reply_id = nxt * 8 + i
-            if r.reply:
+                pools.append(pool)
+            reply_id = nxt * 32 + n_replies  # dp_replies: 32 per generation
+            if r.reply and n_replies < 32:
                 self.dp.set_reply(reply_id, r.reply)
-            self.dp.set_inline_route(nxt, i, r.kind, r.prefix, pool=pool, reply_id=reply_id,
-                                     status=r.status)
+                n_replies += 1
+            elif r.reply:
+                r = agent_inline.InlineRoute(K_PASS, r.prefix, r.name)  # table full: punt
+            self.dp.set_inline_route(nxt, i, r.kind, r.prefix, pools=tuple(pools) or (0,),
+                                     reply_id=reply_id, status=r.status, route_id=i + 1)
             names[i + 1] = r.name
+        for vh in tables.vhosts:
+            self.dp.set_inline_vhost(nxt, vh.listener, vh.host, vh.base, vh.count)
         # services: new destinations first, so the flip finds them tracked
-        for ip, port in tables.services.keys() - self.services:
-            self.dp.set_service(ip, port, 1)
+        for ip, port in self.services - tables.services.keys():
+            self.dp.set_service(ip, port, 0, nxt)  # none in the new generation
+        for (ip, port), lid in tables.services.items():
+            self.dp.set_service(ip, port, lid, nxt)
         self.pools.upkeep(self.bound())  # warm the new pools before the flip
         self.route_names = names
         self.dp.set_enabled(nxt, enabled=bool(tables.routes), access_log=self.access_log)
         self.gen = nxt
         for ip, port in self.services - tables.services.keys():
-            self.dp.remove_service(ip, port)
+            self.dp.remove_service(ip, port)  # after the flip: no longer tracked
         self.services = set(tables.services)
         self.pools.retire(keep)
         self.plan = plan

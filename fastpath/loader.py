@@ -33,7 +33,9 @@ _CACHE_LOCK = threading.Lock()
 
 SO_COOKIE = 57
 SO_NETNS_COOKIE = 71
-IROUTES = 8  # DP_IROUTES of dp_decide_inline.h
+IROUTES = 8  # DP_IROUTES of dp_decide_inline.h: routes per virtual host
+IROUTE_TOTAL = 64  # DP_IROUTE_TOTAL: route entries per generation
+IPOOLS = 4  # DP_IPOOLS: endpoints per route
 
 # dp_verdict kinds (datapath.h)
 K_FORWARD, K_REPLY, K_NEED_MORE, K_PASS = 1, 2, 3, 4
@@ -142,7 +144,7 @@ class Datapath:
 
     def reset(self) -> None:
         """Empty the tables: a cached module may have served an earlier Datapath."""
-        for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_replies", "dp_eps",
+        for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_ihosts", "dp_replies", "dp_eps",
                      "dp_pool_miss", "dp_pair_wait"):
             try:
                 self.bpf[name].clear()
@@ -190,10 +192,14 @@ class Datapath:
         os.close(fd)
 
     # ---- maps -------------------------------------------------------------
-    def set_service(self, ip: str, port: int, listener: int) -> None:
-        """Mark destination ip:port as meshed (sock_ops tracks its client sockets)."""
+    def set_service(self, ip: str, port: int, listener: int, gen: int = 0) -> None:
+        """Destination ip:port is listener `listener` in plan generation `gen`
+        (0: none there); sock_ops tracks client sockets of any listed destination."""
         t = self.bpf["dp_svc"]
-        t[t.Key(ip=_ip_net(ip), port=port)] = ct.c_uint32(listener)
+        key = t.Key(ip=_ip_net(ip), port=port)
+        val = t.get(key) or t.Leaf()
+        val.lid[gen] = listener
+        t[key] = val
 
     def remove_service(self, ip: str, port: int) -> None:
         t = self.bpf["dp_svc"]
@@ -209,17 +215,37 @@ class Datapath:
                                 access_log=1 if access_log else 0)
 
     def set_inline_route(self, gen: int, index: int, kind: int, prefix: str, pool: int = 0,
-                         reply_id: int = 0, status: int = 0) -> None:
-        """Route `index` of generation `gen` of the built-in decision (dp_decide_inline.h)."""
+                         reply_id: int = 0, status: int = 0, pools: tuple[int, ...] = (),
+                         route_id: int = 0) -> None:
+        """Route entry `index` of generation `gen` of the built-in decision
+        (dp_decide_inline.h). FORWARD picks one of `pools` (or `pool`) at random."""
         t = self.bpf["dp_iroutes"]
-        leaf = t.Leaf(used=1, kind=kind, pool=pool, reply_id=reply_id, status=status,
-                      plen=len(prefix.encode()), prefix=prefix.encode())
-        t[ct.c_int(gen * IROUTES + index)] = leaf
+        ps = pools or (pool,)
+        if len(ps) > IPOOLS or index >= IROUTE_TOTAL:
+            raise ValueError(f"inline route {index}: {len(ps)} pools (max {IPOOLS})")
+        leaf = t.Leaf(used=1, kind=kind, npools=len(ps), reply_id=reply_id, status=status,
+                      plen=len(prefix.encode()), route_id=route_id or index + 1,
+                      prefix=prefix.encode())
+        for i, p in enumerate(ps):
+            leaf.pools[i] = p
+        t[ct.c_int(gen * IROUTE_TOTAL + index)] = leaf
 
-    def clear_inline_routes(self, gen: int) -> None:
+    def set_inline_vhost(self, gen: int, listener: int, host: str | None, base: int,
+                         count: int) -> None:
+        """Virtual host of `listener` for Host `host` (None: the "*" entry): route
+        entries base..base+count-1 of generation `gen`."""
+        t = self.bpf["dp_ihosts"]
+        h, n = (fnv1a(host.lower().encode()), len(host.encode())) if host is not None else (0, 0)
+        t[t.Key(gen=gen, listener=listener, hash=h, len=n)] = t.Leaf(base=base, n=count)
+
+    def clear_inline(self, gen: int) -> None:
+        """Empty generation `gen` of the built-in decision's tables."""
         t = self.bpf["dp_iroutes"]
-        for i in range(IROUTES):
-            t[ct.c_int(gen * IROUTES + i)] = t.Leaf()
+        for i in range(IROUTE_TOTAL):
+            t[ct.c_int(gen * IROUTE_TOTAL + i)] = t.Leaf()
+        hosts = self.bpf["dp_ihosts"]
+        for k in [k for k in hosts.keys() if k.gen == gen]:
+            del hosts[k]
 
     def set_reply(self, reply_id: int, data: bytes) -> None:
         """Kernel reply `reply_id` of the built-in decision: a whole HTTP response."""
@@ -318,6 +344,14 @@ class Datapath:
         for fd in self.pool_maps.values():
             os.close(fd)
         self.pool_maps.clear()
+
+
+def fnv1a(data: bytes) -> int:
+    """64-bit FNV-1a, as dp_decide_inline.h hashes the Host value."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 def _ip_net(ip: str) -> int:

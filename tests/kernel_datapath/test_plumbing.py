@@ -34,6 +34,7 @@ def setup_plan(dp: Datapath, envoy_port: int, upstream: HttpServer, n_up: int = 
     dp.set_inline_route(0, 0, K_FORWARD, "/fast", pool=0)
     dp.set_inline_route(0, 1, K_REPLY, "/deny", reply_id=0, status=403)
     dp.set_inline_route(0, 2, K_PASS, "/punt")
+    dp.set_inline_vhost(0, 1, None, 0, 3)  # "*": every Host
     dp.set_reply(0, DENY)
     dp.ensure_pool(0, 64)
     ups = []
