@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HELP = """\
@@ -46,29 +48,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "the Docker SDK (needs a reachable engine)")
     up.add_argument("--foreground", action="store_true",
                     help="stay attached; Ctrl-C tears the mesh down")
-    up.set_defaults(func=cmd_up)
+    up.set_defaults(func=_quiet_pipe(cmd_up))
     st = sub.add_parser("status", help="pods, processes and sidecar readiness")
     st.add_argument("--name")
     st.add_argument("--json", action="store_true", help="print state.json")
-    st.set_defaults(func=cmd_status)
+    st.set_defaults(func=_quiet_pipe(cmd_status))
     ex = sub.add_parser("exec", help="run a command in a pod: exec SERVICE|POD -- CMD...")
     ex.add_argument("--name")
     ex.add_argument("target", help="service (its first pod) or pod name")
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    ex.set_defaults(func=cmd_exec)
+    ex.set_defaults(func=_quiet_pipe(cmd_exec))
     dn = sub.add_parser("down", help="stop a mesh and remove all it made")
     dn.add_argument("--name", help="mesh name (default: the only one running)")
     dn.add_argument("--backend", choices=["local", "docker"], default="local")
-    dn.set_defaults(func=cmd_down)
+    dn.set_defaults(func=_quiet_pipe(cmd_down))
     co = sub.add_parser("compose", help="write a mesh file as a docker-compose project")
     co.add_argument("file", help="mesh file")
     co.add_argument("-o", "--out", required=True, help="directory for docker-compose.yml and docker/")
-    co.set_defaults(func=cmd_compose)
+    co.set_defaults(func=_quiet_pipe(cmd_compose))
     lg = sub.add_parser("logs", help="print a pod's logs (app and sidecar)")
     lg.add_argument("--name")
     lg.add_argument("pod", nargs="?", help="pod name (default: the daemon's log)")
-    lg.set_defaults(func=cmd_logs)
+    lg.set_defaults(func=_quiet_pipe(cmd_logs))
     p.set_defaults(func=lambda _a: p.print_help() or 2)
+
+
+def _quiet_pipe(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`l7fp mesh status | head` must not end in a BrokenPipeError traceback."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+    return run
 
 
 def _err(msg: object) -> int:
@@ -176,8 +189,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     except MeshError as exc:
         return _err(exc)
     removed = down(name)
-    print(f"mesh {name} down" + (f": {len(removed)} object(s) removed" if removed else ": nothing left"))
-    for line in removed:
+    stopped = [x for x in removed if x.startswith("stopped mesh daemon")]
+    rest = [x for x in removed if x not in stopped]
+    head = "daemon stopped, it removed its pods" if stopped else "no daemon running"
+    print(f"mesh {name} down: {head}; {len(rest)} leftover object(s) removed")
+    for line in rest:
         print(f"  {line}")
     return 0
 
