@@ -15,10 +15,12 @@ from fastpath.plan import (
     HeaderMatch,
     PathKind,
     QueryParamMatch,
+    RegexDfa,
     RouteMatch,
     StringKind,
     StringMatch,
 )
+from fastpath.regex_dfa import RegexUnsupported, compile_dfa  # noqa: E402
 
 Reasons = list[str]
 
@@ -124,6 +126,7 @@ def route_match(m: dict[str, Any]) -> tuple[RouteMatch, Reasons]:
     reasons: Reasons = []
     cs = bool(m.get("caseSensitive", True))
     kind, path, lit, pre = PathKind.PREFIX, "/", None, None
+    dfa: RegexDfa | None = None
     if "prefix" in m:
         path = m["prefix"]
     elif "path" in m:
@@ -134,7 +137,10 @@ def route_match(m: dict[str, Any]) -> tuple[RouteMatch, Reasons]:
         kind, path = PathKind.REGEX, m["safeRegex"].get("regex", "")
         shape = regex_shape(path)
         if shape is None:
-            reasons.append(f"path regex not literal: {path!r}")
+            try:
+                dfa = compile_dfa(path)
+            except RegexUnsupported as e:
+                reasons.append(f"path regex not literal and no small DFA ({e}): {path!r}")
         elif shape[0] == "literal":
             lit = shape[1]
         else:
@@ -154,5 +160,5 @@ def route_match(m: dict[str, Any]) -> tuple[RouteMatch, Reasons]:
     for key in sorted(set(m) - _IGNORED_MATCH):
         reasons.append(f"route match {key}")
     rm = RouteMatch(kind, path, cs, tuple(headers), tuple(queries), method, lit, pre,
-                    grpc="grpc" in m)
+                    grpc="grpc" in m, regex_dfa=dfa)
     return rm, reasons

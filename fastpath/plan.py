@@ -103,6 +103,23 @@ class QueryParamMatch:
 
 
 @dataclass(frozen=True)
+class RegexDfa:
+    """A full-match DFA over ASCII bytes (built by `fastpath.regex_dfa`).
+
+    ``classes[b]`` is the column of byte ``b`` (0..127); the next state of
+    ``s`` on byte ``b`` is ``transitions[s * n_classes + classes[b]]``, -1 is
+    the dead state (no match). The start state is 0; the path matches when the
+    walk over all its bytes ends in a state with ``accepting[state]``. A byte
+    >= 128 means: hand the request to Envoy.
+    """
+
+    classes: tuple[int, ...]
+    n_classes: int
+    transitions: tuple[int, ...]
+    accepting: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
 class RouteMatch:
     """The matcher of one route. All parts must match (AND).
 
@@ -120,6 +137,7 @@ class RouteMatch:
     regex_literal: str | None = None  # REGEX proven equal to an exact path
     regex_prefix: str | None = None  # REGEX proven equal to a prefix ("^/a/.*")
     grpc: bool = False  # RouteMatch.grpc: content-type application/grpc*
+    regex_dfa: RegexDfa | None = None  # REGEX that is neither literal nor prefix, as a DFA
 
 
 @dataclass(frozen=True)

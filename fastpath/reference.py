@@ -42,6 +42,7 @@ from fastpath.plan import (
     Verdict,
     VirtualHost,
 )
+from fastpath.regex_dfa import dfa_full_match
 
 RBAC_DENIED_BODY = "RBAC: access denied"
 FAULT_BODY = "fault filter abort"
@@ -211,6 +212,8 @@ def route_matches(m: RouteMatch, req: Request) -> bool:
         ok = path == m.regex_literal
     elif m.regex_prefix is not None:
         ok = path.startswith(m.regex_prefix)
+    elif m.regex_dfa is not None:
+        ok = bool(dfa_full_match(m.regex_dfa, path))  # ASCII only: _unparseable checked
     else:
         return False  # a true regex is never KERNEL
     if not ok:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fastpath.reference import Request
 
-PATHS = ["/", "/a", "/a/", "/a/b", "/ab", "/A/b", "/b", "/a/b/c", "/Ab"]
+PATHS = ["/", "/a", "/a/", "/a/b", "/ab", "/A/b", "/b", "/a/b/c", "/Ab", "/a/12", "/c/b"]
 PREFIXES = ["/", "/a", "/a/", "/ab", "/A", "/b"]
 HOSTS = ["h1.example", "x.example", "other.test", "h1.example:8080"]
 DOMAINS = [["h1.example"], ["*.example"], ["h1.*"], ["x.example", "h1.example"]]
@@ -42,7 +42,8 @@ def _match() -> st.SearchStrategy[dict[str, Any]]:
         st.builds(lambda p: {"path": p}, st.sampled_from(PATHS)),
         st.builds(lambda p: {"path_separated_prefix": p}, st.sampled_from(["/a", "/ab", "/a/b"])),
         st.builds(lambda p: {"safe_regex": {"regex": p}}, st.sampled_from(
-            [r"/a/b", r"/a\.b", r"^/ab$", r"/a/.*", r"/A.*"])),
+            [r"/a/b", r"/a\.b", r"^/ab$", r"/a/.*", r"/A.*",  # literal / prefix
+             r"/a/[0-9]+", r"/(a|b)/.*", r"/[^/]+/b", r"/a[bc]?", r"/[a-c]{1,2}(/.*)?"])),  # DFA
     )
 
     def build(p: dict[str, Any], cs: bool, hs: list[dict[str, Any]], method: str | None,

@@ -35,7 +35,7 @@ BOOTSTRAP = {
     }}
 XDS = {"resources": [{"@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "name": "r",
                       "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
-                          {"match": {"safe_regex": {"regex": "/a+"}}, "route": {"cluster": "x", "timeout": "0s"}}]}]}]}
+                          {"match": {"safe_regex": {"regex": "(a)\\1"}}, "route": {"cluster": "x", "timeout": "0s"}}]}]}]}
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_json_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert set(by_name["fast"]) == {"file", "listener", "route_config", "virtual_host", "name", "verdict", "reason"}
     assert by_name["fast"]["verdict"] == "KERNEL" and by_name["fast"]["listener"] == "web"
     assert by_name["slow"]["verdict"] == "ENVOY" and "15000ms (Envoy default)" in by_name["slow"]["reason"]
-    assert by_name["#0"]["verdict"] == "ENVOY" and "regex not literal" in by_name["#0"]["reason"]
+    assert by_name["#0"]["verdict"] == "ENVOY" and "no small DFA" in by_name["#0"]["reason"]
     cov = out["coverage"]
     assert cov["routes"] == {"kernel": 1, "total": 3}
     assert cov["by_format"]["envoy-static"]["routes"] == {"kernel": 1, "total": 2}
