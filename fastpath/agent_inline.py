@@ -13,7 +13,7 @@ rewrite/header/fault/rate-limit), REPLY (direct_response) or a punt entry
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 
 from fastpath.loader import IPOOLS, IROUTE_TOTAL, IROUTES, K_FORWARD, K_PASS, K_REPLY
@@ -121,6 +121,8 @@ def _listener(plan: KernelPlan, lst: ListenerPlan, lid: int, base: int,
         if any(d != "*" and ("*" in d) for d in vh.domains):
             return f"virtual host {vh.name} has wildcard domains"
         entries = [_route_entry(plan, r, inbound_ok) for r in vh.routes[:IROUTES]]
+        entries = [e if e.name else replace(e, name=f"{vh.name}#{i}")
+                   for i, e in enumerate(entries)]
         start = base + len(routes)
         routes += entries
         for d in vh.domains:

@@ -121,3 +121,56 @@ def test_mesh_fast_path_and_fallback(mesh) -> None:  # type: ignore[no-untyped-d
         agent.stop()
     status, hdrs, _ = curl(mesh, "/after")
     assert status == 200 and hdrs.get("server") == "envoy"
+
+
+MESH_ON = """
+name: k2on
+services:
+  client:
+    command: ["${PYTHON}", -m, mesh.apps.social, --port, "8080"]
+    ports: [8080]
+  user:
+    command: ["${PYTHON}", -m, mesh.apps.social, --port, "9000"]
+    ports: [9000]
+"""
+
+
+def test_l7fp_mesh_up_fastpath_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`l7fp mesh up --fastpath on`: the control plane's own agent offloads the
+    split's kernel routes; /metrics and /debug/fastpath show it; mesh down
+    (SIGTERM of l7fp serve) leaves no program attached to the pods' cgroups."""
+    import urllib.request
+
+    from tests.support.env import require_kernel
+
+    require_kernel()
+    from fastpath import bpfsys
+    from mesh.runner import Mesh
+
+    (tmp_path / "mesh.yaml").write_text(MESH_ON)
+    m = Mesh(tmp_path / "mesh.yaml", f"k2on{__import__('os').getpid() % 10000}",
+             fastpath="on", timeout=120)
+    st = m.up()
+    cgroups = [p["cgroup"] for p in st["pods"]]
+    try:
+        admin = st["admin"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath").read())
+            if any(n["pod"].startswith("client") and any(p["free"] for p in n["pools"])
+                   for n in dbg.get("nodes", [])):
+                break
+            time.sleep(0.5)
+        for i in range(3):
+            status, hdrs, body = curl(m, f"/p{i}")
+            assert status == 200 and json.loads(body)["path"] == f"/p{i}"
+            assert hdrs.get("server", "").lower() != "envoy"
+        metrics = urllib.request.urlopen(f"http://{admin}/metrics").read().decode()
+        fast = [ln for ln in metrics.splitlines()
+                if ln.startswith("l7fp_fastpath_requests_total") and 'outcome="fast"' in ln]
+        assert fast and sum(float(ln.rsplit(" ", 1)[1]) for ln in fast) >= 3
+    finally:
+        m.down()
+    for cg in cgroups:
+        if Path(cg).exists():
+            assert bpfsys.attached_prog_ids(cg) == []
