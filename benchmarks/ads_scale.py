@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpclib
 import grpclib.const
+import grpclib.exceptions
 import yaml
 from envoy_data_plane.envoy.config.core.v3 import Node
 from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
@@ -107,8 +109,21 @@ class Client:
     delta: bool
     arrivals: list[tuple[float, str, str]] = field(default_factory=list)  # (t, type, version)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
+    errors: list[str] = field(default_factory=list)
 
     async def run(self, port: int, stop: asyncio.Event) -> None:
+        """Connect (retrying: 1,000 simultaneous connects can overflow the accept queue)."""
+        for attempt in range(5):
+            try:
+                await self._run(port, stop)
+                return
+            except (OSError, grpclib.exceptions.StreamTerminatedError, grpclib.GRPCError) as exc:
+                self.errors.append(repr(exc))
+                if self.synced.is_set() or stop.is_set():
+                    return
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def _run(self, port: int, stop: asyncio.Event) -> None:
         ch = Channel("127.0.0.1", port, codec=RawCodec())
         method = "DeltaAggregatedResources" if self.delta else "StreamAggregatedResources"
         req_t = DeltaDiscoveryRequest if self.delta else DiscoveryRequest
@@ -262,6 +277,7 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "clients": n, "routes": args.routes, "format": args.format, "delta": args.delta, "fastpath": args.fastpath,
         "changes": args.changes, "initial_sync_s": round(initial, 3),
+        "reconnects": sum(len(c.errors) for c in clients),
         "p50_s": round(statistics.median(lat), 3), "p99_s": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 3),
         "max_s": round(lat[-1], 3), "first_to_last_s": round(statistics.median(spread), 3), "rss_mib": round(mem["VmRSS"] / 1024, 1), "peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
     }
