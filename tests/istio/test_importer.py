@@ -154,3 +154,28 @@ spec:
 
     assert web_timeout("a") == "3s"  # the VirtualService's own namespace sees it
     assert web_timeout("b") == "0s"  # elsewhere: Istio's default route
+
+
+def test_mesh_config_path_normalization_and_retries(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text("""
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    pathNormalization: {normalization: MERGE_SLASHES}
+    defaultHttpRetryPolicy: {attempts: 0}
+    accessLogFile: /dev/stdout
+""")
+    objs = load_path(tmp_path)
+    reg = registry.Registry()
+    reg.add(registry.Service("web", "default", [registry.Port(80)]))
+    mesh = istio.sidecar.mesh_from(objs, reg)
+    res = istio.generate(mesh, NODE)
+    (lis,) = [x for x in res[LISTENER] if x["name"] == "0.0.0.0_80"]
+    hcm = lis["filterChains"][0]["filters"][0]["typedConfig"]
+    assert hcm["normalizePath"] is True and hcm["mergeSlashes"] is True
+    (vh,) = [v for v in res[ROUTE][0]["virtualHosts"] if v["name"].startswith("web.")]
+    assert "retryPolicy" not in vh["routes"][0]["route"]  # attempts: 0
+    assert list(objs.warnings) == ["MeshConfig istio-system/istio: data.mesh.accessLogFile: "
+                                   "MeshConfig field not read by the importer"]

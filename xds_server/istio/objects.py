@@ -45,7 +45,7 @@ IGNORED_KINDS = frozenset({
 
 DEFAULT_NAMESPACE = "default"
 MESH_CONFIG_NAMESPACE = "istio-system"  # ConfigMap istio-system/istio holds Istio's MeshConfig
-MESH_CONFIG_FIELDS = {"defaultHttpRetryPolicy"}  # what the importer reads; the rest is not L7 policy
+MESH_CONFIG_FIELDS = {"defaultHttpRetryPolicy", "pathNormalization"}  # what the importer reads; the rest is not L7 policy
 
 
 class Warnings:

@@ -41,6 +41,7 @@ class Mesh:
     gateway_routes: bool = False  # also apply gateway-bound routes (split coverage only)
     policy_only: bool = False  # split coverage: only routes that come from a policy object
     default_retries: Mapping[str, Any] | None = None  # MeshConfig.defaultHttpRetryPolicy
+    path_normalization: str = "BASE"  # MeshConfig.pathNormalization.normalization
     outbound_port: int = OUTBOUND_PORT  # where istio-iptables redirects outbound traffic
     inbound_port: int = INBOUND_PORT
 
@@ -72,7 +73,7 @@ def generate(mesh: Mesh, node_id: str) -> dict[str, list[dict[str, Any]]]:
     for port in http_ports:
         rc = _route_config(mesh, wl, services, port, hash_policies, registry_only)
         out[ROUTE].append(rc)
-        out[LISTENER].append(_outbound_port_listener(port))
+        out[LISTENER].append(_outbound_port_listener(port, mesh.path_normalization))
     out[LISTENER] += _tcp_listeners(services)
     out[LISTENER].insert(0, _virtual_outbound(registry_only, mesh.outbound_port))
     inbound, inbound_clusters = _inbound(mesh, wl)
@@ -248,18 +249,31 @@ def _http_filters(extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
 
 
-def _hcm(stat: str, route: dict[str, Any], extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+# MeshConfig.pathNormalization.normalization -> HCM fields (istiod's mapping; default BASE).
+PATH_NORMALIZATION: dict[str, dict[str, Any]] = {
+    "NONE": {"normalizePath": False},
+    "BASE": {"normalizePath": True},
+    "MERGE_SLASHES": {"normalizePath": True, "mergeSlashes": True},
+    "DECODE_AND_MERGE_SLASHES": {"normalizePath": True, "mergeSlashes": True,
+                                 "pathWithEscapedSlashesAction": "UNESCAPE_AND_FORWARD"},
+}
+
+
+def _hcm(stat: str, route: dict[str, Any], extra: list[dict[str, Any]] | None = None,
+         normalization: str = "BASE") -> dict[str, Any]:
     return {"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
         "@type": HCM_TYPE, "statPrefix": stat, **route, "httpFilters": _http_filters(extra or []),
-        "useRemoteAddress": False, "normalizePath": True, "pathWithEscapedSlashesAction": "KEEP_UNCHANGED"}}
+        "useRemoteAddress": False, "pathWithEscapedSlashesAction": "KEEP_UNCHANGED",
+        **PATH_NORMALIZATION[normalization]}}
 
 
-def _outbound_port_listener(port: int) -> dict[str, Any]:
+def _outbound_port_listener(port: int, normalization: str) -> dict[str, Any]:
     rds = {"rds": {"routeConfigName": str(port),
                    "configSource": {"ads": {}, "resourceApiVersion": "V3"}}}
     return {"name": f"0.0.0.0_{port}", "address": _addr("0.0.0.0", port), "bindToPort": False,
             "trafficDirection": "OUTBOUND",
-            "filterChains": [{"filters": [_hcm(f"outbound_0.0.0.0_{port}", rds)]}]}
+            "filterChains": [{"filters": [_hcm(f"outbound_0.0.0.0_{port}", rds,
+                                                normalization=normalization)]}]}
 
 
 def _tcp_listeners(services: list[Service]) -> list[dict[str, Any]]:
@@ -303,7 +317,7 @@ def _inbound(mesh: Mesh, wl: Workload) -> tuple[dict[str, Any], list[dict[str, A
         rc = {"routeConfig": {"name": name, "validateClusters": False, "virtualHosts": [{
             "name": f"inbound|http|{t}", "domains": ["*"], "routes": default}]}}
         chains.append({"name": f"0.0.0.0_{t}", "filterChainMatch": {"destinationPort": t},
-                       "filters": [_hcm(f"inbound_0.0.0.0_{t}", rc, rbac)]})
+                       "filters": [_hcm(f"inbound_0.0.0.0_{t}", rc, rbac, mesh.path_normalization)]})
         cls.append({"name": name, "type": "STATIC", "connectTimeout": "10s",
                     "loadAssignment": {"clusterName": name, "endpoints": [{"lbEndpoints": [{
                         "endpoint": {"address": _addr(mesh.inbound_address, t)}}]}]}})
@@ -362,3 +376,11 @@ def apply_mesh_config(mesh: Mesh) -> None:
             mesh.objs.warnings.add(found, f"data.mesh.{key}", "MeshConfig field not read by the importer")
     if "defaultHttpRetryPolicy" in cfg:
         mesh.default_retries = cfg["defaultHttpRetryPolicy"] or {}
+    norm = str((cfg.get("pathNormalization") or {}).get("normalization") or "BASE").upper()
+    if norm == "DEFAULT":
+        norm = "BASE"
+    if norm not in PATH_NORMALIZATION:
+        mesh.objs.warnings.add(mesh.objs.of("MeshConfig")[-1], "data.mesh.pathNormalization",
+                               f"{norm!r} unknown; BASE used")
+        norm = "BASE"
+    mesh.path_normalization = norm
