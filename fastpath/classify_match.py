@@ -26,11 +26,12 @@ Reasons = list[str]
 
 
 def regex_shape(pattern: str) -> tuple[str, str] | None:
-    """("literal", s) if ``pattern`` (full match) equals exactly ``s``;
-    ("prefix", s) if it is ``s.*``; None otherwise (a true regex).
+    """The plain string match a full-match regex is equivalent to, if any:
+    ("literal", s) for ``s``, ("prefix", s) for ``s.*``, ("suffix", s) for
+    ``.*s``, ("contains", s) for ``.*s.*``; None otherwise.
 
-    Envoy's safe_regex is RE2 with full-match semantics; the kernel compares
-    bytes, so only these two shapes are enforceable in the kernel.
+    Envoy's safe_regex is RE2 with full-match semantics; ``.`` never matches a
+    newline, which neither paths nor header values contain.
     """
     if "(?" in pattern:
         return None  # inline flags ((?i) changes the meaning of every literal) or groups
@@ -42,17 +43,26 @@ def regex_shape(pattern: str) -> tuple[str, str] | None:
         items = items[1:]
     if items and items[-1] == (_C.AT, _C.AT_END):
         items = items[:-1]
-    prefix = False
-    if items and items[-1][0] is _C.MAX_REPEAT:
-        lo, hi, body = items[-1][1]
-        if lo == 0 and hi is _C.MAXREPEAT and list(body) == [(_C.ANY, None)]:
-            prefix, items = True, items[:-1]
+    tail = bool(items) and _is_dot_star(items[-1])
+    if tail:
+        items = items[:-1]
+    head = bool(items) and _is_dot_star(items[0])
+    if head:
+        items = items[1:]
     if not all(op is _C.LITERAL for op, _ in items):
         return None
     text = "".join(chr(v) for _, v in items)
     if "\n" in text:
         return None
-    return ("prefix" if prefix else "literal", text)
+    kind = {(False, False): "literal", (False, True): "prefix", (True, False): "suffix",
+            (True, True): "contains"}[(head, tail)]
+    return kind, text
+
+
+def _is_dot_star(item: Any) -> bool:
+    op, av = item
+    return op is _C.MAX_REPEAT and av[0] == 0 and av[1] is _C.MAXREPEAT \
+        and list(av[2]) == [(_C.ANY, None)]
 
 
 def string_match(m: dict[str, Any], what: str) -> tuple[StringMatch | None, Reasons]:
@@ -71,7 +81,8 @@ def _regex_match(pattern: str, ic: bool, what: str) -> tuple[StringMatch | None,
     shape = regex_shape(pattern)
     if shape is None:
         return StringMatch(StringKind.REGEX, pattern, ic), [f"{what}: regex not literal: {pattern!r}"]
-    kind = StringKind.EXACT if shape[0] == "literal" else StringKind.PREFIX
+    kind = {"literal": StringKind.EXACT, "prefix": StringKind.PREFIX, "suffix": StringKind.SUFFIX,
+            "contains": StringKind.CONTAINS}[shape[0]]
     return StringMatch(kind, shape[1], ic), []
 
 
@@ -136,7 +147,7 @@ def route_match(m: dict[str, Any]) -> tuple[RouteMatch, Reasons]:
     elif "safeRegex" in m:
         kind, path = PathKind.REGEX, m["safeRegex"].get("regex", "")
         shape = regex_shape(path)
-        if shape is None:
+        if shape is None or shape[0] in ("suffix", "contains"):
             try:
                 dfa = compile_dfa(path)
             except RegexUnsupported as e:

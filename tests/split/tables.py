@@ -21,7 +21,7 @@ DOMAINS = [["h1.example"], ["*.example"], ["h1.*"], ["x.example", "h1.example"]]
 
 def _header() -> st.SearchStrategy[dict[str, Any]]:
     name = st.sampled_from(["x-h", "x-k"])
-    kind = st.sampled_from(["exact", "prefix", "suffix", "contains", "present", "absent"])
+    kind = st.sampled_from(["exact", "prefix", "suffix", "contains", "present", "absent", "regex"])
 
     def build(n: str, k: str, v: str, inv: bool, ic: bool) -> dict[str, Any]:
         h: dict[str, Any] = {"name": n, "invert_match": inv}
@@ -29,6 +29,9 @@ def _header() -> st.SearchStrategy[dict[str, Any]]:
             h["present_match"] = True
         elif k == "absent":
             h["present_match"] = False
+        elif k == "regex":  # regexes equivalent to exact/prefix/suffix/contains
+            h["string_match"] = {"safe_regex": {"regex": {"v": "v", "V": r"V.*", "vv": r".*v"}[v] if not ic
+                                                else r".*v.*"}}
         else:
             h["string_match"] = {k: v, "ignore_case": ic}
         return h

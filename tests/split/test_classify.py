@@ -108,6 +108,7 @@ def test_true_regex_is_punt_entry_and_keeps_order() -> None:
 
 @pytest.mark.parametrize("pattern,shape", [
     (r"/a\.b", ("literal", "/a.b")), (r"^/a/.*$", ("prefix", "/a/")), ("/a+", None),
+    (r".*Safari.*", ("contains", "Safari")), (r".*\.json", ("suffix", ".json")),
     ("/(a|b)", None), ("(?i)/a", None), ("/a.", None),
 ])
 def test_regex_shape(pattern: str, shape: tuple[str, str] | None) -> None:
