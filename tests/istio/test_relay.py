@@ -115,6 +115,14 @@ async def test_relay_end_to_end(tmp_path: Path, serves: list, envoys: list, envo
 
         await wait_for(disconnected, 10)
         assert get(lport, "/v") == (200, "v2")
+
+        # The upstream comes back (same address) with new config: the relay reconnects.
+        write_upstream(updir, lport, backend.server.server_address[1], "v4")
+        up.start()
+        await up.wait_ready()
+        await wait_for(lambda: body_is("v4"), 30)
+        relayz = await relay.get_json("/debug/relayz")
+        assert relayz[0]["sessions"][0]["connects"] >= 2
     finally:
         backend.close()
 
