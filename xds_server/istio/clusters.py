@@ -60,8 +60,9 @@ def service_clusters(objs: ObjectSet, reg: Registry, svc: Service, client_ns: st
     top = spec.get("trafficPolicy") or {}
     subsets: list[tuple[str, Mapping[str, str], Mapping[str, Any]]] = [("", {}, {})]
     if dr is not None:
-        subsets += [(str(s.get("name")), s.get("labels") or {}, s.get("trafficPolicy") or {})
-                    for s in as_list(w, dr, "spec.subsets", spec.get("subsets"))]
+        for i, sub in enumerate(as_list(w, dr, "spec.subsets", spec.get("subsets"))):
+            sub = check_fields(w, dr, f"spec.subsets[{i}]", sub, {"name", "labels", "trafficPolicy"})
+            subsets.append((str(sub.get("name")), sub.get("labels") or {}, sub.get("trafficPolicy") or {}))
     clusters, cla = [], []
     for port in svc.ports:
         for subset, labels, sub_tp in subsets:

@@ -414,7 +414,8 @@ def _mirrors(w: Warnings, obj: Obj, path: str, rule: Mapping[str, Any],
     out = []
     items: list[tuple[Any, float]] = []
     if "mirror" in rule:
-        pct = rule.get("mirrorPercentage", {}).get("value", rule.get("mirrorPercent", 100.0))
+        legacy = rule.get("mirrorPercent", rule.get("mirror_percent", 100.0))  # deprecated spellings
+        pct = (rule.get("mirrorPercentage") or {}).get("value", legacy)
         items.append((rule["mirror"], float(pct)))
     for m in rule.get("mirrors") or []:
         items.append((m.get("destination"), float((m.get("percentage") or {}).get("value", 100.0))))
