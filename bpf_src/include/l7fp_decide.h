@@ -1,0 +1,265 @@
+/* l7fp_decide: what to do with the HTTP/1.1 request at the head of a buffer.
+ *
+ * Owned by the decision engine (K1). Called by the data path's sk_msg program
+ * (K2, sk_msg.c) on a client socket's message, and by the BPF_PROG_TEST_RUN
+ * harness (test_decide.c). Contract: docs/contracts.md, "Kernel decision".
+ *
+ *   FORWARD   send out->consumed bytes (head + Content-Length body) to endpoint
+ *             out->endpoint of cluster out->cluster; if out->hdr_add, insert
+ *             l7fp_hdradds[gen * N + hdr_add - 1] at offset hdr_len - 2.
+ *   REPLY     answer with the whole response in l7fp_replies[gen * N + reply];
+ *             out->consumed bytes of the request are used up.
+ *   NEED_MORE the head is not complete yet: cork.
+ *   PASS      hand the connection to Envoy; out->reason says why.
+ *
+ * The caller sets ctx->rand, ctx->rand2, ctx->now_ns and ctx->gen first.
+ */
+#ifndef L7FP_DECIDE_H
+#define L7FP_DECIDE_H
+
+#include "l7fp_match.h"
+
+static __always_inline int l7fp_pass(struct l7fp_decision *out, __u32 why)
+{
+    out->verdict = L7FP_PASS;
+    out->reason = why;
+    return L7FP_PASS;
+}
+
+static __always_inline int l7fp_reply(struct l7fp_decision *out, __u32 status, __u32 reply,
+                                      __u32 head)
+{
+    if (head)
+        return l7fp_pass(out, L7FP_R_METHOD); /* HEAD: Envoy drops the body */
+    out->verdict = L7FP_REPLY;
+    out->status = status;
+    out->reply = reply;
+    return L7FP_REPLY;
+}
+
+/* Token bucket b: 1 if a token was taken, 0 if empty. Refilled lazily by whole
+ * fill intervals; starts full like Envoy's. Races between CPUs may let a few
+ * extra requests through at the edge; never fewer. */
+static __always_inline int l7fp_take_token(struct l7fp_bucket *b, __u64 now)
+{
+    if (b->last_ns == 0) {
+        b->tokens = b->max_tokens;
+        b->last_ns = now;
+    } else if (b->fill_interval_ns && now >= b->last_ns + b->fill_interval_ns) {
+        __u64 k = (now - b->last_ns) / b->fill_interval_ns;
+        __u64 t = b->tokens + k * b->tokens_per_fill;
+        b->tokens = t > b->max_tokens ? b->max_tokens : t;
+        b->last_ns += k * b->fill_interval_ns;
+    }
+    if (b->tokens == 0)
+        return 0;
+    __sync_fetch_and_add(&b->tokens, -1);
+    return 1;
+}
+
+/* Rate limit with bucket index+1 `bucket`: 0 go on, else L7FP_REPLY/L7FP_PASS set. */
+static __always_inline int l7fp_rate_limit(struct l7fp_req_ctx *c, __u32 bucket, __u32 gen,
+                                           struct l7fp_decision *out)
+{
+#if L7FP_F_RATE_LIMIT
+    if (!bucket)
+        return 0;
+    if (bucket > L7FP_N_BUCKETS)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    __u32 idx = l7fp_idx(gen, bucket - 1, L7FP_N_BUCKETS);
+    struct l7fp_bucket *b = l7fp_buckets.lookup(&idx);
+    if (!b)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    if (l7fp_take_token(b, c->now_ns))
+        return 0;
+    if (c->rand % 1000000 >= b->enforce_per_million)
+        return 0;
+    return l7fp_reply(out, b->status, b->reply, out->flags & L7FP_DF_HEAD);
+#else
+    return bucket ? l7fp_pass(out, L7FP_R_LIMIT) : 0;
+#endif
+}
+
+/* Cluster of a FORWARD route (weighted: first entry whose running weight
+ * exceeds rand % total). Returns the cluster id or -1. */
+static __always_inline int l7fp_pick_cluster(struct l7fp_req_ctx *c, struct l7fp_route *rt,
+                                             __u32 gen)
+{
+    if (!rt->n_wc)
+        return rt->cluster;
+#if L7FP_F_WEIGHTED
+    if (!rt->total_weight || rt->n_wc > L7FP_MAX_WEIGHTED)
+        return -1;
+    __u32 pick = c->rand % rt->total_weight;
+    for (__u32 j = 0; j < L7FP_MAX_WEIGHTED; j++) {
+        if (j >= rt->n_wc)
+            break;
+        __u32 wi = rt->cluster + j;
+        if (wi >= L7FP_N_WEIGHTED)
+            return -1;
+        __u32 idx = l7fp_idx(gen, wi, L7FP_N_WEIGHTED);
+        struct l7fp_weighted *w = l7fp_weighted.lookup(&idx);
+        if (!w)
+            return -1;
+        if (pick < w->cum_weight)
+            return w->cluster;
+    }
+#endif
+    return -1;
+}
+
+/* Endpoint of cluster cid by its LB policy. 0 ok, else PASS set. */
+static __always_inline int l7fp_pick_endpoint(struct l7fp_req_ctx *c, __u32 cid, __u32 gen,
+                                              struct l7fp_decision *out)
+{
+    if (cid >= L7FP_N_CLUSTERS)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    __u32 idx = l7fp_idx(gen, cid, L7FP_N_CLUSTERS);
+    struct l7fp_cluster *cl = l7fp_clusters.lookup(&idx);
+    if (!cl)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    __u32 n = cl->n_endpoints;
+    if (!n)
+        return l7fp_pass(out, L7FP_R_NO_ENDPOINT);
+    out->cluster = cid;
+    if (cl->lb == L7FP_LB_ROUND_ROBIN) {
+        __u32 *ctr = l7fp_rr.lookup(&idx);
+        if (!ctr)
+            return l7fp_pass(out, L7FP_R_LIMIT);
+        /* read, then add without fetch: BCC's LLVM target has no fetch-add */
+        __u32 v = *ctr;
+        __sync_fetch_and_add(ctr, 1);
+        out->endpoint = v % n;
+    } else {
+        out->endpoint = c->rand2 % n;
+    }
+    return 0;
+}
+
+/* Header adds: every name the plan sets (not appends) or removes must be
+ * absent from the request, else Envoy does it. 0 ok, else PASS set. */
+static __always_inline int l7fp_header_add(struct l7fp_req_ctx *c, __u32 add, __u32 gen,
+                                           struct l7fp_decision *out)
+{
+    if (!add)
+        return 0;
+#if L7FP_F_HDR_ADD
+    if (add > L7FP_N_HDRADDS)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    __u32 idx = l7fp_idx(gen, add - 1, L7FP_N_HDRADDS);
+    struct l7fp_blob *b = l7fp_hdradds.lookup(&idx);
+    if (!b || b->n_absent > L7FP_MAX_ABSENT)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+#pragma unroll
+    for (__u32 j = 0; j < L7FP_MAX_ABSENT; j++) {
+        if (j < b->n_absent && c->r.slot_len[b->absent[j] & L7FP_SLOT_MASK])
+            return l7fp_pass(out, L7FP_R_HDR_CONFLICT);
+    }
+    out->hdr_add = add;
+    return 0;
+#else
+    return l7fp_pass(out, L7FP_R_LIMIT);
+#endif
+}
+
+/* What the matched route rt does with the request. */
+static __always_inline int l7fp_act(struct l7fp_req_ctx *c, struct l7fp_route *rt, __u32 gen,
+                                    struct l7fp_listener *l, struct l7fp_decision *out)
+{
+    __u32 head = out->flags & L7FP_DF_HEAD;
+    if (rt->action == L7FP_ACT_PUNT)
+        return l7fp_pass(out, L7FP_R_PUNT_ROUTE);
+#if L7FP_F_FAULT
+    if (rt->fault_per_million && c->rand % 1000000 < rt->fault_per_million)
+        return l7fp_reply(out, rt->fault_status, rt->fault_reply, head);
+#endif
+    if (l7fp_rate_limit(c, l->bucket, gen, out))
+        return out->verdict;
+    if (l7fp_rate_limit(c, rt->bucket, gen, out))
+        return out->verdict;
+    if (rt->action == L7FP_ACT_REPLY)
+        return l7fp_reply(out, rt->status, rt->reply, head);
+    if (rt->action != L7FP_ACT_FORWARD)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    int cid = l7fp_pick_cluster(c, rt, gen);
+    if (cid < 0)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    if (l7fp_pick_endpoint(c, cid, gen, out))
+        return L7FP_PASS;
+    if (l7fp_header_add(c, rt->hdr_add, gen, out))
+        return L7FP_PASS;
+    out->verdict = L7FP_FORWARD;
+    return L7FP_FORWARD;
+}
+
+/* First matching route of vhost vi, and its action. */
+static __always_inline int l7fp_route(struct l7fp_req_ctx *c, __u32 vi, __u32 gen,
+                                      struct l7fp_listener *l, struct l7fp_decision *out)
+{
+    if (vi >= L7FP_N_VHOSTS)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    __u32 idx = l7fp_idx(gen, vi, L7FP_N_VHOSTS);
+    struct l7fp_vhost *vh = l7fp_vhosts.lookup(&idx);
+    if (!vh || vh->n_routes > L7FP_MAX_ROUTES)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    out->vhost = vi;
+    for (__u32 i = 0; i < L7FP_MAX_ROUTES; i++) {
+        if (i >= vh->n_routes)
+            break;
+        __u32 ri = vh->route_base + i;
+        if (ri >= L7FP_N_ROUTES)
+            return l7fp_pass(out, L7FP_R_LIMIT);
+        __u32 ridx = l7fp_idx(gen, ri, L7FP_N_ROUTES);
+        struct l7fp_route *rt = l7fp_routes.lookup(&ridx);
+        if (!rt)
+            return l7fp_pass(out, L7FP_R_LIMIT);
+        int m = l7fp_route_match(c, rt, gen);
+        if (m < 0) {
+            out->route = rt->route_id;
+            return l7fp_pass(out, L7FP_R_HDR_CONFLICT);
+        }
+        if (m) {
+            out->route = rt->route_id;
+            return l7fp_act(c, rt, gen, l, out);
+        }
+    }
+    return l7fp_pass(out, L7FP_R_NO_ROUTE);
+}
+
+static __always_inline int l7fp_decide(struct l7fp_req_ctx *ctx, void *data, void *data_end,
+                                       __u32 listener_id, struct l7fp_decision *out)
+{
+    __u32 gen = ctx->gen & 1, why = 0;
+    __builtin_memset(out, 0, sizeof(*out));
+    out->vhost = ~0U;
+    out->route = ~0U;
+    out->gen = gen;
+    __u32 v = l7fp_parse(ctx, data, data_end, gen, &why);
+    if (v == L7FP_NEED_MORE) {
+        out->verdict = L7FP_NEED_MORE;
+        return L7FP_NEED_MORE;
+    }
+    if (v)
+        return l7fp_pass(out, why);
+    out->hdr_len = ctx->r.hdr_len;
+    out->body_len = ctx->r.cl;
+    out->consumed = ctx->r.hdr_len + ctx->r.cl;
+    if (ctx->r.method_len == 4 && ctx->r.method == L7FP_W_HEAD)
+        out->flags |= L7FP_DF_HEAD;
+    if (listener_id >= L7FP_N_LISTENERS)
+        return l7fp_pass(out, L7FP_R_NO_LISTENER);
+    __u32 lidx = l7fp_idx(gen, listener_id, L7FP_N_LISTENERS);
+    struct l7fp_listener *l = l7fp_listeners.lookup(&lidx);
+    if (!l || (l->flags & L7FP_LF_PUNT))
+        return l7fp_pass(out, L7FP_R_NO_LISTENER);
+    if ((l->flags & L7FP_LF_NORMALIZE) && ctx->r.tflags)
+        return l7fp_pass(out, L7FP_R_PATH_NORM);
+    int vi = l7fp_pick_vhost(ctx, l, gen);
+    if (vi == -2)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    if (vi < 0)
+        return l7fp_pass(out, L7FP_R_NO_VHOST);
+    return l7fp_route(ctx, vi, gen, l, out);
+}
+
+#endif /* L7FP_DECIDE_H */
