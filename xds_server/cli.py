@@ -21,6 +21,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "fastpath.cli_split",
     "mesh.cli",
     "benchmarks.cli",
+    "xds_server.istio.cli",
 )
 
 DESCRIPTION = """\
