@@ -1,0 +1,81 @@
+"""`l7fp istio`: check Istio YAML and show what a sidecar would get, without serving.
+
+Registered in xds_server.cli SUBCOMMANDS. `l7fp istio check DIR` is to L7FP what
+`istioctl analyze` is to istiod (what the importer cannot translate);
+`l7fp istio config DIR --node ID` prints a sidecar's generated resources like
+`istioctl proxy-config all -o json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = """\
+check:  read Istio / Gateway API YAML (and the services of --mesh-file / --k8s),
+        generate every known pod's sidecar config, print one line per untranslated
+        field: `KIND NS/NAME: field.path: problem`. Exit 0 when there is none, 1
+        when there are warnings, 2 when a file does not load.
+config: print the Envoy resources (JSON, by type URL) the sidecar NODE_ID gets,
+        the same as `l7fp serve --policies` serves before the split.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("istio", help="check Istio YAML / show a sidecar's generated config",
+                              description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="istio_command", metavar="check|config", required=True)
+    for name, helptext in (("check", "list what the importer does not translate"),
+                           ("config", "print one sidecar's generated Envoy resources")):
+        sp = sub.add_parser(name, help=helptext, description=HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("policies", metavar="DIR|FILE", help="Istio / Gateway API YAML")
+        sp.add_argument("--mesh-file", metavar="FILE", help="mesh file or its state.json")
+        sp.add_argument("--k8s", metavar="DIR", help="Kubernetes Service/EndpointSlice/Pod YAML")
+        if name == "config":
+            sp.add_argument("--node", required=True, metavar="NODE_ID",
+                            help="sidecar~IP~POD.NS~NS.svc.cluster.local")
+        sp.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import generate, load
+
+    try:
+        mesh = load(args.policies, args.mesh_file, args.k8s)
+    except (ValueError, OSError) as exc:
+        print(f"l7fp istio: {exc}", file=sys.stderr)
+        return 2
+    if args.istio_command == "config":
+        try:
+            json.dump(generate(mesh, args.node), sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        except BrokenPipeError:  # `| head`
+            pass
+        return 0
+    nodes = [w.node_id for w in mesh.reg.workloads] or [
+        "sidecar~198.18.254.1~l7fp-check.default~default.svc.cluster.local"]
+    for node in nodes:  # warnings of per-proxy parts (routes, RBAC) appear while generating
+        generate(mesh, node)
+    _unrouted_hosts(mesh)
+    for line in mesh.objs.warnings:
+        print(line)
+    print(f"{mesh.objs.count()} objects, {len(mesh.reg.services)} services, {len(nodes)} sidecars, "
+          f"{len(mesh.objs.warnings)} warnings", file=sys.stderr)
+    return 1 if len(mesh.objs.warnings) else 0
+
+
+def _unrouted_hosts(mesh: object) -> None:
+    """Warn for mesh VirtualServices whose hosts match no service (no route is generated)."""
+    import fnmatch
+
+    from .sidecar import Mesh, _virtual_services
+
+    assert isinstance(mesh, Mesh)
+    for vs in _virtual_services(mesh):
+        for i, host in enumerate(vs.spec.get("hosts") or []):
+            fq = mesh.reg.fqdn(str(host), vs.namespace)
+            if not any(fq == h or fnmatch.fnmatchcase(h, fq) for h in mesh.reg.services):
+                mesh.objs.warnings.add(vs, f"spec.hosts[{i}]", f"{host!r} matches no service of "
+                                       "the registry (--mesh-file/--k8s/ServiceEntry); no route")
