@@ -151,11 +151,12 @@ class AdsService(AggregatedDiscoveryServiceBase):
     async def _write(
         self, stream: grpclib.server.Stream, conn: Connection, reader: asyncio.Task[None], wake: asyncio.Event
     ) -> None:
+        # The reader's end also sets `wake`, so one plain Event wait serves both
+        # (no helper task per wake-up: that overhead showed at 1,000 streams).
+        reader.add_done_callback(lambda _t: wake.set())
         while True:
-            waiter = asyncio.create_task(wake.wait())
-            done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                waiter.cancel()
+            await wake.wait()
+            if reader.done():
                 reader.result()  # re-raise a read error (stream reset) to end the handler
                 return
             wake.clear()
