@@ -1,0 +1,48 @@
+"""`l7fp istio check|config` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BOOKINFO = ["--mesh-file", str(HERE / "bookinfo" / "mesh.yaml")]
+
+
+def l7fp(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xds_server", "--log-level", "error", *args],
+                          capture_output=True, text=True, timeout=120, cwd=HERE.parents[1])
+
+
+def test_check_clean_and_with_warnings(tmp_path: Path) -> None:
+    ok = l7fp("istio", "check", str(HERE / "bookinfo" / "policies.yaml"), *BOOKINFO)
+    assert (ok.returncode, ok.stdout) == (0, ""), ok.stderr
+    assert "5 objects, 4 services, 6 sidecars, 0 warnings" in ok.stderr
+    (tmp_path / "vs.yaml").write_text("""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r}
+spec:
+  hosts: [nowhere]
+  http: [{route: [{destination: {host: reviews}}], sparkle: 1}]
+""")
+    bad = l7fp("istio", "check", str(tmp_path), *BOOKINFO)
+    assert bad.returncode == 1
+    assert bad.stdout.splitlines() == [
+        "VirtualService default/r: spec.hosts[0]: 'nowhere' matches no service of the registry "
+        "(--mesh-file/--k8s/ServiceEntry); no route"]
+    (tmp_path / "broken.yaml").write_text("kind: [\n")
+    assert l7fp("istio", "check", str(tmp_path)).returncode == 2
+
+
+def test_config_prints_the_sidecars_resources() -> None:
+    node = "sidecar~198.18.0.15~details-v1.default~default.svc.cluster.local"
+    r = l7fp("istio", "config", str(HERE / "bookinfo" / "policies.yaml"), *BOOKINFO, "--node", node)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    (inbound,) = [x for x in out["type.googleapis.com/envoy.config.listener.v3.Listener"]
+                  if x["name"] == "virtualInbound"]
+    filters = inbound["filterChains"][0]["filters"][0]["typedConfig"]["httpFilters"]
+    assert [f["name"] for f in filters][:2] == ["envoy.filters.http.rbac.deny", "envoy.filters.http.rbac"]
