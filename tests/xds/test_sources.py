@@ -118,3 +118,14 @@ async def test_rest_put_delete_with_validation(config_dir):
             pushed = await c.recv(5)
             assert [res.resource_name(a.unpack()) for a in pushed.resources] == ["a"]
             assert (await s.delete(base + "/cds/b")).status == 404
+
+
+async def test_empty_directory_serves_empty_config(config_dir):
+    async with running(options(config=str(config_dir.path), xds_address="127.0.0.1", xds_port=0,
+                               admin_port=0, debounce_ms=10, fastpath="off")) as srv:
+        async with AdsClient("127.0.0.1", srv.xds_port, "n") as c:
+            await c.send(res.CLUSTER)
+            assert (await c.recv()).resources == []
+            await c.ack(res.CLUSTER)
+            config_dir.write("c.yaml", [cluster("a")])
+            assert len((await c.recv(5)).resources) == 1

@@ -230,7 +230,7 @@ class DirectorySource(Source):
         return False
 
     def _apply(self, files: list[ConfigFile]) -> bool:
-        if [id(f) for f in files] == [id(f) for f in self.files]:
+        if self.generation and [id(f) for f in files] == [id(f) for f in self.files]:
             return False  # nothing changed (an editor's temp file, a touch)
         self.files, self.last_error = files, ""
         self.generation += 1
