@@ -70,9 +70,10 @@ static __always_inline int l7fp_rate_limit(struct l7fp_req_ctx *c, __u32 bucket,
     struct l7fp_bucket *b = l7fp_buckets.lookup(&idx);
     if (!b)
         return l7fp_pass(out, L7FP_R_LIMIT);
-    if (l7fp_take_token(b, c->now_ns))
-        return 0;
+    /* the enforcement draw comes first: a request not enforced takes no token */
     if (c->rand % 1000000 >= b->enforce_per_million)
+        return 0;
+    if (l7fp_take_token(b, c->now_ns))
         return 0;
     return l7fp_reply(out, b->status, b->reply, out->flags & L7FP_DF_HEAD);
 #else
@@ -173,8 +174,6 @@ static __always_inline int l7fp_act(struct l7fp_req_ctx *c, struct l7fp_route *r
     if (rt->fault_per_million && c->rand % 1000000 < rt->fault_per_million)
         return l7fp_reply(out, rt->fault_status, rt->fault_reply, head);
 #endif
-    if (l7fp_rate_limit(c, l->bucket, gen, out))
-        return out->verdict;
     if (l7fp_rate_limit(c, rt->bucket, gen, out))
         return out->verdict;
     if (rt->action == L7FP_ACT_REPLY)
@@ -190,6 +189,16 @@ static __always_inline int l7fp_act(struct l7fp_req_ctx *c, struct l7fp_route *r
         return L7FP_PASS;
     out->verdict = L7FP_FORWARD;
     return L7FP_FORWARD;
+}
+
+/* No virtual host or no route: Envoy's 404 from the kernel when the plan gives
+ * the reply, else Envoy. */
+static __always_inline int l7fp_nomatch(struct l7fp_listener *l, struct l7fp_decision *out,
+                                        __u32 why)
+{
+    if (!l->nomatch)
+        return l7fp_pass(out, why);
+    return l7fp_reply(out, 404, l->nomatch - 1, out->flags & L7FP_DF_HEAD);
 }
 
 /* First matching route of vhost vi, and its action. */
@@ -223,7 +232,7 @@ static __always_inline int l7fp_route(struct l7fp_req_ctx *c, __u32 vi, __u32 ge
             return l7fp_act(c, rt, gen, l, out);
         }
     }
-    return l7fp_pass(out, L7FP_R_NO_ROUTE);
+    return l7fp_nomatch(l, out, L7FP_R_NO_ROUTE);
 }
 
 static __always_inline int l7fp_decide(struct l7fp_req_ctx *ctx, void *data, void *data_end,
@@ -252,13 +261,15 @@ static __always_inline int l7fp_decide(struct l7fp_req_ctx *ctx, void *data, voi
     struct l7fp_listener *l = l7fp_listeners.lookup(&lidx);
     if (!l || (l->flags & L7FP_LF_PUNT))
         return l7fp_pass(out, L7FP_R_NO_LISTENER);
-    if ((l->flags & L7FP_LF_NORMALIZE) && ctx->r.tflags)
+    if (ctx->r.tflags)
         return l7fp_pass(out, L7FP_R_PATH_NORM);
+    if (l7fp_rate_limit(ctx, l->bucket, gen, out))
+        return out->verdict;
     int vi = l7fp_pick_vhost(ctx, l, gen);
     if (vi == -2)
         return l7fp_pass(out, L7FP_R_LIMIT);
     if (vi < 0)
-        return l7fp_pass(out, L7FP_R_NO_VHOST);
+        return l7fp_nomatch(l, out, L7FP_R_NO_VHOST);
     return l7fp_route(ctx, vi, gen, l, out);
 }
 

@@ -179,7 +179,9 @@ struct l7fp_listener {
     __u32 flags;
     __u32 dom_base; /* first entry in l7fp_domains */
     __u32 n_dom;
-    __u32 bucket; /* listener rate limit: bucket index + 1, 0 = none */
+    __u32 bucket;  /* listener rate limit: bucket index + 1, 0 = none */
+    __u32 nomatch; /* no vhost / no route: reply blob index + 1 (Envoy's 404), 0 = PASS */
+    __u32 pad;
 };
 
 struct l7fp_domain {
@@ -324,7 +326,7 @@ struct l7fp_req_ctx {
  * wrong decision. */
 #define L7FP_C_TCHAR 0  /* RFC 9110 tchar (header names) */
 #define L7FP_C_VALUE 1  /* allowed in a header value: HT, SP, VCHAR, obs-text */
-#define L7FP_C_TARGET 2 /* allowed in the request target: VCHAR but '#' */
+#define L7FP_C_TARGET 2 /* allowed in the target unescaped (the reference's safe set) */
 #define L7FP_C_UPPER 3  /* 'A'..'Z' (methods) */
 #define L7FP_C_SP 4     /* ' ' */
 #define L7FP_C_COLON 5  /* ':' */
@@ -336,7 +338,7 @@ struct l7fp_cclass {
 };
 
 #define L7FP_TF_PCT 1    /* '%' in the path */
-#define L7FP_TF_DOTSEG 2 /* "/." or "//" in the path */
+#define L7FP_TF_DOTSEG 2 /* "//", "/./", "/../" or a final "/." "/.." in the path */
 
 #define L7FP_SEEN_HOST 1
 #define L7FP_SEEN_CL 2

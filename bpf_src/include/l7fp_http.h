@@ -41,6 +41,8 @@
 #define L7FP_W_T_LENGTH L7FP_W8('t', '-', 'l', 'e', 'n', 'g', 't', 'h')
 #define L7FP_W_TRANSFER L7FP_W8('t', 'r', 'a', 'n', 's', 'f', 'e', 'r')
 #define L7FP_W_ENCODING L7FP_W8('e', 'n', 'c', 'o', 'd', 'i', 'n', 'g')
+#define L7FP_W_GRPC_TI L7FP_W8('g', 'r', 'p', 'c', '-', 't', 'i', 'm')
+#define L7FP_W_C_TIMEOUT L7FP_W8('-', 't', 'i', 'm', 'e', 'o', 'u', 't')
 
 /* Low n bytes of a word (n <= 8). */
 static __always_inline __u64 l7fp_lowbytes(__u64 w, __u32 n)
@@ -131,7 +133,14 @@ static __always_inline void l7fp_scan_byte(struct l7fp_req_ctx *c, struct l7fp_c
     bad |= in_tgt & (1 - L7FP_BIT(cls, L7FP_C_TARGET));
     __u64 is_q = L7FP_BIT(cls, L7FP_C_QMARK);
     __u64 set_q = in_tgt & is_q & qz, in_path = in_tgt & qz & (1 - is_q);
-    __u64 dots = in_path & L7FP_EQ(prev, '/') & (L7FP_EQ(ch, '/') | L7FP_EQ(ch, '.'));
+    /* "//" in the path, or a "." / ".." segment ending here ('/', '?' or the
+     * space after the target): Envoy may normalize, so it decides */
+    __u64 p2 = l7fp_byte(c, i - 2), p3 = l7fp_byte(c, i - 3);
+    __u64 is_sl = L7FP_EQ(ch, '/');
+    __u64 seg_end = (in_path & is_sl) | set_q | (set_sp2 & qz);
+    __u64 dotseg = L7FP_EQ(prev, '.') &
+                   (L7FP_EQ(p2, '/') | (L7FP_EQ(p2, '.') & L7FP_EQ(p3, '/')));
+    __u64 dots = (in_path & is_sl & L7FP_EQ(prev, '/')) | (seg_end & dotseg);
     r->tflags |= (in_path & L7FP_BIT(cls, L7FP_C_PCT)) | (dots << 1);
 
     /* CR only before LF; LF only after CR; the blank line ends the head */
@@ -312,6 +321,9 @@ static __always_inline __u32 l7fp_parse_header(struct l7fp_req_ctx *c, __u32 k, 
         return L7FP_R_EXPECT;
     if (key.len == 7 && key.w0 == L7FP_W_UPGRADE)
         return L7FP_R_UPGRADE;
+    /* Envoy may enforce grpc-timeout as a request timeout */
+    if (key.len == 12 && key.w0 == L7FP_W_GRPC_TI && key.w1 == L7FP_W_C_TIMEOUT)
+        return L7FP_R_UNPARSED;
     if (key.len <= 16)
         l7fp_note_slot(c, &key, vs, ve);
     return 0;

@@ -134,17 +134,15 @@ static __always_inline int l7fp_headers_match(struct l7fp_req_ctx *c, struct l7f
 #endif
 }
 
-/* Path matcher of a route. PREFIX looks at the whole target (Envoy matches the
- * :path header, query included); EXACT and path-separated prefix at the path
- * without the query. */
+/* Path matcher of a route, over the path without the query (as the reference
+ * model, fastpath.reference.route_matches). */
 static __always_inline int l7fp_path_match(struct l7fp_req_ctx *c, struct l7fp_route *rt)
 {
     struct l7fp_req *r = &c->r;
     __u32 n = rt->path.len, off = r->path_off;
-    __u32 tlen = r->sp2 - off;
     switch (rt->path_kind) {
     case L7FP_PATH_PREFIX:
-        return tlen >= n && l7fp_str_eq(c, off, &rt->path);
+        return r->path_len >= n && l7fp_str_eq(c, off, &rt->path);
     case L7FP_PATH_EXACT:
         return r->path_len == n && l7fp_str_eq(c, off, &rt->path);
     case L7FP_PATH_SEP_PREFIX:

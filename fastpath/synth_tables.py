@@ -1,0 +1,369 @@
+"""The table builder behind fastpath.synth.synthesize (K1).
+
+Walks a KernelPlan once, in plan order, and collects the rows of every plan
+table (listeners, domains, virtual hosts, routes, header matchers, weighted
+clusters, clusters, reply and header-add blobs, token buckets) plus the loop
+bounds the plan needs. Semantics follow fastpath.reference (the oracle).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastpath import bpf_structs as bs
+from fastpath.plan import (
+    ClusterAction,
+    DirectResponse,
+    HeaderMatch,
+    KernelPlan,
+    LbPolicy,
+    ListenerPlan,
+    LocalRateLimit,
+    PathKind,
+    Route,
+    StringKind,
+    Verdict,
+    VirtualHost,
+)
+from fastpath.synth import (
+    FAULT_BODY,
+    MAX_NAME,
+    MAX_STR_CAP,
+    RATE_LIMITED_BODY,
+    Punt,
+    _pow2,
+    encode_str,
+    reply_bytes,
+)
+
+_SM = {StringKind.EXACT: bs.SM_EXACT, StringKind.PREFIX: bs.SM_PREFIX,
+       StringKind.SUFFIX: bs.SM_SUFFIX, StringKind.PRESENT: bs.SM_PRESENT}
+MAX_SLOTS = 8
+
+
+@dataclass
+class _Row:
+    """A table row before encoding: the struct name and its fields."""
+
+    kind: str
+    f: dict[str, Any]
+
+
+@dataclass
+class TableBuilder:
+    plan: KernelPlan
+    rows: dict[str, list[_Row]] = field(default_factory=dict)
+    blobs: dict[str, list[tuple[bytes, tuple[int, ...]]]] = field(default_factory=dict)
+    listener_ids: dict[str, int] = field(default_factory=dict)
+    cluster_ids: dict[str, int] = field(default_factory=dict)
+    route_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    slots: dict[str, int] = field(default_factory=dict)
+    longest: int = 8
+    max_dom: int = 1
+    max_routes: int = 1
+    max_hm: int = 1
+    max_wc: int = 1
+    feats: set[str] = field(default_factory=set)
+
+    # ---- rows ----
+    def _add(self, table: str, row: _Row) -> int:
+        rows = self.rows.setdefault(table, [])
+        rows.append(row)
+        return len(rows) - 1
+
+    def _blob(self, table: str, data: bytes, absent: tuple[int, ...] = ()) -> int:
+        lst = self.blobs.setdefault(table, [])
+        if (data, absent) in lst:
+            return lst.index((data, absent))
+        lst.append((data, absent))
+        return len(lst) - 1
+
+    def _str(self, s: str) -> str:
+        if len(s.encode()) > MAX_STR_CAP:
+            raise Punt(f"string longer than {MAX_STR_CAP} bytes")
+        self.longest = max(self.longest, len(s.encode()))
+        return s
+
+    def _slot(self, name: str) -> int:
+        name = name.lower()
+        if len(name) > MAX_NAME or name.startswith(":"):
+            raise Punt(f"header name {name!r} not matched in the kernel")
+        if name not in self.slots:
+            if len(self.slots) >= MAX_SLOTS:
+                raise Punt("too many distinct header names")
+            self.slots[name] = len(self.slots)
+        return self.slots[name]
+
+    # ---- plan walk ----
+    def build(self) -> None:
+        for c in self.plan.clusters:
+            self.cluster_ids[c.name] = self._add("l7fp_clusters", _Row("Cluster", self._cluster(c)))
+        for lp in self.plan.listeners:
+            self.listener_ids[lp.name] = len(self.rows.get("l7fp_listeners", []))
+            self._listener(lp)
+
+    def _cluster(self, c: Any) -> dict[str, int]:
+        healthy = [e for e in c.endpoints if e.healthy]
+        pool = healthy if c.endpoints and len(healthy) * 2 >= len(c.endpoints) else c.endpoints
+        lb = bs.LB_ROUND_ROBIN if c.lb_policy is LbPolicy.ROUND_ROBIN else bs.LB_RANDOM
+        return {"lb": lb, "n_endpoints": len(pool)}
+
+    def _listener(self, lp: ListenerPlan) -> None:
+        row = _Row("Listener", {"flags": 0, "dom_base": 0, "n_dom": 0, "bucket": 0,
+                                "nomatch": self._blob("l7fp_replies", reply_bytes(404)) + 1})
+        self._add("l7fp_listeners", row)
+        why = ""
+        if lp.verdict is Verdict.ENVOY:
+            why = f"listener {lp.name}: {lp.reason}"
+        elif lp.rbac is not None and not lp.rbac.shadow:
+            why = f"listener {lp.name}: RBAC is enforced by Envoy (not compiled in the kernel)"
+        if why:
+            row.f["flags"] = bs.LF_PUNT
+            self.notes.append(why)
+            return
+        if lp.local_rate_limit:
+            row.f["bucket"] = self._bucket(lp.local_rate_limit, listener=True) + 1
+        base = len(self.rows.get("l7fp_vhosts", []))
+        try:
+            doms = self._domains(lp.virtual_hosts, base)
+        except Punt as e:
+            row.f["flags"] = bs.LF_PUNT
+            self.notes.append(f"listener {lp.name}: {e}")
+            return
+        row.f["dom_base"] = len(self.rows.get("l7fp_domains", []))
+        row.f["n_dom"] = len(doms)
+        self.max_dom = max(self.max_dom, len(doms))
+        for d in doms:
+            self._add("l7fp_domains", d)
+        for vh in lp.virtual_hosts:
+            self._vhost(lp, vh)
+
+    def _domains(self, vhosts: tuple[VirtualHost, ...], base: int) -> list[_Row]:
+        """Domain rows in the reference's order: exact, suffix and prefix wildcards
+        longest first, "*"; ties keep plan order (the first vhost wins)."""
+        ranked = []
+        for vi, vh in enumerate(vhosts):
+            for d in vh.domains:
+                d = d.lower()
+                if d == "*":
+                    kind, s, rank = bs.DOM_ANY, "", 1
+                elif d.startswith("*"):
+                    kind, s, rank = bs.DOM_SUFFIX, d[1:], 3
+                    self.feats.add("wildcard")
+                elif d.endswith("*"):
+                    kind, s, rank = bs.DOM_PREFIX, d[:-1], 2
+                    self.feats.add("wildcard")
+                else:
+                    kind, s, rank = bs.DOM_EXACT, d, 4
+                ranked.append(((-rank, -len(d)), kind, self._str(s), base + vi))
+        ranked.sort(key=lambda x: x[0])
+        return [_Row("Domain", {"kind": k, "vhost": v, "s": (s, True)}) for _, k, s, v in ranked]
+
+    def _vhost(self, lp: ListenerPlan, vh: VirtualHost) -> None:
+        rbase = len(self.rows.get("l7fp_routes", []))
+        self._add("l7fp_vhosts", _Row("Vhost", {"route_base": rbase, "n_routes": len(vh.routes)}))
+        self.max_routes = max(self.max_routes, len(vh.routes))
+        for r in vh.routes:
+            rid = len(self.route_names)
+            self.route_names.append(f"{lp.name}/{vh.name}/{r.name}")
+            try:
+                f = self._route(vh, r)
+            except Punt as e:
+                self.notes.append(f"route {lp.name}/{vh.name}/{r.name}: {e}")
+                f = {"action": bs.ACT_PUNT, "path_kind": bs.PATH_PREFIX, "path": ("", False)}
+            f["route_id"] = rid
+            self._add("l7fp_routes", _Row("Route", f))
+
+    def _route(self, vh: VirtualHost, r: Route) -> dict[str, Any]:
+        if r.verdict is Verdict.ENVOY:
+            return {"action": bs.ACT_PUNT, "path_kind": bs.PATH_PREFIX, "path": ("", False)}
+        f = self._match(r)
+        hm_rows = f.pop("hm_rows")
+        self._action(vh, r, f)
+        f["hm_base"] = len(self.rows.get("l7fp_hmatch", []))
+        f["n_hm"] = len(hm_rows)
+        for row in hm_rows:
+            self._add("l7fp_hmatch", row)
+        return f
+
+    def _match(self, r: Route) -> dict[str, Any]:
+        m = r.match
+        if m.query_params:
+            raise Punt("query parameter matchers")
+        if m.grpc:
+            raise Punt("grpc matcher")
+        kinds = {PathKind.PREFIX: bs.PATH_PREFIX, PathKind.EXACT: bs.PATH_EXACT,
+                 PathKind.PATH_SEPARATED_PREFIX: bs.PATH_SEP_PREFIX}
+        ci = not m.case_sensitive
+        if m.path_kind in kinds:
+            kind, path = kinds[m.path_kind], m.path
+        elif m.regex_literal is not None:
+            kind, path, ci = bs.PATH_EXACT, m.regex_literal, False
+        elif m.regex_prefix is not None:
+            kind, path, ci = bs.PATH_PREFIX, m.regex_prefix, False
+        else:
+            raise Punt("regex path")
+        f: dict[str, Any] = {"path_kind": kind, "path": (self._str(path), ci), "hm_rows": []}
+        for h in m.headers:
+            if h.name == ":method":
+                self._method(h, f)
+            else:
+                f["hm_rows"].append(self._hmatch(h))
+        self.max_hm = max(self.max_hm, len(f["hm_rows"]))
+        if f["hm_rows"]:
+            self.feats.add("hdr_match")
+        return f
+
+    def _method(self, h: HeaderMatch, f: dict[str, Any]) -> None:
+        sm = h.match
+        if (sm is None or sm.kind is not StringKind.EXACT or sm.ignore_case or h.invert
+                or h.absent or len(sm.value) > 8 or not sm.value.isupper() or f.get("method_len")):
+            raise Punt(":method matcher other than one exact upper-case method")
+        f["method"] = int.from_bytes(sm.value.encode().ljust(8, b"\0"), "little")
+        f["method_len"] = len(sm.value)
+
+    def _hmatch(self, h: HeaderMatch) -> _Row:
+        sm = h.match
+        kind = bs.SM_PRESENT if sm is None else _SM.get(sm.kind)
+        if kind is None:
+            raise Punt(f"header matcher kind {sm.kind.value if sm else '?'}")
+        flags = (bs.HM_INVERT * h.invert) | (bs.HM_ABSENT * h.absent) | (
+            bs.HM_MISSING_EMPTY * h.treat_missing_as_empty)
+        if h.absent and sm is not None:
+            raise Punt("absent header matcher with a value")
+        value = sm.value if sm is not None else ""
+        return _Row("Hmatch", {"slot": self._slot(h.name), "kind": kind, "flags": flags,
+                               "v": (self._str(value), bool(sm and sm.ignore_case))})
+
+    def _action(self, vh: VirtualHost, r: Route, f: dict[str, Any]) -> None:
+        a = r.action
+        if r.fault_abort is not None:
+            if r.fault_abort.header_controlled:
+                raise Punt("header-controlled fault")
+            f["fault_status"] = r.fault_abort.status
+            f["fault_per_million"] = r.fault_abort.per_million
+            f["fault_reply"] = self._reply(r.fault_abort.status, FAULT_BODY)
+            self.feats.add("fault")
+        if r.rate_limit is not None:
+            f["bucket"] = self._bucket(r.rate_limit) + 1
+        if isinstance(a, DirectResponse):
+            f["action"], f["status"], f["reply"] = bs.ACT_REPLY, a.status, self._reply(a.status, a.body)
+            return
+        if not isinstance(a, ClusterAction):
+            raise Punt("redirect (Location is built by Envoy)")
+        if a.prefix_rewrite is not None or a.host_rewrite is not None or a.cluster_header:
+            raise Punt("rewrite or cluster_header")
+        ids = []
+        for wc in a.clusters:
+            c = self.plan.cluster(wc.name)
+            if c is None or c.verdict is Verdict.ENVOY or c.tls:
+                raise Punt(f"cluster {wc.name} is not served by the kernel")
+            ids.append(self.cluster_ids[wc.name])
+        f["action"] = bs.ACT_FORWARD
+        total = sum(wc.weight for wc in a.clusters)
+        if len(a.clusters) == 1 or total <= 0:
+            f["cluster"] = ids[0]
+        else:
+            self.feats.add("weighted")
+            self.max_wc = max(self.max_wc, len(ids))
+            f["cluster"], f["n_wc"], f["total_weight"] = len(self.rows.get("l7fp_weighted", [])), len(ids), total
+            cum = 0
+            for cid, wc in zip(ids, a.clusters, strict=True):
+                cum += wc.weight
+                self._add("l7fp_weighted", _Row("Weighted", {"cluster": cid, "cum_weight": cum}))
+        self._header_adds(vh, r, f)
+
+    def _header_adds(self, vh: VirtualHost, r: Route, f: dict[str, Any]) -> None:
+        """Route then virtual-host header adds (Envoy applies both). A name set
+        with append=false, or removed, must be absent from the request."""
+        adds = r.request_headers_to_add + vh.request_headers_to_add
+        removes = r.request_headers_to_remove + vh.request_headers_to_remove
+        if not adds and not removes:
+            return
+        absent = tuple(sorted({self._slot(h.name) for h in adds if not h.append}
+                              | {self._slot(n) for n in removes}))
+        if len(absent) > 4:
+            raise Punt("more than 4 header names to set or remove")
+        data = b"".join(f"{h.name}: {h.value}\r\n".encode() for h in adds)
+        for h in adds:
+            if any(ch in h.name + h.value for ch in "\r\n\0"):
+                raise Punt("header value with CR/LF/NUL")
+        self.feats.add("hdr_add")
+        f["hdr_add"] = self._blob("l7fp_hdradds", data, absent) + 1
+
+    def _reply(self, status: int, body: str) -> int:
+        return self._blob("l7fp_replies", reply_bytes(status, body))
+
+    def _bucket(self, lim: LocalRateLimit, listener: bool = False) -> int:
+        self.feats.add("rate_limit")
+        enforce = 1_000_000 if listener else lim.enforced_per_million
+        return self._add("l7fp_buckets", _Row("Bucket", {
+            "max_tokens": lim.max_tokens, "tokens_per_fill": lim.tokens_per_fill,
+            "fill_interval_ns": lim.fill_interval_ms * 1_000_000, "status": lim.status,
+            "reply": self._reply(lim.status, RATE_LIMITED_BODY), "enforce_per_million": enforce}))
+
+    # ---- sizes and encoding ----
+    def knobs(self, max_hdr: int) -> dict[str, int]:
+        n = {t: len(v) for t, v in self.rows.items()}
+        nb = {t: len(v) for t, v in self.blobs.items()}
+        longest_blob = max((len(d) for v in self.blobs.values() for d, _ in v), default=1)
+        k = {
+            "L7FP_MAX_HDR": _pow2(max_hdr, 64),
+            "L7FP_MAX_STR": _pow2(self.longest, 16),
+            "L7FP_MAX_BLOB": _pow2(longest_blob, 64),
+            "L7FP_MAX_DOMAINS": _pow2(self.max_dom, 4),
+            "L7FP_MAX_ROUTES": _pow2(self.max_routes, 4),
+            "L7FP_MAX_HMATCH": _pow2(self.max_hm, 1),
+            "L7FP_MAX_WEIGHTED": _pow2(self.max_wc, 2),
+            "L7FP_MAX_SLOTS": MAX_SLOTS,
+            "L7FP_MAX_ABSENT": 4,
+            "L7FP_N_LISTENERS": _pow2(n.get("l7fp_listeners", 0), 4),
+            "L7FP_N_DOMAINS": _pow2(n.get("l7fp_domains", 0), 4),
+            "L7FP_N_VHOSTS": _pow2(n.get("l7fp_vhosts", 0), 4),
+            "L7FP_N_ROUTES": _pow2(n.get("l7fp_routes", 0), 4),
+            "L7FP_N_HMATCH": _pow2(n.get("l7fp_hmatch", 0), 4),
+            "L7FP_N_WEIGHTED": _pow2(n.get("l7fp_weighted", 0), 4),
+            "L7FP_N_CLUSTERS": _pow2(n.get("l7fp_clusters", 0), 4),
+            "L7FP_N_REPLIES": _pow2(nb.get("l7fp_replies", 0), 4),
+            "L7FP_N_HDRADDS": _pow2(nb.get("l7fp_hdradds", 0), 4),
+            "L7FP_N_BUCKETS": _pow2(n.get("l7fp_buckets", 0), 4),
+        }
+        for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add"):
+            k[f"L7FP_F_{feat.upper()}"] = int(feat in self.feats)
+        return k
+
+    def encode(self, st: bs.Structs) -> dict[str, list[bytes]]:
+        out: dict[str, list[bytes]] = {}
+        for table, rows in self.rows.items():
+            out[table] = [bytes(self._struct(st, row)) for row in rows]
+        for table, blobs in self.blobs.items():
+            out[table] = [bytes(self._blob_struct(st, d, a)) for d, a in blobs]
+        return out
+
+    def _struct(self, st: bs.Structs, row: _Row) -> ctypes.Structure:
+        cls = getattr(st, row.kind, None) or getattr(bs, row.kind)
+        v = cls()
+        for name, val in row.f.items():
+            if isinstance(val, tuple):  # (string, case-insensitive)
+                setattr(v, name, encode_str(st, val[0], val[1]))
+            else:
+                setattr(v, name, val)
+        return v
+
+    def _blob_struct(self, st: bs.Structs, data: bytes, absent: tuple[int, ...]) -> ctypes.Structure:
+        v = st.Blob()
+        if len(data) > len(v.b):
+            raise ValueError(f"blob of {len(data)} bytes over L7FP_MAX_BLOB")
+        v.len = len(data)
+        v.n_absent = len(absent)
+        for i, s in enumerate(absent):
+            v.absent[i] = s
+        ctypes.memmove(ctypes.addressof(v) + type(v).b.offset, data, len(data))
+        return v
+
+
+__all__ = ["TableBuilder", "struct"]
