@@ -86,7 +86,7 @@ def _listener(lis: dict[str, Any], res: Resources, clusters: dict[str, Cluster],
     http_chains = [c for c in chains if _hcm(c) is not None]
     out = []
     for i, chain in enumerate(http_chains):
-        reasons = _chain_reasons(chain, len(http_chains))
+        reasons = _chain_reasons(chain)
         cname = name if len(http_chains) == 1 else f"{name}#{chain.get('name', i)}"
         cport = int(chain.get("filterChainMatch", {}).get("destinationPort", port))
         hcm = _hcm(chain) or {}
@@ -110,13 +110,18 @@ def _hcm(chain: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _chain_reasons(chain: dict[str, Any], n_http: int) -> list[str]:
+def _chain_reasons(chain: dict[str, Any]) -> list[str]:
     reasons = []
     if "transportSocket" in chain:
         reasons.append("downstream TLS termination (no TLS in the kernel)")
     fcm = chain.get("filterChainMatch", {})
-    if set(fcm) - {"destinationPort", "transportProtocol", "applicationProtocols"} and n_http > 1:
-        reasons.append(f"filter_chain_match on {sorted(set(fcm) - {'destinationPort'})}")
+    # The data path picks a listener by destination ip:port only; a chain that
+    # Envoy selects on anything else (SNI, source, TLS) is Envoy's to pick.
+    other = sorted(set(fcm) - {"destinationPort", "transportProtocol", "applicationProtocols"})
+    if other:
+        reasons.append(f"filter_chain_match on {', '.join(other)}")
+    if fcm.get("transportProtocol", "raw_buffer") != "raw_buffer":
+        reasons.append(f"filter chain for transport {fcm['transportProtocol']}")
     for f in chain.get("filters", []):
         kind = filter_kind(f)
         if kind != "http_connection_manager":

@@ -183,3 +183,14 @@ def test_split_hook_contract() -> None:
     assert all(x is y for url in res for x, y in zip(a.residual[url], res[url], strict=True))
     other = {**res, em.CLUSTER: [em.parse(em.CLUSTER, {**CLUSTER, "lb_policy": "RANDOM"})]}
     assert split_snapshot("n", other).plan.version != a.plan.version
+
+
+@pytest.mark.parametrize("fcm,needle", [
+    ({"destination_port": 8080}, None),
+    ({"server_names": ["a.example"]}, "filter_chain_match on serverNames"),
+    ({"source_prefix_ranges": [{"address_prefix": "198.18.0.0", "prefix_len": 15}]}, "sourcePrefixRanges"),
+    ({"transport_protocol": "tls"}, "transport tls"),
+])
+def test_filter_chain_match(fcm: dict[str, Any], needle: str | None) -> None:
+    (v, why), = verdicts([fwd(timeout="0s")], filter_chain_match=fcm)
+    assert (v is Verdict.KERNEL) if needle is None else (v is Verdict.ENVOY and needle in why), why
