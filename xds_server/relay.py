@@ -194,6 +194,9 @@ class RelaySource(Source):
                     if node_id not in self.server.nodes:
                         await sess.close()
                         del self.sessions[node_id]
+                        self._served_gen.pop(node_id, None)
+                        for key in [k for k in self._seen_nacks if k[0] == node_id]:
+                            del self._seen_nacks[key]
                     continue
                 self._check(node_id, sess, conn)
 

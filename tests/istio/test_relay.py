@@ -163,3 +163,12 @@ async def test_relay_in_front_of_istio_like_upstream(tmp_path: Path, serves: lis
     (relayz,) = await relay.get_json("/debug/relayz")
     (sess,) = relayz["sessions"]
     assert sess["connected"] and sess["verdicts"]["nack"] == 0 and not sess["pending"]
+
+    # The sidecar goes away: the relay closes its upstream stream.
+    envoy.stop()
+
+    async def upstream_forgot() -> bool:
+        return await up.get_json("/debug/syncz") == [] and \
+            (await relay.get_json("/debug/relayz"))[0]["sessions"] == []
+
+    await wait_for(upstream_forgot, 20)

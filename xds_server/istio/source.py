@@ -131,7 +131,10 @@ class IstioSource(Source):
         if self.mesh.reg.learn(ist.get("pod", ""), ist.get("namespace", ""), ist.get("ip", ""), labels):
             self._cache.clear()
             self.generation += 1
-            asyncio.get_event_loop().call_soon(self.changed)
+            try:  # push the news to every sidecar after this rebuild
+                asyncio.get_running_loop().call_soon(self.changed)
+            except RuntimeError:  # no loop (direct call from a test): nothing to notify
+                pass
 
     def status(self) -> dict[str, Any]:
         mesh = self.mesh
