@@ -39,7 +39,7 @@ def project(spec: MeshSpec) -> tuple[dict[str, Any], dict[str, str]]:
     for rel, text in _xds_files(spec, topo).items():
         files[f"docker/xds/{rel}"] = text
     for pod in topo.pods:
-        svc = spec.services[pod.service]
+        svc = spec.services[pod.deployment]
         boot = envoyconf.sidecar_bootstrap(pod.info(), f"{pod.service}.{spec.namespace}",
                                            envoyconf.Delivery("ads"), (CONTROL_PLANE_IP, XDS_PORT))
         files[f"docker/bootstrap/{pod.name}.yaml"] = yaml.safe_dump(boot, sort_keys=False)
@@ -84,10 +84,10 @@ def _control_plane() -> dict[str, Any]:
 def _app(spec: MeshSpec, pod: topology.Pod, app: str, command: tuple[str, ...],
          env: dict[str, str], files: dict[str, str]) -> dict[str, Any]:
     net = {"mesh": {"ipv4_address": pod.ip, "aliases": [pod.service]}}
-    environment = {**env, "POD_NAME": pod.name, "POD_IP": pod.ip, "SERVICE_NAME": pod.service,
+    environment = {**env, "POD_NAME": pod.name, "POD_IP": pod.ip, "SERVICE_NAME": pod.deployment,
                    "MESH_NAMESPACE": spec.namespace}
     if app == "direct_response":
-        svc = spec.services[pod.service]
+        svc = spec.services[pod.deployment]
         files[f"docker/bootstrap/{pod.name}-app.yaml"] = yaml.safe_dump(
             envoyconf.direct_response_bootstrap(svc.name, svc.ports), sort_keys=False)
         return {"image": ENVOY_IMAGE, "networks": net, "environment": environment,
@@ -102,7 +102,7 @@ def _xds_files(spec: MeshSpec, topo: topology.Topology) -> dict[str, str]:
     delivery = envoyconf.Delivery("ads")
     out = {"mesh.json": _doc({"id": "sidecar~*"},
                              envoyconf.shared_resources(spec, list(topo.services), delivery))}
-    for svc in spec.services:
+    for svc in spec.groups():
         out[f"svc-{svc}.json"] = _doc({"cluster": f"{svc}.{spec.namespace}"},
                                       envoyconf.service_resources(spec, svc, delivery))
     return out

@@ -93,7 +93,7 @@ class Daemon:
             d, ns = self.dir / "xds", self.spec.namespace
             shared = envoyconf.shared_resources(self.spec, services, self.delivery(""))
             changed = int(configdir.write_ads_file(d, "mesh", {"id": "sidecar~*"}, shared))
-            for svc in self.spec.services:
+            for svc in self.spec.groups():
                 own = envoyconf.service_resources(self.spec, svc, self.delivery(""))
                 changed += configdir.write_ads_file(d, f"svc-{svc}", {"cluster": f"{svc}.{ns}"}, own)
             return changed
@@ -120,7 +120,7 @@ class Daemon:
     def start_apps(self) -> None:
         assert self.topo is not None
         for pod in self.topo.pods:
-            svc = self.spec.services[pod.service]
+            svc = self.spec.services[pod.deployment]
             if svc.app == "direct_response":
                 boot = self.dir / "bootstrap" / f"{pod.name}-app.yaml"
                 configdir.write_bootstrap(boot, envoyconf.direct_response_bootstrap(svc.name, svc.ports))

@@ -39,6 +39,7 @@ class PodInfo:
     service: str
     ip: str
     node_id: str
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def rds_filename(route_name: str) -> str:
 
 
 def _port_of(spec: MeshSpec, service: str, port: int) -> int:
-    ports = spec.services[service].ports
+    ports = spec.ports_of(service)
     return port if port in ports else ports[0]
 
 
@@ -151,7 +152,7 @@ def inbound_resources(spec: MeshSpec, service: str,
     """The `virtualInbound` listener and one route configuration per own port."""
     pol = _policy(spec, service, "inbound")
     chains, routes = [], []
-    for port in spec.services[service].ports:
+    for port in spec.ports_of(service):
         name = naming.inbound_cluster(port)
         routes.append({"@type": ROUTE, "name": name, "validate_clusters": False,
                        "virtual_hosts": [{"name": f"inbound|http|{port}", "domains": ["*"],
@@ -199,7 +200,7 @@ def shared_cluster_resources(spec: MeshSpec, services: list[ServiceAddr],
 def inbound_clusters(spec: MeshSpec, service: str) -> list[dict[str, Any]]:
     """`inbound|PORT||` per own port: the app on 127.0.0.1 (not intercepted for uid 1337)."""
     out = []
-    for port in spec.services[service].ports:
+    for port in spec.ports_of(service):
         name = naming.inbound_cluster(port)
         cla = _endpoints(name, [("127.0.0.1", port)])
         out.append({"@type": CLUSTER, "name": name, "type": "STATIC", "connect_timeout": "1s",
@@ -235,7 +236,7 @@ def sidecar_bootstrap(pod: PodInfo, cluster: str, delivery: Delivery,
     """Bootstrap of a pod's sidecar: ADS to `xds`, or Envoy's file watch of `delivery`."""
     boot: dict[str, Any] = {
         "node": {"id": pod.node_id, "cluster": cluster,
-                 "metadata": {"NAME": pod.name, "INSTANCE_IPS": pod.ip, "LABELS": {"app": pod.service}}},
+                 "metadata": {"NAME": pod.name, "INSTANCE_IPS": pod.ip, "LABELS": dict(pod.labels) or {"app": pod.service}}},
         "admin": {"address": {"socket_address": {"address": "0.0.0.0", "port_value": ENVOY_ADMIN_PORT}}},
     }
     if delivery.mode == "ads":

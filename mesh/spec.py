@@ -25,7 +25,8 @@ SIDECAR_UID = 1337
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
 MESH_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,22}$")
 MAX_PODS = 250
-SERVICE_KEYS = {"command", "ports", "replicas", "calls", "env", "policy", "app", "user", "labels"}
+SERVICE_KEYS = {"command", "ports", "replicas", "calls", "env", "policy", "app", "user", "labels",
+                "service"}
 TOP_KEYS = {"name", "namespace", "services", "policies", "istio_policies"}
 POLICY_SIDES = ("outbound", "inbound")
 POLICY_KEYS = {"routes", "http_filters"}
@@ -37,7 +38,12 @@ class MeshFileError(ValueError):
 
 @dataclass(frozen=True)
 class Service:
-    """One service of the mesh; each replica becomes a pod `<name>-<i>`."""
+    """One entry of `services:` (a deployment); each replica becomes a pod `<name>-<i>`.
+
+    `service` is the Kubernetes-style service it serves (default: its own
+    name): entries sharing one (e.g. reviews-v1, reviews-v2 with `labels:
+    {version: ...}`) are one service with one VIP, as Istio subsets expect.
+    """
 
     name: str
     command: tuple[str, ...]
@@ -48,6 +54,7 @@ class Service:
     app: str = "command"  # "command", or "direct_response" (an Envoy leaf, no command)
     user: str = "root"
     labels: dict[str, str] = field(default_factory=dict)  # pod labels (Istio subsets), plus app
+    service: str = ""  # the service it belongs to (set by the parser)
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,18 @@ class MeshSpec:
     istio_policies: Path | None = None
 
     def pod_names(self) -> list[tuple[str, Service]]:
-        """(pod name, service) for every replica, in file order."""
+        """(pod name, deployment entry) for every replica, in file order."""
         return [(f"{s.name}-{i}", s) for s in self.services.values() for i in range(s.replicas)]
+
+    def groups(self) -> dict[str, list[Service]]:
+        """Service name -> its entries, in file order."""
+        out: dict[str, list[Service]] = {}
+        for s in self.services.values():
+            out.setdefault(s.service, []).append(s)
+        return out
+
+    def ports_of(self, service: str) -> tuple[int, ...]:
+        return self.groups()[service][0].ports
 
 
 def _fail(where: str, msg: str) -> MeshFileError:
@@ -171,9 +188,12 @@ def _parse_service(where: str, name: str, raw: Any) -> Service:
     labels = raw.get("labels", {})
     if not isinstance(labels, dict):
         raise _fail(f"{where}.labels", "must be a mapping")
+    group = str(raw.get("service", name))
+    if not NAME_RE.match(group):
+        raise _fail(f"{where}.service", f"{group!r} must match {NAME_RE.pattern}")
     return Service(name, command, ports, replicas, tuple(calls),
                    {str(k): str(v) for k, v in env.items()}, app, user,
-                   {"app": name, **{str(k): str(v) for k, v in labels.items()}})
+                   {"app": group, **{str(k): str(v) for k, v in labels.items()}}, group)
 
 
 def _parse_command(where: str, raw: Any, required: bool) -> tuple[str, ...]:
@@ -242,12 +262,17 @@ def route_cluster_refs(route: dict[str, Any]) -> list[tuple[str, str]]:
 def validate_references(spec: MeshSpec) -> None:
     """Every service named in `calls` or in an outbound route must exist."""
     where = str(spec.path)
+    groups = spec.groups()
     for s in spec.services.values():
+        if s.ports != groups[s.service][0].ports:
+            raise _fail(f"{where}: services.{s.name}.ports",
+                        f"{list(s.ports)} differ from the ports of service {s.service!r} "
+                        f"({list(groups[s.service][0].ports)} in services.{groups[s.service][0].name})")
         for c in s.calls:
-            if c not in spec.services:
+            if c not in groups:
                 raise _fail(f"{where}: services.{s.name}.calls", f"unknown service {c!r}")
     for sname, pol in spec.policies.items():
-        if sname not in spec.services:
+        if sname not in groups:
             raise _fail(f"{where}: policy for {sname!r}", "unknown service")
         for side in POLICY_SIDES:
             for i, route in enumerate(pol[side]["routes"]):
@@ -255,6 +280,6 @@ def validate_references(spec: MeshSpec) -> None:
                     if side == "inbound" and ref != "inbound":
                         raise _fail(f"{where}: {sname}.policy.inbound.routes[{i}].{place}",
                                     f"{ref!r}: inbound routes may only name `inbound`")
-                    if side == "outbound" and ref not in spec.services:
+                    if side == "outbound" and ref not in groups:
                         raise _fail(f"{where}: {sname}.policy.outbound.routes[{i}].{place}",
                                     f"unknown service {ref!r}")

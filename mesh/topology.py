@@ -25,9 +25,11 @@ class Pod:
     netns: str
     node_id: str
     ports: tuple[int, ...]
+    deployment: str = ""  # the mesh file entry the pod comes from
+    labels: tuple[tuple[str, str], ...] = ()
 
     def info(self) -> PodInfo:
-        return PodInfo(self.name, self.service, self.ip, self.node_id)
+        return PodInfo(self.name, self.service, self.ip, self.node_id, self.labels)
 
 
 @dataclass(frozen=True)
@@ -42,15 +44,16 @@ def build(spec: MeshSpec, subnet: naming.Subnet) -> Topology:
     pods = []
     for i, (pod_name, svc) in enumerate(spec.pod_names()):
         ip = subnet.pod_ip(i)
-        pods.append(Pod(pod_name, svc.name, i, ip, naming.netns_name(spec.name, pod_name),
-                        naming.node_id(ip, pod_name, spec.namespace), svc.ports))
+        pods.append(Pod(pod_name, svc.service, i, ip, naming.netns_name(spec.name, pod_name),
+                        naming.node_id(ip, pod_name, spec.namespace), svc.ports, svc.name,
+                        tuple(sorted(svc.labels.items()))))
     services = []
-    for j, svc in enumerate(spec.services.values()):
-        ns = spec.namespace
+    ns = spec.namespace
+    for j, group in enumerate(spec.groups()):
         services.append(ServiceAddr(
-            svc.name, subnet.vip(j), svc.ports,
-            tuple(p.ip for p in pods if p.service == svc.name),
-            (svc.name, f"{svc.name}.{ns}", f"{svc.name}.{ns}.svc", naming.fqdn(svc.name, ns))))
+            group, subnet.vip(j), spec.ports_of(group),
+            tuple(p.ip for p in pods if p.service == group),
+            (group, f"{group}.{ns}", f"{group}.{ns}.svc", naming.fqdn(group, ns))))
     return Topology(spec, subnet, tuple(pods), tuple(services))
 
 
@@ -63,7 +66,7 @@ def state_doc(topo: Topology, *, pid: int, cgroups: dict[str, str], pids: dict[s
         "pods": [{"name": p.name, "service": p.service, "namespace": spec.namespace,
                   "netns": p.netns, "cgroup": cgroups[p.name], "ip": p.ip, "ports": list(p.ports),
                   "node_id": p.node_id, "envoy_admin": ENVOY_ADMIN_PORT,
-                  "labels": spec.services[p.service].labels,
+                  "labels": spec.services[p.deployment].labels, "deployment": p.deployment,
                   "pids": pids.get(p.name, {})} for p in topo.pods],
         "services": [{"name": s.name, "vip": s.vip, "ports": list(s.ports),
                       "pod_ips": list(s.pod_ips), "hostnames": list(s.names)}

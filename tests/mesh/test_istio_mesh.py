@@ -30,16 +30,20 @@ def istio_mesh(kernel: None) -> Iterator[Mesh]:
     assert leftovers(m.name) == []
 
 
-def test_virtual_service_split_and_authorization_policy(istio_mesh: Mesh) -> None:
+def test_subsets_split_header_route_and_authorization_policy(istio_mesh: Mesh) -> None:
     cmd = [sys.executable, CLIENT, "user", "9000", "/user", "--count", "400", "--seconds", "60"]
     rows = [json.loads(x) for x in istio_mesh.exec("client", cmd, capture_output=True, text=True,
                                                    timeout=90).stdout.splitlines()]
     by = collections.Counter(r["by"] for r in rows if r["status"] == 200)
     assert len(rows) == 400 and sum(by.values()) == 400
-    assert 140 <= by["user"] <= 260, by  # VirtualService 50/50; sd 10
+    assert 140 <= by["user-v1"] <= 260, by  # VirtualService 50/50 over subsets; sd 10
+    cmd2 = cmd[:-4] + ["--count", "30", "--seconds", "30", "--header", "x-canary:true"]
+    rows = [json.loads(x) for x in istio_mesh.exec("client", cmd2, capture_output=True, text=True,
+                                                   timeout=60).stdout.splitlines()]
+    assert {r["by"] for r in rows} == {"user-v2"} and len(rows) == 30
     cmd = [sys.executable, CLIENT, "user", "9000", "/admin/x", "--count", "60", "--seconds", "30"]
     rows = [json.loads(x) for x in istio_mesh.exec("client", cmd, capture_output=True, text=True,
                                                    timeout=60).stdout.splitlines()]
     seen = collections.Counter((r["status"], r["by"]) for r in rows)
-    # AuthorizationPolicy DENY /admin* selects app=user only: user-v2 still answers
+    # AuthorizationPolicy DENY /admin* selects version v1 only: user-v2 still answers
     assert set(seen) == {(403, None), (200, "user-v2")}, seen

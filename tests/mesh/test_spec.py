@@ -87,3 +87,18 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
         spec.load(write(tmp_path, "services: [a: b"))
     with pytest.raises(spec.MeshFileError, match="cannot read"):
         spec.load(tmp_path / "absent.yaml")
+
+
+def test_versions_of_one_service(tmp_path: Path) -> None:
+    text = BASE + """  b-v2:
+    service: b
+    labels: {version: v2}
+    command: [sleep, "100"]
+    ports: [9000]
+"""
+    s = spec.load(write(tmp_path, text))
+    assert [x.name for x in s.groups()["b"]] == ["b", "b-v2"]
+    assert s.services["b-v2"].labels == {"app": "b", "version": "v2"}
+    with pytest.raises(spec.MeshFileError, match=r"services\.b-v2\.ports: \[9001\] differ"):
+        spec.load(write(tmp_path, text.replace("ports: [9000]\n", "ports: [9001]\n")
+                        .replace("ports: [9001]\n", "ports: [9000]\n", 1)))
