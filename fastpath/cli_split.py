@@ -41,6 +41,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--explain", action="store_true",
                    help="also print each route's matcher and action, and what the ENVOY rest needs")
     p.add_argument("--json", action="store_true", help="print one JSON object (see above)")
+    p.add_argument("--plan", action="store_true",
+                   help="print instead a JSON list of {file, plan}: the KernelPlan of each policy set "
+                   "(what the BPF side gets)")
     p.add_argument("--assume", action="append", default=[], choices=sorted(ASSUME),
                    help="what-if: classify as if the kernel had this capability (repeatable): "
                    + "; ".join(f"{k}: {v}" for k, v in sorted(ASSUME.items())))
@@ -58,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"l7fp split: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        json.dump([{"file": path, "plan": plan.to_json()} for path, plan in report.plans],
+                  sys.stdout, indent=1)
+        print()
+        return 0
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=1)
         print()

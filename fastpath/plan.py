@@ -31,8 +31,10 @@ Semantics the readers rely on (they mirror Envoy's, see docs/split.md):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Verdict(enum.Enum):
@@ -373,3 +375,28 @@ class KernelPlan:
             if c.name == name:
                 return c
         return None
+
+    def listener_for(self, address: str, port: int) -> ListenerPlan | None:
+        """The listener a connection to ``address:port`` reaches: an exact address
+        first, then a wildcard (0.0.0.0 / ::) listener on that port."""
+        exact = [lp for lp in self.listeners if lp.port == port and lp.address == address]
+        wild = [lp for lp in self.listeners if lp.port == port and lp.address in ("0.0.0.0", "::")]
+        found = exact or wild
+        return found[0] if found else None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict of the plan (enums as their values), for debugging tools."""
+        return _jsonable(self)  # type: ignore[no-any-return]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, enum.Enum):
+        return v.value
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        out = {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (ClusterAction, DirectResponse, Redirect)):
+            out = {"type": type(v).__name__, **out}  # which member of the Action union
+        return out
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v

@@ -194,3 +194,11 @@ def test_split_hook_contract() -> None:
 def test_filter_chain_match(fcm: dict[str, Any], needle: str | None) -> None:
     (v, why), = verdicts([fwd(timeout="0s")], filter_chain_match=fcm)
     assert (v is Verdict.KERNEL) if needle is None else (v is Verdict.ENVOY and needle in why), why
+
+
+def test_listener_for() -> None:
+    res = {em.LISTENER: [em.parse(em.LISTENER, listener([fwd(timeout="0s")]))],
+           em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
+    plan = split_snapshot("n", res).plan
+    assert plan.listener_for("198.18.0.5", 8080) is plan.listeners[0]
+    assert plan.listener_for("198.18.0.5", 9090) is None

@@ -82,3 +82,13 @@ def test_corpus_envoy_files(capsys: pytest.CaptureFixture[str]) -> None:
     cov = json.loads(capsys.readouterr().out)["coverage"]
     assert cov["routes"]["total"] >= 30
     assert 0 < cov["routes"]["kernel"] < cov["routes"]["total"]
+
+
+def test_plan_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["split", "--plan", str(files / "envoy.yaml")]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    lis = entry["plan"]["listeners"][0]
+    assert (lis["name"], lis["port"], lis["direction"]) == ("web", 8080, "outbound")
+    fast = lis["virtual_hosts"][0]["routes"][0]
+    assert fast["verdict"] == "KERNEL" and fast["action"]["type"] == "ClusterAction"
+    assert fast["match"] == {**fast["match"], "path_kind": "prefix", "path": "/api"}
