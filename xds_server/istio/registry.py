@@ -332,6 +332,10 @@ def add_service_entries(objs: ObjectSet, reg: Registry) -> None:
                 resolution, "PASSTHROUGH")
             for i, ep in enumerate(as_list(w, o, "spec.endpoints", spec.get("endpoints"))):
                 check_fields(w, o, f"spec.endpoints[{i}]", ep, {"address", "ports", "labels"})
+                if svc.resolution == "EDS" and not _is_ip(str(ep.get("address", ""))):
+                    w.add(o, f"spec.endpoints[{i}].address", f"{ep.get('address')!r} is not an IP "
+                          "address (resolution STATIC); endpoint ignored")
+                    continue
                 ep_ports = ep.get("ports") or {}  # port name -> endpoint port
                 svc.endpoints.append(Endpoint(str(ep["address"]), dict(ep.get("labels") or {}),
                                               ports={p.number: int(ep_ports[p.name])
