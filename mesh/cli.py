@@ -129,8 +129,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(state, indent=1))
         return 0
-    print(f"mesh {name}: daemon pid {state['pid']}, sidecars {state.get('sidecars')}, "
-          f"xds {state.get('xds_mode')} {state.get('xds') or ''}, logs {state.get('logs')}")
+    from mesh.supervisor import pid_alive
+    daemon = "up" if pid_alive(int(state["pid"])) else "DEAD (run `l7fp mesh down`)"
+    print(f"mesh {name}: daemon pid {state['pid']} {daemon}, sidecars {state.get('sidecars')}, "
+          f"fastpath {state.get('fastpath')}, logs {state.get('logs')}")
+    cp = state.get("control_plane_pid")
+    if cp:
+        print(f"control plane: pid {cp} {'up' if pid_alive(int(cp)) else 'DEAD'}, "
+              f"ADS {state.get('xds')}, admin http://{state.get('admin')}")
+    else:
+        print(f"control plane: none (xds {state.get('xds_mode')})")
     print(f"{'POD':<20} {'IP':<14} {'APP':<6} {'ENVOY':<6} SIDECAR")
     for r in status_rows(state):
         alive = r["alive"]
