@@ -92,8 +92,11 @@ FAULT_T = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 
 
 def _route(i: int) -> st.SearchStrategy[dict[str, Any]]:
-    def build(m: dict[str, Any], a: dict[str, Any], add: bool, abort: int | None) -> dict[str, Any]:
+    def build(m: dict[str, Any], a: dict[str, Any], add: bool, abort: int | None,
+              punt: bool) -> dict[str, Any]:
         r = {"name": f"r{i}", "match": m, **a}
+        if punt and "route" in r:  # a retry that can fire: a punt entry (ENVOY)
+            r["route"] = {**r["route"], "retry_policy": {"retry_on": "5xx", "num_retries": 1}}
         if add and "route" in r:
             r["request_headers_to_add"] = [{"header": {"key": "x-added", "value": f"r{i}"},
                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
@@ -102,7 +105,7 @@ def _route(i: int) -> st.SearchStrategy[dict[str, Any]]:
                 "http_status": abort, "percentage": {"numerator": 100}}}}
         return r
     return st.builds(build, _match(), _action(), st.booleans(),
-                     st.sampled_from([None, None, None, 503, 418]))
+                     st.sampled_from([None, None, None, 503, 418]), st.sampled_from([False, False, True]))
 
 
 @st.composite

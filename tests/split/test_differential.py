@@ -100,15 +100,20 @@ def test_reference_model_agrees_with_envoy(envoy_bin: str, echo_upstreams: dict[
     listeners = [em.to_json(em.parse(em.LISTENER, x)) for x in boot["static_resources"]["listeners"]]
     clusters = [em.to_json(em.parse(em.CLUSTER, x)) for x in boot["static_resources"]["clusters"]]
     plan = plan_of("test", Resources(listeners, {}, clusters, {}))
-    assert all(r.verdict is Verdict.KERNEL for lp in plan.listeners for vh in lp.virtual_hosts
-               for r in vh.routes), "generated routes must be kernel-enforceable"
+    # Only the routes given a retry that can fire are ENVOY: they stay as punt
+    # entries, and a request that reaches one must not fall through to a later route.
+    for lp in plan.listeners:
+        for vh in lp.virtual_hosts:
+            for r in vh.routes:
+                assert (r.verdict is Verdict.ENVOY) == ("retry_on=5xx" in r.reason), r
     envoy = EnvoyProc(envoy_bin, boot, ports)
-    mismatches, checked = [], 0
+    mismatches, checked, punted = [], 0, 0
     try:
         for i, port in enumerate(ports):
             for req in reqs:
                 d = decide(plan, f"t{i}", req, random.Random(1))
                 if d.kind == "envoy":
+                    punted += 1
                     continue
                 status, headers, body = http_request(port, req.method, req.path, req.host, dict(req.headers))
                 why = compare(d, req, status, headers, body, allowed_clusters(plan, f"t{i}", d))
@@ -119,3 +124,4 @@ def test_reference_model_agrees_with_envoy(envoy_bin: str, echo_upstreams: dict[
         envoy.stop()
     assert not mismatches, "\n".join(mismatches[:5])
     assert checked > 0
+    print(f"checked {checked}, punted {punted}")
