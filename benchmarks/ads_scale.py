@@ -10,7 +10,8 @@ response. Then --changes times: rewrite the routes file and time, per client,
 from the write to the arrival of the new RDS version (the client ACKs at
 once). Prints p50/p99/max convergence, the median spread from the first to
 the last client receiving a change (the distribution part, without the
-parsing of the change), and the server's RSS (VmHWM: the peak).
+parsing of the change), the server's CPU seconds per change (user+sys, which
+a busy machine does not inflate like wall time) and its RSS (VmHWM: the peak).
 
 The clients never decode resources (a top-level field scan reads type_url,
 version and nonce only), so the client process measures the server, not
@@ -203,6 +204,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process (load-independent, unlike wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -254,6 +261,7 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(1)
             lat: list[float] = []
             spread: list[float] = []
+            cpu0 = cpu_s(proc.pid)
             for gen in range(1, args.changes + 1):
                 marks = [len(c.arrivals) for c in clients]
                 t0 = time.monotonic()
@@ -263,6 +271,8 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 spread.append(max(per) - min(per))
                 await asyncio.sleep(0.5)
             mem = rss_kib(proc.pid)
+            cpu_change = (cpu_s(proc.pid) - cpu0) / args.changes
+            load = os.getloadavg()[0]
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -279,7 +289,8 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "changes": args.changes, "initial_sync_s": round(initial, 3),
         "reconnects": sum(len(c.errors) for c in clients),
         "p50_s": round(statistics.median(lat), 3), "p99_s": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 3),
-        "max_s": round(lat[-1], 3), "first_to_last_s": round(statistics.median(spread), 3), "rss_mib": round(mem["VmRSS"] / 1024, 1), "peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
+        "max_s": round(lat[-1], 3), "first_to_last_s": round(statistics.median(spread), 3),
+        "server_cpu_per_change_s": round(cpu_change, 3), "loadavg": round(load, 1), "rss_mib": round(mem["VmRSS"] / 1024, 1), "peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
     }
 
 
