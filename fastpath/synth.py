@@ -143,13 +143,20 @@ _SIZE_KNOB = {
 }
 
 
-def synthesize(plan: KernelPlan, max_hdr: int = 512) -> SynthesizedProgram:
-    """Synthesize the kernel decision of `plan` (pure; no BPF calls)."""
+def synthesize(plan: KernelPlan, max_hdr: int = 512,
+               floor: dict[str, int] | None = None) -> SynthesizedProgram:
+    """Synthesize the kernel decision of `plan` (pure; no BPF calls).
+
+    `max_hdr`: head bytes the parser looks at (power of two; verifier cost grows
+    with it). `floor`: knob minimums, e.g. to make many plans share one compiled
+    program (tests do this)."""
     from fastpath.synth_tables import TableBuilder
 
     tb = TableBuilder(plan)
     tb.build()
     knobs = tb.knobs(max_hdr)
+    for k, v in (floor or {}).items():
+        knobs[k] = max(knobs.get(k, 0), v)
     st = bs.structs(knobs)
     rows = tb.encode(st)
     return SynthesizedProgram(

@@ -171,19 +171,30 @@ class TableBuilder:
             rid = len(self.route_names)
             self.route_names.append(f"{lp.name}/{vh.name}/{r.name}")
             try:
-                f = self._route(vh, r)
+                f = self._punt(r) if r.verdict is Verdict.ENVOY else self._route(vh, r)
             except Punt as e:
                 self.notes.append(f"route {lp.name}/{vh.name}/{r.name}: {e}")
-                f = {"action": bs.ACT_PUNT, "path_kind": bs.PATH_PREFIX, "path": ("", False)}
+                f = self._punt(r)
             f["route_id"] = rid
             self._add("l7fp_routes", _Row("Route", f))
 
-    def _route(self, vh: VirtualHost, r: Route) -> dict[str, Any]:
-        if r.verdict is Verdict.ENVOY:
+    def _punt(self, r: Route) -> dict[str, Any]:
+        """A punt entry: the route's own matcher when the kernel can evaluate it
+        (later routes stay in the kernel), else one that catches everything."""
+        try:
+            f = self._match(r)
+        except Punt:
             return {"action": bs.ACT_PUNT, "path_kind": bs.PATH_PREFIX, "path": ("", False)}
+        f["action"] = bs.ACT_PUNT
+        return self._with_hm(f)
+
+    def _route(self, vh: VirtualHost, r: Route) -> dict[str, Any]:
         f = self._match(r)
-        hm_rows = f.pop("hm_rows")
         self._action(vh, r, f)
+        return self._with_hm(f)
+
+    def _with_hm(self, f: dict[str, Any]) -> dict[str, Any]:
+        hm_rows = f.pop("hm_rows")
         f["hm_base"] = len(self.rows.get("l7fp_hmatch", []))
         f["n_hm"] = len(hm_rows)
         for row in hm_rows:
@@ -308,29 +319,31 @@ class TableBuilder:
 
     # ---- sizes and encoding ----
     def knobs(self, max_hdr: int) -> dict[str, int]:
+        """Loop bounds and table sizes, rounded up (with floors) so that similar
+        plans share one compiled program."""
         n = {t: len(v) for t, v in self.rows.items()}
         nb = {t: len(v) for t, v in self.blobs.items()}
         longest_blob = max((len(d) for v in self.blobs.values() for d, _ in v), default=1)
         k = {
             "L7FP_MAX_HDR": _pow2(max_hdr, 64),
-            "L7FP_MAX_STR": _pow2(self.longest, 16),
-            "L7FP_MAX_BLOB": _pow2(longest_blob, 64),
-            "L7FP_MAX_DOMAINS": _pow2(self.max_dom, 4),
-            "L7FP_MAX_ROUTES": _pow2(self.max_routes, 4),
+            "L7FP_MAX_STR": _pow2(self.longest, 32),
+            "L7FP_MAX_BLOB": _pow2(longest_blob, 256),
+            "L7FP_MAX_DOMAINS": _pow2(self.max_dom, 8),
+            "L7FP_MAX_ROUTES": _pow2(self.max_routes, 8),
             "L7FP_MAX_HMATCH": _pow2(self.max_hm, 1),
             "L7FP_MAX_WEIGHTED": _pow2(self.max_wc, 2),
             "L7FP_MAX_SLOTS": MAX_SLOTS,
             "L7FP_MAX_ABSENT": 4,
-            "L7FP_N_LISTENERS": _pow2(n.get("l7fp_listeners", 0), 4),
-            "L7FP_N_DOMAINS": _pow2(n.get("l7fp_domains", 0), 4),
-            "L7FP_N_VHOSTS": _pow2(n.get("l7fp_vhosts", 0), 4),
-            "L7FP_N_ROUTES": _pow2(n.get("l7fp_routes", 0), 4),
-            "L7FP_N_HMATCH": _pow2(n.get("l7fp_hmatch", 0), 4),
-            "L7FP_N_WEIGHTED": _pow2(n.get("l7fp_weighted", 0), 4),
-            "L7FP_N_CLUSTERS": _pow2(n.get("l7fp_clusters", 0), 4),
-            "L7FP_N_REPLIES": _pow2(nb.get("l7fp_replies", 0), 4),
-            "L7FP_N_HDRADDS": _pow2(nb.get("l7fp_hdradds", 0), 4),
-            "L7FP_N_BUCKETS": _pow2(n.get("l7fp_buckets", 0), 4),
+            "L7FP_N_LISTENERS": _pow2(n.get("l7fp_listeners", 0), 16),
+            "L7FP_N_DOMAINS": _pow2(n.get("l7fp_domains", 0), 16),
+            "L7FP_N_VHOSTS": _pow2(n.get("l7fp_vhosts", 0), 16),
+            "L7FP_N_ROUTES": _pow2(n.get("l7fp_routes", 0), 16),
+            "L7FP_N_HMATCH": _pow2(n.get("l7fp_hmatch", 0), 16),
+            "L7FP_N_WEIGHTED": _pow2(n.get("l7fp_weighted", 0), 16),
+            "L7FP_N_CLUSTERS": _pow2(n.get("l7fp_clusters", 0), 16),
+            "L7FP_N_REPLIES": _pow2(nb.get("l7fp_replies", 0), 16),
+            "L7FP_N_HDRADDS": _pow2(nb.get("l7fp_hdradds", 0), 16),
+            "L7FP_N_BUCKETS": _pow2(n.get("l7fp_buckets", 0), 16),
         }
         for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add"):
             k[f"L7FP_F_{feat.upper()}"] = int(feat in self.feats)

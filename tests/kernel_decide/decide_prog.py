@@ -49,26 +49,26 @@ class DecideProgram:
         from bcc import BPF
 
         self.cflags = cflags
-        self.bpf = BPF(text=program_text(), cflags=list(cflags))
+        self.bpf = BPF(text=program_text().encode(), cflags=list(cflags))
         self.fd = self.bpf.load_func("td_decide", BPF.SCHED_CLS).fd
         self._write("l7fp_cclass", {b"\0\0\0\0": cclass_table()})
 
     def _write(self, name: str, entries: dict[bytes, bytes]) -> None:
-        t = self.bpf[name]
+        t = self.bpf[name.encode()]
         for k, v in entries.items():
             t[t.Key.from_buffer_copy(k)] = t.Leaf.from_buffer_copy(v)
 
     def load(self, sp: SynthesizedProgram, gen: int = 0) -> None:
         """Replace the plan tables with `sp`'s (generation `gen`)."""
         for name, entries in sp.tables(gen).items():
-            self.bpf[name].clear()
+            self.bpf[name.encode()].clear()
             self._write(name, entries)
-        self.bpf["l7fp_rr"].clear()
+        self.bpf[b"l7fp_rr"].clear()
 
     def run(self, data: bytes, listener: int = 0, rand: int = 0, rand2: int = 0,
             gen: int = 0, now_ns: int = 1) -> bs.Decision:
         """l7fp_decide over `data` (the request bytes); the decision it wrote."""
-        t = self.bpf["td_in"]
+        t = self.bpf[b"td_in"]
         t[t.Key(0)] = t.Leaf.from_buffer_copy(bytes(bs.TdIn(rand, rand2, gen, listener, now_ns)))
         pkt = b"\0" * 14 + data
         buf = ctypes.create_string_buffer(pkt, len(pkt))
@@ -78,5 +78,5 @@ class DecideProgram:
                             repeat=1)
         if _libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)):
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        o = self.bpf["td_out"]
+        o = self.bpf[b"td_out"]
         return bs.Decision.from_buffer_copy(bytes(o[o.Key(0)]))
