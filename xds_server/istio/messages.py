@@ -7,6 +7,7 @@ the extension modules registers their types so `typedConfig` Anys resolve.
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any
 
 import betterproto2
@@ -57,17 +58,35 @@ def _from_dict(cls: type[betterproto2.Message], item: dict[str, Any]) -> betterp
     return msg
 
 
-def to_messages(resources: dict[str, list[dict[str, Any]]]) -> dict[str, list[betterproto2.Message]]:
-    """Parse every dict with its type's class; raises ValueError naming the resource."""
+MessageCache = dict[tuple[str, str], betterproto2.Message]
+
+
+def to_messages(resources: dict[str, list[dict[str, Any]]], cache: MessageCache | None = None
+                ) -> dict[str, list[betterproto2.Message]]:
+    """Parse every dict with its type's class; raises ValueError naming the resource.
+
+    `cache` (owned by the caller, e.g. one per policy generation) maps a
+    resource's content to its message: most resources are the same for every
+    sidecar, and parsing is the expensive part. Cached messages are shared, so
+    callers must not mutate them.
+    """
     out: dict[str, list[betterproto2.Message]] = {}
     for type_url, items in resources.items():
         cls = CLASSES[type_url]
         msgs = []
         for item in items:
+            key = (type_url, json.dumps(item, sort_keys=True)) if cache is not None else None
+            hit = cache.get(key) if cache is not None and key is not None else None
+            if hit is not None:
+                msgs.append(hit)
+                continue
             try:
-                msgs.append(_from_dict(cls, item))
+                msg = _from_dict(cls, item)
             except (TypeError, ValueError, KeyError) as exc:
                 name = item.get("name") or item.get("clusterName")
                 raise ValueError(f"{type_url.rsplit('.', 1)[-1]} {name!r}: {exc}") from exc
+            if cache is not None and key is not None:
+                cache[key] = msg
+            msgs.append(msg)
         out[type_url] = msgs
     return out

@@ -19,7 +19,7 @@ from xds_server.node import NodeInfo
 from xds_server.sources.base import NodeResources, Source
 
 from . import load
-from .messages import to_messages
+from .messages import MessageCache, to_messages
 from .registry import STATE_ROOT
 from .sidecar import Mesh, generate
 
@@ -43,6 +43,7 @@ class IstioSource(Source):
         self.generation = 0
         self.error = ""
         self._cache: dict[str, NodeResources] = {}
+        self._messages: MessageCache = {}  # resource content -> message, per policy generation
         self._stamps: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -63,6 +64,7 @@ class IstioSource(Source):
         self.mesh, self.error = mesh, ""
         self.generation += 1
         self._cache.clear()
+        self._messages = {}
         log.info("istio policies loaded: %d objects, %d warnings", mesh.objs.count(),
                  len(mesh.objs.warnings))
         return True
@@ -114,7 +116,9 @@ class IstioSource(Source):
         if hit is not None:
             return hit
         dicts = generate(self.mesh, node.id)
-        msgs = to_messages(dicts)
+        if len(self._messages) > 100_000:  # endpoints learnt one by one leave stale entries
+            self._messages = {}
+        msgs = to_messages(dicts, self._messages)
         origins = {(t, str(d.get("name") or d.get("clusterName"))): f"istio:{self.policies}"
                    for t, items in dicts.items() for d in items}
         out = NodeResources(("istio", self.generation, node.id), msgs, origins)
