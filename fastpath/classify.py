@@ -20,6 +20,7 @@ from fastpath.classify_route import (
     KernelCaps,
     RouteContext,
     classify_route,
+    fault_abort,
     filter_kind,
     local_rate_limit,
 )
@@ -134,11 +135,14 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
           reasons: list[str]) -> tuple[ListenerPlan, str]:
     filters = [HttpFilter(str(f.get("name", "")), filter_kind(f), f.get("typedConfig", {}),
                           bool(f.get("disabled", False))) for f in hcm.get("httpFilters", [])]
-    rbac, limit = None, None
+    rbac, limit, fault = None, None, None
+    order = tuple(dict.fromkeys(f.kind for f in filters if f.kind in ("rbac", "local_ratelimit", "fault")))
     for f in filters:
         if f.disabled:
             continue
-        if f.kind == "rbac":
+        if f.kind == "fault":
+            fault, _ = fault_abort(f.config)  # its reasons are charged to the routes
+        elif f.kind == "rbac":
             rbac, more = classify_rbac(f.config)
             reasons += [f"listener RBAC: {r}" for r in more]
         elif f.kind == "local_ratelimit":
@@ -162,7 +166,8 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
     norm = PathNormalization(bool(hcm.get("normalizePath", False)), bool(hcm.get("mergeSlashes", False)),
                              str(hcm.get("pathWithEscapedSlashesAction", "KEEP_UNCHANGED")))
     plan = ListenerPlan(name, address, port, direction, vhosts, rc.get("name", rc_name), rbac, limit, norm,
-                        Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)))
+                        Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)),
+                        filter_order=order, fault_abort=fault)
     return plan, str(rc.get("name", rc_name))
 
 

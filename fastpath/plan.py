@@ -322,6 +322,10 @@ class ListenerPlan:
     path_normalization: PathNormalization = field(default_factory=PathNormalization)
     verdict: Verdict = Verdict.KERNEL
     reason: str = ""
+    # Order of the policy filters in the HCM (Envoy runs them in this order,
+    # before the router): which reply wins when several apply.
+    filter_order: tuple[str, ...] = ("rbac", "local_ratelimit", "fault")
+    fault_abort: FaultAbort | None = None  # HCM-level abort: also for requests without a route
 
 
 class LbPolicy(enum.Enum):

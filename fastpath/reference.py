@@ -138,21 +138,55 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
     why = _unparseable(req)
     if why:
         return Decision("envoy", reason=why)
-    if lp.rbac is not None:
-        denied = _rbac_denies(lp.rbac, req, lp)
-        if denied is None:
-            return Decision("envoy", reason=f"rbac: {lp.rbac.reason}")
-        if denied:
-            return Decision("reply", status=403, body=RBAC_DENIED_BODY, reason="rbac deny")
-    if lp.local_rate_limit and not state.take(f"listener/{lp.name}", lp.local_rate_limit):
-        return Decision("reply", status=lp.local_rate_limit.status, body=RATE_LIMITED_BODY)
     vh = select_vhost(lp.virtual_hosts, req.host)
+    route = next((r for r in vh.routes if route_matches(r.match, req)), None) if vh else None
+    if route is not None and route.verdict is Verdict.ENVOY:
+        return Decision("envoy", route=route.name, reason=route.reason)
+    for kind in lp.filter_order:  # the HCM's http_filters order; the router comes last
+        d = _FILTERS[kind](lp, vh, route, req, rng, state)
+        if d is not None:
+            return d
     if vh is None:
         return Decision("reply", status=404, reason="no virtual host")
-    for r in vh.routes:
-        if route_matches(r.match, req):
-            return _apply(plan, lp, vh, r, req, rng, state)
-    return Decision("reply", status=404, reason="no route")
+    if route is None:
+        return Decision("reply", status=404, reason="no route")
+    return _apply(plan, route, req, rng, state)
+
+
+def _rbac_filter(lp: ListenerPlan, vh: VirtualHost | None, route: Route | None, req: Request,
+                 rng: random.Random, state: State) -> Decision | None:
+    if lp.rbac is None:
+        return None
+    denied = _rbac_denies(lp.rbac, req, lp)
+    if denied is None:
+        return Decision("envoy", reason=f"rbac: {lp.rbac.reason}")
+    return Decision("reply", status=403, body=RBAC_DENIED_BODY, reason="rbac deny") if denied else None
+
+
+def _rate_limit_filter(lp: ListenerPlan, vh: VirtualHost | None, route: Route | None, req: Request,
+                       rng: random.Random, state: State) -> Decision | None:
+    # A route's own bucket replaces the listener's (Envoy per-route config).
+    if route is not None and route.rate_limit is not None and vh is not None:
+        limit, key = route.rate_limit, f"route/{lp.name}/{vh.name}/{route.name}"
+    elif lp.local_rate_limit is not None:
+        limit, key = lp.local_rate_limit, f"listener/{lp.name}"
+    else:
+        return None
+    if state.take(key, limit) or rng.randrange(1_000_000) >= limit.enforced_per_million:
+        return None
+    return Decision("reply", status=limit.status, body=RATE_LIMITED_BODY,
+                    route=route.name if route else "")
+
+
+def _fault_filter(lp: ListenerPlan, vh: VirtualHost | None, route: Route | None, req: Request,
+                  rng: random.Random, state: State) -> Decision | None:
+    fault = route.fault_abort if route is not None else lp.fault_abort
+    if fault is None or rng.randrange(1_000_000) >= fault.per_million:
+        return None
+    return Decision("reply", status=fault.status, body=FAULT_BODY, route=route.name if route else "")
+
+
+_FILTERS = {"rbac": _rbac_filter, "local_ratelimit": _rate_limit_filter, "fault": _fault_filter}
 
 
 def _unparseable(req: Request) -> str:
@@ -261,16 +295,8 @@ def _query_matches(name: str, sm: StringMatch | None, req: Request) -> bool:
     return True if sm is None else string_matches(sm, params[name])
 
 
-def _apply(plan: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route, req: Request,
-           rng: random.Random, state: State) -> Decision:
+def _apply(plan: KernelPlan, r: Route, req: Request, rng: random.Random, state: State) -> Decision:
     name = r.name
-    if r.verdict is Verdict.ENVOY:
-        return Decision("envoy", route=name, reason=r.reason)
-    if r.fault_abort and rng.randrange(1_000_000) < r.fault_abort.per_million:
-        return Decision("reply", status=r.fault_abort.status, body=FAULT_BODY, route=name)
-    if r.rate_limit and rng.randrange(1_000_000) < r.rate_limit.enforced_per_million \
-            and not state.take(f"route/{lp.name}/{vh.name}/{name}", r.rate_limit):
-        return Decision("reply", status=r.rate_limit.status, body=RATE_LIMITED_BODY, route=name)
     a = r.action
     if isinstance(a, DirectResponse):
         return Decision("reply", status=a.status, body=a.body, route=name)
