@@ -1,0 +1,42 @@
+"""The ctypes mirrors (fastpath.bpf_structs) match the C layout clang gives the
+structs of bpf_src/include/l7fp_defs.h, read back through BCC's map types."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from fastpath import bpf_structs as bs
+from fastpath.synth import synthesize
+from kernel_decide.decide_prog import DecideProgram
+from kernel_decide.plans import parser_plan
+
+pytestmark = [pytest.mark.kernel]
+
+
+def _layout(cls: type) -> tuple[int, list[tuple[str, int, int]]]:
+    fields = [(name, getattr(cls, name).offset, getattr(cls, name).size)
+              for name, *_ in cls._fields_ if not name.startswith("__pad")]
+    return ctypes.sizeof(cls), fields
+
+
+def test_mirrors_match_c(decide_prog: object) -> None:
+    sp = synthesize(parser_plan())
+    prog = DecideProgram.get(sp.cflags)
+    st = bs.structs(sp.knobs)
+    leaf = {
+        "l7fp_listeners": bs.Listener, "l7fp_domains": st.Domain, "l7fp_vhosts": bs.Vhost,
+        "l7fp_routes": st.Route, "l7fp_hmatch": st.Hmatch, "l7fp_weighted": bs.Weighted,
+        "l7fp_clusters": bs.Cluster, "l7fp_replies": st.Blob, "l7fp_hdradds": st.Blob,
+        "l7fp_buckets": bs.Bucket, "l7fp_cclass": bs.CClass, "l7fp_scratch": st.ReqCtx,
+        "td_out": bs.Decision, "td_in": bs.TdIn,
+    }
+    for name, mine in leaf.items():
+        c = prog.bpf[name.encode()].Leaf
+        c = getattr(c, "_type_", c)  # per-CPU maps: an array of the struct, one per CPU
+        assert ctypes.sizeof(c) == ctypes.sizeof(mine), name
+        assert _layout(c) == _layout(mine), name
+    key = prog.bpf[b"l7fp_hnames"].Key
+    assert _layout(key) == _layout(bs.HnameKey)
+    assert ctypes.sizeof(st.Str) == ctypes.sizeof(prog.bpf[b"l7fp_domains"].Leaf) - 8
