@@ -180,6 +180,7 @@ BPF_HASH(dp_peer, __u64, __u64, DP_MAX_UP);           /* upstream cookie -> clie
  * made the pair. Keyed by U's cookie. */
 BPF_SOCKHASH(dp_srv, __u64, DP_MAX_UP);
 BPF_HASH(dp_pair_wait, struct dp_pair_key, __u64, DP_MAX_UP); /* -> U cookie */
+
 BPF_QUEUE(dp_pool_tmpl, __u64, DP_POOL_DEPTH);
 BPF_ARRAY_OF_MAPS(dp_free, "dp_pool_tmpl", DP_MAX_POOLS); /* pool id -> queue of free upstream cookies */
 BPF_HASH(dp_svc, struct dp_svc_key, struct dp_svc_val, DP_MAX_SVC); /* destination -> listener ids */

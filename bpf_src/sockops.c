@@ -109,15 +109,39 @@ static __always_inline void dp_pair(struct bpf_sock_ops *skops)
     c->cookie = ucookie;
     c->flags = DP_F_SRV;
     int err = dp_srv.sock_hash_update(skops, &ucookie, BPF_ANY);
-    if (err == 0)
+    if (err == 0) {
         dp_pair_wait.delete(&k); /* tells the agent the pair is made */
+        bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+    }
+}
+
+/* The app closes its end A: its upstream U goes too (out of dp_up), so sk_msg
+ * never falls back to TCP towards a closed peer, where the request would be
+ * lost; the next request of the bound client goes to Envoy instead. */
+static __always_inline void dp_unpair(struct bpf_sock_ops *skops)
+{
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return;
+    struct dp_conn *a = dp_conn_st.sk_storage_get(sk, 0, 0);
+    if (!a || !(a->flags & DP_F_SRV))
+        return;
+    __u64 up = a->cookie;
+    dp_up.delete(&up);
+    a->flags &= ~DP_F_SRV;
 }
 
 /* sock_ops on the cgroups of pods the fast path sends to (destinations). */
 int dp_sockops_srv(struct bpf_sock_ops *skops)
 {
-    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
         dp_pair(skops);
+    } else if (skops->op == BPF_SOCK_OPS_STATE_CB) {
+        __u32 st = skops->args[1];
+        if (st == BPF_TCP_FIN_WAIT1 || st == BPF_TCP_CLOSE_WAIT || st == BPF_TCP_CLOSE ||
+            st == BPF_TCP_LAST_ACK)
+            dp_unpair(skops);
+    }
     return 1;
 }
 

@@ -223,11 +223,14 @@ class Datapath:
         ps = pools or (pool,)
         if len(ps) > IPOOLS or index >= IROUTE_TOTAL:
             raise ValueError(f"inline route {index}: {len(ps)} pools (max {IPOOLS})")
+        raw = prefix.encode()
+        if len(raw) > 32:
+            raise ValueError(f"inline route {index}: prefix longer than 32 bytes: {prefix!r}")
         leaf = t.Leaf(used=1, kind=kind, npools=len(ps), reply_id=reply_id, status=status,
-                      plen=len(prefix.encode()), route_id=route_id or index + 1,
-                      prefix=prefix.encode())
+                      plen=len(raw), route_id=route_id or index + 1)
         for i, p in enumerate(ps):
             leaf.pools[i] = p
+        leaf.prefix = raw
         t[ct.c_int(gen * IROUTE_TOTAL + index)] = leaf
 
     def set_inline_vhost(self, gen: int, listener: int, host: str | None, base: int,
@@ -319,6 +322,7 @@ class Datapath:
                 if v.value}
 
     def drop_peer(self, cookie: int) -> None:
+        """Forget upstream `cookie` (closed by the agent): its client binding."""
         bpfsys.map_delete(self.fds["dp_peer"], ct.c_uint64(cookie))
 
     def close(self) -> None:
