@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from meshtest_util import leftovers, unique_name
 
 from mesh.runner import Mesh
-
-from .conftest import leftovers, unique_name
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
 CLIENT = str(Path(__file__).with_name("podclient.py"))

@@ -9,13 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from meshtest_util import leftovers, policy_switch, switch_delay, unique_name
 
 from mesh import plumbing
 from mesh.runner import Mesh, envoy_stats
 from mesh.spec import MeshFileError
-
-from .conftest import leftovers, unique_name
-from .test_demo_mesh import policy_switch, switch_delay
 
 pytestmark = [pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
 

@@ -12,19 +12,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from meshtest_util import CLIENT, PY, leftovers, policy_switch, switch_delay
 
 from mesh.runner import Mesh, envoy_stats
 
-from .conftest import leftovers
-
 pytestmark = [pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
-PY = sys.executable
-CLIENT = str(Path(__file__).with_name("podclient.py"))
 
 
 def curl(m: Mesh, url: str, *extra: str) -> tuple[int, str, str]:
@@ -95,37 +91,6 @@ def test_canary_split_over_1000_requests(demo_mesh: Mesh) -> None:
     rows = run_client(demo_mesh, "user", "9000", "/user", "--count", "50", "--header",
                       "x-canary:true")
     assert {r["by"] for r in rows} == {"user-v2"}
-
-
-def policy_switch(m: Mesh, client_pod: str, edit: tuple[str, str], seconds: float = 6.0,
-                  ) -> tuple[list[dict], float]:
-    """Edit the mesh's policy file while a client runs; (rows, time of the edit)."""
-    policy = Path(m.spec.path).with_name("policies.yaml")
-    original = policy.read_text()
-    assert edit[0] in original
-    client = subprocess.Popen(
-        ["ip", "netns", "exec", m.pod(client_pod)["netns"], PY, CLIENT, "user", "9000",
-         "/user", "--seconds", str(seconds), "--rate", "200"], stdout=subprocess.PIPE, text=True)
-    try:
-        time.sleep(2.0)
-        changed_at = time.time()
-        policy.write_text(original.replace(*edit))
-        out, _ = client.communicate(timeout=60)
-    finally:
-        if client.poll() is None:
-            client.kill()
-        policy.write_text(original)
-    return [json.loads(line) for line in out.splitlines()], changed_at
-
-
-def switch_delay(rows: list[dict], changed_at: float, old: str) -> float:
-    """Seconds from the edit to the last response still served by `old`."""
-    assert rows and all(r["status"] == 200 for r in rows), collections.Counter(
-        (r["status"], r["by"]) for r in rows)
-    assert any(r["by"] == old for r in rows if r["t"] < changed_at)
-    last_old = max(r["t"] for r in rows if r["by"] == old)
-    assert [r for r in rows if r["t"] > last_old], "the change never took effect"
-    return last_old - changed_at
 
 
 # The target: a policy change is in force within 1 s (measured 0.2-0.3 s over

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from meshtest_util import leftovers, unique_name
 
 from mesh.runner import Mesh
-
-from .conftest import leftovers, unique_name
 
 pytestmark = [pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
 HERE = Path(__file__).resolve().parent
