@@ -59,8 +59,19 @@ async def test_serve_reload_and_remove(delta, config_dir, serve, envoys, envoy_b
     print(f"route change in force after {took:.3f}s ({'delta' if delta else 'sotw'})")
     assert took < 3.0  # 1 s on an idle machine; generous bound on a shared 2-core box
 
-    # remove cluster "two" and the routes to it: gone from Envoy's config_dump
-    config_dir.write("clusters.yaml", [cluster("one", upstreams["one"])])
+    # remove cluster "two" and the route to it in one change, under traffic to /a:
+    # make-before-break means no request ever sees the cluster missing (503)
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def traffic():
+        while not stop.is_set() and len(statuses) < 5000:
+            statuses.append((await http_get(lport, "/a"))[0])
+            await asyncio.sleep(0.005)
+
+    load = asyncio.create_task(traffic())
+    await asyncio.sleep(0.2)
+    config_dir.write("clusters.yaml", [cluster("one", upstreams["one"])])  # alone: refused (dangling)
     config_dir.write("routes.yaml", [route_config("rc", [
         direct("/deny", 403, "deny"), route("/", "one", "rest")])])
 
@@ -73,6 +84,10 @@ async def test_serve_reload_and_remove(delta, config_dir, serve, envoys, envoy_b
     except AssertionError:
         dump = await envoy.config_dump()
         raise AssertionError(f"{dynamic_names(dump, 'clusters')} {dynamic_names(dump, 'routes')}\n{serve.log()[-4000:]}") from None
+    await asyncio.sleep(0.2)
+    stop.set()
+    await load
+    assert len(statuses) > 10 and set(statuses) == {200}, sorted(set(statuses))
     assert await routed(lport, "/a", "one")  # falls to "rest"
     syncz = await serve.get_json("/debug/syncz")
     (proxy,) = syncz
