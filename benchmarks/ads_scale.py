@@ -219,7 +219,7 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
-async def wait_http(url: str, timeout: float = 30) -> None:
+async def wait_http(url: str, timeout: float = 120) -> None:
     import aiohttp
 
     deadline = time.monotonic() + timeout
