@@ -242,8 +242,33 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
                    Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(reasons))
 
 
+# Cluster fields with no effect on which endpoint serves a request or on what
+# it gets back (timeouts of connects, DNS knobs, stats, keepalive, buffers); the
+# ones with an effect are checked one by one below; any other needs Envoy.
+_CLUSTER_KEYS = {
+    "name", "type", "connectTimeout", "lbPolicy", "loadAssignment", "edsClusterConfig",
+    "dnsLookupFamily", "dnsRefreshRate", "respectDnsTtl", "dnsResolvers", "typedDnsResolverConfig",
+    "useTcpForDnsLookups", "dnsFailureRefreshRate", "perConnectionBufferLimitBytes", "commonLbConfig",
+    "typedExtensionProtocolOptions", "altStatName", "metadata", "transportSocket",
+    "transportSocketMatches", "circuitBreakers", "outlierDetection", "healthChecks",
+    "upstreamConnectionOptions", "cleanupInterval", "ringHashLbConfig", "maglevLbConfig",
+    "leastRequestLbConfig", "roundRobinLbConfig", "trackClusterStats", "http2ProtocolOptions",
+    "httpProtocolOptions", "commonHttpProtocolOptions", "closeConnectionsOnHostHealthFailure",
+    "ignoreHealthOnHostRemoval", "lrsServer", "trackTimeoutBudgets", "clusterType",
+    "loadBalancingPolicy", "protocolSelection", "connectionPoolPerDownstreamConnection",
+}
+_TYPED_LB_OK = ("round_robin", "random", "least_request")
+
+
 def _cluster_options(c: dict[str, Any]) -> list[str]:
-    reasons = []
+    reasons = [f"cluster field {k}" for k in sorted(set(c) - _CLUSTER_KEYS) if c[k]]
+    for p in c.get("loadBalancingPolicy", {}).get("policies", [])[:1]:
+        t = str(p.get("typedExtensionConfig", {}).get("typedConfig", {}).get("@type", ""))
+        if not any(f".{k}." in t for k in _TYPED_LB_OK):
+            reasons.append(f"load_balancing_policy {t.rsplit('/', 1)[-1] or '?'}")
+    panic = c.get("commonLbConfig", {}).get("healthyPanicThreshold")
+    if panic is not None and float(panic.get("value", 50.0)) != 50.0:
+        reasons.append("healthy_panic_threshold other than 50%")
     if c.get("http2ProtocolOptions") or "grpc" in str(c.get("http2ProtocolOptions", "")):
         reasons.append("upstream HTTP/2")
     for opt in c.get("typedExtensionProtocolOptions", {}).values():

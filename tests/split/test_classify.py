@@ -202,3 +202,16 @@ def test_listener_for() -> None:
     plan = split_snapshot("n", res).plan
     assert plan.listener_for("198.18.0.5", 8080) is plan.listeners[0]
     assert plan.listener_for("198.18.0.5", 9090) is None
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"lb_subset_config": {"fallback_policy": "ANY_ENDPOINT"}}, "cluster field lbSubsetConfig"),
+    ({"load_balancing_policy": {"policies": [{"typed_extension_config": {"name": "rh", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash"}}}]}},
+     "load_balancing_policy"),
+    ({"common_lb_config": {"healthy_panic_threshold": {"value": 0}}}, "panic"),
+    ({"dns_lookup_family": "V4_ONLY", "connect_timeout": "1s"}, None),
+])
+def test_cluster_fields(extra: dict[str, Any], needle: str | None) -> None:
+    (v, why), = verdicts([fwd(timeout="0s")], cluster={**CLUSTER, **extra})
+    assert (v is Verdict.KERNEL) if needle is None else (v is Verdict.ENVOY and needle in why), why
