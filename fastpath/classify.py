@@ -267,7 +267,7 @@ def _cluster_options(c: dict[str, Any]) -> list[str]:
         if not any(f".{k}." in t for k in _TYPED_LB_OK):
             reasons.append(f"load_balancing_policy {t.rsplit('/', 1)[-1] or '?'}")
     panic = c.get("commonLbConfig", {}).get("healthyPanicThreshold")
-    if panic is not None and float(panic.get("value", 50.0)) != 50.0:
+    if panic is not None and float(panic.get("value", 0.0)) != 50.0:  # proto3: absent = 0
         reasons.append("healthy_panic_threshold other than 50%")
     if c.get("http2ProtocolOptions") or "grpc" in str(c.get("http2ProtocolOptions", "")):
         reasons.append("upstream HTTP/2")
