@@ -106,8 +106,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.foreground:
         return 0
     print("Ctrl-C to stop")
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+    # Explicit handlers: a shell may start us with SIGINT ignored (background job).
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while m.state_file.exists():
             time.sleep(0.5)
     except KeyboardInterrupt:
