@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"mesh up in {time.monotonic() - t0:.1f}s: {len(state['pods'])} pods", flush=True)
     gen = None
+
+    def stop(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)  # `timeout`, CI: tear down as on Ctrl-C
+    signal.signal(signal.SIGINT, stop)
     try:
         argv = [sys.executable, "-m", "mesh.apps.loadgen", "--rate", str(args.rate),
                 "--duration", str(args.duration)]
