@@ -277,3 +277,33 @@ def setup(server: Any, app: Any, args: argparse.Namespace) -> None:
 
     if relays:
         admin.add_route(app, "/debug/relayz", relayz)
+        registry = getattr(getattr(server, "metrics", None), "registry", None)
+        if registry is not None:
+            registry.register(RelayCollector(relays))
+
+
+class RelayCollector:
+    """prometheus_client collector: upstream sessions of the relay, read at scrape time."""
+
+    def __init__(self, relays: list[RelaySource]) -> None:
+        self.relays = relays
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        up = GaugeMetricFamily("l7fp_relay_upstream_connected",
+                               "1 when the sidecar's upstream ADS stream is open", labels=["node"])
+        connects = CounterMetricFamily("l7fp_relay_upstream_connects",
+                                       "Upstream ADS streams opened per sidecar", labels=["node"])
+        verdicts = CounterMetricFamily("l7fp_relay_verdicts", "Sidecar ACK/NACK passed upstream",
+                                       labels=["node", "verdict"])
+        for src in self.relays:
+            for node, sess in list(src.sessions.items()):
+                up.add_metric([node], 1.0 if sess.connected else 0.0)
+                connects.add_metric([node], sess.connects)
+                for verdict, n in sess.verdicts.items():
+                    verdicts.add_metric([node, verdict], n)
+        yield from (up, connects, verdicts)
+
+    def describe(self) -> list[Any]:
+        return []

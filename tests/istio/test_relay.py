@@ -101,6 +101,13 @@ async def test_relay_end_to_end(tmp_path: Path, serves: list, envoys: list, envo
             return bool(p["types"]["rds"]["last_nack_error"])
 
         await wait_for(upstream_saw_nack, 20)
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{relay.admin_port}/metrics") as r:
+            metrics = await r.text()
+        assert f'l7fp_relay_upstream_connected{{node="{NODE}"}} 1.0' in metrics
+        nacks = [line for line in metrics.splitlines()
+                 if line.startswith(f'l7fp_relay_verdicts_total{{node="{NODE}",verdict="nack"}}')]
+        assert len(nacks) == 1 and float(nacks[0].split()[-1]) >= 1, metrics
         (p,) = await up.get_json("/debug/syncz")
         assert "(unclosed" in p["types"]["rds"]["last_nack_error"], p["types"]["rds"]
         assert get(lport, "/v") == (200, "v2")  # the last good routes stay in force
