@@ -250,8 +250,9 @@ def make_sources(args: argparse.Namespace) -> list[Source]:
 
     try:
         host, port = parse_hostport(target)
-    except ValueError as exc:
-        raise SystemExit(f"l7fp serve: --upstream-xds: {exc}") from None
+    except ValueError:
+        raise SystemExit(f"l7fp serve: --upstream-xds {target!r}: expected HOST:PORT "
+                         "(e.g. istiod.istio-system.svc:15010)") from None
     return [RelaySource(host, port)]
 
 

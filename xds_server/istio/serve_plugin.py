@@ -33,6 +33,9 @@ def make_sources(args: argparse.Namespace) -> list[Source]:
             if getattr(args, flag, None):
                 raise SystemExit(f"l7fp serve: --{flag.replace('_', '-')} needs --policies DIR")
         return []
+    if getattr(args, "upstream_xds", None):
+        raise SystemExit("l7fp serve: --policies and --upstream-xds both generate every sidecar's "
+                         "config (same resource names); use one of them")
     from .source import IstioSource
 
     try:
