@@ -72,6 +72,7 @@
 #define DP_R_BODY 8       /* body continuation out of sync */
 #define DP_R_NO_PLAN 9    /* no listener/plan for this destination */
 #define DP_R_PIPELINE 10  /* pipelined requests that cannot all take the same way */
+#define DP_R_HDR_ADD 11   /* the route adds request headers: Envoy does (not in the data path yet) */
 #define DP_R_DECIDE_BASE 32
 
 /* Events to the agent (ring buffer dp_events). */

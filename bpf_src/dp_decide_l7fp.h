@@ -47,7 +47,8 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
     ctx->rand2 = bpf_get_prandom_u32();
     ctx->gen = gen;
     ctx->now_ns = bpf_ktime_get_ns();
-    l7fp_decide(ctx, data, data_end, c->listener, &d);
+    /* dp_svc holds listener id + 1 (0: none); l7fp_decide counts from 0 */
+    l7fp_decide(ctx, data, data_end, c->listener - 1, &d);
     v->route = d.route == ~0u ? 0 : d.route + 1;
     v->consumed = d.consumed;
     v->head_len = d.hdr_len;
@@ -57,7 +58,7 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
         if (d.hdr_add) {
             /* header insertion is not wired into the data path yet: Envoy adds them */
             v->kind = DP_K_PASS;
-            v->reason = DP_R_DECIDE_BASE + L7FP_R_HDR_CONFLICT;
+            v->reason = DP_R_HDR_ADD;
             return 0;
         }
         struct dp_ep_key k = {.gen = gen & 1, .cluster = d.cluster, .endpoint = d.endpoint};

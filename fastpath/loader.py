@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes as ct
 import logging
 import os
+import re
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -72,7 +73,16 @@ def module_text(decide_header: str | None = None) -> str:
     """
     parts = ["datapath.h", decide_header or "dp_decide_inline.h", "sockops.c", "sk_msg.c",
              "sk_skb.c"]
-    return "\n".join(f"/* ---- {p} ---- */\n" + (BPF_SRC / p).read_text() for p in parts)
+    texts = []
+    for p in parts:
+        body = (BPF_SRC / p).read_text()
+        if p == "dp_decide_l7fp.h":  # K1's headers pasted before the adapter
+            from fastpath.synth import decide_text
+
+            texts.append(decide_text())
+            body = re.sub(r'^#include "l7fp_decide.h"\s*$', "", body, flags=re.M)
+        texts.append(f"/* ---- {p} ---- */\n" + body)
+    return "\n".join(texts)
 
 
 def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, ...] = (),
