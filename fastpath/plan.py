@@ -14,19 +14,27 @@ Semantics the readers rely on (they mirror Envoy's, see docs/split.md):
 * Listener selection: by (address, port); "0.0.0.0" matches any address.
 * Virtual host selection (Envoy order): exact domain, then suffix wildcards
   ("*.foo.com", longest first), then prefix wildcards ("foo.*", longest first),
-  then "*". The ``:port`` part of the Host header is compared as Envoy does
-  (the host is tried with the port, then without it when the domain has none).
+  then "*". The Host header is compared as sent, ``:port`` included (Envoy's
+  default; checked by tests/split against Envoy 1.40), case-insensitively.
 * Routes: first match wins, in plan order. A route whose verdict is ENVOY is a
   *punt* entry: the kernel stops at it and hands the request to Envoy, so a later
   KERNEL route never takes a request Envoy would have given to an earlier one.
-* RBAC (listener level, before routing): a DENY policy that matches, or an ALLOW
-  policy set none of whose policies matches, rejects with 403. If
+* Policy filters run after route selection and before the action, in
+  ``ListenerPlan.filter_order`` (the HCM's http_filters order), also when no
+  route or virtual host matches (then 404 after them).
+* RBAC (listener level): a DENY policy that matches, or an ALLOW policy set
+  none of whose policies matches, rejects with 403 "RBAC: access denied". If
   ``Rbac.verdict`` is ENVOY the kernel hands every request of that listener to
   Envoy (rule 4 of DESIGN.md: a deny is never bypassed).
+* Fault abort: ``Route.fault_abort`` (or ``ListenerPlan.fault_abort`` when no
+  route matches) replies ``status`` with body "fault filter abort".
 * Local rate limit: a token bucket per listener (``ListenerPlan.local_rate_limit``)
   or per route (``Route.rate_limit``); the owner of the bucket is the kernel
   exactly when the route's verdict is KERNEL (the residual removes it from
-  Envoy's config then, see ``fastpath.residual``).
+  Envoy's config then, see ``fastpath.residual``). An empty bucket replies
+  ``status`` (429) with body "local_rate_limited". A route's bucket replaces
+  the listener's for that route.
+* ``fastpath.reference.decide`` is the executable form of all of the above.
 """
 
 from __future__ import annotations
