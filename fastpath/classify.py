@@ -57,12 +57,12 @@ def build(res: Resources, caps: KernelCaps | None = None, orphans: bool = False
     """Listeners and clusters of the plan. ``orphans``: also route configs no
     listener references (as listener "(no listener)"), for `l7fp split` on RDS files."""
     caps = caps or KernelCaps()
-    clusters = tuple(classify_cluster(c, res.endpoints, caps) for c in res.clusters)
+    clusters = tuple(_safe_cluster(c, res.endpoints, caps) for c in res.clusters)
     by_name = {c.name: c for c in clusters}
     listeners: list[ListenerPlan] = []
     used: set[str] = set()
     for lis in res.listeners:
-        for plan, rc_name in _listener(lis, res, by_name, caps):
+        for plan, rc_name in _safe_listener(lis, res, by_name, caps):
             listeners.append(plan)
             used.add(rc_name)
     if orphans:
@@ -73,6 +73,29 @@ def build(res: Resources, caps: KernelCaps | None = None, orphans: bool = False
                 listeners.append(ListenerPlan("(no listener)", "0.0.0.0", 0, Direction.OUTBOUND,
                                               vhosts, route_config=name))
     return tuple(listeners), clusters
+
+
+# A resource the classifier trips on (a shape it doesn't expect) must not take
+# the whole node's split down: it becomes an ENVOY entry that says why.
+def _safe_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
+                  caps: KernelCaps) -> Cluster:
+    try:
+        return classify_cluster(c, endpoints, caps)
+    except Exception as e:  # noqa: BLE001 - any classifier bug: Envoy keeps the cluster
+        return Cluster(str(c.get("name", "")), LbPolicy.ROUND_ROBIN, (), verdict=Verdict.ENVOY,
+                       reason=f"cannot classify: {type(e).__name__}: {e}")
+
+
+def _safe_listener(lis: dict[str, Any], res: Resources, clusters: dict[str, Cluster],
+                   caps: KernelCaps) -> list[tuple[ListenerPlan, str]]:
+    try:
+        return _listener(lis, res, clusters, caps)
+    except Exception as e:  # noqa: BLE001 - any classifier bug: Envoy keeps the listener
+        sa = lis.get("address", {}).get("socketAddress", {}) if isinstance(lis, dict) else {}
+        plan = ListenerPlan(str(lis.get("name", "?")), str(sa.get("address", "0.0.0.0")),
+                            int(sa.get("portValue", 0) or 0), _direction(lis, str(lis.get("name", ""))),
+                            (), verdict=Verdict.ENVOY, reason=f"cannot classify: {type(e).__name__}: {e}")
+        return [(plan, "")]
 
 
 def _listener(lis: dict[str, Any], res: Resources, clusters: dict[str, Cluster],

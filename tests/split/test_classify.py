@@ -215,3 +215,16 @@ def test_listener_for() -> None:
 def test_cluster_fields(extra: dict[str, Any], needle: str | None) -> None:
     (v, why), = verdicts([fwd(timeout="0s")], cluster={**CLUSTER, **extra})
     assert (v is Verdict.KERNEL) if needle is None else (v is Verdict.ENVOY and needle in why), why
+
+
+def test_classifier_error_is_an_envoy_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastpath.classify as cl
+
+    def boom(*_a: Any, **_k: Any) -> Any:
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(cl, "_vhosts", boom)
+    res = {em.LISTENER: [em.parse(em.LISTENER, listener([fwd(timeout="0s")]))],
+           em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
+    lp, = split_snapshot("n", res).plan.listeners
+    assert (lp.name, lp.port, lp.verdict) == ("l", 8080, Verdict.ENVOY) and "surprise" in lp.reason
