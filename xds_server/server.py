@@ -54,6 +54,7 @@ class XdsServer:
         self.last_push: dict[str, AnyT] = {}
         self._plan_listeners: list[PlanListener] = []
         self._streams: dict[str, int] = {}
+        self._split_memo: dict[str, tuple[Hashable, Snapshot]] = {}
         self._memo: dict[Hashable, Snapshot] = {}
         self._debouncer = Debouncer(self._push, debounce, debounce_max)
         for s in sources:
@@ -123,6 +124,7 @@ class XdsServer:
             self._streams[node_id] = left
             return
         self._streams.pop(node_id, None)
+        self._split_memo.pop(node_id, None)
         self.nodes.pop(node_id, None)
         self.cache.clear(node_id)
 
@@ -143,9 +145,15 @@ class XdsServer:
 
     def _snapshot(self, node: NodeInfo, parts: NodeResources, used: set[Hashable] | None) -> Snapshot:
         if self.splitter is not None:
+            # The split is a pure function of (node, resources): skip it when neither changed.
+            hit = self._split_memo.get(node.id)
+            if hit is not None and hit[0] == parts.key:
+                return hit[1]
             residual = self._split(node, parts)
             if residual is not None:
-                return Snapshot.from_messages(residual, parts.origins)
+                split = Snapshot.from_messages(residual, parts.origins)
+                self._split_memo[node.id] = (parts.key, split)
+                return split
         if used is not None:
             used.add(parts.key)
         snap = self._memo.get(parts.key)

@@ -107,3 +107,20 @@ def test_istio_node_with_metadata():
                                     cluster="frontend.demo", metadata=meta))
     assert node.istio["pod"] == "frontend-0" and node.istio["namespace"] == "demo"
     assert node.metadata["LABELS"]["app"] == "frontend"
+
+
+def test_split_skipped_when_node_config_unchanged():
+    calls = []
+
+    def splitter(node_id, resources):
+        calls.append(node_id)
+        return SimpleNamespace(plan="p", residual=dict(resources))
+
+    src = Static(full())
+    srv = XdsServer([src], splitter=splitter)
+    srv.ensure_node(NodeInfo("n1"))
+    srv.rebuild()
+    assert calls == ["n1"]  # same resources key: not split again
+    src.gen += 1
+    srv.rebuild()
+    assert calls == ["n1", "n1"]
