@@ -40,9 +40,14 @@ AGENTS: dict[int, Agent] = {}  # id(server) -> agent, for /debug/fastpath
 class Agent:
     """One per `l7fp serve` process. Thread-safe entry points: on_plan, debug, stats, stop."""
 
-    def __init__(self, state_path: Path | None, access_log: bool = True) -> None:
+    def __init__(self, state_path: Path | None, access_log: bool = True,
+                 decide: str = "inline") -> None:
+        """`decide`: "inline" (the data path's built-in decision), "l7fp" (K1's
+        l7fp_decide synthesized per plan; a node whose program does not load
+        falls back to inline with one log line)."""
         self.state_path = state_path
         self.access_log = access_log
+        self.decide = decide
         self.lock = threading.Lock()
         self.plans: dict[str, KernelPlan] = {}
         self.pending: set[str] = set()
@@ -130,18 +135,39 @@ class Agent:
             if node is None and not any(lst.direction is Direction.OUTBOUND
                                         for lst in plan.listeners):
                 continue  # nothing for the kernel to do on this node's client side
+            if node is not None and node.mode == "l7fp" and \
+                    _cflags(plan) != node.cflags:
+                # the plan needs another compiled program: rebuild the node; its
+                # connections lose their upstreams and go to Envoy (never misrouted)
+                with self.lock:
+                    self.nodes.pop(node_id, None)
+                node.close()
+                node = None
             if node is None:
-                if node_id in self.failed:
-                    continue
-                try:
-                    node = NodeDatapath.start(self.pods[node_id], access_log=self.access_log)
-                except Exception as exc:
-                    self.failed[node_id] = str(exc)
-                    log.error("fast path: node %s stays on Envoy: %s", node_id, exc)
+                node = self._start_node(node_id, plan)
+                if node is None:
                     continue
                 with self.lock:
                     self.nodes[node_id] = node
             node.apply(plan, self._vips, self._netns_of, self._inbound_ok, self._cgroup_of)
+
+    def _start_node(self, node_id: str, plan: KernelPlan) -> NodeDatapath | None:
+        if node_id in self.failed:
+            return None
+        pod = self.pods[node_id]
+        if self.decide == "l7fp":
+            try:
+                return NodeDatapath.start(pod, access_log=self.access_log, mode="l7fp",
+                                          cflags=_cflags(plan))
+            except Exception as exc:
+                log.error("fast path: node %s: l7fp_decide program failed (%s); "
+                          "using the built-in decision", node_id, str(exc).splitlines()[0])
+        try:
+            return NodeDatapath.start(pod, access_log=self.access_log)
+        except Exception as exc:
+            self.failed[node_id] = str(exc)
+            log.error("fast path: node %s stays on Envoy: %s", node_id, exc)
+            return None
 
     # ---- plan context ------------------------------------------------------------
     def _vips(self, lst: ListenerPlan) -> list[tuple[str, int]]:
@@ -190,6 +216,12 @@ class Agent:
                 "nodes": [n.debug() for n in nodes]}
 
 
+def _cflags(plan: KernelPlan) -> tuple[str, ...]:
+    from fastpath.synth import synthesize
+
+    return synthesize(plan).cflags
+
+
 def kernel_ready() -> str | None:
     """Why the fast path cannot run here, or None."""
     if os.geteuid() != 0:
@@ -226,7 +258,8 @@ def start(server: Any, args: Any) -> Agent | None:
             raise RuntimeError(f"--fastpath on: the kernel fast path cannot run: {problem}")
         log.warning("fast path off: %s (Envoy serves every request)", problem)
         return None
-    agent = Agent(_state_path(args), access_log=not getattr(args, "fastpath_no_access_log", False))
+    agent = Agent(_state_path(args), access_log=not getattr(args, "fastpath_no_access_log", False),
+                  decide=getattr(args, "fastpath_decide", "l7fp"))
     server.add_plan_listener(agent.on_plan)
     registry = getattr(getattr(server, "metrics", None), "registry", None)
     if registry is not None:

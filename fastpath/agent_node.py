@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastpath import agent_inline
+from fastpath import agent_inline, agent_synth
 from fastpath.counters import (
     DP_EV_ACCESS,
     DP_EV_CLOSE,
@@ -58,11 +58,20 @@ class NodeDatapath:
     notes: dict[str, str] = field(default_factory=dict)
     access: AccessLog = field(default_factory=AccessLog)
     access_log: bool = True
+    mode: str = "inline"  # decision compiled in: "inline" (dp_decide_inline.h) or "l7fp" (K1)
+    cflags: tuple[str, ...] = ()
 
     @classmethod
-    def start(cls, pod: PodInfo, access_log: bool = True) -> NodeDatapath:
-        dp = Datapath.load(instance=pod.node_id)
-        node = cls(pod=pod, dp=dp, pools=Pools(dp), access_log=access_log)
+    def start(cls, pod: PodInfo, access_log: bool = True, mode: str = "inline",
+              cflags: tuple[str, ...] = ()) -> NodeDatapath:
+        """Load the node's datapath (mode "l7fp": with the plan's synthesized cflags)."""
+        if mode == "l7fp":
+            dp = Datapath.load(cflags=cflags, decide_header="dp_decide_l7fp.h",
+                               instance=pod.node_id)
+        else:
+            dp = Datapath.load(instance=pod.node_id)
+        node = cls(pod=pod, dp=dp, pools=Pools(dp), access_log=access_log, mode=mode,
+                   cflags=cflags)
         try:
             dp.set_enabled(0, enabled=False, access_log=access_log)
             dp.attach_cgroup(pod.cgroup)
@@ -72,13 +81,32 @@ class NodeDatapath:
             raise
         return node
 
+    def _apply_l7fp(self, plan: KernelPlan, sp: Any, nxt: int,
+                    ctx: tuple[Any, Any, Any, Any]) -> tuple[dict[tuple[str, int], int],
+                                                             set[EndpointKey], bool]:
+        got = agent_synth.program(self, plan, sp, nxt, *ctx)
+        self.route_names = got.route_names
+        self.pool_clusters.update(got.pool_clusters)
+        self.notes = got.notes
+        return got.services, got.keep, bool(got.services)
+
     # ---- plan -------------------------------------------------------------
     def apply(self, plan: KernelPlan, vips: Callable[[ListenerPlan], list[tuple[str, int]]],
               netns_of: Callable[[str], str | None], inbound_ok: Callable[[str, int], bool],
               cgroup_of: Callable[[str], str | None] = lambda ip: None) -> None:
-        """Make `plan` the node's plan (atomic flip of the generation)."""
-        tables = agent_inline.translate(plan, vips, inbound_ok)
+        """Make `plan` the node's plan (atomic flip of the generation).
+
+        In "l7fp" mode the caller has made sure the datapath was compiled with
+        `synth.synthesize(plan).cflags` (else it rebuilds the node)."""
         nxt = 1 - self.gen
+        if self.mode == "l7fp":
+            from fastpath.synth import synthesize
+
+            services, kept, enabled = self._apply_l7fp(
+                plan, synthesize(plan), nxt, (vips, netns_of, inbound_ok, cgroup_of))
+            self._flip(plan, nxt, services, kept, enabled)
+            return
+        tables = agent_inline.translate(plan, vips, inbound_ok)
         self.dp.clear_inline(nxt)
         keep: set[EndpointKey] = set()
         names: dict[int, str] = {}
@@ -106,23 +134,27 @@ class NodeDatapath:
             names[i + 1] = r.name
         for vh in tables.vhosts:
             self.dp.set_inline_vhost(nxt, vh.listener, vh.host, vh.base, vh.count)
+        self.route_names = names
+        self.notes = dict(tables.reasons)
+        self._flip(plan, nxt, tables.services, keep, bool(tables.routes))
+
+    def _flip(self, plan: KernelPlan, nxt: int, services: dict[tuple[str, int], int],
+              keep: set[EndpointKey], enabled: bool) -> None:
         # services: new destinations first, so the flip finds them tracked
-        for ip, port in self.services - tables.services.keys():
+        for ip, port in self.services - services.keys():
             self.dp.set_service(ip, port, 0, nxt)  # none in the new generation
-        for (ip, port), lid in tables.services.items():
+        for (ip, port), lid in services.items():
             self.dp.set_service(ip, port, lid, nxt)
         self.pools.upkeep(self.bound())  # warm the new pools before the flip
-        self.route_names = names
-        self.dp.set_enabled(nxt, enabled=bool(tables.routes), access_log=self.access_log)
+        self.dp.set_enabled(nxt, enabled=enabled, access_log=self.access_log)
         self.gen = nxt
-        for ip, port in self.services - tables.services.keys():
+        for ip, port in self.services - services.keys():
             self.dp.remove_service(ip, port)  # after the flip: no longer tracked
-        self.services = set(tables.services)
+        self.services = set(services)
         self.pools.retire(keep)
         self.plan = plan
-        self.notes = dict(tables.reasons)
-        log.info("node %s: plan %s applied (gen %d): %d kernel routes, %d destinations",
-                 self.pod.node_id, plan.version, nxt, len(tables.routes), len(self.services))
+        log.info("node %s: plan %s applied (gen %d, %s decision): %d destinations",
+                 self.pod.node_id, plan.version, nxt, self.mode, len(self.services))
 
     # ---- events and upkeep (agent thread) ----------------------------------
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
@@ -156,6 +188,7 @@ class NodeDatapath:
         return {
             "node": self.pod.node_id, "pod": self.pod.name, "cgroup": self.pod.cgroup,
             "plan_version": self.plan.version if self.plan else None, "generation": self.gen,
+            "decision": self.mode,
             "destinations": sorted(f"{ip}:{port}" for ip, port in self.services),
             "routes": self.route_names, "not_offloaded": self.notes,
             "pools": self.pools.snapshot(), "unpaired_upstreams": self.pools.unpaired,

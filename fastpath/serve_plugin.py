@@ -8,6 +8,7 @@ servers are up; the page finds it through `fastpath.agent.AGENTS`.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +19,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fastpath-mesh-state", metavar="FILE",
                    help="state.json of the local mesh whose pods get the fast path "
                         "(default: state.json next to --config DIR, as the mesh runner starts us)")
+    g.add_argument("--fastpath-decide", choices=["inline", "l7fp"],
+                   default=os.environ.get("L7FP_FASTPATH_DECIDE", "l7fp"),
+                   help="decision compiled into the data path: l7fp_decide synthesized per "
+                        "plan (fastpath.synth; default) or the data path's small built-in one "
+                        "(inline); a node whose l7fp program does not load falls back to "
+                        "inline. Default from $L7FP_FASTPATH_DECIDE when set.")
     g.add_argument("--fastpath-no-access-log", action="store_true",
                    help="do not send one kernel event per request (less CPU under load)")
 

@@ -65,11 +65,12 @@ def wait_for(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-de
     raise AssertionError("condition not reached in time")
 
 
-@pytest.fixture
-def agent(kernel, cgroup, tmp_path):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["inline", "l7fp"])
+def agent(request, kernel, cgroup, tmp_path):  # type: ignore[no-untyped-def]
+    """The agent with the built-in decision, and with K1's l7fp_decide."""
     state = tmp_path / "state.json"
     write_state(state, str(cgroup.path))
-    a = Agent(state)
+    a = Agent(state, decide=request.param)
     a.start()
     yield a
     a.stop()
@@ -100,7 +101,10 @@ def test_agent_applies_plan_and_recycles(agent, cgroup, envoy, upstream):  # typ
         assert c[1]["status"] == 403 and c[1]["body"] == "RBAC: access denied"
     assert out[5][0]["headers"].get("x-via") == "envoy"
     assert all("/deny" not in line for line in upstream.seen)
-    stats = dict(agent.stats())["client"]
+    assert node.mode == agent.decide
+    raw = dict(agent.stats())["client"]
+    # route names: "fast" (built-in) or "listener/vhost/route" (l7fp_decide)
+    stats = {(r.rsplit("/", 1)[-1], o, w): n for (r, o, w), n in raw.items()}
     assert stats[("fast", "fast", "")] == 5
     assert stats[("deny", "kernel_reply", "")] == 5
     assert stats[("punt", "envoy", "punt_route")] == 1
@@ -108,7 +112,7 @@ def test_agent_applies_plan_and_recycles(agent, cgroup, envoy, upstream):  # typ
     wait_for(lambda: node.bound() == set())
     wait_for(lambda: all(p["bound"] == 0 for p in node.pools.snapshot()))
     log = node.debug()["access_log"]
-    assert any(e["route_name"] == "deny" and e["response_code"] == 403 for e in log)
+    assert any(e["route_name"].endswith("deny") and e["response_code"] == 403 for e in log)
     assert any(e["upstream_cluster"] == "up" for e in log)
 
 

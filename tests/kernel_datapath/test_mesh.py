@@ -161,6 +161,8 @@ def test_l7fp_mesh_up_fastpath_on(tmp_path) -> None:  # type: ignore[no-untyped-
                    for n in dbg.get("nodes", [])):
                 break
             time.sleep(0.5)
+        # the split's plan, synthesized into K1's l7fp_decide (the default decision)
+        assert {n["decision"] for n in dbg["nodes"]} == {"l7fp"}, dbg
         for i in range(3):
             status, hdrs, body = curl(m, f"/p{i}")
             assert status == 200 and json.loads(body)["path"] == f"/p{i}"

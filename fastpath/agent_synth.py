@@ -1,0 +1,94 @@
+"""KernelPlan -> the plan tables of K1's l7fp_decide, written into a node datapath.
+
+Owner: K2 (this glue; the synthesis itself is K1's `fastpath.synth`). Called by
+`fastpath.agent_node` in "l7fp" decision mode. Writes generation `gen` only:
+the caller flips `dp_cfg.gen` afterwards. The data path's own tables (dp_svc:
+destination -> listener id + 1; dp_eps: (gen, cluster id, endpoint index) ->
+upstream pool) are filled here too, with the same endpoint order the
+synthesis counts (healthy endpoints, or all when fewer than half are healthy,
+as Envoy's panic threshold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastpath.plan import Direction, KernelPlan, ListenerPlan, Verdict
+from fastpath.pools import EndpointKey
+
+
+@dataclass
+class Programmed:
+    services: dict[tuple[str, int], int] = field(default_factory=dict)
+    route_names: dict[int, str] = field(default_factory=dict)
+    keep: set[EndpointKey] = field(default_factory=set)
+    pool_clusters: dict[int, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def endpoint_order(cluster: Any) -> list[Any]:
+    """The endpoints l7fp_decide indexes (fastpath.synth_tables._cluster's rule)."""
+    healthy = [e for e in cluster.endpoints if e.healthy]
+    return healthy if cluster.endpoints and len(healthy) * 2 >= len(cluster.endpoints) \
+        else list(cluster.endpoints)
+
+
+def offloadable(lst: ListenerPlan) -> bool:
+    """Worth tracking: an outbound listener with at least one kernel route."""
+    if lst.direction is not Direction.OUTBOUND or lst.verdict is not Verdict.KERNEL:
+        return False
+    if lst.rbac is not None and not lst.rbac.shadow:
+        return False
+    return any(r.verdict is Verdict.KERNEL for vh in lst.virtual_hosts for r in vh.routes)
+
+
+def write_tables(bpf: Any, sp: Any, gen: int) -> None:
+    """sp.tables(gen) into the module's l7fp_* maps (inactive generation only)."""
+    names = bpf["l7fp_hnames"]
+    for k in [k for k in names.keys() if k.pad == gen]:
+        del names[k]
+    for name, entries in sp.tables(gen).items():
+        t = bpf[name]
+        for k, v in entries.items():
+            t[t.Key.from_buffer_copy(k)] = t.Leaf.from_buffer_copy(v)
+
+
+def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
+            vips: Callable[[ListenerPlan], list[tuple[str, int]]],
+            netns_of: Callable[[str], str | None], inbound_ok: Callable[[str, int], bool],
+            cgroup_of: Callable[[str], str | None]) -> Programmed:
+    out = Programmed()
+    write_tables(node.dp.bpf, sp, gen)
+    eps = node.dp.bpf["dp_eps"]
+    for k in [k for k in eps.keys() if k.gen == gen]:
+        del eps[k]
+    for c in plan.clusters:
+        cid = sp.cluster_ids.get(c.name)
+        if cid is None or c.verdict is not Verdict.KERNEL or c.tls:
+            continue
+        for idx, e in enumerate(endpoint_order(c)):
+            if not inbound_ok(e.address, e.port):
+                continue  # no pool: the kernel hands these requests to Envoy (rule 4)
+            ns, cg = netns_of(e.address), cgroup_of(e.address)
+            if ns and cg:
+                node.dp.attach_cgroup(cg, role="server")  # pairs the app's ends
+            key = EndpointKey("127.0.0.1" if ns else e.address, e.port, ns)
+            pool = node.pools.ensure(key)
+            out.keep.add(key)
+            out.pool_clusters[pool] = c.name
+            eps[eps.Key(gen=gen, cluster=cid, endpoint=idx)] = eps.Leaf(pool)
+    for lst in plan.listeners:
+        if lst.direction is not Direction.OUTBOUND:
+            continue
+        if not offloadable(lst):
+            out.notes[lst.name] = "no kernel route (or RBAC/verdict of the listener)"
+            continue
+        lid = sp.listener_ids[lst.name] + 1
+        for dst in vips(lst):
+            out.services[dst] = lid
+    out.route_names = {i + 1: n for i, n in enumerate(sp.route_names)}
+    for n in sp.notes:
+        out.notes.setdefault(f"note{len(out.notes)}", n)
+    return out
