@@ -43,19 +43,22 @@ def mesh_file(name: str) -> dict[str, Any]:
     def app(*args: str) -> list[str]:
         return ["${PYTHON}", "-m", "benchmarks.apps", *args, "--port", str(APP_PORT)]
 
-    routes = sidecar.policy_routes("leaf")
+    mixes = {sidecar.mix_service(sh): {
+        "command": app("leaf", "--name", sidecar.mix_service(sh)), "ports": [APP_PORT],
+        "policy": {"outbound": {"routes": sidecar.policy_routes(sidecar.mix_service(sh), sh)}}}
+        for sh in sidecar.MIX_SHARES}
     return {
         "name": name, "namespace": "bench",
         "services": {
             # the client pod runs the load generator; its app only keeps the pod alive
             "client": {"command": app("leaf", "--name", "client"), "ports": [APP_PORT],
-                       "calls": ["leaf", "frontend"]},
-            "leaf": {"command": app("leaf", "--name", "leaf"), "ports": [APP_PORT],
-                     "policy": {"outbound": {"routes": routes}}},
+                       "calls": ["leaf", "frontend", *mixes]},
+            "leaf": {"command": app("leaf", "--name", "leaf"), "ports": [APP_PORT]},
             "frontend": {"command": app("frontend", "--name", "frontend",
                                         "--backend", f"backend:{APP_PORT}"),
                          "ports": [APP_PORT], "calls": ["backend"]},
             "backend": {"command": app("leaf", "--name", "backend"), "ports": [APP_PORT]},
+            **mixes,
         },
     }
 
@@ -75,8 +78,8 @@ class MeshRunnerConfig(Configuration):
         code = {"no-mesh": "nm", "sidecar": "sc", "sidecar-l4": "l4"}.get(name, "fp")
         self.demo = demo
         self.mesh_name = f"bench-{tag}-{'d' if demo else ''}{code}"[:23]
-        # the fast-path probe: an all-kernel policy route of the bench mesh, the demo's /home
-        self.probe = ("frontend", "/home") if demo else ("leaf", sidecar.policy_paths(0.0)[0])
+        # the fast-path probe: the bench mesh's leaf, the demo's /home
+        self.probe = ("frontend", "/home") if demo else ("leaf", "/")
         self.mesh: Any = None
         self.state: dict[str, Any] = {}
         self.loadgen: Path | None = None

@@ -32,8 +32,11 @@ class Scenario:
 
 def mix(share: float) -> Scenario:
     pct = round(share * 100)
-    return Scenario(f"policy-mix-{pct}", "leaf", tuple(sidecar.policy_paths(share)), share,
-                    f"leaf service, {sidecar.MIX_ROUTES} routes, {pct}% of them need Envoy")
+    n = sidecar.MIX_ROUTES[share]
+    return Scenario(f"policy-mix-{pct}", sidecar.mix_service(share),
+                    tuple(sidecar.policy_paths(share)), share,
+                    f"service {sidecar.mix_service(share)}: {n} routes, "
+                    f"{len(sidecar.envoy_only_indexes(n, share))} of them need Envoy")
 
 
 SCENARIOS = {s.name: s for s in (

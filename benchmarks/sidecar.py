@@ -27,87 +27,100 @@ HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network."
 
 
 MIX_SHARES = (0.0, 0.11, 0.5)
-MIX_ROUTES = 18
+# routes per mix service: 0 of 8, 1 of 9 (11 %) and 4 of 8 (50 %) need Envoy; small
+# tables, as a service's own route list usually is (and within the 8 routes per
+# virtual host of the fast path's built-in decision)
+MIX_ROUTES = {0.0: 8, 0.11: 9, 0.5: 8}
 
 
-def mix_prefix(share: float) -> str:
-    """Path prefix of one policy mix: /mix0, /mix11, /mix50."""
-    return f"/mix{round(share * 100)}"
+def mix_service(share: float) -> str:
+    """Service (pod) of one policy mix: mix0, mix11, mix50."""
+    return f"mix{round(share * 100)}"
 
 
-def policy_paths(share: float, routes: int = MIX_ROUTES) -> list[str]:
-    """Request paths of one policy mix, one per route: /mix11/r0/ .. /mix11/r17/.
+def policy_paths(share: float) -> list[str]:
+    """Request paths of one policy mix, one per route: /r0/ .. /r8/.
 
-    The trailing slash keeps prefixes apart (/mix11/r1/ is not a prefix of /mix11/r10/).
+    The trailing slash keeps prefixes apart (/r1/ is not a prefix of /r10/).
     """
-    return [f"{mix_prefix(share)}/r{i}/" for i in range(routes)]
+    return [f"/r{i}/" for i in range(MIX_ROUTES[share])]
 
 
 def envoy_only_indexes(routes: int, share: float) -> set[int]:
-    """Which of `routes` routes need Envoy for a given share, spread evenly over the table."""
+    """Which of `routes` routes need Envoy for a given share, spread evenly from the end."""
     count = round(routes * share)
     if count <= 0:
         return set()
     step = routes / count
-    return {int(i * step) for i in range(count)}
+    return {routes - 1 - int(i * step) for i in range(count)}
 
 
-def policy_routes(cluster: str, shares: tuple[float, ...] = MIX_SHARES,
-                  routes: int = MIX_ROUTES) -> list[dict[str, Any]]:
-    """Route table: per mix, `routes` per-path routes; then a catch-all; all to `cluster`.
+def policy_routes(cluster: str, share: float) -> list[dict[str, Any]]:
+    """Route table of one mix service, every route to `cluster`.
 
     A route that "needs Envoy" uses a regex matcher and a request header built
     by a per-request formatter (%DOWNSTREAM_REMOTE_ADDRESS%), things a kernel
     match table cannot do; the others are plain path-prefix routes to one
-    cluster, which it can. One table holds every mix so one sidecar
-    configuration serves every scenario.
+    cluster with no timeout, which it can.
     """
     table: list[dict[str, Any]] = []
-    for share in shares:
-        envoy_only = envoy_only_indexes(routes, share)
-        for i, path in enumerate(policy_paths(share, routes)):
-            name = f"{mix_prefix(share)[1:]}-r{i}"
-            if i in envoy_only:
-                table.append({
-                    "name": f"{name}-envoy",
-                    "match": {"safe_regex": {"regex": f"^{path}.*$"}},
-                    "route": {"cluster": cluster},
-                    "request_headers_to_add": [{"header": {
-                        "key": "x-l7fp-peer", "value": "%DOWNSTREAM_REMOTE_ADDRESS%"}}],
-                })
-            else:
-                table.append({
-                    "name": f"{name}-kernel",
-                    "match": {"prefix": path},
-                    # no response timer: a kernel table has none (Envoy's default is 15 s)
-                    "route": {"cluster": cluster, "timeout": "0s"},
-                })
-    table.append({"name": "default", "match": {"prefix": "/"},
-                  "route": {"cluster": cluster, "timeout": "0s"}})
+    envoy_only = envoy_only_indexes(MIX_ROUTES[share], share)
+    for i, path in enumerate(policy_paths(share)):
+        name = f"{mix_service(share)}-r{i}"
+        if i in envoy_only:
+            table.append({
+                "name": f"{name}-envoy",
+                "match": {"safe_regex": {"regex": f"^{path}.*$"}},
+                "route": {"cluster": cluster},
+                "request_headers_to_add": [{"header": {
+                    "key": "x-l7fp-peer", "value": "%DOWNSTREAM_REMOTE_ADDRESS%"}}],
+            })
+        else:
+            table.append({
+                "name": f"{name}-kernel",
+                "match": {"prefix": path},
+                # no response timer: a kernel table has none (Envoy's default is 15 s)
+                "route": {"cluster": cluster, "timeout": "0s"},
+            })
     return table
 
 
-def hcm(stat_prefix: str, routes: list[dict[str, Any]]) -> dict[str, Any]:
+def default_routes(cluster: str) -> list[dict[str, Any]]:
+    return [{"name": "default", "match": {"prefix": "/"},
+             "route": {"cluster": cluster, "timeout": "0s"}}]
+
+
+def hcm(stat_prefix: str, vhosts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
         "@type": HCM_TYPE, "stat_prefix": stat_prefix,
-        "route_config": {"name": stat_prefix, "virtual_hosts": [
-            {"name": stat_prefix, "domains": ["*"], "routes": routes}]},
+        "route_config": {"name": stat_prefix, "virtual_hosts": vhosts},
         "http_filters": [ROUTER]}}
 
 
-def bootstrap() -> dict[str, Any]:
-    """Static Envoy bootstrap of one sidecar (outbound 15001, inbound 15006, admin 15000)."""
+def outbound_vhosts(mix_ips: dict[float, str]) -> list[dict[str, Any]]:
+    """Per mix service a virtual host (by Host, as Istio does per service), then a catch-all."""
+    vhosts = [{"name": mix_service(share), "domains": [f"{ip}:{APP_PORT}", ip],
+               "routes": policy_routes("passthrough", share)} for share, ip in mix_ips.items()]
+    return [*vhosts, {"name": "default", "domains": ["*"], "routes": default_routes("passthrough")}]
+
+
+def bootstrap(mix_ips: dict[float, str] | None = None) -> dict[str, Any]:
+    """Static Envoy bootstrap of one sidecar (outbound 15001, inbound 15006, admin 15000).
+
+    `mix_ips` maps each policy mix's share to its service address (its virtual host).
+    """
     outbound = {
         "name": "outbound",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}},
         "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}],
-        "filter_chains": [{"filters": [hcm("outbound", policy_routes("passthrough"))]}],
+        "filter_chains": [{"filters": [hcm("outbound", outbound_vhosts(mix_ips or {}))]}],
     }
     inbound = {
         "name": "inbound",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": INBOUND_PORT}},
-        "filter_chains": [{"filters": [hcm("inbound", policy_routes("inbound-app", shares=()))]}],
+        "filter_chains": [{"filters": [hcm("inbound", [{"name": "inbound", "domains": ["*"],
+                                                         "routes": default_routes("inbound-app")}])]}],
     }
     app = {"socket_address": {"address": "127.0.0.1", "port_value": APP_PORT}}
     clusters = [

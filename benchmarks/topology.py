@@ -9,8 +9,9 @@ Layout of one net (CODE is the configuration's short code, TAG the run's tag):
 * `l7fp-bench-TAG-CODE-hub`: a bridge `br0`; each pod's veth peer is enslaved
   there (the bridge lives in its own namespace, so the host's FORWARD policy
   and other engineers' rules are never involved);
-* `l7fp-bench-TAG-CODE-POD` for POD in client, leaf, frontend, backend, with
-  `eth0` at 198.18.(200+index).(2..5)/24 (benchmarking range only);
+* `l7fp-bench-TAG-CODE-POD` for POD in client, leaf, frontend, backend, mix0,
+  mix11, mix50 (the policy-mix services), with `eth0` at
+  198.18.(200+index).(2..8)/24 (benchmarking range only);
 * cgroups `<cgroup2>/l7fp-bench/TAG/CODE/POD/{app,sidecar,loadgen}`.
 
 The tag holds the harness's pid, so a later run removes leftovers of a
@@ -37,7 +38,8 @@ from benchmarks import cgroups, sidecar
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 NETNS_PREFIX = "l7fp-bench-"
-POD_NAMES = ("client", "leaf", "frontend", "backend")
+POD_NAMES = ("client", "leaf", "frontend", "backend",
+             *(sidecar.mix_service(share) for share in sidecar.MIX_SHARES))
 
 
 def sh(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -157,7 +159,9 @@ class BenchNet:
 
     def _processes(self) -> None:
         py = sys.executable
-        apps = {"leaf": ["leaf", "--name", "leaf"],
+        apps = {**{sidecar.mix_service(sh): ["leaf", "--name", sidecar.mix_service(sh)]
+                   for sh in sidecar.MIX_SHARES},
+                "leaf": ["leaf", "--name", "leaf"],
                 "backend": ["leaf", "--name", "backend"],
                 "frontend": ["frontend", "--name", "frontend",
                              "--backend", f"{self.pods['backend'].ip}:{sidecar.APP_PORT}"]}
@@ -169,7 +173,8 @@ class BenchNet:
             self.cfgdir = Path(tempfile.mkdtemp(prefix=f"{NETNS_PREFIX}{self.tag}-{self.code}-"))
             self.cfgdir.chmod(0o755)
             cfg = self.cfgdir / "envoy.json"
-            cfg.write_text(json.dumps(sidecar.bootstrap(), indent=1))
+            mix_ips = {sh: self.pods[sidecar.mix_service(sh)].ip for sh in sidecar.MIX_SHARES}
+            cfg.write_text(json.dumps(sidecar.bootstrap(mix_ips), indent=1))
             cfg.chmod(0o644)
             for pod in self.pods.values():
                 pod.start("sidecar", sidecar.envoy_argv(self.envoy, str(cfg), self.concurrency),
@@ -178,7 +183,9 @@ class BenchNet:
     def _wait_ready(self, timeout: float = 30.0) -> None:
         """Ready when the client pod gets a 200 from the leaf and through frontend->backend."""
         deadline = time.monotonic() + timeout
-        for target in (self.url("leaf"), self.url("frontend"), self.url("leaf", "/mix50/r0/")):
+        mixes = [self.url(sidecar.mix_service(sh), sidecar.policy_paths(sh)[-1])
+                 for sh in sidecar.MIX_SHARES]
+        for target in (self.url("leaf"), self.url("frontend"), *mixes):
             while True:
                 self._check_alive()
                 proc = sh(["ip", "netns", "exec", self.client.netns, "curl", "-s", "-o",

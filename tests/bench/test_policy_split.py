@@ -15,33 +15,37 @@ from benchmarks.meshconfig import mesh_file
 REPO = Path(__file__).resolve().parents[2]
 
 
-def leaf_bootstrap() -> dict:
-    """The sidecar bootstrap with the policy routes pointed at a plain cluster, as in the mesh."""
+def mix_bootstrap() -> dict:
+    """The sidecar bootstrap with each mix's routes pointed at a plain cluster, as in the mesh."""
     boot = sidecar.bootstrap()
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] = sidecar.policy_routes("leaf")
-    addr = {"socket_address": {"address": "198.18.1.2", "port_value": 8080}}
-    boot["static_resources"]["clusters"].append({
-        "name": "leaf", "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "leaf",
-                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr}}]}]}})
+    vhosts = []
+    for i, share in enumerate(sidecar.MIX_SHARES):
+        name = sidecar.mix_service(share)
+        vhosts.append({"name": name, "domains": [name],
+                       "routes": sidecar.policy_routes(name, share)})
+        addr = {"socket_address": {"address": f"198.18.1.{i + 2}", "port_value": 8080}}
+        boot["static_resources"]["clusters"].append({
+            "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name,
+                                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr}}]}]}})
+    hcm["typed_config"]["route_config"]["virtual_hosts"] = vhosts
     return boot
 
 
 @pytest.mark.parametrize("share", sidecar.MIX_SHARES)
 def test_split_classifies_the_designed_share_as_envoy(share: float, tmp_path: Path) -> None:
-    path = tmp_path / "leaf.json"
-    path.write_text(json.dumps(leaf_bootstrap()))
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(mix_bootstrap()))
     proc = subprocess.run([sys.executable, "-m", "xds_server", "split", "--json", str(path)],
                           cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     routes = [r for r in json.loads(proc.stdout)["routes"] if r["listener"] == "outbound"]
-    prefix = sidecar.mix_prefix(share)[1:] + "-"
-    mine = [r for r in routes if r["name"].startswith(prefix)]
-    assert len(mine) == sidecar.MIX_ROUTES
+    mine = [r for r in routes if r["name"].startswith(sidecar.mix_service(share) + "-")]
+    assert len(mine) == sidecar.MIX_ROUTES[share]
     envoy = {r["name"] for r in mine if r["verdict"] == "ENVOY"}
     assert envoy == {r["name"] for r in mine if r["name"].endswith("-envoy")}
-    assert len(envoy) == round(share * sidecar.MIX_ROUTES)
+    assert round(len(envoy) / len(mine), 2) == share
 
 
 def test_mesh_file_passes_the_mesh_validator(tmp_path: Path) -> None:
@@ -52,8 +56,9 @@ def test_mesh_file_passes_the_mesh_validator(tmp_path: Path) -> None:
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(mesh_file("bench-t")))
     parsed = spec.load(path)
-    assert set(parsed.services) == {"client", "leaf", "frontend", "backend"}
-    assert parsed.policies["leaf"]["outbound"]["routes"][-1]["name"] == "default"
+    assert set(parsed.services) == {"client", "leaf", "frontend", "backend",
+                                    "mix0", "mix11", "mix50"}
+    assert parsed.policies["mix11"]["outbound"]["routes"][-1]["name"] == "mix11-r8-envoy"
 
 
 def test_kernel_share_counters_from_the_fast_path_metric() -> None:
