@@ -1,6 +1,6 @@
 """Side-by-side latency/throughput of the kernel fast path in the local mesh (K2).
 
-Run: .venv/bin/python -m benchmarks.k2_fastpath [--seconds 5] [--rounds 3]
+Run: .venv/bin/python -m benchmarks.k2_fastpath [--seconds 5] [--rounds 3] [--decide l7fp]
 
 One mesh, two pods with Envoy sidecars (client, leaf: benchmarks.apps leaf).
 wrk runs in the client pod against the leaf's service name, at 1 and 16
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0, help="per wrk run (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="ABC rounds (default 3)")
+    p.add_argument("--decide", choices=["l7fp", "inline"], default="l7fp",
+                   help="decision compiled into the data path (default l7fp)")
     args = p.parse_args(argv)
     from fastpath.agent import Agent
     from mesh.runner import Mesh
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "mesh.yaml").write_text(MESH)
     m = Mesh(work / "mesh.yaml", "k2bench", fastpath="off", timeout=120)
     m.up()
-    agent = Agent(m.state_file, access_log=False)
+    agent = Agent(m.state_file, access_log=False, decide=args.decide)
     agent.start()
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
