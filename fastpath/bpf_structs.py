@@ -64,6 +64,8 @@ LB_ROUND_ROBIN, LB_RANDOM = 1, 2
 STR_CI = 1
 HM_INVERT, HM_ABSENT, HM_MISSING_EMPTY = 1, 2, 4
 LF_PUNT, LF_NORMALIZE = 1, 2
+FILT_RATE_LIMIT, FILT_FAULT = 1, 2
+MAX_FILTERS = 4
 DF_HEAD = 1
 # byte classes (bit numbers)
 C_TCHAR, C_VALUE, C_TARGET, C_UPPER, C_SP, C_COLON, C_QMARK, C_PCT = range(8)
@@ -78,7 +80,8 @@ class Decision(ctypes.Structure):
 
 
 class Listener(ctypes.Structure):
-    _fields_ = [(n, u32) for n in ("flags", "dom_base", "n_dom", "bucket", "nomatch", "pad")]
+    _fields_ = [(n, u32) for n in ("flags", "dom_base", "n_dom", "bucket", "nomatch", "order",
+                                   "fault_status", "fault_per_million", "fault_reply", "pad")]
 
 
 class Vhost(ctypes.Structure):
@@ -161,13 +164,15 @@ def _structs(items: tuple[tuple[str, int], ...]) -> Structs:
 
     nl, nslots = k["L7FP_MAX_LINES"], k["L7FP_MAX_SLOTS"]
 
-    class Req(ctypes.Structure):
-        _fields_: Any = [(n, u32) for n in (
+    req_fields: Any = [(n, u32) for n in (
             "len", "data_len", "hdr_len", "nlines", "bad", "cur_start", "cur_colon", "sp1",
             "sp2", "q", "tflags", "method_len")] + [("method", u64)] + [(n, u32) for n in (
                 "path_off", "path_len", "host_off", "host_len", "cl", "seen")] + [
             ("slot_off", u32 * nslots), ("slot_len", u32 * nslots), ("ls", u16 * nl),
             ("le", u16 * nl), ("lc", u16 * nl)]
+
+    class Req(ctypes.Structure):
+        _fields_ = req_fields
 
     class ReqCtx(ctypes.Structure):
         _fields_ = [("rand", u32), ("rand2", u32), ("gen", u32), ("pad", u32), ("now_ns", u64),

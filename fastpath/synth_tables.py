@@ -125,8 +125,12 @@ class TableBuilder:
             row.f["flags"] = bs.LF_PUNT
             self.notes.append(why)
             return
-        if lp.local_rate_limit:
-            row.f["bucket"] = self._bucket(lp.local_rate_limit, listener=True) + 1
+        try:
+            self._filters(lp, row)
+        except Punt as e:
+            row.f["flags"] = bs.LF_PUNT
+            self.notes.append(f"listener {lp.name}: {e}")
+            return
         base = len(self.rows.get("l7fp_vhosts", []))
         try:
             doms = self._domains(lp.virtual_hosts, base)
@@ -141,6 +145,25 @@ class TableBuilder:
             self._add("l7fp_domains", d)
         for vh in lp.virtual_hosts:
             self._vhost(lp, vh)
+
+    def _filters(self, lp: ListenerPlan, row: _Row) -> None:
+        """The HCM's policy filter order, listener bucket and HCM-level fault."""
+        codes = {"local_ratelimit": bs.FILT_RATE_LIMIT, "fault": bs.FILT_FAULT}
+        order = [f for f in getattr(lp, "filter_order", ("rbac", "local_ratelimit", "fault"))
+                 if f != "rbac"]  # a listener with RBAC is punted above
+        if any(f not in codes for f in order) or len(order) > bs.MAX_FILTERS:
+            raise Punt(f"filter order {order} not known to the kernel")
+        row.f["order"] = sum(codes[f] << (4 * i) for i, f in enumerate(order))
+        if lp.local_rate_limit:
+            row.f["bucket"] = self._bucket(lp.local_rate_limit) + 1
+        fault = getattr(lp, "fault_abort", None)
+        if fault is not None:
+            if fault.header_controlled:
+                raise Punt("header-controlled fault")
+            self.feats.add("fault")
+            row.f["fault_status"] = fault.status
+            row.f["fault_per_million"] = fault.per_million
+            row.f["fault_reply"] = self._reply(fault.status, FAULT_BODY)
 
     def _domains(self, vhosts: tuple[VirtualHost, ...], base: int) -> list[_Row]:
         """Domain rows in the reference's order: exact, suffix and prefix wildcards
@@ -309,9 +332,9 @@ class TableBuilder:
     def _reply(self, status: int, body: str) -> int:
         return self._blob("l7fp_replies", reply_bytes(status, body))
 
-    def _bucket(self, lim: LocalRateLimit, listener: bool = False) -> int:
+    def _bucket(self, lim: LocalRateLimit) -> int:
         self.feats.add("rate_limit")
-        enforce = 1_000_000 if listener else lim.enforced_per_million
+        enforce = lim.enforced_per_million
         return self._add("l7fp_buckets", _Row("Bucket", {
             "max_tokens": lim.max_tokens, "tokens_per_fill": lim.tokens_per_fill,
             "fill_interval_ns": lim.fill_interval_ms * 1_000_000, "status": lim.status,

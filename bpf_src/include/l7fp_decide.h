@@ -70,10 +70,10 @@ static __always_inline int l7fp_rate_limit(struct l7fp_req_ctx *c, __u32 bucket,
     struct l7fp_bucket *b = l7fp_buckets.lookup(&idx);
     if (!b)
         return l7fp_pass(out, L7FP_R_LIMIT);
-    /* the enforcement draw comes first: a request not enforced takes no token */
-    if (c->rand % 1000000 >= b->enforce_per_million)
-        return 0;
+    /* every request takes a token; an empty bucket rejects the enforced share */
     if (l7fp_take_token(b, c->now_ns))
+        return 0;
+    if (c->rand % 1000000 >= b->enforce_per_million)
         return 0;
     return l7fp_reply(out, b->status, b->reply, out->flags & L7FP_DF_HEAD);
 #else
@@ -163,19 +163,11 @@ static __always_inline int l7fp_header_add(struct l7fp_req_ctx *c, __u32 add, __
 #endif
 }
 
-/* What the matched route rt does with the request. */
+/* What the matched route rt does with the request (after the filters). */
 static __always_inline int l7fp_act(struct l7fp_req_ctx *c, struct l7fp_route *rt, __u32 gen,
-                                    struct l7fp_listener *l, struct l7fp_decision *out)
+                                    struct l7fp_decision *out)
 {
     __u32 head = out->flags & L7FP_DF_HEAD;
-    if (rt->action == L7FP_ACT_PUNT)
-        return l7fp_pass(out, L7FP_R_PUNT_ROUTE);
-#if L7FP_F_FAULT
-    if (rt->fault_per_million && c->rand % 1000000 < rt->fault_per_million)
-        return l7fp_reply(out, rt->fault_status, rt->fault_reply, head);
-#endif
-    if (l7fp_rate_limit(c, rt->bucket, gen, out))
-        return out->verdict;
     if (rt->action == L7FP_ACT_REPLY)
         return l7fp_reply(out, rt->status, rt->reply, head);
     if (rt->action != L7FP_ACT_FORWARD)
@@ -201,38 +193,76 @@ static __always_inline int l7fp_nomatch(struct l7fp_listener *l, struct l7fp_dec
     return l7fp_reply(out, 404, l->nomatch - 1, out->flags & L7FP_DF_HEAD);
 }
 
-/* First matching route of vhost vi, and its action. */
-static __always_inline int l7fp_route(struct l7fp_req_ctx *c, __u32 vi, __u32 gen,
-                                      struct l7fp_listener *l, struct l7fp_decision *out)
+/* First matching route of vhost vi: the route, or NULL with out->verdict
+ * still 0 (no route) or PASS set (limit hit, undecidable matcher). */
+static __always_inline struct l7fp_route *l7fp_find_route(struct l7fp_req_ctx *c, __u32 vi,
+                                                          __u32 gen, struct l7fp_decision *out)
 {
-    if (vi >= L7FP_N_VHOSTS)
-        return l7fp_pass(out, L7FP_R_LIMIT);
+    if (vi >= L7FP_N_VHOSTS) {
+        l7fp_pass(out, L7FP_R_LIMIT);
+        return NULL;
+    }
     __u32 idx = l7fp_idx(gen, vi, L7FP_N_VHOSTS);
     struct l7fp_vhost *vh = l7fp_vhosts.lookup(&idx);
-    if (!vh || vh->n_routes > L7FP_MAX_ROUTES)
-        return l7fp_pass(out, L7FP_R_LIMIT);
+    if (!vh || vh->n_routes > L7FP_MAX_ROUTES) {
+        l7fp_pass(out, L7FP_R_LIMIT);
+        return NULL;
+    }
     out->vhost = vi;
     for (__u32 i = 0; i < L7FP_MAX_ROUTES; i++) {
         if (i >= vh->n_routes)
             break;
         __u32 ri = vh->route_base + i;
-        if (ri >= L7FP_N_ROUTES)
-            return l7fp_pass(out, L7FP_R_LIMIT);
+        if (ri >= L7FP_N_ROUTES) {
+            l7fp_pass(out, L7FP_R_LIMIT);
+            return NULL;
+        }
         __u32 ridx = l7fp_idx(gen, ri, L7FP_N_ROUTES);
         struct l7fp_route *rt = l7fp_routes.lookup(&ridx);
-        if (!rt)
-            return l7fp_pass(out, L7FP_R_LIMIT);
+        if (!rt) {
+            l7fp_pass(out, L7FP_R_LIMIT);
+            return NULL;
+        }
         int m = l7fp_route_match(c, rt, gen);
         if (m < 0) {
             out->route = rt->route_id;
-            return l7fp_pass(out, L7FP_R_HDR_CONFLICT);
+            l7fp_pass(out, L7FP_R_HDR_CONFLICT);
+            return NULL;
         }
         if (m) {
             out->route = rt->route_id;
-            return l7fp_act(c, rt, gen, l, out);
+            return rt;
         }
     }
-    return l7fp_nomatch(l, out, L7FP_R_NO_ROUTE);
+    return NULL;
+}
+
+/* The policy filters (local rate limit, fault abort) in the listener's HCM
+ * order, for the matched route or none. 0 go on, else the verdict set. A
+ * route's bucket replaces the listener's; a route's fault replaces the
+ * HCM-level one. */
+static __always_inline int l7fp_filters(struct l7fp_req_ctx *c, struct l7fp_listener *l,
+                                        struct l7fp_route *rt, __u32 gen,
+                                        struct l7fp_decision *out)
+{
+    __u32 order = l->order, head = out->flags & L7FP_DF_HEAD;
+#pragma unroll
+    for (int j = 0; j < L7FP_MAX_FILTERS; j++) {
+        __u32 f = (order >> (4 * j)) & 0xf;
+        if (f == L7FP_FILT_RATE_LIMIT) {
+            __u32 bucket = rt && rt->bucket ? rt->bucket : l->bucket;
+            if (l7fp_rate_limit(c, bucket, gen, out))
+                return out->verdict;
+        } else if (f == L7FP_FILT_FAULT) {
+#if L7FP_F_FAULT
+            __u32 pm = rt ? rt->fault_per_million : l->fault_per_million;
+            if (pm && c->rand % 1000000 < pm)
+                return rt ? l7fp_reply(out, rt->fault_status, rt->fault_reply, head)
+                          : l7fp_reply(out, l->fault_status, l->fault_reply, head);
+#endif
+        }
+    }
+    return 0;
 }
 
 static __always_inline int l7fp_decide(struct l7fp_req_ctx *ctx, void *data, void *data_end,
@@ -263,14 +293,24 @@ static __always_inline int l7fp_decide(struct l7fp_req_ctx *ctx, void *data, voi
         return l7fp_pass(out, L7FP_R_NO_LISTENER);
     if (ctx->r.tflags)
         return l7fp_pass(out, L7FP_R_PATH_NORM);
-    if (l7fp_rate_limit(ctx, l->bucket, gen, out))
-        return out->verdict;
     int vi = l7fp_pick_vhost(ctx, l, gen);
     if (vi == -2)
         return l7fp_pass(out, L7FP_R_LIMIT);
+    struct l7fp_route *rt = NULL;
+    if (vi >= 0) {
+        rt = l7fp_find_route(ctx, vi, gen, out);
+        if (out->verdict)
+            return out->verdict;
+    }
+    if (rt && rt->action == L7FP_ACT_PUNT)
+        return l7fp_pass(out, L7FP_R_PUNT_ROUTE);
+    if (l7fp_filters(ctx, l, rt, gen, out))
+        return out->verdict;
     if (vi < 0)
         return l7fp_nomatch(l, out, L7FP_R_NO_VHOST);
-    return l7fp_route(ctx, vi, gen, l, out);
+    if (!rt)
+        return l7fp_nomatch(l, out, L7FP_R_NO_ROUTE);
+    return l7fp_act(ctx, rt, gen, out);
 }
 
 #endif /* L7FP_DECIDE_H */

@@ -181,8 +181,16 @@ struct l7fp_listener {
     __u32 n_dom;
     __u32 bucket;  /* listener rate limit: bucket index + 1, 0 = none */
     __u32 nomatch; /* no vhost / no route: reply blob index + 1 (Envoy's 404), 0 = PASS */
+    __u32 order;   /* policy filters in HCM order: L7FP_FILT_* per 4 bits, low first */
+    __u32 fault_status; /* HCM-level fault abort (requests without a route) */
+    __u32 fault_per_million;
+    __u32 fault_reply;
     __u32 pad;
 };
+
+#define L7FP_FILT_RATE_LIMIT 1
+#define L7FP_FILT_FAULT 2
+#define L7FP_MAX_FILTERS 4
 
 struct l7fp_domain {
     __u32 kind;
