@@ -32,6 +32,7 @@ from fastpath.plan import (
     LbPolicy,
     ListenerPlan,
     PathNormalization,
+    Rbac,
     Route,
     Verdict,
     VirtualHost,
@@ -158,19 +159,26 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
           reasons: list[str]) -> tuple[ListenerPlan, str]:
     filters = [HttpFilter(str(f.get("name", "")), filter_kind(f), f.get("typedConfig", {}),
                           bool(f.get("disabled", False))) for f in hcm.get("httpFilters", [])]
-    rbac, limit, fault = None, None, None
-    order = tuple(dict.fromkeys(f.kind for f in filters if f.kind in ("rbac", "local_ratelimit", "fault")))
+    limit, fault = None, None
+    rbacs: list[Rbac] = []
+    order: list[str] = []  # enabled policy filters in chain order (Istio: DENY rbac, then ALLOW rbac)
     for f in filters:
-        if f.disabled:
+        if f.disabled or f.kind not in ("rbac", "local_ratelimit", "fault"):
             continue
+        if f.kind in order and f.kind != "rbac":
+            reasons.append(f"several {f.kind} filters")
         if f.kind == "fault":
             fault, _ = fault_abort(f.config)  # its reasons are charged to the routes
         elif f.kind == "rbac":
-            rbac, more = classify_rbac(f.config)
+            one, more = classify_rbac(f.config)
             reasons += [f"listener RBAC: {r}" for r in more]
+            if one is None:
+                continue  # no rules (or LOG only): enforces nothing
+            rbacs.append(one)
         elif f.kind == "local_ratelimit":
             limit, more = local_rate_limit(f.config)
             reasons += more
+        order.append(f.kind)
     reasons += _hcm_reasons(hcm)
     rc_name = hcm.get("rds", {}).get("routeConfigName", "")
     rc = hcm.get("routeConfig") or res.route_configs.get(rc_name)
@@ -188,9 +196,10 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
         vhosts = tuple(replace(v, routes=tuple(_punt(r, why) for r in v.routes)) for v in vhosts)
     norm = PathNormalization(bool(hcm.get("normalizePath", False)), bool(hcm.get("mergeSlashes", False)),
                              str(hcm.get("pathWithEscapedSlashesAction", "KEEP_UNCHANGED")))
-    plan = ListenerPlan(name, address, port, direction, vhosts, rc.get("name", rc_name), rbac, limit, norm,
+    plan = ListenerPlan(name, address, port, direction, vhosts, rc.get("name", rc_name),
+                        rbacs[0] if rbacs else None, limit, norm,
                         Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)),
-                        filter_order=order, fault_abort=fault)
+                        filter_order=tuple(order), fault_abort=fault, rbacs=tuple(rbacs))
     return plan, str(rc.get("name", rc_name))
 
 

@@ -106,9 +106,9 @@ def _print_text(report: Any, explain: bool) -> None:
 def _print_listener(lp: Any, explain: bool) -> None:
     print(f"  listener {lp.name} {lp.address}:{lp.port} {lp.direction.value}"
           f" route_config={lp.route_config or '-'} {lp.verdict.value}")
-    if lp.rbac is not None:
-        print(f"    rbac {lp.rbac.action} {len(lp.rbac.policies)} policies: {lp.rbac.verdict.value}"
-              f"{' - ' + lp.rbac.reason if lp.rbac.reason else ''}")
+    for rbac in lp.rbacs or ((lp.rbac,) if lp.rbac else ()):
+        print(f"    rbac {rbac.action} {len(rbac.policies)} policies: {rbac.verdict.value}"
+              f"{' - ' + rbac.reason if rbac.reason else ''}")
     for vh in lp.virtual_hosts:
         print(f"    vhost {vh.name} {list(vh.domains)}")
         for i, r in enumerate(vh.routes):

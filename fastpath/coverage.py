@@ -117,16 +117,13 @@ def _rows(path: str, plan: KernelPlan, report: Report) -> None:
             for i, r in enumerate(vh.routes):
                 report.routes.append(Row(path, lp.name, lp.route_config, vh.name, r.name or f"#{i}",
                                          r.verdict.value, r.reason))
-        if lp.rbac is None:
-            continue
-        policies = lp.rbac.policies or ()
         listener_why = lp.reason if lp.verdict is Verdict.ENVOY else ""
-        for p in policies:
-            verdict = Verdict.ENVOY if (p.verdict is Verdict.ENVOY or listener_why) else Verdict.KERNEL
-            why = p.reason or listener_why
-            report.rules.append(Row(path, lp.name, lp.route_config, "", f"{lp.rbac.action} {p.name}",
-                                    verdict.value, why))
-        if not policies:
-            report.rules.append(Row(path, lp.name, lp.route_config, "", f"{lp.rbac.action} (no policy)",
-                                    Verdict.ENVOY.value if listener_why else Verdict.KERNEL.value,
-                                    listener_why))
+        for rbac in lp.rbacs or ((lp.rbac,) if lp.rbac else ()):
+            for p in rbac.policies:
+                verdict = Verdict.ENVOY if (p.verdict is Verdict.ENVOY or listener_why) else Verdict.KERNEL
+                report.rules.append(Row(path, lp.name, lp.route_config, "", f"{rbac.action} {p.name}",
+                                        verdict.value, p.reason or listener_why))
+            if not rbac.policies:
+                report.rules.append(Row(path, lp.name, lp.route_config, "", f"{rbac.action} (no policy)",
+                                        Verdict.ENVOY.value if listener_why else Verdict.KERNEL.value,
+                                        listener_why))

@@ -334,6 +334,10 @@ class ListenerPlan:
     # before the router): which reply wins when several apply.
     filter_order: tuple[str, ...] = ("rbac", "local_ratelimit", "fault")
     fault_abort: FaultAbort | None = None  # HCM-level abort: also for requests without a route
+    # Every RBAC filter of the HCM in chain order (Istio puts a DENY filter before
+    # an ALLOW one); each "rbac" of filter_order consumes the next. ``rbac`` is
+    # rbacs[0], kept for readers written before: enforce all of ``rbacs``.
+    rbacs: tuple[Rbac, ...] = ()
 
 
 class LbPolicy(enum.Enum):

@@ -142,8 +142,12 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
     route = next((r for r in vh.routes if route_matches(r.match, req)), None) if vh else None
     if route is not None and route.verdict is Verdict.ENVOY:
         return Decision("envoy", route=route.name, reason=route.reason)
+    rbacs = iter(lp.rbacs or ((lp.rbac,) if lp.rbac else ()))
     for kind in lp.filter_order:  # the HCM's http_filters order; the router comes last
-        d = _FILTERS[kind](lp, vh, route, req, rng, state)
+        if kind == "rbac":
+            d = _rbac_filter(next(rbacs), lp, req)
+        else:
+            d = _FILTERS[kind](lp, vh, route, req, rng, state)
         if d is not None:
             return d
     if vh is None:
@@ -153,13 +157,10 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
     return _apply(plan, route, req, rng, state)
 
 
-def _rbac_filter(lp: ListenerPlan, vh: VirtualHost | None, route: Route | None, req: Request,
-                 rng: random.Random, state: State) -> Decision | None:
-    if lp.rbac is None:
-        return None
-    denied = _rbac_denies(lp.rbac, req, lp)
+def _rbac_filter(rbac: Rbac, lp: ListenerPlan, req: Request) -> Decision | None:
+    denied = _rbac_denies(rbac, req, lp)
     if denied is None:
-        return Decision("envoy", reason=f"rbac: {lp.rbac.reason}")
+        return Decision("envoy", reason=f"rbac: {rbac.reason}")
     return Decision("reply", status=403, body=RBAC_DENIED_BODY, reason="rbac deny") if denied else None
 
 
@@ -186,7 +187,7 @@ def _fault_filter(lp: ListenerPlan, vh: VirtualHost | None, route: Route | None,
     return Decision("reply", status=fault.status, body=FAULT_BODY, route=route.name if route else "")
 
 
-_FILTERS = {"rbac": _rbac_filter, "local_ratelimit": _rate_limit_filter, "fault": _fault_filter}
+_FILTERS = {"local_ratelimit": _rate_limit_filter, "fault": _fault_filter}
 
 
 def _unparseable(req: Request) -> str:

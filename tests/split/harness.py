@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -65,15 +66,32 @@ def echo_upstreams() -> Iterator[dict[str, int]]:
         srv.server_close()
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
+def _ephemeral() -> tuple[int, int]:
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return lo, hi
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` bindable loopback ports *outside* the ephemeral range, so an outgoing
+    connection (ours or another engineer's) can't take one before Envoy binds it."""
+    lo, hi = _ephemeral()
+    low, high = (20000, lo - 1) if lo > 21000 else (hi + 1, 65000)
+    rng = random.Random()
+    out: list[int] = []
+    while len(out) < n:
+        port = rng.randint(low, high)
+        if port in out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        out.append(port)
+    return out
 
 
 class EnvoyProc:
