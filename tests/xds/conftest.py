@@ -169,11 +169,11 @@ async def upstreams() -> AsyncIterator[dict[str, int]]:
         await r.cleanup()
 
 
-async def http_get(port: int, path: str) -> tuple[int, str, str]:
+async def http_get(port: int, path: str, timeout: float = 3) -> tuple[int, str, str]:
     """(status, body, x-route header) of one request through Envoy; (0, error, '') on failure."""
     try:
         async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=3)
+            f"http://127.0.0.1:{port}{path}", timeout=aiohttp.ClientTimeout(total=timeout)
         ) as r:
             return r.status, await r.text(), r.headers.get("x-route", "")
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:

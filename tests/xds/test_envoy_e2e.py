@@ -57,7 +57,7 @@ async def test_serve_reload_and_remove(delta, config_dir, serve, envoys, envoy_b
     await wait_for(lambda: routed(lport, "/a", "two"), 10, step=0.02)
     took = time.monotonic() - t0
     print(f"route change in force after {took:.3f}s ({'delta' if delta else 'sotw'})")
-    assert took < 3.0  # 1 s on an idle machine; generous bound on a shared 2-core box
+    assert took < 5.0, took  # ~0.1-0.4 s measured; generous bound for a loaded 2-core box
 
     # remove cluster "two" and the route to it in one change, under traffic to /a:
     # make-before-break means no request ever sees the cluster missing (503)
@@ -66,7 +66,7 @@ async def test_serve_reload_and_remove(delta, config_dir, serve, envoys, envoy_b
 
     async def traffic():
         while not stop.is_set() and len(statuses) < 5000:
-            statuses.append((await http_get(lport, "/a"))[0])
+            statuses.append((await http_get(lport, "/a", timeout=15))[0])
             await asyncio.sleep(0.005)
 
     load = asyncio.create_task(traffic())
