@@ -112,4 +112,4 @@ async def wait_for(pred: Any, timeout: float, step: float = 0.05) -> None:
         if await pred():
             return
         await asyncio.sleep(step)
-    raise AssertionError(f"condition not met within {timeout}s")
+    raise AssertionError(f"{getattr(pred, '__name__', pred)} not met within {timeout}s")

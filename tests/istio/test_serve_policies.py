@@ -40,7 +40,7 @@ async def test_policies_served_acked_and_reloaded(tmp_path: Path, serves: list, 
         types = sync[0]["types"]
         return all(types.get(t, {}).get("acked") for t in ("cds", "eds", "lds", "rds"))
 
-    await wait_for(all_acked, 30)
+    await wait_for(all_acked, 60)
     (proxy,) = await cp.get_json("/debug/syncz")
     assert not any(t["last_nack_error"] for t in proxy["types"].values()), proxy["types"]
 
@@ -51,7 +51,7 @@ async def test_policies_served_acked_and_reloaded(tmp_path: Path, serves: list, 
             return False
         return "outbound|9080|v2|reviews.default.svc.cluster.local::198.18.0.12:9080" in text
 
-    await wait_for(reviews_v2_endpoint, 20)
+    await wait_for(reviews_v2_endpoint, 60)
     adsz = await cp.get_json("/debug/adsz")
     (istio,) = [s for s in adsz["sources"] if s["name"] == "istio"]
     assert istio["objects"] == 5 and istio["warnings"] == []
@@ -70,4 +70,4 @@ async def test_policies_served_acked_and_reloaded(tmp_path: Path, serves: list, 
         return bool(routes) and routes[-1]["route"].get("cluster") == (
             "outbound|9080|v3|reviews.default.svc.cluster.local")
 
-    await wait_for(only_v3, 20)
+    await wait_for(only_v3, 60)
