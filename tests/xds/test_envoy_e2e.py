@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -121,7 +122,8 @@ async def test_nack_shown_and_not_resent(delta, config_dir, serve, envoys, envoy
     assert "regex" in rds["last_nack_error"].lower() or "unclosed" in rds["last_nack_error"], rds
     sends = rds["sends"]
     metrics = await serve.get_text("/metrics")
-    assert 'pilot_total_xds_rejects_total{type="rds"} 1.0' in metrics
+    rejects = re.search(r'pilot_total_xds_rejects_total\{type="rds"\} ([0-9.]+)', metrics)
+    assert rejects and float(rejects.group(1)) >= 1, metrics
     assert await routed(lport, "/a", "one")  # previous config still in force
     await asyncio.sleep(1.5)
     (p,) = await serve.get_json("/debug/syncz")
@@ -156,7 +158,7 @@ async def test_server_restart(delta, config_dir, serve, envoys, envoy_bin, upstr
         p = await serve.get_json("/debug/syncz")
         return p and all(p[0]["types"].get(t, {}).get("acked") for t in ("cds", "lds", "rds"))
 
-    await wait_for(resynced, 20)
+    await wait_for(resynced, 45)  # Envoy's reconnect backoff grows while the server is down
     assert await routed(lport, "/a", "one")
     after = await envoy.stats("cluster_manager")
     assert after["cluster_manager.cluster_removed"] == before["cluster_manager.cluster_removed"]
