@@ -37,7 +37,7 @@ ASSUME = {
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("split", help="show which routes/rules the kernel enforces",
                               description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="FILE|DIR", help="Envoy bootstrap or xDS resource files")
+    p.add_argument("paths", nargs="+", metavar="FILE|DIR", help="Envoy bootstraps, xDS resource files, Istio / Gateway API policy files")
     p.add_argument("--explain", action="store_true",
                    help="also print each route's matcher and action, and what the ENVOY rest needs")
     p.add_argument("--json", action="store_true", help="print one JSON object (see above)")
