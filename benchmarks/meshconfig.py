@@ -99,11 +99,18 @@ class MeshRunnerConfig(Configuration):
         except MeshError as exc:
             self.mesh = None
             raise Unavailable(f"`l7fp mesh up --fastpath {self.fastpath}` failed: {exc}") from exc
-        self.loadgen = cgroups.make(Path(self._pod("client")["cgroup"]) / "loadgen")
-        if self.bypass is not None:
-            self.bypass.attach([Path(p["cgroup"]) for p in self.state["pods"]])
-        if self.name == "l7fp":
-            self._check_fast_path()
+        except BaseException:  # Ctrl-C while the daemon starts: remove it by name
+            self.down()
+            raise
+        try:
+            self.loadgen = cgroups.make(Path(self._pod("client")["cgroup"]) / "loadgen")
+            if self.bypass is not None:
+                self.bypass.attach([Path(p["cgroup"]) for p in self.state["pods"]])
+            if self.name == "l7fp":
+                self._check_fast_path()
+        except BaseException:
+            self.down()
+            raise
 
     def _check_fast_path(self) -> None:
         """Refuse to report `l7fp` figures unless the kernel really served requests."""

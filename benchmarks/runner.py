@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -79,8 +80,20 @@ class Progress:
                   f"{name}: {what}")
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
+# Set by Ctrl-C/SIGTERM. The KeyboardInterrupt raised with it can be swallowed
+# when it lands in an interpreter hook (logging's at-fork lock release around a
+# subprocess start), so the loops also check the flag between steps.
+STOP = threading.Event()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    STOP.set()
     raise KeyboardInterrupt
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt
 
 
 def execute(plan: Plan, names: list[str], *, envoy: str, workdir: Path, concurrency: int,
@@ -93,7 +106,8 @@ def execute(plan: Plan, names: list[str], *, envoy: str, workdir: Path, concurre
     outcome = Outcome()
     prog = progress or Progress(0)
     prog.total = 0
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    STOP.clear()
+    old = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for scope in ("pods", "demo"):
             cells = [c for c in plan.cells if c.scenario.demo == (scope == "demo")]
@@ -101,10 +115,13 @@ def execute(plan: Plan, names: list[str], *, envoy: str, workdir: Path, concurre
                 _run_phase(scope, replace(plan, cells=cells), names, envoy, workdir,
                            concurrency, substrate, outcome, prog)
     except KeyboardInterrupt:
+        STOP.set()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if STOP.is_set():
         outcome.interrupted = True
         prog.line("interrupted: the meshes were torn down")
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
     return outcome
 
 
@@ -112,12 +129,13 @@ def _run_phase(scope: str, plan: Plan, names: list[str], envoy: str, workdir: Pa
                concurrency: int, substrate: str, outcome: Outcome, prog: Progress) -> None:
     live: list[Configuration] = []
     try:
-        live = _bring_up(scope, names, envoy, workdir, concurrency, substrate, outcome, prog)
+        _bring_up(scope, names, envoy, workdir, concurrency, substrate, outcome, prog, live)
         by_name = {c.name: c for c in live}
         order = [n for n in names if n in by_name]
         prog.total += plan.total(order)
         _warm_up(plan, live, prog)
         for cell, rep, name in plan.schedule(order):
+            check_stop()
             try:
                 rec = measure(by_name[name], cell, plan.duration_s)
                 rec["rep"] = rep
@@ -137,8 +155,8 @@ def _run_phase(scope: str, plan: Plan, names: list[str], envoy: str, workdir: Pa
 
 
 def _bring_up(scope: str, names: list[str], envoy: str, workdir: Path, concurrency: int,
-              substrate: str, outcome: Outcome, prog: Progress) -> list[Configuration]:
-    live: list[Configuration] = []
+              substrate: str, outcome: Outcome, prog: Progress, live: list[Configuration]) -> None:
+    """Bring each configuration up, appending it to `live` (the caller tears `live` down)."""
     if scope == "demo":
         built = configs.build_demo(names, envoy=envoy, workdir=workdir)
     else:
@@ -146,6 +164,7 @@ def _bring_up(scope: str, names: list[str], envoy: str, workdir: Path, concurren
                               substrate=substrate)
     where = " (demo mesh)" if scope == "demo" else ""
     for name, item in zip([n for n in configs.NAMES if n in names], built, strict=True):
+        check_stop()
         entry = {"name": name, "scope": scope, "status": "ok", "reason": ""}
         outcome.configurations.append(entry)
         if isinstance(item, Unavailable):
@@ -160,8 +179,8 @@ def _bring_up(scope: str, names: list[str], envoy: str, workdir: Path, concurren
             prog.line(f"{name}{where}: failed to come up: {exc}")
             continue
         live.append(item)
+        check_stop()
         prog.line(f"{name}{where}: up in {time.monotonic() - t0:.1f}s")
-    return live
 
 
 def _warm_up(plan: Plan, live: list[Configuration], prog: Progress) -> None:
@@ -173,6 +192,7 @@ def _warm_up(plan: Plan, live: list[Configuration], prog: Progress) -> None:
             key = (cfg.name, cell.scenario.name)
             if key in seen or (plan.quick and cell.scenario != plan.cells[0].scenario):
                 continue
+            check_stop()
             seen.add(key)
             try:
                 load.run_wrk(cfg.url(cell.scenario.pod, cell.scenario.path), 4, secs,
