@@ -199,6 +199,11 @@ def _unparseable(req: Request) -> str:
         return "path has dot segments or empty segments"
     if req.header("upgrade") is not None or req.header("expect") is not None:
         return "upgrade/expect request"
+    query = path.split("?", 1)[1] if "?" in path else ""
+    names = [kv.split("=", 1)[0] for kv in query.split("&") if kv]
+    if "+" in query or len(names) != len(set(names)):
+        # form-encoded spaces and repeated names: decoding rules the kernel doesn't copy
+        return "query string with '+' or a repeated parameter"
     if req.header("grpc-timeout") is not None:
         return "grpc-timeout header (Envoy may enforce it as a timeout)"
     return ""
