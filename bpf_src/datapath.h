@@ -96,6 +96,8 @@ struct dp_verdict {
     __u32 status;    /* REPLY: status code */
     __u32 log;       /* set by sk_msg: write an access-log event */
     __u32 cluster;   /* FORWARD: cluster id (for the access log) */
+    __u32 hdr_add;   /* FORWARD: headers to insert before the blank line, 0: none */
+    __u32 _pad;
 };
 
 struct dp_bind {

@@ -90,6 +90,12 @@ static __always_inline __u8 *dp_reply_get(__u32 gen, __u32 id, __u32 *len)
     return r->data;
 }
 
+/* The built-in decision never adds headers. */
+static __always_inline __u8 *dp_hdr_add_get(__u32 gen, __u32 hdr_add, __u32 *len)
+{
+    return 0;
+}
+
 static __always_inline int dp_ipass(struct dp_verdict *v, __u32 why)
 {
     v->kind = DP_K_PASS;

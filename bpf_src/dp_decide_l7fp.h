@@ -22,6 +22,22 @@ BPF_HASH(dp_eps, struct dp_ep_key, __u32, 2 * 1024);
 #error "DP_REPLY_MAX must equal L7FP_MAX_BLOB (fastpath/loader.py sets both)"
 #endif
 
+/* Request headers to add (l7fp_hdradds entry hdr_add - 1): "name: value\r\n"... */
+static __always_inline __u8 *dp_hdr_add_get(__u32 gen, __u32 hdr_add, __u32 *len)
+{
+#if !L7FP_F_HDR_ADD
+    return 0; /* compiled out: the plan adds no headers */
+#endif
+    if (!hdr_add)
+        return 0;
+    __u32 idx = l7fp_idx(gen, hdr_add - 1, L7FP_N_HDRADDS);
+    struct l7fp_blob *b = l7fp_hdradds.lookup(&idx);
+    if (!b)
+        return 0;
+    *len = b->len;
+    return b->b;
+}
+
 /* Kernel replies come from the plan's l7fp_replies (dp_replies stays unused). */
 static __always_inline __u8 *dp_reply_get(__u32 gen, __u32 id, __u32 *len)
 {
@@ -55,12 +71,7 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
     v->status = d.status;
     v->cluster = d.cluster;
     if (d.verdict == L7FP_FORWARD) {
-        if (d.hdr_add) {
-            /* header insertion is not wired into the data path yet: Envoy adds them */
-            v->kind = DP_K_PASS;
-            v->reason = DP_R_HDR_ADD;
-            return 0;
-        }
+        v->hdr_add = d.hdr_add; /* sk_msg.c inserts it (dp_hdr_add_get) */
         struct dp_ep_key k = {.gen = gen & 1, .cluster = d.cluster, .endpoint = d.endpoint};
         __u32 *pool = dp_eps.lookup(&k);
         if (!pool) {

@@ -135,6 +135,36 @@ static __always_inline int dp_rewrite_reply(struct sk_msg_md *msg, struct dp_ver
     return (int)len;
 }
 
+/* Insert the route's request headers before the blank line of the head (at
+ * head_len - 2). Returns the bytes inserted, or -1 (nothing inserted, or the
+ * message is no longer usable: the caller sends it to Envoy, which rejects a
+ * damaged head rather than misroute it). */
+static __always_inline int dp_insert_headers(struct sk_msg_md *msg, struct dp_verdict *v,
+                                             __u32 gen)
+{
+    __u32 len = 0;
+    __u8 *src = dp_hdr_add_get(gen, v->hdr_add, &len);
+    if (!src || len == 0 || len > DP_REPLY_MAX || v->head_len < 4)
+        return -1;
+    __u32 at = v->head_len - 2;
+    if (bpf_msg_push_data(msg, at, len, 0))
+        return -1;
+    if (bpf_msg_pull_data(msg, at, at + len, 0))
+        return -1;
+    char *d = msg->data;
+    void *end = msg->data_end;
+    for (__u32 i = 0; i < DP_REPLY_MAX; i++) {
+        __u32 j = i;
+        asm volatile("" : "+r"(j));
+        if (j >= len || j >= DP_REPLY_MAX)
+            break;
+        if ((void *)(d + j + 1) > end)
+            return -1;
+        d[j] = src[j];
+    }
+    return (int)len;
+}
+
 int dp_msg_verdict(struct sk_msg_md *msg)
 {
     struct bpf_sock *sk = msg->sk;
@@ -221,6 +251,13 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         if (miss)
             __sync_fetch_and_add(miss, 1); /* the agent grows this pool */
         return dp_to_envoy(c, v.route, why);
+    }
+    if (v.hdr_add) {
+        int n = dp_insert_headers(msg, &v, gen);
+        if (n < 0)
+            return dp_to_envoy(c, v.route, DP_R_REWRITE);
+        size += n;
+        v.consumed += n;
     }
     if (size < v.consumed) {
         c->body_left = v.consumed - size;

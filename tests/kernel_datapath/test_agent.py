@@ -135,3 +135,41 @@ def test_plan_swap_and_stop_detaches(agent, cgroup, envoy, upstream):  # type: i
     assert bpfsys.attached_prog_ids(str(cgroup.path)) == []
     out = run(cgroup, envoy.port, [[{"send": [get("/fast/x")]}]])
     assert out[0][0]["headers"].get("x-via") == "envoy"
+
+
+def test_request_headers_added_in_kernel(kernel, cgroup, envoy, upstream, tmp_path):  # type: ignore[no-untyped-def]
+    """l7fp_decide's header-add: the data path inserts the headers before the blank
+    line, the upstream sees them, the request still goes the fast way."""
+    from dataclasses import replace
+
+    from fastpath.plan import HeaderValue
+
+    state = tmp_path / "state.json"
+    write_state(state, str(cgroup.path))
+    a = Agent(state, decide="l7fp")
+    a.start()
+    try:
+        plan = client_plan(envoy.port, upstream.port)
+        lst = plan.listeners[0]
+        vh = lst.virtual_hosts[0]
+        r0 = replace(vh.routes[0], request_headers_to_add=(
+            HeaderValue("x-l7fp-added", "kernel", append=False),))
+        plan = replace(plan, listeners=(replace(lst, virtual_hosts=(
+            replace(vh, routes=(r0, *vh.routes[1:])),)),))
+        a.on_plan("up", KernelPlan("up", "u1"))
+        a.on_plan("client", plan)
+        wait_for(lambda: a.nodes.get("client") and a.nodes["client"].plan)
+        node = a.nodes["client"]
+        assert node.mode == "l7fp"
+        wait_for(lambda: any(p["free"] for p in node.pools.snapshot()))
+        body = "POST /fast/b HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\nabcd"
+        out = run(cgroup, envoy.port, [[{"send": [get("/fast/a")]}, {"send": [body]},
+                                        {"send": [get("/fast/c")]}]])[0]
+        for res, line, n in zip(out, ("GET /fast/a", "POST /fast/b", "GET /fast/c"),
+                                (0, 4, 0), strict=True):
+            seen = json.loads(res["body"])
+            assert res["status"] == 200 and "x-via" not in res["headers"], res
+            assert seen["line"] == line + " HTTP/1.1" and seen["body_len"] == n
+            assert "x-l7fp-added: kernel" in seen["headers"], seen
+    finally:
+        a.stop()
