@@ -28,6 +28,9 @@ DEFAULT_KNOBS: dict[str, int] = {
     "L7FP_MAX_WEIGHTED": 8,
     "L7FP_MAX_SLOTS": 8,
     "L7FP_MAX_ABSENT": 4,
+    "L7FP_MAX_RBAC": 16,
+    "L7FP_N_RBAC": 16,
+    "L7FP_F_RBAC": 1,
     "L7FP_N_LISTENERS": 16,
     "L7FP_N_DOMAINS": 64,
     "L7FP_N_VHOSTS": 32,
@@ -52,7 +55,7 @@ VERDICT_NAMES = {FORWARD: "FORWARD", REPLY: "REPLY", NEED_MORE: "NEED_MORE", PAS
 REASONS = (
     "none", "unparsed", "chunked", "upgrade", "http10", "h2", "too_large", "punt_route",
     "pool_empty", "expect", "bad_cl", "no_listener", "no_vhost", "no_route", "no_host",
-    "no_endpoint", "hdr_conflict", "path_norm", "method", "limit",
+    "no_endpoint", "hdr_conflict", "path_norm", "method", "limit", "rbac",
 )
 REASON = {name: i for i, name in enumerate(REASONS)}
 
@@ -64,7 +67,9 @@ LB_ROUND_ROBIN, LB_RANDOM = 1, 2
 STR_CI = 1
 HM_INVERT, HM_ABSENT, HM_MISSING_EMPTY = 1, 2, 4
 LF_PUNT, LF_NORMALIZE = 1, 2
-FILT_RATE_LIMIT, FILT_FAULT = 1, 2
+FILT_RATE_LIMIT, FILT_FAULT, FILT_RBAC = 1, 2, 3
+RK_TRUE, RK_FALSE, RK_PATH, RK_METHOD, RK_HEADER = 1, 2, 3, 4, 5
+RB_ITEM, RB_GROUP, RB_SIDE, RB_INVERT, RB_PRIN = 1, 2, 4, 8, 16
 MAX_FILTERS = 4
 DF_HEAD = 1
 # byte classes (bit numbers)
@@ -81,7 +86,8 @@ class Decision(ctypes.Structure):
 
 class Listener(ctypes.Structure):
     _fields_ = [(n, u32) for n in ("flags", "dom_base", "n_dom", "bucket", "nomatch", "order",
-                                   "fault_status", "fault_per_million", "fault_reply", "pad")]
+                                   "fault_status", "fault_per_million", "fault_reply",
+                                   "rbac_base", "rbac_n", "rbac_deny", "rbac_reply", "pad")]
 
 
 class Vhost(ctypes.Structure):
@@ -126,6 +132,7 @@ class Structs:
     Route: Any
     Hmatch: Any
     Blob: Any
+    RbacRow: Any
     Req: Any
     ReqCtx: Any
 
@@ -158,6 +165,10 @@ def _structs(items: tuple[tuple[str, int], ...]) -> Structs:
     class Hmatch(ctypes.Structure):
         _fields_ = [("slot", u32), ("kind", u32), ("flags", u32), ("pad", u32), ("v", Str)]
 
+    class RbacRow(ctypes.Structure):
+        _fields_ = [("kind", u32), ("ends", u32), ("method", u64), ("method_len", u32),
+                    ("pad", u32), ("m", Hmatch)]
+
     class Blob(ctypes.Structure):
         _fields_ = [("len", u32), ("n_absent", u32), ("absent", u32 * k["L7FP_MAX_ABSENT"]),
                     ("b", u8 * k["L7FP_MAX_BLOB"])]
@@ -167,7 +178,8 @@ def _structs(items: tuple[tuple[str, int], ...]) -> Structs:
     req_fields: Any = [(n, u32) for n in (
             "len", "data_len", "hdr_len", "nlines", "bad", "cur_start", "cur_colon", "sp1",
             "sp2", "q", "tflags", "method_len")] + [("method", u64)] + [(n, u32) for n in (
-                "path_off", "path_len", "host_off", "host_len", "cl", "seen")] + [
+                "path_off", "path_len", "host_off", "host_len", "cl", "seen", "rb_item",
+                "rb_group", "rb_side", "rb_perm", "rb_hit", "rb_bad", "rb_deny", "rb_pad")] + [
             ("slot_off", u32 * nslots), ("slot_len", u32 * nslots), ("ls", u16 * nl),
             ("le", u16 * nl), ("lc", u16 * nl)]
 
@@ -178,7 +190,7 @@ def _structs(items: tuple[tuple[str, int], ...]) -> Structs:
         _fields_ = [("rand", u32), ("rand2", u32), ("gen", u32), ("pad", u32), ("now_ns", u64),
                     ("r", Req), ("buf", u8 * (2 * k["L7FP_MAX_HDR"] + ms + 16))]
 
-    return Structs(Str, Domain, Route, Hmatch, Blob, Req, ReqCtx)
+    return Structs(Str, Domain, Route, Hmatch, Blob, RbacRow, Req, ReqCtx)
 
 
 def structs(knobs: dict[str, int] | None = None) -> Structs:

@@ -67,6 +67,7 @@ class TableBuilder:
     max_routes: int = 1
     max_hm: int = 1
     max_wc: int = 1
+    max_rbac: int = 1
     feats: set[str] = field(default_factory=set)
 
     # ---- rows ----
@@ -116,14 +117,9 @@ class TableBuilder:
         row = _Row("Listener", {"flags": 0, "dom_base": 0, "n_dom": 0, "bucket": 0,
                                 "nomatch": self._blob("l7fp_replies", reply_bytes(404)) + 1})
         self._add("l7fp_listeners", row)
-        why = ""
         if lp.verdict is Verdict.ENVOY:
-            why = f"listener {lp.name}: {lp.reason}"
-        elif lp.rbac is not None and not lp.rbac.shadow:
-            why = f"listener {lp.name}: RBAC is enforced by Envoy (not compiled in the kernel)"
-        if why:
             row.f["flags"] = bs.LF_PUNT
-            self.notes.append(why)
+            self.notes.append(f"listener {lp.name}: {lp.reason}")
             return
         try:
             self._filters(lp, row)
@@ -148,11 +144,19 @@ class TableBuilder:
 
     def _filters(self, lp: ListenerPlan, row: _Row) -> None:
         """The HCM's policy filter order, listener bucket and HCM-level fault."""
-        codes = {"local_ratelimit": bs.FILT_RATE_LIMIT, "fault": bs.FILT_FAULT}
-        order = [f for f in getattr(lp, "filter_order", ("rbac", "local_ratelimit", "fault"))
-                 if f != "rbac"]  # a listener with RBAC is punted above
+        codes = {"local_ratelimit": bs.FILT_RATE_LIMIT, "fault": bs.FILT_FAULT,
+                 "rbac": bs.FILT_RBAC}
+        order = list(getattr(lp, "filter_order", ("rbac", "local_ratelimit", "fault")))
+        rbacs = [r for r in (getattr(lp, "rbacs", ()) or ((lp.rbac,) if lp.rbac else ()))]
+        enforced = [r for r in rbacs[:order.count("rbac")] if not r.shadow]  # shadow: log only
+        if len(enforced) > 1:
+            raise Punt("more than one enforcing RBAC filter")
         if any(f not in codes for f in order) or len(order) > bs.MAX_FILTERS:
             raise Punt(f"filter order {order} not known to the kernel")
+        if not enforced:
+            order = [f for f in order if f != "rbac"]
+        else:
+            self._rbac(enforced[0], lp, row)
         row.f["order"] = sum(codes[f] << (4 * i) for i, f in enumerate(order))
         if lp.local_rate_limit:
             row.f["bucket"] = self._bucket(lp.local_rate_limit) + 1
@@ -164,6 +168,85 @@ class TableBuilder:
             row.f["fault_status"] = fault.status
             row.f["fault_per_million"] = fault.per_million
             row.f["fault_reply"] = self._reply(fault.status, FAULT_BODY)
+
+    def _rbac(self, rbac: Any, lp: ListenerPlan, row: _Row) -> None:
+        """The RBAC rows of a listener (see l7fp_rbac.h for the nesting)."""
+        if rbac.verdict is Verdict.ENVOY:
+            raise Punt(f"RBAC needs Envoy: {rbac.reason}")
+        rows: list[_Row] = []
+        for pol in rbac.policies:
+            if pol.verdict is Verdict.ENVOY:
+                raise Punt(f"RBAC policy {pol.name} needs Envoy: {pol.reason}")
+            self._rbac_side(rows, pol.permissions, lambda p: self._perm_rows(p, lp), 0)
+            self._rbac_side(rows, pol.principals, self._prin_rows, bs.RB_PRIN)
+        if len(rows) > 64:
+            raise Punt("RBAC with more than 64 atoms")
+        self.feats.add("rbac")
+        self.max_rbac = max(self.max_rbac, len(rows))
+        row.f["rbac_base"] = len(self.rows.get("l7fp_rbac", []))
+        row.f["rbac_n"] = len(rows)
+        row.f["rbac_deny"] = int(rbac.action == "DENY")
+        row.f["rbac_reply"] = self._reply(403, "RBAC: access denied")
+        for r in rows:
+            self._add("l7fp_rbac", r)
+
+    def _rbac_side(self, rows: list[_Row], groups: Any, fields: Any, prin: int) -> None:
+        """One side (permissions or principals) of a policy: OR of AND-groups."""
+        start = len(rows)
+        if not groups:  # any() of nothing: no match
+            rows.append(_Row("RbacRow", {"kind": bs.RK_FALSE, "ends": bs.RB_ITEM | bs.RB_GROUP}))
+        for g in groups:
+            if not g:  # all() of nothing: a match
+                rows.append(_Row("RbacRow", {"kind": bs.RK_TRUE, "ends": bs.RB_ITEM}))
+            for item in g:
+                atoms = fields(item) or [{"kind": bs.RK_TRUE}]
+                for a in atoms:
+                    rows.append(_Row("RbacRow", {"ends": 0, **a}))
+                rows[-1].f["ends"] |= bs.RB_ITEM | (bs.RB_INVERT if item.invert else 0)
+            rows[-1].f["ends"] |= bs.RB_GROUP
+        rows[-1].f["ends"] |= bs.RB_SIDE
+        for r in rows[start:]:
+            r.f["ends"] |= prin
+
+    def _perm_rows(self, p: Any, lp: ListenerPlan) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if p.path is not None:
+            kind = _SM.get(p.path.kind)
+            if kind is None:
+                raise Punt(f"RBAC path matcher {p.path.kind.value}")
+            out.append({"kind": bs.RK_PATH, "m": {"kind": kind, "v": (
+                self._str(p.path.value), p.path.ignore_case)}})
+        if p.method is not None:
+            out.append(self._method_atom(p.method))
+        if p.port is not None:  # the listener's port: known now
+            out.append({"kind": bs.RK_TRUE if p.port == lp.port else bs.RK_FALSE})
+        for h in p.headers:
+            out.append(self._header_atom(h))
+        return out
+
+    def _prin_rows(self, p: Any) -> list[dict[str, Any]]:
+        if p.source_cidr is not None:
+            raise Punt("RBAC source CIDR (the kernel decision has no source address yet)")
+        out: list[dict[str, Any]] = []
+        if p.header is not None:
+            out.append(self._header_atom(p.header))
+        if p.authenticated is not None:  # plaintext on the fast path: no peer identity
+            out.append({"kind": bs.RK_FALSE})
+        return out
+
+    def _method_atom(self, method: str) -> dict[str, Any]:
+        if len(method) > 8 or not method.isupper() or not method.isalpha():
+            raise Punt(f"RBAC method {method!r}")
+        return {"kind": bs.RK_METHOD, "method_len": len(method),
+                "method": int.from_bytes(method.encode().ljust(8, b"\0"), "little")}
+
+    def _header_atom(self, h: HeaderMatch) -> dict[str, Any]:
+        if h.name == ":method" and h.match is not None and h.match.kind is StringKind.EXACT \
+                and not (h.invert or h.absent or h.match.ignore_case):
+            return self._method_atom(h.match.value)
+        hm = self._hmatch(h)
+        self.feats.add("hdr_match")
+        return {"kind": bs.RK_HEADER, "m": hm.f}
 
     def _domains(self, vhosts: tuple[VirtualHost, ...], base: int) -> list[_Row]:
         """Domain rows in the reference's order: exact, suffix and prefix wildcards
@@ -357,6 +440,8 @@ class TableBuilder:
             "L7FP_MAX_WEIGHTED": _pow2(self.max_wc, 2),
             "L7FP_MAX_SLOTS": MAX_SLOTS,
             "L7FP_MAX_ABSENT": 4,
+            "L7FP_MAX_RBAC": _pow2(self.max_rbac, 16),
+            "L7FP_N_RBAC": _pow2(n.get("l7fp_rbac", 0), 16),
             "L7FP_N_LISTENERS": _pow2(n.get("l7fp_listeners", 0), 16),
             "L7FP_N_DOMAINS": _pow2(n.get("l7fp_domains", 0), 16),
             "L7FP_N_VHOSTS": _pow2(n.get("l7fp_vhosts", 0), 16),
@@ -368,7 +453,7 @@ class TableBuilder:
             "L7FP_N_HDRADDS": _pow2(nb.get("l7fp_hdradds", 0), 16),
             "L7FP_N_BUCKETS": _pow2(n.get("l7fp_buckets", 0), 16),
         }
-        for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add"):
+        for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add", "rbac"):
             k[f"L7FP_F_{feat.upper()}"] = int(feat in self.feats)
         return k
 
@@ -383,12 +468,17 @@ class TableBuilder:
     def _struct(self, st: bs.Structs, row: _Row) -> ctypes.Structure:
         cls = getattr(st, row.kind, None) or getattr(bs, row.kind)
         v = cls()
-        for name, val in row.f.items():
+        self._fill(st, v, row.f)
+        return v
+
+    def _fill(self, st: bs.Structs, v: Any, f: dict[str, Any]) -> None:
+        for name, val in f.items():
             if isinstance(val, tuple):  # (string, case-insensitive)
                 setattr(v, name, encode_str(st, val[0], val[1]))
+            elif isinstance(val, dict):  # a nested struct (l7fp_rbac_row.m)
+                self._fill(st, getattr(v, name), val)
             else:
                 setattr(v, name, val)
-        return v
 
     def _blob_struct(self, st: bs.Structs, data: bytes, absent: tuple[int, ...]) -> ctypes.Structure:
         v = st.Blob()

@@ -17,7 +17,7 @@
 #ifndef L7FP_DECIDE_H
 #define L7FP_DECIDE_H
 
-#include "l7fp_match.h"
+#include "l7fp_rbac.h"
 
 static __always_inline int l7fp_pass(struct l7fp_decision *out, __u32 why)
 {
@@ -237,7 +237,7 @@ static __always_inline struct l7fp_route *l7fp_find_route(struct l7fp_req_ctx *c
     return NULL;
 }
 
-/* The policy filters (local rate limit, fault abort) in the listener's HCM
+/* The policy filters (RBAC, local rate limit, fault abort) in the listener's HCM
  * order, for the matched route or none. 0 go on, else the verdict set. A
  * route's bucket replaces the listener's; a route's fault replaces the
  * HCM-level one. */
@@ -246,6 +246,15 @@ static __always_inline int l7fp_filters(struct l7fp_req_ctx *c, struct l7fp_list
                                         struct l7fp_decision *out)
 {
     __u32 order = l->order, head = out->flags & L7FP_DF_HEAD;
+    /* RBAC has no side effect: evaluate it once here (not in every unrolled
+     * filter slot), keep the answer in the scratch: 0 allow, 1 deny, 2 PASS */
+    if (l->rbac_n) {
+        int d = l7fp_rbac_denies(c, l, gen);
+        c->r.rb_deny = d < 0 ? 2 : d;
+    } else {
+        c->r.rb_deny = 0;
+    }
+    L7FP_BARRIER();
 #pragma unroll
     for (int j = 0; j < L7FP_MAX_FILTERS; j++) {
         __u32 f = (order >> (4 * j)) & 0xf;
@@ -253,6 +262,12 @@ static __always_inline int l7fp_filters(struct l7fp_req_ctx *c, struct l7fp_list
             __u32 bucket = rt && rt->bucket ? rt->bucket : l->bucket;
             if (l7fp_rate_limit(c, bucket, gen, out))
                 return out->verdict;
+        } else if (f == L7FP_FILT_RBAC) {
+            __u32 deny = c->r.rb_deny;
+            if (deny == 2)
+                return l7fp_pass(out, L7FP_R_RBAC);
+            if (deny)
+                return l7fp_reply(out, 403, l->rbac_reply, head);
         } else if (f == L7FP_FILT_FAULT) {
 #if L7FP_F_FAULT
             __u32 pm = rt ? rt->fault_per_million : l->fault_per_million;

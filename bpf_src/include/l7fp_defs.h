@@ -41,6 +41,9 @@
 #ifndef L7FP_MAX_SLOTS
 #define L7FP_MAX_SLOTS 8 /* distinct header names the plan matches on */
 #endif
+#ifndef L7FP_MAX_RBAC
+#define L7FP_MAX_RBAC 16 /* RBAC rows (policy atoms) of a listener */
+#endif
 #ifndef L7FP_MAX_ABSENT
 #define L7FP_MAX_ABSENT 4 /* header names that must be absent for a header-add */
 #endif
@@ -73,6 +76,9 @@
 #ifndef L7FP_N_HDRADDS
 #define L7FP_N_HDRADDS 16
 #endif
+#ifndef L7FP_N_RBAC
+#define L7FP_N_RBAC 16
+#endif
 #ifndef L7FP_N_BUCKETS
 #define L7FP_N_BUCKETS 16
 #endif
@@ -92,6 +98,9 @@
 #endif
 #ifndef L7FP_F_WILDCARD
 #define L7FP_F_WILDCARD 1 /* suffix/prefix wildcard domains */
+#endif
+#ifndef L7FP_F_RBAC
+#define L7FP_F_RBAC 1 /* listener RBAC in the kernel */
 #endif
 #ifndef L7FP_F_HDR_ADD
 #define L7FP_F_HDR_ADD 1 /* request headers to add */
@@ -130,7 +139,8 @@
 #define L7FP_R_PATH_NORM 17   /* path needs normalization Envoy would do */
 #define L7FP_R_METHOD 18      /* method we do not handle (HEAD reply, odd chars) */
 #define L7FP_R_LIMIT 19       /* a compiled-in table limit was hit */
-#define L7FP_R_MAX 20
+#define L7FP_R_RBAC 20        /* RBAC the kernel cannot evaluate for this request */
+#define L7FP_R_MAX 21
 
 /* ---- plan table enums ---- */
 #define L7FP_DOM_EXACT 1
@@ -185,11 +195,16 @@ struct l7fp_listener {
     __u32 fault_status; /* HCM-level fault abort (requests without a route) */
     __u32 fault_per_million;
     __u32 fault_reply;
+    __u32 rbac_base; /* RBAC rows in l7fp_rbac */
+    __u32 rbac_n;
+    __u32 rbac_deny; /* 1: DENY policy set, 0: ALLOW */
+    __u32 rbac_reply; /* the 403 blob */
     __u32 pad;
 };
 
 #define L7FP_FILT_RATE_LIMIT 1
 #define L7FP_FILT_FAULT 2
+#define L7FP_FILT_RBAC 3
 #define L7FP_MAX_FILTERS 4
 
 struct l7fp_domain {
@@ -231,6 +246,30 @@ struct l7fp_hmatch {
     __u32 pad;
     struct l7fp_str v;
 };
+
+/* One atom of a listener's RBAC, in policy order: policy -> permissions side
+ * then principals side -> OR-groups -> AND-items -> fields. `ends` closes the
+ * levels after this atom (L7FP_RB_*). */
+struct l7fp_rbac_row {
+    __u32 kind; /* L7FP_RK_* */
+    __u32 ends;
+    __u64 method; /* L7FP_RK_METHOD: method word */
+    __u32 method_len;
+    __u32 pad;
+    struct l7fp_hmatch m; /* L7FP_RK_HEADER: the matcher; L7FP_RK_PATH: m.kind + m.v */
+};
+
+#define L7FP_RK_TRUE 1
+#define L7FP_RK_FALSE 2
+#define L7FP_RK_PATH 3
+#define L7FP_RK_METHOD 4
+#define L7FP_RK_HEADER 5
+
+#define L7FP_RB_ITEM 1      /* end of a permission/principal: apply its invert */
+#define L7FP_RB_GROUP 2     /* end of an AND-group */
+#define L7FP_RB_SIDE 4      /* end of the permissions (or principals) of a policy */
+#define L7FP_RB_INVERT 8    /* the permission/principal is inverted */
+#define L7FP_RB_PRIN 16     /* the row belongs to the principals side */
 
 struct l7fp_weighted {
     __u32 cluster;
@@ -308,6 +347,7 @@ struct l7fp_req {
     __u32 host_off, host_len;
     __u32 cl;
     __u32 seen; /* L7FP_SEEN_* */
+    __u32 rb_item, rb_group, rb_side, rb_perm, rb_hit, rb_bad, rb_deny, rb_pad; /* RBAC state */
     __u32 slot_off[L7FP_MAX_SLOTS];
     __u32 slot_len[L7FP_MAX_SLOTS]; /* value length + 1; 0 = absent */
     __u16 ls[L7FP_MAX_LINES];       /* line start */

@@ -20,6 +20,7 @@ BPF_ARRAY(l7fp_weighted, struct l7fp_weighted, 2 * L7FP_N_WEIGHTED);
 BPF_ARRAY(l7fp_clusters, struct l7fp_cluster, 2 * L7FP_N_CLUSTERS);
 BPF_ARRAY(l7fp_replies, struct l7fp_blob, 2 * L7FP_N_REPLIES);
 BPF_ARRAY(l7fp_hdradds, struct l7fp_blob, 2 * L7FP_N_HDRADDS);
+BPF_ARRAY(l7fp_rbac, struct l7fp_rbac_row, 2 * L7FP_N_RBAC);
 BPF_ARRAY(l7fp_buckets, struct l7fp_bucket, 2 * L7FP_N_BUCKETS);
 BPF_ARRAY(l7fp_cclass, struct l7fp_cclass, 1);
 BPF_ARRAY(l7fp_rr, __u32, 2 * L7FP_N_CLUSTERS);

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fastpath import bpf_structs as bs
@@ -29,8 +29,8 @@ pytestmark = [pytest.mark.kernel]
 FLOOR = {"L7FP_MAX_STR": 32, "L7FP_MAX_DOMAINS": 8, "L7FP_MAX_ROUTES": 8, "L7FP_MAX_HMATCH": 2,
          "L7FP_MAX_WEIGHTED": 2, "L7FP_MAX_BLOB": 256, "L7FP_F_HDR_MATCH": 1,
          "L7FP_F_WEIGHTED": 1, "L7FP_F_RATE_LIMIT": 1, "L7FP_F_FAULT": 1, "L7FP_F_WILDCARD": 1,
-         "L7FP_F_HDR_ADD": 1}
-ALLOWED_EXTRA_PASS = {"method", "hdr_conflict"}
+         "L7FP_F_HDR_ADD": 1, "L7FP_F_RBAC": 1, "L7FP_MAX_RBAC": 16, "L7FP_N_RBAC": 16}
+ALLOWED_EXTRA_PASS = {"method", "hdr_conflict", "rbac"}
 
 
 class FixedRng(random.Random):
@@ -78,15 +78,41 @@ vhost = st.builds(P.VirtualHost, st.uuids().map(lambda u: u.hex[:6]), domains,
                   st.lists(route, min_size=1, max_size=5).map(tuple))
 
 
+rbac_path = st.builds(P.StringMatch, st.sampled_from(
+    [P.StringKind.EXACT, P.StringKind.PREFIX, P.StringKind.SUFFIX, P.StringKind.PRESENT]),
+    st.sampled_from(["/", "/a", "/a/b", "b"]), st.booleans())
+permission = st.one_of(
+    st.builds(P.Permission, any=st.just(True), invert=st.booleans()),
+    st.builds(P.Permission, path=rbac_path, invert=st.booleans()),
+    st.builds(P.Permission, method=st.sampled_from(["GET", "POST"]),
+              port=st.sampled_from([None, 80, 81]), invert=st.booleans()),
+    st.builds(P.Permission, headers=st.lists(header_match, max_size=1).map(tuple),
+              invert=st.booleans()),
+)
+principal = st.one_of(
+    st.builds(P.Principal, any=st.just(True), invert=st.booleans()),
+    st.builds(P.Principal, header=header_match, invert=st.booleans()),
+    st.builds(P.Principal, authenticated=st.just(P.StringMatch(P.StringKind.EXACT, "spiffe://x")),
+              invert=st.booleans()),
+)
+groups = lambda item: st.lists(st.lists(item, max_size=2).map(tuple), max_size=2).map(tuple)  # noqa: E731
+rbac = st.builds(P.Rbac, st.sampled_from(["ALLOW", "DENY"]), st.lists(st.builds(
+    P.RbacPolicy, st.uuids().map(lambda u: u.hex[:6]), groups(permission), groups(principal)),
+    min_size=1, max_size=2).map(tuple))
+
+
 @st.composite
 def plans(draw: st.DrawFn) -> P.KernelPlan:
     vhs = draw(st.lists(vhost, min_size=1, max_size=2))
     # no "rbac" in the order: the generated listeners have no RBAC (a listener
     # with RBAC is punted to Envoy as a whole by the synthesis)
-    order = draw(st.sampled_from([("local_ratelimit", "fault"), ("fault", "local_ratelimit")]))
+    order = list(draw(st.permutations(["local_ratelimit", "fault", "rbac"])))
+    lrbac = draw(st.one_of(st.none(), rbac))
+    if lrbac is None:
+        order.remove("rbac")
     lp = P.ListenerPlan("l", "0.0.0.0", 80, P.Direction.OUTBOUND, virtual_hosts=tuple(vhs),
-                        local_rate_limit=draw(limit), filter_order=order,
-                        fault_abort=draw(fault))
+                        local_rate_limit=draw(limit), filter_order=tuple(order),
+                        fault_abort=draw(fault), rbac=lrbac)
     return P.KernelPlan("n", "1", listeners=(lp,), clusters=(C1, C2))
 
 
@@ -117,6 +143,7 @@ def prog() -> DecideProgram:
 def test_kernel_equals_reference(prog: DecideProgram, plan: P.KernelPlan,
                                  reqs: list[tuple], x: int) -> None:
     sp = synthesize(plan, floor=FLOOR)
+    assume(sp.knobs["L7FP_MAX_RBAC"] <= FLOOR["L7FP_MAX_RBAC"])
     assert sp.cflags == prog.cflags, "a generated plan outgrew the floored knobs"
     prog.load(sp)
     blob = bs.structs(sp.knobs).Blob

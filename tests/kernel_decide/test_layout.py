@@ -29,7 +29,7 @@ def test_mirrors_match_c(decide_prog: object) -> None:
         "l7fp_listeners": bs.Listener, "l7fp_domains": st.Domain, "l7fp_vhosts": bs.Vhost,
         "l7fp_routes": st.Route, "l7fp_hmatch": st.Hmatch, "l7fp_weighted": bs.Weighted,
         "l7fp_clusters": bs.Cluster, "l7fp_replies": st.Blob, "l7fp_hdradds": st.Blob,
-        "l7fp_buckets": bs.Bucket, "l7fp_cclass": bs.CClass, "l7fp_scratch": st.ReqCtx,
+        "l7fp_buckets": bs.Bucket, "l7fp_rbac": st.RbacRow, "l7fp_cclass": bs.CClass, "l7fp_scratch": st.ReqCtx,
         "td_out": bs.Decision, "td_in": bs.TdIn,
     }
     for name, mine in leaf.items():
