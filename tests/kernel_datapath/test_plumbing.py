@@ -131,3 +131,28 @@ def test_detach_leaves_nothing(datapath, cgroup):  # type: ignore[no-untyped-def
     datapath.close()
     assert bpfsys.attached_prog_ids(str(cgroup.path)) == []
 
+
+
+def test_inline_virtual_hosts_by_host(datapath, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    """Built-in decision: exact Host (case-insensitive, with then without :port),
+    else the "*" entry (here a punt), never another virtual host's routes."""
+    datapath.set_service("127.0.0.1", envoy.port, 1)
+    datapath.set_inline_route(0, 0, K_FORWARD, "/", pool=0)  # vhost "svc"
+    datapath.set_inline_route(0, 1, K_PASS, "/")  # vhost "*": Envoy
+    datapath.set_inline_vhost(0, 1, "svc", 0, 1)
+    datapath.set_inline_vhost(0, 1, None, 1, 1)
+    datapath.ensure_pool(0, 64)
+    ups = []
+    for _ in range(4):
+        s = socket.create_connection(("127.0.0.1", upstream.port))
+        datapath.push_free(0, datapath.add_upstream(s))
+        ups.append(s)
+    datapath.set_enabled(0)
+    datapath.attach_cgroup(cgroup.path)
+    hosts = ["svc", "SVC", "svc:9000", "other", "svcx", "sv"]
+    out = run(cgroup, envoy.port, [[{"send": [f"GET /h HTTP/1.1\r\nHost: {h}\r\n\r\n"]}]
+                                   for h in hosts])
+    via = ["envoy" if r[0]["headers"].get("x-via") == "envoy" else "fast" for r in out]
+    assert via == ["fast", "fast", "fast", "envoy", "envoy", "envoy"], via
+    for s in ups:
+        s.close()
