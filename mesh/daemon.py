@@ -103,19 +103,30 @@ class Daemon:
             changed += configdir.write_file_xds(self.dir / "xds-files" / pod.name, res)
         return changed
 
-    def start_control_plane(self) -> None:
+    def start_control_plane(self, attempts: int = 3) -> None:
+        """`l7fp serve` as a supervised child; new ports if another process took
+        the free ones between our probe and its bind (a shared machine)."""
         assert self.topo is not None
         from mesh.controlplane import serve_argv
-        port = _free_port(self.topo.subnet.gateway)
-        admin_port = _free_port("127.0.0.1")
-        self.xds_addr = (self.topo.subnet.gateway, port)
-        self.cp_admin = f"127.0.0.1:{admin_port}"
-        argv = serve_argv(self.dir / "xds", self.xds_addr, ("127.0.0.1", admin_port),
-                          self.args.fastpath, self.spec, self.dir / "state.json")
         cg = plumbing.create_cgroup(self.name, "_control-plane")
-        self.sup.add(Proc("control-plane", pod_argv(argv, None), self.dir / "logs" / "control-plane.log",
-                          cg))
-        _wait_port(self.xds_addr, 20, self.sup.procs["control-plane"])
+        for attempt in range(1, attempts + 1):
+            port = _free_port(self.topo.subnet.gateway)
+            admin_port = _free_port("127.0.0.1")
+            self.xds_addr = (self.topo.subnet.gateway, port)
+            self.cp_admin = f"127.0.0.1:{admin_port}"
+            argv = serve_argv(self.dir / "xds", self.xds_addr, ("127.0.0.1", admin_port),
+                              self.args.fastpath, self.spec, self.dir / "state.json")
+            proc = self.sup.add(Proc("control-plane", pod_argv(argv, None),
+                                     self.dir / "logs" / "control-plane.log", cg))
+            try:
+                _wait_port(self.xds_addr, 20, proc)
+                return
+            except RuntimeError:
+                if attempt == attempts or "address already in use" not in \
+                        proc.log_path.read_text(errors="replace")[-2000:]:
+                    raise
+                log.warning("control plane could not bind (port taken meanwhile); retrying")
+                proc.stop()
 
     def start_apps(self) -> None:
         assert self.topo is not None
