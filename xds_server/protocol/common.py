@@ -68,11 +68,20 @@ class Staging:
         self.born: float = 0.0
         self.base: Snapshot | None = None
         self._base_is_mid_of: Snapshot | None = None
+        self._sent_unsettled = False
 
     def set_target(self, snap: Snapshot, born: float) -> None:
         if snap is not self.target:
+            if self._sent_unsettled:
+                # The proxy may hold anything of the view being delivered: keep all of it
+                # until the new target's adds are answered.
+                self.base, self._base_is_mid_of = self.view(), None
             self.target = snap
             self.born = born
+
+    def mark_sent(self) -> None:
+        """Called by the stream for every response it sends."""
+        self._sent_unsettled = True
 
     def view(self) -> Snapshot:
         t = self.target
@@ -86,3 +95,4 @@ class Staging:
         if view is not self.target:
             self._base_is_mid_of = self.target
         self.base = view
+        self._sent_unsettled = False

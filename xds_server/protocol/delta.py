@@ -167,6 +167,7 @@ class DeltaStream:
         st.sent_born, st.sent_at = self.staging.born, time.monotonic()
         st.pending, st.first_sent = True, True
         st.sends += 1
+        self.staging.mark_sent()
         body = b"".join(_encoded_resource(view, e) for e in updates)
         body += wire.delta_tail(st.sent_version, type_url, removed)
         msg = wire.with_nonce(body, st.nonce)

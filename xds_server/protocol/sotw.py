@@ -146,6 +146,7 @@ class SotwStream:
         st.sent_born, st.sent_at = self.staging.born, time.monotonic()
         st.pending = True
         st.sends += 1
+        self.staging.mark_sent()
         return Outgoing(type_url, key[0], st.nonce, wire.with_nonce(body, st.nonce), count)
 
 
