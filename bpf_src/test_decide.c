@@ -17,6 +17,8 @@ struct td_in {
     __u32 gen;
     __u32 listener;
     __u64 now_ns;
+    __u32 src_ip4;
+    __u32 pad;
 };
 
 BPF_ARRAY(td_in, struct td_in, 1);
@@ -38,6 +40,7 @@ int td_decide(struct __sk_buff *skb)
     c->rand2 = in->rand2;
     c->gen = in->gen;
     c->now_ns = in->now_ns;
+    c->src_ip4 = in->src_ip4;
 #ifdef L7FP_TD_PARSE_ONLY /* verifier-cost probe of the parser alone */
     __u32 why = 0;
     out->verdict = l7fp_parse(c, data + 14, data_end, 0, &why);

@@ -68,7 +68,7 @@ STR_CI = 1
 HM_INVERT, HM_ABSENT, HM_MISSING_EMPTY = 1, 2, 4
 LF_PUNT, LF_NORMALIZE = 1, 2
 FILT_RATE_LIMIT, FILT_FAULT, FILT_RBAC = 1, 2, 3
-RK_TRUE, RK_FALSE, RK_PATH, RK_METHOD, RK_HEADER = 1, 2, 3, 4, 5
+RK_TRUE, RK_FALSE, RK_PATH, RK_METHOD, RK_HEADER, RK_SRC_CIDR = 1, 2, 3, 4, 5, 6
 RB_ITEM, RB_GROUP, RB_SIDE, RB_INVERT, RB_PRIN = 1, 2, 4, 8, 16
 MAX_FILTERS = 4
 DF_HEAD = 1
@@ -120,7 +120,7 @@ class TdIn(ctypes.Structure):
     """struct td_in of bpf_src/test_decide.c (the test harness's inputs)."""
 
     _fields_ = [("rand", u32), ("rand2", u32), ("gen", u32), ("listener", u32),
-                ("now_ns", u64)]
+                ("now_ns", u64), ("src_ip4", u32), ("pad", u32)]
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def _structs(items: tuple[tuple[str, int], ...]) -> Structs:
         _fields_ = req_fields
 
     class ReqCtx(ctypes.Structure):
-        _fields_ = [("rand", u32), ("rand2", u32), ("gen", u32), ("pad", u32), ("now_ns", u64),
+        _fields_ = [("rand", u32), ("rand2", u32), ("gen", u32), ("src_ip4", u32), ("now_ns", u64),
                     ("r", Req), ("buf", u8 * (2 * k["L7FP_MAX_HDR"] + ms + 16))]
 
     return Structs(Str, Domain, Route, Hmatch, Blob, RbacRow, Req, ReqCtx)

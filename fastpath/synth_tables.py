@@ -9,6 +9,7 @@ bounds the plan needs. Semantics follow fastpath.reference (the oracle).
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,14 +226,23 @@ class TableBuilder:
         return out
 
     def _prin_rows(self, p: Any) -> list[dict[str, Any]]:
-        if p.source_cidr is not None:
-            raise Punt("RBAC source CIDR (the kernel decision has no source address yet)")
         out: list[dict[str, Any]] = []
+        if p.source_cidr is not None:
+            out.append(self._cidr_atom(p.source_cidr))
         if p.header is not None:
             out.append(self._header_atom(p.header))
         if p.authenticated is not None:  # plaintext on the fast path: no peer identity
             out.append({"kind": bs.RK_FALSE})
         return out
+
+    def _cidr_atom(self, cidr: str) -> dict[str, Any]:
+        """Address and mask as the kernel reads them: network order in a u32."""
+        net = ipaddress.ip_network(cidr, strict=False)
+        if net.version != 4:
+            raise Punt(f"RBAC source CIDR {cidr}: IPv6")
+        return {"kind": bs.RK_SRC_CIDR,
+                "method": int.from_bytes(net.network_address.packed, "little"),
+                "method_len": int.from_bytes(net.netmask.packed, "little")}
 
     def _method_atom(self, method: str) -> dict[str, Any]:
         if len(method) > 8 or not method.isupper() or not method.isalpha():

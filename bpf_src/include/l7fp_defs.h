@@ -264,6 +264,7 @@ struct l7fp_rbac_row {
 #define L7FP_RK_PATH 3
 #define L7FP_RK_METHOD 4
 #define L7FP_RK_HEADER 5
+#define L7FP_RK_SRC_CIDR 6 /* method: address, method_len: mask (both network order) */
 
 #define L7FP_RB_ITEM 1      /* end of a permission/principal: apply its invert */
 #define L7FP_RB_GROUP 2     /* end of an AND-group */
@@ -355,15 +356,16 @@ struct l7fp_req {
     __u16 lc[L7FP_MAX_LINES];       /* first ':' or 0 */
 };
 
-/* Per-CPU scratch given to l7fp_decide by its caller. The first four fields
- * are inputs: the data path sets rand/rand2 from bpf_get_prandom_u32(), now_ns
+/* Per-CPU scratch given to l7fp_decide by its caller. The first five fields
+ * are inputs (src_ip4 optional): the data path sets rand/rand2 from bpf_get_prandom_u32(), now_ns
  * from bpf_ktime_get_ns() and gen from its active plan generation; the test
  * harness sets fixed values so a decision is reproducible. */
 struct l7fp_req_ctx {
     __u32 rand;    /* input: weighted cluster choice, fault abort */
     __u32 rand2;   /* input: endpoint choice (RANDOM lb) */
     __u32 gen;     /* input: plan generation 0 or 1 (tables hold both) */
-    __u32 pad;
+    __u32 src_ip4; /* input: client address, network order; 0 = unknown (RBAC
+                    * source-CIDR rules then hand the request to Envoy) */
     __u64 now_ns;  /* input: clock for token buckets */
     struct l7fp_req r;
     __u8 buf[L7FP_BUF_SIZE];

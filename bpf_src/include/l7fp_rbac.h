@@ -37,6 +37,10 @@ static __always_inline int l7fp_rbac_atom(struct l7fp_req_ctx *c, struct l7fp_rb
         return -1;
     case L7FP_RK_HEADER:
         return l7fp_header_match(c, &row->m);
+    case L7FP_RK_SRC_CIDR:
+        if (!c->src_ip4)
+            return -1; /* the caller did not say who is asking */
+        return ((c->src_ip4 ^ (__u32)row->method) & row->method_len) == 0;
     }
     return 0; /* L7FP_RK_FALSE */
 }

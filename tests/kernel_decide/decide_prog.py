@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import socket
 from pathlib import Path
 
 from fastpath import bpf_structs as bs
@@ -66,10 +67,13 @@ class DecideProgram:
         self.bpf[b"l7fp_rr"].clear()
 
     def run(self, data: bytes, listener: int = 0, rand: int = 0, rand2: int = 0,
-            gen: int = 0, now_ns: int = 1) -> bs.Decision:
-        """l7fp_decide over `data` (the request bytes); the decision it wrote."""
+            gen: int = 0, now_ns: int = 1, src: str | None = None) -> bs.Decision:
+        """l7fp_decide over `data` (the request bytes); the decision it wrote.
+        `src`: the client's IPv4 address (None: unknown to the kernel)."""
         t = self.bpf[b"td_in"]
-        t[t.Key(0)] = t.Leaf.from_buffer_copy(bytes(bs.TdIn(rand, rand2, gen, listener, now_ns)))
+        ip = int.from_bytes(socket.inet_aton(src), "little") if src else 0
+        t[t.Key(0)] = t.Leaf.from_buffer_copy(bytes(bs.TdIn(rand, rand2, gen, listener, now_ns,
+                                                               ip)))
         pkt = b"\0" * 14 + data
         buf = ctypes.create_string_buffer(pkt, len(pkt))
         out = ctypes.create_string_buffer(len(pkt) + 256)

@@ -91,6 +91,8 @@ permission = st.one_of(
 )
 principal = st.one_of(
     st.builds(P.Principal, any=st.just(True), invert=st.booleans()),
+    st.builds(P.Principal, source_cidr=st.sampled_from(
+        ["198.18.0.0/24", "198.18.0.2/32", "198.19.0.0/16", "0.0.0.0/0"]), invert=st.booleans()),
     st.builds(P.Principal, header=header_match, invert=st.booleans()),
     st.builds(P.Principal, authenticated=st.just(P.StringMatch(P.StringKind.EXACT, "spiffe://x")),
               invert=st.booleans()),
@@ -139,9 +141,10 @@ def prog() -> DecideProgram:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
-@given(plan=plans(), reqs=st.lists(request, min_size=1, max_size=6), x=st.integers(0, 2**32 - 1))
+@given(plan=plans(), reqs=st.lists(request, min_size=1, max_size=6), x=st.integers(0, 2**32 - 1),
+       src=st.sampled_from(["198.18.0.2", "198.18.0.9", "198.19.3.4", "203.0.113.1"]))
 def test_kernel_equals_reference(prog: DecideProgram, plan: P.KernelPlan,
-                                 reqs: list[tuple], x: int) -> None:
+                                 reqs: list[tuple], x: int, src: str) -> None:
     sp = synthesize(plan, floor=FLOOR)
     assume(sp.knobs["L7FP_MAX_RBAC"] <= FLOOR["L7FP_MAX_RBAC"])
     assert sp.cflags == prog.cflags, "a generated plan outgrew the floored knobs"
@@ -150,9 +153,10 @@ def test_kernel_equals_reference(prog: DecideProgram, plan: P.KernelPlan,
     state = reference.State(now_ms=1.0)
     for method, path, host, headers in reqs:
         ref = reference.decide(plan, "l", reference.Request(
-            method, path, host, tuple((n.lower(), v) for n, v in headers)), FixedRng(x), state)
+            method, path, host, tuple((n.lower(), v) for n, v in headers), src_ip=src),
+            FixedRng(x), state)
         d = prog.run(raw(method, path, host, headers), listener=sp.listener_ids["l"], rand=x,
-                     now_ns=1_000_000)
+                     now_ns=1_000_000, src=src)
         where = (method, path, host, headers, ref, bs.VERDICT_NAMES[d.verdict],
                  bs.REASONS[d.reason])
         if d.verdict == bs.PASS:

@@ -45,3 +45,22 @@ def test_two_generations_side_by_side(decide_prog: object) -> None:
     d0, d1 = prog.run(get_b, gen=0), prog.run(get_b, gen=1)
     assert (d0.verdict, d0.cluster) == (bs.FORWARD, a.cluster_ids["c1"])
     assert (d1.verdict, d1.status) == (bs.REPLY, 403)
+
+
+def test_rbac_source_cidr_needs_the_source(decide_prog: object) -> None:
+    """A source-CIDR rule is decided with the client's address, and handed to
+    Envoy when the caller did not give one (never allowed by default)."""
+    pol = P.RbacPolicy("p", permissions=((P.Permission(any=True),),),
+                       principals=((P.Principal(source_cidr="198.18.0.0/24"),),))
+    lp = P.ListenerPlan("l", "0.0.0.0", 80, P.Direction.OUTBOUND, virtual_hosts=(
+        P.VirtualHost("v", ("*",), routes=(route("r", P.PathKind.PREFIX, "/", fwd("c1")),)),),
+        rbac=P.Rbac("DENY", (pol,)))
+    sp = synthesize(P.KernelPlan("n", "1", listeners=(lp,), clusters=(C1,)), floor=FLOOR)
+    prog = DecideProgram.get(sp.cflags)
+    prog.load(sp)
+    get = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n"
+    d = prog.run(get, src="198.18.0.7")
+    assert (d.verdict, d.status) == (bs.REPLY, 403)
+    assert prog.run(get, src="198.19.0.7").verdict == bs.FORWARD
+    d = prog.run(get)
+    assert (d.verdict, bs.REASONS[d.reason]) == (bs.PASS, "rbac")
