@@ -94,7 +94,7 @@ struct dp_verdict {
     __u32 head_len;
     __u32 reply_id;  /* REPLY: index in dp_replies */
     __u32 status;    /* REPLY: status code */
-    __u32 log;       /* set by sk_msg: write an access-log event */
+    __u32 log;       /* set by sk_msg: access-log sampling (0 off, N: one in N) */
     __u32 cluster;   /* FORWARD: cluster id (for the access log) */
     __u32 hdr_add;   /* FORWARD: headers to insert before the blank line, 0: none */
     __u32 _pad;
@@ -170,7 +170,7 @@ struct dp_event {
 struct dp_gen_cfg {
     __u32 gen;      /* active plan generation (0/1), flipped last by the agent */
     __u32 enabled;  /* 0: everything to Envoy */
-    __u32 access_log; /* 1: one dp_events entry per decided request */
+    __u32 access_log; /* N > 0: a dp_events entry for one decided request in N */
     __u32 _pad;
 };
 

@@ -41,6 +41,8 @@ static __always_inline void dp_access(struct dp_conn *c, struct dp_verdict *v, _
 {
     if (!v->log)
         return;
+    if (v->log > 1 && bpf_get_prandom_u32() % v->log)
+        return; /* sampled: one request in v->log */
     struct dp_event *e = dp_events.ringbuf_reserve(sizeof(struct dp_event));
     if (!e)
         return;

@@ -40,7 +40,7 @@ AGENTS: dict[int, Agent] = {}  # id(server) -> agent, for /debug/fastpath
 class Agent:
     """One per `l7fp serve` process. Thread-safe entry points: on_plan, debug, stats, stop."""
 
-    def __init__(self, state_path: Path | None, access_log: bool = True,
+    def __init__(self, state_path: Path | None, access_log: int = 1,
                  decide: str = "inline") -> None:
         """`decide`: "inline" (the data path's built-in decision), "l7fp" (K1's
         l7fp_decide synthesized per plan; a node whose program does not load
@@ -142,6 +142,7 @@ class Agent:
                 with self.lock:
                     self.nodes.pop(node_id, None)
                 node.close()
+                node.dp.unload()
                 node = None
             if node is None:
                 node = self._start_node(node_id, plan)
@@ -258,7 +259,9 @@ def start(server: Any, args: Any) -> Agent | None:
             raise RuntimeError(f"--fastpath on: the kernel fast path cannot run: {problem}")
         log.warning("fast path off: %s (Envoy serves every request)", problem)
         return None
-    agent = Agent(_state_path(args), access_log=not getattr(args, "fastpath_no_access_log", False),
+    sample = 0 if getattr(args, "fastpath_no_access_log", False) else \
+        getattr(args, "fastpath_access_log", 16)
+    agent = Agent(_state_path(args), access_log=sample,
                   decide=getattr(args, "fastpath_decide", "l7fp"))
     server.add_plan_listener(agent.on_plan)
     registry = getattr(getattr(server, "metrics", None), "registry", None)

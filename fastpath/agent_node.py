@@ -57,12 +57,12 @@ class NodeDatapath:
     services: set[tuple[str, int]] = field(default_factory=set)
     notes: dict[str, str] = field(default_factory=dict)
     access: AccessLog = field(default_factory=AccessLog)
-    access_log: bool = True
+    access_log: int = 1  # access-log sampling: 0 off, N one request in N
     mode: str = "inline"  # decision compiled in: "inline" (dp_decide_inline.h) or "l7fp" (K1)
     cflags: tuple[str, ...] = ()
 
     @classmethod
-    def start(cls, pod: PodInfo, access_log: bool = True, mode: str = "inline",
+    def start(cls, pod: PodInfo, access_log: int = 1, mode: str = "inline",
               cflags: tuple[str, ...] = ()) -> NodeDatapath:
         """Load the node's datapath (mode "l7fp": with the plan's synthesized cflags)."""
         if mode == "l7fp":

@@ -218,11 +218,12 @@ class Datapath:
         except KeyError:
             pass
 
-    def set_enabled(self, gen: int, enabled: bool = True, access_log: bool = True) -> None:
-        """Flip the active plan generation (the last step of a plan swap)."""
+    def set_enabled(self, gen: int, enabled: bool = True, access_log: int = 1) -> None:
+        """Flip the active plan generation (the last step of a plan swap).
+        `access_log`: 0 off, N: one access-log event for one request in N."""
         t = self.bpf["dp_cfg"]
         t[ct.c_int(0)] = t.Leaf(gen=gen, enabled=1 if enabled else 0,
-                                access_log=1 if access_log else 0)
+                                access_log=max(0, int(access_log)))
 
     def set_inline_route(self, gen: int, index: int, kind: int, prefix: str, pool: int = 0,
                          reply_id: int = 0, status: int = 0, pools: tuple[int, ...] = (),
@@ -334,6 +335,19 @@ class Datapath:
     def drop_peer(self, cookie: int) -> None:
         """Forget upstream `cookie` (closed by the agent): its client binding."""
         bpfsys.map_delete(self.fds["dp_peer"], ct.c_uint64(cookie))
+
+    def unload(self) -> None:
+        """Close and free the module (its maps and programs) and drop it from the
+        compile cache: for a node rebuilt with other cflags, so that plan changes
+        do not pile up modules in a long-running agent."""
+        self.close()
+        with _CACHE_LOCK:
+            for key in [k for k, v in _CACHE.items() if v is self.bpf]:
+                del _CACHE[key]
+        try:
+            self.bpf.cleanup()
+        except Exception as exc:  # best effort: the fds go with the process anyway
+            log.warning("unloading a datapath module: %s", exc)
 
     def close(self) -> None:
         """Detach everything this datapath attached (idempotent)."""

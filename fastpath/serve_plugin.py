@@ -25,8 +25,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "plan (fastpath.synth; default) or the data path's small built-in one "
                         "(inline); a node whose l7fp program does not load falls back to "
                         "inline. Default from $L7FP_FASTPATH_DECIDE when set.")
+    g.add_argument("--fastpath-access-log", type=int, default=16, metavar="N",
+                   help="kernel access log: one event for one request in N, at random "
+                        "(default 16; 1: every request; each event costs the agent CPU)")
     g.add_argument("--fastpath-no-access-log", action="store_true",
-                   help="do not send one kernel event per request (less CPU under load)")
+                   help="no kernel access-log events at all (counters stay)")
 
 
 def setup(server: Any, app: web.Application, args: argparse.Namespace) -> None:
