@@ -117,6 +117,8 @@ struct dp_conn {
     __u32 gen;          /* plan generation seen at the last decision */
     __u32 dst_ip;       /* original destination (network order) */
     __u32 dst_port;     /* host order */
+    __u32 src_ip;       /* the client's own address (network order): RBAC source CIDRs */
+    __u32 _pad2;
     struct dp_bind binds[DP_BINDS];
 };
 

@@ -63,6 +63,7 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
     ctx->rand2 = bpf_get_prandom_u32();
     ctx->gen = gen;
     ctx->now_ns = bpf_ktime_get_ns();
+    ctx->src_ip4 = c->src_ip; /* the pod's address, as the destination sees it */
     /* dp_svc holds listener id + 1 (0: none); l7fp_decide counts from 0 */
     l7fp_decide(ctx, data, data_end, c->listener - 1, &d);
     v->route = d.route == ~0u ? 0 : d.route + 1;

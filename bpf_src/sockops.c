@@ -36,6 +36,7 @@ static __always_inline void dp_track(struct bpf_sock_ops *skops)
     c->flags = DP_F_MESHED;
     c->dst_ip = k.ip;
     c->dst_port = k.port;
+    c->src_ip = skops->local_ip4;
     int err = dp_cli.sock_hash_update(skops, &cookie, BPF_NOEXIST);
     if (err != 0) {
         c->flags |= DP_F_ENVOY; /* map full: the connection stays with Envoy */
