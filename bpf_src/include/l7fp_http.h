@@ -127,7 +127,7 @@ static __always_inline void l7fp_scan_byte(struct l7fp_req_ctx *c, struct l7fp_c
     __u64 l0 = line0 & (1 - crlf), is_sp = L7FP_BIT(cls, L7FP_C_SP);
     __u64 sp1z = L7FP_EQ(r->sp1, 0), sp2z = L7FP_EQ(r->sp2, 0), qz = L7FP_EQ(r->q, 0);
     __u64 set_sp1 = l0 & is_sp & sp1z, set_sp2 = l0 & is_sp & (1 - sp1z) & sp2z;
-    bad |= l0 & is_sp & (1 - sp2z);
+    bad |= l0 & is_sp & ((1 - sp2z) | L7FP_EQ(i, 0)); /* third space, or no method */
     bad_m = l0 & sp1z & (1 - is_sp) & (1 - L7FP_BIT(cls, L7FP_C_UPPER));
     __u64 in_tgt = l0 & (1 - sp1z) & sp2z & (1 - is_sp);
     bad |= in_tgt & (1 - L7FP_BIT(cls, L7FP_C_TARGET));

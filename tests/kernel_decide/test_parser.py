@@ -91,6 +91,7 @@ CASES = [
     ("leading-crlf", req("\nGET /api HTTP/1.1\nHost: web\n\n"), PASS, R["unparsed"]),
     ("lower-case-method", req("get /api HTTP/1.1\nHost: web\n\n"), PASS, R["method"]),
     ("long-method", req("PROPPATCHX /api HTTP/1.1\nHost: web\n\n"), PASS, R["method"]),
+    ("leading-space", req(" GET /api HTTP/1.1\nHost: web\n\n"), PASS, R["unparsed"]),
     ("three-spaces", req("GET /api x HTTP/1.1\nHost: web\n\n"), PASS, R["unparsed"]),
     ("pct-escape", req("GET /api/%2e HTTP/1.1\nHost: web\n\n"), PASS, R["unparsed"]),
     ("fragment", req("GET /api#x HTTP/1.1\nHost: web\n\n"), PASS, R["unparsed"]),
