@@ -20,6 +20,7 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 DEFAULT_KNOBS: dict[str, int] = {
     "L7FP_MAX_HDR": 512,
     "L7FP_MAX_LINES": 32,
+    "L7FP_MAX_HOST": 128,
     "L7FP_MAX_STR": 64,
     "L7FP_MAX_BLOB": 256,
     "L7FP_MAX_DOMAINS": 16,

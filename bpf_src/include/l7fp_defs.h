@@ -20,6 +20,9 @@
 #ifndef L7FP_MAX_LINES
 #define L7FP_MAX_LINES 32 /* request line + header lines; more: PASS */
 #endif
+#ifndef L7FP_MAX_HOST
+#define L7FP_MAX_HOST 128 /* longest Host value the kernel decides on; more: PASS */
+#endif
 #ifndef L7FP_MAX_STR
 #define L7FP_MAX_STR 64 /* longest match string (domain, path, header value) */
 #endif

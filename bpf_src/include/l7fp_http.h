@@ -342,6 +342,30 @@ static __always_inline void l7fp_req_reset(struct l7fp_req *r)
         r->slot_len[j] = 0;
 }
 
+/* 1 when the Host value is not a plain authority (Envoy answers 400 to an
+ * invalid one, or it is longer than L7FP_MAX_HOST): target-safe bytes only,
+ * no '/' or '?'. The verdict accumulates in the scratch, no branch per byte. */
+static __always_inline __u32 l7fp_host_bad(struct l7fp_req_ctx *c)
+{
+    struct l7fp_req *r = &c->r;
+    __u32 zero = 0;
+    struct l7fp_cclass *cc = l7fp_cclass.lookup(&zero);
+    if (!cc || r->host_len > L7FP_MAX_HOST)
+        return 1;
+    r->rb_bad = 0; /* reused as the accumulator (RBAC runs later) */
+    for (__u32 j = 0; j < L7FP_MAX_HOST; j++) {
+        L7FP_BARRIER();
+        if (j >= r->host_len)
+            break;
+        __u64 ch = l7fp_byte(c, r->host_off + j);
+        __u64 ok = L7FP_BIT(cc->c[ch & 0xff], L7FP_C_TARGET) & (1 - L7FP_EQ(ch, '/')) &
+                   (1 - L7FP_EQ(ch, '?'));
+        r->rb_bad |= 1 - ok;
+    }
+    L7FP_BARRIER();
+    return r->rb_bad;
+}
+
 /* Parses the head at the start of (data, data_end) into c->r.
  * Returns 0 when a complete head parsed, else L7FP_NEED_MORE or L7FP_PASS with
  * the reason in *why. */
@@ -393,7 +417,7 @@ static __always_inline __u32 l7fp_parse(struct l7fp_req_ctx *c, void *data, void
         if (*why)
             return L7FP_PASS;
     }
-    if (!(r->seen & L7FP_SEEN_HOST)) {
+    if (!(r->seen & L7FP_SEEN_HOST) || l7fp_host_bad(c)) {
         *why = L7FP_R_NO_HOST;
         return L7FP_PASS;
     }
