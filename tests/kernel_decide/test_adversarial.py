@@ -76,10 +76,25 @@ def prog() -> DecideProgram:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=mutated())
 def test_kernel_decides_only_what_a_strict_parser_accepts(prog: DecideProgram, data: bytes) -> None:
+    check(prog, data)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=mutated(), second=mutated())
+def test_pipelined_heads(prog: DecideProgram, first: bytes, second: bytes) -> None:
+    """Two heads in one write: the second is decided from where the first's
+    consumed length ends, and is held to the same rule."""
+    data = first + second
+    d = check(prog, data)
+    if d.verdict in (bs.FORWARD, bs.REPLY) and d.consumed < len(data):
+        check(prog, data[d.consumed:])
+
+
+def check(prog: DecideProgram, data: bytes) -> bs.Decision:
     d = prog.run(data)
     assert d.verdict in (bs.FORWARD, bs.REPLY, bs.NEED_MORE, bs.PASS)
     if d.verdict not in (bs.FORWARD, bs.REPLY):
-        return
+        return d
     got = strict_parse(data)
     assert got is not None, (data, bs.VERDICT_NAMES[d.verdict])
     req, head_len, cl = got
@@ -93,3 +108,4 @@ def test_kernel_decides_only_what_a_strict_parser_accepts(prog: DecideProgram, d
         path = req.target.split(b"?")[0]
         want = "c1" if path.startswith(b"/api") else "c2"
         assert d.cluster == SP.cluster_ids[want], data
+    return d
