@@ -9,7 +9,16 @@ import time
 import pytest
 
 from .conftest import http_get, start_envoy, wait_for
-from .helpers import cluster, direct, free_port, listener, route, route_config
+from .helpers import (
+    cluster,
+    direct,
+    eds_cluster,
+    endpoints,
+    free_port,
+    listener,
+    route,
+    route_config,
+)
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 NODE = "sidecar~127.0.0.1~e2e-0.test~test.svc.cluster.local"
@@ -59,6 +68,18 @@ async def test_serve_reload_and_remove(delta, config_dir, serve, envoys, envoy_b
     took = time.monotonic() - t0
     print(f"route change in force after {took:.3f}s ({'delta' if delta else 'sotw'})")
     assert took < 5.0, took  # ~0.1-0.4 s measured; generous bound for a loaded 2-core box
+
+    # add an EDS cluster, its endpoints and a route to it in one change: routes wait for
+    # the clusters' ACK, the cluster warms with its EDS, and the route works
+    config_dir.write("eds.yaml", [eds_cluster("three"), endpoints("three", upstreams["two"])])
+    config_dir.write("routes.yaml", [route_config("rc", [
+        direct("/deny", 403, "deny"), route("/c", "three", "c"), route("/a", "two", "a"),
+        route("/", "one", "rest")])])
+    await wait_for(lambda: routed(lport, "/c", "two"), 10)
+    config_dir.remove("eds.yaml")
+    config_dir.write("routes.yaml", [route_config("rc", [
+        direct("/deny", 403, "deny"), route("/a", "two", "a"), route("/", "one", "rest")])])
+    await wait_for(lambda: routed(lport, "/c", "one"), 10)
 
     # remove cluster "two" and the route to it in one change, under traffic to /a:
     # make-before-break means no request ever sees the cluster missing (503)

@@ -114,9 +114,11 @@ async def test_delta_stream_over_grpc(srv):
         d = await c.recv()
         assert sorted(r.name for r in d.resources) == ["a"]
         await c.send(res.ROUTE, ["r"])
+        with pytest.raises(asyncio.TimeoutError):
+            await c.recv(0.3)  # routes wait until the clusters are answered
+        await c.ack(res.CLUSTER)
         rds = await c.recv()
         assert [r.name for r in rds.resources] == ["r"]
-        await c.ack(res.CLUSTER)
         await c.ack(res.ROUTE)
         with pytest.raises(asyncio.TimeoutError):
             await c.recv(0.3)  # nothing more to say

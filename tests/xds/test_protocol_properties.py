@@ -174,3 +174,43 @@ def test_sotw_converges_and_never_resends_a_nacked_version(first, steps):
     for t in (res.CLUSTER, res.ROUTE):
         if t not in last_nacked:  # once NACKed, a type may rightly stay on an older version
             assert set(have[t]) == set(latest.of_type(t)), (t, have[t])
+
+
+@settings(max_examples=80, deadline=None)
+@given(first=snapshots, steps=st.lists(st.one_of(snapshots, st.just("ack")), min_size=1, max_size=14))
+def test_sotw_make_before_break_never_leaves_a_route_dangling(first, steps):
+    """Applying responses in the order sent, no route ever points at a cluster the proxy lacks."""
+    s = SotwStream()
+    s.set_snapshot(first)
+    s.receive(DiscoveryRequest(type_url=res.CLUSTER))
+    s.receive(DiscoveryRequest(type_url=res.ROUTE, resource_names=["r"]))
+    clusters: set[str] = set()
+    referenced: set[str] = set()
+    inflight: list[DiscoveryResponse] = []
+
+    def pump():
+        inflight.extend(DiscoveryResponse.FromString(o.message.data) for o in s.responses())
+
+    def apply_and_ack():
+        nonlocal clusters, referenced
+        d = inflight.pop(0)
+        msgs = [a.unpack() for a in d.resources]
+        if d.type_url == res.CLUSTER:
+            clusters = {m.name for m in msgs}
+        else:
+            referenced = {r.route.cluster for m in msgs for vh in m.virtual_hosts for r in vh.routes}
+        assert referenced <= clusters, (referenced, clusters)
+        names = [] if d.type_url == res.CLUSTER else ["r"]
+        s.receive(DiscoveryRequest(type_url=d.type_url, response_nonce=d.nonce, resource_names=names,
+                                   version_info=d.version_info))
+
+    pump()
+    for step in steps:
+        if isinstance(step, Snapshot):
+            s.set_snapshot(step)
+        elif inflight:
+            apply_and_ack()
+        pump()
+    while inflight:
+        apply_and_ack()
+        pump()

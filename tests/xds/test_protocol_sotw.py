@@ -67,8 +67,10 @@ def test_initial_wildcard_and_named_subscriptions():
     c.s.set_snapshot(snap(clusters=("a", "b")))
     c.send(c.req(res.CLUSTER), c.req(res.LISTENER))
     out = c.flush()
-    assert [d.type_url for d in out] == [res.CLUSTER, res.LISTENER]  # make-before-break order
+    assert [d.type_url for d in out] == [res.CLUSTER]  # listeners wait for the clusters' answer
     assert names_of(out[0]) == ["a", "b"]
+    c.ack(res.CLUSTER)
+    assert [d.type_url for d in c.flush()] == [res.LISTENER]
     c.send(c.req(res.ROUTE, ["r"]))
     (rds,) = c.flush()
     assert names_of(rds) == ["r"]
@@ -139,6 +141,7 @@ def test_make_before_break_removal_after_routes_moved():
     c.send(c.req(res.CLUSTER), c.req(res.LISTENER))
     c.flush()
     c.ack(res.CLUSTER)
+    c.flush()
     c.ack(res.LISTENER)
     c.send(c.req(res.ROUTE, ["r"]))
     c.flush()
@@ -146,10 +149,11 @@ def test_make_before_break_removal_after_routes_moved():
     assert c.flush() == []
     # new config: route moves off "old", cluster "old" removed, cluster "new" added
     c.s.set_snapshot(snap(clusters=("a", "new"), rc_clusters=("a", "new")))
-    step1 = c.flush()
-    assert [d.type_url for d in step1] == [res.CLUSTER, res.ROUTE]
-    assert names_of(step1[0]) == ["a", "new", "old"]  # "old" kept until routes moved
+    (cds,) = c.flush()
+    assert names_of(cds) == ["a", "new", "old"]  # adds first, "old" kept until routes moved
     c.ack(res.CLUSTER)
+    (rds,) = c.flush()  # routes only once the proxy has the new cluster
+    assert rds.type_url == res.ROUTE
     assert c.flush() == []  # routes still unanswered
     c.ack(res.ROUTE, ["r"])
     (step2,) = c.flush()
@@ -186,3 +190,42 @@ def test_opaque_type_served_when_in_snapshot():
     c.send(c.req(url))
     (d,) = c.flush()
     assert d.resources[0].type_url == url
+
+
+def test_unwatched_type_does_not_block_removals():
+    """Envoy does not ACK a response for a type it stopped watching (its request with the
+    empty name list may even be stale): that must not hold back later removals."""
+    from .helpers import eds_cluster, endpoints
+
+    def snap_of(clusters, eds: bool) -> Snapshot:
+        extra = [eds_cluster("three"), endpoints("three", 9)] if eds else []
+        return Snapshot.from_messages(messages(
+            *[cluster(x) for x in clusters], *extra, listener("l", 10000, "r"),
+            route_config("r", [route("/", clusters[0])])))
+
+    c = Checker()
+    c.s.set_snapshot(snap_of(["a"], True))
+    c.send(c.req(res.CLUSTER))
+    c.flush()
+    c.ack(res.CLUSTER)
+    c.send(c.req(res.ROUTE, ["r"]), c.req(res.ENDPOINT, ["three"]))
+    c.flush()
+    c.ack(res.ROUTE, ["r"])
+    eds = c.last[res.ENDPOINT]
+    c.ack(res.ENDPOINT, ["three"])
+    assert c.flush() == []
+    c.s.set_snapshot(snap_of(["a"], False))  # cluster "three" goes: a pure removal
+    out = c.flush()
+    assert [d.type_url for d in out] == [res.CLUSTER, res.ENDPOINT]
+    c.ack(res.CLUSTER)
+    # Envoy dropped its EDS watch: it never ACKs `out[1]`; its last EDS request is stale
+    c.send(c.req(res.ENDPOINT, [], eds.nonce, eds.version_info))
+    assert not c.s.types[res.ENDPOINT].pending
+    c.s.set_snapshot(snap_of(["z"], False))  # the route moves from "a" to new "z"
+    (cds,) = c.flush()
+    assert names_of(cds) == ["a", "z"]
+    c.ack(res.CLUSTER)
+    (rds,) = c.flush()
+    c.ack(res.ROUTE, ["r"])
+    (final,) = c.flush()  # not blocked by the unanswered EDS response
+    assert final.type_url == res.CLUSTER and names_of(final) == ["z"]

@@ -60,6 +60,16 @@ def error_text(status: object, limit: int = 2000) -> str:
     return f"{text} (code {code})" if code else text or "(empty error_detail)"
 
 
+# Types whose resources name clusters: sent only once the proxy answered the
+# current CDS, so a route never points at a cluster the proxy does not have yet.
+# (EDS and SDS are not held: Envoy needs them to warm the new clusters and
+# listeners before it answers.)
+WAIT_FOR_CLUSTERS = frozenset({
+    "type.googleapis.com/envoy.config.listener.v3.Listener",
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+})
+
+
 class Staging:
     """Chooses the view a stream sends now: the target, or target + kept removals."""
 

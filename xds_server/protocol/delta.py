@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 
 from xds_server import resources as res
 from xds_server.protocol import wire
-from xds_server.protocol.common import Ack, Event, Ignored, Nack, Outgoing, Staging, error_text
+from xds_server.protocol.common import (
+    WAIT_FOR_CLUSTERS,
+    Ack,
+    Event,
+    Ignored,
+    Nack,
+    Outgoing,
+    Staging,
+    error_text,
+)
 from xds_server.snapshot import Entry, Snapshot
 
 
@@ -37,6 +46,7 @@ class DeltaTypeState:
     nonce: str = ""
     pending: bool = False
     sent_version: str = ""
+    synced_version: str = ""
     sent_born: float = 0.0
     sent_at: float = 0.0
     acked_version: str = ""
@@ -76,6 +86,8 @@ class DeltaStream:
         elif nonce and nonce != st.nonce and st.nonce:
             events.append(Ignored(type_url, f"stale nonce {nonce!r} (last sent {st.nonce!r})"))
         self._subscribe(st, req)
+        if not st.wildcard and not st.names:
+            st.pending = False  # Envoy does not ACK responses of a type it no longer watches
         if type_url not in self._served and type_url not in self.staging.target.entries:
             events.append(Ignored(type_url, "type not served (no such resources)"))
         return events
@@ -124,6 +136,8 @@ class DeltaStream:
             st = self.types[type_url]
             if st.pending or not self._servable(type_url, view):
                 continue
+            if type_url in WAIT_FOR_CLUSTERS and not self._clusters_settled(view):
+                continue
             msg = self._diff(type_url, st, view)
             if msg is not None:
                 out.append(msg)
@@ -136,6 +150,12 @@ class DeltaStream:
     def _ordered(self) -> list[str]:
         known = [t for t in res.PUSH_ORDER if t in self.types]
         return known + sorted(t for t in self.types if t not in res.CORE_TYPES)
+
+    def _clusters_settled(self, view: Snapshot) -> bool:
+        cds = self.types.get(res.CLUSTER)
+        if cds is None:
+            return True
+        return not cds.pending and cds.synced_version == view.version(res.CLUSTER)
 
     def _servable(self, type_url: str, view: Snapshot) -> bool:
         return type_url in self._served or type_url in view.entries
@@ -150,6 +170,7 @@ class DeltaStream:
         relevant = (lambda n: True) if st.wildcard else (lambda n: n in st.names)
         removed = sorted(n for n in st.known if n not in entries and relevant(n))
         st.dirty = False
+        st.synced_version = view.version(type_url)  # what the proxy has once this is answered
         if not updates and not removed and st.first_sent:
             return None
         for e in updates:

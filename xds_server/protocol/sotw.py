@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 
 from xds_server import resources as res
 from xds_server.protocol import wire
-from xds_server.protocol.common import Ack, Event, Ignored, Nack, Outgoing, Staging, error_text
+from xds_server.protocol.common import (
+    WAIT_FOR_CLUSTERS,
+    Ack,
+    Event,
+    Ignored,
+    Nack,
+    Outgoing,
+    Staging,
+    error_text,
+)
 from xds_server.snapshot import Snapshot
 
 
@@ -70,12 +79,18 @@ class SotwStream:
             return [Ignored("", "request without type_url")]
         st = self.types.setdefault(type_url, TypeState())
         nonce = req.response_nonce  # type: ignore[attr-defined]
-        if st.nonce and nonce != st.nonce:
-            return [Ignored(type_url, f"stale nonce {nonce!r} (last sent {st.nonce!r})")]
         events: list[Event] = []
-        if st.nonce and st.pending:
+        if st.nonce and nonce != st.nonce:
+            # Not an answer. Its names are still the proxy's latest interest (requests
+            # arrive in order), and Envoy does not repeat them: keep them.
+            events.append(Ignored(type_url, f"stale nonce {nonce!r} (last sent {st.nonce!r})"))
+        elif st.nonce and st.pending:
             events.append(self._answer(type_url, st, req))
         self._subscribe(st, list(req.resource_names))  # type: ignore[attr-defined]
+        if not st.wildcard and not st.names:
+            # Unsubscribed from everything: Envoy does not ACK responses of a type it
+            # no longer watches, so nothing is in flight for it any more.
+            st.pending = False
         if type_url not in self._served and type_url not in self.staging.target.entries:
             events.append(Ignored(type_url, "type not served (no such resources)"))
         return events
@@ -113,6 +128,10 @@ class SotwStream:
             st = self.types[type_url]
             if st.pending or not self._servable(type_url, view):
                 continue
+            if type_url in WAIT_FOR_CLUSTERS and not self._clusters_settled(view):
+                continue
+            if not st.wildcard and not st.names:
+                continue  # nothing subscribed: no response expected
             key = (view.version(type_url), st.wildcard, st.names)
             if key == st.sent_key:
                 continue
@@ -127,12 +146,18 @@ class SotwStream:
         known = [t for t in res.PUSH_ORDER if t in self.types]
         return known + sorted(t for t in self.types if t not in res.CORE_TYPES)
 
+    def _clusters_settled(self, view: Snapshot) -> bool:
+        cds = self.types.get(res.CLUSTER)
+        if cds is None:
+            return True
+        return not cds.pending and cds.sent_key is not None and cds.sent_key[0] == view.version(res.CLUSTER)
+
     def _servable(self, type_url: str, view: Snapshot) -> bool:
         return type_url in self._served or type_url in view.entries
 
     def _all_answered(self, view: Snapshot) -> bool:
         for type_url, st in self.types.items():
-            if not self._servable(type_url, view):
+            if not self._servable(type_url, view) or not (st.wildcard or st.names):
                 continue
             if st.pending or st.sent_key is None or st.sent_key[0] != view.version(type_url):
                 return False
