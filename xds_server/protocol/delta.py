@@ -12,8 +12,9 @@ Rules it keeps:
   changes still apply, as the protocol requires);
 * `known` is updated when a response is sent, so a NACKed resource version is
   not re-sent until it changes;
-* at most one unanswered response per type, and removals come after the adds
-  they make room for (see protocol.common.Staging).
+* at most one unanswered response per type, LDS/RDS wait for the proxy's answer
+  to the current CDS, and removals come after the adds they make room for (see
+  protocol.common.Staging); a type with no subscription left blocks nothing.
 """
 
 from __future__ import annotations

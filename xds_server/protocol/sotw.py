@@ -5,7 +5,11 @@ Owned by one server stream task (xds_server.server). Feed it requests with
 returns. Rules it keeps:
 
 * a request whose `response_nonce` is not the last nonce sent for its type is
-  stale and ignored (except on a fresh stream, where there is no nonce yet);
+  stale: it ACKs/NACKs nothing, but its names are kept (they are the proxy's
+  latest interest); a fresh stream has no nonce yet, so nothing is stale there;
+* LDS and RDS wait until the proxy answered the current CDS (no route to a
+  cluster the proxy lacks); a type with no subscription gets nothing and
+  blocks nothing (Envoy does not ACK types it no longer watches);
 * at most one unanswered response per type: the next waits for the ACK/NACK,
   which keeps CDS → EDS → LDS → RDS ordering meaningful;
 * a NACKed version is never re-sent: only a new version or a new set of
