@@ -116,7 +116,7 @@ class TableBuilder:
 
     def _listener(self, lp: ListenerPlan) -> None:
         row = _Row("Listener", {"flags": 0, "dom_base": 0, "n_dom": 0, "bucket": 0,
-                                "nomatch": self._blob("l7fp_replies", reply_bytes(404)) + 1})
+                                "nomatch": self._reply(404, "") + 1})
         self._add("l7fp_listeners", row)
         if lp.verdict is Verdict.ENVOY:
             row.f["flags"] = bs.LF_PUNT
@@ -423,7 +423,15 @@ class TableBuilder:
         f["hdr_add"] = self._blob("l7fp_hdradds", data, absent) + 1
 
     def _reply(self, status: int, body: str) -> int:
-        return self._blob("l7fp_replies", reply_bytes(status, body))
+        """Replies come in pairs: the response at an even index, the same
+        response without its body (for HEAD, as Envoy sends it) right after."""
+        full = reply_bytes(status, body)
+        lst = self.blobs.setdefault("l7fp_replies", [])
+        if (full, ()) in lst:
+            return lst.index((full, ()))
+        lst.append((full, ()))
+        lst.append((full[:full.index(b"\r\n\r\n") + 4], ()))
+        return len(lst) - 2
 
     def _bucket(self, lim: LocalRateLimit) -> int:
         self.feats.add("rate_limit")

@@ -26,14 +26,14 @@ static __always_inline int l7fp_pass(struct l7fp_decision *out, __u32 why)
     return L7FP_PASS;
 }
 
+/* Replies come in pairs (fastpath.synth): the response at an even index, the
+ * same without its body at the next one, which is what Envoy sends to HEAD. */
 static __always_inline int l7fp_reply(struct l7fp_decision *out, __u32 status, __u32 reply,
                                       __u32 head)
 {
-    if (head)
-        return l7fp_pass(out, L7FP_R_METHOD); /* HEAD: Envoy drops the body */
     out->verdict = L7FP_REPLY;
     out->status = status;
-    out->reply = reply;
+    out->reply = reply + (head ? 1 : 0);
     return L7FP_REPLY;
 }
 

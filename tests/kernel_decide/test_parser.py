@@ -107,7 +107,7 @@ CASES = [
     ("dot-file-is-fine", req("GET /.well-known HTTP/1.1\nHost: web\n\n"), FWD, 0),
     ("dots-in-query-are-fine", req("GET /api?a=/../ HTTP/1.1\nHost: web\n\n"), FWD, 0),
     ("grpc-timeout", req("GET /api HTTP/1.1\nHost: web\ngrpc-timeout: 1S\n\n"), PASS, R["unparsed"]),
-    ("head-reply", req("HEAD /deny HTTP/1.1\nHost: web\n\n"), PASS, R["method"]),
+    ("head-reply", req("HEAD /deny HTTP/1.1\nHost: web\n\n"), REP, 0),
     ("head-forward", req("HEAD /api HTTP/1.1\nHost: web\n\n"), FWD, 0),
 ]
 
@@ -133,6 +133,17 @@ def test_routes_and_clusters(prog: DecideProgram) -> None:
     assert d.status == 403
     assert SP.rows["l7fp_replies"][d.reply][bs.structs(SP.knobs).Blob.b.offset:].startswith(
         b"HTTP/1.1 403 Forbidden\r\n")
+
+
+def test_head_reply_has_no_body(prog: DecideProgram) -> None:
+    blob = bs.structs(SP.knobs).Blob
+    d = prog.run(req("HEAD /deny HTTP/1.1\nHost: web\n\n"))
+    b = blob.from_buffer_copy(SP.rows["l7fp_replies"][d.reply])
+    assert bytes(b.b[:b.len]) == b"HTTP/1.1 403 Forbidden\r\ncontent-length: 7\r\n" \
+        b"content-type: text/plain\r\n\r\n"
+    d = prog.run(req("GET /deny HTTP/1.1\nHost: web\n\n"))
+    b = blob.from_buffer_copy(SP.rows["l7fp_replies"][d.reply])
+    assert bytes(b.b[:b.len]).endswith(b"\r\n\r\ndenied\n")
 
 
 @pytest.mark.parametrize("full", [GET, POST], ids=["get", "post"])
