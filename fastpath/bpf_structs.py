@@ -70,7 +70,8 @@ HM_INVERT, HM_ABSENT, HM_MISSING_EMPTY = 1, 2, 4
 LF_PUNT, LF_NORMALIZE = 1, 2
 FILT_RATE_LIMIT, FILT_FAULT, FILT_RBAC = 1, 2, 3
 RK_TRUE, RK_FALSE, RK_PATH, RK_METHOD, RK_HEADER, RK_SRC_CIDR = 1, 2, 3, 4, 5, 6
-RB_ITEM, RB_GROUP, RB_SIDE, RB_INVERT, RB_PRIN = 1, 2, 4, 8, 16
+RB_ITEM, RB_GROUP, RB_SIDE, RB_INVERT, RB_PRIN, RB_FILTER = 1, 2, 4, 8, 16, 32
+MAX_RBAC_FILTERS = 2
 MAX_FILTERS = 4
 DF_HEAD = 1
 # byte classes (bit numbers)
@@ -88,7 +89,7 @@ class Decision(ctypes.Structure):
 class Listener(ctypes.Structure):
     _fields_ = [(n, u32) for n in ("flags", "dom_base", "n_dom", "bucket", "nomatch", "order",
                                    "fault_status", "fault_per_million", "fault_reply",
-                                   "rbac_base", "rbac_n", "rbac_deny", "rbac_reply", "pad")]
+                                   "rbac_base", "rbac_n", "rbac_deny", "rbac_reply", "rbac_nf")]
 
 
 class Vhost(ctypes.Structure):
@@ -180,7 +181,7 @@ def _structs(items: tuple[tuple[str, int], ...]) -> Structs:
             "len", "data_len", "hdr_len", "nlines", "bad", "cur_start", "cur_colon", "sp1",
             "sp2", "q", "tflags", "method_len")] + [("method", u64)] + [(n, u32) for n in (
                 "path_off", "path_len", "host_off", "host_len", "cl", "seen", "rb_item",
-                "rb_group", "rb_side", "rb_perm", "rb_hit", "rb_bad", "rb_deny", "rb_pad")] + [
+                "rb_group", "rb_side", "rb_perm", "rb_hit", "rb_bad", "rb_deny", "rb_hits")] + [
             ("slot_off", u32 * nslots), ("slot_len", u32 * nslots), ("ls", u16 * nl),
             ("le", u16 * nl), ("lc", u16 * nl)]
 

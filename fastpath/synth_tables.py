@@ -147,18 +147,27 @@ class TableBuilder:
         """The HCM's policy filter order, listener bucket and HCM-level fault."""
         codes = {"local_ratelimit": bs.FILT_RATE_LIMIT, "fault": bs.FILT_FAULT,
                  "rbac": bs.FILT_RBAC}
-        order = list(getattr(lp, "filter_order", ("rbac", "local_ratelimit", "fault")))
-        rbacs = [r for r in (getattr(lp, "rbacs", ()) or ((lp.rbac,) if lp.rbac else ()))]
-        enforced = [r for r in rbacs[:order.count("rbac")] if not r.shadow]  # shadow: log only
-        if len(enforced) > 1:
-            raise Punt("more than one enforcing RBAC filter")
-        if any(f not in codes for f in order) or len(order) > bs.MAX_FILTERS:
-            raise Punt(f"filter order {order} not known to the kernel")
-        if not enforced:
-            order = [f for f in order if f != "rbac"]
-        else:
-            self._rbac(enforced[0], lp, row)
-        row.f["order"] = sum(codes[f] << (4 * i) for i, f in enumerate(order))
+        rbacs = iter(getattr(lp, "rbacs", ()) or ((lp.rbac,) if lp.rbac else ()))
+        order: list[int] = []
+        enforced: list[Any] = []
+        for f in getattr(lp, "filter_order", ("rbac", "local_ratelimit", "fault")):
+            if f not in codes:
+                raise Punt(f"filter {f!r} not known to the kernel")
+            if f != "rbac":
+                order.append(codes[f])
+                continue
+            rb = next(rbacs, None)
+            if rb is None or rb.shadow:  # no such filter, or log-only
+                continue
+            if len(enforced) == bs.MAX_RBAC_FILTERS:
+                raise Punt(f"more than {bs.MAX_RBAC_FILTERS} enforcing RBAC filters")
+            order.append(bs.FILT_RBAC + len(enforced))
+            enforced.append(rb)
+        if len(order) > bs.MAX_FILTERS:
+            raise Punt("too many policy filters")
+        if enforced:
+            self._rbac(enforced, lp, row)
+        row.f["order"] = sum(code << (4 * i) for i, code in enumerate(order))
         if lp.local_rate_limit:
             row.f["bucket"] = self._bucket(lp.local_rate_limit) + 1
         fault = getattr(lp, "fault_abort", None)
@@ -170,23 +179,31 @@ class TableBuilder:
             row.f["fault_per_million"] = fault.per_million
             row.f["fault_reply"] = self._reply(fault.status, FAULT_BODY)
 
-    def _rbac(self, rbac: Any, lp: ListenerPlan, row: _Row) -> None:
-        """The RBAC rows of a listener (see l7fp_rbac.h for the nesting)."""
-        if rbac.verdict is Verdict.ENVOY:
-            raise Punt(f"RBAC needs Envoy: {rbac.reason}")
+    def _rbac(self, rbacs: list[Any], lp: ListenerPlan, row: _Row) -> None:
+        """The RBAC rows of a listener, filter after filter (see l7fp_rbac.h)."""
         rows: list[_Row] = []
-        for pol in rbac.policies:
-            if pol.verdict is Verdict.ENVOY:
-                raise Punt(f"RBAC policy {pol.name} needs Envoy: {pol.reason}")
-            self._rbac_side(rows, pol.permissions, lambda p: self._perm_rows(p, lp), 0)
-            self._rbac_side(rows, pol.principals, self._prin_rows, bs.RB_PRIN)
+        deny = 0
+        for f, rbac in enumerate(rbacs):
+            if rbac.verdict is Verdict.ENVOY:
+                raise Punt(f"RBAC needs Envoy: {rbac.reason}")
+            start = len(rows)
+            for pol in rbac.policies:
+                if pol.verdict is Verdict.ENVOY:
+                    raise Punt(f"RBAC policy {pol.name} needs Envoy: {pol.reason}")
+                self._rbac_side(rows, pol.permissions, lambda p: self._perm_rows(p, lp), 0)
+                self._rbac_side(rows, pol.principals, self._prin_rows, bs.RB_PRIN)
+            if len(rows) == start:  # no policy: nothing matches
+                rows.append(_Row("RbacRow", {"kind": bs.RK_FALSE, "ends": bs.RB_ITEM | bs.RB_GROUP}))
+            rows[-1].f["ends"] |= bs.RB_FILTER
+            deny |= int(rbac.action == "DENY") << f
         if len(rows) > 64:
             raise Punt("RBAC with more than 64 atoms")
         self.feats.add("rbac")
         self.max_rbac = max(self.max_rbac, len(rows))
         row.f["rbac_base"] = len(self.rows.get("l7fp_rbac", []))
         row.f["rbac_n"] = len(rows)
-        row.f["rbac_deny"] = int(rbac.action == "DENY")
+        row.f["rbac_nf"] = len(rbacs)
+        row.f["rbac_deny"] = deny
         row.f["rbac_reply"] = self._reply(403, "RBAC: access denied")
         for r in rows:
             self._add("l7fp_rbac", r)

@@ -246,11 +246,12 @@ static __always_inline int l7fp_filters(struct l7fp_req_ctx *c, struct l7fp_list
                                         struct l7fp_decision *out)
 {
     __u32 order = l->order, head = out->flags & L7FP_DF_HEAD;
-    /* RBAC has no side effect: evaluate it once here (not in every unrolled
-     * filter slot), keep the answer in the scratch: 0 allow, 1 deny, 2 PASS */
+    /* RBAC has no side effect: evaluate every RBAC filter once here (not in
+     * every unrolled filter slot), keep the answer in the scratch: bit f set
+     * when filter f denies, 0x100 when the kernel cannot tell (PASS) */
     if (l->rbac_n) {
         int d = l7fp_rbac_denies(c, l, gen);
-        c->r.rb_deny = d < 0 ? 2 : d;
+        c->r.rb_deny = d < 0 ? 0x100 : d;
     } else {
         c->r.rb_deny = 0;
     }
@@ -262,11 +263,11 @@ static __always_inline int l7fp_filters(struct l7fp_req_ctx *c, struct l7fp_list
             __u32 bucket = rt && rt->bucket ? rt->bucket : l->bucket;
             if (l7fp_rate_limit(c, bucket, gen, out))
                 return out->verdict;
-        } else if (f == L7FP_FILT_RBAC) {
+        } else if (f == L7FP_FILT_RBAC || f == L7FP_FILT_RBAC + 1) {
             __u32 deny = c->r.rb_deny;
-            if (deny == 2)
+            if (deny & 0x100)
                 return l7fp_pass(out, L7FP_R_RBAC);
-            if (deny)
+            if (deny & (1 << (f - L7FP_FILT_RBAC)))
                 return l7fp_reply(out, 403, l->rbac_reply, head);
         } else if (f == L7FP_FILT_FAULT) {
 #if L7FP_F_FAULT

@@ -200,14 +200,15 @@ struct l7fp_listener {
     __u32 fault_reply;
     __u32 rbac_base; /* RBAC rows in l7fp_rbac */
     __u32 rbac_n;
-    __u32 rbac_deny; /* 1: DENY policy set, 0: ALLOW */
+    __u32 rbac_deny; /* bit f set: RBAC filter f is a DENY set (else ALLOW) */
     __u32 rbac_reply; /* the 403 blob */
-    __u32 pad;
+    __u32 rbac_nf;    /* RBAC filters (0..L7FP_MAX_RBAC_FILTERS), rows in filter order */
 };
 
 #define L7FP_FILT_RATE_LIMIT 1
 #define L7FP_FILT_FAULT 2
-#define L7FP_FILT_RBAC 3
+#define L7FP_FILT_RBAC 3  /* the first RBAC filter; the second is L7FP_FILT_RBAC + 1 */
+#define L7FP_MAX_RBAC_FILTERS 2
 #define L7FP_MAX_FILTERS 4
 
 struct l7fp_domain {
@@ -274,6 +275,7 @@ struct l7fp_rbac_row {
 #define L7FP_RB_SIDE 4      /* end of the permissions (or principals) of a policy */
 #define L7FP_RB_INVERT 8    /* the permission/principal is inverted */
 #define L7FP_RB_PRIN 16     /* the row belongs to the principals side */
+#define L7FP_RB_FILTER 32   /* last row of an RBAC filter (Istio: DENY then ALLOW) */
 
 struct l7fp_weighted {
     __u32 cluster;
@@ -351,7 +353,7 @@ struct l7fp_req {
     __u32 host_off, host_len;
     __u32 cl;
     __u32 seen; /* L7FP_SEEN_* */
-    __u32 rb_item, rb_group, rb_side, rb_perm, rb_hit, rb_bad, rb_deny, rb_pad; /* RBAC state */
+    __u32 rb_item, rb_group, rb_side, rb_perm, rb_hit, rb_bad, rb_deny, rb_hits; /* RBAC state */
     __u32 slot_off[L7FP_MAX_SLOTS];
     __u32 slot_len[L7FP_MAX_SLOTS]; /* value length + 1; 0 = absent */
     __u16 ls[L7FP_MAX_LINES];       /* line start */

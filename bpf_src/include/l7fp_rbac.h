@@ -45,7 +45,8 @@ static __always_inline int l7fp_rbac_atom(struct l7fp_req_ctx *c, struct l7fp_rb
     return 0; /* L7FP_RK_FALSE */
 }
 
-/* Folds one atom into the running values (all 0/1, kept in the scratch). */
+/* Folds one atom into the running values (all 0/1, kept in the scratch).
+ * The rows of the second RBAC filter follow the first's. */
 static __always_inline void l7fp_rbac_fold(struct l7fp_req *r, __u32 v, __u32 ends)
 {
     __u32 item = r->rb_item & v;
@@ -65,18 +66,24 @@ static __always_inline void l7fp_rbac_fold(struct l7fp_req *r, __u32 v, __u32 en
             r->rb_perm = r->rb_side;
         r->rb_side = 0;
     }
+    if (ends & L7FP_RB_FILTER) { /* rb_hits: bit 2f = filter f done, bit 2f+1 = its hit */
+        __u32 f = (r->rb_hits & 1) ? 1 : 0;
+        r->rb_hits |= (1 | (r->rb_hit << 1)) << (2 * f);
+        r->rb_hit = 0;
+    }
 }
 
-/* 1 deny, 0 allow, -1 undecidable (PASS). */
+/* Every RBAC filter of the listener at once: bit f set when filter f denies;
+ * -1 when undecidable here (PASS). */
 static __always_inline int l7fp_rbac_denies(struct l7fp_req_ctx *c, struct l7fp_listener *l,
                                             __u32 gen)
 {
 #if L7FP_F_RBAC
     struct l7fp_req *r = &c->r;
-    if (l->rbac_n > L7FP_MAX_RBAC)
+    if (l->rbac_n > L7FP_MAX_RBAC || l->rbac_nf > L7FP_MAX_RBAC_FILTERS)
         return -1;
     r->rb_item = r->rb_group = 1;
-    r->rb_side = r->rb_perm = r->rb_hit = r->rb_bad = 0;
+    r->rb_side = r->rb_perm = r->rb_hit = r->rb_bad = r->rb_hits = 0;
     for (__u32 i = 0; i < L7FP_MAX_RBAC; i++) {
         L7FP_BARRIER();
         if (i >= l->rbac_n || r->rb_bad)
@@ -97,7 +104,15 @@ static __always_inline int l7fp_rbac_denies(struct l7fp_req_ctx *c, struct l7fp_
     L7FP_BARRIER();
     if (r->rb_bad)
         return -1;
-    return l->rbac_deny ? r->rb_hit != 0 : r->rb_hit == 0;
+    __u32 hits = r->rb_hits, deny = 0;
+#pragma unroll
+    for (int f = 0; f < L7FP_MAX_RBAC_FILTERS; f++) {
+        __u32 hit = (hits >> (2 * f + 1)) & 1;
+        __u32 is_deny = (l->rbac_deny >> f) & 1;
+        if (f < l->rbac_nf && (is_deny ? hit : !hit))
+            deny |= 1 << f;
+    }
+    return deny;
 #else
     return l->rbac_n ? -1 : 0;
 #endif

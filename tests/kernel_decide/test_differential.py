@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.kernel]
 FLOOR = {"L7FP_MAX_STR": 32, "L7FP_MAX_DOMAINS": 8, "L7FP_MAX_ROUTES": 8, "L7FP_MAX_HMATCH": 2,
          "L7FP_MAX_WEIGHTED": 2, "L7FP_MAX_BLOB": 256, "L7FP_F_HDR_MATCH": 1,
          "L7FP_F_WEIGHTED": 1, "L7FP_F_RATE_LIMIT": 1, "L7FP_F_FAULT": 1, "L7FP_F_WILDCARD": 1,
-         "L7FP_F_HDR_ADD": 1, "L7FP_F_RBAC": 1, "L7FP_MAX_RBAC": 16, "L7FP_N_RBAC": 16,
+         "L7FP_F_HDR_ADD": 1, "L7FP_F_RBAC": 1, "L7FP_MAX_RBAC": 32, "L7FP_N_RBAC": 32,
          "L7FP_N_REPLIES": 64}
 ALLOWED_EXTRA_PASS = {"hdr_conflict", "rbac"}
 
@@ -109,13 +109,12 @@ def plans(draw: st.DrawFn) -> P.KernelPlan:
     vhs = draw(st.lists(vhost, min_size=1, max_size=2))
     # no "rbac" in the order: the generated listeners have no RBAC (a listener
     # with RBAC is punted to Envoy as a whole by the synthesis)
-    order = list(draw(st.permutations(["local_ratelimit", "fault", "rbac"])))
-    lrbac = draw(st.one_of(st.none(), rbac))
-    if lrbac is None:
-        order.remove("rbac")
+    # zero, one or two RBAC filters (Istio: DENY then ALLOW), anywhere in the order
+    rbacs = tuple(draw(st.lists(rbac, max_size=2)))
+    order = draw(st.permutations(["local_ratelimit", "fault"] + ["rbac"] * len(rbacs)))
     lp = P.ListenerPlan("l", "0.0.0.0", 80, P.Direction.OUTBOUND, virtual_hosts=tuple(vhs),
                         local_rate_limit=draw(limit), filter_order=tuple(order),
-                        fault_abort=draw(fault), rbac=lrbac)
+                        fault_abort=draw(fault), rbac=rbacs[0] if rbacs else None, rbacs=rbacs)
     return P.KernelPlan("n", "1", listeners=(lp,), clusters=(C1, C2))
 
 

@@ -81,6 +81,6 @@ def test_rbac_rows_nest() -> None:
     rows = [(r.kind, r.ends) for r in _rows(sp, "l7fp_rbac", st.RbacRow)]
     assert rows == [(bs.RK_METHOD, bs.RB_ITEM),
                     (bs.RK_FALSE, bs.RB_ITEM | bs.RB_INVERT | bs.RB_GROUP | bs.RB_SIDE),
-                    (bs.RK_TRUE, bs.RB_ITEM | bs.RB_GROUP | bs.RB_SIDE | bs.RB_PRIN)]
+                    (bs.RK_TRUE, bs.RB_ITEM | bs.RB_GROUP | bs.RB_SIDE | bs.RB_PRIN | bs.RB_FILTER)]
     lst = bs.Listener.from_buffer_copy(sp.rows["l7fp_listeners"][0])
-    assert (lst.rbac_n, lst.rbac_deny, lst.order & 0xf) == (3, 1, bs.FILT_RBAC)
+    assert (lst.rbac_n, lst.rbac_nf, lst.rbac_deny, lst.order & 0xf) == (3, 1, 1, bs.FILT_RBAC)
