@@ -203,8 +203,13 @@ class MeshRunnerConfig(Configuration):
         return f"http://{vip}:{APP_PORT}{path}"
 
     def cpu_usec(self) -> int:
-        """All pods (apps, sidecars, kernel work charged to them) minus the load generator."""
-        total = sum(cgroups.usage_usec(Path(p["cgroup"])) for p in self.state["pods"])
+        """All pods (apps, sidecars, kernel work charged to them) and the control plane
+        (`l7fp serve`, which hosts the fast-path agent), minus the load generator."""
+        dirs = [Path(p["cgroup"]) for p in self.state["pods"]]
+        control = dirs[0].parent / "_control-plane"
+        if control.exists():
+            dirs.append(control)
+        total = sum(cgroups.usage_usec(d) for d in dirs)
         return total - (cgroups.usage_usec(self.loadgen) if self.loadgen else 0)
 
     def _sidecar_pids(self) -> list[int]:
