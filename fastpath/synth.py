@@ -45,7 +45,16 @@ RATE_LIMITED_BODY = "local_rate_limited"
 SAFE_TARGET = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/?=&+:@!$'()*,;")
 TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-MAX_STR_CAP = 128
+# Caps on the loop bounds: the worst program they allow (every feature, 64
+# domains, 16 routes, 64-byte strings, 16 RBAC rows, 4 header matchers, 8
+# weighted clusters) is 683 k verifier instructions here (limit 1 M). Beyond a
+# cap the synthesis punts (a route, the rest of a virtual host, or a listener).
+MAX_STR_CAP = 64
+MAX_DOMAINS_CAP = 64
+MAX_ROUTES_CAP = 16
+MAX_RBAC_CAP = 16
+MAX_HMATCH_CAP = 4
+MAX_WEIGHTED_CAP = 8
 MAX_NAME = 16  # header names are keyed by their first and last 8 bytes: exact up to 16
 
 

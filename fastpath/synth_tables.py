@@ -31,8 +31,13 @@ from fastpath.plan import (
 )
 from fastpath.synth import (
     FAULT_BODY,
+    MAX_DOMAINS_CAP,
+    MAX_HMATCH_CAP,
     MAX_NAME,
+    MAX_RBAC_CAP,
+    MAX_ROUTES_CAP,
     MAX_STR_CAP,
+    MAX_WEIGHTED_CAP,
     RATE_LIMITED_BODY,
     Punt,
     _pow2,
@@ -196,8 +201,8 @@ class TableBuilder:
                 rows.append(_Row("RbacRow", {"kind": bs.RK_FALSE, "ends": bs.RB_ITEM | bs.RB_GROUP}))
             rows[-1].f["ends"] |= bs.RB_FILTER
             deny |= int(rbac.action == "DENY") << f
-        if len(rows) > 64:
-            raise Punt("RBAC with more than 64 atoms")
+        if len(rows) > MAX_RBAC_CAP:
+            raise Punt(f"RBAC with more than {MAX_RBAC_CAP} atoms")
         self.feats.add("rbac")
         self.max_rbac = max(self.max_rbac, len(rows))
         row.f["rbac_base"] = len(self.rows.get("l7fp_rbac", []))
@@ -293,14 +298,22 @@ class TableBuilder:
                 else:
                     kind, s, rank = bs.DOM_EXACT, d, 4
                 ranked.append(((-rank, -len(d)), kind, self._str(s), base + vi))
+        if len(ranked) > MAX_DOMAINS_CAP:
+            raise Punt(f"more than {MAX_DOMAINS_CAP} domains")
         ranked.sort(key=lambda x: x[0])
         return [_Row("Domain", {"kind": k, "vhost": v, "s": (s, True)}) for _, k, s, v in ranked]
 
     def _vhost(self, lp: ListenerPlan, vh: VirtualHost) -> None:
         rbase = len(self.rows.get("l7fp_routes", []))
-        self._add("l7fp_vhosts", _Row("Vhost", {"route_base": rbase, "n_routes": len(vh.routes)}))
-        self.max_routes = max(self.max_routes, len(vh.routes))
-        for r in vh.routes:
+        routes = vh.routes
+        if len(routes) > MAX_ROUTES_CAP:  # the rest of the vhost: one catch-all punt
+            self.notes.append(f"vhost {lp.name}/{vh.name}: routes after the "
+                              f"{MAX_ROUTES_CAP - 1}th go to Envoy")
+            routes = routes[:MAX_ROUTES_CAP - 1]
+        n = len(routes) + (len(routes) < len(vh.routes))
+        self._add("l7fp_vhosts", _Row("Vhost", {"route_base": rbase, "n_routes": n}))
+        self.max_routes = max(self.max_routes, n)
+        for r in routes:
             rid = len(self.route_names)
             self.route_names.append(f"{lp.name}/{vh.name}/{r.name}")
             try:
@@ -310,6 +323,11 @@ class TableBuilder:
                 f = self._punt(r)
             f["route_id"] = rid
             self._add("l7fp_routes", _Row("Route", f))
+        if len(routes) < len(vh.routes):
+            self.route_names.append(f"{lp.name}/{vh.name}/(more routes)")
+            self._add("l7fp_routes", _Row("Route", {
+                "route_id": len(self.route_names) - 1, "action": bs.ACT_PUNT,
+                "path_kind": bs.PATH_PREFIX, "path": ("", False)}))
 
     def _punt(self, r: Route) -> dict[str, Any]:
         """A punt entry: the route's own matcher when the kernel can evaluate it
@@ -357,6 +375,8 @@ class TableBuilder:
                 self._method(h, f)
             else:
                 f["hm_rows"].append(self._hmatch(h))
+        if len(f["hm_rows"]) > MAX_HMATCH_CAP:
+            raise Punt(f"more than {MAX_HMATCH_CAP} header matchers")
         self.max_hm = max(self.max_hm, len(f["hm_rows"]))
         if f["hm_rows"]:
             self.feats.add("hdr_match")
@@ -412,6 +432,8 @@ class TableBuilder:
         if len(a.clusters) == 1 or total <= 0:
             f["cluster"] = ids[0]
         else:
+            if len(ids) > MAX_WEIGHTED_CAP:
+                raise Punt(f"more than {MAX_WEIGHTED_CAP} weighted clusters")
             self.feats.add("weighted")
             self.max_wc = max(self.max_wc, len(ids))
             f["cluster"], f["n_wc"], f["total_weight"] = len(self.rows.get("l7fp_weighted", [])), len(ids), total

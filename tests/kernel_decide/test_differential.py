@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.kernel]
 FLOOR = {"L7FP_MAX_STR": 32, "L7FP_MAX_DOMAINS": 8, "L7FP_MAX_ROUTES": 8, "L7FP_MAX_HMATCH": 2,
          "L7FP_MAX_WEIGHTED": 2, "L7FP_MAX_BLOB": 256, "L7FP_F_HDR_MATCH": 1,
          "L7FP_F_WEIGHTED": 1, "L7FP_F_RATE_LIMIT": 1, "L7FP_F_FAULT": 1, "L7FP_F_WILDCARD": 1,
-         "L7FP_F_HDR_ADD": 1, "L7FP_F_RBAC": 1, "L7FP_MAX_RBAC": 32, "L7FP_N_RBAC": 32,
+         "L7FP_F_HDR_ADD": 1, "L7FP_F_RBAC": 1, "L7FP_MAX_RBAC": 16, "L7FP_N_RBAC": 32,
          "L7FP_N_REPLIES": 64}
 ALLOWED_EXTRA_PASS = {"hdr_conflict", "rbac"}
 
@@ -146,7 +146,9 @@ def prog() -> DecideProgram:
 def test_kernel_equals_reference(prog: DecideProgram, plan: P.KernelPlan,
                                  reqs: list[tuple], x: int, src: str) -> None:
     sp = synthesize(plan, floor=FLOOR)
-    assume(sp.knobs["L7FP_MAX_RBAC"] <= FLOOR["L7FP_MAX_RBAC"])
+    # a listener whose RBAC is over the synthesis' cap is punted whole: not
+    # interesting here
+    assume(not any(n.startswith("listener ") for n in sp.notes))
     assert sp.cflags == prog.cflags, "a generated plan outgrew the floored knobs"
     prog.load(sp)
     blob = bs.structs(sp.knobs).Blob

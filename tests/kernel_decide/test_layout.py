@@ -49,3 +49,17 @@ def test_defaults_compile_with_every_feature(decide_prog: object) -> None:
     prog = DecideProgram.get(())
     d = prog.run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert d.verdict == bs.PASS  # empty tables: nothing matches, Envoy decides
+
+
+@pytest.mark.slow
+def test_largest_program_the_caps_allow(decide_prog: object) -> None:
+    """The synthesis never asks for more than its caps; the program at the caps,
+    with every feature, passes the verifier."""
+    from fastpath import synth
+
+    caps = dict(bs.DEFAULT_KNOBS, L7FP_MAX_DOMAINS=synth.MAX_DOMAINS_CAP,
+                L7FP_MAX_ROUTES=synth.MAX_ROUTES_CAP, L7FP_MAX_STR=synth.MAX_STR_CAP,
+                L7FP_MAX_RBAC=synth.MAX_RBAC_CAP, L7FP_MAX_HMATCH=synth.MAX_HMATCH_CAP,
+                L7FP_MAX_WEIGHTED=synth.MAX_WEIGHTED_CAP, L7FP_N_DOMAINS=128)
+    prog = DecideProgram.get(tuple(f"-D{k}={v}" for k, v in sorted(caps.items())))
+    assert prog.run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").verdict == bs.PASS

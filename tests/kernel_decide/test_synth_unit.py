@@ -84,3 +84,18 @@ def test_rbac_rows_nest() -> None:
                     (bs.RK_TRUE, bs.RB_ITEM | bs.RB_GROUP | bs.RB_SIDE | bs.RB_PRIN | bs.RB_FILTER)]
     lst = bs.Listener.from_buffer_copy(sp.rows["l7fp_listeners"][0])
     assert (lst.rbac_n, lst.rbac_nf, lst.rbac_deny, lst.order & 0xf) == (3, 1, 1, bs.FILT_RBAC)
+
+
+def test_long_vhost_ends_in_a_catch_all_punt() -> None:
+    from fastpath.synth import MAX_ROUTES_CAP
+
+    routes = tuple(route(f"r{i}", P.PathKind.PREFIX, f"/p{i}", fwd("c1")) for i in range(20))
+    lp = P.ListenerPlan("l", "0.0.0.0", 80, P.Direction.OUTBOUND,
+                        virtual_hosts=(P.VirtualHost("v", ("*",), routes=routes),))
+    sp = synthesize(P.KernelPlan("n", "1", listeners=(lp,), clusters=(C1,)))
+    st = bs.structs(sp.knobs)
+    rows = _rows(sp, "l7fp_routes", st.Route)
+    assert len(rows) == MAX_ROUTES_CAP and sp.knobs["L7FP_MAX_ROUTES"] == MAX_ROUTES_CAP
+    assert [r.action for r in rows[:-1]] == [bs.ACT_FORWARD] * (MAX_ROUTES_CAP - 1)
+    assert (rows[-1].action, rows[-1].path.len) == (bs.ACT_PUNT, 0)
+    assert any("go to Envoy" in n for n in sp.notes)
