@@ -145,7 +145,10 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
     rbacs = iter(lp.rbacs or ((lp.rbac,) if lp.rbac else ()))
     for kind in lp.filter_order:  # the HCM's http_filters order; the router comes last
         if kind == "rbac":
-            d = _rbac_filter(next(rbacs), lp, req)
+            # filter_order's default names an RBAC slot even for a listener
+            # without one: no filter there means nothing to enforce.
+            rbac = next(rbacs, None)
+            d = _rbac_filter(rbac, lp, req) if rbac is not None else None
         else:
             d = _FILTERS[kind](lp, vh, route, req, rng, state)
         if d is not None:
@@ -154,7 +157,7 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
         return Decision("reply", status=404, reason="no virtual host")
     if route is None:
         return Decision("reply", status=404, reason="no route")
-    return _apply(plan, route, req, rng, state)
+    return _apply(plan, route, req, rng, state, vh)
 
 
 def _rbac_filter(rbac: Rbac, lp: ListenerPlan, req: Request) -> Decision | None:
@@ -301,7 +304,8 @@ def _query_matches(name: str, sm: StringMatch | None, req: Request) -> bool:
     return True if sm is None else string_matches(sm, params[name])
 
 
-def _apply(plan: KernelPlan, r: Route, req: Request, rng: random.Random, state: State) -> Decision:
+def _apply(plan: KernelPlan, r: Route, req: Request, rng: random.Random, state: State,
+           vh: VirtualHost) -> Decision:
     name = r.name
     a = r.action
     if isinstance(a, DirectResponse):
@@ -315,7 +319,9 @@ def _apply(plan: KernelPlan, r: Route, req: Request, rng: random.Random, state: 
         path = _prefix_rewrite(r.match, path, a.prefix_rewrite)
     c = plan.cluster(cluster)
     ep = _pick_endpoint(c.endpoints, c.lb_policy, rng, state, cluster) if c else None
-    adds = tuple((h.name, h.value) for h in r.request_headers_to_add)
+    # Route-level adds first, then the virtual host's (Envoy's order; the split
+    # folds both into the route, a hand-built plan may use either).
+    adds = tuple((h.name, h.value) for h in r.request_headers_to_add + vh.request_headers_to_add)
     return Decision("forward", cluster=cluster, endpoint=ep, path=path,
                     host=a.host_rewrite or req.host, add_headers=adds,
                     remove_headers=r.request_headers_to_remove, route=name)

@@ -1,0 +1,39 @@
+"""Reference-model edge cases on hand-built plans (no Envoy needed)."""
+
+from __future__ import annotations
+
+from fastpath.plan import (
+    ClusterAction,
+    Direction,
+    HeaderValue,
+    KernelPlan,
+    ListenerPlan,
+    PathKind,
+    Route,
+    RouteMatch,
+    Verdict,
+    VirtualHost,
+    WeightedCluster,
+)
+from fastpath.reference import Request, decide
+
+
+def _plan(vh_adds: tuple[HeaderValue, ...] = ()) -> KernelPlan:
+    route = Route("r", RouteMatch(PathKind.PREFIX, "/"),
+                  ClusterAction((WeightedCluster("c", 1),)), Verdict.KERNEL,
+                  request_headers_to_add=(HeaderValue("x-route", "1"),))
+    vh = VirtualHost("vh", ("*",), (route,), request_headers_to_add=vh_adds)
+    lp = ListenerPlan("l", "127.0.0.1", 80, Direction.OUTBOUND, (vh,))
+    return KernelPlan("n", "v1", (lp,), ())
+
+
+def test_listener_without_rbac_under_default_filter_order_forwards() -> None:
+    # The default filter_order names an "rbac" slot; a listener with no RBAC
+    # filter must simply have nothing to enforce there (was StopIteration).
+    d = decide(_plan(), "l", Request("GET", "/x", "a"))
+    assert d.kind == "forward" and d.cluster == "c"
+
+
+def test_virtual_host_header_adds_follow_the_route_adds() -> None:
+    d = decide(_plan((HeaderValue("x-vh", "2"),)), "l", Request("GET", "/", "a"))
+    assert d.add_headers == (("x-route", "1"), ("x-vh", "2"))
