@@ -102,7 +102,7 @@ def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, 
     key = (text, flags, instance)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = BPF(text=text, cflags=list(flags))
+            _CACHE[key] = BPF(text=text.encode(), cflags=list(flags))
         return _CACHE[key]
 
 

@@ -16,7 +16,7 @@ def test_dp_event_layout(kernel) -> None:  # type: ignore[no-untyped-def]
     from bcc import BPF
 
     text = module_text() + "\nBPF_ARRAY(layout, struct dp_event, 1);\n"
-    b = BPF(text=text, cflags=[f"-I{BPF_SRC}"])
+    b = BPF(text=text.encode(), cflags=[f"-I{BPF_SRC}"])
     leaf = b["layout"].Leaf
     assert ct.sizeof(leaf) == ct.sizeof(DpEvent)
     c_fields = [(name, getattr(leaf, name).offset) for name, *_ in leaf._fields_]
