@@ -30,6 +30,7 @@ from typing import Any
 
 from fastpath.agent_node import NodeDatapath, PodInfo
 from fastpath.counters import FastpathCollector
+from fastpath.inbound import inbound_transparent
 from fastpath.plan import Direction, KernelPlan, ListenerPlan
 
 log = logging.getLogger(__name__)
@@ -189,18 +190,13 @@ class Agent:
         return None
 
     def _inbound_ok(self, ip: str, port: int) -> bool:
-        """True when the pod at ip has a known plan without inbound policy (rule 4)."""
+        """True when the pod at ip has a known plan whose inbound side for `port`
+        forwards every request unchanged (rule 4: skipping it loses nothing)."""
         pod = next((p for p in self.pods.values() if p.ip == ip), None)
         if pod is None:
             return False
         plan = self.plans.get(pod.node_id)
-        if plan is None:
-            return False
-        for lst in plan.listeners:
-            if lst.direction is Direction.INBOUND and (
-                    lst.rbac is not None or lst.local_rate_limit is not None):
-                return False
-        return True
+        return plan is not None and inbound_transparent(plan.listeners, port)
 
     # ---- views -------------------------------------------------------------------
     def stats(self) -> list[tuple[str, dict[tuple[str, str, str], int]]]:
