@@ -39,7 +39,8 @@ def offloadable(lst: ListenerPlan) -> bool:
     """Worth tracking: an outbound listener with at least one kernel route."""
     if lst.direction is not Direction.OUTBOUND or lst.verdict is not Verdict.KERNEL:
         return False
-    if lst.rbac is not None and not lst.rbac.shadow:
+    rbacs = lst.rbacs or ((lst.rbac,) if lst.rbac is not None else ())
+    if any(not rb.shadow for rb in rbacs):  # every RBAC filter (Istio: DENY then ALLOW)
         return False
     return any(r.verdict is Verdict.KERNEL for vh in lst.virtual_hosts for r in vh.routes)
 
