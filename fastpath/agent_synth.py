@@ -52,8 +52,35 @@ def write_tables(bpf: Any, sp: Any, gen: int) -> None:
         del names[k]
     for name, entries in sp.tables(gen).items():
         t = bpf[name]
+        if name == "l7fp_buckets" and sp.knobs.get("L7FP_N_BUCKETS"):
+            entries = keep_bucket_state(t, entries, sp.knobs["L7FP_N_BUCKETS"])
         for k, v in entries.items():
             t[t.Key.from_buffer_copy(k)] = t.Leaf.from_buffer_copy(v)
+
+
+# struct l7fp_bucket: configuration (max_tokens .. pad), then state (tokens, last_ns)
+_BUCKET_CFG = 40
+
+
+def keep_bucket_state(table: Any, entries: dict[bytes, bytes], n: int) -> dict[bytes, bytes]:
+    """Token buckets of the new generation take the live state (tokens, last
+    fill) of the active generation's bucket at the same index when its
+    configuration is the same. Without this every re-apply of a plan (the agent
+    re-applies all plans when the mesh state file changes) handed out a full
+    bucket again: the kernel admitted 7 of 12 requests through a 5-token,
+    1-hour limit (tests/kernel_differential). The order of a plan's buckets is
+    the synthesis's, so an unchanged plan maps each bucket onto itself."""
+    out = dict(entries)
+    for k, v in entries.items():
+        idx = int.from_bytes(k[:4], "little")
+        other = (idx + n) % (2 * n)  # same bucket, the other generation
+        try:
+            live = bytes(table[table.Key(other)])
+        except KeyError:
+            continue
+        if live[:_BUCKET_CFG] == v[:_BUCKET_CFG] and len(live) == len(v):
+            out[k] = v[:_BUCKET_CFG] + live[_BUCKET_CFG:]
+    return out
 
 
 def program(node: Any, plan: KernelPlan, sp: Any, gen: int,

@@ -81,7 +81,10 @@ def gen_requests(seed: int = SEED) -> list[dict[str, Any]]:
             reqs.append({"svc": svc, "vip": svc, "port": port, "method": "GET",
                          "path": rng.choice(["/", "/x", "/admin"]),
                          "headers": {"host": f"{svc}:{port}"}, "body": ""})
+    limited = reqs[-N_LIMITED:]
+    reqs = reqs[:-N_LIMITED]
     rng.shuffle(reqs)
+    reqs += limited  # last, in two halves around a plan re-apply (run_mesh)
     for i, r in enumerate(reqs):
         r["headers"]["x-k3-id"] = str(i)
     return reqs
@@ -123,6 +126,37 @@ def fastpath_counts(admin: str) -> Counter[str]:
     return out
 
 
+def drive(m: Any, file: Path, reqs: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Send `reqs` from the client pod (driver.py); their results in order."""
+    file.write_text(json.dumps(reqs))
+    r = m.exec("client", [sys.executable, str(HERE / "driver.py"), str(file),
+                          str(GAP_MS if mode == "on" else 0)],
+               capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out: list[dict[str, Any]] = json.loads(r.stdout)
+    return out
+
+
+def client_generation(admin: str) -> int | None:
+    dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
+    gens = [n["generation"] for n in dbg.get("nodes", []) if n["pod"].startswith("client")]
+    return gens[0] if gens else None
+
+
+def reapply(m: Any, admin: str, mode: str) -> None:
+    """Make the agent re-apply every plan (it does when the mesh state file
+    changes) and wait for the client's generation flip: the rate limit's bucket
+    must survive it (it did not: fastpath/agent_synth.keep_bucket_state)."""
+    if mode != "on":
+        return
+    gen = client_generation(admin)
+    os.utime(m.state_file)
+    deadline = time.monotonic() + 20
+    while client_generation(admin) == gen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client_generation(admin) != gen, "the agent did not re-apply the plan"
+
+
 def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]:
     """Bring the mesh up with `--fastpath mode`, send `reqs`, read logs and counters; down."""
     from mesh.runner import Mesh
@@ -135,18 +169,19 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
     try:
         st = m.up()
         dbg = wait_pools(st["admin"]) if mode == "on" else {}
-        (d / "reqs.json").write_text(json.dumps(reqs))
         t0 = time.monotonic()
-        r = m.exec("client", [sys.executable, str(HERE / "driver.py"), str(d / "reqs.json"),
-                                 str(GAP_MS if mode == "on" else 0)],
-                   capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        results = json.loads(r.stdout)
+        half = len(reqs) - N_LIMITED // 2
+        results = drive(m, d / "main.json", reqs[:-N_LIMITED], mode)
+        results += drive(m, d / "rl1.json", reqs[-N_LIMITED:half], mode)
+        reapply(m, st["admin"], mode)
+        results += drive(m, d / "rl2.json", reqs[half:], mode)
         took = time.monotonic() - t0
         counts = fastpath_counts(st["admin"]) if mode == "on" else Counter()
         if mode == "on":  # kept for a failure's investigation
             after = urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath", timeout=5).read()
             (d / "debug-after.json").write_bytes(after)
+            (d / "debug-before.json").write_text(json.dumps(dbg))
+            (d / "results.json").write_text(json.dumps(results))
     finally:
         m.down()
     seen: Counter[str] = Counter()
