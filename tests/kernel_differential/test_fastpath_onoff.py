@@ -261,6 +261,32 @@ def test_same_answers_per_request(runs: dict[str, Any], kernel: None) -> None:
         "\n".join(map(str, diffs[:10]))
 
 
+EXPECTED = {"canary": "api-v2/v2", "v2-path": "api-v2/v2", "items-post": "api-v2/v2",
+            "pinned": "api/v1"}
+
+
+def test_api_routes_as_the_policy_says(runs: dict[str, Any], kernel: None) -> None:
+    """Both ways, each api request took the route policies.yaml gives it: the
+    route's header arrived at the upstream, the route's service served it, the
+    direct response answered /healthz (so equal answers are also right ones)."""
+    reqs = runs["reqs"]["list"]
+    for mode in ("off", "on"):
+        for req, res in zip(reqs, runs[mode]["results"], strict=True):
+            if req["svc"] != "api":
+                continue
+            route, body = route_of(req), echo(res)
+            if route == "direct":
+                assert res["status"] == 200 and res["served_by"] is None, (mode, req, res)
+                assert req["method"] == "HEAD" or res["body"] == "healthy\n", (mode, req, res)
+                continue
+            assert res["status"] == 200 and res["served_by"], (mode, req, res)
+            if route in EXPECTED:
+                assert res["served_by"] == EXPECTED[route], (mode, route, req, res)
+            if body is not None:
+                assert body["headers"].get("x-k3-route") == route, (mode, req, body)
+                assert (body["headers"].get("x-k3-tier") == "gold") == (route == "v2-path")
+
+
 def test_denied_never_reach_upstream(runs: dict[str, Any], kernel: None) -> None:
     reqs = runs["reqs"]["list"]
     for mode in ("off", "on"):
