@@ -13,17 +13,9 @@ import os
 import time
 from pathlib import Path
 
+from mesh.plumbing import cgroup2_root  # one reader of /proc/mounts for every package
+
 PREFIX = "l7fp-bench"
-
-
-def cgroup2_root() -> Path:
-    """The cgroup v2 mount point, read from /proc/mounts (never hard-coded)."""
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2":
-                return Path(parts[1])
-    raise RuntimeError("no cgroup2 mount in /proc/mounts: the benchmark needs cgroup v2")
 
 
 def bench_root() -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpath import bpfsys
+from mesh.plumbing import cgroup2_root  # noqa: F401  (re-exported: one reader of /proc/mounts)
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,6 @@ def socket_cookie(sock: socket.socket | int) -> int:
         if s is not sock:
             s.close()
     return int.from_bytes(raw, "little")
-
-
-def cgroup2_root() -> Path:
-    """Mount point of the cgroup v2 hierarchy, read from /proc/mounts."""
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2":
-                return Path(parts[1])
-    raise RuntimeError("no cgroup v2 mount in /proc/mounts")
 
 
 def module_text(decide_header: str | None = None) -> str:
