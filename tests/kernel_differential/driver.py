@@ -2,7 +2,7 @@
 
 Reads a JSON list of requests from argv[1], sends each on a fresh TCP
 connection (so each is decided on its own: a connection once handed to Envoy
-stays there), and prints a JSON list of results: status, response body and the
+stays there) or, when it names a `conn`, on that kept-alive connection, and prints a JSON list of results: status, response body and the
 `x-k3-served-by` header. The head and a small body go out in one write, as
 the kernel takes only complete heads.
 """
@@ -14,9 +14,17 @@ import json
 import sys
 import time
 
+KEEP: dict[str, http.client.HTTPConnection] = {}  # "conn" id -> kept-alive connection
+
 
 def send(req: dict) -> dict:  # type: ignore[type-arg]
-    conn = http.client.HTTPConnection(req["vip"], req["port"], timeout=10)
+    """One request: on a fresh connection, or on the kept-alive one named `conn`."""
+    cid = req.get("conn")
+    conn = KEEP.get(cid) if cid else None
+    if conn is None:
+        conn = http.client.HTTPConnection(req["vip"], req["port"], timeout=10)
+        if cid:
+            KEEP[cid] = conn
     try:
         body = req["body"].encode() if req.get("body") else None
         conn.putrequest(req["method"], req["path"], skip_host=True, skip_accept_encoding=True)
@@ -33,7 +41,8 @@ def send(req: dict) -> dict:  # type: ignore[type-arg]
     except OSError as exc:  # a failed request is a result to compare, not a crash
         return {"status": 0, "body": f"{type(exc).__name__}: {exc}", "served_by": None}
     finally:
-        conn.close()
+        if not cid:
+            conn.close()
 
 
 def main() -> None:

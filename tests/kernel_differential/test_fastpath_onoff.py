@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.slow,
 HERE = Path(__file__).resolve().parent
 SEED = 5_0001
 N_API, N_GUARDED, N_FLAKY, N_LIMITED = 150, 40, 12, 12
+N_KEEPALIVE = 32  # of the api requests, on 4 kept-alive connections
 # Between requests with the fast path on: each closed client connection closes
 # its bound pooled upstream and the agent refills the pool from its own loop;
 # back to back, most new connections found the pool empty (measured 134 of 214
@@ -83,6 +84,11 @@ def gen_requests(seed: int = SEED) -> list[dict[str, Any]]:
                          "headers": {"host": f"{svc}:{port}"}, "body": ""})
     limited = reqs[-N_LIMITED:]
     reqs = reqs[:-N_LIMITED]
+    # a share of the api requests on kept-alive connections (several requests,
+    # routes and upstreams per connection: bound upstreams reused, headers added)
+    api = [r for r in reqs if r["svc"] == "api"]
+    for j, r in enumerate(rng.sample(api, N_KEEPALIVE)):
+        r["conn"] = f"k{j % 4}"
     rng.shuffle(reqs)
     reqs += limited  # last, in two halves around a plan re-apply (run_mesh)
     for i, r in enumerate(reqs):
