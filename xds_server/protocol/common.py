@@ -8,8 +8,11 @@ has answered all of it, the final snapshot without them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
+from xds_server import resources as res
 from xds_server.protocol.wire import Encoded
 from xds_server.snapshot import Snapshot
 
@@ -106,3 +109,59 @@ class Staging:
             self._base_is_mid_of = self.target
         self.base = view
         self._sent_unsettled = False
+
+
+@dataclass
+class AnswerState:
+    """Per type URL, both protocols: the last response sent and how it was answered."""
+
+    nonce: str = ""
+    pending: bool = False
+    sent_version: str = ""
+    sent_born: float = 0.0
+    sent_at: float = 0.0
+    acked_version: str = ""
+    acked_at: float = 0.0
+    nacked_version: str = ""
+    last_error: str = ""
+    sends: int = 0
+    acks: int = 0
+    nacks: int = 0
+
+    def answer(self, type_url: str, req: object, acked_version: str) -> Event:
+        """The proxy answered the pending response: a NACK (error_detail set) or an ACK."""
+        self.pending = False
+        err = getattr(req, "error_detail", None)
+        if err is not None:
+            self.nacked_version = self.sent_version
+            self.last_error = error_text(err)
+            self.nacks += 1
+            return Nack(type_url, self.sent_version, self.nonce, self.last_error)
+        self.acked_version, self.acked_at = acked_version, time.monotonic()
+        self.acks += 1
+        return Ack(type_url, acked_version, self.nonce, self.sent_born)
+
+
+S = TypeVar("S", bound=AnswerState)
+
+
+class StreamCore(Generic[S]):
+    """What SotwStream and DeltaStream share: per-type state, staging, served types,
+    push order."""
+
+    def __init__(self, served_types: frozenset[str] = res.CORE_TYPES) -> None:
+        self.types: dict[str, S] = {}
+        self.staging = Staging()
+        self._served = served_types
+        self._counter = 0
+
+    def set_snapshot(self, snap: Snapshot, born: float | None = None) -> None:
+        self.staging.set_target(snap, time.monotonic() if born is None else born)
+
+    def _ordered(self) -> list[str]:
+        """Subscribed types in make-before-break order, then other types by name."""
+        known = [t for t in res.PUSH_ORDER if t in self.types]
+        return known + sorted(t for t in self.types if t not in res.CORE_TYPES)
+
+    def _servable(self, type_url: str, view: Snapshot) -> bool:
+        return type_url in self._served or type_url in view.entries

@@ -26,53 +26,30 @@ from xds_server import resources as res
 from xds_server.protocol import wire
 from xds_server.protocol.common import (
     WAIT_FOR_CLUSTERS,
-    Ack,
+    AnswerState,
     Event,
     Ignored,
-    Nack,
     Outgoing,
-    Staging,
-    error_text,
+    StreamCore,
 )
 from xds_server.snapshot import Entry, Snapshot
 
 
 @dataclass
-class DeltaTypeState:
+class DeltaTypeState(AnswerState):
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
     known: dict[str, str] = field(default_factory=dict)
     requested: bool = False
     first_sent: bool = False
-    nonce: str = ""
-    pending: bool = False
-    sent_version: str = ""
     synced_version: str = ""
-    sent_born: float = 0.0
-    sent_at: float = 0.0
-    acked_version: str = ""
-    acked_at: float = 0.0
-    nacked_version: str = ""
-    last_error: str = ""
-    sends: int = 0
-    acks: int = 0
-    nacks: int = 0
     dirty: bool = True  # a request changed the subscription since the last send
 
 
-class DeltaStream:
+class DeltaStream(StreamCore[DeltaTypeState]):
     """One Delta ADS stream's protocol state (see module docstring for the rules)."""
 
     kind = "delta"
-
-    def __init__(self, served_types: frozenset[str] = res.CORE_TYPES) -> None:
-        self.types: dict[str, DeltaTypeState] = {}
-        self.staging = Staging()
-        self._served = served_types
-        self._counter = 0
-
-    def set_snapshot(self, snap: Snapshot, born: float | None = None) -> None:
-        self.staging.set_target(snap, time.monotonic() if born is None else born)
 
     def receive(self, req: object) -> list[Event]:
         """Apply one DeltaDiscoveryRequest."""
@@ -83,7 +60,7 @@ class DeltaStream:
         events: list[Event] = []
         nonce = req.response_nonce  # type: ignore[attr-defined]
         if nonce and st.pending and nonce == st.nonce:
-            events.append(self._answer(type_url, st, req))
+            events.append(st.answer(type_url, req, st.sent_version))
         elif nonce and nonce != st.nonce and st.nonce:
             events.append(Ignored(type_url, f"stale nonce {nonce!r} (last sent {st.nonce!r})"))
         self._subscribe(st, req)
@@ -92,18 +69,6 @@ class DeltaStream:
         if type_url not in self._served and type_url not in self.staging.target.entries:
             events.append(Ignored(type_url, "type not served (no such resources)"))
         return events
-
-    def _answer(self, type_url: str, st: DeltaTypeState, req: object) -> Event:
-        st.pending = False
-        err = getattr(req, "error_detail", None)
-        if err is not None:
-            st.nacked_version = st.sent_version
-            st.last_error = error_text(err)
-            st.nacks += 1
-            return Nack(type_url, st.sent_version, st.nonce, st.last_error)
-        st.acked_version, st.acked_at = st.sent_version, time.monotonic()
-        st.acks += 1
-        return Ack(type_url, st.sent_version, st.nonce, st.sent_born)
 
     @staticmethod
     def _subscribe(st: DeltaTypeState, req: object) -> None:
@@ -148,18 +113,11 @@ class DeltaStream:
                 return self.responses()
         return out
 
-    def _ordered(self) -> list[str]:
-        known = [t for t in res.PUSH_ORDER if t in self.types]
-        return known + sorted(t for t in self.types if t not in res.CORE_TYPES)
-
     def _clusters_settled(self, view: Snapshot) -> bool:
         cds = self.types.get(res.CLUSTER)
         if cds is None:
             return True
         return not cds.pending and cds.synced_version == view.version(res.CLUSTER)
-
-    def _servable(self, type_url: str, view: Snapshot) -> bool:
-        return type_url in self._served or type_url in view.entries
 
     def _all_answered(self) -> bool:
         return not any(st.pending for st in self.types.values())

@@ -27,54 +27,31 @@ from xds_server import resources as res
 from xds_server.protocol import wire
 from xds_server.protocol.common import (
     WAIT_FOR_CLUSTERS,
-    Ack,
+    AnswerState,
     Event,
     Ignored,
-    Nack,
     Outgoing,
-    Staging,
-    error_text,
+    StreamCore,
 )
 from xds_server.snapshot import Snapshot
 
 
 @dataclass
-class TypeState:
+class TypeState(AnswerState):
     """Per type URL: subscription and what was sent and answered."""
 
     wildcard: bool = False
     legacy_wildcard: bool = False
     names: frozenset[str] = frozenset()
     requested: bool = False
-    nonce: str = ""
     sent_key: tuple[str, bool, frozenset[str]] | None = None
-    sent_version: str = ""
-    sent_born: float = 0.0
-    sent_at: float = 0.0
-    pending: bool = False
-    acked_version: str = ""
-    acked_at: float = 0.0
-    nacked_version: str = ""
-    last_error: str = ""
-    sends: int = 0
-    acks: int = 0
-    nacks: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 
 
-class SotwStream:
+class SotwStream(StreamCore[TypeState]):
     """One SotW ADS stream's protocol state (see module docstring for the rules)."""
 
     kind = "sotw"
-
-    def __init__(self, served_types: frozenset[str] = res.CORE_TYPES) -> None:
-        self.types: dict[str, TypeState] = {}
-        self.staging = Staging()
-        self._served = served_types
-        self._counter = 0
-
-    def set_snapshot(self, snap: Snapshot, born: float | None = None) -> None:
-        self.staging.set_target(snap, time.monotonic() if born is None else born)
 
     def receive(self, req: object) -> list[Event]:
         """Apply one DiscoveryRequest; returns what it meant (ACK, NACK, ignored)."""
@@ -89,7 +66,7 @@ class SotwStream:
             # arrive in order), and Envoy does not repeat them: keep them.
             events.append(Ignored(type_url, f"stale nonce {nonce!r} (last sent {st.nonce!r})"))
         elif st.nonce and st.pending:
-            events.append(self._answer(type_url, st, req))
+            events.append(st.answer(type_url, req, req.version_info))  # type: ignore[attr-defined]
         self._subscribe(st, list(req.resource_names))  # type: ignore[attr-defined]
         if not st.wildcard and not st.names:
             # Unsubscribed from everything: Envoy does not ACK responses of a type it
@@ -98,19 +75,6 @@ class SotwStream:
         if type_url not in self._served and type_url not in self.staging.target.entries:
             events.append(Ignored(type_url, "type not served (no such resources)"))
         return events
-
-    def _answer(self, type_url: str, st: TypeState, req: object) -> Event:
-        st.pending = False
-        err = getattr(req, "error_detail", None)
-        if err is not None:
-            st.nacked_version = st.sent_version
-            st.last_error = error_text(err)
-            st.nacks += 1
-            return Nack(type_url, st.sent_version, st.nonce, st.last_error)
-        st.acked_version = req.version_info  # type: ignore[attr-defined]
-        st.acked_at = time.monotonic()
-        st.acks += 1
-        return Ack(type_url, st.acked_version, st.nonce, st.sent_born)
 
     @staticmethod
     def _subscribe(st: TypeState, names: list[str]) -> None:
@@ -146,18 +110,11 @@ class SotwStream:
                 return self.responses()
         return out
 
-    def _ordered(self) -> list[str]:
-        known = [t for t in res.PUSH_ORDER if t in self.types]
-        return known + sorted(t for t in self.types if t not in res.CORE_TYPES)
-
     def _clusters_settled(self, view: Snapshot) -> bool:
         cds = self.types.get(res.CLUSTER)
         if cds is None:
             return True
         return not cds.pending and cds.sent_key is not None and cds.sent_key[0] == view.version(res.CLUSTER)
-
-    def _servable(self, type_url: str, view: Snapshot) -> bool:
-        return type_url in self._served or type_url in view.entries
 
     def _all_answered(self, view: Snapshot) -> bool:
         for type_url, st in self.types.items():
