@@ -36,11 +36,12 @@ def endpoint_order(cluster: Any) -> list[Any]:
 
 
 def offloadable(lst: ListenerPlan) -> bool:
-    """Worth tracking: an outbound listener with at least one kernel route."""
+    """Worth tracking: an outbound listener with at least one kernel route.
+
+    The listener's RBAC filters are evaluated by l7fp_decide (the synthesis
+    hands the whole listener to Envoy when one of them needs Envoy), with the
+    client pod's address as the source (sockops.c sets it)."""
     if lst.direction is not Direction.OUTBOUND or lst.verdict is not Verdict.KERNEL:
-        return False
-    rbacs = lst.rbacs or ((lst.rbac,) if lst.rbac is not None else ())
-    if any(not rb.shadow for rb in rbacs):  # every RBAC filter (Istio: DENY then ALLOW)
         return False
     return any(r.verdict is Verdict.KERNEL for vh in lst.virtual_hosts for r in vh.routes)
 

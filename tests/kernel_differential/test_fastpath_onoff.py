@@ -128,7 +128,12 @@ def fastpath_counts(admin: str) -> Counter[str]:
             key = m.group(1) if m else "?"
             if key == "envoy" and reason:
                 key = f"envoy/{reason.group(1)}"
-            out[key] += int(float(ln.rsplit(" ", 1)[1]))
+            n = int(float(ln.rsplit(" ", 1)[1]))
+            out[key] += n
+            route = re.search(r'route="([^"]*)"', ln)
+            if route and route.group(1):  # per destination service too: "<service>/<outcome>"
+                service = route.group(1).split("/", 1)[1].split(".", 1)[0] if "/" in route.group(1) else ""
+                out[f"{service}/{m.group(1) if m else '?'}"] += n
     return out
 
 
@@ -332,3 +337,5 @@ def test_kernel_served_a_real_share(runs: dict[str, Any], kernel: None) -> None:
           f"send time off {runs['off']['send_s']:.1f} s, on {runs['on']['send_s']:.1f} s")
     assert kernel_n >= total // 3, (dict(counts), json.dumps(runs["on"]["dbg"], indent=1))
     assert counts["kernel_reply"] > 0 and counts["fast"] > 0, dict(counts)
+    # the outbound RBAC deny of `guarded` is decided in the kernel (l7fp_decide)
+    assert counts["guarded/kernel_reply"] > 0, dict(counts)
