@@ -103,9 +103,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="l7fp-bench-"))
     mach = results.machine(envoy)
-    outcome = runner.execute(plan, names, envoy=envoy, workdir=workdir,
-                             concurrency=args.envoy_concurrency, substrate=args.substrate)
-    _remove_run_cgroup()
+    try:
+        outcome = runner.execute(plan, names, envoy=envoy, workdir=workdir,
+                                 concurrency=args.envoy_concurrency, substrate=args.substrate)
+    finally:
+        _remove_run_cgroup()
     doc = results.document(outcome, plan, mach, started)
     doc["plan"]["substrate"] = args.substrate
     results.write(doc, out)
@@ -122,13 +124,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _remove_run_cgroup() -> None:
-    """The per-run cgroup directory (its children are gone after teardown)."""
+    """The per-run cgroup directory, with anything an interrupted teardown left in
+    it, then the harness's parent directory when no other run uses it."""
     from benchmarks import cgroups, topology
 
     try:
-        os.rmdir(cgroups.bench_root() / topology.run_tag())
+        cgroups.remove_tree(cgroups.bench_root() / topology.run_tag())
+    except RuntimeError as exc:
+        logging.getLogger(__name__).warning("%s", exc)
+    try:
+        os.rmdir(cgroups.bench_root())
     except OSError:
-        pass
+        pass  # another run's directory is still there, or it is already gone
 
 
 def main(argv: list[str] | None = None) -> int:

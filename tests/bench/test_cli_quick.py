@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import cgroups
 from benchmarks.configs import NAMES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +59,7 @@ def test_quick_run_produces_all_configurations_report_and_plots(kernel: None,
     assert len(pngs) == 3 and all((out / p).stat().st_size > 1000 for p in pngs)
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"l7fp-bench-p{proc.pid}-" not in leftovers
+    assert not (cgroups.bench_root() / f"p{proc.pid}").exists()
 
 
 @pytest.mark.timeout(120)
@@ -85,6 +87,6 @@ def test_ctrl_c_tears_everything_down(kernel: None, tmp_path: Path) -> None:
             proc.wait()
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert tag not in names
-    assert not list(Path("/sys/fs/cgroup").rglob(f"l7fp-bench/p{proc.pid}"))
+    assert not (cgroups.bench_root() / f"p{proc.pid}").exists()
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["interrupted"] is True
