@@ -215,6 +215,11 @@ class BenchNet:
             cgroups.remove_tree(self.cg_root)
         except RuntimeError as exc:
             log.warning("%s", exc)
+        for d in (self.cg_root.parent, self.cg_root.parent.parent):  # the run's dir, the root
+            try:
+                os.rmdir(d)
+            except OSError:
+                break  # another topology of this run, or another run, still uses it
         for pod in self.pods.values():
             sh(["ip", "netns", "del", pod.netns], check=False)
         sh(["ip", "netns", "del", self.hub], check=False)
