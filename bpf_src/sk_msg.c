@@ -102,6 +102,25 @@ static __always_inline int dp_forward(struct sk_msg_md *msg, struct dp_conn *c, 
     return dp_up.msg_redirect_hash(msg, &up, 0);
 }
 
+/* Copy `len` (<= DP_REPLY_MAX) bytes from `src` to the start of the message's
+ * pulled data (the caller pulled at least `len` bytes). Returns len, or -1. */
+static __always_inline int dp_copy_to_msg(struct sk_msg_md *msg, const __u8 *src, __u32 len)
+{
+    char *d = msg->data;
+    void *end = msg->data_end;
+    for (__u32 i = 0; i < DP_REPLY_MAX; i++) {
+        __u32 j = i;
+        /* hide j's relation to len from clang, so the verifier sees j < DP_REPLY_MAX */
+        asm volatile("" : "+r"(j));
+        if (j >= len || j >= DP_REPLY_MAX)
+            break;
+        if ((void *)(d + j + 1) > end)
+            return -1;
+        d[j] = src[j];
+    }
+    return (int)len;
+}
+
 /* Turn the first `consumed` bytes of the write into the reply `reply_id`
  * (bytes from dp_reply_get() of the decision header). */
 static __always_inline int dp_rewrite_reply(struct sk_msg_md *msg, struct dp_verdict *v, __u32 gen)
@@ -122,19 +141,7 @@ static __always_inline int dp_rewrite_reply(struct sk_msg_md *msg, struct dp_ver
     }
     if (bpf_msg_pull_data(msg, 0, len, 0))
         return -1;
-    char *d = msg->data;
-    void *end = msg->data_end;
-    for (__u32 i = 0; i < DP_REPLY_MAX; i++) {
-        __u32 j = i;
-        /* hide j's relation to len from clang, so the verifier sees j < DP_REPLY_MAX */
-        asm volatile("" : "+r"(j));
-        if (j >= len || j >= DP_REPLY_MAX)
-            break;
-        if ((void *)(d + j + 1) > end)
-            return -1;
-        d[j] = data[j];
-    }
-    return (int)len;
+    return dp_copy_to_msg(msg, data, len);
 }
 
 /* Insert the route's request headers before the blank line of the head (at
@@ -153,18 +160,7 @@ static __always_inline int dp_insert_headers(struct sk_msg_md *msg, struct dp_ve
         return -1;
     if (bpf_msg_pull_data(msg, at, at + len, 0))
         return -1;
-    char *d = msg->data;
-    void *end = msg->data_end;
-    for (__u32 i = 0; i < DP_REPLY_MAX; i++) {
-        __u32 j = i;
-        asm volatile("" : "+r"(j));
-        if (j >= len || j >= DP_REPLY_MAX)
-            break;
-        if ((void *)(d + j + 1) > end)
-            return -1;
-        d[j] = src[j];
-    }
-    return (int)len;
+    return dp_copy_to_msg(msg, src, len);
 }
 
 int dp_msg_verdict(struct sk_msg_md *msg)
