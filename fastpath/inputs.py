@@ -122,7 +122,8 @@ def files(paths: list[str]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             out += sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml", ".json")
-                          and x.is_file() and not any(part.startswith(".") for part in x.parts))
+                          and x.is_file()
+                          and not any(part.startswith(".") for part in x.relative_to(p).parts))
         elif p.exists():
             out.append(p)
         else:

@@ -92,3 +92,16 @@ def test_plan_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fast = lis["virtual_hosts"][0]["routes"][0]
     assert fast["verdict"] == "KERNEL" and fast["action"]["type"] == "ClusterAction"
     assert fast["match"] == {**fast["match"], "path_kind": "prefix", "path": "/api"}
+
+
+def test_relative_path_through_parent_dir(files: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`l7fp split ../dir` reads the files under it (only dot-dirs *below* the named dir are skipped)."""
+    (files / ".hidden").mkdir()
+    (files / ".hidden" / "x.yaml").write_text(yaml.safe_dump(BOOTSTRAP))
+    sub = files / "sub"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    assert main(["split", "--json", ".."]) == 0
+    cov = json.loads(capsys.readouterr().out)["coverage"]
+    assert cov["routes"] == {"kernel": 1, "total": 3}
