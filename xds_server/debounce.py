@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from xds_server.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 
@@ -32,12 +34,7 @@ class Debouncer:
         self._task = asyncio.create_task(self._run(), name="l7fp-debounce")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     def trigger(self) -> None:
         now = time.monotonic()

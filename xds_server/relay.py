@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -30,6 +29,7 @@ from grpclib.client import Channel
 from xds_server.node import NodeInfo
 from xds_server.relay_protocol import Request, UpstreamState
 from xds_server.sources.base import NodeResources, Source
+from xds_server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 ADS_PATH = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
@@ -54,10 +54,7 @@ class UpstreamSession:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task, ignore_errors=True)
 
     def send(self, req: Request | None) -> None:
         if req is not None:
@@ -174,10 +171,7 @@ class RelaySource(Source):
         self._task = asyncio.create_task(self._verdicts())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         for sess in list(self.sessions.values()):
             await sess.close()
 

@@ -18,6 +18,7 @@ from typing import Any
 from xds_server.node import NodeInfo
 from xds_server.sources.base import NodeResources, Source
 
+from ..tasks import cancel_and_wait
 from . import load
 from .messages import MessageCache, to_messages
 from .registry import STATE_ROOT
@@ -92,10 +93,7 @@ class IstioSource(Source):
         self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _watch(self) -> None:
         while True:

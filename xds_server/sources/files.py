@@ -25,6 +25,7 @@ from xds_server import resources as res
 from xds_server.node import NodeInfo
 from xds_server.snapshot import Snapshot
 from xds_server.sources.base import EMPTY, NodeResources, Source
+from xds_server.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~3x faster on big route tables
@@ -260,12 +261,7 @@ class DirectorySource(Source):
         self._task = asyncio.create_task(self._watch(), name="l7fp-config-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _watch(self) -> None:
         import watchfiles
