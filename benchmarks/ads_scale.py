@@ -43,6 +43,8 @@ from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, D
 from grpclib.client import Channel
 from grpclib.encoding.proto import ProtoCodec
 
+from xds_server.protocol.requests import fields
+
 REPO = Path(__file__).resolve().parent.parent
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -60,42 +62,18 @@ class Raw:
     nonce: str = ""
 
 
-def _varint(b: bytes, i: int) -> tuple[int, int]:
-    shift = n = 0
-    while True:
-        c = b[i]
-        i += 1
-        n |= (c & 0x7F) << shift
-        if c < 0x80:
-            return n, i
-        shift += 7
-
-
 def scan(data: bytes) -> Raw:
     """Top-level fields of a (Delta)DiscoveryResponse: 1 version, 4 type_url, 5 nonce."""
-    out, i = Raw(), 0
-    while i < len(data):
-        key, i = _varint(data, i)
-        num, wt = key >> 3, key & 7
-        if wt == 0:
-            _, i = _varint(data, i)
-        elif wt == 2:
-            n, i = _varint(data, i)
-            if num in (1, 4, 5):
-                s = data[i:i + n].decode()
-                if num == 1:
-                    out.version = s
-                elif num == 4:
-                    out.type_url = s
-                else:
-                    out.nonce = s
-            i += n
-        elif wt == 1:
-            i += 8
-        elif wt == 5:
-            i += 4
-        else:
-            raise ValueError(f"wire type {wt}")
+    out = Raw()
+    for num, value in fields(data):
+        if isinstance(value, bytes) and num in (1, 4, 5):
+            s = value.decode()
+            if num == 1:
+                out.version = s
+            elif num == 4:
+                out.type_url = s
+            else:
+                out.nonce = s
     return out
 
 
