@@ -14,6 +14,15 @@ correctly. The only thing removed is stateful policy whose owner is the kernel
 * a listener whose whole local rate-limit bucket is owned by the kernel (every
   route KERNEL): the HCM's local_ratelimit filter is removed.
 
+Only *outbound* listeners: the kernel evaluates them on the client's own
+socket, so it sees every request of that sidecar's bucket. An inbound
+listener's bucket is one per destination pod, shared by all its clients,
+and the kernel of one client never sees the requests of the others (nor of
+connections handed to Envoy): Envoy stays its owner (the fast path hands
+such requests to Envoy, see fastpath/inbound_merge.py). Before this rule the
+destination's limiter was removed while no kernel enforced it: an inbound
+rate limit was not enforced at all with the fast path on.
+
 Requests the kernel hands to Envoy on such a route (parse limit, empty pool) are
 charged to the kernel's bucket before being handed over, so the limit is never
 doubled (docs/split.md, "Owner rule").
@@ -25,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastpath import envoy_model as em
-from fastpath.plan import KernelPlan, ListenerPlan, Verdict
+from fastpath.plan import Direction, KernelPlan, ListenerPlan, Verdict
 
 _DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
 
@@ -35,7 +44,8 @@ def residual(resources: Mapping[str, Sequence[Any]], plan: KernelPlan) -> dict[s
     out = {k: list(v) for k, v in resources.items()}
     owned_routes = _kernel_limited_routes(plan)
     owned_listeners = {lp.name.split("#")[0] for lp in plan.listeners
-                       if lp.local_rate_limit and lp.verdict is Verdict.KERNEL}
+                       if lp.local_rate_limit and lp.verdict is Verdict.KERNEL
+                       and lp.direction is Direction.OUTBOUND}
     if owned_routes:
         limiters: set[str] = set()
         for m in out.get(em.LISTENER, []):
@@ -53,7 +63,8 @@ def _kernel_limited_routes(plan: KernelPlan) -> set[tuple[str, str, int]]:
     """(route config, virtual host, route index) of KERNEL routes with a limiter."""
     owned = set()
     for lp in plan.listeners:
-        owned |= _owned_in(lp)
+        if lp.direction is Direction.OUTBOUND:
+            owned |= _owned_in(lp)
     return owned
 
 
