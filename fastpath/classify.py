@@ -271,7 +271,8 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
         reasons.append("upstream TLS (no kTLS on this kernel)")
     reasons += _cluster_options(c)
     return Cluster(name, lb or LbPolicy.ROUND_ROBIN, tuple(eps), None, "transportSocket" in c,
-                   Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(reasons))
+                   Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(reasons),
+                   max_retries=max_retries(c.get("circuitBreakers", {})))
 
 
 # Cluster fields with no effect on which endpoint serves a request or on what
@@ -326,6 +327,15 @@ def _cluster_options(c: dict[str, Any]) -> list[str]:
 # 2^32-1) add nothing, lower ones are real limits whose only owner is Envoy.
 _BREAKER_DEFAULTS = {"maxConnections": 1024, "maxPendingRequests": 1024, "maxRequests": 1024,
                      "maxRetries": 3}
+
+
+def max_retries(cb: dict[str, Any]) -> int:
+    """The DEFAULT-priority max_retries threshold (Envoy's default 3): how many
+    retries of the cluster may be pending at once (the data path's retries too)."""
+    for t in cb.get("thresholds", []):
+        if t.get("priority", "DEFAULT") == "DEFAULT" and "maxRetries" in t:
+            return int(t["maxRetries"])
+    return _BREAKER_DEFAULTS["maxRetries"]
 
 
 def _limiting_breakers(cb: dict[str, Any]) -> bool:

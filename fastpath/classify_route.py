@@ -24,6 +24,7 @@ from fastpath.plan import (
     LbPolicy,
     LocalRateLimit,
     Redirect,
+    RetryPolicy,
     Route,
     Verdict,
     WeightedCluster,
@@ -51,7 +52,8 @@ class KernelCaps:
     # owns the upstream pools resolves them (getaddrinfo, re-resolved like Envoy's
     # dns_refresh_rate); the kernel only ever sees the pooled sockets.
     dns_endpoints: bool = True
-    # What-if only (not built): the kernel retries a request on a response status.
+    # The data path retries on the response status / grpc-status (retriable-status-codes,
+    # retriable-4xx and the gRPC conditions; bpf_src/sk_msg.c + fastpath/retry*.py).
     status_retries: bool = False
 
 
@@ -186,7 +188,8 @@ def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
     # the kernel hands requests carrying one to Envoy (fastpath.reference).
     if duration_ms(msd.get("maxStreamDuration", "0s")) or "grpcTimeoutHeaderOffset" in msd:
         reasons.append("route max_stream_duration")
-    reasons += _retry(a.get("retryPolicy", ctx.vhost.get("retryPolicy")), ctx.caps)
+    retry, more = retry_policy(a.get("retryPolicy", ctx.vhost.get("retryPolicy")), ctx.caps)
+    reasons += more
     hash_header, more = _hash(a.get("hashPolicy", []), clusters, ctx)
     reasons += more
     for c in clusters:
@@ -197,7 +200,7 @@ def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
             reasons.append(f"cluster {c.name!r}: {plan_c.reason}")
     action = ClusterAction(tuple(clusters), a.get("prefixRewrite"), a.get("hostRewriteLiteral"),
                            timeout, duration_ms(a.get("idleTimeout")) or None,
-                           cluster_header=a.get("clusterHeader"))
+                           cluster_header=a.get("clusterHeader"), retry=retry)
     if hash_header:
         action = ClusterAction(**{**action.__dict__, "hash_header": hash_header})
     return action, reasons
@@ -220,24 +223,77 @@ def _weighted(w: dict[str, Any]) -> tuple[list[WeightedCluster], Reasons]:
 STATUS_RETRY_ON = frozenset({"5xx", "gateway-error", "retriable-4xx", "retriable-status-codes",
                              "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
                              "unavailable"})
+# The subset the data path retries exactly as Envoy does (status/grpc-status of the
+# response head). 5xx and gateway-error also retry on an upstream reset, which the
+# data path does not see: they stay ENVOY.
+GRPC_RETRY_CODES = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8,
+                    "internal": 13, "unavailable": 14}
+KERNEL_RETRY_ON = frozenset({"retriable-status-codes", "retriable-4xx", *GRPC_RETRY_CODES})
+_RETRY_KEYS = {"retryOn", "numRetries", "perTryTimeout", "retryHostPredicate",
+               "hostSelectionRetryMaxAttempts", "retriableStatusCodes", "retryBackOff",
+               "retriableHeaders", "retriableRequestHeaders", "perTryIdleTimeout"}
+PREVIOUS_HOSTS = "previous_hosts"
 
 
 def _retry(p: dict[str, Any] | None, caps: KernelCaps) -> Reasons:
-    """A retry policy is kernel-safe only if none of its conditions can fire."""
+    """A retry policy is kernel-safe if none of its conditions can fire, or (with
+    ``caps.status_retries``) if the data path retries all that can fire."""
+    return retry_policy(p, caps)[1]
+
+
+def retry_policy(p: dict[str, Any] | None, caps: KernelCaps) -> tuple[RetryPolicy | None, Reasons]:
+    """Envoy RetryPolicy (proto-JSON) -> (plan.RetryPolicy or None, reasons for Envoy).
+
+    None when no condition can fire on the kernel path (nothing to execute)."""
     if not p:
-        return []
+        return None, []
     reasons = []
-    if duration_ms(p.get("perTryTimeout", "0s")):
+    per_try = duration_ms(p.get("perTryTimeout", "0s"))
+    if per_try:
         reasons.append("retry per_try_timeout")
-    if int(p.get("numRetries", 1)) == 0:
-        return reasons
+    if duration_ms(p.get("perTryIdleTimeout", "0s")):
+        reasons.append("retry per_try_idle_timeout")
+    num = int(p.get("numRetries", 1))
+    if num == 0:
+        return None, reasons
     conds = {c.strip() for c in str(p.get("retryOn", "")).split(",") if c.strip()}
-    firing = sorted(conds - NEVER_FIRING_RETRY_ON - (STATUS_RETRY_ON if caps.status_retries else set()))
+    can_fire = conds - NEVER_FIRING_RETRY_ON
+    kernel_ok = KERNEL_RETRY_ON if caps.status_retries else frozenset()
+    firing = sorted(can_fire - kernel_ok)
     if firing:
         reasons.append(f"retry_policy retry_on={','.join(firing)} can fire")
     if p.get("retriableHeaders") or p.get("retriableRequestHeaders"):
         reasons.append("retry on headers")
-    return reasons
+    reasons += [f"retry_policy {k}" for k in sorted(set(p) - _RETRY_KEYS)]
+    hosts, more = _host_predicates(p)
+    reasons += more
+    if not can_fire:
+        return None, reasons
+    codes = [int(c) for c in p.get("retriableStatusCodes", [])] \
+        if "retriable-status-codes" in conds else []
+    if "retriable-4xx" in conds:
+        codes.append(409)
+    backoff = p.get("retryBackOff", {})
+    base = duration_ms(backoff.get("baseInterval", "0.025s")) or 25
+    policy = RetryPolicy(
+        num_retries=num, retry_on=tuple(sorted(conds)), status_codes=tuple(sorted(set(codes))),
+        grpc_codes=tuple(sorted(GRPC_RETRY_CODES[c] for c in conds & GRPC_RETRY_CODES.keys())),
+        previous_hosts=hosts, host_selection_attempts=int(p.get("hostSelectionRetryMaxAttempts", 1)),
+        base_ms=base, max_ms=duration_ms(backoff.get("maxInterval", "0s")) or 10 * base,
+        per_try_timeout_ms=per_try or None)
+    return policy, reasons
+
+
+def _host_predicates(p: dict[str, Any]) -> tuple[bool, Reasons]:
+    """previous_hosts is executed by the agent; any other host predicate needs Envoy."""
+    hosts, reasons = False, []
+    for pred in p.get("retryHostPredicate", []):
+        kind = str(pred.get("typedConfig", {}).get("@type", "")) + str(pred.get("name", ""))
+        if PREVIOUS_HOSTS in kind:
+            hosts = True
+        else:
+            reasons.append(f"retry host predicate {pred.get('name', kind)}")
+    return hosts, reasons
 
 
 def _hash(policies: list[dict[str, Any]], clusters: list[WeightedCluster],
@@ -268,8 +324,8 @@ def _headers(r: dict[str, Any], ctx: RouteContext) -> tuple[list[HeaderValue], l
         if level.get("responseHeadersToAdd") or level.get("responseHeadersToRemove"):
             reasons.append(f"{name} changes response headers")
     if ctx.vhost.get("includeRequestAttemptCount"):
-        # Envoy sends the attempt number upstream; a KERNEL route never retries,
-        # so it is always the first attempt.
+        # Envoy sends the attempt number upstream: 1 here; a retry by the data
+        # path rewrites it in its copy of the request (fastpath/retry.py).
         adds.append(HeaderValue("x-envoy-attempt-count", "1", append=False))
     return adds, removes, reasons
 

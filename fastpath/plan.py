@@ -157,6 +157,33 @@ class WeightedCluster:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """Envoy RetryPolicy of a route, as far as it can fire on the kernel path.
+
+    Filled by `fastpath.classify_route` for every route with a retry policy;
+    executed by the data path (bpf_src/sk_msg.c arms a copy of the request,
+    fastpath/retry*.py re-sends it) when the route is KERNEL. Semantics (Envoy's):
+    a response whose status is in ``status_codes`` (retriable-status-codes,
+    retriable-4xx = 409) or whose head carries a ``grpc-status`` in ``grpc_codes`` is retried, at most
+    ``num_retries`` times, after a jittered backoff (``base_ms``, ``max_ms``),
+    on another endpoint of the same cluster when ``previous_hosts`` can find
+    one (within ``host_selection_attempts`` picks), unless the response
+    carries ``x-envoy-overloaded`` or ``x-envoy-ratelimited``. The cluster's max_retries circuit breaker
+    bounds concurrent retries.
+    """
+
+    num_retries: int = 1
+    retry_on: tuple[str, ...] = ()
+    status_codes: tuple[int, ...] = ()  # exact statuses that are retried
+    grpc_codes: tuple[int, ...] = ()  # grpc-status values that are retried
+    previous_hosts: bool = False
+    host_selection_attempts: int = 1
+    base_ms: int = 25
+    max_ms: int = 250
+    per_try_timeout_ms: int | None = None  # always ENVOY (no per-try timer in the kernel)
+
+
+@dataclass(frozen=True)
 class ClusterAction:
     """Forward to a cluster (one, or weighted by ``weight/sum(weights)``)."""
 
@@ -167,6 +194,7 @@ class ClusterAction:
     idle_timeout_ms: int | None = None
     cluster_header: str | None = None  # route.cluster_header (always ENVOY)
     hash_header: str | None = None  # hash_policy header, for RING_HASH/MAGLEV clusters
+    retry: RetryPolicy | None = None  # None: the route never retries (or no policy)
 
 
 @dataclass(frozen=True)
@@ -374,6 +402,7 @@ class Cluster:
     tls: bool = False
     verdict: Verdict = Verdict.KERNEL
     reason: str = ""
+    max_retries: int = 3  # circuit breaker: concurrent retries of the cluster (Envoy default 3)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastpath import bpf_structs as bs
 from fastpath.plan import (
@@ -129,6 +130,9 @@ class SynthesizedProgram:
     notes: tuple[str, ...]
     rows: dict[str, list[bytes]] = field(repr=False)
     slots: dict[str, int] = field(repr=False)
+    # plan.Route per route id (route_names' order; None for a filler punt): the
+    # agent reads per-route data the decision does not carry (retry policies)
+    routes: tuple[Any, ...] = field(default=(), repr=False)
 
     def tables(self, gen: int) -> dict[str, dict[bytes, bytes]]:
         """Map name -> {key: value} for plan generation `gen` (0 or 1)."""
@@ -174,7 +178,7 @@ def synthesize(plan: KernelPlan, max_hdr: int = 512,
         cflags=tuple(f"-D{k}={v}" for k, v in sorted(knobs.items())),
         knobs=knobs, listener_ids=dict(tb.listener_ids), cluster_ids=dict(tb.cluster_ids),
         route_names=tuple(tb.route_names), notes=tuple(tb.notes), rows=rows,
-        slots=dict(tb.slots))
+        slots=dict(tb.slots), routes=tuple(tb.routes))
 
 
 def encode_str(st: bs.Structs, s: str, ci: bool = False) -> ctypes.Structure:

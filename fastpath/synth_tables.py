@@ -66,6 +66,7 @@ class TableBuilder:
     listener_ids: dict[str, int] = field(default_factory=dict)
     cluster_ids: dict[str, int] = field(default_factory=dict)
     route_names: list[str] = field(default_factory=list)
+    routes: list[Any] = field(default_factory=list)  # plan.Route per route id (None: filler)
     notes: list[str] = field(default_factory=list)
     slots: dict[str, int] = field(default_factory=dict)
     longest: int = 8
@@ -316,6 +317,7 @@ class TableBuilder:
         for r in routes:
             rid = len(self.route_names)
             self.route_names.append(f"{lp.name}/{vh.name}/{r.name}")
+            self.routes.append(r)
             try:
                 f = self._punt(r) if r.verdict is Verdict.ENVOY else self._route(vh, r)
             except Punt as e:
@@ -325,6 +327,7 @@ class TableBuilder:
             self._add("l7fp_routes", _Row("Route", f))
         if len(routes) < len(vh.routes):
             self.route_names.append(f"{lp.name}/{vh.name}/(more routes)")
+            self.routes.append(None)
             self._add("l7fp_routes", _Row("Route", {
                 "route_id": len(self.route_names) - 1, "action": bs.ACT_PUNT,
                 "path_kind": bs.PATH_PREFIX, "path": ("", False)}))

@@ -1,0 +1,63 @@
+"""Retry policies -> plan.RetryPolicy and the verdict (fastpath.classify_route)."""
+
+from __future__ import annotations
+
+from fastpath.classify import max_retries
+from fastpath.classify_route import KernelCaps, retry_policy
+from fastpath.plan import RetryPolicy
+from xds_server.istio.routes import istio_default_retry
+
+ON = KernelCaps(status_retries=True)
+OFF = KernelCaps(status_retries=False)
+
+
+def test_istio_default_policy_is_kernel_with_status_retries() -> None:
+    pol, reasons = retry_policy(istio_default_retry(), ON)
+    assert reasons == []
+    assert pol == RetryPolicy(
+        num_retries=2, retry_on=("cancelled", "connect-failure", "refused-stream",
+                                 "retriable-status-codes", "unavailable"),
+        status_codes=(503,), grpc_codes=(1, 14), previous_hosts=True,
+        host_selection_attempts=5, base_ms=25, max_ms=250)
+    _, reasons = retry_policy(istio_default_retry(), OFF)
+    assert reasons == ["retry_policy retry_on=cancelled,retriable-status-codes,unavailable can fire"]
+
+
+def test_conditions_on_resets_stay_envoy() -> None:
+    for cond in ("5xx", "gateway-error", "reset", "envoy-ratelimited", "retriable-headers"):
+        pol, reasons = retry_policy({"retryOn": cond}, ON)
+        assert reasons and cond in reasons[0], cond
+        assert pol is not None and pol.num_retries == 1
+
+
+def test_never_firing_and_zero_retries_need_nothing() -> None:
+    assert retry_policy({"retryOn": "connect-failure,refused-stream"}, OFF) == (None, [])
+    assert retry_policy({"retryOn": "5xx", "numRetries": 0}, OFF) == (None, [])
+
+
+def test_retriable_4xx_backoff_and_timers() -> None:
+    pol, reasons = retry_policy({"retryOn": "retriable-4xx,deadline-exceeded", "numRetries": 3,
+                                 "retryBackOff": {"baseInterval": "0.1s"}}, ON)
+    assert reasons == []
+    assert pol is not None and pol.status_codes == (409,) and pol.grpc_codes == (4,)
+    assert (pol.base_ms, pol.max_ms, pol.num_retries) == (100, 1000, 3)
+    _, reasons = retry_policy({"retryOn": "retriable-4xx", "perTryTimeout": "1s"}, ON)
+    assert reasons == ["retry per_try_timeout"]
+    _, reasons = retry_policy({"retryOn": "unavailable", "retriableHeaders": [{"name": "x"}]}, ON)
+    assert reasons == ["retry on headers"]
+
+
+def test_host_predicates() -> None:
+    other = {"retryOn": "unavailable", "retryHostPredicate": [
+        {"name": "envoy.retry_host_predicates.omit_canary_hosts"}]}
+    _, reasons = retry_policy(other, ON)
+    assert reasons == ["retry host predicate envoy.retry_host_predicates.omit_canary_hosts"]
+    pol, _ = retry_policy({"retryOn": "unavailable", "retryHostPredicate": [
+        {"name": "envoy.retry_host_predicates.previous_hosts"}]}, ON)
+    assert pol is not None and pol.previous_hosts and pol.host_selection_attempts == 1
+
+
+def test_cluster_max_retries() -> None:
+    assert max_retries({}) == 3
+    assert max_retries({"thresholds": [{"maxRetries": 4294967295}]}) == 4294967295
+    assert max_retries({"thresholds": [{"priority": "HIGH", "maxRetries": 9}]}) == 3
