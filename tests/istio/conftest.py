@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import REPO, pick_free_port
+from tests.support.procs import stop_process
 from xds_server.bootstrap import bootstrap_config
 from xds_server.envoyproc import Envoy
 
@@ -64,13 +65,7 @@ class Serve:
         raise AssertionError("l7fp serve not ready:\n" + self.log()[-3000:])
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import threading
@@ -22,6 +21,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.support.procs import stop_process
 from xds_server.istio.sidecar import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 
@@ -124,13 +124,7 @@ class Envoy:
         raise RuntimeError(f"envoy not ready: {open(self.log.name).read()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 

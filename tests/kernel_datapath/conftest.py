@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from k2_helpers import HttpServer, ScopedCgroup
 
+from tests.support.procs import stop_process
+
 ENVOY_YAML = """\
 admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
@@ -84,13 +86,7 @@ class Envoy:
         raise RuntimeError("envoy did not listen within 30 s")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture

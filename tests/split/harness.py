@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import tempfile
@@ -22,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+
+from tests.support.procs import stop_process
 
 CLUSTERS = ("c0", "c1", "c2")
 
@@ -124,13 +125,7 @@ class EnvoyProc:
                     time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 

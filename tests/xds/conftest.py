@@ -22,6 +22,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from tests.support.procs import stop_process
 from xds_server.bootstrap import bootstrap_config
 from xds_server.envoyproc import Envoy
 
@@ -113,13 +114,7 @@ class ServeProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture
