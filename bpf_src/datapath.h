@@ -97,7 +97,7 @@ struct dp_verdict {
     __u32 log;       /* set by sk_msg: access-log sampling (0 off, N: one in N) */
     __u32 cluster;   /* FORWARD: cluster id (for the access log) */
     __u32 hdr_add;   /* FORWARD: headers to insert before the blank line, 0: none */
-    __u32 _pad;
+    __u32 hdr_add_in; /* FORWARD: the destination's inbound headers, inserted after hdr_add */
 };
 
 struct dp_bind {

@@ -17,6 +17,11 @@ struct dp_ep_key {
 };
 
 BPF_HASH(dp_eps, struct dp_ep_key, __u32, 2 * 1024);
+/* The same key -> inbound listener id + 1 of that endpoint's pod (its sidecar's
+ * listener for the endpoint's port, merged into this node's plan by
+ * fastpath/inbound_merge.py). No entry: the destination's inbound side forwards
+ * everything unchanged, nothing to decide. */
+BPF_HASH(dp_ep_in, struct dp_ep_key, __u32, 2 * 1024);
 
 #if L7FP_MAX_BLOB != DP_REPLY_MAX
 #error "DP_REPLY_MAX must equal L7FP_MAX_BLOB (fastpath/loader.py sets both)"
@@ -47,6 +52,41 @@ static __always_inline __u8 *dp_reply_get(__u32 gen, __u32 id, __u32 *len)
         return 0;
     *len = b->len;
     return b->b;
+}
+
+/* The destination's inbound listener on a request the outbound decision `d`
+ * forwards to endpoint (d->cluster, d->endpoint): the requests of the fast path
+ * never pass the destination's sidecar (DESIGN.md rule 4). Only its effects on
+ * the endpoint side count: RBAC 403, fault abort, direct response, 404 -> the
+ * kernel replies as that sidecar would; header adds -> v->hdr_add_in; anything
+ * it cannot decide (punt route, rate limit owned by Envoy) -> Envoy, which then
+ * runs both sidecars. Its own cluster choice is ignored: the outbound one
+ * stands. Returns 1 when v was changed to REPLY or PASS. */
+static __always_inline int dp_decide_inbound(struct l7fp_req_ctx *ctx, struct l7fp_decision *d,
+                                             __u32 gen, struct dp_verdict *v)
+{
+    struct dp_ep_key k = {.gen = gen & 1, .cluster = d->cluster, .endpoint = d->endpoint};
+    __u32 *lid = dp_ep_in.lookup(&k);
+    if (!lid || !*lid)
+        return 0;
+    struct l7fp_decision d2 = {};
+    /* fresh draws: a fault percentage must not follow the weighted pick */
+    ctx->rand = bpf_get_prandom_u32();
+    ctx->rand2 = bpf_get_prandom_u32();
+    l7fp_decide_again(ctx, *lid - 1, d, &d2);
+    if (d2.verdict == L7FP_FORWARD) {
+        v->hdr_add_in = d2.hdr_add;
+        return 0;
+    }
+    if (d2.verdict == L7FP_REPLY) {
+        v->kind = DP_K_REPLY;
+        v->reply_id = d2.reply;
+        v->status = d2.status;
+        return 1;
+    }
+    v->kind = DP_K_PASS;
+    v->reason = DP_R_DECIDE_BASE + (d2.verdict == L7FP_PASS ? d2.reason : L7FP_R_LIMIT);
+    return 1;
 }
 
 static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, void *data_end,
@@ -82,6 +122,7 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
         }
         v->kind = DP_K_FORWARD;
         v->pool = *pool;
+        dp_decide_inbound(ctx, &d, gen, v);
         return 0;
     }
     if (d.verdict == L7FP_REPLY) {

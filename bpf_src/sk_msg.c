@@ -144,23 +144,44 @@ static __always_inline int dp_rewrite_reply(struct sk_msg_md *msg, struct dp_ver
     return dp_copy_to_msg(msg, data, len);
 }
 
-/* Insert the route's request headers before the blank line of the head (at
- * head_len - 2). Returns the bytes inserted, or -1 (nothing inserted, or the
- * message is no longer usable: the caller sends it to Envoy, which rejects a
- * damaged head rather than misroute it). */
-static __always_inline int dp_insert_headers(struct sk_msg_md *msg, struct dp_verdict *v,
-                                             __u32 gen)
+/* Insert header blob `idx` (dp_hdr_add_get) at offset `at` of the message.
+ * Returns the bytes inserted, or -1 (nothing inserted, or the message is no
+ * longer usable: the caller sends it to Envoy, which rejects a damaged head
+ * rather than misroute it). */
+static __always_inline int dp_insert_blob(struct sk_msg_md *msg, __u32 gen, __u32 idx, __u32 at)
 {
     __u32 len = 0;
-    __u8 *src = dp_hdr_add_get(gen, v->hdr_add, &len);
-    if (!src || len == 0 || len > DP_REPLY_MAX || v->head_len < 4)
+    __u8 *src = dp_hdr_add_get(gen, idx, &len);
+    if (!src || len == 0 || len > DP_REPLY_MAX)
         return -1;
-    __u32 at = v->head_len - 2;
     if (bpf_msg_push_data(msg, at, len, 0))
         return -1;
     if (bpf_msg_pull_data(msg, at, at + len, 0))
         return -1;
     return dp_copy_to_msg(msg, src, len);
+}
+
+/* Insert the route's request headers before the blank line of the head (at
+ * head_len - 2), then the destination's inbound ones after them (the order
+ * the two sidecars add them in). Returns the bytes inserted, or -1. */
+static __always_inline int dp_insert_headers(struct sk_msg_md *msg, struct dp_verdict *v,
+                                             __u32 gen)
+{
+    if (v->head_len < 4)
+        return -1;
+    int n = 0;
+    if (v->hdr_add) {
+        n = dp_insert_blob(msg, gen, v->hdr_add, v->head_len - 2);
+        if (n < 0)
+            return -1;
+    }
+    if (v->hdr_add_in) {
+        int m = dp_insert_blob(msg, gen, v->hdr_add_in, v->head_len - 2 + (n & 0xffff));
+        if (m < 0)
+            return -1;
+        n += m;
+    }
+    return n;
 }
 
 int dp_msg_verdict(struct sk_msg_md *msg)
@@ -250,7 +271,7 @@ int dp_msg_verdict(struct sk_msg_md *msg)
             __sync_fetch_and_add(miss, 1); /* the agent grows this pool */
         return dp_to_envoy(c, v.route, why);
     }
-    if (v.hdr_add) {
+    if (v.hdr_add || v.hdr_add_in) {
         int n = dp_insert_headers(msg, &v, gen);
         if (n < 0)
             return dp_to_envoy(c, v.route, DP_R_REWRITE);

@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fastpath import inbound_merge
 from fastpath.agent_node import NodeDatapath, PodInfo
 from fastpath.counters import FastpathCollector
 from fastpath.inbound import inbound_transparent
@@ -52,6 +53,8 @@ class Agent:
         self.lock = threading.Lock()
         self.plans: dict[str, KernelPlan] = {}
         self.pending: set[str] = set()
+        self.recheck: set[str] = set()  # re-apply only if their merged plan changed
+        self._applied: dict[str, Any] = {}  # node id -> (merged plan, refused) applied
         self.pods: dict[str, PodInfo] = {}  # node id -> pod
         self.services: list[tuple[str, tuple[int, ...]]] = []  # (vip, ports)
         self.nodes: dict[str, NodeDatapath] = {}
@@ -71,6 +74,8 @@ class Agent:
         with self.lock:
             self.plans[node_id] = plan
             self.pending.add(node_id)
+            # clients merge this node's inbound listeners (fastpath.inbound_merge)
+            self.recheck |= set(self.nodes) - {node_id}
 
     def stop(self) -> None:
         self._stop.set()
@@ -129,28 +134,45 @@ class Agent:
 
     def _apply_pending(self) -> None:
         with self.lock:
-            todo = [(n, self.plans[n]) for n in self.pending if n in self.pods]
-            self.pending -= {n for n, _ in todo}
-        for node_id, plan in todo:
-            node = self.nodes.get(node_id)
-            if node is None and not any(lst.direction is Direction.OUTBOUND
-                                        for lst in plan.listeners):
-                continue  # nothing for the kernel to do on this node's client side
-            if node is not None and node.mode == "l7fp" and \
-                    _cflags(plan) != node.cflags:
-                # the plan needs another compiled program: rebuild the node; its
-                # connections lose their upstreams and go to Envoy (never misrouted)
-                with self.lock:
-                    self.nodes.pop(node_id, None)
-                node.close()
-                node.dp.unload()
-                node = None
+            due = {n for n in self.pending | self.recheck if n in self.pods and n in self.plans}
+            todo = [(n, self.plans[n], n not in self.pending) for n in due]
+            self.pending -= due
+            self.recheck.clear()
+        for node_id, plan, only_if_changed in todo:
+            merged = inbound_merge.merge(plan, self._plan_of_ip)
+            key = (merged.plan, tuple(sorted(merged.refused.items())))
+            if only_if_changed and self._applied.get(node_id) == key:
+                continue  # another node's plan changed, not one this node merges
+            self._apply(node_id, plan, merged)
+            self._applied[node_id] = key
+
+    def _apply(self, node_id: str, plan: KernelPlan, merged: inbound_merge.Merged) -> None:
+        """Apply `plan` (l7fp: with its destinations' inbound listeners merged in)."""
+        node = self.nodes.get(node_id)
+        if node is None and not any(lst.direction is Direction.OUTBOUND
+                                    for lst in plan.listeners):
+            return  # nothing for the kernel to do on this node's client side
+        if node is not None and node.mode == "l7fp" and _cflags(merged.plan) != node.cflags:
+            # the plan needs another compiled program: rebuild the node; its
+            # connections lose their upstreams and go to Envoy (never misrouted)
+            with self.lock:
+                self.nodes.pop(node_id, None)
+            node.close()
+            node.dp.unload()
+            node = None
+        if node is None:
+            node = self._start_node(node_id, merged.plan)
             if node is None:
-                node = self._start_node(node_id, plan)
-                if node is None:
-                    continue
-                with self.lock:
-                    self.nodes[node_id] = node
+                return
+            with self.lock:
+                self.nodes[node_id] = node
+        if node.mode == "l7fp":
+            node.apply(merged.plan, self._vips, self._netns_of,
+                       merged.offloadable,
+                       self._cgroup_of)
+            node.notes.update({f"inbound {ip}:{port}": why
+                               for (ip, port), why in merged.refused.items()})
+        else:
             node.apply(plan, self._vips, self._netns_of, self._inbound_ok, self._cgroup_of)
 
     def _start_node(self, node_id: str, plan: KernelPlan) -> NodeDatapath | None:
@@ -188,6 +210,10 @@ class Agent:
             if pod.ip == ip:
                 return pod.cgroup
         return None
+
+    def _plan_of_ip(self, ip: str) -> KernelPlan | None:
+        pod = next((p for p in self.pods.values() if p.ip == ip), None)
+        return self.plans.get(pod.node_id) if pod is not None else None
 
     def _inbound_ok(self, ip: str, port: int) -> bool:
         """True when the pod at ip has a known plan whose inbound side for `port`

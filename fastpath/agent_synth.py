@@ -4,7 +4,8 @@ Owner: K2 (this glue; the synthesis itself is K1's `fastpath.synth`). Called by
 `fastpath.agent_node` in "l7fp" decision mode. Writes generation `gen` only:
 the caller flips `dp_cfg.gen` afterwards. The data path's own tables (dp_svc:
 destination -> listener id + 1; dp_eps: (gen, cluster id, endpoint index) ->
-upstream pool) are filled here too, with the same endpoint order the
+upstream pool; dp_ep_in: the same key -> the destination pod's inbound
+listener id + 1, when fastpath.inbound_merge merged it) are filled here too, with the same endpoint order the
 synthesis counts (healthy endpoints, or all when fewer than half are healthy,
 as Envoy's panic threshold).
 """
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpath.inbound_merge import is_merged_cluster, merged_name
 from fastpath.plan import Direction, KernelPlan, ListenerPlan, Verdict
 from fastpath.pools import EndpointKey
 
@@ -90,16 +92,20 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
             cgroup_of: Callable[[str], str | None]) -> Programmed:
     out = Programmed()
     write_tables(node.dp.bpf, sp, gen)
-    eps = node.dp.bpf["dp_eps"]
-    for k in [k for k in eps.keys() if k.gen == gen]:
-        del eps[k]
+    eps, eps_in = node.dp.bpf["dp_eps"], node.dp.bpf["dp_ep_in"]
+    for t in (eps, eps_in):
+        for k in [k for k in t.keys() if k.gen == gen]:
+            del t[k]
     for c in plan.clusters:
         cid = sp.cluster_ids.get(c.name)
-        if cid is None or c.verdict is not Verdict.KERNEL or c.tls:
+        if cid is None or c.verdict is not Verdict.KERNEL or c.tls or is_merged_cluster(c.name):
             continue
         for idx, e in enumerate(endpoint_order(c)):
             if not inbound_ok(e.address, e.port):
                 continue  # no pool: the kernel hands these requests to Envoy (rule 4)
+            lid_in = sp.listener_ids.get(merged_name(e.address, e.port))
+            if lid_in is not None:  # the destination's inbound listener decides too
+                eps_in[eps_in.Key(gen=gen, cluster=cid, endpoint=idx)] = eps_in.Leaf(lid_in + 1)
             ns, cg = netns_of(e.address), cgroup_of(e.address)
             if ns and cg:
                 node.dp.attach_cgroup(cg, role="server")  # pairs the app's ends

@@ -145,7 +145,7 @@ class Datapath:
 
     def reset(self) -> None:
         """Empty the tables: a cached module may have served an earlier Datapath."""
-        for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_ihosts", "dp_replies", "dp_eps",
+        for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_ihosts", "dp_replies", "dp_eps", "dp_ep_in",
                      "dp_pool_miss", "dp_pair_wait"):
             try:
                 self.bpf[name].clear()

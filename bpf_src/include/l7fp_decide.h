@@ -281,26 +281,12 @@ static __always_inline int l7fp_filters(struct l7fp_req_ctx *c, struct l7fp_list
     return 0;
 }
 
-static __always_inline int l7fp_decide(struct l7fp_req_ctx *ctx, void *data, void *data_end,
-                                       __u32 listener_id, struct l7fp_decision *out)
+/* Everything after the parse: listener, virtual host, route, filters, action.
+ * `out` already holds the parse's fields (hdr_len, consumed, flags). */
+static __always_inline int l7fp_decide_parsed(struct l7fp_req_ctx *ctx, __u32 listener_id,
+                                              struct l7fp_decision *out)
 {
-    __u32 gen = ctx->gen & 1, why = 0;
-    __builtin_memset(out, 0, sizeof(*out));
-    out->vhost = ~0U;
-    out->route = ~0U;
-    out->gen = gen;
-    __u32 v = l7fp_parse(ctx, data, data_end, gen, &why);
-    if (v == L7FP_NEED_MORE) {
-        out->verdict = L7FP_NEED_MORE;
-        return L7FP_NEED_MORE;
-    }
-    if (v)
-        return l7fp_pass(out, why);
-    out->hdr_len = ctx->r.hdr_len;
-    out->body_len = ctx->r.cl;
-    out->consumed = ctx->r.hdr_len + ctx->r.cl;
-    if (ctx->r.method_len == 4 && ctx->r.method == L7FP_W_HEAD)
-        out->flags |= L7FP_DF_HEAD;
+    __u32 gen = ctx->gen & 1;
     if (listener_id >= L7FP_N_LISTENERS)
         return l7fp_pass(out, L7FP_R_NO_LISTENER);
     __u32 lidx = l7fp_idx(gen, listener_id, L7FP_N_LISTENERS);
@@ -327,6 +313,50 @@ static __always_inline int l7fp_decide(struct l7fp_req_ctx *ctx, void *data, voi
     if (!rt)
         return l7fp_nomatch(l, out, L7FP_R_NO_ROUTE);
     return l7fp_act(ctx, rt, gen, out);
+}
+
+static __always_inline void l7fp_out_init(struct l7fp_decision *out, __u32 gen)
+{
+    __builtin_memset(out, 0, sizeof(*out));
+    out->vhost = ~0U;
+    out->route = ~0U;
+    out->gen = gen;
+}
+
+static __always_inline int l7fp_decide(struct l7fp_req_ctx *ctx, void *data, void *data_end,
+                                       __u32 listener_id, struct l7fp_decision *out)
+{
+    __u32 gen = ctx->gen & 1, why = 0;
+    l7fp_out_init(out, gen);
+    __u32 v = l7fp_parse(ctx, data, data_end, gen, &why);
+    if (v == L7FP_NEED_MORE) {
+        out->verdict = L7FP_NEED_MORE;
+        return L7FP_NEED_MORE;
+    }
+    if (v)
+        return l7fp_pass(out, why);
+    out->hdr_len = ctx->r.hdr_len;
+    out->body_len = ctx->r.cl;
+    out->consumed = ctx->r.hdr_len + ctx->r.cl;
+    if (ctx->r.method_len == 4 && ctx->r.method == L7FP_W_HEAD)
+        out->flags |= L7FP_DF_HEAD;
+    return l7fp_decide_parsed(ctx, listener_id, out);
+}
+
+/* A second decision on the request `first` was decided on (still parsed in
+ * ctx->r), with another listener: the data path's destination-side (inbound)
+ * listener. Same parse, so no NEED_MORE; the caller may set new ctx->rand*.
+ * Called by the data path (dp_decide_l7fp.h) after a FORWARD. */
+static __always_inline int l7fp_decide_again(struct l7fp_req_ctx *ctx, __u32 listener_id,
+                                             struct l7fp_decision *first,
+                                             struct l7fp_decision *out)
+{
+    l7fp_out_init(out, ctx->gen & 1);
+    out->hdr_len = first->hdr_len;
+    out->body_len = first->body_len;
+    out->consumed = first->consumed;
+    out->flags = first->flags & L7FP_DF_HEAD;
+    return l7fp_decide_parsed(ctx, listener_id, out);
 }
 
 #endif /* L7FP_DECIDE_H */

@@ -3,7 +3,8 @@
 Reads a JSON list of requests from argv[1], sends each on a fresh TCP
 connection (so each is decided on its own: a connection once handed to Envoy
 stays there) or, when it names a `conn`, on that kept-alive connection, and prints a JSON list of results: status, response body and the
-`x-k3-served-by` header. The head and a small body go out in one write, as
+`x-k3-served-by` and `server` headers (a kernel reply has no `server`, an
+Envoy one says `envoy`). The head and a small body go out in one write, as
 the kernel takes only complete heads.
 """
 
@@ -37,7 +38,7 @@ def send(req: dict) -> dict:  # type: ignore[type-arg]
         r = conn.getresponse()
         data = r.read()
         return {"status": r.status, "body": data.decode(errors="replace"),
-                "served_by": r.getheader("x-k3-served-by")}
+                "served_by": r.getheader("x-k3-served-by"), "server": r.getheader("server")}
     except OSError as exc:  # a failed request is a result to compare, not a crash
         return {"status": 0, "body": f"{type(exc).__name__}: {exc}", "served_by": None}
     finally:

@@ -105,13 +105,16 @@ def write_mesh(dst: Path, logdir: Path) -> Path:
 
 
 def wait_pools(admin: str, timeout: float = 40.0) -> dict[str, Any]:
-    """Until the client's node has free pooled upstreams to api v1 and v2 (or timeout)."""
+    """Until the client's node has free pooled upstreams to api v1 and v2 (or
+    timeout): they have inbound policy, so they exist only once the agent has
+    merged both pods' inbound listeners into the client's plan."""
     deadline = time.monotonic() + timeout
     dbg: dict[str, Any] = {}
     while time.monotonic() < deadline:
         dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
         for n in dbg.get("nodes", []):
-            if n["pod"].startswith("client") and sum(1 for p in n["pools"] if p["free"]) >= 2:
+            if n["pod"].startswith("client") and \
+                    sum(1 for p in n["pools"] if p["free"] and p["port"] == 9000) >= 2:
                 return dbg
         time.sleep(0.5)
     return dbg
@@ -229,6 +232,21 @@ def route_of(req: dict[str, Any]) -> str:
     return "pinned" if path.startswith("/v1/") else "split"
 
 
+def inbound_of(req: dict[str, Any]) -> str | None:
+    """What the destination's inbound side (policies.yaml) does to an api
+    request: "deny" (api-v2's ALLOW policy), "limited" (api's /v1/ bucket), None."""
+    route = route_of(req)
+    if route in ("canary", "v2-path") and req["method"] in ("PUT", "DELETE") and \
+            (req["path"].startswith("/v2/") or req["headers"].get("x-canary") == "true"):
+        return "deny"
+    return "limited" if route == "pinned" else None
+
+
+def kernel_reply(res: dict[str, Any]) -> bool:
+    """Answered by the kernel: neither an upstream nor an Envoy (`server: envoy`)."""
+    return res["served_by"] is None and res.get("server") is None and res["status"] > 0
+
+
 def view(req: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
     """What must be equal for one request with the fast path on and off."""
     body = echo(res)
@@ -239,8 +257,10 @@ def view(req: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
         if req["method"] != "HEAD":
             v["body"] = res["body"]
         return v
-    v.update(added=added_headers(req, body), method=body["method"], path=body["path"],
-             body_len=body["body_len"])
+    added = added_headers(req, body)
+    if req["svc"] == "api" and route_of(req) == "split":
+        added.pop("x-k3-in", None)  # the inbound side of the version the split picked
+    v.update(added=added, method=body["method"], path=body["path"], body_len=body["body_len"])
     return v
 
 
@@ -290,12 +310,22 @@ def test_api_routes_as_the_policy_says(runs: dict[str, Any], kernel: None) -> No
                 assert res["status"] == 200 and res["served_by"] is None, (mode, req, res)
                 assert req["method"] == "HEAD" or res["body"] == "healthy\n", (mode, req, res)
                 continue
+            if inbound_of(req) == "deny":  # api-v2's sidecar policy
+                assert res["status"] == 403 and not res["served_by"], (mode, req, res)
+                assert req["method"] == "HEAD" or res["body"] == "RBAC: access denied", (mode, res)
+                continue
+            if res["status"] == 429 and inbound_of(req) == "limited":
+                assert res["body"] == "local_rate_limited", (mode, req, res)
+                continue
             assert res["status"] == 200 and res["served_by"], (mode, req, res)
             if route in EXPECTED:
                 assert res["served_by"] == EXPECTED[route], (mode, route, req, res)
             if body is not None:
                 assert body["headers"].get("x-k3-route") == route, (mode, req, body)
                 assert (body["headers"].get("x-k3-tier") == "gold") == (route == "v2-path")
+                # the inbound header of the version that served it, added once
+                want = "v2" if res["served_by"] == "api-v2/v2" else "v1"
+                assert body["headers"].get("x-k3-in") == want, (mode, req, body)
 
 
 def test_denied_never_reach_upstream(runs: dict[str, Any], kernel: None) -> None:
@@ -318,6 +348,10 @@ def test_stateful_and_random_policies(runs: dict[str, Any], kernel: None) -> Non
         res = list(zip(reqs, runs[mode]["results"], strict=True))
         limited = Counter(r["status"] for q, r in res if q["svc"] == "limited")
         assert limited == Counter({200: RL_TOKENS, 429: N_LIMITED - RL_TOKENS}), (mode, limited)
+        # api's inbound /v1/ bucket (5 tokens, owned by api's Envoy): exactly 5 pass
+        pinned = [q for q, _ in res if q["svc"] == "api" and inbound_of(q) == "limited"]
+        v1 = Counter(r["status"] for q, r in res if q["svc"] == "api" and inbound_of(q) == "limited")
+        assert v1 == Counter({200: RL_TOKENS, 429: len(pinned) - RL_TOKENS}), (mode, v1)
         flaky = Counter(r["status"] for q, r in res if q["svc"] == "flaky")
         assert flaky == Counter({503: N_FLAKY}), (mode, flaky)
         split = [r["served_by"] for q, r in res
@@ -339,3 +373,24 @@ def test_kernel_served_a_real_share(runs: dict[str, Any], kernel: None) -> None:
     assert counts["kernel_reply"] > 0 and counts["fast"] > 0, dict(counts)
     # the outbound RBAC deny of `guarded` is decided in the kernel (l7fp_decide)
     assert counts["guarded/kernel_reply"] > 0, dict(counts)
+
+
+def test_inbound_policy_decided_in_the_kernel(runs: dict[str, Any], kernel: None) -> None:
+    """The destinations' inbound listeners, evaluated by the client's kernel:
+    api-v2's ALLOW policy denies on a fresh connection are kernel replies
+    (but those with a body: a kernel reply to them is `rewrite_failed`, Envoy)
+    (never through an Envoy, never at the upstream: test_denied_never_reach_upstream);
+    api's and api-v2's inbound header arrives on requests the kernel forwarded
+    (`server` is the app's, no Envoy on the way)."""
+    reqs = runs["reqs"]["list"]
+    res = list(zip(reqs, runs["on"]["results"], strict=True))
+    denied = [r for q, r in res if q["svc"] == "api" and "conn" not in q and not q["body"]
+              and inbound_of(q) == "deny"]
+    assert len(denied) >= 2 and all(kernel_reply(r) for r in denied), denied
+    fast: Counter[str] = Counter()
+    for q, r in res:
+        body = echo(r)
+        if q["svc"] == "api" and body is not None and r.get("server") != "envoy":
+            fast[f"{r['served_by']} x-k3-in={body['headers'].get('x-k3-in')}"] += 1
+    print(f"api answers served by the kernel, by version and inbound header: {dict(fast)}")
+    assert fast["api/v1 x-k3-in=v1"] > 0 and fast["api-v2/v2 x-k3-in=v2"] > 0, dict(fast)

@@ -1,0 +1,199 @@
+"""The destinations' inbound listeners, merged into a client node's plan.
+
+The fast path delivers a request straight into the destination app, past the
+destination's inbound sidecar (DESIGN.md rule 4). So the client's datapath
+decides twice: with its own outbound listener (which cluster and endpoint),
+then with the inbound listener of the pod it picked (RBAC 403, fault abort,
+direct response, 404, header adds), as that pod's sidecar would. To have both
+in one set of tables, the inbound listeners of the pods the client's kernel
+clusters reach are added to the client's KernelPlan under names of their own
+(`merged_name`), with their clusters renamed too (never pooled: only the
+outbound decision chooses where a request goes).
+
+Called by `fastpath.agent.Agent` before it synthesizes a node's plan; read by
+`fastpath.agent_synth.program` (dp_ep_in: endpoint -> inbound listener id).
+Pure functions of the plans.
+
+A destination endpoint is offloaded when its inbound side for that port is
+transparent (`fastpath.inbound.inbound_transparent`: nothing to decide) or
+its one inbound listener could be merged. It is not (its requests go to
+Envoy, which runs both sidecars) when:
+
+* the destination pod's plan is unknown, or several inbound listeners match;
+* the inbound listener needs Envoy as a whole (verdict, RBAC Envoy must do);
+* it has a local rate limit on the listener: that bucket is one per
+  destination pod for all its clients and Envoy owns it (fastpath.residual);
+  a route's own limit makes that route a punt (its requests go to Envoy);
+* it reads or writes a header the outbound side may add (the kernel matches
+  the request as the client sent it, the inbound sidecar would see the added
+  headers), or a header the client's Envoy adds itself (x-request-id, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastpath.inbound import inbound_transparent
+from fastpath.plan import (
+    ClusterAction,
+    Direction,
+    HeaderMatch,
+    HeaderValue,
+    KernelPlan,
+    ListenerPlan,
+    Route,
+    Verdict,
+    VirtualHost,
+)
+
+# Request headers a client's Envoy adds on its way to the destination: the
+# inbound sidecar sees them on the slow path, the kernel never.
+ENVOY_ADDED = ("x-request-id", "x-forwarded-proto", "x-forwarded-for", "x-forwarded-client-cert")
+_MARK = "@inbound:"
+
+
+def merged_name(ip: str, port: int) -> str:
+    """Name of the inbound listener of the pod at ip:port in a merged plan."""
+    return f"virtualInbound{_MARK}{ip}:{port}"
+
+
+def is_merged_cluster(name: str) -> bool:
+    """A destination's inbound cluster copied into a merged plan (never pooled)."""
+    return _MARK in name
+
+
+@dataclass
+class Merged:
+    """The merged plan and, per destination endpoint, why it is not offloaded."""
+
+    plan: KernelPlan
+    merged: dict[tuple[str, int], str] = field(default_factory=dict)  # -> listener name
+    refused: dict[tuple[str, int], str] = field(default_factory=dict)  # -> reason
+
+    def offloadable(self, ip: str, port: int) -> bool:
+        return (ip, port) not in self.refused
+
+
+def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> Merged:
+    """`plan` plus the inbound listeners of the endpoints its kernel clusters reach.
+
+    `plan_of_ip(ip)` is the plan of the pod with that address, or None."""
+    added = _outbound_added_names(plan)
+    listeners: list[ListenerPlan] = []
+    clusters: dict[str, Any] = {}
+    out = Merged(plan)
+    for ip, port in _endpoints(plan):
+        dest = plan_of_ip(ip)
+        if dest is None:
+            out.refused[(ip, port)] = "destination pod has no known plan"
+            continue
+        if inbound_transparent(dest.listeners, port):
+            continue
+        lp, why = _mergeable(dest, port, added)
+        if lp is None:
+            out.refused[(ip, port)] = why
+            continue
+        copy, own = _renamed(lp, dest, ip, port)
+        listeners.append(copy)
+        clusters.update({c.name: c for c in own})
+        out.merged[(ip, port)] = copy.name
+    if listeners:
+        tag = hashlib.sha256(repr(listeners).encode()).hexdigest()[:8]
+        out.plan = dataclasses.replace(
+            plan, version=f"{plan.version}+in{tag}",
+            listeners=(*plan.listeners, *listeners), clusters=(*plan.clusters, *clusters.values()))
+    return out
+
+
+def _endpoints(plan: KernelPlan) -> list[tuple[str, int]]:
+    seen: dict[tuple[str, int], None] = {}
+    for c in plan.clusters:
+        if c.verdict is Verdict.KERNEL and not c.tls and not is_merged_cluster(c.name):
+            for e in c.endpoints:
+                seen[(e.address, e.port)] = None
+    return list(seen)
+
+
+def _mergeable(dest: KernelPlan, port: int, added: set[str]) -> tuple[ListenerPlan | None, str]:
+    found = [lp for lp in dest.listeners if lp.direction is Direction.INBOUND and lp.port == port]
+    if len(found) != 1:
+        return None, f"{len(found)} inbound listeners for port {port}"
+    lp = found[0]
+    if lp.verdict is not Verdict.KERNEL:
+        return None, f"inbound listener needs Envoy: {lp.reason}"
+    if any(rb.verdict is not Verdict.KERNEL for rb in (*lp.rbacs, *((lp.rbac,) if lp.rbac else ()))):
+        return None, "inbound RBAC needs Envoy"
+    if lp.local_rate_limit is not None:
+        return None, "inbound local rate limit (its bucket is the destination's Envoy's)"
+    clash = sorted(header_names(lp) & added)
+    if clash:
+        return None, f"inbound policy reads a header the outbound side adds: {', '.join(clash)}"
+    return lp, ""
+
+
+def _renamed(lp: ListenerPlan, dest: KernelPlan, ip: str, port: int
+             ) -> tuple[ListenerPlan, list[Any]]:
+    """A copy of lp under merged names; its clusters copied under names of their own."""
+    suffix = f"{_MARK}{ip}:{port}"
+    names: set[str] = set()
+
+    def route(r: Route) -> Route:
+        a = r.action
+        if isinstance(a, ClusterAction):
+            names.update(wc.name for wc in a.clusters)
+            a = dataclasses.replace(a, clusters=tuple(
+                dataclasses.replace(wc, name=wc.name + suffix) for wc in a.clusters))
+        if r.rate_limit is not None and r.verdict is Verdict.KERNEL:
+            # the bucket is the destination Envoy's (fastpath.residual): a punt
+            return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
+                                       reason="inbound rate limit (Envoy owns the bucket)")
+        return dataclasses.replace(r, action=a)
+
+    vhs = tuple(dataclasses.replace(vh, routes=tuple(route(r) for r in vh.routes))
+                for vh in lp.virtual_hosts)
+    copy = dataclasses.replace(lp, name=merged_name(ip, port), virtual_hosts=vhs,
+                               route_config=lp.route_config + suffix)
+    own = [dataclasses.replace(c, name=c.name + suffix)
+           for c in dest.clusters if c.name in names]
+    return copy, own
+
+
+def _outbound_added_names(plan: KernelPlan) -> set[str]:
+    """Headers the client's outbound side may add to a forwarded request."""
+    names = set(ENVOY_ADDED)
+    for lp in plan.listeners:
+        if lp.direction is Direction.OUTBOUND:
+            for vh in lp.virtual_hosts:
+                names |= {h.name.lower() for h in vh.request_headers_to_add}
+                for r in vh.routes:
+                    names |= {h.name.lower() for h in r.request_headers_to_add}
+    return names
+
+
+def header_names(lp: ListenerPlan) -> set[str]:
+    """Every request header name the listener matches on, adds or removes."""
+    names = {h.name.lower() for h in _walk(lp) if isinstance(h, (HeaderMatch, HeaderValue))}
+    for vh in lp.virtual_hosts:
+        names |= _removed(vh)
+        for r in vh.routes:
+            names |= {n.lower() for n in r.request_headers_to_remove}
+    return names
+
+
+def _removed(vh: VirtualHost) -> set[str]:
+    return {n.lower() for n in vh.request_headers_to_remove}
+
+
+def _walk(obj: Any) -> Iterator[Any]:
+    """obj and every dataclass / tuple member below it."""
+    yield obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _walk(getattr(obj, f.name))
+    elif isinstance(obj, tuple):
+        for x in obj:
+            yield from _walk(x)
