@@ -1,0 +1,99 @@
+"""The destinations' inbound listeners merged into a client's plan (fastpath.inbound_merge)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fastpath.inbound_merge import is_merged_cluster, merge, merged_name
+from fastpath.plan import (
+    Cluster,
+    ClusterAction,
+    Direction,
+    Endpoint,
+    HeaderMatch,
+    HeaderValue,
+    KernelPlan,
+    LbPolicy,
+    ListenerPlan,
+    LocalRateLimit,
+    PathKind,
+    Permission,
+    Principal,
+    Rbac,
+    RbacPolicy,
+    Route,
+    RouteMatch,
+    Verdict,
+    VirtualHost,
+    WeightedCluster,
+)
+from fastpath.synth import synthesize
+
+DST = "198.18.0.9"
+
+
+def _route(cluster: str, name: str = "r", **kw: object) -> Route:
+    return Route(name, RouteMatch(PathKind.PREFIX, "/"), ClusterAction((WeightedCluster(cluster, 1),)),
+                 Verdict.KERNEL, **kw)  # type: ignore[arg-type]
+
+
+def client(*adds: HeaderValue) -> KernelPlan:
+    vh = VirtualHost("api", ("*",), (_route("out", request_headers_to_add=adds),))
+    lp = ListenerPlan("198.19.0.9_9000", "198.19.0.9", 9000, Direction.OUTBOUND, (vh,))
+    return KernelPlan("client", "v1", (lp,), (Cluster("out", LbPolicy.ROUND_ROBIN, (Endpoint(DST, 9000),)),))
+
+
+def dest(*routes: Route, **kw: object) -> KernelPlan:
+    vh = VirtualHost("inbound|http|9000", ("*",), routes or (_route("inbound|9000||"),))
+    lp = ListenerPlan("virtualInbound", "0.0.0.0", 9000, Direction.INBOUND, (vh,),
+                      route_config="inbound|9000||", **kw)  # type: ignore[arg-type]
+    app = Cluster("inbound|9000||", LbPolicy.ROUND_ROBIN, (Endpoint("127.0.0.1", 9000),))
+    return KernelPlan("dest", "d1", (lp,), (app,))
+
+
+DENY = Rbac("DENY", (RbacPolicy("no-admin", ((Permission(path=None, headers=(
+    HeaderMatch("x-admin"),)),),), ((Principal(any=True),),)),))
+
+
+def test_transparent_destination_needs_nothing() -> None:
+    got = merge(client(), lambda ip: dest())
+    assert got.plan == client() and not got.merged and got.offloadable(DST, 9000)
+
+
+def test_unknown_destination_is_not_offloaded() -> None:
+    got = merge(client(), lambda ip: None)
+    assert not got.offloadable(DST, 9000) and "no known plan" in got.refused[(DST, 9000)]
+
+
+def test_rbac_destination_is_merged_under_its_own_names() -> None:
+    got = merge(client(), lambda ip: dest(rbac=DENY, rbacs=(DENY,)))
+    assert got.offloadable(DST, 9000) and got.merged == {(DST, 9000): merged_name(DST, 9000)}
+    lp = next(lp for lp in got.plan.listeners if lp.name == merged_name(DST, 9000))
+    target = lp.virtual_hosts[0].routes[0].action
+    assert isinstance(target, ClusterAction)
+    name = target.clusters[0].name
+    assert is_merged_cluster(name) and got.plan.cluster(name) is not None
+    assert got.plan.version != client().version
+    sp = synthesize(got.plan)  # one set of tables: both listeners have an id
+    assert merged_name(DST, 9000) in sp.listener_ids and "198.19.0.9_9000" in sp.listener_ids
+
+
+def test_listener_rate_limit_stays_with_envoy() -> None:
+    got = merge(client(), lambda ip: dest(local_rate_limit=LocalRateLimit(5, 5, 1000)))
+    assert not got.offloadable(DST, 9000) and "rate limit" in got.refused[(DST, 9000)]
+
+
+def test_route_rate_limit_becomes_a_punt() -> None:
+    limited = _route("inbound|9000||", "limited", rate_limit=LocalRateLimit(5, 5, 1000))
+    got = merge(client(), lambda ip: dest(dataclasses.replace(
+        limited, match=RouteMatch(PathKind.PREFIX, "/v1/")), _route("inbound|9000||")))
+    lp = next(lp for lp in got.plan.listeners if lp.name == merged_name(DST, 9000))
+    assert [r.verdict for r in lp.virtual_hosts[0].routes] == [Verdict.ENVOY, Verdict.KERNEL]
+
+
+def test_inbound_reading_a_header_the_outbound_side_adds_is_not_merged() -> None:
+    got = merge(client(HeaderValue("x-admin", "1")), lambda ip: dest(rbac=DENY, rbacs=(DENY,)))
+    assert not got.offloadable(DST, 9000) and "x-admin" in got.refused[(DST, 9000)]
+    env = merge(client(), lambda ip: dest(rbac=dataclasses.replace(DENY, policies=(RbacPolicy(
+        "p", ((Permission(headers=(HeaderMatch("x-request-id"),)),),), ((Principal(any=True),),)),))))
+    assert not env.offloadable(DST, 9000)  # the client's Envoy adds x-request-id
