@@ -46,6 +46,12 @@ int td_decide(struct __sk_buff *skb)
     out->verdict = l7fp_parse(c, data + 14, data_end, 0, &why);
     out->reason = why;
     return 0;
+#elif defined(L7FP_TD_AGAIN) /* the data path's second (inbound) decision, listener pad - 1 */
+    int v = l7fp_decide(c, data + 14, data_end, in->listener, out);
+    if (!in->pad || v != L7FP_FORWARD)
+        return v;
+    struct l7fp_decision first = *out;
+    return l7fp_decide_again(c, in->pad - 1, &first, out);
 #else
     return l7fp_decide(c, data + 14, data_end, in->listener, out);
 #endif

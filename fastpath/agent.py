@@ -74,8 +74,9 @@ class Agent:
         with self.lock:
             self.plans[node_id] = plan
             self.pending.add(node_id)
-            # clients merge this node's inbound listeners (fastpath.inbound_merge)
-            self.recheck |= set(self.nodes) - {node_id}
+            # clients merge this node's inbound listeners (fastpath.inbound_merge);
+            # every node with a plan: one may be compiling right now (not in nodes yet)
+            self.recheck |= set(self.plans) - {node_id}
 
     def stop(self) -> None:
         self._stop.set()

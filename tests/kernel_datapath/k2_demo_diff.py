@@ -23,7 +23,9 @@ REQS = [  # (from pod, service, port, path, headers)
         ("frontend", "static", None, "/x", {}), ("frontend", "post-storage", 9000, "/posts", {}),
         ("frontend", "social-graph", 9000, "/followers", {}), ("frontend", "user", 9000, "/admin/x", {}),
         ("home-timeline", "post-storage", 9000, "/posts", {}), ("compose-post", "unique-id", 9000, "/id", {}),
-        ("frontend", "home-timeline", 9000, "/timeline", {}), ("frontend", "frontend", 8080, "/home", {})]
+        ("frontend", "home-timeline", 9000, "/timeline", {}), ("frontend", "frontend", 8080, "/home", {}),
+        # post-storage's inbound RBAC (deny /admin): a kernel 403 from its merged inbound listener
+        ("home-timeline", "post-storage", 9000, "/admin/x", {})]
 def run(fp):
     d = Path(tempfile.mkdtemp()) / "demo"
     shutil.copytree(Path(__file__).resolve().parents[2] / "compose" / "demo", d)
