@@ -55,7 +55,10 @@ def parse(out: str) -> dict[str, float]:
             "errors": errors}
 
 
-def plan_for(state: dict[str, Any]) -> tuple[Any, Any]:
+def plan_for(state: dict[str, Any], inbound: bool = False) -> tuple[Any, Any]:
+    """(client plan, leaf plan). `inbound`: the leaf's plan gets an inbound
+    listener with an RBAC deny of /admin and a header add, so every fast-path
+    request also takes the second (inbound) decision (fastpath.inbound_merge)."""
     from fastpath.plan import (
         Cluster,
         ClusterAction,
@@ -79,7 +82,37 @@ def plan_for(state: dict[str, Any]) -> tuple[Any, Any]:
     client = KernelPlan(pods["client"]["node_id"], "bench",
                         (ListenerPlan("out9000", "0.0.0.0", 9000, Direction.OUTBOUND, (vh,)),),
                         (Cluster("leaf", LbPolicy.ROUND_ROBIN, (Endpoint(leaf["ip"], 9000),)),))
-    return client, KernelPlan(leaf["node_id"], "bench")
+    app = Cluster("inbound|9000||", LbPolicy.ROUND_ROBIN, (Endpoint("127.0.0.1", 9000),))
+    return client, KernelPlan(leaf["node_id"], "bench", _leaf_inbound() if inbound else (),
+                              (app,) if inbound else ())
+
+
+def _leaf_inbound() -> tuple[Any, ...]:
+    from fastpath.plan import (
+        ClusterAction,
+        Direction,
+        HeaderValue,
+        ListenerPlan,
+        PathKind,
+        Permission,
+        Principal,
+        Rbac,
+        RbacPolicy,
+        Route,
+        RouteMatch,
+        StringKind,
+        StringMatch,
+        Verdict,
+        VirtualHost,
+        WeightedCluster,
+    )
+    deny = Rbac("DENY", (RbacPolicy("no-admin", ((Permission(path=StringMatch(
+        StringKind.PREFIX, "/admin")),),), ((Principal(any=True),),)),))
+    vh = VirtualHost("inbound|http|9000", ("*",), (Route(
+        "in", RouteMatch(PathKind.PREFIX, "/"), ClusterAction((WeightedCluster("inbound|9000||", 1),)),
+        Verdict.KERNEL, request_headers_to_add=(HeaderValue("x-in", "1"),)),))
+    return (ListenerPlan("virtualInbound", "0.0.0.0", 9000, Direction.INBOUND, (vh,),
+                         rbac=deny, rbacs=(deny,)),)
 
 
 def wrk(m: Any, conns: int, seconds: float, as_sidecar: bool = False) -> dict[str, float]:
@@ -95,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0, help="per wrk run (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="ABC rounds (default 3)")
+    p.add_argument("--inbound-policy", action="store_true",
+                   help="the leaf has inbound RBAC + a header add: the kernel decides twice")
     p.add_argument("--decide", choices=["l7fp", "inline"], default="l7fp",
                    help="decision compiled into the data path (default l7fp)")
     args = p.parse_args(argv)
@@ -109,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     agent.start()
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
-        client, leaf = plan_for(m.state())
+        client, leaf = plan_for(m.state(), args.inbound_policy)
         agent.on_plan(leaf.node_id, leaf)
         agent.on_plan(client.node_id, client)
         deadline = time.monotonic() + 60

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ from fastpath.plan import Direction, KernelPlan, ListenerPlan
 
 log = logging.getLogger(__name__)
 
-AGENTS: dict[int, Agent] = {}  # id(server) -> agent, for /debug/fastpath
+AGENTS: dict[int, Agent] = {}
+FIRST_APPLY_WAIT = 5.0  # s a node's first compile waits for its destinations' plans  # id(server) -> agent, for /debug/fastpath
 
 
 class Agent:
@@ -55,6 +57,7 @@ class Agent:
         self.pending: set[str] = set()
         self.recheck: set[str] = set()  # re-apply only if their merged plan changed
         self._applied: dict[str, Any] = {}  # node id -> (merged plan, refused) applied
+        self._first_seen: dict[str, float] = {}  # node id -> when its plan was first due
         self.pods: dict[str, PodInfo] = {}  # node id -> pod
         self.services: list[tuple[str, tuple[int, ...]]] = []  # (vip, ports)
         self.nodes: dict[str, NodeDatapath] = {}
@@ -144,8 +147,26 @@ class Agent:
             key = (merged.plan, tuple(sorted(merged.refused.items())))
             if only_if_changed and self._applied.get(node_id) == key:
                 continue  # another node's plan changed, not one this node merges
+            if self._wait_for_destinations(node_id, merged):
+                with self.lock:
+                    self.pending.add(node_id)
+                continue
             self._apply(node_id, plan, merged)
             self._applied[node_id] = key
+
+    def _wait_for_destinations(self, node_id: str, merged: inbound_merge.Merged) -> bool:
+        """True to hold a node's first compile back a little (at most
+        FIRST_APPLY_WAIT s) while pods it calls have no plan yet: merging
+        their inbound listeners later changes the compiled program, and a
+        rebuild costs another compile (seconds per node on these cores)."""
+        if node_id in self.nodes:
+            return False
+        first = self._first_seen.setdefault(node_id, time.monotonic())
+        if time.monotonic() - first > FIRST_APPLY_WAIT:
+            return False
+        known = {p.ip for p in self.pods.values()}
+        return any(why == inbound_merge.NO_PLAN and ip in known
+                   for (ip, _port), why in merged.refused.items())
 
     def _apply(self, node_id: str, plan: KernelPlan, merged: inbound_merge.Merged) -> None:
         """Apply `plan` (l7fp: with its destinations' inbound listeners merged in)."""

@@ -5,10 +5,13 @@ destination's inbound Envoy never sees it. That is only equal to Envoy alone
 when the inbound listener would have forwarded every request unchanged to the
 app: no RBAC, no rate limit, no fault, no header change, no rewrite, no route
 that needs Envoy, and a catch-all route so no request would have got a 404.
-Anything else keeps that destination on the slow path.
+Anything else needs the destination's inbound listener decided too.
 
-Called by `fastpath.agent.Agent` for each destination it would pool upstream
-sockets to. Pure function of the plan.
+Called by `fastpath.inbound_merge.merge` for each destination a client's
+kernel clusters reach: a transparent inbound side needs no second decision;
+any other is merged into the client's plan (the kernel decides it) or keeps
+that destination on Envoy. Also the whole rule for the `inline` decision,
+which has no second decision. Pure function of the plan.
 """
 
 from __future__ import annotations

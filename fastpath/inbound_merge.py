@@ -54,6 +54,7 @@ from fastpath.plan import (
 # inbound sidecar sees them on the slow path, the kernel never.
 ENVOY_ADDED = ("x-request-id", "x-forwarded-proto", "x-forwarded-for", "x-forwarded-client-cert")
 _MARK = "@inbound:"
+NO_PLAN = "destination pod has no known plan"
 
 
 def merged_name(ip: str, port: int) -> str:
@@ -89,7 +90,7 @@ def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> M
     for ip, port in _endpoints(plan):
         dest = plan_of_ip(ip)
         if dest is None:
-            out.refused[(ip, port)] = "destination pod has no known plan"
+            out.refused[(ip, port)] = NO_PLAN
             continue
         if inbound_transparent(dest.listeners, port):
             continue

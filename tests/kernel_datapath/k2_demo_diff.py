@@ -34,6 +34,15 @@ def run(fp):
     out = []
     try:
         time.sleep(8)
+        if fp == "on":  # every pod's datapath compiled (one after the other: seconds each)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                dbg = json.loads(urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath").read())
+                if len(dbg["nodes"]) >= len(st["pods"]):
+                    break
+                time.sleep(2)
+            print(f"datapaths loaded: {len(dbg['nodes'])} of {len(st['pods'])} pods", flush=True)
+            time.sleep(3)  # pools filled
         ports = {s["name"]: s["ports"][0] for s in st["services"]}
         for src, svc, port, path, hdrs in REQS:
             port = port or ports.get(svc)
