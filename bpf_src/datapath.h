@@ -173,7 +173,7 @@ struct dp_gen_cfg {
     __u32 gen;      /* active plan generation (0/1), flipped last by the agent */
     __u32 enabled;  /* 0: everything to Envoy */
     __u32 access_log; /* N > 0: a dp_events entry for one decided request in N */
-    __u32 _pad;
+    __u32 timeouts; /* 1: some route of the active generation has a timeout (dp_rto) */
 };
 
 BPF_SOCKHASH(dp_cli, __u64, DP_MAX_CONNS);

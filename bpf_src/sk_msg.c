@@ -184,6 +184,15 @@ static __always_inline int dp_insert_headers(struct sk_msg_md *msg, struct dp_ve
     return n;
 }
 
+/* 1 when the request at the head of the write is a HEAD (its response has no body). */
+static __always_inline __u32 dp_is_head(struct sk_msg_md *msg)
+{
+    char *d = msg->data;
+    if ((void *)(d + 5) > msg->data_end)
+        return 0;
+    return d[0] == 'H' && d[1] == 'E' && d[2] == 'A' && d[3] == 'D' && d[4] == ' ';
+}
+
 int dp_msg_verdict(struct sk_msg_md *msg)
 {
     struct bpf_sock *sk = msg->sk;
@@ -215,6 +224,8 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         } else {
             c->body_left -= size;
         }
+        if (!c->body_left && (c->flags & DP_F_TMO))
+            dp_tmo_body_done(c->binds[b].up_cookie); /* end of request: the timer starts */
         return dp_forward(msg, c, b);
     }
     __u32 k0 = 0;
@@ -222,6 +233,7 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     if (!cfg || !cfg->enabled)
         return dp_to_envoy(c, 0, DP_R_NO_PLAN);
     __u32 gen = cfg->gen;
+    __u32 tmo = cfg->timeouts;
     c->gen = gen;
     struct dp_svc_key sk_dst = {.ip = c->dst_ip, .port = c->dst_port};
     struct dp_svc_val *svc = dp_svc.lookup(&sk_dst);
@@ -271,6 +283,7 @@ int dp_msg_verdict(struct sk_msg_md *msg)
             __sync_fetch_and_add(miss, 1); /* the agent grows this pool */
         return dp_to_envoy(c, v.route, why);
     }
+    __u32 is_head = dp_is_head(msg);
     if (v.hdr_add || v.hdr_add_in) {
         int n = dp_insert_headers(msg, &v, gen);
         if (n < 0)
@@ -282,11 +295,15 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         c->body_left = v.consumed - size;
         c->body_bind = b;
     }
+    __u64 up = c->binds[b & (DP_BINDS - 1)].up_cookie;
+    if (tmo || (c->flags & DP_F_TMO)) /* a route timeout in this plan, or a stale record */
+        dp_tmo_arm(c, up, gen, v.route, msg->local_port, c->body_left != 0, is_head);
     int ret = dp_forward(msg, c, b);
     if (ret != SK_PASS) {
         /* upstream gone (closed by its server or the agent): drop the bind, tell
          * the agent to close its socket, go to Envoy */
-        __u64 up = c->binds[b & (DP_BINDS - 1)].up_cookie;
+        if (c->flags & DP_F_TMO)
+            dp_tmo_disarm(up);
         dp_peer.delete(&up);
         c->binds[b & (DP_BINDS - 1)].up_cookie = 0;
         c->body_left = 0;
@@ -321,6 +338,8 @@ int dp_srv_verdict(struct sk_msg_md *msg)
     if (!client)
         return SK_PASS;
     __u64 ck = *client;
+    if (dp_tmo_response_msg(msg, up))
+        return SK_PASS; /* timed out (the agent answered 504): over TCP to U, which drops it */
     /* a failed redirect leaves the message alone: SK_PASS then means TCP */
     dp_cli.msg_redirect_hash(msg, &ck, BPF_F_INGRESS);
     return SK_PASS;

@@ -15,5 +15,7 @@ int dp_skb_verdict(struct __sk_buff *skb)
     if (!client)
         return SK_DROP;
     __u64 ck = *client;
+    if (dp_tmo_response_skb(skb, up))
+        return SK_DROP; /* timed out: the agent answered 504 and closes U */
     return dp_cli.sk_redirect_hash(skb, &ck, BPF_F_INGRESS);
 }

@@ -29,6 +29,7 @@ from fastpath.counters import (
 from fastpath.loader import K_PASS, Datapath
 from fastpath.plan import KernelPlan, ListenerPlan
 from fastpath.pools import EndpointKey, Pools
+from fastpath.timeouts import TimeoutKeeper
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class NodeDatapath:
     access_log: int = 1  # access-log sampling: 0 off, N one request in N
     mode: str = "inline"  # decision compiled in: "inline" (dp_decide_inline.h) or "l7fp" (K1)
     cflags: tuple[str, ...] = ()
+    keeper: TimeoutKeeper | None = None  # route timeouts (l7fp mode)
+    timeouts: dict[int, int] = field(default_factory=dict)  # route id -> ms, active plan
 
     @classmethod
     def start(cls, pod: PodInfo, access_log: int = 1, mode: str = "inline",
@@ -70,8 +73,9 @@ class NodeDatapath:
                                instance=pod.node_id)
         else:
             dp = Datapath.load(instance=pod.node_id)
-        node = cls(pod=pod, dp=dp, pools=Pools(dp), access_log=access_log, mode=mode,
-                   cflags=cflags)
+        pools = Pools(dp)
+        node = cls(pod=pod, dp=dp, pools=pools, access_log=access_log, mode=mode,
+                   cflags=cflags, keeper=TimeoutKeeper(dp, pools, pod.netns))
         try:
             dp.set_enabled(0, enabled=False, access_log=access_log)
             dp.attach_cgroup(pod.cgroup)
@@ -88,6 +92,8 @@ class NodeDatapath:
         self.route_names = got.route_names
         self.pool_clusters.update(got.pool_clusters)
         self.notes = got.notes
+        self.dp.set_route_timeouts(nxt, got.timeouts)
+        self.timeouts = got.timeouts
         return got.services, got.keep, bool(got.services)
 
     # ---- plan -------------------------------------------------------------
@@ -107,6 +113,7 @@ class NodeDatapath:
             self._flip(plan, nxt, services, kept, enabled)
             return
         tables = agent_inline.translate(plan, vips, inbound_ok)
+        self.timeouts = {}  # the built-in decision punts routes with a timeout
         self.dp.clear_inline(nxt)
         keep: set[EndpointKey] = set()
         names: dict[int, str] = {}
@@ -146,7 +153,8 @@ class NodeDatapath:
         for (ip, port), lid in services.items():
             self.dp.set_service(ip, port, lid, nxt)
         self.pools.upkeep(self.bound())  # warm the new pools before the flip
-        self.dp.set_enabled(nxt, enabled=enabled, access_log=self.access_log)
+        self.dp.set_enabled(nxt, enabled=enabled, access_log=self.access_log,
+                            timeouts=bool(self.timeouts))
         self.gen = nxt
         for ip, port in self.services - services.keys():
             self.dp.remove_service(ip, port)  # after the flip: no longer tracked
@@ -172,6 +180,8 @@ class NodeDatapath:
         return {int(k.value) for k in self.dp.bpf["dp_peer"].keys()}
 
     def upkeep(self) -> None:
+        if self.keeper is not None:
+            self.keeper.check()  # first: an expired upstream is closed, not refilled around
         self.pools.note_misses(self.dp.pool_misses())
         self.pools.upkeep(self.bound())
 
@@ -196,11 +206,16 @@ class NodeDatapath:
             "counters": [{"route": r, "outcome": o, "reason": why, "requests": n}
                          for (r, o, why), n in sorted(self.stats().items())],
             "access_log": self.access.tail(50),
+            "route_timeouts": {self.route_names.get(r, str(r)): ms
+                               for r, ms in sorted(self.timeouts.items())},
+            "timeouts_fired": dict(self.keeper.counts) if self.keeper else {},
         }
 
     def close(self) -> None:
         """Detach first (traffic goes the normal way), then close the pools."""
         self.dp.close()
+        if self.keeper is not None:
+            self.keeper.close()
         self.pools.close()
 
 

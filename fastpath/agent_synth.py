@@ -28,6 +28,7 @@ class Programmed:
     keep: set[EndpointKey] = field(default_factory=set)
     pool_clusters: dict[int, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    timeouts: dict[int, int] = field(default_factory=dict)  # dp route id -> ms
 
 
 def endpoint_order(cluster: Any) -> list[Any]:
@@ -124,6 +125,7 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
         for dst in vips(lst):
             out.services[dst] = lid
     out.route_names = {i + 1: n for i, n in enumerate(sp.route_names)}
+    out.timeouts = {i + 1: ms for i, ms in getattr(sp, "route_timeouts", {}).items()}
     for n in sp.notes:
         out.notes.setdefault(f"note{len(out.notes)}", n)
     return out

@@ -41,13 +41,14 @@ NEVER_FIRING_RETRY_ON = frozenset({"connect-failure", "refused-stream", "http3-p
 class KernelCaps:
     """What the kernel data path can do. Defaults: DESIGN.md §5 as built today.
 
-    ``route_timeouts``: the kernel/agent enforces a per-request response timeout
-    (not yet: a route with a finite timeout, including Envoy's 15 s default, is
-    ENVOY, because a slow upstream gets a 504 from Envoy and no answer from the
-    kernel).
+    ``route_timeouts``: the data path enforces a route's response timeout
+    (including Envoy's 15 s default) as Envoy does: 504 "upstream request
+    timeout" before the response started, the connection cut after
+    (bpf_src/dp_timeout.h, fastpath/timeouts.py; docs/fastpath.md "Route
+    timeouts"). False gives the figures of the kernel without it.
     """
 
-    route_timeouts: bool = False
+    route_timeouts: bool = True
     # STRICT_DNS/LOGICAL_DNS endpoints given by name: the user-space agent that
     # owns the upstream pools resolves them (getaddrinfo, re-resolved like Envoy's
     # dns_refresh_rate); the kernel only ever sees the pooled sockets.
@@ -98,6 +99,7 @@ def classify_route(r: dict[str, Any], ctx: RouteContext) -> Route:
     action, more = _action(r, ctx)
     reasons += more
     adds, removes, more = _headers(r, ctx)
+    adds += _timeout_header(action, ctx)
     reasons += more
     per_filter = {**ctx.route_config.get("typedPerFilterConfig", {}),
                   **ctx.vhost.get("typedPerFilterConfig", {}), **r.get("typedPerFilterConfig", {})}
@@ -328,6 +330,19 @@ def _headers(r: dict[str, Any], ctx: RouteContext) -> tuple[list[HeaderValue], l
         # path rewrites it in its copy of the request (fastpath/retry.py).
         adds.append(HeaderValue("x-envoy-attempt-count", "1", append=False))
     return adds, removes, reasons
+
+
+def _timeout_header(action: Action, ctx: RouteContext) -> list[HeaderValue]:
+    """Envoy's router tells the upstream the route timeout in
+    x-envoy-expected-rq-timeout-ms (unless the router suppresses Envoy's
+    headers); the kernel sends the same header (seen with a real Envoy 1.40).
+    Added, not overwritten: a request that carries any x-envoy-*-timeout-ms
+    header goes to Envoy (l7fp_http.h, fastpath.reference)."""
+    ms = getattr(action, "timeout_ms", None)
+    router = next((f for f in ctx.filters if f.kind == "router"), None)
+    if not ms or (router is not None and router.config.get("suppressEnvoyHeaders")):
+        return []
+    return [HeaderValue("x-envoy-expected-rq-timeout-ms", str(ms), append=True)]
 
 
 def _header_value(h: dict[str, Any], level: str) -> tuple[HeaderValue, Reasons]:

@@ -152,6 +152,11 @@ def _renamed(lp: ListenerPlan, dest: KernelPlan, ip: str, port: int
             # the bucket is the destination Envoy's (fastpath.residual): a punt
             return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
                                        reason="inbound rate limit (Envoy owns the bucket)")
+        if isinstance(a, ClusterAction) and a.timeout_ms and r.verdict is Verdict.KERNEL:
+            # the data path times the outbound route only (fastpath/timeouts.py)
+            return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
+                                       reason="inbound route timeout (the kernel times "
+                                              "the outbound route only)")
         return dataclasses.replace(r, action=a)
 
     vhs = tuple(dataclasses.replace(vh, routes=tuple(route(r) for r in vh.routes))

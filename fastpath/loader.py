@@ -62,8 +62,8 @@ def module_text(decide_header: str | None = None) -> str:
     header (K1's include/, or dp_decide_inline.h) is pasted too, because its
     maps must live in the same module.
     """
-    parts = ["datapath.h", decide_header or "dp_decide_inline.h", "sockops.c", "sk_msg.c",
-             "sk_skb.c"]
+    parts = ["datapath.h", "dp_timeout.h", decide_header or "dp_decide_inline.h", "sockops.c",
+             "sk_msg.c", "sk_skb.c", "dp_inject.c"]
     texts = []
     for p in parts:
         body = (BPF_SRC / p).read_text()
@@ -132,12 +132,15 @@ class Datapath:
         dp.fds["skb"] = b.load_func("dp_skb_verdict", BPF.SK_SKB).fd
         dp.fds["sockops_srv"] = b.load_func("dp_sockops_srv", BPF.SOCK_OPS).fd
         dp.fds["srv_msg"] = b.load_func("dp_srv_verdict", BPF.SK_MSG).fd
-        for name in ("dp_cli", "dp_up", "dp_peer", "dp_free", "dp_cfg", "dp_srv", "dp_pair_wait"):
+        dp.fds["inj_msg"] = b.load_func("dp_inj_verdict", BPF.SK_MSG).fd
+        for name in ("dp_cli", "dp_up", "dp_peer", "dp_free", "dp_cfg", "dp_srv", "dp_pair_wait",
+                     "dp_inj", "dp_tmo", "dp_tmo_armed"):
             dp.fds[name] = bpfsys.table_fd(b, name)
         try:
             dp._attach(dp.fds["msg"], dp.fds["dp_cli"], bpfsys.SK_MSG_VERDICT, "sk_msg")
             dp._attach(dp.fds["skb"], dp.fds["dp_up"], bpfsys.SK_SKB_VERDICT, "sk_skb")
             dp._attach(dp.fds["srv_msg"], dp.fds["dp_srv"], bpfsys.SK_MSG_VERDICT, "srv_msg")
+            dp._attach(dp.fds["inj_msg"], dp.fds["dp_inj"], bpfsys.SK_MSG_VERDICT, "inj_msg")
         except Exception:
             dp.close()
             raise
@@ -146,7 +149,7 @@ class Datapath:
     def reset(self) -> None:
         """Empty the tables: a cached module may have served an earlier Datapath."""
         for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_ihosts", "dp_replies", "dp_eps", "dp_ep_in",
-                     "dp_pool_miss", "dp_pair_wait"):
+                     "dp_pool_miss", "dp_pair_wait", "dp_rto", "dp_tmo", "dp_tmo_armed"):
             try:
                 self.bpf[name].clear()
             except KeyError:
@@ -209,12 +212,24 @@ class Datapath:
         except KeyError:
             pass
 
-    def set_enabled(self, gen: int, enabled: bool = True, access_log: int = 1) -> None:
+    def set_enabled(self, gen: int, enabled: bool = True, access_log: int = 1,
+                    timeouts: bool = False) -> None:
         """Flip the active plan generation (the last step of a plan swap).
-        `access_log`: 0 off, N: one access-log event for one request in N."""
+        `access_log`: 0 off, N: one access-log event for one request in N.
+        `timeouts`: generation `gen` has route timeouts (set_route_timeouts)."""
         t = self.bpf["dp_cfg"]
         t[ct.c_int(0)] = t.Leaf(gen=gen, enabled=1 if enabled else 0,
-                                access_log=max(0, int(access_log)))
+                                access_log=max(0, int(access_log)), timeouts=int(timeouts))
+
+    def set_route_timeouts(self, gen: int, timeouts: dict[int, int]) -> None:
+        """Generation `gen`'s route timeouts: route id (dp_verdict.route) -> ms.
+        Routes not listed have none."""
+        t = self.bpf["dp_rto"]
+        for k in [k for k in t.keys() if k.gen == gen]:
+            del t[k]
+        for route, ms in timeouts.items():
+            if ms > 0:
+                t[t.Key(gen=gen, route=route)] = ct.c_uint32(min(int(ms), 2**32 - 1))
 
     def set_inline_route(self, gen: int, index: int, kind: int, prefix: str, pool: int = 0,
                          reply_id: int = 0, status: int = 0, pools: tuple[int, ...] = (),
@@ -324,8 +339,20 @@ class Datapath:
                 if v.value}
 
     def drop_peer(self, cookie: int) -> None:
-        """Forget upstream `cookie` (closed by the agent): its client binding."""
-        bpfsys.map_delete(self.fds["dp_peer"], ct.c_uint64(cookie))
+        """Forget upstream `cookie` (closed by the agent): its client binding and
+        the timed request in flight on it, if any."""
+        key = ct.c_uint64(cookie)
+        bpfsys.map_delete(self.fds["dp_peer"], key)
+        bpfsys.map_delete(self.fds["dp_tmo_armed"], key)
+        bpfsys.map_delete(self.fds["dp_tmo"], key)
+
+    def take_upstream(self, cookie: int) -> None:
+        """Take upstream `cookie` off every way (timed out): no byte of its late
+        response reaches the client, the client's next request finds it gone
+        (and goes to Envoy). The caller closes the socket."""
+        key = ct.c_uint64(cookie)
+        for name in ("dp_peer", "dp_srv", "dp_up"):
+            bpfsys.map_delete(self.fds[name], key)
 
     def unload(self) -> None:
         """Close and free the module (its maps and programs) and drop it from the

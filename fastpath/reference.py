@@ -209,6 +209,9 @@ def _unparseable(req: Request) -> str:
         return "query string with '+' or a repeated parameter"
     if req.header("grpc-timeout") is not None:
         return "grpc-timeout header (Envoy may enforce it as a timeout)"
+    if any(n.startswith("x-envoy-") and n.endswith("meout-ms") and len(n) > 16
+           for n, _ in req.headers):
+        return "x-envoy-*-timeout-ms header (Envoy may take its timeout from it)"
     return ""
 
 

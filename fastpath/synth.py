@@ -133,6 +133,7 @@ class SynthesizedProgram:
     # plan.Route per route id (route_names' order; None for a filler punt): the
     # agent reads per-route data the decision does not carry (retry policies)
     routes: tuple[Any, ...] = field(default=(), repr=False)
+    route_timeouts: dict[int, int] = field(default_factory=dict)  # route index -> timeout ms
 
     def tables(self, gen: int) -> dict[str, dict[bytes, bytes]]:
         """Map name -> {key: value} for plan generation `gen` (0 or 1)."""
@@ -178,7 +179,7 @@ def synthesize(plan: KernelPlan, max_hdr: int = 512,
         cflags=tuple(f"-D{k}={v}" for k, v in sorted(knobs.items())),
         knobs=knobs, listener_ids=dict(tb.listener_ids), cluster_ids=dict(tb.cluster_ids),
         route_names=tuple(tb.route_names), notes=tuple(tb.notes), rows=rows,
-        slots=dict(tb.slots), routes=tuple(tb.routes))
+        slots=dict(tb.slots), routes=tuple(tb.routes), route_timeouts=dict(tb.route_timeouts))
 
 
 def encode_str(st: bs.Structs, s: str, ci: bool = False) -> ctypes.Structure:

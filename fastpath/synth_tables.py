@@ -67,6 +67,7 @@ class TableBuilder:
     cluster_ids: dict[str, int] = field(default_factory=dict)
     route_names: list[str] = field(default_factory=list)
     routes: list[Any] = field(default_factory=list)  # plan.Route per route id (None: filler)
+    route_timeouts: dict[int, int] = field(default_factory=dict)  # route id -> ms (kernel routes)
     notes: list[str] = field(default_factory=list)
     slots: dict[str, int] = field(default_factory=dict)
     longest: int = 8
@@ -324,6 +325,7 @@ class TableBuilder:
                 self.notes.append(f"route {lp.name}/{vh.name}/{r.name}: {e}")
                 f = self._punt(r)
             f["route_id"] = rid
+            self._note_timeout(rid, r, f)
             self._add("l7fp_routes", _Row("Route", f))
         if len(routes) < len(vh.routes):
             self.route_names.append(f"{lp.name}/{vh.name}/(more routes)")
@@ -331,6 +333,12 @@ class TableBuilder:
             self._add("l7fp_routes", _Row("Route", {
                 "route_id": len(self.route_names) - 1, "action": bs.ACT_PUNT,
                 "path_kind": bs.PATH_PREFIX, "path": ("", False)}))
+
+    def _note_timeout(self, rid: int, r: Route, f: dict[str, Any]) -> None:
+        """A forwarded route's timeout, for the data path's timer (dp_rto)."""
+        ms = getattr(r.action, "timeout_ms", None)
+        if ms and f.get("action") != bs.ACT_PUNT:
+            self.route_timeouts[rid] = int(ms)
 
     def _punt(self, r: Route) -> dict[str, Any]:
         """A punt entry: the route's own matcher when the kernel can evaluate it

@@ -43,6 +43,8 @@
 #define L7FP_W_ENCODING L7FP_W8('e', 'n', 'c', 'o', 'd', 'i', 'n', 'g')
 #define L7FP_W_GRPC_TI L7FP_W8('g', 'r', 'p', 'c', '-', 't', 'i', 'm')
 #define L7FP_W_C_TIMEOUT L7FP_W8('-', 't', 'i', 'm', 'e', 'o', 'u', 't')
+#define L7FP_W_X_ENVOY L7FP_W8('x', '-', 'e', 'n', 'v', 'o', 'y', '-')
+#define L7FP_W_MEOUT_MS L7FP_W8('m', 'e', 'o', 'u', 't', '-', 'm', 's')
 
 /* Low n bytes of a word (n <= 8). */
 static __always_inline __u64 l7fp_lowbytes(__u64 w, __u32 n)
@@ -323,6 +325,10 @@ static __always_inline __u32 l7fp_parse_header(struct l7fp_req_ctx *c, __u32 k, 
         return L7FP_R_UPGRADE;
     /* Envoy may enforce grpc-timeout as a request timeout */
     if (key.len == 12 && key.w0 == L7FP_W_GRPC_TI && key.w1 == L7FP_W_C_TIMEOUT)
+        return L7FP_R_UNPARSED;
+    /* x-envoy-upstream-rq-timeout-ms, ...-per-try-timeout-ms, x-envoy-expected-rq-timeout-ms:
+     * Envoy may take its timeout from them, and it overwrites the last one */
+    if (key.len > 16 && key.w0 == L7FP_W_X_ENVOY && key.w1 == L7FP_W_MEOUT_MS)
         return L7FP_R_UNPARSED;
     if (key.len <= 16)
         l7fp_note_slot(c, &key, vs, ve);

@@ -8,6 +8,7 @@ import pytest
 
 from fastpath import envoy_model as em
 from fastpath.classify_match import regex_shape
+from fastpath.classify_route import KernelCaps
 from fastpath.plan import Verdict
 from fastpath.split import split_snapshot
 
@@ -42,10 +43,25 @@ def fwd(**extra: Any) -> dict[str, Any]:
     return {"match": {"prefix": "/"}, "route": {"cluster": "c", **extra}}
 
 
-def test_envoy_default_timeout_is_envoy_and_istio_disabled_is_kernel() -> None:
-    (v_default, why), = verdicts([fwd()])
-    assert v_default is Verdict.ENVOY and "15000ms (Envoy default)" in why
+def test_route_timeouts_are_kernel_with_envoy_default_in_the_plan() -> None:
+    """The data path enforces route timeouts (fastpath/timeouts.py): an unset
+    timeout is Envoy's 15 s default, 0s is none (Istio)."""
+    assert verdicts([fwd()]) == [(Verdict.KERNEL, "")]
     assert verdicts([fwd(timeout="0s")]) == [(Verdict.KERNEL, "")]
+    res = {em.LISTENER: [em.parse(em.LISTENER, listener([fwd(), fwd(timeout="0s"),
+                                                         fwd(timeout="1.5s")]))],
+           em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
+    routes = split_snapshot("n", res).plan.listeners[0].virtual_hosts[0].routes
+    assert [r.action.timeout_ms for r in routes] == [15000, None, 1500]  # type: ignore[union-attr]
+
+
+def test_without_the_timer_a_timeout_needs_envoy() -> None:
+    res = {em.LISTENER: [em.parse(em.LISTENER, listener([fwd(), fwd(timeout="0s")]))],
+           em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
+    plan = split_snapshot("n", res, KernelCaps(route_timeouts=False)).plan
+    (v1, why), (v2, _) = [(r.verdict, r.reason) for r in plan.listeners[0].virtual_hosts[0].routes]
+    assert v1 is Verdict.ENVOY and "15000ms (Envoy default)" in why
+    assert v2 is Verdict.KERNEL
 
 
 @pytest.mark.parametrize("retry_on,verdict", [

@@ -27,7 +27,8 @@ BOOTSTRAP = {
                         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
                     "route_config": {"name": "rc", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": [
                         {"name": "fast", "match": {"prefix": "/api"}, "route": {"cluster": "app", "timeout": "0s"}},
-                        {"name": "slow", "match": {"prefix": "/"}, "route": {"cluster": "app"}},
+                        {"name": "slow", "match": {"prefix": "/"},
+                         "route": {"cluster": "app", "retry_policy": {"retry_on": "5xx"}}},
                     ]}]}}}]}]}],
         "clusters": [{"name": "app", "type": "STRICT_DNS", "load_assignment": {
             "cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
@@ -52,7 +53,7 @@ def test_json_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     by_name = {r["name"]: r for r in out["routes"]}
     assert set(by_name["fast"]) == {"file", "listener", "route_config", "virtual_host", "name", "verdict", "reason"}
     assert by_name["fast"]["verdict"] == "KERNEL" and by_name["fast"]["listener"] == "web"
-    assert by_name["slow"]["verdict"] == "ENVOY" and "15000ms (Envoy default)" in by_name["slow"]["reason"]
+    assert by_name["slow"]["verdict"] == "ENVOY" and "retry_on=5xx can fire" in by_name["slow"]["reason"]
     assert by_name["#0"]["verdict"] == "ENVOY" and "no small DFA" in by_name["#0"]["reason"]
     cov = out["coverage"]
     assert cov["routes"] == {"kernel": 1, "total": 3}
@@ -65,7 +66,7 @@ def test_text_output_and_what_if(files: Path, capsys: pytest.CaptureFixture[str]
     assert main(["split", "--explain", str(files / "envoy.yaml")]) == 0
     out = capsys.readouterr().out
     assert "KERNEL fast" in out and "ENVOY  slow" in out and "coverage: routes 1/2 (50.0%)" in out
-    assert main(["split", "--assume", "timeouts", str(files / "envoy.yaml")]) == 0
+    assert main(["split", "--assume", "status-retries", str(files / "envoy.yaml")]) == 0
     assert "coverage: routes 2/2 (100.0%)" in capsys.readouterr().out
 
 

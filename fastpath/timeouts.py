@@ -1,0 +1,224 @@
+"""Route timeouts on the fast path: the agent half.
+
+Owner: NAME=timeout (K2 agent). One `TimeoutKeeper` per node datapath, driven
+by `fastpath.agent_node.NodeDatapath` from the agent's thread (every loop turn,
+about every 20 ms: the resolution of a timeout). The kernel half is
+bpf_src/dp_timeout.h: sk_msg records each request forwarded on a route with a
+timeout (dp_tmo, keyed by the pooled upstream U), the response path marks it
+started/complete.
+
+On expiry, as Envoy's router does (checked against a real Envoy in
+tests/kernel_datapath/test_timeouts.py):
+
+* no response byte passed yet: the agent claims the request (delete of
+  dp_tmo_armed[U]; the kernel's first response byte deletes it too, whoever
+  succeeds owns the client's receive queue), takes U off every way (dp_peer,
+  dp_srv, dp_up: a late response never reaches the client) and closes it
+  (Envoy closes the upstream connection), then writes Envoy's 504 into the
+  client's receive queue through the injector socket (bpf_src/dp_inject.c).
+  The client's connection stays usable; its next request finds U gone and
+  goes to Envoy.
+* response started, not complete (Content-Length framing): U is taken away
+  and closed, and the client connection is destroyed (sock_diag SOCK_DESTROY
+  in the client's netns: the client sees the response cut, then an aborted
+  connection; Envoy closes it with a FIN after its delayed_close_timeout).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastpath import bpfsys
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNET = 0x40000000
+TIMEOUT_BODY = "upstream request timeout"
+DP_TMO_STARTED = 3  # bpf_src/dp_timeout.h
+
+
+def timeout_reply(date: str | None = None) -> bytes:
+    """Envoy's local reply for a route timeout (status, headers and body as a
+    real Envoy 1.40 sends them, without `server: envoy`, like the kernel's other
+    replies)."""
+    date = date or time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+    body = TIMEOUT_BODY.encode()
+    return (f"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: {len(body)}\r\n"
+            f"content-type: text/plain\r\ndate: {date}\r\n\r\n").encode() + body
+
+
+@dataclass(frozen=True)
+class Expired:
+    """One timed request whose deadline passed (a copy of its dp_tmo record)."""
+
+    up: int
+    client: int
+    state: int
+    route: int
+    cli_ip: int  # network order, as the kernel stores it
+    cli_port: int
+    dst_ip: int
+    dst_port: int
+
+
+def due(records: list[tuple[int, Any]], now_ns: int) -> list[Expired]:
+    """The records whose deadline passed at `now_ns` (CLOCK_MONOTONIC, the clock
+    of bpf_ktime_get_ns). Pure: the unit tests call it with plain objects."""
+    out = []
+    for up, r in records:
+        if r.deadline_ns and r.deadline_ns <= now_ns:
+            out.append(Expired(up, int(r.client), int(r.state), int(r.route), int(r.cli_ip),
+                               int(r.cli_port), int(r.dst_ip), int(r.dst_port)))
+    return out
+
+
+class Injector:
+    """The agent's loopback socket in dp_inj: a write of (cookie, bytes) lands in
+    that client's receive queue (bpf_src/dp_inject.c)."""
+
+    def __init__(self, dp: Any) -> None:
+        lst = socket.socket()
+        try:
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(1)
+            self.sock = socket.create_connection(lst.getsockname(), timeout=2)
+            self.peer, _ = lst.accept()
+        finally:
+            lst.close()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bpfsys.map_update(dp.fds["dp_inj"], ct.c_uint32(0), ct.c_uint32(self.sock.fileno()))
+
+    def send(self, client_cookie: int, data: bytes) -> bool:
+        """False when the client is gone (the kernel drops the write)."""
+        try:
+            self.sock.sendall(struct.pack("<Q", client_cookie) + data)
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
+
+
+# sock_diag (linux/inet_diag.h): SOCK_DESTROY of one TCP socket by 4-tuple + cookie
+NETLINK_SOCK_DIAG = 4
+SOCK_DESTROY = 21
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+NLMSG_ERROR = 2
+
+
+def destroy_msg(src: int, sport: int, dst: int, dport: int, cookie: int) -> bytes:
+    """The netlink request that aborts one IPv4 TCP socket. `src`/`dst` as the
+    kernel stores them (network order read natively), ports in host order."""
+    req = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+    sockid = struct.pack(">HH", sport, dport) + struct.pack("=I12xI12x", src, dst) + \
+        struct.pack("=III", 0, cookie & 0xFFFFFFFF, cookie >> 32)
+    body = req + sockid
+    return struct.pack("=IHHII", 16 + len(body), SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, 1, 0) \
+        + body
+
+
+def destroy_socket(netns: str | None, src: int, sport: int, dst: int, dport: int,
+                   cookie: int) -> int:
+    """Abort the client socket (RST to its peer, ECONNABORTED to its owner).
+    Runs in a short thread inside `netns` (setns acts on the calling thread).
+    Returns 0 or the kernel's errno."""
+    result: list[int] = []
+
+    def work() -> None:
+        try:
+            if netns:
+                libc = ct.CDLL(None, use_errno=True)
+                fd = os.open(netns, os.O_RDONLY)
+                try:
+                    if libc.setns(fd, CLONE_NEWNET) != 0:
+                        result.append(ct.get_errno())
+                        return
+                finally:
+                    os.close(fd)
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+                nl.settimeout(1.0)
+                nl.send(destroy_msg(src, sport, dst, dport, cookie))
+                ans = nl.recv(4096)
+            kind = struct.unpack_from("=H", ans, 4)[0]
+            err = -struct.unpack_from("=i", ans, 16)[0] if kind == NLMSG_ERROR else 0
+            result.append(err)
+        except OSError as exc:
+            result.append(exc.errno or -1)
+
+    t = threading.Thread(target=work, name="l7fp-sock-destroy", daemon=True)
+    t.start()
+    t.join(3)
+    return result[0] if result else -1
+
+
+class TimeoutKeeper:
+    """Expires the timed requests of one node datapath (agent thread only)."""
+
+    def __init__(self, dp: Any, pools: Any, netns: str | None) -> None:
+        self.dp = dp
+        self.pools = pools
+        self.netns = netns  # the client pod's network namespace (its sockets)
+        self.injector: Injector | None = None
+        self.counts = {"timeout_504": 0, "timeout_reset": 0, "timeout_raced": 0}
+
+    def check(self) -> int:
+        """Act on every expired record; returns how many. An empty map costs one
+        syscall."""
+        table = self.dp.bpf["dp_tmo"]
+        records = [(int(k.value), v) for k, v in table.items()]
+        if not records:
+            return 0
+        now = time.monotonic_ns()
+        expired = due(records, now)
+        for e in expired:
+            self._expire(e)
+        return len(expired)
+
+    def _expire(self, e: Expired) -> None:
+        key = ct.c_uint64(e.up)
+        # the claim: succeeds only while no response byte went to the client
+        won = e.state != DP_TMO_STARTED and bpfsys.map_delete(self.dp.fds["dp_tmo_armed"], key)
+        self.dp.take_upstream(e.up)  # from now on no byte of U reaches the client
+        started = not won and _exists(self.dp.bpf["dp_tmo"], e.up)
+        bpfsys.map_delete(self.dp.fds["dp_tmo"], key)
+        self.pools.release([e.up])  # closes U (Envoy closes the upstream connection)
+        if won:
+            if self._inject(e.client, timeout_reply()):
+                self.counts["timeout_504"] += 1
+        elif started:
+            err = destroy_socket(self.netns, e.cli_ip, e.cli_port, e.dst_ip, e.dst_port,
+                                 e.client)
+            if err:
+                log.warning("timeout: resetting client socket %d failed: %s", e.client,
+                            os.strerror(err) if err > 0 else err)
+            self.counts["timeout_reset"] += 1
+        else:
+            self.counts["timeout_raced"] += 1  # the response completed meanwhile
+
+    def _inject(self, client: int, data: bytes) -> bool:
+        if self.injector is None:
+            self.injector = Injector(self.dp)
+        return self.injector.send(client, data)
+
+    def close(self) -> None:
+        if self.injector is not None:
+            self.injector.close()
+            self.injector = None
+
+
+def _exists(table: Any, up: int) -> bool:
+    try:
+        table[table.Key(up)]
+        return True
+    except KeyError:
+        return False

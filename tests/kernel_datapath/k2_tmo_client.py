@@ -1,0 +1,67 @@
+"""Raw HTTP/1.1 client for the route-timeout tests; runs inside the scoped cgroup.
+
+Usage: k2_tmo_client.py HOST PORT SCRIPT_JSON. SCRIPT_JSON: a list of
+connections, each a list of request strings sent one at a time on ONE
+connection, each followed by reading one response (Content-Length framing)
+until it is complete, the peer closes, or an error. Prints a JSON list (per
+connection) of {"status", "headers", "body", "end", "secs"}; "end" is
+"complete", "eof" or the error's class name.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+
+def read_response(s: socket.socket) -> dict:  # type: ignore[type-arg]
+    buf, t0 = b"", time.monotonic()
+    end, need = "complete", None
+    while True:
+        if need is None and b"\r\n\r\n" in buf:
+            head = buf.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+            cl = [ln.split(":", 1)[1] for ln in head.split("\r\n")[1:]
+                  if ln.lower().startswith("content-length:")]
+            need = len(head) + 4 + int(cl[0]) if cl else None
+        if need is not None and len(buf) >= need:
+            break
+        try:
+            d = s.recv(65536)
+        except OSError as exc:
+            end = type(exc).__name__
+            break
+        if not d:
+            end = "eof"
+            break
+        buf += d
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines[0].startswith("HTTP/") else 0
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (ln.partition(":") for ln in lines[1:] if ln)}
+    return {"status": status, "headers": headers, "body": body.decode("latin-1"), "end": end,
+            "secs": round(time.monotonic() - t0, 3)}
+
+
+def main() -> None:
+    host, port, script = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    out = []
+    for conn in script:
+        s = socket.create_connection((host, port), timeout=20)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        res = []
+        for req in conn:
+            s.sendall(req.encode("latin-1"))
+            r = read_response(s)
+            res.append(r)
+            if r["end"] != "complete":
+                break
+        s.close()
+        out.append(res)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

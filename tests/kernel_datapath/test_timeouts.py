@@ -1,0 +1,209 @@
+"""Route timeouts on the fast path vs a real Envoy with the same route config
+(NAME=timeout): the same answers (504 "upstream request timeout" before the
+response started, a cut connection after), the connection usable after a 504,
+the late response never reaching the client, the upstream connection closed,
+no timer firing for fast answers, and the 15 s default in the plan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import pick_free_port
+from k2_slow import SlowServer
+from test_agent import wait_for, write_state
+
+from fastpath import envoy_model as em
+from fastpath.agent import Agent
+from fastpath.plan import KernelPlan
+from fastpath.split import split_snapshot
+
+pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
+
+HCM_T = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
+        "HttpConnectionManager"
+ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+CLIENT = Path(__file__).with_name("k2_tmo_client.py")
+
+
+def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One listener, the same for Envoy and the split: /t 1 s, /n none, /d default."""
+    routes = [
+        {"name": "t1", "match": {"prefix": "/t"}, "route": {"cluster": "up", "timeout": "1s"}},
+        {"name": "none", "match": {"prefix": "/n"}, "route": {"cluster": "up", "timeout": "0s"}},
+        {"name": "dflt", "match": {"prefix": "/d"}, "route": {"cluster": "up"}},
+    ]
+    listener = {"name": "out", "address": {"socket_address": {"address": "127.0.0.1",
+                                                              "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {"@type": HCM_T, "stat_prefix": "out", "http_filters": [ROUTER],
+                                     "route_config": {"name": "rc", "virtual_hosts": [
+                                         {"name": "all", "domains": ["*"], "routes": routes}]}}}]}]}
+    cluster = {"name": "up", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+        "cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": "127.0.0.1", "port_value": up_port}}}}]}]}}
+    return listener, cluster
+
+
+class TimeoutEnvoy:
+    """A real Envoy (child of the test process) with `resources()`."""
+
+    def __init__(self, binary: str, up_port: int, workdir: Path) -> None:
+        self.port = pick_free_port()
+        listener, cluster = resources(self.port, up_port)
+        self.listener, self.cluster = listener, cluster
+        cfg = workdir / "envoy-timeouts.json"
+        cfg.write_text(json.dumps({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                     "port_value": pick_free_port()}}},
+            "static_resources": {"listeners": [listener], "clusters": [cluster]}}))
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1", "-l", "warning",
+             "--base-id", str(self.port)], stdout=subprocess.DEVNULL,
+            stderr=open(workdir / "envoy-timeouts.log", "w"))  # noqa: SIM115
+        import socket
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("envoy exited: " + (workdir / "envoy-timeouts.log").read_text())
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.close()
+        raise RuntimeError("envoy did not listen within 30 s")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def slow() -> Iterator[SlowServer]:
+    s = SlowServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def tenvoy(envoy_bin: str, slow: SlowServer, tmp_path: Path) -> Iterator[TimeoutEnvoy]:
+    e = TimeoutEnvoy(envoy_bin, slow.port, tmp_path)
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def agent(kernel: None, cgroup: Any, tmp_path: Path) -> Iterator[Agent]:
+    state = tmp_path / "state.json"
+    write_state(state, str(cgroup.path))
+    a = Agent(state, decide="l7fp")
+    a.start()
+    yield a
+    a.stop()
+
+
+def req(path: str, **headers: str) -> str:
+    extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    return f"GET {path} HTTP/1.1\r\nHost: svc\r\n{extra}\r\n"
+
+
+def run(cgroup: Any, port: int, script: list[list[str]]) -> list[list[dict[str, Any]]]:
+    r = cgroup.run([sys.executable, str(CLIENT), "127.0.0.1", str(port), json.dumps(script)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+SCRIPT = [
+    # too slow: 504, then the same connection serves the next request
+    [req("/t/late", x_delay_ms="1600"), req("/t/after")],
+    # fast enough: no timer fires
+    [req("/t/quick", x_delay_ms="150"), req("/t/again")],
+    # no timeout on /n
+    [req("/n/slow", x_delay_ms="1300")],
+]
+
+
+def start_plan(agent: Agent, tenvoy: TimeoutEnvoy) -> Any:
+    res = {em.LISTENER: [em.parse(em.LISTENER, tenvoy.listener)],
+           em.CLUSTER: [em.parse(em.CLUSTER, tenvoy.cluster)]}
+    plan = split_snapshot("client", res).plan
+    agent.on_plan("up", KernelPlan("up", "u1"))
+    agent.on_plan("client", plan)
+    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None, 60)
+    node = agent.nodes["client"]
+    wait_for(lambda: all(p["free"] >= 3 for p in node.pools.snapshot()))
+    return node
+
+
+def test_timeouts_match_envoy(agent: Agent, cgroup: Any, tenvoy: TimeoutEnvoy,
+                              slow: SlowServer) -> None:
+    node = start_plan(agent, tenvoy)
+    assert node.mode == "l7fp"
+    # the plan carries every route's timeout; the 15 s default is read from it,
+    # not waited for
+    assert sorted(node.timeouts.values()) == [1000, 15000]
+    names = {node.route_names[r].rsplit("/", 1)[-1]: ms for r, ms in node.timeouts.items()}
+    assert names == {"t1": 1000, "dflt": 15000}
+    rto = {(k.gen, k.route): v.value for k, v in node.dp.bpf["dp_rto"].items()}
+    assert {ms for (g, _), ms in rto.items() if g == node.gen} == {1000, 15000}
+
+    fast = run(cgroup, tenvoy.port, SCRIPT)
+    node.dp.detach_cgroup(cgroup.path)  # the same requests through Envoy only
+    via_envoy = run(cgroup, tenvoy.port, SCRIPT)
+
+    for conn_f, conn_e in zip(fast, via_envoy, strict=True):
+        assert [(r["status"], r["body"][:40], r["end"]) for r in conn_f] == \
+            [(r["status"], r["body"][:40], r["end"]) for r in conn_e], (conn_f, conn_e)
+    late, after = fast[0]
+    assert late["status"] == 504 and late["body"] == "upstream request timeout"
+    assert late["headers"]["content-type"] == "text/plain"
+    assert "server" not in late["headers"]  # the kernel answered, not Envoy
+    assert 0.9 < late["secs"] < 1.5
+    # the late response never reached the client: the next answer is its own
+    assert json.loads(after["body"])["line"] == "GET /t/after HTTP/1.1"
+    assert fast[1][0]["status"] == 200 and "server" not in fast[1][0]["headers"]
+    # the upstream is told the deadline, as Envoy tells it
+    for f, e in ((fast[1][0], via_envoy[1][0]), (fast[2][0], via_envoy[2][0])):
+        assert json.loads(f["body"])["expected_timeout"] == \
+            json.loads(e["body"])["expected_timeout"]
+    assert json.loads(fast[1][0]["body"])["expected_timeout"] == "1000"
+    assert fast[2][0]["status"] == 200 and fast[2][0]["secs"] > 1.2
+    assert node.keeper is not None and node.keeper.counts["timeout_504"] == 1
+    # the upstream connection of the timed-out request was closed, both ways
+    wait_for(lambda: sum(1 for e in slow.events if e["kind"] == "late_sent"
+                         and "/t/late" in e["line"]) == 2, 5)
+    late_conns = {e["conn"] for e in slow.events
+                  if e["kind"] == "request" and "/t/late" in e["line"]}
+    wait_for(lambda: late_conns <= {e["conn"] for e in slow.ends()}, 5)
+
+
+def test_response_started_then_stalled_is_cut(agent: Agent, cgroup: Any, tenvoy: TimeoutEnvoy,
+                                              slow: SlowServer) -> None:
+    """Head sent, body stalls past the deadline: Envoy closes the client
+    connection (after its delayed_close_timeout); the kernel path destroys it."""
+    node = start_plan(agent, tenvoy)
+    script = [[req("/t/stall", x_stall_ms="2500")]]
+    fast = run(cgroup, tenvoy.port, script)[0][0]
+    node.dp.detach_cgroup(cgroup.path)
+    via_envoy = run(cgroup, tenvoy.port, script)[0][0]
+    for r in (fast, via_envoy):
+        assert r["status"] == 200 and r["body"] == "abc" and r["end"] != "complete", r
+    assert via_envoy["end"] == "eof"
+    assert fast["end"] in ("eof", "ConnectionAbortedError", "ConnectionResetError")
+    assert 0.9 < fast["secs"] < 2.2
+    assert node.keeper is not None and node.keeper.counts["timeout_reset"] == 1
