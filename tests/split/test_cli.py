@@ -28,7 +28,7 @@ BOOTSTRAP = {
                     "route_config": {"name": "rc", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": [
                         {"name": "fast", "match": {"prefix": "/api"}, "route": {"cluster": "app", "timeout": "0s"}},
                         {"name": "slow", "match": {"prefix": "/"},
-                         "route": {"cluster": "app", "retry_policy": {"retry_on": "5xx"}}},
+                         "route": {"cluster": "app", "retry_policy": {"retry_on": "retriable-4xx"}}},
                     ]}]}}}]}]}],
         "clusters": [{"name": "app", "type": "STRICT_DNS", "load_assignment": {
             "cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
@@ -53,7 +53,7 @@ def test_json_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     by_name = {r["name"]: r for r in out["routes"]}
     assert set(by_name["fast"]) == {"file", "listener", "route_config", "virtual_host", "name", "verdict", "reason"}
     assert by_name["fast"]["verdict"] == "KERNEL" and by_name["fast"]["listener"] == "web"
-    assert by_name["slow"]["verdict"] == "ENVOY" and "retry_on=5xx can fire" in by_name["slow"]["reason"]
+    assert by_name["slow"]["verdict"] == "ENVOY" and "retry_on=retriable-4xx can fire" in by_name["slow"]["reason"]
     assert by_name["#0"]["verdict"] == "ENVOY" and "no small DFA" in by_name["#0"]["reason"]
     cov = out["coverage"]
     assert cov["routes"] == {"kernel": 1, "total": 3}
