@@ -156,6 +156,16 @@ static __always_inline struct dp_ivhost *dp_ivhost_find(__u32 gen, __u32 listene
     return dp_ihosts.lookup(&k);
 }
 
+/* Not a GET: Envoy's. A complete bodiless HEAD head says how long it is
+ * (consumed), so Envoy's response to it can be followed (dp_return.h). */
+static __always_inline int dp_ipass_head(struct dp_verdict *v, struct dp_iscratch *s)
+{
+    if (s->head && s->b[0] == 'H' && s->b[1] == 'E' && s->b[2] == 'A' && s->b[3] == 'D' &&
+        s->b[4] == ' ' && s->b[5] == '/')
+        v->consumed = s->head;
+    return dp_ipass(v, DP_IR_UNPARSED);
+}
+
 static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, void *data_end,
                                      struct dp_verdict *v)
 {
@@ -204,7 +214,7 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
         return 0;
     }
     if (s->b[0] != 'G' || s->b[1] != 'E' || s->b[2] != 'T' || s->b[3] != ' ' || s->b[4] != '/')
-        return dp_ipass(v, DP_IR_UNPARSED);
+        return dp_ipass_head(v, s);
     if (!head) {
         v->kind = n >= DP_IHDR_MAX ? DP_K_PASS : DP_K_NEED_MORE;
         v->reason = DP_IR_UNPARSED;

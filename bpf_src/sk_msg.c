@@ -25,6 +25,19 @@ static __always_inline int dp_to_envoy(struct dp_conn *c, __u32 route, __u16 rea
     return SK_PASS;
 }
 
+/* A whole request to Envoy at a request boundary: counted in dp_ret, so the
+ * connection comes back to the kernel once Envoy has answered it
+ * (dp_return.h); a request whose framing is not known makes C sticky. */
+static __always_inline int dp_to_envoy_req(struct sk_msg_md *msg, struct dp_conn *c,
+                                           struct dp_verdict *v, __u32 size, __u16 reason)
+{
+    if (!dp_ret_trackable(v, size) ||
+        dp_ret_push(c, dp_ret_is_head(msg->data, msg->data_end)) != 0)
+        return dp_to_envoy(c, v->route, reason);
+    dp_count(v->route, DP_OUT_ENVOY, reason);
+    return SK_PASS;
+}
+
 /* SK_PASS for the rest of a write whose first part was redirected: the kernel
  * keeps that redirect target in the message and would take SK_PASS as
  * "redirect again" (seen on 6.18). Redirecting to the socket's own egress is
@@ -245,6 +258,11 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     v.log = cfg->access_log;
     dp_decide(c, gen, msg->data, msg->data_end, &v);
     c->reqs++;
+    int busy = dp_ret_busy(c); /* Envoy still owes responses: keep the order */
+    if (busy == 2)
+        return dp_to_envoy(c, v.route, DP_R_RSP_LOST);
+    if (busy && v.kind != DP_K_NEED_MORE)
+        return dp_to_envoy_req(msg, c, &v, size, DP_R_ENVOY_PENDING);
     if (v.kind == DP_K_NEED_MORE) {
 #if DP_CORK
         if (size < DP_HDR_MAX) {
@@ -258,7 +276,7 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     }
     if (v.kind == DP_K_PASS) {
         dp_access(c, &v, DP_OUT_ENVOY, v.reason);
-        return dp_to_envoy(c, v.route, v.reason);
+        return dp_to_envoy_req(msg, c, &v, size, v.reason);
     }
     if (size > v.consumed)
         return dp_to_envoy(c, v.route, DP_R_PIPELINE); /* pipelined: one way for all */
@@ -281,7 +299,7 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         __u64 *miss = dp_pool_miss.lookup(&pool);
         if (miss)
             __sync_fetch_and_add(miss, 1); /* the agent grows this pool */
-        return dp_to_envoy(c, v.route, why);
+        return dp_to_envoy_req(msg, c, &v, size, why);
     }
     __u32 is_head = dp_is_head(msg);
     if (v.hdr_add || v.hdr_add_in) {

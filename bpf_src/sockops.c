@@ -67,6 +67,7 @@ static __always_inline void dp_release(struct bpf_sock_ops *skops)
         }
     }
     c->flags |= DP_F_ENVOY; /* nothing more goes fast on a closing socket */
+    dp_ret_forget(c);
     if (!e)
         return;
     if (!any) {

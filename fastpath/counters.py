@@ -24,7 +24,8 @@ OUTCOMES = {0: "fast", 1: "kernel_reply", 2: "envoy", 3: "cork"}
 # datapath.h DP_R_*
 DP_REASONS = {0: "", 1: "sticky", 2: "pool_empty", 3: "untracked", 4: "upstream_gone",
               5: "too_many_upstreams", 6: "rewrite_failed", 7: "split_head", 8: "body_sync",
-              9: "no_plan", 10: "pipelined", 11: "header_add"}
+              9: "no_plan", 10: "pipelined", 11: "header_add",
+              24: "envoy_pending", 25: "envoy_untracked"}  # dp_return.h
 DECIDE_BASE = 32
 # l7fp_defs.h L7FP_R_* (K1), counted as DECIDE_BASE + code
 DECIDE_REASONS = {0: "", 1: "unparsed", 2: "chunked", 3: "upgrade", 4: "http10", 5: "h2",

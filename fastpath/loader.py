@@ -62,8 +62,8 @@ def module_text(decide_header: str | None = None) -> str:
     header (K1's include/, or dp_decide_inline.h) is pasted too, because its
     maps must live in the same module.
     """
-    parts = ["datapath.h", "dp_timeout.h", decide_header or "dp_decide_inline.h", "sockops.c",
-             "sk_msg.c", "sk_skb.c", "dp_inject.c"]
+    parts = ["datapath.h", "dp_timeout.h", decide_header or "dp_decide_inline.h", "dp_return.h",
+             "sockops.c", "sk_msg.c", "sk_skb.c", "dp_inject.c"]
     texts = []
     for p in parts:
         body = (BPF_SRC / p).read_text()
@@ -130,6 +130,8 @@ class Datapath:
         dp.fds["sockops"] = b.load_func("dp_sockops", BPF.SOCK_OPS).fd
         dp.fds["msg"] = b.load_func("dp_msg_verdict", BPF.SK_MSG).fd
         dp.fds["skb"] = b.load_func("dp_skb_verdict", BPF.SK_SKB).fd
+        dp.fds["rsp"] = b.load_func("dp_rsp_verdict", BPF.SK_SKB).fd
+        b["dp_rsp_prog"][ct.c_int(0)] = ct.c_int(dp.fds["rsp"])  # its own tail call
         dp.fds["sockops_srv"] = b.load_func("dp_sockops_srv", BPF.SOCK_OPS).fd
         dp.fds["srv_msg"] = b.load_func("dp_srv_verdict", BPF.SK_MSG).fd
         dp.fds["inj_msg"] = b.load_func("dp_inj_verdict", BPF.SK_MSG).fd
@@ -139,6 +141,8 @@ class Datapath:
         try:
             dp._attach(dp.fds["msg"], dp.fds["dp_cli"], bpfsys.SK_MSG_VERDICT, "sk_msg")
             dp._attach(dp.fds["skb"], dp.fds["dp_up"], bpfsys.SK_SKB_VERDICT, "sk_skb")
+            # Envoy's responses on client sockets: dp_return.h follows their framing
+            dp._attach(dp.fds["rsp"], dp.fds["dp_cli"], bpfsys.SK_SKB_VERDICT, "rsp_skb")
             dp._attach(dp.fds["srv_msg"], dp.fds["dp_srv"], bpfsys.SK_MSG_VERDICT, "srv_msg")
             dp._attach(dp.fds["inj_msg"], dp.fds["dp_inj"], bpfsys.SK_MSG_VERDICT, "inj_msg")
         except Exception:
@@ -149,7 +153,7 @@ class Datapath:
     def reset(self) -> None:
         """Empty the tables: a cached module may have served an earlier Datapath."""
         for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_ihosts", "dp_replies", "dp_eps", "dp_ep_in",
-                     "dp_pool_miss", "dp_pair_wait", "dp_rto", "dp_tmo", "dp_tmo_armed"):
+                     "dp_pool_miss", "dp_pair_wait", "dp_rto", "dp_tmo", "dp_tmo_armed", "dp_ret"):
             try:
                 self.bpf[name].clear()
             except KeyError:

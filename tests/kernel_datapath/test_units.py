@@ -34,3 +34,25 @@ def test_reason_names_and_hash() -> None:
     assert fnv1a(b"") == 0xCBF29CE484222325
     assert fnv1a(b"a") == 0xAF63DC4C8601EC8C  # published FNV-1a 64 test vector
     assert envoy_reply(403, "x").startswith(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 1\r\n")
+
+
+def test_response_parser_hashes() -> None:
+    """The header-name hashes compiled into bpf_src/dp_return.h (FNV-1a 32 of
+    the bytes | 0x20, as dp_rsp_byte computes them)."""
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).parents[2] / "bpf_src" / "dp_return.h").read_text()
+
+    def h(s: str) -> int:
+        x = 0x811C9DC5
+        for c in s.encode():
+            x = ((x ^ (c | 0x20)) * 0x01000193) & 0xFFFFFFFF
+        return x
+
+    for name, text in (("CONTENT_LENGTH", "Content-Length"), ("TRANSFER_ENCODING",
+                                                              "Transfer-Encoding"),
+                       ("CHUNKED", "chunked")):
+        m = re.search(rf"#define DP_H_{name} (0x[0-9a-f]+)u", src)
+        assert m and int(m.group(1), 16) == h(text), name
+    assert reason_name(24) == "envoy_pending" and reason_name(25) == "envoy_untracked"
