@@ -39,7 +39,7 @@
 #define DP_RSP_CHUNK 64 /* verifier: ~170k insns for 2 x 64, over 1M for 4 x 64 */
 #endif
 
-#define DP_F_RET 16u /* dp_conn.flags: dp_ret holds requests outstanding at Envoy */
+#define DP_F_RET 256u /* dp_conn.flags: dp_ret holds requests outstanding at Envoy (other bits: datapath.h, dp_timeout.h) */
 
 /* Reasons (dp_stat_key.reason), see fastpath/counters.py */
 #define DP_R_ENVOY_PENDING 24 /* Envoy still owes a response on this connection */
