@@ -39,9 +39,20 @@ def parse_head(buf: bytes) -> tuple[int, bytes, int] | None:
     return end + 4, parts[1], length
 
 
-def response(body: bytes, status: bytes = b"200 OK") -> bytes:
+def response(body: bytes, status: bytes = b"200 OK", close: bool = False) -> bytes:
     return (b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain\r\ncontent-length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
+            + str(len(body)).encode() + (b"\r\nconnection: close" if close else b"")
+            + b"\r\n\r\n" + body)
+
+
+def wants_close(head: bytes) -> bool:
+    """The request head asks to close the connection after the response
+    (`Connection: close`, as `wrk -H 'Connection: close'` sends)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"connection" and b"close" in value.lower():
+            return True
+    return False
 
 
 class Leaf(asyncio.Protocol):
@@ -73,8 +84,13 @@ class Leaf(asyncio.Protocol):
             if head is None or len(self.buf) < head[0] + head[2]:
                 break
             end, path, length = head
+            close = wants_close(self.buf[:end])
             self.buf = self.buf[end + length:]
-            out.append(response(self.name + b" " + path + b"\n"))
+            out.append(response(self.name + b" " + path + b"\n", close=close))
+            if close:  # one request per connection: answer, then close (HTTP/1.1)
+                self.transport.write(b"".join(out))
+                self.transport.close()
+                return
         if out:
             self.transport.write(b"".join(out))
 

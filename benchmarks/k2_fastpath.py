@@ -39,7 +39,7 @@ services:
 """
 
 
-def parse(out: str) -> dict[str, float]:
+def parse(out: str) -> dict[str, Any]:
     """p50 (µs) and req/s from `wrk --latency` output."""
     units = {"us": 1.0, "ms": 1000.0, "s": 1e6}
     m = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -53,6 +53,19 @@ def parse(out: str) -> dict[str, float]:
         errors += sum(int(x) for x in sock.groups())
     return {"p50_us": float(m.group(1)) * units[m.group(2)], "rps": float(r.group(1)),
             "errors": errors}
+
+
+def share(before: dict[Any, int], after: dict[Any, int]) -> dict[str, Any]:
+    """Requests the data path saw between two counter reads: served by the kernel,
+    and the ones it handed to Envoy because the pool was empty or the connection
+    had gone there before (sticky)."""
+    d = {k: n - before.get(k, 0) for k, n in after.items() if n - before.get(k, 0)}
+    kernel = sum(n for (_r, o, _w), n in d.items() if o in ("fast", "kernel_reply"))
+    why: dict[str, int] = {}
+    for (_r, o, w), n in d.items():
+        if o == "envoy":
+            why[w] = why.get(w, 0) + n
+    return {"kernel": kernel, "seen": sum(d.values()), "envoy_by_reason": why}
 
 
 def plan_for(state: dict[str, Any], inbound: bool = False) -> tuple[Any, Any]:
@@ -115,8 +128,11 @@ def _leaf_inbound() -> tuple[Any, ...]:
                          rbac=deny, rbacs=(deny,)),)
 
 
-def wrk(m: Any, conns: int, seconds: float, as_sidecar: bool = False) -> dict[str, float]:
-    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "http://leaf:9000/x"]
+def wrk(m: Any, conns: int, seconds: float, as_sidecar: bool = False,
+        close: bool = False) -> dict[str, Any]:
+    """`close`: one new connection per request (`Connection: close`; wrk reconnects)."""
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency",
+            *(["-H", "Connection: close"] if close else []), "http://leaf:9000/x"]
     if as_sidecar:
         argv = ["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups", *argv]
     r = m.exec("client", argv, capture_output=True, text=True, timeout=seconds + 30)
@@ -132,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the leaf has inbound RBAC + a header add: the kernel decides twice")
     p.add_argument("--decide", choices=["l7fp", "inline"], default="l7fp",
                    help="decision compiled into the data path (default l7fp)")
+    p.add_argument("--close", action="store_true",
+                   help="one new connection per request (wrk -H 'Connection: close')")
     args = p.parse_args(argv)
     from fastpath.agent import Agent
     from mesh.runner import Mesh
@@ -142,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     m.up()
     agent = Agent(m.state_file, access_log=False, decide=args.decide)
     agent.start()
-    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
         client, leaf = plan_for(m.state(), args.inbound_policy)
         agent.on_plan(leaf.node_id, leaf)
@@ -153,22 +171,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"agent did not load: {agent.debug()}")
             time.sleep(0.2)
         node = agent.nodes[client.node_id]
-        for pool in node.pools.pools.values():
-            pool.target = 24  # 16 connections + spare, as demand would grow it
         time.sleep(1)
         for rnd in range(args.rounds):
             for conns in (1, 16):
                 for config in ("fastpath", "envoy", "direct"):
                     if config == "fastpath":
-                        # pools shrink while idle (the other configs' runs): warm
-                        # them as steady demand would keep them
-                        for pool in node.pools.pools.values():
-                            pool.target = max(pool.target, conns + 8)
-                        time.sleep(0.5)
                         node.dp.attach_cgroup(node.pod.cgroup)
                     else:
                         node.dp.detach_cgroup(node.pod.cgroup)
-                    res = wrk(m, conns, args.seconds, as_sidecar=config == "direct")
+                    before = node.stats()
+                    res = wrk(m, conns, args.seconds, as_sidecar=config == "direct",
+                              close=args.close)
+                    if config == "fastpath":
+                        res.update(share(before, node.stats()))
+                        res["pool_targets"] = [p["target"] for p in node.pools.snapshot()]
                     results.setdefault((config, conns), []).append(res)
                     print(json.dumps({"round": rnd, "config": config, "connections": conns,
                                       **res}), flush=True)

@@ -8,8 +8,12 @@ Owner: K2. `l7fp serve --fastpath on|auto` calls `start(server, args)` and
   runs `l7fp serve --config /run/l7fp/mesh/NAME/xds`), or `--fastpath-mesh-state`;
 * subscribes to the server's KernelPlans (`server.add_plan_listener`) and
   applies each to its node's datapath atomically (`fastpath.agent_node`);
-* runs one thread that polls the kernel's events (client closes, access log),
-  refills the upstream pools and follows state.json;
+* runs two threads: one polls the kernel's events (client closes, access log)
+  and looks at the upstream pools (their own threads refill them), the other
+  follows state.json and applies plans. A plan can need a BCC compile of
+  seconds; on one thread that stalled every node's events and pool upkeep
+  (measured: 7-10 s without a look while other nodes compiled, so a node
+  already serving found its pools empty);
 * exports `l7fp_fastpath_requests_total{node,route,outcome,reason}` in the
   server's registry and `/debug/fastpath` (via `fastpath.serve_plugin`).
 
@@ -65,11 +69,16 @@ class Agent:
         self._state_mtime = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._plans_thread: threading.Thread | None = None
+        self.loop = {"turns": 0, "max_gap_s": 0.0}  # the event thread, for /debug/fastpath
 
     # ---- control (any thread) ------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="l7fp-fastpath", daemon=True)
         self._thread.start()
+        self._plans_thread = threading.Thread(target=self._run_plans, name="l7fp-fastpath-plans",
+                                              daemon=True)
+        self._plans_thread.start()
 
     def on_plan(self, node_id: str, plan: Any) -> None:
         if not isinstance(plan, KernelPlan):
@@ -83,8 +92,9 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        for t in (self._thread, self._plans_thread):
+            if t is not None:
+                t.join(10)
         with self.lock:
             for node in self.nodes.values():
                 try:
@@ -93,24 +103,45 @@ class Agent:
                     log.exception("fast path: detaching node %s failed", node.pod.node_id)
             self.nodes.clear()
 
-    # ---- the agent thread ------------------------------------------------------
+    # ---- the agent threads ---------------------------------------------------------
     def _run(self) -> None:
+        """Events and pool looks of every node. A node whose plan is being
+        applied (its `busy` lock is held) is skipped for that turn."""
+        last = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self.loop["turns"] += 1
+            self.loop["max_gap_s"] = max(self.loop["max_gap_s"], round(now - last, 4))
+            last = now
+            try:
+                with self.lock:
+                    nodes = list(self.nodes.values())
+                # events first (closes release sockets), then the pools' look
+                polled = 0
+                for node in nodes:
+                    if node.busy.acquire(blocking=False):
+                        try:
+                            node.poll(max(1, 20 // len(nodes)))
+                            node.upkeep()
+                            polled += 1
+                        finally:
+                            node.busy.release()
+                if not polled:  # no node, or all busy with a plan: do not spin
+                    self._stop.wait(0.05 if not nodes else 0.005)
+            except Exception:
+                log.exception("fast path agent loop")
+                self._stop.wait(0.5)
+
+    def _run_plans(self) -> None:
+        """Mesh state and plans: compiles and table writes, off the event thread."""
         while not self._stop.is_set():
             try:
                 self._follow_state()
                 self._apply_pending()
-                with self.lock:
-                    nodes = list(self.nodes.values())
-                # events first (closes release sockets), then refill at once
-                for node in nodes:
-                    node.poll(max(1, 20 // len(nodes)))
-                for node in nodes:
-                    node.upkeep()
-                if not nodes:
-                    self._stop.wait(0.05)
             except Exception:
-                log.exception("fast path agent loop")
+                log.exception("fast path agent: applying plans")
                 self._stop.wait(0.5)
+            self._stop.wait(0.05)
 
     def _follow_state(self) -> None:
         if self.state_path is None:
@@ -179,23 +210,28 @@ class Agent:
             # connections lose their upstreams and go to Envoy (never misrouted)
             with self.lock:
                 self.nodes.pop(node_id, None)
-            node.close()
-            node.dp.unload()
+            with node.busy:
+                node.close()
+                node.dp.unload()
             node = None
         if node is None:
             node = self._start_node(node_id, merged.plan)
             if node is None:
                 return
+            if self._stop.is_set():  # stopped during the compile: attach nothing
+                node.close()
+                return
             with self.lock:
                 self.nodes[node_id] = node
-        if node.mode == "l7fp":
-            node.apply(merged.plan, self._vips, self._netns_of,
-                       merged.offloadable,
-                       self._cgroup_of)
-            node.notes.update({f"inbound {ip}:{port}": why
-                               for (ip, port), why in merged.refused.items()})
-        else:
-            node.apply(plan, self._vips, self._netns_of, self._inbound_ok, self._cgroup_of)
+        with node.busy:  # the event thread skips this node meanwhile
+            if node.mode == "l7fp":
+                node.apply(merged.plan, self._vips, self._netns_of,
+                           merged.offloadable,
+                           self._cgroup_of)
+                node.notes.update({f"inbound {ip}:{port}": why
+                                   for (ip, port), why in merged.refused.items()})
+            else:
+                node.apply(plan, self._vips, self._netns_of, self._inbound_ok, self._cgroup_of)
 
     def _start_node(self, node_id: str, plan: KernelPlan) -> NodeDatapath | None:
         if node_id in self.failed:
@@ -257,7 +293,7 @@ class Agent:
             nodes = list(self.nodes.values())
         return {"state": str(self.state_path) if self.state_path else None,
                 "pods_known": sorted(self.pods), "plans_known": sorted(self.plans),
-                "nodes_failed": self.failed,
+                "nodes_failed": self.failed, "event_loop": dict(self.loop),
                 "nodes": [n.debug() for n in nodes]}
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes as ct
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ from fastpath.pools import EndpointKey, Pools
 from fastpath.timeouts import TimeoutKeeper
 
 log = logging.getLogger(__name__)
+
+LOOK_EVERY_S = 0.005
 
 
 @dataclass
@@ -63,6 +67,10 @@ class NodeDatapath:
     cflags: tuple[str, ...] = ()
     keeper: TimeoutKeeper | None = None  # route timeouts (l7fp mode)
     timeouts: dict[int, int] = field(default_factory=dict)  # route id -> ms, active plan
+    looked_at: float = 0.0
+    # held while a plan is applied or the node closed (plans thread); the event
+    # thread skips the node meanwhile rather than wait
+    busy: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def start(cls, pod: PodInfo, access_log: int = 1, mode: str = "inline",
@@ -76,6 +84,7 @@ class NodeDatapath:
         pools = Pools(dp)
         node = cls(pod=pod, dp=dp, pools=pools, access_log=access_log, mode=mode,
                    cflags=cflags, keeper=TimeoutKeeper(dp, pools, pod.netns))
+        pools.start()  # the background refill thread
         try:
             dp.set_enabled(0, enabled=False, access_log=access_log)
             dp.attach_cgroup(pod.cgroup)
@@ -152,7 +161,8 @@ class NodeDatapath:
             self.dp.set_service(ip, port, 0, nxt)  # none in the new generation
         for (ip, port), lid in services.items():
             self.dp.set_service(ip, port, lid, nxt)
-        self.pools.upkeep(self.bound())  # warm the new pools before the flip
+        self.pools.look(self.bound(), self.dp.pool_misses(list(self.pools.pools)))
+        self.pools.wait_filled()  # warm the new pools before the flip
         self.dp.set_enabled(nxt, enabled=enabled, access_log=self.access_log,
                             timeouts=bool(self.timeouts))
         self.gen = nxt
@@ -180,10 +190,16 @@ class NodeDatapath:
         return {int(k.value) for k in self.dp.bpf["dp_peer"].keys()}
 
     def upkeep(self) -> None:
+        """Route timeouts, then the pools' look (sizing, accounting): the look at
+        most every LOOK_EVERY_S, as the agent's loop turns at every batch of
+        events under load."""
         if self.keeper is not None:
             self.keeper.check()  # first: an expired upstream is closed, not refilled around
-        self.pools.note_misses(self.dp.pool_misses())
-        self.pools.upkeep(self.bound())
+        now = time.monotonic()
+        if now - self.looked_at < LOOK_EVERY_S:
+            return
+        self.looked_at = now
+        self.pools.look(self.bound(), self.dp.pool_misses(list(self.pools.pools)))
 
     # ---- views ------------------------------------------------------------
     def stats(self) -> dict[tuple[str, str, str], int]:
@@ -202,6 +218,7 @@ class NodeDatapath:
             "destinations": sorted(f"{ip}:{port}" for ip, port in self.services),
             "routes": self.route_names, "not_offloaded": self.notes,
             "pools": self.pools.snapshot(), "unpaired_upstreams": self.pools.unpaired,
+            "refill": dict(self.pools.timing),
             "tracked_connections": len(list(self.dp.bpf["dp_peer"].keys())),
             "counters": [{"route": r, "outcome": o, "reason": why, "requests": n}
                          for (r, o, why), n in sorted(self.stats().items())],

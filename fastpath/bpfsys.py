@@ -30,6 +30,7 @@ def lib() -> Any:
         _lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
         _lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
         _lib.bpf_map_lookup_and_delete_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        _lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
         _lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
         _lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
         _lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
@@ -61,6 +62,12 @@ def table_fd(bpf: Any, name: str) -> int:
 def map_update(fd: int, key: Any, value: Any, flags: int = 0) -> None:
     _check(lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags),
            f"map update (fd {fd})")
+
+
+def map_has(fd: int, key: Any, value_size: int) -> bool:
+    """True when `key` is in the map (one syscall; BCC's table wrapper costs more)."""
+    buf = (ct.c_uint8 * value_size)()
+    return bool(lib().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(buf)) == 0)
 
 
 def map_delete(fd: int, key: Any) -> bool:

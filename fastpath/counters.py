@@ -27,9 +27,11 @@ DP_REASONS = {0: "", 1: "sticky", 2: "pool_empty", 3: "untracked", 4: "upstream_
               9: "no_plan", 10: "pipelined", 11: "header_add",
               24: "envoy_pending", 25: "envoy_untracked"}  # dp_return.h
 DECIDE_BASE = 32
-# l7fp_defs.h L7FP_R_* (K1), counted as DECIDE_BASE + code
+# l7fp_defs.h L7FP_R_* (K1), counted as DECIDE_BASE + code. L7FP_R_POOL_EMPTY is set by
+# the data path's adapter when the endpoint has no pool at all (dp_eps): "no_pool", not
+# to be confused with DP_R_POOL_EMPTY (its pool ran dry).
 DECIDE_REASONS = {0: "", 1: "unparsed", 2: "chunked", 3: "upgrade", 4: "http10", 5: "h2",
-                  6: "too_large", 7: "punt_route", 8: "pool_empty", 9: "expect", 10: "bad_cl",
+                  6: "too_large", 7: "punt_route", 8: "no_pool", 9: "expect", 10: "bad_cl",
                   11: "no_listener", 12: "no_vhost", 13: "no_route", 14: "no_host",
                   15: "no_endpoint", 16: "header_conflict", 17: "path_normalization",
                   18: "method", 19: "limit"}

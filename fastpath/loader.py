@@ -292,27 +292,19 @@ class Datapath:
 
     def announce_pair(self, sock: socket.socket, app_port: int) -> int:
         """Before connecting `sock` (bound, same netns as the app): let sock_ops
-        pair the app's accepted end with it. Returns the socket's cookie."""
+        pair the app's accepted end with it. Returns the socket's cookie.
+        Raw map calls: the pool's refill makes thousands of these a second."""
         cookie = socket_cookie(sock)
-        netns = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-        t = self.bpf["dp_pair_wait"]
-        t[t.Key(netns=netns, up_port=sock.getsockname()[1], app_port=app_port)] = \
-            ct.c_uint64(cookie)
+        bpfsys.map_update(self.fds["dp_pair_wait"], _pair_key(sock, app_port),
+                          ct.c_uint64(cookie))
         return cookie
 
     def pair_pending(self, sock: socket.socket, app_port: int) -> bool:
         """True while the pair announced for `sock` is not made; `withdraw` ends the wait."""
-        netns = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-        t = self.bpf["dp_pair_wait"]
-        return t.Key(netns=netns, up_port=sock.getsockname()[1], app_port=app_port) in t
+        return bpfsys.map_has(self.fds["dp_pair_wait"], _pair_key(sock, app_port), 8)
 
     def withdraw_pair(self, sock: socket.socket, app_port: int) -> None:
-        netns = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-        t = self.bpf["dp_pair_wait"]
-        try:
-            del t[t.Key(netns=netns, up_port=sock.getsockname()[1], app_port=app_port)]
-        except KeyError:
-            pass
+        bpfsys.map_delete(self.fds["dp_pair_wait"], _pair_key(sock, app_port))
 
     def add_upstream(self, sock: socket.socket) -> int:
         """Put a connected upstream socket into dp_up; returns its cookie."""
@@ -337,10 +329,14 @@ class Datapath:
             self.bpf._l7fp_event_sink = sink
         sink[0] = callback
 
-    def pool_misses(self) -> dict[int, int]:
-        """Times sk_msg found each pool empty (monotonic counters)."""
-        return {int(k.value): int(v.value) for k, v in self.bpf["dp_pool_miss"].items()
-                if v.value}
+    def pool_misses(self, pools: list[int] | None = None) -> dict[int, int]:
+        """Times sk_msg found each pool empty (monotonic counters); `pools`: only
+        these (one lookup each instead of a walk over all DP_MAX_POOLS entries,
+        which cost the agent ~0.4 ms per look)."""
+        t = self.bpf["dp_pool_miss"]
+        if pools is None:
+            return {int(k.value): int(v.value) for k, v in t.items() if v.value}
+        return {p: int(t[ct.c_int(p)].value) for p in pools}
 
     def drop_peer(self, cookie: int) -> None:
         """Forget upstream `cookie` (closed by the agent): its client binding and
@@ -394,6 +390,17 @@ class Datapath:
         for fd in self.pool_maps.values():
             os.close(fd)
         self.pool_maps.clear()
+
+
+class PairKey(ct.Structure):
+    """struct dp_pair_key (datapath.h)."""
+
+    _fields_ = [("netns", ct.c_uint64), ("up_port", ct.c_uint32), ("app_port", ct.c_uint32)]
+
+
+def _pair_key(sock: socket.socket, app_port: int) -> PairKey:
+    netns = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    return PairKey(netns, sock.getsockname()[1], app_port)
 
 
 def fnv1a(data: bytes) -> int:

@@ -1,14 +1,19 @@
 """Per-endpoint pools of upstream connections for the fast path.
 
-Owner: K2. Driven by `fastpath.agent` (one `Pools` per node datapath, called
-from the agent's thread only). Each pool is one endpoint (address, port) of
-one cluster; its free sockets sit in the kernel queue `dp_free[pool]`, where
-sk_msg pops one and binds it to a client connection for the connection's
-life. When the client closes, sock_ops reports the bound sockets and the pool
-closes them (a response may still be in flight on them) and refills with
-fresh ones in the background. Sockets an upstream closes are noticed (EOF)
-and replaced. The agent never reads an upstream socket: sk_skb.c takes every
-byte it receives.
+Owner: K2. Driven by `fastpath.agent_node` (one `Pools` per node datapath).
+Each pool is one endpoint (address, port) of one cluster; its free sockets sit
+in the kernel queue `dp_free[pool]`, where sk_msg pops one and binds it to a
+client connection for the connection's life. When the client closes, sock_ops
+reports the bound sockets and the pool closes them (a response may still be
+in flight on them). Sockets an upstream closes are noticed (EOF) and replaced.
+The agent never reads an upstream socket: the kernel takes every byte.
+
+Threads: the agent's thread calls `look()` (accounting and sizing, fast),
+`release()`, `ensure()`/`retire()` and `snapshot()`; one refill thread per
+`Pools` (`start()`) makes the sockets in the background, so a batch of
+connects and pairings never delays the agent's event loop. One lock guards
+the pools' bookkeeping; sockets are made outside it. Sizes come from demand
+(`fastpath.pool_sizing`).
 
 Endpoints inside a pod's network namespace are reached from inside that
 namespace on loopback, which bypasses the destination's inbound interception
@@ -20,7 +25,7 @@ from __future__ import annotations
 import ctypes as ct
 import logging
 import os
-import selectors
+import select
 import socket
 import threading
 import time
@@ -28,12 +33,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpath.pool_sizing import MAX_DEPTH, MIN_DEPTH, SHRINK_AFTER_S, Demand
+
 log = logging.getLogger(__name__)
 
+__all__ = ["MAX_DEPTH", "MIN_DEPTH", "SHRINK_AFTER_S", "EndpointKey", "Pool", "Pools",
+           "connect_in_netns", "NetnsSwitch"]
+
 CLONE_NEWNET = 0x40000000
-MIN_DEPTH = 4
-MAX_DEPTH = 128
-SHRINK_AFTER_S = 5.0  # a pool without misses this long halves its target
+MAX_TOTAL = 3072  # upstream sockets of one node: below dp_up's DP_MAX_UP (4096)
+BATCH = 32  # sockets made before they are offered: the first ones are ready sooner
+# A connect on loopback completes at once unless the app's accept queue is full
+# (the SYN is dropped and only retried after 1 s): give up quickly then, and
+# pause that pool, rather than block the refill of every pool for a second.
+LOOPBACK_CONNECT_TIMEOUT_S = 0.05
+CONGESTED_PAUSE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -49,49 +63,96 @@ class EndpointKey:
 class Pool:
     pool_id: int
     key: EndpointKey
-    target: int = MIN_DEPTH  # free sockets wanted; grows on demand
+    target: int = MIN_DEPTH  # free sockets wanted; sized from demand
     socks: dict[int, socket.socket] = field(default_factory=dict)  # cookie -> socket
     free: set[int] = field(default_factory=set)  # cookies offered to the kernel queue
     failures: int = 0
     misses: int = 0  # last seen value of the kernel's dp_pool_miss counter
-    grown_at: float = 0.0
+    demand: Demand = field(default_factory=Demand)
+    taken: int = 0  # free sockets bound (and maybe released) since the last look
+    retired: bool = False
+    pause_until: float = 0.0  # the endpoint's accept queue looked full: wait a little
+
+
+class NetnsSwitch:
+    """Moves the *calling* thread into a network namespace (setns acts per
+    thread). Used by the refill thread only; it keeps the namespace fds open."""
+
+    def __init__(self) -> None:
+        self.libc = ct.CDLL(None, use_errno=True)
+        self.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        self.fds: dict[str, int] = {}
+        self.current: str | None = None
+
+    def enter(self, netns: str | None) -> None:
+        if netns == self.current:
+            return
+        if netns is None:
+            fd = self.home
+        elif (fd := self.fds.get(netns, -1)) < 0:
+            fd = self.fds[netns] = os.open(netns, os.O_RDONLY)
+        if self.libc.setns(fd, CLONE_NEWNET) != 0:
+            e = ct.get_errno()
+            raise OSError(e, f"setns {netns or 'home'}: {os.strerror(e)}")
+        self.current = netns
+
+    def close(self) -> None:
+        for fd in (self.home, *self.fds.values()):
+            os.close(fd)
+        self.fds.clear()
+
+
+def make_sockets(address: str, port: int, n: int, timeout: float = 1.0,
+                 announce: Callable[[socket.socket], object] | None = None,
+                 withdraw: Callable[[socket.socket], object] | None = None
+                 ) -> list[socket.socket]:
+    """`n` TCP connections to address:port from the calling thread's netns.
+    `announce(sock)` runs after bind and before connect (pairing), `withdraw(sock)`
+    when that connect fails. Raises the first error only when no socket could
+    be made."""
+    out: list[socket.socket] = []
+    for _ in range(n):
+        s = socket.socket()
+        announced = False
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(timeout)
+            if announce is not None:
+                # pairing needs the local port before connect; without it let
+                # connect pick one: a bind(0) takes the port a test or a process
+                # just found free with bind(0) and is about to listen on
+                s.bind((address if address.startswith("127.") else "0.0.0.0", 0))
+                announce(s)
+                announced = True
+            s.connect((address, port))
+        except OSError:
+            if announced and withdraw is not None:
+                withdraw(s)
+            s.close()
+            if not out:
+                raise
+            break
+        out.append(s)
+    return out
 
 
 def connect_in_netns(netns: str | None, address: str, port: int, n: int,
                      timeout: float = 1.0,
                      announce: Callable[[socket.socket], object] | None = None
                      ) -> list[socket.socket]:
-    """`n` TCP connections to address:port, made inside the network namespace
-    file `netns` (None: this one). setns() acts on the calling thread only, so
-    a short-lived thread does it and the sockets keep their namespace.
-    `announce(sock)` runs after bind and before connect (pairing)."""
+    """`make_sockets` inside the network namespace file `netns` (None: this
+    one), from a short-lived thread so the caller's namespace never changes."""
     out: list[socket.socket] = []
     err: list[BaseException] = []
 
     def work() -> None:
         try:
-            if netns:
-                libc = ct.CDLL(None, use_errno=True)
-                fd = os.open(netns, os.O_RDONLY)
-                try:
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        e = ct.get_errno()
-                        raise OSError(e, f"setns {netns}: {os.strerror(e)}")
-                finally:
-                    os.close(fd)
-            for _ in range(n):
-                s = socket.socket()
-                try:
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    s.settimeout(timeout)
-                    s.bind((address if address.startswith("127.") else "0.0.0.0", 0))
-                    if announce is not None:
-                        announce(s)
-                    s.connect((address, port))
-                except BaseException:
-                    s.close()
-                    raise
-                out.append(s)
+            sw = NetnsSwitch()
+            try:
+                sw.enter(netns)
+                out.extend(make_sockets(address, port, n, timeout, announce))
+            finally:
+                sw.close()
         except BaseException as exc:  # reported to the caller's thread
             err.append(exc)
 
@@ -104,9 +165,13 @@ def connect_in_netns(netns: str | None, address: str, port: int, n: int,
 
 
 class Pools:
-    """All upstream pools of one node datapath (`fastpath.loader.Datapath`)."""
+    """All upstream pools of one node datapath (`fastpath.loader.Datapath`).
 
-    def __init__(self, dp: Any, connect: Callable[..., list[socket.socket]] = connect_in_netns,
+    `connect(netns, address, port, n, announce=...)` makes sockets; by default
+    the refill thread enters `netns` itself (`NetnsSwitch`), which is cheap
+    and needs no thread per batch."""
+
+    def __init__(self, dp: Any, connect: Callable[..., list[socket.socket]] | None = None,
                  pairing: bool = True) -> None:
         self.dp = dp
         self.pairing = pairing
@@ -114,104 +179,202 @@ class Pools:
         self.connect = connect
         self.pools: dict[int, Pool] = {}
         self.by_key: dict[EndpointKey, int] = {}
-        self.sel = selectors.DefaultSelector()
+        self.ep = select.epoll()  # pooled sockets: readable only at EOF/error
+        self.fd_cookie: dict[int, int] = {}
         self.owner: dict[int, int] = {}  # cookie -> pool id
+        self.mu = threading.RLock()
+        self.wake = threading.Event()
+        self.idle = threading.Event()  # set while the refill thread has nothing to do
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._switch: NetnsSwitch | None = None
+        self.timing: dict[str, float] = {"refills": 0, "made": 0, "refill_s": 0.0,
+                                         "refill_max_s": 0.0}
 
-    # ---- configuration -----------------------------------------------------
+    # ---- configuration (agent thread) ---------------------------------------
+    def start(self) -> None:
+        """Start the refill thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._refill_loop, name="l7fp-pool-refill",
+                                            daemon=True)
+            self._thread.start()
+
     def ensure(self, key: EndpointKey) -> int:
         """The pool id of endpoint `key`, created (empty) on first use."""
-        pid = self.by_key.get(key)
-        if pid is None:
-            pid = next(i for i in range(len(self.pools) + 1) if i not in self.pools)
-            self.pools[pid] = Pool(pid, key)
-            self.by_key[key] = pid
-            self.dp.ensure_pool(pid, MAX_DEPTH * 2)
-        return pid
+        with self.mu:
+            pid = self.by_key.get(key)
+            if pid is None:
+                pid = next(i for i in range(len(self.pools) + 1) if i not in self.pools)
+                self.pools[pid] = Pool(pid, key)
+                self.by_key[key] = pid
+                self.dp.ensure_pool(pid, MAX_DEPTH)
+            self.wake.set()
+            return pid
 
     def retire(self, keep: set[EndpointKey]) -> None:
         """Close the pools of endpoints no longer in any plan (or unhealthy)."""
-        for key in [k for k in self.by_key if k not in keep]:
-            pid = self.by_key.pop(key)
-            pool = self.pools.pop(pid)
-            for cookie in list(pool.socks):
-                self._forget(pool, cookie)
-            self._drain_queue(pid, set())
+        with self.mu:
+            for key in [k for k in self.by_key if k not in keep]:
+                pid = self.by_key.pop(key)
+                pool = self.pools.pop(pid)
+                pool.retired = True
+                for cookie in list(pool.socks):
+                    self._forget(pool, cookie)
+                self._drain_queue(pid, set())
 
-    # ---- kernel events ----------------------------------------------------
+    # ---- kernel events (agent thread) ------------------------------------------
     def release(self, cookies: list[int]) -> None:
         """A client closed: its bound upstream sockets are closed (refilled later)."""
-        for cookie in cookies:
-            pid = self.owner.get(cookie)
-            if pid is not None and pid in self.pools:
-                self._forget(self.pools[pid], cookie)
+        with self.mu:
+            for cookie in cookies:
+                pid = self.owner.get(cookie)
+                if pid is not None and pid in self.pools:
+                    pool = self.pools[pid]
+                    if cookie in pool.free:  # bound and released between two looks
+                        pool.taken += 1
+                    self._forget(pool, cookie)
+        if cookies:
+            self.wake.set()
 
-    def note_misses(self, misses: dict[int, int]) -> None:
-        """Size pools from demand: grow a pool sk_msg found empty since the last
-        look by its misses; halve one without misses for SHRINK_AFTER_S (down to
-        MIN_DEPTH)."""
+    def look(self, bound: set[int], misses: dict[int, int]) -> None:
+        """The agent's periodic look: `bound` is the set of upstream cookies the
+        kernel bound to a client (keys of dp_peer), `misses` the kernel's
+        monotonic dp_pool_miss counters. Accounts taken sockets, resizes each
+        pool from its demand, closes dead and surplus sockets, and wakes the
+        refill thread when a pool is short."""
         now = time.monotonic()
-        for pool in self.pools.values():
-            seen = misses.get(pool.pool_id, 0)
-            if seen > pool.misses:
-                # one more ready socket per miss, at most doubling per look
-                grow = min(seen - pool.misses, pool.target)
-                pool.target = min(MAX_DEPTH, pool.target + grow)
-                pool.grown_at = now
-            elif pool.target > MIN_DEPTH and now - pool.grown_at > SHRINK_AFTER_S:
-                pool.target = max(MIN_DEPTH, pool.target // 2)
-                pool.grown_at = now
-            pool.misses = seen
+        short = False
+        with self.mu:
+            self._reap_dead()
+            for pool in list(self.pools.values()):
+                taken = pool.free & bound
+                pool.free -= taken
+                seen = misses.get(pool.pool_id, 0)
+                if pool.demand.last_at is None:
+                    pool.misses = seen  # the counter of a reused pool id: not this pool's
+                pool.target = pool.demand.observe(now, pool.taken + len(taken),
+                                                  max(0, seen - pool.misses))
+                pool.taken, pool.misses = 0, seen
+                surplus = len(pool.free) - pool.target
+                if surplus > 0:
+                    self._shrink(pool, surplus)
+                short = short or surplus < 0
+        if short:
+            self.wake.set()
 
-    # ---- upkeep (agent thread) --------------------------------------------
-    def upkeep(self, bound: set[int]) -> None:
-        """Close dead sockets, account bound ones, refill to each pool's target.
+    def wait_filled(self, timeout: float = 2.0) -> bool:
+        """Block until every pool holds its target (or `timeout`): a plan's new
+        pools are warm before the plan goes live. True when they are."""
+        deadline = time.monotonic() + timeout
+        self.start()
+        while time.monotonic() < deadline:
+            with self.mu:
+                if all(len(p.free) >= p.target or p.failures for p in self.pools.values()):
+                    return True
+            self.wake.set()
+            time.sleep(0.005)
+        return False
 
-        `bound` is the set of upstream cookies the kernel bound to a client
-        (keys of dp_peer): those are no longer free.
-        """
-        self._reap_dead()
-        for pool in list(self.pools.values()):
-            pool.free -= bound
-            missing = pool.target - len(pool.free)
-            if missing > 0:
-                self._refill(pool, missing)
-            elif missing < 0:
-                self._shrink(pool, -missing)
+    # ---- refill thread ---------------------------------------------------------
+    def _refill_loop(self) -> None:
+        self._switch = NetnsSwitch()
+        try:
+            while not self._stop.is_set():
+                self.idle.clear()
+                made = self._refill_round()
+                if not made:
+                    self.idle.set()
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+        finally:
+            self._switch.close()
 
-    def _shrink(self, pool: Pool, n: int) -> None:
-        """Close n free sockets (taken out of the kernel queue first)."""
-        surplus = set(list(pool.free)[:n])
-        self._drain_queue(pool.pool_id, surplus)
-        for cookie in surplus:
-            self._forget(pool, cookie)
+    def _refill_round(self) -> int:
+        """One pass over the pools: make up to BATCH sockets for each short one."""
+        with self.mu:
+            total = sum(len(p.socks) for p in self.pools.values())
+            todo = [(p, min(BATCH, p.target - len(p.free), MAX_TOTAL - total))
+                    for p in self.pools.values()]
+        made = 0
+        for pool, n in todo:
+            if n <= 0 or self._stop.is_set():
+                continue
+            if pool.failures % 20:
+                pool.failures += 1  # a failing endpoint is retried every 20th round
+                continue
+            if pool.pause_until > time.monotonic():
+                continue
+            got = self._refill(pool, n)
+            if 0 < got < n or (got == 0 and not pool.failures):
+                pool.pause_until = time.monotonic() + CONGESTED_PAUSE_S
+            made += got
+        return made
 
-    def _refill(self, pool: Pool, n: int) -> None:
+    def _refill(self, pool: Pool, n: int) -> int:
+        t0 = time.monotonic()
+        try:
+            return self._refill1(pool, n)
+        finally:
+            dt = time.monotonic() - t0
+            self.timing["refills"] += 1
+            self.timing["refill_s"] += dt
+            self.timing["refill_max_s"] = max(self.timing["refill_max_s"], dt)
+
+    def _refill1(self, pool: Pool, n: int) -> int:
         port = pool.key.port
         # in a pod, to its app on loopback: pair the app's end (paired mode)
         announce = (lambda s: self.dp.announce_pair(s, port)) \
             if pool.key.netns and self.pairing else None
         try:
-            socks = self.connect(pool.key.netns, pool.key.address, port, n, announce=announce)
+            socks = self._connect(pool.key, n, announce)
         except OSError as exc:
             pool.failures += 1
             if pool.failures in (1, 10, 100):
                 log.warning("pool %s:%d: connect failed: %s", pool.key.address, pool.key.port, exc)
-            return
+            return 0
         pool.failures = 0
         if announce is not None:
             self._await_pairs(socks, port)
-        for s in socks:
-            s.setblocking(False)
+        with self.mu:
+            for s in socks:
+                self._offer(pool, s)
+        self.timing["made"] += len(socks)
+        return len(socks)
+
+    def _connect(self, key: EndpointKey, n: int,
+                 announce: Callable[[socket.socket], object] | None) -> list[socket.socket]:
+        if self.connect is not None:
+            return self.connect(key.netns, key.address, key.port, n, announce=announce)
+        sw = self._switch
+        if sw is None:  # not on the refill thread
+            return connect_in_netns(key.netns, key.address, key.port, n, announce=announce)
+        sw.enter(key.netns)
+        loopback = key.address.startswith("127.")
+        return make_sockets(key.address, key.port, n, announce=announce,
+                            timeout=LOOPBACK_CONNECT_TIMEOUT_S if loopback else 1.0,
+                            withdraw=lambda s: self.dp.withdraw_pair(s, key.port))
+
+    def _offer(self, pool: Pool, s: socket.socket) -> None:
+        """A made socket into dp_up and the pool's kernel queue (under the lock)."""
+        if pool.retired:
+            s.close()
+            return
+        s.setblocking(False)
+        try:
             cookie = self.dp.add_upstream(s)
-            pool.socks[cookie] = s
-            self.owner[cookie] = pool.pool_id
-            self.sel.register(s, selectors.EVENT_READ, cookie)
-            try:
-                self.dp.push_free(pool.pool_id, cookie)
-            except OSError:
-                self._forget(pool, cookie)
-                continue
-            pool.free.add(cookie)
+        except OSError:
+            s.close()
+            return
+        pool.socks[cookie] = s
+        self.owner[cookie] = pool.pool_id
+        self.ep.register(s.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        self.fd_cookie[s.fileno()] = cookie
+        try:
+            self.dp.push_free(pool.pool_id, cookie)
+        except OSError:
+            self._forget(pool, cookie)
+            return
+        pool.free.add(cookie)
 
     def _await_pairs(self, socks: list[socket.socket], port: int, wait: float = 0.2) -> None:
         """Offer a socket only once its pair is made (or given up), so that one
@@ -226,11 +389,19 @@ class Pools:
             self.dp.withdraw_pair(s, port)
             self.unpaired += 1
 
+    # ---- bookkeeping (under the lock) ------------------------------------------
+    def _shrink(self, pool: Pool, n: int) -> None:
+        """Close n free sockets (taken out of the kernel queue first)."""
+        surplus = set(list(pool.free)[:n])
+        self._drain_queue(pool.pool_id, surplus)
+        for cookie in surplus:
+            self._forget(pool, cookie)
+
     def _reap_dead(self) -> None:
-        """An upstream socket is readable only at EOF/error (sk_skb takes the data)."""
+        """An upstream socket is readable only at EOF/error (the kernel takes the data)."""
         dead_free: dict[int, set[int]] = {}
-        for key, _ in self.sel.select(timeout=0):
-            cookie = int(key.data)
+        for fd, _ in self.ep.poll(0):
+            cookie = self.fd_cookie.get(fd, 0)
             pid = self.owner.get(cookie)
             if pid is None or pid not in self.pools:
                 continue
@@ -252,7 +423,9 @@ class Pools:
         for c in live:
             self.dp.push_free(pid, c)
         if pid in self.pools:
-            self.pools[pid].free = set(live)
+            pool = self.pools[pid]
+            pool.taken += len(pool.free - set(live) - dead)  # bound while we drained
+            pool.free = set(live)
 
     def _forget(self, pool: Pool, cookie: int) -> None:
         s = pool.socks.pop(cookie, None)
@@ -260,27 +433,35 @@ class Pools:
         self.owner.pop(cookie, None)
         self.dp.drop_peer(cookie)
         if s is not None:
-            try:
-                self.sel.unregister(s)
-            except (KeyError, ValueError):
-                pass
-            s.close()
+            self.fd_cookie.pop(s.fileno(), None)
+            s.close()  # also leaves the epoll set
 
     # ---- views ------------------------------------------------------------
     def snapshot(self) -> list[dict[str, Any]]:
-        """Pool sizes for /debug/fastpath and the churn test."""
-        return [{"pool": p.pool_id, "address": p.key.address, "port": p.key.port,
-                 "netns": p.key.netns, "target": p.target, "sockets": len(p.socks),
-                 "free": len(p.free), "bound": len(p.socks) - len(p.free)}
-                for p in sorted(self.pools.values(), key=lambda p: p.pool_id)]
+        """Pool sizes and demand for /debug/fastpath and the tests."""
+        with self.mu:
+            return [{"pool": p.pool_id, "address": p.key.address, "port": p.key.port,
+                     "netns": p.key.netns, "target": p.target, "sockets": len(p.socks),
+                     "free": len(p.free), "bound": len(p.socks) - len(p.free),
+                     "taken": p.demand.taken_total, "missed": p.demand.missed_total,
+                     "demand_per_s": round(p.demand.peak, 1)}
+                    for p in sorted(self.pools.values(), key=lambda p: p.pool_id)]
 
     def total_sockets(self) -> int:
-        return sum(len(p.socks) for p in self.pools.values())
+        with self.mu:
+            return sum(len(p.socks) for p in self.pools.values())
 
     def close(self) -> None:
-        for pool in list(self.pools.values()):
-            for cookie in list(pool.socks):
-                self._forget(pool, cookie)
-        self.pools.clear()
-        self.by_key.clear()
-        self.sel.close()
+        """Stop the refill thread, then close every pooled socket."""
+        self._stop.set()
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with self.mu:
+            for pool in list(self.pools.values()):
+                pool.retired = True
+                for cookie in list(pool.socks):
+                    self._forget(pool, cookie)
+            self.pools.clear()
+            self.by_key.clear()
+            self.ep.close()

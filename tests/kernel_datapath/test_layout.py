@@ -7,7 +7,7 @@ import ctypes as ct
 import pytest
 
 from fastpath.counters import DpEvent
-from fastpath.loader import BPF_SRC, module_text
+from fastpath.loader import BPF_SRC, PairKey, module_text
 
 pytestmark = [pytest.mark.kernel]
 
@@ -15,10 +15,12 @@ pytestmark = [pytest.mark.kernel]
 def test_dp_event_layout(kernel) -> None:  # type: ignore[no-untyped-def]
     from bcc import BPF
 
-    text = module_text() + "\nBPF_ARRAY(layout, struct dp_event, 1);\n"
+    text = module_text() + ("\nBPF_ARRAY(layout, struct dp_event, 1);\n"
+                             "BPF_ARRAY(layout_pair, struct dp_pair_key, 1);\n")
     b = BPF(text=text.encode(), cflags=[f"-I{BPF_SRC}"])
-    leaf = b["layout"].Leaf
-    assert ct.sizeof(leaf) == ct.sizeof(DpEvent)
-    c_fields = [(name, getattr(leaf, name).offset) for name, *_ in leaf._fields_]
-    py_fields = [(name, getattr(DpEvent, name).offset) for name, *_ in DpEvent._fields_]
-    assert c_fields == py_fields
+    for table, mirror in (("layout", DpEvent), ("layout_pair", PairKey)):
+        leaf = b[table].Leaf
+        assert ct.sizeof(leaf) == ct.sizeof(mirror)
+        c_fields = [(name, getattr(leaf, name).offset) for name, *_ in leaf._fields_]
+        py_fields = [(name, getattr(mirror, name).offset) for name, *_ in mirror._fields_]
+        assert c_fields == py_fields

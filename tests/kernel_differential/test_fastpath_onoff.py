@@ -38,11 +38,11 @@ HERE = Path(__file__).resolve().parent
 SEED = 5_0001
 N_API, N_GUARDED, N_FLAKY, N_LIMITED = 150, 40, 12, 12
 N_KEEPALIVE = 32  # of the api requests, on 4 kept-alive connections
-# Between requests with the fast path on: each closed client connection closes
-# its bound pooled upstream and the agent refills the pool from its own loop;
-# back to back, most new connections found the pool empty (measured 134 of 214
-# `pool_empty` at 0-15 ms, 46 at 100 ms) and went to Envoy. Off: no gap needed.
-GAP_MS = int(os.environ.get("K3_GAP_MS", "100"))
+# Requests go back to back, each new one on a new connection, with the fast
+# path on as off: the agent's pools follow demand (fastpath/pool_sizing.py) and
+# refill in the background. Before that this test paced requests 100 ms apart
+# (back to back, 123 of 214 found their pool empty: the agent compiled the other
+# nodes' programs on the thread that refills pools, for seconds).
 RL_TOKENS = 5  # policies.yaml: limited's bucket, no refill within the test
 # Headers Envoy itself adds on every proxied request (not policy): ignored in
 # the added-header comparison; the kernel path does not add them.
@@ -143,8 +143,7 @@ def fastpath_counts(admin: str) -> Counter[str]:
 def drive(m: Any, file: Path, reqs: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     """Send `reqs` from the client pod (driver.py); their results in order."""
     file.write_text(json.dumps(reqs))
-    r = m.exec("client", [sys.executable, str(HERE / "driver.py"), str(file),
-                          str(GAP_MS if mode == "on" else 0)],
+    r = m.exec("client", [sys.executable, str(HERE / "driver.py"), str(file)],
                capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out: list[dict[str, Any]] = json.loads(r.stdout)
@@ -369,7 +368,8 @@ def test_kernel_served_a_real_share(runs: dict[str, Any], kernel: None) -> None:
     total = len(runs["reqs"]["list"])
     print(f"fast path counters: {dict(counts)}; kernel {kernel_n} of {total} requests; "
           f"send time off {runs['off']['send_s']:.1f} s, on {runs['on']['send_s']:.1f} s")
-    assert kernel_n >= total // 3, (dict(counts), json.dumps(runs["on"]["dbg"], indent=1))
+    # observed 202 of 214 back to back (pool_empty 8, at the start of a pool)
+    assert kernel_n >= total // 2, (dict(counts), json.dumps(runs["on"]["dbg"], indent=1))
     assert counts["kernel_reply"] > 0 and counts["fast"] > 0, dict(counts)
     # the outbound RBAC deny of `guarded` is decided in the kernel (l7fp_decide)
     assert counts["guarded/kernel_reply"] > 0, dict(counts)
