@@ -412,22 +412,25 @@ static __always_inline __u32 dp_rsp_bytes(struct __sk_buff *skb, struct dp_ret *
     return i;
 }
 
+#ifndef DP_RSP_BASE
+#define DP_RSP_BASE 0 /* where the payload starts in the skb (14 in the sched_cls test harness) */
+#endif
+
 /* Itself, for the next DP_RSP_ITERS pieces of a long segment (the verifier
- * walks one invocation; a tail call starts a fresh one, at most 33 in all). */
+ * walks one invocation; a tail call starts a fresh one, at most 33 in all).
+ * The loader (or the test harness) puts the program into dp_rsp_prog[0]. */
 BPF_PROG_ARRAY(dp_rsp_prog, 1);
 
-/* sk_skb verdict on client sockets (dp_cli): Envoy's bytes to C. Always
- * SK_PASS (into C's own receive queue); only follows the framing. The loader
- * puts it into dp_rsp_prog[0]. */
-int dp_rsp_verdict(struct __sk_buff *skb)
+/* Follow the response bytes of one received segment for entry `key` of
+ * dp_ret. Shared by dp_rsp_verdict and the test harness (test_return.c). */
+static __always_inline void dp_rsp_scan(struct __sk_buff *skb, __u64 key)
 {
-    __u64 ck = bpf_get_socket_cookie(skb);
-    struct dp_ret *r = dp_ret.lookup(&ck);
+    struct dp_ret *r = dp_ret.lookup(&key);
     if (!r || r->state == DP_RS_LOST)
-        return SK_PASS;
+        return;
     __u32 len = skb->len;
     if (!(r->flags_scan & 1)) {
-        r->off = 0; /* first invocation for this segment */
+        r->off = DP_RSP_BASE; /* first invocation for this segment */
         r->flags_scan = 1;
     }
     for (int k = 0; k < DP_RSP_ITERS; k++) {
@@ -436,7 +439,7 @@ int dp_rsp_verdict(struct __sk_buff *skb)
         __u32 off = r->off;
         if (off >= len || r->state == DP_RS_LOST) {
             r->flags_scan = 0;
-            return SK_PASS;
+            return;
         }
         __u32 st = r->state;
         if (st == DP_RS_BODY || st == DP_RS_CDATA) {
@@ -451,6 +454,13 @@ int dp_rsp_verdict(struct __sk_buff *skb)
     if (r->off < len)
         r->state = DP_RS_LOST; /* more pieces than 33 invocations take */
     r->flags_scan = 0;
+}
+
+/* sk_skb verdict on client sockets (dp_cli): Envoy's bytes to C. Always
+ * SK_PASS (into C's own receive queue); only follows the framing. */
+int dp_rsp_verdict(struct __sk_buff *skb)
+{
+    dp_rsp_scan(skb, bpf_get_socket_cookie(skb));
     return SK_PASS;
 }
 
