@@ -81,14 +81,16 @@ class NodeDatapath:
                                instance=pod.node_id)
         else:
             dp = Datapath.load(instance=pod.node_id)
+        keeper = TimeoutKeeper(dp, pod.netns)
         pools = Pools(dp)
         node = cls(pod=pod, dp=dp, pools=pools, access_log=access_log, mode=mode,
-                   cflags=cflags, keeper=TimeoutKeeper(dp, pools, pod.netns))
+                   cflags=cflags, keeper=keeper)
         pools.start()  # the background refill thread
         try:
             dp.set_enabled(0, enabled=False, access_log=access_log)
             dp.attach_cgroup(pod.cgroup)
             dp.open_events(node._on_event)
+            keeper.start()
         except Exception:
             node.close()
             raise
@@ -165,6 +167,8 @@ class NodeDatapath:
         self.pools.wait_filled()  # warm the new pools before the flip
         self.dp.set_enabled(nxt, enabled=enabled, access_log=self.access_log,
                             timeouts=bool(self.timeouts))
+        if self.keeper is not None and self.timeouts:
+            self.keeper.enabled.set()  # stays on: records of the old plan may be in flight
         self.gen = nxt
         for ip, port in self.services - services.keys():
             self.dp.remove_service(ip, port)  # after the flip: no longer tracked
@@ -194,7 +198,7 @@ class NodeDatapath:
         most every LOOK_EVERY_S, as the agent's loop turns at every batch of
         events under load."""
         if self.keeper is not None:
-            self.keeper.check()  # first: an expired upstream is closed, not refilled around
+            self.pools.release(self.keeper.closed())  # timed out: Envoy closes those too
         now = time.monotonic()
         if now - self.looked_at < LOOK_EVERY_S:
             return
@@ -226,13 +230,14 @@ class NodeDatapath:
             "route_timeouts": {self.route_names.get(r, str(r)): ms
                                for r, ms in sorted(self.timeouts.items())},
             "timeouts_fired": dict(self.keeper.counts) if self.keeper else {},
+            "timed_requests_in_flight": len(list(self.dp.bpf["dp_tmo"].keys())),
         }
 
     def close(self) -> None:
         """Detach first (traffic goes the normal way), then close the pools."""
-        self.dp.close()
         if self.keeper is not None:
-            self.keeper.close()
+            self.keeper.close()  # its thread uses the maps: stopped first
+        self.dp.close()
         self.pools.close()
 
 

@@ -1,8 +1,8 @@
 """Route timeouts on the fast path: the agent half.
 
-Owner: NAME=timeout (K2 agent). One `TimeoutKeeper` per node datapath, driven
-by `fastpath.agent_node.NodeDatapath` from the agent's thread (every loop turn,
-about every 20 ms: the resolution of a timeout). The kernel half is
+Owner: NAME=timeout (K2 agent). One `TimeoutKeeper` per node datapath, owned
+by `fastpath.agent_node.NodeDatapath`, with a thread of its own that scans the
+records every 10 ms (the resolution of a timeout). The kernel half is
 bpf_src/dp_timeout.h: sk_msg records each request forwarded on a route with a
 timeout (dp_tmo, keyed by the pooled upstream U), the response path marks it
 started/complete.
@@ -162,14 +162,48 @@ def destroy_socket(netns: str | None, src: int, sport: int, dst: int, dport: int
 
 
 class TimeoutKeeper:
-    """Expires the timed requests of one node datapath (agent thread only)."""
+    """Expires the timed requests of one node datapath.
 
-    def __init__(self, dp: Any, pools: Any, netns: str | None) -> None:
+    Runs its own thread (`start`), not the agent's: that one also compiles BCC
+    modules, which takes seconds, and a timer that waits for a compile fires
+    late (seen in the mesh test: a 1 s timeout answered after 3 s). The thread
+    only makes map syscalls and writes to its injector; the upstream sockets
+    it takes away are closed by their owner, the agent thread, through
+    `closed()` (fastpath.pools is the agent thread's only)."""
+
+    PERIOD_S = 0.01  # scan period: the resolution of a timeout
+
+    def __init__(self, dp: Any, netns: str | None) -> None:
         self.dp = dp
-        self.pools = pools
         self.netns = netns  # the client pod's network namespace (its sockets)
         self.injector: Injector | None = None
         self.counts = {"timeout_504": 0, "timeout_reset": 0, "timeout_raced": 0}
+        self.enabled = threading.Event()  # set while the plan has route timeouts
+        self._taken: list[int] = []  # upstream cookies taken away, for the agent to close
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="l7fp-timeouts", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.enabled.wait(0.2):
+                continue
+            try:
+                self.check()
+            except Exception:
+                log.exception("route timeouts: scan failed")
+                self._stop.wait(0.5)
+            self._stop.wait(self.PERIOD_S)
+
+    def closed(self) -> list[int]:
+        """The upstreams taken away since the last call (agent thread: close them)."""
+        with self._lock:
+            out, self._taken = self._taken, []
+        return out
 
     def check(self) -> int:
         """Act on every expired record; returns how many. An empty map costs one
@@ -191,7 +225,8 @@ class TimeoutKeeper:
         self.dp.take_upstream(e.up)  # from now on no byte of U reaches the client
         started = not won and _exists(self.dp.bpf["dp_tmo"], e.up)
         bpfsys.map_delete(self.dp.fds["dp_tmo"], key)
-        self.pools.release([e.up])  # closes U (Envoy closes the upstream connection)
+        with self._lock:
+            self._taken.append(e.up)  # the agent closes U (Envoy closes the upstream connection)
         if won:
             if self._inject(e.client, timeout_reply()):
                 self.counts["timeout_504"] += 1
@@ -211,6 +246,10 @@ class TimeoutKeeper:
         return self.injector.send(client, data)
 
     def close(self) -> None:
+        self._stop.set()
+        self.enabled.set()
+        if self._thread is not None:
+            self._thread.join(5)
         if self.injector is not None:
             self.injector.close()
             self.injector = None

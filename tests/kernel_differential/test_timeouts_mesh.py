@@ -1,0 +1,135 @@
+"""Route timeouts on the fast path in a local mesh (NAME=timeout): paired mode.
+
+The same requests from the client pod to a slow service whose route has a 1 s
+timeout (policies below, the client's outbound side), once with `--fastpath
+off` (Envoy sidecars) and once with `--fastpath on`. In the mesh the pooled
+upstream is paired with the app's accepted socket (the response goes through
+dp_srv_verdict, no TCP), which tests/kernel_datapath/test_timeouts.py (loopback,
+unpaired) does not reach. Same answers both ways: 504 "upstream request
+timeout" for a late answer and the connection still usable, a cut connection
+when the body stalls past the deadline, fast answers untouched; with the fast
+path on, the kernel (not Envoy) sent the 504 and the upstream connection of
+the late request was closed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
+              pytest.mark.timeout(240)]
+
+HERE = Path(__file__).resolve().parent
+KD = HERE.parent / "kernel_datapath"
+MESH = """\
+namespace: k3t
+policies: policies.yaml
+services:
+  client:
+    command: ["${{PYTHON}}", "{echo}", --port, "8080", --log-dir, "{logs}"]
+    ports: [8080]
+    calls: [slow]
+  slow:
+    command: ["${{PYTHON}}", "{slow}", "9000", "{logs}/slow-events.jsonl"]
+    ports: [9000]
+"""
+POLICIES = """\
+slow:
+  outbound:
+    routes:
+    - name: t1
+      match: {prefix: /t}
+      route: {cluster: slow, timeout: 1s}
+    - name: rest
+      match: {prefix: /}
+      route: {cluster: slow, timeout: 0s}
+"""
+
+
+def req(path: str, **headers: str) -> str:
+    extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    return f"GET {path} HTTP/1.1\r\nHost: slow:9000\r\n{extra}\r\n"
+
+
+SCRIPT = [
+    [req("/t/quick", x_delay_ms="100"), req("/t/late", x_delay_ms="1600"), req("/t/after")],
+    [req("/t/stall", x_stall_ms="2500")],
+    [req("/n/slow", x_delay_ms="1200")],
+]
+
+
+def wait_pool(admin: str, timeout: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
+        for n in dbg.get("nodes", []):
+            if n["pod"].startswith("client") and any(p["free"] >= 3 for p in n["pools"]):
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"no pool for slow: {dbg}")
+
+
+def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
+    from mesh.runner import Mesh
+
+    d = tmp / mode
+    logs = d / "logs"
+    logs.mkdir(parents=True)
+    logs.chmod(0o777)
+    (d / "mesh.yaml").write_text(MESH.format(echo=HERE / "echo_app.py", logs=logs,
+                                             slow=KD / "k2_slow.py"))
+    (d / "policies.yaml").write_text(POLICIES)
+    m = Mesh(d / "mesh.yaml", f"k3t{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
+    try:
+        st = m.up()
+        if mode == "on":
+            wait_pool(st["admin"])
+        r = m.exec("client", [sys.executable, str(KD / "k2_tmo_client.py"), "slow", "9000",
+                              json.dumps(SCRIPT)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        dbg = {}
+        if mode == "on":
+            time.sleep(0.5)
+            dbg = json.loads(urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath",
+                                                    timeout=5).read())
+    finally:
+        m.down()
+    events = [json.loads(ln) for ln in (logs / "slow-events.jsonl").read_text().splitlines()]
+    return {"results": json.loads(r.stdout), "dbg": dbg, "events": events}
+
+
+def test_timeouts_in_the_mesh_match_envoy(kernel: None, tmp_path: Path) -> None:
+    off = run_mesh(tmp_path, "off")
+    on = run_mesh(tmp_path, "on")
+    def seen(conn: list[dict[str, Any]]) -> list[tuple[int, str, bool]]:
+        # a cut connection: EOF from Envoy (after its delayed close), an abort
+        # from the kernel path (SOCK_DESTROY); both end the response early
+        return [(r["status"], r["body"][:30], r["end"] == "complete") for r in conn]
+
+    for c_on, c_off in zip(on["results"], off["results"], strict=True):
+        assert seen(c_on) == seen(c_off), (c_on, c_off)
+    quick, late, after = on["results"][0]
+    assert late["status"] == 504 and late["body"] == "upstream request timeout"
+    assert 0.9 < late["secs"] < 1.6
+    assert json.loads(after["body"])["line"] == "GET /t/after HTTP/1.1"  # not the late one
+    stall = on["results"][1][0]
+    assert stall["body"] == "abc" and stall["end"] != "complete"
+    client = next(n for n in on["dbg"]["nodes"] if n["pod"].startswith("client"))
+    fired = client["timeouts_fired"]
+    assert fired["timeout_504"] == 1 and fired["timeout_reset"] == 1, client
+    # paired: no upstream went over TCP, so dp_srv_verdict carried the answers
+    assert client["unpaired_upstreams"] == 0
+    assert "server" not in quick["headers"] and "server" not in late["headers"]
+    # the late request's upstream connection was closed (the app saw its end)
+    late_conn = {e["conn"] for e in on["events"]
+                 if e["kind"] == "request" and "/t/late" in e["line"]}
+    ended = {e["conn"] for e in on["events"] if e["kind"] == "end"}
+    assert late_conn and late_conn <= ended
