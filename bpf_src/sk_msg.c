@@ -291,6 +291,10 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     }
     if (v.kind != DP_K_FORWARD)
         return dp_to_envoy(c, v.route, DP_R_NONE);
+    struct dp_rpol *rpol = dp_retry_policy(gen, &v);
+    /* a retry needs the whole request (+ header inserts) in this write, kept */
+    if (rpol && (size != v.consumed || v.consumed + DP_REPLY_MAX >= DP_RETRY_MAX))
+        return dp_to_envoy_req(msg, c, &v, size, DP_R_RETRY_COPY);
     int b = dp_bind_upstream(c, v.pool);
     if (b < 0) {
         __u16 why = b == -1 ? DP_R_BINDS : DP_R_POOL_EMPTY;
@@ -301,6 +305,9 @@ int dp_msg_verdict(struct sk_msg_md *msg)
             __sync_fetch_and_add(miss, 1); /* the agent grows this pool */
         return dp_to_envoy_req(msg, c, &v, size, why);
     }
+    __u64 bound_up = c->binds[b & (DP_BINDS - 1)].up_cookie;
+    if (rpol && dp_tcp_up.lookup(&bound_up)) /* retries need a paired upstream */
+        return dp_to_envoy_req(msg, c, &v, size, DP_R_RETRY_TCP);
     __u32 is_head = dp_is_head(msg);
     if (v.hdr_add || v.hdr_add_in) {
         int n = dp_insert_headers(msg, &v, gen);
@@ -309,6 +316,8 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         size += n;
         v.consumed += n;
     }
+    if (rpol && dp_retry_arm(msg, c, &v, rpol, bound_up, gen, v.consumed) < 0)
+        return dp_to_envoy(c, v.route, DP_R_RETRY_COPY);
     if (size < v.consumed) {
         c->body_left = v.consumed - size;
         c->body_bind = b;
@@ -318,6 +327,8 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         dp_tmo_arm(c, up, gen, v.route, msg->local_port, c->body_left != 0, is_head);
     int ret = dp_forward(msg, c, b);
     if (ret != SK_PASS) {
+        if (rpol)
+            dp_retry_disarm(bound_up);
         /* upstream gone (closed by its server or the agent): drop the bind, tell
          * the agent to close its socket, go to Envoy */
         if (c->flags & DP_F_TMO)
@@ -358,6 +369,9 @@ int dp_srv_verdict(struct sk_msg_md *msg)
     __u64 ck = *client;
     if (dp_tmo_response_msg(msg, up))
         return SK_PASS; /* timed out (the agent answered 504): over TCP to U, which drops it */
+    int diverted = dp_retry_response(msg, up); /* a response to retry goes to the agent */
+    if (diverted >= 0)
+        return diverted;
     /* a failed redirect leaves the message alone: SK_PASS then means TCP */
     dp_cli.msg_redirect_hash(msg, &ck, BPF_F_INGRESS);
     return SK_PASS;

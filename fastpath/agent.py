@@ -298,9 +298,11 @@ class Agent:
 
 
 def _cflags(plan: KernelPlan) -> tuple[str, ...]:
+    from fastpath.agent_retry import needs_retry
     from fastpath.synth import synthesize
 
-    return synthesize(plan).cflags
+    retry = ("-DDP_RETRY=1",) if needs_retry(plan) else ()  # compiled in only when used
+    return synthesize(plan).cflags + retry
 
 
 def kernel_ready() -> str | None:

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from fastpath import agent_inline, agent_synth
+from fastpath.agent_retry import Retrier
 from fastpath.counters import (
     DP_EV_ACCESS,
     DP_EV_CLOSE,
+    DP_EV_RETRY,
     AccessLog,
     DpEvent,
     read_stats,
@@ -71,6 +73,11 @@ class NodeDatapath:
     # held while a plan is applied or the node closed (plans thread); the event
     # thread skips the node meanwhile rather than wait
     busy: threading.Lock = field(default_factory=threading.Lock)
+    retrier: Retrier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.retrier = Retrier(self.dp, self.pools)
+        self.pools.claim = self.retrier.claim  # diverted responses are read, not reaped
 
     @classmethod
     def start(cls, pod: PodInfo, access_log: int = 1, mode: str = "inline",
@@ -182,13 +189,18 @@ class NodeDatapath:
     def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
         ev = ct.cast(data, ct.POINTER(DpEvent)).contents
         if ev.kind == DP_EV_CLOSE:
-            self.pools.release([int(c) for c in ev.up_cookies if c])
+            ups = [int(c) for c in ev.up_cookies if c]
+            self.pools.release(ups + self.retrier.on_close(int(ev.cookie), ups))
+        elif ev.kind == DP_EV_RETRY:
+            self.retrier.on_diverted(int(ev.up_cookies[0]), int(ev.cookie))
         elif ev.kind == DP_EV_ACCESS:
             self.access.add(ev, lambda r: self.route_names.get(r, ""),
                             lambda p: self.pool_clusters.get(p, ""))
 
     def poll(self, timeout_ms: int) -> None:
-        self.dp.bpf.ring_buffer_poll(timeout_ms)
+        wait = self.retrier.wait_ms()  # a retry's backoff ends sooner
+        self.dp.bpf.ring_buffer_poll(timeout_ms if wait is None else min(timeout_ms, wait))
+        self.retrier.service()
 
     def bound(self) -> set[int]:
         return {int(k.value) for k in self.dp.bpf["dp_peer"].keys()}
@@ -231,6 +243,7 @@ class NodeDatapath:
                                for r, ms in sorted(self.timeouts.items())},
             "timeouts_fired": dict(self.keeper.counts) if self.keeper else {},
             "timed_requests_in_flight": len(list(self.dp.bpf["dp_tmo"].keys())),
+            "retries": self.retrier.debug(),
         }
 
     def close(self) -> None:

@@ -97,6 +97,7 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
     for t in (eps, eps_in):
         for k in [k for k in t.keys() if k.gen == gen]:
             del t[k]
+    cluster_pools: dict[int, list[int]] = {}
     for c in plan.clusters:
         cid = sp.cluster_ids.get(c.name)
         if cid is None or c.verdict is not Verdict.KERNEL or c.tls or is_merged_cluster(c.name):
@@ -115,6 +116,8 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
             out.keep.add(key)
             out.pool_clusters[pool] = c.name
             eps[eps.Key(gen=gen, cluster=cid, endpoint=idx)] = eps.Leaf(pool)
+            cluster_pools.setdefault(cid, []).append(pool)
+    node.retrier.program(plan, sp, gen, cluster_pools)
     for lst in plan.listeners:
         if lst.direction is not Direction.OUTBOUND:
             continue

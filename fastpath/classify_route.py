@@ -55,7 +55,7 @@ class KernelCaps:
     dns_endpoints: bool = True
     # The data path retries on the response status / grpc-status (retriable-status-codes,
     # retriable-4xx and the gRPC conditions; bpf_src/sk_msg.c + fastpath/retry*.py).
-    status_retries: bool = False
+    status_retries: bool = True
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,9 @@ def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
         reasons.append("route max_stream_duration")
     retry, more = retry_policy(a.get("retryPolicy", ctx.vhost.get("retryPolicy")), ctx.caps)
     reasons += more
+    if retry is not None and timeout:
+        # Envoy's route timeout spans every attempt; the data path's timer is per upstream
+        reasons.append("route timeout with retries (one deadline over all attempts)")
     hash_header, more = _hash(a.get("hashPolicy", []), clusters, ctx)
     reasons += more
     for c in clusters:
@@ -235,6 +238,7 @@ _RETRY_KEYS = {"retryOn", "numRetries", "perTryTimeout", "retryHostPredicate",
                "hostSelectionRetryMaxAttempts", "retriableStatusCodes", "retryBackOff",
                "retriableHeaders", "retriableRequestHeaders", "perTryIdleTimeout"}
 PREVIOUS_HOSTS = "previous_hosts"
+RETRY_CODES = 8  # status codes a kernel retry policy holds (DP_RETRY_CODES, bpf_src/dp_retry.h)
 
 
 def _retry(p: dict[str, Any] | None, caps: KernelCaps) -> Reasons:
@@ -275,6 +279,8 @@ def retry_policy(p: dict[str, Any] | None, caps: KernelCaps) -> tuple[RetryPolic
         if "retriable-status-codes" in conds else []
     if "retriable-4xx" in conds:
         codes.append(409)
+    if len(set(codes)) > RETRY_CODES:
+        reasons.append(f"more than {RETRY_CODES} retriable status codes")
     backoff = p.get("retryBackOff", {})
     base = duration_ms(backoff.get("baseInterval", "0.025s")) or 25
     policy = RetryPolicy(

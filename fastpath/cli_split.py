@@ -30,7 +30,8 @@ Exit status: 0, or 2 when a path does not exist.
 
 ASSUME = {
     "timeouts": "enforced route timeouts (built now: the default; kept so scripts still run)",
-    "status-retries": "retries on response status (5xx, 503, gRPC status)",
+    "status-retries": "retries on response status (retriable-status-codes, retriable-4xx, "
+                      "gRPC status; built now: the default; kept so scripts still run)",
 }
 
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from fastpath.coverage import analyse
 
     try:
-        caps = KernelCaps(status_retries="status-retries" in args.assume)
+        caps = KernelCaps()  # every --assume capability is built now (the defaults)
         report = analyse(args.paths, caps)
     except FileNotFoundError as e:
         print(f"l7fp split: {e}", file=sys.stderr)

@@ -19,12 +19,13 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
 
-OUTCOMES = {0: "fast", 1: "kernel_reply", 2: "envoy", 3: "cork"}
+OUTCOMES = {0: "fast", 1: "kernel_reply", 2: "envoy", 3: "cork", 4: "retry"}
 
 # datapath.h DP_R_*
 DP_REASONS = {0: "", 1: "sticky", 2: "pool_empty", 3: "untracked", 4: "upstream_gone",
               5: "too_many_upstreams", 6: "rewrite_failed", 7: "split_head", 8: "body_sync",
-              9: "no_plan", 10: "pipelined", 11: "header_add",
+              9: "no_plan", 10: "pipelined", 11: "header_add", 12: "retry_copy",
+              13: "retry_unpaired", 14: "retry_overflow",
               24: "envoy_pending", 25: "envoy_untracked"}  # dp_return.h
 DECIDE_BASE = 32
 # l7fp_defs.h L7FP_R_* (K1), counted as DECIDE_BASE + code. L7FP_R_POOL_EMPTY is set by
@@ -39,6 +40,7 @@ DECIDE_REASONS = {0: "", 1: "unparsed", 2: "chunked", 3: "upgrade", 4: "http10",
 DP_EV_CLOSE = 1
 DP_R_POOL_EMPTY = 2
 DP_EV_ACCESS = 2
+DP_EV_RETRY = 3  # dp_retry.h: a response diverted for a retry
 
 
 def reason_name(code: int) -> str:

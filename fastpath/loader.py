@@ -63,7 +63,7 @@ def module_text(decide_header: str | None = None) -> str:
     maps must live in the same module.
     """
     parts = ["datapath.h", "dp_timeout.h", decide_header or "dp_decide_inline.h", "dp_return.h",
-             "sockops.c", "sk_msg.c", "sk_skb.c", "dp_inject.c"]
+             "dp_retry.h", "sockops.c", "sk_msg.c", "sk_skb.c", "dp_inject.c"]
     texts = []
     for p in parts:
         body = (BPF_SRC / p).read_text()
@@ -153,7 +153,8 @@ class Datapath:
     def reset(self) -> None:
         """Empty the tables: a cached module may have served an earlier Datapath."""
         for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_ihosts", "dp_replies", "dp_eps", "dp_ep_in",
-                     "dp_pool_miss", "dp_pair_wait", "dp_rto", "dp_tmo", "dp_tmo_armed", "dp_ret"):
+                     "dp_pool_miss", "dp_pair_wait", "dp_rto", "dp_tmo", "dp_tmo_armed", "dp_ret",
+                     "dp_rpol", "dp_retry", "dp_retry_busy", "dp_tcp_up"):
             try:
                 self.bpf[name].clear()
             except KeyError:
@@ -339,12 +340,24 @@ class Datapath:
         return {p: int(t[ct.c_int(p)].value) for p in pools}
 
     def drop_peer(self, cookie: int) -> None:
-        """Forget upstream `cookie` (closed by the agent): its client binding and
-        the timed request in flight on it, if any."""
+        """Forget upstream `cookie` (closed by the agent): its client binding,
+        the timed request in flight on it, its retry record and its unpaired mark."""
         key = ct.c_uint64(cookie)
         bpfsys.map_delete(self.fds["dp_peer"], key)
         bpfsys.map_delete(self.fds["dp_tmo_armed"], key)
         bpfsys.map_delete(self.fds["dp_tmo"], key)
+        for name in ("dp_retry", "dp_tcp_up"):
+            t = self.bpf[name]
+            try:
+                del t[t.Key(cookie)]
+            except KeyError:
+                pass
+
+    def mark_tcp(self, cookie: int) -> None:
+        """Upstream `cookie` is not paired (its bytes take TCP and sk_skb):
+        requests of routes with retries bound to it go to Envoy."""
+        t = self.bpf["dp_tcp_up"]
+        t[t.Key(cookie)] = t.Leaf(1)
 
     def take_upstream(self, cookie: int) -> None:
         """Take upstream `cookie` off every way (timed out): no byte of its late

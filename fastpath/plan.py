@@ -168,7 +168,8 @@ class RetryPolicy:
     ``num_retries`` times, after a jittered backoff (``base_ms``, ``max_ms``),
     on another endpoint of the same cluster when ``previous_hosts`` can find
     one (within ``host_selection_attempts`` picks), unless the response
-    carries ``x-envoy-overloaded`` or ``x-envoy-ratelimited``. The cluster's max_retries circuit breaker
+    carries ``x-envoy-ratelimited`` (``x-envoy-overloaded`` from an app never
+    reaches the client's Envoy: the destination's sidecar drops it). The cluster's max_retries circuit breaker
     bounds concurrent retries.
     """
 

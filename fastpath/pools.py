@@ -6,7 +6,9 @@ in the kernel queue `dp_free[pool]`, where sk_msg pops one and binds it to a
 client connection for the connection's life. When the client closes, sock_ops
 reports the bound sockets and the pool closes them (a response may still be
 in flight on them). Sockets an upstream closes are noticed (EOF) and replaced.
-The agent never reads an upstream socket: the kernel takes every byte.
+The agent reads an upstream socket only when the kernel diverted a response
+into it for a retry (`claim`, fastpath.agent_retry); otherwise the kernel takes
+every byte.
 
 Threads: the agent's thread calls `look()` (accounting and sizing, fast),
 `release()`, `ensure()`/`retire()` and `snapshot()`; one refill thread per
@@ -182,6 +184,9 @@ class Pools:
         self.ep = select.epoll()  # pooled sockets: readable only at EOF/error
         self.fd_cookie: dict[int, int] = {}
         self.owner: dict[int, int] = {}  # cookie -> pool id
+        # readable upstreams are offered here first: a response the kernel diverted
+        # for a retry (fastpath.agent_retry) is data, not an EOF
+        self.claim: Callable[[int], bool] | None = None
         self.mu = threading.RLock()
         self.wake = threading.Event()
         self.idle = threading.Event()  # set while the refill thread has nothing to do
@@ -333,11 +338,10 @@ class Pools:
                 log.warning("pool %s:%d: connect failed: %s", pool.key.address, pool.key.port, exc)
             return 0
         pool.failures = 0
-        if announce is not None:
-            self._await_pairs(socks, port)
+        unpaired = socks if announce is None else self._await_pairs(socks, port)
         with self.mu:
             for s in socks:
-                self._offer(pool, s)
+                self._offer(pool, s, tcp=s in unpaired)
         self.timing["made"] += len(socks)
         return len(socks)
 
@@ -354,8 +358,9 @@ class Pools:
                             timeout=LOOPBACK_CONNECT_TIMEOUT_S if loopback else 1.0,
                             withdraw=lambda s: self.dp.withdraw_pair(s, key.port))
 
-    def _offer(self, pool: Pool, s: socket.socket) -> None:
-        """A made socket into dp_up and the pool's kernel queue (under the lock)."""
+    def _offer(self, pool: Pool, s: socket.socket, tcp: bool = False) -> None:
+        """A made socket into dp_up and the pool's kernel queue (under the lock).
+        `tcp`: not paired (requests of retry routes avoid it, dp_retry.h)."""
         if pool.retired:
             s.close()
             return
@@ -365,6 +370,8 @@ class Pools:
         except OSError:
             s.close()
             return
+        if tcp:
+            self.dp.mark_tcp(cookie)
         pool.socks[cookie] = s
         self.owner[cookie] = pool.pool_id
         self.ep.register(s.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
@@ -376,7 +383,8 @@ class Pools:
             return
         pool.free.add(cookie)
 
-    def _await_pairs(self, socks: list[socket.socket], port: int, wait: float = 0.2) -> None:
+    def _await_pairs(self, socks: list[socket.socket], port: int,
+                     wait: float = 0.2) -> list[socket.socket]:
         """Offer a socket only once its pair is made (or given up), so that one
         upstream never takes both ways (TCP, then paired) and reorders."""
         deadline = time.monotonic() + wait
@@ -388,6 +396,7 @@ class Pools:
         for s in pending:
             self.dp.withdraw_pair(s, port)
             self.unpaired += 1
+        return pending
 
     # ---- bookkeeping (under the lock) ------------------------------------------
     def _shrink(self, pool: Pool, n: int) -> None:
@@ -405,6 +414,8 @@ class Pools:
             pid = self.owner.get(cookie)
             if pid is None or pid not in self.pools:
                 continue
+            if self.claim is not None and self.claim(cookie):
+                continue  # a diverted response, read by the retrier
             pool = self.pools[pid]
             if cookie in pool.free:
                 dead_free.setdefault(pid, set()).add(cookie)

@@ -67,6 +67,7 @@ _EXTENSION_MODULES = [
     "extensions.load_balancing_policies.client_side_weighted_round_robin.v3",
     "extensions.clusters.aggregate.v3", "extensions.clusters.dynamic_forward_proxy.v3",
     "extensions.request_id.uuid.v3", "extensions.path.match.uri_template.v3",
+    "extensions.retry.host.previous_hosts.v3",  # Istio's default retry policy (route files)
     "extensions.path.rewrite.uri_template.v3", "extensions.matching.common_inputs.network.v3",
     "extensions.matching.input_matchers.ip.v3", "extensions.stat_sinks.metrics_service.v3",
     "type.v3", "type.matcher.v3",

@@ -27,8 +27,11 @@ BOOTSTRAP = {
                         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
                     "route_config": {"name": "rc", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": [
                         {"name": "fast", "match": {"prefix": "/api"}, "route": {"cluster": "app", "timeout": "0s"}},
+                        {"name": "retry", "match": {"prefix": "/r"},
+                         "route": {"cluster": "app", "timeout": "0s",
+                                   "retry_policy": {"retry_on": "retriable-4xx"}}},
                         {"name": "slow", "match": {"prefix": "/"},
-                         "route": {"cluster": "app", "retry_policy": {"retry_on": "retriable-4xx"}}},
+                         "route": {"cluster": "app", "timeout": "0s", "retry_policy": {"retry_on": "5xx"}}},
                     ]}]}}}]}]}],
         "clusters": [{"name": "app", "type": "STRICT_DNS", "load_assignment": {
             "cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
@@ -53,11 +56,12 @@ def test_json_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     by_name = {r["name"]: r for r in out["routes"]}
     assert set(by_name["fast"]) == {"file", "listener", "route_config", "virtual_host", "name", "verdict", "reason"}
     assert by_name["fast"]["verdict"] == "KERNEL" and by_name["fast"]["listener"] == "web"
-    assert by_name["slow"]["verdict"] == "ENVOY" and "retry_on=retriable-4xx can fire" in by_name["slow"]["reason"]
+    assert by_name["slow"]["verdict"] == "ENVOY" and "retry_on=5xx can fire" in by_name["slow"]["reason"]
+    assert by_name["retry"]["verdict"] == "KERNEL"  # the data path retries on 409
     assert by_name["#0"]["verdict"] == "ENVOY" and "no small DFA" in by_name["#0"]["reason"]
     cov = out["coverage"]
-    assert cov["routes"] == {"kernel": 1, "total": 3}
-    assert cov["by_format"]["envoy-static"]["routes"] == {"kernel": 1, "total": 2}
+    assert cov["routes"] == {"kernel": 2, "total": 4}
+    assert cov["by_format"]["envoy-static"]["routes"] == {"kernel": 2, "total": 3}
     assert cov["by_format"]["envoy-static"]["skipped_resources"] == 1
     assert cov["by_format"]["envoy-xds"]["routes"] == {"kernel": 0, "total": 1}
 
@@ -65,9 +69,10 @@ def test_json_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_text_output_and_what_if(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["split", "--explain", str(files / "envoy.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "KERNEL fast" in out and "ENVOY  slow" in out and "coverage: routes 1/2 (50.0%)" in out
+    assert "KERNEL fast" in out and "ENVOY  slow" in out and "coverage: routes 2/3 (66.7%)" in out
+    # status retries are built (the default): the what-if changes nothing any more
     assert main(["split", "--assume", "status-retries", str(files / "envoy.yaml")]) == 0
-    assert "coverage: routes 2/2 (100.0%)" in capsys.readouterr().out
+    assert "coverage: routes 2/3 (66.7%)" in capsys.readouterr().out
 
 
 def test_missing_path_is_an_error(tmp_path: Path) -> None:
@@ -105,4 +110,4 @@ def test_relative_path_through_parent_dir(files: Path, capsys: pytest.CaptureFix
     monkeypatch.chdir(sub)
     assert main(["split", "--json", ".."]) == 0
     cov = json.loads(capsys.readouterr().out)["coverage"]
-    assert cov["routes"] == {"kernel": 1, "total": 3}
+    assert cov["routes"] == {"kernel": 2, "total": 4}

@@ -1,0 +1,199 @@
+"""Retries on the response status in the kernel fast path vs in Envoy.
+
+A local mesh (mesh.yaml + policies.yaml here) whose client routes to `flaky`
+(two pods) and `solo` (one pod) carry Istio's default retry policy
+(retriable-status-codes [503], unavailable, cancelled, 2 retries,
+previous_hosts). retry_app.py fails the attempts a request asks for (status,
+grpc-status, x-envoy-overloaded, chunked, on one pod only). The same request
+list is sent with `--fastpath off` (the Envoy sidecar retries) and `on` (the
+kernel diverts the response to the agent, which re-sends the request): per
+request the final status and body and the attempts the upstreams saw must be
+equal, a retry after a failure on `flaky` must take the other pod, and the
+fast path's counters must show that the kernel served and retried them.
+
+Run: .venv/bin/python -m pytest tests/kernel_retry -q   (root)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.slow, pytest.mark.timeout(240)]
+
+HERE = Path(__file__).resolve().parent
+DRIVER = HERE.parent / "kernel_differential" / "driver.py"
+sys.path.insert(0, str(HERE.parent / "kernel_differential"))
+from test_fastpath_onoff import fastpath_counts  # noqa: E402
+
+GAP_MS = 100  # fast path on: lets the agent refill the pools between connections
+
+# (service, extra headers, method, body, expected status with Envoy's policy, attempts)
+CASES: list[tuple[str, dict[str, str], str, str, int, int]] = [
+    ("flaky", {}, "GET", "", 200, 1),
+    ("flaky", {"x-fail": "1"}, "GET", "", 200, 2),
+    ("flaky", {"x-fail": "2"}, "GET", "", 200, 3),
+    ("flaky", {"x-fail": "5"}, "GET", "", 503, 3),  # retries exhausted: the last 503 passes
+    ("flaky", {"x-fail": "1", "x-fail-status": "500"}, "GET", "", 500, 1),  # 500 not retriable
+    ("flaky", {"x-fail": "1", "x-fail-grpc": "14"}, "GET", "", 200, 2),  # unavailable
+    ("flaky", {"x-fail": "1", "x-fail-grpc": "1"}, "GET", "", 200, 2),  # cancelled
+    ("flaky", {"x-fail": "1", "x-fail-grpc": "3"}, "GET", "", 200, 1),  # not in retry_on
+    ("flaky", {"x-fail": "1", "x-overloaded": "1"}, "GET", "", 200, 2),  # inbound Envoy drops it
+    ("flaky", {"x-fail": "1", "x-ratelimited": "1"}, "GET", "", 503, 1),  # never retried
+    ("flaky", {"x-fail": "1", "x-chunked": "1"}, "GET", "", 200, 2),
+    ("flaky", {"x-fail": "2", "x-chunked": "1"}, "POST", "k=v" * 100, 200, 3),
+    ("flaky", {"x-fail": "1"}, "POST", "x" * 6000, 200, 2),  # too big to keep: Envoy retries
+    ("flaky", {"x-fail": "1"}, "HEAD", "", 200, 2),
+    ("flaky", {"x-fail": "9", "x-fail-pod": "flaky-0"}, "GET", "", 200, 0),  # 1 or 2 attempts
+    ("solo", {"x-fail": "1"}, "GET", "", 200, 2),  # one endpoint: the same one again
+    ("solo", {"x-fail": "2"}, "PUT", "abc", 200, 3),
+    ("solo", {"x-fail": "3"}, "GET", "", 503, 3),
+]
+ROUNDS = 2
+
+
+def gen_requests() -> list[dict[str, Any]]:
+    reqs = []
+    for rnd in range(ROUNDS):
+        for i, (svc, hdrs, method, body, _, _) in enumerate(CASES):
+            port = 9000 if svc == "flaky" else 9100
+            req = {"svc": svc, "vip": svc, "port": port, "method": method, "path": f"/c{i}",
+                   "headers": {"host": f"{svc}:{port}", **hdrs}, "body": body, "case": i}
+            if rnd == 1 and i % 3 == 0:
+                req["conn"] = f"keep-{svc}"  # kept-alive: binds reused after a retry
+            reqs.append(req)
+    for n, r in enumerate(reqs):
+        r["headers"]["x-k3-id"] = f"r{n}"
+    return reqs
+
+
+def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]:
+    from mesh.runner import Mesh
+
+    d = tmp / mode
+    logdir = d / "logs"
+    logdir.mkdir(parents=True)
+    logdir.chmod(0o777)
+    text = (HERE / "mesh.yaml").read_text().replace("@APP@", str(HERE / "retry_app.py"))
+    (d / "mesh.yaml").write_text(text.replace("@LOGDIR@", str(logdir)))
+    (d / "policies.yaml").write_text((HERE / "policies.yaml").read_text())
+    m = Mesh(d / "mesh.yaml", f"k4{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
+    try:
+        st = m.up()
+        if mode == "on":
+            wait_pools(st["admin"])
+        (d / "reqs.json").write_text(json.dumps(reqs))
+        r = m.exec("client", [sys.executable, str(DRIVER), str(d / "reqs.json"),
+                              str(GAP_MS if mode == "on" else 0)],
+                   capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        results = json.loads(r.stdout)
+        counts = fastpath_counts(st["admin"]) if mode == "on" else Counter()
+        dbg = json.loads(_get(f"http://{st['admin']}/debug/fastpath")) if mode == "on" else {}
+        (d / "results.json").write_text(json.dumps(results))
+        (d / "debug.json").write_text(json.dumps(dbg))
+    finally:
+        cp_log = Path(m.state_file).parent / "logs" / "control-plane.log"
+        if cp_log.exists():  # for a failure's investigation
+            (d / "control-plane.log").write_bytes(cp_log.read_bytes())
+        m.down()
+    attempts: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for f in sorted(logdir.glob("*.log")):
+        if not f.name.startswith("client"):
+            for ln in f.read_text().splitlines():
+                rid, at = ln.split()
+                attempts[rid].append((int(at[1:]), f.stem))
+    seen = {rid: [pod for _, pod in sorted(v)] for rid, v in attempts.items()}  # in time order
+    return {"results": results, "seen": seen, "counts": counts, "dbg": dbg}
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def wait_pools(admin: str, timeout: float = 60.0) -> None:
+    """Until every pod's plan is applied (the agent compiles one node at a time,
+    and a retry waits for the agent's thread) and the client node has free
+    pooled upstreams to flaky (both pods) and solo."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dbg = json.loads(_get(f"http://{admin}/debug/fastpath"))
+        nodes = dbg.get("nodes", [])
+        if len(nodes) == 4 and all(n["plan_version"] for n in nodes):
+            for n in nodes:
+                if n["pod"].startswith("client") and sum(1 for p in n["pools"] if p["free"]) >= 3:
+                    return
+        time.sleep(0.5)
+
+
+def view(res: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal with the fast path on and off (not the pod of a success)."""
+    v: dict[str, Any] = {"status": res["status"]}
+    try:
+        body = json.loads(res["body"])
+    except ValueError:
+        v["body"] = res["body"]
+        return v
+    v.update(attempt=body["attempt"], body_len=body["body_len"])
+    return v
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from support.env import require_kernel
+
+    require_kernel()
+    tmp = tmp_path_factory.mktemp("k4retry")
+    tmp.chmod(0o755)
+    reqs = gen_requests()
+    out: dict[str, Any] = {mode: run_mesh(tmp, mode, reqs) for mode in ("off", "on")}
+    out["reqs"] = reqs
+    return out
+
+
+def test_same_final_answer_and_attempts(runs: dict[str, Any], kernel: None) -> None:
+    diffs = []
+    for req, a, b in zip(runs["reqs"], runs["off"]["results"], runs["on"]["results"], strict=True):
+        rid = req["headers"]["x-k3-id"]
+        na, nb = len(runs["off"]["seen"].get(rid, [])), len(runs["on"]["seen"].get(rid, []))
+        va, vb = view(a), view(b)
+        if CASES[req["case"]][5] == 0:  # 1 or 2 attempts: the first pick is Envoy's RR or ours
+            na = nb = 0
+            va, vb = {"status": a["status"]}, {"status": b["status"]}
+        if va != vb or na != nb:
+            diffs.append((req["case"], req["method"], req["headers"], va, vb, na, nb))
+    assert not diffs, f"{len(diffs)} requests differ (off vs on):\n" + "\n".join(map(str, diffs))
+
+
+def test_answers_are_envoys_policy(runs: dict[str, Any], kernel: None) -> None:
+    """Both ways: the status and number of attempts the policy gives; a retry on
+    `flaky` goes to the pod not tried yet (previous_hosts)."""
+    for mode in ("off", "on"):
+        for req, res in zip(runs["reqs"], runs[mode]["results"], strict=True):
+            _, _, _, _, status, attempts = CASES[req["case"]]
+            pods = runs[mode]["seen"].get(req["headers"]["x-k3-id"], [])
+            assert res["status"] == status, (mode, req, res, pods)
+            if attempts:
+                assert len(pods) == attempts, (mode, req, res, pods)
+            else:  # fails only on flaky-0: never twice there
+                assert pods.count("flaky-0") <= 1 and pods[-1] == "flaky-1", (mode, req, pods)
+            if req["svc"] == "flaky" and len(pods) >= 2:
+                assert pods[0] != pods[1], (mode, "retry on the same pod", req, pods)
+
+
+def test_kernel_served_and_retried(runs: dict[str, Any], kernel: None) -> None:
+    counts = runs["on"]["counts"]
+    print(f"fast path counters: {dict(counts)}; agent: "
+          f"{[n.get('retries') for n in runs['on']['dbg'].get('nodes', [])]}")
+    assert counts["fast"] >= len(runs["reqs"]) // 2, dict(counts)
+    assert counts["retry"] >= 10, dict(counts)
+    assert counts["envoy/retry_copy"] >= 1, dict(counts)  # the 6 kB body went to Envoy
