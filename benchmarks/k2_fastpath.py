@@ -68,10 +68,13 @@ def share(before: dict[Any, int], after: dict[Any, int]) -> dict[str, Any]:
     return {"kernel": kernel, "seen": sum(d.values()), "envoy_by_reason": why}
 
 
-def plan_for(state: dict[str, Any], inbound: bool = False) -> tuple[Any, Any]:
+def plan_for(state: dict[str, Any], inbound: bool = False,
+             timeout_ms: int = 0) -> tuple[Any, Any]:
     """(client plan, leaf plan). `inbound`: the leaf's plan gets an inbound
     listener with an RBAC deny of /admin and a header add, so every fast-path
-    request also takes the second (inbound) decision (fastpath.inbound_merge)."""
+    request also takes the second (inbound) decision (fastpath.inbound_merge).
+    `timeout_ms`: the leaf route's timeout (every request is then timed:
+    fastpath/timeouts.py); no header add, to measure the timer alone."""
     from fastpath.plan import (
         Cluster,
         ClusterAction,
@@ -90,7 +93,8 @@ def plan_for(state: dict[str, Any], inbound: bool = False) -> tuple[Any, Any]:
     pods = {p["service"]: p for p in state["pods"]}
     leaf = pods["leaf"]
     vh = VirtualHost("leaf", ("*",), (Route("leaf", RouteMatch(PathKind.PREFIX, "/"),
-                                            ClusterAction((WeightedCluster("leaf", 1),)),
+                                            ClusterAction((WeightedCluster("leaf", 1),),
+                                                          timeout_ms=timeout_ms or None),
                                             Verdict.KERNEL),))
     client = KernelPlan(pods["client"]["node_id"], "bench",
                         (ListenerPlan("out9000", "0.0.0.0", 9000, Direction.OUTBOUND, (vh,)),),
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the leaf has inbound RBAC + a header add: the kernel decides twice")
     p.add_argument("--decide", choices=["l7fp", "inline"], default="l7fp",
                    help="decision compiled into the data path (default l7fp)")
+    p.add_argument("--route-timeout-ms", type=int, default=0,
+                   help="a timeout on the leaf route (0: none): the cost of the route timer")
     p.add_argument("--close", action="store_true",
                    help="one new connection per request (wrk -H 'Connection: close')")
     args = p.parse_args(argv)
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     agent.start()
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
-        client, leaf = plan_for(m.state(), args.inbound_policy)
+        client, leaf = plan_for(m.state(), args.inbound_policy, args.route_timeout_ms)
         agent.on_plan(leaf.node_id, leaf)
         agent.on_plan(client.node_id, client)
         deadline = time.monotonic() + 60
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                                       **res}), flush=True)
         node.dp.attach_cgroup(node.pod.cgroup)
         stats = node.stats()
+        fired = dict(node.keeper.counts) if node.keeper is not None else {}
     finally:
         agent.stop()
         m.down()
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                for (c, n), v in sorted(results.items())}
     summary["kernel_share"] = {"kernel": fast, "seen": total,
                                "by_outcome": {f"{o}/{w}": n for (_r, o, w), n in stats.items()}}
+    summary["route_timeout_ms"] = args.route_timeout_ms
+    summary["timeouts_fired"] = fired
     print(json.dumps(summary, indent=1))
     return 0
 
