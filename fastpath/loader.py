@@ -54,6 +54,13 @@ def socket_cookie(sock: socket.socket | int) -> int:
     return int.from_bytes(raw, "little")
 
 
+def returning() -> bool:
+    """Do connections handed to Envoy come back (bpf_src/dp_return.h)? On unless
+    `L7FP_DP_RETURN=0` (then sticky as before, and no sk_skb verdict on client
+    sockets: what the A/B measurement in docs/fastpath.md switches)."""
+    return os.environ.get("L7FP_DP_RETURN", "1") != "0"
+
+
 def module_text(decide_header: str | None = None) -> str:
     """The C text of one datapath module; `decide_header` replaces the built-in decision.
 
@@ -124,6 +131,9 @@ class Datapath:
         """
         from bcc import BPF
 
+        back = returning()
+        if not back:
+            cflags = tuple(cflags) + ("-DDP_RETURN=0",)
         b = compile_module(module_text(decide_header), cflags, include, instance)
         dp = cls(bpf=b)
         dp.reset()
@@ -141,8 +151,8 @@ class Datapath:
         try:
             dp._attach(dp.fds["msg"], dp.fds["dp_cli"], bpfsys.SK_MSG_VERDICT, "sk_msg")
             dp._attach(dp.fds["skb"], dp.fds["dp_up"], bpfsys.SK_SKB_VERDICT, "sk_skb")
-            # Envoy's responses on client sockets: dp_return.h follows their framing
-            dp._attach(dp.fds["rsp"], dp.fds["dp_cli"], bpfsys.SK_SKB_VERDICT, "rsp_skb")
+            if back:  # Envoy's responses on client sockets: dp_return.h follows their framing
+                dp._attach(dp.fds["rsp"], dp.fds["dp_cli"], bpfsys.SK_SKB_VERDICT, "rsp_skb")
             dp._attach(dp.fds["srv_msg"], dp.fds["dp_srv"], bpfsys.SK_MSG_VERDICT, "srv_msg")
             dp._attach(dp.fds["inj_msg"], dp.fds["dp_inj"], bpfsys.SK_MSG_VERDICT, "inj_msg")
         except Exception:
