@@ -19,7 +19,7 @@ from fastpath.classify_route import (
     HttpFilter,
     KernelCaps,
     RouteContext,
-    classify_route,
+    classify_route_entries,
     fault_abort,
     filter_kind,
     local_rate_limit,
@@ -239,7 +239,7 @@ def _vhosts(rc: dict[str, Any], ctx: RouteContext) -> tuple[VirtualHost, ...]:
         extra = rc_extra + [f"virtual host {k}" for k in sorted(set(vh) - _VH_KEYS) if vh[k]]
         if vh.get("includeAttemptCountInResponse"):
             extra.append("virtual host include_attempt_count_in_response (response header)")
-        routes = tuple(classify_route(r, vctx) for r in vh.get("routes", []))
+        routes = tuple(e for r in vh.get("routes", []) for e in classify_route_entries(r, vctx))
         if extra:
             routes = tuple(_punt(r, "; ".join(extra)) for r in routes)
         out.append(VirtualHost(str(vh.get("name", "")), tuple(d.lower() for d in vh.get("domains", [])),

@@ -9,9 +9,10 @@ for Envoy, named after the Envoy feature.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fastpath.classify_guards import Guard, cors_guards, csrf_guards, guard_routes
 from fastpath.classify_match import Reasons, route_match
 from fastpath.envoy_model import duration_ms, type_name
 from fastpath.plan import (
@@ -95,6 +96,16 @@ def filter_kind(f: dict[str, Any]) -> str:
 
 def classify_route(r: dict[str, Any], ctx: RouteContext) -> Route:
     """Build the plan entry of route ``r`` (proto-JSON) in context ``ctx``."""
+    return _classify(r, ctx)[-1]
+
+
+def classify_route_entries(r: dict[str, Any], ctx: RouteContext) -> list[Route]:
+    """The plan entries of route ``r``: its guard punt entries (fastpath.classify_guards),
+    then the route itself."""
+    return _classify(r, ctx)
+
+
+def _classify(r: dict[str, Any], ctx: RouteContext) -> list[Route]:
     match, reasons = route_match(r.get("match", {}))
     action, more = _action(r, ctx)
     reasons += more
@@ -103,11 +114,11 @@ def classify_route(r: dict[str, Any], ctx: RouteContext) -> Route:
     reasons += more
     per_filter = {**ctx.route_config.get("typedPerFilterConfig", {}),
                   **ctx.vhost.get("typedPerFilterConfig", {}), **r.get("typedPerFilterConfig", {})}
-    fault, limit, more = _filters(per_filter, ctx)
+    fault, limit, more, guards = _filters(per_filter, ctx)
     reasons += more
-    for key in ("cors",):
-        if key in r or key in ctx.vhost:
-            reasons.append("CORS policy (response headers, preflight)")
+    cors = r.get("cors", ctx.vhost.get("cors"))
+    if cors is not None and any(f.kind == "cors" and not f.disabled for f in ctx.filters):
+        guards += cors_guards(cors)  # without the CORS filter the field does nothing
     for key in ("rateLimits",):
         if r.get(key) or ctx.vhost.get(key):
             reasons.append("global rate limit descriptors (ratelimit service)")
@@ -115,12 +126,16 @@ def classify_route(r: dict[str, Any], ctx: RouteContext) -> Route:
         reasons.append("virtual host require_tls")
     unknown = set(r) - _KNOWN_ROUTE_KEYS
     reasons += [f"route field {k}" for k in sorted(unknown)]
-    verdict = Verdict.ENVOY if reasons else Verdict.KERNEL
-    return Route(
-        name=str(r.get("name", "")), match=match, action=action, verdict=verdict,
+    route = Route(
+        name=str(r.get("name", "")), match=match, action=action,
+        verdict=Verdict.ENVOY if reasons else Verdict.KERNEL,
         reason="; ".join(dict.fromkeys(reasons)), request_headers_to_add=tuple(adds),
         request_headers_to_remove=tuple(removes), fault_abort=fault, rate_limit=limit,
     )
+    entries, more = guard_routes(route, guards)
+    if more:
+        return [replace(route, verdict=Verdict.ENVOY, reason="; ".join(more))]
+    return [*entries, route]
 
 
 _KNOWN_ROUTE_KEYS = {
@@ -365,11 +380,12 @@ def _header_value(h: dict[str, Any], level: str) -> tuple[HeaderValue, Reasons]:
 
 
 def _filters(per_filter: dict[str, Any], ctx: RouteContext
-             ) -> tuple[FaultAbort | None, LocalRateLimit | None, Reasons]:
+             ) -> tuple[FaultAbort | None, LocalRateLimit | None, Reasons, list[Guard]]:
     """Effect of the HCM's http filters on this route, with per-route overrides."""
     fault: FaultAbort | None = None
     limit: LocalRateLimit | None = None
     reasons: Reasons = []
+    guards: list[Guard] = []
     for f in ctx.filters:
         override = per_filter.get(f.name)
         active = _active(f, override)
@@ -387,10 +403,12 @@ def _filters(per_filter: dict[str, Any], ctx: RouteContext
                 reasons.append("per-route RBAC override")
         elif f.kind == "cors":
             if override:
-                reasons.append("per-route CORS policy")
+                guards += cors_guards(override)
+        elif f.kind == "csrf":
+            guards += csrf_guards(override if override else f.config)
         else:
             reasons.append(f"http filter {f.kind}")
-    return fault, limit, reasons
+    return fault, limit, reasons, guards
 
 
 def _active(f: HttpFilter, override: dict[str, Any] | None) -> bool:

@@ -111,9 +111,16 @@ def _print_listener(lp: Any, explain: bool) -> None:
               f"{' - ' + rbac.reason if rbac.reason else ''}")
     for vh in lp.virtual_hosts:
         print(f"    vhost {vh.name} {list(vh.domains)}")
-        for i, r in enumerate(vh.routes):
+        i, guards = 0, []
+        for r in vh.routes:
+            if r.guard:  # comes right before the route it guards: printed under it
+                guards.append(r.reason)
+                continue
             print(f"      {r.verdict.value:6s} {r.name or '#' + str(i)}"
                   f"{'  - ' + r.reason if r.reason else ''}")
+            for why in guards:
+                print(f"             but ENVOY for a {why}")
+            i, guards = i + 1, []
             if explain:
                 print(f"             match {r.match}")
                 print(f"             action {r.action}")

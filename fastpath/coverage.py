@@ -114,7 +114,7 @@ def _analyse_file(path: Path, report: Report, caps: KernelCaps | None) -> None:
 def _rows(path: str, plan: KernelPlan, report: Report) -> None:
     for lp in plan.listeners:
         for vh in lp.virtual_hosts:
-            for i, r in enumerate(vh.routes):
+            for i, r in enumerate(r for r in vh.routes if not r.guard):
                 report.routes.append(Row(path, lp.name, lp.route_config, vh.name, r.name or f"#{i}",
                                          r.verdict.value, r.reason))
         listener_why = lp.reason if lp.verdict is Verdict.ENVOY else ""

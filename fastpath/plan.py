@@ -258,6 +258,11 @@ class Route:
     ``verdict`` KERNEL: the kernel matches and enforces everything here.
     ``verdict`` ENVOY: a punt entry; ``reason`` names the feature that needs Envoy
     (e.g. "retry_policy retry_on=5xx", "regex not literal: '^/a+b$'").
+    ``guard``: a punt entry the classifier put right before the KERNEL route of
+    the same name, matching only the requests an Envoy filter acts on (CORS
+    requests carry Origin; CSRF checks mutating methods): those go to Envoy,
+    the route's other requests stay in the kernel (fastpath.classify_guards).
+    Not a route of the policy: coverage does not count it.
     """
 
     name: str
@@ -269,6 +274,7 @@ class Route:
     request_headers_to_remove: tuple[str, ...] = ()
     fault_abort: FaultAbort | None = None
     rate_limit: LocalRateLimit | None = None
+    guard: bool = False
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def _handler(cluster: str) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        do_GET = do_POST = do_PUT = do_DELETE = _reply
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _reply
 
         def log_message(self, *args: Any) -> None:
             pass
