@@ -40,8 +40,9 @@
 #define DP_BINDS 4 /* upstream sockets one client connection may hold */
 #endif
 #ifndef DP_CORK
-#define DP_CORK 0 /* 1: cork a split head and decide again (experimental: on 6.18 the
-                   * redirect after a cork was seen to fail, so the request went to Envoy) */
+#define DP_CORK 1 /* 1: cork a split head (bpf_msg_cork_bytes) and decide again on the next
+                   * write; 0: a split head goes to Envoy. Verified on 6.18 with
+                   * tests/kernel_datapath/skmsg_repro.py (cork, then redirect egress/ingress) */
 #endif
 #ifndef DP_HDR_MAX
 #define DP_HDR_MAX 2048 /* bytes of a request head the kernel parses */
@@ -52,6 +53,9 @@
 #define DP_F_MESHED 2u  /* destination is a meshed service */
 #define DP_F_REDIR_REST 4u /* rest of a write whose first part was redirected */
 #define DP_F_SRV 8u     /* the app's accepted end of a pooled upstream (dp_srv) */
+#define DP_F_SWALLOW 1024u /* body_left bytes belong to a request the kernel answered: drop them */
+#define DP_F_REST 2048u /* the next run is the rest of a write whose first request the
+                         * kernel answered (apply_bytes): decide it as a new request */
 
 /* Outcomes counted per route (dp_stat_key.outcome). */
 #define DP_OUT_FAST 0   /* redirected to a pooled upstream */
@@ -73,6 +77,7 @@
 #define DP_R_NO_PLAN 9    /* no listener/plan for this destination */
 #define DP_R_PIPELINE 10  /* pipelined requests that cannot all take the same way */
 #define DP_R_HDR_ADD 11   /* the route adds request headers: Envoy does (not in the data path yet) */
+#define DP_R_SWALLOW 16   /* the body of a kernel-answered request could not be dropped */
 #define DP_R_DECIDE_BASE 32
 
 /* Events to the agent (ring buffer dp_events). */

@@ -1,0 +1,138 @@
+"""Framing with the plan's decision (l7fp_decide, which takes Content-Length
+bodies): kernel replies to requests with a body in the same write or spanning
+later writes (the rest of the body is dropped, the connection stays in sync),
+split heads (cork), several requests in one write after a kernel reply. Each
+script is also sent straight to the real Envoy (same policy: /deny -> 403,
+/punt and the rest -> upstream); answers must be the same, and the kernel must
+have served what it can."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from k2_helpers import client_cmd
+from test_agent import Agent, KernelPlan, client_plan, get, wait_for, write_state
+
+pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
+
+
+def deny(n: int, body: str | None = None) -> str:
+    """POST /deny with a Content-Length of n (body: the bytes in this write)."""
+    head = f"POST /deny HTTP/1.1\r\nHost: svc\r\nContent-Length: {n}\r\n\r\n"
+    return head + ("b" * n if body is None else body)
+
+
+D = get("/deny/x")
+F = get("/fast/n")
+P = get("/punt/x")
+B3, B300 = deny(3), deny(300)
+SCRIPTS: dict[str, tuple[list[dict], list[tuple[str, str]]]] = {  # type: ignore[type-arg]
+    # name: (one connection's steps, (request, who serves it) per response)
+    "body_same_write": ([{"send": [deny(3)]}, {"send": [F]}], [(B3, "kernel"), (F, "fast")]),
+    "body_spans_writes": ([{"send": [deny(10, "b" * 4), "b" * 6], "pause": 0.02},
+                           {"send": [F]}], [(deny(10), "kernel"), (F, "fast")]),
+    "body_spans_three": ([{"send": [deny(300, "b" * 4), "b" * 200, "b" * 96], "pause": 0.02},
+                          {"send": [D]}], [(B300, "kernel"), (D, "kernel")]),
+    "body_rest_and_request": ([{"send": [deny(10, "b" * 4), "b" * 6 + F], "pause": 0.02,
+                                "expect": 2}], [(deny(10), "kernel"), (F, "fast")]),
+    "body_rest_and_split_head": ([{"send": [deny(10, "b" * 4), "b" * 6 + D[:7], D[7:]],
+                                   "pause": 0.02, "expect": 2}],
+                                 [(deny(10), "kernel"), (D, "kernel")]),
+    "big_body_spans": ([{"send": [deny(70000, "b" * 1000), "b" * 69000], "pause": 0.02},
+                        {"send": [F]}], [(deny(70000), "kernel"), (F, "fast")]),
+    "pipelined_reply_then_fast": ([{"send": [D + F], "expect": 2}, {"send": [F]}],
+                                  [(D, "kernel"), (F, "fast"), (F, "fast")]),
+    "pipelined_replies_with_body": ([{"send": [D + deny(2) + D + F], "expect": 4}],
+                                    [(D, "kernel"), (deny(2), "kernel"), (D, "kernel"),
+                                     (F, "fast")]),
+    "pipelined_reply_then_envoy": ([{"send": [D + P], "expect": 2}, {"send": [F]}],
+                                   [(D, "kernel"), (P, "envoy"), (F, "envoy")]),
+    "pipelined_reply_then_body_spans": ([{"send": [D + deny(8, "bbb"), "b" * 5], "pause": 0.02,
+                                          "expect": 2}, {"send": [D]}],
+                                        [(D, "kernel"), (deny(8), "kernel"), (D, "kernel")]),
+    "pipelined_fast_first": ([{"send": [F + D], "expect": 2}], [(F, "envoy"), (D, "envoy")]),
+}
+
+
+def answer(r: dict) -> tuple:  # type: ignore[type-arg]
+    """What a client can tell apart: status, and the body or the upstream's view."""
+    if r["headers"].get("x-served-by"):
+        seen = json.loads(r["body"])
+        return r["status"], seen["line"], seen["body_len"]
+    return r["status"], r["body"]
+
+
+def served(r: dict) -> str:  # type: ignore[type-arg]
+    if r["headers"].get("x-via") == "envoy" or r["headers"].get("server") == "envoy":
+        return "envoy"
+    return "fast" if r["headers"].get("x-served-by") else "kernel"
+
+
+def envoy_answers(port: int, reqs: list[str]) -> list:  # type: ignore[type-arg]
+    """Each request alone on a fresh connection from outside the cgroup: Envoy's
+    answer. (Per request: Envoy answers a direct response before reading the
+    request's body, adds `connection: close` and resets the connection, so a
+    request after a body can only be compared this way.)"""
+    script = [[{"send": [r]}] for r in reqs]
+    r = subprocess.run(client_cmd("127.0.0.1", str(port), json.dumps(script)),
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [c[0] for c in json.loads(r.stdout)]
+
+
+@pytest.fixture
+def l7fp_agent(kernel, cgroup, envoy, upstream, tmp_path):  # type: ignore[no-untyped-def]
+    state = tmp_path / "state.json"
+    write_state(state, str(cgroup.path))
+    a = Agent(state, decide="l7fp")
+    a.start()
+    try:
+        a.on_plan("up", KernelPlan("up", "u1"))
+        a.on_plan("client", client_plan(envoy.port, upstream.port))
+        wait_for(lambda: a.nodes.get("client") and a.nodes["client"].plan)
+        node = a.nodes["client"]
+        assert node.mode == "l7fp"
+        wait_for(lambda: any(p["free"] >= 4 for p in node.pools.snapshot()))
+        yield a
+    finally:
+        a.stop()
+
+
+def deny_replies(agent: Agent) -> int:
+    raw = dict(agent.stats())["client"]
+    return sum(n for (r, o, _), n in raw.items() if r.endswith("deny") and o == "kernel_reply")
+
+
+def test_framing_scripts_match_envoy(l7fp_agent, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    names = sorted(SCRIPTS)
+    reqs = sorted({req for n in names for req, _ in SCRIPTS[n][1]})
+    ref = dict(zip(reqs, envoy_answers(envoy.port, reqs), strict=True))
+    assert not any("/deny" in line for line in upstream.seen)
+    scripts = [SCRIPTS[n][0] for n in names]
+    r = cgroup.run(client_cmd("127.0.0.1", str(envoy.port), json.dumps(scripts)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, got in zip(names, json.loads(r.stdout), strict=True):
+        want = SCRIPTS[name][1]
+        assert [answer(x) for x in got] == [answer(ref[q]) for q, _ in want], name
+        assert [served(x) for x in got] == [w for _, w in want], name
+    # no denied request (nor its body) reached the upstream; each was counted once
+    assert not any("/deny" in line for line in upstream.seen)
+    n_deny = sum(1 for n in names for _, w in SCRIPTS[n][1] if w == "kernel")
+    assert deny_replies(l7fp_agent) == n_deny
+
+
+def test_deny_with_body_split_at_every_offset(l7fp_agent, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    """Head cut (cork) or body cut (the rest dropped) at any byte: one kernel 403,
+    then the next request on the same connection is answered in sync."""
+    req = deny(6)
+    conns = [[{"send": [req[:cut], req[cut:]], "pause": 0.005}, {"send": [D]}]
+             for cut in range(1, len(req))]
+    r = cgroup.run(client_cmd("127.0.0.1", str(envoy.port), json.dumps(conns)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for cut, res in enumerate(json.loads(r.stdout), start=1):
+        assert [(x["status"], x["body"], served(x)) for x in res] == [
+            (403, "RBAC: access denied", "kernel")] * 2, (cut, res)
+    assert deny_replies(l7fp_agent) == 2 * (len(req) - 1)
+    assert upstream.seen == []
