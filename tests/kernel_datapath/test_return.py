@@ -130,16 +130,21 @@ def test_pipelined_across_the_boundary(datapath, cgroup, envoy, upstream):  # ty
 
 
 def test_mid_stream_handover_stays_with_envoy(datapath, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
-    """A request Envoy got in pieces (split head) is not one the kernel can
-    count: the connection stays with Envoy for good, as before."""
+    """A request the kernel cannot frame (its head longer than the built-in
+    decision parses) is not one it can count: the connection stays with Envoy
+    for good, as before. A split head is no such case any more: the kernel
+    corks it and hands it over whole, and the connection comes back."""
     ups = setup_plan(datapath, envoy.port, upstream)
     datapath.attach_cgroup(cgroup.path)
     from test_plumbing import get, run
 
+    big = get("/e/plain", "x-big: " + "b" * 600 + "\r\n")
     head = get("/e/plain")
-    out = run(cgroup, envoy.port, [[{"send": [head[:10], head[10:]]},
-                                    {"send": [get("/fast/after")]}]])[0]
-    assert [r["headers"].get("x-via") for r in out] == ["envoy", "envoy"]
+    out = run(cgroup, envoy.port, [
+        [{"send": [big]}, {"send": [get("/fast/after")]}],
+        [{"send": [head[:10], head[10:]], "pause": 0.02}, {"send": [get("/fast/after")]}]])
+    assert [r["headers"].get("x-via") for r in out[0]] == ["envoy", "envoy"]
     assert reasons(datapath).get(1, 0) >= 1  # sticky
+    assert [r["headers"].get("x-via") for r in out[1]] == ["envoy", None]  # back
     for s in ups:
         s.close()
