@@ -10,10 +10,23 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 
 import pytest
 from k2_helpers import client_cmd
-from test_agent import Agent, KernelPlan, client_plan, get, wait_for, write_state
+from test_agent import (
+    Agent,
+    ClusterAction,
+    KernelPlan,
+    WeightedCluster,
+    client_plan,
+    get,
+    route,
+    wait_for,
+    write_state,
+)
+
+from fastpath.plan import LocalRateLimit
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
@@ -82,6 +95,17 @@ def envoy_answers(port: int, reqs: list[str]) -> list:  # type: ignore[type-arg]
     return [c[0] for c in json.loads(r.stdout)]
 
 
+def limited_plan(envoy_port: int, up_port: int) -> KernelPlan:
+    """client_plan plus /rl: to the upstream through a 3-token bucket (the kernel's)."""
+    plan = client_plan(envoy_port, up_port)
+    lst = plan.listeners[0]
+    vh = lst.virtual_hosts[0]
+    rl = replace(route("rl", "/rl", ClusterAction((WeightedCluster("up", 100),))),
+                 rate_limit=LocalRateLimit(3, 3, 3_600_000))
+    vh = replace(vh, routes=(rl, *vh.routes))
+    return replace(plan, listeners=(replace(lst, virtual_hosts=(vh,)),))
+
+
 @pytest.fixture
 def l7fp_agent(kernel, cgroup, envoy, upstream, tmp_path):  # type: ignore[no-untyped-def]
     state = tmp_path / "state.json"
@@ -90,7 +114,7 @@ def l7fp_agent(kernel, cgroup, envoy, upstream, tmp_path):  # type: ignore[no-un
     a.start()
     try:
         a.on_plan("up", KernelPlan("up", "u1"))
-        a.on_plan("client", client_plan(envoy.port, upstream.port))
+        a.on_plan("client", limited_plan(envoy.port, upstream.port))
         wait_for(lambda: a.nodes.get("client") and a.nodes["client"].plan)
         node = a.nodes["client"]
         assert node.mode == "l7fp"
@@ -136,3 +160,27 @@ def test_deny_with_body_split_at_every_offset(l7fp_agent, cgroup, envoy, upstrea
             (403, "RBAC: access denied", "kernel")] * 2, (cut, res)
     assert deny_replies(l7fp_agent) == 2 * (len(req) - 1)
     assert upstream.seen == []
+
+
+def test_rate_limit_tokens_taken_once_per_request(l7fp_agent, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    """A corked head, a request behind a kernel reply, a request behind a dropped
+    body: each is decided once, so the 3-token bucket lets exactly 3 through."""
+    rl = [get(f"/rl/{i}") for i in range(5)]
+    conns = [
+        [{"send": [rl[0][:5], rl[0][5:]], "pause": 0.01}],
+        [{"send": [D + rl[1]], "expect": 2}],
+        [{"send": [deny(6, "bb"), "bbbb" + rl[2]], "pause": 0.01, "expect": 2}],
+        [{"send": [rl[3][:20], rl[3][20:]], "pause": 0.01}],
+        [{"send": [D + rl[4]], "expect": 2}],
+    ]
+    r = cgroup.run(client_cmd("127.0.0.1", str(envoy.port), json.dumps(conns)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = [res[-1] for res in json.loads(r.stdout)]  # the /rl answer of each connection
+    assert [x["status"] for x in out] == [200, 200, 200, 429, 429], out
+    assert [served(x) for x in out] == ["fast"] * 3 + ["kernel"] * 2
+    assert out[3]["body"] == "local_rate_limited"
+    raw = dict(l7fp_agent.stats())["client"]
+    per_rl = {o: n for (name, o, _), n in raw.items() if name.endswith("/rl")}
+    assert per_rl == {"fast": 3, "kernel_reply": 2}, raw
+    assert sorted(ln for ln in upstream.seen if "/rl/" in ln) == [
+        f"GET /rl/{i} HTTP/1.1" for i in range(3)]
