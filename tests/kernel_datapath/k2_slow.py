@@ -2,7 +2,7 @@
 
 Per request, headers choose the behaviour: `x-delay-ms: N` answers after N ms;
 `x-stall-ms: N` sends the head and 3 of 10 body bytes at once, the other 7
-after N ms. Each answer's body names the request line. Every connection's end
+after N ms. HEAD gets the head only (with the GET's Content-Length). Each answer's body names the request line. Every connection's end
 is recorded ("eof" or the error, with the time), so a test can tell that the
 proxy closed its upstream connection after a timeout.
 
@@ -86,7 +86,7 @@ class SlowServer:
         if delay:
             time.sleep(delay / 1000)
         c.sendall(f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\nx-served-by: slow\r\n\r\n"
-                  .encode() + body)
+                  .encode() + (b"" if line.startswith("HEAD ") else body))
         if delay:
             self._note(conn=conn, kind="late_sent", line=line)
 

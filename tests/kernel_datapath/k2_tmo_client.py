@@ -16,7 +16,7 @@ import sys
 import time
 
 
-def read_response(s: socket.socket) -> dict:  # type: ignore[type-arg]
+def read_response(s: socket.socket, head_only: bool = False) -> dict:  # type: ignore[type-arg]
     buf, t0 = b"", time.monotonic()
     end, need = "complete", None
     while True:
@@ -24,7 +24,7 @@ def read_response(s: socket.socket) -> dict:  # type: ignore[type-arg]
             head = buf.split(b"\r\n\r\n", 1)[0].decode("latin-1")
             cl = [ln.split(":", 1)[1] for ln in head.split("\r\n")[1:]
                   if ln.lower().startswith("content-length:")]
-            need = len(head) + 4 + int(cl[0]) if cl else None
+            need = len(head) + 4 + (0 if head_only else int(cl[0])) if cl else None
         if need is not None and len(buf) >= need:
             break
         try:
@@ -53,8 +53,11 @@ def main() -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         res = []
         for req in conn:
+            if req.startswith("SLEEP "):  # a pause between two requests
+                time.sleep(float(req.split()[1]))
+                continue
             s.sendall(req.encode("latin-1"))
-            r = read_response(s)
+            r = read_response(s, head_only=req.startswith("HEAD "))
             res.append(r)
             if r["end"] != "complete":
                 break

@@ -135,6 +135,12 @@ SCRIPT = [
     [req("/t/quick", x_delay_ms="150"), req("/t/again")],
     # no timeout on /n
     [req("/n/slow", x_delay_ms="1300")],
+    # HEAD: the response has a Content-Length and no body; it is complete, so
+    # nothing fires after the deadline and the connection serves the next one
+    [req("/t/head").replace("GET", "HEAD", 1), "SLEEP 1.3", req("/t/next")],
+    # a request that sets its own timeout: the kernel hands it to Envoy, which
+    # decides (this Envoy ignored the header: 200 after 0.8 s)
+    [req("/n/own", x_envoy_upstream_rq_timeout_ms="300", x_delay_ms="800")],
 ]
 
 
@@ -183,7 +189,13 @@ def test_timeouts_match_envoy(agent: Agent, cgroup: Any, tenvoy: TimeoutEnvoy,
             json.loads(e["body"])["expected_timeout"]
     assert json.loads(fast[1][0]["body"])["expected_timeout"] == "1000"
     assert fast[2][0]["status"] == 200 and fast[2][0]["secs"] > 1.2
+    head, nxt = fast[3]
+    assert head["status"] == 200 and head["body"] == "" and "server" not in head["headers"]
+    assert nxt["status"] == 200 and json.loads(nxt["body"])["line"] == "GET /t/next HTTP/1.1"
+    own = fast[4][0]
+    assert own["headers"].get("server") == "envoy" and own["status"] == via_envoy[4][0]["status"]
     assert node.keeper is not None and node.keeper.counts["timeout_504"] == 1
+    assert node.keeper.counts["timeout_reset"] == 0  # HEAD was complete
     # the upstream connection of the timed-out request was closed, both ways
     wait_for(lambda: sum(1 for e in slow.events if e["kind"] == "late_sent"
                          and "/t/late" in e["line"]) == 2, 5)
