@@ -48,6 +48,7 @@ from fastpath.synth import (
 _SM = {StringKind.EXACT: bs.SM_EXACT, StringKind.PREFIX: bs.SM_PREFIX,
        StringKind.SUFFIX: bs.SM_SUFFIX, StringKind.PRESENT: bs.SM_PRESENT}
 MAX_SLOTS = 8
+MAX_ABSENT_NAME = 64  # longest header name a must-be-absent check keys (see _slot)
 
 
 @dataclass
@@ -97,9 +98,14 @@ class TableBuilder:
         self.longest = max(self.longest, len(s.encode()))
         return s
 
-    def _slot(self, name: str) -> int:
+    def _slot(self, name: str, exact: bool = True) -> int:
+        """The request-header slot of `name`. A name longer than MAX_NAME is keyed
+        by (length, first 8, last 8 bytes), so two names can share a key: fine
+        for a must-be-absent check (`exact=False`: a false hit only sends the
+        request to Envoy), not for a value matcher. Istio sets the 21-byte
+        x-envoy-attempt-count on every route (include_request_attempt_count)."""
         name = name.lower()
-        if len(name) > MAX_NAME or name.startswith(":"):
+        if len(name) > (MAX_NAME if exact else MAX_ABSENT_NAME) or name.startswith(":"):
             raise Punt(f"header name {name!r} not matched in the kernel")
         if name not in self.slots:
             if len(self.slots) >= MAX_SLOTS:
@@ -461,8 +467,8 @@ class TableBuilder:
         removes = r.request_headers_to_remove + vh.request_headers_to_remove
         if not adds and not removes:
             return
-        absent = tuple(sorted({self._slot(h.name) for h in adds if not h.append}
-                              | {self._slot(n) for n in removes}))
+        absent = tuple(sorted({self._slot(h.name, exact=False) for h in adds if not h.append}
+                              | {self._slot(n, exact=False) for n in removes}))
         if len(absent) > 4:
             raise Punt("more than 4 header names to set or remove")
         data = b"".join(f"{h.name}: {h.value}\r\n".encode() for h in adds)

@@ -330,8 +330,10 @@ static __always_inline __u32 l7fp_parse_header(struct l7fp_req_ctx *c, __u32 k, 
      * Envoy may take its timeout from them, and it overwrites the last one */
     if (key.len > 16 && key.w0 == L7FP_W_X_ENVOY && key.w1 == L7FP_W_MEOUT_MS)
         return L7FP_R_UNPARSED;
-    if (key.len <= 16)
-        l7fp_note_slot(c, &key, vs, ve);
+    /* names over 16 bytes are keyed by length, first and last 8 bytes: the
+     * synthesis gives them slots only for must-be-absent checks, where a false
+     * hit only sends the request to Envoy (fastpath/synth_tables.py _slot) */
+    l7fp_note_slot(c, &key, vs, ve);
     return 0;
 }
 
