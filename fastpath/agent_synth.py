@@ -20,6 +20,8 @@ from fastpath.inbound_merge import is_merged_cluster, merged_name
 from fastpath.plan import Direction, KernelPlan, ListenerPlan, Verdict
 from fastpath.pools import EndpointKey
 
+WILDCARD = ("0.0.0.0", "::", "")
+
 
 @dataclass
 class Programmed:
@@ -47,6 +49,25 @@ def offloadable(lst: ListenerPlan) -> bool:
     if lst.direction is not Direction.OUTBOUND or lst.verdict is not Verdict.KERNEL:
         return False
     return any(r.verdict is Verdict.KERNEL for vh in lst.virtual_hosts for r in vh.routes)
+
+
+def listener_destinations(listeners: tuple[ListenerPlan, ...],
+                          vips: Callable[[ListenerPlan], list[tuple[str, int]]]
+                          ) -> dict[tuple[str, int], str]:
+    """Destination (ip, port) -> name of the offloadable outbound listener whose
+    routes apply to it. Envoy gives a connection to VIP:P to a listener bound to
+    VIP:P before the wildcard 0.0.0.0_P (Istio makes both for some services), so
+    such a VIP never takes the wildcard's routes, offloaded or not. Pure."""
+    own = {(lst.address, lst.port) for lst in listeners
+           if lst.direction is Direction.OUTBOUND and lst.address not in WILDCARD}
+    out: dict[tuple[str, int], str] = {}
+    for lst in listeners:
+        if not offloadable(lst):
+            continue
+        for dst in vips(lst):
+            if lst.address not in WILDCARD or dst not in own:
+                out[dst] = lst.name
+    return out
 
 
 def write_tables(bpf: Any, sp: Any, gen: int) -> None:
@@ -118,15 +139,11 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
             eps[eps.Key(gen=gen, cluster=cid, endpoint=idx)] = eps.Leaf(pool)
             cluster_pools.setdefault(cid, []).append(pool)
     node.retrier.program(plan, sp, gen, cluster_pools)
+    for dst, name in listener_destinations(plan.listeners, vips).items():
+        out.services[dst] = sp.listener_ids[name] + 1
     for lst in plan.listeners:
-        if lst.direction is not Direction.OUTBOUND:
-            continue
-        if not offloadable(lst):
+        if lst.direction is Direction.OUTBOUND and not offloadable(lst):
             out.notes[lst.name] = "no kernel route (or RBAC/verdict of the listener)"
-            continue
-        lid = sp.listener_ids[lst.name] + 1
-        for dst in vips(lst):
-            out.services[dst] = lid
     out.route_names = {i + 1: n for i, n in enumerate(sp.route_names)}
     out.timeouts = {i + 1: ms for i, ms in getattr(sp, "route_timeouts", {}).items()}
     for n in sp.notes:
