@@ -96,7 +96,8 @@ struct dp_ret {
 
 /* C's socket cookie -> its Envoy responses; sk_skb programs cannot use
  * sk_storage, so a hash (deleted by sock_ops when C closes). */
-BPF_HASH(dp_ret, __u64, struct dp_ret, DP_MAX_CONNS);
+/* not preallocated: only connections that went to Envoy have an entry */
+BPF_F_TABLE("hash", __u64, struct dp_ret, dp_ret, DP_MAX_CONNS, BPF_F_NO_PREALLOC);
 
 /* ---- sk_msg side (called by dp_msg_verdict with C's lock held) ---------- */
 
