@@ -64,6 +64,39 @@ static __always_inline __u32 dp_msg_size(struct sk_msg_md *msg)
     return n;
 }
 
+#define DP_LINE_SCAN 128 /* bytes of an incomplete head checked for the request line */
+#define DP_TTP_1 0x5454502f312e000dULL /* "TTP/1.?\r": the request line's end, version masked */
+#define DP_TTP_MASK 0xffffffffffff00ffULL
+
+/* 1 when the bytes of an incomplete head can still be an HTTP/1 request: a
+ * method of A-Z (1-16) then a space and, once the request line is complete,
+ * " HTTP/1.x\r\n" at its end. Anything else goes to Envoy now, which answers
+ * it (400) as it would have: corked, it would wait for bytes that never come
+ * (seen: "PING\r\n" or a TLS hello hung the client). */
+static __always_inline int dp_head_plausible(struct sk_msg_md *msg)
+{
+    __u8 *d = msg->data;
+    void *end = msg->data_end;
+    __u32 sp = 0;
+    __u64 tail = 0;
+    for (__u32 i = 0; i < DP_LINE_SCAN; i++) {
+        if ((void *)(d + i + 1) > end)
+            return 1;
+        __u8 ch = d[i];
+        if (!sp) {
+            if (ch == ' ' && i > 0)
+                sp = i;
+            else if (ch < 'A' || ch > 'Z' || i >= 16)
+                return 0;
+            continue;
+        }
+        if (ch == '\n')
+            return (tail & DP_TTP_MASK) == DP_TTP_1;
+        tail = (tail << 8) | ch;
+    }
+    return 1;
+}
+
 /* A head split over writes: cork the write, so the kernel runs this program
  * again on these bytes plus the next write's (one message) and the request is
  * decided then; nothing leaves before. Not in a rest run (its message still
@@ -76,7 +109,7 @@ static __always_inline int dp_need_more(struct sk_msg_md *msg, struct dp_conn *c
      * the decision: the verifier then tracked them precisely there and
      * explored the decision once per value range (552k instead of 371k insns) */
     __u32 size = dp_msg_size(msg);
-    if (!(c->flags & DP_F_REST) && size < DP_HDR_MAX) {
+    if (!(c->flags & DP_F_REST) && size < DP_HDR_MAX && dp_head_plausible(msg)) {
         bpf_msg_cork_bytes(msg, size + 1);
         dp_count(0, DP_OUT_CORK, 0);
         return SK_PASS;

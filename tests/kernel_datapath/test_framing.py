@@ -82,6 +82,10 @@ CASES = {
                        200),
     "deny_with_body": ("POST /deny HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nabc", 403),
     "lower_method": ("get /fast/a HTTP/1.1\r\nHost: svc\r\n\r\n", 400),
+    # short writes that cannot become a request: to Envoy at once, not corked
+    "short_garbage": ("PING\r\n", 400),
+    "short_bad_line": ("G\r\n", 400),
+    "tls_hello": ("\x16\x03\x01\x00\x05hello", 400),
 }
 
 

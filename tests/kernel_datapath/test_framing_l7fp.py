@@ -66,6 +66,9 @@ SCRIPTS: dict[str, tuple[list[dict], list[tuple[str, str]]]] = {  # type: ignore
                                           "expect": 2}, {"send": [D]}],
                                         [(D, "kernel"), (deny(8), "kernel"), (D, "kernel")]),
     "pipelined_fast_first": ([{"send": [F + D], "expect": 2}], [(F, "envoy"), (D, "envoy")]),
+    # short writes that cannot become a request: to Envoy at once (400), not corked
+    "garbage_short": ([{"send": ["PING\r\n"]}], [("PING\r\n", "envoy")]),
+    "garbage_line": ([{"send": ["GET /x\r\n"]}], [("GET /x\r\n", "envoy")]),
 }
 
 
