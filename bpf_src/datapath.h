@@ -53,6 +53,7 @@
 #define DP_F_MESHED 2u  /* destination is a meshed service */
 #define DP_F_REDIR_REST 4u /* rest of a write whose first part was redirected */
 #define DP_F_SRV 8u     /* the app's accepted end of a pooled upstream (dp_srv) */
+/* 16: DP_F_TMO (dp_timeout.h), 256: DP_F_RET (dp_return.h) */
 #define DP_F_SWALLOW 1024u /* body_left bytes belong to a request the kernel answered: drop them */
 #define DP_F_REST 2048u /* the next run is the rest of a write whose first request the
                          * kernel answered (apply_bytes): decide it as a new request */
