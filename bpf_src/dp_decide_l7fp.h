@@ -10,6 +10,11 @@
 
 #include "l7fp_decide.h"
 
+#ifndef DP_INBOUND
+#define DP_INBOUND 0 /* 1: the destinations' inbound listeners are decided too (the agent
+                      * sets it when the plan merged one: fastpath/inbound_merge.py) */
+#endif
+
 struct dp_ep_key {
     __u32 gen;
     __u32 cluster;
@@ -122,7 +127,9 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
         }
         v->kind = DP_K_FORWARD;
         v->pool = *pool;
+#if DP_INBOUND
         dp_decide_inbound(ctx, &d, gen, v);
+#endif
         return 0;
     }
     if (d.verdict == L7FP_REPLY) {

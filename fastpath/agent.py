@@ -302,7 +302,8 @@ def _cflags(plan: KernelPlan) -> tuple[str, ...]:
     from fastpath.synth import synthesize
 
     retry = ("-DDP_RETRY=1",) if needs_retry(plan) else ()  # compiled in only when used
-    return synthesize(plan).cflags + retry
+    inbound = ("-DDP_INBOUND=1",) if inbound_merge.has_merged(plan) else ()  # the same
+    return synthesize(plan).cflags + retry + inbound
 
 
 def kernel_ready() -> str | None:

@@ -62,6 +62,12 @@ def merged_name(ip: str, port: int) -> str:
     return f"virtualInbound{_MARK}{ip}:{port}"
 
 
+def has_merged(plan: KernelPlan) -> bool:
+    """The plan holds a destination's inbound listener: the data path must be
+    compiled with its second decision (-DDP_INBOUND=1, fastpath.agent._cflags)."""
+    return any(_MARK in lp.name for lp in plan.listeners)
+
+
 def is_merged_cluster(name: str) -> bool:
     """A destination's inbound cluster copied into a merged plan (never pooled)."""
     return _MARK in name
