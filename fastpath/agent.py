@@ -173,7 +173,17 @@ class Agent:
             todo = [(n, self.plans[n], n not in self.pending) for n in due]
             self.pending -= due
             self.recheck.clear()
+        # re-applies of loaded nodes first (milliseconds), then at most one new
+        # node's compile (seconds) per turn: a plan change never waits behind
+        # the first compiles of a whole mesh
+        todo.sort(key=lambda t: t[0] not in self.nodes)
+        compiled = False
         for node_id, plan, only_if_changed in todo:
+            loaded = node_id in self.nodes
+            if not loaded and compiled:
+                with self.lock:
+                    (self.recheck if only_if_changed else self.pending).add(node_id)
+                continue
             merged = inbound_merge.merge(plan, self._plan_of_ip)
             key = (merged.plan, tuple(sorted(merged.refused.items())))
             if only_if_changed and self._applied.get(node_id) == key:
@@ -184,6 +194,7 @@ class Agent:
                 continue
             self._apply(node_id, plan, merged)
             self._applied[node_id] = key
+            compiled = compiled or (not loaded and node_id in self.nodes)
 
     def _wait_for_destinations(self, node_id: str, merged: inbound_merge.Merged) -> bool:
         """True to hold a node's first compile back a little (at most
