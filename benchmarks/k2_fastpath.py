@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="decision compiled into the data path (default l7fp)")
     p.add_argument("--route-timeout-ms", type=int, default=0,
                    help="a timeout on the leaf route (0: none): the cost of the route timer")
+    p.add_argument("--mesh-name", default="k2bench",
+                   help="name of the benchmark's mesh (two runs at once need two names)")
     p.add_argument("--close", action="store_true",
                    help="one new connection per request (wrk -H 'Connection: close')")
     args = p.parse_args(argv)
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="k2bench"))
     (work / "mesh.yaml").write_text(MESH)
-    m = Mesh(work / "mesh.yaml", "k2bench", fastpath="off", timeout=120)
+    m = Mesh(work / "mesh.yaml", args.mesh_name, fastpath="off", timeout=120)
     m.up()
     agent = Agent(m.state_file, access_log=False, decide=args.decide)
     agent.start()
