@@ -69,12 +69,14 @@ def share(before: dict[Any, int], after: dict[Any, int]) -> dict[str, Any]:
 
 
 def plan_for(state: dict[str, Any], inbound: bool = False,
-             timeout_ms: int = 0) -> tuple[Any, Any]:
+             timeout_ms: int = 0, retry: bool = False) -> tuple[Any, Any]:
     """(client plan, leaf plan). `inbound`: the leaf's plan gets an inbound
     listener with an RBAC deny of /admin and a header add, so every fast-path
     request also takes the second (inbound) decision (fastpath.inbound_merge).
     `timeout_ms`: the leaf route's timeout (every request is then timed:
-    fastpath/timeouts.py); no header add, to measure the timer alone."""
+    fastpath/timeouts.py); no header add, to measure the timer alone.
+    `retry`: the leaf route has Istio's default retry policy (every request is
+    kept for a retry and every response head checked: bpf_src/dp_retry.h)."""
     from fastpath.plan import (
         Cluster,
         ClusterAction,
@@ -84,6 +86,7 @@ def plan_for(state: dict[str, Any], inbound: bool = False,
         LbPolicy,
         ListenerPlan,
         PathKind,
+        RetryPolicy,
         Route,
         RouteMatch,
         Verdict,
@@ -92,9 +95,15 @@ def plan_for(state: dict[str, Any], inbound: bool = False,
     )
     pods = {p["service"]: p for p in state["pods"]}
     leaf = pods["leaf"]
+    istio_retry = RetryPolicy(num_retries=2, retry_on=("cancelled", "connect-failure",
+                                                       "refused-stream", "retriable-status-codes",
+                                                       "unavailable"),
+                              status_codes=(503,), grpc_codes=(1, 14), previous_hosts=True,
+                              host_selection_attempts=5)
     vh = VirtualHost("leaf", ("*",), (Route("leaf", RouteMatch(PathKind.PREFIX, "/"),
                                             ClusterAction((WeightedCluster("leaf", 1),),
-                                                          timeout_ms=timeout_ms or None),
+                                                          timeout_ms=timeout_ms or None,
+                                                          retry=istio_retry if retry else None),
                                             Verdict.KERNEL),))
     client = KernelPlan(pods["client"]["node_id"], "bench",
                         (ListenerPlan("out9000", "0.0.0.0", 9000, Direction.OUTBOUND, (vh,)),),
@@ -156,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a timeout on the leaf route (0: none): the cost of the route timer")
     p.add_argument("--mesh-name", default="k2bench",
                    help="name of the benchmark's mesh (two runs at once need two names)")
+    p.add_argument("--retry-policy", action="store_true",
+                   help="Istio's default retry policy on the leaf route: the cost of keeping "
+                   "every request and checking every response for a retry")
     p.add_argument("--close", action="store_true",
                    help="one new connection per request (wrk -H 'Connection: close')")
     args = p.parse_args(argv)
@@ -170,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     agent.start()
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
-        client, leaf = plan_for(m.state(), args.inbound_policy, args.route_timeout_ms)
+        client, leaf = plan_for(m.state(), args.inbound_policy, args.route_timeout_ms,
+                                args.retry_policy)
         agent.on_plan(leaf.node_id, leaf)
         agent.on_plan(client.node_id, client)
         deadline = time.monotonic() + 60
@@ -212,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                                "by_outcome": {f"{o}/{w}": n for (_r, o, w), n in stats.items()}}
     summary["route_timeout_ms"] = args.route_timeout_ms
     summary["timeouts_fired"] = fired
+    summary["retry_policy"] = args.retry_policy
     print(json.dumps(summary, indent=1))
     return 0
 
