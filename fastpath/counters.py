@@ -104,9 +104,13 @@ class FastpathCollector:
     `source` returns (node id, {(route name, outcome, reason): count}) pairs.
     """
 
-    def __init__(self, source: Callable[[], Iterable[tuple[str, dict[tuple[str, str, str], int]]]]
+    def __init__(self, source: Callable[[], Iterable[tuple[str, dict[tuple[str, str, str], int]]]],
+                 timeouts: Callable[[], Iterable[tuple[str, dict[str, int]]]] | None = None
                  ) -> None:
+        """`timeouts` returns (node id, {kind: count}) of the route timer
+        (fastpath.timeouts: timeout_504, timeout_reset, timeout_raced)."""
         self.source = source
+        self.timeouts = timeouts
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         fam = CounterMetricFamily(
@@ -117,6 +121,15 @@ class FastpathCollector:
             for (route, outcome, reason), n in sorted(stats.items()):
                 fam.add_metric([node, route, outcome, reason], n)
         yield fam
+        if self.timeouts is not None:
+            tmo = CounterMetricFamily(
+                "l7fp_fastpath_timeouts", "Route timeouts the fast path enforced: 504 sent "
+                "(timeout_504), client connection cut (timeout_reset), response completed "
+                "while the timer fired (timeout_raced)", labels=["node", "kind"])
+            for node, counts in self.timeouts():
+                for kind, n in sorted(counts.items()):
+                    tmo.add_metric([node, kind], n)
+            yield tmo
 
     def describe(self) -> list[Any]:
         return []

@@ -95,11 +95,13 @@ def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
         r = m.exec("client", [sys.executable, str(KD / "k2_tmo_client.py"), "slow", "9000",
                               json.dumps(SCRIPT)], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        dbg = {}
+        dbg: dict[str, Any] = {}
         if mode == "on":
             time.sleep(0.5)
             dbg = json.loads(urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath",
                                                     timeout=5).read())
+            dbg["metrics"] = urllib.request.urlopen(f"http://{st['admin']}/metrics",
+                                                    timeout=5).read().decode()
     finally:
         m.down()
     events = [json.loads(ln) for ln in (logs / "slow-events.jsonl").read_text().splitlines()]
@@ -125,6 +127,9 @@ def test_timeouts_in_the_mesh_match_envoy(kernel: None, tmp_path: Path) -> None:
     client = next(n for n in on["dbg"]["nodes"] if n["pod"].startswith("client"))
     fired = client["timeouts_fired"]
     assert fired["timeout_504"] == 1 and fired["timeout_reset"] == 1, client
+    metrics = [ln for ln in on["dbg"]["metrics"].splitlines()
+               if ln.startswith("l7fp_fastpath_timeouts_total{") and client["node"] in ln]
+    assert any('kind="timeout_504"' in ln and ln.endswith(" 1.0") for ln in metrics), metrics
     # paired: no upstream went over TCP, so dp_srv_verdict carried the answers
     assert client["unpaired_upstreams"] == 0
     assert "server" not in quick["headers"] and "server" not in late["headers"]
