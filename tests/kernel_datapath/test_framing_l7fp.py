@@ -65,6 +65,13 @@ SCRIPTS: dict[str, tuple[list[dict], list[tuple[str, str]]]] = {  # type: ignore
     "pipelined_reply_then_body_spans": ([{"send": [D + deny(8, "bbb"), "b" * 5], "pause": 0.02,
                                           "expect": 2}, {"send": [D]}],
                                         [(D, "kernel"), (deny(8), "kernel"), (D, "kernel")]),
+    # a split head behind a kernel reply: Envoy, sticky (corking it there too
+    # works, but cost the verifier 167k more instructions: docs/fastpath.md)
+    "pipelined_reply_then_split_head": ([{"send": [D + F[:7], F[7:]], "pause": 0.02,
+                                          "expect": 2}, {"send": [F]}],
+                                        [(D, "kernel"), (F, "envoy"), (F, "envoy")]),
+    "pipelined_reply_then_split_envoy": ([{"send": [D + P[:9], P[9:]], "pause": 0.02,
+                                           "expect": 2}], [(D, "kernel"), (P, "envoy")]),
     "pipelined_fast_first": ([{"send": [F + D], "expect": 2}], [(F, "envoy"), (D, "envoy")]),
     # short writes that cannot become a request: to Envoy at once (400), not corked
     "garbage_short": ([{"send": ["PING\r\n"]}], [("PING\r\n", "envoy")]),
