@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastpath import bpfsys
+from fastpath import bpfsys, compile_check
 from mesh.plumbing import cgroup2_root  # noqa: F401  (re-exported: one reader of /proc/mounts)
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,11 @@ def module_text(decide_header: str | None = None) -> str:
 
 
 def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, ...] = (),
-                   instance: str = "") -> Any:
-    """Compile (or reuse) a BCC module. Raises bcc's exception on a compile error.
+                   instance: str = "", check: bool = False) -> Any:
+    """Compile (or reuse) a BCC module. Raises bcc's exception on a compile error,
+    `compile_check.CompileError` when `check` and a child's compile fails first
+    (an LLVM abort there would otherwise end this process): for synthesized
+    programs, whose cflags come from a plan; fixed sources need no check.
 
     Modules are cached per (text, cflags, instance): two nodes need two
     instances (their own maps), a test reusing one instance saves the compile.
@@ -100,6 +103,8 @@ def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, 
     key = (text, flags, instance)
     with _CACHE_LOCK:
         if key not in _CACHE:
+            if check:
+                compile_check.check(text, flags)  # a child pays an LLVM abort, not us
             _CACHE[key] = BPF(text=text.encode(), cflags=list(flags))
         return _CACHE[key]
 
@@ -134,7 +139,8 @@ class Datapath:
         back = returning()
         if not back:
             cflags = tuple(cflags) + ("-DDP_RETURN=0",)
-        b = compile_module(module_text(decide_header), cflags, include, instance)
+        b = compile_module(module_text(decide_header), cflags, include, instance,
+                           check=decide_header is not None)
         dp = cls(bpf=b)
         dp.reset()
         dp.fds["sockops"] = b.load_func("dp_sockops", BPF.SOCK_OPS).fd

@@ -1,0 +1,77 @@
+"""An LLVM abort while compiling a node's data path must not end the process.
+
+LLVM's BPF backend ends the process on some errors (the 512-byte stack limit):
+`fastpath.compile_check` compiles in a child first. These tests compile
+programs that end a process that way and check that this one raises a clear
+CompileError and keeps working (the agent then logs one line and falls back).
+
+Run: .venv/bin/python -m pytest tests/kernel_datapath/test_compile_check.py -q   (root)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastpath import compile_check, loader
+
+pytestmark = [pytest.mark.kernel]
+
+# 1 kB on the stack: LLVM's BPF backend refuses it with a fatal error
+STACK_BUSTER = """
+int big(struct __sk_buff *skb) {
+    volatile char buf[1024];
+    for (int i = 0; i < 1024; i++) buf[i] = (char)i;
+    return buf[skb->len & 1023];
+}
+"""
+GOOD = "int small(struct __sk_buff *skb) { return skb->len & 1; }\n"
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(compile_check, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(compile_check, "_OK", set())
+    return tmp_path
+
+
+def test_the_stack_buster_ends_a_process_that_compiles_it(kernel: None) -> None:
+    """What the check protects against: compiled in-process, it exits the process."""
+    code = ("import sys; from bcc import BPF; "
+            "BPF(text=sys.stdin.read().encode()); print('survived')")
+    r = subprocess.run([sys.executable, "-c", code], input=STACK_BUSTER, capture_output=True,
+                       text=True, timeout=120)
+    assert "survived" not in r.stdout and r.returncode != 0, (r.stdout, r.stderr)
+    assert "stack limit" in r.stderr, r.stderr
+
+
+def test_compile_error_instead_of_an_exit(kernel: None, cache_dir: Path) -> None:
+    with pytest.raises(compile_check.CompileError, match="stack limit of 512 bytes"):
+        loader.compile_module(STACK_BUSTER, instance="istiofit-bust", check=True)
+    assert not list(cache_dir.iterdir())  # a failure is not remembered as a success
+    b = loader.compile_module(GOOD, instance="istiofit-good", check=True)  # this process goes on
+    assert b is not None
+    assert len(list(cache_dir.iterdir())) == 1  # the success is remembered
+
+
+def test_datapath_load_of_a_plan_that_aborts_llvm(kernel: None, cache_dir: Path) -> None:
+    """The data path with strings too long for the stack (L7FP_MAX_STR=1024; before
+    the stack fix, bookinfo's 64 did this): Datapath.load raises, no exit."""
+    from fastpath.synth import synthesize
+    from tests.kernel_decide.plans import parser_plan
+
+    knobs = dict(c[2:].split("=", 1) for c in synthesize(parser_plan()).cflags)
+    knobs.update({"L7FP_MAX_STR": "1024", "L7FP_F_HDR_MATCH": "1", "L7FP_MAX_HMATCH": "2"})
+    cflags = tuple(f"-D{k}={v}" for k, v in knobs.items())
+    with pytest.raises(compile_check.CompileError, match="error"):
+        loader.Datapath.load(cflags=cflags, decide_header="dp_decide_l7fp.h",
+                             instance="istiofit-long")
+
+
+def test_reason_is_one_line() -> None:
+    err = "x\n/virtual/main.c:3: error: boom\nmore\n"
+    assert compile_check.reason(err, 1) == "/virtual/main.c:3: error: boom"
+    assert compile_check.reason("", -6) == "compiler exited -6: no output"
