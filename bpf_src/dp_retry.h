@@ -50,6 +50,7 @@
 #define DP_R_RETRY_COPY 12    /* retry route: request not in one write or too big to keep */
 #define DP_R_RETRY_TCP 13     /* retry route bound to an unpaired upstream */
 #define DP_R_RETRY_OVERFLOW 14 /* (outcome fast) retry not made: max_retries reached */
+#define DP_R_RETRY_LOST 15     /* (outcome fast) request not kept (pull/copy/map full) */
 
 struct dp_rpol_key {
     __u32 gen;
@@ -84,7 +85,7 @@ struct dp_retry {
 
 BPF_HASH(dp_rpol, struct dp_rpol_key, struct dp_rpol, 1024);
 BPF_F_TABLE("hash", __u64, struct dp_retry, dp_retry, DP_MAX_UP, BPF_F_NO_PREALLOC);
-BPF_PERCPU_ARRAY(dp_retry_tmp, struct dp_retry, 1);
+BPF_PERCPU_ARRAY(dp_retry_tmp, struct dp_retry, DP_BINDS); /* keyed by dp_conn.body_bind */
 BPF_ARRAY(dp_retry_busy, __u32, DP_RETRY_CLUSTERS); /* retries pending per cluster id */
 BPF_HASH(dp_tcp_up, __u64, __u32, DP_MAX_UP);        /* unpaired upstreams (agent) */
 
@@ -99,15 +100,62 @@ static __always_inline struct dp_rpol *dp_retry_policy(__u32 gen, struct dp_verd
 #endif
 }
 
-/* Keep a copy of the request (the first `len` bytes of the message) armed on
- * upstream `up`. Returns 0, or -1 (the caller sends the request to Envoy). */
-static __always_inline int dp_retry_arm(struct sk_msg_md *msg, struct dp_conn *c,
-                                        struct dp_verdict *v, struct dp_rpol *p, __u64 up,
-                                        __u32 gen, __u32 len)
+/* True when the upstream bound at c->binds[b] is unpaired (dp_tcp_up). The
+ * key is read in place (sk_storage), not copied to the stack. */
+static __always_inline int dp_retry_tcp(struct dp_conn *c, int b)
 {
 #if DP_RETRY
-    __u32 k0 = 0;
-    struct dp_retry *t = dp_retry_tmp.lookup(&k0);
+    return dp_tcp_up.lookup(&c->binds[b & (DP_BINDS - 1)].up_cookie) != 0;
+#else
+    return 0;
+#endif
+}
+
+/* The per-CPU record being filled for this connection's request. Its key is
+ * c->body_bind read in place (0..DP_BINDS-1, unchanged for a retry route's
+ * request, whose body is never split): no key on the stack. dp_msg_verdict is
+ * near the 512-byte stack limit (with an Istio plan's knobs the copy's locals
+ * pushed it over, and that compile error ends the process). */
+static __always_inline struct dp_retry *dp_retry_scratch(struct dp_conn *c)
+{
+    return dp_retry_tmp.lookup(&c->body_bind);
+}
+
+/* At the decision: 1 when the route retries; its policy and the request's
+ * fields go into the per-CPU record now, while the stack is not at its peak. */
+static __always_inline int dp_retry_prepare(struct dp_conn *c, __u32 gen, struct dp_verdict *v)
+{
+#if DP_RETRY
+    struct dp_rpol *p = dp_retry_policy(gen, v);
+    if (!p)
+        return 0;
+    struct dp_retry *t = dp_retry_scratch(c);
+    if (!t)
+        return 0;
+    t->state = DP_RS_ARMED;
+    t->left = p->num_retries;
+    t->route = v->route;
+    t->gen = gen & 1;
+    t->cluster = v->cluster;
+    t->attempt = 1;
+    t->status = 0;
+    t->client = c->cookie;
+    t->pool = v->pool;
+    t->pol = *p;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Keep a copy of the request (its first `len` bytes, header inserts included)
+ * in the prepared record, armed on the upstream bound at c->binds[b].
+ * Returns 0, or -1. */
+static __always_inline int dp_retry_arm(struct sk_msg_md *msg, struct dp_conn *c, int b,
+                                        __u32 len)
+{
+#if DP_RETRY
+    struct dp_retry *t = dp_retry_scratch(c);
     if (!t)
         return -1;
     if (len == 0 || len >= DP_RETRY_MAX)
@@ -123,27 +171,10 @@ static __always_inline int dp_retry_arm(struct sk_msg_md *msg, struct dp_conn *c
         return -1;
     if (bpf_probe_read_kernel(t->req, n, d))
         return -1;
-    t->state = DP_RS_ARMED;
-    t->left = p->num_retries;
-    t->route = v->route;
-    t->gen = gen & 1;
-    t->cluster = v->cluster;
     t->len = len;
-    t->attempt = 1;
-    t->status = 0;
-    t->client = c->cookie;
-    t->pool = v->pool;
-    t->pol = *p;
-    return dp_retry.update(&up, t) ? -1 : 0;
+    return dp_retry.update(&c->binds[b & (DP_BINDS - 1)].up_cookie, t) ? -1 : 0;
 #else
     return 0;
-#endif
-}
-
-static __always_inline void dp_retry_disarm(__u64 up)
-{
-#if DP_RETRY
-    dp_retry.delete(&up);
 #endif
 }
 

@@ -416,7 +416,10 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         return dp_to_envoy(c, v.route, DP_R_PIPELINE); /* pipelined: one way for all */
     if (v.kind != DP_K_FORWARD)
         return dp_to_envoy(c, v.route, DP_R_NONE);
-    struct dp_rpol *rpol = dp_retry_policy(gen, &v);
+    /* a flag, not the policy pointer: this function is near the 512-byte stack
+     * limit (an Istio plan's knobs + DP_RETRY went over it with the pointer and
+     * the upstream cookie kept across the header insert) */
+    int rpol = dp_retry_prepare(c, gen, &v);
     /* a retry needs the whole request (+ header inserts) in this write, kept */
     if (rpol && (size != v.consumed || v.consumed + DP_REPLY_MAX >= DP_RETRY_MAX))
         return dp_to_envoy_req(msg, c, &v, size, DP_R_RETRY_COPY);
@@ -430,8 +433,7 @@ int dp_msg_verdict(struct sk_msg_md *msg)
             __sync_fetch_and_add(miss, 1); /* the agent grows this pool */
         return dp_to_envoy_req(msg, c, &v, size, why);
     }
-    __u64 bound_up = c->binds[b & (DP_BINDS - 1)].up_cookie;
-    if (rpol && dp_tcp_up.lookup(&bound_up)) /* retries need a paired upstream */
+    if (rpol && dp_retry_tcp(c, b)) /* retries need a paired upstream */
         return dp_to_envoy_req(msg, c, &v, size, DP_R_RETRY_TCP);
     __u32 is_head = dp_is_head(msg);
     if (v.hdr_add || v.hdr_add_in) {
@@ -441,8 +443,6 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         size += n;
         v.consumed += n;
     }
-    if (rpol && dp_retry_arm(msg, c, &v, rpol, bound_up, gen, v.consumed) < 0)
-        return dp_to_envoy(c, v.route, DP_R_RETRY_COPY);
     if (size < v.consumed) {
         c->body_left = v.consumed - size;
         c->body_bind = b;
@@ -452,8 +452,6 @@ int dp_msg_verdict(struct sk_msg_md *msg)
         dp_tmo_arm(c, up, gen, v.route, msg->local_port, c->body_left != 0, is_head);
     int ret = dp_forward(msg, c, b);
     if (ret != SK_PASS) {
-        if (rpol)
-            dp_retry_disarm(bound_up);
         /* upstream gone (closed by its server or the agent): drop the bind, tell
          * the agent to close its socket, go to Envoy */
         if (c->flags & DP_F_TMO)
@@ -473,6 +471,13 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     }
     dp_count(v.route, DP_OUT_FAST, 0);
     dp_access(c, &v, DP_OUT_FAST, 0);
+    /* Last, when little else is live: earlier (or inlined) the copy's locals
+     * and spills pushed this function over the 512-byte stack with an Istio
+     * plan's knobs. The redirect takes effect after we return, so the record
+     * is armed before the app can answer. Failing here, the request is
+     * already on its way: counted (fast/retry_lost), not retried. */
+    if (rpol && dp_retry_arm(msg, c, b, v.consumed) < 0)
+        dp_count(v.route, DP_OUT_FAST, DP_R_RETRY_LOST);
     return SK_PASS;
 }
 
