@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -56,12 +57,14 @@ CASES: list[tuple[str, dict[str, str], str, str, int, int]] = [
     ("solo", {"x-fail": "2"}, "PUT", "abc", 200, 3),
     ("solo", {"x-fail": "3"}, "GET", "", 503, 3),
 ]
-ROUNDS = 2
+# variant -> (mesh file, policies file or dir, rounds of CASES). "istio": the
+# config istiod would generate (default retry policy, include_request_attempt_count)
+MESHES = {"envoy": ("mesh.yaml", "policies.yaml", 2), "istio": ("mesh_istio.yaml", "istio", 1)}
 
 
-def gen_requests() -> list[dict[str, Any]]:
+def gen_requests(rounds: int) -> list[dict[str, Any]]:
     reqs = []
-    for rnd in range(ROUNDS):
+    for rnd in range(rounds):
         for i, (svc, hdrs, method, body, _, _) in enumerate(CASES):
             port = 9000 if svc == "flaky" else 9100
             req = {"svc": svc, "vip": svc, "port": port, "method": method, "path": f"/c{i}",
@@ -74,17 +77,22 @@ def gen_requests() -> list[dict[str, Any]]:
     return reqs
 
 
-def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]:
+def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]:
     from mesh.runner import Mesh
 
+    mesh_file, policies, _ = MESHES[variant]
     d = tmp / mode
     logdir = d / "logs"
     logdir.mkdir(parents=True)
     logdir.chmod(0o777)
-    text = (HERE / "mesh.yaml").read_text().replace("@APP@", str(HERE / "retry_app.py"))
+    text = (HERE / mesh_file).read_text().replace("@APP@", str(HERE / "retry_app.py"))
     (d / "mesh.yaml").write_text(text.replace("@LOGDIR@", str(logdir)))
-    (d / "policies.yaml").write_text((HERE / "policies.yaml").read_text())
-    m = Mesh(d / "mesh.yaml", f"k4{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
+    if (HERE / policies).is_dir():
+        shutil.copytree(HERE / policies, d / policies)
+    else:
+        (d / policies).write_text((HERE / policies).read_text())
+    m = Mesh(d / "mesh.yaml", f"k4{variant[0]}{mode}{os.getpid() % 10000}", fastpath=mode,
+             timeout=120)
     try:
         st = m.up()
         if mode == "on":
@@ -143,20 +151,25 @@ def view(res: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         v["body"] = res["body"]
         return v
-    v.update(attempt=body["attempt"], body_len=body["body_len"])
+    # x-envoy-attempt-count as the app got it (Istio: include_request_attempt_count)
+    v.update(attempt=body["attempt"], body_len=body["body_len"],
+             attempt_count=body["headers"].get("x-envoy-attempt-count"))
     return v
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+@pytest.fixture(scope="module", params=sorted(MESHES))
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+         ) -> dict[str, Any]:
     from support.env import require_kernel
 
     require_kernel()
-    tmp = tmp_path_factory.mktemp("k4retry")
+    variant = request.param
+    tmp = tmp_path_factory.mktemp(f"k4retry-{variant}")
     tmp.chmod(0o755)
-    reqs = gen_requests()
-    out: dict[str, Any] = {mode: run_mesh(tmp, mode, reqs) for mode in ("off", "on")}
+    reqs = gen_requests(MESHES[variant][2])
+    out: dict[str, Any] = {mode: run_mesh(tmp, variant, mode, reqs) for mode in ("off", "on")}
     out["reqs"] = reqs
+    out["variant"] = variant
     return out
 
 
@@ -190,12 +203,27 @@ def test_answers_are_envoys_policy(runs: dict[str, Any], kernel: None) -> None:
                 assert pods[0] != pods[1], (mode, "retry on the same pod", req, pods)
 
 
+def test_attempt_count_header(runs: dict[str, Any], kernel: None) -> None:
+    """Istio's virtual hosts include the attempt count: the attempt that succeeds
+    carries its number, both ways (the agent rewrites the kernel's copy)."""
+    n = 0
+    for mode in ("off", "on"):
+        for res in runs[mode]["results"]:
+            v = view(res)
+            if "attempt" in v and runs["variant"] == "istio":
+                assert v["attempt_count"] == str(v["attempt"]), (mode, v)
+                n += 1
+            elif "attempt" in v:
+                assert v["attempt_count"] is None, (mode, v)
+    assert runs["variant"] != "istio" or n >= 20, n
+
+
 def test_kernel_served_and_retried(runs: dict[str, Any], kernel: None) -> None:
     counts = runs["on"]["counts"]
-    print(f"fast path counters: {dict(counts)}; agent: "
+    print(f"{runs['variant']}: fast path counters: {dict(counts)}; agent: "
           f"{[n.get('retries') for n in runs['on']['dbg'].get('nodes', [])]}")
     assert counts["fast"] >= len(runs["reqs"]) // 2, dict(counts)
-    assert counts["retry"] >= 10, dict(counts)
+    assert counts["retry"] >= 5 * MESHES[runs["variant"]][2], dict(counts)
     # only the 6 kB POST (too big to keep) went to Envoy, once per round; bodies
     # that fit (300 B POST, PUT) were kept and retried by the kernel
-    assert counts["envoy/retry_copy"] == ROUNDS, dict(counts)
+    assert counts["envoy/retry_copy"] == MESHES[runs["variant"]][2], dict(counts)
