@@ -335,6 +335,17 @@ static __always_inline __u32 dp_is_head(struct sk_msg_md *msg)
     return d[0] == 'H' && d[1] == 'E' && d[2] == 'A' && d[3] == 'D' && d[4] == ' ';
 }
 
+/* dp_msg_verdict -> dp_msg_act: the verdict and what it needs of the first
+ * half (per CPU: an sk_msg program and its tail call run on one CPU). */
+struct dp_msg_scratch {
+    struct dp_verdict v;
+    __u32 gen;
+    __u32 tmo;
+    __u32 size;
+};
+BPF_PERCPU_ARRAY(dp_msg_scr, struct dp_msg_scratch, 1);
+BPF_PROG_ARRAY(dp_msg_prog, 1);
+
 int dp_msg_verdict(struct sk_msg_md *msg)
 {
     struct bpf_sock *sk = msg->sk;
@@ -399,6 +410,39 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     dp_decide(c, gen, msg->data, msg->data_end, &v);
     if (v.kind == DP_K_NEED_MORE)
         return dp_need_more(msg, c, &v); /* decided (and counted) once complete */
+    __u32 k1 = 0;
+    struct dp_msg_scratch *scr = dp_msg_scr.lookup(&k1);
+    if (!scr)
+        return dp_to_envoy(c, v.route, DP_R_NONE);
+    scr->v = v;
+    scr->gen = gen;
+    scr->tmo = tmo;
+    scr->size = size;
+    dp_msg_prog.call(msg, 0); /* dp_msg_act: acts on the verdict */
+    return dp_to_envoy(c, v.route, DP_R_NONE); /* no program in dp_msg_prog */
+}
+
+/* The second half of dp_msg_verdict, reached by its tail call with the
+ * verdict in dp_msg_scr: bind, header inserts, retry copy, timeout record,
+ * redirect. A program of its own so that the verifier walks the decision and
+ * the action separately (together: over its 1M-instruction budget with Istio's
+ * retry policy and header inserts) and each has its own 512-byte stack (one
+ * frame overflowed it with bookinfo-length strings). The loader puts it into
+ * dp_msg_prog[0]. */
+int dp_msg_act(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_PASS;
+    struct dp_conn *c = dp_conn_st.sk_storage_get(sk, 0, 0);
+    __u32 k1 = 0;
+    struct dp_msg_scratch *scr = dp_msg_scr.lookup(&k1);
+    if (!c || !scr)
+        return SK_PASS;
+    struct dp_verdict v = scr->v;
+    __u32 gen = scr->gen;
+    __u32 tmo = scr->tmo;
+    __u32 size = scr->size;
     c->flags &= ~DP_F_REST;
     c->reqs++;
     int busy = dp_ret_busy(c); /* Envoy still owes responses: keep the order */

@@ -145,6 +145,8 @@ class Datapath:
         dp.reset()
         dp.fds["sockops"] = b.load_func("dp_sockops", BPF.SOCK_OPS).fd
         dp.fds["msg"] = b.load_func("dp_msg_verdict", BPF.SK_MSG).fd
+        dp.fds["act"] = b.load_func("dp_msg_act", BPF.SK_MSG).fd
+        b["dp_msg_prog"][ct.c_int(0)] = ct.c_int(dp.fds["act"])  # dp_msg_verdict's second half
         dp.fds["skb"] = b.load_func("dp_skb_verdict", BPF.SK_SKB).fd
         dp.fds["rsp"] = b.load_func("dp_rsp_verdict", BPF.SK_SKB).fd
         b["dp_rsp_prog"][ct.c_int(0)] = ct.c_int(dp.fds["rsp"])  # its own tail call
