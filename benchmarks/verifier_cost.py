@@ -1,0 +1,76 @@
+"""Verifier cost of the sk_msg programs of the l7fp data path, per compile knob.
+
+    sudo PYTHONPATH=. .venv/bin/python -m benchmarks.verifier_cost [KNOB=VALUE ...]
+
+Compiles the data path with the cflags of a small plan (tests' parser plan)
+overridden by KNOB=VALUE (e.g. L7FP_MAX_STR=64 DP_RETRY=1 DP_INBOUND=1) and
+loads dp_msg_verdict and dp_msg_act with the verifier's statistics
+(BPF_LOG_STATS). Prints per program: instructions, load time, stack depth and
+instructions processed (limit 1,000,000). Nothing is attached. docs/fastpath.md
+"Compile check and the two sk_msg programs" has figures from it.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import sys
+import time
+
+PROGRAMS = (b"dp_msg_verdict", b"dp_msg_act")
+LOG_STATS = 4
+
+
+def cflags(overrides: dict[str, str]) -> tuple[str, ...]:
+    from fastpath import plan as P
+    from fastpath.synth import synthesize
+
+    vh = P.VirtualHost("web", ("web",), routes=(P.Route(
+        "r", P.RouteMatch(P.PathKind.PREFIX, "/"),
+        P.ClusterAction((P.WeightedCluster("c1", 1),)), P.Verdict.KERNEL),))
+    lp = P.ListenerPlan("out", "0.0.0.0", 80, P.Direction.OUTBOUND, virtual_hosts=(vh,))
+    c1 = P.Cluster("c1", P.LbPolicy.ROUND_ROBIN, (P.Endpoint("198.18.0.2", 80),))
+    knobs = dict(c[2:].split("=", 1) for c in
+                 synthesize(P.KernelPlan("n", "1", listeners=(lp,), clusters=(c1,))).cflags)
+    knobs.update(overrides)
+    return tuple(f"-D{k}={v}" for k, v in knobs.items())
+
+
+def measure(overrides: dict[str, str]) -> list[str]:
+    from bcc import BPF, libbcc
+
+    from fastpath import loader
+
+    t = time.monotonic()
+    b = loader.compile_module(loader.module_text("dp_decide_l7fp.h"), cflags(overrides),
+                              instance="verifier_cost")
+    out = [f"compile {time.monotonic() - t:.1f} s"]
+    lib = libbcc.lib
+    for name in PROGRAMS:
+        size = lib.bpf_function_size(b.module, name)
+        buf = ct.create_string_buffer(1 << 20)
+        t = time.monotonic()
+        fd = lib.bcc_func_load(b.module, BPF.SK_MSG, name, lib.bpf_function_start(b.module, name),
+                               size, lib.bpf_module_license(b.module),
+                               lib.bpf_module_kern_version(b.module), LOG_STATS, buf, 1 << 20,
+                               None, -1)
+        dt = time.monotonic() - t
+        stats = [ln for ln in buf.value.decode(errors="replace").splitlines()
+                 if ln.startswith(("processed", "stack depth", "BPF program is too large"))]
+        out.append(f"{name.decode()}: {size // 8} insns, load {dt:.1f} s, "
+                   f"{'loaded' if fd >= 0 else 'REFUSED'}; " + "; ".join(stats))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    try:
+        overrides = dict(a.split("=", 1) for a in argv)
+    except ValueError:
+        print(f"arguments are KNOB=VALUE, got {argv}", file=sys.stderr)
+        return 2
+    for line in measure(overrides):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
