@@ -4,7 +4,7 @@
 
 Compiles the data path with the cflags of a small plan (tests' parser plan)
 overridden by KNOB=VALUE (e.g. L7FP_MAX_STR=64 DP_RETRY=1 DP_INBOUND=1) and
-loads dp_msg_verdict and dp_msg_act with the verifier's statistics
+loads dp_msg_verdict, dp_msg_in and dp_msg_act with the verifier's statistics
 (BPF_LOG_STATS). Prints per program: instructions, load time, stack depth and
 instructions processed (limit 1,000,000). Nothing is attached. docs/fastpath.md
 "Compile check and the two sk_msg programs" has figures from it.
@@ -16,7 +16,7 @@ import ctypes as ct
 import sys
 import time
 
-PROGRAMS = (b"dp_msg_verdict", b"dp_msg_act")
+PROGRAMS = (b"dp_msg_verdict", b"dp_msg_in", b"dp_msg_act")
 LOG_STATS = 4
 
 

@@ -94,31 +94,61 @@ static __always_inline int dp_decide_inbound(struct l7fp_req_ctx *ctx, struct l7
     return 1;
 }
 
+/* The outbound decision, per CPU rather than on the stack: with bookinfo-length
+ * strings (L7FP_MAX_STR 64) dp_msg_verdict's frame is near the 512-byte limit.
+ * With DP_INBOUND it is also kept for the inbound decision, which runs in a
+ * program of its own (sk_msg.c dp_msg_in, a tail call): in one program with the
+ * outbound decision the verifier walked two copies of the decision (~270k of
+ * the 1M instructions it processes). Per CPU: sk_msg and its tail calls run on
+ * one CPU. */
+BPF_PERCPU_ARRAY(dp_dec_scr, struct l7fp_decision, 1);
+
+#if DP_INBOUND
+#define DP_DECIDE_SECOND 1
+
+/* Called by dp_msg_in on the verdict of a FORWARD: the destination's inbound
+ * listener, on the request still parsed in the per-CPU decision context. */
+static __always_inline int dp_decide_second(__u32 gen, struct dp_verdict *v)
+{
+    __u32 k = 0;
+    struct l7fp_req_ctx *ctx = l7fp_ctx_get();
+    struct l7fp_decision *d = dp_dec_scr.lookup(&k);
+    if (!ctx || !d) {
+        v->kind = DP_K_PASS;
+        v->reason = DP_R_DECIDE_BASE + L7FP_R_LIMIT;
+        return 1;
+    }
+    return dp_decide_inbound(ctx, d, gen, v);
+}
+#endif
+
 static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, void *data_end,
                                      struct dp_verdict *v)
 {
     struct l7fp_req_ctx *ctx = l7fp_ctx_get();
-    if (!ctx) {
+    __u32 k0 = 0;
+    struct l7fp_decision *d = dp_dec_scr.lookup(&k0);
+    if (!ctx || !d) {
         v->kind = DP_K_PASS;
         v->reason = DP_R_DECIDE_BASE + L7FP_R_LIMIT;
         return 0;
     }
-    struct l7fp_decision d = {};
+    __builtin_memset(d, 0, sizeof(*d));
     ctx->rand = bpf_get_prandom_u32();
     ctx->rand2 = bpf_get_prandom_u32();
     ctx->gen = gen;
     ctx->now_ns = bpf_ktime_get_ns();
     ctx->src_ip4 = c->src_ip; /* the pod's address, as the destination sees it */
     /* dp_svc holds listener id + 1 (0: none); l7fp_decide counts from 0 */
-    l7fp_decide(ctx, data, data_end, c->listener - 1, &d);
-    v->route = d.route == ~0u ? 0 : d.route + 1;
-    v->consumed = d.consumed;
-    v->head_len = d.hdr_len;
-    v->status = d.status;
-    v->cluster = d.cluster;
-    if (d.verdict == L7FP_FORWARD) {
-        v->hdr_add = d.hdr_add; /* sk_msg.c inserts it (dp_hdr_add_get) */
-        struct dp_ep_key k = {.gen = gen & 1, .cluster = d.cluster, .endpoint = d.endpoint};
+    l7fp_decide(ctx, data, data_end, c->listener - 1, d);
+    v->route = d->route == ~0u ? 0 : d->route + 1;
+    v->consumed = d->consumed;
+    v->head_len = d->hdr_len;
+    v->status = d->status;
+    v->cluster = d->cluster;
+    if (d->verdict == L7FP_FORWARD) {
+        v->hdr_add = d->hdr_add; /* sk_msg.c inserts it (dp_hdr_add_get) */
+        struct dp_ep_key k = {.gen = gen & 1, .cluster = d->cluster, .endpoint = d->endpoint};
         __u32 *pool = dp_eps.lookup(&k);
         if (!pool) {
             v->kind = DP_K_PASS;
@@ -127,22 +157,19 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
         }
         v->kind = DP_K_FORWARD;
         v->pool = *pool;
-#if DP_INBOUND
-        dp_decide_inbound(ctx, &d, gen, v);
-#endif
         return 0;
     }
-    if (d.verdict == L7FP_REPLY) {
+    if (d->verdict == L7FP_REPLY) {
         v->kind = DP_K_REPLY;
-        v->reply_id = d.reply;
+        v->reply_id = d->reply;
         return 0;
     }
-    if (d.verdict == L7FP_NEED_MORE) {
+    if (d->verdict == L7FP_NEED_MORE) {
         v->kind = DP_K_NEED_MORE;
         return 0;
     }
     v->kind = DP_K_PASS;
-    v->reason = DP_R_DECIDE_BASE + d.reason;
+    v->reason = DP_R_DECIDE_BASE + d->reason;
     return 0;
 }
 

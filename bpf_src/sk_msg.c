@@ -344,7 +344,7 @@ struct dp_msg_scratch {
     __u32 size;
 };
 BPF_PERCPU_ARRAY(dp_msg_scr, struct dp_msg_scratch, 1);
-BPF_PROG_ARRAY(dp_msg_prog, 1);
+BPF_PROG_ARRAY(dp_msg_prog, 2); /* 0: dp_msg_act, 1: dp_msg_in */
 
 int dp_msg_verdict(struct sk_msg_md *msg)
 {
@@ -405,21 +405,47 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     if (!c->listener)
         return dp_to_envoy(c, 0, DP_R_NO_PLAN);
     bpf_msg_pull_data(msg, 0, size < DP_HDR_MAX ? size : DP_HDR_MAX, 0);
-    struct dp_verdict v = {};
-    v.log = cfg->access_log;
-    dp_decide(c, gen, msg->data, msg->data_end, &v);
-    if (v.kind == DP_K_NEED_MORE)
-        return dp_need_more(msg, c, &v); /* decided (and counted) once complete */
     __u32 k1 = 0;
     struct dp_msg_scratch *scr = dp_msg_scr.lookup(&k1);
     if (!scr)
-        return dp_to_envoy(c, v.route, DP_R_NONE);
-    scr->v = v;
+        return dp_to_envoy(c, 0, DP_R_NONE); /* cannot happen: an array entry */
+    struct dp_verdict *v = &scr->v; /* not on the stack: the decision needs it */
+    __builtin_memset(v, 0, sizeof(*v));
+    v->log = cfg->access_log;
+    dp_decide(c, gen, msg->data, msg->data_end, v);
+    if (v->kind == DP_K_NEED_MORE)
+        return dp_need_more(msg, c, v); /* decided (and counted) once complete */
     scr->gen = gen;
     scr->tmo = tmo;
     scr->size = size;
+#ifdef DP_DECIDE_SECOND
+    if (v->kind == DP_K_FORWARD)
+        dp_msg_prog.call(msg, 1); /* dp_msg_in: the destination's inbound decision */
+#endif
     dp_msg_prog.call(msg, 0); /* dp_msg_act: acts on the verdict */
-    return dp_to_envoy(c, v.route, DP_R_NONE); /* no program in dp_msg_prog */
+    return dp_to_envoy(c, v->route, DP_R_NONE); /* no program in dp_msg_prog */
+}
+
+/* The destination's inbound decision on a FORWARD verdict of dp_msg_verdict
+ * (DP_INBOUND), a program of its own for the verifier's sake
+ * (dp_decide_l7fp.h dp_decide_second), then dp_msg_act. Without an inbound
+ * decision compiled in it is never called. The loader puts it into
+ * dp_msg_prog[1]. */
+int dp_msg_in(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_PASS;
+    struct dp_conn *c = dp_conn_st.sk_storage_get(sk, 0, 0);
+    __u32 k1 = 0;
+    struct dp_msg_scratch *scr = dp_msg_scr.lookup(&k1);
+    if (!c || !scr)
+        return SK_PASS;
+#ifdef DP_DECIDE_SECOND
+    dp_decide_second(scr->gen, &scr->v);
+#endif
+    dp_msg_prog.call(msg, 0); /* dp_msg_act */
+    return dp_to_envoy(c, scr->v.route, DP_R_NONE);
 }
 
 /* The second half of dp_msg_verdict, reached by its tail call with the

@@ -147,6 +147,8 @@ class Datapath:
         dp.fds["msg"] = b.load_func("dp_msg_verdict", BPF.SK_MSG).fd
         dp.fds["act"] = b.load_func("dp_msg_act", BPF.SK_MSG).fd
         b["dp_msg_prog"][ct.c_int(0)] = ct.c_int(dp.fds["act"])  # dp_msg_verdict's second half
+        dp.fds["msg_in"] = b.load_func("dp_msg_in", BPF.SK_MSG).fd
+        b["dp_msg_prog"][ct.c_int(1)] = ct.c_int(dp.fds["msg_in"])  # the inbound decision
         dp.fds["skb"] = b.load_func("dp_skb_verdict", BPF.SK_SKB).fd
         dp.fds["rsp"] = b.load_func("dp_rsp_verdict", BPF.SK_SKB).fd
         b["dp_rsp_prog"][ct.c_int(0)] = ct.c_int(dp.fds["rsp"])  # its own tail call
