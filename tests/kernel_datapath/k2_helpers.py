@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from k2_http import recv_head
+
 from fastpath.loader import cgroup2_root
 
 
@@ -54,15 +56,10 @@ class HttpServer:
         buf = b""
         with c:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    try:
-                        d = c.recv(65536)
-                    except OSError:
-                        return
-                    if not d:
-                        return
-                    buf += d
-                head, _, rest = buf.partition(b"\r\n\r\n")
+                got = recv_head(c, buf)
+                if got is None:
+                    return
+                head, rest = got
                 lines = head.decode("latin-1").split("\r\n")
                 n = 0
                 for ln in lines[1:]:

@@ -18,6 +18,8 @@ import socket
 import threading
 import time
 
+from k2_http import recv_head
+
 
 class RetServer:
     """Keep-alive HTTP/1.1 server (Content-Length request bodies only)."""
@@ -44,15 +46,10 @@ class RetServer:
         buf = b""
         with c:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    try:
-                        d = c.recv(65536)
-                    except OSError:
-                        return
-                    if not d:
-                        return
-                    buf += d
-                head, _, buf = buf.partition(b"\r\n\r\n")
+                got = recv_head(c, buf)
+                if got is None:
+                    return
+                head, buf = got
                 line = head.split(b"\r\n", 1)[0].decode("latin-1")
                 self.seen.append(line)
                 try:

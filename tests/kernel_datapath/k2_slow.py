@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from k2_http import recv_head
+
 
 class SlowServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, events: str | None = None) -> None:
@@ -53,17 +55,10 @@ class SlowServer:
         buf = b""
         with c:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    try:
-                        d = c.recv(65536)
-                    except OSError as exc:
-                        self._note(conn=conn, kind="end", how=type(exc).__name__)
-                        return
-                    if not d:
-                        self._note(conn=conn, kind="end", how="eof")
-                        return
-                    buf += d
-                head, _, buf = buf.partition(b"\r\n\r\n")
+                got = recv_head(c, buf, lambda how: self._note(conn=conn, kind="end", how=how))
+                if got is None:
+                    return
+                head, buf = got
                 lines = head.decode("latin-1").split("\r\n")
                 hdr = {k.strip().lower(): v.strip() for k, _, v in
                        (ln.partition(":") for ln in lines[1:])}

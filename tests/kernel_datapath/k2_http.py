@@ -1,0 +1,29 @@
+"""The one HTTP/1.1 head reader of the test upstream servers (k2_helpers.HttpServer,
+k2_ret_server, k2_slow). Standard library only: k2_slow runs as a script inside
+mesh pods."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+
+def recv_head(c: socket.socket, buf: bytes,
+              on_end: Callable[[str], None] | None = None) -> tuple[bytes, bytes] | None:
+    """Read from `c` until `buf` holds a whole request head: (head, bytes after it),
+    or None when the peer closed ("eof") or the socket failed (the exception's
+    name); `on_end` is told which."""
+    while b"\r\n\r\n" not in buf:
+        try:
+            d = c.recv(65536)
+        except OSError as exc:
+            if on_end:
+                on_end(type(exc).__name__)
+            return None
+        if not d:
+            if on_end:
+                on_end("eof")
+            return None
+        buf += d
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
