@@ -75,3 +75,40 @@ def test_reason_is_one_line() -> None:
     err = "x\n/virtual/main.c:3: error: boom\nmore\n"
     assert compile_check.reason(err, 1) == "/virtual/main.c:3: error: boom"
     assert compile_check.reason("", -6) == "compiler exited -6: no output"
+
+
+@pytest.mark.envoy
+def test_agent_falls_back_with_one_log_line(kernel, cgroup, envoy, upstream, tmp_path,  # type: ignore[no-untyped-def]
+                                            monkeypatch, caplog):
+    """A node whose synthesized program ends LLVM: the agent (as in `l7fp serve`)
+    logs one line naming the node and the compiler's reason, serves the node
+    with the built-in decision, and this process goes on."""
+    import logging
+
+    from test_agent import client_plan, wait_for, write_state
+
+    from fastpath import agent as agent_mod
+
+    real = agent_mod._cflags
+    monkeypatch.setattr(agent_mod, "_cflags",
+                        lambda plan: real(plan) + ("-DL7FP_MAX_STR=1024",
+                                                   "-DL7FP_F_HDR_MATCH=1",
+                                                   "-DL7FP_MAX_HMATCH=2"))
+    monkeypatch.setattr(compile_check, "CACHE_DIR", tmp_path / "ok")
+    state = tmp_path / "state.json"
+    write_state(state, str(cgroup.path))
+    a = agent_mod.Agent(state, decide="l7fp")
+    caplog.set_level(logging.ERROR, logger="fastpath.agent")
+    a.start()
+    try:
+        a.on_plan("up", agent_mod.KernelPlan("up", "u1"))
+        a.on_plan("client", client_plan(envoy.port, upstream.port))
+        wait_for(lambda: a.nodes.get("client") and a.nodes["client"].plan, timeout=120)
+        assert a.nodes["client"].mode == "inline"
+        lines = [r.getMessage() for r in caplog.records if "l7fp_decide program failed" in
+                 r.getMessage()]
+        print(lines)
+        assert len(lines) == 1 and "node client" in lines[0], lines
+        assert "stack limit of 512 bytes" in lines[0], lines
+    finally:
+        a.stop()
