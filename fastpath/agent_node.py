@@ -231,6 +231,7 @@ class NodeDatapath:
             "node": self.pod.node_id, "pod": self.pod.name, "cgroup": self.pod.cgroup,
             "plan_version": self.plan.version if self.plan else None, "generation": self.gen,
             "decision": self.mode,
+            "cflags": list(self.cflags),  # the synthesized program's knobs (l7fp mode)
             "destinations": sorted(f"{ip}:{port}" for ip, port in self.services),
             "routes": self.route_names, "not_offloaded": self.notes,
             "pools": self.pools.snapshot(), "unpaired_upstreams": self.pools.unpaired,

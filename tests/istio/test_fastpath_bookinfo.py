@@ -89,6 +89,9 @@ def test_bookinfo_names_and_default_retries_on_the_fast_path() -> None:
     off, on = _run("off"), _run("on")
     node = on["node"]
     assert node is not None and node["decision"] == "l7fp", node
+    # bookinfo's names need 64-byte strings; the routes' retry policy is compiled in
+    assert {"-DL7FP_MAX_STR=64", "-DDP_RETRY=1", "-DL7FP_F_HDR_ADD=1"} <= set(node["cflags"]), \
+        node["cflags"]
     for (url, n, extra), a, b in zip(CASES, off["rows"], on["rows"], strict=True):
         assert len(a) == len(b) == n
         if url.startswith("http://reviews") and not extra:  # 80/20 subsets: by distribution
@@ -106,7 +109,8 @@ def test_bookinfo_names_and_default_retries_on_the_fast_path() -> None:
     kernel = sum(c["requests"] for c in node["counters"]
                  if c["outcome"] in ("fast", "kernel_reply"))
     total = sum(n for _u, n, _e in CASES)
-    print(f"kernel served {kernel} of {total}; counters: {node['counters']}; "
+    print(f"kernel served {kernel} of {total}; cflags {node['cflags']}; "
+          f"counters: {node['counters']}; "
           f"retries: {node['retries']}")
     # the rest went to Envoy only because a pool had no free upstream at that
     # moment (each request is a new connection; the agent refills behind them)
