@@ -228,18 +228,31 @@ static __always_inline int dp_tmo_begin(struct dp_tmo *t, __u64 up, __u32 size)
     return dp_tmo_armed.delete(&up) != 0; /* claim the client's queue, or lose it */
 }
 
-/* sk_msg (paired: the app's write on A). 0: pass it on, 1: drop it. */
-static __always_inline int dp_tmo_response_msg(struct sk_msg_md *msg, __u64 up)
+/* The start both response hooks share. Returns the record whose response head
+ * this write begins (the caller parses it), or NULL with *drop: 1 when the agent
+ * has timed the request out (drop the bytes), 0 when there is nothing to do. */
+static __always_inline struct dp_tmo *dp_tmo_on_response(__u64 up, __u32 size, int *drop)
 {
+    *drop = 0;
     struct dp_tmo *t = dp_tmo.lookup(&up);
     if (!t)
         return 0;
-    __u32 size = msg->size;
     __u32 state = t->state;
-    if (dp_tmo_begin(t, up, size))
-        return 1;
-    if (state == DP_TMO_STARTED)
+    if (dp_tmo_begin(t, up, size)) {
+        *drop = 1;
         return 0;
+    }
+    return state == DP_TMO_STARTED ? 0 : t;
+}
+
+/* sk_msg (paired: the app's write on A). 0: pass it on, 1: drop it. */
+static __always_inline int dp_tmo_response_msg(struct sk_msg_md *msg, __u64 up)
+{
+    __u32 size = msg->size;
+    int drop;
+    struct dp_tmo *t = dp_tmo_on_response(up, size, &drop);
+    if (!t)
+        return drop;
     __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
     struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
     if (rb && n && !bpf_msg_pull_data(msg, 0, n, 0)) {
@@ -261,15 +274,11 @@ static __always_inline int dp_tmo_response_msg(struct sk_msg_md *msg, __u64 up)
 /* sk_skb (unpaired: bytes arriving on U). 0: pass it on, 1: drop it. */
 static __always_inline int dp_tmo_response_skb(struct __sk_buff *skb, __u64 up)
 {
-    struct dp_tmo *t = dp_tmo.lookup(&up);
-    if (!t)
-        return 0;
     __u32 size = skb->len;
-    __u32 state = t->state;
-    if (dp_tmo_begin(t, up, size))
-        return 1;
-    if (state == DP_TMO_STARTED)
-        return 0;
+    int drop;
+    struct dp_tmo *t = dp_tmo_on_response(up, size, &drop);
+    if (!t)
+        return drop;
     __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
     struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
     if (rb && n) {
