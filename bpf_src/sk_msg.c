@@ -426,6 +426,23 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     return dp_to_envoy(c, v->route, DP_R_NONE); /* no program in dp_msg_prog */
 }
 
+/* What the tail-called programs (dp_msg_in, dp_msg_act) continue from: the
+ * client connection's state (*c) and dp_msg_verdict's per-CPU verdict. NULL
+ * when either is missing (then the write passes on to Envoy untouched). */
+static __always_inline struct dp_msg_scratch *dp_msg_tail_state(struct sk_msg_md *msg,
+                                                                 struct dp_conn **c)
+{
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return 0;
+    struct dp_conn *conn = dp_conn_st.sk_storage_get(sk, 0, 0);
+    if (!conn)
+        return 0;
+    *c = conn;
+    __u32 k1 = 0;
+    return dp_msg_scr.lookup(&k1);
+}
+
 /* The destination's inbound decision on a FORWARD verdict of dp_msg_verdict
  * (DP_INBOUND), a program of its own for the verifier's sake
  * (dp_decide_l7fp.h dp_decide_second), then dp_msg_act. Without an inbound
@@ -433,13 +450,9 @@ int dp_msg_verdict(struct sk_msg_md *msg)
  * dp_msg_prog[1]. */
 int dp_msg_in(struct sk_msg_md *msg)
 {
-    struct bpf_sock *sk = msg->sk;
-    if (!sk)
-        return SK_PASS;
-    struct dp_conn *c = dp_conn_st.sk_storage_get(sk, 0, 0);
-    __u32 k1 = 0;
-    struct dp_msg_scratch *scr = dp_msg_scr.lookup(&k1);
-    if (!c || !scr)
+    struct dp_conn *c;
+    struct dp_msg_scratch *scr = dp_msg_tail_state(msg, &c);
+    if (!scr)
         return SK_PASS;
 #ifdef DP_DECIDE_SECOND
     dp_decide_second(scr->gen, &scr->v);
@@ -457,13 +470,9 @@ int dp_msg_in(struct sk_msg_md *msg)
  * dp_msg_prog[0]. */
 int dp_msg_act(struct sk_msg_md *msg)
 {
-    struct bpf_sock *sk = msg->sk;
-    if (!sk)
-        return SK_PASS;
-    struct dp_conn *c = dp_conn_st.sk_storage_get(sk, 0, 0);
-    __u32 k1 = 0;
-    struct dp_msg_scratch *scr = dp_msg_scr.lookup(&k1);
-    if (!c || !scr)
+    struct dp_conn *c;
+    struct dp_msg_scratch *scr = dp_msg_tail_state(msg, &c);
+    if (!scr)
         return SK_PASS;
     struct dp_verdict v = scr->v;
     __u32 gen = scr->gen;
