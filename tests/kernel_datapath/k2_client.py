@@ -12,6 +12,8 @@ import json
 import socket
 import sys
 
+from k2_http import read_response_head
+
 
 def read_response(f) -> dict:  # type: ignore[no-untyped-def]
     while True:  # interim 1xx responses (100 Continue) are skipped
@@ -21,17 +23,10 @@ def read_response(f) -> dict:  # type: ignore[no-untyped-def]
 
 
 def read_one(f) -> dict:  # type: ignore[no-untyped-def]
-    line = f.readline().decode("latin-1")
-    if not line:
+    got = read_response_head(f)
+    if got is None:
         return {"status": 0, "headers": {}, "body": ""}
-    status = int(line.split()[1])
-    headers: dict[str, str] = {}
-    while True:
-        h = f.readline().decode("latin-1").rstrip("\r\n")
-        if not h:
-            break
-        k, _, v = h.partition(":")
-        headers[k.strip().lower()] = v.strip()
+    status, headers = got
     n = int(headers.get("content-length", "0"))
     body = f.read(n).decode("latin-1") if n else ""
     return {"status": status, "headers": headers, "body": body}

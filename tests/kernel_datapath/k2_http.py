@@ -27,3 +27,19 @@ def recv_head(c: socket.socket, buf: bytes,
         buf += d
     head, _, rest = buf.partition(b"\r\n\r\n")
     return head, rest
+
+
+def read_response_head(f) -> tuple[int, dict[str, str]] | None:  # type: ignore[no-untyped-def]
+    """Status and lower-case headers of the next response on the binary file `f`,
+    or None when the peer closed before a status line."""
+    line = f.readline().decode("latin-1")
+    if not line:
+        return None
+    status = int(line.split()[1])
+    headers: dict[str, str] = {}
+    while True:
+        h = f.readline().decode("latin-1").rstrip("\r\n")
+        if not h:
+            return status, headers
+        k, _, v = h.partition(":")
+        headers[k.strip().lower()] = v.strip()

@@ -14,6 +14,8 @@ import json
 import socket
 import sys
 
+from k2_http import read_response_head
+
 
 def read_body(f, headers: dict[str, str]) -> bytes:  # type: ignore[no-untyped-def]
     if headers.get("transfer-encoding", "").lower() == "chunked":
@@ -30,17 +32,10 @@ def read_body(f, headers: dict[str, str]) -> bytes:  # type: ignore[no-untyped-d
 
 
 def read_response(f, method: str) -> dict:  # type: ignore[no-untyped-def]
-    line = f.readline().decode("latin-1")
-    if not line:
+    got = read_response_head(f)
+    if got is None:
         return {"status": 0, "headers": {}, "body": ""}
-    status = int(line.split()[1])
-    headers: dict[str, str] = {}
-    while True:
-        h = f.readline().decode("latin-1").rstrip("\r\n")
-        if not h:
-            break
-        k, _, v = h.partition(":")
-        headers[k.strip().lower()] = v.strip()
+    status, headers = got
     body = b"" if method == "HEAD" or status in (204, 304) else read_body(f, headers)
     return {"status": status, "headers": headers, "body": body.decode("latin-1")}
 
