@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -55,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from fastpath.classify_route import KernelCaps
     from fastpath.coverage import analyse
 
+    # The importer logs every object it skips; `split` reports each of them with
+    # its file already ("skipped resource:" / files[].skipped), so not twice.
+    logging.getLogger("xds_server.istio").setLevel(logging.ERROR)
     try:
         caps = KernelCaps()  # every --assume capability is built now (the defaults)
         report = analyse(args.paths, caps)

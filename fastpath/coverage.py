@@ -100,6 +100,7 @@ def _analyse_file(path: Path, report: Report, caps: KernelCaps | None) -> None:
         return  # not a policy file of any format L7FP reads
     report.files[str(path)] = info
     for doc in docs:
+        _unread_rows(str(path), doc, report)
         if doc.error:
             continue
         try:
@@ -127,3 +128,47 @@ def _rows(path: str, plan: KernelPlan, report: Report) -> None:
                 report.rules.append(Row(path, lp.name, lp.route_config, "", f"{rbac.action} (no policy)",
                                         Verdict.ENVOY.value if listener_why else Verdict.KERNEL.value,
                                         listener_why))
+
+
+def _unread_rows(path: str, doc: inputs.Document, report: Report) -> None:
+    """ENVOY rows for the routes of listeners/route configs L7FP could not parse.
+
+    Such a resource is still Envoy's to serve (the proto library may lack a
+    newer field, an extension may be a contrib build's), so its routes stay in
+    the denominator rather than vanishing from it.
+    """
+    for type_url, raw, why in doc.unread:
+        reason = f"not readable by L7FP ({why})"
+        if type_url == inputs.em.LISTENER:
+            listener = str(raw.get("name", "?")) if isinstance(raw, dict) else "?"
+            configs = list(_inline_route_configs(raw))
+        else:
+            listener, configs = "(no listener)", [raw]
+        for rc in configs:
+            for vh in _field(rc, "virtual_hosts") or []:
+                for i, r in enumerate(_field(vh, "routes") or []):
+                    name = r.get("name") if isinstance(r, dict) else None
+                    report.routes.append(Row(path, listener, str(_field(rc, "name") or ""),
+                                             str(_field(vh, "name") or ""), name or f"#{i}",
+                                             Verdict.ENVOY.value, reason))
+
+
+def _field(obj: Any, snake: str) -> Any:
+    """``obj[snake]`` or its camelCase spelling (YAML files use both); None if absent."""
+    if not isinstance(obj, dict):
+        return None
+    head, *rest = snake.split("_")
+    return obj.get(snake, obj.get(head + "".join(w.title() for w in rest)))
+
+
+def _inline_route_configs(listener: Any) -> Any:
+    """The inline ``route_config`` of every HttpConnectionManager of a raw listener."""
+    chains = list(_field(listener, "filter_chains") or [])
+    if _field(listener, "default_filter_chain"):
+        chains.append(_field(listener, "default_filter_chain"))
+    for chain in chains:
+        filters = _field(chain, "filters")
+        for f in filters if isinstance(filters, list) else []:
+            rc = _field(_field(f, "typed_config"), "route_config")
+            if isinstance(rc, dict):
+                yield rc

@@ -111,3 +111,21 @@ def test_relative_path_through_parent_dir(files: Path, capsys: pytest.CaptureFix
     assert main(["split", "--json", ".."]) == 0
     cov = json.loads(capsys.readouterr().out)["coverage"]
     assert cov["routes"] == {"kernel": 2, "total": 4}
+
+
+def test_unreadable_listener_routes_stay_in_the_denominator(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A listener L7FP's proto library cannot read (a newer field inside a filter's config, a contrib
+    extension) is still Envoy's to serve: its routes count as ENVOY, naming why, not as nothing."""
+    boot = json.loads(json.dumps(BOOTSTRAP))
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"].insert(0, {"name": "envoy.filters.http.golang", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.golang.v3alpha.Config"}})
+    hcm["routeConfig"] = hcm.pop("route_config")  # camelCase spelling is read too
+    (tmp_path / "contrib.yaml").write_text(yaml.safe_dump(boot))
+    assert main(["split", "--json", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["listener"], r["name"], r["verdict"]) for r in out["routes"]] == [
+        ("web", "fast", "ENVOY"), ("web", "retry", "ENVOY"), ("web", "slow", "ENVOY")]
+    assert all("not readable by L7FP" in r["reason"] and "golang" in r["reason"] for r in out["routes"])
+    assert out["coverage"]["routes"] == {"kernel": 0, "total": 3}
