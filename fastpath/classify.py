@@ -14,6 +14,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any
 
+from fastpath.classify_delay import listener_delay_reasons
 from fastpath.classify_rbac import classify_rbac
 from fastpath.classify_route import (
     HttpFilter,
@@ -169,6 +170,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
             reasons.append(f"several {f.kind} filters")
         if f.kind == "fault":
             fault, _ = fault_abort(f.config)  # its reasons are charged to the routes
+            reasons += listener_delay_reasons(f.config)
         elif f.kind == "rbac":
             one, more = classify_rbac(f.config)
             reasons += [f"listener RBAC: {r}" for r in more]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fastpath.classify_delay import route_delay
 from fastpath.classify_guards import Guard, cors_guards, csrf_guards, guard_routes
 from fastpath.classify_match import Reasons, route_match
 from fastpath.envoy_model import duration_ms, type_name
@@ -57,6 +58,12 @@ class KernelCaps:
     # The data path retries on the response status / grpc-status (retriable-status-codes,
     # retriable-4xx and the gRPC conditions; bpf_src/sk_msg.c + fastpath/retry*.py).
     status_retries: bool = True
+    # The data path holds a sampled share of a route's requests for the fault
+    # filter's fixed delay (bpf_src/dp_delay.h, fastpath/agent_delay.py).
+    fault_delays: bool = False
+    # Runtime layers of the bootstrap that can override fault percentages at any
+    # time ("" when none; fastpath.classify_delay.runtime_of): faults stay ENVOY.
+    fault_runtime: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,8 @@ def _classify(r: dict[str, Any], ctx: RouteContext) -> list[Route]:
                   **ctx.vhost.get("typedPerFilterConfig", {}), **r.get("typedPerFilterConfig", {})}
     fault, limit, more, guards = _filters(per_filter, ctx)
     reasons += more
+    delay, more = _delay(per_filter, action, ctx)
+    reasons += more
     cors = r.get("cors", ctx.vhost.get("cors"))
     if cors is not None and any(f.kind == "cors" and not f.disabled for f in ctx.filters):
         guards += cors_guards(cors)  # without the CORS filter the field does nothing
@@ -131,6 +140,7 @@ def _classify(r: dict[str, Any], ctx: RouteContext) -> list[Route]:
         verdict=Verdict.ENVOY if reasons else Verdict.KERNEL,
         reason="; ".join(dict.fromkeys(reasons)), request_headers_to_add=tuple(adds),
         request_headers_to_remove=tuple(removes), fault_abort=fault, rate_limit=limit,
+        fault_delay=delay,
     )
     entries, more = guard_routes(route, guards)
     if more:
@@ -411,6 +421,14 @@ def _filters(per_filter: dict[str, Any], ctx: RouteContext
     return fault, limit, reasons, guards
 
 
+def _delay(per_filter: dict[str, Any], action: Action, ctx: RouteContext) -> tuple[Any, Reasons]:
+    """The route's fault delay (fastpath.classify_delay), or why it needs Envoy."""
+    delay, reasons = route_delay(ctx.filters, per_filter, action, ctx.caps.fault_runtime)
+    if delay is not None and not ctx.caps.fault_delays:
+        reasons.append("fault filter delay")
+    return delay, reasons
+
+
 def _active(f: HttpFilter, override: dict[str, Any] | None) -> bool:
     if override is None:
         return not f.disabled
@@ -420,8 +438,9 @@ def _active(f: HttpFilter, override: dict[str, Any] | None) -> bool:
 
 
 def fault_abort(cfg: dict[str, Any]) -> tuple[FaultAbort | None, Reasons]:
-    """Envoy HTTPFault -> FaultAbort; a delay or a header-driven fault needs Envoy."""
-    reasons = [f"fault filter {k}" for k in ("delay", "headers", "downstreamNodes",
+    """Envoy HTTPFault -> FaultAbort; a header-driven fault needs Envoy (the delay:
+    fastpath.classify_delay)."""
+    reasons = [f"fault filter {k}" for k in ("headers", "downstreamNodes",
                                               "upstreamCluster", "responseRateLimit") if k in cfg]
     abort = cfg.get("abort")
     if not abort:

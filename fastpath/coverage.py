@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +104,20 @@ def _analyse_file(path: Path, report: Report, caps: KernelCaps | None) -> None:
         if doc.error:
             continue
         try:
-            plan = plan_of(str(path), resources_json(doc.resources), caps=caps, orphans=True)
+            plan = plan_of(str(path), resources_json(doc.resources), caps=_caps(caps, doc),
+                           orphans=True)
         except Exception as e:  # a resource that parses but can't be classified
             info["error"] = f"cannot classify: {e}"
             continue
         report.plans.append((str(path), plan))
         _rows(str(path), plan, report)
+
+
+def _caps(caps: KernelCaps | None, doc: inputs.Document) -> KernelCaps | None:
+    """The document's runtime layers (fault percentages they may override) in the caps."""
+    if not doc.runtime:
+        return caps
+    return replace(caps or KernelCaps(), fault_runtime=doc.runtime)
 
 
 def _rows(path: str, plan: KernelPlan, report: Report) -> None:

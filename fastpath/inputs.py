@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from fastpath import envoy_model as em
+from fastpath.classify_delay import runtime_of
 from xds_server.istio.reader import split_reader as read_istio
 
 
@@ -41,6 +42,8 @@ class Document:
     resources: dict[str, list[Any]] = field(default_factory=dict)
     error: str | None = None  # the file is in this format but could not be read
     skipped: list[str] = field(default_factory=list)  # resources that failed, with why
+    # runtime layers of a bootstrap that can override fault percentages (classify_delay.runtime_of)
+    runtime: str = ""
     # Listeners/route configs that failed to parse, raw, with why: the split
     # still counts their routes (as ENVOY), so coverage keeps its denominator.
     unread: list[tuple[str, Any, str]] = field(default_factory=list)
@@ -92,7 +95,7 @@ def read_envoy_static(path: Path) -> list[Document]:
         sr = d.get("static_resources", d.get("staticResources"))
         if not isinstance(sr, dict):
             continue
-        doc = Document(str(path), "envoy-static")
+        doc = Document(str(path), "envoy-static", runtime=runtime_of(d))
         for key, url in (("listeners", em.LISTENER), ("clusters", em.CLUSTER), ("secrets", em.SECRET)):
             for item in sr.get(key) or []:
                 _add(doc, url, item)

@@ -28,6 +28,12 @@ Semantics the readers rely on (they mirror Envoy's, see docs/split.md):
   Envoy (rule 4 of DESIGN.md: a deny is never bypassed).
 * Fault abort: ``Route.fault_abort`` (or ``ListenerPlan.fault_abort`` when no
   route matches) replies ``status`` with body "fault filter abort".
+* Fault delay: ``Route.fault_delay`` holds ``per_million`` of a KERNEL route's
+  requests ``delay_ms`` before they are sent upstream (Envoy's fault filter:
+  sampled at the fault filter's place in ``filter_order``, the router and its
+  timer start after the delay). The kernel samples only requests it forwards
+  itself; a request it hands to Envoy is sampled there (the residual keeps the
+  filter), so each request is delayed with the configured probability once.
 * Local rate limit: a token bucket per listener (``ListenerPlan.local_rate_limit``)
   or per route (``Route.rate_limit``); the owner of the bucket is the kernel
   exactly when the route's verdict is KERNEL (the residual removes it from
@@ -241,6 +247,16 @@ class FaultAbort:
 
 
 @dataclass(frozen=True)
+class FaultDelay:
+    """HTTP fault delay: hold ``per_million`` of requests ``delay_ms`` before the
+    upstream sees them (fastpath.classify_delay builds it; docs/fastpath.md
+    "Fault delay")."""
+
+    delay_ms: int
+    per_million: int = 1_000_000
+
+
+@dataclass(frozen=True)
 class LocalRateLimit:
     """Envoy local_ratelimit token bucket; an empty bucket replies ``status``."""
 
@@ -275,6 +291,7 @@ class Route:
     fault_abort: FaultAbort | None = None
     rate_limit: LocalRateLimit | None = None
     guard: bool = False
+    fault_delay: FaultDelay | None = None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl
 
 from fastpath.plan import (
@@ -88,6 +88,7 @@ class Decision:
     location: str = ""
     route: str = ""
     reason: str = ""
+    delay_ms: int = 0  # forward: held this long before the upstream sees it (fault delay)
 
 
 @dataclass
@@ -157,7 +158,17 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
         return Decision("reply", status=404, reason="no virtual host")
     if route is None:
         return Decision("reply", status=404, reason="no route")
-    return _apply(plan, route, req, rng, state, vh)
+    return _delayed(route, _apply(plan, route, req, rng, state, vh), rng)
+
+
+def _delayed(route: Route, d: Decision, rng: random.Random) -> Decision:
+    """Envoy's fault delay: a sampled share of the route's forwarded requests waits
+    ``delay_ms`` before the router sends it (classify_delay keeps a delay with an
+    abort, a reply or a route timeout ENVOY, so only a forward is ever delayed)."""
+    fd = route.fault_delay
+    if fd is None or d.kind != "forward" or rng.randrange(1_000_000) >= fd.per_million:
+        return d
+    return replace(d, delay_ms=fd.delay_ms)
 
 
 def _rbac_filter(rbac: Rbac, lp: ListenerPlan, req: Request) -> Decision | None:
