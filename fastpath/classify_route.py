@@ -14,6 +14,7 @@ from typing import Any
 
 from fastpath.classify_delay import route_delay
 from fastpath.classify_guards import Guard, cors_guards, csrf_guards, guard_routes
+from fastpath.classify_lrl import config_reasons, reply_headers
 from fastpath.classify_match import Reasons, route_match
 from fastpath.envoy_model import duration_ms, type_name
 from fastpath.plan import (
@@ -190,7 +191,12 @@ def _redirect(d: dict[str, Any]) -> tuple[Action, Reasons]:
 _FORWARD_OK = {"cluster", "weightedClusters", "prefixRewrite", "hostRewriteLiteral", "timeout",
                "retryPolicy", "hashPolicy", "idleTimeout", "clusterNotFoundResponseCode",
                "maxGrpcTimeout", "grpcTimeoutOffset", "priority", "includeVhRateLimits",
-               "rateLimits", "cors", "autoHostRewrite", "maxStreamDuration"}
+               "rateLimits", "cors", "autoHostRewrite", "maxStreamDuration", "upgradeConfigs"}
+# upgradeConfigs: Envoy uses them only for a request with both `Upgrade` and
+# `Connection: upgrade` (or CONNECT); every other request of the route is a
+# plain one (Envoy 1.40, tests/split/test_upgrade.py). The kernel hands every
+# request with an Upgrade header and every CONNECT to Envoy (l7fp_http.h,
+# L7FP_R_UPGRADE), so no guard entry is needed.
 
 
 def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
@@ -462,9 +468,9 @@ def local_rate_limit(cfg: dict[str, Any]) -> tuple[LocalRateLimit | None, Reason
 
     Envoy's default for an unset ``filter_enabled`` is 0 %: no limiting.
     """
-    reasons = [f"local_ratelimit {k}" for k in ("descriptors", "responseHeadersToAdd",
-               "requestHeadersToAddWhenNotEnforced", "localRateLimitPerDownstreamConnection",
-               "rateLimits", "stage") if cfg.get(k)]
+    reasons = config_reasons(cfg)
+    headers, more = reply_headers(cfg.get("responseHeadersToAdd", []))
+    reasons += more
     bucket = cfg.get("tokenBucket")
     enabled = _per_million(cfg.get("filterEnabled", {}).get("defaultValue", {"numerator": 0}))
     enforced = _per_million(cfg.get("filterEnforced", {}).get("defaultValue", {"numerator": 0}))
@@ -475,7 +481,7 @@ def local_rate_limit(cfg: dict[str, Any]) -> tuple[LocalRateLimit | None, Reason
     status = status_code(cfg.get("status", {}).get("code")) or 429
     limit = LocalRateLimit(int(bucket.get("maxTokens", 0)), int(bucket.get("tokensPerFill", 1)),
                            duration_ms(bucket.get("fillInterval", "0s")) or 0, status,
-                           enforced_per_million=enforced)
+                           enforced_per_million=enforced, response_headers=headers)
     return limit, reasons
 
 

@@ -265,6 +265,9 @@ class LocalRateLimit:
     fill_interval_ms: int
     status: int = 429
     enforced_per_million: int = 1_000_000
+    # (name, value) lines of the rate-limited reply (response_headers_to_add, in
+    # Envoy's order; fastpath.classify_lrl). Never on a response that passed.
+    response_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ class Decision:
     route: str = ""
     reason: str = ""
     delay_ms: int = 0  # forward: held this long before the upstream sees it (fault delay)
+    headers: tuple[tuple[str, str], ...] = ()  # a reply's extra header lines (rate limit)
 
 
 @dataclass
@@ -190,7 +191,7 @@ def _rate_limit_filter(lp: ListenerPlan, vh: VirtualHost | None, route: Route | 
     if state.take(key, limit) or rng.randrange(1_000_000) >= limit.enforced_per_million:
         return None
     return Decision("reply", status=limit.status, body=RATE_LIMITED_BODY,
-                    route=route.name if route else "")
+                    route=route.name if route else "", headers=limit.response_headers)
 
 
 def _fault_filter(lp: ListenerPlan, vh: VirtualHost | None, route: Route | None, req: Request,
@@ -211,7 +212,7 @@ def _unparseable(req: Request) -> str:
     p = path.split("?", 1)[0]
     if "//" in p or "/./" in p or "/../" in p or p.endswith(("/.", "/..")):
         return "path has dot segments or empty segments"
-    if req.header("upgrade") is not None or req.header("expect") is not None:
+    if req.header("upgrade") is not None or req.header("expect") is not None or req.method == "CONNECT":
         return "upgrade/expect request"
     query = path.split("?", 1)[1] if "?" in path else ""
     names = [kv.split("=", 1)[0] for kv in query.split("&") if kv]

@@ -86,8 +86,9 @@ def cclass_table() -> bytes:
     return bytes(out)
 
 
-def reply_bytes(status: int, body: str = "") -> bytes:
-    """The whole HTTP/1.1 response the kernel sends for a REPLY."""
+def reply_bytes(status: int, body: str = "", headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """The whole HTTP/1.1 response the kernel sends for a REPLY; ``headers``:
+    extra (name, value) lines (a rate limit's response_headers_to_add)."""
     try:
         phrase = http.HTTPStatus(status).phrase
     except ValueError:
@@ -96,6 +97,7 @@ def reply_bytes(status: int, body: str = "") -> bytes:
     head = f"HTTP/1.1 {status} {phrase}\r\ncontent-length: {len(data)}\r\n"
     if data:
         head += "content-type: text/plain\r\n"
+    head += "".join(f"{n}: {v}\r\n" for n, v in headers)
     return head.encode() + b"\r\n" + data
 
 

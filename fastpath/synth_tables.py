@@ -478,10 +478,10 @@ class TableBuilder:
         self.feats.add("hdr_add")
         f["hdr_add"] = self._blob("l7fp_hdradds", data, absent) + 1
 
-    def _reply(self, status: int, body: str) -> int:
+    def _reply(self, status: int, body: str, headers: tuple[tuple[str, str], ...] = ()) -> int:
         """Replies come in pairs: the response at an even index, the same
         response without its body (for HEAD, as Envoy sends it) right after."""
-        full = reply_bytes(status, body)
+        full = reply_bytes(status, body, headers)
         lst = self.blobs.setdefault("l7fp_replies", [])
         if (full, ()) in lst:
             return lst.index((full, ()))
@@ -495,7 +495,8 @@ class TableBuilder:
         return self._add("l7fp_buckets", _Row("Bucket", {
             "max_tokens": lim.max_tokens, "tokens_per_fill": lim.tokens_per_fill,
             "fill_interval_ns": lim.fill_interval_ms * 1_000_000, "status": lim.status,
-            "reply": self._reply(lim.status, RATE_LIMITED_BODY), "enforce_per_million": enforce}))
+            "reply": self._reply(lim.status, RATE_LIMITED_BODY, lim.response_headers),
+            "enforce_per_million": enforce}))
 
     # ---- sizes and encoding ----
     def knobs(self, max_hdr: int) -> dict[str, int]:
