@@ -39,8 +39,15 @@ struct dp_rto_key {
     __u32 route; /* route id as in dp_verdict.route */
 };
 
+/* A route's timers (agent-written, fastpath/loader.py set_route_timeouts). */
+struct dp_rto_val {
+    __u32 ms;     /* route timeout: one deadline over every attempt (0: none) */
+    __u32 try_ms; /* retry policy's per_try_timeout, per attempt until its response starts */
+};
+
 struct dp_tmo {
-    __u64 deadline_ns; /* bpf_ktime_get_ns() clock; 0 while the body is coming */
+    __u64 deadline_ns; /* bpf_ktime_get_ns() clock: the next expiry the agent acts on; 0: none
+                        * (body still coming, or only a per-try timer that ended) */
     __u64 client;      /* client socket cookie (dp_cli key) */
     __u64 left;        /* STARTED: response bytes still to come */
     __u32 timeout_ms;
@@ -51,6 +58,9 @@ struct dp_tmo {
     __u32 dst_ip;      /* its destination (network order, pre-NAT) */
     __u32 cli_port;    /* host order */
     __u32 dst_port;    /* host order */
+    __u64 global_ns;   /* the route's deadline over all attempts (0: no route timeout) */
+    __u32 try_ms;      /* per-try timeout of each attempt (0: none) */
+    __u32 _pad;
 };
 
 struct dp_rbuf {
@@ -61,10 +71,23 @@ struct dp_rbuf {
     __u8 b[DP_RESP_HEAD + 16]; /* +16: 8-byte loads at a masked offset stay inside */
 };
 
-BPF_HASH(dp_rto, struct dp_rto_key, __u32, 4096);      /* route timeout in ms (agent) */
+BPF_HASH(dp_rto, struct dp_rto_key, struct dp_rto_val, 4096); /* route timers (agent) */
 BPF_HASH(dp_tmo, __u64, struct dp_tmo, DP_MAX_UP);      /* U cookie -> timed request */
 BPF_HASH(dp_tmo_armed, __u64, __u32, DP_MAX_UP);        /* U cookie: no response byte yet */
 BPF_PERCPU_ARRAY(dp_rscratch, struct dp_rbuf, 1);
+
+/* The request is complete upstream: the route's deadline (over all attempts)
+ * and the first attempt's per-try deadline start now (Envoy: onRequestComplete);
+ * the agent acts on the earlier of the two. */
+static __always_inline void dp_tmo_start(struct dp_tmo *t)
+{
+    __u64 now = bpf_ktime_get_ns();
+    __u64 g = t->timeout_ms ? now + (__u64)t->timeout_ms * 1000000ull : 0;
+    __u64 d = t->try_ms ? now + (__u64)t->try_ms * 1000000ull : g;
+    t->global_ns = g;
+    t->deadline_ns = g && g < d ? g : d;
+    t->state = DP_TMO_WAIT;
+}
 
 /* At FORWARD of a request on upstream `up` (before the redirect, so that the
  * response cannot come before the record). A route without a timeout clears a
@@ -73,8 +96,8 @@ static __always_inline void dp_tmo_arm(struct dp_conn *c, __u64 up, __u32 gen, _
                                        __u32 local_port, __u32 body_follows, __u32 is_head)
 {
     struct dp_rto_key k = {.gen = gen & 1, .route = route};
-    __u32 *ms = dp_rto.lookup(&k);
-    if (!ms || !*ms) {
+    struct dp_rto_val *ms = dp_rto.lookup(&k);
+    if (!ms || !(ms->ms | ms->try_ms)) {
         if (c->flags & DP_F_TMO) {
             dp_tmo.delete(&up);
             dp_tmo_armed.delete(&up);
@@ -84,19 +107,18 @@ static __always_inline void dp_tmo_arm(struct dp_conn *c, __u64 up, __u32 gen, _
     c->flags |= DP_F_TMO;
     struct dp_tmo t = {};
     t.client = c->cookie;
-    t.timeout_ms = *ms;
+    t.timeout_ms = ms->ms;
+    t.try_ms = ms->try_ms;
     t.route = route;
     t.head_req = is_head;
     t.cli_ip = c->src_ip;
     t.dst_ip = c->dst_ip;
     t.cli_port = local_port;
     t.dst_port = c->dst_port;
-    if (body_follows) {
+    if (body_follows)
         t.state = DP_TMO_BODY;
-    } else {
-        t.state = DP_TMO_WAIT;
-        t.deadline_ns = bpf_ktime_get_ns() + (__u64)t.timeout_ms * 1000000ull;
-    }
+    else
+        dp_tmo_start(&t);
     __u32 one = 1;
     dp_tmo_armed.update(&up, &one);
     dp_tmo.update(&up, &t);
@@ -115,8 +137,19 @@ static __always_inline void dp_tmo_body_done(__u64 up)
     struct dp_tmo *t = dp_tmo.lookup(&up);
     if (!t || t->state != DP_TMO_BODY)
         return;
-    t->deadline_ns = bpf_ktime_get_ns() + (__u64)t->timeout_ms * 1000000ull;
-    t->state = DP_TMO_WAIT;
+    dp_tmo_start(t);
+}
+
+/* dp_srv_verdict diverted the response on `up` to the retry agent: this
+ * attempt is over (Envoy resets it), so its per-try timer no longer counts;
+ * the route's deadline keeps running through the backoff. The record stays
+ * armed: the agent claims it and moves it to the upstream of the retry
+ * (fastpath/deadline.py), or the agent's timer answers 504 first. */
+static __always_inline void dp_tmo_retrying(__u64 up)
+{
+    struct dp_tmo *t = dp_tmo.lookup(&up);
+    if (t && t->state == DP_TMO_WAIT)
+        t->deadline_ns = t->global_ns;
 }
 
 static __always_inline __u64 dp_rb_low8(struct dp_rbuf *rb, __u32 off)
@@ -209,10 +242,13 @@ static __always_inline void dp_tmo_head(struct dp_tmo *t, __u64 up, struct dp_rb
                                         __u32 size)
 {
     __u64 total = rb ? dp_resp_total(rb, n, t->head_req) : 0;
-    if (!total || size >= total) {
-        dp_tmo.delete(&up); /* complete, or framing not tracked: the timer stops */
+    if (!total || size >= total || !t->global_ns) {
+        /* complete, framing not tracked, or only a per-try timer (Envoy ignores
+         * it once the response started): the timer stops */
+        dp_tmo.delete(&up);
         return;
     }
+    t->deadline_ns = t->global_ns; /* the per-try timer ended with the response's start */
     t->state = DP_TMO_STARTED;
     t->left = total - size;
 }

@@ -576,11 +576,15 @@ int dp_srv_verdict(struct sk_msg_md *msg)
     if (!client)
         return SK_PASS;
     __u64 ck = *client;
+    /* the retry decision first: a diverted response starts nothing for the
+     * client, and the route's deadline (one over all attempts) keeps running */
+    int diverted = dp_retry_response(msg, up); /* a response to retry goes to the agent */
+    if (diverted >= 0) {
+        dp_tmo_retrying(up);
+        return diverted;
+    }
     if (dp_tmo_response_msg(msg, up))
         return SK_PASS; /* timed out (the agent answered 504): over TCP to U, which drops it */
-    int diverted = dp_retry_response(msg, up); /* a response to retry goes to the agent */
-    if (diverted >= 0)
-        return diverted;
     /* a failed redirect leaves the message alone: SK_PASS then means TCP */
     dp_cli.msg_redirect_hash(msg, &ck, BPF_F_INGRESS);
     return SK_PASS;

@@ -69,6 +69,7 @@ class NodeDatapath:
     cflags: tuple[str, ...] = ()
     keeper: TimeoutKeeper | None = None  # route timeouts (l7fp mode)
     timeouts: dict[int, int] = field(default_factory=dict)  # route id -> ms, active plan
+    per_try: dict[int, int] = field(default_factory=dict)  # route id -> per-try ms, active plan
     looked_at: float = 0.0
     # held while a plan is applied or the node closed (plans thread); the event
     # thread skips the node meanwhile rather than wait
@@ -110,8 +111,9 @@ class NodeDatapath:
         self.route_names = got.route_names
         self.pool_clusters.update(got.pool_clusters)
         self.notes = got.notes
-        self.dp.set_route_timeouts(nxt, got.timeouts)
+        self.dp.set_route_timeouts(nxt, got.timeouts, got.per_try)
         self.timeouts = got.timeouts
+        self.per_try = got.per_try
         return got.services, got.keep, bool(got.services)
 
     # ---- plan -------------------------------------------------------------
@@ -132,6 +134,7 @@ class NodeDatapath:
             return
         tables = agent_inline.translate(plan, vips, inbound_ok)
         self.timeouts = {}  # the built-in decision punts routes with a timeout
+        self.per_try = {}
         self.dp.clear_inline(nxt)
         keep: set[EndpointKey] = set()
         names: dict[int, str] = {}
@@ -172,9 +175,9 @@ class NodeDatapath:
             self.dp.set_service(ip, port, lid, nxt)
         self.pools.look(self.bound(), self.dp.pool_misses(list(self.pools.pools)))
         self.pools.wait_filled()  # warm the new pools before the flip
-        self.dp.set_enabled(nxt, enabled=enabled, access_log=self.access_log,
-                            timeouts=bool(self.timeouts))
-        if self.keeper is not None and self.timeouts:
+        timed = bool(self.timeouts or self.per_try)
+        self.dp.set_enabled(nxt, enabled=enabled, access_log=self.access_log, timeouts=timed)
+        if self.keeper is not None and timed:
             self.keeper.enabled.set()  # stays on: records of the old plan may be in flight
         self.gen = nxt
         for ip, port in self.services - services.keys():
@@ -242,6 +245,8 @@ class NodeDatapath:
             "access_log": self.access.tail(50),
             "route_timeouts": {self.route_names.get(r, str(r)): ms
                                for r, ms in sorted(self.timeouts.items())},
+            "per_try_timeouts": {self.route_names.get(r, str(r)): ms
+                                 for r, ms in sorted(self.per_try.items())},
             "timeouts_fired": dict(self.keeper.counts) if self.keeper else {},
             "timed_requests_in_flight": len(list(self.dp.bpf["dp_tmo"].keys())),
             "retries": self.retrier.debug(),

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastpath import bpfsys
+from fastpath import bpfsys, deadline
 from fastpath.plan import ClusterAction, KernelPlan, RetryPolicy, Verdict
 from fastpath.retry import (
     Backoff,
@@ -83,6 +83,8 @@ class Retrier:
         self.extra: dict[int, list[int]] = {}  # client cookie -> upstreams bound by retries
         self.policies: dict[tuple[int, int], RetryPolicy] = {}  # (gen, route id + 1)
         self.cluster_pools: dict[tuple[int, int], list[int]] = {}  # (gen, cluster id) -> pools
+        # (gen, route id + 1) -> (route timeout ms, per-try timeout ms) of timed retry routes
+        self.timers: dict[tuple[int, int], tuple[int, int]] = {}
         self.stats: Counter[str] = Counter()
 
     # ---- plan (agent_synth.program) ------------------------------------------
@@ -94,6 +96,7 @@ class Retrier:
             del t[k]
         self.policies = {k: v for k, v in self.policies.items() if k[0] != gen}
         self.cluster_pools = {k: v for k, v in self.cluster_pools.items() if k[0] != gen}
+        self.timers = {k: v for k, v in self.timers.items() if k[0] != gen}
         for cid, pools in cluster_pools.items():
             self.cluster_pools[(gen, cid)] = list(pools)
         for rid, r in enumerate(getattr(sp, "routes", ())):
@@ -111,6 +114,13 @@ class Retrier:
                 leaf.codes[i] = code
             t[t.Key(gen=gen, route=rid + 1)] = leaf
             self.policies[(gen, rid + 1)] = pol
+            timers = (r.action.timeout_ms or 0, pol.per_try_timeout_ms or 0)
+            if any(timers):
+                self.timers[(gen, rid + 1)] = timers
+
+    def per_try(self, gen: int) -> dict[int, int]:
+        """Generation `gen`'s per-try timeouts: route id + 1 -> ms (for dp_rto)."""
+        return {rid: tr for (g, rid), (_, tr) in self.timers.items() if g == gen and tr}
 
     # ---- events ---------------------------------------------------------------
     def on_diverted(self, up: int, client: int) -> None:
@@ -256,14 +266,28 @@ class Retrier:
             self.stats["cancelled"] += 1
             log.info("retry: client %d's retry dropped: client gone in backoff", job.client)
             return
+        timed = (int(rec.gen), int(rec.route)) in self.timers
+        tmo = deadline.claim(self.dp, job.up) if timed else None
+        if timed and tmo is None:
+            # the route deadline passed (the 504 went out): Envoy retries no more
+            self.stats["deadline"] += 1
+            log.info("retry: client %d's retry dropped: route timeout", job.client)
+            return
         target = self._target(job, attempts)
         if target is None:
+            if tmo is not None:
+                deadline.unclaim(self.dp, job.up)  # the timer still answers at the deadline
             self.stats["no_upstream"] += 1
             log.warning("retry: no upstream for client %d's retry: request lost", job.client)
             return
         up, pool, sock = target
         attempts.tried.append(pool)
         req = with_attempt_count(bytes(rec.req[:rec.len]), int(rec.attempt) + 1)
+        if tmo is not None:
+            now = time.monotonic_ns()  # CLOCK_MONOTONIC, bpf_ktime_get_ns's clock
+            req = deadline.with_expected_timeout(req, deadline.expected_timeout_ms(
+                int(tmo.timeout_ms), int(tmo.try_ms), int(tmo.global_ns), now))
+            deadline.rearm(self.dp, job.up, up, tmo, now)
         armed = type(rec)()
         ct.memmove(ct.addressof(armed), ct.addressof(rec), ct.sizeof(rec))
         armed.state, armed.left, armed.attempt = RS_ARMED, rec.left - 1, rec.attempt + 1

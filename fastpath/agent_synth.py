@@ -31,6 +31,7 @@ class Programmed:
     pool_clusters: dict[int, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     timeouts: dict[int, int] = field(default_factory=dict)  # dp route id -> ms
+    per_try: dict[int, int] = field(default_factory=dict)  # dp route id -> per-try timeout ms
 
 
 def endpoint_order(cluster: Any) -> list[Any]:
@@ -146,6 +147,7 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
             out.notes[lst.name] = "no kernel route (or RBAC/verdict of the listener)"
     out.route_names = {i + 1: n for i, n in enumerate(sp.route_names)}
     out.timeouts = {i + 1: ms for i, ms in getattr(sp, "route_timeouts", {}).items()}
+    out.per_try = node.retrier.per_try(gen)
     for n in sp.notes:
         out.notes.setdefault(f"note{len(out.notes)}", n)
     return out

@@ -223,9 +223,8 @@ def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
         reasons.append("route max_stream_duration")
     retry, more = retry_policy(a.get("retryPolicy", ctx.vhost.get("retryPolicy")), ctx.caps)
     reasons += more
-    if retry is not None and timeout:
-        # Envoy's route timeout spans every attempt; the data path's timer is per upstream
-        reasons.append("route timeout with retries (one deadline over all attempts)")
+    # a route timeout with retries: the retry agent moves the request's timer to
+    # each attempt's upstream, one deadline over all attempts (fastpath/deadline.py)
     hash_header, more = _hash(a.get("hashPolicy", []), clusters, ctx)
     reasons += more
     for c in clusters:
@@ -286,15 +285,18 @@ def retry_policy(p: dict[str, Any] | None, caps: KernelCaps) -> tuple[RetryPolic
         return None, []
     reasons = []
     per_try = duration_ms(p.get("perTryTimeout", "0s"))
-    if per_try:
+    if per_try and not (caps.route_timeouts and caps.status_retries):
         reasons.append("retry per_try_timeout")
     if duration_ms(p.get("perTryIdleTimeout", "0s")):
         reasons.append("retry per_try_idle_timeout")
     num = int(p.get("numRetries", 1))
-    if num == 0:
-        return None, reasons
     conds = {c.strip() for c in str(p.get("retryOn", "")).split(",") if c.strip()}
     can_fire = conds - NEVER_FIRING_RETRY_ON
+    if per_try and (num == 0 or not can_fire) and "retry per_try_timeout" not in reasons:
+        # the kernel's per-try timer rides on its retry record (none here)
+        reasons.append("retry per_try_timeout without a retry the kernel makes")
+    if num == 0:
+        return None, reasons
     kernel_ok = KERNEL_RETRY_ON if caps.status_retries else frozenset()
     firing = sorted(can_fire - kernel_ok)
     if firing:
@@ -375,11 +377,24 @@ def _timeout_header(action: Action, ctx: RouteContext) -> list[HeaderValue]:
     headers); the kernel sends the same header (seen with a real Envoy 1.40).
     Added, not overwritten: a request that carries any x-envoy-*-timeout-ms
     header goes to Envoy (l7fp_http.h, fastpath.reference)."""
-    ms = getattr(action, "timeout_ms", None)
+    ms = expected_timeout_ms(action)
     router = next((f for f in ctx.filters if f.kind == "router"), None)
     if not ms or (router is not None and router.config.get("suppressEnvoyHeaders")):
         return []
     return [HeaderValue("x-envoy-expected-rq-timeout-ms", str(ms), append=True)]
+
+
+def expected_timeout_ms(action: Action) -> int | None:
+    """The first attempt's x-envoy-expected-rq-timeout-ms (Envoy's
+    FilterUtility::setTimeoutHeaders): the retry policy's per-try timeout,
+    else the route timeout, at most the route timeout. A retry's value is set
+    by the retry agent (fastpath.deadline.expected_timeout_ms)."""
+    ms = getattr(action, "timeout_ms", None)
+    retry = getattr(action, "retry", None)
+    per_try = getattr(retry, "per_try_timeout_ms", None)
+    if per_try:
+        return min(per_try, ms) if ms else per_try
+    return ms
 
 
 def _header_value(h: dict[str, Any], level: str) -> tuple[HeaderValue, Reasons]:

@@ -246,15 +246,19 @@ class Datapath:
         t[ct.c_int(0)] = t.Leaf(gen=gen, enabled=1 if enabled else 0,
                                 access_log=max(0, int(access_log)), timeouts=int(timeouts))
 
-    def set_route_timeouts(self, gen: int, timeouts: dict[int, int]) -> None:
-        """Generation `gen`'s route timeouts: route id (dp_verdict.route) -> ms.
-        Routes not listed have none."""
+    def set_route_timeouts(self, gen: int, timeouts: dict[int, int],
+                           per_try: dict[int, int] | None = None) -> None:
+        """Generation `gen`'s route timers: route id (dp_verdict.route) -> ms of
+        the route timeout (`timeouts`) and of the retry policy's per-try timeout
+        (`per_try`). Routes not listed have none."""
         t = self.bpf["dp_rto"]
         for k in [k for k in t.keys() if k.gen == gen]:
             del t[k]
-        for route, ms in timeouts.items():
-            if ms > 0:
-                t[t.Key(gen=gen, route=route)] = ct.c_uint32(min(int(ms), 2**32 - 1))
+        tries = per_try or {}
+        for route in set(timeouts) | set(tries):
+            ms, try_ms = (min(max(int(d.get(route, 0)), 0), 2**32 - 1) for d in (timeouts, tries))
+            if ms or try_ms:
+                t[t.Key(gen=gen, route=route)] = t.Leaf(ms=ms, try_ms=try_ms)
 
     def set_inline_route(self, gen: int, index: int, kind: int, prefix: str, pool: int = 0,
                          reply_id: int = 0, status: int = 0, pools: tuple[int, ...] = (),

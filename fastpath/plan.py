@@ -187,7 +187,7 @@ class RetryPolicy:
     host_selection_attempts: int = 1
     base_ms: int = 25
     max_ms: int = 250
-    per_try_timeout_ms: int | None = None  # always ENVOY (no per-try timer in the kernel)
+    per_try_timeout_ms: int | None = None  # each attempt's timer until its response starts
 
 
 @dataclass(frozen=True)

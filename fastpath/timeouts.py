@@ -67,6 +67,7 @@ class Expired:
     cli_port: int
     dst_ip: int
     dst_port: int
+    deadline_ns: int = 0
 
 
 def due(records: list[tuple[int, Any]], now_ns: int) -> list[Expired]:
@@ -76,7 +77,8 @@ def due(records: list[tuple[int, Any]], now_ns: int) -> list[Expired]:
     for up, r in records:
         if r.deadline_ns and r.deadline_ns <= now_ns:
             out.append(Expired(up, int(r.client), int(r.state), int(r.route), int(r.cli_ip),
-                               int(r.cli_port), int(r.dst_ip), int(r.dst_port)))
+                               int(r.cli_port), int(r.dst_ip), int(r.dst_port),
+                               int(r.deadline_ns)))
     return out
 
 
@@ -180,6 +182,7 @@ class TimeoutKeeper:
         self.counts = {"timeout_504": 0, "timeout_reset": 0, "timeout_raced": 0}
         self.enabled = threading.Event()  # set while the plan has route timeouts
         self._taken: list[int] = []  # upstream cookies taken away, for the agent to close
+        self._lost: dict[int, int] = {}  # up -> deadline of a record whose claim was lost
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -221,24 +224,52 @@ class TimeoutKeeper:
     def _expire(self, e: Expired) -> None:
         key = ct.c_uint64(e.up)
         # the claim: succeeds only while no response byte went to the client
-        won = e.state != DP_TMO_STARTED and bpfsys.map_delete(self.dp.fds["dp_tmo_armed"], key)
-        self.dp.take_upstream(e.up)  # from now on no byte of U reaches the client
-        started = not won and _exists(self.dp.bpf["dp_tmo"], e.up)
-        bpfsys.map_delete(self.dp.fds["dp_tmo"], key)
-        with self._lock:
-            self._taken.append(e.up)  # the agent closes U (Envoy closes the upstream connection)
-        if won:
+        # and no retry took the request (fastpath.deadline)
+        if e.state != DP_TMO_STARTED and bpfsys.map_delete(self.dp.fds["dp_tmo_armed"], key):
+            if self._moved_later(e):
+                return
+            self._take(e.up)
             if self._inject(e.client, timeout_reply()):
                 self.counts["timeout_504"] += 1
-        elif started:
+            return
+        rec = _get(self.dp.bpf["dp_tmo"], e.up)
+        if rec is None:
+            self.counts["timeout_raced"] += 1  # the response completed meanwhile
+        elif int(rec.state) == DP_TMO_STARTED:
+            self._take(e.up)
             err = destroy_socket(self.netns, e.cli_ip, e.cli_port, e.dst_ip, e.dst_port,
                                  e.client)
             if err:
                 log.warning("timeout: resetting client socket %d failed: %s", e.client,
                             os.strerror(err) if err > 0 else err)
             self.counts["timeout_reset"] += 1
+        elif self._lost.get(e.up) == int(rec.deadline_ns):
+            # claimed by someone else twice in a row and never re-armed: stale
+            bpfsys.map_delete(self.dp.fds["dp_tmo"], key)
+            self._lost.pop(e.up, None)
         else:
-            self.counts["timeout_raced"] += 1  # the response completed meanwhile
+            # a retry is moving it (fastpath.deadline), or the kernel is starting
+            # the response: the next scan sees where it went
+            self._lost[e.up] = int(rec.deadline_ns)
+
+    def _moved_later(self, e: Expired) -> bool:
+        """After a won claim: True when a retry re-armed the record with a later
+        deadline between the scan and the claim (the claim is given back)."""
+        rec = _get(self.dp.bpf["dp_tmo"], e.up)
+        if rec is None or int(rec.deadline_ns) == e.deadline_ns or \
+                (rec.deadline_ns and rec.deadline_ns <= time.monotonic_ns()):
+            return False
+        bpfsys.map_update(self.dp.fds["dp_tmo_armed"], ct.c_uint64(e.up), ct.c_uint32(1))
+        return True
+
+    def _take(self, up: int) -> None:
+        """No byte of `up` reaches the client any more; the agent closes it
+        (Envoy closes the upstream connection of a timed-out request)."""
+        self.dp.take_upstream(up)
+        bpfsys.map_delete(self.dp.fds["dp_tmo"], ct.c_uint64(up))
+        self._lost.pop(up, None)
+        with self._lock:
+            self._taken.append(up)
 
     def _inject(self, client: int, data: bytes) -> bool:
         if self.injector is None:
@@ -255,9 +286,8 @@ class TimeoutKeeper:
             self.injector = None
 
 
-def _exists(table: Any, up: int) -> bool:
+def _get(table: Any, up: int) -> Any | None:
     try:
-        table[table.Key(up)]
-        return True
+        return table[table.Key(up)]
     except KeyError:
-        return False
+        return None

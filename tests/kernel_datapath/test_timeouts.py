@@ -165,7 +165,7 @@ def test_timeouts_match_envoy(agent: Agent, cgroup: Any, tenvoy: TimeoutEnvoy,
     assert sorted(node.timeouts.values()) == [1000, 15000]
     names = {node.route_names[r].rsplit("/", 1)[-1]: ms for r, ms in node.timeouts.items()}
     assert names == {"t1": 1000, "dflt": 15000}
-    rto = {(k.gen, k.route): v.value for k, v in node.dp.bpf["dp_rto"].items()}
+    rto = {(k.gen, k.route): v.ms for k, v in node.dp.bpf["dp_rto"].items()}
     assert {ms for (g, _), ms in rto.items() if g == node.gen} == {1000, 15000}
 
     fast = run(cgroup, tenvoy.port, SCRIPT)

@@ -35,15 +35,17 @@ def send(req: dict) -> dict:  # type: ignore[type-arg]
         s = socket.create_connection((req["vip"], req["port"]), timeout=10)
         if cid:
             KEEP[cid] = s
+    t0 = time.monotonic()
     try:
         s.sendall(request_bytes(req))
         r = http.client.HTTPResponse(s, method=req["method"])
         r.begin()
         data = r.read()
         return {"status": r.status, "body": data.decode(errors="replace"),
-                "served_by": r.getheader("x-k3-served-by")}
-    except OSError as exc:
-        return {"status": 0, "body": f"{type(exc).__name__}: {exc}", "served_by": None}
+                "served_by": r.getheader("x-k3-served-by"), "secs": time.monotonic() - t0}
+    except (OSError, http.client.HTTPException) as exc:
+        return {"status": 0, "body": f"{type(exc).__name__}: {exc}", "served_by": None,
+                "secs": time.monotonic() - t0}
     finally:
         if not cid:
             s.close()

@@ -12,6 +12,10 @@ an attempt fails is said by request headers, so one app serves every case:
 * `x-overloaded: 1`  failures carry x-envoy-overloaded: true
 * `x-ratelimited: 1` failures carry x-envoy-ratelimited: true
 * `x-chunked: 1`     failures are sent chunked
+* `x-delays: A,B,..` attempt 1 answers after A ms, attempt 2 after B ms, ...
+* `x-body-delay-ms: N` a success sends its head and 3 body bytes, the rest N ms later
+
+Each log line also records the attempt's x-envoy-expected-rq-timeout-ms ("-": none).
 
 A failure's body names the attempt, not the pod (the first endpoint Envoy and
 the kernel pick may differ); a success is JSON with the attempt, the pod, the
@@ -23,6 +27,8 @@ request body's length and the headers received.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -41,9 +47,13 @@ def make_app(log_dir: Path) -> web.Application:
     async def handle(req: web.Request) -> web.StreamResponse:
         body = await req.read()
         rid = req.headers.get("x-k3-id", "-")
-        log.write(f"{rid} @{time.time_ns()}\n")  # the test orders attempts by time
+        expected = req.headers.get("x-envoy-expected-rq-timeout-ms", "-")
+        log.write(f"{rid} @{time.time_ns()} {expected}\n")  # the test orders attempts by time
         log.flush()
         attempt = attempts_of(log_dir, rid)
+        delays = [int(d) for d in req.headers.get("x-delays", "").split(",") if d.strip()]
+        if attempt <= len(delays) and delays[attempt - 1]:
+            await asyncio.sleep(delays[attempt - 1] / 1000)
         fail_n = int(req.headers.get("x-fail", "0"))
         only = req.headers.get("x-fail-pod")
         if attempt <= fail_n and (only is None or only == pod):
@@ -64,10 +74,25 @@ def make_app(log_dir: Path) -> web.Application:
                 await resp.write_eof()
                 return resp
             return web.Response(status=status, text=text, headers=hdrs)
-        return web.json_response(
-            {"attempt": attempt, "pod": pod, "body_len": len(body),
-             "headers": {k.lower(): v for k, v in req.headers.items()}},
-            headers={"x-k3-attempt": str(attempt), "x-k3-served-by": pod})
+        ok = {"attempt": attempt, "pod": pod, "body_len": len(body),
+              "headers": {k.lower(): v for k, v in req.headers.items()}}
+        hdrs = {"x-k3-attempt": str(attempt), "x-k3-served-by": pod}
+        if req.headers.get("x-body-delay-ms"):
+            return await slow_body(req, json.dumps(ok).encode(), hdrs,
+                                   int(req.headers["x-body-delay-ms"]))
+        return web.json_response(ok, headers=hdrs)
+
+    async def slow_body(req: web.Request, data: bytes, hdrs: dict[str, str],
+                        ms: int) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers=hdrs)
+        resp.content_type = "application/json"
+        resp.content_length = len(data)
+        await resp.prepare(req)
+        await resp.write(data[:3])  # the response has started
+        await asyncio.sleep(ms / 1000)
+        await resp.write(data[3:])
+        await resp.write_eof()
+        return resp
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)

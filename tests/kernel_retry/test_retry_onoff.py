@@ -77,10 +77,13 @@ def gen_requests(rounds: int) -> list[dict[str, Any]]:
     return reqs
 
 
-def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]:
+def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]],
+             files: tuple[str, str] | None = None) -> dict[str, Any]:
+    """One mesh run; `files`: (mesh file, policies) instead of MESHES[variant]'s
+    (test_deadline_onoff.py)."""
     from mesh.runner import Mesh
 
-    mesh_file, policies, _ = MESHES[variant]
+    mesh_file, policies = files or MESHES[variant][:2]
     d = tmp / mode
     logdir = d / "logs"
     logdir.mkdir(parents=True)
@@ -112,14 +115,16 @@ def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]]) -> 
         if cp_log.exists():  # for a failure's investigation
             (d / "control-plane.log").write_bytes(cp_log.read_bytes())
         m.down()
-    attempts: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    attempts: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
     for f in sorted(logdir.glob("*.log")):
         if not f.name.startswith("client"):
             for ln in f.read_text().splitlines():
-                rid, at = ln.split()
-                attempts[rid].append((int(at[1:]), f.stem))
-    seen = {rid: [pod for _, pod in sorted(v)] for rid, v in attempts.items()}  # in time order
-    return {"results": results, "seen": seen, "counts": counts, "dbg": dbg}
+                rid, at, expected = ln.split()
+                attempts[rid].append((int(at[1:]), f.stem, expected))
+    seen = {rid: [pod for _, pod, _ in sorted(v)] for rid, v in attempts.items()}  # time order
+    # (arrival ns, x-envoy-expected-rq-timeout-ms) of each attempt, in time order ("-": none)
+    expected = {rid: [(at, e) for at, _, e in sorted(v)] for rid, v in attempts.items()}
+    return {"results": results, "seen": seen, "expected": expected, "counts": counts, "dbg": dbg}
 
 
 def _get(url: str) -> str:

@@ -41,8 +41,15 @@ def test_retriable_4xx_backoff_and_timers() -> None:
     assert reasons == []
     assert pol is not None and pol.status_codes == (409,) and pol.grpc_codes == (4,)
     assert (pol.base_ms, pol.max_ms, pol.num_retries) == (100, 1000, 3)
-    _, reasons = retry_policy({"retryOn": "retriable-4xx", "perTryTimeout": "1s"}, ON)
+    pol, reasons = retry_policy({"retryOn": "retriable-4xx", "perTryTimeout": "1s"}, ON)
+    assert reasons == [] and pol is not None and pol.per_try_timeout_ms == 1000
+    _, reasons = retry_policy({"retryOn": "retriable-4xx", "perTryTimeout": "1s"},
+                              KernelCaps(route_timeouts=False))
     assert reasons == ["retry per_try_timeout"]
+    # the per-try timer rides on a kernel retry: none here, so Envoy
+    for p in ({"retryOn": "5xx", "numRetries": 0, "perTryTimeout": "1s"},
+              {"retryOn": "connect-failure", "perTryTimeout": "1s"}):
+        assert retry_policy(p, ON)[1] == ["retry per_try_timeout without a retry the kernel makes"]
     _, reasons = retry_policy({"retryOn": "unavailable", "retriableHeaders": [{"name": "x"}]}, ON)
     assert reasons == ["retry on headers"]
 
