@@ -456,6 +456,7 @@ int dp_msg_in(struct sk_msg_md *msg)
         return SK_PASS;
 #ifdef DP_DECIDE_SECOND
     dp_decide_second(scr->gen, &scr->v);
+    dp_mirror_inbound(scr->gen, &scr->v); /* Envoy shadows what the inbound side answers */
 #endif
     dp_msg_prog.call(msg, 0); /* dp_msg_act */
     return dp_to_envoy(c, scr->v.route, DP_R_NONE);
@@ -502,6 +503,10 @@ int dp_msg_act(struct sk_msg_md *msg)
     /* a retry needs the whole request (+ header inserts) in this write, kept */
     if (rpol && (size != v.consumed || v.consumed + DP_REPLY_MAX >= DP_RETRY_MAX))
         return dp_to_envoy_req(msg, c, &v, size, DP_R_RETRY_COPY);
+    /* a mirror copies the whole request too; else Envoy mirrors it (dp_mirror.h) */
+    if (dp_mirror_route(gen, v.route) &&
+        (size != v.consumed || v.consumed + DP_REPLY_MAX >= DP_MIRROR_MAX))
+        return dp_to_envoy_req(msg, c, &v, size, DP_R_MIRROR_COPY);
     int b = dp_bind_upstream(c, v.pool);
     if (b < 0) {
         __u16 why = b == -1 ? DP_R_BINDS : DP_R_POOL_EMPTY;
@@ -557,6 +562,7 @@ int dp_msg_act(struct sk_msg_md *msg)
      * already on its way: counted (fast/retry_lost), not retried. */
     if (rpol && dp_retry_arm(msg, c, b, v.consumed) < 0)
         dp_count(v.route, DP_OUT_FAST, DP_R_RETRY_LOST);
+    dp_mirror_post(msg, &v, gen, v.consumed); /* the shadow copy, fire-and-forget */
     return SK_PASS;
 }
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpath import agent_inline, agent_synth
+from fastpath.agent_mirror import DP_EV_MIRROR, Mirrorer
 from fastpath.agent_retry import Retrier
 from fastpath.counters import (
     DP_EV_ACCESS,
@@ -75,9 +76,11 @@ class NodeDatapath:
     # thread skips the node meanwhile rather than wait
     busy: threading.Lock = field(default_factory=threading.Lock)
     retrier: Retrier = field(init=False)
+    mirrorer: Mirrorer = field(init=False)
 
     def __post_init__(self) -> None:
         self.retrier = Retrier(self.dp, self.pools)
+        self.mirrorer = Mirrorer(self.dp, self.pod.netns, self.pod.ip)
         self.pools.claim = self.retrier.claim  # diverted responses are read, not reaped
 
     @classmethod
@@ -196,6 +199,8 @@ class NodeDatapath:
             self.pools.release(ups + self.retrier.on_close(int(ev.cookie), ups))
         elif ev.kind == DP_EV_RETRY:
             self.retrier.on_diverted(int(ev.up_cookies[0]), int(ev.cookie))
+        elif ev.kind == DP_EV_MIRROR:
+            self.mirrorer.on_event(data)
         elif ev.kind == DP_EV_ACCESS:
             self.access.add(ev, lambda r: self.route_names.get(r, ""),
                             lambda p: self.pool_clusters.get(p, ""))
@@ -250,12 +255,14 @@ class NodeDatapath:
             "timeouts_fired": dict(self.keeper.counts) if self.keeper else {},
             "timed_requests_in_flight": len(list(self.dp.bpf["dp_tmo"].keys())),
             "retries": self.retrier.debug(),
+            "mirrors": self.mirrorer.debug(),
         }
 
     def close(self) -> None:
         """Detach first (traffic goes the normal way), then close the pools."""
         if self.keeper is not None:
             self.keeper.close()  # its thread uses the maps: stopped first
+        self.mirrorer.close()
         self.dp.close()
         self.pools.close()
 

@@ -17,6 +17,7 @@ from fastpath.classify_guards import Guard, cors_guards, csrf_guards, guard_rout
 from fastpath.classify_lrl import config_reasons, reply_headers
 from fastpath.classify_match import Reasons, route_match
 from fastpath.envoy_model import duration_ms, type_name
+from fastpath.mirror import mirror_policies
 from fastpath.plan import (
     Action,
     Cluster,
@@ -26,6 +27,7 @@ from fastpath.plan import (
     HeaderValue,
     LbPolicy,
     LocalRateLimit,
+    MirrorPolicy,
     Redirect,
     RetryPolicy,
     Route,
@@ -65,6 +67,9 @@ class KernelCaps:
     # Runtime layers of the bootstrap that can override fault percentages at any
     # time ("" when none; fastpath.classify_delay.runtime_of): faults stay ENVOY.
     fault_runtime: str = ""
+    # The data path copies a mirrored request to the agent, which sends the
+    # shadow (bpf_src/dp_mirror.h, fastpath/agent_mirror.py).
+    mirrors: bool = True
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,8 @@ def _redirect(d: dict[str, Any]) -> tuple[Action, Reasons]:
 _FORWARD_OK = {"cluster", "weightedClusters", "prefixRewrite", "hostRewriteLiteral", "timeout",
                "retryPolicy", "hashPolicy", "idleTimeout", "clusterNotFoundResponseCode",
                "maxGrpcTimeout", "grpcTimeoutOffset", "priority", "includeVhRateLimits",
-               "rateLimits", "cors", "autoHostRewrite", "maxStreamDuration", "upgradeConfigs"}
+               "rateLimits", "cors", "autoHostRewrite", "maxStreamDuration", "upgradeConfigs",
+               "requestMirrorPolicies"}
 # upgradeConfigs: Envoy uses them only for a request with both `Upgrade` and
 # `Connection: upgrade` (or CONNECT); every other request of the route is a
 # plain one (Envoy 1.40, tests/split/test_upgrade.py). The kernel hands every
@@ -227,6 +233,8 @@ def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
     # each attempt's upstream, one deadline over all attempts (fastpath/deadline.py)
     hash_header, more = _hash(a.get("hashPolicy", []), clusters, ctx)
     reasons += more
+    mirrors, more = _mirrors(a, ctx)
+    reasons += more
     for c in clusters:
         plan_c = ctx.clusters.get(c.name)
         if plan_c is None:
@@ -235,10 +243,21 @@ def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
             reasons.append(f"cluster {c.name!r}: {plan_c.reason}")
     action = ClusterAction(tuple(clusters), a.get("prefixRewrite"), a.get("hostRewriteLiteral"),
                            timeout, duration_ms(a.get("idleTimeout")) or None,
-                           cluster_header=a.get("clusterHeader"), retry=retry)
+                           cluster_header=a.get("clusterHeader"), retry=retry, mirrors=mirrors)
     if hash_header:
         action = ClusterAction(**{**action.__dict__, "hash_header": hash_header})
     return action, reasons
+
+
+def _mirrors(a: dict[str, Any], ctx: RouteContext) -> tuple[tuple[MirrorPolicy, ...], Reasons]:
+    """The route's (else its virtual host's) mirror policies: the data path
+    copies the request to the agent, which sends the shadow (fastpath.mirror)."""
+    items = a.get("requestMirrorPolicies", ctx.vhost.get("requestMirrorPolicies"))
+    if not items:
+        return (), []
+    if not ctx.caps.mirrors:
+        return (), ["route requestMirrorPolicies"]
+    return mirror_policies(items, ctx.clusters)
 
 
 def _weighted(w: dict[str, Any]) -> tuple[list[WeightedCluster], Reasons]:

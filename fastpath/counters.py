@@ -26,7 +26,8 @@ DP_REASONS = {0: "", 1: "sticky", 2: "pool_empty", 3: "untracked", 4: "upstream_
               5: "too_many_upstreams", 6: "rewrite_failed", 7: "split_head", 8: "body_sync",
               9: "no_plan", 10: "pipelined", 11: "header_add", 12: "retry_copy",
               13: "retry_unpaired", 14: "retry_overflow", 15: "retry_lost", 16: "swallow_failed",
-              24: "envoy_pending", 25: "envoy_untracked"}  # dp_return.h
+              24: "envoy_pending", 25: "envoy_untracked",  # dp_return.h
+              28: "mirror_copy", 29: "mirror_dropped", 30: "mirror_inbound"}  # dp_mirror.h
 DECIDE_BASE = 32
 # l7fp_defs.h L7FP_R_* (K1), counted as DECIDE_BASE + code. L7FP_R_POOL_EMPTY is set by
 # the data path's adapter when the endpoint has no pool at all (dp_eps): "no_pool", not

@@ -163,6 +163,11 @@ def _renamed(lp: ListenerPlan, dest: KernelPlan, ip: str, port: int
             return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
                                        reason="inbound route timeout (the kernel times "
                                               "the outbound route only)")
+        if isinstance(a, ClusterAction) and a.mirrors and r.verdict is Verdict.KERNEL:
+            # the agent shadows the outbound route's requests only (agent_mirror.py)
+            return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
+                                       reason="inbound request mirror (the destination's "
+                                              "Envoy shadows it)")
         return dataclasses.replace(r, action=a)
 
     vhs = tuple(dataclasses.replace(vh, routes=tuple(route(r) for r in vh.routes))

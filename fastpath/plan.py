@@ -191,6 +191,18 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class MirrorPolicy:
+    """One of a route's request_mirror_policies (Envoy's shadowing): a sampled
+    copy of the request goes, fire-and-forget, to ``cluster``; its Host gets
+    ``-shadow`` appended unless ``host_suffix`` is False
+    (disable_shadow_host_suffix_append). The client's answer never depends on it."""
+
+    cluster: str
+    per_million: int = 1_000_000  # runtime_fraction.default_value (absent: every request)
+    host_suffix: bool = True
+
+
+@dataclass(frozen=True)
 class ClusterAction:
     """Forward to a cluster (one, or weighted by ``weight/sum(weights)``)."""
 
@@ -202,6 +214,7 @@ class ClusterAction:
     cluster_header: str | None = None  # route.cluster_header (always ENVOY)
     hash_header: str | None = None  # hash_policy header, for RING_HASH/MAGLEV clusters
     retry: RetryPolicy | None = None  # None: the route never retries (or no policy)
+    mirrors: tuple[MirrorPolicy, ...] = ()  # request_mirror_policies, in Envoy's order
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl
 
+from fastpath.mirror import sampled
 from fastpath.plan import (
     ClusterAction,
     DirectResponse,
@@ -90,6 +91,7 @@ class Decision:
     reason: str = ""
     delay_ms: int = 0  # forward: held this long before the upstream sees it (fault delay)
     headers: tuple[tuple[str, str], ...] = ()  # a reply's extra header lines (rate limit)
+    mirrors: tuple[str, ...] = ()  # forward: clusters a shadow copy goes to (fastpath.mirror)
 
 
 @dataclass
@@ -339,7 +341,14 @@ def _apply(plan: KernelPlan, r: Route, req: Request, rng: random.Random, state: 
     adds = tuple((h.name, h.value) for h in r.request_headers_to_add + vh.request_headers_to_add)
     return Decision("forward", cluster=cluster, endpoint=ep, path=path,
                     host=a.host_rewrite or req.host, add_headers=adds,
-                    remove_headers=r.request_headers_to_remove, route=name)
+                    remove_headers=r.request_headers_to_remove, route=name,
+                    mirrors=_mirrors(a, rng))
+
+
+def _mirrors(a: ClusterAction, rng: random.Random) -> tuple[str, ...]:
+    """The clusters of the policies whose fraction samples this request (one
+    draw per policy, as the kernel and Envoy's runtime do)."""
+    return tuple(m.cluster for m in a.mirrors if sampled(m.per_million, rng.getrandbits(32)))
 
 
 def _prefix_rewrite(m: RouteMatch, path: str, rewrite: str) -> str:

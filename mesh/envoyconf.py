@@ -83,6 +83,9 @@ def _expand_routes(routes: list[dict[str, Any]], resolve: Any, default: str) -> 
                     c["name"] = resolve(c["name"])
             elif "cluster_header" not in action:
                 action["cluster"] = default
+            for m in action.get("request_mirror_policies", []):
+                if isinstance(m.get("cluster"), str):
+                    m["cluster"] = resolve(m["cluster"])
         elif not any(k in r for k in ("direct_response", "redirect")):
             r["route"] = {"cluster": default}
         if isinstance(r.get("route"), dict):

@@ -256,6 +256,9 @@ def route_cluster_refs(route: dict[str, Any]) -> list[tuple[str, str]]:
     wc = action.get("weighted_clusters") or {}
     for j, c in enumerate(wc.get("clusters") or []):
         refs.append((f"route.weighted_clusters.clusters[{j}].name", str(c.get("name"))))
+    for j, m in enumerate(action.get("request_mirror_policies") or []):
+        if isinstance(m.get("cluster"), str):
+            refs.append((f"route.request_mirror_policies[{j}].cluster", m["cluster"]))
     return refs
 
 

@@ -76,9 +76,9 @@ def _hosts_and_ports(objs: ObjectSet) -> Iterator[tuple[str, str, int | None, di
             for r in rule.get("route") or []:
                 d = r.get("destination") or {}
                 yield str(d.get("host", "")), o.namespace, (d.get("port") or {}).get("number"), {}
-            m = rule.get("mirror") or {}
-            if m:
-                yield str(m.get("host", "")), o.namespace, None, {}
+            for m in _mirror_dests(rule):
+                yield (str(m.get("host", "")), o.namespace, (m.get("port") or {}).get("number"),
+                       {})
     for o in objs.of("DestinationRule"):
         for s in o.spec.get("subsets") or []:
             yield str(o.spec.get("host", "")), o.namespace, None, dict(s.get("labels") or {})
@@ -91,9 +91,25 @@ def _hosts_and_ports(objs: ObjectSet) -> Iterator[tuple[str, str, int | None, di
             for h in o.spec.get("hostnames") or []:
                 yield str(h), o.namespace, None, {}
             for rule in o.spec.get("rules") or []:
-                for b in rule.get("backendRefs") or []:
+                for b in [*(rule.get("backendRefs") or []), *_gateway_mirror_refs(rule)]:
                     yield (str(b.get("name")), str(b.get("namespace") or o.namespace),
                            b.get("port"), {})
+
+
+def _mirror_dests(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    """The destinations an Istio http rule mirrors to (`mirror`, `mirrors[]`)."""
+    out = [rule["mirror"]] if rule.get("mirror") else []
+    return out + [m.get("destination") or {} for m in rule.get("mirrors") or []]
+
+
+def _gateway_mirror_refs(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    """backendRefs of a Gateway API rule's RequestMirror filters (the rule's and
+    its backendRefs'): their services get clusters like any backend's."""
+    filters = [*(rule.get("filters") or [])]
+    for b in rule.get("backendRefs") or []:
+        filters += b.get("filters") or []
+    return [(f.get("requestMirror") or {}).get("backendRef") or {} for f in filters
+            if f.get("type") == "RequestMirror"]
 
 
 def _synthesize_services(objs: ObjectSet, reg: Registry, ips: Iterator[str]) -> None:
@@ -131,8 +147,8 @@ def _synthesize_subsets(objs: ObjectSet, reg: Registry) -> None:
     missing: dict[tuple[str, str], set[str]] = {}
     for o in objs.of("VirtualService"):
         for rule in o.spec.get("http") or []:
-            for r in rule.get("route") or []:
-                d = r.get("destination") or {}
+            for d in [r.get("destination") or {} for r in rule.get("route") or []] + \
+                    _mirror_dests(rule):
                 host, subset = str(d.get("host", "")), d.get("subset")
                 if subset and (reg.fqdn(host, o.namespace), str(subset)) not in have:
                     missing.setdefault((host, o.namespace), set()).add(str(subset))

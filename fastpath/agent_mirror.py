@@ -1,0 +1,282 @@
+"""The agent's half of request mirroring (the kernel half: bpf_src/dp_mirror.h).
+
+Owner: the mirror part of K2. One `Mirrorer` per node datapath
+(`fastpath.agent_node`): `program()` at each plan apply (plans thread, the
+node's lock held), `on_event()` for a DP_EV_MIRROR record (event thread),
+`close()` when the node closes. It owns its sender threads and their sockets.
+
+The kernel posts a copy of each forwarded request that a route's mirror
+policies sampled. `on_event` turns it into the shadow (fastpath.mirror:
+`-shadow` host, the primary destination's inbound header insert cut out) and
+queues one send per sampled policy, on a bounded queue: when it is full the
+shadow is dropped and counted, never waited for (the client's request is
+already on its way to the primary; its answer never depends on a shadow).
+
+Senders send the shadow the way the node's Envoy sidecar would: from inside
+the pod's network namespace, to an endpoint of the mirror cluster (round
+robin), on a socket created with the sidecar's uid (1337) so that the pod's
+outbound interception lets it pass and the destination's inbound sidecar
+(its policy) sees it as it sees Envoy's shadows. The response is read to its
+end and discarded; connections are kept alive per endpoint.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import itertools
+import logging
+import queue
+import socket
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from fastpath.mirror import MIRRORS_MAX, request_method, shadow_request
+from fastpath.plan import ClusterAction, KernelPlan, MirrorPolicy, Verdict
+from fastpath.retry import FramingError, response_end
+
+log = logging.getLogger(__name__)
+
+DP_EV_MIRROR = 6  # dp_mirror.h
+MIRROR_MAX = 4096  # DP_MIRROR_MAX
+SIDECAR_UID = 1337  # the pod's interception lets this uid's sockets pass (mesh.netrules)
+QUEUE_MAX = 256  # shadows waiting for a sender; more are dropped (counted)
+SENDERS = 4
+DEFAULT_TIMEOUT_S = 15.0  # Envoy's default route timeout, also the shadow's
+MAX_RESPONSE = 1 << 20
+
+
+class MirrorEv(ct.Structure):
+    """Mirror of struct dp_mirror_ev (dp_mirror.h)."""
+
+    _fields_ = [("kind", ct.c_uint32), ("route", ct.c_uint32), ("gen", ct.c_uint32),
+                ("mask", ct.c_uint32), ("len", ct.c_uint32), ("cut_at", ct.c_uint32),
+                ("cut_len", ct.c_uint32), ("_pad", ct.c_uint32),
+                ("req", ct.c_uint8 * MIRROR_MAX)]
+
+
+def needs_mirror(plan: KernelPlan) -> bool:
+    """True when a KERNEL route of `plan` mirrors: the node's program is then
+    compiled with -DDP_MIRROR=1."""
+    return any(isinstance(r.action, ClusterAction) and r.action.mirrors
+               and r.verdict is Verdict.KERNEL
+               for lst in plan.listeners for vh in lst.virtual_hosts for r in vh.routes)
+
+
+def record_request(ev: MirrorEv) -> bytes:
+    """The forwarded request in a record, without the inbound header insert."""
+    n = min(int(ev.len), MIRROR_MAX)
+    req = bytes(ev.req[:n])
+    at, cut = int(ev.cut_at), int(ev.cut_len)
+    if cut and at + cut <= n:
+        req = req[:at] + req[at + cut:]
+    return req
+
+
+@dataclass(frozen=True)
+class Shadow:
+    address: str
+    port: int
+    data: bytes
+    method: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class RoutePolicies:
+    mirrors: tuple[MirrorPolicy, ...]
+    targets: tuple[tuple[tuple[str, int], ...], ...]  # per policy: its cluster's endpoints
+    timeout_s: float
+
+
+class Mirrorer:
+    def __init__(self, dp: Any, netns: str | None, ip: str | None = None,
+                 senders: int = SENDERS, queue_max: int = QUEUE_MAX,
+                 uid: int | None = SIDECAR_UID) -> None:
+        self.dp = dp
+        self.netns = netns
+        self.ip = ip  # the pod's address: Envoy appends it to a shadow's x-forwarded-for
+        self.uid = uid if netns else None  # only a pod's interception needs it
+        self.routes: dict[tuple[int, int], RoutePolicies] = {}  # (gen, route id + 1)
+        self.rr: dict[tuple[str, int], itertools.count[int]] = {}
+        self.q: queue.Queue[Shadow | None] = queue.Queue(maxsize=queue_max)
+        self.stats: Counter[str] = Counter()
+        self.lock = threading.Lock()  # stats from several threads
+        self.n_senders = senders
+        self.threads: list[threading.Thread] = []
+
+    # ---- plan (agent_synth.program) ------------------------------------------
+    def program(self, plan: KernelPlan, sp: Any, gen: int) -> None:
+        """Write generation `gen` of dp_mpol from the plan's KERNEL routes."""
+        t = self.dp.bpf["dp_mpol"]
+        for k in [k for k in t.keys() if k.gen == gen]:
+            del t[k]
+        self.routes = {k: v for k, v in self.routes.items() if k[0] != gen}
+        for rid, r in enumerate(getattr(sp, "routes", ())):
+            if r is None or r.verdict is not Verdict.KERNEL or not isinstance(r.action, ClusterAction):
+                continue
+            mirrors = r.action.mirrors[:MIRRORS_MAX]
+            if not mirrors:
+                continue
+            targets = tuple(tuple((e.address, e.port) for e in c.endpoints) if (c := plan.cluster(m.cluster))
+                            else () for m in mirrors)
+            timeout = (r.action.timeout_ms / 1000.0) if r.action.timeout_ms else DEFAULT_TIMEOUT_S
+            self.routes[(gen, rid + 1)] = RoutePolicies(mirrors, targets, timeout)
+            leaf = t.Leaf()
+            leaf.n = len(mirrors)
+            for i, m in enumerate(mirrors):
+                leaf.per_million[i] = m.per_million
+            t[t.Key(gen=gen, route=rid + 1)] = leaf
+        if self.routes and not self.threads:
+            self._start()
+
+    # ---- events (agent thread) --------------------------------------------------
+    def on_event(self, data: Any) -> None:
+        """A DP_EV_MIRROR record: queue one shadow per sampled policy."""
+        ev = ct.cast(data, ct.POINTER(MirrorEv)).contents
+        pol = self.routes.get((int(ev.gen), int(ev.route)))
+        if pol is None:
+            self._count("no_policy")  # a plan flipped since: Envoy's config moved on too
+            return
+        req = record_request(ev)
+        for i, m in enumerate(pol.mirrors):
+            if not int(ev.mask) & (1 << i):
+                continue
+            target = self._pick(m.cluster, pol.targets[i])
+            if target is None:
+                self._count("no_endpoint")
+                continue
+            try:
+                shadow = Shadow(target[0], target[1], shadow_request(req, m.host_suffix, self.ip),
+                                request_method(req), pol.timeout_s)
+                self.q.put_nowait(shadow)
+                self._count("queued")
+            except queue.Full:
+                self._count("dropped_queue_full")
+            except ValueError as exc:
+                self._count("bad_copy")
+                log.warning("mirror: route %d: %s", int(ev.route), exc)
+
+    def _pick(self, cluster: str, eps: tuple[tuple[str, int], ...]) -> tuple[str, int] | None:
+        if not eps:
+            return None
+        key = (cluster, len(eps))
+        return eps[next(self.rr.setdefault(key, itertools.count())) % len(eps)]
+
+    def _count(self, what: str) -> None:
+        with self.lock:
+            self.stats[what] += 1
+
+    # ---- senders -------------------------------------------------------------------
+    def _start(self) -> None:
+        for i in range(self.n_senders):
+            th = threading.Thread(target=self._sender, name=f"l7fp-mirror-{i}", daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def _sender(self) -> None:
+        from fastpath.pools import NetnsSwitch
+
+        sw = NetnsSwitch()
+        try:
+            sw.enter(self.netns)  # this thread only (setns is per thread)
+        except OSError as exc:
+            log.error("mirror: cannot enter %s: %s; shadows dropped", self.netns, exc)
+            sw = None  # type: ignore[assignment]
+        conns: dict[tuple[str, int], socket.socket] = {}
+        while True:
+            shadow = self.q.get()
+            if shadow is None:
+                break
+            if sw is None:
+                self._count("send_failed")
+                continue
+            self._send(conns, shadow)
+        for s in conns.values():
+            s.close()
+        if sw is not None:
+            sw.close()
+
+    def _send(self, conns: dict[tuple[str, int], socket.socket], sh: Shadow) -> None:
+        key = (sh.address, sh.port)
+        for attempt in (0, 1):  # a kept-alive connection the server closed: once more, fresh
+            s = conns.pop(key, None)
+            fresh = s is None
+            try:
+                if s is None:
+                    s = self._connect(sh)
+                s.settimeout(sh.timeout_s)
+                s.sendall(sh.data)
+                if self._discard_response(s, sh.method):
+                    conns[key] = s
+                else:
+                    s.close()
+                self._count("sent")
+                return
+            except OSError as exc:
+                if s is not None:
+                    s.close()
+                if fresh or attempt:
+                    self._count("timeout" if isinstance(exc, TimeoutError) else "send_failed")
+                    log.info("mirror: shadow to %s:%d failed: %s", sh.address, sh.port, exc)
+                    return
+
+    def _connect(self, sh: Shadow) -> socket.socket:
+        """A socket owned by the sidecar's uid (the interception's exception):
+        fsuid is per thread, and socket() records it in the socket's file."""
+        libc = ct.CDLL(None, use_errno=True)
+        if self.uid is not None:
+            libc.setfsuid(self.uid)
+            libc.setfsgid(self.uid)
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            if self.uid is not None:
+                libc.setfsuid(0)
+                libc.setfsgid(0)
+        try:
+            s.settimeout(min(sh.timeout_s, 5.0))
+            s.connect((sh.address, sh.port))
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    def _discard_response(self, s: socket.socket, method: str) -> bool:
+        """Read the response to its end; True when the connection can be reused."""
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return False
+            buf += chunk
+            try:
+                end = response_end(buf, method)
+            except FramingError:
+                return False
+            if end is not None:
+                return b"connection: close" not in buf[:end].lower() and len(buf) == end
+            if len(buf) > MAX_RESPONSE:
+                return False
+
+    # ---- views / shutdown --------------------------------------------------------------
+    def debug(self) -> dict[str, Any]:
+        with self.lock:
+            return {"queued_now": self.q.qsize(), **self.stats}
+
+    def close(self) -> None:
+        """Stop the senders (shadows still queued are dropped)."""
+        while True:
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self.threads:
+            try:
+                self.q.put(None, timeout=1.0)
+            except queue.Full:
+                break
+        for th in self.threads:
+            th.join(timeout=2.0)
+        self.threads = []

@@ -1,0 +1,207 @@
+"""Request mirroring in the kernel fast path vs Envoy's shadowing.
+
+A local mesh (mesh.yaml + policies.yaml here): the client's outbound routes to
+`web` mirror to `shadow` (100 %, 0 %, two policies, one without the host
+suffix) and to `slow` (answers after 2 s) and `broken` (resets). mirror_app.py
+records every request it receives. The same requests are sent with
+`--fastpath off` (the client's Envoy sidecar forwards and shadows) and `on`
+(the kernel forwards to web and posts a copy; the agent sends the shadow from
+the client pod as the sidecar would). Per request: the client's answer is the
+primary's, the same both ways, and `shadow` received the same copies (request
+line, host with `-shadow`, headers, body) both ways; a slow or broken mirror
+does not delay the client; the counters show that the kernel forwarded and the
+agent shadowed them, and that only the request too big to copy went to Envoy.
+
+Run: .venv/bin/python -m pytest tests/kernel_mirror -q   (root)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
+              pytest.mark.timeout(240)]
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "kernel_differential"))
+from test_fastpath_onoff import fastpath_counts  # noqa: E402
+
+GAP_MS = 50  # fast path on: lets the agent refill the pools between connections
+BIG = 5000  # bytes of body: too big to copy, Envoy mirrors that request
+# Set per request by Envoy or its connection, not by the policy: compared by presence only.
+VOLATILE = {"x-request-id"}
+
+# (path, method, body, kept-alive connection or None)
+CASES: list[tuple[str, str, str, str | None]] = [
+    ("/m/a", "GET", "", None),
+    ("/m/b?q=1", "POST", "k=v" * 50, None),
+    ("/m/c", "PUT", "abc", "keep"),
+    ("/m/d", "GET", "", "keep"),
+    ("/m/e", "HEAD", "", None),
+    ("/m/xff", "GET", "", None),  # the client's own x-forwarded-for: Envoy appends to it
+    ("/m/big", "POST", "x" * BIG, None),
+    ("/none/a", "GET", "", None),
+    ("/none/b", "GET", "", None),
+    ("/two/a", "GET", "", None),
+    ("/two/b", "POST", "two", "keep"),
+    ("/slow/a", "GET", "", None),
+    ("/slow/b", "GET", "", None),
+    ("/plain", "GET", "", None),
+]
+
+
+def gen_requests() -> list[dict[str, Any]]:
+    reqs = []
+    for n, (path, method, body, conn) in enumerate(CASES):
+        req = {"path": path, "method": method, "body": body,
+               "headers": {"host": "web:9000", "x-k6-id": f"r{n}", "x-k6-client": "yes"}}
+        if conn:
+            req["conn"] = conn
+        if path == "/m/xff":
+            req["headers"]["x-forwarded-for"] = "198.19.7.7"
+        reqs.append(req)
+    return reqs
+
+
+def _get(url: str) -> str:
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def wait_ready(admin: str, timeout: float = 90.0) -> None:
+    """Until every pod's plan is applied and the client has a free pooled
+    upstream to web (the agent compiles one node at a time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        nodes = json.loads(_get(f"http://{admin}/debug/fastpath")).get("nodes", [])
+        if len(nodes) == 5 and all(n["plan_version"] for n in nodes):
+            client = next(n for n in nodes if n["pod"].startswith("client"))
+            if any(p["free"] for p in client["pools"]):
+                return
+        time.sleep(0.5)
+
+
+def read_logs(logdir: Path) -> dict[str, list[dict[str, Any]]]:
+    """pod -> requests it received, in order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for f in sorted(logdir.glob("*.jsonl")):
+        out[f.stem] = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+    return out
+
+
+def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]:
+    from mesh.runner import Mesh
+
+    d = tmp / mode
+    logdir = d / "logs"
+    logdir.mkdir(parents=True)
+    logdir.chmod(0o777)
+    text = (HERE / "mesh.yaml").read_text().replace("@APP@", str(HERE / "mirror_app.py"))
+    (d / "mesh.yaml").write_text(text.replace("@LOGDIR@", str(logdir)))
+    (d / "policies.yaml").write_text((HERE / "policies.yaml").read_text())
+    m = Mesh(d / "mesh.yaml", f"k6{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
+    try:
+        st = m.up()
+        client_ip = next(p["ip"] for p in st["pods"] if p["name"].startswith("client"))
+        if mode == "on":
+            wait_ready(st["admin"])
+        (d / "reqs.json").write_text(json.dumps(reqs))
+        r = m.exec("client", [sys.executable, str(HERE / "driver.py"), str(d / "reqs.json"),
+                              str(GAP_MS if mode == "on" else 0)],
+                   capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        results = json.loads(r.stdout)
+        time.sleep(3.0)  # the slow mirror answers after 2 s; shadows are fire-and-forget
+        counts = fastpath_counts(st["admin"]) if mode == "on" else Counter()
+        dbg = json.loads(_get(f"http://{st['admin']}/debug/fastpath")) if mode == "on" else {}
+        (d / "results.json").write_text(json.dumps(results))
+        (d / "debug.json").write_text(json.dumps(dbg))
+    finally:
+        cp_log = Path(m.state_file).parent / "logs" / "control-plane.log"
+        if cp_log.exists():  # for a failure's investigation
+            (d / "control-plane.log").write_bytes(cp_log.read_bytes())
+        m.down()
+    return {"results": results, "logs": read_logs(logdir), "counts": counts, "dbg": dbg,
+            "client_ip": client_ip}
+
+
+def by_id(reqs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in reqs:
+        rid = dict(r["headers"]).get("x-k6-id", "-")
+        out[rid].append(r)
+    return out
+
+
+def view(r: dict[str, Any], client_ip: str) -> tuple[Any, ...]:
+    """What must be equal with the fast path on and off: request line, body and
+    every header (values too, except the per-request ones of VOLATILE; the
+    client pod's address, which differs between the two meshes, as CLIENT)."""
+    hdrs = tuple(sorted((k, "*" if k in VOLATILE else v.replace(client_ip, "CLIENT"))
+                        for k, v in r["headers"]))
+    return (r["method"], r["path"], r["body"], hdrs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from support.env import require_kernel
+
+    require_kernel()
+    tmp = tmp_path_factory.mktemp("k6mirror")
+    tmp.chmod(0o755)
+    reqs = gen_requests()
+    out: dict[str, Any] = {mode: run_mesh(tmp, mode, reqs) for mode in ("off", "on")}
+    out["reqs"] = reqs
+    return out
+
+
+def test_client_gets_the_primary_answer(runs: dict[str, Any], kernel: None) -> None:
+    for mode in ("off", "on"):
+        for req, res in zip(runs["reqs"], runs[mode]["results"], strict=True):
+            assert res["status"] == 200, (mode, req, res)
+            assert res["served_by"] == "web-0", (mode, req, res)
+    a = [(r["status"], r["body"]) for r in runs["off"]["results"]]
+    b = [(r["status"], r["body"]) for r in runs["on"]["results"]]
+    assert a == b
+
+
+def test_shadows_equal_envoys(runs: dict[str, Any], kernel: None) -> None:
+    off = by_id(runs["off"]["logs"].get("shadow-0", []))
+    on = by_id(runs["on"]["logs"].get("shadow-0", []))
+    expect = {f"r{n}": {"m": 1, "none": 0, "two": 2}.get(p.split("/")[1], 0)
+              for n, (p, *_) in enumerate(CASES)}
+    for rid, n in expect.items():
+        assert len(off.get(rid, [])) == n, ("off", rid, off.get(rid))
+        a = sorted(view(r, runs["off"]["client_ip"]) for r in off.get(rid, []))
+        b = sorted(view(r, runs["on"]["client_ip"]) for r in on.get(rid, []))
+        assert a == b, (rid, a, b)
+
+
+def test_slow_or_broken_mirror_does_not_delay(runs: dict[str, Any], kernel: None) -> None:
+    for mode in ("off", "on"):
+        for req, res in zip(runs["reqs"], runs[mode]["results"], strict=True):
+            if req["path"].startswith("/slow/"):
+                assert res["secs"] < 1.0, (mode, req, res)  # slow answers after 2 s
+        got = by_id(runs[mode]["logs"].get("slow-0", []))
+        assert sorted(got) == ["r11", "r12"], (mode, sorted(got))
+        assert sorted(by_id(runs[mode]["logs"].get("broken-0", []))) == ["r11", "r12"]
+
+
+def test_kernel_forwarded_and_agent_shadowed(runs: dict[str, Any], kernel: None) -> None:
+    counts = runs["on"]["counts"]
+    nodes = runs["on"]["dbg"].get("nodes", [])
+    client = next(n for n in nodes if n["pod"].startswith("client"))
+    print("fast path counters:", dict(counts), "mirrors:", client.get("mirrors"))
+    assert counts["envoy/mirror_copy"] == 1, dict(counts)  # the 5 kB POST
+    assert counts["fast"] >= len(CASES) - 3, dict(counts)
+    assert "-DDP_MIRROR=1" in client["cflags"]
+    m = client["mirrors"]
+    assert m.get("sent", 0) + m.get("timeout", 0) + m.get("send_failed", 0) >= 8, m
