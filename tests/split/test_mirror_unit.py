@@ -137,3 +137,51 @@ def test_record_cuts_the_inbound_insert() -> None:
     ev.cut_len = 0
     assert record_request(ev) == req
     assert ct.sizeof(MirrorEv) == 32 + MIRROR_MAX
+
+
+IMPORT = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: default}
+spec:
+  hosts: [rec]
+  http:
+  - route: [{destination: {host: rec, subset: v1}}]
+    mirror: {host: rec, subset: v2}
+    mirrorPercentage: {value: 12.5}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: g, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: foo, port: 8080}]
+  rules:
+  - backendRefs: [{name: foo-v1, port: 8080}]
+    filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {name: foo-v2, port: 8080}
+        fraction: {numerator: 1, denominator: 4}
+"""
+
+
+def test_importers_give_envoys_mirror_policy_and_its_cluster(tmp_path: Any) -> None:
+    """Istio `mirror` + `mirrorPercentage` and Gateway API `RequestMirror` with a
+    `fraction` -> request_mirror_policies with runtime_fraction; the mirror
+    destination gets a cluster (a subset stand-in too) like a route's."""
+    import json
+
+    from xds_server.istio.reader import read_file
+
+    f = tmp_path / "m.yaml"
+    f.write_text(IMPORT)
+    res = read_file(f)
+    text = json.dumps(res)
+    clusters = {c["name"] for t, items in res.items() if t.endswith("Cluster") for c in items}
+    want = {"outbound|80|v2|rec.default.svc.cluster.local": 125_000,
+            "outbound|8080||foo-v2.default.svc.cluster.local": 250_000}
+    for name, per in want.items():
+        pol = {"cluster": name, "runtimeFraction": {"defaultValue": {"numerator": per,
+                                                                    "denominator": "MILLION"}}}
+        assert json.dumps(pol) in text
+        assert name in clusters

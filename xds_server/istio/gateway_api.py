@@ -186,6 +186,16 @@ def _filter(w: Warnings, o: Obj, path: str, f: Any, out: dict[str, Any], per_bac
     elif kind == "RequestMirror":
         r = f.get("requestMirror") or {}
         out.setdefault("mirrors", []).append({"destination": _dest(o, r.get("backendRef") or {}),
-                                              "percentage": {"value": float(r.get("percent", 100))}})
+                                              "percentage": {"value": _mirror_percent(r)}})
     else:
         w.add(o, path, f"filter type {kind!r} is unsupported; ignored")
+
+
+def _mirror_percent(r: dict[str, Any]) -> float:
+    """HTTPRequestMirrorFilter `percent` (0-100) or `fraction` (numerator /
+    denominator, default 100); neither: every request (Gateway API v1.2+)."""
+    frac = r.get("fraction")
+    if isinstance(frac, dict):
+        den = float(frac.get("denominator", 100) or 100)
+        return 100.0 * float(frac.get("numerator", 0)) / den
+    return float(r.get("percent", 100))
