@@ -14,6 +14,7 @@ import itertools
 from typing import Any
 
 from fastpath.classify_match import Reasons, header_match, string_match
+from fastpath.classify_rbac_matcher import rbac_from_matcher
 from fastpath.plan import Permission, Principal, Rbac, RbacPolicy, StringKind, Verdict
 
 MAX_GROUPS = 64  # DNF expansion bound; beyond it the policy stays in Envoy
@@ -23,11 +24,11 @@ Dnf = list[list[Any]]
 def classify_rbac(cfg: dict[str, Any]) -> tuple[Rbac | None, Reasons]:
     """The plan of one RBAC filter, or None if it enforces nothing."""
     reasons: Reasons = []
-    if cfg.get("matcher"):
-        reasons.append("RBAC matcher API")
+    if "matcher" in cfg:  # Envoy then ignores `rules`; an empty matcher denies everything
+        return rbac_from_matcher(cfg["matcher"] or {})
     rules = cfg.get("rules")
     if rules is None:
-        return (Rbac("ALLOW", (), Verdict.ENVOY, reasons[0]), reasons) if reasons else (None, [])
+        return None, []
     action = rules.get("action", "ALLOW")
     if action == "LOG":
         return None, []
