@@ -13,6 +13,12 @@
  * the client's receive queue for this request, so the client never sees both a
  * response and a 504.
  *
+ * With retries (fastpath/deadline.py): a response diverted to the retry agent
+ * leaves the record armed (one route deadline over all attempts and backoffs);
+ * the agent claims it with that same delete and moves it to the upstream of the
+ * retry. A retry policy's per_try_timeout is a second deadline per attempt,
+ * until the attempt's response starts (Envoy ignores it after that).
+ *
  * Response end: Content-Length framing (and HEAD, 204, 304: no body) is tracked
  * byte by byte. Other framings (chunked, close-delimited, 1xx, a head longer
  * than DP_RESP_HEAD or split over writes) stop the timer at the first response

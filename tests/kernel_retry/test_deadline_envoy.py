@@ -110,6 +110,8 @@ def test_plain_envoy_answers_and_expected_timeout(envoy_and_app: tuple[int, Path
     for ln in (logs / "app.log").read_text().splitlines():
         rid, at, expected = ln.split()
         attempts[rid].append((int(at[1:]), expected))
+    print("plain Envoy:", [(r["status"], round(r["secs"], 2)) for r in results],
+          {rid: [e for _, e in sorted(v)] for rid, v in attempts.items()})
     for req, res in zip(reqs, results, strict=True):
         svc, _, status, n, (lo, hi) = CASES[req["case"]]
         got = sorted(attempts[req["headers"]["x-k3-id"]])

@@ -116,6 +116,9 @@ def test_kernel_served_retried_and_timed(runs: dict[str, Any], kernel: None) -> 
     client = next(n for n in nodes if n["pod"].startswith("client"))
     print(f"deadline: counters {dict(counts)}; retries {client['retries']}; "
           f"timeouts {client['timeouts_fired']}")
+    for mode in ("off", "on"):
+        print(mode, [(r["status"], round(r["secs"], 2)) for r in runs[mode]["results"]],
+              {rid: [e for _, e in v] for rid, v in runs[mode]["expected"].items()})
     assert counts["fast"] >= len(runs["reqs"]) - 1, dict(counts)
     assert counts["retry"] >= 5, dict(counts)
     # the kernel path answered the 504s: route deadline x2, per-try x2

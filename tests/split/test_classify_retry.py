@@ -50,6 +50,8 @@ def test_retriable_4xx_backoff_and_timers() -> None:
     for p in ({"retryOn": "5xx", "numRetries": 0, "perTryTimeout": "1s"},
               {"retryOn": "connect-failure", "perTryTimeout": "1s"}):
         assert retry_policy(p, ON)[1] == ["retry per_try_timeout without a retry the kernel makes"]
+    _, reasons = retry_policy({"retryOn": "gateway-error", "perTryTimeout": "1s"}, ON)
+    assert "retry per_try_timeout retried (retry_on 5xx/gateway-error/reset)" in reasons
     _, reasons = retry_policy({"retryOn": "unavailable", "retriableHeaders": [{"name": "x"}]}, ON)
     assert reasons == ["retry on headers"]
 
