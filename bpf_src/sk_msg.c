@@ -507,6 +507,10 @@ int dp_msg_act(struct sk_msg_md *msg)
     if (dp_mirror_route(gen, v.route) &&
         (size != v.consumed || v.consumed + DP_REPLY_MAX >= DP_MIRROR_MAX))
         return dp_to_envoy_req(msg, c, &v, size, DP_R_MIRROR_COPY);
+    /* a fault delay holds the whole request: checked before its draw (dp_delay.h) */
+    int dpol = dp_delay_route(gen, &v);
+    if (dpol && size != v.consumed)
+        return dp_to_envoy_req(msg, c, &v, size, DP_R_DELAY_BODY);
     int b = dp_bind_upstream(c, v.pool);
     if (b < 0) {
         __u16 why = b == -1 ? DP_R_BINDS : DP_R_POOL_EMPTY;
@@ -534,7 +538,8 @@ int dp_msg_act(struct sk_msg_md *msg)
     __u64 up = c->binds[b & (DP_BINDS - 1)].up_cookie;
     if (tmo || (c->flags & DP_F_TMO)) /* a route timeout in this plan, or a stale record */
         dp_tmo_arm(c, up, gen, v.route, msg->local_port, c->body_left != 0, is_head);
-    int ret = dp_forward(msg, c, b);
+    __u32 dms = dpol ? dp_delay_sample(gen, &v) : 0; /* the draw, once nothing can pass */
+    int ret = dms ? dp_delay_hold(msg, c, up, dms, v.consumed, v.route) : dp_forward(msg, c, b);
     if (ret != SK_PASS) {
         /* upstream gone (closed by its server or the agent): drop the bind, tell
          * the agent to close its socket, go to Envoy */
@@ -553,7 +558,7 @@ int dp_msg_act(struct sk_msg_md *msg)
         }
         return dp_to_envoy(c, v.route, DP_R_REDIRECT);
     }
-    dp_count(v.route, DP_OUT_FAST, 0);
+    dp_count(v.route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
     dp_access(c, &v, DP_OUT_FAST, 0);
     /* Last, when little else is live: earlier (or inlined) the copy's locals
      * and spills pushed this function over the 512-byte stack with an Istio

@@ -315,6 +315,7 @@ class Agent:
 
 
 def _cflags(plan: KernelPlan) -> tuple[str, ...]:
+    from fastpath.agent_delay import needs_delay
     from fastpath.agent_mirror import needs_mirror
     from fastpath.agent_retry import needs_retry
     from fastpath.synth import synthesize
@@ -322,7 +323,8 @@ def _cflags(plan: KernelPlan) -> tuple[str, ...]:
     retry = ("-DDP_RETRY=1",) if needs_retry(plan) else ()  # compiled in only when used
     inbound = ("-DDP_INBOUND=1",) if inbound_merge.has_merged(plan) else ()  # the same
     mirror = ("-DDP_MIRROR=1",) if needs_mirror(plan) else ()  # the same
-    return synthesize(plan).cflags + retry + inbound + mirror
+    delay = ("-DDP_DELAY=1",) if needs_delay(plan) else ()  # the same
+    return synthesize(plan).cflags + retry + inbound + mirror + delay
 
 
 def kernel_ready() -> str | None:

@@ -78,7 +78,8 @@ def _route_entry(plan: KernelPlan, r: Route, inbound_ok: Callable[[str, int], bo
               and not m.query_params and m.method in (None, "GET") and not m.grpc
               and len(m.path.encode()) <= 32 and r.verdict is Verdict.KERNEL
               and not r.request_headers_to_add and not r.request_headers_to_remove
-              and r.fault_abort is None and r.rate_limit is None)
+              and r.fault_abort is None and r.rate_limit is None
+              and r.fault_delay is None)  # delays: only with l7fp_decide (agent_delay.py)
     punt = InlineRoute(K_PASS, m.path, r.name)
     if not simple:
         return punt

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from fastpath import agent_inline, agent_synth
+from fastpath.agent_delay import Delayer
 from fastpath.agent_mirror import DP_EV_MIRROR, Mirrorer
 from fastpath.agent_retry import Retrier
 from fastpath.counters import (
     DP_EV_ACCESS,
     DP_EV_CLOSE,
+    DP_EV_DELAY,
     DP_EV_RETRY,
     AccessLog,
     DpEvent,
@@ -77,11 +79,14 @@ class NodeDatapath:
     busy: threading.Lock = field(default_factory=threading.Lock)
     retrier: Retrier = field(init=False)
     mirrorer: Mirrorer = field(init=False)
+    delayer: Delayer = field(init=False)
 
     def __post_init__(self) -> None:
         self.retrier = Retrier(self.dp, self.pools)
         self.mirrorer = Mirrorer(self.dp, self.pod.netns, self.pod.ip)
-        self.pools.claim = self.retrier.claim  # diverted responses are read, not reaped
+        self.delayer = Delayer(self.dp, self.pools)
+        # diverted responses and held requests are read, not reaped
+        self.pools.claim = lambda up: self.retrier.claim(up) or self.delayer.claim(up)
 
     @classmethod
     def start(cls, pod: PodInfo, access_log: int = 1, mode: str = "inline",
@@ -102,6 +107,8 @@ class NodeDatapath:
             dp.attach_cgroup(pod.cgroup)
             dp.open_events(node._on_event)
             keeper.start()
+            if "-DDP_DELAY=1" in cflags:
+                node.delayer.start()  # its own thread: fault delays (agent_delay.py)
         except Exception:
             node.close()
             raise
@@ -196,11 +203,14 @@ class NodeDatapath:
         ev = ct.cast(data, ct.POINTER(DpEvent)).contents
         if ev.kind == DP_EV_CLOSE:
             ups = [int(c) for c in ev.up_cookies if c]
+            self.delayer.on_close(int(ev.cookie), ups)
             self.pools.release(ups + self.retrier.on_close(int(ev.cookie), ups))
         elif ev.kind == DP_EV_RETRY:
             self.retrier.on_diverted(int(ev.up_cookies[0]), int(ev.cookie))
         elif ev.kind == DP_EV_MIRROR:
             self.mirrorer.on_event(data)
+        elif ev.kind == DP_EV_DELAY:
+            self.delayer.wake()
         elif ev.kind == DP_EV_ACCESS:
             self.access.add(ev, lambda r: self.route_names.get(r, ""),
                             lambda p: self.pool_clusters.get(p, ""))
@@ -256,6 +266,7 @@ class NodeDatapath:
             "timed_requests_in_flight": len(list(self.dp.bpf["dp_tmo"].keys())),
             "retries": self.retrier.debug(),
             "mirrors": self.mirrorer.debug(),
+            "delays": self.delayer.debug(),
         }
 
     def close(self) -> None:
@@ -263,6 +274,7 @@ class NodeDatapath:
         if self.keeper is not None:
             self.keeper.close()  # its thread uses the maps: stopped first
         self.mirrorer.close()
+        self.delayer.close()
         self.dp.close()
         self.pools.close()
 

@@ -141,6 +141,7 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
             cluster_pools.setdefault(cid, []).append(pool)
     node.retrier.program(plan, sp, gen, cluster_pools)
     node.mirrorer.program(plan, sp, gen)
+    node.delayer.program(sp, gen)
     for dst, name in listener_destinations(plan.listeners, vips).items():
         out.services[dst] = sp.listener_ids[name] + 1
     for lst in plan.listeners:

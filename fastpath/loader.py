@@ -70,7 +70,7 @@ def module_text(decide_header: str | None = None) -> str:
     maps must live in the same module.
     """
     parts = ["datapath.h", "dp_timeout.h", decide_header or "dp_decide_inline.h", "dp_return.h",
-             "dp_retry.h", "dp_mirror.h", "sockops.c", "sk_msg.c", "sk_skb.c", "dp_inject.c"]
+             "dp_retry.h", "dp_mirror.h", "dp_delay.h", "sockops.c", "sk_msg.c", "sk_skb.c", "dp_inject.c"]
     texts = []
     for p in parts:
         body = (BPF_SRC / p).read_text()
@@ -174,7 +174,7 @@ class Datapath:
         """Empty the tables: a cached module may have served an earlier Datapath."""
         for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_ihosts", "dp_replies", "dp_eps", "dp_ep_in",
                      "dp_pool_miss", "dp_pair_wait", "dp_rto", "dp_tmo", "dp_tmo_armed", "dp_ret",
-                     "dp_rpol", "dp_retry", "dp_retry_busy", "dp_tcp_up", "dp_mpol"):
+                     "dp_rpol", "dp_retry", "dp_retry_busy", "dp_tcp_up", "dp_mpol", "dp_dpol", "dp_dly"):
             try:
                 self.bpf[name].clear()
             except KeyError:
@@ -370,7 +370,7 @@ class Datapath:
         bpfsys.map_delete(self.fds["dp_peer"], key)
         bpfsys.map_delete(self.fds["dp_tmo_armed"], key)
         bpfsys.map_delete(self.fds["dp_tmo"], key)
-        for name in ("dp_retry", "dp_tcp_up"):
+        for name in ("dp_retry", "dp_tcp_up", "dp_dly"):
             t = self.bpf[name]
             try:
                 del t[t.Key(cookie)]

@@ -1,0 +1,258 @@
+"""The agent's half of the data path's fault delays (the kernel half: bpf_src/dp_delay.h).
+
+Owner: the fault-delay part of K2. One `Delayer` per node datapath, with a thread
+of its own (a BCC compile on the agent's threads, seconds, must not stretch a
+delay): `program()` at each plan apply and `on_close()` when a client closes
+(agent threads), `claim()` from the pools' look at readable upstreams, `wake()`
+for a DP_EV_DELAY event; `start()`/`close()` by the node.
+
+The kernel redirected a sampled request into the bound upstream U's own receive
+queue and recorded it in dp_dly[U] (client, time of the decision, length,
+delay). The thread finds the record (woken by the event, or by its own scan
+every SCAN_S), reads exactly that many bytes from U through a duplicate of U's
+descriptor (the pools may close theirs meanwhile: never a reused descriptor),
+deletes the record, and at decision time + delay writes the bytes to U, so the
+app sees the request as Envoy's router would send it after the fault filter's
+delay. A client that closes meanwhile cancels it (Envoy: the stream is reset,
+the upstream never sees the request).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastpath.plan import ClusterAction, KernelPlan, Verdict
+
+log = logging.getLogger(__name__)
+
+SCAN_S = 0.01  # the record scan when no event came (a busy event thread)
+READ_GIVE_UP_S = 1.0  # the request's bytes not all in U's queue by then: dropped
+
+
+def needs_delay(plan: KernelPlan) -> bool:
+    """True when a KERNEL route of `plan` has a fault delay: the node's program is
+    then compiled with -DDP_DELAY=1."""
+    return any(r.fault_delay is not None and r.verdict is Verdict.KERNEL
+               and isinstance(r.action, ClusterAction)
+               for lst in plan.listeners for vh in lst.virtual_hosts for r in vh.routes)
+
+
+@dataclass
+class Held:
+    """One request held on upstream `up` until `due` (monotonic seconds)."""
+
+    up: int
+    client: int
+    length: int
+    due: float
+    sock: socket.socket  # a duplicate of U's descriptor, owned here
+    buf: bytearray = field(default_factory=bytearray)
+    seen: float = field(default_factory=time.monotonic)
+
+
+class Delayer:
+    def __init__(self, dp: Any, pools: Any) -> None:
+        self.dp = dp
+        self.pools = pools
+        self.cv = threading.Condition()
+        self.held: dict[int, Held] = {}  # U cookie -> request (under cv)
+        self.stats: Counter[str] = Counter()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---- plan (agent_synth.program) ------------------------------------------
+    def program(self, sp: Any, gen: int) -> None:
+        """Write generation `gen` of dp_dpol from the synthesized plan's KERNEL routes."""
+        t = self.dp.bpf["dp_dpol"]
+        for k in [k for k in t.keys() if k.gen == gen]:
+            del t[k]
+        for rid, r in enumerate(getattr(sp, "routes", ())):
+            fd = getattr(r, "fault_delay", None)
+            if r is None or fd is None or r.verdict is not Verdict.KERNEL:
+                continue
+            t[t.Key(gen=gen, route=rid + 1)] = t.Leaf(per_million=fd.per_million,
+                                                      delay_ms=fd.delay_ms)
+
+    # ---- other threads ---------------------------------------------------------
+    def wake(self) -> None:
+        """DP_EV_DELAY: a record is (about to be) in dp_dly."""
+        with self.cv:
+            self.cv.notify()
+
+    def claim(self, up: int) -> bool:
+        """`up` is readable: True when it holds a request of ours (not an EOF)."""
+        with self.cv:
+            if up in self.held:
+                return True
+        if self._record(up) is None:
+            return False
+        self.wake()
+        return True
+
+    def on_close(self, client: int, ups: list[int]) -> None:
+        """A client closed: its held requests are never sent."""
+        log.debug("fault delay: client %d closed (upstreams %s)", client, ups)
+        with self.cv:
+            for up in [u for u, h in self.held.items() if h.client == client or u in ups]:
+                self._drop(self.held.pop(up), "cancelled")
+            for up in ups:  # held by the kernel, not seen here yet
+                if self._record(up) is not None:
+                    self._delete_record(up)
+                    self.stats["cancelled"] += 1
+
+    # ---- the thread ----------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="l7fp-delay", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        with self.cv:
+            self._stop = True
+            self.cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        with self.cv:
+            for h in self.held.values():
+                h.sock.close()
+            self.held.clear()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                if self._stop:
+                    return
+                self.cv.wait(self._wait_s())
+                if self._stop:
+                    return
+                try:
+                    self._turn()
+                except Exception:  # never let one bad record end the delays of the node
+                    log.exception("fault delay: turn failed")
+
+    def _wait_s(self) -> float:
+        dues = [h.due for h in self.held.values() if len(h.buf) >= h.length]
+        wait = SCAN_S if not dues else min(SCAN_S, min(dues) - time.monotonic())
+        return max(0.0, wait)
+
+    def _turn(self) -> None:
+        self._scan()
+        now = time.monotonic()
+        for up, h in list(self.held.items()):
+            if len(h.buf) < h.length:
+                self._read(h, now)
+            elif h.due <= now:
+                self._send(self.held.pop(up))
+
+    # ---- internals (thread, under cv) ------------------------------------------------
+    def _record(self, up: int) -> Any | None:
+        t = self.dp.bpf["dp_dly"]
+        try:
+            return t[t.Key(up)]
+        except KeyError:
+            return None
+
+    def _scan(self) -> None:
+        for k, rec in list(self.dp.bpf["dp_dly"].items()):
+            up = int(k.value)
+            if up in self.held:
+                continue
+            if not self._bound(up, int(rec.client)):  # the client closed first
+                self._delete_record(up)
+                self.stats["cancelled"] += 1
+                continue
+            s = self._sock(up)
+            if s is None:
+                continue  # not (yet) a socket of the pools: the next scan
+            due = int(rec.t_ns) / 1e9 + int(rec.delay_ms) / 1000.0  # CLOCK_MONOTONIC both
+            self.held[up] = Held(up, int(rec.client), int(rec.len), due, s)
+            log.debug("fault delay: client %d's request on %d held", int(rec.client), up)
+            self.stats["taken"] += 1
+
+    def _sock(self, up: int) -> socket.socket | None:
+        pid = self.pools.owner.get(up)
+        pool = self.pools.pools.get(pid) if pid is not None else None
+        s = pool.socks.get(up) if pool is not None else None
+        if s is None:
+            return None
+        try:
+            d = s.dup()
+        except OSError:
+            return None
+        d.setblocking(False)
+        return d
+
+    def _read(self, h: Held, now: float) -> None:
+        while len(h.buf) < h.length:
+            try:
+                chunk = h.sock.recv(h.length - len(h.buf))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._forget(h, "upstream_gone")
+                return
+            h.buf += chunk
+        if len(h.buf) >= h.length:
+            self._delete_record(h.up)  # read: U's next bytes are not ours
+        elif now - h.seen > READ_GIVE_UP_S:
+            self._forget(h, "read_timeout")
+
+    def _bound(self, up: int, client: int) -> bool:
+        """U is still the pools' and bound to the client that sent the request: a
+        client that closed (its upstreams released, dp_peer entries gone) before
+        on_close could see the held request is noticed here."""
+        if self.pools.owner.get(up) is None:
+            return False
+        t = self.dp.bpf["dp_peer"]
+        try:
+            return int(t[t.Key(up)].value) == client
+        except KeyError:
+            return False
+
+    def _send(self, h: Held) -> None:
+        if not self._bound(h.up, h.client):
+            self._drop(h, "cancelled")
+            return
+        late = time.monotonic() - h.due
+        try:
+            h.sock.setblocking(True)
+            h.sock.settimeout(1.0)
+            h.sock.sendall(bytes(h.buf))
+            self.stats["sent"] += 1
+            log.debug("fault delay: client %d's request on %d sent", h.client, h.up)
+            self.stats["max_late_ms"] = max(self.stats["max_late_ms"], int(late * 1000))
+        except OSError as exc:
+            self.stats["send_failed"] += 1
+            log.warning("fault delay: send on upstream %d failed: %s", h.up, exc)
+        finally:
+            h.sock.close()
+
+    def _forget(self, h: Held, why: str) -> None:
+        self.held.pop(h.up, None)
+        self._delete_record(h.up)
+        self._drop(h, why)
+
+    def _drop(self, h: Held, why: str) -> None:
+        h.sock.close()
+        self.stats[why] += 1
+        log.info("fault delay: client %d's request on %d dropped: %s", h.client, h.up, why)
+
+    def _delete_record(self, up: int) -> None:
+        t = self.dp.bpf["dp_dly"]
+        try:
+            del t[t.Key(up)]
+        except KeyError:
+            pass
+
+    def debug(self) -> dict[str, Any]:
+        with self.cv:
+            return {"held": len(self.held), **self.stats}
+

@@ -1,0 +1,276 @@
+"""Fault delays on the fast path vs a real Envoy with the same route config
+(bpf_src/dp_delay.h, fastpath/agent_delay.py): a 100 % delay of 300 ms, a 0 %
+delay (and a request asking for a delay by header, which Envoy ignores without
+`header_delay`), a 50 % delay sampled over 30 requests, a POST body held with
+its head, and a client that closes during the delay (the upstream never sees
+that request). Same statuses, bodies, request headers and bodies seen by the
+upstream, response headers; the delay measured within generous bounds."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import pick_free_port
+from k2_http import recv_head
+from test_agent import wait_for, write_state
+
+from fastpath import envoy_model as em
+from fastpath.agent import Agent
+from fastpath.classify_route import KernelCaps
+from fastpath.plan import KernelPlan
+from fastpath.split import split_snapshot
+
+pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
+
+HCM_T = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
+        "HttpConnectionManager"
+FAULT_T = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+CLIENT = Path(__file__).with_name("k2_delay_client.py")
+SAMPLED = 30  # requests to the 50 % route per run
+
+
+class EchoUpstream:
+    """HTTP/1.1 upstream in the test process: records each request (line, headers
+    in order, body) and answers 200 with them as JSON."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        buf = b""
+        with c:
+            while (got := recv_head(c, buf)) is not None:
+                head, buf = got
+                lines = head.decode("latin-1").split("\r\n")
+                hdrs = [(k.strip().lower(), v.strip()) for k, _, v in
+                        (ln.partition(":") for ln in lines[1:])]
+                n = int(dict(hdrs).get("content-length", "0"))
+                while len(buf) < n:
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                body, buf = buf[:n], buf[n:]
+                rec = {"line": lines[0], "headers": hdrs, "body": body.decode("latin-1")}
+                with self.lock:
+                    self.seen.append(rec)
+                out = json.dumps({"line": lines[0], "body": rec["body"]}).encode()
+                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nx-app: echo\r\n\r\n%s"
+                          % (len(out), out))
+
+    def take(self) -> list[dict[str, Any]]:
+        with self.lock:
+            out, self.seen = self.seen, []
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def per_route(ms: str, numerator: int) -> dict[str, Any]:
+    return {"envoy.filters.http.fault": {"@type": FAULT_T, "delay": {
+        "fixed_delay": ms, "percentage": {"numerator": numerator, "denominator": "HUNDRED"}}}}
+
+
+def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One listener, the same for Envoy and the split (Istio's shape: an empty
+    fault filter in the HCM, the delays per route, no route timeout)."""
+    def route(name: str, prefix: str, ms: str, num: int) -> dict[str, Any]:
+        return {"name": name, "match": {"prefix": prefix},
+                "route": {"cluster": "up", "timeout": "0s"},
+                "typed_per_filter_config": per_route(ms, num)}
+    routes = [route("d300", "/d", "0.3s", 100), route("d0", "/z", "3s", 0),
+              route("half", "/s", "0.2s", 50)]
+    listener = {"name": "out", "address": {"socket_address": {"address": "127.0.0.1",
+                                                              "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {"@type": HCM_T, "stat_prefix": "out", "http_filters": [
+                        {"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT_T}},
+                        ROUTER],
+                        "route_config": {"name": "rc", "virtual_hosts": [
+                            {"name": "all", "domains": ["*"], "routes": routes}]}}}]}]}
+    cluster = {"name": "up", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+        "cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": "127.0.0.1", "port_value": up_port}}}}]}]}}
+    return listener, cluster
+
+
+class DelayEnvoy:
+    """A real Envoy (child of the test process) with `resources()`."""
+
+    def __init__(self, binary: str, up_port: int, workdir: Path) -> None:
+        self.port = pick_free_port()
+        self.listener, self.cluster = resources(self.port, up_port)
+        cfg = workdir / "envoy-delay.json"
+        cfg.write_text(json.dumps({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                     "port_value": pick_free_port()}}},
+            "static_resources": {"listeners": [self.listener], "clusters": [self.cluster]}}))
+        log = workdir / "envoy-delay.log"
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1", "-l", "warning",
+             "--base-id", str(self.port)], stdout=subprocess.DEVNULL,
+            stderr=open(log, "w"))  # noqa: SIM115
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("envoy exited: " + log.read_text())
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.close()
+        raise RuntimeError("envoy did not listen within 30 s")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoUpstream]:
+    s = EchoUpstream()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def denvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[DelayEnvoy]:
+    e = DelayEnvoy(envoy_bin, echo.port, tmp_path)
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def agent(kernel: None, cgroup: Any, tmp_path: Path) -> Iterator[Agent]:
+    state = tmp_path / "state.json"
+    write_state(state, str(cgroup.path))
+    a = Agent(state, decide="l7fp")
+    a.start()
+    yield a
+    a.stop()
+
+
+def req(path: str, method: str = "GET", body: str = "", **headers: str) -> str:
+    extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    if body:
+        extra += f"content-length: {len(body)}\r\n"
+    return f"{method} {path} HTTP/1.1\r\nHost: svc\r\nx-case: {path}\r\n{extra}\r\n{body}"
+
+
+SCRIPT = [
+    [req("/d/1"), req("/z/1", x_envoy_fault_delay_request="1500"),
+     req("/d/post", "POST", "hello")],
+    [req(f"/s/{i}") for i in range(SAMPLED)],
+    [req("/d/gone"), "CLOSE"],
+]
+
+
+def run(cgroup: Any, port: int) -> list[list[dict[str, Any]]]:
+    r = cgroup.run([sys.executable, str(CLIENT), "127.0.0.1", str(port), json.dumps(SCRIPT)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def start_plan(agent: Agent, denvoy: DelayEnvoy) -> Any:
+    res = {em.LISTENER: [em.parse(em.LISTENER, denvoy.listener)],
+           em.CLUSTER: [em.parse(em.CLUSTER, denvoy.cluster)]}
+    plan = split_snapshot("client", res, KernelCaps(fault_delays=True)).plan
+    routes = {r.name: r for r in plan.listeners[0].virtual_hosts[0].routes}
+    assert {n: r.verdict.value for n, r in routes.items()} == {
+        "d300": "KERNEL", "d0": "KERNEL", "half": "KERNEL"}
+    agent.on_plan("up", KernelPlan("up", "u1"))
+    agent.on_plan("client", plan)
+    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None, 60)
+    node = agent.nodes["client"]
+    wait_for(lambda: all(p["free"] >= 3 for p in node.pools.snapshot()))
+    return node
+
+
+def by_case(seen: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {dict(r["headers"])["x-case"]: r for r in seen}
+
+
+def test_fault_delay_matches_envoy(agent: Agent, cgroup: Any, denvoy: DelayEnvoy,
+                                   echo: EchoUpstream) -> None:
+    node = start_plan(agent, denvoy)
+    assert node.mode == "l7fp" and "-DDP_DELAY=1" in node.cflags
+    fast = run(cgroup, denvoy.port)
+    time.sleep(0.6)  # a held /d/gone would have been sent by now
+    up_fast = by_case(echo.take())
+    node.dp.detach_cgroup(cgroup.path)  # the same requests through Envoy only
+    via_envoy = run(cgroup, denvoy.port)
+    time.sleep(0.6)
+    up_envoy = by_case(echo.take())
+
+    (d1, z1, post), sampled, gone = fast
+    (e_d1, e_z1, e_post), e_sampled, e_gone = via_envoy
+    assert gone == e_gone == []
+    for f, e in ((d1, e_d1), (z1, e_z1), (post, e_post)):
+        assert (f["status"], f["body"], f["end"]) == (e["status"], e["body"], e["end"])
+        assert "server" not in f["headers"] and e["headers"]["server"] == "envoy"
+        # response headers: Envoy adds none for a delay (names as on the undelayed route)
+        assert set(e["headers"]) - {"server", "date", "x-envoy-upstream-service-time"} == \
+            set(f["headers"]), (f, e)
+    # the delay, measured at the client from the end of its write (the kernel's
+    # clock starts in that write, Envoy's once it has read the head: a few ms
+    # less here at most); generous upper bounds: a loaded machine
+    for r in (d1, post, e_d1, e_post):
+        assert 0.29 <= r["secs"] < 1.3, r
+    # 0 %: never delayed, and the request header asks in vain (no header_delay)
+    assert z1["secs"] < 1.0 and e_z1["secs"] < 1.0
+    assert json.loads(post["body"])["body"] == "hello"
+    # what the upstream saw: the delayed request as sent (no fault header added by
+    # either), the body with it; Envoy's own additions are the same on every route
+    assert "/d/gone" not in up_fast and "/d/gone" not in up_envoy
+    env_added = {n for n, _ in up_envoy["/z/1"]["headers"]} - {n for n, _ in up_fast["/z/1"]["headers"]}
+    for case in ("/d/1", "/d/post"):
+        names_f = {n for n, _ in up_fast[case]["headers"]}
+        names_e = {n for n, _ in up_envoy[case]["headers"]}
+        assert names_e - names_f == env_added, case
+        assert up_fast[case]["body"] == up_envoy[case]["body"]
+    assert up_fast["/d/1"]["headers"] == [("host", "svc"), ("x-case", "/d/1")]
+    # 50 %: each run's share within 5..25 of 30 (binomial: outside with p < 1e-4)
+    for way, run_ in (("fast path", sampled), ("envoy", e_sampled)):
+        assert [r["status"] for r in run_] == [200] * SAMPLED, (way, run_[-2:])
+        slow = sum(r["secs"] >= 0.19 for r in run_)
+        assert 5 <= slow <= SAMPLED - 5, [r["secs"] for r in run_]
+        assert all(r["secs"] < 1.2 for r in run_)
+    delayed = sum(n for (route, out, why), n in node.stats().items()
+                  if out == "fast" and why == "delayed")
+    assert delayed == 3 + sum(r["secs"] >= 0.19 for r in sampled)  # /d/1, /d/post, /d/gone
+    assert all("server" not in r["headers"] for r in sampled)
+    stats = node.delayer.debug()
+    assert stats.get("cancelled", 0) == 1 and stats["held"] == 0, stats
