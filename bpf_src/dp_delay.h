@@ -108,7 +108,7 @@ static __always_inline int dp_delay_hold(struct sk_msg_md *msg, struct dp_conn *
         e->up_cookies[0] = up;
         dp_events.ringbuf_submit(e, 0);
     }
-    return SK_PASS;
+    return ret;
 #else
     return SK_DROP;
 #endif

@@ -63,7 +63,7 @@ class KernelCaps:
     status_retries: bool = True
     # The data path holds a sampled share of a route's requests for the fault
     # filter's fixed delay (bpf_src/dp_delay.h, fastpath/agent_delay.py).
-    fault_delays: bool = False
+    fault_delays: bool = True
     # Runtime layers of the bootstrap that can override fault percentages at any
     # time ("" when none; fastpath.classify_delay.runtime_of): faults stay ENVOY.
     fault_runtime: str = ""
