@@ -16,6 +16,8 @@ fastpath/agent_delay.py). What it does not copy stays ENVOY, named:
   kernel's timer record is armed when the request is decided;
 * a direct response or redirect (the router answers them after the delay; the
   kernel's reply cannot wait);
+* request mirroring on the route (the router sends the shadow after the delay,
+  the kernel's shadow leaves at the decision);
 * a local rate limit filter after the fault filter (its tokens are taken after the
   delay in Envoy);
 * a runtime that can override the percentages (``KernelCaps.fault_runtime``: the
@@ -115,9 +117,13 @@ def _route_reasons(filters: list[Any], pos: int, action: Action) -> Reasons:
     reasons = []
     if not isinstance(action, ClusterAction):
         reasons.append("fault delay before a direct response or redirect")
-    elif action.timeout_ms is not None:
-        reasons.append(f"route timeout {action.timeout_ms}ms with fault delay "
-                       "(Envoy's timer starts after the delay)")
+    else:
+        if action.timeout_ms is not None:
+            reasons.append(f"route timeout {action.timeout_ms}ms with fault delay "
+                           "(Envoy's timer starts after the delay)")
+        if getattr(action, "mirrors", ()):
+            reasons.append("fault delay with request mirroring (Envoy's router sends the "
+                           "shadow after the delay, the kernel's at the decision)")
     if any(f.kind == "local_ratelimit" and not f.disabled for f in filters[pos + 1:]):
         reasons.append("local rate limit after a fault delay (tokens taken after the delay)")
     return reasons

@@ -79,6 +79,11 @@ def test_what_stays_envoy() -> None:
     dr = {"match": {"prefix": "/"}, "direct_response": {"status": 200}}
     _, (route,) = plan_routes([dr], [fault(delay=delay())])
     assert "fault delay before a direct response or redirect" in route.reason
+    # a mirror: Envoy's router shadows after the delay
+    r = fwd(timeout="0s", request_mirror_policies=[{"cluster": "c"}])
+    r["typed_per_filter_config"] = per_route({"delay": delay()})
+    _, (route,) = plan_routes([r], [fault()])
+    assert "fault delay with request mirroring" in route.reason
     # a local rate limit after the fault filter takes its token after the delay
     rl = {"name": "rl", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
