@@ -3,11 +3,11 @@
 Started by the mesh daemon in each pod. Every request is appended as one JSON
 line to `LOG_DIR/<pod>.jsonl`: method, path, headers (lower-case names, in
 order) and body, so the test can compare what a primary and a mirror received
-with the fast path off (Envoy's shadowing) and on (the agent's). `--delay S`
-answers after S seconds (a slow mirror); `--reset` closes the connection
-without an answer (a broken mirror).
+with the fast path off (Envoy's shadowing) and on (the agent's). A request
+whose path starts with `--slow PREFIX` gets no answer: the connection is
+closed after 2 s (a slow, broken mirror).
 
-    python mirror_app.py --port 9000 --log-dir /tmp/x [--delay 2] [--reset]
+    python mirror_app.py --port 9000 --log-dir /tmp/x [--slow /slow/]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 
-def make_app(log_dir: Path, delay: float, reset: bool) -> web.Application:
+def make_app(log_dir: Path, slow: str | None) -> web.Application:
     pod = os.environ.get("POD_NAME", "?")
     log = (log_dir / f"{pod}.jsonl").open("a", buffering=1)
 
@@ -30,11 +30,11 @@ def make_app(log_dir: Path, delay: float, reset: bool) -> web.Application:
         log.write(json.dumps({"method": req.method, "path": req.path_qs,
                               "headers": [[k.decode().lower(), v.decode()] for k, v in req.raw_headers],
                               "body": body.decode(errors="replace")}) + "\n")
-        if delay:
-            await asyncio.sleep(delay)
-        if reset and req.transport is not None:
-            req.transport.close()
-            raise ConnectionResetError("mirror_app --reset")
+        if slow and req.path.startswith(slow):
+            await asyncio.sleep(2.0)
+            if req.transport is not None:
+                req.transport.close()
+            raise ConnectionResetError("mirror_app --slow")
         return web.Response(text=f"{pod} {req.method} {req.path_qs} {len(body)}\n",
                             headers={"x-k6-served-by": pod})
 
@@ -47,11 +47,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--log-dir", type=Path, required=True)
-    ap.add_argument("--delay", type=float, default=0.0)
-    ap.add_argument("--reset", action="store_true")
+    ap.add_argument("--slow", help="path prefix answered by closing the connection after 2 s")
     a = ap.parse_args()
     a.log_dir.mkdir(parents=True, exist_ok=True)
-    web.run_app(make_app(a.log_dir, a.delay, a.reset), host="0.0.0.0", port=a.port, print=None,
+    web.run_app(make_app(a.log_dir, a.slow), host="0.0.0.0", port=a.port, print=None,
                 access_log=None)
 
 
