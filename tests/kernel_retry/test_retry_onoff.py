@@ -10,6 +10,8 @@ kernel diverts the response to the agent, which re-sends the request): per
 request the final status and body and the attempts the upstreams saw must be
 equal, a retry after a failure on `flaky` must take the other pod, and the
 fast path's counters must show that the kernel served and retried them.
+The `envoy` variant also sends deadline_cases.py's requests (the `/d` routes:
+a route timeout with retries, a per-try timeout): test_deadline_*.
 
 Run: .venv/bin/python -m pytest tests/kernel_retry -q   (root)
 """
@@ -32,6 +34,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.slow, pytest.mar
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
+import deadline_cases  # noqa: E402
 from test_fastpath_onoff import fastpath_counts  # noqa: E402
 
 GAP_MS = 100  # fast path on: lets the agent refill the pools between connections
@@ -172,6 +175,8 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     tmp = tmp_path_factory.mktemp(f"k4retry-{variant}")
     tmp.chmod(0o755)
     reqs = gen_requests(MESHES[variant][2])
+    if variant == "envoy":  # the /d routes of policies.yaml: timers with retries
+        reqs += deadline_cases.gen_requests()
     out: dict[str, Any] = {mode: run_mesh(tmp, variant, mode, reqs) for mode in ("off", "on")}
     out["reqs"] = reqs
     out["variant"] = variant
@@ -181,6 +186,8 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def test_same_final_answer_and_attempts(runs: dict[str, Any], kernel: None) -> None:
     diffs = []
     for req, a, b in zip(runs["reqs"], runs["off"]["results"], runs["on"]["results"], strict=True):
+        if "deadline" in req:
+            continue  # test_deadline_*
         rid = req["headers"]["x-k3-id"]
         na, nb = len(runs["off"]["seen"].get(rid, [])), len(runs["on"]["seen"].get(rid, []))
         va, vb = view(a), view(b)
@@ -197,6 +204,8 @@ def test_answers_are_envoys_policy(runs: dict[str, Any], kernel: None) -> None:
     `flaky` goes to the pod not tried yet (previous_hosts)."""
     for mode in ("off", "on"):
         for req, res in zip(runs["reqs"], runs[mode]["results"], strict=True):
+            if "deadline" in req:
+                continue  # test_deadline_*
             _, _, _, _, status, attempts = CASES[req["case"]]
             pods = runs[mode]["seen"].get(req["headers"]["x-k3-id"], [])
             assert res["status"] == status, (mode, req, res, pods)
@@ -232,3 +241,48 @@ def test_kernel_served_and_retried(runs: dict[str, Any], kernel: None) -> None:
     # only the 6 kB POST (too big to keep) went to Envoy, once per round; bodies
     # that fit (300 B POST, PUT) were kept and retried by the kernel
     assert counts["envoy/retry_copy"] == MESHES[runs["variant"]][2], dict(counts)
+
+
+def deadline_runs(runs: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """(request, answer off, answer on) of the deadline cases (envoy variant only)."""
+    if runs["variant"] != "envoy":
+        pytest.skip("the deadline routes are in the envoy variant's policies")
+    return [(q, a, b) for q, a, b in zip(runs["reqs"], runs["off"]["results"],
+                                         runs["on"]["results"], strict=True) if "deadline" in q]
+
+
+def test_deadline_answers_attempts_and_times(runs: dict[str, Any], kernel: None) -> None:
+    """Route timeout with retries, per-try timeouts: both ways the status, body,
+    attempts and answer time Envoy's router gives (deadline_cases.CASES, also
+    checked on a plain Envoy by test_deadline_envoy.py)."""
+    for req, off, on in deadline_runs(runs):
+        for mode, res in (("off", off), ("on", on)):
+            pods = runs[mode]["seen"].get(req["headers"]["x-k3-id"], [])
+            why = deadline_cases.answer_problem(req, res, len(pods))
+            assert not why, (mode, req["headers"], why, res, pods)
+        assert view(off) == view(on), (off, on)  # not the pod: the first pick differs
+
+
+def test_deadline_expected_timeout_header(runs: dict[str, Any], kernel: None) -> None:
+    """The kernel path's attempts carry Envoy's x-envoy-expected-rq-timeout-ms
+    (the rule itself is checked on a plain Envoy in test_deadline_envoy.py: in
+    this mesh the destination's inbound sidecar strips the header before the
+    app, so the `off` run cannot show it; docs/fastpath.md)."""
+    for req, _, _ in deadline_runs(runs):
+        got = runs["on"]["expected"][req["headers"]["x-k3-id"]]
+        why = deadline_cases.follows_envoy(got, req["svc"])
+        assert not why, why
+
+
+def test_deadline_kernel_timed(runs: dict[str, Any], kernel: None) -> None:
+    n = len(deadline_runs(runs))
+    client = next(x for x in runs["on"]["dbg"]["nodes"] if x["pod"].startswith("client"))
+    print(f"deadline: {n} requests; timeouts {client['timeouts_fired']}; "
+          f"per-try {client['per_try_timeouts']}; retries {client['retries']}")
+    for mode in ("off", "on"):
+        print(mode, [(r["status"], round(r["secs"], 2)) for r in runs[mode]["results"][-n:]],
+              [[e for _, e in runs[mode]["expected"].get(f"d{i}", [])] for i in range(n)])
+    # the kernel path answered the 504s (route deadline, per-try) and reset nothing
+    assert client["timeouts_fired"]["timeout_504"] == deadline_cases.N_504, client
+    assert client["timeouts_fired"]["timeout_reset"] == 0, client
+    assert list(client["per_try_timeouts"].values()) == [600], client
