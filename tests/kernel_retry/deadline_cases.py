@@ -62,8 +62,9 @@ def follows_envoy(attempts: list[tuple[int, str]], svc: str) -> str:
     Envoy's rule (FilterUtility::setTimeoutHeaders): the first attempt the
     route (or per-try) timeout, each retry the per-try timeout again, or the
     route time left: value + time since the first attempt arrived ~= the route
-    timeout (the first attempt's arrival stands for the end of the request:
-    0-60 ms off)."""
+    timeout (the first attempt's arrival stands for the end of the request, a
+    retry's arrival for the moment its header was computed: -60..+25 ms off on
+    a loaded machine)."""
     first_ms, per_try = TIMEOUT_MS[svc], svc == "solo"
     t1 = attempts[0][0]
     for at, val in attempts:
@@ -72,6 +73,6 @@ def follows_envoy(attempts: list[tuple[int, str]], svc: str) -> str:
         got = int(val)
         if per_try and got != first_ms:
             return f"per-try {got} != {first_ms}: {attempts}"
-        if not per_try and not -60 <= got + (at - t1) / 1e6 - first_ms <= 5:
+        if not per_try and not -60 <= got + (at - t1) / 1e6 - first_ms <= 25:
             return f"{got} ms with {(at - t1) / 1e6:.0f} ms gone: {attempts}"
     return ""
