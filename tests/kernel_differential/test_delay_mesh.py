@@ -1,0 +1,133 @@
+"""Fault delays on the fast path in a local mesh (paired upstreams).
+
+The client pod calls `api` whose outbound route `/d` delays every request
+300 ms (Istio's shape: an empty fault filter, the delay per route, `timeout:
+0s`); once with `--fastpath off` (the Envoy sidecars delay) and once with
+`--fastpath on`. In the mesh the pooled upstream is paired with the app's
+accepted socket: the held request goes from U's receive queue back out over
+U (agent_delay.py), the response through dp_srv_verdict, which
+tests/kernel_datapath/test_delay.py (loopback, unpaired) does not reach.
+Same answers and the same request seen by the app (but for the sidecars' own
+headers), delayed both ways; with the fast path on the kernel served them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
+              pytest.mark.timeout(240)]
+
+HERE = Path(__file__).resolve().parent
+KD = HERE.parent / "kernel_datapath"
+MESH = """\
+namespace: k3d
+policies: policies.yaml
+services:
+  client:
+    command: ["${{PYTHON}}", "{echo}", --port, "8080", --log-dir, "{logs}"]
+    ports: [8080]
+    calls: [api]
+  api:
+    command: ["${{PYTHON}}", "{echo}", --port, "9000", --log-dir, "{logs}"]
+    ports: [9000]
+"""
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+POLICIES = f"""\
+api:
+  outbound:
+    http_filters:
+    - name: envoy.filters.http.fault
+      typed_config: {{"@type": {FAULT}}}
+    routes:
+    - name: d300
+      match: {{prefix: /d}}
+      route: {{cluster: api, timeout: 0s}}
+      typed_per_filter_config:
+        envoy.filters.http.fault:
+          "@type": {FAULT}
+          delay: {{fixed_delay: 0.3s, percentage: {{numerator: 100}}}}
+    - name: rest
+      match: {{prefix: /}}
+      route: {{cluster: api, timeout: 0s}}
+"""
+
+
+def req(path: str, method: str = "GET", body: str = "") -> str:
+    extra = f"content-length: {len(body)}\r\n" if body else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: api:9000\r\nx-k3-id: {path}\r\n{extra}\r\n{body}"
+
+
+SCRIPT = [[req("/d/1"), req("/z/1"), req("/d/post", "POST", "hello")], [req("/d/2")]]
+
+
+def wait_pool(admin: str, timeout: float = 40.0) -> None:
+    deadline = time.monotonic() + timeout
+    dbg: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
+        for n in dbg.get("nodes", []):
+            if n["pod"].startswith("client") and any(p["free"] >= 3 for p in n["pools"]):
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"no pool for api: {dbg}")
+
+
+def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
+    from mesh.runner import Mesh
+
+    d = tmp / mode
+    logs = d / "logs"
+    logs.mkdir(parents=True)
+    logs.chmod(0o777)
+    (d / "mesh.yaml").write_text(MESH.format(echo=HERE / "echo_app.py", logs=logs))
+    (d / "policies.yaml").write_text(POLICIES)
+    m = Mesh(d / "mesh.yaml", f"k3d{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
+    try:
+        st = m.up()
+        if mode == "on":
+            wait_pool(st["admin"])
+        r = m.exec("client", [sys.executable, str(KD / "k2_delay_client.py"), "api", "9000",
+                              json.dumps(SCRIPT)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        dbg: dict[str, Any] = {}
+        if mode == "on":
+            dbg = json.loads(urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath",
+                                                    timeout=5).read())
+    finally:
+        m.down()
+    return {"results": json.loads(r.stdout), "dbg": dbg}
+
+
+def test_fault_delay_in_the_mesh_matches_envoy(kernel: None, tmp_path: Path) -> None:
+    off = run_mesh(tmp_path, "off")
+    on = run_mesh(tmp_path, "on")
+    flat_on = [r for conn in on["results"] for r in conn]
+    flat_off = [r for conn in off["results"] for r in conn]
+    assert len(flat_on) == len(flat_off) == 4
+    for f, e in zip(flat_on, flat_off, strict=True):
+        bf, be = json.loads(f["body"]), json.loads(e["body"])
+        assert (f["status"], bf["path"], bf["method"], bf["body_len"], bf["pod"]) == \
+            (e["status"], be["path"], be["method"], be["body_len"], be["pod"])
+        # what the app saw: the sidecars' own headers aside, the same request
+        assert set(bf["headers"]) <= set(be["headers"]), (bf["headers"], be["headers"])
+        assert not any(h.startswith("x-envoy-fault") for h in be["headers"])
+        assert e["headers"].get("server") == "envoy"  # the sidecars answered
+        assert f["headers"].get("server") != "envoy", f  # the app, straight from the kernel
+    for r in (*flat_on, *flat_off):
+        delayed = json.loads(r["body"])["path"].startswith("/d")
+        assert (0.29 <= r["secs"] < 1.3) if delayed else r["secs"] < 0.29, r
+    client = next(n for n in on["dbg"]["nodes"] if n["pod"].startswith("client"))
+    assert client["unpaired_upstreams"] == 0  # paired: the way test_delay.py does not take
+    assert client["delays"]["sent"] == 3, client["delays"]
+    delayed = sum(c["requests"] for c in client["counters"]
+                  if c["outcome"] == "fast" and c["reason"] == "delayed")
+    assert delayed == 3
