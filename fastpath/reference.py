@@ -221,6 +221,9 @@ def _unparseable(req: Request) -> str:
     if "+" in query or len(names) != len(set(names)):
         # form-encoded spaces and repeated names: decoding rules the kernel doesn't copy
         return "query string with '+' or a repeated parameter"
+    if any(n == "content-type" and (v == "application/grpc" or v.startswith("application/grpc+"))
+           for n, v in req.headers):
+        return "gRPC request (Envoy's local replies to it are gRPC ones)"
     if req.header("grpc-timeout") is not None:
         return "grpc-timeout header (Envoy may enforce it as a timeout)"
     if any(n.startswith("x-envoy-") and n.endswith("meout-ms") and len(n) > 16

@@ -45,6 +45,9 @@
 #define L7FP_W_C_TIMEOUT L7FP_W8('-', 't', 'i', 'm', 'e', 'o', 'u', 't')
 #define L7FP_W_X_ENVOY L7FP_W8('x', '-', 'e', 'n', 'v', 'o', 'y', '-')
 #define L7FP_W_MEOUT_MS L7FP_W8('m', 'e', 'o', 'u', 't', '-', 'm', 's')
+#define L7FP_W_ENT_TYPE L7FP_W8('e', 'n', 't', '-', 't', 'y', 'p', 'e')
+#define L7FP_W_APPLICAT L7FP_W8('a', 'p', 'p', 'l', 'i', 'c', 'a', 't')
+#define L7FP_W_ION_GRPC L7FP_W8('i', 'o', 'n', '/', 'g', 'r', 'p', 'c')
 
 /* Low n bytes of a word (n <= 8). */
 static __always_inline __u64 l7fp_lowbytes(__u64 w, __u32 n)
@@ -319,6 +322,12 @@ static __always_inline __u32 l7fp_parse_header(struct l7fp_req_ctx *c, __u32 k, 
     /* 17 bytes: the middle byte is not compared; a false hit only means PASS */
     if (key.len == 17 && key.w0 == L7FP_W_TRANSFER && key.w1 == L7FP_W_ENCODING)
         return L7FP_R_CHUNKED;
+    /* gRPC (content-type application/grpc or application/grpc+..., compared
+     * case-sensitively as Envoy does): Envoy's local replies to it are gRPC ones */
+    if (key.len == 12 && key.w0 == L7FP_W_CONTENT && key.w1 == L7FP_W_ENT_TYPE &&
+        l7fp_load64(c, vs) == L7FP_W_APPLICAT && l7fp_load64(c, vs + 8) == L7FP_W_ION_GRPC &&
+        (ve - vs == 16 || (ve - vs > 16 && l7fp_byte(c, vs + 16) == '+')))
+        return L7FP_R_UNPARSED;
     if (key.len == 6 && key.w0 == L7FP_W_EXPECT)
         return L7FP_R_EXPECT;
     if (key.len == 7 && key.w0 == L7FP_W_UPGRADE)
