@@ -170,6 +170,8 @@ def route_match(m: dict[str, Any]) -> tuple[RouteMatch, Reasons]:
         queries.append(qm)
     for key in sorted(set(m) - _IGNORED_MATCH):
         reasons.append(f"route match {key}")
+    if "grpc" in m:  # it only matches gRPC requests, and the kernel hands every one to Envoy
+        reasons.append("route match grpc (gRPC requests go to Envoy)")
     rm = RouteMatch(kind, path, cs, tuple(headers), tuple(queries), method, lit, pre,
                     grpc="grpc" in m, regex_dfa=dfa)
     return rm, reasons

@@ -98,3 +98,10 @@ def test_grpc_requests_go_to_envoy(envoy_bin: str) -> None:
     # what Envoy did with the gRPC ones: 200 + grpc-status 7 (403), 14 (429), 2 (200 "ok"), 12 (404)
     assert {s for s, _ in grpc_status} == {200} and {g for _, g in grpc_status} == {"7", "14", "2", "12"}, \
         grpc_status
+
+
+def test_grpc_route_matcher_is_envoy() -> None:
+    from fastpath.classify_match import route_match
+
+    _, why = route_match({"prefix": "/", "grpc": {}})
+    assert why == ["route match grpc (gRPC requests go to Envoy)"]
