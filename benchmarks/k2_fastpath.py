@@ -69,14 +69,17 @@ def share(before: dict[Any, int], after: dict[Any, int]) -> dict[str, Any]:
 
 
 def plan_for(state: dict[str, Any], inbound: bool = False,
-             timeout_ms: int = 0, retry: bool = False) -> tuple[Any, Any]:
+             timeout_ms: int = 0, retry: bool = False, mirror_pct: float = 0.0
+             ) -> tuple[Any, Any]:
     """(client plan, leaf plan). `inbound`: the leaf's plan gets an inbound
     listener with an RBAC deny of /admin and a header add, so every fast-path
     request also takes the second (inbound) decision (fastpath.inbound_merge).
     `timeout_ms`: the leaf route's timeout (every request is then timed:
     fastpath/timeouts.py); no header add, to measure the timer alone.
     `retry`: the leaf route has Istio's default retry policy (every request is
-    kept for a retry and every response head checked: bpf_src/dp_retry.h)."""
+    kept for a retry and every response head checked: bpf_src/dp_retry.h).
+    `mirror_pct`: that share of the leaf route's requests is mirrored to the
+    leaf cluster (copied by the kernel, sent again by the agent: dp_mirror.h)."""
     from fastpath.plan import (
         Cluster,
         ClusterAction,
@@ -85,6 +88,7 @@ def plan_for(state: dict[str, Any], inbound: bool = False,
         KernelPlan,
         LbPolicy,
         ListenerPlan,
+        MirrorPolicy,
         PathKind,
         RetryPolicy,
         Route,
@@ -100,10 +104,12 @@ def plan_for(state: dict[str, Any], inbound: bool = False,
                                                        "unavailable"),
                               status_codes=(503,), grpc_codes=(1, 14), previous_hosts=True,
                               host_selection_attempts=5)
+    mirrors = (MirrorPolicy("leaf", round(mirror_pct * 10_000)),) if mirror_pct else ()
     vh = VirtualHost("leaf", ("*",), (Route("leaf", RouteMatch(PathKind.PREFIX, "/"),
                                             ClusterAction((WeightedCluster("leaf", 1),),
                                                           timeout_ms=timeout_ms or None,
-                                                          retry=istio_retry if retry else None),
+                                                          retry=istio_retry if retry else None,
+                                                          mirrors=mirrors),
                                             Verdict.KERNEL),))
     client = KernelPlan(pods["client"]["node_id"], "bench",
                         (ListenerPlan("out9000", "0.0.0.0", 9000, Direction.OUTBOUND, (vh,)),),
@@ -168,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retry-policy", action="store_true",
                    help="Istio's default retry policy on the leaf route: the cost of keeping "
                    "every request and checking every response for a retry")
+    p.add_argument("--mirror-percent", type=float, default=0.0,
+                   help="mirror this share of the leaf route's requests to the leaf (0: none): "
+                   "the cost of the kernel's copy and the agent's shadows")
     p.add_argument("--close", action="store_true",
                    help="one new connection per request (wrk -H 'Connection: close')")
     args = p.parse_args(argv)
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
         client, leaf = plan_for(m.state(), args.inbound_policy, args.route_timeout_ms,
-                                args.retry_policy)
+                                args.retry_policy, args.mirror_percent)
         agent.on_plan(leaf.node_id, leaf)
         agent.on_plan(client.node_id, client)
         deadline = time.monotonic() + 60
@@ -212,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         node.dp.attach_cgroup(node.pod.cgroup)
         stats = node.stats()
         fired = dict(node.keeper.counts) if node.keeper is not None else {}
+        mirrors = node.mirrorer.debug()
     finally:
         agent.stop()
         m.down()
@@ -226,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["route_timeout_ms"] = args.route_timeout_ms
     summary["timeouts_fired"] = fired
     summary["retry_policy"] = args.retry_policy
+    summary["mirror_percent"] = args.mirror_percent
+    summary["mirrors"] = mirrors
     print(json.dumps(summary, indent=1))
     return 0
 
