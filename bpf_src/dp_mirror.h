@@ -17,7 +17,7 @@
  *     copied into a DP_EV_MIRROR record of the ring buffer dp_events, with the
  *     place of the destination's inbound header insert (which belongs to the
  *     primary's inbound sidecar, not to the shadow's: the agent cuts it out).
- *     A full ring buffer drops the shadow (fast/mirror_dropped), never the
+ *     A full ring buffer drops the shadow (shadow_lost/mirror_dropped), never the
  *     request: fire-and-forget, as Envoy's shadows.
  *  3. The agent sends the copy with `-shadow` appended to the host to an
  *     endpoint of each sampled policy's cluster and discards the response.
@@ -35,7 +35,9 @@
 
 #define DP_EV_MIRROR 6       /* a copy of a forwarded request to shadow */
 #define DP_R_MIRROR_COPY 28  /* mirror route: request not whole in one write or too big */
-#define DP_R_MIRROR_DROP 29  /* (outcome fast) shadow not posted: ring buffer full */
+#define DP_OUT_SHADOW_LOST 5 /* outcome of a shadow not posted (the request was forwarded:
+                              * counted once as fast; this one counts shadows) */
+#define DP_R_MIRROR_DROP 29  /* (outcome shadow_lost) ring buffer full, or copy failed */
 #define DP_R_MIRROR_IN 30    /* mirror route answered by the destination's inbound policy */
 
 struct dp_mpol_key {
@@ -142,7 +144,7 @@ static __always_inline void dp_mirror_post(struct sk_msg_md *msg, struct dp_verd
     dp_events.ringbuf_submit(e, 0);
     return;
 lost:
-    dp_count(v->route, DP_OUT_FAST, DP_R_MIRROR_DROP);
+    dp_count(v->route, DP_OUT_SHADOW_LOST, DP_R_MIRROR_DROP);
 #endif
 }
 

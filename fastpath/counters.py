@@ -19,7 +19,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
 
-OUTCOMES = {0: "fast", 1: "kernel_reply", 2: "envoy", 3: "cork", 4: "retry"}
+OUTCOMES = {0: "fast", 1: "kernel_reply", 2: "envoy", 3: "cork", 4: "retry",
+            5: "shadow_lost"}  # dp_mirror.h: a mirror's copy not posted (not a request)
 
 # datapath.h DP_R_*
 DP_REASONS = {0: "", 1: "sticky", 2: "pool_empty", 3: "untracked", 4: "upstream_gone",
