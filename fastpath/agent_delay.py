@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpath.loader import socket_cookie
 from fastpath.plan import ClusterAction, KernelPlan, Verdict
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,15 @@ class Delayer:
         try:
             d = s.dup()
         except OSError:
+            return None
+        # the pools may close theirs while we dup it (another thread): a reused
+        # descriptor would be another socket, so the duplicate's cookie must be U's
+        try:
+            same = socket_cookie(d) == up
+        except OSError:
+            same = False
+        if not same:
+            d.close()
             return None
         d.setblocking(False)
         return d
