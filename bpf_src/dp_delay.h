@@ -33,6 +33,7 @@
 #define DP_EV_DELAY 5      /* a request was held for a fault delay: the agent sends it later */
 #define DP_R_DELAY_BODY 20 /* delay route: the request is not whole in this write */
 #define DP_R_DELAYED 21    /* (outcome fast) held for the route's fault delay */
+#define DP_R_DELAY_INBOUND 22 /* delay route answered by the destination's inbound policy */
 
 struct dp_dpol_key {
     __u32 gen;
@@ -111,6 +112,22 @@ static __always_inline int dp_delay_hold(struct sk_msg_md *msg, struct dp_conn *
     return ret;
 #else
     return SK_DROP;
+#endif
+}
+
+/* dp_msg_in, after the destination's inbound decision: a reply of that
+ * decision (RBAC deny, inbound fault, ...) to a request of a delay route goes
+ * to Envoy. Envoy's client sidecar delays (sampled) before the destination's
+ * sidecar answers; the kernel's reply cannot wait, so Envoy samples and answers
+ * it (the hand-over does not depend on a draw: each request is delayed with
+ * the configured probability, once). */
+static __always_inline void dp_delay_inbound(__u32 gen, struct dp_verdict *v)
+{
+#if DP_DELAY
+    if (v->kind == DP_K_REPLY && dp_delay_route(gen, v)) {
+        v->kind = DP_K_PASS;
+        v->reason = DP_R_DELAY_INBOUND;
+    }
 #endif
 }
 

@@ -457,6 +457,7 @@ int dp_msg_in(struct sk_msg_md *msg)
 #ifdef DP_DECIDE_SECOND
     dp_decide_second(scr->gen, &scr->v);
     dp_mirror_inbound(scr->gen, &scr->v); /* Envoy shadows what the inbound side answers */
+    dp_delay_inbound(scr->gen, &scr->v); /* and delays it first (a delay route) */
 #endif
     dp_msg_prog.call(msg, 0); /* dp_msg_act */
     return dp_to_envoy(c, scr->v.route, DP_R_NONE);

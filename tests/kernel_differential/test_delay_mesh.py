@@ -8,7 +8,9 @@ accepted socket: the held request goes from U's receive queue back out over
 U (agent_delay.py), the response through dp_srv_verdict, which
 tests/kernel_datapath/test_delay.py (loopback, unpaired) does not reach.
 Same answers and the same request seen by the app (but for the sidecars' own
-headers), delayed both ways; with the fast path on the kernel served them.
+headers), delayed both ways; with the fast path on the kernel served them. The
+destination's inbound RBAC denies `/d/deny`: Envoy's 403 comes after the
+client's delay, so the kernel hands that request to Envoy (`delay_inbound`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,20 @@ api:
     - name: rest
       match: {{prefix: /}}
       route: {{cluster: api, timeout: 0s}}
+  inbound:
+    http_filters:
+    - name: envoy.filters.http.rbac
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+        rules:
+          action: DENY
+          policies:
+            deny-d:
+              permissions: [{{url_path: {{path: {{prefix: /d/deny}}}}}}]
+              principals: [{{any: true}}]
+    routes:
+    - name: in-default
+      match: {{prefix: /}}
 """
 
 
@@ -66,7 +82,8 @@ def req(path: str, method: str = "GET", body: str = "") -> str:
     return f"{method} {path} HTTP/1.1\r\nHost: api:9000\r\nx-k3-id: {path}\r\n{extra}\r\n{body}"
 
 
-SCRIPT = [[req("/d/1"), req("/z/1"), req("/d/post", "POST", "hello")], [req("/d/2")]]
+SCRIPT = [[req("/d/1"), req("/z/1"), req("/d/post", "POST", "hello")], [req("/d/2")],
+          [req("/d/deny")]]
 
 
 def wait_pool(admin: str, timeout: float = 40.0) -> None:
@@ -110,6 +127,12 @@ def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
 def test_fault_delay_in_the_mesh_matches_envoy(kernel: None, tmp_path: Path) -> None:
     off = run_mesh(tmp_path, "off")
     on = run_mesh(tmp_path, "on")
+    # the destination's inbound DENY after the client's delay: 403 at >= 0.3 s both
+    # ways (the kernel hands it to Envoy: its reply could not wait)
+    (deny_on,), (deny_off,) = on["results"].pop(), off["results"].pop()
+    assert deny_on["status"] == deny_off["status"] == 403, (deny_on, deny_off)
+    assert deny_on["body"] == deny_off["body"] and 0.29 <= deny_on["secs"] < 1.3
+    assert 0.29 <= deny_off["secs"] < 1.3
     flat_on = [r for conn in on["results"] for r in conn]
     flat_off = [r for conn in off["results"] for r in conn]
     assert len(flat_on) == len(flat_off) == 4
@@ -131,3 +154,6 @@ def test_fault_delay_in_the_mesh_matches_envoy(kernel: None, tmp_path: Path) -> 
     delayed = sum(c["requests"] for c in client["counters"]
                   if c["outcome"] == "fast" and c["reason"] == "delayed")
     assert delayed == 3
+    inbound = sum(c["requests"] for c in client["counters"]
+                  if c["outcome"] == "envoy" and c["reason"] == "delay_inbound")
+    assert inbound == 1, client["counters"]
