@@ -19,7 +19,8 @@ fastpath/agent_delay.py). What it does not copy stays ENVOY, named:
 * request mirroring on the route (the router sends the shadow after the delay,
   the kernel's shadow leaves at the decision);
 * a local rate limit filter after the fault filter (its tokens are taken after the
-  delay in Envoy);
+  delay in Envoy), an RBAC filter after it (Envoy's 403 comes after the delay, the
+  kernel's at once);
 * a runtime that can override the percentages (``KernelCaps.fault_runtime``: the
   bootstrap's ``layered_runtime`` has a disk / RTDS / admin layer); this one also
   applies to aborts.
@@ -126,6 +127,8 @@ def _route_reasons(filters: list[Any], pos: int, action: Action) -> Reasons:
                            "shadow after the delay, the kernel's at the decision)")
     if any(f.kind == "local_ratelimit" and not f.disabled for f in filters[pos + 1:]):
         reasons.append("local rate limit after a fault delay (tokens taken after the delay)")
+    if any(f.kind == "rbac" and not f.disabled for f in filters[pos + 1:]):
+        reasons.append("RBAC after a fault delay (Envoy denies after the delay)")
     return reasons
 
 

@@ -90,6 +90,18 @@ def test_what_stays_envoy() -> None:
         "stat_prefix": "rl"}}
     _, (route,) = plan_routes([fwd(timeout="0s")], [fault(delay=delay()), rl])
     assert "local rate limit after a fault delay" in route.reason
+    # an RBAC filter after the fault filter denies after the delay; before it, at once
+    rbac = {"name": "rbac", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        "rules": {"action": "DENY", "policies": {"p": {
+            "permissions": [{"url_path": {"path": {"prefix": "/x"}}}],
+            "principals": [{"any": True}]}}}}}
+    r = fwd(timeout="0s")
+    r["typed_per_filter_config"] = per_route({"delay": delay()})
+    _, (route,) = plan_routes([r], [fault(), rbac])
+    assert "RBAC after a fault delay" in route.reason
+    _, (route,) = plan_routes([r], [rbac, fault()])
+    assert route.verdict is Verdict.KERNEL and route.fault_delay is not None
 
 
 def test_hcm_level_delay_keeps_requests_without_route_with_envoy() -> None:
