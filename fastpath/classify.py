@@ -27,6 +27,7 @@ from fastpath.classify_route import (
 )
 from fastpath.envoy_model import HCM, type_name
 from fastpath.plan import (
+    SHARED_BUCKET_REASON,
     Cluster,
     Direction,
     Endpoint,
@@ -192,7 +193,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
     vhosts = _vhosts(rc, ctx)
     if limit is not None and any(r.verdict is Verdict.ENVOY for v in vhosts for r in v.routes):
         # One owner per bucket: Envoy keeps it, so every request must reach Envoy.
-        reasons.append("listener local rate limit bucket is shared with routes that need Envoy")
+        reasons.append(SHARED_BUCKET_REASON)
     if reasons:
         why = "; ".join(dict.fromkeys(reasons))
         vhosts = tuple(replace(v, routes=tuple(_punt(r, why) for r in v.routes)) for v in vhosts)

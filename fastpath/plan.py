@@ -379,6 +379,11 @@ class PathNormalization:
     path_with_escaped_slashes_action: str = "KEEP_UNCHANGED"  # or UNESCAPE_*, REJECT_REQUEST
 
 
+# Why every route of a listener goes to Envoy when its HCM-level local rate
+# limit would otherwise be shared by kernel and Envoy routes (one owner per bucket).
+SHARED_BUCKET_REASON = "listener local rate limit bucket is shared with routes that need Envoy"
+
+
 @dataclass(frozen=True)
 class ListenerPlan:
     """One HTTP listener (one HttpConnectionManager filter chain).

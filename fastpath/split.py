@@ -81,10 +81,19 @@ def resources_json(resources: Mapping[str, Sequence[Any]],
 
 
 def plan_of(node_id: str, res: Resources, version: str = "",
-            caps: KernelCaps | None = None, orphans: bool = False) -> KernelPlan:
-    """The KernelPlan of already-decoded resources."""
+            caps: KernelCaps | None = None, orphans: bool = False,
+            executable: bool = True) -> KernelPlan:
+    """The KernelPlan of already-decoded resources.
+
+    ``executable`` (the default; what the control plane and `l7fp split` use):
+    routes the synthesized decision would punt are ENVOY (`synth.executable_plan`).
+    False gives the classifier's plan, what the IR and the reference model can
+    express: the differential tests of the model use it."""
+    from fastpath.synth import executable_plan
+
     listeners, clusters = build(res, caps, orphans)
-    return KernelPlan(node_id=node_id, version=version, listeners=listeners, clusters=clusters)
+    plan = KernelPlan(node_id=node_id, version=version, listeners=listeners, clusters=clusters)
+    return executable_plan(plan) if executable else plan
 
 
 def split_snapshot(node_id: str, resources: Mapping[str, Sequence[Any]],

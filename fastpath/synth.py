@@ -17,12 +17,13 @@ import ctypes
 import http
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fastpath import bpf_structs as bs
 from fastpath.plan import (
+    SHARED_BUCKET_REASON,
     ClusterAction,
     DirectResponse,
     HeaderMatch,
@@ -182,6 +183,42 @@ def synthesize(plan: KernelPlan, max_hdr: int = 512,
         knobs=knobs, listener_ids=dict(tb.listener_ids), cluster_ids=dict(tb.cluster_ids),
         route_names=tuple(tb.route_names), notes=tuple(tb.notes), rows=rows,
         slots=dict(tb.slots), routes=tuple(tb.routes), route_timeouts=dict(tb.route_timeouts))
+
+
+def executable_plan(plan: KernelPlan) -> KernelPlan:
+    """``plan`` with every KERNEL route the synthesized decision would punt made ENVOY.
+
+    Called by `fastpath.split.plan_of`, so the split's verdicts, its coverage
+    and the residual (which drops the rate limiters of KERNEL routes) all
+    describe what the kernel executes, not only what the plan can express: a
+    route the decision punts (a query-parameter matcher, a redirect, a table
+    cap) reaches Envoy, which must then still own its limiter.
+    """
+    from fastpath.synth_tables import TableBuilder
+
+    tb = TableBuilder(plan)
+    tb.build()
+    listeners = []
+    for lp in plan.listeners:
+        vhosts, changed = [], False
+        for vh in lp.virtual_hosts:
+            routes = []
+            for r in vh.routes:
+                if r.verdict is Verdict.KERNEL and id(r) not in tb.kernel_routes:
+                    why = tb.punt_reasons.get(id(r), "not synthesized")
+                    r = replace(r, verdict=Verdict.ENVOY, reason=f"kernel decision: {why}")
+                    changed = True
+                routes.append(r)
+            vhosts.append(replace(vh, routes=tuple(routes)))
+        lp = replace(lp, virtual_hosts=tuple(vhosts))
+        if changed and lp.local_rate_limit is not None and lp.verdict is Verdict.KERNEL:
+            # One owner per bucket (as fastpath.classify decides it): Envoy keeps it.
+            lp = replace(lp, verdict=Verdict.ENVOY, reason=SHARED_BUCKET_REASON, virtual_hosts=tuple(
+                replace(vh, routes=tuple(r if r.verdict is Verdict.ENVOY else
+                                         replace(r, verdict=Verdict.ENVOY, reason=SHARED_BUCKET_REASON)
+                                         for r in vh.routes)) for vh in lp.virtual_hosts))
+        listeners.append(lp)
+    return replace(plan, listeners=tuple(listeners))
 
 
 def encode_str(st: bs.Structs, s: str, ci: bool = False) -> ctypes.Structure:

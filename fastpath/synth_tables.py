@@ -70,6 +70,10 @@ class TableBuilder:
     routes: list[Any] = field(default_factory=list)  # plan.Route per route id (None: filler)
     route_timeouts: dict[int, int] = field(default_factory=dict)  # route id -> ms (kernel routes)
     notes: list[str] = field(default_factory=list)
+    # id(plan.Route) of every KERNEL route the decision executes, and why the
+    # others it was handed became punts (read by synth.executable_plan)
+    kernel_routes: set[int] = field(default_factory=set)
+    punt_reasons: dict[int, str] = field(default_factory=dict)
     slots: dict[str, int] = field(default_factory=dict)
     longest: int = 8
     max_dom: int = 1
@@ -134,12 +138,14 @@ class TableBuilder:
         if lp.verdict is Verdict.ENVOY:
             row.f["flags"] = bs.LF_PUNT
             self.notes.append(f"listener {lp.name}: {lp.reason}")
+            self._punted(lp.virtual_hosts, f"listener: {lp.reason}")
             return
         try:
             self._filters(lp, row)
         except Punt as e:
             row.f["flags"] = bs.LF_PUNT
             self.notes.append(f"listener {lp.name}: {e}")
+            self._punted(lp.virtual_hosts, f"listener: {e}")
             return
         base = len(self.rows.get("l7fp_vhosts", []))
         try:
@@ -147,6 +153,7 @@ class TableBuilder:
         except Punt as e:
             row.f["flags"] = bs.LF_PUNT
             self.notes.append(f"listener {lp.name}: {e}")
+            self._punted(lp.virtual_hosts, f"listener: {e}")
             return
         row.f["dom_base"] = len(self.rows.get("l7fp_domains", []))
         row.f["n_dom"] = len(doms)
@@ -311,12 +318,20 @@ class TableBuilder:
         ranked.sort(key=lambda x: x[0])
         return [_Row("Domain", {"kind": k, "vhost": v, "s": (s, True)}) for _, k, s, v in ranked]
 
+    def _punted(self, vhosts: Any, why: str, skip: int = 0) -> None:
+        """Note why the routes of ``vhosts`` (after the first ``skip``) reach Envoy."""
+        for vh in vhosts:
+            for r in vh.routes[skip:]:
+                self.punt_reasons.setdefault(id(r), why)
+
     def _vhost(self, lp: ListenerPlan, vh: VirtualHost) -> None:
         rbase = len(self.rows.get("l7fp_routes", []))
         routes = vh.routes
         if len(routes) > MAX_ROUTES_CAP:  # the rest of the vhost: one catch-all punt
             self.notes.append(f"vhost {lp.name}/{vh.name}: routes after the "
                               f"{MAX_ROUTES_CAP - 1}th go to Envoy")
+            self._punted((vh,), f"more than {MAX_ROUTES_CAP - 1} routes in a virtual host",
+                         skip=MAX_ROUTES_CAP - 1)
             routes = routes[:MAX_ROUTES_CAP - 1]
         n = len(routes) + (len(routes) < len(vh.routes))
         self._add("l7fp_vhosts", _Row("Vhost", {"route_base": rbase, "n_routes": n}))
@@ -327,8 +342,11 @@ class TableBuilder:
             self.routes.append(r)
             try:
                 f = self._punt(r) if r.verdict is Verdict.ENVOY else self._route(vh, r)
+                if r.verdict is Verdict.KERNEL:
+                    self.kernel_routes.add(id(r))
             except Punt as e:
                 self.notes.append(f"route {lp.name}/{vh.name}/{r.name}: {e}")
+                self.punt_reasons[id(r)] = str(e)
                 f = self._punt(r)
             f["route_id"] = rid
             self._note_timeout(rid, r, f)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -119,9 +120,42 @@ def test_true_regex_is_punt_entry_and_keeps_order() -> None:
     (v1, w1), (v2, _) = verdicts(routes)
     assert v1 is Verdict.ENVOY and "no small DFA (more than 64 DFA states)" in w1
     assert v2 is Verdict.KERNEL
-    (v3, _), = verdicts([{"match": {"safe_regex": {"regex": "/users/[0-9]+"}},
-                          "route": {"cluster": "c", "timeout": "0s"}}])
-    assert v3 is Verdict.KERNEL
+    # a bounded DFA is expressible in the plan (the model evaluates it), but the
+    # kernel decision has no DFA walker: the split says so rather than KERNEL
+    (v3, w3), = verdicts([{"match": {"safe_regex": {"regex": "/users/[0-9]+"}},
+                           "route": {"cluster": "c", "timeout": "0s"}}])
+    assert v3 is Verdict.ENVOY and w3 == "kernel decision: regex path"
+
+
+def test_routes_the_kernel_decision_punts_are_envoy_and_keep_their_limiter() -> None:
+    """What the plan can express but the synthesized decision punts (a query-parameter
+    matcher, a redirect) is ENVOY in the split, and the residual leaves such a route's
+    local rate limit with Envoy (before, the limiter was removed and nobody enforced it)."""
+    lrl = {"envoy.filters.http.local_ratelimit": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "r", "token_bucket": {"max_tokens": 1, "fill_interval": "60s"},
+        "filter_enabled": {"default_value": {"numerator": 100}},
+        "filter_enforced": {"default_value": {"numerator": 100}}}}
+    routes = [{"match": {"prefix": "/q", "query_parameters": [{"name": "a", "present_match": True}]},
+               "route": {"cluster": "c", "timeout": "0s"}, "typed_per_filter_config": lrl},
+              {"match": {"prefix": "/r"}, "redirect": {"https_redirect": True}},
+              {"match": {"prefix": "/"}, "route": {"cluster": "c", "timeout": "0s"},
+               "typed_per_filter_config": lrl}]
+    filters = [{"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "l"}}]
+    res = {em.LISTENER: [em.parse(em.LISTENER, listener(routes, filters))],
+           em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
+    out = split_snapshot("n", res)
+    got = [(r.verdict, r.reason) for r in out.plan.listeners[0].virtual_hosts[0].routes]
+    assert got == [(Verdict.ENVOY, "kernel decision: query parameter matchers"),
+                   (Verdict.ENVOY, "kernel decision: redirect (Location is built by Envoy)"),
+                   (Verdict.KERNEL, "")]
+    kept = em.to_json(out.residual[em.LISTENER][0])
+    rc = kept["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]
+    limiter = [json.dumps(r.get("typedPerFilterConfig", {})) for r in rc["virtualHosts"][0]["routes"]]
+    # Envoy keeps /q's limiter; the kernel owns /'s (disabled for Envoy)
+    assert "tokenBucket" in limiter[0] and "tokenBucket" not in limiter[2] and "FilterConfig" in limiter[2]
 
 
 @pytest.mark.parametrize("pattern,shape", [
