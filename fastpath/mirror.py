@@ -42,10 +42,13 @@ def mirror_policies(items: list[dict[str, Any]] | None, clusters: dict[str, Clus
     reasons: Reasons = []
     for i, m in enumerate(items or []):
         where = f"request_mirror_policies[{i}]"
-        reasons += [f"{where} {k}" for k in sorted(set(m) - _KNOWN)]
+        reasons += [f"{where} {k}" for k in sorted(set(m) - _KNOWN - {"clusterHeader"})]
         name = m.get("cluster")
         if not name:
-            reasons.append(f"{where} without a cluster name")
+            # the cluster is named per request: any of the node's clusters, or
+            # none, would have to be handled as Envoy does (not built)
+            reasons.append(f"{where} clusterHeader" if m.get("clusterHeader")
+                           else f"{where} without a cluster name")
             continue
         c = clusters.get(name)
         if c is None:

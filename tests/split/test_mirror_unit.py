@@ -77,7 +77,9 @@ def test_runtime_fraction(frac: dict[str, Any] | None, per_million: int) -> None
 
 def test_policies_that_stay_envoys() -> None:
     _, why = mirror_policies([{"clusterHeader": "x"}], {"m": M})
-    assert "clusterHeader" in why[0]
+    assert why == ["request_mirror_policies[0] clusterHeader"]
+    _, why = mirror_policies([{}], {"m": M})
+    assert why == ["request_mirror_policies[0] without a cluster name"]
     _, why = mirror_policies([{"cluster": "m", "requestHeadersMutations": []}], {"m": M})
     assert why == ["request_mirror_policies[0] requestHeadersMutations"]
     _, why = mirror_policies([{"cluster": "m"}] * 5, {"m": M})
