@@ -108,12 +108,60 @@ def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> M
         listeners.append(copy)
         clusters.update({c.name: c for c in own})
         out.merged[(ip, port)] = copy.name
-    if listeners:
-        tag = hashlib.sha256(repr(listeners).encode()).hexdigest()[:8]
+    mine = _without_stripped_headers(plan, out, plan_of_ip)
+    stripped = mine != plan.listeners
+    if listeners or stripped:
+        tag = hashlib.sha256(repr((listeners, mine) if stripped else listeners).encode()
+                             ).hexdigest()[:8]
         out.plan = dataclasses.replace(
             plan, version=f"{plan.version}+in{tag}",
-            listeners=(*plan.listeners, *listeners), clusters=(*plan.clusters, *clusters.values()))
+            listeners=(*mine, *listeners), clusters=(*plan.clusters, *clusters.values()))
     return out
+
+
+EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
+
+
+def _strips(dest: KernelPlan | None, port: int) -> bool:
+    """The destination's inbound sidecar deems a request from a client sidecar
+    external and strips x-envoy-* control headers (Envoy's
+    ConnectionManagerUtility::mutateRequestHeaders: use_remote_address off and
+    no x-forwarded-for, as the client's sidecar without use_remote_address
+    sends it). Seen in tests/kernel_retry: the app never gets the header."""
+    found = [lp for lp in (dest.listeners if dest else ()) if lp.direction is Direction.INBOUND
+             and lp.port == port]
+    return len(found) == 1 and not found[0].use_remote_address
+
+
+def _without_stripped_headers(plan: KernelPlan, out: Merged,
+                              plan_of_ip: Callable[[str], KernelPlan | None]
+                              ) -> tuple[ListenerPlan, ...]:
+    """The client's listeners, with the kernel's insert of
+    x-envoy-expected-rq-timeout-ms dropped from outbound routes whose every
+    offloaded endpoint's inbound sidecar strips it: the kernel delivers past
+    that sidecar, so the app must not get what the sidecar would remove."""
+    eps = {c.name: [(e.address, e.port) for e in c.endpoints] for c in plan.clusters}
+
+    def stripped(r: Route) -> bool:
+        a = r.action
+        if not isinstance(a, ClusterAction) or not any(
+                h.name.lower() == EXPECTED_TIMEOUT for h in r.request_headers_to_add):
+            return False
+        reach = [ep for wc in a.clusters for ep in eps.get(wc.name, [])
+                 if out.offloadable(*ep)]
+        return bool(reach) and all(_strips(plan_of_ip(ip), port) for ip, port in reach)
+
+    def route(r: Route) -> Route:
+        if not stripped(r):
+            return r
+        adds = tuple(h for h in r.request_headers_to_add if h.name.lower() != EXPECTED_TIMEOUT)
+        return dataclasses.replace(r, request_headers_to_add=adds)
+
+    return tuple(lp if lp.direction is not Direction.OUTBOUND or lp.use_remote_address else
+                 dataclasses.replace(lp, virtual_hosts=tuple(
+                     dataclasses.replace(vh, routes=tuple(route(r) for r in vh.routes))
+                     for vh in lp.virtual_hosts))
+                 for lp in plan.listeners)
 
 
 def _endpoints(plan: KernelPlan) -> list[tuple[str, int]]:

@@ -411,6 +411,12 @@ class ListenerPlan:
     # an ALLOW one); each "rbac" of filter_order consumes the next. ``rbac`` is
     # rbacs[0], kept for readers written before: enforce all of ``rbacs``.
     rbacs: tuple[Rbac, ...] = ()
+    # The HCM's use_remote_address. Off (Istio's and the local mesh's sidecars),
+    # a request without x-forwarded-for is external to Envoy, which then strips
+    # the x-envoy-* control headers (x-envoy-expected-rq-timeout-ms, ...) from
+    # it: fastpath.inbound_merge drops the kernel's insert of that header for
+    # destinations whose inbound sidecar would.
+    use_remote_address: bool = False
 
 
 class LbPolicy(enum.Enum):

@@ -163,3 +163,34 @@ def test_keeper_resets_a_started_response(dp: FakeDp, monkeypatch: pytest.Monkey
     dp.bpf["dp_tmo"][10] = record(1000 * MS, state=3, global_ns=1000 * MS)
     k.check()
     assert k.counts["timeout_reset"] == 1 and dp.taken == [10]
+
+
+def test_kernel_drops_the_header_the_inbound_sidecar_strips() -> None:
+    """x-envoy-expected-rq-timeout-ms never reaches an app behind a sidecar
+    without use_remote_address (the request is external to it): the kernel,
+    which delivers past that sidecar, must not insert it either."""
+    import dataclasses
+
+    from fastpath.inbound_merge import merge
+    from fastpath.plan import HeaderValue
+    from fastpath_unit.test_timeouts_unit import DST, client, dest
+
+    hdr = HeaderValue("x-envoy-expected-rq-timeout-ms", "1000", append=True)
+    base = client()
+    lp = base.listeners[0]
+    routes = tuple(dataclasses.replace(r, request_headers_to_add=(hdr,))
+                   for r in lp.virtual_hosts[0].routes)
+    vh = dataclasses.replace(lp.virtual_hosts[0], routes=routes)
+    plan = dataclasses.replace(base, listeners=(dataclasses.replace(lp, virtual_hosts=(vh,)),))
+
+    def adds(p: Any) -> list[tuple[str, ...]]:
+        return [tuple(h.name for h in r.request_headers_to_add)
+                for r in p.listeners[0].virtual_hosts[0].routes]
+
+    assert adds(merge(plan, lambda ip: dest(None)).plan) == [(), (), ()]
+    remote = dest(None)
+    remote = dataclasses.replace(remote, listeners=(dataclasses.replace(
+        remote.listeners[0], use_remote_address=True),))
+    assert adds(merge(plan, lambda ip: remote).plan) == [(hdr.name,)] * 3
+    assert adds(merge(plan, lambda ip: None).plan) == [(hdr.name,)] * 3  # to Envoy anyway
+    assert DST == "198.18.0.9"
