@@ -22,6 +22,11 @@
  *     time + delay and writes them to U: the app gets the request, its response
  *     takes the usual way to the client. A client that closes meanwhile cancels
  *     it (Envoy: the request never reaches the upstream).
+ * A delay with an abort (Envoy: the abort is drawn after the delay, its reply
+ * comes after it): the decision drew the abort; a REPLY that is the route's
+ * fault abort is drawn for the delay too (independent draws, as Envoy's), and
+ * on a hit the request is dropped and the agent injects the reply after the
+ * delay (DP_EV_DELAY_REPLY, its injector socket in dp_inj slot 1).
  */
 #ifndef L7FP_DP_DELAY_H
 #define L7FP_DP_DELAY_H
@@ -31,6 +36,7 @@
 #endif
 
 #define DP_EV_DELAY 5      /* a request was held for a fault delay: the agent sends it later */
+#define DP_EV_DELAY_REPLY 7 /* a fault abort held for the delay: the agent injects the reply */
 #define DP_R_DELAY_BODY 20 /* delay route: the request is not whole in this write */
 #define DP_R_DELAYED 21    /* (outcome fast) held for the route's fault delay */
 #define DP_R_DELAY_INBOUND 22 /* delay route answered by the destination's inbound policy */
@@ -44,6 +50,8 @@ struct dp_dpol_key {
 struct dp_dpol {
     __u32 per_million;
     __u32 delay_ms;
+    __u32 abort_reply; /* the route's fault abort reply (l7fp_replies index) + 1, 0: none */
+    __u32 _pad;
 };
 
 /* A request held on U (key: U's cookie) until the agent sends it. */
@@ -128,6 +136,45 @@ static __always_inline void dp_delay_inbound(__u32 gen, struct dp_verdict *v)
         v->kind = DP_K_PASS;
         v->reason = DP_R_DELAY_INBOUND;
     }
+#endif
+}
+
+/* A REPLY of a delay route (dp_msg_act): 1 held (the request dropped, the
+ * agent injects the reply after the delay), 0 reply now (not the route's fault
+ * abort, or not drawn), -1 to Envoy (the request is not whole in this write:
+ * the same rule as a forward of the route, so every such request is Envoy's). */
+static __always_inline int dp_delay_reply(struct sk_msg_md *msg, struct dp_conn *c,
+                                          struct dp_verdict *v, __u32 gen, __u32 size)
+{
+#if DP_DELAY
+    struct dp_dpol_key k = {.gen = gen & 1, .route = v->route};
+    struct dp_dpol *p = dp_dpol.lookup(&k);
+    if (!p || !p->abort_reply || (v->reply_id | 1) != ((p->abort_reply - 1) | 1))
+        return 0; /* the pair: the reply and its HEAD form */
+    if (size != v->consumed)
+        return -1;
+    if (bpf_get_prandom_u32() % 1000000 >= p->per_million)
+        return 0;
+    struct dp_event *e = dp_events.ringbuf_reserve(sizeof(struct dp_event));
+    if (!e)
+        return 0; /* cannot tell the agent: the reply now */
+    if (bpf_msg_pop_data(msg, 0, size, 0)) {
+        dp_events.ringbuf_discard(e, 0);
+        return -1;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->kind = DP_EV_DELAY_REPLY;
+    e->route = v->route;
+    e->cookie = c->cookie;
+    e->ts_ns = bpf_ktime_get_ns();
+    e->status = v->status;
+    e->bytes = v->reply_id;
+    e->pool = p->delay_ms;
+    e->reason = gen & 1;
+    dp_events.ringbuf_submit(e, 0);
+    return 1;
+#else
+    return 0;
 #endif
 }
 

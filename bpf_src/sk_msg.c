@@ -491,8 +491,16 @@ int dp_msg_act(struct sk_msg_md *msg)
         dp_access(c, &v, DP_OUT_ENVOY, v.reason);
         return dp_to_envoy_req(msg, c, &v, size, v.reason);
     }
-    if (v.kind == DP_K_REPLY)
+    if (v.kind == DP_K_REPLY) {
+        int held = dp_delay_reply(msg, c, &v, gen, size); /* an abort after a delay */
+        if (held > 0) {
+            dp_count(v.route, DP_OUT_REPLY, DP_R_DELAYED);
+            return SK_PASS; /* the request was popped: nothing is sent */
+        }
+        if (held < 0)
+            return dp_to_envoy_req(msg, c, &v, size, DP_R_DELAY_BODY);
         return dp_reply(msg, c, &v, gen, size);
+    }
     if (size > v.consumed)
         return dp_to_envoy(c, v.route, DP_R_PIPELINE); /* pipelined: one way for all */
     if (v.kind != DP_K_FORWARD)

@@ -19,6 +19,7 @@ the upstream never sees the request).
 
 from __future__ import annotations
 
+import ctypes as ct
 import logging
 import socket
 import threading
@@ -57,6 +58,37 @@ class Held:
     seen: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class HeldReply:
+    """A fault abort reply due at `due` (monotonic seconds) to client `client`."""
+
+    due: float
+    client: int
+    gen: int
+    reply: int
+
+
+def abort_replies(sp: Any) -> dict[int, tuple[int, bytes, bytes]]:
+    """Route id -> (its fault abort reply's index in l7fp_replies, the reply, its
+    HEAD form) from the synthesized tables (fastpath.synth: replies in pairs)."""
+    rows = getattr(sp, "rows", {}) or {}
+    if "l7fp_routes" not in rows or "l7fp_replies" not in rows:
+        return {}
+    from fastpath import bpf_structs as bs
+
+    st = bs.structs(sp.knobs)
+    blobs = [st.Blob.from_buffer_copy(b.ljust(ct.sizeof(st.Blob), b"\0"))
+             for b in rows["l7fp_replies"]]
+    out = {}
+    for raw in rows["l7fp_routes"]:
+        row = st.Route.from_buffer_copy(raw.ljust(ct.sizeof(st.Route), b"\0"))
+        i = int(row.fault_reply)
+        if row.fault_status and i + 1 < len(blobs):
+            full, head = blobs[i], blobs[i + 1]
+            out[int(row.route_id)] = (i, bytes(full.b[:full.len]), bytes(head.b[:head.len]))
+    return out
+
+
 class Delayer:
     def __init__(self, dp: Any, pools: Any) -> None:
         self.dp = dp
@@ -64,26 +96,47 @@ class Delayer:
         self.cv = threading.Condition()
         self.held: dict[int, Held] = {}  # U cookie -> request (under cv)
         self.stats: Counter[str] = Counter()
+        self.replies: list[HeldReply] = []  # fault aborts due after their delay (under cv)
+        self.reply_bytes: dict[tuple[int, int], bytes] = {}  # (gen, l7fp_replies index)
+        self.injector: Any = None  # timeouts.Injector in dp_inj slot 1 (the thread's)
         self._stop = False
         self._thread: threading.Thread | None = None
 
     # ---- plan (agent_synth.program) ------------------------------------------
     def program(self, sp: Any, gen: int) -> None:
-        """Write generation `gen` of dp_dpol from the synthesized plan's KERNEL routes."""
+        """Write generation `gen` of dp_dpol from the synthesized plan's KERNEL routes,
+        and keep the bytes of their fault abort replies (injected after a delay)."""
         t = self.dp.bpf["dp_dpol"]
         for k in [k for k in t.keys() if k.gen == gen]:
             del t[k]
+        aborts = abort_replies(sp)
+        with self.cv:
+            self.reply_bytes = {k: v for k, v in self.reply_bytes.items() if k[0] != gen}
         for rid, r in enumerate(getattr(sp, "routes", ())):
             fd = getattr(r, "fault_delay", None)
             if r is None or fd is None or r.verdict is not Verdict.KERNEL:
                 continue
-            t[t.Key(gen=gen, route=rid + 1)] = t.Leaf(per_million=fd.per_million,
-                                                      delay_ms=fd.delay_ms)
+            reply = aborts.get(rid) if r.fault_abort is not None else None
+            t[t.Key(gen=gen, route=rid + 1)] = t.Leaf(
+                per_million=fd.per_million, delay_ms=fd.delay_ms,
+                abort_reply=0 if reply is None else reply[0] + 1)
+            if reply is not None:
+                with self.cv:
+                    self.reply_bytes[(gen, reply[0])] = reply[1]
+                    self.reply_bytes[(gen, reply[0] + 1)] = reply[2]
 
     # ---- other threads ---------------------------------------------------------
     def wake(self) -> None:
         """DP_EV_DELAY: a record is (about to be) in dp_dly."""
         with self.cv:
+            self.cv.notify()
+
+    def on_reply(self, client: int, t_ns: int, delay_ms: int, gen: int, reply: int) -> None:
+        """DP_EV_DELAY_REPLY: the kernel dropped a request whose fault abort it drew
+        after a delay; its reply (blob `reply` of generation `gen`) is due then."""
+        with self.cv:
+            self.replies.append(HeldReply(t_ns / 1e9 + delay_ms / 1000.0, client, gen, reply))
+            self.stats["replies_taken"] += 1
             self.cv.notify()
 
     def claim(self, up: int) -> bool:
@@ -102,6 +155,9 @@ class Delayer:
         with self.cv:
             for up in [u for u, h in self.held.items() if h.client == client or u in ups]:
                 self._drop(self.held.pop(up), "cancelled")
+            kept = [r for r in self.replies if r.client != client]
+            self.stats["cancelled"] += len(self.replies) - len(kept)
+            self.replies = kept
             for up in ups:  # held by the kernel, not seen here yet
                 if self._record(up) is not None:
                     self._delete_record(up)
@@ -123,6 +179,9 @@ class Delayer:
             for h in self.held.values():
                 h.sock.close()
             self.held.clear()
+            if self.injector is not None:
+                self.injector.close()
+                self.injector = None
 
     def _loop(self) -> None:
         while True:
@@ -139,6 +198,7 @@ class Delayer:
 
     def _wait_s(self) -> float:
         dues = [h.due for h in self.held.values() if len(h.buf) >= h.length]
+        dues += [r.due for r in self.replies]
         wait = SCAN_S if not dues else min(SCAN_S, min(dues) - time.monotonic())
         return max(0.0, wait)
 
@@ -150,6 +210,11 @@ class Delayer:
                 self._read(h, now)
             elif h.due <= now:
                 self._send(self.held.pop(up))
+        due = [r for r in self.replies if r.due <= now]
+        if due:
+            self.replies = [r for r in self.replies if r.due > now]
+            for r in due:
+                self._inject(r)
 
     # ---- internals (thread, under cv) ------------------------------------------------
     def _record(self, up: int) -> Any | None:
@@ -244,6 +309,20 @@ class Delayer:
             log.warning("fault delay: send on upstream %d failed: %s", h.up, exc)
         finally:
             h.sock.close()
+
+    def _inject(self, r: HeldReply) -> None:
+        data = self.reply_bytes.get((r.gen, r.reply))
+        if data is None:
+            self.stats["reply_unknown"] += 1
+            return
+        if self.injector is None:
+            from fastpath.timeouts import Injector
+
+            self.injector = Injector(self.dp, slot=1)  # slot 0 is the route timeouts'
+        if self.injector.send(r.client, data):
+            self.stats["replies_sent"] += 1
+        else:
+            self.stats["cancelled"] += 1  # the client is gone
 
     def _forget(self, h: Held, why: str) -> None:
         self.held.pop(h.up, None)

@@ -28,6 +28,7 @@ from fastpath.counters import (
     DP_EV_ACCESS,
     DP_EV_CLOSE,
     DP_EV_DELAY,
+    DP_EV_DELAY_REPLY,
     DP_EV_RETRY,
     AccessLog,
     DpEvent,
@@ -211,6 +212,9 @@ class NodeDatapath:
             self.mirrorer.on_event(data)
         elif ev.kind == DP_EV_DELAY:
             self.delayer.wake()
+        elif ev.kind == DP_EV_DELAY_REPLY:
+            self.delayer.on_reply(int(ev.cookie), int(ev.ts_ns), int(ev.pool), int(ev.reason),
+                                  int(ev.bytes))
         elif ev.kind == DP_EV_ACCESS:
             self.access.add(ev, lambda r: self.route_names.get(r, ""),
                             lambda p: self.pool_clusters.get(p, ""))

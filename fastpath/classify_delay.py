@@ -9,8 +9,6 @@ fastpath/agent_delay.py). What it does not copy stays ENVOY, named:
 * ``header_delay`` (the delay and its percentage come from the request's
   ``x-envoy-fault-delay-request*`` headers; without ``header_delay`` Envoy ignores
   those headers, checked against Envoy 1.40 by tests/kernel_datapath/test_delay.py);
-* a delay together with an abort that can fire: Envoy aborts *after* the delay,
-  the kernel answers an abort at once;
 * ``max_active_faults``: a count of delayed requests in flight, owned by Envoy;
 * a finite route timeout: Envoy's router starts its timer after the delay, the
   kernel's timer record is armed when the request is decided;
@@ -42,13 +40,6 @@ def per_million(p: dict[str, Any]) -> int:
     return min(1_000_000, int(p.get("numerator", 0)) * (1_000_000 // denom))
 
 
-def _abort_can_fire(cfg: dict[str, Any]) -> bool:
-    abort = cfg.get("abort")
-    if not abort:
-        return False
-    return "headerAbort" in abort or per_million(abort.get("percentage", {})) > 0
-
-
 def delay_of(cfg: dict[str, Any]) -> tuple[FaultDelay | None, Reasons]:
     """The delay of one HTTPFault config (proto-JSON), with the reasons it needs Envoy.
     None without reasons: no delay can happen (none configured, or 0 %)."""
@@ -66,9 +57,7 @@ def delay_of(cfg: dict[str, Any]) -> tuple[FaultDelay | None, Reasons]:
     per = per_million(delay["percentage"])
     if per == 0 or not ms:
         return None, []
-    reasons = []
-    if _abort_can_fire(cfg):
-        reasons.append("fault delay with abort (Envoy aborts after the delay)")
+    reasons = []  # an abort with it: its reply waits for the delay (dp_delay_reply)
     if "maxActiveFaults" in cfg:
         reasons.append("fault filter max_active_faults (Envoy counts active faults)")
     return FaultDelay(int(ms or 0), per), reasons

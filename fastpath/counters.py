@@ -45,6 +45,7 @@ DP_R_POOL_EMPTY = 2
 DP_EV_ACCESS = 2
 DP_EV_RETRY = 3  # dp_retry.h: a response diverted for a retry
 DP_EV_DELAY = 5  # dp_delay.h: a request held for a fault delay
+DP_EV_DELAY_REPLY = 7  # dp_delay.h: a fault abort's reply held for the delay
 
 
 def reason_name(code: int) -> str:

@@ -89,7 +89,8 @@ class Decision:
     location: str = ""
     route: str = ""
     reason: str = ""
-    delay_ms: int = 0  # forward: held this long before the upstream sees it (fault delay)
+    delay_ms: int = 0  # held this long (fault delay): a forward before the upstream sees it,
+    # a fault abort's reply before the client gets it
     headers: tuple[tuple[str, str], ...] = ()  # a reply's extra header lines (rate limit)
     mirrors: tuple[str, ...] = ()  # forward: clusters a shadow copy goes to (fastpath.mirror)
 
@@ -166,8 +167,8 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
 
 def _delayed(route: Route, d: Decision, rng: random.Random) -> Decision:
     """Envoy's fault delay: a sampled share of the route's forwarded requests waits
-    ``delay_ms`` before the router sends it (classify_delay keeps a delay with an
-    abort, a reply or a route timeout ENVOY, so only a forward is ever delayed)."""
+    ``delay_ms`` before the router sends it (a fault abort's reply: _fault_filter;
+    classify_delay keeps other replies and a route timeout with a delay ENVOY)."""
     fd = route.fault_delay
     if fd is None or d.kind != "forward" or rng.randrange(1_000_000) >= fd.per_million:
         return d
@@ -201,7 +202,10 @@ def _fault_filter(lp: ListenerPlan, vh: VirtualHost | None, route: Route | None,
     fault = route.fault_abort if route is not None else lp.fault_abort
     if fault is None or rng.randrange(1_000_000) >= fault.per_million:
         return None
-    return Decision("reply", status=fault.status, body=FAULT_BODY, route=route.name if route else "")
+    fd = route.fault_delay if route is not None else None  # Envoy aborts after the delay
+    wait = fd.delay_ms if fd is not None and rng.randrange(1_000_000) < fd.per_million else 0
+    return Decision("reply", status=fault.status, body=FAULT_BODY, route=route.name if route else "",
+                    delay_ms=wait)
 
 
 _FILTERS = {"local_ratelimit": _rate_limit_filter, "fault": _fault_filter}

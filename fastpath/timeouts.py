@@ -86,7 +86,8 @@ class Injector:
     """The agent's loopback socket in dp_inj: a write of (cookie, bytes) lands in
     that client's receive queue (bpf_src/dp_inject.c)."""
 
-    def __init__(self, dp: Any) -> None:
+    def __init__(self, dp: Any, slot: int = 0) -> None:
+        """`slot`: its entry in dp_inj (0: the route timeouts', 1: the fault delays')."""
         lst = socket.socket()
         try:
             lst.bind(("127.0.0.1", 0))
@@ -96,7 +97,7 @@ class Injector:
         finally:
             lst.close()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        bpfsys.map_update(dp.fds["dp_inj"], ct.c_uint32(0), ct.c_uint32(self.sock.fileno()))
+        bpfsys.map_update(dp.fds["dp_inj"], ct.c_uint32(slot), ct.c_uint32(self.sock.fileno()))
 
     def send(self, client_cookie: int, data: bytes) -> bool:
         """False when the client is gone (the kernel drops the write)."""

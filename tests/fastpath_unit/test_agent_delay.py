@@ -114,10 +114,10 @@ def test_program_writes_the_generation() -> None:
     fd = SimpleNamespace(delay_ms=300, per_million=500_000)
     from fastpath.plan import Verdict
 
-    routes = [SimpleNamespace(fault_delay=None, verdict=Verdict.KERNEL),
-              SimpleNamespace(fault_delay=fd, verdict=Verdict.KERNEL),
-              SimpleNamespace(fault_delay=fd, verdict=Verdict.ENVOY), None]
+    routes = [SimpleNamespace(fault_delay=None, verdict=Verdict.KERNEL, fault_abort=None),
+              SimpleNamespace(fault_delay=fd, verdict=Verdict.KERNEL, fault_abort=None),
+              SimpleNamespace(fault_delay=fd, verdict=Verdict.ENVOY, fault_abort=None), None]
     maps["dp_dpol"][Key(gen=1, route=9)] = SimpleNamespace()
     delayer.program(SimpleNamespace(routes=routes), 1)
-    assert [(k.gen, k.route, v.delay_ms, v.per_million)
-            for k, v in maps["dp_dpol"].items()] == [(1, 2, 300, 500_000)]
+    assert [(k.gen, k.route, v.delay_ms, v.per_million, v.abort_reply)
+            for k, v in maps["dp_dpol"].items()] == [(1, 2, 300, 500_000, 0)]

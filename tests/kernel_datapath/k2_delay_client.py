@@ -30,7 +30,7 @@ def main() -> None:
             s.sendall(req.encode("latin-1"))
             if i + 1 < len(conn) and conn[i + 1] == "CLOSE":
                 break
-            r = read_response(s)
+            r = read_response(s, head_only=req.startswith("HEAD "))
             res.append(r)
             if r["end"] != "complete":
                 break

@@ -105,7 +105,9 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
                 "route": {"cluster": "up", "timeout": "0s"},
                 "typed_per_filter_config": per_route(ms, num)}
     routes = [route("d300", "/d", "0.3s", 100), route("d0", "/z", "3s", 0),
-              route("half", "/s", "0.2s", 50)]
+              route("half", "/s", "0.2s", 50), route("abort", "/a", "0.3s", 100)]
+    routes[-1]["typed_per_filter_config"]["envoy.filters.http.fault"]["abort"] = {
+        "http_status": 503, "percentage": {"numerator": 100, "denominator": "HUNDRED"}}
     listener = {"name": "out", "address": {"socket_address": {"address": "127.0.0.1",
                                                               "port_value": port}},
                 "filter_chains": [{"filters": [{
@@ -195,6 +197,7 @@ SCRIPT = [
      req("/d/post", "POST", "hello")],
     [req(f"/s/{i}") for i in range(SAMPLED)],
     [req("/d/gone"), "CLOSE"],
+    [req("/a/1"), req("/a/h", "HEAD"), req("/z/after")],  # delay, then the abort's reply
 ]
 
 
@@ -210,7 +213,7 @@ def start_plan(agent: Agent, denvoy: DelayEnvoy) -> Any:
     plan = split_snapshot("client", res, KernelCaps(fault_delays=True)).plan
     routes = {r.name: r for r in plan.listeners[0].virtual_hosts[0].routes}
     assert {n: r.verdict.value for n, r in routes.items()} == {
-        "d300": "KERNEL", "d0": "KERNEL", "half": "KERNEL"}
+        "d300": "KERNEL", "d0": "KERNEL", "half": "KERNEL", "abort": "KERNEL"}
     agent.on_plan("up", KernelPlan("up", "u1"))
     agent.on_plan("client", plan)
     wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None, 60)
@@ -235,8 +238,17 @@ def test_fault_delay_matches_envoy(agent: Agent, cgroup: Any, denvoy: DelayEnvoy
     time.sleep(0.6)
     up_envoy = by_case(echo.take())
 
-    (d1, z1, post), sampled, gone = fast
-    (e_d1, e_z1, e_post), e_sampled, e_gone = via_envoy
+    (d1, z1, post), sampled, gone, aborts = fast
+    (e_d1, e_z1, e_post), e_sampled, e_gone, e_aborts = via_envoy
+    # delay + abort: Envoy's reply after the delay; the kernel's injected after it
+    assert [(r["status"], r["body"], r["headers"].get("content-type")) for r in aborts] == \
+        [(r["status"], r["body"], r["headers"].get("content-type")) for r in e_aborts]
+    assert [r["status"] for r in aborts] == [503, 503, 200], aborts
+    assert aborts[0]["body"] == "fault filter abort" and aborts[1]["body"] == ""
+    for r in (*aborts[:2], *e_aborts[:2]):
+        assert 0.29 <= r["secs"] < 1.3, r
+    assert all("server" not in r["headers"] for r in aborts)  # the kernel's replies
+    assert "/a/1" not in up_fast and "/a/1" not in up_envoy  # aborted: never upstream
     assert gone == e_gone == []
     for f, e in ((d1, e_d1), (z1, e_z1), (post, e_post)):
         assert (f["status"], f["body"], f["end"]) == (e["status"], e["body"], e["end"])
@@ -274,3 +286,7 @@ def test_fault_delay_matches_envoy(agent: Agent, cgroup: Any, denvoy: DelayEnvoy
     assert all("server" not in r["headers"] for r in sampled)
     stats = node.delayer.debug()
     assert stats.get("cancelled", 0) == 1 and stats["held"] == 0, stats
+    assert stats["replies_sent"] == 2, stats
+    replied = sum(n for (route, out, why), n in node.stats().items()
+                  if out == "kernel_reply" and why == "delayed")
+    assert replied == 2

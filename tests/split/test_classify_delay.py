@@ -50,9 +50,10 @@ def test_delay_of_percentages_and_denominators() -> None:
     assert delay_of({"abort": {"httpStatus": 503, "percentage": {"numerator": 1}}}) == (None, [])
     _, why = delay_of({"delay": {"headerDelay": {}, "percentage": {"numerator": 100}}})
     assert why == ["fault delay from request headers (header_delay)"]
-    _, why = delay_of({"delay": {"fixedDelay": "1s", "percentage": {"numerator": 1}},
-                       "abort": {"httpStatus": 500, "percentage": {"numerator": 1}}})
-    assert why == ["fault delay with abort (Envoy aborts after the delay)"]
+    # with an abort: KERNEL (the abort's reply waits for the delay, dp_delay_reply)
+    assert delay_of({"delay": {"fixedDelay": "1s", "percentage": {"numerator": 1}},
+                     "abort": {"httpStatus": 500, "percentage": {"numerator": 1}}}) == (
+        FaultDelay(1000, 10_000), [])
     _, why = delay_of({"delay": {"fixedDelay": "1s", "percentage": {"numerator": 1}},
                        "abort": {"httpStatus": 500, "percentage": {"numerator": 0}},
                        "maxActiveFaults": 3})
@@ -181,3 +182,19 @@ def test_reference_delays_the_sampled_share_of_forwards() -> None:
     delays = [d.delay_ms for d in got]
     assert set(delays) == {0, 300}
     assert 500 < delays.count(300) < 700  # 30 % of 2000, well inside 5 sigma
+
+
+def test_reference_delays_an_abort_after_the_delay() -> None:
+    r = fwd(timeout="0s")
+    r["typed_per_filter_config"] = per_route({"delay": delay("0.3s", 50),
+                                              "abort": {"httpStatus": 503,
+                                                        "percentage": {"numerator": 50}}})
+    result, (route,) = plan_routes([r], [fault()])
+    assert route.verdict is Verdict.KERNEL and route.fault_abort is not None
+    rng = random.Random(3)
+    got = [decide(result.plan, "l", Request("GET", "/x", "a"), rng) for _ in range(4000)]
+    kinds = {(d.kind, d.delay_ms) for d in got}
+    assert kinds == {("reply", 0), ("reply", 300), ("forward", 0), ("forward", 300)}
+    for kind, ms in kinds:  # independent draws: each a quarter
+        n = sum(1 for d in got if (d.kind, d.delay_ms) == (kind, ms))
+        assert 850 < n < 1150, (kind, ms, n)
