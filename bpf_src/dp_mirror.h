@@ -14,7 +14,8 @@
  *  2. After the redirect succeeded (the request is on its way to the primary),
  *     each policy samples the request (its per-million fraction, one draw per
  *     policy as Envoy's runtime does); if any did, the request as forwarded is
- *     copied into a DP_EV_MIRROR record of the ring buffer dp_events, with the
+ *     copied into a DP_EV_MIRROR record of its own ring buffer dp_mirror_rb (as
+ *     long as the request, not DP_MIRROR_MAX: a burst fits), with the
  *     place of the destination's inbound header insert (which belongs to the
  *     primary's inbound sidecar, not to the shadow's: the agent cuts it out).
  *     A full ring buffer drops the shadow (shadow_lost/mirror_dropped), never the
@@ -65,6 +66,13 @@ struct dp_mirror_ev {
 };
 
 BPF_HASH(dp_mpol, struct dp_mpol_key, struct dp_mpol, 1024);
+#if DP_MIRROR
+/* The copies go through a ring buffer of their own, as records of their own
+ * length: a burst of shadows must never crowd out dp_events (a lost CLOSE
+ * would leak the client's upstream sockets). The record is built per CPU. */
+BPF_RINGBUF_OUTPUT(dp_mirror_rb, 128); /* 512 kB */
+BPF_PERCPU_ARRAY(dp_mirror_tmp, struct dp_mirror_ev, 1);
+#endif
 
 /* 1 when the decided route mirrors (its policy is in dp_mpol). */
 static __always_inline int dp_mirror_route(__u32 gen, __u32 route)
@@ -122,7 +130,8 @@ static __always_inline void dp_mirror_post(struct sk_msg_md *msg, struct dp_verd
         dp_hdr_add_get(gen, v->hdr_add, &out_len); /* 0 when none */
         dp_hdr_add_get(gen, v->hdr_add_in, &in_len);
     }
-    struct dp_mirror_ev *e = dp_events.ringbuf_reserve(sizeof(struct dp_mirror_ev));
+    __u32 k0 = 0;
+    struct dp_mirror_ev *e = dp_mirror_tmp.lookup(&k0);
     if (!e)
         goto lost;
     e->kind = DP_EV_MIRROR;
@@ -137,11 +146,11 @@ static __always_inline void dp_mirror_post(struct sk_msg_md *msg, struct dp_verd
     /* len < DP_MIRROR_MAX already; the mask in asm, so clang cannot drop it,
      * gives the verifier that bound on the register it passes */
     asm volatile("%0 &= %1" : "+r"(n) : "i"(DP_MIRROR_MAX - 1));
-    if ((void *)(d + n) > msg->data_end || bpf_probe_read_kernel(e->req, n, d)) {
-        dp_events.ringbuf_discard(e, 0);
+    if ((void *)(d + n) > msg->data_end || bpf_probe_read_kernel(e->req, n, d))
         goto lost;
-    }
-    dp_events.ringbuf_submit(e, 0);
+    /* the header and the request's bytes only: a 300-byte request takes 332 */
+    if (dp_mirror_rb.ringbuf_output(e, __builtin_offsetof(struct dp_mirror_ev, req) + n, 0))
+        goto lost;
     return;
 lost:
     dp_count(v->route, DP_OUT_SHADOW_LOST, DP_R_MIRROR_DROP);

@@ -28,6 +28,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,9 @@ class MirrorEv(ct.Structure):
                 ("req", ct.c_uint8 * MIRROR_MAX)]
 
 
+HEAD_SIZE = MirrorEv.req.offset  # a record is this header + the request's bytes
+
+
 def needs_mirror(plan: KernelPlan) -> bool:
     """True when a KERNEL route of `plan` mirrors: the node's program is then
     compiled with -DDP_MIRROR=1."""
@@ -65,7 +69,8 @@ def needs_mirror(plan: KernelPlan) -> bool:
 
 
 def record_request(ev: MirrorEv) -> bytes:
-    """The forwarded request in a record, without the inbound header insert."""
+    """The forwarded request in a record (header fields and as many bytes of
+    `req` as `len` says), without the inbound header insert."""
     n = min(int(ev.len), MIRROR_MAX)
     req = bytes(ev.req[:n])
     at, cut = int(ev.cut_at), int(ev.cut_len)
@@ -132,9 +137,13 @@ class Mirrorer:
             self._start()
 
     # ---- events (agent thread) --------------------------------------------------
-    def on_event(self, data: Any) -> None:
-        """A DP_EV_MIRROR record: queue one shadow per sampled policy."""
-        ev = ct.cast(data, ct.POINTER(MirrorEv)).contents
+    def on_event(self, data: Any, size: int) -> None:
+        """A DP_EV_MIRROR record of dp_mirror_rb (`size` bytes: the header and
+        the request): queue one shadow per sampled policy."""
+        if size < HEAD_SIZE:
+            self._count("bad_copy")
+            return
+        ev = MirrorEv.from_buffer_copy(ct.string_at(data, size).ljust(ct.sizeof(MirrorEv), b"\0"))
         pol = self.routes.get((int(ev.gen), int(ev.route)))
         if pol is None:
             self._count("no_policy")  # a plan flipped since: Envoy's config moved on too
@@ -277,6 +286,7 @@ class Mirrorer:
                 self.q.put(None, timeout=1.0)
             except queue.Full:
                 break
+        deadline = time.monotonic() + 1.0  # a sender waiting on a slow mirror is a daemon
         for th in self.threads:
-            th.join(timeout=2.0)
+            th.join(timeout=max(0.0, deadline - time.monotonic()))
         self.threads = []

@@ -22,7 +22,7 @@ from typing import Any
 
 from fastpath import agent_inline, agent_synth
 from fastpath.agent_delay import Delayer
-from fastpath.agent_mirror import DP_EV_MIRROR, Mirrorer
+from fastpath.agent_mirror import Mirrorer
 from fastpath.agent_retry import Retrier
 from fastpath.counters import (
     DP_EV_ACCESS,
@@ -107,6 +107,7 @@ class NodeDatapath:
             dp.set_enabled(0, enabled=False, access_log=access_log)
             dp.attach_cgroup(pod.cgroup)
             dp.open_events(node._on_event)
+            dp.open_mirror_events(node._on_mirror)
             keeper.start()
             if "-DDP_DELAY=1" in cflags:
                 node.delayer.start()  # its own thread: fault delays (agent_delay.py)
@@ -208,8 +209,6 @@ class NodeDatapath:
             self.pools.release(ups + self.retrier.on_close(int(ev.cookie), ups))
         elif ev.kind == DP_EV_RETRY:
             self.retrier.on_diverted(int(ev.up_cookies[0]), int(ev.cookie))
-        elif ev.kind == DP_EV_MIRROR:
-            self.mirrorer.on_event(data)
         elif ev.kind == DP_EV_DELAY:
             self.delayer.wake()
         elif ev.kind == DP_EV_DELAY_REPLY:
@@ -218,6 +217,9 @@ class NodeDatapath:
         elif ev.kind == DP_EV_ACCESS:
             self.access.add(ev, lambda r: self.route_names.get(r, ""),
                             lambda p: self.pool_clusters.get(p, ""))
+
+    def _on_mirror(self, _ctx: Any, data: Any, size: int) -> None:
+        self.mirrorer.on_event(data, size)
 
     def poll(self, timeout_ms: int) -> None:
         wait = self.retrier.wait_ms()  # a retry's backoff ends sooner

@@ -354,6 +354,22 @@ class Datapath:
             self.bpf._l7fp_event_sink = sink
         sink[0] = callback
 
+    def open_mirror_events(self, callback: Any) -> bool:
+        """Deliver the mirror copies (dp_mirror_rb, only with -DDP_MIRROR=1) to
+        `callback(ctx, data, size)`; False when the module has none. Polled with
+        dp_events by the same ring_buffer_poll."""
+        sink = getattr(self.bpf, "_l7fp_mirror_sink", None)
+        if sink is None:
+            try:
+                table = self.bpf["dp_mirror_rb"]
+            except KeyError:
+                return False
+            sink = [callback]
+            table.open_ring_buffer(lambda c, d, n: sink[0](c, d, n))
+            self.bpf._l7fp_mirror_sink = sink
+        sink[0] = callback
+        return True
+
     def pool_misses(self, pools: list[int] | None = None) -> dict[int, int]:
         """Times sk_msg found each pool empty (monotonic counters); `pools`: only
         these (one lookup each instead of a walk over all DP_MAX_POOLS entries,

@@ -187,3 +187,29 @@ def test_importers_give_envoys_mirror_policy_and_its_cluster(tmp_path: Any) -> N
                                                                     "denominator": "MILLION"}}}
         assert json.dumps(pol) in text
         assert name in clusters
+
+
+def test_a_short_record_becomes_one_shadow_per_sampled_policy() -> None:
+    """dp_mirror_rb records are as long as the request: the header + len bytes."""
+    from fastpath.agent_mirror import HEAD_SIZE, Mirrorer, RoutePolicies
+
+    req = b"POST /p HTTP/1.1\r\nhost: web:9000\r\ncontent-length: 2\r\n\r\nhi"
+    ev = MirrorEv(kind=6, route=3, gen=1, mask=0b101, len=len(req))
+    ct.memmove(ev.req, req, len(req))
+    rec = ct.create_string_buffer(bytes(ev)[:HEAD_SIZE + len(req)])
+    mi = Mirrorer(dp=None, netns=None, ip="198.18.0.2")
+    pols = (MirrorPolicy("m"), MirrorPolicy("m"), MirrorPolicy("c", host_suffix=False))
+    mi.routes[(1, 3)] = RoutePolicies(pols, ((("198.18.0.10", 80),), (("198.18.0.10", 80),),
+                                             (("198.18.0.9", 81),)), 15.0)
+    mi.on_event(ct.addressof(rec), HEAD_SIZE + len(req))
+    got = [mi.q.get_nowait() for _ in range(mi.q.qsize())]
+    assert [(s.address, s.port, s.method) for s in got] == [("198.18.0.10", 80, "POST"),
+                                                           ("198.18.0.9", 81, "POST")]
+    assert got[0].data == (b"POST /p HTTP/1.1\r\nhost: web-shadow:9000\r\ncontent-length: 2\r\n"
+                           b"x-forwarded-for: 198.18.0.2\r\n\r\nhi")
+    assert b"host: web:9000" in got[1].data
+    mi.on_event(ct.addressof(rec), 8)  # shorter than a header: counted, dropped
+    ev.gen = 0
+    rec2 = ct.create_string_buffer(bytes(ev)[:HEAD_SIZE + len(req)])
+    mi.on_event(ct.addressof(rec2), HEAD_SIZE + len(req))  # generation without a policy
+    assert mi.stats == {"queued": 2, "bad_copy": 1, "no_policy": 1}
