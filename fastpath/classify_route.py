@@ -216,7 +216,11 @@ def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
         reasons += more
     else:
         clusters = []
-    timeout = duration_ms(a.get("timeout", "15s")) or None
+    # With max_stream_duration on the route (Istio's sidecar routes carry one),
+    # Envoy's router ignores `timeout` (RouteEntry::usingNewTimeouts; seen on
+    # Envoy 1.40: a 1 s timeout then never fired); max_stream_duration > 0 is
+    # ENVOY below
+    timeout = None if "maxStreamDuration" in a else duration_ms(a.get("timeout", "15s")) or None
     if timeout and not ctx.caps.route_timeouts:
         default = " (Envoy default)" if "timeout" not in a else ""
         reasons.append(f"route timeout {timeout}ms{default}: no response timer in the kernel")

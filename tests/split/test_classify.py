@@ -56,6 +56,19 @@ def test_route_timeouts_are_kernel_with_envoy_default_in_the_plan() -> None:
     assert [r.action.timeout_ms for r in routes] == [15000, None, 1500]  # type: ignore[union-attr]
 
 
+def test_max_stream_duration_turns_the_route_timeout_off() -> None:
+    """Envoy's router ignores `timeout` on a route with max_stream_duration
+    (usingNewTimeouts; the Istio importer's routes carry {0s, 0s}): seen on a
+    real Envoy 1.40, a 1 s timeout never fired. No timer in the plan either."""
+    msd = {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}
+    res = {em.LISTENER: [em.parse(em.LISTENER, listener([
+        fwd(timeout="1s", max_stream_duration=msd), fwd(max_stream_duration=msd)]))],
+           em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
+    routes = split_snapshot("n", res).plan.listeners[0].virtual_hosts[0].routes
+    assert [(r.verdict, r.action.timeout_ms, r.request_headers_to_add)  # type: ignore[union-attr]
+            for r in routes] == [(Verdict.KERNEL, None, ())] * 2
+
+
 def test_without_the_timer_a_timeout_needs_envoy() -> None:
     res = {em.LISTENER: [em.parse(em.LISTENER, listener([fwd(), fwd(timeout="0s")]))],
            em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
