@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastpath import bpfsys, compile_check
+from fastpath import bpf_callback, bpfsys, compile_check
 from mesh.plumbing import cgroup2_root  # noqa: F401  (re-exported: one reader of /proc/mounts)
 
 log = logging.getLogger(__name__)
@@ -143,18 +143,18 @@ class Datapath:
                            check=decide_header is not None)
         dp = cls(bpf=b)
         dp.reset()
-        dp.fds["sockops"] = b.load_func("dp_sockops", BPF.SOCK_OPS).fd
-        dp.fds["msg"] = b.load_func("dp_msg_verdict", BPF.SK_MSG).fd
-        dp.fds["act"] = b.load_func("dp_msg_act", BPF.SK_MSG).fd
+        dp.fds["sockops"] = bpf_callback.load_func(b, "dp_sockops", BPF.SOCK_OPS).fd
+        dp.fds["msg"] = bpf_callback.load_func(b, "dp_msg_verdict", BPF.SK_MSG).fd
+        dp.fds["act"] = bpf_callback.load_func(b, "dp_msg_act", BPF.SK_MSG).fd
         b["dp_msg_prog"][ct.c_int(0)] = ct.c_int(dp.fds["act"])  # dp_msg_verdict's second half
-        dp.fds["msg_in"] = b.load_func("dp_msg_in", BPF.SK_MSG).fd
+        dp.fds["msg_in"] = bpf_callback.load_func(b, "dp_msg_in", BPF.SK_MSG).fd
         b["dp_msg_prog"][ct.c_int(1)] = ct.c_int(dp.fds["msg_in"])  # the inbound decision
-        dp.fds["skb"] = b.load_func("dp_skb_verdict", BPF.SK_SKB).fd
-        dp.fds["rsp"] = b.load_func("dp_rsp_verdict", BPF.SK_SKB).fd
+        dp.fds["skb"] = bpf_callback.load_func(b, "dp_skb_verdict", BPF.SK_SKB).fd
+        dp.fds["rsp"] = bpf_callback.load_func(b, "dp_rsp_verdict", BPF.SK_SKB).fd
         b["dp_rsp_prog"][ct.c_int(0)] = ct.c_int(dp.fds["rsp"])  # its own tail call
-        dp.fds["sockops_srv"] = b.load_func("dp_sockops_srv", BPF.SOCK_OPS).fd
-        dp.fds["srv_msg"] = b.load_func("dp_srv_verdict", BPF.SK_MSG).fd
-        dp.fds["inj_msg"] = b.load_func("dp_inj_verdict", BPF.SK_MSG).fd
+        dp.fds["sockops_srv"] = bpf_callback.load_func(b, "dp_sockops_srv", BPF.SOCK_OPS).fd
+        dp.fds["srv_msg"] = bpf_callback.load_func(b, "dp_srv_verdict", BPF.SK_MSG).fd
+        dp.fds["inj_msg"] = bpf_callback.load_func(b, "dp_inj_verdict", BPF.SK_MSG).fd
         for name in ("dp_cli", "dp_up", "dp_peer", "dp_free", "dp_cfg", "dp_srv", "dp_pair_wait",
                      "dp_inj", "dp_tmo", "dp_tmo_armed"):
             dp.fds[name] = bpfsys.table_fd(b, name)

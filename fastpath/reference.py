@@ -16,6 +16,7 @@ Decision kinds:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ from fastpath.plan import (
     Principal,
     Rbac,
     Redirect,
+    RegexDfa,
     Route,
     RouteMatch,
     StringKind,
@@ -43,7 +45,7 @@ from fastpath.plan import (
     Verdict,
     VirtualHost,
 )
-from fastpath.regex_dfa import dfa_full_match
+from fastpath.regex_dfa import RegexUnsupported, compile_dfa, dfa_full_match
 
 RBAC_DENIED_BODY = "RBAC: access denied"
 FAULT_BODY = "fault filter abort"
@@ -302,7 +304,24 @@ def string_matches(sm: StringMatch, value: str) -> bool:
         return v.endswith(want)
     if sm.kind is StringKind.CONTAINS:
         return want in v
+    if sm.kind is StringKind.REGEX:  # RE2 full match; ignore_case has no effect (Envoy)
+        return _regex_full_match(sm.value, value)
     return sm.kind is StringKind.PRESENT
+
+
+@functools.lru_cache(maxsize=256)
+def _header_dfa(pattern: str) -> RegexDfa | None:
+    try:
+        return compile_dfa(pattern)
+    except RegexUnsupported:
+        return None
+
+
+def _regex_full_match(pattern: str, value: str) -> bool:
+    """A header regex the kernel walks as a DFA (fastpath.synth_dfa); a value
+    with bytes outside ASCII never matches here (the kernel hands it to Envoy)."""
+    dfa = _header_dfa(pattern)
+    return bool(dfa is not None and dfa_full_match(dfa, value))
 
 
 def header_matches(h: HeaderMatch, req: Request) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastpath import bpf_structs as bs
+from fastpath import synth_dfa
 from fastpath.plan import (
     ClusterAction,
     DirectResponse,
@@ -402,9 +403,12 @@ class TableBuilder:
             kind, path, ci = bs.PATH_EXACT, m.regex_literal, False
         elif m.regex_prefix is not None:
             kind, path, ci = bs.PATH_PREFIX, m.regex_prefix, False
+        elif m.regex_dfa is not None:
+            kind, path = synth_dfa.PATH_DFA, self._dfa(m.regex_dfa)
         else:
             raise Punt("regex path")
-        f: dict[str, Any] = {"path_kind": kind, "path": (self._str(path), ci), "hm_rows": []}
+        f: dict[str, Any] = {"path_kind": kind, "hm_rows": [], "path": path if isinstance(
+            path, synth_dfa.DfaRef) else (self._str(path), ci)}
         for h in m.headers:
             if h.name == ":method":
                 self._method(h, f)
@@ -428,6 +432,8 @@ class TableBuilder:
     def _hmatch(self, h: HeaderMatch) -> _Row:
         sm = h.match
         kind = bs.SM_PRESENT if sm is None else _SM.get(sm.kind)
+        if sm is not None and sm.kind in (StringKind.CONTAINS, StringKind.REGEX):
+            return self._hmatch_dfa(h)
         if kind is None:
             raise Punt(f"header matcher kind {sm.kind.value if sm else '?'}")
         flags = (bs.HM_INVERT * h.invert) | (bs.HM_ABSENT * h.absent) | (
@@ -437,6 +443,33 @@ class TableBuilder:
         value = sm.value if sm is not None else ""
         return _Row("Hmatch", {"slot": self._slot(h.name), "kind": kind, "flags": flags,
                                "v": (self._str(value), bool(sm and sm.ignore_case))})
+
+    def _hmatch_dfa(self, h: HeaderMatch) -> _Row:
+        """A contains / safe_regex header matcher: a full-match DFA over the value."""
+        assert h.match is not None
+        try:
+            ref = self._dfa(synth_dfa.header_dfa(h.match))
+        except synth_dfa.DfaPunt as e:
+            raise Punt(str(e)) from e
+        if h.absent:
+            raise Punt("absent header matcher with a value")
+        flags = (bs.HM_INVERT * h.invert) | (bs.HM_MISSING_EMPTY * h.treat_missing_as_empty)
+        return _Row("Hmatch", {"slot": self._slot(h.name), "kind": synth_dfa.SM_DFA,
+                               "flags": flags, "v": ref})
+
+    def _dfa(self, dfa: Any) -> synth_dfa.DfaRef:
+        """The l7fp_dfas entry of `dfa` (shared by equal automata)."""
+        try:
+            data = synth_dfa.encode(dfa)
+        except synth_dfa.DfaPunt as e:
+            raise Punt(str(e)) from e
+        self.feats.add("dfa")
+        rows = self.rows.setdefault("l7fp_dfas", [])
+        for i, r in enumerate(rows):
+            if r.f["raw"] == data:
+                return synth_dfa.DfaRef(i)
+        rows.append(_Row("raw", {"raw": data}))
+        return synth_dfa.DfaRef(len(rows) - 1)
 
     def _action(self, vh: VirtualHost, r: Route, f: dict[str, Any]) -> None:
         a = r.action
@@ -545,8 +578,10 @@ class TableBuilder:
             "L7FP_N_REPLIES": _pow2(nb.get("l7fp_replies", 0), 16),
             "L7FP_N_HDRADDS": _pow2(nb.get("l7fp_hdradds", 0), 16),
             "L7FP_N_BUCKETS": _pow2(n.get("l7fp_buckets", 0), 16),
+            "L7FP_N_DFAS": _pow2(n.get("l7fp_dfas", 0), 4),
         }
-        for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add", "rbac"):
+        for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add", "rbac",
+                     "dfa"):
             k[f"L7FP_F_{feat.upper()}"] = int(feat in self.feats)
         return k
 
@@ -558,7 +593,9 @@ class TableBuilder:
             out[table] = [bytes(self._blob_struct(st, d, a)) for d, a in blobs]
         return out
 
-    def _struct(self, st: bs.Structs, row: _Row) -> ctypes.Structure:
+    def _struct(self, st: bs.Structs, row: _Row) -> Any:
+        if row.kind == "raw":  # already encoded (l7fp_dfas)
+            return row.f["raw"]
         cls = getattr(st, row.kind, None) or getattr(bs, row.kind)
         v = cls()
         self._fill(st, v, row.f)
@@ -566,7 +603,11 @@ class TableBuilder:
 
     def _fill(self, st: bs.Structs, v: Any, f: dict[str, Any]) -> None:
         for name, val in f.items():
-            if isinstance(val, tuple):  # (string, case-insensitive)
+            if isinstance(val, synth_dfa.DfaRef):  # a string field carrying a DFA index
+                s = encode_str(st, "", False)
+                s.len = val.index
+                setattr(v, name, s)
+            elif isinstance(val, tuple):  # (string, case-insensitive)
                 setattr(v, name, encode_str(st, val[0], val[1]))
             elif isinstance(val, dict):  # a nested struct (l7fp_rbac_row.m)
                 self._fill(st, getattr(v, name), val)

@@ -8,6 +8,7 @@
 #ifndef L7FP_MATCH_H
 #define L7FP_MATCH_H
 
+#include "l7fp_dfa.h"
 #include "l7fp_http.h"
 
 /* buf[off, off + s->len) equals s (case-insensitive if s has L7FP_STR_CI;
@@ -103,6 +104,13 @@ static __always_inline int l7fp_header_match(struct l7fp_req_ctx *c, struct l7fp
     case L7FP_SM_SUFFIX:
         r = len >= n && l7fp_str_eq(c, off + len - n, &m->v);
         break;
+#if L7FP_F_DFA
+    case L7FP_SM_DFA: /* contains / safe_regex: a full match of the value */
+        r = l7fp_dfa_match(c, n, off, len);
+        if (r < 0)
+            return -1;
+        break;
+#endif
     }
     return r ^ invert;
 }
@@ -135,7 +143,7 @@ static __always_inline int l7fp_headers_match(struct l7fp_req_ctx *c, struct l7f
 }
 
 /* Path matcher of a route, over the path without the query (as the reference
- * model, fastpath.reference.route_matches). */
+ * model, fastpath.reference.route_matches). 1, 0, or -1 (undecidable: PASS). */
 static __always_inline int l7fp_path_match(struct l7fp_req_ctx *c, struct l7fp_route *rt)
 {
     struct l7fp_req *r = &c->r;
@@ -149,6 +157,10 @@ static __always_inline int l7fp_path_match(struct l7fp_req_ctx *c, struct l7fp_r
         if (r->path_len < n || !l7fp_str_eq(c, off, &rt->path))
             return 0;
         return r->path_len == n || l7fp_byte(c, off + n) == '/';
+#if L7FP_F_DFA
+    case L7FP_PATH_DFA: /* safe_regex: full match of the path without the query */
+        return l7fp_dfa_match(c, n, off, r->path_len);
+#endif
     }
     return 0;
 }
@@ -160,8 +172,9 @@ static __always_inline int l7fp_route_match(struct l7fp_req_ctx *c, struct l7fp_
     if (rt->method_len &&
         (rt->method_len != c->r.method_len || rt->method != c->r.method))
         return 0;
-    if (!l7fp_path_match(c, rt))
-        return 0;
+    int pm = l7fp_path_match(c, rt);
+    if (pm != 1)
+        return pm;
     if (rt->n_hm)
         return l7fp_headers_match(c, rt, gen);
     return 1;

@@ -12,6 +12,7 @@ import re
 import socket
 from pathlib import Path
 
+from fastpath import bpf_callback
 from fastpath import bpf_structs as bs
 from fastpath.synth import SynthesizedProgram, cclass_table, decide_text
 
@@ -51,7 +52,7 @@ class DecideProgram:
 
         self.cflags = cflags
         self.bpf = BPF(text=program_text().encode(), cflags=list(cflags))
-        self.fd = self.bpf.load_func("td_decide", BPF.SCHED_CLS).fd
+        self.fd = bpf_callback.load_func(self.bpf, "td_decide", BPF.SCHED_CLS).fd
         self._write("l7fp_cclass", {b"\0\0\0\0": cclass_table()})
 
     def _write(self, name: str, entries: dict[bytes, bytes]) -> None:
