@@ -80,7 +80,12 @@ def string_match(m: dict[str, Any], what: str) -> tuple[StringMatch | None, Reas
 def _regex_match(pattern: str, ic: bool, what: str) -> tuple[StringMatch | None, Reasons]:
     shape = regex_shape(pattern)
     if shape is None:
-        return StringMatch(StringKind.REGEX, pattern, ic), [f"{what}: regex not literal: {pattern!r}"]
+        try:  # the kernel walks it as a DFA (fastpath.synth_dfa); Envoy's header
+            compile_dfa(pattern)  # regex is a full match of the value, like a path regex
+        except RegexUnsupported as e:
+            return StringMatch(StringKind.REGEX, pattern, ic), [
+                f"{what}: regex not literal and no small DFA ({e}): {pattern!r}"]
+        return StringMatch(StringKind.REGEX, pattern, ic), []
     kind = {"literal": StringKind.EXACT, "prefix": StringKind.PREFIX, "suffix": StringKind.SUFFIX,
             "contains": StringKind.CONTAINS}[shape[0]]
     return StringMatch(kind, shape[1], ic), []
