@@ -46,4 +46,4 @@ def test_rbac_matcher_in_the_kernel_equals_the_reference() -> None:
                 assert ref.kind == "reply" and d.verdict == bs.REPLY and d.status == ref.status, where
                 seen["deny" if ref.status == 403 else "allow"] += 1
     print(seen)
-    assert seen["deny"] >= 60 and seen["allow"] >= 60 and seen["envoy"] == 2 * len(HEADERS), seen
+    assert seen["deny"] >= 60 and seen["allow"] >= 60 and seen["envoy"] == 0, seen
