@@ -397,6 +397,7 @@ class TableBuilder:
         kinds = {PathKind.PREFIX: bs.PATH_PREFIX, PathKind.EXACT: bs.PATH_EXACT,
                  PathKind.PATH_SEPARATED_PREFIX: bs.PATH_SEP_PREFIX}
         ci = not m.case_sensitive
+        path: str | synth_dfa.DfaRef
         if m.path_kind in kinds:
             kind, path = kinds[m.path_kind], m.path
         elif m.regex_literal is not None:
