@@ -27,6 +27,7 @@ import itertools
 import logging
 import queue
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -68,23 +69,30 @@ def needs_mirror(plan: KernelPlan) -> bool:
                for lst in plan.listeners for vh in lst.virtual_hosts for r in vh.routes)
 
 
-def record_request(ev: MirrorEv) -> bytes:
-    """The forwarded request in a record (header fields and as many bytes of
-    `req` as `len` says), without the inbound header insert."""
-    n = min(int(ev.len), MIRROR_MAX)
-    req = bytes(ev.req[:n])
-    at, cut = int(ev.cut_at), int(ev.cut_len)
-    if cut and at + cut <= n:
+_HEAD = struct.Struct("=8I")  # struct dp_mirror_ev up to req
+
+
+def parse_record(raw: bytes) -> tuple[int, int, int, bytes]:
+    """(gen, route, mask, request) of a dp_mirror_rb record (the header, then as
+    many bytes of the request as `len` says), the request without the primary
+    destination's inbound header insert. Raises ValueError on a short record."""
+    if len(raw) < _HEAD.size:
+        raise ValueError(f"mirror record of {len(raw)} bytes")
+    _kind, route, gen, mask, n, at, cut, _pad = _HEAD.unpack_from(raw)
+    req = raw[_HEAD.size:_HEAD.size + min(n, MIRROR_MAX)]
+    if cut and at + cut <= len(req):
         req = req[:at] + req[at + cut:]
-    return req
+    return gen, route, mask, req
 
 
 @dataclass(frozen=True)
 class Shadow:
+    """One shadow to send: the kernel's copy, made a shadow by the sender."""
+
     address: str
     port: int
-    data: bytes
-    method: str
+    req: bytes  # the request as the kernel forwarded it
+    host_suffix: bool
     timeout_s: float
 
 
@@ -139,33 +147,29 @@ class Mirrorer:
     # ---- events (agent thread) --------------------------------------------------
     def on_event(self, data: Any, size: int) -> None:
         """A DP_EV_MIRROR record of dp_mirror_rb (`size` bytes: the header and
-        the request): queue one shadow per sampled policy."""
-        if size < HEAD_SIZE:
+        the request): queue one shadow per sampled policy. Kept short: this is
+        the thread of every event of the node (closes, retries)."""
+        try:
+            gen, route, mask, req = parse_record(ct.string_at(data, size))
+        except ValueError:
             self._count("bad_copy")
             return
-        ev = MirrorEv.from_buffer_copy(ct.string_at(data, size).ljust(ct.sizeof(MirrorEv), b"\0"))
-        pol = self.routes.get((int(ev.gen), int(ev.route)))
+        pol = self.routes.get((gen, route))
         if pol is None:
             self._count("no_policy")  # a plan flipped since: Envoy's config moved on too
             return
-        req = record_request(ev)
         for i, m in enumerate(pol.mirrors):
-            if not int(ev.mask) & (1 << i):
+            if not mask & (1 << i):
                 continue
             target = self._pick(m.cluster, pol.targets[i])
             if target is None:
                 self._count("no_endpoint")
                 continue
             try:
-                shadow = Shadow(target[0], target[1], shadow_request(req, m.host_suffix, self.ip),
-                                request_method(req), pol.timeout_s)
-                self.q.put_nowait(shadow)
+                self.q.put_nowait(Shadow(target[0], target[1], req, m.host_suffix, pol.timeout_s))
                 self._count("queued")
             except queue.Full:
                 self._count("dropped_queue_full")
-            except ValueError as exc:
-                self._count("bad_copy")
-                log.warning("mirror: route %d: %s", int(ev.route), exc)
 
     def _pick(self, cluster: str, eps: tuple[tuple[str, int], ...]) -> tuple[str, int] | None:
         if not eps:
@@ -201,13 +205,19 @@ class Mirrorer:
             if sw is None:
                 self._count("send_failed")
                 continue
-            self._send(conns, shadow)
+            try:
+                data = shadow_request(shadow.req, shadow.host_suffix, self.ip)
+            except ValueError as exc:
+                self._count("bad_copy")
+                log.warning("mirror: %s", exc)
+                continue
+            self._send(conns, shadow, data)
         for s in conns.values():
             s.close()
         if sw is not None:
             sw.close()
 
-    def _send(self, conns: dict[tuple[str, int], socket.socket], sh: Shadow) -> None:
+    def _send(self, conns: dict[tuple[str, int], socket.socket], sh: Shadow, data: bytes) -> None:
         key = (sh.address, sh.port)
         for attempt in (0, 1):  # a kept-alive connection the server closed: once more, fresh
             s = conns.pop(key, None)
@@ -216,8 +226,8 @@ class Mirrorer:
                 if s is None:
                     s = self._connect(sh)
                 s.settimeout(sh.timeout_s)
-                s.sendall(sh.data)
-                if self._discard_response(s, sh.method):
+                s.sendall(data)
+                if self._discard_response(s, request_method(sh.req)):
                     conns[key] = s
                 else:
                     s.close()
