@@ -266,9 +266,9 @@ class Retrier:
             self.stats["cancelled"] += 1
             log.info("retry: client %d's retry dropped: client gone in backoff", job.client)
             return
-        timed = (int(rec.gen), int(rec.route)) in self.timers
-        tmo = deadline.claim(self.dp, job.up) if timed else None
-        if timed and tmo is None:
+        # a record without a timer in the plan: a plan swap since the divert
+        had, tmo = deadline.claim(self.dp, job.up)
+        if tmo is None and (had or (int(rec.gen), int(rec.route)) in self.timers):
             # the route deadline passed (the 504 went out): Envoy retries no more
             self.stats["deadline"] += 1
             log.info("retry: client %d's retry dropped: route timeout", job.client)

@@ -74,13 +74,17 @@ def _record(dp: Any, up: int) -> Any | None:
         return None
 
 
-def claim(dp: Any, up: int) -> Any | None:
-    """Take the timed request on `up` for a retry: its record, or None when the
-    timer thread has answered it already (record or dp_tmo_armed gone)."""
+def claim(dp: Any, up: int) -> tuple[bool, Any | None]:
+    """Take the timed request on `up` for a retry: (a record was there, the
+    record if this claim won). (True, None): the timer thread answered it
+    already; (False, None): no record (an untimed route, or the timer thread
+    answered and removed it: the caller tells them apart by the plan)."""
     rec = _record(dp, up)
-    if rec is None or not bpfsys.map_delete(dp.fds["dp_tmo_armed"], ct.c_uint64(up)):
-        return None
-    return rec
+    if rec is None:
+        return False, None
+    if not bpfsys.map_delete(dp.fds["dp_tmo_armed"], ct.c_uint64(up)):
+        return True, None
+    return True, rec
 
 
 def unclaim(dp: Any, up: int) -> None:

@@ -105,20 +105,20 @@ def record(deadline_ns: int, state: int = 2, global_ns: int = 0, try_ms: int = 0
 def test_retry_moves_the_record_and_keeps_the_route_deadline(dp: FakeDp) -> None:
     dp.bpf["dp_tmo"][10] = record(2000 * MS, global_ns=2000 * MS, try_ms=300)
     dp.armed.add(10)
-    rec = deadline.claim(dp, 10)
-    assert rec is not None and 10 not in dp.armed
+    had, rec = deadline.claim(dp, 10)
+    assert had and rec is not None and 10 not in dp.armed
     deadline.rearm(dp, 10, 11, rec, 1000 * MS)
     assert set(dp.bpf["dp_tmo"]) == {11} and dp.armed == {11}
     assert dp.bpf["dp_tmo"][11].deadline_ns == 1300 * MS  # a fresh per-try timer
-    assert deadline.claim(dp, 11) is not None  # claim + rearm on the same upstream
+    assert deadline.claim(dp, 11)[1] is not None  # claim + rearm on the same upstream
     deadline.rearm(dp, 11, 11, rec, 1900 * MS)
     assert dp.bpf["dp_tmo"][11].deadline_ns == 2000 * MS and dp.armed == {11}
 
 
 def test_retry_after_the_504_is_dropped(dp: FakeDp) -> None:
     dp.bpf["dp_tmo"][10] = record(1000 * MS, global_ns=1000 * MS)
-    assert deadline.claim(dp, 10) is None  # the timer claimed it (armed gone)
-    assert deadline.claim(dp, 12) is None  # record gone
+    assert deadline.claim(dp, 10) == (True, None)  # the timer claimed it (armed gone)
+    assert deadline.claim(dp, 12) == (False, None)  # no record: the plan tells
 
 
 def keeper(dp: FakeDp, monkeypatch: pytest.MonkeyPatch) -> timeouts.TimeoutKeeper:
