@@ -1,0 +1,79 @@
+"""The DFA matchers on the real data path: l7fp_decide with L7FP_F_DFA in the
+agent's sk_msg programs (loaded with their bpf_loop callback by
+fastpath.bpf_callback, next to the programs they tail-call), a path regex route
+forwarded by the kernel, a case-insensitive `contains` on User-Agent answered
+by the kernel, a path the regex does not match handed to Envoy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from test_agent import (
+    Agent,
+    ClusterAction,
+    KernelPlan,
+    WeightedCluster,
+    client_plan,
+    run,
+    wait_for,
+    write_state,
+)
+
+from fastpath.classify_match import route_match
+from fastpath.plan import (
+    DirectResponse,
+    HeaderMatch,
+    PathKind,
+    Route,
+    RouteMatch,
+    StringKind,
+    StringMatch,
+    Verdict,
+)
+
+pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
+
+
+def _plan(envoy_port: int, up_port: int) -> KernelPlan:
+    plan = client_plan(envoy_port, up_port)
+    lst = plan.listeners[0]
+    vh = lst.virtual_hosts[0]
+    ua = HeaderMatch("user-agent", StringMatch(StringKind.CONTAINS, "safari", True))
+    rx, reasons = route_match({"safeRegex": {"regex": "/fast/[a-z]+"}})
+    assert not reasons and rx.regex_dfa is not None
+    routes = (
+        Route("ua", RouteMatch(PathKind.PREFIX, "/", headers=(ua,)),
+              DirectResponse(403, "no safari"), Verdict.KERNEL),
+        Route("rx", rx, ClusterAction((WeightedCluster("up", 100),)), Verdict.KERNEL),
+        Route("punt", RouteMatch(PathKind.PREFIX, "/"), ClusterAction((WeightedCluster("up", 100),)),
+              Verdict.ENVOY),
+    )
+    return replace(plan, listeners=(replace(lst, virtual_hosts=(replace(vh, routes=routes),)),))
+
+
+def test_dfa_matchers_on_the_data_path(kernel, cgroup, envoy, upstream, tmp_path):  # type: ignore[no-untyped-def]
+    state = tmp_path / "state.json"
+    write_state(state, str(cgroup.path))
+    a = Agent(state, decide="l7fp")
+    a.start()
+    try:
+        a.on_plan("up", KernelPlan("up", "u1"))
+        a.on_plan("client", _plan(envoy.port, upstream.port))
+        wait_for(lambda: a.nodes.get("client") and a.nodes["client"].plan)
+        node = a.nodes["client"]
+        assert node.mode == "l7fp"
+        wait_for(lambda: any(p["free"] for p in node.pools.snapshot()))
+        safari = "GET /fast/abc HTTP/1.1\r\nHost: svc\r\nUser-Agent: Mozilla SAFARI/1\r\n\r\n"
+        out = run(cgroup, envoy.port, [[{"send": ["GET /fast/abc HTTP/1.1\r\nHost: svc\r\n\r\n"]},
+                                        {"send": [safari]},
+                                        {"send": ["GET /fast/ab1 HTTP/1.1\r\nHost: svc\r\n\r\n"]}]])[0]
+        fast, denied, punted = out
+        assert fast["status"] == 200 and "x-via" not in fast["headers"], fast
+        assert json.loads(fast["body"])["line"] == "GET /fast/abc HTTP/1.1"
+        assert denied["status"] == 403 and denied["body"] == "no safari", denied
+        assert punted["headers"].get("x-via") == "envoy", punted
+        assert all("Mozilla" not in line for line in upstream.seen)
+    finally:
+        a.stop()
