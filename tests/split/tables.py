@@ -21,7 +21,8 @@ DOMAINS = [["h1.example"], ["*.example"], ["h1.*"], ["x.example", "h1.example"]]
 
 def _header() -> st.SearchStrategy[dict[str, Any]]:
     name = st.sampled_from(["x-h", "x-k"])
-    kind = st.sampled_from(["exact", "prefix", "suffix", "contains", "present", "absent", "regex"])
+    kind = st.sampled_from(["exact", "prefix", "suffix", "contains", "present", "absent", "regex",
+                            "dfa"])
 
     def build(n: str, k: str, v: str, inv: bool, ic: bool) -> dict[str, Any]:
         h: dict[str, Any] = {"name": n, "invert_match": inv}
@@ -29,6 +30,9 @@ def _header() -> st.SearchStrategy[dict[str, Any]]:
             h["present_match"] = True
         elif k == "absent":
             h["present_match"] = False
+        elif k == "dfa":  # true regexes (a DFA in the kernel): full match of the value
+            # (Envoy refuses ignore_case on a safe_regex: "no effect")
+            h["string_match"] = {"safe_regex": {"regex": {"v": "v+", "V": "[vV]v?", "vv": "x?v|w"}[v]}}
         elif k == "regex":  # regexes equivalent to exact/prefix/suffix/contains
             h["string_match"] = {"safe_regex": {"regex": {"v": "v", "V": r"V.*", "vv": r".*v"}[v] if not ic
                                                 else r".*v.*"}}
