@@ -38,7 +38,8 @@ class DfaRef:
 
 
 def header_dfa(sm: StringMatch) -> RegexDfa:
-    """The full-match automaton of a contains / safe_regex header matcher."""
+    """The full-match automaton of a contains / safe_regex header matcher (or RBAC
+    url_path matcher, over the path without the query)."""
     if sm.kind is StringKind.CONTAINS:
         pattern = ".*" + "".join(_lit(ch, sm.ignore_case) for ch in sm.value) + ".*"
     elif sm.kind is StringKind.REGEX:

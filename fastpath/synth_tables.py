@@ -249,7 +249,9 @@ class TableBuilder:
 
     def _perm_rows(self, p: Any, lp: ListenerPlan) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        if p.path is not None:
+        if p.path is not None and p.path.kind in (StringKind.CONTAINS, StringKind.REGEX):
+            out.append({"kind": bs.RK_PATH, "m": self._dfa_m(p.path)})
+        elif p.path is not None:
             kind = _SM.get(p.path.kind)
             if kind is None:
                 raise Punt(f"RBAC path matcher {p.path.kind.value}")
@@ -448,15 +450,18 @@ class TableBuilder:
     def _hmatch_dfa(self, h: HeaderMatch) -> _Row:
         """A contains / safe_regex header matcher: a full-match DFA over the value."""
         assert h.match is not None
-        try:
-            ref = self._dfa(synth_dfa.header_dfa(h.match))
-        except synth_dfa.DfaPunt as e:
-            raise Punt(str(e)) from e
+        m = self._dfa_m(h.match)
         if h.absent:
             raise Punt("absent header matcher with a value")
         flags = (bs.HM_INVERT * h.invert) | (bs.HM_MISSING_EMPTY * h.treat_missing_as_empty)
-        return _Row("Hmatch", {"slot": self._slot(h.name), "kind": synth_dfa.SM_DFA,
-                               "flags": flags, "v": ref})
+        return _Row("Hmatch", {"slot": self._slot(h.name), "flags": flags, **m})
+
+    def _dfa_m(self, sm: Any) -> dict[str, Any]:
+        """Matcher fields (kind, v) of a contains / safe_regex string matcher."""
+        try:
+            return {"kind": synth_dfa.SM_DFA, "v": self._dfa(synth_dfa.header_dfa(sm))}
+        except synth_dfa.DfaPunt as e:
+            raise Punt(str(e)) from e
 
     def _dfa(self, dfa: Any) -> synth_dfa.DfaRef:
         """The l7fp_dfas entry of `dfa` (shared by equal automata)."""

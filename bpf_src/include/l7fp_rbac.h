@@ -33,6 +33,10 @@ static __always_inline int l7fp_rbac_atom(struct l7fp_req_ctx *c, struct l7fp_rb
             return r->path_len >= n && l7fp_str_eq(c, r->path_off + r->path_len - n, &row->m.v);
         case L7FP_SM_PRESENT:
             return 1;
+#if L7FP_F_DFA
+        case L7FP_SM_DFA: /* url_path contains / safe_regex: full match of the path */
+            return l7fp_dfa_match(c, n, r->path_off, r->path_len);
+#endif
         }
         return -1;
     case L7FP_RK_HEADER:

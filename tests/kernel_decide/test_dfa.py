@@ -146,3 +146,60 @@ def test_regex_routes_decided_in_the_kernel(prog: DecideProgram) -> None:
     assert run("/users/4", ("x-a", "v12x")) == ("forward", c1)
     assert run("/users/4", ("User-Agent", "caf\xe9 Safari"))[0] == "pass"  # outside ASCII
     assert run("/users/4", ("x-a", "v1"), ("x-a", "v2"))[0] == "pass"  # Envoy joins them
+
+
+path_sm = st.one_of(
+    st.builds(P.StringMatch, st.just(P.StringKind.REGEX), st.sampled_from(REGEXES)),
+    st.builds(P.StringMatch, st.just(P.StringKind.CONTAINS), st.sampled_from(["/a", "b", "users/1"]),
+              st.booleans()),
+)
+permission = st.one_of(
+    st.builds(P.Permission, path=path_sm, invert=st.booleans()),
+    st.builds(P.Permission, headers=st.lists(header_match, min_size=1, max_size=1).map(tuple),
+              invert=st.booleans()),
+)
+rbac = st.builds(P.Rbac, st.sampled_from(["ALLOW", "DENY"]), st.lists(st.builds(
+    P.RbacPolicy, st.uuids().map(lambda u: u.hex[:6]),
+    st.lists(st.lists(permission, min_size=1, max_size=2).map(tuple), min_size=1, max_size=2).map(tuple),
+    st.just(((P.Principal(any=True),),))), min_size=1, max_size=2).map(tuple))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(rb=rbac, reqs=st.lists(request, min_size=1, max_size=6))
+def test_dfa_rbac_kernel_equals_reference(prog: DecideProgram, rb: P.Rbac, reqs: list[tuple]) -> None:
+    """RBAC url_path and header atoms with contains / safe_regex, in the kernel."""
+    routes = (P.Route("r", P.RouteMatch(P.PathKind.PREFIX, "/"),
+                      P.ClusterAction((P.WeightedCluster("c1", 1),)), P.Verdict.KERNEL),)
+    lp = P.ListenerPlan("l", "0.0.0.0", 80, P.Direction.OUTBOUND,
+                        virtual_hosts=(P.VirtualHost("v", ("*",), routes),), rbac=rb, rbacs=(rb,))
+    plan = P.KernelPlan("n", "1", listeners=(lp,), clusters=(C1, C2))
+    sp = synthesize(plan, floor=DFA_FLOOR)
+    assert sp.cflags == prog.cflags and not sp.notes, sp.notes
+    prog.load(sp)
+    for method, path, headers in reqs:
+        ref = reference.decide(plan, "l", reference.Request(
+            method, path, "h", tuple((n.lower(), v) for n, v in headers)), FixedRng(0))
+        d = prog.run(raw(method, path, "h", headers), listener=sp.listener_ids["l"])
+        where = (method, path, headers, ref, bs.VERDICT_NAMES[d.verdict], bs.REASONS[d.reason])
+        if d.verdict == bs.PASS:
+            assert ref.kind == "envoy" or bs.REASONS[d.reason] in ("rbac", "too_large"), where
+            continue
+        assert (ref.kind, ref.status if ref.kind == "reply" else 0) == (
+            "forward" if d.verdict == bs.FORWARD else "reply",
+            d.status if d.verdict == bs.REPLY else 0), where
+
+
+def test_rbac_path_regex_denies_in_the_kernel(prog: DecideProgram) -> None:
+    deny = P.Rbac("DENY", (P.RbacPolicy("p", ((P.Permission(path=P.StringMatch(
+        P.StringKind.REGEX, "/users/[0-9]+")),),), ((P.Principal(any=True),),)),))
+    routes = (P.Route("r", P.RouteMatch(P.PathKind.PREFIX, "/"),
+                      P.ClusterAction((P.WeightedCluster("c1", 1),)), P.Verdict.KERNEL),)
+    lp = P.ListenerPlan("l", "0.0.0.0", 80, P.Direction.OUTBOUND,
+                        virtual_hosts=(P.VirtualHost("v", ("*",), routes),), rbac=deny, rbacs=(deny,))
+    sp = synthesize(P.KernelPlan("n", "1", listeners=(lp,), clusters=(C1, C2)), floor=DFA_FLOOR)
+    assert not sp.notes, sp.notes
+    prog.load(sp)
+    lid = sp.listener_ids["l"]
+    assert (prog.run(raw("GET", "/users/12?x=1", "h", []), listener=lid).status) == 403
+    assert prog.run(raw("GET", "/users/1a", "h", []), listener=lid).verdict == bs.FORWARD
