@@ -48,6 +48,7 @@ DEFAULT_KNOBS: dict[str, int] = {
     "L7FP_F_FAULT": 1,
     "L7FP_F_WILDCARD": 1,
     "L7FP_F_HDR_ADD": 1,
+    "L7FP_F_QUERY": 0,  # l7fp_query.h: compiled in only for a plan with a query matcher
 }
 
 # Verdicts and PASS reasons (l7fp_defs.h).
@@ -137,6 +138,7 @@ class Structs:
     RbacRow: Any
     Req: Any
     ReqCtx: Any
+    Qmatch: Any = None  # struct l7fp_qmatch (l7fp_query.h)
 
 
 def knobs_with(overrides: dict[str, int] | None = None) -> dict[str, int]:
@@ -192,7 +194,11 @@ def _structs(items: tuple[tuple[str, int], ...]) -> Structs:
         _fields_ = [("rand", u32), ("rand2", u32), ("gen", u32), ("src_ip4", u32), ("now_ns", u64),
                     ("r", Req), ("buf", u8 * (2 * k["L7FP_MAX_HDR"] + ms + 16))]
 
-    return Structs(Str, Domain, Route, Hmatch, Blob, RbacRow, Req, ReqCtx)
+    class Qmatch(ctypes.Structure):
+        _fields_ = [("kind", u32), ("nlen", u32), ("nw", u64 * 2), ("nm", u64 * 2),
+                    ("v", Str)]
+
+    return Structs(Str, Domain, Route, Hmatch, Blob, RbacRow, Req, ReqCtx, Qmatch)
 
 
 def structs(knobs: dict[str, int] | None = None) -> Structs:

@@ -40,7 +40,7 @@ from fastpath.plan import (
 
 INCLUDE = Path(__file__).resolve().parent.parent / "bpf_src" / "include"
 HEADERS = ("l7fp_defs.h", "l7fp_maps.h", "l7fp_http.h", "l7fp_dfa.h", "l7fp_match.h", "l7fp_rbac.h",
-           "l7fp_decide.h")
+           "l7fp_query.h", "l7fp_decide.h")
 FAULT_BODY = "fault filter abort"
 RATE_LIMITED_BODY = "local_rate_limited"
 # the reference model's set of path bytes the kernel matches without normalisation
@@ -158,7 +158,7 @@ _SIZE_KNOB = {
     "l7fp_hmatch": "L7FP_N_HMATCH", "l7fp_weighted": "L7FP_N_WEIGHTED",
     "l7fp_clusters": "L7FP_N_CLUSTERS", "l7fp_replies": "L7FP_N_REPLIES",
     "l7fp_hdradds": "L7FP_N_HDRADDS", "l7fp_buckets": "L7FP_N_BUCKETS",
-    "l7fp_rbac": "L7FP_N_RBAC", "l7fp_dfas": "L7FP_N_DFAS",
+    "l7fp_rbac": "L7FP_N_RBAC", "l7fp_dfas": "L7FP_N_DFAS", "l7fp_qmatch": "L7FP_N_QMATCH",
 }
 
 
@@ -176,6 +176,9 @@ def synthesize(plan: KernelPlan, max_hdr: int = 512,
     knobs = tb.knobs(max_hdr)
     for k, v in (floor or {}).items():
         knobs[k] = max(knobs.get(k, 0), v)
+    knobs["L7FP_N_QMATCH"] = max(knobs["L7FP_N_QMATCH"],
+                                 knobs["L7FP_N_ROUTES"] * knobs["L7FP_MAX_QMATCH"])
+    tb.query_table(knobs["L7FP_MAX_QMATCH"], knobs["L7FP_N_QMATCH"])
     st = bs.structs(knobs)
     rows = tb.encode(st)
     return SynthesizedProgram(

@@ -25,6 +25,7 @@ from fastpath.plan import (
     ListenerPlan,
     LocalRateLimit,
     PathKind,
+    QueryParamMatch,
     Route,
     StringKind,
     Verdict,
@@ -40,6 +41,7 @@ from fastpath.synth import (
     MAX_STR_CAP,
     MAX_WEIGHTED_CAP,
     RATE_LIMITED_BODY,
+    SAFE_TARGET,
     Punt,
     _pow2,
     encode_str,
@@ -49,6 +51,8 @@ from fastpath.synth import (
 _SM = {StringKind.EXACT: bs.SM_EXACT, StringKind.PREFIX: bs.SM_PREFIX,
        StringKind.SUFFIX: bs.SM_SUFFIX, StringKind.PRESENT: bs.SM_PRESENT}
 MAX_SLOTS = 8
+MAX_QMATCH = 2  # cap of query-parameter matchers per route (L7FP_MAX_QMATCH)
+MAX_QNAME = 16  # longest query parameter name (two words in struct l7fp_qmatch)
 MAX_ABSENT_NAME = 64  # longest header name a must-be-absent check keys (see _slot)
 
 
@@ -82,7 +86,9 @@ class TableBuilder:
     max_hm: int = 1
     max_wc: int = 1
     max_rbac: int = 1
+    max_qm: int = 1
     feats: set[str] = field(default_factory=set)
+    qrows: dict[int, list[_Row]] = field(default_factory=dict)  # route id -> query matchers
 
     # ---- rows ----
     def _add(self, table: str, row: _Row) -> int:
@@ -352,6 +358,7 @@ class TableBuilder:
                 self.punt_reasons[id(r)] = str(e)
                 f = self._punt(r)
             f["route_id"] = rid
+            self._place_queries(rid, f.pop("q_rows", []))
             self._note_timeout(rid, r, f)
             self._add("l7fp_routes", _Row("Route", f))
         if len(routes) < len(vh.routes):
@@ -392,8 +399,6 @@ class TableBuilder:
 
     def _match(self, r: Route) -> dict[str, Any]:
         m = r.match
-        if m.query_params:
-            raise Punt("query parameter matchers")
         if m.grpc:
             raise Punt("grpc matcher")
         kinds = {PathKind.PREFIX: bs.PATH_PREFIX, PathKind.EXACT: bs.PATH_EXACT,
@@ -422,7 +427,47 @@ class TableBuilder:
         self.max_hm = max(self.max_hm, len(f["hm_rows"]))
         if f["hm_rows"]:
             self.feats.add("hdr_match")
+        f["q_rows"] = [self._qmatch(q) for q in m.query_params]
+        if len(f["q_rows"]) > MAX_QMATCH:
+            raise Punt(f"more than {MAX_QMATCH} query parameter matchers")
+        self.max_qm = max(self.max_qm, len(f["q_rows"]))
         return f
+
+    def _qmatch(self, q: QueryParamMatch) -> _Row:
+        """A query-parameter matcher (l7fp_query.h); the name is case-sensitive."""
+        raw = q.name.encode()
+        if not raw or len(raw) > MAX_QNAME or any(ch not in SAFE_TARGET or ch in "&=+?"
+                                                  for ch in q.name):
+            raise Punt(f"query parameter name {q.name!r}")
+        sm = q.match
+        kind = bs.SM_PRESENT if sm is None else _SM.get(sm.kind)
+        if kind is None:
+            raise Punt(f"query parameter matcher kind {sm.kind.value if sm else '?'}")
+        value = sm.value if sm is not None else ""
+        words = raw.ljust(16, b"\0")
+        return _Row("Qmatch", {
+            "kind": kind, "nlen": len(raw),
+            "nw": [int.from_bytes(words[:8], "little"), int.from_bytes(words[8:], "little")],
+            "nm": [(1 << (8 * min(8, len(raw)))) - 1, (1 << (8 * max(0, len(raw) - 8))) - 1],
+            "v": (self._str(value), bool(sm and sm.ignore_case))})
+
+    def _place_queries(self, rid: int, rows: list[_Row]) -> None:
+        """Matcher j of route `rid` goes to entry rid * L7FP_MAX_QMATCH + j (the
+        table is filled with empty entries in build)."""
+        if rows:
+            self.feats.add("query")
+            self.qrows[rid] = rows
+
+    def query_table(self, stride: int, size: int) -> None:
+        """Lay out l7fp_qmatch: `stride` (L7FP_MAX_QMATCH) entries per route,
+        `size` (L7FP_N_QMATCH) in all. Written whole for every plan, also one
+        without query matchers: the decision finds a route's matchers by its
+        id, so an entry left from an older plan would be read as this one's.
+        Called by synthesize once the knobs are final."""
+        table = self.rows.setdefault("l7fp_qmatch", [])
+        for rid in range(size // stride):
+            got = self.qrows.get(rid, [])
+            table.extend(got + [_Row("Qmatch", {})] * (stride - len(got)))
 
     def _method(self, h: HeaderMatch, f: dict[str, Any]) -> None:
         sm = h.match
@@ -586,8 +631,12 @@ class TableBuilder:
             "L7FP_N_BUCKETS": _pow2(n.get("l7fp_buckets", 0), 16),
             "L7FP_N_DFAS": _pow2(n.get("l7fp_dfas", 0), 4),
         }
+        # one or two matchers per route slot: the verifier walks each slot of
+        # every route (a second one costs ~100 k instructions at the caps)
+        k["L7FP_MAX_QMATCH"] = self.max_qm
+        k["L7FP_N_QMATCH"] = k["L7FP_N_ROUTES"] * self.max_qm
         for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add", "rbac",
-                     "dfa"):
+                     "dfa", "query"):
             k[f"L7FP_F_{feat.upper()}"] = int(feat in self.feats)
         return k
 
@@ -617,6 +666,8 @@ class TableBuilder:
                 setattr(v, name, encode_str(st, val[0], val[1]))
             elif isinstance(val, dict):  # a nested struct (l7fp_rbac_row.m)
                 self._fill(st, getattr(v, name), val)
+            elif isinstance(val, list):  # an array of integers (l7fp_qmatch.nw)
+                getattr(v, name)[:] = val
             else:
                 setattr(v, name, val)
 

@@ -18,6 +18,7 @@
 #define L7FP_DECIDE_H
 
 #include "l7fp_rbac.h"
+#include "l7fp_query.h"
 
 static __always_inline int l7fp_pass(struct l7fp_decision *out, __u32 why)
 {
@@ -224,6 +225,8 @@ static __always_inline struct l7fp_route *l7fp_find_route(struct l7fp_req_ctx *c
             return NULL;
         }
         int m = l7fp_route_match(c, rt, gen);
+        if (m == 1)
+            m = l7fp_query_match(c, rt, gen);
         if (m < 0) {
             out->route = rt->route_id;
             l7fp_pass(out, L7FP_R_HDR_CONFLICT);
@@ -295,6 +298,7 @@ static __always_inline int l7fp_decide_parsed(struct l7fp_req_ctx *ctx, __u32 li
         return l7fp_pass(out, L7FP_R_NO_LISTENER);
     if (ctx->r.tflags)
         return l7fp_pass(out, L7FP_R_PATH_NORM);
+    l7fp_query_scan(ctx);
     int vi = l7fp_pick_vhost(ctx, l, gen);
     if (vi == -2)
         return l7fp_pass(out, L7FP_R_LIMIT);

@@ -30,7 +30,7 @@ FLOOR = {"L7FP_MAX_STR": 32, "L7FP_MAX_DOMAINS": 8, "L7FP_MAX_ROUTES": 8, "L7FP_
          "L7FP_MAX_WEIGHTED": 2, "L7FP_MAX_BLOB": 256, "L7FP_F_HDR_MATCH": 1,
          "L7FP_F_WEIGHTED": 1, "L7FP_F_RATE_LIMIT": 1, "L7FP_F_FAULT": 1, "L7FP_F_WILDCARD": 1,
          "L7FP_F_HDR_ADD": 1, "L7FP_F_RBAC": 1, "L7FP_MAX_RBAC": 16, "L7FP_N_RBAC": 32,
-         "L7FP_N_REPLIES": 64}
+         "L7FP_N_REPLIES": 64, "L7FP_F_QUERY": 1, "L7FP_MAX_QMATCH": 2}
 ALLOWED_EXTRA_PASS = {"hdr_conflict", "rbac"}
 
 
@@ -54,9 +54,14 @@ header_match = st.one_of(
     st.builds(P.HeaderMatch, names, st.none(), st.booleans(), st.booleans(), st.just(False)),
 )
 paths = st.sampled_from(["/", "/a", "/a/b", "/A", "/ab", "/a/"])
+query_match = st.builds(P.QueryParamMatch, st.sampled_from(["q", "x"]), st.one_of(
+    st.none(), st.builds(P.StringMatch, st.sampled_from(
+        [P.StringKind.EXACT, P.StringKind.PREFIX, P.StringKind.SUFFIX]),
+        st.sampled_from(["", "1", "/a", "A"]), st.booleans())))
 route_match = st.builds(P.RouteMatch, st.sampled_from(
     [P.PathKind.PREFIX, P.PathKind.EXACT, P.PathKind.PATH_SEPARATED_PREFIX]), paths,
-    case_sensitive=st.booleans(), headers=st.lists(header_match, max_size=2).map(tuple))
+    case_sensitive=st.booleans(), headers=st.lists(header_match, max_size=2).map(tuple),
+    query_params=st.lists(query_match, max_size=2).map(tuple))
 action = st.one_of(
     st.just(P.ClusterAction((P.WeightedCluster("c1", 1),))),
     st.builds(lambda w1, w2: P.ClusterAction((P.WeightedCluster("c1", w1),
@@ -120,7 +125,8 @@ def plans(draw: st.DrawFn) -> P.KernelPlan:
 
 request = st.tuples(
     st.sampled_from(["GET", "GET", "POST", "HEAD"]),
-    st.sampled_from(["/", "/a", "/a/b", "/A/B", "/ab", "/a/?q=1", "/a?x=/a/b", "/b"]),
+    st.sampled_from(["/", "/a", "/a/b", "/A/B", "/ab", "/a/?q=1", "/a?x=/a/b", "/b", "/a?q",
+                     "/a?q=&q=1", "/a?x=1&q=a", "/a?q=1+", "/?&x=%s&q=A" % ("y" * 60), "/a?q=/A"]),
     st.sampled_from(["a", "a", "A", "a:80", "x.b", "b", "c.d", "zz", "q"]),
     st.lists(st.tuples(st.sampled_from(["x-a", "X-A", "x-b", "x-add"]), values), max_size=3),
 )

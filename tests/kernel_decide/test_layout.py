@@ -30,7 +30,7 @@ def test_mirrors_match_c(decide_prog: object) -> None:
         "l7fp_routes": st.Route, "l7fp_hmatch": st.Hmatch, "l7fp_weighted": bs.Weighted,
         "l7fp_clusters": bs.Cluster, "l7fp_replies": st.Blob, "l7fp_hdradds": st.Blob,
         "l7fp_buckets": bs.Bucket, "l7fp_rbac": st.RbacRow, "l7fp_cclass": bs.CClass, "l7fp_scratch": st.ReqCtx,
-        "td_out": bs.Decision, "td_in": bs.TdIn,
+        "td_out": bs.Decision, "td_in": bs.TdIn, "l7fp_qmatch": st.Qmatch,
     }
     for name, mine in leaf.items():
         c = prog.bpf[name.encode()].Leaf
@@ -56,10 +56,12 @@ def test_largest_program_the_caps_allow(decide_prog: object) -> None:
     """The synthesis never asks for more than its caps; the program at the caps,
     with every feature, passes the verifier."""
     from fastpath import synth
+    from fastpath.synth_tables import MAX_QMATCH
 
     caps = dict(bs.DEFAULT_KNOBS, L7FP_MAX_DOMAINS=synth.MAX_DOMAINS_CAP,
                 L7FP_MAX_ROUTES=synth.MAX_ROUTES_CAP, L7FP_MAX_STR=synth.MAX_STR_CAP,
                 L7FP_MAX_RBAC=synth.MAX_RBAC_CAP, L7FP_MAX_HMATCH=synth.MAX_HMATCH_CAP,
-                L7FP_MAX_WEIGHTED=synth.MAX_WEIGHTED_CAP, L7FP_N_DOMAINS=128)
+                L7FP_MAX_WEIGHTED=synth.MAX_WEIGHTED_CAP, L7FP_N_DOMAINS=128,
+                L7FP_F_QUERY=1, L7FP_MAX_QMATCH=MAX_QMATCH)
     prog = DecideProgram.get(tuple(f"-D{k}={v}" for k, v in sorted(caps.items())))
     assert prog.run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").verdict == bs.PASS
