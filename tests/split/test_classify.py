@@ -140,15 +140,16 @@ def test_true_regex_is_punt_entry_and_keeps_order() -> None:
 
 
 def test_routes_the_kernel_decision_punts_are_envoy_and_keep_their_limiter() -> None:
-    """What the plan can express but the synthesized decision punts (a query-parameter
-    matcher, a redirect) is ENVOY in the split, and the residual leaves such a route's
+    """What the plan can express but the synthesized decision punts (a `contains`
+    query-parameter matcher, a redirect) is ENVOY in the split, and the residual leaves such a route's
     local rate limit with Envoy (before, the limiter was removed and nobody enforced it)."""
     lrl = {"envoy.filters.http.local_ratelimit": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
         "stat_prefix": "r", "token_bucket": {"max_tokens": 1, "fill_interval": "60s"},
         "filter_enabled": {"default_value": {"numerator": 100}},
         "filter_enforced": {"default_value": {"numerator": 100}}}}
-    routes = [{"match": {"prefix": "/q", "query_parameters": [{"name": "a", "present_match": True}]},
+    routes = [{"match": {"prefix": "/q", "query_parameters": [
+                   {"name": "a", "string_match": {"contains": "x"}}]},
                "route": {"cluster": "c", "timeout": "0s"}, "typed_per_filter_config": lrl},
               {"match": {"prefix": "/r"}, "redirect": {"https_redirect": True}},
               {"match": {"prefix": "/"}, "route": {"cluster": "c", "timeout": "0s"},
@@ -160,7 +161,7 @@ def test_routes_the_kernel_decision_punts_are_envoy_and_keep_their_limiter() -> 
            em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
     out = split_snapshot("n", res)
     got = [(r.verdict, r.reason) for r in out.plan.listeners[0].virtual_hosts[0].routes]
-    assert got == [(Verdict.ENVOY, "kernel decision: query parameter matchers"),
+    assert got == [(Verdict.ENVOY, "kernel decision: query parameter matcher kind contains"),
                    (Verdict.ENVOY, "kernel decision: redirect (Location is built by Envoy)"),
                    (Verdict.KERNEL, "")]
     kept = em.to_json(out.residual[em.LISTENER][0])
