@@ -221,8 +221,12 @@ def _route_action(w: Warnings, obj: Obj, path: str, rule: Mapping[str, Any],
                   namer: ClusterNamer, port: int,
                   default_retries: Mapping[str, Any] | None = None) -> dict[str, Any]:
     dests = as_list(w, obj, f"{path}.route", rule.get("route"))
-    ra: dict[str, Any] = {"timeout": duration(rule["timeout"]) if "timeout" in rule else "0s",
-                          "maxStreamDuration": {"maxStreamDuration": "0s", "grpcTimeoutHeaderMax": "0s"}}
+    # As istiod's setTimeout for sidecars: the VirtualService timeout (else none)
+    # and the deprecated max_grpc_timeout equal to it. Not max_stream_duration:
+    # with that on a route Envoy ignores `timeout` (istiod sets it only on the
+    # inbound default route and for proxyless gRPC).
+    timeout = duration(rule["timeout"]) if "timeout" in rule else "0s"
+    ra: dict[str, Any] = {"timeout": timeout, "maxGrpcTimeout": timeout}
     entries = []
     for i, d in enumerate(dests):
         d = check_fields(w, obj, f"{path}.route[{i}]", d, {"destination", "weight", "headers"})

@@ -214,8 +214,9 @@ def _vs_routes(mesh: Mesh, vs: Obj, wl: Workload, port: int) -> list[dict[str, A
 
 
 def _default_route(mesh: Mesh, svc: Service, port: int) -> dict[str, Any]:
+    # istiod's BuildDefaultHTTPOutboundRoute: setTimeout with no VirtualService
     ra: dict[str, Any] = {"cluster": clusters.cluster_name(port, "", svc.hostname), "timeout": "0s",
-                          "maxStreamDuration": {"maxStreamDuration": "0s", "grpcTimeoutHeaderMax": "0s"}}
+                          "maxGrpcTimeout": "0s"}
     retry = routes.default_route_retry(mesh.objs.warnings, mesh.default_retries)
     if retry is not None:
         ra["retryPolicy"] = retry
