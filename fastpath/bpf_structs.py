@@ -106,7 +106,7 @@ class Cluster(ctypes.Structure):
 
 
 class HnameKey(ctypes.Structure):
-    _fields_ = [("len", u32), ("pad", u32), ("w0", u64), ("w1", u64)]
+    _fields_ = [("len", u32), ("pad", u32), ("w0", u64), ("w1", u64), ("w2", u64)]
 
 
 class Bucket(ctypes.Structure):

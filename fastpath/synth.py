@@ -57,7 +57,7 @@ MAX_ROUTES_CAP = 16
 MAX_RBAC_CAP = 16
 MAX_HMATCH_CAP = 4
 MAX_WEIGHTED_CAP = 8
-MAX_NAME = 16  # header names are keyed by their first and last 8 bytes: exact up to 16
+MAX_NAME = 24  # names are keyed by length, first/last 8 bytes (+ 8 middle ones over 16 bytes)
 
 
 def decide_text() -> str:
@@ -102,12 +102,15 @@ def reply_bytes(status: int, body: str = "", headers: tuple[tuple[str, str], ...
     return head.encode() + b"\r\n" + data
 
 
-def name_key(name: str) -> tuple[int, int, int]:
-    """(len, w0, w1) of a lower-case header name, as l7fp_parse_header keys it."""
+def name_key(name: str, long_names: bool = False) -> tuple[int, int, int, int]:
+    """(len, w0, w1, w2) of a lower-case header name, as l7fp_parse_header keys it
+    (w2 only in a program with L7FP_F_LONG_NAMES)."""
     raw = name.lower().encode()
     w0 = int.from_bytes(raw[:8].ljust(8, b"\0"), "little")
     w1 = int.from_bytes(raw[-8:], "little") if len(raw) > 8 else 0
-    return len(raw), w0, w1
+    w2 = int.from_bytes(raw[8:8 + min(8, len(raw) - 16)], "little") \
+        if long_names and len(raw) > 16 else 0
+    return len(raw), w0, w1, w2
 
 
 def _pow2(n: int, lo: int) -> int:
@@ -145,8 +148,10 @@ class SynthesizedProgram:
             n = self.knobs[_SIZE_KNOB[name]] if name in _SIZE_KNOB else len(rows)
             out[name] = {struct.pack("<I", (gen & 1) * n + i): v for i, v in enumerate(rows)}
         out["l7fp_cclass"] = {struct.pack("<I", 0): cclass_table()}
+        long_names = bool(self.knobs.get("L7FP_F_LONG_NAMES"))
+        keys = {nm: name_key(nm, long_names) for nm in self.slots}
         out["l7fp_hnames"] = {
-            bytes(bs.HnameKey(*name_key(nm)[:1], gen & 1, *name_key(nm)[1:])):
+            bytes(bs.HnameKey(keys[nm][0], gen & 1, *keys[nm][1:])):
                 struct.pack("<I", slot) for nm, slot in self.slots.items()}
         # round-robin counters start at 0 (the arrays are zero-filled already)
         return out

@@ -118,6 +118,8 @@ class TableBuilder:
         name = name.lower()
         if len(name) > (MAX_NAME if exact else MAX_ABSENT_NAME) or name.startswith(":"):
             raise Punt(f"header name {name!r} not matched in the kernel")
+        if exact and len(name) > 16:  # the parser keys its middle bytes too
+            self.feats.add("long_names")
         if name not in self.slots:
             if len(self.slots) >= MAX_SLOTS:
                 raise Punt("too many distinct header names")
@@ -636,7 +638,7 @@ class TableBuilder:
         k["L7FP_MAX_QMATCH"] = self.max_qm
         k["L7FP_N_QMATCH"] = k["L7FP_N_ROUTES"] * self.max_qm
         for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add", "rbac",
-                     "dfa", "query"):
+                     "dfa", "query", "long_names"):
             k[f"L7FP_F_{feat.upper()}"] = int(feat in self.feats)
         return k
 

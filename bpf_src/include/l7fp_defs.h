@@ -87,6 +87,9 @@
 #endif
 
 /* ---- feature knobs: 1 compiles the matcher/action in ---- */
+#ifndef L7FP_F_LONG_NAMES
+#define L7FP_F_LONG_NAMES 0 /* header-name keys exact up to 24 bytes (else 16) */
+#endif
 #ifndef L7FP_F_HDR_MATCH
 #define L7FP_F_HDR_MATCH 1 /* header matchers on routes */
 #endif
@@ -287,14 +290,15 @@ struct l7fp_cluster {
     __u32 n_endpoints; /* healthy endpoints, indices 0..n-1 */
 };
 
-/* Key of the header-name table: length and the name's first and last 8 bytes
- * (lower case). Exact for names of at most 16 bytes; the synthesis never puts
- * longer names in the table. */
+/* Key of the header-name table: length, the name's first and last 8 bytes and,
+ * with L7FP_F_LONG_NAMES, up to 8 bytes from byte 8 on (lower case). Exact for
+ * names of at most 16 (24) bytes; longer ones only key must-be-absent checks. */
 struct l7fp_hname_key {
     __u32 len;
     __u32 pad;
     __u64 w0;
     __u64 w1;
+    __u64 w2;
 };
 
 /* Reply bytes (a whole HTTP response) or header-add bytes ("n: v\r\n"...). */

@@ -309,6 +309,10 @@ static __always_inline __u32 l7fp_parse_header(struct l7fp_req_ctx *c, __u32 k, 
     key.w0 = l7fp_lowbytes(l7fp_lower64(l7fp_load64(c, s)), key.len);
     if (key.len > 8)
         key.w1 = l7fp_lower64(l7fp_load64(c, col - 8));
+#if L7FP_F_LONG_NAMES /* a value matcher on a 17..24-byte name: its key must be exact */
+    if (key.len > 16)
+        key.w2 = l7fp_lowbytes(l7fp_lower64(l7fp_load64(c, s + 8)), key.len - 16);
+#endif
     if (key.len == 4 && key.w0 == L7FP_W_HOST) {
         if (r->seen & L7FP_SEEN_HOST || ve == vs)
             return L7FP_R_NO_HOST;
@@ -339,7 +343,7 @@ static __always_inline __u32 l7fp_parse_header(struct l7fp_req_ctx *c, __u32 k, 
      * Envoy may take its timeout from them, and it overwrites the last one */
     if (key.len > 16 && key.w0 == L7FP_W_X_ENVOY && key.w1 == L7FP_W_MEOUT_MS)
         return L7FP_R_UNPARSED;
-    /* names over 16 bytes are keyed by length, first and last 8 bytes: the
+    /* names over 16 bytes (24 with L7FP_F_LONG_NAMES) can share a key: the
      * synthesis gives them slots only for must-be-absent checks, where a false
      * hit only sends the request to Envoy (fastpath/synth_tables.py _slot) */
     l7fp_note_slot(c, &key, vs, ve);

@@ -62,7 +62,9 @@ def test_string_masks_and_keys() -> None:
     r = _rows(sp, "l7fp_routes", st.Route)[0]
     assert r.path.len == 4 and r.path.m[0] == 0xFFFFFFFF and r.path.m[1] == 0
     assert name_key("Content-Length") == (14, int.from_bytes(b"content-", "little"),
-                                          int.from_bytes(b"t-length", "little"))
+                                          int.from_bytes(b"t-length", "little"), 0)
+    assert name_key("baggage-user-agent", long_names=True)[3] == int.from_bytes(b"us", "little")
+    assert name_key("baggage-user-agent")[3] == 0
     assert reply_bytes(404) == b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
     cc = cclass_table()
     assert cc[ord("%")] >> bs.C_TARGET & 1 == 0 and cc[ord("a")] >> bs.C_TCHAR & 1 == 1
