@@ -4,16 +4,13 @@ fixtures even when a test fails."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from k2_envoy import StaticEnvoy, pick_free_port
 from k2_helpers import HttpServer, ScopedCgroup
-
-from tests.support.procs import stop_process
 
 ENVOY_YAML = """\
 admin:
@@ -54,39 +51,15 @@ static_resources:
 """
 
 
-def pick_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Envoy:
+class Envoy(StaticEnvoy):
     """A real Envoy (child of the test process): /deny -> 403 "RBAC: access denied"
     (the same policy the kernel tests give the fast path), everything else to `up_port`."""
 
     def __init__(self, binary: str, up_port: int, workdir: Path) -> None:
-        self.port = pick_free_port()
-        admin = pick_free_port()
+        port = pick_free_port()
         cfg = workdir / "envoy.yaml"
-        cfg.write_text(ENVOY_YAML.format(admin=admin, port=self.port, up=up_port))
-        self.log = workdir / "envoy.log"
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1",
-             "-l", "warning"], stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"envoy exited: {self.log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.close()
-        raise RuntimeError("envoy did not listen within 30 s")
-
-    def close(self) -> None:
-        stop_process(self.proc)
+        cfg.write_text(ENVOY_YAML.format(admin=pick_free_port(), port=port, up=up_port))
+        super().__init__(binary, cfg, port, workdir / "envoy.log")
 
 
 @pytest.fixture
@@ -117,3 +90,19 @@ def datapath(kernel: None):  # type: ignore[no-untyped-def]
     dp = Datapath.load()
     yield dp
     dp.close()
+
+
+@pytest.fixture
+def agent(kernel: None, cgroup: ScopedCgroup, tmp_path: Path) -> Iterator[Any]:
+    """An agent with the l7fp decision on `cgroup` (test_delay, test_timeouts;
+    test_agent.py has its own, over both decisions)."""
+    from test_agent import write_state
+
+    from fastpath.agent import Agent
+
+    state = tmp_path / "state.json"
+    write_state(state, str(cgroup.path))
+    a = Agent(state, decide="l7fp")
+    a.start()
+    yield a
+    a.stop()

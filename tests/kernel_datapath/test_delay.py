@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,15 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import pick_free_port
+from k2_envoy import StaticEnvoy, pick_free_port, write_json_config
 from k2_http import recv_head
-from test_agent import wait_for, write_state
+from k2_plan import load_plan, run_client, split_plan
 
-from fastpath import envoy_model as em
 from fastpath.agent import Agent
 from fastpath.classify_route import KernelCaps
-from fastpath.plan import KernelPlan
-from fastpath.split import split_snapshot
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
@@ -123,42 +118,14 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return listener, cluster
 
 
-class DelayEnvoy:
+class DelayEnvoy(StaticEnvoy):
     """A real Envoy (child of the test process) with `resources()`."""
 
     def __init__(self, binary: str, up_port: int, workdir: Path) -> None:
-        self.port = pick_free_port()
-        self.listener, self.cluster = resources(self.port, up_port)
-        cfg = workdir / "envoy-delay.json"
-        cfg.write_text(json.dumps({
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                     "port_value": pick_free_port()}}},
-            "static_resources": {"listeners": [self.listener], "clusters": [self.cluster]}}))
-        log = workdir / "envoy-delay.log"
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1", "-l", "warning",
-             "--base-id", str(self.port)], stdout=subprocess.DEVNULL,
-            stderr=open(log, "w"))  # noqa: SIM115
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("envoy exited: " + log.read_text())
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.close()
-        raise RuntimeError("envoy did not listen within 30 s")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        port = pick_free_port()
+        self.listener, self.cluster = resources(port, up_port)
+        cfg = write_json_config(workdir, "delay", self.listener, self.cluster)
+        super().__init__(binary, cfg, port, workdir / "envoy-delay.log")
 
 
 @pytest.fixture
@@ -173,16 +140,6 @@ def denvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[Delay
     e = DelayEnvoy(envoy_bin, echo.port, tmp_path)
     yield e
     e.close()
-
-
-@pytest.fixture
-def agent(kernel: None, cgroup: Any, tmp_path: Path) -> Iterator[Agent]:
-    state = tmp_path / "state.json"
-    write_state(state, str(cgroup.path))
-    a = Agent(state, decide="l7fp")
-    a.start()
-    yield a
-    a.stop()
 
 
 def req(path: str, method: str = "GET", body: str = "", **headers: str) -> str:
@@ -202,24 +159,15 @@ SCRIPT = [
 
 
 def run(cgroup: Any, port: int) -> list[list[dict[str, Any]]]:
-    r = cgroup.run([sys.executable, str(CLIENT), "127.0.0.1", str(port), json.dumps(SCRIPT)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
+    return run_client(cgroup, CLIENT, port, SCRIPT)  # type: ignore[no-any-return]
 
 
 def start_plan(agent: Agent, denvoy: DelayEnvoy) -> Any:
-    res = {em.LISTENER: [em.parse(em.LISTENER, denvoy.listener)],
-           em.CLUSTER: [em.parse(em.CLUSTER, denvoy.cluster)]}
-    plan = split_snapshot("client", res, KernelCaps(fault_delays=True)).plan
+    plan = split_plan(denvoy.listener, denvoy.cluster, KernelCaps(fault_delays=True))
     routes = {r.name: r for r in plan.listeners[0].virtual_hosts[0].routes}
     assert {n: r.verdict.value for n, r in routes.items()} == {
         "d300": "KERNEL", "d0": "KERNEL", "half": "KERNEL", "abort": "KERNEL"}
-    agent.on_plan("up", KernelPlan("up", "u1"))
-    agent.on_plan("client", plan)
-    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None, 60)
-    node = agent.nodes["client"]
-    wait_for(lambda: all(p["free"] >= 3 for p in node.pools.snapshot()))
-    return node
+    return load_plan(agent, plan)
 
 
 def by_case(seen: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -7,22 +7,17 @@ no timer firing for fast answers, and the 15 s default in the plan."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import pick_free_port
+from k2_envoy import StaticEnvoy, pick_free_port, write_json_config
+from k2_plan import load_plan, run_client, split_plan
 from k2_slow import SlowServer
-from test_agent import wait_for, write_state
+from test_agent import wait_for
 
-from fastpath import envoy_model as em
 from fastpath.agent import Agent
-from fastpath.plan import KernelPlan
-from fastpath.split import split_snapshot
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
@@ -53,44 +48,14 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return listener, cluster
 
 
-class TimeoutEnvoy:
+class TimeoutEnvoy(StaticEnvoy):
     """A real Envoy (child of the test process) with `resources()`."""
 
     def __init__(self, binary: str, up_port: int, workdir: Path) -> None:
-        self.port = pick_free_port()
-        listener, cluster = resources(self.port, up_port)
-        self.listener, self.cluster = listener, cluster
-        cfg = workdir / "envoy-timeouts.json"
-        cfg.write_text(json.dumps({
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                     "port_value": pick_free_port()}}},
-            "static_resources": {"listeners": [listener], "clusters": [cluster]}}))
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1", "-l", "warning",
-             "--base-id", str(self.port)], stdout=subprocess.DEVNULL,
-            stderr=open(workdir / "envoy-timeouts.log", "w"))  # noqa: SIM115
-        import socket
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("envoy exited: " + (workdir / "envoy-timeouts.log").read_text())
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.close()
-        raise RuntimeError("envoy did not listen within 30 s")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        port = pick_free_port()
+        self.listener, self.cluster = resources(port, up_port)
+        cfg = write_json_config(workdir, "timeouts", self.listener, self.cluster)
+        super().__init__(binary, cfg, port, workdir / "envoy-timeouts.log")
 
 
 @pytest.fixture
@@ -107,25 +72,13 @@ def tenvoy(envoy_bin: str, slow: SlowServer, tmp_path: Path) -> Iterator[Timeout
     e.close()
 
 
-@pytest.fixture
-def agent(kernel: None, cgroup: Any, tmp_path: Path) -> Iterator[Agent]:
-    state = tmp_path / "state.json"
-    write_state(state, str(cgroup.path))
-    a = Agent(state, decide="l7fp")
-    a.start()
-    yield a
-    a.stop()
-
-
 def req(path: str, **headers: str) -> str:
     extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
     return f"GET {path} HTTP/1.1\r\nHost: svc\r\n{extra}\r\n"
 
 
 def run(cgroup: Any, port: int, script: list[list[str]]) -> list[list[dict[str, Any]]]:
-    r = cgroup.run([sys.executable, str(CLIENT), "127.0.0.1", str(port), json.dumps(script)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
+    return run_client(cgroup, CLIENT, port, script)  # type: ignore[no-any-return]
 
 
 SCRIPT = [
@@ -145,15 +98,7 @@ SCRIPT = [
 
 
 def start_plan(agent: Agent, tenvoy: TimeoutEnvoy) -> Any:
-    res = {em.LISTENER: [em.parse(em.LISTENER, tenvoy.listener)],
-           em.CLUSTER: [em.parse(em.CLUSTER, tenvoy.cluster)]}
-    plan = split_snapshot("client", res).plan
-    agent.on_plan("up", KernelPlan("up", "u1"))
-    agent.on_plan("client", plan)
-    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None, 60)
-    node = agent.nodes["client"]
-    wait_for(lambda: all(p["free"] >= 3 for p in node.pools.snapshot()))
-    return node
+    return load_plan(agent, split_plan(tenvoy.listener, tenvoy.cluster))
 
 
 def test_timeouts_match_envoy(agent: Agent, cgroup: Any, tenvoy: TimeoutEnvoy,

@@ -1,0 +1,71 @@
+"""A real Envoy with a static config, the slow path of the data-path kernel tests (K2).
+
+Owner: K2. Callers: conftest.Envoy (the /deny policy), test_delay.DelayEnvoy and
+test_timeouts.TimeoutEnvoy (their own listener and cluster). The Envoy is the
+child of the test process, so it lives no longer than the test; the caller's
+fixture calls `close()`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.support.procs import stop_process
+
+
+def pick_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StaticEnvoy:
+    """Envoy run on the config file `cfg` (YAML or JSON), listening on `port`;
+    the constructor returns once that port accepts, or raises naming why."""
+
+    def __init__(self, binary: str, cfg: Path, port: int, log: Path) -> None:
+        self.port = port
+        self.log = log
+        # --base-id: shared-memory names of its own, so Envoys of parallel
+        # tests never meet
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1",
+             "-l", "warning", "--base-id", str(port)], stdout=subprocess.DEVNULL,
+            stderr=open(log, "w"))  # noqa: SIM115
+        try:
+            self._wait_listening(30)
+        except RuntimeError:
+            self.close()
+            raise
+
+    def _wait_listening(self, secs: float) -> None:
+        deadline = time.monotonic() + secs
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited: {self.log.read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"envoy did not listen on {self.port} within {secs:.0f} s")
+
+    def close(self) -> None:
+        stop_process(self.proc)
+
+
+def write_json_config(workdir: Path, name: str, listener: dict[str, Any],
+                      cluster: dict[str, Any]) -> Path:
+    """`workdir`/envoy-NAME.json: an admin port, `listener` and `cluster`."""
+    cfg = workdir / f"envoy-{name}.json"
+    cfg.write_text(json.dumps({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": pick_free_port()}}},
+        "static_resources": {"listeners": [listener], "clusters": [cluster]}}))
+    return cfg
+

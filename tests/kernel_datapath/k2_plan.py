@@ -1,0 +1,52 @@
+"""The agent side of the differential data-path tests (K2): the plan the split
+makes of the config a real Envoy runs, loaded into the agent, and a client
+script run inside the scoped cgroup (the same script then goes through Envoy
+only, once the test detaches the cgroup).
+
+Owner: K2. Callers: test_delay.py and test_timeouts.py (with k2_envoy.py for
+their Envoy).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from test_agent import wait_for
+
+from fastpath import envoy_model as em
+from fastpath.agent import Agent
+from fastpath.classify_route import KernelCaps
+from fastpath.plan import KernelPlan
+from fastpath.split import split_snapshot
+
+
+def split_plan(listener: dict[str, Any], cluster: dict[str, Any],
+               caps: KernelCaps | None = None) -> KernelPlan:
+    """Node "client"'s plan from the split of the same resources Envoy runs."""
+    res = {em.LISTENER: [em.parse(em.LISTENER, listener)],
+           em.CLUSTER: [em.parse(em.CLUSTER, cluster)]}
+    if caps is None:
+        return split_snapshot("client", res).plan
+    return split_snapshot("client", res, caps).plan
+
+
+def load_plan(agent: Agent, plan: KernelPlan) -> Any:
+    """Give the agent `plan` for node "client" (and an empty one for "up"); the
+    client's node once its plan is applied and its socket pools are filled."""
+    agent.on_plan("up", KernelPlan("up", "u1"))
+    agent.on_plan("client", plan)
+    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None, 60)
+    node = agent.nodes["client"]
+    wait_for(lambda: all(p["free"] >= 3 for p in node.pools.snapshot()))
+    return node
+
+
+def run_client(cgroup: Any, client: Path, port: int, script: Any) -> Any:
+    """Run the client script `client` inside `cgroup` against 127.0.0.1:`port`
+    with the JSON `script`; its JSON output (a failure shows its stderr)."""
+    r = cgroup.run([sys.executable, str(client), "127.0.0.1", str(port), json.dumps(script)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
