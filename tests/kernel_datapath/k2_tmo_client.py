@@ -1,9 +1,13 @@
-"""Raw HTTP/1.1 client for the route-timeout tests; runs inside the scoped cgroup.
+"""Raw HTTP/1.1 client for the route-timeout and fault-delay tests (test_timeouts,
+test_delay and their mesh variants); runs inside the scoped cgroup or a pod.
 
 Usage: k2_tmo_client.py HOST PORT SCRIPT_JSON. SCRIPT_JSON: a list of
 connections, each a list of request strings sent one at a time on ONE
 connection, each followed by reading one response (Content-Length framing)
-until it is complete, the peer closes, or an error. Prints a JSON list (per
+until it is complete, the peer closes, or an error. Two items are not
+requests: "SLEEP S" pauses S seconds before the next request; "CLOSE" closes
+the connection right after the previous request was sent, without reading its
+response (a client giving up during a delay). Prints a JSON list (per
 connection) of {"status", "headers", "body", "end", "secs"}; "end" is
 "complete", "eof" or the error's class name.
 """
@@ -52,11 +56,15 @@ def main() -> None:
         s = socket.create_connection((host, port), timeout=20)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         res = []
-        for req in conn:
+        for i, req in enumerate(conn):
             if req.startswith("SLEEP "):  # a pause between two requests
                 time.sleep(float(req.split()[1]))
                 continue
+            if req == "CLOSE":
+                break
             s.sendall(req.encode("latin-1"))
+            if conn[i + 1:i + 2] == ["CLOSE"]:  # gives up: no response read
+                break
             r = read_response(s, head_only=req.startswith("HEAD "))
             res.append(r)
             if r["end"] != "complete":

@@ -31,7 +31,7 @@ HCM_T = "type.googleapis.com/envoy.extensions.filters.network.http_connection_ma
 FAULT_T = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-CLIENT = Path(__file__).with_name("k2_delay_client.py")
+CLIENT = Path(__file__).with_name("k2_tmo_client.py")
 SAMPLED = 30  # requests to the 50 % route per run
 
 

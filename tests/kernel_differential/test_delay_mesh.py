@@ -112,7 +112,7 @@ def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
         st = m.up()
         if mode == "on":
             wait_pool(st["admin"])
-        r = m.exec("client", [sys.executable, str(KD / "k2_delay_client.py"), "api", "9000",
+        r = m.exec("client", [sys.executable, str(KD / "k2_tmo_client.py"), "api", "9000",
                               json.dumps(SCRIPT)], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         dbg: dict[str, Any] = {}
