@@ -16,20 +16,16 @@ client's delay, so the kernel hands that request to Envoy (`delay_inbound`).
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from k3_meshrun import run_script
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
               pytest.mark.timeout(240)]
 
 HERE = Path(__file__).resolve().parent
-KD = HERE.parent / "kernel_datapath"
 MESH = """\
 namespace: k3d
 policies: policies.yaml
@@ -86,42 +82,14 @@ SCRIPT = [[req("/d/1"), req("/z/1"), req("/d/post", "POST", "hello")], [req("/d/
           [req("/d/deny")]]
 
 
-def wait_pool(admin: str, timeout: float = 40.0) -> None:
-    deadline = time.monotonic() + timeout
-    dbg: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
-        for n in dbg.get("nodes", []):
-            if n["pod"].startswith("client") and any(p["free"] >= 3 for p in n["pools"]):
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"no pool for api: {dbg}")
-
-
 def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
-    from mesh.runner import Mesh
-
     d = tmp / mode
     logs = d / "logs"
     logs.mkdir(parents=True)
     logs.chmod(0o777)
     (d / "mesh.yaml").write_text(MESH.format(echo=HERE / "echo_app.py", logs=logs))
     (d / "policies.yaml").write_text(POLICIES)
-    m = Mesh(d / "mesh.yaml", f"k3d{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
-    try:
-        st = m.up()
-        if mode == "on":
-            wait_pool(st["admin"])
-        r = m.exec("client", [sys.executable, str(KD / "k2_tmo_client.py"), "api", "9000",
-                              json.dumps(SCRIPT)], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        dbg: dict[str, Any] = {}
-        if mode == "on":
-            dbg = json.loads(urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath",
-                                                    timeout=5).read())
-    finally:
-        m.down()
-    return {"results": json.loads(r.stdout), "dbg": dbg}
+    return run_script(d, f"k3d{mode}", mode, "api", SCRIPT)
 
 
 def test_fault_delay_in_the_mesh_matches_envoy(kernel: None, tmp_path: Path) -> None:

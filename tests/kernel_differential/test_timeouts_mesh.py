@@ -15,20 +15,16 @@ the late request was closed.
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from k3_meshrun import KD, run_script
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
               pytest.mark.timeout(240)]
 
 HERE = Path(__file__).resolve().parent
-KD = HERE.parent / "kernel_datapath"
 MESH = """\
 namespace: k3t
 policies: policies.yaml
@@ -66,20 +62,7 @@ SCRIPT = [
 ]
 
 
-def wait_pool(admin: str, timeout: float = 40.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
-        for n in dbg.get("nodes", []):
-            if n["pod"].startswith("client") and any(p["free"] >= 3 for p in n["pools"]):
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"no pool for slow: {dbg}")
-
-
 def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
-    from mesh.runner import Mesh
-
     d = tmp / mode
     logs = d / "logs"
     logs.mkdir(parents=True)
@@ -87,25 +70,10 @@ def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
     (d / "mesh.yaml").write_text(MESH.format(echo=HERE / "echo_app.py", logs=logs,
                                              slow=KD / "k2_slow.py"))
     (d / "policies.yaml").write_text(POLICIES)
-    m = Mesh(d / "mesh.yaml", f"k3t{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
-    try:
-        st = m.up()
-        if mode == "on":
-            wait_pool(st["admin"])
-        r = m.exec("client", [sys.executable, str(KD / "k2_tmo_client.py"), "slow", "9000",
-                              json.dumps(SCRIPT)], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        dbg: dict[str, Any] = {}
-        if mode == "on":
-            time.sleep(0.5)
-            dbg = json.loads(urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath",
-                                                    timeout=5).read())
-            dbg["metrics"] = urllib.request.urlopen(f"http://{st['admin']}/metrics",
-                                                    timeout=5).read().decode()
-    finally:
-        m.down()
-    events = [json.loads(ln) for ln in (logs / "slow-events.jsonl").read_text().splitlines()]
-    return {"results": json.loads(r.stdout), "dbg": dbg, "events": events}
+    out = run_script(d, f"k3t{mode}", mode, "slow", SCRIPT, settle_s=0.5)
+    out["events"] = [json.loads(ln) for ln in
+                     (logs / "slow-events.jsonl").read_text().splitlines()]
+    return out
 
 
 def test_timeouts_in_the_mesh_match_envoy(kernel: None, tmp_path: Path) -> None:

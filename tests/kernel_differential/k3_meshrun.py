@@ -1,0 +1,67 @@
+"""One run of a raw-client script in a local mesh, fast path off or on.
+
+Owner: K3. Callers: test_delay_mesh.py and test_timeouts_mesh.py, which differ
+only in their mesh, policies, script and checks. The script goes out from the
+client pod through tests/kernel_datapath/k2_tmo_client.py (one connection per
+list, see there); the mesh is torn down even when the run fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+KD = Path(__file__).resolve().parent.parent / "kernel_datapath"
+CLIENT = KD / "k2_tmo_client.py"
+
+
+def fastpath_debug(admin: str) -> dict[str, Any]:
+    """The mesh daemon's /debug/fastpath."""
+    return json.loads(  # type: ignore[no-any-return]
+        urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
+
+
+def wait_client_pool(admin: str, what: str, timeout: float = 40.0) -> None:
+    """Until the client pod's node has at least 3 free pooled upstreams (`what`
+    names the service in the error)."""
+    deadline = time.monotonic() + timeout
+    dbg: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        dbg = fastpath_debug(admin)
+        for n in dbg.get("nodes", []):
+            if n["pod"].startswith("client") and any(p["free"] >= 3 for p in n["pools"]):
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"no pool for {what}: {dbg}")
+
+
+def run_script(d: Path, name: str, mode: str, svc: str,
+               script: list[list[str]], settle_s: float = 0.0) -> dict[str, Any]:
+    """Bring up the mesh `d`/mesh.yaml (its policies beside it) as `name`, with
+    `--fastpath MODE`; run `script` from the client pod against `svc`:9000.
+    Returns {"results": the client's output, "dbg": (mode on) /debug/fastpath
+    `settle_s` after the script, with the /metrics text under "metrics"}."""
+    from mesh.runner import Mesh
+
+    m = Mesh(d / "mesh.yaml", f"{name}{os.getpid() % 10000}", fastpath=mode, timeout=120)
+    try:
+        st = m.up()
+        if mode == "on":
+            wait_client_pool(st["admin"], svc)
+        r = m.exec("client", [sys.executable, str(CLIENT), svc, "9000", json.dumps(script)],
+                   capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        dbg: dict[str, Any] = {}
+        if mode == "on":
+            time.sleep(settle_s)
+            dbg = fastpath_debug(st["admin"])
+            dbg["metrics"] = urllib.request.urlopen(f"http://{st['admin']}/metrics",
+                                                    timeout=5).read().decode()
+    finally:
+        m.down()
+    return {"results": json.loads(r.stdout), "dbg": dbg}
