@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.ma
               pytest.mark.timeout(240)]
 
 HERE = Path(__file__).resolve().parent
+DRIVER = HERE.parent / "kernel_retry" / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
 from test_fastpath_onoff import fastpath_counts  # noqa: E402
 
@@ -71,7 +72,7 @@ CASES: list[tuple[str, str, str, str | None]] = [
 def gen_requests() -> list[dict[str, Any]]:
     reqs = []
     for n, (path, method, body, conn) in enumerate(CASES):
-        req = {"path": path, "method": method, "body": body,
+        req = {"vip": "web", "port": 9000, "path": path, "method": method, "body": body,
                "headers": {"host": "web:9000", "x-k6-id": f"r{n}", "x-k6-client": "yes"}}
         if conn:
             req["conn"] = conn
@@ -149,7 +150,7 @@ def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]]) -> 
         if mode == "on":
             wait_ready(st["admin"])
         (d / "reqs.json").write_text(json.dumps(reqs))
-        r = m.exec("client", [sys.executable, str(HERE / "driver.py"), str(d / "reqs.json"),
+        r = m.exec("client", [sys.executable, str(DRIVER), str(d / "reqs.json"),
                               str(GAP_MS if mode == "on" else 0)],
                    capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr

@@ -1,10 +1,13 @@
-"""Request driver of the retry test, run inside the client pod (`Mesh.exec`).
+"""Request driver of the retry and mirror tests, run inside the client pod
+(`Mesh.exec`; test_deadline_envoy.py imports `send`).
 
 Like tests/kernel_differential/driver.py (JSON list of requests in argv[1],
-results as a JSON list on stdout, a fresh connection per request unless it
-names a kept-alive `conn`), but each request, head and body, goes out in ONE
-write: the data path keeps a request for a retry only when it is whole in one
-write (python's http.client writes a body separately).
+each naming its `vip` and `port`; results as a JSON list on stdout, a fresh
+connection per request unless it names a kept-alive `conn`), but each request,
+head and body, goes out in ONE write: the data path keeps a request for a
+retry, and copies one for a shadow, only when it is whole in one write
+(python's http.client writes a body separately). "served_by" is the app's
+`x-*-served-by` response header (retry_app: x-k3-, mirror_app: x-k6-).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ def request_bytes(req: dict) -> bytes:  # type: ignore[type-arg]
     return head.encode() + body
 
 
+def served_by(r: http.client.HTTPResponse) -> str | None:
+    return next((v for k, v in r.getheaders() if k.lower().endswith("-served-by")), None)
+
+
 def send(req: dict) -> dict:  # type: ignore[type-arg]
     cid = req.get("conn")
     s = KEEP.get(cid) if cid else None
@@ -42,7 +49,7 @@ def send(req: dict) -> dict:  # type: ignore[type-arg]
         r.begin()
         data = r.read()
         return {"status": r.status, "body": data.decode(errors="replace"),
-                "served_by": r.getheader("x-k3-served-by"), "secs": time.monotonic() - t0}
+                "served_by": served_by(r), "secs": time.monotonic() - t0}
     except (OSError, http.client.HTTPException) as exc:
         return {"status": 0, "body": f"{type(exc).__name__}: {exc}", "served_by": None,
                 "secs": time.monotonic() - t0}
