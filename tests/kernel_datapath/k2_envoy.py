@@ -1,7 +1,7 @@
 """A real Envoy with a static config, the slow path of the data-path kernel tests (K2).
 
 Owner: K2. Callers: conftest.Envoy (the /deny policy), test_delay.DelayEnvoy and
-test_timeouts.TimeoutEnvoy (their own listener and cluster). The Envoy is the
+test_timeouts.TimeoutEnvoy (their own routes in `listener_and_cluster`). The Envoy is the
 child of the test process, so it lives no longer than the test; the caller's
 fixture calls `close()`.
 """
@@ -69,3 +69,28 @@ def write_json_config(workdir: Path, name: str, listener: dict[str, Any],
         "static_resources": {"listeners": [listener], "clusters": [cluster]}}))
     return cfg
 
+
+HCM_T = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
+        "HttpConnectionManager"
+ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+
+
+def listener_and_cluster(port: int, up_port: int, routes: list[dict[str, Any]],
+                         http_filters: tuple[dict[str, Any], ...] = ()
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Listener "out" on 127.0.0.1:`port` (an HCM with `http_filters`, then the
+    router; one virtual host "*" with `routes`) and cluster "up" (STATIC,
+    127.0.0.1:`up_port`): what the differential tests give Envoy and the split."""
+    listener = {"name": "out", "address": {"socket_address": {"address": "127.0.0.1",
+                                                              "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {"@type": HCM_T, "stat_prefix": "out",
+                                     "http_filters": [*http_filters, ROUTER],
+                                     "route_config": {"name": "rc", "virtual_hosts": [
+                                         {"name": "all", "domains": ["*"], "routes": routes}]}}}]}]}
+    cluster = {"name": "up", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+        "cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": "127.0.0.1", "port_value": up_port}}}}]}]}}
+    return listener, cluster

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import StaticEnvoy, pick_free_port, write_json_config
+from k2_envoy import StaticEnvoy, listener_and_cluster, pick_free_port, write_json_config
 from k2_http import recv_head
 from k2_plan import load_plan, run_client, split_plan
 
@@ -26,11 +26,7 @@ from fastpath.classify_route import KernelCaps
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
-HCM_T = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
-        "HttpConnectionManager"
 FAULT_T = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
-ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
-    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 CLIENT = Path(__file__).with_name("k2_tmo_client.py")
 SAMPLED = 30  # requests to the 50 % route per run
 
@@ -103,19 +99,8 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
               route("half", "/s", "0.2s", 50), route("abort", "/a", "0.3s", 100)]
     routes[-1]["typed_per_filter_config"]["envoy.filters.http.fault"]["abort"] = {
         "http_status": 503, "percentage": {"numerator": 100, "denominator": "HUNDRED"}}
-    listener = {"name": "out", "address": {"socket_address": {"address": "127.0.0.1",
-                                                              "port_value": port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {"@type": HCM_T, "stat_prefix": "out", "http_filters": [
-                        {"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT_T}},
-                        ROUTER],
-                        "route_config": {"name": "rc", "virtual_hosts": [
-                            {"name": "all", "domains": ["*"], "routes": routes}]}}}]}]}
-    cluster = {"name": "up", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
-        "cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": "127.0.0.1", "port_value": up_port}}}}]}]}}
-    return listener, cluster
+    fault = {"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT_T}}
+    return listener_and_cluster(port, up_port, routes, (fault,))
 
 
 class DelayEnvoy(StaticEnvoy):

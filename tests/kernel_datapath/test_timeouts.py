@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import StaticEnvoy, pick_free_port, write_json_config
+from k2_envoy import StaticEnvoy, listener_and_cluster, pick_free_port, write_json_config
 from k2_plan import load_plan, run_client, split_plan
 from k2_slow import SlowServer
 from test_agent import wait_for
@@ -21,10 +21,6 @@ from fastpath.agent import Agent
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
-HCM_T = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
-        "HttpConnectionManager"
-ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
-    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 CLIENT = Path(__file__).with_name("k2_tmo_client.py")
 
 
@@ -35,17 +31,7 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
         {"name": "none", "match": {"prefix": "/n"}, "route": {"cluster": "up", "timeout": "0s"}},
         {"name": "dflt", "match": {"prefix": "/d"}, "route": {"cluster": "up"}},
     ]
-    listener = {"name": "out", "address": {"socket_address": {"address": "127.0.0.1",
-                                                              "port_value": port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {"@type": HCM_T, "stat_prefix": "out", "http_filters": [ROUTER],
-                                     "route_config": {"name": "rc", "virtual_hosts": [
-                                         {"name": "all", "domains": ["*"], "routes": routes}]}}}]}]}
-    cluster = {"name": "up", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
-        "cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": "127.0.0.1", "port_value": up_port}}}}]}]}}
-    return listener, cluster
+    return listener_and_cluster(port, up_port, routes)
 
 
 class TimeoutEnvoy(StaticEnvoy):
