@@ -21,8 +21,6 @@ Run: .venv/bin/python -m pytest tests/kernel_mirror -q   (root)
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 import urllib.request
@@ -38,7 +36,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.ma
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE.parent / "kernel_retry" / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
-from test_fastpath_onoff import fastpath_counts  # noqa: E402
+from onoff_mesh import prepare, run_driver  # noqa: E402
 
 GAP_MS = 50  # fast path on: lets the agent refill the pools between connections
 BIG = 5000  # bytes of body: too big to copy, Envoy mirrors that request
@@ -129,44 +127,14 @@ def read_logs(logdir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]:
-    from mesh.runner import Mesh
-
-    mesh_file, policies = MESHES[variant]
     d = tmp / mode
-    logdir = d / "logs"
-    logdir.mkdir(parents=True)
-    logdir.chmod(0o777)
-    text = (HERE / mesh_file).read_text().replace("@APP@", str(HERE / "mirror_app.py"))
-    (d / "mesh.yaml").write_text(text.replace("@LOGDIR@", str(logdir)))
-    if (HERE / policies).is_dir():
-        shutil.copytree(HERE / policies, d / policies)
-    else:
-        (d / policies).write_text((HERE / policies).read_text())
-    m = Mesh(d / "mesh.yaml", f"k6{variant[0]}{mode}{os.getpid() % 10000}", fastpath=mode,
-             timeout=120)
-    try:
-        st = m.up()
-        client_ip = next(p["ip"] for p in st["pods"] if p["name"].startswith("client"))
-        if mode == "on":
-            wait_ready(st["admin"])
-        (d / "reqs.json").write_text(json.dumps(reqs))
-        r = m.exec("client", [sys.executable, str(DRIVER), str(d / "reqs.json"),
-                              str(GAP_MS if mode == "on" else 0)],
-                   capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        results = json.loads(r.stdout)
-        wait_shadows(logdir)  # fire-and-forget: they may arrive after the answers
-        counts = fastpath_counts(st["admin"]) if mode == "on" else Counter()
-        dbg = json.loads(_get(f"http://{st['admin']}/debug/fastpath")) if mode == "on" else {}
-        (d / "results.json").write_text(json.dumps(results))
-        (d / "debug.json").write_text(json.dumps(dbg))
-    finally:
-        cp_log = Path(m.state_file).parent / "logs" / "control-plane.log"
-        if cp_log.exists():  # for a failure's investigation
-            (d / "control-plane.log").write_bytes(cp_log.read_bytes())
-        m.down()
-    return {"results": results, "logs": read_logs(logdir), "counts": counts, "dbg": dbg,
-            "client_ip": client_ip}
+    logdir = prepare(HERE, d, *MESHES[variant], "mirror_app.py")
+    # fire-and-forget shadows may arrive after the answers: settle waits for them
+    run = run_driver(d, f"k6{variant[0]}{mode}", mode, DRIVER, reqs, GAP_MS, wait_ready,
+                     settle=lambda: wait_shadows(logdir))
+    client_ip = next(p["ip"] for p in run["st"]["pods"] if p["name"].startswith("client"))
+    return {"results": run["results"], "logs": read_logs(logdir), "counts": run["counts"],
+            "dbg": run["dbg"], "client_ip": client_ip}
 
 
 def by_id(reqs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -20,11 +20,9 @@ Run: .venv/bin/python -m pytest tests/kernel_retry -q   (root)
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
 import deadline_cases  # noqa: E402
-from test_fastpath_onoff import fastpath_counts  # noqa: E402
+from onoff_mesh import prepare, run_driver  # noqa: E402
 
 GAP_MS = 100  # fast path on: lets the agent refill the pools between connections
 
@@ -91,40 +89,11 @@ def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]],
              files: tuple[str, str] | None = None) -> dict[str, Any]:
     """One mesh run; `files`: (mesh file, policies) instead of MESHES[variant]'s
     (test_deadline_onoff.py)."""
-    from mesh.runner import Mesh
-
     mesh_file, policies = files or MESHES[variant][:2]
     d = tmp / mode
-    logdir = d / "logs"
-    logdir.mkdir(parents=True)
-    logdir.chmod(0o777)
-    text = (HERE / mesh_file).read_text().replace("@APP@", str(HERE / "retry_app.py"))
-    (d / "mesh.yaml").write_text(text.replace("@LOGDIR@", str(logdir)))
-    if (HERE / policies).is_dir():
-        shutil.copytree(HERE / policies, d / policies)
-    else:
-        (d / policies).write_text((HERE / policies).read_text())
-    m = Mesh(d / "mesh.yaml", f"k4{variant[0]}{mode}{os.getpid() % 10000}", fastpath=mode,
-             timeout=120)
-    try:
-        st = m.up()
-        if mode == "on":
-            wait_pools(st["admin"])
-        (d / "reqs.json").write_text(json.dumps(reqs))
-        r = m.exec("client", [sys.executable, str(DRIVER), str(d / "reqs.json"),
-                              str(GAP_MS if mode == "on" else 0)],
-                   capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        results = json.loads(r.stdout)
-        counts = fastpath_counts(st["admin"]) if mode == "on" else Counter()
-        dbg = json.loads(_get(f"http://{st['admin']}/debug/fastpath")) if mode == "on" else {}
-        (d / "results.json").write_text(json.dumps(results))
-        (d / "debug.json").write_text(json.dumps(dbg))
-    finally:
-        cp_log = Path(m.state_file).parent / "logs" / "control-plane.log"
-        if cp_log.exists():  # for a failure's investigation
-            (d / "control-plane.log").write_bytes(cp_log.read_bytes())
-        m.down()
+    logdir = prepare(HERE, d, mesh_file, policies, "retry_app.py")
+    run = run_driver(d, f"k4{variant[0]}{mode}", mode, DRIVER, reqs, GAP_MS, wait_pools)
+    results, counts, dbg = run["results"], run["counts"], run["dbg"]
     attempts: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
     for f in sorted(logdir.glob("*.log")):
         if not f.name.startswith("client"):
