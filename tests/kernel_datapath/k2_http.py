@@ -1,10 +1,11 @@
 """The one HTTP/1.1 head reader of the test upstream servers (k2_helpers.HttpServer,
-k2_ret_server, k2_slow). Standard library only: k2_slow runs as a script inside
+k2_ret_server, k2_slow), and their threaded accept loop (ThreadedServer). Standard library only: k2_slow runs as a script inside
 mesh pods."""
 
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable
 
 
@@ -43,3 +44,34 @@ def read_response_head(f) -> tuple[int, dict[str, str]] | None:  # type: ignore[
             return status, headers
         k, _, v = h.partition(":")
         headers[k.strip().lower()] = v.strip()
+
+
+class ThreadedServer:
+    """A listening TCP socket on `host`, port chosen by the kernel (`port`); one
+    thread accepts, one thread per connection runs the subclass's `_serve(c)`.
+
+    The base of the in-process test upstreams (test_delay.EchoUpstream,
+    k2_ret_server.RetServer); their owner calls `close()`, which also ends the
+    accept thread."""
+
+    def __init__(self, host: str = "127.0.0.1", backlog: int = 128) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(backlog)
+        self.port: int = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()

@@ -15,31 +15,17 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
-from k2_http import recv_head
+from k2_http import ThreadedServer, recv_head
 
 
-class RetServer:
+class RetServer(ThreadedServer):
     """Keep-alive HTTP/1.1 server (Content-Length request bodies only)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
         self.seen: list[str] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+        super().__init__()
 
     def _serve(self, c: socket.socket) -> None:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -85,6 +71,3 @@ class RetServer:
         else:
             c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nx-served-by: upstream\r\n\r\n"
                       % len(body) + (b"" if method == "HEAD" else body))
-
-    def close(self) -> None:
-        self.sock.close()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from k2_envoy import StaticEnvoy, listener_and_cluster, pick_free_port, write_json_config
-from k2_http import recv_head
+from k2_http import ThreadedServer, recv_head
 from k2_plan import load_plan, run_client, split_plan
 
 from fastpath.agent import Agent
@@ -31,26 +31,14 @@ CLIENT = Path(__file__).with_name("k2_tmo_client.py")
 SAMPLED = 30  # requests to the 50 % route per run
 
 
-class EchoUpstream:
+class EchoUpstream(ThreadedServer):
     """HTTP/1.1 upstream in the test process: records each request (line, headers
     in order, body) and answers 200 with them as JSON."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.seen: list[dict[str, Any]] = []
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+        super().__init__(backlog=64)
 
     def _serve(self, c: socket.socket) -> None:
         buf = b""
@@ -78,9 +66,6 @@ class EchoUpstream:
         with self.lock:
             out, self.seen = self.seen, []
         return out
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def per_route(ms: str, numerator: int) -> dict[str, Any]:
