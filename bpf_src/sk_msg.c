@@ -499,6 +499,13 @@ int dp_msg_act(struct sk_msg_md *msg)
         }
         if (held < 0)
             return dp_to_envoy_req(msg, c, &v, size, DP_R_DELAY_BODY);
+        int rd = dp_redirect(msg, c, &v, gen, size); /* Location built by the agent */
+        if (rd > 0) {
+            dp_count(v.route, DP_OUT_REPLY, DP_R_REDIRECTED);
+            return SK_PASS; /* the request was popped: the agent answers */
+        }
+        if (rd < 0)
+            return dp_to_envoy_req(msg, c, &v, size, DP_R_REDIR_HEAD);
         return dp_reply(msg, c, &v, gen, size);
     }
     if (size > v.consumed)

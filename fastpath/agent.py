@@ -317,6 +317,7 @@ class Agent:
 def _cflags(plan: KernelPlan) -> tuple[str, ...]:
     from fastpath.agent_delay import needs_delay
     from fastpath.agent_mirror import needs_mirror
+    from fastpath.agent_redirect import needs_redirect
     from fastpath.agent_retry import needs_retry
     from fastpath.synth import synthesize
 
@@ -324,7 +325,8 @@ def _cflags(plan: KernelPlan) -> tuple[str, ...]:
     inbound = ("-DDP_INBOUND=1",) if inbound_merge.has_merged(plan) else ()  # the same
     mirror = ("-DDP_MIRROR=1",) if needs_mirror(plan) else ()  # the same
     delay = ("-DDP_DELAY=1",) if needs_delay(plan) else ()  # the same
-    return synthesize(plan).cflags + retry + inbound + mirror + delay
+    redirect = ("-DDP_REDIR=1",) if needs_redirect(plan) else ()  # the same
+    return synthesize(plan).cflags + retry + inbound + mirror + delay + redirect
 
 
 def kernel_ready() -> str | None:

@@ -23,12 +23,14 @@ from typing import Any
 from fastpath import agent_inline, agent_synth
 from fastpath.agent_delay import Delayer
 from fastpath.agent_mirror import Mirrorer
+from fastpath.agent_redirect import Redirector
 from fastpath.agent_retry import Retrier
 from fastpath.counters import (
     DP_EV_ACCESS,
     DP_EV_CLOSE,
     DP_EV_DELAY,
     DP_EV_DELAY_REPLY,
+    DP_EV_REDIRECT,
     DP_EV_RETRY,
     AccessLog,
     DpEvent,
@@ -81,11 +83,13 @@ class NodeDatapath:
     retrier: Retrier = field(init=False)
     mirrorer: Mirrorer = field(init=False)
     delayer: Delayer = field(init=False)
+    redirector: Redirector = field(init=False)
 
     def __post_init__(self) -> None:
         self.retrier = Retrier(self.dp, self.pools)
         self.mirrorer = Mirrorer(self.dp, self.pod.netns, self.pod.ip)
         self.delayer = Delayer(self.dp, self.pools)
+        self.redirector = Redirector(self.dp)
         # diverted responses and held requests are read, not reaped
         self.pools.claim = lambda up: self.retrier.claim(up) or self.delayer.claim(up)
 
@@ -201,9 +205,11 @@ class NodeDatapath:
                  self.pod.node_id, plan.version, nxt, self.mode, len(self.services))
 
     # ---- events and upkeep (agent thread) ----------------------------------
-    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
+    def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
         ev = ct.cast(data, ct.POINTER(DpEvent)).contents
-        if ev.kind == DP_EV_CLOSE:
+        if ev.kind == DP_EV_REDIRECT:  # a record of its own layout (dp_redir.h)
+            self.redirector.on_event(data, size)
+        elif ev.kind == DP_EV_CLOSE:
             ups = [int(c) for c in ev.up_cookies if c]
             self.delayer.on_close(int(ev.cookie), ups)
             self.pools.release(ups + self.retrier.on_close(int(ev.cookie), ups))
@@ -273,6 +279,7 @@ class NodeDatapath:
             "retries": self.retrier.debug(),
             "mirrors": self.mirrorer.debug(),
             "delays": self.delayer.debug(),
+            "redirects": self.redirector.debug(),
         }
 
     def close(self) -> None:
@@ -281,6 +288,7 @@ class NodeDatapath:
             self.keeper.close()  # its thread uses the maps: stopped first
         self.mirrorer.close()
         self.delayer.close()
+        self.redirector.close()
         self.dp.close()
         self.pools.close()
 

@@ -142,6 +142,7 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
     node.retrier.program(plan, sp, gen, cluster_pools)
     node.mirrorer.program(plan, sp, gen)
     node.delayer.program(sp, gen)
+    node.redirector.program(sp, gen)
     for dst, name in listener_destinations(plan.listeners, vips).items():
         out.services[dst] = sp.listener_ids[name] + 1
     for lst in plan.listeners:

@@ -28,6 +28,7 @@ DP_REASONS = {0: "", 1: "sticky", 2: "pool_empty", 3: "untracked", 4: "upstream_
               9: "no_plan", 10: "pipelined", 11: "header_add", 12: "retry_copy",
               13: "retry_unpaired", 14: "retry_overflow", 15: "retry_lost", 16: "swallow_failed",
               20: "delay_body", 21: "delayed", 22: "delay_inbound",  # dp_delay.h
+              26: "redirect_head", 27: "redirected",  # dp_redir.h
               24: "envoy_pending", 25: "envoy_untracked",  # dp_return.h
               28: "mirror_copy", 29: "mirror_dropped", 30: "mirror_inbound"}  # dp_mirror.h
 DECIDE_BASE = 32
@@ -46,6 +47,7 @@ DP_EV_ACCESS = 2
 DP_EV_RETRY = 3  # dp_retry.h: a response diverted for a retry
 DP_EV_DELAY = 5  # dp_delay.h: a request held for a fault delay
 DP_EV_DELAY_REPLY = 7  # dp_delay.h: a fault abort's reply held for the delay
+DP_EV_REDIRECT = 8  # dp_redir.h: a redirect route's request head
 
 
 def reason_name(code: int) -> str:

@@ -378,7 +378,7 @@ def _apply(plan: KernelPlan, r: Route, req: Request, rng: random.Random, state: 
     if isinstance(a, DirectResponse):
         return Decision("reply", status=a.status, body=a.body, route=name)
     if isinstance(a, Redirect):
-        return Decision("reply", status=a.status, location=_location(a, r.match, req), route=name)
+        return Decision("reply", status=a.status, location=location(a, r.match, req), route=name)
     assert isinstance(a, ClusterAction)
     cluster = _pick_cluster(a, rng)
     path = req.path
@@ -435,8 +435,10 @@ def _pick_endpoint(eps: tuple[Endpoint, ...], lb: LbPolicy, rng: random.Random, 
     return rng.choices(pool, weights=[max(e.weight, 1) for e in pool])[0]
 
 
-def _location(a: Redirect, m: RouteMatch, req: Request) -> str:
-    """Envoy's redirect URI (RouteEntryImplBase::newUri) for a plain-HTTP request."""
+def location(a: Redirect, m: RouteMatch, req: Request) -> str:
+    """Envoy's redirect URI (RouteEntryImplBase::newUri) for a plain-HTTP request.
+    Called by the reference model and by the agent (fastpath.agent_redirect),
+    which answers the kernel's redirect routes with it: one function for both."""
     scheme = a.scheme or "http"
     host = a.host or req.host
     if not a.host and ":" in req.host:

@@ -17,7 +17,6 @@ from typing import Any
 from fastpath import bpf_structs as bs
 from fastpath import synth_dfa
 from fastpath.plan import (
-    ClusterAction,
     DirectResponse,
     HeaderMatch,
     KernelPlan,
@@ -26,6 +25,7 @@ from fastpath.plan import (
     LocalRateLimit,
     PathKind,
     QueryParamMatch,
+    Redirect,
     Route,
     StringKind,
     Verdict,
@@ -538,8 +538,9 @@ class TableBuilder:
         if isinstance(a, DirectResponse):
             f["action"], f["status"], f["reply"] = bs.ACT_REPLY, a.status, self._reply(a.status, a.body)
             return
-        if not isinstance(a, ClusterAction):
-            raise Punt("redirect (Location is built by Envoy)")
+        if isinstance(a, Redirect):
+            self._redirect(a, f)
+            return
         if a.prefix_rewrite is not None or a.host_rewrite is not None or a.cluster_header:
             raise Punt("rewrite or cluster_header")
         ids = []
@@ -563,6 +564,14 @@ class TableBuilder:
                 cum += wc.weight
                 self._add("l7fp_weighted", _Row("Weighted", {"cluster": cid, "cum_weight": cum}))
         self._header_adds(vh, r, f)
+
+    def _redirect(self, a: Redirect, f: dict[str, Any]) -> None:
+        """A REPLY with a placeholder the data path never sends: dp_redir.h pops the
+        request and the agent answers with the Location (fastpath.agent_redirect)."""
+        if a.status not in (301, 302, 303, 307, 308):
+            raise Punt(f"redirect status {a.status}")
+        f["action"], f["status"] = bs.ACT_REPLY, a.status
+        f["reply"] = self._reply(a.status, "", (("x-l7fp-redirect", "placeholder"),))
 
     def _header_adds(self, vh: VirtualHost, r: Route, f: dict[str, Any]) -> None:
         """Route then virtual-host header adds (Envoy applies both). A name set

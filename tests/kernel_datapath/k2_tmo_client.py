@@ -29,6 +29,8 @@ def read_response(s: socket.socket, head_only: bool = False) -> dict:  # type: i
             cl = [ln.split(":", 1)[1] for ln in head.split("\r\n")[1:]
                   if ln.lower().startswith("content-length:")]
             need = len(head) + 4 + (0 if head_only else int(cl[0])) if cl else None
+            if head_only and need is None:  # HEAD: never a body (Envoy's chunked redirect)
+                need = len(head) + 4
         if need is not None and len(buf) >= need:
             break
         try:

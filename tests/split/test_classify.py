@@ -141,8 +141,9 @@ def test_true_regex_is_punt_entry_and_keeps_order() -> None:
 
 def test_routes_the_kernel_decision_punts_are_envoy_and_keep_their_limiter() -> None:
     """What the plan can express but the synthesized decision punts (a `contains`
-    query-parameter matcher, a redirect) is ENVOY in the split, and the residual leaves such a route's
-    local rate limit with Envoy (before, the limiter was removed and nobody enforced it)."""
+    query-parameter matcher) is ENVOY in the split, and the residual leaves such a route's
+    local rate limit with Envoy (before, the limiter was removed and nobody enforced it).
+    A redirect is KERNEL (bpf_src/dp_redir.h: the agent builds its Location)."""
     lrl = {"envoy.filters.http.local_ratelimit": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
         "stat_prefix": "r", "token_bucket": {"max_tokens": 1, "fill_interval": "60s"},
@@ -162,8 +163,7 @@ def test_routes_the_kernel_decision_punts_are_envoy_and_keep_their_limiter() -> 
     out = split_snapshot("n", res)
     got = [(r.verdict, r.reason) for r in out.plan.listeners[0].virtual_hosts[0].routes]
     assert got == [(Verdict.ENVOY, "kernel decision: query parameter matcher kind contains"),
-                   (Verdict.ENVOY, "kernel decision: redirect (Location is built by Envoy)"),
-                   (Verdict.KERNEL, "")]
+                   (Verdict.KERNEL, ""), (Verdict.KERNEL, "")]
     kept = em.to_json(out.residual[em.LISTENER][0])
     rc = kept["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]
     limiter = [json.dumps(r.get("typedPerFilterConfig", {})) for r in rc["virtualHosts"][0]["routes"]]
