@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import StaticEnvoy, pick_free_port, write_json_config
+from k2_envoy import StaticEnvoy, listener_and_cluster, pick_free_port, write_json_config
 from k2_plan import load_plan, run_client, split_plan
-from test_delay import HCM_T, ROUTER, EchoUpstream, by_case
+from test_delay import EchoUpstream, by_case
 
 from fastpath.agent import Agent
 
@@ -33,19 +33,7 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
             "response_code": "PERMANENT_REDIRECT"}},
         {"name": "up", "match": {"prefix": "/"}, "route": {"cluster": "up"}},
     ]
-    listener = {"name": "out", "address": {"socket_address": {"address": "127.0.0.1",
-                                                              "port_value": port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {"@type": HCM_T, "stat_prefix": "out",
-                                     "http_filters": [ROUTER],
-                                     "route_config": {"name": "rc", "virtual_hosts": [
-                                         {"name": "all", "domains": ["*"],
-                                          "routes": routes}]}}}]}]}
-    cluster = {"name": "up", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
-        "cluster_name": "up", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": "127.0.0.1", "port_value": up_port}}}}]}]}}
-    return listener, cluster
+    return listener_and_cluster(port, up_port, routes)
 
 
 class RedirEnvoy(StaticEnvoy):
