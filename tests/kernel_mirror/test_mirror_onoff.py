@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.ma
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE.parent / "kernel_retry" / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
-from onoff_mesh import prepare, run_driver  # noqa: E402
+from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
 
 GAP_MS = 50  # fast path on: lets the agent refill the pools between connections
 BIG = 5000  # bytes of body: too big to copy, Envoy mirrors that request
@@ -80,21 +79,10 @@ def gen_requests() -> list[dict[str, Any]]:
     return reqs
 
 
-def _get(url: str) -> str:
-    return urllib.request.urlopen(url, timeout=5).read().decode()
-
-
-def wait_ready(admin: str, timeout: float = 90.0) -> None:
+def wait_ready(admin: str) -> None:
     """Until every pod's plan is applied and the client has a free pooled
-    upstream to web (the agent compiles one node at a time)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        nodes = json.loads(_get(f"http://{admin}/debug/fastpath")).get("nodes", [])
-        if len(nodes) == 3 and all(n["plan_version"] for n in nodes):
-            client = next(n for n in nodes if n["pod"].startswith("client"))
-            if any(p["free"] for p in client["pools"]):
-                return
-        time.sleep(0.5)
+    upstream to web."""
+    wait_plans(admin, pods=3, free_pools=1, timeout=90.0)
 
 
 def expected_shadows() -> dict[str, int]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
 import deadline_cases  # noqa: E402
-from onoff_mesh import prepare, run_driver  # noqa: E402
+from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
 
 GAP_MS = 100  # fast path on: lets the agent refill the pools between connections
 
@@ -106,25 +105,10 @@ def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]],
     return {"results": results, "seen": seen, "expected": expected, "counts": counts, "dbg": dbg}
 
 
-def _get(url: str) -> str:
-    import urllib.request
-
-    return urllib.request.urlopen(url, timeout=5).read().decode()
-
-
-def wait_pools(admin: str, timeout: float = 60.0) -> None:
-    """Until every pod's plan is applied (the agent compiles one node at a time,
-    and a retry waits for the agent's thread) and the client node has free
-    pooled upstreams to flaky (both pods) and solo."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        dbg = json.loads(_get(f"http://{admin}/debug/fastpath"))
-        nodes = dbg.get("nodes", [])
-        if len(nodes) == 4 and all(n["plan_version"] for n in nodes):
-            for n in nodes:
-                if n["pod"].startswith("client") and sum(1 for p in n["pools"] if p["free"]) >= 3:
-                    return
-        time.sleep(0.5)
+def wait_pools(admin: str) -> None:
+    """Until every pod's plan is applied (a retry waits for the agent's thread)
+    and the client node has free pooled upstreams to flaky (both pods) and solo."""
+    wait_plans(admin, pods=4, free_pools=3, timeout=60.0)
 
 
 def view(res: dict[str, Any]) -> dict[str, Any]:
