@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from k2_http import recv_head
+from k2_http import recv_body, recv_head
 
 from fastpath.loader import cgroup2_root
 
@@ -66,12 +66,10 @@ class HttpServer:
                     k, _, v = ln.partition(":")
                     if k.strip().lower() == "content-length":
                         n = int(v.strip())
-                while len(rest) < n:
-                    d = c.recv(65536)
-                    if not d:
-                        return
-                    rest += d
-                body, buf = rest[:n], rest[n:]
+                got_body = recv_body(c, rest, n)
+                if got_body is None:
+                    return
+                body, buf = got_body
                 with self._lock:
                     self.seen.append(lines[0])
                 out = json.dumps({"by": self.name, "line": lines[0], "headers": lines[1:],

@@ -1,5 +1,6 @@
 """The one HTTP/1.1 head reader of the test upstream servers (k2_helpers.HttpServer,
-k2_ret_server, k2_slow), and their threaded accept loop (ThreadedServer). Standard library only: k2_slow runs as a script inside
+k2_ret_server, k2_slow), their Content-Length body reader (recv_body) and threaded
+accept loop (ThreadedServer). Standard library only: k2_slow runs as a script inside
 mesh pods."""
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ def recv_head(c: socket.socket, buf: bytes,
         buf += d
     head, _, rest = buf.partition(b"\r\n\r\n")
     return head, rest
+
+
+def recv_body(c: socket.socket, buf: bytes, n: int) -> tuple[bytes, bytes] | None:
+    """Read from `c` until `buf` holds a body of `n` bytes: (body, bytes after
+    it), or None when the peer closed first."""
+    while len(buf) < n:
+        d = c.recv(65536)
+        if not d:
+            return None
+        buf += d
+    return buf[:n], buf[n:]
 
 
 def read_response_head(f) -> tuple[int, dict[str, str]] | None:  # type: ignore[no-untyped-def]

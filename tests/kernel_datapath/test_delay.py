@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from k2_envoy import StaticEnvoy, listener_and_cluster, pick_free_port, write_json_config
-from k2_http import ThreadedServer, recv_head
+from k2_http import ThreadedServer, recv_body, recv_head
 from k2_plan import load_plan, run_client, split_plan
 
 from fastpath.agent import Agent
@@ -48,13 +48,10 @@ class EchoUpstream(ThreadedServer):
                 lines = head.decode("latin-1").split("\r\n")
                 hdrs = [(k.strip().lower(), v.strip()) for k, _, v in
                         (ln.partition(":") for ln in lines[1:])]
-                n = int(dict(hdrs).get("content-length", "0"))
-                while len(buf) < n:
-                    d = c.recv(65536)
-                    if not d:
-                        return
-                    buf += d
-                body, buf = buf[:n], buf[n:]
+                got_body = recv_body(c, buf, int(dict(hdrs).get("content-length", "0")))
+                if got_body is None:
+                    return
+                body, buf = got_body
                 rec = {"line": lines[0], "headers": hdrs, "body": body.decode("latin-1")}
                 with self.lock:
                     self.seen.append(rec)
