@@ -25,6 +25,7 @@ without the needed BPF support gives one log line and no fast path.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 AGENTS: dict[int, Agent] = {}
 FIRST_APPLY_WAIT = 5.0  # s a node's first compile waits for its destinations' plans  # id(server) -> agent, for /debug/fastpath
+RELEASE_WAIT = 3.0  # s a detach waits for the sidecar to take its limiters back
 
 
 class Agent:
@@ -71,6 +73,11 @@ class Agent:
         self._thread: threading.Thread | None = None
         self._plans_thread: threading.Thread | None = None
         self.loop = {"turns": 0, "max_gap_s": 0.0}  # the event thread, for /debug/fastpath
+        # rule 3, one owner per bucket: node id -> version of the plan whose
+        # buckets its l7fp program runs; the server strips Envoy's limiters
+        # only for these (owns_limits); `server` is set by start()
+        self.owned: dict[str, str] = {}
+        self.server: Any = None
 
     # ---- control (any thread) ------------------------------------------------
     def start(self) -> None:
@@ -90,7 +97,46 @@ class Agent:
             # every node with a plan: one may be compiling right now (not in nodes yet)
             self.recheck |= set(self.plans) - {node_id}
 
+    def owns_limits(self, node_id: str, plan: Any) -> bool:
+        """The server's limiter-owner predicate (XdsServer.set_limit_owner): True
+        only while `plan` runs with its buckets in this node's l7fp program."""
+        with self.lock:
+            return not self._stop.is_set() and \
+                self.owned.get(node_id) == getattr(plan, "version", None)
+
+    def _claim(self, node_id: str, plan: KernelPlan) -> None:
+        """After `plan` is live in the node's l7fp program: the kernel owns its
+        buckets; the server drops Envoy's limiters (both limit meanwhile)."""
+        with self.lock:
+            if self.owned.get(node_id) == plan.version:
+                return
+            self.owned[node_id] = plan.version
+        if self.server is not None:
+            self.server.resplit([node_id])
+
+    def release(self, node_ids: list[str], wait: bool = True) -> None:
+        """Before a node's program is detached or replaced: Envoy takes its
+        limiters back. With `wait` (not on the server's loop), until the
+        server has published and the sidecar ACKed (bounded: RELEASE_WAIT)."""
+        with self.lock:
+            gone = [n for n in node_ids if self.owned.pop(n, None) is not None]
+        if not gone or self.server is None:
+            return
+        fut = self.server.resplit(gone)
+        if not wait:
+            return
+        end = time.monotonic() + RELEASE_WAIT
+        try:
+            fut.result(RELEASE_WAIT)
+        except Exception:
+            log.exception("fast path: handing limiters of %s back to Envoy", gone)
+        while time.monotonic() < end and not all(self.server.limits_acked(n) for n in gone):
+            time.sleep(0.02)
+
     def stop(self) -> None:
+        """Hand every limiter back to Envoy, then detach (module stop() calls
+        release on the server's loop first, so the push is not held here)."""
+        self.release(list(self.owned), wait=False)
         self._stop.set()
         for t in (self._thread, self._plans_thread):
             if t is not None:
@@ -219,6 +265,7 @@ class Agent:
         if node is not None and node.mode == "l7fp" and _cflags(merged.plan) != node.cflags:
             # the plan needs another compiled program: rebuild the node; its
             # connections lose their upstreams and go to Envoy (never misrouted)
+            self.release([node_id])  # Envoy limits first (make-before-break)
             with self.lock:
                 self.nodes.pop(node_id, None)
             with node.busy:
@@ -241,8 +288,14 @@ class Agent:
                            self._cgroup_of)
                 node.notes.update({f"inbound {ip}:{port}": why
                                    for (ip, port), why in merged.refused.items()})
+                claim = True
             else:
                 node.apply(plan, self._vips, self._netns_of, self._inbound_ok, self._cgroup_of)
+                claim = False  # the built-in decision offers no rate limit to the kernel
+        if claim:
+            self._claim(node_id, plan)
+        else:
+            self.release([node_id])
 
     def _start_node(self, node_id: str, plan: KernelPlan) -> NodeDatapath | None:
         if node_id in self.failed:
@@ -369,6 +422,9 @@ def start(server: Any, args: Any) -> Agent | None:
         getattr(args, "fastpath_access_log", 16)
     agent = Agent(_state_path(args), access_log=sample,
                   decide=getattr(args, "fastpath_decide", "l7fp"))
+    agent.server = server
+    if hasattr(server, "set_limit_owner"):
+        server.set_limit_owner(agent.owns_limits)
     server.add_plan_listener(agent.on_plan)
     registry = getattr(getattr(server, "metrics", None), "registry", None)
     if registry is not None:
@@ -379,9 +435,20 @@ def start(server: Any, args: Any) -> Agent | None:
     return agent
 
 
-def stop(agent: Agent | None) -> None:
+async def stop(agent: Agent | None) -> None:
+    """Hook for `l7fp serve` shutdown, on the server's loop: Envoy takes every
+    limiter back (pushed, ACKed or RELEASE_WAIT s), then the programs detach."""
     if agent is None:
         return
+    server = agent.server
+    owned = list(agent.owned)
+    agent.release(owned, wait=False)  # on the loop: published at once
+    if server is not None:
+        end = time.monotonic() + RELEASE_WAIT
+        while time.monotonic() < end and not all(server.limits_acked(n) for n in owned):
+            await asyncio.sleep(0.02)
+        if hasattr(server, "set_limit_owner"):
+            server.set_limit_owner(None)
     agent.stop()
     for k, v in list(AGENTS.items()):
         if v is agent:

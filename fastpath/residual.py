@@ -39,9 +39,15 @@ from fastpath.plan import Direction, KernelPlan, ListenerPlan, Verdict
 _DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
 
 
-def residual(resources: Mapping[str, Sequence[Any]], plan: KernelPlan) -> dict[str, list[Any]]:
-    """``resources`` minus the rate limiters the kernel owns (messages are new copies)."""
+def residual(resources: Mapping[str, Sequence[Any]], plan: KernelPlan,
+             kernel_owns_limits: bool = True) -> dict[str, list[Any]]:
+    """``resources`` minus the rate limiters the kernel owns (messages are new copies).
+
+    ``kernel_owns_limits`` False (the agent does not run this node's plan with
+    its buckets): nothing is removed, Envoy keeps every limiter."""
     out = {k: list(v) for k, v in resources.items()}
+    if not kernel_owns_limits:
+        return out
     owned_routes = _kernel_limited_routes(plan)
     owned_listeners = {lp.name.split("#")[0] for lp in plan.listeners
                        if lp.local_rate_limit and lp.verdict is Verdict.KERNEL

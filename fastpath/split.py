@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastpath import envoy_model as em
@@ -23,10 +23,16 @@ from fastpath.residual import residual
 
 @dataclass(frozen=True)
 class SplitResult:
-    """``plan`` goes to the BPF agent; ``residual`` (type URL -> messages) to Envoy."""
+    """``plan`` goes to the BPF agent; a residual (type URL -> messages) to Envoy.
+
+    ``residual``: served while the kernel owns the node's rate limiters (the
+    agent runs the plan's buckets): Envoy's limiter is off on the KERNEL routes.
+    ``envoy_residual``: served otherwise (no agent, inline decision, plan not
+    applied yet): every limiter stays in Envoy (rule 3, docs/contracts.md)."""
 
     plan: KernelPlan
     residual: dict[str, list[Any]]
+    envoy_residual: dict[str, list[Any]] = field(default_factory=dict)
 
 
 # Wire bytes by message object. Snapshot messages are immutable once published
@@ -102,4 +108,5 @@ def split_snapshot(node_id: str, resources: Mapping[str, Sequence[Any]],
     wire = _wire(resources)
     res = resources_json(resources, wire)
     plan = plan_of(node_id, res, _version(wire), caps)
-    return SplitResult(plan=plan, residual=residual(resources, plan))
+    return SplitResult(plan=plan, residual=residual(resources, plan),
+                       envoy_residual=residual(resources, plan, kernel_owns_limits=False))

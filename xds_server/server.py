@@ -7,14 +7,18 @@ app over aiohttp, and `await stop()`.
 Other packages may call:
 * `add_plan_listener(cb)`: cb(node_id, plan) for each new fast-path plan;
 * `plans`: the latest KernelPlan per node id;
-* `request_push()`: a source changed (sources do this through Source.changed()).
+* `request_push()`: a source changed (sources do this through Source.changed());
+* `set_limit_owner(pred)` / `resplit(node_ids)`: the fast-path agent says which
+  nodes' rate limiters the kernel owns (docs/contracts.md, "Limiter ownership").
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any as AnyT
 
 from xds_server import consistency
@@ -28,6 +32,11 @@ from xds_server.sources.base import DuplicateResource, NodeResources, Source, co
 
 log = logging.getLogger(__name__)
 PlanListener = Callable[[str, AnyT], None]
+LimitOwner = Callable[[str, AnyT], bool]  # (node id, plan) -> the kernel owns its limiters
+
+
+def _nobody_owns(_node_id: str, _plan: AnyT) -> bool:
+    return False
 
 
 class XdsServer:
@@ -54,7 +63,10 @@ class XdsServer:
         self.last_push: dict[str, AnyT] = {}
         self._plan_listeners: list[PlanListener] = []
         self._streams: dict[str, int] = {}
-        self._split_memo: dict[str, tuple[Hashable, Snapshot]] = {}
+        # node id -> (resources key, split result, {kernel owns limiters: residual snapshot})
+        self._split_memo: dict[str, tuple[Hashable, AnyT, dict[bool, Snapshot]]] = {}
+        self.limit_owner: LimitOwner = _nobody_owns
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._memo: dict[Hashable, Snapshot] = {}
         self._debouncer = Debouncer(self._push, debounce, debounce_max)
         for s in sources:
@@ -62,6 +74,7 @@ class XdsServer:
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         for s in self.sources:
             await s.start()
         self._debouncer.start()
@@ -87,6 +100,57 @@ class XdsServer:
                 cb(node_id, plan)
             except Exception:
                 log.exception("plan listener failed for node %s", node_id)
+
+    # -- limiter ownership (fast path) --------------------------------------
+    def set_limit_owner(self, pred: LimitOwner | None) -> None:
+        """pred(node_id, plan) -> True when the kernel enforces that plan's rate
+        limits for the node (the agent's program with the plan's buckets is live).
+        Until then, and with None, every limiter stays in the node's residual."""
+        self.limit_owner = pred or _nobody_owns
+
+    def resplit(self, node_ids: Iterable[str]) -> concurrent.futures.Future[int]:
+        """Re-evaluate ownership and publish `node_ids` now (any thread).
+
+        The future completes once the snapshots are in the cache (pushed to the
+        streams); called on the server's own loop (or before start) it runs at once."""
+        fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+        ids = list(node_ids)
+
+        def run() -> None:
+            try:
+                n = sum(self.update_node(self.nodes[i], None, None) for i in ids if i in self.nodes)
+                fut.set_result(n)
+            except Exception as exc:  # the caller waits on it: never leave it pending
+                fut.set_exception(exc)
+
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop or loop.is_closed():
+            run()
+        else:
+            loop.call_soon_threadsafe(run)
+        return fut
+
+    def limits_acked(self, node_id: str) -> bool:
+        """True when every stream of the node has ACKed its current listeners and
+        route configs (SotW; a delta stream: nothing pending). The agent waits
+        for this before it detaches a node whose limiters Envoy takes back."""
+        snap = self.cache.get(node_id)
+        for conn in list(self.connections.values()):
+            if conn.node.id != node_id or snap is None:
+                continue
+            for type_url, ts in list(conn.state.types.items()):
+                if not type_url.endswith(("Listener", "RouteConfiguration")):
+                    continue
+                if getattr(ts, "pending", False):
+                    return False
+                acked = getattr(ts, "acked_version", None)
+                if acked is not None and acked != snap.version(type_url):
+                    return False
+        return True
 
     # -- snapshots --------------------------------------------------------
     def request_push(self) -> None:
@@ -145,14 +209,8 @@ class XdsServer:
 
     def _snapshot(self, node: NodeInfo, parts: NodeResources, used: set[Hashable] | None) -> Snapshot:
         if self.splitter is not None:
-            # The split is a pure function of (node, resources): skip it when neither changed.
-            hit = self._split_memo.get(node.id)
-            if hit is not None and hit[0] == parts.key:
-                return hit[1]
-            residual = self._split(node, parts)
-            if residual is not None:
-                split = Snapshot.from_messages(residual, parts.origins)
-                self._split_memo[node.id] = (parts.key, split)
+            split = self._split_snapshot(node, parts)
+            if split is not None:
                 return split
         if used is not None:
             used.add(parts.key)
@@ -162,14 +220,51 @@ class XdsServer:
             self._memo[parts.key] = snap
         return snap
 
-    def _split(self, node: NodeInfo, parts: NodeResources) -> dict[str, list[AnyT]] | None:
+    def _split_snapshot(self, node: NodeInfo, parts: NodeResources) -> Snapshot | None:
+        """The node's residual snapshot, or None to serve it unsplit.
+
+        The split is a pure function of (node, resources): it runs again only
+        when they changed. Which residual is served also depends on who owns the
+        rate limiters (rule 3): the memo key is (resources, ownership)."""
+        hit = self._split_memo.get(node.id)
+        if hit is None or hit[0] != parts.key:
+            result = self._split(node, parts)
+            if result is None:
+                return None
+            hit = (parts.key, result, {})
+            self._split_memo[node.id] = hit
+        _key, result, snaps = hit
+        owned = self._kernel_owns(node.id, result.plan)
+        snap = snaps.get(owned)
+        if snap is None:
+            snap = Snapshot.from_messages(_residual(result, owned, parts), parts.origins)
+            snaps[owned] = snap
+        return snap
+
+    def _kernel_owns(self, node_id: str, plan: AnyT) -> bool:
+        try:
+            return bool(self.limit_owner(node_id, plan))
+        except Exception:  # an unsure owner keeps the limiters in Envoy
+            log.exception("limiter owner check failed for node %s", node_id)
+            return False
+
+    def _split(self, node: NodeInfo, parts: NodeResources) -> AnyT | None:
         assert self.splitter is not None
         try:
             result = self.splitter(node.id, parts.resources)
-            residual = result.residual
+            result.residual  # noqa: B018 - a result without one is a split failure
         except Exception:
             self.metrics.split_errors.inc()
             log.exception("fast path split failed for node %s; serving it unsplit", node.id)
             return None
         self._set_plan(node.id, result.plan)
-        return residual  # type: ignore[no-any-return]
+        return result
+
+
+def _residual(result: AnyT, kernel_owns: bool, parts: NodeResources) -> dict[str, list[AnyT]]:
+    """`result.residual` when the kernel owns the node's limiters, else the
+    residual that keeps every limiter (`envoy_residual`; a splitter without
+    one: the resources as given, which keep them too)."""
+    if kernel_owns:
+        return result.residual  # type: ignore[no-any-return]
+    return getattr(result, "envoy_residual", None) or parts.resources
