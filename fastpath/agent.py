@@ -364,6 +364,7 @@ class Agent:
         return {"state": str(self.state_path) if self.state_path else None,
                 "pods_known": sorted(self.pods), "plans_known": sorted(self.plans),
                 "nodes_failed": self.failed, "event_loop": dict(self.loop),
+                "limits_owned": dict(self.owned),  # node -> plan version (rule 3)
                 "nodes": [n.debug() for n in nodes]}
 
 
@@ -441,14 +442,14 @@ async def stop(agent: Agent | None) -> None:
     if agent is None:
         return
     server = agent.server
+    if server is not None and hasattr(server, "set_limit_owner"):
+        server.set_limit_owner(None)  # first: a claim racing this stop strips nothing
     owned = list(agent.owned)
     agent.release(owned, wait=False)  # on the loop: published at once
     if server is not None:
         end = time.monotonic() + RELEASE_WAIT
         while time.monotonic() < end and not all(server.limits_acked(n) for n in owned):
             await asyncio.sleep(0.02)
-        if hasattr(server, "set_limit_owner"):
-            server.set_limit_owner(None)
     agent.stop()
     for k, v in list(AGENTS.items()):
         if v is agent:

@@ -24,6 +24,7 @@ import random
 import re
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -196,6 +197,7 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
         reapply(m, st["admin"], mode)
         results += drive(m, d / "rl2.json", reqs[half:], mode)
         took = time.monotonic() - t0
+        client_config = served_client_config(st["admin"])
         counts = fastpath_counts(st["admin"]) if mode == "on" else Counter()
         if mode == "on":  # kept for a failure's investigation
             after = urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath", timeout=5).read()
@@ -208,7 +210,17 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
     for f in logdir.glob("*.log"):
         if not f.name.startswith("client"):
             seen.update(ln for ln in f.read_text().split() if ln)
-    return {"results": results, "seen": seen, "counts": counts, "dbg": dbg, "send_s": took}
+    return {"results": results, "seen": seen, "counts": counts, "dbg": dbg, "send_s": took,
+            "client_config": client_config}
+
+
+def served_client_config(admin: str) -> str:
+    """What the server serves the client's sidecar (its config dump, JSON text)."""
+    syncz = json.loads(urllib.request.urlopen(f"http://{admin}/debug/syncz", timeout=5).read())
+    node = next(p["proxy"] for p in syncz if "client" in p["proxy"])
+    q = urllib.parse.quote(node)
+    dump = urllib.request.urlopen(f"http://{admin}/debug/config_dump?proxyID={q}", timeout=5).read()
+    return json.dumps(json.loads(dump))
 
 
 def echo(res: dict[str, Any]) -> dict[str, Any] | None:
@@ -367,6 +379,18 @@ def test_stateful_and_random_policies(runs: dict[str, Any], kernel: None) -> Non
         # 50/50: outside 3.5 sigma only about once in 2,000 runs
         sigma = (len(split) * 0.25) ** 0.5
         assert abs(v2 - len(split) / 2) <= 3.5 * sigma + 1, (mode, v2, len(split))
+
+
+def test_limiter_has_one_owner(runs: dict[str, Any], kernel: None) -> None:
+    """Rule 3: with the fast path on, the client's l7fp program owns its
+    outbound limiter (fastpath.agent.Agent.owns_limits), so the residual served
+    to its sidecar drops that listener's limiter (stat prefix k3_limited); with
+    it off, the sidecar keeps it."""
+    dbg = runs["on"]["dbg"]
+    client = [n["node"] for n in dbg["nodes"] if n["pod"].startswith("client")]
+    assert client and client[0] in dbg.get("limits_owned", {}), dbg.get("limits_owned")
+    assert "k3_limited" not in runs["on"]["client_config"]
+    assert "k3_limited" in runs["off"]["client_config"]
 
 
 def test_kernel_served_a_real_share(runs: dict[str, Any], kernel: None) -> None:
