@@ -26,6 +26,11 @@ rate limit was not enforced at all with the fast path on.
 Requests the kernel hands to Envoy on such a route (parse limit, empty pool) are
 charged to the kernel's bucket before being handed over, so the limit is never
 doubled (docs/split.md, "Owner rule").
+
+That residual is right only while the kernel runs the plan's buckets: the
+server serves it only when the fast-path agent owns the node's limiters, and
+otherwise the residual with ``kernel_owns_limits=False`` (every limiter kept;
+docs/contracts.md, "Limiter ownership").
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ Owned by xds_server; the other side is implemented by the fastpath package.
   on startup and shutdown. If `fastpath.agent` exists and has
   `start(server, args)` (sync or async, returning a handle), it is called;
   `stop(handle)` likewise. The agent subscribes to plans with
-  `server.add_plan_listener(callback(node_id, plan))`.
+  `server.add_plan_listener(callback(node_id, plan))`, and says which nodes'
+  rate limiters it owns with `server.set_limit_owner(pred)` (until then, and
+  with no agent, every limiter stays in the residual: docs/contracts.md,
+  "Limiter ownership").
 """
 
 from __future__ import annotations
