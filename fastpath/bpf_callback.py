@@ -90,50 +90,11 @@ def link_callback(main: bytes, cb: bytes) -> tuple[bytes, int]:
     return bytes(ins) + cb, patched
 
 
-def load_with_callback(bpf: Any, fn: str, cb: str, prog_type: int, log_size: int = 1 << 22) -> Any:
-    """Load BCC function `fn` of `bpf` with callback `cb` linked in; returns a
-    bcc Function (registered in bpf.funcs, so BCC's attach calls and cleanup
-    work on it). Raises RuntimeError with the verifier's last lines."""
-    from bcc import BPF
-
-    code, patched = link_callback(bpf.dump_func(fn), bpf.dump_func(cb))
-    if not patched:
-        raise RuntimeError(f"{fn.decode() if isinstance(fn, bytes) else fn}: no callback load to link")
-    btf = minimal_btf()
-    btf_buf = ctypes.create_string_buffer(btf, len(btf))
-    btf_fd = _bpf(_BTF_LOAD, _BtfLoadAttr(btf=ctypes.addressof(btf_buf), btf_size=len(btf)))
-    try:
-        finfo = struct.pack("<IIII", 0, 3, len(bpf.dump_func(fn)) // 8, 4)
-        fi_buf = ctypes.create_string_buffer(finfo, len(finfo))
-        code_buf = ctypes.create_string_buffer(code, len(code))
-        lic = ctypes.create_string_buffer(b"GPL")
-        log = ctypes.create_string_buffer(log_size)
-        attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(code) // 8,
-                             insns=ctypes.addressof(code_buf), license=ctypes.addressof(lic),
-                             log_level=0, log_size=0, log_buf=0,
-                             prog_name=(fn.encode() if isinstance(fn, str) else fn)[:15],
-                             prog_btf_fd=btf_fd, func_info_rec_size=8,
-                             func_info=ctypes.addressof(fi_buf), func_info_cnt=2)
-        try:
-            fd = _bpf(_PROG_LOAD, attr)
-        except OSError:
-            attr.log_level, attr.log_size, attr.log_buf = 1, log_size, ctypes.addressof(log)
-            try:
-                fd = _bpf(_PROG_LOAD, attr)
-            except OSError as e:
-                tail = log.value.decode(errors="replace").splitlines()[-6:]
-                raise RuntimeError(f"loading {fn!r} with callback {cb!r}: {e}: "
-                                   + " | ".join(tail)) from e
-    finally:
-        os.close(btf_fd)
-    name = fn.encode() if isinstance(fn, str) else fn
-    func = BPF.Function(bpf, name, fd)
-    bpf.funcs[name] = func
-    return func
-
-
-def verifier_log(bpf: Any, fn: str, cb: str, prog_type: int) -> str:
-    """The verifier's log (level 2 stats) of loading `fn` with `cb` (benchmarks)."""
+def _prog_load(bpf: Any, fn: str, cb: str, prog_type: int, log_level: int,
+               log: Any) -> int:
+    """BPF_PROG_LOAD of `fn` + `cb` with the minimal BTF's func_info (the one
+    load both `load_with_callback` and `verifier_log` make); the verifier's
+    log goes to `log` (a ctypes buffer) when `log_level` is set. Returns the fd."""
     code, _ = link_callback(bpf.dump_func(fn), bpf.dump_func(cb))
     btf = minimal_btf()
     btf_buf = ctypes.create_string_buffer(btf, len(btf))
@@ -143,17 +104,47 @@ def verifier_log(bpf: Any, fn: str, cb: str, prog_type: int) -> str:
         fi_buf = ctypes.create_string_buffer(finfo, len(finfo))
         code_buf = ctypes.create_string_buffer(code, len(code))
         lic = ctypes.create_string_buffer(b"GPL")
-        log = ctypes.create_string_buffer(1 << 16)
         attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(code) // 8,
                              insns=ctypes.addressof(code_buf), license=ctypes.addressof(lic),
-                             log_level=4, log_size=len(log), log_buf=ctypes.addressof(log),
+                             log_level=log_level, log_size=len(log) if log_level else 0,
+                             log_buf=ctypes.addressof(log) if log_level else 0,
+                             prog_name=(fn.encode() if isinstance(fn, str) else fn)[:15],
                              prog_btf_fd=btf_fd, func_info_rec_size=8,
                              func_info=ctypes.addressof(fi_buf), func_info_cnt=2)
-        fd = _bpf(_PROG_LOAD, attr)
-        os.close(fd)
-        return log.value.decode(errors="replace")
+        return _bpf(_PROG_LOAD, attr)
     finally:
         os.close(btf_fd)
+
+
+def load_with_callback(bpf: Any, fn: str, cb: str, prog_type: int, log_size: int = 1 << 22) -> Any:
+    """Load BCC function `fn` of `bpf` with callback `cb` linked in; returns a
+    bcc Function (registered in bpf.funcs, so BCC's attach calls and cleanup
+    work on it). Raises RuntimeError with the verifier's last lines."""
+    from bcc import BPF
+
+    if not link_callback(bpf.dump_func(fn), b"")[1]:
+        raise RuntimeError(f"{fn.decode() if isinstance(fn, bytes) else fn}: no callback load to link")
+    log = ctypes.create_string_buffer(log_size)
+    try:
+        fd = _prog_load(bpf, fn, cb, prog_type, 0, log)
+    except OSError:
+        try:  # again with the log, only to say why
+            fd = _prog_load(bpf, fn, cb, prog_type, 1, log)
+        except OSError as e:
+            tail = log.value.decode(errors="replace").splitlines()[-6:]
+            raise RuntimeError(f"loading {fn!r} with callback {cb!r}: {e}: "
+                               + " | ".join(tail)) from e
+    name = fn.encode() if isinstance(fn, str) else fn
+    func = BPF.Function(bpf, name, fd)
+    bpf.funcs[name] = func
+    return func
+
+
+def verifier_log(bpf: Any, fn: str, cb: str, prog_type: int) -> str:
+    """The verifier's log (level 4 stats) of loading `fn` with `cb` (benchmarks)."""
+    log = ctypes.create_string_buffer(1 << 16)
+    os.close(_prog_load(bpf, fn, cb, prog_type, 4, log))
+    return log.value.decode(errors="replace")
 
 
 DFA_CALLBACK = "l7fp_dfa_step"  # bpf_src/include/l7fp_dfa.h
