@@ -3,8 +3,9 @@ makes of the config a real Envoy runs, loaded into the agent, and a client
 script run inside the scoped cgroup (the same script then goes through Envoy
 only, once the test detaches the cgroup).
 
-Owner: K2. Callers: test_delay.py and test_timeouts.py (with k2_envoy.py for
-their Envoy).
+Owner: K2. Callers: test_delay.py, test_timeouts.py (with k2_envoy.py for
+their Envoy); load_plan also test_dfa_datapath.py, test_query_datapath.py and
+test_framing_l7fp.py.
 """
 
 from __future__ import annotations

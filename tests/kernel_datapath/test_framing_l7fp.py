@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 from k2_helpers import client_cmd
+from k2_plan import load_plan
 from test_agent import (
     Agent,
     ClusterAction,
@@ -23,7 +24,6 @@ from test_agent import (
     get,
     route,
     wait_for,
-    write_state,
 )
 
 from fastpath.plan import LocalRateLimit
@@ -117,21 +117,11 @@ def limited_plan(envoy_port: int, up_port: int) -> KernelPlan:
 
 
 @pytest.fixture
-def l7fp_agent(kernel, cgroup, envoy, upstream, tmp_path):  # type: ignore[no-untyped-def]
-    state = tmp_path / "state.json"
-    write_state(state, str(cgroup.path))
-    a = Agent(state, decide="l7fp")
-    a.start()
-    try:
-        a.on_plan("up", KernelPlan("up", "u1"))
-        a.on_plan("client", limited_plan(envoy.port, upstream.port))
-        wait_for(lambda: a.nodes.get("client") and a.nodes["client"].plan)
-        node = a.nodes["client"]
-        assert node.mode == "l7fp"
-        wait_for(lambda: any(p["free"] >= 4 for p in node.pools.snapshot()))
-        yield a
-    finally:
-        a.stop()
+def l7fp_agent(agent, envoy, upstream):  # type: ignore[no-untyped-def]
+    node = load_plan(agent, limited_plan(envoy.port, upstream.port))
+    assert node.mode == "l7fp"
+    wait_for(lambda: any(p["free"] >= 4 for p in node.pools.snapshot()))
+    return agent
 
 
 def deny_replies(agent: Agent) -> int:

@@ -10,15 +10,13 @@ import json
 from dataclasses import replace
 
 import pytest
+from k2_plan import load_plan
 from test_agent import (
-    Agent,
     ClusterAction,
     KernelPlan,
     WeightedCluster,
     client_plan,
     run,
-    wait_for,
-    write_state,
 )
 
 from fastpath.plan import (
@@ -51,28 +49,17 @@ def _plan(envoy_port: int, up_port: int) -> KernelPlan:
     return replace(plan, listeners=(replace(lst, virtual_hosts=(replace(vh, routes=routes),)),))
 
 
-def test_query_matchers_on_the_data_path(kernel, cgroup, envoy, upstream, tmp_path):  # type: ignore[no-untyped-def]
-    state = tmp_path / "state.json"
-    write_state(state, str(cgroup.path))
-    a = Agent(state, decide="l7fp")
-    a.start()
-    try:
-        a.on_plan("up", KernelPlan("up", "u1"))
-        a.on_plan("client", _plan(envoy.port, upstream.port))
-        wait_for(lambda: a.nodes.get("client") and a.nodes["client"].plan)
-        node = a.nodes["client"]
-        assert node.mode == "l7fp"
-        wait_for(lambda: any(p["free"] for p in node.pools.snapshot()))
-        req = "GET {} HTTP/1.1\r\nHost: svc\r\n\r\n".format
-        out = run(cgroup, envoy.port, [[{"send": [req("/a?b=1&great=example")]},
-                                        {"send": [req("/a?x&great=exampl")]},
-                                        {"send": [req("/a?great=example+")]},
-                                        {"send": [req("/a?great=example2")]}]])[0]
-        fast, denied, plus, punted = out
-        assert fast["status"] == 200 and "x-via" not in fast["headers"], fast
-        assert json.loads(fast["body"])["line"] == "GET /a?b=1&great=example HTTP/1.1"
-        assert denied["status"] == 403 and denied["body"] == "no x", denied
-        assert plus["headers"].get("x-via") == "envoy", plus
-        assert punted["headers"].get("x-via") == "envoy", punted
-    finally:
-        a.stop()
+def test_query_matchers_on_the_data_path(agent, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    node = load_plan(agent, _plan(envoy.port, upstream.port))
+    assert node.mode == "l7fp"
+    req = "GET {} HTTP/1.1\r\nHost: svc\r\n\r\n".format
+    out = run(cgroup, envoy.port, [[{"send": [req("/a?b=1&great=example")]},
+                                    {"send": [req("/a?x&great=exampl")]},
+                                    {"send": [req("/a?great=example+")]},
+                                    {"send": [req("/a?great=example2")]}]])[0]
+    fast, denied, plus, punted = out
+    assert fast["status"] == 200 and "x-via" not in fast["headers"], fast
+    assert json.loads(fast["body"])["line"] == "GET /a?b=1&great=example HTTP/1.1"
+    assert denied["status"] == 403 and denied["body"] == "no x", denied
+    assert plus["headers"].get("x-via") == "envoy", plus
+    assert punted["headers"].get("x-via") == "envoy", punted
