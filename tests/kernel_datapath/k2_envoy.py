@@ -1,7 +1,7 @@
 """A real Envoy with a static config, the slow path of the data-path kernel tests (K2).
 
-Owner: K2. Callers: conftest.Envoy (the /deny policy), test_delay.DelayEnvoy and
-test_timeouts.TimeoutEnvoy (their own routes in `listener_and_cluster`). The Envoy is the
+Owner: K2. Callers: conftest.Envoy (the /deny policy), and through ResourcesEnvoy
+test_delay, test_timeouts and test_redirect (their own routes in `listener_and_cluster`). The Envoy is the
 child of the test process, so it lives no longer than the test; the caller's
 fixture calls `close()`.
 """
@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,20 @@ class StaticEnvoy:
 
     def close(self) -> None:
         stop_process(self.proc)
+
+
+class ResourcesEnvoy(StaticEnvoy):
+    """A real Envoy on a free port running `make(port, up_port)`'s listener and
+    cluster, which it keeps (`.listener`, `.cluster`) for the split of the same
+    config; config and log are `workdir`/envoy-NAME.*."""
+
+    def __init__(self, binary: str, name: str,
+                 make: Callable[[int, int], tuple[dict[str, Any], dict[str, Any]]],
+                 up_port: int, workdir: Path) -> None:
+        port = pick_free_port()
+        self.listener, self.cluster = make(port, up_port)
+        cfg = write_json_config(workdir, name, self.listener, self.cluster)
+        super().__init__(binary, cfg, port, workdir / f"envoy-{name}.log")
 
 
 def write_json_config(workdir: Path, name: str, listener: dict[str, Any],

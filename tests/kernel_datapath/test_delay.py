@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import StaticEnvoy, listener_and_cluster, pick_free_port, write_json_config
+from k2_envoy import ResourcesEnvoy, listener_and_cluster
 from k2_http import ThreadedServer, recv_body, recv_head
 from k2_plan import load_plan, run_client, split_plan
 
@@ -85,16 +85,6 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return listener_and_cluster(port, up_port, routes, (fault,))
 
 
-class DelayEnvoy(StaticEnvoy):
-    """A real Envoy (child of the test process) with `resources()`."""
-
-    def __init__(self, binary: str, up_port: int, workdir: Path) -> None:
-        port = pick_free_port()
-        self.listener, self.cluster = resources(port, up_port)
-        cfg = write_json_config(workdir, "delay", self.listener, self.cluster)
-        super().__init__(binary, cfg, port, workdir / "envoy-delay.log")
-
-
 @pytest.fixture
 def echo() -> Iterator[EchoUpstream]:
     s = EchoUpstream()
@@ -103,8 +93,8 @@ def echo() -> Iterator[EchoUpstream]:
 
 
 @pytest.fixture
-def denvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[DelayEnvoy]:
-    e = DelayEnvoy(envoy_bin, echo.port, tmp_path)
+def denvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
+    e = ResourcesEnvoy(envoy_bin, "delay", resources, echo.port, tmp_path)
     yield e
     e.close()
 
@@ -129,7 +119,7 @@ def run(cgroup: Any, port: int) -> list[list[dict[str, Any]]]:
     return run_client(cgroup, CLIENT, port, SCRIPT)  # type: ignore[no-any-return]
 
 
-def start_plan(agent: Agent, denvoy: DelayEnvoy) -> Any:
+def start_plan(agent: Agent, denvoy: ResourcesEnvoy) -> Any:
     plan = split_plan(denvoy.listener, denvoy.cluster, KernelCaps(fault_delays=True))
     routes = {r.name: r for r in plan.listeners[0].virtual_hosts[0].routes}
     assert {n: r.verdict.value for n, r in routes.items()} == {
@@ -141,7 +131,7 @@ def by_case(seen: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {dict(r["headers"])["x-case"]: r for r in seen}
 
 
-def test_fault_delay_matches_envoy(agent: Agent, cgroup: Any, denvoy: DelayEnvoy,
+def test_fault_delay_matches_envoy(agent: Agent, cgroup: Any, denvoy: ResourcesEnvoy,
                                    echo: EchoUpstream) -> None:
     node = start_plan(agent, denvoy)
     assert node.mode == "l7fp" and "-DDP_DELAY=1" in node.cflags

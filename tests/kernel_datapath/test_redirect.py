@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import StaticEnvoy, listener_and_cluster, pick_free_port, write_json_config
+from k2_envoy import ResourcesEnvoy, listener_and_cluster
 from k2_plan import load_plan, run_client, split_plan
 from test_delay import EchoUpstream, by_case
 
@@ -36,16 +36,6 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return listener_and_cluster(port, up_port, routes)
 
 
-class RedirEnvoy(StaticEnvoy):
-    """A real Envoy (child of the test process) with `resources()`."""
-
-    def __init__(self, binary: str, up_port: int, workdir: Path) -> None:
-        port = pick_free_port()
-        self.listener, self.cluster = resources(port, up_port)
-        cfg = write_json_config(workdir, "redirect", self.listener, self.cluster)
-        super().__init__(binary, cfg, port, workdir / "envoy-redirect.log")
-
-
 @pytest.fixture
 def echo() -> Iterator[EchoUpstream]:
     s = EchoUpstream()
@@ -54,8 +44,8 @@ def echo() -> Iterator[EchoUpstream]:
 
 
 @pytest.fixture
-def renvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[RedirEnvoy]:
-    e = RedirEnvoy(envoy_bin, echo.port, tmp_path)
+def renvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
+    e = ResourcesEnvoy(envoy_bin, "redirect", resources, echo.port, tmp_path)
     yield e
     e.close()
 
@@ -76,7 +66,7 @@ def shape(r: dict[str, Any]) -> tuple[Any, ...]:
     return (r["status"], r["end"], r["body"], *(r["headers"].get(k) for k in KEYS))
 
 
-def test_redirect_matches_envoy(agent: Agent, cgroup: Any, renvoy: RedirEnvoy,
+def test_redirect_matches_envoy(agent: Agent, cgroup: Any, renvoy: ResourcesEnvoy,
                                 echo: EchoUpstream) -> None:
     plan = split_plan(renvoy.listener, renvoy.cluster)
     routes = plan.listeners[0].virtual_hosts[0].routes

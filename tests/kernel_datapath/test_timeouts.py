@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import StaticEnvoy, listener_and_cluster, pick_free_port, write_json_config
+from k2_envoy import ResourcesEnvoy, listener_and_cluster
 from k2_plan import load_plan, run_client, split_plan
 from k2_slow import SlowServer
 from test_agent import wait_for
@@ -34,16 +34,6 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return listener_and_cluster(port, up_port, routes)
 
 
-class TimeoutEnvoy(StaticEnvoy):
-    """A real Envoy (child of the test process) with `resources()`."""
-
-    def __init__(self, binary: str, up_port: int, workdir: Path) -> None:
-        port = pick_free_port()
-        self.listener, self.cluster = resources(port, up_port)
-        cfg = write_json_config(workdir, "timeouts", self.listener, self.cluster)
-        super().__init__(binary, cfg, port, workdir / "envoy-timeouts.log")
-
-
 @pytest.fixture
 def slow() -> Iterator[SlowServer]:
     s = SlowServer()
@@ -52,8 +42,8 @@ def slow() -> Iterator[SlowServer]:
 
 
 @pytest.fixture
-def tenvoy(envoy_bin: str, slow: SlowServer, tmp_path: Path) -> Iterator[TimeoutEnvoy]:
-    e = TimeoutEnvoy(envoy_bin, slow.port, tmp_path)
+def tenvoy(envoy_bin: str, slow: SlowServer, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
+    e = ResourcesEnvoy(envoy_bin, "timeouts", resources, slow.port, tmp_path)
     yield e
     e.close()
 
@@ -83,11 +73,11 @@ SCRIPT = [
 ]
 
 
-def start_plan(agent: Agent, tenvoy: TimeoutEnvoy) -> Any:
+def start_plan(agent: Agent, tenvoy: ResourcesEnvoy) -> Any:
     return load_plan(agent, split_plan(tenvoy.listener, tenvoy.cluster))
 
 
-def test_timeouts_match_envoy(agent: Agent, cgroup: Any, tenvoy: TimeoutEnvoy,
+def test_timeouts_match_envoy(agent: Agent, cgroup: Any, tenvoy: ResourcesEnvoy,
                               slow: SlowServer) -> None:
     node = start_plan(agent, tenvoy)
     assert node.mode == "l7fp"
@@ -135,7 +125,7 @@ def test_timeouts_match_envoy(agent: Agent, cgroup: Any, tenvoy: TimeoutEnvoy,
     wait_for(lambda: late_conns <= {e["conn"] for e in slow.ends()}, 5)
 
 
-def test_response_started_then_stalled_is_cut(agent: Agent, cgroup: Any, tenvoy: TimeoutEnvoy,
+def test_response_started_then_stalled_is_cut(agent: Agent, cgroup: Any, tenvoy: ResourcesEnvoy,
                                               slow: SlowServer) -> None:
     """Head sent, body stalls past the deadline: Envoy closes the client
     connection (after its delayed_close_timeout); the kernel path destroys it."""
