@@ -22,6 +22,10 @@ from typing import Any
 
 import pytest
 
+from fastpath import envoy_model as em
+from fastpath.classify import Resources
+from fastpath.plan import KernelPlan
+from fastpath.split import plan_of
 from tests.support.procs import stop_process
 
 CLUSTERS = ("c0", "c1", "c2")
@@ -153,3 +157,12 @@ def http_request(port: int, method: str, path: str, host: str,
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+def bootstrap_plan(node: str, boot: dict[str, Any], executable: bool = True) -> KernelPlan:
+    """The KernelPlan of a static bootstrap's listeners and clusters (either key
+    spelling), as the split makes it of the config the test's Envoy runs."""
+    sr = boot.get("staticResources", boot.get("static_resources", {}))
+    listeners = [em.to_json(em.parse(em.LISTENER, x)) for x in sr.get("listeners", [])]
+    clusters = [em.to_json(em.parse(em.CLUSTER, x)) for x in sr.get("clusters", [])]
+    return plan_of(node, Resources(listeners, {}, clusters, {}), executable=executable)

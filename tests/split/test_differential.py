@@ -18,11 +18,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from fastpath import envoy_model as em
-from fastpath.classify import Resources
 from fastpath.plan import Verdict
 from fastpath.reference import Decision, Request, decide
-from fastpath.split import plan_of
-from tests.split.harness import CLUSTERS, EnvoyProc, free_ports, http_request
+from tests.split.harness import CLUSTERS, EnvoyProc, bootstrap_plan, free_ports, http_request
 from tests.split.tables import FAULT_T, requests, route_table
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
@@ -97,9 +95,7 @@ def test_reference_model_agrees_with_envoy(envoy_bin: str, echo_upstreams: dict[
                                            tables: list[dict[str, Any]], reqs: list[Request]) -> None:
     *ports, admin = free_ports(TABLES + 1)
     boot = bootstrap(tables, ports, echo_upstreams, admin)
-    listeners = [em.to_json(em.parse(em.LISTENER, x)) for x in boot["static_resources"]["listeners"]]
-    clusters = [em.to_json(em.parse(em.CLUSTER, x)) for x in boot["static_resources"]["clusters"]]
-    plan = plan_of("test", Resources(listeners, {}, clusters, {}), executable=False)
+    plan = bootstrap_plan("test", boot, executable=False)
     # Only the routes given a retry that can fire are ENVOY: they stay as punt
     # entries, and a request that reaches one must not fall through to a later route.
     for lp in plan.listeners:

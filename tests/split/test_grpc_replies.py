@@ -16,11 +16,9 @@ from typing import Any
 import pytest
 
 from fastpath import envoy_model as em
-from fastpath.classify import Resources
 from fastpath.plan import KernelPlan
 from fastpath.reference import Request, State, decide
-from fastpath.split import plan_of
-from tests.split.harness import EnvoyProc, free_ports
+from tests.split.harness import EnvoyProc, bootstrap_plan, free_ports
 from tests.split.test_lrl_headers import limiter
 
 pytestmark = [pytest.mark.envoy]
@@ -57,8 +55,7 @@ def bootstrap(port: int, admin: int) -> dict[str, Any]:
 
 
 def plan_from(boot: dict[str, Any]) -> KernelPlan:
-    listeners = [em.to_json(em.parse(em.LISTENER, x)) for x in boot["staticResources"]["listeners"]]
-    return plan_of("grpc", Resources(listeners, {}, [], {}))
+    return bootstrap_plan("grpc", boot)
 
 
 def requests(ct: str | None) -> list[Request]:

@@ -17,13 +17,11 @@ from typing import Any
 import pytest
 
 from fastpath import envoy_model as em
-from fastpath.classify import Resources
 from fastpath.classify_route import local_rate_limit
 from fastpath.plan import KernelPlan, Verdict
 from fastpath.reference import Decision, Request, State, decide
-from fastpath.split import plan_of
 from fastpath.synth import reply_bytes
-from tests.split.harness import EnvoyProc, free_ports
+from tests.split.harness import EnvoyProc, bootstrap_plan, free_ports
 
 pytestmark = [pytest.mark.envoy]
 
@@ -77,10 +75,7 @@ def bootstrap(port: int, admin: int, upstream: int) -> dict[str, Any]:
 
 
 def plan_from(boot: dict[str, Any]) -> KernelPlan:
-    sr = boot["staticResources"]
-    listeners = [em.to_json(em.parse(em.LISTENER, x)) for x in sr["listeners"]]
-    clusters = [em.to_json(em.parse(em.CLUSTER, x)) for x in sr["clusters"]]
-    return plan_of("lrl", Resources(listeners, {}, clusters, {}))
+    return bootstrap_plan("lrl", boot)
 
 
 # (method, path): the listener bucket (2 tokens) over "/", the route's (1) on /mixed

@@ -15,11 +15,9 @@ from typing import Any
 import pytest
 
 from fastpath import envoy_model as em
-from fastpath.classify import Resources
 from fastpath.plan import KernelPlan
 from fastpath.reference import Request, decide
-from fastpath.split import plan_of
-from tests.split.harness import EnvoyProc, free_ports, http_request
+from tests.split.harness import EnvoyProc, bootstrap_plan, free_ports, http_request
 
 pytestmark = [pytest.mark.envoy]
 
@@ -64,8 +62,7 @@ def bootstrap(ports: list[int], admin: int) -> dict[str, Any]:
 
 
 def plan_from(boot: dict[str, Any], executable: bool = False) -> KernelPlan:
-    listeners = [em.to_json(em.parse(em.LISTENER, x)) for x in boot["static_resources"]["listeners"]]
-    return plan_of("n", Resources(listeners, {}, [], {}), executable=executable)
+    return bootstrap_plan("n", boot, executable)
 
 
 def test_query_matchers_model_equals_envoy(envoy_bin: str) -> None:

@@ -19,11 +19,9 @@ from typing import Any
 import pytest
 
 from fastpath import envoy_model as em
-from fastpath.classify import Resources
 from fastpath.plan import KernelPlan, Verdict
 from fastpath.reference import Request, decide
-from fastpath.split import plan_of
-from tests.split.harness import EnvoyProc, free_ports
+from tests.split.harness import EnvoyProc, bootstrap_plan, free_ports
 
 pytestmark = [pytest.mark.envoy]
 
@@ -121,8 +119,7 @@ def bootstrap(ports: list[int], admin: int) -> dict[str, Any]:
 
 
 def plan_from(boot: dict[str, Any]) -> KernelPlan:
-    listeners = [em.to_json(em.parse(em.LISTENER, x)) for x in boot["staticResources"]["listeners"]]
-    return plan_of("rbacm", Resources(listeners, {}, [], {}))
+    return bootstrap_plan("rbacm", boot)
 
 
 def raw_request(req: Request) -> bytes:

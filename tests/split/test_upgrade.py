@@ -18,11 +18,9 @@ from typing import Any
 import pytest
 
 from fastpath import envoy_model as em
-from fastpath.classify import Resources
 from fastpath.plan import KernelPlan, Verdict
 from fastpath.reference import Request, decide
-from fastpath.split import plan_of
-from tests.split.harness import EnvoyProc, free_ports, http_request
+from tests.split.harness import EnvoyProc, bootstrap_plan, free_ports, http_request
 from tests.split.test_differential import allowed_clusters, compare
 
 pytestmark = [pytest.mark.envoy]
@@ -58,10 +56,7 @@ def bootstrap(port: int, admin: int, upstream: int) -> dict[str, Any]:
 
 
 def plan_from(boot: dict[str, Any]) -> KernelPlan:
-    sr = boot["staticResources"]
-    listeners = [em.to_json(em.parse(em.LISTENER, x)) for x in sr["listeners"]]
-    clusters = [em.to_json(em.parse(em.CLUSTER, x)) for x in sr["clusters"]]
-    return plan_of("ws", Resources(listeners, {}, clusters, {}))
+    return bootstrap_plan("ws", boot)
 
 
 def test_upgrade_route_agrees_with_envoy(envoy_bin: str, echo_upstreams: dict[str, int]) -> None:
