@@ -6,7 +6,9 @@ node's lock held), `on_event()` for a DP_EV_MIRROR record (event thread),
 `close()` when the node closes. It owns its sender threads and their sockets.
 
 The kernel posts a copy of each forwarded request that a route's mirror
-policies sampled. `on_event` turns it into the shadow (fastpath.mirror:
+policies sampled (the whole request: a cluster_header policy's header may be
+anywhere in the head). A cluster_header policy's cluster is chosen here, per
+copy, from the first value of that header, as Envoy's router does. `on_event` turns it into the shadow (fastpath.mirror:
 `-shadow` host, the primary destination's inbound header insert cut out) and
 queues one send per sampled policy, on a bounded queue: when it is full the
 shadow is dropped and counted, never waited for (the client's request is
@@ -34,7 +36,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from fastpath.mirror import MIRRORS_MAX, request_method, shadow_request
+from fastpath.mirror import (
+    MIRRORS_MAX,
+    header_cluster,
+    request_method,
+    shadow_request,
+    shadows_like_envoy,
+)
 from fastpath.plan import ClusterAction, KernelPlan, MirrorPolicy, Verdict
 from fastpath.retry import FramingError, response_end
 
@@ -69,6 +77,12 @@ def needs_mirror(plan: KernelPlan) -> bool:
                for lst in plan.listeners for vh in lst.virtual_hosts for r in vh.routes)
 
 
+def header_targets(plan: KernelPlan) -> dict[str, Endpoints]:
+    """Endpoints of each cluster of `plan` the agent shadows to as Envoy would."""
+    return {c.name: () if c.original_dst else tuple((e.address, e.port) for e in c.endpoints)
+            for c in plan.clusters if shadows_like_envoy(c)}
+
+
 _HEAD = struct.Struct("=8I")  # struct dp_mirror_ev up to req
 
 
@@ -96,11 +110,17 @@ class Shadow:
     timeout_s: float
 
 
+Endpoints = tuple[tuple[str, int], ...]
+
+
 @dataclass(frozen=True)
 class RoutePolicies:
     mirrors: tuple[MirrorPolicy, ...]
-    targets: tuple[tuple[tuple[str, int], ...], ...]  # per policy: its cluster's endpoints
+    targets: tuple[Endpoints, ...]  # per policy: its cluster's endpoints (cluster_header: ())
     timeout_s: float
+    # cluster name -> endpoints of every cluster of the plan a cluster_header
+    # policy may name (fastpath.mirror.shadows_like_envoy; ORIGINAL_DST: none)
+    by_name: dict[str, Endpoints] | None = None
 
 
 class Mirrorer:
@@ -135,7 +155,8 @@ class Mirrorer:
             targets = tuple(tuple((e.address, e.port) for e in c.endpoints) if (c := plan.cluster(m.cluster))
                             else () for m in mirrors)
             timeout = (r.action.timeout_ms / 1000.0) if r.action.timeout_ms else DEFAULT_TIMEOUT_S
-            self.routes[(gen, rid + 1)] = RoutePolicies(mirrors, targets, timeout)
+            by_name = header_targets(plan) if any(m.cluster_header for m in mirrors) else None
+            self.routes[(gen, rid + 1)] = RoutePolicies(mirrors, targets, timeout, by_name)
             leaf = t.Leaf()
             leaf.n = len(mirrors)
             for i, m in enumerate(mirrors):
@@ -161,7 +182,12 @@ class Mirrorer:
         for i, m in enumerate(pol.mirrors):
             if not mask & (1 << i):
                 continue
-            target = self._pick(m.cluster, pol.targets[i])
+            cluster, eps = m.cluster, pol.targets[i]
+            if m.cluster_header:
+                cluster, eps = self._by_header(m.cluster_header, req, pol)
+                if not cluster:
+                    continue
+            target = self._pick(cluster, eps)
             if target is None:
                 self._count("no_endpoint")
                 continue
@@ -170,6 +196,23 @@ class Mirrorer:
                 self._count("queued")
             except queue.Full:
                 self._count("dropped_queue_full")
+
+    def _by_header(self, header: str, req: bytes, pol: RoutePolicies) -> tuple[str, Endpoints]:
+        """The cluster a cluster_header policy names in this copy, and its
+        endpoints; ("", ()) and counted when Envoy would send nothing: no
+        header or an empty value (`no_cluster_header`), a name that is no
+        cluster of the plan (`unknown_cluster`; Envoy logs it at debug level
+        only). A cluster the kernel path cannot shadow to never gets here: its
+        name is a guard entry before the route (fastpath.mirror)."""
+        name = header_cluster(req, header)
+        if name is None:
+            self._count("no_cluster_header")
+            return "", ()
+        eps = (pol.by_name or {}).get(name)
+        if eps is None:
+            self._count("unknown_cluster")
+            return "", ()
+        return name, eps
 
     def _pick(self, cluster: str, eps: tuple[tuple[str, int], ...]) -> tuple[str, int] | None:
         if not eps:

@@ -276,7 +276,9 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
     reasons += _cluster_options(c)
     return Cluster(name, lb or LbPolicy.ROUND_ROBIN, tuple(eps), None, "transportSocket" in c,
                    Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(reasons),
-                   max_retries=max_retries(c.get("circuitBreakers", {})))
+                   max_retries=max_retries(c.get("circuitBreakers", {})),
+                   original_dst=kind == "ORIGINAL_DST"
+                   and not c.get("originalDstLbConfig", {}).get("useHttpHeader"))
 
 
 # Cluster fields with no effect on which endpoint serves a request or on what

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fastpath.classify_match import Reasons
-from fastpath.plan import HeaderMatch, Route, Verdict
+from fastpath.plan import HeaderMatch, Route, StringKind, StringMatch, Verdict
 
 CSRF_METHODS = ("POST", "PUT", "DELETE", "PATCH")  # Envoy csrf filter: modifyMethod()
 
@@ -31,6 +31,7 @@ class Guard:
     why: str
     header_present: str | None = None
     method: str | None = None
+    header_exact: tuple[str, str] | None = None  # (name, value)
 
 
 def _enabled(policy: dict[str, Any]) -> bool:
@@ -57,6 +58,13 @@ def csrf_guards(policy: dict[str, Any]) -> list[Guard]:
     return [Guard(f"{m} request: Envoy's CSRF filter checks its origin", method=m) for m in CSRF_METHODS]
 
 
+def mirror_header_guards(pairs: tuple[tuple[str, str], ...]) -> list[Guard]:
+    """Requests whose cluster_header names a cluster the kernel path cannot
+    shadow to as Envoy would (fastpath.mirror.header_guard_names) go to Envoy."""
+    return [Guard(f"request with {h}: {n} (mirror cluster_header naming a cluster the "
+                  "kernel path cannot shadow to)", header_exact=(h, n)) for h, n in pairs]
+
+
 def guard_routes(route: Route, guards: list[Guard]) -> tuple[list[Route], Reasons]:
     """The punt entries to put before ``route`` (KERNEL), and reasons when it
     cannot be guarded (its rate-limit bucket would then be split between the
@@ -70,6 +78,9 @@ def guard_routes(route: Route, guards: list[Guard]) -> tuple[list[Route], Reason
         m = route.match
         if g.header_present:
             m = replace(m, headers=m.headers + (HeaderMatch(g.header_present),))
+        if g.header_exact:
+            exact = StringMatch(StringKind.EXACT, g.header_exact[1])
+            m = replace(m, headers=m.headers + (HeaderMatch(g.header_exact[0], exact),))
         if g.method:
             if m.method and m.method != g.method:
                 continue  # the route never sees this method

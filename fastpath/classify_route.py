@@ -13,11 +13,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastpath.classify_delay import route_delay
-from fastpath.classify_guards import Guard, cors_guards, csrf_guards, guard_routes
+from fastpath.classify_guards import (
+    Guard,
+    cors_guards,
+    csrf_guards,
+    guard_routes,
+    mirror_header_guards,
+)
 from fastpath.classify_lrl import config_reasons, reply_headers
 from fastpath.classify_match import Reasons, route_match
 from fastpath.envoy_model import duration_ms, type_name
-from fastpath.mirror import mirror_policies
+from fastpath.mirror import header_guard_names, mirror_policies
 from fastpath.plan import (
     Action,
     Cluster,
@@ -131,6 +137,9 @@ def _classify(r: dict[str, Any], ctx: RouteContext) -> list[Route]:
     reasons += more
     delay, more = _delay(per_filter, action, ctx)
     reasons += more
+    more, mirror_guards = _mirror_header(action, adds, removes, ctx)
+    reasons += more
+    guards += mirror_guards
     cors = r.get("cors", ctx.vhost.get("cors"))
     if cors is not None and any(f.kind == "cors" and not f.disabled for f in ctx.filters):
         guards += cors_guards(cors)  # without the CORS filter the field does nothing
@@ -262,6 +271,24 @@ def _mirrors(a: dict[str, Any], ctx: RouteContext) -> tuple[tuple[MirrorPolicy, 
     if not ctx.caps.mirrors:
         return (), ["route requestMirrorPolicies"]
     return mirror_policies(items, ctx.clusters)
+
+
+def _mirror_header(action: Action, adds: list[HeaderValue], removes: list[str],
+                   ctx: RouteContext) -> tuple[Reasons, list[Guard]]:
+    """cluster_header mirror policies: guard entries for the names the kernel
+    path cannot shadow to (fastpath.mirror.header_guard_names); a route that
+    adds or removes that header itself stays ENVOY (the guards see the
+    client's value, Envoy's router the value after the route's changes)."""
+    if not isinstance(action, ClusterAction):
+        return [], []
+    headers = {m.cluster_header for m in action.mirrors if m.cluster_header}
+    if not headers:
+        return [], []
+    touched = sorted(headers & ({h.name.lower() for h in adds} | {h.lower() for h in removes}))
+    if touched:
+        return [f"mirror cluster_header {touched[0]} changed by the route's header adds/removes"], []
+    pairs, reasons = header_guard_names(action.mirrors, ctx.clusters)
+    return reasons, mirror_header_guards(pairs)
 
 
 def _weighted(w: dict[str, Any]) -> tuple[list[WeightedCluster], Reasons]:

@@ -195,11 +195,17 @@ class MirrorPolicy:
     """One of a route's request_mirror_policies (Envoy's shadowing): a sampled
     copy of the request goes, fire-and-forget, to ``cluster``; its Host gets
     ``-shadow`` appended unless ``host_suffix`` is False
-    (disable_shadow_host_suffix_append). The client's answer never depends on it."""
+    (disable_shadow_host_suffix_append). The client's answer never depends on it.
+
+    With ``cluster_header`` (``cluster`` is then ""), the cluster is the first
+    value of that request header (as forwarded, after the route's header adds):
+    no header, an empty value or a name that is no cluster of the node sends no
+    shadow (Envoy 1.40, fastpath.mirror.header_cluster)."""
 
     cluster: str
     per_million: int = 1_000_000  # runtime_fraction.default_value (absent: every request)
     host_suffix: bool = True
+    cluster_header: str = ""  # lower case; set: the cluster is named per request
 
 
 @dataclass(frozen=True)
@@ -454,6 +460,10 @@ class Cluster:
     verdict: Verdict = Verdict.KERNEL
     reason: str = ""
     max_retries: int = 3  # circuit breaker: concurrent retries of the cluster (Envoy default 3)
+    # ORIGINAL_DST picking the downstream connection's destination (not
+    # use_http_header): a shadow (no downstream connection) finds no host there,
+    # so Envoy sends it nowhere (seen with Envoy 1.40; fastpath.mirror)
+    original_dst: bool = False
 
 
 @dataclass(frozen=True)

@@ -392,13 +392,28 @@ def _apply(plan: KernelPlan, r: Route, req: Request, rng: random.Random, state: 
     return Decision("forward", cluster=cluster, endpoint=ep, path=path,
                     host=a.host_rewrite or req.host, add_headers=adds,
                     remove_headers=r.request_headers_to_remove, route=name,
-                    mirrors=_mirrors(a, rng))
+                    mirrors=_mirrors(plan, a, req.headers + adds, rng))
 
 
-def _mirrors(a: ClusterAction, rng: random.Random) -> tuple[str, ...]:
+def _mirrors(plan: KernelPlan, a: ClusterAction, headers: tuple[tuple[str, str], ...],
+             rng: random.Random) -> tuple[str, ...]:
     """The clusters of the policies whose fraction samples this request (one
-    draw per policy, as the kernel and Envoy's runtime do)."""
-    return tuple(m.cluster for m in a.mirrors if sampled(m.per_million, rng.getrandbits(32)))
+    draw per policy, as the kernel and Envoy's runtime do). A cluster_header
+    policy names the first value of its header in `headers` (the request's,
+    then the route's adds): none, empty or no cluster of the plan with a host
+    to send to sends nothing (fastpath.mirror.header_cluster)."""
+    out = []
+    for m in a.mirrors:
+        if not sampled(m.per_million, rng.getrandbits(32)):
+            continue
+        if not m.cluster_header:
+            out.append(m.cluster)
+            continue
+        name = next((v.strip() for k, v in headers if k.lower() == m.cluster_header), "")
+        c = plan.cluster(name) if name else None
+        if c is not None and c.endpoints and not c.original_dst:
+            out.append(name)
+    return tuple(out)
 
 
 def _prefix_rewrite(m: RouteMatch, path: str, rewrite: str) -> str:

@@ -76,8 +76,8 @@ def test_runtime_fraction(frac: dict[str, Any] | None, per_million: int) -> None
 
 
 def test_policies_that_stay_envoys() -> None:
-    _, why = mirror_policies([{"clusterHeader": "x"}], {"m": M})
-    assert why == ["request_mirror_policies[0] clusterHeader"]
+    got, why = mirror_policies([{"clusterHeader": "X-M"}], {"m": M})  # tests/split/test_mirror_header.py
+    assert got == (MirrorPolicy("", cluster_header="x-m"),) and not why
     _, why = mirror_policies([{}], {"m": M})
     assert why == ["request_mirror_policies[0] without a cluster name"]
     _, why = mirror_policies([{"cluster": "m", "requestHeadersMutations": []}], {"m": M})
