@@ -11,6 +11,10 @@ primary's, the same both ways, and `shadow` received the same copies (request
 line, host with `-shadow`, headers, body) both ways; a slow, broken mirror
 does not delay the client; the counters show that the kernel forwarded and the
 agent shadowed them, and that only the request too big to copy went to Envoy.
+The `envoy` variant also mirrors by `cluster_header`: the header names
+`shadow`'s cluster, `web`'s (its shadow passes web's sidecar), an unknown
+cluster, the ORIGINAL_DST PassthroughCluster (Envoy finds no host: no
+shadow), or is absent; a second policy reads another header.
 Two variants: `envoy` (policies.yaml: Envoy routes) and `istio` (a
 VirtualService with `mirror`/`mirrors`/`mirrorPercentage` through the importer,
 with istiod's default retry policy and attempt-count header on every route).
@@ -66,11 +70,28 @@ CASES: list[tuple[str, str, str, str | None]] = [
 ]
 
 
-def gen_requests() -> list[dict[str, Any]]:
+SHADOW_C = "outbound|9100||shadow.k6.svc.cluster.local"
+WEB_C = "outbound|9000||web.k6.svc.cluster.local"
+# envoy variant only: (path, method, body, request headers, pod -> shadows)
+H_CASES: list[tuple[str, str, str, dict[str, str], dict[str, int]]] = [
+    ("/h/a", "GET", "", {"x-k6-mirror": SHADOW_C}, {"shadow-0": 1}),
+    ("/h/b", "POST", "hb", {"x-k6-mirror": WEB_C}, {"web-0": 1}),
+    ("/h/u", "GET", "", {"x-k6-mirror": "nosuch"}, {}),
+    ("/h/n", "GET", "", {}, {}),
+    ("/h/p", "GET", "", {"x-k6-mirror": "PassthroughCluster"}, {}),
+    ("/h/two", "PUT", "2", {"x-k6-mirror": WEB_C, "x-k6-mirror2": SHADOW_C},
+     {"web-0": 1, "shadow-0": 1}),
+]
+
+
+def gen_requests(variant: str) -> list[dict[str, Any]]:
     reqs = []
-    for n, (path, method, body, conn) in enumerate(CASES):
+    cases = [(p, m, b, c, {}) for p, m, b, c in CASES]
+    if variant == "envoy":
+        cases += [(p, m, b, None, h) for p, m, b, h, _ in H_CASES]
+    for n, (path, method, body, conn, extra) in enumerate(cases):
         req = {"vip": "web", "port": 9000, "path": path, "method": method, "body": body,
-               "headers": {"host": "web:9000", "x-k6-id": f"r{n}", "x-k6-client": "yes"}}
+               "headers": {"host": "web:9000", "x-k6-id": f"r{n}", "x-k6-client": "yes", **extra}}
         if conn:
             req["conn"] = conn
         if path == "/m/xff":
@@ -79,29 +100,40 @@ def gen_requests() -> list[dict[str, Any]]:
     return reqs
 
 
+def expected(variant: str) -> dict[str, dict[str, int]]:
+    """request id -> pod -> shadows it gets (Envoy's policy)."""
+    per = {"m": {"shadow-0": 1}, "two": {"shadow-0": 2}, "slow": {"shadow-0": 1}}
+    out = {f"r{n}": per.get(p.split("/")[1], {}) for n, (p, *_) in enumerate(CASES)}
+    if variant == "envoy":
+        out |= {f"r{len(CASES) + i}": want for i, (*_, want) in enumerate(H_CASES)}
+    return out
+
+
+def shadows(logs: dict[str, list[dict[str, Any]]], pod: str) -> list[dict[str, Any]]:
+    """The shadows `pod` received: all of shadow-0's; web-0's with the -shadow host
+    (its other requests are the primaries)."""
+    got = logs.get(pod, [])
+    if pod == "shadow-0":
+        return got
+    return [r for r in got if dict(r["headers"]).get("host") == "web-shadow:9000"]
+
+
 def wait_ready(admin: str) -> None:
     """Until every pod's plan is applied and the client has a free pooled
     upstream to web."""
     wait_plans(admin, pods=3, free_pools=1, timeout=90.0)
 
 
-def expected_shadows() -> dict[str, int]:
-    """pod -> shadows it gets for CASES (Envoy's policy)."""
-    per = {"m": {"shadow-0": 1}, "two": {"shadow-0": 2}, "slow": {"shadow-0": 1}}
-    out: Counter[str] = Counter()
-    for path, *_ in CASES:
-        out.update(per.get(path.split("/")[1], {}))
-    return dict(out)
-
-
-def wait_shadows(logdir: Path, timeout: float = 8.0) -> None:
+def wait_shadows(logdir: Path, variant: str, timeout: float = 8.0) -> None:
     """Until the mirrors logged every shadow Envoy's policy sends (or timeout:
     the test then shows which are missing)."""
     deadline = time.monotonic() + timeout
-    want = expected_shadows()
+    want: Counter[str] = Counter()
+    for pods in expected(variant).values():
+        want.update(pods)
     while time.monotonic() < deadline:
         logs = read_logs(logdir)
-        if all(len(logs.get(pod, [])) >= n for pod, n in want.items()):
+        if all(len(shadows(logs, pod)) >= n for pod, n in want.items()):
             return
         time.sleep(0.1)
 
@@ -119,7 +151,7 @@ def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]]) -> 
     logdir = prepare(HERE, d, *MESHES[variant], "mirror_app.py")
     # fire-and-forget shadows may arrive after the answers: settle waits for them
     run = run_driver(d, f"k6{variant[0]}{mode}", mode, DRIVER, reqs, GAP_MS, wait_ready,
-                     settle=lambda: wait_shadows(logdir))
+                     settle=lambda: wait_shadows(logdir, variant))
     client_ip = next(p["ip"] for p in run["st"]["pods"] if p["name"].startswith("client"))
     return {"results": run["results"], "logs": read_logs(logdir), "counts": run["counts"],
             "dbg": run["dbg"], "client_ip": client_ip}
@@ -151,7 +183,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     variant = request.param
     tmp = tmp_path_factory.mktemp(f"k6mirror-{variant}")
     tmp.chmod(0o755)
-    reqs = gen_requests()
+    reqs = gen_requests(variant)
     out: dict[str, Any] = {mode: run_mesh(tmp, variant, mode, reqs) for mode in ("off", "on")}
     out["reqs"] = reqs
     out["variant"] = variant
@@ -172,15 +204,14 @@ def test_client_gets_the_primary_answer(runs: dict[str, Any], kernel: None) -> N
 
 
 def test_shadows_equal_envoys(runs: dict[str, Any], kernel: None) -> None:
-    off = by_id(runs["off"]["logs"].get("shadow-0", []))
-    on = by_id(runs["on"]["logs"].get("shadow-0", []))
-    expect = {f"r{n}": {"m": 1, "none": 0, "two": 2, "slow": 1}.get(p.split("/")[1], 0)
-              for n, (p, *_) in enumerate(CASES)}
-    for rid, n in expect.items():
-        assert len(off.get(rid, [])) == n, ("off", rid, off.get(rid))
-        a = sorted(view(r, runs["off"]["client_ip"]) for r in off.get(rid, []))
-        b = sorted(view(r, runs["on"]["client_ip"]) for r in on.get(rid, []))
-        assert a == b, (rid, a, b)
+    for pod in ("shadow-0", "web-0"):
+        off = by_id(shadows(runs["off"]["logs"], pod))
+        on = by_id(shadows(runs["on"]["logs"], pod))
+        for rid, pods in expected(runs["variant"]).items():
+            assert len(off.get(rid, [])) == pods.get(pod, 0), ("off", pod, rid, off.get(rid))
+            a = sorted(view(r, runs["off"]["client_ip"]) for r in off.get(rid, []))
+            b = sorted(view(r, runs["on"]["client_ip"]) for r in on.get(rid, []))
+            assert a == b, (pod, rid, a, b)
 
 
 def test_slow_broken_mirror_does_not_delay(runs: dict[str, Any], kernel: None) -> None:
@@ -200,9 +231,13 @@ def test_kernel_forwarded_and_agent_shadowed(runs: dict[str, Any], kernel: None)
     print("fast path counters:", dict(counts), "mirrors:", client.get("mirrors"))
     # the 5 kB POST (Istio: its retry policy asks for the copy first)
     assert counts["envoy/mirror_copy"] + counts["envoy/retry_copy"] == 1, dict(counts)
-    assert counts["fast"] >= len(CASES) - 3, dict(counts)
+    assert counts["fast"] >= len(runs["reqs"]) - 3, dict(counts)
     assert "-DDP_MIRROR=1" in client["cflags"]
     # the denied request went to Envoy, which forwards (web's sidecar denies) and shadows
     assert counts["envoy/mirror_inbound"] == 1, dict(counts)
     m = client["mirrors"]
-    assert m.get("queued", 0) == 12 and m.get("sent", 0) >= 10, m  # the slow ones may be pending
+    h = 4 if runs["variant"] == "envoy" else 0  # H_CASES' shadows
+    assert m.get("queued", 0) == 12 + h and m.get("sent", 0) >= 10 + h, m  # slow ones may be pending
+    if h:  # two policies per H_CASES request, each reads its own header
+        assert (m.get("unknown_cluster"), m.get("no_cluster_header"), m.get("no_endpoint")) \
+            == (1, 6, 1), m

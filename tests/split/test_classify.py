@@ -89,7 +89,7 @@ def test_retry_conditions(retry_on: str, verdict: Verdict) -> None:
 
 @pytest.mark.parametrize("extra,needle", [
     ({"request_mirror_policies": [{"cluster": "c"}]}, ""),  # the data path mirrors (dp_mirror.h)
-    ({"request_mirror_policies": [{"cluster_header": "x-m"}]}, "clusterHeader"),
+    # cluster_header: KERNEL with guard entries, tests/split/test_mirror_header.py
     ({"request_mirror_policies": [{"cluster": "nope"}]}, "mirror cluster 'nope' not defined"),
     ({"hash_policy": [{"header": {"header_name": "x"}}]}, ""),  # ignored: cluster doesn't hash
     ({"regex_rewrite": {"pattern": {"regex": "a"}, "substitution": "b"}}, "regexRewrite"),
