@@ -39,6 +39,7 @@ from fastpath.plan import (
     Verdict,
     VirtualHost,
 )
+from xds_server.protojson import is_opaque, opaque_type, opaque_types
 
 _LB = {"ROUND_ROBIN": LbPolicy.ROUND_ROBIN, "RANDOM": LbPolicy.RANDOM,
        "LEAST_REQUEST": LbPolicy.LEAST_REQUEST, "RING_HASH": LbPolicy.RING_HASH,
@@ -111,7 +112,7 @@ def _listener(lis: dict[str, Any], res: Resources, clusters: dict[str, Cluster],
     if "defaultFilterChain" in lis:
         chains.append(lis["defaultFilterChain"])
     http_chains = [c for c in chains if _hcm(c) is not None]
-    out = []
+    out = [(_opaque_hcm(name, address, port, direction, c), "") for c in chains if _is_opaque_hcm(c)]
     for i, chain in enumerate(http_chains):
         reasons = _chain_reasons(chain)
         cname = name if len(http_chains) == 1 else f"{name}#{chain.get('name', i)}"
@@ -120,6 +121,20 @@ def _listener(lis: dict[str, Any], res: Resources, clusters: dict[str, Cluster],
         plan, rc_name = _http(cname, address, cport, direction, hcm, res, clusters, caps, reasons)
         out.append((plan, rc_name))
     return out
+
+
+def _is_opaque_hcm(chain: dict[str, Any]) -> bool:
+    return any(is_opaque(f.get("typedConfig")) and opaque_type(f["typedConfig"]) == HCM
+               for f in chain.get("filters", []))
+
+
+def _opaque_hcm(name: str, address: str, port: int, direction: Direction,
+                chain: dict[str, Any]) -> ListenerPlan:
+    """A chain whose HttpConnectionManager L7FP kept opaque (a field its proto
+    library lacks): Envoy's as a whole; its routes are not read."""
+    return ListenerPlan(f"{name}#{chain.get('name', 'opaque')}", address, port, direction, (),
+                        verdict=Verdict.ENVOY,
+                        reason="http_connection_manager unknown to L7FP (kept opaque for Envoy)")
 
 
 def _direction(lis: dict[str, Any], name: str) -> Direction:
@@ -165,8 +180,8 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
     rbacs: list[Rbac] = []
     order: list[str] = []  # enabled policy filters in chain order (Istio: DENY rbac, then ALLOW rbac)
     for f in filters:
-        if f.disabled or f.kind not in ("rbac", "local_ratelimit", "fault"):
-            continue
+        if f.disabled or f.kind not in ("rbac", "local_ratelimit", "fault") or is_opaque(f.config):
+            continue  # an opaque one (config L7FP can't read) is charged to the routes
         if f.kind in order and f.kind != "rbac":
             reasons.append(f"several {f.kind} filters")
         if f.kind == "fault":
@@ -274,6 +289,7 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
     if "transportSocket" in c or "transportSocketMatches" in c:
         reasons.append("upstream TLS (no kTLS on this kernel)")
     reasons += _cluster_options(c)
+    reasons += [f"{t} unknown to L7FP (kept opaque for Envoy)" for t in opaque_types(c)]
     return Cluster(name, lb or LbPolicy.ROUND_ROBIN, tuple(eps), None, "transportSocket" in c,
                    Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(reasons),
                    max_retries=max_retries(c.get("circuitBreakers", {})),

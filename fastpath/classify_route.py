@@ -40,6 +40,7 @@ from fastpath.plan import (
     Verdict,
     WeightedCluster,
 )
+from xds_server.protojson import is_opaque
 
 ENVOY_DEFAULT_TIMEOUT_MS = 15_000
 # retry_on conditions that cannot fire on the kernel path: the pooled upstream is
@@ -473,6 +474,9 @@ def _filters(per_filter: dict[str, Any], ctx: RouteContext
     for f in ctx.filters:
         override = per_filter.get(f.name)
         active = _active(f, override)
+        if active and (is_opaque(f.config) or is_opaque(override)):
+            reasons.append(f"http filter {f.kind}")  # a config L7FP can't read: not interpreted
+            continue
         if not active or f.kind == "router":
             continue
         if f.kind == "fault":

@@ -91,6 +91,8 @@ def _print_text(report: Any, explain: bool) -> None:
             print(f"   unreadable: {info['error']}")
         for s in info["skipped"]:
             print(f"   skipped resource: {s}")
+        for o in info.get("opaque", ()):
+            print(f"   opaque: {o}")
         plan = plans.get(path)
         if plan is None:
             continue

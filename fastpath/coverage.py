@@ -95,7 +95,8 @@ def _analyse_file(path: Path, report: Report, caps: KernelCaps | None) -> None:
     docs = inputs.read(path)
     info: dict[str, Any] = {"formats": sorted({d.format for d in docs}),
                             "error": "; ".join(d.error for d in docs if d.error) or None,
-                            "skipped": [s for d in docs for s in d.skipped]}
+                            "skipped": [s for d in docs for s in d.skipped],
+                            "opaque": [o for d in docs for o in d.opaque]}
     if not docs:
         return  # not a policy file of any format L7FP reads
     report.files[str(path)] = info
@@ -146,7 +147,8 @@ def _unread_rows(path: str, doc: inputs.Document, report: Report) -> None:
     the denominator rather than vanishing from it.
     """
     for type_url, raw, why in doc.unread:
-        reason = f"not readable by L7FP ({why})"
+        reason = (f"invalid config: {why}" if inputs.em.ENVOY_REJECTS in why
+                  else f"not readable by L7FP ({why})")
         if type_url == inputs.em.LISTENER:
             listener = str(raw.get("name", "?")) if isinstance(raw, dict) else "?"
             configs = list(_inline_route_configs(raw))

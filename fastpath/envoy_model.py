@@ -19,6 +19,8 @@ import re
 from collections import OrderedDict
 from typing import Any
 
+from xds_server import protojson
+
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -33,7 +35,7 @@ _CLASSES = {
     ENDPOINT: ("envoy_data_plane.envoy.config.endpoint.v3", "ClusterLoadAssignment"),
     SECRET: ("envoy_data_plane.envoy.extensions.transport_sockets.tls.v3", "Secret"),
 }
-_BAD_ENUM = re.compile(r"Unknown value (\S+) for enum")
+ENVOY_REJECTS = protojson.ENVOY_REJECTS  # in a ResourceError: Envoy would reject it too
 _UNREGISTERED = re.compile(r"unregistered type: (?:[^/\s]*/)?([\w.]+)")
 
 
@@ -78,6 +80,12 @@ def message_class(type_url: str) -> type | None:
 
 def parse(type_url: str, data: dict[str, Any]) -> Any:
     """Build the message of ``type_url`` from a YAML/JSON dict (snake or camel case)."""
+    return parse_with_notes(type_url, data)[0]
+
+
+def parse_with_notes(type_url: str, data: dict[str, Any]) -> tuple[Any, list[protojson.Opaque]]:
+    """`parse`, and the extension payloads kept opaque for Envoy (types or fields
+    L7FP's proto library lacks, `xds_server.protojson`)."""
     cls = message_class(type_url)
     if cls is None:
         raise ResourceError(f"unsupported resource type {type_url}")
@@ -85,25 +93,29 @@ def parse(type_url: str, data: dict[str, Any]) -> Any:
         raise ResourceError(f"{type_name(type_url)}: expected a mapping, got {type(data).__name__}")
     body = {k: v for k, v in data.items() if k != "@type"}
     _import_all_types(body)
-    for _ in range(16):
-        try:
-            return cls.from_dict(body)  # type: ignore[attr-defined]
-        except Exception as e:  # betterproto2/pydantic raise many kinds
-            m = _BAD_ENUM.search(str(e))
-            # Envoy parses enum names case-insensitively ("strict_dns"); protobuf JSON doesn't.
-            if m and m.group(1) != m.group(1).upper():
-                body = _upper_value(body, m.group(1))
-                continue
-            raise ResourceError(f"{type_name(type_url)} {data.get('name', '?')!r}: {_short(e)}") from e
-    raise ResourceError(f"{type_name(type_url)} {data.get('name', '?')!r}: too many lower-case enums")
+    try:
+        return cls.from_dict(body), []  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - betterproto2/pydantic raise many kinds; read as Envoy does
+        pass
+    protojson.register_typed_struct()
+    try:
+        body, opaque = protojson.prepare(cls, body)
+        return cls.from_dict(body), opaque  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001 - ProtoJsonError names the field
+        raise ResourceError(f"{type_name(type_url)} {resource_label(data)}: {_short(e)}") from e
 
 
-def _upper_value(obj: Any, value: str) -> Any:
-    if isinstance(obj, dict):
-        return {k: _upper_value(v, value) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_upper_value(v, value) for v in obj]
-    return obj.upper() if obj == value else obj
+def resource_label(data: dict[str, Any]) -> str:
+    """How an error names a resource: its name, else (a listener) its address."""
+    name = data.get("name", data.get("cluster_name", data.get("clusterName")))
+    if isinstance(name, str) and name:
+        return repr(name)
+    sa = data.get("address", {})
+    sa = sa.get("socket_address", sa.get("socketAddress")) if isinstance(sa, dict) else None
+    if isinstance(sa, dict):
+        port = sa.get("port_value", sa.get("portValue", "?"))
+        return f"(no name) at {sa.get('address', '?')}:{port}"
+    return "(no name)"
 
 
 _JSON_CACHE: OrderedDict[tuple[str, bytes], str] = OrderedDict()

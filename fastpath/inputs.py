@@ -47,6 +47,8 @@ class Document:
     # Listeners/route configs that failed to parse, raw, with why: the split
     # still counts their routes (as ENVOY), so coverage keeps its denominator.
     unread: list[tuple[str, Any, str]] = field(default_factory=list)
+    # Extension configs kept opaque for Envoy (types/fields L7FP's proto library lacks)
+    opaque: list[str] = field(default_factory=list)
 
 
 Reader = Callable[[Path], list[Document]]
@@ -79,11 +81,15 @@ def _add(doc: Document, type_url: str, data: Any) -> None:
     if em.message_class(type_url) is None:
         return  # other resource types (runtime, secrets of other kinds) don't carry L7 policy
     try:
-        doc.resources.setdefault(type_url, []).append(em.parse(type_url, data))
+        msg, opaque = em.parse_with_notes(type_url, data)
     except em.ResourceError as e:
         doc.skipped.append(str(e))
         if type_url in (em.LISTENER, em.ROUTE):
             doc.unread.append((type_url, data, str(e)))
+        return
+    doc.resources.setdefault(type_url, []).append(msg)
+    label = em.resource_label(data)
+    doc.opaque += [f"{em.type_name(type_url).rsplit('.', 1)[-1]} {label}: {o}" for o in opaque]
 
 
 def read_envoy_static(path: Path) -> list[Document]:

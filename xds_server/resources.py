@@ -14,6 +14,8 @@ from typing import Any as AnyT
 
 import betterproto2
 
+from xds_server import protojson
+
 log = logging.getLogger(__name__)
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -90,6 +92,7 @@ def ensure_registered() -> None:
     importlib.import_module("envoy_data_plane.google.protobuf")
     importlib.import_module("envoy_data_plane.google.rpc")
     _speed_up_validation()
+    protojson.register_typed_struct()
     _registered = True
 
 
@@ -184,14 +187,32 @@ def parse_resource(d: AnyT, where: str = "") -> betterproto2.Message:
         raise ResourceError(f"{where}.@type", str(exc.args[0])) from None
     try:
         msg = cls.from_dict(body)
-    except KeyError as exc:
-        raise ResourceError(where, str(exc.args[0]) if exc.args else "unknown field") from None
-    except (ValueError, TypeError) as exc:
-        raise ResourceError(where, _short_error(exc)) from None
+    except (KeyError, ValueError, TypeError):
+        msg = _parse_as_envoy(cls, body, where)
     try:
         resource_name(msg)
     except ValueError:
         raise ResourceError(f"{where}.name", "missing name (cluster_name for endpoints)") from None
+    return msg
+
+
+def _parse_as_envoy(cls: type[betterproto2.Message], body: dict[str, AnyT], where: str
+                    ) -> betterproto2.Message:
+    """What betterproto2 refused, read as Envoy reads it (`xds_server.protojson`):
+    one value for a list, lower-case enums, extension payloads the library lacks
+    kept opaque (logged) for Envoy; else ResourceError naming the field."""
+    try:
+        prepared, opaque = protojson.prepare(cls, body)
+    except protojson.ProtoJsonError as exc:
+        raise ResourceError(".".join(p for p in (where, exc.path) if p), exc.problem) from None
+    try:
+        msg = cls.from_dict(prepared)
+    except KeyError as exc:
+        raise ResourceError(where, str(exc.args[0]) if exc.args else "unknown field") from None
+    except (ValueError, TypeError) as exc:
+        raise ResourceError(where, _short_error(exc)) from None
+    for o in opaque:
+        log.info("%s.%s", where, o)
     return msg
 
 

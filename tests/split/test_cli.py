@@ -113,10 +113,9 @@ def test_relative_path_through_parent_dir(files: Path, capsys: pytest.CaptureFix
     assert cov["routes"] == {"kernel": 2, "total": 4}
 
 
-def test_unreadable_listener_routes_stay_in_the_denominator(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """A listener L7FP's proto library cannot read (a newer field inside a filter's config, a contrib
-    extension) is still Envoy's to serve: its routes count as ENVOY, naming why, not as nothing."""
+def test_contrib_filter_is_opaque_and_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A filter whose type L7FP's proto library lacks (a contrib extension) is kept opaque for
+    Envoy: the listener is read, its routes are ENVOY because of that filter, named."""
     boot = json.loads(json.dumps(BOOTSTRAP))
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"].insert(0, {"name": "envoy.filters.http.golang", "typed_config": {
@@ -127,5 +126,23 @@ def test_unreadable_listener_routes_stay_in_the_denominator(tmp_path: Path,
     out = json.loads(capsys.readouterr().out)
     assert [(r["listener"], r["name"], r["verdict"]) for r in out["routes"]] == [
         ("web", "fast", "ENVOY"), ("web", "retry", "ENVOY"), ("web", "slow", "ENVOY")]
-    assert all("not readable by L7FP" in r["reason"] and "golang" in r["reason"] for r in out["routes"])
+    assert all("http filter golang" in r["reason"] for r in out["routes"])
+    (info,) = out["files"].values()
+    assert info["skipped"] == [] and len(info["opaque"]) == 1
+    assert "golang.v3alpha.Config kept opaque" in info["opaque"][0]
+    assert out["coverage"]["routes"] == {"kernel": 0, "total": 3}
+
+
+def test_unreadable_listener_routes_stay_in_the_denominator(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A listener L7FP's proto library cannot read (a field of Listener itself it lacks) is
+    still Envoy's to serve: its routes count as ENVOY, naming why, not as nothing."""
+    boot = json.loads(json.dumps(BOOTSTRAP))
+    boot["static_resources"]["listeners"][0]["brand_new_field"] = True
+    (tmp_path / "newer.yaml").write_text(yaml.safe_dump(boot))
+    assert main(["split", "--json", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["listener"], r["verdict"]) for r in out["routes"]] == [("web", "ENVOY")] * 3
+    assert all(r["reason"].startswith("not readable by L7FP") and "brand_new_field" in r["reason"]
+               for r in out["routes"])
     assert out["coverage"]["routes"] == {"kernel": 0, "total": 3}

@@ -1,0 +1,254 @@
+"""Envoy's YAML/JSON config forms -> what betterproto2 can parse, as Envoy reads them.
+
+Called by `xds_server.resources.parse_resource` (config sources, REST API) and
+`fastpath.envoy_model.parse` (the split) when betterproto2's own `from_dict`
+fails; owned by xds_server. Three differences between Envoy 1.40 and the
+envoy-data-plane proto library are bridged here (each seen with the real
+binary, `envoy --mode validate`):
+
+* Envoy's JSON parser takes a single value where a list is expected
+  (`pass_through_matcher: {name: ...}` for a repeated HeaderMatcher); it
+  becomes a one-element list.
+* Enum names in lower case (`codec_type: auto`) are upper-cased.
+* An ``Any`` payload (a ``typed_config``) whose type the library does not
+  know (a contrib extension such as the golang filter) or that has a field
+  or enum value the library does not know (a field newer than the library,
+  such as JwtClaimToHeader.claim_path) is kept **opaque**: it is rewritten to
+  an ``xds.type.v3.TypedStruct`` carrying the type URL and the payload's JSON
+  unchanged. Envoy resolves a TypedStruct to the inner type itself, so the
+  sidecar gets the filter exactly as written; the split sees a TypedStruct and
+  does not interpret it (`is_opaque`).
+
+What Envoy itself rejects is an error naming the field: an ``Any`` without
+``@type`` (Envoy: "Didn't find a registered implementation for NAME with type
+URL: ''"), an unknown field outside any ``typed_config``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import betterproto2
+from betterproto2.casing import safe_snake_case
+from envoy_data_plane.google import protobuf as _pb
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+TYPED_STRUCT_URLS = ("type.googleapis.com/xds.type.v3.TypedStruct",
+                     "type.googleapis.com/udpa.type.v1.TypedStruct")
+TYPED_STRUCT = TYPED_STRUCT_URLS[0]
+
+
+class ProtoJsonError(ValueError):
+    """Envoy would reject the config too; ``path`` is the field (as written)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}" if path else problem)
+        self.path = path
+        self.problem = problem
+
+
+class _Newer(Exception):
+    """A field or enum value the proto library does not know (maybe newer)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}" if path else problem)
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """One payload kept opaque: where, its type, and why."""
+
+    path: str
+    type_name: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.type_name} kept opaque for Envoy ({self.why})"
+
+
+@pydantic_dataclass(eq=False, repr=False, config={"extra": "forbid"})
+class TypedStruct(betterproto2.Message):
+    """xds.type.v3.TypedStruct (not in envoy-data-plane): an extension config as
+    a type URL plus its JSON, which Envoy converts to the inner type."""
+
+    type_url: str = betterproto2.field(1, betterproto2.TYPE_STRING)
+    value: _pb.Struct | None = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+class UdpaTypedStruct(TypedStruct):
+    """udpa.type.v1.TypedStruct: the same message under its historical name."""
+
+
+def register_typed_struct() -> None:
+    """Make ``xds.type.v3.TypedStruct`` and ``udpa.type.v1.TypedStruct`` known to
+    the message pool (idempotent). Called by `xds_server.resources.ensure_registered`."""
+    from envoy_data_plane.message_pool import default_message_pool as pool
+
+    if TYPED_STRUCT in pool.url_to_type:
+        return
+    pool.register_message("xds.type.v3", "TypedStruct", TypedStruct)
+    pool.register_message("udpa.type.v1", "TypedStruct", UdpaTypedStruct)
+
+
+def is_opaque(config: Any) -> bool:
+    """True for a proto-JSON ``typed_config`` that L7FP kept opaque (a TypedStruct)."""
+    return isinstance(config, Mapping) and config.get("@type") in TYPED_STRUCT_URLS
+
+
+def opaque_type(config: Mapping[str, Any]) -> str:
+    """The inner type name of an opaque config (``envoy.extensions...Config``)."""
+    url = str(config.get("typeUrl", config.get("type_url", "")))
+    return url.rsplit("/", 1)[-1]
+
+
+def opaque_types(obj: Any) -> list[str]:
+    """Inner type names of every opaque config in a proto-JSON dict, in order."""
+    if isinstance(obj, Mapping):
+        if is_opaque(obj):
+            return [opaque_type(obj)]
+        return [t for v in obj.values() for t in opaque_types(v)]
+    if isinstance(obj, list):
+        return [t for v in obj for t in opaque_types(v)]
+    return []
+
+
+def prepare(cls: type[betterproto2.Message], body: Mapping[str, Any],
+            resolve: Any = None) -> tuple[dict[str, Any], list[Opaque]]:
+    """``body`` rewritten so that ``cls.from_dict`` reads it as Envoy does, and
+    the payloads kept opaque. ``resolve(type_url) -> class | None`` finds Any
+    payload classes (default: the message pool). Raises ProtoJsonError."""
+    walker = _Walker(resolve or _pool_class)
+    try:
+        out = walker.message(cls, body, "")
+    except _Newer as e:
+        raise ProtoJsonError(e.path, e.problem) from None
+    return out, walker.opaque
+
+
+def _pool_class(type_url: str) -> type[betterproto2.Message] | None:
+    """The class of ``type_url``, importing its module on demand (``envoy.x.v3.Name``
+    lives in ``envoy_data_plane.envoy.x.v3``); None if the library lacks it."""
+    from envoy_data_plane.message_pool import default_message_pool as pool
+
+    cls = pool.url_to_type.get(type_url)
+    if cls is None:
+        package = type_url.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        try:
+            importlib.import_module("envoy_data_plane." + package)
+        except ImportError:
+            return None
+        cls = pool.url_to_type.get(type_url)
+    return cls
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Walker:
+    """One pass over a resource dict guided by the betterproto2 classes."""
+
+    def __init__(self, resolve: Any) -> None:
+        self.resolve = resolve
+        self.opaque: list[Opaque] = []
+
+    def message(self, cls: type[betterproto2.Message], d: Any, path: str) -> Any:
+        if not isinstance(d, Mapping):
+            return d  # a well-known type's string form, or a mistake from_dict names
+        meta = cls._betterproto  # type: ignore[attr-defined]
+        out = {}
+        for key, value in d.items():
+            name = safe_snake_case(key)
+            if name not in meta.meta_by_field_name:
+                raise _Newer(path, f"Unknown field {name!r} in message {cls.__name__}")
+            try:
+                out[key] = self.field(meta.meta_by_field_name[name], meta.cls_by_field, name, value,
+                                      _join(path, key))
+            except ProtoJsonError as e:
+                if e.problem != _NO_TYPE or not isinstance(d.get("name"), str):
+                    raise
+                raise ProtoJsonError(e.path, _no_type(d["name"])) from None
+        return out
+
+    def field(self, meta: Any, classes: dict[str, Any], name: str, value: Any, path: str) -> Any:
+        if value is None:
+            return value
+        if meta.proto_type == betterproto2.TYPE_MAP:
+            if not isinstance(value, Mapping):
+                return value
+            vmeta = meta.map_meta[1]
+            return {k: self.one(vmeta, classes.get(f"{name}.value"), v, f"{path}.{k}")
+                    for k, v in value.items()}
+        if meta.repeated:
+            # Envoy's JSON parser takes one element where a list is expected.
+            items = value if isinstance(value, list) else [value]
+            return [self.one(meta, classes[name], v, f"{path}[{i}]") for i, v in enumerate(items)]
+        return self.one(meta, classes[name], value, path)
+
+    def one(self, meta: Any, cls: Any, value: Any, path: str) -> Any:
+        if meta.proto_type == betterproto2.TYPE_ENUM:
+            return _enum(cls, value, path)
+        if meta.proto_type != betterproto2.TYPE_MESSAGE or meta.unwrap or cls is None:
+            return value
+        mod, cname = getattr(cls, "__module__", ""), cls.__name__
+        if mod.endswith("google.protobuf"):
+            return self.any(value, path) if cname == "Any" else value  # Struct, Duration: as written
+        return self.message(cls, value, path)
+
+    def any(self, value: Any, path: str) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        url = value.get("@type")
+        if not url:
+            raise ProtoJsonError(path, _NO_TYPE)
+        if url in TYPED_STRUCT_URLS:
+            return value
+        payload = {k: v for k, v in value.items() if k != "@type"}
+        cls = self.resolve(url)
+        if cls is None:
+            return self._opaque(url, payload, path, "type unknown to L7FP's proto library")
+        try:
+            body = self.message(cls, payload, path)
+            cls.from_dict(body)  # a value the walker does not check (a newer enum, ...)
+        except _Newer as e:
+            return self._opaque(url, payload, path, e.problem)
+        except ProtoJsonError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            if "Unknown value" in str(e) or "Unknown field" in str(e):
+                return self._opaque(url, payload, path, " ".join(str(e).split())[:120])
+            raise ProtoJsonError(path, " ".join(str(e).split())[:200]) from None
+        return {"@type": url, **body}
+
+    def _opaque(self, url: str, payload: dict[str, Any], path: str, why: str) -> dict[str, Any]:
+        self.opaque.append(Opaque(path, url.rsplit("/", 1)[-1], why))
+        return {"@type": TYPED_STRUCT, "type_url": url, "value": payload}
+
+
+ENVOY_REJECTS = "Envoy rejects it"
+
+
+def _no_type(name: str) -> str:
+    """What Envoy 1.40 says of a typed_config without @type (seen with the binary)."""
+    return (f"no @type: {ENVOY_REJECTS} (\"Didn't find a registered implementation for "
+            f"'{name}' with type URL: ''\")")
+
+
+_NO_TYPE = _no_type("NAME")
+
+
+def _enum(cls: Any, value: Any, path: str) -> Any:
+    """Envoy reads enum names in any case; a name the library lacks may be newer."""
+    if not isinstance(value, str) or cls is None:
+        return value
+    names = set(cls.__members__) | set(cls.betterproto_renamed_proto_names_to_value())
+    if value in names:
+        return value
+    if value.upper() in names:
+        return value.upper()
+    raise _Newer(path, f"unknown value {value!r} of enum {cls.__name__}")
