@@ -160,7 +160,7 @@ class _Walker:
     def message(self, cls: type[betterproto2.Message], d: Any, path: str) -> Any:
         if not isinstance(d, Mapping):
             return d  # a well-known type's string form, or a mistake from_dict names
-        meta = cls._betterproto  # type: ignore[attr-defined]
+        meta = cls._betterproto  # type: ignore[attr-defined,arg-type]
         out = {}
         for key, value in d.items():
             name = safe_snake_case(key)

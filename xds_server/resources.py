@@ -187,7 +187,7 @@ def parse_resource(d: AnyT, where: str = "") -> betterproto2.Message:
         raise ResourceError(f"{where}.@type", str(exc.args[0])) from None
     try:
         msg = cls.from_dict(body)
-    except (KeyError, ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - betterproto2 raises KeyError/TypeError/AttributeError/...
         msg = _parse_as_envoy(cls, body, where)
     try:
         resource_name(msg)
@@ -209,7 +209,7 @@ def _parse_as_envoy(cls: type[betterproto2.Message], body: dict[str, AnyT], wher
         msg = cls.from_dict(prepared)
     except KeyError as exc:
         raise ResourceError(where, str(exc.args[0]) if exc.args else "unknown field") from None
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one line naming the resource, never a traceback
         raise ResourceError(where, _short_error(exc)) from None
     for o in opaque:
         log.info("%s.%s", where, o)
