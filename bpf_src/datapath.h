@@ -104,6 +104,9 @@ struct dp_verdict {
     __u32 cluster;   /* FORWARD: cluster id (for the access log) */
     __u32 hdr_add;   /* FORWARD: headers to insert before the blank line, 0: none */
     __u32 hdr_add_in; /* FORWARD: the destination's inbound headers, inserted after hdr_add */
+    __u32 hop_n;     /* FORWARD: hop-by-hop header lines to remove (dp_hop.h), 0: none */
+    __u32 hop_at[4]; /* their start | length << 16, in head order (DP_HOP_SLOTS) */
+    __u32 hop_te;    /* dp_hop.h scan: TE lines seen */
 };
 
 struct dp_bind {

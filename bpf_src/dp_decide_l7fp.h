@@ -9,6 +9,7 @@
 #define L7FP_DP_DECIDE_L7FP_H
 
 #include "l7fp_decide.h"
+#include "dp_hop.h" /* hop-by-hop request headers: dp_msg_act calls it */
 
 #ifndef DP_INBOUND
 #define DP_INBOUND 0 /* 1: the destinations' inbound listeners are decided too (the agent

@@ -476,6 +476,11 @@ int dp_msg_act(struct sk_msg_md *msg)
     struct dp_msg_scratch *scr = dp_msg_tail_state(msg, &c);
     if (!scr)
         return SK_PASS;
+#ifdef DP_HOP
+    if (dp_hop_act(msg, &scr->v, &scr->size) < 0) /* Connection: keep-alive & co. */
+        return dp_to_envoy(c, scr->v.route, DP_R_REWRITE);
+    asm volatile("" ::: "memory"); /* what follows reads the scratch afresh */
+#endif
     struct dp_verdict v = scr->v;
     __u32 gen = scr->gen;
     __u32 tmo = scr->tmo;
