@@ -477,7 +477,7 @@ int dp_msg_act(struct sk_msg_md *msg)
     if (!scr)
         return SK_PASS;
 #ifdef DP_HOP
-    if (dp_hop_act(msg, &scr->v, &scr->size) < 0) /* Connection: keep-alive & co. */
+    if (dp_hop_act(msg, c, &scr->v, &scr->size) < 0) /* Connection: keep-alive & co. */
         return dp_to_envoy(c, scr->v.route, DP_R_REWRITE);
     asm volatile("" ::: "memory"); /* what follows reads the scratch afresh */
 #endif

@@ -11,6 +11,7 @@ import re._constants as _C
 import re._parser as sre  # the stdlib regex parser: enough to spot literal regexes
 from typing import Any
 
+from fastpath.hop import MATCH_AFTER_REMOVAL
 from fastpath.plan import (
     HeaderMatch,
     PathKind,
@@ -118,6 +119,8 @@ def header_match(h: dict[str, Any], what: str = "header") -> tuple[HeaderMatch, 
         reasons = [f"{where}: range_match"]
     if tmae:
         reasons.append(f"{where}: treat_missing_header_as_empty")
+    if name in MATCH_AFTER_REMOVAL:  # Envoy matches after removing it, the kernel before
+        reasons.append(f"{where}: hop-by-hop header")
     if name in ("cookie",) or name.startswith(":") and name not in (":method", ":authority", ":path"):
         reasons.append(f"{where}: pseudo/merged header")
     return HeaderMatch(name, match, invert, absent, tmae), reasons

@@ -12,6 +12,10 @@ Decision kinds:
   404 no route, 429 rate limited, fault abort) and the upstream never sees it;
 * ``envoy``: the kernel hands the request to Envoy (punt route, listener or RBAC
   that needs Envoy, a path that needs normalisation, an upgrade...).
+
+``decide`` is l7fp_decide (the decision program the kernel_decide tests run);
+``decide_datapath`` adds what the data path does after it with hop-by-hop
+headers (bpf_src/dp_hop.h, fastpath.hop): the whole kernel path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import ipaddress
 import random
 from dataclasses import dataclass, field, replace
 
+from fastpath.hop import MATCH_AFTER_REMOVAL, kernel_hop
 from fastpath.mirror import sampled
 from fastpath.plan import (
     ClusterAction,
@@ -94,6 +99,7 @@ class Decision:
     # a fault abort's reply before the client gets it
     headers: tuple[tuple[str, str], ...] = ()  # a reply's extra header lines (rate limit)
     mirrors: tuple[str, ...] = ()  # forward: clusters a shadow copy goes to (fastpath.mirror)
+    hop_removed: tuple[str, ...] = ()  # forward: hop-by-hop headers the data path removed
 
 
 @dataclass
@@ -167,6 +173,25 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
     if route is None:
         return Decision("reply", status=404, reason="no route")
     return _delayed(route, _apply(plan, route, req, rng, state, vh), rng)
+
+
+def decide_datapath(plan: KernelPlan, listener: str, req: Request,
+                    rng: random.Random | None = None, state: State | None = None) -> Decision:
+    """The kernel path's decision: ``decide``, then the data path's hop-by-hop
+    step (dp_hop.h): a forward or reply whose Connection / Proxy-Connection /
+    TE the kernel does not handle as Envoy goes to Envoy (reason
+    ``conn_close`` or ``hop_header``), except a 429 reply (a kernel-owned
+    bucket's, whose Envoy copy is off); a forward's Connection: keep-alive,
+    Keep-Alive and Proxy-Connection: keep-alive are removed."""
+    d = decide(plan, listener, req, rng, state)
+    if d.kind == "envoy" or (d.kind == "reply" and d.status == 429):
+        return d
+    why, kept = kernel_hop(req.headers)
+    if why:
+        return Decision("envoy", route=d.route, reason=why)
+    if d.kind != "forward" or len(kept) == len(req.headers):
+        return d
+    return replace(d, hop_removed=tuple(n for n, _ in req.headers if n in MATCH_AFTER_REMOVAL))
 
 
 def _delayed(route: Route, d: Decision, rng: random.Random) -> Decision:

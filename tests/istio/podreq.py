@@ -3,15 +3,19 @@
     python podreq.py URL COUNT [--method M] [--header K:V]...
 
 Prints one JSON line per request: status and the x-l7fp-pod that answered.
+Each request on a new connection, sent by http.client without a Connection
+header: urllib sends `Connection: close`, which the kernel path hands to
+Envoy (Envoy closes the client's connection after it; docs/fastpath.md
+"Hop-by-hop request headers"), so no request would take the fast path.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
-import urllib.error
-import urllib.request
+from urllib.parse import urlsplit
 
 
 def main() -> int:
@@ -22,15 +26,18 @@ def main() -> int:
     p.add_argument("--header", action="append", default=[])
     args = p.parse_args()
     headers = dict(h.split(":", 1) for h in args.header)
+    url = urlsplit(args.url)
+    target = url.path + (f"?{url.query}" if url.query else "") or "/"
     for _ in range(min(args.count, 1000)):
-        req = urllib.request.Request(args.url, method=args.method, headers=headers)
+        conn = http.client.HTTPConnection(url.hostname or "", url.port or 80, timeout=5)
         try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                status, pod, body = r.status, r.headers.get("x-l7fp-pod"), r.read()[:200]
-        except urllib.error.HTTPError as e:
-            status, pod, body = e.code, e.headers.get("x-l7fp-pod"), e.read()[:200]
+            conn.request(args.method, target, headers=headers)
+            r = conn.getresponse()
+            status, pod, body = r.status, r.headers.get("x-l7fp-pod"), r.read()[:200]
         except OSError as e:
             status, pod, body = 0, None, str(e).encode()
+        finally:
+            conn.close()
         print(json.dumps({"status": status, "pod": pod, "body": body.decode(errors="replace")}))
     return 0
 

@@ -64,7 +64,12 @@ def main() -> None:
                 continue
             if req == "CLOSE":
                 break
-            s.sendall(req.encode("latin-1"))
+            try:
+                s.sendall(req.encode("latin-1"))
+            except OSError as exc:  # the peer closed after the previous response
+                res.append({"status": 0, "headers": {}, "body": "", "end": type(exc).__name__,
+                            "secs": 0.0})
+                break
             if conn[i + 1:i + 2] == ["CLOSE"]:  # gives up: no response read
                 break
             r = read_response(s, head_only=req.startswith("HEAD "))

@@ -1,0 +1,148 @@
+"""Hop-by-hop request headers on the fast path vs a real Envoy with the same
+route config (bpf_src/dp_hop.h, fastpath/hop.py).
+
+Per case, one connection: the case's request, then a plain one. Compared fast
+path vs Envoy: the head the upstream received (minus what Envoy adds and the
+kernel path documents: x-request-id, x-forwarded-proto,
+x-envoy-expected-rq-timeout-ms), status and body of both responses, and
+whether the second request was answered (Envoy closes the client's connection
+after a `Connection: close` request). Also: which cases the kernel served (the
+upstream saw no x-request-id) and the envoy/<reason> counters of the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_plan import load_plan, run_client, split_plan
+from test_delay import EchoUpstream
+
+from fastpath.agent import Agent
+
+pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
+
+CLIENT = Path(__file__).with_name("k2_tmo_client.py")
+ENVOY_ADDS = {"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms"}
+
+
+def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    routes = [
+        {"name": "direct", "match": {"prefix": "/d"},
+         "direct_response": {"status": 200, "body": {"inline_string": "kernel says hi"}}},
+        {"name": "add", "match": {"prefix": "/a"}, "route": {"cluster": "up"},
+         "request_headers_to_add": [{"header": {"key": "x-added", "value": "yes"},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
+        {"name": "up", "match": {"prefix": "/"}, "route": {"cluster": "up"}},
+    ]
+    return listener_and_cluster(port, up_port, routes)
+
+
+# (case, path, extra header lines, body, served by the kernel)
+CASES = [
+    ("plain", "/u", "", "", True),
+    ("requests", "/u", "Accept-Encoding: gzip, deflate\r\nAccept: */*\r\n"
+     "Connection: keep-alive\r\n", "", True),
+    ("ka-both", "/u", "Connection: Keep-Alive\r\nKeep-Alive: timeout=5, max=100\r\n", "", True),
+    ("proxy-ka", "/u", "Proxy-Connection: keep-alive\r\n", "", True),
+    ("keep-alive-hdr", "/u", "Keep-Alive: 300\r\nx-after: 1\r\n", "", True),
+    ("te-trailers", "/u", "TE: trailers\r\n", "", True),
+    ("three", "/u", "Connection: keep-alive\r\nx-mid: 2\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
+     "Proxy-Connection: KEEP-ALIVE\r\n", "", True),
+    ("post", "/u", "Connection: keep-alive\r\nContent-Length: 11\r\n", "hello world", True),
+    ("add", "/a", "Connection: keep-alive\r\nKeep-Alive: 1\r\n", "", True),
+    ("direct-ka", "/d", "Connection: keep-alive\r\n", "", True),
+    ("close", "/u", "Connection: close\r\n", "", False),
+    ("proxy-close", "/u", "Proxy-Connection: Close\r\n", "", False),
+    ("direct-close", "/d", "Connection: close\r\n", "", False),
+    ("nominate", "/u", "Connection: x-foo\r\nx-foo: bar\r\n", "", False),
+    ("ka-close", "/u", "Connection: keep-alive, close\r\n", "", False),
+    ("te-gzip", "/u", "TE: gzip, trailers\r\n", "", False),
+    ("four", "/u", "Connection: keep-alive\r\nKeep-Alive: 5\r\nProxy-Connection: keep-alive\r\n"
+     "Keep-Alive: 6\r\n", "", False),
+]
+
+
+def req(case: str, path: str, extra: str, body: str) -> str:
+    return f"GET {path}/{case} HTTP/1.1\r\nHost: svc\r\nx-case: {case}\r\n{extra}\r\n{body}" \
+        if not body else \
+        f"POST {path}/{case} HTTP/1.1\r\nHost: svc\r\nx-case: {case}\r\n{extra}\r\n{body}"
+
+
+# the pause lets the agent refill the pool the previous connection took from
+SCRIPT = [["SLEEP 0.05", req(c, p, x, b), f"GET /u/next-{c} HTTP/1.1\r\nHost: svc\r\nx-case: next-{c}\r\n\r\n"]
+          for c, p, x, b, _ in CASES]
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoUpstream]:
+    s = EchoUpstream()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def henvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
+    e = ResourcesEnvoy(envoy_bin, "hop", resources, echo.port, tmp_path)
+    yield e
+    e.close()
+
+
+def upstream_heads(seen: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+    """x-case -> (request line, headers but Envoy's own, body, Envoy saw it)."""
+    out = {}
+    for r in seen:
+        hdrs = [(k, v) for k, v in r["headers"] if k not in ENVOY_ADDS]
+        out[dict(r["headers"])["x-case"]] = (r["line"], hdrs, r["body"],
+                                             "x-request-id" in dict(r["headers"]))
+    return out
+
+
+def shape(conn: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Per response: status, body, answered in full (not: the connection was
+    closed before the second request was answered)."""
+    return [(r["status"], r["body"], r["end"] == "complete") for r in conn]
+
+
+def test_hop_by_hop_matches_envoy(agent: Agent, cgroup: Any, henvoy: ResourcesEnvoy,
+                                  echo: EchoUpstream) -> None:
+    plan = split_plan(henvoy.listener, henvoy.cluster)
+    routes = plan.listeners[0].virtual_hosts[0].routes
+    assert [r.verdict.value for r in routes] == ["KERNEL"] * 3, routes
+    node = load_plan(agent, plan)
+    assert node.mode == "l7fp"
+    fast = run_client(cgroup, CLIENT, henvoy.port, SCRIPT)
+    time.sleep(0.1)
+    up_fast = upstream_heads(echo.take())
+    kernel = node.stats()
+    node.dp.detach_cgroup(cgroup.path)  # the same requests through Envoy only
+    via_envoy = run_client(cgroup, CLIENT, henvoy.port, SCRIPT)
+    time.sleep(0.1)
+    up_envoy = upstream_heads(echo.take())
+
+    names = [c[0] for c in CASES]
+    assert [shape(c) for c in fast] == [shape(c) for c in via_envoy], \
+        list(zip(names, fast, via_envoy, strict=True))
+    for case, *_ in CASES:  # what reached the upstream: the same head, either way
+        for key in (case, f"next-{case}"):
+            assert (up_fast.get(key) or ())[:3] == (up_envoy.get(key) or ())[:3], \
+                (key, up_fast.get(key), up_envoy.get(key))
+    # Envoy closed the connection after each Connection: close request, both ways
+    closing = {"close", "proxy-close", "direct-close", "ka-close"}
+    assert [n for n, c in zip(names, via_envoy, strict=True) if c[-1]["end"] != "complete"] == \
+        [n for n in names if n in closing], via_envoy
+    served = {c: not up_fast[c][3] for c, _, _, _, k in CASES if c in up_fast}
+    assert served == {c: k for c, p, _, _, k in CASES if p != "/d"}, served
+    assert up_fast["three"][1] == [("host", "svc"), ("x-case", "three"), ("x-mid", "2"),
+                                   ("te", "trailers")], up_fast["three"]
+    assert up_fast["add"][1][-1] == ("x-added", "yes"), up_fast["add"]
+    by_reason: dict[str, int] = {}
+    for (_, outcome, why), n in kernel.items():
+        if outcome == "envoy" and why in ("conn_close", "hop_header"):
+            by_reason[why] = by_reason.get(why, 0) + n
+    assert by_reason == {"conn_close": 3, "hop_header": 4}, kernel
+    assert sum(n for (r, o, _), n in kernel.items() if (r, o) == ("out/all/direct", "kernel_reply")) == 1
