@@ -145,8 +145,8 @@ static __always_inline int dp_hop_pop(struct sk_msg_md *msg, struct dp_verdict *
  * were popped or not, and walks the rest of dp_msg_act once (adjusted in
  * registers, it walked 905k instead of 266k instructions with bookinfo's
  * knobs). Popping before the checks that may still send the request to Envoy
- * is harmless: Envoy removes these lines too. A Connection: close makes the
- * connection sticky (DP_F_ENVOY). 0, or -1 when a pop failed. */
+ * is harmless: Envoy removes these lines too. A request handed to Envoy here
+ * makes the connection sticky (DP_F_ENVOY). 0, or -1 when a pop failed. */
 static __always_inline int dp_hop_act(struct sk_msg_md *msg, struct dp_conn *conn,
                                       struct dp_verdict *v, __u32 *size)
 {
@@ -157,12 +157,12 @@ static __always_inline int dp_hop_act(struct sk_msg_md *msg, struct dp_conn *con
     if (why && !(v->kind == DP_K_REPLY && v->status == 429)) {
         v->kind = DP_K_PASS;
         v->reason = why;
-        /* Envoy closes the connection after its response: a request written
-         * after it must meet that close, as it would without the kernel path
-         * (seen: the next request, written before Envoy's FIN arrived, was
-         * served by the kernel) */
-        if (why == DP_R_CONN_CLOSE)
-            conn->flags |= DP_F_ENVOY;
+        /* Envoy may close the connection after its response (any "close"
+         * token, which only conn_close spots exactly): a request written after
+         * it must meet that close, as it would without the kernel path (seen:
+         * the next request, written before Envoy's FIN arrived, was served by
+         * the kernel). So the connection stays with Envoy (sticky). */
+        conn->flags |= DP_F_ENVOY;
         return 0;
     }
     if (v->kind != DP_K_FORWARD || !v->hop_n)
