@@ -39,12 +39,11 @@ from typing import Any
 from fastpath.mirror import (
     MIRRORS_MAX,
     header_cluster,
-    request_method,
     shadow_request,
     shadows_like_envoy,
 )
+from fastpath.mirror_send import SenderConns, Shadow
 from fastpath.plan import ClusterAction, KernelPlan, MirrorPolicy, Verdict
-from fastpath.retry import FramingError, response_end
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,9 @@ SIDECAR_UID = 1337  # the pod's interception lets this uid's sockets pass (mesh.
 QUEUE_MAX = 256  # shadows waiting for a sender; more are dropped (counted)
 SENDERS = 4
 DEFAULT_TIMEOUT_S = 15.0  # Envoy's default route timeout, also the shadow's
-MAX_RESPONSE = 1 << 20
+# Shadows one sender has in flight at once, each on its own kept-alive
+# connection (fastpath.mirror_send; benchmarks/mirror_senders.py)
+BATCH = 16
 
 
 class MirrorEv(ct.Structure):
@@ -75,6 +76,23 @@ def needs_mirror(plan: KernelPlan) -> bool:
     return any(isinstance(r.action, ClusterAction) and r.action.mirrors
                and r.verdict is Verdict.KERNEL
                for lst in plan.listeners for vh in lst.virtual_hosts for r in vh.routes)
+
+
+Endpoints = tuple[tuple[str, int], ...]
+
+
+def _enter(netns: str | None) -> Any:
+    """A NetnsSwitch of this thread inside `netns`, or None (logged) when it
+    cannot enter: the sender then counts its shadows send_failed."""
+    from fastpath.pools import NetnsSwitch
+
+    sw = NetnsSwitch()
+    try:
+        sw.enter(netns)
+    except OSError as exc:
+        log.error("mirror: cannot enter %s: %s; shadows dropped", netns, exc)
+        return None
+    return sw
 
 
 def header_targets(plan: KernelPlan) -> dict[str, Endpoints]:
@@ -100,20 +118,6 @@ def parse_record(raw: bytes) -> tuple[int, int, int, bytes]:
 
 
 @dataclass(frozen=True)
-class Shadow:
-    """One shadow to send: the kernel's copy, made a shadow by the sender."""
-
-    address: str
-    port: int
-    req: bytes  # the request as the kernel forwarded it
-    host_suffix: bool
-    timeout_s: float
-
-
-Endpoints = tuple[tuple[str, int], ...]
-
-
-@dataclass(frozen=True)
 class RoutePolicies:
     mirrors: tuple[MirrorPolicy, ...]
     targets: tuple[Endpoints, ...]  # per policy: its cluster's endpoints (cluster_header: ())
@@ -126,7 +130,7 @@ class RoutePolicies:
 class Mirrorer:
     def __init__(self, dp: Any, netns: str | None, ip: str | None = None,
                  senders: int = SENDERS, queue_max: int = QUEUE_MAX,
-                 uid: int | None = SIDECAR_UID) -> None:
+                 uid: int | None = SIDECAR_UID, batch: int = BATCH) -> None:
         self.dp = dp
         self.netns = netns
         self.ip = ip  # the pod's address: Envoy appends it to a shadow's x-forwarded-for
@@ -137,6 +141,7 @@ class Mirrorer:
         self.stats: Counter[str] = Counter()
         self.lock = threading.Lock()  # stats from several threads
         self.n_senders = senders
+        self.batch = max(1, batch)  # shadows a sender takes per wake-up (fastpath.mirror_send)
         self.threads: list[threading.Thread] = []
 
     # ---- plan (agent_synth.program) ------------------------------------------
@@ -232,57 +237,42 @@ class Mirrorer:
             self.threads.append(th)
 
     def _sender(self) -> None:
-        from fastpath.pools import NetnsSwitch
-
-        sw = NetnsSwitch()
-        try:
-            sw.enter(self.netns)  # this thread only (setns is per thread)
-        except OSError as exc:
-            log.error("mirror: cannot enter %s: %s; shadows dropped", self.netns, exc)
-            sw = None  # type: ignore[assignment]
-        conns: dict[tuple[str, int], socket.socket] = {}
-        while True:
-            shadow = self.q.get()
-            if shadow is None:
-                break
+        sw = _enter(self.netns)  # this thread only (setns is per thread)
+        conns = SenderConns(self._connect, self._count)
+        stop = False
+        while not stop:
+            batch, stop = self._take()
             if sw is None:
-                self._count("send_failed")
+                for _ in batch:
+                    self._count("send_failed")
                 continue
-            try:
-                data = shadow_request(shadow.req, shadow.host_suffix, self.ip)
-            except ValueError as exc:
-                self._count("bad_copy")
-                log.warning("mirror: %s", exc)
-                continue
-            self._send(conns, shadow, data)
-        for s in conns.values():
-            s.close()
+            conns.send_batch([x for sh in batch if (x := self._shadow_bytes(sh)) is not None])
+        conns.close()
         if sw is not None:
             sw.close()
 
-    def _send(self, conns: dict[tuple[str, int], socket.socket], sh: Shadow, data: bytes) -> None:
-        key = (sh.address, sh.port)
-        for attempt in (0, 1):  # a kept-alive connection the server closed: once more, fresh
-            s = conns.pop(key, None)
-            fresh = s is None
+    def _take(self) -> tuple[list[Shadow], bool]:
+        """The next shadow (waits), and up to `batch` - 1 more already queued
+        (never waits for them); True when close() asked this sender to stop."""
+        out: list[Shadow] = []
+        item = self.q.get()
+        while item is not None:
+            out.append(item)
+            if len(out) >= self.batch:
+                return out, False
             try:
-                if s is None:
-                    s = self._connect(sh)
-                s.settimeout(sh.timeout_s)
-                s.sendall(data)
-                if self._discard_response(s, request_method(sh.req)):
-                    conns[key] = s
-                else:
-                    s.close()
-                self._count("sent")
-                return
-            except OSError as exc:
-                if s is not None:
-                    s.close()
-                if fresh or attempt:
-                    self._count("timeout" if isinstance(exc, TimeoutError) else "send_failed")
-                    log.info("mirror: shadow to %s:%d failed: %s", sh.address, sh.port, exc)
-                    return
+                item = self.q.get_nowait()
+            except queue.Empty:
+                return out, False
+        return out, True
+
+    def _shadow_bytes(self, sh: Shadow) -> tuple[Shadow, bytes] | None:
+        try:
+            return sh, shadow_request(sh.req, sh.host_suffix, self.ip)
+        except ValueError as exc:
+            self._count("bad_copy")
+            log.warning("mirror: %s", exc)
+            return None
 
     def _connect(self, sh: Shadow) -> socket.socket:
         """A socket owned by the sidecar's uid (the interception's exception):
@@ -304,23 +294,6 @@ class Mirrorer:
             s.close()
             raise
         return s
-
-    def _discard_response(self, s: socket.socket, method: str) -> bool:
-        """Read the response to its end; True when the connection can be reused."""
-        buf = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return False
-            buf += chunk
-            try:
-                end = response_end(buf, method)
-            except FramingError:
-                return False
-            if end is not None:
-                return b"connection: close" not in buf[:end].lower() and len(buf) == end
-            if len(buf) > MAX_RESPONSE:
-                return False
 
     # ---- views / shutdown --------------------------------------------------------------
     def debug(self) -> dict[str, Any]:
