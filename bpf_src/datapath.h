@@ -188,7 +188,15 @@ struct dp_gen_cfg {
 BPF_SOCKHASH(dp_cli, __u64, DP_MAX_CONNS);
 BPF_SOCKHASH(dp_up, __u64, DP_MAX_UP);
 BPF_SK_STORAGE(dp_conn_st, struct dp_conn);
-BPF_HASH(dp_peer, __u64, __u64, DP_MAX_UP);           /* upstream cookie -> client cookie */
+/* dp_peer's value: the client bound to an upstream U, and whether a request
+ * forwarded on U still waits for its first response byte (dp_reset.h). */
+struct dp_peer_val {
+    __u64 client; /* client socket cookie (dp_cli key) */
+    __u32 wait;   /* 1: set at FORWARD, cleared by the response path's first byte */
+    __u32 _pad;
+};
+
+BPF_HASH(dp_peer, __u64, struct dp_peer_val, DP_MAX_UP); /* upstream cookie -> client */
 /* Paired mode (merbridge-style): requests go straight into the app's accepted
  * socket A (ingress), its responses straight into the client's ingress; U only
  * made the pair. Keyed by U's cookie. */

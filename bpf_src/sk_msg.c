@@ -189,7 +189,8 @@ static __always_inline int dp_bind_upstream(struct dp_conn *c, __u32 pool)
     __u64 up = 0;
     if (bpf_map_pop_elem(q, &up) != 0 || !up)
         return -2;
-    if (dp_peer.update(&up, &c->cookie) != 0)
+    struct dp_peer_val pv = {.client = c->cookie};
+    if (dp_peer.update(&up, &pv) != 0)
         return -2;
     /* free_slot is < DP_BINDS here; the mask keeps the verifier sure of it */
     int s = free_slot & (DP_BINDS - 1);
@@ -580,6 +581,7 @@ int dp_msg_act(struct sk_msg_md *msg)
         }
         return dp_to_envoy(c, v.route, DP_R_REDIRECT);
     }
+    dp_reset_wait(up); /* no response byte yet: a close of U's app now is a reset */
     dp_count(v.route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
     dp_access(c, &v, DP_OUT_FAST, 0);
     /* Last, when little else is live: earlier (or inlined) the copy's locals
@@ -605,10 +607,11 @@ int dp_srv_verdict(struct sk_msg_md *msg)
     if (!a || !(a->flags & DP_F_SRV))
         return SK_PASS;
     __u64 up = a->cookie;
-    __u64 *client = dp_peer.lookup(&up);
+    struct dp_peer_val *client = dp_peer.lookup(&up);
     if (!client)
         return SK_PASS;
-    __u64 ck = *client;
+    __u64 ck = client->client;
+    dp_reset_answered(client); /* a response byte (to the client or a retry) */
     /* the retry decision first: a diverted response starts nothing for the
      * client, and the route's deadline (one over all attempts) keeps running */
     int diverted = dp_retry_response(msg, up); /* a response to retry goes to the agent */

@@ -288,7 +288,7 @@ class Delayer:
             return False
         t = self.dp.bpf["dp_peer"]
         try:
-            return int(t[t.Key(up)].value) == client
+            return int(t[t.Key(up)].client) == client
         except KeyError:
             return False
 

@@ -24,6 +24,7 @@ from fastpath import agent_inline, agent_synth
 from fastpath.agent_delay import Delayer
 from fastpath.agent_mirror import Mirrorer
 from fastpath.agent_redirect import Redirector
+from fastpath.agent_reset import Resetter
 from fastpath.agent_retry import Retrier
 from fastpath.counters import (
     DP_EV_ACCESS,
@@ -84,14 +85,18 @@ class NodeDatapath:
     mirrorer: Mirrorer = field(init=False)
     delayer: Delayer = field(init=False)
     redirector: Redirector = field(init=False)
+    resetter: Resetter = field(init=False)
 
     def __post_init__(self) -> None:
         self.retrier = Retrier(self.dp, self.pools)
         self.mirrorer = Mirrorer(self.dp, self.pod.netns, self.pod.ip)
         self.delayer = Delayer(self.dp, self.pools)
         self.redirector = Redirector(self.dp)
-        # diverted responses and held requests are read, not reaped
-        self.pools.claim = lambda up: self.retrier.claim(up) or self.delayer.claim(up)
+        self.resetter = Resetter(self.dp, retry=self.retrier.claim)
+        # diverted responses and held requests are read, not reaped; an EOF with
+        # a request waiting is answered 503 (then reaped)
+        self.pools.claim = lambda up: (self.retrier.claim(up) or self.delayer.claim(up)
+                                       or self.resetter.claim(up))
 
     @classmethod
     def start(cls, pod: PodInfo, access_log: int = 1, mode: str = "inline",
@@ -280,6 +285,7 @@ class NodeDatapath:
             "mirrors": self.mirrorer.debug(),
             "delays": self.delayer.debug(),
             "redirects": self.redirector.debug(),
+            "resets": dict(self.resetter.counts),
         }
 
     def close(self) -> None:
@@ -289,6 +295,7 @@ class NodeDatapath:
         self.mirrorer.close()
         self.delayer.close()
         self.redirector.close()
+        self.resetter.close()
         self.dp.close()
         self.pools.close()
 

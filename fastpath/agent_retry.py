@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastpath import bpfsys, deadline
+from fastpath.agent_reset import PeerVal
 from fastpath.plan import ClusterAction, KernelPlan, RetryPolicy, Verdict
 from fastpath.retry import (
     Backoff,
@@ -296,7 +297,8 @@ class Retrier:
         t = self.dp.bpf["dp_retry"]
         t[t.Key(up)] = armed  # armed before the request leaves: its response is checked
         if up != job.up:
-            bpfsys.map_update(self.dp.fds["dp_peer"], ct.c_uint64(up), ct.c_uint64(job.client))
+            # waiting for its first response byte: a close of its app is a reset
+            bpfsys.map_update(self.dp.fds["dp_peer"], ct.c_uint64(up), PeerVal(job.client, 1))
             self.extra.setdefault(job.client, []).append(up)
         try:
             sock.setblocking(True)

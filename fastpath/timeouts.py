@@ -45,14 +45,29 @@ TIMEOUT_BODY = "upstream request timeout"
 DP_TMO_STARTED = 3  # bpf_src/dp_timeout.h
 
 
-def timeout_reply(date: str | None = None) -> bytes:
-    """Envoy's local reply for a route timeout (status, headers and body as a
-    real Envoy 1.40 sends them, without `server: envoy`, like the kernel's other
-    replies)."""
+RESET_BODY = ("upstream connect error or disconnect/reset before headers. "
+              "reset reason: connection termination")
+
+
+def local_reply(status: str, body: str, date: str | None = None) -> bytes:
+    """One of Envoy's local replies to an upstream failure (status, headers and
+    body as a real Envoy 1.40 sends them, without `server: envoy`, like the
+    kernel's other replies)."""
     date = date or time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
-    body = TIMEOUT_BODY.encode()
-    return (f"HTTP/1.1 504 Gateway Timeout\r\ncontent-length: {len(body)}\r\n"
-            f"content-type: text/plain\r\ndate: {date}\r\n\r\n").encode() + body
+    data = body.encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-length: {len(data)}\r\n"
+            f"content-type: text/plain\r\ndate: {date}\r\n\r\n").encode() + data
+
+
+def timeout_reply(date: str | None = None) -> bytes:
+    """Envoy's 504 for a route timeout."""
+    return local_reply("504 Gateway Timeout", TIMEOUT_BODY, date)
+
+
+def reset_reply(date: str | None = None) -> bytes:
+    """Envoy's 503 for an upstream that closed (FIN or RST) before any response
+    byte (fastpath.agent_reset); the same bytes for both, seen on Envoy 1.40."""
+    return local_reply("503 Service Unavailable", RESET_BODY, date)
 
 
 @dataclass(frozen=True)

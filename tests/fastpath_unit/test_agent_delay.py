@@ -67,7 +67,7 @@ def setup(n: int) -> tuple[Delayer, dict[str, Table], list[tuple[socket.socket, 
 def hold(maps: dict[str, Table], app: socket.socket, up: int, client: int, req: bytes,
          ms: int) -> None:
     """What dp_delay_hold does: record, bytes into U's receive queue."""
-    maps["dp_peer"][Key(up)] = SimpleNamespace(value=client)
+    maps["dp_peer"][Key(up)] = SimpleNamespace(client=client, wait=0)
     maps["dp_dly"][Key(up)] = SimpleNamespace(client=client, t_ns=time.monotonic_ns(),
                                               len=len(req), delay_ms=ms)
     app.sendall(req)

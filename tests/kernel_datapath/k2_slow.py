@@ -2,7 +2,8 @@
 
 Per request, headers choose the behaviour: `x-delay-ms: N` answers after N ms;
 `x-stall-ms: N` sends the head and 3 of 10 body bytes at once, the other 7
-after N ms. HEAD gets the head only (with the GET's Content-Length). Each answer's body names the request line. Every connection's end
+after N ms; `x-close: fin` closes the connection without answering, `x-close:
+rst` does so with SO_LINGER 0 (a RST; the reset tests). HEAD gets the head only (with the GET's Content-Length). Each answer's body names the request line. Every connection's end
 is recorded ("eof" or the error, with the time), so a test can tell that the
 proxy closed its upstream connection after a timeout.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import sys
 import threading
 import time
@@ -63,6 +65,10 @@ class SlowServer:
                 hdr = {k.strip().lower(): v.strip() for k, _, v in
                        (ln.partition(":") for ln in lines[1:])}
                 self._note(conn=conn, kind="request", line=lines[0])
+                if "x-close" in hdr:  # no answer: the app closes (FIN) or aborts (RST)
+                    if hdr["x-close"] == "rst":
+                        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
                 try:
                     self._answer(c, lines[0], hdr, conn)
                 except OSError as exc:

@@ -1,0 +1,123 @@
+"""An app that closes before answering, in a local mesh (NAME=reset): paired mode.
+
+The same requests from the client pod to `slow` (k2_slow.py: `x-close: fin`
+closes the accepted connection without answering, `x-close: rst` aborts it),
+once with `--fastpath off` (Envoy sidecars) and once with `--fastpath on`. In
+the mesh the pooled upstream U is paired with the app's accepted socket A: the
+request goes straight into A, the app's close reaches U as a FIN, and a
+response would pass dp_srv_verdict, which tests/kernel_datapath/test_reset.py
+(loopback, unpaired) does not reach. Routes: untimed (0s, Istio's), a 1 s
+timeout, and istiod's default retry policy (its retry_on has no `reset`, but
+the destination's sidecar answers the close with a 503, which the client's
+sidecar retries as a status: three attempts). Same answers both ways: Envoy's
+503 "upstream connect error or disconnect/reset before headers. reset reason:
+connection termination" at once, the connection then serving its next
+request, and the app seeing the same attempts; with the fast path on, the
+kernel path (not Envoy) sent the 503s.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from k3_meshrun import KD, run_script
+
+from fastpath.timeouts import RESET_BODY
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
+              pytest.mark.timeout(240)]
+
+HERE = Path(__file__).resolve().parent
+MESH = """\
+namespace: k3r
+policies: policies.yaml
+services:
+  client:
+    command: ["${{PYTHON}}", "{echo}", --port, "8080", --log-dir, "{logs}"]
+    ports: [8080]
+    calls: [slow]
+  slow:
+    command: ["${{PYTHON}}", "{slow}", "9000", "{logs}/slow-events.jsonl"]
+    ports: [9000]
+"""
+POLICIES = """\
+slow:
+  outbound:
+    routes:
+    - name: t1
+      match: {prefix: /t}
+      route: {cluster: slow, timeout: 1s}
+    - name: istio-retry
+      match: {prefix: /r}
+      route:
+        cluster: slow
+        timeout: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+          retriable_status_codes: [503]
+          num_retries: 2
+    - name: rest
+      match: {prefix: /}
+      route: {cluster: slow, timeout: 0s}
+"""
+
+
+def req(path: str, **headers: str) -> str:
+    extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    return f"GET {path} HTTP/1.1\r\nHost: slow:9000\r\n{extra}\r\n"
+
+
+SCRIPT = [
+    [req("/n/fin", x_close="fin"), req("/n/after-fin")],
+    [req("/n/rst", x_close="rst"), req("/n/after-rst")],
+    [req("/t/fin", x_close="fin"), req("/t/after-fin")],
+    [req("/r/fin", x_close="fin"), req("/r/after-fin")],
+]
+
+
+def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
+    d = tmp / mode
+    logs = d / "logs"
+    logs.mkdir(parents=True)
+    logs.chmod(0o777)
+    (d / "mesh.yaml").write_text(MESH.format(echo=HERE / "echo_app.py", logs=logs,
+                                             slow=KD / "k2_slow.py"))
+    (d / "policies.yaml").write_text(POLICIES)
+    out = run_script(d, f"k3r{mode}", mode, "slow", SCRIPT, settle_s=0.3)
+    out["events"] = [json.loads(ln) for ln in
+                     (logs / "slow-events.jsonl").read_text().splitlines()]
+    return out
+
+
+def attempts(events: list[dict[str, Any]]) -> Counter[str]:
+    """Request lines the app saw, with how often."""
+    return Counter(e["line"] for e in events if e["kind"] == "request")
+
+
+def test_reset_before_response_in_the_mesh_matches_envoy(kernel: None, tmp_path: Path) -> None:
+    off = run_mesh(tmp_path, "off")
+    on = run_mesh(tmp_path, "on")
+
+    def seen(conn: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(r["status"], r["body"] if r["status"] == 503 else json.loads(r["body"])["line"],
+                 r["headers"].get("content-type"), r["end"]) for r in conn]
+
+    for c_on, c_off in zip(on["results"], off["results"], strict=True):
+        assert seen(c_on) == seen(c_off), (c_on, c_off)
+    for reset, after in on["results"]:
+        assert reset["status"] == 503 and reset["body"] == RESET_BODY, reset
+        assert "server" not in reset["headers"], reset  # the kernel path answered
+        assert reset["secs"] < 0.8, reset  # at once (the /t timer is 1 s)
+        assert after["status"] == 200, after  # the connection still serves
+    assert attempts(on["events"]) == attempts(off["events"])
+    client = next(n for n in on["dbg"]["nodes"] if n["pod"].startswith("client"))
+    # /r: two closes handed to the retry agent as the inbound sidecar's 503, the third answered
+    assert client["resets"]["reset_503"] == 4, client["resets"]
+    assert client["resets"]["reset_retried"] == 2, client["resets"]
+    assert attempts(on["events"])["GET /r/fin HTTP/1.1"] == 3
+    assert client["timeouts_fired"]["timeout_504"] == 0
+    assert client["unpaired_upstreams"] == 0  # paired: the dp_srv_verdict way
