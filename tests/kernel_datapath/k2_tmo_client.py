@@ -10,8 +10,8 @@ the connection right after the previous request was sent, without reading its
 response (a client giving up during a delay). Prints a JSON list (per
 connection) of {"status", "headers", "body", "end", "secs"}; "end" is
 "complete", "eof" or the error's class name; a request that cannot be sent
-(the connection was cut) ends its connection with status 0 and "end"
-"send:" + the error's class name.
+(the connection was cut) ends its connection with status 0 and "end" the
+error's class name.
 """
 
 from __future__ import annotations
