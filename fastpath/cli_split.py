@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 HELP = """\
@@ -25,7 +26,8 @@ the kernel, overall and per input format, with the denominators.
 virtual_host, name, verdict, reason}], "rules": [...], "coverage": {"routes":
 {kernel, total}, "rules": {kernel, total}, "by_format": {...}}, "files": {...}}.
 
-Exit status: 0, or 2 when a path does not exist.
+Exit status: 0; 1 when a FILE named (not found under a DIR) is unusable: not
+YAML/JSON, or Envoy would reject it (the line says why); 2 when a path does not exist.
 """
 
 
@@ -69,13 +71,22 @@ def run(args: argparse.Namespace) -> int:
         json.dump([{"file": path, "plan": plan.to_json()} for path, plan in report.plans],
                   sys.stdout, indent=1)
         print()
-        return 0
-    if args.json:
+    elif args.json:
         json.dump(report.to_json(), sys.stdout, indent=1)
         print()
-        return 0
-    _print_text(report, args.explain)
-    return 0
+    else:
+        _print_text(report, args.explain)
+    return _status(args.paths, report)
+
+
+def _status(paths: list[str], report: Any) -> int:
+    """1 when a file named on the command line is unusable (Envoy could not run it); the
+    files found under a directory are a survey: reported, not failed."""
+    named = {str(Path(p)) for p in paths if Path(p).is_file()}
+    bad = [p for p, info in report.files.items() if p in named and info.get("unusable")]
+    for p in bad:
+        print(f"l7fp split: {p}: unusable (see above)", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _pct(c: dict[str, int]) -> str:
@@ -91,6 +102,10 @@ def _print_text(report: Any, explain: bool) -> None:
             print(f"   unreadable: {info['error']}")
         for s in info["skipped"]:
             print(f"   skipped resource: {s}")
+        for r in info.get("rejected", ()):
+            print(f"   invalid: {r}")
+        for n in info.get("notes", ()):
+            print(f"   note: {n}")
         for o in info.get("opaque", ()):
             print(f"   opaque: {o}")
         plan = plans.get(path)

@@ -96,7 +96,10 @@ def _analyse_file(path: Path, report: Report, caps: KernelCaps | None) -> None:
     info: dict[str, Any] = {"formats": sorted({d.format for d in docs}),
                             "error": "; ".join(d.error for d in docs if d.error) or None,
                             "skipped": [s for d in docs for s in d.skipped],
-                            "opaque": [o for d in docs for o in d.opaque]}
+                            "opaque": [o for d in docs for o in d.opaque],
+                            "notes": [n for d in docs for n in d.notes],
+                            "rejected": [r for d in docs for r in d.rejected],
+                            "unusable": any(d.unusable for d in docs)}
     if not docs:
         return  # not a policy file of any format L7FP reads
     report.files[str(path)] = info

@@ -168,4 +168,4 @@ def duration_ms(value: str | None) -> int | None:
 
 def _short(e: Exception) -> str:
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    return text[0][:400] if text else type(e).__name__

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from fastpath import envoy_model as em
+from fastpath import input_checks as checks
 from fastpath.classify_delay import runtime_of
 from xds_server.istio.reader import split_reader as read_istio
 
@@ -49,6 +50,14 @@ class Document:
     unread: list[tuple[str, Any, str]] = field(default_factory=list)
     # Extension configs kept opaque for Envoy (types/fields L7FP's proto library lacks)
     opaque: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # mistakes Envoy accepts (fastpath.input_checks)
+    rejected: list[str] = field(default_factory=list)  # what makes Envoy reject the file
+
+    @property
+    def unusable(self) -> bool:
+        """Envoy could not run this file (not YAML, or it rejects a resource)."""
+        return bool(self.error or self.rejected
+                    or any(checks.ENVOY_REJECTS in s for s in self.skipped))
 
 
 Reader = Callable[[Path], list[Document]]
@@ -102,8 +111,11 @@ def read_envoy_static(path: Path) -> list[Document]:
         if not isinstance(sr, dict):
             continue
         doc = Document(str(path), "envoy-static", runtime=runtime_of(d))
-        for key, url in (("listeners", em.LISTENER), ("clusters", em.CLUSTER), ("secrets", em.SECRET)):
-            for item in sr.get(key) or []:
+        doc.rejected += checks.bootstrap_problems(d)
+        listeners = _listeners(doc, _list(sr.get("listeners")))
+        doc.rejected += checks.unknown_clusters(listeners, _list(sr.get("clusters")))
+        for url, items in ((em.CLUSTER, _list(sr.get("clusters"))), (em.SECRET, _list(sr.get("secrets")))):
+            for item in items:
                 _add(doc, url, item)
         out.append(doc)
     return out
@@ -120,11 +132,42 @@ def read_envoy_xds(path: Path) -> list[Document]:
         if not isinstance(items, list) or not any(isinstance(i, dict) and "@type" in i for i in items):
             continue
         doc = Document(str(path), "envoy-xds")
-        for item in items:
-            if isinstance(item, dict) and "@type" in item:
-                _add(doc, item["@type"], item)
+        typed = [i for i in items if isinstance(i, dict) and "@type" in i]
+        _listeners(doc, [i for i in typed if i["@type"] == em.LISTENER])
+        for item in [i for i in typed if i["@type"] != em.LISTENER]:
+            _add(doc, item["@type"], item)
         out.append(doc)
     return out
+
+
+def _list(value: Any) -> list[Any]:
+    """A YAML list, or one value where Envoy also takes one (protojson)."""
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _listeners(doc: Document, items: list[Any]) -> list[Any]:
+    """Add the listeners Envoy would run to ``doc``; say the others, and mistakes, there.
+    Returns the listeners kept (raw)."""
+    drop, rejected, notes = checks.listener_problems(items)
+    doc.notes += notes
+    why = dict(reversed(rejected))  # the first problem of each listener
+    kept = []
+    for i, item in enumerate(items):
+        if i in why and _parses(item):  # else Envoy's JSON error comes first: _add says it
+            doc.rejected += [line for j, line in rejected if j == i]
+            doc.unread.append((em.LISTENER, item, why[i]))  # its routes count, as ENVOY
+        elif i not in drop or i in why:
+            _add(doc, em.LISTENER, item)
+            kept.append(item)
+    return kept
+
+
+def _parses(item: Any) -> bool:
+    try:
+        em.parse(em.LISTENER, item)
+    except em.ResourceError:
+        return False
+    return True
 
 
 READERS: list[Reader] = [read_envoy_static, read_envoy_xds, read_istio]
@@ -154,5 +197,5 @@ def read(path: Path) -> list[Document]:
         try:
             load_yaml(path)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            return [Document(str(path), "unrecognized", error=f"not YAML/JSON: {str(e).splitlines()[0]}")]
+            return [Document(str(path), "unrecognized", error=f"not YAML/JSON: {checks.yaml_problem(e)}")]
     return docs

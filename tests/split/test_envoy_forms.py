@@ -47,10 +47,10 @@ CLUSTER = {"name": "c", "type": "STATIC", "load_assignment": {"cluster_name": "c
 
 
 def split_json(tmp_path: Path, lis: dict[str, Any], capsys: pytest.CaptureFixture[str],
-               cluster: dict[str, Any] = CLUSTER) -> dict[str, Any]:
+               cluster: dict[str, Any] = CLUSTER, status: int = 0) -> dict[str, Any]:
     f = tmp_path / "envoy.yaml"
     f.write_text(yaml.safe_dump({"static_resources": {"listeners": [lis], "clusters": [cluster]}}))
-    assert main(["split", "--json", str(f)]) == 0
+    assert main(["split", "--json", str(f)]) == status
     return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
 
 
@@ -86,7 +86,7 @@ def test_typed_config_without_type_is_envoys_error(tmp_path: Path, capsys: pytes
         "envoy.config.listener.v3.Listener (no name) at 0.0.0.0:8080: filter_chains[0].filters[0]"
         ".typed_config.http_filters[0].typed_config: no @type: Envoy rejects it (\"Didn't find a "
         "registered implementation for 'envoy.filters.http.router' with type URL: ''\")")
-    out = split_json(tmp_path, lis, capsys)
+    out = split_json(tmp_path, lis, capsys, status=1)  # the file is unusable
     (row,) = out["routes"]
     assert row["verdict"] == "ENVOY" and row["reason"].startswith("invalid config: ")
     assert "Envoy rejects it" in row["reason"]

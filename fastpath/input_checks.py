@@ -1,0 +1,170 @@
+"""Mistakes a user makes in an Envoy file, said in one line as Envoy 1.40 would say them.
+
+Called by `fastpath.inputs` (the readers of `l7fp split`); owned by the split. Pure
+functions over the raw YAML dicts (snake_case or camelCase keys, as written), so the
+line names the input as the user wrote it. What Envoy does was seen with the real
+binary (`envoy --mode validate -c FILE`, and a running Envoy for duplicate names):
+
+* a tab in the indentation: yaml-cpp "illegal tab when looking for indentation";
+* a listener without `filter_chains` (and no default chain): "error adding listener
+  'ADDRESS': no filter chains specified" (the file is rejected);
+* a filter chain without filters: accepted (its connections are closed);
+* two static listeners with one name: accepted, only the first one listens;
+* a route of a bootstrap's inline route_config naming an undefined cluster: "route:
+  unknown cluster 'NAME'" (the file is rejected; `validate_clusters: false` allows it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+ENVOY_REJECTS = "Envoy rejects it"
+
+
+def field(obj: Any, snake: str) -> Any:
+    """``obj[snake]`` or its camelCase spelling (YAML files use both); None if absent."""
+    if not isinstance(obj, dict):
+        return None
+    head, *rest = snake.split("_")
+    return obj.get(snake, obj.get(head + "".join(w.title() for w in rest)))
+
+
+def yaml_problem(e: Exception) -> str:
+    """One line for a YAML error: where, and what (a tab said as such)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = str(getattr(e, "problem", None) or str(e).splitlines()[0])
+    if "'\\t'" in problem:
+        problem += " (a tab: YAML indents with spaces)"
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def address(lis: Any) -> str:
+    """A listener's ``address:port`` as Envoy names an unnamed listener in errors."""
+    sa = field(field(lis, "address"), "socket_address")
+    if not isinstance(sa, dict):
+        return "?"
+    return f"{sa.get('address', '?')}:{field(sa, 'port_value') or 0}"
+
+
+def label(lis: Any) -> str:
+    name = field(lis, "name")
+    return f"listener {name!r}" if isinstance(name, str) and name else f"listener at {address(lis)}"
+
+
+def bootstrap_problems(boot: dict[str, Any]) -> list[str]:
+    """What Envoy rejects in a bootstrap outside ``static_resources`` (those are read
+    resource by resource): an ``Any`` without @type, a misspelt or v2 @type, ...
+    (`xds_server.protojson`); a field L7FP's library lacks is not Envoy's error."""
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+
+    from xds_server import protojson
+
+    rest = {k: v for k, v in boot.items() if k not in ("static_resources", "staticResources")}
+    protojson.register_typed_struct()
+    try:
+        protojson.prepare(Bootstrap, rest)
+    except protojson.ProtoJsonError as e:
+        return [f"bootstrap {e}"] if ENVOY_REJECTS in e.problem else []
+    return []
+
+
+def listener_problems(items: list[Any]) -> tuple[list[int], list[tuple[int, str]], list[str]]:
+    """For the raw listeners of one document: (indexes to leave out, (index, line) of what
+    makes Envoy reject a listener and the file, notes). Left out: later listeners of a
+    name already seen, listeners Envoy rejects."""
+    drop: list[int] = []
+    rejects: list[tuple[int, str]] = []
+    notes: list[str] = []
+    first: dict[str, str] = {}
+    for i, lis in enumerate(items):
+        if not isinstance(lis, dict):
+            continue
+        name = field(lis, "name")
+        if isinstance(name, str) and name in first:
+            drop.append(i)
+            notes.append(f"{label(lis)} at {address(lis)}: duplicate name: Envoy 1.40 serves only the "
+                         f"first listener {name!r} ({first[name]}); this one is ignored")
+            continue
+        if isinstance(name, str):
+            first[name] = address(lis)
+        chains = field(lis, "filter_chains")
+        if not chains and not field(lis, "default_filter_chain"):
+            drop.append(i)
+            rejects.append((i, f"{label(lis)}: no filter_chains: {ENVOY_REJECTS} (\"error adding "
+                               f"listener '{address(lis)}': no filter chains specified\")"))
+            continue
+        for j, chain in enumerate(chains if isinstance(chains, list) else [chains]):
+            if not field(chain, "filters"):
+                notes.append(f"{label(lis)}: filter_chains[{j}] has no filters: Envoy accepts it and "
+                             "closes those connections; nothing to split")
+        untyped = [(i, f"{label(lis)}: {where}: {why}") for where, why in untyped_filters(lis)]
+        if untyped:
+            drop.append(i)
+            rejects += untyped
+    return drop, rejects, notes
+
+
+def untyped_filters(lis: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(field, Envoy's error) for network and HTTP filters named without a typed_config:
+    Envoy 1.40 finds extensions by type, not name (configs__envoy-demo.yaml's router)."""
+    chains = field(lis, "filter_chains") or []
+    for j, chain in enumerate(chains if isinstance(chains, list) else [chains]):
+        filters = field(chain, "filters") or []
+        for k, f in enumerate(filters if isinstance(filters, list) else [filters]):
+            where = f"filter_chains[{j}].filters[{k}]"
+            yield from _untyped(f, where)
+            hfs = field(field(f, "typed_config"), "http_filters") or []
+            for m, hf in enumerate(hfs if isinstance(hfs, list) else [hfs]):
+                yield from _untyped(hf, f"{where}.typed_config.http_filters[{m}]")
+
+
+def _untyped(f: Any, where: str) -> Iterator[tuple[str, str]]:
+    if not isinstance(f, dict) or field(f, "typed_config") is not None or field(f, "config_discovery"):
+        return
+    if field(f, "is_optional"):
+        return  # Envoy skips an optional filter it can't find
+    yield where, (f"no typed_config: {ENVOY_REJECTS} (\"Didn't find a registered implementation for "
+                  f"'{field(f, 'name')}' with type URL: ''\")")
+
+
+def unknown_clusters(listeners: list[Any], clusters: list[Any]) -> list[str]:
+    """Lines for routes of inline route configs that name a cluster the bootstrap lacks."""
+    known = {field(c, "name") for c in clusters if isinstance(c, dict)}
+    out = []
+    for lis in listeners:
+        for rc in _inline_route_configs(lis):
+            if field(rc, "validate_clusters") is False:
+                continue
+            for name in dict.fromkeys(_route_clusters(rc)):
+                if name not in known:
+                    out.append(f"{label(lis)}: route config {field(rc, 'name') or ''!r}: unknown cluster "
+                               f"{name!r}: {ENVOY_REJECTS} (\"route: unknown cluster '{name}'\")")
+    return out
+
+
+def _inline_route_configs(lis: Any) -> Iterator[dict[str, Any]]:
+    chains = field(lis, "filter_chains") or []
+    for chain in chains if isinstance(chains, list) else [chains]:
+        filters = field(chain, "filters") or []
+        for f in filters if isinstance(filters, list) else [filters]:
+            rc = field(field(f, "typed_config"), "route_config")
+            if isinstance(rc, dict):
+                yield rc
+
+
+def _route_clusters(rc: dict[str, Any]) -> Iterator[str]:
+    vhosts = field(rc, "virtual_hosts") or []
+    for vh in vhosts if isinstance(vhosts, list) else [vhosts]:
+        routes = field(vh, "routes") or []
+        for r in routes if isinstance(routes, list) else [routes]:
+            action = field(r, "route")
+            if isinstance(field(action, "cluster"), str):
+                yield field(action, "cluster")
+            wc = field(field(action, "weighted_clusters"), "clusters") or []
+            for c in wc if isinstance(wc, list) else [wc]:
+                if isinstance(field(c, "name"), str):
+                    yield field(c, "name")
+
