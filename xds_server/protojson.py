@@ -172,8 +172,8 @@ def likely_typo(type_url: str) -> str | None:
     module = importlib.import_module("envoy_data_plane." + package)
     names = [n for n, v in vars(module).items()
              if isinstance(v, type) and issubclass(v, betterproto2.Message) and v.__module__ == module.__name__]
-    close = difflib.get_close_matches(message, names, 1, 0.8)
-    return f"did you mean '{package}.{close[0]}'?" if close else None
+    similar = difflib.get_close_matches(message, names, 1, 0.8)
+    return f"did you mean '{package}.{similar[0]}'?" if similar else None
 
 
 def _is_v2(type_url: str) -> bool:
