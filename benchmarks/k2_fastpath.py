@@ -148,10 +148,12 @@ def _leaf_inbound() -> tuple[Any, ...]:
 
 
 def wrk(m: Any, conns: int, seconds: float, as_sidecar: bool = False,
-        close: bool = False) -> dict[str, Any]:
-    """`close`: one new connection per request (`Connection: close`; wrk reconnects)."""
+        close: bool = False, headers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`close`: one new connection per request (`Connection: close`; wrk reconnects).
+    `headers`: extra request header lines ("Name: value") on every request."""
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency",
-            *(["-H", "Connection: close"] if close else []), "http://leaf:9000/x"]
+            *(["-H", "Connection: close"] if close else []),
+            *(a for h in headers for a in ("-H", h)), "http://leaf:9000/x"]
     if as_sidecar:
         argv = ["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups", *argv]
     r = m.exec("client", argv, capture_output=True, text=True, timeout=seconds + 30)
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                    "the cost of the kernel's copy and the agent's shadows")
     p.add_argument("--close", action="store_true",
                    help="one new connection per request (wrk -H 'Connection: close')")
+    p.add_argument("--header", action="append", default=[],
+                   help="an extra request header line on every request, e.g. "
+                   "'Connection: keep-alive' (the cost of removing hop-by-hop headers)")
     args = p.parse_args(argv)
     from fastpath.agent import Agent
     from mesh.runner import Mesh
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                         node.dp.detach_cgroup(node.pod.cgroup)
                     before = node.stats()
                     res = wrk(m, conns, args.seconds, as_sidecar=config == "direct",
-                              close=args.close)
+                              close=args.close, headers=tuple(args.header))
                     if config == "fastpath":
                         res.update(share(before, node.stats()))
                         res["pool_targets"] = [p["target"] for p in node.pools.snapshot()]
