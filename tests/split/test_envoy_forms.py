@@ -15,6 +15,7 @@ import yaml
 from fastpath import envoy_model as em
 from fastpath.split import split_snapshot
 from xds_server import resources as res
+from xds_server.protojson import UNKNOWN_TYPE
 from xds_server.cli import main
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -121,7 +122,7 @@ def test_unknown_type_is_opaque(tmp_path: Path, capsys: pytest.CaptureFixture[st
     (info,) = out["files"].values()
     assert info["opaque"] == ["Listener 'l': filter_chains[0].filters[0].typed_config.http_filters[0]"
                               ".typed_config: envoy.extensions.filters.http.golang.v3alpha.Config kept "
-                              "opaque for Envoy (type unknown to L7FP's proto library)"]
+                              f"opaque for Envoy ({UNKNOWN_TYPE})"]
 
 
 def test_opaque_rbac_is_not_interpreted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,3 +92,21 @@ async def test_opaque_filter_reaches_envoy_and_bad_type_is_one_line(
     await wait_for(logged, 10)
     assert "Traceback" not in serve.log()
     assert await open_ok() and (await http_get(lport, "/secure"))[0] == 401
+
+    # a contrib filter (golang) is opaque to L7FP too and served unchanged; this Envoy build
+    # has no contrib extensions, so it NACKs, and the NACK (Envoy's words) is what the user sees
+    golang = jwt_listener(lport, keys)
+    golang["filter_chains"][0]["filters"]["typed_config"]["http_filters"].insert(0, {
+        "name": "envoy.filters.http.golang", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.golang.v3alpha.Config",
+            "library_id": "x", "library_path": "/nonexistent.so", "plugin_name": "x"}})
+    config_dir.write("listener.yaml", [golang])
+
+    async def nacked() -> bool:
+        (p,) = await serve.get_json("/debug/syncz")
+        return "golang" in (p["types"]["lds"]["last_nack_error"] or "")
+
+    await wait_for(nacked, 10)
+    (p,) = await serve.get_json("/debug/syncz")
+    print("NACK:", p["types"]["lds"]["last_nack_error"])
+    assert await open_ok() and (await http_get(lport, "/secure"))[0] == 401  # last good version
