@@ -15,8 +15,8 @@ import yaml
 from fastpath import envoy_model as em
 from fastpath.split import split_snapshot
 from xds_server import resources as res
-from xds_server.protojson import UNKNOWN_TYPE
 from xds_server.cli import main
+from xds_server.protojson import UNKNOWN_TYPE
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = {"name": "envoy.filters.http.router",
