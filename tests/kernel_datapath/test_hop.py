@@ -27,6 +27,7 @@ from fastpath.agent import Agent
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
 CLIENT = Path(__file__).with_name("k2_tmo_client.py")
+CLIENT_SPLIT = Path(__file__).with_name("k2_client.py")  # writes in pieces
 ENVOY_ADDS = {"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms"}
 
 
@@ -146,3 +147,34 @@ def test_hop_by_hop_matches_envoy(agent: Agent, cgroup: Any, henvoy: ResourcesEn
             by_reason[why] = by_reason.get(why, 0) + n
     assert by_reason == {"conn_close": 3, "hop_header": 4}, kernel
     assert sum(n for (r, o, _), n in kernel.items() if (r, o) == ("out/all/direct", "kernel_reply")) == 1
+
+
+SPLIT_HEAD = ("GET /u/split HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive\r\nx-case: {}\r\n"
+              "Keep-Alive: 5\r\n\r\n")
+
+
+def test_removal_in_corked_heads_and_rest_runs(agent: Agent, cgroup: Any,
+                                               henvoy: ResourcesEnvoy,
+                                               echo: EchoUpstream) -> None:
+    """The lines are removed at the right offsets when the head came in pieces
+    (corked, decided whole) and when the request is the rest of a write whose
+    first request the kernel answered (a rest run: offsets from the rest)."""
+    node = load_plan(agent, split_plan(henvoy.listener, henvoy.cluster))
+    script = []
+    for cut in (5, 30, 45, 52, 80):  # request line, Connection name / value, x-case, blank line
+        head = SPLIT_HEAD.format(f"cut{cut}")
+        script.append([{"send": [head[:cut], head[cut:]], "pause": 0.01}])
+    rest = SPLIT_HEAD.format("rest").replace("/u/split", "/u/rest")
+    script.append([{"send": ["GET /d/x HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive\r\n\r\n"
+                             + rest], "expect": 2}])
+    out = run_client(cgroup, CLIENT_SPLIT, henvoy.port, script)
+    time.sleep(0.1)
+    seen = upstream_heads(echo.take())
+    assert [r["status"] for c in out for r in c] == [200] * 7, out
+    assert out[-1][0]["body"] == "kernel says hi", out[-1]
+    for case in [f"cut{c}" for c in (5, 30, 45, 52, 80)] + ["rest"]:
+        line, hdrs, _, via_envoy = seen[case]
+        assert not via_envoy and hdrs == [("host", "svc"), ("x-case", case)], (case, seen[case])
+    st = node.stats()
+    assert st.get(("out/all/up", "fast", "")) == 6 and \
+        not any(why in ("conn_close", "hop_header") for (_, _, why) in st), st
