@@ -311,7 +311,7 @@ def route_matches(m: RouteMatch, req: Request) -> bool:
         return False
     if m.grpc and not (req.header("content-type") or "").startswith("application/grpc"):
         return False
-    if not all(header_matches(h, req) for h in m.headers):
+    if not all(_route_header_matches(h, req) for h in m.headers):
         return False
     return all(_query_matches(q.name, q.match, req) for q in m.query_params)
 
@@ -359,6 +359,15 @@ def header_matches(h: HeaderMatch, req: Request) -> bool:
         return h.invert
     ok = True if h.match is None else string_matches(h.match, value)
     return ok != h.invert
+
+
+def _route_header_matches(h: HeaderMatch, req: Request) -> bool:
+    """A route's header matcher as the kernel evaluates it: a header the
+    request carries twice is undecidable there (Envoy matches the joined
+    values; l7fp_match.h records one value per slot): the request goes to Envoy."""
+    if sum(1 for k, _ in req.headers if k == h.name) > 1:
+        raise QueryUndecidable(f"header {h.name} twice (Envoy matches the joined values)")
+    return header_matches(h, req)
 
 
 class QueryUndecidable(Exception):
