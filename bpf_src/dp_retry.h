@@ -63,7 +63,7 @@ struct dp_rpol {
     __u32 grpc_mask;   /* bit n: retry when grpc-status is n (0..31) */
     __u32 n_codes;
     __u32 max_retries; /* the cluster's circuit breaker */
-    __u16 codes[DP_RETRY_CODES];
+    __u16 codes[DP_RETRY_CODES]; /* statuses; a value below 10 is a class (5: any 5xx) */
 };
 
 /* Per bound upstream U (key: U's cookie). */
@@ -276,10 +276,11 @@ static __always_inline int dp_retry_wanted(struct sk_msg_md *msg, struct dp_rpol
         return 0;
     __u32 s = (c9 - '0') * 100 + (c10 - '0') * 10 + (c11 - '0');
     *status = s;
+    __u32 cls = s / 100; /* a policy code below 10 is a status class (5: retry_on 5xx) */
     int hit = 0;
 #pragma unroll
     for (int i = 0; i < DP_RETRY_CODES; i++) {
-        if (i < p->n_codes && p->codes[i] == s)
+        if (i < p->n_codes && (p->codes[i] == s || p->codes[i] == cls))
             hit = 1;
     }
     if (!hit && p->grpc_mask) {

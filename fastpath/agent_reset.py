@@ -83,7 +83,8 @@ def retries_reset(rec: Any | None, busy: int) -> bool:
     if rec is None or int(rec.state) != RS_ARMED or not int(rec.left):
         return False
     codes = [int(rec.pol.codes[i]) for i in range(int(rec.pol.n_codes))]
-    return RESET_STATUS in codes and busy < int(rec.pol.max_retries)
+    hit = RESET_STATUS in codes or RESET_STATUS // 100 in codes  # 5: retry_on 5xx
+    return hit and busy < int(rec.pol.max_retries)
 
 
 class Resetter:

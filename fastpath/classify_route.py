@@ -310,11 +310,18 @@ STATUS_RETRY_ON = frozenset({"5xx", "gateway-error", "retriable-4xx", "retriable
                              "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
                              "unavailable"})
 # The subset the data path retries exactly as Envoy does (status/grpc-status of the
-# response head). 5xx and gateway-error also retry on an upstream reset, which the
-# data path does not see: they stay ENVOY.
+# response head). 5xx and gateway-error also retry on an upstream reset: in the mesh
+# the destination's sidecar answers an app's close with a 503 response, which the
+# data path makes of a close too (fastpath/agent_reset.py), and `reset` then never
+# fires (the client's sidecar sees that 503, not a reset). Their per-try timeouts
+# stay ENVOY (retry_policy below); unpaired upstreams (no sidecar) take Envoy.
 GRPC_RETRY_CODES = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8,
                     "internal": 13, "unavailable": 14}
-KERNEL_RETRY_ON = frozenset({"retriable-status-codes", "retriable-4xx", *GRPC_RETRY_CODES})
+RESET_RETRY_ON = frozenset({"5xx", "gateway-error", "reset"})
+KERNEL_RETRY_ON = frozenset({"retriable-status-codes", "retriable-4xx", *GRPC_RETRY_CODES,
+                             *RESET_RETRY_ON})
+STATUS_CLASS_5XX = 5  # a retry code below 10 is a status class (bpf_src/dp_retry.h)
+GATEWAY_ERRORS = (502, 503, 504)
 _RETRY_KEYS = {"retryOn", "numRetries", "perTryTimeout", "retryHostPredicate",
                "hostSelectionRetryMaxAttempts", "retriableStatusCodes", "retryBackOff",
                "retriableHeaders", "retriableRequestHeaders", "perTryIdleTimeout"}
@@ -366,6 +373,7 @@ def retry_policy(p: dict[str, Any] | None, caps: KernelCaps) -> tuple[RetryPolic
         if "retriable-status-codes" in conds else []
     if "retriable-4xx" in conds:
         codes.append(409)
+    codes = _reset_codes(conds, codes)
     if len(set(codes)) > RETRY_CODES:
         reasons.append(f"more than {RETRY_CODES} retriable status codes")
     backoff = p.get("retryBackOff", {})
@@ -377,6 +385,15 @@ def retry_policy(p: dict[str, Any] | None, caps: KernelCaps) -> tuple[RetryPolic
         base_ms=base, max_ms=duration_ms(backoff.get("maxInterval", "0s")) or 10 * base,
         per_try_timeout_ms=per_try or None)
     return policy, reasons
+
+
+def _reset_codes(conds: set[str], codes: list[int]) -> list[int]:
+    """`codes` plus the statuses 5xx (a class) and gateway-error (502-504) retry."""
+    if "gateway-error" in conds:
+        codes = [*codes, *GATEWAY_ERRORS]
+    if "5xx" in conds:
+        codes = [c for c in codes if c // 100 != 5] + [STATUS_CLASS_5XX]
+    return codes
 
 
 def _host_predicates(p: dict[str, Any]) -> tuple[bool, Reasons]:

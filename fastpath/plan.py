@@ -170,7 +170,7 @@ class RetryPolicy:
     executed by the data path (bpf_src/sk_msg.c arms a copy of the request,
     fastpath/retry*.py re-sends it) when the route is KERNEL. Semantics (Envoy's):
     a response whose status is in ``status_codes`` (retriable-status-codes,
-    retriable-4xx = 409) or whose head carries a ``grpc-status`` in ``grpc_codes`` is retried, at most
+    retriable-4xx = 409, gateway-error = 502-504, 5xx = the class 5) or whose head carries a ``grpc-status`` in ``grpc_codes`` is retried, at most
     ``num_retries`` times, after a jittered backoff (``base_ms``, ``max_ms``),
     on another endpoint of the same cluster when ``previous_hosts`` can find
     one (within ``host_selection_attempts`` picks), unless the response
@@ -181,7 +181,7 @@ class RetryPolicy:
 
     num_retries: int = 1
     retry_on: tuple[str, ...] = ()
-    status_codes: tuple[int, ...] = ()  # exact statuses that are retried
+    status_codes: tuple[int, ...] = ()  # statuses that are retried; 5: any 5xx (retry_on 5xx)
     grpc_codes: tuple[int, ...] = ()  # grpc-status values that are retried
     previous_hosts: bool = False
     host_selection_attempts: int = 1

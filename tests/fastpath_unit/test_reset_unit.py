@@ -41,3 +41,5 @@ def test_a_reset_is_retried_where_the_policy_retries_a_503() -> None:
     assert not retries_reset(rec(codes=(502, 504)), busy=0)
     assert not retries_reset(rec(state=2), busy=0)  # already diverted
     assert not retries_reset(rec(), busy=3)  # the cluster's max_retries pending
+    assert retries_reset(rec(codes=(5,)), busy=0)  # retry_on 5xx: the class
+    assert retries_reset(rec(codes=(502, 503, 504)), busy=0)  # gateway-error

@@ -14,6 +14,8 @@ an attempt fails is said by request headers, so one app serves every case:
 * `x-chunked: 1`     failures are sent chunked
 * `x-delays: A,B,..` attempt 1 answers after A ms, attempt 2 after B ms, ...
 * `x-body-delay-ms: N` a success sends its head and 3 body bytes, the rest N ms later
+* `x-close: N`       attempts 1..N close the connection without an answer (an app that
+                     crashes mid-request)
 
 Each log line also records the attempt's x-envoy-expected-rq-timeout-ms ("-": none).
 
@@ -54,6 +56,9 @@ def make_app(log_dir: Path) -> web.Application:
         delays = [int(d) for d in req.headers.get("x-delays", "").split(",") if d.strip()]
         if attempt <= len(delays) and delays[attempt - 1]:
             await asyncio.sleep(delays[attempt - 1] / 1000)
+        if attempt <= int(req.headers.get("x-close", "0")) and req.transport is not None:
+            req.transport.close()  # no answer: the connection closes (FIN)
+            return web.Response()  # written to a closed transport: dropped
         fail_n = int(req.headers.get("x-fail", "0"))
         only = req.headers.get("x-fail-pod")
         if attempt <= fail_n and (only is None or only == pod):

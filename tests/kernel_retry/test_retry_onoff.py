@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
 import deadline_cases  # noqa: E402
+import reset_cases  # noqa: E402
 from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
 
 GAP_MS = 100  # fast path on: lets the agent refill the pools between connections
@@ -137,6 +138,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     reqs = gen_requests(MESHES[variant][2])
     if variant == DEADLINE_VARIANT:  # the /d routes: timers with retries
         reqs += deadline_cases.gen_requests()
+        reqs += reset_cases.gen_requests()  # the /x routes: retry_on with resets
     out: dict[str, Any] = {mode: run_mesh(tmp, variant, mode, reqs) for mode in ("off", "on")}
     out["reqs"] = reqs
     out["variant"] = variant
@@ -146,8 +148,8 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def test_same_final_answer_and_attempts(runs: dict[str, Any], kernel: None) -> None:
     diffs = []
     for req, a, b in zip(runs["reqs"], runs["off"]["results"], runs["on"]["results"], strict=True):
-        if "deadline" in req:
-            continue  # test_deadline_*
+        if "deadline" in req or "reset" in req:
+            continue  # test_deadline_*, test_reset_*
         rid = req["headers"]["x-k3-id"]
         na, nb = len(runs["off"]["seen"].get(rid, [])), len(runs["on"]["seen"].get(rid, []))
         va, vb = view(a), view(b)
@@ -164,8 +166,8 @@ def test_answers_are_envoys_policy(runs: dict[str, Any], kernel: None) -> None:
     `flaky` goes to the pod not tried yet (previous_hosts)."""
     for mode in ("off", "on"):
         for req, res in zip(runs["reqs"], runs[mode]["results"], strict=True):
-            if "deadline" in req:
-                continue  # test_deadline_*
+            if "deadline" in req or "reset" in req:
+                continue  # test_deadline_*, test_reset_*
             _, _, _, _, status, attempts = CASES[req["case"]]
             pods = runs[mode]["seen"].get(req["headers"]["x-k3-id"], [])
             assert res["status"] == status, (mode, req, res, pods)
@@ -250,3 +252,28 @@ def test_deadline_kernel_timed(runs: dict[str, Any], kernel: None) -> None:
     assert client["timeouts_fired"]["timeout_504"] == deadline_cases.N_504, client
     assert client["timeouts_fired"]["timeout_reset"] == 0, client
     assert list(client["per_try_timeouts"].values()) == [600], client
+
+
+@ONLY_DEADLINE_VARIANT
+def test_reset_cases_answers_and_attempts(runs: dict[str, Any], kernel: None) -> None:
+    """retry_on 5xx, gateway-error, reset and istiod's policy with an app that
+    answers 5xx or closes without answering (reset_cases.py): both ways the
+    status, body and attempts of Envoy's policy, equal off and on; the kernel
+    path served them and handed its closes to the retry agent."""
+    n = 0
+    for req, off, on in zip(runs["reqs"], runs["off"]["results"], runs["on"]["results"],
+                            strict=True):
+        if "reset" not in req:
+            continue
+        n += 1
+        rid = req["headers"]["x-k3-id"]
+        for mode, res in (("off", off), ("on", on)):
+            why = reset_cases.answer_problem(req, res, runs[mode]["seen"].get(rid, []))
+            assert not why, (mode, req["path"], req["headers"], why, res)
+        assert view(off) == view(on), (req["path"], off, on)
+    assert n == len(reset_cases.CASES)
+    client = next(x for x in runs["on"]["dbg"]["nodes"] if x["pod"].startswith("client"))
+    print(f"reset cases: {n}; resets {client['resets']}; retries {client['retries']}")
+    retried = sum(min(int(c[2].get("x-close", "0")), c[6] - 1) for c in reset_cases.CASES)
+    assert client["resets"]["reset_retried"] == retried, client["resets"]
+    assert client["resets"]["reset_503"] == 2, client["resets"]  # /x5 x-close 5, /xr

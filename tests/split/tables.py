@@ -100,7 +100,7 @@ def _route(i: int) -> st.SearchStrategy[dict[str, Any]]:
               punt: bool) -> dict[str, Any]:
         r = {"name": f"r{i}", "match": m, **a}
         if punt and "route" in r:  # a retry that can fire: a punt entry (ENVOY)
-            r["route"] = {**r["route"], "retry_policy": {"retry_on": "5xx", "num_retries": 1}}
+            r["route"] = {**r["route"], "retry_policy": {"retry_on": "envoy-ratelimited", "num_retries": 1}}
         if add and "route" in r:
             r["request_headers_to_add"] = [{"header": {"key": "x-added", "value": f"r{i}"},
                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]

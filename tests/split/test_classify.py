@@ -80,7 +80,8 @@ def test_without_the_timer_a_timeout_needs_envoy() -> None:
 
 @pytest.mark.parametrize("retry_on,verdict", [
     ("connect-failure", Verdict.KERNEL), ("connect-failure,refused-stream", Verdict.KERNEL),
-    ("5xx", Verdict.ENVOY), ("reset", Verdict.ENVOY), ("connect-failure,gateway-error", Verdict.ENVOY),
+    ("5xx", Verdict.KERNEL), ("reset", Verdict.KERNEL), ("connect-failure,gateway-error", Verdict.KERNEL),
+    ("envoy-ratelimited", Verdict.ENVOY), ("5xx,retriable-headers", Verdict.ENVOY),
 ])
 def test_retry_conditions(retry_on: str, verdict: Verdict) -> None:
     (v, why), = verdicts([fwd(timeout="0s", retry_policy={"retry_on": retry_on, "num_retries": 2})])

@@ -23,11 +23,24 @@ def test_istio_default_policy_is_kernel_with_status_retries() -> None:
     assert reasons == ["retry_policy retry_on=cancelled,retriable-status-codes,unavailable can fire"]
 
 
-def test_conditions_on_resets_stay_envoy() -> None:
-    for cond in ("5xx", "gateway-error", "reset", "envoy-ratelimited", "retriable-headers"):
+def test_conditions_the_data_path_does_not_see_stay_envoy() -> None:
+    for cond in ("envoy-ratelimited", "retriable-headers"):
         pol, reasons = retry_policy({"retryOn": cond}, ON)
         assert reasons and cond in reasons[0], cond
         assert pol is not None and pol.num_retries == 1
+
+
+def test_conditions_with_resets_are_kernel() -> None:
+    """5xx (a status class), gateway-error (502-504), reset: the mesh's sidecar
+    turns an app's close into a 503 response (fastpath/agent_reset.py)."""
+    for cond, codes in (("5xx", (5,)), ("gateway-error", (502, 503, 504)), ("reset", ()),
+                        ("5xx,retriable-status-codes", (5, 409)),
+                        ("gateway-error,retriable-status-codes", (409, 502, 503, 504))):
+        pol, reasons = retry_policy({"retryOn": cond, "retriableStatusCodes": [503, 409]}, ON)
+        assert reasons == [], cond
+        assert pol is not None and pol.status_codes == codes, (cond, pol)
+    _, reasons = retry_policy({"retryOn": "5xx"}, OFF)
+    assert reasons == ["retry_policy retry_on=5xx can fire"]
 
 
 def test_never_firing_and_zero_retries_need_nothing() -> None:
@@ -70,3 +83,14 @@ def test_cluster_max_retries() -> None:
     assert max_retries({}) == 3
     assert max_retries({"thresholds": [{"maxRetries": 4294967295}]}) == 4294967295
     assert max_retries({"thresholds": [{"priority": "HIGH", "maxRetries": 9}]}) == 3
+
+
+def test_istio_retry_on_with_resets_is_kernel() -> None:
+    """A VirtualService's `retries: {attempts: 3, retryOn: 5xx,connect-failure}`
+    as xds_server.istio.routes writes it (istiod's policy, its retryOn replaced)."""
+    p = {**istio_default_retry(), "numRetries": 3, "retryOn": "5xx,connect-failure"}
+    p.pop("retriableStatusCodes")
+    pol, reasons = retry_policy(p, ON)
+    assert reasons == [] and pol is not None and pol.status_codes == (5,)
+    _, reasons = retry_policy({**p, "perTryTimeout": "2s"}, ON)  # bookinfo's ratings route
+    assert reasons == ["retry per_try_timeout retried (retry_on 5xx/gateway-error/reset)"]

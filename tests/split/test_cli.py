@@ -31,7 +31,7 @@ BOOTSTRAP = {
                          "route": {"cluster": "app", "timeout": "0s",
                                    "retry_policy": {"retry_on": "retriable-4xx"}}},
                         {"name": "slow", "match": {"prefix": "/"},
-                         "route": {"cluster": "app", "timeout": "0s", "retry_policy": {"retry_on": "5xx"}}},
+                         "route": {"cluster": "app", "timeout": "0s", "retry_policy": {"retry_on": "envoy-ratelimited"}}},
                     ]}]}}}]}]}],
         "clusters": [{"name": "app", "type": "STRICT_DNS", "load_assignment": {
             "cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
@@ -56,7 +56,7 @@ def test_json_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     by_name = {r["name"]: r for r in out["routes"]}
     assert set(by_name["fast"]) == {"file", "listener", "route_config", "virtual_host", "name", "verdict", "reason"}
     assert by_name["fast"]["verdict"] == "KERNEL" and by_name["fast"]["listener"] == "web"
-    assert by_name["slow"]["verdict"] == "ENVOY" and "retry_on=5xx can fire" in by_name["slow"]["reason"]
+    assert by_name["slow"]["verdict"] == "ENVOY" and "retry_on=envoy-ratelimited can fire" in by_name["slow"]["reason"]
     assert by_name["retry"]["verdict"] == "KERNEL"  # the data path retries on 409
     assert by_name["#0"]["verdict"] == "ENVOY" and "no small DFA" in by_name["#0"]["reason"]
     cov = out["coverage"]

@@ -101,7 +101,7 @@ def test_reference_model_agrees_with_envoy(envoy_bin: str, echo_upstreams: dict[
     for lp in plan.listeners:
         for vh in lp.virtual_hosts:
             for r in vh.routes:
-                assert (r.verdict is Verdict.ENVOY) == ("retry_on=5xx" in r.reason), r
+                assert (r.verdict is Verdict.ENVOY) == ("retry_on=envoy-ratelimited" in r.reason), r
     envoy = EnvoyProc(envoy_bin, boot, ports)
     mismatches, checked, punted = [], 0, 0
     try:

@@ -40,7 +40,7 @@ def listener(name: str, port: int) -> dict[str, Any]:
         {"name": "limited", "match": {"prefix": "/limited"}, "route": {"cluster": "up", "timeout": "0s"},
          "typed_per_filter_config": {"envoy.filters.http.local_ratelimit": limiter()}},
         {"name": "envoy-limited", "match": {"prefix": "/envoy-limited"},
-         "route": {"cluster": "up", "timeout": "0s", "retry_policy": {"retry_on": "5xx"}},
+         "route": {"cluster": "up", "timeout": "0s", "retry_policy": {"retry_on": "envoy-ratelimited"}},
          "typed_per_filter_config": {"envoy.filters.http.local_ratelimit": limiter()}},
         {"name": "fault", "match": {"prefix": "/fault"}, "route": {"cluster": "up", "timeout": "0s"},
          "typed_per_filter_config": {"envoy.filters.http.fault": {
@@ -97,7 +97,7 @@ def test_verdicts_and_owner(setup: Any) -> None:
     result, _, _ = setup
     r = routes(result)
     assert r["limited"].verdict is Verdict.KERNEL and r["limited"].rate_limit.max_tokens == LIMIT
-    assert r["envoy-limited"].verdict is Verdict.ENVOY and "retry_on=5xx" in r["envoy-limited"].reason
+    assert r["envoy-limited"].verdict is Verdict.ENVOY and "retry_on=envoy-ratelimited" in r["envoy-limited"].reason
     assert r["fault"].verdict is Verdict.KERNEL and r["fault"].fault_abort.status == 503
     assert result.plan.listeners[0].rbac.verdict is Verdict.KERNEL
 
