@@ -99,6 +99,9 @@ def _add(doc: Document, type_url: str, data: Any) -> None:
     doc.resources.setdefault(type_url, []).append(msg)
     label = em.resource_label(data)
     doc.opaque += [f"{em.type_name(type_url).rsplit('.', 1)[-1]} {label}: {o}" for o in opaque]
+    hcm = [o for o in opaque if o.type_name == em.HCM]
+    if type_url == em.LISTENER and hcm:  # its routes are not read: count them, ENVOY, saying why
+        doc.unread.append((type_url, data, f"{label}: {hcm[0]}"))
 
 
 def read_envoy_static(path: Path) -> list[Document]:
