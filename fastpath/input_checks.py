@@ -19,15 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-ENVOY_REJECTS = "Envoy rejects it"
+from xds_server import protojson
+
+ENVOY_REJECTS = protojson.ENVOY_REJECTS
 
 
-def field(obj: Any, snake: str) -> Any:
-    """``obj[snake]`` or its camelCase spelling (YAML files use both); None if absent."""
-    if not isinstance(obj, dict):
-        return None
-    head, *rest = snake.split("_")
-    return obj.get(snake, obj.get(head + "".join(w.title() for w in rest)))
+field = protojson.field  # obj[snake] or its camelCase spelling
+untyped_filters = protojson.untyped_filters
 
 
 def yaml_problem(e: Exception) -> str:
@@ -59,8 +57,6 @@ def bootstrap_problems(boot: dict[str, Any]) -> list[str]:
     resource by resource): an ``Any`` without @type, a misspelt or v2 @type, ...
     (`xds_server.protojson`); a field L7FP's library lacks is not Envoy's error."""
     from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
-
-    from xds_server import protojson
 
     rest = {k: v for k, v in boot.items() if k not in ("static_resources", "staticResources")}
     protojson.register_typed_struct()
@@ -105,29 +101,6 @@ def listener_problems(items: list[Any]) -> tuple[list[int], list[tuple[int, str]
             drop.append(i)
             rejects += untyped
     return drop, rejects, notes
-
-
-def untyped_filters(lis: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(field, Envoy's error) for network and HTTP filters named without a typed_config:
-    Envoy 1.40 finds extensions by type, not name (configs__envoy-demo.yaml's router)."""
-    chains = field(lis, "filter_chains") or []
-    for j, chain in enumerate(chains if isinstance(chains, list) else [chains]):
-        filters = field(chain, "filters") or []
-        for k, f in enumerate(filters if isinstance(filters, list) else [filters]):
-            where = f"filter_chains[{j}].filters[{k}]"
-            yield from _untyped(f, where)
-            hfs = field(field(f, "typed_config"), "http_filters") or []
-            for m, hf in enumerate(hfs if isinstance(hfs, list) else [hfs]):
-                yield from _untyped(hf, f"{where}.typed_config.http_filters[{m}]")
-
-
-def _untyped(f: Any, where: str) -> Iterator[tuple[str, str]]:
-    if not isinstance(f, dict) or field(f, "typed_config") is not None or field(f, "config_discovery"):
-        return
-    if field(f, "is_optional"):
-        return  # Envoy skips an optional filter it can't find
-    yield where, (f"no typed_config: {ENVOY_REJECTS} (\"Didn't find a registered implementation for "
-                  f"'{field(f, 'name')}' with type URL: ''\")")
 
 
 def unknown_clusters(listeners: list[Any], clusters: list[Any]) -> list[str]:

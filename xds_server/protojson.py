@@ -29,7 +29,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,3 +312,34 @@ def _enum(cls: Any, value: Any, path: str) -> Any:
     if value.upper() in names:
         return value.upper()
     raise _Newer(path, f"unknown value {value!r} of enum {cls.__name__}")
+
+
+def field(obj: Any, snake: str) -> Any:
+    """``obj[snake]`` or its camelCase spelling (YAML files use both); None if absent."""
+    if not isinstance(obj, dict):
+        return None
+    head, *rest = snake.split("_")
+    return obj.get(snake, obj.get(head + "".join(w.title() for w in rest)))
+
+
+def untyped_filters(lis: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(field, Envoy's error) for network and HTTP filters named without a typed_config:
+    Envoy 1.40 finds extensions by type, not name (configs__envoy-demo.yaml's router)."""
+    chains = field(lis, "filter_chains") or []
+    for j, chain in enumerate(chains if isinstance(chains, list) else [chains]):
+        filters = field(chain, "filters") or []
+        for k, f in enumerate(filters if isinstance(filters, list) else [filters]):
+            where = f"filter_chains[{j}].filters[{k}]"
+            yield from _untyped(f, where)
+            hfs = field(field(f, "typed_config"), "http_filters") or []
+            for m, hf in enumerate(hfs if isinstance(hfs, list) else [hfs]):
+                yield from _untyped(hf, f"{where}.typed_config.http_filters[{m}]")
+
+
+def _untyped(f: Any, where: str) -> Iterator[tuple[str, str]]:
+    if not isinstance(f, dict) or field(f, "typed_config") is not None or field(f, "config_discovery"):
+        return
+    if field(f, "is_optional"):
+        return  # Envoy skips an optional filter it can't find
+    yield where, (f"no typed_config: {ENVOY_REJECTS} (\"Didn't find a registered implementation for "
+                  f"'{field(f, 'name')}' with type URL: ''\")")

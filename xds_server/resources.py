@@ -189,6 +189,9 @@ def parse_resource(d: AnyT, where: str = "") -> betterproto2.Message:
         msg = cls.from_dict(body)
     except Exception:  # noqa: BLE001 - betterproto2 raises KeyError/TypeError/AttributeError/...
         msg = _parse_as_envoy(cls, body, where)
+    if type_url == LISTENER:  # a valid proto Envoy 1.40 still rejects: say it before Envoy NACKs
+        for path, problem in protojson.untyped_filters(body):
+            raise ResourceError(f"{where}.{path}" if where else path, problem)
     try:
         resource_name(msg)
     except ValueError:

@@ -178,3 +178,9 @@ def test_serve_parser_reads_envoy_forms_and_names_the_field() -> None:
     assert e.value.field == ("resources[0].filter_chains[0].filters[0].typed_config.http_filters[1]"
                              ".typed_config")
     assert "'envoy.filters.http.router' with type URL: ''" in e.value.problem
+    # a filter named without any typed_config is valid proto, but Envoy 1.40 rejects it too
+    lis["filter_chains"]["filters"][0]["typed_config"]["http_filters"][1] = {"name": "envoy.filters.http.router"}
+    with pytest.raises(res.ResourceError) as e:
+        res.parse_resource(lis, "resources[0]")
+    assert e.value.field == "resources[0].filter_chains[0].filters[0].typed_config.http_filters[1]"
+    assert e.value.problem.startswith("no typed_config: Envoy rejects it (\"Didn't find a registered")
