@@ -79,6 +79,8 @@
 #define DP_R_PIPELINE 10  /* pipelined requests that cannot all take the same way */
 #define DP_R_HDR_ADD 11   /* the route adds request headers: Envoy does (not in the data path yet) */
 #define DP_R_SWALLOW 16   /* the body of a kernel-answered request could not be dropped */
+#define DP_R_CONN_CLOSE 18 /* Connection / Proxy-Connection: close: Envoy closes after it (dp_hop.h) */
+#define DP_R_HOP 19        /* another hop-by-hop header form the kernel does not remove (dp_hop.h) */
 #define DP_R_DECIDE_BASE 32
 
 /* Events to the agent (ring buffer dp_events). */

@@ -166,6 +166,18 @@ static __always_inline int dp_ipass_head(struct dp_verdict *v, struct dp_iscratc
     return dp_ipass(v, DP_IR_UNPARSED);
 }
 
+/* 1 when the header line after the '\n' at i is Keep-Alive, Proxy-* or TE
+ * (a, b: its first two bytes, lower case). Connection is caught with the body
+ * headers ("co"). The l7fp decision removes some of them as Envoy does
+ * (dp_hop.h); this one hands them all to Envoy. */
+static __always_inline int dp_ihop(struct dp_iscratch *s, __u32 i, __u8 a, __u8 b)
+{
+    __u8 c3 = s->b[(i + 3) & DP_IMASK] | 0x20, c4 = s->b[(i + 4) & DP_IMASK] | 0x20;
+    return (a == 'k' && b == 'e' && c3 == 'e' && c4 == 'p') ||
+           (a == 'p' && b == 'r' && c3 == 'o' && c4 == 'x') ||
+           (a == 't' && b == 'e' && s->b[(i + 3) & DP_IMASK] == ':');
+}
+
 static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, void *data_end,
                                      struct dp_verdict *v)
 {
@@ -193,7 +205,9 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
         if (ch == '\n') {
             __u8 a = s->b[(i + 1) & DP_IMASK] | 0x20, b = s->b[(i + 2) & DP_IMASK] | 0x20;
             if ((a == 'c' && b == 'o') || (a == 't' && b == 'r'))
-                s->bad = DP_IR_BODY; /* a body header: not for the inline path */
+                s->bad = DP_IR_BODY; /* a body header (or Connection): not for the inline path */
+            if (dp_ihop(s, i, a, b))
+                s->bad = DP_R_HOP; /* hop-by-hop: this decision does not remove them (dp_hop.h) */
             if (a == 'h' && b == 'o' && (s->b[(i + 3) & DP_IMASK] | 0x20) == 's' &&
                 (s->b[(i + 4) & DP_IMASK] | 0x20) == 't' && s->b[(i + 5) & DP_IMASK] == ':') {
                 s->nhost += 1;

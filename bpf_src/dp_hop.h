@@ -32,8 +32,6 @@
 #define DP_HOP_H
 
 #define DP_HOP 1
-#define DP_R_CONN_CLOSE 18 /* Connection / Proxy-Connection: close: Envoy closes after it */
-#define DP_R_HOP 19        /* another hop-by-hop header form the kernel does not remove */
 #define DP_HOP_MAX 3       /* lines removed per request; more: Envoy */
 #define DP_HOP_SLOTS 4     /* size of dp_verdict.hop_at, power of two > DP_HOP_MAX */
 

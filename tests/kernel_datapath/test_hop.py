@@ -178,3 +178,20 @@ def test_removal_in_corked_heads_and_rest_runs(agent: Agent, cgroup: Any,
     st = node.stats()
     assert st.get(("out/all/up", "fast", "")) == 6 and \
         not any(why in ("conn_close", "hop_header") for (_, _, why) in st), st
+
+
+def test_inline_decision_hands_them_to_envoy(datapath, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
+    """The built-in decision (the fallback when a plan's program does not load)
+    removes nothing: every request with a hop-by-hop header goes to Envoy."""
+    from test_framing import served
+    from test_plumbing import get, run, setup_plan, stats
+
+    ups = setup_plan(datapath, envoy.port, upstream)
+    datapath.attach_cgroup(cgroup.path)
+    extras = ["Keep-Alive: 5\r\n", "Proxy-Connection: keep-alive\r\n", "TE: trailers\r\n",
+              "Connection: keep-alive\r\n", ""]
+    out = run(cgroup, envoy.port, [[{"send": [get("/fast/h", x)]}] for x in extras])
+    assert [served(c[0]) for c in out] == ["envoy"] * 4 + ["fast"], out
+    assert sum(n for (_, o, why), n in stats(datapath).items() if (o, why) == (2, 19)) == 3
+    for s in ups:
+        s.close()
