@@ -198,6 +198,9 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
             reasons += more
         order.append(f.kind)
     reasons += _hcm_reasons(hcm)
+    if not any(f.kind == "router" for f in filters):
+        # Envoy 1.40 accepts such an HCM and answers nothing (seen: 504 after the 5 min stream idle timeout)
+        reasons.append("no router http filter (Envoy routes no request)")
     rc_name = hcm.get("rds", {}).get("routeConfigName", "")
     rc = hcm.get("routeConfig") or res.route_configs.get(rc_name)
     if rc is None:

@@ -96,11 +96,50 @@ def listener_problems(items: list[Any]) -> tuple[list[int], list[tuple[int, str]
             if not field(chain, "filters"):
                 notes.append(f"{label(lis)}: filter_chains[{j}] has no filters: Envoy accepts it and "
                              "closes those connections; nothing to split")
-        untyped = [(i, f"{label(lis)}: {where}: {why}") for where, why in untyped_filters(lis)]
+        untyped = [(i, f"{label(lis)}: {where}: {why}")
+                   for where, why in [*untyped_filters(lis), *filter_order(lis)]]
         if untyped:
             drop.append(i)
             rejects += untyped
     return drop, rejects, notes
+
+
+TERMINAL = ("router", "upstream_codec")  # Envoy's terminal HTTP filters (the chain's last)
+
+
+def filter_order(lis: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(field, Envoy's error) for an HTTP filter chain whose terminal filter is not last:
+    Envoy 1.40 rejects a router before another filter, and a last filter that is not
+    terminal. A last filter of a type L7FP does not know is not judged."""
+    from fastpath.classify_route import filter_kind
+
+    chains = field(lis, "filter_chains") or []
+    for j, chain in enumerate(chains if isinstance(chains, list) else [chains]):
+        filters = field(chain, "filters") or []
+        for k, f in enumerate(filters if isinstance(filters, list) else [filters]):
+            hfs = field(field(f, "typed_config"), "http_filters")
+            if not isinstance(hfs, list) or not hfs or not all(isinstance(h, dict) for h in hfs):
+                continue
+            where = f"filter_chains[{j}].filters[{k}].typed_config.http_filters"
+            kinds = [filter_kind({"name": h.get("name"), "typedConfig": field(h, "typed_config")})
+                     for h in hfs]
+            for m, (h, kind) in enumerate(zip(hfs, kinds, strict=True)):
+                if kind in TERMINAL and m < len(hfs) - 1:
+                    yield f"{where}[{m}]", (f"{ENVOY_REJECTS} (\"Error: terminal filter named {h.get('name')} "
+                                            "... must be the last filter in a http filter chain.\")")
+            last = hfs[-1]
+            if kinds[-1] not in TERMINAL and _known_type(field(last, "typed_config")):
+                yield f"{where}[{len(hfs) - 1}]", (
+                    f"{ENVOY_REJECTS} (\"Error: non-terminal filter named {last.get('name')} ... is the "
+                    "last filter in a http filter chain.\")")
+
+
+def _known_type(tc: Any) -> bool:
+    """A typed_config of a type the proto library has (so surely not a terminal one L7FP
+    does not know)."""
+    url = tc.get("@type") if isinstance(tc, dict) else None
+    return isinstance(url, str) and url not in protojson.TYPED_STRUCT_URLS \
+        and protojson.resolve(url) is not None
 
 
 def unknown_clusters(listeners: list[Any], clusters: list[Any]) -> list[str]:

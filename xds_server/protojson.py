@@ -133,6 +133,11 @@ def prepare(cls: type[betterproto2.Message], body: Mapping[str, Any],
     return out, walker.opaque
 
 
+def resolve(type_url: str) -> type[betterproto2.Message] | None:
+    """The library's class of ``type_url`` (imported on demand), or None."""
+    return _pool_class(type_url)
+
+
 def _pool_class(type_url: str) -> type[betterproto2.Message] | None:
     """The class of ``type_url``, importing its module on demand (``envoy.x.v3.Name``
     lives in ``envoy_data_plane.envoy.x.v3``); None if the library lacks it."""

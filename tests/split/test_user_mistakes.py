@@ -63,6 +63,28 @@ def untyped_router() -> str:
     return yaml.safe_dump(boot)
 
 
+CORS = {"name": "envoy.filters.http.cors",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}}
+
+
+def router_first() -> str:
+    boot = bootstrap()
+    hcm(boot)["http_filters"].append(CORS)
+    return yaml.safe_dump(boot)
+
+
+def no_router() -> str:
+    boot = bootstrap()
+    hcm(boot)["http_filters"] = [CORS]
+    return yaml.safe_dump(boot)
+
+
+def no_http_filters() -> str:
+    boot = bootstrap()
+    hcm(boot)["http_filters"] = []
+    return yaml.safe_dump(boot)
+
+
 def duplicate() -> str:
     boot = bootstrap()
     second = copy.deepcopy(boot["static_resources"]["listeners"][0])
@@ -89,6 +111,16 @@ CASES = {
                        "Didn't find a registered implementation for 'envoy.filters.http.router' with type URL: ''"),
     "no_filters": (no_filters, 0, "note: listener 'web': filter_chains[0] has no filters: Envoy accepts it "
                    "and closes those connections; nothing to split", None),
+    "router_first": (router_first, 1, "invalid: listener 'web': filter_chains[0].filters[0].typed_config."
+                     "http_filters[0]: Envoy rejects it (\"Error: terminal filter named envoy.filters.http.router",
+                     "terminal filter named envoy.filters.http.router of type envoy.filters.http.router must be "
+                     "the last filter in a http filter chain"),
+    "no_router": (no_router, 1, "invalid: listener 'web': filter_chains[0].filters[0].typed_config.http_filters[0]: "
+                  "Envoy rejects it (\"Error: non-terminal filter named envoy.filters.http.cors",
+                  "non-terminal filter named envoy.filters.http.cors of type envoy.filters.http.cors is the last "
+                  "filter in a http filter chain"),
+    # accepted, but a request then waits 5 minutes for a 504 (seen): ENVOY, said on the route
+    "no_http_filters": (no_http_filters, 0, "listener web 0.0.0.0:8080 outbound route_config=rc ENVOY", None),
     "duplicate": (duplicate, 0, "note: listener 'web' at 0.0.0.0:8081: duplicate name: Envoy 1.40 serves only "
                   "the first listener 'web' (0.0.0.0:8080); this one is ignored", None),
 }
