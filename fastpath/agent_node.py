@@ -92,7 +92,10 @@ class NodeDatapath:
         self.mirrorer = Mirrorer(self.dp, self.pod.netns, self.pod.ip)
         self.delayer = Delayer(self.dp, self.pools)
         self.redirector = Redirector(self.dp)
-        self.resetter = Resetter(self.dp, retry=self.retrier.claim)
+        self.resetter = Resetter(self.dp, retry=self.retrier.claim,
+                                 retries_timeouts=self.retrier.retries_timeouts)
+        if self.keeper is not None:  # a per-try timeout the policy retries: no 504
+            self.keeper.retry = self.resetter.per_try_expired
         # diverted responses and held requests are read, not reaped; an EOF with
         # a request waiting is answered 503 (then reaped)
         self.pools.claim = lambda up: (self.retrier.claim(up) or self.delayer.claim(up)
@@ -246,6 +249,8 @@ class NodeDatapath:
         events under load."""
         if self.keeper is not None:
             self.pools.release(self.keeper.closed())  # timed out: Envoy closes those too
+        for up in self.resetter.timed_out():  # before the look: U is the retrier's
+            self.retrier.on_per_try(up)
         now = time.monotonic()
         if now - self.looked_at < LOOK_EVERY_S:
             return

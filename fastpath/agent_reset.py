@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -75,13 +76,16 @@ def action(peer: Any | None, timed: Any | None) -> str:
     return "none" if int(timed.state) == DP_TMO_STARTED else "claim"
 
 
-def retries_reset(rec: Any | None, busy: int) -> bool:
+def retries_reset(rec: Any | None, busy: int, any_status: bool = False) -> bool:
     """True when U's kernel retry record (struct dp_retry, None: no retry route)
     retries the inbound sidecar's 503 for a reset, as dp_retry_response would
     divert a 503 response: armed, retries left, 503 among the policy's codes,
-    fewer than the cluster's max_retries pending (`busy`)."""
+    fewer than the cluster's max_retries pending (`busy`). `any_status`: no
+    status check (a per-try timeout the policy retries)."""
     if rec is None or int(rec.state) != RS_ARMED or not int(rec.left):
         return False
+    if any_status:
+        return busy < int(rec.pol.max_retries)
     codes = [int(rec.pol.codes[i]) for i in range(int(rec.pol.n_codes))]
     hit = RESET_STATUS in codes or RESET_STATUS // 100 in codes  # 5: retry_on 5xx
     return hit and busy < int(rec.pol.max_retries)
@@ -90,10 +94,16 @@ def retries_reset(rec: Any | None, busy: int) -> bool:
 class Resetter:
     """Answers Envoy's 503 for requests whose upstream closed before answering."""
 
-    def __init__(self, dp: Any, retry: Callable[[int], bool] | None = None) -> None:
-        """`retry(up)`: the retry agent's claim of a diverted response on `up`."""
+    def __init__(self, dp: Any, retry: Callable[[int], bool] | None = None,
+                 retries_timeouts: Callable[[int, int], bool] | None = None) -> None:
+        """`retry(up)`: the retry agent's claim of a diverted response on `up`;
+        `retries_timeouts(gen, route)`: that route's policy retries a per-try
+        timeout (Retrier.retries_timeouts)."""
         self.dp = dp
         self.retry = retry
+        self.retries_timeouts = retries_timeouts
+        self._timed_out: list[int] = []  # attempts the timer handed over (event thread: retry)
+        self._lock = threading.Lock()
         self.injector: Injector | None = None
         self.counts = {"reset_503": 0, "reset_retried": 0, "reset_raced": 0,
                        "reset_client_gone": 0}
@@ -125,22 +135,55 @@ class Resetter:
             self.counts["reset_client_gone"] += 1
         return False
 
+    def per_try_expired(self, up: int) -> bool:
+        """Timer thread (TimeoutKeeper), which claimed the request on `up` at its
+        per-try deadline: True when its route's policy retries a per-try timeout
+        (5xx, gateway-error, reset: Envoy resets the attempt and retries). The
+        attempt is then diverted for the retry agent like a 504, the claim given
+        back (the retry claims it again; the route timer may still answer at the
+        route deadline), U taken off every way, and U queued for `timed_out()`."""
+        t = self.dp.bpf["dp_retry"]
+        rec = _get(t, up)
+        if rec is None or self.retries_timeouts is None or \
+                not self.retries_timeouts(int(rec.gen), int(rec.route)):
+            return False
+        if not self._mark_diverted(up, rec, 504, lambda r, busy: retries_reset(r, busy, any_status=True)):
+            return False
+        bpfsys.map_update(self.dp.fds["dp_tmo_armed"], ct.c_uint64(up), ct.c_uint32(1))
+        self.dp.take_upstream(up)  # the attempt's late response never reaches the client
+        with self._lock:
+            self._timed_out.append(up)
+        return True
+
+    def timed_out(self) -> list[int]:
+        """Attempts handed over by the timer since the last call (event thread)."""
+        with self._lock:
+            out, self._timed_out = self._timed_out, []
+        return out
+
     def _divert(self, up: int) -> bool:
         """Mark U's armed retry record diverted with a 503, as dp_retry_response
         does for a 503 response (breaker count taken, the attempt's per-try
         timer over, the route deadline kept: dp_tmo_retrying). False when the
         policy does not retry it (then the client gets the 503)."""
-        t = self.dp.bpf["dp_retry"]
-        rec = _get(t, up)
+        rec = _get(self.dp.bpf["dp_retry"], up)
         if rec is None:
             return False  # not a kernel retry route
+        return self._mark_diverted(up, rec, RESET_STATUS, retries_reset)
+
+    def _mark_diverted(self, up: int, rec: Any, status: int,
+                       wanted: Callable[[Any, int], bool]) -> bool:
+        """dp_retry[U] diverted with `status` if `wanted(rec, busy)`, the
+        breaker count taken, the attempt's per-try timer over (the route
+        deadline kept, as dp_tmo_retrying does)."""
         busy_t = self.dp.bpf["dp_retry_busy"]
         slot = busy_t.Key(int(rec.cluster) & (CLUSTER_SLOTS - 1))
         busy = int(busy_t[slot].value)
-        if not retries_reset(rec, busy):
+        if not wanted(rec, busy):
             return False
         busy_t[slot] = busy_t.Leaf(busy + 1)  # the retry agent gives it back when it re-sends
-        rec.state, rec.status = RS_DIVERT, RESET_STATUS
+        rec.state, rec.status = RS_DIVERT, status
+        t = self.dp.bpf["dp_retry"]
         t[t.Key(up)] = rec
         tmo_t = self.dp.bpf["dp_tmo"]
         tmo = _get(tmo_t, up)

@@ -27,6 +27,7 @@ from typing import Any
 
 from fastpath import bpfsys, deadline
 from fastpath.agent_reset import PeerVal
+from fastpath.classify_route import RESET_RETRY_ON
 from fastpath.plan import ClusterAction, KernelPlan, RetryPolicy, Verdict
 from fastpath.retry import (
     Backoff,
@@ -72,6 +73,7 @@ class Job:
     buf: bytearray = field(default_factory=bytearray)
     eof: bool = False
     due: float | None = None  # monotonic time of the re-send, once the response is read
+    close: bool = False  # U is closed once the retry went out (a per-try timeout's)
 
 
 class Retrier:
@@ -137,6 +139,23 @@ class Retrier:
         self._read(up)
         return True
 
+    def retries_timeouts(self, gen: int, route: int) -> bool:
+        """Route (gen, route id + 1)'s policy retries a per-try timeout (Envoy: a
+        local reset, retried under 5xx, gateway-error, reset). Any thread."""
+        pol = self.policies.get((gen, route))
+        return pol is not None and bool(set(pol.retry_on) & RESET_RETRY_ON)
+
+    def on_per_try(self, up: int) -> None:
+        """The timer thread reset the attempt on `up` at its per-try timeout and
+        diverted it (fastpath.agent_reset): retry without reading U (the app's
+        late answer is not awaited); U is closed once the retry went out."""
+        if up not in self.jobs and not self._start(up):
+            return
+        job = self.jobs[up]
+        job.eof = job.close = True
+        if job.due is None:
+            self._maybe_done(job, False)
+
     def on_close(self, client: int, ups: list[int]) -> list[int]:
         """A client closed: forget its request; returns the upstreams bound by
         retries (the caller releases them with the bound ones)."""
@@ -164,6 +183,8 @@ class Retrier:
             elif job.due <= now:
                 del self.jobs[up]
                 self._resend(job)
+                if job.close:  # Envoy closed the timed-out attempt's connection
+                    self.pools.release([job.up])
 
     # ---- internals ---------------------------------------------------------------
     def _record(self, up: int) -> Any | None:

@@ -350,10 +350,10 @@ def retry_policy(p: dict[str, Any] | None, caps: KernelCaps) -> tuple[RetryPolic
     num = int(p.get("numRetries", 1))
     conds = {c.strip() for c in str(p.get("retryOn", "")).split(",") if c.strip()}
     can_fire = conds - NEVER_FIRING_RETRY_ON
-    if per_try and num and conds & {"5xx", "gateway-error", "reset"}:
-        # Envoy retries a per-try timeout only under these (a local reset)
-        reasons.append("retry per_try_timeout retried (retry_on 5xx/gateway-error/reset)")
-    elif per_try and (num == 0 or not can_fire) and "retry per_try_timeout" not in reasons:
+    # Envoy retries a per-try timeout (a local reset) only under 5xx,
+    # gateway-error, reset: the timer thread then hands the attempt to the retry
+    # agent instead of answering 504 (fastpath/agent_reset.py per_try_expired)
+    if per_try and (num == 0 or not can_fire) and "retry per_try_timeout" not in reasons:
         # the kernel's per-try timer rides on its retry record (none here)
         reasons.append("retry per_try_timeout without a retry the kernel makes")
     if num == 0:

@@ -33,6 +33,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,8 +196,12 @@ class TimeoutKeeper:
         self.dp = dp
         self.netns = netns  # the client pod's network namespace (its sockets)
         self.injector: Injector | None = None
-        self.counts = {"timeout_504": 0, "timeout_reset": 0, "timeout_raced": 0}
+        self.counts = {"timeout_504": 0, "timeout_reset": 0, "timeout_raced": 0,
+                       "timeout_retried": 0}
         self.enabled = threading.Event()  # set while the plan has route timeouts
+        # (up, per_try): True when a retry takes the timed-out attempt instead of
+        # a 504 (fastpath.agent_reset.Resetter.per_try_expired; this thread)
+        self.retry: Callable[[int], bool] | None = None
         self._taken: list[int] = []  # upstream cookies taken away, for the agent to close
         self._lost: dict[int, int] = {}  # up -> deadline of a record whose claim was lost
         self._lock = threading.Lock()
@@ -244,6 +249,9 @@ class TimeoutKeeper:
         if e.state != DP_TMO_STARTED and bpfsys.map_delete(self.dp.fds["dp_tmo_armed"], key):
             if self._moved_later(e):
                 return
+            if self._per_try(e) and self.retry is not None and self.retry(e.up):
+                self.counts["timeout_retried"] += 1  # Envoy resets the attempt, retries
+                return
             self._take(e.up)
             if self._inject(e.client, timeout_reply()):
                 self.counts["timeout_504"] += 1
@@ -267,6 +275,11 @@ class TimeoutKeeper:
             # a retry is moving it (fastpath.deadline), or the kernel is starting
             # the response: the next scan sees where it went
             self._lost[e.up] = int(rec.deadline_ns)
+
+    def _per_try(self, e: Expired) -> bool:
+        """The deadline that passed is the attempt's per-try one, not the route's."""
+        rec = _get(self.dp.bpf["dp_tmo"], e.up)
+        return rec is not None and bool(rec.try_ms) and int(rec.global_ns) != e.deadline_ns
 
     def _moved_later(self, e: Expired) -> bool:
         """After a won claim: True when a retry re-armed the record with a later

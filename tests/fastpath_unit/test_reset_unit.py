@@ -43,3 +43,7 @@ def test_a_reset_is_retried_where_the_policy_retries_a_503() -> None:
     assert not retries_reset(rec(), busy=3)  # the cluster's max_retries pending
     assert retries_reset(rec(codes=(5,)), busy=0)  # retry_on 5xx: the class
     assert retries_reset(rec(codes=(502, 503, 504)), busy=0)  # gateway-error
+    # a per-try timeout the policy retries: any status, the same other checks
+    assert retries_reset(rec(codes=()), busy=0, any_status=True)
+    assert not retries_reset(rec(left=0), busy=0, any_status=True)
+    assert not retries_reset(rec(), busy=3, any_status=True)

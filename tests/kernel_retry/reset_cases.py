@@ -31,7 +31,17 @@ CASES: list[tuple[str, str, dict[str, str], str, str, int, int]] = [
     ("flaky", "xr", {"x-fail": "1", "x-fail-status": "500"}, "GET", "", 500, 1),
     ("flaky", "c", {"x-close": "1"}, "GET", "", 200, 2),  # istiod's policy (503)
     ("solo", "x5", {"x-close": "1"}, "GET", "", 200, 2),  # the same pod, a new connection
+    # per-try timeouts (600 ms) under 5xx / gateway-error: Envoy resets the
+    # attempt and retries it (Istio's retry_on does not: deadline_cases.py)
+    ("solo", "xp", {"x-delays": "1500"}, "GET", "", 200, 2),
+    ("solo", "xp", {"x-delays": "1500,1500,1500"}, "GET", "", 504, 3),
+    ("solo", "xp", {"x-delays": "300"}, "GET", "", 200, 1),
+    ("flaky", "xq", {"x-delays": "1500"}, "GET", "", 200, 2),
 ]
+# case -> (min s, max s) of the answer (generous: 2 shared cores)
+TIMES = {11: (0.55, 1.5), 12: (1.7, 3.2), 13: (0.25, 0.9), 14: (0.55, 1.5)}
+N_PER_TRY_RETRIES = 1 + 2 + 1  # per-try timeouts the agent retried (not the last one)
+N_504 = sum(1 for c in CASES if c[5] == 504)
 
 
 def gen_requests() -> list[dict[str, Any]]:
@@ -52,6 +62,11 @@ def answer_problem(req: dict[str, Any], res: dict[str, Any], pods: list[str]) ->
         return f"status/attempts {res['status']}/{len(pods)}, expected {status}/{n}"
     if status == 503 and res["body"] != RESET_BODY:
         return f"503 body {res['body'][:60]!r}"
+    if status == 504 and res["body"] != "upstream request timeout":
+        return f"504 body {res['body'][:60]!r}"
+    lo, hi = TIMES.get(req["reset"], (0.0, 60.0))
+    if not lo <= res["secs"] <= hi:
+        return f"answered after {res['secs']:.2f} s, expected {lo}-{hi} s"
     if svc == "flaky" and len(pods) >= 2 and pods[0] == pods[1]:
         return f"retried on the same pod: {pods}"
     return ""
