@@ -358,6 +358,12 @@ class Agent:
             nodes = list(self.nodes.items())
         return [(n, dict(node.keeper.counts)) for n, node in nodes if node.keeper is not None]
 
+    def reset_counts(self) -> list[tuple[str, dict[str, int]]]:
+        """Per node, what fastpath.agent_reset did (Resetter.counts)."""
+        with self.lock:
+            nodes = list(self.nodes.items())
+        return [(n, dict(node.resetter.counts)) for n, node in nodes]
+
     def debug(self) -> dict[str, Any]:
         with self.lock:
             nodes = list(self.nodes.values())
@@ -429,7 +435,8 @@ def start(server: Any, args: Any) -> Agent | None:
     server.add_plan_listener(agent.on_plan)
     registry = getattr(getattr(server, "metrics", None), "registry", None)
     if registry is not None:
-        registry.register(FastpathCollector(agent.stats, agent.timeout_counts))
+        registry.register(FastpathCollector(agent.stats, agent.timeout_counts,
+                                            agent.reset_counts))
     agent.start()
     AGENTS[id(server)] = agent
     log.info("fast path agent started (mesh state: %s)", agent.state_path)

@@ -113,12 +113,16 @@ class FastpathCollector:
     """
 
     def __init__(self, source: Callable[[], Iterable[tuple[str, dict[tuple[str, str, str], int]]]],
-                 timeouts: Callable[[], Iterable[tuple[str, dict[str, int]]]] | None = None
+                 timeouts: Callable[[], Iterable[tuple[str, dict[str, int]]]] | None = None,
+                 resets: Callable[[], Iterable[tuple[str, dict[str, int]]]] | None = None
                  ) -> None:
         """`timeouts` returns (node id, {kind: count}) of the route timer
-        (fastpath.timeouts: timeout_504, timeout_reset, timeout_raced)."""
+        (fastpath.timeouts: timeout_504, timeout_reset, timeout_raced,
+        timeout_retried); `resets` the same of fastpath.agent_reset (reset_503,
+        reset_retried, reset_raced, reset_client_gone)."""
         self.source = source
         self.timeouts = timeouts
+        self.resets = resets
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         fam = CounterMetricFamily(
@@ -138,6 +142,16 @@ class FastpathCollector:
                 for kind, n in sorted(counts.items()):
                     tmo.add_metric([node, kind], n)
             yield tmo
+        if self.resets is not None:
+            rst = CounterMetricFamily(
+                "l7fp_fastpath_resets", "Upstream apps that closed before answering a fast-path "
+                "request: Envoy's 503 sent (reset_503), handed to the retry agent "
+                "(reset_retried), the route timer answered first (reset_raced)",
+                labels=["node", "kind"])
+            for node, counts in self.resets():
+                for kind, n in sorted(counts.items()):
+                    rst.add_metric([node, kind], n)
+            yield rst
 
     def describe(self) -> list[Any]:
         return []

@@ -121,3 +121,6 @@ def test_reset_before_response_in_the_mesh_matches_envoy(kernel: None, tmp_path:
     assert attempts(on["events"])["GET /r/fin HTTP/1.1"] == 3
     assert client["timeouts_fired"]["timeout_504"] == 0
     assert client["unpaired_upstreams"] == 0  # paired: the dp_srv_verdict way
+    metrics = [ln for ln in on["dbg"]["metrics"].splitlines()
+               if ln.startswith("l7fp_fastpath_resets_total{") and client["node"] in ln]
+    assert any('kind="reset_503"' in ln and ln.endswith(" 4.0") for ln in metrics), metrics
