@@ -181,7 +181,9 @@ class Pools:
         self.connect = connect
         self.pools: dict[int, Pool] = {}
         self.by_key: dict[EndpointKey, int] = {}
-        self.ep = select.epoll()  # pooled sockets: readable only at EOF/error
+        # pooled sockets: the kernel takes their data, so readable means EOF/error,
+        # a diverted/held message (claim), or a spurious wake-up (`_woke_empty`)
+        self.ep = select.epoll()
         self.fd_cookie: dict[int, int] = {}
         self.owner: dict[int, int] = {}  # cookie -> pool id
         # readable upstreams are offered here first: a response the kernel diverted
@@ -407,12 +409,17 @@ class Pools:
             self._forget(pool, cookie)
 
     def _reap_dead(self) -> None:
-        """An upstream socket is readable only at EOF/error (the kernel takes the data)."""
+        """Readable upstream sockets: EOF/error (dead), or data the retry and
+        delay agents claim. The kernel takes U's data, so readiness means one of
+        those, except for a wake-up with an empty queue (seen under load: EPOLLIN,
+        then EAGAIN), which must not close U or make the reset agent answer 503."""
         dead_free: dict[int, set[int]] = {}
         for fd, _ in self.ep.poll(0):
             cookie = self.fd_cookie.get(fd, 0)
             pid = self.owner.get(cookie)
             if pid is None or pid not in self.pools:
+                continue
+            if _woke_empty(self.pools[pid].socks.get(cookie)):
                 continue
             if self.claim is not None and self.claim(cookie):
                 continue  # a diverted response, read by the retrier
@@ -476,3 +483,16 @@ class Pools:
             self.pools.clear()
             self.by_key.clear()
             self.ep.close()
+
+
+def _woke_empty(s: socket.socket | None) -> bool:
+    """True when `s` has nothing to read and no error: no data, no EOF (EAGAIN)."""
+    if s is None:
+        return False
+    try:
+        s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # an error (reset): dead
+    return False  # data (claimed) or EOF (b"")
