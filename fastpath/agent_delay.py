@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpath import bpfsys
 from fastpath.loader import socket_cookie
 from fastpath.plan import ClusterAction, KernelPlan, Verdict
 
@@ -218,11 +219,7 @@ class Delayer:
 
     # ---- internals (thread, under cv) ------------------------------------------------
     def _record(self, up: int) -> Any | None:
-        t = self.dp.bpf["dp_dly"]
-        try:
-            return t[t.Key(up)]
-        except KeyError:
-            return None
+        return bpfsys.table_get(self.dp.bpf["dp_dly"], up)
 
     def _scan(self) -> None:
         for k, rec in list(self.dp.bpf["dp_dly"].items()):
@@ -286,11 +283,8 @@ class Delayer:
         on_close could see the held request is noticed here."""
         if self.pools.owner.get(up) is None:
             return False
-        t = self.dp.bpf["dp_peer"]
-        try:
-            return int(t[t.Key(up)].client) == client
-        except KeyError:
-            return False
+        peer = bpfsys.table_get(self.dp.bpf["dp_peer"], up)
+        return peer is not None and int(peer.client) == client
 
     def _send(self, h: Held) -> None:
         if not self._bound(h.up, h.client):
@@ -335,11 +329,7 @@ class Delayer:
         log.info("fault delay: client %d's request on %d dropped: %s", h.client, h.up, why)
 
     def _delete_record(self, up: int) -> None:
-        t = self.dp.bpf["dp_dly"]
-        try:
-            del t[t.Key(up)]
-        except KeyError:
-            pass
+        bpfsys.table_delete(self.dp.bpf["dp_dly"], up)
 
     def debug(self) -> dict[str, Any]:
         with self.cv:

@@ -112,8 +112,8 @@ class Resetter:
         """`up` is readable at EOF (pools' look): answer its client if a request
         waits on it. True when the retry agent took the request (U is its to
         read), else False: the socket stays the pools' to close."""
-        peer = _get(self.dp.bpf["dp_peer"], up)
-        what = action(peer, _get(self.dp.bpf["dp_tmo"], up))
+        peer = bpfsys.table_get(self.dp.bpf["dp_peer"], up)
+        what = action(peer, bpfsys.table_get(self.dp.bpf["dp_tmo"], up))
         if what == "none" or peer is None:
             return False
         client = int(peer.client)
@@ -143,7 +143,7 @@ class Resetter:
         back (the retry claims it again; the route timer may still answer at the
         route deadline), U taken off every way, and U queued for `timed_out()`."""
         t = self.dp.bpf["dp_retry"]
-        rec = _get(t, up)
+        rec = bpfsys.table_get(t, up)
         if rec is None or self.retries_timeouts is None or \
                 not self.retries_timeouts(int(rec.gen), int(rec.route)):
             return False
@@ -166,7 +166,7 @@ class Resetter:
         does for a 503 response (breaker count taken, the attempt's per-try
         timer over, the route deadline kept: dp_tmo_retrying). False when the
         policy does not retry it (then the client gets the 503)."""
-        rec = _get(self.dp.bpf["dp_retry"], up)
+        rec = bpfsys.table_get(self.dp.bpf["dp_retry"], up)
         if rec is None:
             return False  # not a kernel retry route
         return self._mark_diverted(up, rec, RESET_STATUS, retries_reset)
@@ -186,7 +186,7 @@ class Resetter:
         t = self.dp.bpf["dp_retry"]
         t[t.Key(up)] = rec
         tmo_t = self.dp.bpf["dp_tmo"]
-        tmo = _get(tmo_t, up)
+        tmo = bpfsys.table_get(tmo_t, up)
         if tmo is not None and int(tmo.state) == TMO_WAIT:
             tmo.deadline_ns = tmo.global_ns
             tmo_t[tmo_t.Key(up)] = tmo
@@ -201,10 +201,3 @@ class Resetter:
         if self.injector is not None:
             self.injector.close()
             self.injector = None
-
-
-def _get(table: Any, up: int) -> Any | None:
-    try:
-        return table[table.Key(up)]
-    except KeyError:
-        return None

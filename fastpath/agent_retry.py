@@ -188,18 +188,10 @@ class Retrier:
 
     # ---- internals ---------------------------------------------------------------
     def _record(self, up: int) -> Any | None:
-        t = self.dp.bpf["dp_retry"]
-        try:
-            return t[t.Key(up)]
-        except KeyError:
-            return None
+        return bpfsys.table_get(self.dp.bpf["dp_retry"], up)
 
     def _delete_record(self, up: int) -> None:
-        t = self.dp.bpf["dp_retry"]
-        try:
-            del t[t.Key(up)]
-        except KeyError:
-            pass
+        bpfsys.table_delete(self.dp.bpf["dp_retry"], up)
 
     def _start(self, up: int) -> bool:
         rec = self._record(up)

@@ -76,6 +76,23 @@ def map_delete(fd: int, key: Any) -> bool:
     return ret == 0
 
 
+def table_get(table: Any, key: int) -> Any | None:
+    """`table[key]` of a BCC table keyed by one integer (an upstream's cookie),
+    None when absent: the agents' record lookups (retry, delay, reset, timers)."""
+    try:
+        return table[table.Key(key)]
+    except KeyError:
+        return None
+
+
+def table_delete(table: Any, key: int) -> None:
+    """Delete `key` from a BCC table keyed by one integer; absent is fine."""
+    try:
+        del table[table.Key(key)]
+    except KeyError:
+        pass
+
+
 def map_key_count(fd: int, key_size: int, limit: int = 1 << 20) -> int:
     """Number of keys in a map (works for SOCKHASH, which BCC cannot wrap)."""
     lib().bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]

@@ -67,11 +67,7 @@ def with_expected_timeout(req: bytes, ms: int | None) -> bytes:
 
 
 def _record(dp: Any, up: int) -> Any | None:
-    t = dp.bpf["dp_tmo"]
-    try:
-        return t[t.Key(up)]
-    except KeyError:
-        return None
+    return bpfsys.table_get(dp.bpf["dp_tmo"], up)
 
 
 def claim(dp: Any, up: int) -> tuple[bool, Any | None]:

@@ -256,7 +256,7 @@ class TimeoutKeeper:
             if self._inject(e.client, timeout_reply()):
                 self.counts["timeout_504"] += 1
             return
-        rec = _get(self.dp.bpf["dp_tmo"], e.up)
+        rec = bpfsys.table_get(self.dp.bpf["dp_tmo"], e.up)
         if rec is None:
             self.counts["timeout_raced"] += 1  # the response completed meanwhile
         elif int(rec.state) == DP_TMO_STARTED:
@@ -278,13 +278,13 @@ class TimeoutKeeper:
 
     def _per_try(self, e: Expired) -> bool:
         """The deadline that passed is the attempt's per-try one, not the route's."""
-        rec = _get(self.dp.bpf["dp_tmo"], e.up)
+        rec = bpfsys.table_get(self.dp.bpf["dp_tmo"], e.up)
         return rec is not None and bool(rec.try_ms) and int(rec.global_ns) != e.deadline_ns
 
     def _moved_later(self, e: Expired) -> bool:
         """After a won claim: True when a retry re-armed the record with a later
         deadline between the scan and the claim (the claim is given back)."""
-        rec = _get(self.dp.bpf["dp_tmo"], e.up)
+        rec = bpfsys.table_get(self.dp.bpf["dp_tmo"], e.up)
         if rec is None or int(rec.deadline_ns) == e.deadline_ns or \
                 (rec.deadline_ns and rec.deadline_ns <= time.monotonic_ns()):
             return False
@@ -313,10 +313,3 @@ class TimeoutKeeper:
         if self.injector is not None:
             self.injector.close()
             self.injector = None
-
-
-def _get(table: Any, up: int) -> Any | None:
-    try:
-        return table[table.Key(up)]
-    except KeyError:
-        return None
