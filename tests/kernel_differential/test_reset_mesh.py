@@ -24,26 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k3_meshrun import KD, run_script
+from k3_meshrun import run_slow_mesh
+from k3_meshrun import slow_req as req
 
 from fastpath.timeouts import RESET_BODY
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
               pytest.mark.timeout(240)]
 
-HERE = Path(__file__).resolve().parent
-MESH = """\
-namespace: k3r
-policies: policies.yaml
-services:
-  client:
-    command: ["${{PYTHON}}", "{echo}", --port, "8080", --log-dir, "{logs}"]
-    ports: [8080]
-    calls: [slow]
-  slow:
-    command: ["${{PYTHON}}", "{slow}", "9000", "{logs}/slow-events.jsonl"]
-    ports: [9000]
-"""
 POLICIES = """\
 slow:
   outbound:
@@ -66,11 +54,6 @@ slow:
 """
 
 
-def req(path: str, **headers: str) -> str:
-    extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
-    return f"GET {path} HTTP/1.1\r\nHost: slow:9000\r\n{extra}\r\n"
-
-
 SCRIPT = [
     [req("/n/fin", x_close="fin"), req("/n/after-fin")],
     [req("/n/rst", x_close="rst"), req("/n/after-rst")],
@@ -80,17 +63,7 @@ SCRIPT = [
 
 
 def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
-    d = tmp / mode
-    logs = d / "logs"
-    logs.mkdir(parents=True)
-    logs.chmod(0o777)
-    (d / "mesh.yaml").write_text(MESH.format(echo=HERE / "echo_app.py", logs=logs,
-                                             slow=KD / "k2_slow.py"))
-    (d / "policies.yaml").write_text(POLICIES)
-    out = run_script(d, f"k3r{mode}", mode, "slow", SCRIPT, settle_s=0.3)
-    out["events"] = [json.loads(ln) for ln in
-                     (logs / "slow-events.jsonl").read_text().splitlines()]
-    return out
+    return run_slow_mesh(tmp, "k3r", mode, POLICIES, SCRIPT, settle_s=0.3)
 
 
 def attempts(events: list[dict[str, Any]]) -> Counter[str]:
