@@ -10,18 +10,16 @@ from fastpath.classify_match import header_match
 from fastpath.hop import envoy_hop, kernel_hop
 from fastpath.plan import (
     ClusterAction,
-    Direction,
     DirectResponse,
     KernelPlan,
-    ListenerPlan,
     PathKind,
     Route,
     RouteMatch,
     Verdict,
-    VirtualHost,
     WeightedCluster,
 )
 from fastpath.reference import Request, decide_datapath
+from tests.split.harness import listener_plan
 
 # Measured on Envoy 1.40 (echo upstream, /tmp experiment written up in
 # docs/fastpath.md): request headers -> (closes, what the upstream got).
@@ -77,9 +75,7 @@ def _plan() -> KernelPlan:
                     Verdict.KERNEL),
               Route("lim", RouteMatch(PathKind.PREFIX, "/l"), DirectResponse(429, "no"),
                     Verdict.KERNEL))
-    lp = ListenerPlan("l", "127.0.0.1", 80, Direction.OUTBOUND,
-                      (VirtualHost("vh", ("*",), routes),))
-    return KernelPlan("n", "v1", (lp,), ())
+    return listener_plan(routes)
 
 
 def test_reference_datapath_step() -> None:

@@ -24,7 +24,15 @@ import pytest
 
 from fastpath import envoy_model as em
 from fastpath.classify import Resources
-from fastpath.plan import KernelPlan
+from fastpath.plan import (
+    Cluster,
+    Direction,
+    HeaderValue,
+    KernelPlan,
+    ListenerPlan,
+    Route,
+    VirtualHost,
+)
 from fastpath.split import plan_of
 from tests.support.procs import stop_process
 
@@ -166,3 +174,14 @@ def bootstrap_plan(node: str, boot: dict[str, Any], executable: bool = True) -> 
     listeners = [em.to_json(em.parse(em.LISTENER, x)) for x in sr.get("listeners", [])]
     clusters = [em.to_json(em.parse(em.CLUSTER, x)) for x in sr.get("clusters", [])]
     return plan_of(node, Resources(listeners, {}, clusters, {}), executable=executable)
+
+
+def listener_plan(routes: tuple[Route, ...], clusters: tuple[Cluster, ...] = (),
+                  vh_adds: tuple[HeaderValue, ...] = ()) -> KernelPlan:
+    """Plan "n"/"v1": one outbound listener "l" (127.0.0.1:80) whose one virtual
+    host "vh" (domains "*", request headers `vh_adds`) has `routes`, and
+    `clusters`. What the sans-I/O tests (mirror, hop, reference model) give
+    decide() and decide_datapath() when only the routes matter."""
+    vh = VirtualHost("vh", ("*",), routes, request_headers_to_add=vh_adds)
+    return KernelPlan("n", "v1", (ListenerPlan("l", "127.0.0.1", 80, Direction.OUTBOUND, (vh,)),),
+                      clusters)

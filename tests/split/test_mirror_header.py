@@ -20,21 +20,19 @@ from fastpath.mirror import BOOTSTRAP_CLUSTERS, header_cluster, mirror_policies
 from fastpath.plan import (
     Cluster,
     ClusterAction,
-    Direction,
     Endpoint,
     KernelPlan,
     LbPolicy,
-    ListenerPlan,
     MirrorPolicy,
     PathKind,
     Route,
     RouteMatch,
     Verdict,
-    VirtualHost,
     WeightedCluster,
 )
 from fastpath.reference import Request, decide
 from fastpath.split import split_snapshot
+from tests.split.harness import listener_plan
 from tests.split.test_classify import CLUSTER, listener
 
 A = Cluster("ca", LbPolicy.ROUND_ROBIN, (Endpoint("198.18.0.10", 80),))
@@ -105,9 +103,7 @@ def test_route_changing_the_header_or_too_many_bad_clusters_stay_envoy() -> None
 def _plan(*mirrors: MirrorPolicy) -> KernelPlan:
     route = Route("r", RouteMatch(PathKind.PREFIX, "/"),
                   ClusterAction((WeightedCluster("ca", 1),), mirrors=mirrors), Verdict.KERNEL)
-    vh = VirtualHost("vh", ("*",), (route,))
-    return KernelPlan("n", "v1", (ListenerPlan("l", "127.0.0.1", 80, Direction.OUTBOUND, (vh,)),),
-                      (A, B, EMPTY, ORIG, TLS))
+    return listener_plan((route,), (A, B, EMPTY, ORIG, TLS))
 
 
 @pytest.mark.parametrize("headers,want", [

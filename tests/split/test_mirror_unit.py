@@ -17,21 +17,19 @@ from fastpath.mirror import mirror_policies, shadow_host, shadow_request
 from fastpath.plan import (
     Cluster,
     ClusterAction,
-    Direction,
     Endpoint,
     KernelPlan,
     LbPolicy,
-    ListenerPlan,
     MirrorPolicy,
     PathKind,
     Route,
     RouteMatch,
     Verdict,
-    VirtualHost,
     WeightedCluster,
 )
 from fastpath.reference import Request, decide
 from fastpath.split import split_snapshot
+from tests.split.harness import listener_plan
 from tests.split.test_classify import CLUSTER, fwd, listener
 
 C = Cluster("c", LbPolicy.ROUND_ROBIN, (Endpoint("198.18.0.9", 80),))
@@ -111,9 +109,7 @@ def test_split_puts_the_mirror_into_the_plan() -> None:
 def _plan(*mirrors: MirrorPolicy) -> KernelPlan:
     route = Route("r", RouteMatch(PathKind.PREFIX, "/"),
                   ClusterAction((WeightedCluster("c", 1),), mirrors=mirrors), Verdict.KERNEL)
-    vh = VirtualHost("vh", ("*",), (route,))
-    return KernelPlan("n", "v1", (ListenerPlan("l", "127.0.0.1", 80, Direction.OUTBOUND, (vh,)),),
-                      (C, M))
+    return listener_plan((route,), (C, M))
 
 
 def test_model_says_where_the_shadows_go() -> None:

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 from fastpath.plan import (
     ClusterAction,
-    Direction,
     HeaderValue,
     KernelPlan,
-    ListenerPlan,
     PathKind,
     Route,
     RouteMatch,
     Verdict,
-    VirtualHost,
     WeightedCluster,
 )
 from fastpath.reference import Request, decide
+from tests.split.harness import listener_plan
 
 
 def _plan(vh_adds: tuple[HeaderValue, ...] = ()) -> KernelPlan:
     route = Route("r", RouteMatch(PathKind.PREFIX, "/"),
                   ClusterAction((WeightedCluster("c", 1),)), Verdict.KERNEL,
                   request_headers_to_add=(HeaderValue("x-route", "1"),))
-    vh = VirtualHost("vh", ("*",), (route,), request_headers_to_add=vh_adds)
-    lp = ListenerPlan("l", "127.0.0.1", 80, Direction.OUTBOUND, (vh,))
-    return KernelPlan("n", "v1", (lp,), ())
+    return listener_plan((route,), vh_adds=vh_adds)
 
 
 def test_listener_without_rbac_under_default_filter_order_forwards() -> None:
