@@ -70,6 +70,17 @@ def upstream() -> Iterator[HttpServer]:
 
 
 @pytest.fixture
+def echo() -> Iterator[Any]:
+    """test_delay.EchoUpstream (records each request, answers it as JSON): the
+    upstream of test_delay, test_hop and test_redirect's Envoy and fast path."""
+    from test_delay import EchoUpstream
+
+    s = EchoUpstream()
+    yield s
+    s.close()
+
+
+@pytest.fixture
 def cgroup(kernel: None, request: pytest.FixtureRequest) -> Iterator[ScopedCgroup]:
     cg = ScopedCgroup(request.node.name[:20].replace("[", "-").replace("]", ""))
     yield cg

@@ -86,13 +86,6 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @pytest.fixture
-def echo() -> Iterator[EchoUpstream]:
-    s = EchoUpstream()
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def denvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
     e = ResourcesEnvoy(envoy_bin, "delay", resources, echo.port, tmp_path)
     yield e

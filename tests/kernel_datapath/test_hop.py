@@ -82,13 +82,6 @@ SCRIPT = [["SLEEP 0.05", req(c, p, x, b), f"GET /u/next-{c} HTTP/1.1\r\nHost: sv
 
 
 @pytest.fixture
-def echo() -> Iterator[EchoUpstream]:
-    s = EchoUpstream()
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def henvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
     e = ResourcesEnvoy(envoy_bin, "hop", resources, echo.port, tmp_path)
     yield e

@@ -37,13 +37,6 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @pytest.fixture
-def echo() -> Iterator[EchoUpstream]:
-    s = EchoUpstream()
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def renvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
     e = ResourcesEnvoy(envoy_bin, "redirect", resources, echo.port, tmp_path)
     yield e
