@@ -5,13 +5,14 @@ only, once the test detaches the cgroup).
 
 Owner: K2. Callers: test_delay.py, test_timeouts.py (with k2_envoy.py for
 their Envoy); load_plan also test_dfa_datapath.py, test_query_datapath.py and
-test_framing_l7fp.py.
+test_framing_l7fp.py; with_routes test_dfa_datapath.py, test_query_datapath.py.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from test_agent import wait_for
 from fastpath import envoy_model as em
 from fastpath.agent import Agent
 from fastpath.classify_route import KernelCaps
-from fastpath.plan import KernelPlan
+from fastpath.plan import KernelPlan, Route
 from fastpath.split import split_snapshot
 
 
@@ -32,6 +33,14 @@ def split_plan(listener: dict[str, Any], cluster: dict[str, Any],
     if caps is None:
         return split_snapshot("client", res).plan
     return split_snapshot("client", res, caps).plan
+
+
+def with_routes(plan: KernelPlan, routes: tuple[Route, ...]) -> KernelPlan:
+    """`plan` (one listener, one virtual host, as test_agent.client_plan makes)
+    with that virtual host's routes replaced by `routes`."""
+    lst = plan.listeners[0]
+    vh = lst.virtual_hosts[0]
+    return replace(plan, listeners=(replace(lst, virtual_hosts=(replace(vh, routes=routes),)),))
 
 
 def load_plan(agent: Agent, plan: KernelPlan) -> Any:

@@ -7,10 +7,9 @@ matches reach Envoy."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
-from k2_plan import load_plan
+from k2_plan import load_plan, with_routes
 from test_agent import (
     ClusterAction,
     KernelPlan,
@@ -34,9 +33,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
 
 def _plan(envoy_port: int, up_port: int) -> KernelPlan:
-    plan = client_plan(envoy_port, up_port)
-    lst = plan.listeners[0]
-    vh = lst.virtual_hosts[0]
     great = QueryParamMatch("great", StringMatch(StringKind.EXACT, "example"))
     routes = (
         Route("great", RouteMatch(PathKind.PREFIX, "/", query_params=(great,)),
@@ -46,7 +42,7 @@ def _plan(envoy_port: int, up_port: int) -> KernelPlan:
         Route("punt", RouteMatch(PathKind.PREFIX, "/"), ClusterAction((WeightedCluster("up", 100),)),
               Verdict.ENVOY),
     )
-    return replace(plan, listeners=(replace(lst, virtual_hosts=(replace(vh, routes=routes),)),))
+    return with_routes(client_plan(envoy_port, up_port), routes)
 
 
 def test_query_matchers_on_the_data_path(agent, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
