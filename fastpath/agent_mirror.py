@@ -151,6 +151,7 @@ class Mirrorer:
         for k in [k for k in t.keys() if k.gen == gen]:
             del t[k]
         self.routes = {k: v for k, v in self.routes.items() if k[0] != gen}
+        by_name: dict[str, Endpoints] | None = None  # the plan's, built once if a route needs it
         for rid, r in enumerate(getattr(sp, "routes", ())):
             if r is None or r.verdict is not Verdict.KERNEL or not isinstance(r.action, ClusterAction):
                 continue
@@ -160,8 +161,11 @@ class Mirrorer:
             targets = tuple(tuple((e.address, e.port) for e in c.endpoints) if (c := plan.cluster(m.cluster))
                             else () for m in mirrors)
             timeout = (r.action.timeout_ms / 1000.0) if r.action.timeout_ms else DEFAULT_TIMEOUT_S
-            by_name = header_targets(plan) if any(m.cluster_header for m in mirrors) else None
-            self.routes[(gen, rid + 1)] = RoutePolicies(mirrors, targets, timeout, by_name)
+            named = any(m.cluster_header for m in mirrors)
+            if named and by_name is None:
+                by_name = header_targets(plan)
+            self.routes[(gen, rid + 1)] = RoutePolicies(mirrors, targets, timeout,
+                                                        by_name if named else None)
             leaf = t.Leaf()
             leaf.n = len(mirrors)
             for i, m in enumerate(mirrors):
