@@ -199,8 +199,8 @@ class TimeoutKeeper:
         self.counts = {"timeout_504": 0, "timeout_reset": 0, "timeout_raced": 0,
                        "timeout_retried": 0}
         self.enabled = threading.Event()  # set while the plan has route timeouts
-        # (up, per_try): True when a retry takes the timed-out attempt instead of
-        # a 504 (fastpath.agent_reset.Resetter.per_try_expired; this thread)
+        # retry(up): True when a retry takes the attempt whose per-try timeout
+        # passed, instead of a 504 (fastpath.agent_reset.Resetter.per_try_expired; this thread)
         self.retry: Callable[[int], bool] | None = None
         self._taken: list[int] = []  # upstream cookies taken away, for the agent to close
         self._lost: dict[int, int] = {}  # up -> deadline of a record whose claim was lost
