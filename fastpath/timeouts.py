@@ -247,9 +247,10 @@ class TimeoutKeeper:
         # the claim: succeeds only while no response byte went to the client
         # and no retry took the request (fastpath.deadline)
         if e.state != DP_TMO_STARTED and bpfsys.map_delete(self.dp.fds["dp_tmo_armed"], key):
-            if self._moved_later(e):
+            won = bpfsys.table_get(self.dp.bpf["dp_tmo"], e.up)  # the record as claimed
+            if self._moved_later(e, won):
                 return
-            if self._per_try(e) and self.retry is not None and self.retry(e.up):
+            if _per_try(e, won) and self.retry is not None and self.retry(e.up):
                 self.counts["timeout_retried"] += 1  # Envoy resets the attempt, retries
                 return
             self._take(e.up)
@@ -276,15 +277,10 @@ class TimeoutKeeper:
             # the response: the next scan sees where it went
             self._lost[e.up] = int(rec.deadline_ns)
 
-    def _per_try(self, e: Expired) -> bool:
-        """The deadline that passed is the attempt's per-try one, not the route's."""
-        rec = bpfsys.table_get(self.dp.bpf["dp_tmo"], e.up)
-        return rec is not None and bool(rec.try_ms) and int(rec.global_ns) != e.deadline_ns
-
-    def _moved_later(self, e: Expired) -> bool:
-        """After a won claim: True when a retry re-armed the record with a later
-        deadline between the scan and the claim (the claim is given back)."""
-        rec = bpfsys.table_get(self.dp.bpf["dp_tmo"], e.up)
+    def _moved_later(self, e: Expired, rec: Any | None) -> bool:
+        """After a won claim, `rec` the dp_tmo record read then: True when a retry
+        re-armed it with a later deadline between the scan and the claim (the
+        claim is given back)."""
         if rec is None or int(rec.deadline_ns) == e.deadline_ns or \
                 (rec.deadline_ns and rec.deadline_ns <= time.monotonic_ns()):
             return False
@@ -313,3 +309,9 @@ class TimeoutKeeper:
         if self.injector is not None:
             self.injector.close()
             self.injector = None
+
+
+def _per_try(e: Expired, rec: Any | None) -> bool:
+    """The deadline `e` that passed is the attempt's per-try one, not the route's
+    (`rec`: its dp_tmo record)."""
+    return rec is not None and bool(rec.try_ms) and int(rec.global_ns) != e.deadline_ns
