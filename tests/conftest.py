@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from support.env import envoy_binary, kernel_problem, require_kernel  # noqa: E402
+from support.ports import pick_free_port  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -46,10 +46,6 @@ def free_port() -> int:
     return pick_free_port()
 
 
-def pick_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 __all__ = ["kernel_problem", "pick_free_port", "shutil"]

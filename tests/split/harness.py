@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import socket
 import subprocess
 import tempfile
@@ -34,6 +33,7 @@ from fastpath.plan import (
     VirtualHost,
 )
 from fastpath.split import plan_of
+from tests.support.ports import free_ports  # noqa: F401  (tests import it from here)
 from tests.support.procs import stop_process
 
 CLUSTERS = ("c0", "c1", "c2")
@@ -77,34 +77,6 @@ def echo_upstreams() -> Iterator[dict[str, int]]:
     for srv in servers:
         srv.shutdown()
         srv.server_close()
-
-
-def _ephemeral() -> tuple[int, int]:
-    try:
-        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-    except (OSError, ValueError):
-        lo, hi = 32768, 60999
-    return lo, hi
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` bindable loopback ports *outside* the ephemeral range, so an outgoing
-    connection (ours or another engineer's) can't take one before Envoy binds it."""
-    lo, hi = _ephemeral()
-    low, high = (20000, lo - 1) if lo > 21000 else (hi + 1, 65000)
-    rng = random.Random()
-    out: list[int] = []
-    while len(out) < n:
-        port = rng.randint(low, high)
-        if port in out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        out.append(port)
-    return out
 
 
 class EnvoyProc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.support.ports import pick_free_port
 from xds_server import resources as res
 
 HCM = res.HCM_URL
@@ -64,9 +65,4 @@ def messages(*dicts: dict[str, Any]) -> dict[str, list[Any]]:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = pick_free_port  # outside the ephemeral range (tests/support/ports.py)
