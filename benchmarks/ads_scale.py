@@ -43,6 +43,7 @@ from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, D
 from grpclib.client import Channel
 from grpclib.encoding.proto import ProtoCodec
 
+from xds_server.ports import free_ports
 from xds_server.protocol.requests import fields
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,14 +175,6 @@ def _write(path: Path, doc: Any) -> None:
     os.replace(tmp, path)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cpu_s(pid: int) -> float:
     """user + system CPU seconds of a process (load-independent, unlike wall time)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -217,7 +210,7 @@ async def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="l7fp-adsbench-") as tmp:
         d = Path(tmp)
         write_config(d, args.routes, 0)
-        xds, admin = free_port(), free_port()
+        xds, admin = free_ports(2)
         log = open(d / "serve.log", "wb")
         proc = subprocess.Popen(
             [sys.executable, *(["-m", "cProfile", "-o", args.profile] if args.profile else []),

@@ -25,7 +25,6 @@ import argparse
 import ctypes as ct
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 
 from fastpath.agent_mirror import HEAD_SIZE, Mirrorer, MirrorEv, RoutePolicies
 from fastpath.plan import MirrorPolicy
+from xds_server.ports import free_ports
 
 REQ = (b"GET /api/items?id=42 HTTP/1.1\r\nhost: web:9000\r\nuser-agent: wrk\r\n"
        b"x-request-id: 0f8e4c1a-5b7d-4e2a-9c3f-123456789abc\r\naccept: */*\r\n"
@@ -100,18 +100,6 @@ def one_run(port: int, admin: int, rate: float, seconds: float, senders: int, ba
             "sent_per_s": round(sent / elapsed), "received_per_s": round(received / elapsed),
             "dropped_queue_full": st.get("dropped_queue_full", 0), "queued": st.get("queued", 0),
             "send_failed": st.get("send_failed", 0) + st.get("timeout", 0)}
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` loopback ports free now (the kernel's choice; Envoy binds them next)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def main(argv: list[str] | None = None) -> int:

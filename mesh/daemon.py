@@ -25,6 +25,7 @@ from typing import Any
 
 from mesh import configdir, envoyconf, naming, netrules, plumbing, spec, teardown, topology
 from mesh.supervisor import Proc, Supervisor, pod_argv
+from xds_server.ports import pick_free_port
 
 log = logging.getLogger("mesh.daemon")
 POLL_S = 0.1
@@ -110,8 +111,8 @@ class Daemon:
         from mesh.controlplane import serve_argv
         cg = plumbing.create_cgroup(self.name, "_control-plane")
         for attempt in range(1, attempts + 1):
-            port = _free_port(self.topo.subnet.gateway)
-            admin_port = _free_port("127.0.0.1")
+            port = pick_free_port(self.topo.subnet.gateway)
+            admin_port = pick_free_port("127.0.0.1")
             self.xds_addr = (self.topo.subnet.gateway, port)
             self.cp_admin = f"127.0.0.1:{admin_port}"
             argv = serve_argv(self.dir / "xds", self.xds_addr, ("127.0.0.1", admin_port),
@@ -271,13 +272,6 @@ def listening_ports(pid: int) -> set[int]:
             if len(parts) > 3 and parts[3] == "0A":
                 ports.add(int(parts[1].rsplit(":", 1)[1], 16))
     return ports
-
-
-def _free_port(host: str) -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(addr: tuple[str, int], timeout: float, proc: Proc) -> None:

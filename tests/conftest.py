@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from support.env import envoy_binary, kernel_problem, require_kernel  # noqa: E402
-from support.ports import pick_free_port  # noqa: E402
+
+from xds_server.ports import pick_free_port  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:

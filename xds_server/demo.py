@@ -19,6 +19,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from xds_server.ports import pick_free_port
+
 log = logging.getLogger(__name__)
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "basic"
 LISTENER = ("127.0.0.1", 18000)
@@ -45,12 +47,6 @@ def _free(port_addr: tuple[str, int]) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start_upstreams() -> list[web.AppRunner]:
@@ -121,7 +117,7 @@ async def run(args: argparse.Namespace) -> int:
         async with running(options(config=args.config, xds_address="127.0.0.1", xds_port=0,
                                    admin_port=0)) as srv:
             print(f"control plane: ADS on 127.0.0.1:{srv.xds_port}, admin http://127.0.0.1:{srv.admin_port}")
-            admin_port = _free_port()
+            admin_port = pick_free_port()
             node = "sidecar~127.0.0.1~demo-0.default~default.svc.cluster.local"
             boot = bootstrap_config(node, f"127.0.0.1:{srv.xds_port}", delta=args.delta, admin_port=admin_port)
             envoy = Envoy(boot, admin_port).start()

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support.ports import pick_free_port
 from tests.support.procs import stop_process
+from xds_server.ports import pick_free_port
 
 
 class StaticEnvoy:

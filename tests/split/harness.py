@@ -33,8 +33,8 @@ from fastpath.plan import (
     VirtualHost,
 )
 from fastpath.split import plan_of
-from tests.support.ports import free_ports  # noqa: F401  (tests import it from here)
 from tests.support.procs import stop_process
+from xds_server.ports import free_ports  # noqa: F401  (tests import it from here)
 
 CLUSTERS = ("c0", "c1", "c2")
 

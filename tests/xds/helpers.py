@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.support.ports import pick_free_port
 from xds_server import resources as res
+from xds_server.ports import pick_free_port
 
 HCM = res.HCM_URL
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -65,4 +65,4 @@ def messages(*dicts: dict[str, Any]) -> dict[str, list[Any]]:
     return out
 
 
-free_port = pick_free_port  # outside the ephemeral range (tests/support/ports.py)
+free_port = pick_free_port  # outside the ephemeral range (xds_server/ports.py)
