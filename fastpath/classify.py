@@ -286,7 +286,8 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
         svc = c.get("edsClusterConfig", {}).get("serviceName") or name
         cla = endpoints.get(svc)
         if cla is None:
-            reasons.append("EDS endpoints not available")
+            why = dict(caps.eds_missing).get(svc)
+            reasons.append(f"EDS endpoints not available ({why})" if why else "EDS endpoints not available")
     eps, more = _endpoints(cla or {}, kind, caps.dns_endpoints)
     reasons += more
     if "transportSocket" in c or "transportSocketMatches" in c:

@@ -77,6 +77,9 @@ class KernelCaps:
     # The data path copies a mirrored request to the agent, which sends the
     # shadow (bpf_src/dp_mirror.h, fastpath/agent_mirror.py).
     mirrors: bool = True
+    # Input facts, not capabilities: EDS service name -> why the input gives it no
+    # endpoints (a CiliumEnvoyConfig's Service missing: fastpath.inputs_cilium).
+    eds_missing: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

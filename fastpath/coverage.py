@@ -118,10 +118,13 @@ def _analyse_file(path: Path, report: Report, caps: KernelCaps | None) -> None:
 
 
 def _caps(caps: KernelCaps | None, doc: inputs.Document) -> KernelCaps | None:
-    """The document's runtime layers (fault percentages they may override) in the caps."""
-    if not doc.runtime:
+    """The document's runtime layers (fault percentages they may override) and why
+    EDS clusters have no endpoints (fastpath.inputs_cilium) in the caps."""
+    if not doc.runtime and not doc.eds_missing:
         return caps
-    return replace(caps or KernelCaps(), fault_runtime=doc.runtime)
+    caps = replace(caps, fault_runtime=doc.runtime) if doc.runtime and caps else \
+        caps or KernelCaps(fault_runtime=doc.runtime)
+    return replace(caps, eds_missing=tuple(sorted(doc.eds_missing.items())))
 
 
 def _rows(path: str, plan: KernelPlan, report: Report) -> None:

@@ -52,6 +52,8 @@ class Document:
     opaque: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # mistakes Envoy accepts (fastpath.input_checks)
     rejected: list[str] = field(default_factory=list)  # what makes Envoy reject the file
+    # EDS service name -> why no endpoints (CiliumEnvoyConfig: fastpath.inputs_cilium)
+    eds_missing: dict[str, str] = field(default_factory=dict)
 
     @property
     def unusable(self) -> bool:
@@ -139,8 +141,24 @@ def read_envoy_xds(path: Path) -> list[Document]:
         _listeners(doc, [i for i in typed if i["@type"] == em.LISTENER])
         for item in [i for i in typed if i["@type"] != em.LISTENER]:
             _add(doc, item["@type"], item)
+        if d is not spec:
+            _add_cilium_endpoints(doc, d, path)
         out.append(doc)
     return out
+
+
+def _add_cilium_endpoints(doc: Document, cec: dict[str, Any], path: Path) -> None:
+    """The assignments cilium-agent would publish for the CEC's Services (fastpath.inputs_cilium)."""
+    from fastpath.inputs_cilium import endpoints_for
+
+    try:
+        clas, doc.eds_missing, warnings = endpoints_for(cec, path, load_yaml)
+    except ValueError as e:
+        doc.rejected.append(str(e))
+        return
+    doc.notes += warnings
+    for cla in clas:
+        _add(doc, em.ENDPOINT, cla)
 
 
 def _list(value: Any) -> list[Any]:
