@@ -88,7 +88,7 @@ def _route_entry(plan: KernelPlan, r: Route, inbound_ok: Callable[[str, int], bo
         return InlineRoute(K_REPLY, m.path, r.name, reply=envoy_reply(a.status, a.body),
                            status=a.status)
     if not isinstance(a, ClusterAction) or len(a.clusters) != 1 or a.prefix_rewrite or \
-            a.host_rewrite or a.cluster_header or a.timeout_ms or a.retry is not None or a.mirrors:
+            a.path_rewrite or a.host_rewrite or a.cluster_header or a.timeout_ms or a.retry is not None or a.mirrors:
         return punt  # timeouts, retries, mirrors: only with l7fp_decide (timeouts.py, agent_retry.py,
         # agent_mirror.py)
     c = plan.cluster(a.clusters[0].name)

@@ -40,6 +40,7 @@ from fastpath.plan import (
     Verdict,
     WeightedCluster,
 )
+from fastpath.rewrite import path_rewrite
 from xds_server.protojson import is_opaque
 
 ENVOY_DEFAULT_TIMEOUT_MS = 15_000
@@ -132,6 +133,8 @@ def _classify(r: dict[str, Any], ctx: RouteContext) -> list[Route]:
     match, reasons = route_match(r.get("match", {}))
     action, more = _action(r, ctx)
     reasons += more
+    action, more = _regex_rewrite(r.get("route", {}), match, action, ctx)
+    reasons += more
     adds, removes, more = _headers(r, ctx)
     adds += _timeout_header(action, ctx)
     reasons += more
@@ -210,7 +213,7 @@ _FORWARD_OK = {"cluster", "weightedClusters", "prefixRewrite", "hostRewriteLiter
                "retryPolicy", "hashPolicy", "idleTimeout", "clusterNotFoundResponseCode",
                "maxGrpcTimeout", "grpcTimeoutOffset", "priority", "includeVhRateLimits",
                "rateLimits", "cors", "autoHostRewrite", "maxStreamDuration", "upgradeConfigs",
-               "requestMirrorPolicies"}
+               "requestMirrorPolicies", "regexRewrite"}
 # upgradeConfigs: Envoy uses them only for a request with both `Upgrade` and
 # `Connection: upgrade` (or CONNECT); every other request of the route is a
 # plain one (Envoy 1.40, tests/split/test_upgrade.py). The kernel hands every
@@ -264,6 +267,23 @@ def _forward(a: dict[str, Any], ctx: RouteContext) -> tuple[Action, Reasons]:
     if hash_header:
         action = ClusterAction(**{**action.__dict__, "hash_header": hash_header})
     return action, reasons
+
+
+def _regex_rewrite(a: dict[str, Any], match: Any, action: Action,
+                   ctx: RouteContext) -> tuple[Action, Reasons]:
+    """A forward's regex_rewrite: the kernel form (fastpath.rewrite) on the
+    action, or why it needs Envoy."""
+    rr = a.get("regexRewrite")
+    if rr is None or not isinstance(action, ClusterAction):
+        return action, []
+    router = next((f for f in ctx.filters if f.kind == "router"), None)
+    if router is not None and router.config.get("suppressEnvoyHeaders"):
+        # x-envoy-original-path is then not sent: not measured, so Envoy's
+        return action, ["regex_rewrite with the router's suppress_envoy_headers"]
+    rw, reasons = path_rewrite(rr, match)
+    if "prefixRewrite" in a:
+        reasons.append("regex_rewrite with prefix_rewrite")
+    return replace(action, path_rewrite=rw), reasons
 
 
 def _mirrors(a: dict[str, Any], ctx: RouteContext) -> tuple[tuple[MirrorPolicy, ...], Reasons]:

@@ -50,7 +50,8 @@ def _forward_target(r: Route) -> str | None:
     if (r.verdict is not Verdict.KERNEL or r.fault_abort is not None or r.rate_limit is not None
             or r.request_headers_to_add or r.request_headers_to_remove
             or not isinstance(a, ClusterAction) or len(a.clusters) != 1
-            or a.prefix_rewrite is not None or a.host_rewrite is not None or a.timeout_ms):
+            or a.prefix_rewrite is not None or a.host_rewrite is not None or a.timeout_ms
+            or a.path_rewrite is not None):
         return None
     return a.clusters[0].name
 

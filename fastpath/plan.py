@@ -209,8 +209,31 @@ class MirrorPolicy:
 
 
 @dataclass(frozen=True)
+class PathRewrite:
+    """A route's ``regex_rewrite`` in the one form the kernel produces exactly
+    (fastpath.rewrite builds it; docs/split.md "Regex path rewrites"): the first
+    ``cut`` bytes of the path (``None``: the whole path, up to the ``?``) are
+    replaced by ``value``; the query string is kept as is. A path that does
+    not start with ``check`` is left as is (the route's matcher does not
+    guarantee the pattern's literal: the kernel compares). Envoy 1.40 also
+    sends ``x-envoy-original-path: <the request's path and query>`` as the
+    last header line, and replaces a client's header of that name in place
+    (the kernel hands such a request to Envoy). ``pattern`` and
+    ``substitution`` are the route's, for --explain."""
+
+    value: str
+    cut: int | None = None
+    check: str = ""  # the rewrite applies only to paths starting with it (else: as is)
+    pattern: str = ""
+    substitution: str = ""
+
+
+@dataclass(frozen=True)
 class ClusterAction:
-    """Forward to a cluster (one, or weighted by ``weight/sum(weights)``)."""
+    """Forward to a cluster (one, or weighted by ``weight/sum(weights)``).
+
+    ``path_rewrite``: the route's regex_rewrite as the kernel does it (None:
+    no regex_rewrite, or one only Envoy does: the route is ENVOY then)."""
 
     clusters: tuple[WeightedCluster, ...]
     prefix_rewrite: str | None = None
@@ -221,6 +244,7 @@ class ClusterAction:
     hash_header: str | None = None  # hash_policy header, for RING_HASH/MAGLEV clusters
     retry: RetryPolicy | None = None  # None: the route never retries (or no policy)
     mirrors: tuple[MirrorPolicy, ...] = ()  # request_mirror_policies, in Envoy's order
+    path_rewrite: PathRewrite | None = None  # regex_rewrite the kernel does (fastpath.rewrite)
 
 
 @dataclass(frozen=True)

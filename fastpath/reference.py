@@ -50,6 +50,7 @@ from fastpath.plan import (
     VirtualHost,
 )
 from fastpath.regex_dfa import RegexUnsupported, compile_dfa, dfa_full_match
+from fastpath.rewrite import ORIGINAL_PATH, rewritten
 
 RBAC_DENIED_BODY = "RBAC: access denied"
 FAULT_BODY = "fault filter abort"
@@ -418,11 +419,17 @@ def _apply(plan: KernelPlan, r: Route, req: Request, rng: random.Random, state: 
     path = req.path
     if a.prefix_rewrite is not None:
         path = _prefix_rewrite(r.match, path, a.prefix_rewrite)
+    extra: tuple[tuple[str, str], ...] = ()
+    if a.path_rewrite is not None:
+        if req.header(ORIGINAL_PATH) is not None:  # Envoy overwrites it in place
+            return Decision("envoy", route=name, reason=f"{ORIGINAL_PATH} in the request")
+        path, extra = rewritten(a.path_rewrite, path), ((ORIGINAL_PATH, req.path),)
     c = plan.cluster(cluster)
     ep = _pick_endpoint(c.endpoints, c.lb_policy, rng, state, cluster) if c else None
     # Route-level adds first, then the virtual host's (Envoy's order; the split
     # folds both into the route, a hand-built plan may use either).
     adds = tuple((h.name, h.value) for h in r.request_headers_to_add + vh.request_headers_to_add)
+    adds += extra  # x-envoy-original-path: Envoy's last header line
     return Decision("forward", cluster=cluster, endpoint=ep, path=path,
                     host=a.host_rewrite or req.host, add_headers=adds,
                     remove_headers=r.request_headers_to_remove, route=name,

@@ -541,7 +541,8 @@ class TableBuilder:
         if isinstance(a, Redirect):
             self._redirect(a, f)
             return
-        if a.prefix_rewrite is not None or a.host_rewrite is not None or a.cluster_header:
+        if a.prefix_rewrite is not None or a.host_rewrite is not None or a.cluster_header \
+                or a.path_rewrite is not None:
             raise Punt("rewrite or cluster_header")
         ids = []
         for wc in a.clusters:

@@ -93,7 +93,7 @@ def test_retry_conditions(retry_on: str, verdict: Verdict) -> None:
     # cluster_header: KERNEL with guard entries, tests/split/test_mirror_header.py
     ({"request_mirror_policies": [{"cluster": "nope"}]}, "mirror cluster 'nope' not defined"),
     ({"hash_policy": [{"header": {"header_name": "x"}}]}, ""),  # ignored: cluster doesn't hash
-    ({"regex_rewrite": {"pattern": {"regex": "a"}, "substitution": "b"}}, "regexRewrite"),
+    ({"regex_rewrite": {"pattern": {"regex": "a"}, "substitution": "b"}}, "regex_rewrite 'a' -> 'b': not a whole-path"),
 ])
 def test_route_features(extra: dict[str, Any], needle: str) -> None:
     (v, why), = verdicts([fwd(timeout="0s", **extra)])

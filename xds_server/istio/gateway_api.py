@@ -182,7 +182,7 @@ def _filter(w: Warnings, o: Obj, path: str, f: Any, out: dict[str, Any], per_bac
         if "replacePrefixMatch" in p:
             rw["uri"] = p["replacePrefixMatch"]
         elif "replaceFullPath" in p:
-            rw["uriRegexRewrite"] = {"match": "^.*$", "rewrite": p["replaceFullPath"]}
+            rw["uriRegexRewrite"] = {"match": "/.*", "rewrite": p["replaceFullPath"]}  # istiod's
     elif kind == "RequestMirror":
         r = f.get("requestMirror") or {}
         out.setdefault("mirrors", []).append({"destination": _dest(o, r.get("backendRef") or {}),
