@@ -40,8 +40,10 @@ ANY_PORT = "*"  # cilium-agent's name for "every port" (pkg/ciliumenvoyconfig: a
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-# cilium-agent's proxy ports come from this range (--proxy-port-range default 10000-20000)
-PROXY_PORTS = (10000, 20000)
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# cilium-agent takes its proxy ports from 10000-20000; L7FP from the part below
+# the 15xxx ports of Istio (15000 admin, 15001/15006 capture, 15010 xDS)
+PROXY_PORTS = (10000, 15000)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from xds_server import consistency
 from xds_server import resources as res
 from xds_server.node import NodeInfo
 from xds_server.snapshot import Snapshot
+from xds_server.sources import cilium_files
 from xds_server.sources.base import EMPTY, NodeResources, Source
 from xds_server.tasks import cancel_and_wait
 
@@ -47,6 +48,8 @@ class ConfigFile:
     selector_id: str | None
     selector_cluster: str | None
     resources: dict[str, list[betterproto2.Message]] = field(hash=False)
+    # a Kubernetes file (CiliumEnvoyConfig, Service, ...): what the endpoints need
+    kube: cilium_files.KubeInput | None = field(default=None, hash=False, compare=False)
 
     def selects(self, node: NodeInfo) -> bool:
         if self.selector_id is not None and not fnmatch.fnmatchcase(node.id, self.selector_id):
@@ -78,9 +81,15 @@ def load_file(path: Path, rel: str) -> ConfigFile:
     """Parse one file; ConfigError with `rel: field: problem` lines."""
     try:
         text = path.read_text()
-        doc = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
+        docs = [json.loads(text)] if path.suffix == ".json" else list(yaml.load_all(text, Loader=_Loader))
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError([f"{rel}: {_one_line(exc)}"]) from None
+    if cilium_files.is_kubernetes(docs):
+        return _kube_file(docs, rel)
+    if len(docs) > 1:
+        raise ConfigError([f"{rel}: {len(docs)} YAML documents: expected one with 'resources:' "
+                           "(or Kubernetes objects: CiliumEnvoyConfig, Service, ...)"])
+    doc = docs[0] if docs else None
     if doc is None:
         doc = {"resources": []}
     if not isinstance(doc, dict):
@@ -110,6 +119,37 @@ def load_file(path: Path, rel: str) -> ConfigFile:
     if problems:
         raise ConfigError(problems)
     return ConfigFile(rel, sel_id, sel_cluster, by_type)
+
+
+def _kube_file(docs: list[AnyT], rel: str) -> ConfigFile:
+    """CiliumEnvoyConfigs and Service/EndpointSlice/Pod objects (xds_server.sources.cilium_files)."""
+    by_type, kube, problems = cilium_files.read(docs, rel)
+    seen: set[tuple[str, str]] = set()
+    for type_url, msgs in by_type.items():
+        for m in msgs:
+            key = (type_url, res.resource_name(m))
+            if key in seen:
+                problems.append(f"{rel}: duplicate {type_url.rsplit('.', 1)[-1]} {key[1]!r}")
+            seen.add(key)
+    if problems:
+        raise ConfigError(problems)
+    return ConfigFile(rel, None, None, by_type, kube)
+
+
+def _with_endpoints(directory: Path, files: list[ConfigFile], fresh: FileCache,
+                    cache: FileCache | None) -> list[ConfigFile]:
+    """``files`` plus the assignments cilium-agent would publish for the CECs' Services
+    (a file of its own); reused while no Kubernetes file changed."""
+    kube = [f for f in files if f.kube is not None]
+    if not any(f.kube.refs for f in kube if f.kube is not None):
+        return files
+    stamp = "|".join(f"{f.path}={fresh[f.path][0]}" for f in kube)
+    hit = cache.get(cilium_files.ENDPOINTS_FILE) if cache is not None else None
+    if hit is None or hit[0] != stamp:
+        eds = cilium_files.endpoints((f.kube for f in kube if f.kube is not None), str(directory))
+        hit = (stamp, ConfigFile(cilium_files.ENDPOINTS_FILE, None, None, eds))
+    fresh[cilium_files.ENDPOINTS_FILE] = hit
+    return files + [hit[1]]
 
 
 def _selector(sel: AnyT, rel: str) -> tuple[str | None, str | None]:
@@ -154,6 +194,7 @@ def load_directory(directory: Path, cache: FileCache | None = None) -> list[Conf
         except ConfigError as exc:
             problems.extend(exc.problems)
     if not problems:
+        files = _with_endpoints(directory, files, fresh, cache)
         problems = _cross_check(files)
     if problems:
         more = len(problems) - MAX_PROBLEMS
