@@ -32,6 +32,7 @@ from fastpath import envoy_model as em
 from fastpath import input_checks as checks
 from fastpath.classify_delay import runtime_of
 from xds_server.istio.reader import split_reader as read_istio
+from xds_server.sources import cilium_files
 
 
 @dataclass
@@ -138,6 +139,8 @@ def read_envoy_xds(path: Path) -> list[Document]:
             continue
         doc = Document(str(path), "envoy-xds")
         typed = [i for i in items if isinstance(i, dict) and "@type" in i]
+        if d is not spec:  # as cilium-agent hands them to Envoy, the way `l7fp serve` serves them
+            typed = cilium_files.prepare(d)
         _listeners(doc, [i for i in typed if i["@type"] == em.LISTENER])
         for item in [i for i in typed if i["@type"] != em.LISTENER]:
             _add(doc, item["@type"], item)

@@ -119,6 +119,9 @@ def split_json(capsys: pytest.CaptureFixture[str], *paths: str) -> dict[str, Any
 def test_split_reads_the_services_next_to_the_cec(capsys: pytest.CaptureFixture[str]) -> None:
     out = split_json(capsys, str(EXAMPLES))
     assert [(r["verdict"], r["reason"]) for r in out["routes"]] == [("KERNEL", "")]
+    # names and the listener's address as `l7fp serve` serves them (cilium-agent's)
+    assert out["routes"][0]["listener"] == "default/helloworld/envoy-lb-listener"
+    assert out["routes"][0]["route_config"] == "default/helloworld/lb_route"
     assert main(["split", "--plan", str(EXAMPLES / "helloworld-cec.yaml")]) == 0
     plan = json.loads(capsys.readouterr().out)[0]["plan"]
     got = {c["name"]: [(e["address"], e["port"]) for e in c["endpoints"]] for c in plan["clusters"]}

@@ -70,6 +70,7 @@ def read(docs: list[Any], rel: str) -> tuple[dict[str, list[betterproto2.Message
                 problems.append(f"{rel}: {exc}")
                 continue
             items = prepare(d)
+            _log_addresses(d, items)
             clusters += [r for r in items if r["@type"] == cilium.CLUSTER]
             problems += _parse(items, f"{rel}: {cilium.cec_name(d)}", by_type)
         elif not (isinstance(d, Mapping) and d.get("kind") in IGNORED_KINDS):
@@ -77,6 +78,15 @@ def read(docs: list[Any], rel: str) -> tuple[dict[str, list[betterproto2.Message
             problems.append(f"{where}: kind {kind!r} is not read here (Envoy resource files, "
                             "CiliumEnvoyConfig, CiliumClusterwideEnvoyConfig, Service, EndpointSlice, Pod)")
     return by_type, KubeInput(tuple(kube), tuple(refs), tuple(clusters)), problems
+
+
+def _log_addresses(cec: Mapping[str, Any], items: list[dict[str, Any]]) -> None:
+    """Say where a listener without an address listens (`l7fp serve`'s log)."""
+    for raw, item in zip(cilium.resources(cec), items, strict=True):
+        if item["@type"] == cilium.LISTENER and raw.get("address") is None and item.get("address"):
+            port = item["address"]["socket_address"]["port_value"]
+            log.info("%s: listener %r has no address: bound to 127.0.0.1:%d (a proxy port, "
+                     "as cilium-agent does)", cilium.cec_name(cec), item.get("name"), port)
 
 
 def _flatten(docs: Iterable[Any]) -> list[Any]:
@@ -172,12 +182,7 @@ class _Qualifier:
                 if str(tc.get("@type", "")).endswith("HttpConnectionManager"):
                     self.hcm(tc)
         _set(item, "name", self.forced(_get(item, "name")))
-        addressed = cilium.with_address(item, str(_get(item, "name")))
-        if addressed is not item:
-            port = addressed["address"]["socket_address"]["port_value"]
-            log.info("listener %r has no address: bound to 127.0.0.1:%d (cilium-agent's proxy port)",
-                     _get(item, "name"), port)
-        return addressed
+        return cilium.with_address(item, str(_get(item, "name")))
 
     def hcm(self, tc: dict[str, Any]) -> None:
         rds = _get(tc, "rds")
