@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import random
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from fastpath.plan import Verdict
+from fastpath.split import split_snapshot
 from xds_server.sources import cilium
+from xds_server.sources.files import load_directory
 
 from .conftest import http_get, start_envoy, wait_for
 
@@ -109,3 +113,19 @@ async def test_cilium_envoy_config_served(delta, config_dir, serve, envoys, envo
     dump = await serve.get_json(f"/debug/config_dump?proxyID={NODE}")
     text = str(dump)
     assert f"shop/{name}/lb_route" in text and "shop/hello-v2:http" in text
+    # the split of what was served: KERNEL routes over the backends Envoy reached
+    plan = split_snapshot(NODE, served(config_dir.path)).plan
+    assert [r.verdict for lp in plan.listeners for vh in lp.virtual_hosts for r in vh.routes] \
+        == [Verdict.KERNEL] * 3
+    assert {c.name: [(e.address, e.port) for e in c.endpoints] for c in plan.clusters} == {
+        "shop/hello-v1": [("127.0.0.1", upstreams["one"])],
+        "shop/hello-v2": [("127.0.0.1", upstreams["two"])]}
+
+
+def served(directory: Path) -> dict[str, list[Any]]:
+    """The resources `l7fp serve --config` serves every node from ``directory``."""
+    out: dict[str, list[Any]] = {}
+    for f in load_directory(directory):
+        for type_url, msgs in f.resources.items():
+            out.setdefault(type_url, []).extend(msgs)
+    return out
