@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from xds_server.sources import cilium
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -40,8 +42,8 @@ def _registry_docs(path: Path, load: Callable[[Path], tuple[Any, ...]]) -> list[
     for f in (path, *(p for p in _siblings(path.parent) if p != path)):
         try:
             out += [d for d in load(f) if cilium.is_registry_object(d)]
-        except Exception:  # noqa: BLE001 - another file that is not YAML: reported on its own
-            continue
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            continue  # another file that is not YAML: reported on its own
     return out
 
 
