@@ -67,6 +67,11 @@ def test_directory_with_cecs_and_services(tmp_path: Path) -> None:
                      "default/helloworld-v2:http", "default/helloworld:*"]
     again = load_directory(tmp_path, cache)
     assert [id(f) for f in again] == [id(f) for f in files]  # nothing changed: the same objects
+    services = tmp_path / "helloworld-services.yaml"
+    services.write_text(services.read_text().replace("198.18.0.22", "198.18.0.32"))
+    eds = {f.path: f for f in load_directory(tmp_path, cache)}[cilium_files.ENDPOINTS_FILE]
+    v2 = [m for m in eds.resources[cilium.ENDPOINT] if m.cluster_name == "default/helloworld-v2:http"]
+    assert v2[0].endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address == "198.18.0.32"
 
 
 def test_directory_problems(tmp_path: Path) -> None:
