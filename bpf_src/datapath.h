@@ -194,9 +194,12 @@ BPF_SK_STORAGE(dp_conn_st, struct dp_conn);
  * forwarded on U still waits for its first response byte (dp_reset.h). */
 struct dp_peer_val {
     __u64 client; /* client socket cookie (dp_cli key) */
-    __u32 wait;   /* 1: set at FORWARD, cleared by the response path's first byte */
-    __u32 _pad;
+    __u32 wait;   /* 1 (| DP_WAIT_HEAD): set at FORWARD, cleared by the response path's first byte */
+    __u32 left;   /* response bytes still to come after its first write (dp_close.h) */
 };
+#define DP_WAIT_HEAD 2u             /* dp_peer_val.wait: the waiting request is a HEAD */
+#define DP_WAIT_EOF 0x454f46u       /* dp_peer_val.wait of an agent's EOF carrier ("EOF") */
+#define DP_LEFT_UNKNOWN 0xffffffffu /* dp_peer_val.left: framing not tracked */
 
 BPF_HASH(dp_peer, __u64, struct dp_peer_val, DP_MAX_UP); /* upstream cookie -> client */
 /* Paired mode (merbridge-style): requests go straight into the app's accepted

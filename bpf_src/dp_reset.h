@@ -20,11 +20,11 @@
 
 /* sk_msg, at FORWARD on upstream `up` (the redirect takes effect after the
  * program returns, so before the app can answer). */
-static __always_inline void dp_reset_wait(__u64 up)
+static __always_inline void dp_reset_wait(__u64 up, __u32 is_head)
 {
     struct dp_peer_val *p = dp_peer.lookup(&up);
     if (p)
-        p->wait = 1;
+        p->wait = 1 | (is_head ? DP_WAIT_HEAD : 0); /* HEAD: dp_close.h's framing */
 }
 
 /* The response path, with the dp_peer value it looked up: a response byte

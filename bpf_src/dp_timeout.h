@@ -74,6 +74,8 @@ struct dp_rbuf {
      * values at every line end, so its states of one loop turn stay equal (in
      * registers, each line-end position made a new state: over 1M insns) */
     __u32 ls, cl_off, ncl, te, head_len, _pad;
+    __u64 up;    /* the upstream whose response head was parsed last (dp_close.h) */
+    __u64 total; /* its dp_resp_total, for the timer's dp_tmo_response_* in the same run */
     __u8 b[DP_RESP_HEAD + 16]; /* +16: 8-byte loads at a masked offset stay inside */
 };
 
@@ -243,11 +245,10 @@ static __always_inline void dp_tmo_consume(struct dp_tmo *t, __u64 up, __u32 siz
         t->left -= size;
 }
 
-/* The first response write on `up` (rb holds its first n bytes). */
-static __always_inline void dp_tmo_head(struct dp_tmo *t, __u64 up, struct dp_rbuf *rb, __u32 n,
-                                        __u32 size)
+/* The first response write on `up`; `total`: the whole response's length
+ * (dp_resp_total of its head, 0: not known). */
+static __always_inline void dp_tmo_head(struct dp_tmo *t, __u64 up, __u64 total, __u32 size)
 {
-    __u64 total = rb ? dp_resp_total(rb, n, t->head_req) : 0;
     if (!total || size >= total || !t->global_ns) {
         /* complete, framing not tracked, or only a per-try timer (Envoy ignores
          * it once the response started): the timer stops */
@@ -257,6 +258,16 @@ static __always_inline void dp_tmo_head(struct dp_tmo *t, __u64 up, struct dp_rb
     t->deadline_ns = t->global_ns; /* the per-try timer ended with the response's start */
     t->state = DP_TMO_STARTED;
     t->left = total - size;
+}
+
+/* The length of the response on `up` whose head this program run parsed
+ * (dp_close_response_*, before the retry decision; one parse per response for
+ * both), 0 when not known. */
+static __always_inline __u64 dp_resp_total_of(__u64 up)
+{
+    __u32 zero = 0;
+    struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
+    return rb && rb->up == up ? rb->total : 0;
 }
 
 /* Called with a response write on `up` (before it is passed to the client).
@@ -293,24 +304,9 @@ static __always_inline int dp_tmo_response_msg(struct sk_msg_md *msg, __u64 up)
     __u32 size = msg->size;
     int drop;
     struct dp_tmo *t = dp_tmo_on_response(up, size, &drop);
-    if (!t)
-        return drop;
-    __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
-    struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
-    if (rb && n && !bpf_msg_pull_data(msg, 0, n, 0)) {
-        void *d = msg->data, *e = msg->data_end;
-        if (d + n <= e) {
-            n = ((n - 1) & (DP_RESP_HEAD - 1)) + 1; /* 1..DP_RESP_HEAD, for the verifier */
-            if (bpf_probe_read_kernel(rb->b, n, d))
-                rb = 0;
-        } else {
-            rb = 0;
-        }
-    } else {
-        rb = 0;
-    }
-    dp_tmo_head(t, up, rb, n, size);
-    return 0;
+    if (t)
+        dp_tmo_head(t, up, dp_resp_total_of(up), size);
+    return drop;
 }
 
 /* sk_skb (unpaired: bytes arriving on U). 0: pass it on, 1: drop it. */
@@ -319,19 +315,9 @@ static __always_inline int dp_tmo_response_skb(struct __sk_buff *skb, __u64 up)
     __u32 size = skb->len;
     int drop;
     struct dp_tmo *t = dp_tmo_on_response(up, size, &drop);
-    if (!t)
-        return drop;
-    __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
-    struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
-    if (rb && n) {
-        n = ((n - 1) & (DP_RESP_HEAD - 1)) + 1; /* 1..DP_RESP_HEAD, for the verifier */
-        if (bpf_skb_load_bytes(skb, 0, rb->b, n))
-            rb = 0;
-    } else {
-        rb = 0;
-    }
-    dp_tmo_head(t, up, rb, n, size);
-    return 0;
+    if (t)
+        dp_tmo_head(t, up, dp_resp_total_of(up), size);
+    return drop;
 }
 
 #endif

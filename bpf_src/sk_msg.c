@@ -581,7 +581,7 @@ int dp_msg_act(struct sk_msg_md *msg)
         }
         return dp_to_envoy(c, v.route, DP_R_REDIRECT);
     }
-    dp_reset_wait(up); /* no response byte yet: a close of U's app now is a reset */
+    dp_reset_wait(up, is_head); /* no response byte yet: a close of U's app now is a reset */
     dp_count(v.route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
     dp_access(c, &v, DP_OUT_FAST, 0);
     /* Last, when little else is live: earlier (or inlined) the copy's locals
@@ -611,7 +611,9 @@ int dp_srv_verdict(struct sk_msg_md *msg)
     if (!client)
         return SK_PASS;
     __u64 ck = client->client;
+    __u32 first = client->wait; /* this write starts a response (dp_close.h) */
     dp_reset_answered(client); /* a response byte (to the client or a retry) */
+    dp_close_response_msg(msg, up, client, first); /* how much of the response is left */
     /* the retry decision first: a diverted response starts nothing for the
      * client, and the route's deadline (one over all attempts) keeps running */
     int diverted = dp_retry_response(msg, up); /* a response to retry goes to the agent */

@@ -11,15 +11,15 @@
 int dp_skb_verdict(struct __sk_buff *skb)
 {
     if (!skb->len)
-        return SK_DROP; /* U's FIN (tcp_read_skb hands it over empty): redirected, the
-                         * client read EOF and its connection broke (Envoy keeps it);
-                         * the agent sees U's EOF itself (fastpath/agent_reset.py) */
+        return dp_close_eof(skb); /* a FIN: dropped, but an agent's EOF carrier's */
     __u64 up = bpf_get_socket_cookie(skb);
     struct dp_peer_val *client = dp_peer.lookup(&up);
     if (!client)
         return SK_DROP;
     __u64 ck = client->client;
+    __u32 first = client->wait; /* this skb starts a response (dp_close.h) */
     dp_reset_answered(client); /* a response byte: a close of U now is no reset */
+    dp_close_response_skb(skb, up, client, first); /* how much of the response is left */
     if (dp_tmo_response_skb(skb, up))
         return SK_DROP; /* timed out: the agent answered 504 and closes U */
     return dp_cli.sk_redirect_hash(skb, &ck, BPF_F_INGRESS);

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpath import agent_inline, agent_synth
+from fastpath.agent_close import Closer
 from fastpath.agent_delay import Delayer
 from fastpath.agent_mirror import Mirrorer
 from fastpath.agent_redirect import Redirector
@@ -86,6 +87,7 @@ class NodeDatapath:
     delayer: Delayer = field(init=False)
     redirector: Redirector = field(init=False)
     resetter: Resetter = field(init=False)
+    closer: Closer = field(init=False)
 
     def __post_init__(self) -> None:
         self.retrier = Retrier(self.dp, self.pools)
@@ -98,8 +100,9 @@ class NodeDatapath:
             self.keeper.retry = self.resetter.per_try_expired
         # diverted responses and held requests are read, not reaped; an EOF with
         # a request waiting is answered 503 (then reaped)
+        self.closer = Closer(self.dp)
         self.pools.claim = lambda up: (self.retrier.claim(up) or self.delayer.claim(up)
-                                       or self.resetter.claim(up))
+                                       or self.resetter.claim(up) or self.closer.claim(up))
 
     @classmethod
     def start(cls, pod: PodInfo, access_log: int = 1, mode: str = "inline",
@@ -291,6 +294,7 @@ class NodeDatapath:
             "delays": self.delayer.debug(),
             "redirects": self.redirector.debug(),
             "resets": dict(self.resetter.counts),
+            "closes": dict(self.closer.counts),
         }
 
     def close(self) -> None:

@@ -59,7 +59,7 @@ CLUSTER_SLOTS = 256  # DP_RETRY_CLUSTERS
 class PeerVal(ct.Structure):
     """struct dp_peer_val (datapath.h): dp_peer's value."""
 
-    _fields_ = [("client", ct.c_uint64), ("wait", ct.c_uint32), ("_pad", ct.c_uint32)]
+    _fields_ = [("client", ct.c_uint64), ("wait", ct.c_uint32), ("left", ct.c_uint32)]
 
 
 def action(peer: Any | None, timed: Any | None) -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastpath import bpfsys, deadline
+from fastpath.agent_close import wait_value
 from fastpath.agent_reset import PeerVal
 from fastpath.classify_route import RESET_RETRY_ON
 from fastpath.plan import ClusterAction, KernelPlan, RetryPolicy, Verdict
@@ -311,7 +312,7 @@ class Retrier:
         t[t.Key(up)] = armed  # armed before the request leaves: its response is checked
         if up != job.up:
             # waiting for its first response byte: a close of its app is a reset
-            bpfsys.map_update(self.dp.fds["dp_peer"], ct.c_uint64(up), PeerVal(job.client, 1))
+            bpfsys.map_update(self.dp.fds["dp_peer"], ct.c_uint64(up), PeerVal(job.client, wait_value(req)))
             self.extra.setdefault(job.client, []).append(up)
         try:
             sock.setblocking(True)

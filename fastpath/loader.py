@@ -69,7 +69,7 @@ def module_text(decide_header: str | None = None) -> str:
     header (K1's include/, or dp_decide_inline.h) is pasted too, because its
     maps must live in the same module.
     """
-    parts = ["datapath.h", "dp_timeout.h", "dp_reset.h", decide_header or "dp_decide_inline.h",
+    parts = ["datapath.h", "dp_timeout.h", "dp_reset.h", "dp_close.h", decide_header or "dp_decide_inline.h",
              "dp_return.h", "dp_retry.h", "dp_mirror.h", "dp_delay.h", "dp_redir.h",
              "sockops.c", "sk_msg.c", "sk_skb.c", "dp_inject.c"]
     texts = []

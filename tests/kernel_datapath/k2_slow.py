@@ -3,7 +3,10 @@
 Per request, headers choose the behaviour: `x-delay-ms: N` answers after N ms;
 `x-stall-ms: N` sends the head and 3 of 10 body bytes at once, the other 7
 after N ms; `x-close: fin` closes the connection without answering, `x-close:
-rst` does so with SO_LINGER 0 (a RST; the reset tests). HEAD gets the head only (with the GET's Content-Length). Each answer's body names the request line. Every connection's end
+rst` does so with SO_LINGER 0 (a RST; the reset tests); `x-cut: cl` (or
+`cl-rst`, `chunked`, `whole`) sends 3 of 10 body bytes (a RST after them;
+one chunk of a chunked body; the whole answer), then closes (the close
+tests). HEAD gets the head only (with the GET's Content-Length). Each answer's body names the request line. Every connection's end
 is recorded ("eof" or the error, with the time), so a test can tell that the
 proxy closed its upstream connection after a timeout.
 
@@ -69,6 +72,9 @@ class SlowServer:
                     if hdr["x-close"] == "rst":
                         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
+                if "x-cut" in hdr:  # a response cut by the app's close (or whole, then closed)
+                    self._cut(c, hdr["x-cut"])
+                    return
                 try:
                     self._answer(c, lines[0], hdr, conn)
                 except OSError as exc:
@@ -90,6 +96,15 @@ class SlowServer:
                   .encode() + (b"" if line.startswith("HEAD ") else body))
         if delay:
             self._note(conn=conn, kind="late_sent", line=line)
+
+    def _cut(self, c: socket.socket, how: str) -> None:
+        data = {"cl": b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+                "chunked": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                "whole": b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc"}
+        c.sendall(data[how.removesuffix("-rst")])
+        time.sleep(0.1)  # the bytes reach the client before the close
+        if how.endswith("-rst"):
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def ends(self) -> list[dict]:  # type: ignore[type-arg]
         with self._lock:

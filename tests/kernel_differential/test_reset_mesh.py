@@ -14,6 +14,13 @@ sidecar retries as a status: three attempts). Same answers both ways: Envoy's
 connection termination" at once, the connection then serving its next
 request, and the app seeing the same attempts; with the fast path on, the
 kernel path (not Envoy) sent the 503s.
+
+Then (NAME=close) the app closes in the middle of a response (k2_slow.py
+`x-cut`): 3 of 10 Content-Length bytes then a FIN or a RST, one chunk of a
+chunked body, on the untimed and the retry route: both ways the client gets
+the bytes that came and then EOF (its connection closed, as the sidecars do);
+a whole answer and then the app's close keeps the client's connection (its
+next request is served).
 """
 
 from __future__ import annotations
@@ -60,10 +67,23 @@ SCRIPT = [
     [req("/t/fin", x_close="fin"), req("/t/after-fin")],
     [req("/r/fin", x_close="fin"), req("/r/after-fin")],
 ]
+RESETS = len(SCRIPT)
+CUTS = [[req("/n/cut", x_cut="cl"), req("/n/after-cut")],
+        [req("/n/cut-rst", x_cut="cl-rst"), req("/n/after-cut-rst")],
+        [req("/n/cut-chunked", x_cut="chunked"), req("/n/after-cut-chunked")],
+        [req("/r/cut", x_cut="cl"), req("/r/after-cut")]]
+WHOLE = [[req("/n/whole", x_cut="whole"), "SLEEP 0.3", req("/n/after-whole")]]
+SCRIPT += CUTS + WHOLE
 
 
 def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
     return run_slow_mesh(tmp, "k3r", mode, POLICIES, SCRIPT, settle_s=0.3)
+
+
+def line_or_body(body: str) -> str:
+    """The request line an answer of k2_slow.py names, else the body as it came
+    (a 503, the bytes of a cut answer)."""
+    return json.loads(body)["line"] if body.startswith("{") else body
 
 
 def attempts(events: list[dict[str, Any]]) -> Counter[str]:
@@ -76,12 +96,12 @@ def test_reset_before_response_in_the_mesh_matches_envoy(kernel: None, tmp_path:
     on = run_mesh(tmp_path, "on")
 
     def seen(conn: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-        return [(r["status"], r["body"] if r["status"] == 503 else json.loads(r["body"])["line"],
-                 r["headers"].get("content-type"), r["end"]) for r in conn]
+        return [(r["status"], line_or_body(r["body"]), r["headers"].get("content-type"),
+                 r["end"]) for r in conn]
 
     for c_on, c_off in zip(on["results"], off["results"], strict=True):
         assert seen(c_on) == seen(c_off), (c_on, c_off)
-    for reset, after in on["results"]:
+    for reset, after in on["results"][:RESETS]:
         assert reset["status"] == 503 and reset["body"] == RESET_BODY, reset
         assert "server" not in reset["headers"], reset  # the kernel path answered
         assert reset["secs"] < 0.8, reset  # at once (the /t timer is 1 s)
@@ -94,6 +114,12 @@ def test_reset_before_response_in_the_mesh_matches_envoy(kernel: None, tmp_path:
     assert attempts(on["events"])["GET /r/fin HTTP/1.1"] == 3
     assert client["timeouts_fired"]["timeout_504"] == 0
     assert client["unpaired_upstreams"] == 0  # paired: the dp_srv_verdict way
+    for conn in on["results"][RESETS:RESETS + len(CUTS)]:
+        assert len(conn) == 1 and conn[0]["end"] == "eof", conn  # cut, then closed
+        assert conn[0]["secs"] < 0.8, conn  # at the app's close
+    whole, after = on["results"][-1]
+    assert whole["body"] == "abc" and after["status"] == 200, (whole, after)
+    assert client["closes"]["close_eof"] == len(CUTS), client["closes"]
     metrics = [ln for ln in on["dbg"]["metrics"].splitlines()
                if ln.startswith("l7fp_fastpath_resets_total{") and client["node"] in ln]
     assert any('kind="reset_503"' in ln and ln.endswith(" 4.0") for ln in metrics), metrics

@@ -1,0 +1,135 @@
+/* An upstream app that closes in the middle of a response: the kernel half.
+ *
+ * Owner: NAME=close (K2 data path). Pasted after dp_reset.h by
+ * fastpath/loader.py; the agent half is fastpath/agent_close.py.
+ *
+ * Envoy 1.40 (seen with the binary, tests/kernel_datapath/test_close.py): when
+ * the upstream connection closes (FIN or RST) after the response started and
+ * before it is complete (Content-Length or chunked), Envoy closes the client's
+ * connection with a FIN (about 1 s later, its delayed_close_timeout); when the
+ * response was complete it keeps the client's connection. So the agent must
+ * know, at U's EOF, whether the response passed whole. It never reads response
+ * bytes; the response path (dp_srv_verdict paired, dp_skb_verdict unpaired)
+ * counts them down in dp_peer[U].left, the value it already holds per write:
+ * the first response write parses the head (dp_resp_total, the parser the
+ * route timeouts use; the parse runs once, here, first thing in the program,
+ * where the verifier meets one state, and the timer reads its result from the
+ * per-CPU scratch: parsed after the retry decision it was walked once per
+ * state the retry code leaves, over the 1M budget) and stores the bytes still
+ * to come; every later write subtracts its size. DP_LEFT_UNKNOWN: a framing not
+ * tracked (chunked, close-delimited, 1xx, a head longer than DP_RESP_HEAD or
+ * split over writes): the agent then takes the close as the response's end
+ * and closes the client (the client of a close-delimited response needs that
+ * EOF; Envoy re-frames such a response and keeps the connection).
+ *
+ * The close itself is an EOF (recv returns 0), as Envoy's FIN: the agent makes
+ * a carrier socket of its own, puts it into dp_up with dp_peer[carrier] =
+ * {client, DP_WAIT_EOF} and shuts the other end down; the carrier's FIN comes
+ * to dp_skb_verdict as an empty skb, which is redirected into the client's
+ * receive queue behind the response bytes (dp_close_eof).
+ */
+#ifndef L7FP_DP_CLOSE_H
+#define L7FP_DP_CLOSE_H
+
+/* The first response write of a request (`total`: dp_resp_total's whole
+ * length, 0 when not known from the head). */
+static __always_inline void dp_close_first(struct dp_peer_val *p, __u64 total, __u32 size)
+{
+    __u32 left = DP_LEFT_UNKNOWN;
+    if (total && size >= total)
+        left = 0;
+    else if (total && total - size < DP_LEFT_UNKNOWN)
+        left = total - size;
+    p->left = left;
+}
+
+/* A later response write of `size` bytes (bytes past the end are not counted:
+ * a response to a pipelined request is not forwarded on the fast path). */
+static __always_inline void dp_close_more(struct dp_peer_val *p, __u32 size)
+{
+    __u32 left = p->left;
+    if (!left || left == DP_LEFT_UNKNOWN)
+        return;
+    p->left = size >= left ? 0 : left - size;
+}
+
+/* The head's first n bytes are in rb (rb NULL: not readable): its length
+ * for dp_peer_val.left and the route timer (dp_resp_total_of). */
+static __always_inline void dp_close_parsed(__u64 up, struct dp_peer_val *p, struct dp_rbuf *rb,
+                                            __u32 n, __u32 first, __u32 size)
+{
+    __u64 total = rb ? dp_resp_total(rb, n, (first & DP_WAIT_HEAD) != 0) : 0;
+    if (rb) {
+        rb->up = up;
+        rb->total = total;
+    }
+    dp_close_first(p, total, size);
+}
+
+/* dp_srv_verdict, first thing for each write of A (`first`: p->wait before it). */
+static __always_inline void dp_close_response_msg(struct sk_msg_md *msg, __u64 up,
+                                                  struct dp_peer_val *p, __u32 first)
+{
+    struct sk_msg_md *m = msg;
+    asm volatile("" : "+r"(m)); /* else clang shares one msg+68 pointer between this
+                                 * and the timer's load of msg->size: the verifier
+                                 * refuses a load through a moved ctx pointer */
+    __u32 size = m->size;
+    if (!first) {
+        dp_close_more(p, size);
+        return;
+    }
+    __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
+    struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
+    if (rb && n && !bpf_msg_pull_data(msg, 0, n, 0)) {
+        void *d = msg->data, *e = msg->data_end;
+        if (d + n <= e) {
+            n = ((n - 1) & (DP_RESP_HEAD - 1)) + 1; /* 1..DP_RESP_HEAD, for the verifier */
+            if (bpf_probe_read_kernel(rb->b, n, d))
+                rb = 0;
+        } else {
+            rb = 0;
+        }
+    } else {
+        rb = 0;
+    }
+    dp_close_parsed(up, p, rb, n, first, size);
+}
+
+/* dp_skb_verdict, first thing for each skb arriving on U. */
+static __always_inline void dp_close_response_skb(struct __sk_buff *skb, __u64 up,
+                                                  struct dp_peer_val *p, __u32 first)
+{
+    __u32 size = skb->len;
+    if (!first) {
+        dp_close_more(p, size);
+        return;
+    }
+    __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
+    struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
+    if (rb && n) {
+        n = ((n - 1) & (DP_RESP_HEAD - 1)) + 1; /* 1..DP_RESP_HEAD, for the verifier */
+        if (bpf_skb_load_bytes(skb, 0, rb->b, n))
+            rb = 0;
+    } else {
+        rb = 0;
+    }
+    dp_close_parsed(up, p, rb, n, first, size);
+}
+
+/* dp_skb_verdict with an empty skb (a FIN, tcp_read_skb hands it over empty):
+ * an agent's EOF carrier passes it into its client's receive queue (the client
+ * reads EOF after the bytes before it); any other upstream's FIN is dropped
+ * (redirected, it broke the client's connection where Envoy keeps it: the
+ * agent decides, fastpath/agent_reset.py and agent_close.py). */
+static __always_inline int dp_close_eof(struct __sk_buff *skb)
+{
+    __u64 up = bpf_get_socket_cookie(skb);
+    struct dp_peer_val *p = dp_peer.lookup(&up);
+    if (!p || p->wait != DP_WAIT_EOF)
+        return SK_DROP;
+    __u64 ck = p->client;
+    return dp_cli.sk_redirect_hash(skb, &ck, BPF_F_INGRESS);
+}
+
+#endif

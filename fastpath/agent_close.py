@@ -1,0 +1,124 @@
+"""An upstream app that closes in the middle of a response: the agent half.
+
+Owner: NAME=close (K2 agent). One `Closer` per node datapath, owned by
+`fastpath.agent_node.NodeDatapath`; its `claim(up)` runs on the agent's event
+thread from the pools' look at readable upstream sockets, last in the chain
+(after the retry, delay and reset agents: a request still waiting for its
+first response byte is the reset agent's 503). The kernel half is
+bpf_src/dp_close.h: dp_peer[U].left counts down the bytes of the response in
+flight on U (DP_LEFT_UNKNOWN when its framing is not tracked).
+
+What Envoy 1.40 does (seen with the real binary, tests/kernel_datapath/test_close.py):
+when the upstream connection closes (FIN or RST) after the response started
+and before it is complete, Content-Length or chunked, Envoy closes the
+client's connection with a FIN (its delayed_close_timeout, about 1 s, after
+the upstream's close); when the response was complete, or delimited by the
+close itself (Envoy re-frames it chunked), it keeps the client's connection.
+
+The agent, at U's EOF with the response started (`wait` 0) and not complete
+(`left` not 0), takes U off every way and gives the client an EOF behind the
+bytes it has: its own carrier socket goes into dp_up with dp_peer[carrier] =
+{client, DP_WAIT_EOF} and the other end of the carrier is shut down; the
+carrier's FIN reaches dp_skb_verdict as an empty skb, which dp_close_eof
+redirects into the client's receive queue. The client reads the bytes that
+came, then EOF, as from Envoy; at once instead of Envoy's second. A response
+whose framing the kernel does not track (chunked, close-delimited, 1xx, a
+head over 512 bytes or split) is taken as ended by the close: the client of
+a close-delimited response needs that EOF to see its end (Envoy would keep
+the connection), and a complete chunked response then loses its connection
+where Envoy keeps it (docs/fastpath.md, Limits).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import select
+import socket
+import time
+from typing import Any
+
+from fastpath import bpfsys
+from fastpath.agent_reset import PeerVal
+
+log = logging.getLogger(__name__)
+
+DP_WAIT_HEAD = 2  # datapath.h: dp_peer_val.wait of a HEAD request
+DP_WAIT_EOF = 0x454F46  # datapath.h: dp_peer_val.wait of an EOF carrier
+DP_LEFT_UNKNOWN = 0xFFFFFFFF  # datapath.h: dp_peer_val.left, framing not tracked
+EOF_WAIT_S = 0.5  # how long the carrier's FIN may take to pass (loopback: microseconds)
+
+
+def wait_value(request: bytes) -> int:
+    """dp_peer_val.wait for a request forwarded on an upstream (sk_msg's
+    dp_reset_wait; the retry agent's writes): 1, with DP_WAIT_HEAD for a HEAD,
+    whose response has no body."""
+    return 1 | (DP_WAIT_HEAD if request.startswith(b"HEAD ") else 0)
+
+
+def action(peer: Any | None) -> str:
+    """What U's close means for its client, from U's dp_peer value (None:
+    none bound). Pure: the unit tests call it with plain objects.
+
+    "none": no client, a request still waiting for its first byte (the reset
+    agent's 503), or a response that passed whole; "eof": the response started
+    and did not pass whole (or its end is not known): close the client."""
+    if peer is None or int(peer.wait):
+        return "none"
+    return "eof" if int(peer.left) else "none"
+
+
+class Closer:
+    """Closes the client of an upstream whose app closed in a response."""
+
+    def __init__(self, dp: Any) -> None:
+        self.dp = dp
+        self.counts = {"close_eof": 0, "close_failed": 0}
+
+    def claim(self, up: int) -> bool:
+        """`up` is readable at EOF (pools' look). Always False: U stays the
+        pools' to close."""
+        peer = bpfsys.table_get(self.dp.bpf["dp_peer"], up)
+        if action(peer) != "eof" or peer is None:
+            return False
+        client = int(peer.client)
+        key = ct.c_uint64(up)
+        bpfsys.map_delete(self.dp.fds["dp_tmo"], key)  # the route timer has nothing to cut
+        bpfsys.map_delete(self.dp.fds["dp_tmo_armed"], key)
+        self.dp.take_upstream(up)
+        if self.send_eof(client):
+            self.counts["close_eof"] += 1
+            log.debug("close: upstream %d closed in a response: EOF to client %d", up, client)
+        else:
+            self.counts["close_failed"] += 1
+        return False
+
+    def send_eof(self, client: int) -> bool:
+        """An EOF into `client`'s receive queue (after what is there), through a
+        carrier socket pair of its own (bpf_src/dp_close.h dp_close_eof). False
+        when the carrier's FIN did not pass within EOF_WAIT_S."""
+        lst = socket.socket()
+        try:
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(1)
+            far = socket.create_connection(lst.getsockname(), timeout=2)
+            near, _ = lst.accept()
+        finally:
+            lst.close()
+        with far, near:
+            cookie = self.dp.add_upstream(near)  # dp_up: the sk_skb verdict sees its FIN
+            try:
+                bpfsys.map_update(self.dp.fds["dp_peer"], ct.c_uint64(cookie),
+                                  PeerVal(client, DP_WAIT_EOF))
+                far.shutdown(socket.SHUT_WR)
+                passed = _readable(near, EOF_WAIT_S)
+                time.sleep(0.002)  # the verdict runs in the softirq that marked the FIN
+            finally:
+                self.dp.take_upstream(cookie)
+        return passed
+
+
+def _readable(s: socket.socket, secs: float) -> bool:
+    """`s` turned readable (its FIN arrived) within `secs`."""
+    r, _, _ = select.select([s], [], [], secs)
+    return bool(r)

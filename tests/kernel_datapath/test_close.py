@@ -1,0 +1,130 @@
+"""An app that closes in the middle of a response, on KERNEL routes, vs a real
+Envoy with the same route config (NAME=close). Envoy 1.40 closes the client's
+connection (FIN, about 1 s after the app's close) when the response started
+and was not complete (Content-Length or chunked; the app's FIN or RST), and
+keeps it when the response was complete. The fast path (fastpath/agent_close.py,
+bpf_src/dp_close.h) gives the client the bytes that came, then EOF, and keeps
+the connection after a complete response. Loopback, unpaired upstreams
+(sk_skb); the paired way (dp_srv_verdict) is in
+tests/kernel_differential/test_reset_mesh.py."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_http import ThreadedServer, recv_head
+from k2_plan import load_plan, run_client, split_plan
+
+from fastpath.agent import Agent
+
+pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
+
+CLIENT = Path(__file__).with_name("k2_tmo_client.py")
+
+# what the app writes for a request whose path ends in the key, then it closes
+PARTIAL = {
+    "clpart": b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf",
+    "clfull": b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nfull",
+    "chpart": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nhalf\r\n",
+    "headfull": b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+}
+
+
+class MidCloseUpstream(ThreadedServer):
+    """Per request: a path ending in a PARTIAL key gets those bytes, then the
+    connection closes (FIN; `-rst` after the key: RST); `/split/...` writes
+    the head and the body's start in two writes first; anything else is
+    answered 200 with the request line as body."""
+
+    def _serve(self, c: socket.socket) -> None:
+        buf = b""
+        with c:
+            while (got := recv_head(c, buf)) is not None:
+                head, buf = got
+                line = head.split(b"\r\n", 1)[0]
+                last = line.split()[1].rsplit(b"/", 1)[-1].decode()
+                kind = last.removesuffix("-rst")
+                if kind in PARTIAL:
+                    data = PARTIAL[kind]
+                    if b"/split/" in line:  # head, then body: the countdown's later write
+                        cut = data.index(b"\r\n\r\n") + 4
+                        c.sendall(data[:cut])
+                        time.sleep(0.05)
+                        data = data[cut:]
+                    c.sendall(data)
+                    time.sleep(0.1)  # the client has the bytes before the close
+                    if last.endswith("-rst"):
+                        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(line), line))
+
+
+def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """/n: no route timeout (0s, as Istio sets it); /t: 5 s (the route timer
+    must not be what closes)."""
+    routes = [
+        {"name": "t5", "match": {"prefix": "/t"}, "route": {"cluster": "up", "timeout": "5s"}},
+        {"name": "none", "match": {"prefix": "/n"}, "route": {"cluster": "up", "timeout": "0s"}},
+    ]
+    return listener_and_cluster(port, up_port, routes)
+
+
+@pytest.fixture
+def midclose() -> Iterator[MidCloseUpstream]:
+    s = MidCloseUpstream()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def cenvoy(envoy_bin: str, midclose: MidCloseUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
+    e = ResourcesEnvoy(envoy_bin, "close", resources, midclose.port, tmp_path)
+    yield e
+    e.close()
+
+
+def req(path: str, method: str = "GET") -> str:
+    return f"{method} {path} HTTP/1.1\r\nHost: svc\r\n\r\n"
+
+
+CUT = [[req(p), req("/n/after")] for p in
+       ("/n/clpart", "/n/clpart-rst", "/n/chpart", "/n/split/clpart", "/t/clpart", "/t/chpart")]
+WHOLE = [[req(p, m), "SLEEP 0.3", req("/n/after-whole")] for p, m in
+         (("/n/clfull", "GET"), ("/n/split/clfull", "GET"), ("/t/clfull", "GET"),
+          ("/n/headfull", "HEAD"))]
+SCRIPT = CUT + WHOLE
+
+
+def test_close_in_response_matches_envoy(agent: Agent, cgroup: Any, cenvoy: ResourcesEnvoy
+                                         ) -> None:
+    node = load_plan(agent, split_plan(cenvoy.listener, cenvoy.cluster))
+    assert node.mode == "l7fp"
+    fast = run_client(cgroup, CLIENT, cenvoy.port, SCRIPT)
+    closes = dict(node.closer.counts)
+    node.dp.detach_cgroup(cgroup.path)  # the same requests through Envoy only
+    via_envoy = run_client(cgroup, CLIENT, cenvoy.port, SCRIPT)
+
+    def seen(r: dict[str, Any]) -> tuple[Any, ...]:
+        h = r["headers"]
+        return r["status"], r["body"], h.get("content-length"), r["end"]
+
+    for conn_f, conn_e, script in zip(fast, via_envoy, SCRIPT, strict=True):
+        assert [seen(r) for r in conn_f] == [seen(r) for r in conn_e], (script, conn_f, conn_e)
+    for conn, script in zip(fast[:len(CUT)], CUT, strict=True):
+        cut = conn[0]
+        assert len(conn) == 1 and cut["end"] == "eof", (script, conn)  # closed, as by Envoy
+        assert "server" not in cut["headers"], script  # the kernel path served it
+        assert cut["secs"] < 0.8, (script, cut)  # at the app's close, not at a deadline
+    for conn, script in zip(fast[len(CUT):], WHOLE, strict=True):
+        assert [r["end"] for r in conn] == ["complete", "complete"], (script, conn)
+        assert conn[1]["body"] == "GET /n/after-whole HTTP/1.1", (script, conn)
+    assert closes["close_eof"] == len(CUT), closes
+    assert node.resetter.counts["reset_503"] == 0, node.resetter.counts
+    assert node.keeper is not None and node.keeper.counts["timeout_reset"] == 0
