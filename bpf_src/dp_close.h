@@ -31,6 +31,10 @@
 #ifndef L7FP_DP_CLOSE_H
 #define L7FP_DP_CLOSE_H
 
+#define DP_F_CLOSE_AFTER 4096u  /* dp_conn.flags: close the client after this kernel reply */
+#define DP_EV_CLOSE_REPLY 9     /* a kernel reply to a `Connection: close` request: the agent
+                                 * closes the client's connection after it (agent_close.py) */
+
 /* The first response write of a request (`total`: dp_resp_total's whole
  * length, 0 when not known from the head). */
 static __always_inline void dp_close_first(struct dp_peer_val *p, __u64 total, __u32 size)
@@ -115,6 +119,29 @@ static __always_inline void dp_close_response_skb(struct __sk_buff *skb, __u64 u
         rb = 0;
     }
     dp_close_parsed(up, p, rb, n, first, size);
+}
+
+/* dp_msg_act, after the kernel's reply `ret` (dp_reply) to a request that
+ * asked for the connection's close (dp_hop_act set DP_F_CLOSE_AFTER: only a
+ * 429 of a kernel-owned bucket; every other reply to `Connection: close` goes
+ * to Envoy): Envoy adds `connection: close` and closes the connection after
+ * its reply. The reply is in the client's receive queue once this program
+ * returns; the agent gives the EOF after it. The connection stays with Envoy
+ * until then (sticky): a request written after a close must meet the close. */
+static __always_inline int dp_close_after(struct dp_conn *c, int ret)
+{
+    if (!(c->flags & DP_F_CLOSE_AFTER))
+        return ret;
+    c->flags = (c->flags & ~DP_F_CLOSE_AFTER) | DP_F_ENVOY;
+    struct dp_event *e = dp_events.ringbuf_reserve(sizeof(struct dp_event));
+    if (e) {
+        __builtin_memset(e, 0, sizeof(*e));
+        e->kind = DP_EV_CLOSE_REPLY;
+        e->cookie = c->cookie;
+        e->ts_ns = bpf_ktime_get_ns();
+        dp_events.ringbuf_submit(e, 0);
+    }
+    return ret;
 }
 
 /* dp_skb_verdict with an empty skb (a FIN, tcp_read_skb hands it over empty):

@@ -137,7 +137,8 @@ static __always_inline int dp_hop_pop(struct sk_msg_md *msg, struct dp_verdict *
  * `size`: a FORWARD or REPLY whose hop-by-hop headers Envoy would treat in a
  * way the kernel does not becomes a PASS (v->reason says why), except the
  * kernel's own 429 (a kernel-owned bucket: Envoy's copy is off, so Envoy would
- * serve the request unlimited); a FORWARD's removable lines are popped. The
+ * serve the request unlimited; with `Connection: close` the connection is
+ * closed after the reply, DP_F_CLOSE_AFTER, dp_close.h); a FORWARD's removable lines are popped. The
  * lengths are updated in the scratch, in memory, and dp_msg_act reads them
  * back from there: the verifier then sees the same unknown values whether lines
  * were popped or not, and walks the rest of dp_msg_act once (adjusted in
@@ -163,6 +164,8 @@ static __always_inline int dp_hop_act(struct sk_msg_md *msg, struct dp_conn *con
         conn->flags |= DP_F_ENVOY;
         return 0;
     }
+    if (why == DP_R_CONN_CLOSE) /* the kernel's 429: Envoy answers, then closes (dp_close.h) */
+        conn->flags |= DP_F_CLOSE_AFTER;
     if (v->kind != DP_K_FORWARD || !v->hop_n)
         return 0;
     int h = dp_hop_pop(msg, v);

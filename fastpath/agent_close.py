@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 DP_WAIT_HEAD = 2  # datapath.h: dp_peer_val.wait of a HEAD request
 DP_WAIT_EOF = 0x454F46  # datapath.h: dp_peer_val.wait of an EOF carrier
 DP_LEFT_UNKNOWN = 0xFFFFFFFF  # datapath.h: dp_peer_val.left, framing not tracked
+DP_EV_CLOSE_REPLY = 9  # dp_close.h: a kernel reply after which the client is closed
 EOF_WAIT_S = 0.5  # how long the carrier's FIN may take to pass (loopback: microseconds)
+AFTER_REPLY_S = 0.002  # the reply is in the client's queue when sk_msg returns: margin
 
 
 def wait_value(request: bytes) -> int:
@@ -73,7 +75,27 @@ class Closer:
 
     def __init__(self, dp: Any) -> None:
         self.dp = dp
-        self.counts = {"close_eof": 0, "close_failed": 0}
+        self.counts = {"close_eof": 0, "close_failed": 0, "close_after_reply": 0}
+        self._due: list[tuple[float, int]] = []  # (monotonic time, client) to close
+
+    def after_reply(self, client: int) -> None:
+        """DP_EV_CLOSE_REPLY (event thread): the kernel answered a `Connection:
+        close` request itself (a kernel-owned bucket's 429); Envoy closes the
+        connection after such a reply, so the client gets an EOF behind it, at
+        the next `service()` (its reply lands when the sk_msg program returns,
+        an instant after the event is submitted)."""
+        self._due.append((time.monotonic() + AFTER_REPLY_S, client))
+
+    def service(self) -> None:
+        """Event thread, each turn: the EOFs due after kernel replies."""
+        if not self._due:
+            return
+        now = time.monotonic()
+        due = [c for t, c in self._due if t <= now]
+        self._due = [(t, c) for t, c in self._due if t > now]
+        for client in due:
+            ok = self.send_eof(client)
+            self.counts["close_after_reply" if ok else "close_failed"] += 1
 
     def claim(self, up: int) -> bool:
         """`up` is readable at EOF (pools' look). Always False: U stays the

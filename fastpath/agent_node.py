@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpath import agent_inline, agent_synth
-from fastpath.agent_close import Closer
+from fastpath.agent_close import DP_EV_CLOSE_REPLY, Closer
 from fastpath.agent_delay import Delayer
 from fastpath.agent_mirror import Mirrorer
 from fastpath.agent_redirect import Redirector
@@ -231,6 +231,8 @@ class NodeDatapath:
         elif ev.kind == DP_EV_DELAY_REPLY:
             self.delayer.on_reply(int(ev.cookie), int(ev.ts_ns), int(ev.pool), int(ev.reason),
                                   int(ev.bytes))
+        elif ev.kind == DP_EV_CLOSE_REPLY:
+            self.closer.after_reply(int(ev.cookie))
         elif ev.kind == DP_EV_ACCESS:
             self.access.add(ev, lambda r: self.route_names.get(r, ""),
                             lambda p: self.pool_clusters.get(p, ""))
@@ -254,6 +256,7 @@ class NodeDatapath:
             self.pools.release(self.keeper.closed())  # timed out: Envoy closes those too
         for up in self.resetter.timed_out():  # before the look: U is the retrier's
             self.retrier.on_per_try(up)
+        self.closer.service()  # EOFs after kernel replies to `Connection: close`
         now = time.monotonic()
         if now - self.looked_at < LOOK_EVERY_S:
             return

@@ -128,3 +128,82 @@ def test_close_in_response_matches_envoy(agent: Agent, cgroup: Any, cenvoy: Reso
     assert closes["close_eof"] == len(CUT), closes
     assert node.resetter.counts["reset_503"] == 0, node.resetter.counts
     assert node.keeper is not None and node.keeper.counts["timeout_reset"] == 0
+
+
+LRL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+ENABLED = {"default_value": {"numerator": 100}}
+
+
+def reply_resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A kernel reply of each kind: direct responses (200, 429), a redirect, a
+    fault abort, a local rate limit of one token (the kernel owns the bucket)."""
+    limit = {"@type": LRL, "stat_prefix": "close_l", "filter_enabled": ENABLED,
+             "filter_enforced": ENABLED,
+             "token_bucket": {"max_tokens": 1, "tokens_per_fill": 1, "fill_interval": "3600s"}}
+    routes = [
+        {"name": "direct", "match": {"prefix": "/d"},
+         "direct_response": {"status": 200, "body": {"inline_string": "hi"}}},
+        {"name": "d429", "match": {"prefix": "/q"},
+         "direct_response": {"status": 429, "body": {"inline_string": "slow down"}}},
+        {"name": "redir", "match": {"prefix": "/r"}, "redirect": {"path_redirect": "/new"}},
+        {"name": "lim", "match": {"prefix": "/l"}, "route": {"cluster": "up"},
+         "typed_per_filter_config": {"envoy.filters.http.local_ratelimit": limit}},
+        {"name": "fault", "match": {"prefix": "/f"}, "route": {"cluster": "up"},
+         "typed_per_filter_config": {"envoy.filters.http.fault": {
+             "@type": FAULT, "abort": {"http_status": 503, "percentage": {"numerator": 100}}}}},
+        {"name": "up", "match": {"prefix": "/"}, "route": {"cluster": "up"}},
+    ]
+    filters = ({"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT}},
+               {"name": "envoy.filters.http.local_ratelimit",
+                "typed_config": {"@type": LRL, "stat_prefix": "close_lrl"}})
+    return listener_and_cluster(port, up_port, routes, filters)
+
+
+@pytest.fixture
+def renvoy(envoy_bin: str, midclose: MidCloseUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
+    e = ResourcesEnvoy(envoy_bin, "close_reply", reply_resources, midclose.port, tmp_path)
+    yield e
+    e.close()
+
+
+def close_req(path: str) -> str:
+    return f"GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
+
+
+# per kind: the `Connection: close` request, a pause (Envoy's FIN comes after
+# its delayed_close_timeout, 1 s), then a request that a closed connection
+# does not answer; /l: a plain request takes its one token first (the kernel's
+# bucket on the fast path, Envoy's through Envoy), then the 429
+KINDS = ["/d", "/q", "/r", "/f", "/l"]
+REPLY_SCRIPT = [["SLEEP 0.05", *([req("/l/token")] if p == "/l" else []), close_req(p),
+                 "SLEEP 1.2", req("/n/next")] for p in KINDS]
+
+
+def test_kernel_replies_to_connection_close_match_envoy(
+        agent: Agent, cgroup: Any, renvoy: ResourcesEnvoy) -> None:
+    plan = split_plan(renvoy.listener, renvoy.cluster)
+    node = load_plan(agent, plan)
+    assert node.mode == "l7fp"
+    fast = run_client(cgroup, CLIENT, renvoy.port, REPLY_SCRIPT)
+    closes = dict(node.closer.counts)
+    stats = node.stats()
+    node.dp.detach_cgroup(cgroup.path)  # the same requests through Envoy only
+    via_envoy = run_client(cgroup, CLIENT, renvoy.port, REPLY_SCRIPT)
+
+    def shape(conn: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """status, body, answered in full: the second request is not (closed)."""
+        return [(r["status"], r["body"], r["end"] == "complete") for r in conn]
+
+    for conn_f, conn_e, path in zip(fast, via_envoy, KINDS, strict=True):
+        assert shape(conn_f) == shape(conn_e), (path, conn_f, conn_e)
+        assert conn_e[-2]["headers"].get("connection") == "close", conn_e
+        assert conn_f[-1]["status"] == 0, (path, conn_f)  # closed: not answered
+    limited = fast[-1][1]
+    assert limited["status"] == 429 and "server" not in limited["headers"], limited  # the kernel's
+    # the limit's 429 and the 429 direct response (the kernel keeps any 429)
+    assert closes["close_after_reply"] == 2, closes
+    assert "server" not in fast[1][0]["headers"], fast[1]
+    conn_close = sum(n for (_r, outcome, why), n in stats.items()
+                     if outcome == "envoy" and why == "conn_close")
+    assert conn_close == 3, stats  # direct 200, redirect, fault abort: Envoy answers and closes
