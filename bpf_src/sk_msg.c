@@ -456,6 +456,12 @@ int dp_msg_in(struct sk_msg_md *msg)
     if (!scr)
         return SK_PASS;
 #ifdef DP_DECIDE_SECOND
+    if (dp_rw_inbound(scr->gen, &scr->v)) { /* dp_rewrite.h: decided on the old path */
+        scr->v.kind = DP_K_PASS;
+        scr->v.reason = DP_R_RW;
+        dp_msg_prog.call(msg, 0);
+        return dp_to_envoy(c, scr->v.route, DP_R_NONE);
+    }
     dp_decide_second(scr->gen, &scr->v);
     dp_mirror_inbound(scr->gen, &scr->v); /* Envoy shadows what the inbound side answers */
     dp_delay_inbound(scr->gen, &scr->v); /* and delays it first (a delay route) */
@@ -518,12 +524,14 @@ int dp_msg_act(struct sk_msg_md *msg)
         return dp_to_envoy(c, v.route, DP_R_PIPELINE); /* pipelined: one way for all */
     if (v.kind != DP_K_FORWARD)
         return dp_to_envoy(c, v.route, DP_R_NONE);
+    if (dp_rw_refused(gen, &v)) /* dp_rewrite.h: the client sent x-envoy-original-path */
+        return dp_to_envoy_req(msg, c, &v, size, DP_R_RW);
     /* a flag, not the policy pointer: this function is near the 512-byte stack
      * limit (an Istio plan's knobs + DP_RETRY went over it with the pointer and
      * the upstream cookie kept across the header insert) */
     int rpol = dp_retry_prepare(c, gen, &v);
     /* a retry needs the whole request (+ header inserts) in this write, kept */
-    if (rpol && (size != v.consumed || v.consumed + DP_REPLY_MAX >= DP_RETRY_MAX))
+    if (rpol && (size != v.consumed || v.consumed + DP_REPLY_MAX + DP_RW_GROW >= DP_RETRY_MAX))
         return dp_to_envoy_req(msg, c, &v, size, DP_R_RETRY_COPY);
     /* a mirror copies the whole request too; else Envoy mirrors it (dp_mirror.h) */
     if (dp_mirror_route(gen, v.route) &&
@@ -547,6 +555,13 @@ int dp_msg_act(struct sk_msg_md *msg)
     if (rpol && dp_retry_tcp(c, b)) /* retries need a paired upstream */
         return dp_to_envoy_req(msg, c, &v, size, DP_R_RETRY_TCP);
     __u32 is_head = dp_is_head(msg);
+#if DP_RW_ON
+    int rwn = dp_rewrite(msg, &v, gen); /* before the inserts: their place follows the path */
+    if (rwn == DP_RW_FAILED)
+        return dp_to_envoy(c, v.route, DP_R_REWRITE);
+    size += rwn;
+    v.consumed += rwn;
+#endif
     if (v.hdr_add || v.hdr_add_in) {
         int n = dp_insert_headers(msg, &v, gen);
         if (n < 0)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpath import rewrite_kernel
 from fastpath.inbound_merge import is_merged_cluster, merged_name
 from fastpath.plan import Direction, KernelPlan, ListenerPlan, Verdict
 from fastpath.pools import EndpointKey
@@ -115,6 +116,7 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
             cgroup_of: Callable[[str], str | None]) -> Programmed:
     out = Programmed()
     write_tables(node.dp.bpf, sp, gen)
+    rewrite_kernel.write(node.dp.bpf, sp, gen)
     eps, eps_in = node.dp.bpf["dp_eps"], node.dp.bpf["dp_ep_in"]
     for t in (eps, eps_in):
         for k in [k for k in t.keys() if k.gen == gen]:

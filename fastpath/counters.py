@@ -29,6 +29,7 @@ DP_REASONS = {0: "", 1: "sticky", 2: "pool_empty", 3: "untracked", 4: "upstream_
               13: "retry_unpaired", 14: "retry_overflow", 15: "retry_lost", 16: "swallow_failed",
               18: "conn_close", 19: "hop_header",  # dp_hop.h
               20: "delay_body", 21: "delayed", 22: "delay_inbound",  # dp_delay.h
+              23: "path_rewrite",  # dp_rewrite.h
               26: "redirect_head", 27: "redirected",  # dp_redir.h
               24: "envoy_pending", 25: "envoy_untracked",  # dp_return.h
               28: "mirror_copy", 29: "mirror_dropped", 30: "mirror_inbound"}  # dp_mirror.h

@@ -71,7 +71,7 @@ def module_text(decide_header: str | None = None) -> str:
     """
     parts = ["datapath.h", "dp_timeout.h", "dp_reset.h", "dp_close.h", decide_header or "dp_decide_inline.h",
              "dp_return.h", "dp_retry.h", "dp_mirror.h", "dp_delay.h", "dp_redir.h",
-             "sockops.c", "sk_msg.c", "sk_skb.c", "dp_inject.c"]
+             "dp_rewrite.h", "sockops.c", "sk_msg.c", "sk_skb.c", "dp_inject.c"]
     texts = []
     for p in parts:
         body = (BPF_SRC / p).read_text()

@@ -140,6 +140,7 @@ class SynthesizedProgram:
     # agent reads per-route data the decision does not carry (retry policies)
     routes: tuple[Any, ...] = field(default=(), repr=False)
     route_timeouts: dict[int, int] = field(default_factory=dict)  # route index -> timeout ms
+    rewrites: dict[int, bytes] = field(default_factory=dict, repr=False)  # route id -> dp_rw
 
     def tables(self, gen: int) -> dict[str, dict[bytes, bytes]]:
         """Map name -> {key: value} for plan generation `gen` (0 or 1)."""
@@ -190,7 +191,8 @@ def synthesize(plan: KernelPlan, max_hdr: int = 512,
         cflags=tuple(f"-D{k}={v}" for k, v in sorted(knobs.items())),
         knobs=knobs, listener_ids=dict(tb.listener_ids), cluster_ids=dict(tb.cluster_ids),
         route_names=tuple(tb.route_names), notes=tuple(tb.notes), rows=rows,
-        slots=dict(tb.slots), routes=tuple(tb.routes), route_timeouts=dict(tb.route_timeouts))
+        slots=dict(tb.slots), routes=tuple(tb.routes), route_timeouts=dict(tb.route_timeouts),
+        rewrites=dict(tb.rewrites))
 
 
 def executable_plan(plan: KernelPlan) -> KernelPlan:

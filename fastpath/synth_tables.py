@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastpath import bpf_structs as bs
-from fastpath import synth_dfa
+from fastpath import rewrite_kernel, synth_dfa
 from fastpath.plan import (
+    ClusterAction,
     DirectResponse,
     HeaderMatch,
     KernelPlan,
@@ -24,6 +25,7 @@ from fastpath.plan import (
     ListenerPlan,
     LocalRateLimit,
     PathKind,
+    PathRewrite,
     QueryParamMatch,
     Redirect,
     Route,
@@ -31,6 +33,7 @@ from fastpath.plan import (
     Verdict,
     VirtualHost,
 )
+from fastpath.rewrite import ORIGINAL_PATH
 from fastpath.synth import (
     FAULT_BODY,
     MAX_DOMAINS_CAP,
@@ -74,6 +77,7 @@ class TableBuilder:
     route_names: list[str] = field(default_factory=list)
     routes: list[Any] = field(default_factory=list)  # plan.Route per route id (None: filler)
     route_timeouts: dict[int, int] = field(default_factory=dict)  # route id -> ms (kernel routes)
+    rewrites: dict[int, bytes] = field(default_factory=dict)  # route id -> dp_rw entry
     notes: list[str] = field(default_factory=list)
     # id(plan.Route) of every KERNEL route the decision executes, and why the
     # others it was handed became punts (read by synth.executable_plan)
@@ -360,6 +364,8 @@ class TableBuilder:
                 self.punt_reasons[id(r)] = str(e)
                 f = self._punt(r)
             f["route_id"] = rid
+            if "rw" in f:
+                self.rewrites[rid] = f.pop("rw")
             self._place_queries(rid, f.pop("q_rows", []))
             self._note_timeout(rid, r, f)
             self._add("l7fp_routes", _Row("Route", f))
@@ -541,9 +547,10 @@ class TableBuilder:
         if isinstance(a, Redirect):
             self._redirect(a, f)
             return
-        if a.prefix_rewrite is not None or a.host_rewrite is not None or a.cluster_header \
-                or a.path_rewrite is not None:
+        if a.prefix_rewrite is not None or a.host_rewrite is not None or a.cluster_header:
             raise Punt("rewrite or cluster_header")
+        if a.path_rewrite is not None:
+            f["rw"] = self._rewrite(r, a, a.path_rewrite)
         ids = []
         for wc in a.clusters:
             c = self.plan.cluster(wc.name)
@@ -565,6 +572,14 @@ class TableBuilder:
                 cum += wc.weight
                 self._add("l7fp_weighted", _Row("Weighted", {"cluster": cid, "cum_weight": cum}))
         self._header_adds(vh, r, f)
+
+    def _rewrite(self, r: Route, a: ClusterAction, rw: PathRewrite) -> bytes:
+        """The dp_rw entry of a route with a PathRewrite (bpf_src/dp_rewrite.h).
+        A shadow's path and a held request are not measured with a rewrite:
+        those routes stay Envoy's."""
+        if a.mirrors or r.fault_delay is not None:
+            raise Punt("path rewrite with a mirror or a fault delay")
+        return rewrite_kernel.entry(rw, self._slot(ORIGINAL_PATH, exact=False))
 
     def _redirect(self, a: Redirect, f: dict[str, Any]) -> None:
         """A REPLY with a placeholder the data path never sends: dp_redir.h pops the
@@ -650,6 +665,8 @@ class TableBuilder:
         for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add", "rbac",
                      "dfa", "query", "long_names"):
             k[f"L7FP_F_{feat.upper()}"] = int(feat in self.feats)
+        if self.rewrites:
+            k["DP_REWRITE"] = 1  # the data path's bpf_src/dp_rewrite.h
         return k
 
     def encode(self, st: bs.Structs) -> dict[str, list[bytes]]:

@@ -1,0 +1,226 @@
+/* Path rewrites of forwarded requests (Envoy's regex_rewrite in the forms the
+ * kernel does exactly: fastpath/rewrite.py, docs/split.md "Regex path rewrites").
+ *
+ * Owner: the rewrite part (fastpath/rewrite.py decides what is a kernel form,
+ * fastpath/rewrite_kernel.py fills the map). Pasted after dp_redir.h and
+ * before sk_msg.c (fastpath/loader.py). Compiled in only with -DDP_REWRITE=1,
+ * which the synthesis sets for a plan with a KERNEL route carrying a
+ * PathRewrite, and only with the plan's decision (l7fp_decide: the request
+ * is still parsed in the per-CPU l7fp_ctx_get()); otherwise every hook here
+ * is empty and the map does not exist.
+ *
+ * dp_rw[(gen, route id)] (agent-written per generation): the first `cut`
+ * bytes of the path (DP_RW_WHOLE: all of it, up to the '?') are replaced by
+ * `value`; with `check_len`, only when the path starts with `check` (else the
+ * path is left as is, as Envoy leaves a path its pattern does not match). In
+ * every case the line "x-envoy-original-path: <target as sent>" goes after
+ * the head's last header line, before the route's own header inserts move it
+ * down: Envoy's order is the route's adds, then this line. A request that
+ * carries the header itself (Envoy overwrites it in place) goes to Envoy, and
+ * so does one whose destination's inbound listener decides in the kernel too
+ * (dp_msg_in): that decision ran on the path before the rewrite.
+ */
+#ifndef L7FP_DP_REWRITE_H
+#define L7FP_DP_REWRITE_H
+
+#ifndef DP_REWRITE
+#define DP_REWRITE 0
+#endif
+#define DP_R_RW 23 /* path rewrite route: x-envoy-original-path sent, or an inbound decision */
+
+#if DP_REWRITE && defined(L7FP_DEFS_H)
+#define DP_RW_ON 1
+#else
+#define DP_RW_ON 0
+#endif
+
+#if DP_RW_ON
+#define DP_RW_GROW (DP_RW_NAME + DP_RW_TARGET + 2 + DP_RW_MAX) /* most a rewrite adds */
+#define DP_RW_WHOLE 0xffff /* cut: the whole path */
+#define DP_RW_MAX 64       /* bytes of a constant or a literal to compare (power of 2) */
+#define DP_RW_NAME 32      /* room for "x-envoy-original-path: " */
+#define DP_RW_TARGET 256   /* longest request target the kernel copies into the header */
+
+struct dp_rw {
+    __u32 on;        /* 1: the route rewrites */
+    __u32 cut;       /* path bytes replaced, or DP_RW_WHOLE */
+    __u32 check_len; /* 0: no compare */
+    __u32 value_len; /* 1..DP_RW_MAX */
+    __u32 slot;      /* l7fp header slot of x-envoy-original-path */
+    __u32 name_len;  /* bytes of `name` */
+    __u8 name[DP_RW_NAME];
+    __u8 check[DP_RW_MAX];
+    __u8 value[DP_RW_MAX];
+};
+
+BPF_ARRAY(dp_rw, struct dp_rw, 2 * L7FP_N_ROUTES);
+
+/* The rewrite of dp_verdict route `route` (route id + 1) in generation gen, or NULL. */
+static __always_inline struct dp_rw *dp_rw_get(__u32 gen, __u32 route)
+{
+    if (!route || route > L7FP_N_ROUTES)
+        return 0;
+    __u32 k = (gen & 1) * L7FP_N_ROUTES + route - 1;
+    struct dp_rw *rw = dp_rw.lookup(&k);
+    return rw && rw->on ? rw : 0;
+}
+
+/* dp_msg_act before it binds: 1 when the request must go to Envoy (it carries
+ * x-envoy-original-path, or its target is longer than the kernel copies). */
+static __always_inline int dp_rw_refused(__u32 gen, struct dp_verdict *v)
+{
+    struct dp_rw *rw = dp_rw_get(gen, v->route);
+    if (!rw)
+        return 0;
+    struct l7fp_req_ctx *ctx = l7fp_ctx_get();
+    return !ctx || ctx->r.slot_len[rw->slot & L7FP_SLOT_MASK] != 0 ||
+           ctx->r.sp2 - ctx->r.path_off > DP_RW_TARGET;
+}
+
+/* dp_msg_in: 1 when the rewrite route's endpoint has an inbound decision
+ * (made on the old path: Envoy's two sidecars do it instead). */
+static __always_inline int dp_rw_inbound(__u32 gen, struct dp_verdict *v)
+{
+    if (!dp_rw_get(gen, v->route))
+        return 0;
+    __u32 k0 = 0;
+    struct l7fp_decision *d = dp_dec_scr.lookup(&k0);
+    if (!d)
+        return 1;
+    struct dp_ep_key k = {.gen = gen & 1, .cluster = d->cluster, .endpoint = d->endpoint};
+    __u32 *lid = dp_ep_in.lookup(&k);
+    return lid && *lid;
+}
+
+/* The loops below compare their index with a length loaded afresh in every
+ * round (map value or per-CPU context), never with a register the rest of
+ * the function keeps: a kept bound is narrowed to a different constant at
+ * each exit, and the verifier then walked everything after the loop once per
+ * length (over its 1M-instruction budget in dp_msg_act). */
+
+/* Insert "\r\nx-envoy-original-path: TARGET" at `at` (the CR LF that ends
+ * the head's last header line: the line goes after it, and the CR LF at `at`
+ * now ends this line), TARGET being the request target of the parsed head.
+ * The CR LF first keeps every write at a constant or loop offset. Returns the
+ * bytes inserted or -1. */
+static __always_inline int dp_rw_original(struct sk_msg_md *msg, struct l7fp_req_ctx *ctx,
+                                          struct dp_rw *rw, __u32 at, __u32 tlen)
+{
+    __u32 nl = rw->name_len & (DP_RW_NAME - 1);
+    __u32 h = 2 + nl + tlen;
+    if (bpf_msg_push_data(msg, at, h, 0))
+        return -1;
+    if (bpf_msg_pull_data(msg, at, at + h, 0))
+        return -1;
+    __u8 *d = msg->data;
+    void *end = msg->data_end;
+    if ((void *)(d + 2) > end)
+        return -1;
+    d[0] = '\r';
+    d[1] = '\n';
+    for (__u32 i = 0; i < DP_RW_NAME; i++) {
+        __u32 j = i;
+        asm volatile("" : "+r"(j));
+        if (j >= rw->name_len || j >= DP_RW_NAME)
+            break;
+        if ((void *)(d + 2 + j + 1) > end)
+            return -1;
+        d[2 + j] = rw->name[j];
+    }
+    __u8 *p0 = d + 2 + nl;
+    for (__u32 i = 0; i < DP_RW_TARGET; i++) {
+        __u32 j = i;
+        asm volatile("" : "+r"(j)); /* the verifier sees j < DP_RW_TARGET */
+        if (j >= ctx->r.sp2 - ctx->r.path_off || j >= DP_RW_TARGET)
+            break;
+        __u8 *p = p0 + j;
+        if ((void *)(p + 1) > end)
+            return -1;
+        *p = ctx->buf[(ctx->r.path_off + j) & L7FP_BUF_MASK];
+    }
+    return (int)h;
+}
+
+/* 1 when the path at off starts with the route's literal (check_len <= plen). */
+static __always_inline int dp_rw_starts(struct l7fp_req_ctx *ctx, struct dp_rw *rw, __u32 off)
+{
+    for (__u32 i = 0; i < DP_RW_MAX; i++) {
+        __u32 j = i;
+        asm volatile("" : "+r"(j));
+        if (j >= rw->check_len || j >= DP_RW_MAX)
+            break;
+        if (ctx->buf[(off + j) & L7FP_BUF_MASK] != rw->check[j])
+            return 0;
+    }
+    return 1;
+}
+
+/* Replace the path's first cut bytes at off by the route's value. *delta: the
+ * change of the message's length. 0 done (or the path left as is), -1 failed. */
+static __always_inline int dp_rw_path(struct sk_msg_md *msg, struct l7fp_req_ctx *ctx,
+                                      struct dp_rw *rw, __u32 off, __u32 plen, int *delta)
+{
+    *delta = 0;
+    __u32 cut = rw->cut == DP_RW_WHOLE ? plen : rw->cut;
+    if (cut > plen || rw->check_len > plen)
+        return 0;
+    if (rw->check_len && !dp_rw_starts(ctx, rw, off))
+        return 0;
+    __u32 m = rw->value_len;
+    if (m == 0 || m > DP_RW_MAX)
+        return -1;
+    if (m > cut && bpf_msg_push_data(msg, off + cut, m - cut, 0))
+        return -1;
+    if (m < cut && bpf_msg_pop_data(msg, off + m, cut - m, 0))
+        return -1;
+    if (bpf_msg_pull_data(msg, off, off + m, 0))
+        return -1;
+    *delta = (int)m - (int)cut;
+    __u8 *d = msg->data;
+    void *end = msg->data_end;
+    for (__u32 i = 0; i < DP_RW_MAX; i++) {
+        __u32 j = i;
+        asm volatile("" : "+r"(j));
+        if (j >= rw->value_len || j >= DP_RW_MAX)
+            break;
+        if ((void *)(d + j + 1) > end)
+            return -1;
+        d[j] = rw->value[j];
+    }
+    return 0;
+}
+
+/* dp_msg_act on a FORWARD it is about to send, before the header inserts:
+ * the route's rewrite. Returns the bytes the message grew by (negative:
+ * shrank), 0 for a route without one; DP_RW_FAILED when the message is no
+ * longer usable (the caller sends it to Envoy). v->head_len follows the path's
+ * change, so the route's header inserts land before x-envoy-original-path. */
+#define DP_RW_FAILED (-0x10000)
+static __always_inline int dp_rewrite(struct sk_msg_md *msg, struct dp_verdict *v, __u32 gen)
+{
+    struct dp_rw *rw = dp_rw_get(gen, v->route);
+    if (!rw)
+        return 0;
+    struct l7fp_req_ctx *ctx = l7fp_ctx_get();
+    if (!ctx || v->head_len < 4)
+        return DP_RW_FAILED;
+    __u32 off = ctx->r.path_off, plen = ctx->r.path_len;
+    __u32 tlen = ctx->r.sp2 - off;
+    if (off < 2 || off > L7FP_MAX_HDR || tlen > DP_RW_TARGET || plen > tlen)
+        return DP_RW_FAILED;
+    int h = dp_rw_original(msg, ctx, rw, v->head_len - 4, tlen);
+    if (h < 0)
+        return DP_RW_FAILED;
+    int delta = 0;
+    if (dp_rw_path(msg, ctx, rw, off, plen, &delta) < 0)
+        return DP_RW_FAILED;
+    v->head_len += delta;
+    return h + delta;
+}
+#else
+#define DP_RW_GROW 0
+static __always_inline int dp_rw_refused(__u32 gen, struct dp_verdict *v) { return 0; }
+static __always_inline int dp_rw_inbound(__u32 gen, struct dp_verdict *v) { return 0; }
+#endif /* DP_RW_ON */
+
+#endif /* L7FP_DP_REWRITE_H */
