@@ -109,6 +109,7 @@ struct dp_verdict {
     __u32 hop_n;     /* FORWARD: hop-by-hop header lines to remove (dp_hop.h), 0: none */
     __u32 hop_at[4]; /* their start | length << 16, in head order (DP_HOP_SLOTS) */
     __u32 hop_te;    /* dp_hop.h scan: TE lines seen */
+    __u32 od_host;   /* FORWARD: outlier host slot + 1 (dp_outlier.h), 0: none */
 };
 
 struct dp_bind {
@@ -196,6 +197,8 @@ struct dp_peer_val {
     __u64 client; /* client socket cookie (dp_cli key) */
     __u32 wait;   /* 1 (| DP_WAIT_HEAD): set at FORWARD, cleared by the response path's first byte */
     __u32 left;   /* response bytes still to come after its first write (dp_close.h) */
+    __u32 od_host; /* outlier host slot + 1 of the request forwarded on U, 0: none (dp_outlier.h) */
+    __u32 _pad;
 };
 #define DP_WAIT_HEAD 2u             /* dp_peer_val.wait: the waiting request is a HEAD */
 #define DP_WAIT_EOF 0x454f46u       /* dp_peer_val.wait of an agent's EOF carrier ("EOF") */

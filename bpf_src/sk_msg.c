@@ -597,6 +597,9 @@ int dp_msg_act(struct sk_msg_md *msg)
         return dp_to_envoy(c, v.route, DP_R_REDIRECT);
     }
     dp_reset_wait(up, is_head); /* no response byte yet: a close of U's app now is a reset */
+#if DP_OUTLIER
+    dp_outlier_mark(up, v.od_host); /* whose response counts (a U serves several clusters) */
+#endif
     dp_count(v.route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
     dp_access(c, &v, DP_OUT_FAST, 0);
     /* Last, when little else is live: earlier (or inlined) the copy's locals
@@ -627,6 +630,9 @@ int dp_srv_verdict(struct sk_msg_md *msg)
         return SK_PASS;
     __u64 ck = client->client;
     __u32 first = client->wait; /* this write starts a response (dp_close.h) */
+#if DP_OUTLIER
+    dp_outlier_response(msg, client); /* its status, before the wait bit goes */
+#endif
     dp_reset_answered(client); /* a response byte (to the client or a retry) */
     dp_close_response_msg(msg, up, client, first); /* how much of the response is left */
     /* the retry decision first: a diverted response starts nothing for the

@@ -36,6 +36,7 @@ from typing import Any
 
 from fastpath import inbound_merge
 from fastpath.agent_node import NodeDatapath, PodInfo
+from fastpath.agent_outlier import OutlierCollector
 from fastpath.counters import FastpathCollector
 from fastpath.inbound import inbound_transparent
 from fastpath.plan import Direction, KernelPlan, ListenerPlan
@@ -358,6 +359,12 @@ class Agent:
             nodes = list(self.nodes.items())
         return [(n, dict(node.keeper.counts)) for n, node in nodes if node.keeper is not None]
 
+    def outlier_counts(self) -> list[tuple[str, dict[str, dict[str, int]]]]:
+        """Per node, the kernel's outlier detectors (OutlierKeeper.counts)."""
+        with self.lock:
+            nodes = list(self.nodes.items())
+        return [(n, node.outlier.counts()) for n, node in nodes]
+
     def reset_counts(self) -> list[tuple[str, dict[str, int]]]:
         """Per node, what fastpath.agent_reset did (Resetter.counts)."""
         with self.lock:
@@ -377,6 +384,7 @@ class Agent:
 def _cflags(plan: KernelPlan) -> tuple[str, ...]:
     from fastpath.agent_delay import needs_delay
     from fastpath.agent_mirror import needs_mirror
+    from fastpath.agent_outlier import needs_outlier
     from fastpath.agent_redirect import needs_redirect
     from fastpath.agent_retry import needs_retry
     from fastpath.synth import synthesize
@@ -386,7 +394,8 @@ def _cflags(plan: KernelPlan) -> tuple[str, ...]:
     mirror = ("-DDP_MIRROR=1",) if needs_mirror(plan) else ()  # the same
     delay = ("-DDP_DELAY=1",) if needs_delay(plan) else ()  # the same
     redirect = ("-DDP_REDIR=1",) if needs_redirect(plan) else ()  # the same
-    return synthesize(plan).cflags + retry + inbound + mirror + delay + redirect
+    outlier = ("-DDP_OUTLIER=1",) if needs_outlier(plan) else ()  # the same
+    return synthesize(plan).cflags + retry + inbound + mirror + delay + redirect + outlier
 
 
 def kernel_ready() -> str | None:
@@ -437,6 +446,7 @@ def start(server: Any, args: Any) -> Agent | None:
     if registry is not None:
         registry.register(FastpathCollector(agent.stats, agent.timeout_counts,
                                             agent.reset_counts))
+        registry.register(OutlierCollector(agent.outlier_counts))
     agent.start()
     AGENTS[id(server)] = agent
     log.info("fast path agent started (mesh state: %s)", agent.state_path)

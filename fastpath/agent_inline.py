@@ -92,8 +92,8 @@ def _route_entry(plan: KernelPlan, r: Route, inbound_ok: Callable[[str, int], bo
         return punt  # timeouts, retries, mirrors: only with l7fp_decide (timeouts.py, agent_retry.py,
         # agent_mirror.py)
     c = plan.cluster(a.clusters[0].name)
-    if c is None or c.verdict is not Verdict.KERNEL or c.tls:
-        return punt
+    if c is None or c.verdict is not Verdict.KERNEL or c.tls or c.outlier is not None:
+        return punt  # outlier detection: only with l7fp_decide (agent_outlier.py)
     healthy = [e for e in c.endpoints if e.healthy]
     if not 0 < len(healthy) <= IPOOLS or len({e.weight for e in healthy}) != 1:
         return punt  # random choice among equal endpoints only

@@ -24,6 +24,7 @@ from fastpath import agent_inline, agent_synth
 from fastpath.agent_close import DP_EV_CLOSE_REPLY, Closer
 from fastpath.agent_delay import Delayer
 from fastpath.agent_mirror import Mirrorer
+from fastpath.agent_outlier import OutlierKeeper
 from fastpath.agent_redirect import Redirector
 from fastpath.agent_reset import Resetter
 from fastpath.agent_retry import Retrier
@@ -88,16 +89,23 @@ class NodeDatapath:
     redirector: Redirector = field(init=False)
     resetter: Resetter = field(init=False)
     closer: Closer = field(init=False)
+    outlier: OutlierKeeper = field(init=False)
 
     def __post_init__(self) -> None:
         self.retrier = Retrier(self.dp, self.pools)
         self.mirrorer = Mirrorer(self.dp, self.pod.netns, self.pod.ip)
         self.delayer = Delayer(self.dp, self.pools)
         self.redirector = Redirector(self.dp)
+        self.outlier = OutlierKeeper(self.dp)
+        self.retrier.outlier = self.outlier
         self.resetter = Resetter(self.dp, retry=self.retrier.claim,
                                  retries_timeouts=self.retrier.retries_timeouts)
         if self.keeper is not None:  # a per-try timeout the policy retries: no 504
             self.keeper.retry = self.resetter.per_try_expired
+        # outlier detection: the agent's own answers (503 of a close, 504) count too
+        self.resetter.on_error = self.outlier.count_error
+        if self.keeper is not None:
+            self.keeper.on_error = self.outlier.count_error
         # diverted responses and held requests are read, not reaped; an EOF with
         # a request waiting is answered 503 (then reaped)
         self.closer = Closer(self.dp)
@@ -257,6 +265,7 @@ class NodeDatapath:
         for up in self.resetter.timed_out():  # before the look: U is the retrier's
             self.retrier.on_per_try(up)
         self.closer.service()  # EOFs after kernel replies to `Connection: close`
+        self.outlier.service()  # ejections noticed, unejections at the interval ticks
         now = time.monotonic()
         if now - self.looked_at < LOOK_EVERY_S:
             return
@@ -298,6 +307,7 @@ class NodeDatapath:
             "redirects": self.redirector.debug(),
             "resets": dict(self.resetter.counts),
             "closes": dict(self.closer.counts),
+            "outlier": self.outlier.debug(),
         }
 
     def close(self) -> None:

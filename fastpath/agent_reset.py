@@ -59,7 +59,9 @@ CLUSTER_SLOTS = 256  # DP_RETRY_CLUSTERS
 class PeerVal(ct.Structure):
     """struct dp_peer_val (datapath.h): dp_peer's value."""
 
-    _fields_ = [("client", ct.c_uint64), ("wait", ct.c_uint32), ("left", ct.c_uint32)]
+    _fields_ = [("client", ct.c_uint64), ("wait", ct.c_uint32), ("left", ct.c_uint32),
+                ("od_host", ct.c_uint32),  # outlier host slot + 1 (dp_outlier.h)
+                ("_pad", ct.c_uint32)]
 
 
 def action(peer: Any | None, timed: Any | None) -> str:
@@ -107,6 +109,9 @@ class Resetter:
         self.injector: Injector | None = None
         self.counts = {"reset_503": 0, "reset_retried": 0, "reset_raced": 0,
                        "reset_client_gone": 0}
+        # fastpath.agent_outlier.OutlierKeeper.count_error (set by agent_node): the
+        # close counts for U's host as the destination sidecar's 503 would
+        self.on_error: Callable[[int, int], None] | None = None
 
     def claim(self, up: int) -> bool:
         """`up` is readable at EOF (pools' look): answer its client if a request
@@ -117,6 +122,8 @@ class Resetter:
         if what == "none" or peer is None:
             return False
         client = int(peer.client)
+        if self.on_error is not None:
+            self.on_error(up, RESET_STATUS)
         if self.retry is not None and self._divert(up):
             self.dp.take_upstream(up)  # the client gets the retry's answer, never U's
             self.counts["reset_retried"] += 1

@@ -90,6 +90,9 @@ class Retrier:
         # (gen, route id + 1) -> (route timeout ms, per-try timeout ms) of timed retry routes
         self.timers: dict[tuple[int, int], tuple[int, int]] = {}
         self.stats: Counter[str] = Counter()
+        # fastpath.agent_outlier.OutlierKeeper (set by agent_node): a retry skips
+        # ejected hosts, as Envoy's LB does, and its response is counted
+        self.outlier: Any = None
 
     # ---- plan (agent_synth.program) ------------------------------------------
     def program(self, plan: KernelPlan, sp: Any, gen: int,
@@ -314,6 +317,8 @@ class Retrier:
             # waiting for its first response byte: a close of its app is a reset
             bpfsys.map_update(self.dp.fds["dp_peer"], ct.c_uint64(up), PeerVal(job.client, wait_value(req)))
             self.extra.setdefault(job.client, []).append(up)
+        if self.outlier is not None:  # the attempt's response counts for its host
+            self.outlier.mark(up, int(rec.gen), int(rec.cluster), pool)
         try:
             sock.setblocking(True)
             sock.sendall(req)
@@ -329,6 +334,8 @@ class Retrier:
         rec = job.rec
         pol = self.policies.get((int(rec.gen), int(rec.route)))
         pools = self.cluster_pools.get((int(rec.gen), int(rec.cluster)), [int(rec.pool)])
+        if self.outlier is not None:
+            pools = self.outlier.healthy_pools(int(rec.gen), int(rec.cluster), pools)
         pick = choose_pool(pools, attempts.tried, bool(pol and pol.previous_hosts),
                            pol.host_selection_attempts if pol else 1, self.rng)
         order = [pick] + [p for p in pools if p != pick] if pick is not None else list(pools)

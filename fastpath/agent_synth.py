@@ -122,6 +122,7 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
         for k in [k for k in t.keys() if k.gen == gen]:
             del t[k]
     cluster_pools: dict[int, list[int]] = {}
+    ep_pools: dict[tuple[int, int], int] = {}  # (cluster id, endpoint index) -> pool
     for c in plan.clusters:
         cid = sp.cluster_ids.get(c.name)
         if cid is None or c.verdict is not Verdict.KERNEL or c.tls or is_merged_cluster(c.name):
@@ -141,7 +142,9 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
             out.pool_clusters[pool] = c.name
             eps[eps.Key(gen=gen, cluster=cid, endpoint=idx)] = eps.Leaf(pool)
             cluster_pools.setdefault(cid, []).append(pool)
+            ep_pools[(cid, idx)] = pool
     node.retrier.program(plan, sp, gen, cluster_pools)
+    node.outlier.program(plan, sp, gen, endpoint_order, ep_pools)
     node.mirrorer.program(plan, sp, gen)
     node.delayer.program(sp, gen)
     node.redirector.program(sp, gen)

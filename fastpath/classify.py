@@ -14,6 +14,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any
 
+from fastpath import outlier
 from fastpath.classify_delay import listener_delay_reasons
 from fastpath.classify_rbac import classify_rbac
 from fastpath.classify_route import (
@@ -293,12 +294,27 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
     if "transportSocket" in c or "transportSocketMatches" in c:
         reasons.append("upstream TLS (no kTLS on this kernel)")
     reasons += _cluster_options(c)
+    od_reasons = _outlier_reasons(c, eps, lb)
+    reasons += od_reasons
     reasons += [f"{t} unknown to L7FP (kept opaque for Envoy)" for t in opaque_types(c)]
     return Cluster(name, lb or LbPolicy.ROUND_ROBIN, tuple(eps), None, "transportSocket" in c,
                    Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(reasons),
                    max_retries=max_retries(c.get("circuitBreakers", {})),
                    original_dst=kind == "ORIGINAL_DST"
-                   and not c.get("originalDstLbConfig", {}).get("useHttpHeader"))
+                   and not c.get("originalDstLbConfig", {}).get("useHttpHeader"),
+                   outlier=None if od_reasons else outlier.config_of(c))
+
+
+def _outlier_reasons(c: dict[str, Any], eps: list[Endpoint], lb: LbPolicy | None) -> list[str]:
+    """Why the kernel cannot run this cluster's outlier detection (fastpath.outlier)."""
+    if c.get("outlierDetection") is None:
+        return []
+    out = outlier.unsupported(c, len(eps))
+    if lb not in (LbPolicy.ROUND_ROBIN, LbPolicy.RANDOM, LbPolicy.LEAST_REQUEST):
+        out.append("outlier detection with a hash load balancer")
+    if any(not e.healthy for e in eps):
+        out.append("outlier detection with EDS-unhealthy endpoints (panic counts them)")
+    return out
 
 
 # Cluster fields with no effect on which endpoint serves a request or on what
@@ -326,7 +342,8 @@ def _cluster_options(c: dict[str, Any]) -> list[str]:
         if not any(f".{k}." in t for k in _TYPED_LB_OK):
             reasons.append(f"load_balancing_policy {t.rsplit('/', 1)[-1] or '?'}")
     panic = c.get("commonLbConfig", {}).get("healthyPanicThreshold")
-    if panic is not None and float(panic.get("value", 0.0)) != 50.0:  # proto3: absent = 0
+    if panic is not None and float(panic.get("value", 0.0)) != 50.0 \
+            and c.get("outlierDetection") is None:  # proto3: absent = 0; outlier: its own
         reasons.append("healthy_panic_threshold other than 50%")
     if c.get("http2ProtocolOptions") or "grpc" in str(c.get("http2ProtocolOptions", "")):
         reasons.append("upstream HTTP/2")
@@ -338,8 +355,6 @@ def _cluster_options(c: dict[str, Any]) -> list[str]:
             reasons.append("upstream protocol chosen per request")
     if _limiting_breakers(c.get("circuitBreakers", {})):
         reasons.append("circuit breakers below Envoy's defaults (stateful, owned by Envoy)")
-    if c.get("outlierDetection"):
-        reasons.append("outlier detection (needs responses)")
     if c.get("healthChecks"):
         reasons.append("active health checks")
     if c.get("commonLbConfig", {}).get("localityWeightedLbConfig") is not None \

@@ -69,7 +69,7 @@ def module_text(decide_header: str | None = None) -> str:
     header (K1's include/, or dp_decide_inline.h) is pasted too, because its
     maps must live in the same module.
     """
-    parts = ["datapath.h", "dp_timeout.h", "dp_reset.h", "dp_close.h", decide_header or "dp_decide_inline.h",
+    parts = ["datapath.h", "dp_timeout.h", "dp_reset.h", "dp_close.h", "dp_outlier.h", decide_header or "dp_decide_inline.h",
              "dp_return.h", "dp_retry.h", "dp_mirror.h", "dp_delay.h", "dp_redir.h",
              "dp_rewrite.h", "sockops.c", "sk_msg.c", "sk_skb.c", "dp_inject.c"]
     texts = []
@@ -175,7 +175,8 @@ class Datapath:
         """Empty the tables: a cached module may have served an earlier Datapath."""
         for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_ihosts", "dp_replies", "dp_eps", "dp_ep_in",
                      "dp_pool_miss", "dp_pair_wait", "dp_rto", "dp_tmo", "dp_tmo_armed", "dp_ret",
-                     "dp_rpol", "dp_retry", "dp_retry_busy", "dp_tcp_up", "dp_mpol", "dp_dpol", "dp_dly"):
+                     "dp_rpol", "dp_retry", "dp_retry_busy", "dp_tcp_up", "dp_mpol", "dp_dpol", "dp_dly",
+                     "dp_odc", "dp_odd", "dp_odh"):
             try:
                 self.bpf[name].clear()
             except KeyError:

@@ -50,6 +50,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpath.outlier import OutlierConfig
+
 
 class Verdict(enum.Enum):
     """Who enforces a route (or an RBAC set): the kernel, or Envoy (punt)."""
@@ -488,6 +490,8 @@ class Cluster:
     # use_http_header): a shadow (no downstream connection) finds no host there,
     # so Envoy sends it nowhere (seen with Envoy 1.40; fastpath.mirror)
     original_dst: bool = False
+    # Envoy outlier detection the kernel enforces (fastpath.outlier), None: none
+    outlier: OutlierConfig | None = None
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,9 @@ class TimeoutKeeper:
         # retry(up): True when a retry takes the attempt whose per-try timeout
         # passed, instead of a 504 (fastpath.agent_reset.Resetter.per_try_expired; this thread)
         self.retry: Callable[[int], bool] | None = None
+        # fastpath.agent_outlier.OutlierKeeper.count_error (set by agent_node):
+        # a timed-out attempt counts for its host (Envoy: LocalOriginTimeout, 504)
+        self.on_error: Callable[[int, int], None] | None = None
         self._taken: list[int] = []  # upstream cookies taken away, for the agent to close
         self._lost: dict[int, int] = {}  # up -> deadline of a record whose claim was lost
         self._lock = threading.Lock()
@@ -250,6 +253,8 @@ class TimeoutKeeper:
             won = bpfsys.table_get(self.dp.bpf["dp_tmo"], e.up)  # the record as claimed
             if self._moved_later(e, won):
                 return
+            if self.on_error is not None:
+                self.on_error(e.up, 504)
             if _per_try(e, won) and self.retry is not None and self.retry(e.up):
                 self.counts["timeout_retried"] += 1  # Envoy resets the attempt, retries
                 return

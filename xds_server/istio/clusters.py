@@ -136,6 +136,8 @@ def _traffic_policy(w: Warnings, dr: Obj, path: str, tp: Mapping[str, Any], c: d
     _connection_pool(w, dr, f"{path}.connectionPool", tp.get("connectionPool"), c)
     if "outlierDetection" in tp:
         c["outlierDetection"] = _outlier(w, dr, f"{path}.outlierDetection", tp["outlierDetection"])
+        c.setdefault("commonLbConfig", {})["healthyPanicThreshold"] = \
+            _panic_threshold(tp["outlierDetection"])
     tls = tp.get("tls")
     if tls and str(tls.get("mode", "")).upper() not in ("DISABLE", ""):
         w.add(dr, f"{path}.tls.mode", f"{tls.get('mode')}: upstream TLS is not implemented "
@@ -202,31 +204,39 @@ def _connection_pool(w: Warnings, dr: Obj, path: str, spec: Any, c: dict[str, An
 
 
 def _outlier(w: Warnings, dr: Obj, path: str, spec: Any) -> dict[str, Any]:
+    """istiod's applyOutlierDetection: success rate off; a consecutive count
+    enforced (100 %) when given and > 0, off when 0, Envoy's default (5, 100 %
+    for 5xx) when absent. The panic threshold is `_panic_threshold`'s."""
     spec = check_fields(w, dr, path, spec, {
         "consecutiveErrors", "consecutive5xxErrors", "consecutiveGatewayErrors", "interval",
         "baseEjectionTime", "maxEjectionPercent", "minHealthPercent",
         "splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures"})
-    out: dict[str, Any] = {"enforcingConsecutive5xx": 0, "enforcingConsecutiveGatewayFailure": 0}
+    out: dict[str, Any] = {"enforcingSuccessRate": 0}
     five = spec.get("consecutive5xxErrors", spec.get("consecutiveErrors"))
     if five is not None:
-        out.update(consecutive5xx=int(five), enforcingConsecutive5xx=100)
+        out.update(consecutive5xx=int(five), enforcingConsecutive5xx=100 if int(five) else 0)
     if "consecutiveGatewayErrors" in spec:
-        out.update(consecutiveGatewayFailure=int(spec["consecutiveGatewayErrors"]),
-                   enforcingConsecutiveGatewayFailure=100)
+        gw = int(spec["consecutiveGatewayErrors"])
+        out.update(consecutiveGatewayFailure=gw, enforcingConsecutiveGatewayFailure=100 if gw else 0)
     if "interval" in spec:
         out["interval"] = duration(spec["interval"])
     if "baseEjectionTime" in spec:
         out["baseEjectionTime"] = duration(spec["baseEjectionTime"])
-    if "maxEjectionPercent" in spec:
+    if int(spec.get("maxEjectionPercent", 0)) > 0:
         out["maxEjectionPercent"] = int(spec["maxEjectionPercent"])
-    out["enforcingSuccessRate"] = 0
-    if "minHealthPercent" in spec:
-        w.add(dr, f"{path}.minHealthPercent", "unsupported (panic threshold); ignored")
     if spec.get("splitExternalLocalOriginErrors"):
         out["splitExternalLocalOriginErrors"] = True
-        if "consecutiveLocalOriginFailures" in spec:
+        if int(spec.get("consecutiveLocalOriginFailures", 0)) > 0:
             out["consecutiveLocalOriginFailure"] = int(spec["consecutiveLocalOriginFailures"])
+            out["enforcingConsecutiveLocalOriginFailure"] = 100
+        out["enforcingLocalOriginSuccessRate"] = 0
     return out
+
+
+def _panic_threshold(spec: Any) -> dict[str, Any]:
+    """istiod sets healthy_panic_threshold to minHealthPercent (default 0: no
+    panic, "not typically applicable in k8s environments with few pods")."""
+    return {"value": float(spec.get("minHealthPercent", 0) if isinstance(spec, dict) else 0)}
 
 
 def _assignment(name: str, svc: Service, port: Port, labels: Mapping[str, str]) -> dict[str, Any]:

@@ -1,0 +1,257 @@
+/* Outlier detection on kernel routes: the kernel half (consecutive errors,
+ * immediate ejection, the LB's skip of ejected hosts, panic).
+ *
+ * Owner: NAME=outlier. Pasted after dp_reset.h by fastpath/loader.py; compiled
+ * in only with -DDP_OUTLIER=1 (fastpath.agent_outlier.needs_outlier(plan)).
+ * The agent half (fastpath/agent_outlier.py) owns time: unejection at the
+ * interval ticks, the ejection multiplier, `room` (max_ejection_percent), and
+ * the maps' configuration. Envoy's rules: fastpath/outlier.py.
+ *
+ * Per request: dp_decide calls dp_outlier_pick after l7fp_decide's FORWARD
+ * (an array lookup of the cluster, one of its detector; a host lookup only
+ * while a host of the detector is ejected), sk_msg stores the host slot in
+ * dp_peer's value with the wait bit (dp_outlier_mark), and the first response
+ * write (dp_srv_verdict) counts its status into the host (dp_outlier_response:
+ * atomic adds on the host's entry; at a threshold the ejection, seen by the
+ * next pick on any CPU).
+ */
+#ifndef L7FP_DP_OUTLIER_H
+#define L7FP_DP_OUTLIER_H
+
+#ifndef DP_OUTLIER
+#define DP_OUTLIER 0
+#endif
+#ifndef DP_OD_CLUSTERS
+#define DP_OD_CLUSTERS 256 /* cluster ids per generation */
+#endif
+#ifndef DP_OD_EPS
+#define DP_OD_EPS 16 /* endpoints per cluster (fastpath.outlier.MAX_HOSTS) */
+#endif
+#ifndef DP_OD_HOSTS
+#define DP_OD_HOSTS 1024 /* (cluster, host) slots */
+#endif
+#ifndef DP_OD_DETS
+#define DP_OD_DETS 256 /* detectors (clusters with outlier detection) */
+#endif
+
+/* (gen, cluster id), written by the agent per plan generation. */
+struct dp_od_cluster {
+    __u32 det;  /* detector id + 1; 0: no outlier detection */
+    __u32 n;    /* endpoints (l7fp_decide's endpoint indexes) */
+    __u32 rr;   /* 1: round robin, else random */
+    __u32 ctr;  /* round-robin counter of the re-pick among healthy hosts */
+    __u16 host[DP_OD_EPS]; /* endpoint index -> host slot */
+};
+
+/* One detector (a cluster by name), across generations. Two views of a host,
+ * as in Envoy: the detector's (`ejected`, at once) and the load balancer's
+ * (`lb_out`): Envoy hands a health change to its workers' LBs at once only when
+ * the cluster's last such update is older than common_lb_config
+ * update_merge_window (1 s); else it is merged and delivered when the window
+ * ends (ClusterManagerImpl::scheduleUpdate). The agent delivers merged ones. */
+struct dp_od_det {
+    __u32 ejected; /* hosts ejected now: kernel +1 at an ejection, agent recounts */
+    __u32 room;    /* ejections still allowed (max_ejection_percent): kernel -1, agent sets */
+    __u32 total;   /* hosts */
+    __u32 panic;   /* healthy_panic_threshold in percent */
+    __u32 lb_out;  /* hosts the LB skips (delivered ejections) */
+    __u32 pending; /* 1: a merged update is due at due_ns (the agent delivers it) */
+    __u64 window_ns; /* update_merge_window, 0: every change at once */
+    __u64 last_ns;   /* the last delivered update */
+    __u64 due_ns;
+};
+
+/* One (cluster, host). */
+struct dp_od_host {
+    __u32 c5xx;     /* consecutive 5xx */
+    __u32 cgw;      /* consecutive 502/503/504 */
+    __u32 t5xx;     /* thresholds (agent), 0: not enforced */
+    __u32 tgw;
+    __u32 ejected;  /* 1: the LB skips it (kernel sets, agent clears) */
+    __u32 det;      /* detector id */
+    __u64 ej_ns;    /* bpf_ktime_get_ns() of the ejection */
+    __u32 ejections; /* kernel ejections (counter) */
+    __u32 overflow;  /* a threshold reached, max_ejection_percent said no */
+    __u32 kind;      /* last ejection: 1 consecutive 5xx, 2 consecutive gateway failure */
+    __u32 lb_out;    /* 1: the LB skips it (the delivered view of `ejected`) */
+};
+
+BPF_ARRAY(dp_odc, struct dp_od_cluster, 2 * DP_OD_CLUSTERS);
+BPF_ARRAY(dp_odd, struct dp_od_det, DP_OD_DETS);
+BPF_ARRAY(dp_odh, struct dp_od_host, DP_OD_HOSTS);
+
+#if DP_OUTLIER
+/* The k-th (0-based) endpoint of `c` whose host is not ejected, or -1. */
+static __always_inline int dp_od_kth_healthy(struct dp_od_cluster *c, __u32 k)
+{
+    __u32 seen = 0;
+#pragma unroll
+    for (__u32 j = 0; j < DP_OD_EPS; j++) {
+        if (j >= c->n)
+            break;
+        __u32 slot = c->host[j];
+        struct dp_od_host *h = dp_odh.lookup(&slot);
+        if (!h || h->lb_out)
+            continue;
+        if (seen == k)
+            return j;
+        seen++;
+    }
+    return -1;
+}
+
+/* After l7fp_decide picked endpoint *ep of cluster `cid`: while a host is out
+ * of the LB, pick among the others as Envoy's LB does over its healthy set
+ * (round robin with the cluster's own counter, else random), unless in panic
+ * (every host). Returns the chosen host's slot + 1, 0 when the cluster has no
+ * outlier detection. */
+static __always_inline __u32 dp_outlier_pick(__u32 gen, __u32 cid, __u32 *ep)
+{
+    if (cid >= DP_OD_CLUSTERS)
+        return 0;
+    __u32 ci = (gen & 1) * DP_OD_CLUSTERS + cid;
+    struct dp_od_cluster *c = dp_odc.lookup(&ci);
+    if (!c || !c->det || *ep >= DP_OD_EPS || *ep >= c->n)
+        return 0;
+    __u32 slot = c->host[*ep & (DP_OD_EPS - 1)];
+    __u32 di = c->det - 1;
+    struct dp_od_det *d = dp_odd.lookup(&di);
+    if (!d || !d->lb_out)
+        return slot + 1; /* the common case: nothing ejected */
+    __u32 total = d->total, ej = d->lb_out;
+    __u32 healthy = total > ej ? total - ej : 0;
+    if (healthy * 100 < d->panic * total || !healthy)
+        return slot + 1; /* panic: every host (or none healthy: Envoy's panic too) */
+    __u32 k;
+    if (c->rr) {
+        k = c->ctr;
+        __sync_fetch_and_add(&c->ctr, 1);
+    } else {
+        k = bpf_get_prandom_u32(); /* random over the healthy hosts */
+    }
+    int j = dp_od_kth_healthy(c, k % healthy);
+    if (j < 0)
+        return slot + 1; /* the LB view changed under us: keep the pick */
+    *ep = (__u32)j;
+    return c->host[j & (DP_OD_EPS - 1)] + 1;
+}
+
+/* sk_msg at FORWARD on upstream `up`: the host the request went to, for its
+ * response (dp_peer's value, next to the wait bit dp_reset_wait set). */
+static __always_inline void dp_outlier_mark(__u64 up, __u32 host1)
+{
+    struct dp_peer_val *p = dp_peer.lookup(&up);
+    if (p)
+        p->od_host = host1;
+}
+
+/* Eject host `h` (slot's entry) if its detector has room. */
+static __always_inline void dp_od_eject(struct dp_od_host *h, __u32 kind)
+{
+    if (h->ejected)
+        return; /* both counters at once, or another CPU first */
+    __u32 di = h->det;
+    struct dp_od_det *d = dp_odd.lookup(&di);
+    if (!d)
+        return;
+    if (!d->room) {
+        __sync_fetch_and_add(&h->overflow, 1);
+        return;
+    }
+    __sync_fetch_and_add(&d->room, -1);
+    __u64 now = bpf_ktime_get_ns();
+    h->ej_ns = now;
+    h->kind = kind;
+    h->ejected = 1;
+    __sync_fetch_and_add(&d->ejected, 1);
+    __sync_fetch_and_add(&h->ejections, 1);
+    if (now - d->last_ns > d->window_ns) {
+        h->lb_out = 1; /* out of the merge window: the next pick skips it */
+        __sync_fetch_and_add(&d->lb_out, 1);
+        d->last_ns = now;
+        if (d->pending)
+            d->due_ns = now; /* Envoy delivers the merged ones too: the agent, at once */
+        return;
+    }
+    if (!d->pending) { /* merged: the agent delivers it when the window ends */
+        d->due_ns = now + d->window_ns;
+        d->pending = 1;
+    }
+}
+
+/* Count a response status into host slot + 1 `host1` (Envoy's
+ * putHttpResponseCode): called once per request, on its first response write. */
+static __always_inline void dp_outlier_status(__u32 host1, __u32 status)
+{
+    __u32 slot = host1 - 1;
+    struct dp_od_host *h = dp_odh.lookup(&slot);
+    if (!h || h->ejected)
+        return; /* ejected (a panic pick): Envoy ignores its counts until unejection */
+    if (status < 500 || status > 599) {
+        if (h->c5xx)
+            h->c5xx = 0;
+        if (h->cgw)
+            h->cgw = 0;
+        return;
+    }
+    if (status >= 502 && status <= 504) {
+        __sync_fetch_and_add(&h->cgw, 1);
+        if (h->tgw && h->cgw >= h->tgw) {
+            h->cgw = 0;
+            dp_od_eject(h, 2);
+        }
+    } else if (h->cgw) {
+        h->cgw = 0;
+    }
+    __sync_fetch_and_add(&h->c5xx, 1);
+    if (h->t5xx && h->c5xx >= h->t5xx) {
+        h->c5xx = 0;
+        dp_od_eject(h, 1);
+    }
+}
+
+/* dp_srv_verdict: the first write of a response to a request the kernel (or
+ * the retry agent) forwarded to a host with outlier detection. */
+static __always_inline void dp_outlier_response(struct sk_msg_md *msg, struct dp_peer_val *p)
+{
+    __u32 host1 = p->od_host;
+    if (!host1)
+        return;
+    p->od_host = 0; /* counted once: set again at the next FORWARD (or retry) on U */
+    bpf_msg_pull_data(msg, 0, 12, 0);
+    __u8 *d = msg->data;
+    if ((void *)(d + 12) > msg->data_end)
+        return; /* status line not in this write: not counted */
+    if (d[0] != 'H' || d[4] != '/' || d[8] != ' ')
+        return;
+    __u8 a = d[9], b = d[10], c = d[11];
+    if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
+        return;
+    dp_outlier_status(host1, (a - '0') * 100 + (b - '0') * 10 + (c - '0'));
+}
+
+/* dp_skb_verdict (unpaired upstream U): the same on the first response segment. */
+static __always_inline void dp_outlier_response_skb(struct __sk_buff *skb, struct dp_peer_val *p)
+{
+    __u32 host1 = p->od_host;
+    if (!host1)
+        return;
+    p->od_host = 0;
+    __u8 d[12];
+    if (bpf_skb_load_bytes(skb, 0, d, 12))
+        return;
+    if (d[0] != 'H' || d[4] != '/' || d[8] != ' ')
+        return;
+    __u8 a = d[9], b = d[10], c = d[11];
+    if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
+        return;
+    dp_outlier_status(host1, (a - '0') * 100 + (b - '0') * 10 + (c - '0'));
+}
+#else
+static __always_inline __u32 dp_outlier_pick(__u32 gen, __u32 cid, __u32 *ep)
+{
+    return 0;
+}
+#endif
+
+#endif

@@ -1,0 +1,361 @@
+"""Outlier detection on kernel routes: the agent half (time and bookkeeping).
+
+Owner: NAME=outlier. One `OutlierKeeper` per node (`agent_node.NodeDatapath`):
+`program` is called by `agent_synth.program` for each plan generation,
+`service` by the node's `upkeep` on the agent's event thread, `debug` and
+`counts` by /debug/fastpath and /metrics. The kernel half is
+bpf_src/dp_outlier.h (consecutive errors, the ejection itself, the LB's skip,
+panic); Envoy's rules are in fastpath/outlier.py (`Detector`).
+
+Ownership (DESIGN.md rule 3): the kernel ejects (at once, so the next request
+already skips the host) and counts `ejected` up / `room` down; the agent
+unejects at the interval ticks (counters zeroed, `ejected` down, `room` up)
+and sets thresholds, totals and panic. Requests the kernel hands to Envoy are
+seen by the sidecar's own detector: two detectors over disjoint traffic.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastpath.outlier import Detector, OutlierConfig, allowed_ejections, merge
+from fastpath.plan import KernelPlan, LbPolicy, Verdict
+
+log = logging.getLogger(__name__)
+
+DP_OD_CLUSTERS = 256  # bpf_src/dp_outlier.h defaults
+DP_OD_EPS = 16
+DP_OD_HOSTS = 1024
+DP_OD_DETS = 256
+LOOK_EVERY_NS = 10_000_000  # kernel ejections noticed, merged updates delivered within 10 ms
+
+
+class OdCluster(ct.Structure):
+    """struct dp_od_cluster (dp_outlier.h)."""
+
+    _fields_ = [("det", ct.c_uint32), ("n", ct.c_uint32), ("rr", ct.c_uint32),
+                ("ctr", ct.c_uint32), ("host", ct.c_uint16 * DP_OD_EPS)]
+
+
+class OdDet(ct.Structure):
+    """struct dp_od_det (dp_outlier.h)."""
+
+    _fields_ = [("ejected", ct.c_uint32), ("room", ct.c_uint32), ("total", ct.c_uint32),
+                ("panic", ct.c_uint32), ("lb_out", ct.c_uint32), ("pending", ct.c_uint32),
+                ("window_ns", ct.c_uint64), ("last_ns", ct.c_uint64), ("due_ns", ct.c_uint64)]
+
+
+class OdHost(ct.Structure):
+    """struct dp_od_host (dp_outlier.h)."""
+
+    _fields_ = [("c5xx", ct.c_uint32), ("cgw", ct.c_uint32), ("t5xx", ct.c_uint32),
+                ("tgw", ct.c_uint32), ("ejected", ct.c_uint32), ("det", ct.c_uint32),
+                ("ej_ns", ct.c_uint64), ("ejections", ct.c_uint32), ("overflow", ct.c_uint32),
+                ("kind", ct.c_uint32), ("lb_out", ct.c_uint32)]
+
+
+def needs_outlier(plan: KernelPlan) -> bool:
+    """-DDP_OUTLIER=1 for this plan: a kernel cluster has outlier detection."""
+    return any(c.outlier is not None and c.verdict is Verdict.KERNEL for c in plan.clusters)
+
+
+def host_key(e: Any) -> str:
+    return f"{e.address}:{e.port}"
+
+
+@dataclass
+class _Det:
+    """One cluster's detector: its id in dp_odd and host slots in dp_odh."""
+
+    det_id: int
+    detector: Detector
+    slots: dict[str, int] = field(default_factory=dict)  # host key -> dp_odh slot
+    next_tick_ns: int = 0
+    ejections: int = 0  # noticed kernel ejections
+    unejections: int = 0
+
+
+class OutlierKeeper:
+    """The agent's half for one node's datapath `dp` (fastpath.loader.Datapath)."""
+
+    def __init__(self, dp: Any) -> None:
+        self.dp = dp
+        self.dets: dict[str, _Det] = {}  # cluster name -> detector
+        self._free_slot = 0
+        self.looked_ns = 0
+        self._lock = threading.Lock()  # count_error runs on the timer thread too
+        # (gen, cluster id, pool) -> (detector, host slot): the retry agent's view
+        self.pool_host: dict[tuple[int, int, int], tuple[_Det, int]] = {}
+
+    # ---- plan (plans thread, node busy) ----------------------------------
+    def program(self, plan: KernelPlan, sp: Any, gen: int, order: Any,
+                ep_pools: dict[tuple[int, int], int]) -> None:
+        """Write generation `gen`'s cluster records; `order(cluster)` gives the
+        endpoints in l7fp_decide's index order (agent_synth.endpoint_order),
+        `ep_pools` (cluster id, endpoint index) -> upstream pool (for retries)."""
+        if not self._has("dp_odc"):
+            return  # a datapath without dp_outlier.h (unit fakes): nothing to do
+        self.pool_host = {k: v for k, v in self.pool_host.items() if k[0] != gen}
+        odc = self.dp.bpf["dp_odc"]
+        for cid in range(DP_OD_CLUSTERS):  # this generation's records: rewritten below
+            odc[ct.c_uint32(gen * DP_OD_CLUSTERS + cid)] = OdCluster()
+        for c in plan.clusters:
+            cid = sp.cluster_ids.get(c.name)
+            if c.outlier is None or c.verdict is not Verdict.KERNEL or cid is None \
+                    or cid >= DP_OD_CLUSTERS:
+                continue
+            eps = order(c)[:DP_OD_EPS]
+            d = self._det(c.name, c.outlier, [host_key(e) for e in eps])
+            rec = OdCluster(det=d.det_id + 1, n=len(eps), rr=int(c.lb_policy is LbPolicy.ROUND_ROBIN))
+            for i, e in enumerate(eps):
+                rec.host[i] = d.slots[host_key(e)]
+                if (cid, i) in ep_pools:
+                    self.pool_host[(gen, cid, ep_pools[(cid, i)])] = (d, d.slots[host_key(e)])
+            odc[ct.c_uint32(gen * DP_OD_CLUSTERS + cid)] = rec
+
+    def _has(self, name: str) -> bool:
+        try:
+            self.dp.bpf[name]
+        except KeyError:
+            return False
+        return True
+
+    def _det(self, name: str, cfg: OutlierConfig, hosts: list[str]) -> _Det:
+        d = self.dets.get(name)
+        if d is None:
+            d = _Det(len(self.dets), Detector(cfg))
+            d.next_tick_ns = time.monotonic_ns() + cfg.interval_ms * 1_000_000
+            self.dets[name] = d
+        d.detector.cfg = cfg
+        d.detector.set_hosts(hosts)
+        for h in hosts:
+            if h not in d.slots:
+                d.slots[h] = self._free_slot
+                self._free_slot += 1
+            self._write_host_cfg(d, d.slots[h], cfg)
+        self._write_det(d)
+        return d
+
+    def _write_host_cfg(self, d: _Det, slot: int, cfg: OutlierConfig) -> None:
+        t = self.dp.bpf["dp_odh"]
+        k = ct.c_uint32(slot)
+        h = t[k]
+        h.t5xx, h.tgw, h.det = cfg.threshold_5xx, cfg.threshold_gateway, d.det_id
+        t[k] = h
+
+    def _write_det(self, d: _Det, lb: str = "") -> None:
+        """dp_odd[d] from the kernel's host flags (the agent's recount heals a
+        kernel increment lost to this read-modify-write). `lb`: "deliver"
+        hands every host's ejection state to the LB view (a merged update's
+        end, a plan), "change" is one unejection under the merge rule."""
+        cfg = d.detector.cfg
+        t = self.dp.bpf["dp_odd"]
+        k = ct.c_uint32(d.det_id)
+        rec = t[k]
+        now = time.monotonic_ns()
+        window = cfg.merge_window_ms * 1_000_000
+        if lb == "change":
+            how = merge(now, int(rec.last_ns), bool(rec.pending), window)
+            if how == "schedule":
+                rec.pending, rec.due_ns = 1, now + window
+            lb = "deliver" if how == "now" else ""
+        ejected = 0
+        lb_out = 0
+        odh = self.dp.bpf["dp_odh"]
+        for key, slot in d.slots.items():
+            if key not in d.detector.hosts:
+                continue
+            hk = ct.c_uint32(slot)
+            h = odh[hk]
+            if lb == "deliver" and h.lb_out != h.ejected:
+                h.lb_out = h.ejected
+                odh[hk] = h
+            ejected += int(h.ejected)
+            lb_out += int(h.lb_out)
+        if lb == "deliver":
+            rec.pending, rec.last_ns = 0, now
+        rec.ejected, rec.lb_out = ejected, lb_out
+        rec.room = max(0, allowed_ejections(cfg, len(d.detector.hosts)) - ejected)
+        rec.total, rec.panic = len(d.detector.hosts), int(round(cfg.panic_percent))
+        rec.window_ns = window
+        t[k] = rec
+
+    # ---- the retry agent (agent event thread) ------------------------------
+    def healthy_pools(self, gen: int, cid: int, pools: list[int]) -> list[int]:
+        """`pools` of cluster `cid` whose host is not ejected (all of them in
+        panic, or when the cluster has no outlier detection)."""
+        hosts = {p: self.pool_host.get((gen, cid, p)) for p in pools}
+        if not any(hosts.values()):
+            return pools
+        odh = self.dp.bpf["dp_odh"]
+        ok = [p for p, h in hosts.items() if h is None or not odh[ct.c_uint32(h[1])].lb_out]
+        det = next(h[0] for h in hosts.values() if h is not None)
+        dv = self.dp.bpf["dp_odd"][ct.c_uint32(det.det_id)]
+        healthy = max(0, int(dv.total) - int(dv.lb_out))  # the LB's view, as the pick
+        if not healthy or healthy * 100 < int(dv.panic) * int(dv.total):
+            return pools  # panic: Envoy's LB takes every host
+        return ok or pools
+
+    def mark(self, up: int, gen: int, cid: int, pool: int) -> None:
+        """The retry agent sends an attempt on U (pool `pool`): its response
+        counts for that host (dp_peer's od_host, as sk_msg sets it)."""
+        got = self.pool_host.get((gen, cid, pool))
+        t = self.dp.bpf["dp_peer"]
+        try:
+            v = t[t.Key(up)]
+        except KeyError:
+            return
+        v.od_host = got[1] + 1 if got else 0
+        t[t.Key(up)] = v
+
+    # ---- errors the agent answers (event thread: resets; timer thread: timeouts)
+    def count_error(self, up: int, status: int) -> None:
+        """The agent answered the request on U itself: a close before any
+        response byte (in the mesh the destination's sidecar answers it 503,
+        which the client's detector counts) or a route / per-try timeout (504,
+        Envoy's LocalOriginTimeout). Counted for U's host as the kernel counts
+        a response (dp_outlier_status). Call before U's dp_peer entry goes."""
+        peer = self.dp.bpf["dp_peer"]
+        try:
+            host1 = int(peer[peer.Key(up)].od_host)
+        except KeyError:
+            return
+        if not host1:
+            return
+        with self._lock:
+            self._count(host1 - 1, status)
+
+    def _count(self, slot: int, status: int) -> None:
+        d = next((d for d in self.dets.values() if slot in d.slots.values()), None)
+        odh = self.dp.bpf["dp_odh"]
+        k = ct.c_uint32(slot)
+        h = odh[k]
+        if d is None or h.ejected:
+            return
+        eject = 0
+        if 502 <= status <= 504:
+            h.cgw += 1
+            if h.tgw and h.cgw >= h.tgw:
+                h.cgw, eject = 0, 2
+        else:
+            h.cgw = 0
+        h.c5xx += 1
+        if h.t5xx and h.c5xx >= h.t5xx:
+            h.c5xx, eject = 0, eject or 1
+        odh[k] = h
+        if eject:
+            self._eject(d, slot, eject)
+
+    def _eject(self, d: _Det, slot: int, kind: int) -> None:
+        """dp_od_eject's rule, from the agent (room, then the merge window)."""
+        rec = self.dp.bpf["dp_odd"][ct.c_uint32(d.det_id)]
+        odh = self.dp.bpf["dp_odh"]
+        k = ct.c_uint32(slot)
+        h = odh[k]
+        if not rec.room:
+            h.overflow += 1
+            odh[k] = h
+            return
+        h.ejected, h.kind, h.ej_ns, h.ejections = 1, kind, time.monotonic_ns(), h.ejections + 1
+        odh[k] = h
+        self._write_det(d, lb="change")
+
+    # ---- upkeep (agent event thread) -------------------------------------
+    def service(self, now_ns: int | None = None) -> None:
+        """Notice the kernel's ejections; at each detector's interval tick,
+        bring back the hosts whose ejection time is over."""
+        if not self.dets:
+            return
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        if now - self.looked_ns < LOOK_EVERY_NS:
+            return
+        self.looked_ns = now
+        with self._lock:
+            self._service(now)
+
+    def _service(self, now: int) -> None:
+        odh = self.dp.bpf["dp_odh"]
+        for d in self.dets.values():
+            for key, slot in d.slots.items():
+                if key not in d.detector.hosts:
+                    continue
+                h = odh[ct.c_uint32(slot)]
+                if h.ejected and d.detector.hosts[key].ejected_ns is None:
+                    d.detector.noticed(key, int(h.ej_ns))
+                    d.ejections += 1
+            while now >= d.next_tick_ns:
+                self._tick(d, now)
+                d.next_tick_ns += d.detector.cfg.interval_ms * 1_000_000
+            rec = self.dp.bpf["dp_odd"][ct.c_uint32(d.det_id)]
+            if rec.pending and now >= rec.due_ns:
+                self._write_det(d, lb="deliver")  # the merge window ended
+
+    def _tick(self, d: _Det, now: int) -> None:
+        back = d.detector.tick(now)
+        if not back:
+            return
+        odh = self.dp.bpf["dp_odh"]
+        for key in back:
+            k = ct.c_uint32(d.slots[key])
+            h = odh[k]
+            h.c5xx = h.cgw = 0  # Envoy zeroes the counters at unejection
+            h.ejected = 0
+            odh[k] = h
+            d.unejections += 1
+        self._write_det(d, lb="change")
+
+    # ---- views --------------------------------------------------------------
+    def debug(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, d in self.dets.items():
+            hosts = {}
+            for key, slot in d.slots.items():
+                if key not in d.detector.hosts:
+                    continue
+                h = self.dp.bpf["dp_odh"][ct.c_uint32(slot)]
+                st = d.detector.hosts[key]
+                hosts[key] = {"ejected": bool(h.ejected), "consecutive_5xx": int(h.c5xx),
+                              "consecutive_gateway": int(h.cgw), "ejections": st.ejections,
+                              "multiplier": st.multiplier, "overflow": int(h.overflow)}
+            out[name] = {"ejections": d.ejections, "unejections": d.unejections,
+                         "active": d.detector.ejected(), "room": d.detector.room(),
+                         "hosts": hosts}
+        return out
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per cluster: ejections (total) and active ejections (Prometheus)."""
+        return {name: {"ejections": d.ejections, "active": d.detector.ejected()}
+                for name, d in self.dets.items()}
+
+
+class OutlierCollector:
+    """prometheus_client collector of every node's detectors (registered by
+    fastpath.agent.start next to FastpathCollector). `source()` returns
+    (node id, OutlierKeeper.counts()) pairs."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        total = CounterMetricFamily(
+            "l7fp_fastpath_outlier_ejections", "Hosts the kernel ejected (outlier detection "
+            "on kernel routes), per cluster", labels=["node", "cluster"])
+        active = GaugeMetricFamily(
+            "l7fp_fastpath_outlier_ejections_active", "Hosts ejected now by the kernel's "
+            "outlier detection, per cluster", labels=["node", "cluster"])
+        for node, counts in self.source():
+            for cluster, c in sorted(counts.items()):
+                total.add_metric([node, cluster], c["ejections"])
+                active.add_metric([node, cluster], c["active"])
+        yield total
+        yield active
+
+    def describe(self) -> list[Any]:
+        return []

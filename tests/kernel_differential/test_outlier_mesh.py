@@ -1,0 +1,190 @@
+"""Outlier detection on kernel routes vs Envoy's, in a local mesh (NAME=outlier).
+
+outlier/mesh.yaml: the client pod calls `od` and `op` (3 pods each, Istio
+DestinationRules in outlier/istio: round robin, consecutive5xxErrors 3,
+interval 0.5 s, baseEjectionTime 1 s; `od` maxEjectionPercent 50, `op` 100
+with minHealthPercent 50, i.e. healthy_panic_threshold 50). The app
+(tests/kernel_retry/retry_app.py) answers 500 on the pod a request names
+(`x-fail-pod`), or on every pod. The same paced requests (a new connection
+each) go out with `--fastpath off` (the client's sidecar detects) and `on`
+(the kernel counts, ejects, skips; the agent unejects); per run the app logs
+say which pod got each request. Compared (RR start and timing differ by a
+few ms between runs, so properties rather than sequences):
+
+* one bad pod: the client sees exactly 3 errors before the bad pod stops
+  getting requests; none reaches it while ejected (1 s, then 2 s at the
+  second ejection); it comes back (another 3 errors) after the ejection time;
+* every pod bad (`op`): after two ejections the healthy share is 33 % < 50 %:
+  panic, every pod keeps getting requests (none starves), as in Envoy.
+
+With the fast path on, the kernel served them (no request went to Envoy).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
+              pytest.mark.timeout(300)]
+
+HERE = Path(__file__).resolve().parent
+RETRY = HERE.parent / "kernel_retry"
+sys.path.insert(0, str(HERE))
+from onoff_mesh import prepare, wait_plans  # noqa: E402
+
+DRIVER = RETRY / "driver1w.py"
+GAP_MS = 60  # between requests, both modes: 16 requests a second
+N_ONE_BAD = 95  # ~6 s: two ejections of the bad pod (1 s, then 2 s) and back
+N_ALL_BAD = 30
+
+
+def gen_requests() -> list[dict[str, Any]]:
+    reqs = []
+    for i in range(N_ONE_BAD):
+        reqs.append({"vip": "od", "port": 9000, "method": "GET", "path": f"/a{i}",
+                     "headers": {"host": "od:9000", "x-fail": "1", "x-fail-pod": "od-1",
+                                 "x-fail-status": "500"}, "body": ""})
+    for i in range(N_ALL_BAD):
+        reqs.append({"vip": "op", "port": 9100, "method": "GET", "path": f"/b{i}",
+                     "headers": {"host": "op:9100", "x-fail": "1", "x-fail-status": "500"},
+                     "body": ""})
+    for n, r in enumerate(reqs):
+        r["headers"]["x-k3-id"] = f"o{n}"
+    return reqs
+
+
+def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]:
+    import os
+    import urllib.request
+
+    from mesh.runner import Mesh
+
+    d = tmp / mode
+    logdir = prepare(HERE / "outlier", d, "mesh.yaml", "istio", str(RETRY / "retry_app.py"))
+    m = Mesh(d / "mesh.yaml", f"kod{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
+    dbg: dict[str, Any] = {}
+    try:
+        st = m.up()
+        if mode == "on":
+            wait_plans(st["admin"], pods=7, free_pools=6, timeout=90.0)
+        (d / "reqs.json").write_text(json.dumps(reqs))
+        r = m.exec("client", [sys.executable, str(DRIVER), str(d / "reqs.json"), str(GAP_MS)],
+                   capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        results = json.loads(r.stdout)
+        stats = m.exec("client", [sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
+                                  "'http://127.0.0.1:15000/stats?filter=outlier').read().decode())"],
+                       capture_output=True, text=True, timeout=30)
+        (d / "envoy_outlier_stats.txt").write_text(stats.stdout + stats.stderr)
+        if mode == "on":
+            dbg = json.loads(urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath",
+                                                    timeout=5).read())
+            (d / "debug.json").write_text(json.dumps(dbg))
+    finally:
+        m.down()
+    seen: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for f in sorted(logdir.glob("*.log")):
+        for ln in f.read_text().splitlines():
+            rid, at, _ = ln.split()
+            seen[rid].append((int(at[1:]), f.stem))
+    pods = [min(seen[r["headers"]["x-k3-id"]])[1] if seen.get(r["headers"]["x-k3-id"]) else "-"
+            for r in reqs]
+    return {"results": results, "pods": pods, "dbg": dbg}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from support.env import require_kernel
+
+    require_kernel()
+    tmp = tmp_path_factory.mktemp("k-outlier")
+    tmp.chmod(0o755)
+    reqs = gen_requests()
+    out: dict[str, Any] = {}
+    for mode in ("off", "on"):
+        out[mode] = run_mesh(tmp, mode, reqs)
+        time.sleep(0.5)
+    return out
+
+
+def one_bad_view(run: dict[str, Any]) -> dict[str, Any]:
+    """Errors in a row the client saw before the bad pod's traffic stopped,
+    the gaps (in requests) during which it got none, and what it answered."""
+    statuses = [r["status"] for r in run["results"][:N_ONE_BAD]]
+    pods = run["pods"][:N_ONE_BAD]
+    bad = [i for i, p in enumerate(pods) if p == "od-1"]
+    assert all(statuses[i] == 500 for i in bad), (statuses, pods)
+    assert all(statuses[i] == 200 for i in range(N_ONE_BAD) if i not in bad), (statuses, pods)
+    # bursts: consecutive hits on od-1 at most 3 requests apart (round robin over 3)
+    bursts, cur = [], [bad[0]] if bad else []
+    for a, b in zip(bad, bad[1:], strict=False):
+        if b - a <= 3:
+            cur.append(b)
+        else:
+            bursts.append(cur)
+            cur = [b]
+    if cur:
+        bursts.append(cur)
+    gaps = [b[0] - a[-1] for a, b in zip(bursts, bursts[1:], strict=False)]
+    return {"burst_sizes": [len(b) for b in bursts], "gaps": gaps, "errors": len(bad)}
+
+
+def test_one_bad_pod_ejected_and_back_as_in_envoy(runs: dict[str, Any], kernel: None) -> None:
+    """Envoy (seen, four runs): 3 errors, no request for ~1.3 s (ejected 1 s,
+    unejected at a 0.5 s tick), then 3 errors and ~5 more: the second
+    ejection came within update_merge_window (1 s) of the unejection, so its
+    LB update was merged and delivered 1 s later; then ejected 2 s
+    (multiplier 2), 1 s of which the LB still sent to it. The interval ticks
+    of Envoy and of the agent have their own phase: a gap may differ by one
+    tick (0.5 s, ~8 requests)."""
+    off, on = one_bad_view(runs["off"]), one_bad_view(runs["on"])
+    msg = (off, on, seq(runs["off"]), seq(runs["on"]))
+    for view in (off, on):
+        assert len(view["gaps"]) >= 2 and view["burst_sizes"][0] == 3, msg
+        assert 12 <= view["gaps"][0] <= 30, msg  # ejected for 1 s + the tick
+        assert 5 <= view["burst_sizes"][1] <= 14, msg  # 3 + the merge window's second
+        assert 12 <= view["gaps"][1] <= 40, msg
+    for i in (0, 1):
+        assert abs(on["gaps"][i] - off["gaps"][i]) <= 9, msg
+    assert abs(on["burst_sizes"][1] - off["burst_sizes"][1]) <= 3, msg
+
+
+def seq(run: dict[str, Any]) -> str:
+    """Which pod got each request (its last character), for failure messages."""
+    return "".join(p[-1] for p in run["pods"])
+
+
+def test_every_pod_bad_panics_as_in_envoy(runs: dict[str, Any], kernel: None) -> None:
+    """Every `op` pod answers 500: the first ejected pod leaves the LB at once,
+    the other two (ejected within the merge window) a second later, when the
+    LB sees 0 of 3 healthy (< 50 %): panic, every pod gets requests again."""
+    counts = {}
+    for mode in ("off", "on"):
+        res = runs[mode]["results"][N_ONE_BAD:]
+        pods = runs[mode]["pods"][N_ONE_BAD:]
+        assert all(r["status"] == 500 for r in res), (mode, res)
+        for p in ("op-0", "op-1", "op-2"):
+            assert pods[20:].count(p) >= 2, (mode, seq(runs["off"]), seq(runs["on"]))
+        counts[mode] = sorted(pods.count(p) for p in ("op-0", "op-1", "op-2"))
+    # one pod skipped for ~1 s, the others sharing it: the same split both ways
+    assert all(abs(a - b) <= 4 for a, b in zip(counts["off"], counts["on"], strict=True)), \
+        (counts, seq(runs["off"]), seq(runs["on"]))
+
+
+def test_kernel_served_and_ejected(runs: dict[str, Any], kernel: None) -> None:
+    node = next(n for n in runs["on"]["dbg"]["nodes"] if n["pod"].startswith("client"))
+    fast = sum(c["requests"] for c in node["counters"] if c["outcome"] == "fast")
+    envoy = [c for c in node["counters"] if c["outcome"] == "envoy"]
+    assert fast >= N_ONE_BAD + N_ALL_BAD - 2, node["counters"]
+    assert sum(c["requests"] for c in envoy) <= 2, envoy
+    od = node["outlier"]["outbound|9000||od.default.svc.cluster.local"]
+    assert od["ejections"] >= 2 and od["unejections"] >= 2, od
+    bad = [h for h in od["hosts"].values() if h["ejections"]]
+    assert len(bad) == 1 and bad[0]["ejections"] >= 2, od
