@@ -8,7 +8,7 @@
  * can never swap clients. A client that is gone: the write fails (SK_DROP).
  */
 
-BPF_SOCKHASH(dp_inj, __u32, 4);
+BPF_SOCKHASH(dp_inj, __u32, 8); /* slots: the INJECTOR_SLOT of each agent module */
 
 int dp_inj_verdict(struct sk_msg_md *msg)
 {

@@ -23,6 +23,7 @@ from typing import Any
 from fastpath import agent_inline, agent_synth
 from fastpath.agent_close import DP_EV_CLOSE_REPLY, Closer
 from fastpath.agent_delay import Delayer
+from fastpath.agent_lost import Handoff
 from fastpath.agent_mirror import Mirrorer
 from fastpath.agent_outlier import OutlierKeeper
 from fastpath.agent_redirect import Redirector
@@ -90,9 +91,12 @@ class NodeDatapath:
     resetter: Resetter = field(init=False)
     closer: Closer = field(init=False)
     outlier: OutlierKeeper = field(init=False)
+    handoff: Handoff = field(init=False)
 
     def __post_init__(self) -> None:
         self.retrier = Retrier(self.dp, self.pools)
+        self.handoff = Handoff(self.dp, self.pod.netns)
+        self.retrier.on_lost = self.handoff.hand  # no upstream left: Envoy answers
         self.mirrorer = Mirrorer(self.dp, self.pod.netns, self.pod.ip)
         self.delayer = Delayer(self.dp, self.pools)
         self.redirector = Redirector(self.dp)
@@ -308,6 +312,7 @@ class NodeDatapath:
             "resets": dict(self.resetter.counts),
             "closes": dict(self.closer.counts),
             "outlier": self.outlier.debug(),
+            "handoffs": dict(self.handoff.counts),
         }
 
     def close(self) -> None:
@@ -318,6 +323,7 @@ class NodeDatapath:
         self.delayer.close()
         self.redirector.close()
         self.resetter.close()
+        self.handoff.close()
         self.dp.close()
         self.pools.close()
 

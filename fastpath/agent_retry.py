@@ -22,6 +22,7 @@ import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,8 @@ class Retrier:
         self.jobs: dict[int, Job] = {}  # U cookie -> job
         self.requests: dict[int, Attempts] = {}  # client cookie -> its request's attempts
         self.extra: dict[int, list[int]] = {}  # client cookie -> upstreams bound by retries
+        # a retry with no upstream left: (client, request) to Envoy (agent_lost.Handoff)
+        self.on_lost: Callable[[int, bytes], None] | None = None
         self.policies: dict[tuple[int, int], RetryPolicy] = {}  # (gen, route id + 1)
         self.cluster_pools: dict[tuple[int, int], list[int]] = {}  # (gen, cluster id) -> pools
         # (gen, route id + 1) -> (route timeout ms, per-try timeout ms) of timed retry routes
@@ -293,9 +296,12 @@ class Retrier:
             return
         target = self._target(job, attempts)
         if target is None:
+            self.stats["no_upstream"] += 1
+            if self.on_lost is not None:  # to Envoy (fastpath/agent_lost.py): its answer
+                self.on_lost(job.client, bytes(rec.req[:rec.len]))
+                return
             if tmo is not None:
                 deadline.unclaim(self.dp, job.up)  # the timer still answers at the deadline
-            self.stats["no_upstream"] += 1
             log.warning("retry: no upstream for client %d's retry: request lost", job.client)
             return
         up, pool, sock = target

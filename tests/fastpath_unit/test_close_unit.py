@@ -26,3 +26,39 @@ def test_wait_value_marks_head_requests() -> None:
     assert wait_value(b"GET / HTTP/1.1\r\n\r\n") == 1
     assert wait_value(b"HEAD / HTTP/1.1\r\n\r\n") == 1 | DP_WAIT_HEAD
     assert wait_value(b"HEADER / HTTP/1.1\r\n\r\n") == 1
+
+
+def diag_reply(entries: list[tuple[str, int, int]], done: bool = True) -> bytes:
+    """netlink SOCK_DIAG replies (struct inet_diag_msg) for (dst, dport, cookie)."""
+    import socket
+    import struct
+
+    out = b""
+    for dst, dport, cookie in entries:
+        msg = struct.pack("=BBBB", 2, 1, 0, 0) + struct.pack(">HH", 40000, dport) + \
+            socket.inet_aton("198.18.0.2") + bytes(12) + socket.inet_aton(dst) + bytes(12) + \
+            struct.pack("=III", 0, cookie & 0xFFFFFFFF, cookie >> 32) + bytes(20)
+        out += struct.pack("=IHHII", 16 + len(msg), 20, 2, 1, 0) + msg
+    if done:
+        out += struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4)
+    return out
+
+
+def test_the_client_destination_is_found_by_cookie() -> None:
+    from fastpath.agent_lost import find_destination
+
+    batch = diag_reply([("198.19.0.3", 9000, 5), ("198.19.0.4", 9100, 7 << 32 | 9)], done=False)
+    assert find_destination(batch, 7 << 32 | 9) == ("198.19.0.4", 9100)
+    assert find_destination(batch, 6) is None  # more batches follow
+    assert find_destination(diag_reply([("198.19.0.3", 9000, 5)]), 6) is True  # dump over
+
+
+def test_response_end_follows_content_length_and_chunks() -> None:
+    from fastpath.agent_lost import response_end
+
+    cl = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbody"
+    assert response_end(cl) == len(cl) and response_end(cl[:-1]) is None
+    assert response_end(cl + b"HTTP/1.1") == len(cl)
+    ch = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    assert response_end(ch) == len(ch) and response_end(ch[:-2]) is None
+    assert response_end(b"HTTP/1.1 200 OK\r\n\r\nuntil the close") is None

@@ -6,7 +6,9 @@ after N ms; `x-close: fin` closes the connection without answering, `x-close:
 rst` does so with SO_LINGER 0 (a RST; the reset tests); `x-cut: cl` (or
 `cl-rst`, `chunked`, `whole`) sends 3 of 10 body bytes (a RST after them;
 one chunk of a chunked body; the whole answer), then closes (the close
-tests). HEAD gets the head only (with the GET's Content-Length). Each answer's body names the request line. Every connection's end
+tests); `x-close: die` stops serving as a dead app does: the listener and every
+connection closed, the process kept (the mesh's supervisor would restart it).
+HEAD gets the head only (with the GET's Content-Length). Each answer's body names the request line. Every connection's end
 is recorded ("eof" or the error, with the time), so a test can tell that the
 proxy closed its upstream connection after a timeout.
 
@@ -36,6 +38,8 @@ class SlowServer:
         self.events: list[dict] = []  # type: ignore[type-arg]
         self._file = open(events, "a") if events else None  # noqa: SIM115
         self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self.dead = False  # x-close: die: nothing is served or recorded any more
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _note(self, **ev: object) -> None:
@@ -56,19 +60,37 @@ class SlowServer:
             n += 1
             threading.Thread(target=self._serve, args=(c, n), daemon=True).start()
 
+    def _die(self) -> None:
+        """As a crashed single replica: nothing listens, every connection closes."""
+        self.dead = True
+        self.sock.close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _serve(self, c: socket.socket, conn: int) -> None:
         buf = b""
+        with self._lock:
+            self._conns.add(c)
         with c:
             while True:
                 got = recv_head(c, buf, lambda how: self._note(conn=conn, kind="end", how=how))
                 if got is None:
                     return
                 head, buf = got
+                if self.dead:  # a connection that was still being set up
+                    return
                 lines = head.decode("latin-1").split("\r\n")
                 hdr = {k.strip().lower(): v.strip() for k, _, v in
                        (ln.partition(":") for ln in lines[1:])}
                 self._note(conn=conn, kind="request", line=lines[0])
                 if "x-close" in hdr:  # no answer: the app closes (FIN) or aborts (RST)
+                    if hdr["x-close"] == "die":
+                        self._die()
                     if hdr["x-close"] == "rst":
                         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
