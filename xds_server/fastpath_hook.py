@@ -57,9 +57,12 @@ async def start_agent(server: AnyT, args: AnyT) -> AnyT:
     start = getattr(agent, "start", None)
     if start is None:
         return None
-    handle = start(server, args)
-    if inspect.isawaitable(handle):
-        handle = await handle
+    try:
+        handle = start(server, args)
+        if inspect.isawaitable(handle):
+            handle = await handle
+    except RuntimeError as exc:  # e.g. `--fastpath on` without root: the agent says why
+        raise SystemExit(f"l7fp serve: {exc}") from exc
     return (agent, handle)
 
 

@@ -58,13 +58,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="DIR", help="directory of Envoy resource files (YAML/JSON)")
     p.add_argument("--xds-address", default="0.0.0.0", help="gRPC listen address (default 0.0.0.0)")
-    p.add_argument("--xds-port", type=int, default=15010, help="gRPC ADS port (default 15010, as istiod)")
+    p.add_argument("--xds-port", type=port, default=15010, help="gRPC ADS port (default 15010, as istiod)")
     p.add_argument("--admin-address", default="127.0.0.1", help="admin API address (default 127.0.0.1)")
-    p.add_argument("--admin-port", type=int, default=15014, help="admin API port (default 15014)")
+    p.add_argument("--admin-port", type=port, default=15014, help="admin API port (default 15014)")
     p.add_argument("--debounce-ms", type=int, default=100, help="push after this quiet time (default 100)")
     p.add_argument("--debounce-max-ms", type=int, default=10000, help="push at the latest after this (default 10000)")
     p.add_argument("--fastpath", choices=["on", "off", "auto"], default="auto",
                    help="split snapshots with fastpath.split (auto: if installed; default auto)")
+
+
+def port(text: str) -> int:
+    """argparse type of --xds-port/--admin-port: 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port number 0-65535")
+    return value
+
+
+def _cannot_listen(flag: str, host: str, port: int, exc: OSError) -> SystemExit:
+    """The exit for a port another process holds: name the flag the user can change."""
+    why = exc.strerror or str(exc)
+    return SystemExit(f"l7fp serve: {flag} {port}: cannot listen on {host}:{port}: {why}")
 
 
 def plugins() -> list[ModuleType]:
@@ -148,12 +165,20 @@ async def running(args: argparse.Namespace) -> AsyncIterator[Running]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     agent = None
+    grpc_started = False
     try:
         await server.start()
-        await grpc.start(args.xds_address, args.xds_port)
+        try:
+            await grpc.start(args.xds_address, args.xds_port)
+        except OSError as exc:
+            raise _cannot_listen("--xds-port", args.xds_address, args.xds_port, exc) from exc
+        grpc_started = True
         run.xds_port = grpc._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         site = web.TCPSite(runner, args.admin_address, args.admin_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise _cannot_listen("--admin-port", args.admin_address, args.admin_port, exc) from exc
         run.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         agent = await fastpath_hook.start_agent(server, args)
         log.info("serving ADS on %s:%d, admin on http://%s:%d", args.xds_address, run.xds_port,
@@ -165,11 +190,13 @@ async def running(args: argparse.Namespace) -> AsyncIterator[Running]:
             out = cleanup()
             if inspect.isawaitable(out):
                 await out
-        grpc.close()
+        if grpc_started:  # grpclib's close() raises on a server that never listened
+            grpc.close()
         await server.stop()
         await runner.cleanup()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(grpc.wait_closed(), 2)
+        if grpc_started:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(grpc.wait_closed(), 2)
 
 
 async def serve_forever(args: argparse.Namespace) -> int:

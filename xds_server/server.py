@@ -71,6 +71,7 @@ class XdsServer:
         self._debouncer = Debouncer(self._push, debounce, debounce_max)
         for s in sources:
             s.on_change(self.request_push)
+            s.on_reject(self.metrics.config_errors.inc)
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> None:

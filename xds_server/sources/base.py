@@ -45,6 +45,7 @@ class Source(abc.ABC):
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[], None]] = []
+        self._reject_listeners: list[Callable[[], None]] = []
 
     @abc.abstractmethod
     def resources_for(self, node: NodeInfo) -> NodeResources:
@@ -56,6 +57,15 @@ class Source(abc.ABC):
 
     def changed(self) -> None:
         for cb in list(self._listeners):
+            cb()
+
+    def on_reject(self, cb: Callable[[], None]) -> None:
+        """The server counts refused reloads here (`l7fp_config_errors_total`)."""
+        self._reject_listeners.append(cb)
+
+    def rejected(self) -> None:
+        """A source calls this when it refused new input and keeps serving the old."""
+        for cb in list(self._reject_listeners):
             cb()
 
     async def start(self) -> None:

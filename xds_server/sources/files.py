@@ -266,6 +266,7 @@ class DirectorySource(Source):
 
     def _rejected(self, exc: ConfigError) -> bool:
         self.last_error = str(exc)
+        self.rejected()
         what = "config rejected, last good config keeps serving" if self.generation else "config rejected"
         for line in exc.problems:
             log.error("%s: %s", what, line)
@@ -273,6 +274,10 @@ class DirectorySource(Source):
 
     def _apply(self, files: list[ConfigFile]) -> bool:
         if self.generation and [id(f) for f in files] == [id(f) for f in self.files]:
+            if self.last_error:  # a broken edit undone: the error is history, not the state
+                log.info("config in %s is good again: the last good config (generation %d) "
+                         "is the one on disk", self.directory, self.generation)
+                self.last_error = ""
             return False  # nothing changed (an editor's temp file, a touch)
         self.files, self.last_error = files, ""
         self.generation += 1
