@@ -417,13 +417,15 @@ def _apply(plan: KernelPlan, r: Route, req: Request, rng: random.Random, state: 
     assert isinstance(a, ClusterAction)
     cluster = _pick_cluster(a, rng)
     path = req.path
-    if a.prefix_rewrite is not None:
-        path = _prefix_rewrite(r.match, path, a.prefix_rewrite)
     extra: tuple[tuple[str, str], ...] = ()
-    if a.path_rewrite is not None:
+    if a.prefix_rewrite or a.path_rewrite is not None:
         if req.header(ORIGINAL_PATH) is not None:  # Envoy overwrites it in place
             return Decision("envoy", route=name, reason=f"{ORIGINAL_PATH} in the request")
-        path, extra = rewritten(a.path_rewrite, path), ((ORIGINAL_PATH, req.path),)
+        extra = ((ORIGINAL_PATH, req.path),)  # Envoy adds it with either rewrite
+    if a.prefix_rewrite:  # "" is no rewrite (proto3: unset)
+        path = _prefix_rewrite(r.match, path, a.prefix_rewrite)
+    if a.path_rewrite is not None:
+        path = rewritten(a.path_rewrite, path)
     c = plan.cluster(cluster)
     ep = _pick_endpoint(c.endpoints, c.lb_policy, rng, state, cluster) if c else None
     # Route-level adds first, then the virtual host's (Envoy's order; the split

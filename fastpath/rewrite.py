@@ -80,6 +80,19 @@ def path_rewrite(rr: dict[str, Any], match: RouteMatch) -> tuple[PathRewrite | N
     return PathRewrite(value, len(lit), check, pattern, sub), []
 
 
+def prefix_rewrite(m: RouteMatch, value: str) -> PathRewrite | None:
+    """A route's prefix_rewrite as the kernel does it: a prefix (or
+    path-separated prefix) match's matched bytes, or the whole path of an
+    exact or regex match, replaced by ``value`` (Envoy 1.40, the same
+    x-envoy-original-path; tests/split/test_rewrite_envoy.py). None when the
+    kernel cannot write ``value`` (empty: Envoy does not rewrite at all)."""
+    if not value or any(c not in _CONST_OK for c in value) or len(value) > MAX_VALUE:
+        return None
+    if m.path_kind in (PathKind.PREFIX, PathKind.PATH_SEPARATED_PREFIX):
+        return PathRewrite(value, len(m.path))
+    return PathRewrite(value, None)
+
+
 def _shape(pattern: str) -> tuple[str | None, str] | None:
     """(None, "dot"): matches every path whole; (LIT, rest): ``^LIT`` followed
     by ``(.*)`` (rest "group"), ``.*`` ("dot") or nothing (""); None: another

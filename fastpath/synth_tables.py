@@ -33,7 +33,7 @@ from fastpath.plan import (
     Verdict,
     VirtualHost,
 )
-from fastpath.rewrite import ORIGINAL_PATH
+from fastpath.rewrite import ORIGINAL_PATH, prefix_rewrite
 from fastpath.synth import (
     FAULT_BODY,
     MAX_DOMAINS_CAP,
@@ -547,8 +547,13 @@ class TableBuilder:
         if isinstance(a, Redirect):
             self._redirect(a, f)
             return
-        if a.prefix_rewrite is not None or a.host_rewrite is not None or a.cluster_header:
-            raise Punt("rewrite or cluster_header")
+        if a.host_rewrite is not None or a.cluster_header:
+            raise Punt("host rewrite or cluster_header")
+        if a.prefix_rewrite:  # the same data path as a regex rewrite's (dp_rewrite.h)
+            rw = prefix_rewrite(r.match, a.prefix_rewrite)
+            if rw is None or a.path_rewrite is not None:
+                raise Punt(f"prefix_rewrite {a.prefix_rewrite!r} the kernel does not write")
+            f["rw"] = self._rewrite(r, a, rw)
         if a.path_rewrite is not None:
             f["rw"] = self._rewrite(r, a, a.path_rewrite)
         ids = []

@@ -1,4 +1,4 @@
-"""Regex path rewrites on the real data path vs a real Envoy with the same
+"""Regex path rewrites and prefix_rewrite on the real data path vs a real Envoy with the same
 route config (bpf_src/dp_rewrite.h, fastpath/rewrite.py).
 
 The same requests go through the kernel (a client in the agent's cgroup) and
@@ -48,6 +48,9 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
             {"header": {"key": "x-added", "value": "yes"}}]),  # corpus: single-page-app
         _rw("/full", "/.*", "/replaced"),  # istiod's Gateway API ReplaceFullPath
         _rw("/g", "^/g(.*)$", "/a-much-longer-prefix/\\1"),  # the message grows
+        {"name": "api", "match": {"prefix": "/API", "case_sensitive": False},  # prefix_rewrite:
+         "route": {"cluster": "up", "prefix_rewrite": "/v2"}},  # the same data path
+        {"name": "ex", "match": {"path": "/ex"}, "route": {"cluster": "up", "prefix_rewrite": "/exact"}},
         _rw("/", "^/foo.*$", "/"),  # corpus: cilium; the kernel compares /foo
     ]
     return listener_and_cluster(port, up_port, routes)
@@ -99,6 +102,7 @@ CASES = [
     ("/g/x?y", "", ""), ("/foo/bar?q=1", "", ""), ("/foobar", "", ""),
     ("/other/x?foo", "", ""),  # the check fails: the path as is, the header still sent
     ("/g/post", "", "hello world"),  # a body after the changed head
+    ("/api/x?q=/api", "", ""), ("/Api", "", ""), ("/ex?z=1", "", ""),
     ("/hub/sent", "x-envoy-original-path: /client\r\n", ""),  # Envoy overwrites it: Envoy's
 ]
 
@@ -107,7 +111,7 @@ def test_rewrites_match_envoy(agent: Agent, cgroup: Any, renvoy: ResourcesEnvoy,
                               echo: EchoUpstream) -> None:
     plan = split_plan(renvoy.listener, renvoy.cluster)
     routes = plan.listeners[0].virtual_hosts[0].routes
-    assert [r.verdict for r in routes] == [Verdict.KERNEL] * 4, routes
+    assert [r.verdict for r in routes] == [Verdict.KERNEL] * 6, routes
     node = load_plan(agent, plan)
     assert node.mode == "l7fp"
     # one connection: every request after a rewritten one is framed right
@@ -128,7 +132,7 @@ def test_rewrites_match_envoy(agent: Agent, cgroup: Any, renvoy: ResourcesEnvoy,
 _SEG = st.text(alphabet="abcXYZ09-._~", max_size=8)
 _PATH = st.builds(lambda pfx, segs, q: pfx + "/".join(segs) + (f"?{q}" if q is not None else ""),
                   st.sampled_from(["/hub/", "/hub", "/full", "/full/", "/g", "/g/", "/foo", "/foo/",
-                                   "/", "/x/"]),
+                                   "/", "/x/", "/api", "/aPi/", "/ex"]),
                   st.lists(_SEG, max_size=4), st.one_of(st.none(), st.text(alphabet="ab=&/?", max_size=10)))
 
 

@@ -42,7 +42,7 @@ def test_punt_entries_keep_their_matcher_and_unsupported_parts_are_noted() -> No
             P.QueryParamMatch("a", P.StringMatch(P.StringKind.CONTAINS, "x")),)), fwd("c1"),
             P.Verdict.KERNEL),
         P.Route("rw", P.RouteMatch(P.PathKind.PREFIX, "/rw"),
-                P.ClusterAction((P.WeightedCluster("c1", 1),), prefix_rewrite="/"), P.Verdict.KERNEL),
+                P.ClusterAction((P.WeightedCluster("c1", 1),), host_rewrite="up.test"), P.Verdict.KERNEL),
         route("rest", P.PathKind.PREFIX, "/", fwd("c2")),
     ))
     lp = P.ListenerPlan("l", "0.0.0.0", 80, P.Direction.OUTBOUND, virtual_hosts=(vh,))

@@ -43,6 +43,13 @@ ENVOY_ONLY = {
     "zero": ("/z", "^/z(.*)$", "\\0-\\1"),
     "empty": ("/e", "^/e.*$", ""),
 }
+# host -> (route match, prefix_rewrite): the same kernel path (PathRewrite)
+PREFIX_FORMS = {
+    "pfx": ({"prefix": "/api"}, "/v2"),
+    "pci": ({"prefix": "/CI", "case_sensitive": False}, "/ci"),
+    "pex": ({"path": "/ex"}, "/exact"),
+    "psp": ({"path_separated_prefix": "/ps"}, "/p"),
+}
 
 
 def _bootstrap(port: int, admin: int, up: int) -> dict[str, Any]:
@@ -51,6 +58,9 @@ def _bootstrap(port: int, admin: int, up: int) -> dict[str, Any]:
         "route": {"cluster": "c0", "timeout": "0s",
                   "regex_rewrite": {"pattern": {"regex": pat}, "substitution": sub}}}]}
         for host, (pfx, pat, sub) in {**KERNEL_FORMS, **ENVOY_ONLY}.items()]
+    vhosts += [{"name": host, "domains": [host], "routes": [{
+        "name": host, "match": m, "route": {"cluster": "c0", "timeout": "0s", "prefix_rewrite": pr}}]}
+        for host, (m, pr) in PREFIX_FORMS.items()]
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
@@ -99,6 +109,10 @@ FACTS = [
     ("case", "/ca/x", "/ca/x", "/ca/x"),  # no match: unchanged, the header still added
     ("guard", "/hux", "/hux", "/hux"),
     ("empty", "/e/x?q=1", "/e/x?q=1", None),  # an empty result: unchanged, no header
+    ("pfx", "/api/x?q=1", "/v2/x?q=1", "/api/x?q=1"),  # prefix_rewrite: the header too
+    ("pci", "/cI/a?b", "/ci/a?b", "/cI/a?b"),
+    ("pex", "/ex?z", "/exact?z", "/ex?z"),  # an exact match: the whole path
+    ("psp", "/ps/x?y", "/p/x?y", "/ps/x?y"),
 ]
 
 
@@ -114,10 +128,11 @@ def test_split_verdicts(rw_envoy: tuple[int, dict[str, Any]]) -> None:
     _, boot = rw_envoy
     plan = bootstrap_plan("rw", boot, executable=False)
     routes = {r.name: r for vh in plan.listeners[0].virtual_hosts for r in vh.routes}
-    for host in KERNEL_FORMS:
+    for host in [*KERNEL_FORMS, *PREFIX_FORMS]:
         r = routes[host]
         assert r.verdict is Verdict.KERNEL, r
-        assert isinstance(r.action, ClusterAction) and r.action.path_rewrite is not None
+        assert isinstance(r.action, ClusterAction)
+        assert (r.action.path_rewrite or r.action.prefix_rewrite) is not None
     for host, (_, pat, _) in ENVOY_ONLY.items():
         assert routes[host].verdict is Verdict.ENVOY and repr(pat) in routes[host].reason, routes[host]
 
@@ -130,14 +145,17 @@ _REST = st.builds(lambda lead, segs, q: lead + "/".join(segs) + (f"?{q}" if q is
 
 @settings(max_examples=8, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(reqs=st.lists(st.tuples(st.sampled_from(sorted(KERNEL_FORMS)), _REST), min_size=20, max_size=20))
+@given(reqs=st.lists(st.tuples(st.sampled_from(sorted([*KERNEL_FORMS, *PREFIX_FORMS])), _REST),
+                    min_size=20, max_size=20))
 def test_reference_model_rewrites_as_envoy(rw_envoy: tuple[int, dict[str, Any]],
                                            reqs: list[tuple[str, str]]) -> None:
     port, boot = rw_envoy
     plan = bootstrap_plan("rw", boot, executable=False)
     checked, wrong = 0, []
     for host, rest in reqs:
-        path = KERNEL_FORMS[host][0] + rest  # the route's prefix, then anything
+        lead = KERNEL_FORMS[host][0] if host in KERNEL_FORMS else \
+            next(iter(PREFIX_FORMS[host][0].values()))
+        path = lead + rest  # the route's prefix, then anything
         d = decide(plan, "l", Request("GET", path, host))
         if d.kind != "forward":
             continue  # the kernel hands it to Envoy (escapes, dot segments), or 404
