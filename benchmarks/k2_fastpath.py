@@ -69,8 +69,8 @@ def share(before: dict[Any, int], after: dict[Any, int]) -> dict[str, Any]:
 
 
 def plan_for(state: dict[str, Any], inbound: bool = False,
-             timeout_ms: int = 0, retry: bool = False, mirror_pct: float = 0.0
-             ) -> tuple[Any, Any]:
+             timeout_ms: int = 0, retry: bool = False, mirror_pct: float = 0.0,
+             outlier: bool = False) -> tuple[Any, Any]:
     """(client plan, leaf plan). `inbound`: the leaf's plan gets an inbound
     listener with an RBAC deny of /admin and a header add, so every fast-path
     request also takes the second (inbound) decision (fastpath.inbound_merge).
@@ -79,7 +79,10 @@ def plan_for(state: dict[str, Any], inbound: bool = False,
     `retry`: the leaf route has Istio's default retry policy (every request is
     kept for a retry and every response head checked: bpf_src/dp_retry.h).
     `mirror_pct`: that share of the leaf route's requests is mirrored to the
-    leaf cluster (copied by the kernel, sent again by the agent: dp_mirror.h)."""
+    leaf cluster (copied by the kernel, sent again by the agent: dp_mirror.h).
+    `outlier`: the leaf cluster has outlier detection (each request picked
+    through dp_outlier_pick, each response status counted: dp_outlier.h)."""
+    from fastpath.outlier import OutlierConfig
     from fastpath.plan import (
         Cluster,
         ClusterAction,
@@ -113,7 +116,8 @@ def plan_for(state: dict[str, Any], inbound: bool = False,
                                             Verdict.KERNEL),))
     client = KernelPlan(pods["client"]["node_id"], "bench",
                         (ListenerPlan("out9000", "0.0.0.0", 9000, Direction.OUTBOUND, (vh,)),),
-                        (Cluster("leaf", LbPolicy.ROUND_ROBIN, (Endpoint(leaf["ip"], 9000),)),))
+                        (Cluster("leaf", LbPolicy.ROUND_ROBIN, (Endpoint(leaf["ip"], 9000),),
+                                 outlier=OutlierConfig(max_percent=100) if outlier else None),))
     app = Cluster("inbound|9000||", LbPolicy.ROUND_ROBIN, (Endpoint("127.0.0.1", 9000),))
     return client, KernelPlan(leaf["node_id"], "bench", _leaf_inbound() if inbound else (),
                               (app,) if inbound else ())
@@ -179,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mirror-percent", type=float, default=0.0,
                    help="mirror this share of the leaf route's requests to the leaf (0: none): "
                    "the cost of the kernel's copy and the agent's shadows")
+    p.add_argument("--outlier", action="store_true",
+                   help="outlier detection on the leaf cluster: the cost of the pick's lookups "
+                   "and of counting every response status")
     p.add_argument("--close", action="store_true",
                    help="one new connection per request (wrk -H 'Connection: close')")
     p.add_argument("--header", action="append", default=[],
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
         client, leaf = plan_for(m.state(), args.inbound_policy, args.route_timeout_ms,
-                                args.retry_policy, args.mirror_percent)
+                                args.retry_policy, args.mirror_percent, args.outlier)
         agent.on_plan(leaf.node_id, leaf)
         agent.on_plan(client.node_id, client)
         deadline = time.monotonic() + 60

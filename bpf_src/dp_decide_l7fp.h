@@ -154,6 +154,13 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
         /* an ejected host is skipped before its pool is looked up (dp_outlier.h) */
         __u32 ep = d->endpoint;
         v->od_host = dp_outlier_pick(gen, d->cluster, &ep);
+        if (v->od_host == DP_OD_NO_HOST) { /* no host left: Envoy's 503 (HEAD: no body) */
+            v->od_host = 0;
+            v->kind = DP_K_REPLY;
+            v->reply_id = ep + ((d->flags & L7FP_DF_HEAD) ? 1 : 0);
+            v->status = 503;
+            return 0;
+        }
         d->endpoint = ep;
 #endif
         struct dp_ep_key k = {.gen = gen & 1, .cluster = d->cluster, .endpoint = d->endpoint};

@@ -40,8 +40,12 @@ struct dp_od_cluster {
     __u32 n;    /* endpoints (l7fp_decide's endpoint indexes) */
     __u32 rr;   /* 1: round robin, else random */
     __u32 ctr;  /* round-robin counter of the re-pick among healthy hosts */
+    __u32 reply; /* l7fp_replies index + 1 of Envoy's 503 "no healthy upstream"; 0: panic > 0 */
+    __u32 _pad;
     __u16 host[DP_OD_EPS]; /* endpoint index -> host slot */
 };
+
+#define DP_OD_NO_HOST 0xffffffffu /* dp_outlier_pick: no healthy host and no panic */
 
 /* One detector (a cluster by name), across generations. Two views of a host,
  * as in Envoy: the detector's (`ejected`, at once) and the load balancer's
@@ -104,7 +108,7 @@ static __always_inline int dp_od_kth_healthy(struct dp_od_cluster *c, __u32 k)
  * of the LB, pick among the others as Envoy's LB does over its healthy set
  * (round robin with the cluster's own counter, else random), unless in panic
  * (every host). Returns the chosen host's slot + 1, 0 when the cluster has no
- * outlier detection. */
+ * outlier detection, DP_OD_NO_HOST when no host is left (*ep: the reply). */
 static __always_inline __u32 dp_outlier_pick(__u32 gen, __u32 cid, __u32 *ep)
 {
     if (cid >= DP_OD_CLUSTERS)
@@ -120,8 +124,12 @@ static __always_inline __u32 dp_outlier_pick(__u32 gen, __u32 cid, __u32 *ep)
         return slot + 1; /* the common case: nothing ejected */
     __u32 total = d->total, ej = d->lb_out;
     __u32 healthy = total > ej ? total - ej : 0;
+    if (!healthy && c->reply) {
+        *ep = c->reply - 1; /* healthy_panic_threshold 0: Envoy answers 503 itself */
+        return DP_OD_NO_HOST;
+    }
     if (healthy * 100 < d->panic * total || !healthy)
-        return slot + 1; /* panic: every host (or none healthy: Envoy's panic too) */
+        return slot + 1; /* panic: every host */
     __u32 k;
     if (c->rr) {
         k = c->ctr;

@@ -39,7 +39,8 @@ class OdCluster(ct.Structure):
     """struct dp_od_cluster (dp_outlier.h)."""
 
     _fields_ = [("det", ct.c_uint32), ("n", ct.c_uint32), ("rr", ct.c_uint32),
-                ("ctr", ct.c_uint32), ("host", ct.c_uint16 * DP_OD_EPS)]
+                ("ctr", ct.c_uint32), ("reply", ct.c_uint32), ("_pad", ct.c_uint32),
+                ("host", ct.c_uint16 * DP_OD_EPS)]
 
 
 class OdDet(ct.Structure):
@@ -112,6 +113,8 @@ class OutlierKeeper:
             eps = order(c)[:DP_OD_EPS]
             d = self._det(c.name, c.outlier, [host_key(e) for e in eps])
             rec = OdCluster(det=d.det_id + 1, n=len(eps), rr=int(c.lb_policy is LbPolicy.ROUND_ROBIN))
+            reply = getattr(sp, "no_healthy", {}).get(c.name)
+            rec.reply = 0 if reply is None else reply + 1  # healthy_panic_threshold 0
             for i, e in enumerate(eps):
                 rec.host[i] = d.slots[host_key(e)]
                 if (cid, i) in ep_pools:

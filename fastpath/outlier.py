@@ -149,22 +149,13 @@ def unsupported(cluster: dict[str, Any], n_hosts: int) -> list[str]:
     if n_hosts > MAX_HOSTS:
         out.append(f"outlier detection on more than {MAX_HOSTS} endpoints")
     try:
-        cfg = config_of(cluster)
+        config_of(cluster)
     except ValueError as exc:
         return out + [str(exc)]
-    if cfg is not None and cfg.panic_percent <= 0 and _can_eject_all(cfg, n_hosts):
-        # every host ejected, no panic: Envoy answers 503 "no healthy upstream" itself
-        out.append("outlier detection may eject every host with healthy_panic_threshold 0")
     return out
 
 
 MAX_HOSTS = 16  # DP_OD_EPS: endpoints per cluster the kernel's pick looks at
-
-
-def _can_eject_all(cfg: OutlierConfig, n: int) -> bool:
-    if n <= 0:
-        return False
-    return allowed_ejections(cfg, n) >= n
 
 
 def allowed_ejections(cfg: OutlierConfig, n: int) -> int:

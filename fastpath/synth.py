@@ -141,6 +141,9 @@ class SynthesizedProgram:
     routes: tuple[Any, ...] = field(default=(), repr=False)
     route_timeouts: dict[int, int] = field(default_factory=dict)  # route index -> timeout ms
     rewrites: dict[int, bytes] = field(default_factory=dict, repr=False)  # route id -> dp_rw
+    # cluster name -> l7fp_replies index of Envoy's 503 "no healthy upstream"
+    # (fastpath.agent_outlier writes it into the cluster's dp_odc record)
+    no_healthy: dict[str, int] = field(default_factory=dict)
 
     def tables(self, gen: int) -> dict[str, dict[bytes, bytes]]:
         """Map name -> {key: value} for plan generation `gen` (0 or 1)."""
@@ -192,7 +195,7 @@ def synthesize(plan: KernelPlan, max_hdr: int = 512,
         knobs=knobs, listener_ids=dict(tb.listener_ids), cluster_ids=dict(tb.cluster_ids),
         route_names=tuple(tb.route_names), notes=tuple(tb.notes), rows=rows,
         slots=dict(tb.slots), routes=tuple(tb.routes), route_timeouts=dict(tb.route_timeouts),
-        rewrites=dict(tb.rewrites))
+        rewrites=dict(tb.rewrites), no_healthy=dict(tb.no_healthy))
 
 
 def executable_plan(plan: KernelPlan) -> KernelPlan:

@@ -54,6 +54,7 @@ from fastpath.synth import (
 _SM = {StringKind.EXACT: bs.SM_EXACT, StringKind.PREFIX: bs.SM_PREFIX,
        StringKind.SUFFIX: bs.SM_SUFFIX, StringKind.PRESENT: bs.SM_PRESENT}
 MAX_SLOTS = 8
+NO_HEALTHY_BODY = "no healthy upstream"  # Envoy's 503 when its LB has no host (router.cc)
 MAX_QMATCH = 2  # cap of query-parameter matchers per route (L7FP_MAX_QMATCH)
 MAX_QNAME = 16  # longest query parameter name (two words in struct l7fp_qmatch)
 MAX_ABSENT_NAME = 64  # longest header name a must-be-absent check keys (see _slot)
@@ -77,6 +78,9 @@ class TableBuilder:
     route_names: list[str] = field(default_factory=list)
     routes: list[Any] = field(default_factory=list)  # plan.Route per route id (None: filler)
     route_timeouts: dict[int, int] = field(default_factory=dict)  # route id -> ms (kernel routes)
+    # cluster name -> reply index of Envoy's 503 "no healthy upstream" (outlier
+    # detection without panic can leave no host: dp_outlier.h answers it)
+    no_healthy: dict[str, int] = field(default_factory=dict)
     rewrites: dict[int, bytes] = field(default_factory=dict)  # route id -> dp_rw entry
     notes: list[str] = field(default_factory=list)
     # id(plan.Route) of every KERNEL route the decision executes, and why the
@@ -134,6 +138,9 @@ class TableBuilder:
     def build(self) -> None:
         for c in self.plan.clusters:
             self.cluster_ids[c.name] = self._add("l7fp_clusters", _Row("Cluster", self._cluster(c)))
+            outlier = getattr(c, "outlier", None)
+            if outlier is not None and outlier.panic_percent <= 0:
+                self.no_healthy[c.name] = self._reply(503, NO_HEALTHY_BODY)
         for lp in self.plan.listeners:
             self.listener_ids[lp.name] = len(self.rows.get("l7fp_listeners", []))
             self._listener(lp)

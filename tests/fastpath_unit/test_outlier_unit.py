@@ -92,13 +92,27 @@ def test_unsupported_fields_name_themselves() -> None:
         cluster({"enforcingSuccessRate": 0, "enforcingFailurePercentage": 100}), 5))
 
 
-def test_every_host_ejected_without_panic_stays_envoy() -> None:
+def test_every_host_ejectable_without_panic_gets_the_no_healthy_reply() -> None:
+    """Istio's default (panic 0) with maxEjectionPercent 100: every host can be
+    ejected; Envoy then answers 503 "no healthy upstream", which the
+    synthesized plan carries for dp_outlier.h to send."""
+    from fastpath import plan as P
+    from fastpath.synth import synthesize
+
     panic0 = {"commonLbConfig": {"healthyPanicThreshold": {"value": 0}}}
-    od = {"maxEjectionPercent": 100}
-    assert any("no" in w or "every host" in w
-               for w in outlier.unsupported(cluster(od, **panic0), 3))
-    assert outlier.unsupported(cluster({"maxEjectionPercent": 50}, **panic0), 3) == []
-    assert outlier.unsupported(cluster(od), 3) == []  # panic 50 %: never "no healthy upstream"
+    assert outlier.unsupported(cluster({"maxEjectionPercent": 100}, **panic0), 3) == []
+    c = classify_cluster(cluster({"maxEjectionPercent": 100}, **panic0), {})
+    assert c.verdict is Verdict.KERNEL and c.outlier is not None
+    vh = P.VirtualHost("c", ("*",), (P.Route("r", P.RouteMatch(P.PathKind.PREFIX, "/"),
+                                             P.ClusterAction((P.WeightedCluster("c", 1),)),
+                                             Verdict.KERNEL),))
+    lp = P.ListenerPlan("out", "0.0.0.0", 80, P.Direction.OUTBOUND, (vh,))
+    sp = synthesize(P.KernelPlan("n", "1", (lp,), (c,)))
+    idx = sp.no_healthy["c"]
+    body = sp.rows["l7fp_replies"][idx]
+    assert b"503 Service Unavailable" in body and body.rstrip(b"\0").endswith(b"no healthy upstream")
+    panic50 = classify_cluster(cluster({"maxEjectionPercent": 100}), {})
+    assert "c" not in synthesize(P.KernelPlan("n", "1", (lp,), (panic50,))).no_healthy
 
 
 def test_classify_outlier_cluster_kernel_with_config() -> None:

@@ -43,6 +43,8 @@ DRIVER = RETRY / "driver1w.py"
 GAP_MS = 60  # between requests, both modes: 16 requests a second
 N_ONE_BAD = 95  # ~6 s: two ejections of the bad pod (1 s, then 2 s) and back
 N_ALL_BAD = 30
+N_NONE = 40  # `oq`: both pods bad, no panic: Envoy's 503 "no healthy upstream"
+NO_HEALTHY = "no healthy upstream"
 
 
 def gen_requests() -> list[dict[str, Any]]:
@@ -54,6 +56,10 @@ def gen_requests() -> list[dict[str, Any]]:
     for i in range(N_ALL_BAD):
         reqs.append({"vip": "op", "port": 9100, "method": "GET", "path": f"/b{i}",
                      "headers": {"host": "op:9100", "x-fail": "1", "x-fail-status": "500"},
+                     "body": ""})
+    for i in range(N_NONE):
+        reqs.append({"vip": "oq", "port": 9200, "method": "GET", "path": f"/c{i}",
+                     "headers": {"host": "oq:9200", "x-fail": "1", "x-fail-status": "500"},
                      "body": ""})
     for n, r in enumerate(reqs):
         r["headers"]["x-k3-id"] = f"o{n}"
@@ -73,7 +79,7 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
     try:
         st = m.up()
         if mode == "on":
-            wait_plans(st["admin"], pods=7, free_pools=6, timeout=90.0)
+            wait_plans(st["admin"], pods=9, free_pools=8, timeout=90.0)
         (d / "reqs.json").write_text(json.dumps(reqs))
         r = m.exec("client", [sys.executable, str(DRIVER), str(d / "reqs.json"), str(GAP_MS)],
                    capture_output=True, text=True, timeout=120)
@@ -167,8 +173,8 @@ def test_every_pod_bad_panics_as_in_envoy(runs: dict[str, Any], kernel: None) ->
     LB sees 0 of 3 healthy (< 50 %): panic, every pod gets requests again."""
     counts = {}
     for mode in ("off", "on"):
-        res = runs[mode]["results"][N_ONE_BAD:]
-        pods = runs[mode]["pods"][N_ONE_BAD:]
+        res = runs[mode]["results"][N_ONE_BAD:N_ONE_BAD + N_ALL_BAD]
+        pods = runs[mode]["pods"][N_ONE_BAD:N_ONE_BAD + N_ALL_BAD]
         assert all(r["status"] == 500 for r in res), (mode, res)
         for p in ("op-0", "op-1", "op-2"):
             assert pods[20:].count(p) >= 2, (mode, seq(runs["off"]), seq(runs["on"]))
@@ -178,11 +184,31 @@ def test_every_pod_bad_panics_as_in_envoy(runs: dict[str, Any], kernel: None) ->
         (counts, seq(runs["off"]), seq(runs["on"]))
 
 
+def test_no_host_left_answers_as_envoy(runs: dict[str, Any], kernel: None) -> None:
+    """Both `oq` pods fail and Istio's panic threshold is 0: once both are out
+    of the LB, Envoy answers 503 "no healthy upstream" itself (the app sees
+    nothing) until a pod comes back; the kernel sends the same reply."""
+    got = {}
+    for mode in ("off", "on"):
+        res = runs[mode]["results"][-N_NONE:]
+        pods = runs[mode]["pods"][-N_NONE:]
+        local = [i for i, r in enumerate(res) if r["status"] == 503]
+        assert all(res[i]["body"] == NO_HEALTHY and pods[i] == "-" for i in local), (mode, res)
+        assert all(r["status"] == 500 for i, r in enumerate(res) if i not in local), (mode, res)
+        got[mode] = local
+    msg = (got, seq(runs["off"])[-N_NONE:], seq(runs["on"])[-N_NONE:])
+    assert got["off"] and got["on"], msg
+    assert abs(len(got["on"]) - len(got["off"])) <= 9, msg
+    assert abs(got["on"][0] - got["off"][0]) <= 9, msg
+
+
 def test_kernel_served_and_ejected(runs: dict[str, Any], kernel: None) -> None:
     node = next(n for n in runs["on"]["dbg"]["nodes"] if n["pod"].startswith("client"))
     fast = sum(c["requests"] for c in node["counters"] if c["outcome"] == "fast")
     envoy = [c for c in node["counters"] if c["outcome"] == "envoy"]
-    assert fast >= N_ONE_BAD + N_ALL_BAD - 2, node["counters"]
+    replies = sum(c["requests"] for c in node["counters"] if c["outcome"] == "kernel_reply")
+    assert fast + replies >= N_ONE_BAD + N_ALL_BAD + N_NONE - 2, node["counters"]
+    assert replies >= 1, node["counters"]  # "no healthy upstream" from the kernel
     assert sum(c["requests"] for c in envoy) <= 2, envoy
     od = node["outlier"]["outbound|9000||od.default.svc.cluster.local"]
     assert od["ejections"] >= 2 and od["unejections"] >= 2, od
