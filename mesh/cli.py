@@ -89,17 +89,27 @@ def _err(msg: object) -> int:
     return 1
 
 
+def _interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from mesh.runner import Mesh, MeshError
     from mesh.spec import MeshFileError
     if args.backend == "docker":
         return _docker_up(args)
+    signal.signal(signal.SIGTERM, _interrupt)  # cancel like Ctrl-C: Mesh.up removes what it made
     try:
         m = Mesh(args.file, args.name, sidecars=args.sidecars, xds=args.xds,
                  fastpath=args.fastpath, timeout=args.timeout)
         state = m.up()
     except (MeshFileError, MeshError) as exc:
         return _err(exc)
+    except KeyboardInterrupt:
+        _err("mesh up interrupted: the mesh was stopped and removed, nothing left running")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(f"mesh {state['name']} up: {len(state['pods'])} pods, state {m.state_file}")
     for s in state["services"]:
         print(f"  {s['name']:<16} {s['vip']:<14} ports {s['ports']} pods {s['pod_ips']}")

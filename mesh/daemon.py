@@ -174,6 +174,8 @@ class Daemon:
                 tail = first.log_path.read_text(errors="replace").strip().splitlines()[-3:]
                 raise RuntimeError(f"exited during start: {', '.join(dead)}; {dead[0]} log: "
                                    + " | ".join(tail))
+            if self.stop:  # SIGTERM/SIGINT (an interrupted `mesh up`): no use waiting on
+                raise RuntimeError(f"stopped while starting; not ready: {sorted(waiting)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout:.0f}s: {sorted(waiting)} "
                                    f"(logs in {self.dir}/logs)")
@@ -326,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         d.shutdown()
         print(f"ERROR {exc} (logs kept in {kept})", file=out, flush=True)
         return 1
-    print(f"READY {d.dir / 'state.json'}", file=out, flush=True)
+    try:
+        print(f"READY {d.dir / 'state.json'}", file=out, flush=True)
+    except BrokenPipeError:  # `mesh up` was killed while we started: nobody owns this mesh
+        log.warning("mesh %s: `l7fp mesh up` went away before READY; tearing down", d.name)
+        d.shutdown()
+        return 1
     # Let go of the caller's pipe (its reader waits for EOF); late output to the log.
     logfd = os.open(d.dir / "daemon.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(logfd, 1)

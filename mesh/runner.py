@@ -83,7 +83,11 @@ class Mesh:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
         assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
+        try:
+            line = proc.stdout.readline().strip()
+        except BaseException:  # Ctrl-C (or SIGTERM, see mesh.cli) while starting: cancel it all
+            _cancel(proc, self.name)
+            raise
         if not line.startswith("READY"):
             rest = proc.stdout.read().strip().splitlines()  # a traceback, if it crashed
             proc.wait(30)
@@ -109,6 +113,18 @@ class Mesh:
 
     def pod(self, target: str) -> dict[str, Any]:
         return find_pod(self.state(), target)
+
+
+def _cancel(proc: subprocess.Popen, name: str) -> None:
+    """Stop a mesh daemon that is still starting and remove what it made, so an
+    interrupted `l7fp mesh up` leaves no half-started mesh behind."""
+    proc.terminate()  # the daemon finishes its current step, then tears down
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    teardown.down(name)
 
 
 def _pythonpath() -> str:

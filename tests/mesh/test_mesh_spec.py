@@ -102,3 +102,12 @@ def test_versions_of_one_service(tmp_path: Path) -> None:
     with pytest.raises(spec.MeshFileError, match=r"services\.b-v2\.ports: \[9001\] differ"):
         spec.load(write(tmp_path, text.replace("ports: [9000]\n", "ports: [9001]\n")
                         .replace("ports: [9001]\n", "ports: [9000]\n", 1)))
+
+
+def test_service_given_twice_is_refused(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: the first service would vanish unsaid."""
+    twice = BASE + '  a:\n    command: [sleep, "1"]\n    ports: [7000]\n'
+    with pytest.raises(spec.MeshFileError, match=r"key 'a' given twice \(lines 4 and 11\)"):
+        spec.load(write(tmp_path, twice))
+    anchors = BASE.replace("  b:\n", "  b: &b\n") + "  c:\n    <<: *b\n    ports: [7000]\n"
+    assert set(spec.load(write(tmp_path, anchors)).services) == {"a", "b", "c"}
