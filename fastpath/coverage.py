@@ -85,14 +85,22 @@ def _feature(reason: str) -> str:
 
 def analyse(paths: list[str], caps: KernelCaps | None = None) -> Report:
     """Read every file under ``paths`` and classify it."""
+    from fastpath.inputs_configdir import read_config_dir
+
     report = Report([], [], {}, [])
-    for path in inputs.files(paths):
-        _analyse_file(path, report, caps)
+    inputs.files(paths)  # a path that does not exist: FileNotFoundError before any work
+    for p in map(Path, paths):
+        whole = read_config_dir(p) if p.is_dir() else None
+        if whole is not None:  # a `serve --config` directory: one config, as serve reads it
+            _analyse_docs(p, [whole], report, caps)
+            continue
+        for path in inputs.files([str(p)]):
+            _analyse_docs(path, inputs.read(path), report, caps)
     return report
 
 
-def _analyse_file(path: Path, report: Report, caps: KernelCaps | None) -> None:
-    docs = inputs.read(path)
+def _analyse_docs(path: Path, docs: list[inputs.Document], report: Report,
+                  caps: KernelCaps | None) -> None:
     info: dict[str, Any] = {"formats": sorted({d.format for d in docs}),
                             "error": "; ".join(d.error for d in docs if d.error) or None,
                             "skipped": [s for d in docs for s in d.skipped],
