@@ -9,6 +9,8 @@ Envoy, with the reason.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 import logging
 import sys
@@ -143,5 +145,28 @@ def _print_listener(lp: Any, explain: bool) -> None:
                 print(f"             but ENVOY for a {why}")
             i, guards = i + 1, []
             if explain:
-                print(f"             match {r.match}")
-                print(f"             action {r.action}")
+                print(f"             match {brief(r.match)}")
+                print(f"             action {brief(r.action)}")
+
+
+def brief(value: Any) -> str:
+    """A plan value (matcher, action) with only the fields that are set, enums by their
+    value: `RouteMatch(path_kind=prefix, path='/')`. The dataclass repr lists every
+    default field too (a 300-character line per route that hides what matters)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        parts = [f"{f.name}={brief(getattr(value, f.name))}" for f in dataclasses.fields(value)
+                 if not _unset(f, getattr(value, f.name))]
+        return f"{type(value).__name__}({', '.join(parts)})"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(brief(v) for v in value) + "]"
+    return repr(value)
+
+
+def _unset(f: dataclasses.Field[Any], value: Any) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return bool(value == f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return bool(value == f.default_factory())
+    return value is None or value == ()
