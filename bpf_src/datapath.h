@@ -203,6 +203,7 @@ struct dp_peer_val {
 #define DP_WAIT_HEAD 2u             /* dp_peer_val.wait: the waiting request is a HEAD */
 #define DP_WAIT_EOF 0x454f46u       /* dp_peer_val.wait of an agent's EOF carrier ("EOF") */
 #define DP_LEFT_UNKNOWN 0xffffffffu /* dp_peer_val.left: framing not tracked */
+#define DP_LEFT_CHUNKED 0xfffffffeu /* dp_peer_val.left: chunked, its last chunk not seen */
 
 BPF_HASH(dp_peer, __u64, struct dp_peer_val, DP_MAX_UP); /* upstream cookie -> client */
 /* Paired mode (merbridge-style): requests go straight into the app's accepted

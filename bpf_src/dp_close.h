@@ -17,10 +17,12 @@
  * per-CPU scratch: parsed after the retry decision it was walked once per
  * state the retry code leaves, over the 1M budget) and stores the bytes still
  * to come; every later write subtracts its size. DP_LEFT_UNKNOWN: a framing not
- * tracked (chunked, close-delimited, 1xx, a head longer than DP_RESP_HEAD or
- * split over writes): the agent then takes the close as the response's end
- * and closes the client (the client of a close-delimited response needs that
- * EOF; Envoy re-frames such a response and keeps the connection).
+ * tracked (close-delimited, 1xx, a head longer than DP_RESP_HEAD or split
+ * over writes): the agent then takes the close as the response's end and
+ * closes the client (the client of a close-delimited response needs that
+ * EOF; Envoy re-frames such a response and keeps the connection). A chunked
+ * response is DP_LEFT_CHUNKED until a write of it ends with the last chunk
+ * (dp_chunk_end; 0 then).
  *
  * The close itself is an EOF (recv returns 0), as Envoy's FIN: the agent makes
  * a carrier socket of its own, puts it into dp_up with dp_peer[carrier] =
@@ -36,38 +38,76 @@
                                  * closes the client's connection after it (agent_close.py) */
 
 /* The first response write of a request (`total`: dp_resp_total's whole
- * length, 0 when not known from the head). */
-static __always_inline void dp_close_first(struct dp_peer_val *p, __u64 total, __u32 size)
+ * length, 0 when not known from the head; `chunked`: the head says chunked;
+ * `ends`: the write ends with a chunked body's last chunk). */
+static __always_inline void dp_close_first(struct dp_peer_val *p, __u64 total, __u32 size,
+                                           __u32 chunked, __u32 ends)
 {
     __u32 left = DP_LEFT_UNKNOWN;
     if (total && size >= total)
         left = 0;
-    else if (total && total - size < DP_LEFT_UNKNOWN)
+    else if (total && total - size < DP_LEFT_CHUNKED)
         left = total - size;
+    else if (chunked)
+        left = ends ? 0 : DP_LEFT_CHUNKED;
     p->left = left;
 }
 
-/* A later response write of `size` bytes (bytes past the end are not counted:
- * a response to a pipelined request is not forwarded on the fast path). */
-static __always_inline void dp_close_more(struct dp_peer_val *p, __u32 size)
+/* A later response write of `size` bytes (`ends`: it ends with a chunked
+ * body's last chunk; bytes past the end are not counted: a response to a
+ * pipelined request is not forwarded on the fast path). */
+static __always_inline void dp_close_more(struct dp_peer_val *p, __u32 size, __u32 ends)
 {
     __u32 left = p->left;
-    if (!left || left == DP_LEFT_UNKNOWN)
+    if (left == DP_LEFT_CHUNKED && ends)
+        p->left = 0;
+    if (!left || left >= DP_LEFT_CHUNKED)
         return;
     p->left = size >= left ? 0 : left - size;
 }
 
-/* The head's first n bytes are in rb (rb NULL: not readable): its length
- * for dp_peer_val.left and the route timer (dp_resp_total_of). */
-static __always_inline void dp_close_parsed(__u64 up, struct dp_peer_val *p, struct dp_rbuf *rb,
-                                            __u32 n, __u32 first, __u32 size)
+/* "\r\n0\r\n\r\n": the end of a chunked body without trailers (the CRLF of
+ * the chunk before, or of the head, then the last chunk). Compared whole: a
+ * chunk whose data end so is taken for the end (then the client keeps its
+ * connection at the app's close), trailers are not (then it is closed). */
+static __always_inline __u32 dp_chunk_end(const __u8 *d)
 {
-    __u64 total = rb ? dp_resp_total(rb, n, (first & DP_WAIT_HEAD) != 0) : 0;
-    if (rb) {
-        rb->up = up;
-        rb->total = total;
-    }
-    dp_close_first(p, total, size);
+    __u64 w = 0;
+    __builtin_memcpy(&w, d, 7); /* one compare, not a branch per byte (verifier walk) */
+    return w == 0x0a0d0a0d300a0dull;
+}
+
+/* The write ends a chunked body (asked only while one is in flight). */
+static __always_inline __u32 dp_chunk_end_msg(struct sk_msg_md *msg, __u32 size)
+{
+    if (size < 7 || bpf_msg_pull_data(msg, size - 7, size, 0))
+        return 0;
+    __u8 *d = msg->data;
+    if ((void *)(d + 7) > msg->data_end)
+        return 0;
+    return dp_chunk_end(d);
+}
+
+static __always_inline __u32 dp_chunk_end_skb(struct __sk_buff *skb, __u32 size)
+{
+    __u8 d[8] = {};
+    if (size < 7 || bpf_skb_load_bytes(skb, size - 7, d, 7))
+        return 0;
+    return dp_chunk_end(d);
+}
+
+/* The head's first n bytes are in rb (rb NULL: not readable): its length
+ * for dp_peer_val.left and the route timer (dp_resp_total_of). Returns 1
+ * when the head says chunked (the caller looks at the write's end). */
+static __always_inline __u32 dp_close_parsed(__u64 up, struct dp_rbuf *rb, __u32 n, __u32 first)
+{
+    if (!rb)
+        return 0;
+    rb->te = rb->head_len = 0; /* dp_resp_total sets them once the status line is one */
+    __u64 total = dp_resp_total(rb, n, (first & DP_WAIT_HEAD) != 0);
+    rb->up = up;
+    rb->total = total;
+    return !total && *(volatile __u32 *)&rb->te && *(volatile __u32 *)&rb->head_len;
 }
 
 /* dp_srv_verdict, first thing for each write of A (`first`: p->wait before it). */
@@ -80,7 +120,7 @@ static __always_inline void dp_close_response_msg(struct sk_msg_md *msg, __u64 u
                                  * refuses a load through a moved ctx pointer */
     __u32 size = m->size;
     if (!first) {
-        dp_close_more(p, size);
+        dp_close_more(p, size, p->left == DP_LEFT_CHUNKED && dp_chunk_end_msg(msg, size));
         return;
     }
     __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
@@ -97,7 +137,9 @@ static __always_inline void dp_close_response_msg(struct sk_msg_md *msg, __u64 u
     } else {
         rb = 0;
     }
-    dp_close_parsed(up, p, rb, n, first, size);
+    __u32 chunked = dp_close_parsed(up, rb, n, first);
+    __u64 total = rb ? rb->total : 0;
+    dp_close_first(p, total, size, chunked, chunked && dp_chunk_end_msg(msg, size));
 }
 
 /* dp_skb_verdict, first thing for each skb arriving on U. */
@@ -106,7 +148,7 @@ static __always_inline void dp_close_response_skb(struct __sk_buff *skb, __u64 u
 {
     __u32 size = skb->len;
     if (!first) {
-        dp_close_more(p, size);
+        dp_close_more(p, size, p->left == DP_LEFT_CHUNKED && dp_chunk_end_skb(skb, size));
         return;
     }
     __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
@@ -118,7 +160,9 @@ static __always_inline void dp_close_response_skb(struct __sk_buff *skb, __u64 u
     } else {
         rb = 0;
     }
-    dp_close_parsed(up, p, rb, n, first, size);
+    __u32 chunked = dp_close_parsed(up, rb, n, first);
+    __u64 total = rb ? rb->total : 0;
+    dp_close_first(p, total, size, chunked, chunked && dp_chunk_end_skb(skb, size));
 }
 
 /* dp_msg_act, after the kernel's reply `ret` (dp_reply) to a request that

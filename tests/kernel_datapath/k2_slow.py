@@ -4,7 +4,7 @@ Per request, headers choose the behaviour: `x-delay-ms: N` answers after N ms;
 `x-stall-ms: N` sends the head and 3 of 10 body bytes at once, the other 7
 after N ms; `x-close: fin` closes the connection without answering, `x-close:
 rst` does so with SO_LINGER 0 (a RST; the reset tests); `x-cut: cl` (or
-`cl-rst`, `chunked`, `whole`) sends 3 of 10 body bytes (a RST after them;
+`cl-rst`, `chunked`, `whole`, `chwhole`: chunked) sends 3 of 10 body bytes (a RST after them;
 one chunk of a chunked body; the whole answer), then closes (the close
 tests); `x-close: die` stops serving as a dead app does: the listener and every
 connection closed, the process kept (the mesh's supervisor would restart it).
@@ -122,7 +122,9 @@ class SlowServer:
     def _cut(self, c: socket.socket, how: str) -> None:
         data = {"cl": b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
                 "chunked": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n",
-                "whole": b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc"}
+                "whole": b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc",
+                "chwhole": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                           b"3\r\nabc\r\n0\r\n\r\n"}
         c.sendall(data[how.removesuffix("-rst")])
         time.sleep(0.1)  # the bytes reach the client before the close
         if how.endswith("-rst"):

@@ -3,8 +3,8 @@ test_delay and their mesh variants); runs inside the scoped cgroup or a pod.
 
 Usage: k2_tmo_client.py HOST PORT SCRIPT_JSON. SCRIPT_JSON: a list of
 connections, each a list of request strings sent one at a time on ONE
-connection, each followed by reading one response (Content-Length framing)
-until it is complete, the peer closes, or an error. Two items are not
+connection, each followed by reading one response (Content-Length framing,
+or chunked without trailers) until it is complete, the peer closes, or an error. Two items are not
 requests: "SLEEP S" pauses S seconds before the next request; "CLOSE" closes
 the connection right after the previous request was sent, without reading its
 response (a client giving up during a delay). Prints a JSON list (per
@@ -22,6 +22,11 @@ import sys
 import time
 
 
+def _chunked(buf: bytes) -> bool:
+    head = buf.split(b"\r\n\r\n", 1)[0].lower()
+    return b"\r\n\r\n" in buf and b"transfer-encoding: chunked" in head
+
+
 def read_response(s: socket.socket, head_only: bool = False) -> dict:  # type: ignore[type-arg]
     buf, t0 = b"", time.monotonic()
     end, need = "complete", None
@@ -33,6 +38,11 @@ def read_response(s: socket.socket, head_only: bool = False) -> dict:  # type: i
             need = len(head) + 4 + (0 if head_only else int(cl[0])) if cl else None
             if head_only and need is None:  # HEAD: never a body (Envoy's chunked redirect)
                 need = len(head) + 4
+        if need is None and _chunked(buf):  # a chunked body ends with its last chunk
+            last = buf.find(b"\r\n0\r\n\r\n")
+            if last >= 0:
+                buf = buf[:last + 7]
+                break
         if need is not None and len(buf) >= need:
             break
         try:

@@ -34,6 +34,7 @@ PARTIAL = {
     "clfull": b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nfull",
     "chpart": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nhalf\r\n",
     "headfull": b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+    "chfull": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nfull\r\n0\r\n\r\n",
 }
 
 
@@ -98,12 +99,14 @@ CUT = [[req(p), req("/n/after")] for p in
        ("/n/clpart", "/n/clpart-rst", "/n/chpart", "/n/split/clpart", "/t/clpart", "/t/chpart")]
 WHOLE = [[req(p, m), "SLEEP 0.3", req("/n/after-whole")] for p, m in
          (("/n/clfull", "GET"), ("/n/split/clfull", "GET"), ("/t/clfull", "GET"),
-          ("/n/headfull", "HEAD"))]
+          ("/n/headfull", "HEAD"), ("/n/chfull", "GET"), ("/n/split/chfull", "GET"))]
 SCRIPT = CUT + WHOLE
 
 
 def test_close_in_response_matches_envoy(agent: Agent, cgroup: Any, cenvoy: ResourcesEnvoy
                                          ) -> None:
+    """Cut responses: the bytes, then EOF; whole ones (Content-Length, HEAD,
+    chunked with its last chunk, in one write or two): the connection kept."""
     node = load_plan(agent, split_plan(cenvoy.listener, cenvoy.cluster))
     assert node.mode == "l7fp"
     fast = run_client(cgroup, CLIENT, cenvoy.port, SCRIPT)
