@@ -38,10 +38,10 @@
                                  * closes the client's connection after it (agent_close.py) */
 
 /* The first response write of a request (`total`: dp_resp_total's whole
- * length, 0 when not known from the head; `chunked`: the head says chunked;
- * `ends`: the write ends with a chunked body's last chunk). */
+ * length, 0 when not known from the head; `chunked`: the head says chunked,
+ * whose end the caller looks for in the write). */
 static __always_inline void dp_close_first(struct dp_peer_val *p, __u64 total, __u32 size,
-                                           __u32 chunked, __u32 ends)
+                                           __u32 chunked)
 {
     __u32 left = DP_LEFT_UNKNOWN;
     if (total && size >= total)
@@ -49,7 +49,7 @@ static __always_inline void dp_close_first(struct dp_peer_val *p, __u64 total, _
     else if (total && total - size < DP_LEFT_CHUNKED)
         left = total - size;
     else if (chunked)
-        left = ends ? 0 : DP_LEFT_CHUNKED;
+        left = DP_LEFT_CHUNKED;
     p->left = left;
 }
 
@@ -99,15 +99,20 @@ static __always_inline __u32 dp_chunk_end_skb(struct __sk_buff *skb, __u32 size)
 /* The head's first n bytes are in rb (rb NULL: not readable): its length
  * for dp_peer_val.left and the route timer (dp_resp_total_of). Returns 1
  * when the head says chunked (the caller looks at the write's end). */
-static __always_inline __u32 dp_close_parsed(__u64 up, struct dp_rbuf *rb, __u32 n, __u32 first)
+static __always_inline __u32 dp_close_parsed(__u64 up, struct dp_peer_val *p, struct dp_rbuf *rb,
+                                             __u32 n, __u32 first, __u32 size)
 {
-    if (!rb)
+    if (!rb) {
+        p->left = DP_LEFT_UNKNOWN;
         return 0;
+    }
     rb->te = rb->head_len = 0; /* dp_resp_total sets them once the status line is one */
     __u64 total = dp_resp_total(rb, n, (first & DP_WAIT_HEAD) != 0);
     rb->up = up;
     rb->total = total;
-    return !total && *(volatile __u32 *)&rb->te && *(volatile __u32 *)&rb->head_len;
+    __u32 chunked = !total && *(volatile __u32 *)&rb->te && *(volatile __u32 *)&rb->head_len;
+    dp_close_first(p, total, size, chunked);
+    return chunked;
 }
 
 /* dp_srv_verdict, first thing for each write of A (`first`: p->wait before it). */
@@ -137,9 +142,8 @@ static __always_inline void dp_close_response_msg(struct sk_msg_md *msg, __u64 u
     } else {
         rb = 0;
     }
-    __u32 chunked = dp_close_parsed(up, rb, n, first);
-    __u64 total = rb ? rb->total : 0;
-    dp_close_first(p, total, size, chunked, chunked && dp_chunk_end_msg(msg, size));
+    if (dp_close_parsed(up, p, rb, n, first, size) && dp_chunk_end_msg(msg, size))
+        p->left = 0; /* the whole chunked body in this write */
 }
 
 /* dp_skb_verdict, first thing for each skb arriving on U. */
@@ -160,9 +164,8 @@ static __always_inline void dp_close_response_skb(struct __sk_buff *skb, __u64 u
     } else {
         rb = 0;
     }
-    __u32 chunked = dp_close_parsed(up, rb, n, first);
-    __u64 total = rb ? rb->total : 0;
-    dp_close_first(p, total, size, chunked, chunked && dp_chunk_end_skb(skb, size));
+    if (dp_close_parsed(up, p, rb, n, first, size) && dp_chunk_end_skb(skb, size))
+        p->left = 0; /* the whole chunked body in this write */
 }
 
 /* dp_msg_act, after the kernel's reply `ret` (dp_reply) to a request that
