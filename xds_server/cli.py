@@ -56,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
+        return status
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `l7fp split --explain DIR | head`: the reader left, not an error of ours

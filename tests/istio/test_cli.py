@@ -46,3 +46,12 @@ def test_config_prints_the_sidecars_resources() -> None:
                   if x["name"] == "virtualInbound"]
     filters = inbound["filterChains"][0]["filters"][0]["typedConfig"]["httpFilters"]
     assert [f["name"] for f in filters][:2] == ["envoy.filters.http.rbac.deny", "envoy.filters.http.rbac"]
+
+
+def test_config_of_a_node_that_is_no_pod_is_an_error() -> None:
+    """A typo in --node printed the config of a pod that does not exist (exit 0)."""
+    r = l7fp("istio", "config", str(HERE / "bookinfo" / "policies.yaml"), *BOOKINFO,
+             "--node", "sidecar~198.18.9.9~detials-v1.default~default.svc.cluster.local")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.startswith("l7fp istio: --node 'sidecar~198.18.9.9~detials-v1.default~")
+    assert "no pod of --mesh-file/--k8s" in r.stderr and "details-v1" not in r.stderr.split("pods:")[0]

@@ -61,8 +61,9 @@ def test_fastpath_on_where_it_cannot_run_exits_with_why(config_dir, monkeypatch)
 
 
 def test_output_piped_into_head_ends_quietly():
-    """`l7fp split --explain DIR | head -1`: the reader closes the pipe early."""
-    argv = [sys.executable, "-m", "xds_server", "split", "--explain", "compose/demo"]
+    """`l7fp split --plan DIR | head -1`: the reader closes the pipe early. The output
+    (about 210 kB) is more than a pipe holds, so the writer meets the closed pipe."""
+    argv = [sys.executable, "-m", "xds_server", "split", "--plan", *["compose/demo"] * 3]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.readline()
@@ -93,3 +94,12 @@ def test_refused_reload_is_counted_and_cleared_when_undone(config_dir):
     assert not src.load()  # the same config as the one served: nothing to push
     assert src.status()["last_error"] == ""
     assert server.metrics.registry.get_sample_value("l7fp_config_errors_total") == 1
+
+
+def test_missing_mesh_file_is_named(config_dir):
+    argv = [sys.executable, "-m", "xds_server", "serve", "--policies", "tests/istio/bookinfo",
+            "--mesh-file", str(config_dir.path / "absent.yaml"), "--xds-port", "0", "--admin-port", "0"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 1
+    assert out.stderr.strip().endswith(f"l7fp serve: --mesh-file {config_dir.path / 'absent.yaml'}: "
+                                       "no such file or directory")

@@ -48,6 +48,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"l7fp istio: {exc}", file=sys.stderr)
         return 2
     if args.istio_command == "config":
+        unknown = _unknown_node(mesh, args.node)
+        if unknown:
+            print(f"l7fp istio: {unknown}", file=sys.stderr)
+            return 1
         try:
             json.dump(generate(mesh, args.node), sys.stdout, indent=1)
             sys.stdout.write("\n")
@@ -64,6 +68,23 @@ def main(args: argparse.Namespace) -> int:
     print(f"{mesh.objs.count()} objects, {len(mesh.reg.services)} services, {len(nodes)} sidecars, "
           f"{len(mesh.objs.warnings)} warnings", file=sys.stderr)
     return 1 if len(mesh.objs.warnings) else 0
+
+
+def _unknown_node(mesh: object, node: str) -> str | None:
+    """Why `--node` names no sidecar of the registry (a typo would otherwise print the
+    config of a pod that does not exist, without its inbound policy), or None."""
+    from .sidecar import Mesh
+
+    assert isinstance(mesh, Mesh)
+    workloads = mesh.reg.workloads
+    if not workloads or (node.count("~") == 3 and not node.startswith("sidecar~")):
+        return None  # nothing to check against; a gateway (router~...) has no pod here
+    if mesh.reg.workload_for_node(node) is not None:
+        return None
+    known = sorted(w.node_id for w in workloads)
+    more = f" (and {len(known) - 3} more)" if len(known) > 3 else ""
+    return (f"--node {node!r}: no pod of --mesh-file/--k8s has this IP or POD.NAMESPACE "
+            f"(expected sidecar~IP~POD.NS~NS.svc.cluster.local); pods: {', '.join(known[:3])}{more}")
 
 
 def _unrouted_hosts(mesh: object) -> None:

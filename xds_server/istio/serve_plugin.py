@@ -6,6 +6,7 @@ Called by xds_server.serve while it builds its parser and its sources.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from xds_server.sources.base import Source
 
@@ -38,6 +39,10 @@ def make_sources(args: argparse.Namespace) -> list[Source]:
                          "config (same resource names); use one of them")
     from .source import IstioSource
 
+    for flag in ("mesh_file", "k8s"):  # else the error names --policies, not the path given
+        value = getattr(args, flag, None)
+        if value and not Path(value).exists():
+            raise SystemExit(f"l7fp serve: --{flag.replace('_', '-')} {value}: no such file or directory")
     try:
         out_port, in_port = (int(x) for x in str(args.capture_ports).split(","))
     except ValueError:
