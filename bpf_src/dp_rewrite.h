@@ -50,7 +50,7 @@ struct dp_rw {
     __u32 name_len;  /* bytes of `name` */
     __u8 name[DP_RW_NAME];
     __u8 check[DP_RW_MAX];
-    __u8 value[DP_RW_MAX];
+    __u8 value[DP_RW_MAX + 8]; /* + 8: a word read at any index below DP_RW_MAX stays inside */
 };
 
 BPF_ARRAY(dp_rw, struct dp_rw, 2 * L7FP_N_ROUTES);
@@ -98,6 +98,56 @@ static __always_inline int dp_rw_inbound(__u32 gen, struct dp_verdict *v)
  * each exit, and the verifier then walked everything after the loop once per
  * length (over its 1M-instruction budget in dp_msg_act). */
 
+/* Copy N bytes (N <= DP_RW_TARGET, read afresh at each use) from src(j) to
+ * the packet at dst: 8-byte words, the last word overlapping the one before
+ * (it rewrites bytes already right); under 8 bytes, byte by byte. A byte
+ * loop of DP_RW_TARGET rounds cost the verifier ~100k instructions for each
+ * state reaching it. x86 has no strict alignment: the verifier takes
+ * unaligned packet words. Evaluates to 0, or -1. */
+#define DP_RW_COPY(dst, end, src, N)                                              \
+    ({                                                                            \
+        int _ret = 0;                                                             \
+        if ((N) >= 8) {                                                           \
+            for (__u32 _i = 0; _i < DP_RW_TARGET / 8; _i++) {                     \
+                __u32 _j = _i * 8;                                                \
+                asm volatile("" : "+r"(_j));                                      \
+                if (_j + 8 > (N) || _j >= DP_RW_TARGET)                            \
+                    break;                                                        \
+                __u8 *_p = (dst) + _j;                                            \
+                if ((void *)(_p + 8) > (end)) {                                   \
+                    _ret = -1;                                                    \
+                    break;                                                        \
+                }                                                                 \
+                *(__u64 *)_p = *(__u64 *)(src(_j));                               \
+            }                                                                     \
+            __u32 _l = ((N) - 8) & (DP_RW_TARGET - 1);                            \
+            __u8 *_q = (dst) + _l;                                                \
+            if ((void *)(_q + 8) > (end))                                         \
+                _ret = -1;                                                        \
+            else                                                                  \
+                *(__u64 *)_q = *(__u64 *)(src(_l));                               \
+        } else {                                                                  \
+            for (__u32 _i = 0; _i < 8; _i++) {                                    \
+                __u32 _j = _i;                                                    \
+                asm volatile("" : "+r"(_j));                                      \
+                if (_j >= (N) || _j >= 8)                                         \
+                    break;                                                        \
+                __u8 *_p = (dst) + _j;                                            \
+                if ((void *)(_p + 1) > (end)) {                                   \
+                    _ret = -1;                                                    \
+                    break;                                                        \
+                }                                                                 \
+                *_p = *(__u8 *)(src(_j));                                         \
+            }                                                                     \
+        }                                                                         \
+        _ret;                                                                     \
+    })
+
+#define DP_RW_TLEN(ctx) ((ctx)->r.sp2 - (ctx)->r.path_off)
+#define DP_RW_HEAD_AT(j) (ctx->buf + ((ctx->r.path_off + (j)) & L7FP_BUF_MASK))
+#define DP_RW_VALUE_AT(j) (rw->value + ((j) & (DP_RW_MAX - 1)))
+#define DP_RW_NAME_LEN 23 /* "x-envoy-original-path: " */
+
 /* Insert "\r\nx-envoy-original-path: TARGET" at `at` (the CR LF that ends
  * the head's last header line: the line goes after it, and the CR LF at `at`
  * now ends this line), TARGET being the request target of the parsed head.
@@ -106,38 +156,26 @@ static __always_inline int dp_rw_inbound(__u32 gen, struct dp_verdict *v)
 static __always_inline int dp_rw_original(struct sk_msg_md *msg, struct l7fp_req_ctx *ctx,
                                           struct dp_rw *rw, __u32 at, __u32 tlen)
 {
-    __u32 nl = rw->name_len & (DP_RW_NAME - 1);
-    __u32 h = 2 + nl + tlen;
+    if (rw->name_len != DP_RW_NAME_LEN)
+        return -1;
+    __u32 h = 2 + DP_RW_NAME_LEN + tlen;
     if (bpf_msg_push_data(msg, at, h, 0))
         return -1;
     if (bpf_msg_pull_data(msg, at, at + h, 0))
         return -1;
     __u8 *d = msg->data;
     void *end = msg->data_end;
-    if ((void *)(d + 2) > end)
+    if ((void *)(d + 2 + DP_RW_NAME_LEN) > end)
         return -1;
     d[0] = '\r';
     d[1] = '\n';
-    for (__u32 i = 0; i < DP_RW_NAME; i++) {
-        __u32 j = i;
-        asm volatile("" : "+r"(j));
-        if (j >= rw->name_len || j >= DP_RW_NAME)
-            break;
-        if ((void *)(d + 2 + j + 1) > end)
-            return -1;
-        d[2 + j] = rw->name[j];
-    }
-    __u8 *p0 = d + 2 + nl;
-    for (__u32 i = 0; i < DP_RW_TARGET; i++) {
-        __u32 j = i;
-        asm volatile("" : "+r"(j)); /* the verifier sees j < DP_RW_TARGET */
-        if (j >= ctx->r.sp2 - ctx->r.path_off || j >= DP_RW_TARGET)
-            break;
-        __u8 *p = p0 + j;
-        if ((void *)(p + 1) > end)
-            return -1;
-        *p = ctx->buf[(ctx->r.path_off + j) & L7FP_BUF_MASK];
-    }
+    *(__u64 *)(d + 2) = *(__u64 *)(rw->name);
+    *(__u64 *)(d + 10) = *(__u64 *)(rw->name + 8);
+    *(__u32 *)(d + 18) = *(__u32 *)(rw->name + 16);
+    *(__u16 *)(d + 22) = *(__u16 *)(rw->name + 20);
+    d[24] = rw->name[22];
+    if (DP_RW_COPY(d + 2 + DP_RW_NAME_LEN, end, DP_RW_HEAD_AT, DP_RW_TLEN(ctx)) < 0)
+        return -1;
     return (int)h;
 }
 
@@ -178,16 +216,7 @@ static __always_inline int dp_rw_path(struct sk_msg_md *msg, struct l7fp_req_ctx
     *delta = (int)m - (int)cut;
     __u8 *d = msg->data;
     void *end = msg->data_end;
-    for (__u32 i = 0; i < DP_RW_MAX; i++) {
-        __u32 j = i;
-        asm volatile("" : "+r"(j));
-        if (j >= rw->value_len || j >= DP_RW_MAX)
-            break;
-        if ((void *)(d + j + 1) > end)
-            return -1;
-        d[j] = rw->value[j];
-    }
-    return 0;
+    return DP_RW_COPY(d, end, DP_RW_VALUE_AT, rw->value_len);
 }
 
 /* dp_msg_act on a FORWARD it is about to send, before the header inserts:

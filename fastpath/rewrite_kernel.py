@@ -26,7 +26,7 @@ class DpRw(ctypes.Structure):
     _fields_ = [("on", ctypes.c_uint32), ("cut", ctypes.c_uint32), ("check_len", ctypes.c_uint32),
                 ("value_len", ctypes.c_uint32), ("slot", ctypes.c_uint32),
                 ("name_len", ctypes.c_uint32), ("name", ctypes.c_uint8 * NAME),
-                ("check", ctypes.c_uint8 * RW_MAX), ("value", ctypes.c_uint8 * RW_MAX)]
+                ("check", ctypes.c_uint8 * RW_MAX), ("value", ctypes.c_uint8 * (RW_MAX + 8))]
 
 
 def entry(rw: PathRewrite, slot: int) -> bytes:

@@ -68,5 +68,5 @@ def test_prefix_rewrite_and_the_dp_rw_entries() -> None:
     assert (b.cut, bytes(b.check[:b.check_len]), bytes(b.value[:b.value_len])) == (WHOLE, b"/foo", b"/")
     assert bytes(a.name[:a.name_len]) == b"x-envoy-original-path: "
     table = rows(sp.rewrites, sp.knobs["L7FP_N_ROUTES"], 1)
-    assert len(table) == sp.knobs["L7FP_N_ROUTES"] and ctypes.sizeof(DpRw) == 184
+    assert len(table) == sp.knobs["L7FP_N_ROUTES"] and ctypes.sizeof(DpRw) == 192
     assert DpRw.from_buffer_copy(table[(sp.knobs["L7FP_N_ROUTES"] + 1).to_bytes(4, "little")]).on == 1
