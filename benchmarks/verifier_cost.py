@@ -16,7 +16,7 @@ import ctypes as ct
 import sys
 import time
 
-PROGRAMS = (b"dp_msg_verdict", b"dp_msg_in", b"dp_msg_act")
+PROGRAMS = (b"dp_msg_verdict", b"dp_msg_in", b"dp_msg_act", b"dp_msg_rw")  # dp_msg_rw: DP_REWRITE=1
 LOG_STATS = 4
 
 
@@ -46,6 +46,8 @@ def measure(overrides: dict[str, str]) -> list[str]:
     out = [f"compile {time.monotonic() - t:.1f} s"]
     lib = libbcc.lib
     for name in PROGRAMS:
+        if not lib.bpf_function_start(b.module, name):
+            continue  # not compiled in (dp_msg_rw without DP_REWRITE=1)
         if _uses_callback(b, name):  # L7FP_F_DFA: loaded with its bpf_loop callback
             out.append(_measure_with_callback(b, name))
             continue

@@ -343,9 +343,12 @@ struct dp_msg_scratch {
     __u32 gen;
     __u32 tmo;
     __u32 size;
+    __u32 bind;    /* dp_msg_act -> dp_msg_rw: the bound upstream (index in c->binds) */
+    __u32 rpol;    /* ... a retry copy is due */
+    __u32 is_head; /* ... the request is a HEAD */
 };
 BPF_PERCPU_ARRAY(dp_msg_scr, struct dp_msg_scratch, 1);
-BPF_PROG_ARRAY(dp_msg_prog, 2); /* 0: dp_msg_act, 1: dp_msg_in */
+BPF_PROG_ARRAY(dp_msg_prog, 3); /* 0: dp_msg_act, 1: dp_msg_in, 2: dp_msg_rw */
 
 int dp_msg_verdict(struct sk_msg_md *msg)
 {
@@ -470,6 +473,66 @@ int dp_msg_in(struct sk_msg_md *msg)
     return dp_to_envoy(c, scr->v.route, DP_R_NONE);
 }
 
+/* The rest of dp_msg_act once the upstream is bound (b) and nothing before
+ * can hand the request to Envoy: header inserts, timer, send, retry copy,
+ * shadow. Called by dp_msg_act, and by dp_msg_rw after a path rewrite (a
+ * program of its own: see there). `is_head`: the request is a HEAD (read
+ * before the message changed). */
+static __always_inline int dp_act_send(struct sk_msg_md *msg, struct dp_conn *c,
+                                       struct dp_verdict *v, __u32 gen, __u32 tmo,
+                                       __u32 size, int b, int rpol, __u32 is_head)
+{
+    if (v->hdr_add || v->hdr_add_in) {
+        int n = dp_insert_headers(msg, v, gen);
+        if (n < 0)
+            return dp_to_envoy(c, v->route, DP_R_REWRITE);
+        size += n;
+        v->consumed += n;
+    }
+    if (size < v->consumed) {
+        c->body_left = v->consumed - size;
+        c->body_bind = b;
+    }
+    __u64 up = c->binds[b & (DP_BINDS - 1)].up_cookie;
+    if (tmo || (c->flags & DP_F_TMO)) /* a route timeout in this plan, or a stale record */
+        dp_tmo_arm(c, up, gen, v->route, msg->local_port, c->body_left != 0, is_head);
+    __u32 dms = dp_delay_sample(gen, v); /* the draw, once nothing can pass */
+    int ret = dms ? dp_delay_hold(msg, c, up, dms, v->consumed, v->route) : dp_forward(msg, c, b);
+    if (ret != SK_PASS) {
+        /* upstream gone (closed by its server or the agent): drop the bind, tell
+         * the agent to close its socket, go to Envoy */
+        if (c->flags & DP_F_TMO)
+            dp_tmo_disarm(up);
+        dp_peer.delete(&up);
+        c->binds[b & (DP_BINDS - 1)].up_cookie = 0;
+        c->body_left = 0;
+        struct dp_event *e = dp_events.ringbuf_reserve(sizeof(struct dp_event));
+        if (e) {
+            __builtin_memset(e, 0, sizeof(*e));
+            e->kind = DP_EV_CLOSE;
+            e->cookie = c->cookie;
+            e->up_cookies[0] = up;
+            dp_events.ringbuf_submit(e, 0);
+        }
+        return dp_to_envoy(c, v->route, DP_R_REDIRECT);
+    }
+    dp_reset_wait(up, is_head); /* no response byte yet: a close of U's app now is a reset */
+#if DP_OUTLIER
+    dp_outlier_mark(up, v->od_host); /* whose response counts (a U serves several clusters) */
+#endif
+    dp_count(v->route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
+    dp_access(c, v, DP_OUT_FAST, 0);
+    /* Last, when little else is live: earlier (or inlined) the copy's locals
+     * and spills pushed this function over the 512-byte stack with an Istio
+     * plan's knobs. The redirect takes effect after we return, so the record
+     * is armed before the app can answer. Failing here, the request is
+     * already on its way: counted (fast/retry_lost), not retried. */
+    if (rpol && dp_retry_arm(msg, c, b, v->consumed) < 0)
+        dp_count(v->route, DP_OUT_FAST, DP_R_RETRY_LOST);
+    dp_mirror_post(msg, v, gen, v->consumed); /* the shadow copy, fire-and-forget */
+    return SK_PASS;
+}
+
 /* The second half of dp_msg_verdict, reached by its tail call with the
  * verdict in dp_msg_scr: bind, header inserts, retry copy, timeout record,
  * redirect. A program of its own so that the verifier walks the decision and
@@ -556,62 +619,46 @@ int dp_msg_act(struct sk_msg_md *msg)
         return dp_to_envoy_req(msg, c, &v, size, DP_R_RETRY_TCP);
     __u32 is_head = dp_is_head(msg);
 #if DP_RW_ON
+    if (dp_rw_get(gen, v.route)) {
+        /* a path rewrite (dp_rewrite.h) runs in dp_msg_rw, a program of its
+         * own: here its copy loops were walked once per state reaching them
+         * (over the 1M budget with a retry policy and header inserts) */
+        scr->v = v;
+        scr->size = size;
+        scr->bind = b;
+        scr->rpol = rpol;
+        scr->is_head = is_head;
+        dp_msg_prog.call(msg, 2); /* dp_msg_rw */
+        return dp_to_envoy(c, v.route, DP_R_REWRITE); /* no dp_msg_rw loaded */
+    }
+#endif
+    return dp_act_send(msg, c, &v, gen, tmo, size, b, rpol, is_head);
+}
+
+#if DP_RW_ON
+/* dp_msg_act's tail call for a FORWARD on a route with a path rewrite
+ * (dp_rewrite.h), after the bind: the rewrite, then dp_act_send. The loader
+ * puts it into dp_msg_prog[2] when the module has it (-DDP_REWRITE=1). */
+int dp_msg_rw(struct sk_msg_md *msg)
+{
+    struct dp_conn *c;
+    struct dp_msg_scratch *scr = dp_msg_tail_state(msg, &c);
+    if (!scr)
+        return SK_PASS;
+    struct dp_verdict v = scr->v;
+    __u32 gen = scr->gen;
+    __u32 tmo = scr->tmo;
+    __u32 size = scr->size;
+    int b = scr->bind & (DP_BINDS - 1);
+    int rpol = scr->rpol;
+    __u32 is_head = scr->is_head;
     int rwn = dp_rewrite(msg, &v, gen); /* before the inserts: their place follows the path */
     if (rwn == DP_RW_FAILED)
         return dp_to_envoy(c, v.route, DP_R_REWRITE);
-    size += rwn;
     v.consumed += rwn;
-#endif
-    if (v.hdr_add || v.hdr_add_in) {
-        int n = dp_insert_headers(msg, &v, gen);
-        if (n < 0)
-            return dp_to_envoy(c, v.route, DP_R_REWRITE);
-        size += n;
-        v.consumed += n;
-    }
-    if (size < v.consumed) {
-        c->body_left = v.consumed - size;
-        c->body_bind = b;
-    }
-    __u64 up = c->binds[b & (DP_BINDS - 1)].up_cookie;
-    if (tmo || (c->flags & DP_F_TMO)) /* a route timeout in this plan, or a stale record */
-        dp_tmo_arm(c, up, gen, v.route, msg->local_port, c->body_left != 0, is_head);
-    __u32 dms = dp_delay_sample(gen, &v); /* the draw, once nothing can pass */
-    int ret = dms ? dp_delay_hold(msg, c, up, dms, v.consumed, v.route) : dp_forward(msg, c, b);
-    if (ret != SK_PASS) {
-        /* upstream gone (closed by its server or the agent): drop the bind, tell
-         * the agent to close its socket, go to Envoy */
-        if (c->flags & DP_F_TMO)
-            dp_tmo_disarm(up);
-        dp_peer.delete(&up);
-        c->binds[b & (DP_BINDS - 1)].up_cookie = 0;
-        c->body_left = 0;
-        struct dp_event *e = dp_events.ringbuf_reserve(sizeof(struct dp_event));
-        if (e) {
-            __builtin_memset(e, 0, sizeof(*e));
-            e->kind = DP_EV_CLOSE;
-            e->cookie = c->cookie;
-            e->up_cookies[0] = up;
-            dp_events.ringbuf_submit(e, 0);
-        }
-        return dp_to_envoy(c, v.route, DP_R_REDIRECT);
-    }
-    dp_reset_wait(up, is_head); /* no response byte yet: a close of U's app now is a reset */
-#if DP_OUTLIER
-    dp_outlier_mark(up, v.od_host); /* whose response counts (a U serves several clusters) */
-#endif
-    dp_count(v.route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
-    dp_access(c, &v, DP_OUT_FAST, 0);
-    /* Last, when little else is live: earlier (or inlined) the copy's locals
-     * and spills pushed this function over the 512-byte stack with an Istio
-     * plan's knobs. The redirect takes effect after we return, so the record
-     * is armed before the app can answer. Failing here, the request is
-     * already on its way: counted (fast/retry_lost), not retried. */
-    if (rpol && dp_retry_arm(msg, c, b, v.consumed) < 0)
-        dp_count(v.route, DP_OUT_FAST, DP_R_RETRY_LOST);
-    dp_mirror_post(msg, &v, gen, v.consumed); /* the shadow copy, fire-and-forget */
-    return SK_PASS;
+    return dp_act_send(msg, c, &v, gen, tmo, size + rwn, b, rpol, is_head);
 }
+#endif
 
 /* sk_msg on the app's accepted end A of a paired upstream (map dp_srv): the
  * app's response goes straight into the bound client's receive queue. With no
