@@ -479,25 +479,25 @@ int dp_msg_in(struct sk_msg_md *msg)
  * program of its own: see there). `is_head`: the request is a HEAD (read
  * before the message changed). */
 static __always_inline int dp_act_send(struct sk_msg_md *msg, struct dp_conn *c,
-                                       struct dp_verdict *v, __u32 gen, __u32 tmo,
+                                       struct dp_verdict v, __u32 gen, __u32 tmo,
                                        __u32 size, int b, int rpol, __u32 is_head)
 {
-    if (v->hdr_add || v->hdr_add_in) {
-        int n = dp_insert_headers(msg, v, gen);
+    if (v.hdr_add || v.hdr_add_in) {
+        int n = dp_insert_headers(msg, &v, gen);
         if (n < 0)
-            return dp_to_envoy(c, v->route, DP_R_REWRITE);
+            return dp_to_envoy(c, v.route, DP_R_REWRITE);
         size += n;
-        v->consumed += n;
+        v.consumed += n;
     }
-    if (size < v->consumed) {
-        c->body_left = v->consumed - size;
+    if (size < v.consumed) {
+        c->body_left = v.consumed - size;
         c->body_bind = b;
     }
     __u64 up = c->binds[b & (DP_BINDS - 1)].up_cookie;
     if (tmo || (c->flags & DP_F_TMO)) /* a route timeout in this plan, or a stale record */
-        dp_tmo_arm(c, up, gen, v->route, msg->local_port, c->body_left != 0, is_head);
-    __u32 dms = dp_delay_sample(gen, v); /* the draw, once nothing can pass */
-    int ret = dms ? dp_delay_hold(msg, c, up, dms, v->consumed, v->route) : dp_forward(msg, c, b);
+        dp_tmo_arm(c, up, gen, v.route, msg->local_port, c->body_left != 0, is_head);
+    __u32 dms = dp_delay_sample(gen, &v); /* the draw, once nothing can pass */
+    int ret = dms ? dp_delay_hold(msg, c, up, dms, v.consumed, v.route) : dp_forward(msg, c, b);
     if (ret != SK_PASS) {
         /* upstream gone (closed by its server or the agent): drop the bind, tell
          * the agent to close its socket, go to Envoy */
@@ -514,22 +514,22 @@ static __always_inline int dp_act_send(struct sk_msg_md *msg, struct dp_conn *c,
             e->up_cookies[0] = up;
             dp_events.ringbuf_submit(e, 0);
         }
-        return dp_to_envoy(c, v->route, DP_R_REDIRECT);
+        return dp_to_envoy(c, v.route, DP_R_REDIRECT);
     }
     dp_reset_wait(up, is_head); /* no response byte yet: a close of U's app now is a reset */
 #if DP_OUTLIER
-    dp_outlier_mark(up, v->od_host); /* whose response counts (a U serves several clusters) */
+    dp_outlier_mark(up, v.od_host); /* whose response counts (a U serves several clusters) */
 #endif
-    dp_count(v->route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
-    dp_access(c, v, DP_OUT_FAST, 0);
+    dp_count(v.route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
+    dp_access(c, &v, DP_OUT_FAST, 0);
     /* Last, when little else is live: earlier (or inlined) the copy's locals
      * and spills pushed this function over the 512-byte stack with an Istio
      * plan's knobs. The redirect takes effect after we return, so the record
      * is armed before the app can answer. Failing here, the request is
      * already on its way: counted (fast/retry_lost), not retried. */
-    if (rpol && dp_retry_arm(msg, c, b, v->consumed) < 0)
-        dp_count(v->route, DP_OUT_FAST, DP_R_RETRY_LOST);
-    dp_mirror_post(msg, v, gen, v->consumed); /* the shadow copy, fire-and-forget */
+    if (rpol && dp_retry_arm(msg, c, b, v.consumed) < 0)
+        dp_count(v.route, DP_OUT_FAST, DP_R_RETRY_LOST);
+    dp_mirror_post(msg, &v, gen, v.consumed); /* the shadow copy, fire-and-forget */
     return SK_PASS;
 }
 
@@ -632,7 +632,7 @@ int dp_msg_act(struct sk_msg_md *msg)
         return dp_to_envoy(c, v.route, DP_R_REWRITE); /* no dp_msg_rw loaded */
     }
 #endif
-    return dp_act_send(msg, c, &v, gen, tmo, size, b, rpol, is_head);
+    return dp_act_send(msg, c, v, gen, tmo, size, b, rpol, is_head);
 }
 
 #if DP_RW_ON
@@ -656,7 +656,7 @@ int dp_msg_rw(struct sk_msg_md *msg)
     if (rwn == DP_RW_FAILED)
         return dp_to_envoy(c, v.route, DP_R_REWRITE);
     v.consumed += rwn;
-    return dp_act_send(msg, c, &v, gen, tmo, size + rwn, b, rpol, is_head);
+    return dp_act_send(msg, c, v, gen, tmo, size + rwn, b, rpol, is_head);
 }
 #endif
 
