@@ -11,6 +11,7 @@ x-envoy-original-path. Hypothesis draws the paths and queries.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from test_delay import EchoUpstream
 from fastpath.agent import Agent
 from fastpath.plan import Verdict
 from fastpath.reference import Request, decide
+from fastpath.rewrite_kernel import DpRw
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
@@ -120,6 +122,10 @@ def test_rewrites_match_envoy(agent: Agent, cgroup: Any, renvoy: ResourcesEnvoy,
     assert [r.verdict for r in routes] == [Verdict.KERNEL] * 7, routes
     node = load_plan(agent, plan)
     assert node.mode == "l7fp"
+    leaf = node.dp.bpf["dp_rw"].Leaf  # struct dp_rw as BCC read it from the C
+    assert ctypes.sizeof(leaf) == ctypes.sizeof(DpRw)
+    assert [getattr(leaf, n).offset for n, _ in DpRw._fields_] == \
+        [getattr(DpRw, n).offset for n, _ in DpRw._fields_]
     # one connection: every request after a rewritten one is framed right
     script = [["SLEEP 0.05", *(req(p, x, b) for p, x, b in CASES)]]
     fast, via_envoy, up_fast, up_envoy = both_ways(cgroup, renvoy.port, echo, script)
