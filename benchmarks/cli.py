@@ -25,7 +25,7 @@ Compare four configurations side by side on pods in private network namespaces:
   sidecar-l4  the sidecar mesh with the app<->sidecar hops bypassed by a sockmap
               (bpf_src/l4_bypass, what merbridge / istio-tcpip-bypass do)
   l7fp        kernel fast path + Envoy slow path (recorded as unavailable, with
-              the reason, while this tree cannot run it)
+              the reason, where the kernel fast path cannot run: not root, no BCC)
 
 Scenarios: leaf (one hop), multihop (client -> frontend -> backend),
 policy-mix-0 / -11 / -50 (share of routes that need Envoy), sweep (rate sweep

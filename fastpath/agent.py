@@ -449,8 +449,16 @@ def start(server: Any, args: Any) -> Agent | None:
         registry.register(OutlierCollector(agent.outlier_counts))
     agent.start()
     AGENTS[id(server)] = agent
-    log.info("fast path agent started (mesh state: %s)", agent.state_path)
+    log.info("fast path agent started (mesh state: %s)%s", agent.state_path, _no_state(agent.state_path))
     return agent
+
+
+def _no_state(path: Path | None) -> str:
+    """Said at start when there is no mesh state yet: `serve --config examples/basic` has no
+    pods, so nothing is attached until a mesh runner writes the file."""
+    if path is not None and path.exists():
+        return ""
+    return "; no such file yet: no pod gets the fast path until it appears (--fastpath-mesh-state FILE)"
 
 
 async def stop(agent: Agent | None) -> None:
