@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = node.stats()
         fired = dict(node.keeper.counts) if node.keeper is not None else {}
         mirrors = node.mirrorer.debug()
+        outlier_on = "-DDP_OUTLIER=1" in node.cflags  # compiled in (--outlier)
     finally:
         agent.stop()
         m.down()
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["retry_policy"] = args.retry_policy
     summary["mirror_percent"] = args.mirror_percent
     summary["mirrors"] = mirrors
+    summary["outlier_compiled_in"] = outlier_on
     print(json.dumps(summary, indent=1))
     return 0
 
