@@ -168,18 +168,49 @@ static __always_inline void dp_close_response_skb(struct __sk_buff *skb, __u64 u
         p->left = 0; /* the whole chunked body in this write */
 }
 
+/* "connection: close\r\n" after the reply's status line, which is 32 bytes
+ * for a 429 ("HTTP/1.1 429 Too Many Requests\r\n", fastpath.synth.reply_bytes):
+ * Envoy adds this header (as its last) to every reply before it closes. */
+#define DP_CLOSE_AT 32
+#define DP_CLOSE_HDR_LEN 19
+static __always_inline void dp_close_header(struct sk_msg_md *msg)
+{
+    static const char hdr[DP_CLOSE_HDR_LEN + 1] = "connection: close\r\n";
+    if (bpf_msg_pull_data(msg, DP_CLOSE_AT - 2, DP_CLOSE_AT, 0))
+        return;
+    __u8 *d = msg->data;
+    if ((void *)(d + 2) > msg->data_end || d[0] != '\r' || d[1] != '\n')
+        return; /* not the status line of a 429: no header rather than a wrong one */
+    if (bpf_msg_push_data(msg, DP_CLOSE_AT, DP_CLOSE_HDR_LEN, 0) ||
+        bpf_msg_pull_data(msg, DP_CLOSE_AT, DP_CLOSE_AT + DP_CLOSE_HDR_LEN, 0))
+        return;
+    d = msg->data;
+    if ((void *)(d + DP_CLOSE_HDR_LEN) > msg->data_end)
+        return;
+#pragma unroll
+    for (int i = 0; i < DP_CLOSE_HDR_LEN; i++)
+        d[i] = hdr[i];
+}
+
 /* dp_msg_act, after the kernel's reply `ret` (dp_reply) to a request that
  * asked for the connection's close (dp_hop_act set DP_F_CLOSE_AFTER: only a
- * 429 of a kernel-owned bucket; every other reply to `Connection: close` goes
- * to Envoy): Envoy adds `connection: close` and closes the connection after
- * its reply. The reply is in the client's receive queue once this program
- * returns; the agent gives the EOF after it. The connection stays with Envoy
- * until then (sticky): a request written after a close must meet the close. */
-static __always_inline int dp_close_after(struct dp_conn *c, int ret)
+ * 429, the reply of a kernel-owned bucket; every other reply to
+ * `Connection: close` goes to Envoy): Envoy adds `connection: close` and
+ * closes the connection after its reply. The reply is in the client's receive
+ * queue once this program returns; the agent gives the EOF after it. The
+ * connection stays with Envoy until then (sticky): a request written after a
+ * close must meet the close. A reply that failed went to Envoy (sticky
+ * already), which closes by itself. */
+static __always_inline int dp_close_after(struct sk_msg_md *msg, struct dp_conn *c, int ret)
 {
-    if (!(c->flags & DP_F_CLOSE_AFTER))
+    __u32 flags = c->flags;
+    if (!(flags & DP_F_CLOSE_AFTER))
         return ret;
-    c->flags = (c->flags & ~DP_F_CLOSE_AFTER) | DP_F_ENVOY;
+    c->flags = (flags & ~DP_F_CLOSE_AFTER) | DP_F_ENVOY;
+    if (flags & DP_F_ENVOY)
+        return ret;
+    if (!(flags & DP_F_REST)) /* else apply_bytes covers the reply as it was */
+        dp_close_header(msg);
     struct dp_event *e = dp_events.ringbuf_reserve(sizeof(struct dp_event));
     if (e) {
         __builtin_memset(e, 0, sizeof(*e));

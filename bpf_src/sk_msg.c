@@ -581,7 +581,7 @@ int dp_msg_act(struct sk_msg_md *msg)
         }
         if (rd < 0)
             return dp_to_envoy_req(msg, c, &v, size, DP_R_REDIR_HEAD);
-        return dp_close_after(c, dp_reply(msg, c, &v, gen, size)); /* Connection: close */
+        return dp_close_after(msg, c, dp_reply(msg, c, &v, gen, size)); /* Connection: close */
     }
     if (size > v.consumed)
         return dp_to_envoy(c, v.route, DP_R_PIPELINE); /* pipelined: one way for all */
