@@ -274,12 +274,14 @@ def _regex_rewrite(a: dict[str, Any], match: Any, action: Action,
     """A forward's regex_rewrite: the kernel form (fastpath.rewrite) on the
     action, or why it needs Envoy."""
     rr = a.get("regexRewrite")
-    if rr is None or not isinstance(action, ClusterAction):
+    if (rr is None and not a.get("prefixRewrite")) or not isinstance(action, ClusterAction):
         return action, []
     router = next((f for f in ctx.filters if f.kind == "router"), None)
     if router is not None and router.config.get("suppressEnvoyHeaders"):
         # x-envoy-original-path is then not sent: not measured, so Envoy's
-        return action, ["regex_rewrite with the router's suppress_envoy_headers"]
+        return action, ["path rewrite with the router's suppress_envoy_headers"]
+    if rr is None:
+        return action, []
     rw, reasons = path_rewrite(rr, match)
     if "prefixRewrite" in a:
         reasons.append("regex_rewrite with prefix_rewrite")

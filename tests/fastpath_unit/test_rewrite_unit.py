@@ -70,3 +70,19 @@ def test_prefix_rewrite_and_the_dp_rw_entries() -> None:
     table = rows(sp.rewrites, sp.knobs["L7FP_N_ROUTES"], 1)
     assert len(table) == sp.knobs["L7FP_N_ROUTES"] and ctypes.sizeof(DpRw) == 192
     assert DpRw.from_buffer_copy(table[(sp.knobs["L7FP_N_ROUTES"] + 1).to_bytes(4, "little")]).on == 1
+
+
+def test_suppressed_envoy_headers_keep_rewrites_envoys() -> None:
+    """The kernel always sends x-envoy-original-path; with the router's
+    suppress_envoy_headers Envoy may not (not measured): ENVOY."""
+    from fastpath.classify_route import HttpFilter, RouteContext, classify_route
+
+    c1 = P.Cluster("c1", P.LbPolicy.ROUND_ROBIN, (P.Endpoint("198.18.0.2", 80),))
+    for suppress in (False, True):
+        ctx = RouteContext({"c1": c1}, [HttpFilter("router", "router", {"suppressEnvoyHeaders": suppress})])
+        for rw in ({"prefixRewrite": "/v2"},
+                   {"regexRewrite": {"pattern": {"regex": "^/a(.*)"}, "substitution": "/b\\1"}}):
+            r = classify_route({"match": {"prefix": "/a"}, "route": {"cluster": "c1", "timeout": "0s", **rw}},
+                               ctx)
+            assert (r.verdict is P.Verdict.ENVOY) == suppress, (rw, r.reason)
+            assert not suppress or "suppress_envoy_headers" in r.reason
