@@ -153,6 +153,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"ADS {state.get('xds')}, admin http://{state.get('admin')}")
     else:
         print(f"control plane: none (xds {state.get('xds_mode')})")
+    if state.get("policy_error"):
+        print(f"policy: last edit NOT applied, the previous policy serves: {state['policy_error']}")
     print(f"{'POD':<20} {'IP':<14} {'APP':<6} {'ENVOY':<6} SIDECAR")
     for r in status_rows(state):
         alive = r["alive"]

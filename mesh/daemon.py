@@ -48,6 +48,7 @@ class Daemon:
         self.topo: topology.Topology | None = None
         self.stamps: dict[Path, tuple[int, int]] = {}
         self.stop = False
+        self.policy_error = ""  # the last edit refused (shown by `mesh status`), "" once one applies
 
     # -- build -------------------------------------------------------------
     def build(self) -> None:
@@ -208,7 +209,8 @@ class Daemon:
             extra={"sidecars": "envoy" if self.sidecars else "none", "xds_mode": self.xds_mode,
                    "fastpath": self.args.fastpath, "logs": str(self.dir / "logs"),
                    "control_plane_pid": cp.pid if cp else None,
-                   "policy_files": [str(p) for p in self.spec.policy_files]})
+                   "policy_files": [str(p) for p in self.spec.policy_files],
+                   "policy_error": self.policy_error})
         configdir.atomic_write(self.dir / "state.json", json.dumps(doc, indent=1) + "\n")
 
     # -- run ---------------------------------------------------------------
@@ -228,14 +230,23 @@ class Daemon:
             new = spec.load(self.spec.path, self.name)
         except spec.MeshFileError as exc:
             log.error("policy not applied, previous policy stays: %s", exc)
-            return
+            return self._policy_refused(str(exc))
         if new.services != self.spec.services or new.namespace != self.spec.namespace:
             log.error("services changed in %s: only policy is applied live; "
                       "run `l7fp mesh down` and `up` for topology changes", new.path)
-            return
+            return self._policy_refused(f"services changed in {new.path}: only policy is "
+                                        "applied live (`mesh down` + `up` for the rest)")
         self.spec = new
+        if self.policy_error:
+            self._policy_refused("")
         if self.sidecars:
             log.info("policy change applied: %d file(s) rewritten", self.write_config())
+
+    def _policy_refused(self, why: str) -> None:
+        """Record (or clear, with "") the refused edit in state.json for `mesh status`;
+        else it was only in daemon.log and the user saw the old policy serve, unsaid."""
+        self.policy_error = " ".join(why.split())[:400]  # YAML errors span lines: one line
+        self.write_state()
 
     def run(self) -> None:
         while not self.stop:
