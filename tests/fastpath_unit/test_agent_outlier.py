@@ -1,0 +1,127 @@
+"""The agent half of outlier detection (fastpath/agent_outlier.py) over fake
+maps: the answers the agent makes itself (a close's 503, a timeout's 504)
+counted and ejecting as the kernel would, the merge window of the LB's view,
+unejection at the tick, and the retry agent's view. The kernel half is
+tested against the real Envoy in tests/kernel_differential/test_outlier_mesh.py."""
+
+from __future__ import annotations
+
+import ctypes as ct
+from types import SimpleNamespace
+from typing import Any
+
+from fastpath import agent_outlier
+from fastpath.agent_outlier import OdCluster, OdDet, OdHost, OutlierKeeper
+from fastpath.agent_reset import PeerVal
+from fastpath.outlier import OutlierConfig
+from fastpath.plan import Cluster, Endpoint, KernelPlan, LbPolicy
+
+MS = 1_000_000
+
+
+class FakeMap:
+    """A BCC table stand-in: values by key value, zero structs for arrays."""
+
+    def __init__(self, leaf: Any, array: bool = True) -> None:
+        self.leaf, self.array, self.d = leaf, array, {}
+        self.Key = ct.c_uint64
+
+    def __getitem__(self, k: Any) -> Any:
+        v = self.d.get(k.value)
+        if v is None:
+            if not self.array:
+                raise KeyError(k.value)
+            v = self.leaf()
+        out = self.leaf()
+        ct.memmove(ct.addressof(out), ct.addressof(v), ct.sizeof(v))
+        return out
+
+    def __setitem__(self, k: Any, v: Any) -> None:
+        self.d[k.value] = v
+
+
+def keeper(cfg: OutlierConfig) -> tuple[OutlierKeeper, Any]:
+    bpf = {"dp_odc": FakeMap(OdCluster), "dp_odd": FakeMap(OdDet), "dp_odh": FakeMap(OdHost),
+           "dp_peer": FakeMap(PeerVal, array=False)}
+    k = OutlierKeeper(SimpleNamespace(bpf=bpf))
+    c = Cluster("c", LbPolicy.ROUND_ROBIN, (Endpoint("198.18.0.2", 80), Endpoint("198.18.0.3", 80)),
+                outlier=cfg)
+    sp = SimpleNamespace(cluster_ids={"c": 0}, no_healthy={})
+    k.program(KernelPlan("n", "1", (), (c,)), sp, 0, lambda cl: list(cl.endpoints),
+              {(0, 0): 7, (0, 1): 8})
+    return k, bpf
+
+
+def bind(bpf: Any, up: int, slot: int) -> None:
+    bpf["dp_peer"][ct.c_uint64(up)] = PeerVal(1, 1, 0, slot + 1)
+
+
+def test_program_writes_the_cluster_and_detector() -> None:
+    k, bpf = keeper(OutlierConfig(threshold_5xx=3, max_percent=50, panic_percent=0.0))
+    rec = bpf["dp_odc"][ct.c_uint32(0)]
+    assert (rec.det, rec.n, rec.rr, rec.host[0], rec.host[1]) == (1, 2, 1, 0, 1)
+    det = bpf["dp_odd"][ct.c_uint32(0)]
+    assert (det.total, det.room, det.panic, det.window_ns) == (2, 1, 0, 1000 * MS)
+    assert bpf["dp_odh"][ct.c_uint32(1)].t5xx == 3
+
+
+def test_agent_answers_count_and_eject_then_tick_brings_back(monkeypatch: Any) -> None:
+    now = [10_000 * MS]
+    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: now[0])
+    k, bpf = keeper(OutlierConfig(threshold_5xx=3, threshold_gateway=0, interval_ms=500,
+                                  base_ms=1000, max_percent=50))
+    bind(bpf, 42, 1)
+    k.count_error(42, 503)  # a close before the response: the destination sidecar's 503
+    k.count_error(42, 504)  # a timeout
+    assert not bpf["dp_odh"][ct.c_uint32(1)].ejected
+    k.count_error(42, 503)
+    h = bpf["dp_odh"][ct.c_uint32(1)]
+    assert h.ejected and h.lb_out and h.c5xx == 0  # out of the merge window: the LB at once
+    det = bpf["dp_odd"][ct.c_uint32(0)]
+    assert (det.ejected, det.lb_out, det.room) == (1, 1, 0)
+    assert k.healthy_pools(0, 0, [7, 8]) == [7]  # the retry agent skips it too
+    bind(bpf, 43, 0)
+    for _ in range(3):
+        k.count_error(43, 500)  # max_ejection_percent 50 of 2: no room for a second
+    assert not bpf["dp_odh"][ct.c_uint32(0)].ejected
+    assert bpf["dp_odh"][ct.c_uint32(0)].overflow == 1
+    now[0] += 600 * MS
+    k.service(now[0])  # notices the ejection; the first tick (0.5 s) is too early
+    assert k.debug()["c"]["active"] == 1
+    now[0] += 600 * MS
+    k.service(now[0])  # 1.2 s later: back at the tick; the LB's view 1.2 s after the last
+    h = bpf["dp_odh"][ct.c_uint32(1)]
+    assert not h.ejected and not h.lb_out and k.debug()["c"]["unejections"] == 1
+
+
+def test_unejection_within_the_merge_window_is_delivered_later(monkeypatch: Any) -> None:
+    now = [10_000 * MS]
+    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: now[0])
+    k, bpf = keeper(OutlierConfig(threshold_5xx=1, interval_ms=100, base_ms=100,
+                                  max_percent=100, merge_window_ms=1000))
+    bind(bpf, 42, 0)
+    k.count_error(42, 500)  # ejected and delivered now (last delivery: never)
+    now[0] += 200 * MS
+    k.service(now[0])  # unejected at the tick, but the LB got a change 0.2 s ago: merged
+    h = bpf["dp_odh"][ct.c_uint32(0)]
+    assert not h.ejected and h.lb_out
+    assert bpf["dp_odd"][ct.c_uint32(0)].pending
+    now[0] += 900 * MS
+    k.service(now[0])  # 0.9 s after the unejection: still merged
+    assert bpf["dp_odh"][ct.c_uint32(0)].lb_out
+    now[0] += 150 * MS
+    k.service(now[0])  # the window (1 s from the unejection) ended: delivered
+    assert not bpf["dp_odh"][ct.c_uint32(0)].lb_out
+    assert not bpf["dp_odd"][ct.c_uint32(0)].pending
+
+
+def test_panic_keeps_every_pool_for_the_retry_agent(monkeypatch: Any) -> None:
+    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: 10_000 * MS)
+    k, bpf = keeper(OutlierConfig(threshold_5xx=1, max_percent=100, panic_percent=50.0,
+                                  merge_window_ms=0))
+    bind(bpf, 42, 0)
+    k.count_error(42, 502)
+    assert k.healthy_pools(0, 0, [7, 8]) == [8]  # 1 of 2 healthy: 50 %, no panic
+    bind(bpf, 43, 1)
+    k.count_error(43, 502)
+    assert k.healthy_pools(0, 0, [7, 8]) == [7, 8]  # none healthy: panic, every host
