@@ -13,6 +13,8 @@ from typing import Any as AnyT
 
 import yaml
 
+from xds_server.serve import port
+
 HELP = """\
 Print an Envoy bootstrap (YAML, or JSON with --json) with ADS over gRPC to the
 control plane (state of the world, or incremental with --delta), the node id
@@ -30,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--xds", default="127.0.0.1:15010", metavar="HOST:PORT",
                    help="control plane address (default 127.0.0.1:15010)")
     p.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
-    p.add_argument("--admin-port", type=int, default=15000, help="Envoy admin port (default 15000)")
+    p.add_argument("--admin-port", type=port, default=15000, help="Envoy admin port (default 15000)")
     p.add_argument("--admin-address", default="127.0.0.1", help="Envoy admin address (default 127.0.0.1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     p.set_defaults(func=main)

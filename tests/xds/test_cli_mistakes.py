@@ -47,6 +47,9 @@ def test_port_out_of_range_is_a_usage_error(config_dir):
     assert out.returncode == 2
     assert "--xds-port: '99999': expected a port number 0-65535" in out.stderr
     assert "Traceback" not in out.stderr
+    boot = subprocess.run([sys.executable, "-m", "xds_server", "bootstrap", "--node-id", "n",
+                           "--admin-port", "99999"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert boot.returncode == 2 and "--admin-port: '99999': expected a port number" in boot.stderr
 
 
 def test_fastpath_on_where_it_cannot_run_exits_with_why(config_dir, monkeypatch):
