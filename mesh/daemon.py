@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(kept, ignore_errors=True)
         shutil.copytree(d.dir, kept, ignore=shutil.ignore_patterns("xds*"), dirs_exist_ok=True)
         d.shutdown()
-        print(f"ERROR {exc} (logs kept in {kept})", file=out, flush=True)
+        why = str(exc).replace(f" (logs in {d.dir}/logs)", "")  # removed by shutdown: name the copy
+        print(f"ERROR {why} (logs kept in {kept})", file=out, flush=True)
         return 1
     try:
         print(f"READY {d.dir / 'state.json'}", file=out, flush=True)

@@ -8,6 +8,7 @@ rules and the cgroup for `mesh down` to find.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,3 +56,22 @@ def test_interrupted_up_removes_everything(kernel: None, tmp_path: Path, sig: in
             proc.kill()
             proc.wait()
         teardown.down(name)
+
+
+def test_not_ready_names_the_logs_that_are_kept(kernel: None, tmp_path: Path) -> None:
+    """The error named the run's log directory, which the teardown had just removed."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(NEVER_READY)
+    name = unique_name("nr")
+    kept = Path(f"/tmp/l7fp-mesh-{name}-failed")
+    try:
+        r = subprocess.run([sys.executable, "-m", "xds_server", "mesh", "up", str(path), "--name", name,
+                            "--sidecars", "none", "--timeout", "3"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 1
+        assert r.stderr.strip() == f"l7fp mesh: not ready after 3s: ['idle-0'] (logs kept in {kept})"
+        assert (kept / "logs" / "idle-0.app.log").exists()
+        assert leftovers(name) == []
+    finally:
+        teardown.down(name)
+        shutil.rmtree(kept, ignore_errors=True)
