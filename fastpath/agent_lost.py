@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 INJECTOR_SLOT = 4  # dp_inj: 0 timeouts, 1 delays, 2 redirects, 3 resets
 ANSWER_S = 30.0  # longest wait for the sidecar's answer (its own timeouts come first)
+MAX_IN_FLIGHT = 64  # handoff threads at once; beyond, a lost retry stays lost (counted)
 SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, NLM_F_DUMP, NLMSG_DONE, NLMSG_ERROR = 20, 1, 0x300, 3, 2
 TCP_ESTABLISHED = 1
 
@@ -97,17 +98,31 @@ class Handoff:
     def __init__(self, dp: Any, netns: str | None) -> None:
         self.dp = dp
         self.netns = netns  # the client pod's network namespace (its sockets)
-        self.counts = {"handed": 0, "answered": 0, "failed": 0}
+        self.counts = {"handed": 0, "answered": 0, "failed": 0, "over_limit": 0}
         self._lock = threading.Lock()  # the injector: one writer at a time
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self.injector: Injector | None = None
 
     def hand(self, client: int, request: bytes) -> None:
-        """Event thread: start the request's way through Envoy (a thread)."""
+        """Event thread: start the request's way through Envoy (a thread, at
+        most MAX_IN_FLIGHT at once: a burst of lost retries to a dead service
+        must not start a thread each)."""
+        if not self._slots.acquire(blocking=False):
+            self.counts["over_limit"] += 1
+            log.warning("handoff: %d in flight, client %d's lost retry not handed over",
+                        MAX_IN_FLIGHT, client)
+            return
         self.counts["handed"] += 1
         threading.Thread(target=self._run, args=(client, request), daemon=True,
                          name="l7fp-handoff").start()
 
     def _run(self, client: int, request: bytes) -> None:
+        try:
+            self._answer(client, request)
+        finally:
+            self._slots.release()
+
+    def _answer(self, client: int, request: bytes) -> None:
         try:
             if self.netns:
                 _enter(self.netns)

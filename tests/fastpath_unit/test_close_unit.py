@@ -5,6 +5,7 @@ and the wait value a forwarded request leaves (HEAD: no body to count)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 from fastpath.agent_close import DP_LEFT_UNKNOWN, DP_WAIT_HEAD, action, wait_value
 
@@ -62,3 +63,37 @@ def test_response_end_follows_content_length_and_chunks() -> None:
     ch = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
     assert response_end(ch) == len(ch) and response_end(ch[:-2]) is None
     assert response_end(b"HTTP/1.1 200 OK\r\n\r\nuntil the close") is None
+
+
+def test_eofs_after_kernel_replies_wait_for_the_reply(monkeypatch: Any) -> None:
+    """Closer.after_reply (event thread) queues the EOF; service() sends it once
+    AFTER_REPLY_S passed (the reply lands when the sk_msg program returns)."""
+    import fastpath.agent_close as ac
+
+    sent: list[int] = []
+    closer = ac.Closer(dp=None)
+    monkeypatch.setattr(closer, "send_eof", lambda client: sent.append(client) or True)
+    now = [100.0]
+    monkeypatch.setattr(ac.time, "monotonic", lambda: now[0])
+    closer.after_reply(7)
+    closer.service()
+    assert sent == []  # not before the margin
+    now[0] += ac.AFTER_REPLY_S
+    closer.service()
+    closer.service()
+    assert sent == [7] and closer.counts["close_after_reply"] == 1
+
+
+def test_handoffs_are_bounded(monkeypatch: Any) -> None:
+    import threading
+
+    import fastpath.agent_lost as al
+
+    release = threading.Event()
+    monkeypatch.setattr(al.Handoff, "_answer", lambda self, c, r: release.wait(5))
+    monkeypatch.setattr(al, "MAX_IN_FLIGHT", 2)
+    h = al.Handoff(dp=None, netns=None)
+    for client in range(3):
+        h.hand(client, b"GET / HTTP/1.1\r\n\r\n")
+    assert h.counts["handed"] == 2 and h.counts["over_limit"] == 1
+    release.set()
