@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import inspect
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ def port(text: str) -> int:
 
 def _cannot_listen(flag: str, host: str, port: int, exc: OSError) -> SystemExit:
     """The exit for a port another process holds: name the flag the user can change."""
-    why = exc.strerror or str(exc)
+    why = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's text repeats the address
     return SystemExit(f"l7fp serve: {flag} {port}: cannot listen on {host}:{port}: {why}")
 
 

@@ -38,7 +38,8 @@ def test_port_in_use_names_the_flag(config_dir, busy_port, flag):
     other = "--admin-port" if flag == "--xds-port" else "--xds-port"
     out = serve(str(config_dir.path), flag, str(busy_port), other, "0")
     assert out.returncode == 1, out.stderr
-    assert f"l7fp serve: {flag} {busy_port}: cannot listen on 127.0.0.1:{busy_port}" in out.stderr
+    assert out.stderr.strip().endswith(
+        f"l7fp serve: {flag} {busy_port}: cannot listen on 127.0.0.1:{busy_port}: Address already in use")
     assert "Traceback" not in out.stderr, out.stderr
 
 
