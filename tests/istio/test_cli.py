@@ -55,3 +55,13 @@ def test_config_of_a_node_that_is_no_pod_is_an_error() -> None:
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr.startswith("l7fp istio: --node 'sidecar~198.18.9.9~detials-v1.default~")
     assert "no pod of --mesh-file/--k8s" in r.stderr and "details-v1" not in r.stderr.split("pods:")[0]
+
+
+def test_check_says_each_warning_once(tmp_path: Path) -> None:
+    """Without --log-level error, the importer's log line doubled every warning on a terminal."""
+    (tmp_path / "vs.yaml").write_text("apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+                                      "metadata: {name: r}\nspec: {hosts: [nowhere], http: []}\n")
+    r = subprocess.run([sys.executable, "-m", "xds_server", "istio", "check", str(tmp_path), *BOOKINFO],
+                       capture_output=True, text=True, timeout=120, cwd=HERE.parents[1])
+    assert r.returncode == 1
+    assert (r.stdout + r.stderr).count("'nowhere' matches no service") == 1, r.stdout + r.stderr

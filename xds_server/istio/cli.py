@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 HELP = """\
@@ -42,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from . import generate, load
 
+    # The importer logs each warning as it goes; `check` prints each of them as its
+    # result (stdout), so a terminal showed every warning twice.
+    logging.getLogger("xds_server.istio").setLevel(logging.ERROR)
     try:
         mesh = load(args.policies, args.mesh_file, args.k8s)
     except (ValueError, OSError) as exc:
