@@ -107,3 +107,11 @@ def test_missing_mesh_file_is_named(config_dir):
     assert out.returncode == 1
     assert out.stderr.strip().endswith(f"l7fp serve: --mesh-file {config_dir.path / 'absent.yaml'}: "
                                        "no such file or directory")
+
+
+def test_empty_config_dir_is_said(config_dir, caplog):
+    from xds_server.sources.files import DirectorySource
+
+    assert DirectorySource(config_dir.path).load()
+    assert f"{config_dir.path} has no resource files (*.yaml, *.yml, *.json): serving an empty config" \
+        in caplog.text

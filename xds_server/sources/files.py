@@ -283,6 +283,9 @@ class DirectorySource(Source):
         self.generation += 1
         self._memo.clear()
         log.info("config loaded from %s: %d files (generation %d)", self.directory, len(files), self.generation)
+        if not files:  # a wrong --config DIR looks just like this: say it
+            log.warning("%s has no resource files (*.yaml, *.yml, *.json): serving an empty config",
+                        self.directory)
         return True
 
     def resources_for(self, node: NodeInfo) -> NodeResources:
