@@ -218,6 +218,18 @@ static __always_inline void dp_outlier_status(__u32 host1, __u32 status)
     }
 }
 
+/* Count the status of a response whose first 12 bytes are d ("HTTP/1.1 503");
+ * anything else is not a status line and is not counted. */
+static __always_inline void dp_outlier_status_line(__u32 host1, const __u8 *d)
+{
+    if (d[0] != 'H' || d[4] != '/' || d[8] != ' ')
+        return;
+    __u8 a = d[9], b = d[10], c = d[11];
+    if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
+        return;
+    dp_outlier_status(host1, (a - '0') * 100 + (b - '0') * 10 + (c - '0'));
+}
+
 /* dp_srv_verdict: the first write of a response to a request the kernel (or
  * the retry agent) forwarded to a host with outlier detection. */
 static __always_inline void dp_outlier_response(struct sk_msg_md *msg, struct dp_peer_val *p)
@@ -230,12 +242,7 @@ static __always_inline void dp_outlier_response(struct sk_msg_md *msg, struct dp
     __u8 *d = msg->data;
     if ((void *)(d + 12) > msg->data_end)
         return; /* status line not in this write: not counted */
-    if (d[0] != 'H' || d[4] != '/' || d[8] != ' ')
-        return;
-    __u8 a = d[9], b = d[10], c = d[11];
-    if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
-        return;
-    dp_outlier_status(host1, (a - '0') * 100 + (b - '0') * 10 + (c - '0'));
+    dp_outlier_status_line(host1, d);
 }
 
 /* dp_skb_verdict (unpaired upstream U): the same on the first response segment. */
@@ -248,12 +255,7 @@ static __always_inline void dp_outlier_response_skb(struct __sk_buff *skb, struc
     __u8 d[12];
     if (bpf_skb_load_bytes(skb, 0, d, 12))
         return;
-    if (d[0] != 'H' || d[4] != '/' || d[8] != ' ')
-        return;
-    __u8 a = d[9], b = d[10], c = d[11];
-    if (a < '0' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9')
-        return;
-    dp_outlier_status(host1, (a - '0') * 100 + (b - '0') * 10 + (c - '0'));
+    dp_outlier_status_line(host1, d);
 }
 #else
 static __always_inline __u32 dp_outlier_pick(__u32 gen, __u32 cid, __u32 *ep)

@@ -46,7 +46,8 @@ DRIVER = RETRY / "driver1w.py"
 GAP_MS = 60  # between requests, both modes: 16 requests a second
 N_ONE_BAD = 95  # ~6 s: two ejections of the bad pod (1 s, then 2 s) and back
 N_ALL_BAD = 30
-N_NONE = 60  # `oq`: both pods bad, no panic: Envoy's 503 "no healthy upstream" (~4 s)
+N_NONE = 75  # `oq`: both pods bad, no panic: Envoy's 503 "no healthy upstream" (~4 s), then a pod
+# back (at 60 the comeback was the last request of a loaded run; 75 stays within N_ONE_BAD's time)
 NO_HEALTHY = "no healthy upstream"
 
 
@@ -227,8 +228,9 @@ def test_no_host_left_answers_as_envoy(runs: dict[str, Any], kernel: None) -> No
     assert len(got["off"]) >= 10 and len(got["on"]) >= 10, msg
     assert abs(len(got["on"]) - len(got["off"])) <= 9, msg
     assert abs(got["on"][0] - got["off"][0]) <= 4, msg  # the merge window: no tick in it
-    for mode in ("off", "on"):  # a pod came back after the no-host stretch
-        assert got[mode][-1] < N_NONE - 1, msg
+    for mode in ("off", "on"):  # a pod came back after the no-host stretch (what follows
+        # depends on the phase of the interval ticks, which differs: docs, Limits)
+        assert any(i not in got[mode] for i in range(got[mode][0], N_NONE)), msg
 
 
 def test_kernel_served_and_ejected(runs: dict[str, Any], kernel: None) -> None:
