@@ -86,6 +86,18 @@ ROUTER = {"name": "envoy.filters.http.router", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 
 
+def timed_routes(timed: str, default: bool = False) -> list[dict[str, Any]]:
+    """Routes to cluster "up": /t with route timeout `timed`, /n with none (0s, as
+    Istio sets it) and, with `default`, /d with Envoy's default (15 s)."""
+    routes = [
+        {"name": "timed", "match": {"prefix": "/t"}, "route": {"cluster": "up", "timeout": timed}},
+        {"name": "none", "match": {"prefix": "/n"}, "route": {"cluster": "up", "timeout": "0s"}},
+    ]
+    if default:
+        routes.append({"name": "dflt", "match": {"prefix": "/d"}, "route": {"cluster": "up"}})
+    return routes
+
+
 def listener_and_cluster(port: int, up_port: int, routes: list[dict[str, Any]],
                          http_filters: tuple[dict[str, Any], ...] = ()
                          ) -> tuple[dict[str, Any], dict[str, Any]]:

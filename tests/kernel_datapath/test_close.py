@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_envoy import ResourcesEnvoy, listener_and_cluster, timed_routes
 from k2_http import ThreadedServer, recv_head
 from k2_plan import load_plan, run_client, split_plan
 
@@ -70,11 +70,7 @@ class MidCloseUpstream(ThreadedServer):
 def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """/n: no route timeout (0s, as Istio sets it); /t: 5 s (the route timer
     must not be what closes)."""
-    routes = [
-        {"name": "t5", "match": {"prefix": "/t"}, "route": {"cluster": "up", "timeout": "5s"}},
-        {"name": "none", "match": {"prefix": "/n"}, "route": {"cluster": "up", "timeout": "0s"}},
-    ]
-    return listener_and_cluster(port, up_port, routes)
+    return listener_and_cluster(port, up_port, timed_routes("5s"))
 
 
 @pytest.fixture

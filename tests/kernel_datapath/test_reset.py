@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_envoy import ResourcesEnvoy, listener_and_cluster, timed_routes
 from k2_http import ThreadedServer, recv_head
 from k2_plan import load_plan, run_client, split_plan
 
@@ -52,11 +52,7 @@ class ClosingUpstream(ThreadedServer):
 
 def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """/t: a 1 s route timeout; /n: none (0s, as Istio sets it)."""
-    routes = [
-        {"name": "t1", "match": {"prefix": "/t"}, "route": {"cluster": "up", "timeout": "1s"}},
-        {"name": "none", "match": {"prefix": "/n"}, "route": {"cluster": "up", "timeout": "0s"}},
-    ]
-    return listener_and_cluster(port, up_port, routes)
+    return listener_and_cluster(port, up_port, timed_routes("1s"))
 
 
 @pytest.fixture
@@ -109,6 +105,6 @@ def test_reset_before_response_matches_envoy(agent: Agent, cgroup: Any, renvoy: 
     assert node.resetter.counts["reset_503"] == 4, node.resetter.counts
     assert node.keeper is not None and node.keeper.counts["timeout_504"] == 0
     fast_closes = sum(n for (route, outcome, _), n in node.stats().items()
-                      if outcome == "fast" and route.rsplit("/", 1)[-1] in ("none", "t1"))
+                      if outcome == "fast" and route.rsplit("/", 1)[-1] in ("none", "timed"))
     assert fast_closes >= 5  # the kernel forwarded the requests it answered
     assert json.dumps(node.debug()["resets"])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_envoy import ResourcesEnvoy, listener_and_cluster, timed_routes
 from k2_plan import load_plan, run_client, split_plan
 from k2_slow import SlowServer
 from test_agent import wait_for
@@ -26,12 +26,7 @@ CLIENT = Path(__file__).with_name("k2_tmo_client.py")
 
 def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """One listener, the same for Envoy and the split: /t 1 s, /n none, /d default."""
-    routes = [
-        {"name": "t1", "match": {"prefix": "/t"}, "route": {"cluster": "up", "timeout": "1s"}},
-        {"name": "none", "match": {"prefix": "/n"}, "route": {"cluster": "up", "timeout": "0s"}},
-        {"name": "dflt", "match": {"prefix": "/d"}, "route": {"cluster": "up"}},
-    ]
-    return listener_and_cluster(port, up_port, routes)
+    return listener_and_cluster(port, up_port, timed_routes("1s", default=True))
 
 
 @pytest.fixture
@@ -85,7 +80,7 @@ def test_timeouts_match_envoy(agent: Agent, cgroup: Any, tenvoy: ResourcesEnvoy,
     # not waited for
     assert sorted(node.timeouts.values()) == [1000, 15000]
     names = {node.route_names[r].rsplit("/", 1)[-1]: ms for r, ms in node.timeouts.items()}
-    assert names == {"t1": 1000, "dflt": 15000}
+    assert names == {"timed": 1000, "dflt": 15000}
     rto = {(k.gen, k.route): v.ms for k, v in node.dp.bpf["dp_rto"].items()}
     assert {ms for (g, _), ms in rto.items() if g == node.gen} == {1000, 15000}
 
