@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 
 def recv_head(c: socket.socket, buf: bytes,
@@ -87,3 +88,18 @@ class ThreadedServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# Request headers Envoy adds on its way to the upstream (the fast path does not)
+ENVOY_ADDS = {"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms"}
+
+
+def upstream_heads(seen: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+    """What an echo upstream (test_delay.EchoUpstream) saw, by the request's
+    x-case header: (request line, headers but Envoy's own, body, Envoy saw it)."""
+    out = {}
+    for r in seen:
+        hdrs = [(k, v) for k, v in r["headers"] if k not in ENVOY_ADDS]
+        out[dict(r["headers"])["x-case"]] = (r["line"], hdrs, r["body"],
+                                             "x-request-id" in dict(r["headers"]))
+    return out

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_http import upstream_heads
 from k2_plan import load_plan, run_client, split_plan
 from test_delay import EchoUpstream
 
@@ -28,7 +29,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
 CLIENT = Path(__file__).with_name("k2_tmo_client.py")
 CLIENT_SPLIT = Path(__file__).with_name("k2_client.py")  # writes in pieces
-ENVOY_ADDS = {"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms"}
 
 
 def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -86,16 +86,6 @@ def henvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[Resou
     e = ResourcesEnvoy(envoy_bin, "hop", resources, echo.port, tmp_path)
     yield e
     e.close()
-
-
-def upstream_heads(seen: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
-    """x-case -> (request line, headers but Envoy's own, body, Envoy saw it)."""
-    out = {}
-    for r in seen:
-        hdrs = [(k, v) for k, v in r["headers"] if k not in ENVOY_ADDS]
-        out[dict(r["headers"])["x-case"]] = (r["line"], hdrs, r["body"],
-                                             "x-request-id" in dict(r["headers"]))
-    return out
 
 
 def shape(conn: list[dict[str, Any]]) -> list[tuple[Any, ...]]:

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_http import upstream_heads
 from k2_plan import load_plan, run_client, split_plan
 from test_delay import EchoUpstream
 
@@ -35,7 +36,6 @@ from fastpath.rewrite_kernel import DpRw
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
 CLIENT = Path(__file__).with_name("k2_tmo_client.py")
-ENVOY_ADDS = {"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms"}
 
 
 def _rw(prefix: str, pattern: str, sub: str, route_more: dict[str, Any] | None = None,
@@ -76,28 +76,18 @@ def req(path: str, extra: str = "", body: str = "") -> str:
     return f"{method} {path} HTTP/1.1\r\nHost: svc\r\nx-case: {path}\r\n{extra}{length}\r\n{body}"
 
 
-def heads(seen: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
-    """x-case -> (request line, headers but Envoy's own, body, Envoy saw it)."""
-    out = {}
-    for r in seen:
-        hdrs = [(k, v) for k, v in r["headers"] if k not in ENVOY_ADDS]
-        out[dict(r["headers"])["x-case"]] = (r["line"], hdrs, r["body"],
-                                             "x-request-id" in dict(r["headers"]))
-    return out
-
-
 def both_ways(cgroup: Any, port: int, echo: EchoUpstream,
               script: list[list[str]]) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
     """(kernel responses, Envoy responses, upstream heads of each): the same
     script from inside the cgroup, then from outside it (Envoy only)."""
     fast = run_client(cgroup, CLIENT, port, script)
     time.sleep(0.1)
-    up_fast = heads(echo.take())
+    up_fast = upstream_heads(echo.take())
     r = subprocess.run([sys.executable, str(CLIENT), "127.0.0.1", str(port), json.dumps(script)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     time.sleep(0.1)
-    return fast, json.loads(r.stdout), up_fast, heads(echo.take())
+    return fast, json.loads(r.stdout), up_fast, upstream_heads(echo.take())
 
 
 def shape(resp: list[list[dict[str, Any]]]) -> list[tuple[Any, ...]]:
