@@ -27,23 +27,23 @@ written into the client's receive queue through the agent's injector socket
 
 from __future__ import annotations
 
-import ctypes as ct
 import logging
-import os
 import socket
 import struct
 import threading
 import time
 from typing import Any
 
-from fastpath.timeouts import CLONE_NEWNET, NETLINK_SOCK_DIAG, Injector
+from fastpath.pools import enter_netns
+from fastpath.retry import FramingError, request_method, response_end
+from fastpath.timeouts import NETLINK_SOCK_DIAG, NLM_F_REQUEST, NLMSG_ERROR, Injector
 
 log = logging.getLogger(__name__)
 
 INJECTOR_SLOT = 4  # dp_inj: 0 timeouts, 1 delays, 2 redirects, 3 resets
 ANSWER_S = 30.0  # longest wait for the sidecar's answer (its own timeouts come first)
 MAX_IN_FLIGHT = 64  # handoff threads at once; beyond, a lost retry stays lost (counted)
-SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, NLM_F_DUMP, NLMSG_DONE, NLMSG_ERROR = 20, 1, 0x300, 3, 2
+SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, NLMSG_DONE = 20, 0x300, 3
 TCP_ESTABLISHED = 1
 
 
@@ -71,24 +71,6 @@ def find_destination(batch: bytes, cookie: int) -> tuple[str, int] | None | bool
         if lo | hi << 32 == cookie:
             return dst, dport
         off += (n + 3) & ~3
-    return None
-
-
-def response_end(buf: bytes) -> int | None:
-    """Length of the whole HTTP/1.1 response at the start of `buf` (Content-Length
-    or chunked framing), None while it is not complete or its end is the close."""
-    head_end = buf.find(b"\r\n\r\n")
-    if head_end < 0:
-        return None
-    head = buf[:head_end].decode("latin-1").lower()
-    lines = head.split("\r\n")[1:]
-    if any(ln.startswith("transfer-encoding:") and "chunked" in ln for ln in lines):
-        end = buf.find(b"\r\n0\r\n\r\n", head_end)  # a last chunk without trailers
-        return None if end < 0 else end + 7
-    for ln in lines:
-        if ln.startswith("content-length:"):
-            total = head_end + 4 + int(ln.split(":", 1)[1])
-            return total if len(buf) >= total else None
     return None
 
 
@@ -125,9 +107,9 @@ class Handoff:
     def _answer(self, client: int, request: bytes) -> None:
         try:
             if self.netns:
-                _enter(self.netns)
+                enter_netns(self.netns)
             answer = _ask_envoy(client, request)
-        except OSError as exc:
+        except (OSError, FramingError) as exc:
             log.warning("handoff: client %d's lost retry not answered: %s", client, exc)
             self.counts["failed"] += 1
             return
@@ -142,17 +124,6 @@ class Handoff:
             if self.injector is not None:
                 self.injector.close()
                 self.injector = None
-
-
-def _enter(netns: str) -> None:
-    """This thread into the namespace `netns` (setns acts on the calling thread)."""
-    libc = ct.CDLL(None, use_errno=True)
-    fd = os.open(netns, os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ct.get_errno(), f"setns {netns}")
-    finally:
-        os.close(fd)
 
 
 def _destination(cookie: int) -> tuple[str, int]:
@@ -171,11 +142,12 @@ def _destination(cookie: int) -> tuple[str, int]:
 def _ask_envoy(client: int, request: bytes) -> bytes:
     """The answer of the pod's sidecar to `request` sent to the client's destination."""
     dst = _destination(client)
+    method = request_method(request)
     deadline = time.monotonic() + ANSWER_S
     with socket.create_connection(dst, timeout=ANSWER_S) as s:
         s.sendall(request)
         buf = b""
-        while (end := response_end(buf)) is None:
+        while (end := response_end(buf, method)) is None:
             s.settimeout(max(0.1, deadline - time.monotonic()))
             data = s.recv(65536)
             if not data:

@@ -40,7 +40,7 @@ from fastpath.pool_sizing import MAX_DEPTH, MIN_DEPTH, SHRINK_AFTER_S, Demand
 log = logging.getLogger(__name__)
 
 __all__ = ["MAX_DEPTH", "MIN_DEPTH", "SHRINK_AFTER_S", "EndpointKey", "Pool", "Pools",
-           "connect_in_netns", "NetnsSwitch"]
+           "connect_in_netns", "enter_netns", "NetnsSwitch"]
 
 CLONE_NEWNET = 0x40000000
 MAX_TOTAL = 3072  # upstream sockets of one node: below dp_up's DP_MAX_UP (4096)
@@ -74,6 +74,20 @@ class Pool:
     taken: int = 0  # free sockets bound (and maybe released) since the last look
     retired: bool = False
     pause_until: float = 0.0  # the endpoint's accept queue looked full: wait a little
+
+
+def enter_netns(netns: str) -> None:
+    """This thread into the network namespace `netns` (setns acts on the calling
+    thread); OSError with the errno when the kernel refuses. For short-lived
+    threads: NetnsSwitch keeps the fds of a thread that switches often."""
+    libc = ct.CDLL(None, use_errno=True)
+    fd = os.open(netns, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            e = ct.get_errno()
+            raise OSError(e, f"setns {netns}: {os.strerror(e)}")
+    finally:
+        os.close(fd)
 
 
 class NetnsSwitch:

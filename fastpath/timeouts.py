@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastpath import bpfsys
+from fastpath.pools import enter_netns
 
 log = logging.getLogger(__name__)
 
-CLONE_NEWNET = 0x40000000
 TIMEOUT_BODY = "upstream request timeout"
 DP_TMO_STARTED = 3  # bpf_src/dp_timeout.h
 
@@ -156,14 +156,11 @@ def destroy_socket(netns: str | None, src: int, sport: int, dst: int, dport: int
     def work() -> None:
         try:
             if netns:
-                libc = ct.CDLL(None, use_errno=True)
-                fd = os.open(netns, os.O_RDONLY)
                 try:
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        result.append(ct.get_errno())
-                        return
-                finally:
-                    os.close(fd)
+                    enter_netns(netns)
+                except OSError as e:
+                    result.append(e.errno or 0)
+                    return
             with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
                 nl.settimeout(1.0)
                 nl.send(destroy_msg(src, sport, dst, dport, cookie))

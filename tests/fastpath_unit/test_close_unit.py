@@ -55,7 +55,7 @@ def test_the_client_destination_is_found_by_cookie() -> None:
 
 
 def test_response_end_follows_content_length_and_chunks() -> None:
-    from fastpath.agent_lost import response_end
+    from fastpath.retry import response_end  # what the handoff (agent_lost) reads answers with
 
     cl = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbody"
     assert response_end(cl) == len(cl) and response_end(cl[:-1]) is None
