@@ -85,18 +85,20 @@ class Handoff:
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self.injector: Injector | None = None
 
-    def hand(self, client: int, request: bytes) -> None:
+    def hand(self, client: int, request: bytes) -> bool:
         """Event thread: start the request's way through Envoy (a thread, at
         most MAX_IN_FLIGHT at once: a burst of lost retries to a dead service
-        must not start a thread each)."""
+        must not start a thread each). False when it was not handed over (the
+        caller then leaves the request to the route timer, if it has one)."""
         if not self._slots.acquire(blocking=False):
             self.counts["over_limit"] += 1
             log.warning("handoff: %d in flight, client %d's lost retry not handed over",
                         MAX_IN_FLIGHT, client)
-            return
+            return False
         self.counts["handed"] += 1
         threading.Thread(target=self._run, args=(client, request), daemon=True,
                          name="l7fp-handoff").start()
+        return True
 
     def _run(self, client: int, request: bytes) -> None:
         try:

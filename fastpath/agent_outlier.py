@@ -20,9 +20,11 @@ import ctypes as ct
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpath import bpfsys
 from fastpath.outlier import Detector, OutlierConfig, allowed_ejections, merge
 from fastpath.plan import KernelPlan, LbPolicy, Verdict
 
@@ -80,6 +82,11 @@ class _Det:
     ejections: int = 0  # noticed kernel ejections
     unejections: int = 0
 
+    def live_slots(self) -> Iterator[tuple[str, int]]:
+        """(host key, slot) of the hosts the cluster has now (slots are kept
+        for hosts a plan dropped, so that one coming back keeps its state)."""
+        return ((k, s) for k, s in self.slots.items() if k in self.detector.hosts)
+
 
 class OutlierKeeper:
     """The agent's half for one node's datapath `dp` (fastpath.loader.Datapath)."""
@@ -92,6 +99,7 @@ class OutlierKeeper:
         self._lock = threading.Lock()  # count_error runs on the timer thread too
         # (gen, cluster id, pool) -> (detector, host slot): the retry agent's view
         self.pool_host: dict[tuple[int, int, int], tuple[_Det, int]] = {}
+        self.slot_det: dict[int, _Det] = {}  # host slot -> its detector (slots are never freed)
 
     # ---- plan (plans thread, node busy) ----------------------------------
     def program(self, plan: KernelPlan, sp: Any, gen: int, order: Any,
@@ -139,6 +147,7 @@ class OutlierKeeper:
         for h in hosts:
             if h not in d.slots:
                 d.slots[h] = self._free_slot
+                self.slot_det[self._free_slot] = d
                 self._free_slot += 1
             self._write_host_cfg(d, d.slots[h], cfg)
         self._write_det(d)
@@ -170,9 +179,7 @@ class OutlierKeeper:
         ejected = 0
         lb_out = 0
         odh = self.dp.bpf["dp_odh"]
-        for key, slot in d.slots.items():
-            if key not in d.detector.hosts:
-                continue
+        for _key, slot in d.live_slots():
             hk = ct.c_uint32(slot)
             h = odh[hk]
             if lb == "deliver" and h.lb_out != h.ejected:
@@ -204,16 +211,20 @@ class OutlierKeeper:
             return pools  # panic: Envoy's LB takes every host
         return ok or pools
 
-    def mark(self, up: int, gen: int, cid: int, pool: int) -> None:
-        """The retry agent sends an attempt on U (pool `pool`): its response
-        counts for that host (dp_peer's od_host, as sk_msg sets it)."""
+    def od_host(self, gen: int, cid: int, pool: int) -> int:
+        """dp_peer's od_host for an attempt on a pooled upstream of `pool`:
+        its host slot + 1, 0 when its cluster has no outlier detection."""
         got = self.pool_host.get((gen, cid, pool))
+        return got[1] + 1 if got else 0
+
+    def mark(self, up: int, gen: int, cid: int, pool: int) -> None:
+        """The retry agent sends an attempt on U's existing binding (pool `pool`):
+        its response counts for that host (dp_peer's od_host, as sk_msg sets it)."""
         t = self.dp.bpf["dp_peer"]
-        try:
-            v = t[t.Key(up)]
-        except KeyError:
+        v = bpfsys.table_get(t, up)
+        if v is None:
             return
-        v.od_host = got[1] + 1 if got else 0
+        v.od_host = self.od_host(gen, cid, pool)
         t[t.Key(up)] = v
 
     # ---- errors the agent answers (event thread: resets; timer thread: timeouts)
@@ -223,18 +234,15 @@ class OutlierKeeper:
         which the client's detector counts) or a route / per-try timeout (504,
         Envoy's LocalOriginTimeout). Counted for U's host as the kernel counts
         a response (dp_outlier_status). Call before U's dp_peer entry goes."""
-        peer = self.dp.bpf["dp_peer"]
-        try:
-            host1 = int(peer[peer.Key(up)].od_host)
-        except KeyError:
-            return
+        v = bpfsys.table_get(self.dp.bpf["dp_peer"], up)
+        host1 = int(v.od_host) if v is not None else 0
         if not host1:
             return
         with self._lock:
             self._count(host1 - 1, status)
 
     def _count(self, slot: int, status: int) -> None:
-        d = next((d for d in self.dets.values() if slot in d.slots.values()), None)
+        d = self.slot_det.get(slot)
         odh = self.dp.bpf["dp_odh"]
         k = ct.c_uint32(slot)
         h = odh[k]
@@ -250,16 +258,16 @@ class OutlierKeeper:
         h.c5xx += 1
         if h.t5xx and h.c5xx >= h.t5xx:
             h.c5xx, eject = 0, eject or 1
-        odh[k] = h
         if eject:
-            self._eject(d, slot, eject)
+            self._eject(d, k, h, eject)
+        else:
+            odh[k] = h
 
-    def _eject(self, d: _Det, slot: int, kind: int) -> None:
-        """dp_od_eject's rule, from the agent (room, then the merge window)."""
+    def _eject(self, d: _Det, k: Any, h: Any, kind: int) -> None:
+        """dp_od_eject's rule, from the agent (room, then the merge window), for
+        host record `h` (slot `k`, counters already updated by _count)."""
         rec = self.dp.bpf["dp_odd"][ct.c_uint32(d.det_id)]
         odh = self.dp.bpf["dp_odh"]
-        k = ct.c_uint32(slot)
-        h = odh[k]
         if not rec.room:
             h.overflow += 1
             odh[k] = h
@@ -284,9 +292,7 @@ class OutlierKeeper:
     def _service(self, now: int) -> None:
         odh = self.dp.bpf["dp_odh"]
         for d in self.dets.values():
-            for key, slot in d.slots.items():
-                if key not in d.detector.hosts:
-                    continue
+            for key, slot in d.live_slots():
                 h = odh[ct.c_uint32(slot)]
                 if h.ejected and d.detector.hosts[key].ejected_ns is None:
                     d.detector.noticed(key, int(h.ej_ns))
@@ -317,9 +323,7 @@ class OutlierKeeper:
         out: dict[str, Any] = {}
         for name, d in self.dets.items():
             hosts = {}
-            for key, slot in d.slots.items():
-                if key not in d.detector.hosts:
-                    continue
+            for key, slot in d.live_slots():
                 h = self.dp.bpf["dp_odh"][ct.c_uint32(slot)]
                 st = d.detector.hosts[key]
                 hosts[key] = {"ejected": bool(h.ejected), "consecutive_5xx": int(h.c5xx),

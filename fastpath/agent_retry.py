@@ -87,7 +87,7 @@ class Retrier:
         self.requests: dict[int, Attempts] = {}  # client cookie -> its request's attempts
         self.extra: dict[int, list[int]] = {}  # client cookie -> upstreams bound by retries
         # a retry with no upstream left: (client, request) to Envoy (agent_lost.Handoff)
-        self.on_lost: Callable[[int, bytes], None] | None = None
+        self.on_lost: Callable[[int, bytes], bool] | None = None  # True: handed over
         self.policies: dict[tuple[int, int], RetryPolicy] = {}  # (gen, route id + 1)
         self.cluster_pools: dict[tuple[int, int], list[int]] = {}  # (gen, cluster id) -> pools
         # (gen, route id + 1) -> (route timeout ms, per-try timeout ms) of timed retry routes
@@ -297,9 +297,8 @@ class Retrier:
         target = self._target(job, attempts)
         if target is None:
             self.stats["no_upstream"] += 1
-            if self.on_lost is not None:  # to Envoy (fastpath/agent_lost.py): its answer
-                self.on_lost(job.client, bytes(rec.req[:rec.len]))
-                return
+            if self.on_lost is not None and self.on_lost(job.client, bytes(rec.req[:rec.len])):
+                return  # to Envoy (fastpath/agent_lost.py): the client gets its answer
             if tmo is not None:
                 deadline.unclaim(self.dp, job.up)  # the timer still answers at the deadline
             log.warning("retry: no upstream for client %d's retry: request lost", job.client)
@@ -319,12 +318,16 @@ class Retrier:
         ct.memmove(armed.req, req, len(req))
         t = self.dp.bpf["dp_retry"]
         t[t.Key(up)] = armed  # armed before the request leaves: its response is checked
+        gen, cid = int(rec.gen), int(rec.cluster)
         if up != job.up:
-            # waiting for its first response byte: a close of its app is a reset
-            bpfsys.map_update(self.dp.fds["dp_peer"], ct.c_uint64(up), PeerVal(job.client, wait_value(req)))
+            # waiting for its first response byte: a close of its app is a reset;
+            # the attempt's response counts for its host (outlier detection)
+            od = self.outlier.od_host(gen, cid, pool) if self.outlier is not None else 0
+            bpfsys.map_update(self.dp.fds["dp_peer"], ct.c_uint64(up),
+                              PeerVal(job.client, wait_value(req), od_host=od))
             self.extra.setdefault(job.client, []).append(up)
-        if self.outlier is not None:  # the attempt's response counts for its host
-            self.outlier.mark(up, int(rec.gen), int(rec.cluster), pool)
+        elif self.outlier is not None:  # the attempt's response counts for its host
+            self.outlier.mark(up, gen, cid, pool)
         try:
             sock.setblocking(True)
             sock.sendall(req)
