@@ -32,7 +32,7 @@ from fastpath import envoy_model as em
 from fastpath import input_checks as checks
 from fastpath.classify_delay import runtime_of
 from xds_server.istio.reader import split_reader as read_istio
-from xds_server.sources import cilium_files
+from xds_server.sources import cilium, cilium_files
 
 
 @dataclass
@@ -133,18 +133,19 @@ def read_envoy_xds(path: Path) -> list[Document]:
     for d in _docs(path):
         if not isinstance(d, dict):
             continue
-        spec = d.get("spec") if d.get("kind") in ("CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig") else d
+        cec = cilium.is_cec(d)
+        spec = d.get("spec") if cec else d
         items = spec.get("resources") if isinstance(spec, dict) else None
-        if not isinstance(items, list) or not any(isinstance(i, dict) and "@type" in i for i in items):
+        typed = [i for i in items if isinstance(i, dict) and "@type" in i] if isinstance(items, list) else []
+        if not typed:
             continue
         doc = Document(str(path), "envoy-xds")
-        typed = [i for i in items if isinstance(i, dict) and "@type" in i]
-        if d is not spec:  # as cilium-agent hands them to Envoy, the way `l7fp serve` serves them
+        if cec:  # as cilium-agent hands them to Envoy, the way `l7fp serve` serves them
             typed = cilium_files.prepare(d)
         _listeners(doc, [i for i in typed if i["@type"] == em.LISTENER])
         for item in [i for i in typed if i["@type"] != em.LISTENER]:
             _add(doc, item["@type"], item)
-        if d is not spec:
+        if cec:
             _add_cilium_endpoints(doc, d, path)
         out.append(doc)
     return out

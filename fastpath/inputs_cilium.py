@@ -28,12 +28,9 @@ def endpoints_for(cec: Mapping[str, Any], path: Path, load: Callable[[Path], tup
                   ) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
     """(assignments, EDS service name -> why it has none, registry warnings) for one
     CEC document of ``path``; ``load`` reads a file's YAML documents (cached by the caller)."""
-    wanted = cilium.ports_by_service(cilium.service_refs(cec))
-    reg, warnings = cilium.registry(_registry_docs(path, load), str(path.parent))
-    clas = cilium.load_assignments(wanted, reg)
     clusters = [r for r in cilium.resources(cec) if r["@type"] == cilium.CLUSTER]
-    why = cilium.missing(clusters, wanted, reg, (c["clusterName"] for c in clas))
-    return clas, why, warnings
+    return cilium.assignments(cilium.service_refs(cec), _registry_docs(path, load), clusters,
+                              str(path.parent))
 
 
 def _registry_docs(path: Path, load: Callable[[Path], tuple[Any, ...]]) -> list[Any]:

@@ -67,11 +67,17 @@ def is_registry_object(doc: Any) -> bool:
     return isinstance(doc, Mapping) and doc.get("kind") in REGISTRY_KINDS
 
 
+def cec_namespace(doc: Mapping[str, Any]) -> str:
+    """A CEC's namespace ("default" when unset); "" for a clusterwide one."""
+    if doc.get("kind") == "CiliumClusterwideEnvoyConfig":
+        return ""
+    return str((doc.get("metadata") or {}).get("namespace") or "default")
+
+
 def cec_name(doc: Mapping[str, Any]) -> str:
     """`KIND NS/NAME` of a CEC, for messages."""
-    meta = doc.get("metadata") or {}
-    ns = "" if doc.get("kind") == "CiliumClusterwideEnvoyConfig" else str(meta.get("namespace") or "default")
-    return f"{doc.get('kind')} {ns + '/' if ns else ''}{meta.get('name') or '(no name)'}"
+    ns = cec_namespace(doc)
+    return f"{doc.get('kind')} {ns + '/' if ns else ''}{(doc.get('metadata') or {}).get('name') or '(no name)'}"
 
 
 def resources(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -180,6 +186,19 @@ def why_missing(name: str, wanted: Mapping[str, frozenset[str]], reg: Registry) 
     if not port and selected:
         return f"Service '{key}' has ports selected: cilium-agent publishes only 'NAME:PORT'"
     return f"Service '{key}' has no port '{port}'"
+
+
+def assignments(refs: Iterable[ServiceRef], registry_docs: Iterable[Any],
+                clusters: Iterable[Mapping[str, Any]], source: str = ""
+                ) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
+    """What cilium-agent publishes for the Services `refs` name, from the
+    Service/EndpointSlice/Pod objects `registry_docs`: (assignments, EDS service
+    name of each of `clusters` left without one -> why, registry warnings).
+    Called by `l7fp serve` (cilium_files.endpoints) and `l7fp split` (inputs_cilium)."""
+    wanted = ports_by_service(refs)
+    reg, warnings = registry(registry_docs, source)
+    clas = load_assignments(wanted, reg)
+    return clas, missing(clusters, wanted, reg, (c["clusterName"] for c in clas)), warnings
 
 
 def missing(cluster_items: Iterable[Mapping[str, Any]], wanted: Mapping[str, frozenset[str]],

@@ -113,22 +113,19 @@ def endpoints(inputs: Iterable[KubeInput], directory: str) -> dict[str, list[bet
     """The assignments cilium-agent publishes for the Services the CECs name;
     logs each EDS cluster that gets none, with why."""
     inputs = list(inputs)
-    wanted = cilium.ports_by_service(r for k in inputs for r in k.refs)
-    reg, warnings = cilium.registry([d for k in inputs for d in k.registry_docs], directory)
+    clas, why_missing, warnings = cilium.assignments(
+        [r for k in inputs for r in k.refs], [d for k in inputs for d in k.registry_docs],
+        [c for k in inputs for c in k.clusters], directory)
     for w in warnings:
         log.warning("%s: %s", directory, w)
-    clas = cilium.load_assignments(wanted, reg)
-    clusters = [c for k in inputs for c in k.clusters]
-    for name, why in sorted(cilium.missing(clusters, wanted, reg, (c["clusterName"] for c in clas)).items()):
+    for name, why in sorted(why_missing.items()):
         log.warning("%s: EDS cluster %r gets no endpoints, as from cilium-agent: %s", directory, name, why)
     return {cilium.ENDPOINT: [res.parse_resource(c, ENDPOINTS_FILE) for c in clas]} if clas else {}
 
 
 def prepare(cec: Mapping[str, Any]) -> list[dict[str, Any]]:
     """`spec.resources` as cilium-agent gives them to Envoy (see the module doc)."""
-    meta = cec.get("metadata") or {}
-    ns = "" if cec.get("kind") == "CiliumClusterwideEnvoyConfig" else str(meta.get("namespace") or "default")
-    q = _Qualifier(ns, str(meta.get("name") or ""))
+    q = _Qualifier(cilium.cec_namespace(cec), str((cec.get("metadata") or {}).get("name") or ""))
     out = []
     for item in copy.deepcopy(cilium.resources(cec)):
         kind = item["@type"]
