@@ -276,8 +276,7 @@ def _regex_rewrite(a: dict[str, Any], match: Any, action: Action,
     rr = a.get("regexRewrite")
     if (rr is None and not a.get("prefixRewrite")) or not isinstance(action, ClusterAction):
         return action, []
-    router = next((f for f in ctx.filters if f.kind == "router"), None)
-    if router is not None and router.config.get("suppressEnvoyHeaders"):
+    if _suppresses_envoy_headers(ctx):
         # x-envoy-original-path is then not sent: not measured, so Envoy's
         return action, ["path rewrite with the router's suppress_envoy_headers"]
     if rr is None:
@@ -467,6 +466,12 @@ def _headers(r: dict[str, Any], ctx: RouteContext) -> tuple[list[HeaderValue], l
     return adds, removes, reasons
 
 
+def _suppresses_envoy_headers(ctx: RouteContext) -> bool:
+    """The HCM's router has suppress_envoy_headers: no x-envoy-* request headers."""
+    router = next((f for f in ctx.filters if f.kind == "router"), None)
+    return router is not None and bool(router.config.get("suppressEnvoyHeaders"))
+
+
 def _timeout_header(action: Action, ctx: RouteContext) -> list[HeaderValue]:
     """Envoy's router tells the upstream the route timeout in
     x-envoy-expected-rq-timeout-ms (unless the router suppresses Envoy's
@@ -474,8 +479,7 @@ def _timeout_header(action: Action, ctx: RouteContext) -> list[HeaderValue]:
     Added, not overwritten: a request that carries any x-envoy-*-timeout-ms
     header goes to Envoy (l7fp_http.h, fastpath.reference)."""
     ms = expected_timeout_ms(action)
-    router = next((f for f in ctx.filters if f.kind == "router"), None)
-    if not ms or (router is not None and router.config.get("suppressEnvoyHeaders")):
+    if not ms or _suppresses_envoy_headers(ctx):
         return []
     return [HeaderValue("x-envoy-expected-rq-timeout-ms", str(ms), append=True)]
 

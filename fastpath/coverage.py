@@ -130,9 +130,10 @@ def _caps(caps: KernelCaps | None, doc: inputs.Document) -> KernelCaps | None:
     EDS clusters have no endpoints (fastpath.inputs_cilium) in the caps."""
     if not doc.runtime and not doc.eds_missing:
         return caps
-    caps = replace(caps, fault_runtime=doc.runtime) if doc.runtime and caps else \
-        caps or KernelCaps(fault_runtime=doc.runtime)
-    return replace(caps, eds_missing=tuple(sorted(doc.eds_missing.items())))
+    base = caps or KernelCaps()
+    if doc.runtime:
+        base = replace(base, fault_runtime=doc.runtime)
+    return replace(base, eds_missing=tuple(sorted(doc.eds_missing.items())))
 
 
 def _rows(path: str, plan: KernelPlan, report: Report) -> None:

@@ -392,11 +392,7 @@ class Datapath:
         bpfsys.map_delete(self.fds["dp_tmo_armed"], key)
         bpfsys.map_delete(self.fds["dp_tmo"], key)
         for name in ("dp_retry", "dp_tcp_up", "dp_dly"):
-            t = self.bpf[name]
-            try:
-                del t[t.Key(cookie)]
-            except KeyError:
-                pass
+            bpfsys.table_delete(self.bpf[name], cookie)
 
     def mark_tcp(self, cookie: int) -> None:
         """Upstream `cookie` is not paired (its bytes take TCP and sk_skb):

@@ -50,14 +50,14 @@ from fastpath.plan import (
     VirtualHost,
 )
 from fastpath.regex_dfa import RegexUnsupported, compile_dfa, dfa_full_match
-from fastpath.rewrite import ORIGINAL_PATH, rewritten
+from fastpath.rewrite import CONST_BYTES, ORIGINAL_PATH, rewritten
 
 RBAC_DENIED_BODY = "RBAC: access denied"
 FAULT_BODY = "fault filter abort"
 RATE_LIMITED_BODY = "local_rate_limited"
 # Bytes allowed in a path the kernel matches without normalisation; anything else
 # (percent-escapes, backslashes, dot segments, "//") goes to Envoy.
-_SAFE_PATH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/?=&+:@!$'()*,;")
+_SAFE_PATH = CONST_BYTES | {"?"}  # a rewrite constant's bytes and the query's start
 
 
 @dataclass(frozen=True)

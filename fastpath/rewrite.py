@@ -46,7 +46,7 @@ Reasons = list[str]
 
 # Bytes a constant may hold: the reference model's safe path bytes (what the
 # kernel forwards unescaped) without '?' (it would start a second query).
-_CONST_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/=&+:@!$'()*,;")
+CONST_BYTES = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/=&+:@!$'()*,;")
 MAX_VALUE = 64  # bytes of the constant the kernel writes (one l7fp_hdradds blob, with room)
 ORIGINAL_PATH = "x-envoy-original-path"
 
@@ -66,7 +66,7 @@ def path_rewrite(rr: dict[str, Any], match: RouteMatch) -> tuple[PathRewrite | N
         return None, [f"{what}: substitution uses groups other than a final \\1"]
     if group and rest != "group":
         return None, [f"{what}: \\1 without a (.*) group after a literal"]
-    if not value or any(c not in _CONST_OK for c in value) or len(value) > MAX_VALUE:
+    if not _writable(value):
         return None, [f"{what}: constant empty, longer than {MAX_VALUE} or with bytes "
                       "the kernel does not write"]
     if lit is None:
@@ -80,13 +80,18 @@ def path_rewrite(rr: dict[str, Any], match: RouteMatch) -> tuple[PathRewrite | N
     return PathRewrite(value, len(lit), check, pattern, sub), []
 
 
+def _writable(value: str) -> bool:
+    """A constant the kernel writes into the path: 1..MAX_VALUE unreserved bytes."""
+    return bool(value) and len(value) <= MAX_VALUE and all(c in CONST_BYTES for c in value)
+
+
 def prefix_rewrite(m: RouteMatch, value: str) -> PathRewrite | None:
     """A route's prefix_rewrite as the kernel does it: a prefix (or
     path-separated prefix) match's matched bytes, or the whole path of an
     exact or regex match, replaced by ``value`` (Envoy 1.40, the same
     x-envoy-original-path; tests/split/test_rewrite_envoy.py). None when the
     kernel cannot write ``value`` (empty: Envoy does not rewrite at all)."""
-    if not value or any(c not in _CONST_OK for c in value) or len(value) > MAX_VALUE:
+    if not _writable(value):
         return None
     if m.path_kind in (PathKind.PREFIX, PathKind.PATH_SEPARATED_PREFIX):
         return PathRewrite(value, len(m.path))
@@ -120,7 +125,7 @@ def _shape(pattern: str) -> tuple[str | None, str] | None:
     if not lits or not all(op is _C.LITERAL and v < 128 for op, v in lits):
         return None
     text = "".join(chr(v) for _, v in lits)
-    return (text, rest) if all(c in _CONST_OK for c in text) else None
+    return (text, rest) if all(c in CONST_BYTES for c in text) else None
 
 
 def _whole(items: list[Any]) -> bool:

@@ -138,8 +138,7 @@ class TableBuilder:
     def build(self) -> None:
         for c in self.plan.clusters:
             self.cluster_ids[c.name] = self._add("l7fp_clusters", _Row("Cluster", self._cluster(c)))
-            outlier = getattr(c, "outlier", None)
-            if outlier is not None and outlier.panic_percent <= 0:
+            if c.outlier is not None and c.outlier.panic_percent <= 0:
                 self.no_healthy[c.name] = self._reply(503, NO_HEALTHY_BODY)
         for lp in self.plan.listeners:
             self.listener_ids[lp.name] = len(self.rows.get("l7fp_listeners", []))
