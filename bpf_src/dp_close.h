@@ -130,6 +130,8 @@ static __always_inline void dp_close_response_msg(struct sk_msg_md *msg, __u64 u
     }
     __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
     struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
+    if (rb)
+        rb->up = 0; /* set again once this head is parsed: no earlier response's total */
     if (rb && n && !bpf_msg_pull_data(msg, 0, n, 0)) {
         void *d = msg->data, *e = msg->data_end;
         if (d + n <= e) {
@@ -157,6 +159,8 @@ static __always_inline void dp_close_response_skb(struct __sk_buff *skb, __u64 u
     }
     __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
     struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
+    if (rb)
+        rb->up = 0; /* set again once this head is parsed: no earlier response's total */
     if (rb && n) {
         n = ((n - 1) & (DP_RESP_HEAD - 1)) + 1; /* 1..DP_RESP_HEAD, for the verifier */
         if (bpf_skb_load_bytes(skb, 0, rb->b, n))

@@ -10,7 +10,7 @@
  * Per request: dp_decide calls dp_outlier_pick after l7fp_decide's FORWARD
  * (an array lookup of the cluster, one of its detector; a host lookup only
  * while a host of the detector is ejected), sk_msg stores the host slot in
- * dp_peer's value with the wait bit (dp_outlier_mark), and the first response
+ * dp_peer's value with the wait bit (dp_reset_wait), and the first response
  * write (dp_srv_verdict) counts its status into the host (dp_outlier_response:
  * atomic adds on the host's entry; at a threshold the ejection, seen by the
  * next pick on any CPU).
@@ -142,15 +142,6 @@ static __always_inline __u32 dp_outlier_pick(__u32 gen, __u32 cid, __u32 *ep)
         return slot + 1; /* the LB view changed under us: keep the pick */
     *ep = (__u32)j;
     return c->host[j & (DP_OD_EPS - 1)] + 1;
-}
-
-/* sk_msg at FORWARD on upstream `up`: the host the request went to, for its
- * response (dp_peer's value, next to the wait bit dp_reset_wait set). */
-static __always_inline void dp_outlier_mark(__u64 up, __u32 host1)
-{
-    struct dp_peer_val *p = dp_peer.lookup(&up);
-    if (p)
-        p->od_host = host1;
 }
 
 /* Eject host `h` (slot's entry) if its detector has room. */

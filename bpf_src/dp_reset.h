@@ -19,12 +19,17 @@
 #define L7FP_DP_RESET_H
 
 /* sk_msg, at FORWARD on upstream `up` (the redirect takes effect after the
- * program returns, so before the app can answer). */
-static __always_inline void dp_reset_wait(__u64 up, __u32 is_head)
+ * program returns, so before the app can answer); `od_host`: the outlier
+ * host whose response this is (dp_outlier.h; a U serves several clusters). */
+static __always_inline void dp_reset_wait(__u64 up, __u32 is_head, __u32 od_host)
 {
     struct dp_peer_val *p = dp_peer.lookup(&up);
-    if (p)
+    if (p) {
         p->wait = 1 | (is_head ? DP_WAIT_HEAD : 0); /* HEAD: dp_close.h's framing */
+#if DP_OUTLIER
+        p->od_host = od_host;
+#endif
+    }
 }
 
 /* The response path, with the dp_peer value it looked up: a response byte

@@ -516,10 +516,8 @@ static __always_inline int dp_act_send(struct sk_msg_md *msg, struct dp_conn *c,
         }
         return dp_to_envoy(c, v.route, DP_R_REDIRECT);
     }
-    dp_reset_wait(up, is_head); /* no response byte yet: a close of U's app now is a reset */
-#if DP_OUTLIER
-    dp_outlier_mark(up, v.od_host); /* whose response counts (a U serves several clusters) */
-#endif
+    /* no response byte yet: a close of U's app now is a reset; whose response counts */
+    dp_reset_wait(up, is_head, v.od_host);
     dp_count(v.route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
     dp_access(c, &v, DP_OUT_FAST, 0);
     /* Last, when little else is live: earlier (or inlined) the copy's locals
