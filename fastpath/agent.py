@@ -26,6 +26,7 @@ without the needed BPF support gives one log line and no fast path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -104,6 +105,18 @@ class Agent:
         with self.lock:
             return not self._stop.is_set() and \
                 self.owned.get(node_id) == getattr(plan, "version", None)
+
+    def hosts_out(self, node_id: str) -> dict[str, frozenset[str]]:
+        """The server's endpoint-health provider (XdsServer.set_endpoint_health):
+        per cluster, the hosts the node's kernel outlier detection has out of
+        its LB view (served to the node's Envoy as EDS UNHEALTHY)."""
+        node = self.nodes.get(node_id)
+        return node.outlier.lb_view if node is not None else {}
+
+    def _lb_changed(self, node_id: str) -> None:
+        """The node's kernel LB view changed (event thread): republish its residual."""
+        if self.server is not None and node_id in self.owned:
+            self.server.resplit([node_id])
 
     def _claim(self, node_id: str, plan: KernelPlan) -> None:
         """After `plan` is live in the node's l7fp program: the kernel owns its
@@ -280,6 +293,7 @@ class Agent:
             if self._stop.is_set():  # stopped during the compile: attach nothing
                 node.close()
                 return
+            node.outlier.on_lb_change = functools.partial(self._lb_changed, node_id)
             with self.lock:
                 self.nodes[node_id] = node
         with node.busy:  # the event thread skips this node meanwhile
@@ -441,6 +455,8 @@ def start(server: Any, args: Any) -> Agent | None:
     agent.server = server
     if hasattr(server, "set_limit_owner"):
         server.set_limit_owner(agent.owns_limits)
+    if hasattr(server, "set_endpoint_health"):
+        server.set_endpoint_health(agent.hosts_out)
     server.add_plan_listener(agent.on_plan)
     registry = getattr(getattr(server, "metrics", None), "registry", None)
     if registry is not None:
@@ -469,6 +485,8 @@ async def stop(agent: Agent | None) -> None:
     server = agent.server
     if server is not None and hasattr(server, "set_limit_owner"):
         server.set_limit_owner(None)  # first: a claim racing this stop strips nothing
+    if server is not None and hasattr(server, "set_endpoint_health"):
+        server.set_endpoint_health(None)
     owned = list(agent.owned)
     agent.release(owned, wait=False)  # on the loop: published at once
     if server is not None:

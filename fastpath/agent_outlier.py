@@ -10,8 +10,10 @@ panic); Envoy's rules are in fastpath/outlier.py (`Detector`).
 Ownership (DESIGN.md rule 3): the kernel ejects (at once, so the next request
 already skips the host) and counts `ejected` up / `room` down; the agent
 unejects at the interval ticks (counters zeroed, `ejected` down, `room` up)
-and sets thresholds, totals and panic. Requests the kernel hands to Envoy are
-seen by the sidecar's own detector: two detectors over disjoint traffic.
+and sets thresholds, totals and panic. The LB view (`lb_out` of each host)
+is published to the node's Envoy as EDS UNHEALTHY (`lb_view`, `on_lb_change`:
+the agent has the server republish the node), so the requests the kernel
+hands to Envoy skip the same hosts.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ DP_OD_EPS = 16
 DP_OD_HOSTS = 1024
 DP_OD_DETS = 256
 LOOK_EVERY_NS = 10_000_000  # kernel ejections noticed, merged updates delivered within 10 ms
+PUBLISH_EVERY_NS = 20_000_000  # LB view changes to Envoy's EDS: at most one push per 20 ms
 
 
 class OdCluster(ct.Structure):
@@ -100,6 +103,12 @@ class OutlierKeeper:
         # (gen, cluster id, pool) -> (detector, host slot): the retry agent's view
         self.pool_host: dict[tuple[int, int, int], tuple[_Det, int]] = {}
         self.slot_det: dict[int, _Det] = {}  # host slot -> its detector (slots are never freed)
+        # the LB view last handed to Envoy's EDS (replaced, never changed: read by
+        # the server's loop) and who republishes it (set by the agent)
+        self.lb_view: dict[str, frozenset[str]] = {}
+        self.on_lb_change: Any = None
+        self.published_ns = 0
+        self.publishes = 0
 
     # ---- plan (plans thread, node busy) ----------------------------------
     def program(self, plan: KernelPlan, sp: Any, gen: int, order: Any,
@@ -303,6 +312,25 @@ class OutlierKeeper:
             rec = self.dp.bpf["dp_odd"][ct.c_uint32(d.det_id)]
             if rec.pending and now >= rec.due_ns:
                 self._write_det(d, lb="deliver")  # the merge window ended
+        self._publish(now)
+
+    def _publish(self, now: int) -> None:
+        """Hand a changed LB view (hosts with `lb_out`, per cluster) to Envoy's
+        EDS, at most once per PUBLISH_EVERY_NS (a change meanwhile waits for
+        the next look). Envoy skips those hosts as the kernel's pick does."""
+        if self.on_lb_change is None or now - self.published_ns < PUBLISH_EVERY_NS:
+            return
+        odh = self.dp.bpf["dp_odh"]
+        view = {name: frozenset(k for k, slot in d.live_slots() if odh[ct.c_uint32(slot)].lb_out)
+                for name, d in self.dets.items()}
+        if view == self.lb_view:
+            return
+        self.lb_view, self.published_ns = view, now
+        self.publishes += 1
+        try:
+            self.on_lb_change()
+        except Exception:  # Envoy keeps its previous view; the next change retries
+            log.exception("outlier: publishing the LB view")
 
     def _tick(self, d: _Det, now: int) -> None:
         back = d.detector.tick(now)
@@ -331,7 +359,8 @@ class OutlierKeeper:
                               "multiplier": st.multiplier, "overflow": int(h.overflow)}
             out[name] = {"ejections": d.ejections, "unejections": d.unejections,
                          "active": d.detector.ejected(), "room": d.detector.room(),
-                         "hosts": hosts}
+                         "eds_unhealthy": sorted(self.lb_view.get(name, ())),
+                         "eds_publishes": self.publishes, "hosts": hosts}
         return out
 
     def counts(self) -> dict[str, dict[str, int]]:

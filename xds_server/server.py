@@ -9,7 +9,10 @@ Other packages may call:
 * `plans`: the latest KernelPlan per node id;
 * `request_push()`: a source changed (sources do this through Source.changed());
 * `set_limit_owner(pred)` / `resplit(node_ids)`: the fast-path agent says which
-  nodes' rate limiters the kernel owns (docs/contracts.md, "Limiter ownership").
+  nodes' rate limiters the kernel owns (docs/contracts.md, "Limiter ownership");
+* `set_endpoint_health(fn)`: fn(node_id) -> {cluster: hosts out of the kernel's
+  LB view}, marked UNHEALTHY in that node's residual EDS while the kernel owns
+  the node's stateful policy (xds_server.eds_health); `resplit` republishes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any as AnyT
 
-from xds_server import consistency
+from xds_server import consistency, eds_health
 from xds_server.cache import SnapshotCache
 from xds_server.debounce import Debouncer
 from xds_server.fastpath_hook import Splitter
@@ -33,10 +36,15 @@ from xds_server.sources.base import DuplicateResource, NodeResources, Source, co
 log = logging.getLogger(__name__)
 PlanListener = Callable[[str, AnyT], None]
 LimitOwner = Callable[[str, AnyT], bool]  # (node id, plan) -> the kernel owns its limiters
+EndpointHealth = Callable[[str], eds_health.HostsOut]  # node id -> {cluster: hosts out}
 
 
 def _nobody_owns(_node_id: str, _plan: AnyT) -> bool:
     return False
+
+
+def _none_out(_node_id: str) -> eds_health.HostsOut:
+    return {}
 
 
 class XdsServer:
@@ -63,9 +71,11 @@ class XdsServer:
         self.last_push: dict[str, AnyT] = {}
         self._plan_listeners: list[PlanListener] = []
         self._streams: dict[str, int] = {}
-        # node id -> (resources key, split result, {kernel owns limiters: residual snapshot})
-        self._split_memo: dict[str, tuple[Hashable, AnyT, dict[bool, Snapshot]]] = {}
+        # node id -> (resources key, split result, {(kernel owns limiters, hosts out):
+        # residual snapshot})
+        self._split_memo: dict[str, tuple[Hashable, AnyT, dict[tuple[bool, Hashable], Snapshot]]] = {}
         self.limit_owner: LimitOwner = _nobody_owns
+        self.endpoint_health: EndpointHealth = _none_out
         self._loop: asyncio.AbstractEventLoop | None = None
         self._memo: dict[Hashable, Snapshot] = {}
         self._debouncer = Debouncer(self._push, debounce, debounce_max)
@@ -108,6 +118,13 @@ class XdsServer:
         limits for the node (the agent's program with the plan's buckets is live).
         Until then, and with None, every limiter stays in the node's residual."""
         self.limit_owner = pred or _nobody_owns
+
+    def set_endpoint_health(self, fn: EndpointHealth | None) -> None:
+        """fn(node_id) -> {cluster: "ip:port" hosts the kernel's outlier detection
+        has out of its LB view}; served as EDS UNHEALTHY in the node's residual
+        while the kernel owns the node (limit_owner), so Envoy skips them too.
+        Called on the server's loop at each publish: keep it a cheap read."""
+        self.endpoint_health = fn or _none_out
 
     def resplit(self, node_ids: Iterable[str]) -> concurrent.futures.Future[int]:
         """Re-evaluate ownership and publish `node_ids` now (any thread).
@@ -236,11 +253,23 @@ class XdsServer:
             self._split_memo[node.id] = hit
         _key, result, snaps = hit
         owned = self._kernel_owns(node.id, result.plan)
-        snap = snaps.get(owned)
+        out = self._hosts_out(node.id) if owned else {}
+        memo = (owned, eds_health.key(out))
+        snap = snaps.get(memo)
         if snap is None:
-            snap = Snapshot.from_messages(_residual(result, owned, parts), parts.origins)
-            snaps[owned] = snap
+            residual = _residual(result, owned, parts)
+            snap = Snapshot.from_messages(eds_health.overlay(residual, out), parts.origins)
+            for k in [k for k in snaps if k[1]]:  # keep one health overlay per node
+                del snaps[k]
+            snaps[memo] = snap
         return snap
+
+    def _hosts_out(self, node_id: str) -> eds_health.HostsOut:
+        try:
+            return self.endpoint_health(node_id)
+        except Exception:  # an unsure provider marks nothing: Envoy's own view stays
+            log.exception("endpoint health check failed for node %s", node_id)
+            return {}
 
     def _kernel_owns(self, node_id: str, plan: AnyT) -> bool:
         try:

@@ -125,3 +125,31 @@ def test_panic_keeps_every_pool_for_the_retry_agent(monkeypatch: Any) -> None:
     bind(bpf, 43, 1)
     k.count_error(43, 502)
     assert k.healthy_pools(0, 0, [7, 8]) == [7, 8]  # none healthy: panic, every host
+
+
+def test_lb_view_published_on_change_only(monkeypatch: Any) -> None:
+    """The kernel's LB view (hosts with lb_out) goes to Envoy's EDS: one
+    on_lb_change per change, none while unchanged, at most one per 20 ms."""
+    now = [10_000 * MS]
+    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: now[0])
+    k, bpf = keeper(OutlierConfig(threshold_5xx=1, interval_ms=100, base_ms=100,
+                                  max_percent=100, merge_window_ms=0))
+    pushes: list[dict[str, frozenset[str]]] = []
+    k.on_lb_change = lambda: pushes.append(k.lb_view)
+    now[0] += 20 * MS
+    k.service(now[0])
+    assert pushes == [{"c": frozenset()}]  # the first view (nothing out)
+    bind(bpf, 42, 1)
+    k.count_error(42, 500)  # ejected, delivered at once (no merge window)
+    now[0] += 10 * MS
+    k.service(now[0])  # 10 ms after the last push: waits
+    assert len(pushes) == 1
+    now[0] += 10 * MS
+    k.service(now[0])
+    assert pushes[-1] == {"c": frozenset({"198.18.0.3:80"})}
+    now[0] += 30 * MS
+    k.service(now[0])
+    assert len(pushes) == 2  # unchanged: no push
+    now[0] += 100 * MS
+    k.service(now[0])  # unejected at the tick
+    assert pushes[-1] == {"c": frozenset()} and k.debug()["c"]["eds_unhealthy"] == []

@@ -1,0 +1,121 @@
+"""The kernel's outlier ejections reach the node's Envoy as EDS UNHEALTHY (NAME=odown).
+
+xds_server.eds_health marks the hosts the endpoint-health provider (the
+fast-path agent: the kernel's LB view) names, in the residual of a node the
+kernel owns. Unit tests with a fake provider; the Envoy test shows the real
+binary skipping a host marked so (and its panic threshold counting it, as an
+outlier ejection) and measures the delay from the provider's change (a
+`resplit`) to Envoy skipping the host.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fastpath.split import split_snapshot
+from xds_server import eds_health
+from xds_server import resources as res
+from xds_server.node import NodeInfo
+from xds_server.serve import options, running
+from xds_server.server import XdsServer
+
+from .conftest import http_get, start_envoy, wait_for
+from .helpers import eds_cluster, free_port, listener, messages, route, route_config
+from .test_server_unit import Static
+
+NODE = "sidecar~127.0.0.1~eh-0.t~t.svc.cluster.local"
+
+
+def two_hosts(name: str, ports: list[int]) -> dict:
+    return {"@type": res.ENDPOINT, "cluster_name": name, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+        for p in ports]}]}
+
+
+def config(ports: list[int], lport: int) -> list[dict]:
+    c = eds_cluster("c")
+    c["lb_policy"] = "ROUND_ROBIN"
+    return [c, two_hosts("c", ports), listener("l", lport, "r"), route_config("r", [route("/", "c")])]
+
+
+def health(snap) -> dict[str, int]:
+    (cla,) = [e.message for e in snap.of_type(res.ENDPOINT).values()]
+    return {eds_health._host(lbe): int(lbe.health_status)
+            for lo in cla.endpoints for lbe in lo.lb_endpoints}
+
+
+def test_overlay_marks_named_hosts_on_a_copy():
+    msgs = messages(*config([1, 2], 3))
+    out = eds_health.overlay(msgs, {"c": frozenset({"127.0.0.1:2", "127.0.0.1:9"}), "x": frozenset()})
+    (orig,), (got,) = msgs[res.ENDPOINT], out[res.ENDPOINT]
+    assert got is not orig and [int(lbe.health_status) for lbe in orig.endpoints[0].lb_endpoints] == [0, 0]
+    assert [int(lbe.health_status) for lbe in got.endpoints[0].lb_endpoints] == [0, 2]
+    assert out[res.CLUSTER][0] is msgs[res.CLUSTER][0]
+    assert eds_health.overlay(msgs, {"c": frozenset()})[res.ENDPOINT][0] is orig
+    assert eds_health.key({"b": frozenset({"y", "x"}), "a": frozenset()}) == (("b", ("x", "y")),)
+
+
+def test_server_marks_only_while_the_kernel_owns_the_node():
+    out = {"c": frozenset({"127.0.0.1:2"})}
+    owner = {"n1": False}
+    srv = XdsServer([Static(messages(*config([1, 2], 3)))], splitter=split_snapshot)
+    srv.set_limit_owner(lambda n, plan: owner[n])
+    srv.set_endpoint_health(lambda n: out)
+    srv.ensure_node(NodeInfo("n1"))
+    assert health(srv.cache.get("n1")) == {"127.0.0.1:1": 0, "127.0.0.1:2": 0}
+    owner["n1"] = True
+    assert srv.resplit(["n1"]).result(1) == 1
+    assert health(srv.cache.get("n1")) == {"127.0.0.1:1": 0, "127.0.0.1:2": 2}
+    out = {"c": frozenset()}  # the host is back in the kernel's LB view
+    assert srv.resplit(["n1"]).result(1) == 1
+    assert health(srv.cache.get("n1")) == {"127.0.0.1:1": 0, "127.0.0.1:2": 0}
+    assert srv.resplit(["n1"]).result(1) == 0  # no change, no push
+    srv.set_endpoint_health(lambda n: 1 / 0)  # a broken provider marks nothing
+    assert srv.resplit(["n1"]).result(1) == 0
+
+
+@pytest.mark.envoy
+async def test_envoy_skips_a_host_marked_unhealthy(config_dir, envoys, envoy_bin, upstreams):
+    """Round robin over `one` and `two`; `two` marked: only `one` answers
+    (delay printed); both marked: 0 of 2 healthy < 50 %: panic, both answer
+    again (as with two outlier ejections); none marked: both again."""
+    lport = free_port()
+    config_dir.write("all.yaml", config([upstreams["one"], upstreams["two"]], lport))
+    async with running(options(config=str(config_dir.path), xds_address="127.0.0.1", xds_port=0,
+                               admin_port=0, fastpath="off")) as srv:
+        server = srv.server
+        server.splitter = split_snapshot
+        out: dict[str, frozenset[str]] = {}
+        server.set_limit_owner(lambda n, plan: True)
+        server.set_endpoint_health(lambda n: out)
+        start_envoy(envoys, envoy_bin, srv.xds_port, NODE, False)
+
+        async def answers(n: int = 6) -> set[str]:
+            return {(await http_get(lport, f"/{i}"))[1] for i in range(n)}
+
+        async def both() -> bool:
+            return await answers() == {"one", "two"}
+
+        await wait_for(both, 20)
+        hosts = {k: f"127.0.0.1:{p}" for k, p in upstreams.items()}
+        delays, panics = [], []
+        for _ in range(3):
+            out = {"c": frozenset({hosts["two"]})}
+            t0 = time.monotonic()
+            server.resplit([NODE])
+
+            async def only_one() -> bool:
+                return (await http_get(lport, "/x"))[1] == "one" and await answers() == {"one"}
+
+            await wait_for(only_one, 10, step=0.001)
+            delays.append(time.monotonic() - t0)
+            out = {"c": frozenset(hosts.values())}
+            server.resplit([NODE])
+            panics.append(await wait_for(both, 10, step=0.001))  # panic: every host again
+            out = {}
+            server.resplit([NODE])
+            await wait_for(both, 10)
+        print("EDS UNHEALTHY -> Envoy skips the host, s (includes one request + 6):",
+              [round(d, 4) for d in delays], "both marked -> panic:", [round(d, 4) for d in panics])

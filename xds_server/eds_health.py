@@ -1,0 +1,62 @@
+"""EDS health overlay: hosts another detector ejected, marked UNHEALTHY in a node's residual.
+
+Owned by xds_server.server (`XdsServer.set_endpoint_health`); the provider is
+the fast-path agent, whose kernel owns outlier detection for some clusters of
+the node (DESIGN.md rule 3: one owner). The kernel's LB view leaves a host out;
+the node's Envoy must skip it too, so its ClusterLoadAssignment carries the
+host with `health_status: UNHEALTHY`. Envoy then treats it as it treats an
+outlier-ejected host: skipped by the LB, and counted unhealthy for the panic
+threshold (`healthy_panic_threshold`); DRAINING would not be the same (newer
+Envoys exclude draining hosts from the panic computation).
+
+Pure functions over resource dicts (type URL -> messages); messages are never
+changed in place (snapshots share them), a marked CLA is a new copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from envoy_data_plane.envoy.config.core.v3 import HealthStatus
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
+
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+# cluster name -> "address:port" of the hosts out of the owner's LB view
+HostsOut = Mapping[str, frozenset[str]]
+
+
+def key(out: HostsOut) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A hashable, order-free form of `out` (empty clusters dropped): memo keys."""
+    return tuple(sorted((c, tuple(sorted(h))) for c, h in out.items() if h))
+
+
+def overlay(resources: Mapping[str, Sequence[Any]], out: HostsOut) -> dict[str, list[Any]]:
+    """`resources` with the hosts of `out` UNHEALTHY in their cluster's CLA.
+    A host listed but not in the CLA is ignored (the plan and EDS disagree for
+    one push at most); other types and clusters are the same objects."""
+    res = {t: list(v) for t, v in resources.items()}
+    if not key(out):
+        return res
+    res[ENDPOINT] = [_mark(cla, out.get(cla.cluster_name, frozenset()))
+                     for cla in res.get(ENDPOINT, [])]
+    return res
+
+
+def _mark(cla: ClusterLoadAssignment, hosts: frozenset[str]) -> ClusterLoadAssignment:
+    if not hosts or not isinstance(cla, ClusterLoadAssignment) or not any(_host(lbe) in hosts for lo in cla.endpoints for lbe in lo.lb_endpoints):
+        return cla
+    copy = ClusterLoadAssignment.FromString(bytes(cla))
+    for lo in copy.endpoints:
+        for lbe in lo.lb_endpoints:
+            if _host(lbe) in hosts:
+                lbe.health_status = HealthStatus.UNHEALTHY
+    return copy
+
+
+def _host(lbe: Any) -> str:
+    sa = getattr(getattr(getattr(lbe, "endpoint", None), "address", None), "socket_address", None)
+    if sa is None:
+        return ""
+    return f"{sa.address}:{sa.port_value}"
