@@ -1,4 +1,4 @@
-"""`l7fp serve` plugin of the fast path: its flags and /debug/fastpath.
+"""`l7fp serve` plugin of the fast path: its flags, /debug/fastpath and /debug/fastpath/plans.
 
 Owner: K2. Loaded by `xds_server.serve` (SERVE_PLUGINS). The agent itself is
 started by `xds_server.fastpath_hook` (`fastpath.agent.start`) after the
@@ -41,7 +41,23 @@ def setup(server: Any, app: web.Application, args: argparse.Namespace) -> None:
             return web.json_response({"enabled": False, "mode": getattr(args, "fastpath", None)})
         return web.json_response({"enabled": True, **agent.debug()}, dumps=_dumps)
 
+    async def debug_plans(request: web.Request) -> web.Response:
+        """`/debug/fastpath/plans?proxyID=NODE`: that node's KernelPlan as JSON
+        (`KernelPlan.to_json`; `fastpath.plan_json` reads it back), the node's
+        own plan before the agent merges its destinations' inbound listeners.
+        Without proxyID: the node ids that have a plan. For `l7fp mesh audit`."""
+        plans = getattr(server, "plans", {})
+        node = request.query.get("proxyID")
+        if not node:
+            return web.json_response({"nodes": sorted(plans)})
+        plan = plans.get(node)
+        if plan is None:
+            return web.json_response({"error": f"no plan for proxy {node!r}",
+                                      "nodes": sorted(plans)}, status=404)
+        return web.json_response({"node": node, "plan": plan.to_json()})
+
     app.router.add_get("/debug/fastpath", debug_fastpath)
+    app.router.add_get("/debug/fastpath/plans", debug_plans)
 
 
 def _dumps(obj: Any) -> str:

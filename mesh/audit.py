@@ -1,0 +1,293 @@
+"""`l7fp mesh audit`: does the kernel really serve every KERNEL route of a running mesh?
+
+Called by mesh/cli.py (`cmd_audit`) and the tests. For every pod of a mesh
+running with `--fastpath on`, reads the node's KernelPlan from the control
+plane (`/debug/fastpath/plans?proxyID=`), derives one request per KERNEL route
+(`fastpath.audit_probe`), sends it from the pod (`mesh.audit_client` in the
+pod's netns and cgroup) to the route's listener address, and reads who served
+it from the node's fast-path counters in `/debug/fastpath` (before/after
+difference, fastpath.counters): `fast`/`kernel_reply` = the kernel,
+`envoy` + reason = handed to Envoy. One request per route, sequential, each
+with a timeout; nothing else is changed (a rate-limited route spends a token,
+a route with a fault delay waits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastpath.audit_probe import Probe, probes
+from fastpath.plan import KernelPlan
+from fastpath.plan_json import plan_from_json
+
+REPO = Path(__file__).resolve().parent.parent
+KERNEL_OUTCOMES = ("fast", "kernel_reply", "retry")
+
+
+class AuditError(RuntimeError):
+    """The audit cannot run (mesh not running, fast path off, control plane gone); says why."""
+
+
+@dataclass
+class Row:
+    """One KERNEL route of one node and what became of its request."""
+
+    pod: str
+    probe: Probe
+    served: str  # "kernel", "envoy", "unseen" (no counter moved), "skipped", "not loaded"
+    why: str = ""  # Envoy's reasons, the kernel's outcomes, or why skipped / not loaded
+    status: int | None = None
+    error: str = ""
+    counters: dict[str, int] = field(default_factory=dict)  # "route outcome/reason" -> delta
+
+    def to_json(self) -> dict[str, Any]:
+        req = self.probe.request
+        return {"pod": self.pod, "listener": self.probe.listener, "vhost": self.probe.vhost,
+                "route": self.probe.route, "verdict": "KERNEL", "served_by": self.served,
+                "why": self.why, "status": self.status, "error": self.error,
+                "expect": self.probe.expect, "counters": self.counters,
+                "request": None if req is None else {
+                    "method": req.method, "path": req.path, "host": req.host,
+                    "headers": [list(h) for h in req.headers]}}
+
+
+def summary(rows: list[Row]) -> dict[str, Any]:
+    audited = [r for r in rows if r.served not in ("skipped",)]
+    punts = Counter(f"{r.served}: {r.why}" for r in audited if r.served != "kernel")
+    return {"kernel": sum(r.served == "kernel" for r in audited), "audited": len(audited),
+            "skipped": sum(r.served == "skipped" for r in rows), "not_kernel": dict(punts)}
+
+
+# ---- the control plane ------------------------------------------------------------
+def _get(admin: str, path: str) -> Any:
+    try:
+        with urllib.request.urlopen(f"http://{admin}{path}", timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise AuditError(f"control plane {admin}{path}: HTTP {exc.code}") from None
+    except OSError as exc:
+        raise AuditError(f"control plane at {admin} does not answer ({exc})") from None
+
+
+def _fastpath(admin: str) -> dict[str, Any]:
+    dbg = _get(admin, "/debug/fastpath")
+    if not dbg or not dbg.get("enabled"):
+        raise AuditError(f"the control plane at {admin} runs without the fast-path agent "
+                         f"(mode {dbg.get('mode') if dbg else '?'}): nothing to audit")
+    return dbg  # type: ignore[no-any-return]
+
+
+def _node(dbg: dict[str, Any], node_id: str) -> dict[str, Any] | None:
+    return next((n for n in dbg.get("nodes", []) if n["node"] == node_id), None)
+
+
+def _counters(dbg: dict[str, Any], node_id: str) -> Counter[tuple[str, str, str]]:
+    node = _node(dbg, node_id) or {}
+    return Counter({(c["route"], c["outcome"], c["reason"]): c["requests"]
+                    for c in node.get("counters", [])})
+
+
+def check_state(state: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """The mesh's state, or AuditError when it cannot be audited."""
+    if state is None:
+        raise AuditError(f"mesh {name!r} is not running (no state file)")
+    if state.get("sidecars") == "none" or state.get("xds_mode") == "file" \
+            or state.get("fastpath", "off") == "off":
+        raise AuditError(f"mesh {name!r} runs with the fast path off (start it with "
+                         f"`l7fp mesh up FILE --fastpath on`): nothing to audit")
+    return state
+
+
+def load_plans(state: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, KernelPlan]:
+    """pod name -> its node's KernelPlan (pods without a plan left out)."""
+    out = {}
+    for pod in pods:
+        got = _get(state["admin"], f"/debug/fastpath/plans?proxyID={pod['node_id']}")
+        if got is not None:
+            out[pod["name"]] = plan_from_json(got["plan"])
+    return out
+
+
+def wait_loaded(admin: str, pods: list[dict[str, Any]], plans: dict[str, KernelPlan],
+                wait_s: float) -> dict[str, str]:
+    """Wait until each pod's datapath runs its plan with filled pools; pod -> why not (left)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dbg = _fastpath(admin)
+        missing = {p["name"]: _not_loaded(dbg, p["node_id"], plans[p["name"]])
+                   for p in pods if p["name"] in plans}
+        missing = {k: v for k, v in missing.items() if v}
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.5)
+
+
+def _not_loaded(dbg: dict[str, Any], node_id: str, plan: KernelPlan) -> str:
+    if node_id in dbg.get("nodes_failed", {}):
+        return f"datapath failed: {dbg['nodes_failed'][node_id]}"
+    node = _node(dbg, node_id)
+    if node is None:
+        return "no datapath loaded for this node (yet)"
+    # the agent's version of a plan it merged inbound listeners into: "VERSION+in..."
+    version = str(node["plan_version"])
+    if version != plan.version and not version.startswith(f"{plan.version}+"):
+        return f"datapath runs plan {node['plan_version']}, the control plane's is {plan.version}"
+    if any(p.get("free", 0) == 0 for p in node.get("pools", [])):
+        return "pools not filled yet"
+    return ""
+
+
+# ---- the pod side -----------------------------------------------------------------
+@contextmanager
+def pod_client(pod: dict[str, Any]) -> Iterator[subprocess.Popen[str]]:
+    """mesh.audit_client running in the pod's netns and cgroup; stopped on exit."""
+    cgroup = Path(pod["cgroup"])
+
+    def join() -> None:
+        (cgroup / "cgroup.procs").write_text("0\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}".rstrip(":")}
+    proc = subprocess.Popen(["ip", "netns", "exec", pod["netns"], sys.executable, "-m",
+                             "mesh.audit_client"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env, preexec_fn=join)
+    try:
+        yield proc
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def target(state: dict[str, Any], probe: Probe) -> tuple[str, int] | None:
+    """Where the probe's request goes: the listener's address, or for a wildcard
+    listener the VIP of the service its Host names."""
+    if probe.address not in ("", "0.0.0.0", "::"):
+        return probe.address, probe.port
+    assert probe.request is not None
+    host = probe.request.host.rsplit(":", 1)[0] if ":" in probe.request.host else probe.request.host
+    for svc in state.get("services", []):
+        if host in (svc["name"], *svc.get("hostnames", ())) and probe.port in svc["ports"]:
+            return svc["vip"], probe.port
+    return None
+
+
+def _send(proc: subprocess.Popen[str], ip: str, port: int, probe: Probe,
+          timeout: float) -> dict[str, Any]:
+    req = probe.request
+    assert req is not None and proc.stdin and proc.stdout
+    job = {"ip": ip, "port": port, "method": req.method, "target": req.path, "timeout": timeout,
+           "headers": [["host", req.host], *[list(h) for h in req.headers]]}
+    proc.stdin.write(json.dumps(job) + "\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise AuditError(f"the audit client in pod {proc.args} ended")
+    return json.loads(line)  # type: ignore[no-any-return]
+
+
+def classify(probe: Probe, delta: Counter[tuple[str, str, str]]) -> tuple[str, str, dict[str, int]]:
+    """(served, why, counters) from the node's counter changes during one request.
+
+    Counted are the probed route, the destinations' merged inbound routes
+    (`virtualInbound@...`) and "" (no route): other routes' counts are other traffic."""
+    mine = {k: n for k, n in delta.items() if n > 0 and (
+        k[0] in (probe.full_name, "") or k[0].startswith("virtualInbound@"))}
+    shown = {f"{r} {o}/{why}".rstrip("/"): n for (r, o, why), n in sorted(mine.items())}
+    envoy = sorted({why or "?" for (_r, o, why) in mine if o == "envoy"})
+    if envoy:
+        return "envoy", ",".join(envoy), shown
+    kernel = sorted({o for (_r, o, _w) in mine if o in KERNEL_OUTCOMES})
+    if kernel:
+        return "kernel", ",".join(kernel), shown
+    if mine:
+        return "unseen", "outcomes " + ",".join(sorted({o for (_r, o, _w) in mine})), shown
+    return "unseen", "no fast-path counter moved (the kernel did not decide it)", shown
+
+
+def audit_pod(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,
+              timeout: float) -> list[Row]:
+    """Send every probe of one pod's plan; one Row per KERNEL route."""
+    rows = []
+    todo = []
+    for p in probes(plan, src_ip=pod["ip"]):
+        if p.request is None:
+            rows.append(Row(pod["name"], p, "skipped", p.skip))
+            continue
+        dst = target(state, p)
+        if dst is None:
+            rows.append(Row(pod["name"], p, "skipped", f"no service of the mesh is {p.request.host!r}"))
+            continue
+        todo.append((p, dst))
+    if not todo:
+        return rows
+    with pod_client(pod) as proc:
+        before = _counters(_fastpath(state["admin"]), pod["node_id"])
+        for p, (ip, port) in todo:
+            got = _send(proc, ip, port, p, timeout)
+            after = _counters(_fastpath(state["admin"]), pod["node_id"])
+            served, why, shown = classify(p, after - before)
+            rows.append(Row(pod["name"], p, served, why, got["status"], got["error"], shown))
+            before = after
+    return rows
+
+
+def run(state: dict[str, Any], only: str | None = None, wait_s: float = 60.0,
+        timeout: float = 5.0) -> list[Row]:
+    """Audit every pod (or the pods of service/pod `only`) of a running mesh."""
+    _fastpath(state["admin"])
+    pods = [p for p in state["pods"] if p.get("node_id")
+            and (only is None or only in (p["name"], p.get("service")))]
+    if not pods:
+        raise AuditError(f"no pod {only!r} in mesh {state['name']!r}")
+    plans = load_plans(state, pods)
+    missing = wait_loaded(state["admin"], pods, plans, wait_s)
+    rows: list[Row] = []
+    for pod in pods:
+        plan = plans.get(pod["name"])
+        if plan is None:
+            continue  # no plan: no KERNEL route (the control plane has none for it)
+        if pod["name"] in missing:
+            rows += [Row(pod["name"], p, "skipped", p.skip) if p.request is None else
+                     Row(pod["name"], p, "not loaded", missing[pod["name"]])
+                     for p in probes(plan, src_ip=pod["ip"])]
+            continue
+        rows += audit_pod(state, pod, plan, timeout)
+    return rows
+
+
+def format_rows(rows: list[Row]) -> list[str]:
+    """The table `l7fp mesh audit` prints, then the summary line."""
+    out = [f"{'POD':<16} {'ROUTE (listener/vhost/route)':<60} {'VERDICT':<7} "
+           f"{'SERVED BY':<30} STATUS  REQUEST"]
+    for r in rows:
+        req = r.probe.request
+        what = f"{req.method} {req.path} host {req.host}" + "".join(
+            f" {n}: {v}" for n, v in req.headers) if req else ""
+        served = r.served if r.served == "kernel" else f"{r.served} ({r.why})"
+        status = r.error or (str(r.status) if r.status is not None else "-")
+        out.append(f"{r.pod:<16} {r.probe.full_name:<60} KERNEL  {served:<30} {status:<7} {what}")
+    s = summary(rows)
+    out.append(f"KERNEL routes served by the kernel: {s['kernel']} / {s['audited']}"
+               + (f" ({s['skipped']} more skipped, no request sent)" if s["skipped"] else ""))
+    for why, n in sorted(s["not_kernel"].items()):
+        out.append(f"  not by the kernel: {n} x {why}")
+    for why, n in sorted(Counter(r.why for r in rows if r.served == "skipped").items()):
+        out.append(f"  skipped: {n} x {why}")
+    return out

@@ -1,0 +1,52 @@
+"""The pod side of `l7fp mesh audit`: sends the requests it is given, one line at a time.
+
+Started by `mesh.audit` inside a pod's network namespace and cgroup (so its
+traffic is the pod's: intercepted by the sidecar, seen by the fast path).
+Reads one JSON object per line on stdin, {"ip", "port", "method", "target",
+"headers": [[name, value], ...], "timeout"}, sends exactly that request on a
+new connection (no header added: http.client's Host and Accept-Encoding are
+skipped, the Host line is in "headers"; no Connection header, which the kernel
+would hand to Envoy), reads the response and prints one JSON line {"status",
+"server", "error", "seconds"}. Ends at EOF. At most MAX_REQUESTS requests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+from typing import Any
+
+MAX_REQUESTS = 10_000
+
+
+def send(job: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.monotonic()
+    conn = http.client.HTTPConnection(job["ip"], int(job["port"]), timeout=float(job["timeout"]))
+    try:
+        conn.putrequest(job["method"], job["target"], skip_host=True, skip_accept_encoding=True)
+        for name, value in job["headers"]:
+            conn.putheader(name, value)
+        conn.endheaders()
+        r = conn.getresponse()
+        r.read()
+        return {"status": r.status, "server": r.getheader("server"), "error": "",
+                "seconds": round(time.monotonic() - t0, 4)}
+    except (OSError, http.client.HTTPException) as exc:
+        return {"status": 0, "server": None, "error": f"{type(exc).__name__}: {exc}",
+                "seconds": round(time.monotonic() - t0, 4)}
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    for n, line in enumerate(sys.stdin):
+        if n >= MAX_REQUESTS:
+            break
+        print(json.dumps(send(json.loads(line))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
