@@ -195,6 +195,8 @@ def _header_values(h: HeaderMatch) -> list[str | None]:
 
 
 def _one_header(name: str, value: str | None) -> Request:
+    if name == ":method":  # the reference model reads it from Request.method
+        return Request(value or "GET", "/", FILLER)
     return Request("GET", "/", FILLER, () if value is None else ((name, value),))
 
 

@@ -198,7 +198,7 @@ def _send(proc: subprocess.Popen[str], ip: str, port: int, probe: Probe,
     proc.stdin.flush()
     line = proc.stdout.readline()
     if not line:
-        raise AuditError(f"the audit client in pod {proc.args} ended")
+        raise AuditError(f"the audit client in the pod ended before answering ({job})")
     return json.loads(line)  # type: ignore[no-any-return]
 
 

@@ -1,0 +1,137 @@
+"""fastpath.audit_probe (requests that exercise each KERNEL route) and fastpath.plan_json.
+
+Pure: hand-built plans, the reference model as the judge. The mesh side
+(`l7fp mesh audit`) is tests/mesh/test_mesh_audit.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fastpath.audit_probe import FILLER, dfa_examples, probes
+from fastpath.plan import (
+    ClusterAction,
+    Direction,
+    DirectResponse,
+    HeaderMatch,
+    KernelPlan,
+    ListenerPlan,
+    PathKind,
+    QueryParamMatch,
+    Route,
+    RouteMatch,
+    StringKind,
+    StringMatch,
+    Verdict,
+    VirtualHost,
+    WeightedCluster,
+)
+from fastpath.plan_json import PlanJsonError, plan_from_json
+from fastpath.reference import decide, route_matches
+from fastpath.regex_dfa import compile_dfa
+
+TO_C = ClusterAction((WeightedCluster("c", 1),))
+
+
+def _route(name: str, match: RouteMatch, verdict: Verdict = Verdict.KERNEL) -> Route:
+    return Route(name, match, TO_C, verdict, reason="" if verdict is Verdict.KERNEL else "x")
+
+
+def _plan(*routes: Route, domains: tuple[str, ...] = ("*",),
+          direction: Direction = Direction.OUTBOUND) -> KernelPlan:
+    vh = VirtualHost("vh", domains, routes)
+    return KernelPlan("n", "v1", (ListenerPlan("l", "198.19.0.2", 80, direction, (vh,)),))
+
+
+def _by_route(plan: KernelPlan) -> dict[str, object]:
+    return {p.route: p for p in probes(plan)}
+
+
+def test_each_kernel_route_gets_a_request_it_matches_first() -> None:
+    plan = _plan(
+        _route("punt", RouteMatch(PathKind.PREFIX, "/envoy/"), Verdict.ENVOY),
+        _route("exact", RouteMatch(PathKind.EXACT, "/a/b")),
+        _route("sep", RouteMatch(PathKind.PATH_SEPARATED_PREFIX, "/sep")),
+        _route("lit", RouteMatch(PathKind.REGEX, "^/lit$", regex_literal="/lit")),
+        _route("dfa", RouteMatch(PathKind.REGEX, "/d[0-9]+x", regex_dfa=compile_dfa("/d[0-9]+x"))),
+        _route("hdr", RouteMatch(PathKind.PREFIX, "/", headers=(
+            HeaderMatch("x-v", StringMatch(StringKind.PREFIX, "beta")),
+            HeaderMatch("x-no", absent=True)))),
+        _route("query", RouteMatch(PathKind.PREFIX, "/", query_params=(
+            QueryParamMatch("q", StringMatch(StringKind.EXACT, "1")),))),
+        _route("post", RouteMatch(PathKind.PREFIX, "/", method="POST", headers=(
+            HeaderMatch(":method", StringMatch(StringKind.EXACT, "POST")),))),
+        _route("rest", RouteMatch(PathKind.PREFIX, "/")),
+    )
+    got = probes(plan)
+    assert [p.route for p in got] == ["exact", "sep", "lit", "dfa", "hdr", "query", "post", "rest"]
+    for p in got:
+        assert p.request is not None, p.skip
+        # the reference model chooses exactly this route for the derived request
+        lp = plan.listeners[0]
+        first = next(r for r in lp.virtual_hosts[0].routes if route_matches(r.match, p.request))
+        assert first.name == p.route
+        assert decide(plan, "l", p.request).kind == "forward"
+        assert p.expect == "forward c" and p.full_name == f"l/vh/{p.route}"
+    req = {p.route: p.request for p in got}
+    assert req["dfa"].path == "/d0x"  # type: ignore[union-attr]
+    assert dict(req["hdr"].headers) == {"x-v": "beta"}  # type: ignore[union-attr]
+    assert req["query"].path == "/?q=1"  # type: ignore[union-attr]
+    assert req["post"].method == "POST"  # type: ignore[union-attr]
+
+
+def test_shadowed_route_is_skipped_with_the_route_that_wins() -> None:
+    plan = _plan(_route("all", RouteMatch(PathKind.PREFIX, "/")),
+                 _route("never", RouteMatch(PathKind.EXACT, "/x")))
+    p = _by_route(plan)["never"]
+    assert p.request is None and p.skip == "shadowed by route 'all'"  # type: ignore[attr-defined]
+
+
+def test_prefix_route_behind_an_exact_one_still_gets_a_request() -> None:
+    plan = _plan(_route("root", RouteMatch(PathKind.EXACT, "/")),
+                 _route("rest", RouteMatch(PathKind.PREFIX, "/")))
+    assert _by_route(plan)["rest"].request.path == "/" + FILLER  # type: ignore[attr-defined]
+
+
+def test_host_is_one_the_virtual_host_selection_gives_to_it() -> None:
+    exact = VirtualHost("a", ("a.example:80",), (_route("r", RouteMatch(PathKind.PREFIX, "/")),))
+    wild = VirtualHost("w", ("*.example",), (_route("r", RouteMatch(PathKind.PREFIX, "/")),))
+    plan = KernelPlan("n", "v1", (ListenerPlan("l", "0.0.0.0", 80, Direction.OUTBOUND,
+                                               (exact, wild)),))
+    hosts = {p.vhost: p.request.host for p in probes(plan)}  # type: ignore[union-attr]
+    assert hosts == {"a": "a.example:80", "w": f"{FILLER}.example"}
+
+
+def test_inbound_routes_are_skipped_with_why() -> None:
+    p = probes(_plan(_route("r", RouteMatch(PathKind.PREFIX, "/")),
+                     direction=Direction.INBOUND))[0]
+    assert p.request is None and "callers' kernels" in p.skip
+
+
+def test_a_request_the_kernel_would_hand_over_is_kept_only_when_nothing_better_exists() -> None:
+    # "/a/." needs normalisation (Envoy): the prefix's other candidates do not
+    plan = _plan(_route("r", RouteMatch(PathKind.PREFIX, "/a/.")))
+    p = probes(plan)[0]
+    assert p.request is not None and p.expect.startswith("forward")
+    assert p.request.path != "/a/."
+
+
+def test_dfa_examples_are_shortest_and_accepted() -> None:
+    dfa = compile_dfa("/v[12]/(a|bc)")
+    assert dfa_examples(dfa, list(range(0x21, 0x7F)), limit=2) == ["/v1/a", "/v1/bc"]
+
+
+def test_plan_json_round_trip_keeps_every_field() -> None:
+    route = Route("d", RouteMatch(PathKind.REGEX, "/d[0-9]", regex_dfa=compile_dfa("/d[0-9]"),
+                                  headers=(HeaderMatch("x", StringMatch(StringKind.EXACT, "1")),)),
+                  DirectResponse(200, "ok"), Verdict.KERNEL)
+    plan = _plan(route, _route("c", RouteMatch(PathKind.PREFIX, "/"), Verdict.ENVOY))
+    assert plan_from_json(plan.to_json()) == plan
+
+
+def test_plan_json_names_the_bad_place() -> None:
+    bad = _plan(_route("r", RouteMatch(PathKind.PREFIX, "/"))).to_json()
+    bad["listeners"][0]["virtual_hosts"][0]["routes"][0]["verdict"] = "MAYBE"
+    with pytest.raises(PlanJsonError, match=r"plan.listeners\[0\].virtual_hosts\[0\].routes\[0\]"
+                                            r".verdict: 'MAYBE' is no Verdict"):
+        plan_from_json(bad)
