@@ -81,6 +81,8 @@ KernelPlan whose verdict is KERNEL: derive one request the route matches first
 why), send it from the pod to the route's service, and show who served it:
 the kernel, or Envoy and the fast path's reason (its counters in
 /debug/fastpath). Ends with "KERNEL routes served by the kernel: N / M".
+Routes of inbound listeners are listed as skipped: their requests come from
+other pods and are decided in the callers' kernels with the outbound route.
 
 The audit sends REAL requests, one per route, one after another, each with a
 timeout: the services see them; a rate-limited route spends one token; a route
