@@ -16,7 +16,8 @@ import ctypes as ct
 import sys
 import time
 
-PROGRAMS = (b"dp_msg_verdict", b"dp_msg_in", b"dp_msg_act", b"dp_msg_rw")  # dp_msg_rw: DP_REWRITE=1
+PROGRAMS = (b"dp_msg_verdict", b"dp_msg_in", b"dp_msg_act", b"dp_msg_rw",
+            b"dp_msg_rwin")  # dp_msg_rw: DP_REWRITE=1; dp_msg_rwin: and DP_INBOUND=1
 LOG_STATS = 4
 
 

@@ -60,26 +60,24 @@ static __always_inline __u8 *dp_reply_get(__u32 gen, __u32 id, __u32 *len)
     return b->b;
 }
 
-/* The destination's inbound listener on a request the outbound decision `d`
- * forwards to endpoint (d->cluster, d->endpoint): the requests of the fast path
- * never pass the destination's sidecar (DESIGN.md rule 4). Only its effects on
+/* The destination's inbound listener `lid` (id + 1, dp_ep_in) on a request
+ * the outbound decision `d` forwards: the requests of the fast path never
+ * pass the destination's sidecar (DESIGN.md rule 4). Only its effects on
  * the endpoint side count: RBAC 403, fault abort, direct response, 404 -> the
  * kernel replies as that sidecar would; header adds -> v->hdr_add_in; anything
  * it cannot decide (punt route, rate limit owned by Envoy) -> Envoy, which then
  * runs both sidecars. Its own cluster choice is ignored: the outbound one
  * stands. Returns 1 when v was changed to REPLY or PASS. */
 static __always_inline int dp_decide_inbound(struct l7fp_req_ctx *ctx, struct l7fp_decision *d,
-                                             __u32 gen, struct dp_verdict *v)
+                                             __u32 lid, struct dp_verdict *v)
 {
-    struct dp_ep_key k = {.gen = gen & 1, .cluster = d->cluster, .endpoint = d->endpoint};
-    __u32 *lid = dp_ep_in.lookup(&k);
-    if (!lid || !*lid)
+    if (!lid)
         return 0;
     struct l7fp_decision d2 = {};
     /* fresh draws: a fault percentage must not follow the weighted pick */
     ctx->rand = bpf_get_prandom_u32();
     ctx->rand2 = bpf_get_prandom_u32();
-    l7fp_decide_again(ctx, *lid - 1, d, &d2);
+    l7fp_decide_again(ctx, lid - 1, d, &d2);
     if (d2.verdict == L7FP_FORWARD) {
         v->hdr_add_in = d2.hdr_add;
         return 0;
@@ -107,10 +105,27 @@ BPF_PERCPU_ARRAY(dp_dec_scr, struct l7fp_decision, 1);
 #if DP_INBOUND
 #define DP_DECIDE_SECOND 1
 
-/* Called by dp_msg_in on the verdict of a FORWARD: the destination's inbound
- * listener, on the request still parsed in the per-CPU decision context. */
-static __always_inline int dp_decide_second(__u32 gen, struct dp_verdict *v)
+/* The inbound listener id + 1 of the endpoint the outbound decision (kept in
+ * dp_dec_scr) forwards to, 0 when it has none: the request's one dp_ep_in
+ * lookup (dp_msg_in, or dp_msg_rwin before it). */
+static __always_inline __u32 dp_inbound_lid(__u32 gen)
 {
+    __u32 k0 = 0;
+    struct l7fp_decision *d = dp_dec_scr.lookup(&k0);
+    if (!d)
+        return 0;
+    struct dp_ep_key k = {.gen = gen & 1, .cluster = d->cluster, .endpoint = d->endpoint};
+    __u32 *lid = dp_ep_in.lookup(&k);
+    return lid ? *lid : 0;
+}
+
+/* Called by dp_msg_in on the verdict of a FORWARD: the destination's inbound
+ * listener `lid` (dp_inbound_lid), on the request still parsed in the per-CPU
+ * decision context. */
+static __always_inline int dp_decide_second(__u32 gen, __u32 lid, struct dp_verdict *v)
+{
+    if (!lid)
+        return 0;
     __u32 k = 0;
     struct l7fp_req_ctx *ctx = l7fp_ctx_get();
     struct l7fp_decision *d = dp_dec_scr.lookup(&k);
@@ -119,7 +134,7 @@ static __always_inline int dp_decide_second(__u32 gen, struct dp_verdict *v)
         v->reason = DP_R_DECIDE_BASE + L7FP_R_LIMIT;
         return 1;
     }
-    return dp_decide_inbound(ctx, d, gen, v);
+    return dp_decide_inbound(ctx, d, lid, v);
 }
 #endif
 

@@ -16,9 +16,13 @@
  * every case the line "x-envoy-original-path: <target as sent>" goes after
  * the head's last header line, before the route's own header inserts move it
  * down: Envoy's order is the route's adds, then this line. A request that
- * carries the header itself (Envoy overwrites it in place) goes to Envoy, and
- * so does one whose destination's inbound listener decides in the kernel too
- * (dp_msg_in): that decision ran on the path before the rewrite.
+ * carries the header itself (Envoy overwrites it in place) goes to Envoy.
+ *
+ * The destination's inbound decision (dp_msg_in) runs on the rewritten path,
+ * as the destination's sidecar does: dp_msg_rwin (sk_msg.c, a tail call of
+ * its own) builds that path in the per-CPU parse context (dp_rw_build, past
+ * the head's copy) and points path_off/path_len at it; dp_msg_in puts the
+ * parsed path back after the decision (dp_rw_unbuild), for dp_rewrite.
  */
 #ifndef L7FP_DP_REWRITE_H
 #define L7FP_DP_REWRITE_H
@@ -26,7 +30,15 @@
 #ifndef DP_REWRITE
 #define DP_REWRITE 0
 #endif
-#define DP_R_RW 23 /* path rewrite route: x-envoy-original-path sent, or an inbound decision */
+#define DP_R_RW 23 /* path rewrite route: x-envoy-original-path sent, a target over DP_RW_TARGET,
+                   * or a rewritten path the inbound sidecar would normalize */
+
+/* What a request's route does with its path (scratch field `rw`, set once
+ * per request by dp_rw_state, in dp_msg_rwin or dp_msg_act): 0 not known yet. */
+#define DP_RW_NONE 1    /* no rewrite */
+#define DP_RW_YES 2     /* the kernel rewrites (dp_msg_rw) */
+#define DP_RW_REFUSED 3 /* rewrite route, but Envoy's: x-envoy-original-path sent, or
+                         * a target longer than the kernel copies */
 
 #if DP_REWRITE && defined(L7FP_DEFS_H)
 #define DP_RW_ON 1
@@ -65,31 +77,18 @@ static __always_inline struct dp_rw *dp_rw_get(__u32 gen, __u32 route)
     return rw && rw->on ? rw : 0;
 }
 
-/* dp_msg_act before it binds: 1 when the request must go to Envoy (it carries
- * x-envoy-original-path, or its target is longer than the kernel copies). */
-static __always_inline int dp_rw_refused(__u32 gen, struct dp_verdict *v)
+/* The one dp_rw lookup of dp_msg_rwin (or of dp_msg_act when no inbound
+ * decision ran): DP_RW_NONE, DP_RW_YES or DP_RW_REFUSED. */
+static __always_inline __u32 dp_rw_state(__u32 gen, struct dp_verdict *v)
 {
     struct dp_rw *rw = dp_rw_get(gen, v->route);
     if (!rw)
-        return 0;
+        return DP_RW_NONE;
     struct l7fp_req_ctx *ctx = l7fp_ctx_get();
-    return !ctx || ctx->r.slot_len[rw->slot & L7FP_SLOT_MASK] != 0 ||
-           ctx->r.sp2 - ctx->r.path_off > DP_RW_TARGET;
-}
-
-/* dp_msg_in: 1 when the rewrite route's endpoint has an inbound decision
- * (made on the old path: Envoy's two sidecars do it instead). */
-static __always_inline int dp_rw_inbound(__u32 gen, struct dp_verdict *v)
-{
-    if (!dp_rw_get(gen, v->route))
-        return 0;
-    __u32 k0 = 0;
-    struct l7fp_decision *d = dp_dec_scr.lookup(&k0);
-    if (!d)
-        return 1;
-    struct dp_ep_key k = {.gen = gen & 1, .cluster = d->cluster, .endpoint = d->endpoint};
-    __u32 *lid = dp_ep_in.lookup(&k);
-    return lid && *lid;
+    if (!ctx || ctx->r.slot_len[rw->slot & L7FP_SLOT_MASK] != 0 ||
+        ctx->r.sp2 - ctx->r.path_off > DP_RW_TARGET)
+        return DP_RW_REFUSED;
+    return DP_RW_YES;
 }
 
 /* The loops below compare their index with a length loaded afresh in every
@@ -193,6 +192,82 @@ static __always_inline int dp_rw_starts(struct l7fp_req_ctx *ctx, struct dp_rw *
     return 1;
 }
 
+#define DP_RW_AT L7FP_MAX_HDR /* ctx->buf offset of the rewritten path: past the head's copy */
+
+/* 1 when the path at DP_RW_AT (ctx->r.path_len bytes) has "//", "/./",
+ * "/../" or ends in "/." or "/..": the parser's L7FP_TF_DOTSEG (l7fp_http.h
+ * l7fp_scan_byte), which the decision leaves to Envoy (the inbound sidecar
+ * may normalize it). Branch-free over every position, as the parser: a
+ * branch per byte would multiply the verifier's states. Positions past the
+ * path count nothing. The rewritten path starts with '/' (dp_rw_build). */
+static __always_inline int dp_rw_dotseg(struct l7fp_req_ctx *ctx)
+{
+    __u64 bad = 0;
+    for (__u32 i = 1; i <= DP_RW_MAX + DP_RW_TARGET; i++) {
+        __u64 len = ctx->r.path_len, in = 1 - L7FP_LT(len, i); /* i <= len */
+        __u64 ch = l7fp_byte(ctx, DP_RW_AT + i), prev = l7fp_byte(ctx, DP_RW_AT + i - 1);
+        __u64 p2 = l7fp_byte(ctx, DP_RW_AT + i - 2), p3 = l7fp_byte(ctx, DP_RW_AT + i - 3);
+        __u64 end = L7FP_EQ(i, len), sl = L7FP_EQ(ch, '/') & (1 - end);
+        __u64 dotseg = L7FP_EQ(prev, '.') &
+                       (L7FP_EQ(p2, '/') | (L7FP_EQ(p2, '.') & L7FP_EQ(p3, '/')));
+        bad |= in & ((sl & L7FP_EQ(prev, '/')) | ((sl | end) & dotseg));
+    }
+    return (int)bad;
+}
+
+/* dp_msg_rwin, for the destination's inbound decision: the path as that
+ * destination's sidecar gets it (the route's rewrite applied, as dp_rw_path
+ * will do to the message) in place of the parsed one: built at DP_RW_AT of the
+ * per-CPU parse context, ctx->r.path_off/path_len pointing at it; the parsed
+ * values go to saved[0], saved[1] (dp_rw_unbuild puts them back). The query
+ * stays where it was parsed (r.q, r.sp2): a rewrite keeps it. Returns 0 (built,
+ * or the path stays as it is: no rewrite for it, as in dp_rw_path), 1 when
+ * the request must go to Envoy (a target over DP_RW_TARGET, a bad entry, or
+ * a new path the inbound sidecar may normalize). */
+static __always_inline int dp_rw_build(__u32 gen, struct dp_verdict *v, __u32 *saved)
+{
+    struct dp_rw *rw = dp_rw_get(gen, v->route);
+    struct l7fp_req_ctx *ctx = l7fp_ctx_get();
+    if (!rw || !ctx)
+        return 1;
+    __u32 off = ctx->r.path_off, plen = ctx->r.path_len;
+    if (ctx->r.sp2 - off > DP_RW_TARGET || plen > DP_RW_TARGET || off > L7FP_MAX_HDR)
+        return 1;
+    __u32 cut = rw->cut == DP_RW_WHOLE ? plen : rw->cut;
+    if (cut > plen || rw->check_len > plen)
+        return 0;
+    if (rw->check_len && !dp_rw_starts(ctx, rw, off))
+        return 0;
+    __u32 m = rw->value_len;
+    if (m == 0 || m > DP_RW_MAX || rw->value[0] != '/')
+        return 1; /* a path not starting with '/': not decided here */
+    /* whole words, all of them: bytes past the new path are never read as
+     * path, and no source byte of the head (below DP_RW_AT) is overwritten */
+#pragma unroll
+    for (__u32 j = 0; j < DP_RW_MAX; j += 8)
+        *(__u64 *)(ctx->buf + DP_RW_AT + j) = *(__u64 *)(rw->value + j);
+#pragma unroll
+    for (__u32 j = 0; j < DP_RW_TARGET; j += 8)
+        *(__u64 *)(ctx->buf + l7fp_bmask(DP_RW_AT + m + j)) =
+            *(__u64 *)(ctx->buf + l7fp_bmask(off + cut + j));
+    saved[0] = off;
+    saved[1] = plen;
+    ctx->r.path_off = DP_RW_AT;
+    ctx->r.path_len = m + plen - cut;
+    return dp_rw_dotseg(ctx);
+}
+
+/* dp_msg_in after the inbound decision: the parsed path back (saved by
+ * dp_rw_build; saved[1] = 0: nothing was built). */
+static __always_inline void dp_rw_unbuild(__u32 *saved)
+{
+    struct l7fp_req_ctx *ctx = l7fp_ctx_get();
+    if (!ctx || !saved[1])
+        return;
+    ctx->r.path_off = saved[0];
+    ctx->r.path_len = saved[1];
+}
+
 /* Replace the path's first cut bytes at off by the route's value. *delta: the
  * change of the message's length. 0 done (or the path left as is), -1 failed. */
 static __always_inline int dp_rw_path(struct sk_msg_md *msg, struct l7fp_req_ctx *ctx,
@@ -248,8 +323,8 @@ static __always_inline int dp_rewrite(struct sk_msg_md *msg, struct dp_verdict *
 }
 #else
 #define DP_RW_GROW 0
-static __always_inline int dp_rw_refused(__u32 gen, struct dp_verdict *v) { return 0; }
-static __always_inline int dp_rw_inbound(__u32 gen, struct dp_verdict *v) { return 0; }
+static __always_inline __u32 dp_rw_state(__u32 gen, struct dp_verdict *v) { return DP_RW_NONE; }
+static __always_inline void dp_rw_unbuild(__u32 *saved) {}
 #endif /* DP_RW_ON */
 
 #endif /* L7FP_DP_REWRITE_H */

@@ -346,9 +346,17 @@ struct dp_msg_scratch {
     __u32 bind;    /* dp_msg_act -> dp_msg_rw: the bound upstream (index in c->binds) */
     __u32 rpol;    /* ... a retry copy is due */
     __u32 is_head; /* ... the request is a HEAD */
+    __u32 rw;      /* dp_rewrite.h DP_RW_*: the route's rewrite (0: not looked up yet) */
+    __u32 in_lid;  /* dp_msg_rwin -> dp_msg_in: the inbound listener id + 1 (0: none) */
+    __u32 saved[2]; /* dp_msg_rwin -> dp_msg_in: the parsed path (dp_rw_build; [1] 0: none) */
 };
 BPF_PERCPU_ARRAY(dp_msg_scr, struct dp_msg_scratch, 1);
-BPF_PROG_ARRAY(dp_msg_prog, 3); /* 0: dp_msg_act, 1: dp_msg_in, 2: dp_msg_rw */
+BPF_PROG_ARRAY(dp_msg_prog, 4); /* 0: dp_msg_act, 1: dp_msg_in, 2: dp_msg_rw, 3: dp_msg_rwin */
+#if DP_RW_ON && defined(DP_DECIDE_SECOND)
+#define DP_PROG_IN 3 /* a FORWARD goes through dp_msg_rwin to dp_msg_in */
+#else
+#define DP_PROG_IN 1
+#endif
 
 int dp_msg_verdict(struct sk_msg_md *msg)
 {
@@ -422,9 +430,12 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     scr->gen = gen;
     scr->tmo = tmo;
     scr->size = size;
+    scr->rw = 0;
+    scr->in_lid = 0;
+    scr->saved[1] = 0;
 #ifdef DP_DECIDE_SECOND
     if (v->kind == DP_K_FORWARD)
-        dp_msg_prog.call(msg, 1); /* dp_msg_in: the destination's inbound decision */
+        dp_msg_prog.call(msg, DP_PROG_IN); /* the destination's inbound decision */
 #endif
     dp_msg_prog.call(msg, 0); /* dp_msg_act: acts on the verdict */
     return dp_to_envoy(c, v->route, DP_R_NONE); /* no program in dp_msg_prog */
@@ -451,7 +462,9 @@ static __always_inline struct dp_msg_scratch *dp_msg_tail_state(struct sk_msg_md
  * (DP_INBOUND), a program of its own for the verifier's sake
  * (dp_decide_l7fp.h dp_decide_second), then dp_msg_act. Without an inbound
  * decision compiled in it is never called. The loader puts it into
- * dp_msg_prog[1]. */
+ * dp_msg_prog[1]. With path rewrites compiled in, dp_msg_rwin runs first and
+ * found the listener (scr->rw set); for a rewrite route it put the new path
+ * into the parse context, which goes back once decided. */
 int dp_msg_in(struct sk_msg_md *msg)
 {
     struct dp_conn *c;
@@ -459,19 +472,43 @@ int dp_msg_in(struct sk_msg_md *msg)
     if (!scr)
         return SK_PASS;
 #ifdef DP_DECIDE_SECOND
-    if (dp_rw_inbound(scr->gen, &scr->v)) { /* dp_rewrite.h: decided on the old path */
-        scr->v.kind = DP_K_PASS;
-        scr->v.reason = DP_R_RW;
-        dp_msg_prog.call(msg, 0);
-        return dp_to_envoy(c, scr->v.route, DP_R_NONE);
-    }
-    dp_decide_second(scr->gen, &scr->v);
+    __u32 lid = scr->rw ? scr->in_lid : dp_inbound_lid(scr->gen);
+    dp_decide_second(scr->gen, lid, &scr->v);
+    dp_rw_unbuild(scr->saved); /* dp_rewrite reads the path as parsed */
     dp_mirror_inbound(scr->gen, &scr->v); /* Envoy shadows what the inbound side answers */
     dp_delay_inbound(scr->gen, &scr->v); /* and delays it first (a delay route) */
 #endif
     dp_msg_prog.call(msg, 0); /* dp_msg_act */
     return dp_to_envoy(c, scr->v.route, DP_R_NONE);
 }
+
+#if DP_RW_ON && defined(DP_DECIDE_SECOND)
+/* Between dp_msg_verdict and dp_msg_in for a FORWARD when the plan has path
+ * rewrites and inbound decisions (dp_msg_prog[3], loaded with -DDP_REWRITE=1
+ * and -DDP_INBOUND=1): the request's one dp_rw lookup (scr->rw, which
+ * dp_msg_act then reuses) and dp_ep_in lookup (scr->in_lid); for a rewrite
+ * route with an inbound decision, the rewritten path for that decision
+ * (dp_rewrite.h dp_rw_build), or Envoy when the kernel cannot decide it. A
+ * program of its own: dp_msg_in's budget is the decision's. */
+int dp_msg_rwin(struct sk_msg_md *msg)
+{
+    struct dp_conn *c;
+    struct dp_msg_scratch *scr = dp_msg_tail_state(msg, &c);
+    if (!scr)
+        return SK_PASS;
+    scr->rw = dp_rw_state(scr->gen, &scr->v);
+    scr->in_lid = dp_inbound_lid(scr->gen);
+    if (scr->rw != DP_RW_NONE && scr->in_lid && dp_rw_build(scr->gen, &scr->v, scr->saved)) {
+        dp_rw_unbuild(scr->saved);
+        scr->v.kind = DP_K_PASS;
+        scr->v.reason = DP_R_RW;
+        dp_msg_prog.call(msg, 0); /* dp_msg_act: to Envoy, counted */
+        return dp_to_envoy(c, scr->v.route, DP_R_NONE);
+    }
+    dp_msg_prog.call(msg, 1); /* dp_msg_in */
+    return dp_to_envoy(c, scr->v.route, DP_R_NONE);
+}
+#endif
 
 /* The rest of dp_msg_act once the upstream is bound (b) and nothing before
  * can hand the request to Envoy: header inserts, timer, send, retry copy,
@@ -585,8 +622,12 @@ int dp_msg_act(struct sk_msg_md *msg)
         return dp_to_envoy(c, v.route, DP_R_PIPELINE); /* pipelined: one way for all */
     if (v.kind != DP_K_FORWARD)
         return dp_to_envoy(c, v.route, DP_R_NONE);
-    if (dp_rw_refused(gen, &v)) /* dp_rewrite.h: the client sent x-envoy-original-path */
+#if DP_RW_ON
+    if (!scr->rw) /* dp_msg_rwin did not look: the route's rewrite, once */
+        scr->rw = dp_rw_state(gen, &v);
+    if (scr->rw == DP_RW_REFUSED) /* dp_rewrite.h: x-envoy-original-path sent, long target */
         return dp_to_envoy_req(msg, c, &v, size, DP_R_RW);
+#endif
     /* a flag, not the policy pointer: this function is near the 512-byte stack
      * limit (an Istio plan's knobs + DP_RETRY went over it with the pointer and
      * the upstream cookie kept across the header insert) */
@@ -617,7 +658,7 @@ int dp_msg_act(struct sk_msg_md *msg)
         return dp_to_envoy_req(msg, c, &v, size, DP_R_RETRY_TCP);
     __u32 is_head = dp_is_head(msg);
 #if DP_RW_ON
-    if (dp_rw_get(gen, v.route)) {
+    if (*(volatile __u32 *)&scr->rw == DP_RW_YES) { /* read afresh: no flag kept live */
         /* a path rewrite (dp_rewrite.h) runs in dp_msg_rw, a program of its
          * own: here its copy loops were walked once per state reaching them
          * (over the 1M budget with a retry policy and header inserts) */

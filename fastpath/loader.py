@@ -153,6 +153,9 @@ class Datapath:
         if "-DDP_REWRITE=1" in cflags and decide_header is not None:  # dp_rewrite.h's program
             dp.fds["msg_rw"] = bpf_callback.load_func(b, "dp_msg_rw", BPF.SK_MSG).fd
             b["dp_msg_prog"][ct.c_int(2)] = ct.c_int(dp.fds["msg_rw"])
+            if "-DDP_INBOUND=1" in cflags:  # the inbound decision on the rewritten path
+                dp.fds["msg_rwin"] = bpf_callback.load_func(b, "dp_msg_rwin", BPF.SK_MSG).fd
+                b["dp_msg_prog"][ct.c_int(3)] = ct.c_int(dp.fds["msg_rwin"])
         dp.fds["skb"] = bpf_callback.load_func(b, "dp_skb_verdict", BPF.SK_SKB).fd
         dp.fds["rsp"] = bpf_callback.load_func(b, "dp_rsp_verdict", BPF.SK_SKB).fd
         b["dp_rsp_prog"][ct.c_int(0)] = ct.c_int(dp.fds["rsp"])  # its own tail call
