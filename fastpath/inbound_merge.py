@@ -26,7 +26,9 @@ Envoy, which runs both sidecars) when:
   a route's own limit makes that route a punt (its requests go to Envoy);
 * it reads or writes a header the outbound side may add (the kernel matches
   the request as the client sent it, the inbound sidecar would see the added
-  headers), or a header the client's Envoy adds itself (x-request-id, ...).
+  headers), or a header the client's Envoy adds itself (x-request-id, ...),
+  or, when the client has a path rewrite route, `x-envoy-original-path` or
+  `:path` as a header (the kernel decides the rewritten path only as the path).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from fastpath.plan import (
     Verdict,
     VirtualHost,
 )
+from fastpath.rewrite import ORIGINAL_PATH
 
 # Request headers a client's Envoy adds on its way to the destination: the
 # inbound sidecar sees them on the slow path, the kernel never.
@@ -228,7 +231,10 @@ def _renamed(lp: ListenerPlan, dest: KernelPlan, ip: str, port: int
 
 
 def _outbound_added_names(plan: KernelPlan) -> set[str]:
-    """Headers the client's outbound side may add to a forwarded request."""
+    """Headers the client's outbound side may add or change on a forwarded
+    request: a path rewrite adds x-envoy-original-path and changes :path (the
+    kernel decides the inbound side on the rewritten path, not on headers
+    matched by those names)."""
     names = set(ENVOY_ADDED)
     for lp in plan.listeners:
         if lp.direction is Direction.OUTBOUND:
@@ -236,7 +242,14 @@ def _outbound_added_names(plan: KernelPlan) -> set[str]:
                 names |= {h.name.lower() for h in vh.request_headers_to_add}
                 for r in vh.routes:
                     names |= {h.name.lower() for h in r.request_headers_to_add}
+                    if _rewrites(r):
+                        names |= {ORIGINAL_PATH, ":path"}
     return names
+
+
+def _rewrites(r: Route) -> bool:
+    a = r.action
+    return isinstance(a, ClusterAction) and bool(a.prefix_rewrite or a.path_rewrite)
 
 
 def header_names(lp: ListenerPlan) -> set[str]:

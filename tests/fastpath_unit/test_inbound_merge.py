@@ -97,3 +97,18 @@ def test_inbound_reading_a_header_the_outbound_side_adds_is_not_merged() -> None
     env = merge(client(), lambda ip: dest(rbac=dataclasses.replace(DENY, policies=(RbacPolicy(
         "p", ((Permission(headers=(HeaderMatch("x-request-id"),)),),), ((Principal(any=True),),)),))))
     assert not env.offloadable(DST, 9000)  # the client's Envoy adds x-request-id
+
+
+def test_inbound_reading_the_original_path_is_not_merged_under_a_rewrite() -> None:
+    """A client rewrite route adds x-envoy-original-path and changes :path."""
+    reads = dataclasses.replace(DENY, policies=(RbacPolicy("p", ((Permission(headers=(
+        HeaderMatch("x-envoy-original-path"),)),),), ((Principal(any=True),),)),))
+    plain = merge(client(), lambda ip: dest(rbac=reads, rbacs=(reads,)))
+    assert plain.offloadable(DST, 9000)
+    c = client()
+    r = c.listeners[0].virtual_hosts[0].routes[0]
+    rw = dataclasses.replace(r, action=dataclasses.replace(r.action, prefix_rewrite="/v2/"))
+    c = dataclasses.replace(c, listeners=(dataclasses.replace(c.listeners[0], virtual_hosts=(
+        dataclasses.replace(c.listeners[0].virtual_hosts[0], routes=(rw,)),)),))
+    got = merge(c, lambda ip: dest(rbac=reads, rbacs=(reads,)))
+    assert not got.offloadable(DST, 9000) and "x-envoy-original-path" in got.refused[(DST, 9000)]
