@@ -434,8 +434,10 @@ int dp_msg_verdict(struct sk_msg_md *msg)
     scr->in_lid = 0;
     scr->saved[1] = 0;
 #ifdef DP_DECIDE_SECOND
-    if (v->kind == DP_K_FORWARD)
+    if (v->kind == DP_K_FORWARD) {
         dp_msg_prog.call(msg, DP_PROG_IN); /* the destination's inbound decision */
+        return dp_to_envoy(c, v->route, DP_R_NONE); /* not loaded: never skip it (rule 4) */
+    }
 #endif
     dp_msg_prog.call(msg, 0); /* dp_msg_act: acts on the verdict */
     return dp_to_envoy(c, v->route, DP_R_NONE); /* no program in dp_msg_prog */
@@ -472,7 +474,7 @@ int dp_msg_in(struct sk_msg_md *msg)
     if (!scr)
         return SK_PASS;
 #ifdef DP_DECIDE_SECOND
-    __u32 lid = scr->rw ? scr->in_lid : dp_inbound_lid(scr->gen);
+    __u32 lid = DP_RW_ON && scr->rw ? scr->in_lid : dp_inbound_lid(scr->gen);
     dp_decide_second(scr->gen, lid, &scr->v);
     dp_rw_unbuild(scr->saved); /* dp_rewrite reads the path as parsed */
     dp_mirror_inbound(scr->gen, &scr->v); /* Envoy shadows what the inbound side answers */
