@@ -113,6 +113,13 @@ class Agent:
         node = self.nodes.get(node_id)
         return node.outlier.lb_view if node is not None else {}
 
+    def envoy_observed(self, node_id: str, obs: list[tuple[str, str, int]]) -> None:
+        """Responses the node's Envoy got (fastpath.als, on the server's loop):
+        counted by the node's kernel outlier detectors (OutlierKeeper.count_envoy)."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.outlier.count_envoy(obs)
+
     def _lb_changed(self, node_id: str) -> None:
         """The node's kernel LB view changed (event thread): republish its residual."""
         if self.server is not None and node_id in self.owned:

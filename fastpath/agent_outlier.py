@@ -109,6 +109,7 @@ class OutlierKeeper:
         self.on_lb_change: Any = None
         self.published_ns = 0
         self.publishes = 0
+        self.envoy_counted = 0  # responses of Envoy's path counted (count_envoy)
 
     # ---- plan (plans thread, node busy) ----------------------------------
     def program(self, plan: KernelPlan, sp: Any, gen: int, order: Any,
@@ -250,12 +251,30 @@ class OutlierKeeper:
         with self._lock:
             self._count(host1 - 1, status)
 
+    def count_envoy(self, obs: list[tuple[str, str, int]]) -> None:
+        """Responses the node's Envoy got, (cluster, "ip:port", status) each
+        (fastpath.als; the server's loop): counted for the host as the kernel
+        counts a response (dp_outlier_status), so one detector sees both paths.
+        Clusters or hosts the kernel does not run are ignored."""
+        with self._lock:
+            for cluster, host, status in obs:
+                d = self.dets.get(cluster)
+                slot = d.slots.get(host) if d is not None and host in d.detector.hosts else None
+                if slot is not None:
+                    self.envoy_counted += 1
+                    self._count(slot, status)
+
     def _count(self, slot: int, status: int) -> None:
         d = self.slot_det.get(slot)
         odh = self.dp.bpf["dp_odh"]
         k = ct.c_uint32(slot)
         h = odh[k]
         if d is None or h.ejected:
+            return
+        if not 500 <= status <= 599:  # any other status zeroes both counters
+            if h.c5xx or h.cgw:
+                h.c5xx = h.cgw = 0
+                odh[k] = h
             return
         eject = 0
         if 502 <= status <= 504:
@@ -360,7 +379,8 @@ class OutlierKeeper:
             out[name] = {"ejections": d.ejections, "unejections": d.unejections,
                          "active": d.detector.ejected(), "room": d.detector.room(),
                          "eds_unhealthy": sorted(self.lb_view.get(name, ())),
-                         "eds_publishes": self.publishes, "hosts": hosts}
+                         "eds_publishes": self.publishes, "envoy_counted": self.envoy_counted,
+                         "hosts": hosts}
         return out
 
     def counts(self) -> dict[str, dict[str, int]]:

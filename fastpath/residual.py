@@ -23,6 +23,10 @@ such requests to Envoy, see fastpath/inbound_merge.py). Before this rule the
 destination's limiter was removed while no kernel enforced it: an inbound
 rate limit was not enforced at all with the fast path on.
 
+The same holds for outlier detection (fastpath.residual_outlier): a KERNEL
+cluster's detector is the kernel's; Envoy's is removed and Envoy's responses
+are sent to it over a gRPC access log.
+
 Requests the kernel hands to Envoy on such a route (parse limit, empty pool) are
 charged to the kernel's bucket before being handed over, so the limit is never
 doubled (docs/split.md, "Owner rule").
@@ -39,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastpath import envoy_model as em
+from fastpath import residual_outlier
 from fastpath.plan import Direction, KernelPlan, ListenerPlan, Verdict
 
 _DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
@@ -53,6 +58,7 @@ def residual(resources: Mapping[str, Sequence[Any]], plan: KernelPlan,
     out = {k: list(v) for k, v in resources.items()}
     if not kernel_owns_limits:
         return out
+    residual_outlier.apply(out, plan)  # the kernel's outlier detectors: Envoy's off, ALS on
     owned_routes = _kernel_limited_routes(plan)
     owned_listeners = {lp.name.split("#")[0] for lp in plan.listeners
                        if lp.local_rate_limit and lp.verdict is Verdict.KERNEL

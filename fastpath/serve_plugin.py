@@ -60,6 +60,24 @@ def setup(server: Any, app: web.Application, args: argparse.Namespace) -> None:
     app.router.add_get("/debug/fastpath/plans", debug_plans)
 
 
+def grpc_services(server: Any, args: argparse.Namespace) -> list[Any]:
+    """The access log service on the ADS port: the responses the sidecars'
+    Envoys get from clusters whose outlier detection the kernel owns go to
+    the agent's detectors (fastpath.als, fastpath.residual_outlier)."""
+    if getattr(args, "fastpath", "auto") == "off":
+        return []
+    from fastpath.als import AccessLogService, Observation
+
+    def sink(node_id: str, obs: list[Observation]) -> None:
+        from fastpath.agent import AGENTS
+
+        agent = AGENTS.get(id(server))
+        if agent is not None:
+            agent.envoy_observed(node_id, obs)
+
+    return [AccessLogService(sink)]
+
+
 def _dumps(obj: Any) -> str:
     import json
 

@@ -7,6 +7,7 @@ Plugins: each module in SERVE_PLUGINS that exists may define
   add_serve_arguments(parser)           extra `l7fp serve` flags
   make_sources(args) -> list[Source]    more config sources (e.g. --policies DIR)
   setup(server, admin_app, args)        before serving; may return an (async) cleanup callable
+  grpc_services(server, args) -> list   more grpclib servicers on the ADS port (e.g. ALS)
 so other packages add their sources and pages without editing this module.
 """
 
@@ -162,7 +163,9 @@ async def running(args: argparse.Namespace) -> AsyncIterator[Running]:
                 cleanup = await cleanup
             if cleanup:
                 run.cleanups.append(cleanup)
-    grpc = Server([AdsService(server)], codec=PassthroughCodec())
+    extra = [svc for plugin in mods if hasattr(plugin, "grpc_services")
+             for svc in plugin.grpc_services(server, args)]
+    grpc = Server([AdsService(server), *extra], codec=PassthroughCodec())
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     agent = None

@@ -153,3 +153,20 @@ def test_lb_view_published_on_change_only(monkeypatch: Any) -> None:
     now[0] += 100 * MS
     k.service(now[0])  # unejected at the tick
     assert pushes[-1] == {"c": frozenset()} and k.debug()["c"]["eds_unhealthy"] == []
+
+
+def test_envoy_responses_count_with_the_kernels(monkeypatch: Any) -> None:
+    """Responses Envoy got (ALS) go into the same host counters: a success
+    zeroes them, 3 errors in a row eject; other clusters and hosts are ignored."""
+    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: 10_000 * MS)
+    k, bpf = keeper(OutlierConfig(threshold_5xx=3, max_percent=50))
+    bad = "198.18.0.3:80"
+    k.count_envoy([("c", bad, 500), ("c", bad, 503), ("c", bad, 200), ("other", bad, 500),
+                   ("c", "198.18.0.9:80", 500)])
+    h = bpf["dp_odh"][ct.c_uint32(1)]
+    assert (h.c5xx, h.cgw, h.ejected) == (0, 0, 0)
+    bind(bpf, 42, 1)
+    k.count_error(42, 504)  # a kernel-path error (the agent's 504), then two of Envoy's
+    k.count_envoy([("c", bad, 500), ("c", bad, 502)])
+    h = bpf["dp_odh"][ct.c_uint32(1)]
+    assert h.ejected and h.lb_out and k.envoy_counted == 5

@@ -1,0 +1,87 @@
+"""The residual of clusters whose outlier detection the kernel owns (rule 3).
+
+Called by `fastpath.residual.residual` when the kernel owns the node's
+stateful policy (the agent runs its plan). One detector per cluster and node:
+the kernel's (`fastpath.agent_outlier.OutlierKeeper`, `dp_outlier.h`). So,
+in the node's residual, for every KERNEL cluster with outlier detection:
+
+* the Cluster loses `outlier_detection`: Envoy's own detector would count
+  the same host a second time (over the requests the kernel hands it) and
+  eject on its own count;
+* every outbound HCM gets a gRPC access log (`envoy.access_loggers.http_grpc`,
+  to the control plane through the bootstrap's xDS cluster, ALS_CLUSTER), so
+  the responses Envoy gets from those hosts reach the kernel's detector
+  (`fastpath.als` -> `OutlierKeeper.count_envoy`), counted by the same rule;
+* the hosts out of the kernel's LB view come to Envoy as EDS UNHEALTHY
+  (xds_server.eds_health, at publish time), so Envoy skips them too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastpath import envoy_model as em
+from fastpath.plan import Direction, KernelPlan, Verdict
+
+ALS_CLUSTER = "xds-grpc"  # the sidecar bootstrap's xDS cluster (Istio's name; mesh.envoyconf)
+ALS_LOG_NAME = "l7fp_outlier"
+ALS_NAME = "l7fp.outlier_als"
+# Envoy sends a batch when it holds buffer_size_bytes or every flush interval.
+# 0 bytes: no batching, one gRPC message per response, sent at once: the
+# kernel's detector sees Envoy's responses in the order they come (docs/fastpath.md).
+ALS_BUFFER_BYTES = 0
+ALS_FLUSH = "0.005s"
+_ALS_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+
+
+def owned_clusters(plan: KernelPlan) -> set[str]:
+    """Clusters whose outlier detection the kernel runs (agent_outlier.needs_outlier)."""
+    return {c.name for c in plan.clusters if c.outlier is not None and c.verdict is Verdict.KERNEL}
+
+
+def als_logger() -> dict[str, Any]:
+    """The HCM access_log entry (proto JSON) that sends Envoy's responses to the agent."""
+    return {"name": ALS_NAME, "typedConfig": {
+        "@type": _ALS_TYPE,
+        "commonConfig": {"logName": ALS_LOG_NAME, "transportApiVersion": "V3",
+                         "grpcService": {"envoyGrpc": {"clusterName": ALS_CLUSTER}},
+                         "bufferSizeBytes": ALS_BUFFER_BYTES, "bufferFlushInterval": ALS_FLUSH}}}
+
+
+def apply(out: dict[str, list[Any]], plan: KernelPlan) -> None:
+    """Change the residual `out` (type URL -> messages) in place, as the module says."""
+    owned = owned_clusters(plan)
+    if not owned:
+        return
+    out[em.CLUSTER] = [_without_detector(m, owned) for m in out.get(em.CLUSTER, [])]
+    outbound = {lp.name.split("#")[0] for lp in plan.listeners if lp.direction is Direction.OUTBOUND}
+    out[em.LISTENER] = [_with_als(m) if em.to_json(m).get("name") in outbound else m
+                        for m in out.get(em.LISTENER, [])]
+
+
+def _without_detector(msg: Any, owned: set[str]) -> Any:
+    js = em.to_json(msg)
+    if js.get("name") not in owned or "outlierDetection" not in js:
+        return msg
+    del js["outlierDetection"]
+    return em.from_json(em.CLUSTER, js)
+
+
+def _with_als(msg: Any) -> Any:
+    lis = em.to_json(msg)
+    changed = False
+    for chain in _chains(lis):
+        for f in chain.get("filters", []):
+            hcm = f.get("typedConfig", {})
+            if em.type_name(hcm.get("@type", "")) != em.HCM:
+                continue
+            logs = hcm.setdefault("accessLog", [])
+            if not any(x.get("name") == ALS_NAME for x in logs):
+                logs.append(als_logger())
+                changed = True
+    return em.from_json(em.LISTENER, lis) if changed else msg
+
+
+def _chains(lis: dict[str, Any]) -> Sequence[dict[str, Any]]:
+    return [*lis.get("filterChains", []), *([lis["defaultFilterChain"]] if "defaultFilterChain" in lis else [])]

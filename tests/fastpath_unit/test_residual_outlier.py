@@ -1,0 +1,66 @@
+"""The residual of a node whose kernel owns a cluster's outlier detection
+(fastpath.residual_outlier, NAME=odown): Envoy's detector removed from that
+cluster only, the ALS access log on the outbound HCM, nothing changed when
+Envoy owns the node (envoy_residual). The real Envoy's side:
+tests/xds/test_als.py and tests/kernel_differential/test_outlier_mesh.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastpath import envoy_model as em
+from fastpath import residual_outlier as ro
+from fastpath.split import split_snapshot
+from xds_server import resources as res
+
+HCM = "type.googleapis.com/" + em.HCM
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def cluster(name: str, od: dict[str, Any] | None) -> dict[str, Any]:
+    c: dict[str, Any] = {"@type": res.CLUSTER, "name": name, "type": "STATIC", "connect_timeout": "1s",
+                         "lb_policy": "ROUND_ROBIN",
+                         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                             {"endpoint": {"address": {"socket_address": {
+                                 "address": f"198.18.0.{i + 2}", "port_value": 80}}}}
+                             for i in range(2)]}]}}
+    if od is not None:
+        c["outlier_detection"] = od
+    return c
+
+
+def resources() -> dict[str, list[Any]]:
+    routes = [{"match": {"prefix": "/a"}, "route": {"cluster": "od"}},
+              {"match": {"prefix": "/"}, "route": {"cluster": "plain"}}]
+    lis = {"@type": res.LISTENER, "name": "out",
+           "address": {"socket_address": {"address": "0.0.0.0", "port_value": 9000}},
+           "filter_chains": [{"filters": [{"name": "hcm", "typed_config": {
+               "@type": HCM, "stat_prefix": "out",
+               "route_config": {"name": "rc", "virtual_hosts": [
+                   {"name": "v", "domains": ["*"], "routes": routes}]},
+               "http_filters": [{"name": "router", "typed_config": {"@type": ROUTER}}]}}]}]}
+    out: dict[str, list[Any]] = {}
+    for i, d in enumerate([cluster("od", {"interval": "1s", "maxEjectionPercent": 50}),
+                           cluster("plain", None), lis]):
+        out.setdefault(d["@type"], []).append(res.parse_resource(d, f"r[{i}]"))
+    return out
+
+
+def test_kernel_owner_drops_envoys_detector_and_logs_to_the_agent() -> None:
+    r = split_snapshot("sidecar~198.18.0.9~c-0.t~t.svc.cluster.local", resources())
+    assert ro.owned_clusters(r.plan) == {"od"}, [(c.name, c.verdict, c.reason) for c in r.plan.clusters]
+    owned = {em.to_json(m)["name"]: em.to_json(m) for m in r.residual[res.CLUSTER]}
+    kept = {em.to_json(m)["name"]: em.to_json(m) for m in r.envoy_residual[res.CLUSTER]}
+    assert "outlierDetection" not in owned["od"] and "outlierDetection" in kept["od"]
+    (lis,) = [em.to_json(m) for m in r.residual[res.LISTENER]]
+    hcm = lis["filterChains"][0]["filters"][0]["typedConfig"]
+    (log,) = hcm["accessLog"]
+    common = log["typedConfig"]["commonConfig"]
+    assert common["grpcService"]["envoyGrpc"]["clusterName"] == ro.ALS_CLUSTER
+    assert common["bufferSizeBytes"] == 0  # no batching: in order, at once
+    (lis0,) = [em.to_json(m) for m in r.envoy_residual[res.LISTENER]]
+    assert "accessLog" not in lis0["filterChains"][0]["filters"][0]["typedConfig"]
+    again = {t: list(v) for t, v in r.residual.items()}
+    ro.apply(again, r.plan)  # idempotent: one logger
+    (lis2,) = [em.to_json(m) for m in again[res.LISTENER]]
+    assert len(lis2["filterChains"][0]["filters"][0]["typedConfig"]["accessLog"]) == 1
