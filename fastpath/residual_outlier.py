@@ -27,11 +27,12 @@ from fastpath.plan import Direction, KernelPlan, Verdict
 ALS_CLUSTER = "xds-grpc"  # the sidecar bootstrap's xDS cluster (Istio's name; mesh.envoyconf)
 ALS_LOG_NAME = "l7fp_outlier"
 ALS_NAME = "l7fp.outlier_als"
-# Envoy sends a batch when it holds buffer_size_bytes or every flush interval.
-# 0 bytes: no batching, one gRPC message per response, sent at once: the
-# kernel's detector sees Envoy's responses in the order they come (docs/fastpath.md).
-ALS_BUFFER_BYTES = 0
-ALS_FLUSH = "0.005s"
+# Envoy sends a batch when it holds buffer_size_bytes or every flush interval:
+# Envoy's responses reach the kernel's detector at most 10 ms late (plus the
+# agent's reading). Unbatched (0 bytes: one gRPC message per response) cost
+# 2-3x the latency through Envoy here (benchmarks.als_cost, docs/fastpath.md).
+ALS_BUFFER_BYTES = 16384
+ALS_FLUSH = "0.01s"
 _ALS_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 
 

@@ -57,7 +57,7 @@ def test_kernel_owner_drops_envoys_detector_and_logs_to_the_agent() -> None:
     (log,) = hcm["accessLog"]
     common = log["typedConfig"]["commonConfig"]
     assert common["grpcService"]["envoyGrpc"]["clusterName"] == ro.ALS_CLUSTER
-    assert common["bufferSizeBytes"] == 0  # no batching: in order, at once
+    assert em.duration_ms(common["bufferFlushInterval"]) == 10  # batches: at most 10 ms late
     (lis0,) = [em.to_json(m) for m in r.envoy_residual[res.LISTENER]]
     assert "accessLog" not in lis0["filterChains"][0]["filters"][0]["typedConfig"]
     again = {t: list(v) for t, v in r.residual.items()}

@@ -1,0 +1,182 @@
+"""Cost of the outlier access log (ALS) on Envoy's path: wrk through one Envoy, with and without.
+
+Owner: NAME=odown. `python -m benchmarks.als_cost [--seconds 3] [--rounds 2]`:
+a leaf Envoy answering 200 (direct_response), a "sidecar" Envoy routing to it
+with or without the access logger that fastpath.residual_outlier adds for
+clusters the kernel owns (http_grpc, batched: --buffer-bytes, --flush), and fastpath.als.AccessLogService receiving in this process (as
+`l7fp serve` does). wrk at 1 and 16 connections, ABAB rounds; prints one JSON
+line per measurement and a summary (medians): p50 in µs, req/s, and how many
+entries the service got per request served.
+
+`sidecar_bootstrap` is also used by tests/xds/test_als.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import threading
+import time
+from typing import Any
+
+from fastpath import residual_outlier as ro
+from fastpath.als import AccessLogService
+from xds_server.envoyproc import Envoy
+from xds_server.ports import pick_free_port
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+H2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http2_protocol_options": {}}}}
+
+
+def _static(name: str, port: int) -> dict[str, Any]:
+    return {"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                             "port_value": port}}}}]}]}}
+
+
+def als_config(buffer_bytes: int | None = None, flush: str | None = None) -> dict[str, Any]:
+    """residual_outlier.als_logger() in the snake_case a bootstrap file takes
+    (`buffer_bytes`, `flush`: other batching than the residual's, to compare)."""
+    log = ro.als_logger()
+    cfg = log["typedConfig"]["commonConfig"]
+    return {"name": log["name"], "typed_config": {
+        "@type": log["typedConfig"]["@type"],
+        "common_config": {"log_name": cfg["logName"], "transport_api_version": "V3",
+                          "grpc_service": {"envoy_grpc": {"cluster_name": ro.ALS_CLUSTER}},
+                          "buffer_size_bytes": cfg["bufferSizeBytes"] if buffer_bytes is None
+                          else buffer_bytes,
+                          "buffer_flush_interval": flush or cfg["bufferFlushInterval"]}}}
+
+
+def sidecar_bootstrap(als_port: int, app_port: int, lport: int, admin: int,
+                      als: bool = True, **batching: Any) -> dict[str, Any]:
+    """One Envoy: listener `lport` -> cluster `c` (127.0.0.1:app_port); `/none`
+    -> cluster `empty` (no host: Envoy's own 503); with `als` the HCM logs
+    every response to the ALS at 127.0.0.1:als_port (cluster ALS_CLUSTER)."""
+    routes = [{"match": {"prefix": "/none"}, "route": {"cluster": "empty"}},
+              {"match": {"prefix": "/"}, "route": {"cluster": "c"}}]
+    hcm: dict[str, Any] = {
+        "@type": HCM, "stat_prefix": "l",
+        "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": routes}]},
+        "http_filters": [{"name": "router", "typed_config": {"@type": ROUTER}}]}
+    if als:
+        hcm["access_log"] = [als_config(**batching)]
+    empty = {"name": "empty", "type": "STATIC", "connect_timeout": "1s",
+             "load_assignment": {"cluster_name": "empty", "endpoints": []}}
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "node": {"id": "sidecar~127.0.0.1~als-0.t~t.svc.cluster.local", "cluster": "t"},
+        "static_resources": {
+            "clusters": [{**_static(ro.ALS_CLUSTER, als_port), "typed_extension_protocol_options": H2},
+                         _static("c", app_port), empty],
+            "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                      "port_value": lport}},
+                           "filter_chains": [{"filters": [{"name": "hcm",
+                                                           "typed_config": hcm}]}]}]}}
+
+
+class Receiver:
+    """AccessLogService on its own loop in a thread; counts observations."""
+
+    def __init__(self) -> None:
+        self.port = pick_free_port()
+        self.count = 0
+        self.loop = asyncio.new_event_loop()
+        self.svc = AccessLogService(self._sink)
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sink(self, _node: str, obs: list[Any]) -> None:
+        self.count += len(obs)
+
+    def _run(self) -> None:
+        from grpclib.server import Server
+
+        asyncio.set_event_loop(self.loop)
+        self.server = Server([self.svc])
+        self.loop.run_until_complete(self.server.start("127.0.0.1", self.port))
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> Receiver:
+        self.thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _wait_http(port: int, path: str = "/", timeout: float = 20) -> None:
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.load import run_wrk
+    from mesh.envoyconf import direct_response_bootstrap
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.als_cost", description=__doc__)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--buffer-bytes", type=int, default=None,
+                   help=f"ALS buffer_size_bytes (default: the residual's, {ro.ALS_BUFFER_BYTES})")
+    p.add_argument("--flush", default=None,
+                   help=f"ALS buffer_flush_interval (default: the residual's, {ro.ALS_FLUSH})")
+    args = p.parse_args(argv)
+    rx = Receiver().start()
+    app_port = pick_free_port()
+    leaf_boot = direct_response_bootstrap("leaf", (app_port,))
+    leaf_boot["admin"] = {"address": {"socket_address": {"address": "127.0.0.1",
+                                                         "port_value": pick_free_port()}}}
+    envoys = [Envoy(leaf_boot, leaf_boot["admin"]["address"]["socket_address"]["port_value"]).start()]
+    ports = {}
+    try:
+        for als in (False, True):
+            lport, admin = pick_free_port(), pick_free_port()
+            envoys.append(Envoy(sidecar_bootstrap(rx.port, app_port, lport, admin, als=als,
+                                                  buffer_bytes=args.buffer_bytes,
+                                                  flush=args.flush), admin).start())
+            ports[als] = lport
+        for lp in ports.values():
+            _wait_http(lp)
+        got: dict[tuple[bool, int], list[Any]] = {}
+        for _ in range(args.rounds):
+            for als in (False, True):  # ABAB
+                for conns in (1, 16):
+                    before = rx.count
+                    r = run_wrk(f"http://127.0.0.1:{ports[als]}/", conns, args.seconds)
+                    entries = rx.count - before
+                    got.setdefault((als, conns), []).append(r)
+                    print(json.dumps({"als": als, "connections": conns, "p50_us": r.p50_us,
+                                      "p99_us": r.p99_us, "rps": round(r.rps), "errors": r.errors,
+                                      "als_entries_per_request": round(entries / r.requests, 3)}))
+        summary = {f"{'als' if a else 'no_als'}_c{c}": {
+            "p50_us": statistics.median(x.p50_us for x in rs),
+            "rps": round(statistics.median(x.rps for x in rs))} for (a, c), rs in got.items()}
+        print("SUMMARY " + json.dumps(summary))
+    finally:
+        for e in envoys:
+            e.stop()
+        rx.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
