@@ -197,20 +197,22 @@ static __always_inline int dp_rw_starts(struct l7fp_req_ctx *ctx, struct dp_rw *
 /* 1 when the path at DP_RW_AT (ctx->r.path_len bytes) has "//", "/./",
  * "/../" or ends in "/." or "/..": the parser's L7FP_TF_DOTSEG (l7fp_http.h
  * l7fp_scan_byte), which the decision leaves to Envoy (the inbound sidecar
- * may normalize it). Branch-free over every position, as the parser: a
- * branch per byte would multiply the verifier's states. Positions past the
- * path count nothing. The rewritten path starts with '/' (dp_rw_build). */
+ * may normalize it). Branch-free per position, as the parser: a branch per
+ * byte would multiply the verifier's states; the loop stops after the path's
+ * end. The rewritten path starts with '/' (dp_rw_build). */
 static __always_inline int dp_rw_dotseg(struct l7fp_req_ctx *ctx)
 {
     __u64 bad = 0;
     for (__u32 i = 1; i <= DP_RW_MAX + DP_RW_TARGET; i++) {
-        __u64 len = ctx->r.path_len, in = 1 - L7FP_LT(len, i); /* i <= len */
+        __u64 len = ctx->r.path_len; /* read afresh each round (see the loops below) */
+        if (i > len)
+            break; /* a short path: a few rounds, not all */
         __u64 ch = l7fp_byte(ctx, DP_RW_AT + i), prev = l7fp_byte(ctx, DP_RW_AT + i - 1);
         __u64 p2 = l7fp_byte(ctx, DP_RW_AT + i - 2), p3 = l7fp_byte(ctx, DP_RW_AT + i - 3);
         __u64 end = L7FP_EQ(i, len), sl = L7FP_EQ(ch, '/') & (1 - end);
         __u64 dotseg = L7FP_EQ(prev, '.') &
                        (L7FP_EQ(p2, '/') | (L7FP_EQ(p2, '.') & L7FP_EQ(p3, '/')));
-        bad |= in & ((sl & L7FP_EQ(prev, '/')) | ((sl | end) & dotseg));
+        bad |= (sl & L7FP_EQ(prev, '/')) | ((sl | end) & dotseg);
     }
     return (int)bad;
 }

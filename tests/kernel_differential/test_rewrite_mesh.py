@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from onoff_mesh import prepare, run_driver, wait_plans
 
-pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
+pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
               pytest.mark.timeout(300)]
 
 HERE = Path(__file__).resolve().parent
