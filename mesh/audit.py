@@ -34,6 +34,7 @@ from fastpath.plan_json import plan_from_json
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_OUTCOMES = ("fast", "kernel_reply", "retry")
+POOL_WAIT_S = 2.0  # at most this long before each request for the node's pools to refill
 
 
 class AuditError(RuntimeError):
@@ -221,6 +222,18 @@ def classify(probe: Probe, delta: Counter[tuple[str, str, str]]) -> tuple[str, s
     return "unseen", "no fast-path counter moved (the kernel did not decide it)", shown
 
 
+def _pools_refilled(admin: str, node_id: str, within_s: float = POOL_WAIT_S) -> None:
+    """Wait (bounded) until every pool of the node has a free upstream socket: the
+    audit's own burst of new connections (one per route) must not empty a pool
+    (`pool_empty`) that the agent refills between a real client's requests."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        node = _node(_fastpath(admin), node_id) or {}
+        if all(p.get("free", 0) > 0 for p in node.get("pools", [])):
+            return
+        time.sleep(0.02)
+
+
 def audit_pod(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,
               timeout: float) -> list[Row]:
     """Send every probe of one pod's plan; one Row per KERNEL route."""
@@ -240,6 +253,7 @@ def audit_pod(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,
     with pod_client(pod) as proc:
         before = _counters(_fastpath(state["admin"]), pod["node_id"])
         for p, (ip, port) in todo:
+            _pools_refilled(state["admin"], pod["node_id"])
             got = _send(proc, ip, port, p, timeout)
             after = _counters(_fastpath(state["admin"]), pod["node_id"])
             served, why, shown = classify(p, after - before)
