@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from fastpath.plan import (
+    ClusterAction,
     Direction,
     HeaderMatch,
     KernelPlan,
@@ -68,6 +69,7 @@ class Probe:
     request: Request | None
     skip: str = ""
     expect: str = ""
+    via: str = ""  # an inbound route's probe: the caller's outbound route it goes through
 
     @property
     def full_name(self) -> str:
@@ -117,6 +119,108 @@ def _probe(plan: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route, src_ip
     if first is not None:
         return first
     return _skipped(base, shadow or "no request matches the route's matcher")
+
+
+def inbound_probes(dst: KernelPlan, port: int, dst_ip: str, caller: KernelPlan,
+                   out_listener: str, src_ip: str) -> list[Probe]:
+    """One Probe per KERNEL route of `dst`'s inbound listener for `port`, sent by a
+    pod whose plan is `caller` through its outbound listener `out_listener` (the
+    service address that leads to `dst_ip`). The request must match that route
+    first in the inbound listener and be forwarded by the caller's outbound
+    decision to a cluster holding dst_ip:port: then the caller's kernel takes
+    the destination's inbound decision too (fastpath.inbound_merge)."""
+    out_lp = next(lp for lp in caller.listeners if lp.name == out_listener)
+    out = []
+    for lp in dst.listeners:
+        if lp.direction is not Direction.INBOUND or lp.port != port:
+            continue
+        for vh in lp.virtual_hosts:
+            for r in vh.routes:
+                if r.verdict is Verdict.KERNEL and not r.guard:
+                    out.append(_inbound_probe(dst, lp, vh, r, caller, out_lp, dst_ip, src_ip))
+    return out
+
+
+def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
+                   caller: KernelPlan, out_lp: ListenerPlan, dst_ip: str, src_ip: str) -> Probe:
+    base = Probe(lp.name, vh.name, r.name, out_lp.address, out_lp.port, None)
+    why = ""
+    found: list[Probe] = []
+    for req in _inbound_requests(r, caller, out_lp, (dst_ip, lp.port), src_ip):
+        try:
+            chosen = _first_route(lp, req)
+        except QueryUndecidable as exc:
+            why = why or str(exc)
+            continue
+        if chosen is not r:
+            why = why or (f"shadowed by route {chosen.name!r}" if chosen is not None
+                          else "the reference model matches no route")
+            continue
+        d = decide_datapath(caller, out_lp.name, req)
+        ovh = select_vhost(out_lp.virtual_hosts, req.host)
+        o = next((x for x in ovh.routes if x.name == d.route), None) if ovh else None
+        some, every = _reach(caller, o, (dst_ip, lp.port)) if d.kind == "forward" and o \
+            else (False, False)
+        if not some:
+            why = why or f"the caller's outbound decision for it is {_expect(d)}"
+            continue
+        inner = decide_datapath(dst, lp.name, req)
+        p = replace(base, request=req, via=f"{out_lp.name}/{ovh.name if ovh else ''}/{d.route}",
+                    expect=f"{_expect(d)}, then inbound {_expect(inner)}")
+        if every:
+            return p
+        found.append(p)
+    if found:  # the caller's route may pick another destination: said in `expect`
+        return replace(found[0], expect=found[0].expect + " (if the kernel picks this pod)")
+    return _skipped(base, why or _unreached(caller, out_lp, (dst_ip, lp.port)))
+
+
+def _unreached(caller: KernelPlan, out_lp: ListenerPlan, dst: tuple[str, int]) -> str:
+    """Why no KERNEL route of the caller's listener forwards to `dst`."""
+    if out_lp.verdict is Verdict.ENVOY:
+        return f"the caller's listener {out_lp.name} needs Envoy: {out_lp.reason}"
+    for vh in out_lp.virtual_hosts:
+        for o in vh.routes:
+            if o.verdict is Verdict.ENVOY and _reach(caller, replace(o, verdict=Verdict.KERNEL),
+                                                     dst)[0]:
+                return f"the caller's route {o.name!r} to it needs Envoy: {o.reason}"
+    return f"no route of the caller's listener {out_lp.name} forwards to {dst[0]}:{dst[1]}"
+
+
+def _inbound_requests(r: Route, caller: KernelPlan, out_lp: ListenerPlan, dst: tuple[str, int],
+                      src_ip: str) -> Iterator[Request]:
+    """Candidates for inbound route `r` through the caller's routes that can reach
+    `dst`: r's own matcher, and r's and that route's matchers together (an
+    outbound route may need a header, e.g. a canary's, to pick this pod)."""
+    for ovh in out_lp.virtual_hosts:
+        host = _host(out_lp, ovh)
+        reaching = [o for o in ovh.routes if _reach(caller, o, dst)[0]]
+        if host is None or not reaching:
+            continue
+        yield from _requests(r.match, host, src_ip, dst[1])
+        for o in reaching:
+            yield from _requests(_both(r.match, o.match), host, src_ip, dst[1])
+            yield from _requests(_both(o.match, r.match), host, src_ip, dst[1])
+
+
+def _both(a: RouteMatch, b: RouteMatch) -> RouteMatch:
+    """a's path matcher with the header and query matchers of both."""
+    return replace(a, headers=a.headers + b.headers, query_params=a.query_params + b.query_params,
+                   method=a.method or b.method)
+
+
+def _reach(caller: KernelPlan, route: Route | None, dst: tuple[str, int]) -> tuple[bool, bool]:
+    """(some pick of the caller's `route` lands on `dst`, every pick does)."""
+    if route is None or route.verdict is not Verdict.KERNEL or \
+            not isinstance(route.action, ClusterAction):
+        return False, False
+    picks = []
+    for wc in route.action.clusters:
+        c = caller.cluster(wc.name)
+        if wc.weight > 0:
+            picks.append([(e.address, e.port) for e in c.endpoints] if c is not None else [])
+    return (any(dst in eps for eps in picks),
+            bool(picks) and all(eps and all(e == dst for e in eps) for eps in picks))
 
 
 def _skipped(p: Probe, why: str) -> Probe:

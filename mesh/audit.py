@@ -4,8 +4,9 @@ Called by mesh/cli.py (`cmd_audit`) and the tests. For every pod of a mesh
 running with `--fastpath on`, reads the node's KernelPlan from the control
 plane (`/debug/fastpath/plans?proxyID=`), derives one request per KERNEL route
 (`fastpath.audit_probe`), sends it from the pod (`mesh.audit_client` in the
-pod's netns and cgroup) to the route's listener address, and reads who served
-it from the node's fast-path counters in `/debug/fastpath` (before/after
+pod's netns and cgroup) to the route's listener address (a route of the pod's
+inbound listener: from a caller pod to the pod's service, whose kernel decides
+that inbound listener too), and reads who served it from the node's fast-path counters in `/debug/fastpath` (before/after
 difference, fastpath.counters): `fast`/`kernel_reply` = the kernel,
 `envoy` + reason = handed to Envoy. One request per route, sequential, each
 with a timeout; nothing else is changed (a rate-limited route spends a token,
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastpath.audit_probe import Probe, probes
+from fastpath.audit_probe import Probe, inbound_probes, probes
 from fastpath.plan import KernelPlan
 from fastpath.plan_json import plan_from_json
 
@@ -52,13 +53,14 @@ class Row:
     status: int | None = None
     error: str = ""
     counters: dict[str, int] = field(default_factory=dict)  # "route outcome/reason" -> delta
+    via: str = ""  # an inbound route's request: the caller pod that sent it
 
     def to_json(self) -> dict[str, Any]:
         req = self.probe.request
         return {"pod": self.pod, "listener": self.probe.listener, "vhost": self.probe.vhost,
                 "route": self.probe.route, "verdict": "KERNEL", "served_by": self.served,
                 "why": self.why, "status": self.status, "error": self.error,
-                "expect": self.probe.expect, "counters": self.counters,
+                "expect": self.probe.expect, "counters": self.counters, "via": self.via,
                 "request": None if req is None else {
                     "method": req.method, "path": req.path, "host": req.host,
                     "headers": [list(h) for h in req.headers]}}
@@ -209,7 +211,7 @@ def classify(probe: Probe, delta: Counter[tuple[str, str, str]]) -> tuple[str, s
     Counted are the probed route, the destinations' merged inbound routes
     (`virtualInbound@...`) and "" (no route): other routes' counts are other traffic."""
     mine = {k: n for k, n in delta.items() if n > 0 and (
-        k[0] in (probe.full_name, "") or k[0].startswith("virtualInbound@"))}
+        k[0] in (probe.full_name, probe.via, "") or k[0].startswith("virtualInbound@"))}
     shown = {f"{r} {o}/{why}".rstrip("/"): n for (r, o, why), n in sorted(mine.items())}
     envoy = sorted({why or "?" for (_r, o, why) in mine if o == "envoy"})
     if envoy:
@@ -236,53 +238,113 @@ def _pools_refilled(admin: str, node_id: str, within_s: float = POOL_WAIT_S) -> 
 
 def audit_pod(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,
               timeout: float) -> list[Row]:
-    """Send every probe of one pod's plan; one Row per KERNEL route."""
-    rows = []
-    todo = []
-    for p in probes(plan, src_ip=pod["ip"]):
-        if p.request is None:
-            rows.append(Row(pod["name"], p, "skipped", p.skip))
-            continue
+    """Send every outbound probe of one pod's plan from that pod; one Row per KERNEL
+    route (its inbound routes: `audit_inbound`)."""
+    own = probes(plan, src_ip=pod["ip"])
+    return send_probes(state, pod, pod["name"], [p for p in own if p.request is not None],
+                       timeout) + [Row(pod["name"], p, "skipped", p.skip)
+                                   for p in own if p.request is None and not _inbound(p, plan)]
+
+
+def _inbound(p: Probe, plan: KernelPlan) -> bool:
+    return any(lp.name == p.listener and lp.direction.value == "inbound" for lp in plan.listeners)
+
+
+def send_probes(state: dict[str, Any], sender: dict[str, Any], owner: str, todo: list[Probe],
+                timeout: float) -> list[Row]:
+    """Send each probe from pod `sender`, one Row each for the routes of pod `owner`;
+    who served it from the sender's counters."""
+    rows, sendable = [], []
+    for p in todo:
         dst = target(state, p)
         if dst is None:
-            rows.append(Row(pod["name"], p, "skipped", f"no service of the mesh is {p.request.host!r}"))
-            continue
-        todo.append((p, dst))
-    if not todo:
+            assert p.request is not None
+            rows.append(Row(owner, p, "skipped", f"no service of the mesh is {p.request.host!r}"))
+        else:
+            sendable.append((p, dst))
+    if not sendable:
         return rows
-    with pod_client(pod) as proc:
-        before = _counters(_fastpath(state["admin"]), pod["node_id"])
-        for p, (ip, port) in todo:
-            _pools_refilled(state["admin"], pod["node_id"])
+    via = "" if sender["name"] == owner else sender["name"]
+    with pod_client(sender) as proc:
+        before = _counters(_fastpath(state["admin"]), sender["node_id"])
+        for p, (ip, port) in sendable:
+            _pools_refilled(state["admin"], sender["node_id"])
             got = _send(proc, ip, port, p, timeout)
-            after = _counters(_fastpath(state["admin"]), pod["node_id"])
+            after = _counters(_fastpath(state["admin"]), sender["node_id"])
             served, why, shown = classify(p, after - before)
-            rows.append(Row(pod["name"], p, served, why, got["status"], got["error"], shown))
+            rows.append(Row(owner, p, served, why, got["status"], got["error"], shown, via))
             before = after
     return rows
 
 
-def run(state: dict[str, Any], only: str | None = None, wait_s: float = 60.0,
-        timeout: float = 5.0) -> list[Row]:
-    """Audit every pod (or the pods of service/pod `only`) of a running mesh."""
-    _fastpath(state["admin"])
-    pods = [p for p in state["pods"] if p.get("node_id")
-            and (only is None or only in (p["name"], p.get("service")))]
-    if not pods:
-        raise AuditError(f"no pod {only!r} in mesh {state['name']!r}")
-    plans = load_plans(state, pods)
-    missing = wait_loaded(state["admin"], pods, plans, wait_s)
+def audit_inbound(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,
+                  callers: list[dict[str, Any]], plans: dict[str, KernelPlan],
+                  timeout: float) -> list[Row]:
+    """The KERNEL routes of the pod's inbound listeners, each sent by a caller pod
+    (a loaded pod of another service first) through its outbound listener for
+    the service address that leads to this pod; Rows for `pod`."""
     rows: list[Row] = []
-    for pod in pods:
+    for port in sorted({lp.port for lp in plan.listeners if lp.direction.value == "inbound"}):
+        found = _caller(state, pod, port, callers, plans)
+        if found is None:
+            rows += [Row(pod["name"], p, "skipped", "no sending pod with a loaded datapath has "
+                     f"an outbound listener for {pod['name']}:{port}")
+                     for p in probes(plan) if p.request is None and _inbound(p, plan)
+                     and p.port == port]
+            continue
+        caller, listener = found
+        got = inbound_probes(plan, port, pod["ip"], plans[caller["name"]], listener, caller["ip"])
+        rows += [Row(pod["name"], p, "skipped", p.skip) for p in got if p.request is None]
+        rows += send_probes(state, caller, pod["name"], [p for p in got if p.request], timeout)
+    return rows
+
+
+def _caller(state: dict[str, Any], pod: dict[str, Any], port: int,
+            callers: list[dict[str, Any]], plans: dict[str, KernelPlan]
+            ) -> tuple[dict[str, Any], str] | None:
+    """(caller pod, its outbound listener) for requests to `pod`:`port`."""
+    vips = {s["vip"] for s in state.get("services", [])
+            if pod["ip"] in s.get("pod_ips", ()) and port in s["ports"]}
+    # another service's pod first, then a replica, then the pod itself (through its service)
+    ranked = sorted((c for c in callers if c["name"] in plans),
+                    key=lambda c: (c["name"] == pod["name"], c.get("service") == pod.get("service")))
+    for c in ranked:
+        for lp in plans[c["name"]].listeners:
+            if lp.direction.value == "outbound" and lp.port == port and (
+                    lp.address in vips or lp.address in ("0.0.0.0", "::")):
+                return c, lp.name
+    return None
+
+
+def run(state: dict[str, Any], sender: str | None = None, wait_s: float = 60.0,
+        timeout: float = 5.0) -> list[Row]:
+    """Audit a running mesh: every pod's outbound KERNEL routes from that pod, and
+    every pod's inbound KERNEL routes from a caller pod. With `sender` (a pod, or
+    a service: its first pod) only what that pod sends: its outbound routes and
+    the inbound routes of every pod it reaches (its own too, through its service)."""
+    _fastpath(state["admin"])
+    every = [p for p in state["pods"] if p.get("node_id")]
+    senders = [p for p in every if sender is None or sender in (p["name"], p.get("service"))]
+    if not senders:
+        raise AuditError(f"no pod {sender!r} in mesh {state['name']!r}")
+    senders = senders if sender is None else senders[:1]
+    plans = load_plans(state, every)
+    missing = wait_loaded(state["admin"], senders, plans, wait_s)
+    rows: list[Row] = []
+    for pod in senders:
         plan = plans.get(pod["name"])
         if plan is None:
             continue  # no plan: no KERNEL route (the control plane has none for it)
         if pod["name"] in missing:
             rows += [Row(pod["name"], p, "skipped", p.skip) if p.request is None else
                      Row(pod["name"], p, "not loaded", missing[pod["name"]])
-                     for p in probes(plan, src_ip=pod["ip"])]
-            continue
-        rows += audit_pod(state, pod, plan, timeout)
+                     for p in probes(plan, src_ip=pod["ip"]) if not _inbound(p, plan)]
+        else:
+            rows += audit_pod(state, pod, plan, timeout)
+    callers = [p for p in senders if p["name"] in plans and p["name"] not in missing]
+    for pod in every:
+        if pod["name"] in plans:
+            rows += audit_inbound(state, pod, plans[pod["name"]], callers, plans, timeout)
     return rows
 
 
@@ -294,6 +356,7 @@ def format_rows(rows: list[Row]) -> list[str]:
         req = r.probe.request
         what = f"{req.method} {req.path} host {req.host}" + "".join(
             f" {n}: {v}" for n, v in req.headers) if req else ""
+        what += f" (from {r.via})" if r.via else ""
         served = r.served if r.served == "kernel" else f"{r.served} ({r.why})"
         status = r.error or (str(r.status) if r.status is not None else "-")
         out.append(f"{r.pod:<16} {r.probe.full_name:<60} KERNEL  {served:<30} {status:<7} {what}")

@@ -81,8 +81,10 @@ KernelPlan whose verdict is KERNEL: derive one request the route matches first
 why), send it from the pod to the route's service, and show who served it:
 the kernel, or Envoy and the fast path's reason (its counters in
 /debug/fastpath). Ends with "KERNEL routes served by the kernel: N / M".
-Routes of inbound listeners are listed as skipped: their requests come from
-other pods and are decided in the callers' kernels with the outbound route.
+A route of an inbound listener is sent from a caller pod (another service's
+first) to the pod's service: the caller's kernel decides the destination's
+inbound listener too; a route no caller's outbound route forwards to the pod
+is listed as skipped, with why.
 
 The audit sends REAL requests, one per route, one after another, each with a
 timeout: the services see them; a rate-limited route spends one token; a route
@@ -97,7 +99,9 @@ def _register_audit(sub: argparse._SubParsersAction) -> None:
                         "(sends one real request per route)", description=AUDIT_HELP,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     au.add_argument("--name", help="mesh name (default: the only one running)")
-    au.add_argument("--pod", help="only this pod, or the pods of this service")
+    au.add_argument("--from", dest="sender", metavar="POD|SERVICE",
+                    help="send only from this pod (a service: its first pod): its outbound "
+                         "routes and the inbound routes of the pods it reaches")
     au.add_argument("--json", action="store_true", help="one JSON object: rows and summary")
     au.add_argument("--wait", type=float, default=60.0,
                     help="seconds to wait for the pods' datapaths to load their plans (default 60)")
@@ -112,7 +116,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     try:
         name = resolve_name(args.name)
         state = audit.check_state(read_state(name), name)
-        rows = audit.run(state, args.pod, wait_s=args.wait, timeout=args.timeout)
+        rows = audit.run(state, args.sender, wait_s=args.wait, timeout=args.timeout)
     except (MeshError, audit.AuditError) as exc:
         return _err(exc)
     s = audit.summary(rows)

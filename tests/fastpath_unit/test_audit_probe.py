@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastpath.audit_probe import FILLER, dfa_examples, probes
+from fastpath.audit_probe import FILLER, dfa_examples, inbound_probes, probes
 from fastpath.plan import (
     ClusterAction,
     Direction,
@@ -135,3 +135,59 @@ def test_plan_json_names_the_bad_place() -> None:
     with pytest.raises(PlanJsonError, match=r"plan.listeners\[0\].virtual_hosts\[0\].routes\[0\]"
                                             r".verdict: 'MAYBE' is no Verdict"):
         plan_from_json(bad)
+
+
+def _caller_and_dst() -> tuple[KernelPlan, KernelPlan]:
+    from fastpath.plan import Cluster, Endpoint, LbPolicy
+    out_routes = (_route("v1-only", RouteMatch(PathKind.PREFIX, "/v1/")),
+                  Route("split", RouteMatch(PathKind.PREFIX, "/"), ClusterAction(
+                      (WeightedCluster("c", 1), WeightedCluster("other", 1))), Verdict.KERNEL))
+    caller = KernelPlan("caller", "v1", (ListenerPlan("out", "198.19.0.2", 9000, Direction.OUTBOUND,
+                                                      (VirtualHost("ovh", ("*",), out_routes),)),),
+                        (Cluster("c", LbPolicy.RANDOM, (Endpoint("198.18.0.5", 9000),)),
+                         Cluster("other", LbPolicy.RANDOM, (Endpoint("198.18.0.6", 9000),))))
+    inbound = (_route("in-v1", RouteMatch(PathKind.PREFIX, "/v1/")),
+               _route("in-admin", RouteMatch(PathKind.PREFIX, "/admin")),
+               _route("in-rest", RouteMatch(PathKind.PREFIX, "/")))
+    dst = KernelPlan("dst", "v1", (ListenerPlan("virtualInbound", "0.0.0.0", 9000, Direction.INBOUND,
+                                                (VirtualHost("ivh", ("*",), inbound),)),))
+    return caller, dst
+
+
+def test_inbound_routes_are_sent_through_a_caller_route_that_reaches_the_pod() -> None:
+    caller, dst = _caller_and_dst()
+    got = {p.route: p for p in probes_in(dst, caller)}
+    assert got["in-v1"].request.path == "/v1/"  # type: ignore[union-attr]
+    assert got["in-v1"].via == "out/ovh/v1-only"
+    assert got["in-v1"].expect == "forward c, then inbound forward c"
+    assert (got["in-v1"].address, got["in-v1"].port) == ("198.19.0.2", 9000)
+    # only the 50/50 split reaches the rest: kept, and said that the kernel may pick the other
+    assert got["in-admin"].via == "out/ovh/split"
+    assert got["in-admin"].expect.endswith("(if the kernel picks this pod)")
+
+
+def test_inbound_route_the_caller_never_forwards_to_the_pod_is_skipped() -> None:
+    caller, dst = _caller_and_dst()
+    other = [p for p in inbound_probes(dst, 9000, "198.18.0.9", caller, "out", "198.18.0.1")]
+    assert other and all(p.request is None and p.skip == "no route of the caller's listener out "
+                         "forwards to 198.18.0.9:9000" for p in other)
+
+
+def test_inbound_route_reached_only_with_the_callers_canary_header() -> None:
+    from fastpath.plan import Cluster, Endpoint, LbPolicy
+    canary = Route("canary", RouteMatch(PathKind.PREFIX, "/", headers=(
+        HeaderMatch("x-canary", StringMatch(StringKind.EXACT, "true")),)),
+        ClusterAction((WeightedCluster("v2", 1),)), Verdict.KERNEL)
+    rest = _route("rest", RouteMatch(PathKind.PREFIX, "/"))
+    caller = KernelPlan("caller", "v1", (ListenerPlan("out", "198.19.0.2", 9000, Direction.OUTBOUND,
+                                                      (VirtualHost("ovh", ("*",), (canary, rest)),)),),
+                        (Cluster("c", LbPolicy.RANDOM, (Endpoint("198.18.0.5", 9000),)),
+                         Cluster("v2", LbPolicy.RANDOM, (Endpoint("198.18.0.6", 9000),))))
+    _, dst = _caller_and_dst()
+    got = {p.route: p for p in inbound_probes(dst, 9000, "198.18.0.6", caller, "out", "198.18.0.1")}
+    assert dict(got["in-v1"].request.headers) == {"x-canary": "true"}  # type: ignore[union-attr]
+    assert got["in-v1"].via == "out/ovh/canary"
+
+
+def probes_in(dst: KernelPlan, caller: KernelPlan) -> list:  # type: ignore[type-arg]
+    return inbound_probes(dst, 9000, "198.18.0.5", caller, "out", "198.18.0.1")

@@ -4,11 +4,13 @@ in EXCEPTIONS with the exact reason the fast path counts and why.
 
 Each mesh runs with `--fastpath on`. Every pod of these meshes has the same
 outbound listeners (one mesh-wide outbound config; asserted below), so the
-audit of one pod sends a request for every outbound KERNEL route of the
-mesh; the test audits the first pod whose datapath has loaded its plan (the
-agent compiles one node after another, 6-20 s each: waiting for all twelve
-demo pods would take minutes). `l7fp mesh audit` without `--pod` audits them
-all (docs/fastpath.md "Auditing a mesh").
+audit from one pod (`--from POD`) sends a request for every outbound KERNEL
+route of the mesh and for the inbound routes of every pod it reaches (its
+kernel decides the destination's inbound listener too). The test sends from
+the first pod whose datapath has loaded its plan (the agent compiles one node
+after another, 6-20 s each: waiting for all twelve demo pods would take
+minutes). `l7fp mesh audit` without `--from` sends from every pod
+(docs/fastpath.md "Auditing a mesh").
 """
 
 from __future__ import annotations
@@ -31,14 +33,22 @@ from mesh.runner import Mesh
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[2]
 
-# (listener/vhost/route suffix) -> (served_by, why): the known gaps, each with its reason.
+# Known gaps, each with the exact reason. Outbound routes by "vhost/route" (the
+# sending pod varies), inbound ones by "service vhost/route".
 EXCEPTIONS = {
     # unique-id's inbound listener has a listener-level local rate limit: its
-    # bucket is the destination's Envoy's (rule 3, one owner per bucket), so the
-    # client's kernel gets no pool for unique-id and hands every request over,
-    # although the outbound route itself is KERNEL (docs/fastpath.md "The
-    # destination's inbound listener").
+    # bucket is the destination's Envoy's (rule 3, one owner per bucket), so no
+    # client kernel gets a pool for unique-id and every request to it goes to
+    # Envoy, although its outbound route and its inbound route are KERNEL
+    # (docs/fastpath.md "The destination's inbound listener").
     "unique-id.demo.svc.cluster.local:9000/": ("envoy", "no_pool"),
+    "unique-id inbound|http|9000/": ("envoy", "no_pool"),
+}
+SKIPPED = {
+    # text's one outbound route is ENVOY (the split: its HCM fault delay would
+    # also apply to requests without a route), so no caller's kernel decides
+    # text's inbound listener
+    "text inbound|http|9000/": "needs Envoy: fault delay for requests without a route",
 }
 
 
@@ -80,35 +90,42 @@ def _first_loaded(state: dict[str, Any], within_s: float = 150.0) -> str:
 
 def _audit_cli(m: Mesh, pod: str) -> tuple[int, dict[str, Any]]:
     r = subprocess.run([sys.executable, "-m", "xds_server", "mesh", "audit", "--name", m.name,
-                        "--pod", pod, "--json", "--wait", "30"],
+                        "--from", pod, "--json", "--wait", "30"],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode in (0, 3), r.stderr
     return r.returncode, json.loads(r.stdout)
+
+
+def _key(row: dict[str, Any]) -> str:
+    route = f"{row['vhost']}/{row['route']}"
+    if row["listener"].startswith("virtualInbound"):
+        return f"{row['pod'].rsplit('-', 1)[0]} {route}"
+    return route
 
 
 def _check(rows: list[dict[str, Any]], min_routes: int) -> None:
     audited = [r for r in rows if r["served_by"] != "skipped"]
     assert len(audited) >= min_routes, rows
     for r in audited:
-        key = f"{r['vhost']}/{r['route']}"
-        want = EXCEPTIONS.get(key, ("kernel", None))
+        want = EXCEPTIONS.get(_key(r), ("kernel", None))
         got = (r["served_by"], r["why"] if want[0] != "kernel" else None)
-        assert got == want, f"{r['pod']} {r['listener']}/{key}: {r}"
+        assert got == want, f"{r['pod']} {r['listener']}/{_key(r)}: {r}"
         assert r["status"] and not r["error"], r  # answered (a fault abort's 5xx too)
-    skipped = {r["why"] for r in rows if r["served_by"] == "skipped"}
-    assert all("inbound listener" in why for why in skipped), skipped
+    for r in rows:
+        if r["served_by"] == "skipped":
+            assert SKIPPED.get(_key(r), "?") in r["why"], r
 
 
 def test_demo_mesh_kernel_routes_are_served_by_the_kernel(running: Any) -> None:
     m = running(REPO / "compose" / "demo" / "mesh.yaml", "d")
     code, out = _audit_cli(m, _first_loaded(m.state()))
-    _check(out["rows"], min_routes=12)
+    _check(out["rows"], min_routes=12 + 11)  # outbound routes, the pods' inbound ones
     s = out["summary"]
-    assert s["kernel"] == s["audited"] - 1 and code == 3  # the one exception above
+    assert s["kernel"] == s["audited"] - 2 and code == 3  # the exceptions above
 
 
 def test_bookinfo_istio_mesh_kernel_routes_are_served_by_the_kernel(running: Any) -> None:
     m = running(REPO / "tests" / "istio" / "bookinfo-mesh" / "mesh.yaml", "b")
     code, out = _audit_cli(m, _first_loaded(m.state()))
-    _check(out["rows"], min_routes=6)
+    _check(out["rows"], min_routes=6 + 6)
     assert code == 0 and out["summary"]["kernel"] == out["summary"]["audited"]
