@@ -110,6 +110,7 @@ class OutlierKeeper:
         self.published_ns = 0
         self.publishes = 0
         self.envoy_counted = 0  # responses of Envoy's path counted (count_envoy)
+        self.eds_lag_ms: list[float] = []  # last 16: kernel ejection -> LB view pushed (node)
 
     # ---- plan (plans thread, node busy) ----------------------------------
     def program(self, plan: KernelPlan, sp: Any, gen: int, order: Any,
@@ -344,6 +345,10 @@ class OutlierKeeper:
                 for name, d in self.dets.items()}
         if view == self.lb_view:
             return
+        for name, d in self.dets.items():  # kernel ejection -> this push, per host newly out
+            for key in view.get(name, frozenset()) - self.lb_view.get(name, frozenset()):
+                ej = int(odh[ct.c_uint32(d.slots[key])].ej_ns)
+                self.eds_lag_ms = [*self.eds_lag_ms[-15:], round((now - ej) / 1e6, 1)]
         self.lb_view, self.published_ns = view, now
         self.publishes += 1
         try:
@@ -379,7 +384,8 @@ class OutlierKeeper:
             out[name] = {"ejections": d.ejections, "unejections": d.unejections,
                          "active": d.detector.ejected(), "room": d.detector.room(),
                          "eds_unhealthy": sorted(self.lb_view.get(name, ())),
-                         "eds_publishes": self.publishes, "envoy_counted": self.envoy_counted,
+                         "eds_publishes": self.publishes, "eds_lag_ms": self.eds_lag_ms,
+                         "envoy_counted": self.envoy_counted,
                          "hosts": hosts}
         return out
 

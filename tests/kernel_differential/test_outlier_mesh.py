@@ -96,6 +96,7 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
         t.append(time.monotonic())
         if mode == "on":
             wait_plans(st["admin"], pods=7, free_pools=6, timeout=90.0)
+            wait_kernel_owned(m)
         t.append(time.monotonic())
         results = drive(m, d, reqs)
         t.append(time.monotonic())
@@ -121,6 +122,23 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
             for r in reqs]
     return {"results": results, "pods": pods, "dbg": dbg,
             "envoy_outlier_stats": (d / "envoy_outlier_stats.txt").read_text()}
+
+
+def wait_kernel_owned(m: Any, timeout: float = 30.0) -> None:
+    """Until the client's sidecar runs the residual of a kernel-owned node: its
+    listeners carry the outlier access log (fastpath.residual_outlier). The
+    agent claims the node once its program is live; until the sidecar has that
+    LDS/CDS, Envoy's own detector still counts and nothing goes to the kernel's."""
+    probe = ("import urllib.request as u; print('l7fp_outlier' in u.urlopen("
+             "'http://127.0.0.1:15000/config_dump?resource=dynamic_listeners').read().decode())")
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r = m.exec("client", [sys.executable, "-c", probe], capture_output=True, text=True,
+                   timeout=30)
+        if r.stdout.strip() == "True":
+            return
+        time.sleep(0.2)
+    raise AssertionError("the client's sidecar never got the kernel-owned residual (no ALS)")
 
 
 def drive(m: Any, d: Path, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
