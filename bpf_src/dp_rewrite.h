@@ -296,13 +296,16 @@ static __always_inline int dp_rw_path(struct sk_msg_md *msg, struct l7fp_req_ctx
     return DP_RW_COPY(d, end, DP_RW_VALUE_AT, rw->value_len);
 }
 
-/* dp_msg_act on a FORWARD it is about to send, before the header inserts:
+/* dp_msg_rw on a FORWARD it is about to send, before the header inserts:
  * the route's rewrite. Returns the bytes the message grew by (negative:
  * shrank), 0 for a route without one; DP_RW_FAILED when the message is no
  * longer usable (the caller sends it to Envoy). v->head_len follows the path's
- * change, so the route's header inserts land before x-envoy-original-path. */
+ * change, so the route's header inserts land before x-envoy-original-path;
+ * *line: that line's bytes (the destination's inbound inserts go after it,
+ * as its sidecar appends them: seen with two Envoys in a mesh). */
 #define DP_RW_FAILED (-0x10000)
-static __always_inline int dp_rewrite(struct sk_msg_md *msg, struct dp_verdict *v, __u32 gen)
+static __always_inline int dp_rewrite(struct sk_msg_md *msg, struct dp_verdict *v, __u32 gen,
+                                      __u32 *line)
 {
     struct dp_rw *rw = dp_rw_get(gen, v->route);
     if (!rw)
@@ -317,6 +320,7 @@ static __always_inline int dp_rewrite(struct sk_msg_md *msg, struct dp_verdict *
     int h = dp_rw_original(msg, ctx, rw, v->head_len - 4, tlen);
     if (h < 0)
         return DP_RW_FAILED;
+    *line = (__u32)h;
     int delta = 0;
     if (dp_rw_path(msg, ctx, rw, off, plen, &delta) < 0)
         return DP_RW_FAILED;

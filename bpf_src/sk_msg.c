@@ -304,11 +304,13 @@ static __always_inline int dp_insert_blob(struct sk_msg_md *msg, __u32 gen, __u3
     return dp_copy_to_msg(msg, src, len);
 }
 
-/* Insert the route's request headers before the blank line of the head (at
- * head_len - 2), then the destination's inbound ones after them (the order
- * the two sidecars add them in). Returns the bytes inserted, or -1. */
+/* Insert the route's request headers at head_len - 2 (before the blank line,
+ * or before the x-envoy-original-path line a path rewrite put there: `skip`
+ * bytes of it), then the destination's inbound ones after them and after that
+ * line (the order the two sidecars add them in). Returns the bytes inserted,
+ * or -1. */
 static __always_inline int dp_insert_headers(struct sk_msg_md *msg, struct dp_verdict *v,
-                                             __u32 gen)
+                                             __u32 gen, __u32 skip)
 {
     if (v->head_len < 4)
         return -1;
@@ -319,7 +321,8 @@ static __always_inline int dp_insert_headers(struct sk_msg_md *msg, struct dp_ve
             return -1;
     }
     if (v->hdr_add_in) {
-        int m = dp_insert_blob(msg, gen, v->hdr_add_in, v->head_len - 2 + (n & 0xffff));
+        int m = dp_insert_blob(msg, gen, v->hdr_add_in,
+                               v->head_len - 2 + (n & 0xffff) + (skip & 0xffff));
         if (m < 0)
             return -1;
         n += m;
@@ -516,13 +519,15 @@ int dp_msg_rwin(struct sk_msg_md *msg)
  * can hand the request to Envoy: header inserts, timer, send, retry copy,
  * shadow. Called by dp_msg_act, and by dp_msg_rw after a path rewrite (a
  * program of its own: see there). `is_head`: the request is a HEAD (read
- * before the message changed). */
+ * before the message changed). `rw_line`: bytes of the x-envoy-original-path
+ * line dp_msg_rw inserted at the head's end (0 from dp_msg_act). */
 static __always_inline int dp_act_send(struct sk_msg_md *msg, struct dp_conn *c,
                                        struct dp_verdict v, __u32 gen, __u32 tmo,
-                                       __u32 size, int b, int rpol, __u32 is_head)
+                                       __u32 size, int b, int rpol, __u32 is_head,
+                                       __u32 rw_line)
 {
     if (v.hdr_add || v.hdr_add_in) {
-        int n = dp_insert_headers(msg, &v, gen);
+        int n = dp_insert_headers(msg, &v, gen, rw_line);
         if (n < 0)
             return dp_to_envoy(c, v.route, DP_R_REWRITE);
         size += n;
@@ -673,7 +678,7 @@ int dp_msg_act(struct sk_msg_md *msg)
         return dp_to_envoy(c, v.route, DP_R_REWRITE); /* no dp_msg_rw loaded */
     }
 #endif
-    return dp_act_send(msg, c, v, gen, tmo, size, b, rpol, is_head);
+    return dp_act_send(msg, c, v, gen, tmo, size, b, rpol, is_head, 0);
 }
 
 #if DP_RW_ON
@@ -693,11 +698,12 @@ int dp_msg_rw(struct sk_msg_md *msg)
     int b = scr->bind & (DP_BINDS - 1);
     int rpol = scr->rpol;
     __u32 is_head = scr->is_head;
-    int rwn = dp_rewrite(msg, &v, gen); /* before the inserts: their place follows the path */
+    __u32 line = 0; /* the x-envoy-original-path line: the inbound inserts go after it */
+    int rwn = dp_rewrite(msg, &v, gen, &line); /* before the inserts: their place follows the path */
     if (rwn == DP_RW_FAILED)
         return dp_to_envoy(c, v.route, DP_R_REWRITE);
     v.consumed += rwn;
-    return dp_act_send(msg, c, v, gen, tmo, size + rwn, b, rpol, is_head);
+    return dp_act_send(msg, c, v, gen, tmo, size + rwn, b, rpol, is_head, line);
 }
 #endif
 

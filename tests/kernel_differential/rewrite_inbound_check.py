@@ -1,0 +1,64 @@
+"""Manual check (not collected by pytest: about 45 s, over the CI budget):
+path rewrites with the destination's inbound ROUTES by path and its header
+adds, fast path off vs on.
+
+    sudo PYTHONPATH=. .venv/bin/python tests/kernel_differential/rewrite_inbound_check.py
+
+The mesh rewrite/envoy/ (Envoy-resource policies): the client's routes
+rewrite /old/ -> /new/ (adding x-rw-route) and /pot/ -> /tea/; web's inbound
+routes add x-rw-in on /new/, answer 418 on /old/ and /tea/. Per request the
+same status and body both ways, and web's app got the same request line and
+headers in the same order (less x-request-id and x-forwarded-proto, which the
+data path never adds): Envoy's order is the client route's adds,
+x-envoy-original-path, then the inbound sidecar's adds. Prints the fast-path
+counters; exits 1 on a difference. Owner: rwin (docs/fastpath.md "Path
+rewrites").
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
+from test_rewrite_mesh import APP, DRIVER, read_log, view  # noqa: E402
+
+PATHS = ["/old/x", "/old/y?q=1", "/pot/x", "/plain", "/new/z", "/tea/y"]
+
+
+def run(tmp: Path, mode: str) -> dict[str, Any]:
+    reqs = [{"vip": "web", "port": 9000, "path": p, "method": "GET", "body": "",
+             "headers": {"host": "web:9000", "x-rw-id": f"r{n}"}} for n, p in enumerate(PATHS)]
+    d = tmp / mode
+    logdir = prepare(HERE / "rewrite" / "envoy", d, "mesh.yaml", "policies.yaml",
+                     str(HERE / "rewrite" / APP))
+    out = run_driver(d, f"rwinx{mode}", mode, DRIVER, reqs, 50,
+                     lambda admin: wait_plans(admin, pods=2, free_pools=1, timeout=90.0))
+    ip = next(p["ip"] for p in out["st"]["pods"] if p["name"].startswith("client"))
+    return {**out, "got": read_log(logdir, "web-0"), "ip": ip}
+
+
+def main() -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="rwinx-"))
+    tmp.chmod(0o755)
+    off, on = run(tmp, "off"), run(tmp, "on")
+    bad = 0
+    for n, path in enumerate(PATHS):
+        a, b = off["results"][n], on["results"][n]
+        va, vb = view(off["got"].get(f"r{n}"), off["ip"]), view(on["got"].get(f"r{n}"), on["ip"])
+        same = (a["status"], a["body"], va) == (b["status"], b["body"], vb)
+        bad += not same
+        print("same" if same else "DIFFERENT", path, a["status"], va, "" if same else (b, vb))
+    print("fast path counters:", dict(on["counts"]))
+    if not bad:
+        shutil.rmtree(tmp, ignore_errors=True)  # else kept: results, logs, debug
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
