@@ -8,7 +8,7 @@ in the node's residual, for every KERNEL cluster with outlier detection:
 * the Cluster loses `outlier_detection`: Envoy's own detector would count
   the same host a second time (over the requests the kernel hands it) and
   eject on its own count;
-* every outbound HCM gets a gRPC access log (`envoy.access_loggers.http_grpc`,
+* every outbound HCM with a route to such a cluster gets a gRPC access log (`envoy.access_loggers.http_grpc`,
   to the control plane through the bootstrap's xDS cluster, ALS_CLUSTER), so
   the responses Envoy gets from those hosts reach the kernel's detector
   (`fastpath.als` -> `OutlierKeeper.count_envoy`), counted by the same rule;
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastpath import envoy_model as em
-from fastpath.plan import Direction, KernelPlan, Verdict
+from fastpath.plan import ClusterAction, Direction, KernelPlan, ListenerPlan, Verdict
 
 ALS_CLUSTER = "xds-grpc"  # the sidecar bootstrap's xDS cluster (Istio's name; mesh.envoyconf)
 ALS_LOG_NAME = "l7fp_outlier"
@@ -56,9 +56,17 @@ def apply(out: dict[str, list[Any]], plan: KernelPlan) -> None:
     if not owned:
         return
     out[em.CLUSTER] = [_without_detector(m, owned) for m in out.get(em.CLUSTER, [])]
-    outbound = {lp.name.split("#")[0] for lp in plan.listeners if lp.direction is Direction.OUTBOUND}
+    outbound = {lp.name.split("#")[0] for lp in plan.listeners
+                if lp.direction is Direction.OUTBOUND and _reaches(lp, owned)}
     out[em.LISTENER] = [_with_als(m) if em.to_json(m).get("name") in outbound else m
                         for m in out.get(em.LISTENER, [])]
+
+
+def _reaches(lp: ListenerPlan, owned: set[str]) -> bool:
+    """A route of `lp` (KERNEL or not: the kernel hands any request to Envoy)
+    names an owned cluster: only these listeners pay for the access log."""
+    return any(isinstance(r.action, ClusterAction) and any(w.name in owned for w in r.action.clusters)
+               for vh in lp.virtual_hosts for r in vh.routes)
 
 
 def _without_detector(msg: Any, owned: set[str]) -> Any:

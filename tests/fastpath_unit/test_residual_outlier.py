@@ -29,19 +29,24 @@ def cluster(name: str, od: dict[str, Any] | None) -> dict[str, Any]:
     return c
 
 
+def listener(name: str, port: int, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"@type": res.LISTENER, "name": name,
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "hcm", "typed_config": {
+                "@type": HCM, "stat_prefix": name,
+                "route_config": {"name": f"rc{port}", "virtual_hosts": [
+                    {"name": "v", "domains": ["*"], "routes": routes}]},
+                "http_filters": [{"name": "router", "typed_config": {"@type": ROUTER}}]}}]}]}
+
+
 def resources() -> dict[str, list[Any]]:
     routes = [{"match": {"prefix": "/a"}, "route": {"cluster": "od"}},
               {"match": {"prefix": "/"}, "route": {"cluster": "plain"}}]
-    lis = {"@type": res.LISTENER, "name": "out",
-           "address": {"socket_address": {"address": "0.0.0.0", "port_value": 9000}},
-           "filter_chains": [{"filters": [{"name": "hcm", "typed_config": {
-               "@type": HCM, "stat_prefix": "out",
-               "route_config": {"name": "rc", "virtual_hosts": [
-                   {"name": "v", "domains": ["*"], "routes": routes}]},
-               "http_filters": [{"name": "router", "typed_config": {"@type": ROUTER}}]}}]}]}
+    other = [{"match": {"prefix": "/"}, "route": {"cluster": "plain"}}]
     out: dict[str, list[Any]] = {}
     for i, d in enumerate([cluster("od", {"interval": "1s", "maxEjectionPercent": 50}),
-                           cluster("plain", None), lis]):
+                           cluster("plain", None), listener("out", 9000, routes),
+                           listener("other", 9100, other)]):
         out.setdefault(d["@type"], []).append(res.parse_resource(d, f"r[{i}]"))
     return out
 
@@ -52,15 +57,16 @@ def test_kernel_owner_drops_envoys_detector_and_logs_to_the_agent() -> None:
     owned = {em.to_json(m)["name"]: em.to_json(m) for m in r.residual[res.CLUSTER]}
     kept = {em.to_json(m)["name"]: em.to_json(m) for m in r.envoy_residual[res.CLUSTER]}
     assert "outlierDetection" not in owned["od"] and "outlierDetection" in kept["od"]
-    (lis,) = [em.to_json(m) for m in r.residual[res.LISTENER]]
+    lis, other = [em.to_json(m) for m in r.residual[res.LISTENER]]
+    assert "accessLog" not in other["filterChains"][0]["filters"][0]["typedConfig"]  # no od route
     hcm = lis["filterChains"][0]["filters"][0]["typedConfig"]
     (log,) = hcm["accessLog"]
     common = log["typedConfig"]["commonConfig"]
     assert common["grpcService"]["envoyGrpc"]["clusterName"] == ro.ALS_CLUSTER
     assert em.duration_ms(common["bufferFlushInterval"]) == 10  # batches: at most 10 ms late
-    (lis0,) = [em.to_json(m) for m in r.envoy_residual[res.LISTENER]]
+    lis0, _ = [em.to_json(m) for m in r.envoy_residual[res.LISTENER]]
     assert "accessLog" not in lis0["filterChains"][0]["filters"][0]["typedConfig"]
     again = {t: list(v) for t, v in r.residual.items()}
     ro.apply(again, r.plan)  # idempotent: one logger
-    (lis2,) = [em.to_json(m) for m in again[res.LISTENER]]
+    lis2, _ = [em.to_json(m) for m in again[res.LISTENER]]
     assert len(lis2["filterChains"][0]["filters"][0]["typedConfig"]["accessLog"]) == 1
