@@ -4,8 +4,9 @@
 
 Compiles the data path with the cflags of a small plan (tests' parser plan)
 overridden by KNOB=VALUE (e.g. L7FP_MAX_STR=64 DP_RETRY=1 DP_INBOUND=1) and
-loads dp_msg_verdict, dp_msg_in and dp_msg_act with the verifier's statistics
-(BPF_LOG_STATS). Prints per program: instructions, load time, stack depth and
+loads dp_msg_verdict, dp_msg_in, dp_msg_act, dp_msg_rw and the two response
+programs dp_srv_verdict (sk_msg) and dp_skb_verdict (sk_skb) with the
+verifier's statistics (BPF_LOG_STATS). Prints per program: instructions, load time, stack depth and
 instructions processed (limit 1,000,000). Nothing is attached. docs/fastpath.md
 "Compile check and the two sk_msg programs" has figures from it.
 """
@@ -16,8 +17,10 @@ import ctypes as ct
 import sys
 import time
 
-PROGRAMS = (b"dp_msg_verdict", b"dp_msg_in", b"dp_msg_act", b"dp_msg_rw",
-            b"dp_msg_rwin")  # dp_msg_rw: DP_REWRITE=1; dp_msg_rwin: and DP_INBOUND=1
+# (name, program type): dp_msg_rw only with DP_REWRITE=1, dp_msg_rwin with DP_INBOUND=1 too
+PROGRAMS = ((b"dp_msg_verdict", "SK_MSG"), (b"dp_msg_in", "SK_MSG"), (b"dp_msg_act", "SK_MSG"),
+            (b"dp_msg_rw", "SK_MSG"), (b"dp_msg_rwin", "SK_MSG"), (b"dp_srv_verdict", "SK_MSG"),
+            (b"dp_skb_verdict", "SK_SKB"))
 LOG_STATS = 4
 
 
@@ -46,7 +49,7 @@ def measure(overrides: dict[str, str]) -> list[str]:
                               instance="verifier_cost")
     out = [f"compile {time.monotonic() - t:.1f} s"]
     lib = libbcc.lib
-    for name in PROGRAMS:
+    for name, kind in PROGRAMS:
         if not lib.bpf_function_start(b.module, name):
             continue  # not compiled in (dp_msg_rw without DP_REWRITE=1)
         if _uses_callback(b, name):  # L7FP_F_DFA: loaded with its bpf_loop callback
@@ -55,7 +58,7 @@ def measure(overrides: dict[str, str]) -> list[str]:
         size = lib.bpf_function_size(b.module, name)
         buf = ct.create_string_buffer(1 << 20)
         t = time.monotonic()
-        fd = lib.bcc_func_load(b.module, BPF.SK_MSG, name, lib.bpf_function_start(b.module, name),
+        fd = lib.bcc_func_load(b.module, getattr(BPF, kind), name, lib.bpf_function_start(b.module, name),
                                size, lib.bpf_module_license(b.module),
                                lib.bpf_module_kern_version(b.module), LOG_STATS, buf, 1 << 20,
                                None, -1)
