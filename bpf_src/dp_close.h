@@ -115,6 +115,16 @@ static __always_inline __u32 dp_close_parsed(__u64 up, struct dp_peer_val *p, st
     return chunked;
 }
 
+/* Before a first write's head is copied into the scratch: rb->up is set
+ * again once it is parsed (no earlier response's total for the timer), and
+ * the status line's last digit is cleared, so that a write shorter than a
+ * status line leaves no earlier response's status there (dp_outlier.h). */
+static __always_inline void dp_rb_reset(struct dp_rbuf *rb)
+{
+    rb->up = 0;
+    rb->b[11] = 0;
+}
+
 /* dp_srv_verdict, first thing for each write of A (`first`: p->wait before it). */
 static __always_inline void dp_close_response_msg(struct sk_msg_md *msg, __u64 up,
                                                   struct dp_peer_val *p, __u32 first)
@@ -131,7 +141,7 @@ static __always_inline void dp_close_response_msg(struct sk_msg_md *msg, __u64 u
     __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
     struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
     if (rb)
-        rb->up = 0; /* set again once this head is parsed: no earlier response's total */
+        dp_rb_reset(rb);
     if (rb && n && !bpf_msg_pull_data(msg, 0, n, 0)) {
         void *d = msg->data, *e = msg->data_end;
         if (d + n <= e) {
@@ -160,7 +170,7 @@ static __always_inline void dp_close_response_skb(struct __sk_buff *skb, __u64 u
     __u32 zero = 0, n = size < DP_RESP_HEAD ? size : DP_RESP_HEAD;
     struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
     if (rb)
-        rb->up = 0; /* set again once this head is parsed: no earlier response's total */
+        dp_rb_reset(rb);
     if (rb && n) {
         n = ((n - 1) & (DP_RESP_HEAD - 1)) + 1; /* 1..DP_RESP_HEAD, for the verifier */
         if (bpf_skb_load_bytes(skb, 0, rb->b, n))

@@ -11,7 +11,8 @@
  * (an array lookup of the cluster, one of its detector; a host lookup only
  * while a host of the detector is ejected), sk_msg stores the host slot in
  * dp_peer's value with the wait bit (dp_reset_wait), and the first response
- * write (dp_srv_verdict) counts its status into the host (dp_outlier_response:
+ * write (dp_srv_verdict, dp_skb_verdict) counts its status, read from the
+ * head dp_close.h copied, into the host (dp_outlier_response:
  * atomic adds on the host's entry; at a threshold the ejection, seen by the
  * next pick on any CPU).
  */
@@ -221,32 +222,22 @@ static __always_inline void dp_outlier_status_line(__u32 host1, const __u8 *d)
     dp_outlier_status(host1, (a - '0') * 100 + (b - '0') * 10 + (c - '0'));
 }
 
-/* dp_srv_verdict: the first write of a response to a request the kernel (or
- * the retry agent) forwarded to a host with outlier detection. */
-static __always_inline void dp_outlier_response(struct sk_msg_md *msg, struct dp_peer_val *p)
+/* dp_srv_verdict and dp_skb_verdict, after dp_close_response_* copied the
+ * head of the write into the per-CPU scratch (rb->up == up): the first write
+ * of a response to a request the kernel (or the retry agent) forwarded to a
+ * host with outlier detection (od_host is set with the wait bit, so this
+ * write was a first one). One copy of the head per response for both. */
+static __always_inline void dp_outlier_response(__u64 up, struct dp_peer_val *p)
 {
     __u32 host1 = p->od_host;
     if (!host1)
         return;
     p->od_host = 0; /* counted once: set again at the next FORWARD (or retry) on U */
-    bpf_msg_pull_data(msg, 0, 12, 0);
-    __u8 *d = msg->data;
-    if ((void *)(d + 12) > msg->data_end)
-        return; /* status line not in this write: not counted */
-    dp_outlier_status_line(host1, d);
-}
-
-/* dp_skb_verdict (unpaired upstream U): the same on the first response segment. */
-static __always_inline void dp_outlier_response_skb(struct __sk_buff *skb, struct dp_peer_val *p)
-{
-    __u32 host1 = p->od_host;
-    if (!host1)
-        return;
-    p->od_host = 0;
-    __u8 d[12];
-    if (bpf_skb_load_bytes(skb, 0, d, 12))
-        return;
-    dp_outlier_status_line(host1, d);
+    __u32 zero = 0;
+    struct dp_rbuf *rb = dp_rscratch.lookup(&zero);
+    if (!rb || rb->up != up)
+        return; /* head not copied: not counted */
+    dp_outlier_status_line(host1, rb->b); /* b[11] is 0 unless the write had 12 bytes */
 }
 #else
 static __always_inline __u32 dp_outlier_pick(__u32 gen, __u32 cid, __u32 *ep)
