@@ -31,6 +31,7 @@ from typing import Any
 from fastpath import bpfsys
 from fastpath.loader import socket_cookie
 from fastpath.plan import ClusterAction, KernelPlan, Verdict
+from fastpath.timeouts import LazyInjector
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class Delayer:
         self.stats: Counter[str] = Counter()
         self.replies: list[HeldReply] = []  # fault aborts due after their delay (under cv)
         self.reply_bytes: dict[tuple[int, int], bytes] = {}  # (gen, l7fp_replies index)
-        self.injector: Any = None  # timeouts.Injector in dp_inj slot 1 (the thread's)
+        self.injector = LazyInjector(dp, slot=1)  # slot 0 is the route timeouts'
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -180,9 +181,7 @@ class Delayer:
             for h in self.held.values():
                 h.sock.close()
             self.held.clear()
-            if self.injector is not None:
-                self.injector.close()
-                self.injector = None
+        self.injector.close()
 
     def _loop(self) -> None:
         while True:
@@ -309,10 +308,6 @@ class Delayer:
         if data is None:
             self.stats["reply_unknown"] += 1
             return
-        if self.injector is None:
-            from fastpath.timeouts import Injector
-
-            self.injector = Injector(self.dp, slot=1)  # slot 0 is the route timeouts'
         if self.injector.send(r.client, data):
             self.stats["replies_sent"] += 1
         else:

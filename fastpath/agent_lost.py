@@ -36,7 +36,7 @@ from typing import Any
 
 from fastpath.pools import enter_netns
 from fastpath.retry import FramingError, request_method, response_end
-from fastpath.timeouts import NETLINK_SOCK_DIAG, NLM_F_REQUEST, NLMSG_ERROR, Injector
+from fastpath.timeouts import NETLINK_SOCK_DIAG, NLM_F_REQUEST, NLMSG_ERROR, LazyInjector
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,8 @@ class Handoff:
         self.dp = dp
         self.netns = netns  # the client pod's network namespace (its sockets)
         self.counts = {"handed": 0, "answered": 0, "failed": 0, "over_limit": 0}
-        self._lock = threading.Lock()  # the injector: one writer at a time
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
-        self.injector: Injector | None = None
+        self.injector = LazyInjector(dp, slot=INJECTOR_SLOT)  # one writer at a time
 
     def hand(self, client: int, request: bytes) -> bool:
         """Event thread: start the request's way through Envoy (a thread, at
@@ -115,17 +114,11 @@ class Handoff:
             log.warning("handoff: client %d's lost retry not answered: %s", client, exc)
             self.counts["failed"] += 1
             return
-        with self._lock:
-            if self.injector is None:
-                self.injector = Injector(self.dp, slot=INJECTOR_SLOT)
-            ok = self.injector.send(client, answer)
+        ok = self.injector.send(client, answer)
         self.counts["answered" if ok else "failed"] += 1
 
     def close(self) -> None:
-        with self._lock:
-            if self.injector is not None:
-                self.injector.close()
-                self.injector = None
+        self.injector.close()
 
 
 def _destination(cookie: int) -> tuple[str, int]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from fastpath.plan import KernelPlan, Redirect, Route, Verdict
 from fastpath.reference import Request, location
+from fastpath.timeouts import LazyInjector
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class Redirector:
         self.lock = threading.Lock()
         self.routes: dict[tuple[int, int], Route] = {}  # (gen, route id + 1) -> route
         self.stats: Counter[str] = Counter()
-        self.injector: Any = None  # timeouts.Injector in dp_inj slot 2
+        self.injector = LazyInjector(dp, slot=INJECTOR_SLOT)
 
     def program(self, sp: Any, gen: int) -> None:
         """Write generation `gen` of dp_rdpol and keep its redirect routes."""
@@ -129,19 +130,13 @@ class Redirector:
         self._send(int(ev.cookie), redirect_reply(r.action, r, req))
 
     def _send(self, client: int, data: bytes) -> None:
-        if self.injector is None:
-            from fastpath.timeouts import Injector
-
-            self.injector = Injector(self.dp, slot=INJECTOR_SLOT)
         if self.injector.send(client, data):
             self.stats["sent"] += 1
         else:
             self.stats["client_gone"] += 1
 
     def close(self) -> None:
-        if self.injector is not None:
-            self.injector.close()
-            self.injector = None
+        self.injector.close()
 
     def debug(self) -> dict[str, Any]:
         return dict(self.stats)

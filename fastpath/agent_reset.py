@@ -45,7 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastpath import bpfsys
-from fastpath.timeouts import DP_TMO_STARTED, Injector, reset_reply
+from fastpath.timeouts import DP_TMO_STARTED, LazyInjector, reset_reply
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Resetter:
         self.retries_timeouts = retries_timeouts
         self._timed_out: list[int] = []  # attempts the timer handed over (event thread: retry)
         self._lock = threading.Lock()
-        self.injector: Injector | None = None
+        self.injector = LazyInjector(dp, slot=INJECTOR_SLOT)
         self.counts = {"reset_503": 0, "reset_retried": 0, "reset_raced": 0,
                        "reset_client_gone": 0}
         # fastpath.agent_outlier.OutlierKeeper.count_error (set by agent_node): the
@@ -200,11 +200,7 @@ class Resetter:
         return True
 
     def _inject(self, client: int, data: bytes) -> bool:
-        if self.injector is None:
-            self.injector = Injector(self.dp, slot=INJECTOR_SLOT)
         return self.injector.send(client, data)
 
     def close(self) -> None:
-        if self.injector is not None:
-            self.injector.close()
-            self.injector = None
+        self.injector.close()

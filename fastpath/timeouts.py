@@ -128,6 +128,35 @@ class Injector:
         self.peer.close()
 
 
+class LazyInjector:
+    """An Injector in one dp_inj slot, made at its first send (a plan that
+    never needs it costs no socket), as each agent that answers a client by
+    injection holds one (route timeouts slot 0, fault delays 1, redirects 2,
+    resets 3, lost retries 4). Thread-safe: its lock keeps one writer at a
+    time (a (cookie, bytes) record written by two threads at once would
+    interleave). The owner calls close() at its own close."""
+
+    def __init__(self, dp: Any, slot: int) -> None:
+        self.dp = dp
+        self.slot = slot
+        self._inj: Injector | None = None
+        self._lock = threading.Lock()
+
+    def send(self, client_cookie: int, data: bytes) -> bool:
+        """Injector.send, after making the socket if this is the first send."""
+        with self._lock:
+            if self._inj is None:
+                self._inj = Injector(self.dp, slot=self.slot)
+            return self._inj.send(client_cookie, data)
+
+    def close(self) -> None:
+        """Closes the socket if one was made; a later send makes a new one."""
+        with self._lock:
+            if self._inj is not None:
+                self._inj.close()
+                self._inj = None
+
+
 # sock_diag (linux/inet_diag.h): SOCK_DESTROY of one TCP socket by 4-tuple + cookie
 NETLINK_SOCK_DIAG = 4
 SOCK_DESTROY = 21
@@ -192,7 +221,7 @@ class TimeoutKeeper:
     def __init__(self, dp: Any, netns: str | None) -> None:
         self.dp = dp
         self.netns = netns  # the client pod's network namespace (its sockets)
-        self.injector: Injector | None = None
+        self.injector = LazyInjector(dp, slot=0)
         self.counts = {"timeout_504": 0, "timeout_reset": 0, "timeout_raced": 0,
                        "timeout_retried": 0}
         self.enabled = threading.Event()  # set while the plan has route timeouts
@@ -299,8 +328,6 @@ class TimeoutKeeper:
             self._taken.append(up)
 
     def _inject(self, client: int, data: bytes) -> bool:
-        if self.injector is None:
-            self.injector = Injector(self.dp)
         return self.injector.send(client, data)
 
     def close(self) -> None:
@@ -308,9 +335,7 @@ class TimeoutKeeper:
         self.enabled.set()
         if self._thread is not None:
             self._thread.join(5)
-        if self.injector is not None:
-            self.injector.close()
-            self.injector = None
+        self.injector.close()
 
 
 def _per_try(e: Expired, rec: Any | None) -> bool:
