@@ -88,13 +88,14 @@ def analyse(paths: list[str], caps: KernelCaps | None = None) -> Report:
     from fastpath.inputs_configdir import read_config_dir
 
     report = Report([], [], {}, [])
-    inputs.files(paths)  # a path that does not exist: FileNotFoundError before any work
-    for p in map(Path, paths):
-        whole = read_config_dir(p) if p.is_dir() else None
+    # each path walked once; one that does not exist: FileNotFoundError before any work
+    listed = [(Path(p), inputs.files([p])) for p in paths]
+    for p, files in listed:
+        whole = read_config_dir(p, files) if p.is_dir() else None
         if whole is not None:  # a `serve --config` directory: one config, as serve reads it
             _analyse_docs(p, [whole], report, caps)
             continue
-        for path in inputs.files([str(p)]):
+        for path in files:
             _analyse_docs(path, inputs.read(path), report, caps)
     return report
 

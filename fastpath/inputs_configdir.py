@@ -35,10 +35,10 @@ def _plain_xds_file(path: Path) -> bool:
         all(isinstance(i, dict) and "@type" in i for i in items)
 
 
-def read_config_dir(directory: Path) -> inputs.Document | None:
-    """The files of `directory` as one envoy-xds Document, or None when it is not a
-    `serve --config` directory of two files or more (then each file is read alone)."""
-    files = inputs.files([str(directory)])
+def read_config_dir(directory: Path, files: list[Path]) -> inputs.Document | None:
+    """The files of `directory` (`files`: its listing, inputs.files) as one
+    envoy-xds Document, or None when it is not a `serve --config` directory of
+    two files or more (then each file is read alone)."""
     if len(files) < 2 or not all(_plain_xds_file(f) for f in files):
         return None
     docs = [d for f in files for d in inputs.read(f)]

@@ -188,17 +188,16 @@ def why_missing(name: str, wanted: Mapping[str, frozenset[str]], reg: Registry) 
     return f"Service '{key}' has no port '{port}'"
 
 
-def assignments(refs: Iterable[ServiceRef], registry_docs: Iterable[Any],
-                clusters: Iterable[Mapping[str, Any]], source: str = ""
-                ) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
-    """What cilium-agent publishes for the Services `refs` name, from the
-    Service/EndpointSlice/Pod objects `registry_docs`: (assignments, EDS service
-    name of each of `clusters` left without one -> why, registry warnings).
-    Called by `l7fp serve` (cilium_files.endpoints) and `l7fp split` (inputs_cilium)."""
+def assignments(refs: Iterable[ServiceRef], reg: Registry, clusters: Iterable[Mapping[str, Any]]
+                ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """What cilium-agent publishes for the Services `refs` name, from `reg` (the
+    `registry` of a directory's Service/EndpointSlice/Pod objects, built once by
+    the caller): (assignments, EDS service name of each of `clusters` left
+    without one -> why). Called by `l7fp serve` (cilium_files.endpoints) and
+    `l7fp split` (inputs_cilium); reads `reg` only."""
     wanted = ports_by_service(refs)
-    reg, warnings = registry(registry_docs, source)
     clas = load_assignments(wanted, reg)
-    return clas, missing(clusters, wanted, reg, (c["clusterName"] for c in clas)), warnings
+    return clas, missing(clusters, wanted, reg, (c["clusterName"] for c in clas))
 
 
 def missing(cluster_items: Iterable[Mapping[str, Any]], wanted: Mapping[str, frozenset[str]],

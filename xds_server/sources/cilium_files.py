@@ -113,9 +113,9 @@ def endpoints(inputs: Iterable[KubeInput], directory: str) -> dict[str, list[bet
     """The assignments cilium-agent publishes for the Services the CECs name;
     logs each EDS cluster that gets none, with why."""
     inputs = list(inputs)
-    clas, why_missing, warnings = cilium.assignments(
-        [r for k in inputs for r in k.refs], [d for k in inputs for d in k.registry_docs],
-        [c for k in inputs for c in k.clusters], directory)
+    reg, warnings = cilium.registry([d for k in inputs for d in k.registry_docs], directory)
+    clas, why_missing = cilium.assignments([r for k in inputs for r in k.refs], reg,
+                                           [c for k in inputs for c in k.clusters])
     for w in warnings:
         log.warning("%s: %s", directory, w)
     for name, why in sorted(why_missing.items()):
