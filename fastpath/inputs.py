@@ -146,17 +146,19 @@ def read_envoy_xds(path: Path) -> list[Document]:
         for item in [i for i in typed if i["@type"] != em.LISTENER]:
             _add(doc, item["@type"], item)
         if cec:
-            _add_cilium_endpoints(doc, d, path)
+            _add_cilium_endpoints(doc, d, [i for i in typed if i["@type"] == em.CLUSTER], path)
         out.append(doc)
     return out
 
 
-def _add_cilium_endpoints(doc: Document, cec: dict[str, Any], path: Path) -> None:
-    """The assignments cilium-agent would publish for the CEC's Services (fastpath.inputs_cilium)."""
+def _add_cilium_endpoints(doc: Document, cec: dict[str, Any], clusters: list[dict[str, Any]],
+                          path: Path) -> None:
+    """The assignments cilium-agent would publish for the CEC's Services
+    (fastpath.inputs_cilium); ``clusters``: the CEC's, qualified (cilium_files.prepare)."""
     from fastpath.inputs_cilium import endpoints_for
 
     try:
-        clas, doc.eds_missing, warnings = endpoints_for(cec, path, load_yaml)
+        clas, doc.eds_missing, warnings = endpoints_for(cec, clusters, path, load_yaml)
     except ValueError as e:
         doc.rejected.append(str(e))
         return

@@ -27,11 +27,12 @@ SUFFIXES = (".yaml", ".yml", ".json")
 Load = Callable[[Path], tuple[Any, ...]]
 
 
-def endpoints_for(cec: Mapping[str, Any], path: Path, load: Load
+def endpoints_for(cec: Mapping[str, Any], clusters: list[dict[str, Any]], path: Path, load: Load
                   ) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
     """(assignments, EDS service name -> why it has none, registry warnings) for one
-    CEC document of ``path``; ``load`` reads a file's YAML documents (cached by the caller)."""
-    clusters = [r for r in cilium.resources(cec) if r["@type"] == cilium.CLUSTER]
+    CEC document of ``path``; ``clusters``: its clusters as cilium-agent qualifies
+    them (cilium_files.prepare: the EDS names Envoy asks for); ``load`` reads a
+    file's YAML documents (cached by the caller)."""
     reg, warnings = _registry(path.parent, None if path in _siblings(path.parent) else path, load)
     clas, missing = cilium.assignments(cilium.service_refs(cec), reg, clusters)
     return clas, missing, list(warnings)

@@ -158,3 +158,23 @@ def test_corpus_cilium_reasons_name_the_services(capsys: pytest.CaptureFixture[s
     reasons = [r["reason"] for r in out["routes"]]
     assert reasons and all("not in the input)" in r for r in reasons)
     assert not any(r.endswith("EDS endpoints not available") for r in reasons)
+
+
+def test_split_eds_cluster_named_without_slash_says_why(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """An EDS cluster without service_name whose name has no '/': cilium-agent
+    qualifies it (NS/CEC/NAME), Envoy asks EDS for that name, no Service has it.
+    The reason names it so, not the unqualified name (whose why was lost)."""
+    cec = yaml.safe_load((EXAMPLES / "helloworld-cec.yaml").read_text())
+    route = cec["spec"]["resources"][1]["virtual_hosts"][0]["routes"][0]["route"]
+    route["weighted_clusters"]["clusters"][0]["name"] = "helloworld-v1"
+    cec["spec"]["resources"][2]["name"] = "helloworld-v1"
+    (tmp_path / "cec.yaml").write_text(yaml.safe_dump(cec))
+    shutil.copy(EXAMPLES / "helloworld-services.yaml", tmp_path)
+    row = split_json(capsys, str(tmp_path))["routes"][0]
+    assert row["verdict"] == "ENVOY"
+    assert "cluster 'default/helloworld/helloworld-v1': EDS endpoints not available " \
+           "('default/helloworld/helloworld-v1' names no Service: cilium-agent publishes " \
+           "'NS/SERVICE' and 'NS/SERVICE:PORT', and qualifies a cluster name without '/' " \
+           "as NS/CEC/NAME; set eds_cluster_config.service_name)" in row["reason"], row["reason"]
+    assert "helloworld-v2" not in row["reason"]

@@ -172,6 +172,10 @@ def eds_name(cluster: Mapping[str, Any]) -> str | None:
 def why_missing(name: str, wanted: Mapping[str, frozenset[str]], reg: Registry) -> str:
     """Why cilium-agent would publish no assignment ``name`` (an EDS service name)."""
     key, _, port = name.partition(":")
+    if key.count("/") != 1:  # not NS/SERVICE: no spec.services entry can give it
+        return (f"'{key}' names no Service: cilium-agent publishes 'NS/SERVICE' and "
+                "'NS/SERVICE:PORT', and qualifies a cluster name without '/' as NS/CEC/NAME; "
+                "set eds_cluster_config.service_name")
     if key not in wanted:
         return f"'{key}' is not in spec.services/backendServices"
     svc = _service(reg, key)
