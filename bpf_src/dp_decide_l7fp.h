@@ -165,7 +165,6 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
     v->od_host = 0;
     if (d->verdict == L7FP_FORWARD) {
         v->hdr_add = d->hdr_add; /* sk_msg.c inserts it (dp_hdr_add_get) */
-#if DP_OUTLIER
         /* an ejected host is skipped before its pool is looked up (dp_outlier.h) */
         __u32 ep = d->endpoint;
         v->od_host = dp_outlier_pick(gen, d->cluster, &ep);
@@ -177,7 +176,6 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
             return 0;
         }
         d->endpoint = ep;
-#endif
         struct dp_ep_key k = {.gen = gen & 1, .cluster = d->cluster, .endpoint = d->endpoint};
         __u32 *pool = dp_eps.lookup(&k);
         if (!pool) {

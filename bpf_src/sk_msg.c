@@ -726,9 +726,7 @@ int dp_srv_verdict(struct sk_msg_md *msg)
     __u32 first = client->wait; /* this write starts a response (dp_close.h) */
     dp_reset_answered(client); /* a response byte (to the client or a retry) */
     dp_close_response_msg(msg, up, client, first); /* how much of the response is left */
-#if DP_OUTLIER
     dp_outlier_response(up, client); /* its status, from the head dp_close copied */
-#endif
     /* the retry decision first: a diverted response starts nothing for the
      * client, and the route's deadline (one over all attempts) keeps running */
     int diverted = dp_retry_response(msg, up); /* a response to retry goes to the agent */
