@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import StaticEnvoy, pick_free_port
+from k2_envoy import EnvoyMaker, Make, ResourcesEnvoy, StaticEnvoy, pick_free_port
 from k2_helpers import HttpServer, ScopedCgroup
 
 ENVOY_YAML = """\
@@ -92,6 +92,25 @@ def envoy(envoy_bin: str, upstream: HttpServer, tmp_path: Path) -> Iterator[Envo
     e = Envoy(envoy_bin, upstream.port, tmp_path)
     yield e
     e.close()
+
+
+@pytest.fixture
+def resources_envoy(envoy_bin: str, tmp_path: Path) -> Iterator[EnvoyMaker]:
+    """`start(name, make, up_port)`: a real Envoy running `make(port, up_port)`'s
+    listener and cluster (k2_envoy.ResourcesEnvoy, files in tmp_path); every
+    Envoy started is stopped at the test's end. The per-module Envoy fixtures
+    of the differential tests (test_close, test_reset, ...) are one call of it;
+    they take their upstream server's fixture before this one, so that the
+    Envoy stops before its upstream (as their own teardown did)."""
+    started: list[ResourcesEnvoy] = []
+
+    def start(name: str, make: Make, up_port: int) -> ResourcesEnvoy:
+        started.append(ResourcesEnvoy(envoy_bin, name, make, up_port, tmp_path))
+        return started[-1]
+
+    yield start
+    for e in started:
+        e.close()
 
 
 @pytest.fixture

@@ -55,18 +55,23 @@ class StaticEnvoy:
         stop_process(self.proc)
 
 
+Make = Callable[[int, int], tuple[dict[str, Any], dict[str, Any]]]  # (port, up_port) -> config
+
+
 class ResourcesEnvoy(StaticEnvoy):
     """A real Envoy on a free port running `make(port, up_port)`'s listener and
     cluster, which it keeps (`.listener`, `.cluster`) for the split of the same
     config; config and log are `workdir`/envoy-NAME.*."""
 
     def __init__(self, binary: str, name: str,
-                 make: Callable[[int, int], tuple[dict[str, Any], dict[str, Any]]],
-                 up_port: int, workdir: Path) -> None:
+                 make: Make, up_port: int, workdir: Path) -> None:
         port = pick_free_port()
         self.listener, self.cluster = make(port, up_port)
         cfg = write_json_config(workdir, name, self.listener, self.cluster)
         super().__init__(binary, cfg, port, workdir / f"envoy-{name}.log")
+
+
+EnvoyMaker = Callable[[str, Make, int], ResourcesEnvoy]  # conftest's resources_envoy fixture
 
 
 def write_json_config(workdir: Path, name: str, listener: dict[str, Any],

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import ResourcesEnvoy, listener_and_cluster, timed_routes
+from k2_envoy import EnvoyMaker, ResourcesEnvoy, listener_and_cluster, timed_routes
 from k2_http import ThreadedServer, recv_head
 from k2_plan import load_plan, run_client, split_plan
 
@@ -81,10 +81,8 @@ def midclose() -> Iterator[MidCloseUpstream]:
 
 
 @pytest.fixture
-def cenvoy(envoy_bin: str, midclose: MidCloseUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
-    e = ResourcesEnvoy(envoy_bin, "close", resources, midclose.port, tmp_path)
-    yield e
-    e.close()
+def cenvoy(midclose: MidCloseUpstream, resources_envoy: EnvoyMaker) -> ResourcesEnvoy:
+    return resources_envoy("close", resources, midclose.port)
 
 
 def req(path: str, method: str = "GET") -> str:
@@ -160,10 +158,8 @@ def reply_resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, 
 
 
 @pytest.fixture
-def renvoy(envoy_bin: str, midclose: MidCloseUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
-    e = ResourcesEnvoy(envoy_bin, "close_reply", reply_resources, midclose.port, tmp_path)
-    yield e
-    e.close()
+def renvoy(midclose: MidCloseUpstream, resources_envoy: EnvoyMaker) -> ResourcesEnvoy:
+    return resources_envoy("close_reply", reply_resources, midclose.port)
 
 
 def close_req(path: str) -> str:

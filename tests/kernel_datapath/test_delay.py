@@ -12,12 +12,11 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_envoy import EnvoyMaker, ResourcesEnvoy, listener_and_cluster
 from k2_http import ThreadedServer, recv_body, recv_head
 from k2_plan import load_plan, run_client, split_plan
 
@@ -86,10 +85,8 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @pytest.fixture
-def denvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
-    e = ResourcesEnvoy(envoy_bin, "delay", resources, echo.port, tmp_path)
-    yield e
-    e.close()
+def denvoy(echo: EchoUpstream, resources_envoy: EnvoyMaker) -> ResourcesEnvoy:
+    return resources_envoy("delay", resources, echo.port)
 
 
 def req(path: str, method: str = "GET", body: str = "", **headers: str) -> str:

@@ -13,12 +13,11 @@ upstream saw no x-request-id) and the envoy/<reason> counters of the others.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_envoy import EnvoyMaker, ResourcesEnvoy, listener_and_cluster
 from k2_http import upstream_heads
 from k2_plan import load_plan, run_client, split_plan
 from test_delay import EchoUpstream
@@ -82,10 +81,8 @@ SCRIPT = [["SLEEP 0.05", req(c, p, x, b), f"GET /u/next-{c} HTTP/1.1\r\nHost: sv
 
 
 @pytest.fixture
-def henvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
-    e = ResourcesEnvoy(envoy_bin, "hop", resources, echo.port, tmp_path)
-    yield e
-    e.close()
+def henvoy(echo: EchoUpstream, resources_envoy: EnvoyMaker) -> ResourcesEnvoy:
+    return resources_envoy("hop", resources, echo.port)
 
 
 def shape(conn: list[dict[str, Any]]) -> list[tuple[Any, ...]]:

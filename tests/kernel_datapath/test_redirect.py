@@ -9,12 +9,11 @@ still goes through."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_envoy import EnvoyMaker, ResourcesEnvoy, listener_and_cluster
 from k2_plan import load_plan, run_client, split_plan
 from test_delay import EchoUpstream, by_case
 
@@ -37,10 +36,8 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @pytest.fixture
-def renvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
-    e = ResourcesEnvoy(envoy_bin, "redirect", resources, echo.port, tmp_path)
-    yield e
-    e.close()
+def renvoy(echo: EchoUpstream, resources_envoy: EnvoyMaker) -> ResourcesEnvoy:
+    return resources_envoy("redirect", resources, echo.port)
 
 
 def req(path: str, host: str, method: str = "GET") -> str:

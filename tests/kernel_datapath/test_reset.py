@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import ResourcesEnvoy, listener_and_cluster, timed_routes
+from k2_envoy import EnvoyMaker, ResourcesEnvoy, listener_and_cluster, timed_routes
 from k2_http import ThreadedServer, recv_head
 from k2_plan import load_plan, run_client, split_plan
 
@@ -63,10 +63,8 @@ def closing() -> Iterator[ClosingUpstream]:
 
 
 @pytest.fixture
-def renvoy(envoy_bin: str, closing: ClosingUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
-    e = ResourcesEnvoy(envoy_bin, "reset", resources, closing.port, tmp_path)
-    yield e
-    e.close()
+def renvoy(closing: ClosingUpstream, resources_envoy: EnvoyMaker) -> ResourcesEnvoy:
+    return resources_envoy("reset", resources, closing.port)
 
 
 def req(path: str) -> str:

@@ -16,14 +16,13 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from k2_envoy import ResourcesEnvoy, listener_and_cluster
+from k2_envoy import EnvoyMaker, ResourcesEnvoy, listener_and_cluster
 from k2_http import upstream_heads
 from k2_plan import load_plan, run_client, split_plan
 from test_delay import EchoUpstream
@@ -64,10 +63,8 @@ def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @pytest.fixture
-def renvoy(envoy_bin: str, echo: EchoUpstream, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
-    e = ResourcesEnvoy(envoy_bin, "rewrite", resources, echo.port, tmp_path)
-    yield e
-    e.close()
+def renvoy(echo: EchoUpstream, resources_envoy: EnvoyMaker) -> ResourcesEnvoy:
+    return resources_envoy("rewrite", resources, echo.port)
 
 
 def req(path: str, extra: str = "", body: str = "") -> str:

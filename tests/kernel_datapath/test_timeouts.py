@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import ResourcesEnvoy, listener_and_cluster, timed_routes
+from k2_envoy import EnvoyMaker, ResourcesEnvoy, listener_and_cluster, timed_routes
 from k2_plan import load_plan, run_client, split_plan
 from k2_slow import SlowServer
 from test_agent import wait_for
@@ -37,10 +37,8 @@ def slow() -> Iterator[SlowServer]:
 
 
 @pytest.fixture
-def tenvoy(envoy_bin: str, slow: SlowServer, tmp_path: Path) -> Iterator[ResourcesEnvoy]:
-    e = ResourcesEnvoy(envoy_bin, "timeouts", resources, slow.port, tmp_path)
-    yield e
-    e.close()
+def tenvoy(slow: SlowServer, resources_envoy: EnvoyMaker) -> ResourcesEnvoy:
+    return resources_envoy("timeouts", resources, slow.port)
 
 
 def req(path: str, **headers: str) -> str:
