@@ -4,10 +4,10 @@
 
 Compiles the data path with the cflags of a small plan (tests' parser plan)
 overridden by KNOB=VALUE (e.g. L7FP_MAX_STR=64 DP_RETRY=1 DP_INBOUND=1) and
-loads dp_msg_verdict, dp_msg_in, dp_msg_act, dp_msg_rw and the two response
-programs dp_srv_verdict (sk_msg) and dp_skb_verdict (sk_skb) with the
-verifier's statistics (BPF_LOG_STATS). Prints per program: instructions, load time, stack depth and
-instructions processed (limit 1,000,000). Nothing is attached. docs/fastpath.md
+loads the request programs (dp_msg_verdict, dp_msg_in, dp_msg_act, dp_msg_rw,
+dp_msg_rwin) and the two response programs dp_srv_verdict (sk_msg) and
+dp_skb_verdict (sk_skb) with the verifier's statistics (BPF_LOG_STATS).
+Prints per program: instructions, load time, stack depth and instructions processed (limit 1,000,000). Nothing is attached. docs/fastpath.md
 "Compile check and the two sk_msg programs" has figures from it.
 """
 
