@@ -27,14 +27,25 @@ head over 512 bytes or split) is taken as ended by the close: the client of
 a close-delimited response needs that EOF to see its end (Envoy would keep
 the connection), and a complete chunked response then loses its connection
 where Envoy keeps it (docs/fastpath.md, Limits).
+
+The EOF itself (`send_eof`: a carrier pair, its FIN's passage, 2.3-4.6 ms,
+most of it the wait for the verdict) runs on the Closer's own worker thread,
+not on the event thread, which it blocked for every other connection of the
+node meanwhile. One worker, FIFO: EOFs leave in the order they were asked
+for. The order against the client's later bytes is the one it had on the
+event thread: U is off every way before the EOF is queued (claim), so no byte
+of U can follow it, and a client does not send a request behind an
+unfinished response (nor after `Connection: close`).
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import logging
+import queue
 import select
 import socket
+import threading
 import time
 from typing import Any
 
@@ -77,6 +88,9 @@ class Closer:
         self.dp = dp
         self.counts = {"close_eof": 0, "close_failed": 0, "close_after_reply": 0}
         self._due: list[tuple[float, int]] = []  # (monotonic time, client) to close
+        # (client, count on success) for the worker; None stops it
+        self._eofs: queue.Queue[tuple[int, str] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
 
     def after_reply(self, client: int) -> None:
         """DP_EV_CLOSE_REPLY (event thread): the kernel answered a `Connection:
@@ -94,8 +108,7 @@ class Closer:
         due = [c for t, c in self._due if t <= now]
         self._due = [(t, c) for t, c in self._due if t > now]
         for client in due:
-            ok = self.send_eof(client)
-            self.counts["close_after_reply" if ok else "close_failed"] += 1
+            self._queue_eof(client, "close_after_reply")
 
     def claim(self, up: int) -> bool:
         """`up` is readable at EOF (pools' look). Always False: U stays the
@@ -107,13 +120,43 @@ class Closer:
         key = ct.c_uint64(up)
         bpfsys.map_delete(self.dp.fds["dp_tmo"], key)  # the route timer has nothing to cut
         bpfsys.map_delete(self.dp.fds["dp_tmo_armed"], key)
-        self.dp.take_upstream(up)
-        if self.send_eof(client):
-            self.counts["close_eof"] += 1
-            log.debug("close: upstream %d closed in a response: EOF to client %d", up, client)
-        else:
-            self.counts["close_failed"] += 1
+        self.dp.take_upstream(up)  # before the EOF is queued: no byte of U after it
+        log.debug("close: upstream %d closed in a response: EOF to client %d", up, client)
+        self._queue_eof(client, "close_eof")
         return False
+
+    def _queue_eof(self, client: int, count: str) -> None:
+        """Event thread: the EOF goes to the worker (started at the first one)."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="l7fp-close-eof", daemon=True)
+            self._worker.start()
+        self._eofs.put((client, count))
+
+    def _run(self) -> None:
+        """The worker: send_eof for each queued client, in order."""
+        while (item := self._eofs.get()) is not None:
+            client, count = item
+            ok = False
+            try:
+                ok = self.send_eof(client)
+            except Exception:  # a carrier that could not be made: counted; the worker lives on
+                log.exception("close: EOF to client %d failed", client)
+            finally:
+                self.counts[count if ok else "close_failed"] += 1
+                self._eofs.task_done()  # after the count: drain() callers read it
+        self._eofs.task_done()
+
+    def drain(self) -> None:
+        """Wait until every EOF queued so far was sent (tests read the counts)."""
+        self._eofs.join()
+
+    def close(self) -> None:
+        """Stop the worker after the EOFs already queued (the owner calls it
+        before the datapath's maps close)."""
+        if self._worker is not None:
+            self._eofs.put(None)
+            self._worker.join(5)
+            self._worker = None
 
     def send_eof(self, client: int) -> bool:
         """An EOF into `client`'s receive queue (after what is there), through a

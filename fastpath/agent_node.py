@@ -324,6 +324,7 @@ class NodeDatapath:
         self.redirector.close()
         self.resetter.close()
         self.handoff.close()
+        self.closer.close()  # its worker uses the maps
         self.dp.close()
         self.pools.close()
 

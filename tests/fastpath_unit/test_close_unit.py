@@ -4,6 +4,7 @@ and the wait value a forwarded request leaves (HEAD: no body to count)."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -81,7 +82,38 @@ def test_eofs_after_kernel_replies_wait_for_the_reply(monkeypatch: Any) -> None:
     now[0] += ac.AFTER_REPLY_S
     closer.service()
     closer.service()
+    closer.drain()
     assert sent == [7] and closer.counts["close_after_reply"] == 1
+    closer.close()
+
+
+def test_eofs_leave_the_event_thread_in_order(monkeypatch: Any) -> None:
+    """send_eof (milliseconds: a carrier and its FIN's passage) runs on the
+    Closer's worker: service() returns at once, the EOFs go out in the order
+    they were due, close() stops the worker after them."""
+    import threading
+
+    import fastpath.agent_close as ac
+
+    sent: list[int] = []
+    go = threading.Event()
+
+    def slow_eof(client: int) -> bool:
+        go.wait(5)  # held until the event thread's part is over
+        sent.append(client)
+        return client != 2  # the second one's FIN did not pass
+
+    closer = ac.Closer(dp=None)
+    monkeypatch.setattr(closer, "send_eof", slow_eof)
+    for client in (1, 2, 3):
+        closer.after_reply(client)
+    time.sleep(ac.AFTER_REPLY_S)
+    closer.service()  # returns while the worker waits in slow_eof
+    assert sent == []
+    go.set()
+    closer.close()
+    assert sent == [1, 2, 3]
+    assert closer.counts == {"close_eof": 0, "close_failed": 1, "close_after_reply": 2}
 
 
 def test_handoffs_are_bounded(monkeypatch: Any) -> None:

@@ -104,6 +104,7 @@ def test_close_in_response_matches_envoy(agent: Agent, cgroup: Any, cenvoy: Reso
     node = load_plan(agent, split_plan(cenvoy.listener, cenvoy.cluster))
     assert node.mode == "l7fp"
     fast = run_client(cgroup, CLIENT, cenvoy.port, SCRIPT)
+    node.closer.drain()  # the worker counts an EOF after its FIN passed
     closes = dict(node.closer.counts)
     node.dp.detach_cgroup(cgroup.path)  # the same requests through Envoy only
     via_envoy = run_client(cgroup, CLIENT, cenvoy.port, SCRIPT)
@@ -181,6 +182,7 @@ def test_kernel_replies_to_connection_close_match_envoy(
     node = load_plan(agent, plan)
     assert node.mode == "l7fp"
     fast = run_client(cgroup, CLIENT, renvoy.port, REPLY_SCRIPT)
+    node.closer.drain()  # the worker counts an EOF after its FIN passed
     closes = dict(node.closer.counts)
     stats = node.stats()
     node.dp.detach_cgroup(cgroup.path)  # the same requests through Envoy only
