@@ -13,7 +13,9 @@ unejects at the interval ticks (counters zeroed, `ejected` down, `room` up)
 and sets thresholds, totals and panic. The LB view (`lb_out` of each host)
 is published to the node's Envoy as EDS UNHEALTHY (`lb_view`, `on_lb_change`:
 the agent has the server republish the node), so the requests the kernel
-hands to Envoy skip the same hosts.
+hands to Envoy skip the same hosts; the responses Envoy gets come back over
+its access log (`count_envoy`, from fastpath.als on the server's loop) and
+count in the same host records: one detector for both paths.
 """
 
 from __future__ import annotations

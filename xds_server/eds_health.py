@@ -4,10 +4,12 @@ Owned by xds_server.server (`XdsServer.set_endpoint_health`); the provider is
 the fast-path agent, whose kernel owns outlier detection for some clusters of
 the node (DESIGN.md rule 3: one owner). The kernel's LB view leaves a host out;
 the node's Envoy must skip it too, so its ClusterLoadAssignment carries the
-host with `health_status: UNHEALTHY`. Envoy then treats it as it treats an
-outlier-ejected host: skipped by the LB, and counted unhealthy for the panic
-threshold (`healthy_panic_threshold`); DRAINING would not be the same (newer
-Envoys exclude draining hosts from the panic computation).
+host with `health_status: UNHEALTHY`. Envoy 1.40 then treats it as it treats
+an outlier-ejected host: skipped by the LB, counted unhealthy for the panic
+threshold (`healthy_panic_threshold`), and the change applies at once (not
+held by `update_merge_window`): tests/xds/test_eds_health.py. DRAINING was
+seen to behave the same there (skipped alone, panic with both hosts marked);
+UNHEALTHY says what it is.
 
 Pure functions over resource dicts (type URL -> messages); messages are never
 changed in place (snapshots share them), a marked CLA is a new copy.
