@@ -35,6 +35,7 @@ from fastpath.plan import (
     VirtualHost,
 )
 from fastpath.reference import (
+    Decision,
     QueryUndecidable,
     Request,
     decide_datapath,
@@ -147,8 +148,10 @@ def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
     why = ""
     found: list[Probe] = []
     for req in _inbound_requests(r, caller, out_lp, (dst_ip, lp.port), src_ip):
+        d = decide_datapath(caller, out_lp.name, req)
+        fwd = _forwarded(req, d)  # what the destination's inbound listener sees
         try:
-            chosen = _first_route(lp, req)
+            chosen = _first_route(lp, fwd)
         except QueryUndecidable as exc:
             why = why or str(exc)
             continue
@@ -156,7 +159,6 @@ def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
             why = why or (f"shadowed by route {chosen.name!r}" if chosen is not None
                           else "the reference model matches no route")
             continue
-        d = decide_datapath(caller, out_lp.name, req)
         ovh = select_vhost(out_lp.virtual_hosts, req.host)
         o = next((x for x in ovh.routes if x.name == d.route), None) if ovh else None
         some, every = _reach(caller, o, (dst_ip, lp.port)) if d.kind == "forward" and o \
@@ -164,7 +166,7 @@ def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
         if not some:
             why = why or f"the caller's outbound decision for it is {_expect(d)}"
             continue
-        inner = decide_datapath(dst, lp.name, req)
+        inner = decide_datapath(dst, lp.name, fwd)
         p = replace(base, request=req, via=f"{out_lp.name}/{ovh.name if ovh else ''}/{d.route}",
                     expect=f"{_expect(d)}, then inbound {_expect(inner)}")
         if every:
@@ -187,6 +189,16 @@ def _unreached(caller: KernelPlan, out_lp: ListenerPlan, dst: tuple[str, int]) -
     return f"no route of the caller's listener {out_lp.name} forwards to {dst[0]}:{dst[1]}"
 
 
+def _forwarded(req: Request, d: Decision) -> Request:
+    """The request as the caller's outbound decision forwards it: rewritten path and
+    host, its header removals and additions (fastpath.reference.Decision)."""
+    if d.kind != "forward":
+        return req
+    kept = tuple((n, v) for n, v in req.headers if n not in d.remove_headers)
+    return replace(req, path=d.path or req.path, host=d.host or req.host,
+                   headers=kept + tuple(d.add_headers))
+
+
 def _inbound_requests(r: Route, caller: KernelPlan, out_lp: ListenerPlan, dst: tuple[str, int],
                       src_ip: str) -> Iterator[Request]:
     """Candidates for inbound route `r` through the caller's routes that can reach
@@ -201,6 +213,20 @@ def _inbound_requests(r: Route, caller: KernelPlan, out_lp: ListenerPlan, dst: t
         for o in reaching:
             yield from _requests(_both(r.match, o.match), host, src_ip, dst[1])
             yield from _requests(_both(o.match, r.match), host, src_ip, dst[1])
+            for path in _unrewritten(o, _paths(r.match)):
+                exact = RouteMatch(PathKind.EXACT, path)
+                yield from _requests(_both(exact, _both(o.match, r.match)), host, src_ip, dst[1])
+
+
+def _unrewritten(o: Route, paths: list[str]) -> list[str]:
+    """Paths a prefix_rewrite route `o` turns into `paths` (the inbound side sees
+    the rewritten path)."""
+    a = o.action
+    if not isinstance(a, ClusterAction) or a.prefix_rewrite is None \
+            or o.match.path_kind is not PathKind.PREFIX:
+        return []
+    return [o.match.path + p[len(a.prefix_rewrite):] for p in paths
+            if p.startswith(a.prefix_rewrite)]
 
 
 def _both(a: RouteMatch, b: RouteMatch) -> RouteMatch:

@@ -191,3 +191,17 @@ def test_inbound_route_reached_only_with_the_callers_canary_header() -> None:
 
 def probes_in(dst: KernelPlan, caller: KernelPlan) -> list:  # type: ignore[type-arg]
     return inbound_probes(dst, 9000, "198.18.0.5", caller, "out", "198.18.0.1")
+
+
+def test_inbound_route_behind_a_prefix_rewrite_gets_the_path_before_the_rewrite() -> None:
+    from fastpath.plan import Cluster, Endpoint, LbPolicy
+    rw = Route("static", RouteMatch(PathKind.PREFIX, "/static/"), ClusterAction(
+        (WeightedCluster("c", 1),), prefix_rewrite="/"), Verdict.KERNEL)
+    caller = KernelPlan("caller", "v1", (ListenerPlan("out", "198.19.0.2", 9000, Direction.OUTBOUND,
+                                                      (VirtualHost("ovh", ("*",), (rw,)),)),),
+                        (Cluster("c", LbPolicy.RANDOM, (Endpoint("198.18.0.5", 9000),)),))
+    _, dst = _caller_and_dst()
+    got = {p.route: p for p in probes_in(dst, caller)}
+    assert got["in-admin"].request.path == "/static/admin"  # type: ignore[union-attr]
+    assert got["in-v1"].request.path == "/static/v1/"  # type: ignore[union-attr]
+    assert got["in-admin"].expect == "forward c, then inbound forward c"
