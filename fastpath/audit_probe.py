@@ -10,6 +10,8 @@ query parameters. The reference model must agree that this route is the one
 chosen (the virtual host select and first match win), else the next candidate
 is tried; a route no candidate reaches is skipped with the reason named
 (shadowed by an earlier route, a matcher no value satisfies, ...).
+`inbound_probes` does the same for the routes of a pod's inbound listener,
+sent by a caller pod through an outbound route that forwards to the pod.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ class Probe:
     """One KERNEL route and the request that exercises it (None: skipped, `skip` says why).
 
     `expect` is the reference model's decision for that request on the node's
-    own plan (`forward CLUSTER`, `reply STATUS`, `envoy: REASON`); the
-    destination's inbound side is not in it (the agent merges that later)."""
+    own plan (`forward CLUSTER`, `reply STATUS`, `envoy: REASON`); for an
+    inbound route the caller's decision, then the destination's inbound one
+    on the destination's own plan (the agent's merge may still punt it)."""
 
     listener: str
     vhost: str
@@ -81,8 +84,9 @@ class Probe:
 def probes(plan: KernelPlan, src_ip: str = "127.0.0.1") -> list[Probe]:
     """One Probe per KERNEL route (guards left out) of the plan's listeners, in plan order.
 
-    Routes of inbound listeners are skipped: their requests arrive from other
-    pods and are decided in the callers' kernels (fastpath.inbound_merge)."""
+    Routes of inbound listeners are skipped here: their requests arrive from
+    other pods and are decided in the callers' kernels (fastpath.inbound_merge);
+    `inbound_probes` derives them through a caller."""
     out = []
     for lp in plan.listeners:
         for vh in lp.virtual_hosts:
@@ -253,13 +257,12 @@ def _skipped(p: Probe, why: str) -> Probe:
     return replace(p, request=None, skip=why)
 
 
-def _expect(d: object) -> str:
-    kind, status = getattr(d, "kind", ""), getattr(d, "status", 0)
-    if kind == "forward":
-        return f"forward {getattr(d, 'cluster', '')}"
-    if kind == "reply":
-        return f"reply {status}"
-    return f"envoy: {getattr(d, 'reason', '')}"
+def _expect(d: Decision) -> str:
+    if d.kind == "forward":
+        return f"forward {d.cluster}"
+    if d.kind == "reply":
+        return f"reply {d.status}"
+    return f"envoy: {d.reason}"
 
 
 def _first_route(lp: ListenerPlan, req: Request) -> Route | None:

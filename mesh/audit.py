@@ -6,9 +6,10 @@ plane (`/debug/fastpath/plans?proxyID=`), derives one request per KERNEL route
 (`fastpath.audit_probe`), sends it from the pod (`mesh.audit_client` in the
 pod's netns and cgroup) to the route's listener address (a route of the pod's
 inbound listener: from a caller pod to the pod's service, whose kernel decides
-that inbound listener too), and reads who served it from the node's fast-path counters in `/debug/fastpath` (before/after
-difference, fastpath.counters): `fast`/`kernel_reply` = the kernel,
-`envoy` + reason = handed to Envoy. One request per route, sequential, each
+that inbound listener too), and reads who served it from the sender's
+fast-path counters in `/debug/fastpath` (before/after difference,
+fastpath.counters): `fast`/`kernel_reply` = the kernel, `envoy` + reason =
+handed to Envoy. One request per route, sequential, each
 with a timeout; nothing else is changed (a rate-limited route spends a token,
 a route with a fault delay waits).
 """
@@ -30,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from fastpath.audit_probe import Probe, inbound_probes, probes
-from fastpath.plan import KernelPlan
+from fastpath.plan import Direction, KernelPlan
 from fastpath.plan_json import plan_from_json
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_OUTCOMES = ("fast", "kernel_reply", "retry")
+POOLS_EMPTY = "pools not filled yet"  # after --wait: audited anyway (`pool_empty` shows it)
 POOL_WAIT_S = 2.0  # at most this long before each request for the node's pools to refill
 
 
@@ -67,7 +69,7 @@ class Row:
 
 
 def summary(rows: list[Row]) -> dict[str, Any]:
-    audited = [r for r in rows if r.served not in ("skipped",)]
+    audited = [r for r in rows if r.served != "skipped"]
     punts = Counter(f"{r.served}: {r.why}" for r in audited if r.served != "kernel")
     return {"kernel": sum(r.served == "kernel" for r in audited), "audited": len(audited),
             "skipped": sum(r.served == "skipped" for r in rows), "not_kernel": dict(punts)}
@@ -150,7 +152,7 @@ def _not_loaded(dbg: dict[str, Any], node_id: str, plan: KernelPlan) -> str:
     if version != plan.version and not version.startswith(f"{plan.version}+"):
         return f"datapath runs plan {node['plan_version']}, the control plane's is {plan.version}"
     if any(p.get("free", 0) == 0 for p in node.get("pools", [])):
-        return "pools not filled yet"
+        return POOLS_EMPTY
     return ""
 
 
@@ -247,7 +249,7 @@ def audit_pod(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,
 
 
 def _inbound(p: Probe, plan: KernelPlan) -> bool:
-    return any(lp.name == p.listener and lp.direction.value == "inbound" for lp in plan.listeners)
+    return any(lp.name == p.listener and lp.direction is Direction.INBOUND for lp in plan.listeners)
 
 
 def send_probes(state: dict[str, Any], sender: dict[str, Any], owner: str, todo: list[Probe],
@@ -284,7 +286,7 @@ def audit_inbound(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,
     (a loaded pod of another service first) through its outbound listener for
     the service address that leads to this pod; Rows for `pod`."""
     rows: list[Row] = []
-    for port in sorted({lp.port for lp in plan.listeners if lp.direction.value == "inbound"}):
+    for port in sorted({lp.port for lp in plan.listeners if lp.direction is Direction.INBOUND}):
         found = _caller(state, pod, port, callers, plans)
         if found is None:
             rows += [Row(pod["name"], p, "skipped", "no sending pod with a loaded datapath has "
@@ -310,7 +312,7 @@ def _caller(state: dict[str, Any], pod: dict[str, Any], port: int,
                     key=lambda c: (c["name"] == pod["name"], c.get("service") == pod.get("service")))
     for c in ranked:
         for lp in plans[c["name"]].listeners:
-            if lp.direction.value == "outbound" and lp.port == port and (
+            if lp.direction is Direction.OUTBOUND and lp.port == port and (
                     lp.address in vips or lp.address in ("0.0.0.0", "::")):
                 return c, lp.name
     return None
@@ -329,7 +331,8 @@ def run(state: dict[str, Any], sender: str | None = None, wait_s: float = 60.0,
         raise AuditError(f"no pod {sender!r} in mesh {state['name']!r}")
     senders = senders if sender is None else senders[:1]
     plans = load_plans(state, every)
-    missing = wait_loaded(state["admin"], senders, plans, wait_s)
+    missing = {k: v for k, v in wait_loaded(state["admin"], senders, plans, wait_s).items()
+               if v != POOLS_EMPTY}
     rows: list[Row] = []
     for pod in senders:
         plan = plans.get(pod["name"])
