@@ -34,6 +34,7 @@ from fastpath.plan import (
     Endpoint,
     LbPolicy,
     ListenerPlan,
+    PathKind,
     PathNormalization,
     Rbac,
     Route,
@@ -178,6 +179,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
     filters = [HttpFilter(str(f.get("name", "")), filter_kind(f), f.get("typedConfig", {}),
                           bool(f.get("disabled", False))) for f in hcm.get("httpFilters", [])]
     limit, fault = None, None
+    no_route_delay: list[str] = []  # the HCM's fault delay, for requests without a route
     rbacs: list[Rbac] = []
     order: list[str] = []  # enabled policy filters in chain order (Istio: DENY rbac, then ALLOW rbac)
     for f in filters:
@@ -187,7 +189,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
             reasons.append(f"several {f.kind} filters")
         if f.kind == "fault":
             fault, _ = fault_abort(f.config)  # its reasons are charged to the routes
-            reasons += listener_delay_reasons(f.config)
+            no_route_delay = listener_delay_reasons(f.config)
         elif f.kind == "rbac":
             one, more = classify_rbac(f.config)
             reasons += [f"listener RBAC: {r}" for r in more]
@@ -210,6 +212,8 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
             reasons.append(f"route config {rc_name!r} not found")
     ctx = RouteContext(clusters, filters, caps, route_config=rc)
     vhosts = _vhosts(rc, ctx)
+    if not _every_request_routed(vhosts):
+        reasons += no_route_delay
     if limit is not None and any(r.verdict is Verdict.ENVOY for v in vhosts for r in v.routes):
         # One owner per bucket: Envoy keeps it, so every request must reach Envoy.
         reasons.append(SHARED_BUCKET_REASON)
@@ -224,6 +228,21 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
                         filter_order=tuple(order), fault_abort=fault, rbacs=tuple(rbacs),
                         use_remote_address=bool(hcm.get("useRemoteAddress", False)))
     return plan, str(rc.get("name", rc_name))
+
+
+def _every_request_routed(vhosts: tuple[VirtualHost, ...]) -> bool:
+    """True when no request the kernel decides can miss a route: a "*" virtual host
+    catches every Host and every virtual host ends in a route matching any path
+    (prefix "/" without header, query or method matchers). Then the HCM-level
+    fault delay of requests without a route (listener_delay_reasons) never
+    applies. Found by `l7fp mesh audit`: the demo's `text` listener was ENVOY
+    for it although its one route is such a catch-all."""
+    def catch_all(r: Route) -> bool:
+        m = r.match
+        return (m.path_kind is PathKind.PREFIX and m.path in ("", "/") and not m.headers
+                and not m.query_params and m.method is None and not m.grpc)
+    return any("*" in v.domains for v in vhosts) and all(
+        any(catch_all(r) for r in v.routes) for v in vhosts)
 
 
 def _punt(r: Route, why: str) -> Route:

@@ -106,13 +106,27 @@ def test_what_stays_envoy() -> None:
 
 
 def test_hcm_level_delay_keeps_requests_without_route_with_envoy() -> None:
-    result, (route,) = plan_routes([fwd(timeout="0s")], [fault(delay=delay())])
+    only_a = {**fwd(timeout="0s"), "match": {"prefix": "/a"}}  # "/b" has no route
+    result, (route,) = plan_routes([only_a], [fault(delay=delay())])
     lp = result.plan.listeners[0]
     assert lp.verdict is Verdict.ENVOY
     assert "fault delay for requests without a route" in lp.reason
     # 0 % at the HCM: nothing to delay
-    result, (route,) = plan_routes([fwd(timeout="0s")], [fault(delay=delay(num=0))])
+    result, (route,) = plan_routes([only_a], [fault(delay=delay(num=0))])
     assert result.plan.listeners[0].verdict is Verdict.KERNEL
+
+
+def test_hcm_level_delay_with_a_catch_all_route_is_the_kernels() -> None:
+    """A "*" virtual host ending in a prefix "/" route leaves no request without a
+    route: the HCM delay is the route's (the demo's `text` listener, found ENVOY
+    by `l7fp mesh audit`); a header matcher on the last route brings it back."""
+    result, (route,) = plan_routes([fwd(timeout="0s")], [fault(delay=delay())])
+    assert result.plan.listeners[0].verdict is Verdict.KERNEL
+    assert route.verdict is Verdict.KERNEL and route.fault_delay is not None
+    hdr = {**fwd(timeout="0s"), "match": {"prefix": "/", "headers": [
+        {"name": "x", "string_match": {"exact": "1"}}]}}
+    result, _ = plan_routes([hdr], [fault(delay=delay())])
+    assert result.plan.listeners[0].verdict is Verdict.ENVOY
 
 
 def test_residual_keeps_the_fault_filter() -> None:
