@@ -77,11 +77,11 @@ static __always_inline struct dp_rw *dp_rw_get(__u32 gen, __u32 route)
     return rw && rw->on ? rw : 0;
 }
 
-/* The one dp_rw lookup of dp_msg_rwin (or of dp_msg_act when no inbound
- * decision ran): DP_RW_NONE, DP_RW_YES or DP_RW_REFUSED. */
-static __always_inline __u32 dp_rw_state(__u32 gen, struct dp_verdict *v)
+/* What the request does with the route's rewrite `rw` (dp_rw_get: the one
+ * lookup of dp_msg_rwin, or of dp_msg_act when no inbound decision ran):
+ * DP_RW_NONE, DP_RW_YES or DP_RW_REFUSED. */
+static __always_inline __u32 dp_rw_state(struct dp_rw *rw)
 {
-    struct dp_rw *rw = dp_rw_get(gen, v->route);
     if (!rw)
         return DP_RW_NONE;
     struct l7fp_req_ctx *ctx = l7fp_ctx_get();
@@ -89,6 +89,12 @@ static __always_inline __u32 dp_rw_state(__u32 gen, struct dp_verdict *v)
         ctx->r.sp2 - ctx->r.path_off > DP_RW_TARGET)
         return DP_RW_REFUSED;
     return DP_RW_YES;
+}
+
+/* dp_msg_act's look when dp_msg_rwin did not run. */
+static __always_inline __u32 dp_rw_state_of(__u32 gen, __u32 route)
+{
+    return dp_rw_state(dp_rw_get(gen, route));
 }
 
 /* The loops below compare their index with a length loaded afresh in every
@@ -225,10 +231,9 @@ static __always_inline int dp_rw_dotseg(struct l7fp_req_ctx *ctx)
  * stays where it was parsed (r.q, r.sp2): a rewrite keeps it. Returns 0 (built,
  * or the path stays as it is: no rewrite for it, as in dp_rw_path), 1 when
  * the request must go to Envoy (a target over DP_RW_TARGET, a bad entry, or
- * a new path the inbound sidecar may normalize). */
-static __always_inline int dp_rw_build(__u32 gen, struct dp_verdict *v, __u32 *saved)
+ * a new path the inbound sidecar may normalize). `rw`: the route's dp_rw. */
+static __always_inline int dp_rw_build(struct dp_rw *rw, __u32 *saved)
 {
-    struct dp_rw *rw = dp_rw_get(gen, v->route);
     struct l7fp_req_ctx *ctx = l7fp_ctx_get();
     if (!rw || !ctx)
         return 1;
@@ -329,7 +334,6 @@ static __always_inline int dp_rewrite(struct sk_msg_md *msg, struct dp_verdict *
 }
 #else
 #define DP_RW_GROW 0
-static __always_inline __u32 dp_rw_state(__u32 gen, struct dp_verdict *v) { return DP_RW_NONE; }
 static __always_inline void dp_rw_unbuild(__u32 *saved) {}
 #endif /* DP_RW_ON */
 

@@ -501,9 +501,10 @@ int dp_msg_rwin(struct sk_msg_md *msg)
     struct dp_msg_scratch *scr = dp_msg_tail_state(msg, &c);
     if (!scr)
         return SK_PASS;
-    scr->rw = dp_rw_state(scr->gen, &scr->v);
+    struct dp_rw *rw = dp_rw_get(scr->gen, scr->v.route); /* the request's one lookup */
+    scr->rw = dp_rw_state(rw);
     scr->in_lid = dp_inbound_lid(scr->gen);
-    if (scr->rw != DP_RW_NONE && scr->in_lid && dp_rw_build(scr->gen, &scr->v, scr->saved)) {
+    if (rw && scr->in_lid && dp_rw_build(rw, scr->saved)) {
         dp_rw_unbuild(scr->saved);
         scr->v.kind = DP_K_PASS;
         scr->v.reason = DP_R_RW;
@@ -631,7 +632,7 @@ int dp_msg_act(struct sk_msg_md *msg)
         return dp_to_envoy(c, v.route, DP_R_NONE);
 #if DP_RW_ON
     if (!scr->rw) /* dp_msg_rwin did not look: the route's rewrite, once */
-        scr->rw = dp_rw_state(gen, &v);
+        scr->rw = dp_rw_state_of(gen, v.route);
     if (scr->rw == DP_RW_REFUSED) /* dp_rewrite.h: x-envoy-original-path sent, long target */
         return dp_to_envoy_req(msg, c, &v, size, DP_R_RW);
 #endif
