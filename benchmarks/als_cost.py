@@ -128,6 +128,15 @@ def _wait_http(port: int, path: str = "/", timeout: float = 20) -> None:
     raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process (the receiver: wrk and the Envoys are children
+    not waited for during a run, so not in RUSAGE_SELF)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.load import run_wrk
     from mesh.envoyconf import direct_response_bootstrap
@@ -160,13 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for als in (False, True):  # ABAB
                 for conns in (1, 16):
-                    before = rx.count
+                    before, cpu0 = rx.count, _cpu_s()
                     r = run_wrk(f"http://127.0.0.1:{ports[als]}/", conns, args.seconds)
-                    entries = rx.count - before
+                    entries, cpu = rx.count - before, _cpu_s() - cpu0
                     got.setdefault((als, conns), []).append(r)
                     print(json.dumps({"als": als, "connections": conns, "p50_us": r.p50_us,
                                       "p99_us": r.p99_us, "rps": round(r.rps), "errors": r.errors,
-                                      "als_entries_per_request": round(entries / r.requests, 3)}))
+                                      "als_entries_per_request": round(entries / r.requests, 3),
+                                      "receiver_cpu_us_per_entry":
+                                          round(cpu * 1e6 / entries, 1) if entries else None}))
         summary = {f"{'als' if a else 'no_als'}_c{c}": {
             "p50_us": statistics.median(x.p50_us for x in rs),
             "rps": round(statistics.median(x.rps for x in rs))} for (a, c), rs in got.items()}
