@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +51,24 @@ EXCEPTIONS = {
 SKIPPED: dict[str, str] = {}
 
 
-@pytest.fixture
-def running(kernel: None) -> Iterator[Any]:
-    meshes: list[Mesh] = []
-
-    def up(path: Path, tag: str) -> Mesh:
-        m = Mesh(path, f"audit{tag}{os.getpid() % 10000}", fastpath="on", timeout=120)
-        meshes.append(m)
-        m.up()
-        return m
+@pytest.fixture(scope="module")
+def meshes() -> Iterator[dict[str, Mesh]]:
+    """Both meshes up at once, so their control planes compile the first
+    datapaths side by side; down (and nothing left) at the end."""
+    from support.env import require_kernel
+    require_kernel()
+    files = {"d": REPO / "compose" / "demo" / "mesh.yaml",
+             "b": REPO / "tests" / "istio" / "bookinfo-mesh" / "mesh.yaml"}
+    up: dict[str, Mesh] = {}
     try:
+        for tag, path in files.items():
+            up[tag] = Mesh(path, f"audit{tag}{os.getpid() % 10000}", fastpath="on", timeout=120)
+            up[tag].up()
         yield up
-    finally:
-        for m in meshes:
-            m.down()
-    assert all(leftovers(m.name) == [] for m in meshes)
+    finally:  # both at once (each waits for its processes to end)
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda m: m.down(), up.values()))
+    assert all(leftovers(m.name) == [] for m in up.values())
 
 
 def _first_loaded(state: dict[str, Any], within_s: float = 150.0) -> str:
@@ -114,16 +118,17 @@ def _check(rows: list[dict[str, Any]], min_routes: int) -> None:
             assert SKIPPED.get(_key(r), "?") in r["why"], r
 
 
-def test_demo_mesh_kernel_routes_are_served_by_the_kernel(running: Any) -> None:
-    m = running(REPO / "compose" / "demo" / "mesh.yaml", "d")
+def test_demo_mesh_kernel_routes_are_served_by_the_kernel(meshes: dict[str, Mesh]) -> None:
+    m = meshes["d"]
     code, out = _audit_cli(m, _first_loaded(m.state()))
     _check(out["rows"], min_routes=13 + 12)  # outbound routes, the pods' inbound ones
     s = out["summary"]
     assert s["kernel"] == s["audited"] - 2 and code == 3  # the exceptions above
 
 
-def test_bookinfo_istio_mesh_kernel_routes_are_served_by_the_kernel(running: Any) -> None:
-    m = running(REPO / "tests" / "istio" / "bookinfo-mesh" / "mesh.yaml", "b")
+def test_bookinfo_istio_mesh_kernel_routes_are_served_by_the_kernel(
+        meshes: dict[str, Mesh]) -> None:
+    m = meshes["b"]
     code, out = _audit_cli(m, _first_loaded(m.state()))
     _check(out["rows"], min_routes=6 + 6)
     assert code == 0 and out["summary"]["kernel"] == out["summary"]["audited"]
