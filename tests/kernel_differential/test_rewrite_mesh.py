@@ -11,9 +11,10 @@ policy on the new path (dp_msg_rwin + dp_msg_in): a decision on the old path
 would answer /old/x (-> /new/x) with 403 and let /deny/x (-> /blocked/x) in.
 Per request: same status and body, and web's app got the same request line
 and headers (x-envoy-original-path included); with it on, the kernel served
-them (counters), except the two Envoy must take: a rewritten path the inbound
-sidecar may normalize (`/dot/x` -> `/new//x`), and a forwarded request that
-carries its own x-envoy-original-path (Envoy overwrites it).
+them (counters), except those Envoy must take: a rewritten path the inbound
+sidecar may normalize (`/dot/x` -> `/new//x`; `/dd./x` -> `/new/../x`, which
+web's sidecar turns into `/x`), and a forwarded request that carries its own
+x-envoy-original-path (Envoy overwrites it).
 
 Run: .venv/bin/python -m pytest tests/kernel_differential/test_rewrite_mesh.py -q   (root)
 """
@@ -55,10 +56,12 @@ CASES: list[tuple[str, dict[str, str], int]] = [
     ("/plain", {}, 200),  # no rewrite
     ("/blocked", {}, 403),  # no rewrite, denied
     ("/dot/x", {}, 200),  # -> /new//x: Envoy's (kernel: path_rewrite)
+    ("/dd./x", {}, 200),  # -> /new/../x, which web's sidecar makes /x: Envoy's
+    ("/dd", {}, 200),  # -> /new/. (web's sidecar: /new/): Envoy's
     ("/deny/h", {ORIG: "/sent"}, 403),  # the kernel denies on the new path
     ("/old/h", {ORIG: "/sent"}, 200),  # forwarded: Envoy's (it overwrites the header)
 ]
-KERNEL_PUNTS = 2  # /dot/x and /old/h
+KERNEL_PUNTS = 4  # /dot/x, /dd./x, /dd and /old/h
 
 
 def gen_requests() -> list[dict[str, Any]]:
