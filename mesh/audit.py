@@ -226,14 +226,21 @@ def classify(probe: Probe, delta: Counter[tuple[str, str, str]]) -> tuple[str, s
     return "unseen", "no fast-path counter moved (the kernel did not decide it)", shown
 
 
-def _pools_refilled(admin: str, node_id: str, within_s: float = POOL_WAIT_S) -> None:
+def _pools_refilled(admin: str, node_id: str, dry: set[int],
+                    within_s: float = POOL_WAIT_S) -> None:
     """Wait (bounded) until every pool of the node has a free upstream socket: the
     audit's own burst of new connections (one per route) must not empty a pool
-    (`pool_empty`) that the agent refills between a real client's requests."""
+    (`pool_empty`) that the agent refills between a real client's requests.
+    Pools still empty after the wait go into `dry` and are not waited for again
+    (a destination that is down must not cost every later request the wait)."""
     deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
+    while True:
         node = _node(_fastpath(admin), node_id) or {}
-        if all(p.get("free", 0) > 0 for p in node.get("pools", [])):
+        empty = {p["pool"] for p in node.get("pools", []) if p.get("free", 0) == 0} - dry
+        if not empty:
+            return
+        if time.monotonic() >= deadline:
+            dry |= empty
             return
         time.sleep(0.02)
 
@@ -267,10 +274,11 @@ def send_probes(state: dict[str, Any], sender: dict[str, Any], owner: str, todo:
     if not sendable:
         return rows
     via = "" if sender["name"] == owner else sender["name"]
+    dry: set[int] = set()
     with pod_client(sender) as proc:
         before = _counters(_fastpath(state["admin"]), sender["node_id"])
         for p, (ip, port) in sendable:
-            _pools_refilled(state["admin"], sender["node_id"])
+            _pools_refilled(state["admin"], sender["node_id"], dry)
             got = _send(proc, ip, port, p, timeout)
             after = _counters(_fastpath(state["admin"]), sender["node_id"])
             served, why, shown = classify(p, after - before)
