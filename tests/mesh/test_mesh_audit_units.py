@@ -1,0 +1,58 @@
+"""mesh.audit without a mesh: who served a request from counter changes, refusals, the table."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from fastpath.audit_probe import Probe
+from fastpath.reference import Request
+from mesh.audit import AuditError, Row, check_state, classify, format_rows, summary
+
+PROBE = Probe("l", "vh", "r", "198.19.0.2", 80, Request("GET", "/", "h"))
+INBOUND = Probe("virtualInbound", "in", "", "198.19.0.2", 80, Request("GET", "/", "h"),
+                via="l/vh/r")
+
+
+def test_kernel_outcomes_are_the_kernel() -> None:
+    assert classify(PROBE, Counter({("l/vh/r", "fast", ""): 1}))[:2] == ("kernel", "fast")
+    assert classify(PROBE, Counter({("l/vh/r", "kernel_reply", ""): 1}))[:2] == \
+        ("kernel", "kernel_reply")
+
+
+def test_any_envoy_count_is_envoy_with_its_reasons() -> None:
+    got = classify(PROBE, Counter({("l/vh/r", "cork", ""): 1, ("l/vh/r", "envoy", "pool_empty"): 1}))
+    assert got == ("envoy", "pool_empty", {"l/vh/r cork": 1, "l/vh/r envoy/pool_empty": 1})
+
+
+def test_other_routes_counts_are_other_traffic() -> None:
+    served, why, _ = classify(PROBE, Counter({("l/vh/other", "envoy", "sticky"): 3}))
+    assert served == "unseen" and "no fast-path counter moved" in why
+
+
+def test_inbound_probe_counts_on_the_callers_route_and_merged_ones() -> None:
+    assert classify(INBOUND, Counter({("l/vh/r", "envoy", "punt_route"): 1}))[:2] == \
+        ("envoy", "punt_route")
+    merged = ("virtualInbound@inbound:198.18.0.5:80/in/", "kernel_reply", "")
+    assert classify(INBOUND, Counter({merged: 1}))[0] == "kernel"
+
+
+def test_refusals_name_the_mesh() -> None:
+    with pytest.raises(AuditError, match="mesh 'm' is not running"):
+        check_state(None, "m")
+    with pytest.raises(AuditError, match="mesh 'm' runs with the fast path off"):
+        check_state({"fastpath": "off", "sidecars": "envoy"}, "m")
+
+
+def test_table_ends_with_the_summary_and_reasons() -> None:
+    rows = [Row("a-0", PROBE, "kernel", "fast", 200),
+            Row("a-0", PROBE, "envoy", "no_pool", 200),
+            Row("b-0", Probe("l", "vh", "s", "", 80, None, skip="shadowed by route 'r'"),
+                "skipped", "shadowed by route 'r'")]
+    assert summary(rows) == {"kernel": 1, "audited": 2, "skipped": 1,
+                             "not_kernel": {"envoy: no_pool": 1}}
+    lines = format_rows(rows)
+    assert lines[-3:] == ["KERNEL routes served by the kernel: 1 / 2 (1 more skipped, no request sent)",
+                          "  not by the kernel: 1 x envoy: no_pool",
+                          "  skipped: 1 x shadowed by route 'r'"]
