@@ -118,7 +118,7 @@ def _probe(plan: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route, src_ip
             continue
         d = decide_datapath(plan, lp.name, req)
         p = replace(base, request=req, expect=_expect(d))
-        if d.kind != "envoy":
+        if d.kind != "envoy" and not (d.kind == "forward" and _normalisable(d.path)):
             return p
         first = first or p  # keep looking for a request the kernel can take
     if first is not None:
@@ -251,6 +251,15 @@ def _reach(caller: KernelPlan, route: Route | None, dst: tuple[str, int]) -> tup
             picks.append([(e.address, e.port) for e in c.endpoints] if c is not None else [])
     return (any(dst in eps for eps in picks),
             bool(picks) and all(eps and all(e == dst for e in eps) for eps in picks))
+
+
+def _normalisable(path: str) -> bool:
+    """A forwarded (rewritten) path the destination's sidecar may normalise: the
+    data path hands such a request to Envoy when the destination has an inbound
+    decision (bpf_src/dp_rewrite.h dp_rw_dotseg: `//`, `/./`, `/../`, a
+    trailing `/.` or `/..`), which the reference model does not say."""
+    p = path.split("?", 1)[0]
+    return "//" in p or "/./" in p or "/../" in p or p.endswith(("/.", "/.."))
 
 
 def _skipped(p: Probe, why: str) -> Probe:

@@ -205,3 +205,12 @@ def test_inbound_route_behind_a_prefix_rewrite_gets_the_path_before_the_rewrite(
     assert got["in-admin"].request.path == "/static/admin"  # type: ignore[union-attr]
     assert got["in-v1"].request.path == "/static/v1/"  # type: ignore[union-attr]
     assert got["in-admin"].expect == "forward c, then inbound forward c"
+
+
+def test_a_rewrite_to_a_dot_segment_is_avoided_when_another_path_exists() -> None:
+    # rewrite /dd -> /new/. (the destination's sidecar would normalise it: the data
+    # path hands it to Envoy); /ddl7fp-audit -> /new/.l7fp-audit is the kernel's
+    rw = Route("dd", RouteMatch(PathKind.PREFIX, "/dd"), ClusterAction(
+        (WeightedCluster("c", 1),), prefix_rewrite="/new/."), Verdict.KERNEL)
+    p = probes(_plan(rw))[0]
+    assert p.request is not None and p.request.path == "/dd" + FILLER
