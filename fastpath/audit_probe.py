@@ -160,7 +160,10 @@ def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
             why = why or str(exc)
             continue
         if chosen is not r:
-            why = why or (f"shadowed by route {chosen.name!r}" if chosen is not None
+            won = f"route {chosen.name!r}" if chosen is not None else "no route"
+            why = why or (f"the caller's route {d.route!r} rewrites {req.path} to {fwd.path}, "
+                          f"where {won} matches" if fwd.path != req.path else
+                          f"shadowed by {won}" if chosen is not None
                           else "the reference model matches no route")
             continue
         ovh = select_vhost(out_lp.virtual_hosts, req.host)
