@@ -23,8 +23,9 @@ from typing import Any
 
 from fastpath import envoy_model as em
 from fastpath.plan import ClusterAction, Direction, KernelPlan, ListenerPlan, Verdict
+from xds_server.bootstrap import XDS_CLUSTER
 
-ALS_CLUSTER = "xds-grpc"  # the sidecar bootstrap's xDS cluster (Istio's name; mesh.envoyconf)
+ALS_CLUSTER = XDS_CLUSTER  # the sidecar bootstrap's xDS cluster (Istio's name; mesh.envoyconf)
 ALS_LOG_NAME = "l7fp_outlier"
 ALS_NAME = "l7fp.outlier_als"
 # Envoy sends a batch when it holds buffer_size_bytes or every flush interval:

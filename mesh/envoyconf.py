@@ -18,6 +18,7 @@ from typing import Any
 from mesh import naming
 from mesh.netrules import ServiceAddr
 from mesh.spec import ENVOY_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, MeshSpec
+from xds_server.bootstrap import XDS_CLUSTER
 
 T = "type.googleapis.com/"
 LISTENER = T + "envoy.config.listener.v3.Listener"
@@ -246,15 +247,15 @@ def sidecar_bootstrap(pod: PodInfo, cluster: str, delivery: Delivery,
         assert xds is not None
         boot["dynamic_resources"] = {
             "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
-                           "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]},
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]},
             "lds_config": delivery.source(""), "cds_config": delivery.source("")}
         boot["static_resources"] = {"clusters": [{
-            "name": "xds-grpc", "type": "STATIC", "connect_timeout": "1s",
+            "name": XDS_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
             "typed_extension_protocol_options": {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                     "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                     "explicit_http_config": {"http2_protocol_options": {}}}},
-            "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [
+            "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": {"socket_address": {
                     "address": xds[0], "port_value": xds[1]}}}}]}]}}]}
     else:

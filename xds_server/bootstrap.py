@@ -15,6 +15,11 @@ import yaml
 
 from xds_server.serve import port
 
+# The static cluster Envoy reaches the control plane through: Istio's name, so
+# the residual's outlier access logger (fastpath.residual_outlier) finds it in
+# L7FP's, the mesh's and istio-proxy's bootstraps alike.
+XDS_CLUSTER = "xds-grpc"
+
 HELP = """\
 Print an Envoy bootstrap (YAML, or JSON with --json) with ADS over gRPC to the
 control plane (state of the world, or incremental with --delta), the node id
@@ -59,13 +64,13 @@ def bootstrap_config(node_id: str, xds: str = "127.0.0.1:15010", *, delta: bool 
                 "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "l7fp_xds"}}],
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
             },
             "cds_config": ads_source,
             "lds_config": ads_source,
         },
         "static_resources": {"clusters": [{
-            "name": "l7fp_xds",
+            "name": XDS_CLUSTER,
             "type": "STATIC" if is_ip else "STRICT_DNS",
             "connect_timeout": "1s",
             "typed_extension_protocol_options": {
@@ -75,7 +80,7 @@ def bootstrap_config(node_id: str, xds: str = "127.0.0.1:15010", *, delta: bool 
                         "connection_keepalive": {"interval": "30s", "timeout": "5s"}}},
                 },
             },
-            "load_assignment": {"cluster_name": "l7fp_xds", "endpoints": [{"lb_endpoints": [
+            "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
         }]},
     }
