@@ -106,21 +106,32 @@ def write_mesh(dst: Path, logdir: Path) -> Path:
 
 
 def wait_pools(admin: str, timeout: float = 150.0) -> dict[str, Any]:
-    """Until the client's node has free pooled upstreams to api v1 and v2 (or
-    timeout): they have inbound policy, so they exist only once the agent has
-    merged both pods' inbound listeners into the client's plan. The agent
-    compiles one node after the other (seconds each, 11-17 s per node seen
-    under the load of other jobs), and the client's turn may come last."""
+    """Until the client's node runs its plan with free pooled upstreams to api
+    v1 and v2, and the agent has claimed its limiters (or timeout): the pools
+    have inbound policy, so they exist only once the agent has merged both
+    pods' inbound listeners into the client's plan. The agent compiles one node
+    after the other (seconds each, 11-17 s per node seen under the load of
+    other jobs), and the client's turn may come last."""
     deadline = time.monotonic() + timeout
     dbg: dict[str, Any] = {}
     while time.monotonic() < deadline:
         dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
-        for n in dbg.get("nodes", []):
-            if n["pod"].startswith("client") and \
-                    sum(1 for p in n["pools"] if p["free"] and p["port"] == 9000) >= 2:
-                return dbg
+        if any(n["pod"].startswith("client") and client_ready(n, dbg) for n in dbg.get("nodes", [])):
+            return dbg
         time.sleep(0.5)
     return dbg
+
+
+def client_ready(node: dict[str, Any], dbg: dict[str, Any]) -> bool:
+    """The node's plan is live and claimed. Its pools fill inside the agent's
+    apply, *before* the generation flip (plan_version still None) and the
+    claim right after it (fastpath.agent.Agent._apply): free pools alone
+    returned a view without the claim (22-25 ms apart, measured
+    with two busy loops on the cores)."""
+    owned = dbg.get("limits_owned", {}).get(node["node"])
+    live = str(node["plan_version"])  # the claimed plan, its destinations' inbound merged in
+    return owned is not None and (live == owned or live.startswith(f"{owned}+")) and \
+        sum(1 for p in node["pools"] if p["free"] and p["port"] == 9000) >= 2
 
 
 def fastpath_counts(admin: str) -> Counter[str]:
