@@ -23,7 +23,9 @@ Envoy, which runs both sidecars) when:
 * the inbound listener needs Envoy as a whole (verdict, RBAC Envoy must do);
 * it has a local rate limit on the listener: that bucket is one per
   destination pod for all its clients and Envoy owns it (fastpath.residual);
-  a route's own limit makes that route a punt (its requests go to Envoy);
+  a route's own limit makes that route a punt (its requests go to Envoy),
+  as do a route's own timeout, request mirror or path rewrite (the data path
+  applies those of the outbound route only);
 * it reads or writes a header the outbound side may add (the kernel matches
   the request as the client sent it, the inbound sidecar would see the added
   headers), or a header the client's Envoy adds itself (x-request-id, ...),
@@ -214,6 +216,11 @@ def _renamed(lp: ListenerPlan, dest: KernelPlan, ip: str, port: int
             return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
                                        reason="inbound route timeout (the kernel times "
                                               "the outbound route only)")
+        if _rewrites(r) and r.verdict is Verdict.KERNEL:
+            # the data path rewrites by the outbound route only (dp_rewrite.h)
+            return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
+                                       reason="inbound path rewrite (the kernel rewrites "
+                                              "by the outbound route only)")
         if isinstance(a, ClusterAction) and a.mirrors and r.verdict is Verdict.KERNEL:
             # the agent shadows the outbound route's requests only (agent_mirror.py)
             return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,

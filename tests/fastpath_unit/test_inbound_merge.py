@@ -17,6 +17,7 @@ from fastpath.plan import (
     ListenerPlan,
     LocalRateLimit,
     PathKind,
+    PathRewrite,
     Permission,
     Principal,
     Rbac,
@@ -112,3 +113,22 @@ def test_inbound_reading_the_original_path_is_not_merged_under_a_rewrite() -> No
         dataclasses.replace(c.listeners[0].virtual_hosts[0], routes=(rw,)),)),))
     got = merge(c, lambda ip: dest(rbac=reads, rbacs=(reads,)))
     assert not got.offloadable(DST, 9000) and "x-envoy-original-path" in got.refused[(DST, 9000)]
+
+
+def test_inbound_path_rewrite_becomes_a_punt() -> None:
+    """The data path rewrites by the outbound route only: an inbound route's
+    own prefix_rewrite or regex_rewrite is Envoy's (the app would get the
+    path unrewritten)."""
+    def rewriting(name: str, prefix: str, **kw: object) -> Route:
+        r = _route("inbound|9000||", name)
+        return dataclasses.replace(r, match=RouteMatch(PathKind.PREFIX, prefix),
+                                   action=dataclasses.replace(r.action, **kw))  # type: ignore[arg-type]
+
+    got = merge(client(), lambda ip: dest(
+        rewriting("pre", "/a/", prefix_rewrite="/b/"),
+        rewriting("re", "/c/", path_rewrite=PathRewrite("/d/", 3, "/c/")),
+        _route("inbound|9000||")))
+    lp = next(lp for lp in got.plan.listeners if lp.name == merged_name(DST, 9000))
+    routes = lp.virtual_hosts[0].routes
+    assert [r.verdict for r in routes] == [Verdict.ENVOY, Verdict.ENVOY, Verdict.KERNEL]
+    assert all("inbound path rewrite" in r.reason for r in routes[:2])

@@ -36,7 +36,8 @@ from k3_meshrun import slow_req as req  # noqa: E402
 from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
 from test_rewrite_mesh import APP, DRIVER, read_log, view  # noqa: E402
 
-PATHS = ["/old/x", "/old/y?q=1", "/pot/x", "/plain", "/new/z", "/tea/y"]
+PATHS = ["/old/x", "/old/y?q=1", "/pot/x", "/plain", "/new/z", "/tea/y", "/inrw/x?q",
+         "/old/rw/y"]
 
 
 def run(tmp: Path, mode: str) -> dict[str, Any]:
