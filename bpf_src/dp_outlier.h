@@ -222,6 +222,66 @@ static __always_inline void dp_outlier_status_line(__u32 host1, const __u8 *d)
     dp_outlier_status(host1, (a - '0') * 100 + (b - '0') * 10 + (c - '0'));
 }
 
+/* The agent's changes to host records (fastpath.agent_outlier), applied in
+ * place with the same code and atomics as the response path: the agent never
+ * writes a host record back from a stale copy, so a kernel ejection or count
+ * between its read and its write is never undone. */
+#define DP_OD_OP_STATUS 1  /* a response the kernel did not see (Envoy's, the agent's) */
+#define DP_OD_OP_UNEJECT 2 /* the tick: back in the detector, counters zeroed */
+#define DP_OD_OP_DELIVER 3 /* the LB's view of the host catches up with `ejected` */
+#define DP_OD_OP_CFG 4     /* thresholds a, b and detector id `det` */
+#ifndef DP_OD_BATCH
+#define DP_OD_BATCH 64     /* ops per BPF_PROG_TEST_RUN */
+#endif
+
+struct dp_od_op {
+    __u16 op;
+    __u16 slot;
+    __u16 det;
+    __u16 _pad;
+    __u32 a;   /* STATUS: the status; CFG: consecutive_5xx threshold */
+    __u32 b;   /* CFG: consecutive_gateway_failure threshold */
+};
+
+static __always_inline void dp_od_apply(struct dp_od_op *o)
+{
+    __u32 slot = o->slot;
+    if (o->op == DP_OD_OP_STATUS) {
+        dp_outlier_status(slot + 1, o->a);
+        return;
+    }
+    struct dp_od_host *h = dp_odh.lookup(&slot);
+    if (!h)
+        return;
+    if (o->op == DP_OD_OP_UNEJECT) {
+        h->c5xx = 0; /* Envoy zeroes the counters at unejection */
+        h->cgw = 0;
+        h->ejected = 0;
+    } else if (o->op == DP_OD_OP_DELIVER) {
+        h->lb_out = h->ejected;
+    } else if (o->op == DP_OD_OP_CFG) {
+        h->t5xx = o->a;
+        h->tgw = o->b;
+        h->det = o->det;
+    }
+}
+
+/* Run by the agent only, with BPF_PROG_TEST_RUN (never attached): the data is
+ * an array of struct dp_od_op, applied in order. */
+int dp_od_ops(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    struct dp_od_op *o = data;
+    for (int i = 0; i < DP_OD_BATCH; i++) {
+        if ((void *)(o + 1) > end)
+            break;
+        dp_od_apply(o);
+        o++;
+    }
+    return XDP_DROP;
+}
+
 /* dp_srv_verdict and dp_skb_verdict, after dp_close_response_* copied the
  * head of the write into the per-CPU scratch (rb->up == up): the first write
  * of a response to a request the kernel (or the retry agent) forwarded to a

@@ -16,6 +16,12 @@ the agent has the server republish the node), so the requests the kernel
 hands to Envoy skip the same hosts; the responses Envoy gets come back over
 its access log (`count_envoy`, from fastpath.als on the server's loop) and
 count in the same host records: one detector for both paths.
+
+The agent never writes a host record (dp_odh) itself: every change it makes
+(a status the kernel did not see, an unejection, the LB view's delivery, the
+thresholds) is an op run by dp_od_ops (BPF_PROG_TEST_RUN, `_run_ops`), which
+applies it in place with the response path's own code (dp_outlier_status) and
+atomics, so a kernel ejection or count in between is never undone.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ DP_OD_CLUSTERS = 256  # bpf_src/dp_outlier.h defaults
 DP_OD_EPS = 16
 DP_OD_HOSTS = 1024
 DP_OD_DETS = 256
+DP_OD_BATCH = 64  # ops per BPF_PROG_TEST_RUN (dp_outlier.h)
+OP_STATUS, OP_UNEJECT, OP_DELIVER, OP_CFG = 1, 2, 3, 4  # DP_OD_OP_* (dp_outlier.h)
 LOOK_EVERY_NS = 10_000_000  # kernel ejections noticed, merged updates delivered within 10 ms
 PUBLISH_EVERY_NS = 20_000_000  # LB view changes to Envoy's EDS: at most one push per 20 ms
 
@@ -65,6 +73,13 @@ class OdHost(ct.Structure):
                 ("tgw", ct.c_uint32), ("ejected", ct.c_uint32), ("det", ct.c_uint32),
                 ("ej_ns", ct.c_uint64), ("ejections", ct.c_uint32), ("overflow", ct.c_uint32),
                 ("kind", ct.c_uint32), ("lb_out", ct.c_uint32)]
+
+
+class OdOp(ct.Structure):
+    """struct dp_od_op (dp_outlier.h): one change of a host record."""
+
+    _fields_ = [("op", ct.c_uint16), ("slot", ct.c_uint16), ("det", ct.c_uint16),
+                ("_pad", ct.c_uint16), ("a", ct.c_uint32), ("b", ct.c_uint32)]
 
 
 def needs_outlier(plan: KernelPlan) -> bool:
@@ -113,6 +128,7 @@ class OutlierKeeper:
         self.publishes = 0
         self.envoy_counted = 0  # responses of Envoy's path counted (count_envoy)
         self.eds_lag_ms: list[float] = []  # last 16: kernel ejection -> LB view pushed (node)
+        self._ops_fd: int | None = None  # dp_od_ops, loaded at the first op
 
     # ---- plan (plans thread, node busy) ----------------------------------
     def program(self, plan: KernelPlan, sp: Any, gen: int, order: Any,
@@ -167,11 +183,20 @@ class OutlierKeeper:
         return d
 
     def _write_host_cfg(self, d: _Det, slot: int, cfg: OutlierConfig) -> None:
-        t = self.dp.bpf["dp_odh"]
-        k = ct.c_uint32(slot)
-        h = t[k]
-        h.t5xx, h.tgw, h.det = cfg.threshold_5xx, cfg.threshold_gateway, d.det_id
-        t[k] = h
+        self._run_ops([OdOp(OP_CFG, slot, d.det_id, 0, cfg.threshold_5xx, cfg.threshold_gateway)])
+
+    def _run_ops(self, ops: list[OdOp]) -> None:
+        """Apply `ops` to dp_odh in the kernel (dp_od_ops), DP_OD_BATCH per run."""
+        if not ops:
+            return
+        fd = self._ops_fd
+        if fd is None:
+            from bcc import BPF
+
+            fd = self._ops_fd = self.dp.bpf.load_func("dp_od_ops", BPF.XDP).fd
+        for i in range(0, len(ops), DP_OD_BATCH):
+            chunk = ops[i:i + DP_OD_BATCH]
+            bpfsys.prog_test_run(fd, (OdOp * len(chunk))(*chunk))
 
     def _write_det(self, d: _Det, lb: str = "") -> None:
         """dp_odd[d] from the kernel's host flags (the agent's recount heals a
@@ -189,15 +214,13 @@ class OutlierKeeper:
             if how == "schedule":
                 rec.pending, rec.due_ns = 1, now + window
             lb = "deliver" if how == "now" else ""
+        if lb == "deliver":
+            self._run_ops([OdOp(OP_DELIVER, slot) for _k, slot in d.live_slots()])
         ejected = 0
         lb_out = 0
         odh = self.dp.bpf["dp_odh"]
         for _key, slot in d.live_slots():
-            hk = ct.c_uint32(slot)
-            h = odh[hk]
-            if lb == "deliver" and h.lb_out != h.ejected:
-                h.lb_out = h.ejected
-                odh[hk] = h
+            h = odh[ct.c_uint32(slot)]
             ejected += int(h.ejected)
             lb_out += int(h.lb_out)
         if lb == "deliver":
@@ -252,60 +275,22 @@ class OutlierKeeper:
         if not host1:
             return
         with self._lock:
-            self._count(host1 - 1, status)
+            self._run_ops([OdOp(OP_STATUS, host1 - 1, 0, 0, status)])
 
     def count_envoy(self, obs: list[tuple[str, str, int]]) -> None:
         """Responses the node's Envoy got, (cluster, "ip:port", status) each
         (fastpath.als; the server's loop): counted for the host as the kernel
         counts a response (dp_outlier_status), so one detector sees both paths.
         Clusters or hosts the kernel does not run are ignored."""
+        ops = []
+        for cluster, host, status in obs:
+            d = self.dets.get(cluster)
+            slot = d.slots.get(host) if d is not None and host in d.detector.hosts else None
+            if slot is not None:
+                ops.append(OdOp(OP_STATUS, slot, 0, 0, status))
         with self._lock:
-            for cluster, host, status in obs:
-                d = self.dets.get(cluster)
-                slot = d.slots.get(host) if d is not None and host in d.detector.hosts else None
-                if slot is not None:
-                    self.envoy_counted += 1
-                    self._count(slot, status)
-
-    def _count(self, slot: int, status: int) -> None:
-        d = self.slot_det.get(slot)
-        odh = self.dp.bpf["dp_odh"]
-        k = ct.c_uint32(slot)
-        h = odh[k]
-        if d is None or h.ejected:
-            return
-        if not 500 <= status <= 599:  # any other status zeroes both counters
-            if h.c5xx or h.cgw:
-                h.c5xx = h.cgw = 0
-                odh[k] = h
-            return
-        eject = 0
-        if 502 <= status <= 504:
-            h.cgw += 1
-            if h.tgw and h.cgw >= h.tgw:
-                h.cgw, eject = 0, 2
-        else:
-            h.cgw = 0
-        h.c5xx += 1
-        if h.t5xx and h.c5xx >= h.t5xx:
-            h.c5xx, eject = 0, eject or 1
-        if eject:
-            self._eject(d, k, h, eject)
-        else:
-            odh[k] = h
-
-    def _eject(self, d: _Det, k: Any, h: Any, kind: int) -> None:
-        """dp_od_eject's rule, from the agent (room, then the merge window), for
-        host record `h` (slot `k`, counters already updated by _count)."""
-        rec = self.dp.bpf["dp_odd"][ct.c_uint32(d.det_id)]
-        odh = self.dp.bpf["dp_odh"]
-        if not rec.room:
-            h.overflow += 1
-            odh[k] = h
-            return
-        h.ejected, h.kind, h.ej_ns, h.ejections = 1, kind, time.monotonic_ns(), h.ejections + 1
-        odh[k] = h
-        self._write_det(d, lb="change")
+            self._run_ops(ops)
+            self.envoy_counted += len(ops)
 
     # ---- upkeep (agent event thread) -------------------------------------
     def service(self, now_ns: int | None = None) -> None:
@@ -362,14 +347,8 @@ class OutlierKeeper:
         back = d.detector.tick(now)
         if not back:
             return
-        odh = self.dp.bpf["dp_odh"]
-        for key in back:
-            k = ct.c_uint32(d.slots[key])
-            h = odh[k]
-            h.c5xx = h.cgw = 0  # Envoy zeroes the counters at unejection
-            h.ejected = 0
-            odh[k] = h
-            d.unejections += 1
+        self._run_ops([OdOp(OP_UNEJECT, d.slots[key]) for key in back])
+        d.unejections += len(back)
         self._write_det(d, lb="change")
 
     # ---- views --------------------------------------------------------------

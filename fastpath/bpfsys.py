@@ -172,3 +172,25 @@ def prog_id(prog_fd: int) -> int:
     _check(lib().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)),
            "program info")
     return int(info.id)
+
+
+class _TestRunOpts(ct.Structure):
+    """struct bpf_test_run_opts (libbpf 1.x)."""
+
+    _fields_ = [("sz", ct.c_size_t), ("data_in", ct.c_void_p), ("data_out", ct.c_void_p),
+                ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
+                ("ctx_in", ct.c_void_p), ("ctx_out", ct.c_void_p),
+                ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
+                ("retval", ct.c_uint32), ("repeat", ct.c_int), ("duration", ct.c_uint32),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32)]
+
+
+def prog_test_run(prog_fd: int, data: Any) -> int:
+    """Run a loaded program once over `data` (a ctypes object) with
+    BPF_PROG_TEST_RUN; its return value (fastpath.agent_outlier's op program)."""
+    opts = _TestRunOpts(sz=ct.sizeof(_TestRunOpts), data_in=ct.addressof(data),
+                        data_size_in=ct.sizeof(data))
+    fn = lib().bpf_prog_test_run_opts
+    fn.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]
+    _check(fn(prog_fd, ct.byref(opts)), f"test run of prog fd {prog_fd}")
+    return int(opts.retval)

@@ -1,63 +1,75 @@
-"""The agent half of outlier detection (fastpath/agent_outlier.py) over fake
-maps: the answers the agent makes itself (a close's 503, a timeout's 504)
-counted and ejecting as the kernel would, the merge window of the LB's view,
-unejection at the tick, and the retry agent's view. The kernel half is
-tested against the real Envoy in tests/kernel_differential/test_outlier_mesh.py."""
+"""The agent half of outlier detection (fastpath/agent_outlier.py) over the
+real kernel maps of a datapath module compiled with -DDP_OUTLIER=1 (nothing
+attached: the agent's changes run as dp_od_ops with BPF_PROG_TEST_RUN): the
+answers the agent makes itself (a close's 503, a timeout's 504) counted and
+ejecting by the kernel's own rule, the merge window of the LB's view,
+unejection at the tick, the retry agent's view, and a kernel ejection that the
+agent's ops never undo. The response path is tested against the real Envoy in
+tests/kernel_differential/test_outlier_mesh.py."""
 
 from __future__ import annotations
 
 import ctypes as ct
+import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
-from fastpath import agent_outlier
-from fastpath.agent_outlier import OdCluster, OdDet, OdHost, OutlierKeeper
+import pytest
+
+from fastpath import agent_outlier, loader
+from fastpath.agent_outlier import OutlierKeeper
 from fastpath.agent_reset import PeerVal
 from fastpath.outlier import OutlierConfig
 from fastpath.plan import Cluster, Endpoint, KernelPlan, LbPolicy
+from tests.support.env import require_kernel
 
+pytestmark = pytest.mark.kernel
 MS = 1_000_000
 
 
-class FakeMap:
-    """A BCC table stand-in: values by key value, zero structs for arrays."""
-
-    def __init__(self, leaf: Any, array: bool = True) -> None:
-        self.leaf, self.array, self.d = leaf, array, {}
-        self.Key = ct.c_uint64
-
-    def __getitem__(self, k: Any) -> Any:
-        v = self.d.get(k.value)
-        if v is None:
-            if not self.array:
-                raise KeyError(k.value)
-            v = self.leaf()
-        out = self.leaf()
-        ct.memmove(ct.addressof(out), ct.addressof(v), ct.sizeof(v))
-        return out
-
-    def __setitem__(self, k: Any, v: Any) -> None:
-        self.d[k.value] = v
+@pytest.fixture(scope="module")
+def module(kernel_once: None) -> Any:
+    """One compiled datapath module for the file (its maps zeroed per test)."""
+    return loader.compile_module(loader.module_text(), ("-DDP_OUTLIER=1",), instance="odfix-unit")
 
 
-def keeper(cfg: OutlierConfig) -> tuple[OutlierKeeper, Any]:
-    bpf = {"dp_odc": FakeMap(OdCluster), "dp_odd": FakeMap(OdDet), "dp_odh": FakeMap(OdHost),
-           "dp_peer": FakeMap(PeerVal, array=False)}
+@pytest.fixture
+def bpf(module: Any) -> Iterator[Any]:
+    for name in ("dp_odc", "dp_odd", "dp_odh", "dp_peer"):
+        module[name].clear()
+    yield module
+
+
+@pytest.fixture(scope="module")
+def kernel_once() -> None:
+    require_kernel()
+
+
+def keeper(bpf: Any, cfg: OutlierConfig) -> OutlierKeeper:
     k = OutlierKeeper(SimpleNamespace(bpf=bpf))
     c = Cluster("c", LbPolicy.ROUND_ROBIN, (Endpoint("198.18.0.2", 80), Endpoint("198.18.0.3", 80)),
                 outlier=cfg)
     sp = SimpleNamespace(cluster_ids={"c": 0}, no_healthy={})
     k.program(KernelPlan("n", "1", (), (c,)), sp, 0, lambda cl: list(cl.endpoints),
               {(0, 0): 7, (0, 1): 8})
-    return k, bpf
+    return k
+
+
+def clock(monkeypatch: Any) -> list[int]:
+    """The agent's clock, from the kernel's (bpf_ktime_get_ns: CLOCK_MONOTONIC) on."""
+    now = [time.monotonic_ns()]
+    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: now[0])
+    return now
 
 
 def bind(bpf: Any, up: int, slot: int) -> None:
-    bpf["dp_peer"][ct.c_uint64(up)] = PeerVal(1, 1, 0, slot + 1)
+    t = bpf["dp_peer"]
+    t[t.Key(up)] = PeerVal(1, 1, 0, slot + 1)
 
 
-def test_program_writes_the_cluster_and_detector() -> None:
-    k, bpf = keeper(OutlierConfig(threshold_5xx=3, max_percent=50, panic_percent=0.0))
+def test_program_writes_the_cluster_and_detector(bpf: Any) -> None:
+    keeper(bpf, OutlierConfig(threshold_5xx=3, max_percent=50, panic_percent=0.0))
     rec = bpf["dp_odc"][ct.c_uint32(0)]
     assert (rec.det, rec.n, rec.rr, rec.host[0], rec.host[1]) == (1, 2, 1, 0, 1)
     det = bpf["dp_odd"][ct.c_uint32(0)]
@@ -65,10 +77,9 @@ def test_program_writes_the_cluster_and_detector() -> None:
     assert bpf["dp_odh"][ct.c_uint32(1)].t5xx == 3
 
 
-def test_agent_answers_count_and_eject_then_tick_brings_back(monkeypatch: Any) -> None:
-    now = [10_000 * MS]
-    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: now[0])
-    k, bpf = keeper(OutlierConfig(threshold_5xx=3, threshold_gateway=0, interval_ms=500,
+def test_agent_answers_count_and_eject_then_tick_brings_back(monkeypatch: Any, bpf: Any) -> None:
+    now = clock(monkeypatch)
+    k = keeper(bpf, OutlierConfig(threshold_5xx=3, threshold_gateway=0, interval_ms=500,
                                   base_ms=1000, max_percent=50))
     bind(bpf, 42, 1)
     k.count_error(42, 503)  # a close before the response: the destination sidecar's 503
@@ -94,10 +105,9 @@ def test_agent_answers_count_and_eject_then_tick_brings_back(monkeypatch: Any) -
     assert not h.ejected and not h.lb_out and k.debug()["c"]["unejections"] == 1
 
 
-def test_unejection_within_the_merge_window_is_delivered_later(monkeypatch: Any) -> None:
-    now = [10_000 * MS]
-    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: now[0])
-    k, bpf = keeper(OutlierConfig(threshold_5xx=1, interval_ms=100, base_ms=100,
+def test_unejection_within_the_merge_window_is_delivered_later(monkeypatch: Any, bpf: Any) -> None:
+    now = clock(monkeypatch)
+    k = keeper(bpf, OutlierConfig(threshold_5xx=1, interval_ms=100, base_ms=100,
                                   max_percent=100, merge_window_ms=1000))
     bind(bpf, 42, 0)
     k.count_error(42, 500)  # ejected and delivered now (last delivery: never)
@@ -115,9 +125,9 @@ def test_unejection_within_the_merge_window_is_delivered_later(monkeypatch: Any)
     assert not bpf["dp_odd"][ct.c_uint32(0)].pending
 
 
-def test_panic_keeps_every_pool_for_the_retry_agent(monkeypatch: Any) -> None:
-    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: 10_000 * MS)
-    k, bpf = keeper(OutlierConfig(threshold_5xx=1, max_percent=100, panic_percent=50.0,
+def test_panic_keeps_every_pool_for_the_retry_agent(monkeypatch: Any, bpf: Any) -> None:
+    clock(monkeypatch)
+    k = keeper(bpf, OutlierConfig(threshold_5xx=1, max_percent=100, panic_percent=50.0,
                                   merge_window_ms=0))
     bind(bpf, 42, 0)
     k.count_error(42, 502)
@@ -127,12 +137,11 @@ def test_panic_keeps_every_pool_for_the_retry_agent(monkeypatch: Any) -> None:
     assert k.healthy_pools(0, 0, [7, 8]) == [7, 8]  # none healthy: panic, every host
 
 
-def test_lb_view_published_on_change_only(monkeypatch: Any) -> None:
+def test_lb_view_published_on_change_only(monkeypatch: Any, bpf: Any) -> None:
     """The kernel's LB view (hosts with lb_out) goes to Envoy's EDS: one
     on_lb_change per change, none while unchanged, at most one per 20 ms."""
-    now = [10_000 * MS]
-    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: now[0])
-    k, bpf = keeper(OutlierConfig(threshold_5xx=1, interval_ms=100, base_ms=100,
+    now = clock(monkeypatch)
+    k = keeper(bpf, OutlierConfig(threshold_5xx=1, interval_ms=100, base_ms=100,
                                   max_percent=100, merge_window_ms=0))
     pushes: list[dict[str, frozenset[str]]] = []
     k.on_lb_change = lambda: pushes.append(k.lb_view)
@@ -155,11 +164,11 @@ def test_lb_view_published_on_change_only(monkeypatch: Any) -> None:
     assert pushes[-1] == {"c": frozenset()} and k.debug()["c"]["eds_unhealthy"] == []
 
 
-def test_envoy_responses_count_with_the_kernels(monkeypatch: Any) -> None:
+def test_envoy_responses_count_with_the_kernels(monkeypatch: Any, bpf: Any) -> None:
     """Responses Envoy got (ALS) go into the same host counters: a success
     zeroes them, 3 errors in a row eject; other clusters and hosts are ignored."""
-    monkeypatch.setattr(agent_outlier.time, "monotonic_ns", lambda: 10_000 * MS)
-    k, bpf = keeper(OutlierConfig(threshold_5xx=3, max_percent=50))
+    clock(monkeypatch)
+    k = keeper(bpf, OutlierConfig(threshold_5xx=3, max_percent=50))
     bad = "198.18.0.3:80"
     k.count_envoy([("c", bad, 500), ("c", bad, 503), ("c", bad, 200), ("other", bad, 500),
                    ("c", "198.18.0.9:80", 500)])
