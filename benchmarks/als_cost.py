@@ -57,16 +57,16 @@ def als_config(buffer_bytes: int | None = None, flush: str | None = None) -> dic
 def sidecar_bootstrap(als_port: int, app_port: int, lport: int, admin: int,
                       als: bool = True, **batching: Any) -> dict[str, Any]:
     """One Envoy: listener `lport` -> cluster `c` (127.0.0.1:app_port); `/none`
-    -> cluster `empty` (no host: Envoy's own 503); with `als` the HCM logs
-    every response to the ALS at 127.0.0.1:als_port (cluster ALS_CLUSTER)."""
+    -> cluster `empty` (no host: Envoy's own 503); with `als` the router logs
+    every upstream attempt to the ALS at 127.0.0.1:als_port (cluster ALS_CLUSTER)."""
     routes = [{"match": {"prefix": "/none"}, "route": {"cluster": "empty"}},
               {"match": {"prefix": "/"}, "route": {"cluster": "c"}}]
     hcm: dict[str, Any] = {
         "@type": HCM, "stat_prefix": "l",
         "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": routes}]},
         "http_filters": [{"name": "router", "typed_config": {"@type": ROUTER}}]}
-    if als:
-        hcm["access_log"] = [als_config(**batching)]
+    if als:  # on the router, as the residual has it (upstream_log: one entry per attempt)
+        hcm["http_filters"][0]["typed_config"]["upstream_log"] = [als_config(**batching)]
     empty = {"name": "empty", "type": "STATIC", "connect_timeout": "1s",
              "load_assignment": {"cluster_name": "empty", "endpoints": []}}
     return {

@@ -8,9 +8,13 @@ in the node's residual, for every KERNEL cluster with outlier detection:
 * the Cluster loses `outlier_detection`: Envoy's own detector would count
   the same host a second time (over the requests the kernel hands it) and
   eject on its own count;
-* every outbound HCM with a route to such a cluster gets a gRPC access log (`envoy.access_loggers.http_grpc`,
-  to the control plane through the bootstrap's xDS cluster, ALS_CLUSTER), so
-  the responses Envoy gets from those hosts reach the kernel's detector
+* every outbound HCM with a route to such a cluster gets a gRPC access log
+  (`envoy.access_loggers.http_grpc`, to the control plane through the
+  bootstrap's xDS cluster, ALS_CLUSTER) on its router filter's `upstream_log`:
+  one entry per upstream attempt, with that attempt's host and the status the
+  upstream answered, as Envoy's detector counts them (a 503 retried on
+  another host is counted for the host that answered it; `local_reply_config`
+  never changes what is counted); they reach the kernel's detector
   (`fastpath.als` -> `OutlierKeeper.count_envoy`), counted by the same rule;
 * the hosts out of the kernel's LB view come to Envoy as EDS UNHEALTHY
   (xds_server.eds_health, at publish time), so Envoy skips them too.
@@ -34,6 +38,8 @@ ALS_NAME = "l7fp.outlier_als"
 # 2-3x the latency through Envoy here (benchmarks.als_cost, docs/fastpath.md).
 ALS_BUFFER_BYTES = 16384
 ALS_FLUSH = "0.01s"
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+ROUTER_NAME = "envoy.filters.http.router"
 _ALS_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 
 
@@ -43,7 +49,8 @@ def owned_clusters(plan: KernelPlan) -> set[str]:
 
 
 def als_logger() -> dict[str, Any]:
-    """The HCM access_log entry (proto JSON) that sends Envoy's responses to the agent."""
+    """The router's upstream_log entry (proto JSON) that sends the upstream
+    responses Envoy gets to the agent."""
     return {"name": ALS_NAME, "typedConfig": {
         "@type": _ALS_TYPE,
         "commonConfig": {"logName": ALS_LOG_NAME, "transportApiVersion": "V3",
@@ -86,11 +93,19 @@ def _with_als(msg: Any) -> Any:
             hcm = f.get("typedConfig", {})
             if em.type_name(hcm.get("@type", "")) != em.HCM:
                 continue
-            logs = hcm.setdefault("accessLog", [])
-            if not any(x.get("name") == ALS_NAME for x in logs):
-                logs.append(als_logger())
-                changed = True
+            for router in filter(_is_router, hcm.get("httpFilters", [])):
+                logs = router.setdefault("typedConfig", {"@type": ROUTER_TYPE}) \
+                    .setdefault("upstreamLog", [])
+                if not any(x.get("name") == ALS_NAME for x in logs):
+                    logs.append(als_logger())
+                    changed = True
     return em.from_json(em.LISTENER, lis) if changed else msg
+
+
+def _is_router(f: dict[str, Any]) -> bool:
+    """An HCM http filter that is the router (by its config type, else its name)."""
+    t = f.get("typedConfig", {}).get("@type")
+    return t == ROUTER_TYPE if t else f.get("name") == ROUTER_NAME
 
 
 def _chains(lis: dict[str, Any]) -> Sequence[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The residual of a node whose kernel owns a cluster's outlier detection
 (fastpath.residual_outlier, NAME=odown): Envoy's detector removed from that
-cluster only, the ALS access log on the outbound HCM, nothing changed when
+cluster only, the ALS upstream log on the outbound HCM's router, nothing changed when
 Envoy owns the node (envoy_residual). The real Envoy's side:
 tests/xds/test_als.py and tests/kernel_differential/test_outlier_mesh.py."""
 
@@ -58,15 +58,22 @@ def test_kernel_owner_drops_envoys_detector_and_logs_to_the_agent() -> None:
     kept = {em.to_json(m)["name"]: em.to_json(m) for m in r.envoy_residual[res.CLUSTER]}
     assert "outlierDetection" not in owned["od"] and "outlierDetection" in kept["od"]
     lis, other = [em.to_json(m) for m in r.residual[res.LISTENER]]
-    assert "accessLog" not in other["filterChains"][0]["filters"][0]["typedConfig"]  # no od route
-    hcm = lis["filterChains"][0]["filters"][0]["typedConfig"]
-    (log,) = hcm["accessLog"]
+    assert not _logs(other)  # no od route: no logger
+    (log,) = _logs(lis)  # on the router: one entry per upstream attempt
+    assert "accessLog" not in lis["filterChains"][0]["filters"][0]["typedConfig"]
     common = log["typedConfig"]["commonConfig"]
     assert common["grpcService"]["envoyGrpc"]["clusterName"] == ro.ALS_CLUSTER
     assert em.duration_ms(common["bufferFlushInterval"]) == 10  # batches: at most 10 ms late
     lis0, _ = [em.to_json(m) for m in r.envoy_residual[res.LISTENER]]
-    assert "accessLog" not in lis0["filterChains"][0]["filters"][0]["typedConfig"]
+    assert not _logs(lis0)
     again = {t: list(v) for t, v in r.residual.items()}
     ro.apply(again, r.plan)  # idempotent: one logger
     lis2, _ = [em.to_json(m) for m in again[res.LISTENER]]
-    assert len(lis2["filterChains"][0]["filters"][0]["typedConfig"]["accessLog"]) == 1
+    assert len(_logs(lis2)) == 1
+
+
+def _logs(lis: dict[str, Any]) -> list[Any]:
+    """The router's upstream_log entries of listener JSON `lis`."""
+    hcm = lis["filterChains"][0]["filters"][0]["typedConfig"]
+    (router,) = hcm["httpFilters"]
+    return list(router["typedConfig"].get("upstreamLog", []))

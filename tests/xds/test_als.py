@@ -78,6 +78,71 @@ async def _true(v: bool) -> bool:
     return v
 
 
+async def _site(status: int) -> tuple[web.AppRunner, int]:
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(status=status, text="x")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+ISTIO_RETRY = {  # istiod's default route retry policy (2 retries, 503 on another host)
+    "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+    "retriable_status_codes": [503], "num_retries": 2,
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 5}
+
+
+@pytest.mark.envoy
+async def test_retried_503_is_counted_for_its_host(envoy_bin):
+    """Envoy's detector counts every upstream attempt; so does the router's
+    upstream_log: a 503 that Istio's retry policy retries on the other host
+    (the client gets that host's 200) is observed for the host that answered
+    503, once per attempt (Envoy's own upstream_rq_retry count)."""
+    got: list[tuple[str, str, int]] = []
+    svc = AccessLogService(lambda node, obs: got.extend(obs))
+    server = Server([svc])
+    als_port, lport, admin = free_port(), free_port(), free_port()
+    await server.start("127.0.0.1", als_port)
+    (bad_run, bad), (good_run, good) = await _site(503), await _site(200)
+    boot = sidecar_bootstrap(als_port, bad, lport, admin)
+    c = next(x for x in boot["static_resources"]["clusters"] if x["name"] == "c")
+    c["load_assignment"]["endpoints"][0]["lb_endpoints"].append(
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": good}}}})
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]["retry_policy"] = ISTIO_RETRY
+    envoy = Envoy(boot, admin, binary=envoy_bin).start()
+    try:
+        async def up() -> bool:
+            return (await http_get(lport, "/warm"))[0] == 200
+
+        await wait_for(up, 20)
+        n = 12
+        statuses = [(await http_get(lport, f"/r{i}"))[0] for i in range(n)]
+        assert statuses == [200] * n  # every 503 retried on the good host
+        stats = await http_get(admin, "/stats?filter=^cluster\\.c\\.upstream_rq_retry$")
+        retries = int(stats[1].split(":")[1])
+        assert retries >= 2, stats
+        want = retries + n + 1  # each retry's 503 and every 200 (the warm-up's too)
+        await wait_for(lambda: _true(len(got) >= want), 10)
+        bad_obs = [st for cl, h, st in got if h == f"127.0.0.1:{bad}"]
+        assert bad_obs == [503] * retries, got
+        assert {st for _, h, st in got if h == f"127.0.0.1:{good}"} == {200}
+        assert {cl for cl, _, _ in got} == {"c"}
+    finally:
+        envoy.stop()
+        await bad_run.cleanup()
+        await good_run.cleanup()
+        server.close()
+        await server.wait_closed()
+
+
 def test_wire_reader_matches_betterproto() -> None:
     """fastpath.als reads the four fields it needs from the wire bytes as
     betterproto2 would; an entry without an upstream host or status is skipped."""
