@@ -91,6 +91,10 @@ class Closer:
         # (client, count on success) for the worker; None stops it
         self._eofs: queue.Queue[tuple[int, str] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        # Set by close(): no EOF is queued or sent after it (the datapath's map
+        # fds close right after; their numbers may then be a new datapath's).
+        self._closed = False
+        self._lock = threading.Lock()  # _queue_eof against close(): one worker, never restarted
 
     def after_reply(self, client: int) -> None:
         """DP_EV_CLOSE_REPLY (event thread): the kernel answered a `Connection:
@@ -126,11 +130,16 @@ class Closer:
         return False
 
     def _queue_eof(self, client: int, count: str) -> None:
-        """Event thread: the EOF goes to the worker (started at the first one)."""
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._run, name="l7fp-close-eof", daemon=True)
-            self._worker.start()
-        self._eofs.put((client, count))
+        """Event thread: the EOF goes to the worker (started at the first one);
+        nothing once closed."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="l7fp-close-eof",
+                                                daemon=True)
+                self._worker.start()
+            self._eofs.put((client, count))
 
     def _run(self) -> None:
         """The worker: send_eof for each queued client, in order."""
@@ -151,12 +160,32 @@ class Closer:
         self._eofs.join()
 
     def close(self) -> None:
-        """Stop the worker after the EOFs already queued (the owner calls it
-        before the datapath's maps close)."""
-        if self._worker is not None:
-            self._eofs.put(None)
-            self._worker.join(5)
-            self._worker = None
+        """Stop the worker (the owner calls it before the datapath's maps
+        close). The EOFs still queued are dropped unsent: their clients are
+        being detached with the datapath, and sending them (up to EOF_WAIT_S
+        each) would outlast the maps. Waits for the one in progress, without a
+        timeout: after close() returns, no map fd of this datapath is used."""
+        with self._lock:
+            self._closed = True
+            worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        dropped = self._drop_queued()
+        if dropped:
+            log.debug("close: %d queued EOFs dropped at close", dropped)
+        self._eofs.put(None)
+        worker.join()
+
+    def _drop_queued(self) -> int:
+        """Empty the queue (close()); each item counts as done for drain()."""
+        n = 0
+        while True:
+            try:
+                self._eofs.get_nowait()
+            except queue.Empty:
+                return n
+            self._eofs.task_done()
+            n += 1
 
     def send_eof(self, client: int) -> bool:
         """An EOF into `client`'s receive queue (after what is there), through a

@@ -90,7 +90,7 @@ def test_eofs_after_kernel_replies_wait_for_the_reply(monkeypatch: Any) -> None:
 def test_eofs_leave_the_event_thread_in_order(monkeypatch: Any) -> None:
     """send_eof (milliseconds: a carrier and its FIN's passage) runs on the
     Closer's worker: service() returns at once, the EOFs go out in the order
-    they were due, close() stops the worker after them."""
+    they were due."""
     import threading
 
     import fastpath.agent_close as ac
@@ -111,9 +111,46 @@ def test_eofs_leave_the_event_thread_in_order(monkeypatch: Any) -> None:
     closer.service()  # returns while the worker waits in slow_eof
     assert sent == []
     go.set()
+    closer.drain()
     closer.close()
     assert sent == [1, 2, 3]
     assert closer.counts == {"close_eof": 0, "close_failed": 1, "close_after_reply": 2}
+
+
+def test_close_drops_queued_eofs_and_stays_closed(monkeypatch: Any) -> None:
+    """close() (before the datapath's maps close) waits for the EOF in
+    progress, drops the queued ones unsent and ends the worker for good: no
+    send_eof runs after it returns (it would write into closed, possibly
+    reused, map fds), and an EOF asked for later starts no worker."""
+    import threading
+
+    import fastpath.agent_close as ac
+
+    started, sent = threading.Event(), []
+    in_send = [0]
+
+    def slow_eof(client: int) -> bool:
+        in_send[0] += 1
+        started.set()
+        time.sleep(0.2)  # a FIN that does not pass: EOF_WAIT_S
+        sent.append(client)
+        in_send[0] -= 1
+        return True
+
+    closer = ac.Closer(dp=None)
+    monkeypatch.setattr(closer, "send_eof", slow_eof)
+    for client in range(10):
+        closer._queue_eof(client, "close_eof")
+    assert started.wait(5)
+    closer.close()
+    assert in_send == [0] and sent == [0]  # the one in progress ended, the rest dropped
+    closer._queue_eof(11, "close_eof")
+    closer.after_reply(12)
+    time.sleep(ac.AFTER_REPLY_S)
+    closer.service()
+    time.sleep(0.3)
+    assert sent == [0] and closer._worker is None
+    closer.drain()  # nothing left unfinished
 
 
 def test_handoffs_are_bounded(monkeypatch: Any) -> None:
