@@ -38,6 +38,10 @@ REPO = Path(__file__).resolve().parent.parent
 KERNEL_OUTCOMES = ("fast", "kernel_reply", "retry")
 POOLS_EMPTY = "pools not filled yet"  # after --wait: audited anyway (`pool_empty` shows it)
 POOL_WAIT_S = 2.0  # at most this long before each request for the node's pools to refill
+# --wait stops early when only pools are empty and stayed so this long (a
+# destination that is down); longer than POOL_WAIT_S: the machine is often loaded
+POOL_HOLD_S = 5.0
+STALE = "datapath runs plan"  # _not_loaded's reason when the versions differ
 
 
 class AuditError(RuntimeError):
@@ -128,17 +132,53 @@ def load_plans(state: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, K
 
 
 def wait_loaded(admin: str, pods: list[dict[str, Any]], plans: dict[str, KernelPlan],
-                wait_s: float) -> dict[str, str]:
-    """Wait until each pod's datapath runs its plan with filled pools; pod -> why not (left)."""
+                wait_s: float, hold_s: float = POOL_HOLD_S) -> dict[str, str]:
+    """Wait until each pod's datapath runs its plan with filled pools; pod -> why not (left).
+
+    The plan of a pod whose datapath runs another version is read again in
+    every turn (`plans` updated in place): right after `mesh up` the control
+    plane may push a newer plan than the one read first, and the audit must
+    use the plan the datapath runs. Stops early when only pools are still
+    empty and have stayed empty `hold_s` (a destination that is down)."""
     deadline = time.monotonic() + wait_s
+    empty_since: dict[str, float] = {}
     while True:
-        dbg = _fastpath(admin)
-        missing = {p["name"]: _not_loaded(dbg, p["node_id"], plans[p["name"]])
-                   for p in pods if p["name"] in plans}
-        missing = {k: v for k, v in missing.items() if v}
-        if not missing or time.monotonic() >= deadline:
+        missing = _missing(admin, pods, plans)
+        now = time.monotonic()
+        if not missing or now >= deadline or pools_settled(missing, empty_since, now, hold_s):
             return missing
         time.sleep(0.5)
+
+
+def _missing(admin: str, pods: list[dict[str, Any]], plans: dict[str, KernelPlan]) -> dict[str, str]:
+    """pod -> why its datapath does not run its plan with filled pools yet; a pod
+    whose datapath runs another version gets its plan read again first."""
+    dbg = _fastpath(admin)
+    missing = {}
+    for p in pods:
+        if p["name"] not in plans:
+            continue
+        why = _not_loaded(dbg, p["node_id"], plans[p["name"]])
+        if why.startswith(STALE):
+            plans.update(load_plans({"admin": admin}, [p]))
+            why = _not_loaded(dbg, p["node_id"], plans[p["name"]])
+        if why:
+            missing[p["name"]] = why
+    return missing
+
+
+def pools_settled(missing: dict[str, str], empty_since: dict[str, float], now: float,
+                  hold_s: float = POOL_HOLD_S) -> bool:
+    """True when every pod still missing only has empty pools, each pod's for at
+    least `hold_s` (the agent refills a pool within about a second when its
+    destination answers). `empty_since` (pod -> since when) is kept by the caller."""
+    for name in [n for n in empty_since if missing.get(n) != POOLS_EMPTY]:
+        del empty_since[name]
+    for name, why in missing.items():
+        if why == POOLS_EMPTY:
+            empty_since.setdefault(name, now)
+    return all(why == POOLS_EMPTY and now - empty_since[name] >= hold_s
+               for name, why in missing.items())
 
 
 def _not_loaded(dbg: dict[str, Any], node_id: str, plan: KernelPlan) -> str:
@@ -150,7 +190,7 @@ def _not_loaded(dbg: dict[str, Any], node_id: str, plan: KernelPlan) -> str:
     # the agent's version of a plan it merged inbound listeners into: "VERSION+in..."
     version = str(node["plan_version"])
     if version != plan.version and not version.startswith(f"{plan.version}+"):
-        return f"datapath runs plan {node['plan_version']}, the control plane's is {plan.version}"
+        return f"{STALE} {node['plan_version']}, the control plane's is {plan.version}"
     if any(p.get("free", 0) == 0 for p in node.get("pools", [])):
         return POOLS_EMPTY
     return ""

@@ -105,7 +105,9 @@ def _register_audit(sub: argparse._SubParsersAction) -> None:
     au.add_argument("--json", action="store_true", help="one JSON object: rows and summary")
     au.add_argument("--wait", type=float, default=180.0,
                     help="seconds to wait for the sending pods' datapaths to load their plans "
-                         "(default 180: the agent compiles one pod after another, 6-20 s each)")
+                         "and fill their pools (default 180: the agent compiles one pod after "
+                         "another, 6-20 s each); stops early when only pools are empty and "
+                         "stayed empty 5 s (a destination that is down)")
     au.add_argument("--timeout", type=float, default=5.0, help="seconds per request (default 5)")
     au.set_defaults(func=_quiet_pipe(cmd_audit))
 

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 
 from fastpath.audit_probe import Probe
 from fastpath.reference import Request
-from mesh.audit import AuditError, Row, check_state, classify, format_rows, summary
+from mesh.audit import (
+    POOLS_EMPTY,
+    AuditError,
+    Row,
+    check_state,
+    classify,
+    format_rows,
+    pools_settled,
+    summary,
+)
 
 PROBE = Probe("l", "vh", "r", "198.19.0.2", 80, Request("GET", "/", "h"))
 INBOUND = Probe("virtualInbound", "in", "", "198.19.0.2", 80, Request("GET", "/", "h"),
@@ -56,3 +66,31 @@ def test_table_ends_with_the_summary_and_reasons() -> None:
     assert lines[-3:] == ["KERNEL routes served by the kernel: 1 / 2 (1 more skipped, no request sent)",
                           "  not by the kernel: 1 x envoy: no_pool",
                           "  skipped: 1 x shadowed by route 'r'"]
+
+
+def test_wait_stops_when_only_pools_stay_empty() -> None:
+    since: dict[str, float] = {}
+    assert not pools_settled({"a": POOLS_EMPTY, "b": "datapath runs plan 1"}, since, 0.0, 5.0)
+    assert not pools_settled({"a": POOLS_EMPTY}, since, 4.0, 5.0)
+    assert pools_settled({"a": POOLS_EMPTY}, since, 5.0, 5.0)
+    # a pool refilled meanwhile starts the count again
+    assert not pools_settled({"a": "datapath runs plan 2"}, since, 6.0, 5.0)
+    assert not pools_settled({"a": POOLS_EMPTY}, since, 7.0, 5.0)
+    assert pools_settled({"a": POOLS_EMPTY}, since, 12.0, 5.0)
+
+
+def test_wait_reads_a_newer_plan_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control plane pushed v2 after the audit read v1: the datapath runs v2,
+    the wait must take v2 instead of waiting for v1 until --wait ends."""
+    from fastpath.plan import KernelPlan
+    from mesh import audit
+    served = {"version": "v2"}
+
+    def get(_admin: str, path: str) -> Any:
+        if path.startswith("/debug/fastpath/plans"):
+            return {"plan": KernelPlan("n1", served["version"], ()).to_json()}
+        return {"enabled": True, "nodes": [{"node": "n1", "plan_version": "v2+in1", "pools": []}]}
+    monkeypatch.setattr(audit, "_get", get)
+    plans = {"a-0": KernelPlan("n1", "v1", ())}
+    assert audit.wait_loaded("cp", [{"name": "a-0", "node_id": "n1"}], plans, 0) == {}
+    assert plans["a-0"].version == "v2"
