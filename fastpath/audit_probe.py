@@ -54,6 +54,10 @@ FILLER = "l7fp-audit"  # what a probe puts where the matcher allows anything
 _PATH_BYTES = sorted(ord(c) for c in CONST_BYTES)
 _VALUE_BYTES = list(range(0x21, 0x7F))  # a header or query value: visible ASCII
 _MAX_CANDIDATES = 64  # header/query value combinations tried per route
+_HOST_NAMES = (":authority", "host")  # header matchers the request's Host line satisfies
+# Pseudo-headers a probe cannot set: the request line's target is the path
+# (a :path matcher would need a path from it) and the scheme is http.
+_UNSENDABLE = (":path", ":scheme")
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,8 @@ def _probe(plan: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route, src_ip
     host = _host(lp, vh)
     if host is None:
         return _skipped(base, f"no host selects virtual host {vh.name!r} (domains {list(vh.domains)})")
+    if _unsendable(r.match):
+        return _skipped(base, _unsendable(r.match))
     first: Probe | None = None
     shadow = ""
     for req in _requests(r.match, host, src_ip, lp.port):
@@ -149,6 +155,8 @@ def inbound_probes(dst: KernelPlan, port: int, dst_ip: str, caller: KernelPlan,
 def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
                    caller: KernelPlan, out_lp: ListenerPlan, dst_ip: str, src_ip: str) -> Probe:
     base = Probe(lp.name, vh.name, r.name, out_lp.address, out_lp.port, None)
+    if _unsendable(r.match):
+        return _skipped(base, _unsendable(r.match))
     why = ""
     found: list[Probe] = []
     for req in _inbound_requests(r, caller, out_lp, (dst_ip, lp.port), src_ip):
@@ -294,16 +302,27 @@ def _host(lp: ListenerPlan, vh: VirtualHost) -> str | None:
     return None
 
 
+def _unsendable(m: RouteMatch) -> str:
+    """Why the audit derives no request for matcher `m` ("" when it does)."""
+    names = sorted({h.name for h in m.headers if h.name in _UNSENDABLE})
+    return f"a {'/'.join(names)} header matcher: the audit does not derive its value" if names else ""
+
+
 def _requests(m: RouteMatch, host: str, src_ip: str, port: int) -> Iterator[Request]:
-    """Candidate requests for matcher `m`, the likeliest first (bounded)."""
+    """Candidate requests for matcher `m`, the likeliest first (bounded). A value
+    for an `:authority`/`host` matcher becomes the request's Host (the virtual
+    host then chosen is checked by the caller); none for `_unsendable` ones."""
+    if _unsendable(m):
+        return
     header_sets = list(itertools.islice(_header_sets(m.headers), _MAX_CANDIDATES))
     queries = list(itertools.islice(_queries(m), _MAX_CANDIDATES))
     for path in _paths(m):
         for q in queries:
             for hs in header_sets:
                 method = next((v for n, v in hs if n == ":method"), m.method or "GET")
-                lines = tuple((n, v) for n, v in hs if n != ":method")
-                yield Request(method, path + q, host, lines, src_ip, port)
+                authority = next((v for n, v in hs if n in _HOST_NAMES), host)
+                lines = tuple((n, v) for n, v in hs if n != ":method" and n not in _HOST_NAMES)
+                yield Request(method, path + q, authority, lines, src_ip, port)
 
 
 def _paths(m: RouteMatch) -> list[str]:
@@ -342,6 +361,8 @@ def _header_values(h: HeaderMatch) -> list[str | None]:
 def _one_header(name: str, value: str | None) -> Request:
     if name == ":method":  # the reference model reads it from Request.method
         return Request(value or "GET", "/", FILLER)
+    if name in _HOST_NAMES:  # and these from Request.host (a request always has one)
+        return Request("GET", "/", FILLER if value is None else value)
     return Request("GET", "/", FILLER, () if value is None else ((name, value),))
 
 

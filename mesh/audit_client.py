@@ -33,7 +33,7 @@ def send(job: dict[str, Any]) -> dict[str, Any]:
         r.read()
         return {"status": r.status, "server": r.getheader("server"), "error": "",
                 "seconds": round(time.monotonic() - t0, 4)}
-    except (OSError, http.client.HTTPException) as exc:
+    except Exception as exc:  # any job's failure (e.g. ValueError: a bad header) is its row's error
         return {"status": 0, "server": None, "error": f"{type(exc).__name__}: {exc}",
                 "seconds": round(time.monotonic() - t0, 4)}
     finally:

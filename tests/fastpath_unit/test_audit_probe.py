@@ -214,3 +214,20 @@ def test_a_rewrite_to_a_dot_segment_is_avoided_when_another_path_exists() -> Non
         (WeightedCluster("c", 1),), prefix_rewrite="/new/."), Verdict.KERNEL)
     p = probes(_plan(rw))[0]
     assert p.request is not None and p.request.path == "/dd" + FILLER
+
+
+def test_authority_and_host_matchers_set_the_host_and_path_matchers_are_skipped() -> None:
+    plan = _plan(
+        _route("auth", RouteMatch(PathKind.PREFIX, "/a", headers=(HeaderMatch(":authority"),))),
+        _route("host", RouteMatch(PathKind.PREFIX, "/h", headers=(
+            HeaderMatch("host", StringMatch(StringKind.PREFIX, "h.example")),))),
+        _route("path", RouteMatch(PathKind.PREFIX, "/p", headers=(
+            HeaderMatch(":path", StringMatch(StringKind.PREFIX, "/p")),))))
+    got = _by_route(plan)
+    for name in ("auth", "host"):
+        req = got[name].request  # type: ignore[attr-defined]
+        assert req is not None and not any(n in (":authority", "host") for n, _ in req.headers)
+        assert decide(plan, "l", req).route == name
+    assert got["host"].request.host.startswith("h.example")  # type: ignore[attr-defined]
+    assert got["path"].request is None  # type: ignore[attr-defined]
+    assert got["path"].skip == "a :path header matcher: the audit does not derive its value"  # type: ignore[attr-defined]

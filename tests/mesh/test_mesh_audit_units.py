@@ -94,3 +94,10 @@ def test_wait_reads_a_newer_plan_again(monkeypatch: pytest.MonkeyPatch) -> None:
     plans = {"a-0": KernelPlan("n1", "v1", ())}
     assert audit.wait_loaded("cp", [{"name": "a-0", "node_id": "n1"}], plans, 0) == {}
     assert plans["a-0"].version == "v2"
+
+
+def test_a_request_http_client_refuses_is_that_rows_error() -> None:
+    from mesh.audit_client import send
+    got = send({"ip": "127.0.0.1", "port": 9, "method": "GET", "target": "/", "timeout": 1,
+                "headers": [[":authority", "x"]]})
+    assert got["status"] == 0 and got["error"].startswith("ValueError"), got
