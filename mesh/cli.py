@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HELP = """\
 Run a mesh described in a compose-style YAML file on this machine, the way
@@ -90,7 +91,8 @@ The audit sends REAL requests, one per route, one after another, each with a
 timeout: the services see them; a rate-limited route spends one token; a route
 with a fault delay waits for it; a fault abort may answer. Nothing else is
 changed. Exit status: 0 every audited route served by the kernel, 3 some were
-not, 1 the audit could not run (mesh not running, fast path off).
+not, 4 nothing was audited (every route skipped or no KERNEL route), 1 the
+audit could not run (mesh not running, fast path off).
 """
 
 
@@ -128,7 +130,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
                          indent=1))
     else:
         print("\n".join(audit.format_rows(rows)))
-    return 0 if s["kernel"] == s["audited"] else 3
+    return audit_status(s)
+
+
+def audit_status(summary: dict[str, Any]) -> int:
+    """`mesh audit`'s exit status from its summary (AUDIT_HELP says what each means)."""
+    if summary["audited"] == 0:
+        return 4
+    return 0 if summary["kernel"] == summary["audited"] else 3
 
 
 def _quiet_pipe(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -101,3 +101,12 @@ def test_a_request_http_client_refuses_is_that_rows_error() -> None:
     got = send({"ip": "127.0.0.1", "port": 9, "method": "GET", "target": "/", "timeout": 1,
                 "headers": [[":authority", "x"]]})
     assert got["status"] == 0 and got["error"].startswith("ValueError"), got
+
+
+def test_exit_status_says_when_nothing_was_audited() -> None:
+    from mesh.cli import audit_status
+    skipped = Row("b-0", Probe("l", "vh", "s", "", 80, None, skip="x"), "skipped", "x")
+    assert audit_status(summary([skipped])) == 4
+    assert audit_status(summary([])) == 4
+    assert audit_status(summary([skipped, Row("a-0", PROBE, "kernel", "fast", 200)])) == 0
+    assert audit_status(summary([Row("a-0", PROBE, "envoy", "no_pool", 200)])) == 3
