@@ -90,7 +90,11 @@ is listed as skipped, with why.
 The audit sends REAL requests, one per route, one after another, each with a
 timeout: the services see them; a rate-limited route spends one token; a route
 with a fault delay waits for it; a fault abort may answer. Nothing else is
-changed. Exit status: 0 every audited route served by the kernel, 3 some were
+changed. Who served a request is read from the sender's fast-path counters:
+those of "no route" and of merged inbound routes (virtualInbound@...) are
+shared with the pod's other traffic, so audit a mesh whose pods are idle
+(no load generator running) or a row may show another request's outcome.
+Exit status: 0 every audited route served by the kernel, 3 some were
 not, 4 nothing was audited (every route skipped or no KERNEL route), 1 the
 audit could not run (mesh not running, fast path off).
 """
