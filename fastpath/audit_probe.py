@@ -41,8 +41,9 @@ from fastpath.reference import (
     QueryUndecidable,
     Request,
     decide_datapath,
+    first_route,
+    has_dot_segments,
     header_matches,
-    route_matches,
     select_vhost,
     string_matches,
 )
@@ -114,7 +115,7 @@ def _probe(plan: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route, src_ip
     shadow = ""
     for req in _requests(r.match, host, src_ip, lp.port):
         try:
-            chosen = _first_route(lp, req)
+            chosen = first_route(lp, req)
         except QueryUndecidable as exc:
             shadow = shadow or str(exc)
             continue
@@ -124,7 +125,10 @@ def _probe(plan: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route, src_ip
             continue
         d = decide_datapath(plan, lp.name, req)
         p = replace(base, request=req, expect=_expect(d))
-        if d.kind != "envoy" and not (d.kind == "forward" and _normalisable(d.path)):
+        # a forwarded (rewritten) path with dot segments: the data path hands it to
+        # Envoy when the destination has an inbound decision (dp_rw_dotseg), which
+        # the reference model does not say; keep looking for another
+        if d.kind != "envoy" and not (d.kind == "forward" and has_dot_segments(d.path)):
             return p
         first = first or p  # keep looking for a request the kernel can take
     if first is not None:
@@ -163,7 +167,7 @@ def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
         d = decide_datapath(caller, out_lp.name, req)
         fwd = _forwarded(req, d)  # what the destination's inbound listener sees
         try:
-            chosen = _first_route(lp, fwd)
+            chosen = first_route(lp, fwd)
         except QueryUndecidable as exc:
             why = why or str(exc)
             continue
@@ -264,15 +268,6 @@ def _reach(caller: KernelPlan, route: Route | None, dst: tuple[str, int]) -> tup
             bool(picks) and all(eps and all(e == dst for e in eps) for eps in picks))
 
 
-def _normalisable(path: str) -> bool:
-    """A forwarded (rewritten) path the destination's sidecar may normalise: the
-    data path hands such a request to Envoy when the destination has an inbound
-    decision (bpf_src/dp_rewrite.h dp_rw_dotseg: `//`, `/./`, `/../`, a
-    trailing `/.` or `/..`), which the reference model does not say."""
-    p = path.split("?", 1)[0]
-    return "//" in p or "/./" in p or "/../" in p or p.endswith(("/.", "/.."))
-
-
 def _skipped(p: Probe, why: str) -> Probe:
     return replace(p, request=None, skip=why)
 
@@ -283,13 +278,6 @@ def _expect(d: Decision) -> str:
     if d.kind == "reply":
         return f"reply {d.status}"
     return f"envoy: {d.reason}"
-
-
-def _first_route(lp: ListenerPlan, req: Request) -> Route | None:
-    vh = select_vhost(lp.virtual_hosts, req.host)
-    if vh is None:
-        return None
-    return next((x for x in vh.routes if route_matches(x.match, req)), None)
 
 
 def _host(lp: ListenerPlan, vh: VirtualHost) -> str | None:

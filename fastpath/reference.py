@@ -153,7 +153,7 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
         return Decision("envoy", reason=why)
     vh = select_vhost(lp.virtual_hosts, req.host)
     try:
-        route = next((r for r in vh.routes if route_matches(r.match, req)), None) if vh else None
+        route = first_route(lp, req)
     except QueryUndecidable as e:
         return Decision("envoy", reason=str(e))
     if route is not None and route.verdict is Verdict.ENVOY:
@@ -245,8 +245,7 @@ def _unparseable(req: Request) -> str:
     path = req.path
     if not path.startswith("/") or any(c not in _SAFE_PATH for c in path):
         return "path needs normalisation or escaping"
-    p = path.split("?", 1)[0]
-    if "//" in p or "/./" in p or "/../" in p or p.endswith(("/.", "/..")):
+    if has_dot_segments(path):
         return "path has dot segments or empty segments"
     if req.header("upgrade") is not None or req.header("expect") is not None or req.method == "CONNECT":
         return "upgrade/expect request"
@@ -259,6 +258,23 @@ def _unparseable(req: Request) -> str:
            for n, _ in req.headers):
         return "x-envoy-*-timeout-ms header (Envoy may take its timeout from it)"
     return ""
+
+
+def has_dot_segments(path: str) -> bool:
+    """The path (query left out) has `//`, `/./`, `/../` or ends in `/.` or `/..`:
+    what Envoy's path normalisation would change (dp_rewrite.h dp_rw_dotseg)."""
+    p = path.split("?", 1)[0]
+    return "//" in p or "/./" in p or "/../" in p or p.endswith(("/.", "/.."))
+
+
+def first_route(lp: ListenerPlan, req: Request) -> Route | None:
+    """The route Envoy picks: the virtual host the Host selects, its first route
+    whose matcher matches (None: no virtual host or no route). Raises
+    QueryUndecidable like route_matches."""
+    vh = select_vhost(lp.virtual_hosts, req.host)
+    if vh is None:
+        return None
+    return next((r for r in vh.routes if route_matches(r.match, req)), None)
 
 
 def select_vhost(vhosts: tuple[VirtualHost, ...], host: str) -> VirtualHost | None:

@@ -231,3 +231,12 @@ def test_authority_and_host_matchers_set_the_host_and_path_matchers_are_skipped(
     assert got["host"].request.host.startswith("h.example")  # type: ignore[attr-defined]
     assert got["path"].request is None  # type: ignore[attr-defined]
     assert got["path"].skip == "a :path header matcher: the audit does not derive its value"  # type: ignore[attr-defined]
+
+
+def test_first_route_and_dot_segments_are_the_reference_models() -> None:
+    from fastpath.reference import Request, first_route, has_dot_segments
+    plan = _plan(_route("a", RouteMatch(PathKind.PREFIX, "/a")), domains=("h",))
+    assert first_route(plan.listeners[0], Request("GET", "/a/x", "h")).name == "a"  # type: ignore[union-attr]
+    assert first_route(plan.listeners[0], Request("GET", "/a/x", "other")) is None
+    assert [has_dot_segments(p) for p in ("/a//b", "/a/./b", "/a/..", "/a/b?x=/./", "/a.b")] == \
+        [True, True, True, False, False]
