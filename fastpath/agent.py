@@ -109,15 +109,22 @@ class Agent:
     def hosts_out(self, node_id: str) -> dict[str, frozenset[str]]:
         """The server's endpoint-health provider (XdsServer.set_endpoint_health):
         per cluster, the hosts the node's kernel outlier detection has out of
-        its LB view (served to the node's Envoy as EDS UNHEALTHY)."""
+        its LB view (served to the node's Envoy as EDS UNHEALTHY); only the
+        clusters of its applied plan, only while the kernel owns the node."""
         node = self.nodes.get(node_id)
-        return node.outlier.lb_view if node is not None else {}
+        if node is None or node_id not in self.owned:
+            return {}
+        owned = node.outlier.owned
+        return {c: h for c, h in node.outlier.lb_view.items() if c in owned}
 
     def envoy_observed(self, node_id: str, obs: list[tuple[str, str, int]]) -> None:
         """Responses the node's Envoy got (fastpath.als, on the server's loop):
-        counted by the node's kernel outlier detectors (OutlierKeeper.count_envoy)."""
+        queued for the node's kernel outlier detectors (OutlierKeeper.count_envoy,
+        counted on the event thread). Dropped while the kernel does not own the
+        node: Envoy's own detector counts them then (after a release, draining
+        connections still log: counting them too would count twice)."""
         node = self.nodes.get(node_id)
-        if node is not None:
+        if node is not None and node_id in self.owned:
             node.outlier.count_envoy(obs)
 
     def _lb_changed(self, node_id: str) -> None:

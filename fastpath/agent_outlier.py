@@ -14,8 +14,11 @@ and sets thresholds, totals and panic. The LB view (`lb_out` of each host)
 is published to the node's Envoy as EDS UNHEALTHY (`lb_view`, `on_lb_change`:
 the agent has the server republish the node), so the requests the kernel
 hands to Envoy skip the same hosts; the responses Envoy gets come back over
-its access log (`count_envoy`, from fastpath.als on the server's loop) and
-count in the same host records: one detector for both paths.
+its access log (`count_envoy` queues them on the server's loop; `service`
+counts them on the event thread, never while a plan is applied) in the same
+host records: one detector for both paths. Only the clusters of the applied
+plan (`owned`) are counted and published; a detector of a cluster that left
+the plan stays (its state comes back with the cluster) but is not exported.
 
 The agent never writes a host record (dp_odh) itself: every change it makes
 (a status the kernel did not see, an unejection, the LB view's delivery, the
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -127,6 +131,11 @@ class OutlierKeeper:
         self.published_ns = 0
         self.publishes = 0
         self.envoy_counted = 0  # responses of Envoy's path counted (count_envoy)
+        # Envoy's observations, queued by the server's loop, counted by service()
+        self.inbox: queue.SimpleQueue[list[tuple[str, str, int]]] = queue.SimpleQueue()
+        # clusters with a detector in the applied plan (replaced, never changed:
+        # read by the server's loop)
+        self.owned: frozenset[str] = frozenset()
         self.eds_lag_ms: list[float] = []  # last 16: kernel ejection -> LB view pushed (node)
         self._ops_fd: int | None = None  # dp_od_ops, loaded at the first op
 
@@ -139,6 +148,7 @@ class OutlierKeeper:
         if not self._has("dp_odc"):
             return  # a datapath without dp_outlier.h (unit fakes): nothing to do
         self.pool_host = {k: v for k, v in self.pool_host.items() if k[0] != gen}
+        owned = set()
         odc = self.dp.bpf["dp_odc"]
         for cid in range(DP_OD_CLUSTERS):  # this generation's records: rewritten below
             odc[ct.c_uint32(gen * DP_OD_CLUSTERS + cid)] = OdCluster()
@@ -149,6 +159,7 @@ class OutlierKeeper:
                 continue
             eps = order(c)[:DP_OD_EPS]
             d = self._det(c.name, c.outlier, [host_key(e) for e in eps])
+            owned.add(c.name)
             rec = OdCluster(det=d.det_id + 1, n=len(eps), rr=int(c.lb_policy is LbPolicy.ROUND_ROBIN))
             reply = getattr(sp, "no_healthy", {}).get(c.name)
             rec.reply = 0 if reply is None else reply + 1  # healthy_panic_threshold 0
@@ -157,6 +168,7 @@ class OutlierKeeper:
                 if (cid, i) in ep_pools:
                     self.pool_host[(gen, cid, ep_pools[(cid, i)])] = (d, d.slots[host_key(e)])
             odc[ct.c_uint32(gen * DP_OD_CLUSTERS + cid)] = rec
+        self.owned = frozenset(owned)
 
     def _has(self, name: str) -> bool:
         try:
@@ -279,30 +291,40 @@ class OutlierKeeper:
 
     def count_envoy(self, obs: list[tuple[str, str, int]]) -> None:
         """Responses the node's Envoy got, (cluster, "ip:port", status) each
-        (fastpath.als; the server's loop): counted for the host as the kernel
-        counts a response (dp_outlier_status), so one detector sees both paths.
-        Clusters or hosts the kernel does not run are ignored."""
+        (fastpath.als, on the server's loop): queued; `service` counts them."""
+        self.inbox.put(obs)
+
+    def _count_envoy(self) -> None:
+        """Count the queued observations for their hosts as the kernel counts a
+        response (dp_outlier_status), so one detector sees both paths.
+        Clusters or hosts the applied plan does not own are ignored."""
         ops = []
-        for cluster, host, status in obs:
-            d = self.dets.get(cluster)
-            slot = d.slots.get(host) if d is not None and host in d.detector.hosts else None
-            if slot is not None:
-                ops.append(OdOp(OP_STATUS, slot, 0, 0, status))
-        with self._lock:
-            self._run_ops(ops)
-            self.envoy_counted += len(ops)
+        while True:
+            try:
+                obs = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            for cluster, host, status in obs:
+                d = self.dets.get(cluster) if cluster in self.owned else None
+                slot = d.slots.get(host) if d is not None and host in d.detector.hosts else None
+                if slot is not None:
+                    ops.append(OdOp(OP_STATUS, slot, 0, 0, status))
+        self._run_ops(ops)
+        self.envoy_counted += len(ops)
 
     # ---- upkeep (agent event thread) -------------------------------------
     def service(self, now_ns: int | None = None) -> None:
-        """Notice the kernel's ejections; at each detector's interval tick,
-        bring back the hosts whose ejection time is over."""
+        """Count Envoy's queued responses; notice the kernel's ejections; at
+        each detector's interval tick, bring back the hosts whose ejection
+        time is over. Event thread, node not busy (no plan being applied)."""
         if not self.dets:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
-        if now - self.looked_ns < LOOK_EVERY_NS:
-            return
-        self.looked_ns = now
         with self._lock:
+            self._count_envoy()
+            if now - self.looked_ns < LOOK_EVERY_NS:
+                return
+            self.looked_ns = now
             self._service(now)
 
     def _service(self, now: int) -> None:
@@ -329,7 +351,7 @@ class OutlierKeeper:
             return
         odh = self.dp.bpf["dp_odh"]
         view = {name: frozenset(k for k, slot in d.live_slots() if odh[ct.c_uint32(slot)].lb_out)
-                for name, d in self.dets.items()}
+                for name, d in self.dets.items() if name in self.owned}
         if view == self.lb_view:
             return
         for name, d in self.dets.items():  # kernel ejection -> this push, per host newly out
@@ -355,6 +377,8 @@ class OutlierKeeper:
     def debug(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, d in self.dets.items():
+            if name not in self.owned:
+                continue
             hosts = {}
             for key, slot in d.live_slots():
                 h = self.dp.bpf["dp_odh"][ct.c_uint32(slot)]
@@ -373,7 +397,7 @@ class OutlierKeeper:
     def counts(self) -> dict[str, dict[str, int]]:
         """Per cluster: ejections (total) and active ejections (Prometheus)."""
         return {name: {"ejections": d.ejections, "active": d.detector.ejected()}
-                for name, d in self.dets.items()}
+                for name, d in self.dets.items() if name in self.owned}
 
 
 class OutlierCollector:

@@ -172,10 +172,35 @@ def test_envoy_responses_count_with_the_kernels(monkeypatch: Any, bpf: Any) -> N
     bad = "198.18.0.3:80"
     k.count_envoy([("c", bad, 500), ("c", bad, 503), ("c", bad, 200), ("other", bad, 500),
                    ("c", "198.18.0.9:80", 500)])
+    assert bpf["dp_odh"][ct.c_uint32(1)].c5xx == 0  # queued: counted by service()
+    k.service()
     h = bpf["dp_odh"][ct.c_uint32(1)]
     assert (h.c5xx, h.cgw, h.ejected) == (0, 0, 0)
     bind(bpf, 42, 1)
     k.count_error(42, 504)  # a kernel-path error (the agent's 504), then two of Envoy's
     k.count_envoy([("c", bad, 500), ("c", bad, 502)])
+    k.service()
     h = bpf["dp_odh"][ct.c_uint32(1)]
     assert h.ejected and h.lb_out and k.envoy_counted == 5
+
+
+def test_a_cluster_that_left_the_plan_is_not_counted_or_published(monkeypatch: Any, bpf: Any) -> None:
+    """After a plan without `c` (ENVOY now, or gone), Envoy's own detector has
+    it back: its observations are dropped and its hosts leave the LB view."""
+    now = clock(monkeypatch)
+    k = keeper(bpf, OutlierConfig(threshold_5xx=1, interval_ms=10_000, max_percent=100,
+                                  merge_window_ms=0))
+    pushes: list[dict[str, frozenset[str]]] = []
+    k.on_lb_change = lambda: pushes.append(k.lb_view)
+    k.count_envoy([("c", "198.18.0.3:80", 500)])
+    now[0] += 20 * MS
+    k.service(now[0])
+    assert pushes[-1] == {"c": frozenset({"198.18.0.3:80"})} and k.owned == {"c"}
+    sp = SimpleNamespace(cluster_ids={}, no_healthy={})
+    k.program(KernelPlan("n", "2", (), ()), sp, 1, lambda cl: list(cl.endpoints), {})
+    assert k.owned == frozenset()
+    k.count_envoy([("c", "198.18.0.2:80", 500)])
+    now[0] += 20 * MS
+    k.service(now[0])
+    assert not bpf["dp_odh"][ct.c_uint32(0)].ejected  # not counted
+    assert pushes[-1] == {} and k.debug() == {} and k.counts() == {}
