@@ -109,13 +109,15 @@ class Agent:
     def hosts_out(self, node_id: str) -> dict[str, frozenset[str]]:
         """The server's endpoint-health provider (XdsServer.set_endpoint_health):
         per cluster, the hosts the node's kernel outlier detection has out of
-        its LB view (served to the node's Envoy as EDS UNHEALTHY); only the
-        clusters of its applied plan, only while the kernel owns the node."""
+        its LB view (served to the node's Envoy as EDS UNHEALTHY), keyed by
+        the cluster's ClusterLoadAssignment name; only the clusters the
+        applied plan owns, only while the kernel owns the node."""
         node = self.nodes.get(node_id)
         if node is None or node_id not in self.owned:
             return {}
-        owned = node.outlier.owned
-        return {c: h for c, h in node.outlier.lb_view.items() if c in owned}
+        od = node.outlier
+        names = od.cla_names
+        return {names[c]: h for c, h in od.lb_view.items() if c in od.owned and c in names}
 
     def envoy_observed(self, node_id: str, obs: list[tuple[str, str, int]]) -> None:
         """Responses the node's Envoy got (fastpath.als, on the server's loop):

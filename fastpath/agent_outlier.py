@@ -41,6 +41,7 @@ from typing import Any
 from fastpath import bpfsys
 from fastpath.outlier import Detector, OutlierConfig, allowed_ejections, merge
 from fastpath.plan import KernelPlan, LbPolicy, Verdict
+from fastpath.residual_outlier import owned_clusters
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,11 @@ class OutlierKeeper:
         self.envoy_counted = 0  # responses of Envoy's path counted (count_envoy)
         # Envoy's observations, queued by the server's loop, counted by service()
         self.inbox: queue.SimpleQueue[list[tuple[str, str, int]]] = queue.SimpleQueue()
-        # clusters with a detector in the applied plan (replaced, never changed:
-        # read by the server's loop)
+        # clusters whose detector the applied plan gives the kernel on both paths
+        # (residual_outlier.owned_clusters), and their CLA names (replaced,
+        # never changed: read by the server's loop)
         self.owned: frozenset[str] = frozenset()
+        self.cla_names: dict[str, str] = {}
         self.eds_lag_ms: list[float] = []  # last 16: kernel ejection -> LB view pushed (node)
         self._ops_fd: int | None = None  # dp_od_ops, loaded at the first op
 
@@ -148,7 +151,8 @@ class OutlierKeeper:
         if not self._has("dp_odc"):
             return  # a datapath without dp_outlier.h (unit fakes): nothing to do
         self.pool_host = {k: v for k, v in self.pool_host.items() if k[0] != gen}
-        owned = set()
+        both_paths = owned_clusters(plan)
+        owned, cla = set(), {}
         odc = self.dp.bpf["dp_odc"]
         for cid in range(DP_OD_CLUSTERS):  # this generation's records: rewritten below
             odc[ct.c_uint32(gen * DP_OD_CLUSTERS + cid)] = OdCluster()
@@ -159,7 +163,9 @@ class OutlierKeeper:
                 continue
             eps = order(c)[:DP_OD_EPS]
             d = self._det(c.name, c.outlier, [host_key(e) for e in eps])
-            owned.add(c.name)
+            if c.name in both_paths:
+                owned.add(c.name)
+                cla[c.name] = c.eds_name or c.name
             rec = OdCluster(det=d.det_id + 1, n=len(eps), rr=int(c.lb_policy is LbPolicy.ROUND_ROBIN))
             reply = getattr(sp, "no_healthy", {}).get(c.name)
             rec.reply = 0 if reply is None else reply + 1  # healthy_panic_threshold 0
@@ -168,7 +174,7 @@ class OutlierKeeper:
                 if (cid, i) in ep_pools:
                     self.pool_host[(gen, cid, ep_pools[(cid, i)])] = (d, d.slots[host_key(e)])
             odc[ct.c_uint32(gen * DP_OD_CLUSTERS + cid)] = rec
-        self.owned = frozenset(owned)
+        self.owned, self.cla_names = frozenset(owned), cla
 
     def _has(self, name: str) -> bool:
         try:

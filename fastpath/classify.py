@@ -321,7 +321,9 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
                    max_retries=max_retries(c.get("circuitBreakers", {})),
                    original_dst=kind == "ORIGINAL_DST"
                    and not c.get("originalDstLbConfig", {}).get("useHttpHeader"),
-                   outlier=None if od_reasons else outlier.config_of(c))
+                   outlier=None if od_reasons else outlier.config_of(c),
+                   eds_name=(c.get("edsClusterConfig", {}).get("serviceName") or name)
+                   if kind == "EDS" else None)
 
 
 def _outlier_reasons(c: dict[str, Any], eps: list[Endpoint], lb: LbPolicy | None) -> list[str]:

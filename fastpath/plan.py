@@ -492,6 +492,9 @@ class Cluster:
     original_dst: bool = False
     # Envoy outlier detection the kernel enforces (fastpath.outlier), None: none
     outlier: OutlierConfig | None = None
+    # a `type: EDS` cluster's ClusterLoadAssignment name (eds_cluster_config
+    # service_name, else its name); None: endpoints inline (STATIC, STRICT_DNS)
+    eds_name: str | None = None
 
 
 @dataclass(frozen=True)

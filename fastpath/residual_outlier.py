@@ -44,8 +44,12 @@ _ALS_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrp
 
 
 def owned_clusters(plan: KernelPlan) -> set[str]:
-    """Clusters whose outlier detection the kernel runs (agent_outlier.needs_outlier)."""
-    return {c.name for c in plan.clusters if c.outlier is not None and c.verdict is Verdict.KERNEL}
+    """Clusters whose outlier detection the kernel owns on both paths: KERNEL,
+    with outlier detection, `type: EDS` (the kernel's LB view reaches Envoy as
+    EDS health; a cluster with inline endpoints keeps Envoy's detector for
+    Envoy's path, the kernel's counts its own path: agent_outlier.needs_outlier)."""
+    return {c.name for c in plan.clusters
+            if c.outlier is not None and c.verdict is Verdict.KERNEL and c.eds_name is not None}
 
 
 def als_logger() -> dict[str, Any]:

@@ -25,7 +25,8 @@ from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
-# cluster name -> "address:port" of the hosts out of the owner's LB view
+# ClusterLoadAssignment name (an EDS cluster's eds_cluster_config service_name,
+# else the cluster's name) -> "address:port" of the hosts out of the owner's LB view
 HostsOut = Mapping[str, frozenset[str]]
 
 

@@ -49,7 +49,7 @@ def kernel_once() -> None:
 def keeper(bpf: Any, cfg: OutlierConfig) -> OutlierKeeper:
     k = OutlierKeeper(SimpleNamespace(bpf=bpf))
     c = Cluster("c", LbPolicy.ROUND_ROBIN, (Endpoint("198.18.0.2", 80), Endpoint("198.18.0.3", 80)),
-                outlier=cfg)
+                outlier=cfg, eds_name="outbound|80||c")
     sp = SimpleNamespace(cluster_ids={"c": 0}, no_healthy={})
     k.program(KernelPlan("n", "1", (), (c,)), sp, 0, lambda cl: list(cl.endpoints),
               {(0, 0): 7, (0, 1): 8})
@@ -196,6 +196,7 @@ def test_a_cluster_that_left_the_plan_is_not_counted_or_published(monkeypatch: A
     now[0] += 20 * MS
     k.service(now[0])
     assert pushes[-1] == {"c": frozenset({"198.18.0.3:80"})} and k.owned == {"c"}
+    assert k.cla_names == {"c": "outbound|80||c"}  # what the server's EDS overlay keys by
     sp = SimpleNamespace(cluster_ids={}, no_healthy={})
     k.program(KernelPlan("n", "2", (), ()), sp, 1, lambda cl: list(cl.endpoints), {})
     assert k.owned == frozenset()

@@ -17,16 +17,20 @@ HCM = "type.googleapis.com/" + em.HCM
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 
-def cluster(name: str, od: dict[str, Any] | None) -> dict[str, Any]:
-    c: dict[str, Any] = {"@type": res.CLUSTER, "name": name, "type": "STATIC", "connect_timeout": "1s",
-                         "lb_policy": "ROUND_ROBIN",
-                         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                             {"endpoint": {"address": {"socket_address": {
-                                 "address": f"198.18.0.{i + 2}", "port_value": 80}}}}
-                             for i in range(2)]}]}}
+def cluster(name: str, od: dict[str, Any] | None, eds: str | None = None) -> list[dict[str, Any]]:
+    """A ROUND_ROBIN cluster of two hosts: `type: EDS` with its CLA named `eds`
+    (eds_cluster_config service_name) when given, else STATIC (inline)."""
+    cla = {"cluster_name": eds or name, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": f"198.18.0.{i + 2}", "port_value": 80}}}}
+        for i in range(2)]}]}
+    c: dict[str, Any] = {"@type": res.CLUSTER, "name": name, "connect_timeout": "1s",
+                         "lb_policy": "ROUND_ROBIN"}
     if od is not None:
         c["outlier_detection"] = od
-    return c
+    if eds is None:
+        return [{**c, "type": "STATIC", "load_assignment": cla}]
+    c |= {"type": "EDS", "eds_cluster_config": {"service_name": eds, "eds_config": {"ads": {}}}}
+    return [c, {"@type": res.ENDPOINT, **cla}]
 
 
 def listener(name: str, port: int, routes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -41,12 +45,15 @@ def listener(name: str, port: int, routes: list[dict[str, Any]]) -> dict[str, An
 
 def resources() -> dict[str, list[Any]]:
     routes = [{"match": {"prefix": "/a"}, "route": {"cluster": "od"}},
+              {"match": {"prefix": "/s"}, "route": {"cluster": "inline"}},
               {"match": {"prefix": "/"}, "route": {"cluster": "plain"}}]
     other = [{"match": {"prefix": "/"}, "route": {"cluster": "plain"}}]
+    od = {"interval": "1s", "maxEjectionPercent": 50}
     out: dict[str, list[Any]] = {}
-    for i, d in enumerate([cluster("od", {"interval": "1s", "maxEjectionPercent": 50}),
-                           cluster("plain", None), listener("out", 9000, routes),
-                           listener("other", 9100, other)]):
+    docs = [*cluster("od", od, eds="outbound|80||od"), *cluster("inline", od),
+            *cluster("plain", None, eds="plain"), listener("out", 9000, routes),
+            listener("other", 9100, other)]
+    for i, d in enumerate(docs):
         out.setdefault(d["@type"], []).append(res.parse_resource(d, f"r[{i}]"))
     return out
 
@@ -57,6 +64,10 @@ def test_kernel_owner_drops_envoys_detector_and_logs_to_the_agent() -> None:
     owned = {em.to_json(m)["name"]: em.to_json(m) for m in r.residual[res.CLUSTER]}
     kept = {em.to_json(m)["name"]: em.to_json(m) for m in r.envoy_residual[res.CLUSTER]}
     assert "outlierDetection" not in owned["od"] and "outlierDetection" in kept["od"]
+    # inline endpoints: EDS health cannot carry the kernel's view, Envoy keeps its detector
+    assert "outlierDetection" in owned["inline"]
+    od = next(c for c in r.plan.clusters if c.name == "od")
+    assert od.eds_name == "outbound|80||od"  # the CLA the EDS overlay marks
     lis, other = [em.to_json(m) for m in r.residual[res.LISTENER]]
     assert not _logs(other)  # no od route: no logger
     (log,) = _logs(lis)  # on the router: one entry per upstream attempt
