@@ -54,7 +54,11 @@ FILLER = "l7fp-audit"  # what a probe puts where the matcher allows anything
 # Bytes a derived path may use: what the kernel matches without normalisation.
 _PATH_BYTES = sorted(ord(c) for c in CONST_BYTES)
 _VALUE_BYTES = list(range(0x21, 0x7F))  # a header or query value: visible ASCII
+# A query value sent as it is: no byte Envoy would decode or split on ('%', '+',
+# '&', '=', '#'), none the kernel hands to Envoy (outside CONST_BYTES).
+_QUERY_VALUE_BYTES = CONST_BYTES - set("&=+")
 _MAX_CANDIDATES = 64  # header/query value combinations tried per route
+NOT_FORWARDED = "no route of the caller's listener"  # a skip: the caller never reaches the pod
 _HOST_NAMES = (":authority", "host")  # header matchers the request's Host line satisfies
 # Pseudo-headers a probe cannot set: the request line's target is the path
 # (a :path matcher would need a path from it) and the scheme is http.
@@ -179,9 +183,9 @@ def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
                           else "the reference model matches no route")
             continue
         ovh = select_vhost(out_lp.virtual_hosts, req.host)
-        o = next((x for x in ovh.routes if x.name == d.route), None) if ovh else None
-        some, every = _reach(caller, o, (dst_ip, lp.port)) if d.kind == "forward" and o \
-            else (False, False)
+        # the route object, not its name: Istio's routes may all be named ""
+        o = first_route(out_lp, req) if d.kind == "forward" else None
+        some, every = _reach(caller, o, (dst_ip, lp.port))
         if not some:
             why = why or f"the caller's outbound decision for it is {_expect(d)}"
             continue
@@ -205,7 +209,7 @@ def _unreached(caller: KernelPlan, out_lp: ListenerPlan, dst: tuple[str, int]) -
             if o.verdict is Verdict.ENVOY and _reach(caller, replace(o, verdict=Verdict.KERNEL),
                                                      dst)[0]:
                 return f"the caller's route {o.name!r} to it needs Envoy: {o.reason}"
-    return f"no route of the caller's listener {out_lp.name} forwards to {dst[0]}:{dst[1]}"
+    return f"{NOT_FORWARDED} {out_lp.name} forwards to {dst[0]}:{dst[1]}"
 
 
 def _forwarded(req: Request, d: Decision) -> Request:
@@ -374,7 +378,8 @@ def _queries(m: RouteMatch) -> Iterator[str]:
     per = []
     for q in m.query_params:
         vals = [None] if q.match is None else _string_values(q.match) + ["1"]
-        ok = [v for v in vals if q.match is None or (v is not None and string_matches(q.match, v))]
+        ok = [v for v in vals if q.match is None or (
+            v is not None and set(v) <= _QUERY_VALUE_BYTES and string_matches(q.match, v))]
         per.append([(q.name, v) for v in ok[:2]])
     for combo in itertools.product(*per):
         yield "?" + "&".join(n if v is None else f"{n}={v}" for n, v in combo)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastpath.audit_probe import Probe, inbound_probes, probes
+from fastpath.audit_probe import NOT_FORWARDED, Probe, inbound_probes, probes
 from fastpath.plan import Direction, KernelPlan
 from fastpath.plan_json import plan_from_json
 
@@ -282,7 +282,7 @@ def _pools_refilled(admin: str, node_id: str, dry: set[int],
         if time.monotonic() >= deadline:
             dry |= empty
             return
-        time.sleep(0.02)
+        time.sleep(0.1)  # each turn reads all of /debug/fastpath
 
 
 def audit_pod(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,
@@ -329,30 +329,48 @@ def send_probes(state: dict[str, Any], sender: dict[str, Any], owner: str, todo:
 
 def audit_inbound(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,
                   callers: list[dict[str, Any]], plans: dict[str, KernelPlan],
-                  timeout: float) -> list[Row]:
+                  timeout: float, unreached: bool = True) -> list[Row]:
     """The KERNEL routes of the pod's inbound listeners, each sent by a caller pod
     (a loaded pod of another service first) through its outbound listener for
-    the service address that leads to this pod; Rows for `pod`."""
+    the service address that leads to this pod; Rows for `pod`. `unreached`:
+    also rows (skipped) for a port no caller reaches."""
     rows: list[Row] = []
     for port in sorted({lp.port for lp in plan.listeners if lp.direction is Direction.INBOUND}):
-        found = _caller(state, pod, port, callers, plans)
+        found = _caller_probes(state, pod, port, callers, plans)
         if found is None:
             rows += [Row(pod["name"], p, "skipped", "no sending pod with a loaded datapath has "
                      f"an outbound listener for {pod['name']}:{port}")
                      for p in probes(plan) if p.request is None and _inbound(p, plan)
-                     and p.port == port]
+                     and p.port == port] if unreached else []
             continue
-        caller, listener = found
-        got = inbound_probes(plan, port, pod["ip"], plans[caller["name"]], listener, caller["ip"])
+        caller, got = found
+        if not unreached and all(p.skip.startswith(NOT_FORWARDED) for p in got):
+            continue
         rows += [Row(pod["name"], p, "skipped", p.skip) for p in got if p.request is None]
         rows += send_probes(state, caller, pod["name"], [p for p in got if p.request], timeout)
     return rows
 
 
-def _caller(state: dict[str, Any], pod: dict[str, Any], port: int,
-            callers: list[dict[str, Any]], plans: dict[str, KernelPlan]
-            ) -> tuple[dict[str, Any], str] | None:
-    """(caller pod, its outbound listener) for requests to `pod`:`port`."""
+def _caller_probes(state: dict[str, Any], pod: dict[str, Any], port: int,
+                   callers: list[dict[str, Any]], plans: dict[str, KernelPlan]
+                   ) -> tuple[dict[str, Any], list[Probe]] | None:
+    """(caller pod, inbound probes through it) for requests to `pod`:`port`: the
+    first caller, in rank order, through which some probe has a request; else
+    the first caller with a listener for it (its probes say why skipped)."""
+    first = None
+    for c, listener in _callers(state, pod, port, callers, plans):
+        got = inbound_probes(plans[pod["name"]], port, pod["ip"], plans[c["name"]], listener,
+                             c["ip"])
+        if any(p.request for p in got):
+            return c, got
+        first = first or (c, got)
+    return first
+
+
+def _callers(state: dict[str, Any], pod: dict[str, Any], port: int,
+             callers: list[dict[str, Any]], plans: dict[str, KernelPlan]
+             ) -> Iterator[tuple[dict[str, Any], str]]:
+    """(caller pod, its outbound listener) that may reach `pod`:`port`, best first."""
     vips = {s["vip"] for s in state.get("services", [])
             if pod["ip"] in s.get("pod_ips", ()) and port in s["ports"]}
     # another service's pod first, then a replica, then the pod itself (through its service)
@@ -362,8 +380,7 @@ def _caller(state: dict[str, Any], pod: dict[str, Any], port: int,
         for lp in plans[c["name"]].listeners:
             if lp.direction is Direction.OUTBOUND and lp.port == port and (
                     lp.address in vips or lp.address in ("0.0.0.0", "::")):
-                return c, lp.name
-    return None
+                yield c, lp.name
 
 
 def run(state: dict[str, Any], sender: str | None = None, wait_s: float = 60.0,
@@ -395,7 +412,8 @@ def run(state: dict[str, Any], sender: str | None = None, wait_s: float = 60.0,
     callers = [p for p in senders if p["name"] in plans and p["name"] not in missing]
     for pod in every:
         if pod["name"] in plans:
-            rows += audit_inbound(state, pod, plans[pod["name"]], callers, plans, timeout)
+            rows += audit_inbound(state, pod, plans[pod["name"]], callers, plans, timeout,
+                                  unreached=sender is None)
     return rows
 
 

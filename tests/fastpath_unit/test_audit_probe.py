@@ -240,3 +240,12 @@ def test_first_route_and_dot_segments_are_the_reference_models() -> None:
     assert first_route(plan.listeners[0], Request("GET", "/a/x", "other")) is None
     assert [has_dot_segments(p) for p in ("/a//b", "/a/./b", "/a/..", "/a/b?x=/./", "/a.b")] == \
         [True, True, True, False, False]
+
+
+def test_query_values_envoy_would_decode_or_split_are_not_sent() -> None:
+    def q(value: str) -> Route:
+        return _route(value, RouteMatch(PathKind.PREFIX, "/", query_params=(
+            QueryParamMatch("q", StringMatch(StringKind.EXACT, value)),)))
+    got = _by_route(_plan(q("a#b"), q("a%20b"), q("a&b"), q("ok")))
+    assert [got[v].request is None for v in ("a#b", "a%20b", "a&b")] == [True] * 3  # type: ignore[attr-defined]
+    assert got["ok"].request.path == "/?q=ok"  # type: ignore[attr-defined]

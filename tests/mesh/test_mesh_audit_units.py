@@ -110,3 +110,58 @@ def test_exit_status_says_when_nothing_was_audited() -> None:
     assert audit_status(summary([])) == 4
     assert audit_status(summary([skipped, Row("a-0", PROBE, "kernel", "fast", 200)])) == 0
     assert audit_status(summary([Row("a-0", PROBE, "envoy", "no_pool", 200)])) == 3
+
+
+def _listener_to(name: str, *routes: tuple[str, str]) -> Any:
+    """An outbound 0.0.0.0:9000 listener: (path prefix, cluster) routes, all named ""
+    (as Istio's are)."""
+    from fastpath.plan import (
+        ClusterAction,
+        Direction,
+        ListenerPlan,
+        PathKind,
+        Route,
+        RouteMatch,
+        Verdict,
+        VirtualHost,
+        WeightedCluster,
+    )
+    rs = tuple(Route("", RouteMatch(PathKind.PREFIX, p), ClusterAction((WeightedCluster(c, 1),)),
+                     Verdict.KERNEL) for p, c in routes)
+    return ListenerPlan(name, "0.0.0.0", 9000, Direction.OUTBOUND, (VirtualHost("vh", ("*",), rs),))
+
+
+def test_inbound_caller_is_the_first_that_reaches_the_pod() -> None:
+    """a-0 ranks first (another service) but its wildcard listener never forwards to
+    d-0; b-0's second unnamed route does: b-0 sends, through that route."""
+    from fastpath.plan import (
+        Cluster,
+        ClusterAction,
+        Direction,
+        Endpoint,
+        KernelPlan,
+        LbPolicy,
+        ListenerPlan,
+        PathKind,
+        Route,
+        RouteMatch,
+        Verdict,
+        VirtualHost,
+        WeightedCluster,
+    )
+    from mesh.audit import _caller_probes
+    clusters = (Cluster("far", LbPolicy.RANDOM, (Endpoint("198.18.0.7", 9000),)),
+                Cluster("d", LbPolicy.RANDOM, (Endpoint("198.18.0.5", 9000),)))
+    inbound = ListenerPlan("virtualInbound", "0.0.0.0", 9000, Direction.INBOUND, (VirtualHost(
+        "in", ("*",), (Route("", RouteMatch(PathKind.PREFIX, "/"), ClusterAction(
+            (WeightedCluster("inbound", 1),)), Verdict.KERNEL),)),))
+    plans = {"a-0": KernelPlan("a", "1", (_listener_to("out", ("/", "far")),), clusters),
+             "b-0": KernelPlan("b", "1", (_listener_to("out", ("/x", "far"), ("/", "d")),),
+                               clusters),
+             "d-0": KernelPlan("d", "1", (inbound,))}
+    pods = [{"name": "a-0", "service": "a", "ip": "198.18.0.2"},
+            {"name": "b-0", "service": "d", "ip": "198.18.0.3"},
+            {"name": "d-0", "service": "d", "ip": "198.18.0.5"}]
+    found = _caller_probes({"services": []}, pods[2], 9000, pods, plans)
+    assert found is not None and found[0]["name"] == "b-0"
+    assert [(p.request is not None, p.via) for p in found[1]] == [(True, "out/vh/")]
