@@ -118,6 +118,10 @@ class Handoff:
         self.counts["answered" if ok else "failed"] += 1
 
     def close(self) -> None:
+        """NodeDatapath.close, before the maps close. The handoff threads are
+        not joined (each may wait ANSWER_S for Envoy's answer): a thread that
+        ends later finds the injector closed, its send a no-op (counted
+        failed), and touches no map."""
         self.injector.close()
 
 

@@ -134,24 +134,32 @@ class LazyInjector:
     injection holds one (route timeouts slot 0, fault delays 1, redirects 2,
     resets 3, lost retries 4). Thread-safe: its lock keeps one writer at a
     time (a (cookie, bytes) record written by two threads at once would
-    interleave). The owner calls close() at its own close."""
+    interleave). The owner calls close() at its own close, before the
+    datapath's maps close; after it every send is refused (a thread of the
+    owner finishing late, such as agent_lost.Handoff's, must neither leave a
+    socket nor write dp_inj through a closed, possibly reused, fd)."""
 
     def __init__(self, dp: Any, slot: int) -> None:
         self.dp = dp
         self.slot = slot
         self._inj: Injector | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def send(self, client_cookie: int, data: bytes) -> bool:
-        """Injector.send, after making the socket if this is the first send."""
+        """Injector.send, after making the socket if this is the first send;
+        False once closed (nothing made, nothing sent)."""
         with self._lock:
+            if self._closed:
+                return False
             if self._inj is None:
                 self._inj = Injector(self.dp, slot=self.slot)
             return self._inj.send(client_cookie, data)
 
     def close(self) -> None:
-        """Closes the socket if one was made; a later send makes a new one."""
+        """Closes the socket if one was made; every later send returns False."""
         with self._lock:
+            self._closed = True
             if self._inj is not None:
                 self._inj.close()
                 self._inj = None

@@ -166,3 +166,29 @@ def test_handoffs_are_bounded(monkeypatch: Any) -> None:
         h.hand(client, b"GET / HTTP/1.1\r\n\r\n")
     assert h.counts["handed"] == 2 and h.counts["over_limit"] == 1
     release.set()
+
+
+def test_handoff_finishing_after_close_makes_no_injector(monkeypatch: Any) -> None:
+    """A handoff thread (not joined: it may wait ANSWER_S for Envoy) whose
+    answer comes after Handoff.close (NodeDatapath.close, before the maps
+    close) makes no Injector: no socket left open, no dp_inj write through a
+    closed fd. Its answer counts as failed."""
+    import threading
+
+    import fastpath.agent_lost as al
+    import fastpath.timeouts as tm
+
+    made: list[int] = []
+    monkeypatch.setattr(tm, "Injector", lambda dp, slot: made.append(slot))
+    release = threading.Event()
+    monkeypatch.setattr(al, "_ask_envoy", lambda c, r: release.wait(5) and b"HTTP/1.1 200 OK\r\n\r\n")
+    h = al.Handoff(dp=None, netns=None)
+    assert h.hand(5, b"GET / HTTP/1.1\r\n\r\n")
+    h.close()
+    release.set()
+    deadline = time.monotonic() + 5
+    while h.counts["failed"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert h.counts == {"handed": 1, "answered": 0, "failed": 1, "over_limit": 0}
+    assert made == []
+    assert h.injector.send(5, b"x") is False and made == []
