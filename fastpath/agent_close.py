@@ -35,7 +35,18 @@ node meanwhile. One worker, FIFO: EOFs leave in the order they were asked
 for. The order against the client's later bytes is the one it had on the
 event thread: U is off every way before the EOF is queued (claim), so no byte
 of U can follow it, and a client does not send a request behind an
-unfinished response (nor after `Connection: close`).
+unfinished response (nor after `Connection: close`). The exception: a
+response that was whole but is taken as ended by the close (above: chunked
+with trailers or a split last chunk, a head over 512 bytes or split). Its
+client saw a finished response and may send its next keep-alive request at
+once; an EOF reaching it between that request and its response closes the
+connection under it. So the worker skips (counted `close_skipped`) the EOF of
+a client that has forwarded a request since it was queued, as far as the
+agent can see it: a request bound to an upstream and waiting for its first
+byte (dp_peer wait, `forwarded`), or a DP_EV_CLOSE of the client (its
+request found U gone and went to Envoy, or it closed: `moved_on`). A request
+the kernel answers itself, or one whose event the event thread has not read
+yet, is not seen: the EOF may still cut it (docs/fastpath.md, Limits).
 """
 
 from __future__ import annotations
@@ -69,6 +80,14 @@ def wait_value(request: bytes) -> int:
     return 1 | (DP_WAIT_HEAD if request.startswith(b"HEAD ") else 0)
 
 
+def forwarded(peers: Any, client: int) -> bool:
+    """True when `client` has a request forwarded on some upstream and waiting
+    for its first response byte; `peers`: dp_peer's (key, value) pairs. Pure:
+    the unit tests call it with plain objects."""
+    return any(int(v.client) == client and int(v.wait) not in (0, DP_WAIT_EOF)
+               for _, v in peers)
+
+
 def action(peer: Any | None) -> str:
     """What U's close means for its client, from U's dp_peer value (None:
     none bound). Pure: the unit tests call it with plain objects.
@@ -86,7 +105,8 @@ class Closer:
 
     def __init__(self, dp: Any) -> None:
         self.dp = dp
-        self.counts = {"close_eof": 0, "close_failed": 0, "close_after_reply": 0}
+        self.counts = {"close_eof": 0, "close_failed": 0, "close_after_reply": 0,
+                       "close_skipped": 0}
         self._due: list[tuple[float, int]] = []  # (monotonic time, client) to close
         # (client, count on success) for the worker; None stops it
         self._eofs: queue.Queue[tuple[int, str] | None] = queue.Queue()
@@ -95,6 +115,8 @@ class Closer:
         # fds close right after; their numbers may then be a new datapath's).
         self._closed = False
         self._lock = threading.Lock()  # _queue_eof against close(): one worker, never restarted
+        self._queued: dict[int, int] = {}  # client -> its EOFs queued and not yet taken
+        self._moved_on: set[int] = set()  # of those, clients seen sending since (moved_on)
 
     def after_reply(self, client: int) -> None:
         """DP_EV_CLOSE_REPLY (event thread): the kernel answered a `Connection:
@@ -139,7 +161,27 @@ class Closer:
                 self._worker = threading.Thread(target=self._run, name="l7fp-close-eof",
                                                 daemon=True)
                 self._worker.start()
+            self._queued[client] = self._queued.get(client, 0) + 1
             self._eofs.put((client, count))
+
+    def moved_on(self, client: int) -> None:
+        """DP_EV_CLOSE of `client` (event thread): its next request found its
+        upstream gone and went to Envoy, or it closed. An EOF of it still
+        queued is skipped: it would land between that request and its answer."""
+        with self._lock:
+            if client in self._queued:
+                self._moved_on.add(client)
+
+    def _skip(self, client: int) -> bool:
+        """Worker, before each EOF: whether `client` moved on since it was queued."""
+        with self._lock:
+            n = self._queued.pop(client, 1) - 1
+            if n:
+                self._queued[client] = n
+            stale = client in self._moved_on
+            if not n:
+                self._moved_on.discard(client)
+        return stale or forwarded(self.dp.bpf["dp_peer"].items(), client)
 
     def _run(self) -> None:
         """The worker: send_eof for each queued client, in order."""
@@ -147,6 +189,11 @@ class Closer:
             client, count = item
             ok = False
             try:
+                if self._skip(client):
+                    log.debug("close: client %d sent a request since: its EOF skipped", client)
+                    count = "close_skipped"
+                    ok = True
+                    continue
                 ok = self.send_eof(client)
             except Exception:  # a carrier that could not be made: counted; the worker lives on
                 log.exception("close: EOF to client %d failed", client)

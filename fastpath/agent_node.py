@@ -234,6 +234,7 @@ class NodeDatapath:
             self.redirector.on_event(data, size)
         elif ev.kind == DP_EV_CLOSE:
             ups = [int(c) for c in ev.up_cookies if c]
+            self.closer.moved_on(int(ev.cookie))  # a queued EOF of it would cut its next request
             self.delayer.on_close(int(ev.cookie), ups)
             self.pools.release(ups + self.retrier.on_close(int(ev.cookie), ups))
         elif ev.kind == DP_EV_RETRY:

@@ -66,13 +66,21 @@ def test_response_end_follows_content_length_and_chunks() -> None:
     assert response_end(b"HTTP/1.1 200 OK\r\n\r\nuntil the close") is None
 
 
+def no_peers(**peers: Any) -> Any:
+    """A stand-in for the Closer's datapath: only its dp_peer table (upstream
+    cookie -> value with client and wait), empty unless given."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(bpf={"dp_peer": dict(peers)})
+
+
 def test_eofs_after_kernel_replies_wait_for_the_reply(monkeypatch: Any) -> None:
     """Closer.after_reply (event thread) queues the EOF; service() sends it once
     AFTER_REPLY_S passed (the reply lands when the sk_msg program returns)."""
     import fastpath.agent_close as ac
 
     sent: list[int] = []
-    closer = ac.Closer(dp=None)
+    closer = ac.Closer(dp=no_peers())
     monkeypatch.setattr(closer, "send_eof", lambda client: sent.append(client) or True)
     now = [100.0]
     monkeypatch.setattr(ac.time, "monotonic", lambda: now[0])
@@ -103,7 +111,7 @@ def test_eofs_leave_the_event_thread_in_order(monkeypatch: Any) -> None:
         sent.append(client)
         return client != 2  # the second one's FIN did not pass
 
-    closer = ac.Closer(dp=None)
+    closer = ac.Closer(dp=no_peers())
     monkeypatch.setattr(closer, "send_eof", slow_eof)
     for client in (1, 2, 3):
         closer.after_reply(client)
@@ -114,7 +122,8 @@ def test_eofs_leave_the_event_thread_in_order(monkeypatch: Any) -> None:
     closer.drain()
     closer.close()
     assert sent == [1, 2, 3]
-    assert closer.counts == {"close_eof": 0, "close_failed": 1, "close_after_reply": 2}
+    assert closer.counts == {"close_eof": 0, "close_failed": 1, "close_after_reply": 2,
+                             "close_skipped": 0}
 
 
 def test_close_drops_queued_eofs_and_stays_closed(monkeypatch: Any) -> None:
@@ -137,7 +146,7 @@ def test_close_drops_queued_eofs_and_stays_closed(monkeypatch: Any) -> None:
         in_send[0] -= 1
         return True
 
-    closer = ac.Closer(dp=None)
+    closer = ac.Closer(dp=no_peers())
     monkeypatch.setattr(closer, "send_eof", slow_eof)
     for client in range(10):
         closer._queue_eof(client, "close_eof")
@@ -192,3 +201,41 @@ def test_handoff_finishing_after_close_makes_no_injector(monkeypatch: Any) -> No
     assert h.counts == {"handed": 1, "answered": 0, "failed": 1, "over_limit": 0}
     assert made == []
     assert h.injector.send(5, b"x") is False and made == []
+
+
+def test_eof_of_a_client_that_moved_on_is_skipped(monkeypatch: Any) -> None:
+    """A whole response taken as ended by the close: its client may send its
+    next request before the queued EOF leaves. The worker skips the EOF of a
+    client seen sending since (a DP_EV_CLOSE: its request went to Envoy; or a
+    request of it waiting on an upstream in dp_peer), sends the others."""
+    import threading
+    from types import SimpleNamespace
+
+    import fastpath.agent_close as ac
+
+    peer = SimpleNamespace
+    assert ac.forwarded([(1, peer(client=3, wait=1)), (2, peer(client=4, wait=0))], 3)
+    assert not ac.forwarded([(2, peer(client=4, wait=0))], 4)  # its response came: idle
+    assert not ac.forwarded([(5, peer(client=3, wait=ac.DP_WAIT_EOF))], 3)  # a carrier
+
+    go, sent = threading.Event(), []
+
+    def held_eof(client: int) -> bool:
+        go.wait(5)
+        sent.append(client)
+        return True
+
+    closer = ac.Closer(dp=no_peers(u9=peer(client=3, wait=1 | ac.DP_WAIT_HEAD)))
+    monkeypatch.setattr(closer, "send_eof", held_eof)
+    for client in (1, 2, 3, 4, 2):
+        closer._queue_eof(client, "close_eof")
+    closer.moved_on(2)  # DP_EV_CLOSE of a client with EOFs queued: both skipped
+    closer.moved_on(7)  # of one without: nothing to skip later
+    go.set()
+    closer.drain()
+    closer._queue_eof(7, "close_eof")
+    closer._queue_eof(2, "close_eof")  # queued after its DP_EV_CLOSE: sent
+    closer.drain()
+    closer.close()
+    assert sent == [1, 4, 7, 2]
+    assert closer.counts["close_skipped"] == 3 and closer.counts["close_eof"] == 4

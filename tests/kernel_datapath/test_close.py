@@ -35,6 +35,8 @@ PARTIAL = {
     "chpart": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nhalf\r\n",
     "headfull": b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
     "chfull": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nfull\r\n0\r\n\r\n",
+    # whole, but its head is over DP_RESP_HEAD (512): no tracked end, taken as ended by the close
+    "bigfull": b"HTTP/1.1 200 OK\r\nx-pad: " + b"p" * 600 + b"\r\ncontent-length: 4\r\n\r\nfull",
 }
 
 
@@ -126,6 +128,58 @@ def test_close_in_response_matches_envoy(agent: Agent, cgroup: Any, cenvoy: Reso
     assert closes["close_eof"] == len(CUT), closes
     assert node.resetter.counts["reset_503"] == 0, node.resetter.counts
     assert node.keeper is not None and node.keeper.counts["timeout_reset"] == 0
+
+
+# the whole big-head response, the app's close, then the client's next
+# requests on the same connection (Envoy keeps it)
+MOVED_ON = [[req("/n/bigfull"), "SLEEP 1.0", req("/n/after-big"), "SLEEP 0.3",
+             req("/n/after-big2")]]
+
+
+def test_eof_skipped_when_the_client_sent_its_next_request(
+        agent: Agent, cgroup: Any, cenvoy: ResourcesEnvoy, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """A whole response the close is taken to end (head over 512 bytes): its
+    client sends its next request before its EOF leaves the worker's queue
+    (held here behind another EOF, as behind FINs that do not pass, until the
+    event thread sees the client's DP_EV_CLOSE: its request found the cut
+    upstream gone and went to Envoy). The worker skips that EOF: the client's
+    requests are answered as through Envoy, none cut by a late EOF."""
+    import threading
+
+    node = load_plan(agent, split_plan(cenvoy.listener, cenvoy.cluster))
+    closer = node.closer
+    hold, send, moved_on = threading.Event(), closer.send_eof, closer.moved_on
+    first = 1  # a cookie no socket has: the EOF the queue is backed up behind
+
+    def held_send(client: int) -> bool:
+        if client == first:
+            hold.wait(20)
+            return False
+        return send(client)
+
+    def seen(client: int) -> None:
+        moved_on(client)
+        hold.set()  # the worker goes on once the event thread saw the client
+
+    monkeypatch.setattr(closer, "send_eof", held_send)
+    monkeypatch.setattr(closer, "moved_on", seen)
+    closer._queue_eof(first, "close_eof")
+    fast = run_client(cgroup, CLIENT, cenvoy.port, MOVED_ON)
+    assert hold.is_set()  # the client's DP_EV_CLOSE was seen (not the 20 s bound)
+    closer.drain()
+    closes = dict(closer.counts)
+    node.dp.detach_cgroup(cgroup.path)
+    via_envoy = run_client(cgroup, CLIENT, cenvoy.port, MOVED_ON)
+
+    def seen_by_client(conn: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(r["status"], r["body"], r["end"]) for r in conn]
+
+    assert seen_by_client(fast[0]) == seen_by_client(via_envoy[0]), (fast, via_envoy)
+    assert [r["end"] for r in fast[0]] == ["complete"] * 3, fast
+    assert "server" not in fast[0][0]["headers"], fast  # the kernel path served the first
+    assert closes == {"close_eof": 0, "close_failed": 1, "close_after_reply": 0,
+                      "close_skipped": 1}, closes
 
 
 LRL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
