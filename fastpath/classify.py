@@ -232,10 +232,11 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
 
 def _every_request_routed(vhosts: tuple[VirtualHost, ...]) -> bool:
     """True when no request the kernel decides can miss a route: a "*" virtual host
-    catches every Host and every virtual host ends in a route matching any path
-    (prefix "/" without header, query or method matchers). Then the HCM-level
-    fault delay of requests without a route (listener_delay_reasons) never
-    applies. Found by `l7fp mesh audit`: the demo's `text` listener was ENVOY
+    catches every Host and every virtual host contains a route matching any path
+    (prefix "/" without header, query or method matchers; anywhere in its list:
+    the routes after it are unreachable, every request still has a route).
+    Then the HCM-level fault delay of requests without a route
+    (listener_delay_reasons) never applies. Found by `l7fp mesh audit`: the demo's `text` listener was ENVOY
     for it although its one route is such a catch-all."""
     def catch_all(r: Route) -> bool:
         m = r.match

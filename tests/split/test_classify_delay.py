@@ -117,7 +117,7 @@ def test_hcm_level_delay_keeps_requests_without_route_with_envoy() -> None:
 
 
 def test_hcm_level_delay_with_a_catch_all_route_is_the_kernels() -> None:
-    """A "*" virtual host ending in a prefix "/" route leaves no request without a
+    """A "*" virtual host containing a prefix "/" route leaves no request without a
     route: the HCM delay is the route's (the demo's `text` listener, found ENVOY
     by `l7fp mesh audit`); a header matcher on the last route brings it back."""
     result, (route,) = plan_routes([fwd(timeout="0s")], [fault(delay=delay())])
@@ -127,6 +127,33 @@ def test_hcm_level_delay_with_a_catch_all_route_is_the_kernels() -> None:
         {"name": "x", "string_match": {"exact": "1"}}]}}
     result, _ = plan_routes([hdr], [fault(delay=delay())])
     assert result.plan.listeners[0].verdict is Verdict.ENVOY
+    # a catch-all anywhere (routes after it are unreachable) routes every request too
+    mid = [fwd(timeout="0s"), {**fwd(timeout="0s"), "match": {"prefix": "/a"}}]
+    result, _ = plan_routes(mid, [fault(delay=delay())])
+    assert result.plan.listeners[0].verdict is Verdict.KERNEL
+
+
+def listener_verdict(vhosts: list[dict[str, Any]]) -> Verdict:
+    """The verdict of a listener with these virtual hosts and an HCM-level delay."""
+    lst = listener([], [fault(delay=delay())])
+    hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"] = vhosts
+    res = {em.LISTENER: [em.parse(em.LISTENER, lst)], em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
+    return split_snapshot("n", res, ON).plan.listeners[0].verdict
+
+
+def test_hcm_level_delay_needs_a_star_host_and_a_catch_all_in_each() -> None:
+    """A request misses every route (the HCM delay applies, Envoy's) when no
+    virtual host takes its Host, or when the one that does has no catch-all."""
+    catch = [fwd(timeout="0s")]
+    only_a = [{**fwd(timeout="0s"), "match": {"prefix": "/a"}}]
+    assert listener_verdict([{"name": "w", "domains": ["web"], "routes": catch}]) is Verdict.ENVOY
+    assert listener_verdict([{"name": "w", "domains": ["web"], "routes": catch},
+                             {"name": "s", "domains": ["*"], "routes": only_a}]) is Verdict.ENVOY
+    assert listener_verdict([{"name": "w", "domains": ["web"], "routes": only_a},
+                             {"name": "s", "domains": ["*"], "routes": catch}]) is Verdict.ENVOY
+    assert listener_verdict([{"name": "w", "domains": ["web"], "routes": catch},
+                             {"name": "s", "domains": ["*"], "routes": catch}]) is Verdict.KERNEL
 
 
 def test_residual_keeps_the_fault_filter() -> None:
