@@ -4,6 +4,7 @@ fixtures even when a test fails."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,15 +103,14 @@ def resources_envoy(envoy_bin: str, tmp_path: Path) -> Iterator[EnvoyMaker]:
     of the differential tests (test_close, test_reset, ...) are one call of it;
     they take their upstream server's fixture before this one, so that the
     Envoy stops before its upstream (as their own teardown did)."""
-    started: list[ResourcesEnvoy] = []
+    with contextlib.ExitStack() as stack:  # every Envoy closed even if one close raises
 
-    def start(name: str, make: Make, up_port: int) -> ResourcesEnvoy:
-        started.append(ResourcesEnvoy(envoy_bin, name, make, up_port, tmp_path))
-        return started[-1]
+        def start(name: str, make: Make, up_port: int) -> ResourcesEnvoy:
+            e = ResourcesEnvoy(envoy_bin, name, make, up_port, tmp_path)
+            stack.callback(e.close)
+            return e
 
-    yield start
-    for e in started:
-        e.close()
+        yield start
 
 
 @pytest.fixture
