@@ -87,6 +87,7 @@ def analyse(paths: list[str], caps: KernelCaps | None = None) -> Report:
     """Read every file under ``paths`` and classify it."""
     from fastpath.inputs_configdir import read_config_dir
 
+    inputs.clear_caches()  # the files as they are now (a process may run several splits)
     report = Report([], [], {}, [])
     # each path walked once; one that does not exist: FileNotFoundError before any work
     listed = [(Path(p), inputs.files([p])) for p in paths]

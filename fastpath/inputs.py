@@ -73,6 +73,18 @@ def load_yaml(path: Path) -> tuple[Any, ...]:
         return tuple(d for d in yaml.safe_load_all(f) if d is not None)
 
 
+def clear_caches() -> None:
+    """Forget every file read so far: `load_yaml` and the CiliumEnvoyConfig
+    registry per directory (fastpath.inputs_cilium). Called at the start of
+    each split run (coverage.analyse), so that a process running several (the
+    tests, a caller of analyse) reads the files as they are now, not as the
+    first run saw them; within one run each file is read once."""
+    from fastpath import inputs_cilium
+
+    load_yaml.cache_clear()
+    inputs_cilium.clear_caches()
+
+
 def _docs(path: Path) -> Iterator[Any]:
     """YAML documents of ``path``, plus YAML embedded in ConfigMap data strings."""
     try:

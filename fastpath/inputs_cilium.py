@@ -4,9 +4,10 @@ Called by `fastpath.inputs.read_envoy_xds` for each CiliumEnvoyConfig /
 CiliumClusterwideEnvoyConfig document; owned by the split. The Services come
 from the Kubernetes Service/EndpointSlice/Pod objects of the same file and of
 the other files of its directory (the input a user hands `l7fp split`), read
-with the Istio importer's registry, built once per directory (as cilium-agent
-sees one cluster state); the assignments are those of
-`xds_server.sources.cilium` (cilium-agent's naming and port selection). An EDS
+with the Istio importer's registry, built once per directory and split run
+(as cilium-agent sees one cluster state; `clear_caches` at each run's start);
+the assignments are those of `xds_server.sources.cilium` (cilium-agent's
+naming and port selection). An EDS
 cluster that still has none keeps the ENVOY reason, with why
 (`Document.eds_missing`, passed to the classifier in `KernelCaps.eds_missing`).
 """
@@ -36,6 +37,13 @@ def endpoints_for(cec: Mapping[str, Any], clusters: list[dict[str, Any]], path: 
     reg, warnings = _registry(path.parent, None if path in _siblings(path.parent) else path, load)
     clas, missing = cilium.assignments(cilium.service_refs(cec), reg, clusters)
     return clas, missing, list(warnings)
+
+
+def clear_caches() -> None:
+    """inputs.clear_caches, at each split run's start: the registries and
+    listings below are the files as that run found them."""
+    _registry.cache_clear()
+    _siblings.cache_clear()
 
 
 @functools.lru_cache(maxsize=32)

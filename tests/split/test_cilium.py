@@ -142,6 +142,19 @@ def test_split_without_the_services_names_them(tmp_path: Path,
            "(Service 'default/helloworld-v2' not in the input)" in reason
 
 
+def test_split_reads_the_directory_as_it_is_at_each_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The YAML, registry and listing caches hold for one split run only: the
+    same process splitting the directory again after its Services were added
+    (or a file changed) sees them."""
+    shutil.copy(EXAMPLES / "helloworld-cec.yaml", tmp_path)
+    assert split_json(capsys, str(tmp_path))["routes"][0]["verdict"] == "ENVOY"
+    shutil.copy(EXAMPLES / "helloworld-services.yaml", tmp_path)
+    assert split_json(capsys, str(tmp_path))["routes"][0]["verdict"] == "KERNEL"
+    (tmp_path / "helloworld-services.yaml").write_text("")  # the same files, one now empty
+    assert split_json(capsys, str(tmp_path))["routes"][0]["verdict"] == "ENVOY"
+
+
 def test_split_port_not_selected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cec = yaml.safe_load((EXAMPLES / "helloworld-cec.yaml").read_text())
     cec["spec"]["backendServices"][1]["number"] = ["5000"]  # the cluster asks for :http
