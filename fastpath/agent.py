@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastpath import inbound_merge
+from fastpath import inbound_merge, inbound_verdict
 from fastpath.agent_node import NodeDatapath, PodInfo
 from fastpath.agent_outlier import OutlierCollector
 from fastpath.counters import FastpathCollector
@@ -367,6 +367,19 @@ class Agent:
     def _plan_of_ip(self, ip: str) -> KernelPlan | None:
         pod = next((p for p in self.pods.values() if p.ip == ip), None)
         return self.plans.get(pod.node_id) if pod is not None else None
+
+    def plan_view(self, node_id: str) -> KernelPlan | None:
+        """The node's plan with the verdicts its destinations' inbound side
+        decides (fastpath.inbound_verdict): what `/debug/fastpath/plans` shows.
+        The decision is the node's loaded one (an l7fp node may fall back to
+        inline), else the agent's."""
+        with self.lock:
+            plan = self.plans.get(node_id)
+            node = self.nodes.get(node_id)
+        if plan is None:
+            return None
+        decide = node.mode if node is not None else self.decide
+        return inbound_verdict.honest_plan(plan, self._plan_of_ip, decide)
 
     def _inbound_ok(self, ip: str, port: int) -> bool:
         """True when the pod at ip has a known plan whose inbound side for `port`

@@ -169,13 +169,15 @@ def _without_stripped_headers(plan: KernelPlan, out: Merged,
                  for lp in plan.listeners)
 
 
+def kernel_endpoints(plan: KernelPlan) -> dict[str, list[tuple[str, int]]]:
+    """Per cluster the kernel may pool (KERNEL, no TLS, not a merged copy),
+    its endpoints: the destinations `merge` decides (fastpath.inbound_verdict too)."""
+    return {c.name: [(e.address, e.port) for e in c.endpoints] for c in plan.clusters
+            if c.verdict is Verdict.KERNEL and not c.tls and not is_merged_cluster(c.name)}
+
+
 def _endpoints(plan: KernelPlan) -> list[tuple[str, int]]:
-    seen: dict[tuple[str, int], None] = {}
-    for c in plan.clusters:
-        if c.verdict is Verdict.KERNEL and not c.tls and not is_merged_cluster(c.name):
-            for e in c.endpoints:
-                seen[(e.address, e.port)] = None
-    return list(seen)
+    return list(dict.fromkeys(ep for eps in kernel_endpoints(plan).values() for ep in eps))
 
 
 def _mergeable(dest: KernelPlan, port: int, added: set[str]) -> tuple[ListenerPlan | None, str]:
@@ -183,16 +185,47 @@ def _mergeable(dest: KernelPlan, port: int, added: set[str]) -> tuple[ListenerPl
     if len(found) != 1:
         return None, f"{len(found)} inbound listeners for port {port}"
     lp = found[0]
-    if lp.verdict is not Verdict.KERNEL:
-        return None, f"inbound listener needs Envoy: {lp.reason}"
-    if any(rb.verdict is not Verdict.KERNEL for rb in (*lp.rbacs, *((lp.rbac,) if lp.rbac else ()))):
-        return None, "inbound RBAC needs Envoy"
-    if lp.local_rate_limit is not None:
-        return None, "inbound local rate limit (its bucket is the destination's Envoy's)"
+    why = listener_refusal(lp)
+    if why:
+        return None, why
     clash = sorted(header_names(lp) & added)
     if clash:
         return None, f"inbound policy reads a header the outbound side adds: {', '.join(clash)}"
     return lp, ""
+
+
+def listener_refusal(lp: ListenerPlan) -> str:
+    """Why no client may merge the inbound listener `lp`, whoever the client is
+    ("" when it may): also read by fastpath.inbound_verdict."""
+    if lp.verdict is not Verdict.KERNEL:
+        return f"inbound listener needs Envoy: {lp.reason}"
+    if any(rb.verdict is not Verdict.KERNEL for rb in (*lp.rbacs, *((lp.rbac,) if lp.rbac else ()))):
+        return "inbound RBAC needs Envoy"
+    if lp.local_rate_limit is not None:
+        return "inbound local rate limit (its bucket is the destination's Envoy's)"
+    return ""
+
+
+def inbound_punt(r: Route) -> str | None:
+    """Why the merged copy of the KERNEL inbound route `r` is a punt (its
+    requests go to Envoy), None when the kernel decides it: `_renamed`'s rule,
+    also read by fastpath.inbound_verdict."""
+    if r.verdict is not Verdict.KERNEL:
+        return None
+    a = r.action
+    if r.rate_limit is not None:
+        # the bucket is the destination Envoy's (fastpath.residual)
+        return "inbound rate limit (Envoy owns the bucket)"
+    if isinstance(a, ClusterAction) and a.timeout_ms:
+        # the data path times the outbound route only (fastpath/timeouts.py)
+        return "inbound route timeout (the kernel times the outbound route only)"
+    if _rewrites(r):
+        # the data path rewrites by the outbound route only (dp_rewrite.h)
+        return "inbound path rewrite (the kernel rewrites by the outbound route only)"
+    if isinstance(a, ClusterAction) and a.mirrors:
+        # the agent shadows the outbound route's requests only (agent_mirror.py)
+        return "inbound request mirror (the destination's Envoy shadows it)"
+    return None
 
 
 def _renamed(lp: ListenerPlan, dest: KernelPlan, ip: str, port: int
@@ -207,25 +240,9 @@ def _renamed(lp: ListenerPlan, dest: KernelPlan, ip: str, port: int
             names.update(wc.name for wc in a.clusters)
             a = dataclasses.replace(a, clusters=tuple(
                 dataclasses.replace(wc, name=wc.name + suffix) for wc in a.clusters))
-        if r.rate_limit is not None and r.verdict is Verdict.KERNEL:
-            # the bucket is the destination Envoy's (fastpath.residual): a punt
-            return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
-                                       reason="inbound rate limit (Envoy owns the bucket)")
-        if isinstance(a, ClusterAction) and a.timeout_ms and r.verdict is Verdict.KERNEL:
-            # the data path times the outbound route only (fastpath/timeouts.py)
-            return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
-                                       reason="inbound route timeout (the kernel times "
-                                              "the outbound route only)")
-        if _rewrites(r) and r.verdict is Verdict.KERNEL:
-            # the data path rewrites by the outbound route only (dp_rewrite.h)
-            return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
-                                       reason="inbound path rewrite (the kernel rewrites "
-                                              "by the outbound route only)")
-        if isinstance(a, ClusterAction) and a.mirrors and r.verdict is Verdict.KERNEL:
-            # the agent shadows the outbound route's requests only (agent_mirror.py)
-            return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY,
-                                       reason="inbound request mirror (the destination's "
-                                              "Envoy shadows it)")
+        punt = inbound_punt(r)
+        if punt is not None:
+            return dataclasses.replace(r, action=a, verdict=Verdict.ENVOY, reason=punt)
         return dataclasses.replace(r, action=a)
 
     vhs = tuple(dataclasses.replace(vh, routes=tuple(route(r) for r in vh.routes))

@@ -44,13 +44,18 @@ def setup(server: Any, app: web.Application, args: argparse.Namespace) -> None:
     async def debug_plans(request: web.Request) -> web.Response:
         """`/debug/fastpath/plans?proxyID=NODE`: that node's KernelPlan as JSON
         (`KernelPlan.to_json`; `fastpath.plan_json` reads it back), the node's
-        own plan before the agent merges its destinations' inbound listeners.
+        own plan before the agent merges its destinations' inbound listeners;
+        with an agent, its verdicts say where the destinations' inbound side
+        hands every request of a route to Envoy (`Agent.plan_view`).
         Without proxyID: the node ids that have a plan. For `l7fp mesh audit`."""
+        from fastpath.agent import AGENTS
+
         plans = getattr(server, "plans", {})
         node = request.query.get("proxyID")
         if not node:
             return web.json_response({"nodes": sorted(plans)})
-        plan = plans.get(node)
+        agent = AGENTS.get(id(server))
+        plan = (agent.plan_view(node) if agent is not None else None) or plans.get(node)
         if plan is None:
             return web.json_response({"error": f"no plan for proxy {node!r}",
                                       "nodes": sorted(plans)}, status=404)

@@ -1,0 +1,214 @@
+"""Verdicts that know the destinations' inbound side: no KERNEL route whose
+every request the data path hands to Envoy.
+
+A node's plan (fastpath.split) is made from that node's resources only: a
+client route to a destination whose inbound side keeps the request on Envoy
+(DESIGN.md rule 3: the destination's listener-level rate limit; a route-level
+one makes the merged inbound route a punt) is KERNEL there, yet every request
+of it goes to Envoy (`no_pool`, `punt_route`). Where the destinations' plans
+are known (the agent's view of a mesh), `honest_plan` marks such routes ENVOY
+with a reason naming the destination and the cause.
+
+No second copy of the runtime rule: what happens to an endpoint comes from
+`fastpath.inbound_merge.merge` (the agent's own call: refused endpoints get
+no pool) and the merged inbound listener's route verdicts (its punts). Only
+whole routes change, conservatively:
+
+* an outbound route becomes ENVOY when every endpoint of every cluster it may
+  pick (weight > 0) is refused for a cause of the destination (not "no known
+  plan": that is transient), or its merged inbound listener's first route
+  that can match any request of the route is a punt matching all of them
+  (literal paths compared; a regex DFA, case-insensitive path, header, query
+  or gRPC matcher on the inbound side before it counts as "maybe partial");
+  a route the kernel itself may answer (fault abort, rate limit), that
+  rewrites the path, or whose inbound listener has listener-level RBAC or
+  abort stays KERNEL;
+* an inbound route of a non-transparent inbound listener becomes ENVOY when
+  every client kernel must hand it to Envoy: the listener is refused whoever
+  merges it (`listener_refusal`), or the route's merged copy is a punt
+  (`inbound_punt`); with the `inline` decision (no second decision) every
+  route of a non-transparent inbound listener.
+
+Called by `fastpath.agent.Agent.plan_view` (`/debug/fastpath/plans`, read by
+`l7fp mesh audit`). Pure functions of the plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from fastpath.inbound import inbound_transparent
+from fastpath.inbound_merge import (
+    NO_PLAN,
+    Merged,
+    inbound_punt,
+    kernel_endpoints,
+    listener_refusal,
+    merge,
+)
+from fastpath.plan import (
+    ClusterAction,
+    Direction,
+    KernelPlan,
+    ListenerPlan,
+    PathKind,
+    Route,
+    RouteMatch,
+    Verdict,
+)
+
+PlanOfIp = Callable[[str], KernelPlan | None]
+INLINE = "inbound side not transparent (the inline decision has no second decision)"
+
+
+def honest_plan(plan: KernelPlan, plan_of_ip: PlanOfIp, decide: str = "l7fp") -> KernelPlan:
+    """`plan` with the routes every request of which goes to Envoy because of
+    the destinations' inbound side marked ENVOY (see the module docstring).
+    `decide`: the node's decision ("l7fp" merges, "inline" does not)."""
+    merged = merge(plan, plan_of_ip) if decide == "l7fp" else inline_merged(plan, plan_of_ip)
+    listeners = tuple(_outbound(lp, plan, merged) if lp.direction is Direction.OUTBOUND
+                      else _inbound(lp, plan, decide) for lp in plan.listeners)
+    if listeners == plan.listeners:
+        return plan
+    return dataclasses.replace(plan, listeners=listeners)
+
+
+def inline_merged(plan: KernelPlan, plan_of_ip: PlanOfIp) -> Merged:
+    """The inline decision's view (fastpath.agent._inbound_ok): an endpoint
+    whose inbound side is not transparent gets no pool."""
+    out = Merged(plan)
+    for eps in kernel_endpoints(plan).values():
+        for ip, port in eps:
+            dest = plan_of_ip(ip)
+            if dest is None:
+                out.refused[(ip, port)] = NO_PLAN
+            elif not inbound_transparent(dest.listeners, port):
+                out.refused[(ip, port)] = INLINE
+    return out
+
+
+def _with_routes(lp: ListenerPlan, change: Callable[[Route], str | None]) -> ListenerPlan:
+    """lp with each KERNEL route for which `change` gives a reason made ENVOY."""
+    def route(r: Route) -> Route:
+        why = change(r) if r.verdict is Verdict.KERNEL else None
+        return r if why is None else dataclasses.replace(r, verdict=Verdict.ENVOY, reason=why)
+
+    vhs = tuple(dataclasses.replace(vh, routes=tuple(route(r) for r in vh.routes))
+                for vh in lp.virtual_hosts)
+    return lp if vhs == lp.virtual_hosts else dataclasses.replace(lp, virtual_hosts=vhs)
+
+
+def _inbound(lp: ListenerPlan, plan: KernelPlan, decide: str) -> ListenerPlan:
+    if lp.verdict is not Verdict.KERNEL or inbound_transparent(plan.listeners, lp.port):
+        return lp
+    whole = INLINE if decide != "l7fp" else listener_refusal(lp)
+
+    def why(r: Route) -> str | None:
+        cause = whole or inbound_punt(r)
+        return f"every client kernel hands it to Envoy: {cause}" if cause else None
+
+    return _with_routes(lp, why)
+
+
+def _outbound(lp: ListenerPlan, plan: KernelPlan, merged: Merged) -> ListenerPlan:
+    if lp.verdict is not Verdict.KERNEL:
+        return lp
+    eps = kernel_endpoints(plan)
+    return _with_routes(lp, lambda r: _route_cause(r, eps, merged))
+
+
+def _route_cause(r: Route, eps: dict[str, list[tuple[str, int]]], merged: Merged) -> str | None:
+    a = r.action
+    if (not isinstance(a, ClusterAction) or r.fault_abort is not None or r.rate_limit is not None
+            or a.prefix_rewrite or a.path_rewrite is not None):
+        return None
+    picked = [wc.name for wc in a.clusters if wc.weight > 0]
+    if not picked or any(not eps.get(name) for name in picked):
+        return None  # a cluster the kernel does not pool, or without endpoints
+    causes: dict[str, str] = {}
+    for name in picked:
+        for ep in eps[name]:
+            cause = _endpoint_cause(r, ep, merged)
+            if cause is None:
+                return None
+            causes.setdefault(f"{destination(name)}: {cause}", "")
+    return "destination " + "; ".join(causes)
+
+
+def destination(cluster: str) -> str:
+    """A cluster's service for a reason: Istio's `outbound|80||svc.ns.svc...` -> svc."""
+    host = cluster.rsplit("|", 1)[-1]
+    return host.split(".", 1)[0] if "|" in cluster else cluster
+
+
+def _endpoint_cause(r: Route, ep: tuple[str, int], merged: Merged) -> str | None:
+    refused = merged.refused.get(ep)
+    if refused is not None:
+        return None if refused == NO_PLAN else refused
+    name = merged.merged.get(ep)
+    if name is None:
+        return None  # transparent inbound side: the kernel delivers
+    lp = next(x for x in merged.plan.listeners if x.name == name)
+    return _punts_all(r.match, lp)
+
+
+def _punts_all(m: RouteMatch, lp: ListenerPlan) -> str | None:
+    """The punt reason when the merged inbound listener `lp` hands every
+    request matching `m` to Envoy; None when it may decide some itself."""
+    if lp.rbac is not None or lp.rbacs or lp.fault_abort is not None:
+        return None
+    if len(lp.virtual_hosts) != 1 or "*" not in lp.virtual_hosts[0].domains:
+        return None  # which virtual host depends on the Host
+    for ir in lp.virtual_hosts[0].routes:
+        if _disjoint(m, ir.match):
+            continue
+        if ir.verdict is Verdict.ENVOY and _covers(ir.match, m):
+            return f"inbound route {ir.name!r}: {ir.reason}"
+        return None
+    return None
+
+
+def _literal(m: RouteMatch) -> tuple[str, str] | None:
+    """("prefix"|"exact", path) for a case-sensitive literal path matcher."""
+    if not m.case_sensitive:
+        return None
+    if m.path_kind is PathKind.PREFIX:
+        return "prefix", m.path
+    if m.path_kind is PathKind.EXACT:
+        return "exact", m.path
+    if m.path_kind is PathKind.REGEX and m.regex_literal is not None:
+        return "exact", m.regex_literal
+    if m.path_kind is PathKind.REGEX and m.regex_prefix is not None:
+        return "prefix", m.regex_prefix
+    return None
+
+
+def _disjoint(a: RouteMatch, b: RouteMatch) -> bool:
+    """True only when no request matches both (methods or literal paths differ).
+    A path-separated prefix counts as its plain prefix (a superset)."""
+    if a.method is not None and b.method is not None and a.method != b.method:
+        return True
+    la = _literal(a) or (("prefix", a.path) if a.path_kind is PathKind.PATH_SEPARATED_PREFIX
+                         and a.case_sensitive else None)
+    lb = _literal(b) or (("prefix", b.path) if b.path_kind is PathKind.PATH_SEPARATED_PREFIX
+                         and b.case_sensitive else None)
+    if la is None or lb is None:
+        return False
+    if la[0] == "exact" and lb[0] == "exact":
+        return la[1] != lb[1]
+    return not (la[1].startswith(lb[1]) or lb[1].startswith(la[1]))
+
+
+def _covers(outer: RouteMatch, inner: RouteMatch) -> bool:
+    """True only when every request matching `inner` matches `outer`."""
+    if outer.headers or outer.query_params or outer.grpc:
+        return False
+    if outer.method is not None and outer.method != inner.method:
+        return False
+    lo, li = _literal(outer), _literal(inner)
+    if lo is None or li is None:
+        return False
+    if lo[0] == "exact":
+        return li == lo
+    return li[1].startswith(lo[1])

@@ -1,0 +1,119 @@
+"""Verdicts that know the destinations' inbound side (fastpath.inbound_verdict):
+a client route every request of which the data path hands to Envoy because of
+the destination's inbound side is ENVOY; a partly affected one stays KERNEL."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fastpath.inbound_verdict import honest_plan
+from fastpath.plan import (
+    Cluster,
+    ClusterAction,
+    Direction,
+    Endpoint,
+    KernelPlan,
+    LbPolicy,
+    ListenerPlan,
+    LocalRateLimit,
+    PathKind,
+    Route,
+    RouteMatch,
+    Verdict,
+    VirtualHost,
+    WeightedCluster,
+)
+
+A, B = "198.18.0.9", "198.18.0.10"
+CLUSTER = "outbound|9000||api.k3.svc.cluster.local"
+OTHER = "outbound|9000||api-v2.k3.svc.cluster.local"
+LIMIT = LocalRateLimit(5, 5, 3_600_000)
+
+
+def _route(name: str, path: str, *clusters: tuple[str, int], kind: PathKind = PathKind.PREFIX,
+           **kw: object) -> Route:
+    return Route(name, RouteMatch(kind, path), ClusterAction(tuple(
+        WeightedCluster(c, w) for c, w in clusters)), Verdict.KERNEL, **kw)  # type: ignore[arg-type]
+
+
+def client(*routes: Route) -> KernelPlan:
+    vh = VirtualHost("api", ("*",), routes)
+    lp = ListenerPlan("198.19.0.9_9000", "198.19.0.9", 9000, Direction.OUTBOUND, (vh,))
+    return KernelPlan("client", "v1", (lp,), (
+        Cluster(CLUSTER, LbPolicy.ROUND_ROBIN, (Endpoint(A, 9000),)),
+        Cluster(OTHER, LbPolicy.ROUND_ROBIN, (Endpoint(B, 9000),))))
+
+
+def dest(*routes: Route, **kw: object) -> KernelPlan:
+    vh = VirtualHost("inbound|http|9000", ("*",), routes or (_route("in", "/", ("app", 1)),))
+    lp = ListenerPlan("virtualInbound", "0.0.0.0", 9000, Direction.INBOUND, (vh,),
+                      route_config="inbound|9000||", **kw)  # type: ignore[arg-type]
+    return KernelPlan("dest", "d1", (lp,), (Cluster("app", LbPolicy.ROUND_ROBIN,
+                                                    (Endpoint("127.0.0.1", 9000),)),))
+
+
+def limited_v1() -> KernelPlan:
+    """api's inbound side of tests/kernel_differential/policies.yaml: /v1/ limited."""
+    return dest(_route("in-v1-limited", "/v1/", ("app", 1), rate_limit=LIMIT),
+                _route("in-default", "/", ("app", 1)))
+
+
+def verdicts(plan: KernelPlan) -> dict[str, tuple[Verdict, str]]:
+    return {r.name: (r.verdict, r.reason) for lp in plan.listeners
+            for vh in lp.virtual_hosts for r in vh.routes}
+
+
+def test_listener_rate_limit_makes_every_route_to_it_envoy() -> None:
+    """The demo's unique-id: no client kernel gets a pool for it (no_pool)."""
+    plans = {A: dest(local_rate_limit=LIMIT), B: dest()}
+    got = verdicts(honest_plan(client(_route("to-api", "/", (CLUSTER, 1)),
+                                      _route("to-v2", "/", (OTHER, 1))), plans.get))
+    assert got["to-api"] == (Verdict.ENVOY, "destination api: inbound local rate limit "
+                             "(its bucket is the destination's Envoy's)")
+    assert got["to-v2"] == (Verdict.KERNEL, "")
+    own = verdicts(honest_plan(plans[A], plans.get))
+    assert own["in"][0] is Verdict.ENVOY and "inbound local rate limit" in own["in"][1]
+
+
+def test_inbound_route_punt_covering_the_route_makes_it_envoy() -> None:
+    """k3's `pinned` (GET /v1/, api 100 / api-v2 0) and api's inbound /v1/ limit."""
+    plans = {A: limited_v1(), B: dest()}
+    pinned = _route("pinned", "/v1/", (CLUSTER, 100), (OTHER, 0))
+    got = verdicts(honest_plan(client(pinned, _route("split", "/", (CLUSTER, 50), (OTHER, 50)),
+                                      _route("v1x", "/v1/x", (CLUSTER, 1), kind=PathKind.EXACT)),
+                               plans.get))
+    want = "destination api: inbound route 'in-v1-limited': inbound rate limit (Envoy owns the bucket)"
+    assert got["pinned"] == (Verdict.ENVOY, want)
+    assert got["v1x"] == (Verdict.ENVOY, want)  # an exact path under the limited prefix
+    assert got["split"] == (Verdict.KERNEL, "")  # partly: only /v1/ and only api's half
+    own = verdicts(honest_plan(plans[A], plans.get))
+    assert own["in-v1-limited"][0] is Verdict.ENVOY and own["in-default"][0] is Verdict.KERNEL
+
+
+def test_partial_cases_stay_kernel() -> None:
+    plans = {A: limited_v1(), B: dest()}
+    cases = [
+        _route("all", "/", (CLUSTER, 1)),  # /v1/ is only part of /
+        _route("v", "/v", (CLUSTER, 1)),  # /v2 goes past the punt to in-default
+        _route("half", "/v1/", (CLUSTER, 50), (OTHER, 50)),  # api-v2 is served
+        _route("own-limit", "/v1/", (CLUSTER, 1), rate_limit=LIMIT),  # the kernel's 429
+    ]
+    got = verdicts(honest_plan(client(*cases), plans.get))
+    assert {n: v for n, (v, _) in got.items()} == {r.name: Verdict.KERNEL for r in cases}
+
+
+def test_an_earlier_overlapping_inbound_route_keeps_kernel() -> None:
+    """The first inbound route that may match decides: one the kernel serves
+    for some of the route's requests keeps the route KERNEL."""
+    first = _route("in-v1-get", "/v1/", ("app", 1))
+    first = dataclasses.replace(first, match=dataclasses.replace(first.match, method="GET"))
+    plans = {A: dest(first, *limited_v1().listeners[0].virtual_hosts[0].routes)}
+    got = verdicts(honest_plan(client(_route("pinned", "/v1/", (CLUSTER, 1))), plans.get))
+    assert got["pinned"][0] is Verdict.KERNEL
+
+
+def test_unknown_destination_keeps_kernel_and_inline_has_no_merge() -> None:
+    plan = client(_route("pinned", "/v1/", (CLUSTER, 1)))
+    assert honest_plan(plan, lambda ip: None) is plan  # no plan yet: transient
+    got = verdicts(honest_plan(plan, {A: limited_v1()}.get, decide="inline"))
+    assert got["pinned"][0] is Verdict.ENVOY and "inline" in got["pinned"][1]
