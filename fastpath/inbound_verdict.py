@@ -20,9 +20,9 @@ whole routes change, conservatively:
   that can match any request of the route is a punt matching all of them
   (literal paths compared; a regex DFA, case-insensitive path, header, query
   or gRPC matcher on the inbound side before it counts as "maybe partial");
-  a route the kernel itself may answer (fault abort, rate limit), that
-  rewrites the path, or whose inbound listener has listener-level RBAC or
-  abort stays KERNEL;
+  a route the kernel itself may answer (its own or its listener's fault
+  abort, rate limit, RBAC), that rewrites the path, or whose merged inbound
+  listener has listener-level RBAC or abort stays KERNEL;
 * an inbound route of a non-transparent inbound listener becomes ENVOY when
   every client kernel must hand it to Envoy: the listener is refused whoever
   merges it (`listener_refusal`), or the route's merged copy is a punt
@@ -112,8 +112,9 @@ def _inbound(lp: ListenerPlan, plan: KernelPlan, decide: str) -> ListenerPlan:
 
 
 def _outbound(lp: ListenerPlan, plan: KernelPlan, merged: Merged) -> ListenerPlan:
-    if lp.verdict is not Verdict.KERNEL:
-        return lp
+    if (lp.verdict is not Verdict.KERNEL or lp.local_rate_limit is not None
+            or lp.rbac is not None or lp.rbacs or lp.fault_abort is not None):
+        return lp  # the kernel itself may answer some requests (429, 403, abort)
     eps = kernel_endpoints(plan)
     return _with_routes(lp, lambda r: _route_cause(r, eps, merged))
 

@@ -35,16 +35,12 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.ma
 REPO = Path(__file__).resolve().parents[2]
 
 # Known gaps, each with the exact reason. Outbound routes by "vhost/route" (the
-# sending pod varies), inbound ones by "service vhost/route".
-EXCEPTIONS = {
-    # unique-id's inbound listener has a listener-level local rate limit: its
-    # bucket is the destination's Envoy's (rule 3, one owner per bucket), so no
-    # client kernel gets a pool for unique-id and every request to it goes to
-    # Envoy, although its outbound route and its inbound route are KERNEL
-    # (docs/fastpath.md "The destination's inbound listener").
-    "unique-id.demo.svc.cluster.local:9000/": ("envoy", "no_pool"),
-    "unique-id inbound|http|9000/": ("envoy", "no_pool"),
-}
+# sending pod varies), inbound ones by "service vhost/route". None today: the
+# routes to unique-id (its inbound listener-level local rate limit is its
+# Envoy's, rule 3: no client kernel gets a pool for it) and its inbound route
+# were KERNEL and served by Envoy (`no_pool`) until the plan view knew the
+# destinations' inbound side (fastpath.inbound_verdict): they are ENVOY now.
+EXCEPTIONS: dict[str, tuple[str, str | None]] = {}
 # Routes the audit cannot send a request for, with why (none in these meshes: the
 # demo's `text` listener was one, ENVOY for its HCM fault delay, until the split
 # saw that its catch-all route leaves no request without a route).
@@ -121,9 +117,17 @@ def _check(rows: list[dict[str, Any]], min_routes: int) -> None:
 def test_demo_mesh_kernel_routes_are_served_by_the_kernel(meshes: dict[str, Mesh]) -> None:
     m = meshes["d"]
     code, out = _audit_cli(m, _first_loaded(m.state()))
-    _check(out["rows"], min_routes=13 + 12)  # outbound routes, the pods' inbound ones
+    _check(out["rows"], min_routes=12 + 11)  # outbound routes, the pods' inbound ones
     s = out["summary"]
-    assert s["kernel"] == s["audited"] - 2 and code == 3  # the exceptions above
+    assert s["kernel"] == s["audited"] and code == 0
+    audited = {_key(r) for r in out["rows"]}
+    assert not any("unique-id" in k for k in audited), audited  # ENVOY: not audited
+    plan = audit.load_plans(m.state(), [p for p in m.state()["pods"] if p["name"] == "frontend-0"])
+    to_uid = [r for lp in plan["frontend-0"].listeners for vh in lp.virtual_hosts
+              for r in vh.routes if vh.name.startswith("unique-id.")]
+    assert [(r.verdict.value, r.reason) for r in to_uid] == [(
+        "ENVOY", "destination unique-id: inbound local rate limit (its bucket is the "
+                 "destination's Envoy's)")]
 
 
 def test_bookinfo_istio_mesh_kernel_routes_are_served_by_the_kernel(

@@ -117,3 +117,11 @@ def test_unknown_destination_keeps_kernel_and_inline_has_no_merge() -> None:
     assert honest_plan(plan, lambda ip: None) is plan  # no plan yet: transient
     got = verdicts(honest_plan(plan, {A: limited_v1()}.get, decide="inline"))
     assert got["pinned"][0] is Verdict.ENVOY and "inline" in got["pinned"][1]
+
+
+def test_a_client_listener_that_may_answer_keeps_kernel() -> None:
+    """A listener-level limit on the client's side: the kernel's 429 for some."""
+    plan = client(_route("pinned", "/v1/", (CLUSTER, 1)))
+    plan = dataclasses.replace(plan, listeners=(dataclasses.replace(
+        plan.listeners[0], local_rate_limit=LIMIT),))
+    assert honest_plan(plan, {A: limited_v1()}.get) is plan
