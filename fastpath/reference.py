@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass, field, replace
 
 from fastpath.hop import MATCH_AFTER_REMOVAL, kernel_hop
+from fastpath.inbound_merge import merged_name
 from fastpath.mirror import sampled
 from fastpath.plan import (
     ClusterAction,
@@ -183,16 +184,33 @@ def decide_datapath(plan: KernelPlan, listener: str, req: Request,
     TE the kernel does not handle as Envoy goes to Envoy (reason
     ``conn_close`` or ``hop_header``), except a 429 reply (a kernel-owned
     bucket's, whose Envoy copy is off); a forward's Connection: keep-alive,
-    Keep-Alive and Proxy-Connection: keep-alive are removed."""
+    Keep-Alive and Proxy-Connection: keep-alive are removed. Before that step,
+    dp_msg_rwin's: a forward whose rewritten path the destination's inbound
+    decision cannot take goes to Envoy (reason ``path_rewrite``)."""
     d = decide(plan, listener, req, rng, state)
     if d.kind == "envoy" or (d.kind == "reply" and d.status == 429):
         return d
+    if _rewrite_undecided(plan, d, req):
+        return Decision("envoy", route=d.route, reason="path_rewrite")
     why, kept = kernel_hop(req.headers)
     if why:
         return Decision("envoy", route=d.route, reason=why)
     if d.kind != "forward" or len(kept) == len(req.headers):
         return d
     return replace(d, hop_removed=tuple(n for n, _ in req.headers if n in MATCH_AFTER_REMOVAL))
+
+
+def _rewrite_undecided(plan: KernelPlan, d: Decision, req: Request) -> bool:
+    """dp_msg_rwin (bpf_src/sk_msg.c): a forward whose route rewrote the path,
+    to an endpoint with an inbound decision (its listener merged into the
+    plan, fastpath.inbound_merge), goes to Envoy when the new path is one
+    the inbound sidecar may normalize (dp_rewrite.h dp_rw_dotseg)."""
+    if d.kind != "forward" or d.endpoint is None or d.path == req.path:
+        return False
+    name = merged_name(d.endpoint.address, d.endpoint.port)
+    if not any(lp.name == name for lp in plan.listeners):
+        return False
+    return not d.path.startswith("/") or has_dot_segments(d.path)
 
 
 def _delayed(route: Route, d: Decision, rng: random.Random) -> Decision:

@@ -125,3 +125,33 @@ def test_a_client_listener_that_may_answer_keeps_kernel() -> None:
     plan = dataclasses.replace(plan, listeners=(dataclasses.replace(
         plan.listeners[0], local_rate_limit=LIMIT),))
     assert honest_plan(plan, {A: limited_v1()}.get) is plan
+
+
+def _rewrite_plan(value: str, merged: bool) -> KernelPlan:
+    """client's /v1/ route rewritten to `value` (prefix_rewrite) toward api at
+    A; with `merged`, api's inbound listener merged (an inbound decision)."""
+    from fastpath.inbound_merge import merge
+
+    r = _route("rw", "/v1/", (CLUSTER, 1))
+    r = dataclasses.replace(r, action=dataclasses.replace(r.action, prefix_rewrite=value))
+    plan = client(r)
+    return merge(plan, {A: limited_v1()}.get).plan if merged else plan
+
+
+def test_reference_model_punts_a_rewritten_path_with_dot_segments() -> None:
+    """decide_datapath as dp_msg_rwin / dp_rw_dotseg: with an inbound decision,
+    a rewritten path the inbound sidecar may normalize goes to Envoy."""
+    from fastpath.reference import Request, decide_datapath
+
+    def kind(value: str, path: str, merged: bool = True) -> tuple[str, str]:
+        d = decide_datapath(_rewrite_plan(value, merged), "198.19.0.9_9000",
+                            Request("GET", path, "api"))
+        return d.kind, d.reason if d.kind == "envoy" else d.path
+
+    for value, path in [("/a/./", "/v1/x"), ("/a/../", "/v1/x"),
+                        ("/a/.", "/v1/"), ("/a/..", "/v1/"), ("a/", "/v1/x"),
+                        ("/a//", "/v1/x")]:
+        assert kind(value, path) == ("envoy", "path_rewrite"), (value, path)
+        assert kind(value, path, merged=False)[0] == "forward"  # no inbound decision
+    assert kind("/a/", "/v1/x?q=/./") == ("forward", "/a/x?q=/./")  # the query is not the path
+    assert kind("/a.b/", "/v1/x") == ("forward", "/a.b/x")
