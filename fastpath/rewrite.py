@@ -188,4 +188,3 @@ def rewritten(rw: PathRewrite, path: str) -> str:
         return path  # the pattern does not match: Envoy leaves the path as is
     cut = len(p) if rw.cut is None else rw.cut
     return rw.value + p[cut:] + sep + query
-
