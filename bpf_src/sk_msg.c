@@ -512,6 +512,7 @@ int dp_msg_rwin(struct sk_msg_md *msg)
         return dp_to_envoy(c, scr->v.route, DP_R_NONE);
     }
     dp_msg_prog.call(msg, 1); /* dp_msg_in */
+    dp_rw_unbuild(scr->saved); /* no dp_msg_in loaded: the swapped path goes back here too */
     return dp_to_envoy(c, scr->v.route, DP_R_NONE);
 }
 #endif
