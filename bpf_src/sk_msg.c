@@ -504,6 +504,10 @@ int dp_msg_rwin(struct sk_msg_md *msg)
     struct dp_rw *rw = dp_rw_get(scr->gen, scr->v.route); /* the request's one lookup */
     scr->rw = dp_rw_state(rw);
     scr->in_lid = dp_inbound_lid(scr->gen);
+    /* DP_RW_REFUSED too (rw set): its inbound decision may answer (a 403 on the
+     * new path) before dp_msg_act hands a forward to Envoy; decided on the
+     * parsed path it answered /old/h (client-sent x-envoy-original-path) 403
+     * under a DENY of /old/*, where Envoy forwards /new/h (test_rewrite_mesh.py) */
     if (rw && scr->in_lid && dp_rw_build(rw, scr->saved)) {
         dp_rw_unbuild(scr->saved);
         scr->v.kind = DP_K_PASS;
