@@ -23,7 +23,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -31,40 +30,12 @@ from typing import Any
 from benchmarks.bpf_cost import _lib, read_programs
 
 ROOT = Path(__file__).resolve().parent.parent
-SRC = ROOT / "tests" / "kernel_differential" / "rewrite"
-APP = ROOT / "tests" / "kernel_mirror" / "mirror_app.py"
-DRIVER = ROOT / "tests" / "kernel_retry" / "driver1w.py"
+HERE = ROOT / "tests" / "kernel_differential"  # the test's mesh and its helpers
 KINDS = (("rewrite_allow", "/old/x"), ("rewrite_deny", "/deny/x"), ("plain", "/plain"))
 
 
-def _mesh_dir(d: Path) -> Path:
-    logs = d / "logs"
-    logs.mkdir(parents=True)
-    logs.chmod(0o777)
-    text = (SRC / "mesh.yaml").read_text().replace("@APP@", str(APP))
-    (d / "mesh.yaml").write_text(text.replace("@LOGDIR@", str(logs)))
-    shutil.copytree(SRC / "istio", d / "istio")
-    return d / "mesh.yaml"
-
-
-def _debug(admin: str) -> dict[str, Any]:
-    return json.loads(  # type: ignore[no-any-return]
-        urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
-
-
-def _wait_ready(admin: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        nodes = _debug(admin).get("nodes", [])
-        if len(nodes) == 2 and all(n["plan_version"] for n in nodes):
-            client = next(n for n in nodes if n["pod"].startswith("client"))
-            if any(p["free"] for p in client["pools"]):
-                return
-        time.sleep(0.5)
-    raise SystemExit("mesh not ready: no plan or no pooled upstream")
-
-
-def _one(m: Any, d: Path, mine: set[int], kind: str, path: str, n: int) -> dict[str, Any]:
+def _one(m: Any, d: Path, mine: set[int], kind: str, path: str, n: int,
+         driver: Path) -> dict[str, Any]:
     reqs = [{"vip": "web", "port": 9000, "path": path, "method": "GET", "body": "",
              "headers": {"host": "web:9000"}, "conn": "k"} for _ in range(n)]
     f = d / f"{kind}.json"
@@ -74,7 +45,7 @@ def _one(m: Any, d: Path, mine: set[int], kind: str, path: str, n: int) -> dict[
         raise SystemExit("BPF_ENABLE_STATS refused: root needed")
     try:
         a = read_programs("dp_")
-        r = m.exec("client", [sys.executable, str(DRIVER), str(f)], capture_output=True,
+        r = m.exec("client", [sys.executable, str(driver), str(f)], capture_output=True,
                    text=True, timeout=300)
         b = read_programs("dp_")
     finally:
@@ -90,6 +61,10 @@ def _one(m: Any, d: Path, mine: set[int], kind: str, path: str, n: int) -> dict[
 def main() -> None:
     from mesh.runner import Mesh
 
+    sys.path.insert(0, str(HERE))
+    from onoff_mesh import prepare, wait_plans
+    from test_rewrite_mesh import APP, DRIVER, SRC
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
@@ -97,15 +72,19 @@ def main() -> None:
     d = Path(tempfile.mkdtemp(prefix="rwincost-"))
     d.chmod(0o755)
     before = set(read_programs("dp_"))
-    m = Mesh(_mesh_dir(d), f"rwincost{os.getpid() % 10000}", fastpath="on", timeout=120)
+    prepare(SRC, d, "mesh.yaml", "istio", APP)
+    m = Mesh(d / "mesh.yaml", f"rwincost{os.getpid() % 10000}", fastpath="on", timeout=120)
     try:
         st = m.up()
-        _wait_ready(st["admin"])
+        wait_plans(st["admin"], pods=2, free_pools=1, timeout=90.0)
         mine = set(read_programs("dp_")) - before  # this mesh's programs only
         for rnd in range(args.rounds):
             for kind, path in KINDS:
-                print(rnd, kind, json.dumps(_one(m, d, mine, kind, path, args.requests)), flush=True)
-        client = next(n for n in _debug(st["admin"])["nodes"] if n["pod"].startswith("client"))
+                print(rnd, kind, json.dumps(_one(m, d, mine, kind, path, args.requests, DRIVER)),
+                      flush=True)
+        dbg = json.loads(urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath",
+                                                timeout=5).read())
+        client = next(n for n in dbg["nodes"] if n["pod"].startswith("client"))
         print("client counters:", json.dumps([(c["route"].rsplit(".", 1)[-1], c["outcome"],
                                                c["reason"], c["requests"])
                                               for c in client["counters"]]))
