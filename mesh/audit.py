@@ -250,20 +250,34 @@ def _send(proc: subprocess.Popen[str], ip: str, port: int, probe: Probe,
 def classify(probe: Probe, delta: Counter[tuple[str, str, str]]) -> tuple[str, str, dict[str, int]]:
     """(served, why, counters) from the node's counter changes during one request.
 
-    Counted are the probed route, the destinations' merged inbound routes
-    (`virtualInbound@...`) and "" (no route): other routes' counts are other traffic."""
+    Counted are the routes of the probed route's virtual host (and of the
+    caller's route's, for an inbound probe), the destinations' merged inbound
+    routes (`virtualInbound@...`) and "" (no route): the kernel counts the
+    request on one of them. Other virtual hosts' counts are other traffic.
+    A count on another route of the virtual host (the kernel matched, or
+    punted at, an earlier route) is named in `why`: "(counted on ROUTE)"."""
+    own = {probe.full_name, probe.via, ""}
+    vhosts = tuple(_vhost_of(n) for n in (probe.full_name, probe.via) if n)
     mine = {k: n for k, n in delta.items() if n > 0 and (
-        k[0] in (probe.full_name, probe.via, "") or k[0].startswith("virtualInbound@"))}
+        k[0] in own or k[0].startswith(("virtualInbound@", *vhosts)))}
     shown = {f"{r} {o}/{why}".rstrip("/"): n for (r, o, why), n in sorted(mine.items())}
+    others = sorted({r for (r, _o, _w) in mine
+                     if r not in own and not r.startswith("virtualInbound@")})
+    note = f" (counted on {', '.join(others)})" if others else ""
     envoy = sorted({why or "?" for (_r, o, why) in mine if o == "envoy"})
     if envoy:
-        return "envoy", ",".join(envoy), shown
+        return "envoy", ",".join(envoy) + note, shown
     kernel = sorted({o for (_r, o, _w) in mine if o in KERNEL_OUTCOMES})
     if kernel:
-        return "kernel", ",".join(kernel), shown
+        return "kernel", ",".join(kernel) + note, shown
     if mine:
-        return "unseen", "outcomes " + ",".join(sorted({o for (_r, o, _w) in mine})), shown
+        return "unseen", "outcomes " + ",".join(sorted({o for (_r, o, _w) in mine})) + note, shown
     return "unseen", "no fast-path counter moved (the kernel did not decide it)", shown
+
+
+def _vhost_of(route: str) -> str:
+    """"LISTENER/VHOST/" of a counter's route name "LISTENER/VHOST/ROUTE"."""
+    return "/".join(route.split("/", 2)[:2]) + "/"
 
 
 def _pools_refilled(admin: str, node_id: str, dry: set[int],

@@ -36,9 +36,16 @@ def test_any_envoy_count_is_envoy_with_its_reasons() -> None:
     assert got == ("envoy", "pool_empty", {"l/vh/r cork": 1, "l/vh/r envoy/pool_empty": 1})
 
 
-def test_other_routes_counts_are_other_traffic() -> None:
-    served, why, _ = classify(PROBE, Counter({("l/vh/other", "envoy", "sticky"): 3}))
+def test_other_virtual_hosts_counts_are_other_traffic() -> None:
+    served, why, _ = classify(PROBE, Counter({("l/vh2/other", "envoy", "sticky"): 3}))
     assert served == "unseen" and "no fast-path counter moved" in why
+
+
+def test_a_count_on_an_earlier_route_of_the_virtual_host_is_named() -> None:
+    """Seen on bookinfo with an Istio `authority` match: GET / for the catch-all
+    route was punted at the earlier ENVOY route (counted there, punt_route)."""
+    got = classify(PROBE, Counter({("l/vh/auth", "envoy", "punt_route"): 1}))
+    assert got == ("envoy", "punt_route (counted on l/vh/auth)", {"l/vh/auth envoy/punt_route": 1})
 
 
 def test_inbound_probe_counts_on_the_callers_route_and_merged_ones() -> None:
