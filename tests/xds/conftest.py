@@ -87,7 +87,12 @@ class ServeProcess:
     def log(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("serve-*.log")))
 
-    async def wait_ready(self, timeout: float = 20) -> None:
+    async def wait_ready(self, timeout: float = 60) -> None:
+        """Until /healthz/ready answers 200. The child spends ~1.1 s of CPU
+        before it listens (most of it importing the Envoy API modules): 3.6-15 s
+        wall at a load average of 9-11 on 2 cores, and more than 20 s (the old
+        bound) in 2 of 13 runs of test_cilium_envoy.py with four busy loops
+        added. Only a start that fails waits longer."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log()[-3000:]
@@ -153,7 +158,9 @@ async def upstreams() -> AsyncIterator[dict[str, int]]:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None)
+        # Envoy still holds keep-alive connections when this is torn down:
+        # the default graceful wait cost ~10 s per test (1.5 s with 1)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await runner.setup()
         port = pick_free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
