@@ -87,12 +87,13 @@ class ServeProcess:
     def log(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("serve-*.log")))
 
-    async def wait_ready(self, timeout: float = 60) -> None:
+    async def wait_ready(self, timeout: float = 120) -> None:
         """Until /healthz/ready answers 200. The child spends ~1.1 s of CPU
         before it listens (most of it importing the Envoy API modules): 3.6-15 s
-        wall at a load average of 9-11 on 2 cores, and more than 20 s (the old
+        wall at a load average of 9-11 on 2 cores, more than 20 s (the old
         bound) in 2 of 13 runs of test_cilium_envoy.py with four busy loops
-        added. Only a start that fails waits longer."""
+        added, once 58 s. A child that exits fails at once; only one that
+        never listens waits the whole bound."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log()[-3000:]
