@@ -412,6 +412,8 @@ def run(state: dict[str, Any], sender: str | None = None, wait_s: float = 60.0,
     plans = load_plans(state, every)
     missing = {k: v for k, v in wait_loaded(state["admin"], senders, plans, wait_s).items()
                if v != POOLS_EMPTY}
+    # the other pods' plans (their inbound routes) as they are now, after the wait
+    plans.update(load_plans(state, [p for p in every if p not in senders]))
     rows: list[Row] = []
     for pod in senders:
         plan = plans.get(pod["name"])
