@@ -68,6 +68,13 @@ class _Row:
     f: dict[str, Any]
 
 
+def _catches_all(f: dict[str, Any]) -> bool:
+    """A punt entry that every request of its virtual host matches (TableBuilder._punt)."""
+    return (f.get("action") == bs.ACT_PUNT and f.get("path_kind") == bs.PATH_PREFIX
+            and f.get("path") == ("", False) and not f.get("n_hm") and not f.get("q_rows")
+            and not f.get("method"))
+
+
 @dataclass
 class TableBuilder:
     plan: KernelPlan
@@ -339,6 +346,14 @@ class TableBuilder:
         ranked.sort(key=lambda x: x[0])
         return [_Row("Domain", {"kind": k, "vhost": v, "s": (s, True)}) for _, k, s, v in ranked]
 
+    def _shadowed(self, r: Route, by: Route) -> None:
+        """KERNEL route `r` after route `by`, whose kernel punt catches every
+        request: the kernel never runs it (executable_plan makes it ENVOY, so
+        Envoy keeps its limiter and the split does not claim it)."""
+        self.kernel_routes.discard(id(r))
+        self.punt_reasons[id(r)] = (f"after route {by.name!r}, whose matcher the kernel does not "
+                                    "evaluate: its punt catches every request")
+
     def _punted(self, vhosts: Any, why: str, skip: int = 0) -> None:
         """Note why the routes of ``vhosts`` (after the first ``skip``) reach Envoy."""
         for vh in vhosts:
@@ -357,6 +372,7 @@ class TableBuilder:
         n = len(routes) + (len(routes) < len(vh.routes))
         self._add("l7fp_vhosts", _Row("Vhost", {"route_base": rbase, "n_routes": n}))
         self.max_routes = max(self.max_routes, n)
+        caught: Route | None = None  # its kernel punt catches every request: later ones never run
         for r in routes:
             rid = len(self.route_names)
             self.route_names.append(f"{lp.name}/{vh.name}/{r.name}")
@@ -369,6 +385,9 @@ class TableBuilder:
                 self.notes.append(f"route {lp.name}/{vh.name}/{r.name}: {e}")
                 self.punt_reasons[id(r)] = str(e)
                 f = self._punt(r)
+            if caught and id(r) in self.kernel_routes:
+                self._shadowed(r, caught)
+            caught = caught or (r if _catches_all(f) else None)
             f["route_id"] = rid
             if "rw" in f:
                 self.rewrites[rid] = f.pop("rw")

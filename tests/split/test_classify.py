@@ -129,11 +129,20 @@ def test_upstream_tls_and_downstream_tls() -> None:
 
 
 def test_true_regex_is_punt_entry_and_keeps_order() -> None:
+    """The kernel cannot evaluate the first route's regex: its punt entry catches
+    every request, so the later route never runs in the kernel and is ENVOY
+    (synth_tables TableBuilder._shadowed); after a punt that keeps its own
+    matcher, later routes stay KERNEL."""
     routes = [{"match": {"safe_regex": {"regex": "/(a|b)*a(a|b){7}"}}, "route": {"cluster": "c", "timeout": "0s"}},
               {"match": {"safe_regex": {"regex": "^/x/.*"}}, "route": {"cluster": "c", "timeout": "0s"}}]
-    (v1, w1), (v2, _) = verdicts(routes)
+    (v1, w1), (v2, w2) = verdicts(routes)
     assert v1 is Verdict.ENVOY and "no small DFA (more than 64 DFA states)" in w1
-    assert v2 is Verdict.KERNEL
+    assert v2 is Verdict.ENVOY and w2 == ("kernel decision: after route '', whose matcher the "
+                                          "kernel does not evaluate: its punt catches every request")
+    kept = [{"match": {"prefix": "/h"}, "route": {"cluster": "c", "timeout": "0s",
+                                                  "host_rewrite_header": "x-h"}},
+            {"match": {"safe_regex": {"regex": "^/x/.*"}}, "route": {"cluster": "c", "timeout": "0s"}}]
+    assert [v for v, _ in verdicts(kept)] == [Verdict.ENVOY, Verdict.KERNEL]
     # a bounded DFA: the kernel decision walks it (bpf_src/include/l7fp_dfa.h)
     (v3, w3), = verdicts([{"match": {"safe_regex": {"regex": "/users/[0-9]+"}},
                            "route": {"cluster": "c", "timeout": "0s"}}])
@@ -163,13 +172,18 @@ def test_routes_the_kernel_decision_punts_are_envoy_and_keep_their_limiter() -> 
            em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
     out = split_snapshot("n", res)
     got = [(r.verdict, r.reason) for r in out.plan.listeners[0].virtual_hosts[0].routes]
+    # /q's punt entry catches every request (the kernel cannot evaluate its
+    # matcher): the later routes never run in the kernel, so they are ENVOY too
+    shadowed = ("kernel decision: after route '', whose matcher the kernel does not evaluate: "
+                "its punt catches every request")
     assert got == [(Verdict.ENVOY, "kernel decision: query parameter matcher kind contains"),
-                   (Verdict.KERNEL, ""), (Verdict.KERNEL, "")]
+                   (Verdict.ENVOY, shadowed), (Verdict.ENVOY, shadowed)]
     kept = em.to_json(out.residual[em.LISTENER][0])
     rc = kept["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]
     limiter = [json.dumps(r.get("typedPerFilterConfig", {})) for r in rc["virtualHosts"][0]["routes"]]
-    # Envoy keeps /q's limiter; the kernel owns /'s (disabled for Envoy)
-    assert "tokenBucket" in limiter[0] and "tokenBucket" not in limiter[2] and "FilterConfig" in limiter[2]
+    # Envoy keeps both limiters (before, /'s was disabled for Envoy and the
+    # kernel, punting every request at /q's entry, enforced it for nobody)
+    assert "tokenBucket" in limiter[0] and "tokenBucket" in limiter[2]
 
 
 @pytest.mark.parametrize("pattern,shape", [
