@@ -80,6 +80,9 @@ class Agent:
         # only for these (owns_limits); `server` is set by start()
         self.owned: dict[str, str] = {}
         self.server: Any = None
+        # nodes whose Envoy has an accepted outlier access-log stream open
+        # (fastpath.als; the server's loop): only these lose Envoy's detector
+        self.als_nodes: set[str] = set()
 
     # ---- control (any thread) ------------------------------------------------
     def start(self) -> None:
@@ -106,13 +109,17 @@ class Agent:
             return not self._stop.is_set() and \
                 self.owned.get(node_id) == getattr(plan, "version", None)
 
-    def hosts_out(self, node_id: str) -> dict[str, frozenset[str]]:
+    def hosts_out(self, node_id: str) -> dict[str, frozenset[str]] | None:
         """The server's endpoint-health provider (XdsServer.set_endpoint_health):
         per cluster, the hosts the node's kernel outlier detection has out of
         its LB view (served to the node's Envoy as EDS UNHEALTHY), keyed by
         the cluster's ClusterLoadAssignment name; only the clusters the
-        applied plan owns, only while the kernel owns the node."""
+        applied plan owns, only while the kernel owns the node. None while the
+        node's Envoy has no outlier access-log stream open: its responses
+        would reach no detector, so Envoy keeps its own."""
         node = self.nodes.get(node_id)
+        if node_id not in self.als_nodes:
+            return None  # no access-log stream: Envoy's own detector stays
         if node is None or node_id not in self.owned:
             return {}
         od = node.outlier
@@ -126,8 +133,19 @@ class Agent:
         node: Envoy's own detector counts them then (after a release, draining
         connections still log: counting them too would count twice)."""
         node = self.nodes.get(node_id)
-        if node is not None and node_id in self.owned:
+        if node is not None and node_id in self.owned and node_id in self.als_nodes:
             node.outlier.count_envoy(obs)
+
+    def als_stream(self, node_id: str, live: bool) -> None:
+        """The node's Envoy opened its first (live) or closed its last outlier
+        access-log stream (fastpath.als, the server's loop): the kernel takes
+        Envoy's detector of the owned clusters, or gives it back."""
+        if live:
+            self.als_nodes.add(node_id)
+        else:
+            self.als_nodes.discard(node_id)
+        if self.server is not None:
+            self.server.resplit([node_id])
 
     def _lb_changed(self, node_id: str) -> None:
         """The node's kernel LB view changed (event thread): republish its residual."""

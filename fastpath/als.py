@@ -2,29 +2,39 @@
 
 Owned by fastpath.serve_plugin (`grpc_services`), served by `l7fp serve` on its
 ADS port (the sidecars reach it through their bootstrap's xDS cluster, see
-fastpath.residual_outlier). Each stream's first message names the node;
-every HTTP entry with an upstream host becomes one observation
-(cluster, "ip:port", status) handed to `sink(node_id, observations)` (the
-agent: `Agent.envoy_observed`), on the server's loop. Entries without an
-upstream host (Envoy's own "no healthy upstream", a route without cluster)
-are not counted: Envoy's detector does not count them either.
+fastpath.residual_outlier). Each stream's first message names the node and
+the log; a stream is accepted only with the log name the residual's logger
+has (ALS_LOG_NAME) and from the IP its node id names (`sidecar~IP~...`):
+anything that reaches the ADS port could otherwise count errors into, and
+eject, any node's hosts. `on_stream(node_id, live)` says when a node's
+first accepted stream opens and its last one ends (the agent owns Envoy's
+detector only meanwhile). Every HTTP entry with an upstream host becomes
+one observation (cluster, "ip:port", status) handed to
+`sink(node_id, observations)` (the agent: `Agent.envoy_observed`), on the
+server's loop. Entries without an upstream host (Envoy's own "no healthy
+upstream", a route without cluster) are not counted: Envoy's detector does
+not count them either.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 
 import grpclib.const
+import grpclib.exceptions
 import grpclib.server
 from envoy_data_plane.envoy.service.accesslog.v3 import StreamAccessLogsResponse
 
+from fastpath.residual_outlier import ALS_LOG_NAME
 from xds_server.protocol.requests import DecodeError, fields
 
 log = logging.getLogger(__name__)
 
 Observation = tuple[str, str, int]  # (cluster, "ip:port", response status)
 Sink = Callable[[str, list[Observation]], None]
+OnStream = Callable[[str, bool], None]  # (node id, live)
 PATH = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 
 
@@ -41,11 +51,14 @@ class RawMessage:
 class AccessLogService:
     """grpclib servicer of envoy.service.accesslog.v3.AccessLogService."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, on_stream: OnStream | None = None) -> None:
         self.sink = sink
+        self.on_stream = on_stream
+        self.live: dict[str, int] = {}  # node id -> accepted streams open now
         self.streams = 0
-        self.entries = 0
+        self.observations = 0
         self.malformed = 0
+        self.refused = 0
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {PATH: grpclib.const.Handler(self._stream, grpclib.const.Cardinality.STREAM_UNARY,
@@ -54,26 +67,79 @@ class AccessLogService:
     async def _stream(self, stream: grpclib.server.Stream) -> None:
         self.streams += 1
         node = ""
-        async for data in stream:
-            try:
-                ident, obs = observations(data)
-            except DecodeError as exc:
-                self.malformed += 1
-                log.warning("access log from %s: malformed message (%s)", node or "?", exc)
-                continue
-            node = ident or node
-            self.entries += len(obs)
-            if obs and node:
+        try:
+            async for data in stream:
                 try:
-                    self.sink(node, obs)
-                except Exception:  # one bad batch never ends the stream
-                    log.exception("access log from %s", node)
-        await stream.send_message(StreamAccessLogsResponse())
+                    ident, log_name, obs = observations(data)
+                except DecodeError as exc:
+                    self.malformed += 1
+                    log.warning("access log from %s: malformed message (%s)", node or "?", exc)
+                    continue
+                if not node:
+                    node = self._accept(ident, log_name, stream)
+                    if not node:  # nothing of this stream is counted
+                        raise grpclib.exceptions.GRPCError(grpclib.const.Status.PERMISSION_DENIED,
+                                                           "l7fp: access log stream refused")
+                self.observations += len(obs)
+                if obs:
+                    try:
+                        self.sink(node, obs)
+                    except Exception:  # one bad batch never ends the stream
+                        log.exception("access log from %s", node)
+            await stream.send_message(StreamAccessLogsResponse())
+        finally:
+            if node:
+                self._gone(node)
+
+    def _accept(self, ident: str, log_name: str, stream: grpclib.server.Stream) -> str:
+        """The node id of a stream's first message, or "" (logged) when refused."""
+        peer = stream.peer.addr()
+        why = refusal(ident, log_name, peer[0] if peer else "")
+        if why:
+            self.refused += 1
+            log.warning("access log stream refused: %s", why)
+            return ""
+        self.live[ident] = self.live.get(ident, 0) + 1
+        if self.live[ident] == 1 and self.on_stream is not None:
+            self.on_stream(ident, True)
+        return ident
+
+    def _gone(self, node: str) -> None:
+        self.live[node] -= 1
+        if not self.live[node]:
+            del self.live[node]
+            if self.on_stream is not None:
+                self.on_stream(node, False)
+
+
+def refusal(node: str, log_name: str, peer_ip: str) -> str:
+    """Why a stream identified as (`node`, `log_name`) from `peer_ip` is
+    refused ("": accepted): another log than ALS_LOG_NAME, a node id without
+    an IP (`sidecar~IP~...`), or a peer that is not that IP."""
+    if log_name != ALS_LOG_NAME:
+        return f"log name {log_name!r} is not {ALS_LOG_NAME!r} (node {node!r})"
+    parts = node.split("~")
+    try:
+        want = ipaddress.ip_address(parts[1]) if len(parts) > 2 else None
+    except ValueError:
+        want = None
+    if want is None:
+        return f"node id {node!r} names no IP (sidecar~IP~...)"
+    try:
+        got = ipaddress.ip_address(peer_ip.split("%")[0])
+    except ValueError:
+        return f"node {node!r}: peer address {peer_ip!r} is not an IP"
+    if isinstance(got, ipaddress.IPv6Address) and got.ipv4_mapped is not None:
+        got = got.ipv4_mapped
+    if got != want:
+        return f"node {node!r} names {want}, its stream comes from {got}"
+    return ""
 
 
 # field numbers (envoy/service/accesslog/v3/als.proto, envoy/data/accesslog/v3/accesslog.proto)
 _IDENTIFIER, _HTTP_LOGS = 1, 2  # StreamAccessLogsMessage
 _ID_NODE = _NODE_ID = 1  # Identifier.node, Node.id
+_ID_LOG_NAME = 2  # Identifier.log_name
 _LOG_ENTRY = 1  # HTTPAccessLogEntries.log_entry
 _COMMON, _RESPONSE = 1, 4  # HTTPAccessLogEntry
 _UPSTREAM_ADDRESS, _UPSTREAM_CLUSTER = 13, 15  # AccessLogCommon
@@ -81,21 +147,23 @@ _SOCKET, _SA_ADDRESS, _SA_PORT = 1, 2, 3  # Address.socket_address, SocketAddres
 _RESPONSE_CODE = 1  # HTTPResponseProperties.response_code (UInt32Value.value = 1)
 
 
-def observations(data: bytes) -> tuple[str, list[Observation]]:
-    """(node id or "", (cluster, host, status) of each HTTP entry with an
-    upstream host and a status) of one StreamAccessLogsMessage; DecodeError
-    if malformed."""
-    node, out = "", []
+def observations(data: bytes) -> tuple[str, str, list[Observation]]:
+    """(node id or "", log name or "", (cluster, host, status) of each HTTP
+    entry with an upstream host and a status) of one StreamAccessLogsMessage
+    (the identifier is in a stream's first message only); DecodeError if
+    malformed."""
+    node, name, out = "", "", []
     for num, v in fields(data):
         if num == _IDENTIFIER and isinstance(v, bytes):
             node = _str(_sub(_sub(v, _ID_NODE), _NODE_ID))
+            name = _str(_sub(v, _ID_LOG_NAME))
         elif num == _HTTP_LOGS and isinstance(v, bytes):
             for n, entry in fields(v):
                 if n == _LOG_ENTRY and isinstance(entry, bytes):
                     obs = _observation(entry)
                     if obs is not None:
                         out.append(obs)
-    return node, out
+    return node, name, out
 
 
 def _observation(entry: bytes) -> Observation | None:

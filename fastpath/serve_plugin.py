@@ -80,7 +80,14 @@ def grpc_services(server: Any, args: argparse.Namespace) -> list[Any]:
         if agent is not None:
             agent.envoy_observed(node_id, obs)
 
-    return [AccessLogService(sink)]
+    def on_stream(node_id: str, live: bool) -> None:
+        from fastpath.agent import AGENTS
+
+        agent = AGENTS.get(id(server))
+        if agent is not None:
+            agent.als_stream(node_id, live)
+
+    return [AccessLogService(sink, on_stream)]
 
 
 def _dumps(obj: Any) -> str:

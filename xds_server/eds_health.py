@@ -20,10 +20,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import HealthStatus
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
 # ClusterLoadAssignment name (an EDS cluster's eds_cluster_config service_name,
 # else the cluster's name) -> "address:port" of the hosts out of the owner's LB view
@@ -45,6 +47,28 @@ def overlay(resources: Mapping[str, Sequence[Any]], out: HostsOut) -> dict[str, 
     res[ENDPOINT] = [_mark(cla, out.get(cla.cluster_name, frozenset()))
                      for cla in res.get(ENDPOINT, [])]
     return res
+
+
+def with_detectors(resources: Mapping[str, Sequence[Any]],
+                   envoy: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+    """`resources` (a kernel-owned residual) whose Clusters have the
+    outlier_detection they have in `envoy` (the residual that keeps Envoy's
+    own policy) back: while the kernel hears nothing of Envoy's path, Envoy's
+    detector stays. Changed Clusters are new copies."""
+    det = {c.name: c.outlier_detection for c in envoy.get(CLUSTER, [])
+           if isinstance(c, Cluster) and c.outlier_detection is not None}
+    res = {t: list(v) for t, v in resources.items()}
+    if det:
+        res[CLUSTER] = [_with_detector(c, det) for c in res.get(CLUSTER, [])]
+    return res
+
+
+def _with_detector(c: Any, det: Mapping[str, Any]) -> Any:
+    if not isinstance(c, Cluster) or c.outlier_detection is not None or c.name not in det:
+        return c
+    copy = Cluster.FromString(bytes(c))
+    copy.outlier_detection = det[c.name]
+    return copy
 
 
 def _mark(cla: ClusterLoadAssignment, hosts: frozenset[str]) -> ClusterLoadAssignment:

@@ -10,9 +10,11 @@ Other packages may call:
 * `request_push()`: a source changed (sources do this through Source.changed());
 * `set_limit_owner(pred)` / `resplit(node_ids)`: the fast-path agent says which
   nodes' rate limiters the kernel owns (docs/contracts.md, "Limiter ownership");
-* `set_endpoint_health(fn)`: fn(node_id) -> {cluster: hosts out of the kernel's
+* `set_endpoint_health(fn)`: fn(node_id) -> {CLA name: hosts out of the kernel's
   LB view}, marked UNHEALTHY in that node's residual EDS while the kernel owns
-  the node's stateful policy (xds_server.eds_health); `resplit` republishes.
+  the node's stateful policy (xds_server.eds_health), or None: the kernel does
+  not own the node's outlier detection (yet), Envoy keeps its detectors;
+  `resplit` republishes.
 """
 
 from __future__ import annotations
@@ -36,15 +38,16 @@ from xds_server.sources.base import DuplicateResource, NodeResources, Source, co
 log = logging.getLogger(__name__)
 PlanListener = Callable[[str, AnyT], None]
 LimitOwner = Callable[[str, AnyT], bool]  # (node id, plan) -> the kernel owns its limiters
-EndpointHealth = Callable[[str], eds_health.HostsOut]  # node id -> {cluster: hosts out}
+# node id -> {CLA name: hosts out}, None: Envoy keeps its outlier detectors
+EndpointHealth = Callable[[str], eds_health.HostsOut | None]
 
 
 def _nobody_owns(_node_id: str, _plan: AnyT) -> bool:
     return False
 
 
-def _none_out(_node_id: str) -> eds_health.HostsOut:
-    return {}
+def _none_out(_node_id: str) -> eds_health.HostsOut | None:
+    return None
 
 
 class XdsServer:
@@ -73,9 +76,10 @@ class XdsServer:
         self._streams: dict[str, int] = {}
         # node id -> (resources key, split result, {(kernel owns limiters, hosts out):
         # residual snapshot})
-        self._split_memo: dict[str, tuple[Hashable, AnyT, dict[tuple[bool, Hashable], Snapshot]]] = {}
+        self._split_memo: dict[str, tuple[Hashable, AnyT, dict[tuple[bool, bool, Hashable], Snapshot]]] = {}
         self.limit_owner: LimitOwner = _nobody_owns
         self.endpoint_health: EndpointHealth = _none_out
+        self._last_out: dict[str, eds_health.HostsOut | None] = {}  # node -> last good answer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._memo: dict[Hashable, Snapshot] = {}
         self._debouncer = Debouncer(self._push, debounce, debounce_max)
@@ -120,10 +124,12 @@ class XdsServer:
         self.limit_owner = pred or _nobody_owns
 
     def set_endpoint_health(self, fn: EndpointHealth | None) -> None:
-        """fn(node_id) -> {cluster: "ip:port" hosts the kernel's outlier detection
+        """fn(node_id) -> {CLA name: "ip:port" hosts the kernel's outlier detection
         has out of its LB view}; served as EDS UNHEALTHY in the node's residual
         while the kernel owns the node (limit_owner), so Envoy skips them too.
-        Called on the server's loop at each publish: keep it a cheap read."""
+        None: the kernel does not own the node's outlier detection; the
+        residual keeps Envoy's detectors (eds_health.with_detectors). Called
+        on the server's loop at each publish: keep it a cheap read."""
         self.endpoint_health = fn or _none_out
 
     def resplit(self, node_ids: Iterable[str]) -> concurrent.futures.Future[int]:
@@ -243,7 +249,9 @@ class XdsServer:
 
         The split is a pure function of (node, resources): it runs again only
         when they changed. Which residual is served also depends on who owns the
-        rate limiters (rule 3): the memo key is (resources, ownership)."""
+        rate limiters and the outlier detectors (rule 3) and on the hosts out
+        of the kernel's LB view: per resources, the memo key is (limiters
+        owned, detectors owned, hosts out)."""
         hit = self._split_memo.get(node.id)
         if hit is None or hit[0] != parts.key:
             result = self._split(node, parts)
@@ -253,23 +261,30 @@ class XdsServer:
             self._split_memo[node.id] = hit
         _key, result, snaps = hit
         owned = self._kernel_owns(node.id, result.plan)
-        out = self._hosts_out(node.id) if owned else {}
-        memo = (owned, eds_health.key(out))
+        out = self._hosts_out(node.id) if owned else None
+        memo = (owned, out is not None, eds_health.key(out or {}))
         snap = snaps.get(memo)
         if snap is None:
             residual = _residual(result, owned, parts)
-            snap = Snapshot.from_messages(eds_health.overlay(residual, out), parts.origins)
-            for k in [k for k in snaps if k[1]]:  # keep one health overlay per node
+            if owned and out is None:  # the kernel has no access log of Envoy's path
+                residual = eds_health.with_detectors(residual, _residual(result, False, parts))
+            snap = Snapshot.from_messages(eds_health.overlay(residual, out or {}), parts.origins)
+            for k in [k for k in snaps if k[2]]:  # keep one health overlay per node
                 del snaps[k]
             snaps[memo] = snap
         return snap
 
-    def _hosts_out(self, node_id: str) -> eds_health.HostsOut:
+    def _hosts_out(self, node_id: str) -> eds_health.HostsOut | None:
+        """The provider's answer; when it raises, the node's last good one
+        (Envoy keeps the marks and detectors it has: dropping the marks would
+        bring ejected hosts back with no detector of Envoy's own)."""
         try:
-            return self.endpoint_health(node_id)
-        except Exception:  # an unsure provider marks nothing: Envoy's own view stays
+            out = self.endpoint_health(node_id)
+        except Exception:
             log.exception("endpoint health check failed for node %s", node_id)
-            return {}
+            return self._last_out.get(node_id)
+        self._last_out[node_id] = out
+        return out
 
     def _kernel_owns(self, node_id: str, plan: AnyT) -> bool:
         try:

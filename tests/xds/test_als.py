@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -176,13 +177,67 @@ def test_wire_reader_matches_betterproto() -> None:
         http_logs=StreamAccessLogsMessageHttpAccessLogEntries(log_entry=[
             entry("od", "198.18.0.3", 503), entry("od", None, 503), entry("od", "198.18.0.4", None),
             entry("od", "198.18.0.4", 200)]))
-    assert observations(bytes(msg)) == ("sidecar~x", [("od", "198.18.0.3:9000", 503),
-                                                      ("od", "198.18.0.4:9000", 200)])
+    assert observations(bytes(msg)) == ("sidecar~x", "l", [("od", "198.18.0.3:9000", 503),
+                                                           ("od", "198.18.0.4:9000", 200)])
     msg.identifier = None
     raw = bytes(msg)
     t0 = time.perf_counter()
     for _ in range(200):
-        node, obs = observations(raw)
+        node, name, obs = observations(raw)
     per = (time.perf_counter() - t0) / 800 * 1e6
-    assert node == "" and len(obs) == 2
+    assert node == name == "" and len(obs) == 2
     print(f"ALS wire read: {per:.1f} µs per entry")
+
+
+def test_streams_are_accepted_only_from_the_nodes_ip_with_our_log_name() -> None:
+    """Anything reaching the ADS port could send entries naming any node: a
+    stream counts only with ALS_LOG_NAME and from the IP its node id names."""
+    from fastpath.als import refusal
+    from fastpath.residual_outlier import ALS_LOG_NAME
+
+    node = "sidecar~198.18.0.5~a-0.t~t.svc.cluster.local"
+    assert refusal(node, ALS_LOG_NAME, "198.18.0.5") == ""
+    assert refusal(node, ALS_LOG_NAME, "::ffff:198.18.0.5") == ""  # a dual-stack socket
+    assert "comes from 198.18.0.6" in refusal(node, ALS_LOG_NAME, "198.18.0.6")
+    assert "log name 'other'" in refusal(node, "other", "198.18.0.5")
+    assert "names no IP" in refusal("router~x~y", ALS_LOG_NAME, "198.18.0.5")
+    assert "names no IP" in refusal("sidecar-only", ALS_LOG_NAME, "198.18.0.5")
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize(("ip", "accepted"), [("198.18.0.77", False), ("127.0.0.1", True)])
+async def test_a_foreign_stream_is_refused_and_a_node_goes_live_and_back(envoy_bin, ip, accepted):
+    """The real Envoy's stream from 127.0.0.1 naming 198.18.0.77 is refused
+    (nothing counted, no live node); the same Envoy naming 127.0.0.1 goes
+    live at its first entry and back when it stops (on_stream)."""
+    got: list[Any] = []
+    events: list[tuple[str, bool]] = []
+    svc = AccessLogService(lambda node, obs: got.extend(obs),
+                           lambda node, live: events.append((node, live)))
+    server = Server([svc])
+    als_port, lport, admin = free_port(), free_port(), free_port()
+    await server.start("127.0.0.1", als_port)
+    runner, app_port = await _site(200)
+    boot = sidecar_bootstrap(als_port, app_port, lport, admin)
+    node = f"sidecar~{ip}~als-0.t~t.svc.cluster.local"
+    boot["node"]["id"] = node
+    envoy = Envoy(boot, admin, binary=envoy_bin).start()
+    try:
+        async def up() -> bool:
+            return (await http_get(lport, "/x"))[0] == 200
+
+        await wait_for(up, 20)
+        if accepted:
+            await wait_for(lambda: _true(bool(got)), 10)
+            assert events == [(node, True)] and svc.live == {node: 1}
+        else:
+            await wait_for(lambda: _true(svc.refused >= 1), 10)
+            assert not got and not events and not svc.live
+    finally:
+        envoy.stop()
+        await runner.cleanup()
+    if accepted:
+        await wait_for(lambda: _true(events[-1:] == [(node, False)]), 10)
+        assert not svc.live
+    server.close()
+    await server.wait_closed()

@@ -72,8 +72,43 @@ def test_server_marks_only_while_the_kernel_owns_the_node():
     assert srv.resplit(["n1"]).result(1) == 1
     assert health(srv.cache.get("n1")) == {"127.0.0.1:1": 0, "127.0.0.1:2": 0}
     assert srv.resplit(["n1"]).result(1) == 0  # no change, no push
-    srv.set_endpoint_health(lambda n: 1 / 0)  # a broken provider marks nothing
+    out = {"c": frozenset({"127.0.0.1:2"})}
+    assert srv.resplit(["n1"]).result(1) == 1
+    srv.set_endpoint_health(lambda n: 1 / 0)  # a broken provider: the last good answer stays
     assert srv.resplit(["n1"]).result(1) == 0
+    assert health(srv.cache.get("n1")) == {"127.0.0.1:1": 0, "127.0.0.1:2": 2}
+
+
+def test_envoys_detector_stays_until_the_kernel_hears_its_path():
+    """Kernel-owned node, provider None (no access-log stream of the node's
+    Envoy yet): the residual keeps Envoy's outlier_detection (and the logger,
+    so Envoy opens the stream); {}: the kernel's detector alone; None again
+    (the stream went): Envoy's back."""
+    from tests.fastpath_unit.test_residual_outlier import resources
+
+    node = "sidecar~198.18.0.9~c-0.t~t.svc.cluster.local"
+    answer: dict[str, frozenset[str]] | None = None
+    srv = XdsServer([Static(resources())], splitter=split_snapshot)
+    srv.set_limit_owner(lambda n, plan: True)
+    srv.set_endpoint_health(lambda n: answer)
+    srv.ensure_node(NodeInfo(node))
+
+    def detector() -> object:
+        (od,) = [e.message for e in srv.cache.get(node).of_type(res.CLUSTER).values()
+                 if e.message.name == "od"]
+        return od.outlier_detection
+
+    def logs() -> int:
+        return sum(bytes(e.message).count(b"l7fp_outlier")  # one listener routes to od
+                   for e in srv.cache.get(node).of_type(res.LISTENER).values())
+
+    assert detector() is not None and logs() == 1
+    answer = {}
+    assert srv.resplit([node]).result(1) == 1
+    assert detector() is None and logs() == 1
+    answer = None
+    assert srv.resplit([node]).result(1) == 1
+    assert detector() is not None
 
 
 @pytest.mark.envoy
