@@ -41,17 +41,15 @@ def _static(name: str, port: int) -> dict[str, Any]:
 
 
 def als_config(buffer_bytes: int | None = None, flush: str | None = None) -> dict[str, Any]:
-    """residual_outlier.als_logger() in the snake_case a bootstrap file takes
-    (`buffer_bytes`, `flush`: other batching than the residual's, to compare)."""
+    """residual_outlier.als_logger() (a bootstrap takes its proto JSON too),
+    with other batching than the residual's to compare: `buffer_bytes`, `flush`."""
     log = ro.als_logger()
     cfg = log["typedConfig"]["commonConfig"]
-    return {"name": log["name"], "typed_config": {
-        "@type": log["typedConfig"]["@type"],
-        "common_config": {"log_name": cfg["logName"], "transport_api_version": "V3",
-                          "grpc_service": {"envoy_grpc": {"cluster_name": ro.ALS_CLUSTER}},
-                          "buffer_size_bytes": cfg["bufferSizeBytes"] if buffer_bytes is None
-                          else buffer_bytes,
-                          "buffer_flush_interval": flush or cfg["bufferFlushInterval"]}}}
+    if buffer_bytes is not None:
+        cfg["bufferSizeBytes"] = buffer_bytes
+    if flush is not None:
+        cfg["bufferFlushInterval"] = flush
+    return log
 
 
 def sidecar_bootstrap(als_port: int, app_port: int, lport: int, admin: int,
