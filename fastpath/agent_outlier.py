@@ -124,7 +124,6 @@ class OutlierKeeper:
         self._lock = threading.Lock()  # count_error runs on the timer thread too
         # (gen, cluster id, pool) -> (detector, host slot): the retry agent's view
         self.pool_host: dict[tuple[int, int, int], tuple[_Det, int]] = {}
-        self.slot_det: dict[int, _Det] = {}  # host slot -> its detector (slots are never freed)
         # the LB view last handed to Envoy's EDS (replaced, never changed: read by
         # the server's loop) and who republishes it (set by the agent)
         self.lb_view: dict[str, frozenset[str]] = {}
@@ -194,7 +193,6 @@ class OutlierKeeper:
         for h in hosts:
             if h not in d.slots:
                 d.slots[h] = self._free_slot
-                self.slot_det[self._free_slot] = d
                 self._free_slot += 1
             self._write_host_cfg(d, d.slots[h], cfg)
         self._write_det(d)
@@ -323,12 +321,10 @@ class OutlierKeeper:
         """Count Envoy's queued responses; notice the kernel's ejections; at
         each detector's interval tick, bring back the hosts whose ejection
         time is over. Event thread, node not busy (no plan being applied)."""
-        if not self.dets:
-            return
         now = time.monotonic_ns() if now_ns is None else now_ns
         with self._lock:
             self._count_envoy()
-            if now - self.looked_ns < LOOK_EVERY_NS:
+            if not self.dets or now - self.looked_ns < LOOK_EVERY_NS:
                 return
             self.looked_ns = now
             self._service(now)
