@@ -123,16 +123,16 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
             "envoy_outlier_stats": (d / "envoy_outlier_stats.txt").read_text()}
 
 
+LOGGER_PROBE = ("import urllib.request as u; print('l7fp_outlier' in u.urlopen("
+                "'http://127.0.0.1:15000/config_dump?resource=dynamic_listeners').read().decode())")
 # One request through the client's sidecar (`Connection: close`: the kernel
-# hands it to Envoy; no x-fail: a 200, which only zeroes counters) opens its
-# outlier access-log stream; then True once the `od` cluster has no
-# outlier_detection (the kernel's detector alone).
-OWNED_PROBE = """
+# hands it to Envoy; no x-fail: a 200, which only zeroes counters): its first
+# logged attempt opens the sidecar's outlier access-log stream.
+WARM_UP = ("import urllib.request as u; u.urlopen(u.Request('http://od:9000/warm', "
+           "headers={'connection': 'close'}), timeout=5).read()")
+# True once the sidecar's `od` cluster has no outlier_detection (the kernel's detector alone).
+DETECTOR_PROBE = """
 import json, urllib.request as u
-try:
-    u.urlopen(u.Request('http://od:9000/warm', headers={'connection': 'close'}), timeout=3).read()
-except Exception:
-    pass
 d = json.loads(u.urlopen('http://127.0.0.1:15000/config_dump?resource=dynamic_active_clusters').read())
 cs = [c['cluster'] for c in d.get('configs', []) if '||od.default' in c['cluster']['name']]
 print(bool(cs) and all('outlier_detection' not in c for c in cs))
@@ -144,16 +144,25 @@ def wait_kernel_owned(m: Any, timeout: float = 30.0) -> None:
     whose Envoy detector the kernel took: the agent claims the node once its
     program is live (the residual then has the outlier access log), and takes
     Envoy's detector once the sidecar's access-log stream is open
-    (fastpath.als); until then Envoy's own detector counts."""
-    probe = OWNED_PROBE
+    (fastpath.als); until then Envoy's own detector counts. One warm-up
+    request (an `envoy` outcome in the counters) opens the stream."""
     end = time.monotonic() + timeout
+    _wait_probe(m, LOGGER_PROBE, end, "the client's sidecar never got the access logger")
+    r = m.exec("client", [sys.executable, "-c", WARM_UP], capture_output=True, text=True,
+               timeout=30)
+    assert r.returncode == 0, r.stderr
+    _wait_probe(m, DETECTOR_PROBE, end, "the client's sidecar kept its own od detector "
+                                        "(no access-log stream accepted?)")
+
+
+def _wait_probe(m: Any, probe: str, end: float, why: str) -> None:
     while time.monotonic() < end:
         r = m.exec("client", [sys.executable, "-c", probe], capture_output=True, text=True,
                    timeout=30)
         if r.stdout.strip() == "True":
             return
         time.sleep(0.2)
-    raise AssertionError("the client's sidecar never lost its own od detector (no ALS stream?)")
+    raise AssertionError(why)
 
 
 def drive(m: Any, d: Path, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
