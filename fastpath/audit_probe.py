@@ -130,8 +130,9 @@ def _probe(plan: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route, src_ip
         d = decide_datapath(plan, lp.name, req)
         p = replace(base, request=req, expect=_expect(d))
         # a forwarded (rewritten) path with dot segments: the data path hands it to
-        # Envoy when the destination has an inbound decision (dp_rw_dotseg), which
-        # the reference model does not say; keep looking for another
+        # Envoy when the destination has an inbound decision (dp_rw_dotseg); the
+        # reference model says so only on a plan holding the destination's merged
+        # listener, and the node's plan read here has none; keep looking for another
         if d.kind != "envoy" and not (d.kind == "forward" and has_dot_segments(d.path)):
             return p
         first = first or p  # keep looking for a request the kernel can take
