@@ -142,7 +142,15 @@ _ID_NODE = _NODE_ID = 1  # Identifier.node, Node.id
 _ID_LOG_NAME = 2  # Identifier.log_name
 _LOG_ENTRY = 1  # HTTPAccessLogEntries.log_entry
 _COMMON, _RESPONSE = 1, 4  # HTTPAccessLogEntry
-_UPSTREAM_ADDRESS, _UPSTREAM_CLUSTER = 13, 15  # AccessLogCommon
+_UPSTREAM_ADDRESS, _UPSTREAM_CLUSTER, _RESPONSE_FLAGS = 13, 15, 16  # AccessLogCommon
+# ResponseFlags of an attempt without a response -> the status Envoy's detector
+# counts for it (not split_external_local_origin_errors: a local-origin timeout
+# as 504, a connect failure or reset as 503)
+# (Envoy's router: a timeout is LocalOriginTimeout with its 504, any upstream
+# reset but an overflow LocalOriginConnectFailed, which resultToHttpCode makes 503)
+_NO_RESPONSE = {3: 504,  # upstream_request_timeout (route or per-try timeout)
+                5: 503, 6: 503, 7: 503,  # upstream_remote_reset, _connection_failure, _termination
+                24: 503}  # upstream_protocol_error
 _SOCKET, _SA_ADDRESS, _SA_PORT = 1, 2, 3  # Address.socket_address, SocketAddress
 _RESPONSE_CODE = 1  # HTTPResponseProperties.response_code (UInt32Value.value = 1)
 
@@ -177,10 +185,23 @@ def _observation(entry: bytes) -> Observation | None:
     address, port = _str(sa.get(_SA_ADDRESS, b"")), sa.get(_SA_PORT, 0)
     code = _sub(resp, _RESPONSE_CODE)
     status = dict(fields(code)).get(1, 0) if code else 0
+    if not status:
+        status = _no_response_status(cf.get(_RESPONSE_FLAGS, b""))
     if not cluster or not address or not isinstance(port, int) or not isinstance(status, int) \
             or not status:
         return None
     return cluster, f"{address}:{port}", status
+
+
+def _no_response_status(flags: bytes | int) -> int:
+    """The status Envoy's detector counts for an attempt that got no response
+    (its ResponseFlags `flags`), 0: not counted."""
+    if not isinstance(flags, bytes):
+        return 0
+    for n, v in fields(flags):
+        if v and n in _NO_RESPONSE:
+            return _NO_RESPONSE[n]
+    return 0
 
 
 def _sub(v: bytes | int, num: int) -> bytes:

@@ -154,6 +154,7 @@ def test_wire_reader_matches_betterproto() -> None:
         AccessLogCommon,
         HttpAccessLogEntry,
         HttpResponseProperties,
+        ResponseFlags,
     )
     from envoy_data_plane.envoy.service.accesslog.v3 import (
         StreamAccessLogsMessage,
@@ -179,6 +180,13 @@ def test_wire_reader_matches_betterproto() -> None:
         http_logs=StreamAccessLogsMessageHttpAccessLogEntries(log_entry=[
             entry("od", "198.18.0.3", 503), entry("od", None, 503), entry("od", "198.18.0.4", None),
             entry("od", "198.18.0.4", 200)]))
+    timed_out = entry("od", "198.18.0.5", None)  # a per-try timeout: no status, flag UT
+    timed_out.common_properties.response_flags = ResponseFlags(upstream_request_timeout=True)
+    overflow = entry("od", "198.18.0.6", None)  # circuit breaker: Envoy's detector ignores it
+    overflow.common_properties.response_flags = ResponseFlags(upstream_overflow=True)
+    flagged = StreamAccessLogsMessage(http_logs=StreamAccessLogsMessageHttpAccessLogEntries(
+        log_entry=[timed_out, overflow]))
+    assert observations(bytes(flagged))[2] == [("od", "198.18.0.5:9000", 504)]
     assert observations(bytes(msg)) == ("sidecar~x", "l", [("od", "198.18.0.3:9000", 503),
                                                            ("od", "198.18.0.4:9000", 200)])
     msg.identifier = None
@@ -243,3 +251,43 @@ async def test_a_foreign_stream_is_refused_and_a_node_goes_live_and_back(envoy_b
         assert not svc.live
     server.close()
     await server.wait_closed()
+
+
+@pytest.mark.envoy
+async def test_a_connect_failure_counts_as_envoys_detector_counts_it(envoy_bin):
+    """An attempt to a closed port has no response status: Envoy's detector
+    counts it as a 503 (consecutive_5xx 1: one detection in its stats), and
+    the observation says 503 for that host (ResponseFlags
+    upstream_connection_failure); the retry's 200 on the other host too."""
+    got: list[tuple[str, str, int]] = []
+    svc = AccessLogService(lambda node, obs: got.extend(obs))
+    server = Server([svc])
+    als_port, lport, admin, closed = free_port(), free_port(), free_port(), free_port()
+    await server.start("127.0.0.1", als_port)
+    runner, good = await _site(200)
+    boot = sidecar_bootstrap(als_port, closed, lport, admin)
+    c = next(x for x in boot["static_resources"]["clusters"] if x["name"] == "c")
+    c["load_assignment"]["endpoints"][0]["lb_endpoints"].append(
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": good}}}})
+    c["outlier_detection"] = {"consecutive_5xx": 1, "interval": "60s"}
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]["retry_policy"] = ISTIO_RETRY
+    envoy = Envoy(boot, admin, binary=envoy_bin).start()
+    try:
+        async def up() -> bool:
+            return (await http_get(lport, "/x"))[0] == 200
+
+        await wait_for(up, 20)
+        for i in range(4):
+            assert (await http_get(lport, f"/r{i}"))[0] == 200
+        stats = (await http_get(admin, "/stats?filter=^cluster\\.c\\.outlier_detection"))[1]
+        detected = int(stats.split("ejections_detected_consecutive_5xx: ")[1].split()[0])
+        assert detected >= 1, stats  # Envoy's detector counted the connect failure
+        await wait_for(lambda: _true(any(h.endswith(f":{closed}") for _, h, _ in got)), 10)
+        assert {st for _, h, st in got if h.endswith(f":{closed}")} == {503}, got
+        assert {st for _, h, st in got if h.endswith(f":{good}")} == {200}, got
+    finally:
+        envoy.stop()
+        await runner.cleanup()
+        server.close()
+        await server.wait_closed()
