@@ -159,9 +159,7 @@ async def upstreams() -> AsyncIterator[dict[str, int]]:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
-        # Envoy still holds keep-alive connections when this is torn down:
-        # the default graceful wait cost ~10 s per test (1.5 s with 1)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         port = pick_free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
