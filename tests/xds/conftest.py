@@ -89,7 +89,7 @@ class ServeProcess:
 
     async def wait_ready(self, timeout: float = 120) -> None:
         """Until /healthz/ready answers 200. The child spends ~1.1 s of CPU
-        before it listens (most of it importing the Envoy API modules): 3.6-15 s
+        before it listens (mostly imports: the Envoy API modules, aiohttp): 3.6-15 s
         wall at a load average of 9-11 on 2 cores, more than 20 s (the old
         bound) in 2 of 13 runs of test_cilium_envoy.py with four busy loops
         added, once 58 s. A child that exits fails at once; only one that
