@@ -19,7 +19,9 @@ whole routes change, conservatively:
   plan": that is transient), or its merged inbound listener's first route
   that can match any request of the route is a punt matching all of them
   (literal paths compared; a regex DFA, case-insensitive path, header, query
-  or gRPC matcher on the inbound side before it counts as "maybe partial");
+  or gRPC matcher on the inbound side before it counts as "maybe partial"; a
+  punt whose kernel entry catches every request, `synth_tables.punt_catches_all`,
+  matches all of them);
   a route the kernel itself may answer (its own or its listener's fault
   abort, rate limit, RBAC), that rewrites the path, or whose merged inbound
   listener has listener-level RBAC or abort stays KERNEL;
@@ -57,6 +59,7 @@ from fastpath.plan import (
     RouteMatch,
     Verdict,
 )
+from fastpath.synth_tables import punt_catches_all
 
 PlanOfIp = Callable[[str], KernelPlan | None]
 INLINE = "inbound side not transparent (the inline decision has no second decision)"
@@ -162,6 +165,8 @@ def _punts_all(m: RouteMatch, lp: ListenerPlan) -> str | None:
     if len(lp.virtual_hosts) != 1 or "*" not in lp.virtual_hosts[0].domains:
         return None  # which virtual host depends on the Host
     for ir in lp.virtual_hosts[0].routes:
+        if ir.verdict is Verdict.ENVOY and punt_catches_all(ir):
+            return f"inbound route {ir.name!r}: {ir.reason}"  # overlaps and covers every match
         if _disjoint(m, ir.match):
             continue
         if ir.verdict is Verdict.ENVOY and _covers(ir.match, m):

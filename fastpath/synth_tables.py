@@ -75,6 +75,17 @@ def _catches_all(f: dict[str, Any]) -> bool:
             and not f.get("method"))
 
 
+def punt_catches_all(r: Route) -> bool:
+    """True when the punt entry the kernel builds for route `r`
+    (TableBuilder._punt) catches every request of its virtual host: its matcher
+    the kernel cannot evaluate, or prefix "" with no other matcher. Read by
+    fastpath.inbound_verdict (such an inbound punt overlaps and covers every
+    client route). Built on a fresh builder: a punt that depends on the other
+    routes (too many distinct header names) is not seen, so it may say False
+    where the synthesis punts (the view then keeps KERNEL, as before)."""
+    return _catches_all(TableBuilder(KernelPlan("", ""))._punt(r))
+
+
 @dataclass
 class TableBuilder:
     plan: KernelPlan

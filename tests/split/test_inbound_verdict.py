@@ -155,3 +155,23 @@ def test_reference_model_punts_a_rewritten_path_with_dot_segments() -> None:
         assert kind(value, path, merged=False)[0] == "forward"  # no inbound decision
     assert kind("/a/", "/v1/x?q=/./") == ("forward", "/a/x?q=/./")  # the query is not the path
     assert kind("/a.b/", "/v1/x") == ("forward", "/a.b/x")
+
+
+def test_an_inbound_punt_that_catches_every_request_makes_any_route_envoy() -> None:
+    """An inbound /x route with an :authority matcher: the kernel cannot
+    evaluate it, so its punt catches every request (synth_tables._punt), a
+    client route to /y included; a punt with its own matcher does not."""
+    from fastpath.plan import HeaderMatch, StringKind, StringMatch
+
+    auth = _route("in-x-auth", "/x", ("app", 1))
+    auth = dataclasses.replace(auth, verdict=Verdict.ENVOY, reason="authority matcher",
+                               match=dataclasses.replace(auth.match, headers=(HeaderMatch(
+                                   ":authority", StringMatch(StringKind.EXACT, "api")),)))
+    plans = {A: dest(auth, _route("in-default", "/", ("app", 1)))}
+    got = verdicts(honest_plan(client(_route("to-y", "/y", (CLUSTER, 1))), plans.get))
+    assert got["to-y"] == (Verdict.ENVOY, "destination api: inbound route 'in-x-auth': "
+                           "authority matcher")
+    own = dataclasses.replace(auth, match=dataclasses.replace(auth.match, headers=()))
+    plans = {A: dest(own, _route("in-default", "/", ("app", 1)))}
+    got = verdicts(honest_plan(client(_route("to-y", "/y", (CLUSTER, 1))), plans.get))
+    assert got["to-y"] == (Verdict.KERNEL, "")
