@@ -147,8 +147,13 @@ _UPSTREAM_ADDRESS, _UPSTREAM_CLUSTER, _RESPONSE_FLAGS = 13, 15, 16  # AccessLogC
 # counts for it (not split_external_local_origin_errors: a local-origin timeout
 # as 504, a connect failure or reset as 503)
 # (Envoy's router: a timeout is LocalOriginTimeout with its 504, any upstream
-# reset but an overflow LocalOriginConnectFailed, which resultToHttpCode makes 503)
-_NO_RESPONSE = {3: 504,  # upstream_request_timeout (route or per-try timeout)
+# reset but an overflow LocalOriginConnectFailed, which resultToHttpCode makes 503).
+# A route timeout is not here: Envoy's detector counts its 504, but the
+# attempt's entry has no status and no flag (the flag goes on the downstream's
+# stream info only), as a downstream reset's: not counted on Envoy's path
+# (tests/xds/test_als.py::test_timeouts_as_the_access_log_carries_them).
+_NO_RESPONSE = {3: 504,  # upstream_request_timeout (per-try timeout)
+                17: 504,  # stream_idle_timeout (per_try_idle_timeout)
                 5: 503, 6: 503, 7: 503,  # upstream_remote_reset, _connection_failure, _termination
                 24: 503}  # upstream_protocol_error
 _SOCKET, _SA_ADDRESS, _SA_PORT = 1, 2, 3  # Address.socket_address, SocketAddress
