@@ -27,7 +27,7 @@ import grpclib.exceptions
 import grpclib.server
 from envoy_data_plane.envoy.service.accesslog.v3 import StreamAccessLogsResponse
 
-from fastpath.residual_outlier import ALS_LOG_NAME
+from fastpath.residual_outlier import ALS_LOG_NAME, node_ip
 from xds_server.protocol.requests import DecodeError, fields
 
 log = logging.getLogger(__name__)
@@ -118,11 +118,7 @@ def refusal(node: str, log_name: str, peer_ip: str) -> str:
     an IP (`sidecar~IP~...`), or a peer that is not that IP."""
     if log_name != ALS_LOG_NAME:
         return f"log name {log_name!r} is not {ALS_LOG_NAME!r} (node {node!r})"
-    parts = node.split("~")
-    try:
-        want = ipaddress.ip_address(parts[1]) if len(parts) > 2 else None
-    except ValueError:
-        want = None
+    want = node_ip(node)
     if want is None:
         return f"node id {node!r} names no IP (sidecar~IP~...)"
     try:

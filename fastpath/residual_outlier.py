@@ -18,10 +18,14 @@ in the node's residual, for every KERNEL cluster with outlier detection:
   (`fastpath.als` -> `OutlierKeeper.count_envoy`), counted by the same rule;
 * the hosts out of the kernel's LB view come to Envoy as EDS UNHEALTHY
   (xds_server.eds_health, at publish time), so Envoy skips them too.
+
+A node id that names no IP (`node_ip`) changes nothing: fastpath.als would
+refuse its stream, so the logger would cost Envoy throughput for nothing.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +56,16 @@ def owned_clusters(plan: KernelPlan) -> set[str]:
             if c.outlier is not None and c.verdict is Verdict.KERNEL and c.eds_name is not None}
 
 
+def node_ip(node_id: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP a sidecar node id names (`sidecar~IP~...`), None: none. The
+    only peer fastpath.als accepts the node's stream from."""
+    parts = node_id.split("~")
+    try:
+        return ipaddress.ip_address(parts[1]) if len(parts) > 2 else None
+    except ValueError:
+        return None
+
+
 def als_logger() -> dict[str, Any]:
     """The router's upstream_log entry (proto JSON) that sends the upstream
     responses Envoy gets to the agent."""
@@ -65,7 +79,7 @@ def als_logger() -> dict[str, Any]:
 def apply(out: dict[str, list[Any]], plan: KernelPlan) -> None:
     """Change the residual `out` (type URL -> messages) in place, as the module says."""
     owned = owned_clusters(plan)
-    if not owned:
+    if not owned or node_ip(plan.node_id) is None:
         return
     out[em.CLUSTER] = [_without_detector(m, owned) for m in out.get(em.CLUSTER, [])]
     outbound = {lp.name.split("#")[0] for lp in plan.listeners

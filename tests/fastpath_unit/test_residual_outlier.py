@@ -88,3 +88,13 @@ def _logs(lis: dict[str, Any]) -> list[Any]:
     hcm = lis["filterChains"][0]["filters"][0]["typedConfig"]
     (router,) = hcm["httpFilters"]
     return list(router["typedConfig"].get("upstreamLog", []))
+
+
+def test_a_node_id_without_ip_gets_no_logger() -> None:
+    """fastpath.als would refuse its stream (no IP to check the peer
+    against): the logger would only cost; Envoy keeps its detector."""
+    r = split_snapshot("demo", resources())
+    assert ro.owned_clusters(r.plan) == {"od"}
+    assert not any(_logs(em.to_json(m)) for m in r.residual[res.LISTENER])
+    owned = {em.to_json(m)["name"]: em.to_json(m) for m in r.residual[res.CLUSTER]}
+    assert "outlierDetection" in owned["od"]
