@@ -59,6 +59,7 @@ class AccessLogService:
         self.observations = 0
         self.malformed = 0
         self.refused = 0
+        self._told: set[tuple[str, str]] = set()  # (node id, refusal) already logged
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {PATH: grpclib.const.Handler(self._stream, grpclib.const.Cardinality.STREAM_UNARY,
@@ -97,7 +98,11 @@ class AccessLogService:
         why = refusal(ident, log_name, peer[0] if peer else "")
         if why:
             self.refused += 1
-            log.warning("access log stream refused: %s", why)
+            # Envoy reopens a refused stream at every flush (10 ms, per worker):
+            # one line per (node, reason), the counter counts them all
+            if (ident, why) not in self._told and len(self._told) < 4096:
+                self._told.add((ident, why))
+                log.warning("access log stream refused (said once per node and reason): %s", why)
             return ""
         self.live[ident] = self.live.get(ident, 0) + 1
         if self.live[ident] == 1 and self.on_stream is not None:
