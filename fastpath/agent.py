@@ -389,15 +389,32 @@ class Agent:
     def plan_view(self, node_id: str) -> KernelPlan | None:
         """The node's plan with the verdicts its destinations' inbound side
         decides (fastpath.inbound_verdict): what `/debug/fastpath/plans` shows.
-        The decision is the node's loaded one (an l7fp node may fall back to
-        inline), else the agent's."""
+        Its outbound side takes the node's loaded decision (an l7fp node may
+        fall back to inline), else the agent's; its inbound side the clients'
+        (`_clients_decide`): they merge it, or not."""
         with self.lock:
             plan = self.plans.get(node_id)
             node = self.nodes.get(node_id)
+            inbound = self._clients_decide(node_id)
         if plan is None:
             return None
         decide = node.mode if node is not None else self.decide
-        return inbound_verdict.honest_plan(plan, self._plan_of_ip, decide)
+        return inbound_verdict.honest_plan(plan, self._plan_of_ip, decide, inbound)
+
+    def _clients_decide(self, node_id: str) -> str:
+        """The decision of the nodes whose kernel pools node_id's pod (caller
+        holds the lock): "l7fp" when any of them runs (or, not loaded yet, would
+        run) l7fp_decide, since it may merge the pod's inbound side; "inline"
+        when all run the built-in decision; the agent's when none reaches it."""
+        pod = self.pods.get(node_id)
+        if pod is None:
+            return self.decide
+        modes = {getattr(self.nodes.get(n), "mode", self.decide) for n, p in self.plans.items()
+                 if any(ip == pod.ip for eps in inbound_merge.kernel_endpoints(p).values()
+                        for ip, _ in eps)}
+        if not modes:
+            return self.decide
+        return "l7fp" if "l7fp" in modes else "inline"
 
     def _inbound_ok(self, ip: str, port: int) -> bool:
         """True when the pod at ip has a known plan whose inbound side for `port`

@@ -65,13 +65,17 @@ PlanOfIp = Callable[[str], KernelPlan | None]
 INLINE = "inbound side not transparent (the inline decision has no second decision)"
 
 
-def honest_plan(plan: KernelPlan, plan_of_ip: PlanOfIp, decide: str = "l7fp") -> KernelPlan:
+def honest_plan(plan: KernelPlan, plan_of_ip: PlanOfIp, decide: str = "l7fp",
+                inbound_decide: str | None = None) -> KernelPlan:
     """`plan` with the routes every request of which goes to Envoy because of
     the destinations' inbound side marked ENVOY (see the module docstring).
-    `decide`: the node's decision ("l7fp" merges, "inline" does not)."""
+    `decide`: the node's decision for its outbound side ("l7fp" merges,
+    "inline" does not); `inbound_decide`: its clients' decision, which is the
+    one that merges its inbound side (default: `decide`)."""
     merged = merge(plan, plan_of_ip) if decide == "l7fp" else inline_merged(plan, plan_of_ip)
+    inbound = decide if inbound_decide is None else inbound_decide
     listeners = tuple(_outbound(lp, plan, merged) if lp.direction is Direction.OUTBOUND
-                      else _inbound(lp, plan, decide) for lp in plan.listeners)
+                      else _inbound(lp, plan, inbound) for lp in plan.listeners)
     if listeners == plan.listeners:
         return plan
     return dataclasses.replace(plan, listeners=listeners)

@@ -175,3 +175,28 @@ def test_an_inbound_punt_that_catches_every_request_makes_any_route_envoy() -> N
     plans = {A: dest(own, _route("in-default", "/", ("app", 1)))}
     got = verdicts(honest_plan(client(_route("to-y", "/y", (CLUSTER, 1))), plans.get))
     assert got["to-y"] == (Verdict.KERNEL, "")
+
+
+def test_the_view_of_an_inbound_side_takes_the_clients_decision() -> None:
+    """Agent.plan_view: the clients merge a pod's inbound side, so their
+    decision counts, not the pod's own (one fell back to inline here)."""
+    from types import SimpleNamespace
+
+    from fastpath.agent import Agent
+    from fastpath.agent_node import PodInfo
+
+    def view(client_mode: str, dest_mode: str) -> dict[str, tuple[Verdict, str]]:
+        a = Agent(None, decide="l7fp")
+        a.pods = {"c": PodInfo("c", "c", "/cg/c", None, B), "d": PodInfo("d", "d", "/cg/d", None, A)}
+        a.plans = {"c": client(_route("to-api", "/", (CLUSTER, 1))), "d": limited_v1()}
+        a.nodes = {"c": SimpleNamespace(mode=client_mode),  # type: ignore[dict-item]
+                   "d": SimpleNamespace(mode=dest_mode)}
+        plan = a.plan_view("d")
+        assert plan is not None
+        return verdicts(plan)
+
+    got = view("l7fp", "inline")
+    assert got["in-default"] == (Verdict.KERNEL, "")  # l7fp clients merge and serve it
+    assert got["in-v1-limited"][0] is Verdict.ENVOY
+    got = view("inline", "l7fp")
+    assert got["in-default"][0] is Verdict.ENVOY and "inline" in got["in-default"][1]
