@@ -38,6 +38,7 @@ from typing import Any
 from fastpath import inbound_merge, inbound_verdict
 from fastpath.agent_node import NodeDatapath, PodInfo
 from fastpath.agent_outlier import OutlierCollector
+from fastpath.als_owner import AlsOwner
 from fastpath.counters import FastpathCollector
 from fastpath.inbound import inbound_transparent
 from fastpath.plan import Direction, KernelPlan, ListenerPlan
@@ -81,8 +82,9 @@ class Agent:
         self.owned: dict[str, str] = {}
         self.server: Any = None
         # nodes whose Envoy has an accepted outlier access-log stream open
-        # (fastpath.als; the server's loop): only these lose Envoy's detector
-        self.als_nodes: set[str] = set()
+        # (fastpath.als; the server's loop), or closed within the grace: only
+        # these lose Envoy's detector
+        self.als = AlsOwner()
 
     # ---- control (any thread) ------------------------------------------------
     def start(self) -> None:
@@ -118,7 +120,7 @@ class Agent:
         node's Envoy has no outlier access-log stream open: its responses
         would reach no detector, so Envoy keeps its own."""
         node = self.nodes.get(node_id)
-        if node_id not in self.als_nodes:
+        if not self.als.live(node_id):
             return None  # no access-log stream: Envoy's own detector stays
         if node is None or node_id not in self.owned:
             return {}
@@ -133,19 +135,24 @@ class Agent:
         node: Envoy's own detector counts them then (after a release, draining
         connections still log: counting them too would count twice)."""
         node = self.nodes.get(node_id)
-        if node is not None and node_id in self.owned and node_id in self.als_nodes:
+        if node is not None and node_id in self.owned and self.als.live(node_id):
             node.outlier.count_envoy(obs)
 
     def als_stream(self, node_id: str, live: bool) -> None:
         """The node's Envoy opened its first (live) or closed its last outlier
         access-log stream (fastpath.als, the server's loop): the kernel takes
-        Envoy's detector of the owned clusters, or gives it back."""
-        if live:
-            self.als_nodes.add(node_id)
-        else:
-            self.als_nodes.discard(node_id)
-        if self.server is not None:
+        Envoy's detector of the owned clusters, or gives it back after
+        als_owner.GRACE_S (`_als_due` on the event thread)."""
+        if not live:
+            self.als.closed(node_id, time.monotonic())
+        elif self.als.opened(node_id, time.monotonic()) and self.server is not None:
             self.server.resplit([node_id])
+
+    def _als_due(self, now: float) -> None:
+        """Nodes whose access-log grace ended (event thread): Envoy's detector back."""
+        gone = self.als.due(now)
+        if gone and self.server is not None:
+            self.server.resplit(gone)
 
     def _lb_changed(self, node_id: str) -> None:
         """The node's kernel LB view changed (event thread): republish its residual."""
@@ -208,6 +215,7 @@ class Agent:
             self.loop["max_gap_s"] = max(self.loop["max_gap_s"], round(now - last, 4))
             last = now
             try:
+                self._als_due(now)
                 with self.lock:
                     nodes = list(self.nodes.values())
                 # events first (closes release sockets), then the pools' look
@@ -456,6 +464,7 @@ class Agent:
                 "pods_known": sorted(self.pods), "plans_known": sorted(self.plans),
                 "nodes_failed": self.failed, "event_loop": dict(self.loop),
                 "limits_owned": dict(self.owned),  # node -> plan version (rule 3)
+                "outlier_access_log": self.als.debug(time.monotonic()),
                 "nodes": [n.debug() for n in nodes]}
 
 
