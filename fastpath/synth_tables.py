@@ -359,11 +359,11 @@ class TableBuilder:
 
     def _shadowed(self, r: Route, by: Route) -> None:
         """KERNEL route `r` after route `by`, whose kernel punt catches every
-        request: the kernel never runs it (executable_plan makes it ENVOY, so
+        request (a matcher the kernel does not evaluate, or an ENVOY route
+        with prefix "" and no other matcher): the kernel never runs it (executable_plan makes it ENVOY, so
         Envoy keeps its limiter and the split does not claim it)."""
         self.kernel_routes.discard(id(r))
-        self.punt_reasons[id(r)] = (f"after route {by.name!r}, whose matcher the kernel does not "
-                                    "evaluate: its punt catches every request")
+        self.punt_reasons[id(r)] = f"after route {by.name!r}, whose kernel punt catches every request"
 
     def _punted(self, vhosts: Any, why: str, skip: int = 0) -> None:
         """Note why the routes of ``vhosts`` (after the first ``skip``) reach Envoy."""

@@ -137,12 +137,15 @@ def test_true_regex_is_punt_entry_and_keeps_order() -> None:
               {"match": {"safe_regex": {"regex": "^/x/.*"}}, "route": {"cluster": "c", "timeout": "0s"}}]
     (v1, w1), (v2, w2) = verdicts(routes)
     assert v1 is Verdict.ENVOY and "no small DFA (more than 64 DFA states)" in w1
-    assert v2 is Verdict.ENVOY and w2 == ("kernel decision: after route '', whose matcher the "
-                                          "kernel does not evaluate: its punt catches every request")
+    assert v2 is Verdict.ENVOY and w2 == ("kernel decision: after route '', whose kernel punt "
+                                          "catches every request")
     kept = [{"match": {"prefix": "/h"}, "route": {"cluster": "c", "timeout": "0s",
                                                   "host_rewrite_header": "x-h"}},
             {"match": {"safe_regex": {"regex": "^/x/.*"}}, "route": {"cluster": "c", "timeout": "0s"}}]
     assert [v for v, _ in verdicts(kept)] == [Verdict.ENVOY, Verdict.KERNEL]
+    kept[0]["match"] = {"prefix": ""}  # evaluable, but it matches every request
+    assert verdicts(kept)[1] == (Verdict.ENVOY, "kernel decision: after route '', whose kernel "
+                                 "punt catches every request")
     # a bounded DFA: the kernel decision walks it (bpf_src/include/l7fp_dfa.h)
     (v3, w3), = verdicts([{"match": {"safe_regex": {"regex": "/users/[0-9]+"}},
                            "route": {"cluster": "c", "timeout": "0s"}}])
@@ -174,8 +177,7 @@ def test_routes_the_kernel_decision_punts_are_envoy_and_keep_their_limiter() -> 
     got = [(r.verdict, r.reason) for r in out.plan.listeners[0].virtual_hosts[0].routes]
     # /q's punt entry catches every request (the kernel cannot evaluate its
     # matcher): the later routes never run in the kernel, so they are ENVOY too
-    shadowed = ("kernel decision: after route '', whose matcher the kernel does not evaluate: "
-                "its punt catches every request")
+    shadowed = "kernel decision: after route '', whose kernel punt catches every request"
     assert got == [(Verdict.ENVOY, "kernel decision: query parameter matcher kind contains"),
                    (Verdict.ENVOY, shadowed), (Verdict.ENVOY, shadowed)]
     kept = em.to_json(out.residual[em.LISTENER][0])
