@@ -179,30 +179,14 @@ def _punts_all(m: RouteMatch, lp: ListenerPlan) -> str | None:
     return None
 
 
-def _literal(m: RouteMatch) -> tuple[str, str] | None:
-    """("prefix"|"exact", path) for a case-sensitive literal path matcher."""
-    if not m.case_sensitive:
-        return None
-    if m.path_kind is PathKind.PREFIX:
-        return "prefix", m.path
-    if m.path_kind is PathKind.EXACT:
-        return "exact", m.path
-    if m.path_kind is PathKind.REGEX and m.regex_literal is not None:
-        return "exact", m.regex_literal
-    if m.path_kind is PathKind.REGEX and m.regex_prefix is not None:
-        return "prefix", m.regex_prefix
-    return None
-
-
 def _disjoint(a: RouteMatch, b: RouteMatch) -> bool:
-    """True only when no request matches both (methods or literal paths differ).
-    A path-separated prefix counts as its plain prefix (a superset)."""
+    """True only when no request matches both (methods or literal paths
+    differ). Conservative: it may say False for disjoint matchers (headers,
+    queries, DFAs and case-insensitive paths are not compared), which keeps a
+    route KERNEL."""
     if a.method is not None and b.method is not None and a.method != b.method:
         return True
-    la = _literal(a) or (("prefix", a.path) if a.path_kind is PathKind.PATH_SEPARATED_PREFIX
-                         and a.case_sensitive else None)
-    lb = _literal(b) or (("prefix", b.path) if b.path_kind is PathKind.PATH_SEPARATED_PREFIX
-                         and b.case_sensitive else None)
+    la, lb = a.literal_path(), b.literal_path()
     if la is None or lb is None:
         return False
     if la[0] == "exact" and lb[0] == "exact":
@@ -216,7 +200,9 @@ def _covers(outer: RouteMatch, inner: RouteMatch) -> bool:
         return False
     if outer.method is not None and outer.method != inner.method:
         return False
-    lo, li = _literal(outer), _literal(inner)
+    if outer.path_kind is PathKind.PATH_SEPARATED_PREFIX:
+        return False  # its literal_path is a superset of what it matches
+    lo, li = outer.literal_path(), inner.literal_path()
     if lo is None or li is None:
         return False
     if lo[0] == "exact":

@@ -157,6 +157,25 @@ class RouteMatch:
     grpc: bool = False  # RouteMatch.grpc: content-type application/grpc*
     regex_dfa: RegexDfa | None = None  # REGEX that is neither literal nor prefix, as a DFA
 
+    def literal_path(self) -> tuple[str, str] | None:
+        """("exact"|"prefix", path) for a case-sensitive literal path matcher
+        (as fastpath.reference.route_matches reads it): every path it takes is
+        that path, or starts with it. A path-separated prefix counts as its
+        plain prefix (a superset: callers that need the exact set check the
+        kind). None for a DFA, a true regex or a case-insensitive path. Read
+        by fastpath.rewrite and fastpath.inbound_verdict."""
+        if not self.case_sensitive:
+            return None
+        if self.path_kind is PathKind.EXACT:
+            return "exact", self.path
+        if self.path_kind in (PathKind.PREFIX, PathKind.PATH_SEPARATED_PREFIX):
+            return "prefix", self.path
+        if self.path_kind is PathKind.REGEX and self.regex_literal is not None:
+            return "exact", self.regex_literal
+        if self.path_kind is PathKind.REGEX and self.regex_prefix is not None:
+            return "prefix", self.regex_prefix
+        return None
+
 
 @dataclass(frozen=True)
 class WeightedCluster:

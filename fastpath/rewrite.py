@@ -169,15 +169,8 @@ def _substitution(sub: str) -> tuple[str | None, bool]:
 
 def _guaranteed(m: RouteMatch, lit: str) -> bool:
     """Every path the route's matcher takes starts with ``lit`` (case counts)."""
-    if not m.case_sensitive:
-        return False
-    if m.path_kind in (PathKind.PREFIX, PathKind.EXACT, PathKind.PATH_SEPARATED_PREFIX):
-        return m.path.startswith(lit)
-    if m.path_kind is PathKind.REGEX and m.regex_prefix is not None:
-        return m.regex_prefix.startswith(lit)
-    if m.path_kind is PathKind.REGEX and m.regex_literal is not None:
-        return m.regex_literal.startswith(lit)
-    return False
+    known = m.literal_path()
+    return known is not None and known[1].startswith(lit)
 
 
 def rewritten(rw: PathRewrite, path: str) -> str:
