@@ -117,8 +117,9 @@ class Agent:
         its LB view (served to the node's Envoy as EDS UNHEALTHY), keyed by
         the cluster's ClusterLoadAssignment name; only the clusters the
         applied plan owns, only while the kernel owns the node. None while the
-        node's Envoy has no outlier access-log stream open: its responses
-        would reach no detector, so Envoy keeps its own."""
+        node's Envoy has no outlier access-log stream open (nor closed
+        within als_owner.GRACE_S): its responses would reach no detector, so
+        Envoy keeps its own."""
         node = self.nodes.get(node_id)
         if not self.als.live(node_id):
             return None  # no access-log stream: Envoy's own detector stays
