@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastpath import inbound_merge, inbound_verdict
+from fastpath import inbound_merge, inbound_verdict, residual_outlier
 from fastpath.agent_node import NodeDatapath, PodInfo
 from fastpath.agent_outlier import OutlierCollector
 from fastpath.als_owner import AlsOwner
@@ -150,10 +150,15 @@ class Agent:
             self.server.resplit([node_id])
 
     def _als_due(self, now: float) -> None:
-        """Nodes whose access-log grace ended (event thread): Envoy's detector back."""
-        gone = self.als.due(now)
-        if gone and self.server is not None:
-            self.server.resplit(gone)
+        """Nodes whose access-log grace ended, or whose logger got no stream
+        (event thread): Envoy's detector back, resp. the logger dropped."""
+        gone, quiet = self.als.due(now)
+        for n in quiet:  # once per node: it never gets the logger again
+            log.warning("outlier: node %s opened no access-log stream within %.0f s of its "
+                        "logger: the logger is dropped, Envoy keeps its own detector",
+                        n, self.als.give_up_s)
+        if (gone or quiet) and self.server is not None:
+            self.server.resplit(gone + quiet)
 
     def _lb_changed(self, node_id: str) -> None:
         """The node's kernel LB view changed (event thread): republish its residual."""
@@ -167,6 +172,8 @@ class Agent:
             if self.owned.get(node_id) == plan.version:
                 return
             self.owned[node_id] = plan.version
+        if residual_outlier.logs_to_als(plan):
+            self.als.served(node_id, time.monotonic())
         if self.server is not None:
             self.server.resplit([node_id])
 
@@ -176,6 +183,8 @@ class Agent:
         server has published and the sidecar ACKed (bounded: RELEASE_WAIT)."""
         with self.lock:
             gone = [n for n in node_ids if self.owned.pop(n, None) is not None]
+        for n in gone:
+            self.als.unserved(n)
         if not gone or self.server is None:
             return
         fut = self.server.resplit(gone)
@@ -531,6 +540,8 @@ def start(server: Any, args: Any) -> Agent | None:
         server.set_limit_owner(agent.owns_limits)
     if hasattr(server, "set_endpoint_health"):
         server.set_endpoint_health(agent.hosts_out)
+    if hasattr(server, "set_access_log_off"):
+        server.set_access_log_off(agent.als.given_up, residual_outlier.without_als)
     server.add_plan_listener(agent.on_plan)
     registry = getattr(getattr(server, "metrics", None), "registry", None)
     if registry is not None:
@@ -561,6 +572,8 @@ async def stop(agent: Agent | None) -> None:
         server.set_limit_owner(None)  # first: a claim racing this stop strips nothing
     if server is not None and hasattr(server, "set_endpoint_health"):
         server.set_endpoint_health(None)
+    if server is not None and hasattr(server, "set_access_log_off"):
+        server.set_access_log_off(None, None)
     owned = list(agent.owned)
     agent.release(owned, wait=False)  # on the loop: published at once
     if server is not None:

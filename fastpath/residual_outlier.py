@@ -66,6 +66,34 @@ def node_ip(node_id: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return None
 
 
+def logs_to_als(plan: Any) -> bool:
+    """The residual of the node that runs `plan` has the logger (`apply`)."""
+    return isinstance(plan, KernelPlan) and bool(owned_clusters(plan)) \
+        and node_ip(plan.node_id) is not None
+
+
+def without_als(res: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """`res` whose listeners have no logger of ours (new copies where changed):
+    the server's `set_access_log_off` for a node whose stream never came."""
+    out = dict(res)
+    out[em.LISTENER] = [_without_als(m) for m in res.get(em.LISTENER, [])]
+    return out
+
+
+def _without_als(msg: Any) -> Any:
+    lis = em.to_json(msg)
+    changed = False
+    for chain in _chains(lis):
+        for f in chain.get("filters", []):
+            for router in filter(_is_router, f.get("typedConfig", {}).get("httpFilters", [])):
+                logs = router.get("typedConfig", {}).get("upstreamLog", [])
+                kept = [x for x in logs if x.get("name") != ALS_NAME]
+                if len(kept) != len(logs):
+                    router["typedConfig"]["upstreamLog"] = kept
+                    changed = True
+    return em.from_json(em.LISTENER, lis) if changed else msg
+
+
 def als_logger() -> dict[str, Any]:
     """The router's upstream_log entry (proto JSON) that sends the upstream
     responses Envoy gets to the agent."""

@@ -14,7 +14,10 @@ Other packages may call:
   LB view}, marked UNHEALTHY in that node's residual EDS while the kernel owns
   the node's stateful policy (xds_server.eds_health), or None: the kernel does
   not own the node's outlier detection (yet), Envoy keeps its detectors;
-  `resplit` republishes.
+  `resplit` republishes;
+* `set_access_log_off(pred, strip)`: pred(node_id) True: while Envoy keeps its
+  detectors (endpoint health None), the node's residual is `strip(residual)`
+  (the fast path's outlier access logger removed: its stream never came).
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ def _none_out(_node_id: str) -> eds_health.HostsOut | None:
     return None
 
 
+def _never(_node_id: str) -> bool:
+    return False
+
+
+def _same(res: dict[str, list[AnyT]]) -> dict[str, list[AnyT]]:
+    return res
+
+
 class XdsServer:
     """Builds and publishes per-node snapshots; `ads` (set by ads.AdsService) serves them."""
 
@@ -74,12 +85,14 @@ class XdsServer:
         self.last_push: dict[str, AnyT] = {}
         self._plan_listeners: list[PlanListener] = []
         self._streams: dict[str, int] = {}
-        # node id -> (resources key, split result, {(kernel owns limiters, hosts out):
+        # node id -> (resources key, split result, {(kernel owns limiters, hosts out, logger off):
         # residual snapshot})
-        self._split_memo: dict[str, tuple[Hashable, AnyT, dict[tuple[bool, bool, Hashable], Snapshot]]] = {}
+        self._split_memo: dict[str, tuple[Hashable, AnyT, dict[tuple[bool, bool, Hashable, bool], Snapshot]]] = {}
         self.limit_owner: LimitOwner = _nobody_owns
         self.endpoint_health: EndpointHealth = _none_out
         self._last_out: dict[str, eds_health.HostsOut | None] = {}  # node -> last good answer
+        self.log_off: Callable[[str], bool] = _never
+        self.strip_log: Callable[[dict[str, list[AnyT]]], dict[str, list[AnyT]]] = _same
         self._loop: asyncio.AbstractEventLoop | None = None
         self._memo: dict[Hashable, Snapshot] = {}
         self._debouncer = Debouncer(self._push, debounce, debounce_max)
@@ -131,6 +144,13 @@ class XdsServer:
         residual keeps Envoy's detectors (eds_health.with_detectors). Called
         on the server's loop at each publish: keep it a cheap read."""
         self.endpoint_health = fn or _none_out
+
+    def set_access_log_off(self, pred: Callable[[str], bool] | None,
+                           strip: Callable[[dict[str, list[AnyT]]], dict[str, list[AnyT]]] | None
+                           ) -> None:
+        """pred(node_id) True: the node's residual, while Envoy keeps its
+        detectors, is `strip(residual)` (no outlier access logger). None: never."""
+        self.log_off, self.strip_log = pred or _never, strip or _same
 
     def resplit(self, node_ids: Iterable[str]) -> concurrent.futures.Future[int]:
         """Re-evaluate ownership and publish `node_ids` now (any thread).
@@ -262,12 +282,15 @@ class XdsServer:
         _key, result, snaps = hit
         owned = self._kernel_owns(node.id, result.plan)
         out = self._hosts_out(node.id) if owned else None
-        memo = (owned, out is not None, eds_health.key(out or {}))
+        off = owned and out is None and self._log_off(node.id)
+        memo = (owned, out is not None, eds_health.key(out or {}), off)
         snap = snaps.get(memo)
         if snap is None:
             residual = _residual(result, owned, parts)
             if owned and out is None:  # the kernel has no access log of Envoy's path
                 residual = eds_health.with_detectors(residual, _residual(result, False, parts))
+            if off:  # ... and never will: no logger to pay for
+                residual = self.strip_log(residual)
             snap = Snapshot.from_messages(eds_health.overlay(residual, out or {}), parts.origins)
             for k in [k for k in snaps if k[2]]:  # keep one health overlay per node
                 del snaps[k]
@@ -285,6 +308,13 @@ class XdsServer:
             return self._last_out.get(node_id)
         self._last_out[node_id] = out
         return out
+
+    def _log_off(self, node_id: str) -> bool:
+        try:
+            return bool(self.log_off(node_id))
+        except Exception:  # unsure: keep the logger (Envoy keeps its detector anyway)
+            log.exception("access log check failed for node %s", node_id)
+            return False
 
     def _kernel_owns(self, node_id: str, plan: AnyT) -> bool:
         try:

@@ -111,6 +111,33 @@ def test_envoys_detector_stays_until_the_kernel_hears_its_path():
     assert detector() is not None
 
 
+
+def test_a_given_up_node_gets_no_logger_and_keeps_envoys_detector():
+    """The agent gave up waiting for the node's stream (Istio: pilot-agent's
+    proxy serves ADS only): the residual loses the logger, Envoy's detector
+    stays; the limiters stay stripped as before (kernel-owned)."""
+    from fastpath.residual_outlier import without_als
+    from tests.fastpath_unit.test_residual_outlier import resources
+
+    node = "sidecar~198.18.0.9~c-0.t~t.svc.cluster.local"
+    off = False
+    srv = XdsServer([Static(resources())], splitter=split_snapshot)
+    srv.set_limit_owner(lambda n, plan: True)
+    srv.set_access_log_off(lambda n: off, without_als)
+    srv.ensure_node(NodeInfo(node))
+
+    def listeners() -> bytes:
+        return b"".join(bytes(e.message) for e in srv.cache.get(node).of_type(res.LISTENER).values())
+
+    assert listeners().count(b"l7fp_outlier") == 1
+    off = True
+    assert srv.resplit([node]).result(1) == 1
+    assert b"l7fp_outlier" not in listeners() and b"router.v3.Router" in listeners()
+    (od,) = [e.message for e in srv.cache.get(node).of_type(res.CLUSTER).values()
+             if e.message.name == "od"]
+    assert od.outlier_detection is not None
+
+
 @pytest.mark.envoy
 async def test_envoy_skips_a_host_marked_unhealthy(config_dir, envoys, envoy_bin, upstreams):
     """Round robin over `one` and `two`; `two` marked: only `one` answers
