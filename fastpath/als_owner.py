@@ -15,7 +15,9 @@ ADS only; NAT) is given up (`given_up`): its residual loses the logger, whose
 cost Envoy would pay forever for nothing. Envoy opens the stream at its first
 logged attempt only, so a node whose Envoy's path sends no request to an
 owned cluster in that time is given up too (Envoy's detector then keeps
-Envoy's path, as before the kernel took it). Giving ownership back costs a CDS push of every owned cluster
+Envoy's path, as before the kernel took it).
+
+Giving ownership back costs a CDS push of every owned cluster
 (outlier_detection back on: Envoy rebuilds the cluster and drains its
 connection pools) and the EDS marks go; taking it again costs the same.
 """
