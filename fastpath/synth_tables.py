@@ -360,8 +360,9 @@ class TableBuilder:
     def _shadowed(self, r: Route, by: Route) -> None:
         """KERNEL route `r` after route `by`, whose kernel punt catches every
         request (a matcher the kernel does not evaluate, or an ENVOY route
-        with prefix "" and no other matcher): the kernel never runs it (executable_plan makes it ENVOY, so
-        Envoy keeps its limiter and the split does not claim it)."""
+        with prefix "" and no other matcher): the kernel never runs it
+        (executable_plan makes it ENVOY, so Envoy keeps its limiter and the
+        split does not claim it)."""
         self.kernel_routes.discard(id(r))
         self.punt_reasons[id(r)] = f"after route {by.name!r}, whose kernel punt catches every request"
 
