@@ -223,6 +223,24 @@ static __always_inline int dp_rw_dotseg(struct l7fp_req_ctx *ctx)
     return (int)bad;
 }
 
+/* Whether the route's rewrite `rw` applies to the path at off (plen bytes):
+ * 0 no (its prefix is longer than the path, or differs: the path stays), -1 a
+ * bad entry (no value, or one over DP_RW_MAX), else the value's length; *cut:
+ * the path's bytes the value replaces. One rule for dp_rw_build (the path the
+ * inbound decision sees) and dp_rw_path (the path sent): they must agree. */
+static __always_inline int dp_rw_applies(struct l7fp_req_ctx *ctx, struct dp_rw *rw, __u32 off,
+                                         __u32 plen, __u32 *cut)
+{
+    __u32 c = rw->cut == DP_RW_WHOLE ? plen : rw->cut;
+    *cut = c;
+    if (c > plen || rw->check_len > plen)
+        return 0;
+    if (rw->check_len && !dp_rw_starts(ctx, rw, off))
+        return 0;
+    __u32 m = rw->value_len;
+    return m == 0 || m > DP_RW_MAX ? -1 : (int)m;
+}
+
 /* dp_msg_rwin, for the destination's inbound decision: the path as that
  * destination's sidecar gets it (the route's rewrite applied, as dp_rw_path
  * will do to the message) in place of the parsed one: built at DP_RW_AT of the
@@ -240,13 +258,12 @@ static __always_inline int dp_rw_build(struct dp_rw *rw, __u32 *saved)
     __u32 off = ctx->r.path_off, plen = ctx->r.path_len;
     if (ctx->r.sp2 - off > DP_RW_TARGET || plen > DP_RW_TARGET || off > L7FP_MAX_HDR)
         return 1;
-    __u32 cut = rw->cut == DP_RW_WHOLE ? plen : rw->cut;
-    if (cut > plen || rw->check_len > plen)
-        return 0;
-    if (rw->check_len && !dp_rw_starts(ctx, rw, off))
-        return 0;
-    __u32 m = rw->value_len;
-    if (m == 0 || m > DP_RW_MAX || rw->value[0] != '/')
+    __u32 cut = 0;
+    int r = dp_rw_applies(ctx, rw, off, plen, &cut);
+    if (r <= 0)
+        return r < 0; /* a bad entry: Envoy */
+    __u32 m = (__u32)r;
+    if (rw->value[0] != '/')
         return 1; /* a path not starting with '/': not decided here */
     /* whole words, all of them: bytes past the new path are never read as
      * path, and no source byte of the head (below DP_RW_AT) is overwritten */
@@ -281,14 +298,11 @@ static __always_inline int dp_rw_path(struct sk_msg_md *msg, struct l7fp_req_ctx
                                       struct dp_rw *rw, __u32 off, __u32 plen, int *delta)
 {
     *delta = 0;
-    __u32 cut = rw->cut == DP_RW_WHOLE ? plen : rw->cut;
-    if (cut > plen || rw->check_len > plen)
-        return 0;
-    if (rw->check_len && !dp_rw_starts(ctx, rw, off))
-        return 0;
-    __u32 m = rw->value_len;
-    if (m == 0 || m > DP_RW_MAX)
-        return -1;
+    __u32 cut = 0;
+    int r = dp_rw_applies(ctx, rw, off, plen, &cut);
+    if (r <= 0)
+        return r;
+    __u32 m = (__u32)r;
     if (m > cut && bpf_msg_push_data(msg, off + cut, m - cut, 0))
         return -1;
     if (m < cut && bpf_msg_pop_data(msg, off + m, cut - m, 0))
