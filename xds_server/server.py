@@ -27,6 +27,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
 from typing import Any as AnyT
 
 from xds_server import consistency, eds_health
@@ -85,9 +86,7 @@ class XdsServer:
         self.last_push: dict[str, AnyT] = {}
         self._plan_listeners: list[PlanListener] = []
         self._streams: dict[str, int] = {}
-        # node id -> (resources key, split result, {(kernel owns limiters, hosts out, logger off):
-        # residual snapshot})
-        self._split_memo: dict[str, tuple[Hashable, AnyT, dict[tuple[bool, bool, Hashable, bool], Snapshot]]] = {}
+        self._split_memo: dict[str, _SplitMemo] = {}  # node id -> its split, its residual snapshots
         self.limit_owner: LimitOwner = _nobody_owns
         self.endpoint_health: EndpointHealth = _none_out
         self._last_out: dict[str, eds_health.HostsOut | None] = {}  # node -> last good answer
@@ -270,25 +269,27 @@ class XdsServer:
         The split is a pure function of (node, resources): it runs again only
         when they changed. Which residual is served also depends on who owns the
         rate limiters and the outlier detectors (rule 3) and on the hosts out
-        of the kernel's LB view: per resources, the memo key is (limiters
-        owned, detectors owned, hosts out)."""
+        of the kernel's LB view and the logger: per resources, the memo key
+        is (limiters owned, detectors owned, hosts out, logger off)."""
         hit = self._split_memo.get(node.id)
-        if hit is None or hit[0] != parts.key:
+        if hit is None or hit.key != parts.key:
             result = self._split(node, parts)
             if result is None:
                 return None
-            hit = (parts.key, result, {})
+            hit = _SplitMemo(parts.key, result)
             self._split_memo[node.id] = hit
-        _key, result, snaps = hit
-        owned = self._kernel_owns(node.id, result.plan)
+        result, snaps = hit.result, hit.snaps
+        # an unsure owner keeps the limiters in Envoy; unsure of the log: keep it
+        owned = bool(_ask("limiter owner", self.limit_owner, False, node.id, result.plan))
         out = self._hosts_out(node.id) if owned else None
-        off = owned and out is None and self._log_off(node.id)
+        off = owned and out is None and bool(_ask("access log", self.log_off, False, node.id))
         memo = (owned, out is not None, eds_health.key(out or {}), off)
         snap = snaps.get(memo)
         if snap is None:
-            residual = _residual(result, owned, parts)
             if owned and out is None:  # the kernel has no access log of Envoy's path
-                residual = eds_health.with_detectors(residual, _residual(result, False, parts))
+                residual = hit.with_detectors(parts)
+            else:
+                residual = _residual(result, owned, parts)
             if off:  # ... and never will: no logger to pay for
                 residual = self.strip_log(residual)
             snap = Snapshot.from_messages(eds_health.overlay(residual, out or {}), parts.origins)
@@ -301,27 +302,9 @@ class XdsServer:
         """The provider's answer; when it raises, the node's last good one
         (Envoy keeps the marks and detectors it has: dropping the marks would
         bring ejected hosts back with no detector of Envoy's own)."""
-        try:
-            out = self.endpoint_health(node_id)
-        except Exception:
-            log.exception("endpoint health check failed for node %s", node_id)
-            return self._last_out.get(node_id)
+        out = _ask("endpoint health", self.endpoint_health, self._last_out.get(node_id), node_id)
         self._last_out[node_id] = out
         return out
-
-    def _log_off(self, node_id: str) -> bool:
-        try:
-            return bool(self.log_off(node_id))
-        except Exception:  # unsure: keep the logger (Envoy keeps its detector anyway)
-            log.exception("access log check failed for node %s", node_id)
-            return False
-
-    def _kernel_owns(self, node_id: str, plan: AnyT) -> bool:
-        try:
-            return bool(self.limit_owner(node_id, plan))
-        except Exception:  # an unsure owner keeps the limiters in Envoy
-            log.exception("limiter owner check failed for node %s", node_id)
-            return False
 
     def _split(self, node: NodeInfo, parts: NodeResources) -> AnyT | None:
         assert self.splitter is not None
@@ -334,6 +317,37 @@ class XdsServer:
             return None
         self._set_plan(node.id, result.plan)
         return result
+
+
+@dataclass
+class _SplitMemo:
+    """One node's split (`_split_snapshot`): the resources key it was made
+    from, the splitter's result and the residual snapshots built from it,
+    by (limiters owned, detectors owned, hosts out, logger off)."""
+
+    key: Hashable
+    result: AnyT
+    snaps: dict[tuple[bool, bool, Hashable, bool], Snapshot] = field(default_factory=dict)
+    _detected: dict[str, list[AnyT]] | None = None
+
+    def with_detectors(self, parts: NodeResources) -> dict[str, list[AnyT]]:
+        """The kernel-owned residual with Envoy's outlier detectors back
+        (eds_health.with_detectors), built once per split: it depends on the
+        result alone, not on the logger or the hosts out."""
+        if self._detected is None:
+            self._detected = eds_health.with_detectors(
+                _residual(self.result, True, parts), _residual(self.result, False, parts))
+        return self._detected
+
+
+def _ask(what: str, provider: Callable[..., AnyT], default: AnyT, node_id: str, *args: AnyT) -> AnyT:
+    """`provider(node_id, *args)` (a fast-path seam), or `default` when it
+    raises: logged as "WHAT check failed for node ID" with the traceback."""
+    try:
+        return provider(node_id, *args)
+    except Exception:
+        log.exception("%s check failed for node %s", what, node_id)
+        return default
 
 
 def _residual(result: AnyT, kernel_owns: bool, parts: NodeResources) -> dict[str, list[AnyT]]:

@@ -138,6 +138,43 @@ def test_a_given_up_node_gets_no_logger_and_keeps_envoys_detector():
     assert od.outlier_detection is not None
 
 
+def test_envoys_detectors_are_copied_back_once_per_split(monkeypatch, caplog):
+    """Kernel-owned node without a log stream, the logger given up, then
+    back: each residual keeps Envoy's detectors, copied from the split's
+    envoy residual once (the logger flip reuses them), again after a new
+    split. A raising logger check keeps the logger (logged)."""
+    from fastpath.residual_outlier import without_als
+    from tests.fastpath_unit.test_residual_outlier import resources
+
+    calls = []
+    real = eds_health.with_detectors
+    monkeypatch.setattr(eds_health, "with_detectors", lambda *a: calls.append(1) or real(*a))
+    node, state = "sidecar~198.18.0.9~c-0.t~t.svc.cluster.local", {"off": False}
+    src = Static(resources())
+    srv = XdsServer([src], splitter=split_snapshot)
+    srv.set_limit_owner(lambda n, plan: True)
+    srv.set_access_log_off(lambda n: state["off"], without_als)
+    srv.ensure_node(NodeInfo(node))
+
+    def logs() -> int:
+        return sum(bytes(e.message).count(b"l7fp_outlier")
+                   for e in srv.cache.get(node).of_type(res.LISTENER).values())
+
+    for off in (True, False, True):
+        state["off"] = off
+        assert srv.resplit([node]).result(1) == 1
+        (od,) = [e.message for e in srv.cache.get(node).of_type(res.CLUSTER).values()
+                 if e.message.name == "od"]
+        assert od.outlier_detection is not None and logs() == (0 if off else 1)
+    assert len(calls) == 1
+    src.gen += 1  # a new resources key: a new split
+    srv.rebuild()
+    assert len(calls) == 2
+    srv.set_access_log_off(lambda n: 1 / 0, without_als)
+    srv.resplit([node]).result(1)
+    assert logs() == 1 and "access log check failed for node " + node in caplog.text
+
+
 @pytest.mark.envoy
 async def test_envoy_skips_a_host_marked_unhealthy(config_dir, envoys, envoy_bin, upstreams):
     """Round robin over `one` and `two`; `two` marked: only `one` answers
