@@ -17,16 +17,19 @@ sent by a caller pod through an outbound route that forwards to the pod.
 from __future__ import annotations
 
 import itertools
+import random
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+from fastpath.inbound_merge import merged_name
 from fastpath.plan import (
     ClusterAction,
     Direction,
     HeaderMatch,
     KernelPlan,
     ListenerPlan,
+    LocalRateLimit,
     PathKind,
     RegexDfa,
     Route,
@@ -40,6 +43,7 @@ from fastpath.reference import (
     Decision,
     QueryUndecidable,
     Request,
+    State,
     decide_datapath,
     first_route,
     has_dot_segments,
@@ -83,11 +87,24 @@ class Probe:
     skip: str = ""
     expect: str = ""
     via: str = ""  # an inbound route's probe: the caller's outbound route it goes through
+    dst: tuple[str, int] | None = None  # an inbound route's probe: the destination pod's ip, port
+    # the status the kernel must answer with whatever it samples (a deny, a
+    # direct response, a 100% fault abort); None: it forwards, or it samples
+    reply: int | None = None
 
     @property
     def full_name(self) -> str:
-        """The route's name in the fast path's counters (fastpath.synth_tables)."""
+        """The route's name in the plan: LISTENER/VHOST/ROUTE."""
         return f"{self.listener}/{self.vhost}/{self.route}"
+
+    @property
+    def counted_as(self) -> str:
+        """The route's name in the sender's fast-path counters (fastpath.synth_tables):
+        an inbound route's under the caller's merged copy of this destination's
+        listener (fastpath.inbound_merge.merged_name), never a replica's."""
+        if self.dst is None:
+            return self.full_name
+        return f"{merged_name(*self.dst)}/{self.vhost}/{self.route}"
 
 
 def probes(plan: KernelPlan, src_ip: str = "127.0.0.1") -> list[Probe]:
@@ -128,7 +145,7 @@ def _probe(plan: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route, src_ip
                                 else "the reference model matches no route")
             continue
         d = decide_datapath(plan, lp.name, req)
-        p = replace(base, request=req, expect=_expect(d))
+        p = replace(base, request=req, expect=_expect(d), reply=_sure_reply(plan, lp.name, req))
         # a forwarded (rewritten) path with dot segments: the data path hands it to
         # Envoy when the destination has an inbound decision (dp_rw_dotseg); the
         # reference model says so only on a plan holding the destination's merged
@@ -163,7 +180,7 @@ def inbound_probes(dst: KernelPlan, port: int, dst_ip: str, caller: KernelPlan,
 
 def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
                    caller: KernelPlan, out_lp: ListenerPlan, dst_ip: str, src_ip: str) -> Probe:
-    base = Probe(lp.name, vh.name, r.name, out_lp.address, out_lp.port, None)
+    base = Probe(lp.name, vh.name, r.name, out_lp.address, out_lp.port, None, dst=(dst_ip, lp.port))
     if _unsendable(r.match):
         return _skipped(base, _unsendable(r.match))
     why = ""
@@ -191,13 +208,17 @@ def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
             why = why or f"the caller's outbound decision for it is {_expect(d)}"
             continue
         inner = decide_datapath(dst, lp.name, fwd)
+        sure = _sure(caller, out_lp.name, req)
         p = replace(base, request=req, via=f"{out_lp.name}/{ovh.name if ovh else ''}/{d.route}",
-                    expect=f"{_expect(d)}, then inbound {_expect(inner)}")
+                    expect=f"{_expect(d)}, then inbound {_expect(inner)} (destination plan {dst.version})",
+                    reply=_sure_reply(dst, lp.name, fwd) if sure and sure.kind == "forward"
+                    else None)
         if every:
             return p
         found.append(p)
     if found:  # the caller's route may pick another destination: said in `expect`
-        return replace(found[0], expect=found[0].expect + " (if the kernel picks this pod)")
+        return replace(found[0], expect=found[0].expect + " (if the kernel picks this pod)",
+                       reply=None)
     return _skipped(base, why or _unreached(caller, out_lp, (dst_ip, lp.port)))
 
 
@@ -275,6 +296,46 @@ def _reach(caller: KernelPlan, route: Route | None, dst: tuple[str, int]) -> tup
 
 def _skipped(p: Probe, why: str) -> Probe:
     return replace(p, request=None, skip=why)
+
+
+class _Extreme(random.Random):
+    """An rng that always draws its lowest (or highest) value: every sampled
+    policy (fault, rate-limit enforcement, mirror, weight) taken, or none."""
+
+    def __init__(self, high: bool) -> None:
+        super().__init__(0)
+        self.high = high
+
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:  # type: ignore[override]
+        lo, hi = (0, start) if stop is None else (start, stop)
+        return hi - 1 if self.high else lo
+
+    def getrandbits(self, k: int) -> int:
+        return (1 << k) - 1 if self.high else 0
+
+    def random(self) -> float:
+        return 1.0 - 2 ** -53 if self.high else 0.0
+
+
+class _Dry(State):
+    """Rate-limit state whose buckets are all empty (other traffic spent them)."""
+
+    def take(self, key: str, limit: LocalRateLimit) -> bool:
+        return False
+
+
+def _sure(plan: KernelPlan, listener: str, req: Request) -> Decision | None:
+    """The reference model's decision for `req` when neither sampling nor the
+    rate-limit buckets' state change its kind or status (None: they decide it)."""
+    low = decide_datapath(plan, listener, req, _Extreme(False), _Dry())
+    high = decide_datapath(plan, listener, req, _Extreme(True), State())
+    return low if (low.kind, low.status) == (high.kind, high.status) else None
+
+
+def _sure_reply(plan: KernelPlan, listener: str, req: Request) -> int | None:
+    """The status of a reply the kernel gives `req` whatever it samples, else None."""
+    d = _sure(plan, listener, req)
+    return d.status if d is not None and d.kind == "reply" else None
 
 
 def _expect(d: Decision) -> str:

@@ -54,7 +54,9 @@ class Row:
 
     pod: str
     probe: Probe
-    served: str  # "kernel", "envoy", "unseen" (no counter moved), "skipped", "not loaded"
+    # "kernel" (the only success), "kernel (other route)", "kernel (wrong status)",
+    # "ambiguous", "envoy", "unseen" (no counter moved), "skipped", "not loaded"
+    served: str
     why: str = ""  # Envoy's reasons, the kernel's outcomes, or why skipped / not loaded
     status: int | None = None
     error: str = ""
@@ -254,25 +256,59 @@ def classify(probe: Probe, delta: Counter[tuple[str, str, str]]) -> tuple[str, s
     caller's route's, for an inbound probe), the destinations' merged inbound
     routes (`virtualInbound@...`) and "" (no route): the kernel counts the
     request on one of them. Other virtual hosts' counts are other traffic.
-    A count on another route of the virtual host (the kernel matched, or
-    punted at, an earlier route) is named in `why`: "(counted on ROUTE)"."""
-    own = {probe.full_name, probe.via, ""}
-    vhosts = tuple(_vhost_of(n) for n in (probe.full_name, probe.via) if n)
+    The probe's own route is `probe.counted_as` (an inbound route's: under
+    this destination's merged listener); a count on any other of those
+    routes (the kernel matched, or punted at, an earlier route, or picked a
+    replica) is named in `why`: "(counted on ROUTE)", and a kernel outcome
+    there is "kernel (other route)", not "kernel". More than one request
+    counted on them (other traffic during the probe) is "ambiguous"."""
+    own = {probe.counted_as, probe.via, ""}
+    vhosts = tuple(_vhost_of(n) for n in (probe.counted_as, probe.via) if n)
     mine = {k: n for k, n in delta.items() if n > 0 and (
         k[0] in own or k[0].startswith(("virtualInbound@", *vhosts)))}
     shown = {f"{r} {o}/{why}".rstrip("/"): n for (r, o, why), n in sorted(mine.items())}
-    others = sorted({r for (r, _o, _w) in mine
-                     if r not in own and not r.startswith("virtualInbound@")})
+    others = sorted({r for (r, _o, _w) in mine if r not in own})
+    served, why = _served(mine, others)
+    n = requests(mine)
+    if n > 1:
+        return "ambiguous", f"{n} requests counted during it: {served} ({why})", shown
+    return served, why, shown
+
+
+def _served(mine: dict[tuple[str, str, str], int], others: list[str]) -> tuple[str, str]:
     note = f" (counted on {', '.join(others)})" if others else ""
     envoy = sorted({why or "?" for (_r, o, why) in mine if o == "envoy"})
     if envoy:
-        return "envoy", ",".join(envoy) + note, shown
+        return "envoy", ",".join(envoy) + note
     kernel = sorted({o for (_r, o, _w) in mine if o in KERNEL_OUTCOMES})
     if kernel:
-        return "kernel", ",".join(kernel) + note, shown
+        return ("kernel (other route)" if others else "kernel"), ",".join(kernel) + note
     if mine:
-        return "unseen", "outcomes " + ",".join(sorted({o for (_r, o, _w) in mine})) + note, shown
-    return "unseen", "no fast-path counter moved (the kernel did not decide it)", shown
+        return "unseen", "outcomes " + ",".join(sorted({o for (_r, o, _w) in mine})) + note
+    return "unseen", "no fast-path counter moved (the kernel did not decide it)"
+
+
+# Counts that are no request of their own (datapath.h, dp_retry.h, dp_mirror.h):
+# a head waiting for bytes, a diverted response, a lost shadow copy, and a
+# forwarded request's second count when its retry copy failed.
+_NOT_A_REQUEST = {"cork", "retry", "shadow_lost"}
+_SECOND_COUNT = {("fast", "retry_overflow"), ("fast", "retry_lost")}
+
+
+def requests(mine: dict[tuple[str, str, str], int]) -> int:
+    """How many requests the counter changes `mine` ((route, outcome, reason) -> n) hold."""
+    return sum(n for (_r, o, why), n in mine.items()
+               if o not in _NOT_A_REQUEST and (o, why) not in _SECOND_COUNT)
+
+
+def check_reply(probe: Probe, served: str, why: str, status: int | None) -> tuple[str, str]:
+    """(served, why) once the answer is compared with the reply the reference
+    model says the kernel must give (`probe.reply`): a kernel that answered
+    another status is "kernel (wrong status)"."""
+    if probe.reply is None or status in (None, 0) or status == probe.reply:
+        return served, why
+    why = f"{why}; expected status {probe.reply}, got {status}".lstrip("; ")
+    return ("kernel (wrong status)" if served == "kernel" else served), why
 
 
 def _vhost_of(route: str) -> str:
@@ -330,14 +366,15 @@ def send_probes(state: dict[str, Any], sender: dict[str, Any], owner: str, todo:
     via = "" if sender["name"] == owner else sender["name"]
     dry: set[int] = set()
     with pod_client(sender) as proc:
-        before = _counters(_fastpath(state["admin"]), sender["node_id"])
         for p, (ip, port) in sendable:
             _pools_refilled(state["admin"], sender["node_id"], dry)
+            # read right before the request: traffic during the pool wait is not its
+            before = _counters(_fastpath(state["admin"]), sender["node_id"])
             got = _send(proc, ip, port, p, timeout)
             after = _counters(_fastpath(state["admin"]), sender["node_id"])
             served, why, shown = classify(p, after - before)
+            served, why = check_reply(p, served, why, got["status"])
             rows.append(Row(owner, p, served, why, got["status"], got["error"], shown, via))
-            before = after
     return rows
 
 
@@ -436,12 +473,13 @@ def run(state: dict[str, Any], sender: str | None = None, wait_s: float = 60.0,
 def format_rows(rows: list[Row]) -> list[str]:
     """The table `l7fp mesh audit` prints, then the summary line."""
     out = [f"{'POD':<16} {'ROUTE (listener/vhost/route)':<60} {'VERDICT':<7} "
-           f"{'SERVED BY':<30} STATUS  REQUEST"]
+           f"{'SERVED BY':<30} STATUS  REQUEST; EXPECTED (the reference model)"]
     for r in rows:
         req = r.probe.request
         what = f"{req.method} {req.path} host {req.host}" + "".join(
             f" {n}: {v}" for n, v in req.headers) if req else ""
         what += f" (from {r.via})" if r.via else ""
+        what += f"; expected {r.probe.expect}" if r.probe.expect else ""
         served = r.served if r.served == "kernel" else f"{r.served} ({r.why})"
         status = r.error or (str(r.status) if r.status is not None else "-")
         out.append(f"{r.pod:<16} {r.probe.full_name:<60} KERNEL  {served:<30} {status:<7} {what}")

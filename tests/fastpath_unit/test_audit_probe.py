@@ -159,7 +159,7 @@ def test_inbound_routes_are_sent_through_a_caller_route_that_reaches_the_pod() -
     got = {p.route: p for p in probes_in(dst, caller)}
     assert got["in-v1"].request.path == "/v1/"  # type: ignore[union-attr]
     assert got["in-v1"].via == "out/ovh/v1-only"
-    assert got["in-v1"].expect == "forward c, then inbound forward c"
+    assert got["in-v1"].expect == "forward c, then inbound forward c (destination plan v1)"
     assert (got["in-v1"].address, got["in-v1"].port) == ("198.19.0.2", 9000)
     # only the 50/50 split reaches the rest: kept, and said that the kernel may pick the other
     assert got["in-admin"].via == "out/ovh/split"
@@ -204,7 +204,7 @@ def test_inbound_route_behind_a_prefix_rewrite_gets_the_path_before_the_rewrite(
     got = {p.route: p for p in probes_in(dst, caller)}
     assert got["in-admin"].request.path == "/static/admin"  # type: ignore[union-attr]
     assert got["in-v1"].request.path == "/static/v1/"  # type: ignore[union-attr]
-    assert got["in-admin"].expect == "forward c, then inbound forward c"
+    assert got["in-admin"].expect == "forward c, then inbound forward c (destination plan v1)"
 
 
 def test_a_rewrite_to_a_dot_segment_is_avoided_when_another_path_exists() -> None:
@@ -249,3 +249,25 @@ def test_query_values_envoy_would_decode_or_split_are_not_sent() -> None:
     got = _by_route(_plan(q("a#b"), q("a%20b"), q("a&b"), q("ok")))
     assert [got[v].request is None for v in ("a#b", "a%20b", "a&b")] == [True] * 3  # type: ignore[attr-defined]
     assert got["ok"].request.path == "/?q=ok"  # type: ignore[attr-defined]
+
+
+def test_reply_is_the_status_the_kernel_must_answer_whatever_it_samples() -> None:
+    """`Probe.reply` (compared with the answer by `l7fp mesh audit`): a direct
+    response or a 100% fault abort always answers that status; a sampled abort
+    or a rate limit (a bucket other traffic may have spent) does not, nor a forward."""
+    from dataclasses import replace
+
+    from fastpath.plan import FaultAbort, LocalRateLimit
+    direct = Route("direct", RouteMatch(PathKind.PREFIX, "/d"), DirectResponse(403, "no"),
+                   Verdict.KERNEL)
+    base = _route("x", RouteMatch(PathKind.PREFIX, "/"))
+    got = _by_route(_plan(direct, replace(base, name="abort", match=RouteMatch(PathKind.PREFIX, "/a"),
+                                          fault_abort=FaultAbort(503)),
+                          replace(base, name="half", match=RouteMatch(PathKind.PREFIX, "/h"),
+                                  fault_abort=FaultAbort(503, per_million=500_000)),
+                          replace(base, name="limited", match=RouteMatch(PathKind.PREFIX, "/l"),
+                                  action=DirectResponse(200, "ok"),
+                                  rate_limit=LocalRateLimit(1, 1, 60_000)),
+                          base))
+    assert {n: p.reply for n, p in got.items()} == {  # type: ignore[attr-defined]
+        "direct": 403, "abort": 503, "half": None, "limited": None, "x": None}

@@ -13,16 +13,18 @@ from mesh.audit import (
     POOLS_EMPTY,
     AuditError,
     Row,
+    check_reply,
     check_state,
     classify,
     format_rows,
     pools_settled,
     summary,
 )
+from mesh.cli import audit_status
 
 PROBE = Probe("l", "vh", "r", "198.19.0.2", 80, Request("GET", "/", "h"))
 INBOUND = Probe("virtualInbound", "in", "", "198.19.0.2", 80, Request("GET", "/", "h"),
-                via="l/vh/r")
+                via="l/vh/r", dst=("198.18.0.5", 80))
 
 
 def test_kernel_outcomes_are_the_kernel() -> None:
@@ -53,6 +55,49 @@ def test_inbound_probe_counts_on_the_callers_route_and_merged_ones() -> None:
         ("envoy", "punt_route")
     merged = ("virtualInbound@inbound:198.18.0.5:80/in/", "kernel_reply", "")
     assert classify(INBOUND, Counter({merged: 1}))[0] == "kernel"
+
+
+@pytest.mark.parametrize("route", ["virtualInbound@inbound:198.18.0.6:80/in/",  # a replica
+                                   "virtualInbound@inbound:198.18.0.5:80/in/admin"])  # another route
+def test_an_inbound_count_on_another_pod_or_route_is_not_this_route(route: str) -> None:
+    """The caller's kernel picked a replica, or matched another inbound route of
+    this pod: the probed route of this pod was not what served it."""
+    got = classify(INBOUND, Counter({(route, "fast", ""): 1}))
+    assert got[:2] == ("kernel (other route)", f"fast (counted on {route})")
+    assert audit_status(summary([Row("d-0", INBOUND, *got[:2], 200)])) == 3
+
+
+def test_a_kernel_count_on_an_earlier_route_is_not_this_route() -> None:
+    """The kernel and the reference model disagree about which route matches
+    first: another KERNEL route answered; the audit must not report success."""
+    served, why, _ = classify(PROBE, Counter({("l/vh/first", "kernel_reply", ""): 1}))
+    assert (served, why) == ("kernel (other route)", "kernel_reply (counted on l/vh/first)")
+    row = Row("a-0", PROBE, served, why, 403)
+    assert audit_status(summary([row])) == 3
+    assert "kernel (other route) (kernel_reply (counted on l/vh/first))" in format_rows([row])[1]
+
+
+def test_more_than_one_request_counted_during_a_probe_is_ambiguous() -> None:
+    """Other traffic on the probed route during the probe: whose outcome is it?"""
+    two = Counter({("l/vh/r", "fast", ""): 1, ("l/vh/r", "kernel_reply", ""): 1})
+    assert classify(PROBE, two)[:2] == ("ambiguous", "2 requests counted during it: kernel "
+                                        "(fast,kernel_reply)")
+    # a head waiting for bytes, a diverted response, a failed retry copy: one request
+    one = Counter({("", "cork", ""): 1, ("l/vh/r", "fast", ""): 1, ("l/vh/r", "retry", ""): 1,
+                   ("l/vh/r", "fast", "retry_lost"): 1})
+    assert classify(PROBE, one)[0] == "kernel"
+
+
+def test_a_reply_the_model_is_sure_of_is_compared_with_the_answer() -> None:
+    """A route the model says the kernel answers 403 (a deny) that got 200 was
+    not served as Envoy would: not "kernel"."""
+    deny = Probe("l", "vh", "r", "198.19.0.2", 80, Request("GET", "/", "h"), expect="reply 403",
+                 reply=403)
+    assert check_reply(deny, "kernel", "kernel_reply", 403) == ("kernel", "kernel_reply")
+    got = check_reply(deny, "kernel", "fast", 200)
+    assert got == ("kernel (wrong status)", "fast; expected status 403, got 200")
+    assert audit_status(summary([Row("a-0", deny, *got, 200)])) == 3
+    assert check_reply(PROBE, "kernel", "fast", 200) == ("kernel", "fast")  # a forward: not compared
 
 
 def test_refusals_name_the_mesh() -> None:
