@@ -3,10 +3,13 @@
 Owner: NAME=odown. `python -m benchmarks.als_cost [--seconds 3] [--rounds 2]`:
 a leaf Envoy answering 200 (direct_response), a "sidecar" Envoy routing to it
 with or without the access logger that fastpath.residual_outlier adds for
-clusters the kernel owns (http_grpc, batched: --buffer-bytes, --flush), and fastpath.als.AccessLogService receiving in this process (as
-`l7fp serve` does). wrk at 1 and 16 connections, ABAB rounds; prints one JSON
-line per measurement and a summary (medians): p50 in µs, req/s, and how many
-entries the service got per request served.
+clusters the kernel owns (http_grpc on the router's upstream_log, batched:
+--buffer-bytes, --flush), and fastpath.als.AccessLogService receiving in this
+process (as `l7fp serve` does). `--hcm` adds a third sidecar with the same
+logger on the HCM's access_log (the placement before the router's, for a
+side-by-side comparison). wrk at 1 and 16 connections, ABAB rounds; prints
+one JSON line per measurement and a summary (medians): p50 in µs, req/s, and
+how many entries the service got per request served.
 
 `sidecar_bootstrap` is also used by tests/xds/test_als.py.
 """
@@ -53,17 +56,20 @@ def als_config(buffer_bytes: int | None = None, flush: str | None = None) -> dic
 
 
 def sidecar_bootstrap(als_port: int, app_port: int, lport: int, admin: int,
-                      als: bool = True, **batching: Any) -> dict[str, Any]:
+                      als: bool = True, hcm_log: bool = False, **batching: Any) -> dict[str, Any]:
     """One Envoy: listener `lport` -> cluster `c` (127.0.0.1:app_port); `/none`
     -> cluster `empty` (no host: Envoy's own 503); with `als` the router logs
-    every upstream attempt to the ALS at 127.0.0.1:als_port (cluster ALS_CLUSTER)."""
+    every upstream attempt to the ALS at 127.0.0.1:als_port (cluster ALS_CLUSTER);
+    with `hcm_log` too, the HCM's access_log logs every request instead."""
     routes = [{"match": {"prefix": "/none"}, "route": {"cluster": "empty"}},
               {"match": {"prefix": "/"}, "route": {"cluster": "c"}}]
     hcm: dict[str, Any] = {
         "@type": HCM, "stat_prefix": "l",
         "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": routes}]},
         "http_filters": [{"name": "router", "typed_config": {"@type": ROUTER}}]}
-    if als:  # on the router, as the residual has it (upstream_log: one entry per attempt)
+    if als and hcm_log:  # the earlier placement: one entry per downstream request
+        hcm["access_log"] = [als_config(**batching)]
+    elif als:  # on the router, as the residual has it (upstream_log: one entry per attempt)
         hcm["http_filters"][0]["typed_config"]["upstream_log"] = [als_config(**batching)]
     empty = {"name": "empty", "type": "STATIC", "connect_timeout": "1s",
              "load_assignment": {"cluster_name": "empty", "endpoints": []}}
@@ -146,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"ALS buffer_size_bytes (default: the residual's, {ro.ALS_BUFFER_BYTES})")
     p.add_argument("--flush", default=None,
                    help=f"ALS buffer_flush_interval (default: the residual's, {ro.ALS_FLUSH})")
+    p.add_argument("--hcm", action="store_true",
+                   help="also measure the logger on the HCM's access_log (side by side)")
     args = p.parse_args(argv)
+    variants = ["no_als", "als", *(["als_hcm"] if args.hcm else [])]
     rx = Receiver().start()
     app_port = pick_free_port()
     leaf_boot = direct_response_bootstrap("leaf", (app_port,))
@@ -155,30 +164,31 @@ def main(argv: list[str] | None = None) -> int:
     envoys = [Envoy(leaf_boot, leaf_boot["admin"]["address"]["socket_address"]["port_value"]).start()]
     ports = {}
     try:
-        for als in (False, True):
+        for v in variants:
             lport, admin = pick_free_port(), pick_free_port()
-            envoys.append(Envoy(sidecar_bootstrap(rx.port, app_port, lport, admin, als=als,
+            envoys.append(Envoy(sidecar_bootstrap(rx.port, app_port, lport, admin, als=v != "no_als",
+                                                  hcm_log=v == "als_hcm",
                                                   buffer_bytes=args.buffer_bytes,
                                                   flush=args.flush), admin).start())
-            ports[als] = lport
+            ports[v] = lport
         for lp in ports.values():
             _wait_http(lp)
-        got: dict[tuple[bool, int], list[Any]] = {}
+        got: dict[tuple[str, int], list[Any]] = {}
         for _ in range(args.rounds):
-            for als in (False, True):  # ABAB
+            for v in variants:  # ABAB
                 for conns in (1, 16):
                     before, cpu0 = rx.count, _cpu_s()
-                    r = run_wrk(f"http://127.0.0.1:{ports[als]}/", conns, args.seconds)
+                    r = run_wrk(f"http://127.0.0.1:{ports[v]}/", conns, args.seconds)
                     entries, cpu = rx.count - before, _cpu_s() - cpu0
-                    got.setdefault((als, conns), []).append(r)
-                    print(json.dumps({"als": als, "connections": conns, "p50_us": r.p50_us,
+                    got.setdefault((v, conns), []).append(r)
+                    print(json.dumps({"als": v, "connections": conns, "p50_us": r.p50_us,
                                       "p99_us": r.p99_us, "rps": round(r.rps), "errors": r.errors,
                                       "als_entries_per_request": round(entries / r.requests, 3),
                                       "receiver_cpu_us_per_entry":
                                           round(cpu * 1e6 / entries, 1) if entries else None}))
-        summary = {f"{'als' if a else 'no_als'}_c{c}": {
+        summary = {f"{v}_c{c}": {
             "p50_us": statistics.median(x.p50_us for x in rs),
-            "rps": round(statistics.median(x.rps for x in rs))} for (a, c), rs in got.items()}
+            "rps": round(statistics.median(x.rps for x in rs))} for (v, c), rs in got.items()}
         print("SUMMARY " + json.dumps(summary))
     finally:
         for e in envoys:
