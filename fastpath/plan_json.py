@@ -70,6 +70,8 @@ def _tuple(args: tuple[Any, ...], v: Any, where: str) -> tuple[Any, ...]:
         raise PlanJsonError(f"{where}: expected a list, got {type(v).__name__}")
     if len(args) == 2 and args[1] is Ellipsis:
         return tuple(_value(args[0], x, f"{where}[{i}]") for i, x in enumerate(v))
+    if len(v) != len(args):
+        raise PlanJsonError(f"{where}: expected {len(args)} items, got {len(v)}")
     return tuple(_value(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, v, strict=True)))
 
 

@@ -17,24 +17,20 @@ a route with a fault delay waits).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastpath.audit_probe import NOT_FORWARDED, Probe, inbound_probes, probes
 from fastpath.plan import Direction, KernelPlan
 from fastpath.plan_json import plan_from_json
+from mesh.audit_pod import AuditClientError, PodClient
 
-REPO = Path(__file__).resolve().parent.parent
 KERNEL_OUTCOMES = ("fast", "kernel_reply", "retry")
 POOLS_EMPTY = "pools not filled yet"  # after --wait: audited anyway (`pool_empty` shows it)
 POOL_WAIT_S = 2.0  # at most this long before each request for the node's pools to refill
@@ -55,7 +51,7 @@ class Row:
     pod: str
     probe: Probe
     # "kernel" (the only success), "kernel (other route)", "kernel (wrong status)",
-    # "ambiguous", "envoy", "unseen" (no counter moved), "skipped", "not loaded"
+    # "kernel (no answer)", "ambiguous", "envoy", "unseen" (no counter moved), "skipped", "not loaded"
     served: str
     why: str = ""  # Envoy's reasons, the kernel's outcomes, or why skipped / not loaded
     status: int | None = None
@@ -85,13 +81,17 @@ def summary(rows: list[Row]) -> dict[str, Any]:
 def _get(admin: str, path: str) -> Any:
     try:
         with urllib.request.urlopen(f"http://{admin}{path}", timeout=10) as r:
-            return json.loads(r.read())
+            body = r.read()
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return None
         raise AuditError(f"control plane {admin}{path}: HTTP {exc.code}") from None
     except OSError as exc:
         raise AuditError(f"control plane at {admin} does not answer ({exc})") from None
+    try:
+        return json.loads(body)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise AuditError(f"control plane {admin}{path} answered no JSON: {body[:120]!r}") from None
 
 
 def _fastpath(admin: str) -> dict[str, Any]:
@@ -127,9 +127,15 @@ def load_plans(state: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, K
     """pod name -> its node's KernelPlan (pods without a plan left out)."""
     out = {}
     for pod in pods:
-        got = _get(state["admin"], f"/debug/fastpath/plans?proxyID={pod['node_id']}")
-        if got is not None:
+        url = f"/debug/fastpath/plans?proxyID={pod['node_id']}"
+        got = _get(state["admin"], url)
+        if got is None:
+            continue
+        try:
             out[pod["name"]] = plan_from_json(got["plan"])
+        except (KeyError, TypeError, ValueError) as exc:  # PlanJsonError is a ValueError
+            raise AuditError(f"the plan of pod {pod['name']} from {state['admin']}{url} is not "
+                             f"a KernelPlan: {type(exc).__name__}: {exc}") from None
     return out
 
 
@@ -199,29 +205,6 @@ def _not_loaded(dbg: dict[str, Any], node_id: str, plan: KernelPlan) -> str:
 
 
 # ---- the pod side -----------------------------------------------------------------
-@contextmanager
-def pod_client(pod: dict[str, Any]) -> Iterator[subprocess.Popen[str]]:
-    """mesh.audit_client running in the pod's netns and cgroup; stopped on exit."""
-    cgroup = Path(pod["cgroup"])
-
-    def join() -> None:
-        (cgroup / "cgroup.procs").write_text("0\n")
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}".rstrip(":")}
-    proc = subprocess.Popen(["ip", "netns", "exec", pod["netns"], sys.executable, "-m",
-                             "mesh.audit_client"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env, preexec_fn=join)
-    try:
-        yield proc
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 def target(state: dict[str, Any], probe: Probe) -> tuple[str, int] | None:
     """Where the probe's request goes: the listener's address, or for a wildcard
     listener the VIP of the service its Host names."""
@@ -235,18 +218,12 @@ def target(state: dict[str, Any], probe: Probe) -> tuple[str, int] | None:
     return None
 
 
-def _send(proc: subprocess.Popen[str], ip: str, port: int, probe: Probe,
-          timeout: float) -> dict[str, Any]:
+def _job(ip: str, port: int, probe: Probe) -> dict[str, Any]:
+    """The pod client's job for the probe's request (mesh.audit_client)."""
     req = probe.request
-    assert req is not None and proc.stdin and proc.stdout
-    job = {"ip": ip, "port": port, "method": req.method, "target": req.path, "timeout": timeout,
-           "headers": [["host", req.host], *[list(h) for h in req.headers]]}
-    proc.stdin.write(json.dumps(job) + "\n")
-    proc.stdin.flush()
-    line = proc.stdout.readline()
-    if not line:
-        raise AuditError(f"the audit client in the pod ended before answering ({job})")
-    return json.loads(line)  # type: ignore[no-any-return]
+    assert req is not None
+    return {"ip": ip, "port": port, "method": req.method, "target": req.path,
+            "headers": [["host", req.host], *[list(h) for h in req.headers]]}
 
 
 def classify(probe: Probe, delta: Counter[tuple[str, str, str]]) -> tuple[str, str, dict[str, int]]:
@@ -301,11 +278,15 @@ def requests(mine: dict[tuple[str, str, str], int]) -> int:
                if o not in _NOT_A_REQUEST and (o, why) not in _SECOND_COUNT)
 
 
-def check_reply(probe: Probe, served: str, why: str, status: int | None) -> tuple[str, str]:
-    """(served, why) once the answer is compared with the reply the reference
-    model says the kernel must give (`probe.reply`): a kernel that answered
-    another status is "kernel (wrong status)"."""
-    if probe.reply is None or status in (None, 0) or status == probe.reply:
+def check_answer(probe: Probe, served: str, why: str, got: dict[str, Any]) -> tuple[str, str]:
+    """(served, why) once the pod client's answer `got` is seen: a request the
+    kernel took but that got no answer is "kernel (no answer)"; a status other
+    than the reply the reference model says the kernel must give
+    (`probe.reply`) is "kernel (wrong status)"."""
+    status = got.get("status")
+    if got.get("error") and served == "kernel":
+        return "kernel (no answer)", f"{why}; {got['error']}"
+    if probe.reply is None or not status or status == probe.reply:
         return served, why
     why = f"{why}; expected status {probe.reply}, got {status}".lstrip("; ")
     return ("kernel (wrong status)" if served == "kernel" else served), why
@@ -365,16 +346,21 @@ def send_probes(state: dict[str, Any], sender: dict[str, Any], owner: str, todo:
         return rows
     via = "" if sender["name"] == owner else sender["name"]
     dry: set[int] = set()
-    with pod_client(sender) as proc:
+    client = PodClient(sender)
+    try:
         for p, (ip, port) in sendable:
             _pools_refilled(state["admin"], sender["node_id"], dry)
             # read right before the request: traffic during the pool wait is not its
             before = _counters(_fastpath(state["admin"]), sender["node_id"])
-            got = _send(proc, ip, port, p, timeout)
+            got = client.ask(_job(ip, port, p), timeout)
             after = _counters(_fastpath(state["admin"]), sender["node_id"])
             served, why, shown = classify(p, after - before)
-            served, why = check_reply(p, served, why, got["status"])
+            served, why = check_answer(p, served, why, got)
             rows.append(Row(owner, p, served, why, got["status"], got["error"], shown, via))
+    except AuditClientError as exc:
+        raise AuditError(str(exc)) from None
+    finally:
+        client.close()
     return rows
 
 
@@ -435,18 +421,18 @@ def _callers(state: dict[str, Any], pod: dict[str, Any], port: int,
 
 
 def run(state: dict[str, Any], sender: str | None = None, wait_s: float = 60.0,
-        timeout: float = 5.0) -> list[Row]:
+        timeout: float = 5.0, warn: Callable[[str], None] | None = None) -> list[Row]:
     """Audit a running mesh: every pod's outbound KERNEL routes from that pod, and
     every pod's inbound KERNEL routes from a caller pod. With `sender` (a pod, or
-    a service: its first pod) only what that pod sends: its outbound routes and
-    the inbound routes of every pod it reaches (its own too, through its service)."""
+    a service: its pod whose datapath runs its plan now, else its first with a
+    plan) only what that pod sends: its outbound routes and the inbound routes
+    of every pod it reaches (its own too, through its service). `warn` gets a
+    line per sending pod the control plane has no plan for (default: stderr)."""
+    warn = warn or (lambda msg: print(f"l7fp mesh audit: {msg}", file=sys.stderr))
     _fastpath(state["admin"])
     every = [p for p in state["pods"] if p.get("node_id")]
-    senders = [p for p in every if sender is None or sender in (p["name"], p.get("service"))]
-    if not senders:
-        raise AuditError(f"no pod {sender!r} in mesh {state['name']!r}")
-    senders = senders if sender is None else senders[:1]
     plans = load_plans(state, every)
+    senders = every if sender is None else [_sender(state, sender, plans)]
     missing = {k: v for k, v in wait_loaded(state["admin"], senders, plans, wait_s).items()
                if v != POOLS_EMPTY}
     # the other pods' plans (their inbound routes) as they are now, after the wait
@@ -454,9 +440,10 @@ def run(state: dict[str, Any], sender: str | None = None, wait_s: float = 60.0,
     rows: list[Row] = []
     for pod in senders:
         plan = plans.get(pod["name"])
-        if plan is None:
-            continue  # no plan: no KERNEL route (the control plane has none for it)
-        if pod["name"] in missing:
+        if plan is None:  # no KERNEL route: said, or an empty table would be all the user sees
+            warn(f"no plan for pod {pod['name']} from the control plane ({state['admin']}): "
+                 f"nothing it sends is audited")
+        elif pod["name"] in missing:
             rows += [Row(pod["name"], p, "skipped", p.skip) if p.request is None else
                      Row(pod["name"], p, "not loaded", missing[pod["name"]])
                      for p in probes(plan, src_ip=pod["ip"]) if not _inbound(p, plan)]
@@ -468,6 +455,24 @@ def run(state: dict[str, Any], sender: str | None = None, wait_s: float = 60.0,
             rows += audit_inbound(state, pod, plans[pod["name"]], callers, plans, timeout,
                                   unreached=sender is None)
     return rows
+
+
+def _sender(state: dict[str, Any], name: str, plans: dict[str, KernelPlan]) -> dict[str, Any]:
+    """The pod `--from NAME` sends from: that pod, or of service NAME's pods with a
+    sidecar the first whose datapath runs its plan now, else the first with a plan."""
+    named = [p for p in state["pods"] if name in (p["name"], p.get("service"))]
+    if not named:
+        raise AuditError(f"no pod or service {name!r} in mesh {state['name']!r}")
+    sidecars = [p for p in named if p.get("node_id")]
+    if not sidecars:
+        raise AuditError(f"{'pod' if named[0]['name'] == name else 'service'} {name!r} of mesh "
+                         f"{state['name']!r} has no sidecar (no xDS node): the fast path "
+                         f"decides nothing it sends")
+    planned = [p for p in sidecars if p["name"] in plans] or sidecars
+    if len(planned) == 1:
+        return planned[0]
+    missing = wait_loaded(state["admin"], planned, plans, 0)
+    return next((p for p in planned if p["name"] not in missing), planned[0])
 
 
 def format_rows(rows: list[Row]) -> list[str]:

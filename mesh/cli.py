@@ -81,7 +81,11 @@ KernelPlan whose verdict is KERNEL: derive one request the route matches first
 (the reference model agrees; otherwise the route is listed as skipped, with
 why), send it from the pod to the route's service, and show who served it:
 the kernel, or Envoy and the fast path's reason (its counters in
-/debug/fastpath). Ends with "KERNEL routes served by the kernel: N / M".
+/debug/fastpath). Only "kernel" is a success: "kernel (other route)" (the
+kernel counted it on another route), "kernel (wrong status)" (not the reply
+the reference model says the kernel gives), "kernel (no answer)" and
+"ambiguous" (other traffic counted during it) are not. Ends with "KERNEL
+routes served by the kernel: N / M".
 A route of an inbound listener is sent from a caller pod (another service's
 first) to the pod's service: the caller's kernel decides the destination's
 inbound listener too; a route no caller's outbound route forwards to the pod
@@ -90,10 +94,10 @@ is listed as skipped, with why.
 The audit sends REAL requests, one per route, one after another, each with a
 timeout: the services see them; a rate-limited route spends one token; a route
 with a fault delay waits for it; a fault abort may answer. Nothing else is
-changed. Who served a request is read from the sender's fast-path counters:
-those of "no route" and of merged inbound routes (virtualInbound@...) are
-shared with the pod's other traffic, so audit a mesh whose pods are idle
-(no load generator running) or a row may show another request's outcome.
+changed. --timeout bounds each whole request (a stuck one is stopped and
+its row says so). Who served a request is read from the sender's fast-path
+counters, shared with the pod's other traffic: audit a mesh whose pods are
+idle (no load generator running) or rows show "ambiguous".
 Exit status: 0 every audited route served by the kernel, 3 some were
 not, 4 nothing was audited (every route skipped or no KERNEL route), 1 the
 audit could not run (mesh not running, fast path off).
@@ -106,7 +110,8 @@ def _register_audit(sub: argparse._SubParsersAction) -> None:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     au.add_argument("--name", help="mesh name (default: the only one running)")
     au.add_argument("--from", dest="sender", metavar="POD|SERVICE",
-                    help="send only from this pod (a service: its first pod): its outbound "
+                    help="send only from this pod (a service: its pod whose datapath is loaded, "
+                         "else its first with a plan): its outbound "
                          "routes and the inbound routes of the pods it reaches")
     au.add_argument("--json", action="store_true", help="one JSON object: rows and summary")
     au.add_argument("--wait", type=float, default=180.0,
@@ -114,7 +119,9 @@ def _register_audit(sub: argparse._SubParsersAction) -> None:
                          "and fill their pools (default 180: the agent compiles one pod after "
                          "another, 6-20 s each); stops early when only pools are empty and "
                          "stayed empty 5 s (a destination that is down)")
-    au.add_argument("--timeout", type=float, default=5.0, help="seconds per request (default 5)")
+    au.add_argument("--timeout", type=float, default=5.0,
+                    help="seconds per request in all (default 5); a request still unanswered "
+                         "2 s later has its pod client stopped and restarted")
     au.set_defaults(func=_quiet_pipe(cmd_audit))
 
 

@@ -137,6 +137,23 @@ def test_plan_json_names_the_bad_place() -> None:
         plan_from_json(bad)
 
 
+def test_plan_json_a_pair_of_the_wrong_length_names_its_place() -> None:
+    """A fixed-size tuple (a rate-limited reply's header line) with 3 items: a
+    PlanJsonError with the place, not zip()'s bare ValueError."""
+    from dataclasses import replace
+
+    from fastpath.plan import LocalRateLimit
+    limited = replace(_route("r", RouteMatch(PathKind.PREFIX, "/")),
+                      rate_limit=LocalRateLimit(1, 1, 1000, response_headers=(("a", "b"),)))
+    bad = _plan(limited).to_json()
+    assert plan_from_json(bad) == _plan(limited)
+    bad["listeners"][0]["virtual_hosts"][0]["routes"][0]["rate_limit"]["response_headers"] = [
+        ["a", "b", "c"]]
+    with pytest.raises(PlanJsonError, match=r"routes\[0\].rate_limit.response_headers\[0\]: "
+                                            r"expected 2 items, got 3"):
+        plan_from_json(bad)
+
+
 def _caller_and_dst() -> tuple[KernelPlan, KernelPlan]:
     from fastpath.plan import Cluster, Endpoint, LbPolicy
     out_routes = (_route("v1-only", RouteMatch(PathKind.PREFIX, "/v1/")),

@@ -13,7 +13,7 @@ from mesh.audit import (
     POOLS_EMPTY,
     AuditError,
     Row,
-    check_reply,
+    check_answer,
     check_state,
     classify,
     format_rows,
@@ -93,11 +93,15 @@ def test_a_reply_the_model_is_sure_of_is_compared_with_the_answer() -> None:
     not served as Envoy would: not "kernel"."""
     deny = Probe("l", "vh", "r", "198.19.0.2", 80, Request("GET", "/", "h"), expect="reply 403",
                  reply=403)
-    assert check_reply(deny, "kernel", "kernel_reply", 403) == ("kernel", "kernel_reply")
-    got = check_reply(deny, "kernel", "fast", 200)
+    assert check_answer(deny, "kernel", "kernel_reply", {"status": 403, "error": ""}) == \
+        ("kernel", "kernel_reply")
+    got = check_answer(deny, "kernel", "fast", {"status": 200, "error": ""})
     assert got == ("kernel (wrong status)", "fast; expected status 403, got 200")
     assert audit_status(summary([Row("a-0", deny, *got, 200)])) == 3
-    assert check_reply(PROBE, "kernel", "fast", 200) == ("kernel", "fast")  # a forward: not compared
+    # a forward: its status is the app's, not compared
+    assert check_answer(PROBE, "kernel", "fast", {"status": 200, "error": ""}) == ("kernel", "fast")
+    lost = check_answer(PROBE, "kernel", "fast", {"status": 0, "error": "no answer within 7 s"})
+    assert lost == ("kernel (no answer)", "fast; no answer within 7 s")
 
 
 def test_refusals_name_the_mesh() -> None:
