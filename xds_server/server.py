@@ -232,6 +232,7 @@ class XdsServer:
             return
         self._streams.pop(node_id, None)
         self._split_memo.pop(node_id, None)
+        self._last_out.pop(node_id, None)  # a node back later starts with no stale marks
         self.nodes.pop(node_id, None)
         self.cache.clear(node_id)
 
@@ -268,9 +269,10 @@ class XdsServer:
 
         The split is a pure function of (node, resources): it runs again only
         when they changed. Which residual is served also depends on who owns the
-        rate limiters and the outlier detectors (rule 3) and on the hosts out
-        of the kernel's LB view and the logger: per resources, the memo key
-        is (limiters owned, detectors owned, hosts out, logger off)."""
+        rate limiters and the outlier detectors (rule 3), on the hosts out
+        of the kernel's LB view and on whether the outlier logger is dropped:
+        per resources, the memo key is (limiters owned, detectors owned,
+        hosts out, logger off)."""
         hit = self._split_memo.get(node.id)
         if hit is None or hit.key != parts.key:
             result = self._split(node, parts)

@@ -77,6 +77,9 @@ def test_server_marks_only_while_the_kernel_owns_the_node():
     srv.set_endpoint_health(lambda n: 1 / 0)  # a broken provider: the last good answer stays
     assert srv.resplit(["n1"]).result(1) == 0
     assert health(srv.cache.get("n1")) == {"127.0.0.1:1": 0, "127.0.0.1:2": 2}
+    srv.stream_closed("n1")  # gone, back later with the provider still broken: no stale marks
+    srv.ensure_node(NodeInfo("n1"))
+    assert health(srv.cache.get("n1")) == {"127.0.0.1:1": 0, "127.0.0.1:2": 0}
 
 
 def test_envoys_detector_stays_until_the_kernel_hears_its_path():
