@@ -8,8 +8,9 @@ clusters the kernel owns (http_grpc on the router's upstream_log, batched:
 process (as `l7fp serve` does). `--hcm` adds a third sidecar with the same
 logger on the HCM's access_log (the placement before the router's, for a
 side-by-side comparison). wrk at 1 and 16 connections, ABAB rounds; prints
-one JSON line per measurement and a summary (medians): p50 in µs, req/s, and
-how many entries the service got per request served.
+one JSON line per measurement, a summary (medians): p50 in µs, req/s, and
+how many entries the service got per request served, and the medians of
+each round's ratio to that round's run without the logger.
 
 `sidecar_bootstrap` is also used by tests/xds/test_als.py.
 """
@@ -141,6 +142,21 @@ def _cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def ratios(got: dict[tuple[str, int], list[Any]]) -> dict[str, dict[str, float]]:
+    """Per variant and connection count, the medians over rounds of p50 and
+    req/s divided by the same round's no-logger run (side by side: less
+    exposed to the machine's load changing between rounds than the medians)."""
+    out = {}
+    for (v, c), rs in got.items():
+        base = got.get(("no_als", c), [])
+        if v == "no_als" or len(base) != len(rs):
+            continue
+        pairs = list(zip(rs, base, strict=True))
+        out[f"{v}_c{c}"] = {"p50": round(statistics.median(r.p50_us / b.p50_us for r, b in pairs), 2),
+                            "rps": round(statistics.median(r.rps / b.rps for r, b in pairs), 2)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.load import run_wrk
     from mesh.envoyconf import direct_response_bootstrap
@@ -190,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "p50_us": statistics.median(x.p50_us for x in rs),
             "rps": round(statistics.median(x.rps for x in rs))} for (v, c), rs in got.items()}
         print("SUMMARY " + json.dumps(summary))
+        print("RATIOS " + json.dumps(ratios(got)))
     finally:
         for e in envoys:
             e.stop()
