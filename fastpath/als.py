@@ -67,14 +67,13 @@ class AccessLogService:
 
     async def _stream(self, stream: grpclib.server.Stream) -> None:
         self.streams += 1
-        node = ""
+        node, said = "", False
         try:
             async for data in stream:
                 try:
                     ident, log_name, obs = observations(data)
                 except DecodeError as exc:
-                    self.malformed += 1
-                    log.warning("access log from %s: malformed message (%s)", node or "?", exc)
+                    said = self._malformed(node, exc, said)
                     continue
                 if not node:
                     node = self._accept(ident, log_name, stream)
@@ -92,6 +91,20 @@ class AccessLogService:
             if node:
                 self._gone(node)
 
+    def _malformed(self, node: str, exc: DecodeError, said: bool) -> bool:
+        """Count a message that does not decode (True: the stream has said so).
+        Before the stream is accepted (its identifier unread) refuse it: a
+        peer that never names itself must not hold it open. Logged once per
+        stream, the rest only counted."""
+        self.malformed += 1
+        if not node:
+            raise grpclib.exceptions.GRPCError(grpclib.const.Status.INVALID_ARGUMENT,
+                                               f"l7fp: malformed access log message ({exc})")
+        if not said:
+            log.warning("access log from %s: malformed message (%s); more on this stream are "
+                        "only counted", node, exc)
+        return True
+
     def _accept(self, ident: str, log_name: str, stream: grpclib.server.Stream) -> str:
         """The node id of a stream's first message, or "" (logged) when refused."""
         peer = stream.peer.addr()
@@ -105,16 +118,25 @@ class AccessLogService:
                 log.warning("access log stream refused (said once per node and reason): %s", why)
             return ""
         self.live[ident] = self.live.get(ident, 0) + 1
-        if self.live[ident] == 1 and self.on_stream is not None:
-            self.on_stream(ident, True)
+        if self.live[ident] == 1:
+            self._tell(ident, True)
         return ident
 
     def _gone(self, node: str) -> None:
         self.live[node] -= 1
         if not self.live[node]:
             del self.live[node]
-            if self.on_stream is not None:
-                self.on_stream(node, False)
+            self._tell(node, False)
+
+    def _tell(self, node: str, live: bool) -> None:
+        """on_stream, guarded: `live` already counts the stream, so a raise here
+        must not skip the _gone that takes it back."""
+        if self.on_stream is None:
+            return
+        try:
+            self.on_stream(node, live)
+        except Exception:  # the stream goes on; its count stays balanced
+            log.exception("access log: on_stream(%s, %s)", node, live)
 
 
 def refusal(node: str, log_name: str, peer_ip: str) -> str:
@@ -188,13 +210,14 @@ def _observation(entry: bytes) -> Observation | None:
     cf = dict(fields(common))
     cluster = _str(cf.get(_UPSTREAM_CLUSTER, b""))
     sa = dict(fields(_sub(cf.get(_UPSTREAM_ADDRESS, b""), _SOCKET)))
+    # port 0: a named_port (or no port), which names no upstream host
     address, port = _str(sa.get(_SA_ADDRESS, b"")), sa.get(_SA_PORT, 0)
     code = _sub(resp, _RESPONSE_CODE)
     status = dict(fields(code)).get(1, 0) if code else 0
     if not status:
         status = _no_response_status(cf.get(_RESPONSE_FLAGS, b""))
-    if not cluster or not address or not isinstance(port, int) or not isinstance(status, int) \
-            or not status:
+    if not cluster or not address or not isinstance(port, int) or not port \
+            or not isinstance(status, int) or not status:
         return None
     return cluster, f"{address}:{port}", status
 

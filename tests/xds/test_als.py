@@ -366,3 +366,168 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
         await runner.cleanup()
         server.close()
         await server.wait_closed()
+
+
+# ---- malformed input (no Envoy: the wire reader, and the servicer over a real gRPC stream) ----
+def _msg(node: str = "sidecar~127.0.0.1~a-0.t~t.svc.cluster.local", log_name: str = "",
+         entries: list[Any] | None = None) -> bytes:
+    from envoy_data_plane.envoy.config.core.v3 import Node
+    from envoy_data_plane.envoy.service.accesslog.v3 import (
+        StreamAccessLogsMessage,
+        StreamAccessLogsMessageHttpAccessLogEntries,
+        StreamAccessLogsMessageIdentifier,
+    )
+
+    from fastpath.residual_outlier import ALS_LOG_NAME
+    ident = StreamAccessLogsMessageIdentifier(node=Node(id=node), log_name=log_name or ALS_LOG_NAME)
+    return bytes(StreamAccessLogsMessage(
+        identifier=ident if node else None,
+        http_logs=StreamAccessLogsMessageHttpAccessLogEntries(log_entry=entries or [])))
+
+
+def _entry(host: str, port: int | None, named: str = "") -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import Address, SocketAddress
+    from envoy_data_plane.envoy.data.accesslog.v3 import (
+        AccessLogCommon,
+        HttpAccessLogEntry,
+        HttpResponseProperties,
+    )
+    sa = SocketAddress(address=host, port_value=port) if port is not None else \
+        SocketAddress(address=host, named_port=named)
+    return HttpAccessLogEntry(common_properties=AccessLogCommon(
+        upstream_cluster="c", upstream_remote_address=Address(socket_address=sa)),
+        response=HttpResponseProperties(response_code=503))
+
+
+def _in_log(entry: bytes) -> bytes:
+    """A StreamAccessLogsMessage whose http_logs hold this one entry's bytes (< 128)."""
+    inner = b"\x0a" + bytes([len(entry)]) + entry
+    return b"\x12" + bytes([len(inner)]) + inner
+
+
+GOOD_ENTRY = bytes(_entry("198.18.0.3", 9000))
+MALFORMED = {
+    "truncated varint": b"\x08\x96",
+    "varint of 11 bytes": b"\x08" + b"\xff" * 10 + b"\x01",
+    "wire type 3 (start group)": b"\x0b",
+    "wire type 4 (end group)": b"\x0c",
+    "wire type 6": b"\x0e",
+    "wire type 7": b"\x0f",
+    "length past the buffer": b"\x0a\x05ab",
+    "truncated fixed64": b"\x09\x01\x02\x03",
+    "truncated fixed32": b"\x0d\x01",
+    "huge field number, truncated": b"\xf8\xff\xff\xff\xff\xff\xff\xff\x7f",
+    "malformed identifier": b"\x0a\x02\x0b\x00",
+    "malformed log entry": b"\x12\x04\x0a\x02\x0f\x00",
+    "malformed status deep down": _in_log(GOOD_ENTRY + b"\x22\x04\x0a\x02\x08\xff"),
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=list(MALFORMED))
+def test_malformed_bytes_are_a_decode_error_and_nothing_else(data: bytes) -> None:
+    from fastpath.als import observations
+    from xds_server.protocol.requests import DecodeError
+    with pytest.raises(DecodeError):
+        observations(data)
+
+
+def test_random_bytes_never_raise_anything_but_decode_error() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from fastpath.als import observations
+    from xds_server.protocol.requests import DecodeError
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.binary(max_size=64) | st.builds(lambda a, b: a + b, st.just(_msg()), st.binary(max_size=16)))
+    def check(data: bytes) -> None:
+        try:
+            node, name, obs = observations(data)
+        except DecodeError:
+            return
+        assert isinstance(node, str) and isinstance(name, str)
+        assert all(isinstance(s, int) and s for _c, _h, s in obs)
+    check()
+
+
+def test_a_named_port_is_no_upstream_host() -> None:
+    """A SocketAddress with named_port has no port_value: not recorded as ip:0."""
+    from fastpath.als import observations
+    got = observations(_msg(entries=[_entry("198.18.0.3", None, "http"), _entry("198.18.0.4", 80)]))
+    assert got[2] == [("c", "198.18.0.4:80", 503)]
+
+
+class _Raw:
+    """A request message that is these bytes as they are (grpclib's client codec)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - grpclib's codec calls this name
+        return self.data
+
+
+async def _stream_of(port: int, *messages: bytes) -> None:
+    """Send `messages` on one StreamAccessLogs stream from 127.0.0.1; GRPCError if refused."""
+    from grpclib.client import Channel
+    from grpclib.const import Cardinality
+
+    from fastpath.als import PATH, RawMessage
+    ch = Channel("127.0.0.1", port)
+    try:
+        async with ch.request(PATH, Cardinality.STREAM_UNARY, _Raw, RawMessage) as s:
+            for m in messages:
+                await s.send_message(_Raw(m))
+            await s.end()
+            await s.recv_message()
+    finally:
+        ch.close()
+
+
+async def test_a_stream_whose_first_message_is_malformed_is_refused_and_later_ones_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Before the identifier the peer is unknown: a malformed first message ends
+    the stream (INVALID_ARGUMENT). On an accepted stream malformed messages are
+    counted, logged once per stream, and the good ones still reach the sink."""
+    from grpclib.const import Status
+    from grpclib.exceptions import GRPCError
+    got: list[Any] = []
+    svc = AccessLogService(lambda node, obs: got.extend(obs))
+    server = Server([svc])
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        with pytest.raises(GRPCError) as refused:
+            await _stream_of(port, MALFORMED["truncated varint"], _msg(entries=[_entry("198.18.0.3", 80)]))
+        assert refused.value.status is Status.INVALID_ARGUMENT and svc.malformed == 1
+        assert not got and not svc.live
+        caplog.clear()
+        entry = _msg(node="", entries=[_entry("198.18.0.3", 80)])
+        await _stream_of(port, _msg(), *[MALFORMED["wire type 7"]] * 3, entry)
+        assert svc.malformed == 4 and got == [("c", "198.18.0.3:80", 503)]
+        said = [r for r in caplog.records if "malformed" in r.getMessage()]
+        assert len(said) == 1, said
+        assert not svc.live
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_raising_on_stream_leaves_the_live_count_balanced() -> None:
+    """on_stream (the agent's) raised when the node went live: the stream is
+    still taken back when it ends, so the node does not stay live forever."""
+    calls: list[bool] = []
+
+    def on_stream(_node: str, live: bool) -> None:
+        calls.append(live)
+        raise RuntimeError("agent busy")
+    svc = AccessLogService(lambda node, obs: None, on_stream)
+    server = Server([svc])
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        await _stream_of(port, _msg())
+        assert calls == [True, False] and svc.live == {}
+    finally:
+        server.close()
+        await server.wait_closed()
