@@ -84,7 +84,9 @@ def guard_routes(route: Route, guards: list[Guard]) -> tuple[list[Route], Reason
         if g.method:
             if m.method and m.method != g.method:
                 continue  # the route never sees this method
-            m = replace(m, method=g.method)
+            if m.method is None:  # the matchers read headers, not the `method` shortcut
+                is_m = HeaderMatch(":method", StringMatch(StringKind.EXACT, g.method))
+                m = replace(m, method=g.method, headers=m.headers + (is_m,))
         out.append(replace(route, match=m, verdict=Verdict.ENVOY, reason=g.why, fault_abort=None,
                            guard=True))
     return out, []

@@ -123,7 +123,7 @@ def header_match(h: dict[str, Any], what: str = "header") -> tuple[HeaderMatch, 
         reasons.append(f"{where}: hop-by-hop header")
     if name in ("cookie",) or name.startswith(":") and name not in (":method", ":authority", ":path"):
         reasons.append(f"{where}: pseudo/merged header")
-    return HeaderMatch(name, match, invert, absent, tmae), reasons
+    return HeaderMatch(name, match, invert, absent, tmae, evaluable=not reasons), reasons
 
 
 def query_match(q: dict[str, Any]) -> tuple[QueryParamMatch, Reasons]:
@@ -132,8 +132,8 @@ def query_match(q: dict[str, Any]) -> tuple[QueryParamMatch, Reasons]:
         return QueryParamMatch(name), []
     if "stringMatch" in q:
         m, r = string_match(q["stringMatch"], f"query parameter {name!r}")
-        return QueryParamMatch(name, m), r
-    return QueryParamMatch(name), [f"query parameter {name!r}: matcher not supported"]
+        return QueryParamMatch(name, m, evaluable=not r), r
+    return QueryParamMatch(name, evaluable=False), [f"query parameter {name!r}: matcher not supported"]
 
 
 _IGNORED_MATCH = {"prefix", "path", "safeRegex", "pathSeparatedPrefix", "caseSensitive",

@@ -59,7 +59,8 @@ from fastpath.plan import (
     RouteMatch,
     Verdict,
 )
-from fastpath.synth_tables import punt_catches_all
+from fastpath.synth_punt import disjoint
+from fastpath.synth_tables import punt_catches_all, punt_match
 
 PlanOfIp = Callable[[str], KernelPlan | None]
 INLINE = "inbound side not transparent (the inline decision has no second decision)"
@@ -171,27 +172,14 @@ def _punts_all(m: RouteMatch, lp: ListenerPlan) -> str | None:
     for ir in lp.virtual_hosts[0].routes:
         if ir.verdict is Verdict.ENVOY and punt_catches_all(ir):
             return f"inbound route {ir.name!r}: {ir.reason}"  # overlaps and covers every match
-        if _disjoint(m, ir.match):
+        # a punt entry matches by the part of its matcher the kernel evaluates
+        im = punt_match(ir.match) if ir.verdict is Verdict.ENVOY else ir.match
+        if disjoint(m, im):
             continue
-        if ir.verdict is Verdict.ENVOY and _covers(ir.match, m):
+        if ir.verdict is Verdict.ENVOY and _covers(im, m):
             return f"inbound route {ir.name!r}: {ir.reason}"
         return None
     return None
-
-
-def _disjoint(a: RouteMatch, b: RouteMatch) -> bool:
-    """True only when no request matches both (methods or literal paths
-    differ). Conservative: it may say False for disjoint matchers (headers,
-    queries, DFAs and case-insensitive paths are not compared), which keeps a
-    route KERNEL."""
-    if a.method is not None and b.method is not None and a.method != b.method:
-        return True
-    la, lb = a.literal_path(), b.literal_path()
-    if la is None or lb is None:
-        return False
-    if la[0] == "exact" and lb[0] == "exact":
-        return la[1] != lb[1]
-    return not (la[1].startswith(lb[1]) or lb[1].startswith(la[1]))
 
 
 def _covers(outer: RouteMatch, inner: RouteMatch) -> bool:

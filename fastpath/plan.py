@@ -103,6 +103,9 @@ class HeaderMatch:
     ``match`` is None for a bare "name present" matcher. ``invert`` negates the
     result; ``absent`` means "the header is not present" (present_match: false).
     Header names are lower case (HTTP/1 names are case-insensitive).
+    ``evaluable`` is False when `fastpath.classify_match` found a part the
+    kernel cannot evaluate as Envoy does (its reason is on the route): a
+    punt entry leaves this conjunct out (`synth_tables.punt_match`).
     """
 
     name: str
@@ -110,14 +113,17 @@ class HeaderMatch:
     invert: bool = False
     absent: bool = False
     treat_missing_as_empty: bool = False
+    evaluable: bool = True
 
 
 @dataclass(frozen=True)
 class QueryParamMatch:
-    """One entry of RouteMatch.query_parameters; ``match`` None means present."""
+    """One entry of RouteMatch.query_parameters; ``match`` None means present.
+    ``evaluable``: as HeaderMatch's."""
 
     name: str
     match: StringMatch | None = None
+    evaluable: bool = True
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from fastpath.plan import (
 )
 from fastpath.regex_dfa import RegexUnsupported, compile_dfa, dfa_full_match
 from fastpath.rewrite import CONST_BYTES, ORIGINAL_PATH, rewritten
+from fastpath.synth_tables import punt_match
 
 RBAC_DENIED_BODY = "RBAC: access denied"
 FAULT_BODY = "fault filter abort"
@@ -154,7 +155,7 @@ def decide(plan: KernelPlan, listener: str, req: Request, rng: random.Random | N
         return Decision("envoy", reason=why)
     vh = select_vhost(lp.virtual_hosts, req.host)
     try:
-        route = first_route(lp, req)
+        route = kernel_route(lp, req)
     except QueryUndecidable as e:
         return Decision("envoy", reason=str(e))
     if route is not None and route.verdict is Verdict.ENVOY:
@@ -293,6 +294,20 @@ def first_route(lp: ListenerPlan, req: Request) -> Route | None:
     if vh is None:
         return None
     return next((r for r in vh.routes if route_matches(r.match, req)), None)
+
+
+def kernel_route(lp: ListenerPlan, req: Request) -> Route | None:
+    """The route the kernel stops at: first_route, but an ENVOY route (a punt
+    entry) matches by the part of its matcher the kernel evaluates
+    (synth_tables.punt_match, a superset of what it matches): a request that
+    may match it goes to Envoy, whatever the parts left out say. Every
+    request whose Envoy route is KERNEL and no earlier punt may take gets
+    that route, so a forward or reply still equals Envoy's."""
+    vh = select_vhost(lp.virtual_hosts, req.host)
+    if vh is None:
+        return None
+    return next((r for r in vh.routes if route_matches(
+        punt_match(r.match) if r.verdict is Verdict.ENVOY else r.match, req)), None)
 
 
 def select_vhost(vhosts: tuple[VirtualHost, ...], host: str) -> VirtualHost | None:

@@ -9,6 +9,7 @@ bounds the plan needs. Semantics follow fastpath.reference (the oracle).
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from fastpath.plan import (
     QueryParamMatch,
     Redirect,
     Route,
+    RouteMatch,
     StringKind,
     Verdict,
     VirtualHost,
@@ -50,12 +52,12 @@ from fastpath.synth import (
     encode_str,
     reply_bytes,
 )
+from fastpath.synth_punt import CATCH_ALL, MAX_QMATCH, disjoint, kernel_part
 
 _SM = {StringKind.EXACT: bs.SM_EXACT, StringKind.PREFIX: bs.SM_PREFIX,
        StringKind.SUFFIX: bs.SM_SUFFIX, StringKind.PRESENT: bs.SM_PRESENT}
 MAX_SLOTS = 8
 NO_HEALTHY_BODY = "no healthy upstream"  # Envoy's 503 when its LB has no host (router.cc)
-MAX_QMATCH = 2  # cap of query-parameter matchers per route (L7FP_MAX_QMATCH)
 MAX_QNAME = 16  # longest query parameter name (two words in struct l7fp_qmatch)
 MAX_ABSENT_NAME = 64  # longest header name a must-be-absent check keys (see _slot)
 
@@ -77,13 +79,30 @@ def _catches_all(f: dict[str, Any]) -> bool:
 
 def punt_catches_all(r: Route) -> bool:
     """True when the punt entry the kernel builds for route `r`
-    (TableBuilder._punt) catches every request of its virtual host: its matcher
-    the kernel cannot evaluate, or prefix "" with no other matcher. Read by
+    (TableBuilder._punt) catches every request of its virtual host: no part
+    of its matcher but prefix "" or "/" is evaluated in the kernel, or prefix
+    "" with no other matcher. Read by
     fastpath.inbound_verdict (such an inbound punt overlaps and covers every
     client route). Built on a fresh builder: a punt that depends on the other
     routes (too many distinct header names) is not seen, so it may say False
     where the synthesis punts (the view then keeps KERNEL, as before)."""
     return _catches_all(TableBuilder(KernelPlan("", ""))._punt(r))
+
+
+def _any_path(m: RouteMatch) -> bool:
+    """`m` matches every request the kernel decides (its paths start with "/":
+    fastpath.reference._unparseable)."""
+    return (m.path_kind is PathKind.PREFIX and m.path in ("", "/") and not m.headers
+            and not m.query_params and not m.grpc)
+
+
+@functools.lru_cache(maxsize=1024)
+def punt_match(m: RouteMatch) -> RouteMatch:
+    """The matcher the kernel's punt entry for a route with matcher `m`
+    evaluates (fastpath.synth_punt.kernel_part), on a fresh builder (as
+    punt_catches_all). Called by fastpath.reference for every ENVOY route, so
+    the model stops where the kernel does, and by fastpath.inbound_verdict."""
+    return kernel_part(TableBuilder(KernelPlan("", "")), m)
 
 
 @dataclass
@@ -359,12 +378,25 @@ class TableBuilder:
 
     def _shadowed(self, r: Route, by: Route) -> None:
         """KERNEL route `r` after route `by`, whose kernel punt catches every
-        request (a matcher the kernel does not evaluate, or an ENVOY route
-        with prefix "" and no other matcher): the kernel never runs it
-        (executable_plan makes it ENVOY, so Envoy keeps its limiter and the
-        split does not claim it)."""
+        request (no part of its matcher but prefix "" or "/" is evaluated in
+        the kernel, e.g. "/" plus an :authority matcher): the kernel never
+        runs it (executable_plan makes it ENVOY, so Envoy keeps its limiter
+        and the split does not claim it)."""
         self.kernel_routes.discard(id(r))
         self.punt_reasons[id(r)] = f"after route {by.name!r}, whose kernel punt catches every request"
+
+    def _limit_shared(self, r: Route, punts: list[tuple[Route, RouteMatch]]) -> None:
+        """KERNEL route `r` with a rate limit after punt entries: one whose
+        kernel matcher may match a request of `r` (synth_punt.disjoint says
+        not disjoint) may hand Envoy a request that Envoy then routes to `r`
+        (the punt evaluates only part of its route's matcher, or Envoy's
+        route has a part the IR does not hold): `r`'s bucket would be
+        bypassed (DESIGN.md rule 3), so Envoy keeps it (executable_plan)."""
+        by = next((p for p, km in punts if not disjoint(km, r.match)), None)
+        if r.rate_limit is not None and by is not None and id(r) in self.kernel_routes:
+            self.kernel_routes.discard(id(r))
+            self.punt_reasons[id(r)] = (f"rate limit after route {by.name!r}, whose kernel punt "
+                                        "may hand Envoy requests of this route")
 
     def _punted(self, vhosts: Any, why: str, skip: int = 0) -> None:
         """Note why the routes of ``vhosts`` (after the first ``skip``) reach Envoy."""
@@ -385,6 +417,7 @@ class TableBuilder:
         self._add("l7fp_vhosts", _Row("Vhost", {"route_base": rbase, "n_routes": n}))
         self.max_routes = max(self.max_routes, n)
         caught: Route | None = None  # its kernel punt catches every request: later ones never run
+        punts: list[tuple[Route, RouteMatch]] = []  # earlier punt entries, their kernel matchers
         for r in routes:
             rid = len(self.route_names)
             self.route_names.append(f"{lp.name}/{vh.name}/{r.name}")
@@ -399,7 +432,10 @@ class TableBuilder:
                 f = self._punt(r)
             if caught and id(r) in self.kernel_routes:
                 self._shadowed(r, caught)
+            self._limit_shared(r, punts)
             caught = caught or (r if _catches_all(f) else None)
+            if f.get("action") == bs.ACT_PUNT:
+                punts.append((r, f.pop("kernel_match", CATCH_ALL)))
             f["route_id"] = rid
             if "rw" in f:
                 self.rewrites[rid] = f.pop("rw")
@@ -420,17 +456,22 @@ class TableBuilder:
             self.route_timeouts[rid] = int(ms)
 
     def _punt(self, r: Route) -> dict[str, Any]:
-        """A punt entry: the route's own matcher when the kernel can evaluate it
-        (later routes stay in the kernel), else one that catches everything."""
+        """A punt entry: the part of the route's matcher the kernel evaluates
+        (fastpath.synth_punt: requests that fail it cannot match the route
+        and go on to later routes), else one that catches everything. Its
+        matcher is left in "kernel_match" for _vhost."""
+        km = kernel_part(self, r.match)
+        if km != r.match and _any_path(km):  # e.g. "/" + :authority: Envoy may go on,
+            km = CATCH_ALL  # the kernel never does (later routes: _shadowed)
         try:
-            f = self._match(r)
-        except Punt:
+            f = self._match(km)
+        except Punt:  # a conjunct that builds alone but not with the others
             return {"action": bs.ACT_PUNT, "path_kind": bs.PATH_PREFIX, "path": ("", False)}
-        f["action"] = bs.ACT_PUNT
+        f["action"], f["kernel_match"] = bs.ACT_PUNT, km
         return self._with_hm(f)
 
     def _route(self, vh: VirtualHost, r: Route) -> dict[str, Any]:
-        f = self._match(r)
+        f = self._match(r.match)
         self._action(vh, r, f)
         return self._with_hm(f)
 
@@ -442,8 +483,7 @@ class TableBuilder:
             self._add("l7fp_hmatch", row)
         return f
 
-    def _match(self, r: Route) -> dict[str, Any]:
-        m = r.match
+    def _match(self, m: RouteMatch) -> dict[str, Any]:
         if m.grpc:
             raise Punt("grpc matcher")
         kinds = {PathKind.PREFIX: bs.PATH_PREFIX, PathKind.EXACT: bs.PATH_EXACT,

@@ -175,16 +175,19 @@ def test_routes_the_kernel_decision_punts_are_envoy_and_keep_their_limiter() -> 
            em.CLUSTER: [em.parse(em.CLUSTER, CLUSTER)]}
     out = split_snapshot("n", res)
     got = [(r.verdict, r.reason) for r in out.plan.listeners[0].virtual_hosts[0].routes]
-    # /q's punt entry catches every request (the kernel cannot evaluate its
-    # matcher): the later routes never run in the kernel, so they are ENVOY too
-    shadowed = "kernel decision: after route '', whose kernel punt catches every request"
+    # /q's punt entry keeps its path (the kernel cannot evaluate the query
+    # matcher: synth_punt): /r never meets it and stays KERNEL; a request to
+    # /q/x?a=y reaches Envoy, which routes it to /: Envoy keeps /'s limiter
+    shared = ("kernel decision: rate limit after route '', whose kernel punt may hand Envoy "
+              "requests of this route")
     assert got == [(Verdict.ENVOY, "kernel decision: query parameter matcher kind contains"),
-                   (Verdict.ENVOY, shadowed), (Verdict.ENVOY, shadowed)]
+                   (Verdict.KERNEL, ""), (Verdict.ENVOY, shared)]
     kept = em.to_json(out.residual[em.LISTENER][0])
     rc = kept["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]
     limiter = [json.dumps(r.get("typedPerFilterConfig", {})) for r in rc["virtualHosts"][0]["routes"]]
     # Envoy keeps both limiters (before, /'s was disabled for Envoy and the
-    # kernel, punting every request at /q's entry, enforced it for nobody)
+    # kernel, punting every request at /q's entry, enforced it for nobody;
+    # now the kernel decides /q/x?a=y, whose Envoy route is /, at /q's punt)
     assert "tokenBucket" in limiter[0] and "tokenBucket" in limiter[2]
 
 

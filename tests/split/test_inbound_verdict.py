@@ -158,18 +158,27 @@ def test_reference_model_punts_a_rewritten_path_with_dot_segments() -> None:
 
 
 def test_an_inbound_punt_that_catches_every_request_makes_any_route_envoy() -> None:
-    """An inbound /x route with an :authority matcher: the kernel cannot
-    evaluate it, so its punt catches every request (synth_tables._punt), a
-    client route to /y included; a punt with its own matcher does not."""
+    """An inbound / route with an :authority matcher: the kernel cannot
+    evaluate the header, so its punt catches every request (synth_tables._punt),
+    a client route to /y included; with /x instead of /, the punt keeps /x
+    (synth_punt): /y stays KERNEL, /x/z is ENVOY; a punt with its own matcher
+    does not catch /y either."""
     from fastpath.plan import HeaderMatch, StringKind, StringMatch
 
-    auth = _route("in-x-auth", "/x", ("app", 1))
+    auth = _route("in-x-auth", "/", ("app", 1))
     auth = dataclasses.replace(auth, verdict=Verdict.ENVOY, reason="authority matcher",
                                match=dataclasses.replace(auth.match, headers=(HeaderMatch(
                                    ":authority", StringMatch(StringKind.EXACT, "api")),)))
     plans = {A: dest(auth, _route("in-default", "/", ("app", 1)))}
     got = verdicts(honest_plan(client(_route("to-y", "/y", (CLUSTER, 1))), plans.get))
     assert got["to-y"] == (Verdict.ENVOY, "destination api: inbound route 'in-x-auth': "
+                           "authority matcher")
+    auth = dataclasses.replace(auth, match=dataclasses.replace(auth.match, path="/x"))
+    plans = {A: dest(auth, _route("in-default", "/", ("app", 1)))}
+    got = verdicts(honest_plan(client(_route("to-y", "/y", (CLUSTER, 1)),
+                                      _route("to-x", "/x/z", (CLUSTER, 1))), plans.get))
+    assert got["to-y"] == (Verdict.KERNEL, "")
+    assert got["to-x"] == (Verdict.ENVOY, "destination api: inbound route 'in-x-auth': "
                            "authority matcher")
     own = dataclasses.replace(auth, match=dataclasses.replace(auth.match, headers=()))
     plans = {A: dest(own, _route("in-default", "/", ("app", 1)))}
