@@ -199,6 +199,13 @@ static __always_inline int dp_rw_starts(struct l7fp_req_ctx *ctx, struct dp_rw *
 }
 
 #define DP_RW_AT L7FP_MAX_HDR /* ctx->buf offset of the rewritten path: past the head's copy */
+/* dp_rw_build writes whole words up to DP_RW_AT + DP_RW_MAX + DP_RW_TARGET + 8
+ * into ctx->buf, masked with L7FP_BUF_MASK: with a smaller buffer the
+ * rewritten path would wrap onto the head's copy at buf[0..] (the parsed
+ * request line). fastpath.synth_tables raises L7FP_MAX_HDR to
+ * rewrite_kernel.MIN_MAX_HDR (512) when it sets DP_REWRITE. */
+_Static_assert(DP_RW_AT + DP_RW_MAX + DP_RW_TARGET + 8 <= L7FP_BUF_MASK + 1,
+               "DP_REWRITE needs L7FP_MAX_HDR >= 512 (dp_rw_build would wrap onto the head)");
 
 /* 1 when the path at DP_RW_AT (ctx->r.path_len bytes) has "//", "/./",
  * "/../" or ends in "/." or "/..": the parser's L7FP_TF_DOTSEG (l7fp_http.h

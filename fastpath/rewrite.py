@@ -15,6 +15,10 @@ are matched as written (no decoding). Whenever the route has a regex_rewrite,
 Envoy adds ``x-envoy-original-path`` (the request's path and query) as the last
 header line (or overwrites a client's one in place), also when the pattern did
 not match; when the result is empty, Envoy keeps the path and adds no header.
+That holds when the router does not set ``suppress_envoy_headers``: with it
+Envoy sends no x-envoy-original-path, and `fastpath.classify_route`
+(`_regex_rewrite`) leaves such rewrites to Envoy ("path rewrite with the
+router's suppress_envoy_headers").
 
 The kernel forms (everything else is ENVOY with a reason naming the pattern):
 

@@ -19,7 +19,12 @@ from fastpath.rewrite import MAX_VALUE, ORIGINAL_PATH
 WHOLE = 0xFFFF  # DP_RW_WHOLE
 NAME = 32  # DP_RW_NAME
 RW_MAX = 64  # DP_RW_MAX
+RW_TARGET = 256  # DP_RW_TARGET
 assert MAX_VALUE <= RW_MAX
+# The least L7FP_MAX_HDR (a power of two) with which dp_rw_build's writes, up to
+# MAX_HDR + RW_MAX + RW_TARGET + 8 into a buffer of 2 * MAX_HDR, stay past the
+# head's copy (dp_rewrite.h's _Static_assert): the synthesis raises it to this.
+MIN_MAX_HDR = 1 << (RW_MAX + RW_TARGET + 8 - 1).bit_length()
 
 
 class DpRw(ctypes.Structure):

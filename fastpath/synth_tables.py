@@ -749,6 +749,8 @@ class TableBuilder:
             k[f"L7FP_F_{feat.upper()}"] = int(feat in self.feats)
         if self.rewrites:
             k["DP_REWRITE"] = 1  # the data path's bpf_src/dp_rewrite.h
+            # its rewritten path is built past the head's copy (dp_rewrite.h)
+            k["L7FP_MAX_HDR"] = max(k["L7FP_MAX_HDR"], rewrite_kernel.MIN_MAX_HDR)
         return k
 
     def encode(self, st: bs.Structs) -> dict[str, list[bytes]]:

@@ -86,3 +86,25 @@ def test_suppressed_envoy_headers_keep_rewrites_envoys() -> None:
                                ctx)
             assert (r.verdict is P.Verdict.ENVOY) == suppress, (rw, r.reason)
             assert not suppress or "suppress_envoy_headers" in r.reason
+
+
+def test_a_plan_with_rewrites_gets_a_head_buffer_the_rewritten_path_fits_past() -> None:
+    """dp_rw_build writes the new path at L7FP_MAX_HDR, up to RW_MAX + RW_TARGET
+    + 8 bytes, into a buffer of 2 * L7FP_MAX_HDR: with max_hdr=256 that wrapped
+    onto the parsed request line. The synthesis raises the head size to 512;
+    a plan without rewrites keeps the size asked for."""
+    from fastpath.rewrite_kernel import MIN_MAX_HDR
+    rw = P.Route("a", P.RouteMatch(P.PathKind.PREFIX, "/api"),
+                 P.ClusterAction((P.WeightedCluster("c1", 1),), prefix_rewrite="/v2"),
+                 P.Verdict.KERNEL)
+    plain = P.Route("a", P.RouteMatch(P.PathKind.PREFIX, "/api"),
+                    P.ClusterAction((P.WeightedCluster("c1", 1),)), P.Verdict.KERNEL)
+    c1 = P.Cluster("c1", P.LbPolicy.ROUND_ROBIN, (P.Endpoint("198.18.0.2", 80),))
+
+    def knobs(route: P.Route) -> dict[str, int]:
+        lp = P.ListenerPlan("l", "0.0.0.0", 80, P.Direction.OUTBOUND,
+                            virtual_hosts=(P.VirtualHost("v", ("*",), routes=(route,)),))
+        return synthesize(P.KernelPlan("n", "1", listeners=(lp,), clusters=(c1,)), max_hdr=256).knobs
+    assert MIN_MAX_HDR == 512 and 2 * MIN_MAX_HDR >= MIN_MAX_HDR + 64 + 256 + 8
+    assert (knobs(rw)["DP_REWRITE"], knobs(rw)["L7FP_MAX_HDR"]) == (1, 512)
+    assert "DP_REWRITE" not in knobs(plain) and knobs(plain)["L7FP_MAX_HDR"] == 256

@@ -112,3 +112,36 @@ def test_agent_falls_back_with_one_log_line(kernel, cgroup, envoy, upstream, tmp
         assert "stack limit of 512 bytes" in lines[0], lines
     finally:
         a.stop()
+
+
+def test_rewrite_with_a_head_buffer_too_small_does_not_compile(kernel: None, cache_dir: Path) -> None:
+    """dp_rewrite.h's _Static_assert: DP_REWRITE with L7FP_MAX_HDR=256 (its
+    rewritten path would wrap onto the head's copy) is a compile error naming
+    the limit, not a data path that corrupts the request line."""
+    from fastpath.plan import (
+        Cluster,
+        ClusterAction,
+        Direction,
+        Endpoint,
+        KernelPlan,
+        LbPolicy,
+        ListenerPlan,
+        PathKind,
+        Route,
+        RouteMatch,
+        Verdict,
+        VirtualHost,
+        WeightedCluster,
+    )
+    from fastpath.synth import synthesize
+
+    route = Route("a", RouteMatch(PathKind.PREFIX, "/api"),
+                  ClusterAction((WeightedCluster("c1", 1),), prefix_rewrite="/v2"), Verdict.KERNEL)
+    plan = KernelPlan("n", "1", (ListenerPlan("l", "0.0.0.0", 80, Direction.OUTBOUND,
+                                              (VirtualHost("v", ("*",), (route,)),)),),
+                      (Cluster("c1", LbPolicy.ROUND_ROBIN, (Endpoint("198.18.0.2", 80),)),))
+    cflags = tuple(f for f in synthesize(plan).cflags if not f.startswith("-DL7FP_MAX_HDR="))
+    assert "-DDP_REWRITE=1" in cflags
+    with pytest.raises(compile_check.CompileError, match="DP_REWRITE needs L7FP_MAX_HDR >= 512"):
+        loader.compile_module(loader.module_text("dp_decide_l7fp.h"),
+                              cflags + ("-DL7FP_MAX_HDR=256",), instance="auditfix-rw256", check=True)
