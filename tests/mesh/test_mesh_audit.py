@@ -136,3 +136,7 @@ def test_bookinfo_istio_mesh_kernel_routes_are_served_by_the_kernel(
     code, out = _audit_cli(m, _first_loaded(m.state()))
     _check(out["rows"], min_routes=6 + 6)
     assert code == 0 and out["summary"]["kernel"] == out["summary"]["audited"]
+    # after productpage's /api + :authority route (a punt entry keeping /api):
+    # its catch-all route is KERNEL and served by the kernel
+    after = [r for r in out["rows"] if r["route"] == "productpage.bookinfo.1"]
+    assert after and all(r["served_by"] == "kernel" for r in after), after
