@@ -8,9 +8,10 @@ clusters the kernel owns (http_grpc on the router's upstream_log, batched:
 process (as `l7fp serve` does). `--hcm` adds a third sidecar with the same
 logger on the HCM's access_log (the placement before the router's, for a
 side-by-side comparison). wrk at 1 and 16 connections, ABAB rounds; prints
-one JSON line per measurement, a summary (medians): p50 in µs, req/s, and
-how many entries the service got per request served, and the medians of
-each round's ratio to that round's run without the logger.
+one JSON line per measurement (p50 in µs, req/s, the entries the service got
+per request served, the receiver's CPU per entry, the sidecar Envoy's CPU
+per request), a summary (medians of p50, req/s, Envoy CPU per request) and
+the medians of each round's ratio to that round's run without the logger.
 
 `sidecar_bootstrap` is also used by tests/xds/test_als.py.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import threading
 import time
@@ -142,23 +144,49 @@ def _cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def ratios(got: dict[tuple[str, int], list[Any]]) -> dict[str, dict[str, float]]:
-    """Per variant and connection count, the medians over rounds of p50 and
-    req/s divided by the same round's no-logger run (side by side: less
-    exposed to the machine's load changing between rounds than the medians)."""
+def _proc_cpu_s(envoy: Envoy) -> float:
+    """CPU seconds (user + system) of `envoy`'s process so far: its cost per
+    request moves far less with the machine's load than its latency does."""
+    assert envoy.proc is not None
+    with open(f"/proc/{envoy.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run(rx: Receiver, sidecar: Envoy, port: int, conns: int, seconds: float) -> dict[str, Any]:
+    """One wrk run through `sidecar`: latency, req/s, the entries the receiver
+    got per request, its CPU per entry and the sidecar's CPU per request."""
+    from benchmarks.load import run_wrk
+
+    before, cpu0, env0 = rx.count, _cpu_s(), _proc_cpu_s(sidecar)
+    r = run_wrk(f"http://127.0.0.1:{port}/", conns, seconds)
+    entries, cpu, env = rx.count - before, _cpu_s() - cpu0, _proc_cpu_s(sidecar) - env0
+    return {"p50_us": r.p50_us, "p99_us": r.p99_us, "rps": round(r.rps), "errors": r.errors,
+            "als_entries_per_request": round(entries / r.requests, 3),
+            "receiver_cpu_us_per_entry": round(cpu * 1e6 / entries, 1) if entries else None,
+            "envoy_cpu_us_per_request": round(env * 1e6 / r.requests, 1)}
+
+
+SUMMED = ("p50_us", "rps", "envoy_cpu_us_per_request")
+
+
+def ratios(got: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per variant and connection count, the medians over rounds of p50,
+    req/s and Envoy's CPU per request divided by the same round's no-logger
+    run (side by side: less exposed to the machine's load changing between
+    rounds than the medians)."""
     out = {}
     for (v, c), rs in got.items():
         base = got.get(("no_als", c), [])
         if v == "no_als" or len(base) != len(rs):
             continue
         pairs = list(zip(rs, base, strict=True))
-        out[f"{v}_c{c}"] = {"p50": round(statistics.median(r.p50_us / b.p50_us for r, b in pairs), 2),
-                            "rps": round(statistics.median(r.rps / b.rps for r, b in pairs), 2)}
+        out[f"{v}_c{c}"] = {k: round(statistics.median(r[k] / b[k] for r, b in pairs if b[k]), 2)
+                            for k in SUMMED}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.load import run_wrk
     from mesh.envoyconf import direct_response_bootstrap
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.als_cost", description=__doc__)
@@ -178,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     leaf_boot["admin"] = {"address": {"socket_address": {"address": "127.0.0.1",
                                                          "port_value": pick_free_port()}}}
     envoys = [Envoy(leaf_boot, leaf_boot["admin"]["address"]["socket_address"]["port_value"]).start()]
-    ports = {}
+    sidecars: dict[str, tuple[Envoy, int]] = {}
     try:
         for v in variants:
             lport, admin = pick_free_port(), pick_free_port()
@@ -186,25 +214,18 @@ def main(argv: list[str] | None = None) -> int:
                                                   hcm_log=v == "als_hcm",
                                                   buffer_bytes=args.buffer_bytes,
                                                   flush=args.flush), admin).start())
-            ports[v] = lport
-        for lp in ports.values():
+            sidecars[v] = (envoys[-1], lport)
+        for _e, lp in sidecars.values():
             _wait_http(lp)
-        got: dict[tuple[str, int], list[Any]] = {}
+        got: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for _ in range(args.rounds):
             for v in variants:  # ABAB
                 for conns in (1, 16):
-                    before, cpu0 = rx.count, _cpu_s()
-                    r = run_wrk(f"http://127.0.0.1:{ports[v]}/", conns, args.seconds)
-                    entries, cpu = rx.count - before, _cpu_s() - cpu0
-                    got.setdefault((v, conns), []).append(r)
-                    print(json.dumps({"als": v, "connections": conns, "p50_us": r.p50_us,
-                                      "p99_us": r.p99_us, "rps": round(r.rps), "errors": r.errors,
-                                      "als_entries_per_request": round(entries / r.requests, 3),
-                                      "receiver_cpu_us_per_entry":
-                                          round(cpu * 1e6 / entries, 1) if entries else None}))
-        summary = {f"{v}_c{c}": {
-            "p50_us": statistics.median(x.p50_us for x in rs),
-            "rps": round(statistics.median(x.rps for x in rs))} for (v, c), rs in got.items()}
+                    row = _run(rx, *sidecars[v], conns, args.seconds)
+                    got.setdefault((v, conns), []).append(row)
+                    print(json.dumps({"als": v, "connections": conns, **row}))
+        summary = {f"{v}_c{c}": {k: statistics.median(x[k] for x in rs) for k in SUMMED}
+                   for (v, c), rs in got.items()}
         print("SUMMARY " + json.dumps(summary))
         print("RATIOS " + json.dumps(ratios(got)))
     finally:
