@@ -10,8 +10,9 @@ logger on the HCM's access_log (the placement before the router's, for a
 side-by-side comparison). wrk at 1 and 16 connections, ABAB rounds; prints
 one JSON line per measurement (p50 in µs, req/s, the entries the service got
 per request served, the receiver's CPU per entry, the sidecar Envoy's CPU
-per request), a summary (medians of p50, req/s, Envoy CPU per request) and
-the medians of each round's ratio to that round's run without the logger.
+per request), a summary (medians of p50, req/s, Envoy CPU per request),
+the medians of each round's ratio to that round's run without the logger,
+and the best round of each (BEST).
 
 `sidecar_bootstrap` is also used by tests/xds/test_als.py.
 """
@@ -186,6 +187,15 @@ def ratios(got: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, dict[s
     return out
 
 
+def best(got: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per variant and connection count, the best round: lowest p50 and
+    Envoy CPU per request, highest req/s (the rounds least disturbed by
+    other load on the machine)."""
+    return {f"{v}_c{c}": {"p50_us": min(x["p50_us"] for x in rs), "rps": max(x["rps"] for x in rs),
+                          "envoy_cpu_us_per_request": min(x["envoy_cpu_us_per_request"] for x in rs)}
+            for (v, c), rs in got.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     from mesh.envoyconf import direct_response_bootstrap
 
@@ -228,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                    for (v, c), rs in got.items()}
         print("SUMMARY " + json.dumps(summary))
         print("RATIOS " + json.dumps(ratios(got)))
+        print("BEST " + json.dumps(best(got)))
     finally:
         for e in envoys:
             e.stop()
