@@ -171,7 +171,7 @@ def _run(rx: Receiver, sidecar: Envoy, port: int, conns: int, seconds: float) ->
 SUMMED = ("p50_us", "rps", "envoy_cpu_us_per_request")
 
 
-def ratios(got: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+def ratios(got: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
     """Per variant and connection count, the medians over rounds of p50,
     req/s and Envoy's CPU per request divided by the same round's no-logger
     run (side by side: less exposed to the machine's load changing between
@@ -182,9 +182,14 @@ def ratios(got: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, dict[s
         if v == "no_als" or len(base) != len(rs):
             continue
         pairs = list(zip(rs, base, strict=True))
-        out[f"{v}_c{c}"] = {k: round(statistics.median(r[k] / b[k] for r, b in pairs if b[k]), 2)
-                            for k in SUMMED}
+        out[f"{v}_c{c}"] = {k: _median_ratio([(r[k], b[k]) for r, b in pairs]) for k in SUMMED}
     return out
+
+
+def _median_ratio(pairs: list[tuple[float, float]]) -> float | None:
+    """Median of a / b over the pairs with b (None: none has)."""
+    q = [a / b for a, b in pairs if b]
+    return round(statistics.median(q), 2) if q else None
 
 
 def best(got: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
