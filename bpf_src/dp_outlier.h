@@ -4,7 +4,7 @@
  * Owner: NAME=outlier. Pasted after dp_reset.h by fastpath/loader.py; compiled
  * in only with -DDP_OUTLIER=1 (fastpath.agent_outlier.needs_outlier(plan)).
  * The agent half (fastpath/agent_outlier.py) owns time: unejection at the
- * interval ticks, the ejection multiplier, `room` (max_ejection_percent), and
+ * interval ticks, the ejection multiplier, `allowed` (max_ejection_percent), and
  * the maps' configuration. Envoy's rules: fastpath/outlier.py.
  *
  * Per request: dp_decide calls dp_outlier_pick after l7fp_decide's FORWARD
@@ -53,32 +53,42 @@ struct dp_od_cluster {
  * (`lb_out`): Envoy hands a health change to its workers' LBs at once only when
  * the cluster's last such update is older than common_lb_config
  * update_merge_window (1 s); else it is merged and delivered when the window
- * ends (ClusterManagerImpl::scheduleUpdate). The agent delivers merged ones. */
+ * ends (ClusterManagerImpl::scheduleUpdate). The agent delivers merged ones.
+ *
+ * Who writes what: the counts (`ejected`, `lb_out`) only change by atomic adds
+ * that follow a host's own flag flip (xchg), by the kernel and by the agent's
+ * ops (dp_od_ops) alike, so neither can undo the other's; `allowed`, `total`,
+ * `panic`, `window_ns` are the agent's (DP_OD_OP_DET); `pending`, `last_ns`,
+ * `due_ns` are written by both, only in place (never from a copy). The 64-bit
+ * counts are what BPF's fetching atomics need here. */
 struct dp_od_det {
-    __u32 ejected; /* hosts ejected now: kernel +1 at an ejection, agent recounts */
-    __u32 room;    /* ejections still allowed (max_ejection_percent): kernel -1, agent sets */
+    __u64 ejected; /* hosts ejected now */
+    __u64 lb_out;  /* hosts the LB skips (delivered ejections) */
+    __u32 allowed; /* ejections allowed at once (max_ejection_percent) */
     __u32 total;   /* hosts */
     __u32 panic;   /* healthy_panic_threshold in percent */
-    __u32 lb_out;  /* hosts the LB skips (delivered ejections) */
     __u32 pending; /* 1: a merged update is due at due_ns (the agent delivers it) */
     __u64 window_ns; /* update_merge_window, 0: every change at once */
     __u64 last_ns;   /* the last delivered update */
     __u64 due_ns;
 };
 
-/* One (cluster, host). */
+/* One (cluster, host). `ejected` and `lb_out` flip only by xchg (64 bits for
+ * BPF's xchg), so the detector's counts follow each flip exactly once. */
 struct dp_od_host {
     __u32 c5xx;     /* consecutive 5xx */
     __u32 cgw;      /* consecutive 502/503/504 */
     __u32 t5xx;     /* thresholds (agent), 0: not enforced */
     __u32 tgw;
-    __u32 ejected;  /* 1: the LB skips it (kernel sets, agent clears) */
-    __u32 det;      /* detector id */
+    __u64 ejected;  /* 1: out of the detector (kernel sets, agent clears) */
+    __u64 lb_out;   /* 1: the LB skips it (the delivered view of `ejected`) */
     __u64 ej_ns;    /* bpf_ktime_get_ns() of the ejection */
+    __u32 det;      /* detector id; DP_OD_DETS: none (a host that left its cluster) */
     __u32 ejections; /* kernel ejections (counter) */
     __u32 overflow;  /* a threshold reached, max_ejection_percent said no */
-    __u32 kind;      /* last ejection: 1 consecutive 5xx, 2 consecutive gateway failure */
-    __u32 lb_out;    /* 1: the LB skips it (the delivered view of `ejected`) */
+    __u32 kind;      /* last ejection: 1 consecutive 5xx, 2 gateway failure, 3 local origin */
+    __u32 clo;       /* consecutive local-origin failures (split_external_local_origin_errors) */
+    __u32 tlo;       /* their threshold (agent), 0: not split or not enforced */
 };
 
 BPF_ARRAY(dp_odc, struct dp_od_cluster, 2 * DP_OD_CLUSTERS);
@@ -145,37 +155,56 @@ static __always_inline __u32 dp_outlier_pick(__u32 gen, __u32 cid, __u32 *ep)
     return c->host[j & (DP_OD_EPS - 1)] + 1;
 }
 
-/* Eject host `h` (slot's entry) if its detector has room. */
-static __always_inline void dp_od_eject(struct dp_od_host *h, __u32 kind)
+/* Host `h` in or out of the LB's view: the detector's count follows the
+ * flag's flip (xchg: once, whoever flips it). */
+static __always_inline void dp_od_lb_set(struct dp_od_det *d, struct dp_od_host *h, __u64 v)
 {
-    if (h->ejected)
-        return; /* both counters at once, or another CPU first */
-    __u32 di = h->det;
-    struct dp_od_det *d = dp_odd.lookup(&di);
-    if (!d)
-        return;
-    if (!d->room) {
-        __sync_fetch_and_add(&h->overflow, 1);
-        return;
-    }
-    __sync_fetch_and_add(&d->room, -1);
-    __u64 now = bpf_ktime_get_ns();
-    h->ej_ns = now;
-    h->kind = kind;
-    h->ejected = 1;
-    __sync_fetch_and_add(&d->ejected, 1);
-    __sync_fetch_and_add(&h->ejections, 1);
-    if (now - d->last_ns > d->window_ns) {
-        h->lb_out = 1; /* out of the merge window: the next pick skips it */
-        __sync_fetch_and_add(&d->lb_out, 1);
+    if (__sync_lock_test_and_set(&h->lb_out, v) != v)
+        __sync_fetch_and_add(&d->lb_out, v ? 1 : (__u64)-1);
+}
+
+/* A health change at `now` under the merge rule: 1 when it reaches the LB at
+ * once (the last delivered update is older than the window; a merged one
+ * pending goes with it), else 0 and the update is merged (pending). */
+static __always_inline int dp_od_merge(struct dp_od_det *d, __u64 now)
+{
+    if (!d->window_ns || (__s64)(now - d->last_ns) > (__s64)d->window_ns) {
         d->last_ns = now;
-        if (d->pending)
-            d->due_ns = now; /* Envoy delivers the merged ones too: the agent, at once */
-        return;
+        return 1;
     }
     if (!d->pending) { /* merged: the agent delivers it when the window ends */
         d->due_ns = now + d->window_ns;
         d->pending = 1;
+    }
+    return 0;
+}
+
+/* Eject host `h` (slot's entry) if its detector has room. */
+static __always_inline void dp_od_eject(struct dp_od_host *h, __u32 kind)
+{
+    if (h->ejected)
+        return; /* both counters at once */
+    __u32 di = h->det;
+    struct dp_od_det *d = dp_odd.lookup(&di);
+    if (!d)
+        return;
+    if (__sync_fetch_and_add(&d->ejected, 1) >= d->allowed) {
+        __sync_fetch_and_add(&d->ejected, (__u64)-1); /* no room (max_ejection_percent) */
+        __sync_fetch_and_add(&h->overflow, 1);
+        return;
+    }
+    __u64 now = bpf_ktime_get_ns();
+    h->ej_ns = now;
+    h->kind = kind;
+    if (__sync_lock_test_and_set(&h->ejected, 1)) {
+        __sync_fetch_and_add(&d->ejected, (__u64)-1); /* another CPU ejected it first */
+        return;
+    }
+    __sync_fetch_and_add(&h->ejections, 1);
+    if (dp_od_merge(d, now)) {
+        dp_od_lb_set(d, h, 1); /* out of the merge window: the next pick skips it */
+        if (d->pending)
+            d->due_ns = now; /* Envoy delivers the merged ones too: the agent, at once */
     }
 }
 
@@ -210,6 +239,37 @@ static __always_inline void dp_outlier_status(__u32 host1, __u32 status)
     }
 }
 
+/* A local-origin event of host slot + 1 `host1` of a cluster with
+ * split_external_local_origin_errors (Envoy's putResultWithLocalExternalSplit):
+ * `failed` 0 is an attempt that got its connection (LocalOriginConnectSuccess:
+ * the count goes to 0), 1 a connect failure, timeout or reset
+ * (localOriginFailure). Neither touches the 5xx/gateway counters. */
+static __always_inline void dp_outlier_local(__u32 host1, __u32 failed)
+{
+    __u32 slot = host1 - 1;
+    struct dp_od_host *h = dp_odh.lookup(&slot);
+    if (!h || !h->tlo || h->ejected)
+        return; /* not split (or not enforced), or ejected: as dp_outlier_status */
+    if (!failed) {
+        if (h->clo)
+            h->clo = 0;
+        return;
+    }
+    __sync_fetch_and_add(&h->clo, 1);
+    if (h->clo >= h->tlo) {
+        h->clo = 0;
+        dp_od_eject(h, 3);
+    }
+}
+
+/* sk_msg (dp_act_send) sent a request on U to host slot + 1 `host1`: that
+ * attempt has its connection (Envoy: the pool is ready). */
+static __always_inline void dp_outlier_sent(__u32 host1)
+{
+    if (host1)
+        dp_outlier_local(host1, 0);
+}
+
 /* Count the status of a response whose first 12 bytes are d ("HTTP/1.1 503");
  * anything else is not a status line and is not counted. */
 static __always_inline void dp_outlier_status_line(__u32 host1, const __u8 *d)
@@ -222,14 +282,19 @@ static __always_inline void dp_outlier_status_line(__u32 host1, const __u8 *d)
     dp_outlier_status(host1, (a - '0') * 100 + (b - '0') * 10 + (c - '0'));
 }
 
-/* The agent's changes to host records (fastpath.agent_outlier), applied in
- * place with the same code and atomics as the response path: the agent never
- * writes a host record back from a stale copy, so a kernel ejection or count
- * between its read and its write is never undone. */
+/* The agent's changes to host and detector records (fastpath.agent_outlier),
+ * applied in place with the same code and atomics as the response path: the
+ * agent never writes a record back from a stale copy, so a kernel ejection,
+ * count or merge mark between its read and its write is never undone. */
 #define DP_OD_OP_STATUS 1  /* a response the kernel did not see (Envoy's, the agent's) */
 #define DP_OD_OP_UNEJECT 2 /* the tick: back in the detector, counters zeroed */
-#define DP_OD_OP_DELIVER 3 /* the LB's view of the host catches up with `ejected` */
+#define DP_OD_OP_DELIVER 3 /* the LB's view of the host catches up with `ejected` (if `go`) */
 #define DP_OD_OP_CFG 4     /* thresholds a, b and detector id `det` */
+#define DP_OD_OP_DET 5     /* detector `det`: allowed a, total b, panic c, window ns */
+#define DP_OD_OP_CHANGE 6  /* unejections at `ns` under the merge rule: sets `go` */
+#define DP_OD_OP_DUE 7     /* the merged update of `det`, if due at `ns`: sets `go` */
+#define DP_OD_OP_LEAVE 8   /* the host left its cluster: out of both views, no detector */
+#define DP_OD_OP_LOCAL 9   /* a local-origin event a (0 connected, 1 failed) the kernel did not see */
 #ifndef DP_OD_BATCH
 #define DP_OD_BATCH 64     /* ops per BPF_PROG_TEST_RUN */
 #endif
@@ -238,45 +303,97 @@ struct dp_od_op {
     __u16 op;
     __u16 slot;
     __u16 det;
-    __u16 _pad;
-    __u32 a;   /* STATUS: the status; CFG: consecutive_5xx threshold */
-    __u32 b;   /* CFG: consecutive_gateway_failure threshold */
+    __u16 c;   /* DET: healthy_panic_threshold percent; CFG: consecutive_local_origin_failure */
+    __u32 a;   /* STATUS: the status; CFG: consecutive_5xx threshold; DET: allowed */
+    __u32 b;   /* CFG: consecutive_gateway_failure threshold; DET: total */
+    __u64 ns;  /* DET: update_merge_window; CHANGE, DUE: the agent's now (CLOCK_MONOTONIC) */
 };
 
-static __always_inline void dp_od_apply(struct dp_od_op *o)
+/* Host `h` back in its detector (counters zeroed first: an ejected host counts nothing). */
+static __always_inline void dp_od_uneject(struct dp_od_host *h)
+{
+    h->c5xx = 0; /* Envoy zeroes the counters at unejection */
+    h->cgw = 0;
+    if (!__sync_lock_test_and_set(&h->ejected, 0))
+        return;
+    __u32 di = h->det;
+    struct dp_od_det *d = dp_odd.lookup(&di);
+    if (d)
+        __sync_fetch_and_add(&d->ejected, (__u64)-1);
+}
+
+/* A detector op; returns `go` for the DELIVER ops after it. */
+static __always_inline int dp_od_apply_det(struct dp_od_op *o, int go)
+{
+    __u32 di = o->det;
+    struct dp_od_det *d = dp_odd.lookup(&di);
+    if (!d)
+        return 0;
+    if (o->op == DP_OD_OP_DET) {
+        d->allowed = o->a;
+        d->total = o->b;
+        d->panic = o->c;
+        d->window_ns = o->ns;
+        return go;
+    }
+    if (o->op == DP_OD_OP_DUE && (!d->pending || (__s64)(o->ns - d->due_ns) < 0))
+        return 0; /* not due (a kernel ejection out of the window may have delivered it) */
+    if (o->op == DP_OD_OP_DUE || dp_od_merge(d, o->ns)) {
+        d->pending = 0; /* every host's state goes to the LB now (the DELIVER ops) */
+        d->last_ns = o->ns;
+        return 1;
+    }
+    return 0;
+}
+
+static __always_inline int dp_od_apply(struct dp_od_op *o, int go)
 {
     __u32 slot = o->slot;
     if (o->op == DP_OD_OP_STATUS) {
         dp_outlier_status(slot + 1, o->a);
-        return;
+        return go;
     }
+    if (o->op == DP_OD_OP_LOCAL) {
+        dp_outlier_local(slot + 1, o->a);
+        return go;
+    }
+    if (o->op >= DP_OD_OP_DET && o->op <= DP_OD_OP_DUE)
+        return dp_od_apply_det(o, go);
     struct dp_od_host *h = dp_odh.lookup(&slot);
     if (!h)
-        return;
-    if (o->op == DP_OD_OP_UNEJECT) {
-        h->c5xx = 0; /* Envoy zeroes the counters at unejection */
-        h->cgw = 0;
-        h->ejected = 0;
-    } else if (o->op == DP_OD_OP_DELIVER) {
-        h->lb_out = h->ejected;
+        return go;
+    if (o->op == DP_OD_OP_UNEJECT || o->op == DP_OD_OP_LEAVE)
+        dp_od_uneject(h);
+    __u32 di = h->det;
+    struct dp_od_det *d = dp_odd.lookup(&di);
+    if (o->op == DP_OD_OP_DELIVER && go && d) {
+        dp_od_lb_set(d, h, h->ejected);
+    } else if (o->op == DP_OD_OP_LEAVE) {
+        if (d)
+            dp_od_lb_set(d, h, 0);
+        h->det = DP_OD_DETS; /* no detector: never ejected again until CFG */
     } else if (o->op == DP_OD_OP_CFG) {
         h->t5xx = o->a;
         h->tgw = o->b;
+        h->tlo = o->c;
         h->det = o->det;
     }
+    return go;
 }
 
 /* Run by the agent only, with BPF_PROG_TEST_RUN (never attached): the data is
- * an array of struct dp_od_op, applied in order. */
+ * an array of struct dp_od_op, applied in order; `go` carries a CHANGE's or
+ * DUE's decision to the DELIVER ops after it in the same run. */
 int dp_od_ops(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
     struct dp_od_op *o = data;
+    int go = 1;
     for (int i = 0; i < DP_OD_BATCH; i++) {
         if ((void *)(o + 1) > end)
             break;
-        dp_od_apply(o);
+        go = dp_od_apply(o, go);
         o++;
     }
     return XDP_DROP;
@@ -308,6 +425,10 @@ static __always_inline __u32 dp_outlier_pick(__u32 gen, __u32 cid, __u32 *ep)
 }
 
 static __always_inline void dp_outlier_response(__u64 up, struct dp_peer_val *p)
+{
+}
+
+static __always_inline void dp_outlier_sent(__u32 host1)
 {
 }
 #endif

@@ -568,6 +568,7 @@ static __always_inline int dp_act_send(struct sk_msg_md *msg, struct dp_conn *c,
     }
     /* no response byte yet: a close of U's app now is a reset; whose response counts */
     dp_reset_wait(up, is_head, v.od_host);
+    dp_outlier_sent(v.od_host); /* split local-origin count: this attempt is connected */
     dp_count(v.route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
     dp_access(c, &v, DP_OUT_FAST, 0);
     /* Last, when little else is live: earlier (or inlined) the copy's locals

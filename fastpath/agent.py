@@ -150,15 +150,18 @@ class Agent:
             self.server.resplit([node_id])
 
     def _als_due(self, now: float) -> None:
-        """Nodes whose access-log grace ended, or whose logger got no stream
-        (event thread): Envoy's detector back, resp. the logger dropped."""
-        gone, quiet = self.als.due(now)
-        for n in quiet:  # once per node: it never gets the logger again
+        """Nodes whose access-log grace ended, whose logger got no stream, or
+        whose backoff after that ended (event thread): Envoy's detector back,
+        resp. the logger dropped, resp. offered again."""
+        gone, quiet, again = self.als.due(now)
+        for n in quiet:  # once per backoff step (als_owner.RETRY_FIRST_S, doubling)
             log.warning("outlier: node %s opened no access-log stream within %.0f s of its "
-                        "logger: the logger is dropped, Envoy keeps its own detector",
-                        n, self.als.give_up_s)
-        if (gone or quiet) and self.server is not None:
-            self.server.resplit(gone + quiet)
+                        "logger: the logger is dropped, Envoy keeps its own detector; "
+                        "offered again in %.0f s", n, self.als.give_up_s, self.als.retry_in(n, now))
+        for n in again:
+            log.info("outlier: node %s is offered the access logger again", n)
+        if (gone or quiet or again) and self.server is not None:
+            self.server.resplit(gone + quiet + again)
 
     def _lb_changed(self, node_id: str) -> None:
         """The node's kernel LB view changed (event thread): republish its residual."""

@@ -8,8 +8,8 @@ bpf_src/dp_outlier.h (consecutive errors, the ejection itself, the LB's skip,
 panic); Envoy's rules are in fastpath/outlier.py (`Detector`).
 
 Ownership (DESIGN.md rule 3): the kernel ejects (at once, so the next request
-already skips the host) and counts `ejected` up / `room` down; the agent
-unejects at the interval ticks (counters zeroed, `ejected` down, `room` up)
+already skips the host) and counts `ejected` up (below `allowed`); the agent
+unejects at the interval ticks (counters zeroed, `ejected` down)
 and sets thresholds, totals and panic. The LB view (`lb_out` of each host)
 is published to the node's Envoy as EDS UNHEALTHY (`lb_view`, `on_lb_change`:
 the agent has the server republish the node), so the requests the kernel
@@ -20,11 +20,13 @@ host records: one detector for both paths. Only the clusters of the applied
 plan (`owned`) are counted and published; a detector of a cluster that left
 the plan stays (its state comes back with the cluster) but is not exported.
 
-The agent never writes a host record (dp_odh) itself: every change it makes
-(a status the kernel did not see, an unejection, the LB view's delivery, the
-thresholds) is an op run by dp_od_ops (BPF_PROG_TEST_RUN, `_run_ops`), which
-applies it in place with the response path's own code (dp_outlier_status) and
-atomics, so a kernel ejection or count in between is never undone.
+The agent never writes a host (dp_odh) or detector (dp_odd) record itself:
+every change it makes (a status the kernel did not see, an unejection, the
+merge rule's decision and the LB view's delivery, the thresholds and the
+detector's settings) is an op run by dp_od_ops (BPF_PROG_TEST_RUN,
+`_run_ops`), which applies it in place with the response path's own code
+(dp_outlier_status, dp_od_merge) and atomics, so a kernel ejection, count or
+merge mark in between is never undone. It only reads records.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastpath import bpfsys
-from fastpath.outlier import Detector, OutlierConfig, allowed_ejections, merge
+from fastpath.outlier import Detector, OutlierConfig, allowed_ejections, envoy_events
 from fastpath.plan import KernelPlan, LbPolicy, Verdict
 from fastpath.residual_outlier import owned_clusters
 
@@ -51,6 +53,7 @@ DP_OD_HOSTS = 1024
 DP_OD_DETS = 256
 DP_OD_BATCH = 64  # ops per BPF_PROG_TEST_RUN (dp_outlier.h)
 OP_STATUS, OP_UNEJECT, OP_DELIVER, OP_CFG = 1, 2, 3, 4  # DP_OD_OP_* (dp_outlier.h)
+OP_DET, OP_CHANGE, OP_DUE, OP_LEAVE, OP_LOCAL = 5, 6, 7, 8, 9
 LOOK_EVERY_NS = 10_000_000  # kernel ejections noticed, merged updates delivered within 10 ms
 PUBLISH_EVERY_NS = 20_000_000  # LB view changes to Envoy's EDS: at most one push per 20 ms
 
@@ -66,8 +69,8 @@ class OdCluster(ct.Structure):
 class OdDet(ct.Structure):
     """struct dp_od_det (dp_outlier.h)."""
 
-    _fields_ = [("ejected", ct.c_uint32), ("room", ct.c_uint32), ("total", ct.c_uint32),
-                ("panic", ct.c_uint32), ("lb_out", ct.c_uint32), ("pending", ct.c_uint32),
+    _fields_ = [("ejected", ct.c_uint64), ("lb_out", ct.c_uint64), ("allowed", ct.c_uint32),
+                ("total", ct.c_uint32), ("panic", ct.c_uint32), ("pending", ct.c_uint32),
                 ("window_ns", ct.c_uint64), ("last_ns", ct.c_uint64), ("due_ns", ct.c_uint64)]
 
 
@@ -75,16 +78,17 @@ class OdHost(ct.Structure):
     """struct dp_od_host (dp_outlier.h)."""
 
     _fields_ = [("c5xx", ct.c_uint32), ("cgw", ct.c_uint32), ("t5xx", ct.c_uint32),
-                ("tgw", ct.c_uint32), ("ejected", ct.c_uint32), ("det", ct.c_uint32),
-                ("ej_ns", ct.c_uint64), ("ejections", ct.c_uint32), ("overflow", ct.c_uint32),
-                ("kind", ct.c_uint32), ("lb_out", ct.c_uint32)]
+                ("tgw", ct.c_uint32), ("ejected", ct.c_uint64), ("lb_out", ct.c_uint64),
+                ("ej_ns", ct.c_uint64), ("det", ct.c_uint32), ("ejections", ct.c_uint32),
+                ("overflow", ct.c_uint32), ("kind", ct.c_uint32), ("clo", ct.c_uint32),
+                ("tlo", ct.c_uint32)]
 
 
 class OdOp(ct.Structure):
-    """struct dp_od_op (dp_outlier.h): one change of a host record."""
+    """struct dp_od_op (dp_outlier.h): one change of a host or detector record."""
 
     _fields_ = [("op", ct.c_uint16), ("slot", ct.c_uint16), ("det", ct.c_uint16),
-                ("_pad", ct.c_uint16), ("a", ct.c_uint32), ("b", ct.c_uint32)]
+                ("c", ct.c_uint16), ("a", ct.c_uint32), ("b", ct.c_uint32), ("ns", ct.c_uint64)]
 
 
 def needs_outlier(plan: KernelPlan) -> bool:
@@ -140,6 +144,9 @@ class OutlierKeeper:
         self.cla_names: dict[str, str] = {}
         self.eds_lag_ms: list[float] = []  # last 16: kernel ejection -> LB view pushed (node)
         self._ops_fd: int | None = None  # dp_od_ops, loaded at the first op
+        # host slots of clusters with split_external_local_origin_errors (kept
+        # by program(); read by count_error on the timer thread)
+        self.split_slots: set[int] = set()
 
     # ---- plan (plans thread, node busy) ----------------------------------
     def program(self, plan: KernelPlan, sp: Any, gen: int, order: Any,
@@ -188,18 +195,29 @@ class OutlierKeeper:
             d = _Det(len(self.dets), Detector(cfg))
             d.next_tick_ns = time.monotonic_ns() + cfg.interval_ms * 1_000_000
             self.dets[name] = d
+        gone = [d.slots[k] for k in d.detector.hosts if k not in hosts]
         d.detector.cfg = cfg
         d.detector.set_hosts(hosts)
         for h in hosts:
             if h not in d.slots:
                 d.slots[h] = self._free_slot
                 self._free_slot += 1
-            self._write_host_cfg(d, d.slots[h], cfg)
-        self._write_det(d)
+        ops = [OdOp(OP_LEAVE, slot) for slot in gone]  # out of both views (Envoy forgets it)
+        ops += [OdOp(OP_CFG, d.slots[h], d.det_id, min(cfg.threshold_local, 0xffff),
+                     cfg.threshold_5xx, cfg.threshold_gateway) for h in hosts]
+        self.split_slots.difference_update(gone + [d.slots[h] for h in hosts])
+        if cfg.split:
+            self.split_slots.update(d.slots[h] for h in hosts)
+        self._run_ops(ops + [self._det_op(d)])
         return d
 
-    def _write_host_cfg(self, d: _Det, slot: int, cfg: OutlierConfig) -> None:
-        self._run_ops([OdOp(OP_CFG, slot, d.det_id, 0, cfg.threshold_5xx, cfg.threshold_gateway)])
+    @staticmethod
+    def _det_op(d: _Det) -> OdOp:
+        """The detector's settings (the agent's fields of dp_odd, in place)."""
+        cfg = d.detector.cfg
+        n = len(d.detector.hosts)
+        return OdOp(OP_DET, 0, d.det_id, int(round(cfg.panic_percent)), allowed_ejections(cfg, n),
+                    n, cfg.merge_window_ms * 1_000_000)
 
     def _run_ops(self, ops: list[OdOp]) -> None:
         """Apply `ops` to dp_odh in the kernel (dp_od_ops), DP_OD_BATCH per run."""
@@ -210,42 +228,20 @@ class OutlierKeeper:
             from bcc import BPF
 
             fd = self._ops_fd = self.dp.bpf.load_func("dp_od_ops", BPF.XDP).fd
+        if len(ops) > DP_OD_BATCH and any(o.op in (OP_CHANGE, OP_DUE) for o in ops):
+            raise ValueError(f"{len(ops)} ops with a CHANGE/DUE: its DELIVERs must share its run")
         for i in range(0, len(ops), DP_OD_BATCH):
             chunk = ops[i:i + DP_OD_BATCH]
             bpfsys.prog_test_run(fd, (OdOp * len(chunk))(*chunk))
 
-    def _write_det(self, d: _Det, lb: str = "") -> None:
-        """dp_odd[d] from the kernel's host flags (the agent's recount heals a
-        kernel increment lost to this read-modify-write). `lb`: "deliver"
-        hands every host's ejection state to the LB view (a merged update's
-        end, a plan), "change" is one unejection under the merge rule."""
-        cfg = d.detector.cfg
-        t = self.dp.bpf["dp_odd"]
-        k = ct.c_uint32(d.det_id)
-        rec = t[k]
-        now = time.monotonic_ns()
-        window = cfg.merge_window_ms * 1_000_000
-        if lb == "change":
-            how = merge(now, int(rec.last_ns), bool(rec.pending), window)
-            if how == "schedule":
-                rec.pending, rec.due_ns = 1, now + window
-            lb = "deliver" if how == "now" else ""
-        if lb == "deliver":
-            self._run_ops([OdOp(OP_DELIVER, slot) for _k, slot in d.live_slots()])
-        ejected = 0
-        lb_out = 0
-        odh = self.dp.bpf["dp_odh"]
-        for _key, slot in d.live_slots():
-            h = odh[ct.c_uint32(slot)]
-            ejected += int(h.ejected)
-            lb_out += int(h.lb_out)
-        if lb == "deliver":
-            rec.pending, rec.last_ns = 0, now
-        rec.ejected, rec.lb_out = ejected, lb_out
-        rec.room = max(0, allowed_ejections(cfg, len(d.detector.hosts)) - ejected)
-        rec.total, rec.panic = len(d.detector.hosts), int(round(cfg.panic_percent))
-        rec.window_ns = window
-        t[k] = rec
+    def _deliver(self, d: _Det, op: int, now: int, before: list[OdOp] | None = None) -> None:
+        """`op` (OP_CHANGE: unejections under the merge rule; OP_DUE: a merged
+        update whose window ended) decides in the kernel, against the record
+        as it is then, whether every host's state goes to the LB's view now:
+        one run, so the DELIVER ops see that decision (`before`: the
+        unejections, applied first)."""
+        ops = [*(before or []), OdOp(op, 0, d.det_id, 0, 0, 0, now)]
+        self._run_ops(ops + [OdOp(OP_DELIVER, slot) for _k, slot in d.live_slots()])
 
     # ---- the retry agent (agent event thread) ------------------------------
     def healthy_pools(self, gen: int, cid: int, pools: list[int]) -> list[int]:
@@ -269,6 +265,17 @@ class OutlierKeeper:
         got = self.pool_host.get((gen, cid, pool))
         return got[1] + 1 if got else 0
 
+    def attempt(self, gen: int, cid: int, pool: int) -> int:
+        """The retry agent sends an attempt on a pooled upstream of `pool`:
+        its dp_peer `od_host` (`od_host`), and for a split cluster the
+        attempt's connection counts (Envoy's LocalOriginConnectSuccess, as
+        sk_msg's dp_outlier_sent)."""
+        host1 = self.od_host(gen, cid, pool)
+        if host1 and host1 - 1 in self.split_slots:
+            with self._lock:
+                self._run_ops([OdOp(OP_LOCAL, host1 - 1, 0, 0, 0)])
+        return host1
+
     def mark(self, up: int, gen: int, cid: int, pool: int) -> None:
         """The retry agent sends an attempt on U's existing binding (pool `pool`):
         its response counts for that host (dp_peer's od_host, as sk_msg sets it)."""
@@ -276,22 +283,26 @@ class OutlierKeeper:
         v = bpfsys.table_get(t, up)
         if v is None:
             return
-        v.od_host = self.od_host(gen, cid, pool)
+        v.od_host = self.attempt(gen, cid, pool)
         t[t.Key(up)] = v
 
     # ---- errors the agent answers (event thread: resets; timer thread: timeouts)
     def count_error(self, up: int, status: int) -> None:
         """The agent answered the request on U itself: a close before any
-        response byte (in the mesh the destination's sidecar answers it 503,
-        which the client's detector counts) or a route / per-try timeout (504,
-        Envoy's LocalOriginTimeout). Counted for U's host as the kernel counts
-        a response (dp_outlier_status). Call before U's dp_peer entry goes."""
+        response byte (503: in the mesh the destination's sidecar answers it
+        503, which the client's detector counts as a response, split or not)
+        or a route / per-try timeout (504, Envoy's LocalOriginTimeout: a
+        local-origin failure when the cluster splits them, else its 504).
+        Counted for U's host as the kernel counts a response
+        (dp_outlier_status). Call before U's dp_peer entry goes."""
         v = bpfsys.table_get(self.dp.bpf["dp_peer"], up)
         host1 = int(v.od_host) if v is not None else 0
         if not host1:
             return
+        local = status == 504 and host1 - 1 in self.split_slots
+        op = OdOp(OP_LOCAL, host1 - 1, 0, 0, 1) if local else OdOp(OP_STATUS, host1 - 1, 0, 0, status)
         with self._lock:
-            self._run_ops([OdOp(OP_STATUS, host1 - 1, 0, 0, status)])
+            self._run_ops([op])
 
     def count_envoy(self, obs: list[tuple[str, str, int]]) -> None:
         """Responses the node's Envoy got, (cluster, "ip:port", status) each
@@ -299,22 +310,27 @@ class OutlierKeeper:
         self.inbox.put(obs)
 
     def _count_envoy(self) -> None:
-        """Count the queued observations for their hosts as the kernel counts a
-        response (dp_outlier_status), so one detector sees both paths.
-        Clusters or hosts the applied plan does not own are ignored."""
-        ops = []
+        """Count the queued observations for their hosts as Envoy's detector
+        of their cluster counts them (outlier.envoy_events: a status as the
+        kernel counts a response, dp_outlier_status; with split, the local-
+        origin events), so one detector sees both paths. Clusters or hosts
+        the applied plan does not own are ignored."""
+        ops, n = [], 0
         while True:
             try:
                 obs = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            for cluster, host, status in obs:
+            for cluster, host, code in obs:
                 d = self.dets.get(cluster) if cluster in self.owned else None
                 slot = d.slots.get(host) if d is not None and host in d.detector.hosts else None
-                if slot is not None:
-                    ops.append(OdOp(OP_STATUS, slot, 0, 0, status))
+                if d is None or slot is None:
+                    continue
+                n += 1
+                ops += [OdOp(OP_STATUS if kind == "status" else OP_LOCAL, slot, 0, 0, v)
+                        for kind, v in envoy_events(code, d.detector.cfg)]
         self._run_ops(ops)
-        self.envoy_counted += len(ops)
+        self.envoy_counted += n
 
     # ---- upkeep (agent event thread) -------------------------------------
     def service(self, now_ns: int | None = None) -> None:
@@ -342,7 +358,7 @@ class OutlierKeeper:
                 d.next_tick_ns += d.detector.cfg.interval_ms * 1_000_000
             rec = self.dp.bpf["dp_odd"][ct.c_uint32(d.det_id)]
             if rec.pending and now >= rec.due_ns:
-                self._write_det(d, lb="deliver")  # the merge window ended
+                self._deliver(d, OP_DUE, now)  # the merge window ended
         self._publish(now)
 
     def _publish(self, now: int) -> None:
@@ -371,9 +387,8 @@ class OutlierKeeper:
         back = d.detector.tick(now)
         if not back:
             return
-        self._run_ops([OdOp(OP_UNEJECT, d.slots[key]) for key in back])
         d.unejections += len(back)
-        self._write_det(d, lb="change")
+        self._deliver(d, OP_CHANGE, now, [OdOp(OP_UNEJECT, d.slots[key]) for key in back])
 
     # ---- views --------------------------------------------------------------
     def debug(self) -> dict[str, Any]:

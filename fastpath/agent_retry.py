@@ -322,7 +322,7 @@ class Retrier:
         if up != job.up:
             # waiting for its first response byte: a close of its app is a reset;
             # the attempt's response counts for its host (outlier detection)
-            od = self.outlier.od_host(gen, cid, pool) if self.outlier is not None else 0
+            od = self.outlier.attempt(gen, cid, pool) if self.outlier is not None else 0
             bpfsys.map_update(self.dp.fds["dp_peer"], ct.c_uint64(up),
                               PeerVal(job.client, wait_value(req), od_host=od))
             self.extra.setdefault(job.client, []).append(up)

@@ -9,7 +9,8 @@ anything that reaches the ADS port could otherwise count errors into, and
 eject, any node's hosts. `on_stream(node_id, live)` says when a node's
 first accepted stream opens and its last one ends (the agent owns Envoy's
 detector only meanwhile). Every HTTP entry with an upstream host becomes
-one observation (cluster, "ip:port", status) handed to
+one observation (cluster, "ip:port", status; for an attempt without a
+status its local-origin event, fastpath.outlier.LOCAL_*) handed to
 `sink(node_id, observations)` (the agent: `Agent.envoy_observed`), on the
 server's loop. Entries without an upstream host (Envoy's own "no healthy
 upstream", a route without cluster) are not counted: Envoy's detector does
@@ -27,12 +28,13 @@ import grpclib.exceptions
 import grpclib.server
 from envoy_data_plane.envoy.service.accesslog.v3 import StreamAccessLogsResponse
 
+from fastpath.outlier import LOCAL_CONNECT_FAILED, LOCAL_RESET, LOCAL_TIMEOUT
 from fastpath.residual_outlier import ALS_LOG_NAME, node_ip
 from xds_server.protocol.requests import DecodeError, fields
 
 log = logging.getLogger(__name__)
 
-Observation = tuple[str, str, int]  # (cluster, "ip:port", response status)
+Observation = tuple[str, str, int]  # (cluster, "ip:port", status or outlier.LOCAL_*)
 Sink = Callable[[str, list[Observation]], None]
 OnStream = Callable[[str, bool], None]  # (node id, live)
 PATH = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
@@ -166,26 +168,29 @@ _ID_LOG_NAME = 2  # Identifier.log_name
 _LOG_ENTRY = 1  # HTTPAccessLogEntries.log_entry
 _COMMON, _RESPONSE = 1, 4  # HTTPAccessLogEntry
 _UPSTREAM_ADDRESS, _UPSTREAM_CLUSTER, _RESPONSE_FLAGS = 13, 15, 16  # AccessLogCommon
-# ResponseFlags of an attempt without a response -> the status Envoy's detector
-# counts for it (not split_external_local_origin_errors: a local-origin timeout
-# as 504, a connect failure or reset as 503)
-# (Envoy's router: a timeout is LocalOriginTimeout with its 504, any upstream
-# reset but an overflow LocalOriginConnectFailed, which resultToHttpCode makes 503).
+# ResponseFlags of an attempt without a response -> its local-origin event
+# (fastpath.outlier.LOCAL_*; the keeper maps it per cluster: without
+# split_external_local_origin_errors a timeout is its 504, a connect failure or
+# reset 503) (Envoy's router: a timeout is LocalOriginTimeout with its 504, any
+# upstream reset but an overflow LocalOriginConnectFailed, which
+# resultToHttpCode makes 503; a pool failure never had its LocalOriginConnectSuccess).
 # A route timeout is not here: Envoy's detector counts its 504, but the
 # attempt's entry has no status and no flag (the flag goes on the downstream's
 # stream info only), as a downstream reset's: not counted on Envoy's path
 # (tests/xds/test_als.py::test_timeouts_as_the_access_log_carries_them).
-_NO_RESPONSE = {3: 504,  # upstream_request_timeout (per-try timeout)
-                17: 504,  # stream_idle_timeout (per_try_idle_timeout)
-                5: 503, 6: 503, 7: 503,  # upstream_remote_reset, _connection_failure, _termination
-                24: 503}  # upstream_protocol_error
+_NO_RESPONSE = {3: LOCAL_TIMEOUT,  # upstream_request_timeout (per-try timeout)
+                17: LOCAL_TIMEOUT,  # stream_idle_timeout (per_try_idle_timeout)
+                6: LOCAL_CONNECT_FAILED,  # upstream_connection_failure
+                5: LOCAL_RESET, 7: LOCAL_RESET,  # upstream_remote_reset, _connection_termination
+                24: LOCAL_RESET}  # upstream_protocol_error
 _SOCKET, _SA_ADDRESS, _SA_PORT = 1, 2, 3  # Address.socket_address, SocketAddress
 _RESPONSE_CODE = 1  # HTTPResponseProperties.response_code (UInt32Value.value = 1)
 
 
 def observations(data: bytes) -> tuple[str, str, list[Observation]]:
-    """(node id or "", log name or "", (cluster, host, status) of each HTTP
-    entry with an upstream host and a status) of one StreamAccessLogsMessage
+    """(node id or "", log name or "", (cluster, host, status or LOCAL_*) of
+    each HTTP entry with an upstream host and a status or a local-origin
+    event) of one StreamAccessLogsMessage
     (the identifier is in a stream's first message only); DecodeError if
     malformed."""
     node, name, out = "", "", []
@@ -223,8 +228,8 @@ def _observation(entry: bytes) -> Observation | None:
 
 
 def _no_response_status(flags: bytes | int) -> int:
-    """The status Envoy's detector counts for an attempt that got no response
-    (its ResponseFlags `flags`), 0: not counted."""
+    """The local-origin event (outlier.LOCAL_*) of an attempt that got no
+    response (its ResponseFlags `flags`), 0: none Envoy's detector counts."""
     if not isinstance(flags, bytes):
         return 0
     for n, v in fields(flags):

@@ -14,8 +14,8 @@ numbers below are its defaults), and who owns each part here:
   on the first response write of each request).
 * An ejection happens when `enforcing_*` says so (5xx: 100 %, gateway: 0 %)
   and 100 * (ejected + 1) / hosts <= max_ejection_percent (10), or when
-  always_eject_one_host and nothing is ejected. Kernel, against `room` the
-  agent computes from those rules (`Detector.room`).
+  always_eject_one_host and nothing is ejected. Kernel, against the bound the
+  agent computes from those rules (`allowed_ejections`: dp_od_det.allowed).
 * Every `interval` (10 s) a host ejected for at least
   min(base_ejection_time (30 s) * multiplier, max_ejection_time (300 s, at
   least base)) + jitter comes back, its counters zeroed. The multiplier grows
@@ -65,6 +65,12 @@ class OutlierConfig:
     always_eject_one: bool = False
     panic_percent: float = 50.0
     merge_window_ms: int = 1000  # common_lb_config.update_merge_window
+    # split_external_local_origin_errors: local-origin events (connect failure,
+    # timeout, reset) leave the 5xx/gateway counters and count in their own
+    # (consecutive_local_origin_failure, 0: not enforced), zeroed by every
+    # attempt that got a connection (Envoy's LocalOriginConnectSuccess)
+    split: bool = False
+    threshold_local: int = 0
 
 
 def _ms(v: Any, default: int) -> int:
@@ -119,7 +125,17 @@ def config_of(cluster: dict[str, Any]) -> OutlierConfig | None:
         max_percent=min(100, _u32(od, "maxEjectionPercent", DEFAULT_MAX_PERCENT)),
         always_eject_one=bool(_u32(od, "alwaysEjectOneHost", 0)),
         panic_percent=_panic(cluster),
-        merge_window_ms=_ms(cluster.get("commonLbConfig", {}).get("updateMergeWindow"), 1000))
+        merge_window_ms=_ms(cluster.get("commonLbConfig", {}).get("updateMergeWindow"), 1000),
+        split=bool(od.get("splitExternalLocalOriginErrors")),
+        threshold_local=_local_threshold(od))
+
+
+def _local_threshold(od: dict[str, Any]) -> int:
+    """consecutive_local_origin_failure when split and enforced (100 %), else 0."""
+    if not od.get("splitExternalLocalOriginErrors") or \
+            not _u32(od, "enforcingConsecutiveLocalOriginFailure", 100):
+        return 0
+    return _u32(od, "consecutiveLocalOriginFailure", 5)
 
 
 def unsupported(cluster: dict[str, Any], n_hosts: int) -> list[str]:
@@ -137,7 +153,7 @@ def unsupported(cluster: dict[str, Any], n_hosts: int) -> list[str]:
     if _u32(od, "consecutive5xx", 5) == 0 and _u32(od, "enforcingConsecutive5xx", 100):
         out.append("outlier detection consecutive_5xx 0")
     if od.get("splitExternalLocalOriginErrors"):
-        out.append("outlier detection split_external_local_origin_errors")
+        out += _local_unsupported(od, n_hosts)
     if _u32(od, "detectDegradedHosts", 0):
         out.append("outlier detection detect_degraded_hosts")
     if _u32(od, "enforcingSuccessRate", 100) and n_hosts >= _u32(od, "successRateMinimumHosts",
@@ -157,6 +173,52 @@ def unsupported(cluster: dict[str, Any], n_hosts: int) -> list[str]:
 
 MAX_HOSTS = 16  # DP_OD_EPS: endpoints per cluster the kernel's pick looks at
 
+# An upstream attempt without a response status is a local-origin event (Envoy's
+# router reports it with putResult); as an observation's code (fastpath.als):
+LOCAL_CONNECT_FAILED = -1  # no connection (pool failure): LocalOriginConnectFailed only
+LOCAL_RESET = -2  # reset or protocol error after connecting: ConnectSuccess, then ConnectFailed
+LOCAL_TIMEOUT = -3  # per-try (idle) timeout after connecting: ConnectSuccess, then Timeout
+# ...and what a detector without split_external_local_origin_errors counts for
+# it: resultToHttpCode's 503, the router's 504 for a timeout
+AS_STATUS = {LOCAL_CONNECT_FAILED: 503, LOCAL_RESET: 503, LOCAL_TIMEOUT: 504}
+
+
+def envoy_events(code: int, cfg: OutlierConfig) -> list[tuple[str, int]]:
+    """What Envoy's detector of `cfg` counts for one upstream attempt with
+    observation code `code` (a status, or LOCAL_*), in its order: ("status",
+    s) into the 5xx/gateway counters, ("local", 0) the attempt's connection
+    (LocalOriginConnectSuccess), ("local", 1) a local-origin failure. Local
+    events only with split and a local threshold (otherwise they change
+    nothing); without split a local-origin event is its status."""
+    if not cfg.split:
+        return [("status", code if code > 0 else AS_STATUS[code])]
+    local = bool(cfg.threshold_local)
+    if code == LOCAL_CONNECT_FAILED:
+        return [("local", 1)] if local else []
+    out = [("local", 0)] if local else []
+    if code > 0:
+        return out + [("status", code)]
+    return out + [("local", 1)] if local else []
+
+
+def _local_unsupported(od: dict[str, Any], n_hosts: int) -> list[str]:
+    """With split_external_local_origin_errors: the local-origin detections
+    the kernel does not run (consecutive local-origin failures it does)."""
+    out = []
+    enf = _u32(od, "enforcingConsecutiveLocalOriginFailure", 100)
+    if enf not in (0, 100):
+        out.append(f"outlier detection enforcingConsecutiveLocalOriginFailure {enf} % "
+                   "(random enforcement)")
+    if enf and _u32(od, "consecutiveLocalOriginFailure", 5) == 0:
+        out.append("outlier detection consecutive_local_origin_failure 0")
+    if _u32(od, "enforcingLocalOriginSuccessRate", 100) and \
+            n_hosts >= _u32(od, "successRateMinimumHosts", DEFAULT_MIN_HOSTS):
+        out.append("outlier detection by local-origin success rate (enforced, enough hosts)")
+    if _u32(od, "enforcingFailurePercentageLocalOrigin", 0) and \
+            n_hosts >= _u32(od, "failurePercentageMinimumHosts", DEFAULT_MIN_HOSTS):
+        out.append("outlier detection by local-origin failure percentage (enforced, enough hosts)")
+    return out
+
 
 def allowed_ejections(cfg: OutlierConfig, n: int) -> int:
     """How many of `n` hosts may be ejected at once (Envoy's ejectHost test,
@@ -170,7 +232,8 @@ def allowed_ejections(cfg: OutlierConfig, n: int) -> int:
 
 
 def merge(now_ns: int, last_ns: int, pending: bool, window_ns: int) -> str:
-    """What Envoy's cluster manager does with a health change at `now_ns`:
+    """What Envoy's cluster manager does with a health change at `now_ns` (the
+    rule the kernel applies in dp_od_merge; this is its sans-I/O statement):
     "now" (delivered to the LB at once; a pending merged update goes with it),
     "schedule" (merged: delivered at now + window) or "join" (merged into the
     update already pending)."""
@@ -209,7 +272,7 @@ class Detector:
         return sum(1 for h in self.hosts.values() if h.ejected_ns is not None)
 
     def room(self) -> int:
-        """Ejections still allowed now (the kernel's dp_od_det.room)."""
+        """Ejections still allowed now (dp_od_det.allowed - ejected in the kernel)."""
         return max(0, allowed_ejections(self.cfg, len(self.hosts)) - self.ejected())
 
     def noticed(self, key: str, ejected_ns: int) -> None:

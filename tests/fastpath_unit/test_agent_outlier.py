@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from fastpath import agent_outlier, loader
+from fastpath import agent_outlier, loader, outlier
 from fastpath.agent_outlier import OutlierKeeper
 from fastpath.agent_reset import PeerVal
 from fastpath.outlier import OutlierConfig
@@ -73,7 +73,7 @@ def test_program_writes_the_cluster_and_detector(bpf: Any) -> None:
     rec = bpf["dp_odc"][ct.c_uint32(0)]
     assert (rec.det, rec.n, rec.rr, rec.host[0], rec.host[1]) == (1, 2, 1, 0, 1)
     det = bpf["dp_odd"][ct.c_uint32(0)]
-    assert (det.total, det.room, det.panic, det.window_ns) == (2, 1, 0, 1000 * MS)
+    assert (det.total, det.allowed, det.panic, det.window_ns) == (2, 1, 0, 1000 * MS)
     assert bpf["dp_odh"][ct.c_uint32(1)].t5xx == 3
 
 
@@ -89,7 +89,7 @@ def test_agent_answers_count_and_eject_then_tick_brings_back(monkeypatch: Any, b
     h = bpf["dp_odh"][ct.c_uint32(1)]
     assert h.ejected and h.lb_out and h.c5xx == 0  # out of the merge window: the LB at once
     det = bpf["dp_odd"][ct.c_uint32(0)]
-    assert (det.ejected, det.lb_out, det.room) == (1, 1, 0)
+    assert (det.ejected, det.lb_out, det.allowed) == (1, 1, 1)
     assert k.healthy_pools(0, 0, [7, 8]) == [7]  # the retry agent skips it too
     bind(bpf, 43, 0)
     for _ in range(3):
@@ -205,3 +205,134 @@ def test_a_cluster_that_left_the_plan_is_not_counted_or_published(monkeypatch: A
     k.service(now[0])
     assert not bpf["dp_odh"][ct.c_uint32(0)].ejected  # not counted
     assert pushes[-1] == {} and k.debug() == {} and k.counts() == {}
+
+
+class _Racing:
+    """The module's maps as the agent sees them, with a kernel ejection of
+    slot `slot` (the response path's dp_outlier_status, as another CPU would
+    run it) injected right before the agent's `at`-th map access or op run."""
+
+    def __init__(self, bpf: Any, at: int, slot: int) -> None:
+        self.bpf, self.at, self.slot, self.seen, self.fired = bpf, at, slot, 0, False
+        self.fd = bpf.load_func("dp_od_ops", type(bpf).XDP).fd
+
+    def hit(self) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            self.fired = True
+            ops = (agent_outlier.OdOp * 1)(agent_outlier.OdOp(agent_outlier.OP_STATUS, self.slot, 0, 0, 500))
+            _real_prog_test_run(self.fd, ops)
+
+    def run(self, fd: int, data: Any) -> Any:
+        """bpfsys.prog_test_run of the agent's ops."""
+        self.hit()
+        return _real_prog_test_run(fd, data)
+
+    def __getitem__(self, name: str) -> Any:
+        return _RacingTable(self, self.bpf[name])
+
+    def load_func(self, *a: Any) -> Any:
+        return self.bpf.load_func(*a)
+
+
+class _RacingTable:
+    def __init__(self, race: _Racing, table: Any) -> None:
+        self.race, self.table = race, table
+
+    def __getitem__(self, k: Any) -> Any:
+        self.race.hit()
+        return self.table[k]
+
+    def __setitem__(self, k: Any, v: Any) -> None:
+        self.race.hit()
+        self.table[k] = v
+
+
+_real_prog_test_run = agent_outlier.bpfsys.prog_test_run
+
+
+def _consistent(bpf: Any, slots: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The detector's counts agree with its hosts' flags: (ejected, lb_out, pending, sum)."""
+    det = bpf["dp_odd"][ct.c_uint32(0)]
+    hosts = [bpf["dp_odh"][ct.c_uint32(s)] for s in slots]
+    assert int(det.ejected) == sum(int(h.ejected) for h in hosts)
+    assert int(det.lb_out) == sum(int(h.lb_out) for h in hosts)
+    return int(det.ejected), int(det.lb_out), int(det.pending), len(hosts)
+
+
+def test_a_kernel_ejection_during_the_agents_tick_is_never_lost(monkeypatch: Any, bpf: Any) -> None:
+    """Host A is unejected at a tick within the merge window (a merged
+    update); the kernel ejects host B at every point of that tick in turn
+    (before each map access or op run of the agent). B's ejection must stay
+    counted in the detector (its `ejected`, so max_ejection_percent holds)
+    and reach the LB's view, at once or by the merged update. The agent's
+    read-modify-write of dp_odd (before ops for it) lost it when the kernel
+    came between the read and the write."""
+    points = 0
+    for at in range(1, 40):
+        for name in ("dp_odc", "dp_odd", "dp_odh", "dp_peer"):
+            bpf[name].clear()
+        now = clock(monkeypatch)
+        now[0] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # (monotonic_ns is faked)
+        k = keeper(bpf, OutlierConfig(threshold_5xx=1, interval_ms=100, base_ms=100,
+                                      max_percent=100, merge_window_ms=1000))
+        bind(bpf, 42, 0)
+        k.count_error(42, 500)  # A out, delivered at once
+        time.sleep(0.12)  # real time: B's ejection (kernel clock) is not due at this tick, A's is
+        now[0] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 30 * MS
+        race = _Racing(bpf, at, 1)
+        k.dp = SimpleNamespace(bpf=race)
+        monkeypatch.setattr(agent_outlier.bpfsys, "prog_test_run", race.run)
+        k.service(now[0])  # A back (merged: 150 ms after the last delivery); B ejected meanwhile
+        monkeypatch.setattr(agent_outlier.bpfsys, "prog_test_run", _real_prog_test_run)
+        k.dp = SimpleNamespace(bpf=bpf)
+        if not race.fired:
+            break
+        points += 1
+        ejected, lb_out, pending, _n = _consistent(bpf, (0, 1))
+        b = bpf["dp_odh"][ct.c_uint32(1)]
+        assert ejected == 1 and b.ejected, at
+        assert b.lb_out or pending, at  # in the LB's view now, or by the merged update
+        now[0] += 1100 * MS  # the merged update's window ended (before B's own tick, which
+        k._deliver(k.dets["c"], agent_outlier.OP_DUE, now[0])  # would bring it back)
+        _consistent(bpf, (0, 1))
+        a = bpf["dp_odh"][ct.c_uint32(0)]
+        assert (int(a.lb_out), int(bpf["dp_odh"][ct.c_uint32(1)].lb_out)) == (0, 1), at
+    assert points >= 3  # the tick touched the maps at least this often
+
+
+def test_split_local_origin_failures_count_apart_from_statuses(monkeypatch: Any, bpf: Any) -> None:
+    """split_external_local_origin_errors (Cilium's: consecutive_local_origin_failure
+    2): the agent's timeouts and Envoy's connect failures count as local-origin
+    failures, never as 5xx; an attempt that got its connection zeroes them
+    (sk_msg's send, the retry agent's attempt, an Envoy entry with a status
+    or a timeout after connecting); 5xx statuses count on their own."""
+    clock(monkeypatch)
+    k = keeper(bpf, OutlierConfig(threshold_5xx=3, max_percent=100, split=True, threshold_local=2))
+    assert bpf["dp_odh"][ct.c_uint32(1)].tlo == 2 and k.split_slots == {0, 1}
+    bind(bpf, 42, 1)
+    bad = "198.18.0.3:80"
+    k.count_error(42, 500)  # a reset's 503 stays a status (the destination sidecar's, in the mesh)
+    k.count_envoy([("c", bad, 500)])  # connected, then a 500
+    k.service()
+    k.count_error(42, 504)  # a timeout: local origin, not a third 5xx
+    h = bpf["dp_odh"][ct.c_uint32(1)]
+    assert (h.c5xx, h.clo, h.ejected) == (2, 1, 0)
+    assert k.attempt(0, 0, 8) == 2  # the retry agent's attempt on host 1: connected
+    assert bpf["dp_odh"][ct.c_uint32(1)].clo == 0
+    k.count_envoy([("c", bad, outlier.LOCAL_TIMEOUT)])  # connected, then timed out: 1
+    k.count_envoy([("c", bad, outlier.LOCAL_CONNECT_FAILED)])  # no connection: 2, ejected
+    k.service()
+    h = bpf["dp_odh"][ct.c_uint32(1)]
+    assert (h.ejected, h.kind, h.c5xx) == (1, 3, 2)
+
+
+def test_without_split_local_origin_events_are_statuses(monkeypatch: Any, bpf: Any) -> None:
+    clock(monkeypatch)
+    k = keeper(bpf, OutlierConfig(threshold_5xx=3, max_percent=100))
+    bad = "198.18.0.3:80"
+    k.count_envoy([("c", bad, outlier.LOCAL_CONNECT_FAILED), ("c", bad, outlier.LOCAL_RESET),
+                   ("c", bad, outlier.LOCAL_TIMEOUT)])  # 503, 503, 504: three 5xx
+    k.service()
+    h = bpf["dp_odh"][ct.c_uint32(1)]
+    assert (h.ejected, h.kind, h.clo) == (1, 1, 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from fastpath.agent import Agent
-from fastpath.als_owner import GIVE_UP_S, GRACE_S, AlsOwner
+from fastpath.als_owner import GIVE_UP_S, GRACE_S, RETRY_FIRST_S, RETRY_MAX_S, AlsOwner
 
 from .test_limit_owner_agent import FakeServer
 
@@ -48,13 +48,14 @@ def test_a_closed_stream_gives_ownership_back_after_the_grace_once() -> None:
 def test_a_close_of_a_node_never_live_is_nothing() -> None:
     own = AlsOwner(grace_s=1.0)
     own.closed("n9", 0.0)
-    assert own.due(5.0) == ([], []) and not own.live("n9")
+    assert own.due(5.0) == ([], [], []) and not own.live("n9")
 
 
 def test_a_logger_without_a_stream_is_given_up_once() -> None:
     """The kernel owns a node whose residual has the logger; no stream comes
     within GIVE_UP_S: the node is given up (republished once: the server
-    drops the logger), for good; a node with a stream is never given up."""
+    drops the logger) until its backoff ends; a node with a stream is never
+    given up."""
     from fastpath.split import split_snapshot
 
     from .test_residual_outlier import resources
@@ -93,6 +94,60 @@ def test_a_node_that_had_a_stream_is_never_given_up() -> None:
     own.served("n1", 0.0)
     own.opened("n1", 1.0)
     own.closed("n1", 2.0)
-    assert own.due(4.0) == (["n1"], [])
+    assert own.due(4.0) == (["n1"], [], [])
     own.served("n1", 5.0)  # a new plan claimed while the stream is away
-    assert own.due(100.0) == ([], []) and not own.given_up("n1")
+    assert own.due(100.0) == ([], [], []) and not own.given_up("n1")
+
+
+def test_a_given_up_node_is_offered_the_logger_again_with_a_doubling_backoff() -> None:
+    """Fake clock, a look every 0.5 s for 3,000 s: a node that never logs is
+    given up after GIVE_UP_S, offered the logger again RETRY_FIRST_S later,
+    given up again GIVE_UP_S after that with twice the backoff, ... up to
+    RETRY_MAX_S: one change of its residual (logger off, logger on) per
+    event, never one per look."""
+    own = AlsOwner()
+    own.served("n1", 0.0)
+    events: list[tuple[float, str]] = []
+    t = 0.0
+    while t < 3000.0:
+        t += 0.5
+        _gone, quiet, again = own.due(t)
+        events += [(t, "off") for _ in quiet] + [(t, "on") for _ in again]
+    waits, on_at = [], 0.0
+    for (t_off, off), (t_on, on) in zip(events[::2], events[1::2], strict=False):
+        assert (off, on) == ("off", "on")
+        assert t_off - on_at == GIVE_UP_S  # each offer waits GIVE_UP_S for a stream
+        waits.append(t_on - t_off)
+        on_at = t_on
+    assert waits[:6] == [RETRY_FIRST_S, 2 * RETRY_FIRST_S, 4 * RETRY_FIRST_S, 8 * RETRY_FIRST_S,
+                         RETRY_MAX_S, RETRY_MAX_S]
+    assert len(events) <= 2 * (3000 // (RETRY_FIRST_S + GIVE_UP_S))  # bounded: not per look
+
+
+def test_a_stream_after_the_retry_makes_the_node_proven() -> None:
+    """A sidecar that starts late: given up, offered again after the backoff,
+    its stream then comes: live (Envoy's detector goes to the kernel) and
+    never given up again; a stream that comes while given up (a logger Envoy
+    still had) counts as well."""
+    own = AlsOwner(grace_s=1.0, give_up_s=30.0, retry_s=(60.0, 600.0))
+    own.served("late", 0.0)
+    own.served("hiccup", 0.0)
+    assert own.due(30.0) == ([], ["late", "hiccup"], [])
+    assert own.given_up("late") and own.debug(40.0)["retry_in_s"] == {"hiccup": 50.0, "late": 50.0}
+    assert own.opened("hiccup", 45.0) and not own.given_up("hiccup")  # still had the logger
+    assert own.due(90.0) == ([], [], ["late"]) and not own.given_up("late")
+    assert own.debug(91.0)["waiting_s"] == {"late": 1.0}
+    assert own.opened("late", 100.0) and own.live("late")
+    own.closed("late", 110.0)
+    assert own.due(1000.0) == (["late"], [], []) and not own.given_up("late")
+
+
+def test_a_retry_of_a_node_the_kernel_released_waits_for_its_next_claim() -> None:
+    own = AlsOwner(give_up_s=30.0, retry_s=(60.0, 600.0))
+    own.served("n1", 0.0)
+    assert own.due(30.0) == ([], ["n1"], [])
+    own.unserved("n1")  # the kernel released the node meanwhile: no logger to offer
+    assert own.due(90.0) == ([], [], ["n1"]) and own.debug(90.0)["waiting_s"] == {}
+    own.served("n1", 200.0)  # claimed again: the logger's wait starts now
+    assert own.due(229.0) == ([], [], []) and own.due(230.0) == ([], ["n1"], [])
+    assert own.retry_in("n1", 230.0) == 120.0  # the backoff doubled

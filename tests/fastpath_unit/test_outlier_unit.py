@@ -83,7 +83,14 @@ def test_unsupported_fields_name_themselves() -> None:
     assert outlier.unsupported(cluster({"consecutive5xx": 3, "maxEjectionPercent": 50}), 3) == []
     why = outlier.unsupported(cluster({"enforcingConsecutive5xx": 50}), 3)
     assert why and "enforcingConsecutive5xx 50" in why[0]
-    assert outlier.unsupported(cluster({"splitExternalLocalOriginErrors": True}), 3)
+    split = {"splitExternalLocalOriginErrors": True}
+    assert outlier.unsupported(cluster(split), 3) == []  # below 5 hosts: success rates never run
+    assert any("local-origin success rate" in w
+               for w in outlier.unsupported(cluster({**split, "enforcingSuccessRate": 0}), 5))
+    assert outlier.unsupported(cluster({**split, "enforcingSuccessRate": 0,
+                                        "enforcingLocalOriginSuccessRate": 0}), 9) == []
+    assert any("enforcingConsecutiveLocalOriginFailure 50" in w for w in outlier.unsupported(
+        cluster({**split, "enforcingConsecutiveLocalOriginFailure": 50}), 3))
     # success rate: Envoy's default enforcing 100 %, but never below 5 hosts
     assert outlier.unsupported(cluster({}), 4) == []
     assert any("success rate" in w for w in outlier.unsupported(cluster({}), 5))
@@ -124,8 +131,32 @@ def test_classify_outlier_cluster_kernel_with_config() -> None:
                                       max_percent=50, panic_percent=0.0)
     ring = classify_cluster(cluster({}, lbPolicy="RING_HASH"), {})
     assert ring.verdict is Verdict.ENVOY and "hash load balancer" in ring.reason
-    split = classify_cluster(cluster({"splitExternalLocalOriginErrors": True}), {})
-    assert split.verdict is Verdict.ENVOY and "split_external_local_origin_errors" in split.reason
+    # Cilium's CiliumEnvoyConfig examples: split, consecutive_local_origin_failure 2
+    split = classify_cluster(cluster({"splitExternalLocalOriginErrors": True,
+                                      "consecutiveLocalOriginFailure": 2}), {})
+    assert split.verdict is Verdict.KERNEL, split.reason
+    assert split.outlier is not None and (split.outlier.split, split.outlier.threshold_local) == (True, 2)
+    off = config_of(cluster({"splitExternalLocalOriginErrors": True,
+                             "enforcingConsecutiveLocalOriginFailure": 0}))
+    assert off is not None and (off.split, off.threshold_local) == (True, 0)
+
+
+def test_envoy_events_of_an_attempt_split_or_not() -> None:
+    """What Envoy's detector counts for one upstream attempt (router + its
+    putResult*): without split a local-origin event is its status; with
+    split a status also says the attempt was connected, a connect failure is
+    a local failure only, a timeout or reset after connecting both."""
+    plain, split = OutlierConfig(), OutlierConfig(split=True, threshold_local=2)
+    assert outlier.envoy_events(503, plain) == [("status", 503)]
+    assert outlier.envoy_events(outlier.LOCAL_TIMEOUT, plain) == [("status", 504)]
+    assert outlier.envoy_events(outlier.LOCAL_CONNECT_FAILED, plain) == [("status", 503)]
+    assert outlier.envoy_events(500, split) == [("local", 0), ("status", 500)]
+    assert outlier.envoy_events(outlier.LOCAL_CONNECT_FAILED, split) == [("local", 1)]
+    assert outlier.envoy_events(outlier.LOCAL_TIMEOUT, split) == [("local", 0), ("local", 1)]
+    assert outlier.envoy_events(outlier.LOCAL_RESET, split) == [("local", 0), ("local", 1)]
+    unenforced = OutlierConfig(split=True, threshold_local=0)
+    assert outlier.envoy_events(outlier.LOCAL_TIMEOUT, unenforced) == []
+    assert outlier.envoy_events(200, unenforced) == [("status", 200)]
 
 
 def test_betterproto_spelling_of_5xx() -> None:

@@ -21,6 +21,7 @@ from grpclib.server import Server
 
 from benchmarks.als_cost import sidecar_bootstrap
 from fastpath.als import AccessLogService
+from fastpath.outlier import LOCAL_CONNECT_FAILED, LOCAL_TIMEOUT
 from xds_server.envoyproc import Envoy
 
 from .conftest import http_get, wait_for
@@ -187,7 +188,7 @@ def test_wire_reader_matches_betterproto() -> None:
     overflow.common_properties.response_flags = ResponseFlags(upstream_overflow=True)
     flagged = StreamAccessLogsMessage(http_logs=StreamAccessLogsMessageHttpAccessLogEntries(
         log_entry=[timed_out, overflow]))
-    assert observations(bytes(flagged))[2] == [("od", "198.18.0.5:9000", 504)]
+    assert observations(bytes(flagged))[2] == [("od", "198.18.0.5:9000", LOCAL_TIMEOUT)]
     assert observations(bytes(msg)) == ("sidecar~x", "l", [("od", "198.18.0.3:9000", 503),
                                                            ("od", "198.18.0.4:9000", 200)])
     msg.identifier = None
@@ -265,8 +266,9 @@ async def test_a_foreign_stream_is_refused_and_a_node_goes_live_and_back(envoy_b
 async def test_a_connect_failure_counts_as_envoys_detector_counts_it(envoy_bin):
     """An attempt to a closed port has no response status: Envoy's detector
     counts it as a 503 (consecutive_5xx 1: one detection in its stats), and
-    the observation says 503 for that host (ResponseFlags
-    upstream_connection_failure); the retry's 200 on the other host too."""
+    the observation says LOCAL_CONNECT_FAILED for that host (ResponseFlags
+    upstream_connection_failure; the keeper counts it as that 503 without
+    split); the retry's 200 on the other host too."""
     got: list[tuple[str, str, int]] = []
     svc = AccessLogService(lambda node, obs: got.extend(obs))
     server = Server([svc])
@@ -292,7 +294,7 @@ async def test_a_connect_failure_counts_as_envoys_detector_counts_it(envoy_bin):
         detected = int(stats.split("ejections_detected_consecutive_5xx: ")[1].split()[0])
         assert detected >= 1, stats  # Envoy's detector counted the connect failure
         await wait_for(lambda: _true(any(h.endswith(f":{closed}") for _, h, _ in got)), 10)
-        assert {st for _, h, st in got if h.endswith(f":{closed}")} == {503}, got
+        assert {st for _, h, st in got if h.endswith(f":{closed}")} == {LOCAL_CONNECT_FAILED}, got
         assert {st for _, h, st in got if h.endswith(f":{good}")} == {200}, got
     finally:
         envoy.stop()
@@ -325,7 +327,8 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
     """An upstream that answers after the timeout; Envoy's detector counts a
     504 for each (its detection stat, enforcing 0: never ejected). A per-try
     timeout and a per-try idle timeout mark the attempt's own entry (flags
-    UT, resp. stream idle timeout): observed as that 504. A route timeout
+    UT, resp. stream idle timeout): observed as LOCAL_TIMEOUT (the keeper
+    counts it as that 504 without split). A route timeout
     (Filter::onResponseTimeout) resets the attempt: its entry has no status
     and no flag (as a downstream reset's), so it is not observed: a known
     gap (docs/fastpath.md "Outlier detection")."""
@@ -352,7 +355,8 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
 
         await wait_for(up, 20)
         host = f"127.0.0.1:{slow}"
-        cases = (("/rt", []), ("/pt", [("c", host, 504)]), ("/pi", [("c", host, 504)]))
+        cases = (("/rt", []), ("/pt", [("c", host, LOCAL_TIMEOUT)]),
+                 ("/pi", [("c", host, LOCAL_TIMEOUT)]))
         for n, (path, want) in enumerate(cases, 1):
             got.clear()
             assert (await http_get(lport, path))[0] == 504
