@@ -73,6 +73,9 @@ class NodeDatapath:
     pool_clusters: dict[int, str] = field(default_factory=dict)
     services: set[tuple[str, int]] = field(default_factory=set)
     notes: dict[str, str] = field(default_factory=dict)
+    # "ip:port" of each destination whose inbound listener the kernel decides
+    # -> the version of that pod's plan merged (read by `l7fp mesh audit`)
+    inbound_plans: dict[str, str] = field(default_factory=dict)
     access: AccessLog = field(default_factory=AccessLog)
     access_log: int = 1  # access-log sampling: 0 off, N one request in N
     mode: str = "inline"  # decision compiled in: "inline" (dp_decide_inline.h) or "l7fp" (K1)
@@ -294,6 +297,7 @@ class NodeDatapath:
             "cflags": list(self.cflags),  # the synthesized program's knobs (l7fp mode)
             "destinations": sorted(f"{ip}:{port}" for ip, port in self.services),
             "routes": self.route_names, "not_offloaded": self.notes,
+            "inbound_plans": self.inbound_plans,
             "pools": self.pools.snapshot(), "unpaired_upstreams": self.pools.unpaired,
             "refill": dict(self.pools.timing),
             "tracked_connections": len(list(self.dp.bpf["dp_peer"].keys())),

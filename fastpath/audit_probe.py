@@ -88,6 +88,7 @@ class Probe:
     expect: str = ""
     via: str = ""  # an inbound route's probe: the caller's outbound route it goes through
     dst: tuple[str, int] | None = None  # an inbound route's probe: the destination pod's ip, port
+    dst_version: str = ""  # and the version of the destination's plan it was derived from
     # the status the kernel must answer with whatever it samples (a deny, a
     # direct response, a 100% fault abort); None: it forwards, or it samples
     reply: int | None = None
@@ -180,7 +181,8 @@ def inbound_probes(dst: KernelPlan, port: int, dst_ip: str, caller: KernelPlan,
 
 def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
                    caller: KernelPlan, out_lp: ListenerPlan, dst_ip: str, src_ip: str) -> Probe:
-    base = Probe(lp.name, vh.name, r.name, out_lp.address, out_lp.port, None, dst=(dst_ip, lp.port))
+    base = Probe(lp.name, vh.name, r.name, out_lp.address, out_lp.port, None, dst=(dst_ip, lp.port),
+                 dst_version=dst.version)
     if _unsendable(r.match):
         return _skipped(base, _unsendable(r.match))
     why = ""

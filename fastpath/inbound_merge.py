@@ -84,6 +84,7 @@ class Merged:
 
     plan: KernelPlan
     merged: dict[tuple[str, int], str] = field(default_factory=dict)  # -> listener name
+    versions: dict[tuple[str, int], str] = field(default_factory=dict)  # -> its plan's version
     refused: dict[tuple[str, int], str] = field(default_factory=dict)  # -> reason
 
     def offloadable(self, ip: str, port: int) -> bool:
@@ -113,6 +114,7 @@ def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> M
         listeners.append(copy)
         clusters.update({c.name: c for c in own})
         out.merged[(ip, port)] = copy.name
+        out.versions[(ip, port)] = dest.version
     mine = _without_stripped_headers(plan, out, plan_of_ip)
     stripped = mine != plan.listeners
     if listeners or stripped:

@@ -30,8 +30,8 @@ from fastpath.audit_probe import NOT_FORWARDED, Probe, inbound_probes, probes
 from fastpath.plan import Direction, KernelPlan
 from fastpath.plan_json import plan_from_json
 from mesh.audit_pod import AuditClientError, PodClient
+from mesh.audit_verdict import check_answer, check_plan, classify, summary
 
-KERNEL_OUTCOMES = ("fast", "kernel_reply", "retry")
 POOLS_EMPTY = "pools not filled yet"  # after --wait: audited anyway (`pool_empty` shows it)
 POOL_WAIT_S = 2.0  # at most this long before each request for the node's pools to refill
 # --wait stops early when only pools are empty and stayed so this long (a
@@ -51,7 +51,7 @@ class Row:
     pod: str
     probe: Probe
     # "kernel" (the only success), "kernel (other route)", "kernel (wrong status)",
-    # "kernel (no answer)", "ambiguous", "envoy", "unseen" (no counter moved), "skipped", "not loaded"
+    # "kernel (no answer)", "kernel (other plan)", "ambiguous", "envoy", "unseen" (no counter moved), "skipped", "not loaded"
     served: str
     why: str = ""  # Envoy's reasons, the kernel's outcomes, or why skipped / not loaded
     status: int | None = None
@@ -68,13 +68,6 @@ class Row:
                 "request": None if req is None else {
                     "method": req.method, "path": req.path, "host": req.host,
                     "headers": [list(h) for h in req.headers]}}
-
-
-def summary(rows: list[Row]) -> dict[str, Any]:
-    audited = [r for r in rows if r.served != "skipped"]
-    punts = Counter(f"{r.served}: {r.why}" for r in audited if r.served != "kernel")
-    return {"kernel": sum(r.served == "kernel" for r in audited), "audited": len(audited),
-            "skipped": sum(r.served == "skipped" for r in rows), "not_kernel": dict(punts)}
 
 
 # ---- the control plane ------------------------------------------------------------
@@ -226,77 +219,6 @@ def _job(ip: str, port: int, probe: Probe) -> dict[str, Any]:
             "headers": [["host", req.host], *[list(h) for h in req.headers]]}
 
 
-def classify(probe: Probe, delta: Counter[tuple[str, str, str]]) -> tuple[str, str, dict[str, int]]:
-    """(served, why, counters) from the node's counter changes during one request.
-
-    Counted are the routes of the probed route's virtual host (and of the
-    caller's route's, for an inbound probe), the destinations' merged inbound
-    routes (`virtualInbound@...`) and "" (no route): the kernel counts the
-    request on one of them. Other virtual hosts' counts are other traffic.
-    The probe's own route is `probe.counted_as` (an inbound route's: under
-    this destination's merged listener); a count on any other of those
-    routes (the kernel matched, or punted at, an earlier route, or picked a
-    replica) is named in `why`: "(counted on ROUTE)", and a kernel outcome
-    there is "kernel (other route)", not "kernel". More than one request
-    counted on them (other traffic during the probe) is "ambiguous"."""
-    own = {probe.counted_as, probe.via, ""}
-    vhosts = tuple(_vhost_of(n) for n in (probe.counted_as, probe.via) if n)
-    mine = {k: n for k, n in delta.items() if n > 0 and (
-        k[0] in own or k[0].startswith(("virtualInbound@", *vhosts)))}
-    shown = {f"{r} {o}/{why}".rstrip("/"): n for (r, o, why), n in sorted(mine.items())}
-    others = sorted({r for (r, _o, _w) in mine if r not in own})
-    served, why = _served(mine, others)
-    n = requests(mine)
-    if n > 1:
-        return "ambiguous", f"{n} requests counted during it: {served} ({why})", shown
-    return served, why, shown
-
-
-def _served(mine: dict[tuple[str, str, str], int], others: list[str]) -> tuple[str, str]:
-    note = f" (counted on {', '.join(others)})" if others else ""
-    envoy = sorted({why or "?" for (_r, o, why) in mine if o == "envoy"})
-    if envoy:
-        return "envoy", ",".join(envoy) + note
-    kernel = sorted({o for (_r, o, _w) in mine if o in KERNEL_OUTCOMES})
-    if kernel:
-        return ("kernel (other route)" if others else "kernel"), ",".join(kernel) + note
-    if mine:
-        return "unseen", "outcomes " + ",".join(sorted({o for (_r, o, _w) in mine})) + note
-    return "unseen", "no fast-path counter moved (the kernel did not decide it)"
-
-
-# Counts that are no request of their own (datapath.h, dp_retry.h, dp_mirror.h):
-# a head waiting for bytes, a diverted response, a lost shadow copy, and a
-# forwarded request's second count when its retry copy failed.
-_NOT_A_REQUEST = {"cork", "retry", "shadow_lost"}
-_SECOND_COUNT = {("fast", "retry_overflow"), ("fast", "retry_lost")}
-
-
-def requests(mine: dict[tuple[str, str, str], int]) -> int:
-    """How many requests the counter changes `mine` ((route, outcome, reason) -> n) hold."""
-    return sum(n for (_r, o, why), n in mine.items()
-               if o not in _NOT_A_REQUEST and (o, why) not in _SECOND_COUNT)
-
-
-def check_answer(probe: Probe, served: str, why: str, got: dict[str, Any]) -> tuple[str, str]:
-    """(served, why) once the pod client's answer `got` is seen: a request the
-    kernel took but that got no answer is "kernel (no answer)"; a status other
-    than the reply the reference model says the kernel must give
-    (`probe.reply`) is "kernel (wrong status)"."""
-    status = got.get("status")
-    if got.get("error") and served == "kernel":
-        return "kernel (no answer)", f"{why}; {got['error']}"
-    if probe.reply is None or not status or status == probe.reply:
-        return served, why
-    why = f"{why}; expected status {probe.reply}, got {status}".lstrip("; ")
-    return ("kernel (wrong status)" if served == "kernel" else served), why
-
-
-def _vhost_of(route: str) -> str:
-    """"LISTENER/VHOST/" of a counter's route name "LISTENER/VHOST/ROUTE"."""
-    return "/".join(route.split("/", 2)[:2]) + "/"
-
-
 def _pools_refilled(admin: str, node_id: str, dry: set[int],
                     within_s: float = POOL_WAIT_S) -> None:
     """Wait (bounded) until every pool of the node has a free upstream socket: the
@@ -353,9 +275,10 @@ def send_probes(state: dict[str, Any], sender: dict[str, Any], owner: str, todo:
             # read right before the request: traffic during the pool wait is not its
             before = _counters(_fastpath(state["admin"]), sender["node_id"])
             got = client.ask(_job(ip, port, p), timeout)
-            after = _counters(_fastpath(state["admin"]), sender["node_id"])
-            served, why, shown = classify(p, after - before)
+            dbg = _fastpath(state["admin"])
+            served, why, shown = classify(p, _counters(dbg, sender["node_id"]) - before)
             served, why = check_answer(p, served, why, got)
+            served, why = check_plan(p, served, why, _node(dbg, sender["node_id"]))
             rows.append(Row(owner, p, served, why, got["status"], got["error"], shown, via))
     except AuditClientError as exc:
         raise AuditError(str(exc)) from None

@@ -69,6 +69,8 @@ def test_unknown_destination_is_not_offloaded() -> None:
 def test_rbac_destination_is_merged_under_its_own_names() -> None:
     got = merge(client(), lambda ip: dest(rbac=DENY, rbacs=(DENY,)))
     assert got.offloadable(DST, 9000) and got.merged == {(DST, 9000): merged_name(DST, 9000)}
+    # which plan of the destination was merged (/debug/fastpath "inbound_plans", mesh audit)
+    assert got.versions == {(DST, 9000): dest().version}
     lp = next(lp for lp in got.plan.listeners if lp.name == merged_name(DST, 9000))
     target = lp.virtual_hosts[0].routes[0].action
     assert isinstance(target, ClusterAction)

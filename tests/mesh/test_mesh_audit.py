@@ -133,9 +133,21 @@ def test_demo_mesh_kernel_routes_are_served_by_the_kernel(meshes: dict[str, Mesh
 def test_bookinfo_istio_mesh_kernel_routes_are_served_by_the_kernel(
         meshes: dict[str, Mesh]) -> None:
     m = meshes["b"]
-    code, out = _audit_cli(m, _first_loaded(m.state()))
+    sender = _first_loaded(m.state())
+    code, out = _audit_cli(m, sender)
     _check(out["rows"], min_routes=6 + 6)
     assert code == 0 and out["summary"]["kernel"] == out["summary"]["audited"]
+    # the sender's kernel says which plan of each destination it merged (the
+    # audit's "kernel (other plan)" check): details' (its RBAC is merged; a
+    # transparent inbound side is not), the version the control plane serves
+    st = m.state()
+    node = audit._node(audit._fastpath(st["admin"]),
+                       next(p["node_id"] for p in st["pods"] if p["name"] == sender)) or {}
+    merged = node.get("inbound_plans", {})
+    plans = audit.load_plans(st, [p for p in st["pods"] if p.get("node_id")])
+    pod_at = {f"{p['ip']}:9080": p["name"] for p in st["pods"]}
+    assert "details-0" in {pod_at[k] for k in merged}, merged
+    assert all(plans[pod_at[k]].version == v for k, v in merged.items()), merged
     # after productpage's /api + :authority route (a punt entry keeping /api):
     # its catch-all route is KERNEL and served by the kernel
     after = [r for r in out["rows"] if r["route"] == "productpage.bookinfo.1"]

@@ -13,13 +13,11 @@ from mesh.audit import (
     POOLS_EMPTY,
     AuditError,
     Row,
-    check_answer,
     check_state,
-    classify,
     format_rows,
     pools_settled,
-    summary,
 )
+from mesh.audit_verdict import check_answer, check_plan, classify, summary
 from mesh.cli import audit_status
 
 PROBE = Probe("l", "vh", "r", "198.19.0.2", 80, Request("GET", "/", "h"))
@@ -102,6 +100,20 @@ def test_a_reply_the_model_is_sure_of_is_compared_with_the_answer() -> None:
     assert check_answer(PROBE, "kernel", "fast", {"status": 200, "error": ""}) == ("kernel", "fast")
     lost = check_answer(PROBE, "kernel", "fast", {"status": 0, "error": "no answer within 7 s"})
     assert lost == ("kernel (no answer)", "fast; no answer within 7 s")
+
+
+def test_an_inbound_probe_from_another_destination_plan_than_the_kernel_merged() -> None:
+    """The audit derived the inbound request from destination plan v2; the
+    sender's kernel still decides that pod's inbound side with v1: not "kernel"."""
+    from dataclasses import replace
+    probe = replace(INBOUND, dst_version="v2")
+    node = {"inbound_plans": {"198.18.0.5:80": "v1"}}
+    assert check_plan(probe, "kernel", "fast", node) == (
+        "kernel (other plan)", "fast; the sender's kernel merged destination plan v1, the audit "
+                               "read v2")
+    assert check_plan(probe, "kernel", "fast", {"inbound_plans": {"198.18.0.5:80": "v2"}}) == \
+        ("kernel", "fast")
+    assert check_plan(PROBE, "kernel", "fast", node) == ("kernel", "fast")  # an outbound probe
 
 
 def test_refusals_name_the_mesh() -> None:
