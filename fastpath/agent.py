@@ -304,9 +304,7 @@ class Agent:
             if only_if_changed and self._applied.get(node_id) == key:
                 # another node's plan changed, not one this node merges (its
                 # inbound listener may have stayed the same under a new version)
-                node = self.nodes.get(node_id)
-                if node is not None and node.mode == "l7fp":
-                    self._note_inbound(node, merged)
+                self._note_inbound(node_id, merged)
                 continue
             if self._wait_for_destinations(node_id, merged):
                 with self.lock:
@@ -363,7 +361,7 @@ class Agent:
                            self._cgroup_of)
                 node.notes.update({f"inbound {ip}:{port}": why
                                    for (ip, port), why in merged.refused.items()})
-                self._note_inbound(node, merged)
+                self._note_inbound(node_id, merged)
                 claim = True
             else:
                 node.apply(plan, self._vips, self._netns_of, self._inbound_ok, self._cgroup_of)
@@ -373,12 +371,13 @@ class Agent:
         else:
             self.release([node_id])
 
-    @staticmethod
-    def _note_inbound(node: NodeDatapath, merged: inbound_merge.Merged) -> None:
+    def _note_inbound(self, node_id: str, merged: inbound_merge.Merged) -> None:
         """Which plan version of each destination the node's kernel decides the
         inbound side with (`/debug/fastpath` "inbound_plans", checked by `l7fp
         mesh audit`): the merged listeners equal that version's."""
-        node.inbound_plans = {f"{ip}:{port}": v for (ip, port), v in merged.versions.items()}
+        node = self.nodes.get(node_id)
+        if isinstance(node, NodeDatapath) and node.mode == "l7fp":
+            node.inbound_plans = {f"{ip}:{port}": v for (ip, port), v in merged.versions.items()}
 
     def _start_node(self, node_id: str, plan: KernelPlan) -> NodeDatapath | None:
         if node_id in self.failed:
