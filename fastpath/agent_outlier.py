@@ -401,7 +401,8 @@ class OutlierKeeper:
                 h = self.dp.bpf["dp_odh"][ct.c_uint32(slot)]
                 st = d.detector.hosts[key]
                 hosts[key] = {"ejected": bool(h.ejected), "consecutive_5xx": int(h.c5xx),
-                              "consecutive_gateway": int(h.cgw), "ejections": st.ejections,
+                              "consecutive_gateway": int(h.cgw),
+                              "consecutive_local_origin": int(h.clo), "ejections": st.ejections,
                               "multiplier": st.multiplier, "overflow": int(h.overflow)}
             out[name] = {"ejections": d.ejections, "unejections": d.unejections,
                          "active": d.detector.ejected(), "room": d.detector.room(),

@@ -75,6 +75,10 @@ def test_a_logger_without_a_stream_is_given_up_once() -> None:
     assert srv.calls == [("resplit", [node])]
     assert a.als.given_up(node) and not a.als.given_up(other)
     assert a.debug()["outlier_access_log"]["given_up"] == [node]
+    srv.calls.clear()
+    a._als_due(now + GIVE_UP_S + RETRY_FIRST_S + 1)  # the backoff ended: the logger again
+    a._als_due(now + GIVE_UP_S + RETRY_FIRST_S + 2)
+    assert srv.calls == [("resplit", [node])] and not a.als.given_up(node)
 
 
 def test_a_node_without_logger_is_never_waited_for() -> None:
