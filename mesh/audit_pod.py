@@ -4,9 +4,10 @@ Used by mesh.audit (`send_probes`), which owns one PodClient per sending pod
 and closes it. The client (mesh.audit_client) runs in the pod's netns and
 cgroup and answers one JSON line per request; its own deadline ends a
 request after `timeout` s. Here every answer is awaited at most
-`timeout + SLACK_S` s more (a stuck `ip netns exec`, a client that hangs):
-then the client is killed, the request's answer is an error ("no answer
-within ..."), and the next request starts a new client.
+`timeout + SLACK_S` s (plus START_S for a new client's first request, its
+start); past that (a stuck `ip netns exec`, a client that hangs) the client
+is killed, the request's answer is an error ("no answer within ..."), and
+the next request starts a new client.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SLACK_S = 2.0  # beyond the client's own deadline: its start, the JSON line
+SLACK_S = 2.0  # beyond the client's own deadline: the JSON line, a loaded machine
+START_S = 5.0  # more for the first request of a new client: `ip netns exec`, Python's start
 
 
 class AuditClientError(RuntimeError):
@@ -39,6 +41,7 @@ class PodClient:
     def ask(self, job: dict[str, Any], timeout: float) -> dict[str, Any]:
         """The client's answer to `job` ({"status", "error", ...}), at most
         timeout + SLACK_S s away; past that {"status": 0, "error": "no answer ..."}."""
+        slack = SLACK_S if self.proc is not None else SLACK_S + START_S
         proc = self.proc or self._start()
         assert proc.stdin is not None
         try:
@@ -47,11 +50,11 @@ class PodClient:
         except BrokenPipeError:
             raise AuditClientError(f"the audit client in pod {self.pod['name']} ended before "
                                    f"its request (exit {proc.poll()})") from None
-        line = self._line(time.monotonic() + timeout + SLACK_S)
+        line = self._line(time.monotonic() + timeout + slack)
         if line is None:
             self.close(kill=True)  # the next job gets a new client
-            return {"status": 0, "server": None, "seconds": timeout + SLACK_S,
-                    "error": f"no answer within {timeout + SLACK_S:g} s (the pod client was "
+            return {"status": 0, "server": None, "seconds": timeout + slack,
+                    "error": f"no answer within {timeout + slack:g} s (the pod client was "
                              f"stopped)"}
         return self._answer(line, job)
 
@@ -60,7 +63,8 @@ class PodClient:
             got = json.loads(line)
         except ValueError:
             got = None
-        if not isinstance(got, dict) or not isinstance(got.get("status"), int):
+        if not isinstance(got, dict) or not isinstance(got.get("status"), int) \
+                or not isinstance(got.get("error"), str):
             raise AuditClientError(f"the audit client in pod {self.pod['name']} answered "
                                    f"{line[:200]!r} to {job}, not its JSON line")
         return got

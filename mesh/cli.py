@@ -121,7 +121,8 @@ def _register_audit(sub: argparse._SubParsersAction) -> None:
                          "stayed empty 5 s (a destination that is down)")
     au.add_argument("--timeout", type=float, default=5.0,
                     help="seconds per request in all (default 5); a request still unanswered "
-                         "2 s later has its pod client stopped and restarted")
+                         "2 s later (7 s: a new pod client's first) has its pod client "
+                         "stopped and restarted")
     au.set_defaults(func=_quiet_pipe(cmd_audit))
 
 

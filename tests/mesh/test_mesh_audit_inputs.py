@@ -83,11 +83,12 @@ GARBLED = "import sys\nsys.stdin.readline()\nprint('Traceback (most recent call 
 def test_a_stuck_client_is_stopped_and_the_next_request_gets_a_new_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(audit_pod, "SLACK_S", 0.3)
+    monkeypatch.setattr(audit_pod, "START_S", 0.2)
     client = _Local(STUCK)
     try:
         t0 = time.monotonic()
         got = client.ask({"ip": "x"}, 0.2)
-        assert got["status"] == 0 and got["error"].startswith("no answer within 0.5 s"), got
+        assert got["status"] == 0 and got["error"].startswith("no answer within 0.7 s"), got
         assert time.monotonic() - t0 < 5 and client.proc is None  # killed, not waited for
         client.code = "import sys, json\nsys.stdin.readline()\nprint(json.dumps(" \
                       "{'status': 204, 'error': ''}), flush=True)"
