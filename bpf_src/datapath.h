@@ -110,6 +110,7 @@ struct dp_verdict {
     __u32 hop_at[4]; /* their start | length << 16, in head order (DP_HOP_SLOTS) */
     __u32 hop_te;    /* dp_hop.h scan: TE lines seen */
     __u32 od_host;   /* FORWARD: outlier host slot + 1 (dp_outlier.h), 0: none */
+    __u32 xrid;      /* FORWARD: DP_XRID_HAS_* the client sent (dp_xrid.h); the others are added */
 };
 
 struct dp_bind {

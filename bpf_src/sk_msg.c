@@ -600,6 +600,11 @@ int dp_msg_act(struct sk_msg_md *msg)
         return dp_to_envoy(c, scr->v.route, DP_R_REWRITE);
     asm volatile("" ::: "memory"); /* what follows reads the scratch afresh */
 #endif
+#ifdef DP_XRID_H
+    if (dp_xrid_act(msg, &scr->v, &scr->size) < 0) /* x-forwarded-proto, x-request-id */
+        return dp_to_envoy(c, scr->v.route, DP_R_REWRITE);
+    asm volatile("" ::: "memory");
+#endif
     struct dp_verdict v = scr->v;
     __u32 gen = scr->gen;
     __u32 tmo = scr->tmo;

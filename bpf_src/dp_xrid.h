@@ -1,0 +1,185 @@
+/* x-forwarded-proto and x-request-id on requests the kernel forwards, as the
+ * client's Envoy (HttpConnectionManager) adds them.
+ *
+ * Owner: NAME=xrid. Included by dp_decide_l7fp.h after dp_hop.h (it needs the
+ * parsed request in l7fp_decide's per-CPU context); dp_msg_act (sk_msg.c)
+ * calls dp_xrid_act on a FORWARD, after dp_hop_act and before the route's
+ * header inserts (dp_act_send). fastpath/request_id.py is the same rule in
+ * Python (the reference model's) and says which HCM settings keep a
+ * listener with Envoy (the kernel implements only this one behaviour).
+ *
+ * What Envoy 1.40 does with an HTTP/1.1 request on an HCM with
+ * use_remote_address off (Istio's sidecars, the local mesh's), seen with the
+ * binary (tests/split/test_request_id_envoy.py): a request without
+ * x-forwarded-proto gets "x-forwarded-proto: http" appended after the
+ * client's headers; one without x-request-id then gets
+ * "x-request-id: <UUID v4, lower-case hex>"; a header the client sent is kept
+ * as it is (name, value, place). Both come before the router's own headers
+ * (the route's request_headers_to_add, x-envoy-expected-rq-timeout-ms), so
+ * they are inserted at the end of the client's head, before the route's blob.
+ * Kernel replies get neither (Envoy's local replies have no upstream).
+ *
+ * The UUID: 128 bits of bpf_get_prandom_u32 (per-CPU, not a CSPRNG; Envoy
+ * uses BoringSSL's), version 4 and variant 10xx set as RFC 4122 says. Built
+ * straight into the message (no map, no stack buffer: dp_act_send is close to
+ * the 512-byte stack limit), one push for both lines.
+ */
+#ifndef DP_XRID_H
+#define DP_XRID_H
+
+#ifndef DP_XRID
+#define DP_XRID 1 /* 0: the data path adds neither header (the cost measured without) */
+#endif
+
+#define DP_XRID_HAS_RID 1 /* dp_verdict.xrid: the client sent x-request-id */
+#define DP_XRID_HAS_XFP 2 /* ... and x-forwarded-proto */
+#define DP_XRID_XFP_LEN 25 /* "x-forwarded-proto: http\r\n" */
+#define DP_XRID_RID_LEN 52 /* "x-request-id: " + 36 + "\r\n" */
+#define DP_XRID_MAX (DP_XRID_XFP_LEN + DP_XRID_RID_LEN)
+
+#define DP_W_X_REQUES L7FP_W8('x', '-', 'r', 'e', 'q', 'u', 'e', 's')
+#define DP_W_QUEST_ID L7FP_W8('q', 'u', 'e', 's', 't', '-', 'i', 'd')
+#define DP_W_X_FORWAR L7FP_W8('x', '-', 'f', 'o', 'r', 'w', 'a', 'r')
+#define DP_W_DED_PROT L7FP_W8('d', 'e', 'd', '-', 'p', 'r', 'o', 't')
+#define DP_W_ED_PROTO L7FP_W8('e', 'd', '-', 'p', 'r', 'o', 't', 'o')
+
+/* DP_XRID_HAS_* of header line k (0: neither). Branch-free past the length
+ * test, as dp_hop_line: a branch per case multiplies the verifier's paths. */
+static __always_inline __u32 dp_xrid_line(struct l7fp_req_ctx *c, __u32 k)
+{
+    struct l7fp_req *r = &c->r;
+    __u64 s = r->ls[k & L7FP_LINE_MASK], len = r->lc[k & L7FP_LINE_MASK] - s;
+    __u64 l12 = L7FP_EQ(len, 12), l17 = L7FP_EQ(len, 17);
+    if (!(l12 | l17))
+        return 0; /* most lines end here */
+    __u64 w0 = l7fp_lower64(l7fp_load64(c, s));
+    __u64 w4 = l7fp_lower64(l7fp_load64(c, s + 4));
+    __u64 w8 = l7fp_lower64(l7fp_load64(c, s + 8));
+    __u64 w9 = l7fp_lower64(l7fp_load64(c, s + 9));
+    __u64 rid = l12 & dp_hop_eq64(w0, DP_W_X_REQUES) & dp_hop_eq64(w4, DP_W_QUEST_ID);
+    __u64 xfp = l17 & dp_hop_eq64(w0, DP_W_X_FORWAR) & dp_hop_eq64(w8, DP_W_DED_PROT) &
+                dp_hop_eq64(w9, DP_W_ED_PROTO);
+    return (__u32)(rid * DP_XRID_HAS_RID + xfp * DP_XRID_HAS_XFP);
+}
+
+/* Which of the two headers the request carries, into v->xrid. Called by
+ * dp_msg_act on a FORWARD, before anything changes the message (the parsed
+ * lines are in the context's copy of the head). */
+static __always_inline void dp_xrid_scan(struct dp_verdict *v)
+{
+    v->xrid = DP_XRID_HAS_RID | DP_XRID_HAS_XFP; /* not parsed: add nothing */
+#if DP_XRID
+    struct l7fp_req_ctx *c = l7fp_ctx_get();
+    if (!c)
+        return;
+    struct l7fp_req *r = &c->r;
+    __u32 seen = 0;
+    for (__u32 k = 1; k < L7FP_MAX_LINES; k++) {
+        asm volatile("" ::: "memory");
+        if (k >= r->nlines)
+            break;
+        seen |= dp_xrid_line(c, k);
+    }
+    v->xrid = seen;
+#endif
+}
+
+/* The 8 lower-case hex digits of w as 8 bytes in memory order (most
+ * significant digit first), computed in one register: a digit at a time took
+ * dp_msg_act past the 512-byte stack (clang spilled the digits). */
+static __always_inline __u64 dp_xrid_hex8(__u32 w)
+{
+    __u64 x = w;
+    x = (x | x << 16) & 0x0000ffff0000ffffULL; /* byte k of the result holds digit k ... */
+    x = (x | x << 8) & 0x00ff00ff00ff00ffULL;
+    x = (x | x << 4) & 0x0f0f0f0f0f0f0f0fULL;
+    x = __builtin_bswap64(x);                  /* ... and digit 7 (the first) goes first */
+    __u64 letter = ((x + 0x0606060606060606ULL) >> 4) & 0x0101010101010101ULL; /* digit > 9 */
+    return x + 0x3030303030303030ULL + letter * ('a' - '0' - 10);
+}
+
+/* The 36 characters of a fresh UUID v4 at p (the caller checked p + 36):
+ * 8-4-4-4-12 digits, the version digit 4, the variant digit 8-b (RFC 4122). */
+static __always_inline void dp_xrid_uuid(__u8 *p)
+{
+    __u32 b = (bpf_get_prandom_u32() & 0xffff0fffu) | 0x4000u;
+    __u32 c = (bpf_get_prandom_u32() & 0x3fffffffu) | 0x80000000u;
+    __u64 hb = dp_xrid_hex8(b), hc = dp_xrid_hex8(c);
+    *(__u64 *)p = dp_xrid_hex8(bpf_get_prandom_u32());
+    p[8] = '-';
+    *(__u32 *)(p + 9) = (__u32)hb;
+    p[13] = '-';
+    *(__u32 *)(p + 14) = (__u32)(hb >> 32);
+    p[18] = '-';
+    *(__u32 *)(p + 19) = (__u32)hc;
+    p[23] = '-';
+    *(__u32 *)(p + 24) = (__u32)(hc >> 32);
+    *(__u64 *)(p + 28) = dp_xrid_hex8(bpf_get_prandom_u32());
+}
+
+/* Insert the lines the request lacks at head_len - 2 (the end of the
+ * client's head, before the route's headers). Returns the bytes inserted
+ * (0: the client sent both), or -1 when the message is no longer usable (the
+ * caller sends it to Envoy). */
+static __always_inline int dp_xrid_insert(struct sk_msg_md *msg, struct dp_verdict *v)
+{
+#if DP_XRID
+    __u32 xfp = !(v->xrid & DP_XRID_HAS_XFP), rid = !(v->xrid & DP_XRID_HAS_RID);
+    __u32 len = xfp * DP_XRID_XFP_LEN + rid * DP_XRID_RID_LEN;
+    if (!len)
+        return 0;
+    if (v->head_len < 4)
+        return -1;
+    __u32 at = v->head_len - 2;
+    if (bpf_msg_push_data(msg, at, len, 0) || bpf_msg_pull_data(msg, at, at + len, 0))
+        return -1;
+    __u8 *d = msg->data;
+    if (xfp) {
+        if ((void *)(d + DP_XRID_XFP_LEN) > msg->data_end)
+            return -1;
+        *(__u64 *)d = DP_W_X_FORWAR;
+        *(__u64 *)(d + 8) = L7FP_W8('d', 'e', 'd', '-', 'p', 'r', 'o', 't');
+        *(__u64 *)(d + 16) = L7FP_W8('o', ':', ' ', 'h', 't', 't', 'p', '\r');
+        d[24] = '\n';
+    }
+    if (rid) {
+        __u8 *p = d + (DP_XRID_XFP_LEN & -xfp);
+        if ((void *)(p + DP_XRID_RID_LEN) > msg->data_end)
+            return -1;
+        *(__u64 *)p = DP_W_X_REQUES;
+        *(__u32 *)(p + 8) = 't' | '-' << 8 | 'i' << 16 | 'd' << 24;
+        p[12] = ':';
+        p[13] = ' ';
+        dp_xrid_uuid(p + 14);
+        p[50] = '\r';
+        p[51] = '\n';
+    }
+    return (int)len;
+#else
+    return 0;
+#endif
+}
+
+/* In dp_msg_act after dp_hop_act, on dp_msg_verdict's per-CPU verdict `v` and
+ * write size `size`: a FORWARD gets the lines it lacks. As in dp_hop_act, the
+ * lengths are updated in the scratch (memory) and read back from there, so the
+ * verifier walks the rest of dp_msg_act once whatever was inserted. Inserting
+ * before the checks that may still hand the request to Envoy is harmless:
+ * that Envoy is the listener's own, which keeps both lines as they are
+ * (fastpath/request_id.py keeps a listener that would not with Envoy). 0, or
+ * -1 when the message is no longer usable. */
+static __always_inline int dp_xrid_act(struct sk_msg_md *msg, struct dp_verdict *v, __u32 *size)
+{
+    if (v->kind != DP_K_FORWARD)
+        return 0;
+    dp_xrid_scan(v);
+    int n = dp_xrid_insert(msg, v);
+    if (n <= 0)
+        return n;
+    *size += n;
+    v->consumed += n;
+    v->head_len += n;
+    return 0;
+}
+
+#endif /* DP_XRID_H */
