@@ -90,16 +90,47 @@ class ThreadedServer:
         self.sock.close()
 
 
-# Request headers Envoy adds on its way to the upstream (the fast path does not)
-ENVOY_ADDS = {"x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms"}
+# Request headers Envoy's router adds and the fast path does not (on a route
+# without a timeout the kernel sends none, Envoy its default 15000)
+ENVOY_ADDS = {"x-envoy-expected-rq-timeout-ms"}
+
+
+def own_socket(port: int) -> bool:
+    """True when this process holds the TCP socket bound to local `port`: an
+    upstream's peer that is an agent's pool socket (the agent runs in the test
+    process), not Envoy's. Read from /proc (socket inodes of our fds, the
+    netns's TCP table): which way a request went, now that the kernel path
+    adds x-request-id as Envoy does."""
+    import os
+
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            mine.add(link[8:-1])
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as f:
+            for row in list(f)[1:]:
+                cols = row.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[9] in mine:
+                    return True
+    return False
 
 
 def upstream_heads(seen: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
     """What an echo upstream (test_delay.EchoUpstream) saw, by the request's
-    x-case header: (request line, headers but Envoy's own, body, Envoy saw it)."""
+    x-case header: (request line, headers but ENVOY_ADDS, body, Envoy sent it:
+    the record's "via_envoy", see own_socket). A fresh UUID v4 x-request-id
+    reads "<uuid4>" (either way's is random; fastpath.request_id.normalized);
+    x-forwarded-proto is compared as is."""
+    from fastpath.request_id import normalized  # here: this module is stdlib-only for k2_slow
+
     out = {}
     for r in seen:
-        hdrs = [(k, v) for k, v in r["headers"] if k not in ENVOY_ADDS]
+        hdrs = [(k, normalized(k, v)) for k, v in r["headers"] if k not in ENVOY_ADDS]
         out[dict(r["headers"])["x-case"]] = (r["line"], hdrs, r["body"],
-                                             "x-request-id" in dict(r["headers"]))
+                                             r["via_envoy"])
     return out

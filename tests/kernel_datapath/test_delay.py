@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from k2_envoy import EnvoyMaker, ResourcesEnvoy, listener_and_cluster
-from k2_http import ThreadedServer, recv_body, recv_head
+from k2_http import ThreadedServer, own_socket, recv_body, recv_head
 from k2_plan import load_plan, run_client, split_plan
 
 from fastpath.agent import Agent
@@ -41,6 +41,7 @@ class EchoUpstream(ThreadedServer):
 
     def _serve(self, c: socket.socket) -> None:
         buf = b""
+        via_envoy = not own_socket(c.getpeername()[1])  # else from an agent's pool
         with c:
             while (got := recv_head(c, buf)) is not None:
                 head, buf = got
@@ -51,7 +52,8 @@ class EchoUpstream(ThreadedServer):
                 if got_body is None:
                     return
                 body, buf = got_body
-                rec = {"line": lines[0], "headers": hdrs, "body": body.decode("latin-1")}
+                rec = {"line": lines[0], "headers": hdrs, "body": body.decode("latin-1"),
+                       "via_envoy": via_envoy}
                 with self.lock:
                     self.seen.append(rec)
                 out = json.dumps({"line": lines[0], "body": rec["body"]}).encode()

@@ -2,12 +2,14 @@
 route config (bpf_src/dp_hop.h, fastpath/hop.py).
 
 Per case, one connection: the case's request, then a plain one. Compared fast
-path vs Envoy: the head the upstream received (minus what Envoy adds and the
-kernel path documents: x-request-id, x-forwarded-proto,
-x-envoy-expected-rq-timeout-ms), status and body of both responses, and
+path vs Envoy: the head the upstream received (minus
+x-envoy-expected-rq-timeout-ms, which Envoy adds on these untimed routes;
+x-forwarded-proto and x-request-id compared too, in place, a fresh UUID v4 as
+"<uuid4>": bpf_src/dp_xrid.h), status and body of both responses, and
 whether the second request was answered (Envoy closes the client's connection
 after a `Connection: close` request). Also: which cases the kernel served (the
-upstream saw no x-request-id) and the envoy/<reason> counters of the others.
+upstream's peer was an agent's pool socket) and the envoy/<reason> counters
+of the others.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from k2_plan import load_plan, run_client, split_plan
 from test_delay import EchoUpstream
 
 from fastpath.agent import Agent
+from fastpath.request_id import UUID4
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
@@ -58,6 +61,10 @@ CASES = [
     ("post", "/u", "Connection: keep-alive\r\nContent-Length: 11\r\n", "hello world", True),
     ("add", "/a", "Connection: keep-alive\r\nKeep-Alive: 1\r\n", "", True),
     ("direct-ka", "/d", "Connection: keep-alive\r\n", "", True),
+    # the client's own x-request-id / x-forwarded-proto: kept as sent (dp_xrid.h)
+    ("rid-kept", "/u", "X-Request-Id: client-id-1\r\nx-after: 1\r\n", "", True),
+    ("xfp-kept", "/a", "x-forwarded-proto: https\r\n", "", True),
+    ("both-kept", "/u", "x-forwarded-proto: https\r\nx-request-id: 0\r\n", "", True),
     ("close", "/u", "Connection: close\r\n", "", False),
     ("proxy-close", "/u", "Proxy-Connection: Close\r\n", "", False),
     ("direct-close", "/d", "Connection: close\r\n", "", False),
@@ -100,7 +107,8 @@ def test_hop_by_hop_matches_envoy(agent: Agent, cgroup: Any, henvoy: ResourcesEn
     assert node.mode == "l7fp"
     fast = run_client(cgroup, CLIENT, henvoy.port, SCRIPT)
     time.sleep(0.1)
-    up_fast = upstream_heads(echo.take())
+    raw = echo.take()
+    up_fast = upstream_heads(raw)
     kernel = node.stats()
     node.dp.detach_cgroup(cgroup.path)  # the same requests through Envoy only
     via_envoy = run_client(cgroup, CLIENT, henvoy.port, SCRIPT)
@@ -120,9 +128,19 @@ def test_hop_by_hop_matches_envoy(agent: Agent, cgroup: Any, henvoy: ResourcesEn
         [n for n in names if n in closing], via_envoy
     served = {c: not up_fast[c][3] for c, _, _, _, k in CASES if c in up_fast}
     assert served == {c: k for c, p, _, _, k in CASES if p != "/d"}, served
+    hcm = [("x-forwarded-proto", "http"), ("x-request-id", "<uuid4>")]
     assert up_fast["three"][1] == [("host", "svc"), ("x-case", "three"), ("x-mid", "2"),
-                                   ("te", "trailers")], up_fast["three"]
-    assert up_fast["add"][1][-1] == ("x-added", "yes"), up_fast["add"]
+                                   ("te", "trailers"), *hcm], up_fast["three"]
+    assert up_fast["add"][1][-3:] == [*hcm, ("x-added", "yes")], up_fast["add"]
+    assert up_fast["rid-kept"][1][2:] == [("x-request-id", "client-id-1"), ("x-after", "1"),
+                                          ("x-forwarded-proto", "http")], up_fast["rid-kept"]
+    assert up_fast["xfp-kept"][1][2:] == [("x-forwarded-proto", "https"), hcm[1],
+                                          ("x-added", "yes")], up_fast["xfp-kept"]
+    assert up_fast["both-kept"][1][2:] == [("x-forwarded-proto", "https"),
+                                           ("x-request-id", "0")], up_fast["both-kept"]
+    ids = [v for r in raw if not r["via_envoy"] for k, v in r["headers"]
+           if k == "x-request-id" and UUID4.fullmatch(v)]
+    assert len(ids) >= 20 and len(set(ids)) == len(ids), ids  # a fresh one per request
     by_reason: dict[str, int] = {}
     for (_, outcome, why), n in kernel.items():
         if outcome == "envoy" and why in ("conn_close", "hop_header"):
@@ -160,7 +178,8 @@ def test_removal_in_corked_heads_and_rest_runs(agent: Agent, cgroup: Any,
     assert out[-2][0]["body"] == "kernel says hi", out[-2]
     for case in [f"cut{c}" for c in (5, 30, 45, 52, 80)] + ["rest"]:
         line, hdrs, _, via_envoy = seen[case]
-        assert not via_envoy and hdrs == [("host", "svc"), ("x-case", case)], (case, seen[case])
+        assert not via_envoy and hdrs == [("host", "svc"), ("x-case", case), ("x-forwarded-proto", "http"),
+                                          ("x-request-id", "<uuid4>")], (case, seen[case])
     st = node.stats()
     assert st.get(("out/all/lim", "kernel_reply", "")) == 1, st
     assert st.get(("out/all/up", "fast", "")) == 6 and \

@@ -1,0 +1,98 @@
+"""x-forwarded-proto and x-request-id: what Envoy's HttpConnectionManager adds
+to a request, and which HCM settings the kernel path reproduces.
+
+Callers: `fastpath.classify` (`hcm_reasons`: the listener's routes stay with
+Envoy for a setting the kernel does not reproduce; `settings`: the values the
+plan carries), `fastpath.reference` (`added_headers`: the model of
+bpf_src/dp_xrid.h) and the differential tests (`UUID4`, `normalized`).
+Pure functions; the data path's half is bpf_src/dp_xrid.h.
+
+What Envoy 1.40 does, seen with the binary (tests/split/test_request_id_envoy.py,
+HTTP/1.1 from 127.0.0.1; ConnectionManagerUtility::mutateRequestHeaders):
+
+* use_remote_address off (Istio's sidecars, the local mesh's, Envoy's
+  default): no request is an edge request. A request without
+  x-forwarded-proto gets ``x-forwarded-proto: http`` appended after its
+  headers, then one without x-request-id gets ``x-request-id: <UUID v4>``
+  (lower-case hex); a client's header is kept, value and place. Both come
+  before the router's headers (the route's adds,
+  x-envoy-expected-rq-timeout-ms).
+* use_remote_address on: a client not in internal_address_config (empty by
+  default in 1.40: 127.0.0.1 is external, so is any 198.18.0.0/15 address) is
+  an edge request: x-forwarded-for gets the client's address (the listener's
+  own for a loopback client), x-envoy-external-address is set,
+  x-forwarded-proto is overwritten with ``http`` and x-request-id with a new
+  UUID unless preserve_external_request_id. The kernel does none of that: such
+  a listener stays with Envoy.
+* generate_request_id false: no x-request-id is added (x-forwarded-proto is).
+* always_set_request_id_in_response: the response carries the request id.
+* tracing set (with the UUID extension's pack_trace_reason, its default): the
+  id's version digit carries Envoy's sampling decision (``9`` sampled, which
+  is every request with the default 100 % random_sampling).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+XFP = "x-forwarded-proto"
+XRID = "x-request-id"
+# What the model says an added x-request-id is: any fresh UUID v4 (its value
+# is random, Envoy's and the kernel's alike)
+UUID4_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+UUID4 = re.compile(UUID4_PATTERN)
+UUID_EXTENSION = "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
+
+
+def _flag(hcm: dict[str, Any], key: str, default: bool) -> bool:
+    """A BoolValue field of the HCM dict as betterproto or a file gives it
+    (a bool, or {"value": bool})."""
+    v = hcm.get(key, default)
+    if isinstance(v, dict):
+        v = v.get("value", False)
+    return bool(v)
+
+
+def settings(hcm: dict[str, Any]) -> dict[str, bool]:
+    """The HCM's request-id settings, as `plan.ListenerPlan` carries them."""
+    return {"generate_request_id": _flag(hcm, "generateRequestId", True),
+            "preserve_external_request_id": _flag(hcm, "preserveExternalRequestId", False)}
+
+
+def hcm_reasons(hcm: dict[str, Any]) -> list[str]:
+    """Why the kernel path cannot add these headers as this HCM does (its
+    listener's routes then stay with Envoy); [] when it can."""
+    out = []
+    if _flag(hcm, "useRemoteAddress", False):
+        out.append("http_connection_manager use_remote_address (Envoy appends x-forwarded-for "
+                   "and overwrites an external client's x-request-id and x-forwarded-proto)")
+    if not _flag(hcm, "generateRequestId", True):
+        out.append("http_connection_manager generate_request_id false (the kernel path adds x-request-id)")
+    if _flag(hcm, "alwaysSetRequestIdInResponse", False):
+        out.append("http_connection_manager always_set_request_id_in_response (response header)")
+    ext = (hcm.get("requestIdExtension") or {}).get("typedConfig") or {}
+    if ext and ext.get("@type") != UUID_EXTENSION:
+        out.append(f"http_connection_manager request_id_extension {ext.get('@type')}")
+    if hcm.get("tracing") is not None and _flag(ext, "packTraceReason", True):
+        out.append("http_connection_manager tracing (Envoy marks its sampling decision in x-request-id)")
+    return out
+
+
+def added_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """The lines the kernel path (and the client's Envoy) appends after the
+    request's headers (lower-case names): x-forwarded-proto when absent, then
+    x-request-id when absent, its value UUID4_PATTERN."""
+    names = {n.lower() for n, _ in headers}
+    out = []
+    if XFP not in names:
+        out.append((XFP, "http"))
+    if XRID not in names:
+        out.append((XRID, UUID4_PATTERN))
+    return tuple(out)
+
+
+def normalized(name: str, value: str) -> str:
+    """A header value for comparing two runs: a fresh UUID v4 x-request-id
+    becomes "<uuid4>" (its value is random either way), any other value stays."""
+    return "<uuid4>" if name.lower() == XRID and UUID4.fullmatch(value) else value
