@@ -179,7 +179,10 @@ static __always_inline int dp_xrid_act(struct sk_msg_md *msg, struct dp_verdict 
     *size += n;
     v->consumed += n;
     v->head_len += n;
-    return 0;
+    /* the insert left msg->data at the new lines: what follows reads the head
+     * from its start (dp_is_head: a HEAD taken for a GET waited for a body) */
+    __u32 want = *size < DP_HDR_MAX + DP_XRID_MAX ? *size : DP_HDR_MAX + DP_XRID_MAX;
+    return bpf_msg_pull_data(msg, 0, want, 0) ? -1 : 0;
 }
 
 #endif /* DP_XRID_H */

@@ -14,7 +14,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fastpath import outlier
+from fastpath import outlier, request_id
 from fastpath.classify_delay import listener_delay_reasons
 from fastpath.classify_rbac import classify_rbac
 from fastpath.classify_route import (
@@ -226,7 +226,8 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
                         rbacs[0] if rbacs else None, limit, norm,
                         Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)),
                         filter_order=tuple(order), fault_abort=fault, rbacs=tuple(rbacs),
-                        use_remote_address=bool(hcm.get("useRemoteAddress", False)))
+                        use_remote_address=bool(hcm.get("useRemoteAddress", False)),
+                        **request_id.settings(hcm))
     return plan, str(rc.get("name", rc_name))
 
 
@@ -271,7 +272,7 @@ def _hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     underscores = hcm.get("commonHttpProtocolOptions", {}).get("headersWithUnderscoresAction")
     if underscores == "DROP_HEADER":
         reasons.append("http_connection_manager drops headers with underscores")
-    return reasons
+    return reasons + request_id.hcm_reasons(hcm)  # x-request-id, x-forwarded-proto as the kernel adds them
 
 
 def _vhosts(rc: dict[str, Any], ctx: RouteContext) -> tuple[VirtualHost, ...]:

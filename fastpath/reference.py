@@ -51,6 +51,7 @@ from fastpath.plan import (
     VirtualHost,
 )
 from fastpath.regex_dfa import RegexUnsupported, compile_dfa, dfa_full_match
+from fastpath.request_id import added_headers
 from fastpath.rewrite import CONST_BYTES, ORIGINAL_PATH, rewritten
 from fastpath.synth_tables import punt_match
 
@@ -103,6 +104,9 @@ class Decision:
     headers: tuple[tuple[str, str], ...] = ()  # a reply's extra header lines (rate limit)
     mirrors: tuple[str, ...] = ()  # forward: clusters a shadow copy goes to (fastpath.mirror)
     hop_removed: tuple[str, ...] = ()  # forward: hop-by-hop headers the data path removed
+    # forward: the lines the data path appends after the request's headers, before
+    # add_headers (x-forwarded-proto, x-request-id: fastpath.request_id.added_headers)
+    hcm_added: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -187,7 +191,9 @@ def decide_datapath(plan: KernelPlan, listener: str, req: Request,
     bucket's, whose Envoy copy is off); a forward's Connection: keep-alive,
     Keep-Alive and Proxy-Connection: keep-alive are removed. Before that step,
     dp_msg_rwin's: a forward whose rewritten path the destination's inbound
-    decision cannot take goes to Envoy (reason ``path_rewrite``)."""
+    decision cannot take goes to Envoy (reason ``path_rewrite``). After it,
+    dp_xrid.h's: a forward gets x-forwarded-proto and x-request-id where it
+    lacks them (``hcm_added``)."""
     d = decide(plan, listener, req, rng, state)
     if d.kind == "envoy" or (d.kind == "reply" and d.status == 429):
         return d
@@ -196,7 +202,10 @@ def decide_datapath(plan: KernelPlan, listener: str, req: Request,
     why, kept = kernel_hop(req.headers)
     if why:
         return Decision("envoy", route=d.route, reason=why)
-    if d.kind != "forward" or len(kept) == len(req.headers):
+    if d.kind != "forward":
+        return d
+    d = replace(d, hcm_added=added_headers(req.headers))
+    if len(kept) == len(req.headers):
         return d
     return replace(d, hop_removed=tuple(n for n, _ in req.headers if n in MATCH_AFTER_REMOVAL))
 
