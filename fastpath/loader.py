@@ -61,6 +61,13 @@ def returning() -> bool:
     return os.environ.get("L7FP_DP_RETURN", "1") != "0"
 
 
+def request_ids() -> bool:
+    """Does the kernel path add x-forwarded-proto / x-request-id (bpf_src/dp_xrid.h)?
+    On unless `L7FP_DP_XRID=0`: the A/B cost measurement in docs/fastpath.md
+    switches it, nothing else (without them the kernel path differs from Envoy)."""
+    return os.environ.get("L7FP_DP_XRID", "1") != "0"
+
+
 def module_text(decide_header: str | None = None) -> str:
     """The C text of one datapath module; `decide_header` replaces the built-in decision.
 
@@ -140,6 +147,8 @@ class Datapath:
         back = returning()
         if not back:
             cflags = tuple(cflags) + ("-DDP_RETURN=0",)
+        if not request_ids():
+            cflags = tuple(cflags) + ("-DDP_XRID=0",)
         b = compile_module(module_text(decide_header), cflags, include, instance,
                            check=decide_header is not None)
         dp = cls(bpf=b)

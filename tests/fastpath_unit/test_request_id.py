@@ -5,9 +5,24 @@ from __future__ import annotations
 
 import uuid
 
-from fastpath.plan import ClusterAction, DirectResponse, PathKind, Route, RouteMatch, Verdict, WeightedCluster
+from fastpath.plan import (
+    ClusterAction,
+    DirectResponse,
+    PathKind,
+    Route,
+    RouteMatch,
+    Verdict,
+    WeightedCluster,
+)
 from fastpath.reference import Request, decide_datapath
-from fastpath.request_id import UUID4, UUID4_PATTERN, added_headers, hcm_reasons, normalized, settings
+from fastpath.request_id import (
+    UUID4,
+    UUID4_PATTERN,
+    added_headers,
+    hcm_reasons,
+    normalized,
+    settings,
+)
 from tests.split.harness import listener_plan
 
 
@@ -47,7 +62,6 @@ def test_hcm_settings_the_kernel_path_does_not_reproduce() -> None:
 def test_reference_adds_them_on_forwards_only() -> None:
     fwd = Route("f", RouteMatch(PathKind.PREFIX, "/f"), ClusterAction((WeightedCluster("c", 1),)),
                 Verdict.KERNEL)
-
     reply = Route("r", RouteMatch(PathKind.PREFIX, "/r"), DirectResponse(200, "x"), Verdict.KERNEL)
     plan = listener_plan((fwd, reply))
     d = decide_datapath(plan, "l", Request("GET", "/f", "a", (("x-request-id", "mine"),)))

@@ -22,6 +22,7 @@ from k2_plan import load_plan, run_client, split_plan
 
 from fastpath.agent import Agent
 from fastpath.classify_route import KernelCaps
+from fastpath.request_id import normalized
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
@@ -170,7 +171,9 @@ def test_fault_delay_matches_envoy(agent: Agent, cgroup: Any, denvoy: ResourcesE
         names_e = {n for n, _ in up_envoy[case]["headers"]}
         assert names_e - names_f == env_added, case
         assert up_fast[case]["body"] == up_envoy[case]["body"]
-    assert up_fast["/d/1"]["headers"] == [("host", "svc"), ("x-case", "/d/1")]
+    assert [(n, normalized(n, v)) for n, v in up_fast["/d/1"]["headers"]] == [
+        ("host", "svc"), ("x-case", "/d/1"), ("x-forwarded-proto", "http"),
+        ("x-request-id", "<uuid4>")]  # as Envoy adds them (dp_xrid.h)
     # 50 %: each run's share within 5..25 of 30 (binomial: outside with p < 1e-4)
     for way, run_ in (("fast path", sampled), ("envoy", e_sampled)):
         assert [r["status"] for r in run_] == [200] * SAMPLED, (way, run_[-2:])

@@ -32,6 +32,8 @@ from typing import Any
 
 import pytest
 
+from fastpath.request_id import normalized
+
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.slow,
               pytest.mark.timeout(420)]
 
@@ -45,9 +47,11 @@ N_KEEPALIVE = 32  # of the api requests, on 4 kept-alive connections
 # (back to back, 123 of 214 found their pool empty: the agent compiled the other
 # nodes' programs on the thread that refills pools, for seconds).
 RL_TOKENS = 5  # policies.yaml: limited's bucket, no refill within the test
-# Headers Envoy itself adds on every proxied request (not policy): ignored in
-# the added-header comparison; the kernel path does not add them.
-ENVOY_OWN = re.compile(r"^(x-envoy-.*|x-forwarded-proto|x-forwarded-for|x-request-id)$")
+# Headers Envoy itself adds on proxied requests (not policy): ignored in the
+# added-header comparison. x-forwarded-proto and x-request-id are compared: the
+# kernel path adds them as the client's sidecar does (bpf_src/dp_xrid.h; a
+# fresh UUID v4 reads "<uuid4>").
+ENVOY_OWN = re.compile(r"^(x-envoy-.*|x-forwarded-for)$")
 API_PATHS = ["/healthz", "/healthz/x", "/v2/a", "/v2", "/v1/a", "/v1/", "/items", "/items/7",
              "/admin", "/admin/x", "/other", "/", "/V2/a", "/Healthz", "/a/b/c"]
 API_HOSTS = ["api:9000", "api", "API:9000", "api.k3.svc.cluster.local:9000", "api.k3:9000"]
@@ -244,7 +248,8 @@ def echo(res: dict[str, Any]) -> dict[str, Any] | None:
 
 def added_headers(req: dict[str, Any], body: dict[str, Any]) -> dict[str, str]:
     sent = {k.lower() for k in req["headers"]} | {"content-length"}
-    return {k: v for k, v in body["headers"].items() if k not in sent and not ENVOY_OWN.match(k)}
+    return {k: normalized(k, v) for k, v in body["headers"].items()
+            if k not in sent and not ENVOY_OWN.match(k)}
 
 
 def route_of(req: dict[str, Any]) -> str:

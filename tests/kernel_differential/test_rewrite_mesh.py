@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 from onoff_mesh import prepare, run_driver, wait_plans
 
+from fastpath.request_id import normalized
+
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
               pytest.mark.timeout(300)]
 
@@ -36,9 +38,6 @@ SRC = HERE / "rewrite"
 APP = "../../kernel_mirror/mirror_app.py"  # logs each request: line, headers, body
 DRIVER = HERE.parent / "kernel_retry" / "driver1w.py"  # head and body in one write
 GAP_MS = 50  # fast path on: lets the agent refill the pool between connections
-# Set by the client's Envoy, never by the data path (docs/fastpath.md, "Hop-by-hop
-# request headers"): not compared
-ENVOY_ONLY = {"x-request-id", "x-forwarded-proto"}
 ORIG = "x-envoy-original-path"
 
 # (path, extra request headers, status with either path)
@@ -87,12 +86,12 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def view(r: dict[str, Any] | None, client_ip: str) -> tuple[Any, ...] | None:
-    """What web's app got: request line and every header in order but
-    ENVOY_ONLY's (the client pod's address as CLIENT)."""
+    """What web's app got: request line and every header in order (the client
+    pod's address as CLIENT; a fresh UUID v4 x-request-id as "<uuid4>": the
+    client's sidecar or the kernel path added it, bpf_src/dp_xrid.h)."""
     if r is None:
         return None
-    hdrs = tuple((k, v.replace(client_ip, "CLIENT")) for k, v in r["headers"]
-                 if k not in ENVOY_ONLY)
+    hdrs = tuple((k, normalized(k, v.replace(client_ip, "CLIENT"))) for k, v in r["headers"])
     return (r["method"], r["path"], hdrs)
 
 
