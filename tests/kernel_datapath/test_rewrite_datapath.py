@@ -3,9 +3,9 @@ route config (bpf_src/dp_rewrite.h, fastpath/rewrite.py).
 
 The same requests go through the kernel (a client in the agent's cgroup) and
 straight to Envoy (the same client outside it); the echo upstream records
-the head it got. Compared: the request line, the headers but those only
-Envoy adds (x-request-id, x-forwarded-proto, x-envoy-expected-rq-timeout-ms),
-the body, the response; and the reference model's path and
+the head it got. Compared: the request line, the headers but
+x-envoy-expected-rq-timeout-ms (x-forwarded-proto and x-request-id too, a
+fresh UUID as "<uuid4>": k2_http.upstream_heads), the body, the response; and the reference model's path and
 x-envoy-original-path. Hypothesis draws the paths and queries.
 """
 

@@ -8,8 +8,8 @@ The mesh rewrite/envoy/ (Envoy-resource policies): the client's routes
 rewrite /old/ -> /new/ (adding x-rw-route) and /pot/ -> /tea/; web's inbound
 routes add x-rw-in on /new/, answer 418 on /old/ and /tea/. Per request the
 same status and body both ways, and web's app got the same request line and
-headers in the same order (less x-request-id and x-forwarded-proto, which the
-data path never adds): Envoy's order is the client route's adds,
+headers in the same order (x-forwarded-proto and x-request-id, which the
+client's sidecar or the kernel adds, included): Envoy's order is the client route's adds,
 x-envoy-original-path, then the inbound sidecar's adds. Then (`retries`) the
 client -> `slow` mesh of k3_meshrun.py with a prefix_rewrite route under
 istiod's retry policy, an app that closes without answering (the
