@@ -110,7 +110,8 @@ class NodeDatapath:
         if self.keeper is not None:  # a per-try timeout the policy retries: no 504
             self.keeper.retry = self.resetter.per_try_expired
         # outlier detection: the agent's own answers (503 of a close, 504) count too
-        self.resetter.on_error = self.outlier.count_error
+        self.resetter.on_error = lambda up, status: self.outlier.count_error(
+            up, status, sidecar=self.pools.in_pod(up))
         if self.keeper is not None:
             self.keeper.on_error = self.outlier.count_error
         # diverted responses and held requests are read, not reaped; an EOF with

@@ -287,19 +287,20 @@ class OutlierKeeper:
         t[t.Key(up)] = v
 
     # ---- errors the agent answers (event thread: resets; timer thread: timeouts)
-    def count_error(self, up: int, status: int) -> None:
+    def count_error(self, up: int, status: int, sidecar: bool = True) -> None:
         """The agent answered the request on U itself: a close before any
-        response byte (503: in the mesh the destination's sidecar answers it
-        503, which the client's detector counts as a response, split or not)
-        or a route / per-try timeout (504, Envoy's LocalOriginTimeout: a
-        local-origin failure when the cluster splits them, else its 504).
-        Counted for U's host as the kernel counts a response
-        (dp_outlier_status). Call before U's dp_peer entry goes."""
+        response byte (503) or a route / per-try timeout (504, Envoy's
+        LocalOriginTimeout). Counted for U's host as Envoy's detector counts
+        it: without split as that status (dp_outlier_status); with split a
+        timeout is a local-origin failure, and so is a close unless the
+        destination has a `sidecar` (a pod's: it answers its app's close 503,
+        a status the client's detector counts as such). Call before U's
+        dp_peer entry goes."""
         v = bpfsys.table_get(self.dp.bpf["dp_peer"], up)
         host1 = int(v.od_host) if v is not None else 0
         if not host1:
             return
-        local = status == 504 and host1 - 1 in self.split_slots
+        local = host1 - 1 in self.split_slots and (status == 504 or not sidecar)
         op = OdOp(OP_LOCAL, host1 - 1, 0, 0, 1) if local else OdOp(OP_STATUS, host1 - 1, 0, 0, status)
         with self._lock:
             self._run_ops([op])

@@ -244,6 +244,12 @@ class Pools:
                 self._drain_queue(pid, set())
 
     # ---- kernel events (agent thread) ------------------------------------------
+    def in_pod(self, cookie: int) -> bool:
+        """Upstream `cookie` was made in its destination pod's network namespace
+        (whose sidecar answers the app's close 503: outlier detection counts it so)."""
+        pool = self.pools.get(self.owner.get(cookie, -1))
+        return pool is not None and pool.key.netns is not None
+
     def release(self, cookies: list[int]) -> None:
         """A client closed: its bound upstream sockets are closed (refilled later)."""
         with self.mu:
