@@ -176,10 +176,11 @@ def route_match(m: dict[str, Any]) -> tuple[RouteMatch, Reasons]:
         qm, r = query_match(q)
         reasons += r
         queries.append(qm)
-    for key in sorted(set(m) - _IGNORED_MATCH):
+    unmodelled = tuple(sorted(set(m) - _IGNORED_MATCH))
+    for key in unmodelled:
         reasons.append(f"route match {key}")
     if "grpc" in m:  # it only matches gRPC requests, and the kernel hands every one to Envoy
         reasons.append("route match grpc (gRPC requests go to Envoy)")
     rm = RouteMatch(kind, path, cs, tuple(headers), tuple(queries), method, lit, pre,
-                    grpc="grpc" in m, regex_dfa=dfa)
+                    grpc="grpc" in m, regex_dfa=dfa, unmodelled=unmodelled)
     return rm, reasons

@@ -162,6 +162,9 @@ class RouteMatch:
     regex_prefix: str | None = None  # REGEX proven equal to a prefix ("^/a/.*")
     grpc: bool = False  # RouteMatch.grpc: content-type application/grpc*
     regex_dfa: RegexDfa | None = None  # REGEX that is neither literal nor prefix, as a DFA
+    # Envoy match fields the IR does not hold (runtime_fraction, tls_context,
+    # ...; the route is ENVOY): Envoy may skip a request all the rest matches
+    unmodelled: tuple[str, ...] = ()
 
     def literal_path(self) -> tuple[str, str] | None:
         """("exact"|"prefix", path) for a case-sensitive literal path matcher

@@ -53,6 +53,13 @@ def kernel_part(tb: Any, m: RouteMatch) -> RouteMatch:
                                method=method)
 
 
+def is_exact(kernel: RouteMatch, m: RouteMatch) -> bool:
+    """The punt entry whose kernel matcher is `kernel` (kernel_part of `m`)
+    matches exactly the requests Envoy's route with matcher `m` matches:
+    nothing was left out, and `m` has no part the IR does not hold."""
+    return kernel == m and not m.unmodelled
+
+
 def _builds(build: Callable[..., Any], *args: Any) -> bool:
     try:
         build(*args)
@@ -76,4 +83,4 @@ def disjoint(a: RouteMatch, b: RouteMatch) -> bool:
     return not (la[1].startswith(lb[1]) or lb[1].startswith(la[1]))
 
 
-__all__ = ["CATCH_ALL", "MAX_QMATCH", "disjoint", "kernel_part"]
+__all__ = ["CATCH_ALL", "MAX_QMATCH", "disjoint", "is_exact", "kernel_part"]

@@ -52,7 +52,7 @@ from fastpath.synth import (
     encode_str,
     reply_bytes,
 )
-from fastpath.synth_punt import CATCH_ALL, MAX_QMATCH, disjoint, kernel_part
+from fastpath.synth_punt import CATCH_ALL, MAX_QMATCH, disjoint, is_exact, kernel_part
 
 _SM = {StringKind.EXACT: bs.SM_EXACT, StringKind.PREFIX: bs.SM_PREFIX,
        StringKind.SUFFIX: bs.SM_SUFFIX, StringKind.PRESENT: bs.SM_PRESENT}
@@ -417,7 +417,7 @@ class TableBuilder:
         self._add("l7fp_vhosts", _Row("Vhost", {"route_base": rbase, "n_routes": n}))
         self.max_routes = max(self.max_routes, n)
         caught: Route | None = None  # its kernel punt catches every request: later ones never run
-        punts: list[tuple[Route, RouteMatch]] = []  # earlier punt entries, their kernel matchers
+        punts: list[tuple[Route, RouteMatch]] = []  # earlier inexact punt entries, their matchers
         for r in routes:
             rid = len(self.route_names)
             self.route_names.append(f"{lp.name}/{vh.name}/{r.name}")
@@ -434,8 +434,8 @@ class TableBuilder:
                 self._shadowed(r, caught)
             self._limit_shared(r, punts)
             caught = caught or (r if _catches_all(f) else None)
-            if f.get("action") == bs.ACT_PUNT:
-                punts.append((r, f.pop("kernel_match", CATCH_ALL)))
+            if "kernel_match" in f:
+                punts.append((r, f.pop("kernel_match")))
             f["route_id"] = rid
             if "rw" in f:
                 self.rewrites[rid] = f.pop("rw")
@@ -461,13 +461,17 @@ class TableBuilder:
         and go on to later routes), else one that catches everything. Its
         matcher is left in "kernel_match" for _vhost."""
         km = kernel_part(self, r.match)
-        if km != r.match and _any_path(km):  # e.g. "/" + :authority: Envoy may go on,
-            km = CATCH_ALL  # the kernel never does (later routes: _shadowed)
+        if not is_exact(km, r.match) and _any_path(km):  # e.g. "/" + :authority: Envoy
+            km = CATCH_ALL  # may go on, the kernel never does (later routes: _shadowed)
         try:
             f = self._match(km)
         except Punt:  # a conjunct that builds alone but not with the others
-            return {"action": bs.ACT_PUNT, "path_kind": bs.PATH_PREFIX, "path": ("", False)}
-        f["action"], f["kernel_match"] = bs.ACT_PUNT, km
+            km = CATCH_ALL
+            f = {"action": bs.ACT_PUNT, "path_kind": bs.PATH_PREFIX, "path": ("", False),
+                 "hm_rows": []}
+        f["action"] = bs.ACT_PUNT
+        if not is_exact(km, r.match):  # Envoy may route some of its requests on (_vhost)
+            f["kernel_match"] = km
         return self._with_hm(f)
 
     def _route(self, vh: VirtualHost, r: Route) -> dict[str, Any]:

@@ -147,3 +147,22 @@ def test_the_model_stops_at_the_punt_as_the_kernel_does() -> None:
            for path in ("/api/x", "/x") for hs in ((), (("x-v", "1"),))}
     assert got == {("/api/x", ()): "forward", ("/api/x", (("x-v", "1"),)): "envoy",
                    ("/x", ()): "forward", ("/x", (("x-v", "1"),)): "forward"}
+
+
+def test_an_exact_punt_hands_envoy_nothing_it_routes_on() -> None:
+    """A punt entry that evaluates its whole matcher (an ENVOY route for a
+    non-matcher reason) takes exactly Envoy's requests of that route: the
+    rate-limited route after it stays KERNEL. A match field the IR does not
+    hold (runtime_fraction) makes it inexact, and "/" plus such a field
+    catches all."""
+    lim = LocalRateLimit(1, 1, 60_000)
+    slow = _r("slow", RouteMatch(PathKind.PREFIX, "/api"), Verdict.ENVOY, reason="retry")
+    limited = _r("limited", RouteMatch(PathKind.PREFIX, "/"), rate_limit=lim)
+    assert _verdicts(listener_plan((slow, limited)))[1] == ("limited", Verdict.KERNEL, "")
+    m, reasons = route_match({"prefix": "/api", "runtimeFraction": {"defaultValue": {"numerator": 50}}})
+    assert m.unmodelled == ("runtimeFraction",) and reasons == ["route match runtimeFraction"]
+    rt = dataclasses.replace(slow, match=m)
+    assert _verdicts(listener_plan((rt, limited)))[1][1] is Verdict.ENVOY
+    everything = dataclasses.replace(slow, match=dataclasses.replace(m, path="/"))
+    assert punt_catches_all(everything)
+
