@@ -146,7 +146,18 @@ def _print_listener(lp: Any, explain: bool) -> None:
             i, guards = i + 1, []
             if explain:
                 print(f"             match {brief(r.match)}")
+                _print_punt(r)
                 print(f"             action {brief(r.action)}")
+
+
+def _print_punt(r: Any) -> None:
+    """An ENVOY route whose kernel punt entry evaluates only part of its
+    matcher: that part (a request failing it goes on to the later routes)."""
+    from fastpath.synth_tables import punt_match
+
+    kept = punt_match(r.match)
+    if r.verdict.value == "ENVOY" and kept != r.match:
+        print(f"             kernel punt {brief(kept)}")
 
 
 def brief(value: Any) -> str:

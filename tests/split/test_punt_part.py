@@ -166,3 +166,14 @@ def test_an_exact_punt_hands_envoy_nothing_it_routes_on() -> None:
     everything = dataclasses.replace(slow, match=dataclasses.replace(m, path="/"))
     assert punt_catches_all(everything)
 
+
+
+def test_explain_prints_what_the_punt_entry_keeps(capsys: object) -> None:
+    from fastpath.cli_split import _print_punt
+
+    m, _ = route_match({"prefix": "/api", "headers": [
+        {"name": ":authority", "stringMatch": {"exact": "api.test"}}]})
+    _print_punt(_r("api", m, Verdict.ENVOY, reason="x"))
+    _print_punt(_r("slow", RouteMatch(PathKind.PREFIX, "/slow"), Verdict.ENVOY, reason="x"))
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    assert out == "             kernel punt RouteMatch(path_kind=prefix, path='/api')\n"
