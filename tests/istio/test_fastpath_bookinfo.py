@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.onoff import both_modes
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
               pytest.mark.timeout(360)]
@@ -86,7 +87,8 @@ def test_bookinfo_names_and_default_retries_on_the_fast_path() -> None:
     from tests.support.env import require_kernel
 
     require_kernel()
-    off, on = _run("off"), _run("on")
+    runs = both_modes(_run)
+    off, on = runs["off"], runs["on"]
     node = on["node"]
     assert node is not None and node["decision"] == "l7fp", node
     # bookinfo's names need 64-byte strings; the routes' retry policy is compiled in

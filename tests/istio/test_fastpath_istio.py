@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.onoff import both_modes
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
               pytest.mark.timeout(300)]
@@ -86,7 +87,8 @@ def test_istio_outbound_listener_on_the_fast_path() -> None:
     from tests.support.env import require_kernel
 
     require_kernel()
-    off, on = _run("off"), _run("on")
+    runs = both_modes(_run)
+    off, on = runs["off"], runs["on"]
     node = on["node"]
     assert node is not None and node["decision"] == "l7fp", node
     # every meshed service on port 9080 goes to the one 0.0.0.0_9080 listener

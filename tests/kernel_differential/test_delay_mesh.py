@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from k3_meshrun import run_script
+from support.onoff import both_modes
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
               pytest.mark.timeout(240)]
@@ -93,8 +94,8 @@ def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
 
 
 def test_fault_delay_in_the_mesh_matches_envoy(kernel: None, tmp_path: Path) -> None:
-    off = run_mesh(tmp_path, "off")
-    on = run_mesh(tmp_path, "on")
+    runs = both_modes(lambda mode: run_mesh(tmp_path, mode))
+    off, on = runs["off"], runs["on"]
     # the destination's inbound DENY after the client's delay: 403 at >= 0.3 s both
     # ways (the kernel hands it to Envoy: its reply could not wait)
     (deny_on,), (deny_off,) = on["results"].pop(), off["results"].pop()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.onoff import both_modes
 
 from fastpath.request_id import normalized
 
@@ -306,7 +307,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("k3diff")
     tmp.chmod(0o755)
     reqs = gen_requests()
-    out = {mode: run_mesh(tmp, mode, reqs) for mode in ("off", "on")}
+    out = both_modes(lambda mode: run_mesh(tmp, mode, reqs))
     out["reqs"] = {"list": reqs}
     return out
 

@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 RETRY = HERE.parent / "kernel_retry"
 sys.path.insert(0, str(HERE))
 from onoff_mesh import prepare, wait_plans  # noqa: E402
+from support.onoff import both_modes  # noqa: E402
 
 DRIVER = RETRY / "driver1w.py"
 GAP_MS = 60  # between requests, both modes: 16 requests a second
@@ -193,11 +194,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("k-outlier")
     tmp.chmod(0o755)
     reqs = gen_requests()
-    out: dict[str, Any] = {}
-    for mode in ("off", "on"):
-        out[mode] = run_mesh(tmp, mode, reqs)
-        time.sleep(0.5)
-    return out
+    return both_modes(lambda mode: run_mesh(tmp, mode, reqs))
 
 
 def one_bad_view(run: dict[str, Any]) -> dict[str, Any]:

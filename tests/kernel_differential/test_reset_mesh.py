@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 from k3_meshrun import run_slow_mesh
 from k3_meshrun import slow_req as req
+from support.onoff import both_modes
 
 from fastpath.timeouts import RESET_BODY
 
@@ -99,8 +100,8 @@ def attempts(events: list[dict[str, Any]]) -> Counter[str]:
 
 
 def test_reset_before_response_in_the_mesh_matches_envoy(kernel: None, tmp_path: Path) -> None:
-    off = run_mesh(tmp_path, "off")
-    on = run_mesh(tmp_path, "on")
+    runs = both_modes(lambda mode: run_mesh(tmp_path, mode))
+    off, on = runs["off"], runs["on"]
 
     def seen(conn: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         return [(r["status"], line_or_body(r["body"]), r["headers"].get("content-type"),

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from onoff_mesh import prepare, run_driver, wait_plans
+from support.onoff import both_modes
 
 from fastpath.request_id import normalized
 
@@ -103,7 +104,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("rwin")
     tmp.chmod(0o755)
     reqs = gen_requests()
-    return {"reqs": reqs, **{mode: run_mesh(tmp, mode, reqs) for mode in ("off", "on")}}
+    return {"reqs": reqs, **both_modes(lambda mode: run_mesh(tmp, mode, reqs))}
 
 
 def test_same_answers_and_requests_as_envoy(runs: dict[str, Any], kernel: None) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from k3_meshrun import run_slow_mesh
 from k3_meshrun import slow_req as req
+from support.onoff import both_modes
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
               pytest.mark.timeout(240)]
@@ -50,8 +51,8 @@ def run_mesh(tmp: Path, mode: str) -> dict[str, Any]:
 
 
 def test_timeouts_in_the_mesh_match_envoy(kernel: None, tmp_path: Path) -> None:
-    off = run_mesh(tmp_path, "off")
-    on = run_mesh(tmp_path, "on")
+    runs = both_modes(lambda mode: run_mesh(tmp_path, mode))
+    off, on = runs["off"], runs["on"]
     def seen(conn: list[dict[str, Any]]) -> list[tuple[int, str, bool]]:
         # a cut connection: EOF from Envoy (after its delayed close), an abort
         # from the kernel path (SOCK_DESTROY); both end the response early

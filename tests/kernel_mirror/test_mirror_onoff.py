@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 DRIVER = HERE.parent / "kernel_retry" / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
 from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
+from support.onoff import both_modes  # noqa: E402
 
 GAP_MS = 50  # fast path on: lets the agent refill the pools between connections
 BIG = 5000  # bytes of body: too big to copy, Envoy mirrors that request
@@ -184,7 +185,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     tmp = tmp_path_factory.mktemp(f"k6mirror-{variant}")
     tmp.chmod(0o755)
     reqs = gen_requests(variant)
-    out: dict[str, Any] = {mode: run_mesh(tmp, variant, mode, reqs) for mode in ("off", "on")}
+    out: dict[str, Any] = both_modes(lambda mode: run_mesh(tmp, variant, mode, reqs))
     out["reqs"] = reqs
     out["variant"] = variant
     return out

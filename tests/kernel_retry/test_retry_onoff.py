@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE.parent / "kernel_differential"))
 import deadline_cases  # noqa: E402
 import reset_cases  # noqa: E402
 from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
+from support.onoff import both_modes  # noqa: E402
 
 GAP_MS = 100  # fast path on: lets the agent refill the pools between connections
 
@@ -139,7 +140,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     if variant == DEADLINE_VARIANT:  # the /d routes: timers with retries
         reqs += deadline_cases.gen_requests()
         reqs += reset_cases.gen_requests()  # the /x routes: retry_on with resets
-    out: dict[str, Any] = {mode: run_mesh(tmp, variant, mode, reqs) for mode in ("off", "on")}
+    out: dict[str, Any] = both_modes(lambda mode: run_mesh(tmp, variant, mode, reqs))
     out["reqs"] = reqs
     out["variant"] = variant
     return out

@@ -55,17 +55,28 @@ limited:
 """
 
 
-@pytest.fixture
-def small_file(tmp_path: Path) -> Path:
-    (tmp_path / "policies.yaml").write_text(POLICY)
-    path = tmp_path / "mesh.yaml"
+def write_small(d: Path) -> Path:
+    """The small mesh file (and its policies) in `d`."""
+    (d / "policies.yaml").write_text(POLICY)
+    path = d / "mesh.yaml"
     path.write_text(MESH)
     return path
 
 
 @pytest.fixture
-def file_mesh(kernel: None, small_file: Path) -> Iterator[Mesh]:
-    m = Mesh(small_file, unique_name("f"), xds="file", timeout=90)
+def small_file(tmp_path: Path) -> Path:
+    return write_small(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def file_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """One file-xDS mesh for the module's tests: none needs a fresh one (the
+    policy switch restores the file, only the rate-limit test calls `limited`,
+    the crash test restarts the app it kills)."""
+    from support.env import require_kernel
+    require_kernel()
+    m = Mesh(write_small(tmp_path_factory.mktemp("small")), unique_name("f"), xds="file",
+             timeout=90)
     try:
         m.up()
         yield m
