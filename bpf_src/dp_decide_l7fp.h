@@ -10,7 +10,7 @@
 
 #include "l7fp_decide.h"
 #include "dp_hop.h" /* hop-by-hop request headers: dp_msg_act calls it */
-#include "dp_xrid.h" /* x-forwarded-proto, x-request-id: dp_msg_act and dp_act_send call it */
+#include "dp_xrid.h" /* x-forwarded-proto, x-request-id: dp_msg_act calls it */
 
 #ifndef DP_INBOUND
 #define DP_INBOUND 0 /* 1: the destinations' inbound listeners are decided too (the agent
