@@ -36,6 +36,7 @@
 #define DP_XRID_XFP_LEN 25 /* "x-forwarded-proto: http\r\n" */
 #define DP_XRID_RID_LEN 52 /* "x-request-id: " + 36 + "\r\n" */
 #define DP_XRID_MAX (DP_XRID_XFP_LEN + DP_XRID_RID_LEN)
+_Static_assert((DP_HDR_MAX & (DP_HDR_MAX - 1)) == 0, "dp_xrid_insert masks offsets with DP_HDR_MAX - 1");
 
 #define DP_W_X_REQUES L7FP_W8('x', '-', 'r', 'e', 'q', 'u', 'e', 's')
 #define DP_W_QUEST_ID L7FP_W8('q', 'u', 'e', 's', 't', '-', 'i', 'd')
@@ -118,10 +119,13 @@ static __always_inline void dp_xrid_uuid(__u8 *p)
 }
 
 /* Insert the lines the request lacks at head_len - 2 (the end of the
- * client's head, before the route's headers). Returns the bytes inserted
- * (0: the client sent both), or -1 when the message is no longer usable (the
- * caller sends it to Envoy). */
-static __always_inline int dp_xrid_insert(struct sk_msg_md *msg, struct dp_verdict *v)
+ * client's head, before the route's headers) of a write of `size` bytes.
+ * One pull from the start, then the writes at their offset: pulling the new
+ * lines alone left msg->data there (a HEAD read as a GET after it), and a
+ * second pull from the start copied the head once more. Returns the bytes
+ * inserted (0: the client sent both), or -1 when the message is no longer
+ * usable (the caller sends it to Envoy). */
+static __always_inline int dp_xrid_insert(struct sk_msg_md *msg, struct dp_verdict *v, __u32 size)
 {
 #if DP_XRID
     __u32 xfp = !(v->xrid & DP_XRID_HAS_XFP), rid = !(v->xrid & DP_XRID_HAS_RID);
@@ -130,10 +134,14 @@ static __always_inline int dp_xrid_insert(struct sk_msg_md *msg, struct dp_verdi
         return 0;
     if (v->head_len < 4)
         return -1;
-    __u32 at = v->head_len - 2;
-    if (bpf_msg_push_data(msg, at, len, 0) || bpf_msg_pull_data(msg, at, at + len, 0))
+    __u32 at = v->head_len - 2; /* < DP_HDR_MAX: the decision parsed the head there */
+    size += len;
+    __u32 want = size < DP_HDR_MAX + DP_XRID_MAX ? size : DP_HDR_MAX + DP_XRID_MAX;
+    if (at >= DP_HDR_MAX || bpf_msg_push_data(msg, at, len, 0) || bpf_msg_pull_data(msg, 0, want, 0))
         return -1;
-    __u8 *d = msg->data;
+    __u64 off = at;
+    asm volatile("%0 &= %1" : "+r"(off) : "i"(DP_HDR_MAX - 1)); /* the verifier's bound */
+    __u8 *d = (__u8 *)(long)msg->data + off;
     if (xfp) {
         if ((void *)(d + DP_XRID_XFP_LEN) > msg->data_end)
             return -1;
@@ -173,16 +181,13 @@ static __always_inline int dp_xrid_act(struct sk_msg_md *msg, struct dp_verdict 
     if (v->kind != DP_K_FORWARD)
         return 0;
     dp_xrid_scan(v);
-    int n = dp_xrid_insert(msg, v);
+    int n = dp_xrid_insert(msg, v, *size);
     if (n <= 0)
         return n;
     *size += n;
     v->consumed += n;
     v->head_len += n;
-    /* the insert left msg->data at the new lines: what follows reads the head
-     * from its start (dp_is_head: a HEAD taken for a GET waited for a body) */
-    __u32 want = *size < DP_HDR_MAX + DP_XRID_MAX ? *size : DP_HDR_MAX + DP_XRID_MAX;
-    return bpf_msg_pull_data(msg, 0, want, 0) ? -1 : 0;
+    return 0;
 }
 
 #endif /* DP_XRID_H */
