@@ -26,9 +26,11 @@ HTTP/1.1 from 127.0.0.1; ConnectionManagerUtility::mutateRequestHeaders):
   a listener stays with Envoy.
 * generate_request_id false: no x-request-id is added (x-forwarded-proto is).
 * always_set_request_id_in_response: the response carries the request id.
-* tracing set (with the UUID extension's pack_trace_reason, its default): the
-  id's version digit carries Envoy's sampling decision (``9`` sampled, which
-  is every request with the default 100 % random_sampling).
+* tracing set (with the UUID extension's pack_trace_reason and
+  use_request_id_for_trace_sampling, their defaults): the id's version digit
+  carries Envoy's sampling decision (``9`` sampled, which is every request
+  with the default 100 % random_sampling). A sidecar HCM from istiod with
+  meshConfig.enableTracing carries `tracing`: such listeners stay with Envoy.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     ext = (hcm.get("requestIdExtension") or {}).get("typedConfig") or {}
     if ext and ext.get("@type") != UUID_EXTENSION:
         out.append(f"http_connection_manager request_id_extension {ext.get('@type')}")
-    if hcm.get("tracing") is not None and _flag(ext, "packTraceReason", True):
+    if hcm.get("tracing") is not None and _flag(ext, "packTraceReason", True) and \
+            _flag(ext, "useRequestIdForTraceSampling", True):
         out.append("http_connection_manager tracing (Envoy marks its sampling decision in x-request-id)")
     return out
 

@@ -18,6 +18,7 @@ from fastpath.reference import Request, decide_datapath
 from fastpath.request_id import (
     UUID4,
     UUID4_PATTERN,
+    UUID_EXTENSION,
     added_headers,
     hcm_reasons,
     normalized,
@@ -48,6 +49,8 @@ def test_hcm_settings_the_kernel_path_does_not_reproduce() -> None:
                         "tracing": {}, "requestIdExtension": {"typedConfig": {
                             "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3."
                                      "UuidRequestIdConfig", "packTraceReason": False}}}) == []
+    assert hcm_reasons({"tracing": {}, "requestIdExtension": {"typedConfig": {
+        "@type": UUID_EXTENSION, "useRequestIdForTraceSampling": {"value": False}}}}) == []
     one = [hcm_reasons({"useRemoteAddress": True}), hcm_reasons({"generateRequestId": False}),
            hcm_reasons({"generateRequestId": {"value": False}}),
            hcm_reasons({"alwaysSetRequestIdInResponse": True}), hcm_reasons({"tracing": {}}),

@@ -42,6 +42,8 @@ SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
     "nogen": ({"generate_request_id": False}, "generate_request_id false"),
     "resp": ({"always_set_request_id_in_response": True}, "always_set_request_id_in_response"),
     "tracing": ({"tracing": {}}, "tracing"),
+    "nosample": ({"tracing": {}, "request_id_extension": {"typed_config": {
+        "@type": UUID_T, "use_request_id_for_trace_sampling": False}}}, ""),
 }
 # case -> the client's header lines
 REQUESTS = {"none": [], "rid": [("X-Request-Id", "client-id-1")],
