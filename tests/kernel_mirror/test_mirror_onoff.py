@@ -42,6 +42,8 @@ sys.path.insert(0, str(HERE.parent / "kernel_differential"))
 from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
 from support.onoff import both_modes  # noqa: E402
 
+from fastpath.request_id import UUID4  # noqa: E402
+
 GAP_MS = 50  # fast path on: lets the agent refill the pools between connections
 BIG = 5000  # bytes of body: too big to copy, Envoy mirrors that request
 # Set per request by Envoy or its connection, not by the policy: compared by presence only.
@@ -213,6 +215,27 @@ def test_shadows_equal_envoys(runs: dict[str, Any], kernel: None) -> None:
             a = sorted(view(r, runs["off"]["client_ip"]) for r in off.get(rid, []))
             b = sorted(view(r, runs["on"]["client_ip"]) for r in on.get(rid, []))
             assert a == b, (pod, rid, a, b)
+
+
+def test_shadow_carries_the_primarys_request_id(runs: dict[str, Any], kernel: None) -> None:
+    """Envoy's shadow carries its primary's x-request-id (a UUID v4 the
+    client's sidecar added); so does the kernel's copy, taken after
+    bpf_src/dp_xrid.h inserted it (the agent sends the copy as it is)."""
+    for mode in ("off", "on"):
+        logs = runs[mode]["logs"]
+        primary = by_id([r for r in logs.get("web-0", [])
+                         if dict(r["headers"]).get("host") != "web-shadow:9000"])
+        seen = 0
+        for pod in ("shadow-0", "web-0"):
+            for rid, copies in by_id(shadows(logs, pod)).items():
+                ids = {dict(p["headers"]).get("x-request-id") for p in primary.get(rid, [])}
+                if not ids:
+                    continue  # no primary at the app (web's inbound policy denied it)
+                got = {dict(r["headers"]).get("x-request-id") for r in copies}
+                assert got <= ids and all(UUID4.fullmatch(i or "") for i in got), \
+                    (mode, pod, rid, got, ids)
+                seen += 1
+        assert seen >= 10, (mode, seen)
 
 
 def test_slow_broken_mirror_does_not_delay(runs: dict[str, Any], kernel: None) -> None:
