@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import pick_free_port
 from deadline_cases import answer_problem, follows_envoy, gen_requests
 from support.procs import stop_process
+
+from xds_server.ports import pick_free_port
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(120)]
 
