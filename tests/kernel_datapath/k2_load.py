@@ -38,6 +38,7 @@ def main() -> None:
     end = time.time() + seconds
     statuses: dict[int, int] = {}
     errors = 0
+    kinds: dict[str, int] = {}  # why requests failed: the test's message says which
     done = 0
     s = f = None
     while done < count and time.time() < end:
@@ -48,8 +49,11 @@ def main() -> None:
             path = "/deny" if (mode == "short" and done % 4 == 3) else f"/fast/{done}"
             st = one(s, f, path)
             statuses[st] = statuses.get(st, 0) + 1
-        except OSError:
+        except OSError as e:
             errors += 1
+            stage = "connect" if s is None else "request"
+            kind = f"{stage}: {type(e).__name__} {e}"[:120]
+            kinds[kind] = kinds.get(kind, 0) + 1
             if s is not None:
                 s.close()
             s = None
@@ -57,7 +61,10 @@ def main() -> None:
         if mode == "short" and s is not None:
             s.close()
             s = None
-    print(json.dumps({"done": done, "errors": errors, "statuses": statuses}))
+    out = {"done": done, "errors": errors, "statuses": statuses}
+    if kinds:
+        out["error_kinds"] = kinds
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
