@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from fastpath import envoy_model as em
 from fastpath.plan import Verdict
 from fastpath.request_id import UUID4, UUID4_PATTERN, added_headers
 from fastpath.split import split_snapshot
+from tests.kernel_datapath.k2_http import ThreadedServer, recv_head
 from tests.support.procs import stop_process
 from xds_server.ports import pick_free_port
 
@@ -51,36 +51,19 @@ REQUESTS = {"none": [], "rid": [("X-Request-Id", "client-id-1")],
             "both": [("x-forwarded-proto", "https"), ("x-request-id", "0")]}
 
 
-class Recorder:
+class Recorder(ThreadedServer):
     """The upstream: records each request head (lines after the request line),
     by its path; answers 200 "ok". Closed by the test's finally."""
 
     def __init__(self) -> None:
         self.heads: dict[str, list[tuple[str, str]]] = {}
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+        super().__init__()
 
     def _serve(self, c: socket.socket) -> None:
         buf = b""
         with c:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    d = c.recv(65536)
-                    if not d:
-                        return
-                    buf += d
-                head, _, buf = buf.partition(b"\r\n\r\n")
+            while (got := recv_head(c, buf)) is not None:
+                head, buf = got
                 line, *rest = head.decode("latin-1").split("\r\n")
                 self.heads[line.split()[1]] = [(k.lower(), v.strip()) for k, _, v in
                                                (x.partition(":") for x in rest)]
@@ -141,7 +124,7 @@ def test_kernel_listeners_add_what_envoy_adds(envoy_bin: str, tmp_path: Path) ->
         time.sleep(0.1)
     finally:
         stop_process(proc)
-        up.sock.close()
+        up.close()
     differs = {n: False for n in SETTINGS}
     for (n, case), resp in responses.items():
         sent = [(k.lower(), v) for k, v in [("host", "svc"), ("x-a", "1"), *REQUESTS[case]]]
