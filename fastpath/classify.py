@@ -226,8 +226,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
                         rbacs[0] if rbacs else None, limit, norm,
                         Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)),
                         filter_order=tuple(order), fault_abort=fault, rbacs=tuple(rbacs),
-                        use_remote_address=bool(hcm.get("useRemoteAddress", False)),
-                        **request_id.settings(hcm))
+                        use_remote_address=bool(hcm.get("useRemoteAddress", False)))
     return plan, str(rc.get("name", rc_name))
 
 

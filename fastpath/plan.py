@@ -477,14 +477,6 @@ class ListenerPlan:
     # it: fastpath.inbound_merge drops the kernel's insert of that header for
     # destinations whose inbound sidecar would.
     use_remote_address: bool = False
-    # The HCM's request-id settings (fastpath.request_id.settings). The kernel
-    # path adds x-forwarded-proto and x-request-id as an HCM with
-    # generate_request_id on and use_remote_address off does (bpf_src/dp_xrid.h);
-    # fastpath.classify keeps a listener with any other setting with Envoy
-    # (request_id.hcm_reasons), so a KERNEL listener has these defaults.
-    # preserve_external_request_id only matters with use_remote_address.
-    generate_request_id: bool = True
-    preserve_external_request_id: bool = False
 
 
 class LbPolicy(enum.Enum):

@@ -2,9 +2,10 @@
 to a request, and which HCM settings the kernel path reproduces.
 
 Callers: `fastpath.classify` (`hcm_reasons`: the listener's routes stay with
-Envoy for a setting the kernel does not reproduce; `settings`: the values the
-plan carries), `fastpath.reference` (`added_headers`: the model of
-bpf_src/dp_xrid.h) and the differential tests (`UUID4`, `normalized`).
+Envoy for a setting the kernel does not reproduce, so a KERNEL listener has
+the defaults and the plan carries none of them), `fastpath.reference`
+(`added_headers`: the model of bpf_src/dp_xrid.h) and the differential tests
+(`UUID4`, `normalized`).
 Pure functions; the data path's half is bpf_src/dp_xrid.h.
 
 What Envoy 1.40 does, seen with the binary (tests/split/test_request_id_envoy.py,
@@ -54,12 +55,6 @@ def _flag(hcm: dict[str, Any], key: str, default: bool) -> bool:
     if isinstance(v, dict):
         v = v.get("value", False)
     return bool(v)
-
-
-def settings(hcm: dict[str, Any]) -> dict[str, bool]:
-    """The HCM's request-id settings, as `plan.ListenerPlan` carries them."""
-    return {"generate_request_id": _flag(hcm, "generateRequestId", True),
-            "preserve_external_request_id": _flag(hcm, "preserveExternalRequestId", False)}
 
 
 def hcm_reasons(hcm: dict[str, Any]) -> list[str]:

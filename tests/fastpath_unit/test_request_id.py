@@ -22,7 +22,6 @@ from fastpath.request_id import (
     added_headers,
     hcm_reasons,
     normalized,
-    settings,
 )
 from tests.split.harness import listener_plan
 
@@ -57,9 +56,6 @@ def test_hcm_settings_the_kernel_path_does_not_reproduce() -> None:
            hcm_reasons({"requestIdExtension": {"typedConfig": {"@type": "type.googleapis.com/x.Y"}}})]
     assert [len(r) for r in one] == [1] * 6, one
     assert "use_remote_address" in one[0][0] and "x.Y" in one[5][0]
-    assert settings({}) == {"generate_request_id": True, "preserve_external_request_id": False}
-    assert settings({"generateRequestId": {"value": False}, "preserveExternalRequestId": True}) == \
-        {"generate_request_id": False, "preserve_external_request_id": True}
 
 
 def test_reference_adds_them_on_forwards_only() -> None:
