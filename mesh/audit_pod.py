@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mesh.runner import pod_popen
+
 REPO = Path(__file__).resolve().parent.parent
 SLACK_S = 2.0  # beyond the client's own deadline: the JSON line, a loaded machine
 START_S = 5.0  # more for the first request of a new client: `ip netns exec`, Python's start
@@ -70,21 +72,16 @@ class PodClient:
         return got
 
     def _start(self) -> subprocess.Popen[bytes]:
-        cgroup = Path(self.pod["cgroup"])
-
-        def join() -> None:
-            (cgroup / "cgroup.procs").write_text("0\n")
         env = {**os.environ,
                "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}".rstrip(":")}
         self.buf = b""
         try:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.pod["netns"], sys.executable, "-m",
-                 "mesh.audit_client"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, preexec_fn=join)
+            self.proc = pod_popen(self.pod, [sys.executable, "-m", "mesh.audit_client"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         except (OSError, subprocess.SubprocessError) as exc:  # no `ip`, cgroup gone, not root
             raise AuditClientError(f"cannot start the audit client in pod {self.pod['name']} "
-                                   f"(netns {self.pod['netns']}, cgroup {cgroup}): {exc}") from None
+                                   f"(netns {self.pod['netns']}, cgroup {self.pod['cgroup']}): "
+                                   f"{exc}") from None
         return self.proc
 
     def _line(self, deadline: float) -> bytes | None:

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh.runner import Mesh, MeshError, pod_command
+    from mesh.runner import Mesh, MeshError, find_pod, pod_popen
     from mesh.spec import MeshFileError
     try:
         m = Mesh(args.mesh, args.name, xds=args.xds, fastpath=args.fastpath)
@@ -71,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
                 "--duration", str(args.duration)]
         for t in TARGETS:
             argv += ["--target", t]
-        cmd, cgroup = pod_command(state, "frontend", argv)
-        gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0\n"))
+        gen = pod_popen(find_pod(state, "frontend"), argv, stdout=subprocess.PIPE, text=True)
         assert gen.stdout is not None
         last_shown, routes = 0.0, {}
         for line in gen.stdout:

@@ -145,20 +145,38 @@ def find_pod(state: dict[str, Any], target: str) -> dict[str, Any]:
     raise MeshError(f"no pod or service {target!r} in mesh {state['name']!r}; services: {names}")
 
 
-def pod_command(state: dict[str, Any], target: str, argv: Sequence[str]) -> tuple[list[str], Path]:
-    pod = find_pod(state, target)
-    return ["ip", "netns", "exec", pod["netns"], *argv], Path(pod["cgroup"])
+def pod_popen(pod: dict[str, Any], argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+    """Start `argv` in `pod`'s netns and cgroup (a pod of the mesh state, as
+    `find_pod` gives it), so its traffic is intercepted like the app's.
+    `popen_kwargs` go to subprocess.Popen; the caller owns the process (waits
+    for it, stops it). Callers: `run_in_pod`, mesh.demo, mesh.audit_pod."""
+    cgroup = Path(pod["cgroup"])
+
+    def join() -> None:  # in the child, before exec: its whole tree stays in the pod's cgroup
+        (cgroup / "cgroup.procs").write_text("0\n")
+    return subprocess.Popen(["ip", "netns", "exec", pod["netns"], *argv], preexec_fn=join,
+                            **popen_kwargs)
 
 
-def run_in_pod(state: dict[str, Any], target: str, argv: Sequence[str],
+def run_in_pod(state: dict[str, Any], target: str, argv: Sequence[str], *, input: Any = None,
+               timeout: float | None = None, capture_output: bool = False, check: bool = False,
                **kw: Any) -> subprocess.CompletedProcess:
-    """Run in the pod's netns and cgroup (so its traffic is intercepted like the app's)."""
-    cmd, cgroup = pod_command(state, target, argv)
-
-    def join() -> None:
-        with open(cgroup / "cgroup.procs", "w") as f:
-            f.write("0\n")
-    return subprocess.run(cmd, preexec_fn=join, **kw)
+    """subprocess.run in the pod `target` (`pod_popen`): the same keywords;
+    on a timeout the process is killed and TimeoutExpired raised."""
+    if capture_output:
+        kw.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if input is not None:
+        kw["stdin"] = subprocess.PIPE
+    with pod_popen(find_pod(state, target), argv, **kw) as proc:
+        try:
+            out, err = proc.communicate(input, timeout)
+        except BaseException:  # TimeoutExpired, Ctrl-C: as subprocess.run, not left running
+            proc.kill()
+            raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
 
 
 def resolve_name(name: str | None) -> str:
