@@ -36,6 +36,7 @@ from fastpath.agent_outlier import OutlierKeeper
 from fastpath.als import AccessLogService
 from fastpath.classify import classify_cluster
 from fastpath.plan import KernelPlan
+from tests.support.als import stop_all, true
 from tests.xds.conftest import http_get, wait_for
 from tests.xds.helpers import free_port
 from xds_server.envoyproc import Envoy
@@ -149,11 +150,11 @@ async def test_split_ejections_as_in_envoy(kernel: None, envoy_bin: str) -> None
             return (await http_get(lport, "/s/200"))[0] == 200
 
         await wait_for(up, 20)
-        await wait_for(lambda: _true(bool(got)), 10)
+        await wait_for(lambda: true(bool(got)), 10)
         seen, rows = len(got), []
         for cluster, path, want in SCRIPT:
             await http_get(lport, path)
-            await wait_for(lambda n=seen: _true(len(got) > n), 10)  # this attempt's entry
+            await wait_for(lambda n=seen: true(len(got) > n), 10)  # this attempt's entry
             k.count_envoy(got[seen:])
             seen = len(got)
             k.service()
@@ -164,11 +165,5 @@ async def test_split_ejections_as_in_envoy(kernel: None, envoy_bin: str) -> None
                  for c in ("p", "c", "dead") for _h, s in k.dets[c].live_slots()]
         assert kinds == [1, 1, 3]  # consecutive 5xx (twice), local origin
     finally:
-        envoy.stop()
-        await runner.cleanup()
-        server.close()
-        await server.wait_closed()
+        await stop_all(envoy, server, runner)
 
-
-async def _true(v: bool) -> bool:
-    return v

@@ -22,6 +22,7 @@ from grpclib.server import Server
 from benchmarks.als_cost import sidecar_bootstrap
 from fastpath.als import AccessLogService
 from fastpath.outlier import LOCAL_CONNECT_FAILED, LOCAL_TIMEOUT
+from tests.support.als import stop_all, true
 from xds_server.envoyproc import Envoy
 
 from .conftest import http_get, wait_for
@@ -52,7 +53,7 @@ async def test_envoy_responses_reach_the_sink_in_order(envoy_bin):
             return (await http_get(lport, "/s/200"))[0] == 200
 
         await wait_for(up, 20)
-        await wait_for(lambda: _true(bool(got)), 10)
+        await wait_for(lambda: true(bool(got)), 10)
         got.clear()
         codes = [500, 200, 503, 502, 200, 500, 404, 504] * 3
         done = []
@@ -60,7 +61,7 @@ async def test_envoy_responses_reach_the_sink_in_order(envoy_bin):
             assert (await http_get(lport, f"/s/{c}"))[0] == c
             done.append(time.monotonic())
         assert (await http_get(lport, "/none"))[0] == 503  # no upstream host: not observed
-        await wait_for(lambda: _true(sum(len(o) for _, _, o in got) >= len(codes)), 10)
+        await wait_for(lambda: true(sum(len(o) for _, _, o in got) >= len(codes)), 10)
         obs = [o for _, _, batch in got for o in batch]
         assert [s for _, _, s in obs] == codes, obs
         assert {(c, h) for c, h, _ in obs} == {("c", f"127.0.0.1:{app_port}")}
@@ -71,14 +72,8 @@ async def test_envoy_responses_reach_the_sink_in_order(envoy_bin):
               f"got the response, ms: median {statistics.median(lags) * 1000:.2f} "
               f"max {lags[-1] * 1000:.2f}")
     finally:
-        envoy.stop()
-        await runner.cleanup()
-        server.close()
-        await server.wait_closed()
+        await stop_all(envoy, server, runner)
 
-
-async def _true(v: bool) -> bool:
-    return v
 
 
 async def _site(status: int) -> tuple[web.AppRunner, int]:
@@ -135,17 +130,13 @@ async def test_retried_503_is_counted_for_its_host(envoy_bin):
         retries = int(stats[1].split(":")[1])
         assert retries >= 2, stats
         want = retries + n + 1  # each retry's 503 and every 200 (the warm-up's too)
-        await wait_for(lambda: _true(len(got) >= want), 10)
+        await wait_for(lambda: true(len(got) >= want), 10)
         bad_obs = [st for cl, h, st in got if h == f"127.0.0.1:{bad}"]
         assert bad_obs == [503] * retries, got
         assert {st for _, h, st in got if h == f"127.0.0.1:{good}"} == {200}
         assert {cl for cl, _, _ in got} == {"c"}
     finally:
-        envoy.stop()
-        await bad_run.cleanup()
-        await good_run.cleanup()
-        server.close()
-        await server.wait_closed()
+        await stop_all(envoy, server, bad_run, good_run)
 
 
 def test_wire_reader_matches_betterproto() -> None:
@@ -242,13 +233,13 @@ async def test_a_foreign_stream_is_refused_and_a_node_goes_live_and_back(envoy_b
 
         await wait_for(up, 20)
         if accepted:
-            await wait_for(lambda: _true(bool(got)), 10)
+            await wait_for(lambda: true(bool(got)), 10)
             assert events == [(node, True)] and svc.live == {node: 1}
         else:
             for i in range(3):  # Envoy reopens the refused stream at its next flushes
                 await http_get(lport, f"/x{i}")
                 await asyncio.sleep(0.05)
-            await wait_for(lambda: _true(svc.refused >= 2), 10)
+            await wait_for(lambda: true(svc.refused >= 2), 10)
             assert not got and not events and not svc.live
             said = [r for r in caplog.records if "refused" in r.getMessage()]
             assert len(said) == 1, said  # once per (node, reason), not per reopening
@@ -256,7 +247,7 @@ async def test_a_foreign_stream_is_refused_and_a_node_goes_live_and_back(envoy_b
         envoy.stop()
         await runner.cleanup()
     if accepted:
-        await wait_for(lambda: _true(events[-1:] == [(node, False)]), 10)
+        await wait_for(lambda: true(events[-1:] == [(node, False)]), 10)
         assert not svc.live
     server.close()
     await server.wait_closed()
@@ -293,14 +284,11 @@ async def test_a_connect_failure_counts_as_envoys_detector_counts_it(envoy_bin):
         stats = (await http_get(admin, "/stats?filter=^cluster\\.c\\.outlier_detection"))[1]
         detected = int(stats.split("ejections_detected_consecutive_5xx: ")[1].split()[0])
         assert detected >= 1, stats  # Envoy's detector counted the connect failure
-        await wait_for(lambda: _true(any(h.endswith(f":{closed}") for _, h, _ in got)), 10)
+        await wait_for(lambda: true(any(h.endswith(f":{closed}") for _, h, _ in got)), 10)
         assert {st for _, h, st in got if h.endswith(f":{closed}")} == {LOCAL_CONNECT_FAILED}, got
         assert {st for _, h, st in got if h.endswith(f":{good}")} == {200}, got
     finally:
-        envoy.stop()
-        await runner.cleanup()
-        server.close()
-        await server.wait_closed()
+        await stop_all(envoy, server, runner)
 
 
 async def _slow_site(delay: float) -> tuple[web.AppRunner, int]:
@@ -366,10 +354,7 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
             await asyncio.sleep(0.2)  # the ALS flushes every 10 ms
             assert got == want, (path, got)
     finally:
-        envoy.stop()
-        await runner.cleanup()
-        server.close()
-        await server.wait_closed()
+        await stop_all(envoy, server, runner)
 
 
 # ---- malformed input (no Envoy: the wire reader, and the servicer over a real gRPC stream) ----
