@@ -28,8 +28,10 @@ numbers below are its defaults), and who owns each part here:
   common_lb_config.update_merge_window (1 s) ago; else it is merged and
   delivered when that window ends (ClusterManagerImpl::scheduleUpdate): seen
   with Envoy 1.40 in the mesh, a host ejected again within 1 s of its
-  unejection kept getting requests for that second. Kernel (a change out of
-  the window) and agent (merged ones, `merge`).
+  unejection kept getting requests for that second. Kernel (dp_od_merge
+  decides, for the kernel's ejections and the agent's changes alike; `merge`
+  is the rule's statement it is tested against) and agent (delivers the
+  merged ones when their window ended).
 * Success-rate and failure-percentage detection run at the ticks and never
   fire with fewer than success_rate_minimum_hosts / failure_percentage_minimum_hosts
   hosts (5 and 5): the kernel ignores them only then (`unsupported`).
@@ -233,7 +235,8 @@ def allowed_ejections(cfg: OutlierConfig, n: int) -> int:
 
 def merge(now_ns: int, last_ns: int, pending: bool, window_ns: int) -> str:
     """What Envoy's cluster manager does with a health change at `now_ns` (the
-    rule the kernel applies in dp_od_merge; this is its sans-I/O statement):
+    rule the kernel applies in dp_od_merge; this is its sans-I/O statement,
+    the reference of tests/fastpath_unit/test_agent_outlier.py's run of it):
     "now" (delivered to the LB at once; a pending merged update goes with it),
     "schedule" (merged: delivered at now + window) or "join" (merged into the
     update already pending)."""

@@ -2,7 +2,8 @@
 real kernel maps of a datapath module compiled with -DDP_OUTLIER=1 (nothing
 attached: the agent's changes run as dp_od_ops with BPF_PROG_TEST_RUN): the
 answers the agent makes itself (a close's 503, a timeout's 504) counted and
-ejecting by the kernel's own rule, the merge window of the LB's view,
+ejecting by the kernel's own rule, the merge window of the LB's view (and
+the kernel's merge rule against `outlier.merge` over generated times),
 unejection at the tick, the retry agent's view, and a kernel ejection that the
 agent's ops never undo. The response path is tested against the real Envoy in
 tests/kernel_differential/test_outlier_mesh.py."""
@@ -16,6 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastpath import agent_outlier, loader, outlier
 from fastpath.agent_outlier import OutlierKeeper
@@ -336,3 +339,82 @@ def test_without_split_local_origin_events_are_statuses(monkeypatch: Any, bpf: A
     k.service()
     h = bpf["dp_odh"][ct.c_uint32(1)]
     assert (h.ejected, h.kind, h.clo) == (1, 1, 0)
+
+
+# ---- the merge rule: the kernel's dp_od_merge against fastpath.outlier.merge ----
+
+MERGE_HOSTS = 12  # one host per step: its DELIVER shows that step's decision
+
+
+class _MergeModel:
+    """dp_odd's merge fields (last_ns, pending, due_ns) as `outlier.merge`
+    (Envoy's rule) changes them: a CHANGE decides by it; a DUE delivers a
+    pending update once its window ended (the agent's `_service` asks then)."""
+
+    def __init__(self, last_ns: int) -> None:
+        self.last, self.pending, self.due = last_ns, 0, 0
+
+    def change(self, now: int, window: int) -> bool:
+        what = outlier.merge(now, self.last, bool(self.pending), window)
+        if what == "now":
+            self.last, self.pending = now, 0
+        elif what == "schedule":
+            self.pending, self.due = 1, now + window
+        return what == "now"
+
+    def due_at(self, now: int) -> bool:
+        if not self.pending or now < self.due:
+            return False
+        self.last, self.pending = now, 0
+        return True
+
+
+def _merge_setup(module: Any, fd: int, window_ns: int) -> int:
+    """Every host ejected (delivered at once: no window yet) then unejected
+    without a delivery, so each still has lb_out; then the window. Returns
+    the detector's last delivery (the kernel's clock at the last ejection)."""
+    module["dp_odd"][ct.c_uint32(0)] = agent_outlier.OdDet()
+    for s in range(MERGE_HOSTS):
+        module["dp_odh"][ct.c_uint32(s)] = agent_outlier.OdHost()
+    n, Op = MERGE_HOSTS, agent_outlier.OdOp
+    ops = [Op(agent_outlier.OP_CFG, s, 0, 0, 1, 0) for s in range(n)]  # consecutive_5xx 1
+    ops += [Op(agent_outlier.OP_DET, 0, 0, 0, n, n, 0)]
+    ops += [Op(agent_outlier.OP_STATUS, s, 0, 0, 500) for s in range(n)]
+    ops += [Op(agent_outlier.OP_UNEJECT, s) for s in range(n)]
+    ops += [Op(agent_outlier.OP_DET, 0, 0, 0, n, n, window_ns)]
+    _real_prog_test_run(fd, (Op * len(ops))(*ops))
+    det = module["dp_odd"][ct.c_uint32(0)]
+    assert (det.ejected, det.lb_out, det.pending) == (0, n, 0)
+    return int(det.last_ns)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(window_ms=st.sampled_from([0, 1, 1000]),
+       steps=st.lists(st.tuples(st.booleans(), st.integers(-4, 12), st.integers(-1, 1)),
+                      min_size=1, max_size=MERGE_HOSTS))
+def test_kernel_merge_rule_is_outlier_merge(module: Any, window_ms: int,
+                                            steps: list[tuple[bool, int, int]]) -> None:
+    """dp_od_ops's CHANGE (dp_od_merge) and DUE, run by the real program over
+    generated times around the window's edges (quarters of it, +-1 ns; some
+    before the kernel's last delivery, as an agent's clock read before a
+    kernel ejection is), decide and leave dp_odd's merge fields as
+    `outlier.merge` says: each step's DELIVER moves its host into the LB's
+    view exactly when the model delivers."""
+    fd = module.load_func("dp_od_ops", type(module).XDP).fd
+    window = window_ms * MS
+    last0 = _merge_setup(module, fd, window)
+    model = _MergeModel(last0)
+    quarter = window // 4 or 250 * MS
+    for i, (is_change, q, ns_off) in enumerate(steps):
+        now = last0 + q * quarter + ns_off
+        op = agent_outlier.OP_CHANGE if is_change else agent_outlier.OP_DUE
+        ops = (agent_outlier.OdOp * 2)(agent_outlier.OdOp(op, 0, 0, 0, 0, 0, now),
+                                       agent_outlier.OdOp(agent_outlier.OP_DELIVER, i))
+        _real_prog_test_run(fd, ops)
+        want = model.change(now, window) if is_change else model.due_at(now)
+        det = module["dp_odd"][ct.c_uint32(0)]
+        got = (int(det.last_ns), int(det.pending), int(det.due_ns))
+        step = (i, "CHANGE" if is_change else "DUE", now - last0)
+        assert got == (model.last, model.pending, model.due), step
+        assert module["dp_odh"][ct.c_uint32(i)].lb_out == (0 if want else 1), step
