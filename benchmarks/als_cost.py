@@ -7,7 +7,10 @@ clusters the kernel owns (http_grpc on the router's upstream_log, batched:
 --buffer-bytes, --flush), and fastpath.als.AccessLogService receiving in this
 process (as `l7fp serve` does). `--hcm` adds a third sidecar with the same
 logger on the HCM's access_log (the placement before the router's, for a
-side-by-side comparison). wrk at 1 and 16 connections, ABAB rounds; prints
+side-by-side comparison). `--timeout-log` adds a sidecar with the router's
+logger only, without the HCM's route-timeout logger (UT-filtered,
+residual_outlier.timeout_logger) that the residual and the `als` sidecar
+have: its cost side by side. wrk at 1 and 16 connections, ABAB rounds; prints
 one JSON line per measurement (p50 in µs, req/s, the entries the service got
 per request served, the receiver's CPU per entry, the sidecar Envoy's CPU
 per request), a summary (medians of p50, req/s, Envoy CPU per request),
@@ -60,11 +63,13 @@ def als_config(buffer_bytes: int | None = None, flush: str | None = None) -> dic
 
 
 def sidecar_bootstrap(als_port: int, app_port: int, lport: int, admin: int,
-                      als: bool = True, hcm_log: bool = False, **batching: Any) -> dict[str, Any]:
+                      als: bool = True, hcm_log: bool = False, timeout_log: bool = True,
+                      **batching: Any) -> dict[str, Any]:
     """One Envoy: listener `lport` -> cluster `c` (127.0.0.1:app_port); `/none`
     -> cluster `empty` (no host: Envoy's own 503); with `als` the router logs
-    every upstream attempt to the ALS at 127.0.0.1:als_port (cluster ALS_CLUSTER);
-    with `hcm_log` too, the HCM's access_log logs every request instead."""
+    every upstream attempt to the ALS at 127.0.0.1:als_port (cluster ALS_CLUSTER)
+    and, with `timeout_log`, the HCM the requests flagged UT, as the residual
+    has them; with `hcm_log` the HCM's access_log logs every request instead."""
     routes = [{"match": {"prefix": "/none"}, "route": {"cluster": "empty"}},
               {"match": {"prefix": "/"}, "route": {"cluster": "c"}}]
     hcm: dict[str, Any] = {
@@ -75,6 +80,8 @@ def sidecar_bootstrap(als_port: int, app_port: int, lport: int, admin: int,
         hcm["access_log"] = [als_config(**batching)]
     elif als:  # on the router, as the residual has it (upstream_log: one entry per attempt)
         hcm["http_filters"][0]["typed_config"]["upstream_log"] = [als_config(**batching)]
+        if timeout_log:  # and the route timeouts (fastpath.als.RouteTimeouts)
+            hcm["access_log"] = [ro.timeout_logger(als_config(**batching))]
     empty = {"name": "empty", "type": "STATIC", "connect_timeout": "1s",
              "load_assignment": {"cluster_name": "empty", "endpoints": []}}
     return {
@@ -213,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"ALS buffer_flush_interval (default: the residual's, {ro.ALS_FLUSH})")
     p.add_argument("--hcm", action="store_true",
                    help="also measure the logger on the HCM's access_log (side by side)")
+    p.add_argument("--timeout-log", action="store_true",
+                   help="also measure the router's logger without the HCM's route-timeout one")
     args = p.parse_args(argv)
-    variants = ["no_als", "als", *(["als_hcm"] if args.hcm else [])]
+    variants = ["no_als", "als", *(["als_hcm"] if args.hcm else []),
+                *(["als_router_only"] if args.timeout_log else [])]
     rx = Receiver().start()
     app_port = pick_free_port()
     leaf_boot = direct_response_bootstrap("leaf", (app_port,))
@@ -227,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             lport, admin = pick_free_port(), pick_free_port()
             envoys.append(Envoy(sidecar_bootstrap(rx.port, app_port, lport, admin, als=v != "no_als",
                                                   hcm_log=v == "als_hcm",
+                                                  timeout_log=v != "als_router_only",
                                                   buffer_bytes=args.buffer_bytes,
                                                   flush=args.flush), admin).start())
             sidecars[v] = (envoys[-1], lport)

@@ -8,13 +8,16 @@ has (ALS_LOG_NAME) and from the IP its node id names (`sidecar~IP~...`):
 anything that reaches the ADS port could otherwise count errors into, and
 eject, any node's hosts. `on_stream(node_id, live)` says when a node's
 first accepted stream opens and its last one ends (the agent owns Envoy's
-detector only meanwhile). Every HTTP entry with an upstream host becomes
-one observation (cluster, "ip:port", status; for an attempt without a
-status its local-origin event, fastpath.outlier.LOCAL_*) handed to
-`sink(node_id, observations)` (the agent: `Agent.envoy_observed`), on the
-server's loop. Entries without an upstream host (Envoy's own "no healthy
-upstream", a route without cluster) are not counted: Envoy's detector does
-not count them either.
+detector only meanwhile). Every upstream attempt's entry (the router's
+upstream_log) with an upstream host becomes one observation (cluster,
+"ip:port", status; for an attempt without a status its local-origin event,
+fastpath.outlier.LOCAL_*) handed to `sink(node_id, observations)` (the
+agent: `Agent.envoy_observed`), on the server's loop. Entries without an
+upstream host (Envoy's own "no healthy upstream", a route without cluster)
+are not counted: Envoy's detector does not count them either. A route
+timeout is one more observation (LOCAL_TIMEOUT) for the host of the attempt
+it reset: the HCM's entry of the request (`RouteTimeouts`, paired with that
+attempt's entry on the same stream).
 """
 
 from __future__ import annotations
@@ -69,11 +72,11 @@ class AccessLogService:
 
     async def _stream(self, stream: grpclib.server.Stream) -> None:
         self.streams += 1
-        node, said = "", False
+        node, said, timeouts = "", False, RouteTimeouts()
         try:
             async for data in stream:
                 try:
-                    ident, log_name, obs = observations(data)
+                    ident, log_name, obs = observations(data, timeouts)
                 except DecodeError as exc:
                     said = self._malformed(node, exc, said)
                     continue
@@ -174,10 +177,8 @@ _UPSTREAM_ADDRESS, _UPSTREAM_CLUSTER, _RESPONSE_FLAGS = 13, 15, 16  # AccessLogC
 # reset 503) (Envoy's router: a timeout is LocalOriginTimeout with its 504, any
 # upstream reset but an overflow LocalOriginConnectFailed, which
 # resultToHttpCode makes 503; a pool failure never had its LocalOriginConnectSuccess).
-# A route timeout is not here: Envoy's detector counts its 504, but the
-# attempt's entry has no status and no flag (the flag goes on the downstream's
-# stream info only), as a downstream reset's: not counted on Envoy's path
-# (tests/xds/test_als.py::test_timeouts_as_the_access_log_carries_them).
+# A route timeout is not here: the attempt it resets has an entry with no status
+# and no flag, as a downstream reset's; RouteTimeouts tells them apart.
 _NO_RESPONSE = {3: LOCAL_TIMEOUT,  # upstream_request_timeout (per-try timeout)
                 17: LOCAL_TIMEOUT,  # stream_idle_timeout (per_try_idle_timeout)
                 6: LOCAL_CONNECT_FAILED,  # upstream_connection_failure
@@ -185,15 +186,69 @@ _NO_RESPONSE = {3: LOCAL_TIMEOUT,  # upstream_request_timeout (per-try timeout)
                 24: LOCAL_RESET}  # upstream_protocol_error
 _SOCKET, _SA_ADDRESS, _SA_PORT = 1, 2, 3  # Address.socket_address, SocketAddress
 _RESPONSE_CODE = 1  # HTTPResponseProperties.response_code (UInt32Value.value = 1)
+_REQUEST, _REQUEST_ID = 3, 9  # HTTPAccessLogEntry.request, HTTPRequestProperties.request_id
+_CODE_DETAILS = 6  # HTTPResponseProperties.response_code_details
+_LOG_TYPE, _DOWNSTREAM_END = 33, 6  # AccessLogCommon.access_log_type, AccessLogType.DownstreamEnd
+_UT = 3  # ResponseFlags.upstream_request_timeout
+# response_code_details of Envoy 1.40's route timeout (Filter::onResponseTimeout;
+# a per-try timeout's is "upstream_per_try_timeout": its attempt's flag counts it)
+ROUTE_TIMEOUT_DETAILS = "response_timeout"
 
 
-def observations(data: bytes) -> tuple[str, str, list[Observation]]:
+class RouteTimeouts:
+    """One access-log stream's attempts that ended with no status and no flag,
+    to tell a route timeout from a downstream reset (fastpath.als.observations;
+    owned by AccessLogService._stream, one per stream).
+
+    Envoy's detector counts a route timeout (Filter::onResponseTimeout:
+    LocalOriginTimeout with its 504) for each attempt still awaiting headers,
+    and nothing when it fires between attempts (a retry's backoff) or after
+    the upstream's headers. The attempt's own entry has no status and no flag,
+    as when the downstream resets the request; the request's entry from the
+    HCM's logger (residual_outlier.timeout_logger: only requests flagged UT)
+    says `response_timeout` and names the last attempt's host. Seen with
+    Envoy 1.40: the attempt's entry comes first on the same stream (one
+    logger per worker for both), both with the request's x-request-id; the
+    worker writes them in one turn, so at most one flush falls between them.
+    So a route timeout counts for its host only when an unanswered attempt of
+    that request on that host is in the same message or the one before: once,
+    never for an attempt that got headers or a flag (those counted already).
+    Older unanswered attempts (downstream resets) are forgotten."""
+
+    def __init__(self) -> None:
+        self._cur: dict[str, tuple[str, str]] = {}  # request id -> (cluster, host)
+        self._prev: dict[str, tuple[str, str]] = {}
+
+    def next_message(self) -> None:
+        """A new message of the stream begins: forget the one before the last."""
+        self._prev, self._cur = self._cur, {}
+
+    def unanswered(self, request_id: str, cluster: str, host: str) -> None:
+        """An attempt of `request_id` on (`cluster`, `host`) ended with no status
+        and no flag. A request without an id is never paired."""
+        if request_id:
+            self._cur[request_id] = (cluster, host)
+
+    def timed_out(self, request_id: str, cluster: str, host: str) -> bool:
+        """The route timeout of `request_id`, last attempt on (`cluster`, `host`):
+        True when that attempt was reset by it (count it), at most once."""
+        if not request_id:
+            return False
+        at = self._cur.pop(request_id, None) or self._prev.pop(request_id, None)
+        return at == (cluster, host)
+
+
+def observations(data: bytes, timeouts: RouteTimeouts | None = None
+                 ) -> tuple[str, str, list[Observation]]:
     """(node id or "", log name or "", (cluster, host, status or LOCAL_*) of
     each HTTP entry with an upstream host and a status or a local-origin
     event) of one StreamAccessLogsMessage
     (the identifier is in a stream's first message only); DecodeError if
-    malformed."""
+    malformed. With `timeouts` (the stream's) a route timeout is paired with
+    the attempt it reset (LOCAL_TIMEOUT for its host); without, never counted."""
     node, name, out = "", "", []
+    if timeouts is not None:
+        timeouts.next_message()
     for num, v in fields(data):
         if num == _IDENTIFIER and isinstance(v, bytes):
             node = _str(_sub(_sub(v, _ID_NODE), _NODE_ID))
@@ -201,30 +256,64 @@ def observations(data: bytes) -> tuple[str, str, list[Observation]]:
         elif num == _HTTP_LOGS and isinstance(v, bytes):
             for n, entry in fields(v):
                 if n == _LOG_ENTRY and isinstance(entry, bytes):
-                    obs = _observation(entry)
+                    obs = _observation(entry, timeouts)
                     if obs is not None:
                         out.append(obs)
     return node, name, out
 
 
-def _observation(entry: bytes) -> Observation | None:
+def _observation(entry: bytes, timeouts: RouteTimeouts | None) -> Observation | None:
     top = dict(fields(entry))
     common, resp = top.get(_COMMON, b""), top.get(_RESPONSE, b"")
     if not isinstance(common, bytes) or not isinstance(resp, bytes):
         return None
     cf = dict(fields(common))
+    at = _upstream(cf)
+    if cf.get(_LOG_TYPE) == _DOWNSTREAM_END:  # the HCM's logger: a route timeout or nothing
+        return _route_timeout(top, cf, resp, at, timeouts)
+    code = _sub(resp, _RESPONSE_CODE)
+    status = dict(fields(code)).get(1, 0) if code else 0
+    flags = cf.get(_RESPONSE_FLAGS, b"")
+    if not status:
+        status = _no_response_status(flags)
+        if not status and at is not None and timeouts is not None and not _any_flag(flags):
+            timeouts.unanswered(_request_id(top), *at)
+    if at is None or not isinstance(status, int) or not status:
+        return None
+    return at[0], at[1], status
+
+
+def _upstream(cf: dict[int, bytes | int]) -> tuple[str, str] | None:
+    """(cluster, "ip:port") of an entry's AccessLogCommon fields, None: no upstream host."""
     cluster = _str(cf.get(_UPSTREAM_CLUSTER, b""))
     sa = dict(fields(_sub(cf.get(_UPSTREAM_ADDRESS, b""), _SOCKET)))
     # port 0: a named_port (or no port), which names no upstream host
     address, port = _str(sa.get(_SA_ADDRESS, b"")), sa.get(_SA_PORT, 0)
-    code = _sub(resp, _RESPONSE_CODE)
-    status = dict(fields(code)).get(1, 0) if code else 0
-    if not status:
-        status = _no_response_status(cf.get(_RESPONSE_FLAGS, b""))
-    if not cluster or not address or not isinstance(port, int) or not port \
-            or not isinstance(status, int) or not status:
+    if not cluster or not address or not isinstance(port, int) or not port:
         return None
-    return cluster, f"{address}:{port}", status
+    return cluster, f"{address}:{port}"
+
+
+def _route_timeout(top: dict[int, bytes | int], cf: dict[int, bytes | int], resp: bytes,
+                   at: tuple[str, str] | None, timeouts: RouteTimeouts | None) -> Observation | None:
+    """The observation of a downstream (HCM) entry: LOCAL_TIMEOUT for the host
+    of the attempt a route timeout reset (RouteTimeouts), else None."""
+    if at is None or timeouts is None or _str(_sub(resp, _CODE_DETAILS)) != ROUTE_TIMEOUT_DETAILS:
+        return None
+    flags = cf.get(_RESPONSE_FLAGS, b"")
+    ut = isinstance(flags, bytes) and any(n == _UT and v for n, v in fields(flags))
+    if not ut or not timeouts.timed_out(_request_id(top), *at):
+        return None
+    return at[0], at[1], LOCAL_TIMEOUT
+
+
+def _request_id(top: dict[int, bytes | int]) -> str:
+    return _str(_sub(top.get(_REQUEST, b""), _REQUEST_ID))
+
+
+def _any_flag(flags: bytes | int) -> bool:
+    """Any ResponseFlags field set (an overflow, a local reset, ...)."""
+    return isinstance(flags, bytes) and any(v for _n, v in fields(flags))
 
 
 def _no_response_status(flags: bytes | int) -> int:

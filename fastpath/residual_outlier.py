@@ -16,6 +16,10 @@ in the node's residual, for every KERNEL cluster with outlier detection:
   another host is counted for the host that answered it; `local_reply_config`
   never changes what is counted); they reach the kernel's detector
   (`fastpath.als` -> `OutlierKeeper.count_envoy`), counted by the same rule;
+  and the same logger on the HCM's `access_log`, filtered to requests flagged
+  UT (upstream timeout; `timeout_logger`): a route timeout's attempt entry has
+  no status and no flag, the request's entry names its host (fastpath.als
+  pairs them: RouteTimeouts); requests that did not time out are not logged;
 * the hosts out of the kernel's LB view come to Envoy as EDS UNHEALTHY
   (xds_server.eds_health, at publish time), so Envoy skips them too.
 
@@ -36,6 +40,7 @@ from xds_server.bootstrap import XDS_CLUSTER
 ALS_CLUSTER = XDS_CLUSTER  # the sidecar bootstrap's xDS cluster (Istio's name; mesh.envoyconf)
 ALS_LOG_NAME = "l7fp_outlier"
 ALS_NAME = "l7fp.outlier_als"
+ALS_TIMEOUT_NAME = "l7fp.outlier_als_route_timeout"
 # Envoy sends a batch when it holds buffer_size_bytes or every flush interval:
 # Envoy's responses reach the kernel's detector at most 10 ms late (plus the
 # agent's reading). Unbatched (0 bytes: one gRPC message per response) cost
@@ -85,13 +90,21 @@ def _without_als(msg: Any) -> Any:
     changed = False
     for chain in _chains(lis):
         for f in chain.get("filters", []):
-            for router in filter(_is_router, f.get("typedConfig", {}).get("httpFilters", [])):
-                logs = router.get("typedConfig", {}).get("upstreamLog", [])
-                kept = [x for x in logs if x.get("name") != ALS_NAME]
-                if len(kept) != len(logs):
-                    router["typedConfig"]["upstreamLog"] = kept
-                    changed = True
+            hcm = f.get("typedConfig", {})
+            changed |= _drop(hcm, "accessLog", ALS_TIMEOUT_NAME)
+            for router in filter(_is_router, hcm.get("httpFilters", [])):
+                changed |= _drop(router.get("typedConfig", {}), "upstreamLog", ALS_NAME)
     return em.from_json(em.LISTENER, lis) if changed else msg
+
+
+def _drop(cfg: dict[str, Any], key: str, name: str) -> bool:
+    """Remove the loggers named `name` from `cfg[key]`; True if any was there."""
+    logs = cfg.get(key, [])
+    kept = [x for x in logs if x.get("name") != name]
+    if len(kept) == len(logs):
+        return False
+    cfg[key] = kept
+    return True
 
 
 def als_logger() -> dict[str, Any]:
@@ -102,6 +115,19 @@ def als_logger() -> dict[str, Any]:
         "commonConfig": {"logName": ALS_LOG_NAME, "transportApiVersion": "V3",
                          "grpcService": {"envoyGrpc": {"clusterName": ALS_CLUSTER}},
                          "bufferSizeBytes": ALS_BUFFER_BYTES, "bufferFlushInterval": ALS_FLUSH}}}
+
+
+def timeout_logger(router_log: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The HCM's access_log entry (proto JSON): the router's logger
+    (`router_log`, default als_logger()) for the requests flagged UT only (a route or per-try timeout: fastpath.als counts
+    the route timeouts, the per-try ones come with their attempt). Same
+    commonConfig as als_logger's, so Envoy sends both on one stream per worker
+    (its logger cache is keyed by that config): fastpath.als pairs an
+    attempt's entry with its request's on that stream."""
+    log = dict(router_log or als_logger())
+    log["name"] = ALS_TIMEOUT_NAME
+    log["filter"] = {"responseFlagFilter": {"flags": ["UT"]}}
+    return log
 
 
 def apply(out: dict[str, list[Any]], plan: KernelPlan) -> None:
@@ -145,6 +171,10 @@ def _with_als(msg: Any) -> Any:
                 if not any(x.get("name") == ALS_NAME for x in logs):
                     logs.append(als_logger())
                     changed = True
+            hlogs = hcm.setdefault("accessLog", [])
+            if not any(x.get("name") == ALS_TIMEOUT_NAME for x in hlogs):
+                hlogs.append(timeout_logger())
+                changed = True
     return em.from_json(em.LISTENER, lis) if changed else msg
 
 

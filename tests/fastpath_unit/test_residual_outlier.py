@@ -1,6 +1,7 @@
 """The residual of a node whose kernel owns a cluster's outlier detection
 (fastpath.residual_outlier, NAME=odown): Envoy's detector removed from that
-cluster only, the ALS upstream log on the outbound HCM's router, nothing changed when
+cluster only, the ALS upstream log on the outbound HCM's router and the
+UT-filtered one on that HCM, nothing changed when
 Envoy owns the node (envoy_residual). The real Envoy's side:
 tests/xds/test_als.py and tests/kernel_differential/test_outlier_mesh.py."""
 
@@ -71,7 +72,11 @@ def test_kernel_owner_drops_envoys_detector_and_logs_to_the_agent() -> None:
     lis, other = [em.to_json(m) for m in r.residual[res.LISTENER]]
     assert not _logs(other)  # no od route: no logger
     (log,) = _logs(lis)  # on the router: one entry per upstream attempt
-    assert "accessLog" not in lis["filterChains"][0]["filters"][0]["typedConfig"]
+    # on the HCM: the same sink for requests flagged UT only (route timeouts)
+    (ut,) = lis["filterChains"][0]["filters"][0]["typedConfig"]["accessLog"]
+    assert ut["name"] == ro.ALS_TIMEOUT_NAME and ut["filter"] == {"responseFlagFilter": {"flags": ["UT"]}}
+    assert ut["typedConfig"] == log["typedConfig"]  # one logger, one stream per worker: paired
+    assert not _hcm_logs(other)
     common = log["typedConfig"]["commonConfig"]
     assert common["grpcService"]["envoyGrpc"]["clusterName"] == ro.ALS_CLUSTER
     assert em.duration_ms(common["bufferFlushInterval"]) == 10  # batches: at most 10 ms late
@@ -80,7 +85,14 @@ def test_kernel_owner_drops_envoys_detector_and_logs_to_the_agent() -> None:
     again = {t: list(v) for t, v in r.residual.items()}
     ro.apply(again, r.plan)  # idempotent: one logger
     lis2, _ = [em.to_json(m) for m in again[res.LISTENER]]
-    assert len(_logs(lis2)) == 1
+    assert len(_logs(lis2)) == 1 and len(_hcm_logs(lis2)) == 1
+    off = [em.to_json(m) for m in ro.without_als(r.residual)[res.LISTENER]]
+    assert not any(_logs(x) or _hcm_logs(x) for x in off)  # given up: both go
+
+
+def _hcm_logs(lis: dict[str, Any]) -> list[Any]:
+    """The HCM's access_log entries of listener JSON `lis`."""
+    return list(lis["filterChains"][0]["filters"][0]["typedConfig"].get("accessLog", []))
 
 
 def _logs(lis: dict[str, Any]) -> list[Any]:

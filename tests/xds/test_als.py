@@ -292,13 +292,22 @@ async def test_a_connect_failure_counts_as_envoys_detector_counts_it(envoy_bin):
 
 
 async def _slow_site(delay: float) -> tuple[web.AppRunner, int]:
-    import asyncio
-
+    """An app that answers after `delay` s; on /stall its headers at once, the
+    body after `delay` s."""
     async def handle(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(delay)
         return web.Response(status=200, text="late")
 
+    async def stall(request: web.Request) -> web.StreamResponse:
+        r = web.StreamResponse(status=200)
+        r.content_length = 100
+        await r.prepare(request)
+        await r.write(b"x")
+        await asyncio.sleep(delay)
+        return r
+
     app = web.Application()
+    app.router.add_get("/stall", stall)
     app.router.add_get("/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
@@ -312,14 +321,18 @@ DETECTED = "/stats?filter=^cluster\\.c\\.outlier_detection\\.ejections_detected_
 
 @pytest.mark.envoy
 async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
-    """An upstream that answers after the timeout; Envoy's detector counts a
-    504 for each (its detection stat, enforcing 0: never ejected). A per-try
-    timeout and a per-try idle timeout mark the attempt's own entry (flags
-    UT, resp. stream idle timeout): observed as LOCAL_TIMEOUT (the keeper
-    counts it as that 504 without split). A route timeout
-    (Filter::onResponseTimeout) resets the attempt: its entry has no status
-    and no flag (as a downstream reset's), so it is not observed: a known
-    gap (docs/fastpath.md "Outlier detection")."""
+    """An upstream that answers after the timeout; after each request Envoy's
+    detector (enforcing 0: never ejected) has counted a 504 as many times as
+    the observations say (its detection stat, threshold 1). A per-try timeout
+    and a per-try idle timeout mark the attempt's own entry (flags UT, resp.
+    stream idle timeout): LOCAL_TIMEOUT (the keeper counts it as that 504
+    without split). A route timeout (Filter::onResponseTimeout) resets the
+    attempt: its entry has no status and no flag (as a downstream reset's);
+    the HCM's UT-filtered entry of the request pairs with it: LOCAL_TIMEOUT,
+    once. Not counted, as Envoy does not: a route timeout in a retry's
+    backoff (`/bo`: the per-try timeout before it counts, once), after the
+    upstream's headers (`/stall`: its 200 counts; the client gets a reset),
+    a downstream reset."""
     got: list[tuple[str, str, int]] = []
     svc = AccessLogService(lambda node, obs: got.extend(obs))
     server = Server([svc])
@@ -329,11 +342,18 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
     boot = sidecar_bootstrap(als_port, slow, lport, admin)
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    per_try = {"per_try_timeout": "0.2s", "retry_on": "5xx", "num_retries": 3}
     routes[:0] = [{"match": {"prefix": "/rt"}, "route": {"cluster": "c", "timeout": "0.3s"}},
+                  {"match": {"prefix": "/stall"}, "route": {"cluster": "c", "timeout": "0.3s"}},
                   {"match": {"prefix": "/pt"}, "route": {"cluster": "c", "timeout": "5s",
                                                          "retry_policy": {"per_try_timeout": "0.3s"}}},
                   {"match": {"prefix": "/pi"}, "route": {"cluster": "c", "timeout": "5s",
-                                                         "retry_policy": {"per_try_idle_timeout": "0.3s"}}}]
+                                                         "retry_policy": {"per_try_idle_timeout": "0.3s"}}},
+                  {"match": {"prefix": "/mix"}, "route": {"cluster": "c", "timeout": "0.5s",
+                                                          "retry_policy": per_try}},
+                  {"match": {"prefix": "/bo"}, "route": {"cluster": "c", "timeout": "0.3s",
+                                                         "retry_policy": {**per_try, "retry_back_off": {
+                                                             "base_interval": "1s", "max_interval": "1s"}}}}]
     c = next(x for x in boot["static_resources"]["clusters"] if x["name"] == "c")
     c["outlier_detection"] = {"consecutive_5xx": 1, "enforcing_consecutive_5xx": 0, "interval": "60s"}
     envoy = Envoy(boot, admin, binary=envoy_bin).start()
@@ -342,19 +362,36 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
             return (await http_get(lport, "/none"))[0] == 503
 
         await wait_for(up, 20)
-        host = f"127.0.0.1:{slow}"
-        cases = (("/rt", []), ("/pt", [("c", host, LOCAL_TIMEOUT)]),
-                 ("/pi", [("c", host, LOCAL_TIMEOUT)]))
-        for n, (path, want) in enumerate(cases, 1):
+        t = ("c", f"127.0.0.1:{slow}", LOCAL_TIMEOUT)
+        cases = (("/rt", 504, [t]), ("/pt", 504, [t]), ("/pi", 504, [t]),
+                 ("/mix", 504, [t, t, t]),  # per-try, per-try, then the route's on the third
+                 ("/bo", 504, [t]), ("/stall", 0, [("c", t[1], 200)]), ("/reset", 0, []))
+        detected = 0
+        for path, status, want in cases:
             got.clear()
-            assert (await http_get(lport, path))[0] == 504
-            # Envoy's own detector counted this attempt's 504 (one more detection each path)
-            stat = await http_get(admin, DETECTED)
-            assert int(stat[1].split(":")[1]) == n, (path, stat)
+            if path == "/reset":  # the client leaves before the answer
+                await _leave_early(lport, 0.3)
+            else:
+                assert (await http_get(lport, path))[0] == status, path
             await asyncio.sleep(0.2)  # the ALS flushes every 10 ms
             assert got == want, (path, got)
+            # Envoy's own detector counted a 504 for each LOCAL_TIMEOUT, nothing else
+            detected += sum(1 for o in want if o[2] == LOCAL_TIMEOUT)
+            stat = await http_get(admin, DETECTED)
+            assert int(stat[1].split(":")[1]) == detected, (path, stat)
     finally:
         await stop_all(envoy, server, runner)
+
+
+async def _leave_early(port: int, after: float) -> None:
+    """A GET whose client closes its connection `after` s, before the answer."""
+    _r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET /reset HTTP/1.1\r\nHost: x\r\n\r\n")
+    await w.drain()
+    await asyncio.sleep(after)
+    w.close()
+    await w.wait_closed()
+    await asyncio.sleep(0.1)  # Envoy sees the close, resets the attempt and logs it
 
 
 # ---- malformed input (no Envoy: the wire reader, and the servicer over a real gRPC stream) ----
