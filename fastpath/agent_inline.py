@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from http import HTTPStatus
 
 from fastpath.loader import IPOOLS, IROUTE_TOTAL, IROUTES, K_FORWARD, K_PASS, K_REPLY
 from fastpath.plan import (
@@ -27,6 +26,7 @@ from fastpath.plan import (
     Route,
     Verdict,
 )
+from fastpath.synth import reply_bytes  # the same bytes as l7fp_decide's replies
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,6 @@ class InlineTables:
     reasons: dict[str, str] = field(default_factory=dict)  # listener -> why not offered
 
 
-def envoy_reply(status: int, body: str) -> bytes:
-    """A direct_response as Envoy writes it (without its date/server headers)."""
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Unknown"
-    data = body.encode()
-    head = f"HTTP/1.1 {status} {phrase}\r\ncontent-length: {len(data)}\r\n"
-    if data:
-        head += "content-type: text/plain\r\n"
-    return head.encode() + b"\r\n" + data
-
-
 def _route_entry(plan: KernelPlan, r: Route, inbound_ok: Callable[[str, int], bool]
                  ) -> InlineRoute:
     m = r.match
@@ -85,7 +72,7 @@ def _route_entry(plan: KernelPlan, r: Route, inbound_ok: Callable[[str, int], bo
         return punt
     a = r.action
     if isinstance(a, DirectResponse):
-        return InlineRoute(K_REPLY, m.path, r.name, reply=envoy_reply(a.status, a.body),
+        return InlineRoute(K_REPLY, m.path, r.name, reply=reply_bytes(a.status, a.body),
                            status=a.status)
     if not isinstance(a, ClusterAction) or len(a.clusters) != 1 or a.prefix_rewrite or \
             a.path_rewrite or a.host_rewrite or a.cluster_header or a.timeout_ms or a.retry is not None or a.mirrors:

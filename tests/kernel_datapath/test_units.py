@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 
 from fastpath import agent
-from fastpath.agent_inline import envoy_reply
 from fastpath.counters import reason_name
 from fastpath.loader import fnv1a
 
@@ -33,7 +32,6 @@ def test_reason_names_and_hash() -> None:
     assert reason_name(32 + 7) == "punt_route"
     assert fnv1a(b"") == 0xCBF29CE484222325
     assert fnv1a(b"a") == 0xAF63DC4C8601EC8C  # published FNV-1a 64 test vector
-    assert envoy_reply(403, "x").startswith(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 1\r\n")
 
 
 def test_response_parser_hashes() -> None:

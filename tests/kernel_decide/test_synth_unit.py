@@ -67,6 +67,8 @@ def test_string_masks_and_keys() -> None:
     assert name_key("baggage-user-agent", long_names=True)[3] == int.from_bytes(b"us", "little")
     assert name_key("baggage-user-agent")[3] == 0
     assert reply_bytes(404) == b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+    assert reply_bytes(403, "x") == (b"HTTP/1.1 403 Forbidden\r\ncontent-length: 1\r\n"
+                                     b"content-type: text/plain\r\n\r\nx")
     cc = cclass_table()
     assert cc[ord("%")] >> bs.C_TARGET & 1 == 0 and cc[ord("a")] >> bs.C_TCHAR & 1 == 1
     assert '#include "l7fp_' not in decide_text()  # pasted: BCC rewrites only the main text
