@@ -147,7 +147,8 @@ S = TypeVar("S", bound=AnswerState)
 
 class StreamCore(Generic[S]):
     """What SotwStream and DeltaStream share: per-type state, staging, served types,
-    push order."""
+    push order, and when a type's response is due (`responses`); each says
+    what its response is (`_response`) and when the proxy has it all."""
 
     def __init__(self, served_types: frozenset[str] = res.CORE_TYPES) -> None:
         self.types: dict[str, S] = {}
@@ -165,3 +166,49 @@ class StreamCore(Generic[S]):
 
     def _servable(self, type_url: str, view: Snapshot) -> bool:
         return type_url in self._served or type_url in view.entries
+
+    def _unserved(self, type_url: str) -> list[Event]:
+        """What a request for `type_url` also means when nothing of it is served."""
+        if type_url in self._served or type_url in self.staging.target.entries:
+            return []
+        return [Ignored(type_url, "type not served (no such resources)")]
+
+    def responses(self) -> list[Outgoing]:
+        """Responses due now, in make-before-break order; marks them sent.
+        A type waits while its last response is unanswered and, for
+        WAIT_FOR_CLUSTERS, until the proxy answered the current clusters.
+        With nothing to send and everything answered, the view is settled
+        (the next staged one, without the removed resources, may follow)."""
+        view = self.staging.view()
+        out: list[Outgoing] = []
+        for type_url in self._ordered():
+            st = self.types[type_url]
+            if st.pending or not self._servable(type_url, view):
+                continue
+            if type_url in WAIT_FOR_CLUSTERS and not self._clusters_settled(view):
+                continue
+            msg = self._response(type_url, st, view)
+            if msg is not None:
+                out.append(msg)
+        if not out and self._all_answered(view):
+            self.staging.settled(view)
+            if self.staging.view() is not view:
+                return self.responses()
+        return out
+
+    def _clusters_settled(self, view: Snapshot) -> bool:
+        cds = self.types.get(res.CLUSTER)
+        return cds is None or (not cds.pending and self._has_version(cds, view.version(res.CLUSTER)))
+
+    # ---- what each protocol says itself ----------------------------------
+    def _response(self, type_url: str, st: S, view: Snapshot) -> Outgoing | None:
+        """The response of `type_url` due now (marked sent), None when none is."""
+        raise NotImplementedError
+
+    def _all_answered(self, view: Snapshot) -> bool:
+        """Nothing of `view` is unanswered or left to send: it may settle."""
+        raise NotImplementedError
+
+    def _has_version(self, st: S, version: str) -> bool:
+        """`st`'s last response carried `version` of its type (the proxy's once answered)."""
+        raise NotImplementedError

@@ -22,10 +22,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from xds_server import resources as res
 from xds_server.protocol import wire
 from xds_server.protocol.common import (
-    WAIT_FOR_CLUSTERS,
     AnswerState,
     Event,
     Ignored,
@@ -66,9 +64,7 @@ class DeltaStream(StreamCore[DeltaTypeState]):
         self._subscribe(st, req)
         if not st.wildcard and not st.names:
             st.pending = False  # Envoy does not ACK responses of a type it no longer watches
-        if type_url not in self._served and type_url not in self.staging.target.entries:
-            events.append(Ignored(type_url, "type not served (no such resources)"))
-        return events
+        return events + self._unserved(type_url)
 
     @staticmethod
     def _subscribe(st: DeltaTypeState, req: object) -> None:
@@ -94,35 +90,13 @@ class DeltaStream(StreamCore[DeltaTypeState]):
                 if not st.wildcard:
                     st.known.pop(n, None)  # the proxy drops it; re-subscribing re-sends it
 
-    def responses(self) -> list[Outgoing]:
-        """Responses due now, in make-before-break order; marks them sent."""
-        view = self.staging.view()
-        out: list[Outgoing] = []
-        for type_url in self._ordered():
-            st = self.types[type_url]
-            if st.pending or not self._servable(type_url, view):
-                continue
-            if type_url in WAIT_FOR_CLUSTERS and not self._clusters_settled(view):
-                continue
-            msg = self._diff(type_url, st, view)
-            if msg is not None:
-                out.append(msg)
-        if not out and self._all_answered():
-            self.staging.settled(view)
-            if self.staging.view() is not view:
-                return self.responses()
-        return out
+    def _has_version(self, st: DeltaTypeState, version: str) -> bool:
+        return st.synced_version == version
 
-    def _clusters_settled(self, view: Snapshot) -> bool:
-        cds = self.types.get(res.CLUSTER)
-        if cds is None:
-            return True
-        return not cds.pending and cds.synced_version == view.version(res.CLUSTER)
-
-    def _all_answered(self) -> bool:
+    def _all_answered(self, view: Snapshot) -> bool:
         return not any(st.pending for st in self.types.values())
 
-    def _diff(self, type_url: str, st: DeltaTypeState, view: Snapshot) -> Outgoing | None:
+    def _response(self, type_url: str, st: DeltaTypeState, view: Snapshot) -> Outgoing | None:
         entries = view.of_type(type_url)
         wanted = entries.keys() if st.wildcard else st.names & entries.keys()
         updates = [entries[n] for n in sorted(wanted) if st.known.get(n) != entries[n].version]

@@ -23,10 +23,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from xds_server import resources as res
 from xds_server.protocol import wire
 from xds_server.protocol.common import (
-    WAIT_FOR_CLUSTERS,
     AnswerState,
     Event,
     Ignored,
@@ -72,9 +70,7 @@ class SotwStream(StreamCore[TypeState]):
             # Unsubscribed from everything: Envoy does not ACK responses of a type it
             # no longer watches, so nothing is in flight for it any more.
             st.pending = False
-        if type_url not in self._served and type_url not in self.staging.target.entries:
-            events.append(Ignored(type_url, "type not served (no such resources)"))
-        return events
+        return events + self._unserved(type_url)
 
     @staticmethod
     def _subscribe(st: TypeState, names: list[str]) -> None:
@@ -88,33 +84,16 @@ class SotwStream(StreamCore[TypeState]):
             st.wildcard = st.legacy_wildcard = False
         st.names = frozenset(n for n in names if n != "*")
 
-    def responses(self) -> list[Outgoing]:
-        """Responses due now, in make-before-break order; marks them sent."""
-        view = self.staging.view()
-        out: list[Outgoing] = []
-        for type_url in self._ordered():
-            st = self.types[type_url]
-            if st.pending or not self._servable(type_url, view):
-                continue
-            if type_url in WAIT_FOR_CLUSTERS and not self._clusters_settled(view):
-                continue
-            if not st.wildcard and not st.names:
-                continue  # nothing subscribed: no response expected
-            key = (view.version(type_url), st.wildcard, st.names)
-            if key == st.sent_key:
-                continue
-            out.append(self._send(type_url, st, view, key))
-        if not out and self._all_answered(view):
-            self.staging.settled(view)
-            if self.staging.view() is not view:
-                return self.responses()
-        return out
+    def _response(self, type_url: str, st: TypeState, view: Snapshot) -> Outgoing | None:
+        if not st.wildcard and not st.names:
+            return None  # nothing subscribed: no response expected
+        key = (view.version(type_url), st.wildcard, st.names)
+        if key == st.sent_key:
+            return None
+        return self._send(type_url, st, view, key)
 
-    def _clusters_settled(self, view: Snapshot) -> bool:
-        cds = self.types.get(res.CLUSTER)
-        if cds is None:
-            return True
-        return not cds.pending and cds.sent_key is not None and cds.sent_key[0] == view.version(res.CLUSTER)
+    def _has_version(self, st: TypeState, version: str) -> bool:
+        return st.sent_key is not None and st.sent_key[0] == version
 
     def _all_answered(self, view: Snapshot) -> bool:
         for type_url, st in self.types.items():
