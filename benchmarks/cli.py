@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CI mode: one short (1 s) repetition of fewer points, about a minute")
     p.add_argument("--scenario", action="append", metavar="NAME",
                    help="run only this scenario (repeatable): leaf, multihop, policy-mix-0, "
-                        "policy-mix-11, policy-mix-50, sweep")
+                        "policy-mix-11, policy-mix-50, demo, sweep")
     p.add_argument("--out", type=Path, help="output directory (default benchmarks/results/<timestamp>)")
     p.add_argument("--configurations", default="no-mesh,sidecar,sidecar-l4,l7fp",
                    help="comma-separated subset, in the order they alternate (default: all four)")
@@ -65,7 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker threads per sidecar Envoy (Istio's default is 2)")
 
 
+def _rates(text: str | None) -> list[float] | None:
+    """--rates as numbers > 0; None when absent or malformed (run() says which)."""
+    try:
+        rates = [float(r) for r in text.split(",")] if text else None
+    except ValueError:
+        return None
+    return rates if rates is None or all(r > 0 for r in rates) else None
+
+
 def _bounded(args: argparse.Namespace) -> str | None:
+    if args.envoy_concurrency < 1:
+        return f"--envoy-concurrency {args.envoy_concurrency}: must be 1 or more"
     if args.repeats is not None and not 1 <= args.repeats <= 20:
         return f"--repeats {args.repeats}: must be 1..20"
     if args.duration is not None and not 0.5 <= args.duration <= 120:
@@ -82,25 +93,32 @@ def run(args: argparse.Namespace) -> int:
     bad = [n for n in names if n not in configs.NAMES]
     if bad:
         problem = f"--configurations: unknown {bad[0]!r}; choose from {', '.join(configs.NAMES)}"
+    rates = _rates(args.rates)
+    if rates is None and args.rates:
+        problem = problem or f"--rates {args.rates!r}: expected comma-separated numbers > 0 (req/s)"
     try:
-        rates = [float(r) for r in args.rates.split(",")] if args.rates else None
         plan = build_plan(quick=args.quick, scenarios=args.scenario, repeats=args.repeats,
                           duration_s=args.duration, rates=rates)
     except ValueError as exc:
-        problem = problem or f"bad scenario or --rates: {exc}"
+        problem = problem or f"--scenario: {exc}"
     if problem:
         print(f"l7fp bench: {problem}", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("l7fp bench: needs root (network namespaces, cgroups, iptables, BPF)", file=sys.stderr)
         return 2
+    started = time.time()
+    out = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
+    try:  # before any mesh starts: a run must not fail at its end
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"l7fp bench: --out {out}: cannot write there: {exc.filename}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
     envoy = configs.envoy_path()
     removed = topology.cleanup_stale()
     if removed:
         logging.getLogger(__name__).info("removed leftovers of a crashed run: %s", removed)
-    started = time.time()
-    out = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
-    out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="l7fp-bench-"))
     mach = results.machine(envoy)
     try:

@@ -19,24 +19,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from xds_server import protojson
+from xds_server import protojson, yaml_errors
 
 ENVOY_REJECTS = protojson.ENVOY_REJECTS
 
 
 field = protojson.field  # obj[snake] or its camelCase spelling
 untyped_filters = protojson.untyped_filters
-
-
-def yaml_problem(e: Exception) -> str:
-    """One line for a YAML error: where, and what (a tab said as such)."""
-    mark = getattr(e, "problem_mark", None)
-    problem = str(getattr(e, "problem", None) or str(e).splitlines()[0])
-    if "'\\t'" in problem:
-        problem += " (a tab: YAML indents with spaces)"
-    if mark is None:
-        return problem
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+yaml_problem = yaml_errors.problem  # one line: where, and what
 
 
 def address(lis: Any) -> str:

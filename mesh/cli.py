@@ -31,6 +31,8 @@ interception). Needs root. Examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from xds_server.argtypes import positive
+
     p = subparsers.add_parser("mesh", help="run a local mesh (pods as namespaces, Envoy sidecars)",
                               description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mesh_command", metavar="ACTION")
@@ -43,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="ads: run `l7fp serve` on the config dir (default); file: Envoy watches generated files, no control plane")
     up.add_argument("--fastpath", choices=["on", "off", "auto"], default="off",
                     help="passed to `l7fp serve --fastpath` (with --xds ads)")
-    up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for readiness")
+    up.add_argument("--timeout", type=positive, default=90.0,
+                    help="seconds to wait for readiness (default 90)")
     up.add_argument("--backend", choices=["local", "docker"], default="local",
                     help="local: namespaces on this host (default); docker: containers through "
                          "the Docker SDK (needs a reachable engine)")
@@ -307,6 +310,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
         written = compose.write(spec.load(args.file), Path(args.out))
     except spec.MeshFileError as exc:
         return _err(exc)
+    except OSError as exc:  # -o names a file, or a directory we may not write
+        return _err(f"--out {args.out}: cannot write there: {exc.filename}: {exc.strerror}")
     print(f"wrote {written[0]} and {len(written) - 1} files under {Path(args.out) / 'docker'}; "
           f"run with: docker compose -f {written[0]} up --build")
     return 0

@@ -37,12 +37,17 @@ QUANT = re.compile(r"P(\d+(?:\.\d+)?)\(([^,]+),([^)]+)\)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from xds_server.argtypes import number_in
+
     p = subparsers.add_parser("demo", help="run the demo mesh with traffic and a live table",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mesh", default=str(DEMO_FILE), help="mesh file (default: the bundled demo)")
     p.add_argument("--name", default="demo", help="mesh name (default: demo)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of traffic (default 20)")
-    p.add_argument("--rate", type=float, default=20.0, help="requests/s per route (default 20)")
+    # the bounds of mesh.apps.loadgen, checked here: it runs only once the mesh is up
+    p.add_argument("--duration", type=number_in(0, 3600), default=20.0,
+                   help="seconds of traffic, at most 3600 (default 20)")
+    p.add_argument("--rate", type=number_in(0, 5000), default=20.0,
+                   help="requests/s per route, at most 5000 (default 20)")
     p.add_argument("--xds", choices=["ads", "file"], default="ads")
     p.add_argument("--fastpath", choices=["on", "off", "auto"], default="off")
     p.set_defaults(func=run)

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from xds_server import yaml_errors
+
 # Ports the sidecar owns inside every pod (istio-iptables conventions).
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -121,7 +123,7 @@ def _load_yaml(path: Path) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
-        raise MeshFileError(f"{path}: not valid YAML: {exc}") from exc
+        raise MeshFileError(f"{path}: not valid YAML: {yaml_errors.problem(exc)}") from exc
 
 
 def load(path: str | Path, name: str | None = None) -> MeshSpec:

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 HELP = """\
 check:  read Istio / Gateway API YAML (and the services of --mesh-file / --k8s),
@@ -46,6 +47,12 @@ def main(args: argparse.Namespace) -> int:
     # The importer logs each warning as it goes; `check` prints each of them as its
     # result (stdout), so a terminal showed every warning twice.
     logging.getLogger("xds_server.istio").setLevel(logging.ERROR)
+    for flag in ("mesh_file", "k8s"):  # name the flag, as `l7fp serve` does
+        value = getattr(args, flag)
+        if value and not Path(value).exists():
+            print(f"l7fp istio: --{flag.replace('_', '-')} {value}: no such file or directory",
+                  file=sys.stderr)
+            return 2
     try:
         mesh = load(args.policies, args.mesh_file, args.k8s)
     except (ValueError, OSError) as exc:

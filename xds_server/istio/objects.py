@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from xds_server import yaml_errors
+
 log = logging.getLogger(__name__)
 
 # kind -> API groups we accept for it (versions are not checked: v1alpha3,
@@ -237,6 +239,6 @@ def load_path(path: str | Path, out: ObjectSet | None = None, helm: bool = False
             text = f.read_text()
             docs = list(yaml.safe_load_all(strip_helm(text) if helm and "{{" in text else text))
         except yaml.YAMLError as exc:
-            raise ValueError(f"{f}: invalid YAML: {exc}") from exc
+            raise ValueError(f"{f}: invalid YAML: {yaml_errors.problem(exc)}") from exc
         parse_documents(docs, str(f), out)
     return out

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from xds_server import yaml_errors
+
 from .objects import DEFAULT_NAMESPACE, Obj, ObjectSet, as_list, check_fields
 
 DOMAIN = "svc.cluster.local"
@@ -162,8 +164,13 @@ def from_mesh_file(path: str | Path) -> Registry:
     from the running mesh's state.json when it exists, else from the sidecars'
     node ids as they connect (`Registry.learn`).
     """
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    try:  # every failure one ValueError naming the file: `istio check`, `serve` print it
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from exc
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: not valid YAML/JSON: {yaml_errors.problem(exc)}") from exc
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a mapping with services:")
     if isinstance(data.get("services"), Mapping):

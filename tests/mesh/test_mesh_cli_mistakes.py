@@ -1,0 +1,52 @@
+"""`l7fp mesh` / `l7fp demo` given a wrong argument: one line naming it,
+a non-zero exit, never a traceback, and nothing started.
+
+In-process (`xds_server.cli.main`): an exception that escapes fails the test. No mesh
+is started by any of them (each mistake is caught before that).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xds_server.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = str(REPO / "compose" / "demo" / "mesh.yaml")
+
+
+def test_mesh_file_yaml_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """PyYAML's several lines (caret drawing, `in "<unicode string>"`) became one."""
+    bad = tmp_path / "mesh.yaml"
+    bad.write_text("name: t\nservices:\n  a:\n    command: [sleep,\n")
+    assert main(["mesh", "compose", str(bad), "-o", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (
+        f"l7fp mesh: {bad}: not valid YAML: line 5, column 1: "
+        "expected the node content, but found '<stream end>'\n")
+
+
+def test_compose_out_on_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`-o FILE` ended in a FileExistsError traceback."""
+    out = tmp_path / "taken"
+    out.write_text("")
+    assert main(["mesh", "compose", DEMO, "-o", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"l7fp mesh: --out {out}: cannot write there: {out}: File exists\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["mesh", "up", DEMO, "--name", "ux-never", "--timeout", "-1"],
+    ["demo", "--name", "ux-never", "--duration", "0"],
+    ["demo", "--name", "ux-never", "--rate", "9000"],
+    ["demo", "--name", "ux-never", "--rate", "nan"],
+])
+def test_bad_seconds_and_rates_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`mesh up --timeout -1` built the whole mesh and failed at once ("not ready after -1s");
+    `demo --rate 0` built it and then said `--rate must be in (0, 5000] ...`."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    flag, value = argv[-2:]
+    assert f"argument {flag}: '{value}': expected a number " in capsys.readouterr().err

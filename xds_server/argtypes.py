@@ -1,0 +1,31 @@
+"""argparse types shared by the `l7fp` subcommands (the message is argparse's usage
+error, exit 2, naming the flag), so a bad value stops before anything starts.
+
+Called by `mesh.cli` (`mesh up --timeout`) and `mesh.demo` (`demo --duration/--rate`);
+`xds_server.serve.port` is the port type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def number_in(low: float, high: float) -> Callable[[str], float]:
+    """A type for a number in (low, high]: seconds, requests/s."""
+    said = f"a number > {low:g}" if high == math.inf else f"a number in ({low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {said}")
+        return value
+
+    return parse
+
+
+positive = number_in(0, math.inf)
