@@ -16,7 +16,8 @@ the external counter ignores the timeouts between the 500s, two sequential
 timeouts never reach the local threshold (each attempt's connection zeroes
 it first), two connect failures do. A route timeout (NAME=odtimeout: the
 HCM's UT entry paired with the attempt it reset, fastpath.als.RouteTimeouts)
-counts as Envoy counts it: without split the third 5xx (`q`); with split a
+counts as Envoy counts it: without split a 504 (`q`: ejected at the third
+in a row, on both); with split a
 local failure after the attempt's connection, so a connect failure right
 after it is the second in a row (`t`: its app stops between the two).
 The kernel path's own events (sk_msg's send zeroes, the agent's timeout
@@ -63,8 +64,8 @@ SCRIPT = [("p", "/p/s/500", False), ("p", "/p/s/500", False),
           ("c", "/s/500", True),  # the third 500 in a row: consecutive_5xx
           ("dead", "/dead/a", False),  # no connection: local 1
           ("dead", "/dead/b", True),  # local 2: consecutive_local_origin_failure
-          ("q", "/q/s/500", False), ("q", "/q/s/500", False),
-          ("q", "/q/rt", True),  # without split: the route timeout's 504 is the third 5xx
+          ("q", "/q/rt", False), ("q", "/q/rt", False),
+          ("q", "/q/rt", True),  # without split: the third route timeout's 504 is the third 5xx
           ("t", "/t/s/200", False),  # connected: local 0
           ("t", "/t/rt", False),  # connected, route timeout: local 1
           ("t", STOP, False),  # t's app goes away
