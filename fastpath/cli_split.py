@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"l7fp split: {e}", file=sys.stderr)
         return 2
     if args.plan:
-        json.dump([{"file": path, "plan": plan.to_json()} for path, plan in report.plans],
-                  sys.stdout, indent=1)
+        json.dump([{"file": p.path, "plan": p.plan.to_json(), "placement": p.placement}
+                   for p in report.plans], sys.stdout, indent=1)
         print()
     elif args.json:
         json.dump(report.to_json(), sys.stdout, indent=1)
@@ -97,7 +97,9 @@ def _pct(c: dict[str, int]) -> str:
 
 
 def _print_text(report: Any, explain: bool) -> None:
-    plans = {path: plan for path, plan in report.plans}
+    plans: dict[str, list[Any]] = {}
+    for p in report.plans:
+        plans.setdefault(p.path, []).append(p)
     for path, info in report.files.items():
         print(f"== {path} [{', '.join(info['formats']) or 'unknown'}]")
         if info["error"]:
@@ -110,13 +112,14 @@ def _print_text(report: Any, explain: bool) -> None:
             print(f"   note: {n}")
         for o in info.get("opaque", ()):
             print(f"   opaque: {o}")
-        plan = plans.get(path)
-        if plan is None:
-            continue
-        for lp in plan.listeners:
-            _print_listener(lp, explain)
+        for p in plans.get(path, ()):
+            if p.placement == "gateway":
+                print(f"  {GATEWAY_HEADING}:")
+            for lp in p.view.listeners:
+                _print_listener(lp, explain)
     cov = report.coverage()
     print(f"\ncoverage: routes {_pct(cov['routes'])}, rules {_pct(cov['rules'])}")
+    _print_placement(cov["by_placement"])
     for fmt, b in sorted(cov["by_format"].items()):
         print(f"  {fmt}: routes {_pct(b['routes'])}, rules {_pct(b['rules'])}; files {b['files']}"
               f" (unreadable {b['unreadable_files']}, skipped resources {b['skipped_resources']})")
@@ -124,6 +127,22 @@ def _print_text(report: Any, explain: bool) -> None:
         print("\nwhat the ENVOY routes/rules need (count of routes/rules per feature):")
         for feature, n in report.needs().most_common():
             print(f"  {n:4d}  {feature}")
+
+
+GATEWAY_HEADING = ("gateway-bound only (the gateway's Envoy runs these, not L7FP's kernel path; "
+                   "verdicts: what a mesh client's kernel path could do)")
+
+
+def _print_placement(by: dict[str, Any]) -> None:
+    """The coverage line's split by placement, saying which figure is which."""
+    mesh, gw = by["mesh"], by["gateway"]
+    print(f"  mesh (sidecars: L7FP's kernel path): routes {_pct(mesh['routes'])}, "
+          f"rules {_pct(mesh['rules'])}")
+    n = gw["routes"]["total"]
+    if n:
+        print(f"  gateway-bound only: routes {n}, run by the gateway's Envoy, none by L7FP's kernel "
+              f"(counted as not in the kernel above); {gw['routes']['kernel_verdict']}/{n} have a "
+              "KERNEL verdict (a mesh client's kernel path could run them)")
 
 
 def _print_listener(lp: Any, explain: bool) -> None:

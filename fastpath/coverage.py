@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastpath import inputs
 from fastpath.classify_route import KernelCaps
@@ -32,6 +32,18 @@ class Row:
     name: str
     verdict: str
     reason: str
+    placement: str = "mesh"  # "gateway": bound only to gateways (inputs.Document.placement)
+
+
+class PlanOf(NamedTuple):
+    """One policy set's plan: `plan` as the BPF side gets it (`--plan`), `view`
+    with the verdicts that know the destinations (fastpath.inbound_verdict;
+    the rows' verdicts), `placement` as its Document's."""
+
+    path: str
+    plan: KernelPlan
+    view: KernelPlan
+    placement: str = "mesh"
 
 
 @dataclass
@@ -39,10 +51,17 @@ class Report:
     routes: list[Row]
     rules: list[Row]
     files: dict[str, dict[str, Any]]  # path -> {format, error, skipped}
-    plans: list[tuple[str, KernelPlan]]
+    plans: list[PlanOf]
+    # id(inbound resources) -> (them, their plan): a destination's inbound side
+    # classified once per run (_honest; the reader hands equal ones as one object)
+    inbound_plans: dict[int, tuple[Any, KernelPlan]] = field(default_factory=dict, repr=False)
 
     def coverage(self) -> dict[str, Any]:
-        """``{routes: {kernel, total}, rules: {kernel, total}, by_format: {...}}``."""
+        """``{routes: {kernel, total}, rules: {kernel, total}, by_format: {...},
+        by_placement: {mesh: ..., gateway: ...}}``: `kernel` counts what L7FP's
+        kernel path runs, so a gateway-bound route is never in it (the
+        gateway's Envoy runs it); `by_placement` also has `kernel_verdict`,
+        the rows whose verdict is KERNEL (what a mesh client's kernel could run)."""
         out: dict[str, Any] = {"routes": _count(self.routes), "rules": _count(self.rules)}
         by: dict[str, Any] = {}
         for info in self.files.values():
@@ -55,6 +74,11 @@ class Report:
             b["routes"] = _count([r for r in self.routes if self.files[r.file]["formats"][:1] == [fmt]])
             b["rules"] = _count([r for r in self.rules if self.files[r.file]["formats"][:1] == [fmt]])
         out["by_format"] = by
+        out["by_placement"] = {
+            where: {kind: {**_count(placed), "kernel_verdict": _verdicts(placed)}
+                    for kind, placed in (("routes", [r for r in self.routes if r.placement == where]),
+                                         ("rules", [r for r in self.rules if r.placement == where]))}
+            for where in ("mesh", "gateway")}
         return out
 
     def needs(self) -> Counter[str]:
@@ -73,7 +97,13 @@ class Report:
 
 
 def _count(rows: list[Row]) -> dict[str, int]:
-    return {"kernel": sum(r.verdict == Verdict.KERNEL.value for r in rows), "total": len(rows)}
+    """`kernel`: the rows L7FP's kernel path runs (KERNEL, on a sidecar's socket path)."""
+    return {"kernel": sum(r.verdict == Verdict.KERNEL.value and r.placement == "mesh" for r in rows),
+            "total": len(rows)}
+
+
+def _verdicts(rows: list[Row]) -> int:
+    return sum(r.verdict == Verdict.KERNEL.value for r in rows)
 
 
 def _feature(reason: str) -> str:
@@ -123,8 +153,32 @@ def _analyse_docs(path: Path, docs: list[inputs.Document], report: Report,
         except Exception as e:  # a resource that parses but can't be classified
             info["error"] = f"cannot classify: {e}"
             continue
-        report.plans.append((str(path), plan))
-        _rows(str(path), plan, report)
+        view = _honest(plan, doc, _caps(caps, doc), report.inbound_plans)
+        report.plans.append(PlanOf(str(path), plan, view, doc.placement))
+        _rows(str(path), view, report, doc.placement)
+
+
+def _honest(plan: KernelPlan, doc: inputs.Document, caps: KernelCaps | None,
+            cache: dict[int, tuple[Any, KernelPlan]]) -> KernelPlan:
+    """`plan` with the verdicts that know the destinations' inbound side
+    (fastpath.inbound_verdict.honest_plan, the agent's plan view) when the
+    reader knows the destination pods (`Document.inbound_of`: the Istio
+    importer); a destination it does not know stays as the plan says."""
+    from fastpath.inbound_verdict import honest_plan
+
+    if doc.inbound_of is None:
+        return plan
+    inbound_of = doc.inbound_of
+
+    def plan_of_ip(ip: str) -> KernelPlan | None:
+        res = inbound_of(ip)
+        if res is None:
+            return None
+        if id(res) not in cache:
+            cache[id(res)] = (res, plan_of("inbound side", resources_json(res), caps=caps))
+        return cache[id(res)][1]
+
+    return honest_plan(plan, plan_of_ip)
 
 
 def _caps(caps: KernelCaps | None, doc: inputs.Document) -> KernelCaps | None:
@@ -138,22 +192,22 @@ def _caps(caps: KernelCaps | None, doc: inputs.Document) -> KernelCaps | None:
     return replace(base, eds_missing=tuple(sorted(doc.eds_missing.items())))
 
 
-def _rows(path: str, plan: KernelPlan, report: Report) -> None:
+def _rows(path: str, plan: KernelPlan, report: Report, placement: str = "mesh") -> None:
     for lp in plan.listeners:
         for vh in lp.virtual_hosts:
             for i, r in enumerate(r for r in vh.routes if not r.guard):
                 report.routes.append(Row(path, lp.name, lp.route_config, vh.name, r.name or f"#{i}",
-                                         r.verdict.value, r.reason))
+                                         r.verdict.value, r.reason, placement))
         listener_why = lp.reason if lp.verdict is Verdict.ENVOY else ""
         for rbac in lp.rbacs or ((lp.rbac,) if lp.rbac else ()):
             for p in rbac.policies:
                 verdict = Verdict.ENVOY if (p.verdict is Verdict.ENVOY or listener_why) else Verdict.KERNEL
                 report.rules.append(Row(path, lp.name, lp.route_config, "", f"{rbac.action} {p.name}",
-                                        verdict.value, p.reason or listener_why))
+                                        verdict.value, p.reason or listener_why, placement))
             if not rbac.policies:
                 report.rules.append(Row(path, lp.name, lp.route_config, "", f"{rbac.action} (no policy)",
                                         Verdict.ENVOY.value if listener_why else Verdict.KERNEL.value,
-                                        listener_why))
+                                        listener_why, placement))
 
 
 def _unread_rows(path: str, doc: inputs.Document, report: Report) -> None:
@@ -177,7 +231,7 @@ def _unread_rows(path: str, doc: inputs.Document, report: Report) -> None:
                     name = r.get("name") if isinstance(r, dict) else None
                     report.routes.append(Row(path, listener, str(_field(rc, "name") or ""),
                                              str(_field(vh, "name") or ""), name or f"#{i}",
-                                             Verdict.ENVOY.value, reason))
+                                             Verdict.ENVOY.value, reason, doc.placement))
 
 
 def _field(obj: Any, snake: str) -> Any:

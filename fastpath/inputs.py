@@ -55,6 +55,12 @@ class Document:
     rejected: list[str] = field(default_factory=list)  # what makes Envoy reject the file
     # EDS service name -> why no endpoints (CiliumEnvoyConfig: fastpath.inputs_cilium)
     eds_missing: dict[str, str] = field(default_factory=dict)
+    # "mesh": the sidecars apply these routes (L7FP's kernel path is on mesh clients'
+    # sockets); "gateway": routes bound only to gateways, which the gateway's Envoy runs
+    placement: str = "mesh"
+    # Istio importer: the inbound side (resources) of the pod at an address, for the
+    # verdicts that know the destinations (fastpath.inbound_verdict); None: unknown pod
+    inbound_of: Callable[[str], dict[str, list[Any]] | None] | None = None
 
     @property
     def unusable(self) -> bool:

@@ -54,7 +54,9 @@ def test_json_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["split", "--json", str(files)]) == 0
     out = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in out["routes"]}
-    assert set(by_name["fast"]) == {"file", "listener", "route_config", "virtual_host", "name", "verdict", "reason"}
+    assert set(by_name["fast"]) == {"file", "listener", "route_config", "virtual_host", "name", "verdict",
+                                    "reason", "placement"}
+    assert by_name["fast"]["placement"] == "mesh"  # an Envoy file: what a sidecar applies
     assert by_name["fast"]["verdict"] == "KERNEL" and by_name["fast"]["listener"] == "web"
     assert by_name["slow"]["verdict"] == "ENVOY" and "retry_on=envoy-ratelimited can fire" in by_name["slow"]["reason"]
     assert by_name["retry"]["verdict"] == "KERNEL"  # the data path retries on 409

@@ -19,33 +19,47 @@ RULE_FIELDS = {"name", "matches", "filters", "backendRefs", "timeouts", "retry",
 REF_FIELDS = {"name", "namespace", "port", "weight", "kind", "group", "filters"}
 
 
-def as_virtual_services(objs: ObjectSet, reg: Registry, mesh_only: bool) -> list[Obj]:
+def as_virtual_services(objs: ObjectSet, reg: Registry, mesh_only: bool,
+                        placement: str = "") -> list[Obj]:
+    """`placement` (`l7fp split`, quiet): "mesh" keeps the routes attached to a
+    Service (what sidecars apply), "gateway" those attached to Gateways only,
+    as a VirtualService bound to those gateways; "" as `mesh_only` says."""
     out = []
     for kind in ("HTTPRoute", "GRPCRoute"):
         for o in objs.of(kind):
-            vs = convert(objs.warnings, o, reg, mesh_only)
+            vs = convert(objs.warnings, o, reg, mesh_only, placement)
             if vs is not None:
                 out.append(vs)
     return out
 
 
-def convert(w: Warnings, o: Obj, reg: Registry, mesh_only: bool) -> Obj | None:
+def convert(w: Warnings, o: Obj, reg: Registry, mesh_only: bool, placement: str = "") -> Obj | None:
     spec = check_fields(w, o, "spec", o.spec, {"parentRefs", "hostnames", "rules"})
-    hosts: list[str] = []
+    services: list[str] = []
+    gateways: list[str] = []
     for i, ref in enumerate(as_list(w, o, "spec.parentRefs", spec.get("parentRefs"))):
         ref = check_fields(w, o, f"spec.parentRefs[{i}]", ref,
                            {"name", "namespace", "kind", "group", "port", "sectionName"})
         if ref.get("kind") == "Service":
-            hosts.append(reg.fqdn(str(ref.get("name")), str(ref.get("namespace") or o.namespace)))
-        elif mesh_only:
+            services.append(reg.fqdn(str(ref.get("name")), str(ref.get("namespace") or o.namespace)))
+            continue
+        gateways.append(str(ref.get("name")))
+        if mesh_only and not placement:
             w.add(o, f"spec.parentRefs[{i}]", f"attached to {ref.get('kind', 'Gateway')} "
                   f"{ref.get('name')!r}: applies to gateways, not sidecars; ignored")
-        else:
-            hosts += [str(h) for h in spec.get("hostnames") or ["*"]]
+    vs_spec: dict[str, Any] = {}
+    hostnames = [str(h) for h in spec.get("hostnames") or ["*"]]
+    if placement == "gateway":  # a route with a Service parent is the mesh's (counted there)
+        hosts = [] if services else hostnames if gateways else []
+        vs_spec["gateways"] = sorted(set(gateways))
+    elif mesh_only or placement == "mesh":
+        hosts = services
+    else:
+        hosts = services + (hostnames if gateways else [])
     if not hosts:
         return None
     http = [_rule(w, o, i, r) for i, r in enumerate(as_list(w, o, "spec.rules", spec.get("rules")))]
-    vs_spec = {"hosts": sorted(set(hosts)), "http": [r for r in http if r is not None]}
+    vs_spec.update({"hosts": sorted(set(hosts)), "http": [r for r in http if r is not None]})
     return Obj(o.kind, o.name, o.namespace, vs_spec, o.raw, o.source)
 
 

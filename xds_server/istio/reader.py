@@ -5,20 +5,35 @@ carries policy but usually no registry. Services and pods the file refers to
 but does not define are synthesized (one pod per DestinationRule subset, one
 pod per AuthorizationPolicy selector, addresses from 198.18.255.0/24) so that
 every route and authorization rule of the file reaches the split. Routes bound
-to gateways are included here (they are skipped for sidecars in `serve`).
+to gateways only (skipped for sidecars in `serve`) are read too, as a policy
+set of their own (`read_placed`: placement "gateway"), so the split can say
+they run on the gateway's Envoy, not on a mesh client's kernel path.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import gateway_api
+from .messages import to_messages
 from .objects import KNOWN_KINDS, Obj, ObjectSet, load_path
 from .registry import Endpoint, Port, Registry, Service, Workload, from_k8s
-from .sidecar import CLUSTER, ENDPOINT, LISTENER, ROUTE, Mesh, apply_mesh_config, generate
+from .sidecar import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    Mesh,
+    apply_mesh_config,
+    generate,
+    inbound_side,
+)
 
 POLICY_KINDS = ("VirtualService", "DestinationRule", "AuthorizationPolicy", "HTTPRoute",
                 "GRPCRoute", "ServiceEntry", "Sidecar", "PeerAuthentication")
@@ -40,6 +55,82 @@ def read_file(path: str | Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def read_objects(objs: ObjectSet) -> dict[str, list[dict[str, Any]]]:
+    """Every node's resources merged, gateway-bound routes applied as if by the
+    client's sidecar (the importer's tests; `l7fp split` reads `read_placed`)."""
+    reg, client, pods = _registry(objs)
+    extra = gateway_api.as_virtual_services(objs, reg, mesh_only=False)
+    mesh = Mesh(objs, reg, extra_routes=extra, gateway_routes=True, policy_only=True)
+    apply_mesh_config(mesh)
+    return _merged(mesh, client, [client, *pods])
+
+
+@dataclass
+class PolicySet:
+    """One placement's share of a file's policies, for `l7fp split`.
+
+    `placement` "mesh": what the sidecars apply (the client's outbound routes,
+    the policy pods' inbound RBAC); "gateway": the routes bound to gateways
+    only (Istio `gateways:` without `mesh`, Gateway API Gateway parents),
+    generated as if the client's sidecar ran them, to say what they need.
+    `inbound_of(ip)`: the inbound side (virtualInbound listener, inbound
+    clusters) the pod at `ip` gets from istiod, or None when no pod of the
+    file's registry has that address."""
+
+    placement: str
+    resources: dict[str, list[dict[str, Any]]]
+    inbound_of: Callable[[str], dict[str, list[dict[str, Any]]] | None]
+
+
+def read_placed(objs: ObjectSet) -> list[PolicySet]:
+    """The file's "mesh" set, and its "gateway" set when it has gateway-only routes."""
+    reg, client, pods = _registry(objs)
+    inbound = _inbound_of(objs, reg)
+    out = []
+    for placement in ("mesh", "gateway"):
+        extra = gateway_api.as_virtual_services(objs, reg, mesh_only=False, placement=placement)
+        mesh = Mesh(objs, reg, extra_routes=extra, gateway_routes=True, policy_only=True,
+                    placement=placement)
+        apply_mesh_config(mesh)
+        # the policy pods' inbound RBAC is the mesh's: counted once
+        res = _merged(mesh, client, [client, *pods] if placement == "mesh" else [client])
+        if placement == "mesh" or any(vh.get("routes") for rc in res[ROUTE]
+                                      for vh in rc.get("virtualHosts") or []):
+            out.append(PolicySet(placement, res, inbound))
+    return out
+
+
+def _inbound_of(objs: ObjectSet, reg: Registry) -> Callable[[str], dict[str, list[dict[str, Any]]] | None]:
+    """`PolicySet.inbound_of`: a pod of the registry (a workload, or a service
+    endpoint with its labels) by address; its inbound side as a sidecar gets
+    it (default inbound route, its AuthorizationPolicies' RBAC)."""
+    mesh = Mesh(objs, reg)
+    apply_mesh_config(mesh)
+
+    def inbound(ip: str) -> dict[str, list[dict[str, Any]]] | None:
+        wl = _pod_at(reg, ip)
+        if wl is None:
+            return None
+        listener, clusters = inbound_side(mesh, wl)
+        return {LISTENER: [listener], CLUSTER: clusters}
+
+    return inbound
+
+
+def _pod_at(reg: Registry, ip: str) -> Workload | None:
+    known = next((w for w in reg.workloads if w.ip == ip), None)
+    if known is not None:
+        return known
+    for svc in reg.services.values():
+        for e in svc.endpoints:
+            if e.ip == ip:
+                return Workload(e.pod or f"pod-{ip}", svc.namespace, ip, dict(e.labels),
+                                e.service_account)
+    return None
+
+
+def _registry(objs: ObjectSet) -> tuple[Registry, Workload, list[Workload]]:
+    """The file's registry with the services, subsets and pods it names but does
+    not define; the client workload; one pod per AuthorizationPolicy selector."""
     reg = from_k8s(objs)
     from .registry import add_service_entries
     add_service_entries(objs, reg)
@@ -48,10 +139,12 @@ def read_objects(objs: ObjectSet) -> dict[str, list[dict[str, Any]]]:
     _synthesize_services(objs, reg, ips)
     client = Workload("l7fp-client", "default", "198.18.254.1", {})
     reg.workloads.append(client)
-    nodes = [client] + _synthesize_policy_pods(objs, reg, ips)
-    extra = gateway_api.as_virtual_services(objs, reg, mesh_only=False)
-    mesh = Mesh(objs, reg, extra_routes=extra, gateway_routes=True, policy_only=True)
-    apply_mesh_config(mesh)
+    return reg, client, _synthesize_policy_pods(objs, reg, ips)
+
+
+def _merged(mesh: Mesh, client: Workload, nodes: list[Workload]) -> dict[str, list[dict[str, Any]]]:
+    """The resources of `nodes` as one set (each name once; the other pods'
+    virtualInbound under names of their own)."""
     merged: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
     seen: set[tuple[str, str]] = set()
     for wl in nodes:
@@ -128,7 +221,8 @@ def _synthesize_services(objs: ObjectSet, reg: Registry, ips: Iterator[str]) -> 
             svc.ports.append(Port(number, f"http-{number}", "http", number))
         if labels and not any(all(e.labels.get(k) == v for k, v in labels.items())
                               for e in svc.endpoints):
-            svc.endpoints.append(Endpoint(next(ips), labels))
+            # a pod of the service: its app label too (AuthorizationPolicy selectors)
+            svc.endpoints.append(Endpoint(next(ips), {"app": svc.name, **labels}))
     for svc in reg.services.values():
         if not svc.ports:
             svc.ports.append(Port(80, "http", "http", 80))
@@ -197,11 +291,31 @@ def split_reader(path: Path) -> list[Any]:
         return []
     fmt = "gateway-api" if kinds <= set(ROUTE_KINDS) else "istio"
     try:
-        from .messages import to_messages
-        resources = to_messages(read_objects(objs))
+        sets = [(ps, to_messages(ps.resources)) for ps in read_placed(objs)]
     except (ValueError, KeyError, TypeError) as exc:
         return [Document(str(path), fmt, error=f"import failed: {exc}")]
-    return [Document(str(path), fmt, resources, skipped=list(objs.warnings))]
+    skipped = list(objs.warnings)
+    return [Document(str(path), fmt, resources, skipped=skipped if ps.placement == "mesh" else [],
+                     placement=ps.placement, inbound_of=_messages_of(ps.inbound_of))
+            for ps, resources in sets]
 
 
-__all__ = ["KNOWN_KINDS", "can_read", "read_file", "read_objects", "split_reader"]
+def _messages_of(inbound_of: Callable[[str], dict[str, list[dict[str, Any]]] | None]
+                 ) -> Callable[[str], dict[str, list[Any]] | None]:
+    """`inbound_of` giving betterproto2 messages, as a Document's resources are;
+    equal inbound sides (most pods: one port, no policy) give the same object,
+    so the split classifies each once (fastpath.coverage._honest)."""
+    def of(ip: str) -> dict[str, list[Any]] | None:
+        res = inbound_of(ip)
+        return None if res is None else _messages(json.dumps(res, sort_keys=True))
+
+    return of
+
+
+@functools.lru_cache(maxsize=256)
+def _messages(text: str) -> dict[str, list[Any]]:
+    return to_messages(json.loads(text))
+
+
+__all__ = ["KNOWN_KINDS", "PolicySet", "can_read", "read_file", "read_objects", "read_placed",
+           "split_reader"]

@@ -160,15 +160,36 @@ def match_applies(m: Mapping[str, Any], port: int, labels: Mapping[str, str], na
     return not (m.get("sourceNamespace") and m["sourceNamespace"] != namespace)
 
 
+def placement_of(m: Mapping[str, Any], vs_gateways: Any) -> str:
+    """Where Istio applies a match of a VirtualService bound to `vs_gateways`:
+    "mesh" (the sidecars, `mesh` or no gateways) or "gateway" (gateways only).
+    A VirtualService not bound to `mesh` never reaches a sidecar, whatever its
+    matches say; in one that is, a match's own `gateways` override the
+    VirtualService's. Read by `l7fp split` (xds_server.istio.reader)."""
+    if vs_gateways and "mesh" not in vs_gateways:
+        return "gateway"
+    return "mesh" if "mesh" in (m.get("gateways") or ["mesh"]) else "gateway"
+
+
+def placements(vs: Obj) -> set[str]:
+    """The placements (placement_of) of every match of the VirtualService `vs`."""
+    gws = vs.spec.get("gateways")
+    return {placement_of(m if isinstance(m, Mapping) else {}, gws)
+            for rule in vs.spec.get("http") or [] if isinstance(rule, Mapping)
+            for m in (rule.get("match") if isinstance(rule.get("match"), list) else None) or [{}]}
+
+
 def convert_http(
     w: Warnings, obj: Obj, idx: int, rule: Mapping[str, Any], namer: ClusterNamer,
     port: int, labels: Mapping[str, str], namespace: str, gateway_routes: bool = False,
-    default_retries: Mapping[str, Any] | None = None,
+    default_retries: Mapping[str, Any] | None = None, placement: str = "",
 ) -> list[dict[str, Any]]:
     """One `http[idx]` rule -> Envoy routes (one per applicable match).
 
     `default_retries`: MeshConfig.defaultHttpRetryPolicy (an HTTPRetry), used
     for rules without `retries:`; None means istiod's built-in default.
+    `placement` ("mesh" or "gateway", `l7fp split`): only the matches with
+    that placement (placement_of); "" keeps every applicable match.
     """
     path = f"spec.http[{idx}]"
     rule = check_fields(w, obj, path, rule, HTTP_FIELDS)
@@ -180,6 +201,8 @@ def convert_http(
         routes = []
         for j, m in enumerate(matches):
             if not match_applies(m or {}, port, labels, namespace, gateway_routes):
+                continue
+            if placement and placement_of(m or {}, obj.spec.get("gateways")) != placement:
                 continue
             route = {"name": str(rule.get("name") or f"{obj.name}.{obj.namespace}.{idx}"),
                      "match": convert_match(w, obj, f"{path}.match[{j}]", m or {})}

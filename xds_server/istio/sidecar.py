@@ -40,6 +40,9 @@ class Mesh:
     extra_routes: list[Obj] = field(default_factory=list)  # Gateway API routes as VirtualServices
     gateway_routes: bool = False  # also apply gateway-bound routes (split coverage only)
     policy_only: bool = False  # split coverage: only routes that come from a policy object
+    # split coverage: only the routes Istio applies at that placement ("mesh": the
+    # sidecars, "gateway": gateways only; routes.placement_of); "" all of them
+    placement: str = ""
     default_retries: Mapping[str, Any] | None = None  # MeshConfig.defaultHttpRetryPolicy
     path_normalization: str = "BASE"  # MeshConfig.pathNormalization.normalization
     outbound_port: int = OUTBOUND_PORT  # where istio-iptables redirects outbound traffic
@@ -138,6 +141,8 @@ def _virtual_services(mesh: Mesh) -> list[Obj]:
 
 
 def _for_mesh(mesh: Mesh, o: Obj) -> bool:
+    if mesh.placement:
+        return mesh.placement in routes.placements(o)
     gws = o.spec.get("gateways")
     if gws and "mesh" not in gws and not mesh.gateway_routes:
         mesh.objs.warnings.add(o, "spec.gateways", f"{list(gws)} only (no 'mesh'): applies to "
@@ -203,7 +208,8 @@ def _vs_routes(mesh: Mesh, vs: Obj, wl: Workload, port: int) -> list[dict[str, A
     for i, rule in enumerate(vs.spec.get("http") or []):
         out += [routes.lift_header_ops(r) for r in
                 routes.convert_http(mesh.objs.warnings, vs, i, rule, namer, port, wl.labels,
-                                    wl.namespace, mesh.gateway_routes, mesh.default_retries)]
+                                    wl.namespace, mesh.gateway_routes, mesh.default_retries,
+                                    mesh.placement)]
     for key in ("tcp", "tls"):
         if vs.spec.get(key):
             mesh.objs.warnings.add(vs, f"spec.{key}", "L4 routing is unsupported; ignored")
@@ -301,6 +307,13 @@ def _virtual_outbound(registry_only: bool, port: int) -> dict[str, Any]:
     return {"name": "virtualOutbound", "address": _addr("0.0.0.0", port),
             "useOriginalDst": True, "trafficDirection": "OUTBOUND",
             "filterChains": [{"name": "virtualOutbound-catchall-tcp", "filters": [_tcp_proxy(fallback)]}]}
+
+
+def inbound_side(mesh: Mesh, wl: Workload) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The pod `wl`'s `virtualInbound` listener and inbound clusters, as `generate`
+    gives them: for `l7fp split` (xds_server.istio.reader), which needs the
+    destinations' inbound side without their whole outbound config."""
+    return _inbound(mesh, wl)
 
 
 def _inbound(mesh: Mesh, wl: Workload) -> tuple[dict[str, Any], list[dict[str, Any]]]:
