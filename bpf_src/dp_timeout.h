@@ -298,21 +298,11 @@ static __always_inline struct dp_tmo *dp_tmo_on_response(__u64 up, __u32 size, i
     return state == DP_TMO_STARTED ? 0 : t;
 }
 
-/* sk_msg (paired: the app's write on A). 0: pass it on, 1: drop it. */
-static __always_inline int dp_tmo_response_msg(struct sk_msg_md *msg, __u64 up)
+/* `size` response bytes of U's request, paired (sk_msg: the app's write on A,
+ * msg->size) or unpaired (sk_skb: bytes arriving on U, skb->len). 0: pass
+ * them on, 1: drop them. */
+static __always_inline int dp_tmo_response(__u64 up, __u32 size)
 {
-    __u32 size = msg->size;
-    int drop;
-    struct dp_tmo *t = dp_tmo_on_response(up, size, &drop);
-    if (t)
-        dp_tmo_head(t, up, dp_resp_total_of(up), size);
-    return drop;
-}
-
-/* sk_skb (unpaired: bytes arriving on U). 0: pass it on, 1: drop it. */
-static __always_inline int dp_tmo_response_skb(struct __sk_buff *skb, __u64 up)
-{
-    __u32 size = skb->len;
     int drop;
     struct dp_tmo *t = dp_tmo_on_response(up, size, &drop);
     if (t)

@@ -746,7 +746,7 @@ int dp_srv_verdict(struct sk_msg_md *msg)
         dp_tmo_retrying(up);
         return diverted;
     }
-    if (dp_tmo_response_msg(msg, up))
+    if (dp_tmo_response(up, msg->size))
         return SK_PASS; /* timed out (the agent answered 504): over TCP to U, which drops it */
     /* a failed redirect leaves the message alone: SK_PASS then means TCP */
     dp_cli.msg_redirect_hash(msg, &ck, BPF_F_INGRESS);
