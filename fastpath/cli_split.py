@@ -29,7 +29,8 @@ virtual_host, name, verdict, reason}], "rules": [...], "coverage": {"routes":
 {kernel, total}, "rules": {kernel, total}, "by_format": {...}}, "files": {...}}.
 
 Exit status: 0; 1 when a FILE named (not found under a DIR) is unusable: not
-YAML/JSON, or Envoy would reject it (the line says why); 2 when a path does not exist.
+YAML/JSON, or Envoy would reject it (the line says why), or it holds no policy
+L7FP reads (a mesh file, say); 2 when a path does not exist.
 """
 
 
@@ -81,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     return _status(args.paths, report)
 
 
+NOTHING_READ = ("no policy in it that L7FP reads (Envoy bootstrap or xDS resources, Istio, "
+                "Gateway API, CiliumEnvoyConfig)")
+
+
 def _status(paths: list[str], report: Any) -> int:
     """1 when a file named on the command line is unusable (Envoy could not run it); the
     files found under a directory are a survey: reported, not failed."""
@@ -88,7 +93,10 @@ def _status(paths: list[str], report: Any) -> int:
     bad = [p for p, info in report.files.items() if p in named and info.get("unusable")]
     for p in bad:
         print(f"l7fp split: {p}: unusable (see above)", file=sys.stderr)
-    return 1 if bad else 0
+    empty = sorted(named - set(report.files))  # e.g. a mesh file: said, not a silent 0/0
+    for p in empty:
+        print(f"l7fp split: {p}: {NOTHING_READ}", file=sys.stderr)
+    return 1 if bad or empty else 0
 
 
 def _pct(c: dict[str, int]) -> str:
@@ -127,6 +135,8 @@ def _print_text(report: Any, explain: bool) -> None:
         print("\nwhat the ENVOY routes/rules need (count of routes/rules per feature):")
         for feature, n in report.needs().most_common():
             print(f"  {n:4d}  {feature}")
+        if not report.needs():
+            print("  none: no route or rule needs Envoy")
 
 
 GATEWAY_HEADING = ("gateway-bound only (the gateway's Envoy runs these, not L7FP's kernel path; "

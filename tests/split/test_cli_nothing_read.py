@@ -1,0 +1,43 @@
+"""`l7fp split FILE` on a file that holds no policy L7FP reads (a mesh file, an empty
+file): it printed `coverage: routes 0/0` and exit 0, as if the file were fine."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from xds_server.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("text", ["", "- 1\n- 2\n", "name: t\nservices:\n  a: {ports: [80]}\n"])
+def test_named_file_with_nothing_read_is_said(text: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "mesh.yaml"
+    f.write_text(text)
+    assert main(["split", str(f)]) == 1
+    assert capsys.readouterr().err == (
+        f"l7fp split: {f}: no policy in it that L7FP reads (Envoy bootstrap or xDS "
+        "resources, Istio, Gateway API, CiliumEnvoyConfig)\n")
+
+
+def test_under_a_directory_it_is_no_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A directory is a survey: files it has that are no policy are passed over quietly."""
+    (tmp_path / "empty.yaml").write_text("")
+    assert main(["split", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_explain_says_when_nothing_needs_envoy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The heading of the ENVOY needs stood alone, with nothing under it."""
+    shutil.copytree(REPO / "examples" / "basic", tmp_path / "basic")
+    routes = tmp_path / "basic" / "routes.yaml"  # without its response headers: all KERNEL
+    routes.write_text("".join(ln for ln in routes.read_text().splitlines(keepends=True)
+                              if "response_headers_to_add" not in ln))
+    assert main(["split", "--explain", str(tmp_path / "basic")]) == 0
+    out = capsys.readouterr().out
+    assert "coverage: routes 4/4 (100.0%)" in out
+    assert out.endswith("(count of routes/rules per feature):\n  none: no route or rule needs Envoy\n")
