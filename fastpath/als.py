@@ -171,6 +171,7 @@ _ID_LOG_NAME = 2  # Identifier.log_name
 _LOG_ENTRY = 1  # HTTPAccessLogEntries.log_entry
 _COMMON, _RESPONSE = 1, 4  # HTTPAccessLogEntry
 _UPSTREAM_ADDRESS, _UPSTREAM_CLUSTER, _RESPONSE_FLAGS = 13, 15, 16  # AccessLogCommon
+_UPSTREAM_LOCAL = 14  # AccessLogCommon.upstream_local_address: set once connected
 # ResponseFlags of an attempt without a response -> its local-origin event
 # (fastpath.outlier.LOCAL_*; the keeper maps it per cluster: without
 # split_external_local_origin_errors a timeout is its 504, a connect failure or
@@ -203,7 +204,8 @@ class RouteTimeouts:
     Envoy's detector counts a route timeout (Filter::onResponseTimeout:
     LocalOriginTimeout with its 504) for each attempt still awaiting headers,
     and nothing when it fires between attempts (a retry's backoff) or after
-    the upstream's headers. The attempt's own entry has no status and no flag,
+    the upstream's headers, or while the attempt's connection is pending (no
+    host yet for the detector). The attempt's own entry has no status and no flag,
     as when the downstream resets the request; the request's entry from the
     HCM's logger (residual_outlier.timeout_logger: only requests flagged UT)
     says `response_timeout` and names the last attempt's host. Seen with
@@ -211,7 +213,9 @@ class RouteTimeouts:
     logger per worker for both), both with the request's x-request-id; the
     worker writes them in one turn, so at most one flush falls between them.
     So a route timeout counts for its host only when an unanswered attempt of
-    that request on that host is in the same message or the one before: once,
+    that request on that host, connected (its entry has an upstream local
+    address; a pending one has the host but none), is in the same message or
+    the one before: once,
     never for an attempt that got headers or a flag (those counted already).
     Older unanswered attempts (downstream resets) are forgotten."""
 
@@ -276,7 +280,8 @@ def _observation(entry: bytes, timeouts: RouteTimeouts | None) -> Observation | 
     flags = cf.get(_RESPONSE_FLAGS, b"")
     if not status:
         status = _no_response_status(flags)
-        if not status and at is not None and timeouts is not None and not _any_flag(flags):
+        if not status and at is not None and timeouts is not None and not _any_flag(flags) \
+                and cf.get(_UPSTREAM_LOCAL):  # connected: a pending connect is not counted
             timeouts.unanswered(_request_id(top), *at)
     if at is None or not isinstance(status, int) or not status:
         return None

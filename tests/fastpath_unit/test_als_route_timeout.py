@@ -37,9 +37,14 @@ PER_TRY = "upstream_per_try_timeout"
 
 
 def attempt(rid: str, host: int, status: int | None = None, ut: bool = False,
-            cluster: str = "od") -> HttpAccessLogEntry:
-    """The router's upstream_log entry of one attempt on 198.18.0.<host>:80."""
-    return _entry(AccessLogType.UpstreamEnd, rid, host, status, ut, "", cluster)
+            cluster: str = "od", connected: bool = True) -> HttpAccessLogEntry:
+    """The router's upstream_log entry of one attempt on 198.18.0.<host>:80
+    (with the connection's local address unless its connect was pending)."""
+    e = _entry(AccessLogType.UpstreamEnd, rid, host, status, ut, "", cluster)
+    if connected:
+        e.common_properties.upstream_local_address = Address(
+            socket_address=SocketAddress(address="198.18.0.9", port_value=40000))
+    return e
 
 
 def hcm(rid: str, host: int, details: str = ROUTE_TIMEOUT_DETAILS, ut: bool = True,
@@ -86,6 +91,8 @@ def test_what_envoys_detector_does_not_count_is_not_counted() -> None:
     assert feed([attempt("r", 3), hcm("q", 3)]) == []  # another request
     assert feed([attempt("r", 3, cluster="x"), hcm("r", 3)]) == []  # another cluster
     assert feed([attempt("", 3), hcm("", 3)]) == []  # no request id: never paired
+    # the connection still pending (no local address): Envoy's detector has no host yet
+    assert feed([attempt("r", 3, connected=False), hcm("r", 3)]) == []
     # the route timeout in a retry's backoff: the per-try timeout before it counts, once
     assert feed([attempt("r", 3, ut=True), hcm("r", 3)]) == [TIMEOUT_ON_3]
     # after the upstream's headers: their status counts, the timeout not

@@ -11,6 +11,8 @@ at most ~10 ms after the client got the response (printed). Entries without an u
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import statistics
 import time
 from typing import Any
@@ -316,7 +318,11 @@ async def _slow_site(delay: float) -> tuple[web.AppRunner, int]:
     return runner, port
 
 
-DETECTED = "/stats?filter=^cluster\\.c\\.outlier_detection\\.ejections_detected_consecutive_5xx$"
+async def _detected(admin: int, cluster: str) -> int:
+    """Envoy's detections of `cluster` (with consecutive_5xx 1: the 5xx it counted)."""
+    stat = await http_get(admin, f"/stats?filter=^cluster\\.{cluster}\\.outlier_detection"
+                                 "\\.ejections_detected_consecutive_5xx$")
+    return int(stat[1].split(":")[1])
 
 
 @pytest.mark.envoy
@@ -332,7 +338,9 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
     once. Not counted, as Envoy does not: a route timeout in a retry's
     backoff (`/bo`: the per-try timeout before it counts, once), after the
     upstream's headers (`/stall`: its 200 counts; the client gets a reset),
-    a downstream reset."""
+    while the attempt's connect is pending (`/pend`: a host whose accept
+    queue is full; its entry names the host but has no local address), a
+    downstream reset."""
     got: list[tuple[str, str, int]] = []
     svc = AccessLogService(lambda node, obs: got.extend(obs))
     server = Server([svc])
@@ -356,12 +364,21 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
                                                              "base_interval": "1s", "max_interval": "1s"}}}}]
     c = next(x for x in boot["static_resources"]["clusters"] if x["name"] == "c")
     c["outlier_detection"] = {"consecutive_5xx": 1, "enforcing_consecutive_5xx": 0, "interval": "60s"}
+    full, queued = _full_backlog()
+    boot["static_resources"]["clusters"].append({**c, "name": "pend", "load_assignment": {
+        "cluster_name": "pend", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": "127.0.0.1", "port_value": full.getsockname()[1]}}}}]}]}})
+    routes.insert(0, {"match": {"prefix": "/pend"}, "route": {"cluster": "pend", "timeout": "0.3s"}})
     envoy = Envoy(boot, admin, binary=envoy_bin).start()
     try:
         async def up() -> bool:
             return (await http_get(lport, "/none"))[0] == 503
 
         await wait_for(up, 20)
+        assert (await http_get(lport, "/pend"))[0] == 504
+        await asyncio.sleep(0.2)
+        assert not got, got  # Envoy's detector had no host for it: nothing counted
+        assert await _detected(admin, "pend") == 0
         t = ("c", f"127.0.0.1:{slow}", LOCAL_TIMEOUT)
         cases = (("/rt", 504, [t]), ("/pt", 504, [t]), ("/pi", 504, [t]),
                  ("/mix", 504, [t, t, t]),  # per-try, per-try, then the route's on the third
@@ -377,10 +394,28 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
             assert got == want, (path, got)
             # Envoy's own detector counted a 504 for each LOCAL_TIMEOUT, nothing else
             detected += sum(1 for o in want if o[2] == LOCAL_TIMEOUT)
-            stat = await http_get(admin, DETECTED)
-            assert int(stat[1].split(":")[1]) == detected, (path, stat)
+            assert await _detected(admin, "c") == detected, path
     finally:
         await stop_all(envoy, server, runner)
+        for sock in (full, *queued):
+            sock.close()
+
+
+def _full_backlog() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket on 127.0.0.1 whose accept queue is full (and the
+    sockets that fill it): a new connect to it stays pending, its SYNs dropped."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(full.getsockname())
+        queued.append(s)
+    time.sleep(0.2)  # their handshakes
+    return full, queued
 
 
 async def _leave_early(port: int, after: float) -> None:
