@@ -23,11 +23,17 @@ Istio runs one in Kubernetes: each replica is a pod (network namespace with a
 198.18.0.0/15 address, cgroup v2 dir, app, Envoy sidecar with istio-iptables
 interception). Needs root. Examples:
 
-  l7fp mesh up compose/demo/mesh.yaml          # start, return when ready
-  l7fp mesh status                             # pods, processes, sidecar readiness
-  l7fp mesh exec frontend -- curl -s http://frontend:8080/home
-  l7fp mesh down                               # remove everything (also after a crash)
+  l7fp mesh up compose/demo/mesh.yaml --name my-demo   # start, return when ready
+  l7fp mesh status --name my-demo                      # pods, processes, sidecar readiness
+  l7fp mesh exec --name my-demo frontend -- curl -s http://frontend:8080/home
+  l7fp mesh down --name my-demo                        # remove everything (also after a crash)
+
+--name may be left out while a single mesh runs; on a machine others share, give it
+(a bare `mesh down` takes down whichever one mesh is running).
 """
+
+
+NAME_HELP = "mesh name (default: the only one running)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--xds", choices=["file", "ads"], default="ads",
                     help="ads: run `l7fp serve` on the config dir (default); file: Envoy watches generated files, no control plane")
     up.add_argument("--fastpath", choices=["on", "off", "auto"], default="off",
-                    help="passed to `l7fp serve --fastpath` (with --xds ads)")
+                    help="passed to `l7fp serve --fastpath` (with --xds ads; default off)")
     up.add_argument("--timeout", type=positive, default=90.0,
                     help="seconds to wait for readiness (default 90)")
     up.add_argument("--backend", choices=["local", "docker"], default="local",
@@ -54,17 +60,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="stay attached; Ctrl-C tears the mesh down")
     up.set_defaults(func=_quiet_pipe(cmd_up))
     st = sub.add_parser("status", help="pods, processes and sidecar readiness")
-    st.add_argument("--name")
+    st.add_argument("--name", help=NAME_HELP)
     st.add_argument("--json", action="store_true", help="print state.json")
     st.set_defaults(func=_quiet_pipe(cmd_status))
     ex = sub.add_parser("exec", help="run a command in a pod: exec SERVICE|POD -- CMD...")
-    ex.add_argument("--name")
+    ex.add_argument("--name", help=NAME_HELP)
     ex.add_argument("target", help="service (its first pod) or pod name")
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     ex.set_defaults(func=_quiet_pipe(cmd_exec))
     dn = sub.add_parser("down", help="stop a mesh and remove all it made")
-    dn.add_argument("--name", help="mesh name (default: the only one running)")
-    dn.add_argument("--backend", choices=["local", "docker"], default="local")
+    dn.add_argument("--name", help=NAME_HELP)
+    dn.add_argument("--backend", choices=["local", "docker"], default="local",
+                    help="the backend the mesh was started with (`mesh up --backend`; default local)")
     dn.set_defaults(func=_quiet_pipe(cmd_down))
     co = sub.add_parser("compose", help="write a mesh file as a docker-compose project")
     co.add_argument("file", help="mesh file")
@@ -72,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     co.set_defaults(func=_quiet_pipe(cmd_compose))
     _register_audit(sub)
     lg = sub.add_parser("logs", help="print a pod's logs (app and sidecar)")
-    lg.add_argument("--name")
+    lg.add_argument("--name", help=NAME_HELP)
     lg.add_argument("pod", nargs="?", help="pod name (default: the daemon's log)")
     lg.set_defaults(func=_quiet_pipe(cmd_logs))
     p.set_defaults(func=lambda _a: p.print_help() or 2)
@@ -111,7 +118,7 @@ def _register_audit(sub: argparse._SubParsersAction) -> None:
     au = sub.add_parser("audit", help="show whether the kernel serves every KERNEL route "
                         "(sends one real request per route)", description=AUDIT_HELP,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    au.add_argument("--name", help="mesh name (default: the only one running)")
+    au.add_argument("--name", help=NAME_HELP)
     au.add_argument("--from", dest="sender", metavar="POD|SERVICE",
                     help="send only from this pod (a service: its pod whose datapath is loaded, "
                          "else its first with a plan): its outbound "

@@ -33,6 +33,14 @@ TARGETS = [
     "unique-id(rl)=http://unique-id:9000/id",
     "admin(rbac)=http://post-storage:9000/admin",
 ]
+DEMO_HELP = """\
+Start the demo mesh (compose/demo/mesh.yaml: 11 services, 12 pods with Envoy
+sidecars, needs root), send --rate requests/s to each of its routes from inside
+the frontend pod for --duration seconds, and every two seconds print two tables:
+per route (requests, status codes, p50/p99 latency as the client saw them) and
+per service (its inbound sidecars' Envoy stats). The mesh is torn down at the
+end, on Ctrl-C and on errors. `make demo` runs it with the defaults.
+"""
 QUANT = re.compile(r"P(\d+(?:\.\d+)?)\(([^,]+),([^)]+)\)")
 
 
@@ -40,16 +48,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from xds_server.argtypes import number_in
 
     p = subparsers.add_parser("demo", help="run the demo mesh with traffic and a live table",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mesh", default=str(DEMO_FILE), help="mesh file (default: the bundled demo)")
-    p.add_argument("--name", default="demo", help="mesh name (default: demo)")
+    p.add_argument("--name", default="demo",
+                   help="mesh name (default: demo; give your own where others run meshes)")
     # the bounds of mesh.apps.loadgen, checked here: it runs only once the mesh is up
     p.add_argument("--duration", type=number_in(0, 3600), default=20.0,
                    help="seconds of traffic, at most 3600 (default 20)")
     p.add_argument("--rate", type=number_in(0, 5000), default=20.0,
                    help="requests/s per route, at most 5000 (default 20)")
-    p.add_argument("--xds", choices=["ads", "file"], default="ads")
-    p.add_argument("--fastpath", choices=["on", "off", "auto"], default="off")
+    p.add_argument("--xds", choices=["ads", "file"], default="ads",
+                   help="ads: the control plane `l7fp serve` feeds the sidecars (default); "
+                        "file: Envoy watches generated files, no control plane")
+    p.add_argument("--fastpath", choices=["on", "off", "auto"], default="off",
+                   help="the kernel fast path (needs --xds ads; default off: sidecars only)")
     p.set_defaults(func=run)
 
 

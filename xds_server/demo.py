@@ -1,4 +1,4 @@
-"""`l7fp demo` (interim, until the mesh demo replaces it): one control plane, one real Envoy.
+"""`python -m xds_server.demo`: one control plane, one real Envoy (`l7fp demo` is the mesh demo).
 
 Starts `l7fp serve` in-process on the bundled example config (examples/basic),
 local upstreams for its clusters, and one Envoy child from `l7fp bootstrap`;
@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -22,21 +23,23 @@ from aiohttp import web
 from xds_server.ports import pick_free_port
 
 log = logging.getLogger(__name__)
+PROG = "python -m xds_server.demo"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "basic"
 LISTENER = ("127.0.0.1", 18000)
 UPSTREAMS = {"api": ("127.0.0.1", 18081), "web": ("127.0.0.1", 18082)}
 PATHS = ["/", "/index.html", "/api/users", "/api/orders", "/admin/settings", "/healthz"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "demo", help="run the control plane with one real Envoy on the example config",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=str(EXAMPLE), help="config directory (default: examples/basic)")
-    p.add_argument("--requests", type=int, default=10, help="requests per path (default 10)")
+    p.add_argument("--requests", type=_requests, default=10, help="requests per path, 1-10000 (default 10)")
     p.add_argument("--delta", action="store_true", help="Envoy uses incremental xDS")
-    p.set_defaults(func=main)
+
+
+def _requests(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10000:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number 1-10000")
+    return int(text)
 
 
 def _free(port_addr: tuple[str, int]) -> bool:
@@ -109,7 +112,8 @@ async def run(args: argparse.Namespace) -> int:
 
     busy = [a for a in [LISTENER, *UPSTREAMS.values()] if not _free(a)]
     if busy:
-        print(f"l7fp demo: ports in use: {', '.join(f'{h}:{p}' for h, p in busy)}; stop what uses them")
+        print(f"{PROG}: ports in use: {', '.join(f'{h}:{p}' for h, p in busy)}; stop what uses them",
+              file=sys.stderr)
         return 1
     upstreams = await start_upstreams()
     envoy = None
@@ -143,14 +147,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run(args))
     except RuntimeError as exc:
-        print(f"l7fp demo failed: {exc}")
+        print(f"{PROG} failed: {exc}", file=sys.stderr)
         return 1
 
 
-if __name__ == "__main__":  # `python -m xds_server.demo`: this demo even after `l7fp demo` moves on
-    import sys
-
+if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _parser = argparse.ArgumentParser(prog="python -m xds_server.demo")
-    register(_parser.add_subparsers(dest="command"))
-    sys.exit(main(_parser.parse_args(["demo", *sys.argv[1:]])))
+    _parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

@@ -115,3 +115,14 @@ def test_empty_config_dir_is_said(config_dir, caplog):
     assert DirectorySource(config_dir.path).load()
     assert f"{config_dir.path} has no resource files (*.yaml, *.yml, *.json): serving an empty config" \
         in caplog.text
+
+
+def test_single_envoy_demo_usage_and_bad_count() -> None:
+    """`python -m xds_server.demo --help` said `usage: ... demo demo` and called itself the
+    interim `l7fp demo`; `--requests 0` was accepted."""
+    out = subprocess.run([sys.executable, "-m", "xds_server.demo", "--requests", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines()[0].startswith("usage: python -m xds_server.demo [-h]")
+    assert out.stderr.splitlines()[-1] == ("python -m xds_server.demo: error: argument --requests: "
+                                           "'0': expected a whole number 1-10000")
