@@ -22,11 +22,19 @@ For each file (directories are searched for *.yaml, *.yml, *.json), print per
 listener and route the verdict KERNEL (the eBPF fast path enforces it) or ENVOY
 (the sidecar must, because of the feature named in the reason), then the
 coverage: the share of routes and of authorization (RBAC) rules enforceable in
-the kernel, overall and per input format, with the denominators.
+the kernel, overall, per placement and per input format, with the denominators.
+
+Istio / Gateway API routes bound only to gateways (placement "gateway") run on
+the gateway's Envoy, not on a mesh client's kernel path: their verdict says
+what a mesh client's kernel could do, and the coverage counts them as not in
+the kernel. Istio / Gateway API verdicts also know the destination pods'
+inbound side (a route to pods whose AuthorizationPolicy needs Envoy: ENVOY).
 
 --json prints one object: {"routes": [{file, listener, route_config,
-virtual_host, name, verdict, reason}], "rules": [...], "coverage": {"routes":
-{kernel, total}, "rules": {kernel, total}, "by_format": {...}}, "files": {...}}.
+virtual_host, name, verdict, reason, placement}], "rules": [...], "coverage":
+{"routes": {kernel, total}, "rules": {kernel, total}, "by_format": {...},
+"by_placement": {"mesh": {routes, rules}, "gateway": {...}}}, "files": {...}}
+(by_placement counts also have kernel_verdict: the rows with verdict KERNEL).
 
 Exit status: 0; 1 when a FILE named (not found under a DIR) is unusable: not
 YAML/JSON, or Envoy would reject it (the line says why), or it holds no policy
@@ -135,6 +143,9 @@ def _print_text(report: Any, explain: bool) -> None:
         print("\nwhat the ENVOY routes/rules need (count of routes/rules per feature):")
         for feature, n in report.needs().most_common():
             print(f"  {n:4d}  {feature}")
+        gateway = report.coverage()["by_placement"]["gateway"]["routes"]["kernel_verdict"]
+        if gateway:  # not ENVOY by verdict, yet not run by L7FP's kernel either
+            print(f"  {gateway:4d}  KERNEL verdict, but bound to gateways only: the gateway's Envoy runs them")
         if not report.needs():
             print("  none: no route or rule needs Envoy")
 

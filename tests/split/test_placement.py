@@ -111,6 +111,8 @@ def test_istio_placement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "  mesh (sidecars: L7FP's kernel path): routes 2/2 (100.0%)" in text
     assert "gateway-bound only: routes 2, run by the gateway's Envoy, none by L7FP's kernel" in text
     assert text.count("gateway-bound only (the gateway's Envoy runs these") == 1
+    assert main(["split", "--explain", str(tmp_path / "vs.yaml")]) == 0
+    assert "     2  KERNEL verdict, but bound to gateways only" in capsys.readouterr().out
     assert main(["split", "--plan", str(tmp_path / "vs.yaml")]) == 0
     assert [e["placement"] for e in json.loads(capsys.readouterr().out)] == ["mesh", "gateway"]
 
