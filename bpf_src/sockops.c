@@ -18,16 +18,32 @@ static __always_inline __u32 dp_port_host(__u32 raw)
     return bpf_ntohs(p);
 }
 
+/* The socket's dp_conn (created when `flags` has BPF_SK_STORAGE_GET_F_CREATE);
+ * 0 without a socket or state. */
+static __always_inline struct dp_conn *dp_conn_of(struct bpf_sock_ops *skops, __u64 flags)
+{
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return 0;
+    return dp_conn_st.sk_storage_get(sk, 0, flags);
+}
+
+/* A BPF_SOCK_OPS_STATE_CB into a state in which either side closes: the
+ * connection is over for the fast path (clients and paired app ends alike). */
+static __always_inline int dp_closing(struct bpf_sock_ops *skops)
+{
+    __u32 st = skops->args[1];
+    return st == BPF_TCP_FIN_WAIT1 || st == BPF_TCP_CLOSE_WAIT || st == BPF_TCP_CLOSE ||
+           st == BPF_TCP_LAST_ACK;
+}
+
 static __always_inline void dp_track(struct bpf_sock_ops *skops)
 {
     struct dp_svc_key k = {.ip = skops->remote_ip4, .port = dp_port_host(skops->remote_port)};
     struct dp_svc_val *svc = dp_svc.lookup(&k);
     if (!svc)
         return; /* not a meshed destination: leave it alone */
-    struct bpf_sock *sk = skops->sk;
-    if (!sk)
-        return;
-    struct dp_conn *c = dp_conn_st.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    struct dp_conn *c = dp_conn_of(skops, BPF_SK_STORAGE_GET_F_CREATE);
     if (!c)
         return;
     __u64 cookie = bpf_get_socket_cookie(skops);
@@ -47,10 +63,7 @@ static __always_inline void dp_track(struct bpf_sock_ops *skops)
 
 static __always_inline void dp_release(struct bpf_sock_ops *skops)
 {
-    struct bpf_sock *sk = skops->sk;
-    if (!sk)
-        return;
-    struct dp_conn *c = dp_conn_st.sk_storage_get(sk, 0, 0);
+    struct dp_conn *c = dp_conn_of(skops, 0);
     if (!c)
         return;
     struct dp_event *e = dp_events.ringbuf_reserve(sizeof(struct dp_event));
@@ -102,10 +115,7 @@ static __always_inline void dp_pair(struct bpf_sock_ops *skops)
     if (!up)
         return; /* any other connection to the app: not ours */
     __u64 ucookie = *up;
-    struct bpf_sock *sk = skops->sk;
-    if (!sk)
-        return;
-    struct dp_conn *c = dp_conn_st.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    struct dp_conn *c = dp_conn_of(skops, BPF_SK_STORAGE_GET_F_CREATE);
     if (!c)
         return;
     c->cookie = ucookie;
@@ -122,10 +132,7 @@ static __always_inline void dp_pair(struct bpf_sock_ops *skops)
  * lost; the next request of the bound client goes to Envoy instead. */
 static __always_inline void dp_unpair(struct bpf_sock_ops *skops)
 {
-    struct bpf_sock *sk = skops->sk;
-    if (!sk)
-        return;
-    struct dp_conn *a = dp_conn_st.sk_storage_get(sk, 0, 0);
+    struct dp_conn *a = dp_conn_of(skops, 0);
     if (!a || !(a->flags & DP_F_SRV))
         return;
     __u64 up = a->cookie;
@@ -138,11 +145,8 @@ int dp_sockops_srv(struct bpf_sock_ops *skops)
 {
     if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
         dp_pair(skops);
-    } else if (skops->op == BPF_SOCK_OPS_STATE_CB) {
-        __u32 st = skops->args[1];
-        if (st == BPF_TCP_FIN_WAIT1 || st == BPF_TCP_CLOSE_WAIT || st == BPF_TCP_CLOSE ||
-            st == BPF_TCP_LAST_ACK)
-            dp_unpair(skops);
+    } else if (skops->op == BPF_SOCK_OPS_STATE_CB && dp_closing(skops)) {
+        dp_unpair(skops);
     }
     return 1;
 }
@@ -153,13 +157,10 @@ int dp_sockops(struct bpf_sock_ops *skops)
     case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
         dp_track(skops);
         break;
-    case BPF_SOCK_OPS_STATE_CB: {
-        __u32 st = skops->args[1];
-        if (st == BPF_TCP_FIN_WAIT1 || st == BPF_TCP_CLOSE_WAIT || st == BPF_TCP_CLOSE ||
-            st == BPF_TCP_LAST_ACK)
+    case BPF_SOCK_OPS_STATE_CB:
+        if (dp_closing(skops))
             dp_release(skops);
         break;
-    }
     default:
         break;
     }
