@@ -25,12 +25,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "plan (fastpath.synth; default) or the data path's small built-in one "
                         "(inline); a node whose l7fp program does not load falls back to "
                         "inline. Default from $L7FP_FASTPATH_DECIDE when set.")
-    g.add_argument("--fastpath-access-log", type=int, default=16, metavar="N",
+    g.add_argument("--fastpath-access-log", type=_sample, default=16, metavar="N",
                    help="kernel access log: one event for one request in N, at random "
-                        "(default 16; 1: every request; each event costs the agent CPU)")
+                        "(default 16; 1: every request; 0: none; each event costs the agent CPU)")
     g.add_argument("--fastpath-no-access-log", action="store_true",
                    help="no kernel access-log events at all (counters stay)")
 
+
+
+def _sample(text: str) -> int:
+    """--fastpath-access-log: a count >= 0 (the data path reads it as an unsigned number)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return int(text)
 
 def setup(server: Any, app: web.Application, args: argparse.Namespace) -> None:
     async def debug_fastpath(request: web.Request) -> web.Response:

@@ -126,3 +126,11 @@ def test_single_envoy_demo_usage_and_bad_count() -> None:
     assert out.stderr.splitlines()[0].startswith("usage: python -m xds_server.demo [-h]")
     assert out.stderr.splitlines()[-1] == ("python -m xds_server.demo: error: argument --requests: "
                                            "'0': expected a whole number 1-10000")
+
+
+def test_access_log_sampling_must_be_a_count(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--fastpath-access-log -1` was taken and handed to the data path as a sampling rate."""
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--fastpath-access-log", "-1"])
+    assert exc.value.code == 2
+    assert "argument --fastpath-access-log: '-1': expected a whole number >= 0" in capsys.readouterr().err
