@@ -134,3 +134,10 @@ def test_access_log_sampling_must_be_a_count(capsys: pytest.CaptureFixture[str])
         main(["serve", "--fastpath-access-log", "-1"])
     assert exc.value.code == 2
     assert "argument --fastpath-access-log: '-1': expected a whole number >= 0" in capsys.readouterr().err
+
+
+def test_bootstrap_with_an_empty_node_id(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--node-id ''` printed a bootstrap that Envoy refuses ("ads: node 'id' and 'cluster'
+    are required")."""
+    assert main(["bootstrap", "--node-id", ""]) == 2
+    assert capsys.readouterr() == ("", "l7fp bootstrap: --node-id '': Envoy's ADS needs a node id\n")

@@ -1,5 +1,6 @@
-"""`l7fp split FILE` on a file that holds no policy L7FP reads (a mesh file, an empty
-file): it printed `coverage: routes 0/0` and exit 0, as if the file were fine."""
+"""`l7fp split` as a new user meets it: a file that holds no policy L7FP reads (a mesh
+file, an empty file) printed `coverage: routes 0/0` and exit 0, as if the file were
+fine; the docs' example named a file that did not exist."""
 
 from __future__ import annotations
 
@@ -41,3 +42,16 @@ def test_explain_says_when_nothing_needs_envoy(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "coverage: routes 4/4 (100.0%)" in out
     assert out.endswith("(count of routes/rules per feature):\n  none: no route or rule needs Envoy\n")
+
+
+def test_the_example_of_docs_split_md_runs_as_shown(capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/split.md showed `l7fp split examples/front-proxy.yaml`, a file that did not
+    exist. Every line the doc shows is printed, in that order (the command may print more)."""
+    doc = (REPO / "docs" / "split.md").read_text()
+    block = doc.split("$ l7fp split examples/front-proxy.yaml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(REPO)
+    assert main(["split", "examples/front-proxy.yaml"]) == 0
+    out = iter(capsys.readouterr().out.splitlines())
+    missing = [ln for ln in block.splitlines() if ln not in out]  # `in` consumes: keeps order
+    assert missing == []
