@@ -179,7 +179,7 @@ MAX_HOSTS = 16  # DP_OD_EPS: endpoints per cluster the kernel's pick looks at
 # router reports it with putResult); as an observation's code (fastpath.als):
 LOCAL_CONNECT_FAILED = -1  # no connection (pool failure): LocalOriginConnectFailed only
 LOCAL_RESET = -2  # reset or protocol error after connecting: ConnectSuccess, then ConnectFailed
-LOCAL_TIMEOUT = -3  # per-try (idle) timeout after connecting: ConnectSuccess, then Timeout
+LOCAL_TIMEOUT = -3  # per-try (idle) or route timeout after connecting: ConnectSuccess, then Timeout
 # ...and what a detector without split_external_local_origin_errors counts for
 # it: resultToHttpCode's 503, the router's 504 for a timeout
 AS_STATUS = {LOCAL_CONNECT_FAILED: 503, LOCAL_RESET: 503, LOCAL_TIMEOUT: 504}
