@@ -18,12 +18,10 @@ import selectors
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from mesh.runner import pod_popen
+from mesh.runner import pod_popen, repo_pythonpath
 
-REPO = Path(__file__).resolve().parent.parent
 SLACK_S = 2.0  # beyond the client's own deadline: the JSON line, a loaded machine
 START_S = 5.0  # more for the first request of a new client: `ip netns exec`, Python's start
 
@@ -72,8 +70,7 @@ class PodClient:
         return got
 
     def _start(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ,
-               "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}".rstrip(":")}
+        env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
         self.buf = b""
         try:
             self.proc = pod_popen(self.pod, [sys.executable, "-m", "mesh.audit_client"],

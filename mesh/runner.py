@@ -79,7 +79,7 @@ class Mesh:
         argv = [sys.executable, "-m", "mesh.daemon", str(self.spec.path), "--name", self.name,
                 "--sidecars", self.sidecars, "--xds", self.xds, "--fastpath", self.fastpath,
                 "--envoy", self.envoy, "--timeout", str(self.timeout)]
-        env = {**os.environ, "PYTHONPATH": _pythonpath()}
+        env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
         assert proc.stdout is not None
@@ -127,7 +127,9 @@ def _cancel(proc: subprocess.Popen, name: str) -> None:
     teardown.down(name)
 
 
-def _pythonpath() -> str:
+def repo_pythonpath() -> str:
+    """PYTHONPATH for a child that must import this tree's packages (the mesh
+    daemon, the audit's pod client): the repository first, then the caller's."""
     repo = str(Path(__file__).resolve().parent.parent)
     old = os.environ.get("PYTHONPATH")
     return f"{repo}:{old}" if old else repo
