@@ -335,7 +335,8 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
     without split). A route timeout (Filter::onResponseTimeout) resets the
     attempt: its entry has no status and no flag (as a downstream reset's);
     the HCM's UT-filtered entry of the request pairs with it: LOCAL_TIMEOUT,
-    once. Not counted, as Envoy does not: a route timeout in a retry's
+    once; with hedging (`/hedge`) only the attempt its soft per-try timeout
+    had not counted. Not counted, as Envoy does not: a route timeout in a retry's
     backoff (`/bo`: the per-try timeout before it counts, once), after the
     upstream's headers (`/stall`: its 200 counts; the client gets a reset),
     while the attempt's connect is pending (`/pend`: a host whose accept
@@ -359,6 +360,9 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
                                                          "retry_policy": {"per_try_idle_timeout": "0.3s"}}},
                   {"match": {"prefix": "/mix"}, "route": {"cluster": "c", "timeout": "0.5s",
                                                           "retry_policy": per_try}},
+                  {"match": {"prefix": "/hedge"}, "route": {"cluster": "c", "timeout": "0.5s",
+                                                            "hedge_policy": {"hedge_on_per_try_timeout": True},
+                                                            "retry_policy": {**per_try, "num_retries": 2}}},
                   {"match": {"prefix": "/bo"}, "route": {"cluster": "c", "timeout": "0.3s",
                                                          "retry_policy": {**per_try, "retry_back_off": {
                                                              "base_interval": "1s", "max_interval": "1s"}}}}]
@@ -382,6 +386,9 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
         t = ("c", f"127.0.0.1:{slow}", LOCAL_TIMEOUT)
         cases = (("/rt", 504, [t]), ("/pt", 504, [t]), ("/pi", 504, [t]),
                  ("/mix", 504, [t, t, t]),  # per-try, per-try, then the route's on the third
+                 # hedged: two soft per-try timeouts (their attempts flagged UT when the
+                 # route timeout resets all three), the route's on the third only
+                 ("/hedge", 504, [t, t, t]),
                  ("/bo", 504, [t]), ("/stall", 0, [("c", t[1], 200)]), ("/reset", 0, []))
         detected = 0
         for path, status, want in cases:
