@@ -167,8 +167,13 @@ class StreamCore(Generic[S]):
     def _servable(self, type_url: str, view: Snapshot) -> bool:
         return type_url in self._served or type_url in view.entries
 
-    def _unserved(self, type_url: str) -> list[Event]:
-        """What a request for `type_url` also means when nothing of it is served."""
+    def _subscribed(self, type_url: str, st: S, watching: bool) -> list[Event]:
+        """After a request applied its subscription to `st`: `watching` False
+        (no name, no wildcard left) means nothing is in flight for the type
+        any more, as Envoy does not ACK responses of a type it no longer
+        watches; an Ignored event when nothing of `type_url` is served."""
+        if not watching:
+            st.pending = False
         if type_url in self._served or type_url in self.staging.target.entries:
             return []
         return [Ignored(type_url, "type not served (no such resources)")]

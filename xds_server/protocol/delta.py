@@ -62,9 +62,7 @@ class DeltaStream(StreamCore[DeltaTypeState]):
         elif nonce and nonce != st.nonce and st.nonce:
             events.append(Ignored(type_url, f"stale nonce {nonce!r} (last sent {st.nonce!r})"))
         self._subscribe(st, req)
-        if not st.wildcard and not st.names:
-            st.pending = False  # Envoy does not ACK responses of a type it no longer watches
-        return events + self._unserved(type_url)
+        return events + self._subscribed(type_url, st, st.wildcard or bool(st.names))
 
     @staticmethod
     def _subscribe(st: DeltaTypeState, req: object) -> None:

@@ -66,11 +66,7 @@ class SotwStream(StreamCore[TypeState]):
         elif st.nonce and st.pending:
             events.append(st.answer(type_url, req, req.version_info))  # type: ignore[attr-defined]
         self._subscribe(st, list(req.resource_names))  # type: ignore[attr-defined]
-        if not st.wildcard and not st.names:
-            # Unsubscribed from everything: Envoy does not ACK responses of a type it
-            # no longer watches, so nothing is in flight for it any more.
-            st.pending = False
-        return events + self._unserved(type_url)
+        return events + self._subscribed(type_url, st, st.wildcard or bool(st.names))
 
     @staticmethod
     def _subscribe(st: TypeState, names: list[str]) -> None:
