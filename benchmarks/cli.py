@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="CI mode: one short (1 s) repetition of fewer points, about a minute")
+                   help="CI mode: one short (1 s) repetition of fewer points, 1-2 minutes "
+                        "(most of it compiling the l7fp pods' BPF programs)")
     p.add_argument("--scenario", action="append", metavar="NAME",
                    help="run only this scenario (repeatable): leaf, multihop, policy-mix-0, "
                         "policy-mix-11, policy-mix-50, demo, sweep")
