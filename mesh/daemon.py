@@ -287,12 +287,24 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
+def last_error(log_path: Path) -> str:
+    """The last ERROR of a process log without its time and logger (`l7fp serve`'s
+    reason to exit, e.g. the policy field Envoy's schema refuses), else its last line."""
+    try:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return f"no log at {log_path}"
+    errors = [ln.split(" ERROR ", 1)[1] for ln in lines if " ERROR " in ln]
+    last = errors[-1].split(": ", 1)[-1] if errors else (lines[-1] if lines else "(empty log)")
+    return last.strip()
+
+
 def _wait_port(addr: tuple[str, int], timeout: float, proc: Proc) -> None:
     import socket
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"control plane exited; see {proc.log_path}")
+        if not proc.alive():  # its log goes with the teardown: say its last error here
+            raise RuntimeError(f"control plane exited: {last_error(proc.log_path)}")
         try:
             socket.create_connection(addr, timeout=0.5).close()
             return

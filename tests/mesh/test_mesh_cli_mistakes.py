@@ -2,15 +2,21 @@
 a non-zero exit, never a traceback, and nothing started.
 
 In-process (`xds_server.cli.main`): an exception that escapes fails the test. No mesh
-is started by any of them (each mistake is caught before that).
+is started by any of them (each mistake is caught before that), but the last: a policy
+the control plane refuses, seen only once it starts (root, a one-pod mesh, ~4 s).
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from meshtest_util import leftovers, unique_name
 
+from mesh import teardown
 from xds_server.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,3 +56,35 @@ def test_bad_seconds_and_rates_are_usage_errors(argv: list[str], capsys: pytest.
     assert exc.value.code == 2
     flag, value = argv[-2:]
     assert f"argument {flag}: '{value}': expected a number " in capsys.readouterr().err
+
+
+POLICY_TYPO = """
+name: t
+services:
+  a:
+    command: ["${PYTHON}", -c, "import time; time.sleep(300)"]
+    ports: [8080]
+    policy: {outbound: {routes: [{match: {prefx: /}}]}}
+"""
+
+
+@pytest.mark.mesh
+def test_control_plane_refusing_the_policy_says_why(kernel: None, tmp_path: Path) -> None:
+    """A typo in a policy route (`prefx`) stopped `mesh up` with `control plane exited; see
+    /run/l7fp/mesh/NAME/logs/control-plane.log`, a file the teardown had just removed."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(POLICY_TYPO)
+    name = unique_name("cp")
+    kept = Path(f"/tmp/l7fp-mesh-{name}-failed")
+    try:
+        r = subprocess.run([sys.executable, "-m", "xds_server", "mesh", "up", str(path), "--name", name,
+                            "--timeout", "30"], capture_output=True, text=True, timeout=90)
+        assert r.returncode == 1
+        assert r.stderr.strip() == (
+            "l7fp mesh: control plane exited: config rejected: mesh.json: resources[4]."
+            "virtual_hosts[0].routes[0].match: Unknown field 'prefx' in message RouteMatch "
+            f"(logs kept in {kept})")
+        assert leftovers(name) == []
+    finally:
+        teardown.down(name)
+        shutil.rmtree(kept, ignore_errors=True)
