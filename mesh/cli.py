@@ -80,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_audit(sub)
     lg = sub.add_parser("logs", help="print a pod's logs (app and sidecar)")
     lg.add_argument("--name", help=NAME_HELP)
-    lg.add_argument("pod", nargs="?", help="pod name (default: the daemon's log)")
+    lg.add_argument("pod", nargs="?", help="pod name, or a service (its first pod), or "
+                                           "control-plane (default: the daemon's log)")
     lg.set_defaults(func=_quiet_pipe(cmd_logs))
     p.set_defaults(func=lambda _a: p.print_help() or 2)
 
@@ -331,9 +332,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
         d = state_dir(resolve_name(args.name))
     except MeshError as exc:
         return _err(exc)
-    files = [d / "daemon.log"] if not args.pod else sorted((d / "logs").glob(f"{args.pod}.*.log"))
+    logs = {f: f.name.split(".", 1)[0] for f in (d / "logs").glob("*.log")}  # POD.app.log, ...
+    pods = sorted(set(logs.values()))
+    pod = args.pod if args.pod in pods or f"{args.pod}-0" not in pods else f"{args.pod}-0"
+    files = [d / "daemon.log"] if not pod else sorted(f for f, p in logs.items() if p == pod)
     if not files or not all(Path(f).exists() for f in files):
-        return _err(f"no logs for {args.pod or 'the daemon'} under {d}")
+        known = f"; pods: {pods}" if pods and pod else ""  # a typo: show what there is
+        return _err(f"no logs for {pod or 'the daemon'} under {d}{known}")
     for f in files:
         print(f"==> {f} <==")
         print(Path(f).read_text()[-20000:])

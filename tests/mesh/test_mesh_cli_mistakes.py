@@ -88,3 +88,23 @@ def test_control_plane_refusing_the_policy_says_why(kernel: None, tmp_path: Path
     finally:
         teardown.down(name)
         shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_logs_of_a_service_of_the_control_plane_and_of_a_typo(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mesh logs frontend` (a service, as `mesh exec` takes) and `mesh logs control-plane`
+    said `no logs for ...`; a typo did not say which pods there are. The state directory
+    is a temporary one laid out as the daemon writes it (no mesh needed)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for f in ("frontend-0.app.log", "frontend-0.envoy.log", "control-plane.log", "user-1.app.log"):
+        (logs / f).write_text(f"{f} says hello\n")
+    monkeypatch.setattr(teardown, "state_dir", lambda _name: tmp_path)
+    assert main(["mesh", "logs", "--name", "ux-never", "frontend"]) == 0
+    assert capsys.readouterr().out == (f"==> {logs / 'frontend-0.app.log'} <==\nfrontend-0.app.log says hello\n\n"
+                                       f"==> {logs / 'frontend-0.envoy.log'} <==\nfrontend-0.envoy.log says hello\n\n")
+    assert main(["mesh", "logs", "--name", "ux-never", "control-plane"]) == 0
+    assert "control-plane.log says hello" in capsys.readouterr().out
+    assert main(["mesh", "logs", "--name", "ux-never", "fronted"]) == 1
+    assert capsys.readouterr().err == (f"l7fp mesh: no logs for fronted under {tmp_path}; "
+                                       "pods: ['control-plane', 'frontend-0', 'user-1']\n")
