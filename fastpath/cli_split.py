@@ -38,7 +38,8 @@ virtual_host, name, verdict, reason, placement}], "rules": [...], "coverage":
 
 Exit status: 0; 1 when a FILE named (not found under a DIR) is unusable: not
 YAML/JSON, or Envoy would reject it (the line says why), or it holds no policy
-L7FP reads (a mesh file, say); 2 when a path does not exist.
+L7FP reads (a mesh file, say), or a DIR named has no such file under it; 2 when
+a path does not exist.
 """
 
 
@@ -104,6 +105,11 @@ def _status(paths: list[str], report: Any) -> int:
     empty = sorted(named - set(report.files))  # e.g. a mesh file: said, not a silent 0/0
     for p in empty:
         print(f"l7fp split: {p}: {NOTHING_READ}", file=sys.stderr)
+    for d in (str(Path(p)) for p in paths if Path(p).is_dir()):
+        if not any(f == d or f.startswith(d.rstrip("/") + "/") for f in report.files):
+            print(f"l7fp split: {d}: no *.yaml, *.yml or *.json file under it holds a policy "
+                  "L7FP reads", file=sys.stderr)
+            empty.append(d)
     return 1 if bad or empty else 0
 
 

@@ -28,8 +28,19 @@ def test_named_file_with_nothing_read_is_said(text: str, tmp_path: Path,
 def test_under_a_directory_it_is_no_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A directory is a survey: files it has that are no policy are passed over quietly."""
     (tmp_path / "empty.yaml").write_text("")
+    shutil.copy(REPO / "examples" / "front-proxy.yaml", tmp_path)
     assert main(["split", str(tmp_path)]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_directory_with_no_policy_at_all_is_said(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A wrong directory (no policy file under it) printed `coverage: routes 0/0` and exit 0."""
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "notes.txt").write_text("listeners: []\n")
+    assert main(["split", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"l7fp split: {tmp_path}: no *.yaml, *.yml or *.json file "
+                                       "under it holds a policy L7FP reads\n")
 
 
 def test_explain_says_when_nothing_needs_envoy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
