@@ -25,7 +25,7 @@ import betterproto2
 import yaml
 from aiohttp import web
 
-from xds_server import consistency
+from xds_server import consistency, yaml_errors
 from xds_server import resources as res
 from xds_server.node import NodeInfo
 from xds_server.snapshot import Snapshot
@@ -89,7 +89,7 @@ class _Api:
         try:
             doc = yaml.safe_load(await request.text())
         except yaml.YAMLError as exc:
-            return _bad(f"body: {' '.join(str(exc).split())}")
+            return _bad(f"body: not valid YAML/JSON: {yaml_errors.problem(exc)}")
         items = doc.get("resources") if isinstance(doc, dict) else None
         if not isinstance(items, list):
             return _bad("body: expected a mapping with a 'resources:' list")
@@ -109,6 +109,8 @@ class _Api:
         node_id = request.match_info["node"]
         t = request.match_info["type"]
         type_url = LONG_TYPES.get(t, t)
+        if "/" not in type_url:  # `.../resources/cluster/x`: say what the path takes
+            return _bad(f"type {t!r}: expected one of {', '.join(sorted(LONG_TYPES))} or a type URL")
         new = dict(self.source.by_node.get(node_id, {}))
         if new.pop((type_url, request.match_info["name"]), None) is None:
             return web.json_response({"error": f"no {t} {request.match_info['name']!r} for node {node_id!r}"},
