@@ -18,7 +18,12 @@ few ms between runs, so properties rather than sequences):
   panic, every pod gets requests again, as in Envoy;
 * every pod bad, no panic (`oq`, 2 pods, Istio's panic threshold 0, ejected
   3 s): a stretch of Envoy's 503 "no healthy upstream" (the kernel's reply
-  with the fast path on) of the same start and length, then a pod is back.
+  with the fast path on) of the same start and length, then a pod is back;
+* route timeouts on Envoy's path (`ot`, 1 pod, a 300 ms route timeout, the
+  app answering after 1 s, every request `Connection: close`): ejected after
+  the third, then Envoy's 503 "no healthy upstream" (NAME=odtimeout: with the
+  fast path on the kernel's detector counts them from the sidecar's access
+  log, fastpath.als.RouteTimeouts; before, it never ejected).
 
 Each service mixes both paths: every ENVOY_EVERY-th request says
 `Connection: close`, which the kernel hands to the client's sidecar (a
@@ -58,7 +63,12 @@ N_NONE = 75  # `oq`: both pods bad, no panic: Envoy's 503 "no healthy upstream" 
 NO_HEALTHY = "no healthy upstream"
 ENVOY_EVERY = 3  # every third request goes to Envoy (`Connection: close`: a kernel punt)
 N_OD_ENVOY = len(range(ENVOY_EVERY - 1, N_ONE_BAD, ENVOY_EVERY))
-N_ENVOY = sum(len(range(ENVOY_EVERY - 1, n, ENVOY_EVERY)) for n in (N_ONE_BAD, N_ALL_BAD, N_NONE))
+N_TIMEOUT = 6  # `ot`: three route timeouts, then ejected
+OT_GAP_MS = 500  # the kernel's ejection reaches the sidecar's EDS before the next request
+N_ENVOY = sum(len(range(ENVOY_EVERY - 1, n, ENVOY_EVERY))
+              for n in (N_ONE_BAD, N_ALL_BAD, N_NONE)) + N_TIMEOUT  # ot's all go to Envoy
+OQ = slice(N_ONE_BAD + N_ALL_BAD, N_ONE_BAD + N_ALL_BAD + N_NONE)  # requests of each service
+OT = slice(OQ.stop, OQ.stop + N_TIMEOUT)
 
 
 def gen_requests() -> list[dict[str, Any]]:
@@ -74,6 +84,9 @@ def gen_requests() -> list[dict[str, Any]]:
                 hdrs["connection"] = "close"
             reqs.append({"vip": vip, "port": port, "method": "GET", "path": f"/{pfx}{i}",
                          "headers": hdrs, "body": ""})
+    for i in range(N_TIMEOUT):  # to the sidecar (Connection: close), answered after 1 s
+        reqs.append({"vip": "ot", "port": 9300, "method": "GET", "path": f"/t{i}", "body": "",
+                     "headers": {"host": "ot:9300", "connection": "close", "x-delays": "1000"}})
     for n, r in enumerate(reqs):
         r["headers"]["x-k3-id"] = f"o{n}"
     return reqs
@@ -94,7 +107,7 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
         st = m.up()
         t.append(time.monotonic())
         if mode == "on":
-            wait_plans(st["admin"], pods=7, free_pools=6, timeout=90.0)
+            wait_plans(st["admin"], pods=8, free_pools=7, timeout=90.0)
             wait_kernel_owned(m)
         t.append(time.monotonic())
         results = drive(m, d, reqs)
@@ -175,7 +188,8 @@ def drive(m: Any, d: Path, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def one(vip: str) -> list[dict[str, Any]]:
         f = d / f"reqs-{vip}.json"
         f.write_text(json.dumps([r for r in reqs if r["vip"] == vip]))
-        r = m.exec("client", [sys.executable, str(DRIVER), str(f), str(GAP_MS)],
+        gap = OT_GAP_MS if vip == "ot" else GAP_MS
+        r = m.exec("client", [sys.executable, str(DRIVER), str(f), str(gap)],
                    capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)  # type: ignore[no-any-return]
@@ -269,13 +283,13 @@ def test_no_host_left_answers_as_envoy(runs: dict[str, Any], kernel: None) -> No
     (3 s after its ejection, at a tick); the kernel sends the same reply."""
     got = {}
     for mode in ("off", "on"):
-        res = runs[mode]["results"][-N_NONE:]
-        pods = runs[mode]["pods"][-N_NONE:]
+        res = runs[mode]["results"][OQ]
+        pods = runs[mode]["pods"][OQ]
         local = [i for i, r in enumerate(res) if r["status"] == 503]
         assert all(res[i]["body"] == NO_HEALTHY and pods[i] == "-" for i in local), (mode, res)
         assert all(r["status"] == 500 for i, r in enumerate(res) if i not in local), (mode, res)
         got[mode] = local
-    msg = (got, seq(runs["off"])[-N_NONE:], seq(runs["on"])[-N_NONE:])
+    msg = (got, seq(runs["off"])[OQ], seq(runs["on"])[OQ])
     assert len(got["off"]) >= 10 and len(got["on"]) >= 10, msg
     assert abs(len(got["on"]) - len(got["off"])) <= 9, msg
     assert abs(got["on"][0] - got["off"][0]) <= 4, msg  # the merge window: no tick in it
@@ -284,12 +298,27 @@ def test_no_host_left_answers_as_envoy(runs: dict[str, Any], kernel: None) -> No
         assert any(i not in got[mode] for i in range(got[mode][0], N_NONE)), msg
 
 
+def test_route_timeouts_on_envoys_path_eject_as_in_envoy(runs: dict[str, Any], kernel: None) -> None:
+    """`ot`'s requests all go to the client's sidecar and time out (300 ms):
+    ejected after the third, then Envoy's 503 "no healthy upstream", with the
+    fast path off (Envoy's detector) and on (the kernel's, fed by the
+    sidecar's access log: the HCM's UT entry paired with the attempt's; the
+    sidecar's own detector is off)."""
+    want = [(504, "upstream request timeout")] * 3 + [(503, NO_HEALTHY)] * (N_TIMEOUT - 3)
+    for mode in ("off", "on"):
+        got = [(r["status"], r["body"]) for r in runs[mode]["results"][OT]]
+        assert got == want, (mode, got)
+    node = next(n for n in runs["on"]["dbg"]["nodes"] if n["pod"].startswith("client"))
+    ot = node["outlier"]["outbound|9300||ot.default.svc.cluster.local"]
+    assert ot["ejections"] == 1 and ot["active"] == 1, ot
+
+
 def test_kernel_served_and_ejected(runs: dict[str, Any], kernel: None) -> None:
     node = next(n for n in runs["on"]["dbg"]["nodes"] if n["pod"].startswith("client"))
     fast = sum(c["requests"] for c in node["counters"] if c["outcome"] == "fast")
     envoy = sum(c["requests"] for c in node["counters"] if c["outcome"] == "envoy")
     replies = sum(c["requests"] for c in node["counters"] if c["outcome"] == "kernel_reply")
-    total = N_ONE_BAD + N_ALL_BAD + N_NONE
+    total = N_ONE_BAD + N_ALL_BAD + N_NONE + N_TIMEOUT
     assert fast + replies >= total - N_ENVOY - 2, node["counters"]
     assert replies >= 1, node["counters"]  # "no healthy upstream" from the kernel
     assert N_ENVOY - 2 <= envoy <= N_ENVOY + 2, node["counters"]  # the punts
