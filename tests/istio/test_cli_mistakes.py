@@ -40,3 +40,15 @@ def test_broken_policy_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unicode string" not in err
     assert err.startswith(f"l7fp istio: {tmp_path / 'vs.yaml'}: invalid YAML: line 3, column 1: ")
+
+
+def test_serve_names_the_flag_of_the_file_that_does_not_load(tmp_path: Path) -> None:
+    """`serve --policies P --mesh-file BROKEN` said `--policies P: BROKEN: ...` (a traceback
+    before that): the flag named is the broken file's."""
+    bad = tmp_path / "mesh.yaml"
+    bad.write_text("services:\n  a: [1,\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--policies", POLICIES, "--mesh-file", str(bad), "--xds-port", "0",
+              "--admin-port", "0", "--fastpath", "off"])
+    assert str(exc.value.code) == (f"l7fp serve: --mesh-file {bad}: not valid YAML/JSON: line 3, "
+                                   "column 1: expected the node content, but found '<stream end>'")
