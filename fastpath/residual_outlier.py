@@ -119,11 +119,12 @@ def als_logger() -> dict[str, Any]:
 
 def timeout_logger(router_log: dict[str, Any] | None = None) -> dict[str, Any]:
     """The HCM's access_log entry (proto JSON): the router's logger
-    (`router_log`, default als_logger()) for the requests flagged UT only (a route or per-try timeout: fastpath.als counts
-    the route timeouts, the per-try ones come with their attempt). Same
-    commonConfig as als_logger's, so Envoy sends both on one stream per worker
-    (its logger cache is keyed by that config): fastpath.als pairs an
-    attempt's entry with its request's on that stream."""
+    (`router_log`, default als_logger()) for the requests flagged UT only (a
+    route or per-try timeout: fastpath.als counts the route timeouts; a
+    per-try one is counted from its attempt's entry). The same commonConfig as
+    the router's, so Envoy sends both on one stream per worker (its logger
+    cache is keyed by that config): fastpath.als pairs an attempt's entry
+    with its request's on that stream."""
     log = dict(router_log or als_logger())
     log["name"] = ALS_TIMEOUT_NAME
     log["filter"] = {"responseFlagFilter": {"flags": ["UT"]}}
