@@ -220,6 +220,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _not_running(name: str) -> str:
+    """Why mesh `name` has no state: never started (a typo: say which run), or its
+    directory is there without state.json (starting, or crashed)."""
+    from mesh.teardown import running_meshes, state_dir
+    if state_dir(name).exists():
+        return f"mesh {name!r}: no state file (starting, or crashed: `l7fp mesh down --name {name}`)"
+    others = running_meshes()
+    return f"mesh {name!r} is not running" + (f" (running: {', '.join(others)})" if others else "")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from mesh.runner import MeshError, resolve_name, status_rows
     from mesh.teardown import read_state
@@ -229,7 +239,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _err(exc)
     state = read_state(name)
     if state is None:
-        return _err(f"mesh {name!r}: no state file (starting, or crashed: `l7fp mesh down --name {name}`)")
+        return _err(_not_running(name))
     if args.json:
         print(json.dumps(state, indent=1))
         return 0
@@ -264,7 +274,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         name = resolve_name(args.name)
         state = read_state(name)
         if state is None:
-            raise MeshError(f"mesh {name!r} is not running")
+            raise MeshError(_not_running(name))
         return run_in_pod(state, args.target, argv).returncode
     except (MeshError, FileNotFoundError) as exc:
         return _err(exc)

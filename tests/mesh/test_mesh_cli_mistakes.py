@@ -108,3 +108,20 @@ def test_logs_of_a_service_of_the_control_plane_and_of_a_typo(
     assert main(["mesh", "logs", "--name", "ux-never", "fronted"]) == 1
     assert capsys.readouterr().err == (f"l7fp mesh: no logs for fronted under {tmp_path}; "
                                        "pods: ['control-plane', 'frontend-0', 'user-1']\n")
+
+
+def test_status_of_a_mesh_never_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo in --name said `no state file (starting, or crashed: l7fp mesh down ...)`,
+    as if that mesh existed; now it says it is not running and which ones are. (The
+    state root is a temporary one.)"""
+    from mesh import naming
+    monkeypatch.setattr(naming, "STATE_ROOT", str(tmp_path))
+    (tmp_path / "ux-real").mkdir()
+    assert main(["mesh", "status", "--name", "ux-rael"]) == 1
+    assert capsys.readouterr().err == "l7fp mesh: mesh 'ux-rael' is not running (running: ux-real)\n"
+    assert main(["mesh", "exec", "--name", "ux-rael", "a", "--", "true"]) == 1
+    assert capsys.readouterr().err == "l7fp mesh: mesh 'ux-rael' is not running (running: ux-real)\n"
+    assert main(["mesh", "status", "--name", "ux-real"]) == 1  # its directory, no state.json
+    assert capsys.readouterr().err == ("l7fp mesh: mesh 'ux-real': no state file (starting, or "
+                                       "crashed: `l7fp mesh down --name ux-real`)\n")
