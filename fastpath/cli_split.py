@@ -96,8 +96,9 @@ NOTHING_READ = ("no policy in it that L7FP reads (Envoy bootstrap or xDS resourc
 
 
 def _status(paths: list[str], report: Any) -> int:
-    """1 when a file named on the command line is unusable (Envoy could not run it); the
-    files found under a directory are a survey: reported, not failed."""
+    """1 when a file named on the command line is unusable (Envoy could not run it) or
+    holds no policy L7FP reads, or a directory named holds no such file; the files
+    found under a directory are a survey: reported, not failed."""
     named = {str(Path(p)) for p in paths if Path(p).is_file()}
     bad = [p for p, info in report.files.items() if p in named and info.get("unusable")]
     for p in bad:
@@ -152,7 +153,7 @@ def _print_text(report: Any, explain: bool) -> None:
         gateway = report.coverage()["by_placement"]["gateway"]["routes"]["kernel_verdict"]
         if gateway:  # not ENVOY by verdict, yet not run by L7FP's kernel either
             print(f"  {gateway:4d}  KERNEL verdict, but bound to gateways only: the gateway's Envoy runs them")
-        if not report.needs():
+        if not report.needs() and not gateway:
             print("  none: no route or rule needs Envoy")
 
 

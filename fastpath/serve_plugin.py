@@ -32,12 +32,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="no kernel access-log events at all (counters stay)")
 
 
-
 def _sample(text: str) -> int:
     """--fastpath-access-log: a count >= 0 (the data path reads it as an unsigned number)."""
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
     return int(text)
+
 
 def setup(server: Any, app: web.Application, args: argparse.Namespace) -> None:
     async def debug_fastpath(request: web.Request) -> web.Response:
