@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastpath import bpfsys
-from fastpath.loader import socket_cookie
+from fastpath.loader import drop_generation, socket_cookie
 from fastpath.plan import ClusterAction, KernelPlan, Verdict
 from fastpath.timeouts import LazyInjector
 
@@ -109,8 +109,7 @@ class Delayer:
         """Write generation `gen` of dp_dpol from the synthesized plan's KERNEL routes,
         and keep the bytes of their fault abort replies (injected after a delay)."""
         t = self.dp.bpf["dp_dpol"]
-        for k in [k for k in t.keys() if k.gen == gen]:
-            del t[k]
+        drop_generation(t, gen)
         aborts = abort_replies(sp)
         with self.cv:
             self.reply_bytes = {k: v for k, v in self.reply_bytes.items() if k[0] != gen}

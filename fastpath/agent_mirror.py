@@ -36,6 +36,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from fastpath.loader import drop_generation
 from fastpath.mirror import (
     MIRRORS_MAX,
     header_cluster,
@@ -148,8 +149,7 @@ class Mirrorer:
     def program(self, plan: KernelPlan, sp: Any, gen: int) -> None:
         """Write generation `gen` of dp_mpol from the plan's KERNEL routes."""
         t = self.dp.bpf["dp_mpol"]
-        for k in [k for k in t.keys() if k.gen == gen]:
-            del t[k]
+        drop_generation(t, gen)
         self.routes = {k: v for k, v in self.routes.items() if k[0] != gen}
         by_name: dict[str, Endpoints] | None = None  # the plan's, built once if a route needs it
         for rid, r in enumerate(getattr(sp, "routes", ())):

@@ -25,6 +25,7 @@ import threading
 from collections import Counter
 from typing import Any
 
+from fastpath.loader import drop_generation
 from fastpath.plan import KernelPlan, Redirect, Route, Verdict
 from fastpath.reference import Request, location
 from fastpath.timeouts import LazyInjector
@@ -102,8 +103,7 @@ class Redirector:
     def program(self, sp: Any, gen: int) -> None:
         """Write generation `gen` of dp_rdpol and keep its redirect routes."""
         t = self.dp.bpf["dp_rdpol"]
-        for k in [k for k in t.keys() if k.gen == gen]:
-            del t[k]
+        drop_generation(t, gen)
         ids = placeholders(sp)
         with self.lock:
             self.routes = {k: v for k, v in self.routes.items() if k[0] != gen}

@@ -30,6 +30,7 @@ from fastpath import bpfsys, deadline
 from fastpath.agent_close import wait_value
 from fastpath.agent_reset import PeerVal
 from fastpath.classify_route import RESET_RETRY_ON
+from fastpath.loader import drop_generation
 from fastpath.plan import ClusterAction, KernelPlan, RetryPolicy, Verdict
 from fastpath.retry import (
     Backoff,
@@ -102,8 +103,7 @@ class Retrier:
                 cluster_pools: dict[int, list[int]]) -> None:
         """Write generation `gen` of dp_rpol from the plan's KERNEL routes."""
         t = self.dp.bpf["dp_rpol"]
-        for k in [k for k in t.keys() if k.gen == gen]:
-            del t[k]
+        drop_generation(t, gen)
         self.policies = {k: v for k, v in self.policies.items() if k[0] != gen}
         self.cluster_pools = {k: v for k, v in self.cluster_pools.items() if k[0] != gen}
         self.timers = {k: v for k, v in self.timers.items() if k[0] != gen}

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastpath import rewrite_kernel
 from fastpath.inbound_merge import is_merged_cluster, merged_name
+from fastpath.loader import drop_generation
 from fastpath.plan import Direction, KernelPlan, ListenerPlan, Verdict
 from fastpath.pools import EndpointKey
 
@@ -119,8 +120,7 @@ def program(node: Any, plan: KernelPlan, sp: Any, gen: int,
     rewrite_kernel.write(node.dp.bpf, sp, gen)
     eps, eps_in = node.dp.bpf["dp_eps"], node.dp.bpf["dp_ep_in"]
     for t in (eps, eps_in):
-        for k in [k for k in t.keys() if k.gen == gen]:
-            del t[k]
+        drop_generation(t, gen)
     cluster_pools: dict[int, list[int]] = {}
     ep_pools: dict[tuple[int, int], int] = {}  # (cluster id, endpoint index) -> pool
     for c in plan.clusters:

@@ -117,6 +117,15 @@ def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, 
         return _CACHE[key]
 
 
+def drop_generation(table: Any, gen: int) -> None:
+    """Delete generation `gen`'s entries of `table` (a BPF hash whose key has a
+    `gen` field) before they are written again for a new plan; the other
+    generation's, which the programs may be reading, stay. Callers: the
+    Datapath's setters and each agent part's `program`."""
+    for k in [k for k in table.keys() if k.gen == gen]:
+        del table[k]
+
+
 @dataclass
 class Datapath:
     """A loaded datapath module and its attachments (cgroups, maps).
@@ -269,8 +278,7 @@ class Datapath:
         the route timeout (`timeouts`) and of the retry policy's per-try timeout
         (`per_try`). Routes not listed have none."""
         t = self.bpf["dp_rto"]
-        for k in [k for k in t.keys() if k.gen == gen]:
-            del t[k]
+        drop_generation(t, gen)
         tries = per_try or {}
         for route in set(timeouts) | set(tries):
             ms, try_ms = (min(max(int(d.get(route, 0)), 0), 2**32 - 1) for d in (timeouts, tries))
@@ -310,8 +318,7 @@ class Datapath:
         for i in range(IROUTE_TOTAL):
             t[ct.c_int(gen * IROUTE_TOTAL + i)] = t.Leaf()
         hosts = self.bpf["dp_ihosts"]
-        for k in [k for k in hosts.keys() if k.gen == gen]:
-            del hosts[k]
+        drop_generation(hosts, gen)
 
     def set_reply(self, reply_id: int, data: bytes) -> None:
         """Kernel reply `reply_id` of the built-in decision: a whole HTTP response."""
