@@ -116,6 +116,8 @@ audit could not run (mesh not running, fast path off).
 
 
 def _register_audit(sub: argparse._SubParsersAction) -> None:
+    from xds_server.argtypes import non_negative, positive
+
     au = sub.add_parser("audit", help="show whether the kernel serves every KERNEL route "
                         "(sends one real request per route)", description=AUDIT_HELP,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,12 +127,12 @@ def _register_audit(sub: argparse._SubParsersAction) -> None:
                          "else its first with a plan): its outbound "
                          "routes and the inbound routes of the pods it reaches")
     au.add_argument("--json", action="store_true", help="one JSON object: rows and summary")
-    au.add_argument("--wait", type=float, default=180.0,
+    au.add_argument("--wait", type=non_negative, default=180.0,
                     help="seconds to wait for the sending pods' datapaths to load their plans "
                          "and fill their pools (default 180: the agent compiles one pod after "
                          "another, 6-20 s each); stops early when only pools are empty and "
                          "stayed empty 5 s (a destination that is down)")
-    au.add_argument("--timeout", type=float, default=5.0,
+    au.add_argument("--timeout", type=positive, default=5.0,
                     help="seconds per request in all (default 5); a request still unanswered "
                          "2 s later (7 s: a new pod client's first) has its pod client "
                          "stopped and restarted")

@@ -47,6 +47,8 @@ def test_compose_out_on_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ["demo", "--name", "ux-never", "--duration", "0"],
     ["demo", "--name", "ux-never", "--rate", "9000"],
     ["demo", "--name", "ux-never", "--rate", "nan"],
+    ["mesh", "audit", "--name", "ux-never", "--timeout", "0"],
+    ["mesh", "audit", "--name", "ux-never", "--wait", "-1"],
 ])
 def test_bad_seconds_and_rates_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """`mesh up --timeout -1` built the whole mesh and failed at once ("not ready after -1s");
