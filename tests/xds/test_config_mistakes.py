@@ -1,9 +1,11 @@
-"""The admin API's REST endpoints given a wrong body or path: a 400 that says what is
-wrong in one line (docs/control-plane.md "REST")."""
+"""Config mistakes said in one line naming the field: the admin API's REST endpoints
+given a wrong body or path (a 400, docs/control-plane.md "REST"), and a resource a
+config file, REST or `l7fp split` reads."""
 
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
 from xds_server import resources as res
 from xds_server.serve import options, running
@@ -30,3 +32,16 @@ async def test_rest_says_what_is_wrong(config_dir) -> None:
             url = res.CLUSTER.replace("/", "%2F")  # a type URL in the path, its '/' escaped
             r = await s.delete(f"{base}/{url}/b")
             assert r.status == 200, await r.text()
+
+
+def test_a_duration_given_as_a_number_is_named() -> None:
+    """`connect_timeout: 5` was refused with betterproto2's `unsupported operand type(s) for
+    //: 'int' and 'datetime.timedelta'`; Envoy 1.40 refuses it too (`envoy --mode validate`:
+    "message google.protobuf.Duration ... expected '\\"'"). Same path for files, REST, split."""
+    res.ensure_registered()
+    with pytest.raises(res.ResourceError) as exc:
+        res.parse_resource({"@type": res.CLUSTER, "name": "x", "connect_timeout": 5}, "resources[0]")
+    assert str(exc.value) == ('resources[0].connect_timeout: a duration is a string with its unit, '
+                              'such as "5s" (got 5): Envoy rejects it')
+    ok = res.parse_resource({"@type": res.CLUSTER, "name": "x", "connect_timeout": "5s"})
+    assert ok.connect_timeout.total_seconds() == 5
