@@ -30,6 +30,7 @@ import datetime
 import difflib
 import functools
 import importlib
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,8 +252,9 @@ class _Walker:
     def one(self, meta: Any, cls: Any, value: Any, path: str) -> Any:
         if meta.proto_type == betterproto2.TYPE_ENUM:
             return _enum(cls, value, path)
-        if cls is datetime.timedelta and isinstance(value, int | float) and not isinstance(value, bool):
-            raise ProtoJsonError(path, DURATION_NUMBER.format(value=value))  # a Duration unwrapped
+        problem = _scalar_problem(meta, cls, value)  # what from_dict would say without the field
+        if problem:
+            raise ProtoJsonError(path, problem)
         if meta.proto_type != betterproto2.TYPE_MESSAGE or meta.unwrap or cls is None:
             return value
         mod, cname = getattr(cls, "__module__", ""), cls.__name__
@@ -303,6 +305,30 @@ DURATION_NUMBER = "a duration is a string with its unit, such as \"{value}s\" (g
 # and NACKs it ("Didn't find a registered implementation for 'envoy.filters.http.golang'").
 UNKNOWN_TYPE = ("type unknown to L7FP's proto library: a contrib or newer extension, which an "
                 "Envoy build without it rejects")
+
+
+def _scalar_problem(meta: Any, cls: Any, value: Any) -> str | None:
+    """Why Envoy's JSON parser refuses `value` for a Duration or integer field, or None
+    (betterproto2 said it without the field: `invalid literal for int() ...`)."""
+    if isinstance(value, bool):
+        return None
+    if cls is datetime.timedelta:
+        if isinstance(value, int | float):
+            return DURATION_NUMBER.format(value=value)
+        if isinstance(value, str) and not _DURATION.fullmatch(value):
+            return f"{value!r} is not a duration: seconds with an s, such as \"0.25s\": {ENVOY_REJECTS}"
+    elif cls is int and not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        if not (isinstance(value, str) and _INTEGER.fullmatch(value)):
+            return f"{value!r} is not an integer: {ENVOY_REJECTS}"
+    if meta.proto_type in _UNSIGNED and isinstance(value, int | str) and str(value).startswith("-"):
+        return f"{value} is negative, the field is unsigned: {ENVOY_REJECTS}"
+    return None
+
+
+_DURATION = re.compile(r"-?\d+(\.\d{1,9})?s")  # protobuf's JSON form of a Duration
+_INTEGER = re.compile(r"-?\d+")  # protobuf's JSON takes integers as strings too
+_UNSIGNED = {betterproto2.TYPE_UINT32, betterproto2.TYPE_UINT64, betterproto2.TYPE_FIXED32,
+             betterproto2.TYPE_FIXED64}
 
 
 def _no_type(name: str) -> str:

@@ -45,3 +45,37 @@ def test_a_duration_given_as_a_number_is_named() -> None:
                               'such as "5s" (got 5): Envoy rejects it')
     ok = res.parse_resource({"@type": res.CLUSTER, "name": "x", "connect_timeout": "5s"})
     assert ok.connect_timeout.total_seconds() == 5
+
+
+ADDRESS = "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value"
+
+
+def _cluster(**fields: object) -> dict[str, object]:
+    return {"@type": res.CLUSTER, "name": "x", "connect_timeout": "1s", **fields}
+
+
+def _endpoint(port: object) -> dict[str, object]:
+    return {"cluster_name": "x", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+        "socket_address": {"address": "198.18.0.1", "port_value": port}}}}]}]}
+
+
+def test_scalars_envoy_refuses_are_named_with_their_field() -> None:
+    """`port_value: abc` said `invalid literal for int() with base 10: 'abc'` and
+    `connect_timeout: 100ms` `Invalid duration string`, without the field; Envoy 1.40
+    refuses both (`envoy --mode validate`: `... port_value: uint32 ...`, `... Duration ...`)."""
+    res.ensure_registered()
+    cases = [
+        (_cluster(load_assignment=_endpoint("abc")), f"{ADDRESS}: 'abc' is not an integer"),
+        (_cluster(load_assignment=_endpoint(-1)), f"{ADDRESS}: -1 is negative, the field is unsigned"),
+        (_cluster(per_connection_buffer_limit_bytes="lots"),
+         "per_connection_buffer_limit_bytes: 'lots' is not an integer"),
+        (_cluster(connect_timeout="100ms"),
+         "connect_timeout: '100ms' is not a duration: seconds with an s, such as \"0.25s\""),
+    ]
+    for body, said in cases:
+        with pytest.raises(res.ResourceError) as exc:
+            res.parse_resource(body, "resources[0]")
+        assert str(exc.value) == f"resources[0].{said}: Envoy rejects it"
+    for body in (_cluster(load_assignment=_endpoint("80")), _cluster(connect_timeout="0.25s"),
+                 _cluster(load_assignment=_endpoint(80.0))):  # Envoy's JSON takes these
+        res.parse_resource(body, "resources[0]")

@@ -38,7 +38,7 @@ def test_good_directory_with_json_and_subdirs(config_dir):
     ("resources:\n- '@type': type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: c\n  bogus_field: 1\n",
      "bad.yaml: resources[0]: Unknown field 'bogus_field' in message Cluster"),
     ("resources:\n- '@type': type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: c\n  connect_timeout: soon\n",
-     "bad.yaml: resources[0]: Invalid duration string: soon"),
+     "bad.yaml: resources[0].connect_timeout: 'soon' is not a duration"),
     ("resources:\n- '@type': type.googleapis.com/envoy.config.cluster.v3.Cluster\n  name: [1]\n",
      "bad.yaml: resources[0]: name: Input should be a valid string"),
     ("resources:\n- '@type': type.googleapis.com/nope.Nope\n  name: x\n",
