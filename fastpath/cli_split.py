@@ -106,11 +106,12 @@ def _status(paths: list[str], report: Any) -> int:
     empty = sorted(named - set(report.files))  # e.g. a mesh file: said, not a silent 0/0
     for p in empty:
         print(f"l7fp split: {p}: {NOTHING_READ}", file=sys.stderr)
-    for d in (str(Path(p)) for p in paths if Path(p).is_dir()):
-        if not any(f == d or f.startswith(d.rstrip("/") + "/") for f in report.files):
+    for d in (Path(p) for p in paths if Path(p).is_dir()):
+        # compared as paths: under `.` the files are `a.yaml`, not `./a.yaml`
+        if not any(Path(f).is_relative_to(d) for f in report.files):
             print(f"l7fp split: {d}: no *.yaml, *.yml or *.json file under it holds a policy "
                   "L7FP reads", file=sys.stderr)
-            empty.append(d)
+            empty.append(str(d))
     return 1 if bad or empty else 0
 
 

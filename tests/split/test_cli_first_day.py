@@ -43,6 +43,18 @@ def test_a_directory_with_no_policy_at_all_is_said(tmp_path: Path,
                                        "under it holds a policy L7FP reads\n")
 
 
+@pytest.mark.parametrize("arg", [".", "./"])
+def test_the_current_directory_with_a_policy_is_no_error(arg: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`l7fp split .` said '.: no *.yaml ... file under it holds a policy' and exit 1 after
+    printing its coverage: the files under `.` are named `front-proxy.yaml`, not `./...`."""
+    shutil.copy(REPO / "examples" / "front-proxy.yaml", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["split", arg]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_explain_says_when_nothing_needs_envoy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The heading of the ENVOY needs stood alone, with nothing under it."""
     shutil.copytree(REPO / "examples" / "basic", tmp_path / "basic")
