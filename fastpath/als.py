@@ -189,7 +189,14 @@ _SOCKET, _SA_ADDRESS, _SA_PORT = 1, 2, 3  # Address.socket_address, SocketAddres
 _RESPONSE_CODE = 1  # HTTPResponseProperties.response_code (UInt32Value.value = 1)
 _REQUEST, _REQUEST_ID = 3, 9  # HTTPAccessLogEntry.request, HTTPRequestProperties.request_id
 _CODE_DETAILS = 6  # HTTPResponseProperties.response_code_details
-_LOG_TYPE, _DOWNSTREAM_END = 33, 6  # AccessLogCommon.access_log_type, AccessLogType.DownstreamEnd
+_LOG_TYPE = 33  # AccessLogCommon.access_log_type
+# AccessLogType: only an attempt's last entry counts (UpstreamEnd). The router's
+# upstream_log_options (flush_upstream_log_on_upstream_stream,
+# upstream_log_flush_interval: a user's router config passes them through) add
+# UpstreamPoolReady and UpstreamPeriodic entries of the same attempt: never
+# counted. NotSet: an Envoy that does not say the type (older than the field)
+# gives every entry as an attempt's last, as the receiver read them before.
+_NOT_SET, _DOWNSTREAM_END, _UPSTREAM_END = 0, 6, 9
 _UT = 3  # ResponseFlags.upstream_request_timeout
 # response_code_details of Envoy 1.40's route timeout (Filter::onResponseTimeout;
 # a per-try timeout's is "upstream_per_try_timeout": its attempt's flag counts it)
@@ -273,8 +280,11 @@ def _observation(entry: bytes, timeouts: RouteTimeouts | None) -> Observation | 
         return None
     cf = dict(fields(common))
     at = _upstream(cf)
-    if cf.get(_LOG_TYPE) == _DOWNSTREAM_END:  # the HCM's logger: a route timeout or nothing
+    kind = cf.get(_LOG_TYPE, _NOT_SET)
+    if kind == _DOWNSTREAM_END:  # the HCM's logger: a route timeout or nothing
         return _route_timeout(top, cf, resp, at, timeouts)
+    if kind not in (_UPSTREAM_END, _NOT_SET):  # an attempt's pool-ready or periodic entry
+        return None
     code = _sub(resp, _RESPONSE_CODE)
     status = dict(fields(code)).get(1, 0) if code else 0
     flags = cf.get(_RESPONSE_FLAGS, b"")

@@ -37,10 +37,11 @@ PER_TRY = "upstream_per_try_timeout"
 
 
 def attempt(rid: str, host: int, status: int | None = None, ut: bool = False,
-            cluster: str = "od", connected: bool = True) -> HttpAccessLogEntry:
+            cluster: str = "od", connected: bool = True,
+            kind: AccessLogType = AccessLogType.UpstreamEnd) -> HttpAccessLogEntry:
     """The router's upstream_log entry of one attempt on 198.18.0.<host>:80
     (with the connection's local address unless its connect was pending)."""
-    e = _entry(AccessLogType.UpstreamEnd, rid, host, status, ut, "", cluster)
+    e = _entry(kind, rid, host, status, ut, "", cluster)
     if connected:
         e.common_properties.upstream_local_address = Address(
             socket_address=SocketAddress(address="198.18.0.9", port_value=40000))
@@ -111,6 +112,31 @@ def test_an_hcm_entry_is_never_counted_as_a_status() -> None:
     data = bytes(StreamAccessLogsMessage(http_logs=StreamAccessLogsMessageHttpAccessLogEntries(
         log_entry=[attempt("r", 3), hcm("r", 3)])))
     assert observations(data)[2] == []  # no stream state given: no pairing
+
+
+def test_only_an_attempts_last_entry_counts() -> None:
+    """The router's upstream_log_options (flush_upstream_log_on_upstream_stream,
+    upstream_log_flush_interval; a user's router config passes them through)
+    add an UpstreamPoolReady entry (connected, no status, no flag) and
+    UpstreamPeriodic ones (a status once the headers came) per attempt: the
+    pool-ready one paired with a route timeout Envoy did not count, a periodic
+    one's status was counted as one more response."""
+    ready, periodic = AccessLogType.UpstreamPoolReady, AccessLogType.UpstreamPeriodic
+    # the route timeout fired after the headers: Envoy counted the 200 only
+    assert feed([attempt("r", 3, kind=ready), attempt("r", 3, kind=periodic, status=200),
+                 attempt("r", 3, status=200), hcm("r", 3, status=200)]) == [("od", "198.18.0.3:80", 200)]
+    assert feed([attempt("r", 3, kind=periodic, status=503)]) == []
+    assert feed([attempt("r", 3, kind=ready), hcm("r", 3)]) == []
+    # ... and with its last entry, the route timeout that reset it counts, once
+    assert feed([attempt("r", 3, kind=ready), attempt("r", 3), hcm("r", 3)]) == [TIMEOUT_ON_3]
+
+
+def test_an_entry_without_its_type_is_an_attempts_last() -> None:
+    """An Envoy that does not set access_log_type (older than the field): every
+    entry without it is read as an attempt's last, as before the type was read."""
+    unset = AccessLogType.NotSet
+    assert feed([attempt("r", 3, kind=unset, status=503)]) == [("od", "198.18.0.3:80", 503)]
+    assert feed([attempt("r", 3, kind=unset), hcm("r", 3)]) == [TIMEOUT_ON_3]
 
 
 Entry = tuple[str, str, int, bool, bool]  # (kind, rid, host, route-timeout entry, flagged UT)
