@@ -203,10 +203,14 @@ _UT = 3  # ResponseFlags.upstream_request_timeout
 ROUTE_TIMEOUT_DETAILS = "response_timeout"
 
 
+_Kept = dict[str, tuple[str, str]]  # request id -> (cluster, "ip:port") of a kept entry
+
+
 class RouteTimeouts:
     """One access-log stream's attempts that ended with no status and no flag,
-    to tell a route timeout from a downstream reset (fastpath.als.observations;
-    owned by AccessLogService._stream, one per stream).
+    and its route-timeout HCM entries, to tell a route timeout from a
+    downstream reset (fastpath.als.observations; owned by
+    AccessLogService._stream, one per stream).
 
     Envoy's detector counts a route timeout (Filter::onResponseTimeout:
     LocalOriginTimeout with its 504) for each attempt still awaiting headers,
@@ -216,37 +220,53 @@ class RouteTimeouts:
     as when the downstream resets the request; the request's entry from the
     HCM's logger (residual_outlier.timeout_logger: only requests flagged UT)
     says `response_timeout` and names the last attempt's host. Seen with
-    Envoy 1.40: the attempt's entry comes first on the same stream (one
-    logger per worker for both), both with the request's x-request-id; the
+    Envoy 1.40: both come on the same stream (one logger per worker for
+    both), both with the request's x-request-id, the attempt's first; the
     worker writes them in one turn, so at most one flush falls between them.
-    So a route timeout counts for its host only when an unanswered attempt of
-    that request on that host, connected (its entry has an upstream local
-    address; a pending one has the host but none), is in the same message or
-    the one before: once,
-    never for an attempt that got headers or a flag (those counted already).
-    Older unanswered attempts (downstream resets) are forgotten."""
+    The pairing does not rely on that order: whichever of the two comes
+    first is kept by request id for its message and the next, and the other
+    one pairs with it. A route timeout counts for its host only when an
+    unanswered attempt of that request on that host, connected (its entry
+    has an upstream local address; a pending one has the host but none), is
+    paired with it: once, never for an attempt that got headers or a flag
+    (those counted already). What is not paired within a flush (a
+    downstream reset's attempt) is forgotten."""
 
     def __init__(self) -> None:
-        self._cur: dict[str, tuple[str, str]] = {}  # request id -> (cluster, host)
-        self._prev: dict[str, tuple[str, str]] = {}
+        self._attempts: tuple[_Kept, _Kept] = ({}, {})  # (this message's, the one before's)
+        self._timeouts: tuple[_Kept, _Kept] = ({}, {})
 
     def next_message(self) -> None:
         """A new message of the stream begins: forget the one before the last."""
-        self._prev, self._cur = self._cur, {}
+        self._attempts = ({}, self._attempts[0])
+        self._timeouts = ({}, self._timeouts[0])
 
-    def unanswered(self, request_id: str, cluster: str, host: str) -> None:
+    def unanswered(self, request_id: str, cluster: str, host: str) -> bool:
         """An attempt of `request_id` on (`cluster`, `host`) ended with no status
-        and no flag. A request without an id is never paired."""
-        if request_id:
-            self._cur[request_id] = (cluster, host)
+        and no flag: True when the request's route timeout, already seen,
+        reset it (count it), at most once. A request without an id is never
+        paired."""
+        return _pair(request_id, (cluster, host), self._timeouts, self._attempts)
 
     def timed_out(self, request_id: str, cluster: str, host: str) -> bool:
         """The route timeout of `request_id`, last attempt on (`cluster`, `host`):
-        True when that attempt was reset by it (count it), at most once."""
-        if not request_id:
-            return False
-        at = self._cur.pop(request_id, None) or self._prev.pop(request_id, None)
-        return at == (cluster, host)
+        True when that attempt, already seen, was reset by it (count it), at
+        most once."""
+        return _pair(request_id, (cluster, host), self._attempts, self._timeouts)
+
+
+def _pair(request_id: str, at: tuple[str, str], other: tuple[_Kept, _Kept],
+          mine: tuple[_Kept, _Kept]) -> bool:
+    """RouteTimeouts' rule, one side: pair with the other side's entry of
+    `request_id` kept from this message or the one before (taken: once);
+    none kept: keep this one for the other side."""
+    if not request_id:
+        return False
+    for kept in other:
+        if request_id in kept:
+            return kept.pop(request_id) == at
+    mine[0][request_id] = at
+    return False
 
 
 def observations(data: bytes, timeouts: RouteTimeouts | None = None
@@ -291,8 +311,9 @@ def _observation(entry: bytes, timeouts: RouteTimeouts | None) -> Observation | 
     if not status:
         status = _no_response_status(flags)
         if not status and at is not None and timeouts is not None and not _any_flag(flags) \
-                and cf.get(_UPSTREAM_LOCAL):  # connected: a pending connect is not counted
-            timeouts.unanswered(_request_id(top), *at)
+                and cf.get(_UPSTREAM_LOCAL) \
+                and timeouts.unanswered(_request_id(top), *at):  # connected: not a pending connect
+            status = LOCAL_TIMEOUT
     if at is None or not isinstance(status, int) or not status:
         return None
     return at[0], at[1], status

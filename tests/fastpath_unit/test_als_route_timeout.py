@@ -6,7 +6,7 @@ tests/xds/test_als.py::test_timeouts_as_the_access_log_carries_them).
 The attempt a route timeout resets has an upstream_log entry with no status
 and no flag (as a downstream reset's); the request's HCM entry (the
 UT-filtered logger) says `response_timeout`. A pair in the same message or
-the next counts LOCAL_TIMEOUT for the attempt's host, once; anything else
+the next, in either order, counts LOCAL_TIMEOUT for the attempt's host, once; anything else
 the HCM logger sends counts nothing, and attempts count as before.
 """
 
@@ -83,11 +83,17 @@ def test_a_route_timeout_counts_for_the_attempt_it_reset_once() -> None:
     assert feed([attempt("r", 3), hcm("r", 3)]) == [TIMEOUT_ON_3]
     assert feed([attempt("r", 3)], [hcm("r", 3)]) == [TIMEOUT_ON_3]  # a flush between them
     assert feed([attempt("r", 3), hcm("r", 3), hcm("r", 3)]) == [TIMEOUT_ON_3]  # once
+    # the HCM entry first (Envoy 1.40 writes the attempt's first; nothing relies on it)
+    assert feed([hcm("r", 3), attempt("r", 3)]) == [TIMEOUT_ON_3]
+    assert feed([hcm("r", 3)], [attempt("r", 3)]) == [TIMEOUT_ON_3]
+    assert feed([hcm("r", 3), attempt("r", 3), attempt("r", 3)]) == [TIMEOUT_ON_3]  # once
 
 
 def test_what_envoys_detector_does_not_count_is_not_counted() -> None:
     assert feed([attempt("r", 3)]) == []  # a downstream reset: no HCM entry (not UT)
     assert feed([attempt("r", 3)], [], [hcm("r", 3)]) == []  # not the same turn: forgotten
+    assert feed([hcm("r", 3)], [], [attempt("r", 3)]) == []
+    assert feed([hcm("r", 4), attempt("r", 3)]) == []  # another host than the attempt's
     assert feed([attempt("r", 3), hcm("r", 4)]) == []  # another host than the attempt's
     assert feed([attempt("r", 3), hcm("q", 3)]) == []  # another request
     assert feed([attempt("r", 3, cluster="x"), hcm("r", 3)]) == []  # another cluster
@@ -139,53 +145,55 @@ def test_an_entry_without_its_type_is_an_attempts_last() -> None:
     assert feed([attempt("r", 3, kind=unset), hcm("r", 3)]) == [TIMEOUT_ON_3]
 
 
-Entry = tuple[str, str, int, bool, bool]  # (kind, rid, host, route-timeout entry, flagged UT)
-ENTRY = st.one_of(
-    st.tuples(st.just("attempt"), st.sampled_from("rsq"), st.integers(3, 4), st.just(False),
-              st.just(False)),
-    st.tuples(st.just("hcm"), st.sampled_from("rsq"), st.integers(3, 4), st.booleans(), st.booleans()),
-    st.tuples(st.just("answered"), st.sampled_from("rsq"), st.integers(3, 4), st.booleans(),
-              st.booleans()))
+# What happened to one request, as Envoy's detector sees it -> (its entries: the
+# pair the route timeout's rule is about first, then the attempts before it;
+# what the detector counts). `h` is the last attempt's host, `o` another.
+def _story(what: str, rid: str, h: int, o: int) -> tuple[list[HttpAccessLogEntry], list[Any]]:
+    timeout, at_h = ("od", f"198.18.0.{h}:80", LOCAL_TIMEOUT), f"198.18.0.{h}:80"
+    return {
+        # the route timeout reset the connected attempt awaiting headers: counted, once
+        "route_timeout": ([attempt(rid, h), hcm(rid, h)], [timeout]),
+        # a retried request: the 503 of the first attempt counts, then the timeout
+        "retried_timeout": ([attempt(rid, h), hcm(rid, h), attempt(rid, o, status=503)],
+                            [timeout, ("od", f"198.18.0.{o}:80", 503)]),
+        # the client went away: no HCM entry (not flagged UT), nothing counted
+        "downstream_reset": ([attempt(rid, h)], []),
+        # the attempt's connect still pending: no host for the detector yet
+        "pending_connect": ([attempt(rid, h, connected=False), hcm(rid, h)], []),
+        # fired in a retry's backoff: only the per-try timeout before it counts
+        "in_backoff": ([attempt(rid, h, ut=True), hcm(rid, h)], [timeout]),
+        # a per-try timeout ends the request: its attempt's flag counts it
+        "per_try": ([attempt(rid, h, ut=True), hcm(rid, h, details=PER_TRY)], [timeout]),
+        # after the upstream's headers: their status counts, the timeout not
+        "after_headers": ([attempt(rid, h, status=200), hcm(rid, h, status=200)],
+                          [("od", at_h, 200)]),
+    }[what]
 
 
-def _model(messages: list[list[Entry]]) -> list[tuple[str, str, int]]:
-    """What the receiver must count, as a scan over the history: an answered
-    attempt (cluster `a`) its status or timeout; a route-timeout HCM entry
-    the latest unanswered attempt of its request in its message (else in the
-    message before) not already taken, LOCAL_TIMEOUT if on its host."""
-    out: list[tuple[str, str, int]] = []
-    seen: list[list[tuple[str, int, list[bool]]]] = []  # per message: (rid, host, [taken])
-    for msg in messages:
-        seen.append([])
-        for kind, rid, host, rt, ut in msg:
-            if kind == "answered":
-                out.append(("a", f"198.18.0.{host}:80", LOCAL_TIMEOUT if ut else 200))
-            elif kind == "attempt":
-                seen[-1] = [x for x in seen[-1] if x[0] != rid] + [(rid, host, [False])]
-            elif rt and ut:
-                for pending in (seen[-1], seen[-2] if len(seen) > 1 else []):
-                    mine = [x for x in pending if x[0] == rid and not x[2][0]]
-                    if mine:
-                        mine[-1][2][0] = True
-                        if mine[-1][1] == host:
-                            out.append(("od", f"198.18.0.{host}:80", LOCAL_TIMEOUT))
-                        break
-    return out
+REQUEST = st.tuples(st.sampled_from(["route_timeout", "retried_timeout", "downstream_reset",
+                                     "pending_connect", "in_backoff", "per_try", "after_headers"]),
+                    st.sampled_from([(3, 4), (4, 3)]),  # (last attempt's host, another)
+                    st.integers(0, 3),  # the message the request's first entry is in
+                    st.integers(0, 1),  # flushes between its pair (Envoy: at most one)
+                    st.booleans(),  # the HCM entry first
+                    st.lists(st.floats(0, 1), min_size=3, max_size=3))  # places in a message
 
 
-def _wire(e: Entry) -> HttpAccessLogEntry:
-    kind, rid, host, rt, ut = e
-    if kind == "answered":
-        return attempt(rid, host, status=None if ut else 200, ut=ut, cluster="a")
-    if kind == "attempt":
-        return attempt(rid, host)
-    return hcm(rid, host, details=ROUTE_TIMEOUT_DETAILS if rt else PER_TRY, ut=ut)
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.lists(ENTRY, max_size=6), max_size=6))
-def test_pairs_in_any_order_and_batching(messages: list[list[Entry]]) -> None:
-    """Random interleavings of unanswered attempts, answered ones (another
-    cluster: counted as before, in order) and HCM entries of three requests
-    on two hosts, in random flushes: the receiver counts as the model does."""
-    assert feed(*[[_wire(e) for e in m] for m in messages]) == _model(messages)
+@settings(max_examples=200, deadline=None)
+@given(st.lists(REQUEST, max_size=8))
+def test_counts_what_envoys_detector_counts_whatever_the_order_and_flushes(
+        requests: list[tuple[str, tuple[int, int], int, int, bool, list[float]]]) -> None:
+    """Requests of known fate, their entries in random order and random flushes
+    as Envoy may write them (a request's attempt entry and HCM entry in
+    either order, at most one flush apart): the receiver counts, per host,
+    what Envoy's detector counted for those requests."""
+    messages: list[list[tuple[float, HttpAccessLogEntry]]] = [[] for _ in range(5)]
+    want: list[Any] = []
+    for n, (what, (h, o), first, gap, hcm_first, places) in enumerate(requests):
+        entries, counted = _story(what, f"r{n}", h, o)
+        want += counted
+        at = [first, first + gap] if not hcm_first else [first + gap, first]
+        for e, m, place in zip(entries, at + [first], places, strict=False):
+            messages[m].append((place, e))
+    got = feed(*[[e for _p, e in sorted(m, key=lambda x: x[0])] for m in messages])
+    assert sorted(got) == sorted(want)

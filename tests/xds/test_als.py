@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import statistics
 import time
@@ -319,9 +320,14 @@ async def _slow_site(delay: float) -> tuple[web.AppRunner, int]:
 
 
 async def _detected(admin: int, cluster: str) -> int:
-    """Envoy's detections of `cluster` (with consecutive_5xx 1: the 5xx it counted)."""
-    stat = await http_get(admin, f"/stats?filter=^cluster\\.{cluster}\\.outlier_detection"
-                                 "\\.ejections_detected_consecutive_5xx$")
+    """Envoy's detections of `cluster` (with consecutive_5xx 1: the 5xx it counted,
+    one request at a time)."""
+    return await _stat(admin, cluster, "outlier_detection.ejections_detected_consecutive_5xx")
+
+
+async def _stat(admin: int, cluster: str, name: str) -> int:
+    """Envoy's counter cluster.`cluster`.`name`."""
+    stat = await http_get(admin, f"/stats?filter=^cluster\\.{cluster}\\.{re.escape(name)}$")
     return int(stat[1].split(":")[1])
 
 
@@ -336,7 +342,7 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
     attempt: its entry has no status and no flag (as a downstream reset's);
     the HCM's UT-filtered entry of the request pairs with it: LOCAL_TIMEOUT,
     once; with hedging (`/hedge`) only the attempt its soft per-try timeout
-    had not counted. Not counted, as Envoy does not: a route timeout in a retry's
+    had not counted; four at once, four. Not counted, as Envoy does not: a route timeout in a retry's
     backoff (`/bo`: the per-try timeout before it counts, once), after the
     upstream's headers (`/stall`: its 200 counts; the client gets a reset),
     while the attempt's connect is pending (`/pend`: a host whose accept
@@ -402,6 +408,16 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
             # Envoy's own detector counted a 504 for each LOCAL_TIMEOUT, nothing else
             detected += sum(1 for o in want if o[2] == LOCAL_TIMEOUT)
             assert await _detected(admin, "c") == detected, path
+        # route timeouts at once: their entries interleave on the workers' streams.
+        # Envoy's detection stat cannot count them (the host's count reaches 1..4
+        # before the main thread resets it: one detection); its route-timeout stat can
+        got.clear()
+        before = await _stat(admin, "c", "upstream_rq_timeout")
+        answers = await asyncio.gather(*(http_get(lport, "/rt") for _ in range(4)))
+        assert [a[0] for a in answers] == [504] * 4
+        await asyncio.sleep(0.2)
+        assert got == [t] * 4, got
+        assert await _stat(admin, "c", "upstream_rq_timeout") == before + 4
     finally:
         await stop_all(envoy, server, runner)
         for sock in (full, *queued):
