@@ -30,9 +30,15 @@
 #ifndef DP_XRID
 #define DP_XRID 1 /* 0: the data path adds neither header (the cost measured without) */
 #endif
+#ifndef DP_TRACE
+#define DP_TRACE 0 /* 1: a listener of the plan has HCM tracing (fastpath.agent sets it) */
+#endif
 
 #define DP_XRID_HAS_RID 1 /* dp_verdict.xrid: the client sent x-request-id */
 #define DP_XRID_HAS_XFP 2 /* ... and x-forwarded-proto */
+#define DP_XRID_HAS_TRACE 4 /* ... x-client-trace-id, x-envoy-force-trace or x-envoy-decorator-operation */
+#define DP_R_TRACE 17 /* tracing listener: the request carries a header that changes Envoy's decision */
+#define DP_TRACE_DEN 10000 /* Envoy's TEN_THOUSAND: r = the id's first 32 bits % 10000 */
 #define DP_XRID_XFP_LEN 25 /* "x-forwarded-proto: http\r\n" */
 #define DP_XRID_RID_LEN 52 /* "x-request-id: " + 36 + "\r\n" */
 #define DP_XRID_MAX (DP_XRID_XFP_LEN + DP_XRID_RID_LEN)
@@ -43,6 +49,37 @@ _Static_assert((DP_HDR_MAX & (DP_HDR_MAX - 1)) == 0, "dp_xrid_insert masks offse
 #define DP_W_X_FORWAR L7FP_W8('x', '-', 'f', 'o', 'r', 'w', 'a', 'r')
 #define DP_W_DED_PROT L7FP_W8('d', 'e', 'd', '-', 'p', 'r', 'o', 't')
 #define DP_W_ED_PROTO L7FP_W8('e', 'd', '-', 'p', 'r', 'o', 't', 'o')
+#define DP_W_X_CLIENT L7FP_W8('x', '-', 'c', 'l', 'i', 'e', 'n', 't')
+#define DP_W_ENT_TRAC L7FP_W8('e', 'n', 't', '-', 't', 'r', 'a', 'c')
+#define DP_W_TRACE_ID L7FP_W8('t', 'r', 'a', 'c', 'e', '-', 'i', 'd')
+#define DP_W_X_ENVOY_ L7FP_W8('x', '-', 'e', 'n', 'v', 'o', 'y', '-')
+#define DP_W_FORCE_TR L7FP_W8('f', 'o', 'r', 'c', 'e', '-', 't', 'r')
+#define DP_W_CE_TRACE L7FP_W8('c', 'e', '-', 't', 'r', 'a', 'c', 'e')
+#define DP_W_DECORATO L7FP_W8('d', 'e', 'c', 'o', 'r', 'a', 't', 'o')
+#define DP_W_R_OPERAT L7FP_W8('r', '-', 'o', 'p', 'e', 'r', 'a', 't')
+#define DP_W_PERATION L7FP_W8('p', 'e', 'r', 'a', 't', 'i', 'o', 'n')
+
+/* DP_XRID_HAS_TRACE for a line of length `len` whose words at 0, 4, 8 and 9
+ * are given: x-client-trace-id (17), x-envoy-force-trace (19),
+ * x-envoy-decorator-operation (27), every byte compared. */
+static __always_inline __u64 dp_trace_line(struct l7fp_req_ctx *c, __u64 s, __u64 len, __u64 w0,
+                                           __u64 w4, __u64 w8, __u64 w9)
+{
+#if DP_TRACE
+    __u64 w11 = l7fp_lower64(l7fp_load64(c, s + 11));
+    __u64 w16 = l7fp_lower64(l7fp_load64(c, s + 16));
+    __u64 w19 = l7fp_lower64(l7fp_load64(c, s + 19));
+    __u64 ctid = L7FP_EQ(len, 17) & dp_hop_eq64(w0, DP_W_X_CLIENT) & dp_hop_eq64(w4, DP_W_ENT_TRAC) &
+                 dp_hop_eq64(w9, DP_W_TRACE_ID);
+    __u64 envoy = dp_hop_eq64(w0, DP_W_X_ENVOY_);
+    __u64 force = L7FP_EQ(len, 19) & envoy & dp_hop_eq64(w8, DP_W_FORCE_TR) & dp_hop_eq64(w11, DP_W_CE_TRACE);
+    __u64 deco = L7FP_EQ(len, 27) & envoy & dp_hop_eq64(w8, DP_W_DECORATO) &
+                 dp_hop_eq64(w16, DP_W_R_OPERAT) & dp_hop_eq64(w19, DP_W_PERATION);
+    return (ctid | force | deco) * DP_XRID_HAS_TRACE;
+#else
+    return 0;
+#endif
+}
 
 /* DP_XRID_HAS_* of header line k (0: neither). Branch-free past the length
  * test, as dp_hop_line: a branch per case multiplies the verifier's paths. */
@@ -51,8 +88,13 @@ static __always_inline __u32 dp_xrid_line(struct l7fp_req_ctx *c, __u32 k)
     struct l7fp_req *r = &c->r;
     __u64 s = r->ls[k & L7FP_LINE_MASK], len = r->lc[k & L7FP_LINE_MASK] - s;
     __u64 l12 = L7FP_EQ(len, 12), l17 = L7FP_EQ(len, 17);
+#if DP_TRACE
+    if (!(l12 | l17 | L7FP_EQ(len, 19) | L7FP_EQ(len, 27)))
+        return 0;
+#else
     if (!(l12 | l17))
         return 0; /* most lines end here */
+#endif
     __u64 w0 = l7fp_lower64(l7fp_load64(c, s));
     __u64 w4 = l7fp_lower64(l7fp_load64(c, s + 4));
     __u64 w8 = l7fp_lower64(l7fp_load64(c, s + 8));
@@ -60,7 +102,7 @@ static __always_inline __u32 dp_xrid_line(struct l7fp_req_ctx *c, __u32 k)
     __u64 rid = l12 & dp_hop_eq64(w0, DP_W_X_REQUES) & dp_hop_eq64(w4, DP_W_QUEST_ID);
     __u64 xfp = l17 & dp_hop_eq64(w0, DP_W_X_FORWAR) & dp_hop_eq64(w8, DP_W_DED_PROT) &
                 dp_hop_eq64(w9, DP_W_ED_PROTO);
-    return (__u32)(rid * DP_XRID_HAS_RID + xfp * DP_XRID_HAS_XFP);
+    return (__u32)(rid * DP_XRID_HAS_RID + xfp * DP_XRID_HAS_XFP + dp_trace_line(c, s, len, w0, w4, w8, w9));
 }
 
 /* Which of the two headers the request carries, into v->xrid. Called by
@@ -100,13 +142,21 @@ static __always_inline __u64 dp_xrid_hex8(__u32 w)
 }
 
 /* The 36 characters of a fresh UUID v4 at p (the caller checked p + 36):
- * 8-4-4-4-12 digits, the version digit 4, the variant digit 8-b (RFC 4122). */
-static __always_inline void dp_xrid_uuid(__u8 *p)
+ * 8-4-4-4-12 digits, the version digit 4, the variant digit 8-b (RFC 4122).
+ * On a tracing listener (`sampling`, ListenerPlan.trace_sampling: 0 none)
+ * the version digit is Envoy's decision: 9 when the first 32 bits % 10000
+ * are below `sampling` (UUIDRequestIDExtension::setTraceReason). */
+static __always_inline void dp_xrid_uuid(__u8 *p, __u32 sampling)
 {
-    __u32 b = (bpf_get_prandom_u32() & 0xffff0fffu) | 0x4000u;
+    __u32 a = bpf_get_prandom_u32();
+    __u32 ver = 0x4000u;
+#if DP_TRACE
+    ver += (__u32)((a % DP_TRACE_DEN) < sampling) * 0x5000u; /* 4 -> 9 */
+#endif
+    __u32 b = (bpf_get_prandom_u32() & 0xffff0fffu) | ver;
     __u32 c = (bpf_get_prandom_u32() & 0x3fffffffu) | 0x80000000u;
     __u64 hb = dp_xrid_hex8(b), hc = dp_xrid_hex8(c);
-    *(__u64 *)p = dp_xrid_hex8(bpf_get_prandom_u32());
+    *(__u64 *)p = dp_xrid_hex8(a);
     p[8] = '-';
     *(__u32 *)(p + 9) = (__u32)hb;
     p[13] = '-';
@@ -158,7 +208,7 @@ static __always_inline int dp_xrid_insert(struct sk_msg_md *msg, struct dp_verdi
         *(__u32 *)(p + 8) = 't' | '-' << 8 | 'i' << 16 | 'd' << 24;
         p[12] = ':';
         p[13] = ' ';
-        dp_xrid_uuid(p + 14);
+        dp_xrid_uuid(p + 14, v->trace);
         p[50] = '\r';
         p[51] = '\n';
     }
@@ -168,19 +218,47 @@ static __always_inline int dp_xrid_insert(struct sk_msg_md *msg, struct dp_verdi
 #endif
 }
 
+/* The `trace` field of the request's listener (c->listener, the plan
+ * generation of the decision): 0 without tracing, else sampling + 1. */
+static __always_inline __u32 dp_trace_of(struct dp_conn *conn)
+{
+#if DP_TRACE
+    struct l7fp_req_ctx *c = l7fp_ctx_get();
+    __u32 lid = conn->listener - 1; /* dp_svc holds listener id + 1 */
+    if (!c || lid >= L7FP_N_LISTENERS)
+        return 0;
+    __u32 idx = l7fp_idx(c->gen & 1, lid, L7FP_N_LISTENERS);
+    struct l7fp_listener *l = l7fp_listeners.lookup(&idx);
+    return l ? l->trace : 0;
+#else
+    return 0;
+#endif
+}
+
 /* In dp_msg_act after dp_hop_act, on dp_msg_verdict's per-CPU verdict `v` and
- * write size `size`: a FORWARD gets the lines it lacks. As in dp_hop_act, the
+ * write size `size`: a FORWARD gets the lines it lacks. On a tracing listener
+ * (fastpath/tracing.py) a request with x-request-id or a header of
+ * DP_XRID_HAS_TRACE becomes a PASS with reason DP_R_TRACE (Envoy marks or
+ * removes them), as dp_hop_act's PASS: not sticky. As in dp_hop_act, the
  * lengths are updated in the scratch (memory) and read back from there, so the
  * verifier walks the rest of dp_msg_act once whatever was inserted. Inserting
  * before the checks that may still hand the request to Envoy is harmless:
  * that Envoy is the listener's own, which keeps both lines as they are
  * (fastpath/request_id.py keeps a listener that would not with Envoy). 0, or
  * -1 when the message is no longer usable. */
-static __always_inline int dp_xrid_act(struct sk_msg_md *msg, struct dp_verdict *v, __u32 *size)
+static __always_inline int dp_xrid_act(struct sk_msg_md *msg, struct dp_conn *conn,
+                                       struct dp_verdict *v, __u32 *size)
 {
     if (v->kind != DP_K_FORWARD)
         return 0;
     dp_xrid_scan(v);
+    __u32 trace = dp_trace_of(conn);
+    v->trace = trace ? trace - 1 : 0;
+    if (trace && (v->xrid & (DP_XRID_HAS_RID | DP_XRID_HAS_TRACE))) {
+        v->kind = DP_K_PASS;
+        v->reason = DP_R_TRACE;
+        return 0;
+    }
     int n = dp_xrid_insert(msg, v, *size);
     if (n <= 0)
         return n;

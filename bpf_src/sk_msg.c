@@ -601,7 +601,7 @@ int dp_msg_act(struct sk_msg_md *msg)
     asm volatile("" ::: "memory"); /* what follows reads the scratch afresh */
 #endif
 #ifdef DP_XRID_H
-    if (dp_xrid_act(msg, &scr->v, &scr->size) < 0) /* x-forwarded-proto, x-request-id */
+    if (dp_xrid_act(msg, c, &scr->v, &scr->size) < 0) /* x-forwarded-proto, x-request-id */
         return dp_to_envoy(c, scr->v.route, DP_R_REWRITE);
     asm volatile("" ::: "memory");
 #endif

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastpath import inbound_merge, inbound_verdict, residual_outlier
+from fastpath import inbound_merge, inbound_verdict, residual_outlier, tracing
 from fastpath.agent_node import NodeDatapath, PodInfo
 from fastpath.agent_outlier import OutlierCollector
 from fastpath.als_owner import AlsOwner
@@ -507,7 +507,8 @@ def _cflags(plan: KernelPlan) -> tuple[str, ...]:
     delay = ("-DDP_DELAY=1",) if needs_delay(plan) else ()  # the same
     redirect = ("-DDP_REDIR=1",) if needs_redirect(plan) else ()  # the same
     outlier = ("-DDP_OUTLIER=1",) if needs_outlier(plan) else ()  # the same
-    return synthesize(plan).cflags + retry + inbound + mirror + delay + redirect + outlier
+    trace = ("-DDP_TRACE=1",) if tracing.needs_trace(plan) else ()  # the same (dp_xrid.h)
+    return synthesize(plan).cflags + retry + inbound + mirror + delay + redirect + outlier + trace
 
 
 def kernel_ready() -> str | None:

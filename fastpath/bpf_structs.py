@@ -90,7 +90,8 @@ class Decision(ctypes.Structure):
 class Listener(ctypes.Structure):
     _fields_ = [(n, u32) for n in ("flags", "dom_base", "n_dom", "bucket", "nomatch", "order",
                                    "fault_status", "fault_per_million", "fault_reply",
-                                   "rbac_base", "rbac_n", "rbac_deny", "rbac_reply", "rbac_nf")]
+                                   "rbac_base", "rbac_n", "rbac_deny", "rbac_reply", "rbac_nf",
+                                   "trace")]
 
 
 class Vhost(ctypes.Structure):

@@ -14,7 +14,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fastpath import outlier, request_id
+from fastpath import outlier, request_id, tracing
 from fastpath.classify_delay import listener_delay_reasons
 from fastpath.classify_rbac import classify_rbac
 from fastpath.classify_route import (
@@ -201,6 +201,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
             reasons += more
         order.append(f.kind)
     reasons += _hcm_reasons(hcm)
+    reasons += tracing.hcm_reasons(hcm, direction is Direction.INBOUND, caps.fault_runtime)
     if not any(f.kind == "router" for f in filters):
         # Envoy 1.40 accepts such an HCM and answers nothing (seen: 504 after the 5 min stream idle timeout)
         reasons.append("no router http filter (Envoy routes no request)")
@@ -211,7 +212,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
         if rc_name:
             reasons.append(f"route config {rc_name!r} not found")
     ctx = RouteContext(clusters, filters, caps, route_config=rc)
-    vhosts = _vhosts(rc, ctx)
+    vhosts = _vhosts(rc, ctx, traced=hcm.get("tracing") is not None)
     if not _every_request_routed(vhosts):
         reasons += no_route_delay
     if limit is not None and any(r.verdict is Verdict.ENVOY for v in vhosts for r in v.routes):
@@ -226,7 +227,8 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
                         rbacs[0] if rbacs else None, limit, norm,
                         Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)),
                         filter_order=tuple(order), fault_abort=fault, rbacs=tuple(rbacs),
-                        use_remote_address=bool(hcm.get("useRemoteAddress", False)))
+                        use_remote_address=bool(hcm.get("useRemoteAddress", False)),
+                        trace_sampling=tracing.sampling(hcm))
     return plan, str(rc.get("name", rc_name))
 
 
@@ -244,6 +246,12 @@ def _every_request_routed(vhosts: tuple[VirtualHost, ...]) -> bool:
                 and not m.query_params and m.method is None and not m.grpc)
     return any("*" in v.domains for v in vhosts) and all(
         any(catch_all(r) for r in v.routes) for v in vhosts)
+
+
+def _traced_route(r: dict[str, Any], ctx: RouteContext, traced: bool) -> list[Route]:
+    entries = classify_route_entries(r, ctx)
+    why = "; ".join(tracing.route_reasons(r)) if traced else ""
+    return [_punt(e, why) for e in entries] if why else entries
 
 
 def _punt(r: Route, why: str) -> Route:
@@ -274,7 +282,9 @@ def _hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     return reasons + request_id.hcm_reasons(hcm)  # x-request-id, x-forwarded-proto as the kernel adds them
 
 
-def _vhosts(rc: dict[str, Any], ctx: RouteContext) -> tuple[VirtualHost, ...]:
+def _vhosts(rc: dict[str, Any], ctx: RouteContext, traced: bool = False) -> tuple[VirtualHost, ...]:
+    """The virtual hosts' routes; `traced`: the HCM has tracing (a route's
+    decorator or tracing then needs Envoy: fastpath.tracing.route_reasons)."""
     out = []
     rc_extra = [f"route config {k}" for k in sorted(set(rc) - _RC_KEYS) if rc[k]]
     for vh in rc.get("virtualHosts", []):
@@ -282,7 +292,7 @@ def _vhosts(rc: dict[str, Any], ctx: RouteContext) -> tuple[VirtualHost, ...]:
         extra = rc_extra + [f"virtual host {k}" for k in sorted(set(vh) - _VH_KEYS) if vh[k]]
         if vh.get("includeAttemptCountInResponse"):
             extra.append("virtual host include_attempt_count_in_response (response header)")
-        routes = tuple(e for r in vh.get("routes", []) for e in classify_route_entries(r, vctx))
+        routes = tuple(e for r in vh.get("routes", []) for e in _traced_route(r, vctx, traced))
         if extra:
             routes = tuple(_punt(r, "; ".join(extra)) for r in routes)
         out.append(VirtualHost(str(vh.get("name", "")), tuple(d.lower() for d in vh.get("domains", [])),

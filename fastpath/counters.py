@@ -27,6 +27,7 @@ DP_REASONS = {0: "", 1: "sticky", 2: "pool_empty", 3: "untracked", 4: "upstream_
               5: "too_many_upstreams", 6: "rewrite_failed", 7: "split_head", 8: "body_sync",
               9: "no_plan", 10: "pipelined", 11: "header_add", 12: "retry_copy",
               13: "retry_unpaired", 14: "retry_overflow", 15: "retry_lost", 16: "swallow_failed",
+              17: "trace_header",  # dp_xrid.h on a tracing listener
               18: "conn_close", 19: "hop_header",  # dp_hop.h
               20: "delay_body", 21: "delayed", 22: "delay_inbound",  # dp_delay.h
               23: "path_rewrite",  # dp_rewrite.h

@@ -477,6 +477,11 @@ class ListenerPlan:
     # it: fastpath.inbound_merge drops the kernel's insert of that header for
     # destinations whose inbound sidecar would.
     use_remote_address: bool = False
+    # The HCM's tracing (fastpath.tracing.sampling): None without; else how many
+    # of the 10000 values of r (an added x-request-id's first 8 hex digits mod
+    # 10000) Envoy samples: the id's version digit is 9 when r < it, else 4
+    # (bpf_src/dp_xrid.h). Requests with trace headers then go to Envoy.
+    trace_sampling: int | None = None
 
 
 class LbPolicy(enum.Enum):

@@ -54,6 +54,7 @@ from fastpath.regex_dfa import RegexUnsupported, compile_dfa, dfa_full_match
 from fastpath.request_id import added_headers
 from fastpath.rewrite import CONST_BYTES, ORIGINAL_PATH, rewritten
 from fastpath.synth_tables import punt_match
+from fastpath.tracing import TRACE_HEADERS, TRACE_REASON
 
 RBAC_DENIED_BODY = "RBAC: access denied"
 FAULT_BODY = "fault filter abort"
@@ -193,7 +194,8 @@ def decide_datapath(plan: KernelPlan, listener: str, req: Request,
     dp_msg_rwin's: a forward whose rewritten path the destination's inbound
     decision cannot take goes to Envoy (reason ``path_rewrite``). After it,
     dp_xrid.h's: a forward gets x-forwarded-proto and x-request-id where it
-    lacks them (``hcm_added``)."""
+    lacks them (``hcm_added``); on a tracing listener a forward with a
+    fastpath.tracing.TRACE_HEADERS header goes to Envoy (``trace_header``)."""
     d = decide(plan, listener, req, rng, state)
     if d.kind == "envoy" or (d.kind == "reply" and d.status == 429):
         return d
@@ -204,10 +206,18 @@ def decide_datapath(plan: KernelPlan, listener: str, req: Request,
         return Decision("envoy", route=d.route, reason=why)
     if d.kind != "forward":
         return d
-    d = replace(d, hcm_added=added_headers(req.headers))
+    sampling = _trace_sampling(plan, listener)
+    if sampling is not None and any(n.lower() in TRACE_HEADERS for n, _ in req.headers):
+        return Decision("envoy", route=d.route, reason=TRACE_REASON)
+    d = replace(d, hcm_added=added_headers(req.headers, sampling))
     if len(kept) == len(req.headers):
         return d
     return replace(d, hop_removed=tuple(n for n, _ in req.headers if n in MATCH_AFTER_REMOVAL))
+
+
+def _trace_sampling(plan: KernelPlan, listener: str) -> int | None:
+    """The listener's ListenerPlan.trace_sampling (dp_xrid.h's dp_trace_of)."""
+    return next((lp.trace_sampling for lp in plan.listeners if lp.name == listener), None)
 
 
 def _rewrite_undecided(plan: KernelPlan, d: Decision, req: Request) -> bool:

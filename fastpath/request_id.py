@@ -30,14 +30,16 @@ HTTP/1.1 from 127.0.0.1; ConnectionManagerUtility::mutateRequestHeaders):
 * tracing set (with the UUID extension's pack_trace_reason and
   use_request_id_for_trace_sampling, their defaults): the id's version digit
   carries Envoy's sampling decision (``9`` sampled, which is every request
-  with the default 100 % random_sampling). A sidecar HCM from istiod with
-  meshConfig.enableTracing carries `tracing`: such listeners stay with Envoy.
+  with the default 100 % random_sampling): fastpath.tracing says what the
+  kernel reproduces (without a provider) and what stays with Envoy.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+from fastpath.tracing import traced_id_pattern
 
 XFP = "x-forwarded-proto"
 XRID = "x-request-id"
@@ -71,22 +73,22 @@ def hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     ext = (hcm.get("requestIdExtension") or {}).get("typedConfig") or {}
     if ext and ext.get("@type") != UUID_EXTENSION:
         out.append(f"http_connection_manager request_id_extension {ext.get('@type')}")
-    if hcm.get("tracing") is not None and _flag(ext, "packTraceReason", True) and \
-            _flag(ext, "useRequestIdForTraceSampling", True):
-        out.append("http_connection_manager tracing (Envoy marks its sampling decision in x-request-id)")
-    return out
+    return out  # tracing: fastpath.tracing.hcm_reasons
 
 
-def added_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+def added_headers(headers: tuple[tuple[str, str], ...],
+                  trace_sampling: int | None = None) -> tuple[tuple[str, str], ...]:
     """The lines the kernel path (and the client's Envoy) appends after the
     request's headers (lower-case names): x-forwarded-proto when absent, then
-    x-request-id when absent, its value UUID4_PATTERN."""
+    x-request-id when absent, its value UUID4_PATTERN (on a tracing listener,
+    `trace_sampling` not None: fastpath.tracing.traced_id_pattern, the
+    version digit per id by fastpath.tracing.version_digit)."""
     names = {n.lower() for n, _ in headers}
     out = []
     if XFP not in names:
         out.append((XFP, "http"))
     if XRID not in names:
-        out.append((XRID, UUID4_PATTERN))
+        out.append((XRID, UUID4_PATTERN if trace_sampling is None else traced_id_pattern(trace_sampling)))
     return tuple(out)
 
 

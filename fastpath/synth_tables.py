@@ -196,6 +196,8 @@ class TableBuilder:
             self.notes.append(f"listener {lp.name}: {lp.reason}")
             self._punted(lp.virtual_hosts, f"listener: {lp.reason}")
             return
+        if lp.trace_sampling is not None:  # bpf_src/dp_xrid.h (fastpath.tracing)
+            row.f["trace"] = lp.trace_sampling + 1
         try:
             self._filters(lp, row)
         except Punt as e:

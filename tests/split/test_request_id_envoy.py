@@ -41,7 +41,6 @@ SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
     "ura": ({"use_remote_address": True}, "use_remote_address"),
     "nogen": ({"generate_request_id": False}, "generate_request_id false"),
     "resp": ({"always_set_request_id_in_response": True}, "always_set_request_id_in_response"),
-    "tracing": ({"tracing": {}}, "tracing"),
     "nosample": ({"tracing": {}, "request_id_extension": {"typed_config": {
         "@type": UUID_T, "use_request_id_for_trace_sampling": False}}}, ""),
 }
@@ -118,7 +117,7 @@ def test_kernel_listeners_add_what_envoy_adds(envoy_bin: str, tmp_path: Path) ->
                              "-l", "warning", "--base-id", str(ports["default"])],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "envoy.log", "w"))  # noqa: SIM115
     try:
-        _wait(ports["tracing"], proc, tmp_path / "envoy.log")
+        _wait(ports["nosample"], proc, tmp_path / "envoy.log")
         responses = {(n, case): _exchange(ports[n], f"/{n}/{case}", lines)
                      for n in SETTINGS for case, lines in REQUESTS.items()}
         time.sleep(0.1)

@@ -1,0 +1,72 @@
+"""fastpath.tracing: Envoy's sampling numerator per HCM, the reasons that keep
+a tracing listener or route with Envoy, the digit per id, and the reference
+model's trace_header punt (bpf_src/dp_xrid.h's DP_R_TRACE). What Envoy does:
+tests/split/test_tracing_envoy.py."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from fastpath.plan import ClusterAction, PathKind, Route, RouteMatch, Verdict, WeightedCluster
+from fastpath.reference import Request, decide_datapath
+from fastpath.tracing import (
+    TRACE_HEADERS,
+    hcm_reasons,
+    route_reasons,
+    sampling,
+    traced_id_pattern,
+    version_digit,
+)
+from tests.split.harness import listener_plan
+
+UUID_T = "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
+
+
+def test_sampling_numerator_as_envoy_converts_percent() -> None:
+    assert sampling({}) is None
+    assert sampling({"tracing": {}}) == 10000
+    assert sampling({"tracing": {"randomSampling": {"value": 30}}}) == 3000
+    assert sampling({"tracing": {"randomSampling": {"value": 60.0},
+                                 "overallSampling": {"value": 30.0}}}) == 3000
+    assert sampling({"tracing": {"randomSampling": {}}}) == 0  # Percent 0 as protojson gives it
+    assert sampling({"tracing": {"randomSampling": {"value": 0.57}}}) == 56  # truncated, as Envoy's
+    for flag in ("packTraceReason", "useRequestIdForTraceSampling"):  # the digit then stays 4
+        assert sampling({"tracing": {}, "requestIdExtension": {"typedConfig": {
+            "@type": UUID_T, flag: False}}}) == 0
+
+
+def test_reasons() -> None:
+    assert hcm_reasons({}, inbound=True, runtime="layered_runtime rtds") == []
+    assert hcm_reasons({"tracing": {}}, inbound=False) == []
+    zipkin = {"tracing": {"provider": {"name": "envoy.tracers.zipkin"}}}
+    assert "envoy.tracers.zipkin" in hcm_reasons(zipkin, inbound=False)[0]
+    assert "inbound" in hcm_reasons({"tracing": {}}, inbound=True)[0]
+    assert "runtime" in hcm_reasons({"tracing": {}}, inbound=False, runtime="layered_runtime disk")[0]
+    assert route_reasons({"match": {"prefix": "/"}}) == []
+    assert len(route_reasons({"decorator": {"operation": "op"}, "tracing": {"randomSampling": {}}})) == 2
+
+
+def test_version_digit_per_id() -> None:
+    assert version_digit("00000bb7-0000-4000-8000-000000000000", 3000) == "9"  # r = 2999
+    assert version_digit("00000bb8-0000-4000-8000-000000000000", 3000) == "4"  # r = 3000
+    assert version_digit("ffffffff-0000-4000-8000-000000000000", 7296) == "9"  # r = 7295
+    assert version_digit("00000000-0000-4000-8000-000000000000", 0) == "4"
+    assert version_digit("00000000-0000-4000-8000-000000000000", None) == "4"
+    assert re.fullmatch(traced_id_pattern(3000), "00000000-0000-9000-8000-000000000000")
+    assert not re.fullmatch(traced_id_pattern(None), "00000000-0000-9000-8000-000000000000")
+
+
+def test_reference_hands_trace_headers_to_envoy() -> None:
+    fwd = Route("f", RouteMatch(PathKind.PREFIX, "/"), ClusterAction((WeightedCluster("c", 1),)),
+                Verdict.KERNEL)
+    plan = listener_plan((fwd,))
+    plan = replace(plan, listeners=(replace(plan.listeners[0], trace_sampling=3000),))
+    d = decide_datapath(plan, "l", Request("GET", "/f", "a"))
+    assert d.kind == "forward" and d.hcm_added == (("x-forwarded-proto", "http"),
+                                                   ("x-request-id", traced_id_pattern(3000)))
+    for name in TRACE_HEADERS:
+        d = decide_datapath(plan, "l", Request("GET", "/f", "a", ((name.upper(), "1"),)))
+        assert (d.kind, d.reason) == ("envoy", "trace_header"), name
+    d = decide_datapath(plan, "l", Request("GET", "/f", "a", (("x-b3-traceid", "1"),)))
+    assert d.kind == "forward"  # no provider: b3 headers pass as sent

@@ -1,0 +1,157 @@
+"""HCM tracing: the model (fastpath.tracing, fastpath.reference.decide_datapath,
+what bpf_src/dp_xrid.h does) against a real Envoy, per listener setting.
+
+One Envoy, one listener per setting, the recording upstream of
+test_request_id_envoy. On a KERNEL tracing listener every request without
+trace headers must arrive with exactly the model's lines and its id's version
+digit exactly the model's decision from that id (per request, ~100 ids per
+percentage, not a statistic); each trace header the model hands to Envoy must
+indeed make Envoy do something the kernel would not (so the punt is needed);
+a setting kept with Envoy must give its reason, and Envoy must do something
+else there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastpath import envoy_model as em
+from fastpath.plan import KernelPlan, Verdict
+from fastpath.reference import Request, decide_datapath
+from fastpath.request_id import added_headers
+from fastpath.split import split_snapshot
+from fastpath.tracing import TRACE_HEADERS, version_digit
+from tests.split.test_request_id_envoy import Recorder, _exchange, _listener, _wait
+from tests.support.procs import stop_process
+from xds_server.ports import pick_free_port
+
+pytestmark = pytest.mark.envoy
+
+ZIPKIN = {"name": "envoy.tracers.zipkin", "typed_config": {
+    "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig", "collector_cluster": "col",
+    "collector_endpoint": "/api/v2/spans", "collector_endpoint_version": "HTTP_JSON"}}
+# listener -> (HCM settings, listener fields, route fields, the split's reason or "" for KERNEL)
+SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]] = {
+    "t100": ({"tracing": {}}, {}, {}, ""),
+    "t30": ({"tracing": {"random_sampling": {"value": 30}}}, {}, {}, ""),
+    "t60o30": ({"tracing": {"random_sampling": {"value": 60}, "overall_sampling": {"value": 30}}},
+               {}, {}, ""),
+    "zipkin": ({"tracing": {"random_sampling": {"value": 30}, "provider": ZIPKIN}}, {}, {},
+               "tracing provider envoy.tracers.zipkin"),
+    "decorated": ({"tracing": {}}, {"traffic_direction": "OUTBOUND"},
+                  {"decorator": {"operation": "op1"}}, "route decorator on a tracing listener"),
+    "inbound": ({"tracing": {}}, {"traffic_direction": "INBOUND"}, {},
+                "tracing on an inbound listener"),
+}
+SAMPLED = ("t30", "t60o30")  # ~100 plain requests each
+N = 100
+# a request with each header that hands it to Envoy; the id's r is 1 (< 3000)
+TRACED = {"x-request-id": "00000001-1111-4111-8111-111111111111", "x-client-trace-id": "c1",
+          "x-envoy-force-trace": "1", "x-envoy-decorator-operation": "op0"}
+PASSING = [("x-b3-traceid", "0000000000000001"), ("x-b3-spanid", "0000000000000002"),
+           ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]
+
+
+def _resources(up: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    ports = {name: pick_free_port() for name in SETTINGS}
+    listeners = []
+    for n, (hcm, lis, route, _) in SETTINGS.items():
+        one = {**_listener(n, ports[n], hcm), **lis}
+        rc = one["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+        rc["virtual_hosts"][0]["routes"][0].update(route)
+        listeners.append(one)
+    clusters = [{"name": name, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+        "cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
+        for name, port in (("up", up), ("col", pick_free_port()))]  # no collector: spans are lost
+    return listeners, clusters, ports
+
+
+def _plan(listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) -> KernelPlan:
+    return split_snapshot("n", {em.LISTENER: [em.parse(em.LISTENER, x) for x in listeners],
+                                em.CLUSTER: [em.parse(em.CLUSTER, c) for c in clusters]}).plan
+
+
+def _model(plan: KernelPlan, name: str, lines: list[tuple[str, str]]) -> Any:
+    return decide_datapath(plan, name, Request("GET", "/", "svc", (("x-a", "1"), *lines)))
+
+
+def _fits(got: list[tuple[str, str]], sent: list[tuple[str, str]], added: tuple[tuple[str, str], ...],
+          sampling: int | None) -> bool:
+    """The upstream's head is the client's lines then the model's (the id
+    matching its pattern, its digit the decision from its own first 8 digits)."""
+    want = sent + list(added)
+    if len(got) != len(want) or any(gk != wk for (gk, _), (wk, _) in zip(got, want, strict=True)):
+        return False
+    for (k, gv), (_, wv) in zip(got, want, strict=True):
+        if k == "x-request-id" and (k, wv) in added:
+            if not re.fullmatch(wv, gv) or gv[14] != version_digit(gv, sampling):
+                return False
+        elif gv != wv:
+            return False
+    return True
+
+
+def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> None:
+    up = Recorder()
+    listeners, clusters, ports = _resources(up.port)
+    plan = _plan(listeners, clusters)
+    lps = {lp.name: lp for lp in plan.listeners}
+    for name, (*_, why) in SETTINGS.items():  # the split's side
+        routes = [r for v in lps[name].virtual_hosts for r in v.routes]
+        kernel = lps[name].verdict is Verdict.KERNEL and all(r.verdict is Verdict.KERNEL for r in routes)
+        assert kernel == (not why), (name, lps[name].reason, [r.reason for r in routes])
+        assert why in lps[name].reason + "".join(r.reason for r in routes), (name, lps[name])
+    assert [lps[n].trace_sampling for n in ("t100", "t30", "t60o30")] == [10000, 3000, 3000]
+    cfg = tmp_path / "envoy.json"
+    cfg.write_text(json.dumps({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": pick_free_port()}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters}}))
+    proc = subprocess.Popen([envoy_bin, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1",
+                             "-l", "warning", "--base-id", str(ports["t30"])],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "envoy.log", "w"))  # noqa: SIM115
+    cases: dict[str, tuple[str, list[tuple[str, str]]]] = {}  # path -> (listener, client lines)
+    for n in SETTINGS:
+        cases[f"/{n}/plain"] = (n, [])
+        cases[f"/{n}/passing"] = (n, PASSING)
+        for h, v in TRACED.items():
+            cases[f"/{n}/{h}"] = (n, [(h, v)])
+    for n in SAMPLED:
+        cases.update({f"/{n}/s{i}": (n, []) for i in range(N)})
+    try:
+        _wait(ports["t30"], proc, tmp_path / "envoy.log")
+        for path, (n, lines) in cases.items():
+            _exchange(ports[n], path, lines)
+    finally:
+        stop_process(proc)
+        up.close()
+    differs = {n: False for n in SETTINGS}
+    digits: dict[str, set[str]] = {n: set() for n in SAMPLED}
+    needed = dict.fromkeys(TRACE_HEADERS, False)  # Envoy did what the kernel would not, somewhere
+    for path, (n, lines) in cases.items():
+        sent = [("host", "svc"), ("x-a", "1"), *lines]
+        got = [(k, v) for k, v in up.heads[path] if k != "x-envoy-expected-rq-timeout-ms"]
+        d = _model(plan, n, lines)
+        added = d.hcm_added if d.kind == "forward" else ()
+        same = _fits(got, sent, added, lps[n].trace_sampling)
+        if n in SAMPLED and path.split("/")[2].startswith("s"):
+            digits[n].add(dict(got)["x-request-id"][14])
+        header = path.split("/")[2]
+        if header in TRACE_HEADERS and not SETTINGS[n][3]:
+            # the model hands it to Envoy, and the kernel's forward would differ
+            assert (d.kind, d.reason) == ("envoy", "trace_header"), (path, d)
+            kernel_would = added_headers(tuple(sent), lps[n].trace_sampling)
+            needed[header] |= not _fits(got, sent, kernel_would, lps[n].trace_sampling)
+            continue
+        if not SETTINGS[n][3]:
+            assert d.kind == "forward" and same, (path, got, sent, d)
+        differs[n] |= not same
+    assert digits == {n: {"4", "9"} for n in SAMPLED}, digits  # both decisions were seen
+    assert all(needed.values()), needed
+    assert differs == {n: bool(s[3]) for n, s in SETTINGS.items()}, differs
