@@ -10,6 +10,25 @@
 
 #include "l7fp_decide.h"
 #include "dp_hop.h" /* hop-by-hop request headers: dp_msg_act calls it */
+/* The `trace` field of the request's listener (c->listener, the plan
+ * generation of the decision): 0 without tracing, else sampling + 1. For
+ * dp_xrid.h's dp_xrid_act; here because BCC rewrites map calls only in the
+ * pasted text (an #included header's `.lookup` is left a call it cannot load). */
+static __always_inline __u32 dp_trace_of(struct dp_conn *conn)
+{
+#if defined(DP_TRACE) && DP_TRACE
+    struct l7fp_req_ctx *c = l7fp_ctx_get();
+    __u32 lid = conn->listener - 1; /* dp_svc holds listener id + 1 */
+    if (!c || lid >= L7FP_N_LISTENERS)
+        return 0;
+    __u32 idx = l7fp_idx(c->gen & 1, lid, L7FP_N_LISTENERS);
+    struct l7fp_listener *l = l7fp_listeners.lookup(&idx);
+    return l ? l->trace : 0;
+#else
+    return 0;
+#endif
+}
+
 #include "dp_xrid.h" /* x-forwarded-proto, x-request-id: dp_msg_act calls it */
 
 #ifndef DP_INBOUND

@@ -50,7 +50,7 @@ _Static_assert((DP_HDR_MAX & (DP_HDR_MAX - 1)) == 0, "dp_xrid_insert masks offse
 #define DP_W_DED_PROT L7FP_W8('d', 'e', 'd', '-', 'p', 'r', 'o', 't')
 #define DP_W_ED_PROTO L7FP_W8('e', 'd', '-', 'p', 'r', 'o', 't', 'o')
 #define DP_W_X_CLIENT L7FP_W8('x', '-', 'c', 'l', 'i', 'e', 'n', 't')
-#define DP_W_ENT_TRAC L7FP_W8('e', 'n', 't', '-', 't', 'r', 'a', 'c')
+#define DP_W_IENT_TRA L7FP_W8('i', 'e', 'n', 't', '-', 't', 'r', 'a')
 #define DP_W_TRACE_ID L7FP_W8('t', 'r', 'a', 'c', 'e', '-', 'i', 'd')
 #define DP_W_X_ENVOY_ L7FP_W8('x', '-', 'e', 'n', 'v', 'o', 'y', '-')
 #define DP_W_FORCE_TR L7FP_W8('f', 'o', 'r', 'c', 'e', '-', 't', 'r')
@@ -69,7 +69,7 @@ static __always_inline __u64 dp_trace_line(struct l7fp_req_ctx *c, __u64 s, __u6
     __u64 w11 = l7fp_lower64(l7fp_load64(c, s + 11));
     __u64 w16 = l7fp_lower64(l7fp_load64(c, s + 16));
     __u64 w19 = l7fp_lower64(l7fp_load64(c, s + 19));
-    __u64 ctid = L7FP_EQ(len, 17) & dp_hop_eq64(w0, DP_W_X_CLIENT) & dp_hop_eq64(w4, DP_W_ENT_TRAC) &
+    __u64 ctid = L7FP_EQ(len, 17) & dp_hop_eq64(w0, DP_W_X_CLIENT) & dp_hop_eq64(w4, DP_W_IENT_TRA) &
                  dp_hop_eq64(w9, DP_W_TRACE_ID);
     __u64 envoy = dp_hop_eq64(w0, DP_W_X_ENVOY_);
     __u64 force = L7FP_EQ(len, 19) & envoy & dp_hop_eq64(w8, DP_W_FORCE_TR) & dp_hop_eq64(w11, DP_W_CE_TRACE);
@@ -213,23 +213,6 @@ static __always_inline int dp_xrid_insert(struct sk_msg_md *msg, struct dp_verdi
         p[51] = '\n';
     }
     return (int)len;
-#else
-    return 0;
-#endif
-}
-
-/* The `trace` field of the request's listener (c->listener, the plan
- * generation of the decision): 0 without tracing, else sampling + 1. */
-static __always_inline __u32 dp_trace_of(struct dp_conn *conn)
-{
-#if DP_TRACE
-    struct l7fp_req_ctx *c = l7fp_ctx_get();
-    __u32 lid = conn->listener - 1; /* dp_svc holds listener id + 1 */
-    if (!c || lid >= L7FP_N_LISTENERS)
-        return 0;
-    __u32 idx = l7fp_idx(c->gen & 1, lid, L7FP_N_LISTENERS);
-    struct l7fp_listener *l = l7fp_listeners.lookup(&idx);
-    return l ? l->trace : 0;
 #else
     return 0;
 #endif
