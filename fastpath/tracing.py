@@ -22,10 +22,11 @@ ConnectionManagerUtility::mutateTracingRequestHeader):
   ``9``; otherwise it stays ``4``. Exact per request over 100 requests at
   random_sampling 30 % and at 60 % with overall 30 %.
 * A client's x-request-id is re-marked from its own digits (00000001-... got
-  ``9`` at 30 %, 0000270f-... kept ``4``); x-client-trace-id makes it ``b``,
-  x-envoy-force-trace makes it ``a`` and is removed; on a listener whose
-  traffic_direction is not OUTBOUND, a client's x-envoy-decorator-operation
-  is removed from the request. Such requests go to Envoy (the kernel's reason
+  ``9`` at 30 %, 0000270f-... kept ``4``); x-client-trace-id makes it ``b``
+  (client_sampling 100 %); x-envoy-force-trace is removed from the request
+  and does not force (the id is sampled as without it: this client is
+  external to Envoy); on a listener whose traffic_direction is not OUTBOUND,
+  a client's x-envoy-decorator-operation is removed from the request. Such requests go to Envoy (the kernel's reason
   ``trace_header``), on every tracing listener.
 * Without a provider (and no tracer in the bootstrap) nothing else is added:
   b3 and traceparent headers pass as sent.

@@ -59,10 +59,12 @@ def tenvoy(echo: EchoUpstream, resources_envoy: EnvoyMaker) -> ResourcesEnvoy:
 
 
 def _norm(h: str, r: dict[str, Any]) -> list[tuple[str, str]]:
-    """The head with a generated id as its version digit (x-envoy-decorator-operation's
-    request is sampled from a fresh id: its digit may differ between two runs)."""
-    return [(k, "*" if h.endswith("decorator-operation") else v[14]) if k == "x-request-id" and h != k
-            else (k, v) for k, v in r["headers"]]
+    """The head with an id Envoy generated as "model" when its version digit is
+    the model's sampling decision from it, else as that digit (Envoy's mark:
+    b for x-client-trace-id)."""
+    def digit(v: str) -> str:
+        return "model" if v[14] == version_digit(v, SAMPLING) else v[14]
+    return [(k, digit(v)) if k == "x-request-id" and h != k else (k, v) for k, v in r["headers"]]
 
 
 def _by_case(raw: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -101,6 +103,6 @@ def test_sampled_digit_per_id_and_trace_headers_to_envoy(agent: Agent, cgroup: A
     for h in TRACED:
         assert seen[h]["via_envoy"] and not seen[f"next-{h}"]["via_envoy"], (seen[h], seen[f"next-{h}"])
         # Envoy's head, either way (the id's digit too: Envoy's mark, or its own sample)
-        assert _norm(h, seen[h]) == _norm(h, envoy_seen[h]), (h, seen[h], envoy_seen[h])
+        assert _norm(h, seen[h]) == _norm(h, envoy_seen[h]), (h, seen[h]["headers"], envoy_seen[h]["headers"])
     punted = sum(n for (_, outcome, why), n in kernel.items() if (outcome, why) == ("envoy", "trace_header"))
     assert punted == len(TRACE_HEADERS), kernel
