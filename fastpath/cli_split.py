@@ -174,9 +174,15 @@ def _print_placement(by: dict[str, Any]) -> None:
               "KERNEL verdict (a mesh client's kernel path could run them)")
 
 
+def _tracing(lp: Any) -> str:
+    """The " tracing: N/10000 sampled" of a listener with HCM tracing (fastpath.tracing)."""
+    n = getattr(lp, "trace_sampling", None)
+    return "" if n is None else f" tracing: {n}/10000 sampled (the id's version digit)"
+
+
 def _print_listener(lp: Any, explain: bool) -> None:
     print(f"  listener {lp.name} {lp.address}:{lp.port} {lp.direction.value}"
-          f" route_config={lp.route_config or '-'} {lp.verdict.value}")
+          f" route_config={lp.route_config or '-'} {lp.verdict.value}{_tracing(lp)}")
     for rbac in lp.rbacs or ((lp.rbac,) if lp.rbac else ()):
         print(f"    rbac {rbac.action} {len(rbac.policies)} policies: {rbac.verdict.value}"
               f"{' - ' + rbac.reason if rbac.reason else ''}")

@@ -33,7 +33,8 @@ ConnectionManagerUtility::mutateTracingRequestHeader):
 * A route's ``decorator``: an OUTBOUND listener adds
   ``x-envoy-decorator-operation: <operation>`` to the upstream request, any
   other puts it on the response: such routes stay with Envoy, as do routes
-  with a per-route ``tracing`` (their own percentages).
+  with a per-route ``tracing`` (their own percentages) and, not compared
+  with Envoy, routes with request mirrors (the shadow's trace_sampled).
 * Responses: an OUTBOUND listener removes an upstream's
   x-envoy-decorator-operation from the response. The kernel forwards the
   response as the upstream sent it (docs/split.md "Known differences").
@@ -122,6 +123,9 @@ def route_reasons(route: dict[str, Any]) -> list[str]:
         out.append("route decorator on a tracing listener (x-envoy-decorator-operation)")
     if route.get("tracing"):
         out.append("route tracing percentages")
+    if (route.get("route") or {}).get("requestMirrorPolicies"):
+        # the shadow's trace_sampled and id with tracing on: not compared with Envoy
+        out.append("route request mirror on a tracing listener")
     return out
 
 

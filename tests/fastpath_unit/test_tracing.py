@@ -44,7 +44,8 @@ def test_reasons() -> None:
     assert "inbound" in hcm_reasons({"tracing": {}}, inbound=True)[0]
     assert "runtime" in hcm_reasons({"tracing": {}}, inbound=False, runtime="layered_runtime disk")[0]
     assert route_reasons({"match": {"prefix": "/"}}) == []
-    assert len(route_reasons({"decorator": {"operation": "op"}, "tracing": {"randomSampling": {}}})) == 2
+    assert len(route_reasons({"decorator": {"operation": "op"}, "tracing": {"randomSampling": {}},
+                              "route": {"requestMirrorPolicies": [{"cluster": "c"}]}})) == 3
 
 
 def test_version_digit_per_id() -> None:
