@@ -224,7 +224,8 @@ class _Walker:
         for key, value in d.items():
             name = safe_snake_case(key)
             if name not in meta.meta_by_field_name:
-                raise _Newer(path, f"Unknown field {name!r} in message {cls.__name__}")
+                raise _Newer(path, f"Unknown field {name!r} in message {cls.__name__}"
+                             f"{_did_you_mean(name, meta.meta_by_field_name)}")
             try:
                 out[key] = self.field(meta.meta_by_field_name[name], meta.cls_by_field, name, value,
                                       _join(path, key))
@@ -305,6 +306,13 @@ DURATION_NUMBER = "a duration is a string with its unit, such as \"{value}s\" (g
 # and NACKs it ("Didn't find a registered implementation for 'envoy.filters.http.golang'").
 UNKNOWN_TYPE = ("type unknown to L7FP's proto library: a contrib or newer extension, which an "
                 "Envoy build without it rejects")
+
+
+def _did_you_mean(name: str, known: Any) -> str:
+    """` (did you mean 'prefix'?)` for a misspelt field: a field newer than the proto
+    library is kept for Envoy, but Envoy 1.40 refuses a typo (`has unknown fields`)."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.85)  # claim_path!=claim_name
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _scalar_problem(meta: Any, cls: Any, value: Any) -> str | None:

@@ -85,7 +85,7 @@ def test_control_plane_refusing_the_policy_says_why(kernel: None, tmp_path: Path
         assert r.stderr.strip() == (
             "l7fp mesh: control plane exited: config rejected: mesh.json: resources[4]."
             "virtual_hosts[0].routes[0].match: Unknown field 'prefx' in message RouteMatch "
-            f"(logs kept in {kept})")
+            f"(did you mean 'prefix'?) (logs kept in {kept})")
         assert leftovers(name) == []
     finally:
         teardown.down(name)

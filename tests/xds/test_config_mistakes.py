@@ -79,3 +79,19 @@ def test_scalars_envoy_refuses_are_named_with_their_field() -> None:
     for body in (_cluster(load_assignment=_endpoint("80")), _cluster(connect_timeout="0.25s"),
                  _cluster(load_assignment=_endpoint(80.0))):  # Envoy's JSON takes these
         res.parse_resource(body, "resources[0]")
+
+
+def test_a_misspelt_field_gets_a_suggestion() -> None:
+    """`conect_timeout` said only `Unknown field 'conect_timeout' in message Cluster`; a
+    field newer than the proto library (JwtClaimToHeader's `claim_path`, close to
+    `claim_name` at 0.8) gets no suggestion."""
+    res.ensure_registered()
+    with pytest.raises(res.ResourceError) as exc:
+        res.parse_resource({"@type": res.CLUSTER, "name": "x", "conect_timeout": "1s"}, "resources[0]")
+    assert str(exc.value) == ("resources[0]: Unknown field 'conect_timeout' in message Cluster "
+                              "(did you mean 'connect_timeout'?)")
+    with pytest.raises(res.ResourceError) as exc:
+        res.parse_resource({"@type": res.CLUSTER, "name": "x", "bogus_field": 1}, "resources[0]")
+    assert str(exc.value) == "resources[0]: Unknown field 'bogus_field' in message Cluster"
+    from xds_server.protojson import _did_you_mean
+    assert _did_you_mean("claim_path", ["header_name", "claim_name"]) == ""
