@@ -63,8 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xds-port", type=port, default=15010, help="gRPC ADS port (default 15010, as istiod)")
     p.add_argument("--admin-address", default="127.0.0.1", help="admin API address (default 127.0.0.1)")
     p.add_argument("--admin-port", type=port, default=15014, help="admin API port (default 15014)")
-    p.add_argument("--debounce-ms", type=int, default=100, help="push after this quiet time (default 100)")
-    p.add_argument("--debounce-max-ms", type=int, default=10000, help="push at the latest after this (default 10000)")
+    p.add_argument("--debounce-ms", type=milliseconds, default=100, help="push after this quiet time (default 100)")
+    p.add_argument("--debounce-max-ms", type=milliseconds, default=10000,
+                   help="push at the latest after this (default 10000)")
     p.add_argument("--fastpath", choices=["on", "off", "auto"], default="auto",
                    help="split snapshots with fastpath.split (auto: if installed; default auto)")
 
@@ -78,6 +79,13 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a port number 0-65535")
     return value
+
+
+def milliseconds(text: str) -> int:
+    """argparse type of --debounce-ms/--debounce-max-ms: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of milliseconds >= 0")
+    return int(text)
 
 
 def _cannot_listen(flag: str, host: str, port: int, exc: OSError) -> SystemExit:

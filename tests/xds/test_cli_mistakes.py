@@ -141,3 +141,15 @@ def test_bootstrap_with_an_empty_node_id(capsys: pytest.CaptureFixture[str]) -> 
     are required")."""
     assert main(["bootstrap", "--node-id", ""]) == 2
     assert capsys.readouterr() == ("", "l7fp bootstrap: --node-id '': Envoy's ADS needs a node id\n")
+
+
+def test_debounce_and_capture_ports_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--debounce-ms -5` and `--capture-ports 15001,99999` were taken."""
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--debounce-ms", "-5"])
+    assert exc.value.code == 2
+    assert "argument --debounce-ms: '-5': expected a whole number of milliseconds >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--policies", str(REPO / "tests" / "istio" / "bookinfo" / "policies.yaml"),
+              "--capture-ports", "15001,99999", "--xds-port", "0", "--admin-port", "0", "--fastpath", "off"])
+    assert exc.value.code == "l7fp serve: --capture-ports '15001,99999': expected OUT,IN (two ports 1-65535)"

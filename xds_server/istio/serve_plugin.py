@@ -45,8 +45,11 @@ def make_sources(args: argparse.Namespace) -> list[Source]:
             raise SystemExit(f"l7fp serve: --{flag.replace('_', '-')} {value}: no such file or directory")
     try:
         out_port, in_port = (int(x) for x in str(args.capture_ports).split(","))
+        if not (0 < out_port < 65536 and 0 < in_port < 65536):
+            raise ValueError
     except ValueError:
-        raise SystemExit(f"l7fp serve: --capture-ports {args.capture_ports!r}: expected OUT,IN") from None
+        raise SystemExit(f"l7fp serve: --capture-ports {args.capture_ports!r}: expected OUT,IN "
+                         "(two ports 1-65535)") from None
     src = IstioSource(args.policies, args.mesh_file, args.k8s, args.inbound_address,
                       capture_ports=(out_port, in_port))
     if not src.load():
