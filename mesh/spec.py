@@ -138,7 +138,9 @@ def load(path: str | Path, name: str | None = None) -> MeshSpec:
         raise _fail(where, f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     mesh_name = name or doc.get("name") or path.parent.name
     if not isinstance(mesh_name, str) or not MESH_NAME_RE.match(mesh_name):
-        raise _fail(f"{where}: name", f"{mesh_name!r} must match {MESH_NAME_RE.pattern}")
+        said = (f"{mesh_name!r} must be lower-case letters, digits and '-', starting with a "
+                f"letter, at most 23 characters ({MESH_NAME_RE.pattern})")
+        raise _fail("--name" if name else f"{where}: name", said)  # the value the user gave
     namespace = doc.get("namespace", mesh_name)
     if not isinstance(namespace, str) or not NAME_RE.match(namespace):
         raise _fail(f"{where}: namespace", f"{namespace!r} must match {NAME_RE.pattern}")

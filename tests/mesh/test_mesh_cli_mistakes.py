@@ -127,3 +127,11 @@ def test_status_of_a_mesh_never_started(tmp_path: Path, monkeypatch: pytest.Monk
     assert main(["mesh", "status", "--name", "ux-real"]) == 1  # its directory, no state.json
     assert capsys.readouterr().err == ("l7fp mesh: mesh 'ux-real': no state file (starting, or "
                                        "crashed: `l7fp mesh down --name ux-real`)\n")
+
+
+def test_a_bad_name_is_said_of_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """`mesh up FILE --name UX_bad` blamed the file (`FILE: name: 'UX_bad' must match ^...$`)."""
+    assert main(["mesh", "up", DEMO, "--name", "UX_bad"]) == 1
+    assert capsys.readouterr().err == (
+        "l7fp mesh: --name: 'UX_bad' must be lower-case letters, digits and '-', starting with a "
+        "letter, at most 23 characters (^[a-z][a-z0-9-]{0,22}$)\n")
