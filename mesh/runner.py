@@ -59,6 +59,9 @@ class Mesh:
                  xds: str = "ads", fastpath: str = "off", envoy: str | None = None,
                  timeout: float = 90.0) -> None:
         self.spec = mspec.load(file, name)  # raises MeshFileError before anything starts
+        if fastpath == "on" and xds == "file":  # `status` said "fastpath on" with no agent at all
+            raise MeshError("--fastpath on needs --xds ads: the fast path runs in the control "
+                            "plane, which --xds file does not start")
         self.name = self.spec.name
         self.sidecars, self.xds, self.fastpath = sidecars, xds, fastpath
         self.envoy = envoy or default_envoy()

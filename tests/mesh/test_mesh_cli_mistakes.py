@@ -135,3 +135,13 @@ def test_a_bad_name_is_said_of_the_flag(capsys: pytest.CaptureFixture[str]) -> N
     assert capsys.readouterr().err == (
         "l7fp mesh: --name: 'UX_bad' must be lower-case letters, digits and '-', starting with a "
         "letter, at most 23 characters (^[a-z][a-z0-9-]{0,22}$)\n")
+
+
+@pytest.mark.parametrize("cmd", [["mesh", "up", DEMO], ["demo"]])
+def test_fastpath_on_with_file_xds_is_refused(cmd: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`--xds file --fastpath on` started a mesh whose `status` said `fastpath on` while no
+    control plane, hence no fast-path agent, ran."""
+    assert main([*cmd, "--name", "ux-never", "--xds", "file", "--fastpath", "on"]) == 1
+    assert capsys.readouterr().err.endswith(
+        ": --fastpath on needs --xds ads: the fast path runs in the control plane, which "
+        "--xds file does not start\n")
