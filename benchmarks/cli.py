@@ -28,8 +28,8 @@ Compare four configurations side by side on pods in private network namespaces:
               the reason, where the kernel fast path cannot run: not root, no BCC)
 
 Scenarios: leaf (one hop), multihop (client -> frontend -> backend),
-policy-mix-0 / -11 / -50 (share of routes that need Envoy), sweep (rate sweep
-with h2load). Closed loop with wrk at 1, 16 and 64 connections (1 and 16
+policy-mix-0 / -11 / -50 (share of routes that need Envoy), demo (the demo
+mesh's /home; not in --quick), sweep (rate sweep with h2load). Closed loop with wrk at 1, 16 and 64 connections (1 and 16
 with --quick). Configurations run in ABAB order, repeated; medians reported.
 
 Writes results.json (every run), report.md (tables) and PNG plots to
