@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from fastpath import inputs
 from fastpath.classify_route import KernelCaps
+from fastpath.inputs_walk import Listing, walk
 from fastpath.plan import KernelPlan, Verdict
 from fastpath.split import plan_of, resources_json
 
@@ -120,8 +121,11 @@ def analyse(paths: list[str], caps: KernelCaps | None = None) -> Report:
     inputs.clear_caches()  # the files as they are now (a process may run several splits)
     report = Report([], [], {}, [])
     # each path walked once; one that does not exist: FileNotFoundError before any work
-    listed = [(Path(p), inputs.files([p])) for p in paths]
-    for p, files in listed:
+    listed = [(Path(p), _listing(p)) for p in paths]
+    for p, listing in listed:
+        for d, why in listing.unreadable:  # said as an unreadable file is
+            _analyse_docs(d, [inputs.Document(str(d), "unrecognized", error=why)], report, caps)
+        files = listing.files
         whole = read_config_dir(p, files) if p.is_dir() else None
         if whole is not None:  # a `serve --config` directory: one config, as serve reads it
             _analyse_docs(p, [whole], report, caps)
@@ -129,6 +133,13 @@ def analyse(paths: list[str], caps: KernelCaps | None = None) -> Report:
         for path in files:
             _analyse_docs(path, inputs.read(path), report, caps)
     return report
+
+
+def _listing(path: str) -> Listing:
+    """The files of a path named to `split` (fastpath.inputs_walk for a directory:
+    also the directories under it that could not be listed)."""
+    p = Path(path)
+    return walk(p) if p.is_dir() else Listing(inputs.files([path]))
 
 
 def _analyse_docs(path: Path, docs: list[inputs.Document], report: Report,

@@ -31,6 +31,7 @@ import yaml
 from fastpath import envoy_model as em
 from fastpath import input_checks as checks
 from fastpath.classify_delay import runtime_of
+from fastpath.inputs_walk import walk
 from xds_server.istio.reader import split_reader as read_istio
 from xds_server.sources import cilium, cilium_files
 
@@ -219,13 +220,12 @@ READERS: list[Reader] = [read_envoy_static, read_envoy_xds, read_istio]
 
 
 def files(paths: list[str]) -> list[Path]:
-    """The files named, and the *.yaml/*.yml/*.json files under the directories named."""
+    """The files named, and the *.yaml/*.yml/*.json files under the directories named
+    (fastpath.inputs_walk: not into /proc, /sys, ...; not dying on a file that vanishes)."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml", ".json")
-                          and x.is_file()
-                          and not any(part.startswith(".") for part in x.relative_to(p).parts))
+        if p.is_dir():  # the directories it cannot list: inputs_walk.walk says them (coverage)
+            out += walk(p).files
         elif p.exists():
             out.append(p)
         else:
@@ -234,7 +234,14 @@ def files(paths: list[str]) -> list[Path]:
 
 
 def read(path: Path) -> list[Document]:
-    """Every Document of ``path`` from every reader; a file no reader knows gives []."""
+    """Every Document of ``path`` from every reader; a file no reader knows gives [];
+    a file that cannot be read, one Document saying why (``error``)."""
+    try:
+        load_yaml(path)
+    except OSError as e:  # unreadable (I/O error, permissions) or gone since the walk listed it
+        return [Document(str(path), "unrecognized", error=f"cannot read: {e.strerror or e}")]
+    except (yaml.YAMLError, UnicodeDecodeError):
+        pass  # some readers take what YAML does not (or say why below)
     docs: list[Document] = []
     for reader in READERS:
         docs += reader(path)
