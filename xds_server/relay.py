@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -34,6 +36,25 @@ from xds_server.tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 ADS_PATH = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+PROBE_TIMEOUT = 2.0  # the startup check's one TCP connect
+
+
+async def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str:
+    """One TCP connect to the upstream: '' when it answers, else why not (the
+    error's words). Called once by RelaySource.start: sessions only dial when a
+    sidecar connects, so without it a wrong --upstream-xds was silent until then."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except TimeoutError:
+        return f"no answer in {timeout:g}s"
+    except OSError as exc:  # refused, unreachable, a name that does not resolve
+        if exc.errno and exc.errno > 0:  # asyncio's strerror repeats the address
+            return os.strerror(exc.errno)
+        return exc.strerror or str(exc)  # a name lookup's error (negative errno) has its words
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return ""
 
 
 class UpstreamSession:
@@ -150,6 +171,9 @@ class RelaySource(Source):
         self._served_gen: dict[str, int] = {}
         self._seen_nacks: dict[tuple[str, str], int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        # the startup check (probe): None until it is done, then {"ok", "error", "at"}
+        self.startup_probe: dict[str, Any] | None = None
 
     def resources_for(self, node: NodeInfo) -> NodeResources:
         sess = self.sessions.get(node.id)
@@ -169,8 +193,22 @@ class RelaySource(Source):
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._verdicts())
+        self._probe_task = asyncio.create_task(self._probe())  # in the background: serve starts now
+
+    async def _probe(self) -> None:
+        """Say at startup, in one line, that nothing answers at the upstream. Not
+        an exit: istiod may come up later, and the sessions retry with backoff."""
+        error = await probe(self.host, self.port)
+        self.startup_probe = {"ok": not error, "error": error, "at": time.time()}
+        if error:
+            log.warning("relay: upstream --upstream-xds %s:%d does not answer: %s; serving anyway, "
+                        "each sidecar's upstream stream retries with backoff",
+                        self.host, self.port, error)
+        else:
+            log.info("relay: upstream %s:%d answers (TCP)", self.host, self.port)
 
     async def stop(self) -> None:
+        await cancel_and_wait(self._probe_task)
         await cancel_and_wait(self._task)
         for sess in list(self.sessions.values()):
             await sess.close()
@@ -218,6 +256,7 @@ class RelaySource(Source):
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "upstream": f"{self.host}:{self.port}",
+                "startup_probe": self.startup_probe,
                 "sessions": [s.status() for s in self.sessions.values()], "at": time.time()}
 
 
@@ -292,13 +331,18 @@ class RelayCollector:
                                        "Upstream ADS streams opened per sidecar", labels=["node"])
         verdicts = CounterMetricFamily("l7fp_relay_verdicts", "Sidecar ACK/NACK passed upstream",
                                        labels=["node", "verdict"])
+        reachable = GaugeMetricFamily("l7fp_relay_upstream_reachable",
+                                      "1 when the startup TCP connect to the upstream succeeded",
+                                      labels=["upstream"])
         for src in self.relays:
+            if src.startup_probe is not None:
+                reachable.add_metric([f"{src.host}:{src.port}"], float(src.startup_probe["ok"]))
             for node, sess in list(src.sessions.items()):
                 up.add_metric([node], 1.0 if sess.connected else 0.0)
                 connects.add_metric([node], sess.connects)
                 for verdict, n in sess.verdicts.items():
                     verdicts.add_metric([node, verdict], n)
-        yield from (up, connects, verdicts)
+        yield from (up, connects, verdicts, reachable)
 
     def describe(self) -> list[Any]:
         return []
