@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.l7fp-ready
 PYTEST_ARGS ?=
+DEMO_NAME ?= demo
 
 .PHONY: all setup demo test test-fast lint bench bench-quick clean
 
@@ -15,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml scripts/setup-host.sh
 	touch $@
 
 demo: setup
-	$(VENV)/bin/l7fp demo
+	$(VENV)/bin/l7fp demo --name $(DEMO_NAME)
 
 test: setup lint
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
