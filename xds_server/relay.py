@@ -10,7 +10,10 @@ sidecar's error_detail), so the upstream's debug pages and reject metrics
 see them. When the upstream is unreachable the last config keeps serving and
 the session reconnects with backoff.
 
-Owns: the upstream sessions (one asyncio task each). Reads the XdsServer's
+At startup one TCP connect (`probe`) says in one warning line when nothing
+answers at HOST:PORT; serving goes on (istiod may come up later).
+
+Owns: the upstream sessions (one asyncio task each) and the startup check. Reads the XdsServer's
 connections and cache (given through `setup`) to learn the sidecar's verdicts.
 """
 

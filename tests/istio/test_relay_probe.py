@@ -12,7 +12,7 @@ import time
 import aiohttp
 import pytest
 
-from xds_server import serve
+from xds_server import relay, serve
 from xds_server.ports import pick_free_port
 
 
@@ -60,3 +60,10 @@ def test_a_listening_upstream_is_no_warning(caplog: pytest.LogCaptureFixture) ->
     probe = relayz[0]["startup_probe"]
     assert isinstance(probe, dict) and probe["ok"] is True and probe["error"] == ""
     assert "l7fp_relay_upstream_reachable{" in metrics and '"} 1.0' in metrics
+
+
+def test_the_probe_is_bounded() -> None:
+    """The probe's own bound (2 s in serve): a connect not done in time is said so."""
+    port = pick_free_port()
+    assert asyncio.run(relay.probe("127.0.0.1", port, timeout=0)) == "no answer in 0s"
+    assert asyncio.run(relay.probe("127.0.0.1", port)) == "Connection refused"
