@@ -32,10 +32,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="no kernel access-log events at all (counters stay)")
 
 
+SAMPLE_MAX = 2**32 - 1  # dp_cfg.access_log is a __u32: ctypes would wrap a larger count
+
+
 def _sample(text: str) -> int:
-    """--fastpath-access-log: a count >= 0 (the data path reads it as an unsigned number)."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    """--fastpath-access-log: a count 0..SAMPLE_MAX (the data path's unsigned 32-bit
+    dp_cfg.access_log; 2**32 would wrap to 0: none, 2**32+1 to 1: every request)."""
+    if not (text.isascii() and text.isdigit()) or int(text) > SAMPLE_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number 0-{SAMPLE_MAX}")
     return int(text)
 
 

@@ -128,12 +128,16 @@ def test_single_envoy_demo_usage_and_bad_count() -> None:
                                            "'0': expected a whole number 1-10000")
 
 
-def test_access_log_sampling_must_be_a_count(capsys: pytest.CaptureFixture[str]) -> None:
-    """`--fastpath-access-log -1` was taken and handed to the data path as a sampling rate."""
+@pytest.mark.parametrize("count", ["-1", "4294967296", "4294967297", "\u00b2"])
+def test_access_log_sampling_must_be_a_count(count: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--fastpath-access-log -1` was taken and handed to the data path as a sampling rate;
+    the data path's rate is a __u32 written through ctypes, which wrapped 4294967296 to
+    0 (none) and 4294967297 to 1 (every request)."""
     with pytest.raises(SystemExit) as exc:
-        main(["serve", "--fastpath-access-log", "-1"])
+        main(["serve", "--fastpath-access-log", count])
     assert exc.value.code == 2
-    assert "argument --fastpath-access-log: '-1': expected a whole number >= 0" in capsys.readouterr().err
+    assert (f"argument --fastpath-access-log: {count!r}: expected a whole number 0-4294967295"
+            in capsys.readouterr().err)
 
 
 def test_bootstrap_with_an_empty_node_id(capsys: pytest.CaptureFixture[str]) -> None:
