@@ -33,6 +33,9 @@
 #ifndef DP_TRACE
 #define DP_TRACE 0 /* 1: a listener of the plan has HCM tracing (fastpath.agent sets it) */
 #endif
+#ifndef DP_TRACE_ZIPKIN
+#define DP_TRACE_ZIPKIN 0 /* 1: ... with the Zipkin provider (b3 lines, sampled ones to Envoy) */
+#endif
 
 #define DP_XRID_HAS_RID 1 /* dp_verdict.xrid: the client sent x-request-id */
 #define DP_XRID_HAS_XFP 2 /* ... and x-forwarded-proto */
@@ -41,7 +44,12 @@
 #define DP_TRACE_DEN 10000 /* Envoy's TEN_THOUSAND: r = the id's first 32 bits % 10000 */
 #define DP_XRID_XFP_LEN 25 /* "x-forwarded-proto: http\r\n" */
 #define DP_XRID_RID_LEN 52 /* "x-request-id: " + 36 + "\r\n" */
-#define DP_XRID_MAX (DP_XRID_XFP_LEN + DP_XRID_RID_LEN)
+#define DP_B3_LEN 80 /* "x-b3-traceid: " 16 "\r\n", "x-b3-spanid: " 16 "\r\n", "x-b3-sampled: 0\r\n" */
+#define DP_XRID_MAX (DP_XRID_XFP_LEN + DP_XRID_RID_LEN + DP_TRACE_ZIPKIN * DP_B3_LEN)
+#define DP_TRACE_F_ZIPKIN 0x10000u /* l7fp_listener.trace: the listener's tracer is Zipkin */
+#define DP_XRID_SAMPLED 8 /* dp_verdict.xrid, set by dp_xrid_insert: the id it made is sampled */
+#define DP_XRID_B3 16     /* ... and it appended the b3 lines (DP_B3_LEN, after the head's end) */
+#define DP_R_TRACE_SAMPLED 31 /* Zipkin listener, sampled id: Envoy reports the span */
 _Static_assert((DP_HDR_MAX & (DP_HDR_MAX - 1)) == 0, "dp_xrid_insert masks offsets with DP_HDR_MAX - 1");
 
 #define DP_W_X_REQUES L7FP_W8('x', '-', 'r', 'e', 'q', 'u', 'e', 's')
@@ -81,6 +89,31 @@ static __always_inline __u64 dp_trace_line(struct l7fp_req_ctx *c, __u64 s, __u6
 #endif
 }
 
+#define DP_W_X_B3_ L7FP_W8('x', '-', 'b', '3', '-', 0, 0, 0)
+#define DP_W_TRACEPAR L7FP_W8('t', 'r', 'a', 'c', 'e', 'p', 'a', 'r')
+#define DP_W_CEPARENT L7FP_W8('c', 'e', 'p', 'a', 'r', 'e', 'n', 't')
+#define DP_W_TRACESTA L7FP_W8('t', 'r', 'a', 'c', 'e', 's', 't', 'a')
+#define DP_W_ACESTATE L7FP_W8('a', 'c', 'e', 's', 't', 'a', 't', 'e')
+
+/* DP_XRID_HAS_TRACE for a line whose name (`len` bytes at s) carries Zipkin
+ * trace context: x-b3-* (the 5 bytes of the prefix: a shorter name ends in
+ * ':' there), b3, traceparent, tracestate. Compiled in with DP_TRACE_ZIPKIN. */
+static __always_inline __u32 dp_b3_line(struct l7fp_req_ctx *c, __u64 s, __u64 len)
+{
+#if DP_TRACE_ZIPKIN
+    __u64 w0 = l7fp_lower64(l7fp_load64(c, s));
+    __u64 w2 = l7fp_lower64(l7fp_load64(c, s + 2));
+    __u64 w3 = l7fp_lower64(l7fp_load64(c, s + 3));
+    __u64 x_b3 = dp_hop_eq64(w0 & 0xffffffffffULL, DP_W_X_B3_);
+    __u64 b3 = L7FP_EQ(len, 2) & dp_hop_eq64(w0 & 0xffffULL, 'b' | '3' << 8);
+    __u64 tp = L7FP_EQ(len, 11) & dp_hop_eq64(w0, DP_W_TRACEPAR) & dp_hop_eq64(w3, DP_W_CEPARENT);
+    __u64 ts = L7FP_EQ(len, 10) & dp_hop_eq64(w0, DP_W_TRACESTA) & dp_hop_eq64(w2, DP_W_ACESTATE);
+    return (__u32)((x_b3 | b3 | tp | ts) * DP_XRID_HAS_TRACE);
+#else
+    return 0;
+#endif
+}
+
 /* DP_XRID_HAS_* of header line k (0: neither). Branch-free past the length
  * test, as dp_hop_line: a branch per case multiplies the verifier's paths. */
 static __always_inline __u32 dp_xrid_line(struct l7fp_req_ctx *c, __u32 k)
@@ -89,8 +122,9 @@ static __always_inline __u32 dp_xrid_line(struct l7fp_req_ctx *c, __u32 k)
     __u64 s = r->ls[k & L7FP_LINE_MASK], len = r->lc[k & L7FP_LINE_MASK] - s;
     __u64 l12 = L7FP_EQ(len, 12), l17 = L7FP_EQ(len, 17);
 #if DP_TRACE
+    __u32 b3 = dp_b3_line(c, s, len);
     if (!(l12 | l17 | L7FP_EQ(len, 19) | L7FP_EQ(len, 27)))
-        return 0;
+        return b3;
 #else
     if (!(l12 | l17))
         return 0; /* most lines end here */
@@ -102,7 +136,10 @@ static __always_inline __u32 dp_xrid_line(struct l7fp_req_ctx *c, __u32 k)
     __u64 rid = l12 & dp_hop_eq64(w0, DP_W_X_REQUES) & dp_hop_eq64(w4, DP_W_QUEST_ID);
     __u64 xfp = l17 & dp_hop_eq64(w0, DP_W_X_FORWAR) & dp_hop_eq64(w8, DP_W_DED_PROT) &
                 dp_hop_eq64(w9, DP_W_ED_PROTO);
-    return (__u32)(rid * DP_XRID_HAS_RID + xfp * DP_XRID_HAS_XFP + dp_trace_line(c, s, len, w0, w4, w8, w9));
+#if !DP_TRACE
+    __u32 b3 = 0;
+#endif
+    return (__u32)(rid * DP_XRID_HAS_RID + xfp * DP_XRID_HAS_XFP + dp_trace_line(c, s, len, w0, w4, w8, w9)) | b3;
 }
 
 /* Which of the two headers the request carries, into v->xrid. Called by
@@ -141,18 +178,51 @@ static __always_inline __u64 dp_xrid_hex8(__u32 w)
     return x + 0x3030303030303030ULL + letter * ('a' - '0' - 10);
 }
 
-/* The 36 characters of a fresh UUID v4 at p (the caller checked p + 36):
- * 8-4-4-4-12 digits, the version digit 4, the variant digit 8-b (RFC 4122).
- * On a tracing listener (`sampling`, ListenerPlan.trace_sampling: 0 none)
- * the version digit is Envoy's decision: 9 when the first 32 bits % 10000
- * are below `sampling` (UUIDRequestIDExtension::setTraceReason). */
-static __always_inline void dp_xrid_uuid(__u8 *p, __u32 sampling)
+/* Envoy's sampling decision for an id whose first 32 bits are `a`, on a
+ * listener whose dp_verdict.trace is `trace` (ListenerPlan.trace_sampling in
+ * the low 16 bits, 0 without tracing): a % 10000 < sampling. */
+static __always_inline __u32 dp_trace_sampled(__u32 a, __u32 trace)
 {
-    __u32 a = bpf_get_prandom_u32();
-    __u32 ver = 0x4000u;
 #if DP_TRACE
-    ver += (__u32)((a % DP_TRACE_DEN) < sampling) * 0x5000u; /* 4 -> 9 */
+    return (a % DP_TRACE_DEN) < (trace & 0xffffu);
+#else
+    return 0;
 #endif
+}
+
+/* The b3 lines of a new, unsampled Zipkin trace at p (the caller checked
+ * p + DP_B3_LEN): trace id = span id = 64 random bits as 16 hex digits
+ * (Envoy's ZipkinConfig defaults: trace_id_128bit off, shared_span_context). */
+static __always_inline void dp_b3_write(__u8 *p)
+{
+    __u64 hi = dp_xrid_hex8(bpf_get_prandom_u32()), lo = dp_xrid_hex8(bpf_get_prandom_u32());
+    *(__u64 *)p = L7FP_W8('x', '-', 'b', '3', '-', 't', 'r', 'a');
+    *(__u32 *)(p + 8) = 'c' | 'e' << 8 | 'i' << 16 | 'd' << 24;
+    p[12] = ':';
+    p[13] = ' ';
+    *(__u64 *)(p + 14) = hi;
+    *(__u64 *)(p + 22) = lo;
+    p[30] = '\r';
+    p[31] = '\n';
+    *(__u64 *)(p + 32) = L7FP_W8('x', '-', 'b', '3', '-', 's', 'p', 'a');
+    *(__u32 *)(p + 40) = 'n' | 'i' << 8 | 'd' << 16 | ':' << 24;
+    p[44] = ' ';
+    *(__u64 *)(p + 45) = hi;
+    *(__u64 *)(p + 53) = lo;
+    p[61] = '\r';
+    p[62] = '\n';
+    *(__u64 *)(p + 63) = L7FP_W8('x', '-', 'b', '3', '-', 's', 'a', 'm');
+    *(__u64 *)(p + 71) = L7FP_W8('p', 'l', 'e', 'd', ':', ' ', '0', '\r');
+    p[79] = '\n';
+}
+
+/* The 36 characters of a fresh UUID v4 at p (the caller checked p + 36):
+ * 8-4-4-4-12 digits, the first 32 bits `a`, the version digit 4 (9 when
+ * `sampled`: UUIDRequestIDExtension::setTraceReason), the variant digit 8-b
+ * (RFC 4122). */
+static __always_inline void dp_xrid_uuid(__u8 *p, __u32 a, __u32 sampled)
+{
+    __u32 ver = 0x4000u + sampled * 0x5000u; /* 4, or 9 */
     __u32 b = (bpf_get_prandom_u32() & 0xffff0fffu) | ver;
     __u32 c = (bpf_get_prandom_u32() & 0x3fffffffu) | 0x80000000u;
     __u64 hb = dp_xrid_hex8(b), hc = dp_xrid_hex8(c);
@@ -179,7 +249,14 @@ static __always_inline int dp_xrid_insert(struct sk_msg_md *msg, struct dp_verdi
 {
 #if DP_XRID
     __u32 xfp = !(v->xrid & DP_XRID_HAS_XFP), rid = !(v->xrid & DP_XRID_HAS_RID);
-    __u32 len = xfp * DP_XRID_XFP_LEN + rid * DP_XRID_RID_LEN;
+    __u32 a = bpf_get_prandom_u32(); /* the id's first 32 bits: the decision is taken from them */
+    __u32 sampled = rid & dp_trace_sampled(a, v->trace);
+    __u32 b3 = 0;
+#if DP_TRACE_ZIPKIN
+    b3 = rid & !sampled & !!(v->trace & DP_TRACE_F_ZIPKIN);
+#endif
+    v->xrid |= sampled * DP_XRID_SAMPLED | b3 * DP_XRID_B3;
+    __u32 len = xfp * DP_XRID_XFP_LEN + rid * DP_XRID_RID_LEN + b3 * DP_B3_LEN;
     if (!len)
         return 0;
     if (v->head_len < 4)
@@ -208,10 +285,18 @@ static __always_inline int dp_xrid_insert(struct sk_msg_md *msg, struct dp_verdi
         *(__u32 *)(p + 8) = 't' | '-' << 8 | 'i' << 16 | 'd' << 24;
         p[12] = ':';
         p[13] = ' ';
-        dp_xrid_uuid(p + 14, v->trace);
+        dp_xrid_uuid(p + 14, a, sampled);
         p[50] = '\r';
         p[51] = '\n';
     }
+#if DP_TRACE_ZIPKIN
+    if (b3) {
+        __u8 *q = d + (DP_XRID_XFP_LEN & -xfp) + DP_XRID_RID_LEN;
+        if ((void *)(q + DP_B3_LEN) > msg->data_end)
+            return -1;
+        dp_b3_write(q);
+    }
+#endif
     return (int)len;
 #else
     return 0;
@@ -247,7 +332,14 @@ static __always_inline int dp_xrid_act(struct sk_msg_md *msg, struct dp_conn *co
         return n;
     *size += n;
     v->consumed += n;
-    v->head_len += n;
+    /* the b3 lines stay past head_len: the route's lines go before them (Envoy's order) */
+    v->head_len += n - ((v->xrid & DP_XRID_B3) ? DP_B3_LEN : 0);
+#if DP_TRACE_ZIPKIN
+    if ((v->trace & DP_TRACE_F_ZIPKIN) && (v->xrid & DP_XRID_SAMPLED)) {
+        v->kind = DP_K_PASS; /* Envoy samples it from the id inserted here and reports the span */
+        v->reason = DP_R_TRACE_SAMPLED;
+    }
+#endif
     return 0;
 }
 

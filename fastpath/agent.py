@@ -507,7 +507,7 @@ def _cflags(plan: KernelPlan) -> tuple[str, ...]:
     delay = ("-DDP_DELAY=1",) if needs_delay(plan) else ()  # the same
     redirect = ("-DDP_REDIR=1",) if needs_redirect(plan) else ()  # the same
     outlier = ("-DDP_OUTLIER=1",) if needs_outlier(plan) else ()  # the same
-    trace = ("-DDP_TRACE=1",) if tracing.needs_trace(plan) else ()  # the same (dp_xrid.h)
+    trace = tracing.cflags(plan)  # the same (dp_xrid.h)
     return synthesize(plan).cflags + retry + inbound + mirror + delay + redirect + outlier + trace
 
 

@@ -228,7 +228,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
                         Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)),
                         filter_order=tuple(order), fault_abort=fault, rbacs=tuple(rbacs),
                         use_remote_address=bool(hcm.get("useRemoteAddress", False)),
-                        trace_sampling=tracing.sampling(hcm))
+                        trace_sampling=tracing.sampling(hcm), trace_provider=tracing.provider(hcm))
     return plan, str(rc.get("name", rc_name))
 
 

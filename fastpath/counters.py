@@ -33,7 +33,8 @@ DP_REASONS = {0: "", 1: "sticky", 2: "pool_empty", 3: "untracked", 4: "upstream_
               23: "path_rewrite",  # dp_rewrite.h
               26: "redirect_head", 27: "redirected",  # dp_redir.h
               24: "envoy_pending", 25: "envoy_untracked",  # dp_return.h
-              28: "mirror_copy", 29: "mirror_dropped", 30: "mirror_inbound"}  # dp_mirror.h
+              28: "mirror_copy", 29: "mirror_dropped", 30: "mirror_inbound",  # dp_mirror.h
+              31: "trace_sampled"}  # dp_xrid.h: Zipkin listener, Envoy reports the span
 DECIDE_BASE = 32
 # l7fp_defs.h L7FP_R_* (K1), counted as DECIDE_BASE + code. L7FP_R_POOL_EMPTY is set by
 # the data path's adapter when the endpoint has no pool at all (dp_eps): "no_pool", not

@@ -482,6 +482,10 @@ class ListenerPlan:
     # 10000) Envoy samples: the id's version digit is 9 when r < it, else 4
     # (bpf_src/dp_xrid.h). Requests with trace headers then go to Envoy.
     trace_sampling: int | None = None
+    # "zipkin": the HCM's tracer is Zipkin with the header defaults
+    # (fastpath.tracing.provider): an unsampled request gets its b3 lines from
+    # the kernel, a sampled one goes to Envoy (which reports its span). "": none.
+    trace_provider: str = ""
 
 
 class LbPolicy(enum.Enum):

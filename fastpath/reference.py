@@ -54,7 +54,7 @@ from fastpath.regex_dfa import RegexUnsupported, compile_dfa, dfa_full_match
 from fastpath.request_id import added_headers
 from fastpath.rewrite import CONST_BYTES, ORIGINAL_PATH, rewritten
 from fastpath.synth_tables import punt_match
-from fastpath.tracing import TRACE_HEADERS, TRACE_REASON
+from fastpath.tracing import TRACE_REASON, b3_lines, punts
 
 RBAC_DENIED_BODY = "RBAC: access denied"
 FAULT_BODY = "fault filter abort"
@@ -108,6 +108,11 @@ class Decision:
     # forward: the lines the data path appends after the request's headers, before
     # add_headers (x-forwarded-proto, x-request-id: fastpath.request_id.added_headers)
     hcm_added: tuple[tuple[str, str], ...] = ()
+    # forward on a Zipkin listener (ListenerPlan.trace_provider): the b3 lines the
+    # data path appends after add_headers, values as regexes (fastpath.tracing.b3_lines),
+    # when its id is not sampled; a sampled id's request goes to Envoy
+    # (reason trace_sampled, fastpath.tracing.zipkin_forwards)
+    trace_added: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -195,7 +200,8 @@ def decide_datapath(plan: KernelPlan, listener: str, req: Request,
     decision cannot take goes to Envoy (reason ``path_rewrite``). After it,
     dp_xrid.h's: a forward gets x-forwarded-proto and x-request-id where it
     lacks them (``hcm_added``); on a tracing listener a forward with a
-    fastpath.tracing.TRACE_HEADERS header goes to Envoy (``trace_header``)."""
+    trace header (fastpath.tracing.punts) goes to Envoy (``trace_header``),
+    on a Zipkin one a forward gets ``trace_added``."""
     d = decide(plan, listener, req, rng, state)
     if d.kind == "envoy" or (d.kind == "reply" and d.status == 429):
         return d
@@ -206,18 +212,14 @@ def decide_datapath(plan: KernelPlan, listener: str, req: Request,
         return Decision("envoy", route=d.route, reason=why)
     if d.kind != "forward":
         return d
-    sampling = _trace_sampling(plan, listener)
-    if sampling is not None and any(n.lower() in TRACE_HEADERS for n, _ in req.headers):
+    lp = next((x for x in plan.listeners if x.name == listener), None)
+    sampling, tracer = (lp.trace_sampling, lp.trace_provider) if lp else (None, "")
+    if sampling is not None and any(punts(n.lower(), tracer) for n, _ in req.headers):
         return Decision("envoy", route=d.route, reason=TRACE_REASON)
-    d = replace(d, hcm_added=added_headers(req.headers, sampling))
+    d = replace(d, hcm_added=added_headers(req.headers, sampling), trace_added=b3_lines() if tracer else ())
     if len(kept) == len(req.headers):
         return d
     return replace(d, hop_removed=tuple(n for n, _ in req.headers if n in MATCH_AFTER_REMOVAL))
-
-
-def _trace_sampling(plan: KernelPlan, listener: str) -> int | None:
-    """The listener's ListenerPlan.trace_sampling (dp_xrid.h's dp_trace_of)."""
-    return next((lp.trace_sampling for lp in plan.listeners if lp.name == listener), None)
 
 
 def _rewrite_undecided(plan: KernelPlan, d: Decision, req: Request) -> bool:

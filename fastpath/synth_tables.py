@@ -53,6 +53,7 @@ from fastpath.synth import (
     reply_bytes,
 )
 from fastpath.synth_punt import CATCH_ALL, MAX_QMATCH, disjoint, is_exact, kernel_part
+from fastpath.tracing import ZIPKIN_FLAG
 
 _SM = {StringKind.EXACT: bs.SM_EXACT, StringKind.PREFIX: bs.SM_PREFIX,
        StringKind.SUFFIX: bs.SM_SUFFIX, StringKind.PRESENT: bs.SM_PRESENT}
@@ -197,7 +198,7 @@ class TableBuilder:
             self._punted(lp.virtual_hosts, f"listener: {lp.reason}")
             return
         if lp.trace_sampling is not None:  # bpf_src/dp_xrid.h (fastpath.tracing)
-            row.f["trace"] = lp.trace_sampling + 1
+            row.f["trace"] = lp.trace_sampling + 1 | (ZIPKIN_FLAG if lp.trace_provider == "zipkin" else 0)
         try:
             self._filters(lp, row)
         except Punt as e:

@@ -40,8 +40,16 @@ ConnectionManagerUtility::mutateTracingRequestHeader):
   response as the upstream sent it (docs/split.md "Known differences").
 * The Zipkin provider (envoy.tracers.zipkin) adds x-b3-traceid, x-b3-spanid
   (the same 16 hex digits for a new trace) and x-b3-sampled (1 or 0, the
-  decision above) to every request, and POSTs spans to its collector: any
-  provider keeps the listener with Envoy, its name as the reason.
+  decision above) to every request, after all other lines (the route's and
+  x-envoy-expected-rq-timeout-ms), and POSTs a span to its collector for
+  exactly the sampled ones. The kernel adds the b3 lines to an unsampled
+  request and hands a sampled one to Envoy with the id it generated
+  (digit 9): Envoy decides the same from it and reports the span
+  (zipkin_forwards). A client's b3 / traceparent context is used by Envoy
+  (a child span on an OUTBOUND listener): such requests go to Envoy. A
+  Zipkin setting that changes the headers (trace_id_128bit,
+  shared_span_context off, ...) and any other provider keep the listener
+  with Envoy, named in the reason.
 * A runtime layer (disk, RTDS, admin) can override tracing.random_sampling,
   tracing.global_enabled and tracing.client_enabled: the listener stays with
   Envoy, as fault percentages do.
@@ -61,6 +69,22 @@ DENOMINATOR = 10000  # Envoy's FractionalPercent TEN_THOUSAND for the tracing pe
 TRACE_HEADERS = ("x-request-id", "x-client-trace-id", "x-envoy-force-trace",
                  "x-envoy-decorator-operation")
 TRACE_REASON = "trace_header"  # fastpath.counters DP_REASONS[17]
+# With the Zipkin provider also: any request carrying trace context goes to
+# Envoy (names starting with x-b3-, and these)
+ZIPKIN_HEADERS = ("b3", "traceparent", "tracestate")
+B3_PREFIX = "x-b3-"
+SAMPLED_REASON = "trace_sampled"  # fastpath.counters DP_REASONS[31]: Envoy reports the span
+ZIPKIN = "envoy.tracers.zipkin"
+ZIPKIN_TYPE = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
+# ZipkinConfig fields that change no request header (the span's destination
+# and encoding: Envoy reports the sampled requests' spans itself)
+_ZIPKIN_SPAN_ONLY = {"@type", "collectorCluster", "collectorEndpoint", "collectorEndpointVersion",
+                     "collectorHostname", "collectorService"}
+# ... and those whose default the kernel reproduces (the root span's ids in b3)
+_ZIPKIN_DEFAULTS: dict[str, Any] = {"sharedSpanContext": True, "traceId128bit": False,
+                                    "splitSpansForRequest": False, "traceContextOption": "USE_B3"}
+HEX16 = "[0-9a-f]{16}"
+ZIPKIN_FLAG = 0x10000  # l7fp_listener.trace: the tracer is Zipkin (dp_xrid.h DP_TRACE_F_ZIPKIN)
 
 
 def _percent(tracing: dict[str, Any], key: str) -> int:
@@ -102,17 +126,40 @@ def hcm_reasons(hcm: dict[str, Any], inbound: bool, runtime: str = "") -> list[s
     tracing = hcm.get("tracing")
     if tracing is None:
         return []
-    provider = tracing.get("provider")
-    if provider:
-        name = provider.get("name") or (provider.get("typedConfig") or {}).get("@type", "?")
-        return [f"http_connection_manager tracing provider {name} (trace headers and spans)"]
-    out = []
+    out = provider_reasons(tracing.get("provider"))
     if inbound:
         out.append("http_connection_manager tracing on an inbound listener (its sidecar samples "
                    "the caller's x-request-id again)")
     if runtime and _packs(hcm):
         out.append(f"tracing percentages may come from the runtime ({runtime})")
     return out
+
+
+def provider(hcm: dict[str, Any]) -> str:
+    """The listener's `trace_provider`: "zipkin" for a Zipkin provider the
+    kernel reproduces (provider_reasons empty), else ""."""
+    p = (hcm.get("tracing") or {}).get("provider")
+    return "zipkin" if p and not provider_reasons(p) else ""
+
+
+def provider_reasons(p: dict[str, Any] | None) -> list[str]:
+    """Why the tracer `p` (HCM.Tracing.provider) needs Envoy: any but Zipkin,
+    and Zipkin with a setting that changes its b3 headers."""
+    if not p:
+        return []
+    cfg = p.get("typedConfig") or {}
+    name = p.get("name") or cfg.get("@type", "?")
+    if cfg.get("@type") != ZIPKIN_TYPE:
+        return [f"http_connection_manager tracing provider {name} (trace headers and spans)"]
+    other = sorted(k for k, v in cfg.items() if _changes_headers(k, v))
+    return [f"http_connection_manager tracing provider {name} {k}" for k in other]
+
+
+def _changes_headers(key: str, v: Any) -> bool:
+    if key in _ZIPKIN_SPAN_ONLY:
+        return False
+    value = v.get("value", False) if isinstance(v, dict) else v  # a BoolValue or a plain field
+    return key not in _ZIPKIN_DEFAULTS or value != _ZIPKIN_DEFAULTS[key]
 
 
 def route_reasons(route: dict[str, Any]) -> list[str]:
@@ -129,10 +176,35 @@ def route_reasons(route: dict[str, Any]) -> list[str]:
     return out
 
 
-def needs_trace(plan: Any) -> bool:
-    """-DDP_TRACE=1 for this KernelPlan (fastpath.agent): a KERNEL listener has
-    tracing; without one the tracing code is compiled out."""
-    return any(lp.trace_sampling is not None and lp.verdict.value == "KERNEL" for lp in plan.listeners)
+def cflags(plan: Any) -> tuple[str, ...]:
+    """-DDP_TRACE=1 for this KernelPlan (fastpath.agent) when a KERNEL listener
+    has tracing, -DDP_TRACE_ZIPKIN=1 too when one has the Zipkin tracer;
+    without, that code is compiled out."""
+    kernel = [lp for lp in plan.listeners if lp.verdict.value == "KERNEL" and lp.trace_sampling is not None]
+    if not kernel:
+        return ()
+    return ("-DDP_TRACE=1",) + (("-DDP_TRACE_ZIPKIN=1",) if any(lp.trace_provider for lp in kernel) else ())
+
+
+def punts(name: str, trace_provider: str) -> bool:
+    """Does a request header `name` (lower case) hand a request on a tracing
+    listener to Envoy (dp_xrid.h DP_R_TRACE)?"""
+    return name in TRACE_HEADERS or bool(trace_provider) and (
+        name.startswith(B3_PREFIX) or name in ZIPKIN_HEADERS)
+
+
+def b3_lines() -> tuple[tuple[str, str], ...]:
+    """The lines the kernel appends (after the route's) to a Zipkin listener's
+    unsampled request, as Envoy's tracer does: a new trace, its id also the
+    span's (16 hex digits, the same value), not sampled. Values as regexes."""
+    return (("x-b3-traceid", HEX16), ("x-b3-spanid", HEX16), ("x-b3-sampled", "0"))
+
+
+def zipkin_forwards(request_id: str, trace_sampling: int | None) -> bool:
+    """On a Zipkin listener: does the kernel forward the request whose id it
+    generated (not sampled), or hand it to Envoy (sampled: Envoy reports the
+    span; reason trace_sampled)?"""
+    return version_digit(request_id, trace_sampling) == "4"
 
 
 def r_value(request_id: str) -> int | None:

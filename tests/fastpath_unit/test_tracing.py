@@ -12,11 +12,16 @@ from fastpath.plan import ClusterAction, PathKind, Route, RouteMatch, Verdict, W
 from fastpath.reference import Request, decide_datapath
 from fastpath.tracing import (
     TRACE_HEADERS,
+    ZIPKIN_TYPE,
+    b3_lines,
     hcm_reasons,
+    provider,
+    provider_reasons,
     route_reasons,
     sampling,
     traced_id_pattern,
     version_digit,
+    zipkin_forwards,
 )
 from tests.split.harness import listener_plan
 
@@ -39,8 +44,17 @@ def test_sampling_numerator_as_envoy_converts_percent() -> None:
 def test_reasons() -> None:
     assert hcm_reasons({}, inbound=True, runtime="layered_runtime rtds") == []
     assert hcm_reasons({"tracing": {}}, inbound=False) == []
-    zipkin = {"tracing": {"provider": {"name": "envoy.tracers.zipkin"}}}
-    assert "envoy.tracers.zipkin" in hcm_reasons(zipkin, inbound=False)[0]
+    zipkin = {"@type": ZIPKIN_TYPE, "collectorCluster": "c", "collectorEndpointVersion": "HTTP_JSON"}
+    assert hcm_reasons({"tracing": {"provider": {"name": "z", "typedConfig": zipkin}}}, inbound=False) == []
+    assert provider({"tracing": {"provider": {"name": "z", "typedConfig": zipkin}}}) == "zipkin"
+    assert provider_reasons({"name": "z", "typedConfig": {**zipkin, "sharedSpanContext": {"value": True},
+                                                          "traceId128bit": False}}) == []
+    assert "sharedSpanContext" in provider_reasons({"name": "z", "typedConfig": {
+        **zipkin, "sharedSpanContext": {"value": False}}})[0]
+    assert "traceId128bit" in provider_reasons({"name": "z", "typedConfig": {**zipkin, "traceId128bit": True}})[0]
+    other = {"tracing": {"provider": {"name": "envoy.tracers.opentelemetry", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"}}}}
+    assert "envoy.tracers.opentelemetry" in hcm_reasons(other, inbound=False)[0] and provider(other) == ""
     assert "inbound" in hcm_reasons({"tracing": {}}, inbound=True)[0]
     assert "runtime" in hcm_reasons({"tracing": {}}, inbound=False, runtime="layered_runtime disk")[0]
     assert route_reasons({"match": {"prefix": "/"}}) == []
@@ -70,4 +84,12 @@ def test_reference_hands_trace_headers_to_envoy() -> None:
         d = decide_datapath(plan, "l", Request("GET", "/f", "a", ((name.upper(), "1"),)))
         assert (d.kind, d.reason) == ("envoy", "trace_header"), name
     d = decide_datapath(plan, "l", Request("GET", "/f", "a", (("x-b3-traceid", "1"),)))
-    assert d.kind == "forward"  # no provider: b3 headers pass as sent
+    assert d.kind == "forward" and d.trace_added == ()  # no provider: b3 headers pass as sent
+    plan = replace(plan, listeners=(replace(plan.listeners[0], trace_provider="zipkin"),))
+    for name in ("X-B3-TraceId", "x-b3-flags", "b3", "traceparent", "tracestate"):
+        d = decide_datapath(plan, "l", Request("GET", "/f", "a", ((name, "1"),)))
+        assert (d.kind, d.reason) == ("envoy", "trace_header"), name
+    d = decide_datapath(plan, "l", Request("GET", "/f", "a", (("x-b3", "1"), ("b33", "1"))))
+    assert d.kind == "forward" and d.trace_added == b3_lines()
+    assert zipkin_forwards("00000bb8-0000-4000-8000-000000000000", 3000)  # r = 3000: not sampled
+    assert not zipkin_forwards("00000bb7-0000-9000-8000-000000000000", 3000)

@@ -10,12 +10,21 @@ upstream's peer is a pool socket). A request with a trace header
 and its connection's next request comes back to the kernel; the head the
 upstream gets then is Envoy's, the same as without the fast path. What
 Envoy does with the digit and those headers: tests/split/test_tracing_envoy.py.
+
+With the Zipkin provider (-DDP_TRACE_ZIPKIN=1): an unsampled request gets the
+b3 lines after the route's (x-b3-traceid = x-b3-spanid, 16 hex digits,
+x-b3-sampled: 0) from the kernel; a sampled one goes to Envoy with the
+kernel's id (envoy/trace_sampled), and the collector gets a span for
+exactly those ids; a request with b3 context goes to Envoy.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +34,12 @@ from test_delay import EchoUpstream
 from test_hop import CLIENT
 
 from fastpath.agent import Agent, _cflags
-from fastpath.tracing import TRACE_HEADERS, traced_id_pattern, version_digit
+from fastpath.reference import Request, decide_datapath
+from fastpath.tracing import TRACE_HEADERS, traced_id_pattern, version_digit, zipkin_forwards
+from tests.split.test_request_id_envoy import _wait
+from tests.split.test_tracing_envoy import ZIPKIN, Collector
+from tests.support.procs import stop_process
+from xds_server.ports import pick_free_port
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
@@ -106,3 +120,77 @@ def test_sampled_digit_per_id_and_trace_headers_to_envoy(agent: Agent, cgroup: A
         assert _norm(h, seen[h]) == _norm(h, envoy_seen[h]), (h, seen[h]["headers"], envoy_seen[h]["headers"])
     punted = sum(n for (_, outcome, why), n in kernel.items() if (outcome, why) == ("envoy", "trace_header"))
     assert punted == len(TRACE_HEADERS), kernel
+
+
+def _zipkin_envoy(envoy_bin: str, tmp_path: Path, up: int, col: int) -> tuple[Any, dict[str, Any],
+                                                                           dict[str, Any], int]:
+    """Envoy with the traced listener (Zipkin provider, collector `col`), its
+    process, listener, upstream cluster and port. The caller stops it."""
+    port = pick_free_port()
+    listener, cluster = resources(port, up)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["tracing"]["provider"] = ZIPKIN
+    collector = {**cluster, "name": "col", "load_assignment": {"cluster_name": "col", "endpoints": [
+        {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+            "address": "127.0.0.1", "port_value": col}}}}]}]}}
+    cfg = tmp_path / "envoy-zipkin.json"
+    cfg.write_text(json.dumps({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": pick_free_port()}}},
+        "static_resources": {"listeners": [listener], "clusters": [cluster, collector]},
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": {
+            "tracing.zipkin.min_flush_spans": 1}}]}}))  # each span POSTed at once
+    proc = subprocess.Popen([envoy_bin, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1",
+                             "-l", "warning", "--base-id", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "envoy-zipkin.log", "w"))  # noqa: SIM115
+    return proc, listener, cluster, port
+
+
+ZSCRIPT = [["SLEEP 0.05", *(req(f"z{i}") + "\r\n" for i in range(N // 2))],
+           ["SLEEP 0.05", req("b3") + "x-b3-sampled: 1\r\n\r\n", req("next-b3") + "\r\n"]]
+
+
+def test_zipkin_unsampled_in_kernel_sampled_spans_from_envoy(agent: Agent, cgroup: Any, echo: EchoUpstream,
+                                                             envoy_bin: str, tmp_path: Path) -> None:
+    col = Collector()
+    proc, listener, cluster, port = _zipkin_envoy(envoy_bin, tmp_path, echo.port, col.port)
+    try:
+        plan = split_plan(listener, cluster)
+        assert plan.listeners[0].trace_provider == "zipkin" and "-DDP_TRACE_ZIPKIN=1" in _cflags(plan)
+        _wait(port, proc, tmp_path / "envoy-zipkin.log")
+        node = load_plan(agent, plan)
+        fast = run_client(cgroup, CLIENT, port, ZSCRIPT)
+        time.sleep(0.1)
+        seen = _by_case(echo.take())
+        want = {dict(seen[f"z{i}"]["headers"])["x-request-id"] for i in range(N // 2)}
+        want = {rid for rid in want if not zipkin_forwards(rid, SAMPLING)}
+        deadline = time.monotonic() + 10
+        while not want <= set(col.ids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kernel = node.stats()
+    finally:
+        stop_process(proc)
+        col.close()
+    assert all(r["status"] == 200 for c in fast for r in c), fast
+    model = decide_datapath(plan, "out", Request("GET", "/z", "svc", (("x-case", "z"),)))
+    for i in range(N // 2):
+        r = seen[f"z{i}"]
+        rid = dict(r["headers"])["x-request-id"]
+        heads = [k for k, _ in r["headers"]]
+        if zipkin_forwards(rid, SAMPLING):  # the kernel's: the model's lines, b3 after the route's
+            assert not r["via_envoy"] and heads == [
+                "host", "x-case", *(k for k, _ in model.hcm_added), "x-envoy-expected-rq-timeout-ms",
+                *(k for k, _ in model.trace_added)], r
+            b3 = dict(r["headers"])
+            assert all(re.fullmatch(v, b3[k]) for k, v in model.trace_added), r
+            assert b3["x-b3-traceid"] == b3["x-b3-spanid"], r
+        else:  # Envoy's, from the kernel's id
+            assert r["via_envoy"] and dict(r["headers"])["x-b3-sampled"] == "1", r
+        assert rid[14] == version_digit(rid, SAMPLING), rid
+    plain = {dict(seen[f"z{i}"]["headers"])["x-request-id"] for i in range(N // 2)}
+    assert want and set(col.ids) & plain == want, (want, col.ids)  # a span for exactly those
+    assert seen["b3"]["via_envoy"] and not seen["next-b3"]["via_envoy"], seen["b3"]
+    by_reason: dict[str, int] = {}
+    for (_, outcome, why), n in kernel.items():
+        if outcome == "envoy":
+            by_reason[why] = by_reason.get(why, 0) + n
+    assert by_reason == {"trace_sampled": len(want), "trace_header": 1}, kernel

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,8 @@ from fastpath.plan import KernelPlan, Verdict
 from fastpath.reference import Request, decide_datapath
 from fastpath.request_id import added_headers
 from fastpath.split import split_snapshot
-from fastpath.tracing import TRACE_HEADERS, version_digit
+from fastpath.tracing import HEX16, TRACE_HEADERS, b3_lines, version_digit, zipkin_forwards
+from tests.kernel_datapath.k2_http import ThreadedServer, recv_head
 from tests.split.test_request_id_envoy import Recorder, _exchange, _listener, _wait
 from tests.support.procs import stop_process
 from xds_server.ports import pick_free_port
@@ -42,23 +45,50 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]] 
     "t30": ({"tracing": {"random_sampling": {"value": 30}}}, {}, {}, ""),
     "t60o30": ({"tracing": {"random_sampling": {"value": 60}, "overall_sampling": {"value": 30}}},
                {}, {}, ""),
-    "zipkin": ({"tracing": {"random_sampling": {"value": 30}, "provider": ZIPKIN}}, {}, {},
-               "tracing provider envoy.tracers.zipkin"),
+    "zipkin": ({"tracing": {"random_sampling": {"value": 30}, "provider": ZIPKIN}}, {}, {}, ""),
+    "zipkin_unshared": ({"tracing": {"provider": {**ZIPKIN, "typed_config": {
+        **ZIPKIN["typed_config"], "shared_span_context": False}}}}, {}, {}, "sharedSpanContext"),
     "decorated": ({"tracing": {}}, {"traffic_direction": "OUTBOUND"},
                   {"decorator": {"operation": "op1"}}, "route decorator on a tracing listener"),
     "inbound": ({"tracing": {}}, {"traffic_direction": "INBOUND"}, {},
                 "tracing on an inbound listener"),
 }
-SAMPLED = ("t30", "t60o30")  # ~100 plain requests each
+SAMPLED = ("t30", "t60o30", "zipkin")  # ~100 plain requests each
 N = 100
 # a request with each header that hands it to Envoy; the id's r is 1 (< 3000)
 TRACED = {"x-request-id": "00000001-1111-4111-8111-111111111111", "x-client-trace-id": "c1",
           "x-envoy-force-trace": "1", "x-envoy-decorator-operation": "op0"}
+# trace context: passes as sent without a provider; with Zipkin, to Envoy
 PASSING = [("x-b3-traceid", "0000000000000001"), ("x-b3-spanid", "0000000000000002"),
            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]
+# the hand-over of a sampled request: Envoy's b3 lines after it saw the kernel's id
+SAMPLED_B3 = (("x-b3-traceid", HEX16), ("x-b3-spanid", HEX16), ("x-b3-sampled", "1"))
 
 
-def _resources(up: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+class Collector(ThreadedServer):
+    """A Zipkin collector: the x-request-id of every span POSTed (JSON v2, the
+    tag guid:x-request-id); answers 202. Closed by the test's finally."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        super().__init__()
+
+    def _serve(self, c: socket.socket) -> None:
+        buf = b""
+        with c:
+            while (got := recv_head(c, buf)) is not None:
+                _, buf = got
+                while b"\r\n0\r\n\r\n" not in buf:  # Envoy's chunked body
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                body, _, buf = buf.partition(b"\r\n0\r\n\r\n")
+                self.ids += re.findall(r'"guid:x-request-id":"([0-9a-f-]+)"', body.decode("latin-1"))
+                c.sendall(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+
+
+def _resources(up: int, col: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
     ports = {name: pick_free_port() for name in SETTINGS}
     listeners = []
     for n, (hcm, lis, route, _) in SETTINGS.items():
@@ -69,7 +99,7 @@ def _resources(up: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dic
     clusters = [{"name": name, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
         "cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
             "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}}
-        for name, port in (("up", up), ("col", pick_free_port()))]  # no collector: spans are lost
+        for name, port in (("up", up), ("col", col))]
     return listeners, clusters, ports
 
 
@@ -83,15 +113,26 @@ def _model(plan: KernelPlan, name: str, lines: list[tuple[str, str]]) -> Any:
 
 
 def _fits(got: list[tuple[str, str]], sent: list[tuple[str, str]], added: tuple[tuple[str, str], ...],
-          sampling: int | None) -> bool:
+          sampling: int | None, b3: tuple[tuple[str, str], ...] = ()) -> bool:
     """The upstream's head is the client's lines then the model's (the id
-    matching its pattern, its digit the decision from its own first 8 digits)."""
-    want = sent + list(added)
+    matching its pattern, its digit the decision from its own first 8 digits),
+    then `b3` (the Zipkin lines: the kernel's for an unsampled id, Envoy's
+    for a sampled one; trace id = span id)."""
+    if b3:
+        rid = dict(got).get("x-request-id", "")
+        b3 = SAMPLED_B3 if rid[14:15] == "9" else b3
+        ids = dict(got)
+        if ids.get("x-b3-traceid") != ids.get("x-b3-spanid"):
+            return False
+    want = sent + list(added) + list(b3)
     if len(got) != len(want) or any(gk != wk for (gk, _), (wk, _) in zip(got, want, strict=True)):
         return False
     for (k, gv), (_, wv) in zip(got, want, strict=True):
         if k == "x-request-id" and (k, wv) in added:
             if not re.fullmatch(wv, gv) or gv[14] != version_digit(gv, sampling):
+                return False
+        elif (k, wv) in added + b3 and k != "x-request-id":
+            if not re.fullmatch(wv, gv):
                 return False
         elif gv != wv:
             return False
@@ -99,8 +140,8 @@ def _fits(got: list[tuple[str, str]], sent: list[tuple[str, str]], added: tuple[
 
 
 def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> None:
-    up = Recorder()
-    listeners, clusters, ports = _resources(up.port)
+    up, col = Recorder(), Collector()
+    listeners, clusters, ports = _resources(up.port, col.port)
     plan = _plan(listeners, clusters)
     lps = {lp.name: lp for lp in plan.listeners}
     for name, (*_, why) in SETTINGS.items():  # the split's side
@@ -109,10 +150,14 @@ def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> No
         assert kernel == (not why), (name, lps[name].reason, [r.reason for r in routes])
         assert why in lps[name].reason + "".join(r.reason for r in routes), (name, lps[name])
     assert [lps[n].trace_sampling for n in ("t100", "t30", "t60o30")] == [10000, 3000, 3000]
+    assert [lps[n].trace_provider for n in ("t30", "zipkin", "zipkin_unshared")] == ["", "zipkin", ""]
     cfg = tmp_path / "envoy.json"
     cfg.write_text(json.dumps({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": pick_free_port()}}},
-        "static_resources": {"listeners": listeners, "clusters": clusters}}))
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+        # each span POSTed at once (not 5 per POST, every 5 s): the test's Envoy only
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": {
+            "tracing.zipkin.min_flush_spans": 1}}]}}))
     proc = subprocess.Popen([envoy_bin, "-c", str(cfg), "--disable-hot-restart", "--concurrency", "1",
                              "-l", "warning", "--base-id", str(ports["t30"])],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "envoy.log", "w"))  # noqa: SIM115
@@ -128,26 +173,40 @@ def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> No
         _wait(ports["t30"], proc, tmp_path / "envoy.log")
         for path, (n, lines) in cases.items():
             _exchange(ports[n], path, lines)
+        want_spans = {dict(up.heads[p])["x-request-id"] for p, (n, _) in cases.items()
+                      if n == "zipkin" and p.split("/")[2][0] == "s"
+                      and not zipkin_forwards(dict(up.heads[p])["x-request-id"], 3000)}
+        deadline = time.monotonic() + 10
+        while not want_spans <= set(col.ids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.2)
     finally:
         stop_process(proc)
         up.close()
+        col.close()
+    # spans exactly for the plain requests the model hands to Envoy as sampled
+    plain = {dict(up.heads[p])["x-request-id"] for p, (n, _) in cases.items()
+             if n == "zipkin" and p.split("/")[2][0] == "s"}
+    assert want_spans and set(col.ids) & plain == want_spans, (len(want_spans), col.ids)
     differs = {n: False for n in SETTINGS}
     digits: dict[str, set[str]] = {n: set() for n in SAMPLED}
-    needed = dict.fromkeys(TRACE_HEADERS, False)  # Envoy did what the kernel would not, somewhere
+    needed = dict.fromkeys((*TRACE_HEADERS, "passing"), False)  # Envoy did what the kernel would not, somewhere
     for path, (n, lines) in cases.items():
         sent = [("host", "svc"), ("x-a", "1"), *lines]
         got = [(k, v) for k, v in up.heads[path] if k != "x-envoy-expected-rq-timeout-ms"]
         d = _model(plan, n, lines)
         added = d.hcm_added if d.kind == "forward" else ()
-        same = _fits(got, sent, added, lps[n].trace_sampling)
+        same = _fits(got, sent, added, lps[n].trace_sampling, d.trace_added if d.kind == "forward" else ())
         if n in SAMPLED and path.split("/")[2].startswith("s"):
             digits[n].add(dict(got)["x-request-id"][14])
         header = path.split("/")[2]
-        if header in TRACE_HEADERS and not SETTINGS[n][3]:
+        if (header in TRACE_HEADERS or (header == "passing" and lps[n].trace_provider)) \
+                and not SETTINGS[n][3]:
             # the model hands it to Envoy, and the kernel's forward would differ
             assert (d.kind, d.reason) == ("envoy", "trace_header"), (path, d)
             kernel_would = added_headers(tuple(sent), lps[n].trace_sampling)
-            needed[header] |= not _fits(got, sent, kernel_would, lps[n].trace_sampling)
+            needed[header] |= not _fits(got, sent, kernel_would, lps[n].trace_sampling,
+                                        b3_lines() if lps[n].trace_provider else ())
             continue
         if not SETTINGS[n][3]:
             assert d.kind == "forward" and same, (path, got, sent, d)
