@@ -111,7 +111,7 @@ struct dp_verdict {
     __u32 hop_te;    /* dp_hop.h scan: TE lines seen */
     __u32 od_host;   /* FORWARD: outlier host slot + 1 (dp_outlier.h), 0: none */
     __u32 xrid;      /* FORWARD: DP_XRID_HAS_* the client sent (dp_xrid.h); the others are added */
-    __u32 trace;     /* FORWARD: the listener's trace sampling (dp_xrid.h), 0: none */
+    __u32 trace;     /* FORWARD: the listener's l7fp_listener.trace - 1 (dp_xrid.h), 0: none */
 };
 
 struct dp_bind {

@@ -19,6 +19,13 @@
  * they are inserted at the end of the client's head, before the route's blob.
  * Kernel replies get neither (Envoy's local replies have no upstream).
  *
+ * HCM tracing (-DDP_TRACE=1, fastpath/tracing.py says what Envoy does): the
+ * id's version digit carries Envoy's sampling decision computed from the id,
+ * requests with trace headers go to Envoy; with the Zipkin tracer
+ * (-DDP_TRACE_ZIPKIN=1) an unsampled request gets the b3 lines, a sampled one
+ * goes to Envoy with its id. dp_trace_of (dp_decide_l7fp.h) reads the
+ * listener's setting.
+ *
  * The UUID: 128 bits of bpf_get_prandom_u32 (per-CPU, not a CSPRNG; Envoy
  * uses BoringSSL's), version 4 and variant 10xx set as RFC 4122 says. Built
  * straight into the message (no map, no stack buffer: dp_act_send is close to

@@ -2,12 +2,14 @@
 the x-request-id the kernel generates, and the settings and requests that
 stay with Envoy.
 
-Callers: `fastpath.request_id.hcm_reasons` (`hcm_reasons`: why a tracing HCM
-stays with Envoy), `fastpath.classify` (`sampling`: the listener's
-`ListenerPlan.trace_sampling`; `route_reasons`: per-route settings),
-`fastpath.synth_tables` (the listener's `trace` field for bpf_src/dp_xrid.h),
-`fastpath.reference` (`TRACE_HEADERS`, `traced_id_pattern`) and the
-differential tests (`version_digit`). Pure functions.
+Callers: `fastpath.classify` (`hcm_reasons`: why a tracing HCM stays with
+Envoy; `sampling` and `provider`: the listener's `ListenerPlan.trace_sampling`
+and `trace_provider`; `route_reasons`: per-route settings), `fastpath.agent`
+(`cflags`), `fastpath.synth_tables` (`ZIPKIN_FLAG` in the listener's `trace`
+field for bpf_src/dp_xrid.h), `fastpath.reference` (`punts`, `b3_lines`,
+`TRACE_REASON`) and the differential tests (`version_digit`,
+`zipkin_forwards`: which of the ids the kernel generates are sampled). Pure
+functions; the data path's half is bpf_src/dp_xrid.h.
 
 What Envoy 1.40 does, seen with the binary (tests/split/test_tracing_envoy.py,
 HTTP/1.1 from 127.0.0.1, use_remote_address off;
@@ -74,7 +76,6 @@ TRACE_REASON = "trace_header"  # fastpath.counters DP_REASONS[17]
 ZIPKIN_HEADERS = ("b3", "traceparent", "tracestate")
 B3_PREFIX = "x-b3-"
 SAMPLED_REASON = "trace_sampled"  # fastpath.counters DP_REASONS[31]: Envoy reports the span
-ZIPKIN = "envoy.tracers.zipkin"
 ZIPKIN_TYPE = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
 # ZipkinConfig fields that change no request header (the span's destination
 # and encoding: Envoy reports the sampled requests' spans itself)

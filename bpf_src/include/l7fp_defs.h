@@ -206,7 +206,7 @@ struct l7fp_listener {
     __u32 rbac_deny; /* bit f set: RBAC filter f is a DENY set (else ALLOW) */
     __u32 rbac_reply; /* the 403 blob */
     __u32 rbac_nf;    /* RBAC filters (0..L7FP_MAX_RBAC_FILTERS), rows in filter order */
-    __u32 trace;      /* HCM tracing: 0 none, else sampling + 1 (of 10000; dp_xrid.h) */
+    __u32 trace;      /* HCM tracing: 0 none, else sampling + 1 (of 10000) | 0x10000 Zipkin (dp_xrid.h) */
 };
 
 #define L7FP_FILT_RATE_LIMIT 1

@@ -35,7 +35,14 @@ from test_hop import CLIENT
 
 from fastpath.agent import Agent, _cflags
 from fastpath.reference import Request, decide_datapath
-from fastpath.tracing import TRACE_HEADERS, traced_id_pattern, version_digit, zipkin_forwards
+from fastpath.tracing import (
+    SAMPLED_REASON,
+    TRACE_HEADERS,
+    TRACE_REASON,
+    traced_id_pattern,
+    version_digit,
+    zipkin_forwards,
+)
 from tests.split.test_request_id_envoy import _wait
 from tests.split.test_tracing_envoy import ZIPKIN, Collector
 from tests.support.procs import stop_process
@@ -118,7 +125,7 @@ def test_sampled_digit_per_id_and_trace_headers_to_envoy(agent: Agent, cgroup: A
         assert seen[h]["via_envoy"] and not seen[f"next-{h}"]["via_envoy"], (seen[h], seen[f"next-{h}"])
         # Envoy's head, either way (the id's digit too: Envoy's mark, or its own sample)
         assert _norm(h, seen[h]) == _norm(h, envoy_seen[h]), (h, seen[h]["headers"], envoy_seen[h]["headers"])
-    punted = sum(n for (_, outcome, why), n in kernel.items() if (outcome, why) == ("envoy", "trace_header"))
+    punted = sum(n for (_, outcome, why), n in kernel.items() if (outcome, why) == ("envoy", TRACE_REASON))
     assert punted == len(TRACE_HEADERS), kernel
 
 
@@ -193,4 +200,4 @@ def test_zipkin_unsampled_in_kernel_sampled_spans_from_envoy(agent: Agent, cgrou
     for (_, outcome, why), n in kernel.items():
         if outcome == "envoy":
             by_reason[why] = by_reason.get(why, 0) + n
-    assert by_reason == {"trace_sampled": len(want), "trace_header": 1}, kernel
+    assert by_reason == {SAMPLED_REASON: len(want), TRACE_REASON: 1}, kernel
