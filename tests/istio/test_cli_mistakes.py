@@ -17,13 +17,27 @@ POLICIES = str(HERE / "bookinfo" / "policies.yaml")
 
 
 def test_broken_mesh_file_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A YAML error in --mesh-file escaped as PyYAML's traceback (serve's too)."""
+    """A YAML error in --mesh-file escaped as PyYAML's traceback (serve's too); the flag
+    is named as serve names it."""
     bad = tmp_path / "mesh.yaml"
     bad.write_text("services:\n  a: [1,\n")
     assert main(["istio", "check", POLICIES, "--mesh-file", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"l7fp istio: {bad}: not valid YAML/JSON: line 3, column 1: "
+    assert err == (f"l7fp istio: --mesh-file {bad}: not valid YAML/JSON: line 3, column 1: "
                    "expected the node content, but found '<stream end>'\n")
+
+
+@pytest.mark.parametrize("which", ["policies", "mesh-file"])
+def test_a_file_that_is_not_utf8_is_named(which: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "'utf-8' codec can't decode byte 0xe9 in position 12: ..." without the file
+    (the mesh file's: 'not valid YAML/JSON')."""
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("services: {caf\u00e9: {}}\n".encode("latin-1"))
+    args = [str(bad)] if which == "policies" else [POLICIES, "--mesh-file", str(bad)]
+    flag = "" if which == "policies" else "--mesh-file "
+    assert main(["istio", "check", *args]) == 2
+    assert capsys.readouterr().err == f"l7fp istio: {flag}{bad}: not UTF-8 text (byte 14)\n"
 
 
 def test_missing_mesh_file_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from . import generate, load
+    from .serve_plugin import flag_of
 
     # The importer logs each warning as it goes; `check` prints each of them as its
     # result (stdout), so a terminal showed every warning twice.
@@ -56,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         mesh = load(args.policies, args.mesh_file, args.k8s)
     except (ValueError, OSError) as exc:
-        print(f"l7fp istio: {exc}", file=sys.stderr)
+        # the policies are positional: only the flags' files are named by flag
+        print(f"l7fp istio: {flag_of(args, str(exc), ('mesh_file', 'k8s'))}{exc}", file=sys.stderr)
         return 2
     if args.istio_command == "config":
         unknown = _unknown_node(mesh, args.node)

@@ -236,7 +236,7 @@ def load_path(path: str | Path, out: ObjectSet | None = None, helm: bool = False
     )
     for f in files:
         try:
-            text = f.read_text()
+            text = yaml_errors.read_text(f)
             docs = list(yaml.safe_load_all(strip_helm(text) if helm and "{{" in text else text))
         except yaml.YAMLError as exc:
             raise ValueError(f"{f}: invalid YAML: {yaml_errors.problem(exc)}") from exc

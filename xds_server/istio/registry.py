@@ -165,10 +165,11 @@ def from_mesh_file(path: str | Path) -> Registry:
     node ids as they connect (`Registry.learn`).
     """
     try:  # every failure one ValueError naming the file: `istio check`, `serve` print it
-        text = Path(path).read_text()
-        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        text = yaml_errors.read_text(path)
     except OSError as exc:
         raise ValueError(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: not valid YAML/JSON: {yaml_errors.problem(exc)}") from exc
     if not isinstance(data, Mapping):
@@ -207,7 +208,7 @@ def from_mesh_state(path: str | Path, data: Mapping[str, Any] | None = None) -> 
     `service_account:`; services may carry `namespace:`.
     """
     if data is None:
-        text = Path(path).read_text()
+        text = yaml_errors.read_text(path)
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a mapping with services: and pods:")

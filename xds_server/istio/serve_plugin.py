@@ -53,13 +53,15 @@ def make_sources(args: argparse.Namespace) -> list[Source]:
     src = IstioSource(args.policies, args.mesh_file, args.k8s, args.inbound_address,
                       capture_ports=(out_port, in_port))
     if not src.load():
-        raise SystemExit(f"l7fp serve: {_flag_of(args, src.error)}{src.error}")
+        raise SystemExit(f"l7fp serve: {flag_of(args, src.error)}{src.error}")
     return [src]
 
 
-def _flag_of(args: argparse.Namespace, error: str) -> str:
-    """`--FLAG ` of the path an importer error starts with (each error names its file)."""
-    for flag in ("mesh_file", "k8s", "policies"):
+def flag_of(args: argparse.Namespace, error: str,
+            flags: tuple[str, ...] = ("mesh_file", "k8s", "policies")) -> str:
+    """`--FLAG ` of the path an importer error starts with (each error names its
+    file), among `flags`; also used by `l7fp istio check|config`."""
+    for flag in flags:
         value = getattr(args, flag, None)
         if value and error.startswith(str(value)):
             return f"--{flag.replace('_', '-')} "
