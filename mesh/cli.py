@@ -331,7 +331,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     except spec.MeshFileError as exc:
         return _err(exc)
     except OSError as exc:  # -o names a file, or a directory we may not write
-        return _err(f"--out {args.out}: cannot write there: {exc.filename}: {exc.strerror}")
+        return _err(f"--out {args.out}: cannot write there: {exc.filename or args.out}: {exc.strerror}")
     print(f"wrote {written[0]} and {len(written) - 1} files under {Path(args.out) / 'docker'}; "
           f"run with: docker compose -f {written[0]} up --build")
     return 0

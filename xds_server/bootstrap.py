@@ -97,7 +97,8 @@ def _default_cluster(node_id: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if not args.node_id.strip():  # Envoy refuses the file: "ads: node 'id' and 'cluster' are required"
-        print("l7fp bootstrap: --node-id '': Envoy's ADS needs a node id", file=sys.stderr)
+        print(f"l7fp bootstrap: --node-id {args.node_id!r}: Envoy's ADS needs a node id",
+              file=sys.stderr)
         return 2
     try:
         cfg = bootstrap_config(args.node_id, args.xds, delta=args.delta, admin_port=args.admin_port,

@@ -140,11 +140,13 @@ def test_access_log_sampling_must_be_a_count(count: str, capsys: pytest.CaptureF
             in capsys.readouterr().err)
 
 
-def test_bootstrap_with_an_empty_node_id(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("node_id", ["", " "])
+def test_bootstrap_with_an_empty_node_id(node_id: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`--node-id ''` printed a bootstrap that Envoy refuses ("ads: node 'id' and 'cluster'
-    are required")."""
-    assert main(["bootstrap", "--node-id", ""]) == 2
-    assert capsys.readouterr() == ("", "l7fp bootstrap: --node-id '': Envoy's ADS needs a node id\n")
+    are required"); `--node-id ' '` was refused as `--node-id ''`."""
+    assert main(["bootstrap", "--node-id", node_id]) == 2
+    assert capsys.readouterr() == ("", f"l7fp bootstrap: --node-id {node_id!r}: Envoy's ADS needs "
+                                       "a node id\n")
 
 
 def test_debounce_and_capture_ports_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
