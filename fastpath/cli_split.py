@@ -1,9 +1,11 @@
-"""`l7fp split FILE|DIR... [--explain] [--json]`: verdicts, reasons and coverage.
+"""`l7fp split FILE|DIR... [--explain] [--json|--plan]`: verdicts, reasons and coverage.
 
 Registered by `xds_server.cli` (SUBCOMMANDS); owned by the split. Reads Envoy
 bootstraps and xDS resource files (see `fastpath.inputs.READERS`), classifies
 every route and RBAC rule, and prints what the kernel enforces and what needs
-Envoy, with the reason.
+Envoy, with the reason. `--plan` prints the KernelPlans as JSON, one entry per
+policy set keyed by `file` and `placement`: an Istio / Gateway API file with
+gateway-bound routes has two entries with the same `file` (mesh, gateway).
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ def register(subparsers: Any) -> None:
                    help="also print each route's matcher and action, and what the ENVOY rest needs")
     p.add_argument("--json", action="store_true", help="print one JSON object (see above)")
     p.add_argument("--plan", action="store_true",
-                   help="print instead a JSON list of {file, plan}: the KernelPlan of each policy set "
-                   "(what the BPF side gets)")
+                   help="print instead a JSON list of {file, plan, placement}: the KernelPlan of "
+                   "each policy set (what the BPF side gets); one entry per file and placement "
+                   "(an Istio / Gateway API file with gateway-bound routes has two: mesh, gateway)")
     p.add_argument("--assume", action="append", default=[], choices=sorted(ASSUME),
                    help="what-if: classify as if the kernel had this capability (repeatable): "
                    + "; ".join(f"{k}: {v}" for k, v in sorted(ASSUME.items())))
