@@ -117,6 +117,39 @@ def test_istio_placement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert [e["placement"] for e in json.loads(capsys.readouterr().out)] == ["mesh", "gateway"]
 
 
+# Bound to a gateway and the mesh: a rule without match runs on both (counted once,
+# as the mesh's: a sidecar runs it); a match with its own `gateways: [gw]` only there.
+BOTH = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: both, namespace: shop}
+spec:
+  hosts: [reviews]
+  gateways: [shop-gateway, mesh]
+  http:
+  - match: [{gateways: [shop-gateway], uri: {prefix: /edge}}]
+    route: [{destination: {host: productpage, port: {number: 9080}}}]
+  - route: [{destination: {host: reviews, port: {number: 9080}}}]
+"""
+
+
+def test_a_rule_of_a_gateway_and_mesh_service(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The rule without match is in both the mesh's and the gateway's set: one row (mesh),
+    not one per set; the gateway-only match is one gateway row."""
+    (tmp_path / "vs.yaml").write_text(BOTH)
+    out = split_json(tmp_path / "vs.yaml", capsys)
+    assert sorted((r["name"], r["placement"]) for r in out["routes"]) == [
+        ("both.shop.0", "gateway"), ("both.shop.1", "mesh")]
+    by = out["coverage"]["by_placement"]
+    assert by["mesh"]["routes"]["total"] == 1 and by["gateway"]["routes"]["total"] == 1
+    assert out["coverage"]["routes"] == {"kernel": 1, "total": 2}
+    # --plan: one entry per placement, the same file (docs/split.md, "Meaning change")
+    assert main(["split", "--plan", str(tmp_path / "vs.yaml")]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    assert [(e["file"], e["placement"]) for e in plans] == [(str(tmp_path / "vs.yaml"), "mesh"),
+                                                           (str(tmp_path / "vs.yaml"), "gateway")]
+
+
 def test_gateway_api_placement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A Gateway API route with a Service parent is the mesh's (GAMMA); one
     attached to a Gateway only is the gateway's, and not warned as ignored."""
