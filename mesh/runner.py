@@ -166,11 +166,16 @@ def pod_popen(pod: dict[str, Any], argv: Sequence[str], **popen_kwargs: Any) -> 
 def run_in_pod(state: dict[str, Any], target: str, argv: Sequence[str], *, input: Any = None,
                timeout: float | None = None, capture_output: bool = False, check: bool = False,
                **kw: Any) -> subprocess.CompletedProcess:
-    """subprocess.run in the pod `target` (`pod_popen`): the same keywords;
-    on a timeout the process is killed and TimeoutExpired raised."""
+    """subprocess.run in the pod `target` (`pod_popen`): the same keywords, and
+    the same ValueError for `input` with `stdin`, `capture_output` with
+    `stdout`/`stderr`; on a timeout the process is killed and TimeoutExpired raised."""
     if capture_output:
+        if kw.get("stdout") is not None or kw.get("stderr") is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
         kw.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if input is not None:
+        if kw.get("stdin") is not None:
+            raise ValueError("stdin and input arguments may not both be used.")
         kw["stdin"] = subprocess.PIPE
     with pod_popen(find_pod(state, target), argv, **kw) as proc:
         try:

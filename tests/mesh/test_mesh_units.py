@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from mesh import naming, netrules, spec, topology
 
@@ -56,3 +59,17 @@ def test_state_document_matches_contract() -> None:
     assert pod["netns"] == "l7fp-demo-frontend-0" and pod["envoy_admin"] == 15000
     assert {s["name"] for s in doc["services"]} == set(s.services)
     assert len({p["ip"] for p in doc["pods"]}) == len(doc["pods"])
+
+
+@pytest.mark.parametrize("kw", [{"input": b"x", "stdin": subprocess.DEVNULL},
+                                {"capture_output": True, "stdout": subprocess.DEVNULL},
+                                {"capture_output": True, "stderr": subprocess.DEVNULL}])
+def test_run_in_pod_refuses_what_subprocess_run_refuses(kw: dict) -> None:
+    """run_in_pod silently replaced stdin= when input was given, stdout=/stderr= with
+    capture_output; subprocess.run raises ValueError for both (before any pod is looked up)."""
+    from mesh.runner import run_in_pod
+    with pytest.raises(ValueError) as ours:
+        run_in_pod({"name": "none", "pods": []}, "nothing", ["true"], **kw)
+    with pytest.raises(ValueError) as theirs:
+        subprocess.run(["true"], **kw)
+    assert str(ours.value) == str(theirs.value)
