@@ -337,16 +337,31 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_pod(name: str, target: str) -> str:
+    """The pod whose logs `mesh logs TARGET` prints: TARGET's pod as `mesh exec`
+    finds it (runner.find_pod: a pod, or a service's first pod) while the mesh's
+    state exists; else, or for what is no pod (control-plane), TARGET as named
+    by its log files."""
+    from mesh.runner import MeshError, find_pod
+    from mesh.teardown import read_state
+    state = read_state(name)
+    try:
+        return str(find_pod(state, target)["name"]) if state is not None else target
+    except MeshError:
+        return target
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from mesh.runner import MeshError, resolve_name
     from mesh.teardown import state_dir
     try:
-        d = state_dir(resolve_name(args.name))
+        name = resolve_name(args.name)
     except MeshError as exc:
         return _err(exc)
+    d = state_dir(name)
     logs = {f: f.name.split(".", 1)[0] for f in (d / "logs").glob("*.log")}  # POD.app.log, ...
     pods = sorted(set(logs.values()))
-    pod = args.pod if args.pod in pods or f"{args.pod}-0" not in pods else f"{args.pod}-0"
+    pod = _log_pod(name, args.pod) if args.pod else None
     files = [d / "daemon.log"] if not pod else sorted(f for f, p in logs.items() if p == pod)
     if not files or not all(Path(f).exists() for f in files):
         known = f"; pods: {pods}" if pods and pod else ""  # a typo: show what there is

@@ -8,6 +8,7 @@ the control plane refuses, seen only once it starts (root, a one-pod mesh, ~4 s)
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -96,12 +97,18 @@ def test_logs_of_a_service_of_the_control_plane_and_of_a_typo(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`mesh logs frontend` (a service, as `mesh exec` takes) and `mesh logs control-plane`
     said `no logs for ...`; a typo did not say which pods there are. The state directory
-    is a temporary one laid out as the daemon writes it (no mesh needed)."""
+    is a temporary one laid out as the daemon writes it (no mesh needed). A service's
+    pod is the one `mesh exec` finds (its first in the state: user-1, which the log
+    files' names and `-0` missed)."""
     logs = tmp_path / "logs"
     logs.mkdir()
     for f in ("frontend-0.app.log", "frontend-0.envoy.log", "control-plane.log", "user-1.app.log"):
         (logs / f).write_text(f"{f} says hello\n")
+    (tmp_path / "state.json").write_text(json.dumps({"name": "ux-never", "pods": [
+        {"name": "frontend-0", "service": "frontend"}, {"name": "user-1", "service": "user"}]}))
     monkeypatch.setattr(teardown, "state_dir", lambda _name: tmp_path)
+    assert main(["mesh", "logs", "--name", "ux-never", "user"]) == 0
+    assert capsys.readouterr().out == f"==> {logs / 'user-1.app.log'} <==\nuser-1.app.log says hello\n\n"
     assert main(["mesh", "logs", "--name", "ux-never", "frontend"]) == 0
     assert capsys.readouterr().out == (f"==> {logs / 'frontend-0.app.log'} <==\nfrontend-0.app.log says hello\n\n"
                                        f"==> {logs / 'frontend-0.envoy.log'} <==\nfrontend-0.envoy.log says hello\n\n")
