@@ -307,10 +307,10 @@ def _observation(entry: bytes, timeouts: RouteTimeouts | None) -> Observation | 
         return None
     code = _sub(resp, _RESPONSE_CODE)
     status = dict(fields(code)).get(1, 0) if code else 0
-    flags = cf.get(_RESPONSE_FLAGS, b"")
+    flags = _flags(cf)
     if not status:
         status = _no_response_status(flags)
-        if not status and at is not None and timeouts is not None and not _any_flag(flags) \
+        if not status and at is not None and timeouts is not None and not flags \
                 and cf.get(_UPSTREAM_LOCAL) \
                 and timeouts.unanswered(_request_id(top), *at):  # connected: not a pending connect
             status = LOCAL_TIMEOUT
@@ -336,9 +336,7 @@ def _route_timeout(top: dict[int, bytes | int], cf: dict[int, bytes | int], resp
     of the attempt a route timeout reset (RouteTimeouts), else None."""
     if at is None or timeouts is None or _str(_sub(resp, _CODE_DETAILS)) != ROUTE_TIMEOUT_DETAILS:
         return None
-    flags = cf.get(_RESPONSE_FLAGS, b"")
-    ut = isinstance(flags, bytes) and any(n == _UT and v for n, v in fields(flags))
-    if not ut or not timeouts.timed_out(_request_id(top), *at):
+    if _UT not in _flags(cf) or not timeouts.timed_out(_request_id(top), *at):
         return None
     return at[0], at[1], LOCAL_TIMEOUT
 
@@ -347,20 +345,17 @@ def _request_id(top: dict[int, bytes | int]) -> str:
     return _str(_sub(top.get(_REQUEST, b""), _REQUEST_ID))
 
 
-def _any_flag(flags: bytes | int) -> bool:
-    """Any ResponseFlags field set (an overflow, a local reset, ...)."""
-    return isinstance(flags, bytes) and any(v for _n, v in fields(flags))
+def _flags(cf: dict[int, bytes | int]) -> set[int]:
+    """The ResponseFlags fields set (their numbers) of an entry's AccessLogCommon fields."""
+    flags = cf.get(_RESPONSE_FLAGS, b"")
+    return {n for n, v in fields(flags) if v} if isinstance(flags, bytes) else set()
 
 
-def _no_response_status(flags: bytes | int) -> int:
+def _no_response_status(flags: set[int]) -> int:
     """The local-origin event (outlier.LOCAL_*) of an attempt that got no
-    response (its ResponseFlags `flags`), 0: none Envoy's detector counts."""
-    if not isinstance(flags, bytes):
-        return 0
-    for n, v in fields(flags):
-        if v and n in _NO_RESPONSE:
-            return _NO_RESPONSE[n]
-    return 0
+    response (its ResponseFlags set, `_flags`), 0: none Envoy's detector
+    counts (the lowest field wins, as when the wire was read in order)."""
+    return next((_NO_RESPONSE[n] for n in sorted(flags) if n in _NO_RESPONSE), 0)
 
 
 def _sub(v: bytes | int, num: int) -> bytes:
