@@ -152,12 +152,13 @@ def _print_text(report: Any, explain: bool) -> None:
               f" (unreadable {b['unreadable_files']}, skipped resources {b['skipped_resources']})")
     if explain:
         print("\nwhat the ENVOY routes/rules need (count of routes/rules per feature):")
-        for feature, n in report.needs().most_common():
+        needs = report.needs()
+        for feature, n in needs.most_common():
             print(f"  {n:4d}  {feature}")
-        gateway = report.coverage()["by_placement"]["gateway"]["routes"]["kernel_verdict"]
+        gateway = cov["by_placement"]["gateway"]["routes"]["kernel_verdict"]
         if gateway:  # not ENVOY by verdict, yet not run by L7FP's kernel either
             print(f"  {gateway:4d}  KERNEL verdict, but bound to gateways only: the gateway's Envoy runs them")
-        if not report.needs() and not gateway:
+        if not needs and not gateway:
             print("  none: no route or rule needs Envoy")
 
 
