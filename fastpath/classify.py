@@ -32,6 +32,7 @@ from fastpath.plan import (
     Cluster,
     Direction,
     Endpoint,
+    HeaderValue,
     LbPolicy,
     ListenerPlan,
     PathKind,
@@ -120,7 +121,8 @@ def _listener(lis: dict[str, Any], res: Resources, clusters: dict[str, Cluster],
         cname = name if len(http_chains) == 1 else f"{name}#{chain.get('name', i)}"
         cport = int(chain.get("filterChainMatch", {}).get("destinationPort", port))
         hcm = _hcm(chain) or {}
-        plan, rc_name = _http(cname, address, cport, direction, hcm, res, clusters, caps, reasons)
+        plan, rc_name = _http(cname, address, cport, direction, hcm, res, clusters, caps, reasons,
+                              egress=lis.get("trafficDirection") == "OUTBOUND")
         out.append((plan, rc_name))
     return out
 
@@ -175,7 +177,9 @@ def _chain_reasons(chain: dict[str, Any]) -> list[str]:
 
 def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[str, Any],
           res: Resources, clusters: dict[str, Cluster], caps: KernelCaps,
-          reasons: list[str]) -> tuple[ListenerPlan, str]:
+          reasons: list[str], egress: bool = False) -> tuple[ListenerPlan, str]:
+    """One HCM filter chain's plan; `egress`: the listener's traffic_direction
+    is OUTBOUND (what Envoy's tracing does with route decorators)."""
     filters = [HttpFilter(str(f.get("name", "")), filter_kind(f), f.get("typedConfig", {}),
                           bool(f.get("disabled", False))) for f in hcm.get("httpFilters", [])]
     limit, fault = None, None
@@ -212,7 +216,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
         if rc_name:
             reasons.append(f"route config {rc_name!r} not found")
     ctx = RouteContext(clusters, filters, caps, route_config=rc)
-    vhosts = _vhosts(rc, ctx, traced=hcm.get("tracing") is not None)
+    vhosts = _vhosts(rc, ctx, trace=("egress" if egress else "ingress") if "tracing" in hcm else "")
     if not _every_request_routed(vhosts):
         reasons += no_route_delay
     if limit is not None and any(r.verdict is Verdict.ENVOY for v in vhosts for r in v.routes):
@@ -248,10 +252,21 @@ def _every_request_routed(vhosts: tuple[VirtualHost, ...]) -> bool:
         any(catch_all(r) for r in v.routes) for v in vhosts)
 
 
-def _traced_route(r: dict[str, Any], ctx: RouteContext, traced: bool) -> list[Route]:
+def _traced_route(r: dict[str, Any], ctx: RouteContext, trace: str) -> list[Route]:
+    """The route's entries under HCM tracing (fastpath.tracing): ENVOY for a
+    setting the kernel does not reproduce, else an OUTBOUND listener's
+    propagated decorator becomes the route's first header add."""
     entries = classify_route_entries(r, ctx)
-    why = "; ".join(tracing.route_reasons(r)) if traced else ""
-    return [_punt(e, why) for e in entries] if why else entries
+    if not trace:
+        return entries
+    why = "; ".join(tracing.route_reasons(r, egress=trace == "egress"))
+    if why:
+        return [_punt(e, why) for e in entries]
+    op = tracing.decorator_operation(r)
+    if not op:
+        return entries
+    dec = HeaderValue("x-envoy-decorator-operation", op, append=True)
+    return [replace(e, request_headers_to_add=(dec, *e.request_headers_to_add)) for e in entries]
 
 
 def _punt(r: Route, why: str) -> Route:
@@ -282,9 +297,9 @@ def _hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     return reasons + request_id.hcm_reasons(hcm)  # x-request-id, x-forwarded-proto as the kernel adds them
 
 
-def _vhosts(rc: dict[str, Any], ctx: RouteContext, traced: bool = False) -> tuple[VirtualHost, ...]:
-    """The virtual hosts' routes; `traced`: the HCM has tracing (a route's
-    decorator or tracing then needs Envoy: fastpath.tracing.route_reasons)."""
+def _vhosts(rc: dict[str, Any], ctx: RouteContext, trace: str = "") -> tuple[VirtualHost, ...]:
+    """The virtual hosts' routes; `trace`: the HCM has tracing, on an
+    "egress" (OUTBOUND) or "ingress" listener (_traced_route), "" without."""
     out = []
     rc_extra = [f"route config {k}" for k in sorted(set(rc) - _RC_KEYS) if rc[k]]
     for vh in rc.get("virtualHosts", []):
@@ -292,7 +307,7 @@ def _vhosts(rc: dict[str, Any], ctx: RouteContext, traced: bool = False) -> tupl
         extra = rc_extra + [f"virtual host {k}" for k in sorted(set(vh) - _VH_KEYS) if vh[k]]
         if vh.get("includeAttemptCountInResponse"):
             extra.append("virtual host include_attempt_count_in_response (response header)")
-        routes = tuple(e for r in vh.get("routes", []) for e in _traced_route(r, vctx, traced))
+        routes = tuple(e for r in vh.get("routes", []) for e in _traced_route(r, vctx, trace))
         if extra:
             routes = tuple(_punt(r, "; ".join(extra)) for r in routes)
         out.append(VirtualHost(str(vh.get("name", "")), tuple(d.lower() for d in vh.get("domains", [])),

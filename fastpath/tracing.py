@@ -33,8 +33,10 @@ ConnectionManagerUtility::mutateTracingRequestHeader):
 * Without a provider (and no tracer in the bootstrap) nothing else is added:
   b3 and traceparent headers pass as sent.
 * A route's ``decorator``: an OUTBOUND listener adds
-  ``x-envoy-decorator-operation: <operation>`` to the upstream request, any
-  other puts it on the response: such routes stay with Envoy, as do routes
+  ``x-envoy-decorator-operation: <operation>`` to the upstream request right
+  after x-request-id (the kernel: the route's first header add), any other
+  puts it on the response (such routes stay with Envoy); with propagate
+  false, neither. Routes
   with a per-route ``tracing`` (their own percentages) and, not compared
   with Envoy, routes with request mirrors (the shadow's trace_sampled).
 * Responses: an OUTBOUND listener removes an upstream's
@@ -163,18 +165,32 @@ def _changes_headers(key: str, v: Any) -> bool:
     return key not in _ZIPKIN_DEFAULTS or value != _ZIPKIN_DEFAULTS[key]
 
 
-def route_reasons(route: dict[str, Any]) -> list[str]:
+def route_reasons(route: dict[str, Any], egress: bool) -> list[str]:
     """Why a route of a tracing HCM stays with Envoy (a route dict as the HCM
-    gives it)."""
+    gives it); `egress`: the listener's traffic_direction is OUTBOUND."""
     out = []
-    if route.get("decorator"):
-        out.append("route decorator on a tracing listener (x-envoy-decorator-operation)")
+    if decorator_operation(route) and not egress:
+        out.append("route decorator on a tracing listener that is not OUTBOUND "
+                   "(x-envoy-decorator-operation on the response)")
     if route.get("tracing"):
         out.append("route tracing percentages")
     if (route.get("route") or {}).get("requestMirrorPolicies"):
         # the shadow's trace_sampled and id with tracing on: not compared with Envoy
         out.append("route request mirror on a tracing listener")
     return out
+
+
+def decorator_operation(route: dict[str, Any]) -> str:
+    """The operation Envoy propagates for a route's decorator ("" when none or
+    propagate false). On an OUTBOUND tracing listener Envoy sends it upstream
+    as x-envoy-decorator-operation, the first line after x-request-id (before
+    x-envoy-expected-rq-timeout-ms and the route's lines): fastpath.classify
+    makes it the route's first header add."""
+    dec = route.get("decorator") or {}
+    propagate = dec.get("propagate", True)
+    if isinstance(propagate, dict):
+        propagate = propagate.get("value", False)
+    return str(dec.get("operation", "")) if propagate else ""
 
 
 def cflags(plan: Any) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from fastpath.tracing import (
     TRACE_HEADERS,
     ZIPKIN_TYPE,
     b3_lines,
+    decorator_operation,
     hcm_reasons,
     provider,
     provider_reasons,
@@ -57,9 +58,13 @@ def test_reasons() -> None:
     assert "envoy.tracers.opentelemetry" in hcm_reasons(other, inbound=False)[0] and provider(other) == ""
     assert "inbound" in hcm_reasons({"tracing": {}}, inbound=True)[0]
     assert "runtime" in hcm_reasons({"tracing": {}}, inbound=False, runtime="layered_runtime disk")[0]
-    assert route_reasons({"match": {"prefix": "/"}}) == []
+    assert route_reasons({"match": {"prefix": "/"}}, egress=False) == []
     assert len(route_reasons({"decorator": {"operation": "op"}, "tracing": {"randomSampling": {}},
-                              "route": {"requestMirrorPolicies": [{"cluster": "c"}]}})) == 3
+                              "route": {"requestMirrorPolicies": [{"cluster": "c"}]}}, egress=False)) == 3
+    assert route_reasons({"decorator": {"operation": "op"}}, egress=True) == []  # a header add
+    assert route_reasons({"decorator": {"operation": "op", "propagate": False}}, egress=False) == []
+    assert decorator_operation({"decorator": {"operation": "op"}}) == "op"
+    assert decorator_operation({"decorator": {"operation": "op", "propagate": {"value": False}}}) == ""
 
 
 def test_version_digit_per_id() -> None:

@@ -1,6 +1,7 @@
 """HCM tracing on the fast path (bpf_src/dp_xrid.h with -DDP_TRACE=1,
 fastpath/tracing.py) vs the model and a real Envoy with the same listener
-(random_sampling 30 %, no provider).
+(random_sampling 30 %, no provider; OUTBOUND, its route's decorator sent
+upstream as x-envoy-decorator-operation).
 
 The kernel's ids: every one a UUID whose version digit is exactly the
 model's decision from its own first 8 hex digits (9 when they % 10000 <
@@ -57,8 +58,10 @@ TRACED = {"x-request-id": "00000001-1111-4111-8111-111111111111", "x-client-trac
 
 
 def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    listener, cluster = listener_and_cluster(
-        port, up_port, [{"name": "up", "match": {"prefix": "/"}, "route": {"cluster": "up"}}])
+    listener, cluster = listener_and_cluster(  # Envoy sends the decorator upstream (OUTBOUND)
+        port, up_port, [{"name": "up", "match": {"prefix": "/"}, "route": {"cluster": "up"},
+                         "decorator": {"operation": "op1"}}])
+    listener["traffic_direction"] = "OUTBOUND"
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["tracing"] = {"random_sampling": {"value": SAMPLING / 100}}
     return listener, cluster
@@ -116,8 +119,10 @@ def test_sampled_digit_per_id_and_trace_headers_to_envoy(agent: Agent, cgroup: A
         r = seen[f"s{i}"]
         assert not r["via_envoy"], r
         heads = [(k, v) for k, v in r["headers"] if k != "x-envoy-expected-rq-timeout-ms"]
-        assert [k for k, _ in heads] == ["host", "x-case", "x-forwarded-proto", "x-request-id"], heads
-        rid = heads[-1][1]
+        assert [k for k, _ in heads] == ["host", "x-case", "x-forwarded-proto", "x-request-id",
+                                         "x-envoy-decorator-operation"], heads
+        assert heads[-1][1] == "op1", heads
+        rid = heads[-2][1]
         assert pattern.fullmatch(rid) and rid[14] == version_digit(rid, SAMPLING), rid
         digits[rid[14]] += 1
     assert digits["4"] and digits["9"], digits  # both decisions made (p ~ 1e-31 otherwise)
@@ -185,8 +190,7 @@ def test_zipkin_unsampled_in_kernel_sampled_spans_from_envoy(agent: Agent, cgrou
         heads = [k for k, _ in r["headers"]]
         if zipkin_forwards(rid, SAMPLING):  # the kernel's: the model's lines, b3 after the route's
             assert not r["via_envoy"] and heads == [
-                "host", "x-case", *(k for k, _ in model.hcm_added), "x-envoy-expected-rq-timeout-ms",
-                *(k for k, _ in model.trace_added)], r
+                "host", "x-case", *(k for k, _ in model.hcm_added + model.add_headers + model.trace_added)], r
             b3 = dict(r["headers"])
             assert all(re.fullmatch(v, b3[k]) for k, v in model.trace_added), r
             assert b3["x-b3-traceid"] == b3["x-b3-spanid"], r
@@ -195,9 +199,11 @@ def test_zipkin_unsampled_in_kernel_sampled_spans_from_envoy(agent: Agent, cgrou
         assert rid[14] == version_digit(rid, SAMPLING), rid
     plain = {dict(seen[f"z{i}"]["headers"])["x-request-id"] for i in range(N // 2)}
     assert want and set(col.ids) & plain == want, (want, col.ids)  # a span for exactly those
-    assert seen["b3"]["via_envoy"] and not seen["next-b3"]["via_envoy"], seen["b3"]
+    nxt = dict(seen["next-b3"]["headers"])["x-request-id"]  # back on the kernel path: sampled or not
+    assert seen["b3"]["via_envoy"] and seen["next-b3"]["via_envoy"] == (not zipkin_forwards(nxt, SAMPLING))
     by_reason: dict[str, int] = {}
     for (_, outcome, why), n in kernel.items():
         if outcome == "envoy":
             by_reason[why] = by_reason.get(why, 0) + n
-    assert by_reason == {SAMPLED_REASON: len(want), TRACE_REASON: 1}, kernel
+    sampled = len(want) + (not zipkin_forwards(nxt, SAMPLING))
+    assert by_reason == {SAMPLED_REASON: sampled, TRACE_REASON: 1}, kernel

@@ -49,7 +49,10 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]] 
     "zipkin_unshared": ({"tracing": {"provider": {**ZIPKIN, "typed_config": {
         **ZIPKIN["typed_config"], "shared_span_context": False}}}}, {}, {}, "sharedSpanContext"),
     "decorated": ({"tracing": {}}, {"traffic_direction": "OUTBOUND"},
-                  {"decorator": {"operation": "op1"}}, "route decorator on a tracing listener"),
+                  {"decorator": {"operation": "op1"}}, ""),  # upstream: the model's header add
+    "decorated_in": ({"tracing": {}}, {}, {"decorator": {"operation": "op1"}},
+                     "route decorator on a tracing listener that is not OUTBOUND"),  # on the response
+    "decorated_nop": ({"tracing": {}}, {}, {"decorator": {"operation": "op1", "propagate": False}}, ""),
     "inbound": ({"tracing": {}}, {"traffic_direction": "INBOUND"}, {},
                 "tracing on an inbound listener"),
 }
@@ -162,6 +165,7 @@ def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> No
                              "-l", "warning", "--base-id", str(ports["t30"])],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "envoy.log", "w"))  # noqa: SIM115
     cases: dict[str, tuple[str, list[tuple[str, str]]]] = {}  # path -> (listener, client lines)
+    responses: dict[str, dict[str, str]] = {}
     for n in SETTINGS:
         cases[f"/{n}/plain"] = (n, [])
         cases[f"/{n}/passing"] = (n, PASSING)
@@ -172,7 +176,7 @@ def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> No
     try:
         _wait(ports["t30"], proc, tmp_path / "envoy.log")
         for path, (n, lines) in cases.items():
-            _exchange(ports[n], path, lines)
+            responses[path] = _exchange(ports[n], path, lines)
         want_spans = {dict(up.heads[p])["x-request-id"] for p, (n, _) in cases.items()
                       if n == "zipkin" and p.split("/")[2][0] == "s"
                       and not zipkin_forwards(dict(up.heads[p])["x-request-id"], 3000)}
@@ -195,7 +199,9 @@ def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> No
         sent = [("host", "svc"), ("x-a", "1"), *lines]
         got = [(k, v) for k, v in up.heads[path] if k != "x-envoy-expected-rq-timeout-ms"]
         d = _model(plan, n, lines)
-        added = d.hcm_added if d.kind == "forward" else ()
+        # the data path's lines, then the route's (x-envoy-expected-rq-timeout-ms left out of both)
+        added = d.hcm_added + tuple((k, re.escape(v)) for k, v in d.add_headers
+                                    if k != "x-envoy-expected-rq-timeout-ms") if d.kind == "forward" else ()
         same = _fits(got, sent, added, lps[n].trace_sampling, d.trace_added if d.kind == "forward" else ())
         if n in SAMPLED and path.split("/")[2].startswith("s"):
             digits[n].add(dict(got)["x-request-id"][14])
@@ -210,7 +216,8 @@ def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> No
             continue
         if not SETTINGS[n][3]:
             assert d.kind == "forward" and same, (path, got, sent, d)
-        differs[n] |= not same
+        # the kernel passes the upstream's response (no such header) as it is
+        differs[n] |= not same or "x-envoy-decorator-operation" in responses[path]
     assert digits == {n: {"4", "9"} for n in SAMPLED}, digits  # both decisions were seen
     assert all(needed.values()), needed
     assert differs == {n: bool(s[3]) for n, s in SETTINGS.items()}, differs
