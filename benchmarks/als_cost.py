@@ -10,7 +10,8 @@ logger on the HCM's access_log (the placement before the router's, for a
 side-by-side comparison). `--timeout-log` adds a sidecar with the router's
 logger only, without the HCM's route-timeout logger (UT-filtered,
 residual_outlier.timeout_logger) that the residual and the `als` sidecar
-have: its cost side by side. wrk at 1 and 16 connections, ABAB rounds; prints
+have: its cost side by side. wrk at 1 and 16 connections, ABBA rounds (the
+variants' order reversed every other round, `round_order`); prints
 one JSON line per measurement (p50 in µs, req/s, the entries the service got
 per request served, the receiver's CPU per entry, the sidecar Envoy's CPU
 per request), a summary (medians of p50, req/s, Envoy CPU per request),
@@ -178,6 +179,13 @@ def _run(rx: Receiver, sidecar: Envoy, port: int, conns: int, seconds: float) ->
 SUMMED = ("p50_us", "rps", "envoy_cpu_us_per_request")
 
 
+def round_order(variants: list[str], n: int) -> list[str]:
+    """The variants in round `n`'s order: as given, then reversed (ABBA), so a
+    drift of the machine within a round (the one that goes first gets a
+    different share of the CPU) does not favour the same variant every round."""
+    return list(variants) if n % 2 == 0 else list(reversed(variants))
+
+
 def ratios(got: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
     """Per variant and connection count, the medians over rounds of p50,
     req/s and Envoy's CPU per request divided by the same round's no-logger
@@ -244,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         for _e, lp in sidecars.values():
             _wait_http(lp)
         got: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for _ in range(args.rounds):
-            for v in variants:  # ABAB
+        for n in range(args.rounds):
+            for v in round_order(variants, n):
                 for conns in (1, 16):
                     row = _run(rx, *sidecars[v], conns, args.seconds)
                     got.setdefault((v, conns), []).append(row)
