@@ -11,7 +11,8 @@
 #include "l7fp_decide.h"
 #include "dp_hop.h" /* hop-by-hop request headers: dp_msg_act calls it */
 /* The `trace` field of the request's listener (c->listener, the plan
- * generation of the decision): 0 without tracing, else sampling + 1. For
+ * generation of the decision): 0 without tracing, else sampling + 1, bit 16
+ * set for the Zipkin tracer (fastpath/synth_tables.py). For
  * dp_xrid.h's dp_xrid_act; here because BCC rewrites map calls only in the
  * pasted text (an #included header's `.lookup` is left a call it cannot load). */
 static __always_inline __u32 dp_trace_of(struct dp_conn *conn)
