@@ -15,8 +15,9 @@
  * client's headers; one without x-request-id then gets
  * "x-request-id: <UUID v4, lower-case hex>"; a header the client sent is kept
  * as it is (name, value, place). Both come before the router's own headers
- * (the route's request_headers_to_add, x-envoy-expected-rq-timeout-ms), so
- * they are inserted at the end of the client's head, before the route's blob.
+ * (x-envoy-expected-rq-timeout-ms, then the route's request_headers_to_add:
+ * the route's blob holds them in Envoy's order, fastpath/classify_route.py),
+ * so they are inserted at the end of the client's head, before that blob.
  * Kernel replies get neither (Envoy's local replies have no upstream).
  *
  * HCM tracing (-DDP_TRACE=1, fastpath/tracing.py says what Envoy does): the

@@ -136,7 +136,7 @@ def _classify(r: dict[str, Any], ctx: RouteContext) -> list[Route]:
     action, more = _regex_rewrite(r.get("route", {}), match, action, ctx)
     reasons += more
     adds, removes, more = _headers(r, ctx)
-    adds += _timeout_header(action, ctx)
+    adds = _router_headers(action, ctx) + adds
     reasons += more
     per_filter = {**ctx.route_config.get("typedPerFilterConfig", {}),
                   **ctx.vhost.get("typedPerFilterConfig", {}), **r.get("typedPerFilterConfig", {})}
@@ -459,11 +459,21 @@ def _headers(r: dict[str, Any], ctx: RouteContext) -> tuple[list[HeaderValue], l
         removes += [str(x).lower() for x in level.get("requestHeadersToRemove", [])]
         if level.get("responseHeadersToAdd") or level.get("responseHeadersToRemove"):
             reasons.append(f"{name} changes response headers")
+    return adds, removes, reasons
+
+
+def _router_headers(action: Action, ctx: RouteContext) -> list[HeaderValue]:
+    """The lines Envoy's router sets before it applies the route's
+    request_headers_to_add (Router::Filter::decodeHeaders: finalTimeout, then
+    the attempt count, then finalizeRequestHeaders), in that order: the
+    upstream sees x-envoy-expected-rq-timeout-ms, x-envoy-attempt-count, then
+    the route's adds (seen with Envoy 1.40, tests/split/test_tracing_envoy.py)."""
+    adds = _timeout_header(action, ctx)
     if ctx.vhost.get("includeRequestAttemptCount"):
         # Envoy sends the attempt number upstream: 1 here; a retry by the data
         # path rewrites it in its copy of the request (fastpath/retry.py).
         adds.append(HeaderValue("x-envoy-attempt-count", "1", append=False))
-    return adds, removes, reasons
+    return adds
 
 
 def _suppresses_envoy_headers(ctx: RouteContext) -> bool:

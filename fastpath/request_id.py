@@ -16,8 +16,8 @@ HTTP/1.1 from 127.0.0.1; ConnectionManagerUtility::mutateRequestHeaders):
   x-forwarded-proto gets ``x-forwarded-proto: http`` appended after its
   headers, then one without x-request-id gets ``x-request-id: <UUID v4>``
   (lower-case hex); a client's header is kept, value and place. Both come
-  before the router's headers (the route's adds,
-  x-envoy-expected-rq-timeout-ms).
+  before the router's headers (x-envoy-expected-rq-timeout-ms, then the
+  route's adds: fastpath.classify_route._router_headers).
 * use_remote_address on: a client not in internal_address_config (empty by
   default in 1.40: 127.0.0.1 is external, so is any 198.18.0.0/15 address) is
   an edge request: x-forwarded-for gets the client's address (the listener's

@@ -44,8 +44,8 @@ ConnectionManagerUtility::mutateTracingRequestHeader):
   response as the upstream sent it (docs/split.md "Known differences").
 * The Zipkin provider (envoy.tracers.zipkin) adds x-b3-traceid, x-b3-spanid
   (the same 16 hex digits for a new trace) and x-b3-sampled (1 or 0, the
-  decision above) to every request, after all other lines (the route's and
-  x-envoy-expected-rq-timeout-ms), and POSTs a span to its collector for
+  decision above) to every request, after all other lines
+  (x-envoy-expected-rq-timeout-ms and the route's), and POSTs a span to its collector for
   exactly the sampled ones. The kernel adds the b3 lines to an unsampled
   request and hands a sampled one to Envoy with the id it generated
   (digit 9): Envoy decides the same from it and reports the span

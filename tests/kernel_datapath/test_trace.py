@@ -1,7 +1,8 @@
 """HCM tracing on the fast path (bpf_src/dp_xrid.h with -DDP_TRACE=1,
 fastpath/tracing.py) vs the model and a real Envoy with the same listener
 (random_sampling 30 %, no provider; OUTBOUND, its route's decorator sent
-upstream as x-envoy-decorator-operation).
+upstream as x-envoy-decorator-operation; a route timeout, the attempt count
+and a route header add: the router's lines, in Envoy's order).
 
 The kernel's ids: every one a UUID whose version digit is exactly the
 model's decision from its own first 8 hex digits (9 when they % 10000 <
@@ -59,10 +60,12 @@ TRACED = {"x-request-id": "00000001-1111-4111-8111-111111111111", "x-client-trac
 
 def resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
     listener, cluster = listener_and_cluster(  # Envoy sends the decorator upstream (OUTBOUND)
-        port, up_port, [{"name": "up", "match": {"prefix": "/"}, "route": {"cluster": "up"},
-                         "decorator": {"operation": "op1"}}])
+        port, up_port, [{"name": "up", "match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "7s"},
+                         "decorator": {"operation": "op1"}, "request_headers_to_add": [
+                             {"header": {"key": "x-r1", "value": "a"}}]}])
     listener["traffic_direction"] = "OUTBOUND"
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"]["virtual_hosts"][0]["include_request_attempt_count"] = True
     hcm["tracing"] = {"random_sampling": {"value": SAMPLING / 100}}
     return listener, cluster
 
@@ -118,11 +121,12 @@ def test_sampled_digit_per_id_and_trace_headers_to_envoy(agent: Agent, cgroup: A
     for i in range(N):
         r = seen[f"s{i}"]
         assert not r["via_envoy"], r
-        heads = [(k, v) for k, v in r["headers"] if k != "x-envoy-expected-rq-timeout-ms"]
-        assert [k for k, _ in heads] == ["host", "x-case", "x-forwarded-proto", "x-request-id",
-                                         "x-envoy-decorator-operation"], heads
-        assert heads[-1][1] == "op1", heads
-        rid = heads[-2][1]
+        heads = r["headers"]
+        assert heads[4:] == [("x-envoy-decorator-operation", "op1"), ("x-envoy-expected-rq-timeout-ms", "7000"),
+                             ("x-envoy-attempt-count", "1"), ("x-r1", "a")], heads
+        # in Envoy's order: its head of a plain request (the same listener, the fast path off)
+        assert [k for k, _ in heads] == [k for k, _ in envoy_seen["next-x-request-id"]["headers"]], heads
+        rid = dict(heads)["x-request-id"]
         assert pattern.fullmatch(rid) and rid[14] == version_digit(rid, SAMPLING), rid
         digits[rid[14]] += 1
     assert digits["4"] and digits["9"], digits  # both decisions made (p ~ 1e-31 otherwise)

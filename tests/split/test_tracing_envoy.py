@@ -39,17 +39,22 @@ pytestmark = pytest.mark.envoy
 ZIPKIN = {"name": "envoy.tracers.zipkin", "typed_config": {
     "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig", "collector_cluster": "col",
     "collector_endpoint": "/api/v2/spans", "collector_endpoint_version": "HTTP_JSON"}}
+ADDS = {"request_headers_to_add": [{"header": {"key": "x-r1", "value": "a"}},
+                                   {"header": {"key": "x-r2", "value": "b"}}],
+        "route": {"cluster": "up", "timeout": "7s"}}
+# the virtual host fields of a listener
+VHOST = {"decorated": {"include_request_attempt_count": True}}
 # listener -> (HCM settings, listener fields, route fields, the split's reason or "" for KERNEL)
 SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]] = {
     "t100": ({"tracing": {}}, {}, {}, ""),
     "t30": ({"tracing": {"random_sampling": {"value": 30}}}, {}, {}, ""),
     "t60o30": ({"tracing": {"random_sampling": {"value": 60}, "overall_sampling": {"value": 30}}},
                {}, {}, ""),
-    "zipkin": ({"tracing": {"random_sampling": {"value": 30}, "provider": ZIPKIN}}, {}, {}, ""),
+    "zipkin": ({"tracing": {"random_sampling": {"value": 30}, "provider": ZIPKIN}}, {}, ADDS, ""),
     "zipkin_unshared": ({"tracing": {"provider": {**ZIPKIN, "typed_config": {
         **ZIPKIN["typed_config"], "shared_span_context": False}}}}, {}, {}, "sharedSpanContext"),
     "decorated": ({"tracing": {}}, {"traffic_direction": "OUTBOUND"},
-                  {"decorator": {"operation": "op1"}}, ""),  # upstream: the model's header add
+                  {"decorator": {"operation": "op1"}, **ADDS}, ""),  # upstream: the model's header add
     "decorated_in": ({"tracing": {}}, {}, {"decorator": {"operation": "op1"}},
                      "route decorator on a tracing listener that is not OUTBOUND"),  # on the response
     "decorated_nop": ({"tracing": {}}, {}, {"decorator": {"operation": "op1", "propagate": False}}, ""),
@@ -98,6 +103,7 @@ def _resources(up: int, col: int) -> tuple[list[dict[str, Any]], list[dict[str, 
         one = {**_listener(n, ports[n], hcm), **lis}
         rc = one["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
         rc["virtual_hosts"][0]["routes"][0].update(route)
+        rc["virtual_hosts"][0].update(VHOST.get(n, {}))
         listeners.append(one)
     clusters = [{"name": name, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
         "cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
@@ -197,11 +203,10 @@ def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> No
     needed = dict.fromkeys((*TRACE_HEADERS, "passing"), False)  # Envoy did what the kernel would not, somewhere
     for path, (n, lines) in cases.items():
         sent = [("host", "svc"), ("x-a", "1"), *lines]
-        got = [(k, v) for k, v in up.heads[path] if k != "x-envoy-expected-rq-timeout-ms"]
+        got = list(up.heads[path])  # x-envoy-expected-rq-timeout-ms included: its place is compared
         d = _model(plan, n, lines)
-        # the data path's lines, then the route's (x-envoy-expected-rq-timeout-ms left out of both)
-        added = d.hcm_added + tuple((k, re.escape(v)) for k, v in d.add_headers
-                                    if k != "x-envoy-expected-rq-timeout-ms") if d.kind == "forward" else ()
+        # the data path's lines, then the route's (the router's first: fastpath.classify_route)
+        added = d.hcm_added + tuple((k, re.escape(v)) for k, v in d.add_headers) if d.kind == "forward" else ()
         same = _fits(got, sent, added, lps[n].trace_sampling, d.trace_added if d.kind == "forward" else ())
         if n in SAMPLED and path.split("/")[2].startswith("s"):
             digits[n].add(dict(got)["x-request-id"][14])
@@ -218,6 +223,13 @@ def test_tracing_listeners_sample_as_envoy(envoy_bin: str, tmp_path: Path) -> No
             assert d.kind == "forward" and same, (path, got, sent, d)
         # the kernel passes the upstream's response (no such header) as it is
         differs[n] |= not same or "x-envoy-decorator-operation" in responses[path]
+    # Envoy's order of what it adds (the model's, compared above), spelled out
+    assert [k for k, _ in up.heads["/decorated/plain"]][4:] == [
+        "x-envoy-decorator-operation", "x-envoy-expected-rq-timeout-ms", "x-envoy-attempt-count",
+        "x-r1", "x-r2"], up.heads["/decorated/plain"]
+    assert [k for k, _ in up.heads["/zipkin/plain"]][4:] == [
+        "x-envoy-expected-rq-timeout-ms", "x-r1", "x-r2", "x-b3-traceid", "x-b3-spanid",
+        "x-b3-sampled"], up.heads["/zipkin/plain"]
     assert digits == {n: {"4", "9"} for n in SAMPLED}, digits  # both decisions were seen
     assert all(needed.values()), needed
     assert differs == {n: bool(s[3]) for n, s in SETTINGS.items()}, differs
