@@ -157,6 +157,17 @@ def from_json(type_url: str, data: dict[str, Any]) -> Any:
     return parse(type_url, data)
 
 
+def unwrapped(v: Any) -> Any:
+    """A field that is a wrapper in proto-JSON (BoolValue: {"value": x}, an empty
+    one false) or a plain value, as its value."""
+    return v.get("value", False) if isinstance(v, dict) else v
+
+
+def bool_field(d: dict[str, Any], key: str, default: bool) -> bool:
+    """A bool or BoolValue field of a proto-JSON dict (`default` when absent)."""
+    return bool(unwrapped(d.get(key, default)))
+
+
 def duration_ms(value: str | None) -> int | None:
     """Proto-JSON duration ("1.5s") -> milliseconds; None stays None."""
     if value is None:

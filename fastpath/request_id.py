@@ -39,6 +39,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from fastpath.envoy_model import bool_field
 from fastpath.tracing import traced_id_pattern
 
 XFP = "x-forwarded-proto"
@@ -50,25 +51,16 @@ UUID4 = re.compile(UUID4_PATTERN)
 UUID_EXTENSION = "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
 
 
-def _flag(hcm: dict[str, Any], key: str, default: bool) -> bool:
-    """A BoolValue field of the HCM dict as betterproto or a file gives it
-    (a bool, or {"value": bool})."""
-    v = hcm.get(key, default)
-    if isinstance(v, dict):
-        v = v.get("value", False)
-    return bool(v)
-
-
 def hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     """Why the kernel path cannot add these headers as this HCM does (its
     listener's routes then stay with Envoy); [] when it can."""
     out = []
-    if _flag(hcm, "useRemoteAddress", False):
+    if bool_field(hcm, "useRemoteAddress", False):
         out.append("http_connection_manager use_remote_address (Envoy appends x-forwarded-for "
                    "and overwrites an external client's x-request-id and x-forwarded-proto)")
-    if not _flag(hcm, "generateRequestId", True):
+    if not bool_field(hcm, "generateRequestId", True):
         out.append("http_connection_manager generate_request_id false (the kernel path adds x-request-id)")
-    if _flag(hcm, "alwaysSetRequestIdInResponse", False):
+    if bool_field(hcm, "alwaysSetRequestIdInResponse", False):
         out.append("http_connection_manager always_set_request_id_in_response (response header)")
     ext = (hcm.get("requestIdExtension") or {}).get("typedConfig") or {}
     if ext and ext.get("@type") != UUID_EXTENSION:

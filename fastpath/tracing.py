@@ -67,6 +67,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from fastpath.envoy_model import bool_field, unwrapped
+
 DENOMINATOR = 10000  # Envoy's FractionalPercent TEN_THOUSAND for the tracing percentages
 # Request headers that change Envoy's decision or that Envoy removes on a
 # tracing listener: such a request goes to Envoy (bpf_src/dp_xrid.h DP_R_TRACE)
@@ -100,8 +102,7 @@ def _percent(tracing: dict[str, Any], key: str) -> int:
 
 def _ext_flag(hcm: dict[str, Any], key: str) -> bool:
     ext = (hcm.get("requestIdExtension") or {}).get("typedConfig") or {}
-    v = ext.get(key, True)
-    return bool(v.get("value", False) if isinstance(v, dict) else v)
+    return bool_field(ext, key, True)
 
 
 def _packs(hcm: dict[str, Any]) -> bool:
@@ -161,8 +162,7 @@ def provider_reasons(p: dict[str, Any] | None) -> list[str]:
 def _changes_headers(key: str, v: Any) -> bool:
     if key in _ZIPKIN_SPAN_ONLY:
         return False
-    value = v.get("value", False) if isinstance(v, dict) else v  # a BoolValue or a plain field
-    return key not in _ZIPKIN_DEFAULTS or value != _ZIPKIN_DEFAULTS[key]
+    return key not in _ZIPKIN_DEFAULTS or unwrapped(v) != _ZIPKIN_DEFAULTS[key]
 
 
 def route_reasons(route: dict[str, Any], egress: bool) -> list[str]:
@@ -187,10 +187,7 @@ def decorator_operation(route: dict[str, Any]) -> str:
     x-envoy-expected-rq-timeout-ms and the route's lines): fastpath.classify
     makes it the route's first header add."""
     dec = route.get("decorator") or {}
-    propagate = dec.get("propagate", True)
-    if isinstance(propagate, dict):
-        propagate = propagate.get("value", False)
-    return str(dec.get("operation", "")) if propagate else ""
+    return str(dec.get("operation", "")) if bool_field(dec, "propagate", True) else ""
 
 
 def cflags(plan: Any) -> tuple[str, ...]:
