@@ -194,7 +194,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         m = Mesh(args.file, args.name, sidecars=args.sidecars, xds=args.xds,
                  fastpath=args.fastpath, timeout=args.timeout)
-        state = m.up()
+        state = m.up(say=lambda line: print(line, flush=True))
     except (MeshFileError, MeshError) as exc:
         return _err(exc)
     except KeyboardInterrupt:

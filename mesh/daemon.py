@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from mesh import configdir, envoyconf, naming, netrules, plumbing, spec, teardown, topology
+from mesh import claim, configdir, envoyconf, naming, netrules, plumbing, spec, teardown, topology
 from mesh.supervisor import Proc, Supervisor, pod_argv
 from xds_server.ports import pick_free_port
 
@@ -322,7 +322,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fastpath", choices=["on", "off", "auto"], default="off")
     p.add_argument("--envoy", default=shutil.which("envoy") or "envoy")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--lock-fd", type=int, help="the mesh name's lock, held by `Mesh.up` "
+                   "(mesh.claim); without it the daemon takes the lock itself")
     return p.parse_args(argv)
+
+
+def hold_name(name: str, lock_fd: int | None) -> int | None:
+    """The fd of mesh `name`'s lock, held for the daemon's life (mesh.claim): the
+    one `Mesh.up` handed down, else taken here; None when another process holds it.
+    Not inherited by the mesh's processes: it must go when the daemon goes."""
+    fd = lock_fd if lock_fd is not None else claim.try_lock(name)
+    if fd is not None:
+        os.set_inheritable(fd, False)
+        claim.record_holder(fd)  # `mesh down` finds the daemon before state.json exists
+    return fd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         d = Daemon(args)
     except spec.MeshFileError as exc:
         print(f"ERROR {exc}", file=out, flush=True)
+        return 2
+    if hold_name(d.name, args.lock_fd) is None:
+        print(f"ERROR mesh {d.name!r} {claim.busy_what(d.name)}", file=out, flush=True)
         return 2
     d.dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(filename=d.dir / "daemon.log", level=logging.INFO,

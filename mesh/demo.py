@@ -66,16 +66,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh.runner import Mesh, MeshError, find_pod, pod_popen
+    from mesh.runner import Mesh, MeshBusy, MeshError, find_pod, pod_popen
     from mesh.spec import MeshFileError
     try:
         m = Mesh(args.mesh, args.name, xds=args.xds, fastpath=args.fastpath)
-        there = already_there(m.name)
-        if there:  # Mesh.up would remove a starting or crashed one: maybe another user's
-            raise MeshError(there)
         print(f"starting mesh {m.name} from {args.mesh} ...", flush=True)
         t0 = time.monotonic()
-        state = m.up()
+        state = m.up(say=lambda line: print(line, flush=True))
+    except MeshBusy as exc:  # `make demo` always says `demo`: maybe another user's mesh
+        print(f"l7fp demo: {busy_message(exc.name, exc.what)}", file=sys.stderr)
+        return 1
     except (MeshFileError, MeshError) as exc:
         print(f"l7fp demo: {exc}", file=sys.stderr)
         return 1
@@ -115,33 +115,13 @@ def run(args: argparse.Namespace) -> int:
         print("done", flush=True)
 
 
-def already_there(name: str) -> str:
-    """Why a mesh `name` cannot be started now, in one line ('' when nothing of that
-    name is there): its state directory exists (running, starting, or left by a
-    crash) or namespaces marked as its own remain. `make demo` always says `demo`,
-    so on a shared machine another user's demo mesh is this one's name."""
-    from mesh import plumbing, teardown
-    from mesh.supervisor import pid_alive
-
-    how = (f"take it down with `l7fp mesh down --name {name}` (if it is yours), or give this "
-           "demo another name: `l7fp demo --name NAME` (`make demo DEMO_NAME=NAME`)")
-    if teardown.state_dir(name).exists():
-        st = teardown.read_state(name)
-        if st is None:
-            what = f"is starting, or its start crashed ({teardown.state_dir(name)} has no state.json)"
-        else:
-            pid = int(st.get("pid", 0))
-            what = (f"is running (daemon pid {pid}, {len(st.get('pods', []))} pods)"
-                    if pid_alive(pid) and teardown._is_daemon(pid, name)
-                    else f"was left by a crashed run (daemon pid {pid} is gone)")
-        return f"a mesh named {name!r} {what}: {how}"
-    try:
-        left = teardown.mesh_namespaces(name)
-    except (OSError, plumbing.PlumbingError):  # no `ip`: preflight (Mesh.up) says so next
-        left = []
-    if left:
-        return f"a mesh named {name!r} left {len(left)} network namespace(s) ({left[0]}, ...): {how}"
-    return ""
+def busy_message(name: str, what: str) -> str:
+    """Why the demo cannot start mesh `name` (a live process runs or starts one of
+    that name: mesh.claim) and what to do, in one line. `make demo` always says
+    `demo`, so on a shared machine another user's demo mesh is this one's name."""
+    return (f"a mesh named {name!r} {what}: take it down with `l7fp mesh down --name {name}` "
+            "(if it is yours), or give this demo another name: `l7fp demo --name NAME` "
+            "(`make demo DEMO_NAME=NAME`)")
 
 
 def service_rows(state: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -20,6 +20,12 @@ STATE_ROOT = "/run/l7fp/mesh"
 NETNS_PREFIX = "l7fp-"
 
 
+def lock_path(mesh: str) -> str:
+    """The lock file of a mesh name (mesh.claim): beside its state directory, not in
+    it, so a teardown that removes the directory never removes the lock."""
+    return f"{STATE_ROOT}/{mesh}.lock"
+
+
 def netns_name(mesh: str, pod: str) -> str:
     return f"{NETNS_PREFIX}{mesh}-{pod}"
 

@@ -11,23 +11,36 @@ described by /run/l7fp/mesh/<name>/state.json (docs/contracts.md).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mesh import claim, teardown
 from mesh import spec as mspec
-from mesh import teardown
 from mesh.supervisor import pid_alive
 from xds_server.envoyproc import envoy_path
+
+log = logging.getLogger(__name__)
 
 
 class MeshError(RuntimeError):
     """The mesh could not be started or found; the message says why."""
+
+
+class MeshBusy(MeshError):
+    """A live process runs or starts a mesh of this name (mesh.claim); `what` ends a
+    sentence about it ("is running (daemon pid 12, 3 pods)"), for callers' own advice."""
+
+    def __init__(self, name: str, what: str) -> None:
+        super().__init__(f"mesh {name!r} {what}: `l7fp mesh down --name {name}` first "
+                         "(if it is yours), or give another --name")
+        self.name, self.what = name, what
 
 
 def default_envoy() -> str:
@@ -71,20 +84,32 @@ class Mesh:
     def state_file(self) -> Path:
         return teardown.state_dir(self.name) / "state.json"
 
-    def up(self) -> dict[str, Any]:
-        """Start the mesh; return its state. Raises MeshError (nothing left behind)."""
+    def up(self, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Start the mesh; return its state. Raises MeshError (nothing left behind),
+        MeshBusy when a live process runs or starts a mesh of this name (nothing of
+        it touched). What a crashed run of the name left is removed first and said
+        in one line to `say` (default: the log). The rule is mesh.claim's."""
         preflight()
-        old = teardown.read_state(self.name)
-        if old and pid_alive(int(old.get("pid", 0))) and teardown._is_daemon(int(old["pid"]), self.name):
-            raise MeshError(f"mesh {self.name!r} is already running (pid {old['pid']}); "
-                            f"`l7fp mesh down --name {self.name}` first")
-        teardown.down(self.name)  # leftovers of a crashed run
+        try:
+            lock, removed = claim.claim(self.name)
+        except claim.Busy as exc:
+            raise MeshBusy(exc.name, exc.what) from None
+        try:
+            if removed:
+                (say or log.warning)(claim.leftovers_line(self.name, removed))
+            return self._start(lock)
+        finally:
+            os.close(lock)  # the daemon holds its inherited copy while it runs
+
+    def _start(self, lock: int) -> dict[str, Any]:
+        """Start the daemon, handing it the name's lock; wait for its READY."""
         argv = [sys.executable, "-m", "mesh.daemon", str(self.spec.path), "--name", self.name,
                 "--sidecars", self.sidecars, "--xds", self.xds, "--fastpath", self.fastpath,
-                "--envoy", self.envoy, "--timeout", str(self.timeout)]
+                "--envoy", self.envoy, "--timeout", str(self.timeout), "--lock-fd", str(lock)]
         env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
+                                stdin=subprocess.DEVNULL, text=True, start_new_session=True, env=env,
+                                pass_fds=(lock,))
         assert proc.stdout is not None
         try:
             line = proc.stdout.readline().strip()

@@ -34,7 +34,9 @@ def read_state(mesh: str) -> dict | None:
         return None
 
 
-def _is_daemon(pid: int, mesh: str) -> bool:
+def is_daemon(pid: int, mesh: str) -> bool:
+    """Whether `pid` is a live mesh daemon of `mesh` (by its command line, so a
+    reused pid is not taken for one)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -42,17 +44,35 @@ def _is_daemon(pid: int, mesh: str) -> bool:
     return b"mesh.daemon" in cmd and mesh.encode() in cmd
 
 
+def holder_pid(mesh: str) -> int | None:
+    """The pid last written into the mesh's lock file (mesh.claim): `Mesh.up`'s,
+    then its daemon's. Meaningful only while the lock is held."""
+    try:
+        return int(Path(naming.lock_path(mesh)).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def daemon_pid(mesh: str) -> int | None:
+    """The live daemon of `mesh`: the pid in state.json, else the lock holder's
+    (a daemon that has not written state.json yet); None when neither is one."""
+    state = read_state(mesh) or {}
+    for pid in (int(state.get("pid") or 0), holder_pid(mesh) or 0):
+        if pid and pid != os.getpid() and is_daemon(pid, mesh):
+            return pid
+    return None
+
+
 def stop_daemon(mesh: str, timeout: float = 15.0) -> bool:
     """SIGTERM the mesh's daemon (it tears down itself), SIGKILL if it hangs."""
-    state = read_state(mesh)
-    pid = int(state["pid"]) if state and state.get("pid") else None
-    if pid is None or pid == os.getpid() or not _is_daemon(pid, mesh):
+    pid = daemon_pid(mesh)
+    if pid is None:
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while pid_alive(pid) and _is_daemon(pid, mesh) and time.monotonic() < deadline:
+    while pid_alive(pid) and is_daemon(pid, mesh) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if pid_alive(pid) and _is_daemon(pid, mesh):
+    if pid_alive(pid) and is_daemon(pid, mesh):
         os.kill(pid, signal.SIGKILL)
     return True
 

@@ -1,0 +1,100 @@
+"""One mesh name, one owner (mesh.claim): two `Mesh.up` of one name at once,
+and the name of a crashed mesh.
+
+`Mesh.up` refused only a *running* daemon and otherwise called `teardown.down`
+on the name: a second `mesh up` of a name being started removed the first one's
+namespaces under it. Now a live process holding the name's lock (the starting
+`Mesh.up`, then its daemon) makes every other start fail with a MeshError naming
+the mesh, touching nothing; a name whose daemon died is cleaned and started, and
+the cleanup said in one line. Real meshes: one pod, no sidecars (~2 s each).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from meshtest_util import leftovers, unique_name
+
+from mesh import plumbing, teardown
+from mesh.runner import Mesh, MeshBusy, MeshError
+from mesh.supervisor import pid_alive
+
+pytestmark = [pytest.mark.mesh]
+
+ONE_POD = """
+name: t9-claim
+services:
+  web:
+    command: ["${PYTHON}", -m, mesh.apps.social, --port, "8080"]
+    ports: [8080]
+"""
+
+
+def _up_both(path: Path, name: str) -> list[Any]:
+    """Two `Mesh.up` of `name`, released at the same instant; each one's state or error."""
+    gate, results = threading.Barrier(2), [None, None]
+
+    def one(i: int) -> None:
+        m = Mesh(path, name, sidecars="none", timeout=30)
+        gate.wait()
+        try:
+            results[i] = m.up()
+        except MeshError as exc:
+            results[i] = exc
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    return results
+
+
+def _alive(name: str, state: dict[str, Any]) -> None:
+    """Everything of the running mesh is in place: daemon, app, namespace."""
+    assert teardown.is_daemon(int(state["pid"]), name)
+    assert all(pid_alive(p) for p in state["pods"][0]["pids"].values())
+    assert state["pods"][0]["netns"] in plumbing.netns_list()
+
+
+def test_two_ups_of_one_name_one_runs_and_a_crashed_one_is_cleaned(
+        kernel: None, tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(ONE_POD)
+    name = "t9-" + unique_name("c")
+    try:
+        results = _up_both(path, name)
+        states = [r for r in results if isinstance(r, dict)]
+        errors = [r for r in results if isinstance(r, MeshError)]
+        assert len(states) == 1 and len(errors) == 1, results
+        assert isinstance(errors[0], MeshBusy) and repr(name) in str(errors[0]), errors[0]
+        assert errors[0].what.startswith(("is being started (pid ", "is running (daemon pid ")), \
+            errors[0].what
+        state = teardown.read_state(name)
+        assert state is not None and state["pid"] == states[0]["pid"]
+        _alive(name, state)
+
+        with pytest.raises(MeshBusy) as busy:  # once up: refused, said as running
+            Mesh(path, name, sidecars="none").up()
+        assert busy.value.what == f"is running (daemon pid {state['pid']}, 1 pods)"
+        _alive(name, state)
+
+        os.kill(int(state["pid"]), signal.SIGKILL)  # a crash: its pod stays behind
+        deadline = time.monotonic() + 10
+        while teardown.is_daemon(int(state["pid"]), name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        said: list[str] = []
+        again = Mesh(path, name, sidecars="none", timeout=30).up(say=said.append)
+        assert len(said) == 1 and said[0].startswith(
+            f"mesh {name!r} was left by a crashed run: removed "), said
+        assert f"netns {state['pods'][0]['netns']}" in said[0]
+        assert again["pid"] != state["pid"]
+        _alive(name, again)
+    finally:
+        teardown.down(name)
+    assert leftovers(name) == []
