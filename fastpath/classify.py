@@ -205,7 +205,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
             reasons += more
         order.append(f.kind)
     reasons += _hcm_reasons(hcm)
-    reasons += tracing.hcm_reasons(hcm, direction is Direction.INBOUND, caps.fault_runtime)
+    reasons += tracing.hcm_reasons(hcm, caps.fault_runtime)
     if not any(f.kind == "router" for f in filters):
         # Envoy 1.40 accepts such an HCM and answers nothing (seen: 504 after the 5 min stream idle timeout)
         reasons.append("no router http filter (Envoy routes no request)")
@@ -216,7 +216,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
         if rc_name:
             reasons.append(f"route config {rc_name!r} not found")
     ctx = RouteContext(clusters, filters, caps, route_config=rc)
-    vhosts = _vhosts(rc, ctx, trace=("egress" if egress else "ingress") if "tracing" in hcm else "")
+    vhosts = _vhosts(rc, ctx, trace=_trace_kind(hcm, direction, egress))
     if not _every_request_routed(vhosts):
         reasons += no_route_delay
     if limit is not None and any(r.verdict is Verdict.ENVOY for v in vhosts for r in v.routes):
@@ -232,8 +232,18 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
                         Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)),
                         filter_order=tuple(order), fault_abort=fault, rbacs=tuple(rbacs),
                         use_remote_address=bool(hcm.get("useRemoteAddress", False)),
-                        trace_sampling=tracing.sampling(hcm), trace_provider=tracing.provider(hcm))
+                        trace_sampling=tracing.sampling(hcm), trace_provider=tracing.provider(hcm),
+                        trace_egress=egress and "tracing" in hcm)
     return plan, str(rc.get("name", rc_name))
+
+
+def _trace_kind(hcm: dict[str, Any], direction: Direction, egress: bool) -> str:
+    """What Envoy's tracing does with route decorators on this HCM
+    (_traced_route): "egress" (traffic_direction OUTBOUND), "inbound"
+    (INBOUND), "ingress" (any other); "" without tracing."""
+    if "tracing" not in hcm:
+        return ""
+    return "egress" if egress else "inbound" if direction is Direction.INBOUND else "ingress"
 
 
 def _every_request_routed(vhosts: tuple[VirtualHost, ...]) -> bool:
@@ -259,12 +269,12 @@ def _traced_route(r: dict[str, Any], ctx: RouteContext, trace: str) -> list[Rout
     entries = classify_route_entries(r, ctx)
     if not trace:
         return entries
-    why = "; ".join(tracing.route_reasons(r, egress=trace == "egress"))
+    why = "; ".join(tracing.route_reasons(r, egress=trace == "egress", inbound=trace == "inbound"))
     if why:
         return [_punt(e, why) for e in entries]
     op = tracing.decorator_operation(r)
-    if not op:
-        return entries
+    if not op or trace != "egress":
+        return entries  # an INBOUND listener's decorator names its span only
     dec = HeaderValue("x-envoy-decorator-operation", op, append=True)
     return [replace(e, request_headers_to_add=(dec, *e.request_headers_to_add)) for e in entries]
 
@@ -299,7 +309,8 @@ def _hcm_reasons(hcm: dict[str, Any]) -> list[str]:
 
 def _vhosts(rc: dict[str, Any], ctx: RouteContext, trace: str = "") -> tuple[VirtualHost, ...]:
     """The virtual hosts' routes; `trace`: the HCM has tracing, on an
-    "egress" (OUTBOUND) or "ingress" listener (_traced_route), "" without."""
+    "egress" (OUTBOUND), "inbound" (INBOUND) or "ingress" listener
+    (_traced_route), "" without."""
     out = []
     rc_extra = [f"route config {k}" for k in sorted(set(rc) - _RC_KEYS) if rc[k]]
     for vh in rc.get("virtualHosts", []):

@@ -35,6 +35,8 @@ def _listener_transparent(lp: ListenerPlan) -> bool:
         return False
     if lp.rbac is not None or lp.rbacs or lp.local_rate_limit is not None or lp.fault_abort is not None:
         return False
+    if lp.trace_sampling is not None:
+        return False  # its Envoy samples ids again, removes a header: inbound_merge.trace_refusal
     if len(lp.virtual_hosts) != 1 or lp.virtual_hosts[0].domains != ("*",):
         return False
     vh = lp.virtual_hosts[0]

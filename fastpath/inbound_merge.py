@@ -107,6 +107,8 @@ def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> M
         if inbound_transparent(dest.listeners, port):
             continue
         lp, why = _mergeable(dest, port, added)
+        why = why or (trace_refusal(lp, plan, (ip, port), plan_of_ip) if lp is not None else "")
+        lp = None if why else lp
         if lp is None:
             out.refused[(ip, port)] = why
             continue
@@ -127,6 +129,7 @@ def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> M
 
 
 EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
+DECORATOR = "x-envoy-decorator-operation"
 
 
 def _strips(dest: KernelPlan | None, port: int) -> bool:
@@ -140,28 +143,47 @@ def _strips(dest: KernelPlan | None, port: int) -> bool:
     return len(found) == 1 and not found[0].use_remote_address
 
 
+def _traces(dest: KernelPlan | None, port: int) -> bool:
+    """The destination's one inbound listener for `port` has HCM tracing: its
+    Envoy (not OUTBOUND) takes x-envoy-decorator-operation off the request
+    (the operation of its span; seen in tests/split/test_tracing_inbound_envoy.py)."""
+    found = [lp for lp in (dest.listeners if dest else ()) if lp.direction is Direction.INBOUND
+             and lp.port == port]
+    return len(found) == 1 and found[0].trace_sampling is not None
+
+
+# header -> does the destination's inbound sidecar take it off the request
+_INBOUND_REMOVES: dict[str, Callable[[KernelPlan | None, int], bool]] = {
+    EXPECTED_TIMEOUT: _strips, DECORATOR: _traces}
+
+
 def _without_stripped_headers(plan: KernelPlan, out: Merged,
                               plan_of_ip: Callable[[str], KernelPlan | None]
                               ) -> tuple[ListenerPlan, ...]:
-    """The client's listeners, with the kernel's insert of
-    x-envoy-expected-rq-timeout-ms dropped from outbound routes whose every
-    offloaded endpoint's inbound sidecar strips it: the kernel delivers past
-    that sidecar, so the app must not get what the sidecar would remove."""
+    """The client's listeners, with the kernel's insert of a header the
+    inbound sidecar removes (x-envoy-expected-rq-timeout-ms: `_strips`,
+    x-envoy-decorator-operation: `_traces`) dropped from outbound routes
+    whose every offloaded endpoint's inbound sidecar removes it: the kernel
+    delivers past that sidecar, so the app must not get what the sidecar
+    would remove (a route that reaches both kinds keeps it, and
+    `trace_refusal` refuses the tracing ones)."""
     eps = {c.name: [(e.address, e.port) for e in c.endpoints] for c in plan.clusters}
 
-    def stripped(r: Route) -> bool:
+    def stripped(r: Route, name: str) -> bool:
         a = r.action
         if not isinstance(a, ClusterAction) or not any(
-                h.name.lower() == EXPECTED_TIMEOUT for h in r.request_headers_to_add):
+                h.name.lower() == name for h in r.request_headers_to_add):
             return False
         reach = [ep for wc in a.clusters for ep in eps.get(wc.name, [])
                  if out.offloadable(*ep)]
-        return bool(reach) and all(_strips(plan_of_ip(ip), port) for ip, port in reach)
+        removes = _INBOUND_REMOVES[name]
+        return bool(reach) and all(removes(plan_of_ip(ip), port) for ip, port in reach)
 
     def route(r: Route) -> Route:
-        if not stripped(r):
+        gone = {name for name in _INBOUND_REMOVES if stripped(r, name)}
+        if not gone:
             return r
-        adds = tuple(h for h in r.request_headers_to_add if h.name.lower() != EXPECTED_TIMEOUT)
+        adds = tuple(h for h in r.request_headers_to_add if h.name.lower() not in gone)
         return dataclasses.replace(r, request_headers_to_add=adds)
 
     return tuple(lp if lp.direction is not Direction.OUTBOUND or lp.use_remote_address else
@@ -194,6 +216,61 @@ def _mergeable(dest: KernelPlan, port: int, added: set[str]) -> tuple[ListenerPl
     if clash:
         return None, f"inbound policy reads a header the outbound side adds: {', '.join(clash)}"
     return lp, ""
+
+
+def trace_refusal(lp: ListenerPlan, plan: KernelPlan, ep: tuple[str, int],
+                  plan_of_ip: Callable[[str], KernelPlan | None]) -> str:
+    """Why the client `plan` may not merge the destination's inbound listener
+    `lp` at endpoint `ep` because of lp's HCM tracing ("" when it may, or
+    without tracing). What the inbound Envoy does behind a client's Envoy
+    (tests/split/test_tracing_inbound_envoy.py): it keeps the caller's
+    x-request-id and b3 lines, samples an id marked unsampled again with its
+    own percentages (and unmarks a sampled one above its overall_sampling),
+    takes x-envoy-decorator-operation off the request, and puts its route's
+    decorator on the response, which an OUTBOUND tracing client Envoy takes
+    off. The kernel delivers past it, so every client route that reaches `ep`
+    must be on a listener that traces, is OUTBOUND (trace_egress) and has the
+    same sampling numerator and tracer (the same decision, no second
+    tracer's headers), and its added x-envoy-decorator-operation must go to
+    tracing inbound sides only (`_without_stripped_headers` drops it then)."""
+    if lp.trace_sampling is None:
+        return ""
+    eps = kernel_endpoints(plan)
+    for out, r in _routes_to(plan, eps, ep):
+        if not out.trace_egress:
+            return (f"inbound tracing behind client listener {out.name} that is not an OUTBOUND "
+                    "tracing listener (the inbound sidecar samples the id again, its route "
+                    "decorator reaches the client)")
+        if (out.trace_sampling, out.trace_provider) != (lp.trace_sampling, lp.trace_provider):
+            return (f"inbound tracing samples {lp.trace_sampling}/10000 "
+                    f"{lp.trace_provider or 'without provider'}, client listener {out.name} "
+                    f"{out.trace_sampling}/10000 {out.trace_provider or 'without provider'}")
+        if any(h.name.lower() == DECORATOR for h in r.request_headers_to_add) and not all(
+                _traces(plan_of_ip(ip), port) for ip, port in _route_endpoints(eps, r)):
+            return (f"client route {r.name!r} adds {DECORATOR}, which this inbound sidecar "
+                    "removes and another destination of the route keeps")
+    return ""
+
+
+def _route_endpoints(eps: dict[str, list[tuple[str, int]]], r: Route) -> list[tuple[str, int]]:
+    """The endpoints the kernel may send a request of `r` to (`eps`: kernel_endpoints)."""
+    a = r.action
+    if not isinstance(a, ClusterAction):
+        return []
+    return [ep for wc in a.clusters for ep in eps.get(wc.name, [])]
+
+
+def _routes_to(plan: KernelPlan, eps: dict[str, list[tuple[str, int]]], ep: tuple[str, int]
+               ) -> Iterator[tuple[ListenerPlan, Route]]:
+    """The client's KERNEL routes (and their listeners) that may send a
+    request to endpoint `ep`."""
+    for lp in plan.listeners:
+        if lp.direction is not Direction.OUTBOUND or lp.verdict is not Verdict.KERNEL:
+            continue
+        for vh in lp.virtual_hosts:
+            for r in vh.routes:
+                if r.verdict is Verdict.KERNEL and ep in _route_endpoints(eps, r):
+                    yield lp, r
 
 
 def listener_refusal(lp: ListenerPlan) -> str:

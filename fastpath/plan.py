@@ -486,6 +486,11 @@ class ListenerPlan:
     # (fastpath.tracing.provider): an unsampled request gets its b3 lines from
     # the kernel, a sampled one goes to Envoy (which reports its span). "": none.
     trace_provider: str = ""
+    # The HCM has tracing and traffic_direction OUTBOUND: its Envoy sends a
+    # route's decorator upstream and removes x-envoy-decorator-operation from
+    # responses (what fastpath.inbound_merge needs of a client listener in front
+    # of a destination whose inbound listener traces).
+    trace_egress: bool = False
 
 
 class LbPolicy(enum.Enum):

@@ -122,18 +122,15 @@ def sampling(hcm: dict[str, Any]) -> int | None:
     return min(_percent(tracing, "randomSampling"), _percent(tracing, "overallSampling"))
 
 
-def hcm_reasons(hcm: dict[str, Any], inbound: bool, runtime: str = "") -> list[str]:
+def hcm_reasons(hcm: dict[str, Any], runtime: str = "") -> list[str]:
     """Why this HCM's tracing keeps the listener with Envoy ([] when the
-    kernel reproduces it, or without tracing). `inbound`: the listener's
-    traffic_direction is INBOUND; `runtime`: the bootstrap's runtime layers
-    (KernelCaps.fault_runtime)."""
+    kernel reproduces it, or without tracing). `runtime`: the bootstrap's
+    runtime layers (KernelCaps.fault_runtime). An INBOUND listener's tracing
+    depends on its callers too: fastpath.inbound_merge (`trace_refusal`)."""
     tracing = hcm.get("tracing")
     if tracing is None:
         return []
     out = provider_reasons(tracing.get("provider"))
-    if inbound:
-        out.append("http_connection_manager tracing on an inbound listener (its sidecar samples "
-                   "the caller's x-request-id again)")
     if runtime and _packs(hcm):
         out.append(f"tracing percentages may come from the runtime ({runtime})")
     return out
@@ -165,11 +162,14 @@ def _changes_headers(key: str, v: Any) -> bool:
     return key not in _ZIPKIN_DEFAULTS or unwrapped(v) != _ZIPKIN_DEFAULTS[key]
 
 
-def route_reasons(route: dict[str, Any], egress: bool) -> list[str]:
+def route_reasons(route: dict[str, Any], egress: bool, inbound: bool = False) -> list[str]:
     """Why a route of a tracing HCM stays with Envoy (a route dict as the HCM
-    gives it); `egress`: the listener's traffic_direction is OUTBOUND."""
+    gives it); `egress`: the listener's traffic_direction is OUTBOUND,
+    `inbound`: INBOUND (its decorator's response header never reaches a
+    client whose listener traces and is OUTBOUND: that Envoy removes it, and
+    fastpath.inbound_merge merges such a listener only behind those)."""
     out = []
-    if decorator_operation(route) and not egress:
+    if decorator_operation(route) and not egress and not inbound:
         out.append("route decorator on a tracing listener that is not OUTBOUND "
                    "(x-envoy-decorator-operation on the response)")
     if route.get("tracing"):

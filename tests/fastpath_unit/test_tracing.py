@@ -43,10 +43,10 @@ def test_sampling_numerator_as_envoy_converts_percent() -> None:
 
 
 def test_reasons() -> None:
-    assert hcm_reasons({}, inbound=True, runtime="layered_runtime rtds") == []
-    assert hcm_reasons({"tracing": {}}, inbound=False) == []
+    assert hcm_reasons({}, runtime="layered_runtime rtds") == []
+    assert hcm_reasons({"tracing": {}}) == []  # INBOUND too: inbound_merge.trace_refusal
     zipkin = {"@type": ZIPKIN_TYPE, "collectorCluster": "c", "collectorEndpointVersion": "HTTP_JSON"}
-    assert hcm_reasons({"tracing": {"provider": {"name": "z", "typedConfig": zipkin}}}, inbound=False) == []
+    assert hcm_reasons({"tracing": {"provider": {"name": "z", "typedConfig": zipkin}}}) == []
     assert provider({"tracing": {"provider": {"name": "z", "typedConfig": zipkin}}}) == "zipkin"
     assert provider_reasons({"name": "z", "typedConfig": {**zipkin, "sharedSpanContext": {"value": True},
                                                           "traceId128bit": False}}) == []
@@ -55,13 +55,14 @@ def test_reasons() -> None:
     assert "traceId128bit" in provider_reasons({"name": "z", "typedConfig": {**zipkin, "traceId128bit": True}})[0]
     other = {"tracing": {"provider": {"name": "envoy.tracers.opentelemetry", "typedConfig": {
         "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"}}}}
-    assert "envoy.tracers.opentelemetry" in hcm_reasons(other, inbound=False)[0] and provider(other) == ""
-    assert "inbound" in hcm_reasons({"tracing": {}}, inbound=True)[0]
-    assert "runtime" in hcm_reasons({"tracing": {}}, inbound=False, runtime="layered_runtime disk")[0]
+    assert "envoy.tracers.opentelemetry" in hcm_reasons(other)[0] and provider(other) == ""
+    assert "runtime" in hcm_reasons({"tracing": {}}, runtime="layered_runtime disk")[0]
     assert route_reasons({"match": {"prefix": "/"}}, egress=False) == []
     assert len(route_reasons({"decorator": {"operation": "op"}, "tracing": {"randomSampling": {}},
                               "route": {"requestMirrorPolicies": [{"cluster": "c"}]}}, egress=False)) == 3
     assert route_reasons({"decorator": {"operation": "op"}}, egress=True) == []  # a header add
+    # INBOUND: its response header is removed by the OUTBOUND tracing caller inbound_merge requires
+    assert route_reasons({"decorator": {"operation": "op"}}, egress=False, inbound=True) == []
     assert route_reasons({"decorator": {"operation": "op", "propagate": False}}, egress=False) == []
     assert decorator_operation({"decorator": {"operation": "op"}}) == "op"
     assert decorator_operation({"decorator": {"operation": "op", "propagate": {"value": False}}}) == ""
