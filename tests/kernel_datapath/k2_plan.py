@@ -43,10 +43,11 @@ def with_routes(plan: KernelPlan, routes: tuple[Route, ...]) -> KernelPlan:
     return replace(plan, listeners=(replace(lst, virtual_hosts=(replace(vh, routes=routes),)),))
 
 
-def load_plan(agent: Agent, plan: KernelPlan) -> Any:
-    """Give the agent `plan` for node "client" (and an empty one for "up"); the
+def load_plan(agent: Agent, plan: KernelPlan, up: KernelPlan | None = None) -> Any:
+    """Give the agent `plan` for node "client" (and `up`, default an empty one,
+    for "up", the pod at 127.0.0.1 whose inbound side the client merges); the
     client's node once its plan is applied and its socket pools are filled."""
-    agent.on_plan("up", KernelPlan("up", "u1"))
+    agent.on_plan("up", up or KernelPlan("up", "u1"))
     agent.on_plan("client", plan)
     wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None, 60)
     node = agent.nodes["client"]

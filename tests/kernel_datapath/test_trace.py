@@ -26,6 +26,7 @@ import json
 import re
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,72 @@ def test_zipkin_unsampled_in_kernel_sampled_spans_from_envoy(agent: Agent, cgrou
             by_reason[why] = by_reason.get(why, 0) + n
     sampled = len(want) + (not zipkin_forwards(nxt, SAMPLING))
     assert by_reason == {SAMPLED_REASON: sampled, TRACE_REASON: 1}, kernel
+
+
+IN_OP = "op-in"
+
+
+def inbound_resources(port: int, up_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The destination's inbound listener "in" (INBOUND, tracing 30 % as the
+    caller's, a route decorator, Istio's timeout 0s) to the app at up_port."""
+    listener, cluster = listener_and_cluster(port, up_port, [
+        {"name": "in", "match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "0s"},
+         "decorator": {"operation": IN_OP}}])
+    listener["name"] = "in"
+    listener["traffic_direction"] = "INBOUND"
+    listener["filter_chains"][0]["filters"][0]["typed_config"]["tracing"] = {
+        "random_sampling": {"value": SAMPLING / 100}}
+    return listener, cluster
+
+
+def _at_port(obj: Any, port: int) -> Any:
+    """A listener or cluster with every port_value set to `port` (the plans'
+    view: the app's address, which a mesh's iptables sends to the inbound
+    sidecar; here the Envoys are chained by their own ports)."""
+    if isinstance(obj, dict):
+        return {k: (port if k == "port_value" else _at_port(v, port)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_at_port(v, port) for v in obj]
+    return obj
+
+
+# one connection of N plain requests, through the kernel and then through both Envoys
+ISCRIPT = [["SLEEP 0.05", *(req(f"i{i}") + "\r\n" for i in range(N))]]
+
+
+def test_inbound_tracing_merged_gives_the_app_the_envoy_chains_head(
+        agent: Agent, cgroup: Any, echo: EchoUpstream, resources_envoy: EnvoyMaker) -> None:
+    """The destination's tracing inbound listener merged into the client's
+    plan (fastpath.inbound_merge.trace_refusal lets it: the caller traces,
+    OUTBOUND, the same 30 %): the app gets from the kernel the head it gets
+    through both Envoys, line by line (the caller's route decorator, which
+    the inbound Envoy takes off, dropped; x-envoy-expected-rq-timeout-ms too),
+    each id's digit the caller's decision from the id, which the inbound
+    Envoy keeps."""
+    inbound = resources_envoy("trace-in", inbound_resources, echo.port)
+    outbound = resources_envoy("trace-out", resources, inbound.port)
+    plan = split_plan(outbound.listener, _at_port(outbound.cluster, echo.port))
+    dest = split_plan(_at_port(inbound.listener, echo.port), inbound.cluster)
+    node = load_plan(agent, plan, up=replace(dest, node_id="up"))
+    assert list(node.inbound_plans) == [f"127.0.0.1:{echo.port}"], node.inbound_plans
+    fast = run_client(cgroup, CLIENT, outbound.port, ISCRIPT)
+    time.sleep(0.1)
+    seen = _by_case(echo.take())
+    node.dp.detach_cgroup(cgroup.path)  # the same requests through both Envoys
+    chain = run_client(cgroup, CLIENT, outbound.port, ISCRIPT)
+    time.sleep(0.1)
+    envoy_seen = _by_case(echo.take())
+
+    assert all(r["status"] == 200 for c in fast + chain for r in c), (fast, chain)
+    digits = {"4": 0, "9": 0}
+    for i in range(N):
+        k, e = seen[f"i{i}"], envoy_seen[f"i{i}"]
+        assert not k["via_envoy"] and e["via_envoy"], (k, e)
+        assert [n for n, _ in k["headers"]] == [n for n, _ in e["headers"]], (k["headers"], e["headers"])
+        for (name, kv), (_, ev) in zip(k["headers"], e["headers"], strict=True):
+            assert name == "x-request-id" or kv == ev, (name, kv, ev)
+        for rid in (dict(k["headers"])["x-request-id"], dict(e["headers"])["x-request-id"]):
+            assert rid[14] == version_digit(rid, SAMPLING), rid
+        digits[dict(k["headers"])["x-request-id"][14]] += 1
+    assert "x-envoy-decorator-operation" not in dict(seen["i0"]["headers"]), seen["i0"]
+    assert digits["4"] and digits["9"], digits
