@@ -30,7 +30,11 @@ Envoy, which runs both sidecars) when:
   the request as the client sent it, the inbound sidecar would see the added
   headers), or a header the client's Envoy adds itself (x-request-id, ...),
   or, when the client has a path rewrite route, `x-envoy-original-path` or
-  `:path` as a header (the kernel decides the rewritten path only as the path).
+  `:path` as a header (the kernel decides the rewritten path only as the path);
+* it has HCM tracing and a client route reaching it is not on an OUTBOUND
+  tracing listener with the same sampling and tracer, or adds
+  x-envoy-decorator-operation and also reaches a destination that keeps it
+  (`trace_refusal`; otherwise that line is dropped from the client's route).
 """
 
 from __future__ import annotations

@@ -134,3 +134,45 @@ def test_inbound_path_rewrite_becomes_a_punt() -> None:
     routes = lp.virtual_hosts[0].routes
     assert [r.verdict for r in routes] == [Verdict.ENVOY, Verdict.ENVOY, Verdict.KERNEL]
     assert all("inbound path rewrite" in r.reason for r in routes[:2])
+
+
+DECO = HeaderValue("x-envoy-decorator-operation", "op", append=True)  # fastpath.classify's egress add
+OTHER = "198.18.0.10"
+
+
+def _traced_client(*dests: str, sampling: int | None = 3000, egress: bool = True) -> KernelPlan:
+    """client() with tracing on its listener (an OUTBOUND one's decorator
+    add) and its cluster's endpoints at `dests`."""
+    plan = client(DECO)
+    lp = dataclasses.replace(plan.listeners[0], trace_sampling=sampling, trace_egress=egress)
+    out = Cluster("out", LbPolicy.ROUND_ROBIN, tuple(Endpoint(ip, 9000) for ip in dests))
+    return dataclasses.replace(plan, listeners=(lp,), clusters=(out,))
+
+
+def _adds(plan: KernelPlan) -> list[str]:
+    return [h.name for h in plan.listeners[0].virtual_hosts[0].routes[0].request_headers_to_add]
+
+
+def test_inbound_tracing_merged_behind_the_same_sampling_without_the_decorator() -> None:
+    traced = dest(trace_sampling=3000)
+    got = merge(_traced_client(DST), lambda ip: traced)
+    assert got.merged == {(DST, 9000): merged_name(DST, 9000)} and not got.refused
+    assert _adds(got.plan) == []  # the inbound sidecar takes it off the request
+    # a transparent inbound side otherwise: the decorator stays
+    assert _adds(merge(_traced_client(DST), lambda ip: dest()).plan) == [DECO.name]
+
+
+def test_inbound_tracing_refused_behind_another_caller() -> None:
+    traced = dest(trace_sampling=3000)
+    for plan, why in ((_traced_client(DST, sampling=6000), "inbound tracing samples 3000/10000"),
+                      (_traced_client(DST, sampling=None, egress=False), "not an OUTBOUND tracing"),
+                      (_traced_client(DST, egress=False), "not an OUTBOUND tracing")):
+        got = merge(plan, lambda ip: traced)
+        assert why in got.refused[(DST, 9000)], got.refused
+    zipkin = dest(trace_sampling=3000, trace_provider="zipkin")
+    assert "zipkin" in merge(_traced_client(DST), lambda ip: zipkin).refused[(DST, 9000)]
+    # a decorated route to a tracing and a non-tracing inbound side: the
+    # line stays for the second, so the first is refused
+    got = merge(_traced_client(DST, OTHER), lambda ip: traced if ip == DST else dest())
+    assert "another destination of the route keeps" in got.refused[(DST, 9000)], got.refused
+    assert got.offloadable(OTHER, 9000) and _adds(got.plan) == [DECO.name]

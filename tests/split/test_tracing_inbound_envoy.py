@@ -12,7 +12,8 @@ request as it would across pods). What the inbound Envoy does, pinned here:
   unsampled (digit 4) gets 9 when r < its own random_sampling, a sampled one
   loses it when r >= its overall_sampling; with the caller's numerator
   (`trace_sampling`) the digit is the caller's decision ("same", "zipkin"),
-  with a larger one it is the inbound side's ("more");
+  with another the inbound side's (a larger random_sampling: "more", a
+  smaller overall_sampling: "overall");
 * it takes x-envoy-decorator-operation (the caller's route decorator) off the
   request: the app never sees it;
 * its route decorator goes on the response, which an OUTBOUND tracing
@@ -25,8 +26,8 @@ request as it would across pods). What the inbound Envoy does, pinned here:
 
 So the merge keeps "same" and "zipkin" (the kernel drops the caller's
 decorator line; every request's head the model's, the ids' digits the
-caller's decision from the id) and refuses "more" and "untraced" with a
-reason; Envoy indeed does there what the kernel would not.
+caller's decision from the id) and refuses "more", "overall" and "untraced" with a
+reason; Envoy indeed does there what the kernel would not. About 3 s.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ CHAINS: dict[str, tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any], d
     "same": (T30, OUT_ROUTE, T30, IN_ROUTE, 120, ""),
     "zipkin": ({**T30, "provider": ZIPKIN}, OUT_ROUTE, {**T30, "provider": ZIPKIN}, IN_ROUTE, 100, ""),
     "more": (T30, {}, {"random_sampling": {"value": 60}}, {}, 100, "inbound tracing samples 6000/10000"),
+    "overall": (T30, {}, {**T30, "overall_sampling": {"value": 20}}, {}, 100,
+                "inbound tracing samples 2000/10000"),
     "untraced": (None, {}, T30, IN_ROUTE, 20, "not an OUTBOUND tracing listener"),
 }
 APP_PORT = 9080
@@ -165,8 +168,10 @@ def test_inbound_tracing_behind_an_outbound_one(envoy_bin: str, tmp_path: Path) 
         col.close()
     client, dests = _plans(listeners, clusters)
     merged = merge(client, dests.get)
+    assert [dests[_app_ip(i)].listeners[0].trace_sampling for i in range(len(CHAINS))] == [
+        3000, 3000, 6000, 2000, 3000]
     sent = [("host", "svc"), ("x-a", "1")]
-    for i, (n, (to, _, ti, _, count, why)) in enumerate(CHAINS.items()):
+    for i, (n, (to, _, _, _, count, why)) in enumerate(CHAINS.items()):
         refused = merged.refused.get((_app_ip(i), APP_PORT), "")
         assert (why in refused) if why else not refused, (n, refused)
         paths = [f"/{n}/{k}" for k in range(count)]
@@ -175,7 +180,7 @@ def test_inbound_tracing_behind_an_outbound_one(envoy_bin: str, tmp_path: Path) 
         assert all("x-envoy-decorator-operation" not in dict(h) for h in heads), n
         on_response = [responses[p].get("x-envoy-decorator-operation") for p in paths]
         assert set(on_response) == ({"op-in"} if to is None else {None}), (n, on_response)
-        inbound = int(ti["random_sampling"]["value"] * 100)
+        inbound = dests[_app_ip(i)].listeners[0].trace_sampling
         assert all(_rid(up, p)[14] == version_digit(_rid(up, p), inbound) for p in paths), n
         if why:  # the inbound side's own decision: not the caller's for some ids
             caller = 0 if to is None else 3000
