@@ -31,7 +31,7 @@ import grpclib.exceptions
 import grpclib.server
 from envoy_data_plane.envoy.service.accesslog.v3 import StreamAccessLogsResponse
 
-from fastpath.outlier import LOCAL_CONNECT_FAILED, LOCAL_RESET, LOCAL_TIMEOUT
+from fastpath.outlier import LOCAL_CONNECT_FAILED, LOCAL_RESET, LOCAL_TIMEOUT, LOCAL_TIMEOUT_ALT
 from fastpath.residual_outlier import ALS_LOG_NAME, node_ip
 from xds_server.protocol.requests import DecodeError, fields
 
@@ -172,6 +172,7 @@ _LOG_ENTRY = 1  # HTTPAccessLogEntries.log_entry
 _COMMON, _RESPONSE = 1, 4  # HTTPAccessLogEntry
 _UPSTREAM_ADDRESS, _UPSTREAM_CLUSTER, _RESPONSE_FLAGS = 13, 15, 16  # AccessLogCommon
 _UPSTREAM_LOCAL = 14  # AccessLogCommon.upstream_local_address: set once connected
+_DOWNSTREAM_PEER = 20  # AccessLogCommon.downstream_direct_remote_address (not from XFF)
 # ResponseFlags of an attempt without a response -> its local-origin event
 # (fastpath.outlier.LOCAL_*; the keeper maps it per cluster: without
 # split_external_local_origin_errors a timeout is its 504, a connect failure or
@@ -201,9 +202,18 @@ _UT = 3  # ResponseFlags.upstream_request_timeout
 # response_code_details of Envoy 1.40's route timeout (Filter::onResponseTimeout;
 # a per-try timeout's is "upstream_per_try_timeout": its attempt's flag counts it)
 ROUTE_TIMEOUT_DETAILS = "response_timeout"
+# the router's timeout code with x-envoy-upstream-rq-timeout-alt-response (Envoy
+# honours it on internal requests only; the HCM strips it from the others)
+ALT_TIMEOUT_STATUS = 204
 
 
-_Kept = dict[str, tuple[str, str]]  # request id -> (cluster, "ip:port") of a kept entry
+# The key both entries of one request's timed-out attempt carry (seen with
+# Envoy 1.40, `RouteTimeouts`): (x-request-id or "", the downstream
+# connection's peer "ip:port", the attempt's upstream connection "ip:port").
+PairKey = tuple[str, str, str]
+# (key, (cluster, "ip:port")) -> the codes of the entries kept (a route timeout's
+# observation code; 0 for an attempt's)
+_Kept = dict[tuple[PairKey, tuple[str, str]], list[int]]
 
 
 class RouteTimeouts:
@@ -213,7 +223,8 @@ class RouteTimeouts:
     AccessLogService._stream, one per stream).
 
     Envoy's detector counts a route timeout (Filter::onResponseTimeout:
-    LocalOriginTimeout with its 504) for each attempt still awaiting headers,
+    LocalOriginTimeout with its timeout code, 504 or the alt-response 204)
+    for each attempt still awaiting headers,
     and nothing when it fires between attempts (a retry's backoff) or after
     the upstream's headers, or while the attempt's connection is pending (no
     host yet for the detector). The attempt's own entry has no status and no flag,
@@ -221,12 +232,19 @@ class RouteTimeouts:
     HCM's logger (residual_outlier.timeout_logger: only requests flagged UT)
     says `response_timeout` and names the last attempt's host. Seen with
     Envoy 1.40: both come on the same stream (one logger per worker for
-    both), both with the request's x-request-id, the attempt's first; the
-    worker writes them in one turn, so at most one flush falls between them.
-    The pairing does not rely on that order: whichever of the two comes
-    first is kept by request id for its message and the next, and the other
+    both), the attempt's first; the worker writes them in one turn, so at
+    most one flush falls between them. Both carry the request's x-request-id
+    when it has one (none: `generate_request_id: false` and no header from
+    the client), the downstream connection's peer address and the upstream
+    connection's local address (the HCM's: its last attempt's); the
+    `stream_id` of AccessLogCommon is no other key: the HCM's entry has the
+    x-request-id there, the attempts' none. So they pair by that PairKey:
+    without an x-request-id the two connections tell the request (an
+    HTTP/1.1 connection carries one request at a time).
+    The pairing does not rely on the order: whichever of the two comes
+    first is kept by its key for its message and the next, and the other
     one pairs with it. A route timeout counts for its host only when an
-    unanswered attempt of that request on that host, connected (its entry
+    unanswered attempt on that host, connected (its entry
     has an upstream local address; a pending one has the host but none), is
     paired with it: once, never for an attempt that got headers or a flag
     (those counted already). What is not paired within a flush (a
@@ -241,32 +259,35 @@ class RouteTimeouts:
         self._attempts = ({}, self._attempts[0])
         self._timeouts = ({}, self._timeouts[0])
 
-    def unanswered(self, request_id: str, cluster: str, host: str) -> bool:
-        """An attempt of `request_id` on (`cluster`, `host`) ended with no status
-        and no flag: True when the request's route timeout, already seen,
-        reset it (count it), at most once. A request without an id is never
-        paired."""
-        return _pair(request_id, (cluster, host), self._timeouts, self._attempts)
+    def unanswered(self, key: PairKey, cluster: str, host: str) -> int:
+        """A connected attempt with `key` on (`cluster`, `host`) ended with no
+        status and no flag: the code of the request's route timeout (count it)
+        when that timeout, already seen, reset it, at most once; else 0."""
+        return _pair((key, (cluster, host)), 0, self._timeouts, self._attempts)
 
-    def timed_out(self, request_id: str, cluster: str, host: str) -> bool:
-        """The route timeout of `request_id`, last attempt on (`cluster`, `host`):
-        True when that attempt, already seen, was reset by it (count it), at
-        most once."""
-        return _pair(request_id, (cluster, host), self._attempts, self._timeouts)
+    def timed_out(self, key: PairKey, cluster: str, host: str, code: int) -> int:
+        """The route timeout (observation `code`) of the request with `key`,
+        last attempt on (`cluster`, `host`): `code` (count it) when that
+        attempt, already seen, was reset by it, at most once; else 0."""
+        return _pair((key, (cluster, host)), code, self._attempts, self._timeouts)
 
 
-def _pair(request_id: str, at: tuple[str, str], other: tuple[_Kept, _Kept],
-          mine: tuple[_Kept, _Kept]) -> bool:
-    """RouteTimeouts' rule, one side: pair with the other side's entry of
-    `request_id` kept from this message or the one before (taken: once);
-    none kept: keep this one for the other side."""
-    if not request_id:
-        return False
+def _pair(entry: tuple[PairKey, tuple[str, str]], code: int, other: tuple[_Kept, _Kept],
+          mine: tuple[_Kept, _Kept]) -> int:
+    """RouteTimeouts' rule, one side: pair with an entry of the other side
+    kept from this message or the one before (taken: once) and give the
+    route timeout's code (`code`, or the kept one's); none kept: keep this
+    one for the other side and give 0. A key may hold several entries: two
+    requests multiplexed on the same two connections without an x-request-id."""
     for kept in other:
-        if request_id in kept:
-            return kept.pop(request_id) == at
-    mine[0][request_id] = at
-    return False
+        codes = kept.get(entry)
+        if codes:
+            got = codes.pop(0)
+            if not codes:
+                del kept[entry]
+            return code or got
+    mine[0].setdefault(entry, []).append(code)
+    return 0
 
 
 def observations(data: bytes, timeouts: RouteTimeouts | None = None
@@ -305,15 +326,13 @@ def _observation(entry: bytes, timeouts: RouteTimeouts | None) -> Observation | 
         return _route_timeout(top, cf, resp, at, timeouts)
     if kind not in (_UPSTREAM_END, _NOT_SET):  # an attempt's pool-ready or periodic entry
         return None
-    code = _sub(resp, _RESPONSE_CODE)
-    status = dict(fields(code)).get(1, 0) if code else 0
+    status = _status(resp)
     flags = _flags(cf)
     if not status:
         status = _no_response_status(flags)
         if not status and at is not None and timeouts is not None and not flags \
-                and cf.get(_UPSTREAM_LOCAL) \
-                and timeouts.unanswered(_request_id(top), *at):  # connected: not a pending connect
-            status = LOCAL_TIMEOUT
+                and cf.get(_UPSTREAM_LOCAL):  # connected: not a pending connect
+            status = timeouts.unanswered(_pair_key(top, cf), *at)
     if at is None or not isinstance(status, int) or not status:
         return None
     return at[0], at[1], status
@@ -332,17 +351,38 @@ def _upstream(cf: dict[int, bytes | int]) -> tuple[str, str] | None:
 
 def _route_timeout(top: dict[int, bytes | int], cf: dict[int, bytes | int], resp: bytes,
                    at: tuple[str, str] | None, timeouts: RouteTimeouts | None) -> Observation | None:
-    """The observation of a downstream (HCM) entry: LOCAL_TIMEOUT for the host
-    of the attempt a route timeout reset (RouteTimeouts), else None."""
+    """The observation of a downstream (HCM) entry: for the host of the attempt
+    a route timeout reset (RouteTimeouts), LOCAL_TIMEOUT, or LOCAL_TIMEOUT_ALT
+    when Envoy answered the alt-response 204 (its detector counted that code);
+    else None."""
     if at is None or timeouts is None or _str(_sub(resp, _CODE_DETAILS)) != ROUTE_TIMEOUT_DETAILS:
         return None
-    if _UT not in _flags(cf) or not timeouts.timed_out(_request_id(top), *at):
+    if _UT not in _flags(cf):
         return None
-    return at[0], at[1], LOCAL_TIMEOUT
+    code = LOCAL_TIMEOUT_ALT if _status(resp) == ALT_TIMEOUT_STATUS else LOCAL_TIMEOUT
+    if not timeouts.timed_out(_pair_key(top, cf), *at, code):
+        return None
+    return at[0], at[1], code
 
 
-def _request_id(top: dict[int, bytes | int]) -> str:
-    return _str(_sub(top.get(_REQUEST, b""), _REQUEST_ID))
+def _pair_key(top: dict[int, bytes | int], cf: dict[int, bytes | int]) -> PairKey:
+    """An entry's PairKey: (x-request-id, downstream peer, upstream local address)."""
+    return (_str(_sub(top.get(_REQUEST, b""), _REQUEST_ID)), _address(cf.get(_DOWNSTREAM_PEER, b"")),
+            _address(cf.get(_UPSTREAM_LOCAL, b"")))
+
+
+def _address(v: bytes | int) -> str:
+    """"ip:port" of an Address message's bytes ("" when it has no socket address)."""
+    sa = dict(fields(_sub(v, _SOCKET)))
+    port = sa.get(_SA_PORT, 0)
+    return f"{_str(sa.get(_SA_ADDRESS, b''))}:{port if isinstance(port, int) else 0}" if sa else ""
+
+
+def _status(resp: bytes) -> int:
+    """HTTPResponseProperties.response_code of an entry (0: none)."""
+    code = _sub(resp, _RESPONSE_CODE)
+    status = dict(fields(code)).get(1, 0) if code else 0
+    return status if isinstance(status, int) else 0
 
 
 def _flags(cf: dict[int, bytes | int]) -> set[int]:

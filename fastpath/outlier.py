@@ -180,9 +180,13 @@ MAX_HOSTS = 16  # DP_OD_EPS: endpoints per cluster the kernel's pick looks at
 LOCAL_CONNECT_FAILED = -1  # no connection (pool failure): LocalOriginConnectFailed only
 LOCAL_RESET = -2  # reset or protocol error after connecting: ConnectSuccess, then ConnectFailed
 LOCAL_TIMEOUT = -3  # per-try (idle) or route timeout after connecting: ConnectSuccess, then Timeout
+# ...a route timeout of a request with x-envoy-upstream-rq-timeout-alt-response
+# that Envoy honoured (an internal request): the router's timeout code is 204
+LOCAL_TIMEOUT_ALT = -4
 # ...and what a detector without split_external_local_origin_errors counts for
-# it: resultToHttpCode's 503, the router's 504 for a timeout
-AS_STATUS = {LOCAL_CONNECT_FAILED: 503, LOCAL_RESET: 503, LOCAL_TIMEOUT: 504}
+# it: resultToHttpCode's 503, the router's timeout code for a timeout (504, or
+# 204, a success, with the alt-response header)
+AS_STATUS = {LOCAL_CONNECT_FAILED: 503, LOCAL_RESET: 503, LOCAL_TIMEOUT: 504, LOCAL_TIMEOUT_ALT: 204}
 
 
 def envoy_events(code: int, cfg: OutlierConfig) -> list[tuple[str, int]]:

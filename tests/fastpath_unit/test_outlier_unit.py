@@ -154,6 +154,10 @@ def test_envoy_events_of_an_attempt_split_or_not() -> None:
     assert outlier.envoy_events(outlier.LOCAL_CONNECT_FAILED, split) == [("local", 1)]
     assert outlier.envoy_events(outlier.LOCAL_TIMEOUT, split) == [("local", 0), ("local", 1)]
     assert outlier.envoy_events(outlier.LOCAL_RESET, split) == [("local", 0), ("local", 1)]
+    # the alt-response route timeout: putResult(LocalOriginTimeout, 204): without
+    # split the code, a success; with split the code is not read
+    assert outlier.envoy_events(outlier.LOCAL_TIMEOUT_ALT, plain) == [("status", 204)]
+    assert outlier.envoy_events(outlier.LOCAL_TIMEOUT_ALT, split) == [("local", 0), ("local", 1)]
     unenforced = OutlierConfig(split=True, threshold_local=0)
     assert outlier.envoy_events(outlier.LOCAL_TIMEOUT, unenforced) == []
     assert outlier.envoy_events(200, unenforced) == [("status", 200)]

@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import re
 import socket
 import statistics
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from grpclib.server import Server
 
 from benchmarks.als_cost import round_order, sidecar_bootstrap
 from fastpath.als import AccessLogService
-from fastpath.outlier import LOCAL_CONNECT_FAILED, LOCAL_TIMEOUT
+from fastpath.outlier import AS_STATUS, LOCAL_CONNECT_FAILED, LOCAL_TIMEOUT, LOCAL_TIMEOUT_ALT
 from tests.support.als import stop_all, true
 from xds_server.envoyproc import Envoy
 
@@ -386,6 +388,8 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
         "cluster_name": "pend", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
             "socket_address": {"address": "127.0.0.1", "port_value": full.getsockname()[1]}}}}]}]}})
     routes.insert(0, {"match": {"prefix": "/pend"}, "route": {"cluster": "pend", "timeout": "0.3s"}})
+    lport2 = free_port()
+    _add_internal_listener(boot, lport2)
     envoy = Envoy(boot, admin, binary=envoy_bin).start()
     try:
         async def up() -> bool:
@@ -429,10 +433,77 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
         await asyncio.sleep(0.2)
         assert got == [t] * 4, got
         assert await _stat(admin, "c", "upstream_rq_timeout") == before + 4
+        await _without_request_id_and_alt(lport, lport2, admin, got, t)
     finally:
         await stop_all(envoy, server, runner)
         for sock in (full, *queued):
             sock.close()
+
+
+def _add_internal_listener(boot: dict[str, Any], port: int) -> None:
+    """A second listener on `port`, a copy of the first whose HCM generates no
+    x-request-id and takes 127.0.0.1 as internal (use_remote_address,
+    internal_address_config: Envoy honours x-envoy-upstream-rq-timeout-alt-response
+    only there), every request to `c2` (cluster `c`'s host, consecutive_5xx 2,
+    not enforced) with a 0.3 s route timeout."""
+    sr = boot["static_resources"]
+    c2 = copy.deepcopy(next(x for x in sr["clusters"] if x["name"] == "c"))
+    c2.update(name="c2", outlier_detection={"consecutive_5xx": 2, "enforcing_consecutive_5xx": 0,
+                                            "interval": "60s"})
+    c2["load_assignment"]["cluster_name"] = "c2"
+    lis = copy.deepcopy(sr["listeners"][0])
+    lis["name"], lis["address"]["socket_address"]["port_value"] = "l2", port
+    hcm = lis["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm.update(generate_request_id=False, use_remote_address=True, internal_address_config={
+        "cidr_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]})
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+        {"match": {"prefix": "/"}, "route": {"cluster": "c2", "timeout": "0.3s"}}]
+    sr["clusters"].append(c2)
+    sr["listeners"].append(lis)
+
+
+ALT = {"x-envoy-upstream-rq-timeout-alt-response": "1"}
+
+
+async def _status_of(port: int, path: str, headers: dict[str, str] | None = None) -> int:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{port}{path}", headers=headers or {},
+            timeout=aiohttp.ClientTimeout(total=3)) as r:
+        return r.status
+
+
+async def _without_request_id_and_alt(lport: int, lport2: int, admin: int, got: list[Any],
+                                      t: tuple[str, str, int]) -> None:
+    """Route timeouts of requests without an x-request-id (listener `lport2`)
+    pair by their connections; x-envoy-upstream-rq-timeout-alt-response: from
+    a client that is not internal (`lport`) Envoy strips it: 504, counted as
+    any; honoured (`lport2`) the client gets 204 and Envoy's detector that 204,
+    a success that ends a run of 5xx. After each request Envoy's detections of
+    `c2` (consecutive_5xx 2) equal those of its rule over our observations
+    (their status, outlier.AS_STATUS; a run of 2 detects and starts again)."""
+    got.clear()
+    before = await _detected(admin, "c")
+    assert await _status_of(lport, "/rt", ALT) == 504
+    await asyncio.sleep(0.2)
+    assert got == [t] and await _detected(admin, "c") == before + 1, got
+    t2 = ("c2", t[1], LOCAL_TIMEOUT)
+    run = ours = 0
+    for alt in (False, True, False, True, False, False):
+        got.clear()
+        assert await _status_of(lport2, "/x", ALT if alt else None) == (204 if alt else 504)
+        await asyncio.sleep(0.2)
+        assert got == [(*t2[:2], LOCAL_TIMEOUT_ALT if alt else LOCAL_TIMEOUT)], (alt, got)
+        run = run + 1 if AS_STATUS[got[0][2]] >= 500 else 0
+        ours, run = (ours + 1, 0) if run == 2 else (ours, run)
+        assert await _detected(admin, "c2") == ours, (alt, ours)
+    assert ours == 1  # the last two 504s; a 204 counted as 504 would have detected twice
+    got.clear()
+    before = await _stat(admin, "c2", "upstream_rq_timeout")
+    answers = await asyncio.gather(*(_status_of(lport2, "/x") for _ in range(4)))
+    assert answers == [504] * 4
+    await asyncio.sleep(0.2)
+    assert got == [t2] * 4, got
+    assert await _stat(admin, "c2", "upstream_rq_timeout") == before + 4
 
 
 def _full_backlog() -> tuple[socket.socket, list[socket.socket]]:
