@@ -333,7 +333,7 @@ def _observation(entry: bytes, timeouts: RouteTimeouts | None) -> Observation | 
         if not status and at is not None and timeouts is not None and not flags \
                 and cf.get(_UPSTREAM_LOCAL):  # connected: not a pending connect
             status = timeouts.unanswered(_pair_key(top, cf), *at)
-    if at is None or not isinstance(status, int) or not status:
+    if at is None or not status:
         return None
     return at[0], at[1], status
 
