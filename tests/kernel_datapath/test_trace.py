@@ -22,6 +22,7 @@ exactly those ids; a request with b3 context goes to Envoy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k2_envoy import EnvoyMaker, ResourcesEnvoy, listener_and_cluster
+from k2_envoy import EnvoyMaker, ResourcesEnvoy, StaticEnvoy, listener_and_cluster
 from k2_plan import load_plan, run_client, split_plan
 from test_delay import EchoUpstream
 from test_hop import CLIENT
@@ -243,41 +244,91 @@ def _at_port(obj: Any, port: int) -> Any:
 
 # one connection of N plain requests, through the kernel and then through both Envoys
 ISCRIPT = [["SLEEP 0.05", *(req(f"i{i}") + "\r\n" for i in range(N))]]
+B3 = ("x-b3-traceid", "x-b3-spanid", "x-b3-sampled")
 
 
+def _chain(envoy_bin: str, tmp_path: Path, app: int, col: int | None, stack: contextlib.ExitStack
+           ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any], int]:
+    """The real chain outbound Envoy (`resources`) -> inbound Envoy
+    (`inbound_resources`) -> the app at port `app`, both with the Zipkin
+    tracer reporting to `col` when given; their listeners and clusters, the
+    outbound one's port. Both Envoys are closed by `stack`."""
+    in_port, out_port = pick_free_port(), pick_free_port()
+    (inl, inc), (outl, outc) = inbound_resources(in_port, app), resources(out_port, in_port)
+    clusters: list[dict[str, Any]] = []
+    if col is not None:
+        for lis in (inl, outl):
+            lis["filter_chains"][0]["filters"][0]["typed_config"]["tracing"]["provider"] = ZIPKIN
+        clusters = [_at_port({**inc, "name": "col", "load_assignment": {**inc["load_assignment"],
+                                                                       "cluster_name": "col"}}, col)]
+    for name, lis, c, port in (("trace-in", inl, inc, in_port), ("trace-out", outl, outc, out_port)):
+        cfg = tmp_path / f"envoy-{name}.json"
+        cfg.write_text(json.dumps({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": pick_free_port()}}},
+            "static_resources": {"listeners": [lis], "clusters": [c, *clusters]},
+            "layered_runtime": {"layers": [{"name": "static", "static_layer": {
+                "tracing.zipkin.min_flush_spans": 1}}]}}))  # each span POSTed at once
+        stack.callback(StaticEnvoy(envoy_bin, cfg, port, tmp_path / f"envoy-{name}.log").close)
+    return inl, inc, outl, outc, out_port
+
+
+def _same_head(k: dict[str, Any], e: dict[str, Any], zipkin: bool) -> None:
+    """The kernel's and the Envoy chain's head of one case: the same lines in
+    the same order, the same values but the id and the b3 ids and decision;
+    each id's digit (and b3 decision) Envoy's from that id."""
+    assert [n for n, _ in k["headers"]] == [n for n, _ in e["headers"]], (k["headers"], e["headers"])
+    for (name, kv), (_, ev) in zip(k["headers"], e["headers"], strict=True):
+        assert name in ("x-request-id", *B3) or kv == ev, (name, kv, ev)
+    for h in (dict(k["headers"]), dict(e["headers"])):
+        sampled = version_digit(h["x-request-id"], SAMPLING) == "9"
+        assert h["x-request-id"][14] == ("9" if sampled else "4"), h
+        if zipkin:
+            assert h["x-b3-sampled"] == str(int(sampled)) and h["x-b3-traceid"] == h["x-b3-spanid"], h
+    # the kernel forwards all, but a sampled id on a Zipkin listener: Envoy reports its span
+    assert not k["via_envoy"] or (zipkin and dict(k["headers"])["x-b3-sampled"] == "1"), k
+    assert e["via_envoy"], e
+
+
+@pytest.mark.parametrize("zipkin", [False, True], ids=["no-provider", "zipkin"])
 def test_inbound_tracing_merged_gives_the_app_the_envoy_chains_head(
-        agent: Agent, cgroup: Any, echo: EchoUpstream, resources_envoy: EnvoyMaker) -> None:
+        zipkin: bool, agent: Agent, cgroup: Any, echo: EchoUpstream, envoy_bin: str, tmp_path: Path) -> None:
     """The destination's tracing inbound listener merged into the client's
     plan (fastpath.inbound_merge.trace_refusal lets it: the caller traces,
-    OUTBOUND, the same 30 %): the app gets from the kernel the head it gets
-    through both Envoys, line by line (the caller's route decorator, which
-    the inbound Envoy takes off, dropped; x-envoy-expected-rq-timeout-ms too),
-    each id's digit the caller's decision from the id, which the inbound
-    Envoy keeps."""
-    inbound = resources_envoy("trace-in", inbound_resources, echo.port)
-    outbound = resources_envoy("trace-out", resources, inbound.port)
-    plan = split_plan(outbound.listener, _at_port(outbound.cluster, echo.port))
-    dest = split_plan(_at_port(inbound.listener, echo.port), inbound.cluster)
-    node = load_plan(agent, plan, up=replace(dest, node_id="up"))
-    assert list(node.inbound_plans) == [f"127.0.0.1:{echo.port}"], node.inbound_plans
-    fast = run_client(cgroup, CLIENT, outbound.port, ISCRIPT)
-    time.sleep(0.1)
-    seen = _by_case(echo.take())
-    node.dp.detach_cgroup(cgroup.path)  # the same requests through both Envoys
-    chain = run_client(cgroup, CLIENT, outbound.port, ISCRIPT)
-    time.sleep(0.1)
-    envoy_seen = _by_case(echo.take())
+    OUTBOUND, the same 30 % and tracer): the app gets from the kernel the
+    head it gets through both real Envoys, line by line (the caller's route
+    decorator, which the inbound Envoy takes off, dropped;
+    x-envoy-expected-rq-timeout-ms too), each id's digit the caller's
+    decision from the id, which the inbound Envoy keeps. With Zipkin on both
+    sides the unsampled ones get the kernel's b3 lines, the sampled ones go
+    to Envoy, and the collector gets their two spans (client, server) each,
+    none for the kernel's."""
+    col = Collector()
+    with contextlib.ExitStack() as stack:
+        stack.callback(col.close)
+        inl, inc, outl, outc, port = _chain(envoy_bin, tmp_path, echo.port, col.port if zipkin else None, stack)
+        plan = split_plan(outl, _at_port(outc, echo.port))
+        dest = split_plan(_at_port(inl, echo.port), inc)
+        assert plan.listeners[0].trace_provider == dest.listeners[0].trace_provider == ("zipkin" if zipkin else "")
+        node = load_plan(agent, plan, up=replace(dest, node_id="up"))
+        assert list(node.inbound_plans) == [f"127.0.0.1:{echo.port}"], node.inbound_plans
+        fast = run_client(cgroup, CLIENT, port, ISCRIPT)
+        time.sleep(0.1)
+        seen = _by_case(echo.take())
+        ids = [dict(seen[f"i{i}"]["headers"])["x-request-id"] for i in range(N)]
+        sampled = [rid for rid in ids if rid[14] == "9"] if zipkin else []
+        deadline = time.monotonic() + 10
+        while any(col.ids.count(x) < 2 for x in sampled) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.2)
+        spans = list(col.ids)
+        node.dp.detach_cgroup(cgroup.path)  # the same requests through both Envoys
+        chain = run_client(cgroup, CLIENT, port, ISCRIPT)
+        time.sleep(0.1)
+        envoy_seen = _by_case(echo.take())
 
     assert all(r["status"] == 200 for c in fast + chain for r in c), (fast, chain)
-    digits = {"4": 0, "9": 0}
     for i in range(N):
-        k, e = seen[f"i{i}"], envoy_seen[f"i{i}"]
-        assert not k["via_envoy"] and e["via_envoy"], (k, e)
-        assert [n for n, _ in k["headers"]] == [n for n, _ in e["headers"]], (k["headers"], e["headers"])
-        for (name, kv), (_, ev) in zip(k["headers"], e["headers"], strict=True):
-            assert name == "x-request-id" or kv == ev, (name, kv, ev)
-        for rid in (dict(k["headers"])["x-request-id"], dict(e["headers"])["x-request-id"]):
-            assert rid[14] == version_digit(rid, SAMPLING), rid
-        digits[dict(k["headers"])["x-request-id"][14]] += 1
+        _same_head(seen[f"i{i}"], envoy_seen[f"i{i}"], zipkin)
     assert "x-envoy-decorator-operation" not in dict(seen["i0"]["headers"]), seen["i0"]
-    assert digits["4"] and digits["9"], digits
+    assert {rid[14] for rid in ids} == {"4", "9"}, ids
+    assert sorted(spans) == sorted(sampled * 2), (sampled, spans)
