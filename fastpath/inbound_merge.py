@@ -142,18 +142,23 @@ def _strips(dest: KernelPlan | None, port: int) -> bool:
     ConnectionManagerUtility::mutateRequestHeaders: use_remote_address off and
     no x-forwarded-for, as the client's sidecar without use_remote_address
     sends it). Seen in tests/kernel_retry: the app never gets the header."""
-    found = [lp for lp in (dest.listeners if dest else ()) if lp.direction is Direction.INBOUND
-             and lp.port == port]
-    return len(found) == 1 and not found[0].use_remote_address
+    lp = _inbound_listener(dest, port)
+    return lp is not None and not lp.use_remote_address
 
 
 def _traces(dest: KernelPlan | None, port: int) -> bool:
     """The destination's one inbound listener for `port` has HCM tracing: its
     Envoy (not OUTBOUND) takes x-envoy-decorator-operation off the request
     (the operation of its span; seen in tests/split/test_tracing_inbound_envoy.py)."""
+    lp = _inbound_listener(dest, port)
+    return lp is not None and lp.trace_sampling is not None
+
+
+def _inbound_listener(dest: KernelPlan | None, port: int) -> ListenerPlan | None:
+    """The destination's inbound listener for `port`, None unless exactly one."""
     found = [lp for lp in (dest.listeners if dest else ()) if lp.direction is Direction.INBOUND
              and lp.port == port]
-    return len(found) == 1 and found[0].trace_sampling is not None
+    return found[0] if len(found) == 1 else None
 
 
 # header -> does the destination's inbound sidecar take it off the request

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fastpath.inbound_merge import is_merged_cluster, merge, merged_name
+from fastpath.inbound_verdict import honest_plan
 from fastpath.plan import (
     Cluster,
     ClusterAction,
@@ -169,6 +170,10 @@ def test_inbound_tracing_refused_behind_another_caller() -> None:
                       (_traced_client(DST, egress=False), "not an OUTBOUND tracing")):
         got = merge(plan, lambda ip: traced)
         assert why in got.refused[(DST, 9000)], got.refused
+    # the caller's view (/debug/fastpath/plans): its route names the destination's cause
+    view = honest_plan(_traced_client(DST, sampling=6000), lambda ip: traced)
+    r = view.listeners[0].virtual_hosts[0].routes[0]
+    assert r.verdict is Verdict.ENVOY and "inbound tracing samples 3000/10000" in r.reason, r
     zipkin = dest(trace_sampling=3000, trace_provider="zipkin")
     assert "zipkin" in merge(_traced_client(DST), lambda ip: zipkin).refused[(DST, 9000)]
     # a decorated route to a tracing and a non-tracing inbound side: the
