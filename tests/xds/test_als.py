@@ -356,7 +356,8 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
     upstream's headers (`/stall`: its 200 counts; the client gets a reset),
     while the attempt's connect is pending (`/pend`: a host whose accept
     queue is full; its entry names the host but has no local address), a
-    downstream reset."""
+    downstream reset. Then, on a second listener, requests without an
+    x-request-id and the alt-response header (_without_request_id_and_alt)."""
     got: list[tuple[str, str, int]] = []
     svc = AccessLogService(lambda node, obs: got.extend(obs))
     server = Server([svc])
