@@ -233,7 +233,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
                         filter_order=tuple(order), fault_abort=fault, rbacs=tuple(rbacs),
                         use_remote_address=bool(hcm.get("useRemoteAddress", False)),
                         trace_sampling=tracing.sampling(hcm), trace_provider=tracing.provider(hcm),
-                        trace_egress=egress and "tracing" in hcm)
+                        trace_egress=egress and "tracing" in hcm, trace_overall=tracing.overall(hcm))
     return plan, str(rc.get("name", rc_name))
 
 

@@ -32,7 +32,7 @@ Envoy, which runs both sidecars) when:
   or, when the client has a path rewrite route, `x-envoy-original-path` or
   `:path` as a header (the kernel decides the rewritten path only as the path);
 * it has HCM tracing and a client route reaching it is not on an OUTBOUND
-  tracing listener with the same sampling and tracer, or adds
+  tracing listener with the same tracer and a sampling decision it keeps, or adds
   x-envoy-decorator-operation and also reaches a destination that keeps it
   (`trace_refusal`; otherwise that line is dropped from the client's route).
 """
@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastpath import tracing
 from fastpath.inbound import inbound_transparent
 from fastpath.plan import (
     ClusterAction,
@@ -234,13 +235,14 @@ def trace_refusal(lp: ListenerPlan, plan: KernelPlan, ep: tuple[str, int],
     without tracing). What the inbound Envoy does behind a client's Envoy
     (tests/split/test_tracing_inbound_envoy.py): it keeps the caller's
     x-request-id and b3 lines, samples an id marked unsampled again with its
-    own percentages (and unmarks a sampled one above its overall_sampling),
+    own percentages (and unmarks a sampled one above its overall_sampling:
+    fastpath.tracing.inbound_sampling),
     takes x-envoy-decorator-operation off the request, and puts its route's
     decorator on the response, which an OUTBOUND tracing client Envoy takes
     off. The kernel delivers past it, so every client route that reaches `ep`
     must be on a listener that traces, is OUTBOUND (trace_egress) and has the
-    same sampling numerator and tracer (the same decision, no second
-    tracer's headers), and its added x-envoy-decorator-operation must go to
+    same tracer (no second tracer's headers) and a sampling numerator whose
+    decision the inbound side keeps for every r, and its added x-envoy-decorator-operation must go to
     tracing inbound sides only (`_without_stripped_headers` drops it then)."""
     if lp.trace_sampling is None:
         return ""
@@ -250,10 +252,13 @@ def trace_refusal(lp: ListenerPlan, plan: KernelPlan, ep: tuple[str, int],
             return (f"inbound tracing behind client listener {out.name} that is not an OUTBOUND "
                     "tracing listener (the inbound sidecar samples the id again, its route "
                     "decorator reaches the client)")
-        if (out.trace_sampling, out.trace_provider) != (lp.trace_sampling, lp.trace_provider):
-            return (f"inbound tracing samples {lp.trace_sampling}/10000 "
-                    f"{lp.trace_provider or 'without provider'}, client listener {out.name} "
-                    f"{out.trace_sampling}/10000 {out.trace_provider or 'without provider'}")
+        if out.trace_provider != lp.trace_provider:
+            return (f"inbound tracing provider {lp.trace_provider or 'none'}, client listener "
+                    f"{out.name} {out.trace_provider or 'none'}")
+        arrive = tracing.inbound_sampling(out.trace_sampling, lp.trace_sampling, lp.trace_overall)
+        if arrive != out.trace_sampling:
+            return (f"inbound tracing samples the caller's ids again: {arrive}/10000 arrive "
+                    f"sampled, client listener {out.name} samples {out.trace_sampling}/10000")
         if any(h.name.lower() == DECORATOR for h in r.request_headers_to_add) and not all(
                 _traces(plan_of_ip(ip), port) for ip, port in _route_endpoints(eps, r)):
             return (f"client route {r.name!r} adds {DECORATOR}, which this inbound sidecar "

@@ -491,6 +491,9 @@ class ListenerPlan:
     # responses (what fastpath.inbound_merge needs of a client listener in front
     # of a destination whose inbound listener traces).
     trace_egress: bool = False
+    # The HCM's overall_sampling as a numerator of 10000 (fastpath.tracing.overall):
+    # an INBOUND listener's Envoy unmarks a caller's sampled id with r >= it.
+    trace_overall: int = 10000
 
 
 class LbPolicy(enum.Enum):

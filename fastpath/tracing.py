@@ -3,8 +3,11 @@ the x-request-id the kernel generates, and the settings and requests that
 stay with Envoy.
 
 Callers: `fastpath.classify` (`hcm_reasons`: why a tracing HCM stays with
-Envoy; `sampling` and `provider`: the listener's `ListenerPlan.trace_sampling`
-and `trace_provider`; `route_reasons`: per-route settings), `fastpath.agent`
+Envoy; `sampling`, `overall` and `provider`: the listener's
+`ListenerPlan.trace_sampling`, `trace_overall` and `trace_provider`;
+`route_reasons`: per-route settings), `fastpath.inbound_merge`
+(`inbound_sampling`: what a tracing inbound listener does to the caller's
+decision), `fastpath.agent`
 (`cflags`), `fastpath.synth_tables` (`ZIPKIN_FLAG` in the listener's `trace`
 field for bpf_src/dp_xrid.h), `fastpath.reference` (`punts`, `b3_lines`,
 `TRACE_REASON`) and the differential tests (`version_digit`,
@@ -67,11 +70,14 @@ ConnectionManagerUtility::mutateTracingRequestHeader):
   request; its own route decorator goes on the response, where an OUTBOUND
   tracing caller's Envoy takes it off again; with Zipkin each sampled request
   gives two spans (client, server). The kernel, skipping that sidecar,
-  reproduces it when the caller's listener traces, is OUTBOUND and has the
-  same numerator (`sampling`) and tracer: the inbound side then keeps every
-  decision, and the merge drops the caller's decorator line
-  (fastpath.inbound_merge.trace_refusal says why not otherwise: another
-  numerator or tracer, a caller without tracing or not OUTBOUND, a caller's
+  reproduces it when the caller's listener traces, is OUTBOUND, has the
+  same tracer and a numerator (`sampling`) whose decision the inbound side
+  keeps for every id (`inbound_sampling`: the same percentages, or a
+  smaller inbound random_sampling), and the merge drops the caller's
+  decorator line
+  (fastpath.inbound_merge.trace_refusal says why not otherwise: a decision
+  the inbound side changes, another tracer, a caller without tracing or
+  not OUTBOUND, a caller's
   decorated route that also reaches a destination without inbound tracing).
   So the listener is KERNEL; its route decorators are too (no header add:
   `route_reasons` with `inbound`).
@@ -135,6 +141,31 @@ def sampling(hcm: dict[str, Any]) -> int | None:
     if not _packs(hcm):
         return 0
     return min(_percent(tracing, "randomSampling"), _percent(tracing, "overallSampling"))
+
+
+def overall(hcm: dict[str, Any]) -> int:
+    """The listener's `trace_overall`: how many of the 10000 values of r may
+    keep a sampled digit (overall_sampling as Envoy converts it; 10000
+    without tracing or when the UUID extension does not pack or sample from
+    the id: Envoy then never unmarks one)."""
+    tracing = hcm.get("tracing")
+    if tracing is None or not _packs(hcm):
+        return DENOMINATOR
+    return _percent(tracing, "overallSampling")
+
+
+def inbound_sampling(caller: int | None, sampling: int, overall_: int) -> int:
+    """How many of the 10000 values of r arrive sampled at the app behind an
+    inbound listener with `trace_sampling` `sampling` and `trace_overall`
+    `overall_`, when the caller's listener marked r < `caller` sampled (None:
+    no tracing, every id unsampled). Envoy's inbound side
+    (ConnectionManagerUtility::mutateTracingRequestHeader, seen in
+    tests/split/test_tracing_inbound_envoy.py): an unsampled id gets the
+    sampled digit when r < its random_sampling, then any loses it when
+    r >= its overall_sampling; so r < min(max(caller, random), overall),
+    which is min(max(caller, sampling), overall) as sampling is
+    min(random, overall)."""
+    return min(max(caller or 0, sampling), overall_)
 
 
 def hcm_reasons(hcm: dict[str, Any], runtime: str = "") -> list[str]:

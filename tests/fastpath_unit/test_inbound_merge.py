@@ -165,17 +165,22 @@ def test_inbound_tracing_merged_behind_the_same_sampling_without_the_decorator()
 
 def test_inbound_tracing_refused_behind_another_caller() -> None:
     traced = dest(trace_sampling=3000)
-    for plan, why in ((_traced_client(DST, sampling=6000), "inbound tracing samples 3000/10000"),
+    # a caller sampling more than the inbound side's random_sampling: kept as it is
+    assert not merge(_traced_client(DST, sampling=6000), lambda ip: traced).refused
+    again = "inbound tracing samples the caller's ids again"
+    assert f"{again}: 2000/10000 arrive sampled" in merge(  # its overall_sampling unmarks some
+        _traced_client(DST), lambda ip: dest(trace_sampling=2000, trace_overall=2000)).refused[(DST, 9000)]
+    for plan, why in ((_traced_client(DST, sampling=1000), f"{again}: 3000/10000 arrive sampled"),
                       (_traced_client(DST, sampling=None, egress=False), "not an OUTBOUND tracing"),
                       (_traced_client(DST, egress=False), "not an OUTBOUND tracing")):
         got = merge(plan, lambda ip: traced)
         assert why in got.refused[(DST, 9000)], got.refused
     # the caller's view (/debug/fastpath/plans): its route names the destination's cause
-    view = honest_plan(_traced_client(DST, sampling=6000), lambda ip: traced)
+    view = honest_plan(_traced_client(DST, sampling=1000), lambda ip: traced)
     r = view.listeners[0].virtual_hosts[0].routes[0]
-    assert r.verdict is Verdict.ENVOY and "inbound tracing samples 3000/10000" in r.reason, r
+    assert r.verdict is Verdict.ENVOY and again in r.reason, r
     zipkin = dest(trace_sampling=3000, trace_provider="zipkin")
-    assert "zipkin" in merge(_traced_client(DST), lambda ip: zipkin).refused[(DST, 9000)]
+    assert "provider zipkin" in merge(_traced_client(DST), lambda ip: zipkin).refused[(DST, 9000)]
     # a decorated route to a tracing and a non-tracing inbound side: the
     # line stays for the second, so the first is refused
     got = merge(_traced_client(DST, OTHER), lambda ip: traced if ip == DST else dest())

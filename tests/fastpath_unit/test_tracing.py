@@ -16,6 +16,8 @@ from fastpath.tracing import (
     b3_lines,
     decorator_operation,
     hcm_reasons,
+    inbound_sampling,
+    overall,
     provider,
     provider_reasons,
     route_reasons,
@@ -99,3 +101,15 @@ def test_reference_hands_trace_headers_to_envoy() -> None:
     assert d.kind == "forward" and d.trace_added == b3_lines()
     assert zipkin_forwards("00000bb8-0000-4000-8000-000000000000", 3000)  # r = 3000: not sampled
     assert not zipkin_forwards("00000bb7-0000-9000-8000-000000000000", 3000)
+
+
+def test_what_arrives_sampled_behind_an_inbound_listener() -> None:
+    assert overall({}) == 10000 and overall({"tracing": {"overallSampling": {"value": 20}}}) == 2000
+    assert overall({"tracing": {"overallSampling": {"value": 20}}, "requestIdExtension": {
+        "typedConfig": {"@type": UUID_T, "packTraceReason": False}}}) == 10000  # never unmarks
+    assert inbound_sampling(3000, 3000, 10000) == 3000  # the same: kept
+    assert inbound_sampling(3000, 2000, 10000) == 3000  # a smaller random_sampling: kept
+    assert inbound_sampling(3000, 6000, 10000) == 6000  # a larger one samples more ids
+    assert inbound_sampling(3000, 2000, 2000) == 2000  # overall_sampling unmarks r >= 2000
+    assert inbound_sampling(None, 3000, 10000) == 3000  # a caller without tracing: all its own
+    assert inbound_sampling(10000, 100, 10000) == 10000  # Envoy's default 100 % before 1 %
