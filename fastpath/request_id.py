@@ -60,12 +60,23 @@ def hcm_reasons(hcm: dict[str, Any]) -> list[str]:
                    "and overwrites an external client's x-request-id and x-forwarded-proto)")
     if not bool_field(hcm, "generateRequestId", True):
         out.append("http_connection_manager generate_request_id false (the kernel path adds x-request-id)")
+    if _internal_clients(hcm):
+        out.append("http_connection_manager internal_address_config (requests from the clients it "
+                   "names are internal: Envoy adds x-envoy-internal and honours their x-envoy-* "
+                   "headers, e.g. x-envoy-upstream-rq-timeout-alt-response)")
     if bool_field(hcm, "alwaysSetRequestIdInResponse", False):
         out.append("http_connection_manager always_set_request_id_in_response (response header)")
     ext = (hcm.get("requestIdExtension") or {}).get("typedConfig") or {}
     if ext and ext.get("@type") != UUID_EXTENSION:
         out.append(f"http_connection_manager request_id_extension {ext.get('@type')}")
     return out  # tracing: fastpath.tracing.hcm_reasons
+
+
+def _internal_clients(hcm: dict[str, Any]) -> bool:
+    """The HCM's internal_address_config names some clients (CIDR ranges, or
+    unix sockets): Envoy 1.40 takes no client as internal without one."""
+    cfg = hcm.get("internalAddressConfig") or {}
+    return bool(cfg.get("cidrRanges")) or bool_field(cfg, "unixSockets", False)
 
 
 def added_headers(headers: tuple[tuple[str, str], ...],

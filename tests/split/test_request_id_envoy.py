@@ -43,11 +43,16 @@ SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
     "resp": ({"always_set_request_id_in_response": True}, "always_set_request_id_in_response"),
     "nosample": ({"tracing": {}, "request_id_extension": {"typed_config": {
         "@type": UUID_T, "use_request_id_for_trace_sampling": False}}}, ""),
+    # the "xff" request is internal there: Envoy adds x-envoy-internal: true
+    # (and would honour its x-envoy-* headers)
+    "internal": ({"internal_address_config": {"cidr_ranges": [
+        {"address_prefix": "127.0.0.1", "prefix_len": 32}]}}, "internal_address_config"),
 }
 # case -> the client's header lines
 REQUESTS = {"none": [], "rid": [("X-Request-Id", "client-id-1")],
             "xfp": [("x-forwarded-proto", "https")],
-            "both": [("x-forwarded-proto", "https"), ("x-request-id", "0")]}
+            "both": [("x-forwarded-proto", "https"), ("x-request-id", "0")],
+            "xff": [("x-forwarded-for", "127.0.0.1")]}
 
 
 class Recorder(ThreadedServer):
