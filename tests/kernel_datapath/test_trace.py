@@ -18,6 +18,14 @@ b3 lines after the route's (x-b3-traceid = x-b3-spanid, 16 hex digits,
 x-b3-sampled: 0) from the kernel; a sampled one goes to Envoy with the
 kernel's id (envoy/trace_sampled), and the collector gets a span for
 exactly those ids; a request with b3 context goes to Envoy.
+
+The destination's inbound listener with tracing (INBOUND, 30 % as the
+caller's, a route decorator), merged into the client's plan
+(fastpath.inbound_merge.trace_refusal): the app's heads from the kernel
+equal those through the real chain outbound Envoy -> inbound Envoy, without
+a provider and with Zipkin on both sides (spans: two per sampled id, none
+for the kernel's unsampled ones). What the inbound Envoy does:
+tests/split/test_tracing_inbound_envoy.py.
 """
 
 from __future__ import annotations
