@@ -32,7 +32,7 @@ import grpclib.server
 from envoy_data_plane.envoy.service.accesslog.v3 import StreamAccessLogsResponse
 
 from fastpath.outlier import LOCAL_CONNECT_FAILED, LOCAL_RESET, LOCAL_TIMEOUT, LOCAL_TIMEOUT_ALT
-from fastpath.residual_outlier import ALS_LOG_NAME, node_ip
+from fastpath.residual_outlier import ALS_LOG_NAME, ALT_STATE, node_ip
 from xds_server.protocol.requests import DecodeError, fields
 
 log = logging.getLogger(__name__)
@@ -173,10 +173,12 @@ _COMMON, _RESPONSE = 1, 4  # HTTPAccessLogEntry
 _UPSTREAM_ADDRESS, _UPSTREAM_CLUSTER, _RESPONSE_FLAGS = 13, 15, 16  # AccessLogCommon
 _UPSTREAM_LOCAL = 14  # AccessLogCommon.upstream_local_address: set once connected
 _DOWNSTREAM_PEER = 20  # AccessLogCommon.downstream_direct_remote_address (not from XFF)
+_FILTER_STATE = 21  # AccessLogCommon.filter_state_objects (map entries: key 1, value 2)
 # ResponseFlags of an attempt without a response -> its local-origin event
 # (fastpath.outlier.LOCAL_*; the keeper maps it per cluster: without
-# split_external_local_origin_errors a timeout is its 504, a connect failure or
-# reset 503) (Envoy's router: a timeout is LocalOriginTimeout with its 504, any
+# split_external_local_origin_errors a timeout is its 504, or the 204 of an
+# honoured alt-response header (LOCAL_TIMEOUT_ALT, `_alt_response`), a connect
+# failure or reset 503) (Envoy's router: a timeout is LocalOriginTimeout with its 504, any
 # upstream reset but an overflow LocalOriginConnectFailed, which
 # resultToHttpCode makes 503; a pool failure never had its LocalOriginConnectSuccess).
 # A route timeout is not here: the attempt it resets has an entry with no status
@@ -330,6 +332,8 @@ def _observation(entry: bytes, timeouts: RouteTimeouts | None) -> Observation | 
     flags = _flags(cf)
     if not status:
         status = _no_response_status(flags)
+        if status == LOCAL_TIMEOUT and _alt_response(common):  # its code was 204
+            status = LOCAL_TIMEOUT_ALT
         if not status and at is not None and timeouts is not None and not flags \
                 and cf.get(_UPSTREAM_LOCAL):  # connected: not a pending connect
             status = timeouts.unanswered(_pair_key(top, cf), *at)
@@ -363,6 +367,15 @@ def _route_timeout(top: dict[int, bytes | int], cf: dict[int, bytes | int], resp
     if not timeouts.timed_out(_pair_key(top, cf), *at, code):
         return None
     return at[0], at[1], code
+
+
+def _alt_response(common: bytes) -> bool:
+    """The entry's AccessLogCommon (bytes) logs the filter state ALT_STATE: its
+    request had x-envoy-upstream-rq-timeout-alt-response where Envoy honours
+    it (residual_outlier.alt_state_filter), so the router's timeout code,
+    which its detector counted for each timeout of the request, was 204."""
+    return any(num == _FILTER_STATE and isinstance(v, bytes) and _str(_sub(v, 1)) == ALT_STATE
+               for num, v in fields(common))
 
 
 def _pair_key(top: dict[int, bytes | int], cf: dict[int, bytes | int]) -> PairKey:

@@ -60,7 +60,7 @@ def hcm_reasons(hcm: dict[str, Any]) -> list[str]:
                    "and overwrites an external client's x-request-id and x-forwarded-proto)")
     if not bool_field(hcm, "generateRequestId", True):
         out.append("http_connection_manager generate_request_id false (the kernel path adds x-request-id)")
-    if _internal_clients(hcm):
+    if internal_clients(hcm):
         out.append("http_connection_manager internal_address_config (requests from the clients it "
                    "names are internal: Envoy adds x-envoy-internal and honours their x-envoy-* "
                    "headers, e.g. x-envoy-upstream-rq-timeout-alt-response)")
@@ -72,9 +72,11 @@ def hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     return out  # tracing: fastpath.tracing.hcm_reasons
 
 
-def _internal_clients(hcm: dict[str, Any]) -> bool:
-    """The HCM's internal_address_config names some clients (CIDR ranges, or
-    unix sockets): Envoy 1.40 takes no client as internal without one."""
+def internal_clients(hcm: dict[str, Any]) -> bool:
+    """The HCM (proto JSON) has an internal_address_config that names some
+    clients (CIDR ranges, or unix sockets): Envoy 1.40 takes no client as
+    internal without one. Callers: hcm_reasons, fastpath.residual_outlier
+    (such an HCM may honour x-envoy-upstream-rq-timeout-alt-response)."""
     cfg = hcm.get("internalAddressConfig") or {}
     return bool(cfg.get("cidrRanges")) or bool_field(cfg, "unixSockets", False)
 

@@ -20,6 +20,12 @@ in the node's residual, for every KERNEL cluster with outlier detection:
   UT (upstream timeout; `timeout_logger`): a route timeout's attempt entry has
   no status and no flag, the request's entry names its host (fastpath.als
   pairs them: RouteTimeouts); requests that did not time out are not logged;
+* on such an HCM whose internal_address_config names clients (Envoy honours
+  their x-envoy-upstream-rq-timeout-alt-response: its detector then counts
+  every timeout of the request as 204), a set_filter_state filter just
+  before the router keeps that header, which the router removes, as the
+  filter state ALT_STATE shared with the upstream, and both loggers log it
+  (`alt_state`): fastpath.als reads a per-try timeout's code from it;
 * the hosts out of the kernel's LB view come to Envoy as EDS UNHEALTHY
   (xds_server.eds_health, at publish time), so Envoy skips them too.
 
@@ -35,6 +41,7 @@ from typing import Any
 
 from fastpath import envoy_model as em
 from fastpath.plan import ClusterAction, Direction, KernelPlan, ListenerPlan, Verdict
+from fastpath.request_id import internal_clients
 from xds_server.bootstrap import XDS_CLUSTER
 
 ALS_CLUSTER = XDS_CLUSTER  # the sidecar bootstrap's xDS cluster (Istio's name; mesh.envoyconf)
@@ -47,9 +54,14 @@ ALS_TIMEOUT_NAME = "l7fp.outlier_als_route_timeout"
 # 2-3x the latency through Envoy here (benchmarks.als_cost, docs/fastpath.md).
 ALS_BUFFER_BYTES = 16384
 ALS_FLUSH = "0.01s"
+# The filter state that carries a request's x-envoy-upstream-rq-timeout-alt-response
+# to the access log (`alt_state_filter`, fastpath.als)
+ALT_STATE = "l7fp.rq_alt"
+ALT_FILTER_NAME = "l7fp.rq_alt"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 ROUTER_NAME = "envoy.filters.http.router"
 _ALS_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+_SET_STATE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config"
 
 
 def owned_clusters(plan: KernelPlan) -> set[str]:
@@ -92,6 +104,7 @@ def _without_als(msg: Any) -> Any:
         for f in chain.get("filters", []):
             hcm = f.get("typedConfig", {})
             changed |= _drop(hcm, "accessLog", ALS_TIMEOUT_NAME)
+            changed |= _drop(hcm, "httpFilters", ALT_FILTER_NAME)
             for router in filter(_is_router, hcm.get("httpFilters", [])):
                 changed |= _drop(router.get("typedConfig", {}), "upstreamLog", ALS_NAME)
     return em.from_json(em.LISTENER, lis) if changed else msg
@@ -115,6 +128,27 @@ def als_logger() -> dict[str, Any]:
         "commonConfig": {"logName": ALS_LOG_NAME, "transportApiVersion": "V3",
                          "grpcService": {"envoyGrpc": {"clusterName": ALS_CLUSTER}},
                          "bufferSizeBytes": ALS_BUFFER_BYTES, "bufferFlushInterval": ALS_FLUSH}}}
+
+
+def alt_state(log: dict[str, Any]) -> dict[str, Any]:
+    """Logger `log` (als_logger's form) that also logs the filter state ALT_STATE."""
+    out = {**log, "typedConfig": {**log["typedConfig"]}}
+    common = out["typedConfig"]["commonConfig"] = dict(out["typedConfig"]["commonConfig"])
+    common["filterStateObjectsToLog"] = [ALT_STATE]
+    return out
+
+
+def alt_state_filter() -> dict[str, Any]:
+    """The HTTP filter (proto JSON) that goes just before the router of an HCM
+    with internal clients: the request's x-envoy-upstream-rq-timeout-alt-response
+    (present only where Envoy honours it: the HCM strips it from the other
+    clients; the router reads and removes it) into the filter state
+    ALT_STATE, shared with the upstream: the router's upstream_log entries
+    carry it too (seen with Envoy 1.40; not shared, they did not)."""
+    return {"name": ALT_FILTER_NAME, "typedConfig": {"@type": _SET_STATE_TYPE, "onRequestHeaders": [{
+        "objectKey": ALT_STATE, "factoryKey": "envoy.string", "skipIfEmpty": True,
+        "sharedWithUpstream": "ONCE", "formatString": {"omitEmptyValues": True, "textFormatSource": {
+            "inlineString": "%REQ(x-envoy-upstream-rq-timeout-alt-response)%"}}}]}}
 
 
 def timeout_logger(router_log: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -164,19 +198,35 @@ def _with_als(msg: Any) -> Any:
     for chain in _chains(lis):
         for f in chain.get("filters", []):
             hcm = f.get("typedConfig", {})
-            if em.type_name(hcm.get("@type", "")) != em.HCM:
-                continue
-            for router in filter(_is_router, hcm.get("httpFilters", [])):
-                logs = router.setdefault("typedConfig", {"@type": ROUTER_TYPE}) \
-                    .setdefault("upstreamLog", [])
-                if not any(x.get("name") == ALS_NAME for x in logs):
-                    logs.append(als_logger())
-                    changed = True
-            hlogs = hcm.setdefault("accessLog", [])
-            if not any(x.get("name") == ALS_TIMEOUT_NAME for x in hlogs):
-                hlogs.append(timeout_logger())
-                changed = True
+            if em.type_name(hcm.get("@type", "")) == em.HCM:
+                changed |= hcm_with_als(hcm)
     return em.from_json(em.LISTENER, lis) if changed else msg
+
+
+def hcm_with_als(hcm: dict[str, Any]) -> bool:
+    """Add the loggers (and, with internal clients, alt_state_filter) to HCM
+    proto JSON `hcm` in place; True if anything was added. Callers:
+    `_with_als`, tests/xds/test_als.py (a real Envoy with this HCM)."""
+    alt = internal_clients(hcm)
+    log = alt_state(als_logger()) if alt else als_logger()
+    changed = False
+    filters = hcm.get("httpFilters", [])
+    for i, router in enumerate(filters):
+        if not _is_router(router):
+            continue
+        if alt and not any(x.get("name") == ALT_FILTER_NAME for x in filters[:i]):
+            filters.insert(i, alt_state_filter())  # the router's request headers, as it reads them
+            changed = True
+        logs = router.setdefault("typedConfig", {"@type": ROUTER_TYPE}).setdefault("upstreamLog", [])
+        if not any(x.get("name") == ALS_NAME for x in logs):
+            logs.append(log)
+            changed = True
+        break
+    hlogs = hcm.setdefault("accessLog", [])
+    if not any(x.get("name") == ALS_TIMEOUT_NAME for x in hlogs):
+        hlogs.append(timeout_logger(log))
+        changed = True
+    return changed
 
 
 def _is_router(f: dict[str, Any]) -> bool:

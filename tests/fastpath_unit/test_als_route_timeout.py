@@ -12,8 +12,6 @@ the HCM logger sends counts nothing, and attempts count as before.
 
 from __future__ import annotations
 
-from typing import Any
-
 from envoy_data_plane.envoy.config.core.v3 import Address, SocketAddress
 from envoy_data_plane.envoy.data.accesslog.v3 import (
     AccessLogCommon,
@@ -27,11 +25,13 @@ from envoy_data_plane.envoy.service.accesslog.v3 import (
     StreamAccessLogsMessage,
     StreamAccessLogsMessageHttpAccessLogEntries,
 )
+from envoy_data_plane.google.protobuf import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastpath.als import ROUTE_TIMEOUT_DETAILS, RouteTimeouts, observations
 from fastpath.outlier import LOCAL_TIMEOUT, LOCAL_TIMEOUT_ALT
+from fastpath.residual_outlier import ALT_STATE
 
 PER_TRY = "upstream_per_try_timeout"
 
@@ -39,23 +39,25 @@ PER_TRY = "upstream_per_try_timeout"
 def attempt(rid: str, host: int, status: int | None = None, ut: bool = False,
             cluster: str = "od", connected: bool = True,
             kind: AccessLogType = AccessLogType.UpstreamEnd, peer: int = 30000,
-            conn: int = 40000) -> HttpAccessLogEntry:
+            conn: int = 40000, alt: bool = False) -> HttpAccessLogEntry:
     """The router's upstream_log entry of one attempt on 198.18.0.<host>:80 of a
     request from the downstream peer 198.18.0.8:`peer`, on the upstream
-    connection from 198.18.0.9:`conn` (none: its connect was pending)."""
-    return _entry(kind, rid, host, status, ut, "", cluster, peer, conn if connected else 0)
+    connection from 198.18.0.9:`conn` (none: its connect was pending); with
+    `alt` the request had x-envoy-upstream-rq-timeout-alt-response, honoured
+    (the filter state residual_outlier.alt_state_filter sets)."""
+    return _entry(kind, rid, host, status, ut, "", cluster, peer, conn if connected else 0, alt)
 
 
 def hcm(rid: str, host: int, details: str = ROUTE_TIMEOUT_DETAILS, ut: bool = True,
         status: int = 504, cluster: str = "od", peer: int = 30000,
-        conn: int = 40000) -> HttpAccessLogEntry:
+        conn: int = 40000, alt: bool = False) -> HttpAccessLogEntry:
     """The HCM logger's entry of a request whose last attempt was on `host`
     over the upstream connection from port `conn` (0: none, pending)."""
-    return _entry(AccessLogType.DownstreamEnd, rid, host, status, ut, details, cluster, peer, conn)
+    return _entry(AccessLogType.DownstreamEnd, rid, host, status, ut, details, cluster, peer, conn, alt)
 
 
 def _entry(kind: AccessLogType, rid: str, host: int, status: int | None, ut: bool,
-           details: str, cluster: str, peer: int, conn: int) -> HttpAccessLogEntry:
+           details: str, cluster: str, peer: int, conn: int, alt: bool) -> HttpAccessLogEntry:
     """As Envoy 1.40 fills them: the downstream peer on both, x-request-id
     in request.request_id (AccessLogCommon.stream_id only on the HCM's entry,
     equal to it: not read)."""
@@ -64,6 +66,9 @@ def _entry(kind: AccessLogType, rid: str, host: int, status: int | None, ut: boo
         downstream_direct_remote_address=Address(socket_address=SocketAddress(
             address="198.18.0.8", port_value=peer)),
         stream_id=rid if kind == AccessLogType.DownstreamEnd else "")
+    if alt:  # as Envoy 1.40 logs it: the header's value as a StringValue
+        common.filter_state_objects = {ALT_STATE: Any(
+            type_url="type.googleapis.com/google.protobuf.StringValue", value=b"\n\x011")}
     if conn:
         common.upstream_local_address = Address(
             socket_address=SocketAddress(address="198.18.0.9", port_value=conn))
@@ -74,7 +79,7 @@ def _entry(kind: AccessLogType, rid: str, host: int, status: int | None, ut: boo
                                                               response_code_details=details))
 
 
-def feed(*messages: list[HttpAccessLogEntry], timeouts: RouteTimeouts | None = None) -> list[Any]:
+def feed(*messages: list[HttpAccessLogEntry], timeouts: RouteTimeouts | None = None) -> list[object]:
     """The observations of `messages`, one stream in order."""
     t = RouteTimeouts() if timeouts is None else timeouts
     out = []
@@ -149,6 +154,11 @@ def test_the_alt_response_timeout_counts_as_envoys_204() -> None:
     assert feed([attempt("r", 3), hcm("r", 3, status=204)]) == [TIMEOUT_204_ON_3]
     assert feed([hcm("r", 3, status=204)], [attempt("r", 3)]) == [TIMEOUT_204_ON_3]
     assert feed([hcm("", 3, status=204), attempt("", 3)]) == [TIMEOUT_204_ON_3]
+    # a per-try (or per-try idle) timeout's code: the filter state on its entry
+    assert feed([attempt("r", 3, ut=True, alt=True)]) == [TIMEOUT_204_ON_3]
+    assert feed([attempt("r", 3, ut=True, alt=True), hcm("r", 3, status=204, alt=True)]) == [
+        TIMEOUT_204_ON_3]  # in a retry's backoff: the per-try timeout's only
+    assert feed([attempt("r", 3, status=503, alt=True)]) == [("od", "198.18.0.3:80", 503)]
 
 
 def test_an_hcm_entry_is_never_counted_as_a_status() -> None:
@@ -193,20 +203,25 @@ def test_an_entry_without_its_type_is_an_attempts_last() -> None:
 # (Envoy 1.40: the HCM's entry names its last attempt's; x-request-id `rid`,
 # "" for none, on both).
 def _story(what: str, rid: str, h: int, o: int, peer: int,
-           conn: int) -> tuple[list[HttpAccessLogEntry], list[Any]]:
+           conn: int) -> tuple[list[HttpAccessLogEntry], list[object]]:
     timeout, at_h = ("od", f"198.18.0.{h}:80", LOCAL_TIMEOUT), f"198.18.0.{h}:80"
 
-    def a(host: int, **kw: Any) -> HttpAccessLogEntry:
+    def a(host: int, **kw: object) -> HttpAccessLogEntry:
         return attempt(rid, host, peer=peer, **{"conn": conn, **kw})
 
-    def d(**kw: Any) -> HttpAccessLogEntry:
+    def d(**kw: object) -> HttpAccessLogEntry:
         return hcm(rid, h, peer=peer, **{"conn": conn, **kw})
     return {
         # the route timeout reset the connected attempt awaiting headers: counted, once
         "route_timeout": ([a(h), d()], [timeout]),
         # the same with x-envoy-upstream-rq-timeout-alt-response honoured: the
-        # router's timeout code, 204, is what the detector gets
-        "alt_timeout": ([a(h), d(status=204)], [("od", at_h, LOCAL_TIMEOUT_ALT)]),
+        # router's timeout code, 204, is what the detector gets (for each
+        # timeout of the request); both entries carry the filter state
+        "alt_timeout": ([a(h, alt=True), d(status=204, alt=True)], [("od", at_h, LOCAL_TIMEOUT_ALT)]),
+        "alt_per_try": ([a(h, ut=True, alt=True), d(details=PER_TRY, status=204, alt=True)],
+                        [("od", at_h, LOCAL_TIMEOUT_ALT)]),
+        "alt_in_backoff": ([a(h, ut=True, alt=True), d(status=204, alt=True)],
+                           [("od", at_h, LOCAL_TIMEOUT_ALT)]),
         # a retried request: the 503 of the first attempt counts, then the timeout
         "retried_timeout": ([a(h), d(), a(o, status=503, conn=conn + 1)],
                             [timeout, ("od", f"198.18.0.{o}:80", 503)]),
@@ -223,7 +238,8 @@ def _story(what: str, rid: str, h: int, o: int, peer: int,
     }[what]
 
 
-REQUEST = st.tuples(st.sampled_from(["route_timeout", "alt_timeout", "retried_timeout",
+REQUEST = st.tuples(st.sampled_from(["route_timeout", "alt_timeout", "alt_per_try", "alt_in_backoff",
+                                     "retried_timeout",
                                      "downstream_reset", "pending_connect", "in_backoff",
                                      "per_try", "after_headers"]),
                     st.sampled_from([(3, 4), (4, 3)]),  # (last attempt's host, another)
@@ -245,7 +261,7 @@ def test_counts_what_envoys_detector_counts_whatever_the_order_and_flushes(
     the receiver counts, per host, what Envoy's detector counted for those
     requests."""
     messages: list[list[tuple[float, HttpAccessLogEntry]]] = [[] for _ in range(5)]
-    want: list[Any] = []
+    want: list[object] = []
     for n, (what, (h, o), has_id, first, gap, hcm_first, places) in enumerate(requests):
         entries, counted = _story(what, f"r{n}" if has_id else "", h, o, 30000 + n, 40000 + 2 * n)
         want += counted

@@ -110,3 +110,37 @@ def test_a_node_id_without_ip_gets_no_logger() -> None:
     assert not any(_logs(em.to_json(m)) for m in r.residual[res.LISTENER])
     owned = {em.to_json(m)["name"]: em.to_json(m) for m in r.residual[res.CLUSTER]}
     assert "outlierDetection" in owned["od"]
+
+
+def test_an_hcm_with_internal_clients_keeps_the_alt_response_for_the_log() -> None:
+    """Envoy honours x-envoy-upstream-rq-timeout-alt-response only from the
+    clients an HCM's internal_address_config names, and its detector then
+    counts each timeout of the request as 204; the router removes the header.
+    Such an HCM gets alt_state_filter just before its router and both loggers
+    log its filter state (fastpath.als reads a per-try timeout's code from
+    it); other HCMs get neither. Idempotent; a given-up node loses it too."""
+    docs = resources()
+    lis = next(m for m in docs[res.LISTENER] if em.to_json(m)["name"] == "out")
+    js = em.to_json(lis)
+    js["filterChains"][0]["filters"][0]["typedConfig"]["internalAddressConfig"] = {
+        "cidrRanges": [{"addressPrefix": "198.18.0.0", "prefixLen": 15}]}
+    docs[res.LISTENER] = [em.from_json(em.LISTENER, js) if m is lis else m for m in docs[res.LISTENER]]
+    r = split_snapshot("sidecar~198.18.0.9~c-0.t~t.svc.cluster.local", docs)
+    out = em.to_json(r.residual[res.LISTENER][0])
+    hcm = out["filterChains"][0]["filters"][0]["typedConfig"]
+    assert [f["name"] for f in hcm["httpFilters"]] == [ro.ALT_FILTER_NAME, "router"]
+    (log,) = hcm["httpFilters"][1]["typedConfig"]["upstreamLog"]
+    (ut,) = hcm["accessLog"]
+    assert log["typedConfig"]["commonConfig"]["filterStateObjectsToLog"] == [ro.ALT_STATE]
+    assert ut["typedConfig"] == log["typedConfig"]  # still one stream for the pair
+    state = hcm["httpFilters"][0]["typedConfig"]["onRequestHeaders"][0]
+    assert state["sharedWithUpstream"] == "ONCE" and state["skipIfEmpty"]
+    again = {t: list(v) for t, v in r.residual.items()}
+    ro.apply(again, r.plan)
+    assert em.to_json(again[res.LISTENER][0]) == out
+    off = em.to_json(ro.without_als(r.residual)[res.LISTENER][0])
+    assert [f["name"] for f in off["filterChains"][0]["filters"][0]["typedConfig"]["httpFilters"]] == [
+        "router"]
+    plain = em.to_json(split_snapshot("sidecar~198.18.0.9~c-0.t~t.svc.cluster.local",
+                                      resources()).residual[res.LISTENER][0])
+    assert "filterStateObjectsToLog" not in _logs(plain)[0]["typedConfig"]["commonConfig"]

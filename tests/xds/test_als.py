@@ -25,6 +25,7 @@ from aiohttp import web
 from grpclib.server import Server
 
 from benchmarks.als_cost import round_order, sidecar_bootstrap
+from fastpath import residual_outlier as ro
 from fastpath.als import AccessLogService
 from fastpath.outlier import AS_STATUS, LOCAL_CONNECT_FAILED, LOCAL_TIMEOUT, LOCAL_TIMEOUT_ALT
 from tests.support.als import stop_all, true
@@ -296,6 +297,7 @@ async def test_a_connect_failure_counts_as_envoys_detector_counts_it(envoy_bin):
         await stop_all(envoy, server, runner)
 
 
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 SEEN = web.AppKey("seen", list[str])  # the paths a _slow_site got, in order
 
 
@@ -442,25 +444,29 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
 
 
 def _add_internal_listener(boot: dict[str, Any], port: int) -> None:
-    """A second listener on `port`, a copy of the first whose HCM generates no
-    x-request-id and takes 127.0.0.1 as internal (use_remote_address,
-    internal_address_config: Envoy honours x-envoy-upstream-rq-timeout-alt-response
-    only there), every request to `c2` (cluster `c`'s host, consecutive_5xx 2,
-    not enforced) with a 0.3 s route timeout."""
+    """A second listener on `port` whose HCM generates no x-request-id and
+    takes 127.0.0.1 as internal (use_remote_address, internal_address_config:
+    Envoy honours x-envoy-upstream-rq-timeout-alt-response only there), with
+    the loggers (and the alt-response filter) the residual gives such an HCM
+    (residual_outlier.hcm_with_als); `/pt` (per-try timeout 0.3 s) and `/pi`
+    (per-try idle timeout 0.3 s) to `c2`, the rest to `c2` with a 0.3 s route
+    timeout. `c2`: cluster `c`'s host, consecutive_5xx 2, not enforced."""
     sr = boot["static_resources"]
     c2 = copy.deepcopy(next(x for x in sr["clusters"] if x["name"] == "c"))
     c2.update(name="c2", outlier_detection={"consecutive_5xx": 2, "enforcing_consecutive_5xx": 0,
                                             "interval": "60s"})
     c2["load_assignment"]["cluster_name"] = "c2"
-    lis = copy.deepcopy(sr["listeners"][0])
-    lis["name"], lis["address"]["socket_address"]["port_value"] = "l2", port
-    hcm = lis["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm.update(generate_request_id=False, use_remote_address=True, internal_address_config={
-        "cidr_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]})
-    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
-        {"match": {"prefix": "/"}, "route": {"cluster": "c2", "timeout": "0.3s"}}]
+    routes = [{"match": {"prefix": p}, "route": {"cluster": "c2", "timeout": "5s", "retry_policy": {k: "0.3s"}}}
+              for p, k in (("/pt", "perTryTimeout"), ("/pi", "perTryIdleTimeout"))]
+    hcm = {"@type": HCM_TYPE, "statPrefix": "l2", "generateRequestId": False, "useRemoteAddress": True,
+           "internalAddressConfig": {"cidrRanges": [{"addressPrefix": "127.0.0.1", "prefixLen": 32}]},
+           "routeConfig": {"virtualHosts": [{"name": "a", "domains": ["*"], "routes": [*routes, {
+               "match": {"prefix": "/"}, "route": {"cluster": "c2", "timeout": "0.3s"}}]}]},
+           "httpFilters": [{"name": "router", "typedConfig": {"@type": ro.ROUTER_TYPE}}]}
+    assert ro.hcm_with_als(hcm) and len(hcm["httpFilters"]) == 2  # the alt-response filter
     sr["clusters"].append(c2)
-    sr["listeners"].append(lis)
+    sr["listeners"].append({"name": "l2", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                            "filter_chains": [{"filters": [{"name": "hcm", "typed_config": hcm}]}]})
 
 
 ALT = {"x-envoy-upstream-rq-timeout-alt-response": "1"}
@@ -478,10 +484,11 @@ async def _without_request_id_and_alt(lport: int, lport2: int, admin: int, got: 
     """Route timeouts of requests without an x-request-id (listener `lport2`)
     pair by their connections; x-envoy-upstream-rq-timeout-alt-response: from
     a client that is not internal (`lport`) Envoy strips it: 504, counted as
-    any; honoured (`lport2`) the client gets 204 and Envoy's detector that 204,
-    a success that ends a run of 5xx. After each request Envoy's detections of
-    `c2` (consecutive_5xx 2) equal those of its rule over our observations
-    (their status, outlier.AS_STATUS; a run of 2 detects and starts again)."""
+    any; honoured (`lport2`) the client gets 204 and Envoy's detector that 204
+    for each timeout, route or per-try (a success: it ends a run of 5xx). After
+    each request Envoy's detections of `c2` (consecutive_5xx 2) equal those
+    of its rule over our observations (their status, outlier.AS_STATUS; a run
+    of 2 detects and starts again)."""
     got.clear()
     before = await _detected(admin, "c")
     assert await _status_of(lport, "/rt", ALT) == 504
@@ -489,15 +496,16 @@ async def _without_request_id_and_alt(lport: int, lport2: int, admin: int, got: 
     assert got == [t] and await _detected(admin, "c") == before + 1, got
     t2 = ("c2", t[1], LOCAL_TIMEOUT)
     run = ours = 0
-    for alt in (False, True, False, True, False, False):
+    for path, alt in (("/x", False), ("/x", True), ("/x", False), ("/pt", True), ("/x", False),
+                      ("/pi", True), ("/pt", False), ("/x", False)):
         got.clear()
-        assert await _status_of(lport2, "/x", ALT if alt else None) == (204 if alt else 504)
+        assert await _status_of(lport2, path, ALT if alt else None) == (204 if alt else 504)
         await asyncio.sleep(0.2)
-        assert got == [(*t2[:2], LOCAL_TIMEOUT_ALT if alt else LOCAL_TIMEOUT)], (alt, got)
+        assert got == [(*t2[:2], LOCAL_TIMEOUT_ALT if alt else LOCAL_TIMEOUT)], (path, alt, got)
         run = run + 1 if AS_STATUS[got[0][2]] >= 500 else 0
         ours, run = (ours + 1, 0) if run == 2 else (ours, run)
-        assert await _detected(admin, "c2") == ours, (alt, ours)
-    assert ours == 1  # the last two 504s; a 204 counted as 504 would have detected twice
+        assert await _detected(admin, "c2") == ours, (path, alt, ours)
+    assert ours == 1  # the last two 504s; a 204 counted as 504 would have detected more
     got.clear()
     before = await _stat(admin, "c2", "upstream_rq_timeout")
     answers = await asyncio.gather(*(_status_of(lport2, "/x") for _ in range(4)))
