@@ -9,6 +9,8 @@ policy (an RBAC filter with rules but no policy, allow-nothing, counts once).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -53,9 +55,10 @@ class Report:
     rules: list[Row]
     files: dict[str, dict[str, Any]]  # path -> {format, error, skipped}
     plans: list[PlanOf]
-    # id(inbound resources) -> (them, their plan): a destination's inbound side
-    # classified once per run (_honest; the reader hands equal ones as one object)
-    inbound_plans: dict[int, tuple[Any, KernelPlan]] = field(default_factory=dict, repr=False)
+    # (digest of an inbound side's canonical JSON, caps) -> its plan: each distinct
+    # inbound side (most pods': one port, no policy) parsed and classified once per run
+    inbound_plans: dict[tuple[bytes, KernelCaps | None], KernelPlan] = field(
+        default_factory=dict, repr=False)
 
     def coverage(self) -> dict[str, Any]:
         """``{routes: {kernel, total}, rules: {kernel, total}, by_format: {...},
@@ -170,7 +173,7 @@ def _analyse_docs(path: Path, docs: list[inputs.Document], report: Report,
 
 
 def _honest(plan: KernelPlan, doc: inputs.Document, caps: KernelCaps | None,
-            cache: dict[int, tuple[Any, KernelPlan]]) -> KernelPlan:
+            cache: dict[tuple[bytes, KernelCaps | None], KernelPlan]) -> KernelPlan:
     """`plan` with the verdicts that know the destinations' inbound side
     (fastpath.inbound_verdict.honest_plan, the agent's plan view) when the
     reader knows the destination pods (`Document.inbound_of`: the Istio
@@ -183,13 +186,21 @@ def _honest(plan: KernelPlan, doc: inputs.Document, caps: KernelCaps | None,
 
     def plan_of_ip(ip: str) -> KernelPlan | None:
         res = inbound_of(ip)
-        if res is None:
-            return None
-        if id(res) not in cache:
-            cache[id(res)] = (res, plan_of("inbound side", resources_json(res), caps=caps))
-        return cache[id(res)][1]
+        return None if res is None else _inbound_plan(res, caps, cache)
 
     return honest_plan(plan, plan_of_ip)
+
+
+def _inbound_plan(res: dict[str, list[dict[str, Any]]], caps: KernelCaps | None,
+                  cache: dict[tuple[bytes, KernelCaps | None], KernelPlan]) -> KernelPlan:
+    """The plan of one inbound side (Envoy JSON), from `cache` when an equal one was
+    classified with the same caps: keyed by content, not by object, so equal sides
+    share a plan whoever built them and a freed object's reused id() never hits."""
+    key = (hashlib.sha256(json.dumps(res, sort_keys=True).encode()).digest(), caps)
+    if key not in cache:
+        from xds_server.istio.messages import to_messages
+        cache[key] = plan_of("inbound side", resources_json(to_messages(res)), caps=caps)
+    return cache[key]
 
 
 def _caps(caps: KernelCaps | None, doc: inputs.Document) -> KernelCaps | None:

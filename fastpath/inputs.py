@@ -59,9 +59,10 @@ class Document:
     # "mesh": the sidecars apply these routes (L7FP's kernel path is on mesh clients'
     # sockets); "gateway": routes bound only to gateways, which the gateway's Envoy runs
     placement: str = "mesh"
-    # Istio importer: the inbound side (resources) of the pod at an address, for the
-    # verdicts that know the destinations (fastpath.inbound_verdict); None: unknown pod
-    inbound_of: Callable[[str], dict[str, list[Any]] | None] | None = None
+    # Istio importer: the inbound side of the pod at an address as Envoy JSON (type URL
+    # -> resource dicts), for the verdicts that know the destinations
+    # (fastpath.inbound_verdict; coverage parses each distinct one once); None: unknown pod
+    inbound_of: Callable[[str], dict[str, list[dict[str, Any]]] | None] | None = None
 
     @property
     def unusable(self) -> bool:

@@ -23,7 +23,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from mesh import claim, configdir, envoyconf, naming, netrules, plumbing, spec, teardown, topology
+from mesh import (
+    claim,
+    configdir,
+    envoyconf,
+    namelock,
+    naming,
+    netrules,
+    plumbing,
+    spec,
+    teardown,
+    topology,
+)
 from mesh.supervisor import Proc, Supervisor, pod_argv
 from xds_server.ports import pick_free_port
 
@@ -331,10 +342,10 @@ def hold_name(name: str, lock_fd: int | None) -> int | None:
     """The fd of mesh `name`'s lock, held for the daemon's life (mesh.claim): the
     one `Mesh.up` handed down, else taken here; None when another process holds it.
     Not inherited by the mesh's processes: it must go when the daemon goes."""
-    fd = lock_fd if lock_fd is not None else claim.try_lock(name)
+    fd = lock_fd if lock_fd is not None else namelock.try_lock(name)
     if fd is not None:
         os.set_inheritable(fd, False)
-        claim.record_holder(fd)  # `mesh down` finds the daemon before state.json exists
+        namelock.record_holder(fd)  # `mesh down` finds the daemon before state.json exists
     return fd
 
 
@@ -346,9 +357,19 @@ def main(argv: list[str] | None = None) -> int:
     except spec.MeshFileError as exc:
         print(f"ERROR {exc}", file=out, flush=True)
         return 2
-    if hold_name(d.name, args.lock_fd) is None:
+    lock = hold_name(d.name, args.lock_fd)
+    if lock is None:
         print(f"ERROR mesh {d.name!r} {claim.busy_what(d.name)}", file=out, flush=True)
         return 2
+    try:
+        return build_and_run(d, out)
+    finally:  # the mesh is gone (a SIGKILL skips this: the next `up` or `down` cleans)
+        namelock.drop(d.name, lock)
+
+
+def build_and_run(d: Daemon, out: Any) -> int:
+    """Build the mesh, say READY (or ERROR) on `out`, supervise it until told to
+    stop, tear it down; the exit status of the daemon."""
     d.dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(filename=d.dir / "daemon.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mesh import claim, teardown
+from mesh import claim, namelock, teardown
 from mesh import spec as mspec
 from mesh.supervisor import pid_alive
 from xds_server.envoyproc import envoy_path
@@ -94,22 +94,33 @@ class Mesh:
             lock, removed = claim.claim(self.name)
         except claim.Busy as exc:
             raise MeshBusy(exc.name, exc.what) from None
+        proc = None
         try:
             if removed:
                 (say or log.warning)(claim.leftovers_line(self.name, removed))
-            return self._start(lock)
-        finally:
-            os.close(lock)  # the daemon holds its inherited copy while it runs
+            proc = self._spawn(lock)
+            state = self._wait_ready(proc)
+        except BaseException:
+            if proc is None or proc.poll() is not None:  # no daemon holds the lock: nothing
+                namelock.drop(self.name, lock)          # of the mesh is left, its lock goes too
+                raise
+            os.close(lock)
+            raise
+        os.close(lock)  # the daemon holds its inherited copy while it runs
+        return state
 
-    def _start(self, lock: int) -> dict[str, Any]:
-        """Start the daemon, handing it the name's lock; wait for its READY."""
+    def _spawn(self, lock: int) -> subprocess.Popen:
+        """The mesh daemon, handed the name's lock (`--lock-fd`, the same lock)."""
         argv = [sys.executable, "-m", "mesh.daemon", str(self.spec.path), "--name", self.name,
                 "--sidecars", self.sidecars, "--xds", self.xds, "--fastpath", self.fastpath,
                 "--envoy", self.envoy, "--timeout", str(self.timeout), "--lock-fd", str(lock)]
         env = {**os.environ, "PYTHONPATH": repo_pythonpath()}
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, start_new_session=True, env=env,
-                                pass_fds=(lock,))
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+                                env=env, pass_fds=(lock,))
+
+    def _wait_ready(self, proc: subprocess.Popen) -> dict[str, Any]:
+        """The daemon's READY line, then the state; a failed start is removed."""
         assert proc.stdout is not None
         try:
             line = proc.stdout.readline().strip()

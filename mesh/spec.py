@@ -117,9 +117,11 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def _load_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = yaml_errors.read_text(path)
     except OSError as exc:
         raise MeshFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:  # not UTF-8: was a UnicodeDecodeError traceback
+        raise MeshFileError(str(exc)) from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:

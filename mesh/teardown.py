@@ -4,7 +4,8 @@ Called by `l7fp mesh down`, by `Mesh.down()`, by the daemon on exit and by a
 failed `up`. Idempotent: each step acts only on what it finds. Order: stop the
 daemon, kill every process in the mesh's cgroups and namespaces, delete the
 namespaces and their /etc/netns dirs, links (by alias), host iptables rules (by
-comment), cgroup dirs, and the state directory.
+comment), cgroup dirs, the state directory, and the name's lock file unless a
+live process holds it (mesh.namelock: the holder removes it itself).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import time
 from pathlib import Path
 
-from mesh import naming, plumbing
+from mesh import namelock, naming, plumbing
 from mesh.supervisor import pid_alive
 
 log = logging.getLogger(__name__)
@@ -44,20 +45,11 @@ def is_daemon(pid: int, mesh: str) -> bool:
     return b"mesh.daemon" in cmd and mesh.encode() in cmd
 
 
-def holder_pid(mesh: str) -> int | None:
-    """The pid last written into the mesh's lock file (mesh.claim): `Mesh.up`'s,
-    then its daemon's. Meaningful only while the lock is held."""
-    try:
-        return int(Path(naming.lock_path(mesh)).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def daemon_pid(mesh: str) -> int | None:
     """The live daemon of `mesh`: the pid in state.json, else the lock holder's
     (a daemon that has not written state.json yet); None when neither is one."""
     state = read_state(mesh) or {}
-    for pid in (int(state.get("pid") or 0), holder_pid(mesh) or 0):
+    for pid in (int(state.get("pid") or 0), namelock.holder_pid(mesh) or 0):
         if pid and pid != os.getpid() and is_daemon(pid, mesh):
             return pid
     return None
@@ -168,6 +160,9 @@ def down(mesh: str, stop_running_daemon: bool = True) -> list[str]:
     if sd.exists():
         shutil.rmtree(sd, ignore_errors=True)
         done.append(f"state {sd}")
+    lock = namelock.try_lock(mesh)  # None: a start or the daemon holds it, and drops it itself
+    if lock is not None:
+        namelock.drop(mesh, lock)
     return done
 
 

@@ -34,7 +34,7 @@ def name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
     def no_build(_self: runner.Mesh, _lock: int) -> dict:  # the name's check passed
         raise runner.MeshError("test: the mesh would be built now")
-    monkeypatch.setattr(runner.Mesh, "_start", no_build)
+    monkeypatch.setattr(runner.Mesh, "_spawn", no_build)
     return f"ux2-{uuid.uuid4().hex[:8]}"
 
 

@@ -21,11 +21,10 @@ from typing import Any
 import pytest
 from meshtest_util import leftovers, unique_name
 
-from mesh import plumbing, teardown
+from mesh import namelock, naming, plumbing, teardown
 from mesh.runner import Mesh, MeshBusy, MeshError
 from mesh.supervisor import pid_alive
 
-pytestmark = [pytest.mark.mesh]
 
 ONE_POD = """
 name: t9-claim
@@ -62,6 +61,7 @@ def _alive(name: str, state: dict[str, Any]) -> None:
     assert state["pods"][0]["netns"] in plumbing.netns_list()
 
 
+@pytest.mark.mesh
 def test_two_ups_of_one_name_one_runs_and_a_crashed_one_is_cleaned(
         kernel: None, tmp_path: Path) -> None:
     path = tmp_path / "mesh.yaml"
@@ -83,11 +83,13 @@ def test_two_ups_of_one_name_one_runs_and_a_crashed_one_is_cleaned(
             Mesh(path, name, sidecars="none").up()
         assert busy.value.what == f"is running (daemon pid {state['pid']}, 1 pods)"
         _alive(name, state)
+        assert namelock.is_held(name) and namelock.holder_pid(name) == state["pid"]
 
         os.kill(int(state["pid"]), signal.SIGKILL)  # a crash: its pod stays behind
         deadline = time.monotonic() + 10
         while teardown.is_daemon(int(state["pid"]), name) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert not namelock.is_held(name)
         said: list[str] = []
         again = Mesh(path, name, sidecars="none", timeout=30).up(say=said.append)
         assert len(said) == 1 and said[0].startswith(
@@ -98,3 +100,25 @@ def test_two_ups_of_one_name_one_runs_and_a_crashed_one_is_cleaned(
     finally:
         teardown.down(name)
     assert leftovers(name) == []
+    assert not Path(naming.lock_path(name)).exists()  # the daemon removed it on its way out
+
+
+def test_the_name_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One holder at a time; `drop` removes the file; a process that locked the
+    file just as its holder dropped it locks the new file instead (no two holders)."""
+    monkeypatch.setattr(naming, "STATE_ROOT", str(tmp_path))
+    fd = namelock.try_lock("t9-n")
+    assert fd is not None and namelock.is_held("t9-n")
+    assert namelock.holder_pid("t9-n") == os.getpid()
+    assert namelock.try_lock("t9-n") is None
+    late = os.open(naming.lock_path("t9-n"), os.O_RDWR)  # opened before the drop
+    namelock.drop("t9-n", fd)
+    assert not Path(naming.lock_path("t9-n")).exists() and not namelock.is_held("t9-n")
+    opens = [late]  # try_lock's first open gives the removed file, as if it raced the drop
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda *a, **k: opens.pop() if opens else real_open(*a, **k))
+    again = namelock.try_lock("t9-n")
+    monkeypatch.setattr(os, "open", real_open)
+    assert again is not None and again != late
+    assert os.fstat(again).st_ino == Path(naming.lock_path("t9-n")).stat().st_ino
+    namelock.drop("t9-n", again)

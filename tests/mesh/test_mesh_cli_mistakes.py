@@ -152,3 +152,14 @@ def test_fastpath_on_with_file_xds_is_refused(cmd: list[str], capsys: pytest.Cap
     assert capsys.readouterr().err.endswith(
         ": --fastpath on needs --xds ads: the fast path runs in the control plane, which "
         "--xds file does not start\n")
+
+
+def test_a_mesh_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mesh up LATIN1.yaml` (also compose, demo --mesh, a policies: file) was a
+    UnicodeDecodeError traceback; now one line naming the file and the byte."""
+    bad = tmp_path / "mesh.yaml"
+    bad.write_bytes(b"name: t9-u\nservices: {caf\xe9: {}}\n")
+    assert main(["mesh", "compose", str(bad), "-o", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"l7fp mesh: {bad}: not UTF-8 text (byte 25)\n"
+    assert main(["mesh", "up", str(bad), "--name", "t9-u"]) == 1
+    assert capsys.readouterr().err == f"l7fp mesh: {bad}: not UTF-8 text (byte 25)\n"

@@ -186,3 +186,25 @@ def test_destination_inbound_in_kernel(tmp_path: Path, capsys: pytest.CaptureFix
     out = split_json(tmp_path / "deny.yaml", capsys)
     assert [(r["verdict"], r["reason"]) for r in out["routes"]] == [("KERNEL", "")]
     assert [r["verdict"] for r in out["rules"]] == ["KERNEL"]
+
+
+def test_equal_inbound_sides_share_one_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """coverage keys its inbound plans by content and caps: an equal inbound side
+    built anew (another object, as a fresh reader gives) hits the cache; other caps
+    do not. It was keyed by id() and relied on the reader's lru_cache handing equal
+    sides as one object (an id can also be reused once its object is freed)."""
+    from fastpath import coverage
+    from fastpath.classify_route import KernelCaps
+
+    seen: list[dict] = []
+    real = coverage._inbound_plan
+    monkeypatch.setattr(coverage, "_inbound_plan",
+                        lambda res, caps, cache: seen.append(res) or real(res, caps, cache))
+    (tmp_path / "jwt.yaml").write_text(JWT_DEST)
+    split_json(tmp_path / "jwt.yaml", capsys)
+    side = seen[0]
+    cache: dict = {}
+    first = real(side, None, cache)
+    assert real(json.loads(json.dumps(side)), None, cache) is first and len(cache) == 1
+    assert real(side, KernelCaps(mirrors=False), cache) is not first and len(cache) == 2

@@ -12,9 +12,7 @@ they run on the gateway's Envoy, not on a mesh client's kernel path.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,25 +294,8 @@ def split_reader(path: Path) -> list[Any]:
         return [Document(str(path), fmt, error=f"import failed: {exc}")]
     skipped = list(objs.warnings)
     return [Document(str(path), fmt, resources, skipped=skipped if ps.placement == "mesh" else [],
-                     placement=ps.placement, inbound_of=_messages_of(ps.inbound_of))
+                     placement=ps.placement, inbound_of=ps.inbound_of)
             for ps, resources in sets]
-
-
-def _messages_of(inbound_of: Callable[[str], dict[str, list[dict[str, Any]]] | None]
-                 ) -> Callable[[str], dict[str, list[Any]] | None]:
-    """`inbound_of` giving betterproto2 messages, as a Document's resources are;
-    equal inbound sides (most pods: one port, no policy) give the same object,
-    so the split classifies each once (fastpath.coverage._honest)."""
-    def of(ip: str) -> dict[str, list[Any]] | None:
-        res = inbound_of(ip)
-        return None if res is None else _messages(json.dumps(res, sort_keys=True))
-
-    return of
-
-
-@functools.lru_cache(maxsize=256)
-def _messages(text: str) -> dict[str, list[Any]]:
-    return to_messages(json.loads(text))
 
 
 __all__ = ["KNOWN_KINDS", "PolicySet", "can_read", "read_file", "read_objects", "read_placed",
