@@ -25,7 +25,6 @@ from mesh import namelock, naming, plumbing, teardown
 from mesh.runner import Mesh, MeshBusy, MeshError
 from mesh.supervisor import pid_alive
 
-
 ONE_POD = """
 name: t9-claim
 services:
