@@ -51,6 +51,8 @@ def busy_what(name: str) -> str:
     """What holds mesh `name`, for `Busy`: its running daemon, else the process starting it."""
     state = teardown.read_state(name) or {}
     pid = int(state.get("pid") or 0)
+    if pid and teardown.is_daemon(pid, name) and state.get("ready") is False:
+        return f"is being started (daemon pid {pid})"
     if pid and teardown.is_daemon(pid, name):
         return f"is running (daemon pid {pid}, {len(state.get('pods', []))} pods)"
     holder = namelock.holder_pid(name)

@@ -218,18 +218,27 @@ def cmd_up(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    m.down()
+    removed = m.down()
+    print(f"mesh {m.name} down: {len(removed)} object(s) removed")  # Ctrl-C said nothing
     return 0
 
 
 def _not_running(name: str) -> str:
-    """Why mesh `name` has no state: never started (a typo: say which run), or its
-    directory is there without state.json (starting, or crashed)."""
+    """Why mesh `name` has no state: never started (a typo: say which run; a failed
+    start: where its logs are), or its directory is there without state.json:
+    being started (a live process holds its name: mesh.namelock), or crashed."""
+    from mesh import namelock
     from mesh.teardown import running_meshes, state_dir
+    if state_dir(name).exists() and namelock.is_held(name):
+        return (f"mesh {name!r} is being started (pid {namelock.holder_pid(name)}): "
+                "no state file yet")
     if state_dir(name).exists():
-        return f"mesh {name!r}: no state file (starting, or crashed: `l7fp mesh down --name {name}`)"
+        return (f"mesh {name!r} was left by a crashed run (no state file, nothing holds it): "
+                f"`l7fp mesh down --name {name}` removes what it left")
     others = running_meshes()
-    return f"mesh {name!r} is not running" + (f" (running: {', '.join(others)})" if others else "")
+    why = f"mesh {name!r} is not running" + (f" (running: {', '.join(others)})" if others else "")
+    failed = Path(f"/tmp/l7fp-mesh-{name}-failed")
+    return why + (f"; the logs of its last failed start are in {failed}" if failed.is_dir() else "")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -246,13 +255,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(state, indent=1))
         return 0
     from mesh.supervisor import pid_alive
-    daemon = "up" if pid_alive(int(state["pid"])) else "DEAD (run `l7fp mesh down`)"
+    starting = state.get("ready") is False  # the daemon's early state: nothing started yet
+    daemon = ("DEAD (run `l7fp mesh down`)" if not pid_alive(int(state["pid"]))
+              else "up, starting (not ready yet)" if starting else "up")
     print(f"mesh {name}: daemon pid {state['pid']} {daemon}, sidecars {state.get('sidecars')}, "
           f"fastpath {state.get('fastpath')}, logs {state.get('logs')}")
     cp = state.get("control_plane_pid")
     if cp:
         print(f"control plane: pid {cp} {'up' if pid_alive(int(cp)) else 'DEAD'}, "
               f"ADS {state.get('xds')}, admin http://{state.get('admin')}")
+    elif starting and state.get("xds_mode") == "ads" and state.get("sidecars") == "envoy":
+        print("control plane: not started yet")
     else:
         print(f"control plane: none (xds {state.get('xds_mode')})")
     if state.get("policy_error"):
@@ -261,7 +274,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in status_rows(state):
         alive = r["alive"]
         fmt = {True: "up", False: "DEAD"}
-        print(f"{r['pod']:<20} {r['ip']:<14} {fmt[alive.get('app', False)]:<6} "
+        print(f"{r['pod']:<20} {r['ip']:<14} {fmt.get(alive.get('app'), '-'):<6} "
               f"{fmt.get(alive.get('envoy'), '-') if 'envoy' in alive else '-':<6} {r['sidecar']}")
     return 0
 
@@ -298,7 +311,7 @@ def _docker_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     from mesh.runner import MeshError, resolve_name
-    from mesh.teardown import down
+    from mesh.teardown import down, running_meshes
     if args.backend == "docker":
         from mesh import docker_backend
         if not args.name:
@@ -315,6 +328,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     except MeshError as exc:
         return _err(exc)
     removed = down(name)
+    if not removed:  # idempotent on purpose, but a typo in --name must not look like success
+        others = running_meshes()
+        print(f"mesh {name} down: no mesh of that name here, nothing removed"
+              + (f" (running: {', '.join(others)})" if others else ""))
+        return 0
     stopped = [x for x in removed if x.startswith("stopped mesh daemon")]
     rest = [x for x in removed if x not in stopped]
     head = "daemon stopped, it removed its pods" if stopped else "no daemon running"
@@ -359,6 +377,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     except MeshError as exc:
         return _err(exc)
     d = state_dir(name)
+    if not d.is_dir():  # a typo, or a mesh already down: not "no logs for the daemon"
+        return _err(_not_running(name))
     logs = {f: f.name.split(".", 1)[0] for f in (d / "logs").glob("*.log")}  # POD.app.log, ...
     pods = sorted(set(logs.values()))
     pod = _log_pod(name, args.pod) if args.pod else None

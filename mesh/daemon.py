@@ -60,6 +60,7 @@ class Daemon:
         self.stamps: dict[Path, tuple[int, int]] = {}
         self.stop = False
         self.policy_error = ""  # the last edit refused (shown by `mesh status`), "" once one applies
+        self.ready = False  # state.json says so: `mesh status` of a starting mesh is no dead one
 
     # -- build -------------------------------------------------------------
     def build(self) -> None:
@@ -87,6 +88,7 @@ class Daemon:
         if self.sidecars:
             self.start_sidecars()
         self.wait_ready(self.args.timeout)
+        self.ready = True
         self.write_state()
         self.stamps = self.file_stamps()
 
@@ -221,7 +223,7 @@ class Daemon:
                    "fastpath": self.args.fastpath, "logs": str(self.dir / "logs"),
                    "control_plane_pid": cp.pid if cp else None,
                    "policy_files": [str(p) for p in self.spec.policy_files],
-                   "policy_error": self.policy_error})
+                   "policy_error": self.policy_error, "ready": self.ready})
         configdir.atomic_write(self.dir / "state.json", json.dumps(doc, indent=1) + "\n")
 
     # -- run ---------------------------------------------------------------

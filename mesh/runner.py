@@ -258,7 +258,7 @@ def status_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
     for p in state["pods"]:
         alive = {role: pid_alive(pid) for role, pid in p.get("pids", {}).items()}
         ready = "-"
-        if state.get("sidecars") == "envoy":
+        if state.get("sidecars") == "envoy" and state.get("ready") is not False:  # not started yet
             try:
                 url = f"http://{p['ip']}:{p['envoy_admin']}/ready"
                 with urllib.request.urlopen(url, timeout=1) as r:

@@ -133,10 +133,19 @@ class Supervisor:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs. A zombie does not: a killed mesh's processes
+    stay zombies until init reaps them (seconds on this host), and `mesh status`
+    showed a `kill -9`ed daemon and its pods as up meanwhile."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
         return True
-    return True
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]

@@ -9,6 +9,7 @@ the control plane refuses, seen only once it starts (root, a one-pod mesh, ~4 s)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from meshtest_util import leftovers, unique_name
 
-from mesh import teardown
+from mesh import namelock, teardown
 from xds_server.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,9 +132,57 @@ def test_status_of_a_mesh_never_started(tmp_path: Path, monkeypatch: pytest.Monk
     assert capsys.readouterr().err == "l7fp mesh: mesh 'ux-rael' is not running (running: ux-real)\n"
     assert main(["mesh", "exec", "--name", "ux-rael", "a", "--", "true"]) == 1
     assert capsys.readouterr().err == "l7fp mesh: mesh 'ux-rael' is not running (running: ux-real)\n"
+    assert main(["mesh", "logs", "--name", "ux-rael"]) == 1  # was `no logs for the daemon under ...`
+    assert capsys.readouterr().err == "l7fp mesh: mesh 'ux-rael' is not running (running: ux-real)\n"
     assert main(["mesh", "status", "--name", "ux-real"]) == 1  # its directory, no state.json
-    assert capsys.readouterr().err == ("l7fp mesh: mesh 'ux-real': no state file (starting, or "
-                                       "crashed: `l7fp mesh down --name ux-real`)\n")
+    assert capsys.readouterr().err == (
+        "l7fp mesh: mesh 'ux-real' was left by a crashed run (no state file, nothing holds it): "
+        "`l7fp mesh down --name ux-real` removes what it left\n")
+    lock = namelock.try_lock("ux-real")  # as `mesh up` holds it while it starts the mesh
+    try:
+        assert main(["mesh", "status", "--name", "ux-real"]) == 1
+        assert capsys.readouterr().err == (f"l7fp mesh: mesh 'ux-real' is being started (pid "
+                                           f"{os.getpid()}): no state file yet\n")
+    finally:
+        assert lock is not None
+        namelock.drop("ux-real", lock)
+
+
+def test_status_of_a_mesh_being_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The daemon writes state.json early (the fast path reads it); `mesh status` then
+    showed every app `DEAD` and `control plane: none (xds ads)`: a mesh being built
+    looked broken. Now its state says `ready: false` and status says starting."""
+    from mesh import naming
+    monkeypatch.setattr(naming, "STATE_ROOT", str(tmp_path))
+    (tmp_path / "ux-st").mkdir()
+    (tmp_path / "ux-st" / "state.json").write_text(json.dumps({
+        "name": "ux-st", "pid": os.getpid(), "sidecars": "envoy", "xds_mode": "ads",
+        "control_plane_pid": None, "ready": False, "fastpath": "off", "logs": "L",
+        "pods": [{"name": "a-0", "ip": "198.18.9.2", "netns": "n", "pids": {}}]}))
+    monkeypatch.setattr("mesh.runner.status_rows", lambda st: [
+        {"pod": "a-0", "ip": "198.18.9.2", "netns": "n", "alive": {}, "sidecar": "-"}])
+    assert main(["mesh", "status", "--name", "ux-st"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"mesh ux-st: daemon pid {os.getpid()} up, starting (not ready yet), sidecars envoy, "
+        "fastpath off, logs L",
+        "control plane: not started yet",
+        "POD                  IP             APP    ENVOY  SIDECAR",
+        "a-0                  198.18.9.2     -      -      -"]
+
+
+@pytest.mark.mesh
+def test_down_of_a_name_that_is_not_there(kernel: None, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`mesh down --name TYPO` said `no daemon running; 0 leftover object(s) removed`,
+    exit 0, as after a clean down, while the mesh meant kept running."""
+    from mesh import naming
+    monkeypatch.setattr(naming, "STATE_ROOT", str(tmp_path))
+    (tmp_path / "ux-real").mkdir()
+    assert main(["mesh", "down", "--name", "ux-rael"]) == 0
+    assert capsys.readouterr().out == ("mesh ux-rael down: no mesh of that name here, nothing "
+                                       "removed (running: ux-real)\n")
 
 
 def test_a_bad_name_is_said_of_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,3 +212,34 @@ def test_a_mesh_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixt
     assert capsys.readouterr().err == f"l7fp mesh: {bad}: not UTF-8 text (byte 25)\n"
     assert main(["mesh", "up", str(bad), "--name", "t9-u"]) == 1
     assert capsys.readouterr().err == f"l7fp mesh: {bad}: not UTF-8 text (byte 25)\n"
+
+
+def test_ctrl_c_while_the_commands_load(monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C in the first second of `l7fp mesh up` (the parser imports every
+    subcommand) was a KeyboardInterrupt traceback through importlib; now exit 130."""
+    import xds_server.cli as cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["mesh", "up", DEMO]) == 130
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_zombie_is_not_alive() -> None:
+    """A `kill -9`ed daemon and its pods stay zombies until this host's init reaps
+    them (seconds): `mesh status` showed them `up` meanwhile."""
+    import time
+
+    from mesh.supervisor import pid_alive
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while pid_alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(child.pid)
+        assert Path(f"/proc/{child.pid}/stat").exists()  # not reaped yet: a zombie
+    finally:
+        child.wait(5)
+    assert pid_alive(os.getpid())
