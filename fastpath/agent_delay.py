@@ -141,14 +141,18 @@ class Delayer:
             self.cv.notify()
 
     def claim(self, up: int) -> bool:
-        """`up` is readable: True when it holds a request of ours (not an EOF)."""
+        """`up` is readable: True when it holds a request of ours (not an EOF).
+
+        The record first, then `held`: the delay thread moves a request from the
+        one to the other (scan: held; read: record deleted) while we look, and in
+        this order a request is seen in one of them until it was sent. Held
+        first, a scan and read between the two looks made the request nobody's,
+        and the reset agent answered U's waiting request 503."""
+        if self._record(up) is not None:
+            self.wake()
+            return True
         with self.cv:
-            if up in self.held:
-                return True
-        if self._record(up) is None:
-            return False
-        self.wake()
-        return True
+            return up in self.held
 
     def on_close(self, client: int, ups: list[int]) -> None:
         """A client closed: its held requests are never sent."""

@@ -117,8 +117,8 @@ class NodeDatapath:
         # diverted responses and held requests are read, not reaped; an EOF with
         # a request waiting is answered 503 (then reaped)
         self.closer = Closer(self.dp)
-        self.pools.claim = lambda up: (self.retrier.claim(up) or self.delayer.claim(up)
-                                       or self.resetter.claim(up) or self.closer.claim(up))
+        self.pools.claim = lambda up: self.retrier.claim(up) or self.delayer.claim(up)
+        self.pools.claim_eof = lambda up: self.resetter.claim(up) or self.closer.claim(up)
 
     @classmethod
     def start(cls, pod: PodInfo, access_log: int = 1, mode: str = "inline",

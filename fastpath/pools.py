@@ -201,8 +201,10 @@ class Pools:
         self.fd_cookie: dict[int, int] = {}
         self.owner: dict[int, int] = {}  # cookie -> pool id
         # readable upstreams are offered here first: a response the kernel diverted
-        # for a retry (fastpath.agent_retry) is data, not an EOF
+        # for a retry (fastpath.agent_retry) or a held request is data, not an EOF
         self.claim: Callable[[int], bool] | None = None
+        # then, still readable, at EOF: the reset and close agents (True: kept)
+        self.claim_eof: Callable[[int], bool] | None = None
         self.mu = threading.RLock()
         self.wake = threading.Event()
         self.idle = threading.Event()  # set while the refill thread has nothing to do
@@ -437,18 +439,31 @@ class Pools:
         for fd, _ in self.ep.poll(0):
             cookie = self.fd_cookie.get(fd, 0)
             pid = self.owner.get(cookie)
-            if pid is None or pid not in self.pools:
+            if pid is None or pid not in self.pools or not self._dead(cookie):
                 continue
-            if _woke_empty(self.pools[pid].socks.get(cookie)):
-                continue
-            if self.claim is not None and self.claim(cookie):
-                continue  # a diverted response, read by the retrier
             pool = self.pools[pid]
             if cookie in pool.free:
                 dead_free.setdefault(pid, set()).add(cookie)
             self._forget(pool, cookie)
         for pid, dead in dead_free.items():
             self._drain_queue(pid, dead)
+
+    def _dead(self, cookie: int) -> bool:
+        """Readable pooled upstream `cookie`: True when it is at EOF or in error
+        and no agent kept it (the caller closes it).
+
+        Data first (`claim`: a diverted response, a held request), then a second
+        look at the queue before the EOF agents (`claim_eof`, whose answer to a
+        waiting request is a 503): the delay thread reads a held request on a
+        thread of its own, so the bytes the first look saw can be gone, sent to
+        the app, by the time the delayer is asked (seen under load: a 503 for a
+        delayed request whose response was on its way, test_delay's /s/1)."""
+        s = self.pools[self.owner[cookie]].socks.get(cookie)
+        if _woke_empty(s) or (self.claim is not None and self.claim(cookie)):
+            return False
+        if _woke_empty(s):
+            return False  # what the first look saw was a claimer's, read meanwhile
+        return not (self.claim_eof is not None and self.claim_eof(cookie))
 
     def _drain_queue(self, pid: int, dead: set[int]) -> None:
         """Take dead cookies out of the kernel free queue (pop all, push back the live)."""

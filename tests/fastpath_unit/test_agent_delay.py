@@ -121,3 +121,42 @@ def test_program_writes_the_generation() -> None:
     delayer.program(SimpleNamespace(routes=routes), 1)
     assert [(k.gen, k.route, v.delay_ms, v.per_million, v.abort_reply)
             for k, v in maps["dp_dpol"].items()] == [(1, 2, 300, 500_000, 0)]
+
+
+class RacingDly(Table):
+    """dp_dly whose next lookup first lets the delay thread take a turn, as a
+    loaded machine schedules it: the held request is scanned and read (its record
+    deleted) between the claim's two looks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before_lookup: Any = None
+
+    def __getitem__(self, k: Key) -> Any:
+        turn, self.before_lookup = self.before_lookup, None
+        if turn is not None:
+            turn()
+        return super().__getitem__(k)
+
+
+def test_claim_sees_a_request_the_thread_takes_meanwhile() -> None:
+    """A readable U whose held request moves from the record to `held` during
+    claim() is still the delayer's: False made the pools offer U to the reset
+    agent, which answered the waiting request 503 (test_delay's /s/1 under load)."""
+    delayer, maps, ((u, app, up),) = setup(1)
+    maps["dp_dly"] = racing = RacingDly()
+    req = b"GET /s/1 HTTP/1.1\r\nHost: a\r\n\r\n"
+    try:
+        hold(maps, app, up, 11, req, 200)
+
+        def thread_turn() -> None:
+            with delayer.cv:
+                delayer._turn()
+
+        racing.before_lookup = thread_turn
+        assert delayer.claim(up)
+        assert delayer.debug()["held"] == 1 and not racing.items()  # read, not sent yet
+    finally:
+        delayer.close()
+        u.close()
+        app.close()

@@ -27,8 +27,11 @@ def _chunked(buf: bytes) -> bool:
     return b"\r\n\r\n" in buf and b"transfer-encoding: chunked" in head
 
 
-def read_response(s: socket.socket, head_only: bool = False) -> dict:  # type: ignore[type-arg]
-    buf, t0 = b"", time.monotonic()
+def read_response(s: socket.socket, t0: float, head_only: bool = False) -> dict:  # type: ignore[type-arg]
+    """One response from `s`; its "secs" count from `t0`, taken before the request's
+    write (the kernel's delay and timeout clocks start inside that write: a client
+    descheduled between the write and its clock would see them short)."""
+    buf = b""
     end, need = "complete", None
     while True:
         if need is None and b"\r\n\r\n" in buf:
@@ -76,6 +79,7 @@ def main() -> None:
                 continue
             if req == "CLOSE":
                 break
+            t0 = time.monotonic()
             try:
                 s.sendall(req.encode("latin-1"))
             except OSError as exc:  # the peer closed after the previous response
@@ -84,7 +88,7 @@ def main() -> None:
                 break
             if conn[i + 1:i + 2] == ["CLOSE"]:  # gives up: no response read
                 break
-            r = read_response(s, head_only=req.startswith("HEAD "))
+            r = read_response(s, t0, head_only=req.startswith("HEAD "))
             res.append(r)
             if r["end"] != "complete":
                 break
