@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
     from mesh.spec import MeshFileError
     try:
         m = Mesh(args.mesh, args.name, xds=args.xds, fastpath=args.fastpath)
-        print(f"starting mesh {m.name} from {args.mesh} ...", flush=True)
         t0 = time.monotonic()
-        state = m.up(say=lambda line: print(line, flush=True))
+        state = m.up(say=lambda line: print(line, flush=True), claimed=lambda: print(
+            f"starting mesh {m.name} from {args.mesh} ...", flush=True))
     except MeshBusy as exc:  # `make demo` always says `demo`: maybe another user's mesh
         print(f"l7fp demo: {busy_message(exc.name, exc.what)}", file=sys.stderr)
         return 1

@@ -84,11 +84,14 @@ class Mesh:
     def state_file(self) -> Path:
         return teardown.state_dir(self.name) / "state.json"
 
-    def up(self, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    def up(self, say: Callable[[str], None] | None = None,
+           claimed: Callable[[], None] | None = None) -> dict[str, Any]:
         """Start the mesh; return its state. Raises MeshError (nothing left behind),
         MeshBusy when a live process runs or starts a mesh of this name (nothing of
         it touched). What a crashed run of the name left is removed first and said
-        in one line to `say` (default: the log). The rule is mesh.claim's."""
+        in one line to `say` (default: the log). The rule is mesh.claim's.
+        `claimed` is called once the name is this start's (`l7fp demo` says
+        "starting" then, not before a refusal)."""
         preflight()
         try:
             lock, removed = claim.claim(self.name)
@@ -96,6 +99,8 @@ class Mesh:
             raise MeshBusy(exc.name, exc.what) from None
         proc = None
         try:
+            if claimed:
+                claimed()
             if removed:
                 (say or log.warning)(claim.leftovers_line(self.name, removed))
             proc = self._spawn(lock)
