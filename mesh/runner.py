@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mesh import claim, namelock, teardown
+from mesh import claim, namelock, naming, teardown
 from mesh import spec as mspec
 from mesh.supervisor import pid_alive
 from xds_server.envoyproc import envoy_path
@@ -238,7 +238,7 @@ def resolve_name(name: str | None) -> str:
     if len(running) == 1:
         return running[0]
     if not running:
-        raise MeshError("no mesh is running (nothing under /run/l7fp/mesh); give --name")
+        raise MeshError(f"no mesh is running (no state directory under {naming.STATE_ROOT}); give --name")
     raise MeshError(f"several meshes run ({', '.join(running)}): give --name")
 
 
