@@ -424,10 +424,12 @@ class Pools:
 
     # ---- bookkeeping (under the lock) ------------------------------------------
     def _shrink(self, pool: Pool, n: int) -> None:
-        """Close n free sockets (taken out of the kernel queue first)."""
+        """Close n free sockets (taken out of the kernel queue first). One the
+        kernel bound since the look read dp_peer is not in the queue any more: it
+        stays, bound (released when its client closes); closed, its request in
+        flight was lost (test_churn under load: a request timed out)."""
         surplus = set(list(pool.free)[:n])
-        self._drain_queue(pool.pool_id, surplus)
-        for cookie in surplus:
+        for cookie in self._drain_queue(pool.pool_id, surplus):
             self._forget(pool, cookie)
 
     def _reap_dead(self) -> None:
@@ -465,20 +467,24 @@ class Pools:
             return False  # what the first look saw was a claimer's, read meanwhile
         return not (self.claim_eof is not None and self.claim_eof(cookie))
 
-    def _drain_queue(self, pid: int, dead: set[int]) -> None:
-        """Take dead cookies out of the kernel free queue (pop all, push back the live)."""
+    def _drain_queue(self, pid: int, dead: set[int]) -> set[int]:
+        """Take dead cookies out of the kernel free queue (pop all, push back the
+        live); returns the dead cookies found in it (the others were bound)."""
         if pid not in self.dp.pool_maps:
-            return
-        live = []
+            return set(dead)
+        live, found = [], set()
         while (c := self.dp.pop_free(pid)) is not None:
-            if c not in dead and pid in self.pools and c in self.pools[pid].socks:
+            if c in dead:
+                found.add(c)
+            elif pid in self.pools and c in self.pools[pid].socks:
                 live.append(c)
         for c in live:
             self.dp.push_free(pid, c)
         if pid in self.pools:
             pool = self.pools[pid]
-            pool.taken += len(pool.free - set(live) - dead)  # bound while we drained
+            pool.taken += len(pool.free - set(live) - found)  # bound while we drained
             pool.free = set(live)
+        return found
 
     def _forget(self, pool: Pool, cookie: int) -> None:
         s = pool.socks.pop(cookie, None)
