@@ -262,6 +262,7 @@ class Daemon:
         self.write_state()
 
     def run(self) -> None:
+        seen = self.stamps
         while not self.stop:
             time.sleep(POLL_S)
             events = self.sup.check()
@@ -269,10 +270,15 @@ class Daemon:
                 log.warning("%s", line)
             if events:
                 self.write_state()  # new pids of restarted processes
+            # A change is applied once the files stood still for a poll: a file
+            # read between a writer's truncate and its write (`echo >`, editors
+            # that write in place) is an empty policy, and applying it drops
+            # every pod's policy (a deny, a rate limit) until the next poll.
             stamps = self.file_stamps()
-            if stamps != self.stamps:
+            if stamps != self.stamps and stamps == seen:
                 self.stamps = stamps
                 self.reload()
+            seen = stamps
 
     def shutdown(self) -> None:
         self.sup.stop_all()

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from mesh import naming, plumbing, teardown
+from mesh import configdir, naming, plumbing, teardown
 from mesh.runner import Mesh
 
 PY = sys.executable
@@ -56,7 +56,12 @@ def leftovers(name: str) -> list[str]:
 
 def policy_switch(m: Mesh, client_pod: str, edit: tuple[str, str], seconds: float = 6.0,
                   ) -> tuple[list[dict], float]:
-    """Edit the mesh's policy file while a client runs; (rows, time of the edit)."""
+    """Edit the mesh's policy file while a client runs; (rows, time of the edit).
+
+    Both writes go by rename (`configdir.atomic_write`): the daemon polls the
+    file, and a read between `write_text`'s truncate and its write is an empty
+    policy, which it applies (every pod's policy gone for a poll; seen as the
+    eight 200s of test_local_rate_limit_at_inbound right after this restore)."""
     policy = Path(m.spec.path).with_name("policies.yaml")
     original = policy.read_text()
     assert edit[0] in original
@@ -66,12 +71,12 @@ def policy_switch(m: Mesh, client_pod: str, edit: tuple[str, str], seconds: floa
     try:
         time.sleep(2.0)
         changed_at = time.time()
-        policy.write_text(original.replace(*edit))
+        configdir.atomic_write(policy, original.replace(*edit))
         out, _ = client.communicate(timeout=60)
     finally:
         if client.poll() is None:
             client.kill()
-        policy.write_text(original)
+        configdir.atomic_write(policy, original)
     return [json.loads(line) for line in out.splitlines()], changed_at
 
 
