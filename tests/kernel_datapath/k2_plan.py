@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from test_agent import wait_for
+from test_agent import wait_applied, wait_for
 
 from fastpath import envoy_model as em
 from fastpath.agent import Agent
@@ -49,7 +49,7 @@ def load_plan(agent: Agent, plan: KernelPlan, up: KernelPlan | None = None) -> A
     client's node once its plan is applied and its socket pools are filled."""
     agent.on_plan("up", up or KernelPlan("up", "u1"))
     agent.on_plan("client", plan)
-    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None, 60)
+    wait_applied(agent)
     node = agent.nodes["client"]
     wait_for(lambda: all(p["free"] >= 3 for p in node.pools.snapshot()))
     return node

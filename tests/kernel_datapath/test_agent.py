@@ -65,6 +65,21 @@ def wait_for(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-de
     raise AssertionError("condition not reached in time")
 
 
+# A plan's apply is a BCC compile (clang) plus the node's start: on a 2-core
+# machine at load 8 it took 7.7-11.5 s (the compile 3-7.7 s of it), and 20 s ran
+# out three times at load 9-13 (test_churn, this module). Envoy serves meanwhile.
+APPLY_S = 60.0
+
+
+def wait_applied(agent: Agent, version: str | None = None) -> None:
+    """Until node "client" of `agent` runs a plan (of `version`, when given)."""
+    def applied() -> bool:
+        node = agent.nodes.get("client")
+        return node is not None and node.plan is not None and \
+            version in (None, node.plan.version)
+    wait_for(applied, APPLY_S)
+
+
 @pytest.fixture(params=["inline", "l7fp"])
 def agent(request, kernel, cgroup, tmp_path):  # type: ignore[no-untyped-def]
     """The agent with the built-in decision, and with K1's l7fp_decide."""
@@ -89,7 +104,7 @@ def run(cgroup, port, script):  # type: ignore[no-untyped-def]
 def test_agent_applies_plan_and_recycles(agent, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
     agent.on_plan("up", KernelPlan("up", "u1"))
     agent.on_plan("client", client_plan(envoy.port, upstream.port))
-    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None)
+    wait_applied(agent)
     node = agent.nodes["client"]
     wait_for(lambda: any(p["free"] >= 2 for p in node.pools.snapshot()))
     out = []
@@ -119,14 +134,14 @@ def test_agent_applies_plan_and_recycles(agent, cgroup, envoy, upstream):  # typ
 def test_plan_swap_and_stop_detaches(agent, cgroup, envoy, upstream):  # type: ignore[no-untyped-def]
     agent.on_plan("up", KernelPlan("up", "u1"))
     agent.on_plan("client", client_plan(envoy.port, upstream.port))
-    wait_for(lambda: "client" in agent.nodes and agent.nodes["client"].plan is not None)
+    wait_applied(agent)
     node = agent.nodes["client"]
     # v2: /fast becomes a kernel reply
     vh = VirtualHost("all", ("*",), (route("fast", "/fast", DirectResponse(200, "v2")),))
     v2 = KernelPlan("client", "v2", (ListenerPlan("out", "127.0.0.1", envoy.port,
                                                   Direction.OUTBOUND, (vh,)),))
     agent.on_plan("client", v2)
-    wait_for(lambda: node.plan is not None and node.plan.version == "v2")
+    wait_applied(agent, "v2")
     out = run(cgroup, envoy.port, [[{"send": [get("/fast/x")]}]])
     assert out[0][0]["body"] == "v2"
     prog = bpfsys.prog_id(node.dp.fds["sockops"])
@@ -158,7 +173,7 @@ def test_request_headers_added_in_kernel(kernel, cgroup, envoy, upstream, tmp_pa
             replace(vh, routes=(r0, *vh.routes[1:])),)),))
         a.on_plan("up", KernelPlan("up", "u1"))
         a.on_plan("client", plan)
-        wait_for(lambda: a.nodes.get("client") and a.nodes["client"].plan)
+        wait_applied(a)
         node = a.nodes["client"]
         assert node.mode == "l7fp"
         wait_for(lambda: any(p["free"] for p in node.pools.snapshot()))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from k2_helpers import CLIENT
-from test_agent import client_plan, wait_for, write_state
+from test_agent import client_plan, wait_applied, wait_for, write_state
 
 from fastpath import bpfsys
 from fastpath.agent import Agent
@@ -33,7 +33,7 @@ def test_10k_short_connections_back_to_rest(kernel, cgroup, envoy, upstream, tmp
     try:
         agent.on_plan("up", KernelPlan("up", "u1"))
         agent.on_plan("client", client_plan(envoy.port, upstream.port))
-        wait_for(lambda: agent.nodes.get("client") and agent.nodes["client"].plan)
+        wait_applied(agent)
         node = agent.nodes["client"]
         wait_for(lambda: all(p["free"] >= p["target"] for p in node.pools.snapshot()))
         rest = node.pools.snapshot()
