@@ -61,6 +61,7 @@ class Daemon:
         self.stop = False
         self.policy_error = ""  # the last edit refused (shown by `mesh status`), "" once one applies
         self.ready = False  # state.json says so: `mesh status` of a starting mesh is no dead one
+        self.sole_holder = False  # holds the name's lock alone (see release_name)
 
     # -- build -------------------------------------------------------------
     def build(self) -> None:
@@ -369,10 +370,22 @@ def main(argv: list[str] | None = None) -> int:
     if lock is None:
         print(f"ERROR mesh {d.name!r} {claim.busy_what(d.name)}", file=out, flush=True)
         return 2
+    d.sole_holder = args.lock_fd is None
     try:
         return build_and_run(d, out)
     finally:  # the mesh is gone (a SIGKILL skips this: the next `up` or `down` cleans)
+        release_name(d, lock)
+
+
+def release_name(d: Daemon, lock: int) -> None:
+    """Let go of the name's lock as the daemon exits. Only its sole holder removes
+    the file: before READY `Mesh.up` still holds its copy and tears the failed
+    start down under it, then drops the file itself; removing it here let a third
+    `mesh up` lock a new file and claim the name in that gap (then torn down)."""
+    if d.sole_holder:
         namelock.drop(d.name, lock)
+    else:
+        os.close(lock)
 
 
 def build_and_run(d: Daemon, out: Any) -> int:
@@ -401,8 +414,10 @@ def build_and_run(d: Daemon, out: Any) -> int:
         print(f"READY {d.dir / 'state.json'}", file=out, flush=True)
     except BrokenPipeError:  # `mesh up` was killed while we started: nobody owns this mesh
         log.warning("mesh %s: `l7fp mesh up` went away before READY; tearing down", d.name)
+        d.sole_holder = True  # its copy of the lock went with it
         d.shutdown()
         return 1
+    d.sole_holder = True  # `Mesh.up` closes its copy once it reads READY
     # Let go of the caller's pipe (its reader waits for EOF); late output to the log.
     logfd = os.open(d.dir / "daemon.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(logfd, 1)

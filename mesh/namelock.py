@@ -6,7 +6,9 @@ holds it until it exits; any exit, also SIGKILL, releases it. The file holds
 the pid of its latest holder, for messages and for `mesh down` of a daemon that
 has not written state.json yet. Called by mesh.claim, mesh.daemon, mesh.teardown.
 
-The file is removed by its holder when the mesh is gone (`drop`). Removing a lock
+The file is removed by its holder when the mesh is gone (`drop`): by the daemon
+once it holds the lock alone (after READY), by `Mesh.up` after it tore a failed
+start down (the daemon only closes its copy then). Removing a lock
 file races with a process that opened it just before: it would lock the removed
 file while a third one creates and locks a new one. `try_lock` closes that gap:
 after flock it checks that the path still names the file it locked, else retries.

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from meshtest_util import leftovers, unique_name
 
-from mesh import namelock, naming, plumbing, teardown
+from mesh import claim, namelock, naming, plumbing, teardown
 from mesh.runner import Mesh, MeshBusy, MeshError
 from mesh.supervisor import pid_alive
 
@@ -121,3 +121,46 @@ def test_the_name_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert again is not None and again != late
     assert os.fstat(again).st_ino == Path(naming.lock_path("t9-n")).stat().st_ino
     namelock.drop("t9-n", again)
+
+
+EXITS = """
+name: t9-fails
+services:
+  web:
+    command: ["${PYTHON}", -c, "raise SystemExit(3)"]
+    ports: [8080]
+"""
+
+
+@pytest.mark.mesh
+def test_a_failed_start_keeps_the_name_until_its_teardown_is_done(
+        kernel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start whose app exits at once: while `Mesh.up` removes what it made, the
+    name stays locked, so another `mesh up` of the name (tried right then) is
+    refused rather than claiming it and losing its mesh to that teardown. The
+    daemon used to remove the lock file as it exited, before that teardown."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(EXITS)
+    name = "t9-" + unique_name("f")
+    seen: list[str] = []
+    real_down = teardown.down
+
+    def down_racing_a_claim(mesh: str, *args: Any, **kw: Any) -> list[str]:
+        if mesh == name and not args and not kw:  # Mesh.up's teardown of its failed start
+            try:
+                fd, _ = claim.claim(mesh)
+            except claim.Busy as exc:
+                seen.append(f"busy: {exc.what}")
+            else:
+                seen.append("claimed")
+                namelock.drop(mesh, fd)
+        return real_down(mesh, *args, **kw)
+    monkeypatch.setattr(teardown, "down", down_racing_a_claim)
+    try:
+        with pytest.raises(MeshError, match="exited during start"):
+            Mesh(path, name, sidecars="none", timeout=30).up()
+        assert len(seen) == 1 and seen[0].startswith("busy: "), seen
+    finally:
+        real_down(name)
+    assert leftovers(name) == []
+    assert not Path(naming.lock_path(name)).exists() and not namelock.is_held(name)
