@@ -34,6 +34,7 @@ interception). Needs root. Examples:
 
 
 NAME_HELP = "mesh name (default: the only one running)"
+START_WAIT = 10.0  # `mesh down` of a name being started: seconds to wait for its daemon
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -311,7 +312,7 @@ def _docker_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     from mesh.runner import MeshError, resolve_name
-    from mesh.teardown import down, running_meshes
+    from mesh.teardown import await_starter, down, running_meshes
     if args.backend == "docker":
         from mesh import docker_backend
         if not args.name:
@@ -327,6 +328,10 @@ def cmd_down(args: argparse.Namespace) -> int:
         name = resolve_name(args.name)
     except MeshError as exc:
         return _err(exc)
+    starter = await_starter(name, START_WAIT)
+    if starter is not None:  # down() now would find nothing, and the mesh come up anyway
+        return _err(f"mesh {name} is being started by pid {starter} (no daemon after "
+                    f"{START_WAIT:.0f}s); run `l7fp mesh down --name {name}` once it is up")
     removed = down(name)
     if not removed:  # idempotent on purpose, but a typo in --name must not look like success
         others = running_meshes()

@@ -69,6 +69,20 @@ def stop_daemon(mesh: str, timeout: float = 15.0) -> bool:
     return True
 
 
+def await_starter(mesh: str, timeout: float) -> int | None:
+    """For `mesh down`: while a process holds the name's lock with no daemon of
+    it running (a `mesh up` between its claim and its daemon's first step, ~1 s),
+    wait up to `timeout` for that daemon, so `down` finds and stops it. The
+    holder's pid when none came (the caller says the mesh is being started),
+    else None (a daemon runs now, or nothing holds the name)."""
+    deadline = time.monotonic() + timeout
+    while namelock.is_held(mesh) and daemon_pid(mesh) is None:
+        if time.monotonic() >= deadline:
+            return namelock.holder_pid(mesh) or 0
+        time.sleep(0.05)
+    return None
+
+
 def mesh_namespaces(mesh: str) -> list[str]:
     """Namespaces of `mesh`: named in its state file or marked as its own.
 

@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 from meshtest_util import leftovers, unique_name
 
-from mesh import claim, namelock, naming, plumbing, teardown
+from mesh import claim, cli, namelock, naming, plumbing, teardown
 from mesh.runner import Mesh, MeshBusy, MeshError
 from mesh.supervisor import pid_alive
+from xds_server.cli import main
 
 ONE_POD = """
 name: t9-claim
@@ -162,5 +163,46 @@ def test_a_failed_start_keeps_the_name_until_its_teardown_is_done(
         assert len(seen) == 1 and seen[0].startswith("busy: "), seen
     finally:
         real_down(name)
+    assert leftovers(name) == []
+    assert not Path(naming.lock_path(name)).exists() and not namelock.is_held(name)
+
+
+def test_down_of_a_name_being_started_with_no_daemon_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mesh down` while a `mesh up` holds the name and no daemon comes (here:
+    this process holds the lock): not "nothing removed" (the mesh would come up
+    anyway) but who is starting it, and a failure status."""
+    monkeypatch.setattr(naming, "STATE_ROOT", str(tmp_path))
+    monkeypatch.setattr(cli, "START_WAIT", 0.3)
+    fd = namelock.try_lock("t9-s")
+    assert fd is not None
+    try:
+        assert main(["mesh", "down", "--name", "t9-s"]) == 1
+    finally:
+        namelock.drop("t9-s", fd)
+    err = capsys.readouterr().err
+    assert f"mesh t9-s is being started by pid {os.getpid()} (no daemon after 0s)" in err, err
+
+
+@pytest.mark.mesh
+def test_down_just_after_the_claim_stops_the_start(
+        kernel: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mesh down` right after a `mesh up` claimed the name, before its daemon
+    wrote its pid: it waits for the daemon and stops it, so the mesh never comes
+    up (it said "no mesh of that name here, nothing removed" and the mesh came up)."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(ONE_POD)
+    name = "t9-" + unique_name("d")
+    codes: list[int] = []
+    downer = threading.Thread(target=lambda: codes.append(main(["mesh", "down", "--name", name])))
+    try:
+        with pytest.raises(MeshError):
+            Mesh(path, name, sidecars="none", timeout=30).up(claimed=downer.start)
+        downer.join(60)
+        out = capsys.readouterr().out
+        assert codes == [0] and f"mesh {name} down: daemon stopped" in out, (codes, out)
+    finally:
+        downer.join(60)
+        teardown.down(name)
     assert leftovers(name) == []
     assert not Path(naming.lock_path(name)).exists() and not namelock.is_held(name)
