@@ -66,7 +66,18 @@ def stop_daemon(mesh: str, timeout: float = 15.0) -> bool:
         time.sleep(0.1)
     if pid_alive(pid) and is_daemon(pid, mesh):
         os.kill(pid, signal.SIGKILL)
+    _await_lock_release(mesh, 5.0)
     return True
+
+
+def _await_lock_release(mesh: str, timeout: float) -> None:
+    """Wait (bounded) until the stopped daemon's lock is gone: a daemon killed,
+    or dead before its SIGTERM handler, releases it as its files close, a moment
+    after its cmdline empties; `down`'s last try_lock would fail before that and
+    leave the lock file. Still held at the bound: a new `mesh up` holds it."""
+    deadline = time.monotonic() + timeout
+    while namelock.is_held(mesh) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def await_starter(mesh: str, timeout: float) -> int | None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 from meshtest_util import leftovers, unique_name
 
 from mesh import claim, cli, namelock, naming, plumbing, teardown
-from mesh.runner import Mesh, MeshBusy, MeshError
+from mesh.runner import Mesh, MeshBusy, MeshError, repo_pythonpath
 from mesh.supervisor import pid_alive
 from xds_server.cli import main
 
@@ -206,3 +208,35 @@ def test_down_just_after_the_claim_stops_the_start(
         teardown.down(name)
     assert leftovers(name) == []
     assert not Path(naming.lock_path(name)).exists() and not namelock.is_held(name)
+
+
+HUNG_DAEMON = """
+import os, signal, sys, time
+from mesh import namelock, naming
+naming.STATE_ROOT = sys.argv[3]
+fd = namelock.try_lock(sys.argv[2])
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # hangs: stop_daemon SIGKILLs it
+if os.fork() == 0:  # a copy of the lock that outlives the kill a moment (as file closing does)
+    time.sleep(1.0)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stop_daemon_returns_once_the_killed_daemons_lock_is_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After SIGKILL the lock goes a moment later; `down`'s last try_lock then
+    failed and the lock file stayed. stop_daemon now waits (bounded) for it."""
+    monkeypatch.setattr(naming, "STATE_ROOT", str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_DAEMON, "mesh.daemon", "t9-h", str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": repo_pythonpath()})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+        assert teardown.daemon_pid("t9-h") == proc.pid
+        assert teardown.stop_daemon("t9-h", timeout=0.3)
+        assert not namelock.is_held("t9-h")
+    finally:
+        proc.kill()
+        proc.wait(5)
