@@ -463,8 +463,9 @@ class Pools:
         s = self.pools[self.owner[cookie]].socks.get(cookie)
         if _woke_empty(s) or (self.claim is not None and self.claim(cookie)):
             return False
-        if _woke_empty(s):
-            return False  # what the first look saw was a claimer's, read meanwhile
+        if not _at_eof(s):
+            return False  # empty: a claimer read what the first look saw; data: bytes
+        # that came since (a keep-alive client's next request, held again): the next poll
         return not (self.claim_eof is not None and self.claim_eof(cookie))
 
     def _drain_queue(self, pid: int, dead: set[int]) -> set[int]:
@@ -524,6 +525,19 @@ class Pools:
             self.pools.clear()
             self.by_key.clear()
             self.ep.close()
+
+
+def _at_eof(s: socket.socket | None) -> bool:
+    """True when `s` is at EOF or in error (or gone); False when it has data or
+    nothing to read. The look before the EOF agents: data is a claimer's, never a 503."""
+    if s is None:
+        return True
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # an error (reset): dead
 
 
 def _woke_empty(s: socket.socket | None) -> bool:

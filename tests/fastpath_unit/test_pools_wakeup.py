@@ -79,3 +79,32 @@ def test_data_read_by_the_delay_thread_meanwhile_is_not_an_eof() -> None:
             pools._reap_dead()
         assert eof_asked == [up] and up not in pools.pools[0].socks
         pools.ep.close()
+
+
+def test_a_next_request_arriving_during_the_claim_is_not_an_eof() -> None:
+    """The delay thread read the held request during the look (not ours), and the
+    keep-alive client's next request reached U before the second look: data, not
+    EOF, so no 503 from the EOF agents; the next poll offers it to the claimers."""
+    u, app = socket.socketpair()
+    with u, app:
+        pools, up = _pools_with(u)
+        eof_asked: list[int] = []
+        claimed: list[bytes] = []
+
+        def read_it_and_the_next_one_comes(cookie: int) -> bool:
+            if not claimed:
+                claimed.append(u.recv(4096))
+                app.sendall(b"GET /s/2 HTTP/1.1\r\n\r\n")
+                return False
+            claimed.append(u.recv(4096))
+            return True
+
+        pools.claim = read_it_and_the_next_one_comes
+        pools.claim_eof = lambda cookie: eof_asked.append(cookie) is not None
+        app.sendall(b"GET /s/1 HTTP/1.1\r\n\r\n")
+        for _ in range(2):
+            with pools.mu:
+                pools._reap_dead()
+        assert eof_asked == [] and up in pools.pools[0].socks
+        assert claimed == [b"GET /s/1 HTTP/1.1\r\n\r\n", b"GET /s/2 HTTP/1.1\r\n\r\n"]
+        pools.ep.close()
