@@ -61,9 +61,10 @@ def hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     if not bool_field(hcm, "generateRequestId", True):
         out.append("http_connection_manager generate_request_id false (the kernel path adds x-request-id)")
     if internal_clients(hcm):
-        out.append("http_connection_manager internal_address_config (requests from the clients it "
-                   "names are internal: Envoy adds x-envoy-internal and honours their x-envoy-* "
-                   "headers, e.g. x-envoy-upstream-rq-timeout-alt-response)")
+        out.append("http_connection_manager internal_address_config (requests whose peer "
+                   "(use_remote_address) or sole x-forwarded-for address (else; the client "
+                   "sends it) is in its ranges are internal: Envoy adds x-envoy-internal and "
+                   "honours their x-envoy-* headers, e.g. x-envoy-upstream-rq-timeout-alt-response)")
     if bool_field(hcm, "alwaysSetRequestIdInResponse", False):
         out.append("http_connection_manager always_set_request_id_in_response (response header)")
     ext = (hcm.get("requestIdExtension") or {}).get("typedConfig") or {}

@@ -43,10 +43,13 @@ SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
     "resp": ({"always_set_request_id_in_response": True}, "always_set_request_id_in_response"),
     "nosample": ({"tracing": {}, "request_id_extension": {"typed_config": {
         "@type": UUID_T, "use_request_id_for_trace_sampling": False}}}, ""),
-    # the "xff" request is internal there: Envoy adds x-envoy-internal: true
-    # (and would honour its x-envoy-* headers)
+    # the "xff" request is internal there (use_remote_address false: by the
+    # x-forwarded-for address the client sends, which the reason says): Envoy
+    # adds x-envoy-internal: true (and would honour its x-envoy-* headers)
     "internal": ({"internal_address_config": {"cidr_ranges": [
-        {"address_prefix": "127.0.0.1", "prefix_len": 32}]}}, "internal_address_config"),
+        {"address_prefix": "127.0.0.1", "prefix_len": 32}]}},
+        "internal_address_config (requests whose peer (use_remote_address) or sole "
+        "x-forwarded-for address (else; the client sends it) is in its ranges are internal"),
 }
 # case -> the client's header lines
 REQUESTS = {"none": [], "rid": [("X-Request-Id", "client-id-1")],
