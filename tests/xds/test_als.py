@@ -391,8 +391,8 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
         "cluster_name": "pend", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
             "socket_address": {"address": "127.0.0.1", "port_value": full.getsockname()[1]}}}}]}]}})
     routes.insert(0, {"match": {"prefix": "/pend"}, "route": {"cluster": "pend", "timeout": "0.3s"}})
-    lport2 = free_port()
-    _add_internal_listener(boot, lport2)
+    lport2, lport3 = free_port(), free_port()
+    _add_internal_listener(boot, lport2, lport3)
     envoy = Envoy(boot, admin, binary=envoy_bin).start()
     try:
         async def up() -> bool:
@@ -437,20 +437,22 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
         assert got == [t] * 4, got
         assert await _stat(admin, "c", "upstream_rq_timeout") == before + 4
         await _without_request_id_and_alt(lport, lport2, admin, got, t)
+        await _alt_by_forwarded_for(lport3, got, ("c2", t[1], LOCAL_TIMEOUT))
     finally:
         await stop_all(envoy, server, runner)
         for sock in (full, *queued):
             sock.close()
 
 
-def _add_internal_listener(boot: dict[str, Any], port: int) -> None:
+def _add_internal_listener(boot: dict[str, Any], port: int, port3: int) -> None:
     """A second listener on `port` whose HCM generates no x-request-id and
     takes 127.0.0.1 as internal (use_remote_address, internal_address_config:
     Envoy honours x-envoy-upstream-rq-timeout-alt-response only there), with
     the loggers (and the alt-response filter) the residual gives such an HCM
     (residual_outlier.hcm_with_als); `/pt` (per-try timeout 0.3 s) and `/pi`
     (per-try idle timeout 0.3 s) to `c2`, the rest to `c2` with a 0.3 s route
-    timeout. `c2`: cluster `c`'s host, consecutive_5xx 2, not enforced."""
+    timeout. `c2`: cluster `c`'s host, consecutive_5xx 2, not enforced. On
+    `port3` the same HCM with use_remote_address false (`_alt_by_forwarded_for`)."""
     sr = boot["static_resources"]
     c2 = copy.deepcopy(next(x for x in sr["clusters"] if x["name"] == "c"))
     c2.update(name="c2", outlier_detection={"consecutive_5xx": 2, "enforcing_consecutive_5xx": 0,
@@ -465,8 +467,10 @@ def _add_internal_listener(boot: dict[str, Any], port: int) -> None:
            "httpFilters": [{"name": "router", "typedConfig": {"@type": ro.ROUTER_TYPE}}]}
     assert ro.hcm_with_als(hcm) and len(hcm["httpFilters"]) == 2  # the alt-response filter
     sr["clusters"].append(c2)
-    sr["listeners"].append({"name": "l2", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                            "filter_chains": [{"filters": [{"name": "hcm", "typed_config": hcm}]}]})
+    hcm3 = {**copy.deepcopy(hcm), "statPrefix": "l3", "useRemoteAddress": False}
+    for name, at, conf in (("l2", port, hcm), ("l3", port3, hcm3)):
+        sr["listeners"].append({"name": name, "address": {"socket_address": {"address": "127.0.0.1", "port_value": at}},
+                                "filter_chains": [{"filters": [{"name": "hcm", "typed_config": conf}]}]})
 
 
 ALT = {"x-envoy-upstream-rq-timeout-alt-response": "1"}
@@ -513,6 +517,20 @@ async def _without_request_id_and_alt(lport: int, lport2: int, admin: int, got: 
     await asyncio.sleep(0.2)
     assert got == [t2] * 4, got
     assert await _stat(admin, "c2", "upstream_rq_timeout") == before + 4
+
+
+async def _alt_by_forwarded_for(port: int, got: list[Any], t2: tuple[str, str, int]) -> None:
+    """The listener with use_remote_address false: Envoy takes a request as
+    internal by its x-forwarded-for header (the client sends it), when that is
+    one address in the ranges, not by the peer: with `x-forwarded-for: 127.0.0.1`
+    the alt-response header is honoured (204) and logged (the filter state);
+    without the header, or with two addresses (the last one 127.0.0.1), 504."""
+    for xff, alt in (("127.0.0.1", True), (None, False), ("198.18.0.9, 127.0.0.1", False)):
+        got.clear()
+        headers = {**ALT, **({"x-forwarded-for": xff} if xff else {})}
+        assert await _status_of(port, "/x", headers) == (204 if alt else 504), xff
+        await asyncio.sleep(0.2)
+        assert got == [(*t2[:2], LOCAL_TIMEOUT_ALT if alt else LOCAL_TIMEOUT)], (xff, got)
 
 
 def _full_backlog() -> tuple[socket.socket, list[socket.socket]]:
