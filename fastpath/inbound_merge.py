@@ -176,16 +176,14 @@ def _without_stripped_headers(plan: KernelPlan, out: Merged,
     whose every offloaded endpoint's inbound sidecar removes it: the kernel
     delivers past that sidecar, so the app must not get what the sidecar
     would remove (a route that reaches both kinds keeps it, and
-    `trace_refusal` refuses the tracing ones)."""
-    eps = {c.name: [(e.address, e.port) for e in c.endpoints] for c in plan.clusters}
+    `trace_refusal` refuses the tracing ones). The route's endpoints are the
+    kernel's (`_route_endpoints`), as trace_refusal sees them."""
+    eps = kernel_endpoints(plan)
 
     def stripped(r: Route, name: str) -> bool:
-        a = r.action
-        if not isinstance(a, ClusterAction) or not any(
-                h.name.lower() == name for h in r.request_headers_to_add):
+        if not any(h.name.lower() == name for h in r.request_headers_to_add):
             return False
-        reach = [ep for wc in a.clusters for ep in eps.get(wc.name, [])
-                 if out.offloadable(*ep)]
+        reach = [ep for ep in _route_endpoints(eps, r) if out.offloadable(*ep)]
         removes = _INBOUND_REMOVES[name]
         return bool(reach) and all(removes(plan_of_ip(ip), port) for ip, port in reach)
 
@@ -267,7 +265,8 @@ def trace_refusal(lp: ListenerPlan, plan: KernelPlan, ep: tuple[str, int],
 
 
 def _route_endpoints(eps: dict[str, list[tuple[str, int]]], r: Route) -> list[tuple[str, int]]:
-    """The endpoints the kernel may send a request of `r` to (`eps`: kernel_endpoints)."""
+    """The endpoints the kernel may send a request of `r` to (`eps`:
+    kernel_endpoints): one answer for trace_refusal and the stripped headers."""
     a = r.action
     if not isinstance(a, ClusterAction):
         return []

@@ -186,3 +186,22 @@ def test_inbound_tracing_refused_behind_another_caller() -> None:
     got = merge(_traced_client(DST, OTHER), lambda ip: traced if ip == DST else dest())
     assert "another destination of the route keeps" in got.refused[(DST, 9000)], got.refused
     assert got.offloadable(OTHER, 9000) and _adds(got.plan) == [DECO.name]
+
+
+def test_a_route_to_a_tls_cluster_too_drops_the_decorator_the_kernels_destination_strips() -> None:
+    """trace_refusal and the header drop look at the same endpoints of a route
+    (the kernel's: a TLS cluster's requests go to Envoy). They did not: the drop
+    also counted the TLS cluster's endpoint, whose inbound side keeps the line,
+    so the line stayed while the merge let the kernel deliver past DST's
+    sidecar, which takes it off."""
+    plan = _traced_client(DST)
+    wc = (WeightedCluster("out", 1), WeightedCluster("tls", 1))
+    lp = plan.listeners[0]
+    r = dataclasses.replace(lp.virtual_hosts[0].routes[0], action=ClusterAction(wc))
+    lp = dataclasses.replace(lp, virtual_hosts=(dataclasses.replace(lp.virtual_hosts[0], routes=(r,)),))
+    tls = Cluster("tls", LbPolicy.ROUND_ROBIN, (Endpoint(OTHER, 9000),), tls=True)
+    plan = dataclasses.replace(plan, listeners=(lp,), clusters=(*plan.clusters, tls))
+    traced = dest(trace_sampling=3000)
+    got = merge(plan, lambda ip: traced if ip == DST else dest())
+    assert got.merged == {(DST, 9000): merged_name(DST, 9000)} and not got.refused
+    assert _adds(got.plan) == []
