@@ -101,10 +101,11 @@ def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> M
 
     `plan_of_ip(ip)` is the plan of the pod with that address, or None."""
     added = _outbound_added_names(plan)
+    reach = Reach.of(plan)
     listeners: list[ListenerPlan] = []
     clusters: dict[str, Any] = {}
     out = Merged(plan)
-    for ip, port in _endpoints(plan):
+    for ip, port in reach.routes:
         dest = plan_of_ip(ip)
         if dest is None:
             out.refused[(ip, port)] = NO_PLAN
@@ -112,7 +113,7 @@ def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> M
         if inbound_transparent(dest.listeners, port):
             continue
         lp, why = _mergeable(dest, port, added)
-        why = why or (trace_refusal(lp, plan, (ip, port), plan_of_ip) if lp is not None else "")
+        why = why or (trace_refusal(lp, reach, (ip, port), plan_of_ip) if lp is not None else "")
         lp = None if why else lp
         if lp is None:
             out.refused[(ip, port)] = why
@@ -122,7 +123,7 @@ def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> M
         clusters.update({c.name: c for c in own})
         out.merged[(ip, port)] = copy.name
         out.versions[(ip, port)] = dest.version
-    mine = _without_stripped_headers(plan, out, plan_of_ip)
+    mine = _without_stripped_headers(plan, reach, out, plan_of_ip)
     stripped = mine != plan.listeners
     if listeners or stripped:
         tag = hashlib.sha256(repr((listeners, mine) if stripped else listeners).encode()
@@ -167,7 +168,7 @@ _INBOUND_REMOVES: dict[str, Callable[[KernelPlan | None, int], bool]] = {
     EXPECTED_TIMEOUT: _strips, DECORATOR: _traces}
 
 
-def _without_stripped_headers(plan: KernelPlan, out: Merged,
+def _without_stripped_headers(plan: KernelPlan, reach: Reach, out: Merged,
                               plan_of_ip: Callable[[str], KernelPlan | None]
                               ) -> tuple[ListenerPlan, ...]:
     """The client's listeners, with the kernel's insert of a header the
@@ -176,16 +177,14 @@ def _without_stripped_headers(plan: KernelPlan, out: Merged,
     whose every offloaded endpoint's inbound sidecar removes it: the kernel
     delivers past that sidecar, so the app must not get what the sidecar
     would remove (a route that reaches both kinds keeps it, and
-    `trace_refusal` refuses the tracing ones). The route's endpoints are the
-    kernel's (`_route_endpoints`), as trace_refusal sees them."""
-    eps = kernel_endpoints(plan)
-
+    `trace_refusal` refuses the tracing ones). A route's endpoints are the
+    kernel's (`Reach.route_endpoints`), as trace_refusal sees them."""
     def stripped(r: Route, name: str) -> bool:
         if not any(h.name.lower() == name for h in r.request_headers_to_add):
             return False
-        reach = [ep for ep in _route_endpoints(eps, r) if out.offloadable(*ep)]
+        offloaded = [ep for ep in reach.route_endpoints(r) if out.offloadable(*ep)]
         removes = _INBOUND_REMOVES[name]
-        return bool(reach) and all(removes(plan_of_ip(ip), port) for ip, port in reach)
+        return bool(offloaded) and all(removes(plan_of_ip(ip), port) for ip, port in offloaded)
 
     def route(r: Route) -> Route:
         gone = {name for name in _INBOUND_REMOVES if stripped(r, name)}
@@ -208,8 +207,41 @@ def kernel_endpoints(plan: KernelPlan) -> dict[str, list[tuple[str, int]]]:
             if c.verdict is Verdict.KERNEL and not c.tls and not is_merged_cluster(c.name)}
 
 
-def _endpoints(plan: KernelPlan) -> list[tuple[str, int]]:
-    return list(dict.fromkeys(ep for eps in kernel_endpoints(plan).values() for ep in eps))
+@dataclass(frozen=True)
+class Reach:
+    """Where a client plan's kernel may send requests, built once per `merge`:
+    `eps` (kernel_endpoints) and, per endpoint (in the clusters' order), the
+    KERNEL routes of its OUTBOUND KERNEL listeners that may send one there."""
+
+    eps: dict[str, list[tuple[str, int]]]
+    routes: dict[tuple[str, int], list[tuple[ListenerPlan, Route]]]
+
+    @classmethod
+    def of(cls, plan: KernelPlan) -> Reach:
+        eps = kernel_endpoints(plan)
+        routes: dict[tuple[str, int], list[tuple[ListenerPlan, Route]]] = {
+            ep: [] for ep_list in eps.values() for ep in ep_list}
+        for lp in plan.listeners:
+            if lp.direction is not Direction.OUTBOUND or lp.verdict is not Verdict.KERNEL:
+                continue
+            for vh in lp.virtual_hosts:
+                for r in vh.routes:
+                    if r.verdict is Verdict.KERNEL:
+                        for ep in dict.fromkeys(_route_endpoints(eps, r)):
+                            routes[ep].append((lp, r))
+        return cls(eps, routes)
+
+    def route_endpoints(self, r: Route) -> list[tuple[str, int]]:
+        return _route_endpoints(self.eps, r)
+
+
+def _route_endpoints(eps: dict[str, list[tuple[str, int]]], r: Route) -> list[tuple[str, int]]:
+    """The endpoints the kernel may send a request of `r` to (`eps`:
+    kernel_endpoints): one answer for trace_refusal and the stripped headers."""
+    a = r.action
+    if not isinstance(a, ClusterAction):
+        return []
+    return [ep for wc in a.clusters for ep in eps.get(wc.name, [])]
 
 
 def _mergeable(dest: KernelPlan, port: int, added: set[str]) -> tuple[ListenerPlan | None, str]:
@@ -226,26 +258,18 @@ def _mergeable(dest: KernelPlan, port: int, added: set[str]) -> tuple[ListenerPl
     return lp, ""
 
 
-def trace_refusal(lp: ListenerPlan, plan: KernelPlan, ep: tuple[str, int],
+def trace_refusal(lp: ListenerPlan, reach: Reach, ep: tuple[str, int],
                   plan_of_ip: Callable[[str], KernelPlan | None]) -> str:
-    """Why the client `plan` may not merge the destination's inbound listener
-    `lp` at endpoint `ep` because of lp's HCM tracing ("" when it may, or
-    without tracing). What the inbound Envoy does behind a client's Envoy
-    (tests/split/test_tracing_inbound_envoy.py): it keeps the caller's
-    x-request-id and b3 lines, samples an id marked unsampled again with its
-    own percentages (and unmarks a sampled one above its overall_sampling:
-    fastpath.tracing.inbound_sampling),
-    takes x-envoy-decorator-operation off the request, and puts its route's
-    decorator on the response, which an OUTBOUND tracing client Envoy takes
-    off. The kernel delivers past it, so every client route that reaches `ep`
-    must be on a listener that traces, is OUTBOUND (trace_egress) and has the
-    same tracer (no second tracer's headers) and a sampling numerator whose
-    decision the inbound side keeps for every r, and its added x-envoy-decorator-operation must go to
-    tracing inbound sides only (`_without_stripped_headers` drops it then)."""
+    """Why the client whose `reach` this is may not merge the destination's
+    inbound listener `lp` at endpoint `ep` because of lp's HCM tracing (""
+    when it may, or without tracing). The rule: every client route reaching
+    `ep` is on an OUTBOUND tracing listener with lp's tracer whose sampling
+    decision lp keeps (`tracing.inbound_sampling`), and a decorator line it
+    adds goes to tracing inbound sides only; why, in docs/split.md "Inbound
+    tracing"."""
     if lp.trace_sampling is None:
         return ""
-    eps = kernel_endpoints(plan)
-    for out, r in _routes_to(plan, eps, ep):
+    for out, r in reach.routes.get(ep, []):
         if not out.trace_egress:
             return (f"inbound tracing behind client listener {out.name} that is not an OUTBOUND "
                     "tracing listener (the inbound sidecar samples the id again, its route "
@@ -258,32 +282,10 @@ def trace_refusal(lp: ListenerPlan, plan: KernelPlan, ep: tuple[str, int],
             return (f"inbound tracing samples the caller's ids again: {arrive}/10000 arrive "
                     f"sampled, client listener {out.name} samples {out.trace_sampling}/10000")
         if any(h.name.lower() == DECORATOR for h in r.request_headers_to_add) and not all(
-                _traces(plan_of_ip(ip), port) for ip, port in _route_endpoints(eps, r)):
+                _traces(plan_of_ip(ip), port) for ip, port in reach.route_endpoints(r)):
             return (f"client route {r.name!r} adds {DECORATOR}, which this inbound sidecar "
                     "removes and another destination of the route keeps")
     return ""
-
-
-def _route_endpoints(eps: dict[str, list[tuple[str, int]]], r: Route) -> list[tuple[str, int]]:
-    """The endpoints the kernel may send a request of `r` to (`eps`:
-    kernel_endpoints): one answer for trace_refusal and the stripped headers."""
-    a = r.action
-    if not isinstance(a, ClusterAction):
-        return []
-    return [ep for wc in a.clusters for ep in eps.get(wc.name, [])]
-
-
-def _routes_to(plan: KernelPlan, eps: dict[str, list[tuple[str, int]]], ep: tuple[str, int]
-               ) -> Iterator[tuple[ListenerPlan, Route]]:
-    """The client's KERNEL routes (and their listeners) that may send a
-    request to endpoint `ep`."""
-    for lp in plan.listeners:
-        if lp.direction is not Direction.OUTBOUND or lp.verdict is not Verdict.KERNEL:
-            continue
-        for vh in lp.virtual_hosts:
-            for r in vh.routes:
-                if r.verdict is Verdict.KERNEL and ep in _route_endpoints(eps, r):
-                    yield lp, r
 
 
 def listener_refusal(lp: ListenerPlan) -> str:
