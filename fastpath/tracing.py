@@ -60,27 +60,13 @@ ConnectionManagerUtility::mutateTracingRequestHeader):
 * A runtime layer (disk, RTDS, admin) can override tracing.random_sampling,
   tracing.global_enabled and tracing.client_enabled: the listener stays with
   Envoy, as fault percentages do.
-* An inbound listener (traffic_direction INBOUND) with tracing, behind a
-  client's Envoy (tests/split/test_tracing_inbound_envoy.py, the two Envoys
-  chained): it keeps the caller's x-request-id and b3 lines (its server span
-  shares the client span's context: no x-b3-parentspanid, no new span id)
-  but samples the id again: an unsampled one (digit 4) gets 9 when r < its
-  random_sampling, a sampled one loses it when r >= its overall_sampling; it
-  takes x-envoy-decorator-operation (the caller's route decorator) off the
-  request; its own route decorator goes on the response, where an OUTBOUND
-  tracing caller's Envoy takes it off again; with Zipkin each sampled request
-  gives two spans (client, server). The kernel, skipping that sidecar,
-  reproduces it when the caller's listener traces, is OUTBOUND, has the
-  same tracer and a numerator (`sampling`) whose decision the inbound side
-  keeps for every id (`inbound_sampling`: the same percentages, or a
-  smaller inbound random_sampling), and the merge drops the caller's
-  decorator line
-  (fastpath.inbound_merge.trace_refusal says why not otherwise: a decision
-  the inbound side changes, another tracer, a caller without tracing or
-  not OUTBOUND, a caller's
-  decorated route that also reaches a destination without inbound tracing).
-  So the listener is KERNEL; its route decorators are too (no header add:
-  `route_reasons` with `inbound`).
+* An inbound listener (traffic_direction INBOUND) with tracing: behind a
+  caller's Envoy it keeps the caller's ids and b3 lines but samples the id
+  again (`inbound_sampling`) and takes the caller's decorator line off.
+  Such a listener is KERNEL (its route decorators too: `route_reasons` with
+  `inbound`), merged only behind callers whose decision it keeps
+  (fastpath.inbound_merge.trace_refusal); the rule and what was seen:
+  docs/split.md "Tracing on the destination's inbound listener".
 """
 
 from __future__ import annotations

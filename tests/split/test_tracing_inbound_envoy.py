@@ -8,12 +8,10 @@ One Envoy process runs both sides of each chain (a listener knows its own
 traffic_direction and HCM only; the inbound one sees the outbound one's
 request as it would across pods). What the inbound Envoy does, pinned here:
 
-* it keeps the caller's x-request-id and samples it again: an id marked
-  unsampled (digit 4) gets 9 when r < its own random_sampling, a sampled one
-  loses it when r >= its overall_sampling; with the caller's numerator
-  (`trace_sampling`) or a smaller random_sampling the digit is the caller's
-  decision ("same", "zipkin", "less"), else the inbound side's (a larger
-  random_sampling: "more", a smaller overall_sampling: "overall");
+* it keeps the caller's x-request-id and samples it again (the rule:
+  docs/split.md "Tracing on the destination's inbound listener"): the digit
+  is the caller's decision in "same", "zipkin", "less", the inbound side's
+  in "more" and "overall";
 * it takes x-envoy-decorator-operation (the caller's route decorator) off the
   request: the app never sees it;
 * its route decorator goes on the response, which an OUTBOUND tracing
