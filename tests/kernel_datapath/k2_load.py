@@ -39,14 +39,16 @@ def main() -> None:
     statuses: dict[int, int] = {}
     errors = 0
     kinds: dict[str, int] = {}  # why requests failed: the test's message says which
+    failed: list[dict[str, object]] = []  # the first few: which request, how long it waited
     done = 0
     s = f = None
     while done < count and time.time() < end:
+        t0 = time.monotonic()
+        path = "/deny" if (mode == "short" and done % 4 == 3) else f"/fast/{done}"
         try:
             if s is None:
                 s = socket.create_connection((host, port), timeout=2)
                 f = s.makefile("rb")
-            path = "/deny" if (mode == "short" and done % 4 == 3) else f"/fast/{done}"
             st = one(s, f, path)
             statuses[st] = statuses.get(st, 0) + 1
         except OSError as e:
@@ -54,6 +56,8 @@ def main() -> None:
             stage = "connect" if s is None else "request"
             kind = f"{stage}: {type(e).__name__} {e}"[:120]
             kinds[kind] = kinds.get(kind, 0) + 1
+            if len(failed) < 5:
+                failed.append({"path": path, "kind": kind, "secs": round(time.monotonic() - t0, 3)})
             if s is not None:
                 s.close()
             s = None
@@ -64,6 +68,7 @@ def main() -> None:
     out = {"done": done, "errors": errors, "statuses": statuses}
     if kinds:
         out["error_kinds"] = kinds
+        out["failed"] = failed
     print(json.dumps(out))
 
 

@@ -42,6 +42,9 @@ def test_10k_short_connections_back_to_rest(kernel, cgroup, envoy, upstream, tmp
                         "150"], timeout=200)
         out = json.loads(r.stdout)
         print("CHURN", out, dict(agent.stats())["client"], node.pools.snapshot())
+        for f in out.get("failed", []):  # did the app get it (an answer lost) or not?
+            print("CHURN failed", f, "seen by the app:",
+                  any(line.split()[1] == f["path"] for line in upstream.seen))
         assert out["errors"] == 0, out
         assert out["statuses"].get("200", 0) + out["statuses"].get("403", 0) == out["done"]
         assert out["done"] >= 2000, out  # bounded by time on a loaded machine
