@@ -429,10 +429,13 @@ class Agent:
             plan = self.plans.get(node_id)
             node = self.nodes.get(node_id)
             inbound = self._clients_decide(node_id)
+            pod = self.pods.get(node_id)
+            callers = None if pod is None else inbound_verdict.Callers(pod.ip, tuple(
+                p for n, p in self.plans.items() if n != node_id and _reaches(p, pod.ip)))
         if plan is None:
             return None
         decide = node.mode if node is not None else self.decide
-        return inbound_verdict.honest_plan(plan, self._plan_of_ip, decide, inbound)
+        return inbound_verdict.honest_plan(plan, self._plan_of_ip, decide, inbound, callers)
 
     def _clients_decide(self, node_id: str) -> str:
         """The decision of the nodes whose kernel pools node_id's pod (caller
@@ -443,8 +446,7 @@ class Agent:
         if pod is None:
             return self.decide
         modes = {getattr(self.nodes.get(n), "mode", self.decide) for n, p in self.plans.items()
-                 if any(ip == pod.ip for eps in inbound_merge.kernel_endpoints(p).values()
-                        for ip, _ in eps)}
+                 if _reaches(p, pod.ip)}
         if not modes:
             return self.decide
         return "l7fp" if "l7fp" in modes else "inline"
@@ -491,6 +493,11 @@ class Agent:
                 "limits_owned": dict(self.owned),  # node -> plan version (rule 3)
                 "outlier_access_log": self.als.debug(time.monotonic()),
                 "nodes": [n.debug() for n in nodes]}
+
+
+def _reaches(plan: KernelPlan, ip: str) -> bool:
+    """The node with `plan` may pool the pod at `ip` (it is its client)."""
+    return any(ep_ip == ip for eps in inbound_merge.kernel_endpoints(plan).values() for ep_ip, _ in eps)
 
 
 def _cflags(plan: KernelPlan) -> tuple[str, ...]:

@@ -178,10 +178,19 @@ def _print_placement(by: dict[str, Any]) -> None:
               "KERNEL verdict (a mesh client's kernel path could run them)")
 
 
+INBOUND_TRACING_NOTE = ("; KERNEL only behind OUTBOUND tracing callers with the same tracer "
+                        "whose sampling it keeps, else Envoy (fastpath.inbound_merge.trace_refusal)")
+
+
 def _tracing(lp: Any) -> str:
-    """The " tracing: N/10000 sampled" of a listener with HCM tracing (fastpath.tracing)."""
+    """The " tracing: N/10000 sampled" of a listener with HCM tracing
+    (fastpath.tracing); on a KERNEL INBOUND one, which callers may merge it:
+    this file's plans do not say who calls it, the agent's view does."""
     n = getattr(lp, "trace_sampling", None)
-    return "" if n is None else f" tracing: {n}/10000 sampled (the id's version digit)"
+    if n is None:
+        return ""
+    inbound = lp.direction.value == "inbound" and lp.verdict.value == "KERNEL"
+    return f" tracing: {n}/10000 sampled (the id's version digit){INBOUND_TRACING_NOTE if inbound else ''}"
 
 
 def _print_listener(lp: Any, explain: bool) -> None:

@@ -28,8 +28,10 @@ whole routes change, conservatively:
 * an inbound route of a non-transparent inbound listener becomes ENVOY when
   every client kernel must hand it to Envoy: the listener is refused whoever
   merges it (`listener_refusal`), or the route's merged copy is a punt
-  (`inbound_punt`); with the `inline` decision (no second decision) every
-  route of a non-transparent inbound listener.
+  (`inbound_punt`), or it has HCM tracing and every caller whose KERNEL
+  routes reach it (`Callers`, the agent's view) refuses it (`trace_refusal`);
+  with the `inline` decision (no second decision) every route of a
+  non-transparent inbound listener.
 
 Called by `fastpath.agent.Agent.plan_view` (`/debug/fastpath/plans`, read by
 `l7fp mesh audit`). Pure functions of the plans.
@@ -39,15 +41,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastpath.inbound import inbound_transparent
 from fastpath.inbound_merge import (
     NO_PLAN,
     Merged,
+    Reach,
     inbound_punt,
     kernel_endpoints,
     listener_refusal,
     merge,
+    trace_refusal,
 )
 from fastpath.plan import (
     ClusterAction,
@@ -66,17 +71,35 @@ PlanOfIp = Callable[[str], KernelPlan | None]
 INLINE = "inbound side not transparent (the inline decision has no second decision)"
 
 
+@dataclass(frozen=True)
+class Callers:
+    """The plans of the nodes whose kernel may send to the pod at `ip` (the
+    agent knows them): their merge decides that pod's tracing inbound side."""
+
+    ip: str
+    plans: tuple[KernelPlan, ...]
+
+
 def honest_plan(plan: KernelPlan, plan_of_ip: PlanOfIp, decide: str = "l7fp",
-                inbound_decide: str | None = None) -> KernelPlan:
+                inbound_decide: str | None = None, callers: Callers | None = None) -> KernelPlan:
     """`plan` with the routes every request of which goes to Envoy because of
     the destinations' inbound side marked ENVOY (see the module docstring).
     `decide`: the node's decision for its outbound side ("l7fp" merges,
     "inline" does not); `inbound_decide`: its clients' decision, which is the
-    one that merges its inbound side (default: `decide`)."""
+    one that merges its inbound side (default: `decide`); `callers`: its
+    clients' plans, when known (a tracing inbound listener every one of them
+    refuses to merge is ENVOY)."""
     merged = merge(plan, plan_of_ip) if decide == "l7fp" else inline_merged(plan, plan_of_ip)
     inbound = decide if inbound_decide is None else inbound_decide
-    listeners = tuple(_outbound(lp, plan, merged) if lp.direction is Direction.OUTBOUND
-                      else _inbound(lp, plan, inbound) for lp in plan.listeners)
+    reaches = [Reach.of(c) for c in callers.plans] if callers is not None else []
+
+    def side(lp: ListenerPlan) -> ListenerPlan:
+        if lp.direction is Direction.OUTBOUND:
+            return _outbound(lp, plan, merged)
+        refused = _trace_refused(lp, callers.ip, reaches, plan_of_ip) if callers else ""
+        return _inbound(lp, plan, inbound, refused)
+
+    listeners = tuple(side(lp) for lp in plan.listeners)
     if listeners == plan.listeners:
         return plan
     return dataclasses.replace(plan, listeners=listeners)
@@ -107,10 +130,24 @@ def _with_routes(lp: ListenerPlan, change: Callable[[Route], str | None]) -> Lis
     return lp if vhs == lp.virtual_hosts else dataclasses.replace(lp, virtual_hosts=vhs)
 
 
-def _inbound(lp: ListenerPlan, plan: KernelPlan, decide: str) -> ListenerPlan:
+def _trace_refused(lp: ListenerPlan, ip: str, reaches: list[Reach], plan_of_ip: PlanOfIp) -> str:
+    """trace_refusal's reason when every caller whose KERNEL routes reach the
+    tracing inbound listener `lp` of the pod at `ip` refuses to merge it ("" when
+    one merges it, none reaches it, or without tracing): all its requests go
+    through Envoy, though the split alone says KERNEL."""
+    if lp.trace_sampling is None:
+        return ""
+    ep = (ip, lp.port)
+    why = [trace_refusal(lp, r, ep, plan_of_ip) for r in reaches if r.routes.get(ep)]
+    if not why or not all(why):
+        return ""
+    return why[0] + (f" (and {len(why) - 1} other caller(s) refuse it)" if len(why) > 1 else "")
+
+
+def _inbound(lp: ListenerPlan, plan: KernelPlan, decide: str, trace_refused: str = "") -> ListenerPlan:
     if lp.verdict is not Verdict.KERNEL or inbound_transparent(plan.listeners, lp.port):
         return lp
-    whole = INLINE if decide != "l7fp" else listener_refusal(lp)
+    whole = INLINE if decide != "l7fp" else listener_refusal(lp) or trace_refused
 
     def why(r: Route) -> str | None:
         cause = whole or inbound_punt(r)

@@ -148,3 +148,28 @@ def test_unreadable_listener_routes_stay_in_the_denominator(tmp_path: Path,
     assert all(r["reason"].startswith("not readable by L7FP") and "brand_new_field" in r["reason"]
                for r in out["routes"])
     assert out["coverage"]["routes"] == {"kernel": 0, "total": 3}
+
+
+def test_a_tracing_inbound_listener_says_who_may_merge_it(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """KERNEL for a tracing INBOUND listener holds only behind some callers
+    (fastpath.inbound_merge.trace_refusal): the text output says so; the
+    OUTBOUND one has no such note."""
+    boot = json.loads(json.dumps(BOOTSTRAP))
+    web = boot["static_resources"]["listeners"][0]
+    web["filter_chains"][0]["filters"][0]["typed_config"]["tracing"] = {
+        "random_sampling": {"value": 30}}
+    out_web = json.loads(json.dumps(web))
+    web["traffic_direction"] = "INBOUND"
+    out_web.update(name="out", traffic_direction="OUTBOUND")
+    out_web["address"]["socket_address"]["port_value"] = 8081
+    boot["static_resources"]["listeners"].append(out_web)
+    (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(boot))
+    assert main(["split", str(tmp_path / "envoy.yaml")]) == 0
+    lines = {ln.split()[1]: ln for ln in capsys.readouterr().out.splitlines()
+             if ln.startswith("  listener ")}
+    assert "inbound" in lines["web"] and " KERNEL tracing: 3000/10000 sampled" in lines["web"], lines
+    assert lines["web"].endswith("; KERNEL only behind OUTBOUND tracing callers with the same "
+                                 "tracer whose sampling it keeps, else Envoy "
+                                 "(fastpath.inbound_merge.trace_refusal)"), lines
+    assert lines["out"].endswith("sampled (the id's version digit)"), lines

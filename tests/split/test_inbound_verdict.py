@@ -209,3 +209,42 @@ def test_the_view_of_an_inbound_side_takes_the_clients_decision() -> None:
     assert got["in-v1-limited"][0] is Verdict.ENVOY
     got = view("inline", "l7fp")
     assert got["in-default"][0] is Verdict.ENVOY and "inline" in got["in-default"][1]
+
+
+def test_a_tracing_inbound_side_every_caller_refuses_is_envoy_in_the_agents_view() -> None:
+    """The split alone says KERNEL for a tracing inbound listener (its callers
+    decide the merge). The agent knows them: when every caller that reaches it
+    refuses it (here: one without tracing), all its requests go through Envoy
+    and the view says so, with trace_refusal's reason; one caller that merges
+    it keeps it KERNEL."""
+    from types import SimpleNamespace
+
+    from fastpath.agent import Agent
+    from fastpath.agent_node import PodInfo
+
+    def traced(plan: KernelPlan, sampling: int | None) -> KernelPlan:
+        lp = dataclasses.replace(plan.listeners[0], trace_sampling=sampling,
+                                 trace_egress=sampling is not None)
+        return dataclasses.replace(plan, listeners=(lp,))
+
+    def view(*samplings: int | None) -> dict[str, tuple[Verdict, str]]:
+        a = Agent(None, decide="l7fp")
+        a.pods = {"d": PodInfo("d", "d", "/cg/d", None, A)}
+        a.plans = {"d": dest(trace_sampling=3000)}
+        for i, n in enumerate(samplings):
+            a.pods[f"c{i}"] = PodInfo(f"c{i}", f"c{i}", f"/cg/c{i}", None, f"198.18.1.{i}")
+            a.plans[f"c{i}"] = traced(client(_route("to-api", "/", (CLUSTER, 1))), n)
+        a.nodes = {n: SimpleNamespace(mode="l7fp") for n in a.plans}  # type: ignore[misc]
+        plan = a.plan_view("d")
+        assert plan is not None
+        return verdicts(plan)
+
+    assert view() == {"in": (Verdict.KERNEL, "")}  # no caller: nothing known
+    assert view(3000) == {"in": (Verdict.KERNEL, "")}  # the same sampling: merged
+    assert view(3000, None) == {"in": (Verdict.KERNEL, "")}  # one caller merges it
+    got = view(None, 1000)
+    assert got["in"][0] is Verdict.ENVOY, got
+    assert got["in"][1].startswith("every client kernel hands it to Envoy: inbound tracing "
+                                   "behind client listener 198.19.0.9_9000 that is not an "
+                                   "OUTBOUND tracing listener"), got
+    assert got["in"][1].endswith("(and 1 other caller(s) refuse it)"), got
