@@ -303,7 +303,8 @@ SEEN = web.AppKey("seen", list[str])  # the paths a _slow_site got, in order
 
 async def _slow_site(delay: float) -> tuple[web.AppRunner, int]:
     """An app that answers after `delay` s; on /stall its headers at once, the
-    body after `delay` s. `runner.app[SEEN]`: the paths it got, in order."""
+    body after `delay` s; on /fast at once. `runner.app[SEEN]`: the paths it
+    got, in order (not /fast)."""
     seen: list[str] = []
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -319,9 +320,13 @@ async def _slow_site(delay: float) -> tuple[web.AppRunner, int]:
         await asyncio.sleep(delay)
         return r
 
+    async def fast(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200, text="fast")
+
     app = web.Application()
     app[SEEN] = seen
     app.router.add_get("/stall", stall)
+    app.router.add_get("/fast", fast)
     app.router.add_get("/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
@@ -438,6 +443,7 @@ async def test_timeouts_as_the_access_log_carries_them(envoy_bin):
         assert await _stat(admin, "c", "upstream_rq_timeout") == before + 4
         await _without_request_id_and_alt(lport, lport2, admin, got, t)
         await _alt_by_forwarded_for(lport3, got, ("c2", t[1], LOCAL_TIMEOUT))
+        await _alt_state_keeps_one_upstream_pool(lport2, admin)
     finally:
         await stop_all(envoy, server, runner)
         for sock in (full, *queued):
@@ -531,6 +537,21 @@ async def _alt_by_forwarded_for(port: int, got: list[Any], t2: tuple[str, str, i
         assert await _status_of(port, "/x", headers) == (204 if alt else 504), xff
         await asyncio.sleep(0.2)
         assert got == [(*t2[:2], LOCAL_TIMEOUT_ALT if alt else LOCAL_TIMEOUT)], (xff, got)
+
+
+async def _alt_state_keeps_one_upstream_pool(port: int, admin: int) -> None:
+    """The alt-response filter state (`envoy.string`, shared with the upstream
+    ONCE) does not key Envoy's upstream connection pools: requests without it
+    and with two values reuse one upstream connection (`envoy.hashable_string`
+    there gave one connection per value: docs/fastpath.md)."""
+    before = await _stat(admin, "c2", "upstream_cx_total")
+    async with aiohttp.ClientSession() as s:
+        for alt in (None, "1", "2", None, "1"):
+            async with s.get(f"http://127.0.0.1:{port}/fast", headers=ALT | {
+                    "x-envoy-upstream-rq-timeout-alt-response": alt} if alt else {},
+                    timeout=aiohttp.ClientTimeout(total=3)) as r:
+                assert r.status == 200 and await r.text() == "fast"
+    assert await _stat(admin, "c2", "upstream_cx_total") - before <= 1
 
 
 def _full_backlog() -> tuple[socket.socket, list[socket.socket]]:
