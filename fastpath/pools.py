@@ -463,9 +463,11 @@ class Pools:
         s = self.pools[self.owner[cookie]].socks.get(cookie)
         if _woke_empty(s) or (self.claim is not None and self.claim(cookie)):
             return False
+        # Not at EOF: empty (a claimer read what the first look saw meanwhile) or
+        # data that came since (a keep-alive client's next request, held again),
+        # which the next poll offers to the claimers
         if not _at_eof(s):
-            return False  # empty: a claimer read what the first look saw; data: bytes
-        # that came since (a keep-alive client's next request, held again): the next poll
+            return False
         return not (self.claim_eof is not None and self.claim_eof(cookie))
 
     def _drain_queue(self, pid: int, dead: set[int]) -> set[int]:
