@@ -186,13 +186,39 @@ def _connload(m, threads: int, count: int) -> dict:  # type: ignore[no-untyped-d
     return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
+def _runqueue_wait_s(names: tuple[str, ...]) -> float:
+    """Seconds this process's threads named `names` have spent runnable but
+    waiting for a CPU (the scheduler's run_delay, /proc/self/task/TID/schedstat)."""
+    import threading
+
+    total = 0
+    for t in threading.enumerate():
+        if t.name in names and t.native_id is not None:
+            total += int(Path(f"/proc/self/task/{t.native_id}/schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def test_mesh_connection_per_request_pools_follow_demand(mesh) -> None:  # type: ignore[no-untyped-def]
     """4 clients, each a new connection per request, back to back (no pause):
     every request takes a pooled upstream, which is closed after it. The pools
     grow from that demand (rate of binds, misses) and the background refill
     keeps up: after a warm-up run, the kernel serves nearly every request and
-    few find the pool empty (measured 98-99 %, 0.5-1.5 % pool_empty). Pools
-    stay bounded and nothing is left bound or tracked afterwards."""
+    few find the pool empty (measured 98-99 %, 0.5-1.5 % pool_empty, when the
+    agent's threads get the CPU they ask for). Pools stay bounded and nothing
+    is left bound or tracked afterwards.
+
+    How many may find the pool empty is derived, not fixed: a pool holds the
+    peak demand of HORIZON_S (fastpath.pool_sizing), so a refill that runs
+    misses in the transients only (5 % allowed). While the scheduler keeps the
+    agent's refill or event thread waiting for a CPU (their runqueue wait,
+    /proc/self/task/TID/schedstat), nothing refills the pool and its
+    bookkeeping is stale: the requests of that time may find it empty and go
+    to Envoy, which answers them (all 200 is asserted). Measured with two
+    busy loops on the 2 cores (12 runs): 0-800 of 3000 to Envoy, the agent's
+    process 0.22-0.33 s on a CPU in runs of 2.5-5.8 s, its two threads
+    0.6-2.0 s each in the runqueue; the refill's own CPU is ~50 us per
+    socket. A refill that waits on anything else (a lock, a sleep, a view
+    stale while the agent runs) is not excused."""
     from fastpath import bpfsys
     from fastpath.pool_sizing import MAX_DEPTH
 
@@ -209,18 +235,24 @@ def test_mesh_connection_per_request_pools_follow_demand(mesh) -> None:  # type:
         node = agent.nodes[client.node_id]
         warm = _connload(mesh, 4, 1500)
         before = node.stats()
+        waited = _runqueue_wait_s(("l7fp-fastpath", "l7fp-pool-refill"))
         out = _connload(mesh, 4, 3000)
+        waited = _runqueue_wait_s(("l7fp-fastpath", "l7fp-pool-refill")) - waited
         after = node.stats()
         d = {k: n - before.get(k, 0) for k, n in after.items()}
         kernel = d.get(("all", "fast", ""), 0)
         empty = sum(n for (_r, o, why), n in d.items() if o == "envoy" and why == "pool_empty")
+        # requests that came while the agent's threads waited for a CPU
+        starved = out["done"] / out["seconds"] * waited
         print("CONNLOAD", warm, out, {"kernel": kernel, "pool_empty": empty},
+              {"runqueue_wait_s": round(waited, 3), "starved": round(starved)},
               node.pools.snapshot(), node.pools.timing)
         assert out["errors"] == 0 and out["statuses"] == {"200": out["done"]}, out
         assert out["done"] == 3000, out  # bounded by 30 s: only a very slow machine stops earlier
         assert sum(d.values()) == out["done"]  # every request was decided by the data path
-        assert kernel >= 0.9 * out["done"], (kernel, d)
-        assert empty <= 0.05 * out["done"], (empty, d)
+        assert kernel + empty == out["done"], d  # the kernel's, or Envoy's for an empty pool
+        assert empty <= 0.05 * out["done"] + starved, (empty, starved, d)
+        assert kernel > MAX_DEPTH, d  # more than the warm stock: the refill kept making sockets
         pools = node.pools.snapshot()
         assert all(p["target"] <= MAX_DEPTH and p["sockets"] <= MAX_DEPTH for p in pools), pools
         assert any(p["target"] > 4 for p in pools), pools  # grown from demand

@@ -116,6 +116,35 @@ def test_local_rate_limit_at_inbound(file_mesh: Mesh) -> None:
         d["ok"] == codes.count("200"), (d, codes)
 
 
+def test_policy_file_caught_mid_write_is_not_applied(file_mesh: Mesh) -> None:
+    """A writer that truncates policies.yaml and writes it back (the same text)
+    less than a poll later: the daemon applies a file only once it stood still
+    for a poll, so it never applies the empty file it may see in between
+    (before, limited's listener lost its rate limit: listener_modified +2)."""
+    from mesh.daemon import POLL_S
+
+    policy = Path(file_mesh.spec.path).with_name("policies.yaml")
+    text = policy.read_text()
+
+    def modified() -> int:
+        return envoy_stats(file_mesh.state(), "limited", "listener_manager.listener_modified")[
+            "listener_manager.listener_modified"]
+
+    before, held = modified(), []
+    for _ in range(5):  # an empty file held 40 ms: 2 in 5 polls saw it before
+        with policy.open("w") as f:  # truncate ...
+            t0 = time.monotonic()
+            time.sleep(POLL_S * 0.4)
+            f.write(text)  # ... and the text back
+            f.flush()
+            held.append(time.monotonic() - t0)
+        time.sleep(3 * POLL_S)
+    time.sleep(1.0)  # Envoy's file xDS would have applied a change by now
+    if max(held) >= POLL_S:  # then two polls may see the empty file: applying it is right
+        pytest.skip(f"the writer was held {max(held):.3f} s, not less than a poll")
+    assert modified() == before, held
+
+
 def test_no_sidecars_baseline(kernel: None, small_file: Path) -> None:
     name = unique_name("n")
     m = Mesh(small_file, name, sidecars="none", timeout=60)
