@@ -237,3 +237,38 @@ def test_held_request_read_during_the_pools_look_is_not_reset(
     assert [(r["status"], "server" in r["headers"]) for r in out] == [(200, False)] * 3, out
     assert node.resetter.counts["reset_503"] == 0, node.resetter.counts
     assert node.delayer.debug()["sent"] == 3, node.delayer.debug()
+
+
+def test_surplus_socket_bound_during_a_shrink_keeps_its_request(
+        agent: Agent, cgroup: Any, denvoy: ResourcesEnvoy, echo: EchoUpstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """(This module's slow echo app and plan serve the pools here.) A look that
+    read dp_peer before sk_msg bound a free socket, and shrinks the pool to
+    nothing: the socket bound meanwhile is not closed under its request (it
+    was: the app's answer was lost and the client waited; test_churn under
+    load traced such closes). Both requests of the connection answered by the
+    app through the kernel."""
+    from fastpath.pools import Pools
+
+    echo.hold_s = 0.3  # the request waits on U while the look runs
+    node = start_plan(agent, denvoy)
+    look, forced = Pools.look, []
+
+    def stale_look(self: Pools, bound: set[int], misses: dict[int, int]) -> None:
+        if forced or not bound:
+            return look(self, bound, misses)
+        forced.append(set(bound))
+        for p in self.pools.values():  # demand gone: every free socket is surplus
+            p.demand.observe = lambda *a: 0  # type: ignore[method-assign]
+        try:
+            return look(self, set(), misses)  # dp_peer as read before the bind
+        finally:
+            for p in self.pools.values():
+                del p.demand.observe
+
+    monkeypatch.setattr(Pools, "look", stale_look)
+    (out,) = run_client(cgroup, CLIENT, denvoy.port, [[req("/z/1"), req("/z/2")]])
+    assert len(forced) == 1, "no look ran while the request was bound"
+    assert [(r["status"], r["end"], "server" in r["headers"]) for r in out] == \
+        [(200, "complete", False)] * 2, out
+    assert sum(n for (_, way, _), n in node.stats().items() if way == "fast") == 2
