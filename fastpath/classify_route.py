@@ -110,12 +110,15 @@ def filter_kind(f: dict[str, Any]) -> str:
     t = tc.get("@type")
     if t and type_name(t) in ("udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"):
         t = tc.get("typeUrl", t)
+    name = str(f.get("name", "")).rsplit(".", 1)[-1]
     if t:
         parts = type_name(t).split(".")
         if len(parts) >= 3 and parts[-2].startswith("v"):
             return parts[-3]
-        return parts[-1]
-    return str(f.get("name", "")).rsplit(".", 1)[-1]
+        # an unversioned message name says nothing (istiod's io.istio.http.peer_metadata.Config,
+        # stats.PluginConfig): the filter's name does (metadata_exchange, stats)
+        return name if parts[-1][:1].isupper() and name else parts[-1]
+    return name
 
 
 def classify_route(r: dict[str, Any], ctx: RouteContext) -> Route:

@@ -125,6 +125,18 @@ def test_unknown_type_is_opaque(tmp_path: Path, capsys: pytest.CaptureFixture[st
                               f"opaque for Envoy ({UNKNOWN_TYPE})"]
 
 
+def test_istiod_filters_are_named_by_their_filter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """istiod's sidecar filters (istio-proxy extensions this library lacks) keep
+    the route with Envoy, each named so a user finds it in their config: their
+    unversioned message names (Config, PluginConfig) say nothing."""
+    filters = [{"name": "istio.metadata_exchange", "typed_config": {
+                    "@type": "type.googleapis.com/io.istio.http.peer_metadata.Config"}},
+               {"name": "istio.stats", "typed_config": {"@type": "type.googleapis.com/stats.PluginConfig"}}]
+    out = split_json(tmp_path, listener(filters), capsys)
+    assert [(r["verdict"], r["reason"]) for r in out["routes"]] == [
+        ("ENVOY", "http filter metadata_exchange; http filter stats")]
+
+
 def test_opaque_rbac_is_not_interpreted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An RBAC filter with a field the library lacks must not read as "no rules" (allow all):
     its routes are ENVOY, the filter is Envoy's."""
