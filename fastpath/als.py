@@ -345,10 +345,9 @@ def _observation(entry: bytes, timeouts: RouteTimeouts | None) -> Observation | 
 def _upstream(cf: dict[int, bytes | int]) -> tuple[str, str] | None:
     """(cluster, "ip:port") of an entry's AccessLogCommon fields, None: no upstream host."""
     cluster = _str(cf.get(_UPSTREAM_CLUSTER, b""))
-    sa = dict(fields(_sub(cf.get(_UPSTREAM_ADDRESS, b""), _SOCKET)))
+    address, port = _ip_port(cf.get(_UPSTREAM_ADDRESS, b"")) or ("", 0)
     # port 0: a named_port (or no port), which names no upstream host
-    address, port = _str(sa.get(_SA_ADDRESS, b"")), sa.get(_SA_PORT, 0)
-    if not cluster or not address or not isinstance(port, int) or not port:
+    if not cluster or not address or not port:
         return None
     return cluster, f"{address}:{port}"
 
@@ -386,9 +385,18 @@ def _pair_key(top: dict[int, bytes | int], cf: dict[int, bytes | int]) -> PairKe
 
 def _address(v: bytes | int) -> str:
     """"ip:port" of an Address message's bytes ("" when it has no socket address)."""
+    ip_port = _ip_port(v)
+    return f"{ip_port[0]}:{ip_port[1]}" if ip_port else ""
+
+
+def _ip_port(v: bytes | int) -> tuple[str, int] | None:
+    """(ip, port) of an Address message's bytes (a port that is no number: 0);
+    None when it has no socket address."""
     sa = dict(fields(_sub(v, _SOCKET)))
+    if not sa:
+        return None
     port = sa.get(_SA_PORT, 0)
-    return f"{_str(sa.get(_SA_ADDRESS, b''))}:{port if isinstance(port, int) else 0}" if sa else ""
+    return _str(sa.get(_SA_ADDRESS, b"")), port if isinstance(port, int) else 0
 
 
 def _status(resp: bytes) -> int:
