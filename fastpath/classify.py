@@ -26,7 +26,7 @@ from fastpath.classify_route import (
     filter_kind,
     local_rate_limit,
 )
-from fastpath.envoy_model import HCM, type_name
+from fastpath.envoy_model import HCM, bool_field, type_name
 from fastpath.plan import (
     SHARED_BUCKET_REASON,
     Cluster,
@@ -231,7 +231,7 @@ def _http(name: str, address: str, port: int, direction: Direction, hcm: dict[st
                         rbacs[0] if rbacs else None, limit, norm,
                         Verdict.ENVOY if reasons else Verdict.KERNEL, "; ".join(dict.fromkeys(reasons)),
                         filter_order=tuple(order), fault_abort=fault, rbacs=tuple(rbacs),
-                        use_remote_address=bool(hcm.get("useRemoteAddress", False)),
+                        use_remote_address=bool_field(hcm, "useRemoteAddress", False),
                         trace_sampling=tracing.sampling(hcm), trace_provider=tracing.provider(hcm),
                         trace_egress=egress and "tracing" in hcm, trace_overall=tracing.overall(hcm))
     return plan, str(rc.get("name", rc_name))

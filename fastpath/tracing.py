@@ -103,8 +103,7 @@ def _percent(tracing: dict[str, Any], key: str) -> int:
     """A Percent field of HCM.Tracing as Envoy's numerator of 10000 (unset: 10000)."""
     if key not in tracing:
         return DENOMINATOR
-    value = tracing[key].get("value", 0.0) if isinstance(tracing[key], dict) else tracing[key]
-    return int(DENOMINATOR / 100.0 * float(value))
+    return int(DENOMINATOR / 100.0 * float(unwrapped(tracing[key])))
 
 
 def _ext_flag(hcm: dict[str, Any], key: str) -> bool:
