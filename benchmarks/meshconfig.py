@@ -11,6 +11,7 @@ reads the pods' CPU from the cgroups named in the mesh's state file.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from benchmarks import cgroups, sidecar
 from benchmarks.configs import Configuration, Unavailable
 
 APP_PORT = sidecar.APP_PORT
+log = logging.getLogger(__name__)
 
 
 DEMO = Path(__file__).resolve().parent.parent / "compose" / "demo" / "mesh.yaml"
@@ -112,23 +114,34 @@ class MeshRunnerConfig(Configuration):
             self.down()
             raise
 
-    def _check_fast_path(self) -> None:
-        """Refuse to report `l7fp` figures unless the kernel really served requests."""
+    def _check_fast_path(self, tries: int = 3) -> None:
+        """Refuse to report `l7fp` figures unless the kernel really served requests.
+
+        Up to `tries` 1 s probes, each on a fresh connection after the agent
+        is ready again: a probe connection whose first request finds its pool
+        empty (a refill still catching up) goes to Envoy for its life."""
         from benchmarks import load
 
-        self._wait_agent()
-        before = self.counters()
-        load.run_wrk(self.url(*self.probe), 1, 1, netns=self.client_netns, cgroup=self.loadgen)
-        after = self.counters()
-        served = after.get("kernel_requests", 0) - before.get("kernel_requests", 0)
-        if served <= 0:
-            why = self._agent_reasons()
-            self.down()
-            raise Unavailable("the mesh came up with --fastpath on, but the fast path served no "
-                              f"request of a 1 s probe to {self.probe[0]} {self.probe[1]} "
-                              f"(counters {after or 'none'} "
-                              "from l7fp_fastpath_requests_total on the admin /metrics)"
-                              + (f"; the agent says: {why}" if why else ""))
+        served, after = 0, {}
+        for attempt in range(tries):
+            self._wait_agent()
+            before = self.counters()
+            load.run_wrk(self.url(*self.probe), 1, 1, netns=self.client_netns,
+                         cgroup=self.loadgen)
+            after = self.counters()
+            served = after.get("kernel_requests", 0) - before.get("kernel_requests", 0)
+            if served > 0:
+                return
+            log.warning("%s: the fast path served none of a 1 s probe to %s %s (try %d of %d)%s",
+                        self.mesh_name, self.probe[0], self.probe[1], attempt + 1, tries,
+                        "; probing again" if attempt + 1 < tries else "")
+        why = self._agent_reasons()
+        self.down()
+        raise Unavailable("the mesh came up with --fastpath on, but the fast path served no "
+                          f"request of {tries} 1 s probes to {self.probe[0]} {self.probe[1]} "
+                          f"(counters {after or 'none'} "
+                          "from l7fp_fastpath_requests_total on the admin /metrics)"
+                          + (f"; the agent says: {why}" if why else ""))
 
     def _agent_reasons(self) -> str:
         """The agent's own words on what it did not offload (from /debug/fastpath), deduplicated."""
@@ -149,16 +162,28 @@ class MeshRunnerConfig(Configuration):
             reasons[f"{node} failed: {reason}"] = 1
         if not doc.get("nodes"):
             reasons["no node datapath loaded"] = 1
+        client = self._pod("client")["name"]
+        node = next((n for n in doc.get("nodes", []) if n["pod"] == client), None)
+        if node is None:
+            reasons[f"{client}: no datapath loaded"] = 1
+        else:
+            reasons[f"{client}: free pooled upstreams " + ", ".join(
+                f"{p['address']}:{p['port']} {p['free']}" for p in node["pools"])] = 1
         return "; ".join(f"{r} (x{n})" for r, n in reasons.items())
 
     def _wait_agent(self, timeout: float = 180.0) -> None:
-        """Wait until the fast-path agent has applied a plan to every pod (it compiles per node)."""
+        """Wait until the fast-path agent has applied a plan to every pod (it
+        compiles one node at a time: 5-7 s each on these cores, more under
+        load) and the client pod's node has a free pooled upstream in every
+        pool (a request that finds its pool empty goes to Envoy). At
+        `timeout` it returns all the same: the probe then says what is missing."""
         import json
         import time
         import urllib.request
 
-        deadline, doc = time.monotonic() + timeout, {}
+        deadline = time.monotonic() + timeout
         want = len(self.state["pods"])
+        client = self._pod("client")["name"]
         while time.monotonic() < deadline:
             try:
                 url = f"http://{self.state['admin']}/debug/fastpath"
@@ -166,9 +191,14 @@ class MeshRunnerConfig(Configuration):
                     doc = json.loads(r.read())
             except (OSError, ValueError):
                 doc = {}
-            if doc.get("nodes_failed") or len(doc.get("nodes", [])) >= want:
+            if doc.get("nodes_failed"):
                 return
-            time.sleep(1.0)
+            nodes = doc.get("nodes", [])
+            if len(nodes) >= want and all(n.get("plan_version") for n in nodes) and any(
+                    n["pod"] == client and n["pools"] and all(p["free"] for p in n["pools"])
+                    for n in nodes):
+                return
+            time.sleep(0.5)
 
     def down(self) -> None:
         if self.bypass is not None:

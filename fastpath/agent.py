@@ -360,7 +360,8 @@ class Agent:
                            merged.offloadable,
                            self._cgroup_of)
                 node.notes.update({f"inbound {ip}:{port}": why
-                                   for (ip, port), why in merged.refused.items()})
+                                   for (ip, port), why in merged.refused.items()
+                                   if why != inbound_merge.NOT_ROUTED})
                 self._note_inbound(node_id, merged)
                 claim = True
             else:

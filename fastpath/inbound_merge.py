@@ -65,6 +65,9 @@ from fastpath.rewrite import ORIGINAL_PATH
 ENVOY_ADDED = ("x-request-id", "x-forwarded-proto", "x-forwarded-for", "x-forwarded-client-cert")
 _MARK = "@inbound:"
 NO_PLAN = "destination pod has no known plan"
+# an endpoint of a KERNEL cluster that no KERNEL outbound route sends to (a
+# sidecar's own inbound cluster, 127.0.0.1:port): no pool, and nothing to say
+NOT_ROUTED = "no KERNEL outbound route sends requests here"
 
 
 def merged_name(ip: str, port: int) -> str:
@@ -105,7 +108,10 @@ def merge(plan: KernelPlan, plan_of_ip: Callable[[str], KernelPlan | None]) -> M
     listeners: list[ListenerPlan] = []
     clusters: dict[str, Any] = {}
     out = Merged(plan)
-    for ip, port in reach.routes:
+    for (ip, port), routes in reach.routes.items():
+        if not routes:
+            out.refused[(ip, port)] = NOT_ROUTED
+            continue
         dest = plan_of_ip(ip)
         if dest is None:
             out.refused[(ip, port)] = NO_PLAN
