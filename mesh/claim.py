@@ -1,7 +1,7 @@
 """Whether a mesh name may be started now: the one rule for `Mesh.up`, so for
 `l7fp mesh up`, `l7fp demo`, the benchmark harness and the tests.
 
-* running, or being started (or stopped) by a live process -> refused (`Busy`);
+* running, or being started (or stopped) by a live process -> refused (`MeshBusy`);
 * left by a crashed run (a state directory, namespaces, links, rules or a
   cgroup of the name, and no live process holding it) -> removed, and said;
 * else free.
@@ -17,30 +17,22 @@ from __future__ import annotations
 import os
 
 from mesh import namelock, teardown
+from mesh.errors import MeshBusy
 from mesh.supervisor import pid_alive
-
-
-class Busy(Exception):
-    """Mesh `name` is running or being started by a live process; `what` says
-    which, as the end of a sentence about it ("is running (daemon pid 12, 3 pods)")."""
-
-    def __init__(self, name: str, what: str) -> None:
-        super().__init__(f"mesh {name!r} {what}")
-        self.name, self.what = name, what
 
 
 def claim(name: str) -> tuple[int, list[str]]:
     """Hold mesh `name` for a start: (the lock fd, one line per object a crashed
-    run left and this call removed). Raises Busy, holding nothing, when a live
+    run left and this call removed). Raises MeshBusy, holding nothing, when a live
     process runs or starts it. The caller passes the fd to the daemon it starts
     and closes its own copy once the daemon runs, or drops it (namelock.drop) when
     the start failed."""
     fd = namelock.try_lock(name)
     if fd is None:
-        raise Busy(name, busy_what(name))
+        raise MeshBusy(name, busy_what(name))
     try:
         if teardown.daemon_pid(name) is not None:  # a daemon that never took the lock
-            raise Busy(name, busy_what(name))
+            raise MeshBusy(name, busy_what(name))
         return fd, teardown.down(name, stop_running_daemon=False)
     except BaseException:
         os.close(fd)
@@ -48,7 +40,7 @@ def claim(name: str) -> tuple[int, list[str]]:
 
 
 def busy_what(name: str) -> str:
-    """What holds mesh `name`, for `Busy`: its running daemon, else the process starting it."""
+    """What holds mesh `name`, for `MeshBusy`: its running daemon, else the process starting it."""
     state = teardown.read_state(name) or {}
     pid = int(state.get("pid") or 0)
     if pid and teardown.is_daemon(pid, name) and state.get("ready") is False:

@@ -23,24 +23,12 @@ from typing import Any
 
 from mesh import claim, namelock, naming, teardown
 from mesh import spec as mspec
+from mesh.errors import MeshBusy as MeshBusy  # re-exported: callers catch it from here
+from mesh.errors import MeshError
 from mesh.supervisor import pid_alive
 from xds_server.envoyproc import envoy_path
 
 log = logging.getLogger(__name__)
-
-
-class MeshError(RuntimeError):
-    """The mesh could not be started or found; the message says why."""
-
-
-class MeshBusy(MeshError):
-    """A live process runs or starts a mesh of this name (mesh.claim); `what` ends a
-    sentence about it ("is running (daemon pid 12, 3 pods)"), for callers' own advice."""
-
-    def __init__(self, name: str, what: str) -> None:
-        super().__init__(f"mesh {name!r} {what}: `l7fp mesh down --name {name}` first "
-                         "(if it is yours), or give another --name")
-        self.name, self.what = name, what
 
 
 def default_envoy() -> str:
@@ -93,10 +81,7 @@ class Mesh:
         `claimed` is called once the name is this start's (`l7fp demo` says
         "starting" then, not before a refusal)."""
         preflight()
-        try:
-            lock, removed = claim.claim(self.name)
-        except claim.Busy as exc:
-            raise MeshBusy(exc.name, exc.what) from None
+        lock, removed = claim.claim(self.name)
         proc = None
         try:
             if claimed:

@@ -152,7 +152,7 @@ def test_a_failed_start_keeps_the_name_until_its_teardown_is_done(
         if mesh == name and not args and not kw:  # Mesh.up's teardown of its failed start
             try:
                 fd, _ = claim.claim(mesh)
-            except claim.Busy as exc:
+            except MeshBusy as exc:
                 seen.append(f"busy: {exc.what}")
             else:
                 seen.append("claimed")
