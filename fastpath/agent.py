@@ -429,25 +429,23 @@ class Agent:
         with self.lock:
             plan = self.plans.get(node_id)
             node = self.nodes.get(node_id)
-            inbound = self._clients_decide(node_id)
             pod = self.pods.get(node_id)
+            clients = {} if pod is None else {n: p for n, p in self.plans.items()
+                                              if _reaches(p, pod.ip)}
+            inbound = self._clients_decide(clients)
             callers = None if pod is None else inbound_verdict.Callers(pod.ip, tuple(
-                p for n, p in self.plans.items() if n != node_id and _reaches(p, pod.ip)))
+                p for n, p in clients.items() if n != node_id))
         if plan is None:
             return None
         decide = node.mode if node is not None else self.decide
         return inbound_verdict.honest_plan(plan, self._plan_of_ip, decide, inbound, callers)
 
-    def _clients_decide(self, node_id: str) -> str:
-        """The decision of the nodes whose kernel pools node_id's pod (caller
+    def _clients_decide(self, clients: dict[str, KernelPlan]) -> str:
+        """The decision of `clients`, the nodes whose kernel pools a pod (caller
         holds the lock): "l7fp" when any of them runs (or, not loaded yet, would
         run) l7fp_decide, since it may merge the pod's inbound side; "inline"
         when all run the built-in decision; the agent's when none reaches it."""
-        pod = self.pods.get(node_id)
-        if pod is None:
-            return self.decide
-        modes = {getattr(self.nodes.get(n), "mode", self.decide) for n, p in self.plans.items()
-                 if _reaches(p, pod.ip)}
+        modes = {getattr(self.nodes.get(n), "mode", self.decide) for n in clients}
         if not modes:
             return self.decide
         return "l7fp" if "l7fp" in modes else "inline"
