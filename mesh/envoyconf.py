@@ -17,7 +17,7 @@ from typing import Any
 
 from mesh import naming
 from mesh.netrules import ServiceAddr
-from mesh.spec import ENVOY_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, MeshSpec
+from mesh.spec import ENVOY_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, MeshSpec, zipkin_collector
 from xds_server.bootstrap import XDS_CLUSTER
 
 T = "type.googleapis.com/"
@@ -95,18 +95,30 @@ def _expand_routes(routes: list[dict[str, Any]], resolve: Any, default: str) -> 
     return out
 
 
-def _hcm(stat_prefix: str, route_name: str, filters: list[dict[str, Any]],
-         delivery: Delivery) -> dict[str, Any]:
-    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-        "@type": HCM, "stat_prefix": stat_prefix,
-        "rds": {"route_config_name": route_name,
-                "config_source": delivery.source(rds_filename(route_name))},
-        "http_filters": [*copy.deepcopy(filters), ROUTER],
-    }}
+def _hcm(stat_prefix: str, route_name: str, pol: dict[str, Any], delivery: Delivery,
+         tracing: dict[str, Any] | None) -> dict[str, Any]:
+    hcm = {"@type": HCM, "stat_prefix": stat_prefix,
+           "rds": {"route_config_name": route_name,
+                   "config_source": delivery.source(rds_filename(route_name))},
+           "http_filters": [*copy.deepcopy(pol["http_filters"]), ROUTER]}
+    if tracing is not None:
+        hcm["tracing"] = tracing
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
 
 
-def _policy(spec: MeshSpec, service: str, side: str) -> dict[str, list[Any]]:
-    return spec.policies.get(service, {}).get(side, {"routes": [], "http_filters": []})
+def _policy(spec: MeshSpec, service: str, side: str) -> dict[str, Any]:
+    return spec.policies.get(service, {}).get(side, {"routes": [], "http_filters": [], "tracing": None})
+
+
+def _tracing(spec: MeshSpec, pol: dict[str, Any]) -> dict[str, Any] | None:
+    """A side's HCM `tracing`, its Zipkin collector's service name made the
+    service's outbound cluster (first port), which every sidecar has."""
+    tracing = copy.deepcopy(pol["tracing"])
+    collector = zipkin_collector(tracing)
+    if collector is not None:
+        tracing["provider"]["typed_config"]["collector_cluster"] = naming.outbound_cluster(
+            collector, spec.ports_of(collector)[0], spec.namespace)
+    return tracing  # type: ignore[no-any-return]
 
 
 def outbound_resources(spec: MeshSpec, services: list[ServiceAddr],
@@ -125,6 +137,7 @@ def outbound_resources(spec: MeshSpec, services: list[ServiceAddr],
     listeners, routes = [], []
     for svc in services:
         pol = _policy(spec, svc.name, "outbound")
+        tracing = _tracing(spec, pol)
         for port in svc.ports:
             name = naming.outbound_cluster(svc.name, port, ns)
 
@@ -139,8 +152,8 @@ def outbound_resources(spec: MeshSpec, services: list[ServiceAddr],
                 "@type": LISTENER, "name": f"{svc.vip}_{port}", "traffic_direction": "OUTBOUND",
                 "address": {"socket_address": {"address": svc.vip, "port_value": port}},
                 "bind_to_port": False,
-                "filter_chains": [{"filters": [_hcm(f"outbound_{svc.name}_{port}", name,
-                                                    pol["http_filters"], delivery)]}]})
+                "filter_chains": [{"filters": [_hcm(f"outbound_{svc.name}_{port}", name, pol,
+                                                    delivery, tracing)]}]})
     virtual = {"@type": LISTENER, "name": "virtualOutbound", "traffic_direction": "OUTBOUND",
                "address": {"socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}},
                "use_original_dst": True, "listener_filters": [ORIGINAL_DST],
@@ -155,6 +168,7 @@ def inbound_resources(spec: MeshSpec, service: str,
                       delivery: Delivery) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The `virtualInbound` listener and one route configuration per own port."""
     pol = _policy(spec, service, "inbound")
+    tracing = _tracing(spec, pol)
     chains, routes = [], []
     for port in spec.ports_of(service):
         name = naming.inbound_cluster(port)
@@ -163,7 +177,7 @@ def inbound_resources(spec: MeshSpec, service: str,
                                           "routes": _expand_routes(pol["routes"],
                                                                    lambda _s, n=name: n, name)}]})
         chains.append({"name": name, "filter_chain_match": {"destination_port": port},
-                       "filters": [_hcm(f"inbound_{port}", name, pol["http_filters"], delivery)]})
+                       "filters": [_hcm(f"inbound_{port}", name, pol, delivery, tracing)]})
     listener = {"@type": LISTENER, "name": "virtualInbound", "traffic_direction": "INBOUND",
                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": INBOUND_PORT}},
                 "listener_filters": [ORIGINAL_DST], "filter_chains": chains}

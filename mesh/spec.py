@@ -31,7 +31,11 @@ SERVICE_KEYS = {"command", "ports", "replicas", "calls", "env", "policy", "app",
                 "service"}
 TOP_KEYS = {"name", "namespace", "services", "policies", "istio_policies"}
 POLICY_SIDES = ("outbound", "inbound")
-POLICY_KEYS = {"routes", "http_filters"}
+POLICY_KEYS = {"routes", "http_filters", "tracing"}
+# HttpConnectionManager.Tracing fields a side's `tracing:` may set (Envoy's names)
+TRACING_PERCENTS = ("random_sampling", "client_sampling", "overall_sampling")
+TRACING_KEYS = {*TRACING_PERCENTS, "provider"}
+ZIPKIN_TYPE = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
 
 
 class MeshFileError(ValueError):
@@ -61,13 +65,14 @@ class Service:
 
 @dataclass(frozen=True)
 class MeshSpec:
-    """A validated mesh file. `policies` maps service -> side -> {routes, http_filters}."""
+    """A validated mesh file. `policies` maps service -> side -> {routes, http_filters,
+    tracing} (tracing: HttpConnectionManager.Tracing, or None when the side does not trace)."""
 
     name: str
     namespace: str
     path: Path
     services: dict[str, Service]
-    policies: dict[str, dict[str, dict[str, list[Any]]]]
+    policies: dict[str, dict[str, dict[str, Any]]]
     policy_files: tuple[Path, ...] = ()
     istio_policies: Path | None = None
 
@@ -147,7 +152,7 @@ def load(path: str | Path, name: str | None = None) -> MeshSpec:
     if not isinstance(namespace, str) or not NAME_RE.match(namespace):
         raise _fail(f"{where}: namespace", f"{namespace!r} must match {NAME_RE.pattern}")
     services = _parse_services(where, doc.get("services"))
-    policies: dict[str, dict[str, dict[str, list[Any]]]] = {}
+    policies: dict[str, dict[str, dict[str, Any]]] = {}
     for sname, raw in (doc.get("services") or {}).items():
         if isinstance(raw, dict) and raw.get("policy") is not None:
             policies[sname] = _parse_policy(f"{where}: services.{sname}.policy", raw["policy"])
@@ -171,7 +176,7 @@ def load(path: str | Path, name: str | None = None) -> MeshSpec:
     return spec
 
 
-def load_policy_file(path: Path) -> dict[str, dict[str, dict[str, list[Any]]]]:
+def load_policy_file(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """A policy file: mapping service -> {outbound: {...}, inbound: {...}}."""
     doc = _load_yaml(path)
     if doc is None:
@@ -254,18 +259,18 @@ def _parse_ports(where: str, raw: Any) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _parse_policy(where: str, raw: Any) -> dict[str, dict[str, list[Any]]]:
+def _parse_policy(where: str, raw: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise _fail(where, "must be a mapping with `outbound:` and/or `inbound:`")
     unknown = set(raw) - set(POLICY_SIDES)
     if unknown:
         raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {list(POLICY_SIDES)}")
-    out: dict[str, dict[str, list[Any]]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for side in POLICY_SIDES:
         sraw = raw.get(side) or {}
         if not isinstance(sraw, dict) or set(sraw) - POLICY_KEYS:
             raise _fail(f"{where}.{side}", f"must be a mapping with keys among {sorted(POLICY_KEYS)}")
-        side_pol: dict[str, list[Any]] = {}
+        side_pol: dict[str, Any] = {}
         for key in ("routes", "http_filters"):
             val = sraw.get(key, [])
             if not isinstance(val, list) or not all(isinstance(v, dict) for v in val):
@@ -274,8 +279,43 @@ def _parse_policy(where: str, raw: Any) -> dict[str, dict[str, list[Any]]]:
         for i, flt in enumerate(side_pol["http_filters"]):
             if "name" not in flt or "typed_config" not in flt:
                 raise _fail(f"{where}.{side}.http_filters[{i}]", "needs `name` and `typed_config`")
+        side_pol["tracing"] = _parse_tracing(f"{where}.{side}.tracing", sraw.get("tracing"))
         out[side] = side_pol
     return out
+
+
+def _parse_tracing(where: str, raw: Any) -> dict[str, Any] | None:
+    """A side's `tracing:`, HttpConnectionManager.Tracing in Envoy's form: the
+    three sampling Percents ({value: 0..100}) and a Zipkin `provider` whose
+    `collector_cluster` names a service of the mesh (validate_references
+    checks it). `{}` traces with Envoy's defaults (100 %); absent: None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - TRACING_KEYS:
+        raise _fail(where, f"must be a mapping with keys among {sorted(TRACING_KEYS)}")
+    for key in TRACING_PERCENTS:
+        val = raw.get(key)
+        if val is None:
+            continue
+        num = val.get("value") if isinstance(val, dict) and set(val) == {"value"} else None
+        if not isinstance(num, int | float) or isinstance(num, bool) or not 0 <= num <= 100:
+            raise _fail(f"{where}.{key}", f"{val!r} must be Envoy's Percent: {{value: N}}, N from 0 to 100")
+    if raw.get("provider") is not None:
+        _parse_provider(f"{where}.provider", raw["provider"])
+    return raw
+
+
+def _parse_provider(where: str, raw: Any) -> None:
+    """Only Zipkin, reporting to a service of the mesh (never an outside address)."""
+    cfg = raw.get("typed_config") if isinstance(raw, dict) else None
+    if not isinstance(cfg, dict) or "name" not in raw:
+        raise _fail(where, "needs `name` and `typed_config` (Envoy's tracer form)")
+    if cfg.get("@type") != ZIPKIN_TYPE:
+        raise _fail(f"{where}.typed_config", f"{cfg.get('@type')!r}: only the Zipkin tracer "
+                    f"({ZIPKIN_TYPE}), whose collector is a service of the mesh")
+    if not isinstance(cfg.get("collector_cluster"), str):
+        raise _fail(f"{where}.typed_config.collector_cluster",
+                    "missing: the mesh service that collects the spans (e.g. mesh.apps.spans)")
 
 
 def route_cluster_refs(route: dict[str, Any]) -> list[tuple[str, str]]:
@@ -317,3 +357,12 @@ def validate_references(spec: MeshSpec) -> None:
                     if side == "outbound" and ref not in groups:
                         raise _fail(f"{where}: {sname}.policy.outbound.routes[{i}].{place}",
                                     f"unknown service {ref!r}")
+            collector = zipkin_collector(pol[side]["tracing"])
+            if collector is not None and collector not in groups:
+                raise _fail(f"{where}: {sname}.policy.{side}.tracing.provider.typed_config."
+                            f"collector_cluster", f"unknown service {collector!r}")
+
+
+def zipkin_collector(tracing: dict[str, Any] | None) -> str | None:
+    """The service a side's Zipkin tracer reports to (None without one)."""
+    return ((tracing or {}).get("provider") or {}).get("typed_config", {}).get("collector_cluster")

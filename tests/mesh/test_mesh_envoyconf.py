@@ -127,3 +127,69 @@ def test_real_envoy_accepts_leaf_and_sidecar_bootstraps(envoy_bin: str, tmp_path
         proc = subprocess.run([envoy_bin, "--mode", "validate", "-c", str(path)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (name, proc.stdout[-2000:] + proc.stderr[-2000:])
+
+
+TRACED = """
+name: tr
+policies: pol.yaml
+services:
+  front:
+    command: [sleep, "100"]
+    ports: [8080]
+    calls: [back]
+  back:
+    command: [sleep, "100"]
+    ports: [9000]
+  spans:
+    command: [sleep, "100"]
+    ports: [9411]
+"""
+ZIPKIN = {"name": "envoy.tracers.zipkin", "typed_config": {
+    "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig", "collector_cluster": "spans",
+    "collector_endpoint": "/api/v2/spans", "collector_endpoint_version": "HTTP_JSON"}}
+TRACED_POLICY = {"back": {
+    "outbound": {"tracing": {"random_sampling": {"value": 30}, "provider": ZIPKIN},
+                 "routes": [{"match": {"prefix": "/"}, "decorator": {"operation": "back-call"}}]},
+    "inbound": {"tracing": {"random_sampling": {"value": 30}, "overall_sampling": {"value": 50},
+                            "provider": ZIPKIN}}}}
+
+
+def traced_pod(tmp_path: Path, name: str) -> tuple[dict[str, list[dict[str, Any]]], topology.Topology]:
+    (tmp_path / "pol.yaml").write_text(yaml.safe_dump(TRACED_POLICY))
+    (tmp_path / "mesh.yaml").write_text(TRACED)
+    s = spec.load(tmp_path / "mesh.yaml")
+    topo = topology.build(s, naming.Subnet(9))
+    pod = next(p for p in topo.pods if p.name == name)
+    return ec.pod_resources(s, pod.info(), list(topo.services), ec.Delivery("ads")), topo
+
+
+def _hcms(res: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {f["typed_config"]["stat_prefix"]: f["typed_config"] for lst in res[ec.LISTENER]
+            for ch in lst["filter_chains"] for f in ch["filters"] if f["typed_config"].get("rds")}
+
+
+def test_tracing_on_the_services_outbound_and_own_inbound_listeners(tmp_path: Path) -> None:
+    res, _ = traced_pod(tmp_path, "front-0")
+    hcms = _hcms(res)
+    collector = "outbound|9411||spans.tr.svc.cluster.local"
+    want = {"random_sampling": {"value": 30}, "provider": {**ZIPKIN, "typed_config": {
+        **ZIPKIN["typed_config"], "collector_cluster": collector}}}
+    assert hcms["outbound_back_9000"]["tracing"] == want  # every caller's sidecar, to back
+    assert "tracing" not in hcms["outbound_front_8080"] and "tracing" not in hcms["inbound_8080"]
+    assert collector in {c["name"] for c in res[ec.CLUSTER]}
+    route = next(r for r in res[ec.ROUTE] if r["name"] == "outbound|9000||back.tr.svc.cluster.local")
+    assert route["virtual_hosts"][0]["routes"][0]["decorator"] == {"operation": "back-call"}
+    back, _ = traced_pod(tmp_path, "back-0")
+    assert _hcms(back)["inbound_9000"]["tracing"]["overall_sampling"] == {"value": 50}
+    assert TRACED_POLICY["back"]["outbound"]["tracing"]["provider"] == ZIPKIN  # not changed in place
+
+
+@pytest.mark.envoy
+def test_real_envoy_accepts_tracing_config(envoy_bin: str, tmp_path: Path) -> None:
+    for pod in ("front-0", "back-0"):
+        res, _ = traced_pod(tmp_path, pod)
+        path = tmp_path / f"{pod}.yaml"
+        path.write_text(yaml.safe_dump(static_bootstrap(res)))
+        proc = subprocess.run([envoy_bin, "--mode", "validate", "-c", str(path)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

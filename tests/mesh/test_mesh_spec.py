@@ -111,3 +111,41 @@ def test_service_given_twice_is_refused(tmp_path: Path) -> None:
         spec.load(write(tmp_path, twice))
     anchors = BASE.replace("  b:\n", "  b: &b\n") + "  c:\n    <<: *b\n    ports: [7000]\n"
     assert set(spec.load(write(tmp_path, anchors)).services) == {"a", "b", "c"}
+
+
+ZIPKIN = ('{name: envoy.tracers.zipkin, typed_config: {"@type": '
+          'type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: b, '
+          'collector_endpoint: /api/v2/spans, collector_endpoint_version: HTTP_JSON}}')
+
+
+def test_tracing_per_side(tmp_path: Path) -> None:
+    write(tmp_path, "b:\n  outbound:\n    tracing: {random_sampling: {value: 30}}\n"
+          f"  inbound:\n    tracing: {{overall_sampling: {{value: 12.5}}, provider: {ZIPKIN}}}\n"
+          "a:\n  inbound: {routes: []}\n", "pol.yaml")
+    s = spec.load(write(tmp_path, BASE + "policies: pol.yaml\n"))
+    assert s.policies["b"]["outbound"]["tracing"] == {"random_sampling": {"value": 30}}
+    assert s.policies["b"]["inbound"]["tracing"]["overall_sampling"] == {"value": 12.5}
+    assert spec.zipkin_collector(s.policies["b"]["inbound"]["tracing"]) == "b"
+    assert s.policies["a"]["inbound"]["tracing"] is None  # no `tracing:`: the side does not trace
+
+
+@pytest.mark.parametrize("tracing, place, words", [
+    ("{random_sampling: 30}", "b.outbound.tracing.random_sampling", "Envoy's Percent: {value: N}"),
+    ("{client_sampling: {value: 101}}", "b.outbound.tracing.client_sampling", "N from 0 to 100"),
+    ("{overall_sampling: {value: x}}", "b.outbound.tracing.overall_sampling", "from 0 to 100"),
+    ("{random_samplin: {value: 3}}", "b.outbound.tracing", "keys among"),
+    ("[1]", "b.outbound.tracing", "must be a mapping"),
+    ("{provider: {name: envoy.tracers.opentelemetry, typed_config: {'@type': x}}}",
+     "b.outbound.tracing.provider.typed_config", "only the Zipkin tracer"),
+    ("{provider: {typed_config: {}}}", "b.outbound.tracing.provider", "needs `name`"),
+    ("{provider: " + ZIPKIN.replace("collector_cluster: b, ", "") + "}",
+     "b.outbound.tracing.provider.typed_config.collector_cluster", "missing"),
+    ("{provider: " + ZIPKIN.replace("collector_cluster: b", "collector_cluster: ghost") + "}",
+     "b.policy.outbound.tracing.provider.typed_config.collector_cluster", "unknown service 'ghost'"),
+])
+def test_bad_tracing_names_the_place(tmp_path: Path, tracing: str, place: str, words: str) -> None:
+    write(tmp_path, f"b:\n  outbound:\n    tracing: {tracing}\n", "pol.yaml")
+    with pytest.raises(spec.MeshFileError) as exc:
+        spec.load(write(tmp_path, BASE + "policies: pol.yaml\n"))
+    msg = str(exc.value)
+    assert place in msg and words in msg and "yaml" in msg, msg

@@ -1,0 +1,57 @@
+"""Zipkin collector app: records the spans the mesh's sidecars report.
+
+Started by the mesh daemon as a service's command, for a policy whose
+`tracing.provider` is Zipkin with `collector_cluster: <that service>`
+(docs/mesh.md "Tracing"): the collector is a service of the mesh, never an
+outside address. Envoy POSTs JSON v2 span lists to `collector_endpoint`
+(any path is taken); `GET /spans` answers every span recorded so far, in
+order (`?trace=ID`: those of one trace id), for the user and the tests.
+Spans live in memory; nothing is written to disk.
+
+    python -m mesh.apps.spans --port 9411
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from aiohttp import web
+
+SPANS = web.AppKey("spans", list)
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app[SPANS] = []
+
+    async def report(req: web.Request) -> web.Response:
+        try:
+            spans = json.loads(await req.read())
+        except ValueError:
+            return web.Response(status=400, text="not JSON\n")
+        if not isinstance(spans, list):
+            return web.Response(status=400, text="expected a JSON list of spans (Zipkin v2)\n")
+        req.app[SPANS].extend(spans)
+        return web.Response(status=202)
+
+    async def listing(req: web.Request) -> web.Response:
+        spans: list[dict[str, Any]] = req.app[SPANS]
+        trace = req.query.get("trace")
+        return web.json_response([s for s in spans if trace is None or s.get("traceId") == trace])
+
+    app.router.add_get("/spans", listing)
+    app.router.add_post("/{tail:.*}", report)
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, required=True)
+    a = ap.parse_args()
+    web.run_app(make_app(), host="0.0.0.0", port=a.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
