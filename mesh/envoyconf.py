@@ -112,12 +112,17 @@ def _policy(spec: MeshSpec, service: str, side: str) -> dict[str, Any]:
 
 def _tracing(spec: MeshSpec, pol: dict[str, Any]) -> dict[str, Any] | None:
     """A side's HCM `tracing`, its Zipkin collector's service name made the
-    service's outbound cluster (first port), which every sidecar has."""
+    service's outbound cluster (first port), which every sidecar has, and the
+    reports' Host the service's name (Envoy's default, the cluster name, has
+    `|`: the collector's inbound sidecar refused every report as a protocol
+    error, tracing.zipkin.reports_dropped)."""
     tracing = copy.deepcopy(pol["tracing"])
     collector = zipkin_collector(tracing)
     if collector is not None:
-        tracing["provider"]["typed_config"]["collector_cluster"] = naming.outbound_cluster(
-            collector, spec.ports_of(collector)[0], spec.namespace)
+        port = spec.ports_of(collector)[0]
+        cfg = tracing["provider"]["typed_config"]
+        cfg["collector_cluster"] = naming.outbound_cluster(collector, port, spec.namespace)
+        cfg.setdefault("collector_hostname", f"{naming.fqdn(collector, spec.namespace)}:{port}")
     return tracing  # type: ignore[no-any-return]
 
 

@@ -173,7 +173,8 @@ def test_tracing_on_the_services_outbound_and_own_inbound_listeners(tmp_path: Pa
     hcms = _hcms(res)
     collector = "outbound|9411||spans.tr.svc.cluster.local"
     want = {"random_sampling": {"value": 30}, "provider": {**ZIPKIN, "typed_config": {
-        **ZIPKIN["typed_config"], "collector_cluster": collector}}}
+        **ZIPKIN["typed_config"], "collector_cluster": collector,
+        "collector_hostname": "spans.tr.svc.cluster.local:9411"}}}  # no `|` in the Host
     assert hcms["outbound_back_9000"]["tracing"] == want  # every caller's sidecar, to back
     assert "tracing" not in hcms["outbound_front_8080"] and "tracing" not in hcms["inbound_8080"]
     assert collector in {c["name"] for c in res[ec.CLUSTER]}
