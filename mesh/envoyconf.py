@@ -95,12 +95,12 @@ def _expand_routes(routes: list[dict[str, Any]], resolve: Any, default: str) -> 
     return out
 
 
-def _hcm(stat_prefix: str, route_name: str, pol: dict[str, Any], delivery: Delivery,
+def _hcm(stat_prefix: str, route_name: str, filters: list[dict[str, Any]], delivery: Delivery,
          tracing: dict[str, Any] | None) -> dict[str, Any]:
     hcm = {"@type": HCM, "stat_prefix": stat_prefix,
            "rds": {"route_config_name": route_name,
                    "config_source": delivery.source(rds_filename(route_name))},
-           "http_filters": [*copy.deepcopy(pol["http_filters"]), ROUTER]}
+           "http_filters": [*copy.deepcopy(filters), ROUTER]}
     if tracing is not None:
         hcm["tracing"] = tracing
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
@@ -157,8 +157,8 @@ def outbound_resources(spec: MeshSpec, services: list[ServiceAddr],
                 "@type": LISTENER, "name": f"{svc.vip}_{port}", "traffic_direction": "OUTBOUND",
                 "address": {"socket_address": {"address": svc.vip, "port_value": port}},
                 "bind_to_port": False,
-                "filter_chains": [{"filters": [_hcm(f"outbound_{svc.name}_{port}", name, pol,
-                                                    delivery, tracing)]}]})
+                "filter_chains": [{"filters": [_hcm(f"outbound_{svc.name}_{port}", name,
+                                                    pol["http_filters"], delivery, tracing)]}]})
     virtual = {"@type": LISTENER, "name": "virtualOutbound", "traffic_direction": "OUTBOUND",
                "address": {"socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}},
                "use_original_dst": True, "listener_filters": [ORIGINAL_DST],
@@ -182,7 +182,8 @@ def inbound_resources(spec: MeshSpec, service: str,
                                           "routes": _expand_routes(pol["routes"],
                                                                    lambda _s, n=name: n, name)}]})
         chains.append({"name": name, "filter_chain_match": {"destination_port": port},
-                       "filters": [_hcm(f"inbound_{port}", name, pol, delivery, tracing)]})
+                       "filters": [_hcm(f"inbound_{port}", name, pol["http_filters"], delivery,
+                                       tracing)]})
     listener = {"@type": LISTENER, "name": "virtualInbound", "traffic_direction": "INBOUND",
                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": INBOUND_PORT}},
                 "listener_filters": [ORIGINAL_DST], "filter_chains": chains}
