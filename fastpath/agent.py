@@ -41,6 +41,7 @@ from fastpath.agent_outlier import OutlierCollector
 from fastpath.als_owner import AlsOwner
 from fastpath.counters import FastpathCollector
 from fastpath.inbound import inbound_transparent
+from fastpath.loader import timed
 from fastpath.plan import Direction, KernelPlan, ListenerPlan
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Agent:
         self.recheck: set[str] = set()  # re-apply only if their merged plan changed
         self._applied: dict[str, Any] = {}  # node id -> (merged plan, refused) applied
         self._first_seen: dict[str, float] = {}  # node id -> when its plan was first due
+        self._due_since: dict[str, float] = {}  # node id not loaded -> since when it waits
         self.pods: dict[str, PodInfo] = {}  # node id -> pod
         self.services: list[tuple[str, tuple[int, ...]]] = []  # (vip, ports)
         self.nodes: dict[str, NodeDatapath] = {}
@@ -292,6 +294,10 @@ class Agent:
         # node's compile (seconds) per turn: a plan change never waits behind
         # the first compiles of a whole mesh
         todo.sort(key=lambda t: t[0] not in self.nodes)
+        now = time.monotonic()
+        for node_id, _plan, _only in todo:
+            if node_id not in self.nodes:
+                self._due_since.setdefault(node_id, now)
         compiled = False
         for node_id, plan, only_if_changed in todo:
             loaded = node_id in self.nodes
@@ -344,17 +350,21 @@ class Agent:
                 node.close()
                 node.dp.unload()
             node = None
+        first = node is None
         if node is None:
+            queued = time.monotonic() - self._due_since.pop(node_id, time.monotonic())
             node = self._start_node(node_id, merged.plan)
             if node is None:
                 return
             if self._stop.is_set():  # stopped during the compile: attach nothing
                 node.close()
                 return
+            node.queued_s = round(queued, 3)
             node.outlier.on_lb_change = functools.partial(self._lb_changed, node_id)
             with self.lock:
                 self.nodes[node_id] = node
-        with node.busy:  # the event thread skips this node meanwhile
+        # the event thread skips this node meanwhile (busy)
+        with node.busy, timed(node.dp.timing if first else None, "apply"):
             if node.mode == "l7fp":
                 node.apply(merged.plan, self._vips, self._netns_of,
                            merged.offloadable,

@@ -40,7 +40,7 @@ from fastpath.counters import (
     DpEvent,
     read_stats,
 )
-from fastpath.loader import K_PASS, Datapath
+from fastpath.loader import K_PASS, Datapath, timed
 from fastpath.plan import KernelPlan, ListenerPlan
 from fastpath.pools import EndpointKey, Pools
 from fastpath.timeouts import TimeoutKeeper
@@ -84,6 +84,7 @@ class NodeDatapath:
     timeouts: dict[int, int] = field(default_factory=dict)  # route id -> ms, active plan
     per_try: dict[int, int] = field(default_factory=dict)  # route id -> per-try ms, active plan
     looked_at: float = 0.0
+    queued_s: float = 0.0  # its plan was due this long before its start began (the agent's)
     # held while a plan is applied or the node closed (plans thread); the event
     # thread skips the node meanwhile rather than wait
     busy: threading.Lock = field(default_factory=threading.Lock)
@@ -135,13 +136,14 @@ class NodeDatapath:
                    cflags=cflags, keeper=keeper)
         pools.start()  # the background refill thread
         try:
-            dp.set_enabled(0, enabled=False, access_log=access_log)
-            dp.attach_cgroup(pod.cgroup)
-            dp.open_events(node._on_event)
-            dp.open_mirror_events(node._on_mirror)
-            keeper.start()
-            if "-DDP_DELAY=1" in cflags:
-                node.delayer.start()  # its own thread: fault delays (agent_delay.py)
+            with timed(dp.timing, "attach"):
+                dp.set_enabled(0, enabled=False, access_log=access_log)
+                dp.attach_cgroup(pod.cgroup)
+                dp.open_events(node._on_event)
+                dp.open_mirror_events(node._on_mirror)
+                keeper.start()
+                if "-DDP_DELAY=1" in cflags:
+                    node.delayer.start()  # its own thread: fault delays (agent_delay.py)
         except Exception:
             node.close()
             raise
@@ -296,6 +298,9 @@ class NodeDatapath:
             "plan_version": self.plan.version if self.plan else None, "generation": self.gen,
             "decision": self.mode,
             "cflags": list(self.cflags),  # the synthesized program's knobs (l7fp mode)
+            # how its start split: phase -> [wall s, CPU s] (loader.timed; "apply"
+            # is the first plan's), and how long it was due before its start began
+            "startup": self.dp.timing, "startup_queued_s": self.queued_s,
             "destinations": sorted(f"{ip}:{port}" for ip, port in self.services),
             "routes": self.route_names, "not_offloaded": self.notes,
             "inbound_plans": self.inbound_plans,

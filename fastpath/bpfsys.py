@@ -50,10 +50,15 @@ def _check(ret: int, what: str) -> int:
 
 
 def table_fd(bpf: Any, name: str) -> int:
-    """The fd of BCC table `name` of module `bpf` (works for SOCKHASH too)."""
+    """The fd of BCC table `name` of module `bpf` (works for SOCKHASH too); of
+    a `fastpath.bpf_instance.Instance`, its own map's."""
     from bcc import libbcc
 
-    fd = int(libbcc.lib.bpf_table_fd(bpf.module, name.encode()))
+    own = getattr(bpf, "fds", None)
+    if own is not None:
+        fd = own.get(name.encode(), -1)
+    else:
+        fd = int(libbcc.lib.bpf_table_fd(bpf.module, name.encode()))
     if fd < 0:
         raise OSError(0, f"no BPF table {name!r} in the module")
     return fd
@@ -172,6 +177,72 @@ def prog_id(prog_fd: int) -> int:
     _check(lib().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)),
            "program info")
     return int(info.id)
+
+
+class MapInfo(ct.Structure):
+    """struct bpf_map_info (uapi/linux/bpf.h)."""
+
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16), ("ifindex", ct.c_uint32),
+                ("btf_vmlinux_value_type_id", ct.c_uint32), ("netns_dev", ct.c_uint64),
+                ("netns_ino", ct.c_uint64), ("btf_id", ct.c_uint32),
+                ("btf_key_type_id", ct.c_uint32), ("btf_value_type_id", ct.c_uint32),
+                ("_pad", ct.c_uint32), ("map_extra", ct.c_uint64)]
+
+
+class _MapCreateOpts(ct.Structure):
+    """struct bpf_map_create_opts (libbpf 1.x)."""
+
+    _fields_ = [("sz", ct.c_size_t), ("btf_fd", ct.c_uint32), ("btf_key_type_id", ct.c_uint32),
+                ("btf_value_type_id", ct.c_uint32), ("btf_vmlinux_value_type_id", ct.c_uint32),
+                ("inner_map_fd", ct.c_uint32), ("map_flags", ct.c_uint32),
+                ("map_extra", ct.c_uint64), ("numa_node", ct.c_uint32),
+                ("map_ifindex", ct.c_uint32)]
+
+
+def map_info(map_fd: int) -> MapInfo:
+    """The kernel's description of a map (type, sizes, flags, name, BTF ids)."""
+    info = MapInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    lib().bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    _check(lib().bpf_obj_get_info_by_fd(map_fd, ct.byref(info), ct.byref(size)),
+           f"map info (fd {map_fd})")
+    return info
+
+
+def btf_fd_by_id(btf_id: int) -> int:
+    """A new fd of the BTF object `btf_id` (the caller closes it)."""
+    lib().bpf_btf_get_fd_by_id.argtypes = [ct.c_uint32]
+    return _check(lib().bpf_btf_get_fd_by_id(btf_id), f"BTF fd of id {btf_id}")
+
+
+def map_create_like(info: MapInfo, btf_fd: int = 0, inner_map_fd: int = 0) -> int:
+    """A new, empty map as `info` describes (with `btf_fd` when `info` has BTF
+    ids; `inner_map_fd` the template of a map-in-map's values)."""
+    opts = _MapCreateOpts(sz=ct.sizeof(_MapCreateOpts), inner_map_fd=inner_map_fd,
+                          map_flags=info.map_flags, map_extra=info.map_extra)
+    if info.btf_id:
+        opts.btf_fd = btf_fd
+        opts.btf_key_type_id = info.btf_key_type_id
+        opts.btf_value_type_id = info.btf_value_type_id
+        opts.btf_vmlinux_value_type_id = info.btf_vmlinux_value_type_id
+    return _check(lib().bpf_map_create(info.type, info.name, info.key_size, info.value_size,
+                                       info.max_entries, ct.addressof(opts)),
+                  f"create map {info.name.decode(errors='replace')}")
+
+
+def prog_map_ids(prog_fd: int) -> list[int]:
+    """The kernel ids of the maps a loaded program uses."""
+    lib().bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    info = _ProgInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)), "program info")
+    ids = (ct.c_uint32 * info.nr_map_ids)()
+    info = _ProgInfo(nr_map_ids=len(ids), map_ids=ct.addressof(ids))
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)), "program info")
+    return [int(i) for i in ids]
 
 
 class _TestRunOpts(ct.Structure):

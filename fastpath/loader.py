@@ -18,6 +18,9 @@ import os
 import re
 import socket
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 BPF_SRC = Path(__file__).resolve().parent.parent / "bpf_src"
 
 # One compile per (source, cflags) in a process: BCC compiles cost seconds.
+# _COMPILED holds the compiled module (never attached: the template of its
+# instances), _CACHE the instances (own maps and programs) per instance name.
+_COMPILED: dict[tuple[str, tuple[str, ...]], Any] = {}
 _CACHE: dict[tuple[str, tuple[str, ...], str], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -68,6 +74,24 @@ def request_ids() -> bool:
     return os.environ.get("L7FP_DP_XRID", "1") != "0"
 
 
+Timing = dict[str, list[float]]  # phase -> [wall s, CPU s of the thread]
+
+
+@contextmanager
+def timed(timing: Timing | None, phase: str) -> Iterator[None]:
+    """Add the block's wall time and the calling thread's CPU time (user +
+    system, so the verifier's too) to `timing[phase]`: how a node's start
+    splits (`/debug/fastpath` "startup"; on a busy machine wall > CPU)."""
+    wall, cpu = time.monotonic(), time.thread_time()
+    try:
+        yield
+    finally:
+        if timing is not None:
+            spent = timing.setdefault(phase, [0.0, 0.0])
+            spent[0] = round(spent[0] + time.monotonic() - wall, 3)
+            spent[1] = round(spent[1] + time.thread_time() - cpu, 3)
+
+
 def module_text(decide_header: str | None = None) -> str:
     """The C text of one datapath module; `decide_header` replaces the built-in decision.
 
@@ -92,16 +116,22 @@ def module_text(decide_header: str | None = None) -> str:
 
 
 def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, ...] = (),
-                   instance: str = "", check: bool = False) -> Any:
+                   instance: str = "", check: bool = False, timing: Timing | None = None) -> Any:
     """Compile (or reuse) a BCC module. Raises bcc's exception on a compile error,
     `compile_check.CompileError` when `check` and a child's compile fails first
     (an LLVM abort there would otherwise end this process): for synthesized
     programs, whose cflags come from a plan; fixed sources need no check.
 
-    Modules are cached per (text, cflags, instance): two nodes need two
-    instances (their own maps), a test reusing one instance saves the compile.
+    One compile per (text, cflags) in the process; each instance name gets
+    its own maps and programs over that compiled code (`bpf_instance.Instance`):
+    two nodes need two instances, a test reusing one instance name reuses its
+    maps and loaded programs. A module the instance cannot reproduce exactly
+    (`bpf_instance.CloneError`) is compiled again for that instance.
+    `timing` gets the phases spent (`timed`): "check", "compile", "maps".
     """
     from bcc import BPF
+
+    from fastpath import bpf_instance
 
     flags = tuple(cflags) + tuple(f"-I{p}" for p in (str(BPF_SRC), str(BPF_SRC / "include"),
                                                      *include))
@@ -111,9 +141,21 @@ def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, 
     key = (text, flags, instance)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            if check:
-                compile_check.check(text, flags)  # a child pays an LLVM abort, not us
-            _CACHE[key] = BPF(text=text.encode(), cflags=list(flags))
+            compiled = _COMPILED.get((text, flags))
+            if compiled is None:
+                if check:
+                    with timed(timing, "check"):
+                        compile_check.check(text, flags)  # a child pays an LLVM abort, not us
+                with timed(timing, "compile"):
+                    compiled = BPF(text=text.encode(), cflags=list(flags))
+                _COMPILED[(text, flags)] = compiled
+            try:
+                with timed(timing, "maps"):
+                    _CACHE[key] = bpf_instance.Instance(compiled, text)
+            except bpf_instance.CloneError as exc:
+                log.warning("BCC module compiled again for %s: %s", instance or "(none)", exc)
+                with timed(timing, "compile"):
+                    _CACHE[key] = BPF(text=text.encode(), cflags=list(flags))
         return _CACHE[key]
 
 
@@ -140,6 +182,7 @@ class Datapath:
     legacy: list[tuple[int, int, int]] = field(default_factory=list)  # (prog fd, target fd, type)
     cgroups: dict[str, int] = field(default_factory=dict)  # path -> dir fd
     pool_maps: dict[int, int] = field(default_factory=dict)  # pool id -> queue fd
+    timing: Timing = field(default_factory=dict)  # its start's phases (`timed`)
     _closed: bool = False
 
     @classmethod
@@ -151,49 +194,61 @@ class Datapath:
         "dp_decide_l7fp.h" for the plan's l7fp_decide with `cflags` from
         fastpath.synth. `instance` separates the maps of two nodes.
         """
-        from bcc import BPF
-
         back = returning()
         if not back:
             cflags = tuple(cflags) + ("-DDP_RETURN=0",)
         if not request_ids():
             cflags = tuple(cflags) + ("-DDP_XRID=0",)
+        timing: Timing = {}
         b = compile_module(module_text(decide_header), cflags, include, instance,
-                           check=decide_header is not None)
-        dp = cls(bpf=b)
-        dp.reset()
-        dp.fds["sockops"] = bpf_callback.load_func(b, "dp_sockops", BPF.SOCK_OPS).fd
-        dp.fds["msg"] = bpf_callback.load_func(b, "dp_msg_verdict", BPF.SK_MSG).fd
-        dp.fds["act"] = bpf_callback.load_func(b, "dp_msg_act", BPF.SK_MSG).fd
-        b["dp_msg_prog"][ct.c_int(0)] = ct.c_int(dp.fds["act"])  # dp_msg_verdict's second half
-        dp.fds["msg_in"] = bpf_callback.load_func(b, "dp_msg_in", BPF.SK_MSG).fd
-        b["dp_msg_prog"][ct.c_int(1)] = ct.c_int(dp.fds["msg_in"])  # the inbound decision
-        if "-DDP_REWRITE=1" in cflags and decide_header is not None:  # dp_rewrite.h's program
-            dp.fds["msg_rw"] = bpf_callback.load_func(b, "dp_msg_rw", BPF.SK_MSG).fd
-            b["dp_msg_prog"][ct.c_int(2)] = ct.c_int(dp.fds["msg_rw"])
-            if "-DDP_INBOUND=1" in cflags:  # the inbound decision on the rewritten path
-                dp.fds["msg_rwin"] = bpf_callback.load_func(b, "dp_msg_rwin", BPF.SK_MSG).fd
-                b["dp_msg_prog"][ct.c_int(3)] = ct.c_int(dp.fds["msg_rwin"])
-        dp.fds["skb"] = bpf_callback.load_func(b, "dp_skb_verdict", BPF.SK_SKB).fd
-        dp.fds["rsp"] = bpf_callback.load_func(b, "dp_rsp_verdict", BPF.SK_SKB).fd
-        b["dp_rsp_prog"][ct.c_int(0)] = ct.c_int(dp.fds["rsp"])  # its own tail call
-        dp.fds["sockops_srv"] = bpf_callback.load_func(b, "dp_sockops_srv", BPF.SOCK_OPS).fd
-        dp.fds["srv_msg"] = bpf_callback.load_func(b, "dp_srv_verdict", BPF.SK_MSG).fd
-        dp.fds["inj_msg"] = bpf_callback.load_func(b, "dp_inj_verdict", BPF.SK_MSG).fd
-        for name in ("dp_cli", "dp_up", "dp_peer", "dp_free", "dp_cfg", "dp_srv", "dp_pair_wait",
-                     "dp_inj", "dp_tmo", "dp_tmo_armed"):
-            dp.fds[name] = bpfsys.table_fd(b, name)
+                           check=decide_header is not None, timing=timing)
+        dp = cls(bpf=b, timing=timing)
+        with timed(timing, "load"):
+            dp._load_programs(cflags, decide_header is not None)
         try:
-            dp._attach(dp.fds["msg"], dp.fds["dp_cli"], bpfsys.SK_MSG_VERDICT, "sk_msg")
-            dp._attach(dp.fds["skb"], dp.fds["dp_up"], bpfsys.SK_SKB_VERDICT, "sk_skb")
-            if back:  # Envoy's responses on client sockets: dp_return.h follows their framing
-                dp._attach(dp.fds["rsp"], dp.fds["dp_cli"], bpfsys.SK_SKB_VERDICT, "rsp_skb")
-            dp._attach(dp.fds["srv_msg"], dp.fds["dp_srv"], bpfsys.SK_MSG_VERDICT, "srv_msg")
-            dp._attach(dp.fds["inj_msg"], dp.fds["dp_inj"], bpfsys.SK_MSG_VERDICT, "inj_msg")
+            with timed(timing, "attach"):
+                dp._attach_maps(back)
         except Exception:
             dp.close()
             raise
         return dp
+
+    def _load_programs(self, cflags: tuple[str, ...], synthesized: bool) -> None:
+        """Load the module's programs (the verifier's work) and fill its tail-call arrays."""
+        from bcc import BPF
+
+        b = self.bpf
+        self.reset()
+        self.fds["sockops"] = bpf_callback.load_func(b, "dp_sockops", BPF.SOCK_OPS).fd
+        self.fds["msg"] = bpf_callback.load_func(b, "dp_msg_verdict", BPF.SK_MSG).fd
+        self.fds["act"] = bpf_callback.load_func(b, "dp_msg_act", BPF.SK_MSG).fd
+        b["dp_msg_prog"][ct.c_int(0)] = ct.c_int(self.fds["act"])  # dp_msg_verdict's second half
+        self.fds["msg_in"] = bpf_callback.load_func(b, "dp_msg_in", BPF.SK_MSG).fd
+        b["dp_msg_prog"][ct.c_int(1)] = ct.c_int(self.fds["msg_in"])  # the inbound decision
+        if "-DDP_REWRITE=1" in cflags and synthesized:  # dp_rewrite.h's program
+            self.fds["msg_rw"] = bpf_callback.load_func(b, "dp_msg_rw", BPF.SK_MSG).fd
+            b["dp_msg_prog"][ct.c_int(2)] = ct.c_int(self.fds["msg_rw"])
+            if "-DDP_INBOUND=1" in cflags:  # the inbound decision on the rewritten path
+                self.fds["msg_rwin"] = bpf_callback.load_func(b, "dp_msg_rwin", BPF.SK_MSG).fd
+                b["dp_msg_prog"][ct.c_int(3)] = ct.c_int(self.fds["msg_rwin"])
+        self.fds["skb"] = bpf_callback.load_func(b, "dp_skb_verdict", BPF.SK_SKB).fd
+        self.fds["rsp"] = bpf_callback.load_func(b, "dp_rsp_verdict", BPF.SK_SKB).fd
+        b["dp_rsp_prog"][ct.c_int(0)] = ct.c_int(self.fds["rsp"])  # its own tail call
+        self.fds["sockops_srv"] = bpf_callback.load_func(b, "dp_sockops_srv", BPF.SOCK_OPS).fd
+        self.fds["srv_msg"] = bpf_callback.load_func(b, "dp_srv_verdict", BPF.SK_MSG).fd
+        self.fds["inj_msg"] = bpf_callback.load_func(b, "dp_inj_verdict", BPF.SK_MSG).fd
+        for name in ("dp_cli", "dp_up", "dp_peer", "dp_free", "dp_cfg", "dp_srv", "dp_pair_wait",
+                     "dp_inj", "dp_tmo", "dp_tmo_armed"):
+            self.fds[name] = bpfsys.table_fd(b, name)
+
+    def _attach_maps(self, back: bool) -> None:
+        """sk_msg/sk_skb verdict programs onto the module's SOCKHASHes."""
+        self._attach(self.fds["msg"], self.fds["dp_cli"], bpfsys.SK_MSG_VERDICT, "sk_msg")
+        self._attach(self.fds["skb"], self.fds["dp_up"], bpfsys.SK_SKB_VERDICT, "sk_skb")
+        if back:  # Envoy's responses on client sockets: dp_return.h follows their framing
+            self._attach(self.fds["rsp"], self.fds["dp_cli"], bpfsys.SK_SKB_VERDICT, "rsp_skb")
+        self._attach(self.fds["srv_msg"], self.fds["dp_srv"], bpfsys.SK_MSG_VERDICT, "srv_msg")
+        self._attach(self.fds["inj_msg"], self.fds["dp_inj"], bpfsys.SK_MSG_VERDICT, "inj_msg")
 
     def reset(self) -> None:
         """Empty the tables: a cached module may have served an earlier Datapath."""
@@ -428,17 +483,26 @@ class Datapath:
             bpfsys.map_delete(self.fds[name], key)
 
     def unload(self) -> None:
-        """Close and free the module (its maps and programs) and drop it from the
-        compile cache: for a node rebuilt with other cflags, so that plan changes
-        do not pile up modules in a long-running agent."""
+        """Close and free the module instance (its maps and programs) and drop it
+        from the cache, and the compiled code when no instance uses it any more:
+        for a node rebuilt with other cflags, so that plan changes do not pile
+        up modules in a long-running agent."""
         self.close()
+        unused = []
         with _CACHE_LOCK:
             for key in [k for k, v in _CACHE.items() if v is self.bpf]:
                 del _CACHE[key]
-        try:
-            self.bpf.cleanup()
-        except Exception as exc:  # best effort: the fds go with the process anyway
-            log.warning("unloading a datapath module: %s", exc)
+            template = getattr(self.bpf, "template", None)
+            if template is not None and not any(getattr(v, "template", None) is template
+                                                for v in _CACHE.values()):
+                for code in [k for k, v in _COMPILED.items() if v is template]:
+                    del _COMPILED[code]  # its last instance: the compiled code goes too
+                unused.append(template)
+        for module in [self.bpf, *unused]:
+            try:
+                module.cleanup()
+            except Exception as exc:  # best effort: the fds go with the process anyway
+                log.warning("unloading a datapath module: %s", exc)
 
     def close(self) -> None:
         """Detach everything this datapath attached (idempotent)."""

@@ -156,14 +156,18 @@ def test_l7fp_mesh_up_fastpath_on(tmp_path) -> None:  # type: ignore[no-untyped-
     try:
         admin = st["admin"]
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # both pods call both services: two nodes
             dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath").read())
-            if any(n["pod"].startswith("client") and any(p["free"] for p in n["pools"])
-                   for n in dbg.get("nodes", [])):
+            if len([n for n in dbg.get("nodes", []) if any(p["free"] for p in n["pools"])]) == 2:
                 break
             time.sleep(0.5)
         # the split's plan, synthesized into K1's l7fp_decide (the default decision)
         assert {n["decision"] for n in dbg["nodes"]} == {"l7fp"}, dbg
+        # same program for both (same knobs): compiled once, each node loads its
+        # own instance of it (docs/fastpath.md, "Bring-up time")
+        assert len(dbg["nodes"]) == 2 and len({tuple(n["cflags"]) for n in dbg["nodes"]}) == 1
+        assert sorted("compile" in n["startup"] for n in dbg["nodes"]) == [False, True], \
+            [n["startup"] for n in dbg["nodes"]]
         for i in range(3):
             status, hdrs, body = curl(m, f"/p{i}")
             assert status == 200 and json.loads(body)["path"] == f"/p{i}"

@@ -1,0 +1,72 @@
+"""fastpath.bpf_instance.relocate (the map fds of an instance's code) and the
+loader's cache: the compiled code lives as long as one instance uses it."""
+
+from __future__ import annotations
+
+import struct
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fastpath import loader
+
+bpf_instance = pytest.importorskip("fastpath.bpf_instance")
+
+
+def ld_imm64(src: int, imm: int, dst: int = 1) -> bytes:
+    """`ld_imm64 r<dst>, imm` with pseudo kind `src` (two instruction slots)."""
+    return struct.pack("<BBhi", 0x18, (src << 4) | dst, 0, imm) + struct.pack("<BBhi", 0, 0, 0, 0)
+
+
+EXIT = struct.pack("<BBhi", 0x95, 0, 0, 0)
+MOV = struct.pack("<BBhi", 0xB7, 0, 0, 7)  # r0 = 7
+
+
+def test_relocate_swaps_map_fds_only() -> None:
+    code = MOV + ld_imm64(1, 11) + ld_imm64(0, 11) + ld_imm64(4, 3) + ld_imm64(2, 12) + EXIT
+    out = bpf_instance.relocate(code, {11: 41, 12: 42})
+    assert out == MOV + ld_imm64(1, 41) + ld_imm64(0, 11) + ld_imm64(4, 3) + ld_imm64(2, 42) + EXIT
+
+
+def test_relocate_refuses_what_it_cannot_reproduce() -> None:
+    with pytest.raises(bpf_instance.CloneError, match="fd 13"):
+        bpf_instance.relocate(ld_imm64(1, 13) + EXIT, {11: 41})
+    with pytest.raises(bpf_instance.CloneError, match="kind 3"):  # BPF_PSEUDO_BTF_ID
+        bpf_instance.relocate(ld_imm64(3, 5) + EXIT, {})
+
+
+def test_inner_maps_from_bcc_declarations() -> None:
+    text = ('BPF_QUEUE(tmpl, u64, 8);\nBPF_ARRAY_OF_MAPS(outer, "tmpl", 64);\n'
+            'BPF_HASH_OF_MAPS(by_key, struct k, "tmpl2", 16);\n')
+    assert bpf_instance.inner_maps(text) == {"outer": "tmpl", "by_key": "tmpl2"}
+
+
+class _Module:
+    def __init__(self, template: Any = None) -> None:
+        self.template, self.cleaned = template, False
+
+    def cleanup(self) -> None:
+        self.cleaned = True
+
+
+def test_unload_frees_the_compiled_code_with_its_last_instance(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled = _Module()
+    a, b = _Module(compiled), _Module(compiled)
+    monkeypatch.setattr(loader, "_COMPILED", {("text", ()): compiled})
+    monkeypatch.setattr(loader, "_CACHE", {("text", (), "a"): a, ("text", (), "b"): b})
+    loader.Datapath(bpf=a).unload()
+    assert a.cleaned and not compiled.cleaned and loader._COMPILED == {("text", ()): compiled}
+    loader.Datapath(bpf=b).unload()
+    assert b.cleaned and compiled.cleaned and loader._COMPILED == {} and loader._CACHE == {}
+
+
+def test_unload_of_a_module_compiled_for_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module compiled again for one instance (CloneError) has no template."""
+    own = SimpleNamespace(cleaned=False)
+    own.cleanup = lambda: setattr(own, "cleaned", True)
+    monkeypatch.setattr(loader, "_COMPILED", {})
+    monkeypatch.setattr(loader, "_CACHE", {("text", (), "a"): own})
+    loader.Datapath(bpf=own).unload()
+    assert own.cleaned and loader._CACHE == {}
