@@ -339,6 +339,7 @@ class Agent:
         node = self.nodes.get(node_id)
         if node is None and not any(lst.direction is Direction.OUTBOUND
                                     for lst in plan.listeners):
+            self._due_since.pop(node_id, None)
             return  # nothing for the kernel to do on this node's client side
         if node is not None and node.mode == "l7fp" and _cflags(merged.plan) != node.cflags:
             # the plan needs another compiled program: rebuild the node; its

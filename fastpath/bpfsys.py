@@ -169,14 +169,17 @@ class _ProgInfo(ct.Structure):
                 ("name", ct.c_char * 16), ("_rest", ct.c_uint8 * 160)]
 
 
-def prog_id(prog_fd: int) -> int:
-    """The kernel id of a loaded program."""
-    info = _ProgInfo()
+def _obj_info(fd: int, info: Any, what: str) -> Any:
+    """`info` (a bpf_*_info struct) filled by BPF_OBJ_GET_INFO_BY_FD for `fd`."""
     size = ct.c_uint32(ct.sizeof(info))
     lib().bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-    _check(lib().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)),
-           "program info")
-    return int(info.id)
+    _check(lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), what)
+    return info
+
+
+def prog_id(prog_fd: int) -> int:
+    """The kernel id of a loaded program."""
+    return int(_obj_info(prog_fd, _ProgInfo(), "program info").id)
 
 
 class MapInfo(ct.Structure):
@@ -203,11 +206,7 @@ class _MapCreateOpts(ct.Structure):
 
 def map_info(map_fd: int) -> MapInfo:
     """The kernel's description of a map (type, sizes, flags, name, BTF ids)."""
-    info = MapInfo()
-    size = ct.c_uint32(ct.sizeof(info))
-    lib().bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-    _check(lib().bpf_obj_get_info_by_fd(map_fd, ct.byref(info), ct.byref(size)),
-           f"map info (fd {map_fd})")
+    info: MapInfo = _obj_info(map_fd, MapInfo(), f"map info (fd {map_fd})")
     return info
 
 
@@ -234,14 +233,9 @@ def map_create_like(info: MapInfo, btf_fd: int = 0, inner_map_fd: int = 0) -> in
 
 def prog_map_ids(prog_fd: int) -> list[int]:
     """The kernel ids of the maps a loaded program uses."""
-    lib().bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-    info = _ProgInfo()
-    size = ct.c_uint32(ct.sizeof(info))
-    _check(lib().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)), "program info")
-    ids = (ct.c_uint32 * info.nr_map_ids)()
-    info = _ProgInfo(nr_map_ids=len(ids), map_ids=ct.addressof(ids))
-    size = ct.c_uint32(ct.sizeof(info))
-    _check(lib().bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)), "program info")
+    count = _obj_info(prog_fd, _ProgInfo(), "program info").nr_map_ids
+    ids = (ct.c_uint32 * count)()
+    _obj_info(prog_fd, _ProgInfo(nr_map_ids=count, map_ids=ct.addressof(ids)), "program maps")
     return [int(i) for i in ids]
 
 
