@@ -83,8 +83,7 @@ def mesh_cost(name: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="startup-cost-"))
     spec = work / "mesh.yaml"
     spec.write_text(yaml.safe_dump(mesh_file(name), sort_keys=False))
-    m = Mesh(spec, sidecars="envoy", xds="ads", fastpath="on",
-             envoy=shutil.which("envoy") or "envoy")
+    m = Mesh(spec, sidecars="envoy", xds="ads", fastpath="on")
     st = m.up()
     up = time.monotonic()
     try:
