@@ -66,6 +66,7 @@ class Agent:
         self.plans: dict[str, KernelPlan] = {}
         self.pending: set[str] = set()
         self.recheck: set[str] = set()  # re-apply only if their merged plan changed
+        self.applying: set[str] = set()  # taken from pending/recheck, being applied now
         self._applied: dict[str, Any] = {}  # node id -> (merged plan, refused) applied
         self._first_seen: dict[str, float] = {}  # node id -> when its plan was first due
         self._due_since: dict[str, float] = {}  # node id not loaded -> since when it waits
@@ -290,6 +291,7 @@ class Agent:
             todo = [(n, self.plans[n], n not in self.pending) for n in due]
             self.pending -= due
             self.recheck.clear()
+            self.applying = due
         # re-applies of loaded nodes first (milliseconds), then at most one new
         # node's compile (seconds) per turn: a plan change never waits behind
         # the first compiles of a whole mesh
@@ -298,6 +300,13 @@ class Agent:
         for node_id, _plan, _only in todo:
             if node_id not in self.nodes:
                 self._due_since.setdefault(node_id, now)
+        try:
+            self._apply_each(todo)
+        finally:
+            with self.lock:
+                self.applying = set()
+
+    def _apply_each(self, todo: list[tuple[str, KernelPlan, bool]]) -> None:
         compiled = False
         for node_id, plan, only_if_changed in todo:
             loaded = node_id in self.nodes
@@ -494,11 +503,20 @@ class Agent:
             nodes = list(self.nodes.items())
         return [(n, dict(node.resetter.counts)) for n, node in nodes]
 
+    def plans_due(self) -> list[str]:
+        """Pods' node ids whose plan the agent has yet to apply or recheck, or
+        is applying now: such a node may still be re-applied or rebuilt (its
+        connections then go to Envoy). mesh.ready waits until there is none."""
+        with self.lock:
+            return sorted(n for n in self.pending | self.recheck | self.applying
+                          if n in self.pods)
+
     def debug(self) -> dict[str, Any]:
         with self.lock:
             nodes = list(self.nodes.values())
         return {"state": str(self.state_path) if self.state_path else None,
                 "pods_known": sorted(self.pods), "plans_known": sorted(self.plans),
+                "plans_due": self.plans_due(),
                 "nodes_failed": self.failed, "event_loop": dict(self.loop),
                 "limits_owned": dict(self.owned),  # node -> plan version (rule 3)
                 "outlier_access_log": self.als.debug(time.monotonic()),

@@ -101,3 +101,30 @@ def test_first_compile_waits_for_the_destinations_plan(agent: Any,
     monkeypatch.setattr(A, "FIRST_APPLY_WAIT", 0.0)
     agent._apply_pending()  # waited long enough: compile without it
     assert [n for n, _ in agent.applied] == ["c1"]
+
+
+def test_a_node_is_due_until_its_plan_and_its_destinations_merge_are_applied(
+        agent: Any) -> None:
+    """/debug/fastpath "plans_due" (mesh.ready waits for it to be empty): a node
+    is due while its plan waits, while it is applied, and again when a
+    destination's plan arrives (its merged plan may change: a re-apply or a
+    rebuild)."""
+    applying = []
+    apply = agent._apply
+
+    def recording(node_id: str, plan: KernelPlan, merged: Any) -> None:
+        applying.append((node_id, agent.plans_due()))
+        apply(node_id, plan, merged)
+
+    agent._apply = recording
+    agent.on_plan("dst", dest("dst", False))
+    agent.on_plan("c1", client("c1", "198.18.0.3"))
+    assert agent.plans_due() == ["c1", "dst"]
+    for _ in range(3):
+        agent._apply_pending()
+    assert all(node_id in due for node_id, due in applying), applying
+    assert agent.plans_due() == []
+    agent.on_plan("dst", dest("dst", True))
+    assert agent.plans_due() == ["c1", "dst"]  # c1 rechecks its merge
+    agent._apply_pending()
+    assert agent.plans_due() == []
