@@ -300,34 +300,36 @@ class Agent:
         for node_id, _plan, _only in todo:
             if node_id not in self.nodes:
                 self._due_since.setdefault(node_id, now)
-        try:
-            self._apply_each(todo)
-        finally:
-            with self.lock:
-                self.applying = set()
-
-    def _apply_each(self, todo: list[tuple[str, KernelPlan, bool]]) -> None:
         compiled = False
         for node_id, plan, only_if_changed in todo:
-            loaded = node_id in self.nodes
-            if not loaded and compiled:
+            try:
+                compiled = self._apply_one(node_id, plan, only_if_changed, compiled)
+            finally:
                 with self.lock:
-                    (self.recheck if only_if_changed else self.pending).add(node_id)
-                continue
-            merged = inbound_merge.merge(plan, self._plan_of_ip)
-            key = (merged.plan, tuple(sorted(merged.refused.items())))
-            if only_if_changed and self._applied.get(node_id) == key:
-                # another node's plan changed, not one this node merges (its
-                # inbound listener may have stayed the same under a new version)
-                self._note_inbound(node_id, merged)
-                continue
-            if self._wait_for_destinations(node_id, merged):
-                with self.lock:
-                    self.pending.add(node_id)
-                continue
-            self._apply(node_id, plan, merged)
-            self._applied[node_id] = key
-            compiled = compiled or (not loaded and node_id in self.nodes)
+                    self.applying.discard(node_id)
+
+    def _apply_one(self, node_id: str, plan: KernelPlan, only_if_changed: bool,
+                   compiled: bool) -> bool:
+        """One node's turn of _apply_pending; True once this turn has compiled a new node."""
+        loaded = node_id in self.nodes
+        if not loaded and compiled:
+            with self.lock:
+                (self.recheck if only_if_changed else self.pending).add(node_id)
+            return compiled
+        merged = inbound_merge.merge(plan, self._plan_of_ip)
+        key = (merged.plan, tuple(sorted(merged.refused.items())))
+        if only_if_changed and self._applied.get(node_id) == key:
+            # another node's plan changed, not one this node merges (its
+            # inbound listener may have stayed the same under a new version)
+            self._note_inbound(node_id, merged)
+            return compiled
+        if self._wait_for_destinations(node_id, merged):
+            with self.lock:
+                self.pending.add(node_id)
+            return compiled
+        self._apply(node_id, plan, merged)
+        self._applied[node_id] = key
+        return compiled or (not loaded and node_id in self.nodes)
 
     def _wait_for_destinations(self, node_id: str, merged: inbound_merge.Merged) -> bool:
         """True to hold a node's first compile back a little (at most

@@ -124,7 +124,10 @@ def test_a_node_is_due_until_its_plan_and_its_destinations_merge_are_applied(
         agent._apply_pending()
     assert all(node_id in due for node_id, due in applying), applying
     assert agent.plans_due() == []
+    applying.clear()
     agent.on_plan("dst", dest("dst", True))
     assert agent.plans_due() == ["c1", "dst"]  # c1 rechecks its merge
-    agent._apply_pending()
+    agent._apply_pending()  # both in one turn: the first is no longer due at the second
+    (first, _), (second, due) = applying
+    assert second in due and first not in due, applying
     assert agent.plans_due() == []
