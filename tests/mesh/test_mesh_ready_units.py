@@ -40,8 +40,8 @@ def client_pools(*pools: dict[str, Any]) -> dict[str, Any]:
     (view(nodes_failed={"d": "compile"}), "nodes failed"),
     (view(pods_known=[]), "no pod known yet"),
     (view(plans_known=["c"]), "pods without a plan at the agent: ['d']"),  # a late Envoy
-    (view(plans_due=["c"]), "plans still to apply or recheck: ['c']"),  # a rebuild may come
-    (view(nodes=[dict(READY["nodes"][0], plan_version=None)]), "without a plan applied"),
+    (view(plans_due=["c"]), "client-0: its plan is still to apply"),  # a rebuild may come
+    (view(nodes=[dict(READY["nodes"][0], plan_version=None)]), "client-0: its plan is still"),
     (view(nodes=READY["nodes"][1:]), "no node loaded for pod client"),
     (client_pools(), "0 of 0 pools"),
     (client_pools(pool(3), pool(0, 9100)), "1 of 2 pools with 1+ free"),  # a refill behind
@@ -52,6 +52,10 @@ def test_not_ready_says_what_is_missing(dbg: dict[str, Any], why: str) -> None:
 
 def test_ready_view() -> None:
     assert not_ready(READY, "client") == ""
+    # another node's compile does not touch the client's: due only with every_node
+    assert not_ready(view(plans_due=["d"]), "client") == ""
+    assert "still to apply or recheck: ['d']" in not_ready(view(plans_due=["d"]), "client",
+                                                           every_node=True)
     assert "1 of 2 pools with 3+ free" in not_ready(READY, "client", free=3)
     assert not_ready(client_pools(pool(3), pool(0, 9100)), "client", pools=1) == ""
 
