@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                    "'Connection: keep-alive' (the cost of removing hop-by-hop headers)")
     args = p.parse_args(argv)
     from fastpath.agent import Agent
+    from mesh import ready
     from mesh.runner import Mesh
 
     work = Path(tempfile.mkdtemp(prefix="k2bench"))
@@ -208,12 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         agent.on_plan(leaf.node_id, leaf)
         agent.on_plan(client.node_id, client)
         deadline = time.monotonic() + 60
-        while not (agent.nodes.get(client.node_id) and agent.nodes[client.node_id].plan):
+        while why := ready.not_ready(agent.debug(), "client"):  # plan applied, pools warm
             if time.monotonic() > deadline:
-                raise RuntimeError(f"agent did not load: {agent.debug()}")
+                raise RuntimeError(f"agent did not load: {why}: {agent.debug()}")
             time.sleep(0.2)
         node = agent.nodes[client.node_id]
-        time.sleep(1)
         for rnd in range(args.rounds):
             for conns in (1, 16):
                 for config in ("fastpath", "envoy", "direct"):

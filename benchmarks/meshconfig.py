@@ -172,33 +172,19 @@ class MeshRunnerConfig(Configuration):
         return "; ".join(f"{r} (x{n})" for r, n in reasons.items())
 
     def _wait_agent(self, timeout: float = 180.0) -> None:
-        """Wait until the fast-path agent has applied a plan to every pod (it
-        compiles one node at a time: 5-7 s each on these cores, more under
-        load) and the client pod's node has a free pooled upstream in every
-        pool (a request that finds its pool empty goes to Envoy). At
-        `timeout` it returns all the same: the probe then says what is missing."""
-        import json
-        import time
-        import urllib.request
+        """Wait until the fast path is ready for the client pod's requests
+        (mesh.ready, every node: each pod's plan applied with none still due,
+        the client's pools warm); the agent compiles one node at a time, 5-7 s
+        each on these cores, more under load. At `timeout`, or when a node
+        failed, it returns all the same (with a warning): the probe then
+        says what is missing."""
+        from mesh import ready
 
-        deadline = time.monotonic() + timeout
-        want = len(self.state["pods"])
-        client = self._pod("client")["name"]
-        while time.monotonic() < deadline:
-            try:
-                url = f"http://{self.state['admin']}/debug/fastpath"
-                with urllib.request.urlopen(url, timeout=3) as r:
-                    doc = json.loads(r.read())
-            except (OSError, ValueError):
-                doc = {}
-            if doc.get("nodes_failed"):
-                return
-            nodes = doc.get("nodes", [])
-            if len(nodes) >= want and all(n.get("plan_version") for n in nodes) and any(
-                    n["pod"] == client and n["pools"] and all(p["free"] for p in n["pools"])
-                    for n in nodes):
-                return
-            time.sleep(0.5)
+        try:
+            ready.wait_ready(self.state["admin"], client=self._pod("client")["name"],
+                             every_node=True, timeout=timeout)
+        except ready.NotReady as exc:
+            log.warning("%s: %s", self.mesh_name, exc.why)
 
     def down(self) -> None:
         if self.bypass is not None:

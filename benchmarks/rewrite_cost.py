@@ -59,10 +59,11 @@ def _one(m: Any, d: Path, mine: set[int], kind: str, path: str, n: int,
 
 
 def main() -> None:
+    from mesh.ready import wait_ready
     from mesh.runner import Mesh
 
     sys.path.insert(0, str(HERE))
-    from onoff_mesh import prepare, wait_plans
+    from onoff_mesh import prepare
     from test_rewrite_mesh import APP, DRIVER, SRC
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -76,7 +77,7 @@ def main() -> None:
     m = Mesh(d / "mesh.yaml", f"rwincost{os.getpid() % 10000}", fastpath="on", timeout=120)
     try:
         st = m.up()
-        wait_plans(st["admin"], pods=2, free_pools=1, timeout=90.0)
+        wait_ready(st["admin"], pools=1, timeout=90.0)
         mine = set(read_programs("dp_")) - before  # this mesh's programs only
         for rnd in range(args.rounds):
             for kind, path in KINDS:

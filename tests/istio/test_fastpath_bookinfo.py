@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.onoff import both_modes
+
+from mesh.ready import client_node, fastpath_debug, wait_ready
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
               pytest.mark.timeout(360)]
@@ -51,16 +51,6 @@ def _send(m: Any) -> list[list[dict[str, Any]]]:
     return out
 
 
-def _node(admin: str) -> dict[str, Any] | None:
-    dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
-    return next((n for n in dbg.get("nodes", []) if n["pod"].startswith("productpage")), None)
-
-
-def _ready(node: dict[str, Any] | None) -> bool:
-    return bool(node and node["plan_version"] and len(node["destinations"]) >= 4
-                and node["pools"] and all(p["free"] for p in node["pools"]))
-
-
 def _run(mode: str) -> dict[str, Any]:
     from mesh.runner import Mesh
 
@@ -69,11 +59,10 @@ def _run(mode: str) -> dict[str, Any]:
     st = m.up()
     try:
         if mode == "on":  # until the productpage datapath serves its plan with warm pools
-            deadline = time.monotonic() + 150
-            while time.monotonic() < deadline and not _ready(_node(st["admin"])):
-                time.sleep(0.5)
+            wait_ready(st["admin"], client="productpage", timeout=150)
         rows = _send(m)
-        return {"rows": rows, "node": _node(st["admin"]) if mode == "on" else None}
+        node = client_node(fastpath_debug(st["admin"]), "productpage") if mode == "on" else None
+        return {"rows": rows, "node": node}
     finally:
         m.down()
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.onoff import both_modes
+
+from mesh.ready import client_node, fastpath_debug, wait_ready
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
               pytest.mark.timeout(300)]
@@ -50,11 +50,6 @@ def _send(m: Any) -> list[list[dict[str, Any]]]:
     return out
 
 
-def _pp_node(admin: str) -> dict[str, Any] | None:
-    dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
-    return next((n for n in dbg.get("nodes", []) if n["pod"].startswith("pp")), None)
-
-
 def _run(mode: str) -> dict[str, Any]:
     from mesh.runner import Mesh
 
@@ -62,17 +57,11 @@ def _run(mode: str) -> dict[str, Any]:
              fastpath=mode, timeout=120)
     st = m.up()
     try:
-        node = None
         if mode == "on":  # until the pp pod's datapath serves its plan with warm pools
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                node = _pp_node(st["admin"])
-                if node and node["plan_version"] and len(node["destinations"]) >= 4 and \
-                        all(p["free"] for p in node["pools"]) and node["pools"]:
-                    break
-                time.sleep(0.5)
+            wait_ready(st["admin"], client="pp", timeout=120)
         rows = _send(m)
-        return {"rows": rows, "node": _pp_node(st["admin"]) if mode == "on" else None,
+        node = client_node(fastpath_debug(st["admin"]), "pp") if mode == "on" else None
+        return {"rows": rows, "node": node,
                 "vips": {s["name"]: s["vip"] for s in st["services"]}}
     finally:
         m.down()

@@ -11,11 +11,11 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from mesh.ready import wait_ready  # noqa: E402
 from mesh.runner import Mesh  # noqa: E402
 
 REQS = [  # (from pod, service, port, path, headers)
@@ -33,16 +33,10 @@ def run(fp):
     st = m.up()
     out = []
     try:
-        time.sleep(8)
         if fp == "on":  # every pod's datapath compiled (one after the other: seconds each)
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                dbg = json.loads(urllib.request.urlopen(f"http://{st['admin']}/debug/fastpath").read())
-                if len(dbg["nodes"]) >= len(st["pods"]):
-                    break
-                time.sleep(2)
+            for src in sorted({r[0] for r in REQS}):  # and each sender's pools warm
+                dbg = wait_ready(st["admin"], client=src, every_node=True, timeout=180)
             print(f"datapaths loaded: {len(dbg['nodes'])} of {len(st['pods'])} pods", flush=True)
-            time.sleep(3)  # pools filled
         ports = {s["name"]: s["ports"][0] for s in st["services"]}
         for src, svc, port, path, hdrs in REQS:
             port = port or ports.get(svc)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_agent import APPLY_S, wait_for
 
 from fastpath.agent import Agent
 from fastpath.plan import (
@@ -36,6 +37,7 @@ from fastpath.plan import (
     VirtualHost,
     WeightedCluster,
 )
+from mesh import ready
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
 
@@ -103,12 +105,7 @@ def test_mesh_fast_path_and_fallback(mesh) -> None:  # type: ignore[no-untyped-d
         client, user = plans(state)
         agent.on_plan(user.node_id, user)
         agent.on_plan(client.node_id, client)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            n = agent.nodes.get(client.node_id)
-            if n and n.plan and any(p["free"] for p in n.pools.snapshot()):
-                break
-            time.sleep(0.1)
+        wait_for(lambda: not ready.not_ready(agent.debug(), "client"), APPLY_S)
         status, hdrs, body = curl(mesh, "/x")
         assert status == 200 and json.loads(body)["path"] == "/x"
         assert hdrs.get("server", "").lower() != "envoy"  # straight from the app
@@ -146,6 +143,7 @@ def test_l7fp_mesh_up_fastpath_on(tmp_path) -> None:  # type: ignore[no-untyped-
 
     require_kernel()
     from fastpath import bpfsys
+    from mesh.ready import wait_ready
     from mesh.runner import Mesh
 
     (tmp_path / "mesh.yaml").write_text(MESH_ON)
@@ -155,12 +153,8 @@ def test_l7fp_mesh_up_fastpath_on(tmp_path) -> None:  # type: ignore[no-untyped-
     cgroups = [p["cgroup"] for p in st["pods"]]
     try:
         admin = st["admin"]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # both pods call both services: two nodes
-            dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath").read())
-            if len([n for n in dbg.get("nodes", []) if any(p["free"] for p in n["pools"])]) == 2:
-                break
-            time.sleep(0.5)
+        # both pods call both services: two nodes, both loaded (every_node)
+        dbg = wait_ready(admin, every_node=True, timeout=60)
         # the split's plan, synthesized into K1's l7fp_decide (the default decision)
         assert {n["decision"] for n in dbg["nodes"]} == {"l7fp"}, dbg
         # same program for both (same knobs): compiled once, each node loads its

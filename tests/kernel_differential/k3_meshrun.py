@@ -17,28 +17,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from mesh.ready import fastpath_debug, wait_ready
+
 KD = Path(__file__).resolve().parent.parent / "kernel_datapath"
 CLIENT = KD / "k2_tmo_client.py"
-
-
-def fastpath_debug(admin: str) -> dict[str, Any]:
-    """The mesh daemon's /debug/fastpath."""
-    return json.loads(  # type: ignore[no-any-return]
-        urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
-
-
-def wait_client_pool(admin: str, what: str, timeout: float = 40.0) -> None:
-    """Until the client pod's node has at least 3 free pooled upstreams (`what`
-    names the service in the error)."""
-    deadline = time.monotonic() + timeout
-    dbg: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        dbg = fastpath_debug(admin)
-        for n in dbg.get("nodes", []):
-            if n["pod"].startswith("client") and any(p["free"] >= 3 for p in n["pools"]):
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"no pool for {what}: {dbg}")
 
 
 def run_script(d: Path, name: str, mode: str, svc: str,
@@ -52,8 +34,8 @@ def run_script(d: Path, name: str, mode: str, svc: str,
     m = Mesh(d / "mesh.yaml", f"{name}{os.getpid() % 10000}", fastpath=mode, timeout=120)
     try:
         st = m.up()
-        if mode == "on":
-            wait_client_pool(st["admin"], svc)
+        if mode == "on":  # a script may open 3 connections before the refill
+            wait_ready(st["admin"], free=3, timeout=60.0)
         r = m.exec("client", [sys.executable, str(CLIENT), svc, "9000", json.dumps(script)],
                    capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr

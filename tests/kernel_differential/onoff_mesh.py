@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -72,19 +71,3 @@ def run_driver(d: Path, name: str, mode: str, driver: Path, reqs: list[dict[str,
             (d / "control-plane.log").write_bytes(cp_log.read_bytes())
         m.down()
     return {"st": st, "results": results, "counts": counts, "dbg": dbg}
-
-
-def wait_plans(admin: str, pods: int, free_pools: int, timeout: float) -> None:
-    """Until all `pods` nodes have their plan applied (the agent compiles one node
-    at a time) and the client's node has `free_pools` pools with a free
-    upstream. At `timeout` it returns all the same: the run then shows what
-    was not ready."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        nodes = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath",
-                                                  timeout=5).read()).get("nodes", [])
-        if len(nodes) == pods and all(n["plan_version"] for n in nodes):
-            client = next(n for n in nodes if n["pod"].startswith("client"))
-            if sum(1 for p in client["pools"] if p["free"]) >= free_pools:
-                return
-        time.sleep(0.5)

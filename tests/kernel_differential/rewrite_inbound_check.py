@@ -33,8 +33,10 @@ from collections import Counter  # noqa: E402
 
 from k3_meshrun import run_slow_mesh  # noqa: E402
 from k3_meshrun import slow_req as req  # noqa: E402
-from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
+from onoff_mesh import prepare, run_driver  # noqa: E402
 from test_rewrite_mesh import APP, DRIVER, read_log, view  # noqa: E402
+
+from mesh.ready import wait_ready  # noqa: E402
 
 PATHS = ["/old/x", "/old/y?q=1", "/pot/x", "/plain", "/new/z", "/tea/y", "/inrw/x?q",
          "/old/rw/y"]
@@ -47,7 +49,7 @@ def run(tmp: Path, mode: str) -> dict[str, Any]:
     logdir = prepare(HERE / "rewrite" / "envoy", d, "mesh.yaml", "policies.yaml",
                      str(HERE / "rewrite" / APP))
     out = run_driver(d, f"rwinx{mode}", mode, DRIVER, reqs, 50,
-                     lambda admin: wait_plans(admin, pods=2, free_pools=1, timeout=90.0))
+                     lambda admin: wait_ready(admin, pools=1, timeout=90.0))
     ip = next(p["ip"] for p in out["st"]["pods"] if p["name"].startswith("client"))
     return {**out, "got": read_log(logdir, "web-0"), "ip": ip}
 

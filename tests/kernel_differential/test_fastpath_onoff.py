@@ -34,6 +34,7 @@ import pytest
 from support.onoff import both_modes
 
 from fastpath.request_id import normalized
+from mesh.ready import wait_ready
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.slow,
               pytest.mark.timeout(420)]
@@ -110,35 +111,6 @@ def write_mesh(dst: Path, logdir: Path) -> Path:
     return dst / "mesh.yaml"
 
 
-def wait_pools(admin: str, timeout: float = 150.0) -> dict[str, Any]:
-    """Until the client's node runs its plan with free pooled upstreams to api
-    v1 and v2, and the agent has claimed its limiters (or timeout): the pools
-    have inbound policy, so they exist only once the agent has merged both
-    pods' inbound listeners into the client's plan. The agent compiles one node
-    after the other (seconds each, 11-17 s per node seen under the load of
-    other jobs), and the client's turn may come last."""
-    deadline = time.monotonic() + timeout
-    dbg: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        dbg = json.loads(urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
-        if any(n["pod"].startswith("client") and client_ready(n, dbg) for n in dbg.get("nodes", [])):
-            return dbg
-        time.sleep(0.5)
-    return dbg
-
-
-def client_ready(node: dict[str, Any], dbg: dict[str, Any]) -> bool:
-    """The node's plan is live and claimed. Its pools fill inside the agent's
-    apply, *before* the generation flip (plan_version still None) and the
-    claim right after it (fastpath.agent.Agent._apply): free pools alone
-    returned a view without the claim (22-25 ms apart, measured
-    with two busy loops on the cores)."""
-    owned = dbg.get("limits_owned", {}).get(node["node"])
-    live = str(node["plan_version"])  # the claimed plan, its destinations' inbound merged in
-    return owned is not None and (live == owned or live.startswith(f"{owned}+")) and \
-        sum(1 for p in node["pools"] if p["free"] and p["port"] == 9000) >= 2
-
-
 def fastpath_counts(admin: str) -> Counter[str]:
     """outcome -> requests, from l7fp_fastpath_requests_total on /metrics."""
     text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=5).read().decode()
@@ -205,7 +177,9 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
     m = Mesh(write_mesh(d, logdir), f"k3{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
     try:
         st = m.up()
-        dbg = wait_pools(st["admin"]) if mode == "on" else {}
+        # the agent settled: every node applied with its destinations merged
+        # and its limiters claimed (mesh.ready), the client's pools warm
+        dbg = wait_ready(st["admin"], timeout=150.0) if mode == "on" else {}
         t0 = time.monotonic()
         half = len(reqs) - N_LIMITED // 2
         results = drive(m, d / "main.json", reqs[:-N_LIMITED], mode)

@@ -15,34 +15,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from mesh.ready import wait_ready
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh]
 HERE = Path(__file__).resolve().parent
 LIMIT = 3
-
-
-def _debug(admin: str) -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(
-        urllib.request.urlopen(f"http://{admin}/debug/fastpath", timeout=5).read())
-    return out
-
-
-def _client_applied(admin: str, timeout: float) -> dict[str, Any]:
-    """/debug/fastpath once the client's node has a plan applied (or at timeout)."""
-    deadline = time.monotonic() + timeout
-    dbg = _debug(admin)
-    while time.monotonic() < deadline:
-        if any(n["pod"].startswith("client") and n["plan_version"] for n in dbg.get("nodes", [])):
-            break
-        time.sleep(0.2)
-        dbg = _debug(admin)
-    return dbg
 
 
 def test_inline_decision_leaves_the_limit_to_envoy(kernel: None, tmp_path: Path,
@@ -63,7 +44,8 @@ def test_inline_decision_leaves_the_limit_to_envoy(kernel: None, tmp_path: Path,
     m = Mesh(tmp_path / "mesh.yaml", f"own{os.getpid() % 10000}", fastpath="on", timeout=120)
     try:
         st = m.up()
-        dbg = _client_applied(st["admin"], 60)
+        # settled (mesh.ready): no claim can still come after the view is taken
+        dbg = wait_ready(st["admin"], timeout=60)
         r = m.exec("client", [sys.executable, str(HERE / "driver.py"), str(tmp_path / "reqs.json")],
                    capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr

@@ -51,8 +51,10 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy,
 HERE = Path(__file__).resolve().parent
 RETRY = HERE.parent / "kernel_retry"
 sys.path.insert(0, str(HERE))
-from onoff_mesh import prepare, wait_plans  # noqa: E402
+from onoff_mesh import prepare  # noqa: E402
 from support.onoff import both_modes  # noqa: E402
+
+from mesh.ready import wait_ready  # noqa: E402
 
 DRIVER = RETRY / "driver1w.py"
 GAP_MS = 60  # between requests, both modes: 16 requests a second
@@ -107,7 +109,7 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
         st = m.up()
         t.append(time.monotonic())
         if mode == "on":
-            wait_plans(st["admin"], pods=8, free_pools=7, timeout=90.0)
+            wait_ready(st["admin"], pools=7, timeout=90.0)
             wait_kernel_owned(m)
         t.append(time.monotonic())
         results = drive(m, d, reqs)

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from onoff_mesh import prepare, run_driver, wait_plans
+from onoff_mesh import prepare, run_driver
 from support.onoff import both_modes
 
 from fastpath.request_id import normalized
+from mesh.ready import wait_ready
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
               pytest.mark.timeout(300)]
@@ -81,7 +82,7 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
     d = tmp / mode
     logdir = prepare(SRC, d, "mesh.yaml", "istio", APP)
     run = run_driver(d, f"rwin{mode}", mode, DRIVER, reqs, GAP_MS,
-                     lambda admin: wait_plans(admin, pods=2, free_pools=1, timeout=90.0))
+                     lambda admin: wait_ready(admin, pools=1, timeout=90.0))
     client_ip = next(p["ip"] for p in run["st"]["pods"] if p["name"].startswith("client"))
     return {**run, "got": read_log(logdir, "web-0"), "client_ip": client_ip}
 

@@ -39,10 +39,11 @@ pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.ma
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE.parent / "kernel_retry" / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
-from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
+from onoff_mesh import prepare, run_driver  # noqa: E402
 from support.onoff import both_modes  # noqa: E402
 
 from fastpath.request_id import UUID4  # noqa: E402
+from mesh import ready  # noqa: E402
 
 GAP_MS = 50  # fast path on: lets the agent refill the pools between connections
 BIG = 5000  # bytes of body: too big to copy, Envoy mirrors that request
@@ -124,7 +125,7 @@ def shadows(logs: dict[str, list[dict[str, Any]]], pod: str) -> list[dict[str, A
 def wait_ready(admin: str) -> None:
     """Until every pod's plan is applied and the client has a free pooled
     upstream to web."""
-    wait_plans(admin, pods=3, free_pools=1, timeout=90.0)
+    ready.wait_ready(admin, pools=1, timeout=90.0)
 
 
 def wait_shadows(logdir: Path, variant: str, timeout: float = 8.0) -> None:

@@ -34,8 +34,10 @@ DRIVER = HERE / "driver1w.py"  # head and body in one write
 sys.path.insert(0, str(HERE.parent / "kernel_differential"))
 import deadline_cases  # noqa: E402
 import reset_cases  # noqa: E402
-from onoff_mesh import prepare, run_driver, wait_plans  # noqa: E402
+from onoff_mesh import prepare, run_driver  # noqa: E402
 from support.onoff import both_modes  # noqa: E402
+
+from mesh import ready  # noqa: E402
 
 GAP_MS = 100  # fast path on: lets the agent refill the pools between connections
 
@@ -110,7 +112,7 @@ def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]],
 def wait_pools(admin: str) -> None:
     """Until every pod's plan is applied (a retry waits for the agent's thread)
     and the client node has free pooled upstreams to flaky (both pods) and solo."""
-    wait_plans(admin, pods=4, free_pools=3, timeout=60.0)
+    ready.wait_ready(admin, pools=3, timeout=60.0)
 
 
 def view(res: dict[str, Any]) -> dict[str, Any]:
