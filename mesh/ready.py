@@ -2,9 +2,10 @@
 
 Callers: the kernel/mesh tests that send requests the kernel must serve
 (tests/kernel_differential, kernel_mirror, kernel_retry, kernel_datapath's
-mesh test, tests/istio) and the benchmarks (benchmarks.meshconfig's probe,
-benchmarks.rewrite_cost). They read the control plane's `/debug/fastpath`
-(fastpath.agent.Agent.debug) and own nothing.
+and tests/mesh's fast-path mesh tests, tests/istio) and the benchmarks
+(benchmarks.meshconfig's probe, rewrite_cost, k2_fastpath). Pure reads of the
+control plane's `/debug/fastpath` (fastpath.agent.Agent.debug): nothing here
+owns a process or a mesh.
 
 Ready means: every pod in the mesh state has its plan at the agent (a
 destination's plan arriving later re-applies, or rebuilds, its clients'

@@ -177,8 +177,8 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
     m = Mesh(write_mesh(d, logdir), f"k3{mode}{os.getpid() % 10000}", fastpath=mode, timeout=120)
     try:
         st = m.up()
-        # the agent settled: every node applied with its destinations merged
-        # and its limiters claimed (mesh.ready), the client's pools warm
+        # the client's node settled (mesh.ready): every destination's plan
+        # merged, its limiters claimed (both inside its apply), its pools warm
         dbg = wait_ready(st["admin"], timeout=150.0) if mode == "on" else {}
         t0 = time.monotonic()
         half = len(reqs) - N_LIMITED // 2

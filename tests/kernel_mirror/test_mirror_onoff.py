@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
-              pytest.mark.timeout(240)]
+              pytest.mark.timeout(300)]
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE.parent / "kernel_retry" / "driver1w.py"  # head and body in one write
@@ -125,7 +125,7 @@ def shadows(logs: dict[str, list[dict[str, Any]]], pod: str) -> list[dict[str, A
 def wait_ready(admin: str) -> None:
     """Until every pod's plan is applied and the client has a free pooled
     upstream to web."""
-    ready.wait_ready(admin, pools=1, timeout=90.0)
+    ready.wait_ready(admin, pools=1, every_node=True, timeout=150.0)
 
 
 def wait_shadows(logdir: Path, variant: str, timeout: float = 8.0) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.slow, pytest.mark.timeout(300)]
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "driver1w.py"  # head and body in one write
@@ -112,7 +112,8 @@ def run_mesh(tmp: Path, variant: str, mode: str, reqs: list[dict[str, Any]],
 def wait_pools(admin: str) -> None:
     """Until every pod's plan is applied (a retry waits for the agent's thread)
     and the client node has free pooled upstreams to flaky (both pods) and solo."""
-    ready.wait_ready(admin, pools=3, timeout=60.0)
+    # every node: 40 s per compile was seen next to two busy loops
+    ready.wait_ready(admin, pools=3, every_node=True, timeout=150.0)
 
 
 def view(res: dict[str, Any]) -> dict[str, Any]:
