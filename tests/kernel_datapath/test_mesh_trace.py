@@ -28,7 +28,6 @@ import json
 import os
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import pytest
 
 from fastpath.tracing import version_digit
+from mesh.ready import client_node, fastpath_debug
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
               pytest.mark.timeout(240)]
@@ -94,15 +94,6 @@ def requests(tag: str, n: int) -> list[dict[str, Any]]:
              "conn": "keep", "headers": {"host": "user:9000"}} for i in range(n)]
 
 
-def _get(admin: str, path: str) -> Any:
-    return json.loads(urllib.request.urlopen(f"http://{admin}{path}", timeout=5).read())
-
-
-def _client_node(admin: str) -> dict[str, Any] | None:
-    nodes = _get(admin, "/debug/fastpath").get("nodes", [])
-    return next((n for n in nodes if n["pod"].startswith("client")), None)
-
-
 def wait_for(what: str, cond: Any, timeout: float) -> Any:
     """cond()'s first true value within `timeout` s, polled every 0.2 s."""
     deadline = time.monotonic() + timeout
@@ -114,14 +105,10 @@ def wait_for(what: str, cond: Any, timeout: float) -> Any:
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
-def merged_with_free_pool(admin: str, user_ep: str) -> bool:
-    n = _client_node(admin)
-    return bool(n and user_ep in n["inbound_plans"] and any(p["free"] for p in n["pools"]))
-
-
 def refused(admin: str, user_ep: str) -> str:
     """The client node's note why user's inbound listener is not merged ("": none)."""
-    return str((_client_node(admin) or {}).get("not_offloaded", {}).get(f"inbound {user_ep}", ""))
+    node = client_node(fastpath_debug(admin), "client") or {}
+    return str(node.get("not_offloaded", {}).get(f"inbound {user_ep}", ""))
 
 
 def drive(m: Any, d: Path, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -149,6 +136,7 @@ def run(mode: str, root: Path) -> dict[str, Any]:
     """One mesh: the plain requests; with the fast path on also the metrics,
     the audit, and the refused inbound side's requests."""
     from mesh import audit
+    from mesh.ready import wait_ready
     from mesh.runner import Mesh
 
     d = root / mode
@@ -163,9 +151,9 @@ def run(mode: str, root: Path) -> dict[str, Any]:
         st = m.up()
         admin = st["admin"]
         user_ep = f"{m.pod('user-0')['ip']}:9000"
-        if mode == "on":
-            wait_for("client merged user's inbound listener, a free upstream",
-                     lambda: merged_with_free_pool(admin, user_ep), 90)
+        if mode == "on":  # client merged user's plan, its pools warm
+            node = client_node(wait_ready(admin, timeout=90), "client")
+            assert node and user_ep in node["inbound_plans"], node
             before = fastpath_counts(admin)
         out["plain"] = drive(m, d, requests("p", N))
         if mode == "off":
