@@ -135,7 +135,9 @@ class Daemon:
             proc = self.sup.add(Proc("control-plane", pod_argv(argv, None),
                                      self.dir / "logs" / "control-plane.log", cg))
             try:
-                _wait_port(self.xds_addr, 20, proc)
+                # the mesh's own timeout, not a fixed 20 s: under load `l7fp serve`'s
+                # imports alone took longer (seen twice at load 10); a crash still ends it at once
+                _wait_port(self.xds_addr, self.args.timeout, proc)
                 return
             except RuntimeError:
                 if attempt == attempts or "address already in use" not in \
@@ -330,7 +332,8 @@ def _wait_port(addr: tuple[str, int], timeout: float, proc: Proc) -> None:
             return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"control plane not listening on {addr[0]}:{addr[1]} after {timeout}s")
+    raise RuntimeError(f"control plane not listening on {addr[0]}:{addr[1]} after {timeout:.0f}s "
+                       "(the mesh's --timeout)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
