@@ -11,7 +11,9 @@ fast-path counters in `/debug/fastpath` (before/after difference,
 fastpath.counters): `fast`/`kernel_reply` = the kernel, `envoy` + reason =
 handed to Envoy. One request per route, sequential, each
 with a timeout; nothing else is changed (a rate-limited route spends a token,
-a route with a fault delay waits).
+a route with a fault delay waits). A request the kernel handed to Envoy only
+because the id it made was sampled (a Zipkin listener) is sent again, at most
+TRACE_SAMPLED_TRIES in all (mesh.audit_verdict.sampled_away).
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from fastpath.audit_probe import NOT_FORWARDED, Probe, inbound_probes, probes
 from fastpath.plan import Direction, KernelPlan
 from fastpath.plan_json import plan_from_json
 from mesh.audit_pod import AuditClientError, PodClient
-from mesh.audit_verdict import check_answer, check_plan, classify, summary
+from mesh.audit_verdict import (
+    TRACE_SAMPLED_TRIES,
+    after_sampled,
+    check_answer,
+    check_plan,
+    classify,
+    sampled_away,
+    summary,
+)
 
 POOLS_EMPTY = "pools not filled yet"  # after --wait: audited anyway (`pool_empty` shows it)
 POOL_WAIT_S = 2.0  # at most this long before each request for the node's pools to refill
@@ -271,20 +281,37 @@ def send_probes(state: dict[str, Any], sender: dict[str, Any], owner: str, todo:
     client = PodClient(sender)
     try:
         for p, (ip, port) in sendable:
-            _pools_refilled(state["admin"], sender["node_id"], dry)
-            # read right before the request: traffic during the pool wait is not its
-            before = _counters(_fastpath(state["admin"]), sender["node_id"])
-            got = client.ask(_job(ip, port, p), timeout)
-            dbg = _fastpath(state["admin"])
-            served, why, shown = classify(p, _counters(dbg, sender["node_id"]) - before)
-            served, why = check_answer(p, served, why, got)
-            served, why = check_plan(p, served, why, _node(dbg, sender["node_id"]))
-            rows.append(Row(owner, p, served, why, got["status"], got["error"], shown, via))
+            shown: Counter[str] = Counter()
+            sampled = 0  # requests before this one that the kernel handed over as sampled
+            while True:
+                served, why, got, once = _ask(state["admin"], sender["node_id"], client,
+                                              _job(ip, port, p), p, timeout, dry)
+                shown.update(once)
+                if not sampled_away(served, why) or sampled + 1 == TRACE_SAMPLED_TRIES:
+                    break
+                sampled += 1
+            served, why = after_sampled(served, why, sampled)
+            rows.append(Row(owner, p, served, why, got["status"], got["error"], dict(shown), via))
     except AuditClientError as exc:
         raise AuditError(str(exc)) from None
     finally:
         client.close()
     return rows
+
+
+def _ask(admin: str, node_id: str, client: PodClient, job: dict[str, Any], p: Probe,
+         timeout: float, dry: set[int]) -> tuple[str, str, dict[str, Any], dict[str, int]]:
+    """One request of probe `p` from the sender's pod client: (served, why, the
+    client's answer, the counters it moved)."""
+    _pools_refilled(admin, node_id, dry)
+    # read right before the request: traffic during the pool wait is not its
+    before = _counters(_fastpath(admin), node_id)
+    got = client.ask(job, timeout)
+    dbg = _fastpath(admin)
+    served, why, shown = classify(p, _counters(dbg, node_id) - before)
+    served, why = check_answer(p, served, why, got)
+    served, why = check_plan(p, served, why, _node(dbg, node_id))
+    return served, why, got, shown
 
 
 def audit_inbound(state: dict[str, Any], pod: dict[str, Any], plan: KernelPlan,

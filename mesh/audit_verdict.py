@@ -13,8 +13,13 @@ from collections import Counter
 from typing import Any
 
 from fastpath.audit_probe import Probe
+from fastpath.tracing import SAMPLED_REASON
 
 KERNEL_OUTCOMES = ("fast", "kernel_reply", "retry")
+# Requests at most for one route while the kernel hands them to Envoy as
+# trace_sampled: at 30 % sampling all 8 are sampled with p = 0.3^8 ~ 7e-5
+# (60 %: 1.7 %); at 100 % every one is, and the row stays "envoy".
+TRACE_SAMPLED_TRIES = 8
 
 
 def summary(rows: list[Any]) -> dict[str, Any]:
@@ -76,6 +81,29 @@ def requests(mine: dict[tuple[str, str, str], int]) -> int:
     """How many requests the counter changes `mine` ((route, outcome, reason) -> n) hold."""
     return sum(n for (_r, o, why), n in mine.items()
                if o not in _NOT_A_REQUEST and (o, why) not in _SECOND_COUNT)
+
+
+def sampled_away(served: str, why: str) -> bool:
+    """The kernel took the probe's route and handed the request to Envoy only
+    because the x-request-id it made for it was sampled (a Zipkin listener:
+    Envoy reports the span, bpf_src/dp_xrid.h DP_R_TRACE_SAMPLED). Not a
+    failure of the kernel path, and no proof of it either: mesh.audit sends
+    the request again (another id), up to TRACE_SAMPLED_TRIES in all. A
+    probe cannot bring its own unsampled id: on a tracing listener the
+    kernel hands every request with an x-request-id to Envoy (trace_header)."""
+    return served == "envoy" and why == SAMPLED_REASON
+
+
+def after_sampled(served: str, why: str, sampled: int) -> tuple[str, str]:
+    """(served, why) of a route's last request once `sampled` requests before it
+    were `sampled_away`: said in `why`; a row whose every request was sampled
+    stays "envoy"."""
+    if not sampled:
+        return served, why
+    if sampled_away(served, why):
+        return served, f"{why} ({sampled + 1} of {sampled + 1} requests: every id the kernel " \
+                       f"made was sampled, the kernel path not shown)"
+    return served, f"{why}; {sampled} request(s) before it {SAMPLED_REASON}"
 
 
 def check_answer(probe: Probe, served: str, why: str, got: dict[str, Any]) -> tuple[str, str]:

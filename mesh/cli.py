@@ -107,7 +107,9 @@ The audit sends REAL requests, one per route, one after another, each with a
 timeout: the services see them; a rate-limited route spends one token; a route
 with a fault delay waits for it; a fault abort may answer. Nothing else is
 changed. --timeout bounds each whole request (a stuck one is stopped and
-its row says so). Who served a request is read from the sender's fast-path
+its row says so). A request the kernel handed to Envoy only because the
+id it made was sampled (trace_sampled: Envoy reports the span) is sent again,
+at most 8 requests per route in all. Who served a request is read from the sender's fast-path
 counters, shared with the pod's other traffic: audit a mesh whose pods are
 idle (no load generator running) or rows show "ambiguous".
 Exit status: 0 every audited route served by the kernel, 3 some were

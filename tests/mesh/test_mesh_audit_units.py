@@ -233,3 +233,67 @@ def test_inbound_caller_is_the_first_that_reaches_the_pod() -> None:
     found = _caller_probes({"services": []}, pods[2], 9000, pods, plans)
     assert found is not None and found[0]["name"] == "b-0"
     assert [(p.request is not None, p.via) for p in found[1]] == [(True, "out/vh/")]
+
+
+class _SampledNode:
+    """A sender's node and pod client (fakes of /debug/fastpath and
+    mesh.audit_pod.PodClient): each request counts the next of `outcomes`
+    ((outcome, reason)) on PROBE's route, as the kernel's counters would."""
+
+    def __init__(self, outcomes: list[tuple[str, str]]) -> None:
+        self.outcomes = outcomes
+        self.sent = 0
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def debug(self, _admin: str) -> dict[str, Any]:
+        return {"enabled": True, "nodes": [{"node": "n1", "pools": [], "counters": [
+            {"route": PROBE.full_name, "outcome": o, "reason": r, "requests": n}
+            for (o, r), n in self.counts.items()]}]}
+
+    def ask(self, _job: dict[str, Any], _timeout: float) -> dict[str, Any]:
+        self.counts[self.outcomes[min(self.sent, len(self.outcomes) - 1)]] += 1
+        self.sent += 1
+        return {"status": 200, "error": ""}
+
+    def close(self) -> None:
+        pass
+
+    def rows(self, monkeypatch: pytest.MonkeyPatch) -> list[Row]:
+        from mesh import audit
+        monkeypatch.setattr(audit, "_fastpath", self.debug)
+        monkeypatch.setattr(audit, "PodClient", lambda _pod: self)
+        sender = {"name": "client-0", "node_id": "n1"}
+        return audit.send_probes({"admin": "cp"}, sender, "client-0", [PROBE], 1.0)
+
+
+SAMPLED = ("envoy", "trace_sampled")
+
+
+def test_a_route_whose_id_was_sampled_is_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen on a Zipkin mesh at 30 %: a probe's kernel-made id was sampled, the
+    kernel handed it to Envoy (which reports the span) and the audit said
+    "envoy (trace_sampled)": no verdict on the kernel path. Another request
+    gets another id; the row is the first one not sampled, and says so."""
+    node = _SampledNode([SAMPLED, SAMPLED, ("fast", "")])
+    (row,) = node.rows(monkeypatch)
+    assert (row.served, node.sent) == ("kernel", 3), row
+    assert row.why == "fast; 2 request(s) before it trace_sampled"
+    assert row.counters == {"l/vh/r envoy/trace_sampled": 2, "l/vh/r fast": 1}
+
+
+def test_every_request_sampled_stays_envoy_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh.audit_verdict import TRACE_SAMPLED_TRIES
+    node = _SampledNode([SAMPLED])
+    (row,) = node.rows(monkeypatch)
+    assert (row.served, node.sent) == ("envoy", TRACE_SAMPLED_TRIES), row
+    assert row.why.startswith(f"trace_sampled ({TRACE_SAMPLED_TRIES} of {TRACE_SAMPLED_TRIES} ")
+    assert summary([row])["kernel"] == 0
+
+
+@pytest.mark.parametrize(("first", "served"), [(("envoy", "pool_empty"), "envoy"),
+                                               (("fast", ""), "kernel")])
+def test_any_other_result_is_asked_once(monkeypatch: pytest.MonkeyPatch,
+                                         first: tuple[str, str], served: str) -> None:
+    node = _SampledNode([first, ("fast", "")])
+    (row,) = node.rows(monkeypatch)
+    assert (row.served, row.why, node.sent) == (served, first[1] or first[0], 1)
