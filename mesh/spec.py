@@ -306,7 +306,8 @@ def _parse_tracing(where: str, raw: Any) -> dict[str, Any] | None:
 
 
 def _parse_provider(where: str, raw: Any) -> None:
-    """Only Zipkin, reporting to a service of the mesh (never an outside address)."""
+    """Only Zipkin, reporting to a service of the mesh (never an outside address)
+    at a `collector_endpoint` path, in JSON (what mesh.apps.spans records)."""
     cfg = raw.get("typed_config") if isinstance(raw, dict) else None
     if not isinstance(cfg, dict) or "name" not in raw:
         raise _fail(where, "needs `name` and `typed_config` (Envoy's tracer form)")
@@ -316,6 +317,15 @@ def _parse_provider(where: str, raw: Any) -> None:
     if not isinstance(cfg.get("collector_cluster"), str):
         raise _fail(f"{where}.typed_config.collector_cluster",
                     "missing: the mesh service that collects the spans (e.g. mesh.apps.spans)")
+    endpoint = cfg.get("collector_endpoint")
+    if not isinstance(endpoint, str) or not endpoint:
+        raise _fail(f"{where}.typed_config.collector_endpoint",
+                    f"{endpoint!r}: the collector's path is needed (e.g. /api/v2/spans); "
+                    "Envoy refuses a Zipkin tracer without it")
+    version = cfg.get("collector_endpoint_version", "HTTP_JSON")
+    if version != "HTTP_JSON":
+        raise _fail(f"{where}.typed_config.collector_endpoint_version",
+                    f"{version!r}: only HTTP_JSON (or absent), the form mesh.apps.spans records")
 
 
 def route_cluster_refs(route: dict[str, Any]) -> list[tuple[str, str]]:

@@ -140,6 +140,12 @@ def test_tracing_per_side(tmp_path: Path) -> None:
     ("{provider: {typed_config: {}}}", "b.outbound.tracing.provider", "needs `name`"),
     ("{provider: " + ZIPKIN.replace("collector_cluster: b, ", "") + "}",
      "b.outbound.tracing.provider.typed_config.collector_cluster", "missing"),
+    ("{provider: " + ZIPKIN.replace("collector_endpoint: /api/v2/spans, ", "") + "}",
+     "b.outbound.tracing.provider.typed_config.collector_endpoint", "Envoy refuses"),
+    ("{provider: " + ZIPKIN.replace("/api/v2/spans", "''") + "}",
+     "b.outbound.tracing.provider.typed_config.collector_endpoint", "path is needed"),
+    ("{provider: " + ZIPKIN.replace("HTTP_JSON", "HTTP_PROTO") + "}",
+     "b.outbound.tracing.provider.typed_config.collector_endpoint_version", "only HTTP_JSON"),
     ("{provider: " + ZIPKIN.replace("collector_cluster: b", "collector_cluster: ghost") + "}",
      "b.policy.outbound.tracing.provider.typed_config.collector_cluster", "unknown service 'ghost'"),
 ])
