@@ -66,7 +66,9 @@ class Service:
 @dataclass(frozen=True)
 class MeshSpec:
     """A validated mesh file. `policies` maps service -> side -> {routes, http_filters,
-    tracing} (tracing: HttpConnectionManager.Tracing, or None when the side does not trace)."""
+    tracing} (tracing: HttpConnectionManager.Tracing, or None when the side does not trace);
+    `policy_places` maps service -> where its policy was written ("FILE: PLACE", the
+    prefix of the errors found in it)."""
 
     name: str
     namespace: str
@@ -75,6 +77,7 @@ class MeshSpec:
     policies: dict[str, dict[str, dict[str, Any]]]
     policy_files: tuple[Path, ...] = ()
     istio_policies: Path | None = None
+    policy_places: dict[str, str] = field(default_factory=dict)
 
     def pod_names(self) -> list[tuple[str, Service]]:
         """(pod name, deployment entry) for every replica, in file order."""
@@ -153,9 +156,11 @@ def load(path: str | Path, name: str | None = None) -> MeshSpec:
         raise _fail(f"{where}: namespace", f"{namespace!r} must match {NAME_RE.pattern}")
     services = _parse_services(where, doc.get("services"))
     policies: dict[str, dict[str, dict[str, Any]]] = {}
+    places: dict[str, str] = {}
     for sname, raw in (doc.get("services") or {}).items():
         if isinstance(raw, dict) and raw.get("policy") is not None:
-            policies[sname] = _parse_policy(f"{where}: services.{sname}.policy", raw["policy"])
+            places[sname] = f"{where}: services.{sname}.policy"
+            policies[sname] = _parse_policy(places[sname], raw["policy"])
     policy_files: list[Path] = []
     pol_ref = doc.get("policies")
     if pol_ref is not None:
@@ -167,11 +172,13 @@ def load(path: str | Path, name: str | None = None) -> MeshSpec:
             if sname in policies:
                 raise _fail(f"{ppath}: {sname}", f"policy also given inline in {where}")
             policies[sname] = pol
+            places[sname] = policy_place(ppath, sname)
     istio = doc.get("istio_policies")
     istio_dir = (path.parent / istio).resolve() if isinstance(istio, str) else None
     if istio is not None and (istio_dir is None or not istio_dir.is_dir()):
         raise _fail(f"{where}: istio_policies", f"{istio!r} is not a directory")
-    spec = MeshSpec(mesh_name, namespace, path, services, policies, tuple(policy_files), istio_dir)
+    spec = MeshSpec(mesh_name, namespace, path, services, policies, tuple(policy_files), istio_dir,
+                    places)
     validate_references(spec)
     return spec
 
@@ -183,7 +190,12 @@ def load_policy_file(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
         return {}
     if not isinstance(doc, dict):
         raise _fail(str(path), "must map service names to policies")
-    return {str(k): _parse_policy(f"{path}: {k}", v) for k, v in doc.items()}
+    return {str(k): _parse_policy(policy_place(path, str(k)), v) for k, v in doc.items()}
+
+
+def policy_place(path: Path, service: str) -> str:
+    """Where a policy file's entry for `service` is, as its errors name it."""
+    return f"{path}: {service}"
 
 
 def _parse_services(where: str, raw: Any) -> dict[str, Service]:
@@ -344,7 +356,8 @@ def route_cluster_refs(route: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def validate_references(spec: MeshSpec) -> None:
-    """Every service named in `calls` or in an outbound route must exist."""
+    """Every service named in `calls`, in an outbound route or as a Zipkin collector
+    must exist; a policy's errors name the file and place it was written in."""
     where = str(spec.path)
     groups = spec.groups()
     for s in spec.services.values():
@@ -356,21 +369,22 @@ def validate_references(spec: MeshSpec) -> None:
             if c not in groups:
                 raise _fail(f"{where}: services.{s.name}.calls", f"unknown service {c!r}")
     for sname, pol in spec.policies.items():
+        place = spec.policy_places.get(sname, f"{where}: services.{sname}.policy")
         if sname not in groups:
-            raise _fail(f"{where}: policy for {sname!r}", "unknown service")
+            raise _fail(place, f"policy for {sname!r}: unknown service")
         for side in POLICY_SIDES:
             for i, route in enumerate(pol[side]["routes"]):
-                for place, ref in route_cluster_refs(route):
+                for ref_place, ref in route_cluster_refs(route):
                     if side == "inbound" and ref != "inbound":
-                        raise _fail(f"{where}: {sname}.policy.inbound.routes[{i}].{place}",
+                        raise _fail(f"{place}.inbound.routes[{i}].{ref_place}",
                                     f"{ref!r}: inbound routes may only name `inbound`")
                     if side == "outbound" and ref not in groups:
-                        raise _fail(f"{where}: {sname}.policy.outbound.routes[{i}].{place}",
+                        raise _fail(f"{place}.outbound.routes[{i}].{ref_place}",
                                     f"unknown service {ref!r}")
             collector = zipkin_collector(pol[side]["tracing"])
             if collector is not None and collector not in groups:
-                raise _fail(f"{where}: {sname}.policy.{side}.tracing.provider.typed_config."
-                            f"collector_cluster", f"unknown service {collector!r}")
+                raise _fail(f"{place}.{side}.tracing.provider.typed_config.collector_cluster",
+                            f"unknown service {collector!r}")
 
 
 def zipkin_collector(tracing: dict[str, Any] | None) -> str | None:

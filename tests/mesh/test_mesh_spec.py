@@ -65,13 +65,19 @@ def test_bad_file_names_the_place(tmp_path: Path, mutation: tuple[str, str], pla
 def test_policy_with_unknown_cluster(tmp_path: Path) -> None:
     pol = "b:\n  outbound:\n    routes:\n    - match: {prefix: /}\n      route: {cluster: ghost}\n"
     write(tmp_path, pol, "pol.yaml")
-    with pytest.raises(spec.MeshFileError, match=r"b\.policy\.outbound\.routes\[0\]\.route\.cluster.*ghost"):
+    with pytest.raises(spec.MeshFileError,
+                       match=r"/pol\.yaml: b\.outbound\.routes\[0\]\.route\.cluster: unknown service 'ghost'"):
         spec.load(write(tmp_path, BASE + "policies: pol.yaml\n"))
+    inline = BASE.replace("    ports: [9000]\n", "    ports: [9000]\n    policy:\n      outbound:\n"
+                          "        routes: [{match: {prefix: /}, route: {cluster: ghost}}]\n")
+    with pytest.raises(spec.MeshFileError, match=r"/mesh\.yaml: services\.b\.policy\.outbound\."
+                                                 r"routes\[0\]\.route\.cluster: unknown service"):
+        spec.load(write(tmp_path, inline))
 
 
 def test_policy_for_unknown_service(tmp_path: Path) -> None:
     write(tmp_path, "zzz:\n  inbound: {}\n", "pol.yaml")
-    with pytest.raises(spec.MeshFileError, match="policy for 'zzz': unknown service"):
+    with pytest.raises(spec.MeshFileError, match="/pol.yaml: zzz: policy for 'zzz': unknown service"):
         spec.load(write(tmp_path, BASE + "policies: pol.yaml\n"))
 
 
@@ -147,11 +153,11 @@ def test_tracing_per_side(tmp_path: Path) -> None:
     ("{provider: " + ZIPKIN.replace("HTTP_JSON", "HTTP_PROTO") + "}",
      "b.outbound.tracing.provider.typed_config.collector_endpoint_version", "only HTTP_JSON"),
     ("{provider: " + ZIPKIN.replace("collector_cluster: b", "collector_cluster: ghost") + "}",
-     "b.policy.outbound.tracing.provider.typed_config.collector_cluster", "unknown service 'ghost'"),
+     "b.outbound.tracing.provider.typed_config.collector_cluster", "unknown service 'ghost'"),
 ])
 def test_bad_tracing_names_the_place(tmp_path: Path, tracing: str, place: str, words: str) -> None:
     write(tmp_path, f"b:\n  outbound:\n    tracing: {tracing}\n", "pol.yaml")
     with pytest.raises(spec.MeshFileError) as exc:
         spec.load(write(tmp_path, BASE + "policies: pol.yaml\n"))
     msg = str(exc.value)
-    assert place in msg and words in msg and "yaml" in msg, msg
+    assert f"/pol.yaml: {place}: " in msg and words in msg, msg
