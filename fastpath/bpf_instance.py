@@ -20,8 +20,10 @@ attached and must outlive its instances (the loader's cache keeps it).
 An `Instance` is a `bcc.BPF` whose table, program and cleanup methods work
 on its own maps and programs (the rest, ring buffers and the program-type
 constants, is BCC's). Anything it cannot reproduce exactly (an unknown pseudo
-load, a map-in-map whose inner map it cannot name) raises `CloneError`: the
-caller compiles. Imports bcc: import this module only where BCC is needed.
+load, a map-in-map whose inner map it cannot name, a table declared pinned,
+shared, public or extern, which a private copy would silently split) raises
+`CloneError`: the caller compiles. Imports bcc: import this module only where
+BCC is needed.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ _PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE, _PSEUDO_FUNC = 1, 2, 4  # src_reg of an ld_im
 _MAP_IN_MAP = (12, 13)  # BPF_MAP_TYPE_ARRAY_OF_MAPS, _HASH_OF_MAPS
 _QUEUE_STACK = (22, 23)
 _INNER = re.compile(r'\bBPF_(?:ARRAY|HASH)_OF_MAPS\(\s*(\w+)\s*,[^;]*?"(\w+)"')
+# BCC's tables that are not the module's own: BPF_TABLE_PINNED, _PUBLIC, _SHARED (and
+# BPF_QUEUESTACK_'s), a table type "extern" or "TYPE:/pin/path", their map sections
+_NOT_PRIVATE = re.compile(r'\bBPF_\w+_(?:PINNED\d?|PUBLIC|SHARED)\s*\('
+                          r'|\bBPF_(?:F_)?TABLE\s*\(\s*"(?:extern"|[^"]*:)'
+                          r'|\bsection\(\s*"maps/(?:export|shared|extern)"')
 
 
 class CloneError(RuntimeError):
@@ -54,6 +61,12 @@ class CloneError(RuntimeError):
 def inner_maps(text: str) -> dict[str, str]:
     """Map-in-map name -> the name of its inner map, from BCC's declarations in `text`."""
     return {outer: inner for outer, inner in _INNER.findall(text)}
+
+
+def not_private(text: str) -> list[str]:
+    """The declarations in `text` of tables that are not the module's own (pinned,
+    shared, public, extern): an instance's private copy of one would split it."""
+    return [m.group(0) for m in _NOT_PRIVATE.finditer(text)]
 
 
 def relocate(code: bytes, fds: dict[int, int]) -> bytes:
@@ -94,6 +107,9 @@ class Instance(BPF):
     `text` is the module's C text (for the inner map of each map-in-map)."""
 
     def __init__(self, template: Any, text: str) -> None:  # no BPF.__init__: no compile
+        shared = not_private(text)
+        if shared:
+            raise CloneError(f"tables not private to the module: {shared}")
         self.template = template
         self.module = template.module  # table layouts, code, license, BTF info
         self.debug = 0

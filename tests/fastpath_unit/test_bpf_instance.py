@@ -70,3 +70,27 @@ def test_unload_of_a_module_compiled_for_itself(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(loader, "_CACHE", {("text", (), "a"): own})
     loader.Datapath(bpf=own).unload()
     assert own.cleaned and loader._CACHE == {}
+
+
+@pytest.mark.parametrize("decl", [
+    'BPF_TABLE_PINNED("hash", u32, u64, pinned, 16, "/sys/fs/bpf/x");',
+    'BPF_TABLE_PINNED("hash", u32, u64, pinned, 16, "/sys/fs/bpf/x", BPF_F_NO_PREALLOC);',
+    'BPF_TABLE_SHARED("array", int, u64, shared, 4);',
+    'BPF_TABLE_PUBLIC("hash", u32, u64, public, 16);',
+    'BPF_TABLE("extern", int, u64, theirs, 4);',
+    'BPF_F_TABLE("hash:/sys/fs/bpf/y", u32, u64, pinned2, 16, 0);',
+    'BPF_QUEUESTACK_SHARED("queue", q, u64, 8, 0);',
+])
+def test_tables_not_private_to_the_module_are_refused(decl: str) -> None:
+    text = f"BPF_HASH(own, u32, u64, 16);\n{decl}\nint f(void *c) {{ return 0; }}\n"
+    assert bpf_instance.not_private(text)
+    with pytest.raises(bpf_instance.CloneError, match="not private"):
+        bpf_instance.Instance(SimpleNamespace(module=None), text)
+
+
+def test_the_data_path_tables_are_all_private() -> None:
+    for header in (None, "dp_decide_l7fp.h"):
+        assert bpf_instance.not_private(loader.module_text(header)) == []
+    assert bpf_instance.not_private('BPF_HASH(h, u32, u64, 16);\nBPF_ARRAY(a, u64, 4);\n'
+                                    'BPF_QUEUE(q, u64, 8);\nBPF_ARRAY_OF_MAPS(o, "q", 4);\n') == []
+
