@@ -34,9 +34,12 @@ BPF_SRC = Path(__file__).resolve().parent.parent / "bpf_src"
 
 # One compile per (source, cflags) in a process: BCC compiles cost seconds.
 # _COMPILED holds the compiled module (never attached: the template of its
-# instances), _CACHE the instances (own maps and programs) per instance name.
+# instances), _CACHE the instances (own maps and programs) per instance name,
+# _UNCLONABLE the hash of each (source, cflags) whose compiled module raised
+# CloneError: compiled for every instance (a hash: a collision costs a compile).
 _COMPILED: dict[tuple[str, tuple[str, ...]], Any] = {}
 _CACHE: dict[tuple[str, tuple[str, ...], str], Any] = {}
+_UNCLONABLE: set[int] = set()
 _CACHE_LOCK = threading.Lock()
 
 SO_COOKIE = 57
@@ -126,7 +129,8 @@ def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, 
     its own maps and programs over that compiled code (`bpf_instance.Instance`):
     two nodes need two instances, a test reusing one instance name reuses its
     maps and loaded programs. A module the instance cannot reproduce exactly
-    (`bpf_instance.CloneError`) is compiled again for that instance.
+    (`bpf_instance.CloneError`) becomes that instance's own module, and every
+    later instance of its (text, cflags) is compiled for itself.
     `timing` gets the phases spent (`timed`): "check", "compile", "maps".
     """
     from bcc import BPF
@@ -138,24 +142,32 @@ def compile_module(text: str, cflags: tuple[str, ...] = (), include: tuple[str, 
     blob = [f for f in flags if f.startswith("-DL7FP_MAX_BLOB=")]
     if blob:  # kernel replies of the plan fit the data path's rewrite buffer
         flags += (f"-DDP_REPLY_MAX={blob[-1].split('=', 1)[1]}",)
-    key = (text, flags, instance)
+    key, code = (text, flags, instance), (text, flags)
     with _CACHE_LOCK:
-        if key not in _CACHE:
-            compiled = _COMPILED.get((text, flags))
-            if compiled is None:
-                if check:
-                    with timed(timing, "check"):
-                        compile_check.check(text, flags)  # a child pays an LLVM abort, not us
-                with timed(timing, "compile"):
-                    compiled = BPF(text=text.encode(), cflags=list(flags))
-                _COMPILED[(text, flags)] = compiled
-            try:
-                with timed(timing, "maps"):
-                    _CACHE[key] = bpf_instance.Instance(compiled, text)
-            except bpf_instance.CloneError as exc:
-                log.warning("BCC module compiled again for %s: %s", instance or "(none)", exc)
-                with timed(timing, "compile"):
-                    _CACHE[key] = BPF(text=text.encode(), cflags=list(flags))
+        if key in _CACHE:
+            return _CACHE[key]
+        if hash(code) in _UNCLONABLE:  # checked when it was first compiled
+            with timed(timing, "compile"):
+                _CACHE[key] = BPF(text=text.encode(), cflags=list(flags))
+            return _CACHE[key]
+        compiled = _COMPILED.get(code)
+        if compiled is None:
+            if check:
+                with timed(timing, "check"):
+                    compile_check.check(text, flags)  # a child pays an LLVM abort, not us
+            with timed(timing, "compile"):
+                compiled = BPF(text=text.encode(), cflags=list(flags))
+            _COMPILED[code] = compiled
+        try:
+            with timed(timing, "maps"):
+                _CACHE[key] = bpf_instance.Instance(compiled, text)
+        except bpf_instance.CloneError as exc:
+            # The same code fails the same way for every instance, so no other
+            # instance uses this module: it becomes this one's own.
+            log.warning("BCC module of %s cannot be instantiated again, compiled for each "
+                        "instance from now: %s", instance or "(none)", exc)
+            _UNCLONABLE.add(hash(code))
+            _CACHE[key] = _COMPILED.pop(code)
         return _CACHE[key]
 
 

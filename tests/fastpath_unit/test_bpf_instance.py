@@ -94,3 +94,38 @@ def test_the_data_path_tables_are_all_private() -> None:
     assert bpf_instance.not_private('BPF_HASH(h, u32, u64, 16);\nBPF_ARRAY(a, u64, 4);\n'
                                     'BPF_QUEUE(q, u64, 8);\nBPF_ARRAY_OF_MAPS(o, "q", 4);\n') == []
 
+
+def test_a_module_that_cannot_be_cloned_is_an_instance_and_compiled_for_each_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CloneError: the compiled module becomes the instance's own (not a template left
+    in _COMPILED), and later instances of its code compile without trying again."""
+    import bcc
+
+    compiled: list[_Module] = []
+    tries: list[Any] = []
+
+    def compile_(text: bytes, cflags: list[str]) -> _Module:
+        compiled.append(_Module())
+        return compiled[-1]
+
+    def instance(template: Any, text: str) -> Any:
+        tries.append(template)
+        raise bpf_instance.CloneError("fake")
+
+    monkeypatch.setattr(bcc, "BPF", compile_)
+    monkeypatch.setattr(bpf_instance, "Instance", instance)
+    monkeypatch.setattr(loader, "_COMPILED", {})
+    monkeypatch.setattr(loader, "_CACHE", {})
+    monkeypatch.setattr(loader, "_UNCLONABLE", set())
+    timing: loader.Timing = {}
+    a = loader.compile_module("int f;", instance="a", timing=timing)
+    assert a is compiled[0] and tries == [a] and loader._COMPILED == {}
+    assert set(timing) == {"compile", "maps"}
+    b = loader.compile_module("int f;", instance="b")
+    assert b is compiled[1] and len(compiled) == 2 and tries == [a]  # no clone tried again
+    assert loader.compile_module("int f;", instance="b") is b
+    other = loader.compile_module("int g;", instance="a")
+    assert len(tries) == 2 and other is compiled[2]  # other code: tried
+    for module in (a, b, other):
+        loader.Datapath(bpf=module).unload()
+    assert all(m.cleaned for m in compiled) and loader._CACHE == {} and loader._COMPILED == {}
