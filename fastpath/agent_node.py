@@ -299,8 +299,10 @@ class NodeDatapath:
             "decision": self.mode,
             "cflags": list(self.cflags),  # the synthesized program's knobs (l7fp mode)
             # how its start split: phase -> [wall s, CPU s] (loader.timed; "apply"
-            # is the first plan's), and how long it was due before its start began
-            "startup": self.dp.timing, "startup_queued_s": self.queued_s,
+            # is the first plan's), and how long it was due before its start began.
+            # A copy: the agent's thread adds "apply" while the view is dumped.
+            "startup": {phase: list(spent) for phase, spent in dict(self.dp.timing).items()},
+            "startup_queued_s": self.queued_s,
             "destinations": sorted(f"{ip}:{port}" for ip, port in self.services),
             "routes": self.route_names, "not_offloaded": self.notes,
             "inbound_plans": self.inbound_plans,
