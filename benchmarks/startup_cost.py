@@ -29,15 +29,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastpath.loader import Timing, timed
+
 PROGRAMS = ("dp_sockops", "dp_msg_verdict", "dp_msg_act", "dp_msg_in", "dp_skb_verdict",
             "dp_rsp_verdict", "dp_sockops_srv", "dp_srv_verdict", "dp_inj_verdict")
 
 
-def timed(label: str, fn: Callable[[], Any]) -> Any:
-    wall, cpu = time.monotonic(), time.thread_time()
-    out = fn()
-    print(f"{label}: wall {time.monotonic() - wall:.2f} s, CPU {time.thread_time() - cpu:.2f} s",
-          flush=True)
+def print_timed(label: str, fn: Callable[[], Any]) -> Any:
+    """`fn()`, its wall and CPU seconds printed (`fastpath.loader.timed`)."""
+    spent: Timing = {}
+    with timed(spent, label):
+        out = fn()
+    wall, cpu = spent[label]
+    print(f"{label}: wall {wall:.2f} s, CPU {cpu:.2f} s", flush=True)
     return out
 
 
@@ -47,7 +51,7 @@ def compile_cost(cflags: tuple[str, ...]) -> None:
     from fastpath import bpf_callback, loader
     from fastpath.bpf_instance import table_fds
 
-    timed("trivial program (helpers.h, uapi/linux/bpf.h)", lambda: BPF(
+    print_timed("trivial program (helpers.h, uapi/linux/bpf.h)", lambda: BPF(
         text=b"#include <uapi/linux/bpf.h>\nint f(struct __sk_buff *s) { return 0; }"))
     dps = []
     for name in ("startup-cost-1", "startup-cost-2"):
@@ -61,14 +65,17 @@ def compile_cost(cflags: tuple[str, ...]) -> None:
                            if ln.startswith("memlock:"))
         print(f"one instance's maps: {len(dps[0].bpf.fds)}, memlock {memlock / 1e6:.1f} MB "
               f"(the compiled module's: {len(table_fds(dps[0].bpf.module))} maps, the same)")
-        b = loader.compile_module(loader.module_text("dp_decide_l7fp.h"), cflags,
-                                  instance="startup-cost-3")
+        # a third instance of the same compiled code (Datapath.load's cflags), its
+        # programs loaded one by one and nothing attached
+        third = loader.Datapath(bpf=loader.compile_module(
+            loader.module_text("dp_decide_l7fp.h"), loader.env_cflags(cflags),
+            instance="startup-cost-3"))
+        dps.append(third)
         kinds = {"dp_sockops": BPF.SOCK_OPS, "dp_sockops_srv": BPF.SOCK_OPS,
                  "dp_skb_verdict": BPF.SK_SKB, "dp_rsp_verdict": BPF.SK_SKB}
         for fn in PROGRAMS:
-            timed(f"  load {fn}", functools.partial(bpf_callback.load_func, b, fn,
-                                                    kinds.get(fn, BPF.SK_MSG)))
-        b.cleanup()
+            print_timed(f"  load {fn}", functools.partial(bpf_callback.load_func, third.bpf, fn,
+                                                          kinds.get(fn, BPF.SK_MSG)))
     finally:
         for dp in dps:
             dp.unload()

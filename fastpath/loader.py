@@ -77,6 +77,13 @@ def request_ids() -> bool:
     return os.environ.get("L7FP_DP_XRID", "1") != "0"
 
 
+def env_cflags(cflags: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """`cflags` plus the data path's switches the environment turns off
+    (`returning`, `request_ids`): the cflags `Datapath.load` compiles with."""
+    return (tuple(cflags) + (() if returning() else ("-DDP_RETURN=0",))
+            + (() if request_ids() else ("-DDP_XRID=0",)))
+
+
 Timing = dict[str, list[float]]  # phase -> [wall s, CPU s of the thread]
 
 
@@ -206,11 +213,7 @@ class Datapath:
         "dp_decide_l7fp.h" for the plan's l7fp_decide with `cflags` from
         fastpath.synth. `instance` separates the maps of two nodes.
         """
-        back = returning()
-        if not back:
-            cflags = tuple(cflags) + ("-DDP_RETURN=0",)
-        if not request_ids():
-            cflags = tuple(cflags) + ("-DDP_XRID=0",)
+        cflags = env_cflags(cflags)
         timing: Timing = {}
         b = compile_module(module_text(decide_header), cflags, include, instance,
                            check=decide_header is not None, timing=timing)
@@ -219,7 +222,7 @@ class Datapath:
             dp._load_programs(cflags, decide_header is not None)
         try:
             with timed(timing, "attach"):
-                dp._attach_maps(back)
+                dp._attach_maps(returning())
         except Exception:
             dp.close()
             raise

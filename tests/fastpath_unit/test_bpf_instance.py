@@ -129,3 +129,19 @@ def test_a_module_that_cannot_be_cloned_is_an_instance_and_compiled_for_each_lat
     for module in (a, b, other):
         loader.Datapath(bpf=module).unload()
     assert all(m.cleaned for m in compiled) and loader._CACHE == {} and loader._COMPILED == {}
+
+
+@pytest.mark.parametrize("env, added", [
+    ({}, ()),
+    ({"L7FP_DP_RETURN": "0"}, ("-DDP_RETURN=0",)),
+    ({"L7FP_DP_XRID": "0"}, ("-DDP_XRID=0",)),
+    ({"L7FP_DP_RETURN": "0", "L7FP_DP_XRID": "0"}, ("-DDP_RETURN=0", "-DDP_XRID=0")),
+])
+def test_the_cflags_the_environment_adds(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                         added: tuple[str, ...]) -> None:
+    """Datapath.load and benchmarks.startup_cost compile with the same cflags."""
+    for var in ("L7FP_DP_RETURN", "L7FP_DP_XRID"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert loader.env_cflags(("-DL7FP_X=1",)) == ("-DL7FP_X=1", *added)
