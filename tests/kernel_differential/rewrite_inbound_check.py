@@ -49,7 +49,7 @@ def run(tmp: Path, mode: str) -> dict[str, Any]:
     logdir = prepare(HERE / "rewrite" / "envoy", d, "mesh.yaml", "policies.yaml",
                      str(HERE / "rewrite" / APP))
     out = run_driver(d, f"rwinx{mode}", mode, DRIVER, reqs, 50,
-                     lambda admin: wait_ready(admin, pools=1, timeout=90.0))
+                     lambda admin: wait_ready(admin, pools=1, every_node=True, timeout=90.0))
     ip = next(p["ip"] for p in out["st"]["pods"] if p["name"].startswith("client"))
     return {**out, "got": read_log(logdir, "web-0"), "ip": ip}
 

@@ -82,7 +82,7 @@ def run_mesh(tmp: Path, mode: str, reqs: list[dict[str, Any]]) -> dict[str, Any]
     d = tmp / mode
     logdir = prepare(SRC, d, "mesh.yaml", "istio", APP)
     run = run_driver(d, f"rwin{mode}", mode, DRIVER, reqs, GAP_MS,
-                     lambda admin: wait_ready(admin, pools=1, timeout=90.0))
+                     lambda admin: wait_ready(admin, pools=1, every_node=True, timeout=90.0))
     client_ip = next(p["ip"] for p in run["st"]["pods"] if p["name"].startswith("client"))
     return {**run, "got": read_log(logdir, "web-0"), "client_ip": client_ip}
 
