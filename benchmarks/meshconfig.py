@@ -20,6 +20,7 @@ import yaml
 
 from benchmarks import cgroups, sidecar
 from benchmarks.configs import Configuration, Unavailable
+from mesh import ready
 
 APP_PORT = sidecar.APP_PORT
 log = logging.getLogger(__name__)
@@ -169,12 +170,11 @@ class MeshRunnerConfig(Configuration):
         if not doc.get("nodes"):
             reasons["no node datapath loaded"] = 1
         client = self._pod("client")["name"]
-        node = next((n for n in doc.get("nodes", []) if n["pod"] == client), None)
+        node = ready.client_node(doc, client)
         if node is None:
             reasons[f"{client}: no datapath loaded"] = 1
         else:
-            reasons[f"{client}: free pooled upstreams " + ", ".join(
-                f"{p['address']}:{p['port']} {p['free']}" for p in node["pools"])] = 1
+            reasons[f"{client}: free pooled upstreams " + ready.pools_text(node)] = 1
         return "; ".join(f"{r} (x{n})" for r, n in reasons.items())
 
     def _wait_agent(self, timeout: float, every_node: bool) -> None:
@@ -186,8 +186,6 @@ class MeshRunnerConfig(Configuration):
         (docs/fastpath.md "Bring-up time"). At `timeout`, or when a node
         failed, it returns all the same (with a warning): the probe then
         says what is missing."""
-        from mesh import ready
-
         try:
             ready.wait_ready(self.state["admin"], client=self._pod("client")["name"],
                              every_node=every_node, timeout=timeout)

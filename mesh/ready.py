@@ -76,9 +76,13 @@ def not_ready(dbg: dict[str, Any], client: str, free: int = 1,
     want = len(node["pools"]) if pools is None else pools
     if not node["pools"] or len(have) < want:
         return (f"{node['pod']}: {len(have)} of {want} pools with {free}+ free upstreams ("
-                + ", ".join(f"{p['address']}:{p['port']} {p['free']}" for p in node["pools"])
-                + ")")
+                + pools_text(node) + ")")
     return ""
+
+
+def pools_text(node: dict[str, Any]) -> str:
+    """A loaded node's pools as `address:port free`, comma-separated."""
+    return ", ".join(f"{p['address']}:{p['port']} {p['free']}" for p in node["pools"])
 
 
 def wait_ready(admin: str, client: str = "client", free: int = 1, pools: int | None = None,
