@@ -3,6 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.l7fp-ready
 PYTEST_ARGS ?=
+# make test runs the suite in this many pytest-xdist workers, a test file per worker at a
+# time (most of a mesh test is waiting: docs/test-time.md); TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= 2
 DEMO_NAME ?= demo
 
 .PHONY: all setup demo test test-fast lint bench bench-quick clean
@@ -19,7 +22,7 @@ demo: setup
 	$(VENV)/bin/l7fp demo --name $(DEMO_NAME)
 
 test: setup lint
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not kernel and not mesh and not envoy" $(PYTEST_ARGS)
