@@ -31,6 +31,7 @@ from typing import Any
 from fastpath.audit_probe import NOT_FORWARDED, Probe, inbound_probes, probes
 from fastpath.plan import Direction, KernelPlan
 from fastpath.plan_json import plan_from_json
+from fastpath.tracing import SAMPLED_REASON
 from mesh.audit_pod import AuditClientError, PodClient
 from mesh.audit_verdict import (
     TRACE_SAMPLED_TRIES,
@@ -68,6 +69,9 @@ class Row:
     error: str = ""
     counters: dict[str, int] = field(default_factory=dict)  # "route outcome/reason" -> delta
     via: str = ""  # an inbound route's request: the caller pod that sent it
+    # requests before the row's own that the kernel handed to Envoy as trace_sampled
+    # (mesh.audit_verdict.sampled_away): the audit sent the probe again after each
+    resent: int = 0
 
     def to_json(self) -> dict[str, Any]:
         req = self.probe.request
@@ -75,6 +79,7 @@ class Row:
                 "route": self.probe.route, "verdict": "KERNEL", "served_by": self.served,
                 "why": self.why, "status": self.status, "error": self.error,
                 "expect": self.probe.expect, "counters": self.counters, "via": self.via,
+                "resent": self.resent,
                 "request": None if req is None else {
                     "method": req.method, "path": req.path, "host": req.host,
                     "headers": [list(h) for h in req.headers]}}
@@ -291,7 +296,8 @@ def send_probes(state: dict[str, Any], sender: dict[str, Any], owner: str, todo:
                     break
                 sampled += 1
             served, why = after_sampled(served, why, sampled)
-            rows.append(Row(owner, p, served, why, got["status"], got["error"], dict(shown), via))
+            rows.append(Row(owner, p, served, why, got["status"], got["error"], dict(shown), via,
+                            sampled))
     except AuditClientError as exc:
         raise AuditError(str(exc)) from None
     finally:
@@ -435,7 +441,8 @@ def format_rows(rows: list[Row]) -> list[str]:
             f" {n}: {v}" for n, v in req.headers) if req else ""
         what += f" (from {r.via})" if r.via else ""
         what += f"; expected {r.probe.expect}" if r.probe.expect else ""
-        served = r.served if r.served == "kernel" else f"{r.served} ({r.why})"
+        # a kernel row after re-sent probes says so ("fast; N request(s) before it trace_sampled")
+        served = "kernel" if r.served == "kernel" and not r.resent else f"{r.served} ({r.why})"
         status = r.error or (str(r.status) if r.status is not None else "-")
         out.append(f"{r.pod:<16} {r.probe.full_name:<60} KERNEL  {served:<30} {status:<7} {what}")
     s = summary(rows)
@@ -443,6 +450,11 @@ def format_rows(rows: list[Row]) -> list[str]:
                + (f" ({s['skipped']} more skipped, no request sent)" if s["skipped"] else ""))
     for why, n in sorted(s["not_kernel"].items()):
         out.append(f"  not by the kernel: {n} x {why}")
+    resent = [r for r in rows if r.resent]
+    if resent:
+        out.append(f"  sent again: {len(resent)} probe(s), {sum(r.resent for r in resent)} "
+                   f"request(s) handed to Envoy as {SAMPLED_REASON} (the id the kernel made was "
+                   f"sampled), at most {TRACE_SAMPLED_TRIES} requests per route")
     for why, n in sorted(Counter(r.why for r in rows if r.served == "skipped").items()):
         out.append(f"  skipped: {n} x {why}")
     return out

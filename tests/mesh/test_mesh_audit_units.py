@@ -297,3 +297,26 @@ def test_any_other_result_is_asked_once(monkeypatch: pytest.MonkeyPatch,
     node = _SampledNode([first, ("fast", "")])
     (row,) = node.rows(monkeypatch)
     assert (row.served, row.why, node.sent) == (served, first[1] or first[0], 1)
+
+
+def test_table_shows_probes_sent_again_after_trace_sampled() -> None:
+    """A route served by the kernel on its third request, the two before it
+    handed to Envoy as trace_sampled: the table says so on the row and under
+    the summary; --json has `resent`. A row whose requests were all sampled
+    stays not served by the kernel."""
+    from fastpath.tracing import SAMPLED_REASON
+    from mesh.audit_verdict import TRACE_SAMPLED_TRIES, after_sampled
+
+    ok = Row("a-0", PROBE, *after_sampled("kernel", "fast", 2), 200, resent=2)
+    tries = TRACE_SAMPLED_TRIES - 1
+    gone = Row("a-0", PROBE, *after_sampled("envoy", SAMPLED_REASON, tries), 200, resent=tries)
+    lines = format_rows([ok, gone])
+    assert f"kernel (fast; 2 request(s) before it {SAMPLED_REASON})" in lines[1]
+    assert f"envoy ({SAMPLED_REASON} ({TRACE_SAMPLED_TRIES} of {TRACE_SAMPLED_TRIES}" in lines[2]
+    assert summary([ok, gone])["kernel"] == 1
+    assert lines[-1] == (f"  sent again: 2 probe(s), {2 + tries} request(s) handed to Envoy as "
+                         f"{SAMPLED_REASON} (the id the kernel made was sampled), at most "
+                         f"{TRACE_SAMPLED_TRIES} requests per route")
+    assert ok.to_json()["resent"] == 2
+    plain = Row("a-0", PROBE, "kernel", "fast", 200)
+    assert format_rows([plain])[1].split()[3] == "kernel" and not plain.to_json()["resent"]
