@@ -19,12 +19,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from support.env import envoy_binary, kernel_problem, require_kernel  # noqa: E402
+from support.workers import worker_port_range  # noqa: E402
 
-from xds_server.ports import pick_free_port  # noqa: E402
+from xds_server.ports import RANGE_ENV, pick_free_port  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("L7FP_REPO", str(REPO))
+    ports = worker_port_range()  # under pytest-xdist: this worker's own ports
+    if ports is not None:
+        os.environ[RANGE_ENV] = ports
 
 
 @pytest.fixture
