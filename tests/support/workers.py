@@ -2,9 +2,9 @@
 does not meet the one the other worker runs at the same time (`make test`:
 `-n 2 --dist loadfile`). Called by tests/conftest.py's pytest_configure.
 
-Ports: `xds_server.ports` picks a free port and its user binds it later (an
-Envoy: up to 1.5 s later, measured in docs/test-harness.md); a port the other
-worker picked in between is still free for it. Each worker gets its own slice
+Ports: `xds_server.ports` picks a free port and its user binds it later (4.6 s
+median, up to 42 s for an Envoy listener that comes over xDS: docs/test-harness.md);
+until then the port is still free for the other worker's picks. Each worker gets its own slice
 of `ports.port_range()` as `L7FP_PORT_RANGE`, which the processes it starts
 (mesh daemons, `l7fp serve`) inherit.
 """
