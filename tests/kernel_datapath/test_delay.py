@@ -24,7 +24,8 @@ from fastpath.agent import Agent
 from fastpath.classify_route import KernelCaps
 from fastpath.request_id import normalized
 
-pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
+pytestmark = [pytest.mark.kernel, pytest.mark.envoy,
+              pytest.mark.alone]  # a request that took >= 0.19 s counts as delayed
 
 FAULT_T = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 CLIENT = Path(__file__).with_name("k2_tmo_client.py")

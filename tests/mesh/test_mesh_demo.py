@@ -20,7 +20,8 @@ from meshtest_util import CLIENT, PY, leftovers, policy_switch, switch_delay
 
 from mesh.runner import Mesh, envoy_stats
 
-pytestmark = [pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
+pytestmark = [pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
+              pytest.mark.alone]  # a policy change in force within 1 s
 
 
 def curl(m: Mesh, url: str, *extra: str) -> tuple[int, str, str]:

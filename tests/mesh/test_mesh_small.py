@@ -15,7 +15,8 @@ from mesh import plumbing
 from mesh.runner import Mesh, envoy_stats
 from mesh.spec import MeshFileError
 
-pytestmark = [pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
+pytestmark = [pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
+              pytest.mark.alone]  # a policy change in force within 1 s
 
 MESH = """
 name: small
