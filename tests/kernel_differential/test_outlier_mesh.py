@@ -156,14 +156,21 @@ print(bool(cs) and all('outlier_detection' not in c for c in cs))
 """
 
 
-def wait_kernel_owned(m: Any, timeout: float = 30.0) -> None:
+def wait_kernel_owned(m: Any) -> None:
     """Until the client's sidecar runs the residual of a kernel-owned node
     whose Envoy detector the kernel took: the agent claims the node once its
     program is live (the residual then has the outlier access log), and takes
     Envoy's detector once the sidecar's access-log stream is open
     (fastpath.als); until then Envoy's own detector counts. One warm-up
-    request (an `envoy` outcome in the counters) opens the stream."""
-    end = time.monotonic() + timeout
+    request (an `envoy` outcome in the counters) opens the stream.
+
+    The deadline covers a logger given up meanwhile: a node whose residual
+    had the logger GIVE_UP_S with no stream (no request yet: the wait for
+    every node took longer, seen at load ~8) loses it until the agent offers
+    it again RETRY_FIRST_S later (fastpath.als_owner)."""
+    from fastpath.als_owner import GIVE_UP_S, RETRY_FIRST_S
+
+    end = time.monotonic() + GIVE_UP_S + RETRY_FIRST_S + 30.0
     _wait_probe(m, LOGGER_PROBE, end, "the client's sidecar never got the access logger")
     r = m.exec("client", [sys.executable, "-c", WARM_UP], capture_output=True, text=True,
                timeout=30)
