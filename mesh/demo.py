@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +125,14 @@ def busy_message(name: str, what: str) -> str:
 
 def service_rows(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per service, from its inbound sidecars: requests by class, p50/p99 (ms)."""
+    from mesh.runner import sidecar_admin
+
     out: dict[str, dict[str, Any]] = {}
     for pod in state["pods"]:
         row = out.setdefault(pod["service"], {"n": 0, "2xx": 0, "4xx": 0, "5xx": 0,
                                               "p50": None, "p99": None})
         try:
-            url = f"http://{pod['ip']}:{pod['envoy_admin']}/stats?filter=%5Ehttp%5C.inbound_"
-            with urllib.request.urlopen(url, timeout=2) as r:
-                text = r.read().decode()
+            text = sidecar_admin(pod, "/stats?filter=%5Ehttp%5C.inbound_", timeout=2)
         except OSError:
             continue
         for line in text.splitlines():

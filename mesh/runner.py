@@ -227,13 +227,17 @@ def resolve_name(name: str | None) -> str:
     raise MeshError(f"several meshes run ({', '.join(running)}): give --name")
 
 
+def sidecar_admin(pod: dict[str, Any], path: str, timeout: float = 5.0) -> str:
+    """The text of `path` (with its query) from a pod's sidecar admin API; OSError
+    when the sidecar does not answer."""
+    url = f"http://{pod['ip']}:{pod['envoy_admin']}{path}"
+    with urllib.request.urlopen(url.replace("|", "%7C"), timeout=timeout) as r:
+        return str(r.read().decode())
+
+
 def envoy_stats(state: dict[str, Any], target: str, prefix: str = "") -> dict[str, int]:
     """Counters and gauges of a pod's sidecar, from its admin /stats."""
-    pod = find_pod(state, target)
-    url = f"http://{pod['ip']}:{pod['envoy_admin']}/stats?filter={prefix}" if prefix else \
-        f"http://{pod['ip']}:{pod['envoy_admin']}/stats"
-    with urllib.request.urlopen(url.replace("|", "%7C"), timeout=5) as r:
-        text = r.read().decode()
+    text = sidecar_admin(find_pod(state, target), f"/stats?filter={prefix}" if prefix else "/stats")
     out = {}
     for line in text.splitlines():
         key, _, val = line.rpartition(": ")
@@ -250,9 +254,7 @@ def status_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
         ready = "-"
         if state.get("sidecars") == "envoy" and state.get("ready") is not False:  # not started yet
             try:
-                url = f"http://{p['ip']}:{p['envoy_admin']}/ready"
-                with urllib.request.urlopen(url, timeout=1) as r:
-                    ready = r.read().decode().strip()
+                ready = sidecar_admin(p, "/ready", timeout=1).strip()
             except OSError as exc:
                 ready = f"down ({exc.__class__.__name__})"
         rows.append({"pod": p["name"], "ip": p["ip"], "netns": p["netns"], "alive": alive,

@@ -53,7 +53,7 @@ import pytest
 
 from fastpath.tracing import version_digit
 from mesh.ready import client_node, fastpath_debug
-from mesh.runner import envoy_stats
+from mesh.runner import envoy_stats, sidecar_admin
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow,
               pytest.mark.timeout(240)]
@@ -203,11 +203,8 @@ def sidecar_lag(m: Any, want: list[tuple[str, str, str]]) -> str:
     keep the old config until then (seen: every SERVER span missing, the
     sampled requests sent while user's old inbound chain drained)."""
     for pod, listener, text in want:
-        p = m.pod(pod)
-        url = f"http://{p['ip']}:{p['envoy_admin']}/config_dump?resource=dynamic_listeners"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            active = [lst.get("active_state") for lst in json.loads(r.read())["configs"]
-                      if lst["name"] == listener]
+        dump = json.loads(sidecar_admin(m.pod(pod), "/config_dump?resource=dynamic_listeners"))
+        active = [lst.get("active_state") for lst in dump["configs"] if lst["name"] == listener]
         if text not in json.dumps(active):
             return f"{pod}: no {text} in {listener}"
         busy = {k: n for k, n in envoy_stats(m.state(), pod, "listener_manager.total_").items()
