@@ -160,6 +160,14 @@ def match_applies(m: Mapping[str, Any], port: int, labels: Mapping[str, str], na
     return not (m.get("sourceNamespace") and m["sourceNamespace"] != namespace)
 
 
+def gateway_refs(names: Any, namespace: str) -> set[str]:
+    """`NS/NAME` of each gateway a `gateways:` list names, `NAME` alone meaning
+    one in `namespace` (the VirtualService's), as istiod reads them; `mesh`
+    stays `mesh`. Read by `convert_http` and xds_server.istio.gateway."""
+    return {str(g) if str(g) == "mesh" or "/" in str(g) else f"{namespace}/{g}"
+            for g in names or []}
+
+
 def placement_of(m: Mapping[str, Any], vs_gateways: Any) -> str:
     """Where Istio applies a match of a VirtualService bound to `vs_gateways`:
     "mesh" (the sidecars, `mesh` or no gateways) or "gateway" (gateways only).
@@ -182,7 +190,7 @@ def placements(vs: Obj) -> set[str]:
 def convert_http(
     w: Warnings, obj: Obj, idx: int, rule: Mapping[str, Any], namer: ClusterNamer,
     port: int, labels: Mapping[str, str], namespace: str, gateway_routes: bool = False,
-    default_retries: Mapping[str, Any] | None = None, placement: str = "",
+    default_retries: Mapping[str, Any] | None = None, placement: str = "", gateway: str = "",
 ) -> list[dict[str, Any]]:
     """One `http[idx]` rule -> Envoy routes (one per applicable match).
 
@@ -190,6 +198,8 @@ def convert_http(
     for rules without `retries:`; None means istiod's built-in default.
     `placement` ("mesh" or "gateway", `l7fp split`): only the matches with
     that placement (placement_of); "" keeps every applicable match.
+    `gateway` (`NS/NAME`, xds_server.istio.gateway): the route table is that
+    Istio Gateway's; a match whose own `gateways:` does not name it is left out.
     """
     path = f"spec.http[{idx}]"
     rule = check_fields(w, obj, path, rule, HTTP_FIELDS)
@@ -203,6 +213,9 @@ def convert_http(
             if not match_applies(m or {}, port, labels, namespace, gateway_routes):
                 continue
             if placement and placement_of(m or {}, obj.spec.get("gateways")) != placement:
+                continue
+            if gateway and (m or {}).get("gateways") and \
+                    gateway not in gateway_refs(m["gateways"], obj.namespace):
                 continue
             route = {"name": str(rule.get("name") or f"{obj.name}.{obj.namespace}.{idx}"),
                      "match": convert_match(w, obj, f"{path}.match[{j}]", m or {})}

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from xds_server.node import parse_istio_id
 
 from . import authz, clusters, gateway_api, routes
 from .objects import MESH_CONFIG_FIELDS, Obj, ObjectSet, exported_to, mesh_config
@@ -60,9 +62,21 @@ def workload_of(mesh: Mesh, node_id: str) -> Workload:
     return Workload(name, ns, ip, {})
 
 
-def generate(mesh: Mesh, node_id: str) -> dict[str, list[dict[str, Any]]]:
-    """All resources for the sidecar `node_id` (Envoy JSON dicts by type URL)."""
+def generate(mesh: Mesh, node_id: str, labels: Mapping[str, str] | None = None
+             ) -> dict[str, list[dict[str, Any]]]:
+    """All resources for the proxy `node_id` (Envoy JSON dicts by type URL).
+
+    A router node (`router~...`, an Istio gateway) gets what the Gateways that
+    select it serve (xds_server.istio.gateway), never a sidecar's config.
+    `labels`: the proxy's own (node metadata LABELS), over the registry's.
+    """
     wl = workload_of(mesh, node_id)
+    if labels:
+        wl = replace(wl, labels={**wl.labels, **labels})
+    if parse_istio_id(node_id).get("type") == "router":
+        from .gateway import generate_router  # it builds on this module's parts
+
+        return generate_router(mesh, wl)
     services = visible_services(mesh, wl)
     out: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
     hash_policies: dict[str, list[dict[str, Any]]] = {}
@@ -144,11 +158,8 @@ def _for_mesh(mesh: Mesh, o: Obj) -> bool:
     if mesh.placement:
         return mesh.placement in routes.placements(o)
     gws = o.spec.get("gateways")
-    if gws and "mesh" not in gws and not mesh.gateway_routes:
-        mesh.objs.warnings.add(o, "spec.gateways", f"{list(gws)} only (no 'mesh'): applies to "
-                               "gateways, not sidecars; ignored")
-        return False
-    return True
+    # bound to gateways only: xds_server.istio.gateway serves it to them
+    return not gws or "mesh" in gws or mesh.gateway_routes
 
 
 def _vs_for(mesh: Mesh, svc: Service, client_ns: str) -> Obj | None:
@@ -181,10 +192,10 @@ def _route_config(mesh: Mesh, wl: Workload, services: list[Service], port: int,
         vs = _vs_for(mesh, svc, wl.namespace)
         if vs is None and mesh.policy_only:
             continue
-        rts = (_vs_routes(mesh, vs, wl, port) if vs is not None
+        rts = (vs_routes(mesh, vs, wl, port) if vs is not None
                else [_default_route(mesh, svc, port)])
         for r in rts:
-            _add_hash(r, hash_policies)
+            add_hash(r, hash_policies)
         vhosts.append({"name": f"{svc.hostname}:{port}", "domains": doms, "routes": rts,
                        "includeRequestAttemptCount": True})
     fallback = "BlackHoleCluster" if registry_only else "PassthroughCluster"
@@ -196,7 +207,11 @@ def _route_config(mesh: Mesh, wl: Workload, services: list[Service], port: int,
     return {"name": str(port), "virtualHosts": vhosts, "validateClusters": False}
 
 
-def _vs_routes(mesh: Mesh, vs: Obj, wl: Workload, port: int) -> list[dict[str, Any]]:
+def vs_routes(mesh: Mesh, vs: Obj, wl: Workload, port: int, gateway: str = ""
+              ) -> list[dict[str, Any]]:
+    """The Envoy routes of VirtualService `vs` for proxy `wl` on `port`; with
+    `gateway` (`NS/NAME`), those of that Istio Gateway's route table
+    (xds_server.istio.gateway), else a sidecar's."""
     def namer(host: str, subset: str, dport: int | None) -> str:
         svc = mesh.reg.resolve(host, vs.namespace)
         fq = svc.hostname if svc else mesh.reg.fqdn(host, vs.namespace)
@@ -208,8 +223,8 @@ def _vs_routes(mesh: Mesh, vs: Obj, wl: Workload, port: int) -> list[dict[str, A
     for i, rule in enumerate(vs.spec.get("http") or []):
         out += [routes.lift_header_ops(r) for r in
                 routes.convert_http(mesh.objs.warnings, vs, i, rule, namer, port, wl.labels,
-                                    wl.namespace, mesh.gateway_routes, mesh.default_retries,
-                                    mesh.placement)]
+                                    wl.namespace, mesh.gateway_routes or bool(gateway),
+                                    mesh.default_retries, mesh.placement, gateway)]
     for key in ("tcp", "tls"):
         if vs.spec.get(key):
             mesh.objs.warnings.add(vs, f"spec.{key}", "L4 routing is unsupported; ignored")
@@ -229,7 +244,7 @@ def _default_route(mesh: Mesh, svc: Service, port: int) -> dict[str, Any]:
     return {"name": "default", "match": {"prefix": "/"}, "route": ra}
 
 
-def _add_hash(route: dict[str, Any], hash_policies: Mapping[str, list[dict[str, Any]]]) -> None:
+def add_hash(route: dict[str, Any], hash_policies: Mapping[str, list[dict[str, Any]]]) -> None:
     ra = route.get("route") or {}
     if ra.get("cluster") in hash_policies:
         ra["hashPolicy"] = hash_policies[ra["cluster"]]
@@ -266,21 +281,27 @@ PATH_NORMALIZATION: dict[str, dict[str, Any]] = {
 }
 
 
-def _hcm(stat: str, route: dict[str, Any], extra: list[dict[str, Any]] | None = None,
-         normalization: str = "BASE") -> dict[str, Any]:
+def hcm(stat: str, route: dict[str, Any], extra: list[dict[str, Any]] | None = None,
+        normalization: str = "BASE", use_remote_address: bool = False) -> dict[str, Any]:
+    """The HttpConnectionManager filter istiod writes (`use_remote_address`:
+    true on a gateway, whose clients are outside the mesh)."""
     return {"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
         "@type": HCM_TYPE, "statPrefix": stat, **route, "httpFilters": _http_filters(extra or []),
-        "useRemoteAddress": False, "pathWithEscapedSlashesAction": "KEEP_UNCHANGED",
+        "useRemoteAddress": use_remote_address, "pathWithEscapedSlashesAction": "KEEP_UNCHANGED",
         **PATH_NORMALIZATION[normalization]}}
 
 
+def rds(name: str) -> dict[str, Any]:
+    """An HCM's `rds` over ADS for the route configuration `name`."""
+    return {"rds": {"routeConfigName": name,
+                    "configSource": {"ads": {}, "resourceApiVersion": "V3"}}}
+
+
 def _outbound_port_listener(port: int, normalization: str) -> dict[str, Any]:
-    rds = {"rds": {"routeConfigName": str(port),
-                   "configSource": {"ads": {}, "resourceApiVersion": "V3"}}}
-    return {"name": f"0.0.0.0_{port}", "address": _addr("0.0.0.0", port), "bindToPort": False,
+    return {"name": f"0.0.0.0_{port}", "address": addr("0.0.0.0", port), "bindToPort": False,
             "trafficDirection": "OUTBOUND",
-            "filterChains": [{"filters": [_hcm(f"outbound_0.0.0.0_{port}", rds,
-                                                normalization=normalization)]}]}
+            "filterChains": [{"filters": [hcm(f"outbound_0.0.0.0_{port}", rds(str(port)),
+                                               normalization=normalization)]}]}
 
 
 def _tcp_listeners(services: list[Service]) -> list[dict[str, Any]]:
@@ -289,7 +310,7 @@ def _tcp_listeners(services: list[Service]) -> list[dict[str, Any]]:
         for p in svc.ports:
             if p.is_http or not svc.vip:
                 continue
-            out.append({"name": f"{svc.vip}_{p.number}", "address": _addr(svc.vip, p.number),
+            out.append({"name": f"{svc.vip}_{p.number}", "address": addr(svc.vip, p.number),
                         "bindToPort": False, "trafficDirection": "OUTBOUND",
                         "filterChains": [{"filters": [_tcp_proxy(
                             clusters.cluster_name(p.number, "", svc.hostname))]}]})
@@ -304,7 +325,7 @@ def _tcp_proxy(cluster: str) -> dict[str, Any]:
 
 def _virtual_outbound(registry_only: bool, port: int) -> dict[str, Any]:
     fallback = "BlackHoleCluster" if registry_only else "PassthroughCluster"
-    return {"name": "virtualOutbound", "address": _addr("0.0.0.0", port),
+    return {"name": "virtualOutbound", "address": addr("0.0.0.0", port),
             "useOriginalDst": True, "trafficDirection": "OUTBOUND",
             "filterChains": [{"name": "virtualOutbound-catchall-tcp", "filters": [_tcp_proxy(fallback)]}]}
 
@@ -331,11 +352,11 @@ def _inbound(mesh: Mesh, wl: Workload) -> tuple[dict[str, Any], list[dict[str, A
         rc = {"routeConfig": {"name": name, "validateClusters": False, "virtualHosts": [{
             "name": f"inbound|http|{t}", "domains": ["*"], "routes": default}]}}
         chains.append({"name": f"0.0.0.0_{t}", "filterChainMatch": {"destinationPort": t},
-                       "filters": [_hcm(f"inbound_0.0.0.0_{t}", rc, rbac, mesh.path_normalization)]})
+                       "filters": [hcm(f"inbound_0.0.0.0_{t}", rc, rbac, mesh.path_normalization)]})
         cls.append({"name": name, "type": "STATIC", "connectTimeout": "10s",
                     "loadAssignment": {"clusterName": name, "endpoints": [{"lbEndpoints": [{
-                        "endpoint": {"address": _addr(mesh.inbound_address, t)}}]}]}})
-    listener = {"name": "virtualInbound", "address": _addr("0.0.0.0", mesh.inbound_port),
+                        "endpoint": {"address": addr(mesh.inbound_address, t)}}]}]}})
+    listener = {"name": "virtualInbound", "address": addr("0.0.0.0", mesh.inbound_port),
                 "trafficDirection": "INBOUND", "listenerFilters": [{
                     "name": "envoy.filters.listener.original_dst", "typedConfig": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.listener."
@@ -371,7 +392,7 @@ def _builtin_clusters() -> list[dict[str, Any]]:
             {"name": "BlackHoleCluster", "type": "STATIC", "connectTimeout": "10s"}]
 
 
-def _addr(ip: str, port: int) -> dict[str, Any]:
+def addr(ip: str, port: int) -> dict[str, Any]:
     return {"socketAddress": {"address": ip, "portValue": port}}
 
 
