@@ -4,7 +4,8 @@ Entry points (who calls what):
 
 * `load(policies, mesh_file=None, k8s=None)` -> `Mesh` (objects + registry);
   called by `xds_server.istio.source` (serve) and the split reader.
-* `generate(mesh, node_id)` -> Envoy JSON dicts by type URL for one sidecar.
+* `generate(mesh, node_id, labels)` -> Envoy JSON dicts by type URL for one
+  sidecar, or for one Istio gateway (`router~...`, xds_server.istio.gateway).
 * `messages.to_messages(...)` -> betterproto2 messages for the ADS server.
 
 Unsupported fields are reported in `mesh.objs.warnings`, one line each,
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import registry
+from . import gateway, registry
 from .objects import ObjectSet, load_path
 from .sidecar import Mesh, generate, mesh_from
 
@@ -36,6 +37,7 @@ def load(policies: str | Path, mesh_file: str | Path | None = None,
         reg = registry.from_k8s(objs)
     registry.add_service_entries(objs, reg)
     mesh = mesh_from(objs, reg, inbound_address)
+    gateway.check_gateways(mesh)
     mesh.outbound_port, mesh.inbound_port = capture_ports
     return mesh
 

@@ -1,7 +1,8 @@
 """`l7fp serve --policies DIR`: a config Source generating istiod-style sidecar xDS.
 
 Created by `xds_server.istio.serve_plugin.make_sources`; the XdsServer calls
-`resources_for(node)` for every connected sidecar. Owns the loaded `Mesh`
+`resources_for(node)` for every connected proxy (sidecars, and Istio gateways:
+`router~...` node ids get their Gateways' listeners, xds_server.istio.gateway). Owns the loaded `Mesh`
 (policies + registry) and reloads it when a watched file changes. A policy
 directory that does not load keeps the previous good config serving; the
 error is logged once and shown on /debug/adsz.
@@ -113,7 +114,7 @@ class IstioSource(Source):
         hit = self._cache.get(node.id)
         if hit is not None:
             return hit
-        dicts = generate(self.mesh, node.id)
+        dicts = generate(self.mesh, node.id, _labels(node))
         if len(self._messages) > 100_000:  # endpoints learnt one by one leave stale entries
             self._messages = {}
         msgs = to_messages(dicts, self._messages)
@@ -128,9 +129,8 @@ class IstioSource(Source):
         ist = node.istio
         if not ist or self.mesh is None:
             return
-        labels = node.metadata.get("LABELS") or node.metadata.get("labels") or {}
-        labels = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
-        if self.mesh.reg.learn(ist.get("pod", ""), ist.get("namespace", ""), ist.get("ip", ""), labels):
+        if self.mesh.reg.learn(ist.get("pod", ""), ist.get("namespace", ""), ist.get("ip", ""),
+                               _labels(node)):
             self._cache.clear()
             self.generation += 1
             try:  # push the news to every sidecar after this rebuild
@@ -144,3 +144,9 @@ class IstioSource(Source):
                 "k8s": self.k8s, "generation": self.generation, "error": self.error,
                 "objects": mesh.objs.count() if mesh else 0,
                 "warnings": list(mesh.objs.warnings) if mesh else []}
+
+
+def _labels(node: NodeInfo) -> dict[str, str]:
+    """The proxy's labels from its node metadata `LABELS`, as Istio's proxies send them."""
+    labels = node.metadata.get("LABELS") or node.metadata.get("labels") or {}
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}

@@ -1,0 +1,256 @@
+"""Istio ingress gateways (router nodes): what istiod gives a `router~...` proxy.
+
+`generate_router(mesh, wl)` is called by `xds_server.istio.sidecar.generate`
+for a node id of type `router`; `check_gateways(mesh)` by `mesh_from` (so
+`l7fp istio check` and the serve status show what is not served).
+
+Shape (istiod's gateway listeners): the Istio `Gateway` objects (networking.
+istio.io, any version, any namespace) whose `spec.selector` matches the
+proxy's labels give one listener `0.0.0.0_PORT` per distinct port of their
+HTTP / HTTP2 / GRPC servers, bound to 0.0.0.0:PORT (PORT: the target port of
+the gateway's own Service when the registry has one with that port, else
+the server's port), an HCM with `use_remote_address: true` and RDS
+`http.PORT`; that route table has one virtual host per host a VirtualService
+bound to the Gateway shares with the server's `hosts`. The routes are the
+sidecars' (`sidecar.vs_routes`), the clusters and endpoints those routes name
+are the sidecars' outbound ones (`clusters.service_clusters`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import clusters
+from .objects import Obj, as_list, check_fields, exported_to
+from .registry import Workload
+from .routes import gateway_refs
+from .sidecar import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    Mesh,
+    add_hash,
+    addr,
+    hcm,
+    rds,
+    visible_services,
+    vs_routes,
+)
+
+log = logging.getLogger(__name__)
+
+ISTIO_GROUP = "networking.istio.io"
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
+SERVER_FIELDS = {"port", "hosts", "tls", "name", "bind", "defaultEndpoint"}
+
+
+@dataclass(frozen=True)
+class Server:
+    """One HTTP server of a Gateway that L7FP serves."""
+
+    gateway: Obj
+    port: int  # the Gateway's server port (virtual host names; VirtualService match.port)
+    hosts: tuple[str, ...]  # as written: `host`, `ns/host`, `./host`, `*`
+    https_redirect: bool  # tls.httpsRedirect: answer 301 to https
+
+    @property
+    def ref(self) -> str:
+        return f"{self.gateway.namespace}/{self.gateway.name}"
+
+
+def istio_gateways(mesh: Mesh) -> list[Obj]:
+    """The Istio `Gateway` objects (not Gateway API's, which share the kind)."""
+    return [o for o in mesh.objs.of("Gateway")
+            if str(o.raw.get("apiVersion") or "").startswith(ISTIO_GROUP + "/")]
+
+
+def servers(mesh: Mesh, gw: Obj) -> list[Server]:
+    """The servers of `gw` L7FP serves; each other one gets a warning naming
+    the Gateway, the server (port and name) and why."""
+    w = mesh.objs.warnings
+    check_fields(w, gw, "spec", gw.spec, {"selector", "servers"})
+    out = []
+    for i, raw in enumerate(as_list(w, gw, "spec.servers", gw.spec.get("servers"))):
+        path = f"spec.servers[{i}]"
+        srv = check_fields(w, gw, path, raw, SERVER_FIELDS)
+        port = check_fields(w, gw, f"{path}.port", srv.get("port"),
+                            {"number", "name", "protocol", "targetPort"})
+        which = f"{path} (port {port.get('number')}, {port.get('name') or 'no name'})"
+        protocol = str(port.get("protocol") or "").upper()
+        tls = check_fields(w, gw, f"{path}.tls", srv.get("tls"), {
+            "httpsRedirect", "mode", "credentialName", "serverCertificate", "privateKey",
+            "caCertificates", "subjectAltNames", "minProtocolVersion", "maxProtocolVersion",
+            "cipherSuites", "credentialNames", "verifyCertificateSpki", "verifyCertificateHash"})
+        why = _not_served(protocol, tls)
+        if why:
+            w.add(gw, which, f"{why}; server not served")
+            continue
+        for key in ("bind", "defaultEndpoint"):
+            if key in srv:
+                w.add(gw, f"{path}.{key}", "unsupported; the server listens on 0.0.0.0")
+        hosts = tuple(str(h) for h in as_list(w, gw, f"{path}.hosts", srv.get("hosts")))
+        if not hosts or "number" not in port:
+            w.add(gw, which, "no hosts or no port number; server not served")
+            continue
+        out.append(Server(gw, int(port["number"]), hosts, bool(tls.get("httpsRedirect"))))
+    return out
+
+
+def _not_served(protocol: str, tls: Any) -> str:
+    """Why L7FP cannot serve a server of this protocol and tls block, or ""."""
+    mode = str(tls.get("mode") or "").upper()
+    if protocol in ("HTTPS", "TLS") or mode not in ("", "DISABLE"):
+        if mode in ("PASSTHROUGH", "AUTO_PASSTHROUGH") or protocol == "TLS" and not mode:
+            return f"protocol {protocol} with TLS passthrough: L4 (SNI) routing is not implemented"
+        what = f"credentialName {tls['credentialName']!r}" if tls.get("credentialName") else \
+            "certificate files" if tls.get("serverCertificate") else "no certificate"
+        return (f"protocol {protocol or 'HTTP'} terminates TLS ({mode or 'SIMPLE'}, {what}): "
+                "no Kubernetes secret source (SDS) in L7FP")
+    if protocol not in HTTP_PROTOCOLS:
+        return f"protocol {protocol or '(none)'}: only HTTP, HTTP2 and GRPC servers are served"
+    return ""
+
+
+def check_gateways(mesh: Mesh) -> None:
+    """Warn once per load about every Istio Gateway server L7FP does not serve,
+    and every VirtualService gateway name that no Istio Gateway has."""
+    known = set()
+    for gw in istio_gateways(mesh):
+        servers(mesh, gw)
+        known.add(f"{gw.namespace}/{gw.name}")
+    for vs in mesh.objs.of("VirtualService"):
+        for ref in sorted(gateway_refs(vs.spec.get("gateways"), vs.namespace) - {"mesh"} - known):
+            mesh.objs.warnings.add(vs, "spec.gateways", f"{ref!r} is no Istio Gateway of the "
+                                   "policies; nothing serves this VirtualService there")
+
+
+def _selects(gw: Obj, labels: dict[str, str]) -> bool:
+    sel = gw.spec.get("selector") or {}
+    return all(labels.get(str(k)) == str(v) for k, v in sel.items())
+
+
+def generate_router(mesh: Mesh, wl: Workload) -> dict[str, list[dict[str, Any]]]:
+    """The resources of the gateway proxy `wl` (its labels: the node's LABELS)."""
+    out: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
+    labels = dict(wl.labels)
+    by_port: dict[int, list[Server]] = {}
+    for gw in istio_gateways(mesh):
+        if _selects(gw, labels):
+            for srv in servers(mesh, gw):
+                by_port.setdefault(_listen_port(mesh, wl, srv.port), []).append(srv)
+    if not by_port:
+        log.info("router %s.%s (labels %s): no Istio Gateway selects it; no listeners",
+                 wl.name, wl.namespace, labels)
+        return out
+    hash_policies: dict[str, list[dict[str, Any]]] = {}
+    all_clusters, all_cla = [], []
+    for svc in visible_services(mesh, wl):
+        cs, cla = clusters.service_clusters(mesh.objs, mesh.reg, svc, wl.namespace, hash_policies)
+        all_clusters += cs
+        all_cla += cla
+    for port, srvs in sorted(by_port.items()):
+        rc = _route_config(mesh, wl, port, srvs)
+        for vh in rc["virtualHosts"]:
+            for r in vh["routes"]:
+                add_hash(r, hash_policies)
+        out[ROUTE].append(rc)
+        out[LISTENER].append({
+            "name": f"0.0.0.0_{port}", "address": addr("0.0.0.0", port),
+            "trafficDirection": "OUTBOUND", "filterChains": [{"filters": [hcm(
+                f"outbound_0.0.0.0_{port}", rds(f"http.{port}"),
+                normalization=mesh.path_normalization, use_remote_address=True)]}]})
+    named = {c for rc in out[ROUTE] for vh in rc["virtualHosts"] for r in vh["routes"]
+             for c in _clusters_of(r)}
+    out[CLUSTER] = [c for c in all_clusters if c["name"] in named]
+    out[ENDPOINT] = [c for c in all_cla if c["clusterName"] in named]
+    return out
+
+
+def _listen_port(mesh: Mesh, wl: Workload, port: int) -> int:
+    """istiod binds a server to the target port of the gateway's own Service
+    (one whose endpoints include the gateway pod) for that port, if any."""
+    for svc in mesh.reg.services.values():
+        p = svc.port(port)
+        if p is not None and p.target and any(e.ip == wl.ip for e in svc.endpoints if wl.ip):
+            return p.target
+    return port
+
+
+def _route_config(mesh: Mesh, wl: Workload, port: int, srvs: list[Server]) -> dict[str, Any]:
+    """Route table `http.PORT`: a virtual host per host a bound VirtualService
+    shares with a server; routes of one host from several VirtualServices
+    follow each other in file order."""
+    vhosts: dict[str, dict[str, Any]] = {}
+    done: set[tuple[str, str]] = set()
+    for srv in srvs:
+        for vs, host in _bound_hosts(mesh, wl, srv):
+            if (vs.ref, host) in done:  # two servers of the port allow the same host
+                continue
+            done.add((vs.ref, host))
+            vh = vhosts.get(host)
+            if vh is None:
+                vh = vhosts[host] = {"name": f"{host}:{srv.port}",
+                                     "domains": [host] if host == "*" else [host, f"{host}:*"],
+                                     "routes": [], "includeRequestAttemptCount": True}
+                if srv.https_redirect:
+                    vh["requireTls"] = "ALL"
+            vh["routes"] += vs_routes(mesh, vs, wl, srv.port, gateway=srv.ref)
+    hosts = [vh for vh in vhosts.values() if vh["routes"]]
+    if not hosts:  # istiod: a route table with no host answers 404 to everything
+        hosts = [{"name": f"blackhole:{port}", "domains": ["*"], "routes": [{
+            "name": "default", "match": {"prefix": "/"}, "directResponse": {"status": 404}}]}]
+    return {"name": f"http.{port}", "virtualHosts": hosts, "validateClusters": False}
+
+
+def _bound_hosts(mesh: Mesh, wl: Workload, srv: Server) -> Iterator[tuple[Obj, str]]:
+    """(VirtualService, host) for each VirtualService bound to the server's
+    Gateway and visible from the gateway's namespace, and each of its hosts the
+    server allows (the narrower of the two names when one is a wildcard)."""
+    for vs in mesh.objs.of("VirtualService"):
+        if srv.ref not in gateway_refs(vs.spec.get("gateways"), vs.namespace):
+            continue
+        if not exported_to(vs, wl.namespace):
+            continue
+        for h in vs.spec.get("hosts") or []:
+            host = allowed_host(mesh.reg.fqdn(str(h), vs.namespace), vs.namespace, srv)
+            if host:
+                yield vs, host
+
+
+def allowed_host(host: str, vs_namespace: str, srv: Server) -> str:
+    """The name under which the server serves the VirtualService host `host`
+    (of a VirtualService in `vs_namespace`), or "" when its hosts do not allow
+    it. A server host `NS/HOST` admits VirtualServices of NS only (`.`: the
+    Gateway's namespace, `*`: any); a bare HOST is `*/HOST`."""
+    for entry in srv.hosts:
+        ns, _, name = entry.rpartition("/")
+        ns = srv.gateway.namespace if ns == "." else ns or "*"
+        if ns not in ("*", vs_namespace):
+            continue
+        if _within(host, name):
+            return host
+        if _within(name, host):
+            return name
+    return ""
+
+
+def _within(host: str, pattern: str) -> bool:
+    """Is every name `host` stands for also one `pattern` stands for? (`*` and
+    `*.suffix` wildcards, as Istio's host matching)"""
+    if pattern == "*" or host == pattern:
+        return True
+    return pattern.startswith("*.") and (host.endswith(pattern[1:]) and host != pattern[1:])
+
+
+def _clusters_of(route: dict[str, Any]) -> Iterator[str]:
+    ra = route.get("route") or {}
+    if ra.get("cluster"):
+        yield ra["cluster"]
+    for c in (ra.get("weightedClusters") or {}).get("clusters") or []:
+        yield c["name"]
+    for m in ra.get("requestMirrorPolicies") or []:
+        yield m["cluster"]
