@@ -19,8 +19,10 @@ check:  read Istio / Gateway API YAML (and the services of --mesh-file / --k8s),
         generate every known pod's sidecar config, print one line per untranslated
         field: `KIND NS/NAME: field.path: problem`. Exit 0 when there is none, 1
         when there are warnings, 2 when a file does not load.
-config: print the Envoy resources (JSON, by type URL) the sidecar NODE_ID gets,
-        the same as `l7fp serve --policies` serves before the split.
+        Istio Gateways' servers L7FP does not serve (HTTPS, TLS, TCP) are among them.
+config: print the Envoy resources (JSON, by type URL) the proxy NODE_ID gets,
+        the same as `l7fp serve --policies` serves before the split; a gateway
+        (router~...) with --labels (its pod's, e.g. istio=ingressgateway).
 """
 
 
@@ -37,12 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sp.add_argument("--k8s", metavar="DIR", help="Kubernetes Service/EndpointSlice/Pod YAML")
         if name == "config":
             sp.add_argument("--node", required=True, metavar="NODE_ID",
-                            help="sidecar~IP~POD.NS~NS.svc.cluster.local")
+                            help="sidecar~IP~POD.NS~NS.svc.cluster.local (or router~...)")
+            sp.add_argument("--labels", default="", metavar="K=V,...",
+                            help="the proxy's labels, as its node metadata LABELS says them")
         sp.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from . import generate, load
+    from .gateway import istio_gateways
     from .serve_plugin import flag_of
 
     # The importer logs each warning as it goes; `check` prints each of them as its
@@ -65,8 +70,9 @@ def main(args: argparse.Namespace) -> int:
         if unknown:
             print(f"l7fp istio: {unknown}", file=sys.stderr)
             return 1
+        labels = dict(kv.split("=", 1) for kv in args.labels.split(",") if "=" in kv)
         try:
-            json.dump(generate(mesh, args.node), sys.stdout, indent=1)
+            json.dump(generate(mesh, args.node, labels), sys.stdout, indent=1)
             sys.stdout.write("\n")
         except BrokenPipeError:  # `| head`
             pass
@@ -75,6 +81,9 @@ def main(args: argparse.Namespace) -> int:
         "sidecar~198.18.254.1~l7fp-check.default~default.svc.cluster.local"]
     for node in nodes:  # warnings of per-proxy parts (routes, RBAC) appear while generating
         generate(mesh, node)
+    for gw in istio_gateways(mesh):  # a gateway its selector picks: its bound routes' warnings
+        generate(mesh, f"router~0.0.0.0~{gw.name}.{gw.namespace}~{gw.namespace}.svc.cluster.local",
+                 {str(k): str(v) for k, v in (gw.spec.get("selector") or {}).items()})
     _unrouted_hosts(mesh)
     for line in mesh.objs.warnings:
         print(line)
