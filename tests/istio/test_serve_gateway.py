@@ -135,3 +135,6 @@ async def test_gateway_routes_bound_virtual_services(setup: dict[str, Any], tmp_
     (proxy,) = [p for p in await cp.get_json("/debug/syncz") if p["proxy"] == ROUTER]
     assert not any(t["last_nack_error"] for t in proxy["types"].values()), proxy["types"]
     assert router.proc is not None and router.proc.poll() is None
+    # the servers not served are said where the importer's warnings are
+    (src,) = [s for s in (await cp.get_json("/debug/adsz"))["sources"] if s["name"] == "istio"]
+    assert sum(x.startswith("Gateway default/shop-gw: spec.servers[") for x in src["warnings"]) == 3

@@ -1,7 +1,7 @@
 """Istio ingress gateways (router nodes): what istiod gives a `router~...` proxy.
 
 `generate_router(mesh, wl)` is called by `xds_server.istio.sidecar.generate`
-for a node id of type `router`; `check_gateways(mesh)` by `mesh_from` (so
+for a node id of type `router`; `check_gateways(mesh)` by `istio.load` (so
 `l7fp istio check` and the serve status show what is not served).
 
 Shape (istiod's gateway listeners): the Istio `Gateway` objects (networking.

@@ -67,16 +67,16 @@ def generate(mesh: Mesh, node_id: str, labels: Mapping[str, str] | None = None
     """All resources for the proxy `node_id` (Envoy JSON dicts by type URL).
 
     A router node (`router~...`, an Istio gateway) gets what the Gateways that
-    select it serve (xds_server.istio.gateway), never a sidecar's config.
-    `labels`: the proxy's own (node metadata LABELS), over the registry's.
+    select it serve (xds_server.istio.gateway), never a sidecar's config;
+    `labels` are its own (node metadata LABELS), over the registry's. A
+    sidecar's labels are the registry's (which learns them as sidecars
+    connect: source.IstioSource._learn).
     """
     wl = workload_of(mesh, node_id)
-    if labels:
-        wl = replace(wl, labels={**wl.labels, **labels})
     if parse_istio_id(node_id).get("type") == "router":
         from .gateway import generate_router  # it builds on this module's parts
 
-        return generate_router(mesh, wl)
+        return generate_router(mesh, replace(wl, labels={**wl.labels, **(labels or {})}))
     services = visible_services(mesh, wl)
     out: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
     hash_policies: dict[str, list[dict[str, Any]]] = {}
