@@ -71,16 +71,18 @@ def test_check_and_config_of_an_istio_gateway() -> None:
     """`check` says which Gateway servers are not served; `config` prints a
     router node's listeners when given the labels its Gateway selects."""
     gw = HERE / "gateway"
-    args = [str(gw / "policies.yaml"), "--mesh-file", str(gw / "mesh.yaml")]
+    args = [str(gw / "policies"), "--mesh-file", str(gw / "mesh.yaml")]
     r = l7fp("istio", "check", *args)
     assert r.returncode == 1
-    assert [line.split(":")[1].strip() for line in r.stdout.splitlines()
-            if line.startswith("Gateway ")] == ["spec.servers[1] (port 8443, https)",
-                                                "spec.servers[2] (port 9443, tls-pass)",
-                                                "spec.servers[3] (port 5432, tcp-db)"]
+    assert [line.split(":")[:2] for line in r.stdout.splitlines() if line.startswith("Gateway ")] == [
+        ["Gateway default/shop-gw", " spec.servers[1] (port 8443, https)"],
+        ["Gateway default/shop-gw", " spec.servers[2] (port 9443, tls-pass)"],
+        ["Gateway default/shop-gw", " spec.servers[3] (port 5432, tcp-db)"],
+        ["Gateway istio-system/edge", " spec.listeners[1] (port 8444, https)"]]
     node = "router~198.18.0.130~gw-1.istio-system~istio-system.svc.cluster.local"
-    r = l7fp("istio", "config", *args, "--node", node, "--labels", "istio=ingressgateway")
+    r = l7fp("istio", "config", *args, "--node", node, "--labels",
+             "istio=ingressgateway,gateway.networking.k8s.io/gateway-name=edge")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [x["name"] for x in out["type.googleapis.com/envoy.config.listener.v3.Listener"]] == [
-        "0.0.0.0_8080"]
+        "0.0.0.0_8080", "0.0.0.0_8081"]

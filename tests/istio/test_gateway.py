@@ -1,9 +1,9 @@
-"""What a router node (an Istio ingress gateway) gets from the importer.
+"""What a router node (an ingress gateway) gets from the importer.
 
 The Gateway's listener and route shape, which VirtualService hosts a server
-allows, match-level `gateways`, the gateway Service's targetPort, and the
-warnings for servers L7FP does not serve. Behaviour with a real Envoy over
-`l7fp serve`: test_serve_gateway.py.
+allows, match-level `gateways`, the gateway Service's targetPort, Gateway
+API Gateways and their HTTPRoutes, and the warnings for servers L7FP does not
+serve. Behaviour with a real Envoy over `l7fp serve`: test_serve_gateway.py.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from xds_server.istio.sidecar import CLUSTER, ENDPOINT, LISTENER, ROUTE, Mesh
 HERE = Path(__file__).parent / "gateway"
 ROUTER = "router~198.18.0.130~istio-ingressgateway-1.istio-system~istio-system.svc.cluster.local"
 GW_LABELS = {"istio": "ingressgateway"}
+API_LABEL = "gateway.networking.k8s.io/gateway-name"
 WEB = "web.default.svc.cluster.local"
 
 
 @pytest.fixture
 def mesh() -> Mesh:
-    return istio.load(HERE / "policies.yaml", mesh_file=HERE / "mesh.yaml")
+    return istio.load(HERE / "policies", mesh_file=HERE / "mesh.yaml")
 
 
 def _hcm(listener: dict[str, Any]) -> dict[str, Any]:
@@ -88,8 +89,11 @@ def test_sidecar_gets_no_gateway_listener_nor_gateway_only_route(mesh: Mesh) -> 
 def test_router_selected_by_no_gateway_gets_nothing(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, "xds_server.istio.gateway"):
         res = istio.generate(mesh, ROUTER, {"istio": "egressgateway"})
+        # a Gateway API Gateway's label, but the Gateway is in another namespace
+        other_ns = ROUTER.replace("istio-system", "default")
+        assert istio.generate(mesh, other_ns, {API_LABEL: "edge"}) == res
     assert res == {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
-    assert "no Istio Gateway selects it; no listeners" in caplog.text
+    assert "no Gateway selects it; no listeners" in caplog.text
 
 
 def test_servers_not_served_are_warned_at_load(mesh: Mesh) -> None:
@@ -101,7 +105,10 @@ def test_servers_not_served_are_warned_at_load(mesh: Mesh) -> None:
         "Gateway default/shop-gw: spec.servers[2] (port 9443, tls-pass): protocol TLS with TLS "
         "passthrough: L4 (SNI) routing is not implemented; server not served",
         "Gateway default/shop-gw: spec.servers[3] (port 5432, tcp-db): protocol TCP: only HTTP, "
-        "HTTP2 and GRPC servers are served; server not served"]
+        "HTTP2 and GRPC servers are served; server not served",
+        "Gateway istio-system/edge: spec.listeners[1] (port 8444, https): protocol HTTPS "
+        "terminates TLS (certificateRefs): no Kubernetes secret source (SDS) in L7FP; listener "
+        "not served"]
 
 
 def _server(*hosts: str) -> Server:
@@ -193,6 +200,11 @@ def test_gateway_api_gateway_is_not_an_istio_gateway() -> None:
                 {"name": "http", "port": 80, "protocol": "HTTP"}]}}
     res = istio.generate(_mesh([gapi]), ROUTER, GW_LABELS)
     assert res[LISTENER] == []
+    other = {**gapi, "spec": {**gapi["spec"], "gatewayClassName": "cilium"}}  # type: ignore[dict-item]
+    mesh = _mesh([other])
+    assert istio.generate(mesh, ROUTER, {API_LABEL: "edge"})[LISTENER] == []
+    assert ("Gateway istio-system/edge: spec.gatewayClassName: 'cilium' is not 'istio': another "
+            "controller's Gateway; not served") in mesh.objs.warnings
 
 
 def test_https_redirect_requires_tls() -> None:
@@ -203,3 +215,43 @@ def test_https_redirect_requires_tls() -> None:
     (vh,) = _vhosts(istio.generate(mesh, ROUTER, GW_LABELS), "http.8080").values()
     assert vh["requireTls"] == "ALL"
     assert not [x for x in mesh.objs.warnings if x.startswith("Gateway ")]
+
+
+def test_gateway_api_gateway_and_its_httproutes(mesh: Mesh) -> None:
+    """The Gateway API Gateway `edge` (gatewayClassName istio) selects the
+    gateway istiod deploys for it (label gateway-name, same namespace); its
+    HTTP listener serves the HTTPRoute hostnames its hostname allows."""
+    res = istio.generate(mesh, ROUTER, {API_LABEL: "edge"})
+    (lis,) = res[LISTENER]
+    assert lis["name"] == "0.0.0.0_8081" and _hcm(lis)["useRemoteAddress"] is True
+    vhosts = _vhosts(res, "http.8081")
+    assert list(vhosts) == ["www.shop.example.org:8081"]  # other.example.org: not *.shop.example.org
+    api, web = vhosts["www.shop.example.org:8081"]["routes"]
+    assert api["match"] == {"pathSeparatedPrefix": "/api"}
+    assert api["route"]["cluster"] == "outbound|9080||api.default.svc.cluster.local"
+    assert web["route"]["cluster"] == f"outbound|9080||{WEB}"
+    assert {c["name"] for c in res[CLUSTER]} == {"outbound|9080||api.default.svc.cluster.local",
+                                                 f"outbound|9080||{WEB}"}
+
+
+@pytest.mark.parametrize(("ref", "served"), [
+    ({"name": "edge"}, True),  # the route's namespace
+    ({"name": "edge", "sectionName": "http"}, True),
+    ({"name": "edge", "sectionName": "other"}, False),
+    ({"name": "edge", "port": 80}, True),
+    ({"name": "edge", "port": 81}, False),
+    ({"name": "edge", "namespace": "team"}, False),
+    ({"name": "edge", "kind": "Service"}, False),  # GAMMA: the sidecars' route
+])
+def test_httproute_attaches_to_a_listener(ref: dict[str, Any], served: bool) -> None:
+    gw = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+          "metadata": {"name": "edge", "namespace": "istio-system"},
+          "spec": {"gatewayClassName": "istio", "listeners": [
+              {"name": "http", "port": 80, "protocol": "HTTP"}]}}
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "r", "namespace": "istio-system"},
+             "spec": {"parentRefs": [ref], "rules": [{"backendRefs": [
+                 {"name": "web", "namespace": "default", "port": 9080}]}]}}
+    mesh = _mesh([gw, route])
+    (vh,) = _vhosts(istio.generate(mesh, ROUTER, {API_LABEL: "edge"}), "http.8080").values()
+    assert (vh["name"] == "*:80") is served  # else istiod's 404 for every host

@@ -1,11 +1,12 @@
-"""`l7fp serve --policies` serving an Istio ingress gateway (a router node) to a real Envoy.
+"""`l7fp serve --policies` serving an ingress gateway (a router node) to a real Envoy.
 
-One `l7fp serve` with the policies of tests/istio/gateway/ (a Gateway, two
-VirtualServices bound to it, one bound to the mesh) serves a real Envoy
-started as a router node (`router~...`, LABELS `istio: ingressgateway`) and
-a sidecar; loopback backends answer with their pod name. Requests go to the
-gateway's listener with Host headers. The generation's shape and warnings are
-tested in test_gateway.py.
+One `l7fp serve` with the policies of tests/istio/gateway/policies (an Istio
+Gateway, two VirtualServices bound to it, one bound to the mesh; a Gateway
+API Gateway with an HTTPRoute) serves a real Envoy started as a router node
+(`router~...`, LABELS selecting both Gateways) and a sidecar; loopback
+backends answer with their pod name. Requests go to the gateway's listeners
+with Host headers. The generation's shape and warnings are tested in
+test_gateway.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from xds_server import istio
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 HERE = Path(__file__).parent / "gateway"
 ROUTER = "router~127.0.0.130~istio-ingressgateway-1.istio-system~istio-system.svc.cluster.local"
+ROUTER_LABELS = {"istio": "ingressgateway", "gateway.networking.k8s.io/gateway-name": "edge"}
 SIDECAR = "sidecar~127.0.0.121~web-v1.default~default.svc.cluster.local"
 PODS = {"web-v1": "127.0.0.121", "web-v2": "127.0.0.122", "api-v1": "127.0.0.123"}
 
@@ -34,11 +36,17 @@ PODS = {"web-v1": "127.0.0.121", "web-v2": "127.0.0.122", "api-v1": "127.0.0.123
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """Policies and mesh file on picked ports; the backends listening there."""
-    gw_port, web_port, api_port = pick_free_port(), pick_free_port(), pick_free_port()
+    gw_port, api_gw_port = pick_free_port(), pick_free_port()
+    web_port, api_port = pick_free_port(), pick_free_port()
     pol = tmp_path / "policies"
     pol.mkdir()
-    (pol / "policies.yaml").write_text((HERE / "policies.yaml").read_text()
-                                       .replace("number: 8080", f"number: {gw_port}"))
+    (pol / "istio.yaml").write_text((HERE / "policies" / "istio.yaml").read_text()
+                                    .replace("number: 8080", f"number: {gw_port}"))
+    (pol / "gateway-api.yaml").write_text(
+        (HERE / "policies" / "gateway-api.yaml").read_text()
+        .replace("port: 8081", f"port: {api_gw_port}")
+        .replace("{name: api, port: 9080}", f"{{name: api, port: {api_port}}}")
+        .replace("{name: web, port: 9080}", f"{{name: web, port: {web_port}}}"))
     mesh = (HERE / "mesh.yaml").read_text().replace(
         "name: web, ports: [{port: 9080", f"name: web, ports: [{{port: {web_port}").replace(
         "name: api, ports: [{port: 9080", f"name: api, ports: [{{port: {api_port}")
@@ -47,15 +55,17 @@ def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     try:
         for pod, ip in PODS.items():
             started.append(Backend(pod, ip, api_port if pod.startswith("api") else web_port))
-        yield {"policies": pol, "mesh": tmp_path / "mesh.yaml", "gw_port": gw_port}
+        yield {"policies": pol, "mesh": tmp_path / "mesh.yaml", "gw_port": gw_port,
+               "api_gw_port": api_gw_port}
     finally:
         for b in started:
             b.close()
 
 
-async def _get(port: int, host: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+async def _get(port: int, host: str, headers: dict[str, str] | None = None,
+               path: str = "/") -> tuple[int, str]:
     async with aiohttp.ClientSession() as s, s.get(
-            f"http://127.0.0.1:{port}/", headers={"Host": host, **(headers or {})},
+            f"http://127.0.0.1:{port}{path}", headers={"Host": host, **(headers or {})},
             timeout=aiohttp.ClientTimeout(total=10)) as r:
         return r.status, await r.text()
 
@@ -82,7 +92,7 @@ async def test_gateway_routes_bound_virtual_services(setup: dict[str, Any], tmp_
                                       str(setup["mesh"]), "--capture-ports", ports])
     await cp.wait_ready()
     gw = setup["gw_port"]
-    router = new_envoy(envoys, envoy_bin, cp.xds_port, ROUTER, {"LABELS": {"istio": "ingressgateway"}})
+    router = new_envoy(envoys, envoy_bin, cp.xds_port, ROUTER, {"LABELS": ROUTER_LABELS})
     sidecar = new_envoy(envoys, envoy_bin, cp.xds_port, SIDECAR,
                         {"LABELS": {"app": "web", "version": "v1"}})
 
@@ -103,6 +113,19 @@ async def test_gateway_routes_bound_virtual_services(setup: dict[str, Any], tmp_
     for host in ("blocked.example.com", "mesh-only.example.com", "web"):
         code, _ = await _get(gw, host)
         assert code == 404, host  # Envoy's: no virtual host matches
+    # The Gateway API Gateway's HTTP listener and its HTTPRoute (PathPrefix /api, then web)
+    api_gw = setup["api_gw_port"]
+
+    async def store_answers() -> bool:  # a listener of its own: it may warm after the first
+        try:
+            return await _get(api_gw, "www.shop.example.org", path="/api/x") == (200, "api-v1 /api/x")
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(store_answers, 30)
+    code, text = await _get(api_gw, "www.shop.example.org", path="/apix")
+    assert code == 200 and text in ("web-v1 /apix", "web-v2 /apix")
+    assert (await _get(api_gw, "other.example.org"))[0] == 404  # not in *.shop.example.org
 
     # The sidecar on the same server gets exactly its own config.
     mesh = istio.load(setup["policies"], mesh_file=setup["mesh"])
@@ -120,11 +143,12 @@ async def test_gateway_routes_bound_virtual_services(setup: dict[str, Any], tmp_
     await wait_for(sidecar_has_all, 60)
     text = json.dumps(await sidecar.config_dump())
     assert f"0.0.0.0_{gw}" not in text and "shop.example.com" not in text
+    assert f"0.0.0.0_{api_gw}" not in text and "shop.example.org" not in text
     assert "http." not in " ".join(want_names["routes"])
 
     # A policy edit reaches the gateway over xDS: jason now goes to v1.
-    text = (setup["policies"] / "policies.yaml").read_text()
-    (setup["policies"] / "policies.yaml").write_text(
+    text = (setup["policies"] / "istio.yaml").read_text()
+    (setup["policies"] / "istio.yaml").write_text(
         text.replace("route: [{destination: {host: web, subset: v2}}]",
                      "route: [{destination: {host: web, subset: v1}}]", 1))
 

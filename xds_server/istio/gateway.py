@@ -1,4 +1,4 @@
-"""Istio ingress gateways (router nodes): what istiod gives a `router~...` proxy.
+"""Ingress gateways (router nodes): what istiod gives a `router~...` proxy.
 
 `generate_router(mesh, wl)` is called by `xds_server.istio.sidecar.generate`
 for a node id of type `router`; `check_gateways(mesh)` by `istio.load` (so
@@ -14,6 +14,13 @@ the server's port), an HCM with `use_remote_address: true` and RDS
 bound to the Gateway shares with the server's `hosts`. The routes are the
 sidecars' (`sidecar.vs_routes`), the clusters and endpoints those routes name
 are the sidecars' outbound ones (`clusters.service_clusters`).
+
+A Gateway API `Gateway` (`gatewayClassName: istio`) is served the same way to
+the gateway istiod deploys for it (label `gateway.networking.k8s.io/gateway-name`,
+same namespace): each HTTP listener is a server whose hosts are the
+listener's `hostname` (routes of the Gateway's namespace, or of any with
+`allowedRoutes.namespaces.from: All`), and the HTTPRoutes / GRPCRoutes
+attached to it (`gateway_api.attached_routes`) are its VirtualServices.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import clusters
+from . import clusters, gateway_api
 from .objects import Obj, as_list, check_fields, exported_to
 from .registry import Workload
 from .routes import gateway_refs
@@ -44,18 +51,23 @@ from .sidecar import (
 log = logging.getLogger(__name__)
 
 ISTIO_GROUP = "networking.istio.io"
+# the label of the pods istiod deploys for a Gateway API Gateway (older Istio: the second)
+API_GATEWAY_LABEL, OLD_API_GATEWAY_LABEL = ("gateway.networking.k8s.io/gateway-name",
+                                            "istio.io/gateway-name")
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
 SERVER_FIELDS = {"port", "hosts", "tls", "name", "bind", "defaultEndpoint"}
 
 
 @dataclass(frozen=True)
 class Server:
-    """One HTTP server of a Gateway that L7FP serves."""
+    """One HTTP server of a Gateway (Istio's) or HTTP listener of a Gateway
+    API Gateway (`listener`: its name) that L7FP serves."""
 
     gateway: Obj
     port: int  # the Gateway's server port (virtual host names; VirtualService match.port)
     hosts: tuple[str, ...]  # as written: `host`, `ns/host`, `./host`, `*`
     https_redirect: bool  # tls.httpsRedirect: answer 301 to https
+    listener: str | None = None  # Gateway API: routes attach to it, not VirtualServices
 
     @property
     def ref(self) -> str:
@@ -66,6 +78,58 @@ def istio_gateways(mesh: Mesh) -> list[Obj]:
     """The Istio `Gateway` objects (not Gateway API's, which share the kind)."""
     return [o for o in mesh.objs.of("Gateway")
             if str(o.raw.get("apiVersion") or "").startswith(ISTIO_GROUP + "/")]
+
+
+def api_gateways(mesh: Mesh) -> list[Obj]:
+    """The Gateway API `Gateway` objects of `gatewayClassName: istio`; the
+    others get a warning (another controller's: L7FP does not serve them)."""
+    out = []
+    for o in mesh.objs.of("Gateway"):
+        if not str(o.raw.get("apiVersion") or "").startswith(gateway_api.GROUP + "/"):
+            continue
+        cls = str(o.spec.get("gatewayClassName") or "")
+        if cls == "istio":
+            out.append(o)
+        else:
+            mesh.objs.warnings.add(o, "spec.gatewayClassName", f"{cls!r} is not 'istio': "
+                                   "another controller's Gateway; not served")
+    return out
+
+
+def api_servers(mesh: Mesh, gw: Obj) -> list[Server]:
+    """The HTTP listeners of the Gateway API Gateway `gw`; each other one gets a
+    warning naming the Gateway, the listener (port and name) and why."""
+    w = mesh.objs.warnings
+    check_fields(w, gw, "spec", gw.spec, {"gatewayClassName", "listeners", "addresses",
+                                          "infrastructure"})
+    out = []
+    for i, raw in enumerate(as_list(w, gw, "spec.listeners", gw.spec.get("listeners"))):
+        path = f"spec.listeners[{i}]"
+        lis = check_fields(w, gw, path, raw, {"name", "port", "protocol", "hostname", "tls",
+                                              "allowedRoutes"})
+        which = f"{path} (port {lis.get('port')}, {lis.get('name') or 'no name'})"
+        protocol = str(lis.get("protocol") or "").upper()
+        if protocol == "HTTPS" or (protocol == "TLS" and
+                                   str((lis.get("tls") or {}).get("mode", "Terminate")) == "Terminate"):
+            w.add(gw, which, f"protocol {protocol} terminates TLS (certificateRefs): no Kubernetes "
+                  "secret source (SDS) in L7FP; listener not served")
+            continue
+        if protocol != "HTTP":
+            why = ("TLS passthrough: L4 (SNI) routing is not implemented" if protocol == "TLS"
+                   else "only HTTP listeners are served")
+            w.add(gw, which, f"protocol {protocol or '(none)'}: {why}; listener not served")
+            continue
+        if "port" not in lis or "name" not in lis:
+            w.add(gw, which, "no port or no name; listener not served")
+            continue
+        allowed = str(((lis.get("allowedRoutes") or {}).get("namespaces") or {}).get("from") or "Same")
+        if allowed not in ("Same", "All"):
+            w.add(gw, f"{path}.allowedRoutes.namespaces.from", f"{allowed!r} unsupported; "
+                  "routes of the Gateway's namespace only (Same)")
+        ns = "*" if allowed == "All" else "."
+        out.append(Server(gw, int(lis["port"]), (f"{ns}/{lis.get('hostname') or '*'}",), False,
+                          str(lis["name"])))
+    return out
 
 
 def servers(mesh: Mesh, gw: Obj) -> list[Server]:
@@ -116,35 +180,52 @@ def _not_served(protocol: str, tls: Any) -> str:
 
 
 def check_gateways(mesh: Mesh) -> None:
-    """Warn once per load about every Istio Gateway server L7FP does not serve,
-    and every VirtualService gateway name that no Istio Gateway has."""
+    """Warn once per load about every Gateway server or listener L7FP does
+    not serve, and every route bound to a gateway that is none of the policies'."""
+    w = mesh.objs.warnings
     known = set()
     for gw in istio_gateways(mesh):
         servers(mesh, gw)
         known.add(f"{gw.namespace}/{gw.name}")
     for vs in mesh.objs.of("VirtualService"):
         for ref in sorted(gateway_refs(vs.spec.get("gateways"), vs.namespace) - {"mesh"} - known):
-            mesh.objs.warnings.add(vs, "spec.gateways", f"{ref!r} is no Istio Gateway of the "
-                                   "policies; nothing serves this VirtualService there")
+            w.add(vs, "spec.gateways", f"{ref!r} is no Istio Gateway of the policies; nothing "
+                  "serves this VirtualService there")
+    known = set()
+    for gw in api_gateways(mesh):
+        api_servers(mesh, gw)
+        known.add(f"{gw.namespace}/{gw.name}")
+    for kind in gateway_api.ROUTE_KINDS:
+        for o in mesh.objs.of(kind):
+            for i, ref in gateway_api.parent_gateways(o):
+                if ref not in known:
+                    w.add(o, f"spec.parentRefs[{i}]", f"Gateway {ref!r} is no Gateway "
+                          "(gatewayClassName istio) of the policies; not served there")
 
 
-def _selects(gw: Obj, labels: dict[str, str]) -> bool:
-    sel = gw.spec.get("selector") or {}
-    return all(labels.get(str(k)) == str(v) for k, v in sel.items())
+def _servers_for(mesh: Mesh, wl: Workload) -> Iterator[Server]:
+    """The servers of the Gateways that select the proxy `wl`: Istio Gateways
+    by `spec.selector` (any namespace), Gateway API ones (in the proxy's
+    namespace) by the label istiod puts on the gateway it deploys for them."""
+    for gw in istio_gateways(mesh):
+        sel = gw.spec.get("selector") or {}
+        if all(wl.labels.get(str(k)) == str(v) for k, v in sel.items()):
+            yield from servers(mesh, gw)
+    name = wl.labels.get(API_GATEWAY_LABEL) or wl.labels.get(OLD_API_GATEWAY_LABEL)
+    for gw in api_gateways(mesh):
+        if gw.name == name and gw.namespace == wl.namespace:
+            yield from api_servers(mesh, gw)
 
 
 def generate_router(mesh: Mesh, wl: Workload) -> dict[str, list[dict[str, Any]]]:
     """The resources of the gateway proxy `wl` (its labels: the node's LABELS)."""
     out: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
-    labels = dict(wl.labels)
     by_port: dict[int, list[Server]] = {}
-    for gw in istio_gateways(mesh):
-        if _selects(gw, labels):
-            for srv in servers(mesh, gw):
-                by_port.setdefault(_listen_port(mesh, wl, srv.port), []).append(srv)
+    for srv in _servers_for(mesh, wl):
+        by_port.setdefault(_listen_port(mesh, wl, srv.port), []).append(srv)
     if not by_port:
-        log.info("router %s.%s (labels %s): no Istio Gateway selects it; no listeners",
-                 wl.name, wl.namespace, labels)
+        log.info("router %s.%s (labels %s): no Gateway selects it; no listeners",
+                 wl.name, wl.namespace, dict(wl.labels))
         return out
     hash_policies: dict[str, list[dict[str, Any]]] = {}
     all_clusters, all_cla = [], []
@@ -208,11 +289,15 @@ def _route_config(mesh: Mesh, wl: Workload, port: int, srvs: list[Server]) -> di
 
 def _bound_hosts(mesh: Mesh, wl: Workload, srv: Server) -> Iterator[tuple[Obj, str]]:
     """(VirtualService, host) for each VirtualService bound to the server's
-    Gateway and visible from the gateway's namespace, and each of its hosts the
-    server allows (the narrower of the two names when one is a wildcard)."""
-    for vs in mesh.objs.of("VirtualService"):
-        if srv.ref not in gateway_refs(vs.spec.get("gateways"), vs.namespace):
-            continue
+    Gateway (for a Gateway API listener: each route attached to it) and
+    visible from the gateway's namespace, and each of its hosts the server
+    allows (the narrower of the two names when one is a wildcard)."""
+    if srv.listener is not None:
+        bound = gateway_api.attached_routes(mesh.objs, srv.gateway, srv.listener, srv.port)
+    else:
+        bound = [vs for vs in mesh.objs.of("VirtualService")
+                 if srv.ref in gateway_refs(vs.spec.get("gateways"), vs.namespace)]
+    for vs in bound:
         if not exported_to(vs, wl.namespace):
             continue
         for h in vs.spec.get("hosts") or []:

@@ -1,20 +1,24 @@
 """Gateway API HTTPRoute / GRPCRoute -> VirtualService-shaped specs.
 
-Called by `xds_server.istio.sidecar.mesh_from` and the split reader. istiod
-itself converts Gateway API routes to VirtualServices internally; we do the
-same, so the Istio defaults (timeouts, retries) apply alike. Routes attached
-to a Service (GAMMA, `parentRefs[].kind: Service`) apply to sidecars; routes
-attached to a Gateway only apply to gateways (kept when `mesh_only=False`,
-for the split's coverage report).
+Called by `xds_server.istio.sidecar.mesh_from`, the split reader and
+`xds_server.istio.gateway`. istiod itself converts Gateway API routes to
+VirtualServices internally; we do the same, so the Istio defaults (timeouts,
+retries) apply alike. Routes attached to a Service (GAMMA,
+`parentRefs[].kind: Service`) apply to sidecars; routes attached to a Gateway
+apply to that Gateway's proxies (`attached_routes`; kept by `convert` when
+`mesh_only=False`, for the split's coverage report).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .objects import Obj, ObjectSet, Warnings, as_list, check_fields
 from .registry import Registry
 
+GROUP = "gateway.networking.k8s.io"
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
 RULE_FIELDS = {"name", "matches", "filters", "backendRefs", "timeouts", "retry", "sessionPersistence"}
 REF_FIELDS = {"name", "namespace", "port", "weight", "kind", "group", "filters"}
 
@@ -25,7 +29,7 @@ def as_virtual_services(objs: ObjectSet, reg: Registry, mesh_only: bool,
     Service (what sidecars apply), "gateway" those attached to Gateways only,
     as a VirtualService bound to those gateways; "" as `mesh_only` says."""
     out = []
-    for kind in ("HTTPRoute", "GRPCRoute"):
+    for kind in ROUTE_KINDS:
         for o in objs.of(kind):
             vs = convert(objs.warnings, o, reg, mesh_only, placement)
             if vs is not None:
@@ -43,10 +47,7 @@ def convert(w: Warnings, o: Obj, reg: Registry, mesh_only: bool, placement: str 
         if ref.get("kind") == "Service":
             services.append(reg.fqdn(str(ref.get("name")), str(ref.get("namespace") or o.namespace)))
             continue
-        gateways.append(str(ref.get("name")))
-        if mesh_only and not placement:
-            w.add(o, f"spec.parentRefs[{i}]", f"attached to {ref.get('kind', 'Gateway')} "
-                  f"{ref.get('name')!r}: applies to gateways, not sidecars; ignored")
+        gateways.append(str(ref.get("name")))  # served to that Gateway (attached_routes)
     vs_spec: dict[str, Any] = {}
     hostnames = [str(h) for h in spec.get("hostnames") or ["*"]]
     if placement == "gateway":  # a route with a Service parent is the mesh's (counted there)
@@ -61,6 +62,43 @@ def convert(w: Warnings, o: Obj, reg: Registry, mesh_only: bool, placement: str 
     http = [_rule(w, o, i, r) for i, r in enumerate(as_list(w, o, "spec.rules", spec.get("rules")))]
     vs_spec.update({"hosts": sorted(set(hosts)), "http": [r for r in http if r is not None]})
     return Obj(o.kind, o.name, o.namespace, vs_spec, o.raw, o.source)
+
+
+def attached_routes(objs: ObjectSet, gw: Obj, listener: str, port: int) -> list[Obj]:
+    """The HTTPRoutes / GRPCRoutes attached to listener `listener` (port
+    `port`) of the Gateway API Gateway `gw` (a parentRef naming it, with that
+    sectionName and port or none), VirtualService-shaped: `hosts` their
+    hostnames (`*` when none), `http` their rules. Read by
+    xds_server.istio.gateway."""
+    out = []
+    for kind in ROUTE_KINDS:
+        for o in objs.of(kind):
+            refs = [r for r in o.spec.get("parentRefs") or [] if isinstance(r, Mapping)]
+            if not any(_attaches(r, o.namespace, gw, listener, port) for r in refs):
+                continue
+            w = objs.warnings
+            http = [_rule(w, o, i, r) for i, r in enumerate(as_list(w, o, "spec.rules", o.spec.get("rules")))]
+            hosts = [str(h) for h in o.spec.get("hostnames") or ["*"]]
+            out.append(Obj(o.kind, o.name, o.namespace, {"hosts": hosts, "http": [r for r in http if r]},
+                           o.raw, o.source))
+    return out
+
+
+def parent_gateways(o: Obj) -> list[tuple[int, str]]:
+    """(index, `NS/NAME`) of each Gateway among the route `o`'s parentRefs."""
+    return [(i, f"{r.get('namespace') or o.namespace}/{r.get('name')}")
+            for i, r in enumerate(o.spec.get("parentRefs") or [])
+            if isinstance(r, Mapping) and _is_gateway(r)]
+
+
+def _is_gateway(ref: Mapping[str, Any]) -> bool:
+    return ref.get("kind", "Gateway") == "Gateway" and str(ref.get("group", GROUP)) == GROUP
+
+
+def _attaches(ref: Mapping[str, Any], route_ns: str, gw: Obj, listener: str, port: int) -> bool:
+    return (_is_gateway(ref) and str(ref.get("name")) == gw.name
+            and str(ref.get("namespace") or route_ns) == gw.namespace
+            and ref.get("sectionName") in (None, listener) and ref.get("port") in (None, port))
 
 
 def _rule(w: Warnings, o: Obj, i: int, rule: Any) -> dict[str, Any] | None:

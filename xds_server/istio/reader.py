@@ -268,9 +268,6 @@ def _synthesize_policy_pods(objs: ObjectSet, reg: Registry, ips: Iterator[str]) 
     return pods
 
 
-ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
-
-
 def split_reader(path: Path) -> list[Any]:
     """fastpath.inputs READERS entry: one Document (format `istio` or `gateway-api`).
 
@@ -287,7 +284,7 @@ def split_reader(path: Path) -> list[Any]:
     kinds = {k for k, v in objs.by_kind.items() if v and k in POLICY_KINDS}
     if not kinds:
         return []
-    fmt = "gateway-api" if kinds <= set(ROUTE_KINDS) else "istio"
+    fmt = "gateway-api" if kinds <= set(gateway_api.ROUTE_KINDS) else "istio"
     try:
         sets = [(ps, to_messages(ps.resources)) for ps in read_placed(objs)]
     except (ValueError, KeyError, TypeError) as exc:
