@@ -124,9 +124,9 @@ def envoy_validate(envoy_bin: str, bootstrap: dict[str, Any]) -> subprocess.Comp
         os.unlink(f.name)
 
 
-def http_request(port: int, method: str, path: str, host: str,
-                 headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def http_request(port: int, method: str, path: str, host: str, headers: dict[str, str],
+                 address: str = "127.0.0.1", timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", host)
