@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import random
+import re
 from dataclasses import dataclass, field, replace
 
 from fastpath.hop import MATCH_AFTER_REMOVAL, kernel_hop
@@ -62,6 +63,7 @@ RATE_LIMITED_BODY = "local_rate_limited"
 # Bytes allowed in a path the kernel matches without normalisation; anything else
 # (percent-escapes, backslashes, dot segments, "//") goes to Envoy.
 _SAFE_PATH = CONST_BYTES | {"?"}  # a rewrite constant's bytes and the query's start
+_KERNEL_METHOD = re.compile("[A-Z]{1,8}")
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,10 @@ _FILTERS = {"local_ratelimit": _rate_limit_filter, "fault": _fault_filter}
 
 
 def _unparseable(req: Request) -> str:
+    if not _KERNEL_METHOD.fullmatch(req.method):
+        # l7fp_http.h: a method byte outside 'A'..'Z' or more than 8 bytes is
+        # L7FP_R_METHOD. Envoy 1.40 answers "post", "Get", "M-SEARCH" 400 itself.
+        return "method the kernel does not parse (only 'A'-'Z', at most 8 bytes)"
     path = req.path
     if not path.startswith("/") or any(c not in _SAFE_PATH for c in path):
         return "path needs normalisation or escaping"

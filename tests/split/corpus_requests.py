@@ -3,7 +3,8 @@
 For one KERNEL route: a request its matcher takes (a host of its virtual host's
 domains, a path its matcher takes, the headers, query parameters and method it
 requires) and near misses of each part (other method, header absent or with
-another value, path one segment off, path or value in another case). For one
+another value, path one segment off, path or value in another case, a CORS
+preflight). For one
 RBAC policy: a request per permission group that its permissions take, and
 near misses. Which of them the kernel decides, and what it decides, is the
 reference model's business: these only aim at the edges of each matcher.
@@ -119,8 +120,8 @@ def _header_value(h: HeaderMatch) -> str | None:
 
 
 def _with_header(req: Request, name: str, value: str | None) -> Request:
-    if name == ":method":
-        return replace(req, method=value or "GET")
+    if name == ":method":  # OTHER, a lower-case method: methods the kernel's parser refuses
+        return replace(req, method=value or "DELETE")
     if name in (":authority", "host"):
         return replace(req, host=value or req.host)
     if name == ":path":
@@ -146,7 +147,10 @@ def route_requests(vh: VirtualHost, r: Route, dst_port: int) -> list[Request]:
     for h in m.headers:
         hit = _with_header(hit, h.name, _header_value(h))
     out = [hit, replace(hit, method="POST" if method != "POST" else "PUT"),
-           replace(hit, host="l7fp-nomatch.test")]
+           replace(hit, host="l7fp-nomatch.test"),
+           # a CORS preflight: Envoy's CORS filter answers it where a policy is in force
+           replace(hit, method="OPTIONS", headers=hit.headers + (
+               ("origin", "http://l7fp.test"), ("access-control-request-method", "GET")))]
     out += [replace(hit, path=_with_query(p, query)) for p in path_misses]
     for h in m.headers:
         if h.name in (":path", ":authority", "host"):

@@ -1,7 +1,7 @@
 """Differential test of the wild corpus's KERNEL verdicts against the real Envoy.
 
-Every corpus file is read and classified as `l7fp split` does (fastpath.inputs.read,
-then fastpath.coverage's own per-file step, so the plans are the rows' plans:
+Every corpus file is read and classified as `l7fp split` does (tests/split/corpus_sites.py:
+fastpath.inputs.read, then fastpath.coverage's own per-file step, so the plans are the rows' plans:
 the view with the destinations' inbound side). Each listener (filter chain) of
 a mesh policy set that has a KERNEL route or a KERNEL RBAC policy runs, with the
 file's own listener, HCM, route table and filters (RDS inlined, bound to
@@ -17,10 +17,8 @@ body / Location, and RBAC's 403.
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
-import os
 import random
 import re
 import selectors
@@ -30,19 +28,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fastpath import coverage, inputs
-from fastpath.classify import _hcm
 from fastpath.plan import (
     ClusterAction,
-    KernelPlan,
-    ListenerPlan,
     Principal,
     RbacPolicy,
     Route,
@@ -58,99 +52,15 @@ from fastpath.reference import (
     decide_datapath,
     kernel_route,
 )
-from fastpath.split import resources_json
 from tests.istio.harness import Envoy
 from tests.split.corpus_requests import host_of, permission_requests, route_requests
+from tests.split.corpus_sites import CORPUS, Corpus, Site, read_corpus
 from tests.split.harness import _handler, free_ports, http_request
 from tests.split.test_differential import compare
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 
-CORPUS = Path(os.environ.get("L7FP_CORPUS", "/work/shared/corpus/wild"))
 SEEDS = 8  # model draws per request: weighted clusters, fault percentages
-DROP = ("listenerFilters", "useOriginalDst", "bindToPort", "defaultFilterChain", "filterChainMatcher")
-
-
-@dataclass
-class Site:
-    """One HCM filter chain of a corpus file that the kernel decides, run as its own listener."""
-
-    file: str
-    plan: KernelPlan  # the rows' plan (coverage's view)
-    lp: ListenerPlan
-    listener: dict[str, Any]  # Envoy JSON: the file's listener with only this chain
-    address: str = "127.0.0.1"
-    port: int = 0
-    states: list[State] = field(default_factory=list)  # one per seed: rate-limit buckets
-
-
-@dataclass
-class Corpus:
-    sites: list[Site]
-    clusters: set[str]
-    kernel_routes: int  # mesh KERNEL route rows (coverage's count)
-    kernel_rules: int
-    not_run: list[str]  # KERNEL listeners without a chain to run, with why
-
-
-def _chains(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(plan listener name, chain) of each HCM chain of a listener, named as
-    fastpath.classify._listener names them."""
-    sa = raw.get("address", {}).get("socketAddress", {})
-    name = str(raw.get("name", f"{sa.get('address', '0.0.0.0')}:{int(sa.get('portValue', 0))}"))
-    chains = list(raw.get("filterChains", [])) + ([raw["defaultFilterChain"]]
-                                                   if "defaultFilterChain" in raw else [])
-    http = [c for c in chains if _hcm(c) is not None]
-    return [(name if len(http) == 1 else f"{name}#{c.get('name', i)}", c) for i, c in enumerate(http)]
-
-
-def _runnable(raw: dict[str, Any], chain: dict[str, Any], rcs: dict[str, Any]) -> dict[str, Any]:
-    """The listener with only `chain`, its route config inline (address set later)."""
-    lis = {k: v for k, v in raw.items() if k not in DROP}
-    chain = copy.deepcopy(chain)
-    chain.pop("filterChainMatch", None)
-    for f in chain.get("filters", []):
-        tc = f.get("typedConfig", {})
-        if tc is _hcm(chain) and "rds" in tc:
-            tc["routeConfig"] = rcs[tc.pop("rds")["routeConfigName"]]
-    lis["filterChains"] = [chain]
-    return lis
-
-
-def _kernel_parts(lp: ListenerPlan) -> bool:
-    """A KERNEL route, or a KERNEL RBAC filter (allow-nothing included: coverage's rule)."""
-    return lp.verdict is Verdict.KERNEL and (
-        any(r.verdict is Verdict.KERNEL and not r.guard for vh in lp.virtual_hosts for r in vh.routes)
-        or any(rb.verdict is Verdict.KERNEL for rb in lp.rbacs))
-
-
-def read_corpus() -> Corpus:
-    """Every file as `l7fp split` reads and classifies it; the gateway-bound sets
-    are left out (no L7FP kernel runs them: not in coverage's kernel count)."""
-    out = Corpus([], set(), 0, 0, [])
-    for path in inputs.files([str(CORPUS)]):
-        docs = [d for d in inputs.read(path) if d.placement == "mesh"]
-        report = coverage.Report([], [], {}, [])
-        coverage._analyse_docs(path, docs, report, None)  # what `l7fp split` runs per file
-        out.kernel_routes += sum(r.verdict == "KERNEL" for r in report.routes)
-        out.kernel_rules += sum(r.verdict == "KERNEL" for r in report.rules)
-        usable = [d for d in docs if not d.error]
-        assert len(usable) == len(report.plans), f"{path}: a policy set was not classified"
-        for doc, po in zip(usable, report.plans, strict=True):
-            kernel = [lp for lp in po.view.listeners if _kernel_parts(lp)]
-            if not kernel:
-                continue
-            res = resources_json(doc.resources)
-            chains = {name: (raw, c) for raw in res.listeners for name, c in _chains(raw)}
-            for lp in kernel:
-                if lp.name not in chains:
-                    out.not_run.append(f"{path.name} {lp.name}: no HCM chain of that name")
-                    continue
-                raw, chain = chains[lp.name]
-                out.sites.append(Site(str(path), po.view, lp, _runnable(raw, chain, res.route_configs),
-                                      states=[State() for _ in range(SEEDS)]))
-            out.clusters |= {str(c.get("name", "")) for c in res.clusters}
-    return out
 
 
 class Echoes:
@@ -224,8 +134,8 @@ def requests_of(site: Site) -> list[Request]:
     """Each KERNEL route's requests, each KERNEL policy's; once each."""
     lp, out = site.lp, []
     for vh in lp.virtual_hosts:
-        for r in vh.routes:
-            if r.verdict is Verdict.KERNEL and not r.guard:
+        for r in vh.routes:  # a guard's requests: the kernel must hand them to Envoy
+            if r.verdict is Verdict.KERNEL or r.guard:
                 out += route_requests(vh, r, site.port)
     host = host_of(lp.virtual_hosts[0]) if lp.virtual_hosts else "l7fp-any.test"
     out.append(Request("GET", "/", host, (), dst_port=site.port))  # an allow-nothing RBAC's 403
@@ -248,7 +158,10 @@ def differs(d: Decision, req: Request, route: Route | None, answer: tuple[int, d
     test_differential.compare, then the headers the route removes and the
     kernel path's own lines (x-forwarded-proto, x-request-id, b3)."""
     status, headers, body = answer
-    why = compare(d, req, status, headers, body, allowed(route, d))
+    try:
+        why = compare(d, req, status, headers, body, allowed(route, d))
+    except ValueError:  # JSON: the upstream did not answer, Envoy did
+        return f"status {status} {body[:80]!r} from Envoy itself, model forwards to {d.cluster}"
     if why or d.kind != "forward":
         return why
     got = json.loads(body)["headers"]
@@ -278,6 +191,7 @@ def jobs_of(site: Site) -> tuple[list[Job], int]:
     """The site's requests the kernel decides (in order: the rate-limit buckets
     of its states take them so), and how many it hands to Envoy."""
     jobs, punted = [], 0
+    states = [State() for _ in range(SEEDS)]  # one per seed: the rate-limit buckets
     for req in requests_of(site):
         try:
             route = kernel_route(site.lp, req)
@@ -285,7 +199,7 @@ def jobs_of(site: Site) -> tuple[list[Job], int]:
             punted += 1
             continue
         ds = [decide_datapath(site.plan, site.lp.name, req, random.Random(seed), state)
-              for seed, state in enumerate(site.states)]
+              for seed, state in enumerate(states)]
         if any(d.kind == "envoy" for d in ds):
             punted += 1
         else:
@@ -323,7 +237,7 @@ def answers(jobs: list[Job]) -> tuple[list[tuple[Job, Any]], list[str]]:
         out += list(zip(limited, got, strict=True))
     else:  # a loaded machine: Envoy may have refilled a token the model has not
         late = sorted({f"{Path(j.site.file).name} {j.site.lp.name}" for j in limited})
-    with ThreadPoolExecutor(24) as pool:
+    with ThreadPoolExecutor(48) as pool:  # every fault-delayed request (7 s) in one round
         out += list(zip(rest, pool.map(send, rest), strict=True))
     return out, late
 

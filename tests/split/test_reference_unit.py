@@ -33,3 +33,12 @@ def test_listener_without_rbac_under_default_filter_order_forwards() -> None:
 def test_virtual_host_header_adds_follow_the_route_adds() -> None:
     d = decide(_plan((HeaderValue("x-vh", "2"),)), "l", Request("GET", "/", "a"))
     assert d.add_headers == (("x-route", "1"), ("x-vh", "2"))
+
+
+def test_methods_the_kernel_parser_refuses_go_to_envoy() -> None:
+    # l7fp_http.h takes only 'A'..'Z', at most 8 bytes (L7FP_R_METHOD otherwise);
+    # Envoy 1.40 answers "post" 400 itself (found by test_corpus_differential)
+    for method in ("post", "Get", "M-SEARCH", "l7fp-other", "ABCDEFGHI"):
+        d = decide(_plan(), "l", Request(method, "/", "a"))
+        assert d.kind == "envoy" and "method" in d.reason, (method, d)
+    assert decide(_plan(), "l", Request("PROPFIND", "/", "a")).kind == "forward"
