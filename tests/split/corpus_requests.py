@@ -152,6 +152,8 @@ def route_requests(vh: VirtualHost, r: Route, dst_port: int) -> list[Request]:
            replace(hit, method="OPTIONS", headers=hit.headers + (
                ("origin", "http://l7fp.test"), ("access-control-request-method", "GET")))]
     out += [replace(hit, path=_with_query(p, query)) for p in path_misses]
+    if r.request_headers_to_remove:  # carrying what the route removes
+        out.append(replace(hit, headers=hit.headers + tuple((n, "l7fp") for n in r.request_headers_to_remove)))
     for h in m.headers:
         if h.name in (":path", ":authority", "host"):
             continue
