@@ -22,6 +22,7 @@ import json
 import random
 import re
 import selectors
+import shutil
 import socket
 import threading
 import time
@@ -288,6 +289,7 @@ def envoy(envoy_bin: str, corpus: Corpus) -> Iterator[list[str]]:
             yield moved
         finally:
             proc.stop()
+            shutil.rmtree(proc.dir, ignore_errors=True)
     finally:
         echoes.close()
 
