@@ -190,6 +190,44 @@ static __always_inline void l7fp_scan(struct l7fp_req_ctx *c)
     }
 }
 
+/* Methods Envoy 1.40's HTTP/1 codec (Balsa) accepts, of at most 8 bytes (a
+ * longer method is L7FP_R_METHOD already; CONNECT is L7FP_R_UPGRADE). Envoy
+ * answers any other upper-case word 400 itself ("FOO", "QUERY", "PRI"), so the
+ * kernel hands it to Envoy rather than forward it. The list is checked against
+ * the binary: tests/split/test_methods_envoy.py (fastpath.reference.ENVOY_METHODS). */
+static __always_inline __u64 l7fp_known_method(__u64 m)
+{
+    return (
+             L7FP_EQ(m, L7FP_W8('A', 'C', 'L', 0, 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('B', 'I', 'N', 'D', 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('C', 'H', 'E', 'C', 'K', 'O', 'U', 'T'))
+           | L7FP_EQ(m, L7FP_W8('C', 'O', 'P', 'Y', 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('D', 'E', 'L', 'E', 'T', 'E', 0, 0))
+           | L7FP_EQ(m, L7FP_W8('G', 'E', 'T', 0, 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('H', 'E', 'A', 'D', 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('L', 'I', 'N', 'K', 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('L', 'O', 'C', 'K', 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('M', 'E', 'R', 'G', 'E', 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('M', 'K', 'C', 'O', 'L', 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('M', 'O', 'V', 'E', 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('M', 'S', 'E', 'A', 'R', 'C', 'H', 0))
+           | L7FP_EQ(m, L7FP_W8('N', 'O', 'T', 'I', 'F', 'Y', 0, 0))
+           | L7FP_EQ(m, L7FP_W8('O', 'P', 'T', 'I', 'O', 'N', 'S', 0))
+           | L7FP_EQ(m, L7FP_W8('P', 'A', 'T', 'C', 'H', 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('P', 'O', 'S', 'T', 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('P', 'R', 'O', 'P', 'F', 'I', 'N', 'D'))
+           | L7FP_EQ(m, L7FP_W8('P', 'U', 'R', 'G', 'E', 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('P', 'U', 'T', 0, 0, 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('R', 'E', 'B', 'I', 'N', 'D', 0, 0))
+           | L7FP_EQ(m, L7FP_W8('R', 'E', 'P', 'O', 'R', 'T', 0, 0))
+           | L7FP_EQ(m, L7FP_W8('S', 'E', 'A', 'R', 'C', 'H', 0, 0))
+           | L7FP_EQ(m, L7FP_W8('S', 'O', 'U', 'R', 'C', 'E', 0, 0))
+           | L7FP_EQ(m, L7FP_W8('T', 'R', 'A', 'C', 'E', 0, 0, 0))
+           | L7FP_EQ(m, L7FP_W8('U', 'N', 'B', 'I', 'N', 'D', 0, 0))
+           | L7FP_EQ(m, L7FP_W8('U', 'N', 'L', 'I', 'N', 'K', 0, 0))
+           | L7FP_EQ(m, L7FP_W8('U', 'N', 'L', 'O', 'C', 'K', 0, 0)));
+}
+
 /* Request line: method word, HTTP/1.1, origin-form target. 0 or a PASS reason. */
 static __always_inline __u32 l7fp_parse_reqline(struct l7fp_req_ctx *c)
 {
@@ -211,6 +249,8 @@ static __always_inline __u32 l7fp_parse_reqline(struct l7fp_req_ctx *c)
     r->method = l7fp_lowbytes(l7fp_load64(c, 0), sp1);
     if (r->method == L7FP_W_CONNECT && sp1 == 7)
         return L7FP_R_UPGRADE;
+    if (!l7fp_known_method(r->method))
+        return L7FP_R_METHOD;
     if (l7fp_byte(c, sp1 + 1) != '/')
         return L7FP_R_UNPARSED; /* absolute-form, asterisk-form: Envoy */
     r->path_off = sp1 + 1;

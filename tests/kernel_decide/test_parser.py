@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fastpath import bpf_structs as bs
+from fastpath.reference import KERNEL_METHODS
 from fastpath.synth import synthesize
 from kernel_decide.decide_prog import DecideProgram
 from kernel_decide.plans import parser_plan
@@ -95,6 +96,10 @@ CASES = [
     ("leading-crlf", req("\nGET /api HTTP/1.1\nHost: web\n\n"), PASS, R["unparsed"]),
     ("lower-case-method", req("get /api HTTP/1.1\nHost: web\n\n"), PASS, R["method"]),
     ("long-method", req("PROPPATCHX /api HTTP/1.1\nHost: web\n\n"), PASS, R["method"]),
+    # an upper-case word Envoy's codec does not know: Envoy answers 400 itself
+    ("unknown-method", req("FOO /api HTTP/1.1\nHost: web\n\n"), PASS, R["method"]),
+    ("query-method", req("QUERY /api HTTP/1.1\nHost: web\n\n"), PASS, R["method"]),
+    ("webdav-method", req("PROPFIND /api HTTP/1.1\nHost: web\n\n"), FWD, 0),
     ("leading-space", req(" GET /api HTTP/1.1\nHost: web\n\n"), PASS, R["unparsed"]),
     ("three-spaces", req("GET /api x HTTP/1.1\nHost: web\n\n"), PASS, R["unparsed"]),
     ("pct-escape", req("GET /api/%2e HTTP/1.1\nHost: web\n\n"), PASS, R["unparsed"]),
@@ -191,3 +196,20 @@ def test_head_exactly_at_limit(prog: DecideProgram) -> None:
     fit = req("GET /api HTTP/1.1\nHost: web\nX-Pad: " + "a" * (MAX_HDR - len(base)) + "\n\n")
     assert len(fit) == MAX_HDR
     assert (prog.run(fit).verdict, prog.run(fit).consumed) == (FWD, MAX_HDR)
+
+
+def test_methods_are_envoys(prog: DecideProgram) -> None:
+    """The kernel forwards exactly the methods of at most 8 bytes Envoy's codec
+    knows (fastpath.reference.KERNEL_METHODS, checked against the binary in
+    tests/split/test_methods_envoy.py); any other word goes to Envoy, which
+    answers it 400 itself."""
+    from tests.split.test_methods_envoy import CANDIDATES
+
+    forwarded = set()
+    for m in CANDIDATES:
+        d = prog.run(req(f"{m} /api HTTP/1.1\nHost: web\n\n"))
+        if d.verdict == FWD:
+            forwarded.add(m)
+        else:
+            assert d.verdict == PASS, (m, bs.VERDICT_NAMES.get(d.verdict))
+    assert forwarded == KERNEL_METHODS - {"CONNECT"}
