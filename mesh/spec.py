@@ -29,7 +29,8 @@ MESH_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,22}$")
 MAX_PODS = 250
 SERVICE_KEYS = {"command", "ports", "replicas", "calls", "env", "policy", "app", "user", "labels",
                 "service"}
-TOP_KEYS = {"name", "namespace", "services", "policies", "istio_policies"}
+TOP_KEYS = {"name", "namespace", "services", "policies", "istio_policies", "gateways"}
+GATEWAY_KEYS = {"labels", "ports"}
 POLICY_SIDES = ("outbound", "inbound")
 POLICY_KEYS = {"routes", "http_filters", "tracing"}
 # HttpConnectionManager.Tracing fields a side's `tracing:` may set (Envoy's names)
@@ -64,6 +65,21 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Gateway:
+    """One entry of `gateways:`: an Istio ingress gateway, a pod `<name>-0` whose
+    Envoy is a router node with these `labels` (the Gateway objects of
+    `istio_policies:` select them) and listens on `ports` (no app, no capture)."""
+
+    name: str
+    labels: dict[str, str]
+    ports: tuple[int, ...]
+
+    @property
+    def pod(self) -> str:
+        return f"{self.name}-0"
+
+
+@dataclass(frozen=True)
 class MeshSpec:
     """A validated mesh file. `policies` maps service -> side -> {routes, http_filters,
     tracing} (tracing: HttpConnectionManager.Tracing, or None when the side does not trace);
@@ -78,6 +94,7 @@ class MeshSpec:
     policy_files: tuple[Path, ...] = ()
     istio_policies: Path | None = None
     policy_places: dict[str, str] = field(default_factory=dict)
+    gateways: dict[str, Gateway] = field(default_factory=dict)
 
     def pod_names(self) -> list[tuple[str, Service]]:
         """(pod name, deployment entry) for every replica, in file order."""
@@ -177,8 +194,9 @@ def load(path: str | Path, name: str | None = None) -> MeshSpec:
     istio_dir = (path.parent / istio).resolve() if isinstance(istio, str) else None
     if istio is not None and (istio_dir is None or not istio_dir.is_dir()):
         raise _fail(f"{where}: istio_policies", f"{istio!r} is not a directory")
+    gateways = _parse_gateways(f"{where}: gateways", doc.get("gateways"), services, istio_dir)
     spec = MeshSpec(mesh_name, namespace, path, services, policies, tuple(policy_files), istio_dir,
-                    places)
+                    places, gateways)
     validate_references(spec)
     return spec
 
@@ -242,6 +260,48 @@ def _parse_service(where: str, name: str, raw: Any) -> Service:
     return Service(name, command, ports, replicas, tuple(calls),
                    {str(k): str(v) for k, v in env.items()}, app, user,
                    {"app": group, **{str(k): str(v) for k, v in labels.items()}}, group)
+
+
+def _parse_gateways(where: str, raw: Any, services: dict[str, Service],
+                    istio: Path | None) -> dict[str, Gateway]:
+    """`gateways:` (absent: none). Only the Istio importer serves router nodes,
+    so a gateway needs `istio_policies:`; its pod must not share a service's
+    name or a pod's, and counts toward MAX_PODS."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise _fail(where, "must be a non-empty mapping of gateway name to "
+                    "{labels: {...}, ports: [...]}")
+    if istio is None:
+        raise _fail(where, "a gateway needs `istio_policies:`: only the Istio importer "
+                    "(`l7fp serve --policies`) serves gateways (router nodes)")
+    pods = {f"{s.name}-{i}" for s in services.values() for i in range(s.replicas)}
+    taken = pods | {s.service for s in services.values()} | set(services)
+    out: dict[str, Gateway] = {}
+    for gname, graw in raw.items():
+        gw_where = f"{where}.{gname}"
+        if not isinstance(gname, str) or not NAME_RE.match(gname):
+            raise _fail(gw_where, f"gateway name must match {NAME_RE.pattern}")
+        if not isinstance(graw, dict):
+            raise _fail(gw_where, "must be a mapping with `labels:` and `ports:`")
+        unknown = set(graw) - GATEWAY_KEYS
+        if unknown:
+            raise _fail(gw_where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(GATEWAY_KEYS)}")
+        labels = graw.get("labels")
+        if not isinstance(labels, dict) or not labels or not all(
+                isinstance(k, str) and isinstance(v, str | int) and not isinstance(v, bool)
+                for k, v in labels.items()):
+            raise _fail(f"{gw_where}.labels", "must be a non-empty mapping of label to value "
+                        "(what the Gateway objects' `selector` matches, e.g. {istio: ingressgateway})")
+        gw = Gateway(gname, {k: str(v) for k, v in labels.items()},
+                     _parse_ports(f"{gw_where}.ports", graw.get("ports")))
+        if gname in taken or gw.pod in taken:
+            raise _fail(gw_where, f"name taken by a service or pod ({gname!r}, pod {gw.pod!r})")
+        out[gname] = gw
+    total = len(pods) + len(out)
+    if total > MAX_PODS:
+        raise _fail(where, f"{total} pods with the gateways, at most {MAX_PODS}")
+    return out
 
 
 def _parse_command(where: str, raw: Any, required: bool) -> tuple[str, ...]:

@@ -161,3 +161,39 @@ def test_bad_tracing_names_the_place(tmp_path: Path, tracing: str, place: str, w
         spec.load(write(tmp_path, BASE + "policies: pol.yaml\n"))
     msg = str(exc.value)
     assert f"/pol.yaml: {place}: " in msg and words in msg, msg
+
+
+GATEWAY_MESH = Path(__file__).resolve().parent / "gateway_mesh" / "mesh.yaml"
+GW = "gateways:\n  ingress:\n    labels: {istio: ingressgateway}\n    ports: [8080]\n"
+
+
+def test_gateways_of_the_gateway_mesh() -> None:
+    s = spec.load(GATEWAY_MESH)
+    assert s.gateways["ingress"] == spec.Gateway("ingress", {"istio": "ingressgateway"}, (8080,))
+    assert s.gateways["ingress"].pod == "ingress-0"
+
+
+@pytest.mark.parametrize("gateways, place, words", [
+    (GW.replace("ports: [8080]", "ports: [15000]"), "gateways.ingress.ports",
+     "clashes with a sidecar port"),
+    (GW.replace("ports: [8080]", "ports: [0]"), "gateways.ingress.ports", "not a TCP port"),
+    (GW.replace("    ports: [8080]\n", ""), "gateways.ingress.ports", "non-empty list"),
+    (GW.replace("{istio: ingressgateway}", "{}"), "gateways.ingress.labels", "non-empty mapping"),
+    (GW.replace("{istio: ingressgateway}", "[istio]"), "gateways.ingress.labels", "mapping"),
+    (GW + "    replicas: 2\n", "gateways.ingress", "unknown key(s) ['replicas']"),
+    (GW.replace("  ingress:", "  a:"), "gateways.a", "name taken by a service or pod"),
+    (GW.replace("  ingress:", "  Bad_gw:"), "gateways.Bad_gw", "gateway name must match"),
+    ("gateways: [ingress]\n", "gateways", "non-empty mapping"),
+])
+def test_bad_gateway_names_the_place(tmp_path: Path, gateways: str, place: str, words: str) -> None:
+    (tmp_path / "istio").mkdir()
+    with pytest.raises(spec.MeshFileError) as exc:
+        spec.load(write(tmp_path, "istio_policies: istio\n" + BASE + gateways))
+    msg = str(exc.value)
+    assert f"mesh.yaml: {place}" in msg and words in msg, msg
+
+
+def test_gateway_needs_istio_policies(tmp_path: Path) -> None:
+    with pytest.raises(spec.MeshFileError) as exc:
+        spec.load(write(tmp_path, BASE + GW))
+    assert "mesh.yaml: gateways: a gateway needs `istio_policies:`" in str(exc.value)
