@@ -205,9 +205,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    print(f"mesh {state['name']} up: {len(state['pods'])} pods, state {m.state_file}")
+    gateways = f", {len(state['gateways'])} gateway(s)" if state.get("gateways") else ""
+    print(f"mesh {state['name']} up: {len(state['pods'])} pods{gateways}, state {m.state_file}")
     for s in state["services"]:
         print(f"  {s['name']:<16} {s['vip']:<14} ports {s['ports']} pods {s['pod_ips']}")
+    for line in gateway_lines(state):
+        print(f"  {line}")
     if not args.foreground:
         return 0
     print("Ctrl-C to stop")
@@ -279,7 +282,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         fmt = {True: "up", False: "DEAD"}
         print(f"{r['pod']:<20} {r['ip']:<14} {fmt.get(alive.get('app'), '-'):<6} "
               f"{fmt.get(alive.get('envoy'), '-') if 'envoy' in alive else '-':<6} {r['sidecar']}")
+    for line in gateway_lines(state):
+        print(line)
     return 0
+
+
+def gateway_lines(state: dict[str, Any]) -> list[str]:
+    """One line per gateway of a mesh state: pod, address and ports (reachable
+    from the host), node id, and whether its Envoy has its listeners."""
+    out = []
+    for g in state.get("gateways", []):
+        ready = "ready" if g.get("ready") else f"NOT ready: {g.get('not_ready')}"
+        out.append(f"gateway {g['service']}: pod {g['name']} {g['ip']} ports {g['ports']} "
+                   f"labels {g['labels']} node {g['node_id']}: {ready}")
+    return out
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from mesh import configdir, envoyconf, naming, netrules, topology
-from mesh.spec import SIDECAR_UID, MeshSpec
+from mesh.spec import SIDECAR_UID, MeshFileError, MeshSpec
 
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40-latest"
 L7FP_IMAGE = "l7fp:dev"
@@ -33,6 +33,9 @@ XDS_PORT = 15010
 
 def project(spec: MeshSpec) -> tuple[dict[str, Any], dict[str, str]]:
     """(docker-compose document, {relative path: file text}) for `spec`."""
+    if spec.gateways:
+        raise MeshFileError(f"{spec.path}: gateways: not in the Docker files (the local "
+                            "runner only: `l7fp mesh up`)")
     topo = topology.build(spec, naming.Subnet(DOCKER_OCTET))
     files: dict[str, str] = {}
     services: dict[str, Any] = {"control-plane": _control_plane()}

@@ -62,6 +62,7 @@ class Daemon:
         self.policy_error = ""  # the last edit refused (shown by `mesh status`), "" once one applies
         self.ready = False  # state.json says so: `mesh status` of a starting mesh is no dead one
         self.sole_holder = False  # holds the name's lock alone (see release_name)
+        self.gateways_not_ready: dict[str, str] = {}  # gateway pod -> why not ready (state.json)
 
     # -- build -------------------------------------------------------------
     def build(self) -> None:
@@ -72,12 +73,16 @@ class Daemon:
             plumbing.create_bridge(self.name, subnet)
         self.topo = topo = topology.build(self.spec, subnet)
         comment = naming.iptables_comment(self.name)
-        for pod in topo.pods:
+        for pod in topo.all_pods():
             hosts = netrules.hosts_file(topo.services, pod.name, pod.ip)
             plumbing.create_pod_netns(self.name, pod.name, pod.index, pod.ip, subnet, hosts)
-            plumbing.load_pod_nat(pod.netns, netrules.pod_nat_table(comment, topo.services,
-                                                                    self.sidecars))
+            # a gateway is the edge: nothing to intercept in its netns
+            plumbing.load_pod_nat(pod.netns, netrules.pod_nat_table(
+                comment, topo.services, self.sidecars and not pod.gateway))
+            if pod.gateway:  # its Envoy (uid 1337) may bind ports below 1024, as Istio's does
+                plumbing.allow_low_ports(pod.netns)
             self.cgroups[pod.name] = str(plumbing.create_cgroup(self.name, pod.name))
+        self.gateways_not_ready = {g.name: "starting" for g in topo.gateways}
         self.write_state()  # early: `l7fp serve --mesh-file` and the fast path read it
         if self.sidecars:
             files = self.write_config()
@@ -165,8 +170,9 @@ class Daemon:
                               Path(self.cgroups[pod.name]), env))
 
     def start_sidecars(self) -> None:
+        """Every pod's Envoy: a sidecar, or a gateway's (its node id says router)."""
         assert self.topo is not None
-        for pod in self.topo.pods:
+        for pod in self.topo.all_pods():
             boot_doc = envoyconf.sidecar_bootstrap(pod.info(), f"{pod.service}.{self.spec.namespace}",
                                                    self.delivery(pod.name), self.xds_addr)
             boot = self.dir / "bootstrap" / f"{pod.name}-sidecar.yaml"
@@ -177,14 +183,21 @@ class Daemon:
                               self.dir / "logs" / f"{pod.name}.envoy.log", Path(self.cgroups[pod.name])))
 
     def wait_ready(self, timeout: float) -> None:
-        """Every app listens on its ports; every sidecar's admin says LIVE."""
+        """Every app listens on its ports; every sidecar's admin says LIVE; every
+        gateway's Envoy listens on its ports (its listeners came from the control
+        plane), or the control plane said no Gateway selects it (state.json keeps why)."""
         assert self.topo is not None
         deadline = time.monotonic() + timeout
-        waiting = {p.name for p in self.topo.pods}
+        waiting = {p.name for p in self.topo.all_pods()}
         while waiting:
-            for pod in self.topo.pods:
+            for pod in self.topo.all_pods():
                 if pod.name in waiting and self.pod_ready(pod):
                     waiting.discard(pod.name)
+                    self.gateways_not_ready.pop(pod.name, None)
+                elif pod.name in waiting and pod.gateway and self.unselected(pod):
+                    waiting.discard(pod.name)
+                    self.gateways_not_ready[pod.name] = (
+                        f"no Gateway selects its labels {dict(pod.labels)} (control plane log)")
             dead = [p.name for p in self.sup.procs.values() if p.popen and p.popen.poll() is not None]
             if dead:
                 first = self.sup.procs[dead[0]]
@@ -194,13 +207,14 @@ class Daemon:
             if self.stop:  # SIGTERM/SIGINT (an interrupted `mesh up`): no use waiting on
                 raise RuntimeError(f"stopped while starting; not ready: {sorted(waiting)}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {timeout:.0f}s: {sorted(waiting)} "
-                                   f"(logs in {self.dir}/logs)")
+                raise RuntimeError(f"not ready after {timeout:.0f}s: {sorted(waiting)}"
+                                   f"{self.gateway_ports_said(waiting)} (logs in {self.dir}/logs)")
             time.sleep(0.2)
 
     def pod_ready(self, pod: topology.Pod) -> bool:
-        app = self.sup.procs[f"{pod.name}/app"]
-        if app.pid is None or not set(pod.ports) <= listening_ports(app.pid):
+        # what listens on the pod's ports: its app, or a gateway's Envoy
+        listener = self.sup.procs[f"{pod.name}/{'envoy' if pod.gateway else 'app'}"]
+        if listener.pid is None or not set(pod.ports) <= listening_ports(listener.pid):
             return False
         if not self.sidecars:
             return True
@@ -209,6 +223,31 @@ class Daemon:
                 return bool(r.status == 200)
         except OSError:
             return False
+
+    def unselected(self, pod: topology.Pod) -> bool:
+        """Whether the control plane logged that no Gateway selects gateway `pod`
+        (xds_server.istio.gateway.generate_router: its Envoy gets no listener)."""
+        cp = self.sup.procs.get("control-plane")
+        if cp is None:
+            return False
+        try:
+            text = cp.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return f"router {pod.name}.{self.spec.namespace} (labels " in text and \
+            "no Gateway selects it" in text
+
+    def gateway_ports_said(self, waiting: set[str]) -> str:
+        """For a start that timed out: the ports each waited-for gateway's Envoy
+        does listen on (a Gateway server port that is not in its `ports:`)."""
+        assert self.topo is not None
+        said = []
+        for gw in self.topo.gateways:
+            proc = self.sup.procs.get(f"{gw.name}/envoy")
+            if gw.name in waiting and proc is not None and proc.pid is not None:
+                have = sorted(listening_ports(proc.pid) - {spec.ENVOY_ADMIN_PORT})
+                said.append(f"gateway {gw.name} listens on {have}, its ports are {list(gw.ports)}")
+        return f" ({'; '.join(said)})" if said else ""
 
     def write_state(self) -> None:
         assert self.topo is not None
@@ -226,7 +265,8 @@ class Daemon:
                    "fastpath": self.args.fastpath, "logs": str(self.dir / "logs"),
                    "control_plane_pid": cp.pid if cp else None,
                    "policy_files": [str(p) for p in self.spec.policy_files],
-                   "policy_error": self.policy_error, "ready": self.ready})
+                   "policy_error": self.policy_error, "ready": self.ready},
+            gateways_not_ready=self.gateways_not_ready)
         configdir.atomic_write(self.dir / "state.json", json.dumps(doc, indent=1) + "\n")
 
     # -- run ---------------------------------------------------------------
@@ -247,10 +287,11 @@ class Daemon:
         except spec.MeshFileError as exc:
             log.error("policy not applied, previous policy stays: %s", exc)
             return self._policy_refused(str(exc))
-        if new.services != self.spec.services or new.namespace != self.spec.namespace:
-            log.error("services changed in %s: only policy is applied live; "
+        if new.services != self.spec.services or new.namespace != self.spec.namespace or \
+                new.gateways != self.spec.gateways:
+            log.error("services or gateways changed in %s: only policy is applied live; "
                       "run `l7fp mesh down` and `up` for topology changes", new.path)
-            return self._policy_refused(f"services changed in {new.path}: only policy is "
+            return self._policy_refused(f"services or gateways changed in {new.path}: only policy is "
                                         "applied live (`mesh down` + `up` for the rest)")
         self.spec = new
         if self.policy_error:

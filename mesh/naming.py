@@ -52,9 +52,10 @@ def veth_names(mesh: str, index: int) -> tuple[str, str]:
     return f"l7v{_h(mesh)}h{index}", f"l7v{_h(mesh)}p{index}"
 
 
-def node_id(ip: str, pod: str, namespace: str) -> str:
-    """Istio's sidecar node id: sidecar~IP~POD.NS~NS.svc.cluster.local."""
-    return f"sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local"
+def node_id(ip: str, pod: str, namespace: str, kind: str = "sidecar") -> str:
+    """Istio's node id: KIND~IP~POD.NS~NS.svc.cluster.local (KIND `sidecar`, or
+    `router` for a gateway's Envoy)."""
+    return f"{kind}~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local"
 
 
 def fqdn(service: str, namespace: str) -> str:

@@ -106,6 +106,12 @@ def create_pod_netns(mesh: str, pod: str, index: int, ip: str, subnet: naming.Su
     return ns
 
 
+def allow_low_ports(ns: str) -> None:
+    """Let any uid bind ports below 1024 in netns `ns` (a gateway's Envoy runs as
+    uid 1337; Istio's gateway pods set the same sysctl)."""
+    sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0")
+
+
 def ensure_inotify_instances(needed: int) -> None:
     """Envoy's file xDS opens one inotify instance per watched file, all under
     uid 1337; the default limit (128 per uid) is too low for a dozen sidecars."""

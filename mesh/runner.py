@@ -63,6 +63,9 @@ class Mesh:
         if fastpath == "on" and xds == "file":  # `status` said "fastpath on" with no agent at all
             raise MeshError("--fastpath on needs --xds ads: the fast path runs in the control "
                             "plane, which --xds file does not start")
+        if self.spec.gateways and (sidecars != "envoy" or xds != "ads"):
+            raise MeshError(f"{self.spec.path}: gateways need --sidecars envoy and --xds ads: a "
+                            "gateway's Envoy gets its listeners from the control plane")
         self.name = self.spec.name
         self.sidecars, self.xds, self.fastpath = sidecars, xds, fastpath
         self.envoy = envoy or default_envoy()
@@ -165,7 +168,8 @@ def repo_pythonpath() -> str:
 
 
 def find_pod(state: dict[str, Any], target: str) -> dict[str, Any]:
-    pods = state["pods"]
+    """A pod of the mesh state by name, else a service's (or gateway's) first pod."""
+    pods = state["pods"] + state.get("gateways", [])
     for p in pods:
         if p["name"] == target:
             return dict(p)
@@ -247,9 +251,9 @@ def envoy_stats(state: dict[str, Any], target: str, prefix: str = "") -> dict[st
 
 
 def status_rows(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per pod: pids alive, sidecar readiness."""
+    """One row per pod, then per gateway pod: pids alive, Envoy readiness."""
     rows = []
-    for p in state["pods"]:
+    for p in state["pods"] + state.get("gateways", []):
         alive = {role: pid_alive(pid) for role, pid in p.get("pids", {}).items()}
         ready = "-"
         if state.get("sidecars") == "envoy" and state.get("ready") is not False:  # not started yet

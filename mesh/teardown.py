@@ -101,7 +101,7 @@ def mesh_namespaces(mesh: str) -> list[str]:
     (benchmarks) are never touched.
     """
     state = read_state(mesh) or {}
-    listed = {p.get("netns") for p in state.get("pods", [])}
+    listed = {p.get("netns") for p in state.get("pods", []) + state.get("gateways", [])}
     prefix = naming.netns_name(mesh, "")
     out = []
     for ns in plumbing.netns_list():

@@ -73,3 +73,37 @@ def test_run_in_pod_refuses_what_subprocess_run_refuses(kw: dict) -> None:
     with pytest.raises(ValueError) as theirs:
         subprocess.run(["true"], **kw)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_gateway_pods_follow_the_service_pods_with_router_node_ids() -> None:
+    s = spec.load(Path(__file__).resolve().parent / "gateway_mesh" / "mesh.yaml")
+    topo = topology.build(s, naming.Subnet(9))
+    assert [p.name for p in topo.all_pods()] == ["web-v1-0", "web-v2-0", "api-0", "ingress-0",
+                                                 "spare-0"]
+    ing = topo.gateways[0]
+    assert (ing.ip, ing.index, ing.gateway) == ("198.18.9.5", 3, True)
+    assert ing.node_id == "router~198.18.9.5~ingress-0.shop~shop.svc.cluster.local"
+    assert not any(p.gateway for p in topo.pods)
+    doc = topology.state_doc(topo, pid=1, cgroups={p.name: "/cg" for p in topo.all_pods()},
+                             pids={}, xds=None, admin=None, config_dir="/x", extra={},
+                             gateways_not_ready={"spare-0": "no Gateway selects it"})
+    assert [p["name"] for p in doc["pods"]] == ["web-v1-0", "web-v2-0", "api-0"]
+    gws = {g["name"]: g for g in doc["gateways"]}
+    assert gws["ingress-0"]["labels"] == {"istio": "ingressgateway"}
+    assert (gws["ingress-0"]["ready"], gws["spare-0"]["ready"]) == (True, False)
+    assert gws["spare-0"]["not_ready"] == "no Gateway selects it"
+    assert not any(g["ip"] in svc["pod_ips"] for g in doc["gateways"] for svc in doc["services"])
+    assert "ISTIO" not in netrules.pod_nat_table("c", topo.services, sidecar=False)
+
+
+@pytest.mark.parametrize("kw", [{"sidecars": "none"}, {"xds": "file"}])
+def test_gateways_need_envoy_sidecars_over_ads(kw: dict) -> None:
+    from mesh.runner import Mesh, MeshError
+    with pytest.raises(MeshError, match="gateways need --sidecars envoy and --xds ads"):
+        Mesh(Path(__file__).resolve().parent / "gateway_mesh" / "mesh.yaml", **kw)
+
+
+def test_gateways_are_not_in_the_docker_files() -> None:
+    from mesh import compose
+    with pytest.raises(spec.MeshFileError, match="gateways: not in the Docker files"):
+        compose.project(spec.load(Path(__file__).resolve().parent / "gateway_mesh" / "mesh.yaml"))
