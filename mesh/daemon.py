@@ -231,11 +231,11 @@ class Daemon:
         if cp is None:
             return False
         try:
-            text = cp.log_path.read_text(errors="replace")
+            lines = cp.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return False
-        return f"router {pod.name}.{self.spec.namespace} (labels " in text and \
-            "no Gateway selects it" in text
+        said = f"router {pod.name}.{self.spec.namespace} (labels "
+        return any(said in line and "no Gateway selects it" in line for line in lines)
 
     def gateway_ports_said(self, waiting: set[str]) -> str:
         """For a start that timed out: the ports each waited-for gateway's Envoy

@@ -297,6 +297,7 @@ def _parse_gateways(where: str, raw: Any, services: dict[str, Service],
                      _parse_ports(f"{gw_where}.ports", graw.get("ports")))
         if gname in taken or gw.pod in taken:
             raise _fail(gw_where, f"name taken by a service or pod ({gname!r}, pod {gw.pod!r})")
+        taken |= {gname, gw.pod}
         out[gname] = gw
     total = len(pods) + len(out)
     if total > MAX_PODS:

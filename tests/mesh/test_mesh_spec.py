@@ -184,6 +184,8 @@ def test_gateways_of_the_gateway_mesh() -> None:
     (GW.replace("  ingress:", "  a:"), "gateways.a", "name taken by a service or pod"),
     (GW.replace("  ingress:", "  Bad_gw:"), "gateways.Bad_gw", "gateway name must match"),
     ("gateways: [ingress]\n", "gateways", "non-empty mapping"),
+    (GW + "  ingress-0:\n    labels: {a: b}\n    ports: [80]\n", "gateways.ingress-0",
+     "name taken by a service or pod"),
 ])
 def test_bad_gateway_names_the_place(tmp_path: Path, gateways: str, place: str, words: str) -> None:
     (tmp_path / "istio").mkdir()
