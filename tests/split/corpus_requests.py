@@ -1,13 +1,16 @@
-"""Requests derived from a plan's routes and RBAC policies (tests/split/test_corpus_differential.py).
+"""Requests derived from a plan's routes and RBAC policies, for the corpus
+differentials: tests/split/test_corpus_differential.py sends them to Envoy,
+tests/kernel_decide/test_corpus_differential.py runs them through l7fp_decide
+(`listener_requests`: those of one listener).
 
-For one KERNEL route: a request its matcher takes (a host of its virtual host's
-domains, a path its matcher takes, the headers, query parameters and method it
-requires) and near misses of each part (other method, header absent or with
-another value, path one segment off, path or value in another case, a CORS
-preflight). For one
-RBAC policy: a request per permission group that its permissions take, and
-near misses. Which of them the kernel decides, and what it decides, is the
-reference model's business: these only aim at the edges of each matcher.
+For one KERNEL route: a request its matcher takes (a host of its virtual
+host's domains, a path its matcher takes, the headers, query parameters and
+method it requires) and near misses of each part (other method, header absent
+or with another value, path one segment off, path or value in another case, a
+CORS preflight). For one RBAC policy: a request per permission group that its
+permissions take, and near misses. Which of them the kernel decides, and what
+it decides, is the reference model's business: these only aim at the edges of
+each matcher.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from dataclasses import replace
 
 from fastpath.plan import (
     HeaderMatch,
+    ListenerPlan,
     PathKind,
     Permission,
     RegexDfa,
     Route,
     StringKind,
     StringMatch,
+    Verdict,
     VirtualHost,
 )
 from fastpath.reference import Request
@@ -189,3 +194,21 @@ def permission_requests(group: tuple[Permission, ...], host: str, dst_port: int)
         for h in p.headers:
             out += [_with_header(hit, h.name, None), _with_header(hit, h.name, OTHER)]
     return out
+
+
+def listener_requests(lp: ListenerPlan, dst_port: int) -> list[Request]:
+    """Each KERNEL route's requests (and each guard route's: the kernel must hand
+    them to Envoy), a plain GET (an allow-nothing RBAC's 403), each RBAC policy's;
+    once each, in that order, to destination port `dst_port`."""
+    out = []
+    for vh in lp.virtual_hosts:
+        for r in vh.routes:
+            if r.verdict is Verdict.KERNEL or r.guard:
+                out += route_requests(vh, r, dst_port)
+    host = host_of(lp.virtual_hosts[0]) if lp.virtual_hosts else "l7fp-any.test"
+    out.append(Request("GET", "/", host, (), dst_port=dst_port))
+    for rb in lp.rbacs:
+        for pol in rb.policies:
+            for group in pol.permissions:
+                out += permission_requests(group, host, dst_port)
+    return list(dict.fromkeys(out))

@@ -54,7 +54,7 @@ from fastpath.reference import (
     kernel_route,
 )
 from tests.istio.harness import Envoy
-from tests.split.corpus_requests import host_of, permission_requests, route_requests
+from tests.split.corpus_requests import listener_requests, route_requests
 from tests.split.corpus_sites import CORPUS, Corpus, Site, read_corpus
 from tests.split.harness import _handler, free_ports, http_request
 from tests.split.test_differential import compare
@@ -131,22 +131,6 @@ def bootstrap(corpus: Corpus, echoes: Echoes) -> dict[str, Any]:
     return {"staticResources": {"listeners": [s.listener for s in corpus.sites], "clusters": clusters}}
 
 
-def requests_of(site: Site) -> list[Request]:
-    """Each KERNEL route's requests, each KERNEL policy's; once each."""
-    lp, out = site.lp, []
-    for vh in lp.virtual_hosts:
-        for r in vh.routes:  # a guard's requests: the kernel must hand them to Envoy
-            if r.verdict is Verdict.KERNEL or r.guard:
-                out += route_requests(vh, r, site.port)
-    host = host_of(lp.virtual_hosts[0]) if lp.virtual_hosts else "l7fp-any.test"
-    out.append(Request("GET", "/", host, (), dst_port=site.port))  # an allow-nothing RBAC's 403
-    for rb in lp.rbacs:
-        for pol in rb.policies:
-            for group in pol.permissions:
-                out += permission_requests(group, host, site.port)
-    return list(dict.fromkeys(out))
-
-
 def allowed(route: Route | None, d: Decision) -> set[str]:
     if route is not None and isinstance(route.action, ClusterAction):
         cs = route.action.clusters
@@ -193,7 +177,7 @@ def jobs_of(site: Site) -> tuple[list[Job], int]:
     of its states take them so), and how many it hands to Envoy."""
     jobs, punted = [], 0
     states = [State() for _ in range(SEEDS)]  # one per seed: the rate-limit buckets
-    for req in requests_of(site):
+    for req in listener_requests(site.lp, site.port):
         try:
             route = kernel_route(site.lp, req)
         except QueryUndecidable:
