@@ -4,8 +4,9 @@ reference model. One file, so both tests share the compiled programs (one
 compile per distinct flag set in this process; compiles are most of the time).
 
 Verifier: every plan of every corpus file (`l7fp split`'s reading, gateway
-ones too) is synthesized, compiled and loaded, and its tables written; one GET
-each.
+ones too: corpus_sites.read_corpus(programs=True), the same reading as the
+differential's) is synthesized, compiled and loaded, and its tables written;
+one GET each.
 
 Differential:
 The corpus is read as tests/split/test_corpus_differential.py reads it for the
@@ -30,11 +31,9 @@ test_differential.ALLOWED_EXTRA_PASS's reasons, counted per reason.
 from __future__ import annotations
 
 import ipaddress
-import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,38 +77,19 @@ def program_for(cflags: tuple[str, ...]) -> DecideProgram:
     return prog
 
 
-def file_programs(path: Path) -> list[tuple[str, SynthesizedProgram]]:
-    """Every plan of one corpus file as `l7fp split` reads it, synthesized."""
-    from fastpath import inputs
-    from fastpath.split import plan_of, resources_json
-
-    out = []
-    for doc in inputs.read(path):
-        if doc.error:
-            continue
-        plan = plan_of(str(path), resources_json(doc.resources), orphans=True)
-        if plan.listeners:
-            out.append((str(path), synthesize(plan)))
-    return out
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    """The sites, and every plan's program (the verifier test's)."""
+    if not CORPUS.is_dir():
+        pytest.skip(f"no corpus at {CORPUS}")
+    return read_corpus(programs=True)
 
 
-def corpus_programs() -> dict[tuple[str, ...], list[tuple[str, SynthesizedProgram]]]:
-    """Every plan of the corpus, synthesized, by flag set (files read in two
-    processes, as corpus_sites does: reading is CPU-bound)."""
-    from fastpath import inputs
-
+def test_every_corpus_program_loads(decide_prog: object, corpus: Corpus) -> None:
     by_flags: dict[tuple[str, ...], list[tuple[str, SynthesizedProgram]]] = {}
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for plans in pool.map(file_programs, inputs.files([str(CORPUS)]), chunksize=4):
-            for path, sp in plans:
-                by_flags.setdefault(sp.cflags, []).append((path, sp))
-    return by_flags
-
-
-@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"no corpus at {CORPUS}")
-def test_every_corpus_program_loads(decide_prog: object) -> None:
-    by_flags = corpus_programs()
-    assert sum(len(v) for v in by_flags.values()) >= 50, "corpus read gave too few plans"
+    for path, sp in corpus.programs:
+        by_flags.setdefault(sp.cflags, []).append((path, sp))
+    assert len(corpus.programs) >= 50, "corpus read gave too few plans"
     for cflags, plans in by_flags.items():
         prog = program_for(cflags)  # compile + BPF_PROG_LOAD: the verifier
         assert prog.fd > 0
@@ -285,13 +265,6 @@ def unmatchable(pol: RbacPolicy, lp: ListenerPlan) -> str:
                                   for p in g) for g in pol.principals):
         return "principals need a peer identity (mTLS), which no plaintext request has"
     return ""
-
-
-@pytest.fixture(scope="module")
-def corpus() -> Corpus:
-    if not CORPUS.is_dir():
-        pytest.skip(f"no corpus at {CORPUS}")
-    return read_corpus()
 
 
 def test_corpus_plans_in_the_kernel_equal_the_model(decide_prog: object, corpus: Corpus) -> None:

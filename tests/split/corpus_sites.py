@@ -7,7 +7,10 @@ with the destinations' inbound side, whose verdicts are the rows'), so the
 plans here are the ones `l7fp split` counts. The gateway-bound policy sets
 are left out: no L7FP kernel runs them (not in coverage's kernel count).
 Files are read in two processes: reading and classifying the corpus is most
-of the test's time (betterproto2's to_dict), and CPU-bound.
+of the test's time (betterproto2's to_dict), and CPU-bound. With
+`programs=True` (tests/kernel_decide/test_corpus_differential.py) the
+gateway-bound sets are classified too and every plan is also synthesized, so
+the kernel's verifier test needs no reading of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from fastpath import coverage, inputs
 from fastpath.classify import _hcm
 from fastpath.plan import KernelPlan, ListenerPlan, Verdict
 from fastpath.split import resources_json
+from fastpath.synth import SynthesizedProgram, synthesize
 
 CORPUS = Path(os.environ.get("L7FP_CORPUS", "/work/shared/corpus/wild"))
 # Listener fields for the original destination (iptables) and the filter chain
@@ -50,6 +55,9 @@ class Corpus:
     kernel_routes: int = 0  # mesh KERNEL route rows (coverage's count)
     kernel_rules: int = 0
     not_run: list[str] = field(default_factory=list)  # KERNEL listeners without a chain to run, with why
+    # (file, program) of every plan with a listener, gateway-bound ones too, as
+    # the agent synthesizes it (read_corpus(programs=True) only)
+    programs: list[tuple[str, SynthesizedProgram]] = field(default_factory=list)
 
     def add(self, other: Corpus) -> None:
         self.sites += other.sites
@@ -57,6 +65,7 @@ class Corpus:
         self.kernel_routes += other.kernel_routes
         self.kernel_rules += other.kernel_rules
         self.not_run += other.not_run
+        self.programs += other.programs
 
 
 def _chains(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -89,18 +98,22 @@ def kernel_parts(lp: ListenerPlan) -> bool:
         or any(rb.verdict is Verdict.KERNEL for rb in lp.rbacs))
 
 
-def read_file(path: Path) -> Corpus:
+def read_file(path: Path, programs: bool = False) -> Corpus:
     out = Corpus()
-    docs = [d for d in inputs.read(path) if d.placement == "mesh"]
+    docs = [d for d in inputs.read(path) if programs or d.placement == "mesh"]
     report = coverage.Report([], [], {}, [])
     coverage._analyse_docs(path, docs, report, None)  # what `l7fp split` runs per file
-    out.kernel_routes = sum(r.verdict == Verdict.KERNEL.value for r in report.routes)
-    out.kernel_rules = sum(r.verdict == Verdict.KERNEL.value for r in report.rules)
+    out.kernel_routes = sum(r.verdict == Verdict.KERNEL.value and r.placement == "mesh" for r in report.routes)
+    out.kernel_rules = sum(r.verdict == Verdict.KERNEL.value and r.placement == "mesh" for r in report.rules)
     usable = [d for d in docs if not d.error]
     if len(usable) != len(report.plans):
         out.not_run.append(f"{path.name}: a policy set was not classified ({report.files})")
         return out
     for doc, po in zip(usable, report.plans, strict=True):
+        if programs and po.plan.listeners:
+            out.programs.append((str(path), synthesize(po.plan)))
+        if po.placement != "mesh":
+            continue
         kernel = [lp for lp in po.view.listeners if kernel_parts(lp)]
         if not kernel:
             continue
@@ -116,11 +129,11 @@ def read_file(path: Path) -> Corpus:
     return out
 
 
-def read_corpus() -> Corpus:
-    """Every file of the corpus (inputs.files), in order."""
+def read_corpus(programs: bool = False) -> Corpus:
+    """Every file of the corpus (inputs.files), in order; `programs`: see read_file."""
     out = Corpus()
     files = inputs.files([str(CORPUS)])
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for one in pool.map(read_file, files, chunksize=4):
+        for one in pool.map(partial(read_file, programs=programs), files, chunksize=4):
             out.add(one)
     return out
