@@ -298,9 +298,10 @@ def test_corpus_plans_in_the_kernel_equal_the_model(decide_prog: object, corpus:
         f"{tally.envoy}, the kernel only {sum(tally.extra_pass.values())} {dict(tally.extra_pass)} "
         f"({time.monotonic() - start:.1f} s)"
         "\n  routes the kernel never decided at:" + "".join(f"\n    {n}: {why or '?'}" for n, why in missed)
+        + f"\n  not run: {corpus.not_run}"
         + "\n  policies no decided request matched:" + "".join(f"\n    {n}: {why or '?'}" for n, why in unmatched))
     print(summary)
     assert not tally.bad, f"{len(tally.bad)} disagreements\n" + "\n".join(tally.bad[:8]) + "\n" + summary
-    assert len(claims) == corpus.kernel_routes and rules == corpus.kernel_rules, summary
+    assert len(claims) == corpus.kernel_routes and rules == corpus.kernel_rules and not corpus.not_run, summary
     assert all(why for _, why in missed) and all(why for _, why in unmatched), summary
     assert sum(tally.decided.values()) > tally.compared // 4, summary
