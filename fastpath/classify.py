@@ -347,6 +347,11 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
             reasons.append(f"EDS endpoints not available ({why})" if why else "EDS endpoints not available")
     eps, more = _endpoints(cla or {}, kind, caps.dns_endpoints)
     reasons += more
+    if lb in (LbPolicy.ROUND_ROBIN, LbPolicy.LEAST_REQUEST) and len({e.weight for e in eps}) > 1:
+        # Envoy 1.40 weights these picks (1:9 gives 10 %/90 %); the kernel picks
+        # evenly. RANDOM ignores weights in Envoy too (tests/split/test_lb_weights_envoy.py).
+        reasons.append(f"endpoint weights under {lb.name} (Envoy weights its picks; the kernel "
+                       "picks endpoints evenly)")
     if "transportSocket" in c or "transportSocketMatches" in c:
         reasons.append("upstream TLS (no kTLS on this kernel)")
     reasons += _cluster_options(c)

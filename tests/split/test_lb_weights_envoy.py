@@ -1,0 +1,128 @@
+"""Endpoint weights: what Envoy 1.40 does with them, measured with the binary,
+and the split's verdict on the same clusters.
+
+Envoy weights ROUND_ROBIN and LEAST_REQUEST picks by `load_balancing_weight`
+(1:9 gives 10 % / 90 %) and ignores the weights under RANDOM. The kernel picks
+endpoints evenly (l7fp_decide: `rand2 % n`, or the round-robin counter), so a
+ROUND_ROBIN or LEAST_REQUEST cluster with unequal weights is ENVOY; a RANDOM one,
+and any cluster with equal weights, is KERNEL (fastpath.classify.classify_cluster)."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from fastpath.classify import classify_cluster
+from fastpath.plan import Verdict
+from tests.split.harness import EnvoyProc, free_ports
+
+pytestmark = [pytest.mark.envoy]
+
+POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM")
+REQUESTS = 100
+
+
+def cluster(lb: str, ports: list[int], weights: tuple[int, int]) -> dict[str, Any]:
+    return {"name": f"{lb}-{weights[0]}-{weights[1]}", "type": "STATIC", "lb_policy": lb,
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": lb, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}},
+                 "load_balancing_weight": w} for p, w in zip(ports, weights, strict=True)]}]}}
+
+
+def _camel(v: Any) -> Any:
+    """The classifier reads resources in protobuf JSON (camelCase) form."""
+    if isinstance(v, dict):
+        return {("".join(w.capitalize() if i else w for i, w in enumerate(k.split("_")))
+                 if not k.startswith("@") else k): _camel(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_camel(x) for x in v]
+    return v
+
+
+@pytest.fixture(scope="module")
+def setup(envoy_bin: str) -> Iterator[tuple[int, list[int]]]:
+    listen, *ups = free_ports(3)
+    servers = []
+    for port in ups:
+        class Answer(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes
+            me = str(port).encode()
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-length", str(len(self.me)))
+                self.end_headers()
+                self.wfile.write(self.me)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        srv = ThreadingHTTPServer(("127.0.0.1", port), Answer)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    clusters = [cluster(lb, ups, (1, 9)) for lb in POLICIES]
+    boot = {"static_resources": {
+        "listeners": [{"name": "lb", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                    "port_value": listen}},
+                       "filter_chains": [{"filters": [{
+                           "name": "envoy.filters.network.http_connection_manager",
+                           "typed_config": {
+                               "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                               "stat_prefix": "lb",
+                               "route_config": {"virtual_hosts": [{
+                                   "name": "all", "domains": ["*"],
+                                   "routes": [{"match": {"prefix": f"/{c['name']}"},
+                                               "route": {"cluster": c["name"]}} for c in clusters]}]},
+                               "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                                   "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                            "router.v3.Router"}}]}}]}]}],
+        "clusters": clusters}}
+    envoy = EnvoyProc(envoy_bin, boot, [listen])
+    try:
+        yield listen, ups
+    finally:
+        envoy.stop()
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+
+
+def shares(listen: int, name: str, ups: list[int]) -> float:
+    """Share of REQUESTS (on one connection: Envoy picks a host per request) it
+    sent to the weight-9 endpoint."""
+    seen: Counter[int] = Counter()
+    conn = http.client.HTTPConnection("127.0.0.1", listen, timeout=10)
+    try:
+        for _ in range(REQUESTS):
+            conn.request("GET", f"/{name}")
+            seen[int(conn.getresponse().read())] += 1
+    finally:
+        conn.close()
+    assert set(seen) <= set(ups), seen
+    return seen[ups[1]] / REQUESTS
+
+
+@pytest.mark.parametrize("lb", POLICIES)
+def test_envoy_weights_and_the_verdict(setup: tuple[int, list[int]], lb: str) -> None:
+    listen, ups = setup
+    heavy = shares(listen, f"{lb}-1-9", ups)
+    got = classify_cluster(_camel(cluster(lb, ups, (1, 9))), {})
+    if lb == "RANDOM":
+        # weights ignored: ~50 % (binomial, 100 draws: 0.3..0.7 is 4 sd)
+        assert 0.3 <= heavy <= 0.7, heavy
+        assert got.verdict is Verdict.KERNEL, got.reason
+    else:
+        assert heavy >= 0.8, heavy  # weighted: 90 % seen (180 of 200 in a first run)
+        assert got.verdict is Verdict.ENVOY
+        assert f"endpoint weights under {lb}" in got.reason
+    same = classify_cluster(_camel(cluster(lb, ups, (5, 5))), {})
+    assert same.verdict is Verdict.KERNEL, same.reason
