@@ -228,14 +228,19 @@ def _parse_services(where: str, raw: Any) -> dict[str, Service]:
     return out
 
 
-def _parse_service(where: str, name: str, raw: Any) -> Service:
-    if not NAME_RE.match(name):
-        raise _fail(where, f"service name must match {NAME_RE.pattern}")
+def _check_entry(where: str, kind: str, name: Any, raw: Any, keys: set[str], not_mapping: str) -> None:
+    """A named entry of `services:` / `gateways:`: its name, a mapping, known keys."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise _fail(where, f"{kind} name must match {NAME_RE.pattern}")
     if not isinstance(raw, dict):
-        raise _fail(where, "must be a mapping")
-    unknown = set(raw) - SERVICE_KEYS
+        raise _fail(where, not_mapping)
+    unknown = set(raw) - keys
     if unknown:
-        raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(SERVICE_KEYS)}")
+        raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(keys)}")
+
+
+def _parse_service(where: str, name: str, raw: Any) -> Service:
+    _check_entry(where, "service", name, raw, SERVICE_KEYS, "must be a mapping")
     app = raw.get("app", "command")
     if app not in ("command", "direct_response"):
         raise _fail(f"{where}.app", f"{app!r} must be `command` or `direct_response`")
@@ -280,13 +285,8 @@ def _parse_gateways(where: str, raw: Any, services: dict[str, Service],
     out: dict[str, Gateway] = {}
     for gname, graw in raw.items():
         gw_where = f"{where}.{gname}"
-        if not isinstance(gname, str) or not NAME_RE.match(gname):
-            raise _fail(gw_where, f"gateway name must match {NAME_RE.pattern}")
-        if not isinstance(graw, dict):
-            raise _fail(gw_where, "must be a mapping with `labels:` and `ports:`")
-        unknown = set(graw) - GATEWAY_KEYS
-        if unknown:
-            raise _fail(gw_where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(GATEWAY_KEYS)}")
+        _check_entry(gw_where, "gateway", gname, graw, GATEWAY_KEYS,
+                     "must be a mapping with `labels:` and `ports:`")
         labels = graw.get("labels")
         if not isinstance(labels, dict) or not labels or not all(
                 isinstance(k, str) and isinstance(v, str | int) and not isinstance(v, bool)
