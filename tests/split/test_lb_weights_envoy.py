@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from fastpath import envoy_model as em
 from fastpath.classify import classify_cluster
 from fastpath.plan import Verdict
 from tests.split.harness import EnvoyProc, free_ports
@@ -36,14 +37,9 @@ def cluster(lb: str, ports: list[int], weights: tuple[int, int]) -> dict[str, An
                  "load_balancing_weight": w} for p, w in zip(ports, weights, strict=True)]}]}}
 
 
-def _camel(v: Any) -> Any:
-    """The classifier reads resources in protobuf JSON (camelCase) form."""
-    if isinstance(v, dict):
-        return {("".join(w.capitalize() if i else w for i, w in enumerate(k.split("_")))
-                 if not k.startswith("@") else k): _camel(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_camel(x) for x in v]
-    return v
+def classified(c: dict[str, Any]) -> Any:
+    """The split's verdict on cluster ``c``, read as the split reads a file's cluster."""
+    return classify_cluster(em.to_json(em.parse(em.CLUSTER, c)), {})
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +111,7 @@ def shares(listen: int, name: str, ups: list[int]) -> float:
 def test_envoy_weights_and_the_verdict(setup: tuple[int, list[int]], lb: str) -> None:
     listen, ups = setup
     heavy = shares(listen, f"{lb}-1-9", ups)
-    got = classify_cluster(_camel(cluster(lb, ups, (1, 9))), {})
+    got = classified(cluster(lb, ups, (1, 9)))
     if lb == "RANDOM":
         # weights ignored: ~50 % (binomial, 100 draws: 0.3..0.7 is 4 sd)
         assert 0.3 <= heavy <= 0.7, heavy
@@ -124,5 +120,5 @@ def test_envoy_weights_and_the_verdict(setup: tuple[int, list[int]], lb: str) ->
         assert heavy >= 0.8, heavy  # weighted: 90 % seen (180 of 200 in a first run)
         assert got.verdict is Verdict.ENVOY
         assert f"endpoint weights under {lb}" in got.reason
-    same = classify_cluster(_camel(cluster(lb, ups, (5, 5))), {})
+    same = classified(cluster(lb, ups, (5, 5)))
     assert same.verdict is Verdict.KERNEL, same.reason
