@@ -27,6 +27,7 @@ from mesh import (
     claim,
     configdir,
     envoyconf,
+    gateway_ports,
     namelock,
     naming,
     netrules,
@@ -84,6 +85,9 @@ class Daemon:
             self.cgroups[pod.name] = str(plumbing.create_cgroup(self.name, pod.name))
         self.gateways_not_ready = {g.name: "starting" for g in topo.gateways}
         self.write_state()  # early: `l7fp serve --mesh-file` and the fast path read it
+        unserved = gateway_ports.unserved_ports(topo, self.dir / "state.json")
+        if unserved:  # now, not at --timeout: those ports would never open
+            raise spec.MeshFileError("; ".join(unserved))
         if self.sidecars:
             files = self.write_config()
             if self.xds_mode == "file":

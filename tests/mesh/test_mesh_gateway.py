@@ -27,7 +27,7 @@ from meshtest_util import leftovers
 
 from mesh import configdir, teardown
 from mesh.ready import wait_ready
-from mesh.runner import Mesh, envoy_stats, find_pod, repo_pythonpath
+from mesh.runner import Mesh, MeshError, envoy_stats, find_pod, repo_pythonpath
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mesh, pytest.mark.envoy, pytest.mark.slow]
 HERE = Path(__file__).resolve().parent
@@ -154,3 +154,25 @@ def test_down_without_state_file_removes_the_gateways(gw_mesh: Mesh) -> None:
     while leftovers(gw_mesh.name) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert leftovers(gw_mesh.name) == []
+
+
+def test_a_port_no_gateway_server_has_fails_up_at_once(tmp_path: Path) -> None:
+    """`ports: [8080, 9090]` where the selecting Gateway has 8080 only: 9090
+    would never open, so `up` stops before starting any process and says why
+    (before mesh.gateway_ports it waited for its whole --timeout)."""
+    from support.env import require_kernel
+    require_kernel()
+    src = tmp_path / "gateway_mesh"
+    shutil.copytree(HERE / "gateway_mesh", src)
+    f = src / "mesh.yaml"
+    f.write_text(f.read_text().replace("    ports: [8080]\n", "    ports: [8080, 9090]\n"))
+    m = Mesh(f, f"gwp{os.getpid() % 100000}", fastpath="on", timeout=120)
+    start = time.monotonic()
+    try:
+        with pytest.raises(MeshError) as exc:
+            m.up()
+    finally:
+        m.down()
+    assert "gateways.ingress.ports: [9090] is no port of the Gateway servers" in str(exc.value)
+    assert time.monotonic() - start < 60, "up waited on the port instead of failing at once"
+    assert leftovers(m.name) == []

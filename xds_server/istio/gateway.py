@@ -217,12 +217,21 @@ def _servers_for(mesh: Mesh, wl: Workload) -> Iterator[Server]:
             yield from api_servers(mesh, gw)
 
 
-def generate_router(mesh: Mesh, wl: Workload) -> dict[str, list[dict[str, Any]]]:
-    """The resources of the gateway proxy `wl` (its labels: the node's LABELS)."""
-    out: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
+def listen_ports(mesh: Mesh, wl: Workload) -> dict[int, list[Server]]:
+    """The ports the gateway proxy `wl` listens on, each with the servers it
+    serves there; empty when no Gateway selects `wl`. Called by
+    generate_router and by the local mesh (mesh.daemon checks a gateway's
+    `ports:` against it before waiting on them)."""
     by_port: dict[int, list[Server]] = {}
     for srv in _servers_for(mesh, wl):
         by_port.setdefault(_listen_port(mesh, wl, srv.port), []).append(srv)
+    return by_port
+
+
+def generate_router(mesh: Mesh, wl: Workload) -> dict[str, list[dict[str, Any]]]:
+    """The resources of the gateway proxy `wl` (its labels: the node's LABELS)."""
+    out: dict[str, list[dict[str, Any]]] = {LISTENER: [], ROUTE: [], CLUSTER: [], ENDPOINT: []}
+    by_port = listen_ports(mesh, wl)
     if not by_port:
         log.info("router %s.%s (labels %s): no Gateway selects it; no listeners",
                  wl.name, wl.namespace, dict(wl.labels))
