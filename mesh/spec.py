@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from xds_server import yaml_errors
+from xds_server.protojson import route_cluster_refs
 
 # Ports the sidecar owns inside every pod (istio-iptables conventions).
 OUTBOUND_PORT = 15001
@@ -399,21 +400,6 @@ def _parse_provider(where: str, raw: Any) -> None:
     if version != "HTTP_JSON":
         raise _fail(f"{where}.typed_config.collector_endpoint_version",
                     f"{version!r}: only HTTP_JSON (or absent), the form mesh.apps.spans records")
-
-
-def route_cluster_refs(route: dict[str, Any]) -> list[tuple[str, str]]:
-    """(place, cluster short name) for each cluster a route names."""
-    action = route.get("route") or {}
-    refs = []
-    if isinstance(action.get("cluster"), str):
-        refs.append(("route.cluster", action["cluster"]))
-    wc = action.get("weighted_clusters") or {}
-    for j, c in enumerate(wc.get("clusters") or []):
-        refs.append((f"route.weighted_clusters.clusters[{j}].name", str(c.get("name"))))
-    for j, m in enumerate(action.get("request_mirror_policies") or []):
-        if isinstance(m.get("cluster"), str):
-            refs.append((f"route.request_mirror_policies[{j}].cluster", m["cluster"]))
-    return refs
 
 
 def validate_references(spec: MeshSpec) -> None:

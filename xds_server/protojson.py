@@ -368,6 +368,32 @@ def field(obj: Any, snake: str) -> Any:
     return obj.get(snake, obj.get(head + "".join(w.title() for w in rest)))
 
 
+def route_cluster_refs(route: Any) -> list[tuple[str, str]]:
+    """(place, name) for each cluster a route's action names, in either key
+    spelling: `route.cluster`, `route.weighted_clusters.clusters[j].name` and
+    `route.request_mirror_policies[j].cluster` (places in snake_case). Called
+    by the Istio gateway generator (a gateway keeps the clusters its routes
+    name), the split's input check (a static route naming an unknown cluster:
+    Envoy rejects it) and the local mesh file's reference check."""
+    action = field(route, "route")
+    refs = []
+    if isinstance(field(action, "cluster"), str):
+        refs.append(("route.cluster", field(action, "cluster")))
+    for j, c in enumerate(repeated(field(field(action, "weighted_clusters"), "clusters"))):
+        if isinstance(field(c, "name"), str):  # else cluster_header: known only per request
+            refs.append((f"route.weighted_clusters.clusters[{j}].name", field(c, "name")))
+    for j, m in enumerate(repeated(field(action, "request_mirror_policies"))):
+        if isinstance(field(m, "cluster"), str):
+            refs.append((f"route.request_mirror_policies[{j}].cluster", field(m, "cluster")))
+    return refs
+
+
+def repeated(value: Any) -> list[Any]:
+    """A repeated field as a list: [] when absent, [value] when YAML gave one
+    item where a list belongs."""
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
 def untyped_filters(lis: dict[str, Any]) -> Iterator[tuple[str, str]]:
     """(field, Envoy's error) for network and HTTP filters named without a typed_config:
     Envoy 1.40 finds extensions by type, not name (configs__envoy-demo.yaml's router)."""

@@ -45,6 +45,21 @@ def missing_cluster() -> str:
     return yaml.safe_dump(boot)
 
 
+def missing_weighted_cluster() -> str:
+    boot = bootstrap()
+    action = hcm(boot)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    action["weighted_clusters"] = {"clusters": [{"name": action.pop("cluster"), "weight": 1},
+                                                {"name": "nope", "weight": 1}]}
+    return yaml.safe_dump(boot)
+
+
+def missing_mirror_cluster() -> str:
+    boot = bootstrap()
+    action = hcm(boot)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    action["request_mirror_policies"] = [{"cluster": "nope"}]
+    return yaml.safe_dump(boot)
+
+
 def no_chains() -> str:
     boot = bootstrap()
     del boot["static_resources"]["listeners"][0]["filter_chains"]
@@ -103,6 +118,12 @@ CASES = {
                    "connection_manager.v3.HttpConnectionManager'?): Envoy rejects it", "could not find @type"),
     "missing_cluster": (missing_cluster, 1, "invalid: listener 'web': route config 'rc': unknown cluster 'nope': "
                         "Envoy rejects it (\"route: unknown cluster 'nope'\")", "route: unknown cluster 'nope'"),
+    "missing_weighted_cluster": (missing_weighted_cluster, 1, "invalid: listener 'web': route config 'rc': unknown "
+                                 "cluster 'nope': Envoy rejects it (\"route: unknown weighted cluster 'nope'\")",
+                                 "route: unknown weighted cluster 'nope'"),
+    "missing_mirror_cluster": (missing_mirror_cluster, 1, "invalid: listener 'web': route config 'rc': unknown "
+                               "cluster 'nope': Envoy rejects it (\"route: unknown shadow cluster 'nope'\")",
+                               "route: unknown shadow cluster 'nope'"),
     "no_chains": (no_chains, 1, "invalid: listener 'web': no filter_chains: Envoy rejects it (\"error adding "
                   "listener '0.0.0.0:8080': no filter chains specified\")", "no filter chains specified"),
     "untyped_router": (untyped_router, 1, "invalid: listener 'web': filter_chains[0].filters[0].typed_config."

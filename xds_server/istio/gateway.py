@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from xds_server.protojson import route_cluster_refs
+
 from . import clusters, gateway_api
 from .objects import Obj, as_list, check_fields, exported_to
 from .registry import Workload
@@ -254,7 +256,7 @@ def generate_router(mesh: Mesh, wl: Workload) -> dict[str, list[dict[str, Any]]]
                 f"outbound_0.0.0.0_{port}", rds(f"http.{port}"),
                 normalization=mesh.path_normalization, use_remote_address=True)]}]})
     named = {c for rc in out[ROUTE] for vh in rc["virtualHosts"] for r in vh["routes"]
-             for c in _clusters_of(r)}
+             for _, c in route_cluster_refs(r)}
     out[CLUSTER] = [c for c in all_clusters if c["name"] in named]
     out[ENDPOINT] = [c for c in all_cla if c["clusterName"] in named]
     return out
@@ -338,13 +340,3 @@ def _within(host: str, pattern: str) -> bool:
     if pattern == "*" or host == pattern:
         return True
     return pattern.startswith("*.") and (host.endswith(pattern[1:]) and host != pattern[1:])
-
-
-def _clusters_of(route: dict[str, Any]) -> Iterator[str]:
-    ra = route.get("route") or {}
-    if ra.get("cluster"):
-        yield ra["cluster"]
-    for c in (ra.get("weightedClusters") or {}).get("clusters") or []:
-        yield c["name"]
-    for m in ra.get("requestMirrorPolicies") or []:
-        yield m["cluster"]
