@@ -423,7 +423,20 @@ def _cluster_options(c: dict[str, Any]) -> list[str]:
     if c.get("commonLbConfig", {}).get("localityWeightedLbConfig") is not None \
             and "localityWeightedLbConfig" in c.get("commonLbConfig", {}):
         reasons.append("locality weighted LB")
+    if _slow_start(c):
+        reasons.append("slow start (a new endpoint's weight ramps up; the kernel picks evenly)")
     return reasons
+
+
+def _slow_start(c: dict[str, Any]) -> bool:
+    """Whether the cluster's round robin / least request LB has a slow start
+    window (Istio's DestinationRule `warmupDurationSecs` in istiod's output):
+    Envoy then weights endpoints by their age, which the kernel does not."""
+    cfgs = [c.get("roundRobinLbConfig") or {}, c.get("leastRequestLbConfig") or {}]
+    cfgs += [p.get("typedExtensionConfig", {}).get("typedConfig", {})
+             for p in c.get("loadBalancingPolicy", {}).get("policies", [])[:1]]
+    return any((cfg.get("slowStartConfig") or {}).get("slowStartWindow") not in (None, "0s")
+               for cfg in cfgs)
 
 
 # Envoy applies these thresholds to every cluster, configured or not; the fast path

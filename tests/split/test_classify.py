@@ -296,6 +296,13 @@ def test_listener_for() -> None:
      "load_balancing_policy"),
     ({"common_lb_config": {"healthy_panic_threshold": {"value": 0}}}, "panic"),
     ({"dns_lookup_family": "V4_ONLY", "connect_timeout": "1s"}, None),
+    ({"round_robin_lb_config": {"slow_start_config": {"slow_start_window": "30s"}}}, "slow start"),
+    ({"round_robin_lb_config": {"slow_start_config": {}}}, None),  # no window: no slow start
+    ({"lb_policy": "LEAST_REQUEST", "least_request_lb_config": {
+        "slow_start_config": {"slow_start_window": "10s"}}}, "slow start"),
+    ({"load_balancing_policy": {"policies": [{"typed_extension_config": {"name": "rr", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin",
+        "slow_start_config": {"slow_start_window": "5s"}}}}]}}, "slow start"),
 ])
 def test_cluster_fields(extra: dict[str, Any], needle: str | None) -> None:
     (v, why), = verdicts([fwd(timeout="0s")], cluster={**CLUSTER, **extra})
