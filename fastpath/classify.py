@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fastpath import outlier, request_id, tracing
+from fastpath.bpf_structs import DEFAULT_KNOBS
 from fastpath.classify_delay import listener_delay_reasons
 from fastpath.classify_rbac import classify_rbac
 from fastpath.classify_route import (
@@ -26,7 +27,7 @@ from fastpath.classify_route import (
     filter_kind,
     local_rate_limit,
 )
-from fastpath.envoy_model import HCM, bool_field, type_name
+from fastpath.envoy_model import HCM, bool_field, duration_ms, type_name
 from fastpath.plan import (
     SHARED_BUCKET_REASON,
     Cluster,
@@ -299,11 +300,32 @@ _VH_KEYS = {"name", "domains", "routes", "requireTls", "virtualClusters", "rateL
             "includeRequestAttemptCount", "includeAttemptCountInResponse"}
 
 
+# The most a kernel-handled request head can have (bpf_src/datapath.h DP_HDR_MAX,
+# the largest L7FP_MAX_HDR a synthesis may choose; docs/kernel-decision.md) and
+# the most lines (request line included; more: Envoy).
+KERNEL_HEAD_BYTES = 2048
+KERNEL_HEAD_LINES = DEFAULT_KNOBS["L7FP_MAX_LINES"]
+
+
 def _hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     reasons = [f"http_connection_manager {k}" for k in _HCM_ENVOY_KEYS if hcm.get(k)]
-    underscores = hcm.get("commonHttpProtocolOptions", {}).get("headersWithUnderscoresAction")
+    common = hcm.get("commonHttpProtocolOptions", {})
+    underscores = common.get("headersWithUnderscoresAction")
     if underscores == "DROP_HEADER":
         reasons.append("http_connection_manager drops headers with underscores")
+    # Limits below the kernel's own: Envoy refuses requests the kernel would
+    # forward (measured, Envoy 1.40: 400 for `x_a: 1`, 431 for a 6th header or
+    # a 1.5 KB header under these settings, no answer to HTTP/1.1 on HTTP2).
+    if underscores == "REJECT_REQUEST":
+        reasons.append("http_connection_manager rejects headers with underscores (400)")
+    if int(common.get("maxHeadersCount", KERNEL_HEAD_LINES)) < KERNEL_HEAD_LINES:
+        reasons.append(f"http_connection_manager max_headers_count {common['maxHeadersCount']} (431 above it)")
+    if int(hcm.get("maxRequestHeadersKb", 60)) * 1024 < KERNEL_HEAD_BYTES:
+        reasons.append(f"http_connection_manager max_request_headers_kb {hcm['maxRequestHeadersKb']} (431 above it)")
+    if duration_ms(common.get("maxStreamDuration", "0s")):
+        reasons.append("http_connection_manager max_stream_duration")
+    if hcm.get("codecType") in ("HTTP2", "HTTP3"):
+        reasons.append(f"http_connection_manager codec_type {hcm['codecType']} (no HTTP/1.1 there)")
     return reasons + request_id.hcm_reasons(hcm)  # x-request-id, x-forwarded-proto as the kernel adds them
 
 
@@ -410,6 +432,11 @@ def _cluster_options(c: dict[str, Any]) -> list[str]:
         reasons.append("healthy_panic_threshold other than 50%")
     if c.get("http2ProtocolOptions") or "grpc" in str(c.get("http2ProtocolOptions", "")):
         reasons.append("upstream HTTP/2")
+    commons = [c.get("commonHttpProtocolOptions", {})] + [
+        opt.get("commonHttpProtocolOptions", {}) for opt in c.get("typedExtensionProtocolOptions", {}).values()]
+    if any(duration_ms(o.get("maxStreamDuration", "0s")) for o in commons):
+        # measured, Envoy 1.40: 504 "upstream max stream duration reached"
+        reasons.append("upstream max_stream_duration (Envoy answers 504 past it)")
     for opt in c.get("typedExtensionProtocolOptions", {}).values():
         cfg = opt.get("explicitHttpConfig", {})
         if "http2ProtocolOptions" in cfg or "http3ProtocolOptions" in cfg:
