@@ -56,11 +56,12 @@ def response(body: bytes, extra: str = "") -> bytes:
 
 class Peer:
     """A thread reading `sock` into `.got` (all bytes, in order); with `answer`,
-    it writes `answer(request)` after `delay` s for each complete request."""
+    it writes `answer(request)` for each complete request, once `hold()` is
+    false (5 s at most: a slow gateway that answers after something else happened)."""
 
     def __init__(self, sock: socket.socket, answer: Callable[[bytes], bytes] | None = None,
-                 delay: float = 0.0) -> None:
-        self.sock, self.answer, self.delay = sock, answer, delay
+                 hold: Callable[[], bool] | None = None) -> None:
+        self.sock, self.answer, self.hold = sock, answer, hold
         self.got = b""
         self.err = ""  # how reading ended: "eof" or the exception's errno name
         self.eagain = 0  # EAGAIN returned to this blocking reader (it reads on)
@@ -93,8 +94,9 @@ class Peer:
             reqs, rest = split_messages(rest + d)
             for r in reqs:
                 self.requests.append(r)
-                if self.delay:
-                    time.sleep(self.delay)  # the slow gateway of the ordering scenario
+                deadline = time.monotonic() + 5
+                while self.hold and self.hold() and time.monotonic() < deadline:
+                    time.sleep(0.005)
                 with contextlib.suppress(OSError):
                     self.sock.sendall(self.answer(r))
 

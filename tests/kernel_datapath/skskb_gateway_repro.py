@@ -68,9 +68,11 @@ class Scenario:
     mode: str = "fwd"
     raw: bool = False  # True: SK_SKB_VERDICT alone on the accepted socket
     pass_first: int = 0
-    gateway_delay: float = 0.0  # the gateway answers PASSed requests after this long
+    gateway_last: bool = False  # the gateway answers once the client holds a response
     wait_responses: bool = False  # wait for a response before each next write
     expect: int = 0  # wait (3 s at most) for this many whole responses at the client
+    # and for these counts: (peer, "got" bytes or "eagain" returns, at least)
+    wait_for: tuple[tuple[str, str, int], ...] = ()
 
 
 class Repro:
@@ -203,11 +205,12 @@ class Repro:
             st.callback(client.close)
             cport = client.getsockname()[1]
             self.configure(sc.raw, sc.mode, sc.pass_first, client_key=cport)
+            cli = Peer(client)
             acc, _ = self.gw.accept()
             in_map = self.keys(gw_map)
-            gateway = Peer(acc, gateway_answer, sc.gateway_delay)
+            hold = (lambda: not split_messages(cli.got)[0]) if sc.gateway_last else None
+            gateway = Peer(acc, gateway_answer, hold)
             st.callback(gateway.close)
-            cli = Peer(client)
             peers = [cli, gateway, server]
             sent = []
             for i, w in enumerate(sc.writes):
@@ -218,7 +221,14 @@ class Repro:
                 self._wait(lambda b=before: self._records() > b)  # type: ignore[misc]
                 if sc.wait_responses:
                     self._wait(lambda n=i + 1: len(split_messages(cli.got)[0]) >= n)
-            self._wait(lambda: len(split_messages(cli.got)[0]) >= sc.expect)
+            by_name = {"client": cli, "gateway": gateway, "server": server}
+
+            def count(name: str, what: str) -> int:
+                v = getattr(by_name[name], what)
+                return len(v) if isinstance(v, bytes) else int(v)
+
+            self._wait(lambda: len(split_messages(cli.got)[0]) >= sc.expect and all(
+                count(name, what) >= n for name, what, n in sc.wait_for))
             self._quiet(peers)
             return {"scenario": sc.name, "mode": sc.mode,
                     "attach": "SK_SKB_VERDICT" if sc.raw else "STREAM_PARSER+STREAM_VERDICT",
@@ -263,18 +273,19 @@ BIG_HEAD = b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n"
 SCENARIOS = [
     Scenario("split-raw-pass", SPLIT, mode="pass", raw=True, expect=1),
     Scenario("split-strp-fwd", SPLIT, expect=1),
-    Scenario("pipelined-strp-fwd", [GET_A + POST_B], expect=1),
+    Scenario("pipelined-strp-fwd", [GET_A + POST_B], expect=1, wait_for=(("server", "got", 56),)),
     Scenario("pipelined-raw-pass", [GET_A + POST_B], mode="pass", raw=True, expect=2),
     Scenario("pipelined-raw-fwd", [GET_A + POST_B], raw=True, expect=2),
     Scenario("fwd-ingress", [GET_A], mode="fwd_ingress", expect=1),
-    Scenario("xff-strp", [POST_B], mode="xff"),
+    Scenario("xff-strp", [POST_B], mode="xff", wait_for=(("server", "got", len(POST_B)),)),
     Scenario("xff-raw", [POST_B], mode="xff", raw=True, expect=1),
-    Scenario("reply-strp", [GET_A], mode="reply"),
+    Scenario("reply-strp", [GET_A], mode="reply", wait_for=(("client", "got", len(GET_A)),)),
     Scenario("reply-strp-long", [GET_LONG], mode="reply", expect=1),
     Scenario("reply-raw", [GET_A], mode="reply", raw=True, expect=1),
     Scenario("pass-then-kernel", [GET_A, POST_B], pass_first=1, wait_responses=True, expect=2),
-    Scenario("overtake", [GET_A, POST_B], pass_first=1, gateway_delay=0.3, expect=2),
-    Scenario("body-over-rcvbuf", [BIG_HEAD], mode="pass"),
+    Scenario("overtake", [GET_A, POST_B], pass_first=1, gateway_last=True,
+             expect=2),
+    Scenario("body-over-rcvbuf", [BIG_HEAD], mode="pass", wait_for=(("gateway", "eagain", 1),)),
 ]
 
 

@@ -152,8 +152,9 @@ def test_pass_then_kernel_on_one_connection(repro):  # type: ignore[no-untyped-d
 
 
 def test_observed_kernel_answer_overtakes_the_gateways_earlier_one(repro):  # type: ignore[no-untyped-def]
-    """Request 1 PASSed (the gateway answers it after 0.3 s), request 2 sent
-    behind it takes the kernel path: its response reaches the client first."""
+    """Request 1 PASSed, request 2 sent behind it takes the kernel path, and the
+    gateway answers request 1 only once the client holds a response (5 s at
+    most): nothing holds the kernel's response to 2 behind the one owed for 1."""
     out = run(repro, "overtake")
     assert out["gateway"] == GET_A and out["server"] == POST_B, out
     assert [r.endswith(b) for r, b in zip(responses(out), (FROM_SERVER, FROM_GATEWAY),
