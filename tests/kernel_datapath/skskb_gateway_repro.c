@@ -15,7 +15,7 @@
  *                upstream U's egress / into the server socket S's receive queue /
  *                insert an x-forwarded-for line then forward / rewrite into a reply
  *                to A's own egress; the first gk_cfg.pass_first messages PASS
- *   gk_up        SK_SKB_VERDICT on gk_up (U): the response goes out of A (egress)
+ *   gk_up_verdict SK_SKB_VERDICT on gk_up (U): the response goes out of A (egress)
  *
  * Every run is logged in gk_log (kind, skb->len, returns, first GK_SNAP bytes as
  * bpf_skb_load_bytes(skb, 0, ...) reads them).

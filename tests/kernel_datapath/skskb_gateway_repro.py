@@ -4,8 +4,9 @@ Owner: gwkernel. Run as root from the repository:
 `PYTHONPATH=. .venv/bin/python tests/kernel_datapath/skskb_gateway_repro.py [latency]`
 prints one JSON line per scenario: the programs' log (sock_ops, stream parser,
 verdicts with skb->len, returns and the first bytes bpf_skb_load_bytes reads),
-the bytes the client, the gateway (the accepted socket's owner), the server and
-the upstream socket saw. `latency` adds the Envoy / kernel / direct medians.
+the bytes the client, the gateway (the accepted socket's owner) and the server
+saw. `latency` adds what a gateway-like Envoy does to an external client's
+headers and the Envoy / kernel / direct round-trip medians.
 test_skskb_gateway_semantics.py asserts the behaviour printed here.
 """
 
@@ -282,6 +283,7 @@ SCENARIOS = [
     Scenario("reply-strp", [GET_A], mode="reply", wait_for=(("client", "got", len(GET_A)),)),
     Scenario("reply-strp-long", [GET_LONG], mode="reply", expect=1),
     Scenario("reply-raw", [GET_A], mode="reply", raw=True, expect=1),
+    Scenario("reply-raw-long", [GET_LONG], mode="reply", raw=True, expect=1),
     Scenario("pass-then-kernel", [GET_A, POST_B], pass_first=1, wait_responses=True, expect=2),
     Scenario("overtake", [GET_A, POST_B], pass_first=1, gateway_last=True,
              expect=2),
@@ -292,12 +294,12 @@ SCENARIOS = [
 def latency(r: Repro, envoy: NetnsEnvoy, rounds: int = 4, per_round: int = 250) -> dict[str, Any]:
     """Medians (µs) of request/response round trips, 1 connection per path, the
     three paths side by side in ABAB order: client -> Envoy -> server, client ->
-    A -(sk_skb)-> U -> server -(sk_skb on U)-> A -> client, client -> server."""
+    A -(SK_SKB_VERDICT alone)-> U -> server -(sk_skb on U)-> A -> client, client -> server."""
     req = b"GET /lat HTTP/1.1\r\nHost: x\r\n\r\n"
     samples: dict[str, list[float]] = {"envoy": [], "kernel": [], "direct": []}
     per_round_medians: dict[str, list[float]] = {k: [] for k in samples}
     with contextlib.ExitStack() as st:
-        r.configure(False, "fwd")
+        r.configure(True, "fwd")
         up = r.netns.connect(SERVER_PORT)
         st.callback(up.close)
         st.enter_context(contextlib.closing(Peer(r.server.accept()[0], server_answer)))
@@ -307,7 +309,7 @@ def latency(r: Repro, envoy: NetnsEnvoy, rounds: int = 4, per_round: int = 250) 
         for name, port in (("kernel", GW_PORT), ("direct", SERVER_PORT), ("envoy", ENVOY_PORT)):
             conns[name] = r.netns.connect(port)
             st.callback(conns[name].close)
-        r.configure(False, "fwd", client_key=conns["kernel"].getsockname()[1])
+        r.configure(True, "fwd", client_key=conns["kernel"].getsockname()[1])
         acc = r.gw.accept()[0]
         gateway = Peer(acc)
         st.callback(gateway.close)

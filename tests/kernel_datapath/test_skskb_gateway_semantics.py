@@ -128,8 +128,10 @@ def test_observed_strparser_cuts_a_grown_message_to_the_parsers_length(repro):  
 def test_reply_to_the_accepted_sockets_own_egress(repro):  # type: ignore[no-untyped-def]
     from skskb_gateway_repro import REPLY
 
-    out = run(repro, "reply-raw")
-    assert out["client"] == REPLY.decode() and out["gateway"] == out["server"] == "", out
+    for name in ("reply-raw", "reply-raw-long"):  # grown (28 -> 61 bytes), shrunk (107 -> 61)
+        out = run(repro, name)
+        assert out["client"] == REPLY.decode() and out["gateway"] == out["server"] == "", out
+        assert out["so_error"]["gateway"] == 0 and out["read_ended"]["gateway"] == "", out
 
 
 def test_observed_strparser_reply_longer_than_the_request_is_cut(repro):  # type: ignore[no-untyped-def]
