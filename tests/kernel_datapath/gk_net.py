@@ -65,7 +65,6 @@ class Peer:
         self.got = b""
         self.err = ""  # how reading ended: "eof" or the exception's errno name
         self.eagain = 0  # EAGAIN returned to this blocking reader (it reads on)
-        self.requests: list[bytes] = []
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
@@ -75,8 +74,8 @@ class Peer:
             try:
                 d = self.sock.recv(65536)
             except BlockingIOError:
-                # a blocking recv on a socket with a psock: tcp_bpf_recvmsg returns
-                # -EAGAIN when woken with nothing to read (the skb went elsewhere)
+                # seen on a blocking socket with a psock, once the skb that woke
+                # the reader was redirected elsewhere (and after strparser's abort)
                 self.eagain += 1
                 if self.eagain > 10000:
                     self.err = "EAGAIN"
@@ -93,7 +92,6 @@ class Peer:
                 continue
             reqs, rest = split_messages(rest + d)
             for r in reqs:
-                self.requests.append(r)
                 deadline = time.monotonic() + 5
                 while self.hold and self.hold() and time.monotonic() < deadline:
                     time.sleep(0.005)
@@ -252,7 +250,7 @@ class Cgroup:
 def envoy_config(workdir: Path) -> Path:
     """A gateway-like Envoy (the HCM xds_server/istio/gateway.py gives a router
     node: use_remote_address: true, then the router) on GW_IP:ENVOY_PORT, every
-    path to the server; admin on GW_IP:ENVOY_PORT+1 (its /stats for the checks)."""
+    path to the server; admin on GW_IP:ENVOY_PORT+1."""
     def addr(port: int) -> dict[str, object]:
         return {"socket_address": {"address": GW_IP, "port_value": port}}
 

@@ -121,7 +121,7 @@ class Repro:
         link = bpfsys.link_create(prog, target, attach_type)
         if link >= 0:
             self._stack.callback(os.close, link)
-        else:  # the kernel has no link for it (sk_skb stream parser/verdict): legacy attach
+        else:  # a kernel without a link for this attach type (6.18 has them all): legacy attach
             bpfsys.prog_attach(prog, target, attach_type)
             self._stack.callback(bpfsys.prog_detach, prog, target, attach_type)
 
@@ -196,7 +196,7 @@ class Repro:
             srv_sock, _ = self.server.accept()
             bpfsys.map_update(self.fd["gk_up"], ct.c_uint64(UP_KEY), ct.c_uint32(up.fileno()))
             st.callback(bpfsys.map_delete, self.fd["gk_up"], ct.c_uint64(UP_KEY))
-            if sc.mode == "fwd_ingress":  # before its reader starts (it must read the psock's queue)
+            if sc.mode == "fwd_ingress":  # S joins gk_up before its reader starts reading
                 bpfsys.map_update(self.fd["gk_up"], ct.c_uint64(SRV_KEY),
                                   ct.c_uint32(srv_sock.fileno()))
                 st.callback(bpfsys.map_delete, self.fd["gk_up"], ct.c_uint64(SRV_KEY))
