@@ -44,7 +44,8 @@
 #define L7FP_W_GRPC_TI L7FP_W8('g', 'r', 'p', 'c', '-', 't', 'i', 'm')
 #define L7FP_W_C_TIMEOUT L7FP_W8('-', 't', 'i', 'm', 'e', 'o', 'u', 't')
 #define L7FP_W_X_ENVOY L7FP_W8('x', '-', 'e', 'n', 'v', 'o', 'y', '-')
-#define L7FP_W_MEOUT_MS L7FP_W8('m', 'e', 'o', 'u', 't', '-', 'm', 's')
+#define L7FP_W_X_FORWAR L7FP_W8('x', '-', 'f', 'o', 'r', 'w', 'a', 'r')
+#define L7FP_W_ENT_CERT L7FP_W8('e', 'n', 't', '-', 'c', 'e', 'r', 't')
 #define L7FP_W_ENT_TYPE L7FP_W8('e', 'n', 't', '-', 't', 'y', 'p', 'e')
 #define L7FP_W_APPLICAT L7FP_W8('a', 'p', 'p', 'l', 'i', 'c', 'a', 't')
 #define L7FP_W_ION_GRPC L7FP_W8('i', 'o', 'n', '/', 'g', 'r', 'p', 'c')
@@ -379,9 +380,15 @@ static __always_inline __u32 l7fp_parse_header(struct l7fp_req_ctx *c, __u32 k, 
     /* Envoy may enforce grpc-timeout as a request timeout */
     if (key.len == 12 && key.w0 == L7FP_W_GRPC_TI && key.w1 == L7FP_W_C_TIMEOUT)
         return L7FP_R_UNPARSED;
-    /* x-envoy-upstream-rq-timeout-ms, ...-per-try-timeout-ms, x-envoy-expected-rq-timeout-ms:
-     * Envoy may take its timeout from them, and it overwrites the last one */
-    if (key.len > 16 && key.w0 == L7FP_W_X_ENVOY && key.w1 == L7FP_W_MEOUT_MS)
+    /* x-envoy-*: Envoy acts on some (x-envoy-upstream-rq-timeout-ms may set its
+     * timeout), strips or overwrites others (x-envoy-internal, -retry-on,
+     * -ip-tags, -force-trace, -expected-rq-timeout-ms); the kernel
+     * would pass them all to the upstream (tests/split/test_stripped_headers_envoy.py) */
+    if (key.len > 8 && key.w0 == L7FP_W_X_ENVOY)
+        return L7FP_R_UNPARSED;
+    /* x-forwarded-client-cert: Envoy's default (SANITIZE) removes it, so an app
+     * never sees a client's forged one on the slow path; 23 bytes, last 8 "ent-cert" */
+    if (key.len == 23 && key.w0 == L7FP_W_X_FORWAR && key.w1 == L7FP_W_ENT_CERT)
         return L7FP_R_UNPARSED;
     /* names over 16 bytes (24 with L7FP_F_LONG_NAMES) can share a key: the
      * synthesis gives them slots only for must-be-absent checks, where a false

@@ -112,6 +112,17 @@ CASES = [
     ("dot-file-is-fine", req("GET /.well-known HTTP/1.1\nHost: web\n\n"), FWD, 0),
     ("dots-in-query-are-fine", req("GET /api?a=/../ HTTP/1.1\nHost: web\n\n"), FWD, 0),
     ("grpc-timeout", req("GET /api HTTP/1.1\nHost: web\ngrpc-timeout: 1S\n\n"), PASS, R["unparsed"]),
+    # Envoy strips, overwrites or acts on these (tests/split/test_stripped_headers_envoy.py)
+    ("x-envoy-header", req("GET /api HTTP/1.1\nHost: web\nX-Envoy-Internal: true\n\n"), PASS,
+     R["unparsed"]),
+    ("x-envoy-timeout", req("GET /api HTTP/1.1\nHost: web\nx-envoy-upstream-rq-timeout-ms: 9\n\n"), PASS,
+     R["unparsed"]),
+    ("x-envoy-short", req("GET /api HTTP/1.1\nHost: web\nx-envoy-a: 1\n\n"), PASS, R["unparsed"]),
+    ("x-envoy-bare-prefix", req("GET /api HTTP/1.1\nHost: web\nx-envoy-: 1\n\n"), FWD, 0),
+    ("xfcc", req("GET /api HTTP/1.1\nHost: web\nX-Forwarded-Client-Cert: By=spiffe://x\n\n"), PASS,
+     R["unparsed"]),
+    ("x-forwarded-for-is-fine", req("GET /api HTTP/1.1\nHost: web\nX-Forwarded-For: 198.18.0.1\n\n"), FWD, 0),
+    ("x-envoyish-is-fine", req("GET /api HTTP/1.1\nHost: web\nx-envoyz: 1\n\n"), FWD, 0),
     ("head-reply", req("HEAD /deny HTTP/1.1\nHost: web\n\n"), REP, 0),
     ("head-forward", req("HEAD /api HTTP/1.1\nHost: web\n\n"), FWD, 0),
 ]
