@@ -326,6 +326,20 @@ def _hcm_reasons(hcm: dict[str, Any]) -> list[str]:
         reasons.append("http_connection_manager max_stream_duration")
     if hcm.get("codecType") in ("HTTP2", "HTTP3"):
         reasons.append(f"http_connection_manager codec_type {hcm['codecType']} (no HTTP/1.1 there)")
+    # Settings that change what a request gets (measured, tests/split/test_hcm_settings_envoy.py):
+    # a Host "web." routed (and sent) as "web"; x-forwarded-port upstream; a
+    # proxy-status header on Envoy's error replies (an empty config enables it);
+    # x-forwarded-proto and redirect schemes from the overwrite.
+    if bool_field(hcm, "stripTrailingHostDot", False):
+        reasons.append("http_connection_manager strip_trailing_host_dot")
+    if bool_field(hcm, "appendXForwardedPort", False):
+        reasons.append("http_connection_manager append_x_forwarded_port")
+    if "proxyStatusConfig" in hcm:
+        reasons.append("http_connection_manager proxy_status_config (reply header)")
+    if (hcm.get("schemeHeaderTransformation") or {}).get("schemeToOverwrite"):
+        reasons.append("http_connection_manager scheme_header_transformation scheme_to_overwrite")
+    if hcm.get("typedHeaderValidationConfig"):
+        reasons.append("http_connection_manager typed_header_validation_config")
     return reasons + request_id.hcm_reasons(hcm)  # x-request-id, x-forwarded-proto as the kernel adds them
 
 
