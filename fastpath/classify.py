@@ -45,6 +45,7 @@ from fastpath.plan import (
 )
 from xds_server.protojson import is_opaque, opaque_type, opaque_types
 
+LEAST_REQUEST_REASON = "LEAST_REQUEST picks by active requests; the kernel picks at random"
 _LB = {"ROUND_ROBIN": LbPolicy.ROUND_ROBIN, "RANDOM": LbPolicy.RANDOM,
        "LEAST_REQUEST": LbPolicy.LEAST_REQUEST, "RING_HASH": LbPolicy.RING_HASH,
        "MAGLEV": LbPolicy.MAGLEV}
@@ -368,7 +369,7 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
     name = str(c.get("name", ""))
     caps = caps or KernelCaps()
     reasons = []
-    lb = _LB.get(c.get("lbPolicy", "ROUND_ROBIN"))
+    lb = _typed_lb(c) or _LB.get(c.get("lbPolicy", "ROUND_ROBIN"))
     if lb is None:
         reasons.append(f"lb_policy {c.get('lbPolicy')}")
     kind = c.get("type", "STATIC")
@@ -388,6 +389,11 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
         # evenly. RANDOM ignores weights in Envoy too (tests/split/test_lb_weights_envoy.py).
         reasons.append(f"endpoint weights under {lb.name} (Envoy weights its picks; the kernel "
                        "picks endpoints evenly)")
+    if lb is LbPolicy.LEAST_REQUEST and len(eps) > 1:
+        # Envoy 1.40: power of two choices over its active requests per host,
+        # which steers away from a slow host (tests/split/test_least_request_envoy.py);
+        # the kernel picks at random. One endpoint leaves no choice.
+        reasons.append(LEAST_REQUEST_REASON)
     if "transportSocket" in c or "transportSocketMatches" in c:
         reasons.append("upstream TLS (no kTLS on this kernel)")
     reasons += _cluster_options(c)
@@ -431,15 +437,29 @@ _CLUSTER_KEYS = {
     "ignoreHealthOnHostRemoval", "lrsServer", "trackTimeoutBudgets", "clusterType",
     "loadBalancingPolicy", "protocolSelection", "connectionPoolPerDownstreamConnection",
 }
-_TYPED_LB_OK = ("round_robin", "random", "least_request")
+_TYPED_LB = {"round_robin": LbPolicy.ROUND_ROBIN, "random": LbPolicy.RANDOM,
+             "least_request": LbPolicy.LEAST_REQUEST}
+
+
+def _typed_type(c: dict[str, Any]) -> str | None:
+    """The @type of the cluster's load_balancing_policy (its first policy), if any."""
+    for p in c.get("loadBalancingPolicy", {}).get("policies", [])[:1]:
+        return str(p.get("typedExtensionConfig", {}).get("typedConfig", {}).get("@type", ""))
+    return None
+
+
+def _typed_lb(c: dict[str, Any]) -> LbPolicy | None:
+    """The policy a typed load_balancing_policy names: Envoy uses it instead of
+    lb_policy (a least_request one is LEAST_REQUEST whatever lb_policy says)."""
+    t = _typed_type(c) or ""
+    return next((lb for k, lb in _TYPED_LB.items() if f".{k}." in t), None)
 
 
 def _cluster_options(c: dict[str, Any]) -> list[str]:
     reasons = [f"cluster field {k}" for k in sorted(set(c) - _CLUSTER_KEYS) if c[k]]
-    for p in c.get("loadBalancingPolicy", {}).get("policies", [])[:1]:
-        t = str(p.get("typedExtensionConfig", {}).get("typedConfig", {}).get("@type", ""))
-        if not any(f".{k}." in t for k in _TYPED_LB_OK):
-            reasons.append(f"load_balancing_policy {t.rsplit('/', 1)[-1] or '?'}")
+    t = _typed_type(c)
+    if t is not None and _typed_lb(c) is None:
+        reasons.append(f"load_balancing_policy {t.rsplit('/', 1)[-1] or '?'}")
     panic = c.get("commonLbConfig", {}).get("healthyPanicThreshold")
     if panic is not None and float(panic.get("value", 0.0)) != 50.0 \
             and c.get("outlierDetection") is None:  # proto3: absent = 0; outlier: its own

@@ -578,6 +578,8 @@ def _pick_endpoint(eps: tuple[Endpoint, ...], lb: LbPolicy, rng: random.Random, 
     # RANDOM: Envoy 1.40 ignores endpoint weights (measured: 1:9 gives ~50 %/50 %),
     # as the kernel does; LEAST_REQUEST and ROUND_ROBIN with unequal weights are
     # ENVOY (fastpath.classify), so a KERNEL plan's pool here has equal weights.
+    # LEAST_REQUEST with two or more endpoints is ENVOY (Envoy picks by active
+    # requests); with one, the pick below is that endpoint.
     return rng.choices(pool)[0]
 
 

@@ -309,6 +309,40 @@ def test_cluster_fields(extra: dict[str, Any], needle: str | None) -> None:
     assert (v is Verdict.KERNEL) if needle is None else (v is Verdict.ENVOY and needle in why), why
 
 
+def _endpoints(n: int) -> dict[str, Any]:
+    return {"cluster_name": "c", "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": f"198.18.0.{9 + i}", "port_value": 80}}}}
+        for i in range(n)]}]}
+
+
+def _typed_lb(name: str, msg: str) -> dict[str, Any]:
+    return {"load_balancing_policy": {"policies": [{"typed_extension_config": {"name": name, "typed_config": {
+        "@type": f"type.googleapis.com/envoy.extensions.load_balancing_policies.{name}.v3.{msg}"}}}]}}
+
+
+@pytest.mark.parametrize("lb,n,kernel", [
+    ({"lb_policy": "LEAST_REQUEST"}, 1, True),  # one endpoint: no choice to make
+    ({"lb_policy": "LEAST_REQUEST"}, 2, False),
+    ({"lb_policy": "LEAST_REQUEST"}, 3, False),
+    ({"lb_policy": "RANDOM"}, 2, True),
+    ({"lb_policy": "ROUND_ROBIN"}, 2, True),
+    # a typed policy is the one Envoy uses, whatever lb_policy says
+    (_typed_lb("least_request", "LeastRequest"), 2, False),
+    ({"lb_policy": "RANDOM", **_typed_lb("least_request", "LeastRequest")}, 2, False),
+    ({"lb_policy": "LEAST_REQUEST", **_typed_lb("random", "Random")}, 2, True),
+    (_typed_lb("round_robin", "RoundRobin"), 2, True),
+])
+def test_least_request_needs_envoy_with_a_choice(lb: dict[str, Any], n: int, kernel: bool) -> None:
+    """Envoy's LEAST_REQUEST picks by its active requests (steers away from a
+    slow host: tests/split/test_least_request_envoy.py); the kernel at random."""
+    cluster = {**CLUSTER, **lb, "load_assignment": _endpoints(n)}
+    (v, why), = verdicts([fwd(timeout="0s")], cluster=cluster)
+    if kernel:
+        assert v is Verdict.KERNEL, why
+    else:
+        assert v is Verdict.ENVOY and "LEAST_REQUEST picks by active requests" in why, why
+
+
 def test_classifier_error_is_an_envoy_listener(monkeypatch: pytest.MonkeyPatch) -> None:
     import fastpath.classify as cl
 

@@ -5,7 +5,9 @@ Envoy weights ROUND_ROBIN and LEAST_REQUEST picks by `load_balancing_weight`
 (1:9 gives 10 % / 90 %) and ignores the weights under RANDOM. The kernel picks
 endpoints evenly (l7fp_decide: `rand2 % n`, or the round-robin counter), so a
 ROUND_ROBIN or LEAST_REQUEST cluster with unequal weights is ENVOY; a RANDOM one,
-and any cluster with equal weights, is KERNEL (fastpath.classify.classify_cluster)."""
+and a RANDOM or ROUND_ROBIN cluster with equal weights, is KERNEL
+(fastpath.classify.classify_cluster). LEAST_REQUEST with two endpoints is ENVOY
+whatever the weights (test_least_request_envoy.py)."""
 
 from __future__ import annotations
 
@@ -121,4 +123,7 @@ def test_envoy_weights_and_the_verdict(setup: tuple[int, list[int]], lb: str) ->
         assert got.verdict is Verdict.ENVOY
         assert f"endpoint weights under {lb}" in got.reason
     same = classified(cluster(lb, ups, (5, 5)))
-    assert same.verdict is Verdict.KERNEL, same.reason
+    if lb == "LEAST_REQUEST":  # equal weights, but Envoy picks by active requests
+        assert same.verdict is Verdict.ENVOY and "endpoint weights" not in same.reason, same.reason
+    else:
+        assert same.verdict is Verdict.KERNEL, same.reason
