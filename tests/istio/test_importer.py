@@ -179,3 +179,41 @@ data:
     assert "retryPolicy" not in vh["routes"][0]["route"]  # attempts: 0
     assert list(objs.warnings) == ["MeshConfig istio-system/istio: data.mesh.accessLogFile: "
                                    "MeshConfig field not read by the importer"]
+
+
+@pytest.mark.parametrize("simple,lb", [
+    (None, "LEAST_REQUEST"),  # no DestinationRule: istiod's defaultLBAlgorithm()
+    ("UNSPECIFIED", "LEAST_REQUEST"),
+    ("LEAST_CONN", "LEAST_REQUEST"),  # deprecated alias
+    ("LEAST_REQUEST", "LEAST_REQUEST"),
+    ("ROUND_ROBIN", "ROUND_ROBIN"),
+    ("RANDOM", "RANDOM"),
+    ("BOGUS", "LEAST_REQUEST"),  # istiod's `default:` case; warned
+])
+def test_load_balancer_default_is_istiods(tmp_path: Path, simple: str | None, lb: str) -> None:
+    (tmp_path / "dr.yaml").write_text("" if simple is None else f"""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: default}}
+spec:
+  host: web
+  subsets: [{{name: v1, labels: {{version: v1}}}}]
+  trafficPolicy: {{loadBalancer: {{simple: {simple}}}}}
+""")
+    objs = load_path(tmp_path)
+    reg = registry.Registry()
+    reg.add(registry.Service("web", "default", [registry.Port(80)], endpoints=[
+        registry.Endpoint("198.18.0.20", {"version": "v1"}),
+        registry.Endpoint("198.18.0.21", {"version": "v2"})]))
+    res = istio.generate(istio.sidecar.mesh_from(objs, reg), NODE)
+    got = {c["name"]: c["lbPolicy"] for c in res[CLUSTER] if c["name"].startswith("outbound|80|")}
+    want = {"outbound|80||web.default.svc.cluster.local": lb}
+    if simple is not None:
+        want["outbound|80|v1|web.default.svc.cluster.local"] = lb
+    assert got == want
+    warned = list(objs.warnings)
+    if simple == "BOGUS":  # (and once more for the subset, which inherits the policy)
+        assert warned[0] == ("DestinationRule default/web: spec.trafficPolicy.loadBalancer.simple: "
+                             "'BOGUS' unknown; LEAST_REQUEST used"), warned
+    else:
+        assert not warned

@@ -19,8 +19,12 @@ MAX = 4294967295
 HTTP2 = frozenset({"http2", "grpc", "grpc-web"})
 TP_FIELDS = {"loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings",
              "tunnel", "proxyProtocol"}
+# istiod's defaultLBAlgorithm(): LEAST_REQUEST unless its legacy flag
+# (ENABLE_LEGACY_LB_ALGORITHM_DEFAULT) asks for ROUND_ROBIN; UNSPECIFIED, an
+# unknown `simple` and a cluster with no DestinationRule get it.
+DEFAULT_LB = "LEAST_REQUEST"
 LB = {"ROUND_ROBIN": "ROUND_ROBIN", "LEAST_REQUEST": "LEAST_REQUEST", "LEAST_CONN": "LEAST_REQUEST",
-      "RANDOM": "RANDOM", "UNSPECIFIED": "ROUND_ROBIN"}
+      "RANDOM": "RANDOM", "UNSPECIFIED": DEFAULT_LB}
 
 
 def cluster_name(port: int, subset: str, host: str) -> str:
@@ -92,7 +96,7 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def _cluster(w: Warnings, dr: Obj | None, path: str, name: str, svc: Service, port: Port,
              tp: Mapping[str, Any], hash_policies: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    c: dict[str, Any] = {"name": name, "connectTimeout": "10s", "lbPolicy": "ROUND_ROBIN",
+    c: dict[str, Any] = {"name": name, "connectTimeout": "10s", "lbPolicy": DEFAULT_LB,
                          "circuitBreakers": {"thresholds": [{"maxConnections": MAX, "maxPendingRequests": MAX,
                                                              "maxRequests": MAX, "maxRetries": MAX}]}}
     if svc.resolution == "PASSTHROUGH":
@@ -125,7 +129,7 @@ def _traffic_policy(w: Warnings, dr: Obj, path: str, tp: Mapping[str, Any], c: d
         elif simple in LB:
             c["lbPolicy"] = LB[simple]
         else:
-            w.add(dr, f"{path}.loadBalancer.simple", f"{simple!r} unknown; ROUND_ROBIN used")
+            w.add(dr, f"{path}.loadBalancer.simple", f"{simple!r} unknown; {DEFAULT_LB} used")
     if "consistentHash" in lb:
         c["lbPolicy"] = "RING_HASH"
         hash_policies[c["name"]] = _hash_policy(w, dr, f"{path}.loadBalancer.consistentHash",
