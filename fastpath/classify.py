@@ -441,24 +441,25 @@ _TYPED_LB = {"round_robin": LbPolicy.ROUND_ROBIN, "random": LbPolicy.RANDOM,
              "least_request": LbPolicy.LEAST_REQUEST}
 
 
-def _typed_type(c: dict[str, Any]) -> str | None:
-    """The @type of the cluster's load_balancing_policy (its first policy), if any."""
+def _typed_config(c: dict[str, Any]) -> dict[str, Any] | None:
+    """The typed config of the cluster's load_balancing_policy (its first policy), if any."""
     for p in c.get("loadBalancingPolicy", {}).get("policies", [])[:1]:
-        return str(p.get("typedExtensionConfig", {}).get("typedConfig", {}).get("@type", ""))
+        return dict(p.get("typedExtensionConfig", {}).get("typedConfig", {}))
     return None
 
 
 def _typed_lb(c: dict[str, Any]) -> LbPolicy | None:
     """The policy a typed load_balancing_policy names: Envoy uses it instead of
     lb_policy (a least_request one is LEAST_REQUEST whatever lb_policy says)."""
-    t = _typed_type(c) or ""
+    t = str((_typed_config(c) or {}).get("@type", ""))
     return next((lb for k, lb in _TYPED_LB.items() if f".{k}." in t), None)
 
 
 def _cluster_options(c: dict[str, Any]) -> list[str]:
     reasons = [f"cluster field {k}" for k in sorted(set(c) - _CLUSTER_KEYS) if c[k]]
-    t = _typed_type(c)
-    if t is not None and _typed_lb(c) is None:
+    typed = _typed_config(c)
+    if typed is not None and _typed_lb(c) is None:
+        t = str(typed.get("@type", ""))
         reasons.append(f"load_balancing_policy {t.rsplit('/', 1)[-1] or '?'}")
     panic = c.get("commonLbConfig", {}).get("healthyPanicThreshold")
     if panic is not None and float(panic.get("value", 0.0)) != 50.0 \
@@ -493,9 +494,8 @@ def _slow_start(c: dict[str, Any]) -> bool:
     """Whether the cluster's round robin / least request LB has a slow start
     window (Istio's DestinationRule `warmupDurationSecs` in istiod's output):
     Envoy then weights endpoints by their age, which the kernel does not."""
-    cfgs = [c.get("roundRobinLbConfig") or {}, c.get("leastRequestLbConfig") or {}]
-    cfgs += [p.get("typedExtensionConfig", {}).get("typedConfig", {})
-             for p in c.get("loadBalancingPolicy", {}).get("policies", [])[:1]]
+    cfgs = [c.get("roundRobinLbConfig") or {}, c.get("leastRequestLbConfig") or {},
+            _typed_config(c) or {}]
     return any((cfg.get("slowStartConfig") or {}).get("slowStartWindow") not in (None, "0s")
                for cfg in cfgs)
 
