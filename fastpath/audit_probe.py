@@ -209,7 +209,9 @@ def _inbound_probe(dst: KernelPlan, lp: ListenerPlan, vh: VirtualHost, r: Route,
         if not some:
             why = why or f"the caller's outbound decision for it is {_expect(d)}"
             continue
-        inner = decide_datapath(dst, lp.name, fwd)
+        # the kernel decides the inbound side on the client's request as parsed
+        # (dp_decide_second): the lines its outbound forward adds are not in it
+        inner = decide_datapath(dst, lp.name, _forwarded(req, d, adds=False))
         sure = _sure(caller, out_lp.name, req)
         p = replace(base, request=req, via=f"{out_lp.name}/{ovh.name if ovh else ''}/{d.route}",
                     expect=f"{_expect(d)}, then inbound {_expect(inner)} (destination plan {dst.version})",
@@ -236,14 +238,14 @@ def _unreached(caller: KernelPlan, out_lp: ListenerPlan, dst: tuple[str, int]) -
     return f"{NOT_FORWARDED} {out_lp.name} forwards to {dst[0]}:{dst[1]}"
 
 
-def _forwarded(req: Request, d: Decision) -> Request:
+def _forwarded(req: Request, d: Decision, adds: bool = True) -> Request:
     """The request as the caller's outbound decision forwards it: rewritten path and
-    host, its header removals and additions (fastpath.reference.Decision)."""
+    host, its header removals and (`adds`) additions (fastpath.reference.Decision)."""
     if d.kind != "forward":
         return req
     kept = tuple((n, v) for n, v in req.headers if n not in d.remove_headers)
     return replace(req, path=d.path or req.path, host=d.host or req.host,
-                   headers=kept + tuple(d.add_headers))
+                   headers=kept + (tuple(d.add_headers) if adds else ()))
 
 
 def _inbound_requests(r: Route, caller: KernelPlan, out_lp: ListenerPlan, dst: tuple[str, int],

@@ -308,9 +308,48 @@ KERNEL_HEAD_BYTES = 2048
 KERNEL_HEAD_LINES = DEFAULT_KNOBS["L7FP_MAX_LINES"]
 
 
+# HCM fields the split reads (checked in _hcm_reasons, request_id.hcm_reasons,
+# tracing.hcm_reasons, the route tables) or that have no effect on what a
+# request the kernel takes gets: connection and stream timers (Envoy's default
+# stream idle timeout is not enforced on the fast path either, docs/split.md),
+# access logs, HTTP/2 and HTTP/3 options, fields that only matter with
+# use_remote_address (ENVOY) or with TLS, and Envoy's handling of requests the
+# kernel hands over (Expect, Upgrade, invalid messages). Any other field: ENVOY.
+_HCM_KNOWN = {
+    "@type", "codecType", "statPrefix", "rds", "routeConfig", "httpFilters", "tracing",
+    "commonHttpProtocolOptions", "http1SafeMaxConnectionDuration", "httpProtocolOptions",
+    "http2ProtocolOptions", "http3ProtocolOptions", "serverName", "serverHeaderTransformation",
+    "schemeHeaderTransformation", "maxRequestHeadersKb", "streamIdleTimeout", "requestTimeout",
+    "requestHeadersTimeout", "drainTimeout", "delayedCloseTimeout", "accessLog", "accessLogFlushInterval",
+    "flushAccessLogOnNewRequest", "accessLogOptions", "useRemoteAddress", "xffNumTrustedHops",
+    "internalAddressConfig", "skipXffAppend", "generateRequestId", "preserveExternalRequestId",
+    "alwaysSetRequestIdInResponse", "forwardClientCertDetails", "setCurrentClientCertDetails",
+    "proxy100Continue", "representIpv4RemoteAddressAsIpv4MappedIpv6", "upgradeConfigs", "normalizePath",
+    "mergeSlashes", "pathWithEscapedSlashesAction", "requestIdExtension", "streamErrorOnInvalidHttpMessage",
+    "stripTrailingHostDot", "proxyStatusConfig", "typedHeaderValidationConfig", "appendXForwardedPort",
+    "appendLocalOverload", "addProxyProtocolConnectionState", *_HCM_ENVOY_KEYS,
+}
+_COMMON_KNOWN = {"idleTimeout", "maxConnectionDuration", "maxHeadersCount", "maxStreamDuration",
+                 "headersWithUnderscoresAction", "maxRequestsPerConnection", "maxResponseHeadersKb"}
+# HTTP/1 options: header name case (not semantic: Envoy lower-cases names by
+# default, the kernel forwards them as sent), and what only applies to requests
+# the kernel hands over (absolute URLs, HTTP/1.0, trailers and chunked bodies,
+# methods beyond its 28, invalid messages).
+_HTTP1_KNOWN = {"headerKeyFormat", "allowAbsoluteUrl", "acceptHttp10", "defaultHostForHttp10",
+                "enableTrailers", "allowChunkedLength", "allowCustomMethods",
+                "overrideStreamErrorOnInvalidHttpMessage", "sendFullyQualifiedUrl"}
+
+
 def _hcm_reasons(hcm: dict[str, Any]) -> list[str]:
     reasons = [f"http_connection_manager {k}" for k in _HCM_ENVOY_KEYS if hcm.get(k)]
     common = hcm.get("commonHttpProtocolOptions", {})
+    unknown = [f"http_connection_manager field {k}" for k in sorted(set(hcm) - _HCM_KNOWN) if hcm[k]]
+    unknown += [f"http_connection_manager common_http_protocol_options field {k}"
+                for k in sorted(set(common) - _COMMON_KNOWN) if common[k]]
+    http1 = hcm.get("httpProtocolOptions") or {}
+    unknown += [f"http_connection_manager http_protocol_options field {k}"
+                for k in sorted(set(http1) - _HTTP1_KNOWN) if http1[k]]
+    reasons += unknown
     underscores = common.get("headersWithUnderscoresAction")
     if underscores == "DROP_HEADER":
         reasons.append("http_connection_manager drops headers with underscores")

@@ -238,6 +238,14 @@ def test_attempt_count_header_is_a_kernel_header_add() -> None:
     ({}, {"local_reply_config": {"mappers": []}}, None),  # empty: no effect
     ({}, {"via": "l7fp"}, "http_connection_manager via"),
     ({}, {"strip_any_host_port": True}, "stripAnyHostPort"),
+    # any HCM field not known to be harmless: Envoy's
+    ({}, {"path_normalization_options": {"forwarding_transformation": {"operations": [
+        {"normalize_path_rfc_3986": {}}]}}}, "http_connection_manager field pathNormalizationOptions"),
+    ({}, {"http_protocol_options": {"ignore_http_11_upgrade": [{"exact": "h2c"}]}},
+     "http_protocol_options field ignoreHttp11Upgrade"),
+    ({}, {"stream_idle_timeout": "10s", "request_timeout": "5s", "drain_timeout": "1s", "xff_num_trusted_hops": 1,
+          "server_name": "x", "http_protocol_options": {"accept_http_10": True},
+          "common_http_protocol_options": {"idle_timeout": "60s", "max_requests_per_connection": 9}}, None),
 ])
 def test_unknown_or_behavioural_fields_need_envoy(vh: dict[str, Any], hcm: dict[str, Any] | None,
                                                   needle: str | None) -> None:
