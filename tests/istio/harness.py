@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -107,7 +108,11 @@ class Envoy:
             [binary, "-c", path, "--base-id", str(admin_port), "--log-level", "warning",
              "--disable-hot-restart"], stdout=self.log, stderr=subprocess.STDOUT)
         self.admin = admin_port
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # not up: leave no Envoy and no directory behind
+            self.stop()
+            raise
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 30
@@ -124,8 +129,10 @@ class Envoy:
         raise RuntimeError(f"envoy not ready: {open(self.log.name).read()[-3000:]}")
 
     def stop(self) -> None:
+        """Kill Envoy by its pid and remove its directory (bootstrap, log)."""
         stop_process(self.proc)
         self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def request(port: int, path: str, host: str, method: str = "GET",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -92,7 +93,11 @@ class EnvoyProc:
             [envoy_bin, "-c", path, "--base-id", str(ports[0]), "--concurrency", "1",
              "--disable-hot-restart", "-l", "warning"],
             stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait(ports)
+        try:
+            self._wait(ports)
+        except BaseException:  # not up: leave no Envoy and no directory behind
+            self.stop()
+            raise
 
     def _wait(self, ports: list[int]) -> None:
         deadline = time.monotonic() + 30
@@ -109,8 +114,10 @@ class EnvoyProc:
                     time.sleep(0.05)
 
     def stop(self) -> None:
+        """Kill Envoy by its pid and remove its directory (bootstrap, log)."""
         stop_process(self.proc)
         self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def envoy_validate(envoy_bin: str, bootstrap: dict[str, Any]) -> subprocess.CompletedProcess[str]:
