@@ -457,8 +457,11 @@ def _headers(r: dict[str, Any], ctx: RouteContext) -> tuple[list[HeaderValue], l
     for level, name in ((r, "route"), (ctx.vhost, "virtual host"), (ctx.route_config, "route config")):
         for h in level.get("requestHeadersToAdd", []):
             hv, more = _header_value(h, name)
-            adds.append(hv)
             reasons += more
+            # Envoy 1.40 skips an empty value without keep_empty_value (it neither adds
+            # nor overwrites the header; tests/split/test_header_adds_envoy.py)
+            if hv.value or h.get("keepEmptyValue"):
+                adds.append(hv)
         removes += [str(x).lower() for x in level.get("requestHeadersToRemove", [])]
         if level.get("responseHeadersToAdd") or level.get("responseHeadersToRemove"):
             reasons.append(f"{name} changes response headers")

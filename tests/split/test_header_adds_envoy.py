@@ -1,0 +1,85 @@
+"""Route header adds with an empty value: Envoy 1.40 skips one without
+`keep_empty_value` (the upstream sees no line, and a client's header of that
+name is left as it was, also under an overwrite action) and adds `name: ` with
+it; the split's plan and the reference model (the kernel's adds) do the same
+(fastpath.classify_route._headers)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from fastpath import envoy_model as em
+from fastpath.reference import Request, decide
+from fastpath.split import split_snapshot
+from tests.split.harness import EnvoyProc, free_ports
+from tests.split.test_hcm_limits_envoy import cluster, listener
+
+pytestmark = [pytest.mark.envoy]
+
+ADDS = [{"header": {"key": "x-empty", "value": ""}},
+        {"header": {"key": "x-over", "value": ""}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+        {"header": {"key": "x-keep", "value": ""}, "keep_empty_value": True},
+        {"header": {"key": "x-full", "value": "v"}}]
+CLIENT = [("x-over", "client")]
+
+
+def with_adds(port: int) -> dict[str, Any]:
+    lis = listener("l", port, {})
+    route = lis["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+    route["request_headers_to_add"] = ADDS
+    return lis
+
+
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = json.dumps([(k.lower(), v) for k, v in self.headers.items()]).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def upstream_saw(envoy_bin: str) -> Iterator[list[tuple[str, str]]]:
+    up, port = free_ports(2)
+    srv = ThreadingHTTPServer(("127.0.0.1", up), Echo)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    proc = EnvoyProc(envoy_bin, {"static_resources": {"listeners": [with_adds(port)],
+                                                      "clusters": [cluster("l", up, {})]}}, [port])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in CLIENT)
+                      + b"\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"]"):
+                chunk = s.recv(65536)
+                assert chunk, data
+                data += chunk
+        yield [tuple(x) for x in json.loads(data.split(b"\r\n\r\n", 1)[1])]
+    finally:
+        proc.stop()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_empty_values_as_envoy(upstream_saw: list[tuple[str, str]]) -> None:
+    names = [k for k, _ in upstream_saw]
+    assert "x-empty" not in names and ("x-keep", "") in upstream_saw and ("x-full", "v") in upstream_saw
+    assert ("x-over", "client") in upstream_saw, upstream_saw  # not overwritten with ""
+    plan = split_snapshot("n", {em.LISTENER: [em.parse(em.LISTENER, with_adds(8080))],
+                                em.CLUSTER: [em.parse(em.CLUSTER, cluster("l", 9, {}))]}).plan
+    d = decide(plan, "l", Request("GET", "/", "web", tuple(CLIENT)))
+    assert d.kind == "forward", d
+    assert [k for k, _ in d.add_headers] == ["x-keep", "x-full"], d.add_headers
