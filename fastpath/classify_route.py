@@ -457,15 +457,26 @@ def _headers(r: dict[str, Any], ctx: RouteContext) -> tuple[list[HeaderValue], l
     for level, name in ((r, "route"), (ctx.vhost, "virtual host"), (ctx.route_config, "route config")):
         for h in level.get("requestHeadersToAdd", []):
             hv, more = _header_value(h, name)
-            reasons += more
+            reasons += more + _unmodifiable(hv.name, "added", "modified")
             # Envoy 1.40 skips an empty value without keep_empty_value (it neither adds
             # nor overwrites the header; tests/split/test_header_adds_envoy.py)
             if hv.value or h.get("keepEmptyValue"):
                 adds.append(hv)
-        removes += [str(x).lower() for x in level.get("requestHeadersToRemove", [])]
+        for x in level.get("requestHeadersToRemove", []):
+            removes.append(str(x).lower())
+            reasons += _unmodifiable(removes[-1], "removed", "removed")
         if level.get("responseHeadersToAdd") or level.get("responseHeadersToRemove"):
             reasons.append(f"{name} changes response headers")
     return adds, removes, reasons
+
+
+def _unmodifiable(name: str, what: str, done: str) -> Reasons:
+    """Envoy 1.40 rejects a config that adds or removes `host` or a pseudo-header
+    (measured with `envoy --mode validate`, tests/split/test_header_adds_envoy.py)."""
+    if name != "host" and not name.startswith(":"):
+        return []
+    return [f"invalid config: {what} header {name!r}: Envoy rejects it "
+            f"(\":-prefixed or host headers may not be {done}\")"]
 
 
 def _router_headers(action: Action, ctx: RouteContext) -> list[HeaderValue]:
