@@ -296,6 +296,9 @@ static __always_inline int l7fp_decide_parsed(struct l7fp_req_ctx *ctx, __u32 li
     struct l7fp_listener *l = l7fp_listeners.lookup(&lidx);
     if (!l || (l->flags & L7FP_LF_PUNT))
         return l7fp_pass(out, L7FP_R_NO_LISTENER);
+    /* a header Envoy strips, overwrites or acts on (l7fp_parse_header) */
+    if (ctx->r.tflags & L7FP_TF_ENVOY_HDR)
+        return l7fp_pass(out, L7FP_R_HDR_CONFLICT);
     if (ctx->r.tflags)
         return l7fp_pass(out, L7FP_R_PATH_NORM);
     l7fp_query_scan(ctx);

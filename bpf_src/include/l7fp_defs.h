@@ -399,6 +399,7 @@ struct l7fp_cclass {
 
 #define L7FP_TF_PCT 1    /* '%' in the path */
 #define L7FP_TF_DOTSEG 2 /* "//", "/./", "/../" or a final "/." "/.." in the path */
+#define L7FP_TF_ENVOY_HDR 4 /* an x-envoy-* or x-forwarded-client-cert header: Envoy's (L7FP_R_HDR_CONFLICT) */
 
 #define L7FP_SEEN_HOST 1
 #define L7FP_SEEN_CL 2

@@ -384,12 +384,16 @@ static __always_inline __u32 l7fp_parse_header(struct l7fp_req_ctx *c, __u32 k, 
      * timeout), strips or overwrites others (x-envoy-internal, -retry-on,
      * -ip-tags, -force-trace, -expected-rq-timeout-ms); the kernel
      * would pass them all to the upstream (tests/split/test_stripped_headers_envoy.py) */
-    if (key.len > 8 && key.w0 == L7FP_W_X_ENVOY)
-        return L7FP_R_UNPARSED;
+    if (key.len > 8 && key.w0 == L7FP_W_X_ENVOY) {
+        r->tflags |= L7FP_TF_ENVOY_HDR; /* the head is parsed on: Envoy gets it whole */
+        return 0;
+    }
     /* x-forwarded-client-cert: Envoy's default (SANITIZE) removes it, so an app
      * never sees a client's forged one on the slow path; 23 bytes, last 8 "ent-cert" */
-    if (key.len == 23 && key.w0 == L7FP_W_X_FORWAR && key.w1 == L7FP_W_ENT_CERT)
-        return L7FP_R_UNPARSED;
+    if (key.len == 23 && key.w0 == L7FP_W_X_FORWAR && key.w1 == L7FP_W_ENT_CERT) {
+        r->tflags |= L7FP_TF_ENVOY_HDR;
+        return 0;
+    }
     /* names over 16 bytes (24 with L7FP_F_LONG_NAMES) can share a key: the
      * synthesis gives them slots only for must-be-absent checks, where a false
      * hit only sends the request to Envoy (fastpath/synth_tables.py _slot) */

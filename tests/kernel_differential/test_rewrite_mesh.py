@@ -65,7 +65,7 @@ CASES: list[tuple[str, dict[str, str], int]] = [
     ("/old/h", {ORIG: "/sent"}, 200),
 ]
 KERNEL_PUNTS = {"envoy/path_rewrite": 3,  # /dot/x, /dd./x, /dd
-                "envoy/unparsed": 2}  # /deny/h, /old/h
+                "envoy/header_conflict": 2}  # /deny/h, /old/h
 
 
 def gen_requests() -> list[dict[str, Any]]:
