@@ -284,4 +284,10 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
     return dp_ipass(v, DP_IR_NO_ROUTE);
 }
 
+/* LEAST_REQUEST's in-flight counts are the plan decision's (dp_decide_l7fp.h):
+ * the built-in decision picks no LEAST_REQUEST endpoint. */
+static __always_inline void dp_lr_end(__u64 up) {}
+static __always_inline void dp_lr_sent(__u64 up) {}
+static __always_inline void dp_lr_response(__u64 up, struct dp_peer_val *p) {}
+
 #endif

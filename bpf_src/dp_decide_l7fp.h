@@ -159,6 +159,68 @@ static __always_inline int dp_decide_second(__u32 gen, __u32 lid, struct dp_verd
 }
 #endif
 
+/* LEAST_REQUEST's requests in flight (l7fp_maps.h l7fp_lr_n), the data path's
+ * half. A request counts from its forward (dp_lr_sent, sk_msg.c dp_act_send:
+ * the send on U succeeded) until its end, and dp_lr_busy[U] holds its slot
+ * meanwhile: whoever deletes that record takes the request back, once:
+ *   - the response path when the response is whole (dp_peer_val.left 0:
+ *     Content-Length, chunked's last chunk, HEAD), or at its first write when
+ *     the kernel cannot see its end (DP_LEFT_UNKNOWN: close-delimited, 1xx, a
+ *     head over DP_RESP_HEAD): taken back then, it never leaks;
+ *   - the client's close (sockops.c dp_release), U found gone at a forward
+ *     (dp_act_send), the next request on U (dp_lr_sent: the last one's end
+ *     was not seen);
+ *   - the agent when it closes U (fastpath/loader.py drop_peer: timeouts,
+ *     resets, the app's close, a retry's U, pools retired), counted in
+ *     l7fp_lr_gone.
+ * The slot is kept in the record, so a plan change takes a request back from
+ * the slot it was counted in. Without L7FP_F_LEAST_REQUEST: no-ops. */
+#if L7FP_F_LEAST_REQUEST
+BPF_HASH(dp_lr_busy, __u64, __u32, DP_MAX_UP); /* upstream cookie -> l7fp_lr slot */
+
+static __always_inline void dp_lr_end(__u64 up)
+{
+    __u32 *slot = dp_lr_busy.lookup(&up);
+    if (!slot)
+        return;
+    __u32 s = *slot;
+    if (dp_lr_busy.delete(&up) != 0)
+        return; /* another path took it back first */
+    __u64 *n = l7fp_lr_n.lookup(&s);
+    if (n)
+        __sync_fetch_and_add(n, -1);
+}
+
+/* A request of the outbound decision (dp_dec_scr, this CPU's: sk_msg and its
+ * tail calls run on one CPU) was sent on U. */
+static __always_inline void dp_lr_sent(__u64 up)
+{
+    __u32 k0 = 0;
+    struct l7fp_decision *d = dp_dec_scr.lookup(&k0);
+    if (!d || !(d->flags & L7FP_DF_LR) || d->endpoint >= L7FP_LR_EPS ||
+        d->cluster >= L7FP_N_CLUSTERS)
+        return;
+    __u32 s = l7fp_lr_slot(d->gen, d->cluster, d->endpoint);
+    dp_lr_end(up); /* the last request on U, if its end went unseen */
+    __u64 *n = l7fp_lr_n.lookup(&s);
+    if (!n || dp_lr_busy.update(&up, &s) != 0)
+        return; /* not counted: nothing to take back */
+    __sync_fetch_and_add(n, 1);
+}
+
+/* The response path after dp_close.h counted a write down (p: U's dp_peer). */
+static __always_inline void dp_lr_response(__u64 up, struct dp_peer_val *p)
+{
+    __u32 left = p->left;
+    if (left == 0 || left == DP_LEFT_UNKNOWN)
+        dp_lr_end(up);
+}
+#else
+static __always_inline void dp_lr_end(__u64 up) {}
+static __always_inline void dp_lr_sent(__u64 up) {}
+static __always_inline void dp_lr_response(__u64 up, struct dp_peer_val *p) {}
+#endif
+
 static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, void *data_end,
                                      struct dp_verdict *v)
 {
@@ -173,6 +235,7 @@ static __always_inline int dp_decide(struct dp_conn *c, __u32 gen, void *data, v
     __builtin_memset(d, 0, sizeof(*d));
     ctx->rand = bpf_get_prandom_u32();
     ctx->rand2 = bpf_get_prandom_u32();
+    ctx->rand3 = bpf_get_prandom_u32();
     ctx->gen = gen;
     ctx->now_ns = bpf_ktime_get_ns();
     ctx->src_ip4 = c->src_ip; /* the pod's address, as the destination sees it */

@@ -553,6 +553,7 @@ static __always_inline int dp_act_send(struct sk_msg_md *msg, struct dp_conn *c,
          * the agent to close its socket, go to Envoy */
         if (c->flags & DP_F_TMO)
             dp_tmo_disarm(up);
+        dp_lr_end(up); /* the last request on U, if its end went unseen */
         dp_peer.delete(&up);
         c->binds[b & (DP_BINDS - 1)].up_cookie = 0;
         c->body_left = 0;
@@ -568,6 +569,7 @@ static __always_inline int dp_act_send(struct sk_msg_md *msg, struct dp_conn *c,
     }
     /* no response byte yet: a close of U's app now is a reset; whose response counts */
     dp_reset_wait(up, is_head, v.od_host);
+    dp_lr_sent(up); /* in flight on its endpoint until its end (LEAST_REQUEST) */
     dp_outlier_sent(v.od_host); /* split local-origin count: this attempt is connected */
     dp_count(v.route, DP_OUT_FAST, dms ? DP_R_DELAYED : 0);
     dp_access(c, &v, DP_OUT_FAST, 0);
@@ -738,6 +740,7 @@ int dp_srv_verdict(struct sk_msg_md *msg)
     __u32 first = client->wait; /* this write starts a response (dp_close.h) */
     dp_reset_answered(client); /* a response byte (to the client or a retry) */
     dp_close_response_msg(msg, up, client, first); /* how much of the response is left */
+    dp_lr_response(up, client); /* whole, or its end unseen: no longer in flight */
     dp_outlier_response(up, client); /* its status, from the head dp_close copied */
     /* the retry decision first: a diverted response starts nothing for the
      * client, and the route's deadline (one over all attempts) keeps running */

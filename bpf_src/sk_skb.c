@@ -20,6 +20,7 @@ int dp_skb_verdict(struct __sk_buff *skb)
     __u32 first = client->wait; /* this skb starts a response (dp_close.h) */
     dp_reset_answered(client); /* a response byte: a close of U now is no reset */
     dp_close_response_skb(skb, up, client, first); /* how much of the response is left */
+    dp_lr_response(up, client); /* whole, or its end unseen: no longer in flight */
     dp_outlier_response(up, client); /* its status, from the head dp_close copied */
     if (dp_tmo_response(up, skb->len))
         return SK_DROP; /* timed out: the agent answered 504 and closes U */

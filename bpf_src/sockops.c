@@ -75,6 +75,7 @@ static __always_inline void dp_release(struct bpf_sock_ops *skops)
             e->up_cookies[i] = up;
         if (up) {
             any = 1;
+            dp_lr_end(up); /* a request in flight on U ends with its client */
             dp_peer.delete(&up);
             c->binds[i].up_cookie = 0;
         }

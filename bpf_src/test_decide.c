@@ -19,6 +19,8 @@ struct td_in {
     __u64 now_ns;
     __u32 src_ip4;
     __u32 pad;
+    __u32 rand3;
+    __u32 pad2;
 };
 
 BPF_ARRAY(td_in, struct td_in, 1);
@@ -38,6 +40,7 @@ int td_decide(struct __sk_buff *skb)
         return TC_ACT_SHOT;
     c->rand = in->rand;
     c->rand2 = in->rand2;
+    c->rand3 = in->rand3;
     c->gen = in->gen;
     c->now_ns = in->now_ns;
     c->src_ip4 = in->src_ip4;

@@ -49,6 +49,8 @@ DEFAULT_KNOBS: dict[str, int] = {
     "L7FP_F_WILDCARD": 1,
     "L7FP_F_HDR_ADD": 1,
     "L7FP_F_QUERY": 0,  # l7fp_query.h: compiled in only for a plan with a query matcher
+    "L7FP_F_LEAST_REQUEST": 0,  # in-flight counts: a plan with a LEAST_REQUEST cluster of 2+
+    "L7FP_LR_EPS": 64,
 }
 
 # Verdicts and PASS reasons (l7fp_defs.h).
@@ -65,7 +67,8 @@ DOM_EXACT, DOM_SUFFIX, DOM_PREFIX, DOM_ANY = 1, 2, 3, 4
 PATH_PREFIX, PATH_EXACT, PATH_SEP_PREFIX = 1, 2, 3
 ACT_FORWARD, ACT_REPLY, ACT_PUNT = 1, 2, 3
 SM_EXACT, SM_PREFIX, SM_SUFFIX, SM_PRESENT = 1, 2, 3, 4
-LB_ROUND_ROBIN, LB_RANDOM = 1, 2
+LB_ROUND_ROBIN, LB_RANDOM, LB_LEAST_REQUEST = 1, 2, 3
+DF_HEAD, DF_LR = 1, 2  # l7fp_decision.flags
 STR_CI = 1
 HM_INVERT, HM_ABSENT, HM_MISSING_EMPTY = 1, 2, 4
 LF_PUNT, LF_NORMALIZE = 1, 2
@@ -124,7 +127,7 @@ class TdIn(ctypes.Structure):
     """struct td_in of bpf_src/test_decide.c (the test harness's inputs)."""
 
     _fields_ = [("rand", u32), ("rand2", u32), ("gen", u32), ("listener", u32),
-                ("now_ns", u64), ("src_ip4", u32), ("pad", u32)]
+                ("now_ns", u64), ("src_ip4", u32), ("pad", u32), ("rand3", u32), ("pad2", u32)]
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ def _structs(items: tuple[tuple[str, int], ...]) -> Structs:
 
     class ReqCtx(ctypes.Structure):
         _fields_ = [("rand", u32), ("rand2", u32), ("gen", u32), ("src_ip4", u32), ("now_ns", u64),
-                    ("r", Req), ("buf", u8 * (2 * k["L7FP_MAX_HDR"] + ms + 16))]
+                    ("rand3", u32), ("_pad", u32), ("r", Req), ("buf", u8 * (2 * k["L7FP_MAX_HDR"] + ms + 16))]
 
     class Qmatch(ctypes.Structure):
         _fields_ = [("kind", u32), ("nlen", u32), ("nw", u64 * 2), ("nm", u64 * 2),

@@ -45,7 +45,9 @@ from fastpath.plan import (
 )
 from xds_server.protojson import is_opaque, opaque_type, opaque_types
 
-LEAST_REQUEST_REASON = "LEAST_REQUEST picks by active requests; the kernel picks at random"
+# The kernel's LEAST_REQUEST pick weighs this many endpoints of a cluster
+# (L7FP_LR_EPS of bpf_src/include/l7fp_defs.h: in-flight counters per cluster).
+LR_MAX_ENDPOINTS = DEFAULT_KNOBS["L7FP_LR_EPS"]
 _LB = {"ROUND_ROBIN": LbPolicy.ROUND_ROBIN, "RANDOM": LbPolicy.RANDOM,
        "LEAST_REQUEST": LbPolicy.LEAST_REQUEST, "RING_HASH": LbPolicy.RING_HASH,
        "MAGLEV": LbPolicy.MAGLEV}
@@ -431,8 +433,9 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
     if lb is LbPolicy.LEAST_REQUEST and len(eps) > 1:
         # Envoy 1.40: power of two choices over its active requests per host,
         # which steers away from a slow host (tests/split/test_least_request_envoy.py);
-        # the kernel picks at random. One endpoint leaves no choice.
-        reasons.append(LEAST_REQUEST_REASON)
+        # the kernel does the same over its own requests in flight (l7fp_decide.h
+        # l7fp_pick_lr), for the configurations checked here.
+        reasons += _least_request_reasons(c, len(eps))
     if "transportSocket" in c or "transportSocketMatches" in c:
         reasons.append("upstream TLS (no kTLS on this kernel)")
     reasons += _cluster_options(c)
@@ -447,6 +450,27 @@ def classify_cluster(c: dict[str, Any], endpoints: dict[str, dict[str, Any]],
                    outlier=None if od_reasons else outlier.config_of(c),
                    eds_name=(c.get("edsClusterConfig", {}).get("serviceName") or name)
                    if kind == "EDS" else None)
+
+
+def _least_request_reasons(c: dict[str, Any], n: int) -> list[str]:
+    """Why the kernel's pick (two draws, the endpoint with fewer requests in
+    flight, equal weights: unequal ones are refused above) is not this
+    LEAST_REQUEST cluster's of `n` (2+) endpoints."""
+    out = []
+    cfg = {**(c.get("leastRequestLbConfig") or {}), **(_typed_config(c) or {})}
+    choices = cfg.get("choiceCount", 2)
+    choices = int(choices.get("value", 2) if isinstance(choices, dict) else choices)
+    if choices != 2:
+        out.append(f"LEAST_REQUEST choice_count {choices} (the kernel draws two)")
+    if cfg.get("enableFullScan") or cfg.get("selectionMethod") == "FULL_SCAN":
+        out.append("LEAST_REQUEST full scan (the kernel draws two)")
+    if n > LR_MAX_ENDPOINTS:
+        out.append(f"LEAST_REQUEST over more than {LR_MAX_ENDPOINTS} endpoints (the kernel's "
+                   "in-flight counters per cluster)")
+    if c.get("outlierDetection") is not None:
+        out.append("LEAST_REQUEST with outlier detection (the kernel re-picks past an ejected "
+                   "host at random)")
+    return out
 
 
 def _outlier_reasons(c: dict[str, Any], eps: list[Endpoint], lb: LbPolicy | None) -> list[str]:

@@ -203,6 +203,7 @@ class Datapath:
     pool_maps: dict[int, int] = field(default_factory=dict)  # pool id -> queue fd
     timing: Timing = field(default_factory=dict)  # its start's phases (`timed`)
     _closed: bool = False
+    _lr_mu: threading.Lock = field(default_factory=threading.Lock)  # l7fp_lr_gone's writers
 
     @classmethod
     def load(cls, cflags: tuple[str, ...] = (), decide_header: str | None = None,
@@ -270,7 +271,7 @@ class Datapath:
         for name in ("dp_svc", "dp_peer", "dp_stats", "dp_cfg", "dp_iroutes", "dp_ihosts", "dp_replies", "dp_eps", "dp_ep_in",
                      "dp_pool_miss", "dp_pair_wait", "dp_rto", "dp_tmo", "dp_tmo_armed", "dp_ret",
                      "dp_rpol", "dp_retry", "dp_retry_busy", "dp_tcp_up", "dp_mpol", "dp_dpol", "dp_dly",
-                     "dp_odc", "dp_odd", "dp_odh"):
+                     "dp_odc", "dp_odd", "dp_odh", "dp_lr_busy", "l7fp_lr_n", "l7fp_lr_gone"):
             try:
                 self.bpf[name].clear()
             except KeyError:
@@ -482,6 +483,52 @@ class Datapath:
         bpfsys.map_delete(self.fds["dp_tmo"], key)
         for name in ("dp_retry", "dp_tcp_up", "dp_dly"):
             bpfsys.table_delete(self.bpf[name], cookie)
+        self._lr_end(key)
+
+    def _lr_end(self, up: ct.c_uint64) -> None:
+        """A LEAST_REQUEST request in flight on upstream `up` ends with it: taken
+        back in l7fp_lr_gone (dp_decide_l7fp.h), if the kernel has not taken it
+        back first (the record's lookup-and-delete is one step: either side
+        takes it, once). l7fp_lr_gone's only writer is this method, under a
+        lock: a read and a write, not an atomic add."""
+        fd = self.lr_fds()
+        if fd is None:
+            return
+        slot = ct.c_uint32()
+        if bpfsys.lib().bpf_map_lookup_and_delete_elem(fd[0], ct.byref(up), ct.byref(slot)) != 0:
+            return  # no request counted on U, or the kernel's path took it back
+        gone = ct.c_uint64()
+        with self._lr_mu:
+            if bpfsys.lib().bpf_map_lookup_elem(fd[1], ct.byref(slot), ct.byref(gone)) == 0:
+                gone.value += 1
+                bpfsys.map_update(fd[1], slot, gone)
+
+    def lr_fds(self) -> tuple[int, int] | None:
+        """(dp_lr_busy, l7fp_lr_gone) fds; None without LEAST_REQUEST's counts compiled in."""
+        if "dp_lr_busy" not in self.fds:
+            try:
+                self.fds["dp_lr_busy"] = bpfsys.table_fd(self.bpf, "dp_lr_busy")
+                self.fds["l7fp_lr_gone"] = bpfsys.table_fd(self.bpf, "l7fp_lr_gone")
+            except OSError:
+                self.fds["dp_lr_busy"] = -1
+        if self.fds["dp_lr_busy"] < 0:
+            return None
+        return self.fds["dp_lr_busy"], self.fds["l7fp_lr_gone"]
+
+    def lr_in_flight(self) -> dict[int, int]:
+        """LEAST_REQUEST's requests in flight per counter slot (only nonzero
+        ones; empty without the counts compiled in): the tests' leak check."""
+        try:
+            n, gone = self.bpf["l7fp_lr_n"], self.bpf["l7fp_lr_gone"]
+        except KeyError:
+            return {}
+        g = {int(k.value): int(v.value) for k, v in gone.items() if v.value}
+        out = {}
+        for k, v in n.items():
+            d = (int(v.value) - g.get(int(k.value), 0)) & (2**64 - 1)
+            if d:
+                out[int(k.value)] = d - 2**64 if d >= 2**63 else d
+        return out
 
     def mark_tcp(self, cookie: int) -> None:
         """Upstream `cookie` is not paired (its bytes take TCP and sk_skb):

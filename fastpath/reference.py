@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from fastpath.hop import MATCH_AFTER_REMOVAL, kernel_hop
@@ -149,11 +150,15 @@ class Bucket:
 
 @dataclass
 class State:
-    """Rate-limit buckets by owner key, and the clock (ms)."""
+    """Rate-limit buckets by owner key, the clock (ms), round-robin counters by
+    cluster, and LEAST_REQUEST's requests in flight by (cluster, endpoint index
+    among the cluster's endpoints the pick chooses from): the caller (a
+    differential test) sets those, as the kernel's counts stand."""
 
     buckets: dict[str, Bucket] = field(default_factory=dict)
     now_ms: float = 0.0
     rr: dict[str, int] = field(default_factory=dict)
+    in_flight: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def take(self, key: str, limit: LocalRateLimit) -> bool:
         return self.buckets.setdefault(key, Bucket(limit)).take(self.now_ms)
@@ -578,9 +583,17 @@ def _pick_endpoint(eps: tuple[Endpoint, ...], lb: LbPolicy, rng: random.Random, 
     # RANDOM: Envoy 1.40 ignores endpoint weights (measured: 1:9 gives ~50 %/50 %),
     # as the kernel does; LEAST_REQUEST and ROUND_ROBIN with unequal weights are
     # ENVOY (fastpath.classify), so a KERNEL plan's pool here has equal weights.
-    # LEAST_REQUEST with two or more endpoints is ENVOY (Envoy picks by active
-    # requests); with one, the pick below is that endpoint.
+    if lb is LbPolicy.LEAST_REQUEST and len(pool) > 1:
+        return pool[least_request_pick(len(pool), rng, lambda i: state.in_flight.get((key, i), 0))]
     return rng.choices(pool)[0]
+
+
+def least_request_pick(n: int, rng: random.Random, in_flight: Callable[[int], int]) -> int:
+    """Envoy 1.40's unweighted LEAST_REQUEST pick among `n` endpoints, as the
+    kernel makes it (l7fp_decide.h l7fp_pick_lr): two independent draws, the
+    endpoint with fewer requests in flight, a tie keeps the first draw."""
+    first, second = rng.randrange(n), rng.randrange(n)
+    return second if in_flight(second) < in_flight(first) else first
 
 
 def location(a: Redirect, m: RouteMatch, req: Request) -> str:

@@ -185,7 +185,10 @@ class TableBuilder:
     def _cluster(self, c: Any) -> dict[str, int]:
         healthy = [e for e in c.endpoints if e.healthy]
         pool = healthy if c.endpoints and len(healthy) * 2 >= len(c.endpoints) else c.endpoints
-        lb = bs.LB_ROUND_ROBIN if c.lb_policy is LbPolicy.ROUND_ROBIN else bs.LB_RANDOM
+        lb = {LbPolicy.ROUND_ROBIN: bs.LB_ROUND_ROBIN,
+              LbPolicy.LEAST_REQUEST: bs.LB_LEAST_REQUEST}.get(c.lb_policy, bs.LB_RANDOM)
+        if lb == bs.LB_LEAST_REQUEST and len(pool) > 1:
+            self.feats.add("least_request")  # the in-flight counts (l7fp_decide.h l7fp_pick_lr)
         return {"lb": lb, "n_endpoints": len(pool)}
 
     def _listener(self, lp: ListenerPlan) -> None:
@@ -752,7 +755,7 @@ class TableBuilder:
         k["L7FP_MAX_QMATCH"] = self.max_qm
         k["L7FP_N_QMATCH"] = k["L7FP_N_ROUTES"] * self.max_qm
         for feat in ("hdr_match", "weighted", "rate_limit", "fault", "wildcard", "hdr_add", "rbac",
-                     "dfa", "query", "long_names"):
+                     "dfa", "query", "long_names", "least_request"):
             k[f"L7FP_F_{feat.upper()}"] = int(feat in self.feats)
         if self.rewrites:
             k["DP_REWRITE"] = 1  # the data path's bpf_src/dp_rewrite.h

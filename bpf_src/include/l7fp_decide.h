@@ -12,7 +12,10 @@
  *   NEED_MORE the head is not complete yet: cork.
  *   PASS      hand the connection to Envoy; out->reason says why.
  *
- * The caller sets ctx->rand, ctx->rand2, ctx->now_ns and ctx->gen first.
+ * The caller sets ctx->rand, ctx->rand2, ctx->rand3, ctx->now_ns and ctx->gen
+ * first. A FORWARD with L7FP_DF_LR in out->flags is a LEAST_REQUEST pick: the
+ * caller counts the request in flight at l7fp_lr_slot(gen, cluster, endpoint)
+ * until it ends (the data path: dp_decide_l7fp.h).
  */
 #ifndef L7FP_DECIDE_H
 #define L7FP_DECIDE_H
@@ -110,6 +113,39 @@ static __always_inline int l7fp_pick_cluster(struct l7fp_req_ctx *c, struct l7fp
     return -1;
 }
 
+#if L7FP_F_LEAST_REQUEST
+/* In-flight counter slot of endpoint e (< L7FP_LR_EPS) of cluster cid. */
+static __always_inline __u32 l7fp_lr_slot(__u32 gen, __u32 cid, __u32 e)
+{
+    return l7fp_idx(gen, cid * L7FP_LR_EPS + e, L7FP_LR_SLOTS);
+}
+
+/* Requests in flight at slot s (l7fp_maps.h: the data path's count less the
+ * agent's ends). */
+static __always_inline __s64 l7fp_lr_load(__u32 s)
+{
+    __u64 *n = l7fp_lr_n.lookup(&s);
+    __u64 *g = l7fp_lr_gone.lookup(&s);
+    return (__s64)((n ? *n : 0) - (g ? *g : 0));
+}
+
+/* Envoy 1.40's unweighted LEAST_REQUEST pick (choice_count 2): two random
+ * endpoints (rand2, rand3; the same one twice is possible), the one with fewer
+ * requests in flight; a tie keeps the first draw. 0 ok, else PASS set. */
+static __always_inline int l7fp_pick_lr(struct l7fp_req_ctx *c, __u32 cid, __u32 gen, __u32 n,
+                                        struct l7fp_decision *out)
+{
+    if (n > L7FP_LR_EPS)
+        return l7fp_pass(out, L7FP_R_LIMIT);
+    __u32 a = c->rand2 % n, b = c->rand3 % n;
+    if (l7fp_lr_load(l7fp_lr_slot(gen, cid, b)) < l7fp_lr_load(l7fp_lr_slot(gen, cid, a)))
+        a = b;
+    out->endpoint = a;
+    out->flags |= L7FP_DF_LR;
+    return 0;
+}
+#endif
+
 /* Endpoint of cluster cid by its LB policy. 0 ok, else PASS set. */
 static __always_inline int l7fp_pick_endpoint(struct l7fp_req_ctx *c, __u32 cid, __u32 gen,
                                               struct l7fp_decision *out)
@@ -133,6 +169,10 @@ static __always_inline int l7fp_pick_endpoint(struct l7fp_req_ctx *c, __u32 cid,
         __sync_fetch_and_add(ctr, 1);
         out->endpoint = v % n;
     } else {
+#if L7FP_F_LEAST_REQUEST
+        if (cl->lb == L7FP_LB_LEAST_REQUEST && n > 1)
+            return l7fp_pick_lr(c, cid, gen, n, out);
+#endif
         out->endpoint = c->rand2 % n;
     }
     return 0;

@@ -111,6 +111,12 @@
 #ifndef L7FP_F_HDR_ADD
 #define L7FP_F_HDR_ADD 1 /* request headers to add */
 #endif
+#ifndef L7FP_F_LEAST_REQUEST
+#define L7FP_F_LEAST_REQUEST 0 /* LEAST_REQUEST picks by requests in flight (l7fp_lr_n) */
+#endif
+#ifndef L7FP_LR_EPS
+#define L7FP_LR_EPS 64 /* in-flight counters per cluster: endpoints a LEAST_REQUEST pick weighs */
+#endif
 
 #define L7FP_HDR_MASK (L7FP_MAX_HDR - 1)
 #define L7FP_BUF_SIZE (2 * L7FP_MAX_HDR + L7FP_MAX_STR + 16)
@@ -169,6 +175,7 @@
 
 #define L7FP_LB_ROUND_ROBIN 1
 #define L7FP_LB_RANDOM 2
+#define L7FP_LB_LEAST_REQUEST 3 /* power of two choices (the RANDOM pick without L7FP_F_LEAST_REQUEST) */
 
 /* flags */
 #define L7FP_STR_CI 1           /* l7fp_str: compare case-insensitively */
@@ -178,6 +185,8 @@
 #define L7FP_LF_PUNT 1          /* listener: every request goes to Envoy */
 #define L7FP_LF_NORMALIZE 2     /* listener: Envoy normalizes paths */
 #define L7FP_DF_HEAD 1          /* decision: request method is HEAD */
+#define L7FP_DF_LR 2            /* decision: the endpoint is a LEAST_REQUEST pick (the data
+                                 * path counts the request in flight: dp_decide_l7fp.h) */
 
 /* A string of a plan table (domain, path, header value); bytes beyond len are
  * 0. m[k] masks the bytes of word k that belong to the string and ci is all
@@ -366,8 +375,8 @@ struct l7fp_req {
     __u16 lc[L7FP_MAX_LINES];       /* first ':' or 0 */
 };
 
-/* Per-CPU scratch given to l7fp_decide by its caller. The first five fields
- * are inputs (src_ip4 optional): the data path sets rand/rand2 from bpf_get_prandom_u32(), now_ns
+/* Per-CPU scratch given to l7fp_decide by its caller. The first six fields
+ * are inputs (src_ip4 optional): the data path sets rand/rand2/rand3 from bpf_get_prandom_u32(), now_ns
  * from bpf_ktime_get_ns() and gen from its active plan generation; the test
  * harness sets fixed values so a decision is reproducible. */
 struct l7fp_req_ctx {
@@ -377,6 +386,8 @@ struct l7fp_req_ctx {
     __u32 src_ip4; /* input: client address, network order; 0 = unknown (RBAC
                     * source-CIDR rules then hand the request to Envoy) */
     __u64 now_ns;  /* input: clock for token buckets */
+    __u32 rand3;   /* input: LEAST_REQUEST's second draw (the first is rand2) */
+    __u32 _pad;
     struct l7fp_req r;
     __u8 buf[L7FP_BUF_SIZE];
 };

@@ -24,6 +24,18 @@ BPF_ARRAY(l7fp_rbac, struct l7fp_rbac_row, 2 * L7FP_N_RBAC);
 BPF_ARRAY(l7fp_buckets, struct l7fp_bucket, 2 * L7FP_N_BUCKETS);
 BPF_ARRAY(l7fp_cclass, struct l7fp_cclass, 1);
 BPF_ARRAY(l7fp_rr, __u32, 2 * L7FP_N_CLUSTERS);
+#if L7FP_F_LEAST_REQUEST
+/* Requests in flight per (generation, cluster, endpoint) slot of a LEAST_REQUEST
+ * cluster (l7fp_lr_slot): l7fp_lr_n[s] - l7fp_lr_gone[s]. The data path adds 1
+ * to l7fp_lr_n when it forwards a request there and 1 back when it sees the
+ * request end (dp_decide_l7fp.h); the agent, which cannot add atomically,
+ * counts the ends it sees (an upstream it closes) in l7fp_lr_gone, whose only
+ * writer it is. Never rewritten at a plan change: a request counted in a slot
+ * is taken back from that slot (the data path's record keeps the slot). */
+#define L7FP_LR_SLOTS (L7FP_N_CLUSTERS * L7FP_LR_EPS)
+BPF_ARRAY(l7fp_lr_n, __u64, 2 * L7FP_LR_SLOTS);
+BPF_ARRAY(l7fp_lr_gone, __u64, 2 * L7FP_LR_SLOTS);
+#endif
 /* key.pad holds the generation */
 BPF_HASH(l7fp_hnames, struct l7fp_hname_key, __u32, 2 * L7FP_MAX_SLOTS);
 /* the scratch l7fp_decide works in; callers take entry 0 with l7fp_ctx_get() */

@@ -81,17 +81,17 @@ class DecideProgram:
         return int(attr.duration)
 
     def run(self, data: bytes, listener: int = 0, rand: int = 0, rand2: int = 0,
-            gen: int = 0, now_ns: int = 1, src: str | None = None, again: int = 0
-            ) -> bs.Decision:
+            gen: int = 0, now_ns: int = 1, src: str | None = None, again: int = 0,
+            rand3: int = 0) -> bs.Decision:
         """l7fp_decide over `data` (the request bytes); the decision it wrote.
         `src`: the client's IPv4 address (None: unknown to the kernel).
         `again` (programs built with -DL7FP_TD_AGAIN): listener id + 1 of a
         second decision after a FORWARD (l7fp_decide_again, the data path's
-        inbound decision)."""
+        inbound decision). `rand3`: LEAST_REQUEST's second draw."""
         t = self.bpf[b"td_in"]
         ip = int.from_bytes(socket.inet_aton(src), "little") if src else 0
         t[t.Key(0)] = t.Leaf.from_buffer_copy(bytes(bs.TdIn(rand, rand2, gen, listener, now_ns,
-                                                               ip, again)))
+                                                               ip, again, rand3)))
         pkt = b"\0" * 14 + data
         buf = ctypes.create_string_buffer(pkt, len(pkt))
         out = ctypes.create_string_buffer(len(pkt) + 256)

@@ -328,27 +328,44 @@ def _typed_lb(name: str, msg: str) -> dict[str, Any]:
         "@type": f"type.googleapis.com/envoy.extensions.load_balancing_policies.{name}.v3.{msg}"}}}]}}
 
 
-@pytest.mark.parametrize("lb,n,kernel", [
-    ({"lb_policy": "LEAST_REQUEST"}, 1, True),  # one endpoint: no choice to make
-    ({"lb_policy": "LEAST_REQUEST"}, 2, False),
-    ({"lb_policy": "LEAST_REQUEST"}, 3, False),
-    ({"lb_policy": "RANDOM"}, 2, True),
-    ({"lb_policy": "ROUND_ROBIN"}, 2, True),
+_LR = {"lb_policy": "LEAST_REQUEST"}
+
+
+@pytest.mark.parametrize("lb,n,needle", [
+    (_LR, 1, None),  # one endpoint: no choice to make
+    (_LR, 2, None),  # the kernel's pick: two draws, fewer in flight
+    (_LR, 3, None),
+    (_LR, 64, None),
+    (_LR, 65, "more than 64 endpoints"),  # the kernel's counters per cluster
+    ({"lb_policy": "RANDOM"}, 2, None),
+    ({"lb_policy": "ROUND_ROBIN"}, 2, None),
     # a typed policy is the one Envoy uses, whatever lb_policy says
-    (_typed_lb("least_request", "LeastRequest"), 2, False),
-    ({"lb_policy": "RANDOM", **_typed_lb("least_request", "LeastRequest")}, 2, False),
-    ({"lb_policy": "LEAST_REQUEST", **_typed_lb("random", "Random")}, 2, True),
-    (_typed_lb("round_robin", "RoundRobin"), 2, True),
+    (_typed_lb("least_request", "LeastRequest"), 2, None),
+    ({"lb_policy": "RANDOM", **_typed_lb("least_request", "LeastRequest")}, 2, None),
+    ({"lb_policy": "LEAST_REQUEST", **_typed_lb("random", "Random")}, 2, None),
+    (_typed_lb("round_robin", "RoundRobin"), 2, None),
+    # what the kernel's two draws are not
+    ({**_LR, "least_request_lb_config": {"choice_count": 3}}, 2, "choice_count 3"),
+    ({**_LR, "least_request_lb_config": {"choice_count": 2}}, 2, None),
+    ({"load_balancing_policy": {"policies": [{"typed_extension_config": {"name": "lr", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3."
+                 "LeastRequest", "choice_count": 4}}}]}}, 2, "choice_count 4"),
+    ({"load_balancing_policy": {"policies": [{"typed_extension_config": {"name": "lr", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3."
+                 "LeastRequest", "selection_method": "FULL_SCAN"}}}]}}, 2, "full scan"),
+    ({**_LR, "outlier_detection": {"consecutive_gateway_failure": 5}}, 2, "outlier detection"),
 ])
-def test_least_request_needs_envoy_with_a_choice(lb: dict[str, Any], n: int, kernel: bool) -> None:
-    """Envoy's LEAST_REQUEST picks by its active requests (steers away from a
-    slow host: tests/split/test_least_request_envoy.py); the kernel at random."""
+def test_least_request_verdicts(lb: dict[str, Any], n: int, needle: str | None) -> None:
+    """Envoy's LEAST_REQUEST with equal weights is power of two choices over its
+    active requests (tests/split/test_least_request_envoy.py); the kernel makes
+    the same pick over its requests in flight (l7fp_decide.h l7fp_pick_lr), so
+    such a cluster is KERNEL; a configuration whose pick is another is ENVOY."""
     cluster = {**CLUSTER, **lb, "load_assignment": _endpoints(n)}
     (v, why), = verdicts([fwd(timeout="0s")], cluster=cluster)
-    if kernel:
+    if needle is None:
         assert v is Verdict.KERNEL, why
     else:
-        assert v is Verdict.ENVOY and "LEAST_REQUEST picks by active requests" in why, why
+        assert v is Verdict.ENVOY and needle in why, why
 
 
 def test_classifier_error_is_an_envoy_listener(monkeypatch: pytest.MonkeyPatch) -> None:
