@@ -318,6 +318,8 @@ class NodeDatapath:
                                  for r, ms in sorted(self.per_try.items())},
             "timeouts_fired": dict(self.keeper.counts) if self.keeper else {},
             "timed_requests_in_flight": len(list(self.dp.bpf["dp_tmo"].keys())),
+            # LEAST_REQUEST's counts by slot (generation, cluster, endpoint), nonzero only
+            "least_request_in_flight": self.dp.lr_in_flight(),
             "retries": self.retrier.debug(),
             "mirrors": self.mirrorer.debug(),
             "delays": self.delayer.debug(),

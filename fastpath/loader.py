@@ -522,12 +522,17 @@ class Datapath:
             n, gone = self.bpf["l7fp_lr_n"], self.bpf["l7fp_lr_gone"]
         except KeyError:
             return {}
-        g = {int(k.value): int(v.value) for k, v in gone.items() if v.value}
+        def ints(table: Any) -> dict[int, int]:
+            # batch lookups: a few syscalls for the 2 x clusters x 64 slots, not one per slot
+            return {int(getattr(k, "value", k)): int(getattr(v, "value", v))
+                    for k, v in table.items_lookup_batch()}
+
+        g = ints(gone)
         out = {}
-        for k, v in n.items():
-            d = (int(v.value) - g.get(int(k.value), 0)) & (2**64 - 1)
+        for k, v in ints(n).items():
+            d = (v - g.get(k, 0)) & (2**64 - 1)
             if d:
-                out[int(k.value)] = d - 2**64 if d >= 2**63 else d
+                out[k] = d - 2**64 if d >= 2**63 else d
         return out
 
     def mark_tcp(self, cookie: int) -> None:

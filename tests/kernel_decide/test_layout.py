@@ -62,6 +62,7 @@ def test_largest_program_the_caps_allow(decide_prog: object) -> None:
                 L7FP_MAX_ROUTES=synth.MAX_ROUTES_CAP, L7FP_MAX_STR=synth.MAX_STR_CAP,
                 L7FP_MAX_RBAC=synth.MAX_RBAC_CAP, L7FP_MAX_HMATCH=synth.MAX_HMATCH_CAP,
                 L7FP_MAX_WEIGHTED=synth.MAX_WEIGHTED_CAP, L7FP_N_DOMAINS=128,
-                L7FP_F_QUERY=1, L7FP_MAX_QMATCH=MAX_QMATCH, L7FP_F_DFA=1, L7FP_F_LONG_NAMES=1)
+                L7FP_F_QUERY=1, L7FP_MAX_QMATCH=MAX_QMATCH, L7FP_F_DFA=1, L7FP_F_LONG_NAMES=1,
+                L7FP_F_LEAST_REQUEST=1)
     prog = DecideProgram.get(tuple(f"-D{k}={v}" for k, v in sorted(caps.items())))
     assert prog.run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").verdict == bs.PASS

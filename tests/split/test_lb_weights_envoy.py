@@ -6,8 +6,9 @@ Envoy weights ROUND_ROBIN and LEAST_REQUEST picks by `load_balancing_weight`
 endpoints evenly (l7fp_decide: `rand2 % n`, or the round-robin counter), so a
 ROUND_ROBIN or LEAST_REQUEST cluster with unequal weights is ENVOY; a RANDOM one,
 and a RANDOM or ROUND_ROBIN cluster with equal weights, is KERNEL
-(fastpath.classify.classify_cluster). LEAST_REQUEST with two endpoints is ENVOY
-whatever the weights (test_least_request_envoy.py)."""
+(fastpath.classify.classify_cluster). LEAST_REQUEST with equal weights is
+KERNEL: the kernel makes Envoy's power of two choices over its own requests in
+flight (test_least_request_envoy.py, tests/kernel_datapath/test_least_request_kernel.py)."""
 
 from __future__ import annotations
 
@@ -123,7 +124,4 @@ def test_envoy_weights_and_the_verdict(setup: tuple[int, list[int]], lb: str) ->
         assert got.verdict is Verdict.ENVOY
         assert f"endpoint weights under {lb}" in got.reason
     same = classified(cluster(lb, ups, (5, 5)))
-    if lb == "LEAST_REQUEST":  # equal weights, but Envoy picks by active requests
-        assert same.verdict is Verdict.ENVOY and "endpoint weights" not in same.reason, same.reason
-    else:
-        assert same.verdict is Verdict.KERNEL, same.reason
+    assert same.verdict is Verdict.KERNEL, same.reason

@@ -6,9 +6,10 @@ keep-alive clients send REQUESTS each through Envoy, at the same time. Envoy's
 LEAST_REQUEST with equal weights is power of two choices over its own active
 requests per host, so the slow host (many requests in flight) is picked only
 when both draws land on it: about a quarter of the requests, where RANDOM and
-ROUND_ROBIN send it half. The kernel picks a LEAST_REQUEST endpoint at random
-(l7fp_decide: `rand2 % n`), so a LEAST_REQUEST cluster with two or more
-endpoints is ENVOY; one endpoint leaves no choice and stays KERNEL."""
+ROUND_ROBIN send it half. The kernel makes the same pick over its own
+requests in flight (l7fp_decide.h l7fp_pick_lr; measured on the kernel path:
+tests/kernel_datapath/test_least_request_kernel.py), so such a cluster is
+KERNEL, with two endpoints as with one."""
 
 from __future__ import annotations
 
@@ -170,10 +171,6 @@ def test_verdicts_on_the_same_clusters(setup: tuple[int, int, int]) -> None:
     _, slow, fast = setup
     for lb in POLICIES:
         two = classified(cluster(lb, [slow, fast]))
-        if lb == "LEAST_REQUEST":
-            assert two.verdict is Verdict.ENVOY, two.reason
-            assert "LEAST_REQUEST picks by active requests" in two.reason
-        else:
-            assert two.verdict is Verdict.KERNEL, two.reason
+        assert two.verdict is Verdict.KERNEL, two.reason
         one = classified(cluster(lb, [fast]))
         assert one.verdict is Verdict.KERNEL, one.reason
