@@ -256,6 +256,11 @@ class Datapath:
         for name in ("dp_cli", "dp_up", "dp_peer", "dp_free", "dp_cfg", "dp_srv", "dp_pair_wait",
                      "dp_inj", "dp_tmo", "dp_tmo_armed"):
             self.fds[name] = bpfsys.table_fd(b, name)
+        for name in ("dp_lr_busy", "l7fp_lr_gone"):  # LEAST_REQUEST's counts, when compiled in
+            try:
+                self.fds[name] = bpfsys.table_fd(b, name)
+            except OSError:
+                pass
 
     def _attach_maps(self, back: bool) -> None:
         """sk_msg/sk_skb verdict programs onto the module's SOCKHASHes."""
@@ -491,29 +496,22 @@ class Datapath:
         back first (the record's lookup-and-delete is one step: either side
         takes it, once). l7fp_lr_gone's only writer is this method, under a
         lock: a read and a write, not an atomic add."""
-        fd = self.lr_fds()
-        if fd is None:
+        if not self.counts_least_request():
             return
         slot = ct.c_uint32()
-        if bpfsys.lib().bpf_map_lookup_and_delete_elem(fd[0], ct.byref(up), ct.byref(slot)) != 0:
+        if bpfsys.lib().bpf_map_lookup_and_delete_elem(self.fds["dp_lr_busy"], ct.byref(up),
+                                                       ct.byref(slot)) != 0:
             return  # no request counted on U, or the kernel's path took it back
-        gone = ct.c_uint64()
+        gone, fd = ct.c_uint64(), self.fds["l7fp_lr_gone"]
         with self._lr_mu:
-            if bpfsys.lib().bpf_map_lookup_elem(fd[1], ct.byref(slot), ct.byref(gone)) == 0:
+            if bpfsys.lib().bpf_map_lookup_elem(fd, ct.byref(slot), ct.byref(gone)) == 0:
                 gone.value += 1
-                bpfsys.map_update(fd[1], slot, gone)
+                bpfsys.map_update(fd, slot, gone)
 
-    def lr_fds(self) -> tuple[int, int] | None:
-        """(dp_lr_busy, l7fp_lr_gone) fds; None without LEAST_REQUEST's counts compiled in."""
-        if "dp_lr_busy" not in self.fds:
-            try:
-                self.fds["dp_lr_busy"] = bpfsys.table_fd(self.bpf, "dp_lr_busy")
-                self.fds["l7fp_lr_gone"] = bpfsys.table_fd(self.bpf, "l7fp_lr_gone")
-            except OSError:
-                self.fds["dp_lr_busy"] = -1
-        if self.fds["dp_lr_busy"] < 0:
-            return None
-        return self.fds["dp_lr_busy"], self.fds["l7fp_lr_gone"]
+    def counts_least_request(self) -> bool:
+        """True when the program counts LEAST_REQUEST's requests in flight
+        (compiled with -DL7FP_F_LEAST_REQUEST=1)."""
+        return "dp_lr_busy" in self.fds
 
     def lr_in_flight(self) -> dict[int, int]:
         """LEAST_REQUEST's requests in flight per counter slot (only nonzero

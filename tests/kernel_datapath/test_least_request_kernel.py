@@ -180,7 +180,7 @@ def _node(agent: Agent, resources_envoy: EnvoyMaker, pair: tuple[Endpoint, Endpo
     assert (up.verdict, rt.verdict, len(up.endpoints)) == (Verdict.KERNEL, Verdict.KERNEL, 2), \
         (up.reason, rt.reason)
     node = load_plan(agent, plan)
-    assert node.dp.lr_fds() is not None  # the counts are compiled in
+    assert node.dp.counts_least_request()
     return node, tenvoy
 
 
