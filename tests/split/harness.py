@@ -7,6 +7,7 @@ Envoy is a child of the test process and is stopped by pid in teardown.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -62,6 +63,21 @@ def _handler(cluster: str) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Echo
+
+
+@contextlib.contextmanager
+def echo_server(name: str = "echo") -> Iterator[int]:
+    """One loopback echo server (its port) answering every request with JSON
+    {cluster: name, method, path, headers: {lower-case name: value}}: what an
+    upstream behind Envoy, or behind the kernel, received."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(name))
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 @pytest.fixture(scope="session")

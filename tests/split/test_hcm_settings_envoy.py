@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from fastpath.plan import Verdict
-from tests.split.harness import EnvoyProc, free_ports
+from tests.split.harness import EnvoyProc, echo_server, free_ports
 from tests.split.test_hcm_limits_envoy import cluster, listener, verdicts
 
 pytestmark = [pytest.mark.envoy]
@@ -53,20 +51,6 @@ def web_listener(name: str, port: int, hcm: dict[str, Any]) -> dict[str, Any]:
     return lis
 
 
-class Echo(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def ask(port: int, host: str, path: str) -> Answer:
     """One raw request (Host exactly as given); Envoy's status, reply headers
     and, for a forward, the headers the upstream saw."""
@@ -81,26 +65,23 @@ def ask(port: int, host: str, path: str) -> Answer:
         while len(body) < int(hdrs.get("content-length", 0)):
             body += s.recv(65536)
     status = int(lines[0].split()[1])
-    return status, hdrs, json.loads(body) if status == 200 and body else {}
+    return status, hdrs, json.loads(body)["headers"] if status == 200 and body else {}
 
 
 @pytest.fixture(scope="module")
 def envoy(envoy_bin: str) -> Iterator[dict[str, int]]:
-    up, *ports = free_ports(len(CASES) + 2)
-    srv = ThreadingHTTPServer(("127.0.0.1", up), Echo)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    ports = free_ports(len(CASES) + 1)
     names = ["default", *CASES]
     hcms = {"default": {}, **{n: c[0] for n, c in CASES.items()}}
-    boot = {"static_resources": {
-        "listeners": [web_listener(n, p, hcms[n]) for n, p in zip(names, ports, strict=True)],
-        "clusters": [cluster(n, up, {}) for n in names]}}
-    proc = EnvoyProc(envoy_bin, boot, ports)
-    try:
-        yield dict(zip(names, ports, strict=True))
-    finally:
-        proc.stop()
-        srv.shutdown()
-        srv.server_close()
+    with echo_server() as up:
+        boot = {"static_resources": {
+            "listeners": [web_listener(n, p, hcms[n]) for n, p in zip(names, ports, strict=True)],
+            "clusters": [cluster(n, up, {}) for n in names]}}
+        proc = EnvoyProc(envoy_bin, boot, ports)
+        try:
+            yield dict(zip(names, ports, strict=True))
+        finally:
+            proc.stop()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -9,11 +9,9 @@ pseudo-header: Envoy rejects the config, and the split says so."""
 
 from __future__ import annotations
 
+import http.client
 import json
-import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -22,7 +20,7 @@ from fastpath import envoy_model as em
 from fastpath.plan import Verdict
 from fastpath.reference import Request, decide
 from fastpath.split import split_snapshot
-from tests.split.harness import EnvoyProc, envoy_validate, free_ports
+from tests.split.harness import EnvoyProc, echo_server, envoy_validate, free_ports
 from tests.split.test_hcm_limits_envoy import cluster, listener, verdicts
 
 pytestmark = [pytest.mark.envoy]
@@ -41,41 +39,21 @@ def with_adds(port: int) -> dict[str, Any]:
     return lis
 
 
-class Echo(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = json.dumps([(k.lower(), v) for k, v in self.headers.items()]).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def upstream_saw(envoy_bin: str) -> Iterator[list[tuple[str, str]]]:
-    up, port = free_ports(2)
-    srv = ThreadingHTTPServer(("127.0.0.1", up), Echo)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    proc = EnvoyProc(envoy_bin, {"static_resources": {"listeners": [with_adds(port)],
-                                                      "clusters": [cluster("l", up, {})]}}, [port])
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: web\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in CLIENT)
-                      + b"\r\n")
-            data = b""
-            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"]"):
-                chunk = s.recv(65536)
-                assert chunk, data
-                data += chunk
-        yield [tuple(x) for x in json.loads(data.split(b"\r\n\r\n", 1)[1])]
-    finally:
-        proc.stop()
-        srv.shutdown()
-        srv.server_close()
+    port, = free_ports(1)
+    with echo_server() as up:
+        proc = EnvoyProc(envoy_bin, {"static_resources": {"listeners": [with_adds(port)],
+                                                          "clusters": [cluster("l", up, {})]}}, [port])
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/", headers=dict(CLIENT))
+            r = conn.getresponse()
+            assert r.status == 200
+            yield list(json.loads(r.read())["headers"].items())
+            conn.close()
+        finally:
+            proc.stop()
 
 
 def test_empty_values_as_envoy(upstream_saw: list[tuple[str, str]]) -> None:

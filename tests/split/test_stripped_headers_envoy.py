@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -27,7 +25,7 @@ import pytest
 from fastpath import envoy_model as em
 from fastpath.reference import Request, decide
 from fastpath.split import split_snapshot
-from tests.split.harness import EnvoyProc, free_ports
+from tests.split.harness import EnvoyProc, echo_server, free_ports
 from tests.split.test_hcm_limits_envoy import cluster, listener
 
 pytestmark = [pytest.mark.envoy]
@@ -50,39 +48,22 @@ REMOVED = {"x-forwarded-client-cert", "x-envoy-internal", "x-envoy-retry-on",
            "x-envoy-expected-rq-timeout-ms"}
 
 
-class Echo(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def seen(envoy_bin: str) -> Iterator[dict[str, str]]:
     """The headers the upstream got for one request carrying all of CLIENT."""
-    up, port = free_ports(2)
-    srv = ThreadingHTTPServer(("127.0.0.1", up), Echo)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    proc = EnvoyProc(envoy_bin, {"static_resources": {"listeners": [listener("l", port, {})],
-                                                      "clusters": [cluster("l", up, {})]}}, [port])
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/", headers=CLIENT)
-        r = conn.getresponse()
-        assert r.status == 200
-        yield json.loads(r.read())
-        conn.close()
-    finally:
-        proc.stop()
-        srv.shutdown()
-        srv.server_close()
+    port, = free_ports(1)
+    with echo_server() as up:
+        proc = EnvoyProc(envoy_bin, {"static_resources": {"listeners": [listener("l", port, {})],
+                                                          "clusters": [cluster("l", up, {})]}}, [port])
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/", headers=CLIENT)
+            r = conn.getresponse()
+            assert r.status == 200
+            yield json.loads(r.read())["headers"]
+            conn.close()
+        finally:
+            proc.stop()
 
 
 def kernel_decision(headers: dict[str, str]) -> Any:
