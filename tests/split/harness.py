@@ -80,6 +80,28 @@ def echo_server(name: str = "echo") -> Iterator[int]:
         srv.server_close()
 
 
+def prefix_router(listen: int, clusters: list[dict[str, Any]]) -> dict[str, Any]:
+    """A static bootstrap: one listener on 127.0.0.1:`listen` routing `/NAME...`
+    to cluster NAME, for each of `clusters` (which it also holds)."""
+    return {"static_resources": {
+        "listeners": [{"name": "lb", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                    "port_value": listen}},
+                       "filter_chains": [{"filters": [{
+                           "name": "envoy.filters.network.http_connection_manager",
+                           "typed_config": {
+                               "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                               "stat_prefix": "lb",
+                               "route_config": {"virtual_hosts": [{
+                                   "name": "all", "domains": ["*"],
+                                   "routes": [{"match": {"prefix": f"/{c['name']}"},
+                                               "route": {"cluster": c["name"]}} for c in clusters]}]},
+                               "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                                   "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                            "router.v3.Router"}}]}}]}]}],
+        "clusters": clusters}}
+
+
 @pytest.fixture(scope="session")
 def echo_upstreams() -> Iterator[dict[str, int]]:
     """Cluster name -> port of a loopback echo server answering with that name."""

@@ -24,7 +24,7 @@ import pytest
 from fastpath import envoy_model as em
 from fastpath.classify import classify_cluster
 from fastpath.plan import Verdict
-from tests.split.harness import EnvoyProc, free_ports
+from tests.split.harness import EnvoyProc, free_ports, prefix_router
 
 pytestmark = [pytest.mark.envoy]
 
@@ -68,23 +68,7 @@ def setup(envoy_bin: str) -> Iterator[tuple[int, list[int]]]:
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
     clusters = [cluster(lb, ups, (1, 9)) for lb in POLICIES]
-    boot = {"static_resources": {
-        "listeners": [{"name": "lb", "address": {"socket_address": {"address": "127.0.0.1",
-                                                                    "port_value": listen}},
-                       "filter_chains": [{"filters": [{
-                           "name": "envoy.filters.network.http_connection_manager",
-                           "typed_config": {
-                               "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
-                               "stat_prefix": "lb",
-                               "route_config": {"virtual_hosts": [{
-                                   "name": "all", "domains": ["*"],
-                                   "routes": [{"match": {"prefix": f"/{c['name']}"},
-                                               "route": {"cluster": c["name"]}} for c in clusters]}]},
-                               "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                                   "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                                            "router.v3.Router"}}]}}]}]}],
-        "clusters": clusters}}
+    boot = prefix_router(listen, clusters)
     envoy = EnvoyProc(envoy_bin, boot, [listen])
     try:
         yield listen, ups

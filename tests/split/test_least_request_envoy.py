@@ -26,7 +26,7 @@ import pytest
 from fastpath import envoy_model as em
 from fastpath.classify import classify_cluster
 from fastpath.plan import Verdict
-from tests.split.harness import EnvoyProc, free_ports
+from tests.split.harness import EnvoyProc, free_ports, prefix_router
 
 # Concurrent clients and a wall-clock deadline: `alone` keeps a busy neighbour
 # from stretching the fast endpoint's answers towards the slow one's.
@@ -85,23 +85,7 @@ def setup(envoy_bin: str) -> Iterator[tuple[int, int, int]]:
     listen, slow, fast = free_ports(3)
     servers = [answer(slow, SLOW_S), answer(fast, 0.0)]
     clusters = [cluster(lb, [slow, fast]) for lb in POLICIES]
-    boot = {"static_resources": {
-        "listeners": [{"name": "lb", "address": {"socket_address": {"address": "127.0.0.1",
-                                                                    "port_value": listen}},
-                       "filter_chains": [{"filters": [{
-                           "name": "envoy.filters.network.http_connection_manager",
-                           "typed_config": {
-                               "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
-                               "stat_prefix": "lb",
-                               "route_config": {"virtual_hosts": [{
-                                   "name": "all", "domains": ["*"],
-                                   "routes": [{"match": {"prefix": f"/{c['name']}"},
-                                               "route": {"cluster": c["name"]}} for c in clusters]}]},
-                               "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                                   "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                                            "router.v3.Router"}}]}}]}]}],
-        "clusters": clusters}}
+    boot = prefix_router(listen, clusters)
     envoy = EnvoyProc(envoy_bin, boot, [listen])
     try:
         yield listen, slow, fast
